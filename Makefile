@@ -1,0 +1,36 @@
+# Quick start: `make demo` runs the local demo, `make test` runs the whole suite.
+# Both create .venv when missing and install what the project needs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench proto lint sysdeps clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+sysdeps:
+	scripts/sysdeps
+
+demo: $(STAMP) sysdeps
+	$(BIN)/xdc demo
+
+test: $(STAMP) sysdeps
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP) sysdeps
+	$(BIN)/xdc bench store --json bench/results/store.json
+
+proto: $(STAMP)
+	$(BIN)/python -m xdc.protogen
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache
