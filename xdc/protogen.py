@@ -19,7 +19,8 @@ def generate(out_root: pathlib.Path) -> list[pathlib.Path]:
     """Runs protoc for every proto/xdc/v1/*.proto, writing under out_root; returns the files."""
     from grpc_tools import protoc  # dev dependency: only needed to regenerate
 
-    protos = sorted(str(p.relative_to(PROTO_DIR)) for p in (PROTO_DIR / "xdc" / "v1").glob("*.proto"))
+    protos = sorted(
+        str(p.relative_to(PROTO_DIR)) for p in (PROTO_DIR / "xdc" / "v1").glob("*.proto"))
     include = pathlib.Path(protoc.__file__).parent / "_proto"
     args = [
         "protoc",

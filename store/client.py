@@ -1,0 +1,468 @@
+"""The Python client of the event store, asyncio (`StoreClient`) and blocking (`Client`).
+
+Appends travel on one long-lived `AppendStream` call: concurrent `append()` calls are
+coalesced into one message (like a Kafka producer's linger and batch size), many
+messages are in flight at once, and answers come back in order. Event ids make every
+retry safe: a re-sent append whose events are already in the log is answered with the
+original positions, so a lost connection, a full queue or a leader change is retried
+transparently until the caller's timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from store.errors import MD_ACTUAL_REVISION, MD_LEADER, MD_RETRY_AFTER_MS
+from store.limits import Limits
+from xdc.v1 import eventstore_pb2 as pb
+from xdc.v1 import eventstore_pb2_grpc as pb_grpc
+
+ANY = pb.EXPECTED_ANY
+NO_STREAM = pb.EXPECTED_NO_STREAM
+STREAM_EXISTS = pb.EXPECTED_STREAM_EXISTS
+EXACT = pb.EXPECTED_EXACT
+
+_RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE.value[0],
+                          grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]})
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def new_id() -> bytes:
+    """A time-ordered UUID (version 7): ids of one producer land near each other in the
+    store's id index, which keeps its inserts cheap."""
+    ms = time.time_ns() // 1_000_000
+    raw = bytearray(ms.to_bytes(6, "big") + os.urandom(10))
+    raw[6] = 0x70 | (raw[6] & 0x0F)
+    raw[8] = 0x80 | (raw[8] & 0x3F)
+    return bytes(raw)
+
+
+def new_event(event_type: str, data: bytes = b"", *, metadata: dict[str, str] | None = None,
+              content_type: str = "", event_id: bytes | None = None) -> pb.ProposedEvent:
+    return pb.ProposedEvent(id=event_id or new_id(), type=event_type, content_type=content_type,
+                            metadata=metadata or {}, data=data)
+
+
+class AppendError(Exception):
+    """An append the store refused. `code` is a grpc.StatusCode."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, actual_last_revision: int = 0,
+                 leader: str = "") -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+        self.actual_last_revision = actual_last_revision
+        self.leader = leader
+
+
+@dataclass(frozen=True, slots=True)
+class CaughtUp:
+    """The subscription has delivered everything committed when it caught up."""
+
+    position: int
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A filtered subscription has looked at every event up to `position`."""
+
+    position: int
+
+
+SubscriptionItem = pb.RecordedEvent | pb.RecordBatch | CaughtUp | Checkpoint
+
+
+@dataclass(slots=True)
+class _Pending:
+    request: pb.AppendRequest
+    future: asyncio.Future[pb.AppendResponse]
+    deadline: float
+
+
+def _channel_options(limits: Limits) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", limits.max_message_bytes),
+        ("grpc.max_send_message_length", limits.max_message_bytes),
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.enable_retries", 0),
+    ]
+
+
+class StoreClient:
+    def __init__(self, targets: str | Sequence[str], *, linger_s: float = 0.0,
+                 max_batch_appends: int = 1024, max_inflight_messages: int = 32,
+                 timeout_s: float = 10.0, limits: Limits | None = None) -> None:
+        self.targets = [targets] if isinstance(targets, str) else list(targets)
+        assert self.targets, "at least one target address"
+        assert max_batch_appends >= 1 and max_inflight_messages >= 1 and linger_s >= 0
+        self.linger_s = linger_s
+        self.max_batch_appends = max_batch_appends
+        self.max_inflight_messages = max_inflight_messages
+        self.timeout_s = timeout_s
+        self.limits = limits or Limits()
+        self._target = self.targets[0]
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: pb_grpc.EventStoreStub | None = None
+        self._pending: list[_Pending] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._inflight: collections.deque[tuple[int, list[_Pending]]] = collections.deque()
+        self._slots: asyncio.Semaphore | None = None
+        self._call: Any = None
+        self._receiver: asyncio.Task[None] | None = None
+        self._cids = itertools.count(1)
+        self._closed = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ---- connection ---------------------------------------------------------------
+
+    @property
+    def stub(self) -> pb_grpc.EventStoreStub:
+        if self._stub is None:
+            self._channel = grpc.aio.insecure_channel(self._target,
+                                                      options=_channel_options(self.limits))
+            self._stub = pb_grpc.EventStoreStub(self._channel)
+        return self._stub
+
+    async def _switch(self, leader: str = "") -> None:
+        """Drops the channel; the next call connects to `leader` or the next target."""
+        if leader:
+            self._target = leader
+        elif len(self.targets) > 1:
+            i = self.targets.index(self._target) if self._target in self.targets else -1
+            self._target = self.targets[(i + 1) % len(self.targets)]
+        await self._reset_stream()
+        if self._channel is not None:
+            await self._channel.close()
+        self._channel = None
+        self._stub = None
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        for p in self._pending:
+            if not p.future.done():
+                p.future.set_exception(AppendError(grpc.StatusCode.CANCELLED, "client closed"))
+        self._pending = []
+        await self._reset_stream(AppendError(grpc.StatusCode.CANCELLED, "client closed"))
+        if self._channel is not None:
+            await self._channel.close()
+
+    async def __aenter__(self) -> StoreClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ---- appends ------------------------------------------------------------------
+
+    async def append(self, stream: str, events: pb.ProposedEvent | Iterable[pb.ProposedEvent],
+                     expected: int = ANY, expected_revision: int = 0,
+                     timeout_s: float | None = None) -> pb.AppendResponse:
+        """Appends events to one stream atomically; returns once committed. Raises
+        AppendError when refused (wrong expected revision, invalid input, ...)."""
+        if isinstance(events, pb.ProposedEvent):
+            events = [events]
+        request = pb.AppendRequest(stream=stream, expected=expected,
+                                   expected_revision=expected_revision, events=events)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout_s if timeout_s is not None else self.timeout_s)
+        pending = _Pending(request, loop.create_future(), deadline)
+        self._enqueue(pending)
+        return await pending.future
+
+    def _enqueue(self, pending: _Pending) -> None:
+        if self._closed:
+            raise AppendError(grpc.StatusCode.CANCELLED, "client closed")
+        self._pending.append(pending)
+        if len(self._pending) >= self.max_batch_appends:
+            self._schedule_flush(0.0)
+        elif self._flush_handle is None:
+            self._schedule_flush(self.linger_s)
+
+    def _schedule_flush(self, delay: float) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        loop = asyncio.get_running_loop()
+        if delay <= 0:
+            self._flush_handle = loop.call_soon(self._flush)
+        else:
+            self._flush_handle = loop.call_later(delay, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        if not self._pending:
+            return
+        batch, self._pending = (self._pending[:self.max_batch_appends],
+                                self._pending[self.max_batch_appends:])
+        self._spawn(self._send(batch))
+        if self._pending:
+            self._schedule_flush(0.0)
+
+    async def _ensure_stream(self) -> Any:
+        if self._call is None:
+            self._slots = asyncio.Semaphore(self.max_inflight_messages)
+            self._call = self.stub.AppendStream()
+            self._receiver = asyncio.get_running_loop().create_task(self._receive(self._call))
+        return self._call
+
+    async def _send(self, batch: list[_Pending]) -> None:
+        try:
+            call = await self._ensure_stream()
+            assert self._slots is not None
+            slots = self._slots
+            await slots.acquire()
+            if call is not self._call:  # the stream was reset while we waited
+                slots.release()
+                raise _StreamBroken(None)
+            cid = next(self._cids)
+            self._inflight.append((cid, batch))
+            await call.write(pb.AppendStreamRequest(correlation_id=cid,
+                                                    appends=[p.request for p in batch]))
+        except (grpc.aio.AioRpcError, _StreamBroken, grpc.aio.UsageError,
+                asyncio.InvalidStateError):
+            # The receiver sees the same failure and re-queues what is in flight; what
+            # never made it into flight is re-queued here.
+            inflight = {id(p) for _, b in self._inflight for p in b}
+            self._retry([p for p in batch if id(p) not in inflight], None)
+
+    async def _receive(self, call: Any) -> None:
+        error: grpc.aio.AioRpcError | None = None
+        try:
+            async for resp in call:
+                cid, batch = self._inflight.popleft()
+                assert cid == resp.correlation_id, "AppendStream answers arrive in order"
+                if self._slots is not None:
+                    self._slots.release()
+                for p, result in zip(batch, resp.results, strict=True):
+                    self._settle(p, result)
+        except grpc.aio.AioRpcError as exc:
+            error = exc
+        except asyncio.CancelledError:
+            return
+        if self._call is call:
+            await self._reset_stream(error=error)
+
+    def _settle(self, p: _Pending, result: pb.AppendResult) -> None:
+        if p.future.done():
+            return
+        if result.WhichOneof("result") == "ok":
+            p.future.set_result(result.ok)
+            return
+        err = result.error
+        code = _CODES.get(err.code, grpc.StatusCode.UNKNOWN)
+        exc = AppendError(code, err.message, err.actual_last_revision, err.leader)
+        if err.code in _RETRY_CODES:
+            self._retry([p], exc)
+        else:
+            p.future.set_exception(exc)
+
+    def _retry(self, batch: list[_Pending], cause: AppendError | None) -> None:
+        """Re-sends appends after a short backoff, with the same event ids."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        again = []
+        for p in batch:
+            if p.future.done():
+                continue
+            if now >= p.deadline or self._closed:
+                p.future.set_exception(cause or AppendError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, "append not confirmed before the timeout; "
+                    "its outcome is unknown: retry with the same event ids"))
+            else:
+                again.append(p)
+        if not again:
+            return
+
+        async def later() -> None:
+            if cause is not None and cause.leader and cause.leader != self._target:
+                await self._switch(cause.leader)
+            else:
+                await asyncio.sleep(0.05)
+            for p in again:
+                if not p.future.done():
+                    self._enqueue(p)
+        self._spawn(later())
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reset_stream(self, error: Exception | None = None) -> None:
+        call, self._call = self._call, None
+        receiver, self._receiver = self._receiver, None
+        inflight = [p for _, batch in self._inflight for p in batch]
+        self._inflight.clear()
+        if call is not None:
+            call.cancel()
+        if receiver is not None and receiver is not asyncio.current_task():
+            receiver.cancel()
+        if isinstance(error, AppendError):
+            for p in inflight:
+                if not p.future.done():
+                    p.future.set_exception(error)
+            return
+        cause = None
+        if isinstance(error, grpc.aio.AioRpcError):
+            md = dict(error.trailing_metadata() or ())
+            if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
+                                    grpc.StatusCode.RESOURCE_EXHAUSTED):
+                for p in inflight:
+                    if not p.future.done():
+                        p.future.set_exception(AppendError(error.code(), error.details() or ""))
+                return
+            cause = AppendError(error.code(), error.details() or "", leader=md.get(MD_LEADER, ""))
+            if not cause.leader and len(self.targets) > 1:
+                await self._switch()
+        self._retry(inflight, cause)
+
+    # ---- reads --------------------------------------------------------------------
+
+    async def read_batches(self, stream: str, *, start: int = 0, limit: int = 1000,
+                           backwards: bool = False, min_position: int = 0,
+                           timeout_s: float | None = None) -> AsyncIterator[pb.RecordBatch]:
+        request = pb.ReadRequest(stream=stream, limit=limit, min_position=min_position,
+                                 direction=pb.BACKWARDS if backwards else pb.FORWARDS)
+        setattr(request, "from", start)
+        call = self.stub.Read(request, timeout=timeout_s or self.timeout_s)
+        async for batch in call:
+            yield batch
+
+    async def read(self, stream: str, *, start: int = 0, limit: int = 1000,
+                   backwards: bool = False, min_position: int = 0,
+                   timeout_s: float | None = None) -> list[pb.RecordedEvent]:
+        """Events of `stream` (or "$all") from revision/position `start` (0: the start,
+        or the end when backwards). Raises grpc.aio.AioRpcError NOT_FOUND for a missing
+        stream."""
+        out: list[pb.RecordedEvent] = []
+        async for batch in self.read_batches(stream, start=start, limit=limit,
+                                             backwards=backwards, min_position=min_position,
+                                             timeout_s=timeout_s):
+            out.extend(batch.events)
+        return out
+
+    async def subscribe(self, *, after_position: int = 0, from_end: bool = False,
+                        stream_prefix: str = "", event_types: Sequence[str] = (),
+                        batches: bool = False, resume: bool = True,
+                        ) -> AsyncIterator[SubscriptionItem]:
+        """Catch-up, then one CaughtUp, then live events, in position order. With
+        `resume`, a broken connection is re-established from the last position seen, so
+        the caller sees no gap and no repeat. With `batches`, yields whole RecordBatches."""
+        position = after_position
+        caught_up_sent = False
+        first = True
+        while True:
+            request = pb.SubscribeRequest(after_position=position,
+                                          from_end=from_end and first,
+                                          stream_prefix=stream_prefix, event_types=event_types)
+            first = False
+            try:
+                async for msg in self.stub.Subscribe(request):
+                    kind = msg.WhichOneof("kind")
+                    if kind == "events":
+                        events = msg.events.events
+                        if not events:
+                            continue
+                        assert events[0].position > position, "subscription went backwards"
+                        position = events[-1].position
+                        if batches:
+                            yield msg.events
+                        else:
+                            for event in events:
+                                yield event
+                    elif kind == "caught_up":
+                        position = max(position, msg.caught_up.position)
+                        if not caught_up_sent:
+                            caught_up_sent = True
+                            yield CaughtUp(msg.caught_up.position)
+                    elif kind == "checkpoint":
+                        position = max(position, msg.checkpoint.position)
+                        yield Checkpoint(msg.checkpoint.position)
+                return
+            except grpc.aio.AioRpcError as exc:
+                if not resume or exc.code() != grpc.StatusCode.UNAVAILABLE or self._closed:
+                    raise
+                await self._switch()
+                await asyncio.sleep(0.1)
+
+    async def stream_info(self, stream: str) -> pb.StreamInfoResponse:
+        return await self.stub.StreamInfo(pb.StreamInfoRequest(stream=stream),
+                                          timeout=self.timeout_s)
+
+    async def node_info(self) -> pb.NodeInfoResponse:
+        return await self.stub.NodeInfo(pb.NodeInfoRequest(), timeout=self.timeout_s)
+
+
+class _StreamBroken(Exception):
+    pass
+
+
+def status_details(exc: grpc.RpcError) -> dict[str, str]:
+    """Trailing metadata of a refused call, e.g. the actual revision or a retry hint."""
+    md = dict(exc.trailing_metadata() or ())  # type: ignore[attr-defined]
+    return {k: v for k, v in md.items() if k in (MD_ACTUAL_REVISION, MD_LEADER, MD_RETRY_AFTER_MS)}
+
+
+class Client:
+    """Blocking flavour: the asyncio client on a private event loop thread."""
+
+    def __init__(self, targets: str | Sequence[str], **options: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="xdc-client",
+                                        daemon=True)
+        self._thread.start()
+        self._async = self._call(self._make(targets, options))
+
+    @staticmethod
+    async def _make(targets: str | Sequence[str], options: dict[str, Any]) -> StoreClient:
+        return StoreClient(targets, **options)
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def append(self, stream: str, events: pb.ProposedEvent | Iterable[pb.ProposedEvent],
+               expected: int = ANY, expected_revision: int = 0) -> pb.AppendResponse:
+        return self._call(self._async.append(stream, events, expected, expected_revision))
+
+    def read(self, stream: str, **kw: Any) -> list[pb.RecordedEvent]:
+        return self._call(self._async.read(stream, **kw))
+
+    def stream_info(self, stream: str) -> pb.StreamInfoResponse:
+        return self._call(self._async.stream_info(stream))
+
+    def node_info(self) -> pb.NodeInfoResponse:
+        return self._call(self._async.node_info())
+
+    def subscribe(self, **kw: Any) -> Iterator[Any]:
+        agen = self._async.subscribe(**kw)
+        try:
+            while True:
+                try:
+                    yield self._call(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._call(agen.aclose())
+
+    def close(self) -> None:
+        self._call(self._async.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,55 @@
+"""The commit position as the event loop sees it: what reads may return, when appends
+may be answered, and the wake-up for live subscriptions.
+
+In a standalone node the commit position is the durable position. In a cluster the
+replication layer advances it when a quorum holds a record (DESIGN §4)."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+
+from store.errors import StoreError
+
+
+class CommitTracker:
+    """Loop-thread only."""
+
+    def __init__(self, position: int) -> None:
+        self.position = position
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+        self._changed = asyncio.Event()
+
+    def advance(self, position: int) -> None:
+        if position <= self.position:
+            return
+        self.position = position
+        while self._waiters and self._waiters[0][0] <= position:
+            fut = heapq.heappop(self._waiters)[2]
+            if not fut.done():
+                fut.set_result(None)
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def wait_for(self, position: int) -> None:
+        """Returns once `position` is committed; raises the error given to fail_waiters."""
+        if position <= self.position:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (position, next(self._seq), fut))
+        await fut
+
+    async def wait_beyond(self, position: int) -> None:
+        """Returns once the commit position is past `position`."""
+        while self.position <= position:
+            await self._changed.wait()
+
+    def fail_waiters(self, err: StoreError) -> None:
+        """Answers every append still waiting for commit: their outcome is in doubt
+        (a retry with the same event ids resolves it)."""
+        waiters, self._waiters = self._waiters, []
+        for _, _, fut in waiters:
+            if not fut.done():
+                fut.set_exception(err)

@@ -1,0 +1,49 @@
+"""The store's refusal: a gRPC status code, a message naming the field and the limit,
+and trailing metadata for machine-readable details."""
+
+from __future__ import annotations
+
+import grpc
+
+# Trailing metadata keys (lower case, as gRPC requires).
+MD_ACTUAL_REVISION = "xdc-actual-last-revision"
+MD_LEADER = "xdc-leader"
+MD_RETRY_AFTER_MS = "xdc-retry-after-ms"
+
+
+class StoreError(Exception):
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        metadata: tuple[tuple[str, str], ...] = (),
+        actual_last_revision: int = 0,
+        leader: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.actual_last_revision = actual_last_revision
+        self.leader = leader
+        md = list(metadata)
+        if code == grpc.StatusCode.FAILED_PRECONDITION and actual_last_revision >= 0:
+            md.append((MD_ACTUAL_REVISION, str(actual_last_revision)))
+        if leader:
+            md.append((MD_LEADER, leader))
+        self.metadata = tuple(md)
+
+    def __repr__(self) -> str:
+        return f"StoreError({self.code.name}, {self.message!r})"
+
+
+def invalid(field: str, problem: str) -> StoreError:
+    return StoreError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {problem}")
+
+
+def wrong_revision(stream: str, expected: str, actual: int) -> StoreError:
+    return StoreError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"wrong expected revision for stream {stream!r}: expected {expected}, "
+        f"actual last revision {actual}",
+        actual_last_revision=actual,
+    )

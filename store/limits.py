@@ -1,0 +1,48 @@
+"""Every limit the store enforces, in one place, with its default.
+
+A request over a limit is refused with INVALID_ARGUMENT (or RESOURCE_EXHAUSTED for
+load) and a message naming the field and the limit; nothing is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    # One serialized ProposedEvent (id, type, content type, metadata, data).
+    max_event_bytes: int = 1 * MiB
+    # Events in one AppendRequest, and their summed sizes.
+    max_append_events: int = 10_000
+    max_append_bytes: int = 16 * MiB
+    # AppendRequests in one AppendStream message.
+    max_appends_per_message: int = 10_000
+    # UTF-8 bytes of a stream name.
+    max_stream_name_bytes: int = 255
+    # UTF-8 bytes of an event type or content type.
+    max_type_bytes: int = 256
+    max_metadata_entries: int = 64
+    max_metadata_key_bytes: int = 256
+    # Events returned by one Read.
+    max_read_count: int = 100_000
+    # Events and bytes in one Read/Subscribe response message.
+    max_batch_events: int = 2_000
+    max_batch_bytes: int = 1 * MiB
+    # Events waiting for the writer; past it appends are shed with RESOURCE_EXHAUSTED.
+    max_pending_events: int = 200_000
+    # Events one group commit takes from the queue (one write transaction, one fsync).
+    max_group_events: int = 50_000
+
+    @property
+    def max_message_bytes(self) -> int:
+        """gRPC message ceiling: the largest append plus framing, so that the store's
+        own checks (which name the field) are what refuses oversized appends."""
+        return self.max_append_bytes + 4 * MiB
+
+    def __post_init__(self) -> None:
+        assert 0 < self.max_event_bytes <= self.max_append_bytes
+        assert 0 < self.max_append_events <= self.max_group_events
+        assert 0 < self.max_batch_events and self.max_batch_bytes >= self.max_event_bytes

@@ -1,0 +1,375 @@
+"""The LMDB log of one node (DESIGN §3).
+
+Named databases:
+- `log`: 8-byte big-endian position -> framed record (store/records.py);
+- `streams`: stream name -> (last revision, first position, last position);
+- `stream_index`: stream name + NUL + 8-byte revision -> (position, count). One entry
+  per *run*: events of one append get consecutive revisions at consecutive positions,
+  so a run indexes a whole append (and consecutive appends of one group commit) with
+  one put instead of one per event. A revision is found by seeking to the greatest
+  key <= (stream, revision);
+- `ids`: 16-byte event id -> 8-byte position (durable idempotency);
+- `meta`: cluster id, node id, promised term, commit position, schema version.
+
+Only the writer thread calls the `append_*` and `write_*` methods; readers open their
+own read transactions. Positions are dense from 1; revisions are dense from 1 per
+stream; a stream with no event has last revision 0.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import grpc
+import lmdb
+
+from store import records
+from store.errors import StoreError, wrong_revision
+from xdc.v1 import eventstore_pb2 as pb
+
+SCHEMA_VERSION = 1
+# The map is a reservation of address space, not of disk: on Linux LMDB grows the file
+# as pages are written, so a large map means the store grows without operator action
+# and the disk, not the map, is what fills first (handled as a clear error).
+DEFAULT_MAP_SIZE = 1 << 40
+
+# last revision, first position, last position, and the stream's current index run:
+# its first revision and first position.
+_STREAM = struct.Struct(">QQQQQ")
+_RUN = struct.Struct(">QQ")  # first position, count
+_BE64 = struct.Struct(">Q")
+_pos_key = _BE64.pack
+
+ANY = pb.EXPECTED_ANY
+NO_STREAM = pb.EXPECTED_NO_STREAM
+STREAM_EXISTS = pb.EXPECTED_STREAM_EXISTS
+EXACT = pb.EXPECTED_EXACT
+
+
+@dataclass(slots=True)
+class PreparedAppend:
+    """A validated append, ready for the writer (built by store/validation.py)."""
+
+    stream: str
+    stream_key: bytes
+    expected: int
+    expected_revision: int
+    ids: list[bytes]
+    # Serialized ProposedEvents (deterministic serialization: equal content, equal bytes).
+    bodies: list[bytes]
+    stream_fld: bytes = field(default=b"")
+
+    def __post_init__(self) -> None:
+        assert len(self.ids) == len(self.bodies) > 0
+        if not self.stream_fld:
+            self.stream_fld = records.stream_field(self.stream_key)
+
+
+@dataclass(slots=True, frozen=True)
+class Appended:
+    first_position: int
+    last_position: int
+    last_revision: int
+    duplicate: bool = False
+
+
+@dataclass(slots=True, frozen=True)
+class StreamState:
+    last_revision: int
+    first_position: int
+    last_position: int
+
+
+def _expected_text(kind: int, revision: int) -> str:
+    if kind == EXACT:
+        return f"exact({revision})"
+    return {ANY: "any", NO_STREAM: "no_stream", STREAM_EXISTS: "stream_exists"}[kind]
+
+
+def check_expected(stream: str, kind: int, revision: int, last_revision: int) -> None:
+    if kind == ANY:
+        return
+    if kind == NO_STREAM:
+        ok = last_revision == 0
+    elif kind == STREAM_EXISTS:
+        ok = last_revision > 0
+    else:
+        ok = last_revision == revision
+    if not ok:
+        raise wrong_revision(stream, _expected_text(kind, revision), last_revision)
+
+
+def _disk_error(exc: Exception) -> StoreError:
+    return StoreError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"storage full or failing, nothing was written: {type(exc).__name__}: {exc}",
+        metadata=(("xdc-retry-after-ms", "1000"),),
+    )
+
+
+def _advance_stream(st: list[int], runs: dict[tuple[bytes, int], tuple[int, int]],
+                    stream_key: bytes, pos: int, n: int) -> None:
+    """Moves a stream's state past `n` new events at `pos`, and records the index run
+    they belong to: the stream's current run when they follow it directly in the log,
+    a new run otherwise."""
+    last_rev, first_pos, last_pos, run_rev, run_pos = st
+    if last_rev == 0:
+        first_pos = pos
+    if last_rev == 0 or last_pos != pos - 1:
+        run_rev, run_pos = last_rev + 1, pos
+    last_rev += n
+    st[:] = (last_rev, first_pos, pos + n - 1, run_rev, run_pos)
+    runs[(stream_key, run_rev)] = (run_pos, last_rev - run_rev + 1)
+
+
+class Log:
+    def __init__(self, path: str | os.PathLike[str], *, map_size: int = DEFAULT_MAP_SIZE,
+                 node_id: str = "standalone") -> None:
+        os.makedirs(path, exist_ok=True)
+        self.path = str(path)
+        self.env = lmdb.open(
+            self.path, map_size=map_size, max_dbs=8, subdir=True, sync=True, metasync=True,
+            max_readers=512, readahead=False,
+        )
+        self.log_db = self.env.open_db(b"log")
+        self.streams_db = self.env.open_db(b"streams")
+        self.index_db = self.env.open_db(b"stream_index")
+        self.ids_db = self.env.open_db(b"ids")
+        self.meta_db = self.env.open_db(b"meta")
+        with self.env.begin(write=True) as txn:
+            version = txn.get(b"schema_version", db=self.meta_db)
+            if version is None:
+                txn.put(b"schema_version", str(SCHEMA_VERSION).encode(), db=self.meta_db)
+                txn.put(b"cluster_id", str(uuid.uuid4()).encode(), db=self.meta_db)
+                txn.put(b"node_id", node_id.encode(), db=self.meta_db)
+                txn.put(b"promised_term", _pos_key(0), db=self.meta_db)
+                txn.put(b"commit_position", _pos_key(0), db=self.meta_db)
+            elif int(version) != SCHEMA_VERSION:
+                raise RuntimeError(f"{self.path}: schema version {int(version)}, expected "
+                                   f"{SCHEMA_VERSION}")
+            self.cluster_id = txn.get(b"cluster_id", db=self.meta_db).decode()
+            self.node_id = txn.get(b"node_id", db=self.meta_db).decode()
+            self.promised_term = _BE64.unpack(txn.get(b"promised_term", db=self.meta_db))[0]
+            self.commit_position = _BE64.unpack(txn.get(b"commit_position", db=self.meta_db))[0]
+            cur = txn.cursor(self.log_db)
+            if cur.last():
+                self.last_position = records.key_position(cur.key())
+                last = cur.value()
+                self.last_term = records.term_of(last)
+                self.last_timestamp_ns = records.timestamp_of(last)
+            else:
+                self.last_position = 0
+                self.last_term = 0
+                self.last_timestamp_ns = 0
+        # Opening reads three keys and the last record: O(1) in the log's length.
+        assert self.commit_position <= self.last_position
+
+    def close(self) -> None:
+        self.env.close()
+
+    # ---- writer side -------------------------------------------------------------
+
+    def append_group(self, reqs: list[PreparedAppend], term: int,
+                     now_ns: int) -> tuple[list[Appended | StoreError], list[bytes]]:
+        """Applies a group of appends in one write transaction with one fsync.
+
+        Each append is atomic on its own: a refused one writes nothing and the others
+        proceed. Returns the per-append results and the new stored records (for
+        replication). On a storage failure nothing is written and every append of the
+        group gets the same RESOURCE_EXHAUSTED error.
+        """
+        assert term >= 1
+        first = self.last_position + 1
+        pos = first
+        ts = max(now_ns, self.last_timestamp_ns)
+        results: list[Appended | StoreError] = []
+        values: list[bytes] = []
+        streams: dict[bytes, list[int]] = {}
+        runs: dict[tuple[bytes, int], tuple[int, int]] = {}
+        encode = records.encode
+        try:
+            with self.env.begin(write=True) as txn:
+                ids_cur = txn.cursor(self.ids_db)
+                for req in reqs:
+                    st = streams.get(req.stream_key)
+                    if st is None:
+                        raw = txn.get(req.stream_key, db=self.streams_db)
+                        st = list(_STREAM.unpack(raw)) if raw else [0, 0, 0, 0, 0]
+                        streams[req.stream_key] = st
+                    found = ids_cur.getmulti(req.ids)
+                    try:
+                        if found:
+                            results.append(self._duplicate(txn, req, found, first, values))
+                            continue
+                        check_expected(req.stream, req.expected, req.expected_revision, st[0])
+                    except StoreError as err:
+                        results.append(err)
+                        continue
+                    n = len(req.bodies)
+                    rev = st[0] + 1
+                    keys = [_pos_key(p) for p in range(pos, pos + n)]
+                    ids_cur.putmulti(list(zip(req.ids, keys, strict=True)))
+                    fld = req.stream_fld
+                    values.extend([
+                        encode(pos + i, term, rev + i, ts, fld, body)
+                        for i, body in enumerate(req.bodies)
+                    ])
+                    _advance_stream(st, runs, req.stream_key, pos, n)
+                    results.append(Appended(pos, pos + n - 1, st[0]))
+                    pos += n
+                if values:
+                    txn.cursor(self.log_db).putmulti(
+                        list(zip(map(_pos_key, range(first, pos)), values, strict=True)),
+                        append=True,
+                    )
+                    self._put_streams_and_runs(txn, streams, runs)
+        except lmdb.Error as exc:
+            err = _disk_error(exc)
+            return [err] * len(reqs), []
+        if values:
+            self.last_position = pos - 1
+            self.last_term = term
+            self.last_timestamp_ns = ts
+        return results, values
+
+    def _put_streams_and_runs(self, txn: lmdb.Transaction, streams: dict[bytes, list[int]],
+                              runs: dict[tuple[bytes, int], tuple[int, int]]) -> None:
+        txn.cursor(self.streams_db).putmulti(
+            [(k, _STREAM.pack(*st)) for k, st in streams.items() if st[0]])
+        txn.cursor(self.index_db).putmulti(sorted(
+            (key + b"\x00" + _pos_key(rev), _RUN.pack(*run)) for (key, rev), run in runs.items()))
+
+    def _duplicate(self, txn: lmdb.Transaction, req: PreparedAppend,
+                   found: list[tuple[bytes, bytes]], group_first: int,
+                   group_values: list[bytes]) -> Appended:
+        """An append some of whose ids are already in the log: either an exact retry
+        (same stream, same content) answered with the original positions, or an error."""
+        where = dict(found)
+        for i, event_id in enumerate(req.ids):
+            raw = where.get(event_id)
+            if raw is None:
+                other = next(k for k in req.ids if k in where)
+                raise StoreError(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"events[{i}].id is new but event id {uuid.UUID(bytes=other)} is already "
+                    f"in the log: a retried append must carry exactly the original events",
+                )
+        positions = [_BE64.unpack(where[event_id])[0] for event_id in req.ids]
+        for i, p in enumerate(positions):
+            value = group_values[p - group_first] if p >= group_first else txn.get(
+                _pos_key(p), db=self.log_db)
+            assert value is not None, f"ids index points at missing position {p}"
+            if records.stream_bytes_of(value) != req.stream_key:
+                raise StoreError(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"events[{i}].id {uuid.UUID(bytes=req.ids[i])} already exists at position "
+                    f"{p} in stream {records.stream_of(value)!r}, not {req.stream!r}",
+                )
+            if records.body_of(value) != req.bodies[i]:
+                raise StoreError(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"events[{i}].id {uuid.UUID(bytes=req.ids[i])} already exists at position "
+                    f"{p} with different content",
+                )
+        last_value = (group_values[positions[-1] - group_first] if positions[-1] >= group_first
+                      else txn.get(_pos_key(positions[-1]), db=self.log_db))
+        return Appended(positions[0], positions[-1], records.revision_of(last_value), True)
+
+    # ---- reader side -------------------------------------------------------------
+
+    def stream_state(self, stream_key: bytes,
+                     txn: lmdb.Transaction | None = None) -> StreamState | None:
+        if txn is None:
+            with self.env.begin() as own:
+                return self.stream_state(stream_key, own)
+        raw = txn.get(stream_key, db=self.streams_db)
+        return StreamState(*_STREAM.unpack(raw)[:3]) if raw else None
+
+    def stream_count(self) -> int:
+        with self.env.begin() as txn:
+            return txn.stat(self.streams_db)["entries"]
+
+    def record(self, position: int) -> bytes | None:
+        with self.env.begin() as txn:
+            return txn.get(_pos_key(position), db=self.log_db)
+
+    def read_all(self, start: int, limit: int, upto: int, backwards: bool = False) -> list[bytes]:
+        """Stored records from position `start` (inclusive), at most `limit`, none past `upto`."""
+        if backwards:
+            start = min(start, upto)
+            limit = min(limit, start)
+            if limit <= 0:
+                return []
+        else:
+            limit = min(limit, upto - start + 1)
+            if limit <= 0:
+                return []
+        with self.env.begin() as txn:
+            cur = txn.cursor(self.log_db)
+            if not cur.set_key(_pos_key(start)):
+                return []
+            it = cur.iterprev(keys=False) if backwards else cur.iternext(keys=False)
+            out = []
+            for value in it:
+                out.append(value)
+                if len(out) == limit:
+                    break
+            return out
+
+    def read_stream(self, stream_key: bytes, start: int, limit: int, upto: int,
+                    backwards: bool = False) -> list[bytes]:
+        """Stored records of one stream from revision `start` (inclusive)."""
+        out: list[bytes] = []
+        with self.env.begin() as txn:
+            for first_pos, count in self._stream_runs(txn, stream_key, start, backwards):
+                log_cur = txn.cursor(self.log_db)
+                if not log_cur.set_key(_pos_key(first_pos)):
+                    break
+                it = log_cur.iterprev(keys=False) if backwards else log_cur.iternext(keys=False)
+                for value in it:
+                    if count == 0 or len(out) == limit:
+                        break
+                    count -= 1
+                    out.append(value)
+                if len(out) == limit:
+                    break
+        if not backwards:
+            # Positions grow with revisions: cut at the commit position.
+            while out and records.position_of(out[-1]) > upto:
+                out.pop()
+        else:
+            out = [v for v in out if records.position_of(v) <= upto]
+        return out
+
+    def _stream_runs(self, txn: lmdb.Transaction, stream_key: bytes, revision: int,
+                     backwards: bool) -> Iterator[tuple[int, int]]:
+        """Yields (position, count) spans of the stream from `revision` on: forwards a span
+        runs up the log from `position`; backwards `position` is its last and it runs down."""
+        prefix = stream_key + b"\x00"
+        cur = txn.cursor(self.index_db)
+        target = prefix + _pos_key(revision)
+        # The floor entry: the greatest run key <= target.
+        if cur.set_range(target):
+            floor = cur.key() == target or cur.prev()
+        else:
+            floor = cur.last()
+        if not (floor and cur.key().startswith(prefix)):
+            if backwards or not cur.set_range(prefix) or not cur.key().startswith(prefix):
+                return
+        step = cur.prev if backwards else cur.next
+        while True:
+            first_rev = _BE64.unpack(cur.key()[len(prefix):])[0]
+            pos, count = _RUN.unpack(cur.value())
+            if backwards:
+                last = min(first_rev + count - 1, revision)
+                if last >= first_rev:
+                    yield pos + last - first_rev, last - first_rev + 1
+            elif first_rev + count > revision:
+                skip = max(0, revision - first_rev)
+                yield pos + skip, count - skip
+            if not step() or not cur.key().startswith(prefix):
+                return

@@ -1,0 +1,79 @@
+"""One store node: the log, its single writer and its commit position, composed.
+
+A standalone node commits what is durable. The replication layer (geo/) drives a node
+through three seams: `admit` (may the writer append now, and in which term),
+`on_durable` (records the writer made durable, to ship them), and `commit.advance`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+
+import grpc
+
+from store.commit import CommitTracker
+from store.errors import StoreError
+from store.limits import Limits
+from store.log import Appended, Log, PreparedAppend
+from store.writer import AdmitHook, DurableHook, Results, Writer
+
+
+@dataclass(slots=True)
+class Role:
+    name: str = "standalone"
+    term: int = 0
+    leader: str = ""  # the leader's client address, when known
+
+
+class StoreNode:
+    def __init__(self, data_dir: str | os.PathLike[str], limits: Limits | None = None,
+                 node_id: str = "standalone", client_address: str = "") -> None:
+        self.data_dir = str(data_dir)
+        self.limits = limits or Limits()
+        self.node_id = node_id
+        self.client_address = client_address
+        self.role = Role()
+        self.log: Log | None = None
+        self.writer: Writer | None = None
+        self.commit: CommitTracker | None = None
+        self.admit: AdmitHook = self._standalone_admit
+        self.on_durable: DurableHook = self._standalone_durable
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.log = log = await loop.run_in_executor(
+            None, lambda: Log(self.data_dir, node_id=self.node_id))
+        # Standalone: everything durable is committed.
+        self.commit = CommitTracker(log.last_position)
+        self.role.term = max(1, log.promised_term)
+        self.writer = Writer(log, self.limits, loop, lambda last, values: self.on_durable(
+            last, values), lambda: self.admit())
+
+    async def stop(self) -> None:
+        if self.writer is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.writer.stop)
+            self.writer = None
+        if self.commit is not None:
+            self.commit.fail_waiters(StoreError(grpc.StatusCode.UNAVAILABLE,
+                                                "node stopped before the append committed; "
+                                                "retry with the same event ids"))
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+    def _standalone_admit(self) -> int | StoreError:
+        return self.role.term
+
+    def _standalone_durable(self, last: int, values: list[bytes]) -> None:
+        assert self.commit is not None
+        self.commit.advance(last)
+
+    async def append(self, reqs: list[PreparedAppend]) -> Results:
+        """Appends and waits until each successful append is committed."""
+        assert self.writer is not None and self.commit is not None
+        results = await self.writer.submit(reqs)
+        last = max((r.last_position for r in results if isinstance(r, Appended)), default=0)
+        if last > self.commit.position:
+            await self.commit.wait_for(last)
+        return results

@@ -1,0 +1,152 @@
+"""Byte layout of a stored record.
+
+The `log` database maps an 8-byte big-endian position to the record, stored *framed*
+as field 1 of a RecordBatch: `0x0a varint(len) RecordedEvent`. A RecordBatch on the
+wire is then the plain concatenation of stored values, so reads and subscriptions send
+records without decoding or re-encoding them, and followers store the leader's bytes
+unchanged (replicas are byte-identical).
+
+The RecordedEvent starts with its four fixed64 fields (position, term, revision,
+timestamp) at fixed offsets, then the stream, then the serialized ProposedEvent the
+client sent (fields 1..5). Protobuf parsers accept fields in any order.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from xdc.v1 import eventstore_pb2 as pb
+
+_HEADER = struct.Struct("<BQBQBQBQ")
+_TAG_POSITION = (8 << 3) | 1
+_TAG_TERM = (9 << 3) | 1
+_TAG_REVISION = (7 << 3) | 1
+_TAG_TIMESTAMP = (10 << 3) | 1
+_TAG_STREAM = (6 << 3) | 2
+_TAG_FRAME = (1 << 3) | 2
+HEADER_SIZE = _HEADER.size  # 36
+_U64 = struct.Struct("<Q")
+_BE64 = struct.Struct(">Q")
+
+
+def position_key(position: int) -> bytes:
+    return _BE64.pack(position)
+
+
+def key_position(key: bytes) -> int:
+    return _BE64.unpack(key)[0]
+
+
+def varint(n: int) -> bytes:
+    if n < 0x80:
+        return bytes((n,))
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def read_varint(buf: bytes, offset: int) -> tuple[int, int]:
+    """Returns (value, offset after it)."""
+    result = 0
+    shift = 0
+    while True:
+        b = buf[offset]
+        offset += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, offset
+        shift += 7
+        assert shift < 64, "varint too long"
+
+
+def stream_field(stream_bytes: bytes) -> bytes:
+    """The encoded stream field, computed once per append request."""
+    return bytes((_TAG_STREAM,)) + varint(len(stream_bytes)) + stream_bytes
+
+
+def encode(
+    position: int, term: int, revision: int, timestamp_ns: int, stream_fld: bytes, body: bytes
+) -> bytes:
+    """A framed stored record. `body` is the serialized ProposedEvent."""
+    header = _HEADER.pack(
+        _TAG_POSITION, position, _TAG_TERM, term, _TAG_REVISION, revision, _TAG_TIMESTAMP,
+        timestamp_ns,
+    )
+    length = HEADER_SIZE + len(stream_fld) + len(body)
+    return b"".join((bytes((_TAG_FRAME,)), varint(length), header, stream_fld, body))
+
+
+def _start(value: bytes) -> int:
+    """Offset of the RecordedEvent inside a framed stored value."""
+    assert value[0] == _TAG_FRAME, "not a framed record"
+    return read_varint(value, 1)[1]
+
+
+def position_of(value: bytes) -> int:
+    return _U64.unpack_from(value, _start(value) + 1)[0]
+
+
+def term_of(value: bytes) -> int:
+    return _U64.unpack_from(value, _start(value) + 10)[0]
+
+
+def revision_of(value: bytes) -> int:
+    return _U64.unpack_from(value, _start(value) + 19)[0]
+
+
+def timestamp_of(value: bytes) -> int:
+    return _U64.unpack_from(value, _start(value) + 28)[0]
+
+
+def _stream_span(value: bytes) -> tuple[int, int]:
+    off = _start(value) + HEADER_SIZE
+    assert value[off] == _TAG_STREAM, "stream field expected after the header"
+    length, off = read_varint(value, off + 1)
+    return off, off + length
+
+
+def stream_of(value: bytes) -> str:
+    lo, hi = _stream_span(value)
+    return value[lo:hi].decode()
+
+
+def stream_bytes_of(value: bytes) -> bytes:
+    lo, hi = _stream_span(value)
+    return value[lo:hi]
+
+
+def body_of(value: bytes) -> bytes:
+    """The serialized ProposedEvent, exactly as the client's append produced it."""
+    return value[_stream_span(value)[1]:]
+
+
+def type_of(value: bytes) -> str:
+    """The event type, read without decoding the whole record (id is field 1, type 2)."""
+    body = body_of(value)
+    off = 0
+    while off < len(body):
+        tag, off = read_varint(body, off)
+        if tag & 7 != 2:  # every field before `type` is length-delimited
+            break
+        length, off = read_varint(body, off)
+        if tag >> 3 == 2:
+            return body[off:off + length].decode()
+        off += length
+    return ""
+
+
+def decode(value: bytes) -> pb.RecordedEvent:
+    return pb.RecordedEvent.FromString(value[_start(value):])
+
+
+def batch_bytes(values: list[bytes]) -> bytes:
+    """A serialized RecordBatch holding these stored values."""
+    return b"".join(values)
+
+
+def wrap_field(field_number: int, payload: bytes) -> bytes:
+    """`payload` as a length-delimited field: builds a SubscribeResponse around a batch."""
+    return bytes(((field_number << 3) | 2,)) + varint(len(payload)) + payload

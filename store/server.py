@@ -1,0 +1,97 @@
+"""Runs a store node behind a gRPC server, with health checking and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from store.limits import Limits
+from store.node import StoreNode
+from store.service import SERVICE, EventStoreService
+
+
+def server_options(limits: Limits) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", limits.max_message_bytes),
+        ("grpc.max_send_message_length", limits.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+class StoreServer:
+    """A node and its gRPC server; `start` binds, `stop` drains and closes."""
+
+    def __init__(self, node: StoreNode, listen: str) -> None:
+        self.node = node
+        self.listen = listen
+        self.port = 0
+        self.server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()
+
+    async def start(self) -> None:
+        await self.node.start()
+        server = grpc.aio.server(options=server_options(self.node.limits))
+        server.add_generic_rpc_handlers((EventStoreService(self.node).handler(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        self.port = server.add_insecure_port(self.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.listen}")
+        await server.start()
+        self.server = server
+        for name in ("", SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    @property
+    def address(self) -> str:
+        host = self.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(grace_s)
+        await self.node.stop()
+
+
+async def run_until_signalled(start: Callable[[], Awaitable[str]],
+                              stop: Callable[[], Awaitable[None]]) -> None:
+    """Starts, prints one JSON `ready` line with the bound address (tests and scripts read
+    it to learn a port chosen by the OS), and stops cleanly on SIGTERM or SIGINT."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    address = await start()
+    print(json.dumps({"event": "ready", "listen": address, "pid": os.getpid()}), flush=True)
+    await stopping.wait()
+    await stop()
+    print(json.dumps({"event": "stopped"}), flush=True)
+
+
+def serve(data_dir: str, listen: str, limits: Limits | None = None,
+          node_id: str = "standalone") -> int:
+    node = StoreNode(data_dir, limits, node_id=node_id)
+    server = StoreServer(node, listen)
+
+    async def start() -> str:
+        await server.start()
+        node.client_address = server.address
+        return server.address
+
+    try:
+        asyncio.run(run_until_signalled(start, server.stop))
+    except OSError as exc:
+        print(f"xdc serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
+

@@ -1,0 +1,308 @@
+"""The public `xdc.v1.EventStore` gRPC service.
+
+Read and Subscribe send stored records as they lie in the log (store/records.py):
+their handlers return serialized bytes and are registered with an identity serializer,
+so no record is decoded or re-encoded on the way out."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from store import records
+from store.errors import StoreError, invalid
+from store.log import Appended
+from store.node import StoreNode
+from store.validation import ALL, check_read, check_stream_name, prepare, refuse
+from xdc.v1 import eventstore_pb2 as pb
+
+SERVICE = "xdc.v1.EventStore"
+# AppendStream messages read ahead of their answers, per call; past it the reader
+# stops reading and gRPC flow control holds the client back.
+MAX_INFLIGHT_MESSAGES = 64
+# A filtered subscription reports its position after skipping this many events.
+CHECKPOINT_EVERY = 10_000
+
+
+class BadRequest:
+    """A request whose bytes did not parse; answered with INVALID_ARGUMENT."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _parser(cls: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return cls.FromString(data)
+        except DecodeError as exc:
+            return BadRequest(f"not a valid {cls.DESCRIPTOR.name}: {exc}")
+    return parse
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+def _ok(r: Appended) -> pb.AppendResponse:
+    return pb.AppendResponse(first_position=r.first_position, last_position=r.last_position,
+                             last_revision=r.last_revision, next_revision=r.last_revision + 1,
+                             duplicate=r.duplicate)
+
+
+async def _abort(context: grpc.aio.ServicerContext, err: StoreError) -> None:
+    await context.abort(err.code, err.message, trailing_metadata=err.metadata)
+
+
+class EventStoreService:
+    def __init__(self, node: StoreNode) -> None:
+        self.node = node
+        self.limits = node.limits
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            "Append": grpc.unary_unary_rpc_method_handler(
+                self.Append, _parser(pb.AppendRequest), pb.AppendResponse.SerializeToString),
+            "AppendStream": grpc.stream_stream_rpc_method_handler(
+                self.AppendStream, _parser(pb.AppendStreamRequest),
+                pb.AppendStreamResponse.SerializeToString),
+            "Read": grpc.unary_stream_rpc_method_handler(
+                self.Read, _parser(pb.ReadRequest), _identity),
+            "Subscribe": grpc.unary_stream_rpc_method_handler(
+                self.Subscribe, _parser(pb.SubscribeRequest), _identity),
+            "StreamInfo": grpc.unary_unary_rpc_method_handler(
+                self.StreamInfo, _parser(pb.StreamInfoRequest),
+                pb.StreamInfoResponse.SerializeToString),
+            "NodeInfo": grpc.unary_unary_rpc_method_handler(
+                self.NodeInfo, _parser(pb.NodeInfoRequest), pb.NodeInfoResponse.SerializeToString),
+        })
+
+    # ---- appends ------------------------------------------------------------------
+
+    async def Append(self, request: Any, context: grpc.aio.ServicerContext) -> pb.AppendResponse:
+        try:
+            if isinstance(request, BadRequest):
+                raise StoreError(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+            result = (await self.node.append([prepare(request, self.limits)]))[0]
+            if isinstance(result, StoreError):
+                raise result
+            return _ok(result)
+        except StoreError as err:
+            await _abort(context, err)
+            raise AssertionError("unreachable") from None
+
+    def _start_message(
+        self, msg: pb.AppendStreamRequest,
+    ) -> asyncio.Future[pb.AppendStreamResponse]:
+        """Validates and queues one AppendStream message; the future is its answer.
+        Queuing happens now, so one call's appends reach the writer in order."""
+        n = len(msg.appends)
+        slots: list[pb.AppendResult | None] = [None] * n
+        prepared = []
+        if n > self.limits.max_appends_per_message:
+            err = invalid("appends", f"{n} appends exceeds max_appends_per_message "
+                                     f"({self.limits.max_appends_per_message})")
+            slots = [refuse(err)] * n
+        else:
+            for i, req in enumerate(msg.appends):
+                try:
+                    prepared.append((i, prepare(req, self.limits, f"appends[{i}].")))
+                except StoreError as err:
+                    slots[i] = refuse(err)
+        return asyncio.ensure_future(self._finish_message(msg.correlation_id, slots, prepared))
+
+    async def _finish_message(self, correlation_id: int, slots: list[pb.AppendResult | None],
+                              prepared: list) -> pb.AppendStreamResponse:
+        if prepared:
+            try:
+                results = await self.node.append([p for _, p in prepared])
+            except StoreError as err:
+                results = [err] * len(prepared)
+            for (i, _), result in zip(prepared, results, strict=True):
+                slots[i] = (refuse(result) if isinstance(result, StoreError)
+                            else pb.AppendResult(ok=_ok(result)))
+        return pb.AppendStreamResponse(correlation_id=correlation_id, results=slots)
+
+    async def AppendStream(
+        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.AppendStreamResponse]:
+        answers: asyncio.Queue[asyncio.Future[pb.AppendStreamResponse] | BadRequest | None] = (
+            asyncio.Queue(MAX_INFLIGHT_MESSAGES))
+
+        async def read() -> None:
+            try:
+                async for msg in request_iterator:
+                    await answers.put(msg if isinstance(msg, BadRequest)
+                                      else self._start_message(msg))
+            finally:
+                await answers.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await answers.get()) is not None:
+                if isinstance(item, BadRequest):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, item.reason)
+                yield await item
+            await reader  # surfaces a failure of the request side
+        finally:
+            reader.cancel()
+
+    # ---- reads --------------------------------------------------------------------
+
+    async def _wait_min_position(self, min_position: int,
+                                 context: grpc.aio.ServicerContext) -> None:
+        commit = self.node.commit
+        assert commit is not None
+        if min_position <= commit.position:
+            return
+        remaining = context.time_remaining()
+        try:
+            await asyncio.wait_for(commit.wait_for(min_position), remaining)
+        except TimeoutError:
+            raise StoreError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                             f"min_position: position {min_position} not committed on this node "
+                             f"before the deadline (commit position {commit.position})") from None
+
+    def _batches(self, values: list[bytes]) -> list[bytes]:
+        """Splits records into RecordBatch payloads of at most max_batch_bytes."""
+        limit = self.limits.max_batch_bytes
+        out: list[bytes] = []
+        start = 0
+        size = 0
+        for i, v in enumerate(values):
+            if size and size + len(v) > limit:
+                out.append(records.batch_bytes(values[start:i]))
+                start, size = i, 0
+            size += len(v)
+        if start < len(values):
+            out.append(records.batch_bytes(values[start:]))
+        return out
+
+    async def Read(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        log = self.node.log
+        assert log is not None and self.node.commit is not None
+        try:
+            if isinstance(request, BadRequest):
+                raise StoreError(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+            key = check_read(request, self.limits)
+            await self._wait_min_position(request.min_position, context)
+            upto = self.node.commit.position
+            backwards = request.direction == pb.BACKWARDS
+            remaining = request.limit
+            if request.stream == ALL:
+                start = getattr(request, "from")
+                if start == 0:
+                    start = upto if backwards else 1
+                reader = log.read_all
+            else:
+                state = log.stream_state(key)
+                if state is None or state.first_position > upto:
+                    raise StoreError(grpc.StatusCode.NOT_FOUND,
+                                     f"stream {request.stream!r} not found")
+                start = getattr(request, "from")
+                if start == 0:
+                    start = state.last_revision if backwards else 1
+
+                def reader(s: int, n: int, u: int, b: bool) -> list[bytes]:
+                    return log.read_stream(key, s, n, u, b)
+        except StoreError as err:
+            await _abort(context, err)
+            return
+        step = self.limits.max_batch_events
+        while remaining > 0:
+            values = reader(start, min(step, remaining), upto, backwards)
+            if not values:
+                return
+            for payload in self._batches(values):
+                yield payload
+            remaining -= len(values)
+            last = values[-1]
+            nxt = records.position_of(last) if request.stream == ALL else records.revision_of(last)
+            start = nxt - 1 if backwards else nxt + 1
+            if backwards and start == 0:
+                return
+
+    async def Subscribe(self, request: Any,
+                        context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        log, commit = self.node.log, self.node.commit
+        assert log is not None and commit is not None
+        if isinstance(request, BadRequest):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+        prefix = request.stream_prefix.encode()
+        types = frozenset(request.event_types)
+        filtered = bool(prefix or types)
+        position = commit.position if request.from_end else request.after_position
+        caught_up = False
+        skipped = 0
+        step = self.limits.max_batch_events
+        while True:
+            upto = commit.position
+            if position >= upto:
+                if not caught_up:
+                    caught_up = True
+                    yield pb.SubscribeResponse(
+                        caught_up=pb.CaughtUp(position=position)).SerializeToString()
+                elif filtered and skipped:
+                    skipped = 0
+                    yield pb.SubscribeResponse(
+                        checkpoint=pb.Checkpoint(position=position)).SerializeToString()
+                await commit.wait_beyond(position)
+                continue
+            values = log.read_all(position + 1, step, upto)
+            assert values, f"committed records {position + 1}..{upto} missing from the log"
+            position += len(values)
+            assert records.position_of(values[-1]) == position, "log positions must be dense"
+            if filtered:
+                kept = [v for v in values
+                        if (not prefix or records.stream_bytes_of(v).startswith(prefix))
+                        and (not types or records.type_of(v) in types)]
+                skipped += len(values) - len(kept)
+                values = kept
+                if skipped >= CHECKPOINT_EVERY and not values:
+                    skipped = 0
+                    yield pb.SubscribeResponse(
+                        checkpoint=pb.Checkpoint(position=position)).SerializeToString()
+            for payload in self._batches(values):
+                yield records.wrap_field(1, payload)
+
+    # ---- info ---------------------------------------------------------------------
+
+    async def StreamInfo(self, request: Any,
+                         context: grpc.aio.ServicerContext) -> pb.StreamInfoResponse:
+        log, commit = self.node.log, self.node.commit
+        assert log is not None and commit is not None
+        try:
+            if isinstance(request, BadRequest):
+                raise StoreError(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+            key = check_stream_name(request.stream, self.limits)
+            state = log.stream_state(key)
+            upto = commit.position
+            if state is None or state.first_position > upto:
+                raise StoreError(grpc.StatusCode.NOT_FOUND, f"stream {request.stream!r} not found")
+            last_revision, last_position = state.last_revision, state.last_position
+            if last_position > upto:
+                # Only committed events count: the stream's last committed one.
+                last = log.read_stream(key, last_revision, 1, upto, backwards=True)[0]
+                last_revision, last_position = records.revision_of(last), records.position_of(last)
+            return pb.StreamInfoResponse(stream=request.stream, last_revision=last_revision,
+                                         count=last_revision, first_position=state.first_position,
+                                         last_position=last_position)
+        except StoreError as err:
+            await _abort(context, err)
+            raise AssertionError("unreachable") from None
+
+    async def NodeInfo(self, request: Any,
+                       context: grpc.aio.ServicerContext) -> pb.NodeInfoResponse:
+        node = self.node
+        assert node.log is not None and node.commit is not None
+        return pb.NodeInfoResponse(
+            cluster_id=node.log.cluster_id, node_id=node.node_id, role=node.role.name,
+            term=node.role.term, commit_position=node.commit.position,
+            last_position=node.log.last_position, leader=node.role.leader,
+            stream_count=node.log.stream_count())

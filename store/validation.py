@@ -1,0 +1,128 @@
+"""Turns client requests into validated, prepared appends, or refuses them with a
+message that names the field and the limit. Nothing here touches the disk."""
+
+from __future__ import annotations
+
+import re
+
+from store.errors import StoreError, invalid
+from store.limits import Limits
+from store.log import EXACT, PreparedAppend
+from xdc.v1 import eventstore_pb2 as pb
+
+ALL = "$all"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_NIL = bytes(16)
+_EXPECTED_KINDS = frozenset(pb.ExpectedKind.values())
+
+STREAM_RULE = (
+    "a stream name is 1..{max} bytes of UTF-8 without control characters and does not "
+    "start with '$' (reserved)"
+)
+
+
+def check_stream_name(stream: str, limits: Limits, field: str = "stream",
+                      allow_all: bool = False) -> bytes:
+    """Returns the stream's key bytes, or raises INVALID_ARGUMENT naming the rule."""
+    rule = STREAM_RULE.format(max=limits.max_stream_name_bytes)
+    if not stream:
+        raise invalid(field, f"empty; {rule}")
+    if stream == ALL and allow_all:
+        return stream.encode()
+    key = stream.encode()
+    if len(key) > limits.max_stream_name_bytes:
+        raise invalid(field, f"{len(key)} bytes exceeds max_stream_name_bytes "
+                             f"({limits.max_stream_name_bytes}); {rule}")
+    if stream[0] == "$":
+        raise invalid(field, f"{stream!r} starts with '$'; {rule}")
+    if _CONTROL.search(stream):
+        raise invalid(field, f"contains a control character; {rule}")
+    return key
+
+
+def prepare(req: pb.AppendRequest, limits: Limits, prefix: str = "") -> PreparedAppend:
+    stream_key = check_stream_name(req.stream, limits, f"{prefix}stream")
+    kind = req.expected
+    if kind not in _EXPECTED_KINDS:
+        raise invalid(f"{prefix}expected", f"unknown ExpectedKind {kind}")
+    if kind != EXACT and req.expected_revision:
+        raise invalid(f"{prefix}expected_revision", "set only with EXPECTED_EXACT")
+    events = req.events
+    n = len(events)
+    if n == 0:
+        raise invalid(f"{prefix}events", f"empty; an append carries 1..{limits.max_append_events} "
+                                         "events")
+    if n > limits.max_append_events:
+        raise invalid(f"{prefix}events", f"{n} events exceeds max_append_events "
+                                         f"({limits.max_append_events})")
+    ids: list[bytes] = []
+    bodies: list[bytes] = []
+    total = 0
+    max_event = limits.max_event_bytes
+    max_type = limits.max_type_bytes
+    for i, ev in enumerate(events):
+        event_id = ev.id
+        if len(event_id) != 16 or event_id == _NIL:
+            raise invalid(f"{prefix}events[{i}].id",
+                          f"must be a 16-byte binary UUID other than nil, got {len(event_id)} "
+                          f"bytes{' (nil)' if event_id == _NIL else ''}")
+        event_type = ev.type
+        if not event_type:
+            raise invalid(f"{prefix}events[{i}].type", "required")
+        if len(event_type) * 4 > max_type and len(event_type.encode()) > max_type:
+            raise invalid(f"{prefix}events[{i}].type", f"{len(event_type.encode())} bytes exceeds "
+                                                       f"max_type_bytes ({max_type})")
+        content_type = ev.content_type
+        if len(content_type) * 4 > max_type and len(content_type.encode()) > max_type:
+            raise invalid(f"{prefix}events[{i}].content_type",
+                          f"{len(content_type.encode())} bytes exceeds max_type_bytes ({max_type})")
+        metadata = ev.metadata
+        if metadata:
+            _check_metadata(metadata, limits, f"{prefix}events[{i}].metadata")
+        body = ev.SerializeToString(deterministic=True)
+        if len(body) > max_event:
+            raise invalid(f"{prefix}events[{i}]", f"{len(body)} bytes exceeds max_event_bytes "
+                                                  f"({max_event})")
+        total += len(body)
+        ids.append(event_id)
+        bodies.append(body)
+    if total > limits.max_append_bytes:
+        raise invalid(f"{prefix}events", f"{total} bytes in all exceeds max_append_bytes "
+                                         f"({limits.max_append_bytes})")
+    if len(set(ids)) != n:
+        seen: dict[bytes, int] = {}
+        for i, event_id in enumerate(ids):
+            if event_id in seen:
+                raise invalid(f"{prefix}events[{i}].id", f"duplicates events[{seen[event_id]}].id "
+                                                         "in the same append")
+            seen[event_id] = i
+    return PreparedAppend(req.stream, stream_key, kind, req.expected_revision, ids, bodies)
+
+
+def _check_metadata(metadata: object, limits: Limits, field: str) -> None:
+    entries = len(metadata)  # type: ignore[arg-type]
+    if entries > limits.max_metadata_entries:
+        raise invalid(field, f"{entries} entries exceeds max_metadata_entries "
+                             f"({limits.max_metadata_entries})")
+    for key in metadata:  # type: ignore[attr-defined]
+        if not key:
+            raise invalid(field, "empty key")
+        if len(key.encode()) > limits.max_metadata_key_bytes:
+            raise invalid(f"{field}[{key[:32]!r}...]", f"key exceeds max_metadata_key_bytes "
+                                                       f"({limits.max_metadata_key_bytes})")
+
+
+def check_read(req: pb.ReadRequest, limits: Limits) -> bytes:
+    key = check_stream_name(req.stream, limits, "stream", allow_all=True)
+    if req.direction not in (pb.FORWARDS, pb.BACKWARDS):
+        raise invalid("direction", f"unknown Direction {req.direction}")
+    if req.limit == 0 or req.limit > limits.max_read_count:
+        raise invalid("limit", f"{req.limit} is outside 1..max_read_count "
+                               f"({limits.max_read_count})")
+    return key
+
+
+def refuse(err: StoreError) -> pb.AppendResult:
+    return pb.AppendResult(error=pb.AppendError(
+        code=err.code.value[0], message=err.message,
+        actual_last_revision=err.actual_last_revision, leader=err.leader))

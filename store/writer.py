@@ -1,0 +1,119 @@
+"""The single writer: one thread owns every write transaction of the log.
+
+Appends queue up while the previous group is being fsync'd; the writer then takes
+everything queued (bounded by Limits.max_group_events) and commits it in one write
+transaction with one fsync (group commit). The per-event work happens once, here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from collections.abc import Callable
+
+import grpc
+
+from store.errors import MD_RETRY_AFTER_MS, StoreError
+from store.limits import Limits
+from store.log import Appended, Log, PreparedAppend
+
+Results = list[Appended | StoreError]
+# Called on the loop thread after a group is durable: (last position, new stored records).
+DurableHook = Callable[[int, list[bytes]], None]
+# Called on the writer thread before each group: the term to append in, or a refusal.
+AdmitHook = Callable[[], int | StoreError]
+
+
+class Writer:
+    def __init__(self, log: Log, limits: Limits, loop: asyncio.AbstractEventLoop,
+                 on_durable: DurableHook, admit: AdmitHook) -> None:
+        self._log = log
+        self._limits = limits
+        self._loop = loop
+        self._on_durable = on_durable
+        self._admit = admit
+        self._cond = threading.Condition()
+        self._queue: collections.deque[tuple[list[PreparedAppend], asyncio.Future[Results]]] = (
+            collections.deque())
+        self._pending_events = 0
+        self._stopping = False
+        self.groups = 0  # group commits done, for stats and tests
+        self._thread = threading.Thread(target=self._run, name="xdc-writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def pending_events(self) -> int:
+        return self._pending_events
+
+    def submit(self, reqs: list[PreparedAppend]) -> asyncio.Future[Results]:
+        """Queues appends (loop thread); the future resolves once they are durable."""
+        n = sum(len(r.ids) for r in reqs)
+        fut: asyncio.Future[Results] = self._loop.create_future()
+        with self._cond:
+            if self._stopping:
+                raise StoreError(grpc.StatusCode.UNAVAILABLE, "node is shutting down")
+            if self._pending_events and self._pending_events + n > self._limits.max_pending_events:
+                raise StoreError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"write queue full: {self._pending_events} events pending, "
+                    f"max_pending_events ({self._limits.max_pending_events}); retry shortly",
+                    metadata=((MD_RETRY_AFTER_MS, "50"),),
+                )
+            self._pending_events += n
+            self._queue.append((reqs, fut))
+            self._cond.notify()
+        return fut
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join()
+
+    def _take(self) -> list[tuple[list[PreparedAppend], asyncio.Future[Results]]] | None:
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if not self._queue:
+                return None
+            taken = []
+            events = 0
+            while self._queue and (not taken or events < self._limits.max_group_events):
+                item = self._queue.popleft()
+                events += sum(len(r.ids) for r in item[0])
+                taken.append(item)
+            self._pending_events -= events
+            return taken
+
+    def _run(self) -> None:
+        while (taken := self._take()) is not None:
+            admitted = self._admit()
+            if isinstance(admitted, StoreError):
+                self._loop.call_soon_threadsafe(
+                    _deliver_all, [(fut, [admitted] * len(reqs)) for reqs, fut in taken])
+                continue
+            flat = [r for reqs, _ in taken for r in reqs]
+            results, values = self._log.append_group(flat, admitted, time.time_ns())
+            self.groups += 1
+            out = []
+            i = 0
+            for reqs, fut in taken:
+                out.append((fut, results[i:i + len(reqs)]))
+                i += len(reqs)
+            last = self._log.last_position
+            self._loop.call_soon_threadsafe(self._delivered, last, values, out)
+
+    def _delivered(self, last: int, values: list[bytes],
+                   out: list[tuple[asyncio.Future[Results], Results]]) -> None:
+        # The hook first: in a standalone node it commits, so answers can go out at once.
+        if values:
+            self._on_durable(last, values)
+        _deliver_all(out)
+
+
+def _deliver_all(out: list[tuple[asyncio.Future[Results], Results]]) -> None:
+    for fut, results in out:
+        if not fut.done():
+            fut.set_result(results)
