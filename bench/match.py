@@ -1,0 +1,283 @@
+"""In-process matching benchmark: xdc's order book core against liquibook (PyPI).
+
+Workload (fixed seed): one symbol, 100 funded accounts, ``n`` commands of which 80% are
+new orders and 20% cancels. A quarter of the new orders are marketable (half market IOC,
+half limit IOC priced through the book); the rest are GTC limits resting 1-50 ticks away
+from a fixed mid. Cancels target one of the last 1000 resting orders (some will have
+filled already and are rejected, as in real flow). Self-trade prevention is off in the
+workload because liquibook has none, so that both books must print identical fills.
+
+Timed: ``Engine.process`` over the pre-built commands (the consumer's hot path; raw
+tuple events), and, separately, ``Engine.apply`` (events as frozen dataclass records).
+For liquibook: building its order objects and adding/cancelling them, with a Python
+fill listener recording fills. Setup is not timed. Nothing here asserts a time.
+
+    .venv/bin/python -m bench.match [--quick] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import random
+import statistics
+import sys
+import time
+from typing import Any
+
+from engine.book import Engine
+from engine.commands import AddSymbol, CancelOrder, Deposit, NewOrder
+from engine.constants import STP, OrderType, Side, TimeInForce
+from engine.events import FILL
+
+SYMBOL = "BENCH"
+MID = 10_000
+N_ACCOUNTS = 100
+SEED = 20240501
+FULL_N = 200_000
+QUICK_N = 20_000
+
+
+def setup_commands() -> list[object]:
+    cmds: list[object] = [AddSymbol(0, SYMBOL, "B", "Q", 1, 1, 5000, MID)]
+    for i in range(N_ACCOUNTS):
+        cmds.append(Deposit(0, f"acct{i:03d}", "Q", 10**15))
+        cmds.append(Deposit(0, f"acct{i:03d}", "B", 10**11))
+    return cmds
+
+
+def workload(n: int, seed: int = SEED) -> list[object]:
+    """``n`` commands. Order ids are predictable because every new order is accepted:
+    the k-th new order gets id k."""
+    rng = random.Random(seed)
+    cmds: list[object] = []
+    resting: list[int] = []  # order ids of GTC orders, most recent last
+    next_oid = 1
+    for i in range(n):
+        ts = 1_000_000 + i
+        account = f"acct{rng.randrange(N_ACCOUNTS):03d}"
+        if rng.random() < 0.8 or not resting:
+            side = Side.BUY if rng.random() < 0.5 else Side.SELL
+            if rng.random() < 0.25:
+                qty = rng.randint(1, 20)
+                if rng.random() < 0.5:
+                    cmds.append(NewOrder(ts, SYMBOL, account, "", side, qty, 0,
+                                         OrderType.MARKET, TimeInForce.IOC, False, STP.NONE))
+                else:
+                    price = MID + 60 if side == Side.BUY else MID - 60
+                    cmds.append(NewOrder(ts, SYMBOL, account, "", side, qty, price,
+                                         OrderType.LIMIT, TimeInForce.IOC, False, STP.NONE))
+            else:
+                off = rng.randint(1, 50)
+                price = MID - off if side == Side.BUY else MID + off
+                cmds.append(NewOrder(ts, SYMBOL, account, "", side, rng.randint(1, 10), price,
+                                     OrderType.LIMIT, TimeInForce.GTC, False, STP.NONE))
+                resting.append(next_oid)
+                if len(resting) > 1000:
+                    del resting[0]
+            next_oid += 1
+        else:
+            oid = resting.pop(rng.randrange(len(resting)))
+            # Cancel as the owner: look the owner up from the order's command.
+            cmds.append(CancelOrder(ts, SYMBOL, "", oid))
+    # Fix up cancel owners (a cancel must come from the order's account).
+    owners: dict[int, str] = {}
+    k = 0
+    fixed: list[object] = []
+    for c in cmds:
+        if isinstance(c, NewOrder):
+            k += 1
+            owners[k] = c.account
+            fixed.append(c)
+        else:
+            assert isinstance(c, CancelOrder)
+            fixed.append(CancelOrder(c.ts_ns, SYMBOL, owners[c.order_id], c.order_id))
+    return fixed
+
+
+def _fresh_engine() -> Engine:
+    eng = Engine()
+    out: list[tuple] = []
+    for c in setup_commands():
+        eng.process(c, out)
+    assert not any(t[0] == 2 for t in out), "setup rejected"
+    return eng
+
+
+def run_engine(cmds: list[object]) -> tuple[float, list[tuple[int, int, int, int]]]:
+    """Seconds for ``process`` over ``cmds``, and the fills (maker, taker, price, qty)."""
+    eng = _fresh_engine()
+    process = eng.process
+    out: list[tuple] = []
+    fills: list[tuple[int, int, int, int]] = []
+    batch = 1024
+    gc.collect()
+    t0 = time.perf_counter()
+    for i in range(0, len(cmds), batch):
+        for c in cmds[i:i + batch]:
+            process(c, out)
+        out.clear()
+    dt = time.perf_counter() - t0
+    # Second, untimed pass collects fills for the comparison.
+    eng = _fresh_engine()
+    for c in cmds:
+        eng.process(c, out)
+    fills = [(t[5], t[6], t[2], t[3]) for t in out if t[0] == FILL]
+    return dt, fills
+
+
+def run_engine_records(cmds: list[object]) -> float:
+    eng = _fresh_engine()
+    apply = eng.apply
+    gc.collect()
+    t0 = time.perf_counter()
+    for c in cmds:
+        apply(c)
+    return time.perf_counter() - t0
+
+
+def _liquibook() -> Any:
+    import liquibook  # optional peer, imported only when benchmarked
+
+    return liquibook
+
+
+def run_liquibook(cmds: list[object]) -> tuple[float, list[tuple[int, int, int, int]]]:
+    lb = _liquibook()
+    fills: list[tuple[int, int, int, int]] = []
+    ids: dict[int, int] = {}  # liquibook order id -> our order id
+    append = fills.append
+
+    class Listener(lb.OrderListener):  # type: ignore[misc,name-defined]
+        def on_fill(self, order: Any, matched: Any, qty: int, price: int) -> None:
+            append((ids[matched.order_id_], ids[order.order_id_], price, qty))
+
+        # The SWIG director calls these too; each must exist on the Python side.
+        def on_accept(self, order: Any) -> None:
+            pass
+
+        def on_reject(self, order: Any, reason: str) -> None:
+            pass
+
+        def on_cancel(self, order: Any) -> None:
+            pass
+
+        def on_cancel_reject(self, order: Any, reason: str) -> None:
+            pass
+
+        def on_replace(self, order: Any, size_delta: int, new_price: int) -> None:
+            pass
+
+        def on_replace_reject(self, order: Any, reason: str) -> None:
+            pass
+
+        def on_trigger_stop(self, order: Any) -> None:
+            pass
+
+    listener = Listener()
+    book = lb.DepthOrderBook()
+    book.set_order_listener(listener)
+    book.set_symbol(SYMBOL)
+    live: dict[int, Any] = {}
+    SimpleOrder = lb.SimpleOrder
+    ioc = lb.oc_immediate_or_cancel
+    none = lb.oc_no_conditions
+    gc.collect()
+    t0 = time.perf_counter()
+    oid = 0
+    for c in cmds:
+        if type(c) is NewOrder:
+            oid += 1
+            is_buy = c.side == 0
+            price = 0 if c.order_type == OrderType.MARKET else c.price
+            o = SimpleOrder(is_buy, price, c.qty, 0, ioc if c.tif == TimeInForce.IOC else none)
+            ids[o.order_id_] = oid
+            if c.tif == TimeInForce.GTC:
+                live[oid] = o
+            book.add(o, ioc if c.tif == TimeInForce.IOC else none)
+        else:
+            o = live.pop(c.order_id, None)  # type: ignore[attr-defined]
+            if o is not None:
+                book.cancel(o)
+    dt = time.perf_counter() - t0
+    return dt, fills
+
+
+def run(quick: bool = False, runs: int | None = None) -> dict[str, Any]:
+    n = QUICK_N if quick else FULL_N
+    runs = runs or (3 if quick else 5)
+    cmds = workload(n)
+    eng_times: list[float] = []
+    rec_times: list[float] = []
+    lb_times: list[float] = []
+    fills: list[tuple[int, int, int, int]] = []
+    lb_fills: list[tuple[int, int, int, int]] | None = None
+    lb_error: str | None = None
+    for _ in range(runs):
+        dt, fills = run_engine(cmds)
+        eng_times.append(dt)
+        rec_times.append(run_engine_records(cmds))
+        if lb_error is None:
+            try:
+                dt_lb, lb_fills = run_liquibook(cmds)
+                lb_times.append(dt_lb)
+            except Exception as exc:  # peer missing or broken: report it, never fake it
+                lb_error = f"{type(exc).__name__}: {exc}"
+                lb_fills = None
+    match_cps = n / statistics.median(eng_times)
+    rec_cps = n / statistics.median(rec_times)
+    lb_cps = n / statistics.median(lb_times) if lb_times else None
+    n_new = sum(1 for c in cmds if type(c) is NewOrder)
+    return {
+        "commands": n,
+        "runs": runs,
+        "new_orders": n_new,
+        "cancels": n - n_new,
+        "fills": len(fills),
+        "match_cps": round(match_cps),
+        "match_records_cps": round(rec_cps),
+        "liquibook_cps": round(lb_cps) if lb_cps else None,
+        "liquibook_error": lb_error,
+        "liquibook_fills": len(lb_fills) if lb_fills is not None else None,
+        "fills_identical": (lb_fills == fills) if lb_fills is not None else None,
+        "ratio": round(match_cps / lb_cps, 3) if lb_cps else None,
+        "python": platform.python_version(),
+        "seed": SEED,
+    }
+
+
+def _table(res: dict[str, Any]) -> str:
+    rows = [
+        ("commands", res["commands"]),
+        ("runs (median reported)", res["runs"]),
+        ("fills", res["fills"]),
+        ("xdc match commands/s (raw events)", res["match_cps"]),
+        ("xdc match commands/s (dataclass events)", res["match_records_cps"]),
+        ("liquibook commands/s", res["liquibook_cps"] if res["liquibook_cps"] else
+         f"n/a ({res['liquibook_error']})"),
+        ("ratio xdc/liquibook", res["ratio"]),
+        ("fills identical", res["fills_identical"]),
+    ]
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help=f"{QUICK_N} commands, 3 runs")
+    ap.add_argument("--runs", type=int, default=None)
+    ap.add_argument("--json", metavar="PATH", help="write results as JSON")
+    args = ap.parse_args(argv)
+    res = run(args.quick, args.runs)
+    print(_table(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2, sort_keys=True)
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,948 @@
+"""The pure, deterministic matching core: many symbols' order books plus account risk.
+
+``Engine.process(command, out)`` appends the command's output events (raw tuples, see
+``engine.events``) to ``out``; ``Engine.apply(command)`` returns them as records. The
+engine is the state of ``(state, command) -> (state, events)``: it is mutated in place
+(copying a book per command would cost more than matching it) and its every output is
+a function of the sequence of commands alone. There is no I/O, clock, randomness,
+float or set here; dicts are only looked up, never iterated on a path that produces
+output, except in insertion order where that order is itself a function of the input.
+
+Rules (the reference model in tests/test_book_model.py encodes the same rules):
+
+* Price-time priority; a trade prints at the resting (maker) order's price.
+* Order ids are assigned per symbol from 1, at acceptance (rejects consume none).
+* Price band: the reference price is the price of the symbol's last trade, or the
+  configured ``ref_price`` before its first trade. With ``band = ref * band_bps // 10000``
+  a limit price ``p`` is accepted iff ``ref - band <= p <= min(ref + band, MAX_PRICE)``.
+  The reference moves at the end of each command that traded.
+* Market orders are "market with protection": a market buy is an IOC/FOK limit order at
+  the band's upper edge rounded down to the tick, a market sell at the lower edge rounded
+  up to the tick (at least one tick). So a market order never trades outside the band,
+  and its risk check is exact: a market buy must be able to pay ``protection * qty``.
+* Risk: a buy reserves ``price * qty`` of the quote asset, a sell ``qty`` of the base
+  asset, at acceptance; the reservation ("held") of a resting order is exactly
+  ``price * open qty`` (buy) or ``open qty`` (sell). A taker buy that trades below its
+  limit gets the difference back at once. Cancels, reductions and expiries release.
+  There are no fees.
+* A resting order limit (``max_orders`` per book) and open-order limit per account are
+  checked for GTC limit orders (that may rest) before matching, conservatively.
+* Self-trade prevention follows the taker's mode, see ``engine.constants.STP``.
+  Fill-or-kill: the order is filled only if the resting quantity it can reach within its
+  limit, walking in priority order and skipping own orders that STP would cancel
+  (CANCEL_OLDEST) or counting them (NONE), reaches its quantity before any own order
+  that would stop it (CANCEL_NEWEST, CANCEL_BOTH, DECREMENT_AND_CANCEL). Otherwise it is
+  accepted and cancelled with ``FOK_UNFILLED``, changing nothing else.
+* Post-only orders (limit GTC only) that would cross on arrival are rejected.
+* A command that raises inside the engine becomes ``Rejected(INTERNAL_ERROR, detail=<type
+  name>)``; its partial events are discarded. If it raised after it had started to change
+  a book, that book is halted (``Halted`` event; later commands on it are rejected) so no
+  replica ever trades on a half-applied state. ``MemoryError`` is re-raised: it is not a
+  function of the input, so turning it into an output would let replicas diverge.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from heapq import heapify, heappop, heappush
+
+from engine import events as ev
+from engine.commands import (
+    AddSymbol,
+    CancelOrder,
+    Deposit,
+    NewOrder,
+    ReduceOrder,
+    ReplaceOrder,
+    UpdateSymbol,
+    Withdraw,
+)
+from engine.constants import (
+    MAX_ASSET_LEN,
+    MAX_BAND_BPS,
+    MAX_ID_LEN,
+    MAX_PRICE,
+    MAX_QTY,
+    MAX_SUPPLY,
+    MAX_SYMBOL_LEN,
+    MAX_TS_NS,
+    STP,
+    BalanceReason,
+    CancelReason,
+    Cmd,
+    OrderType,
+    ReduceReason,
+    Reject,
+    TimeInForce,
+)
+
+BUY = 0
+SELL = 1
+LIMIT = OrderType.LIMIT
+MARKET = OrderType.MARKET
+GTC = TimeInForce.GTC
+IOC = TimeInForce.IOC
+FOK = TimeInForce.FOK
+STP_NONE = STP.NONE
+STP_CN = STP.CANCEL_NEWEST
+STP_CO = STP.CANCEL_OLDEST
+STP_CB = STP.CANCEL_BOTH
+STP_DC = STP.DECREMENT_AND_CANCEL
+
+_ACCEPTED = ev.ACCEPTED
+_REJECTED = ev.REJECTED
+_FILL = ev.FILL
+_CANCELLED = ev.CANCELLED
+_REPLACED = ev.REPLACED
+_REDUCED = ev.REDUCED
+_BOOK = ev.BOOK
+
+# A level's deque keeps cancelled orders (qty 0) until matching reaches them; it is
+# rebuilt when dead entries outnumber live ones by this much, so memory stays bounded.
+_COMPACT_SLACK = 16
+
+
+@dataclass(slots=True, frozen=True)
+class EngineLimits:
+    """Engine-wide limits. Part of the canonical state: outputs depend on them."""
+
+    max_symbols: int = 10_000
+    max_accounts: int = 10_000_000
+    max_open_orders_per_account: int = 100_000
+
+
+class Order:
+    """A resting order. ``qty`` is the open quantity; 0 marks a dead deque entry."""
+
+    __slots__ = ("acct", "cid", "oid", "post_only", "price", "qty", "side", "stp")
+
+    def __init__(
+        self,
+        oid: int,
+        acct: Account,
+        cid: str,
+        side: int,
+        price: int,
+        qty: int,
+        post_only: bool,
+        stp: int,
+    ) -> None:
+        self.oid = oid
+        self.acct = acct
+        self.cid = cid
+        self.side = side
+        self.price = price
+        self.qty = qty
+        self.post_only = post_only
+        self.stp = stp
+
+
+class Level:
+    """One price level: FIFO of orders, aggregate open qty, live order count."""
+
+    __slots__ = ("dq", "n", "qty")
+
+    def __init__(self) -> None:
+        self.dq: deque[Order] = deque()
+        self.qty = 0
+        self.n = 0
+
+
+class Account:
+    """Balances per asset: ``avail`` may be spent, ``held`` reserves resting orders.
+    Absent keys mean 0. ``cids`` indexes the account's open orders (all symbols) by
+    client order id."""
+
+    __slots__ = ("avail", "cids", "held", "id", "n_open")
+
+    def __init__(self, account_id: str) -> None:
+        self.id = account_id
+        self.avail: dict[str, int] = {}
+        self.held: dict[str, int] = {}
+        self.n_open = 0
+        self.cids: dict[str, Order] = {}
+
+
+class Book:
+    """One symbol. Bids and asks are ``price -> Level`` dicts plus a heap of keys
+    (``-price`` for bids) whose stale entries are skipped and periodically rebuilt."""
+
+    __slots__ = (
+        "ask_heap",
+        "asks",
+        "band_bps",
+        "base",
+        "bid_heap",
+        "bids",
+        "cfg_ref",
+        "halted",
+        "hi",
+        "lo",
+        "lot",
+        "max_orders",
+        "max_qty",
+        "mkt_buy",
+        "mkt_sell",
+        "next_oid",
+        "orders",
+        "quote",
+        "ref",
+        "symbol",
+        "tick",
+        "traded",
+    )
+
+    def __init__(
+        self,
+        symbol: str,
+        base: str,
+        quote: str,
+        tick: int,
+        lot: int,
+        band_bps: int,
+        ref_price: int,
+        max_orders: int,
+        max_qty: int,
+    ) -> None:
+        self.symbol = symbol
+        self.base = base
+        self.quote = quote
+        self.tick = tick
+        self.lot = lot
+        self.band_bps = band_bps
+        self.cfg_ref = ref_price
+        self.max_orders = max_orders
+        self.max_qty = max_qty
+        self.traded = False
+        self.halted = False
+        self.next_oid = 1
+        self.bids: dict[int, Level] = {}
+        self.asks: dict[int, Level] = {}
+        self.bid_heap: list[int] = []
+        self.ask_heap: list[int] = []
+        self.orders: dict[int, Order] = {}
+        self.set_ref(ref_price)
+
+    def set_ref(self, ref: int) -> None:
+        """Move the band's reference price and recompute the band and market protection."""
+        self.ref = ref
+        band = ref * self.band_bps // 10000
+        tick = self.tick
+        self.lo = ref - band
+        self.hi = min(ref + band, MAX_PRICE)
+        self.mkt_buy = self.hi - self.hi % tick
+        self.mkt_sell = max(tick, self.lo + (-self.lo) % tick)
+
+    def best_bid(self) -> int | None:
+        return _best(self.bids, self.bid_heap, -1)
+
+    def best_ask(self) -> int | None:
+        return _best(self.asks, self.ask_heap, 1)
+
+    def depth(self, side: int) -> list[tuple[int, int]]:
+        """L2 levels ``(price, qty)`` of one side, best first (not on the hot path)."""
+        levels = self.bids if side == BUY else self.asks
+        prices = sorted(levels, reverse=side == BUY)
+        return [(p, levels[p].qty) for p in prices]
+
+    def level_orders(self, side: int, price: int) -> list[Order]:
+        """Live orders at one level in priority order (not on the hot path)."""
+        lvl = (self.bids if side == BUY else self.asks).get(price)
+        return [] if lvl is None else [o for o in lvl.dq if o.qty]
+
+
+def _best(levels: dict[int, Level], heap: list[int], sgn: int) -> int | None:
+    while heap:
+        p = heap[0] * sgn
+        if p in levels:
+            return p
+        heappop(heap)
+    return None
+
+
+def _valid_id(s: object, max_len: int) -> bool:
+    # Identifiers end up in the canonical encoding: printable ASCII only, so that every
+    # replica encodes them to the same bytes and no surrogate can make encoding raise.
+    return type(s) is str and 0 < len(s) <= max_len and s.isascii() and s.isprintable()
+
+
+def _clean_str(s: object, max_len: int = MAX_ID_LEN) -> str:
+    return s if _valid_id(s, max_len) else ""  # type: ignore[return-value]
+
+
+def _clean_int(x: object) -> int:
+    return x if type(x) is int and 0 <= x <= MAX_TS_NS else 0  # type: ignore[return-value]
+
+
+def _is_int(x: object, lo: int, hi: int) -> bool:
+    # bool is an int subclass; `type(x) is int` keeps True out of prices and quantities.
+    return type(x) is int and lo <= x <= hi  # type: ignore[operator]
+
+
+class Engine:
+    """All books and accounts of one engine instance. See the module docstring."""
+
+    __slots__ = ("_dirty", "accounts", "books", "limits", "supply")
+
+    def __init__(self, limits: EngineLimits | None = None) -> None:
+        self.limits = limits or EngineLimits()
+        self.books: dict[str, Book] = {}
+        self.accounts: dict[str, Account] = {}
+        self.supply: dict[str, int] = {}  # asset -> sum of avail + held over accounts
+        self._dirty: Book | None = None
+
+    # ---------------------------------------------------------------- entry points
+
+    def process(self, cmd: object, out: list[tuple]) -> None:
+        """Apply one command, appending its raw output events to ``out``. Never raises
+        for any input (except ``MemoryError``/``RecursionError``)."""
+        n0 = len(out)
+        self._dirty = None
+        try:
+            handler = _HANDLERS.get(type(cmd))
+            if handler is None:
+                self._reject_any(cmd, out, Cmd.UNKNOWN, Reject.UNKNOWN_COMMAND, "")
+            else:
+                handler(self, cmd, out)
+        except (MemoryError, RecursionError):
+            raise
+        except Exception as exc:
+            del out[n0:]
+            # The type name, not the message: messages may embed addresses or dict orders.
+            detail = _clean_str(type(exc).__name__) or "Exception"
+            self._reject_any(cmd, out, _KINDS.get(type(cmd), Cmd.UNKNOWN),
+                             Reject.INTERNAL_ERROR, detail)
+            book = self._dirty
+            if book is not None:
+                book.halted = True
+                out.append((ev.HALTED, book.symbol, detail, out[-1][-1]))
+        self._dirty = None
+
+    def apply_raw(self, cmd: object) -> list[tuple]:
+        out: list[tuple] = []
+        self.process(cmd, out)
+        return out
+
+    def apply(self, cmd: object) -> list[ev.Event]:
+        """Apply one command and return its events as frozen dataclass records."""
+        return [ev.to_record(t) for t in self.apply_raw(cmd)]
+
+    # ---------------------------------------------------------------- rejects
+
+    def _reject_any(self, cmd: object, out: list[tuple], kind: str, reason: str,
+                    detail: str) -> None:
+        def field(name: str) -> object:
+            try:
+                return getattr(cmd, name, None)
+            except Exception:
+                return None
+
+        out.append((
+            _REJECTED,
+            _clean_str(field("symbol"), MAX_SYMBOL_LEN),
+            _clean_str(field("account")),
+            _clean_str(field("client_order_id")),
+            _clean_int(field("order_id")),
+            kind,
+            reason,
+            detail,
+            _clean_int(field("ts_ns")),
+        ))
+
+    # ---------------------------------------------------------------- orders
+
+    def _new(self, c: NewOrder, out: list[tuple]) -> None:
+        ts = c.ts_ns
+        if not _is_int(ts, 0, MAX_TS_NS):
+            return self._reject_any(c, out, Cmd.NEW, Reject.INVALID_TIMESTAMP, "")
+        sym = c.symbol
+        book = self.books.get(sym) if type(sym) is str else None
+        if book is None:
+            return self._reject_any(c, out, Cmd.NEW, Reject.UNKNOWN_SYMBOL, "")
+        if book.halted:
+            return self._reject_any(c, out, Cmd.NEW, Reject.SYMBOL_HALTED, "")
+        aid = c.account
+        acct = self.accounts.get(aid) if type(aid) is str else None
+        if acct is None:
+            return self._reject_any(c, out, Cmd.NEW, Reject.UNKNOWN_ACCOUNT, "")
+        cid = c.client_order_id
+        if cid != "" and not _valid_id(cid, MAX_ID_LEN):
+            return self._reject_any(c, out, Cmd.NEW, Reject.INVALID_CLIENT_ORDER_ID, "")
+        if cid and cid in acct.cids:
+            return self._reject_any(c, out, Cmd.NEW, Reject.DUPLICATE_CLIENT_ORDER_ID, "")
+        side = c.side
+        if not _is_int(side, 0, 1):
+            return self._reject_any(c, out, Cmd.NEW, Reject.INVALID_SIDE, "")
+        otype = c.order_type
+        if not _is_int(otype, 0, 1):
+            return self._reject_any(c, out, Cmd.NEW, Reject.INVALID_ORDER_TYPE, "")
+        tif = c.tif
+        if not _is_int(tif, 0, 2) or (otype == MARKET and tif == GTC):
+            return self._reject_any(c, out, Cmd.NEW, Reject.INVALID_TIF, "")
+        stp = c.stp
+        if not _is_int(stp, 0, 4):
+            return self._reject_any(c, out, Cmd.NEW, Reject.INVALID_STP, "")
+        post_only = c.post_only
+        if type(post_only) is not bool or (post_only and (otype != LIMIT or tif != GTC)):
+            return self._reject_any(c, out, Cmd.NEW, Reject.INVALID_POST_ONLY, "")
+        qty = c.qty
+        if not _is_int(qty, 1, book.max_qty):
+            return self._reject_any(c, out, Cmd.NEW, Reject.INVALID_QTY, "")
+        if qty % book.lot:
+            return self._reject_any(c, out, Cmd.NEW, Reject.INVALID_LOT, "")
+        price = c.price
+        if otype == LIMIT:
+            if not _is_int(price, 1, MAX_PRICE):
+                return self._reject_any(c, out, Cmd.NEW, Reject.INVALID_PRICE, "")
+            if price % book.tick:
+                return self._reject_any(c, out, Cmd.NEW, Reject.INVALID_TICK, "")
+            if price < book.lo or price > book.hi:
+                return self._reject_any(c, out, Cmd.NEW, Reject.PRICE_OUTSIDE_BAND, "")
+            if tif == GTC:
+                if len(book.orders) >= book.max_orders:
+                    return self._reject_any(c, out, Cmd.NEW, Reject.BOOK_FULL, "")
+                if acct.n_open >= self.limits.max_open_orders_per_account:
+                    return self._reject_any(c, out, Cmd.NEW, Reject.TOO_MANY_OPEN_ORDERS, "")
+                if post_only:
+                    if side == BUY:
+                        best = _best(book.asks, book.ask_heap, 1)
+                        crosses = best is not None and best <= price
+                    else:
+                        best = _best(book.bids, book.bid_heap, -1)
+                        crosses = best is not None and best >= price
+                    if crosses:
+                        return self._reject_any(c, out, Cmd.NEW, Reject.POST_ONLY_WOULD_CROSS, "")
+        else:
+            if price != 0 or type(price) is not int:
+                return self._reject_any(c, out, Cmd.NEW, Reject.INVALID_PRICE, "")
+            price = book.mkt_buy if side == BUY else book.mkt_sell
+        if side == BUY:
+            if acct.avail.get(book.quote, 0) < price * qty:
+                return self._reject_any(c, out, Cmd.NEW, Reject.INSUFFICIENT_BALANCE, "")
+        elif acct.avail.get(book.base, 0) < qty:
+            return self._reject_any(c, out, Cmd.NEW, Reject.INSUFFICIENT_BALANCE, "")
+
+        # Validated: from here on only integer arithmetic on checked values.
+        oid = book.next_oid
+        book.next_oid = oid + 1
+        self._dirty = book
+        out.append((_ACCEPTED, sym, oid, aid, cid, side, otype, tif, price, qty, ts))
+        if tif == FOK and not _fok_fillable(book, acct, side, price, qty, stp):
+            out.append((_CANCELLED, sym, oid, aid, cid, CancelReason.FOK_UNFILLED, qty, ts))
+            return None
+        self._execute(book, acct, oid, cid, side, price, qty, tif == GTC, post_only, stp, ts,
+                      out)
+        return None
+
+    def _execute(self, book: Book, acct: Account, oid: int, cid: str, side: int, price: int,
+                 qty: int, may_rest: bool, post_only: bool, stp: int, ts: int,
+                 out: list[tuple]) -> None:
+        """Match a validated taker, settle its balances, then rest or expire the rest.
+
+        The taker's own reservation is never booked before matching: its balances move
+        once at the end (fills at or below its limit can only cost less than the risk
+        check assumed), which keeps the per-fill work to the maker side."""
+        sym = book.symbol
+        aid = acct.id
+        base = book.base
+        quote = book.quote
+        if side == BUY:
+            levels = book.asks
+            heap = book.ask_heap
+            sgn = 1
+        else:
+            levels = book.bids
+            heap = book.bid_heap
+            sgn = -1
+        lim_key = price * sgn
+        orders = book.orders
+        q = qty
+        filled = 0
+        value = 0  # quote amount of all fills
+        last_px = 0
+        kill = False  # taker's remainder cancelled by STP
+        while q:
+            while heap:
+                key = heap[0]
+                p = key * sgn
+                lvl = levels.get(p)
+                if lvl is not None:
+                    break
+                heappop(heap)
+            else:
+                break
+            if key > lim_key:
+                break
+            dq = lvl.dq
+            changed = False
+            while q:
+                m = dq[0]
+                mq = m.qty
+                if not mq:
+                    dq.popleft()
+                    continue
+                macct = m.acct
+                if macct is acct and stp:
+                    if stp == STP_CN:
+                        kill = True
+                        break
+                    changed = True
+                    if stp == STP_DC and mq > q:
+                        # Maker absorbs the taker's whole remainder.
+                        m.qty = mq - q
+                        lvl.qty -= q
+                        _release(macct, m.side, p, q, base, quote)
+                        out.append((_REDUCED, sym, m.oid, aid, m.cid, mq - q, ReduceReason.STP,
+                                    ts))
+                        kill = True
+                        break
+                    # Maker leaves the book whole (CO, CB, or DC with mq <= q).
+                    dq.popleft()
+                    m.qty = 0
+                    lvl.qty -= mq
+                    lvl.n -= 1
+                    del orders[m.oid]
+                    macct.n_open -= 1
+                    if m.cid:
+                        del macct.cids[m.cid]
+                    _release(macct, m.side, p, mq, base, quote)
+                    out.append((_CANCELLED, sym, m.oid, aid, m.cid, CancelReason.STP, mq, ts))
+                    if stp == STP_CB:
+                        kill = True
+                        break
+                    if stp == STP_DC:
+                        q -= mq
+                        if q:
+                            out.append((_REDUCED, sym, oid, aid, cid, q, ReduceReason.STP, ts))
+                        else:
+                            kill = True  # taker decremented to nothing: cancel below
+                            q = mq
+                            break
+                    if not lvl.n:
+                        break
+                    continue
+                t = q if q < mq else mq
+                v = p * t
+                q -= t
+                mq -= t
+                m.qty = mq
+                lvl.qty -= t
+                filled += t
+                value += v
+                last_px = p
+                changed = True
+                out.append((_FILL, sym, p, t, side, m.oid, oid, macct.id, aid, ts))
+                if side == BUY:
+                    macct.held[base] -= t
+                    a = macct.avail
+                    a[quote] = a.get(quote, 0) + v
+                else:
+                    macct.held[quote] -= v
+                    a = macct.avail
+                    a[base] = a.get(base, 0) + t
+                if not mq:
+                    dq.popleft()
+                    lvl.n -= 1
+                    del orders[m.oid]
+                    macct.n_open -= 1
+                    if m.cid:
+                        del macct.cids[m.cid]
+                    if not lvl.n:
+                        break
+            if changed:
+                out.append((_BOOK, sym, 1 - side, p, lvl.qty))
+            if not lvl.n:
+                del levels[p]
+                heappop(heap)
+            if kill:
+                break
+        assert 0 <= q <= qty and 0 <= filled <= qty
+        rest = q if (may_rest and not kill) else 0
+        # Settle the taker in one step: pay for fills, reserve what rests.
+        if side == BUY:
+            hold = price * rest
+            a = acct.avail
+            a[quote] -= value + hold
+            a[base] = a.get(base, 0) + filled
+            if hold:
+                h = acct.held
+                h[quote] = h.get(quote, 0) + hold
+        else:
+            a = acct.avail
+            a[base] -= filled + rest
+            a[quote] = a.get(quote, 0) + value
+            if rest:
+                h = acct.held
+                h[base] = h.get(base, 0) + rest
+        if filled:
+            book.traded = True
+            if last_px != book.ref:
+                book.set_ref(last_px)
+        if rest:
+            own = book.bids if side == BUY else book.asks
+            lvl = own.get(price)
+            if lvl is None:
+                lvl = own[price] = Level()
+                heap = book.bid_heap if side == BUY else book.ask_heap
+                heappush(heap, -price if side == BUY else price)
+                if len(heap) > 2 * len(own) + _COMPACT_SLACK:
+                    _rebuild_heap(heap, own, side)
+            o = Order(oid, acct, cid, side, price, rest, post_only, stp)
+            lvl.dq.append(o)
+            lvl.n += 1
+            lvl.qty += rest
+            orders[oid] = o
+            acct.n_open += 1
+            if cid:
+                acct.cids[cid] = o
+            out.append((_BOOK, sym, side, price, lvl.qty))
+        elif q:
+            reason = CancelReason.STP if kill else CancelReason.EXPIRED
+            out.append((_CANCELLED, sym, oid, aid, cid, reason, q, ts))
+
+    def _find(self, c: CancelOrder | ReplaceOrder | ReduceOrder, kind: str,
+              out: list[tuple]) -> tuple[Book, Account, Order] | None:
+        """Common checks of commands on an existing order; rejects and returns None."""
+        ts = c.ts_ns
+        if not _is_int(ts, 0, MAX_TS_NS):
+            self._reject_any(c, out, kind, Reject.INVALID_TIMESTAMP, "")
+            return None
+        sym = c.symbol
+        book = self.books.get(sym) if type(sym) is str else None
+        if book is None:
+            self._reject_any(c, out, kind, Reject.UNKNOWN_SYMBOL, "")
+            return None
+        if book.halted:
+            self._reject_any(c, out, kind, Reject.SYMBOL_HALTED, "")
+            return None
+        aid = c.account
+        acct = self.accounts.get(aid) if type(aid) is str else None
+        if acct is None:
+            self._reject_any(c, out, kind, Reject.UNKNOWN_ACCOUNT, "")
+            return None
+        oid = c.order_id
+        cid = c.client_order_id
+        if type(oid) is not int or type(cid) is not str or (oid == 0 and cid == ""):
+            self._reject_any(c, out, kind, Reject.INVALID_ORDER_REF, "")
+            return None
+        o = book.orders.get(oid) if oid else acct.cids.get(cid)
+        # An order of another account is reported exactly like a missing one.
+        if o is None or o.acct is not acct or book.orders.get(o.oid) is not o:
+            self._reject_any(c, out, kind, Reject.UNKNOWN_ORDER, "")
+            return None
+        return book, acct, o
+
+    def _cancel(self, c: CancelOrder, out: list[tuple]) -> None:
+        found = self._find(c, Cmd.CANCEL, out)
+        if found is None:
+            return
+        book, acct, o = found
+        self._dirty = book
+        out.append((_CANCELLED, book.symbol, o.oid, acct.id, o.cid, CancelReason.USER, o.qty,
+                    c.ts_ns))
+        _unlink(book, o, out)
+
+    def _replace(self, c: ReplaceOrder, out: list[tuple]) -> None:
+        found = self._find(c, Cmd.REPLACE, out)
+        if found is None:
+            return
+        book, acct, o = found
+        price = c.price
+        qty = c.qty
+        if not _is_int(qty, 1, book.max_qty):
+            return self._reject_any(c, out, Cmd.REPLACE, Reject.INVALID_QTY, "")
+        if qty % book.lot:
+            return self._reject_any(c, out, Cmd.REPLACE, Reject.INVALID_LOT, "")
+        if not _is_int(price, 1, MAX_PRICE):
+            return self._reject_any(c, out, Cmd.REPLACE, Reject.INVALID_PRICE, "")
+        if price % book.tick:
+            return self._reject_any(c, out, Cmd.REPLACE, Reject.INVALID_TICK, "")
+        if price < book.lo or price > book.hi:
+            return self._reject_any(c, out, Cmd.REPLACE, Reject.PRICE_OUTSIDE_BAND, "")
+        side = o.side
+        if o.post_only:
+            if side == BUY:
+                best = _best(book.asks, book.ask_heap, 1)
+                crosses = best is not None and best <= price
+            else:
+                best = _best(book.bids, book.bid_heap, -1)
+                crosses = best is not None and best >= price
+            if crosses:
+                return self._reject_any(c, out, Cmd.REPLACE, Reject.POST_ONLY_WOULD_CROSS, "")
+        if side == BUY:
+            extra = price * qty - o.price * o.qty
+            if extra > acct.avail.get(book.quote, 0):
+                return self._reject_any(c, out, Cmd.REPLACE, Reject.INSUFFICIENT_BALANCE, "")
+        elif qty - o.qty > acct.avail.get(book.base, 0):
+            return self._reject_any(c, out, Cmd.REPLACE, Reject.INSUFFICIENT_BALANCE, "")
+        self._dirty = book
+        ts = c.ts_ns
+        out.append((_REPLACED, book.symbol, o.oid, acct.id, o.cid, price, qty, ts))
+        _unlink(book, o, out)
+        self._execute(book, acct, o.oid, o.cid, side, price, qty, True, o.post_only, o.stp, ts,
+                      out)
+
+    def _reduce(self, c: ReduceOrder, out: list[tuple]) -> None:
+        found = self._find(c, Cmd.REDUCE, out)
+        if found is None:
+            return
+        book, acct, o = found
+        qty = c.qty
+        if not _is_int(qty, 1, o.qty - 1):
+            return self._reject_any(c, out, Cmd.REDUCE, Reject.INVALID_QTY, "")
+        if qty % book.lot:
+            return self._reject_any(c, out, Cmd.REDUCE, Reject.INVALID_LOT, "")
+        self._dirty = book
+        d = o.qty - qty
+        lvl = (book.bids if o.side == BUY else book.asks)[o.price]
+        o.qty = qty
+        lvl.qty -= d
+        _release(acct, o.side, o.price, d, book.base, book.quote)
+        out.append((_REDUCED, book.symbol, o.oid, acct.id, o.cid, qty, ReduceReason.USER,
+                    c.ts_ns))
+        out.append((_BOOK, book.symbol, o.side, o.price, lvl.qty))
+
+    # ---------------------------------------------------------------- admin
+
+    def _add_symbol(self, c: AddSymbol, out: list[tuple]) -> None:
+        kind = Cmd.ADD_SYMBOL
+        if not _is_int(c.ts_ns, 0, MAX_TS_NS):
+            return self._reject_any(c, out, kind, Reject.INVALID_TIMESTAMP, "")
+        if not _valid_id(c.symbol, MAX_SYMBOL_LEN):
+            return self._reject_any(c, out, kind, Reject.INVALID_SYMBOL, "")
+        if c.symbol in self.books:
+            return self._reject_any(c, out, kind, Reject.SYMBOL_EXISTS, "")
+        if len(self.books) >= self.limits.max_symbols:
+            return self._reject_any(c, out, kind, Reject.TOO_MANY_SYMBOLS, "")
+        ok = (
+            _valid_id(c.base, MAX_ASSET_LEN)
+            and _valid_id(c.quote, MAX_ASSET_LEN)
+            and c.base != c.quote
+            and _is_int(c.tick_size, 1, MAX_PRICE)
+            and _is_int(c.lot_size, 1, MAX_QTY)
+            and _config_ok(c.tick_size, c.lot_size, c.band_bps, c.ref_price, c.max_orders,
+                           c.max_qty)
+        )
+        if not ok:
+            return self._reject_any(c, out, kind, Reject.INVALID_CONFIG, "")
+        book = Book(c.symbol, c.base, c.quote, c.tick_size, c.lot_size, c.band_bps,
+                    c.ref_price, c.max_orders, c.max_qty)
+        self.books[c.symbol] = book
+        out.append(_config_event(book, c.ts_ns))
+
+    def _update_symbol(self, c: UpdateSymbol, out: list[tuple]) -> None:
+        kind = Cmd.UPDATE_SYMBOL
+        if not _is_int(c.ts_ns, 0, MAX_TS_NS):
+            return self._reject_any(c, out, kind, Reject.INVALID_TIMESTAMP, "")
+        book = self.books.get(c.symbol) if type(c.symbol) is str else None
+        if book is None:
+            return self._reject_any(c, out, kind, Reject.UNKNOWN_SYMBOL, "")
+        if not _config_ok(book.tick, book.lot, c.band_bps, c.ref_price, c.max_orders,
+                          c.max_qty):
+            return self._reject_any(c, out, kind, Reject.INVALID_CONFIG, "")
+        book.band_bps = c.band_bps
+        book.cfg_ref = c.ref_price
+        book.max_orders = c.max_orders
+        book.max_qty = c.max_qty
+        book.set_ref(book.ref if book.traded else c.ref_price)
+        out.append(_config_event(book, c.ts_ns))
+
+    def _deposit(self, c: Deposit, out: list[tuple]) -> None:
+        kind = Cmd.DEPOSIT
+        if not _is_int(c.ts_ns, 0, MAX_TS_NS):
+            return self._reject_any(c, out, kind, Reject.INVALID_TIMESTAMP, "")
+        if not _valid_id(c.account, MAX_ID_LEN):
+            return self._reject_any(c, out, kind, Reject.INVALID_ACCOUNT, "")
+        if not _valid_id(c.asset, MAX_ASSET_LEN):
+            return self._reject_any(c, out, kind, Reject.INVALID_ASSET, "")
+        amount = c.amount
+        if not _is_int(amount, 1, MAX_SUPPLY):
+            return self._reject_any(c, out, kind, Reject.INVALID_AMOUNT, "")
+        if self.supply.get(c.asset, 0) + amount > MAX_SUPPLY:
+            return self._reject_any(c, out, kind, Reject.SUPPLY_LIMIT, "")
+        acct = self.accounts.get(c.account)
+        if acct is None:
+            if len(self.accounts) >= self.limits.max_accounts:
+                return self._reject_any(c, out, kind, Reject.TOO_MANY_ACCOUNTS, "")
+            acct = self.accounts[c.account] = Account(c.account)
+        self.supply[c.asset] = self.supply.get(c.asset, 0) + amount
+        avail = acct.avail[c.asset] = acct.avail.get(c.asset, 0) + amount
+        out.append((ev.BALANCE, c.account, c.asset, amount, avail, acct.held.get(c.asset, 0),
+                    BalanceReason.DEPOSIT, c.ts_ns))
+
+    def _withdraw(self, c: Withdraw, out: list[tuple]) -> None:
+        kind = Cmd.WITHDRAW
+        if not _is_int(c.ts_ns, 0, MAX_TS_NS):
+            return self._reject_any(c, out, kind, Reject.INVALID_TIMESTAMP, "")
+        acct = self.accounts.get(c.account) if type(c.account) is str else None
+        if acct is None:
+            return self._reject_any(c, out, kind, Reject.UNKNOWN_ACCOUNT, "")
+        if not _valid_id(c.asset, MAX_ASSET_LEN):
+            return self._reject_any(c, out, kind, Reject.INVALID_ASSET, "")
+        amount = c.amount
+        if not _is_int(amount, 1, MAX_SUPPLY):
+            return self._reject_any(c, out, kind, Reject.INVALID_AMOUNT, "")
+        if acct.avail.get(c.asset, 0) < amount:
+            return self._reject_any(c, out, kind, Reject.INSUFFICIENT_BALANCE, "")
+        self.supply[c.asset] -= amount
+        avail = acct.avail[c.asset] = acct.avail[c.asset] - amount
+        out.append((ev.BALANCE, c.account, c.asset, -amount, avail, acct.held.get(c.asset, 0),
+                    BalanceReason.WITHDRAW, c.ts_ns))
+
+
+def _config_ok(tick: int, lot: int, band_bps: object, ref_price: object, max_orders: object,
+               max_qty: object) -> bool:
+    return (
+        _is_int(band_bps, 1, MAX_BAND_BPS)
+        and _is_int(ref_price, tick, MAX_PRICE)
+        and ref_price % tick == 0  # type: ignore[operator]
+        and _is_int(max_orders, 1, 100_000_000)
+        and _is_int(max_qty, lot, MAX_QTY)
+    )
+
+
+def _config_event(book: Book, ts: int) -> tuple:
+    return (ev.SYMBOL_CONFIG, book.symbol, book.base, book.quote, book.tick, book.lot,
+            book.band_bps, book.ref, book.max_orders, book.max_qty, ts)
+
+
+def _release(acct: Account, side: int, price: int, qty: int, base: str, quote: str) -> None:
+    """Return the reservation of ``qty`` of a resting order to the available balance."""
+    if side == BUY:
+        v = price * qty
+        acct.held[quote] -= v
+        acct.avail[quote] = acct.avail.get(quote, 0) + v
+    else:
+        acct.held[base] -= qty
+        acct.avail[base] = acct.avail.get(base, 0) + qty
+
+
+def _unlink(book: Book, o: Order, out: list[tuple]) -> None:
+    """Take a resting order out of its book, release its reservation, emit the level."""
+    levels = book.bids if o.side == BUY else book.asks
+    lvl = levels[o.price]
+    qty = o.qty
+    acct = o.acct
+    _release(acct, o.side, o.price, qty, book.base, book.quote)
+    o.qty = 0
+    lvl.qty -= qty
+    lvl.n -= 1
+    del book.orders[o.oid]
+    acct.n_open -= 1
+    if o.cid:
+        del acct.cids[o.cid]
+    dq = lvl.dq
+    if not lvl.n:
+        del levels[o.price]
+    elif dq[0] is o:
+        dq.popleft()
+    elif len(dq) > 2 * lvl.n + _COMPACT_SLACK:
+        lvl.dq = deque(x for x in dq if x.qty)
+    out.append((_BOOK, book.symbol, o.side, o.price, lvl.qty))
+
+
+def _rebuild_heap(heap: list[int], levels: dict[int, Level], side: int) -> None:
+    heap[:] = [-p for p in levels] if side == BUY else list(levels)
+    heapify(heap)
+
+
+def _fok_fillable(book: Book, acct: Account, side: int, price: int, qty: int,
+                  stp: int) -> bool:
+    levels = book.asks if side == BUY else book.bids
+    prices = sorted(p for p in levels if (p <= price if side == BUY else p >= price))
+    if side == SELL:
+        prices.reverse()
+    need = qty
+    for p in prices:
+        for m in levels[p].dq:
+            if not m.qty:
+                continue
+            if m.acct is acct and stp != STP_NONE:
+                if stp == STP_CO:
+                    continue
+                return False
+            need -= m.qty
+            if need <= 0:
+                return True
+    return False
+
+
+_HANDLERS = {
+    NewOrder: Engine._new,
+    CancelOrder: Engine._cancel,
+    ReplaceOrder: Engine._replace,
+    ReduceOrder: Engine._reduce,
+    AddSymbol: Engine._add_symbol,
+    UpdateSymbol: Engine._update_symbol,
+    Deposit: Engine._deposit,
+    Withdraw: Engine._withdraw,
+}
+
+_KINDS = {
+    NewOrder: Cmd.NEW,
+    CancelOrder: Cmd.CANCEL,
+    ReplaceOrder: Cmd.REPLACE,
+    ReduceOrder: Cmd.REDUCE,
+    AddSymbol: Cmd.ADD_SYMBOL,
+    UpdateSymbol: Cmd.UPDATE_SYMBOL,
+    Deposit: Cmd.DEPOSIT,
+    Withdraw: Cmd.WITHDRAW,
+}
+
+
+def step(state: Engine, cmd: object) -> tuple[Engine, list[ev.Event]]:
+    """Functional façade: ``(state, command) -> (state, events)``. The state object is
+    updated in place and returned."""
+    return state, state.apply(cmd)
+
+
+def check_invariants(eng: Engine) -> None:
+    """Assert every structural and accounting invariant (tests; too slow per command)."""
+    held: dict[tuple[str, str], int] = {}
+    n_open: dict[str, int] = {}
+    cids: dict[tuple[str, str], Order] = {}
+    for sym in sorted(eng.books):
+        book = eng.books[sym]
+        assert book.symbol == sym
+        for side, levels, heap, sgn in ((BUY, book.bids, book.bid_heap, -1),
+                                        (SELL, book.asks, book.ask_heap, 1)):
+            keys = {k * sgn for k in heap}
+            for p in sorted(levels):
+                lvl = levels[p]
+                assert p in keys, "level missing from heap"
+                live = [o for o in lvl.dq if o.qty]
+                assert live and len(live) == lvl.n, "level count"
+                assert sum(o.qty for o in live) == lvl.qty, "level aggregate"
+                for o in live:
+                    assert o.side == side and o.price == p
+                    assert book.orders.get(o.oid) is o
+                    assert p % book.tick == 0 and o.qty % book.lot == 0
+                    asset = book.quote if side == BUY else book.base
+                    amount = p * o.qty if side == BUY else o.qty
+                    key = (o.acct.id, asset)
+                    held[key] = held.get(key, 0) + amount
+                    n_open[o.acct.id] = n_open.get(o.acct.id, 0) + 1
+                    if o.cid:
+                        assert (o.acct.id, o.cid) not in cids
+                        cids[(o.acct.id, o.cid)] = o
+        assert sum(lvl.n for lvl in book.bids.values()) + sum(
+            lvl.n for lvl in book.asks.values()) == len(book.orders)
+        bb, ba = book.best_bid(), book.best_ask()
+        assert bb is None or ba is None or bb < ba, f"{sym} crossed: {bb} >= {ba}"
+        assert all(o.oid < book.next_oid for o in book.orders.values())
+    supply: dict[str, int] = {}
+    for aid in sorted(eng.accounts):
+        acct = eng.accounts[aid]
+        assert acct.id == aid
+        assert acct.n_open == n_open.get(aid, 0), "account open count"
+        assert {(aid, c): o for c, o in acct.cids.items()} == {
+            k: o for k, o in cids.items() if k[0] == aid}, "cid index"
+        for asset in sorted(set(acct.avail) | set(acct.held)):
+            a = acct.avail.get(asset, 0)
+            h = acct.held.get(asset, 0)
+            assert a >= 0 and h >= 0, f"negative balance {aid} {asset}"
+            assert h == held.get((aid, asset), 0), f"hold mismatch {aid} {asset}"
+            supply[asset] = supply.get(asset, 0) + a + h
+    for asset in sorted(set(supply) | set(eng.supply)):
+        assert supply.get(asset, 0) == eng.supply.get(asset, 0), f"supply {asset}"
