@@ -1,0 +1,10 @@
+terraform {
+  # 1.9: variable validations may refer to other variables (odd voters per region list).
+  required_version = ">= 1.9.0"
+  required_providers {
+    aws = {
+      source  = "hashicorp/aws"
+      version = ">= 5.40.0, < 7.0.0"
+    }
+  }
+}

@@ -1,0 +1,56 @@
+# One etcd member. The release is pinned by version and SHA-256: a download that does not
+# match is refused, so a compromised mirror cannot put another binary on the host.
+
+locals {
+  name         = "${var.name_prefix}-etcd-${var.member_name}"
+  data_dir     = "/var/lib/etcd"
+  tarball      = "etcd-v${var.etcd_version}-linux-amd64.tar.gz"
+  download_url = "${var.etcd_download_base_url}/v${var.etcd_version}/${local.tarball}"
+  install = templatefile("${path.module}/install-etcd.sh.tftpl", {
+    etcd_version = var.etcd_version
+    etcd_sha256  = var.etcd_sha256
+    download_url = local.download_url
+  })
+  unit = templatefile("${path.module}/etcd.service.tftpl", {
+    cluster_name        = var.cluster_name
+    member_name         = var.member_name
+    private_ip          = var.private_ip
+    client_port         = var.client_port
+    peer_port           = var.peer_port
+    initial_cluster     = var.initial_cluster
+    heartbeat_ms        = var.heartbeat_ms
+    election_timeout_ms = var.election_timeout_ms
+    data_dir            = local.data_dir
+  })
+}
+
+module "host" {
+  source = "../host"
+
+  name                 = local.name
+  role                 = "etcd"
+  instance_type        = var.instance_type
+  subnet_id            = var.subnet_id
+  availability_zone    = var.availability_zone
+  private_ip           = var.private_ip
+  security_group_ids   = var.security_group_ids
+  iam_instance_profile = var.iam_instance_profile
+  kms_key_arn          = var.kms_key_arn
+  root_volume_gb       = var.root_volume_gb
+  data_volume_gb       = var.data_volume_gb
+  # etcd fsyncs every entry: the gp3 baseline is plenty for coordination traffic.
+  data_volume_iops = 3000
+  service_user     = "etcd"
+  data_dir         = local.data_dir
+  files = {
+    "/etc/systemd/system/etcd.service" = local.unit
+  }
+  units         = ["etcd.service"]
+  role_script   = local.install
+  install_xdc   = false
+  xdc_package   = ""
+  xdc_index_url = ""
+  tls           = null
+  tls_dir       = ""
+  tags          = merge(var.tags, { EtcdMember = var.member_name })
+}
