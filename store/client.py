@@ -116,6 +116,9 @@ class StoreClient:
         self._pending: list[_Pending] = []
         self._flush_handle: asyncio.Handle | None = None
         self._inflight: collections.deque[tuple[int, list[_Pending]]] = collections.deque()
+        self._outbox: collections.deque[list[_Pending]] = collections.deque()
+        self._outbox_ready = asyncio.Event()
+        self._sender: asyncio.Task[None] | None = None
         self._slots: asyncio.Semaphore | None = None
         self._call: Any = None
         self._receiver: asyncio.Task[None] | None = None
@@ -154,6 +157,14 @@ class StoreClient:
             if not p.future.done():
                 p.future.set_exception(AppendError(grpc.StatusCode.CANCELLED, "client closed"))
         self._pending = []
+        if self._sender is not None:
+            self._sender.cancel()
+        for batch in self._outbox:
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(AppendError(grpc.StatusCode.CANCELLED,
+                                                       "client closed"))
+        self._outbox.clear()
         await self._reset_stream(AppendError(grpc.StatusCode.CANCELLED, "client closed"))
         if self._channel is not None:
             await self._channel.close()
@@ -205,36 +216,46 @@ class StoreClient:
             return
         batch, self._pending = (self._pending[:self.max_batch_appends],
                                 self._pending[self.max_batch_appends:])
-        self._spawn(self._send(batch))
+        self._outbox.append(batch)
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.get_running_loop().create_task(self._send_loop())
+        else:
+            self._outbox_ready.set()
         if self._pending:
             self._schedule_flush(0.0)
 
-    async def _ensure_stream(self) -> Any:
-        if self._call is None:
-            self._slots = asyncio.Semaphore(self.max_inflight_messages)
-            self._call = self.stub.AppendStream()
-            self._receiver = asyncio.get_running_loop().create_task(self._receive(self._call))
-        return self._call
-
-    async def _send(self, batch: list[_Pending]) -> None:
-        try:
-            call = await self._ensure_stream()
-            assert self._slots is not None
-            slots = self._slots
-            await slots.acquire()
-            if call is not self._call:  # the stream was reset while we waited
-                slots.release()
-                raise _StreamBroken(None)
-            cid = next(self._cids)
-            self._inflight.append((cid, batch))
-            await call.write(pb.AppendStreamRequest(correlation_id=cid,
-                                                    appends=[p.request for p in batch]))
-        except (grpc.aio.AioRpcError, _StreamBroken, grpc.aio.UsageError,
-                asyncio.InvalidStateError):
-            # The receiver sees the same failure and re-queues what is in flight; what
-            # never made it into flight is re-queued here.
-            inflight = {id(p) for _, b in self._inflight for p in b}
-            self._retry([p for p in batch if id(p) not in inflight], None)
+    async def _send_loop(self) -> None:
+        """The only task that writes to the AppendStream call (gRPC allows one write at
+        a time), so messages leave in the order appends were made."""
+        while self._outbox:
+            batch = self._outbox.popleft()
+            try:
+                if self._call is None:
+                    self._slots = asyncio.Semaphore(self.max_inflight_messages)
+                    self._call = self.stub.AppendStream()
+                    self._receiver = asyncio.get_running_loop().create_task(
+                        self._receive(self._call))
+                call, slots = self._call, self._slots
+                assert slots is not None
+                await slots.acquire()
+                if call is not self._call:  # reset while we waited for a slot
+                    raise _StreamBroken()
+                cid = next(self._cids)
+                self._inflight.append((cid, batch))
+                await call.write(pb.AppendStreamRequest(correlation_id=cid,
+                                                        appends=[p.request for p in batch]))
+            except (grpc.aio.AioRpcError, _StreamBroken, grpc.aio.UsageError,
+                    asyncio.InvalidStateError):
+                # The receiver sees the same failure and re-queues what is in flight; a
+                # batch that never got into flight is re-queued here.
+                if not any(b is batch for _, b in self._inflight):
+                    self._retry(batch, None)
+            if not self._outbox:
+                self._outbox_ready.clear()
+                try:
+                    await asyncio.wait_for(self._outbox_ready.wait(), 1.0)
+                except TimeoutError:
+                    return
 
     async def _receive(self, call: Any) -> None:
         error: grpc.aio.AioRpcError | None = None

@@ -1,14 +1,195 @@
-"""The `xdc` command line."""
+"""xdc: a multi-datacenter replicated event store for trading systems."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import os
 import sys
+import uuid
+from typing import Any
+
+DEFAULT_TARGET = os.environ.get("XDC_TARGET", "127.0.0.1:7000")
+
+
+def event_json(e: Any) -> dict[str, Any]:
+    try:
+        data: Any = e.data.decode()
+    except UnicodeDecodeError:
+        data = {"base64": base64.b64encode(e.data).decode()}
+    return {"position": e.position, "stream": e.stream, "revision": e.revision,
+            "id": str(uuid.UUID(bytes=e.id)), "type": e.type, "content_type": e.content_type,
+            "metadata": dict(e.metadata), "data": data, "term": e.term,
+            "timestamp_ns": e.timestamp_ns}
+
+
+def _limits(args: argparse.Namespace) -> Any:
+    from store.limits import Limits
+    return Limits(max_event_bytes=args.max_event_bytes, max_append_events=args.max_append_events)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from store.server import serve
+    return serve(args.data, args.listen, _limits(args), node_id=args.node_id)
+
+
+def _expected(text: str) -> tuple[int, int]:
+    from store.client import ANY, EXACT, NO_STREAM, STREAM_EXISTS
+    named = {"any": ANY, "no_stream": NO_STREAM, "stream_exists": STREAM_EXISTS}
+    if text in named:
+        return named[text], 0
+    return EXACT, int(text)
+
+
+def cmd_append(args: argparse.Namespace) -> int:
+    from store.client import AppendError, Client, new_event
+    metadata = dict(kv.split("=", 1) for kv in args.metadata)
+    data = sys.stdin.buffer.read() if args.data == "-" else args.data.encode()
+    event = new_event(args.type, data, metadata=metadata, content_type=args.content_type,
+                      event_id=uuid.UUID(args.id).bytes if args.id else None)
+    kind, revision = _expected(args.expected)
+    with Client(args.target) as client:
+        try:
+            r = client.append(args.stream, event, kind, revision)
+        except AppendError as err:
+            print(f"xdc append: {err}", file=sys.stderr)
+            return 1
+    print(json.dumps({"first_position": r.first_position, "last_position": r.last_position,
+                      "last_revision": r.last_revision, "duplicate": r.duplicate,
+                      "id": str(uuid.UUID(bytes=event.id))}))
+    return 0
+
+
+def _rpc_error(prog: str, exc: Any) -> int:
+    print(f"xdc {prog}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+    return 1
+
+
+def cmd_read(args: argparse.Namespace) -> int:
+    import grpc
+
+    from store.client import Client
+    with Client(args.target) as client:
+        try:
+            events = client.read(args.stream, start=args.start, limit=args.limit,
+                                 backwards=args.backwards)
+        except grpc.RpcError as exc:
+            return _rpc_error("read", exc)
+    for e in events:
+        print(json.dumps(event_json(e)))
+    return 0
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    from store.client import CaughtUp, Checkpoint, StoreClient
+
+    async def run() -> None:
+        seen = 0
+        async with StoreClient(args.target) as client:
+            async for item in client.subscribe(after_position=args.after, from_end=args.from_end,
+                                               stream_prefix=args.prefix,
+                                               event_types=args.type or ()):
+                if isinstance(item, CaughtUp):
+                    print(json.dumps({"caught_up": item.position}), file=sys.stderr, flush=True)
+                    continue
+                if isinstance(item, Checkpoint):
+                    continue
+                print(json.dumps(event_json(item)), flush=True)
+                seen += 1
+                if args.count and seen >= args.count:
+                    return
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from store.client import Client
+    with Client(args.target) as client:
+        try:
+            info = client.stream_info(args.stream) if args.stream else client.node_info()
+        except grpc.RpcError as exc:
+            return _rpc_error("info", exc)
+    print(json.dumps(MessageToDict(info, always_print_fields_with_no_presence=True)))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from xdc.demo import run_demo
+    return run_demo()
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.suite == "store":
+        from bench.store import main as bench_main
+    else:
+        print(f"xdc bench: unknown suite {args.suite!r}", file=sys.stderr)
+        return 2
+    return bench_main(quick=args.quick, json_path=args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xdc", description=__doc__)
-    parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run a standalone store node (no etcd needed)")
+    p.add_argument("--data", required=True, help="data directory (created if missing)")
+    p.add_argument("--listen", default="127.0.0.1:7000", help="HOST:PORT (port 0: any free)")
+    p.add_argument("--node-id", default="standalone")
+    p.add_argument("--max-event-bytes", type=int, default=1024 * 1024)
+    p.add_argument("--max-append-events", type=int, default=10_000)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("append", help="append one event")
+    p.add_argument("stream")
+    p.add_argument("type")
+    p.add_argument("data", nargs="?", default="", help="event data ('-': read stdin)")
+    p.add_argument("--expected", default="any",
+                   help="any | no_stream | stream_exists | N (the stream's last revision)")
+    p.add_argument("--metadata", "-m", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--content-type", default="")
+    p.add_argument("--id", help="event UUID (default: a new one)")
+    p.add_argument("--target", default=DEFAULT_TARGET)
+    p.set_defaults(func=cmd_append)
+
+    p = sub.add_parser("read", help="read a stream or $all, one JSON line per event")
+    p.add_argument("stream", help='stream name, or "$all"')
+    p.add_argument("--from", dest="start", type=int, default=0,
+                   help="revision (stream) or position ($all), inclusive; 0: start/end")
+    p.add_argument("--limit", type=int, default=1000)
+    p.add_argument("--backwards", action="store_true")
+    p.add_argument("--target", default=DEFAULT_TARGET)
+    p.set_defaults(func=cmd_read)
+
+    p = sub.add_parser("tail", help="follow a subscription (catch-up, then live)")
+    p.add_argument("--after", type=int, default=0, help="start after this position")
+    p.add_argument("--from-end", action="store_true")
+    p.add_argument("--prefix", default="", help="only streams starting with this")
+    p.add_argument("--type", action="append", help="only events of this type (repeatable)")
+    p.add_argument("--count", type=int, default=0, help="stop after this many events")
+    p.add_argument("--target", default=DEFAULT_TARGET)
+    p.set_defaults(func=cmd_tail)
+
+    p = sub.add_parser("info", help="node info, or a stream's info")
+    p.add_argument("stream", nargs="?")
+    p.add_argument("--target", default=DEFAULT_TARGET)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="run the local demo")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="run a benchmark suite")
+    p.add_argument("suite", choices=["store"])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json", help="write results here")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
