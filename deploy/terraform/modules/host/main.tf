@@ -86,7 +86,7 @@ resource "aws_ebs_volume" "data" {
   size              = var.data_volume_gb
   type              = "gp3"
   iops              = var.data_volume_iops
-  throughput        = 250
+  throughput        = 125 # the gp3 baseline, included in its price
   encrypted         = true
   kms_key_id        = var.kms_key_arn
   tags              = merge(var.tags, { Name = "${var.name}-data", Role = var.role })
