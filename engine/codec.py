@@ -30,7 +30,22 @@ import struct
 from dataclasses import fields
 
 from engine import commands as cm
-from engine.book import BUY, Account, Book, Engine, EngineLimits, Level, Order
+from engine.book import (
+    ACCT,
+    BUY,
+    CID,
+    OID,
+    POST_ONLY,
+    PRICE,
+    QTY,
+    SIDE,
+    STP_MODE,
+    Account,
+    Book,
+    Engine,
+    EngineLimits,
+    new_level,
+)
 from engine.events import EVENT_CLASSES, FIELD_KINDS
 
 MAGIC = b"XDCE"
@@ -118,10 +133,11 @@ def snapshot_bytes(eng: Engine) -> bytes:
         for levels, rev in ((b.bids, True), (b.asks, False)):
             for p in sorted(levels, reverse=rev):
                 for o in levels[p].dq:
-                    if o.qty:
-                        parts.append(pack_order(o.oid, o.price, o.qty, o.side, int(o.post_only),
-                                                o.stp, index[o.acct.id]))
-                        parts.append(_str(o.cid))
+                    if o[QTY]:
+                        parts.append(pack_order(o[OID], o[PRICE], o[QTY], o[SIDE],
+                                                int(o[POST_ONLY]), o[STP_MODE],
+                                                index[o[ACCT].id]))
+                        parts.append(_str(o[CID]))
                         n += 1
         assert n == len(b.orders), "order index out of step with levels"
     return b"".join(parts)
@@ -179,9 +195,9 @@ def restore(data: bytes) -> Engine:
             acct = accts[ai]
             if (side, price) != last:
                 levels = b.bids if side == BUY else b.asks
-                lvl = levels[price] = Level()
+                lvl = levels[price] = new_level()
                 last = (side, price)
-            o = Order(oid, acct, cid, side, price, qty, bool(post_only), stp)
+            o = [qty, oid, acct, cid, side, price, post_only == 1, stp]  # Order layout
             lvl.dq.append(o)  # type: ignore[union-attr]
             lvl.n += 1  # type: ignore[union-attr]
             lvl.qty += qty  # type: ignore[union-attr]
