@@ -1,0 +1,949 @@
+"""The replication protocol of DESIGN §4 as a pure, deterministic state machine.
+
+Modelled on etcd-io/raft: no I/O, no clock, no randomness, no threads. The shell (gRPC
+streams + LMDB + etcd) feeds inputs and executes the effects the machine queues. Terms come
+from OUTSIDE (the ``create_revision`` of the etcd leader key): the machine never invents one.
+
+Construction
+------------
+``Node(node_id, voters, standbys, log, promised_term=..., commit=..., limits=...)``
+
+* ``log`` is a :class:`~geo.replication.log.LogView` over the node's durable log; the
+  machine never holds the whole log in memory, only the writes it has issued and not yet
+  seen acknowledged (bounded by ``Limits.max_unpersisted_entries``).
+* ``promised_term`` and ``commit`` are the values last persisted in ``meta`` (0 for a new
+  node). ``commit`` may lag (it is only a hint that saves work after a restart) but must never
+  be above what was really committed: persist a value only after a ``Committed`` effect.
+
+Inputs (each may queue effects; call :meth:`Node.drain` afterwards)
+------------------------------------------------------------------
+* ``step(msg)``: a peer message arrived (any type of ``messages.Message``, ``msg.dst`` must
+  be this node).
+* ``on_persisted(seq)``: the ``Persist`` with this ``seq`` (and every lower one) is durable.
+* ``tick()``: a unit of time passed (the shell calls it on a monotonic timer, e.g. every
+  50 ms). All timeouts in :class:`Limits` count ticks.
+* ``become_leader(term, start_payload)``: the shell won the etcd key; ``term`` is its
+  create_revision. Starts the Promise/recovery step; ``start_payload`` is the payload of the
+  term-start record appended once the log is recovered.
+* ``step_down(reason)``: the shell could not renew the lease in time (or is stopping):
+  stop leading at once; proposals are refused from now on.
+* ``propose(payloads) -> Accepted | Refused``: client writes; only on an open leader.
+* ``reset_peer(peer)``: (leader) the peer's replica was replaced by an empty one (new or
+  wiped standby): forget what it acknowledged and catch it up from position 1.
+
+Queries: ``tip()`` (last term and position, for the election pre-check), ``status()``,
+``role``, ``term``, ``promised_term``, ``commit`` (visible commit), ``is_open``,
+``leader``. Pure helper for the Patroni-style pre-check: :func:`should_campaign`.
+
+Effects (``drain()`` returns them in order; see ``messages`` for the fields)
+-------------------------------------------------------------------------
+* ``Send(msg)``: best effort, any order, may be sent before earlier ``Persist`` effects are
+  durable (everything whose meaning depends on durability is only emitted after
+  ``on_persisted``).
+* ``Persist(seq, truncate_after, entries, promised_term)``: one atomic write, applied in
+  ``seq`` order; acknowledge with ``on_persisted(seq)``. A crash may lose any suffix of the
+  unacknowledged writes, never an acknowledged one.
+* ``Committed(upto)``: positions <= upto are quorum-committed and durable here. The leader
+  answers clients up to there; every node may expose reads up to there.
+* ``LeaderOpen(term, start_position)``: the term-start record is committed; accept writes.
+* ``SteppedDown(term, reason)``: no longer leader: fail unanswered proposals as 'unknown
+  outcome' (they may still commit under the next leader: clients retry with the same event
+  ids), resign the etcd key if still held.
+* ``LeaderKnown(term, leader)``: a follower learned who leads; use it to redirect writes.
+
+Protocol summary (why each rule exists is in the code comments)
+----------------------------------------------------------------
+1. Fencing: every node persists ``promised_term`` with its log writes and rejects Append,
+   Promise and Fetch from lower terms; a message of a higher term raises the promise.
+2. Election: after ``become_leader(T)`` the node promises T itself and sends ``Promise(T)``
+   to the voters. A voter replies (after its promise is durable) with its log tip. With a
+   majority of voters, the leader adopts the most up-to-date promiser log (highest last
+   term, then position), fetching the missing suffix from that peer in bulk ranges, appends
+   a term-start record in T and opens once that record is committed.
+3. Replication: batches bounded in entries and bytes, at most ``max_inflight`` per peer, each
+   carrying prev (position, term) and the commit position. Followers check the prev,
+   truncate a divergent uncommitted suffix, persist, then ack the durable matching position.
+   A reject carries a hint so the leader backs up over a whole divergent term at once.
+4. Commit: the highest position held by a majority of voters whose entry is of the
+   current term. Standbys are shipped the log but never count.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from geo.replication.log import InvariantError, LogView, check
+from geo.replication.messages import (
+    Accepted,
+    Append,
+    AppendReply,
+    Committed,
+    Effect,
+    Entry,
+    Fetch,
+    FetchReply,
+    LeaderKnown,
+    LeaderOpen,
+    Message,
+    NodeId,
+    Persist,
+    Promise,
+    PromiseReply,
+    ProposeResult,
+    Refused,
+    Send,
+    SteppedDown,
+    Tip,
+)
+
+__all__ = [
+    "InvariantError",
+    "Limits",
+    "Node",
+    "NodeStatus",
+    "PeerStatus",
+    "Role",
+    "Unsafe",
+    "quorum",
+    "should_campaign",
+]
+
+
+@dataclass(slots=True, frozen=True)
+class Limits:
+    """Every bound the machine enforces. Timeouts count ``tick()`` calls."""
+
+    max_batch_entries: int = 256
+    max_batch_bytes: int = 1 << 20
+    max_inflight: int = 4  # batches in flight per peer (flow control)
+    max_fetch_entries: int = 4096  # recovery fetches are bulk ranges
+    max_fetch_bytes: int = 8 << 20
+    max_propose_entries: int = 4096
+    max_unpersisted_entries: int = 65536  # leader backpressure on the local disk
+    heartbeat_ticks: int = 1
+    retransmit_ticks: int = 4  # no ack for that long: probe again from the match position
+    promise_retry_ticks: int = 3
+    fetch_retry_ticks: int = 3
+    check_quorum_ticks: int = 10  # leader steps down without a voter majority for that long
+    recovery_timeout_ticks: int = 40  # from become_leader until open
+
+    def __post_init__(self) -> None:
+        for name in self.__slots__:
+            if getattr(self, name) < 1:
+                raise ValueError(f"Limits.{name} must be >= 1")
+
+
+@dataclass(slots=True, frozen=True)
+class Unsafe:
+    """Deliberately broken variants, for tests proving the simulator can catch bugs."""
+
+    commit_any_term: bool = False  # drop Raft's current-term commit rule
+    skip_promises: bool = False  # lead on the local log without the Promise/recovery step
+
+
+class Role(StrEnum):
+    FOLLOWER = "follower"
+    CANDIDATE = "candidate"  # won the etcd key, collecting promises
+    RECOVERING = "recovering"  # fetching the most up-to-date log from a promiser
+    LEADER = "leader"  # term-start record appended (open once it is committed)
+
+
+class PeerState(StrEnum):
+    PROBE = "probe"  # one message at a time until the match point is known
+    REPLICATE = "replicate"  # pipelining up to max_inflight batches
+
+
+def quorum(voters: int) -> int:
+    return voters // 2 + 1
+
+
+def should_campaign(own: Tip, peers: Mapping[NodeId, Tip | None]) -> bool:
+    """Patroni-style pre-check, before trying to take the etcd key.
+
+    ``peers`` maps the other *voters* to the tip they answered, or None if unreachable.
+    Defer (False) when a reachable voter has a strictly more up-to-date log: it would lose
+    less uncommitted data. Ties campaign (etcd decides). Safety never depends on this check
+    (the Promise step does that); the shell should still bound how often it defers, in case
+    the better peer cannot reach etcd.
+    """
+    best = own.key()
+    return all(t is None or t.key() <= best for t in peers.values())
+
+
+@dataclass(slots=True)
+class Progress:
+    """The leader's view of one peer."""
+
+    match: int = 0  # highest position known durable on the peer and equal to ours
+    next: int = 1  # next position to send
+    state: PeerState = PeerState.PROBE
+    probe_sent: bool = False
+    inflight: deque[int] = field(default_factory=deque)  # last position of each batch sent
+    last_progress_tick: int = 0
+    sent_tick: int = -1  # last tick anything was sent (heartbeats only fill silences)
+    active: bool = False  # replied during the current check-quorum window
+    in_sync: bool = False  # has matched our last position at least once this term
+
+
+@dataclass(slots=True, frozen=True)
+class PeerStatus:
+    voter: bool
+    match: int
+    next: int
+    state: str
+    inflight: int
+    in_sync: bool
+    lag: int
+
+
+@dataclass(slots=True, frozen=True)
+class NodeStatus:
+    node_id: NodeId
+    role: Role
+    term: int
+    promised_term: int
+    leader: NodeId | None
+    open: bool
+    commit: int
+    last_position: int
+    last_term: int
+    durable_position: int
+    ticks_since_leader: int
+    peers: dict[NodeId, PeerStatus]
+
+
+# A reply that may only be sent once everything written before it is durable.
+# ("promise", dst, term, 0) or ("append", dst, term, match)
+_Deferred = tuple[str, NodeId, int, int]
+
+
+class Node:
+    """One replica's protocol state. See the module docstring for the interface."""
+
+    def __init__(
+        self,
+        node_id: NodeId,
+        voters: Iterable[NodeId],
+        standbys: Iterable[NodeId],
+        log: LogView,
+        *,
+        promised_term: int = 0,
+        commit: int = 0,
+        limits: Limits | None = None,
+        unsafe: Unsafe | None = None,
+    ) -> None:
+        self.id = node_id
+        self.voters = frozenset(voters)
+        self.standbys = frozenset(standbys)
+        if not self.voters:
+            raise ValueError("a cluster needs at least one voter")
+        if self.voters & self.standbys:
+            raise ValueError("a member cannot be both voter and standby")
+        if node_id not in self.voters | self.standbys:
+            raise ValueError(f"{node_id!r} is not a member")
+        self.limits = limits or Limits()
+        self.unsafe = unsafe or Unsafe()
+        self.quorum = quorum(len(self.voters))
+        self._peers = tuple(sorted((self.voters | self.standbys) - {node_id}))
+        self._voter_peers = tuple(p for p in self._peers if p in self.voters)
+        self.log = log
+
+        self._promised = promised_term
+        self._promised_written = promised_term  # highest promised_term issued in a Persist
+        self._commit = commit  # known committed (may be above what is durable here)
+        self._visible = commit  # what Committed effects announced: committed AND durable here
+        last = log.last_position()
+        check(commit <= last, f"commit {commit} above the log's last position {last}")
+
+        # Writes issued but not acknowledged: an overlay over ``log`` starting at _u_offset
+        # (0 = no overlay) holding the final content of every position >= _u_offset.
+        self._u_offset = 0
+        self._u_entries: list[Entry] = []
+        self._pending: deque[tuple[int, int, int]] = deque()  # (seq, first touched, last after)
+        self._next_seq = 1
+        self._durable_last = last
+        self._waiting: deque[tuple[int, _Deferred]] = deque()
+
+        self._effects: list[Effect] = []
+        self._now = 0  # ticks since construction
+
+        self.role = Role.FOLLOWER
+        self.leader: NodeId | None = None
+        self._heard_tick = 0
+        # leader state (meaningful when role != FOLLOWER)
+        self._term = 0
+        self._started_tick = 0
+        self._start_payload = b""
+        self._promises: dict[NodeId, Tip] = {}
+        self._promise_sent_tick = 0
+        self._fetch_from: NodeId | None = None
+        self._fetch_target = Tip(0, 0)
+        self._fetch_prev = 0
+        self._fetch_sent_tick = 0
+        self._term_start = 0
+        self.is_open = False
+        self._progress: dict[NodeId, Progress] = {}
+        self._quorum_window_start = 0
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def promised_term(self) -> int:
+        return self._promised
+
+    @property
+    def term(self) -> int:
+        """The term this node leads, or the highest term it has promised."""
+        return self._term if self.role != Role.FOLLOWER else self._promised
+
+    @property
+    def commit(self) -> int:
+        """Visible commit position: committed by a quorum and durable on this node."""
+        return self._visible
+
+    @property
+    def ticks_since_leader(self) -> int:
+        """Ticks since a leader was last heard from (or since we stopped leading): the
+        shell's election timer."""
+        return self._now - self._heard_tick
+
+    @property
+    def term_start(self) -> int:
+        return self._term_start if self.role == Role.LEADER else 0
+
+    def tip(self) -> Tip:
+        last = self._last()
+        return Tip(self._term_at(last), last)
+
+    def status(self) -> NodeStatus:
+        last = self._last()
+        peers = {
+            p: PeerStatus(
+                voter=p in self.voters,
+                match=pr.match,
+                next=pr.next,
+                state=str(pr.state),
+                inflight=len(pr.inflight),
+                in_sync=pr.in_sync,
+                lag=max(0, last - pr.match),
+            )
+            for p, pr in self._progress.items()
+        }
+        return NodeStatus(
+            node_id=self.id,
+            role=self.role,
+            term=self.term,
+            promised_term=self._promised,
+            leader=self.leader,
+            open=self.is_open,
+            commit=self._visible,
+            last_position=last,
+            last_term=self._term_at(last),
+            durable_position=self._stable_last(),
+            ticks_since_leader=self.ticks_since_leader,
+            peers=peers,
+        )
+
+    def drain(self) -> list[Effect]:
+        out, self._effects = self._effects, []
+        return out
+
+    # ------------------------------------------------------------------ inputs
+
+    def step(self, msg: Message) -> None:
+        check(msg.dst == self.id, f"message for {msg.dst} delivered to {self.id}")
+        if msg.src == self.id:
+            return
+        match msg:
+            case Append():
+                self._on_append(msg)
+            case AppendReply():
+                self._on_append_reply(msg)
+            case Promise():
+                self._on_promise(msg)
+            case PromiseReply():
+                self._on_promise_reply(msg)
+            case Fetch():
+                self._on_fetch(msg)
+            case FetchReply():
+                self._on_fetch_reply(msg)
+            case _:
+                raise TypeError(f"unknown message {msg!r}")
+
+    def on_persisted(self, seq: int) -> None:
+        check(seq < self._next_seq, f"ack of write {seq} never issued")
+        popped: tuple[int, int, int] | None = None
+        while self._pending and self._pending[0][0] <= seq:
+            popped = self._pending.popleft()
+        if popped is None:
+            return  # duplicate acknowledgement
+        self._durable_last = popped[2]
+        # The overlay must still cover every position a pending write touches.
+        touched = [first for _, first, _ in self._pending if first]
+        if not touched:
+            self._u_offset, self._u_entries = 0, []
+        else:
+            new_offset = min(touched)
+            if new_offset > self._u_offset:
+                del self._u_entries[: new_offset - self._u_offset]
+                self._u_offset = new_offset
+        while self._waiting and self._waiting[0][0] <= seq:
+            self._release(self._waiting.popleft()[1])
+        if self.role == Role.LEADER:
+            self._leader_maybe_commit()
+        self._publish_commit()
+
+    def tick(self) -> None:
+        self._now += 1
+        if self.role == Role.FOLLOWER:
+            return
+        lim = self.limits
+        if (
+            self.role in (Role.CANDIDATE, Role.RECOVERING)
+            and self._now - self._started_tick > lim.recovery_timeout_ticks
+        ):
+            # No promise majority, or the best promiser stopped answering: let someone else
+            # try (the shell resigns the key on SteppedDown). Once the term-start record is
+            # appended, only check-quorum applies: catching lagging followers up may
+            # legitimately take long.
+            self._step_down("recovery timeout")
+            return
+        if self.role == Role.CANDIDATE:
+            if self._now - self._promise_sent_tick >= lim.promise_retry_ticks:
+                self._send_promises()
+        elif self.role == Role.RECOVERING:
+            if self._now - self._fetch_sent_tick >= lim.fetch_retry_ticks:
+                self._send_fetch()
+        else:
+            self._leader_tick()
+
+    def become_leader(self, term: int, start_payload: bytes = b"") -> None:
+        if self.id not in self.voters:
+            raise ValueError("a standby cannot lead")
+        if term <= self._promised:
+            # We already promised this term or a later one to another leader: the key we
+            # won is stale (another election happened since); give it back.
+            self._emit(SteppedDown(term, "stale term"))
+            return
+        if self.role != Role.FOLLOWER:
+            self._step_down("new term")
+        self._raise_promise(term)
+        self._persist_promise()
+        self.role = Role.CANDIDATE
+        self._term = term
+        self.leader = self.id
+        self._started_tick = self._now
+        self._start_payload = start_payload
+        self._promises = {}
+        self.is_open = False
+        self._progress = {}
+        if self.unsafe.skip_promises:
+            self._start_term()
+            return
+        # Our own promise counts only once durable, like anybody else's.
+        self._after_durable(("promise", self.id, term, 0))
+        self._send_promises()
+
+    def step_down(self, reason: str = "lease lost") -> None:
+        if self.role != Role.FOLLOWER:
+            self._step_down(reason)
+
+    def propose(self, payloads: Sequence[bytes]) -> ProposeResult:
+        if self.role != Role.LEADER:
+            return Refused("not_leader", None if self.leader == self.id else self.leader)
+        if not self.is_open:
+            return Refused("not_open", self.id)
+        n = len(payloads)
+        if n == 0 or n > self.limits.max_propose_entries:
+            return Refused("too_large", self.id)
+        unpersisted = self._last() - self._stable_last()
+        if unpersisted + n > self.limits.max_unpersisted_entries:
+            return Refused("backpressure", self.id)
+        first = self._last() + 1
+        entries = [Entry(first + i, self._term, p) for i, p in enumerate(payloads)]
+        self._write(None, entries)
+        for p in self._peers:
+            self._send_append(p)
+        return Accepted(first, first + n - 1, self._term)
+
+    def reset_peer(self, peer: NodeId) -> None:
+        if self.role == Role.LEADER and peer in self._progress:
+            self._progress[peer] = Progress(next=1, last_progress_tick=self._now)
+            self._send_append(peer)
+
+    # ------------------------------------------------------------------ log access
+
+    def _last(self) -> int:
+        if self._u_offset:
+            return self._u_offset - 1 + len(self._u_entries)
+        return self.log.last_position()
+
+    def _stable_last(self) -> int:
+        """Highest position durable here that no pending write will change."""
+        if self._u_offset:
+            return min(self._durable_last, self._u_offset - 1)
+        return self._durable_last
+
+    def _term_at(self, pos: int) -> int:
+        if pos == 0:
+            return 0
+        if self._u_offset and pos >= self._u_offset:
+            return self._u_entries[pos - self._u_offset].term
+        return self.log.term_at(pos)
+
+    def _read(self, lo: int, hi: int, max_entries: int, max_bytes: int) -> list[Entry]:
+        hi = min(hi, lo + max_entries - 1)
+        if hi < lo:
+            return []
+        out: list[Entry] = []
+        if not self._u_offset or lo < self._u_offset:
+            stable_hi = hi if not self._u_offset else min(hi, self._u_offset - 1)
+            out.extend(self.log.entries(lo, stable_hi, max_bytes))
+            if len(out) < stable_hi - lo + 1:
+                return out  # byte limit hit
+            lo = stable_hi + 1
+        if lo <= hi:
+            size = sum(len(e.payload) for e in out)
+            for e in self._u_entries[lo - self._u_offset : hi - self._u_offset + 1]:
+                size += len(e.payload)
+                if out and size > max_bytes:
+                    break
+                out.append(e)
+        return out
+
+    def _find_le(self, pos: int, term: int) -> int:
+        """Largest position <= pos whose term is <= ``term`` (terms never decrease along the
+        log, so this is a binary search with O(log n) term lookups)."""
+        pos = min(pos, self._last())
+        if self._term_at(pos) <= term:
+            return pos
+        lo, hi = 0, pos - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self._term_at(mid) <= term:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def _write(self, truncate_after: int | None, entries: Sequence[Entry]) -> int:
+        """Issue one Persist; update the overlay. All log mutations go through here."""
+        last = self._last()
+        if truncate_after is not None:
+            check(
+                self._commit <= truncate_after <= last,
+                f"{self.id}: truncate after {truncate_after} with commit {self._commit}, "
+                f"last {last}",
+            )
+            base = truncate_after
+        else:
+            base = last
+        prev_term = self._term_at(base)
+        for i, e in enumerate(entries):
+            check(e.position == base + 1 + i, f"{self.id}: gap writing position {e.position}")
+            check(e.term >= prev_term, f"{self.id}: term decreases at {e.position}")
+            check(e.term <= self._promised, f"{self.id}: entry term above promised term")
+            prev_term = e.term
+        seq = self._next_seq
+        self._next_seq += 1
+        first = base + 1 if (truncate_after is not None or entries) else 0
+        if first:
+            if not self._u_offset or first < self._u_offset:
+                self._u_offset = first
+                self._u_entries = list(entries)
+            else:
+                del self._u_entries[first - self._u_offset :]
+                self._u_entries.extend(entries)
+        self._pending.append((seq, first, base + len(entries)))
+        self._promised_written = self._promised
+        self._emit(Persist(seq, truncate_after, tuple(entries), self._promised))
+        return seq
+
+    def _persist_promise(self) -> None:
+        if self._promised_written < self._promised:
+            self._write(None, ())
+
+    def _append_matching(self, prev_pos: int, entries: Sequence[Entry]) -> None:
+        """Raft's append rule, once prev matched: keep entries we already hold (a duplicate
+        or reordered batch must not cut off what a later batch added), truncate at the first
+        conflict, append the rest."""
+        last = self._last()
+        i = 0
+        n = len(entries)
+        while i < n and entries[i].position <= last and (
+            self._term_at(entries[i].position) == entries[i].term
+        ):
+            i += 1
+        if i < n:
+            pos = entries[i].position
+            self._write(pos - 1 if pos <= last else None, entries[i:])
+        else:
+            self._persist_promise()
+
+    # ------------------------------------------------------------------ terms, commit
+
+    def _raise_promise(self, term: int) -> None:
+        check(term > self._promised, "promised_term must only increase")
+        if self.role != Role.FOLLOWER:
+            self._step_down("higher term")
+        self._promised = term
+        self.leader = None
+
+    def _set_commit(self, pos: int) -> None:
+        if pos <= self._commit:
+            return
+        check(pos <= self._last(), f"{self.id}: commit {pos} beyond last {self._last()}")
+        self._commit = pos
+
+    def _publish_commit(self) -> None:
+        visible = min(self._commit, self._stable_last())
+        if visible > self._visible:
+            self._visible = visible
+            self._emit(Committed(visible))
+        if (
+            self.role == Role.LEADER
+            and not self.is_open
+            and self._visible >= self._term_start
+        ):
+            check(self._term_at(self._term_start) == self._term, "term-start record lost")
+            self.is_open = True
+            self._emit(LeaderOpen(self._term, self._term_start))
+
+    def _step_down(self, reason: str) -> None:
+        self._emit(SteppedDown(self._term, reason))
+        self.role = Role.FOLLOWER
+        self.is_open = False
+        self.leader = None
+        self._progress = {}
+        self._promises = {}
+        self._fetch_from = None
+        self._heard_tick = self._now
+
+    def _emit(self, effect: Effect) -> None:
+        self._effects.append(effect)
+
+    def _send(self, msg: Message) -> None:
+        self._effects.append(Send(msg))
+
+    # ------------------------------------------------------------------ durability-gated replies
+
+    def _after_durable(self, d: _Deferred) -> None:
+        if not self._pending:
+            self._release(d)
+            return
+        seq = self._next_seq - 1
+        if self._waiting:
+            # Coalesce acks to the same leader waiting on the same write: only the highest
+            # match matters, and heartbeats during a slow fsync must not grow this queue.
+            # (Never move an ack to a later write: a steady load would starve it.)
+            wseq, (kind, dst, term, match) = self._waiting[-1]
+            if wseq == seq and kind == "append" == d[0] and dst == d[1] and term == d[2]:
+                self._waiting[-1] = (seq, (kind, dst, term, max(match, d[3])))
+                return
+        self._waiting.append((seq, d))
+
+    def _release(self, d: _Deferred) -> None:
+        kind, dst, term, match = d
+        if kind == "promise":
+            if dst == self.id:
+                if self.role == Role.CANDIDATE and self._term == term:
+                    self._promises[self.id] = self.tip()
+                    self._check_promises()
+                return
+            if self._promised != term:
+                self._send(PromiseReply(self.id, dst, term, False, self.tip(), self._promised))
+            else:
+                # Everything issued before this reply is durable, and nothing of a lower
+                # term can be written from now on: the tip is final for this term's leader.
+                self._send(PromiseReply(self.id, dst, term, True, self.tip()))
+        else:
+            if self._promised != term:
+                # We promised a later leader meanwhile: the old one must not count us.
+                self._send(AppendReply(self.id, dst, term, False, higher_term=self._promised))
+            else:
+                self._send(AppendReply(self.id, dst, term, True, match=match))
+
+    # ------------------------------------------------------------------ follower side
+
+    def _fence(self, term: int) -> bool:
+        """True if a request of ``term`` must be rejected. Raises the promise if higher."""
+        if term < self._promised:
+            return True
+        if term > self._promised:
+            self._raise_promise(term)
+        return False
+
+    def _on_append(self, m: Append) -> None:
+        if self._fence(m.term):
+            self._send(
+                AppendReply(self.id, m.src, m.term, False, rejected=m.prev_pos,
+                            higher_term=self._promised)
+            )
+            return
+        if self.role != Role.FOLLOWER:
+            raise InvariantError(f"{self.id} leads term {m.term} but {m.src} sent an Append")
+        self._heard_tick = self._now
+        if self.leader != m.src:
+            self.leader = m.src
+            self._emit(LeaderKnown(m.term, m.src))
+        last = self._last()
+        if m.prev_pos > last or self._term_at(m.prev_pos) != m.prev_term:
+            self._persist_promise()
+            hint = self._find_le(min(m.prev_pos, last), m.prev_term)
+            self._send(
+                AppendReply(self.id, m.src, m.term, False, rejected=m.prev_pos,
+                            hint_pos=hint, hint_term=self._term_at(hint))
+            )
+            return
+        self._append_matching(m.prev_pos, m.entries)
+        last_new = m.prev_pos + len(m.entries)
+        # Only the prefix this message proved equal to the leader's log may be marked
+        # committed: beyond last_new we may still hold a stale suffix.
+        self._set_commit(min(m.commit, last_new))
+        self._publish_commit()
+        self._after_durable(("append", m.src, m.term, last_new))
+
+    def _on_promise(self, m: Promise) -> None:
+        if self._fence(m.term):
+            self._send(PromiseReply(self.id, m.src, m.term, False, self.tip(), self._promised))
+            return
+        if self.role != Role.FOLLOWER:
+            raise InvariantError(f"{self.id} leads term {m.term} but {m.src} sent a Promise")
+        self._persist_promise()
+        self._after_durable(("promise", m.src, m.term, 0))
+
+    def _on_fetch(self, m: Fetch) -> None:
+        if m.term < self._promised:
+            self._send(FetchReply(self.id, m.src, m.term, False, m.prev_pos,
+                                  higher_term=self._promised))
+            return
+        if m.term > self._promised:
+            return  # we never promised that leader, so our log is not what it adopted
+        last = self._last()
+        if m.prev_pos > last or self._term_at(m.prev_pos) != m.prev_term:
+            hint = self._find_le(min(m.prev_pos, last), m.prev_term)
+            self._send(FetchReply(self.id, m.src, m.term, False, m.prev_pos,
+                                  hint_pos=hint, hint_term=self._term_at(hint)))
+            return
+        max_entries = min(m.max_entries, self.limits.max_fetch_entries)
+        max_bytes = min(m.max_bytes, self.limits.max_fetch_bytes)
+        entries = self._read(m.prev_pos + 1, last, max_entries, max_bytes)
+        self._send(FetchReply(self.id, m.src, m.term, True, m.prev_pos, tuple(entries)))
+
+    # ------------------------------------------------------------------ election / recovery
+
+    def _send_promises(self) -> None:
+        self._promise_sent_tick = self._now
+        for v in self._voter_peers:
+            if v not in self._promises:
+                self._send(Promise(self.id, v, self._term))
+
+    def _on_promise_reply(self, m: PromiseReply) -> None:
+        if self.role == Role.FOLLOWER or m.term != self._term:
+            return
+        if m.higher_term > self._term:
+            self._step_down("higher term")
+            return
+        if self.role != Role.CANDIDATE or not m.ok or m.src not in self.voters:
+            return
+        self._promises[m.src] = m.tip
+        self._check_promises()
+
+    def _check_promises(self) -> None:
+        if len(self._promises) < self.quorum:
+            return
+        # Every committed record is on a majority of voters and so on at least one promiser;
+        # the promiser whose last entry has the highest term (then position) holds them all.
+        # Ties prefer ourselves (nothing to fetch).
+        own = self._promises.get(self.id)
+        best_id, best = max(
+            self._promises.items(), key=lambda kv: (kv[1].key(), kv[0] == self.id)
+        )
+        if own is not None and own.key() >= best.key():
+            self._start_term()
+            return
+        self.role = Role.RECOVERING
+        self._fetch_from = best_id
+        self._fetch_target = best
+        self._fetch_prev = min(self._last(), best.position)
+        self._send_fetch()
+
+    def _send_fetch(self) -> None:
+        assert self._fetch_from is not None
+        self._fetch_sent_tick = self._now
+        self._send(
+            Fetch(self.id, self._fetch_from, self._term, self._fetch_prev,
+                  self._term_at(self._fetch_prev), self.limits.max_fetch_entries,
+                  self.limits.max_fetch_bytes)
+        )
+
+    def _on_fetch_reply(self, m: FetchReply) -> None:
+        if self.role == Role.FOLLOWER or m.term != self._term:
+            return
+        if m.higher_term > self._term:
+            self._step_down("higher term")
+            return
+        if self.role != Role.RECOVERING or m.src != self._fetch_from:
+            return
+        if m.prev_pos != self._fetch_prev:
+            return  # stale or duplicated reply
+        if not m.ok:
+            probe = self._find_le(m.hint_pos, m.hint_term)
+            self._fetch_prev = min(probe, m.prev_pos - 1)
+            check(self._fetch_prev >= 0, "fetch backed up below position 0")
+            self._send_fetch()
+            return
+        self._append_matching(m.prev_pos, m.entries)
+        got = m.prev_pos + len(m.entries)
+        target = self._fetch_target
+        if got >= target.position:
+            # The adopted log ends exactly at the target; anything of ours beyond it is an
+            # uncommitted stale suffix (its terms are not above the target's, or we would
+            # have been the best promiser).
+            if self._last() > target.position:
+                self._write(target.position, ())
+            check(self.tip() == target, f"{self.id}: recovered {self.tip()} != {target}")
+            self._start_term()
+            return
+        check(bool(m.entries), "fetch reply made no progress")
+        self._started_tick = self._now  # progress: the recovery timeout restarts
+        self._fetch_prev = got
+        self._send_fetch()
+
+    def _start_term(self) -> None:
+        self.role = Role.LEADER
+        self._fetch_from = None
+        pos = self._last() + 1
+        self._write(None, [Entry(pos, self._term, self._start_payload)])
+        self._term_start = pos
+        self._quorum_window_start = self._now
+        # Probe everyone at the term start: a peer holding the adopted log matches at once.
+        self._progress = {
+            p: Progress(next=pos, last_progress_tick=self._now) for p in self._peers
+        }
+        for p in self._peers:
+            self._send_append(p)
+        self._leader_maybe_commit()
+        self._publish_commit()
+
+    # ------------------------------------------------------------------ leader side
+
+    def _append_msg(self, peer: NodeId, prev: int, entries: Sequence[Entry]) -> Append:
+        self._progress[peer].sent_tick = self._now
+        return Append(self.id, peer, self._term, prev, self._term_at(prev), tuple(entries),
+                      self._commit)
+
+    def _send_append(self, peer: NodeId) -> None:
+        pr = self._progress[peer]
+        last = self._last()
+        lim = self.limits
+        if pr.state == PeerState.PROBE:
+            if pr.probe_sent:
+                return
+            entries = self._read(pr.next, last, lim.max_batch_entries, lim.max_batch_bytes)
+            self._send(self._append_msg(peer, pr.next - 1, entries))
+            pr.probe_sent = True
+            pr.last_progress_tick = self._now
+            return
+        if not pr.inflight and pr.next <= last:
+            pr.last_progress_tick = self._now  # the retransmit timer starts now
+        while len(pr.inflight) < lim.max_inflight and pr.next <= last:
+            entries = self._read(pr.next, last, lim.max_batch_entries, lim.max_batch_bytes)
+            self._send(self._append_msg(peer, pr.next - 1, entries))
+            pr.next = entries[-1].position + 1
+            pr.inflight.append(entries[-1].position)
+
+    def _on_append_reply(self, m: AppendReply) -> None:
+        if self.role == Role.FOLLOWER or m.term != self._term:
+            return
+        if m.higher_term > self._term:
+            # A peer promised a later leader: we can never commit again in this term.
+            self._step_down("higher term")
+            return
+        if self.role != Role.LEADER:
+            return
+        pr = self._progress.get(m.src)
+        if pr is None:
+            return
+        pr.active = True
+        if m.ok:
+            check(m.match <= self._last(), f"{m.src} acked {m.match} beyond our log")
+            if m.match > pr.match:
+                pr.match = m.match
+                pr.last_progress_tick = self._now
+            pr.next = max(pr.next, pr.match + 1)
+            while pr.inflight and pr.inflight[0] <= pr.match:
+                pr.inflight.popleft()
+            if pr.state == PeerState.PROBE and m.match >= pr.next - 1:
+                # The reply confirms the probe point (a heartbeat reply usually does not).
+                pr.state = PeerState.REPLICATE
+                pr.probe_sent = False
+            if pr.match >= self._last():
+                pr.in_sync = True
+            if m.src in self.voters:
+                self._leader_maybe_commit()
+                self._publish_commit()
+            self._send_append(m.src)
+            return
+        if m.rejected <= pr.match:
+            return  # stale: we since learned it matches further
+        if pr.state == PeerState.PROBE and m.rejected != pr.next - 1:
+            return  # answer to an older probe
+        probe = self._find_le(m.hint_pos, m.hint_term)
+        pr.next = max(min(m.rejected, probe + 1), pr.match + 1)
+        pr.state = PeerState.PROBE
+        pr.probe_sent = False
+        pr.inflight.clear()
+        pr.last_progress_tick = self._now
+        self._send_append(m.src)
+
+    def _leader_maybe_commit(self) -> None:
+        matches = sorted(
+            (self._stable_last() if v == self.id else self._progress[v].match
+             for v in self.voters),
+            reverse=True,
+        )
+        candidate = matches[self.quorum - 1]
+        if candidate <= self._commit:
+            return
+        # Raft's current-term rule: counting replicas proves an entry of an OLDER term is
+        # on a majority now, but a later leader whose last entry has a higher term than it
+        # (elected by another majority, e.g. from a log that diverged in between) can still
+        # overwrite it (Raft paper figure 8). An entry of OUR term on a majority cannot be
+        # overwritten: every later leader adopts a log from a majority that intersects ours,
+        # and the most up-to-date promiser log then ends in our term or later, so it holds
+        # the entry. Committing it commits every earlier position with it.
+        if self.unsafe.commit_any_term or self._term_at(candidate) == self._term:
+            self._set_commit(candidate)
+
+    def _leader_tick(self) -> None:
+        lim = self.limits
+        if self._now - self._quorum_window_start >= lim.check_quorum_ticks:
+            active = 1 + sum(
+                1 for v in self._voter_peers if self._progress[v].active
+            )
+            for pr in self._progress.values():
+                pr.active = False
+            self._quorum_window_start = self._now
+            if self.id in self.voters and active < self.quorum:
+                self._step_down("lost quorum")
+                return
+        for p, pr in self._progress.items():
+            waiting = pr.inflight or (pr.state == PeerState.PROBE and pr.probe_sent)
+            if waiting and self._now - pr.last_progress_tick >= lim.retransmit_ticks:
+                # Lost batch or reply. A probe is resent as is (backing up further would
+                # throw away what the hints taught us); a pipeline restarts after the
+                # known match point, since everything in flight after a loss is rejected.
+                if pr.state == PeerState.REPLICATE:
+                    pr.state = PeerState.PROBE
+                    pr.next = pr.match + 1
+                    pr.inflight.clear()
+                pr.probe_sent = False
+                self._send_append(p)
+            elif self._now - pr.sent_tick >= lim.heartbeat_ticks:
+                # prev = the known match point always matches, so a heartbeat never causes a
+                # reject, and it lets the follower advance its commit up to that point.
+                self._send(self._append_msg(p, pr.match, ()))

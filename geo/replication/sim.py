@@ -1,0 +1,623 @@
+"""A deterministic, seeded simulation of a replicated cluster driving :class:`core.Node`.
+
+One ``random.Random(seed)`` decides everything, so a seed replays the same schedule exactly:
+
+* network: per-message delay (so reordering), loss, duplication, symmetric and asymmetric
+  partitions (multiset of blocked directed links, overlapping faults compose);
+* disks: one :class:`MemoryLog` per node, writes complete in order after a delay; a crash
+  loses every write not yet applied (a write may also be applied but its acknowledgement
+  lost, so the log is ahead of what the machine was told);
+* processes: crashes (in-memory state lost, restarted later from the disk), pauses (SIGSTOP:
+  events queue up and are delivered on resume, the node keeps believing what it believed);
+* an etcd-like oracle: a leader key with a lease on the sim clock, granting strictly
+  increasing (not dense) terms to one candidate at a time; nodes may lose etcd access;
+* a shell per node doing what the real one will: lease keepalive and step-down before
+  expiry, election timer, Patroni pre-check, campaign, client proposals.
+
+Checks (raised as :class:`SimFailure` with the seed, the config and the last trace lines):
+every position any node announced committed keeps the same (term, payload) forever on every
+node whose commit covers it (so nodes agree on every position <= their commit); the machine
+invariants hold; a leader opens only once its term-start record is committed; one leader per
+term. After the faulty phase everything heals and the cluster must elect, open and commit
+every record acknowledged to a client on every node (liveness).
+
+Reproduce a failure: ``python -m geo.replication.sim --seed N [--unsafe NAME] [--trace]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import random
+import sys
+from collections import Counter, deque
+from dataclasses import dataclass, field, replace
+
+from geo.replication.core import Limits, Node, Role, Unsafe, should_campaign
+from geo.replication.log import MemoryLog
+from geo.replication.messages import (
+    Append,
+    AppendReply,
+    Committed,
+    FetchReply,
+    LeaderOpen,
+    Message,
+    Persist,
+    Send,
+    SteppedDown,
+    Tip,
+)
+
+# event kinds (ints: the heap compares them only on ties of time and counter, never)
+_DELIVER, _TICK, _DISK, _DISK_ACK, _FAULT, _END_FAULT, _CLIENT = range(7)
+
+
+class SimFailure(AssertionError):
+    pass
+
+
+def fmt(obj: object) -> str:
+    """Compact one-line rendering of messages for step traces."""
+    if isinstance(obj, Append):
+        ents = f" +{obj.entries[0].position}..{obj.entries[-1].position}" if obj.entries else ""
+        return (f"Append {obj.src}->{obj.dst} T{obj.term} prev=({obj.prev_pos},{obj.prev_term})"
+                f"{ents} commit={obj.commit}")
+    if isinstance(obj, AppendReply):
+        how = (f"ok match={obj.match}" if obj.ok else
+               f"reject prev={obj.rejected} hint=({obj.hint_pos},{obj.hint_term})")
+        higher = f" HIGHER={obj.higher_term}" if obj.higher_term else ""
+        return f"AppendReply {obj.src}->{obj.dst} T{obj.term} {how}{higher}"
+    if isinstance(obj, FetchReply):
+        ents = f" +{obj.entries[0].position}..{obj.entries[-1].position}" if obj.entries else ""
+        return (f"FetchReply {obj.src}->{obj.dst} T{obj.term} ok={obj.ok} prev={obj.prev_pos}"
+                f"{ents} hint=({obj.hint_pos},{obj.hint_term}) higher={obj.higher_term}")
+    return "" if obj is None else str(obj)
+
+
+@dataclass(slots=True, frozen=True)
+class SimConfig:
+    voters: int = 3
+    standbys: int = 0
+    duration: int = 1500  # sim time units with faults
+    heal: int = 1200  # then everything healed; the cluster must converge
+    tick_every: int = 10
+    delay: tuple[int, int] = (1, 20)
+    loss: float = 0.05
+    dup: float = 0.03
+    disk_delay: tuple[int, int] = (1, 8)
+    fault_gap: tuple[int, int] = (30, 250)
+    fault_len: tuple[int, int] = (20, 400)
+    lease_ttl: int = 100
+    election_ticks: tuple[int, int] = (12, 30)
+    client_every: int = 12
+    limits: Limits = field(default_factory=Limits)
+    unsafe: Unsafe = field(default_factory=Unsafe)
+    check_liveness: bool = True
+    precheck: bool = True  # Patroni-style deferral (off: any voter may win, like a race)
+    converge_cap: int = 20000  # extra time allowed to converge after the heal phase
+
+
+def random_config(rng: random.Random, **overrides: object) -> SimConfig:
+    """A varied small-cluster config: 3 or 5 voters, sometimes a standby, small batches so
+    that pipelining, partial acks and backing up happen often. Timeouts are derived from the
+    round trip, as an operator would set them."""
+    tick = 10
+    delay = rng.choice(((1, 5), (1, 20), (5, 40)))
+    disk = (1, 8)
+    rtt_ticks = -(-(2 * delay[1] + disk[1]) // tick)
+    limits = Limits(
+        max_batch_entries=rng.choice((1, 2, 3, 8)),
+        max_batch_bytes=rng.choice((8, 64, 1 << 20)),
+        max_inflight=rng.choice((1, 2, 4)),
+        max_fetch_entries=rng.choice((1, 3, 16)),
+        max_fetch_bytes=rng.choice((16, 1 << 20)),
+        max_propose_entries=8,
+        max_unpersisted_entries=rng.choice((4, 64)),
+        heartbeat_ticks=rng.choice((1, 2)),
+        retransmit_ticks=rtt_ticks + rng.randint(1, 3),
+        promise_retry_ticks=rtt_ticks + 1,
+        fetch_retry_ticks=rtt_ticks + 1,
+        check_quorum_ticks=2 * rtt_ticks + rng.randint(2, 6),
+        recovery_timeout_ticks=4 * rtt_ticks + rng.randint(2, 10),
+    )
+    cfg = SimConfig(
+        voters=rng.choice((3, 3, 5)),
+        standbys=rng.choice((0, 0, 1)),
+        tick_every=tick,
+        loss=rng.choice((0.0, 0.02, 0.1, 0.2)),
+        dup=rng.choice((0.0, 0.05)),
+        delay=delay,
+        disk_delay=disk,
+        lease_ttl=max(100, 3 * rtt_ticks * tick),
+        election_ticks=(2 * rtt_ticks + 4, 4 * rtt_ticks + 8),
+        limits=limits,
+    )
+    return replace(cfg, **overrides)  # type: ignore[arg-type]
+
+
+@dataclass(slots=True)
+class _SimNode:
+    id: str
+    voter: bool
+    disk: MemoryLog
+    machine: Node | None = None
+    incarnation: int = 0
+    paused: bool = False
+    deferred: list[tuple[int, object, object]] = field(default_factory=list)
+    disk_free_at: int = 0
+    lease_term: int = 0
+    lease_renewed_at: int = 0
+    election_ticks: int = 20
+    deferrals: int = 0
+    checked_upto: int = 0  # committed positions already compared with the global history
+    proposed: dict[int, bytes] = field(default_factory=dict)  # pos -> payload, current term
+
+
+@dataclass(slots=True)
+class _Oracle:
+    """etcd's leader key: create_revision is the term; one lease at a time."""
+
+    ttl: int
+    holder: str | None = None
+    term: int = 0
+    expires: int = 0
+    revision: int = 0
+    unreachable: Counter[str] = field(default_factory=Counter)
+
+    def live(self, now: int) -> bool:
+        return self.holder is not None and self.expires > now
+
+    def campaign(self, node: str, now: int, rng: random.Random) -> int:
+        if self.live(now):
+            return 0
+        self.revision += rng.randint(1, 3)  # other keys' writes bump the revision too
+        self.holder, self.term, self.expires = node, self.revision, now + self.ttl
+        return self.term
+
+    def keepalive(self, node: str, term: int, now: int) -> bool:
+        if self.holder == node and self.term == term and self.expires > now:
+            self.expires = now + self.ttl
+            return True
+        return False
+
+    def resign(self, node: str, term: int) -> None:
+        if self.holder == node and self.term == term:
+            self.holder = None
+
+
+@dataclass(slots=True)
+class SimResult:
+    seed: int
+    committed: int  # highest position ever committed
+    acked: int  # client records acknowledged
+    terms: int  # leadership grants
+    events: int
+
+
+class Sim:
+    def __init__(self, seed: int, cfg: SimConfig | None = None, trace_len: int = 60) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self._random = self.rng.random
+        self.cfg = cfg if cfg is not None else random_config(self.rng)
+        c = self.cfg
+        self.ids = [f"v{i}" for i in range(c.voters)] + [f"s{i}" for i in range(c.standbys)]
+        self.voters = self.ids[: c.voters]
+        self.standbys = self.ids[c.voters :]
+        self.nodes = {i: _SimNode(i, i in self.voters, MemoryLog()) for i in self.ids}
+        self.oracle = _Oracle(c.lease_ttl)
+        self.blocked: Counter[tuple[str, str]] = Counter()
+        self.loss = c.loss
+        self.dup = c.dup
+        self.now = 0
+        self._queue: list[tuple[int, int, int, object, object]] = []
+        self._counter = 0
+        self.trace: deque[tuple[int, str, object]] = deque(maxlen=trace_len)
+        self.committed: list[tuple[int, bytes]] = [(0, b"")]  # index = position
+        self.acked: dict[int, bytes] = {}
+        self.term_owner: dict[int, str] = {}
+        self.events = 0
+        self._payload_counter = 0
+        self.healed = False
+        for n in self.nodes.values():
+            self._start(n)
+            n.election_ticks = self.rng.randint(1, 6)  # bootstrap: no one to wait for
+            self._push(self.rng.randint(1, c.tick_every), _TICK, n.id, None)
+        self._push(self.rng.randint(*c.fault_gap), _FAULT, None, None)
+        self._push(c.client_every, _CLIENT, None, None)
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _between(self, bounds: tuple[int, int]) -> int:
+        # random.randint is several times slower, and this runs for every message
+        lo, hi = bounds
+        return lo + int(self._random() * (hi - lo + 1))
+
+    def _push(self, at: int, kind: int, a: object, b: object) -> None:
+        self._counter += 1
+        heapq.heappush(self._queue, (at, self._counter, kind, a, b))
+
+    def _note(self, what: str, detail: object = None) -> None:
+        self.trace.append((self.now, what, detail))
+
+    def fail(self, why: str) -> SimFailure:
+        lines = [f"t={t} {w} {fmt(d)}" for t, w, d in self.trace]
+        return SimFailure(
+            f"seed={self.seed}: {why}\n  reproduce: python -m geo.replication.sim "
+            f"--seed {self.seed}{self._unsafe_flag()} --trace\n  config: {self.cfg}\n"
+            "  last steps:\n    " + "\n    ".join(lines)
+        )
+
+    def _unsafe_flag(self) -> str:
+        u = self.cfg.unsafe
+        return "".join(f" --unsafe {k}" for k in ("commit_any_term", "skip_promises")
+                       if getattr(u, k))
+
+    def _start(self, n: _SimNode) -> None:
+        n.incarnation += 1
+        n.machine = Node(
+            n.id, self.voters, self.standbys, n.disk,
+            promised_term=n.disk.promised_term, commit=n.disk.commit,
+            limits=self.cfg.limits, unsafe=self.cfg.unsafe,
+        )
+        n.paused = False
+        n.deferred.clear()
+        n.disk_free_at = self.now
+        n.election_ticks = self.rng.randint(*self.cfg.election_ticks)
+        n.proposed = {}
+        n.deferrals = 0
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self) -> SimResult:
+        try:
+            self._run()
+        except SimFailure:
+            raise
+        except Exception as e:  # invariant violations and plain bugs alike
+            raise self.fail(f"{type(e).__name__}: {e}") from e
+        return SimResult(self.seed, len(self.committed) - 1, len(self.acked),
+                         len(self.term_owner), self.events)
+
+    def _run(self) -> None:
+        # After the heal phase, keep going until the cluster has converged (liveness), up to
+        # a generous cap so that a stuck cluster fails instead of hanging.
+        end = self.cfg.duration + self.cfg.heal
+        cap = end + (self.cfg.converge_cap if self.cfg.check_liveness else 0)
+        q = self._queue
+        while q:
+            at, _, kind, a, b = heapq.heappop(q)
+            if at > end and (at > cap or (kind == _TICK and self._converged())):
+                break
+            if not self.healed and at >= self.cfg.duration:
+                self.now = self.cfg.duration
+                self._heal()
+            self.now = at
+            self.events += 1
+            self._dispatch(kind, a, b)
+        self._final_checks()
+
+    def _converged(self) -> bool:
+        top = len(self.committed) - 1
+        leaders = [n.machine for n in self.nodes.values()
+                   if n.machine is not None and n.machine.is_open]
+        return (
+            len(leaders) == 1
+            and leaders[0].commit == leaders[0].tip().position
+            and all(n.disk.commit >= leaders[0].commit >= top for n in self.nodes.values())
+        )
+
+    def _dispatch(self, kind: int, a: object, b: object) -> None:
+        if kind == _DELIVER:
+            msg: Message = a  # type: ignore[assignment]
+            n = self.nodes[msg.dst]
+            if n.machine is None:
+                return
+            if n.paused:
+                n.deferred.append((kind, a, b))
+                return
+            self._note(f"{msg.dst} <-", msg)
+            n.machine.step(msg)
+            self._effects(n)
+        elif kind == _TICK:
+            n = self.nodes[a]  # type: ignore[index]
+            self._push(self.now + self.cfg.tick_every, _TICK, n.id, None)
+            if n.machine is not None and not n.paused:
+                self._shell_tick(n)
+        elif kind in (_DISK, _DISK_ACK):
+            n = self.nodes[a]  # type: ignore[index]
+            inc, p = b  # type: ignore[misc]
+            if n.machine is None or inc != n.incarnation:
+                return  # crashed before the write completed: the write is lost
+            if n.paused:
+                n.deferred.append((kind, a, b))
+                return
+            if kind == _DISK:
+                self._apply_write(n, p)
+                if self._random() < 0.8:
+                    n.machine.on_persisted(p.seq)
+                    self._effects(n)
+                else:  # durable, but the machine hears of it later (or never, on a crash)
+                    self._push(self.now + self._between((0, 5)), _DISK_ACK, n.id, (inc, p))
+            else:
+                n.machine.on_persisted(p.seq)
+                self._effects(n)
+        elif kind == _FAULT:
+            if not self.healed:
+                self._fault()
+                self._push(self.now + self.rng.randint(*self.cfg.fault_gap), _FAULT, None, None)
+        elif kind == _END_FAULT:
+            self._end_fault(a, b)
+        elif kind == _CLIENT:
+            if self.now < self.cfg.duration + self.cfg.heal // 2:
+                self._push(self.now + self.cfg.client_every, _CLIENT, None, None)
+                self._client()
+
+    # ------------------------------------------------------------------ node shell
+
+    def _effects(self, n: _SimNode) -> None:
+        assert n.machine is not None
+        for eff in n.machine.drain():
+            if isinstance(eff, Send):
+                self._send(eff.msg)
+            elif isinstance(eff, Persist):
+                t = max(self.now, n.disk_free_at) + self._between(self.cfg.disk_delay)
+                n.disk_free_at = t
+                self._push(t, _DISK, n.id, (n.incarnation, eff))
+            elif isinstance(eff, Committed):
+                self._on_committed(n, eff.upto)
+            elif isinstance(eff, LeaderOpen):
+                self._note(f"{n.id} open", eff)
+                got = self.committed[eff.start_position] if eff.start_position < len(
+                    self.committed) else None
+                if got is None or got[0] != eff.term or self.term_owner.get(eff.term) != n.id:
+                    raise self.fail(f"{n.id} opened term {eff.term} at {eff.start_position} "
+                                    f"but the committed history has {got}")
+            elif isinstance(eff, SteppedDown):
+                self._note(f"{n.id} stepped down", eff)
+                self.oracle.resign(n.id, eff.term)
+                n.proposed = {}
+
+    def _apply_write(self, n: _SimNode, p: Persist) -> None:
+        if p.truncate_after is not None and p.truncate_after < n.checked_upto:
+            raise self.fail(f"{n.id} truncates after {p.truncate_after} below its "
+                            f"commit {n.checked_upto}")
+        n.disk.apply(p)
+
+    def _on_committed(self, n: _SimNode, upto: int) -> None:
+        disk = n.disk
+        if upto > disk.last_position():
+            raise self.fail(f"{n.id} announced commit {upto} beyond its durable log "
+                            f"{disk.last_position()}")
+        hist = self.committed
+        for pos in range(n.checked_upto + 1, upto + 1):
+            e = disk.entry(pos)
+            if pos < len(hist):
+                if hist[pos] != (e.term, e.payload):
+                    raise self.fail(f"{n.id} committed position {pos} as {(e.term, e.payload)}"
+                                    f" but it was committed as {hist[pos]} before")
+            else:
+                hist.append((e.term, e.payload))
+            if n.proposed.get(pos) == e.payload:
+                self.acked[pos] = e.payload  # answered to the client now
+        n.checked_upto = max(n.checked_upto, upto)
+        disk.commit = max(disk.commit, upto)  # meta.commit, persisted lazily: any value is safe
+
+    def _send(self, msg: Message) -> None:
+        if self.blocked[(msg.src, msg.dst)] or self._random() < self.loss:
+            return
+        self._push(self.now + self._between(self.cfg.delay), _DELIVER, msg, None)
+        if self.dup and self._random() < self.dup:
+            self._push(self.now + self._between(self.cfg.delay), _DELIVER, msg, None)
+
+    def _shell_tick(self, n: _SimNode) -> None:
+        m = n.machine
+        assert m is not None
+        etcd_ok = not self.oracle.unreachable[n.id]
+        if m.role != Role.FOLLOWER:
+            if etcd_ok and self.oracle.keepalive(n.id, n.lease_term, self.now):
+                n.lease_renewed_at = self.now
+            # Stop before etcd can expire the lease (it counts from the last renewal).
+            if self.now - n.lease_renewed_at >= self.cfg.lease_ttl - 2 * self.cfg.tick_every:
+                self._note(f"{n.id} lease lost")
+                m.step_down("lease lost")
+        elif (
+            n.voter
+            and etcd_ok
+            and m.ticks_since_leader >= n.election_ticks
+            and not self.oracle.live(self.now)
+        ):
+            peers: dict[str, Tip | None] = {}
+            for v in self.voters:
+                if v == n.id:
+                    continue
+                p = self.nodes[v]
+                reachable = (p.machine is not None and not p.paused
+                             and not self.blocked[(n.id, v)] and not self.blocked[(v, n.id)])
+                peers[v] = p.machine.tip() if reachable and p.machine else None
+            if not self.cfg.precheck or should_campaign(m.tip(), peers) or n.deferrals >= 2:
+                term = self.oracle.campaign(n.id, self.now, self.rng)
+                if term:
+                    if term in self.term_owner:
+                        raise self.fail(f"term {term} granted twice")
+                    self.term_owner[term] = n.id
+                    n.lease_term, n.lease_renewed_at, n.deferrals = term, self.now, 0
+                    n.proposed = {}
+                    self._note(f"{n.id} won term", term)
+                    m.become_leader(term, f"start:{term}".encode())
+            else:
+                n.deferrals += 1
+        m.tick()
+        self._effects(n)
+
+    def _client(self) -> None:
+        open_nodes = [n for n in self.nodes.values()
+                      if n.machine is not None and not n.paused and n.machine.is_open]
+        if not open_nodes:
+            return
+        n = self.rng.choice(open_nodes)
+        assert n.machine is not None
+        payloads = []
+        for _ in range(self.rng.randint(1, 3)):
+            self._payload_counter += 1
+            payloads.append(f"c{self._payload_counter}".encode())
+        res = n.machine.propose(payloads)
+        self._note(f"{n.id} propose", res)
+        if hasattr(res, "first"):
+            for i, p in enumerate(payloads):
+                n.proposed[res.first + i] = p  # type: ignore[attr-defined]
+        self._effects(n)
+
+    # ------------------------------------------------------------------ faults
+
+    def _fault(self) -> None:
+        rng = self.rng
+        kind = rng.choice(("crash", "crash_leader", "pause", "pause_leader", "partition",
+                           "asym", "etcd", "isolate_leader"))
+        length = rng.randint(*self.cfg.fault_len)
+        ids = self.ids
+        target = rng.choice(ids)
+        if kind in ("crash_leader", "pause_leader", "isolate_leader"):
+            leaders = [n.id for n in self.nodes.values()
+                       if n.machine is not None and n.machine.role != Role.FOLLOWER]
+            if not leaders:
+                return
+            target = rng.choice(leaders)
+        if kind in ("crash", "crash_leader"):
+            n = self.nodes[target]
+            if n.machine is None:
+                return
+            self._note(f"{target} CRASH")
+            n.machine = None
+            n.incarnation += 1
+            self._push(self.now + length, _END_FAULT, "restart", target)
+        elif kind in ("pause", "pause_leader"):
+            n = self.nodes[target]
+            if n.machine is None or n.paused:
+                return
+            self._note(f"{target} PAUSE")
+            n.paused = True
+            self._push(self.now + length, _END_FAULT, "resume", (target, n.incarnation))
+        elif kind == "etcd":
+            self._note(f"{target} loses etcd")
+            self.oracle.unreachable[target] += 1
+            self._push(self.now + length, _END_FAULT, "etcd", target)
+        else:
+            if kind == "asym":  # some directed links only
+                pairs = [(x, y) for x in ids for y in ids if x != y]
+                links = rng.sample(pairs, rng.randint(1, len(pairs) // 2))
+            else:
+                group = ([target] if kind == "isolate_leader"
+                         else rng.sample(ids, rng.randint(1, len(ids) - 1)))
+                rest = [i for i in ids if i not in group]
+                links = [(x, y) for x in group for y in rest]
+                links += [(y, x) for x, y in links]
+            self._note(f"PARTITION {kind}", links)
+            for link in links:
+                self.blocked[link] += 1
+            self._push(self.now + length, _END_FAULT, "links", tuple(links))
+
+    def _end_fault(self, what: object, arg: object) -> None:
+        if what == "restart":
+            n = self.nodes[arg]  # type: ignore[index]
+            if n.machine is None:
+                self._note(f"{n.id} RESTART")
+                self._start(n)
+        elif what == "resume":
+            target, inc = arg  # type: ignore[misc]
+            n = self.nodes[target]
+            if n.machine is not None and n.paused and n.incarnation == inc:
+                self._resume(n)
+        elif what == "links":
+            for link in arg:  # type: ignore[attr-defined]
+                if self.blocked[link] > 0:
+                    self.blocked[link] -= 1
+        elif what == "etcd":
+            if self.oracle.unreachable[arg] > 0:  # type: ignore[index]
+                self.oracle.unreachable[arg] -= 1  # type: ignore[index]
+
+    def _resume(self, n: _SimNode) -> None:
+        # SIGCONT: the queued input is processed before the node's timers run, so an old
+        # leader acts on its stale belief first; safety must come from fencing.
+        self._note(f"{n.id} RESUME")
+        n.paused = False
+        pending, n.deferred = n.deferred, []
+        for kind, a, b in pending:
+            self._dispatch(kind, a, b)
+
+    def _heal(self) -> None:
+        self.healed = True
+        self._note("HEAL")
+        self.blocked.clear()
+        self.oracle.unreachable.clear()
+        self.loss = self.dup = 0.0
+        for n in self.nodes.values():
+            if n.machine is None:
+                self._start(n)
+            elif n.paused:
+                self._resume(n)
+
+    # ------------------------------------------------------------------ final checks
+
+    def _final_checks(self) -> None:
+        hist = self.committed
+        for n in self.nodes.values():
+            disk = n.disk
+            for pos in range(1, disk.commit + 1):
+                e = disk.entry(pos)
+                if hist[pos] != (e.term, e.payload):
+                    raise self.fail(f"{n.id} holds {(e.term, e.payload)} at committed {pos}, "
+                                    f"history says {hist[pos]}")
+        for pos, payload in self.acked.items():
+            if hist[pos][1] != payload:
+                raise self.fail(f"acknowledged record at {pos} changed")
+        leaders = [n for n in self.nodes.values()
+                   if n.machine is not None and n.machine.role == Role.LEADER]
+        terms = [n.machine.term for n in leaders if n.machine is not None]
+        if len(set(terms)) != len(terms):
+            raise self.fail(f"two leaders in one term: {terms}")
+        if not self.cfg.check_liveness:
+            return
+        open_leaders = [n for n in leaders if n.machine is not None and n.machine.is_open]
+        if not open_leaders:
+            raise self.fail("liveness: no open leader after healing")
+        if not self._converged():
+            commits = {n.id: n.disk.commit for n in self.nodes.values()}
+            raise self.fail(f"liveness: not converged by t={self.now}: commits {commits}, "
+                            f"highest ever committed {len(hist) - 1}")
+
+
+def run_many(seeds: range, **overrides: object) -> list[SimResult]:
+    out = []
+    for seed in seeds:
+        rng = random.Random(seed)
+        cfg = random_config(rng, **overrides)
+        out.append(Sim(seed, cfg).run())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--count", type=int, default=1)
+    ap.add_argument("--unsafe", action="append", default=[],
+                    choices=("commit_any_term", "skip_promises"))
+    ap.add_argument("--trace", action="store_true", help="print the whole trace on failure")
+    args = ap.parse_args(argv)
+    unsafe = Unsafe(**{k: True for k in args.unsafe})
+    for seed in range(args.seed, args.seed + args.count):
+        rng = random.Random(seed)
+        cfg = random_config(rng, unsafe=unsafe)
+        sim = Sim(seed, cfg, trace_len=10**7 if args.trace else 60)
+        try:
+            r = sim.run()
+        except SimFailure as e:
+            print(e, file=sys.stderr)
+            return 1
+        print(f"seed {seed}: ok, committed {r.committed}, acked {r.acked}, "
+              f"terms {r.terms}, events {r.events}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
