@@ -51,6 +51,7 @@ validate where those files do not exist. `check_files` checks them on the node i
 from __future__ import annotations
 
 import difflib
+import http.client
 import ipaddress
 import json
 import os
@@ -259,7 +260,8 @@ def loads(
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, [("", f"invalid TOML: {exc}")]) from exc
-    return _Validator(source, Path(base_dir)).build(raw)
+    # abspath, not resolve(): the config may describe another machine's file system.
+    return _Validator(source, Path(os.path.abspath(base_dir))).build(raw)
 
 
 class _Validator:
@@ -604,7 +606,7 @@ def _etcd_health(endpoint: str, timeout_s: float) -> str | None:
         return f"HTTP {exc.code} {body.decode('utf-8', 'replace').strip()}".strip()
     except urllib.error.URLError as exc:
         return str(exc.reason)
-    except (OSError, ValueError) as exc:  # timeouts, resets, malformed responses
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # timeouts, resets, junk
         return str(exc) or type(exc).__name__
     try:
         health = json.loads(body).get("health")

@@ -17,6 +17,7 @@ The binary is ``$XDC_ETCD_BIN`` when set, else ``etcd`` on PATH (Debian's etcd-s
 from __future__ import annotations
 
 import contextlib
+import http.client
 import itertools
 import json
 import os
@@ -76,7 +77,7 @@ def health(endpoint: str, timeout_s: float = 0.5) -> bool:
     try:
         with urllib.request.urlopen(f"http://{endpoint}/health", timeout=timeout_s) as resp:
             return json.loads(resp.read()).get("health") in ("true", True)
-    except (OSError, ValueError):  # URLError and HTTPError (503) are OSErrors
+    except (OSError, ValueError, http.client.HTTPException):  # URLError, HTTPError: OSError
         return False
 
 

@@ -34,7 +34,7 @@ variable "regions" {
     error_message = "xdc region names must be 1-16 lowercase letters, digits or '-'."
   }
   validation {
-    condition     = alltrue([for r in var.regions : can(cidrhost(r.vpc_cidr, 0)) && tonumber(split("/", r.vpc_cidr)[1]) <= 20])
+    condition     = alltrue([for r in var.regions : can(cidrhost(r.vpc_cidr, 0)) && try(tonumber(split("/", r.vpc_cidr)[1]) <= 20, false)])
     error_message = "Every vpc_cidr must be a valid IPv4 CIDR of /20 or larger (subnets are carved as /8 more)."
   }
   validation {
@@ -84,7 +84,8 @@ variable "store_nodes" {
     error_message = "Store node ids must be 1-31 lowercase letters, digits or '-'."
   }
   validation {
-    condition     = alltrue([for n in var.store_nodes : contains([for r in var.regions : r.name], n.region) && n.az_index >= 0 && n.az_index < length([for r in var.regions : r.availability_zones if r.name == n.region][0])])
+    # try(): HCL does not short-circuit &&, and [0] fails for an undeclared region.
+    condition     = alltrue([for n in var.store_nodes : try(n.az_index >= 0 && n.az_index < length([for r in var.regions : r.availability_zones if r.name == n.region][0]), false)])
     error_message = "Every store node must name a declared region and one of its availability zones."
   }
   validation {
@@ -115,7 +116,8 @@ variable "engine_hosts" {
     error_message = "Engine ids and groups must be 1-31 lowercase letters, digits or '-'."
   }
   validation {
-    condition     = alltrue([for e in var.engine_hosts : contains([for r in var.regions : r.name], e.region) && e.az_index >= 0 && e.az_index < length([for r in var.regions : r.availability_zones if r.name == e.region][0])])
+    # try(): HCL does not short-circuit &&, and [0] fails for an undeclared region.
+    condition     = alltrue([for e in var.engine_hosts : try(e.az_index >= 0 && e.az_index < length([for r in var.regions : r.availability_zones if r.name == e.region][0]), false)])
     error_message = "Every engine host must name a declared region and one of its availability zones."
   }
 }
@@ -141,7 +143,8 @@ variable "etcd_members" {
     error_message = "etcd member names must be unique, 1-31 lowercase letters, digits or '-'."
   }
   validation {
-    condition     = alltrue([for m in var.etcd_members : contains([for r in var.regions : r.name], m.region) && m.az_index >= 0 && m.az_index < length([for r in var.regions : r.availability_zones if r.name == m.region][0])])
+    # try(): HCL does not short-circuit &&, and [0] fails for an undeclared region.
+    condition     = alltrue([for m in var.etcd_members : try(m.az_index >= 0 && m.az_index < length([for r in var.regions : r.availability_zones if r.name == m.region][0]), false)])
     error_message = "Every etcd member must name a declared region and one of its availability zones."
   }
   validation {
