@@ -1,0 +1,47 @@
+"""In-process store servers for API tests: a real LMDB environment in a temporary
+directory behind a real gRPC server on a loopback port chosen by the OS."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from store.client import StoreClient
+from store.limits import Limits
+from store.node import StoreNode
+from store.server import StoreServer
+
+T = TypeVar("T")
+
+
+@contextlib.asynccontextmanager
+async def running_store(data_dir: Path, limits: Limits | None = None,
+                        **client_options: Any) -> AsyncIterator[tuple[StoreServer, StoreClient]]:
+    server = StoreServer(StoreNode(data_dir, limits), "127.0.0.1:0")
+    await server.start()
+    client = StoreClient(server.address, limits=limits, **client_options)
+    try:
+        yield server, client
+    finally:
+        await client.close()
+        await server.stop(grace_s=0.5)
+
+
+def run(coro_fn: Callable[[], Awaitable[T]], timeout_s: float = 60.0) -> T:
+    """Runs an async test body with a hard timeout, so a hang fails instead of stalling."""
+    async def bounded() -> T:
+        return await asyncio.wait_for(coro_fn(), timeout_s)
+    return asyncio.run(bounded())
+
+
+async def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0,
+                     what: str = "condition") -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.01)

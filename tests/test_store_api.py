@@ -1,0 +1,460 @@
+"""The EventStore gRPC API against a real node: real LMDB files, real gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from store.client import (
+    ANY,
+    EXACT,
+    NO_STREAM,
+    STREAM_EXISTS,
+    AppendError,
+    CaughtUp,
+    Checkpoint,
+    new_event,
+)
+from store.errors import MD_ACTUAL_REVISION
+from tests.support.store import run, running_store
+from xdc.v1 import eventstore_pb2 as pb
+
+
+def ev(n: int, etype: str = "T", size: int = 16) -> pb.ProposedEvent:
+    return new_event(etype, str(n).encode().ljust(size, b"."), metadata={"n": str(n)})
+
+
+def test_append_then_read_stream_and_all(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with running_store(tmp_path) as (_, c):
+            r = await c.append("orders", [ev(1), ev(2), ev(3)], NO_STREAM)
+            assert (r.first_position, r.last_position, r.last_revision, r.next_revision) == (
+                1, 3, 3, 4)
+            assert not r.duplicate
+            r = await c.append("fills", ev(4))
+            assert (r.first_position, r.last_revision) == (4, 1)
+            events = await c.read("orders")
+            assert [(e.revision, e.position, e.stream) for e in events] == [
+                (1, 1, "orders"), (2, 2, "orders"), (3, 3, "orders")]
+            assert events[0].data.startswith(b"1.") and events[0].metadata["n"] == "1"
+            assert all(e.term == 1 for e in events)
+            stamps = [e.timestamp_ns for e in await c.read("$all")]
+            assert stamps == sorted(stamps) and stamps[0] > 0
+            assert [e.position for e in await c.read("$all", backwards=True)] == [4, 3, 2, 1]
+            assert [e.revision for e in await c.read("orders", start=2, limit=1)] == [2]
+            assert [e.revision for e in await c.read("orders", backwards=True, limit=2)] == [3, 2]
+            assert [e.revision for e in await c.read("orders", start=2, backwards=True)] == [2, 1]
+            assert [e.position for e in await c.read("$all", start=3, limit=10)] == [3, 4]
+            assert await c.read("orders", start=10) == []
+    run(body)
+
+
+def test_stream_reads_across_interleaved_runs(tmp_path: Path) -> None:
+    """Interleaved streams make many index runs per stream; every revision must map to
+    its own position, forwards and backwards, from any starting revision."""
+    async def body() -> None:
+        async with running_store(tmp_path) as (_, c):
+            expected: dict[str, list[int]] = {"a": [], "b": [], "c": []}
+            # Sequential appends of varying sizes so runs break and continue.
+            for i in range(60):
+                stream = "abc"[(i * 7) % 3] if i % 5 else "a"
+                n = 1 + i % 4
+                r = await c.append(stream, [ev(i * 10 + k) for k in range(n)])
+                expected[stream].extend(range(r.first_position, r.last_position + 1))
+            for stream, positions in expected.items():
+                got = [e.position for e in await c.read(stream, limit=1000)]
+                assert got == positions
+                for rev in (1, 2, len(positions) // 2, len(positions)):
+                    fwd = await c.read(stream, start=rev, limit=1000)
+                    assert [e.position for e in fwd] == positions[rev - 1:]
+                    assert [e.revision for e in fwd] == list(range(rev, len(positions) + 1))
+                    back = await c.read(stream, start=rev, backwards=True, limit=1000)
+                    assert [e.position for e in back] == positions[:rev][::-1]
+                info = await c.stream_info(stream)
+                assert (info.last_revision, info.count, info.first_position,
+                        info.last_position) == (len(positions), len(positions), positions[0],
+                                                positions[-1])
+    run(body)
+
+
+def test_expected_revision_rules(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with running_store(tmp_path) as (_, c):
+            with pytest.raises(AppendError) as e:
+                await c.append("s", ev(0), STREAM_EXISTS)
+            assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            await c.append("s", ev(1), NO_STREAM)
+            with pytest.raises(AppendError) as e:
+                await c.append("s", ev(2), NO_STREAM)
+            assert e.value.actual_last_revision == 1
+            await c.append("s", ev(3), STREAM_EXISTS)
+            await c.append("s", ev(4), EXACT, 2)
+            with pytest.raises(AppendError) as e:
+                await c.append("s", ev(5), EXACT, 2)
+            assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            assert "expected exact(2), actual last revision 3" in e.value.message
+            assert e.value.actual_last_revision == 3
+            await c.append("s", ev(6), EXACT, 3)
+            await c.append("t", ev(7), EXACT, 0)  # exact(0) is no_stream
+            await c.append("s", ev(8), ANY)
+            # The unary Append carries the actual revision in trailing metadata too.
+            req = pb.AppendRequest(stream="s", expected=EXACT, expected_revision=1,
+                                   events=[ev(9)])
+            with pytest.raises(grpc.aio.AioRpcError) as rpc:
+                await c.stub.Append(req)
+            assert rpc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert dict(rpc.value.trailing_metadata())[MD_ACTUAL_REVISION] == "5"
+            assert [e.revision for e in await c.read("s")] == [1, 2, 3, 4, 5]
+    run(body)
+
+
+def test_idempotent_retry_returns_original_positions_even_after_restart(tmp_path: Path) -> None:
+    batch = [ev(1), ev(2)]
+
+    async def first() -> None:
+        async with running_store(tmp_path) as (_, c):
+            r1 = await c.append("s", batch, NO_STREAM)
+            await c.append("other", ev(3))
+            r2 = await c.append("s", batch, NO_STREAM)  # expected revision no longer holds
+            assert (r2.first_position, r2.last_position, r2.last_revision) == (
+                r1.first_position, r1.last_position, r1.last_revision)
+            assert r2.duplicate
+
+    async def after_restart() -> None:
+        async with running_store(tmp_path) as (server, c):
+            r = await c.append("s", batch)
+            assert (r.first_position, r.last_position, r.duplicate) == (1, 2, True)
+            assert server.node.log is not None and server.node.log.last_position == 3
+            changed = pb.ProposedEvent()
+            changed.CopyFrom(batch[0])
+            changed.data = b"other content"
+            with pytest.raises(AppendError) as e:
+                await c.append("s", changed)
+            assert e.value.code == grpc.StatusCode.ALREADY_EXISTS
+            assert "different content" in e.value.message
+            with pytest.raises(AppendError) as e:
+                await c.append("elsewhere", batch[0])
+            assert e.value.code == grpc.StatusCode.ALREADY_EXISTS
+            assert "in stream 's'" in e.value.message
+            with pytest.raises(AppendError) as e:
+                await c.append("s", [batch[0], ev(4)])
+            assert e.value.code == grpc.StatusCode.ALREADY_EXISTS
+            assert "exactly the original events" in e.value.message
+            assert server.node.log.last_position == 3
+
+    run(first)
+    run(after_restart)
+
+
+def test_concurrent_duplicates_in_one_group_commit_resolve_to_one_write(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with running_store(tmp_path) as (server, c):
+            e = ev(1)
+            results = await asyncio.gather(*(c.append("s", e) for _ in range(20)))
+            assert {r.first_position for r in results} == {1}
+            assert sum(not r.duplicate for r in results) == 1
+            assert server.node.log is not None and server.node.log.last_position == 1
+    run(body)
+
+
+# ---- bad input: every limit, a clear status, nothing written --------------------------
+
+SMALL = dict(max_event_bytes=1024, max_append_events=10, max_append_bytes=4096,
+             max_stream_name_bytes=40, max_type_bytes=32, max_metadata_entries=4,
+             max_metadata_key_bytes=16, max_read_count=100, max_appends_per_message=5)
+
+
+def _bad_appends() -> list[tuple[str, pb.AppendRequest, str]]:
+    ok = ev(1)
+    cases: list[tuple[str, pb.AppendRequest, str]] = [
+        ("empty stream", pb.AppendRequest(stream="", events=[ok]), "stream: empty"),
+        ("stream too long", pb.AppendRequest(stream="s" * 41, events=[ok]),
+         "stream: 41 bytes exceeds max_stream_name_bytes (40)"),
+        ("multibyte stream too long", pb.AppendRequest(stream="é" * 21, events=[ok]),
+         "42 bytes exceeds max_stream_name_bytes (40)"),
+        ("control char", pb.AppendRequest(stream="a\nb", events=[ok]),
+         "stream: contains a control character"),
+        ("reserved", pb.AppendRequest(stream="$all", events=[ok]), "starts with '$'"),
+        ("no events", pb.AppendRequest(stream="s"), "events: empty"),
+        ("too many events", pb.AppendRequest(stream="s", events=[ev(i) for i in range(11)]),
+         "events: 11 events exceeds max_append_events (10)"),
+        ("batch bytes", pb.AppendRequest(stream="s", events=[ev(i, size=900) for i in range(5)]),
+         "exceeds max_append_bytes (4096)"),
+        ("event too large", pb.AppendRequest(stream="s", events=[ok, ev(2, size=1100)]),
+         "events[1]: 1"),
+        ("short id", pb.AppendRequest(stream="s", events=[
+            pb.ProposedEvent(id=b"123", type="T")]), "events[0].id: must be a 16-byte"),
+        ("nil id", pb.AppendRequest(stream="s", events=[
+            pb.ProposedEvent(id=bytes(16), type="T")]), "(nil)"),
+        ("dup id", pb.AppendRequest(stream="s", events=[ok, ev(2), ok]),
+         "events[2].id: duplicates events[0].id"),
+        ("missing type", pb.AppendRequest(stream="s", events=[
+            pb.ProposedEvent(id=uuid.uuid4().bytes)]), "events[0].type: required"),
+        ("type too long", pb.AppendRequest(stream="s", events=[
+            pb.ProposedEvent(id=uuid.uuid4().bytes, type="t" * 33)]),
+         "exceeds max_type_bytes (32)"),
+        ("content type too long", pb.AppendRequest(stream="s", events=[
+            pb.ProposedEvent(id=uuid.uuid4().bytes, type="t", content_type="c" * 33)]),
+         "events[0].content_type: 33 bytes exceeds max_type_bytes (32)"),
+        ("metadata entries", pb.AppendRequest(stream="s", events=[pb.ProposedEvent(
+            id=uuid.uuid4().bytes, type="t", metadata={str(i): "v" for i in range(5)})]),
+         "5 entries exceeds max_metadata_entries (4)"),
+        ("metadata key", pb.AppendRequest(stream="s", events=[pb.ProposedEvent(
+            id=uuid.uuid4().bytes, type="t", metadata={"k" * 17: "v"})]),
+         "exceeds max_metadata_key_bytes (16)"),
+        ("revision without exact", pb.AppendRequest(stream="s", expected_revision=3,
+                                                    events=[ok]),
+         "expected_revision: set only with EXPECTED_EXACT"),
+        ("unknown expected kind", pb.AppendRequest(stream="s", expected=9, events=[ok]),
+         "expected: unknown ExpectedKind 9"),
+    ]
+    return cases
+
+
+def test_bad_appends_are_refused_with_field_and_limit_and_write_nothing(tmp_path: Path) -> None:
+    from store.limits import Limits
+    limits = Limits(**SMALL)
+
+    async def body() -> None:
+        async with running_store(tmp_path, limits) as (server, c):
+            for name, req, text in _bad_appends():
+                with pytest.raises(grpc.aio.AioRpcError) as rpc:
+                    await c.stub.Append(req)
+                assert rpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+                assert text in (rpc.value.details() or ""), (name, rpc.value.details())
+                # The same refusal through the pipelined stream, per append.
+                resp = await _append_stream_once(c, [req, pb.AppendRequest(stream="ok",
+                                                                           events=[ev(0)])])
+                assert resp.results[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+                assert text.replace("events", "appends[0].events", 1) in \
+                    resp.results[0].error.message or text in resp.results[0].error.message, name
+                assert resp.results[1].WhichOneof("result") == "ok"
+            log = server.node.log
+            assert log is not None
+            # Only the valid companions were written: one event each, stream "ok".
+            assert [e.stream for e in await c.read("$all", limit=100)] == ["ok"] * len(
+                _bad_appends())
+            assert log.stream_count() == 1
+            # Too many appends in one AppendStream message: every one refused.
+            resp = await _append_stream_once(c, [pb.AppendRequest(stream="x", events=[ev(i)])
+                                                 for i in range(6)])
+            assert {r.error.code for r in resp.results} == {
+                grpc.StatusCode.INVALID_ARGUMENT.value[0]}
+            assert "6 appends exceeds max_appends_per_message (5)" in resp.results[0].error.message
+    run(body)
+
+
+async def _append_stream_once(c, appends: list[pb.AppendRequest]) -> pb.AppendStreamResponse:
+    call = c.stub.AppendStream()
+    await call.write(pb.AppendStreamRequest(correlation_id=7, appends=appends))
+    await call.done_writing()
+    responses = [r async for r in call]
+    assert len(responses) == 1 and responses[0].correlation_id == 7
+    return responses[0]
+
+
+def test_malformed_request_bytes_get_invalid_argument(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with running_store(tmp_path) as (server, _):
+            async with grpc.aio.insecure_channel(server.address) as ch:
+                raw = ch.unary_unary("/xdc.v1.EventStore/Append")
+                # Field 1 (stream) holding invalid UTF-8.
+                with pytest.raises(grpc.aio.AioRpcError) as rpc:
+                    await raw(b"\x0a\x02\xff\xfe")
+                assert rpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "not a valid AppendRequest" in (rpc.value.details() or "")
+                with pytest.raises(grpc.aio.AioRpcError) as rpc:
+                    await raw(b"\xff\xff\xff")
+                assert rpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert server.node.log is not None and server.node.log.last_position == 0
+    run(body)
+
+
+def test_bad_reads(tmp_path: Path) -> None:
+    from store.limits import Limits
+
+    async def body() -> None:
+        async with running_store(tmp_path, Limits(**SMALL)) as (_, c):
+            await c.append("s", ev(1))
+            for kwargs, code, text in [
+                (dict(stream="missing", limit=1), grpc.StatusCode.NOT_FOUND, "stream 'missing' not found"),
+                (dict(stream="s", limit=0), grpc.StatusCode.INVALID_ARGUMENT,
+                 "limit: 0 is outside 1..max_read_count (100)"),
+                (dict(stream="s", limit=101), grpc.StatusCode.INVALID_ARGUMENT,
+                 "limit: 101 is outside"),
+                (dict(stream="", limit=1), grpc.StatusCode.INVALID_ARGUMENT, "stream: empty"),
+                (dict(stream="s", limit=1, direction=7), grpc.StatusCode.INVALID_ARGUMENT,
+                 "direction: unknown Direction 7"),
+            ]:
+                with pytest.raises(grpc.aio.AioRpcError) as rpc:
+                    async for _ in c.stub.Read(pb.ReadRequest(**kwargs)):
+                        pass
+                assert rpc.value.code() == code, kwargs
+                assert text in (rpc.value.details() or ""), (kwargs, rpc.value.details())
+            with pytest.raises(grpc.aio.AioRpcError) as rpc:
+                await c.stream_info("missing")
+            assert rpc.value.code() == grpc.StatusCode.NOT_FOUND
+            # min_position beyond the commit position waits, then says why.
+            with pytest.raises(grpc.aio.AioRpcError) as rpc:
+                await c.read("s", limit=10, min_position=5, timeout_s=0.3)
+            assert rpc.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    run(body)
+
+
+def test_min_position_read_waits_for_the_write(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with running_store(tmp_path) as (_, c):
+            await c.append("s", ev(1))
+            reader = asyncio.ensure_future(c.read("$all", min_position=2, timeout_s=10))
+            await asyncio.sleep(0)
+            assert not reader.done()
+            await c.append("s", ev(2))
+            assert [e.position for e in await reader] == [1, 2]
+    run(body)
+
+
+def test_large_reads_come_in_bounded_batches(tmp_path: Path) -> None:
+    from store.limits import Limits
+    limits = Limits(max_batch_events=100, max_event_bytes=64 * 1024, max_batch_bytes=64 * 1024)
+
+    async def body() -> None:
+        async with running_store(tmp_path, limits) as (_, c):
+            for i in range(5):
+                await c.append("big", [ev(i * 100 + k, size=1000) for k in range(100)])
+            batches = [b async for b in c.read_batches("big", limit=500)]
+            assert sum(len(b.events) for b in batches) == 500
+            assert all(len(b.events) <= 100 and b.ByteSize() <= 64 * 1024 + 1024
+                       for b in batches)
+            assert [e.revision for b in batches for e in b.events] == list(range(1, 501))
+    run(body)
+
+
+# ---- subscriptions ---------------------------------------------------------------------
+
+def test_subscribe_catch_up_marker_then_live_without_gap_or_repeat(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with running_store(tmp_path) as (_, c):
+            for i in range(250):
+                await c.append(f"s{i % 3}", ev(i))
+            seen: list[int] = []
+            marker: list[int] = []
+            done = asyncio.Event()
+
+            async def consume() -> None:
+                async for item in c.subscribe(after_position=10):
+                    if isinstance(item, CaughtUp):
+                        marker.append(item.position)
+                        continue
+                    seen.append(item.position)
+                    if item.position == 750:
+                        done.set()
+                        return
+
+            task = asyncio.ensure_future(consume())
+            # Live appends race the catch-up: no gap, no repeat either way.
+            await asyncio.gather(*(c.append(f"s{i % 3}", ev(i)) for i in range(250, 750)))
+            await asyncio.wait_for(done.wait(), 20)
+            await task
+            assert seen == list(range(11, 751))
+            assert len(marker) == 1 and 250 <= marker[0] <= 750
+    run(body)
+
+
+def test_subscribe_filters_and_from_end(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with running_store(tmp_path) as (_, c):
+            await c.append("orders.A", ev(1, "OrderPlaced"))
+            await c.append("fills.A", ev(2, "Filled"))
+            await c.append("orders.B", ev(3, "OrderCancelled"))
+            await c.append("orders.B", ev(4, "OrderPlaced"))
+
+            async def collect(n: int, **kw) -> list[tuple[str, str]]:
+                out: list[tuple[str, str]] = []
+                async for item in c.subscribe(**kw):
+                    if isinstance(item, CaughtUp | Checkpoint):
+                        continue
+                    out.append((item.stream, item.type))
+                    if len(out) == n:
+                        return out
+                return out
+
+            assert await collect(3, stream_prefix="orders.") == [
+                ("orders.A", "OrderPlaced"), ("orders.B", "OrderCancelled"),
+                ("orders.B", "OrderPlaced")]
+            assert await collect(2, event_types=["OrderPlaced"]) == [
+                ("orders.A", "OrderPlaced"), ("orders.B", "OrderPlaced")]
+            assert await collect(1, stream_prefix="orders.", event_types=["OrderCancelled"]) == [
+                ("orders.B", "OrderCancelled")]
+            live = asyncio.ensure_future(collect(1, from_end=True))
+            await asyncio.sleep(0.05)
+            await c.append("late", ev(5, "Late"))
+            assert await asyncio.wait_for(live, 10) == [("late", "Late")]
+    run(body)
+
+
+def test_filtered_subscription_reports_checkpoints_across_long_skips(tmp_path: Path) -> None:
+    from store import service
+
+    async def body() -> None:
+        async with running_store(tmp_path) as (_, c):
+            for i in range(service.CHECKPOINT_EVERY // 1000 + 1):
+                await c.append("noise", [ev(i * 1000 + k) for k in range(1000)])
+            checkpoints: list[int] = []
+            async for item in c.subscribe(stream_prefix="wanted"):
+                if isinstance(item, Checkpoint):
+                    checkpoints.append(item.position)
+                if isinstance(item, CaughtUp):
+                    break
+            assert checkpoints and checkpoints[0] >= service.CHECKPOINT_EVERY
+    run(body)
+
+
+def test_a_stalled_subscriber_does_not_block_appends(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with running_store(tmp_path) as (_, c):
+            call = c.stub.Subscribe(pb.SubscribeRequest())
+            first = await call.read()  # then never read again
+            assert first.WhichOneof("kind") == "caught_up"
+            for i in range(40):
+                await c.append("s", [ev(i * 100 + k, size=2000) for k in range(100)])
+            info = await c.node_info()
+            assert info.commit_position == 4000
+            got = 0
+            while got < 4000:
+                msg = await call.read()
+                got += len(msg.events.events)
+            assert got == 4000
+            call.cancel()
+    run(body)
+
+
+# ---- info, health, reflection ----------------------------------------------------------
+
+def test_node_info_health_and_reflection(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with running_store(tmp_path) as (server, c):
+            await c.append("a", ev(1))
+            await c.append("b", ev(2))
+            info = await c.node_info()
+            assert (info.role, info.term, info.commit_position, info.last_position,
+                    info.stream_count) == ("standalone", 1, 2, 2, 2)
+            uuid.UUID(info.cluster_id)
+            async with grpc.aio.insecure_channel(server.address) as ch:
+                health = health_pb2_grpc.HealthStub(ch)
+                for name in ("", "xdc.v1.EventStore"):
+                    resp = await health.Check(health_pb2.HealthCheckRequest(service=name))
+                    assert resp.status == health_pb2.HealthCheckResponse.SERVING
+                refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+                call = refl.ServerReflectionInfo()
+                await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+                resp = await call.read()
+                await call.done_writing()
+                names = {s.name for s in resp.list_services_response.service}
+                assert "xdc.v1.EventStore" in names
+    run(body)
