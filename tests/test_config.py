@@ -365,3 +365,14 @@ def test_check_etcd_with_a_three_member_cluster(tmp_path: Path) -> None:
     finally:
         cluster.stop()
     assert not any(m.running for m in cluster.members)
+
+
+def test_etcd_binary_honours_the_override(monkeypatch: pytest.MonkeyPatch,
+                                           tmp_path: Path) -> None:
+    from tests.support import etcd as support
+
+    monkeypatch.setenv("XDC_ETCD_BIN", str(tmp_path / "no-such-etcd"))
+    with pytest.raises(support.EtcdError, match="XDC_ETCD_BIN"):
+        support.etcd_binary()
+    monkeypatch.delenv("XDC_ETCD_BIN")
+    assert Path(support.etcd_binary()).name == "etcd"
