@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 
-from store.errors import MD_ACTUAL_REVISION, MD_LEADER, MD_RETRY_AFTER_MS
+from store.errors import MD_LEADER
 from store.limits import Limits
 from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import eventstore_pb2_grpc as pb_grpc
@@ -32,8 +32,6 @@ NO_STREAM = pb.EXPECTED_NO_STREAM
 STREAM_EXISTS = pb.EXPECTED_STREAM_EXISTS
 EXACT = pb.EXPECTED_EXACT
 
-_RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE.value[0],
-                          grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]})
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
@@ -283,12 +281,13 @@ class StoreClient:
         err = result.error
         code = _CODES.get(err.code, grpc.StatusCode.UNKNOWN)
         exc = AppendError(code, err.message, err.actual_last_revision, err.leader)
-        if err.code in _RETRY_CODES:
-            self._retry([p], exc)
+        if err.retry_after_ms or err.leader:
+            self._retry([p], exc, err.retry_after_ms / 1000)
         else:
             p.future.set_exception(exc)
 
-    def _retry(self, batch: list[_Pending], cause: AppendError | None) -> None:
+    def _retry(self, batch: list[_Pending], cause: AppendError | None,
+               delay_s: float = 0.05) -> None:
         """Re-sends appends after a short backoff, with the same event ids."""
         loop = asyncio.get_running_loop()
         now = loop.time()
@@ -309,7 +308,7 @@ class StoreClient:
             if cause is not None and cause.leader and cause.leader != self._target:
                 await self._switch(cause.leader)
             else:
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(delay_s)
             for p in again:
                 if not p.future.done():
                     self._enqueue(p)
@@ -427,12 +426,6 @@ class StoreClient:
 
 class _StreamBroken(Exception):
     pass
-
-
-def status_details(exc: grpc.RpcError) -> dict[str, str]:
-    """Trailing metadata of a refused call, e.g. the actual revision or a retry hint."""
-    md = dict(exc.trailing_metadata() or ())  # type: ignore[attr-defined]
-    return {k: v for k, v in md.items() if k in (MD_ACTUAL_REVISION, MD_LEADER, MD_RETRY_AFTER_MS)}
 
 
 class Client:

@@ -19,17 +19,21 @@ class StoreError(Exception):
         metadata: tuple[tuple[str, str], ...] = (),
         actual_last_revision: int = 0,
         leader: str = "",
+        retry_after_ms: int = 0,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.actual_last_revision = actual_last_revision
         self.leader = leader
+        self.retry_after_ms = retry_after_ms
         md = list(metadata)
         if code == grpc.StatusCode.FAILED_PRECONDITION and actual_last_revision >= 0:
             md.append((MD_ACTUAL_REVISION, str(actual_last_revision)))
         if leader:
             md.append((MD_LEADER, leader))
+        if retry_after_ms:
+            md.append((MD_RETRY_AFTER_MS, str(retry_after_ms)))
         self.metadata = tuple(md)
 
     def __repr__(self) -> str:

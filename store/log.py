@@ -19,6 +19,7 @@ stream; a stream with no event has last revision 0.
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 import uuid
 from collections.abc import Iterator
@@ -103,11 +104,16 @@ def check_expected(stream: str, kind: int, revision: int, last_revision: int) ->
         raise wrong_revision(stream, _expected_text(kind, revision), last_revision)
 
 
-def _disk_error(exc: Exception) -> StoreError:
+def _disk_error(path: str, exc: Exception) -> StoreError:
+    # LMDB reports a full disk as EIO from its page writes: say what the disk says.
+    try:
+        free = f"{shutil.disk_usage(path).free} bytes free on the data volume"
+    except OSError as err:
+        free = f"free space unknown ({err})"
     return StoreError(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
-        f"storage full or failing, nothing was written: {type(exc).__name__}: {exc}",
-        metadata=(("xdc-retry-after-ms", "1000"),),
+        f"storage full or failing, nothing was written ({free}; {type(exc).__name__}: {exc}); "
+        "reads still work",
     )
 
 
@@ -228,7 +234,7 @@ class Log:
                     )
                     self._put_streams_and_runs(txn, streams, runs)
         except lmdb.Error as exc:
-            err = _disk_error(exc)
+            err = _disk_error(self.path, exc)
             return [err] * len(reqs), []
         if values:
             self.last_position = pos - 1

@@ -57,7 +57,8 @@ class StoreNode:
         if self.commit is not None:
             self.commit.fail_waiters(StoreError(grpc.StatusCode.UNAVAILABLE,
                                                 "node stopped before the append committed; "
-                                                "retry with the same event ids"))
+                                                "retry with the same event ids",
+                                                retry_after_ms=100))
         if self.log is not None:
             self.log.close()
             self.log = None

@@ -125,4 +125,5 @@ def check_read(req: pb.ReadRequest, limits: Limits) -> bytes:
 def refuse(err: StoreError) -> pb.AppendResult:
     return pb.AppendResult(error=pb.AppendError(
         code=err.code.value[0], message=err.message,
-        actual_last_revision=err.actual_last_revision, leader=err.leader))
+        actual_last_revision=err.actual_last_revision, leader=err.leader,
+        retry_after_ms=err.retry_after_ms))

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import grpc
 
-from store.errors import MD_RETRY_AFTER_MS, StoreError
+from store.errors import StoreError
 from store.limits import Limits
 from store.log import Appended, Log, PreparedAppend
 
@@ -59,7 +59,7 @@ class Writer:
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"write queue full: {self._pending_events} events pending, "
                     f"max_pending_events ({self._limits.max_pending_events}); retry shortly",
-                    metadata=((MD_RETRY_AFTER_MS, "50"),),
+                    retry_after_ms=50,
                 )
             self._pending_events += n
             self._queue.append((reqs, fut))

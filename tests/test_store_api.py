@@ -283,7 +283,8 @@ def test_bad_reads(tmp_path: Path) -> None:
         async with running_store(tmp_path, Limits(**SMALL)) as (_, c):
             await c.append("s", ev(1))
             for kwargs, code, text in [
-                (dict(stream="missing", limit=1), grpc.StatusCode.NOT_FOUND, "stream 'missing' not found"),
+                (dict(stream="missing", limit=1), grpc.StatusCode.NOT_FOUND,
+                 "stream 'missing' not found"),
                 (dict(stream="s", limit=0), grpc.StatusCode.INVALID_ARGUMENT,
                  "limit: 0 is outside 1..max_read_count (100)"),
                 (dict(stream="s", limit=101), grpc.StatusCode.INVALID_ARGUMENT,

@@ -104,16 +104,18 @@ class AppendResponse(_message.Message):
     def __init__(self, first_position: _Optional[int] = ..., last_position: _Optional[int] = ..., last_revision: _Optional[int] = ..., next_revision: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
 class AppendError(_message.Message):
-    __slots__ = ("code", "message", "actual_last_revision", "leader")
+    __slots__ = ("code", "message", "actual_last_revision", "leader", "retry_after_ms")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     ACTUAL_LAST_REVISION_FIELD_NUMBER: _ClassVar[int]
     LEADER_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
     code: int
     message: str
     actual_last_revision: int
     leader: str
-    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., actual_last_revision: _Optional[int] = ..., leader: _Optional[str] = ...) -> None: ...
+    retry_after_ms: int
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., actual_last_revision: _Optional[int] = ..., leader: _Optional[str] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
 
 class AppendResult(_message.Message):
     __slots__ = ("ok", "error")
