@@ -14,6 +14,8 @@ import functools
 import ipaddress
 import json
 import re
+import shutil
+import subprocess
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -645,3 +647,120 @@ def test_template_renderer_follows_terraform_whitespace_rules() -> None:
     assert t.free_names() == {"xs", "m"}
     with pytest.raises(ValueError, match="unsupported"):
         Template("${a + b}").render({"a": 1, "b": 2})
+
+
+# --- bootstrap (cloud-init) -------------------------------------------------------------------
+
+
+def render(module: str, template: str, context: dict[str, Any]) -> str:
+    return Template((MODULES / module / template).read_text()).render(context)
+
+
+def write_files(cloud_init: str) -> dict[str, str]:
+    """path -> decoded content of the write_files entries, checking the YAML layout the
+    template promises (no PyYAML here): top-level keys, column-0 list items, 2-space
+    indented item keys."""
+    lines = cloud_init.splitlines()
+    assert lines[0] == "#cloud-config"
+    files: dict[str, str] = {}
+    section = None
+    path = None
+    for line in lines[1:]:
+        if not line or line.startswith("#"):
+            continue
+        if re.fullmatch(r"[a-z_]+:( .+)?", line):
+            section = line.split(":")[0]
+        elif line.startswith("- "):
+            if section == "write_files":
+                m = re.fullmatch(r"- path: (/\S+)", line)
+                assert m, line
+                path = m.group(1)
+        elif line.startswith("  ") and not line.startswith("   "):
+            key, _, value = line.strip().partition(": ")
+            if section == "write_files" and key == "content":
+                assert path is not None
+                files[path] = base64.b64decode(value, validate=True).decode()
+        else:
+            pytest.fail(f"unexpected cloud-init line {line!r}")
+    return files
+
+
+def host_bootstrap(*, role: str, service_user: str, data_dir: str, data_volume: bool,
+                   tls_enabled: bool, install_xdc: bool, role_script: str, units: list[str],
+                   files: dict[str, str]) -> tuple[str, str]:
+    """(cloud-init, setup script) the way modules/host/main.tf renders them."""
+    setup = render("host", "setup.sh.tftpl", {
+        "name": f"xdc-prod-use1-{role}", "role": role, "service_user": service_user,
+        "data_dir": data_dir, "data_volume": data_volume, "tls_enabled": tls_enabled,
+        "tls": {k: f"arn:aws:secretsmanager:us-east-1:123456789012:secret:xdc/{k}"
+                for k in ("ca_secret_arn", "cert_secret_arn", "key_secret_arn")},
+        "tls_dir": "/etc/xdc/tls", "install_xdc": install_xdc, "xdc_package": "xdc==0.1.0",
+        "pip_index_args": "--index-url https://pypi.internal.example/simple",
+        "role_script": role_script, "units": units,
+    })
+    cloud = render("host", "cloud-init.yaml.tftpl", {
+        "name": f"xdc-prod-use1-{role}", "role": role, "files": files, "setup_script": setup,
+    })
+    return cloud, setup
+
+
+def bash_syntax_ok(script: str, tmp_path: Path) -> None:
+    bash = shutil.which("bash")
+    assert bash
+    path = tmp_path / "script.sh"
+    path.write_text(script)
+    proc = subprocess.run([bash, "-n", str(path)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_store_node_bootstrap_writes_the_config_and_starts_the_unit(tmp_path: Path) -> None:
+    context = example_context()
+    cluster_toml = render("cluster_config", "cluster.toml.tftpl", context)
+    tiers_toml = render("cluster_config", "tiers.toml.tftpl", {"tiers": defaults()["tiers"]})
+    unit = render("store_node", "xdc-store.service.tftpl", {
+        "cluster_name": "xdc-prod", "member_id": "use1-a", "data_dir": "/var/lib/xdc"})
+    files = {"/etc/xdc/cluster.toml": cluster_toml, "/etc/xdc/tiers.toml": tiers_toml,
+             "/etc/systemd/system/xdc-store.service": unit}
+    cloud, setup = host_bootstrap(
+        role="store", service_user="xdc", data_dir="/var/lib/xdc", data_volume=True,
+        tls_enabled=True, install_xdc=True, role_script="", units=["xdc-store.service"],
+        files=files)
+    written = write_files(cloud)
+    assert written == {**files, "/usr/local/sbin/xdc-host-setup": setup}
+    # What lands on the host is what the node will load.
+    (tmp_path / "cluster.toml").write_text(written["/etc/xdc/cluster.toml"])
+    (tmp_path / "tiers.toml").write_text(written["/etc/xdc/tiers.toml"])
+    assert config.load(tmp_path / "cluster.toml").member("use1-a").data_dir == Path(
+        "/var/lib/xdc")
+    assert "--member use1-a" in unit and "RequiresMountsFor=/var/lib/xdc" in unit
+    assert "systemctl enable --now xdc-store.service" in setup
+    assert "secretsmanager get-secret-value" in setup and "mkfs.xfs" in setup
+    assert "'xdc==0.1.0'" in setup
+    assert "${" not in setup.replace("$${", "") and "%{" not in setup
+    bash_syntax_ok(setup, tmp_path)
+
+
+def test_etcd_member_bootstrap_installs_the_pinned_release(tmp_path: Path) -> None:
+    d = defaults()
+    version, sha = d["etcd_version"], d["etcd_sha256"]
+    url = (f"{d['etcd_download_base_url']}/v{version}/etcd-v{version}-linux-amd64.tar.gz")
+    install = render("etcd_member", "install-etcd.sh.tftpl", {
+        "etcd_version": version, "etcd_sha256": sha, "download_url": url})
+    initial = ("etcd-use1=http://10.40.1.100:2380,etcd-use2=http://10.41.1.100:2380,"
+               "etcd-usw2=http://10.42.1.100:2380")
+    unit = render("etcd_member", "etcd.service.tftpl", {
+        "cluster_name": "xdc-prod", "member_name": "etcd-use1", "private_ip": "10.40.1.100",
+        "client_port": 2379, "peer_port": 2380, "initial_cluster": initial,
+        "heartbeat_ms": 100, "election_timeout_ms": 1000, "data_dir": "/var/lib/etcd"})
+    cloud, setup = host_bootstrap(
+        role="etcd", service_user="etcd", data_dir="/var/lib/etcd", data_volume=True,
+        tls_enabled=False, install_xdc=False, role_script=install, units=["etcd.service"],
+        files={"/etc/systemd/system/etcd.service": unit})
+    assert set(write_files(cloud)) == {"/etc/systemd/system/etcd.service",
+                                       "/usr/local/sbin/xdc-host-setup"}
+    assert f"echo '{sha}  '" in install and "sha256sum --check" in install
+    assert url in install
+    assert f"--initial-cluster={initial}" in unit
+    assert "--advertise-client-urls=http://10.40.1.100:2379" in unit
+    assert "secretsmanager" not in setup and "/opt/xdc" not in setup
+    bash_syntax_ok(setup, tmp_path)
