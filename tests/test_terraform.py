@@ -360,7 +360,7 @@ def test_cluster_and_client_cidrs_given_to_security_groups_are_not_open() -> Non
     assert not set(d["client_cidrs"]) & OPEN_WORLD
     vpcs = [ipaddress.ip_network(r["vpc_cidr"]) for r in d["regions"]]
     for i, a in enumerate(vpcs):
-        assert a.prefixlen >= 8
+        assert 8 <= a.prefixlen <= 16, "subnets are /8 smaller and need host .100"
         for b in vpcs[i + 1:]:
             assert not a.overlaps(b), "peered VPCs must not overlap"
     region = load_module(MODULES / "region").labelled("module")["security"]
@@ -727,6 +727,8 @@ def test_store_node_bootstrap_writes_the_config_and_starts_the_unit(tmp_path: Pa
         files=files)
     written = write_files(cloud)
     assert written == {**files, "/usr/local/sbin/xdc-host-setup": setup}
+    # EC2 refuses user data over 16 KiB; keep room for 5 voters and standbys.
+    assert len(cloud.encode()) < 12 * 1024, len(cloud.encode())
     # What lands on the host is what the node will load.
     (tmp_path / "cluster.toml").write_text(written["/etc/xdc/cluster.toml"])
     (tmp_path / "tiers.toml").write_text(written["/etc/xdc/tiers.toml"])

@@ -34,8 +34,9 @@ variable "regions" {
     error_message = "xdc region names must be 1-16 lowercase letters, digits or '-'."
   }
   validation {
-    condition     = alltrue([for r in var.regions : can(cidrhost(r.vpc_cidr, 0)) && try(tonumber(split("/", r.vpc_cidr)[1]) <= 20, false)])
-    error_message = "Every vpc_cidr must be a valid IPv4 CIDR of /20 or larger (subnets are carved as /8 more)."
+    condition     = alltrue([for r in var.regions : can(cidrhost(r.vpc_cidr, 0)) && try(tonumber(split("/", r.vpc_cidr)[1]) <= 16, false)])
+    # Subnets are carved 8 bits smaller (a /16 gives /24s) and etcd members sit at host .100+.
+    error_message = "Every vpc_cidr must be a valid IPv4 CIDR of /16 or larger."
   }
   validation {
     condition     = length(distinct([for r in var.regions : r.vpc_cidr])) == length(var.regions)
