@@ -16,7 +16,6 @@ import pytest
 
 from store.client import EXACT, AppendError, StoreClient, new_event
 from store.process import ServeProcess
-from tests.support.store import run
 
 SEED = 20261122
 ROUNDS = 5
@@ -95,6 +94,16 @@ async def _verify(address: str, acked: list[Acked]) -> int:
     return len(everything)
 
 
+async def _crash_round(node: ServeProcess, rng: random.Random, rnd: int,
+                       acked: list[Acked]) -> None:
+    stop = asyncio.Event()
+    load = asyncio.ensure_future(_load(node.address, rng, rnd, acked, stop))
+    await asyncio.sleep(rng.uniform(0.2, 0.8))  # the random moment of the crash
+    node.signal(signal.SIGKILL)
+    stop.set()
+    await asyncio.wait_for(load, 30)
+
+
 @pytest.mark.parametrize("seed", [SEED])
 def test_sigkill_under_load_loses_no_acknowledged_event(tmp_path: Path, seed: int) -> None:
     data = str(tmp_path / "node")
@@ -102,26 +111,12 @@ def test_sigkill_under_load_loses_no_acknowledged_event(tmp_path: Path, seed: in
     total_before = 0
     for rnd in range(ROUNDS):
         rng = random.Random(seed * 100 + rnd)
-        node = ServeProcess(data).start()
-        try:
-            async def round_() -> None:
-                stop = asyncio.Event()
-                load = asyncio.ensure_future(_load(node.address, rng, rnd, acked, stop))
-                await asyncio.sleep(rng.uniform(0.2, 0.8))  # the random moment of the crash
-                node.signal(signal.SIGKILL)
-                stop.set()
-                await asyncio.wait_for(load, 30)
+        with ServeProcess(data) as node:
             acked_before = len(acked)
-            run(round_)
-            node.kill()
+            asyncio.run(asyncio.wait_for(_crash_round(node, rng, rnd, acked), 60))
             assert len(acked) > acked_before, "the load must have made progress before the kill"
-        finally:
-            node.kill()
-        node = ServeProcess(data).start()
-        try:
-            total = run(lambda: _verify(node.address, acked))
+        with ServeProcess(data) as node:
+            total = asyncio.run(asyncio.wait_for(_verify(node.address, acked), 60))
             assert total >= total_before
             total_before = total
-        finally:
-            node.kill()
     assert sum(a.last_position - a.first_position + 1 for a in acked) <= total_before
