@@ -256,7 +256,8 @@ class Node:
         self._commit = commit  # known committed (may be above what is durable here)
         self._visible = commit  # what Committed effects announced: committed AND durable here
         last = log.last_position()
-        check(commit <= last, f"commit {commit} above the log's last position {last}")
+        if commit > last:
+            raise InvariantError(f"commit {commit} above the log's last position {last}")
 
         # Writes issued but not acknowledged: an overlay over ``log`` starting at _u_offset
         # (0 = no overlay) holding the final content of every position >= _u_offset.
@@ -354,7 +355,8 @@ class Node:
     # ------------------------------------------------------------------ inputs
 
     def step(self, msg: Message) -> None:
-        check(msg.dst == self.id, f"message for {msg.dst} delivered to {self.id}")
+        if msg.dst != self.id:
+            raise InvariantError(f"message for {msg.dst} delivered to {self.id}")
         if msg.src == self.id:
             return
         match msg:
@@ -374,7 +376,8 @@ class Node:
                 raise TypeError(f"unknown message {msg!r}")
 
     def on_persisted(self, seq: int) -> None:
-        check(seq < self._next_seq, f"ack of write {seq} never issued")
+        if seq >= self._next_seq:
+            raise InvariantError(f"ack of write {seq} never issued")
         popped: tuple[int, int, int] | None = None
         while self._pending and self._pending[0][0] <= seq:
             popped = self._pending.popleft()
@@ -533,19 +536,22 @@ class Node:
         """Issue one Persist; update the overlay. All log mutations go through here."""
         last = self._last()
         if truncate_after is not None:
-            check(
-                self._commit <= truncate_after <= last,
-                f"{self.id}: truncate after {truncate_after} with commit {self._commit}, "
-                f"last {last}",
-            )
+            if not self._commit <= truncate_after <= last:
+                raise InvariantError(
+                    f"{self.id}: truncate after {truncate_after} with commit {self._commit}, "
+                    f"last {last}"
+                )
             base = truncate_after
         else:
             base = last
         prev_term = self._term_at(base)
         for i, e in enumerate(entries):
-            check(e.position == base + 1 + i, f"{self.id}: gap writing position {e.position}")
-            check(e.term >= prev_term, f"{self.id}: term decreases at {e.position}")
-            check(e.term <= self._promised, f"{self.id}: entry term above promised term")
+            if e.position != base + 1 + i:
+                raise InvariantError(f"{self.id}: gap writing position {e.position}")
+            if e.term < prev_term:
+                raise InvariantError(f"{self.id}: term decreases at {e.position}")
+            if e.term > self._promised:
+                raise InvariantError(f"{self.id}: entry term above promised term")
             prev_term = e.term
         seq = self._next_seq
         self._next_seq += 1
@@ -595,7 +601,8 @@ class Node:
     def _set_commit(self, pos: int) -> None:
         if pos <= self._commit:
             return
-        check(pos <= self._last(), f"{self.id}: commit {pos} beyond last {self._last()}")
+        if pos > self._last():
+            raise InvariantError(f"{self.id}: commit {pos} beyond last {self._last()}")
         self._commit = pos
 
     def _publish_commit(self) -> None:
@@ -805,7 +812,8 @@ class Node:
             # have been the best promiser).
             if self._last() > target.position:
                 self._write(target.position, ())
-            check(self.tip() == target, f"{self.id}: recovered {self.tip()} != {target}")
+            if self.tip() != target:
+                raise InvariantError(f"{self.id}: recovered {self.tip()} != {target}")
             self._start_term()
             return
         check(bool(m.entries), "fetch reply made no progress")
@@ -870,7 +878,8 @@ class Node:
             return
         pr.active = True
         if m.ok:
-            check(m.match <= self._last(), f"{m.src} acked {m.match} beyond our log")
+            if m.match > self._last():
+                raise InvariantError(f"{m.src} acked {m.match} beyond our log")
             if m.match > pr.match:
                 pr.match = m.match
                 pr.last_progress_tick = self._now

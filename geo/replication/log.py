@@ -63,11 +63,13 @@ class MemoryLog:
     def term_at(self, position: int) -> int:
         if position == 0:
             return 0
-        check(1 <= position <= len(self._entries), f"term_at({position}) out of range")
+        if not 1 <= position <= len(self._entries):
+            raise InvariantError(f"term_at({position}) out of range")
         return self._entries[position - 1].term
 
     def entries(self, lo: int, hi: int, max_bytes: int) -> list[Entry]:
-        check(1 <= lo <= hi <= len(self._entries), f"entries({lo}, {hi}) out of range")
+        if not 1 <= lo <= hi <= len(self._entries):
+            raise InvariantError(f"entries({lo}, {hi}) out of range")
         out: list[Entry] = []
         size = 0
         for e in self._entries[lo - 1 : hi]:

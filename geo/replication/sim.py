@@ -21,7 +21,8 @@ invariants hold; a leader opens only once its term-start record is committed; on
 term. After the faulty phase everything heals and the cluster must elect, open and commit
 every record acknowledged to a client on every node (liveness).
 
-Reproduce a failure: ``python -m geo.replication.sim --seed N [--unsafe NAME] [--trace]``.
+Reproduce a failure: ``python -m geo.replication.sim --seed N [--unsafe NAME] [--trace]``
+(``--hunt`` replays with the figure-8 hunting config, see ``hunt_config``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import heapq
 import random
 import sys
 from collections import Counter, deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from geo.replication.core import Limits, Node, Role, Unsafe, should_campaign
@@ -49,7 +51,7 @@ from geo.replication.messages import (
 )
 
 # event kinds (ints: the heap compares them only on ties of time and counter, never)
-_DELIVER, _TICK, _DISK, _DISK_ACK, _FAULT, _END_FAULT, _CLIENT = range(7)
+_DELIVER, _TICK, _DISK, _DISK_ACK, _FAULT, _END_FAULT, _CLIENT, _SCRIPT = range(8)
 
 
 class SimFailure(AssertionError):
@@ -94,6 +96,9 @@ class SimConfig:
     unsafe: Unsafe = field(default_factory=Unsafe)
     check_liveness: bool = True
     precheck: bool = True  # Patroni-style deferral (off: any voter may win, like a race)
+    auto_elect: bool = True  # shells campaign on their election timer (off: scripts only)
+    random_faults: bool = True
+    clients: bool = True
     converge_cap: int = 20000  # extra time allowed to converge after the heal phase
 
 
@@ -195,7 +200,13 @@ class SimResult:
 
 
 class Sim:
-    def __init__(self, seed: int, cfg: SimConfig | None = None, trace_len: int = 60) -> None:
+    def __init__(
+        self,
+        seed: int,
+        cfg: SimConfig | None = None,
+        trace_len: int = 60,
+        script: Sequence[tuple[int, Callable[[Sim], None]]] = (),
+    ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
         self._random = self.rng.random
@@ -223,8 +234,13 @@ class Sim:
             self._start(n)
             n.election_ticks = self.rng.randint(1, 6)  # bootstrap: no one to wait for
             self._push(self.rng.randint(1, c.tick_every), _TICK, n.id, None)
-        self._push(self.rng.randint(*c.fault_gap), _FAULT, None, None)
-        self._push(c.client_every, _CLIENT, None, None)
+        if c.random_faults:
+            self._push(self.rng.randint(*c.fault_gap), _FAULT, None, None)
+        if c.clients:
+            self._push(c.client_every, _CLIENT, None, None)
+        for at, action in script:
+            self._push(at, _SCRIPT, action, None)
+        self.drop: Callable[[Message], bool] | None = None  # scripted message filter
 
     # ------------------------------------------------------------------ plumbing
 
@@ -316,7 +332,7 @@ class Sim:
             if n.paused:
                 n.deferred.append((kind, a, b))
                 return
-            self._note(f"{msg.dst} <-", msg)
+            self.trace.append((self.now, "deliver", msg))  # formatted only on failure
             n.machine.step(msg)
             self._effects(n)
         elif kind == _TICK:
@@ -348,6 +364,8 @@ class Sim:
                 self._push(self.now + self.rng.randint(*self.cfg.fault_gap), _FAULT, None, None)
         elif kind == _END_FAULT:
             self._end_fault(a, b)
+        elif kind == _SCRIPT:
+            a(self)  # type: ignore[operator]
         elif kind == _CLIENT:
             if self.now < self.cfg.duration + self.cfg.heal // 2:
                 self._push(self.now + self.cfg.client_every, _CLIENT, None, None)
@@ -406,6 +424,9 @@ class Sim:
     def _send(self, msg: Message) -> None:
         if self.blocked[(msg.src, msg.dst)] or self._random() < self.loss:
             return
+        if self.drop is not None and self.drop(msg):
+            self._note("dropped", msg)
+            return
         self._push(self.now + self._between(self.cfg.delay), _DELIVER, msg, None)
         if self.dup and self._random() < self.dup:
             self._push(self.now + self._between(self.cfg.delay), _DELIVER, msg, None)
@@ -423,6 +444,7 @@ class Sim:
                 m.step_down("lease lost")
         elif (
             n.voter
+            and self.cfg.auto_elect
             and etcd_ok
             and m.ticks_since_leader >= n.election_ticks
             and not self.oracle.live(self.now)
@@ -436,37 +458,86 @@ class Sim:
                              and not self.blocked[(n.id, v)] and not self.blocked[(v, n.id)])
                 peers[v] = p.machine.tip() if reachable and p.machine else None
             if not self.cfg.precheck or should_campaign(m.tip(), peers) or n.deferrals >= 2:
-                term = self.oracle.campaign(n.id, self.now, self.rng)
-                if term:
-                    if term in self.term_owner:
-                        raise self.fail(f"term {term} granted twice")
-                    self.term_owner[term] = n.id
-                    n.lease_term, n.lease_renewed_at, n.deferrals = term, self.now, 0
-                    n.proposed = {}
-                    self._note(f"{n.id} won term", term)
-                    m.become_leader(term, f"start:{term}".encode())
+                self._campaign(n)
             else:
                 n.deferrals += 1
         m.tick()
         self._effects(n)
 
+    def _campaign(self, n: _SimNode) -> None:
+        assert n.machine is not None
+        term = self.oracle.campaign(n.id, self.now, self.rng)
+        if not term:
+            return
+        if term in self.term_owner:
+            raise self.fail(f"term {term} granted twice")
+        self.term_owner[term] = n.id
+        n.lease_term, n.lease_renewed_at, n.deferrals = term, self.now, 0
+        n.proposed = {}
+        self._note(f"{n.id} won term", term)
+        n.machine.become_leader(term, f"start:{term}".encode())
+
     def _client(self) -> None:
+        # Clients write to whoever they last saw open, paused or not: requests sent to a
+        # paused (SIGSTOPped) leader wait in its socket buffer and are served on SIGCONT,
+        # before it notices its lease is gone. Fencing must make them harmless.
         open_nodes = [n for n in self.nodes.values()
-                      if n.machine is not None and not n.paused and n.machine.is_open]
+                      if n.machine is not None and n.machine.is_open]
         if not open_nodes:
             return
         n = self.rng.choice(open_nodes)
-        assert n.machine is not None
         payloads = []
         for _ in range(self.rng.randint(1, 3)):
             self._payload_counter += 1
             payloads.append(f"c{self._payload_counter}".encode())
+        if n.paused:
+            n.deferred.append((_SCRIPT, lambda sim, i=n.id, p=payloads: sim.propose(i, p), None))
+        else:
+            self.propose(n.id, payloads)
+
+    # ------------------------------------------------------------------ script actions
+
+    def propose(self, node: str, payloads: list[bytes]) -> None:
+        n = self.nodes[node]
+        if n.machine is None:
+            return
         res = n.machine.propose(payloads)
         self._note(f"{n.id} propose", res)
         if hasattr(res, "first"):
             for i, p in enumerate(payloads):
                 n.proposed[res.first + i] = p  # type: ignore[attr-defined]
         self._effects(n)
+
+    def campaign(self, node: str) -> None:
+        """Make ``node`` win the next term now, as if the current lease had just expired."""
+        self.oracle.holder = None
+        self._campaign(self.nodes[node])
+        self._effects(self.nodes[node])
+
+    def crash(self, node: str) -> None:
+        n = self.nodes[node]
+        if n.machine is not None:
+            self._note(f"{node} CRASH")
+            n.machine = None
+            n.incarnation += 1  # writes not yet applied are lost
+
+    def restart(self, node: str) -> None:
+        n = self.nodes[node]
+        if n.machine is None:
+            self._note(f"{node} RESTART")
+            self._start(n)
+
+    def isolate(self, group: Sequence[str]) -> None:
+        """Cut every link between ``group`` and the other nodes, both ways."""
+        links = [(x, y) for x in group for y in self.ids if y not in group]
+        for x, y in links:
+            self.blocked[(x, y)] += 1
+            self.blocked[(y, x)] += 1
+        self._note("ISOLATE", group)
+
+    def heal_links(self) -> None:
+        self.blocked.clear()
+        self._note("LINKS HEALED")
 
     # ------------------------------------------------------------------ faults
 
@@ -587,6 +658,17 @@ class Sim:
                             f"highest ever committed {len(hist) - 1}")
 
 
+# Random schedules that most often line up Raft's figure 8 (5 voters, one entry per batch, no
+# pre-check, frequent faults): used to hunt seeds that catch the commit_any_term variant.
+HUNT = dict(duration=2000, heal=400, precheck=False, voters=5, fault_gap=(20, 100),
+            fault_len=(20, 200), delay=(1, 10))
+
+
+def hunt_config(seed: int, unsafe: Unsafe) -> SimConfig:
+    cfg = random_config(random.Random(seed), unsafe=unsafe, **HUNT)
+    return replace(cfg, limits=replace(cfg.limits, max_batch_entries=1, max_inflight=1))
+
+
 def run_many(seeds: range, **overrides: object) -> list[SimResult]:
     out = []
     for seed in seeds:
@@ -603,20 +685,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--unsafe", action="append", default=[],
                     choices=("commit_any_term", "skip_promises"))
     ap.add_argument("--trace", action="store_true", help="print the whole trace on failure")
+    ap.add_argument("--hunt", action="store_true",
+                    help="use the figure-8 hunting config and report every failing seed")
+    ap.add_argument("--duration", type=int, help="override the faulty phase length")
     args = ap.parse_args(argv)
     unsafe = Unsafe(**{k: True for k in args.unsafe})
+    extra = {} if args.duration is None else {"duration": args.duration}
+    failures = 0
     for seed in range(args.seed, args.seed + args.count):
-        rng = random.Random(seed)
-        cfg = random_config(rng, unsafe=unsafe)
+        if args.hunt:
+            cfg = hunt_config(seed, unsafe)
+        else:
+            cfg = random_config(random.Random(seed), unsafe=unsafe, **extra)
         sim = Sim(seed, cfg, trace_len=10**7 if args.trace else 60)
         try:
             r = sim.run()
         except SimFailure as e:
-            print(e, file=sys.stderr)
-            return 1
+            failures += 1
+            print(e if not args.hunt else str(e).splitlines()[0], file=sys.stderr)
+            if not args.hunt:
+                return 1
+            continue
         print(f"seed {seed}: ok, committed {r.committed}, acked {r.acked}, "
               f"terms {r.terms}, events {r.events}")
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,182 @@
+"""Seeded simulated-cluster schedules for the replication state machine (geo.replication.sim).
+
+Every schedule is reproducible from its seed; a failure message carries the seed, the
+config, the last steps, and the command that replays it with a full trace.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import replace
+
+import pytest
+
+from geo.replication.core import Limits, Role, Unsafe
+from geo.replication.messages import Append, Message
+from geo.replication.sim import Sim, SimConfig, SimFailure, hunt_config, random_config
+
+SHORT = 2000  # short schedules: 600 time units of faults, 400 healed (+ convergence)
+LONG = 100  # long schedules: 4000 time units of faults
+CHUNK = 250
+
+
+def run_seed(seed: int, **overrides: object) -> None:
+    cfg = random_config(random.Random(seed), **overrides)
+    Sim(seed, cfg).run()
+
+
+@pytest.mark.parametrize("first", range(0, SHORT, CHUNK))
+def test_short_schedules(first: int) -> None:
+    for seed in range(first, first + CHUNK):
+        run_seed(seed, duration=600, heal=400)
+
+
+@pytest.mark.parametrize("first", range(100_000, 100_000 + LONG, 50))
+def test_long_schedules(first: int) -> None:
+    for seed in range(first, first + 50):
+        run_seed(seed, duration=4000, heal=1000)
+
+
+def test_three_and_five_voters_with_standby_all_covered() -> None:
+    shapes = set()
+    for seed in range(200):
+        cfg = random_config(random.Random(seed))
+        shapes.add((cfg.voters, cfg.standbys))
+    assert shapes == {(3, 0), (3, 1), (5, 0), (5, 1)}
+
+
+def test_schedules_are_reproducible() -> None:
+    def fingerprint(seed: int) -> tuple:
+        cfg = random_config(random.Random(seed), duration=600, heal=400)
+        sim = Sim(seed, cfg)
+        r = sim.run()
+        return (r.committed, r.acked, r.terms, r.events, tuple(sim.committed))
+
+    assert fingerprint(7) == fingerprint(7)
+    assert fingerprint(7) != fingerprint(8)
+
+
+def test_schedules_do_real_work() -> None:
+    """Guard against a simulator that 'passes' because nothing happens."""
+    results = [
+        Sim(seed, random_config(random.Random(seed), duration=600, heal=400)).run()
+        for seed in range(100)
+    ]
+    assert sum(r.acked for r in results) > 3000
+    assert sum(r.terms > 1 for r in results) > 30  # failovers happen
+    assert all(r.committed > 0 for r in results)
+
+
+# ------------------------------------------------------------------------ scripted scenarios
+
+QUIET = SimConfig(
+    voters=5,
+    delay=(1, 1),
+    disk_delay=(1, 1),
+    loss=0.0,
+    dup=0.0,
+    lease_ttl=100_000,
+    duration=400,
+    heal=0,
+    limits=Limits(max_batch_entries=1, max_inflight=1, check_quorum_ticks=1000,
+                  recovery_timeout_ticks=1000),
+    auto_elect=False,
+    random_faults=False,
+    clients=False,
+    check_liveness=False,
+)
+
+
+def figure8() -> list[tuple[int, Callable[[Sim], object]]]:
+    """Raft paper figure 8 adapted to the Promise/term-start protocol.
+
+    1. v0 leads; x is appended at position 2 and reaches v1 only; v0 crashes.
+    2. v4 wins with promises of v2, v3 (v1 cut off), appends its term-start record at 2,
+       which reaches nobody; v4 crashes.
+    3. v0 restarts and wins with v1, v2: it adopts its own log (x at 2) and ships x to v2
+       while its own term-start record (position 3) does not get through to v2/v3. x is
+       now on a majority (v0, v1, v2) but is of an older term.
+    4. v0 crashes, v1 is cut off; v4 restarts and wins with v2, v3: its last term (2) is
+       the highest among them, so it overwrites x. Committing x in step 3 would be a loss.
+    """
+
+    def drop(pred: Callable[[Message], bool] | None) -> Callable[[Sim], None]:
+        return lambda m: setattr(m, "drop", pred)
+
+    return [
+        (5, lambda m: m.campaign("v0")),
+        (60, lambda m: m.isolate(["v0", "v1"])),
+        (61, lambda m: m.propose("v0", [b"x"])),
+        (80, lambda m: m.crash("v0")),
+        (81, lambda m: (m.heal_links(), m.isolate(["v1"]))),
+        (82, drop(lambda msg: isinstance(msg, Append) and msg.src == "v4"
+                  and bool(msg.entries))),
+        (83, lambda m: m.campaign("v4")),
+        (120, lambda m: m.crash("v4")),
+        (121, lambda m: (m.heal_links(), m.restart("v0"), m.isolate(["v4"]))),
+        (122, lambda m: setattr(m, "drop", lambda msg: isinstance(msg, Append)
+                                and msg.dst in ("v2", "v3")
+                                and any(e.position >= 3 for e in msg.entries)
+                                # a probe it will reject still goes through
+                                and m.nodes[msg.dst].disk.last_position() >= 2)),
+        (123, lambda m: m.campaign("v0")),
+        (200, lambda m: (m.crash("v0"), m.heal_links(), m.isolate(["v1"]))),
+        (201, drop(None)),
+        (202, lambda m: m.restart("v4")),
+        (203, lambda m: m.campaign("v4")),
+    ]
+
+
+def test_figure8_schedule_is_safe_with_the_current_term_rule() -> None:
+    sim = Sim(0, QUIET, script=figure8())
+    sim.run()
+    # the scenario really happened: v4 ended up leading and x was overwritten
+    v4 = sim.nodes["v4"].machine
+    assert v4 is not None and v4.role == Role.LEADER and v4.is_open
+    assert sim.nodes["v2"].disk.entry(2).payload.startswith(b"start:")
+
+
+def test_simulator_catches_commit_of_old_term_entries_by_counting() -> None:
+    sim = Sim(0, replace(QUIET, unsafe=Unsafe(commit_any_term=True)), script=figure8())
+    with pytest.raises(SimFailure, match=r"seed=0: .*(truncate|committed)") as info:
+        sim.run()
+    assert "last steps:" in str(info.value) and "reproduce:" in str(info.value)
+
+
+# ------------------------------------------------------------------------ broken variants
+
+
+def first_failure(seeds: range, **overrides: object) -> tuple[int, str] | None:
+    for seed in seeds:
+        try:
+            run_seed(seed, **overrides)
+        except SimFailure as e:
+            return seed, str(e)
+    return None
+
+
+def test_random_schedules_catch_a_leader_that_skips_the_promise_step() -> None:
+    found = first_failure(range(200), duration=600, heal=400,
+                          unsafe=Unsafe(skip_promises=True))
+    assert found is not None, "the checker never failed: it cannot be trusted"
+    seed, message = found
+    assert f"seed={seed}" in message and "--unsafe skip_promises" in message
+
+
+# Found by `python -m geo.replication.sim --hunt --unsafe commit_any_term --count 3000`:
+# random schedules rarely line up figure 8 (about 1 in 1000 even with the hunting config), so
+# the suite replays known catching seeds instead of searching. If the simulator's use of
+# randomness changes, re-hunt and update the list.
+COMMIT_ANY_TERM_SEEDS = (143, 511, 1813)
+
+
+def test_random_schedules_catch_commit_of_old_term_entries_on_known_seeds() -> None:
+    caught = []
+    for seed in COMMIT_ANY_TERM_SEEDS:
+        Sim(seed, hunt_config(seed, Unsafe())).run()  # the correct protocol passes
+        try:
+            Sim(seed, hunt_config(seed, Unsafe(commit_any_term=True))).run()
+        except SimFailure as e:
+            caught.append((seed, str(e)))
+    assert caught, "no known seed catches commit_any_term any more: re-hunt"
