@@ -1,0 +1,372 @@
+"""Store benchmarks (`xdc bench store`, `make bench`): each figure next to its ceiling or
+peer, measured in the same run, medians of several runs.
+
+- batched durable ingest through gRPC (AppendStream, 200-byte events) vs the raw LMDB
+  ceiling (putmulti of the same records, one fsync per 1000);
+- single-event appends through the client, 256 in flight, fsync before every ack, vs
+  NATS JetStream (Debian's nats-server, nats-py publish_async, 256 in flight);
+- catch-up subscription throughput from a large log;
+- restart: spawn of `xdc serve` on a large log until it answers a read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import lmdb
+
+from store import records
+from store.client import CaughtUp, StoreClient, new_event
+from store.log import Log, PreparedAppend
+from store.process import ServeProcess
+from xdc.v1 import eventstore_pb2 as pb
+
+PAYLOAD = 200
+
+
+def _identity(b: bytes) -> bytes:
+    return b
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+# ---- raw LMDB ceiling ----------------------------------------------------------------------
+
+def lmdb_ceiling(n: int, batch: int = 1000) -> float:
+    """Records/s writing n framed 200-byte records with putmulti(append) and one fsync per
+    `batch`: what any store on LMDB from Python can at best do."""
+    d = tempfile.mkdtemp(prefix="xdc-bench-lmdb-")
+    try:
+        env = lmdb.open(d, map_size=1 << 36, max_dbs=2, sync=True, metasync=True)
+        db = env.open_db(b"log")
+        value = records.encode(1, 1, 1, 0, records.stream_field(b"s"), b"x" * PAYLOAD)
+        t0 = time.perf_counter()
+        pos = 1
+        while pos <= n:
+            k = min(batch, n - pos + 1)
+            with env.begin(write=True, db=db) as txn:
+                txn.cursor().putmulti([(records.position_key(p), value)
+                                       for p in range(pos, pos + k)], append=True)
+            pos += k
+        dt = time.perf_counter() - t0
+        env.close()
+        return n / dt
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def commit_latency_ms(samples: int = 200) -> float:
+    """p50 of one durable LMDB commit of one record: two flushes (an fdatasync of the
+    data pages, then the O_DSYNC write of the meta page). With k appends in flight, no
+    durable store on this disk can answer more than k / this latency per second."""
+    d = tempfile.mkdtemp(prefix="xdc-bench-fsync-")
+    try:
+        env = lmdb.open(d, map_size=1 << 30, sync=True, metasync=True)
+        lat = []
+        for i in range(samples):
+            t = time.perf_counter()
+            with env.begin(write=True) as txn:
+                txn.put(records.position_key(i), b"x" * PAYLOAD)
+            lat.append(time.perf_counter() - t)
+        env.close()
+        return _median(lat) * 1e3
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# ---- batched ingest through gRPC ----------------------------------------------------------
+
+def _ingest_messages(n: int, per_append: int, appends_per_msg: int, streams: int) -> list[bytes]:
+    data = b"x" * PAYLOAD
+    msgs = []
+    made = 0
+    cid = 0
+    while made < n:
+        appends = []
+        for a in range(appends_per_msg):
+            k = min(per_append, n - made)
+            if k <= 0:
+                break
+            appends.append(pb.AppendRequest(stream=f"ingest-{(cid + a) % streams}", events=[
+                pb.ProposedEvent(id=uuid.uuid4().bytes, type="Tick", data=data)
+                for _ in range(k)]))
+            made += k
+        cid += 1
+        msgs.append(pb.AppendStreamRequest(correlation_id=cid, appends=appends)
+                    .SerializeToString())
+    return msgs
+
+
+async def _pipeline(address: str, msgs: list[bytes], inflight: int) -> float:
+    """Sends pre-serialized AppendStream messages with `inflight` outstanding; returns s."""
+    async with grpc.aio.insecure_channel(address, options=[
+            ("grpc.max_send_message_length", 64 << 20),
+            ("grpc.max_receive_message_length", 64 << 20)]) as ch:
+        method = ch.stream_stream("/xdc.v1.EventStore/AppendStream",
+                                  request_serializer=_identity, response_deserializer=_identity)
+        call = method()
+        slots = asyncio.Semaphore(inflight)
+
+        async def write() -> None:
+            for m in msgs:
+                await slots.acquire()
+                await call.write(m)
+            await call.done_writing()
+
+        t0 = time.perf_counter()
+        writer = asyncio.ensure_future(write())
+        got = 0
+        async for resp in call:
+            parsed = pb.AppendStreamResponse.FromString(resp)
+            if any(r.WhichOneof("result") != "ok" for r in parsed.results):
+                raise RuntimeError(f"append refused: {parsed.results[0]}")
+            got += 1
+            slots.release()
+        await writer
+        assert got == len(msgs)
+        return time.perf_counter() - t0
+
+
+def batched_ingest(n: int) -> float:
+    msgs = _ingest_messages(n, per_append=500, appends_per_msg=2, streams=8)
+    with tempfile.TemporaryDirectory(prefix="xdc-bench-ingest-") as d, ServeProcess(d) as node:
+        dt = asyncio.run(_pipeline(node.address, msgs, inflight=16))
+    return n / dt
+
+
+# ---- single-event appends through the client ---------------------------------------------
+
+async def _single_appends(address: str, n: int, inflight: int) -> tuple[float, list[float]]:
+    data = b"x" * PAYLOAD
+    latencies: list[float] = []
+    async with StoreClient(address, timeout_s=30) as client:
+        per_worker = n // inflight
+
+        async def worker(w: int) -> None:
+            stream = f"single-{w % 16}"
+            for _ in range(per_worker):
+                event = new_event("Tick", data)
+                t = time.perf_counter()
+                await client.append(stream, event)
+                latencies.append(time.perf_counter() - t)
+
+        await client.append("warmup", new_event("Tick", data))
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(inflight)))
+        dt = time.perf_counter() - t0
+    return per_worker * inflight / dt, latencies
+
+
+def single_appends(n: int, inflight: int = 256) -> tuple[float, float, float]:
+    with tempfile.TemporaryDirectory(prefix="xdc-bench-single-") as d, ServeProcess(d) as node:
+        eps, lat = asyncio.run(_single_appends(node.address, n, inflight))
+    lat.sort()
+    return eps, lat[len(lat) // 2] * 1e3, lat[int(len(lat) * 0.99)] * 1e3
+
+
+# ---- NATS JetStream peer -----------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def nats_single(n: int, inflight: int = 256) -> float | None:
+    binary = shutil.which("nats-server")
+    if binary is None:
+        return None
+    import nats
+
+    with tempfile.TemporaryDirectory(prefix="xdc-bench-nats-") as d:
+        port = _free_port()
+        proc = subprocess.Popen([binary, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", d],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            async def run() -> float:
+                deadline = time.monotonic() + 10
+                while True:
+                    try:
+                        nc = await nats.connect(f"nats://127.0.0.1:{port}")
+                        break
+                    except Exception:
+                        if time.monotonic() > deadline:
+                            raise
+                        await asyncio.sleep(0.05)
+                js = nc.jetstream(publish_async_max_pending=inflight)
+                await js.add_stream(name="bench", subjects=["bench.>"])
+                data = b"x" * PAYLOAD
+                await js.publish("bench.warmup", data)
+                t0 = time.perf_counter()
+                for i in range(n):
+                    await js.publish_async(f"bench.s{i % 16}", data)
+                await js.publish_async_completed()
+                dt = time.perf_counter() - t0
+                info = await js.stream_info("bench")
+                assert info.state.messages == n + 1, info.state
+                await nc.close()
+                return n / dt
+            return asyncio.run(run())
+        finally:
+            os.kill(proc.pid, signal.SIGTERM)
+            proc.wait(10)
+
+
+# ---- catch-up subscription and restart -------------------------------------------------
+
+def build_log(path: str, n: int, batch: int = 5000) -> None:
+    """Fills a log through the store's own writer path (append_group), in batches."""
+    log = Log(path)
+    data = b"x" * PAYLOAD
+    made = 0
+    while made < n:
+        k = min(batch, n - made)
+        evs = [pb.ProposedEvent(id=uuid.uuid4().bytes, type="Tick", data=data)
+               .SerializeToString(deterministic=True) for _ in range(k)]
+        req = PreparedAppend(f"s{made % 64}", f"s{made % 64}".encode(), pb.EXPECTED_ANY, 0,
+                             [b[2:18] for b in evs], evs)
+        results, _ = log.append_group([req], 1, time.time_ns())
+        assert not isinstance(results[0], Exception), results[0]
+        made += k
+    log.close()
+
+
+async def _catch_up(address: str) -> tuple[int, float]:
+    async with StoreClient(address) as client:
+        got = 0
+        t0 = time.perf_counter()
+        async for item in client.subscribe(batches=True):
+            if isinstance(item, CaughtUp):
+                break
+            got += len(item.events)
+        return got, time.perf_counter() - t0
+
+
+def subscribe_catchup(path: str, n: int) -> float:
+    with ServeProcess(path) as node:
+        got, dt = asyncio.run(_catch_up(node.address))
+    assert got == n, (got, n)
+    return got / dt
+
+
+def restart_time(path: str) -> tuple[float, float]:
+    """(seconds from spawn to the first answered read, seconds to open the LMDB log)."""
+    t0 = time.perf_counter()
+    node = ServeProcess(path).start()
+    try:
+        async def first_read() -> None:
+            async with StoreClient(node.address) as client:
+                await client.read("$all", backwards=True, limit=1)
+        asyncio.run(first_read())
+        spawn = time.perf_counter() - t0
+    finally:
+        node.stop()
+    t1 = time.perf_counter()
+    Log(path).close()
+    return spawn, time.perf_counter() - t1
+
+
+# ---- the suite ---------------------------------------------------------------------------
+
+def _timed(label: str, fn: Callable[[], Any]) -> Any:
+    print(f"  {label} ...", flush=True)
+    return fn()
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    runs = 3
+    ingest_n = 100_000 if quick else 500_000
+    single_n = 20_480 if quick else 102_400
+    log_n = 200_000 if quick else 1_000_000
+    restart_n = 1_000_000 if quick else 10_000_000
+    raw: dict[str, list[float]] = {k: [] for k in (
+        "lmdb_ceiling_eps", "batched_ingest_eps", "single_append_eps", "single_append_p50_ms",
+        "single_append_p99_ms", "nats_eps", "subscribe_eps", "commit_ms")}
+    for r in range(runs):
+        print(f"run {r + 1}/{runs}", flush=True)
+        raw["commit_ms"].append(_timed("durable commit latency", commit_latency_ms))
+        raw["lmdb_ceiling_eps"].append(_timed("raw LMDB ceiling", lambda: lmdb_ceiling(ingest_n)))
+        raw["batched_ingest_eps"].append(_timed("batched ingest", lambda: batched_ingest(
+            ingest_n)))
+        eps, p50, p99 = _timed("single appends", lambda: single_appends(single_n))
+        raw["single_append_eps"].append(eps)
+        raw["single_append_p50_ms"].append(p50)
+        raw["single_append_p99_ms"].append(p99)
+        nats_eps = _timed("NATS JetStream", lambda: nats_single(single_n))
+        if nats_eps is not None:
+            raw["nats_eps"].append(nats_eps)
+    with tempfile.TemporaryDirectory(prefix="xdc-bench-log-") as d:
+        _timed(f"building a {log_n}-event log", lambda: build_log(d, log_n))
+        for _ in range(runs):
+            raw["subscribe_eps"].append(_timed("catch-up subscription",
+                                               lambda: subscribe_catchup(d, log_n)))
+    with tempfile.TemporaryDirectory(prefix="xdc-bench-restart-") as d:
+        _timed(f"building a {restart_n}-event log", lambda: build_log(d, restart_n, 20_000))
+        restarts = [_timed("restart", lambda: restart_time(d)) for _ in range(runs)]
+    out: dict[str, Any] = {k: _median(v) for k, v in raw.items()}
+    out["batched_vs_ceiling"] = _median([a / b for a, b in zip(
+        raw["batched_ingest_eps"], raw["lmdb_ceiling_eps"], strict=True)])
+    out["single_vs_nats"] = (_median([a / b for a, b in zip(
+        raw["single_append_eps"], raw["nats_eps"], strict=True)]) if raw["nats_eps"] else None)
+    out["single_append_bound_eps"] = 256 / (out["commit_ms"] / 1e3)
+    out["restart_serve_s"] = _median([s for s, _ in restarts])
+    out["restart_open_s"] = _median([o for _, o in restarts])
+    out["restart_log_events"] = restart_n
+    out["subscribe_log_events"] = log_n
+    out["runs"] = runs
+    out["quick"] = quick
+    out["raw"] = raw
+    out["notes"] = (
+        "nats_eps: nats-server default JetStream file store, which does not fsync before "
+        "acknowledging (sync_interval 2 min); xdc fsyncs before every acknowledgement.")
+    return out
+
+
+def print_table(out: dict[str, Any]) -> None:
+    rows = [
+        ("raw LMDB ceiling (putmulti, fsync/1000)", f"{out['lmdb_ceiling_eps']:,.0f} ev/s", ""),
+        ("batched durable ingest via gRPC", f"{out['batched_ingest_eps']:,.0f} ev/s",
+         f"{out['batched_vs_ceiling']:.0%} of ceiling (target >= 50%)"),
+        ("single appends, 256 in flight", f"{out['single_append_eps']:,.0f} ev/s",
+         f"p50 {out['single_append_p50_ms']:.2f} ms, p99 {out['single_append_p99_ms']:.2f} ms"),
+        ("durable LMDB commit latency (p50)", f"{out['commit_ms']:.2f} ms",
+         f"bound for 256 in flight: {out['single_append_bound_eps']:,.0f} ev/s"),
+        ("NATS JetStream publish_async, 256", f"{out['nats_eps']:,.0f} ev/s",
+         f"xdc/NATS = {out['single_vs_nats']:.2f}x (target >= 2x)"
+         if out["single_vs_nats"] else "nats-server not installed"),
+        (f"catch-up subscribe ({out['subscribe_log_events']:,} events)",
+         f"{out['subscribe_eps']:,.0f} ev/s", "target >= 500k/s"),
+        (f"restart on {out['restart_log_events']:,} events", f"{out['restart_serve_s']:.2f} s",
+         f"spawn to first read; LMDB open {out['restart_open_s'] * 1e3:.1f} ms (target < 1 s)"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"\nxdc bench store ({'quick' if out['quick'] else 'full'}, medians of "
+          f"{out['runs']} runs)")
+    for name, value, note in rows:
+        print(f"  {name:<{width}}  {value:>16}  {note}")
+
+
+def main(quick: bool = False, json_path: str | None = None) -> int:
+    out = run(quick)
+    print_table(out)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(out, indent=2))
+        print(f"wrote {json_path}")
+    return 0
