@@ -702,3 +702,25 @@ def test_restart_from_disk_keeps_promise_and_commit() -> None:
     assert b2.promised_term == 2 and b2.commit == 2 and b2.tip() == Tip(2, 2)
     (rej,) = sends(step(b2, Append("a", "b", 1, 0, 0, (), 0)))
     assert rej.higher_term == 2
+
+
+def test_leader_notices_a_wiped_replica_by_itself() -> None:
+    # No reset_peer: the heartbeat at the known match point is refused, the leader forgets
+    # the match and catches the replica up again.
+    c = Cluster({"a": [1, 1, 1], "b": [1, 1, 1], "s": [1, 1, 1]}, standbys=["s"])
+    leader = c.elect("a", 2)
+    assert leader.status().peers["s"].match == 4
+    c.disks["s"] = MemoryLog()
+    c.nodes["s"] = Node("s", c.voters, c.standbys, c.disks["s"])
+    c.tick("a")
+    c.deliver()
+    assert terms_of(c.disks["s"]) == [1, 1, 1, 2]
+    assert leader.status().peers["s"].match == 4
+
+
+def test_old_reordered_reject_below_match_is_ignored() -> None:
+    c = Cluster({"a": [1, 1, 1], "b": [1, 1, 1], "c": [1, 1, 1]})
+    leader = c.elect("a", 2)
+    leader.step(AppendReply("b", "a", 2, False, rejected=2, hint_pos=1, hint_term=1))
+    assert leader.status().peers["b"].match == 4
+    assert c.nodes["a"].drain() == []

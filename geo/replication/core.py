@@ -1,71 +1,100 @@
 """The replication protocol of DESIGN §4 as a pure, deterministic state machine.
 
 Modelled on etcd-io/raft: no I/O, no clock, no randomness, no threads. The shell (gRPC
-streams + LMDB + etcd) feeds inputs and executes the effects the machine queues. Terms come
-from OUTSIDE (the ``create_revision`` of the etcd leader key): the machine never invents one.
+streams + LMDB + etcd) feeds inputs and executes the effects the machine queues, then feeds
+back the results. Terms come from OUTSIDE (the ``create_revision`` of the etcd leader key):
+the machine never invents one. A ``Node`` is not thread-safe: drive it from one task.
 
-Construction
-------------
-``Node(node_id, voters, standbys, log, promised_term=..., commit=..., limits=...)``
+Construction (at start and after every restart; a crash throws the old instance away)
+---------------------------------------------------------------------------------------
+``Node(node_id, voters, standbys, log, promised_term=P, commit=C, limits=Limits(...))``
 
-* ``log`` is a :class:`~geo.replication.log.LogView` over the node's durable log; the
-  machine never holds the whole log in memory, only the writes it has issued and not yet
-  seen acknowledged (bounded by ``Limits.max_unpersisted_entries``).
-* ``promised_term`` and ``commit`` are the values last persisted in ``meta`` (0 for a new
-  node). ``commit`` may lag (it is only a hint that saves work after a restart) but must never
-  be above what was really committed: persist a value only after a ``Committed`` effect.
+* ``voters`` / ``standbys``: the static membership from the cluster config (every node
+  must be given the same sets). Quorum = majority of voters; standbys never count.
+* ``log``: a :class:`~geo.replication.log.LogView` over the node's durable log (LMDB
+  ``log`` database). Read-only: every write happens through a ``Persist`` effect. The view
+  must reflect every write already acknowledged with ``on_persisted``; it may also reflect
+  later writes (applied, not yet acknowledged), never a write out of order. The machine
+  keeps in memory only the entries of writes it has not seen acknowledged yet.
+* ``P`` = ``meta.promised_term``; ``C`` = ``meta.commit`` (0 for a new node). ``commit``
+  may lag (persist it lazily, from ``Committed`` effects only), never lead.
 
-Inputs (each may queue effects; call :meth:`Node.drain` afterwards)
-------------------------------------------------------------------
-* ``step(msg)``: a peer message arrived (any type of ``messages.Message``, ``msg.dst`` must
-  be this node).
-* ``on_persisted(seq)``: the ``Persist`` with this ``seq`` (and every lower one) is durable.
-* ``tick()``: a unit of time passed (the shell calls it on a monotonic timer, e.g. every
-  50 ms). All timeouts in :class:`Limits` count ticks.
-* ``become_leader(term, start_payload)``: the shell won the etcd key; ``term`` is its
-  create_revision. Starts the Promise/recovery step; ``start_payload`` is the payload of the
-  term-start record appended once the log is recovered.
-* ``step_down(reason)``: the shell could not renew the lease in time (or is stopping):
-  stop leading at once; proposals are refused from now on.
-* ``propose(payloads) -> Accepted | Refused``: client writes; only on an open leader.
-* ``reset_peer(peer)``: (leader) the peer's replica was replaced by an empty one (new or
-  wiped standby): forget what it acknowledged and catch it up from position 1.
+Inputs (each may queue effects; call :meth:`Node.drain` after each, or after a batch)
+-----------------------------------------------------------------------------------------
+* ``step(msg)``: a peer message arrived (``msg.dst`` is this node). Any message may be
+  lost, duplicated, delayed or reordered by the transport.
+* ``on_persisted(seq)``: the ``Persist`` with this ``seq`` is durable, and with it every
+  lower seq (acknowledgements are cumulative). Seqs start at 1 for each ``Node`` instance.
+* ``tick()``: one unit of monotonic time passed (e.g. every 50 ms). Every timeout in
+  :class:`Limits` counts ticks.
+* ``become_leader(term, start_payload)``: the shell won the etcd key (a transaction
+  guarded by ``create_revision == 0``, attached to its lease); ``term`` is that
+  create_revision. Starts the Promise/recovery step; ``start_payload`` becomes the payload
+  of the term-start record. If ``term`` is not above our promise, ``SteppedDown`` is
+  emitted at once (the key is stale: give it back).
+* ``step_down(reason)``: the lease could not be renewed in time (stop before it can expire,
+  measured on a monotonic clock) or the node is stopping. Proposals are refused from now on.
+* ``propose(payloads) -> Accepted(first, last, term) | Refused(reason, leader)``: client
+  writes, only on an open leader. Batch them (group commit): one call, one ``Persist``.
+* ``reset_peer(peer)``: (leader) the peer came back with an empty log (new or wiped
+  standby). Optional: the leader also notices when its heartbeat is refused.
 
-Queries: ``tip()`` (last term and position, for the election pre-check), ``status()``,
-``role``, ``term``, ``promised_term``, ``commit`` (visible commit), ``is_open``,
-``leader``. Pure helper for the Patroni-style pre-check: :func:`should_campaign`.
+Queries: ``tip()`` (last term and position: what the pre-check RPC answers), ``status()``
+(role, terms, commit, per-peer match/lag/in_sync: for ``xdc cluster status``), ``role``,
+``term``, ``promised_term``, ``commit`` (visible commit), ``is_open``, ``leader``,
+``ticks_since_leader`` (the election timer). Pure pre-check helper: :func:`should_campaign`.
 
-Effects (``drain()`` returns them in order; see ``messages`` for the fields)
--------------------------------------------------------------------------
-* ``Send(msg)``: best effort, any order, may be sent before earlier ``Persist`` effects are
-  durable (everything whose meaning depends on durability is only emitted after
-  ``on_persisted``).
-* ``Persist(seq, truncate_after, entries, promised_term)``: one atomic write, applied in
-  ``seq`` order; acknowledge with ``on_persisted(seq)``. A crash may lose any suffix of the
-  unacknowledged writes, never an acknowledged one.
-* ``Committed(upto)``: positions <= upto are quorum-committed and durable here. The leader
-  answers clients up to there; every node may expose reads up to there.
-* ``LeaderOpen(term, start_position)``: the term-start record is committed; accept writes.
-* ``SteppedDown(term, reason)``: no longer leader: fail unanswered proposals as 'unknown
-  outcome' (they may still commit under the next leader: clients retry with the same event
-  ids), resign the etcd key if still held.
-* ``LeaderKnown(term, leader)``: a follower learned who leads; use it to redirect writes.
+Effects (``drain()`` returns them in the order they must be executed)
+-----------------------------------------------------------------------
+* ``Send(msg)``: deliver to ``msg.dst``, best effort. May go out before earlier ``Persist``
+  effects are durable: whatever depends on durability (acks, promise replies) is only
+  emitted after the matching ``on_persisted``.
+* ``Persist(seq, truncate_after, entries, promised_term)``: ONE atomic write transaction
+  ending in fsync, applied strictly in seq order: delete positions > truncate_after (if not
+  None; never at or below the commit position), append ``entries`` (gapless), store
+  ``promised_term`` in meta. ``entries`` may be empty (a promise alone must still be
+  durable). Consecutive writes may share one transaction; acknowledge the last seq. A crash
+  may lose unacknowledged writes (a suffix of them), never an acknowledged one.
+* ``Committed(upto)``: positions <= upto are committed by a quorum of voters AND durable
+  here. Leader: answer the clients whose proposals end at or below ``upto``. Every node:
+  reads and subscriptions may expose positions <= upto. Never decreases.
+* ``LeaderOpen(term, start_position)``: the term-start record is committed: accept writes.
+* ``SteppedDown(term, reason)``: no longer leading ``term``: fail every unanswered
+  proposal with an 'unknown outcome' status (it may still commit under the next leader, or
+  be overwritten: clients retry with the same event ids), resign the etcd key / revoke the
+  lease if still held, redirect writes.
+* ``LeaderKnown(term, leader)``: a follower learned who leads: redirect writes there.
 
-Protocol summary (why each rule exists is in the code comments)
-----------------------------------------------------------------
-1. Fencing: every node persists ``promised_term`` with its log writes and rejects Append,
-   Promise and Fetch from lower terms; a message of a higher term raises the promise.
+Protocol (the reason for each rule is next to its code)
+---------------------------------------------------------
+1. Fencing: every node persists ``promised_term`` atomically with its log writes and
+   rejects Append, Promise and Fetch from lower terms; any message of a higher term raises
+   the promise (a leader that sees one steps down). A paused old leader therefore never
+   gathers a quorum again: a majority has promised the newer term.
 2. Election: after ``become_leader(T)`` the node promises T itself and sends ``Promise(T)``
-   to the voters. A voter replies (after its promise is durable) with its log tip. With a
-   majority of voters, the leader adopts the most up-to-date promiser log (highest last
-   term, then position), fetching the missing suffix from that peer in bulk ranges, appends
-   a term-start record in T and opens once that record is committed.
-3. Replication: batches bounded in entries and bytes, at most ``max_inflight`` per peer, each
-   carrying prev (position, term) and the commit position. Followers check the prev,
-   truncate a divergent uncommitted suffix, persist, then ack the durable matching position.
-   A reject carries a hint so the leader backs up over a whole divergent term at once.
-4. Commit: the highest position held by a majority of voters whose entry is of the
-   current term. Standbys are shipped the log but never count.
+   to the other voters; each replies once its promise is durable, with its log tip. With a
+   majority (itself included), the leader adopts the most up-to-date promiser log (highest
+   last term, then position), fetching the missing suffix from that peer in bulk ranges and
+   truncating its own divergent uncommitted suffix, then appends the term-start record in T
+   and opens once that record is committed. Any two majorities intersect, so every
+   committed record is in the adopted log.
+3. Replication: batches bounded in entries and bytes, at most ``max_inflight`` per peer,
+   each carrying prev (position, term) and the leader's commit position. A follower checks
+   the prev, keeps entries it already holds, truncates a divergent uncommitted suffix,
+   persists, then acks the durable matching position. A reject carries a hint so the leader
+   backs up over a whole divergent term in one round trip. Lost batches are retransmitted
+   after ``retransmit_ticks``; idle peers get heartbeats (commit carriers).
+4. Commit: the highest position held by a majority of voters whose entry is of the current
+   term (Raft's rule, see ``_leader_maybe_commit``). Followers learn it from the leader.
+5. Liveness guards: a leader steps down without replies from a voter majority for
+   ``check_quorum_ticks`` ('lost quorum'), or when the promise/fetch step makes no progress
+   for ``recovery_timeout_ticks``; the shell then resigns the key so another node can try.
+
+Not handled here: membership changes, log compaction/snapshots, and wiped VOTERS. A voter
+that lost its disk forgot its promise and the records it acknowledged; letting it vote again
+breaks the quorum-intersection argument. It must rejoin as a standby until caught up (a
+configuration change), and should start with ``promised_term`` set to etcd's current
+revision so that no old leader can use it.
 """
 
 from __future__ import annotations
@@ -897,9 +926,16 @@ class Node:
                 self._publish_commit()
             self._send_append(m.src)
             return
-        if m.rejected <= pr.match:
+        if m.rejected < pr.match:
             return  # stale: we since learned it matches further
-        if pr.state == PeerState.PROBE and m.rejected != pr.next - 1:
+        if m.rejected == pr.match:
+            # A heartbeat at the known match point was refused: the peer lost what it had
+            # acknowledged (wiped standby, or a stale ack from its previous life arrived
+            # after reset_peer). Forgetting the match is never unsafe, it only delays
+            # commit; if this was merely an old reordered reject, it costs one probe.
+            pr.match = 0
+            pr.in_sync = False
+        elif pr.state == PeerState.PROBE and m.rejected != pr.next - 1:
             return  # answer to an older probe
         probe = self._find_le(m.hint_pos, m.hint_term)
         pr.next = max(min(m.rejected, probe + 1), pr.match + 1)

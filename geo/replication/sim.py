@@ -527,6 +527,36 @@ class Sim:
             self._note(f"{node} RESTART")
             self._start(n)
 
+    def pause(self, node: str) -> None:
+        n = self.nodes[node]
+        if n.machine is not None and not n.paused:
+            self._note(f"{node} PAUSE")
+            n.paused = True
+
+    def resume(self, node: str) -> None:
+        n = self.nodes[node]
+        if n.machine is not None and n.paused:
+            self._resume(n)
+
+    def wipe(self, node: str, tell_leader: bool = True) -> None:
+        """Replace a standby's disk by an empty one (new machine, or lost disk) and tell the
+        leader, as the shell does when a peer reconnects with an empty log. Voters are not
+        wiped: a voter that forgets its promises and acknowledgements breaks the quorum
+        intersection argument (see the module docstring of core)."""
+        n = self.nodes[node]
+        if n.voter:
+            raise ValueError("wiping a voter is not a supported operation")
+        self.crash(node)
+        n.disk = MemoryLog()
+        n.checked_upto = 0
+        self.restart(node)
+        if not tell_leader:
+            return  # the leader must notice by itself (its heartbeat at the match is refused)
+        for other in self.nodes.values():
+            if other.machine is not None and other.machine.role == Role.LEADER:
+                other.machine.reset_peer(node)
+                self._effects(other)
+
     def isolate(self, group: Sequence[str]) -> None:
         """Cut every link between ``group`` and the other nodes, both ways."""
         links = [(x, y) for x in group for y in self.ids if y not in group]
@@ -544,7 +574,7 @@ class Sim:
     def _fault(self) -> None:
         rng = self.rng
         kind = rng.choice(("crash", "crash_leader", "pause", "pause_leader", "partition",
-                           "asym", "etcd", "isolate_leader"))
+                           "asym", "etcd", "isolate_leader", "wipe_standby"))
         length = rng.randint(*self.cfg.fault_len)
         ids = self.ids
         target = rng.choice(ids)
@@ -554,7 +584,10 @@ class Sim:
             if not leaders:
                 return
             target = rng.choice(leaders)
-        if kind in ("crash", "crash_leader"):
+        if kind == "wipe_standby":
+            if self.standbys:
+                self.wipe(rng.choice(self.standbys), tell_leader=rng.random() < 0.5)
+        elif kind in ("crash", "crash_leader"):
             n = self.nodes[target]
             if n.machine is None:
                 return
