@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench proto lint sysdeps clean
+.PHONY: demo test bench proto lint lint-infra sysdeps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,5 +32,9 @@ proto: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# checkov on deploy/terraform, in its own virtualenv (.venv-infra).
+lint-infra:
+	scripts/lint-infra
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .venv-infra .pytest_cache
