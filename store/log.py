@@ -18,6 +18,7 @@ stream; a stream with no event has last revision 0.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import struct
@@ -76,6 +77,33 @@ class Appended:
     last_position: int
     last_revision: int
     duplicate: bool = False
+
+
+# (stream key, first position, event ids): one append's records, for the index.
+Span = tuple[bytes, int, list[bytes]]
+
+
+@dataclass(slots=True)
+class Sequenced:
+    """Appends turned into records at positions first.., not yet written."""
+
+    first: int
+    results: list[Appended | StoreError] = field(default_factory=list)
+    values: list[bytes] = field(default_factory=list)
+    spans: list[Span] = field(default_factory=list)
+
+
+def _spans_of(values: list[bytes], first: int) -> list[Span]:
+    """Spans of consecutive records of one stream, read from the records themselves."""
+    spans: list[Span] = []
+    key = b""
+    for i, value in enumerate(values):
+        k = records.stream_bytes_of(value)
+        if k != key or not spans:
+            spans.append((k, first + i, []))
+            key = k
+        spans[-1][2].append(records.id_of(value))
+    return spans
 
 
 @dataclass(slots=True, frozen=True)
@@ -179,68 +207,181 @@ class Log:
 
     # ---- writer side -------------------------------------------------------------
 
-    def append_group(self, reqs: list[PreparedAppend], term: int,
-                     now_ns: int) -> tuple[list[Appended | StoreError], list[bytes]]:
-        """Applies a group of appends in one write transaction with one fsync.
-
-        Each append is atomic on its own: a refused one writes nothing and the others
-        proceed. Returns the per-append results and the new stored records (for
-        replication). On a storage failure nothing is written and every append of the
-        group gets the same RESOURCE_EXHAUSTED error.
-        """
-        assert term >= 1
-        first = self.last_position + 1
-        pos = first
-        ts = max(now_ns, self.last_timestamp_ns)
-        results: list[Appended | StoreError] = []
-        values: list[bytes] = []
-        streams: dict[bytes, list[int]] = {}
-        runs: dict[tuple[bytes, int], tuple[int, int]] = {}
-        encode = records.encode
+    @contextlib.contextmanager
+    def write(self) -> Iterator[lmdb.Transaction]:
+        """One write transaction, committed with fsync on exit. The writer thread only.
+        On any failure nothing is written and the in-memory tips are restored."""
+        tips = (self.last_position, self.last_term, self.last_timestamp_ns, self.promised_term,
+                self.commit_position)
         try:
             with self.env.begin(write=True) as txn:
-                ids_cur = txn.cursor(self.ids_db)
-                for req in reqs:
-                    st = streams.get(req.stream_key)
-                    if st is None:
-                        raw = txn.get(req.stream_key, db=self.streams_db)
-                        st = list(_STREAM.unpack(raw)) if raw else [0, 0, 0, 0, 0]
-                        streams[req.stream_key] = st
-                    found = ids_cur.getmulti(req.ids)
-                    try:
-                        if found:
-                            results.append(self._duplicate(txn, req, found, first, values))
-                            continue
-                        check_expected(req.stream, req.expected, req.expected_revision, st[0])
-                    except StoreError as err:
-                        results.append(err)
-                        continue
-                    n = len(req.bodies)
-                    rev = st[0] + 1
-                    keys = [_pos_key(p) for p in range(pos, pos + n)]
-                    ids_cur.putmulti(list(zip(req.ids, keys, strict=True)))
-                    fld = req.stream_fld
-                    values.extend([
-                        encode(pos + i, term, rev + i, ts, fld, body)
-                        for i, body in enumerate(req.bodies)
-                    ])
-                    _advance_stream(st, runs, req.stream_key, pos, n)
-                    results.append(Appended(pos, pos + n - 1, st[0]))
-                    pos += n
-                if values:
-                    txn.cursor(self.log_db).putmulti(
-                        list(zip(map(_pos_key, range(first, pos)), values, strict=True)),
-                        append=True,
-                    )
-                    self._put_streams_and_runs(txn, streams, runs)
+                yield txn
+        except BaseException:
+            (self.last_position, self.last_term, self.last_timestamp_ns, self.promised_term,
+             self.commit_position) = tips
+            raise
+
+    def append_group(self, reqs: list[PreparedAppend], term: int,
+                     now_ns: int) -> tuple[list[Appended | StoreError], list[bytes]]:
+        """A standalone node's group commit: sequence the appends and write them in one
+        write transaction with one fsync.
+
+        Each append is atomic on its own: a refused one writes nothing and the others
+        proceed. Returns the per-append results and the new stored records. On a storage
+        failure nothing is written and every append of the group gets the same
+        RESOURCE_EXHAUSTED error.
+        """
+        try:
+            with self.write() as txn:
+                seq = self.sequence(txn, reqs, self.last_position + 1, term, now_ns)
+                if seq.values:
+                    self.write_records(txn, seq.values, seq.first, seq.spans)
         except lmdb.Error as exc:
-            err = _disk_error(self.path, exc)
-            return [err] * len(reqs), []
-        if values:
-            self.last_position = pos - 1
-            self.last_term = term
-            self.last_timestamp_ns = ts
-        return results, values
+            return [self.disk_error(exc)] * len(reqs), []
+        return seq.results, seq.values
+
+    def disk_error(self, exc: Exception) -> StoreError:
+        return _disk_error(self.path, exc)
+
+    def sequence(self, txn: lmdb.Transaction, reqs: list[PreparedAppend], first: int,
+                 term: int, now_ns: int) -> Sequenced:
+        """Turns appends into records at positions first.., in `term`, writing nothing:
+        checks idempotency and expected revisions against the transaction's state plus
+        the appends sequenced before them in this group."""
+        assert term >= 1 and first >= 1
+        pos = first
+        ts = max(now_ns, self.last_timestamp_ns)
+        out = Sequenced(first)
+        revisions: dict[bytes, int] = {}
+        group_ids: dict[bytes, int] = {}
+        ids_cur = txn.cursor(self.ids_db)
+        encode = records.encode
+        for req in reqs:
+            key = req.stream_key
+            last_rev = revisions.get(key)
+            if last_rev is None:
+                raw = txn.get(key, db=self.streams_db)
+                last_rev = _STREAM.unpack(raw)[0] if raw else 0
+            found = ids_cur.getmulti(req.ids)
+            if group_ids:
+                found += [(i, _pos_key(group_ids[i])) for i in req.ids if i in group_ids]
+            try:
+                if found:
+                    out.results.append(self._duplicate(txn, req, found, first, out.values))
+                    continue
+                check_expected(req.stream, req.expected, req.expected_revision, last_rev)
+            except StoreError as err:
+                out.results.append(err)
+                continue
+            n = len(req.bodies)
+            fld = req.stream_fld
+            out.values.extend([encode(pos + i, term, last_rev + 1 + i, ts, fld, body)
+                               for i, body in enumerate(req.bodies)])
+            group_ids.update(zip(req.ids, range(pos, pos + n), strict=True))
+            out.spans.append((key, pos, req.ids))
+            revisions[key] = last_rev + n
+            out.results.append(Appended(pos, pos + n - 1, last_rev + n))
+            pos += n
+        return out
+
+    def write_records(self, txn: lmdb.Transaction, values: list[bytes], first: int,
+                      spans: list[Span] | None = None,
+                      truncate_after: int | None = None) -> None:
+        """The only way records enter the log, on leaders and followers alike: optionally
+        drop the suffix after `truncate_after`, then append `values` at first.. and derive
+        the streams, stream index and ids entries from them. `spans` (stream, position,
+        ids per append) saves re-parsing when the caller already knows them."""
+        if truncate_after is not None and truncate_after < self.last_position:
+            assert truncate_after >= self.commit_position, (
+                f"truncating at {truncate_after} below the commit position "
+                f"{self.commit_position}")
+            self._truncate(txn, truncate_after)
+        if not values:
+            return
+        assert first == self.last_position + 1, (
+            f"gap: writing at {first} after {self.last_position}")
+        if spans is None:  # records from elsewhere (replication, a term-start record)
+            values = [records.patch_position(v, first + i) for i, v in enumerate(values)]
+            spans = _spans_of(values, first)
+        else:
+            assert records.position_of(values[-1]) == first + len(values) - 1
+        streams: dict[bytes, list[int]] = {}
+        runs: dict[tuple[bytes, int], tuple[int, int]] = {}
+        id_items: list[tuple[bytes, bytes]] = []
+        for key, pos, ids in spans:
+            st = streams.get(key)
+            if st is None:
+                raw = txn.get(key, db=self.streams_db)
+                st = list(_STREAM.unpack(raw)) if raw else [0, 0, 0, 0, 0]
+                streams[key] = st
+            assert records.revision_of(values[pos - first]) == st[0] + 1, (
+                f"stream revisions must be dense: {key!r} at position {pos}")
+            _advance_stream(st, runs, key, pos, len(ids))
+            id_items.extend(zip(ids, map(_pos_key, range(pos, pos + len(ids))), strict=True))
+        txn.cursor(self.ids_db).putmulti(id_items)
+        last = first + len(values) - 1
+        txn.cursor(self.log_db).putmulti(
+            list(zip(map(_pos_key, range(first, last + 1)), values, strict=True)), append=True)
+        self._put_streams_and_runs(txn, streams, runs)
+        self.last_position = last
+        self.last_term = records.term_of(values[-1])
+        self.last_timestamp_ns = max(self.last_timestamp_ns, records.timestamp_of(values[-1]))
+
+    def _truncate(self, txn: lmdb.Transaction, after: int) -> None:
+        """Removes positions > after and every index entry derived from them."""
+        cur = txn.cursor(self.log_db)
+        cut: dict[bytes, int] = {}  # stream -> lowest removed revision
+        ids_db = self.ids_db
+        if cur.set_key(_pos_key(after + 1)):
+            for value in cur.iternext(keys=False):
+                key = records.stream_bytes_of(value)
+                rev = records.revision_of(value)
+                cut[key] = min(rev, cut.get(key, rev))
+                txn.delete(records.id_of(value), db=ids_db)
+            cur.set_key(_pos_key(after + 1))
+            while cur.delete():
+                pass
+        idx = txn.cursor(self.index_db)
+        for key, lowest in cut.items():
+            keep = lowest - 1
+            prefix = key + b"\x00"
+            # Drop runs starting after `keep`, then shorten the run holding it.
+            if idx.set_range(prefix + _pos_key(keep + 1)):
+                while idx.key().startswith(prefix) and idx.delete():
+                    pass
+            if keep == 0:
+                txn.delete(key, db=self.streams_db)
+                continue
+            raw = txn.get(key, db=self.streams_db)
+            assert raw is not None
+            first_pos = _STREAM.unpack(raw)[1]
+            target = prefix + _pos_key(keep)
+            if idx.set_range(target):
+                if idx.key() != target:
+                    idx.prev()
+            else:
+                idx.last()
+            assert idx.key().startswith(prefix), "the kept revision must have a run"
+            run_rev = _BE64.unpack(idx.key()[len(prefix):])[0]
+            run_pos, _ = _RUN.unpack(idx.value())
+            assert run_rev <= keep, "a run must hold the kept revision"
+            idx.put(idx.key(), _RUN.pack(run_pos, keep - run_rev + 1))
+            last_pos = run_pos + keep - run_rev
+            txn.put(key, _STREAM.pack(keep, first_pos, last_pos, run_rev, run_pos),
+                    db=self.streams_db)
+        self.last_position = after
+        value = txn.get(_pos_key(after), db=self.log_db) if after else None
+        self.last_term = records.term_of(value) if value else 0
+
+    def set_meta(self, txn: lmdb.Transaction, *, promised_term: int | None = None,
+                 commit_position: int | None = None) -> None:
+        if promised_term is not None and promised_term != self.promised_term:
+            assert promised_term > self.promised_term, "promised_term never decreases"
+            txn.put(b"promised_term", _pos_key(promised_term), db=self.meta_db)
+            self.promised_term = promised_term
+        if commit_position is not None and commit_position > self.commit_position:
+            txn.put(b"commit_position", _pos_key(commit_position), db=self.meta_db)
+            self.commit_position = commit_position
 
     def _put_streams_and_runs(self, txn: lmdb.Transaction, streams: dict[bytes, list[int]],
                               runs: dict[tuple[bytes, int], tuple[int, int]]) -> None:

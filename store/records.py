@@ -123,6 +123,27 @@ def body_of(value: bytes) -> bytes:
     return value[_stream_span(value)[1]:]
 
 
+def id_of(value: bytes) -> bytes:
+    """The 16-byte event id: field 1 opens every body (0x0a 0x10 + 16 bytes)."""
+    body_start = _stream_span(value)[1]
+    assert value[body_start] == 0x0A and value[body_start + 1] == 16, "event id expected"
+    return value[body_start + 2:body_start + 18]
+
+
+def patch_position(value: bytes, position: int) -> bytes:
+    """A record built before its position was known (a term-start record, whose position
+    depends on the recovery) carries position 0; every node patches in the same way, so
+    replicas stay byte-identical. Any other record must already carry `position`."""
+    start = _start(value)
+    embedded = _U64.unpack_from(value, start + 1)[0]
+    if embedded == position:
+        return value
+    assert embedded == 0, f"record for position {position} carries position {embedded}"
+    out = bytearray(value)
+    _U64.pack_into(out, start + 1, position)
+    return bytes(out)
+
+
 def type_of(value: bytes) -> str:
     """The event type, read without decoding the whole record (id is field 1, type 2)."""
     body = body_of(value)
