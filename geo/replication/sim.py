@@ -8,18 +8,26 @@ One ``random.Random(seed)`` decides everything, so a seed replays the same sched
   loses every write not yet applied (a write may also be applied but its acknowledgement
   lost, so the log is ahead of what the machine was told);
 * processes: crashes (in-memory state lost, restarted later from the disk), pauses (SIGSTOP:
-  events queue up and are delivered on resume, the node keeps believing what it believed);
+  events and client requests queue up and are served on resume, before the node's timers
+  run: an old leader acts on its stale belief first), wiped standbys (empty disk);
 * an etcd-like oracle: a leader key with a lease on the sim clock, granting strictly
   increasing (not dense) terms to one candidate at a time; nodes may lose etcd access;
 * a shell per node doing what the real one will: lease keepalive and step-down before
-  expiry, election timer, Patroni pre-check, campaign, client proposals.
+  expiry, election timer, Patroni pre-check, campaign, client proposals;
+* scripts: timed actions (``Sim(seed, cfg, script=[(t, fn), ...])`` with ``campaign``,
+  ``crash``, ``restart``, ``pause``, ``resume``, ``wipe``, ``isolate``, ``heal_links``,
+  ``propose`` and a ``drop`` message filter) for exact scenarios such as figure 8.
 
-Checks (raised as :class:`SimFailure` with the seed, the config and the last trace lines):
-every position any node announced committed keeps the same (term, payload) forever on every
-node whose commit covers it (so nodes agree on every position <= their commit); the machine
-invariants hold; a leader opens only once its term-start record is committed; one leader per
-term. After the faulty phase everything heals and the cluster must elect, open and commit
-every record acknowledged to a client on every node (liveness).
+Checks (raised as :class:`SimFailure` with the seed, the config and the last trace lines),
+at every step: every position any node announced committed (``Committed`` effect, the moment
+a leader answers its client) is recorded once with its (term, payload) in a global history;
+every later announcement by any node must match it, and no disk write may truncate a node
+below what it announced (so no acknowledged record is ever lost or changed, and all nodes
+agree on every position <= their commit); the machine's own invariants hold; a leader opens
+only once its term-start record is in the committed history; one grant per term. At the end:
+every node's committed prefix equals the history, at most one leader per term; then, after
+everything healed, the cluster must converge: one open leader, every node committed up to
+its last position (liveness).
 
 Reproduce a failure: ``python -m geo.replication.sim --seed N [--unsafe NAME] [--trace]``
 (``--hunt`` replays with the figure-8 hunting config, see ``hunt_config``).
@@ -76,6 +84,10 @@ def fmt(obj: object) -> str:
     return "" if obj is None else str(obj)
 
 
+FAULT_KINDS = ("crash", "crash_leader", "pause", "pause_leader", "partition", "asym", "etcd",
+               "isolate_leader", "wipe_standby")
+
+
 @dataclass(slots=True, frozen=True)
 class SimConfig:
     voters: int = 3
@@ -98,6 +110,7 @@ class SimConfig:
     precheck: bool = True  # Patroni-style deferral (off: any voter may win, like a race)
     auto_elect: bool = True  # shells campaign on their election timer (off: scripts only)
     random_faults: bool = True
+    fault_kinds: tuple[str, ...] = FAULT_KINDS  # drawn uniformly: repeat a kind to weight it
     clients: bool = True
     converge_cap: int = 20000  # extra time allowed to converge after the heal phase
 
@@ -573,8 +586,7 @@ class Sim:
 
     def _fault(self) -> None:
         rng = self.rng
-        kind = rng.choice(("crash", "crash_leader", "pause", "pause_leader", "partition",
-                           "asym", "etcd", "isolate_leader", "wipe_standby"))
+        kind = rng.choice(self.cfg.fault_kinds)
         length = rng.randint(*self.cfg.fault_len)
         ids = self.ids
         target = rng.choice(ids)
@@ -735,7 +747,8 @@ def main(argv: list[str] | None = None) -> int:
             r = sim.run()
         except SimFailure as e:
             failures += 1
-            print(e if not args.hunt else str(e).splitlines()[0], file=sys.stderr)
+            print(e if args.trace or not args.hunt else str(e).splitlines()[0],
+                  file=sys.stderr)
             if not args.hunt:
                 return 1
             continue
