@@ -21,6 +21,10 @@ class CommitTracker:
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
         self._changed = asyncio.Event()
+        # Bumped by fail_waiters: a wait begun under an older generation is answered with
+        # the failure instead of waiting for a commit that may never come.
+        self.generation = 0
+        self._failure: StoreError | None = None
 
     def advance(self, position: int) -> None:
         if position <= self.position:
@@ -33,10 +37,14 @@ class CommitTracker:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    async def wait_for(self, position: int) -> None:
-        """Returns once `position` is committed; raises the error given to fail_waiters."""
+    async def wait_for(self, position: int, generation: int | None = None) -> None:
+        """Returns once `position` is committed; raises the error given to fail_waiters,
+        also when it came after `generation` (read before the append was queued)."""
         if position <= self.position:
             return
+        if generation is not None and generation != self.generation:
+            assert self._failure is not None
+            raise self._failure
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiters, (position, next(self._seq), fut))
         await fut
@@ -49,6 +57,8 @@ class CommitTracker:
     def fail_waiters(self, err: StoreError) -> None:
         """Answers every append still waiting for commit: their outcome is in doubt
         (a retry with the same event ids resolves it)."""
+        self.generation += 1
+        self._failure = err
         waiters, self._waiters = self._waiters, []
         for _, _, fut in waiters:
             if not fut.done():

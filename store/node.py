@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 
@@ -17,6 +19,20 @@ from store.errors import StoreError
 from store.limits import Limits
 from store.log import Appended, Log, PreparedAppend
 from store.writer import AdmitHook, DurableHook, Results, Writer
+
+
+class AppendWriter(Protocol):
+    """What a node's writer offers: the standalone Writer, or a cluster replicator."""
+
+    def submit(self, reqs: list[PreparedAppend]) -> asyncio.Future[Results]: ...
+
+    def stop(self) -> None: ...
+
+    @property
+    def pending_events(self) -> int: ...
+
+
+WriterFactory = Callable[[Log, asyncio.AbstractEventLoop], AppendWriter]
 
 
 @dataclass(slots=True)
@@ -35,15 +51,22 @@ class StoreNode:
         self.client_address = client_address
         self.role = Role()
         self.log: Log | None = None
-        self.writer: Writer | None = None
+        self.writer: AppendWriter | None = None
         self.commit: CommitTracker | None = None
         self.admit: AdmitHook = self._standalone_admit
         self.on_durable: DurableHook = self._standalone_durable
 
-    async def start(self) -> None:
+    async def start(self, writer_factory: WriterFactory | None = None) -> None:
+        """Opens the log and starts its writer: the standalone group-commit Writer, or
+        what `writer_factory(log, loop)` makes (a cluster node's replicator)."""
         loop = asyncio.get_running_loop()
         self.log = log = await loop.run_in_executor(
             None, lambda: Log(self.data_dir, node_id=self.node_id))
+        if writer_factory is not None:
+            # A cluster node: only what a quorum holds is committed.
+            self.commit = CommitTracker(log.commit_position)
+            self.writer = writer_factory(log, loop)
+            return
         # Standalone: everything durable is committed.
         self.commit = CommitTracker(log.last_position)
         self.role.term = max(1, log.promised_term)
@@ -73,8 +96,9 @@ class StoreNode:
     async def append(self, reqs: list[PreparedAppend]) -> Results:
         """Appends and waits until each successful append is committed."""
         assert self.writer is not None and self.commit is not None
+        generation = self.commit.generation
         results = await self.writer.submit(reqs)
         last = max((r.last_position for r in results if isinstance(r, Appended)), default=0)
         if last > self.commit.position:
-            await self.commit.wait_for(last)
+            await self.commit.wait_for(last, generation)
         return results

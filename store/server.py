@@ -7,14 +7,14 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from store.limits import Limits
-from store.node import StoreNode
+from store.node import StoreNode, WriterFactory
 from store.service import SERVICE, EventStoreService
 
 
@@ -29,15 +29,19 @@ def server_options(limits: Limits) -> list[tuple[str, int]]:
 class StoreServer:
     """A node and its gRPC server; `start` binds, `stop` drains and closes."""
 
-    def __init__(self, node: StoreNode, listen: str) -> None:
+    def __init__(self, node: StoreNode, listen: str, *,
+                 writer_factory: WriterFactory | None = None,
+                 extra_listen: Sequence[str] = ()) -> None:
         self.node = node
         self.listen = listen
+        self.writer_factory = writer_factory
+        self.extra_listen = list(extra_listen)
         self.port = 0
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
 
     async def start(self) -> None:
-        await self.node.start()
+        await self.node.start(self.writer_factory)
         server = grpc.aio.server(options=server_options(self.node.limits))
         server.add_generic_rpc_handlers((EventStoreService(self.node).handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -46,6 +50,9 @@ class StoreServer:
         self.port = server.add_insecure_port(self.listen)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.listen}")
+        for address in self.extra_listen:
+            if server.add_insecure_port(address) == 0:
+                raise OSError(f"cannot listen on {address}")
         await server.start()
         self.server = server
         for name in ("", SERVICE):

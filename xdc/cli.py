@@ -121,6 +121,36 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_node_run(args: argparse.Namespace) -> int:
+    import logging
+
+    from geo.config import ConfigError, load
+    from geo.node import ClusterNode
+    from store.server import run_until_signalled
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print(f"xdc node run: {exc}", file=sys.stderr)
+        return 2
+    for warning in config.warnings:
+        print(f"xdc node run: warning: {warning}", file=sys.stderr)
+    routes = dict(r.split("=", 1) for r in args.route)
+    node = ClusterNode(config, args.member, args.data, limits=_limits(args), routes=routes)
+
+    async def start() -> str:
+        await node.start()
+        return node.address
+
+    try:
+        asyncio.run(run_until_signalled(start, node.stop))
+    except OSError as exc:
+        print(f"xdc node run: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from xdc.demo import run_demo
     return run_demo()
@@ -146,6 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-event-bytes", type=int, default=1024 * 1024)
     p.add_argument("--max-append-events", type=int, default=10_000)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("node", help="run a clustered store node")
+    nsub = p.add_subparsers(dest="node_command", required=True)
+    p = nsub.add_parser("run", help="run one member of a cluster (etcd leadership)")
+    p.add_argument("--config", required=True, help="cluster TOML")
+    p.add_argument("--member", required=True, help="this node's member id")
+    p.add_argument("--data", help="data directory (default: the member's data_dir)")
+    p.add_argument("--route", action="append", default=[], metavar="MEMBER=HOST:PORT",
+                   help="reach a peer at this address (e.g. through a WAN proxy)")
+    p.add_argument("--max-event-bytes", type=int, default=1024 * 1024)
+    p.add_argument("--max-append-events", type=int, default=10_000)
+    p.set_defaults(func=cmd_node_run)
 
     p = sub.add_parser("append", help="append one event")
     p.add_argument("stream")

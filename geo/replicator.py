@@ -1,0 +1,346 @@
+"""The writer of a clustered store node: one thread that owns the replication state
+machine (geo/replication/core.py) and every LMDB write transaction.
+
+Each cycle takes everything queued (peer messages, ticks, election events, client
+appends), steps the machine, and executes its Persist effects in one write transaction
+with one fsync (group commit): client appends are sequenced against that transaction,
+proposed, and written in it too. Sends, commits and role changes go to the event loop.
+Running the machine and the disk writes on one thread keeps Persist effects in order
+without any locking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import lmdb
+
+from geo.replication.core import Limits as CoreLimits
+from geo.replication.core import Node
+from geo.replication.messages import Accepted, Committed, Effect, Entry, Message, Persist
+from store import records
+from store.errors import StoreError
+from store.limits import Limits
+from store.log import Appended, Log, PreparedAppend, Sequenced
+from store.writer import Results
+from xdc.v1 import eventstore_pb2 as pb
+
+TERM_START_TYPE = "$term-start"
+TERM_NAMESPACE = uuid.UUID("6f1d8a44-2f51-4e0b-9a57-5c1b7e0e7a11")
+
+
+def term_stream(term: int) -> str:
+    """Every term-start record opens a stream of its own: revision 1, whatever log
+    the recovery adopts."""
+    return f"$term.{term}"
+
+
+def term_start_record(cluster_id: str, term: int, leader: str, now_ns: int) -> bytes:
+    """The record a new leader appends (DESIGN §4). Its position is patched in when it
+    is written (store/records.patch_position), since recovery decides it."""
+    body = pb.ProposedEvent(
+        id=uuid.uuid5(TERM_NAMESPACE, f"{cluster_id}/{term}").bytes, type=TERM_START_TYPE,
+        content_type="application/json",
+        data=json.dumps({"term": term, "leader": leader}, sort_keys=True).encode())
+    return records.encode(0, term, 1, now_ns, records.stream_field(term_stream(term).encode()),
+                          body.SerializeToString(deterministic=True))
+
+
+class LmdbLogView:
+    """The machine's read-only view of the LMDB log (geo/replication/log.LogView). It
+    reads through the writer's open transaction when there is one, so it also sees
+    writes not yet durable (allowed: never out of order)."""
+
+    def __init__(self, log: Log) -> None:
+        self.log = log
+        self.txn: lmdb.Transaction | None = None
+
+    def _get_range(self, lo: int, hi: int) -> list[bytes]:
+        if self.txn is not None:
+            return self._scan(self.txn, lo, hi)
+        with self.log.env.begin() as txn:
+            return self._scan(txn, lo, hi)
+
+    def _scan(self, txn: lmdb.Transaction, lo: int, hi: int) -> list[bytes]:
+        cur = txn.cursor(self.log.log_db)
+        out: list[bytes] = []
+        if cur.set_key(records.position_key(lo)):
+            for value in cur.iternext(keys=False):
+                out.append(value)
+                if len(out) == hi - lo + 1:
+                    break
+        assert len(out) == hi - lo + 1, f"log positions {lo}..{hi} missing"
+        return out
+
+    def last_position(self) -> int:
+        return self.log.last_position
+
+    def term_at(self, position: int) -> int:
+        if position == 0:
+            return 0
+        return records.term_of(self._get_range(position, position)[0])
+
+    def entries(self, lo: int, hi: int, max_bytes: int) -> Sequence[Entry]:
+        out: list[Entry] = []
+        size = 0
+        for i, value in enumerate(self._get_range(lo, hi)):
+            size += len(value)
+            if out and size > max_bytes:
+                break
+            out.append(Entry(lo + i, records.term_of(value), value))
+        return out
+
+
+@dataclass(slots=True)
+class _Group:
+    reqs: list[PreparedAppend]
+    future: asyncio.Future[Results]
+
+
+# Posted to the loop after each cycle: effects for the loop, and client results.
+EffectsHook = Callable[[list[Effect], list[tuple[asyncio.Future[Results], Results]]], None]
+
+
+class Replicator:
+    """Same seam as store.writer.Writer (submit/stop), plus the replication inputs."""
+
+    def __init__(self, log: Log, limits: Limits, loop: asyncio.AbstractEventLoop, *,
+                 node_id: str, voters: Sequence[str], standbys: Sequence[str],
+                 on_effects: EffectsHook, leader_address: Callable[[str | None], str],
+                 core_limits: CoreLimits | None = None) -> None:
+        self.log = log
+        self.limits = limits
+        self.loop = loop
+        self.view = LmdbLogView(log)
+        core_limits = core_limits or CoreLimits(
+            max_propose_entries=limits.max_group_events,
+            max_unpersisted_entries=4 * limits.max_group_events)
+        self.core = Node(node_id, voters, standbys, self.view, promised_term=log.promised_term,
+                         commit=log.commit_position, limits=core_limits)
+        self.node_id = node_id
+        self.on_effects = on_effects
+        self.leader_address = leader_address
+        self._cond = threading.Condition()
+        self._inputs: collections.deque[tuple[str, Any]] = collections.deque()
+        self._pending_events = 0
+        self._stopping = False
+        self._commit_to_persist = 0
+        self.groups = 0
+        self.fatal: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="xdc-replicator", daemon=True)
+        self._thread.start()
+
+    # ---- inputs (loop thread) -------------------------------------------------------
+
+    def _put(self, kind: str, arg: Any) -> None:
+        with self._cond:
+            if self._stopping:
+                raise StoreError(grpc.StatusCode.UNAVAILABLE, "node is shutting down",
+                                 retry_after_ms=200)
+            self._inputs.append((kind, arg))
+            self._cond.notify()
+
+    @property
+    def pending_events(self) -> int:
+        return self._pending_events
+
+    def submit(self, reqs: list[PreparedAppend]) -> asyncio.Future[Results]:
+        n = sum(len(r.ids) for r in reqs)
+        if self._pending_events and self._pending_events + n > self.limits.max_pending_events:
+            raise StoreError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"write queue full: {self._pending_events} events pending, max_pending_events "
+                f"({self.limits.max_pending_events}); retry shortly", retry_after_ms=50)
+        fut: asyncio.Future[Results] = self.loop.create_future()
+        self._pending_events += n
+        self._put("appends", _Group(reqs, fut))
+        return fut
+
+    def deliver(self, msgs: list[Message]) -> None:
+        self._put("msgs", msgs)
+
+    def tick(self) -> None:
+        self._put("tick", None)
+
+    def become_leader(self, term: int, payload: bytes) -> None:
+        self._put("lead", (term, payload))
+
+    def step_down(self, reason: str) -> None:
+        self._put("down", reason)
+
+    def query(self, fn: Callable[[Node], Any]) -> asyncio.Future[Any]:
+        """Runs fn(core) on the writer thread (the machine is not thread-safe)."""
+        fut: asyncio.Future[Any] = self.loop.create_future()
+        self._put("query", (fn, fut))
+        return fut
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join()
+
+    # ---- the writer thread ------------------------------------------------------------
+
+    def _take(self) -> list[tuple[str, Any]] | None:
+        with self._cond:
+            while not self._inputs and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                # Answer what is queued: the node is going away.
+                left = list(self._inputs)
+                self._inputs.clear()
+                err = StoreError(grpc.StatusCode.UNAVAILABLE, "node is shutting down",
+                                 retry_after_ms=200)
+                out = [(g.future, [err] * len(g.reqs)) for k, g in left if k == "appends"]
+                if out:
+                    self.loop.call_soon_threadsafe(self.on_effects, [], out)
+                return None
+            taken = list(self._inputs)
+            self._inputs.clear()
+            return taken
+
+    def _run(self) -> None:
+        try:
+            while (taken := self._take()) is not None:
+                self._cycle(taken)
+        except BaseException as exc:  # a disk or invariant failure: this node must stop
+            self.fatal = exc
+            self.loop.call_soon_threadsafe(self.on_effects, [], [])
+            raise
+
+    def _cycle(self, taken: list[tuple[str, Any]]) -> None:
+        core = self.core
+        groups: list[_Group] = []
+        queries = []
+        for kind, arg in taken:
+            if kind == "msgs":
+                for m in arg:
+                    core.step(m)
+            elif kind == "tick":
+                core.tick()
+            elif kind == "appends":
+                groups.append(arg)
+            elif kind == "lead":
+                core.become_leader(*arg)
+            elif kind == "down":
+                core.step_down(arg)
+            elif kind == "query":
+                queries.append(arg)
+        out: list[Effect] = []
+        answers: list[tuple[asyncio.Future[Results], Results]] = []
+        effects = core.drain()
+        propose = bool(groups)
+        while True:
+            if not (propose or self._commit_to_persist > self.log.commit_position
+                    or any(isinstance(e, Persist) for e in effects)):
+                out.extend(effects)
+                break
+            last_seq = 0
+            try:
+                with self.log.write() as txn:
+                    self.view.txn = txn
+                    last_seq = self._apply(txn, effects, out)
+                    if propose:
+                        last_seq = max(last_seq, self._propose(txn, groups, out, answers))
+                    self.log.set_meta(txn, commit_position=min(self._commit_to_persist,
+                                                               self.log.last_position))
+            finally:
+                self.view.txn = None
+            self.groups += 1
+            propose = False
+            if last_seq:
+                core.on_persisted(last_seq)
+            effects = core.drain()
+        for e in out:
+            if isinstance(e, Committed):
+                self._commit_to_persist = max(self._commit_to_persist, e.upto)
+        for fn, fut in queries:
+            try:
+                result = fn(core)
+                self.loop.call_soon_threadsafe(_settle, fut, result, None)
+            except Exception as exc:
+                self.loop.call_soon_threadsafe(_settle, fut, None, exc)
+        self._pending_events -= sum(len(r.ids) for g in groups for r in g.reqs)
+        self.loop.call_soon_threadsafe(self.on_effects, out, answers)
+
+    def _apply(self, txn: lmdb.Transaction, effects: list[Effect], out: list[Effect],
+               seq: Sequenced | None = None) -> int:
+        """Writes the Persist effects in `txn`; passes every other effect on. Returns the
+        last Persist seq written (0 if none)."""
+        last_seq = 0
+        for e in effects:
+            if isinstance(e, Persist):
+                first = e.entries[0].position if e.entries else self.log.last_position + 1
+                if seq is not None and e.entries and first == seq.first:
+                    # Our own proposal: the records and their index spans are at hand.
+                    self.log.write_records(txn, seq.values, first, seq.spans,
+                                           truncate_after=e.truncate_after)
+                else:
+                    self.log.write_records(txn, [x.payload for x in e.entries], first,
+                                           truncate_after=e.truncate_after)
+                self.log.set_meta(txn, promised_term=e.promised_term)
+                last_seq = e.seq
+            else:
+                out.append(e)
+        return last_seq
+
+    def _propose(self, txn: lmdb.Transaction, groups: list[_Group], out: list[Effect],
+                 answers: list[tuple[asyncio.Future[Results], Results]]) -> int:
+        core = self.core
+        reqs = [r for g in groups for r in g.reqs]
+        refusal: StoreError | None = None
+        results: list[Appended | StoreError] = []
+        last_seq = 0
+        if not core.is_open:
+            refusal = self._not_leader(core.leader if core.leader != self.node_id else None)
+        else:
+            assert self.log.last_position == core.tip().position, "log and machine disagree"
+            seq = self.log.sequence(txn, reqs, self.log.last_position + 1, core.term,
+                                    time.time_ns())
+            results = seq.results
+            if seq.values:
+                accepted = core.propose(seq.values)
+                if isinstance(accepted, Accepted):
+                    assert (accepted.first, accepted.last) == (
+                        seq.first, seq.first + len(seq.values) - 1), "positions must agree"
+                    last_seq = self._apply(txn, core.drain(), out, seq)
+                else:
+                    refusal = (self._not_leader(accepted.leader)
+                               if accepted.reason in ("not_leader", "not_open")
+                               else StoreError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                               f"replication backlog ({accepted.reason}); "
+                                               "retry shortly", retry_after_ms=50))
+                    results = [refusal if isinstance(r, Appended) and not r.duplicate else r
+                               for r in results]
+                    refusal = None
+        i = 0
+        for g in groups:
+            n = len(g.reqs)
+            answers.append((g.future, [refusal] * n if refusal else results[i:i + n]))
+            i += n
+        return last_seq
+
+    def _not_leader(self, leader: str | None) -> StoreError:
+        address = self.leader_address(leader)
+        where = f"the leader is {leader} at {address}" if address else "no leader is known yet"
+        return StoreError(grpc.StatusCode.UNAVAILABLE, f"this node does not accept writes: "
+                          f"{where}", leader=address, retry_after_ms=100)
+
+
+def _settle(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)
