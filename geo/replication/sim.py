@@ -103,7 +103,8 @@ class SimConfig:
     fault_len: tuple[int, int] = (20, 400)
     lease_ttl: int = 100
     election_ticks: tuple[int, int] = (12, 30)
-    client_every: int = 12
+    client_every: int = 25  # a client batch (group commit) of 1..client_batch payloads
+    client_batch: int = 5
     limits: Limits = field(default_factory=Limits)
     unsafe: Unsafe = field(default_factory=Unsafe)
     check_liveness: bool = True
@@ -131,7 +132,7 @@ def random_config(rng: random.Random, **overrides: object) -> SimConfig:
         max_fetch_bytes=rng.choice((16, 1 << 20)),
         max_propose_entries=8,
         max_unpersisted_entries=rng.choice((4, 64)),
-        heartbeat_ticks=rng.choice((1, 2)),
+        heartbeat_ticks=rng.choice((1, 2, 3)),  # stays below a round trip + 1
         retransmit_ticks=rtt_ticks + rng.randint(1, 3),
         promise_retry_ticks=rtt_ticks + 1,
         fetch_retry_ticks=rtt_ticks + 1,
@@ -500,7 +501,7 @@ class Sim:
             return
         n = self.rng.choice(open_nodes)
         payloads = []
-        for _ in range(self.rng.randint(1, 3)):
+        for _ in range(self.rng.randint(1, self.cfg.client_batch)):
             self._payload_counter += 1
             payloads.append(f"c{self._payload_counter}".encode())
         if n.paused:
