@@ -14,7 +14,14 @@ import pytest
 
 from geo.replication.core import Limits, Role, Unsafe
 from geo.replication.messages import Append, AppendReply, Message
-from geo.replication.sim import Sim, SimConfig, SimFailure, hunt_config, random_config
+from geo.replication.sim import (
+    Sim,
+    SimConfig,
+    SimFailure,
+    hunt_config,
+    main,
+    random_config,
+)
 
 SHORT = 2000  # short schedules: 600 time units of faults, 400 healed (+ convergence)
 LONG = 100  # long schedules: 4000 time units of faults
@@ -242,3 +249,15 @@ def test_wiped_standby_catches_up_in_bulk_ranges() -> None:
     sim.run()  # includes the convergence check: s0 holds every committed record again
     assert sim.nodes["s0"].disk.commit == len(sim.committed) - 1 > 100
     assert max(sizes) >= 50  # ranges, not one record at a time
+
+
+def test_failure_message_replays_the_same_failure(capsys: pytest.CaptureFixture[str]) -> None:
+    found = first_failure(range(200), duration=600, heal=400,
+                          unsafe=Unsafe(skip_promises=True))
+    assert found is not None
+    _, message = found
+    command = message.splitlines()[1].split("reproduce: python -m geo.replication.sim ")[1]
+    assert main(command.split()) == 1
+    replayed = capsys.readouterr().err
+    assert replayed.splitlines()[0] == message.splitlines()[0]
+    assert len(replayed.splitlines()) > len(message.splitlines())  # --trace: every step

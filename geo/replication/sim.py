@@ -29,7 +29,8 @@ every node's committed prefix equals the history, at most one leader per term; t
 everything healed, the cluster must converge: one open leader, every node committed up to
 its last position (liveness).
 
-Reproduce a failure: ``python -m geo.replication.sim --seed N [--unsafe NAME] [--trace]``
+Reproduce a failure with the command its message prints, e.g.
+``python -m geo.replication.sim --seed N --duration D --heal H [--hunt] [--unsafe NAME] --trace``
 (``--hunt`` replays with the figure-8 hunting config, see ``hunt_config``).
 """
 
@@ -252,6 +253,7 @@ class Sim:
             self._push(self.rng.randint(*c.fault_gap), _FAULT, None, None)
         if c.clients:
             self._push(c.client_every, _CLIENT, None, None)
+        self._scripted = bool(script)
         for at, action in script:
             self._push(at, _SCRIPT, action, None)
         self.drop: Callable[[Message], bool] | None = None  # scripted message filter
@@ -273,15 +275,22 @@ class Sim:
     def fail(self, why: str) -> SimFailure:
         lines = [f"t={t} {w} {fmt(d)}" for t, w, d in self.trace]
         return SimFailure(
-            f"seed={self.seed}: {why}\n  reproduce: python -m geo.replication.sim "
-            f"--seed {self.seed}{self._unsafe_flag()} --trace\n  config: {self.cfg}\n"
+            f"seed={self.seed}: {why}\n  reproduce: {self._repro()}\n  config: {self.cfg}\n"
             "  last steps:\n    " + "\n    ".join(lines)
         )
 
-    def _unsafe_flag(self) -> str:
-        u = self.cfg.unsafe
-        return "".join(f" --unsafe {k}" for k in ("commit_any_term", "skip_promises")
-                       if getattr(u, k))
+    def _repro(self) -> str:
+        if self._scripted:
+            return "scripted scenario: rerun its test (the trace below is complete up to 60 steps)"
+        c = self.cfg
+        unsafe = [k for k in ("commit_any_term", "skip_promises") if getattr(c.unsafe, k)]
+        for hunt in (False, True):
+            argv = (["--seed", str(self.seed), "--duration", str(c.duration), "--heal",
+                     str(c.heal)] + (["--hunt"] if hunt else [])
+                    + [x for k in unsafe for x in ("--unsafe", k)])
+            if cli_config(_parser().parse_args(argv), self.seed) == c:
+                return "python -m geo.replication.sim " + " ".join(argv) + " --trace"
+        return "custom config: build it from the config line below, then Sim(seed, cfg).run()"
 
     def _start(self, n: _SimNode) -> None:
         n.incarnation += 1
@@ -724,7 +733,7 @@ def run_many(seeds: range, **overrides: object) -> list[SimResult]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--count", type=int, default=1)
@@ -734,16 +743,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hunt", action="store_true",
                     help="use the figure-8 hunting config and report every failing seed")
     ap.add_argument("--duration", type=int, help="override the faulty phase length")
-    args = ap.parse_args(argv)
+    ap.add_argument("--heal", type=int, help="override the healed phase length")
+    return ap
+
+
+def cli_config(args: argparse.Namespace, seed: int) -> SimConfig:
     unsafe = Unsafe(**{k: True for k in args.unsafe})
-    extra = {} if args.duration is None else {"duration": args.duration}
+    cfg = hunt_config(seed, unsafe) if args.hunt else random_config(random.Random(seed),
+                                                                     unsafe=unsafe)
+    if args.duration is not None:
+        cfg = replace(cfg, duration=args.duration)
+    if args.heal is not None:
+        cfg = replace(cfg, heal=args.heal)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     failures = 0
     for seed in range(args.seed, args.seed + args.count):
-        if args.hunt:
-            cfg = hunt_config(seed, unsafe)
-        else:
-            cfg = random_config(random.Random(seed), unsafe=unsafe, **extra)
-        sim = Sim(seed, cfg, trace_len=10**7 if args.trace else 60)
+        sim = Sim(seed, cli_config(args, seed), trace_len=10**7 if args.trace else 60)
         try:
             r = sim.run()
         except SimFailure as e:
