@@ -427,6 +427,8 @@ class Sim:
 
     def _on_committed(self, n: _SimNode, upto: int) -> None:
         disk = n.disk
+        if upto <= disk.commit:
+            raise self.fail(f"{n.id} announced commit {upto} after {disk.commit}: it decreased")
         if upto > disk.last_position():
             raise self.fail(f"{n.id} announced commit {upto} beyond its durable log "
                             f"{disk.last_position()}")
@@ -442,7 +444,7 @@ class Sim:
             if n.proposed.get(pos) == e.payload:
                 self.acked[pos] = e.payload  # answered to the client now
         n.checked_upto = max(n.checked_upto, upto)
-        disk.commit = max(disk.commit, upto)  # meta.commit, persisted lazily: any value is safe
+        disk.commit = upto  # meta.commit (a real shell may persist it lazily: it only lags)
 
     def _send(self, msg: Message) -> None:
         if self.blocked[(msg.src, msg.dst)] or self._random() < self.loss:
