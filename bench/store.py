@@ -12,6 +12,7 @@ peer, measured in the same run, medians of several runs.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import shutil
@@ -153,24 +154,29 @@ def batched_ingest(n: int) -> float:
 # ---- single-event appends through the client ---------------------------------------------
 
 async def _single_appends(address: str, n: int, inflight: int) -> tuple[float, list[float]]:
+    """One producer loop with `inflight` appends outstanding: the same shape as the NATS
+    peer's publish_async loop."""
     data = b"x" * PAYLOAD
     latencies: list[float] = []
     async with StoreClient(address, timeout_s=30) as client:
-        per_worker = n // inflight
-
-        async def worker(w: int) -> None:
-            stream = f"single-{w % 16}"
-            for _ in range(per_worker):
-                event = new_event("Tick", data)
-                t = time.perf_counter()
-                await client.append(stream, event)
-                latencies.append(time.perf_counter() - t)
-
         await client.append("warmup", new_event("Tick", data))
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(w) for w in range(inflight)))
-        dt = time.perf_counter() - t0
-    return per_worker * inflight / dt, latencies
+        window: collections.deque[asyncio.Future[Any]] = collections.deque()
+        perf = time.perf_counter
+
+        def done(sent: float) -> Callable[[asyncio.Future[Any]], None]:
+            return lambda fut: latencies.append(perf() - sent)
+
+        t0 = perf()
+        for i in range(n):
+            if len(window) >= inflight:
+                await window.popleft()
+            fut = client.append_nowait(f"single-{i % 16}", new_event("Tick", data))
+            fut.add_done_callback(done(perf()))
+            window.append(fut)
+        for fut in window:
+            await fut
+        dt = perf() - t0
+    return n / dt, latencies
 
 
 def single_appends(n: int, inflight: int = 256) -> tuple[float, float, float]:

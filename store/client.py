@@ -180,6 +180,14 @@ class StoreClient:
                      timeout_s: float | None = None) -> pb.AppendResponse:
         """Appends events to one stream atomically; returns once committed. Raises
         AppendError when refused (wrong expected revision, invalid input, ...)."""
+        return await self.append_nowait(stream, events, expected, expected_revision, timeout_s)
+
+    def append_nowait(self, stream: str,
+                      events: pb.ProposedEvent | Iterable[pb.ProposedEvent],
+                      expected: int = ANY, expected_revision: int = 0,
+                      timeout_s: float | None = None) -> asyncio.Future[pb.AppendResponse]:
+        """Queues an append and returns its future at once (a producer's `send`): many
+        appends in flight from one task, each answered in order of its stream."""
         if isinstance(events, pb.ProposedEvent):
             events = [events]
         request = pb.AppendRequest(stream=stream, expected=expected,
@@ -188,7 +196,7 @@ class StoreClient:
         deadline = loop.time() + (timeout_s if timeout_s is not None else self.timeout_s)
         pending = _Pending(request, loop.create_future(), deadline)
         self._enqueue(pending)
-        return await pending.future
+        return pending.future
 
     def _enqueue(self, pending: _Pending) -> None:
         if self._closed:

@@ -8,6 +8,7 @@ import re
 from store.errors import StoreError, invalid
 from store.limits import Limits
 from store.log import EXACT, PreparedAppend
+from store.records import stream_field
 from xdc.v1 import eventstore_pb2 as pb
 
 ALL = "$all"
@@ -40,8 +41,25 @@ def check_stream_name(stream: str, limits: Limits, field: str = "stream",
     return key
 
 
+# Stream names recently validated -> (key, encoded stream field): producers append to
+# the same streams over and over. Bounded: cleared when full.
+_STREAM_CACHE: dict[tuple[str, int], tuple[bytes, bytes]] = {}
+_STREAM_CACHE_MAX = 65_536
+
+
+def _stream(stream: str, limits: Limits, field: str) -> tuple[bytes, bytes]:
+    cached = _STREAM_CACHE.get((stream, limits.max_stream_name_bytes))
+    if cached is not None:
+        return cached
+    key = check_stream_name(stream, limits, field)
+    if len(_STREAM_CACHE) >= _STREAM_CACHE_MAX:
+        _STREAM_CACHE.clear()
+    value = _STREAM_CACHE[(stream, limits.max_stream_name_bytes)] = (key, stream_field(key))
+    return value
+
+
 def prepare(req: pb.AppendRequest, limits: Limits, prefix: str = "") -> PreparedAppend:
-    stream_key = check_stream_name(req.stream, limits, f"{prefix}stream")
+    stream_key, stream_fld = _stream(req.stream, limits, f"{prefix}stream")
     kind = req.expected
     if kind not in _EXPECTED_KINDS:
         raise invalid(f"{prefix}expected", f"unknown ExpectedKind {kind}")
@@ -96,7 +114,8 @@ def prepare(req: pb.AppendRequest, limits: Limits, prefix: str = "") -> Prepared
                 raise invalid(f"{prefix}events[{i}].id", f"duplicates events[{seen[event_id]}].id "
                                                          "in the same append")
             seen[event_id] = i
-    return PreparedAppend(req.stream, stream_key, kind, req.expected_revision, ids, bodies)
+    return PreparedAppend(req.stream, stream_key, kind, req.expected_revision, ids, bodies,
+                          stream_fld)
 
 
 def _check_metadata(metadata: object, limits: Limits, field: str) -> None:
