@@ -265,9 +265,10 @@ def _best(levels: dict[int, Level], heap: list[int], sgn: int) -> int | None:
 
 
 def _valid_id(s: object, max_len: int) -> bool:
-    # Identifiers end up in the canonical encoding: printable ASCII only, so that every
-    # replica encodes them to the same bytes and no surrogate can make encoding raise.
-    return type(s) is str and 0 < len(s) <= max_len and s.isascii() and s.isprintable()
+    # Identifiers end up in the canonical encoding: printable ASCII without spaces, so
+    # every replica encodes them to the same bytes and no surrogate can make encoding raise.
+    return (type(s) is str and 0 < len(s) <= max_len and s.isascii() and s.isprintable()
+            and " " not in s)
 
 
 def _clean_str(s: object, max_len: int = MAX_ID_LEN) -> str:

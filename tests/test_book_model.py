@@ -57,8 +57,8 @@ LIMITS = EngineLimits(max_symbols=4, max_accounts=5, max_open_orders_per_account
 
 
 def _ok_id(s: object, n: int) -> bool:
-    return isinstance(s, str) and type(s) is str and 0 < len(s) <= n and s.isascii() \
-        and s.isprintable()
+    return type(s) is str and 0 < len(s) <= n and s.isascii() and s.isprintable() \
+        and " " not in s
 
 
 def _clean(s: object, n: int = MAX_ID_LEN) -> str:

@@ -1,0 +1,660 @@
+"""Unit tests of the matching core: order types, STP, replace/reduce, checks, risk,
+poison input, codecs."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+
+import pytest
+
+from engine import events as ev
+from engine.book import Engine, EngineLimits, check_invariants, step
+from engine.codec import (
+    GENESIS,
+    CodecError,
+    chain_events,
+    chain_hash,
+    decode_command,
+    decode_event,
+    encode_command,
+    encode_event,
+    restore,
+    snapshot_bytes,
+    state_hash,
+)
+from engine.commands import (
+    AddSymbol,
+    CancelOrder,
+    Deposit,
+    NewOrder,
+    ReduceOrder,
+    ReplaceOrder,
+    UpdateSymbol,
+    Withdraw,
+)
+from engine.constants import (
+    MAX_PRICE,
+    MAX_SUPPLY,
+    STP,
+    CancelReason,
+    OrderType,
+    Reject,
+    Side,
+    TimeInForce,
+)
+from engine.events import (
+    Accepted,
+    BalanceChanged,
+    BookUpdate,
+    Cancelled,
+    Fill,
+    Halted,
+    Reduced,
+    Rejected,
+    Replaced,
+    SymbolConfig,
+)
+
+BUY, SELL = Side.BUY, Side.SELL
+SYM = "BTC-USD"
+LOT_SYM = "ETH-USD"  # tick 5, lot 10
+USD = 10**9
+
+
+def make(limits: EngineLimits | None = None, band_bps: int = 1000) -> Engine:
+    e = Engine(limits)
+    for c in (
+        AddSymbol(1, SYM, "BTC", "USD", 1, 1, band_bps, 100),
+        AddSymbol(1, LOT_SYM, "ETH", "USD", 5, 10, 1000, 100),
+        Deposit(1, "a", "USD", USD), Deposit(1, "a", "BTC", 1000), Deposit(1, "a", "ETH", 1000),
+        Deposit(1, "b", "USD", USD), Deposit(1, "b", "BTC", 1000), Deposit(1, "b", "ETH", 1000),
+        Deposit(1, "c", "USD", USD), Deposit(1, "c", "BTC", 1000),
+    ):
+        out = e.apply(c)
+        assert not any(isinstance(x, Rejected) for x in out), out
+    return e
+
+
+def run(e: Engine, cmd: object) -> list[ev.Event]:
+    out = e.apply(cmd)
+    check_invariants(e)
+    return out
+
+
+def limit(acct: str, side: int, qty: int, price: int, cid: str = "", **kw: object) -> NewOrder:
+    return NewOrder(10, kw.pop("symbol", SYM), acct, cid, side, qty, price, **kw)  # type: ignore[arg-type]
+
+
+def market(acct: str, side: int, qty: int, tif: int = TimeInForce.IOC, **kw: object) -> NewOrder:
+    return NewOrder(10, SYM, acct, "", side, qty, 0, OrderType.MARKET, tif, **kw)  # type: ignore[arg-type]
+
+
+def of(events: list[ev.Event], cls: type) -> list:
+    return [x for x in events if isinstance(x, cls)]
+
+
+def reasons(events: list[ev.Event]) -> list[str]:
+    return [x.reason for x in of(events, Rejected)]
+
+
+def bal(e: Engine, acct: str, asset: str) -> tuple[int, int]:
+    a = e.accounts[acct]
+    return a.avail.get(asset, 0), a.held.get(asset, 0)
+
+
+# ---------------------------------------------------------------- order types
+
+
+def test_limit_rests_with_accept_and_book_update() -> None:
+    e = make()
+    out = run(e, limit("a", BUY, 5, 99, "x1"))
+    assert out == [
+        Accepted(SYM, 1, "a", "x1", BUY, OrderType.LIMIT, TimeInForce.GTC, 99, 5, 10),
+        BookUpdate(SYM, BUY, 99, 5),
+    ]
+    assert bal(e, "a", "USD") == (USD - 495, 495)
+    assert e.books[SYM].depth(BUY) == [(99, 5)]
+
+
+def test_price_time_priority_partial_fills_at_maker_price() -> None:
+    e = make()
+    run(e, limit("a", SELL, 3, 101))  # oid 1
+    run(e, limit("b", SELL, 4, 100))  # oid 2: better price
+    run(e, limit("a", SELL, 5, 100))  # oid 3: same price, later
+    out = run(e, limit("c", BUY, 10, 101))  # oid 4
+    fills = of(out, Fill)
+    assert [(f.maker_order_id, f.price, f.qty) for f in fills] == [(2, 100, 4), (3, 100, 5),
+                                                                    (1, 101, 1)]
+    assert of(out, BookUpdate) == [BookUpdate(SYM, SELL, 100, 0), BookUpdate(SYM, SELL, 101, 2)]
+    assert all(f.taker_order_id == 4 and f.taker_account == "c" for f in fills)
+    # Taker paid 4*100 + 5*100 + 1*101 and got 10 BTC; nothing rests.
+    assert bal(e, "c", "USD") == (USD - 1001, 0)
+    assert bal(e, "c", "BTC") == (1010, 0)
+    assert bal(e, "b", "USD") == (USD + 400, 0)
+    assert bal(e, "a", "BTC") == (1000 - 8, 2)
+    assert e.books[SYM].ref == 101  # band reference follows the last trade
+
+
+def test_taker_remainder_rests_and_holds_at_its_limit() -> None:
+    e = make()
+    run(e, limit("a", SELL, 2, 98))
+    out = run(e, limit("b", BUY, 5, 100))
+    assert of(out, Fill)[0].qty == 2
+    assert out[-1] == BookUpdate(SYM, BUY, 100, 3)
+    assert bal(e, "b", "USD") == (USD - 2 * 98 - 3 * 100, 300)
+
+
+def test_market_order_uses_band_protection_and_expires_remainder() -> None:
+    e = make()  # ref 100, band 10%: protection 110 for buys, 90 for sells
+    run(e, limit("a", SELL, 2, 105))
+    run(e, limit("a", SELL, 2, 111 - 1))
+    run(e, limit("b", SELL, 5, 110))
+    out = run(e, market("c", BUY, 20))
+    assert out[0] == Accepted(SYM, 4, "c", "", BUY, OrderType.MARKET, TimeInForce.IOC, 110, 20,
+                              10)
+    assert sum(f.qty for f in of(out, Fill)) == 9
+    assert out[-1] == Cancelled(SYM, 4, "c", "", CancelReason.EXPIRED, 11, 10)
+    assert bal(e, "c", "USD") == (USD - 2 * 105 - 7 * 110, 0)
+
+
+def test_market_buy_risk_is_checked_at_protection_price() -> None:
+    e = make()
+    run(e, Deposit(1, "poor", "USD", 109))
+    run(e, limit("a", SELL, 1, 100))
+    assert reasons(run(e, market("poor", BUY, 1))) == [Reject.INSUFFICIENT_BALANCE]
+    run(e, Deposit(1, "poor", "USD", 1))
+    out = run(e, market("poor", BUY, 1))
+    assert of(out, Fill)[0].price == 100
+    assert bal(e, "poor", "USD") == (10, 0) and bal(e, "poor", "BTC") == (1, 0)
+
+
+def test_market_sell_into_empty_book_expires() -> None:
+    e = make()
+    out = run(e, market("a", SELL, 3))
+    assert [type(x) for x in out] == [Accepted, Cancelled]
+    assert out[0].price == 90 and out[1].reason == CancelReason.EXPIRED
+    assert bal(e, "a", "BTC") == (1000, 0)
+
+
+def test_market_gtc_and_market_with_price_rejected() -> None:
+    e = make()
+    assert reasons(run(e, market("a", BUY, 1, TimeInForce.GTC))) == [Reject.INVALID_TIF]
+    bad = NewOrder(1, SYM, "a", "", BUY, 1, 100, OrderType.MARKET, TimeInForce.IOC)
+    assert reasons(run(e, bad)) == [Reject.INVALID_PRICE]
+
+
+def test_ioc_fills_what_crosses_and_expires_rest() -> None:
+    e = make()
+    run(e, limit("a", BUY, 3, 100))
+    out = run(e, limit("b", SELL, 5, 99, tif=TimeInForce.IOC))
+    assert of(out, Fill)[0].qty == 3
+    assert out[-1] == Cancelled(SYM, 2, "b", "", CancelReason.EXPIRED, 2, 10)
+    assert e.books[SYM].depth(SELL) == []
+    assert bal(e, "b", "BTC") == (997, 0)
+
+
+def test_fok_all_or_nothing() -> None:
+    e = make()
+    run(e, limit("a", SELL, 3, 100))
+    run(e, limit("a", SELL, 3, 102))
+    before = state_hash(e)
+    out = run(e, limit("b", BUY, 7, 102, tif=TimeInForce.FOK))
+    assert [type(x) for x in out] == [Accepted, Cancelled]
+    assert out[1].reason == CancelReason.FOK_UNFILLED
+    # Only the order-id counter moved.
+    e2 = restore(snapshot_bytes(e))
+    e2.books[SYM].next_oid -= 1
+    assert state_hash(e2) == before
+    out = run(e, limit("b", BUY, 4, 101, tif=TimeInForce.FOK))
+    assert of(out, Cancelled)[0].reason == CancelReason.FOK_UNFILLED  # 101 reaches only 3
+    out = run(e, limit("b", BUY, 6, 102, tif=TimeInForce.FOK))
+    assert sum(f.qty for f in of(out, Fill)) == 6 and not of(out, Cancelled)
+
+
+def test_post_only() -> None:
+    e = make()
+    run(e, limit("a", SELL, 3, 101))
+    assert reasons(run(e, limit("b", BUY, 1, 101, post_only=True))) == [
+        Reject.POST_ONLY_WOULD_CROSS]
+    out = run(e, limit("b", BUY, 1, 100, post_only=True))
+    assert out[-1] == BookUpdate(SYM, BUY, 100, 1)
+    assert reasons(run(e, limit("b", BUY, 1, 99, post_only=True, tif=TimeInForce.IOC))) == [
+        Reject.INVALID_POST_ONLY]
+    # A resting post-only order may not be replaced into a cross either.
+    assert reasons(run(e, ReplaceOrder(11, SYM, "b", 101, 1, order_id=2))) == [
+        Reject.POST_ONLY_WOULD_CROSS]
+
+
+# ---------------------------------------------------------------- self-trade prevention
+
+
+def _stp_book(mode: int, maker_qty: int = 5, taker_qty: int = 5) -> tuple[Engine, list]:
+    e = make()
+    run(e, limit("b", SELL, 2, 100))  # oid 1, other account, first in line
+    run(e, limit("a", SELL, maker_qty, 100))  # oid 2, own order
+    run(e, limit("b", SELL, 4, 100))  # oid 3
+    out = run(e, limit("a", BUY, taker_qty, 100, stp=mode))  # oid 4
+    return e, out
+
+
+def test_stp_none_allows_self_trade() -> None:
+    _, out = _stp_book(STP.NONE)
+    assert [(f.maker_order_id, f.qty) for f in of(out, Fill)] == [(1, 2), (2, 3)]
+
+
+def test_stp_cancel_newest() -> None:
+    e, out = _stp_book(STP.CANCEL_NEWEST)
+    assert [(f.maker_order_id, f.qty) for f in of(out, Fill)] == [(1, 2)]
+    assert out[-1] == Cancelled(SYM, 4, "a", "", CancelReason.STP, 3, 10)
+    assert e.books[SYM].depth(SELL) == [(100, 9)]  # own maker 5 + other 4 stay
+
+
+def test_stp_cancel_oldest() -> None:
+    e, out = _stp_book(STP.CANCEL_OLDEST)
+    assert of(out, Cancelled) == [Cancelled(SYM, 2, "a", "", CancelReason.STP, 5, 10)]
+    assert [(f.maker_order_id, f.qty) for f in of(out, Fill)] == [(1, 2), (3, 3)]
+    assert e.books[SYM].depth(SELL) == [(100, 1)]
+    assert bal(e, "a", "BTC") == (1005, 0)  # maker's hold released, 5 bought
+
+
+def test_stp_cancel_both() -> None:
+    e, out = _stp_book(STP.CANCEL_BOTH)
+    assert of(out, Cancelled) == [Cancelled(SYM, 2, "a", "", CancelReason.STP, 5, 10),
+                                  Cancelled(SYM, 4, "a", "", CancelReason.STP, 3, 10)]
+    assert e.books[SYM].depth(SELL) == [(100, 4)]
+
+
+def test_stp_decrement_maker_larger() -> None:
+    e, out = _stp_book(STP.DECREMENT_AND_CANCEL, maker_qty=6, taker_qty=5)
+    # 2 trade with b, the remaining 3 decrement the own maker 6 -> 3; taker cancelled.
+    assert of(out, Reduced) == [Reduced(SYM, 2, "a", "", 3, "STP", 10)]
+    assert of(out, Cancelled) == [Cancelled(SYM, 4, "a", "", CancelReason.STP, 3, 10)]
+    assert e.books[SYM].level_orders(SELL, 100)[0][0] == 3
+    assert bal(e, "a", "BTC") == (1000 - 6 + 3 + 2, 3)
+
+
+def test_stp_decrement_equal_and_taker_larger() -> None:
+    e, out = _stp_book(STP.DECREMENT_AND_CANCEL, maker_qty=3, taker_qty=5)
+    assert of(out, Cancelled) == [Cancelled(SYM, 2, "a", "", CancelReason.STP, 3, 10),
+                                  Cancelled(SYM, 4, "a", "", CancelReason.STP, 3, 10)]
+    e, out = _stp_book(STP.DECREMENT_AND_CANCEL, maker_qty=2, taker_qty=8)
+    assert of(out, Reduced) == [Reduced(SYM, 4, "a", "", 4, "STP", 10)]
+    assert [(f.maker_order_id, f.qty) for f in of(out, Fill)] == [(1, 2), (3, 4)]
+    assert not of(out, Cancelled)[1:]
+    assert bal(e, "a", "USD") == (USD - 600, 0)
+
+
+def test_fok_respects_stp() -> None:
+    e = make()
+    run(e, limit("a", SELL, 5, 100))
+    run(e, limit("b", SELL, 5, 101))
+    # Own order first: CANCEL_OLDEST skips it (and the 5 at 101 suffice), NEWEST kills.
+    out = run(e, limit("a", BUY, 5, 101, tif=TimeInForce.FOK, stp=STP.CANCEL_NEWEST))
+    assert of(out, Cancelled)[0].reason == CancelReason.FOK_UNFILLED
+    out = run(e, limit("a", BUY, 5, 101, tif=TimeInForce.FOK, stp=STP.CANCEL_OLDEST))
+    assert of(out, Cancelled)[0].reason == CancelReason.STP  # the own resting order
+    assert sum(f.qty for f in of(out, Fill)) == 5
+
+
+# ---------------------------------------------------------------- cancel, replace, reduce
+
+
+def test_cancel_by_id_and_client_id_releases_hold() -> None:
+    e = make()
+    run(e, limit("a", BUY, 5, 99, "k1"))
+    run(e, limit("a", SELL, 5, 105, "k2"))
+    out = run(e, CancelOrder(11, SYM, "a", order_id=1))
+    assert out == [Cancelled(SYM, 1, "a", "k1", CancelReason.USER, 5, 11),
+                   BookUpdate(SYM, BUY, 99, 0)]
+    out = run(e, CancelOrder(11, SYM, "a", client_order_id="k2"))
+    assert out[0].order_id == 2
+    assert bal(e, "a", "USD") == (USD, 0) and bal(e, "a", "BTC") == (1000, 0)
+    assert reasons(run(e, CancelOrder(11, SYM, "a", order_id=1))) == [Reject.UNKNOWN_ORDER]
+    # The client order id is free again.
+    assert of(run(e, limit("a", BUY, 1, 99, "k1")), Accepted)
+
+
+def test_cannot_touch_another_accounts_order() -> None:
+    e = make()
+    run(e, limit("a", BUY, 5, 99, "k1"))
+    for cmd in (CancelOrder(11, SYM, "b", order_id=1),
+                CancelOrder(11, SYM, "b", client_order_id="k1"),
+                ReplaceOrder(11, SYM, "b", 98, 5, order_id=1),
+                ReduceOrder(11, SYM, "b", 1, order_id=1)):
+        assert reasons(run(e, cmd)) == [Reject.UNKNOWN_ORDER]
+    assert reasons(run(e, CancelOrder(11, SYM, "a"))) == [Reject.INVALID_ORDER_REF]
+    assert reasons(run(e, CancelOrder(11, LOT_SYM, "a", order_id=1))) == [Reject.UNKNOWN_ORDER]
+
+
+def test_replace_loses_priority_reduce_keeps_it() -> None:
+    e = make()
+    run(e, limit("a", BUY, 5, 100))  # 1
+    run(e, limit("b", BUY, 5, 100))  # 2
+    run(e, limit("c", BUY, 5, 100))  # 3
+    out = run(e, ReduceOrder(11, SYM, "a", 2, order_id=1))
+    assert out == [Reduced(SYM, 1, "a", "", 2, "USER", 11), BookUpdate(SYM, BUY, 100, 12)]
+    assert [o[1] for o in e.books[SYM].level_orders(BUY, 100)] == [1, 2, 3]
+    out = run(e, ReplaceOrder(11, SYM, "b", 100, 5, order_id=2))
+    assert out == [Replaced(SYM, 2, "b", "", 100, 5, 11), BookUpdate(SYM, BUY, 100, 7),
+                   BookUpdate(SYM, BUY, 100, 12)]
+    assert [o[1] for o in e.books[SYM].level_orders(BUY, 100)] == [1, 3, 2]
+    assert bal(e, "a", "USD") == (USD - 200, 200)
+    assert reasons(run(e, ReduceOrder(11, SYM, "a", 2, order_id=1))) == [Reject.INVALID_QTY]
+    assert reasons(run(e, ReduceOrder(11, SYM, "a", 0, order_id=1))) == [Reject.INVALID_QTY]
+
+
+def test_replace_to_crossing_price_trades_and_rests_rest() -> None:
+    e = make()
+    run(e, limit("a", SELL, 3, 102))  # 1
+    run(e, limit("b", BUY, 5, 99, "bb"))  # 2
+    out = run(e, ReplaceOrder(11, SYM, "b", 102, 8, client_order_id="bb"))
+    assert [type(x) for x in out] == [Replaced, BookUpdate, Fill, BookUpdate, BookUpdate]
+    assert out[-1] == BookUpdate(SYM, BUY, 102, 5)
+    assert bal(e, "b", "USD") == (USD - 3 * 102 - 5 * 102, 5 * 102)
+    o = e.accounts["b"].cids["bb"]
+    assert (o[1], o[0], o[5]) == (2, 5, 102)
+
+
+def test_replace_risk_and_checks() -> None:
+    e = make()
+    run(e, Deposit(1, "p", "USD", 1000))
+    run(e, limit("p", BUY, 10, 100))
+    assert reasons(run(e, ReplaceOrder(11, SYM, "p", 101, 10, order_id=1))) == [
+        Reject.INSUFFICIENT_BALANCE]
+    assert of(run(e, ReplaceOrder(11, SYM, "p", 99, 10, order_id=1)), Replaced)
+    assert bal(e, "p", "USD") == (10, 990)
+    assert reasons(run(e, ReplaceOrder(11, SYM, "p", 200, 1, order_id=1))) == [
+        Reject.PRICE_OUTSIDE_BAND]
+    assert reasons(run(e, ReplaceOrder(11, SYM, "p", 99, 0, order_id=1))) == [Reject.INVALID_QTY]
+
+
+# ---------------------------------------------------------------- checks and limits
+
+
+def test_tick_lot_band_and_qty_rejects() -> None:
+    e = make()
+    assert reasons(run(e, limit("a", BUY, 10, 102, symbol=LOT_SYM))) == [Reject.INVALID_TICK]
+    assert reasons(run(e, limit("a", BUY, 15, 100, symbol=LOT_SYM))) == [Reject.INVALID_LOT]
+    assert of(run(e, limit("a", BUY, 20, 105, symbol=LOT_SYM)), Accepted)
+    # band: ref 100, 10% -> [90, 110]
+    assert reasons(run(e, limit("a", BUY, 1, 89))) == [Reject.PRICE_OUTSIDE_BAND]
+    assert reasons(run(e, limit("a", SELL, 1, 111))) == [Reject.PRICE_OUTSIDE_BAND]
+    assert of(run(e, limit("a", BUY, 1, 90)), Accepted)
+    assert of(run(e, limit("a", SELL, 1, 110)), Accepted)
+    assert reasons(run(e, limit("a", BUY, 0, 100))) == [Reject.INVALID_QTY]
+    assert reasons(run(e, limit("a", BUY, -1, 100))) == [Reject.INVALID_QTY]
+    assert reasons(run(e, limit("a", BUY, 1, 0))) == [Reject.INVALID_PRICE]
+    assert reasons(run(e, limit("a", BUY, 1, MAX_PRICE + 1))) == [Reject.INVALID_PRICE]
+    assert reasons(run(e, limit("a", BUY, 1, 100, symbol="NOPE"))) == [Reject.UNKNOWN_SYMBOL]
+    assert reasons(run(e, limit("zz", BUY, 1, 100))) == [Reject.UNKNOWN_ACCOUNT]
+
+
+def test_band_follows_last_trade_and_update_symbol() -> None:
+    e = make()
+    run(e, UpdateSymbol(2, SYM, 1000, 200, 1000, 10**6))  # before any trade: ref moves
+    assert e.books[SYM].ref == 200
+    assert reasons(run(e, limit("a", BUY, 1, 100))) == [Reject.PRICE_OUTSIDE_BAND]
+    run(e, limit("a", SELL, 1, 210))
+    run(e, limit("b", BUY, 1, 210))
+    assert e.books[SYM].ref == 210
+    out = run(e, UpdateSymbol(3, SYM, 500, 100, 1000, 10**6))  # after trading: ref kept
+    assert out == [SymbolConfig(SYM, "BTC", "USD", 1, 1, 500, 210, 1000, 10**6, 3)]
+    assert (e.books[SYM].lo, e.books[SYM].hi) == (200, 220)
+    assert reasons(run(e, UpdateSymbol(3, SYM, 0, 100, 1000, 10**6))) == [Reject.INVALID_CONFIG]
+
+
+def test_add_symbol_validation() -> None:
+    e = Engine(EngineLimits(max_symbols=1))
+    assert reasons(run(e, AddSymbol(1, "X", "A", "A", 1, 1, 100, 10))) == [Reject.INVALID_CONFIG]
+    assert reasons(run(e, AddSymbol(1, "X", "A", "B", 3, 1, 100, 10))) == [Reject.INVALID_CONFIG]
+    assert reasons(run(e, AddSymbol(1, "bad sym\n", "A", "B", 1, 1, 100, 10))) == [
+        Reject.INVALID_SYMBOL]
+    assert of(run(e, AddSymbol(1, "X", "A", "B", 1, 1, 100, 10)), SymbolConfig)
+    assert reasons(run(e, AddSymbol(1, "X", "A", "B", 1, 1, 100, 10))) == [Reject.SYMBOL_EXISTS]
+    assert reasons(run(e, AddSymbol(1, "Y", "A", "B", 1, 1, 100, 10))) == [
+        Reject.TOO_MANY_SYMBOLS]
+
+
+def test_risk_rejects_and_balances() -> None:
+    e = make()
+    run(e, Deposit(1, "p", "USD", 500))
+    run(e, Deposit(1, "p", "BTC", 3))
+    assert reasons(run(e, limit("p", BUY, 6, 100))) == [Reject.INSUFFICIENT_BALANCE]
+    assert of(run(e, limit("p", BUY, 5, 100)), Accepted)
+    assert reasons(run(e, limit("p", BUY, 1, 90))) == [Reject.INSUFFICIENT_BALANCE]
+    assert reasons(run(e, limit("p", SELL, 4, 105))) == [Reject.INSUFFICIENT_BALANCE]
+    assert of(run(e, limit("p", SELL, 3, 105)), Accepted)
+    assert reasons(run(e, Withdraw(1, "p", "USD", 1))) == [Reject.INSUFFICIENT_BALANCE]
+    run(e, limit("a", SELL, 5, 100))
+    assert bal(e, "p", "USD") == (0, 0) and bal(e, "p", "BTC") == (5, 3)
+    run(e, limit("b", BUY, 3, 105))
+    assert bal(e, "p", "USD") == (315, 0) and bal(e, "p", "BTC") == (5, 0)
+    out = run(e, Withdraw(2, "p", "USD", 315))
+    assert out == [BalanceChanged("p", "USD", -315, 0, 0, "WITHDRAW", 2)]
+
+
+def test_deposit_validation_and_supply_limit() -> None:
+    e = Engine(EngineLimits(max_accounts=1))
+    assert reasons(run(e, Deposit(1, "a", "USD", 0))) == [Reject.INVALID_AMOUNT]
+    assert reasons(run(e, Deposit(1, "a b", "USD", 1))) == [Reject.INVALID_ACCOUNT]
+    assert reasons(run(e, Deposit(1, "a", "U" * 17, 1))) == [Reject.INVALID_ASSET]
+    assert of(run(e, Deposit(1, "a", "USD", MAX_SUPPLY)), BalanceChanged)
+    assert reasons(run(e, Deposit(1, "a", "USD", 1))) == [Reject.SUPPLY_LIMIT]
+    assert reasons(run(e, Deposit(1, "b", "EUR", 1))) == [Reject.TOO_MANY_ACCOUNTS]
+    assert reasons(run(e, Withdraw(1, "b", "USD", 1))) == [Reject.UNKNOWN_ACCOUNT]
+
+
+def test_open_order_limits_and_duplicate_client_ids() -> None:
+    e = make(EngineLimits(max_open_orders_per_account=2))
+    run(e, AddSymbol(1, "S", "BTC", "USD", 1, 1, 1000, 100, max_orders=3))
+    assert of(run(e, limit("a", BUY, 1, 99, "d", symbol="S")), Accepted)
+    assert reasons(run(e, limit("a", BUY, 1, 99, "d"))) == [Reject.DUPLICATE_CLIENT_ORDER_ID]
+    assert of(run(e, limit("a", BUY, 1, 99)), Accepted)
+    assert reasons(run(e, limit("a", BUY, 1, 99))) == [Reject.TOO_MANY_OPEN_ORDERS]
+    # IOC orders never rest, so the limit does not apply to them.
+    assert of(run(e, limit("a", BUY, 1, 99, tif=TimeInForce.IOC)), Accepted)
+    run(e, limit("b", BUY, 1, 99, symbol="S"))
+    run(e, limit("b", BUY, 1, 98, symbol="S"))
+    assert reasons(run(e, limit("c", BUY, 1, 98, symbol="S"))) == [Reject.BOOK_FULL]
+    assert reasons(run(e, limit("a", BUY, 1, 99, "x" * 65))) == [
+        Reject.INVALID_CLIENT_ORDER_ID]
+
+
+# ---------------------------------------------------------------- poison input
+
+
+class _Raises:
+    """Looks like a NewOrder, but reading ``qty`` raises."""
+
+    ts_ns = 5
+    symbol = SYM
+    account = "a"
+    client_order_id = ""
+    side = BUY
+    order_type = OrderType.LIMIT
+    tif = TimeInForce.GTC
+    stp = STP.NONE
+    post_only = False
+    price = 100
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"ts_ns": -1}, Reject.INVALID_TIMESTAMP),
+        ({"ts_ns": 1.5}, Reject.INVALID_TIMESTAMP),
+        ({"symbol": ["x"]}, Reject.UNKNOWN_SYMBOL),
+        ({"account": None}, Reject.UNKNOWN_ACCOUNT),
+        ({"client_order_id": 7}, Reject.INVALID_CLIENT_ORDER_ID),
+        ({"client_order_id": "\ud800"}, Reject.INVALID_CLIENT_ORDER_ID),
+        ({"side": 2}, Reject.INVALID_SIDE),
+        ({"side": "BUY"}, Reject.INVALID_SIDE),
+        ({"order_type": 9}, Reject.INVALID_ORDER_TYPE),
+        ({"tif": -1}, Reject.INVALID_TIF),
+        ({"stp": 5}, Reject.INVALID_STP),
+        ({"post_only": "yes"}, Reject.INVALID_POST_ONLY),
+        ({"qty": 1.0}, Reject.INVALID_QTY),
+        ({"qty": True}, Reject.INVALID_QTY),
+        ({"qty": "5"}, Reject.INVALID_QTY),
+        ({"price": 100.0}, Reject.INVALID_PRICE),
+        ({"price": None}, Reject.INVALID_PRICE),
+        ({"side": [0]}, Reject.INTERNAL_ERROR),  # unhashable: raises inside, still a reject
+    ],
+)
+def test_malformed_new_orders_are_rejected(changes: dict, reason: str) -> None:
+    e = make()
+    before = state_hash(e)
+    cmd = dataclasses.replace(limit("a", BUY, 1, 100), **changes)
+    out = run(e, cmd)
+    assert len(out) == 1 and out[0].reason == reason
+    assert state_hash(e) == before
+    for x in out:
+        decode_event(encode_event(ev.to_raw(x)))  # every reject is encodable
+
+
+def test_poison_commands_never_stop_processing() -> None:
+    e = make()
+    assert reasons(run(e, "garbage")) == [Reject.UNKNOWN_COMMAND]
+    assert reasons(run(e, None)) == [Reject.UNKNOWN_COMMAND]
+
+    class Evil(str):  # a client order id whose comparison raises
+        def __ne__(self, other: object) -> bool:
+            raise ZeroDivisionError
+
+    evil = dataclasses.replace(limit("a", BUY, 1, 100), client_order_id=Evil("x"))
+    out = run(e, evil)
+    assert [(x.reason, x.detail) for x in out] == [(Reject.INTERNAL_ERROR, "ZeroDivisionError")]
+    assert not e.books[SYM].halted  # it raised before changing anything
+    assert of(run(e, limit("a", BUY, 1, 100)), Accepted)
+
+
+def test_exception_after_state_change_halts_only_that_book() -> None:
+    e = make()
+    run(e, limit("a", SELL, 5, 100))
+
+    class Exploding(defaultdict):
+        def __setitem__(self, key: str, value: int) -> None:
+            raise ArithmeticError("boom")
+
+    bad = Exploding(int, e.accounts["a"].avail)
+    e.accounts["a"].avail = bad  # crediting the maker will raise mid-match
+    out = e.apply(limit("b", BUY, 5, 100))
+    assert out == [Rejected(SYM, "b", "", 0, "NEW", Reject.INTERNAL_ERROR, "ArithmeticError", 10),
+                   Halted(SYM, "ArithmeticError", 10)]
+    assert e.books[SYM].halted
+    assert reasons(e.apply(limit("b", BUY, 5, 100))) == [Reject.SYMBOL_HALTED]
+    assert reasons(e.apply(CancelOrder(1, SYM, "a", order_id=1))) == [Reject.SYMBOL_HALTED]
+    e.accounts["a"].avail = defaultdict(int, bad)
+    assert of(e.apply(limit("b", BUY, 10, 100, symbol=LOT_SYM)), Accepted)  # others go on
+    restored = restore(snapshot_bytes(e))
+    assert restored.books[SYM].halted
+
+
+def test_memory_error_is_not_turned_into_output() -> None:
+    e = make()
+
+    class Oom(str):
+        def __ne__(self, other: object) -> bool:
+            raise MemoryError
+
+    o = dataclasses.replace(limit("a", BUY, 1, 100), client_order_id=Oom("x"))
+    with pytest.raises(MemoryError):
+        e.apply(o)
+
+
+# ---------------------------------------------------------------- records, codecs, hashes
+
+
+def test_step_and_records() -> None:
+    e = make()
+    e2, out = step(e, limit("a", BUY, 1, 100))
+    assert e2 is e
+    assert all(dataclasses.is_dataclass(x) for x in out)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        out[0].qty = 3  # type: ignore[misc]
+    for x in out:
+        assert ev.to_record(ev.to_raw(x)) == x
+
+
+def test_event_codec_round_trip_all_types() -> None:
+    samples = [
+        Accepted(SYM, 1, "a", "c", 0, 1, 2, 100, 5, 7),
+        Rejected("", "", "", 0, "NEW", "X", "Y", 0),
+        Fill(SYM, 100, 5, 1, 2, 3, "a", "b", 9),
+        Cancelled(SYM, 1, "a", "", "USER", 5, 9),
+        Replaced(SYM, 1, "a", "", 100, 5, 9),
+        Reduced(SYM, 1, "a", "", 5, "STP", 9),
+        BookUpdate(SYM, 1, 100, 0),
+        SymbolConfig(SYM, "BTC", "USD", 1, 1, 100, 100, 5, 6, 9),
+        BalanceChanged("a", "USD", -5, MAX_SUPPLY, 0, "WITHDRAW", 9),
+        Halted(SYM, "KeyError", 9),
+    ]
+    assert {type(x).TAG for x in samples} == set(ev.EVENT_CLASSES)
+    seen = set()
+    for x in samples:
+        b = encode_event(ev.to_raw(x))
+        assert ev.to_record(decode_event(b)) == x
+        seen.add(b)
+    assert len(seen) == len(samples)
+    with pytest.raises(CodecError):
+        decode_event(b"\x63")
+    with pytest.raises(CodecError):
+        decode_event(encode_event(ev.to_raw(samples[0])) + b"x")
+
+
+def test_command_codec_round_trip() -> None:
+    cmds = [
+        limit("a", BUY, 5, 100, "cid", post_only=True),
+        market("a", SELL, 5),
+        CancelOrder(1, SYM, "a", 3, ""),
+        ReplaceOrder(1, SYM, "a", 100, 5, 0, "x"),
+        ReduceOrder(1, SYM, "a", 1, 2),
+        AddSymbol(1, SYM, "BTC", "USD", 1, 1, 100, 100),
+        UpdateSymbol(1, SYM, 100, 100, 5, 5),
+        Deposit(1, "a", "USD", 5),
+        Withdraw(1, "a", "USD", 5),
+    ]
+    for c in cmds:
+        assert decode_command(encode_command(c)) == c
+    with pytest.raises(CodecError):
+        encode_command(dataclasses.replace(cmds[0], qty=1 << 64))
+    with pytest.raises(CodecError):
+        decode_command(b"\x01\x00")
+
+
+def test_chain_hash() -> None:
+    e = make()
+    raws = e.apply_raw(limit("a", BUY, 1, 100))
+    chain = GENESIS
+    for r in raws:
+        chain = chain_hash(chain, encode_event(r))
+    assert chain == chain_events(GENESIS, raws) != GENESIS
+    assert chain_events(GENESIS, raws[::-1]) != chain
+
+
+def test_snapshot_is_canonical_regardless_of_history() -> None:
+    # The same logical state reached through different histories (account creation
+    # order, a dead deque entry, a stale heap key) encodes to the same bytes.
+    sym = AddSymbol(1, SYM, "BTC", "USD", 1, 1, 1000, 100)
+    e1, e2 = Engine(), Engine()
+    for c in (sym, Deposit(1, "a", "USD", 500), Deposit(1, "b", "USD", 500),
+              limit("a", BUY, 1, 98), limit("b", BUY, 1, 98),
+              CancelOrder(1, SYM, "b", order_id=2)):
+        run(e1, c)
+    for c in (sym, Deposit(1, "b", "USD", 500), Deposit(1, "a", "USD", 500),
+              limit("a", BUY, 1, 98), limit("b", BUY, 1, 97),
+              CancelOrder(1, SYM, "b", order_id=2)):
+        run(e2, c)
+    assert len(e1.books[SYM].bids[98].dq) == 2 and len(e2.books[SYM].bid_heap) == 2
+    assert snapshot_bytes(e1) == snapshot_bytes(e2)
+    assert state_hash(e1) == state_hash(e2)
+    r = restore(snapshot_bytes(e1))
+    assert snapshot_bytes(r) == snapshot_bytes(e1)
+    # and it behaves the same afterwards
+    nxt = limit("b", SELL, 1, 98)
+    assert r.apply_raw(nxt) == e1.apply_raw(nxt) == e2.apply_raw(nxt)
+    with pytest.raises(CodecError):
+        restore(b"nope")
+    with pytest.raises(CodecError):
+        restore(snapshot_bytes(e1)[:-3])
