@@ -1,0 +1,681 @@
+"""etcd leadership for the store nodes (DESIGN §4: leases, terms, fencing).
+
+One `Leadership` object per node. It talks to etcd through the blocking `etcd3` client
+(the python3-etcd3 fork); every etcd call runs in this object's own thread pool, so the
+asyncio API below never blocks the event loop, and every call carries a timeout, so an
+unreachable etcd gives a `LeadershipError` instead of a hang.
+
+Keys, all under ``/<cluster>/``::
+
+    leader       JSON of `info`, attached to the leader's lease. Its create_revision is
+                 the term: unique and increasing across all elections.
+    last_leader  JSON of the last winner's `info` (no lease): "has this cluster ever had
+                 a leader" survives the leader key. Written in the winning transaction.
+    designated   node id of a planned switchover target, attached to its own lease.
+    promoted     node id an operator promoted (`xdc cluster promote`), no lease.
+    failover     "manual" or "automatic": a runtime override of the config's mode.
+
+API (all coroutines run their etcd calls in threads; `LeadershipError` on etcd failure)::
+
+    lead = Leadership(endpoints, cluster, node_id, info, ttl_s, on_lost=cb,
+                      clock=time.monotonic, timeout_s=1.0, safety_margin_s=None,
+                      default_failover="manual")
+    term = await lead.campaign()        # int (the term) if this node won, else None
+    lead.is_leader                      # bool, also checks the deadline on `clock`
+    lead.term                           # the term while leader, else None
+    lead.deadline()                     # monotonic time the leader must stop by, or None
+    await lead.resign()                 # revoke the lease: the key vanishes at once
+    await lead.current()                # (info, term) of the leader now, or None
+    await lead.wait_change(known_term, timeout_s)   # True on change, False on timeout
+    await lead.designate(node_id, ttl_s) / clear_designation() / designated()
+    await lead.promote(node_id) / clear_promotion() / promoted()
+    await lead.set_failover_mode(mode) / failover_mode()
+    await lead.ever_led()               # True once any node has won the key
+    await lead.close()                  # stop threads and clients (does not revoke)
+
+Campaign: a lease of `ttl_s` is granted, then one transaction guarded by
+``create_revision(leader) == 0`` puts the key attached to the lease, writes `last_leader`,
+consumes any pending promotion and designation (deletes them: each authorises one
+election) and reads the key back; the key's create_revision is the term. A lost race
+revokes the unused lease and returns None. A failed or cancelled campaign revokes its
+lease too, so an unknown outcome never leaves a leader nobody knows about.
+
+Keep-alive: a dedicated thread per term refreshes the lease every ttl/3 on `clock`. The
+lease's server-side expiry is at least (send time of the last successful refresh) + TTL,
+so the leader's deadline is that send time + ttl - safety margin. When no refresh has
+succeeded by the deadline (etcd paused, partitioned, restarting, or a refresh reports
+the lease gone) `on_lost(reason)` is called exactly once, from the keep-alive thread,
+`is_leader` is already False by then, and the thread keeps trying to revoke the dead
+lease for a while (so the seat frees as soon as etcd answers again). `is_leader` also
+compares the deadline with `clock()` itself, so it turns False on time even if the
+keep-alive thread is starved. `resign()` is voluntary and does not call `on_lost`.
+
+wait_change(known_term, timeout_s): returns True as soon as the leader key no longer
+matches `known_term` (None = vacant): deleted, or created again with another term; or
+when one of the control keys (designated, promoted, failover) changes, so a follower
+that may not campaign re-evaluates. It returns at once when the state already differs.
+It watches the prefix from the revision it read (no missed event), and also re-reads
+every `poll_s` in case the watch stream broke (the fork's watcher can die silently when
+etcd restarts). False on timeout; etcd errors during the wait just end in a timeout.
+
+Switchover and manual failover (policy lives in the node; these are the primitives):
+  - Planned switchover: the operator `designate(target, ttl_s)`s, then the leader
+    resigns. While a designation exists, nodes other than the target must not campaign
+    (`designated()`); the target campaigns and its winning transaction consumes the
+    designation. If the target never manages, the designation expires with its lease and
+    normal elections resume.
+  - Manual failover: `failover_mode()` is the `failover` key when set, else
+    `default_failover` (pass the config's `failover`). In manual mode a node campaigns
+    only when `promoted()` names it (or, for a cluster's very first election, when
+    `ever_led()` is False). The winning transaction consumes the promotion, so a second
+    loss of leadership again waits for an operator.
+These rules are checked by the caller before `campaign()`, not inside the transaction:
+a designation written between the check and the campaign can lose one race, which costs
+availability for a moment, never safety (terms and promises fence the log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import etcd3
+import grpc
+from etcd3 import events as etcd_events
+
+__all__ = ["FAILOVER_MODES", "Leadership", "LeadershipError"]
+
+log = logging.getLogger("xdc.leadership")
+
+T = TypeVar("T")
+
+FAILOVER_MODES = ("manual", "automatic")
+
+# The safety margin: the leader gives up at (send time of its last successful refresh)
+# + TTL - margin, measured on its own monotonic clock. Why send time + TTL is the
+# earliest the lease can expire: etcd restarts the TTL when its leader *processes* the
+# keep-alive (or the grant), which is after we sent it; a TTL below etcd's minimum is
+# raised, never lowered; an etcd leader change or restart extends every lease by a full
+# TTL; and etcd's lessor notices expiry only on its next periodic check (every 500 ms),
+# so the key is deleted at or after the expiry. All of these only lengthen the lease.
+# What can shorten it, as seen on our clock, and what the margin pays for:
+#   - clock rate drift between this host's monotonic clock and the etcd leader's:
+#     NTP slews at most 500 ppm; we budget 1 % of the TTL, twenty times that;
+#   - our reaction time: on_lost runs on the keep-alive thread, and the node must still
+#     hop to its event loop and stop acknowledging; scheduler delays and GC stalls of
+#     this process between the check and the act: 100 ms.
+# The lease is a liveness signal only; safety comes from terms and promises (DESIGN §4),
+# so the margin bounds how long a stale leader *believes* it leads, nothing more.
+REACTION_S = 0.1
+DRIFT_FRACTION = 0.01
+
+# How often the keep-alive retries a refresh that failed fast (connection refused while
+# etcd restarts); a slow failure is bounded by the RPC timeout instead.
+RETRY_S = 0.05
+# How long after an involuntary loss the keep-alive thread keeps trying to revoke the
+# dead lease (in TTLs): etcd extends leases by a TTL when it restarts.
+REVOKE_AFTER_LOSS_TTLS = 3
+
+# Fast reconnects after an etcd restart: gRPC's default backoff starts at 1 s and grows
+# to 120 s, which would outlast any lease.
+_GRPC_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 500),
+]
+
+_ETCD_ERRORS = (etcd3.Etcd3Exception, grpc.RpcError, ValueError)
+
+
+class LeadershipError(RuntimeError):
+    """etcd could not be reached or answered an error; the operation's outcome is known
+    to have failed unless the message says otherwise."""
+
+
+def _split(endpoint: str) -> tuple[str, int]:
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"etcd endpoint {endpoint!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+class _Etcd:
+    """One blocking etcd3 client per endpoint; calls go to the current endpoint and move
+    to the next one after a connection failure (the caller retries). The fork marks an
+    endpoint failed for `time_retry` seconds after an error and then refuses to use it;
+    time_retry=0 turns that off, rotation is done here."""
+
+    def __init__(self, endpoints: list[str], timeout_s: float) -> None:
+        if not endpoints:
+            raise ValueError("no etcd endpoint given")
+        self.endpoints = list(endpoints)
+        self.clients = []
+        for ep in self.endpoints:
+            host, port = _split(ep)
+            endpoint = etcd3.Endpoint(host, port, secure=False, time_retry=0,
+                                      opts=_GRPC_OPTIONS)  # type: ignore[arg-type]
+            self.clients.append(etcd3.MultiEndpointEtcd3Client(
+                endpoints=[endpoint], timeout=timeout_s))
+        self._index = 0
+        self._lock = threading.Lock()
+
+    def call(self, what: str, fn: Callable[[Any], T]) -> T:
+        with self._lock:
+            i = self._index
+        try:
+            return fn(self.clients[i])
+        except _ETCD_ERRORS as exc:
+            if len(self.clients) > 1:
+                with self._lock:
+                    if self._index == i:
+                        self._index = (i + 1) % len(self.clients)
+            raise LeadershipError(f"etcd {self.endpoints[i]}: {what}: {_describe(exc)}") from exc
+
+    def close(self) -> None:
+        for c in self.clients:
+            with contextlib.suppress(Exception):
+                c.close()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.RpcError):
+        code = exc.code() if hasattr(exc, "code") else None
+        details = exc.details() if hasattr(exc, "details") else ""
+        return f"{getattr(code, 'name', code)} {details}".strip()
+    return str(exc) or type(exc).__name__
+
+
+@dataclass(eq=False)
+class _Term:
+    """One won election: its lease and keep-alive state (guarded by Leadership._lock)."""
+
+    term: int
+    lease_id: int
+    ttl_s: float  # min(requested, granted): conservative
+    last_ok_send: float
+    deadline: float
+    lost: bool = False
+    resigned: bool = False
+    revoked: bool = False
+    reason: str = ""
+    refreshes: int = 0
+    stop: threading.Event = field(default_factory=threading.Event)
+    running: threading.Event = field(default_factory=threading.Event)  # clear = frozen
+    thread: threading.Thread | None = None
+
+    @property
+    def active(self) -> bool:
+        return not (self.lost or self.resigned)
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    term: int | None
+    info: bytes | None
+    controls: dict[str, int]  # control key -> mod_revision
+    revision: int
+
+
+class Leadership:
+    """Leader election on ``/<cluster>/leader`` (see the module docstring)."""
+
+    def __init__(self, endpoints: list[str], cluster: str, node_id: str, info: dict[str, str],
+                 ttl_s: int, *, on_lost: Callable[[str], None],
+                 clock: Callable[[], float] = time.monotonic, timeout_s: float = 1.0,
+                 safety_margin_s: float | None = None, default_failover: str = "manual",
+                 poll_s: float = 0.5) -> None:
+        if ttl_s < 1 or int(ttl_s) != ttl_s:
+            raise ValueError(f"ttl_s must be a whole number of seconds >= 1, not {ttl_s!r}")
+        if default_failover not in FAILOVER_MODES:
+            raise ValueError(f"failover mode must be one of {FAILOVER_MODES}")
+        self.cluster = cluster
+        self.node_id = node_id
+        self.info = dict(info)
+        self.ttl_s = int(ttl_s)
+        self.on_lost = on_lost
+        self.clock = clock
+        self.timeout_s = timeout_s
+        self.safety_margin_s = (REACTION_S + DRIFT_FRACTION * self.ttl_s
+                                if safety_margin_s is None else safety_margin_s)
+        if not 0 <= self.safety_margin_s < self.ttl_s:
+            raise ValueError("safety margin must be in [0, ttl_s)")
+        self.default_failover = default_failover
+        self.poll_s = poll_s
+        self.prefix = f"/{cluster}/"
+        self.leader_key = self.prefix + "leader"
+        self.last_key = self.prefix + "last_leader"
+        self.designated_key = self.prefix + "designated"
+        self.promoted_key = self.prefix + "promoted"
+        self.failover_key = self.prefix + "failover"
+        self._controls = (self.designated_key, self.promoted_key, self.failover_key)
+        self._value = json.dumps(self.info, sort_keys=True)
+        self._etcd = _Etcd(endpoints, timeout_s)
+        # Separate connections: a failing call on one never tears down the keep-alive
+        # or a watch on another (the fork drops a client's watcher on any error).
+        self._ka_etcd = _Etcd(endpoints, timeout_s)
+        self._watch_etcd = _Etcd(endpoints, timeout_s)
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=8, thread_name_prefix=f"xdc-etcd-{node_id}")
+        self._lock = threading.Lock()
+        self._term: _Term | None = None
+        self._closed = threading.Event()
+        self.watching = 0  # active wait_change watches (diagnostics and tests)
+
+    # ---- state --------------------------------------------------------------------
+
+    @property
+    def is_leader(self) -> bool:
+        t = self._term
+        return t is not None and t.active and self.clock() < t.deadline
+
+    @property
+    def term(self) -> int | None:
+        t = self._term
+        return t.term if t is not None and self.is_leader else None
+
+    def deadline(self) -> float | None:
+        """Monotonic time (on `clock`) by which this leader stops unless a refresh
+        succeeds; None when not leading."""
+        t = self._term
+        return t.deadline if t is not None and t.active else None
+
+    def last_refresh_sent(self) -> float | None:
+        """Send time of the last successful refresh (or of the grant) of the current or
+        last term; None before any win."""
+        t = self._term
+        return t.last_ok_send if t is not None else None
+
+    def lost_reason(self) -> str | None:
+        t = self._term
+        return t.reason if t is not None and t.lost else None
+
+    # ---- plumbing -----------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._closed.is_set():
+            raise LeadershipError("leadership is closed")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(fn, *args))
+
+    # ---- campaign -----------------------------------------------------------------
+
+    async def campaign(self) -> int | None:
+        """Try once to take the leader key. Returns the term if this node won (the
+        keep-alive then runs), None if another node holds the key."""
+        loop = asyncio.get_running_loop()
+        if self._closed.is_set():
+            raise LeadershipError("leadership is closed")
+        fut = loop.run_in_executor(self._pool, self._campaign_sync)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            # The transaction may still win after our caller gave up: resign then.
+            def undo(f: asyncio.Future[int | None]) -> None:
+                if not f.cancelled() and f.exception() is None and f.result() is not None:
+                    with contextlib.suppress(RuntimeError):
+                        self._pool.submit(self._resign_quietly)
+            fut.add_done_callback(undo)
+            raise
+
+    def _campaign_sync(self) -> int | None:
+        with self._lock:
+            t = self._term
+            if t is not None and t.active and self.clock() < t.deadline:
+                return t.term
+        tx = self._etcd.clients[0].transactions
+        sent = self.clock()  # the lease's TTL starts no earlier than this
+        lease = self._etcd.call("grant lease", lambda c: c.lease(self.ttl_s))
+        try:
+            ok, responses = self._etcd.call("campaign", lambda c: c.transaction(
+                compare=[tx.create(self.leader_key) == 0],
+                success=[tx.put(self.leader_key, self._value, lease.id),
+                         tx.put(self.last_key, self._value),
+                         tx.delete(self.promoted_key),
+                         tx.delete(self.designated_key),
+                         tx.get(self.leader_key)],
+                failure=[tx.get(self.leader_key)]))
+        except LeadershipError:
+            self._revoke_quietly(lease.id)  # the outcome is unknown: undo it
+            raise
+        if not ok:
+            self._revoke_quietly(lease.id)
+            return None
+        kvs = responses[-1]
+        if not kvs or kvs[0][1].lease_id != lease.id:  # cannot happen inside one txn
+            self._revoke_quietly(lease.id)
+            raise LeadershipError("campaign: leader key not held after a winning transaction")
+        term = int(kvs[0][1].create_revision)
+        ttl = float(min(self.ttl_s, lease.ttl or self.ttl_s))
+        deadline = sent + ttl - self.safety_margin_s
+        if self.clock() >= deadline:
+            self._revoke_quietly(lease.id)
+            raise LeadershipError(f"campaign took longer than the lease allows (term {term} "
+                                  "given up at once)")
+        t = _Term(term, lease.id, ttl, sent, deadline)
+        t.running.set()
+        t.thread = threading.Thread(target=self._keepalive, args=(t,), daemon=True,
+                                    name=f"xdc-keepalive-{self.node_id}-{term}")
+        with self._lock:
+            if self._closed.is_set():
+                self._revoke_quietly(lease.id)
+                raise LeadershipError("leadership is closed")
+            self._term = t
+        t.thread.start()
+        log.info("%s: leader of term %d (lease %x, ttl %s s)", self.node_id, term, lease.id, ttl)
+        return term
+
+    # ---- keep-alive ---------------------------------------------------------------
+
+    def _refresh(self, lease_id: int, timeout_s: float) -> int:
+        def call(c: Any) -> int:
+            c.timeout = timeout_s  # this client is used by the keep-alive thread only
+            responses = list(c.refresh_lease(lease_id))
+            if not responses:
+                raise LeadershipError("empty keep-alive response")
+            return int(responses[0].TTL)
+        return self._ka_etcd.call("refresh lease", call)
+
+    def _keepalive(self, t: _Term) -> None:
+        interval = t.ttl_s / 3
+        next_send = t.last_ok_send + interval
+        rpc = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"xdc-refresh-{self.node_id}")
+        try:
+            while True:
+                t.running.wait()  # test hook: a frozen process does nothing at all
+                if t.stop.is_set() or self._closed.is_set():
+                    return
+                now = self.clock()
+                if now >= t.deadline:
+                    self._lose(t, f"no lease refresh succeeded for {now - t.last_ok_send:.2f} s "
+                                  f"(limit {t.deadline - t.last_ok_send:.2f} s of a "
+                                  f"{t.ttl_s:g} s TTL)")
+                    break
+                if now < next_send:
+                    t.stop.wait(min(next_send, t.deadline) - now)
+                    continue
+                send = self.clock()
+                fut = rpc.submit(self._refresh, t.lease_id,
+                                 max(0.01, min(interval, t.deadline - send)))
+                try:
+                    ttl_left = fut.result(timeout=max(0.0, t.deadline - self.clock()))
+                except concurrent.futures.TimeoutError:
+                    continue  # the deadline passed: the loop reports it
+                except LeadershipError as exc:
+                    log.warning("%s: term %d: %s", self.node_id, t.term, exc)
+                    next_send = self.clock() + RETRY_S
+                    continue
+                if t.stop.is_set():
+                    return
+                if ttl_left <= 0:
+                    self._lose(t, "etcd says the lease is gone (expired or revoked)")
+                    break
+                with self._lock:
+                    t.last_ok_send = send
+                    t.deadline = send + min(t.ttl_s, ttl_left) - self.safety_margin_s
+                    t.refreshes += 1
+                next_send = send + interval
+            # Involuntary loss: free the seat as soon as etcd answers again.
+            until = self.clock() + REVOKE_AFTER_LOSS_TTLS * t.ttl_s
+            while not t.revoked and not self._closed.is_set() and self.clock() < until:
+                try:
+                    self._revoke(t.lease_id, self._ka_etcd)
+                    t.revoked = True
+                except LeadershipError:
+                    self._closed.wait(interval)
+        finally:
+            rpc.shutdown(wait=False)
+
+    def _lose(self, t: _Term, reason: str) -> None:
+        with self._lock:
+            if not t.active:
+                return
+            t.lost = True
+            t.reason = reason
+        log.warning("%s: lost leadership of term %d: %s", self.node_id, t.term, reason)
+        try:
+            self.on_lost(reason)
+        except Exception:
+            log.exception("%s: on_lost callback failed", self.node_id)
+
+    # Test hooks: freeze the keep-alive as a SIGSTOPped process would (no refresh, no
+    # on_lost), and let it run again (it then notices the deadline passed).
+    def _pause_keepalive(self) -> None:
+        t = self._term
+        if t is not None:
+            t.running.clear()
+
+    def _resume_keepalive(self) -> None:
+        t = self._term
+        if t is not None:
+            t.running.set()
+
+    # ---- resign -------------------------------------------------------------------
+
+    def _revoke(self, lease_id: int, etcd: _Etcd | None = None) -> None:
+        def call(c: Any) -> None:
+            try:
+                c.revoke_lease(lease_id)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:  # already expired: fine
+                    raise
+        (etcd or self._etcd).call("revoke lease", call)
+
+    def _revoke_quietly(self, lease_id: int) -> None:
+        try:
+            self._revoke(lease_id)
+        except LeadershipError as exc:
+            log.warning("%s: %s (the lease expires on its own)", self.node_id, exc)
+
+    async def resign(self) -> None:
+        """Give up leadership: stop the keep-alive and revoke the lease, so the key
+        disappears at once. Idempotent; a no-op when not leading. Raises
+        LeadershipError when etcd cannot be reached (the lease then expires on its
+        own within the TTL); leadership is given up locally either way."""
+        await self._run(self._resign_sync)
+
+    def _resign_sync(self) -> None:
+        with self._lock:
+            t = self._term
+            if t is None or t.revoked:
+                return
+            if t.active:
+                t.resigned = True
+            t.stop.set()
+            t.running.set()
+        self._revoke(t.lease_id)
+        t.revoked = True
+
+    def _resign_quietly(self) -> None:
+        with contextlib.suppress(LeadershipError):
+            self._resign_sync()
+
+    # ---- observing ----------------------------------------------------------------
+
+    async def current(self) -> tuple[dict[str, str], int] | None:
+        """(info, term) of the node holding the leader key now, or None if vacant."""
+        value, meta = await self._run(
+            self._etcd.call, "read leader", lambda c: c.get(self.leader_key))
+        if meta is None:
+            return None
+        return _info(value), int(meta.create_revision)
+
+    def _snapshot(self) -> _Snapshot:
+        resp = self._etcd.call("read cluster keys", lambda c: c.get_prefix_response(self.prefix))
+        term = info = None
+        controls: dict[str, int] = {}
+        for kv in resp.kvs:
+            key = kv.key.decode(errors="replace")
+            if key == self.leader_key:
+                term, info = int(kv.create_revision), kv.value
+            elif key in self._controls:
+                controls[key] = int(kv.mod_revision)
+        return _Snapshot(term, info, controls, int(resp.header.revision))
+
+    async def wait_change(self, known_term: int | None, timeout_s: float) -> bool:
+        """Wait until the leader key no longer holds `known_term` (None: vacant) or a
+        control key changes. True on change, False after `timeout_s`."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout_s
+        base = await self._run(self._snapshot)
+        if base.term != known_term:
+            return True
+        wake = asyncio.Event()
+        state = {"changed": False, "broken": False}
+
+        def on_loop(changed: bool, broken: bool) -> None:
+            state["changed"] |= changed
+            state["broken"] |= broken
+            wake.set()
+
+        def callback(resp: Any) -> None:  # on the fork's watcher thread
+            if isinstance(resp, BaseException):
+                changed, broken = False, True
+            else:
+                changed, broken = self._relevant(resp, known_term), False
+            if changed or broken:
+                with contextlib.suppress(RuntimeError):  # loop closed: nobody waits
+                    loop.call_soon_threadsafe(on_loop, changed, broken)
+
+        watch_id = None
+        try:
+            watch_id = await self._run(self._watch_etcd.call, "watch", lambda c:
+                                       c.add_watch_prefix_callback(
+                                           self.prefix, callback,
+                                           start_revision=base.revision + 1))
+            self.watching += 1
+        except LeadershipError as exc:
+            log.debug("%s: watch failed, polling: %s", self.node_id, exc)
+        try:
+            while True:
+                remaining = end - loop.time()
+                if remaining <= 0:
+                    return False
+                step = self.poll_s if watch_id is not None and not state["broken"] else 0.1
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), min(remaining, step))
+                wake.clear()
+                if state["changed"]:
+                    return True
+                try:
+                    snap = await self._run(self._snapshot)
+                except LeadershipError:
+                    continue
+                if snap.term != known_term or snap.controls != base.controls:
+                    return True
+        finally:
+            if watch_id is not None:
+                self.watching -= 1
+                with contextlib.suppress(RuntimeError, LeadershipError):
+                    self._pool.submit(self._cancel_watch, watch_id)
+
+    def _cancel_watch(self, watch_id: int) -> None:
+        with contextlib.suppress(LeadershipError):
+            self._watch_etcd.call("cancel watch", lambda c: c.cancel_watch(watch_id))
+
+    def _relevant(self, resp: Any, known_term: int | None) -> bool:
+        for ev in getattr(resp, "events", ()):
+            key = ev.key.decode(errors="replace")
+            if key == self.leader_key:
+                if isinstance(ev, etcd_events.DeleteEvent):
+                    if known_term is not None:
+                        return True
+                elif int(ev.create_revision) != known_term:
+                    return True
+            elif key in self._controls:
+                return True
+        return False
+
+    # ---- switchover and manual failover --------------------------------------------
+
+    def _get_str(self, key: str) -> str | None:
+        value, meta = self._etcd.call(f"read {key}", lambda c: c.get(key))
+        return None if meta is None else value.decode()
+
+    def _put(self, key: str, value: str, lease: int | None = None) -> None:
+        self._etcd.call(f"write {key}", lambda c: c.put(key, value, lease))
+
+    def _delete(self, key: str) -> None:
+        self._etcd.call(f"delete {key}", lambda c: c.delete(key))
+
+    async def designate(self, node_id: str, ttl_s: int) -> None:
+        """Name the target of a planned switchover for `ttl_s` seconds (its own lease):
+        until then, or until the target wins, other nodes must not campaign."""
+        def run() -> None:
+            lease = self._etcd.call("grant designation lease",
+                                    lambda c: c.lease(max(1, int(ttl_s))))
+            self._put(self.designated_key, node_id, lease.id)
+        await self._run(run)
+
+    async def clear_designation(self) -> None:
+        await self._run(self._delete, self.designated_key)
+
+    async def designated(self) -> str | None:
+        """The designated switchover target, or None."""
+        return await self._run(self._get_str, self.designated_key)
+
+    async def promote(self, node_id: str) -> None:
+        """Authorise `node_id` to campaign in manual failover mode (`xdc cluster
+        promote`). Consumed by the next winning campaign, whoever wins."""
+        await self._run(self._put, self.promoted_key, node_id)
+
+    async def clear_promotion(self) -> None:
+        await self._run(self._delete, self.promoted_key)
+
+    async def promoted(self) -> str | None:
+        """The promoted node id not yet consumed by an election, or None."""
+        return await self._run(self._get_str, self.promoted_key)
+
+    async def set_failover_mode(self, mode: str) -> None:
+        """Set the cluster's failover mode at runtime ("manual" or "automatic")."""
+        if mode not in FAILOVER_MODES:
+            raise ValueError(f"failover mode must be one of {FAILOVER_MODES}, not {mode!r}")
+        await self._run(self._put, self.failover_key, mode)
+
+    async def failover_mode(self) -> str:
+        """The `failover` key if set (and valid), else `default_failover`."""
+        mode = await self._run(self._get_str, self.failover_key)
+        return mode if mode in FAILOVER_MODES else self.default_failover
+
+    async def ever_led(self) -> bool:
+        """True once any node has won the leader key of this cluster."""
+        return await self._run(self._get_str, self.last_key) is not None
+
+    # ---- life cycle ---------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop the keep-alive and all clients. Does not revoke: call resign() first
+        for a graceful stop. Leadership ends locally (is_leader turns False)."""
+        if self._closed.is_set():
+            return
+        with self._lock:
+            self._closed.set()
+            t = self._term
+            if t is not None:
+                if t.active:
+                    t.resigned = True
+                t.stop.set()
+                t.running.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        await asyncio.to_thread(self._close_clients)
+
+    def _close_clients(self) -> None:
+        for etcd in (self._etcd, self._ka_etcd, self._watch_etcd):
+            etcd.close()
+
+
+def _info(value: bytes) -> dict[str, str]:
+    try:
+        info = json.loads(value)
+    except ValueError:
+        return {"raw": value.decode(errors="replace")}
+    return info if isinstance(info, dict) else {"raw": str(info)}
