@@ -84,6 +84,7 @@ import json
 import logging
 import threading
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -91,6 +92,7 @@ from typing import Any, TypeVar
 import etcd3
 import grpc
 from etcd3 import events as etcd_events
+from etcd3 import watch as etcd_watch
 
 __all__ = ["FAILOVER_MODES", "Leadership", "LeadershipError"]
 
@@ -132,6 +134,13 @@ _GRPC_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 500),
 ]
+
+# python3-etcd3 0.13.0 still calls `six.itervalues` when a watch stream ends (etcd
+# restarted, client closed) but no longer imports six: the watcher thread dies with a
+# NameError and its callbacks never hear of the error. Give it the one function it uses.
+if not hasattr(etcd_watch, "six"):
+    etcd_watch.six = types.SimpleNamespace(  # type: ignore[attr-defined]
+        itervalues=lambda d: iter(d.values()))
 
 _ETCD_ERRORS = (etcd3.Etcd3Exception, grpc.RpcError, ValueError)
 

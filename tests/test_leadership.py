@@ -1,0 +1,391 @@
+"""geo.leadership against a real etcd (the `etcd` fixture: one member on loopback).
+
+Nothing here sleeps to synchronise: every wait polls a condition with a deadline. The
+fixture runs etcd with its default timing, under which etcd raises a 1 s TTL to its
+2 s minimum: the leader still gives up after ~0.9 s (it counts with the TTL it asked
+for), while the key lives 2 s on the server. That gap is on the safe side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import pytest
+
+from geo.leadership import Leadership, LeadershipError
+from tests.support.etcd import EtcdCluster, free_ports
+
+CLUSTER = "xdc-test"
+
+
+def run(coro: Coroutine[Any, Any, Any]) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+async def until(cond: Callable[[], bool | Awaitable[bool]], timeout_s: float, what: str,
+                interval_s: float = 0.01) -> float:
+    """Poll `cond` until true; returns the monotonic time it was first seen true."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = cond()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return time.monotonic()
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(interval_s)  # poll interval, not synchronisation
+
+
+class Node:
+    """A Leadership plus a record of its on_lost calls (monotonic time, reason)."""
+
+    def __init__(self, endpoints: list[str], node_id: str, ttl_s: int = 1, **kw: Any) -> None:
+        self.id = node_id
+        self.lost: list[tuple[float, str]] = []
+        self.lost_event = threading.Event()
+        self.info = {"id": node_id, "client": f"{node_id}:7000", "peer": f"{node_id}:7100",
+                     "region": f"r-{node_id}"}
+        self.lead = Leadership(endpoints, CLUSTER, node_id, self.info, ttl_s,
+                               on_lost=self._on_lost, **kw)
+
+    def _on_lost(self, reason: str) -> None:
+        # Stamp first: the assertion is about when the node was told.
+        self.lost.append((time.monotonic(), reason))
+        self.lost_event.set()
+
+
+async def nodes(etcd: EtcdCluster, *ids: str, ttl_s: int = 1, **kw: Any) -> list[Node]:
+    return [Node(etcd.endpoints, i, ttl_s, **kw) for i in ids]
+
+
+async def close(*ns: Node) -> None:
+    for n in ns:
+        await n.lead.close()
+
+
+# ---- elections -----------------------------------------------------------------------
+
+
+def test_only_one_concurrent_campaigner_wins(etcd: EtcdCluster) -> None:
+    async def body() -> None:
+        ns = await nodes(etcd, "a", "b", "c")
+        try:
+            terms = []
+            for _ in range(5):
+                results = await asyncio.gather(*(n.lead.campaign() for n in ns))
+                winners = [n for n, t in zip(ns, results, strict=True) if t is not None]
+                assert len(winners) == 1, results
+                w = winners[0]
+                term = w.lead.term
+                assert term is not None and w.lead.is_leader
+                assert [n.lead.is_leader for n in ns].count(True) == 1
+                assert await ns[0].lead.current() == (w.info, term)
+                # Losers revoked their unused lease and never started a keep-alive:
+                assert all(n.lead.deadline() is None for n in ns if n is not w)
+                terms.append(term)
+                await w.lead.resign()
+                assert await ns[0].lead.current() is None
+            assert terms == sorted(set(terms)), terms
+            assert not any(n.lost for n in ns)
+        finally:
+            await close(*ns)
+    run(body())
+
+
+def test_terms_strictly_increase_across_elections(etcd: EtcdCluster) -> None:
+    async def body() -> None:
+        a, b = await nodes(etcd, "a", "b")
+        try:
+            terms = []
+            for i in range(6):
+                n = (a, b)[i % 2]
+                term = await n.lead.campaign()
+                assert term is not None
+                # A second campaign while leading is idempotent.
+                assert await n.lead.campaign() == term
+                # The term is the key's create_revision, as any observer reads it.
+                assert await (b, a)[i % 2].lead.current() == (n.info, term)
+                terms.append(term)
+                # Unrelated writes in between move the revision, never backwards.
+                await a.lead.designate("nobody", 5)
+                await n.lead.resign()
+            assert all(x < y for x, y in itertools.pairwise(terms)), terms
+        finally:
+            await close(a, b)
+    run(body())
+
+
+def test_resign_vacates_the_key_and_wakes_a_waiter(etcd: EtcdCluster) -> None:
+    async def body() -> None:
+        a, b = await nodes(etcd, "a", "b", ttl_s=2)
+        try:
+            # Nothing changes: the wait times out.
+            t0 = time.monotonic()
+            assert await b.lead.wait_change(None, timeout_s=0.3) is False
+            assert time.monotonic() - t0 >= 0.3
+            # A vacant seat filled wakes a wait_change(None).
+            waiter = asyncio.create_task(b.lead.wait_change(None, timeout_s=10))
+            await until(lambda: b.lead.watching > 0, 5, "b's watch")
+            term = await a.lead.campaign()
+            assert term is not None
+            assert await asyncio.wait_for(waiter, 5) is True
+
+            waiter = asyncio.create_task(b.lead.wait_change(term, timeout_s=10))
+            await until(lambda: b.lead.watching > 0, 5, "b's watch")
+            t_resign = time.monotonic()
+            await a.lead.resign()
+            assert await asyncio.wait_for(waiter, 5) is True
+            woke = time.monotonic() - t_resign
+            # Through the watch, well below the lease TTL and the poll fallback.
+            assert woke < 0.25, woke
+            assert not a.lead.is_leader and a.lead.term is None and a.lead.deadline() is None
+            assert await b.lead.current() is None
+            # Already vacant: returns at once; resign again is a no-op.
+            assert await b.lead.wait_change(term, timeout_s=5) is True
+            await a.lead.resign()
+            await b.lead.resign()  # never led: no-op
+            assert not a.lost, "resign is voluntary: no on_lost"
+            # The seat is free for the other node, with a higher term.
+            term_b = await b.lead.campaign()
+            assert term_b is not None and term_b > term
+        finally:
+            await close(a, b)
+    run(body())
+
+
+# ---- losing the lease ----------------------------------------------------------------
+
+
+def test_on_lost_fires_before_the_lease_expires_when_etcd_is_paused(
+        etcd: EtcdCluster) -> None:
+    ttl = 2
+
+    async def body() -> None:
+        (a,) = await nodes(etcd, "a", ttl_s=ttl)
+        try:
+            term = await a.lead.campaign()
+            assert term is not None
+            margin = a.lead.safety_margin_s
+            # Let one refresh through so the deadline comes from a refresh, not the grant.
+            await until(lambda: a.lead._term is not None and a.lead._term.refreshes > 0, 5,
+                        "a first refresh")
+            etcd.members[0].pause()
+            try:
+                assert await asyncio.to_thread(a.lost_event.wait, ttl + 2), "on_lost not called"
+                t_lost, reason = a.lost[0]
+                last_ok = a.lead.last_refresh_sent()
+                assert last_ok is not None
+                assert not a.lead.is_leader and a.lead.term is None
+                assert a.lead.deadline() is None
+                # On time: at the deadline, and before the earliest server-side expiry
+                # (the TTL restarts no earlier than the refresh was sent).
+                assert last_ok + ttl - margin - 0.02 <= t_lost < last_ok + ttl - margin / 2, (
+                    t_lost - last_ok, reason)
+                # Keep etcd frozen past that earliest expiry, as a long stall would.
+                await until(lambda: time.monotonic() > last_ok + ttl + 0.1, ttl + 1,
+                            "the lease's earliest expiry")
+            finally:
+                etcd.members[0].resume()
+            t_gone = await until(lambda: _vacant(a), 10, "the leader key to disappear")
+            assert t_lost < t_gone
+            assert len(a.lost) == 1, a.lost
+            assert "refresh" in a.lost[0][1]
+        finally:
+            await close(a)
+    run(body())
+
+
+async def _vacant(n: Node) -> bool:
+    try:
+        return await n.lead.current() is None
+    except LeadershipError:
+        return False
+
+
+def test_a_frozen_leaders_lease_expires_and_another_node_wins(etcd: EtcdCluster) -> None:
+    async def body() -> None:
+        a, b = await nodes(etcd, "a", "b", ttl_s=1)
+        try:
+            term_a = await a.lead.campaign()
+            assert term_a is not None
+            # Freeze a's keep-alive as SIGSTOP would freeze the whole process: no
+            # refresh and nobody to call on_lost.
+            a.lead._pause_keepalive()
+            term_b = None
+            start = time.monotonic()
+            while term_b is None:
+                assert time.monotonic() - start < 10, "b never won"
+                await b.lead.wait_change(term_a, timeout_s=5)
+                term_b = await b.lead.campaign()
+            t_won = time.monotonic()
+            assert term_b > term_a
+            deadline_a = a.lead.deadline()
+            assert deadline_a is not None, "a's keep-alive is frozen: it has not noticed"
+            # a's own clock ended its leadership before the key could expire, even
+            # without its keep-alive thread: no moment with two believed leaders.
+            assert deadline_a < t_won
+            assert not a.lead.is_leader and b.lead.is_leader
+            assert not a.lost
+            # The process thaws: it notices at once, exactly once, and b keeps the seat.
+            a.lead._resume_keepalive()
+            assert await asyncio.to_thread(a.lost_event.wait, 5)
+            assert len(a.lost) == 1 and not a.lead.is_leader
+            assert await a.lead.current() == (b.info, term_b)
+            assert await a.lead.campaign() is None
+            assert b.lead.is_leader and not b.lost
+        finally:
+            await close(a, b)
+    run(body())
+
+
+def test_etcd_restart_leader_keeps_its_lease_or_reports_the_loss(etcd: EtcdCluster) -> None:
+    ttl = 2
+
+    async def body() -> None:
+        (a,) = await nodes(etcd, "a", ttl_s=ttl)
+        try:
+            term = await a.lead.campaign()
+            assert term is not None
+            t_restart = time.monotonic()
+            await asyncio.to_thread(etcd.restart)
+            # Either a refresh sent after the restart began succeeds, or on_lost fires.
+            await until(lambda: bool(a.lost) or (a.lead.last_refresh_sent() or 0) > t_restart,
+                        ttl + 5, "a refresh after the restart or on_lost")
+            samples = 0
+            while samples < 30:
+                before = a.lead.is_leader
+                try:
+                    current = await a.lead.current()
+                except LeadershipError:
+                    continue
+                after = a.lead.is_leader
+                samples += 1
+                if before and after:
+                    # Believes it leads: the key must be its own.
+                    assert current == (a.info, term), current
+            assert len(a.lost) <= 1
+            if a.lost:
+                assert not a.lead.is_leader
+                await until(lambda: _vacant(a), 3 * ttl + 5, "the lost lease's key to go")
+            else:
+                assert a.lead.is_leader
+                assert await a.lead.current() == (a.info, term)
+        finally:
+            await close(a)
+    run(body())
+
+
+def test_etcd_down_past_the_deadline_reports_loss_and_frees_the_seat(
+        etcd: EtcdCluster) -> None:
+    async def body() -> None:
+        a, b = await nodes(etcd, "a", "b", ttl_s=1)
+        try:
+            term_a = await a.lead.campaign()
+            assert term_a is not None
+            etcd.members[0].kill()
+            t0 = time.monotonic()
+            # Calls fail promptly with LeadershipError instead of hanging.
+            with pytest.raises(LeadershipError):
+                await b.lead.current()
+            with pytest.raises(LeadershipError):
+                await b.lead.campaign()
+            with pytest.raises(LeadershipError):
+                await b.lead.wait_change(None, timeout_s=5)
+            assert time.monotonic() - t0 < 3 * b.lead.timeout_s + 1
+            assert await asyncio.to_thread(a.lost_event.wait, 5)
+            assert not a.lead.is_leader and len(a.lost) == 1
+            etcd.members[0].start()
+            await asyncio.to_thread(etcd.wait_healthy)
+            # a keeps trying to revoke its dead lease, so the seat frees promptly.
+            await until(lambda: _vacant(b), 10, "the seat to be free")
+            term_b = await b.lead.campaign()
+            assert term_b is not None and term_b > term_a
+            assert len(a.lost) == 1
+        finally:
+            await close(a, b)
+    run(body())
+
+
+def test_unreachable_etcd_raises_promptly() -> None:
+    (port,) = free_ports(1)
+
+    async def body() -> None:
+        n = Node([f"127.0.0.1:{port}"], "a", 1, timeout_s=0.5)
+        try:
+            t0 = time.monotonic()
+            for call in (n.lead.current, n.lead.campaign, n.lead.designated,
+                         n.lead.failover_mode):
+                with pytest.raises(LeadershipError, match=r"127\.0\.0\.1"):
+                    await call()
+            assert time.monotonic() - t0 < 5
+            assert not n.lead.is_leader
+            await n.lead.resign()  # nothing to give up: no etcd call, no error
+        finally:
+            await n.lead.close()
+        with pytest.raises(LeadershipError, match="closed"):
+            await n.lead.current()
+    run(body())
+
+
+# ---- switchover and manual failover ------------------------------------------------------
+
+
+def test_designate_promote_and_failover_mode_round_trips(etcd: EtcdCluster) -> None:
+    async def body() -> None:
+        a, b = await nodes(etcd, "a", "b")
+        auto = Node(etcd.endpoints, "c", 1, default_failover="automatic")
+        try:
+            assert await a.lead.designated() is None
+            assert await a.lead.promoted() is None
+            assert await a.lead.ever_led() is False
+            # Unset: each node falls back on its configured mode.
+            assert await a.lead.failover_mode() == "manual"
+            assert await auto.lead.failover_mode() == "automatic"
+            await a.lead.set_failover_mode("automatic")
+            assert await b.lead.failover_mode() == "automatic"
+            await a.lead.set_failover_mode("manual")
+            assert await auto.lead.failover_mode() == "manual"
+            with pytest.raises(ValueError):
+                await a.lead.set_failover_mode("sometimes")
+
+            # Designation: visible to all, cleared explicitly or by its lease.
+            await a.lead.designate("b", 30)
+            assert await b.lead.designated() == "b"
+            await a.lead.clear_designation()
+            assert await b.lead.designated() is None
+            await a.lead.designate("b", 1)
+            assert await b.lead.designated() == "b"
+            await until(lambda: _is(b.lead.designated(), None), 5, "the designation to expire",
+                        interval_s=0.05)
+
+            # A promotion wakes a node waiting on a vacant seat.
+            waiter = asyncio.create_task(b.lead.wait_change(None, timeout_s=10))
+            await until(lambda: b.lead.watching > 0, 5, "b's watch")
+            await a.lead.promote("b")
+            assert await asyncio.wait_for(waiter, 5) is True
+            assert await b.lead.promoted() == "b"
+
+            # The winning campaign consumes the promotion and the designation.
+            await a.lead.designate("b", 30)
+            term = await b.lead.campaign()
+            assert term is not None
+            assert await a.lead.promoted() is None
+            assert await a.lead.designated() is None
+            assert await a.lead.ever_led() is True
+            await b.lead.resign()
+            assert await a.lead.ever_led() is True, "survives the leader key"
+            await a.lead.clear_promotion()
+            assert await a.lead.promoted() is None
+        finally:
+            await close(a, b, auto)
+    run(body())
+
+
+async def _is(value: Awaitable[Any], expected: Any) -> bool:
+    return await value == expected
