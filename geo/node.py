@@ -1,0 +1,329 @@
+"""A clustered store node (`xdc node run`): the store, the replicator thread, the peer
+transport and the etcd election loop of DESIGN §4, in one process.
+
+Election: while the leader key is held, followers wait for it to change. When it is
+vacant, a voter (in manual failover mode only a promoted one) asks the reachable voters
+for their log tips and defers to a more up-to-date one (Patroni's pre-check), then
+tries the guarded etcd transaction; the key's create_revision is its term. The
+replication machine then runs the promise/recovery step and opens for writes once its
+term-start record commits. A leader whose lease cannot be renewed in time steps down
+before the lease can expire; safety comes from terms and promises, not from the lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2
+
+from geo.config import ClusterConfig
+from geo.leadership import Leadership, LeadershipError
+from geo.replication.core import Node, should_campaign
+from geo.replication.messages import (
+    Committed,
+    Effect,
+    LeaderKnown,
+    LeaderOpen,
+    Send,
+    SteppedDown,
+    Tip,
+)
+from geo.replicator import Replicator, term_start_record
+from geo.transport import CHANNEL_OPTIONS, PeerSender, ReplicationService
+from store.errors import StoreError
+from store.limits import Limits
+from store.log import Log
+from store.node import StoreNode
+from store.server import StoreServer
+from store.writer import Results
+from xdc.v1 import replication_pb2 as rpb
+from xdc.v1 import replication_pb2_grpc as rpb_grpc
+
+log = logging.getLogger("xdc.node")
+
+TICK_S = 0.05
+# A reachable, more up-to-date voter is deferred to at most this many times in a row,
+# in case it cannot reach etcd itself.
+MAX_DEFERRALS = 5
+
+
+@dataclass(slots=True)
+class Timeline:
+    """Monotonic timestamps of this node's last transitions, for status and drills."""
+
+    became_candidate: float = 0.0
+    opened: float = 0.0
+    stepped_down: float = 0.0
+    events: list[tuple[float, str]] = field(default_factory=list)
+
+    def note(self, what: str) -> None:
+        self.events.append((time.time(), what))
+        del self.events[:-100]
+
+
+class ClusterNode:
+    def __init__(self, config: ClusterConfig, member_id: str, data_dir: str | None = None,
+                 *, limits: Limits | None = None, routes: dict[str, str] | None = None,
+                 tick_s: float = TICK_S) -> None:
+        self.config = config
+        self.member = config.member(member_id)
+        self.id = member_id
+        data = data_dir or (str(self.member.data_dir) if self.member.data_dir else None)
+        if data is None:
+            raise ValueError(f"member {member_id}: no data directory (config data_dir or --data)")
+        self.routes = {m.id: (routes or {}).get(m.id, m.peer) for m in config.members
+                       if m.id != member_id}
+        self.tick_s = tick_s
+        self.store = StoreNode(data, limits, node_id=member_id,
+                               client_address=self.member.client)
+        self.replicator: Replicator | None = None
+        self.server: StoreServer | None = None
+        self.senders: dict[str, PeerSender] = {}
+        self.leadership = Leadership(
+            list(config.etcd.endpoints), config.cluster, member_id,
+            {"id": member_id, "client": self.member.client, "peer": self.member.peer,
+             "region": self.member.region},
+            config.lease_ttl_s, on_lost=self._lease_lost,
+            default_failover=config.failover)
+        self.timeline = Timeline()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._side_tasks: set[asyncio.Future[Any]] = set()
+        self._stopping = False
+        self._opened = asyncio.Event()
+
+    # ---- life cycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        voters = [m.id for m in self.config.voters]
+        standbys = [m.id for m in self.config.standbys]
+
+        def make(log_: Log, loop: asyncio.AbstractEventLoop) -> Replicator:
+            return Replicator(log_, self.store.limits, loop, node_id=self.id, voters=voters,
+                              standbys=standbys, on_effects=self._on_effects,
+                              leader_address=self._client_address)
+
+        self.server = StoreServer(self.store, self.member.client, writer_factory=make,
+                                  extra_listen=[self.member.peer])
+        await self.server.start()
+        self.replicator = self.store.writer  # type: ignore[assignment]
+        assert isinstance(self.replicator, Replicator)
+        self.store.role.name = "follower" if self.member.voter else "standby"
+        assert self.server.server is not None
+        rpb_grpc.add_ReplicationServicer_to_server(ReplicationService(
+            self.config.cluster, self.id, {m.id for m in self.config.members},
+            self.replicator.deliver, self._tip, self.status), self.server.server)
+        for peer, address in self.routes.items():
+            sender = PeerSender(self.config.cluster, self.id, peer, address)
+            sender.start()
+            self.senders[peer] = sender
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._ticker()), loop.create_task(self._elections())]
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self.replicator is not None:
+            self.replicator.step_down("node stopping")
+        with contextlib.suppress(LeadershipError, Exception):
+            await self.leadership.resign()
+        for s in self.senders.values():
+            await s.stop()
+        if self.server is not None:
+            await self.server.stop(grace_s=1.0)
+        await self.leadership.close()
+
+    @property
+    def address(self) -> str:
+        return self.member.client
+
+    # ---- inputs to the machine ----------------------------------------------------
+
+    async def _ticker(self) -> None:
+        assert self.replicator is not None
+        while True:
+            await asyncio.sleep(self.tick_s)
+            self.replicator.tick()
+
+    def _lease_lost(self, reason: str) -> None:
+        """Called by Leadership (any thread) before the lease can expire."""
+        loop = self.store_loop
+        loop.call_soon_threadsafe(self._step_down_now, f"lease: {reason}")
+
+    def _step_down_now(self, reason: str) -> None:
+        if self.replicator is not None and not self._stopping:
+            self.replicator.step_down(reason)
+
+    @property
+    def store_loop(self) -> asyncio.AbstractEventLoop:
+        assert self.replicator is not None
+        return self.replicator.loop
+
+    # ---- elections ----------------------------------------------------------------
+
+    async def _elections(self) -> None:
+        deferrals = 0
+        while not self._stopping:
+            try:
+                if self.leadership.is_leader:
+                    await asyncio.sleep(self.tick_s)
+                    continue
+                current = await self.leadership.current()
+                if current is not None:
+                    info, term = current
+                    self.store.role.leader = info.get("client", "")
+                    await self.leadership.wait_change(term, timeout_s=self.config.lease_ttl_s)
+                    continue
+                if not self.member.voter or not await self._may_campaign():
+                    await self.leadership.wait_change(None, timeout_s=self.tick_s * 4)
+                    continue
+                if not await self._precheck() and deferrals < MAX_DEFERRALS:
+                    deferrals += 1
+                    await asyncio.sleep(self.tick_s * 2)
+                    continue
+                deferrals = 0
+                self.timeline.became_candidate = time.monotonic()
+                term = await self.leadership.campaign()
+                if term is None:
+                    continue
+                self.timeline.note(f"won etcd key, term {term}")
+                log.info("%s: won the leader key, term %d", self.id, term)
+                self.store.role.name = "candidate"
+                self.store.role.term = term
+                assert self.replicator is not None
+                self.replicator.become_leader(term, term_start_record(
+                    self.store.log.cluster_id if self.store.log else "", term, self.id,
+                    time.time_ns()))
+            except (LeadershipError, grpc.aio.AioRpcError, OSError) as exc:
+                log.warning("%s: election loop: %s", self.id, exc)
+                await asyncio.sleep(self.tick_s * 4)
+
+    async def _may_campaign(self) -> bool:
+        designated = await self.leadership.designated()
+        if designated is not None:
+            return designated == self.id
+        if await self.leadership.failover_mode() == "manual":
+            promoted = await self.leadership.promoted()
+            # A cluster that never had a leader elects its first one on its own.
+            return promoted == self.id or (promoted is None and
+                                           not await self.leadership.ever_led())
+        return True
+
+    async def _precheck(self) -> bool:
+        """Patroni-style: defer to a reachable voter with a more up-to-date log."""
+        assert self.replicator is not None
+        own = Tip(self.store.log.last_term if self.store.log else 0,
+                  self.store.log.last_position if self.store.log else 0)
+        peers: dict[str, Tip | None] = {}
+
+        async def ask(peer: str, address: str) -> None:
+            try:
+                async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as ch:
+                    r = await rpb_grpc.ReplicationStub(ch).Tip(
+                        rpb.TipRequest(cluster=self.config.cluster, src=self.id), timeout=0.5)
+                    peers[peer] = Tip(r.last_term, r.last_position)
+            except grpc.aio.AioRpcError:
+                peers[peer] = None
+
+        voters = {m.id for m in self.config.voters}
+        await asyncio.gather(*(ask(p, a) for p, a in self.routes.items() if p in voters))
+        return should_campaign(own, peers)
+
+    def _tip(self) -> rpb.TipResponse:
+        log_ = self.store.log
+        assert log_ is not None
+        return rpb.TipResponse(node_id=self.id, last_term=log_.last_term,
+                               last_position=log_.last_position,
+                               promised_term=log_.promised_term,
+                               commit_position=self.store.commit.position if self.store.commit
+                               else 0, role=self.store.role.name)
+
+    # ---- effects from the machine (loop thread) -------------------------------------
+
+    def _client_address(self, node_id: str | None) -> str:
+        if node_id is None:
+            return ""
+        with contextlib.suppress(KeyError):
+            return self.config.member(node_id).client
+        return ""
+
+    def _on_effects(self, effects: list[Effect],
+                    answers: list[tuple[asyncio.Future[Results], Results]]) -> None:
+        commit = self.store.commit
+        assert commit is not None
+        for e in effects:
+            if isinstance(e, Send):
+                sender = self.senders.get(e.msg.dst)
+                if sender is not None:
+                    sender.send(e.msg)
+            elif isinstance(e, Committed):
+                commit.advance(e.upto)
+            elif isinstance(e, LeaderOpen):
+                self.timeline.opened = time.monotonic()
+                self.timeline.note(f"open for writes, term {e.term}")
+                log.info("%s: leader of term %d, open at %d", self.id, e.term, e.start_position)
+                self.store.role.name = "leader"
+                self.store.role.term = e.term
+                self.store.role.leader = self.member.client
+                self._opened.set()
+                if self.server is not None:
+                    self._background(self.server.health.set(
+                        "xdc.v1.EventStore.writes", health_pb2.HealthCheckResponse.SERVING))
+            elif isinstance(e, SteppedDown):
+                self.timeline.stepped_down = time.monotonic()
+                self.timeline.note(f"stepped down from term {e.term}: {e.reason}")
+                log.warning("%s: stepped down from term %d: %s", self.id, e.term, e.reason)
+                self.store.role.name = "follower" if self.member.voter else "standby"
+                self._opened.clear()
+                commit.fail_waiters(StoreError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"leadership of term {e.term} lost ({e.reason}) before the append "
+                    "committed: its outcome is unknown, retry with the same event ids",
+                    retry_after_ms=200))
+                self._background(self._resign_quietly())
+            elif isinstance(e, LeaderKnown):
+                self.store.role.term = e.term
+                self.store.role.leader = self._client_address(e.leader)
+        for fut, results in answers:
+            if not fut.done():
+                fut.set_result(results)
+        if self.replicator is not None and self.replicator.fatal is not None:
+            log.error("%s: replicator failed: %r", self.id, self.replicator.fatal)
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+
+    async def _resign_quietly(self) -> None:
+        with contextlib.suppress(LeadershipError, Exception):
+            await self.leadership.resign()
+
+    # ---- status -------------------------------------------------------------------
+
+    async def status(self) -> rpb.NodeStatus:
+        assert self.replicator is not None
+        st = await self.replicator.query(Node.status)
+        role = str(st.role) if self.member.voter or str(st.role) != "follower" else "standby"
+        return rpb.NodeStatus(
+            node_id=self.id, region=self.member.region, role=role, open=st.open,
+            term=st.term, promised_term=st.promised_term, commit_position=st.commit,
+            last_position=st.last_position, durable_position=st.durable_position,
+            leader=st.leader or "", voter=self.member.voter,
+            peers=[rpb.PeerProgress(node_id=p, voter=ps.voter, match=ps.match, lag=ps.lag,
+                                    in_sync=ps.in_sync,
+                                    connected=self.senders[p].connected
+                                    if p in self.senders else False)
+                   for p, ps in sorted(st.peers.items())])
+
+    async def wait_open(self, timeout_s: float) -> None:
+        await asyncio.wait_for(self._opened.wait(), timeout_s)
