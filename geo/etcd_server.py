@@ -1,0 +1,307 @@
+"""Runs a real etcd on loopback: one member for the local launcher and most tests, or a
+3-member cluster for failure tests.
+
+Everything listens on loopback ports picked free at start; data lives under a directory
+the caller owns (the launcher's run directory, pytest's tmp_path). Processes are stopped by
+PID only: SIGTERM, then
+SIGKILL if they do not exit in time, and always waited for, so no test leaves an etcd
+behind. Readiness is polled on ``/health``; nothing sleeps a fixed time to synchronise.
+
+    with EtcdCluster(tmp_path) as etcd:           # one member
+        check_etcd(etcd.endpoints)
+    cluster = EtcdCluster(tmp_path, n=3).start()  # three members
+    cluster.members[0].kill(); cluster.members[0].start()
+    cluster.stop()
+
+The binary is ``$XDC_ETCD_BIN`` when set, else ``etcd`` on PATH (Debian's etcd-server).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+
+HOST = "127.0.0.1"
+START_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 5.0
+_POLL_S = 0.02
+_names = itertools.count()
+
+
+class EtcdError(RuntimeError):
+    pass
+
+
+def etcd_binary() -> str:
+    """Path of the etcd binary to run; raises EtcdError saying how to get one."""
+    override = os.environ.get("XDC_ETCD_BIN")
+    if override:
+        if not os.access(override, os.X_OK):
+            raise EtcdError(f"XDC_ETCD_BIN={override} is not an executable file")
+        return override
+    found = shutil.which("etcd") or ("/usr/bin/etcd" if os.access("/usr/bin/etcd", os.X_OK)
+                                     else None)
+    if found is None:
+        raise EtcdError("etcd not found: run scripts/sysdeps (Debian etcd-server) or set "
+                        "XDC_ETCD_BIN")
+    return found
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports free right now. Held open together so that the kernel hands out distinct
+    ones; another process can still take one before etcd binds, which start() retries."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((HOST, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def health(endpoint: str, timeout_s: float = 0.5) -> bool:
+    """True when the member at `endpoint` (host:port) reports itself healthy."""
+    try:
+        with urllib.request.urlopen(f"http://{endpoint}/health", timeout=timeout_s) as resp:
+            return json.loads(resp.read()).get("health") in ("true", True)
+    except (OSError, ValueError, http.client.HTTPException):  # URLError, HTTPError: OSError
+        return False
+
+
+class EtcdMember:
+    """One etcd process. Its name, ports and data dir stay fixed across restarts, so a
+    restarted member rejoins its cluster with its own data."""
+
+    def __init__(self, name: str, data_dir: Path, client_port: int, peer_port: int,
+                 initial_cluster: str, binary: str, extra_args: tuple[str, ...]) -> None:
+        self.name = name
+        self.data_dir = data_dir
+        self.client_port = client_port
+        self.peer_port = peer_port
+        self.initial_cluster = initial_cluster
+        self.binary = binary
+        self.extra_args = extra_args
+        self.log_path = data_dir.parent / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        """host:port of the client API, the form the cluster config uses."""
+        return f"{HOST}:{self.client_port}"
+
+    @property
+    def client_url(self) -> str:
+        return f"http://{self.endpoint}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://{HOST}:{self.peer_port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def command(self) -> list[str]:
+        return [
+            self.binary,
+            f"--name={self.name}",
+            f"--data-dir={self.data_dir}",
+            f"--listen-client-urls={self.client_url}",
+            f"--advertise-client-urls={self.client_url}",
+            f"--listen-peer-urls={self.peer_url}",
+            f"--initial-advertise-peer-urls={self.peer_url}",
+            f"--initial-cluster={self.initial_cluster}",
+            "--initial-cluster-state=new",
+            # A unique token keeps members of concurrently running test clusters from
+            # ever joining each other, even if a port gets reused.
+            f"--initial-cluster-token={self.name.rsplit('-', 1)[0]}",
+            *self.extra_args,
+        ]
+
+    def start(self) -> EtcdMember:
+        """Spawn the process (no wait; see EtcdCluster.wait_healthy)."""
+        if self.running:
+            raise EtcdError(f"{self.name} is already running (pid {self.pid})")
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        # ETCD_* variables are read as flags and would clash with ours.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD_")}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                # Own session: a test's SIGSTOP/SIGKILL and the terminal's ^C reach only
+                # what they mean to.
+                start_new_session=True,
+            )
+        return self
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
+        """SIGTERM, then SIGKILL after `timeout_s`; waits. Returns the exit status."""
+        if self.proc is None:
+            return None
+        proc = self.proc
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGCONT)  # a paused process cannot handle TERM
+                os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+        return proc.returncode
+
+    def kill(self) -> int | None:
+        """SIGKILL (a crash) and wait."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGKILL)
+        return self.proc.wait()
+
+    def pause(self) -> None:
+        """SIGSTOP: the process stays alive but stops answering (a GC pause, a VM freeze)."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def _signal(self, sig: signal.Signals) -> None:
+        if not self.running:
+            raise EtcdError(f"{self.name} is not running")
+        assert self.proc is not None
+        os.kill(self.proc.pid, sig)
+
+    def restart(self) -> EtcdMember:
+        self.stop()
+        return self.start()
+
+    def healthy(self, timeout_s: float = 0.5) -> bool:
+        return self.running and health(self.endpoint, timeout_s)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def _bind_failed(self) -> bool:
+        return "address already in use" in self.log_tail(50)
+
+
+class EtcdCluster:
+    """`n` etcd members on loopback forming one cluster (n=1 for most tests)."""
+
+    def __init__(self, base_dir: str | os.PathLike[str], n: int = 1, *,
+                 binary: str | None = None, heartbeat_ms: int = 100,
+                 election_timeout_ms: int = 1000, extra_args: tuple[str, ...] = ()) -> None:
+        if n < 1:
+            raise ValueError("an etcd cluster needs at least one member")
+        self.base_dir = Path(base_dir)
+        self.n = n
+        self.binary = binary or etcd_binary()
+        self.extra_args = (f"--heartbeat-interval={heartbeat_ms}",
+                           f"--election-timeout={election_timeout_ms}", *extra_args)
+        # pid + counter: unique across xdist workers and across clusters in one test.
+        self.name = f"etcd{os.getpid()}x{next(_names)}"
+        self.members: list[EtcdMember] = []
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [m.endpoint for m in self.members]
+
+    def _layout(self) -> None:
+        ports = free_ports(2 * self.n)
+        names = [f"{self.name}-{i}" for i in range(self.n)]
+        initial = ",".join(f"{name}=http://{HOST}:{ports[2 * i + 1]}"
+                           for i, name in enumerate(names))
+        self.members = [
+            EtcdMember(name, self.base_dir / self.name / name, ports[2 * i], ports[2 * i + 1],
+                       initial, self.binary, self.extra_args)
+            for i, name in enumerate(names)
+        ]
+
+    def start(self, timeout_s: float = START_TIMEOUT_S, attempts: int = 3) -> EtcdCluster:
+        """Start every member and wait until all report healthy. A port taken between
+        picking and binding makes etcd exit at once; then start over on new ports."""
+        for attempt in range(attempts):
+            if self.members:  # a previous attempt lost a port race
+                self.stop()
+                self.name = f"etcd{os.getpid()}x{next(_names)}"
+            self._layout()
+            for m in self.members:
+                m.start()
+            try:
+                self.wait_healthy(timeout_s)
+                return self
+            except EtcdError:
+                if not any(m._bind_failed() for m in self.members) or attempt == attempts - 1:
+                    self.stop()
+                    raise
+        raise AssertionError("unreachable")
+
+    def wait_healthy(self, timeout_s: float = START_TIMEOUT_S,
+                     members: list[EtcdMember] | None = None) -> None:
+        """Poll /health of `members` (default: all that run) until each says healthy."""
+        if members is None:
+            members = [m for m in self.members if m.running]
+        waiting = list(members)
+        deadline = time.monotonic() + timeout_s
+        while waiting:
+            for m in waiting:
+                if not m.running:
+                    raise EtcdError(f"{m.name} exited with {m.proc.returncode if m.proc else '?'}"
+                                    f":\n{m.log_tail()}")
+            waiting = [m for m in waiting if not health(m.endpoint, 0.5)]
+            if not waiting:
+                return
+            if time.monotonic() > deadline:
+                tails = "\n".join(f"--- {m.name}\n{m.log_tail()}" for m in waiting)
+                raise EtcdError(f"etcd not healthy after {timeout_s} s:\n{tails}")
+            time.sleep(_POLL_S)  # poll interval, not synchronisation
+
+    def stop(self) -> None:
+        """Stop every member (SIGTERM, SIGKILL on timeout) and wait for each."""
+        errors = []
+        for m in self.members:
+            try:
+                m.stop()
+            except Exception as exc:  # stop the others regardless
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def restart(self, timeout_s: float = START_TIMEOUT_S) -> EtcdCluster:
+        """Stop and start every member on the same ports and data; wait until healthy."""
+        self.stop()
+        for m in self.members:
+            m.start()
+        self.wait_healthy(timeout_s)
+        return self
+
+    def __enter__(self) -> EtcdCluster:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
