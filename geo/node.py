@@ -35,7 +35,7 @@ from geo.replication.messages import (
     Tip,
 )
 from geo.replicator import Replicator, term_start_record
-from geo.transport import CHANNEL_OPTIONS, PeerSender, ReplicationService
+from geo.transport import CHANNEL_OPTIONS, PeerSender, ReplicationService, SwitchoverError
 from store.errors import StoreError
 from store.limits import Limits
 from store.log import Log
@@ -117,7 +117,8 @@ class ClusterNode:
         assert self.server.server is not None
         rpb_grpc.add_ReplicationServicer_to_server(ReplicationService(
             self.config.cluster, self.id, {m.id for m in self.config.members},
-            self.replicator.deliver, self._tip, self.status), self.server.server)
+            self.replicator.deliver, self._tip, self.status, self.switchover),
+            self.server.server)
         for peer, address in self.routes.items():
             sender = PeerSender(self.config.cluster, self.id, peer, address)
             sender.start()
@@ -324,6 +325,55 @@ class ClusterNode:
                                     connected=self.senders[p].connected
                                     if p in self.senders else False)
                    for p, ps in sorted(st.peers.items())])
+
+    async def switchover(self, target: str, timeout_s: float) -> rpb.SwitchoverResponse:
+        """Planned handover to `target`: designate it in etcd (so nobody else campaigns),
+        stop taking writes (they are redirected to the target), wait until everything this
+        leader appended is committed and held by the target, then step down and resign.
+        The target, designated, campaigns at once and has the whole log."""
+        assert self.replicator is not None and self.store.commit is not None
+        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        if self.store.role.name != "leader" or target == self.id:
+            raise SwitchoverError(grpc.StatusCode.FAILED_PRECONDITION,
+                                  f"{self.id} is not the open leader, or is the target "
+                                  f"(leader: {self.store.role.leader or 'unknown'})")
+        await self.leadership.designate(target, max(2, 2 * self.config.lease_ttl_s))
+        self.replicator.redirect_to = target
+        try:
+            while True:
+                st = await self.replicator.query(Node.status)
+                peer = st.peers.get(target)
+                if st.commit == st.last_position and peer is not None \
+                        and peer.match == st.last_position:
+                    break
+                if loop.time() > deadline:
+                    raise SwitchoverError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                          f"{target} did not catch up within {timeout_s}s "
+                                          f"(match {peer.match if peer else 0}, "
+                                          f"last {st.last_position})")
+                await asyncio.sleep(0.002)
+            handover = st.last_position
+            self.replicator.step_down(f"switchover to {target}")
+            await self.leadership.resign()
+            while True:
+                current = await self.leadership.current()
+                if current is not None and current[0].get("id") == target:
+                    break
+                if loop.time() > deadline:
+                    raise SwitchoverError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                          f"{target} did not take the leader key in time")
+                await self.leadership.wait_change(current[1] if current else None,
+                                                  timeout_s=max(0.01, deadline - loop.time()))
+        except BaseException:
+            await self.leadership.clear_designation()
+            raise
+        finally:
+            self.replicator.redirect_to = None
+        return rpb.SwitchoverResponse(new_leader=target, new_term=current[1],
+                                      took_us=int((time.perf_counter() - t0) * 1e6),
+                                      handover_position=handover)
 
     async def wait_open(self, timeout_s: float) -> None:
         await asyncio.wait_for(self._opened.wait(), timeout_s)

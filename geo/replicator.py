@@ -134,6 +134,8 @@ class Replicator:
         self._pending_events = 0
         self._stopping = False
         self._commit_to_persist = 0
+        # Set during a planned switchover: appends are refused and sent to this member.
+        self.redirect_to: str | None = None
         self.groups = 0
         self.fatal: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="xdc-replicator", daemon=True)
@@ -301,7 +303,9 @@ class Replicator:
         refusal: StoreError | None = None
         results: list[Appended | StoreError] = []
         last_seq = 0
-        if not core.is_open:
+        if self.redirect_to is not None:
+            refusal = self._not_leader(self.redirect_to)
+        elif not core.is_open:
             refusal = self._not_leader(core.leader if core.leader != self.node_id else None)
         else:
             assert self.log.last_position == core.tip().position, "log and machine disagree"

@@ -144,13 +144,16 @@ class ReplicationService(rpb_grpc.ReplicationServicer):
     def __init__(self, cluster: str, node_id: str, members: set[str],
                  deliver: Callable[[list[Message]], None],
                  tip: Callable[[], rpb.TipResponse],
-                 status: Callable[[], Awaitable[rpb.NodeStatus]]) -> None:
+                 status: Callable[[], Awaitable[rpb.NodeStatus]],
+                 switchover: Callable[[str, float], Awaitable[rpb.SwitchoverResponse]],
+                 ) -> None:
         self.cluster = cluster
         self.node_id = node_id
         self.members = members
         self.deliver = deliver
         self.tip = tip
         self.status = status
+        self.switchover = switchover
 
     async def Stream(self, request_iterator: Any,
                      context: grpc.aio.ServicerContext) -> rpb.StreamSummary:
@@ -180,3 +183,20 @@ class ReplicationService(rpb_grpc.ReplicationServicer):
     async def Status(self, request: rpb.StatusRequest,
                      context: grpc.aio.ServicerContext) -> rpb.NodeStatus:
         return await self.status()
+
+    async def Switchover(self, request: rpb.SwitchoverRequest,
+                         context: grpc.aio.ServicerContext) -> rpb.SwitchoverResponse:
+        if request.target not in self.members:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"target: {request.target!r} is not a member")
+        try:
+            return await self.switchover(request.target, (request.timeout_ms or 5000) / 1000)
+        except SwitchoverError as exc:
+            await context.abort(exc.code, str(exc))
+            raise AssertionError("unreachable") from None
+
+
+class SwitchoverError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code

@@ -61,3 +61,45 @@ def test_three_regions_elect_replicate_and_fail_over(etcd: EtcdCluster, tmp_path
             await cluster.stop()
 
     run(body, timeout_s=120)
+
+
+def test_planned_switchover_under_load_loses_nothing(etcd: EtcdCluster, tmp_path: Path) -> None:
+    async def body() -> None:
+        cluster = LocalCluster.make(etcd.endpoints, tmp_path)
+        await cluster.start()
+        try:
+            leader = await cluster.leader()
+            target = next(n for n in cluster.nodes.values() if n is not leader)
+            acked: list[tuple[int, bytes]] = []
+            stop = asyncio.Event()
+
+            async def load(client: StoreClient, k: int) -> None:
+                i = 0
+                while not stop.is_set():
+                    e = new_event("Tick", b"%d-%d" % (k, i))
+                    r = await client.append(f"load-{k}", e)
+                    acked.append((r.first_position, e.id))
+                    i += 1
+
+            async with StoreClient(cluster.client_targets(), timeout_s=15) as client:
+                tasks = [asyncio.ensure_future(load(client, k)) for k in range(4)]
+                while len(acked) < 100:
+                    await asyncio.sleep(0.01)
+                resp = await leader.switchover(target.id, timeout_s=10)
+                assert resp.new_leader == target.id and resp.new_term > leader.store.role.term - 1
+                before = len(acked)
+                while len(acked) < before + 100:
+                    await asyncio.sleep(0.01)
+                stop.set()
+                await asyncio.gather(*tasks)
+                now_leader = await cluster.leader()
+                assert now_leader is target
+                everything = {e.position: e.id for e in await client.read("$all", limit=100_000)}
+            for position, event_id in acked:
+                assert everything[position] == event_id, f"acknowledged position {position} lost"
+            await cluster.converged()
+            print(f"switchover took {resp.took_us / 1000:.1f} ms")
+        finally:
+            await cluster.stop()
+
+    run(body, timeout_s=120)

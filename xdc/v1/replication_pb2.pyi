@@ -161,3 +161,23 @@ class NodeStatus(_message.Message):
     peers: _containers.RepeatedCompositeFieldContainer[PeerProgress]
     voter: bool
     def __init__(self, node_id: _Optional[str] = ..., region: _Optional[str] = ..., role: _Optional[str] = ..., open: _Optional[bool] = ..., term: _Optional[int] = ..., promised_term: _Optional[int] = ..., commit_position: _Optional[int] = ..., last_position: _Optional[int] = ..., durable_position: _Optional[int] = ..., leader: _Optional[str] = ..., peers: _Optional[_Iterable[_Union[PeerProgress, _Mapping]]] = ..., voter: _Optional[bool] = ...) -> None: ...
+
+class SwitchoverRequest(_message.Message):
+    __slots__ = ("target", "timeout_ms")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    target: str
+    timeout_ms: int
+    def __init__(self, target: _Optional[str] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class SwitchoverResponse(_message.Message):
+    __slots__ = ("new_leader", "new_term", "took_us", "handover_position")
+    NEW_LEADER_FIELD_NUMBER: _ClassVar[int]
+    NEW_TERM_FIELD_NUMBER: _ClassVar[int]
+    TOOK_US_FIELD_NUMBER: _ClassVar[int]
+    HANDOVER_POSITION_FIELD_NUMBER: _ClassVar[int]
+    new_leader: str
+    new_term: int
+    took_us: int
+    handover_position: int
+    def __init__(self, new_leader: _Optional[str] = ..., new_term: _Optional[int] = ..., took_us: _Optional[int] = ..., handover_position: _Optional[int] = ...) -> None: ...

@@ -49,6 +49,11 @@ class ReplicationStub:
                 request_serializer=xdc_dot_v1_dot_replication__pb2.StatusRequest.SerializeToString,
                 response_deserializer=xdc_dot_v1_dot_replication__pb2.NodeStatus.FromString,
                 _registered_method=True)
+        self.Switchover = channel.unary_unary(
+                '/xdc.v1.Replication/Switchover',
+                request_serializer=xdc_dot_v1_dot_replication__pb2.SwitchoverRequest.SerializeToString,
+                response_deserializer=xdc_dot_v1_dot_replication__pb2.SwitchoverResponse.FromString,
+                _registered_method=True)
 
 
 class ReplicationServicer:
@@ -72,6 +77,14 @@ class ReplicationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Switchover(self, request, context):
+        """Planned switchover, sent to the leader: writes pause, the target catches up, the
+        leader resigns, the target takes over. Nothing acknowledged is lost.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReplicationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +102,11 @@ def add_ReplicationServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=xdc_dot_v1_dot_replication__pb2.StatusRequest.FromString,
                     response_serializer=xdc_dot_v1_dot_replication__pb2.NodeStatus.SerializeToString,
+            ),
+            'Switchover': grpc.unary_unary_rpc_method_handler(
+                    servicer.Switchover,
+                    request_deserializer=xdc_dot_v1_dot_replication__pb2.SwitchoverRequest.FromString,
+                    response_serializer=xdc_dot_v1_dot_replication__pb2.SwitchoverResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +190,33 @@ class Replication:
             '/xdc.v1.Replication/Status',
             xdc_dot_v1_dot_replication__pb2.StatusRequest.SerializeToString,
             xdc_dot_v1_dot_replication__pb2.NodeStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Switchover(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xdc.v1.Replication/Switchover',
+            xdc_dot_v1_dot_replication__pb2.SwitchoverRequest.SerializeToString,
+            xdc_dot_v1_dot_replication__pb2.SwitchoverResponse.FromString,
             options,
             channel_credentials,
             insecure,
