@@ -151,6 +151,64 @@ def cmd_node_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cluster(args: argparse.Namespace) -> int:
+    import signal as signals
+
+    from geo import launcher
+
+    action = args.cluster_command
+    try:
+        if action == "up":
+            state = launcher.up(args.dir, regions=args.regions, rtt_ms=args.rtt_ms,
+                                jitter_ms=args.jitter_ms, failover=args.failover,
+                                standbys=args.standbys, ttl_s=args.lease_ttl)
+            leader, st = asyncio.run(launcher.wait_leader(state))
+            print(f"cluster up in {state.directory}: leader {leader.id} (term {st.term})")
+            print(launcher.format_status(state, asyncio.run(launcher.statuses(state))))
+            return 0
+        state = launcher.ClusterState.load(args.dir)
+        if action == "status":
+            sts = asyncio.run(launcher.statuses(state))
+            if args.json:
+                from google.protobuf.json_format import MessageToDict
+                print(json.dumps({k: MessageToDict(v) if v else None for k, v in sts.items()}))
+            else:
+                print(launcher.format_status(state, sts))
+        elif action == "down":
+            launcher.down(args.dir)
+            print(f"cluster in {state.directory} stopped")
+        elif action == "switchover":
+            r = asyncio.run(launcher.switchover(state, args.to, args.timeout))
+            print(f"switchover to {r.new_leader}: term {r.new_term}, writes paused "
+                  f"{r.took_us / 1000:.1f} ms, handed over at position {r.handover_position}")
+        elif action == "promote":
+            node = asyncio.run(launcher.promote(state, args.region))
+            print(f"promoted {node}: it takes the leader seat when it is vacant")
+        elif action == "failover":
+            asyncio.run(launcher.set_failover(state, args.mode))
+            print(f"failover mode: {args.mode}")
+        elif action == "signal":
+            sig = getattr(signals, f"SIG{args.signal.upper()}")
+            hit = launcher.signal_node(state, args.target, sig)
+            print(f"sent SIG{args.signal.upper()} to {[n.id for n in hit]}")
+        elif action == "start":
+            for n in state.region_nodes(args.target) or [state.node(args.target)]:
+                launcher.start_node(state, n)
+                print(f"started {n.id} (pid {n.pid})")
+    except (FileNotFoundError, KeyError, RuntimeError, TimeoutError) as exc:
+        print(f"xdc cluster {action}: {exc}", file=sys.stderr)
+        return 1
+    except grpc_error() as exc:
+        print(f"xdc cluster {action}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def grpc_error() -> type[Exception]:
+    import grpc
+    return grpc.RpcError
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from xdc.demo import run_demo
     return run_demo()
@@ -188,6 +246,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-event-bytes", type=int, default=1024 * 1024)
     p.add_argument("--max-append-events", type=int, default=10_000)
     p.set_defaults(func=cmd_node_run)
+
+    p = sub.add_parser("cluster", help="the local multi-region cluster")
+    csub = p.add_subparsers(dest="cluster_command", required=True)
+
+    def cluster_cmd(name: str, help_text: str) -> argparse.ArgumentParser:
+        c = csub.add_parser(name, help=help_text)
+        c.add_argument("--dir", default="run/cluster", help="the cluster's directory")
+        c.set_defaults(func=cmd_cluster)
+        return c
+
+    c = cluster_cmd("up", "start etcd, a WAN proxy and one node per region")
+    c.add_argument("--regions", type=int, default=3)
+    c.add_argument("--rtt-ms", type=float, default=0.0, help="injected RTT between regions")
+    c.add_argument("--jitter-ms", type=float, default=0.0)
+    c.add_argument("--failover", choices=["manual", "automatic"], default="automatic")
+    c.add_argument("--standbys", type=int, default=0, help="non-voting DR copies")
+    c.add_argument("--lease-ttl", type=int, default=2, help="etcd lease TTL, seconds")
+    c = cluster_cmd("status", "roles, terms, positions, lag, etcd health")
+    c.add_argument("--json", action="store_true")
+    cluster_cmd("down", "stop every process of the cluster (by PID)")
+    c = cluster_cmd("switchover", "planned handover of leadership, no loss")
+    c.add_argument("--to", required=True, help="region or node id")
+    c.add_argument("--timeout", type=float, default=10.0)
+    c = cluster_cmd("promote", "manual failover: let this region take the vacant seat")
+    c.add_argument("region")
+    c = cluster_cmd("failover", "switch between manual and automatic failover")
+    c.add_argument("mode", choices=["manual", "automatic"])
+    c = cluster_cmd("signal", "send a signal to a region's (or node's) processes")
+    c.add_argument("target", help="region or node id")
+    c.add_argument("signal", choices=["kill", "term", "stop", "cont"])
+    c = cluster_cmd("start", "(re)start a region's (or node's) processes")
+    c.add_argument("target", help="region or node id")
 
     p = sub.add_parser("append", help="append one event")
     p.add_argument("stream")

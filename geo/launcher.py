@@ -1,0 +1,363 @@
+"""The local multi-region cluster (`xdc cluster up/status/down/switchover/promote`).
+
+Everything lives under one directory (default `./run/cluster`): etcd's data, one data
+directory and log per node, the cluster TOML, the WAN proxy's link file, and
+`state.json` with every process's PID and address, so that later commands (status,
+down, drills) find them. Processes are stopped by PID, never by name.
+
+Regions talk to each other only through the fault-injecting proxy (geo/proxy.py): for
+every ordered pair of regions (a, b) there is a link that a's node uses to reach b's
+peer port (`xdc node run --route b=<link>`), with half the configured RTT of one-way
+delay. Clients reach every node directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from geo.etcd_server import EtcdCluster, free_ports, health
+from geo.leadership import Leadership
+from xdc.v1 import replication_pb2 as rpb
+from xdc.v1 import replication_pb2_grpc as rpb_grpc
+
+# Children started by this process, so that a stopped one is reaped (no zombie left).
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+REGION_NAMES = ["us-east", "eu-west", "ap-south", "us-west", "sa-east", "eu-north", "ap-east"]
+DEFAULT_DIR = "run/cluster"
+READY_TIMEOUT_S = 30.0
+
+
+@dataclass
+class NodeProc:
+    id: str
+    region: str
+    client: str
+    peer: str
+    voter: bool
+    data_dir: str
+    pid: int = 0
+    routes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ClusterState:
+    directory: str
+    cluster: str
+    config: str
+    etcd_endpoints: list[str]
+    etcd_pids: list[int]
+    nodes: list[NodeProc]
+    proxy_pid: int = 0
+    proxy_control: str = ""
+    links: dict[str, str] = field(default_factory=dict)
+    rtt_ms: float = 0.0
+
+    def save(self) -> None:
+        Path(self.directory, "state.json").write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> ClusterState:
+        path = Path(directory, "state.json")
+        if not path.exists():
+            raise FileNotFoundError(f"no cluster at {directory} (no state.json): run "
+                                    "`xdc cluster up` first")
+        raw = json.loads(path.read_text())
+        raw["nodes"] = [NodeProc(**n) for n in raw["nodes"]]
+        return cls(**raw)
+
+    def node(self, key: str) -> NodeProc:
+        for n in self.nodes:
+            if key in (n.id, n.region):
+                return n
+        raise KeyError(f"no node or region {key!r} (have {[n.id for n in self.nodes]})")
+
+    def region_nodes(self, region: str) -> list[NodeProc]:
+        return [n for n in self.nodes if n.region == region]
+
+
+def _toml(state: ClusterState, regions: list[str], failover: str, ttl_s: int) -> str:
+    lines = [f'cluster = "{state.cluster}"', f'failover = "{failover}"',
+             f"lease_ttl_s = {ttl_s}", "", "[etcd]",
+             "endpoints = [" + ", ".join(f'"{e}"' for e in state.etcd_endpoints) + "]"]
+    for r in regions:
+        lines += ["", "[[region]]", f'name = "{r}"']
+    for n in state.nodes:
+        lines += ["", "[[member]]", f'id = "{n.id}"', f'region = "{n.region}"',
+                  f'client = "{n.client}"', f'peer = "{n.peer}"',
+                  f"voter = {'true' if n.voter else 'false'}", f'data_dir = "{n.data_dir}"']
+    return "\n".join(lines) + "\n"
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    child = _children.get(pid)
+    if child is not None:
+        return child.poll() is None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie child still answers kill(0); it is not alive for our purposes.
+    with contextlib.suppress(OSError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.split(")")[1].split()[0] == "Z":
+            return False
+    return True
+
+
+def _wait_ready_line(path: Path, proc: subprocess.Popen[bytes], timeout_s: float) -> dict[str, Any]:
+    """Waits for the JSON `ready` line a child prints on stdout (redirected to `path`)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists():
+            for line in path.read_text().splitlines():
+                with contextlib.suppress(ValueError):
+                    msg = json.loads(line)
+                    if msg.get("event") == "ready":
+                        return msg
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} before ready; "
+                               f"see {path.parent}")
+        time.sleep(0.02)
+    raise RuntimeError(f"{proc.args!r} not ready within {timeout_s}s; see {path.parent}")
+
+
+def node_command(state: ClusterState, n: NodeProc) -> list[str]:
+    cmd = [sys.executable, "-m", "xdc.cli", "node", "run", "--config", state.config,
+           "--member", n.id]
+    for peer, address in sorted(n.routes.items()):
+        cmd += ["--route", f"{peer}={address}"]
+    return cmd
+
+
+def start_node(state: ClusterState, n: NodeProc) -> None:
+    """Starts (or restarts) one node process; returns once it serves."""
+    node_dir = Path(state.directory, "nodes", n.id)
+    node_dir.mkdir(parents=True, exist_ok=True)
+    out = node_dir / "stdout.log"
+    out.write_text("")
+    with open(out, "ab") as stdout, open(node_dir / "node.log", "ab") as stderr:
+        proc = subprocess.Popen(node_command(state, n), stdout=stdout, stderr=stderr,
+                                start_new_session=True)
+    _children[proc.pid] = proc
+    n.pid = proc.pid
+    _wait_ready_line(out, proc, READY_TIMEOUT_S)
+    state.save()
+
+
+def up(directory: str = DEFAULT_DIR, regions: int = 3, rtt_ms: float = 0.0,
+       failover: str = "automatic", standbys: int = 0, ttl_s: int = 2,
+       cluster: str = "xdc-local", jitter_ms: float = 0.0, seed: int = 1) -> ClusterState:
+    base = Path(directory).resolve()
+    if (base / "state.json").exists():
+        with contextlib.suppress(Exception):
+            existing = ClusterState.load(base)
+            if any(_alive(n.pid) for n in existing.nodes):
+                raise RuntimeError(f"a cluster is already running in {base}: "
+                                   "`xdc cluster down` first")
+    base.mkdir(parents=True, exist_ok=True)
+    names = REGION_NAMES[:regions]
+    etcd = EtcdCluster(base / "etcd", 1).start()
+    members = [(f"{r}-1", r, True) for r in names]
+    members += [(f"{names[i % len(names)]}-dr{i + 1}", names[i % len(names)], False)
+                for i in range(standbys)]
+    ports = free_ports(2 * len(members))
+    nodes = [NodeProc(mid, region, f"127.0.0.1:{ports[2 * i]}", f"127.0.0.1:{ports[2 * i + 1]}",
+                      voter, str(base / "nodes" / mid / "data"))
+             for i, (mid, region, voter) in enumerate(members)]
+    state = ClusterState(str(base), cluster, str(base / "cluster.toml"), etcd.endpoints,
+                         [m.pid for m in etcd.members if m.pid], nodes, rtt_ms=rtt_ms)
+    state.save()
+    Path(state.config).write_text(_toml(state, names, failover, ttl_s))
+    # One proxy link per ordered pair of nodes in different regions.
+    link_specs = []
+    for a in nodes:
+        for b in nodes:
+            if a.region != b.region:
+                link_specs.append({"name": f"{a.id}->{b.id}", "listen": "127.0.0.1:0",
+                                   "target": b.peer, "delay_ms": rtt_ms / 2,
+                                   "jitter_ms": jitter_ms, "src_region": a.region,
+                                   "dst_region": b.region})
+    if link_specs:
+        links_file = base / "links.json"
+        links_file.write_text(json.dumps({"seed": seed, "links": link_specs}, indent=2))
+        proxy_dir = base / "proxy"
+        proxy_dir.mkdir(exist_ok=True)
+        out = proxy_dir / "stdout.log"
+        out.write_text("")
+        with open(out, "ab") as stdout, open(proxy_dir / "proxy.log", "ab") as stderr:
+            proc = subprocess.Popen([sys.executable, "-m", "geo.proxy", "--config",
+                                     str(links_file), "--control", "127.0.0.1:0"],
+                                    stdout=stdout, stderr=stderr, start_new_session=True)
+        _children[proc.pid] = proc
+        ready = _wait_ready_line(out, proc, READY_TIMEOUT_S)
+        state.proxy_pid = proc.pid
+        state.proxy_control = ready["control"]
+        state.links = ready["links"]
+        for a in nodes:
+            a.routes = {b.id: state.links[f"{a.id}->{b.id}"] for b in nodes
+                        if b.region != a.region}
+            a.routes.update({b.id: b.peer for b in nodes
+                             if b.region == a.region and b.id != a.id})
+    state.save()
+    for n in nodes:
+        start_node(state, n)
+    return state
+
+
+def signal_node(state: ClusterState, key: str, sig: int) -> list[NodeProc]:
+    """Sends a signal to every node of a region (or to one node), by PID."""
+    try:
+        targets = [state.node(key)] if key not in {n.region for n in state.nodes} \
+            else state.region_nodes(key)
+    except KeyError:
+        targets = state.region_nodes(key)
+    for n in targets:
+        if _alive(n.pid):
+            os.kill(n.pid, sig)
+    return targets
+
+
+def _stop_pid(pid: int, timeout_s: float = 10.0) -> None:
+    if not _alive(pid):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGCONT)  # a paused process cannot handle SIGTERM
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if _alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        while _alive(pid):
+            time.sleep(0.01)
+    child = _children.pop(pid, None)
+    if child is not None:
+        child.wait()
+
+
+def reap(pid: int) -> None:
+    """Waits for a child this process started and killed (e.g. with SIGKILL)."""
+    child = _children.pop(pid, None)
+    if child is not None:
+        child.wait()
+
+
+def down(directory: str = DEFAULT_DIR) -> ClusterState:
+    state = ClusterState.load(directory)
+    for n in state.nodes:
+        _stop_pid(n.pid)
+    _stop_pid(state.proxy_pid)
+    for pid in state.etcd_pids:
+        _stop_pid(pid)
+    for n in state.nodes:
+        n.pid = 0
+    state.proxy_pid = 0
+    state.etcd_pids = []
+    state.save()
+    return state
+
+
+# ---- operations on a running cluster (async: they talk gRPC and etcd) -------------------
+
+async def node_status(n: NodeProc, timeout_s: float = 1.0) -> rpb.NodeStatus | None:
+    """The node's replication status, or None when it does not answer."""
+    try:
+        async with grpc.aio.insecure_channel(n.client) as ch:
+            return await rpb_grpc.ReplicationStub(ch).Status(rpb.StatusRequest(),
+                                                             timeout=timeout_s)
+    except grpc.aio.AioRpcError:
+        return None
+
+
+async def statuses(state: ClusterState) -> dict[str, rpb.NodeStatus | None]:
+    got = await asyncio.gather(*(node_status(n) for n in state.nodes))
+    return {n.id: s for n, s in zip(state.nodes, got, strict=True)}
+
+
+async def wait_leader(state: ClusterState, timeout_s: float = 20.0,
+                      exclude: tuple[str, ...] = ()) -> tuple[NodeProc, rpb.NodeStatus]:
+    """The open leader, once there is one (not among `exclude`)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for node_id, st in (await statuses(state)).items():
+            if st is not None and st.role == "leader" and st.open and node_id not in exclude:
+                return state.node(node_id), st
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no open leader within {timeout_s}s")
+        await asyncio.sleep(0.02)
+
+
+def _leadership(state: ClusterState, node_id: str = "xdc-cli") -> Leadership:
+    return Leadership(state.etcd_endpoints, state.cluster, node_id, {"id": node_id}, 2,
+                      on_lost=lambda reason: None)
+
+
+async def switchover(state: ClusterState, to: str, timeout_s: float = 10.0
+                     ) -> rpb.SwitchoverResponse:
+    target = state.node(to)
+    leader, _ = await wait_leader(state, timeout_s)
+    async with grpc.aio.insecure_channel(leader.client) as ch:
+        return await rpb_grpc.ReplicationStub(ch).Switchover(
+            rpb.SwitchoverRequest(target=target.id, timeout_ms=int(timeout_s * 1000)),
+            timeout=timeout_s + 1)
+
+
+async def promote(state: ClusterState, to: str) -> str:
+    """Manual failover: authorise one member to take the vacant leader seat."""
+    target = state.node(to)
+    lead = _leadership(state)
+    try:
+        await lead.promote(target.id)
+    finally:
+        await lead.close()
+    return target.id
+
+
+async def set_failover(state: ClusterState, mode: str) -> None:
+    lead = _leadership(state)
+    try:
+        await lead.set_failover_mode(mode)
+    finally:
+        await lead.close()
+
+
+def format_status(state: ClusterState, sts: dict[str, rpb.NodeStatus | None]) -> str:
+    leader = next((s for s in sts.values() if s is not None and s.role == "leader"), None)
+    lag = {p.node_id: p for p in leader.peers} if leader is not None else {}
+    rows = [("node", "region", "role", "term", "commit", "last", "lag", "in sync", "pid")]
+    for n in state.nodes:
+        st = sts.get(n.id)
+        alive = "" if _alive(n.pid) else " (down)"
+        if st is None:
+            rows.append((n.id, n.region, "unreachable" + alive, "-", "-", "-", "-", "-",
+                         str(n.pid)))
+            continue
+        p = lag.get(n.id)
+        rows.append((n.id, n.region, st.role + (" (open)" if st.open else ""), str(st.term),
+                     str(st.commit_position), str(st.last_position),
+                     str(p.lag) if p else ("0" if st.role == "leader" else "?"),
+                     ("yes" if p.in_sync else "no") if p else "-", str(n.pid)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    healthy = [e for e in state.etcd_endpoints if health(e)]
+    lines.append(f"etcd: {len(healthy)}/{len(state.etcd_endpoints)} healthy "
+                 f"({', '.join(state.etcd_endpoints)})")
+    if state.proxy_control:
+        lines.append(f"wan proxy: control {state.proxy_control}, rtt {state.rtt_ms:g} ms")
+    return "\n".join(lines)
