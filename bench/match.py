@@ -18,6 +18,7 @@ fill listener recording fills. Setup is not timed. Nothing here asserts a time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import platform
@@ -27,7 +28,7 @@ import sys
 import time
 from typing import Any
 
-from engine.book import Engine
+from engine.book import Engine, gc_paused
 from engine.commands import AddSymbol, CancelOrder, Deposit, NewOrder
 from engine.constants import STP, OrderType, Side, TimeInForce
 from engine.events import FILL
@@ -106,24 +107,25 @@ def _fresh_engine() -> Engine:
     return eng
 
 
-def run_engine(cmds: list[object]) -> tuple[float, list[tuple[int, int, int, int]]]:
-    """Seconds for ``process`` over ``cmds``, and the fills (maker, taker, price, qty)."""
+def run_engine(cmds: list[object], default_gc: bool = False
+               ) -> tuple[float, list[tuple[int, int, int, int]]]:
+    """Seconds for ``process_batch`` over ``cmds`` in batches of 1024 (as the consumer
+    shell will feed it), and the fills (maker, taker, price, qty). Runs under
+    ``gc_paused`` like the shell, or with CPython's default GC if ``default_gc``."""
     eng = _fresh_engine()
-    process = eng.process
+    process_batch = eng.process_batch
     out: list[tuple] = []
-    fills: list[tuple[int, int, int, int]] = []
     batch = 1024
     gc.collect()
-    t0 = time.perf_counter()
-    for i in range(0, len(cmds), batch):
-        for c in cmds[i:i + batch]:
-            process(c, out)
-        out.clear()
-    dt = time.perf_counter() - t0
+    with contextlib.nullcontext() if default_gc else gc_paused():
+        t0 = time.perf_counter()
+        for i in range(0, len(cmds), batch):
+            process_batch(cmds[i:i + batch], out)
+            out.clear()
+        dt = time.perf_counter() - t0
     # Second, untimed pass collects fills for the comparison.
     eng = _fresh_engine()
-    for c in cmds:
-        eng.process(c, out)
+    eng.process_batch(cmds, out)
     fills = [(t[5], t[6], t[2], t[3]) for t in out if t[0] == FILL]
     return dt, fills
 
@@ -132,10 +134,11 @@ def run_engine_records(cmds: list[object]) -> float:
     eng = _fresh_engine()
     apply = eng.apply
     gc.collect()
-    t0 = time.perf_counter()
-    for c in cmds:
-        apply(c)
-    return time.perf_counter() - t0
+    with gc_paused():
+        t0 = time.perf_counter()
+        for c in cmds:
+            apply(c)
+        return time.perf_counter() - t0
 
 
 def _liquibook() -> Any:
@@ -210,6 +213,7 @@ def run(quick: bool = False, runs: int | None = None) -> dict[str, Any]:
     runs = runs or (3 if quick else 5)
     cmds = workload(n)
     eng_times: list[float] = []
+    default_gc_times: list[float] = []
     rec_times: list[float] = []
     lb_times: list[float] = []
     fills: list[tuple[int, int, int, int]] = []
@@ -218,6 +222,7 @@ def run(quick: bool = False, runs: int | None = None) -> dict[str, Any]:
     for _ in range(runs):
         dt, fills = run_engine(cmds)
         eng_times.append(dt)
+        default_gc_times.append(run_engine(cmds, default_gc=True)[0])
         rec_times.append(run_engine_records(cmds))
         if lb_error is None:
             try:
@@ -238,6 +243,7 @@ def run(quick: bool = False, runs: int | None = None) -> dict[str, Any]:
         "fills": len(fills),
         "match_cps": round(match_cps),
         "match_records_cps": round(rec_cps),
+        "match_default_gc_cps": round(n / statistics.median(default_gc_times)),
         "liquibook_cps": round(lb_cps) if lb_cps else None,
         "liquibook_error": lb_error,
         "liquibook_fills": len(lb_fills) if lb_fills is not None else None,
@@ -255,6 +261,7 @@ def _table(res: dict[str, Any]) -> str:
         ("fills", res["fills"]),
         ("xdc match commands/s (raw events)", res["match_cps"]),
         ("xdc match commands/s (dataclass events)", res["match_records_cps"]),
+        ("xdc match commands/s (raw, default GC)", res["match_default_gc_cps"]),
         ("liquibook commands/s", res["liquibook_cps"] if res["liquibook_cps"] else
          f"n/a ({res['liquibook_error']})"),
         ("ratio xdc/liquibook", res["ratio"]),

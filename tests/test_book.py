@@ -484,7 +484,8 @@ class _Raises:
     [
         ({"ts_ns": -1}, Reject.INVALID_TIMESTAMP),
         ({"ts_ns": 1.5}, Reject.INVALID_TIMESTAMP),
-        ({"symbol": ["x"]}, Reject.UNKNOWN_SYMBOL),
+        ({"symbol": 5}, Reject.UNKNOWN_SYMBOL),
+        ({"symbol": ["x"]}, Reject.INTERNAL_ERROR),  # unhashable: raises before any change
         ({"account": None}, Reject.UNKNOWN_ACCOUNT),
         ({"client_order_id": 7}, Reject.INVALID_CLIENT_ORDER_ID),
         ({"client_order_id": "\ud800"}, Reject.INVALID_CLIENT_ORDER_ID),

@@ -588,7 +588,7 @@ def compare_run(cmds: list[object], check_every: int = 1) -> Engine:
 # ----------------------------------------------------------------------------- tests
 
 
-@settings(max_examples=120, derandomize=True, deadline=None,
+@settings(max_examples=200, derandomize=True, deadline=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(r=st.randoms(use_true_random=False), n=st.integers(1, 120))
 def test_engine_matches_model_hypothesis(r: random.Random, n: int) -> None:
@@ -597,8 +597,8 @@ def test_engine_matches_model_hypothesis(r: random.Random, n: int) -> None:
 
 
 def test_engine_matches_model_long_runs() -> None:
-    for seed in range(6):
-        compare_run(random_commands(1000 + seed, 1500), check_every=7)
+    for seed in range(8):
+        compare_run(random_commands(1000 + seed, 2500), check_every=7)
 
 
 def test_quantities_conserved() -> None:
