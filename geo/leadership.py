@@ -24,6 +24,9 @@ API (all coroutines run their etcd calls in threads; `LeadershipError` on etcd f
     lead.is_leader                      # bool, also checks the deadline on `clock`
     lead.term                           # the term while leader, else None
     lead.deadline()                     # monotonic time the leader must stop by, or None
+    lead.last_refresh_sent()            # send time of the last successful refresh/grant
+    lead.lost_reason()                  # why the last term was lost, or None
+    lead.watching                       # number of wait_change watches in place
     await lead.resign()                 # revoke the lease: the key vanishes at once
     await lead.current()                # (info, term) of the leader now, or None
     await lead.wait_change(known_term, timeout_s)   # True on change, False on timeout
@@ -32,6 +35,7 @@ API (all coroutines run their etcd calls in threads; `LeadershipError` on etcd f
     await lead.set_failover_mode(mode) / failover_mode()
     await lead.ever_led()               # True once any node has won the key
     await lead.close()                  # stop threads and clients (does not revoke)
+    lead._pause_keepalive() / _resume_keepalive()   # tests: freeze as SIGSTOP would
 
 Campaign: a lease of `ttl_s` is granted, then one transaction guarded by
 ``create_revision(leader) == 0`` puts the key attached to the lease, writes `last_leader`,
@@ -374,10 +378,12 @@ class Leadership:
         t.thread = threading.Thread(target=self._keepalive, args=(t,), daemon=True,
                                     name=f"xdc-keepalive-{self.node_id}-{term}")
         with self._lock:
-            if self._closed.is_set():
-                self._revoke_quietly(lease.id)
-                raise LeadershipError("leadership is closed")
-            self._term = t
+            closed = self._closed.is_set()
+            if not closed:
+                self._term = t
+        if closed:
+            self._revoke_quietly(lease.id)
+            raise LeadershipError("leadership is closed")
         t.thread.start()
         log.info("%s: leader of term %d (lease %x, ttl %s s)", self.node_id, term, lease.id, ttl)
         return term
@@ -386,7 +392,10 @@ class Leadership:
 
     def _refresh(self, lease_id: int, timeout_s: float) -> int:
         def call(c: Any) -> int:
-            c.timeout = timeout_s  # this client is used by the keep-alive thread only
+            # The fork takes the deadline from the client: this client serves refreshes
+            # only, one at a time per term (a hung one of an old term can overlap a new
+            # term's; both values stay within (0, ttl/3], so that race is harmless).
+            c.timeout = timeout_s
             responses = list(c.refresh_lease(lease_id))
             if not responses:
                 raise LeadershipError("empty keep-alive response")
@@ -437,7 +446,7 @@ class Leadership:
             until = self.clock() + REVOKE_AFTER_LOSS_TTLS * t.ttl_s
             while not t.revoked and not self._closed.is_set() and self.clock() < until:
                 try:
-                    self._revoke(t.lease_id, self._ka_etcd)
+                    self._revoke(t.lease_id)
                     t.revoked = True
                 except LeadershipError:
                     self._closed.wait(interval)
@@ -470,14 +479,14 @@ class Leadership:
 
     # ---- resign -------------------------------------------------------------------
 
-    def _revoke(self, lease_id: int, etcd: _Etcd | None = None) -> None:
+    def _revoke(self, lease_id: int) -> None:
         def call(c: Any) -> None:
             try:
                 c.revoke_lease(lease_id)
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.NOT_FOUND:  # already expired: fine
                     raise
-        (etcd or self._etcd).call("revoke lease", call)
+        self._etcd.call("revoke lease", call)
 
     def _revoke_quietly(self, lease_id: int) -> None:
         try:
