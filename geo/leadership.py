@@ -427,6 +427,8 @@ class Leadership:
                 try:
                     ttl_left = fut.result(timeout=max(0.0, t.deadline - self.clock()))
                 except concurrent.futures.TimeoutError:
+                    log.debug("%s: term %d: refresh sent %.3f s ago still pending at the "
+                              "deadline", self.node_id, t.term, self.clock() - send)
                     continue  # the deadline passed: the loop reports it
                 except LeadershipError as exc:
                     log.warning("%s: term %d: %s", self.node_id, t.term, exc)
@@ -437,6 +439,8 @@ class Leadership:
                 if ttl_left <= 0:
                     self._lose(t, "etcd says the lease is gone (expired or revoked)")
                     break
+                log.debug("%s: term %d: refreshed in %.3f s, ttl %d", self.node_id, t.term,
+                          self.clock() - send, ttl_left)
                 with self._lock:
                     t.last_ok_send = send
                     t.deadline = send + min(t.ttl_s, ttl_left) - self.safety_margin_s
