@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import gc
 import json
+import os
 import platform
 import random
 import statistics
@@ -212,6 +213,7 @@ def run(quick: bool = False, runs: int | None = None) -> dict[str, Any]:
     n = QUICK_N if quick else FULL_N
     runs = runs or (3 if quick else 5)
     cmds = workload(n)
+    load_before = os.getloadavg()[0]
     eng_times: list[float] = []
     default_gc_times: list[float] = []
     rec_times: list[float] = []
@@ -250,6 +252,10 @@ def run(quick: bool = False, runs: int | None = None) -> dict[str, Any]:
         "fills_identical": (lb_fills == fills) if lb_fills is not None else None,
         "ratio": round(match_cps / lb_cps, 3) if lb_cps else None,
         "python": platform.python_version(),
+        # A shared 2-core machine: a busy neighbour halves any figure here.
+        "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "gc": "match_cps under engine.book.gc_paused(); match_default_gc_cps with CPython "
+              "default GC",
         "seed": SEED,
     }
 

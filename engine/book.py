@@ -8,6 +8,11 @@ a function of the sequence of commands alone. There is no I/O, clock, randomness
 float or set here; dicts are only looked up, never iterated on a path that produces
 output, except in insertion order where that order is itself a function of the input.
 
+API: ``Engine(limits)``; ``process(cmd, out)`` / ``process_batch(cmds, out)`` append raw
+event tuples; ``apply(cmd)`` returns records; ``step(state, cmd) -> (state, events)``;
+``check_invariants(engine)`` for tests; ``gc_paused()`` for the shell's hot loop.
+Snapshots, hashes and encodings live in ``engine.codec``.
+
 Rules (the reference model in tests/test_book_model.py encodes the same rules):
 
 * Price-time priority; a trade prints at the resting (maker) order's price.

@@ -659,3 +659,24 @@ def test_snapshot_is_canonical_regardless_of_history() -> None:
         restore(b"nope")
     with pytest.raises(CodecError):
         restore(snapshot_bytes(e1)[:-3])
+
+
+def test_level_compaction_and_heap_rebuild_keep_priority() -> None:
+    # Many cancels behind the head of one level, and many short-lived levels, exercise
+    # the dead-entry compaction and the stale-heap rebuild; priority must survive both.
+    e = make()
+    for _ in range(40):
+        run(e, limit("a", BUY, 1, 100))  # oids 1..40
+    for oid in range(35, 1, -1):
+        run(e, CancelOrder(11, SYM, "a", order_id=oid))
+    book = e.books[SYM]
+    assert [o[1] for o in book.level_orders(BUY, 100)] == [1, 36, 37, 38, 39, 40]
+    assert len(book.bids[100].dq) <= 2 * 6 + 16 + 1
+    for i in range(60):
+        run(e, limit("b", BUY, 1, 91 + i % 8))
+        run(e, CancelOrder(11, SYM, "b", order_id=41 + i))
+    assert len(book.bid_heap) <= 2 * len(book.bids) + 16 + 1
+    out = run(e, limit("c", SELL, 6, 100))
+    assert [f.maker_order_id for f in of(out, Fill)] == [1, 36, 37, 38, 39, 40]
+    assert restore(snapshot_bytes(e)).apply_raw(limit("c", SELL, 1, 91)) == e.apply_raw(
+        limit("c", SELL, 1, 91))
