@@ -261,6 +261,10 @@ class ClusterNode:
                     answers: list[tuple[asyncio.Future[Results], Results]]) -> None:
         commit = self.store.commit
         assert commit is not None
+        if log.isEnabledFor(logging.DEBUG):
+            for e in effects:
+                if not isinstance(e, Send) or type(e.msg).__name__ != "Append" or e.msg.entries:
+                    log.debug("%s: %s", self.id, e)
         for e in effects:
             if isinstance(e, Send):
                 sender = self.senders.get(e.msg.dst)

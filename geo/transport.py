@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import fields
 from typing import Any
@@ -29,6 +30,8 @@ from geo.replication.messages import (
 )
 from xdc.v1 import replication_pb2 as rpb
 from xdc.v1 import replication_pb2_grpc as rpb_grpc
+
+log = logging.getLogger("xdc.transport")
 
 _KINDS: dict[type, int] = {
     Promise: rpb.PROMISE, PromiseReply: rpb.PROMISE_REPLY, Append: rpb.APPEND,
@@ -111,25 +114,29 @@ class PeerSender:
         self._queue.append(encode(msg))
         self._ready.set()
 
-    async def _batches(self) -> Any:
-        while True:
-            while not self._queue:
-                self._ready.clear()
-                await self._ready.wait()
-            batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
-            self.sent += len(batch)
-            yield rpb.PeerBatch(cluster=self.cluster, src=self.node_id, messages=batch)
-
     async def _run(self) -> None:
+        # Writes go through call.write() from this one task: with a request iterator,
+        # gRPC's own consumer task would keep pulling from the queue after the call
+        # failed and drop what the next stream should carry.
         while True:
             try:
                 async with grpc.aio.insecure_channel(self.address,
                                                      options=CHANNEL_OPTIONS) as channel:
-                    stub = rpb_grpc.ReplicationStub(channel)
+                    call = rpb_grpc.ReplicationStub(channel).Stream()
                     self.connected = True
-                    await stub.Stream(self._batches())
-            except grpc.aio.AioRpcError:
-                pass
+                    while True:
+                        while not self._queue:
+                            self._ready.clear()
+                            await self._ready.wait()
+                        batch = [self._queue.popleft()
+                                 for _ in range(min(MAX_BATCH, len(self._queue)))]
+                        await call.write(rpb.PeerBatch(cluster=self.cluster, src=self.node_id,
+                                                       messages=batch))
+                        self.sent += len(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any stream failure: reconnect, never give up
+                log.debug("%s -> %s: stream ended: %r", self.node_id, self.peer_id, exc)
             finally:
                 self.connected = False
             # Messages queued while disconnected are stale by the time a stream is back;

@@ -128,7 +128,8 @@ def cmd_node_run(args: argparse.Namespace) -> int:
     from geo.node import ClusterNode
     from store.server import run_until_signalled
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    level = logging.DEBUG if os.environ.get("XDC_LOG") == "debug" else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(message)s")
     try:
         config = load(args.config)
     except ConfigError as exc:
@@ -210,8 +211,11 @@ def grpc_error() -> type[Exception]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from xdc.demo import run_demo
-    return run_demo()
+    if args.standalone:
+        from xdc.demo import run_demo as standalone_demo
+        return standalone_demo()
+    from geo.demo import run_demo
+    return run_demo(args.rtt_ms)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -314,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default=DEFAULT_TARGET)
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("demo", help="run the local demo")
+    p = sub.add_parser("demo", help="run the local multi-region demo")
+    p.add_argument("--rtt-ms", type=float, default=30.0)
+    p.add_argument("--standalone", action="store_true", help="the single-node demo instead")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="run a benchmark suite")
