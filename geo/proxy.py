@@ -603,6 +603,8 @@ class Link:
             "bytes_forward": self.forward.bytes,
             "bytes_backward": self.backward.bytes,
             "buffered": sum(c.buffered for c in self.conns),
+            # directions of connections not read from right now because their buffer is full
+            "backpressured": sum(p.full for c in self.conns for p in (c.fwd, c.bwd)),
             "max_buffer": self.max_buffer,
             **self.stats,
         }
