@@ -28,7 +28,9 @@ Per link:
   nothing is read (senders' kernel buffers fill up, as behind a real cut); new
   connections are accepted but not connected onward. Peers see silence and time out.
 - `partition("reset")`: every connection is closed with RST, and new ones are accepted
-  and immediately reset.
+  and immediately reset (the listening socket stays bound, so a client's connect() may
+  succeed before its first read or write fails; gRPC reports UNAVAILABLE either way).
+  Right after a heal, a client may still hold such a doomed connection: callers retry.
 - `heal(reset=False)`: forwarding resumes. Connections established before a blackhole
   resume where they stopped (data held in the proxy is delivered, in order, like TCP
   retransmissions after a short cut); connections accepted during the blackhole were
