@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from geo import launcher
-from store.client import StoreClient, new_event
+from store.client import StoreClient, channel_options, new_event
 from xdc.v1 import eventstore_pb2 as pb
 
 PRODUCERS = 8
@@ -64,8 +64,7 @@ async def wait_for(predicate: object, timeout_s: float, what: str) -> None:
 async def raw_log_hash(address: str, upto: int) -> str:
     """sha256 of a node's stored records 1..upto, read as raw bytes."""
     h = hashlib.sha256()
-    async with grpc.aio.insecure_channel(address, options=[
-            ("grpc.max_receive_message_length", 64 << 20)]) as ch:
+    async with grpc.aio.insecure_channel(address, options=channel_options()) as ch:
         read = ch.unary_stream("/xdc.v1.EventStore/Read",
                                request_serializer=pb.ReadRequest.SerializeToString,
                                response_deserializer=lambda b: b)

@@ -29,11 +29,14 @@ import grpc
 
 from geo.etcd_server import EtcdCluster, free_ports, health
 from geo.leadership import Leadership
+from store.client import channel_options
 from xdc.v1 import replication_pb2 as rpb
 from xdc.v1 import replication_pb2_grpc as rpb_grpc
 
 # Children started by this process, so that a stopped one is reaped (no zombie left).
 _children: dict[int, subprocess.Popen[bytes]] = {}
+# The etcd this process started, per cluster directory (for restarts in drills and tests).
+_etcd: dict[str, EtcdCluster] = {}
 
 REGION_NAMES = ["us-east", "eu-west", "ap-south", "us-west", "sa-east", "eu-north", "ap-east"]
 DEFAULT_DIR = "run/cluster"
@@ -172,6 +175,7 @@ def up(directory: str = DEFAULT_DIR, regions: int = 3, rtt_ms: float = 0.0,
     base.mkdir(parents=True, exist_ok=True)
     names = REGION_NAMES[:regions]
     etcd = EtcdCluster(base / "etcd", 1).start()
+    _etcd[str(base)] = etcd
     members = [(f"{r}-1", r, True) for r in names]
     members += [(f"{names[i % len(names)]}-dr{i + 1}", names[i % len(names)], False)
                 for i in range(standbys)]
@@ -258,11 +262,22 @@ def reap(pid: int) -> None:
         child.wait()
 
 
+def etcd_of(state: ClusterState) -> EtcdCluster:
+    """The etcd this process started for the cluster (kill, pause, restart it)."""
+    etcd = _etcd.get(state.directory)
+    if etcd is None:
+        raise RuntimeError("etcd was started by another process; use its PIDs in state.json")
+    return etcd
+
+
 def down(directory: str = DEFAULT_DIR) -> ClusterState:
     state = ClusterState.load(directory)
     for n in state.nodes:
         _stop_pid(n.pid)
     _stop_pid(state.proxy_pid)
+    etcd = _etcd.pop(str(Path(directory).resolve()), None)
+    if etcd is not None:
+        etcd.stop()
     for pid in state.etcd_pids:
         _stop_pid(pid)
     for n in state.nodes:
@@ -278,7 +293,7 @@ def down(directory: str = DEFAULT_DIR) -> ClusterState:
 async def node_status(n: NodeProc, timeout_s: float = 1.0) -> rpb.NodeStatus | None:
     """The node's replication status, or None when it does not answer."""
     try:
-        async with grpc.aio.insecure_channel(n.client) as ch:
+        async with grpc.aio.insecure_channel(n.client, options=channel_options()) as ch:
             return await rpb_grpc.ReplicationStub(ch).Status(rpb.StatusRequest(),
                                                              timeout=timeout_s)
     except grpc.aio.AioRpcError:
@@ -312,7 +327,7 @@ async def switchover(state: ClusterState, to: str, timeout_s: float = 10.0
                      ) -> rpb.SwitchoverResponse:
     target = state.node(to)
     leader, _ = await wait_leader(state, timeout_s)
-    async with grpc.aio.insecure_channel(leader.client) as ch:
+    async with grpc.aio.insecure_channel(leader.client, options=channel_options()) as ch:
         return await rpb_grpc.ReplicationStub(ch).Switchover(
             rpb.SwitchoverRequest(target=target.id, timeout_ms=int(timeout_s * 1000)),
             timeout=timeout_s + 1)

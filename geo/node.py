@@ -96,6 +96,9 @@ class ClusterNode:
         self._side_tasks: set[asyncio.Future[Any]] = set()
         self._stopping = False
         self._opened = asyncio.Event()
+        # After losing its quorum a node lets the others campaign first: it is likely the
+        # one cut off, and still reaching etcd it would take the seat back in vain.
+        self._campaign_after = 0.0
 
     # ---- life cycle ---------------------------------------------------------------
 
@@ -108,17 +111,18 @@ class ClusterNode:
                               standbys=standbys, on_effects=self._on_effects,
                               leader_address=self._client_address)
 
+        def add_replication(server: grpc.aio.Server) -> None:
+            self.replicator = self.store.writer  # type: ignore[assignment]
+            assert isinstance(self.replicator, Replicator)
+            rpb_grpc.add_ReplicationServicer_to_server(ReplicationService(
+                self.config.cluster, self.id, {m.id for m in self.config.members},
+                self.replicator.deliver, self._tip, self.status, self.switchover), server)
+
         self.server = StoreServer(self.store, self.member.client, writer_factory=make,
-                                  extra_listen=[self.member.peer])
+                                  extra_listen=[self.member.peer],
+                                  add_services=add_replication)
         await self.server.start()
-        self.replicator = self.store.writer  # type: ignore[assignment]
-        assert isinstance(self.replicator, Replicator)
         self.store.role.name = "follower" if self.member.voter else "standby"
-        assert self.server.server is not None
-        rpb_grpc.add_ReplicationServicer_to_server(ReplicationService(
-            self.config.cluster, self.id, {m.id for m in self.config.members},
-            self.replicator.deliver, self._tip, self.status, self.switchover),
-            self.server.server)
         for peer, address in self.routes.items():
             sender = PeerSender(self.config.cluster, self.id, peer, address)
             sender.start()
@@ -184,7 +188,8 @@ class ClusterNode:
                     self.store.role.leader = info.get("client", "")
                     await self.leadership.wait_change(term, timeout_s=self.config.lease_ttl_s)
                     continue
-                if not self.member.voter or not await self._may_campaign():
+                if (not self.member.voter or time.monotonic() < self._campaign_after
+                        or not await self._may_campaign()):
                     await self.leadership.wait_change(None, timeout_s=self.tick_s * 4)
                     continue
                 if not await self._precheck() and deferrals < MAX_DEFERRALS:
@@ -252,7 +257,9 @@ class ClusterNode:
 
     def _client_address(self, node_id: str | None) -> str:
         if node_id is None:
-            return ""
+            # The machine knows no leader (e.g. cut off from it): the one etcd names.
+            seen = self.store.role.leader
+            return seen if seen != self.member.client else ""
         with contextlib.suppress(KeyError):
             return self.config.member(node_id).client
         return ""
@@ -289,6 +296,8 @@ class ClusterNode:
                 log.warning("%s: stepped down from term %d: %s", self.id, e.term, e.reason)
                 self.store.role.name = "follower" if self.member.voter else "standby"
                 self._opened.clear()
+                if "quorum" in e.reason or "recovery" in e.reason:
+                    self._campaign_after = time.monotonic() + 2 * self.config.lease_ttl_s
                 commit.fail_waiters(StoreError(
                     grpc.StatusCode.UNAVAILABLE,
                     f"leadership of term {e.term} lost ({e.reason}) before the append "

@@ -28,6 +28,7 @@ from geo.replication.messages import (
     PromiseReply,
     Tip,
 )
+from store.client import channel_options
 from xdc.v1 import replication_pb2 as rpb
 from xdc.v1 import replication_pb2_grpc as rpb_grpc
 
@@ -46,10 +47,10 @@ MAX_QUEUED = 4096
 # Messages per PeerBatch on the wire.
 MAX_BATCH = 256
 RECONNECT_S = 0.1
-# Messages bigger than a replication batch plus framing.
+# Peer links: the client's channel options, with keep-alives that notice a dead or cut
+# peer within seconds.
 CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", 64 << 20),
-    ("grpc.max_receive_message_length", 64 << 20),
+    *(o for o in channel_options() if o[0] != "grpc.keepalive_time_ms"),
     ("grpc.keepalive_time_ms", 2000),
     ("grpc.keepalive_timeout_ms", 2000),
     ("grpc.http2.max_pings_without_data", 0),

@@ -87,19 +87,31 @@ class _Pending:
     deadline: float
 
 
-def _channel_options(limits: Limits) -> list[tuple[str, Any]]:
+def channel_options(limits: Limits | None = None) -> list[tuple[str, Any]]:
+    """Options of every channel xdc opens (clients, peers, tools).
+
+    Each channel gets its own subchannels: with gRPC's process-wide pool, a node that was
+    down leaves a subchannel in reconnect backoff that makes every new channel to the
+    restarted node fail fast for up to the backoff; and the backoff is capped at a
+    second, since a failover is measured in seconds."""
+    limits = limits or Limits()
     return [
         ("grpc.max_receive_message_length", limits.max_message_bytes),
         ("grpc.max_send_message_length", limits.max_message_bytes),
         ("grpc.keepalive_time_ms", 10_000),
         ("grpc.enable_retries", 0),
+        ("grpc.use_local_subchannel_pool", 1),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
     ]
 
 
 class StoreClient:
     def __init__(self, targets: str | Sequence[str], *, linger_s: float = 0.0,
                  max_batch_appends: int = 1024, max_inflight_messages: int = 32,
-                 timeout_s: float = 10.0, limits: Limits | None = None) -> None:
+                 timeout_s: float = 10.0, attempt_timeout_s: float = 2.0,
+                 limits: Limits | None = None) -> None:
         self.targets = [targets] if isinstance(targets, str) else list(targets)
         assert self.targets, "at least one target address"
         assert max_batch_appends >= 1 and max_inflight_messages >= 1 and linger_s >= 0
@@ -107,17 +119,25 @@ class StoreClient:
         self.max_batch_appends = max_batch_appends
         self.max_inflight_messages = max_inflight_messages
         self.timeout_s = timeout_s
+        # An AppendStream message unanswered for this long means the node is stuck
+        # (paused, cut off, lost its quorum without noticing): the stream is dropped and
+        # its appends re-sent elsewhere, with the same ids.
+        self.attempt_timeout_s = attempt_timeout_s
         self.limits = limits or Limits()
         self._target = self.targets[0]
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.EventStoreStub | None = None
         self._pending: list[_Pending] = []
         self._flush_handle: asyncio.Handle | None = None
-        self._inflight: collections.deque[tuple[int, list[_Pending]]] = collections.deque()
+        # (correlation id, appends, send time) of each message awaiting its answer.
+        self._inflight: collections.deque[tuple[int, list[_Pending], float]] = (
+            collections.deque())
+        self._watchdog: asyncio.Task[None] | None = None
         self._outbox: collections.deque[list[_Pending]] = collections.deque()
         self._outbox_ready = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
-        self._slots: asyncio.Semaphore | None = None
+        # Set on every answer and every reset: the sender waits on it for a free slot.
+        self._slot_free = asyncio.Event()
         self._call: Any = None
         self._receiver: asyncio.Task[None] | None = None
         self._cids = itertools.count(1)
@@ -130,7 +150,7 @@ class StoreClient:
     def stub(self) -> pb_grpc.EventStoreStub:
         if self._stub is None:
             self._channel = grpc.aio.insecure_channel(self._target,
-                                                      options=_channel_options(self.limits))
+                                                      options=channel_options(self.limits))
             self._stub = pb_grpc.EventStoreStub(self._channel)
         return self._stub
 
@@ -163,6 +183,8 @@ class StoreClient:
                     p.future.set_exception(AppendError(grpc.StatusCode.CANCELLED,
                                                        "client closed"))
         self._outbox.clear()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         await self._reset_stream(AppendError(grpc.StatusCode.CANCELLED, "client closed"))
         if self._channel is not None:
             await self._channel.close()
@@ -223,54 +245,79 @@ class StoreClient:
         batch, self._pending = (self._pending[:self.max_batch_appends],
                                 self._pending[self.max_batch_appends:])
         self._outbox.append(batch)
+        self._outbox_ready.set()
         if self._sender is None or self._sender.done():
             self._sender = asyncio.get_running_loop().create_task(self._send_loop())
-        else:
-            self._outbox_ready.set()
         if self._pending:
             self._schedule_flush(0.0)
 
     async def _send_loop(self) -> None:
         """The only task that writes to the AppendStream call (gRPC allows one write at
         a time), so messages leave in the order appends were made."""
-        while self._outbox:
+        while not self._closed:
+            if not self._outbox:
+                self._outbox_ready.clear()
+                await self._outbox_ready.wait()
+                continue
             batch = self._outbox.popleft()
+            call = None
             try:
                 if self._call is None:
-                    self._slots = asyncio.Semaphore(self.max_inflight_messages)
                     self._call = self.stub.AppendStream()
                     self._receiver = asyncio.get_running_loop().create_task(
                         self._receive(self._call))
-                call, slots = self._call, self._slots
-                assert slots is not None
-                await slots.acquire()
+                    if self._watchdog is None or self._watchdog.done():
+                        self._watchdog = asyncio.get_running_loop().create_task(
+                            self._watch_stream())
+                call = self._call
+                while (len(self._inflight) >= self.max_inflight_messages
+                       and call is self._call):
+                    self._slot_free.clear()
+                    await self._slot_free.wait()
                 if call is not self._call:  # reset while we waited for a slot
                     raise _StreamBroken()
                 cid = next(self._cids)
-                self._inflight.append((cid, batch))
-                await call.write(pb.AppendStreamRequest(correlation_id=cid,
-                                                        appends=[p.request for p in batch]))
-            except (grpc.aio.AioRpcError, _StreamBroken, grpc.aio.UsageError,
-                    asyncio.InvalidStateError):
-                # The receiver sees the same failure and re-queues what is in flight; a
-                # batch that never got into flight is re-queued here.
-                if not any(b is batch for _, b in self._inflight):
+                self._inflight.append((cid, batch, asyncio.get_running_loop().time()))
+                # Bounded: a write on a call whose channel went away can wait forever.
+                await asyncio.wait_for(call.write(pb.AppendStreamRequest(
+                    correlation_id=cid, appends=[p.request for p in batch])),
+                    self.attempt_timeout_s)
+            except asyncio.CancelledError:
+                raise
+            except TimeoutError:
+                if call is not None and call is self._call:
+                    await self._switch()  # re-sends everything in flight, this batch too
+                else:
+                    self._inflight = collections.deque(
+                        m for m in self._inflight if m[1] is not batch)
                     self._retry(batch, None)
-            if not self._outbox:
-                self._outbox_ready.clear()
-                try:
-                    await asyncio.wait_for(self._outbox_ready.wait(), 1.0)
-                except TimeoutError:
-                    return
+            except Exception:
+                # Whatever broke the stream: the receiver of the live stream re-queues what
+                # is in flight on it; anything else is re-queued here.
+                in_flight = any(b is batch for _, b, _ in self._inflight)
+                if not (in_flight and call is not None and call is self._call):
+                    if in_flight:
+                        self._inflight = collections.deque(
+                            m for m in self._inflight if m[1] is not batch)
+                    self._retry(batch, None)
+
+    async def _watch_stream(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._call is not None and not self._closed:
+            await asyncio.sleep(self.attempt_timeout_s / 4)
+            if self._inflight and loop.time() - self._inflight[0][2] > self.attempt_timeout_s:
+                stuck = self._target
+                await self._switch()  # re-sends what was in flight, to the next node
+                if self._target == stuck:
+                    await asyncio.sleep(0.1)
 
     async def _receive(self, call: Any) -> None:
         error: grpc.aio.AioRpcError | None = None
         try:
             async for resp in call:
-                cid, batch = self._inflight.popleft()
+                cid, batch, _ = self._inflight.popleft()
                 assert cid == resp.correlation_id, "AppendStream answers arrive in order"
-                if self._slots is not None:
-                    self._slots.release()
+                self._slot_free.set()
                 for p, result in zip(batch, resp.results, strict=True):
                     self._settle(p, result)
         except grpc.aio.AioRpcError as exc:
@@ -311,10 +358,18 @@ class StoreClient:
                 again.append(p)
         if not again:
             return
+        failed_on = self._target
 
         async def later() -> None:
             if cause is not None and cause.leader and cause.leader != self._target:
                 await self._switch(cause.leader)
+            elif (cause is not None and cause.code == grpc.StatusCode.UNAVAILABLE
+                  and len(self.targets) > 1 and self._target == failed_on):
+                # Refused without a hint: this node does not know the leader; another
+                # node may.
+                await asyncio.sleep(delay_s)
+                if self._target == failed_on:
+                    await self._switch()
             else:
                 await asyncio.sleep(delay_s)
             for p in again:
@@ -330,8 +385,9 @@ class StoreClient:
     async def _reset_stream(self, error: Exception | None = None) -> None:
         call, self._call = self._call, None
         receiver, self._receiver = self._receiver, None
-        inflight = [p for _, batch in self._inflight for p in batch]
+        inflight = [p for _, batch, _ in self._inflight for p in batch]
         self._inflight.clear()
+        self._slot_free.set()
         if call is not None:
             call.cancel()
         if receiver is not None and receiver is not asyncio.current_task():

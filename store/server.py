@@ -23,6 +23,11 @@ def server_options(limits: Limits) -> list[tuple[str, int]]:
         ("grpc.max_receive_message_length", limits.max_message_bytes),
         ("grpc.max_send_message_length", limits.max_message_bytes),
         ("grpc.so_reuseport", 0),
+        # Clients and peers ping every few seconds to notice dead links; allow it
+        # instead of answering with GOAWAY "too_many_pings".
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+        ("grpc.http2.max_ping_strikes", 0),
     ]
 
 
@@ -31,11 +36,15 @@ class StoreServer:
 
     def __init__(self, node: StoreNode, listen: str, *,
                  writer_factory: WriterFactory | None = None,
-                 extra_listen: Sequence[str] = ()) -> None:
+                 extra_listen: Sequence[str] = (),
+                 add_services: Callable[[grpc.aio.Server], None] | None = None) -> None:
         self.node = node
         self.listen = listen
         self.writer_factory = writer_factory
         self.extra_listen = list(extra_listen)
+        # Called once the node is started and before the server starts (gRPC takes no
+        # new services after that).
+        self.add_services = add_services
         self.port = 0
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
@@ -45,6 +54,8 @@ class StoreServer:
         server = grpc.aio.server(options=server_options(self.node.limits))
         server.add_generic_rpc_handlers((EventStoreService(self.node).handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if self.add_services is not None:
+            self.add_services(server)
         reflection.enable_server_reflection(
             (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         self.port = server.add_insecure_port(self.listen)
