@@ -24,7 +24,10 @@ test: $(STAMP) sysdeps
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP) sysdeps
+	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/xdc bench store --json bench/results/store.json
+	$(BIN)/xdc bench replication --json bench/results/replication.json
+	$(BIN)/xdc bench engine --json bench/results/engine.json
 
 proto: $(STAMP)
 	$(BIN)/python -m xdc.protogen

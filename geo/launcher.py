@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -164,7 +165,25 @@ def start_node(state: ClusterState, n: NodeProc) -> None:
 
 def up(directory: str = DEFAULT_DIR, regions: int = 3, rtt_ms: float = 0.0,
        failover: str = "automatic", standbys: int = 0, ttl_s: int = 2,
-       cluster: str = "xdc-local", jitter_ms: float = 0.0, seed: int = 1) -> ClusterState:
+       cluster: str = "xdc-local", jitter_ms: float = 0.0, seed: int = 1,
+       attempts: int = 3) -> ClusterState:
+    """Starts the cluster. Ports are picked free, then bound by the children a moment
+    later; another process can take one in between, so a start that fails that way is
+    retried from scratch."""
+    for attempt in range(attempts):
+        try:
+            return _up(directory, regions, rtt_ms, failover, standbys, ttl_s, cluster,
+                       jitter_ms, seed)
+        except RuntimeError as exc:
+            if "before ready" not in str(exc) or attempt == attempts - 1:
+                raise
+            down(directory)
+            shutil.rmtree(directory, ignore_errors=True)
+    raise AssertionError("unreachable")
+
+
+def _up(directory: str, regions: int, rtt_ms: float, failover: str, standbys: int,
+        ttl_s: int, cluster: str, jitter_ms: float, seed: int) -> ClusterState:
     base = Path(directory).resolve()
     if (base / "state.json").exists():
         with contextlib.suppress(Exception):

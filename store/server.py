@@ -31,6 +31,16 @@ def server_options(limits: Limits) -> list[tuple[str, int]]:
     ]
 
 
+def _listen(server: grpc.aio.Server, address: str) -> int:
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:  # gRPC reports a failed bind this way
+        raise OSError(f"cannot listen on {address} (in use?): {exc}") from None
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    return port
+
+
 class StoreServer:
     """A node and its gRPC server; `start` binds, `stop` drains and closes."""
 
@@ -58,12 +68,9 @@ class StoreServer:
             self.add_services(server)
         reflection.enable_server_reflection(
             (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        self.port = server.add_insecure_port(self.listen)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {self.listen}")
+        self.port = _listen(server, self.listen)
         for address in self.extra_listen:
-            if server.add_insecure_port(address) == 0:
-                raise OSError(f"cannot listen on {address}")
+            _listen(server, address)
         await server.start()
         self.server = server
         for name in ("", SERVICE):

@@ -103,3 +103,33 @@ def test_planned_switchover_under_load_loses_nothing(etcd: EtcdCluster, tmp_path
             await cluster.stop()
 
     run(body, timeout_s=120)
+
+
+def test_manual_failover_waits_for_an_operator(etcd: EtcdCluster, tmp_path: Path) -> None:
+    from geo.leadership import Leadership
+
+    async def body() -> None:
+        cluster = LocalCluster.make(etcd.endpoints, tmp_path, failover="manual")
+        await cluster.start()
+        try:
+            leader = await cluster.leader()  # a cluster's first election needs no operator
+            await cluster.stop(leader.id)
+            # The seat stays vacant: watched over two lease TTLs, no one takes it.
+            loop = asyncio.get_running_loop()
+            window = loop.time() + 2 * cluster.config.lease_ttl_s + 0.5
+            while loop.time() < window:
+                assert not [n for n in cluster.nodes.values()
+                            if n.store.role.name in ("leader", "candidate")]
+                await asyncio.sleep(0.05)
+            target = sorted(cluster.nodes)[-1]
+            operator = Leadership(etcd.endpoints, cluster.config.cluster, "operator",
+                                  {"id": "operator"}, 2, on_lost=lambda reason: None)
+            try:
+                await operator.promote(target)
+            finally:
+                await operator.close()
+            assert (await cluster.leader()).id == target
+        finally:
+            await cluster.stop()
+
+    run(body, timeout_s=60)

@@ -137,6 +137,14 @@ def cmd_node_run(args: argparse.Namespace) -> int:
         return 2
     for warning in config.warnings:
         print(f"xdc node run: warning: {warning}", file=sys.stderr)
+    from geo.config import check_etcd
+    try:
+        check_etcd(list(config.etcd.endpoints), timeout_s=2.0)
+    except ConfigError as exc:
+        # A node must come up in a disaster too: it serves committed reads and joins
+        # elections once etcd answers.
+        print(f"xdc node run: warning: {exc}; starting as a follower until etcd answers",
+              file=sys.stderr)
     routes = dict(r.split("=", 1) for r in args.route)
     node = ClusterNode(config, args.member, args.data, limits=_limits(args), routes=routes)
 
@@ -221,6 +229,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.suite == "store":
         from bench.store import main as bench_main
+    elif args.suite == "replication":
+        from bench.replication import main as bench_main
+    elif args.suite == "engine":
+        from bench.match import main as match_main
+        return match_main((["--quick"] if args.quick else []) +
+                          (["--json", args.json] if args.json else []))
     else:
         print(f"xdc bench: unknown suite {args.suite!r}", file=sys.stderr)
         return 2
@@ -324,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="run a benchmark suite")
-    p.add_argument("suite", choices=["store"])
+    p.add_argument("suite", choices=["store", "replication", "engine"])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", help="write results here")
     p.set_defaults(func=cmd_bench)

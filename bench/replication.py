@@ -1,0 +1,182 @@
+"""Replication benchmarks (`xdc bench replication`): a 3-region cluster of real processes
+from the local launcher, measured next to a standalone node in the same run.
+
+- durable batched ingest: standalone node vs 3-region leader (quorum commit), same
+  pre-serialized AppendStream messages;
+- commit latency of single appends (16 in flight) at 0 ms and 30 ms injected RTT;
+- crash failover: SIGKILL of the leader region under load -> first acknowledged write at
+  the new leader (RTO), and acknowledged events lost;
+- planned switchover: writes paused from the request until the target holds the key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.store import _ingest_messages, _pipeline, batched_ingest
+from geo import launcher
+from geo.demo import Load, read_all_ids, wait_for
+from store.client import StoreClient, new_event
+
+PAYLOAD = 200
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def replicated_ingest(n: int) -> float:
+    msgs = _ingest_messages(n, per_append=500, appends_per_msg=2, streams=8)
+    with tempfile.TemporaryDirectory(prefix="xdc-bench-repl-") as d:
+        state = launcher.up(d, regions=3, rtt_ms=0)
+        try:
+            leader, _ = asyncio.run(launcher.wait_leader(state))
+            dt = asyncio.run(_pipeline(leader.client, msgs, inflight=16))
+        finally:
+            launcher.down(d)
+    return n / dt
+
+
+async def _commit_latencies(address: str, n: int, inflight: int = 16) -> list[float]:
+    lat: list[float] = []
+    async with StoreClient(address, timeout_s=30) as client:
+        await client.append("warmup", new_event("Tick", b"x" * PAYLOAD))
+
+        async def worker(w: int) -> None:
+            for _ in range(n // inflight):
+                t = time.perf_counter()
+                await client.append(f"lat-{w}", new_event("Tick", b"x" * PAYLOAD))
+                lat.append(time.perf_counter() - t)
+
+        await asyncio.gather(*(worker(w) for w in range(inflight)))
+    return sorted(lat)
+
+
+def commit_latency(rtt_ms: float, n: int) -> tuple[float, float]:
+    with tempfile.TemporaryDirectory(prefix="xdc-bench-lat-") as d:
+        state = launcher.up(d, regions=3, rtt_ms=rtt_ms)
+        try:
+            leader, _ = asyncio.run(launcher.wait_leader(state))
+            lat = asyncio.run(_commit_latencies(leader.client, n))
+        finally:
+            launcher.down(d)
+    return lat[len(lat) // 2] * 1e3, lat[int(len(lat) * 0.99)] * 1e3
+
+
+async def _crash(state: launcher.ClusterState) -> tuple[float, int, int]:
+    leader, _ = await launcher.wait_leader(state)
+    load = Load()
+    async with StoreClient([n.client for n in state.nodes], timeout_s=20) as client:
+        tasks = [asyncio.ensure_future(load.producer(client, k)) for k in range(8)]
+        await wait_for(lambda: len(load.acked) >= 500, 30, "traffic before the crash")
+        killed = time.monotonic()
+        for n in launcher.signal_node(state, leader.region, signal.SIGKILL):
+            launcher.reap(n.pid)
+        await wait_for(lambda: load.acks_after(killed) >= 1, 30, "the first write after")
+        rto = min(a for a in load.ack_times if a > killed) - killed
+        await wait_for(lambda: load.acks_after(killed) >= 200, 30, "traffic after")
+        load.stop.set()
+        await asyncio.gather(*tasks)
+    new_leader, _ = await launcher.wait_leader(state, exclude=(leader.id,))
+    survivors = await read_all_ids(new_leader.client)
+    lost = sum(1 for p, i in load.acked.items() if survivors.get(p) != i)
+    return rto, len(load.acked), lost
+
+
+def crash_failover(ttl_s: int = 2) -> tuple[float, int, int]:
+    with tempfile.TemporaryDirectory(prefix="xdc-bench-crash-") as d:
+        state = launcher.up(d, regions=3, rtt_ms=30, ttl_s=ttl_s)
+        try:
+            return asyncio.run(_crash(state))
+        finally:
+            launcher.down(d)
+
+
+def switchover(rounds: int) -> list[float]:
+    with tempfile.TemporaryDirectory(prefix="xdc-bench-switch-") as d:
+        state = launcher.up(d, regions=3, rtt_ms=30)
+        took = []
+        try:
+            for _ in range(rounds):
+                leader, _ = asyncio.run(launcher.wait_leader(state))
+                target = next(n for n in state.nodes if n.id != leader.id)
+                r = asyncio.run(launcher.switchover(state, target.id))
+                took.append(r.took_us / 1e6)
+        finally:
+            launcher.down(d)
+    return took
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    runs = 3
+    ingest_n = 50_000 if quick else 300_000
+    lat_n = 800 if quick else 4000
+    raw: dict[str, list[float]] = {k: [] for k in (
+        "single_node_eps", "replicated_eps", "commit_p50_ms_rtt0", "commit_p99_ms_rtt0",
+        "commit_p50_ms_rtt30", "commit_p99_ms_rtt30", "crash_rto_s", "acked_lost",
+        "acked")}
+    for r in range(runs):
+        print(f"run {r + 1}/{runs}", flush=True)
+        raw["single_node_eps"].append(batched_ingest(ingest_n))
+        raw["replicated_eps"].append(replicated_ingest(ingest_n))
+        for rtt in (0, 30):
+            p50, p99 = commit_latency(rtt, lat_n)
+            raw[f"commit_p50_ms_rtt{rtt}"].append(p50)
+            raw[f"commit_p99_ms_rtt{rtt}"].append(p99)
+        rto, acked, lost = crash_failover()
+        raw["crash_rto_s"].append(rto)
+        raw["acked"].append(acked)
+        raw["acked_lost"].append(lost)
+    switch = switchover(3 if quick else 6)
+    out: dict[str, Any] = {k: _median(v) for k, v in raw.items()}
+    out["acked_lost"] = int(sum(raw["acked_lost"]))  # every run counts, not the median
+    out["crash_rto_max_s"] = max(raw["crash_rto_s"])
+    out["replicated_vs_single"] = _median([a / b for a, b in zip(
+        raw["replicated_eps"], raw["single_node_eps"], strict=True)])
+    out["switchover_s"] = _median(switch)
+    out["switchover_max_s"] = max(switch)
+    out["lease_ttl_s"] = 2
+    out["runs"] = runs
+    out["quick"] = quick
+    out["raw"] = {**raw, "switchover_s": switch}
+    return out
+
+
+def print_table(o: dict[str, Any]) -> None:
+    rows = [
+        ("standalone durable ingest", f"{o['single_node_eps']:,.0f} ev/s", ""),
+        ("3-region replicated ingest", f"{o['replicated_eps']:,.0f} ev/s",
+         f"{o['replicated_vs_single']:.0%} of standalone (target >= 50%)"),
+        ("commit latency, RTT 0 ms", f"p50 {o['commit_p50_ms_rtt0']:.2f} ms",
+         f"p99 {o['commit_p99_ms_rtt0']:.2f} ms"),
+        ("commit latency, RTT 30 ms", f"p50 {o['commit_p50_ms_rtt30']:.2f} ms",
+         f"p99 {o['commit_p99_ms_rtt30']:.2f} ms"),
+        ("crash failover RTO (2 s lease)", f"{o['crash_rto_s']:.2f} s",
+         f"max {o['crash_rto_max_s']:.2f} s (target <= 3 s)"),
+        ("planned switchover", f"{o['switchover_s'] * 1e3:.0f} ms",
+         f"max {o['switchover_max_s'] * 1e3:.0f} ms (target <= 300 ms)"),
+        ("acknowledged events lost", str(o["acked_lost"]),
+         f"over {o['runs']} crash runs, {o['acked']:.0f} acked per run (median)"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"\nxdc bench replication ({'quick' if o['quick'] else 'full'}, medians of "
+          f"{o['runs']} runs)")
+    for name, value, note in rows:
+        print(f"  {name:<{width}}  {value:>18}  {note}")
+
+
+def main(quick: bool = False, json_path: str | None = None) -> int:
+    out = run(quick)
+    print_table(out)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(out, indent=2))
+        print(f"wrote {json_path}")
+    return 0 if out["acked_lost"] == 0 else 1
