@@ -12,14 +12,13 @@ from the local launcher, measured next to a standalone node in the same run.
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import statistics
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
+from bench import report
 from bench.store import _ingest_messages, _pipeline, batched_ingest
 from geo import launcher
 from geo.demo import Load, read_all_ids, wait_for
@@ -165,18 +164,11 @@ def print_table(o: dict[str, Any]) -> None:
         ("acknowledged events lost", str(o["acked_lost"]),
          f"over {o['runs']} crash runs, {o['acked']:.0f} acked per run (median)"),
     ]
-    width = max(len(r[0]) for r in rows)
-    print(f"\nxdc bench replication ({'quick' if o['quick'] else 'full'}, medians of "
-          f"{o['runs']} runs)")
-    for name, value, note in rows:
-        print(f"  {name:<{width}}  {value:>18}  {note}")
+    report.print_table("replication", o, rows)
 
 
 def main(quick: bool = False, json_path: str | None = None) -> int:
     out = run(quick)
     print_table(out)
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(out, indent=2))
-        print(f"wrote {json_path}")
+    report.write_json(json_path, out)
     return 0 if out["acked_lost"] == 0 else 1

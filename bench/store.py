@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import os
 import shutil
 import signal
@@ -24,12 +23,12 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import grpc
 import lmdb
 
+from bench import report
 from store import records
 from store.client import CaughtUp, StoreClient, new_event
 from store.log import Log, PreparedAppend
@@ -361,18 +360,11 @@ def print_table(out: dict[str, Any]) -> None:
         (f"restart on {out['restart_log_events']:,} events", f"{out['restart_serve_s']:.2f} s",
          f"spawn to first read; LMDB open {out['restart_open_s'] * 1e3:.1f} ms (target < 1 s)"),
     ]
-    width = max(len(r[0]) for r in rows)
-    print(f"\nxdc bench store ({'quick' if out['quick'] else 'full'}, medians of "
-          f"{out['runs']} runs)")
-    for name, value, note in rows:
-        print(f"  {name:<{width}}  {value:>16}  {note}")
+    report.print_table("store", out, rows)
 
 
 def main(quick: bool = False, json_path: str | None = None) -> int:
     out = run(quick)
     print_table(out)
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(out, indent=2))
-        print(f"wrote {json_path}")
+    report.write_json(json_path, out)
     return 0
