@@ -205,15 +205,17 @@ def nats_single(n: int, inflight: int = 256) -> float | None:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             async def run() -> float:
+                # Wait for the port first: nats-py logs every refused connect loudly.
                 deadline = time.monotonic() + 10
                 while True:
                     try:
-                        nc = await nats.connect(f"nats://127.0.0.1:{port}")
+                        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
                         break
-                    except Exception:
+                    except OSError:
                         if time.monotonic() > deadline:
                             raise
                         await asyncio.sleep(0.05)
+                nc = await nats.connect(f"nats://127.0.0.1:{port}")
                 js = nc.jetstream(publish_async_max_pending=inflight)
                 await js.add_stream(name="bench", subjects=["bench.>"])
                 data = b"x" * PAYLOAD
