@@ -174,10 +174,13 @@ def up(directory: str = DEFAULT_DIR, regions: int = 3, rtt_ms: float = 0.0,
         try:
             return _up(directory, regions, rtt_ms, failover, standbys, ttl_s, cluster,
                        jitter_ms, seed)
-        except RuntimeError as exc:
-            if "before ready" not in str(exc) or attempt == attempts - 1:
+        except BaseException as exc:
+            # Whatever failed, stop what was started: nothing may outlive a failed start.
+            with contextlib.suppress(Exception):
+                down(directory)
+            retry = isinstance(exc, RuntimeError) and "before ready" in str(exc)
+            if not retry or attempt == attempts - 1:
                 raise
-            down(directory)
             shutil.rmtree(directory, ignore_errors=True)
     raise AssertionError("unreachable")
 
