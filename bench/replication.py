@@ -12,7 +12,6 @@ from the local launcher, measured next to a standalone node in the same run.
 from __future__ import annotations
 
 import asyncio
-import signal
 import statistics
 import tempfile
 import time
@@ -21,7 +20,7 @@ from typing import Any
 from bench import report
 from bench.store import _ingest_messages, _pipeline, batched_ingest
 from geo import launcher
-from geo.demo import Load, read_all_ids, wait_for
+from geo.demo import crash_leader_region
 from store.client import StoreClient, new_event
 
 PAYLOAD = 200
@@ -69,31 +68,12 @@ def commit_latency(rtt_ms: float, n: int) -> tuple[float, float]:
     return lat[len(lat) // 2] * 1e3, lat[int(len(lat) * 0.99)] * 1e3
 
 
-async def _crash(state: launcher.ClusterState) -> tuple[float, int, int]:
-    leader, _ = await launcher.wait_leader(state)
-    load = Load()
-    async with StoreClient([n.client for n in state.nodes], timeout_s=20) as client:
-        tasks = [asyncio.ensure_future(load.producer(client, k)) for k in range(8)]
-        await wait_for(lambda: len(load.acked) >= 500, 30, "traffic before the crash")
-        killed = time.monotonic()
-        for n in launcher.signal_node(state, leader.region, signal.SIGKILL):
-            launcher.reap(n.pid)
-        await wait_for(lambda: load.acks_after(killed) >= 1, 30, "the first write after")
-        rto = min(a for a in load.ack_times if a > killed) - killed
-        await wait_for(lambda: load.acks_after(killed) >= 200, 30, "traffic after")
-        load.stop.set()
-        await asyncio.gather(*tasks)
-    new_leader, _ = await launcher.wait_leader(state, exclude=(leader.id,))
-    survivors = await read_all_ids(new_leader.client)
-    lost = sum(1 for p, i in load.acked.items() if survivors.get(p) != i)
-    return rto, len(load.acked), lost
-
-
 def crash_failover(ttl_s: int = 2) -> tuple[float, int, int]:
     with tempfile.TemporaryDirectory(prefix="xdc-bench-crash-") as d:
         state = launcher.up(d, regions=3, rtt_ms=30, ttl_s=ttl_s)
         try:
-            return asyncio.run(_crash(state))
+            crash = asyncio.run(crash_leader_region(state, after=200))
+            return crash.rto_s, crash.acked, crash.lost
         finally:
             launcher.down(d)
 

@@ -15,6 +15,7 @@ import hashlib
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -53,9 +54,9 @@ class Load:
         return sum(1 for a in self.ack_times if a > t)
 
 
-async def wait_for(predicate: object, timeout_s: float, what: str) -> None:
+async def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
-    while not predicate():  # type: ignore[operator]
+    while not predicate():
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out waiting for {what}")
         await asyncio.sleep(0.005)
@@ -84,12 +85,30 @@ async def read_all_ids(address: str) -> dict[int, bytes]:
         return out
 
 
-async def run(state: launcher.ClusterState) -> dict[str, object]:
+@dataclass
+class Crash:
+    """What one SIGKILL of the leader region under load did."""
+
+    leader: launcher.NodeProc
+    old_term: int
+    new_leader: launcher.NodeProc
+    new_term: int
+    victims: list[launcher.NodeProc]
+    rto_s: float  # kill -> first write acknowledged afterwards
+    acked: int
+    lost: int  # acknowledged events not in the survivors' log at their position
+    errors: int
+
+
+async def crash_leader_region(state: launcher.ClusterState, producers: int = PRODUCERS,
+                              before: int = 500, after: int = 500) -> Crash:
+    """SIGKILLs every process of the leader's region while producers that know only the
+    node list keep appending; measures the RTO and checks every acknowledgement."""
     leader, st = await launcher.wait_leader(state)
     load = Load()
     async with StoreClient([n.client for n in state.nodes], timeout_s=15) as client:
-        tasks = [asyncio.ensure_future(load.producer(client, k)) for k in range(PRODUCERS)]
-        await wait_for(lambda: len(load.acked) >= 500, 30, "traffic before the fault")
+        tasks = [asyncio.ensure_future(load.producer(client, k)) for k in range(producers)]
+        await wait_for(lambda: len(load.acked) >= before, 30, "traffic before the fault")
         killed_at = time.monotonic()
         victims = launcher.signal_node(state, leader.region, signal.SIGKILL)
         for v in victims:
@@ -97,33 +116,30 @@ async def run(state: launcher.ClusterState) -> dict[str, object]:
         await wait_for(lambda: load.acks_after(killed_at) >= 1, 30, "the first write after")
         rto = min(a for a in load.ack_times if a > killed_at) - killed_at
         new_leader, new_st = await launcher.wait_leader(state, exclude=(leader.id,))
-        await wait_for(lambda: load.acks_after(killed_at) >= 500, 30, "traffic after")
+        await wait_for(lambda: load.acks_after(killed_at) >= after, 30, "traffic after")
         load.stop.set()
         await asyncio.gather(*tasks)
     survivors = await read_all_ids(new_leader.client)
-    lost = [p for p, i in load.acked.items() if survivors.get(p) != i]
+    lost = sum(1 for p, i in load.acked.items() if survivors.get(p) != i)
+    return Crash(leader, st.term, new_leader, new_st.term, victims, rto, len(load.acked), lost,
+                 load.errors)
+
+
+async def run(state: launcher.ClusterState) -> dict[str, object]:
+    crash = await crash_leader_region(state)
     # The killed region comes back as a follower and catches up.
-    for v in victims:
+    for v in crash.victims:
         launcher.start_node(state, v)
-    deadline = time.monotonic() + 30
-    while True:
-        sts = await launcher.statuses(state)
-        commits = {s.commit_position for s in sts.values() if s is not None}
-        if len(commits) == 1 and all(s is not None for s in sts.values()):
-            break
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"regions did not converge: {commits}")
-        await asyncio.sleep(0.05)
-    upto = commits.pop()
+    upto = await launcher.wait_converged(state)
     hashes = {n.id: await raw_log_hash(n.client, upto) for n in state.nodes}
     return {
-        "leader before": f"{leader.id} (term {st.term})",
-        "fault": f"SIGKILL of every process of region {leader.region}",
-        "leader after": f"{new_leader.id} (term {new_st.term})",
-        "RTO (kill -> first ack)": f"{rto * 1000:.0f} ms",
-        "acknowledged events": len(load.acked),
-        "acknowledged events lost": len(lost),
-        "client retries (errors seen)": load.errors,
+        "leader before": f"{crash.leader.id} (term {crash.old_term})",
+        "fault": f"SIGKILL of every process of region {crash.leader.region}",
+        "leader after": f"{crash.new_leader.id} (term {crash.new_term})",
+        "RTO (kill -> first ack)": f"{crash.rto_s * 1000:.0f} ms",
+        "acknowledged events": crash.acked,
+        "acknowledged events lost": crash.lost,
+        "client retries (errors seen)": crash.errors,
         "logs identical after rejoin": f"{len(set(hashes.values())) == 1} (up to position "
                                        f"{upto})",
     }

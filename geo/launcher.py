@@ -91,6 +91,10 @@ class ClusterState:
     def region_nodes(self, region: str) -> list[NodeProc]:
         return [n for n in self.nodes if n.region == region]
 
+    def select(self, key: str) -> list[NodeProc]:
+        """Every node of region `key`, or the node with id `key`."""
+        return self.region_nodes(key) or [self.node(key)]
+
 
 def _toml(state: ClusterState, regions: list[str], failover: str, ttl_s: int) -> str:
     lines = [f'cluster = "{state.cluster}"', f'failover = "{failover}"',
@@ -247,11 +251,7 @@ def _up(directory: str, regions: int, rtt_ms: float, failover: str, standbys: in
 
 def signal_node(state: ClusterState, key: str, sig: int) -> list[NodeProc]:
     """Sends a signal to every node of a region (or to one node), by PID."""
-    try:
-        targets = [state.node(key)] if key not in {n.region for n in state.nodes} \
-            else state.region_nodes(key)
-    except KeyError:
-        targets = state.region_nodes(key)
+    targets = state.select(key)
     for n in targets:
         if _alive(n.pid):
             os.kill(n.pid, sig)
@@ -338,6 +338,24 @@ async def wait_leader(state: ClusterState, timeout_s: float = 20.0,
         if time.monotonic() > deadline:
             raise TimeoutError(f"no open leader within {timeout_s}s")
         await asyncio.sleep(0.02)
+
+
+async def wait_converged(state: ClusterState, timeout_s: float = 30.0) -> int:
+    """Waits until every node answers with the same commit and last position; returns
+    that position (a replica that holds uncommitted records has not converged)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        sts = await statuses(state)
+        positions = {(s.commit_position, s.last_position) for s in sts.values() if s}
+        if all(sts.values()) and len(positions) == 1:
+            upto, last = positions.pop()
+            if upto == last:
+                return upto
+        if time.monotonic() > deadline:
+            seen = {k: (s.commit_position, s.last_position) if s else None
+                    for k, s in sts.items()}
+            raise TimeoutError(f"replicas did not converge: {seen}")
+        await asyncio.sleep(0.05)
 
 
 def _leadership(state: ClusterState, node_id: str = "xdc-cli") -> Leadership:

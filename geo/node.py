@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -53,20 +52,6 @@ TICK_S = 0.05
 MAX_DEFERRALS = 5
 
 
-@dataclass(slots=True)
-class Timeline:
-    """Monotonic timestamps of this node's last transitions, for status and drills."""
-
-    became_candidate: float = 0.0
-    opened: float = 0.0
-    stepped_down: float = 0.0
-    events: list[tuple[float, str]] = field(default_factory=list)
-
-    def note(self, what: str) -> None:
-        self.events.append((time.time(), what))
-        del self.events[:-100]
-
-
 class ClusterNode:
     def __init__(self, config: ClusterConfig, member_id: str, data_dir: str | None = None,
                  *, limits: Limits | None = None, routes: dict[str, str] | None = None,
@@ -91,7 +76,6 @@ class ClusterNode:
              "region": self.member.region},
             config.lease_ttl_s, on_lost=self._lease_lost,
             default_failover=config.failover)
-        self.timeline = Timeline()
         self._tasks: list[asyncio.Task[None]] = []
         self._side_tasks: set[asyncio.Future[Any]] = set()
         self._stopping = False
@@ -197,11 +181,9 @@ class ClusterNode:
                     await asyncio.sleep(self.tick_s * 2)
                     continue
                 deferrals = 0
-                self.timeline.became_candidate = time.monotonic()
                 term = await self.leadership.campaign()
                 if term is None:
                     continue
-                self.timeline.note(f"won etcd key, term {term}")
                 log.info("%s: won the leader key, term %d", self.id, term)
                 self.store.role.name = "candidate"
                 self.store.role.term = term
@@ -280,8 +262,6 @@ class ClusterNode:
             elif isinstance(e, Committed):
                 commit.advance(e.upto)
             elif isinstance(e, LeaderOpen):
-                self.timeline.opened = time.monotonic()
-                self.timeline.note(f"open for writes, term {e.term}")
                 log.info("%s: leader of term %d, open at %d", self.id, e.term, e.start_position)
                 self.store.role.name = "leader"
                 self.store.role.term = e.term
@@ -291,8 +271,6 @@ class ClusterNode:
                     self._background(self.server.health.set(
                         "xdc.v1.EventStore.writes", health_pb2.HealthCheckResponse.SERVING))
             elif isinstance(e, SteppedDown):
-                self.timeline.stepped_down = time.monotonic()
-                self.timeline.note(f"stepped down from term {e.term}: {e.reason}")
                 log.warning("%s: stepped down from term %d: %s", self.id, e.term, e.reason)
                 self.store.role.name = "follower" if self.member.voter else "standby"
                 self._opened.clear()

@@ -31,7 +31,7 @@ from store import records
 from store.errors import StoreError
 from store.limits import Limits
 from store.log import Appended, Log, PreparedAppend, Sequenced
-from store.writer import Results
+from store.writer import Results, admit_to_queue
 from xdc.v1 import eventstore_pb2 as pb
 
 TERM_START_TYPE = "$term-start"
@@ -157,13 +157,10 @@ class Replicator:
 
     def submit(self, reqs: list[PreparedAppend]) -> asyncio.Future[Results]:
         n = sum(len(r.ids) for r in reqs)
-        if self._pending_events and self._pending_events + n > self.limits.max_pending_events:
-            raise StoreError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"write queue full: {self._pending_events} events pending, max_pending_events "
-                f"({self.limits.max_pending_events}); retry shortly", retry_after_ms=50)
         fut: asyncio.Future[Results] = self.loop.create_future()
-        self._pending_events += n
+        with self._cond:  # the writer thread decrements the count under the same lock
+            admit_to_queue(self._pending_events, n, self.limits)
+            self._pending_events += n
         self._put("appends", _Group(reqs, fut))
         return fut
 
@@ -272,7 +269,8 @@ class Replicator:
                 self.loop.call_soon_threadsafe(_settle, fut, result, None)
             except Exception as exc:
                 self.loop.call_soon_threadsafe(_settle, fut, None, exc)
-        self._pending_events -= sum(len(r.ids) for g in groups for r in g.reqs)
+        with self._cond:
+            self._pending_events -= sum(len(r.ids) for g in groups for r in g.reqs)
         self.loop.call_soon_threadsafe(self.on_effects, out, answers)
 
     def _apply(self, txn: lmdb.Transaction, effects: list[Effect], out: list[Effect],

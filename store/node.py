@@ -1,8 +1,9 @@
 """One store node: the log, its single writer and its commit position, composed.
 
-A standalone node commits what is durable. The replication layer (geo/) drives a node
-through three seams: `admit` (may the writer append now, and in which term),
-`on_durable` (records the writer made durable, to ship them), and `commit.advance`."""
+A standalone node commits what is durable, through the group-commit Writer. A cluster
+node (geo/node.py) replaces the writer with its replicator (`start(writer_factory)`),
+which advances `commit` when a quorum holds a record and fails the waiting appends
+(`commit.fail_waiters`) when leadership is lost."""
 
 from __future__ import annotations
 

@@ -26,6 +26,16 @@ DurableHook = Callable[[int, list[bytes]], None]
 AdmitHook = Callable[[], int | StoreError]
 
 
+def admit_to_queue(pending: int, n: int, limits: Limits) -> None:
+    """Refuses `n` more events when the writer's queue holds its limit already (load
+    shedding with a retry hint). Call under the writer's lock."""
+    if pending and pending + n > limits.max_pending_events:
+        raise StoreError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"write queue full: {pending} events pending, max_pending_events "
+            f"({limits.max_pending_events}); retry shortly", retry_after_ms=50)
+
+
 class Writer:
     def __init__(self, log: Log, limits: Limits, loop: asyncio.AbstractEventLoop,
                  on_durable: DurableHook, admit: AdmitHook) -> None:
@@ -54,13 +64,7 @@ class Writer:
         with self._cond:
             if self._stopping:
                 raise StoreError(grpc.StatusCode.UNAVAILABLE, "node is shutting down")
-            if self._pending_events and self._pending_events + n > self._limits.max_pending_events:
-                raise StoreError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"write queue full: {self._pending_events} events pending, "
-                    f"max_pending_events ({self._limits.max_pending_events}); retry shortly",
-                    retry_after_ms=50,
-                )
+            admit_to_queue(self._pending_events, n, self._limits)
             self._pending_events += n
             self._queue.append((reqs, fut))
             self._cond.notify()

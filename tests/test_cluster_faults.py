@@ -53,19 +53,10 @@ async def loaded(state: launcher.ClusterState, producers: int = 4) -> AsyncItera
 async def check_cluster(state: launcher.ClusterState, load: Load, timeout_s: float = 30) -> int:
     """Waits until every node has the same commit and last position, then checks the
     invariants. Returns the commit position."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        sts = await launcher.statuses(state)
-        positions = {(s.commit_position, s.last_position) for s in sts.values() if s}
-        if all(sts.values()) and len(positions) == 1:
-            upto, last = positions.pop()
-            if upto == last:
-                break
-        if time.monotonic() > deadline:
-            seen = {k: (s.commit_position, s.last_position) if s else None
-                    for k, s in sts.items()}
-            raise AssertionError(f"replicas did not converge: {seen}")
-        await asyncio.sleep(0.05)
+    try:
+        upto = await launcher.wait_converged(state, timeout_s)
+    except TimeoutError as exc:
+        raise AssertionError(str(exc)) from None
     hashes = {n.id: await raw_log_hash(n.client, upto) for n in state.nodes}
     assert len(set(hashes.values())) == 1, f"replica logs differ: {hashes}"
     ids = await read_all_ids(state.nodes[0].client)

@@ -201,7 +201,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             hit = launcher.signal_node(state, args.target, sig)
             print(f"sent SIG{args.signal.upper()} to {[n.id for n in hit]}")
         elif action == "start":
-            for n in state.region_nodes(args.target) or [state.node(args.target)]:
+            for n in state.select(args.target):
                 launcher.start_node(state, n)
                 print(f"started {n.id} (pid {n.pid})")
     except (FileNotFoundError, KeyError, RuntimeError, TimeoutError) as exc:

@@ -1,0 +1,49 @@
+"""The commit position's fencing: an append waiting for a commit that may never come
+(its leader stepped down) is answered with the failure, never left hanging."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from store.commit import CommitTracker
+from store.errors import StoreError
+from tests.support.store import run
+
+LOST = StoreError(grpc.StatusCode.UNAVAILABLE, "leadership lost")
+
+
+def test_waiters_wake_in_order_and_fail_on_step_down() -> None:
+    async def body() -> None:
+        commit = CommitTracker(5)
+        await commit.wait_for(5)  # already committed
+        low = asyncio.ensure_future(commit.wait_for(7))
+        high = asyncio.ensure_future(commit.wait_for(9))
+        await asyncio.sleep(0)
+        commit.advance(8)
+        await low
+        assert not high.done()
+        commit.fail_waiters(LOST)
+        with pytest.raises(StoreError, match="leadership lost"):
+            await high
+    run(body)
+
+
+def test_a_wait_begun_before_a_step_down_fails_at_once() -> None:
+    async def body() -> None:
+        commit = CommitTracker(0)
+        generation = commit.generation  # read before the append was queued
+        commit.fail_waiters(LOST)  # the step-down lands before the wait starts
+        with pytest.raises(StoreError, match="leadership lost"):
+            await asyncio.wait_for(commit.wait_for(3, generation), 1)
+        # A position committed anyway is still reported committed.
+        commit.advance(3)
+        await commit.wait_for(3, generation)
+        # A wait begun after the step-down waits normally.
+        later = asyncio.ensure_future(commit.wait_for(4, commit.generation))
+        await asyncio.sleep(0)
+        commit.advance(4)
+        await asyncio.wait_for(later, 1)
+    run(body)
