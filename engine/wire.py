@@ -1,0 +1,238 @@
+"""How the exchange lives in the event store: stream names, event ids, the input command
+events the gateway appends and the output batches the engines append (DESIGN §5).
+
+Per engine group ``G`` (a set of symbols and the accounts that trade them; one risk
+domain) there are three streams::
+
+    exchange.G.input      commands (type = command class name, data = canonical bytes)
+                          and engine controls (type xdc.Switchover / xdc.Snapshot)
+    exchange.G.output     output batches (type = OUTPUT_TYPE), appended by the primary
+                          with the exact expected revision of the stream
+    exchange.G.snapshots  engine snapshots, chunked (type = SNAPSHOT_TYPE)
+
+Input events carry ``ts_ns = 0``: the engine's time for a command is the store's leader
+timestamp of its record, which is part of the replicated log, so a retried submit has
+the same bytes (and the same id) as the first attempt.
+
+An output event carries the outputs of one or more consecutive inputs::
+
+    b"XO" u8 version, q first_input, q last_input, 32s chain (after last_input),
+    u32 n_inputs, then per input with outputs: q position, u16 n, n x (u16 len, event)
+
+``event`` is ``engine.codec.encode_event``. The output named (group, input position,
+output index) is therefore stored exactly once: the event's id is derived from
+(group, first input), and the expected revision fences out every writer but one, so two
+instances emitting around a failover cannot both land the same outputs. The chain hash
+runs per input over ``q position + u16 n + events``: replicas that agree on it agree on
+every output up to that input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+from dataclasses import dataclass
+
+from engine import commands as cm
+from engine import events as ev
+from engine.codec import CodecError, decode_command, decode_event, encode_command
+from engine.constants import Side
+from xdc.v1 import eventstore_pb2 as pb
+from xdc.v1 import exchange_pb2 as xpb
+
+GROUP_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+COMMAND_CONTENT_TYPE = "application/x-xdc-command"
+OUTPUT_TYPE = "xdc.Outputs"
+SNAPSHOT_TYPE = "xdc.Snapshot"
+SWITCHOVER_TYPE = "xdc.Switchover"
+SNAPSHOT_REQUEST_TYPE = "xdc.SnapshotRequest"
+CONTROL_TYPES = (SWITCHOVER_TYPE, SNAPSHOT_REQUEST_TYPE)
+COMMAND_TYPES = tuple(cls.__name__ for cls in (
+    cm.NewOrder, cm.CancelOrder, cm.ReplaceOrder, cm.ReduceOrder, cm.AddSymbol,
+    cm.UpdateSymbol, cm.Deposit, cm.Withdraw))
+# What an engine subscribes to: its inputs and the committed outputs, in log order.
+CONSUMED_TYPES = (*COMMAND_TYPES, *CONTROL_TYPES, OUTPUT_TYPE)
+
+_OUT_HEAD = struct.Struct("<2sBqq32sI")
+_IN_HEAD = struct.Struct("<qH")
+_U16 = struct.Struct("<H")
+_Q = struct.Struct("<q")
+OUT_MAGIC = b"XO"
+OUT_VERSION = 1
+
+
+def check_group(group: str) -> str:
+    if not GROUP_RE.match(group):
+        raise ValueError(f"engine group {group!r}: 1..32 of A-Z a-z 0-9 _ -")
+    return group
+
+
+def input_stream(group: str) -> str:
+    return f"exchange.{group}.input"
+
+
+def output_stream(group: str) -> str:
+    return f"exchange.{group}.output"
+
+
+def snapshot_stream(group: str) -> str:
+    return f"exchange.{group}.snapshots"
+
+
+def group_prefix(group: str) -> str:
+    return f"exchange.{group}."
+
+
+def derived_id(*parts: str | int) -> bytes:
+    """A UUID (version 8, RFC 9562 "custom") derived from ``parts``: the same parts give
+    the same id in any process, which is what makes retries and re-emission idempotent."""
+    h = hashlib.sha256(b"xdc.exchange\0" + "\0".join(str(p) for p in parts).encode())
+    raw = bytearray(h.digest()[:16])
+    raw[6] = 0x80 | (raw[6] & 0x0F)
+    raw[8] = 0x80 | (raw[8] & 0x3F)
+    return bytes(raw)
+
+
+# ---------------------------------------------------------------------- inputs
+
+def command_event(group: str, cmd: object, key: str,
+                  metadata: dict[str, str] | None = None) -> pb.ProposedEvent:
+    """The input event of ``cmd`` (its ``ts_ns`` must be 0). ``key`` is the request's
+    idempotency key within (group, account, kind): the client order id of a submit, the
+    request id of a cancel or replace."""
+    assert getattr(cmd, "ts_ns", 0) == 0, "input commands carry no time of their own"
+    kind = type(cmd).__name__
+    account = getattr(cmd, "account", "")
+    return pb.ProposedEvent(
+        id=derived_id("in", group, kind, account, key), type=kind,
+        content_type=COMMAND_CONTENT_TYPE, data=encode_command(cmd), metadata=metadata or {})
+
+
+def control_event(group: str, kind: str, body: dict[str, str], key: str) -> pb.ProposedEvent:
+    assert kind in CONTROL_TYPES
+    return pb.ProposedEvent(id=derived_id("ctl", group, kind, key), type=kind,
+                            content_type="application/json",
+                            data=json.dumps(body, sort_keys=True).encode())
+
+
+def decode_input(data: bytes, ts_ns: int) -> object:
+    """The command of an input event, with the record's leader timestamp as its time.
+    Raises CodecError for bytes that are not a command."""
+    if len(data) < 9:
+        raise CodecError("short command")
+    return decode_command(data[:1] + _Q.pack(ts_ns) + data[9:])
+
+
+# ---------------------------------------------------------------------- outputs
+
+def input_blob(position: int, encoded: list[bytes]) -> bytes:
+    """One input's outputs as stored in an output batch (and hashed into the chain)."""
+    assert len(encoded) < 65_536
+    parts = [_IN_HEAD.pack(position, len(encoded))]
+    for e in encoded:
+        parts.append(_U16.pack(len(e)))
+        parts.append(e)
+    return b"".join(parts)
+
+
+def chain_next(chain: bytes, blob: bytes) -> bytes:
+    return hashlib.sha256(chain + blob).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class OutputBatch:
+    first_input: int
+    last_input: int
+    chain: bytes  # after last_input
+    blobs: tuple[bytes, ...]  # input_blob per input that had outputs, in order
+
+    def encode(self) -> bytes:
+        return _OUT_HEAD.pack(OUT_MAGIC, OUT_VERSION, self.first_input, self.last_input,
+                              self.chain, len(self.blobs)) + b"".join(self.blobs)
+
+    def event(self, group: str) -> pb.ProposedEvent:
+        return pb.ProposedEvent(
+            id=derived_id("out", group, self.first_input), type=OUTPUT_TYPE,
+            content_type="application/x-xdc-outputs", data=self.encode(),
+            metadata={"first_input": str(self.first_input),
+                      "last_input": str(self.last_input), "chain": self.chain.hex()})
+
+
+def decode_output(data: bytes) -> OutputBatch:
+    if len(data) < _OUT_HEAD.size:
+        raise CodecError("short output batch")
+    magic, version, first, last, chain, n = _OUT_HEAD.unpack_from(data)
+    if magic != OUT_MAGIC or version != OUT_VERSION:
+        raise CodecError("not an output batch")
+    pos = _OUT_HEAD.size
+    blobs = []
+    for _ in range(n):
+        start = pos
+        _, k = _IN_HEAD.unpack_from(data, pos)
+        pos += _IN_HEAD.size
+        for _ in range(k):
+            (length,) = _U16.unpack_from(data, pos)
+            pos += 2 + length
+        blobs.append(data[start:pos])
+    if pos != len(data):
+        raise CodecError("trailing bytes in output batch")
+    return OutputBatch(first, last, chain, tuple(blobs))
+
+
+def blob_outputs(blob: bytes) -> tuple[int, list[tuple]]:
+    """(input position, raw events) of one input blob."""
+    position, k = _IN_HEAD.unpack_from(blob)
+    pos = _IN_HEAD.size
+    raws = []
+    for _ in range(k):
+        (length,) = _U16.unpack_from(blob, pos)
+        raws.append(decode_event(blob[pos + 2:pos + 2 + length]))
+        pos += 2 + length
+    return position, raws
+
+
+def batch_outputs(batch: OutputBatch) -> list[tuple[int, list[tuple]]]:
+    return [blob_outputs(b) for b in batch.blobs]
+
+
+# ---------------------------------------------------------------------- reports
+
+_KIND = {ev.ACCEPTED: "ACCEPTED", ev.REJECTED: "REJECTED", ev.FILL: "FILL",
+         ev.CANCELLED: "CANCELLED", ev.REPLACED: "REPLACED", ev.REDUCED: "REDUCED",
+         ev.HALTED: "HALTED", ev.BALANCE: "BALANCE", ev.BOOK: "BOOK",
+         ev.SYMBOL_CONFIG: "SYMBOL_CONFIG"}
+_SIDE_PB = {Side.BUY: xpb.BUY, Side.SELL: xpb.SELL}
+
+
+def report(group: str, position: int, index: int, raw: tuple) -> xpb.ExecutionReport:
+    """The client's view of one raw output event."""
+    rec = ev.to_record(raw)
+    r = xpb.ExecutionReport(kind=_KIND[raw[0]], group=group, input_position=position,
+                            output_index=index)
+    for name in ("symbol", "order_id", "account", "client_order_id", "price", "qty",
+                 "reason", "detail", "maker_order_id", "taker_order_id", "maker_account",
+                 "taker_account", "ts_ns"):
+        v = getattr(rec, name, None)
+        if v is not None:
+            setattr(r, name, v)
+    side = getattr(rec, "side", getattr(rec, "taker_side", None))
+    if side is not None and raw[0] != ev.BOOK:
+        r.side = _SIDE_PB.get(side, xpb.SIDE_UNSPECIFIED)
+    if raw[0] == ev.BALANCE:
+        r.account, r.symbol, r.qty = rec.account, rec.asset, rec.delta  # type: ignore[union-attr]
+    return r
+
+
+def accounts_of(raw: tuple) -> tuple[str, ...]:
+    """Accounts an output concerns (who sees it on StreamExecutions)."""
+    tag = raw[0]
+    if tag == ev.FILL:
+        return (raw[7], raw[8]) if raw[7] != raw[8] else (raw[7],)
+    if tag in (ev.ACCEPTED, ev.CANCELLED, ev.REPLACED, ev.REDUCED):
+        return (raw[3],)
+    if tag in (ev.REJECTED, ev.BALANCE):
+        return (raw[2],) if tag == ev.REJECTED else (raw[1],)
+    return ()
+
