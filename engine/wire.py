@@ -181,6 +181,10 @@ def decode_output(data: bytes) -> OutputBatch:
     return OutputBatch(first, last, chain, tuple(blobs))
 
 
+def blob_position(blob: bytes) -> int:
+    return _Q.unpack_from(blob)[0]
+
+
 def blob_outputs(blob: bytes) -> tuple[int, list[tuple]]:
     """(input position, raw events) of one input blob."""
     position, k = _IN_HEAD.unpack_from(blob)

@@ -1,0 +1,234 @@
+"""The deterministic consumer of one engine group, as a pure state machine (DESIGN §2, §5).
+
+No I/O here: the shell (``engine.runner``) feeds it the group's records in log order —
+input commands, controls and the committed output batches — and asks it for output
+batches to append when it is the primary. Everything it decides depends only on those
+records, so every instance fed the same log is in the same state, and tests can drive
+it without a store.
+
+State kept per instance:
+
+* the engine (books and accounts) after input ``position``, and the chain hash of all
+  outputs up to it;
+* ``pending``: outputs computed for inputs whose committed outputs have not been seen
+  yet, oldest first. A warm instance checks each committed batch against them (same
+  inputs, same bytes, same chain) and raises an alarm on any difference; a primary
+  appends them;
+* ``committed_input``: the last input whose outputs are known committed, and
+  ``out_revision``: the output stream's last revision seen. The primary appends with
+  ``EXPECTED_EXACT out_revision + in-flight``, so only one writer's batches can land.
+
+Takeover is therefore exact with no extra protocol: a new primary appends exactly its
+pending outputs, which start right after the last committed input, and a stale primary's
+append fails its expected revision. An output batch never contains an input twice and
+batches of one writer are consecutive, so "no gap, no duplicate" is checked here too
+(``on_output`` asserts it and alarms when the log shows otherwise).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from engine import wire
+from engine.book import Engine
+from engine.codec import GENESIS, CodecError, encode_event, restore, snapshot_bytes, state_hash
+
+# Limits: outputs waiting for their commit (a primary stops taking inputs past this, a
+# warm instance that lags the primary this much is alarmed), inputs per output batch.
+MAX_PENDING_INPUTS = 200_000
+MAX_BATCH_INPUTS = 4_096
+MAX_BATCH_BYTES = 512 * 1024
+
+
+@dataclass(slots=True)
+class Pending:
+    position: int
+    blob: bytes
+    chain: bytes  # chain after this input
+
+
+@dataclass(frozen=True, slots=True)
+class Control:
+    """A control input the shell acts on (switchover, snapshot request), at ``position``."""
+
+    kind: str
+    position: int
+    body: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Capture:
+    """A snapshot taken right after input ``position``: written to the store once every
+    output up to ``position`` is committed (a snapshot ahead of its outputs would make a
+    restored primary skip them)."""
+
+    position: int
+    data: bytes
+    state_hash: bytes
+    chain: bytes
+    out_revision: int
+    wait_for: int  # writable once outputs are committed through this input (0: now)
+
+
+@dataclass(slots=True)
+class Consumer:
+    group: str
+    engine: Engine = field(default_factory=Engine)
+    position: int = 0  # last input processed (global log position)
+    chain: bytes = GENESIS
+    base_position: int = 0  # inputs up to here came from a snapshot, not from replay
+    committed_input: int = 0
+    out_revision: int = 0
+    emitted_through: int = 0  # last input whose outputs were handed to the shell to append
+    alarm: str = ""
+    # A planned switchover marker at this input: nothing after it is emitted until the
+    # shell of the instance that takes over calls ``release_hold`` (stop, marker, resume).
+    hold_after: int = 0
+    handover_to: str = ""
+    inputs: int = 0  # inputs processed by this instance
+    pending: collections.deque[Pending] = field(default_factory=collections.deque)
+    controls: list[Control] = field(default_factory=list)
+    _out: list[tuple] = field(default_factory=list)
+
+    @classmethod
+    def from_snapshot(cls, group: str, data: bytes, position: int, chain: bytes,
+                      out_revision: int, expected_hash: bytes | None = None) -> Consumer:
+        engine = restore(data)
+        if expected_hash is not None and state_hash(engine) != expected_hash:
+            raise CodecError(f"snapshot at input {position}: state hash mismatch after restore")
+        return cls(group, engine, position=position, chain=chain, base_position=position,
+                   committed_input=position, out_revision=out_revision,
+                   emitted_through=position)
+
+    # ---------------------------------------------------------------- inputs
+
+    def on_input(self, position: int, kind: str, data: bytes, ts_ns: int) -> None:
+        """One input event of the group's input stream, in log order."""
+        if position <= self.position:
+            return  # already in the snapshot or already processed (a resumed stream)
+        self.position = position
+        self.inputs += 1
+        if kind in wire.CONTROL_TYPES:
+            try:
+                body = json.loads(data)
+                if not isinstance(body, dict):
+                    body = {}
+            except ValueError:
+                body = {}
+            control = Control(kind, position, {str(k): str(v) for k, v in body.items()})
+            if kind == wire.SWITCHOVER_TYPE:
+                self.hold_after, self.handover_to = position, control.body.get("to", "")
+            self.controls.append(control)
+            return
+        out = self._out
+        out.clear()
+        try:
+            cmd = wire.decode_input(data, ts_ns)
+        except (CodecError, ValueError, IndexError):
+            cmd = None  # the engine turns a non-command into a deterministic reject
+        self.engine.process(cmd, out)
+        if not out:
+            return
+        blob = wire.input_blob(position, [encode_event(r) for r in out])
+        self.chain = wire.chain_next(self.chain, blob)
+        self.pending.append(Pending(position, blob, self.chain))
+
+    # ---------------------------------------------------------------- committed outputs
+
+    def on_output(self, revision: int, batch: wire.OutputBatch) -> None:
+        """A committed output batch (revision of the output stream), in log order. It
+        always follows its inputs in the log, so its outputs were computed already."""
+        if revision <= self.out_revision:
+            return
+        self.out_revision = revision
+        if self.alarm or batch.last_input <= self.base_position:
+            self.committed_input = max(self.committed_input, batch.last_input)
+            self.emitted_through = max(self.emitted_through, self.committed_input)
+            return
+        # After a restore, the first batch may straddle the snapshot's input.
+        if batch.first_input <= self.committed_input and self.committed_input > self.base_position:
+            return self._diverged(f"output revision {revision} repeats inputs from "
+                                  f"{batch.first_input} (outputs committed through input "
+                                  f"{self.committed_input})")
+        if batch.last_input > self.position:
+            return self._diverged(f"output revision {revision} covers input "
+                                  f"{batch.last_input}, beyond the last input processed "
+                                  f"{self.position}")
+        verified: Pending | None = None
+        for blob in batch.blobs:
+            pos = wire.blob_position(blob)
+            if pos <= self.base_position:
+                continue
+            mine = self.pending.popleft() if self.pending else None
+            if mine is None or mine.position != pos or mine.blob != blob:
+                what = "nothing" if mine is None else f"input {mine.position}'s"
+                return self._diverged(f"output revision {revision}: the committed outputs "
+                                      f"of input {pos} differ from this instance's ({what})")
+            verified = mine
+        if self.pending and self.pending[0].position <= batch.last_input:
+            return self._diverged(f"output revision {revision} lacks the outputs of input "
+                                  f"{self.pending[0].position}")
+        if verified is not None and verified.chain != batch.chain:
+            return self._diverged(f"output revision {revision}: chain hash differs after "
+                                  f"input {batch.last_input}")
+        self.committed_input = batch.last_input
+        self.emitted_through = max(self.emitted_through, batch.last_input)
+
+    def _diverged(self, alarm: str) -> None:
+        """A warm check failed: this instance never emits or takes over from now on (the
+        shell reports the alarm); it keeps following the log for diagnosis."""
+        self.alarm = alarm
+
+    # ---------------------------------------------------------------- emission
+
+    def next_batch(self) -> wire.OutputBatch | None:
+        """The next output batch to append (primary only): pending outputs after the last
+        emitted input, bounded in inputs and bytes. The shell appends it with expected
+        revision ``out_revision + batches in flight``."""
+        assert not self.alarm, "a diverged instance never emits"
+        blobs: list[bytes] = []
+        size = 0
+        last: Pending | None = None
+        hold = self.hold_after
+        for p in self.pending:
+            if p.position <= self.emitted_through:
+                continue
+            if hold and p.position > hold:
+                break
+            if blobs and (len(blobs) >= MAX_BATCH_INPUTS or size + len(p.blob) > MAX_BATCH_BYTES):
+                break
+            blobs.append(p.blob)
+            size += len(p.blob)
+            last = p
+        if last is None:
+            return None
+        first = wire.blob_position(blobs[0])
+        self.emitted_through = last.position
+        return wire.OutputBatch(first, last.position, last.chain, tuple(blobs))
+
+    def release_hold(self) -> None:
+        self.hold_after, self.handover_to = 0, ""
+
+    def handed_over(self) -> bool:
+        """True once every output up to the switchover marker is committed."""
+        return bool(self.hold_after) and not any(
+            p.position <= self.hold_after for p in self.pending)
+
+    def rewind_emission(self) -> None:
+        """An append failed (another writer, a lost connection): what was handed out but
+        is not seen committed is emitted again once the shell has caught up."""
+        self.emitted_through = self.committed_input
+
+    # ---------------------------------------------------------------- snapshots
+
+    def capture(self) -> Capture:
+        data = snapshot_bytes(self.engine)
+        return Capture(self.position, data, hashlib.sha256(data).digest(), self.chain,
+                       self.out_revision, self.pending[-1].position if self.pending else 0)
+
+    @property
+    def backlog(self) -> int:
+        return len(self.pending)

@@ -1,0 +1,271 @@
+"""The deterministic consumer's pure core, driven by a simulated log with seeded fault
+schedules: instances crash and restart (from a snapshot or from scratch), two of them
+believe they are primary at once, appends are delayed, lost or refused, and the output
+stream must end up holding every input's outputs exactly once, identical to a run
+without failures."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass, field
+
+import pytest
+
+from engine import wire
+from engine.book import Engine
+from engine.codec import GENESIS, encode_command, encode_event
+from engine.consumer import Capture, Consumer
+from tests.test_book_model import random_commands
+
+GROUP = "g"
+
+
+@dataclass
+class Record:
+    position: int
+    kind: str  # "in" or "out"
+    type: str = ""
+    data: bytes = b""
+    ts: int = 0
+    revision: int = 0
+    batch: wire.OutputBatch | None = None
+
+
+@dataclass
+class Log:
+    records: list[Record] = field(default_factory=list)
+    out_revision: int = 0
+    snapshots: list[Capture] = field(default_factory=list)
+
+    def add_input(self, cmd: object) -> None:
+        ts = cmd.ts_ns  # type: ignore[attr-defined]
+        data = encode_command(dataclasses.replace(cmd, ts_ns=0))  # type: ignore[type-var]
+        self.records.append(Record(len(self.records) + 1, "in", type(cmd).__name__, data, ts))
+
+    def add_control(self, kind: str, body: str) -> None:
+        self.records.append(Record(len(self.records) + 1, "in", kind, body.encode()))
+
+    def append_output(self, expected: int, batch: wire.OutputBatch) -> bool:
+        if expected != self.out_revision:
+            return False
+        self.out_revision += 1
+        self.records.append(Record(len(self.records) + 1, "out", revision=self.out_revision,
+                                   batch=batch))
+        return True
+
+    def committed_blobs(self) -> list[bytes]:
+        return [b for r in self.records if r.kind == "out" for b in r.batch.blobs]  # type: ignore[union-attr]
+
+
+def feed(c: Consumer, r: Record) -> None:
+    if r.kind == "in":
+        c.on_input(r.position, r.type, r.data, r.ts)
+    else:
+        c.on_output(r.revision, r.batch)  # type: ignore[arg-type]
+
+
+def reference(log: Log) -> list[bytes]:
+    """Outputs of one instance that sees every input and never fails."""
+    c = Consumer(GROUP)
+    for r in log.records:
+        if r.kind == "in":
+            c.on_input(r.position, r.type, r.data, r.ts)
+    return [p.blob for p in c.pending]
+
+
+@dataclass
+class Instance:
+    consumer: Consumer
+    cursor: int = 0  # records read
+    inflight: list[tuple[int, wire.OutputBatch]] = field(default_factory=list)
+
+
+def boot(log: Log, rng: random.Random) -> Instance:
+    usable = [s for s in log.snapshots]
+    if usable and rng.random() < 0.7:
+        s = usable[-1]
+        c = Consumer.from_snapshot(GROUP, s.data, s.position, s.chain, s.out_revision,
+                                   s.state_hash)
+        return Instance(c, s.position)
+    return Instance(Consumer(GROUP))
+
+
+def simulate(seed: int, n_inputs: int = 400) -> tuple[Log, list[Instance]]:
+    rng = random.Random(seed)
+    cmds = random_commands(seed, n_inputs)
+    log = Log()
+    inst = [Instance(Consumer(GROUP)), Instance(Consumer(GROUP))]
+    primaries = {0}
+    pending_snap: list[Capture] = []
+    i = 0
+    steps = 0
+    while True:
+        steps += 1
+        assert steps < 100_000
+        if i < len(cmds) and rng.random() < 0.5:
+            for _ in range(rng.randint(1, 8)):
+                if i < len(cmds):
+                    log.add_input(cmds[i])
+                    i += 1
+        who = rng.randrange(2)
+        x = inst[who]
+        # read some records
+        upto = min(len(log.records), x.cursor + rng.randint(0, 20))
+        for r in log.records[x.cursor:upto]:
+            feed(x.consumer, r)
+        x.cursor = upto
+        assert not x.consumer.alarm, x.consumer.alarm
+        # deliver or lose in-flight appends (in order)
+        while x.inflight and rng.random() < 0.6:
+            expected, batch = x.inflight.pop(0)
+            lost = i < len(cmds) and rng.random() < 0.1
+            if lost or not log.append_output(expected, batch):
+                x.inflight.clear()
+                x.consumer.rewind_emission()
+        # primaries emit (sometimes both: only expected revisions keep them apart)
+        if who in primaries:
+            while len(x.inflight) < 4:
+                b = x.consumer.next_batch()
+                if b is None:
+                    break
+                x.inflight.append((x.consumer.out_revision + len(x.inflight), b))
+            if rng.random() < 0.05:
+                pending_snap.append(x.consumer.capture())
+        for s in list(pending_snap):
+            if any(c.consumer.committed_input >= s.wait_for for c in inst):
+                log.snapshots.append(s)
+                pending_snap.remove(s)
+        if i < len(cmds):
+            event = rng.random()
+            if event < 0.02:  # crash: in-flight appends are lost, state rebuilt
+                inst[who] = boot(log, rng)
+            elif event < 0.05:
+                primaries = {rng.randrange(2)}
+            elif event < 0.06:
+                primaries = {0, 1}  # a stale primary that has not noticed yet
+            continue
+        # Quiesce: one primary, no more faults; done once everything is committed and
+        # both instances have read the whole log.
+        primaries = {0}
+        if all(c.cursor == len(log.records) and not c.inflight for c in inst) \
+                and not inst[0].consumer.pending and not inst[1].consumer.pending:
+            break
+        x = inst[0]
+        if not x.inflight and x.cursor == len(log.records):
+            x.consumer.rewind_emission()
+    return log, inst
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_outputs_exactly_once_under_faults(seed: int) -> None:
+    log, inst = simulate(seed)
+    committed = log.committed_blobs()
+    assert committed == reference(log)
+    positions = [wire.blob_position(b) for b in committed]
+    assert positions == sorted(set(positions))
+    chains = {c.consumer.chain for c in inst if c.cursor == len(log.records)}
+    assert len(chains) == 1
+    for c in inst:
+        assert not c.consumer.alarm
+
+
+def test_warm_detects_divergent_outputs() -> None:
+    log = Log()
+    for cmd in random_commands(7, 50):
+        log.add_input(cmd)
+    primary, warm = Consumer(GROUP), Consumer(GROUP)
+    for r in log.records:
+        feed(primary, r)
+        feed(warm, r)
+    batch = primary.next_batch()
+    assert batch is not None
+    blobs = list(batch.blobs)
+    pos, raws = wire.blob_outputs(blobs[-1])
+    tampered = wire.input_blob(pos, [encode_event(r) for r in raws[:-1]] or [b"\x02"])
+    forged = dataclasses.replace(batch, blobs=(*blobs[:-1], tampered))
+    assert log.append_output(0, forged)
+    feed(warm, log.records[-1])
+    assert "differ" in warm.alarm
+    with pytest.raises(AssertionError):
+        warm.next_batch()
+
+
+def test_warm_detects_chain_mismatch_and_gap() -> None:
+    log = Log()
+    for cmd in random_commands(8, 30):
+        log.add_input(cmd)
+    a, b = Consumer(GROUP), Consumer(GROUP)
+    for r in log.records:
+        feed(a, r)
+        feed(b, r)
+    batch = a.next_batch()
+    assert batch is not None and len(batch.blobs) > 2
+    log.append_output(0, dataclasses.replace(batch, chain=GENESIS))
+    feed(b, log.records[-1])
+    assert "chain" in b.alarm
+    c = Consumer(GROUP)
+    for r in log.records[:-1]:
+        feed(c, r)
+    skipped = dataclasses.replace(batch, blobs=batch.blobs[1:])
+    c.on_output(1, skipped)
+    assert "differ" in c.alarm
+
+
+def test_switchover_marker_holds_emission_until_released() -> None:
+    log = Log()
+    cmds = random_commands(9, 40)
+    for cmd in cmds[:20]:
+        log.add_input(cmd)
+    log.add_control(wire.SWITCHOVER_TYPE, '{"to": "b"}')
+    marker = len(log.records)
+    for cmd in cmds[20:]:
+        log.add_input(cmd)
+    old = Consumer(GROUP)
+    for r in log.records:
+        feed(old, r)
+    emitted = []
+    while (batch := old.next_batch()) is not None:
+        assert batch.last_input < marker
+        assert log.append_output(log.out_revision, batch)
+        emitted.append(batch)
+        feed(old, log.records[-1])
+    assert old.handed_over() and old.handover_to == "b"
+    new = Consumer(GROUP)
+    for r in log.records:
+        feed(new, r)
+    new.release_hold()
+    while (batch := new.next_batch()) is not None:
+        assert batch.first_input > marker
+        assert log.append_output(log.out_revision, batch)
+        feed(new, log.records[-1])
+    assert log.committed_blobs() == reference(log)
+
+
+def test_snapshot_restore_equals_full_replay() -> None:
+    log = Log()
+    for cmd in random_commands(10, 300):
+        log.add_input(cmd)
+    full = Consumer(GROUP)
+    for r in log.records[:150]:
+        feed(full, r)
+    cap = full.capture()
+    restored = Consumer.from_snapshot(GROUP, cap.data, cap.position, cap.chain,
+                                      cap.out_revision, cap.state_hash)
+    for r in log.records[150:]:
+        feed(full, r)
+        feed(restored, r)
+    assert restored.chain == full.chain
+    from engine.codec import state_hash
+    assert state_hash(restored.engine) == state_hash(full.engine)
+    with pytest.raises(ValueError):
+        Consumer.from_snapshot(GROUP, cap.data, cap.position, cap.chain, 0, b"\0" * 32)
+
+
+def test_undecodable_input_is_a_deterministic_reject() -> None:
+    c = Consumer(GROUP)
+    c.on_input(1, "NewOrder", b"\xff garbage", 5)
+    (p,) = c.pending
+    _, raws = wire.blob_outputs(p.blob)
+    assert raws[0][0] == 2 and raws[0][6] == "UNKNOWN_COMMAND"  # Rejected
+    assert Engine is not None
