@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -47,7 +48,8 @@ class StoreServer:
     def __init__(self, node: StoreNode, listen: str, *,
                  writer_factory: WriterFactory | None = None,
                  extra_listen: Sequence[str] = (),
-                 add_services: Callable[[grpc.aio.Server], None] | None = None) -> None:
+                 add_services: Callable[[grpc.aio.Server], None] | None = None,
+                 interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
         self.node = node
         self.listen = listen
         self.writer_factory = writer_factory
@@ -55,13 +57,17 @@ class StoreServer:
         # Called once the node is started and before the server starts (gRPC takes no
         # new services after that).
         self.add_services = add_services
+        # Run on every call before its handler, in order (geo passes its tier
+        # interceptor here: the store itself knows nothing of tiers).
+        self.interceptors = list(interceptors)
         self.port = 0
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
 
     async def start(self) -> None:
         await self.node.start(self.writer_factory)
-        server = grpc.aio.server(options=server_options(self.node.limits))
+        server = grpc.aio.server(options=server_options(self.node.limits),
+                                 interceptors=self.interceptors)
         server.add_generic_rpc_handlers((EventStoreService(self.node).handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if self.add_services is not None:
@@ -103,18 +109,43 @@ async def run_until_signalled(start: Callable[[], Awaitable[str]],
     print(json.dumps({"event": "stopped"}), flush=True)
 
 
+class Companion(Protocol):
+    """Something that runs beside a standalone server (geo's tier supervisor): its
+    interceptors and services are installed in the server, it starts once the server
+    is up and stops before the server does."""
+
+    interceptors: Sequence[grpc.aio.ServerInterceptor]
+
+    def add_services(self, server: grpc.aio.Server) -> None: ...
+
+    async def start(self, server: StoreServer) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 def serve(data_dir: str, listen: str, limits: Limits | None = None,
-          node_id: str = "standalone") -> int:
+          node_id: str = "standalone",
+          companion: Callable[[StoreNode], Companion] | None = None) -> int:
     node = StoreNode(data_dir, limits, node_id=node_id)
-    server = StoreServer(node, listen)
+    extra = companion(node) if companion is not None else None
+    server = StoreServer(node, listen,
+                         add_services=extra.add_services if extra is not None else None,
+                         interceptors=extra.interceptors if extra is not None else ())
 
     async def start() -> str:
         await server.start()
         node.client_address = server.address
+        if extra is not None:
+            await extra.start(server)
         return server.address
 
+    async def stop() -> None:
+        if extra is not None:
+            await extra.stop()
+        await server.stop()
+
     try:
-        asyncio.run(run_until_signalled(start, server.stop))
+        asyncio.run(run_until_signalled(start, stop))
     except OSError as exc:
         print(f"xdc serve: {exc}", file=sys.stderr)
         return 1
