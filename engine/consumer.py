@@ -87,6 +87,9 @@ class Consumer:
     # A planned switchover marker at this input: nothing after it is emitted until the
     # shell of the instance that takes over calls ``release_hold`` (stop, marker, resume).
     hold_after: int = 0
+    # Outputs of inputs up to here were never computed by this instance (backlog shed):
+    # it may take over only once it has seen them committed by another instance.
+    promotable_after: int = 0
     handover_to: str = ""
     inputs: int = 0  # inputs processed by this instance
     pending: collections.deque[Pending] = field(default_factory=collections.deque)
@@ -216,6 +219,13 @@ class Consumer:
         """True once every output up to the switchover marker is committed."""
         return bool(self.hold_after) and not any(
             p.position <= self.hold_after for p in self.pending)
+
+    def shed_backlog(self) -> None:
+        """Drop unverified outputs to bound memory when no primary has emitted for a
+        long time; this instance then stays out of the race for the lease (see
+        ``promotable_after``)."""
+        self.pending.clear()
+        self.base_position = self.promotable_after = self.position
 
     def rewind_emission(self) -> None:
         """An append failed (another writer, a lost connection): what was handed out but

@@ -152,11 +152,14 @@ class OutputBatch:
         return _OUT_HEAD.pack(OUT_MAGIC, OUT_VERSION, self.first_input, self.last_input,
                               self.chain, len(self.blobs)) + b"".join(self.blobs)
 
-    def event(self, group: str) -> pb.ProposedEvent:
+    def event(self, group: str, writer: str = "") -> pb.ProposedEvent:
+        """``writer`` (the emitting instance) is for operators: two instances emitting the
+        same batch then conflict (ALREADY_EXISTS) instead of deduplicating, which the
+        expected revision makes impossible anyway."""
         return pb.ProposedEvent(
             id=derived_id("out", group, self.first_input), type=OUTPUT_TYPE,
             content_type="application/x-xdc-outputs", data=self.encode(),
-            metadata={"first_input": str(self.first_input),
+            metadata={"first_input": str(self.first_input), "writer": writer,
                       "last_input": str(self.last_input), "chain": self.chain.hex()})
 
 

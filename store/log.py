@@ -484,6 +484,11 @@ class Log:
                     if count == 0 or len(out) == limit:
                         break
                     count -= 1
+                    # Backwards, records beyond the commit position come first: skip
+                    # them without spending the limit (a limit-1 read of the last
+                    # committed event must not come back empty).
+                    if backwards and records.position_of(value) > upto:
+                        continue
                     out.append(value)
                 if len(out) == limit:
                     break
@@ -491,8 +496,6 @@ class Log:
             # Positions grow with revisions: cut at the commit position.
             while out and records.position_of(out[-1]) > upto:
                 out.pop()
-        else:
-            out = [v for v in out if records.position_of(v) <= upto]
         return out
 
     def _stream_runs(self, txn: lmdb.Transaction, stream_key: bytes, revision: int,

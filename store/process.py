@@ -15,16 +15,22 @@ from dataclasses import dataclass, field
 
 @dataclass
 class ServeProcess:
-    data_dir: str
+    """`xdc serve --data DATA_DIR --listen LISTEN ARGS...`, or, with `command`, any other
+    long-running `xdc COMMAND...` that prints the same JSON ready line (engines,
+    gateways)."""
+
+    data_dir: str = ""
     listen: str = "127.0.0.1:0"
     args: list[str] = field(default_factory=list)
     env: dict[str, str] | None = None
     proc: subprocess.Popen[bytes] | None = None
     address: str = ""
+    command: list[str] | None = None
 
     def start(self, timeout_s: float = 20.0) -> ServeProcess:
-        cmd = [sys.executable, "-m", "xdc.cli", "serve", "--data", self.data_dir,
-               "--listen", self.listen, *self.args]
+        xdc = [sys.executable, "-m", "xdc.cli"]
+        cmd = ([*xdc, *self.command] if self.command is not None else
+               [*xdc, "serve", "--data", self.data_dir, "--listen", self.listen, *self.args])
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None,
                                      env={**os.environ, **(self.env or {})})
         self.address = self._await_ready(timeout_s)
@@ -48,7 +54,8 @@ class ServeProcess:
                 assert msg["event"] == "ready", msg
                 return msg["listen"]
         self.kill()
-        raise RuntimeError(f"xdc serve did not become ready within {timeout_s}s "
+        what = " ".join((self.command or ["serve"])[:2])
+        raise RuntimeError(f"xdc {what} did not become ready within {timeout_s}s "
                            f"(exit code {self.proc.poll()})")
 
     @property

@@ -116,3 +116,19 @@ def test_a_record_without_position_gets_its_entry_position(tmp_path: Path) -> No
         log.write_records(txn, [records.encode(7, 3, 2, 42, records.stream_field(b"$xdc"),
                                                body.SerializeToString())], 2)
     assert log.last_position == 1
+
+
+def test_backward_read_skips_records_beyond_the_commit_position(tmp_path: Path) -> None:
+    """A follower (or a standalone node between write and fsync) holds records past its
+    commit position: a backwards read with a limit returns the last *committed* ones."""
+    rng = random.Random(SEED)
+    log = Log(str(tmp_path / "log"))
+    try:
+        log.append_group([prepared("s", 5, rng)], 1, 1)
+        log.append_group([prepared("s", 3, rng)], 1, 2)  # positions 6..8, not committed
+        last = log.read_stream(b"s", 10**6, 1, 5, backwards=True)
+        assert [records.position_of(v) for v in last] == [5]
+        two = log.read_stream(b"s", 10**6, 2, 5, backwards=True)
+        assert [records.position_of(v) for v in two] == [5, 4]
+    finally:
+        log.close()

@@ -1,0 +1,190 @@
+"""`xdc engine ...`: run an engine instance, ask its status, hand over, snapshot, verify."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import uuid
+
+import grpc
+
+from engine import wire
+from engine.codec import state_hash
+from engine.consumer import Consumer
+from engine.exchange_config import ExchangeConfigError, load
+from engine.lease import make_lease
+from engine.runner import ENGINE_VERSION, RunnerConfig, run_engine, status_json
+from store.client import CaughtUp, StoreClient
+from xdc.v1 import eventstore_pb2 as pb
+from xdc.v1 import exchange_pb2 as xpb
+from xdc.v1 import exchange_pb2_grpc as xpb_grpc
+
+
+def _group(args: argparse.Namespace) -> str:
+    if args.group:
+        return wire.check_group(args.group)
+    if not (args.exchange and args.symbols):
+        raise SystemExit("give --group, or --exchange FILE with --symbols")
+    try:
+        config = load(args.exchange)
+    except ExchangeConfigError as exc:
+        raise SystemExit(str(exc)) from None
+    groups = {config.group_of.get(s) for s in args.symbols.split(",")}
+    if None in groups or len(groups) != 1:
+        raise SystemExit(f"--symbols {args.symbols}: all must be symbols of one group in "
+                         f"{args.exchange}")
+    return groups.pop()  # type: ignore[return-value]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    group = _group(args)
+    config = RunnerConfig(group=group, instance=args.instance, store=tuple(args.store.split(",")),
+                          role=args.role, snapshot_every=args.snapshot_every)
+    lease = make_lease(args.lease, group, args.instance, args.cluster, args.lease_ttl)
+    return asyncio.run(run_engine(config, lease, args.control))
+
+
+async def _status(addresses: list[str]) -> list[xpb.EngineStatus | str]:
+    out: list[xpb.EngineStatus | str] = []
+    for a in addresses:
+        async with grpc.aio.insecure_channel(a) as ch:
+            try:
+                out.append(await xpb_grpc.EngineControlStub(ch).Status(
+                    xpb.EngineStatusRequest(), timeout=5))
+            except grpc.aio.AioRpcError as exc:
+                out.append(f"{a}: {exc.code().name} {exc.details()}")
+    return out
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    bad = 0
+    for s in asyncio.run(_status(args.engine.split(","))):
+        if isinstance(s, str):
+            bad = 1
+            print(json.dumps({"error": s}))
+        else:
+            bad |= bool(s.alarm)
+            print(status_json(s))
+    return bad
+
+
+async def _control(store: str, group: str, kind: str, body: dict[str, str]) -> int:
+    client = StoreClient(store.split(","))
+    try:
+        r = await client.append(wire.input_stream(group), [
+            wire.control_event(group, kind, body, uuid.uuid4().hex)])
+        return r.last_position
+    finally:
+        await client.close()
+
+
+def cmd_switchover(args: argparse.Namespace) -> int:
+    position = asyncio.run(_control(args.store, wire.check_group(args.group),
+                                    wire.SWITCHOVER_TYPE, {"to": args.to}))
+    print(json.dumps({"group": args.group, "to": args.to, "marker_position": position}))
+    return 0
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    position = asyncio.run(_control(args.store, wire.check_group(args.group),
+                                    wire.SNAPSHOT_REQUEST_TYPE, {}))
+    print(json.dumps({"group": args.group, "requested_at": position}))
+    return 0
+
+
+async def verify(store: list[str], group: str) -> dict[str, object]:
+    """Replay the group's whole log into this engine code and compare: every committed
+    output batch (bytes and chain) and the state hash of every stored snapshot."""
+    client = StoreClient(store, timeout_s=60)
+    try:
+        snaps: dict[int, str] = {}
+        try:
+            for e in await client.read(wire.snapshot_stream(group), limit=100_000):
+                snaps[int(e.metadata["input_position"])] = e.metadata["state_hash"]
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+        c = Consumer(group)
+        checked = 0
+        mismatched: list[int] = []
+        inp, out = wire.input_stream(group), wire.output_stream(group)
+        async for item in client.subscribe(stream_prefix=wire.group_prefix(group),
+                                           event_types=wire.CONSUMED_TYPES, batches=True):
+            if isinstance(item, CaughtUp):
+                break
+            if not isinstance(item, pb.RecordBatch):
+                continue
+            for e in item.events:
+                if e.stream == inp:
+                    c.on_input(e.position, e.type, e.data, e.timestamp_ns)
+                    if e.position in snaps:
+                        checked += 1
+                        if state_hash(c.engine).hex() != snaps[e.position]:
+                            mismatched.append(e.position)
+                elif e.stream == out and e.type == wire.OUTPUT_TYPE:
+                    c.on_output(e.revision, wire.decode_output(e.data))
+        return {"group": group, "engine_version": ENGINE_VERSION, "inputs": c.inputs,
+                "input_position": c.position, "outputs_verified_through": c.committed_input,
+                "unverified_pending_inputs": c.backlog, "chain_hash": c.chain.hex(),
+                "state_hash": state_hash(c.engine).hex(), "snapshots_checked": checked,
+                "snapshot_mismatches": mismatched, "alarm": c.alarm,
+                "ok": not c.alarm and not mismatched}
+    finally:
+        await client.close()
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    result = asyncio.run(verify(args.store.split(","), wire.check_group(args.group)))
+    print(json.dumps(result))
+    return 0 if result["ok"] else 1
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("engine", help="matching engines (deterministic consumers)")
+    esub = p.add_subparsers(dest="engine_command", required=True)
+
+    r = esub.add_parser("run", help="run one engine instance of a group")
+    r.add_argument("--store", required=True, help="store address(es), comma-separated")
+    r.add_argument("--group", help="engine group (or --exchange with --symbols)")
+    r.add_argument("--exchange", help="exchange TOML (symbol -> group)")
+    r.add_argument("--symbols", help="symbols of the group, comma-separated")
+    r.add_argument("--instance", required=True, help="this instance's id")
+    r.add_argument("--role", choices=("auto", "warm"), default="auto",
+                   help="auto: take over when the primary is gone; warm: verify only")
+    r.add_argument("--lease", required=True, help="file:DIR or etcd:HOST:PORT[,...]")
+    r.add_argument("--cluster", default="xdc", help="etcd key prefix (etcd leases)")
+    r.add_argument("--lease-ttl", type=int, default=2, help="etcd lease TTL, seconds")
+    r.add_argument("--snapshot-every", type=int, default=100_000,
+                   help="inputs between snapshots (0: on request only)")
+    r.add_argument("--control", default="127.0.0.1:0", help="EngineControl listen address")
+    r.set_defaults(func=cmd_run)
+
+    s = esub.add_parser("status", help="role, input position, lag, hashes of instances")
+    s.add_argument("--engine", required=True, help="control address(es), comma-separated")
+    s.set_defaults(func=cmd_status)
+
+    w = esub.add_parser("switchover", help="hand the group over at an exact input position")
+    w.add_argument("group")
+    w.add_argument("--to", required=True, help="target instance id")
+    w.add_argument("--store", required=True)
+    w.set_defaults(func=cmd_switchover)
+
+    n = esub.add_parser("snapshot", help="ask the primary for a snapshot at this position")
+    n.add_argument("group")
+    n.add_argument("--store", required=True)
+    n.set_defaults(func=cmd_snapshot)
+
+    v = esub.add_parser("verify", help="replay the log into this engine version and compare "
+                                       "outputs and snapshot state hashes")
+    v.add_argument("group")
+    v.add_argument("--store", required=True)
+    v.set_defaults(func=cmd_verify)
+
+
+def main() -> None:  # pragma: no cover - convenience for `python -m engine.cli`
+    parser = argparse.ArgumentParser(prog="xdc")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args()
+    sys.exit(args.func(args))

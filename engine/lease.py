@@ -1,0 +1,151 @@
+"""Who is the primary of an engine group: an etcd lease (clusters) or a file lock (one
+machine, `xdc serve`), behind one small interface.
+
+Safety does not rest on the lease: the primary appends outputs with the output stream's
+exact expected revision, so a stale primary's writes are refused by the store. The lease
+decides liveness: which instance should be emitting, and how fast a warm one notices
+that the primary is gone (a file lock is released by the kernel the moment its process
+dies; an etcd lease expires after its TTL).
+
+A planned switchover names its target (``designate``): while a designation for another
+instance stands, an instance does not campaign, so the old primary cannot take the seat
+back before the target does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import time
+from pathlib import Path
+from typing import Protocol
+
+from geo.leadership import Leadership, LeadershipError
+
+
+class PrimaryLease(Protocol):
+    async def try_acquire(self) -> bool: ...
+
+    @property
+    def held(self) -> bool: ...
+
+    async def release(self) -> None: ...
+
+    async def designate(self, instance: str, ttl_s: int) -> None: ...
+
+    async def designated(self) -> str | None: ...
+
+    async def close(self) -> None: ...
+
+
+class FileLease:
+    """``flock`` on ``<dir>/<group>.lock``. Only for instances on one machine."""
+
+    def __init__(self, directory: str | os.PathLike[str], group: str, instance: str) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / f"{group}.lock"
+        self.designation = self.dir / f"{group}.designated"
+        self.instance = instance
+        self._fd: int | None = None
+
+    async def try_acquire(self) -> bool:
+        if self._fd is not None:
+            return True
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, self.instance.encode())
+        self._fd = fd
+        if await self.designated() == self.instance:
+            with contextlib.suppress(FileNotFoundError):
+                self.designation.unlink()
+        return True
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    async def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    async def designate(self, instance: str, ttl_s: int) -> None:
+        tmp = self.designation.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"to": instance, "until": time.time() + ttl_s}))
+        os.replace(tmp, self.designation)
+
+    async def designated(self) -> str | None:
+        try:
+            d = json.loads(self.designation.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return d.get("to") if d.get("until", 0) > time.time() else None
+
+    async def close(self) -> None:
+        await self.release()
+
+
+class EtcdLease:
+    """The key ``/<cluster>/engines/<group>/leader`` on a lease of ``ttl_s`` (the store
+    leadership code, reused: keep-alive on a monotonic schedule, step down before the
+    lease can expire, designation for planned switchovers)."""
+
+    def __init__(self, endpoints: list[str], cluster: str, group: str, instance: str,
+                 ttl_s: int = 2) -> None:
+        self.instance = instance
+        self._lost = asyncio.Event()
+        self._lead = Leadership(endpoints, f"{cluster}/engines/{group}", instance,
+                                {"instance": instance}, ttl_s, on_lost=self._on_lost,
+                                default_failover="automatic")
+
+    def _on_lost(self, reason: str) -> None:
+        pass  # `held` turns False by itself; the runner polls it
+
+    async def try_acquire(self) -> bool:
+        if self._lead.is_leader:
+            return True
+        try:
+            return await self._lead.campaign() is not None
+        except LeadershipError:
+            return False
+
+    @property
+    def held(self) -> bool:
+        return self._lead.is_leader
+
+    async def release(self) -> None:
+        with contextlib.suppress(LeadershipError):
+            await self._lead.resign()
+
+    async def designate(self, instance: str, ttl_s: int) -> None:
+        await self._lead.designate(instance, ttl_s)
+
+    async def designated(self) -> str | None:
+        try:
+            return await self._lead.designated()
+        except LeadershipError:
+            return None
+
+    async def close(self) -> None:
+        await self._lead.close()
+
+
+def make_lease(spec: str, group: str, instance: str, cluster: str = "xdc",
+               ttl_s: int = 2) -> PrimaryLease:
+    """``file:DIR`` or ``etcd:HOST:PORT[,HOST:PORT]``."""
+    kind, _, rest = spec.partition(":")
+    if kind == "file" and rest:
+        return FileLease(rest, group, instance)
+    if kind == "etcd" and rest:
+        return EtcdLease(rest.split(","), cluster, group, instance, ttl_s)
+    raise ValueError(f"lease {spec!r}: use file:DIR or etcd:HOST:PORT[,HOST:PORT]")

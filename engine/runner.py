@@ -1,0 +1,409 @@
+"""The imperative shell of one engine instance: store subscription, primary lease, output
+appends, snapshots, control server (DESIGN §2, §5). All decisions about outputs are the
+pure ``engine.consumer.Consumer``'s; this module moves bytes and time.
+
+Life of an instance:
+
+1. Load the group's latest snapshot from the store (if any) and restore it, or start
+   empty; then subscribe to the group's records after the snapshot's input position:
+   inputs, controls and committed outputs, in log order.
+2. Until the subscription has caught up, only replay (and verify committed outputs).
+3. With ``role = auto`` and no alarm, campaign for the group's lease; the holder is the
+   primary and appends its pending outputs to the output stream, at most
+   ``max_inflight`` appends in flight, each with the exact expected revision. A refused
+   append (another writer, a stale view) rewinds emission until the subscription has
+   shown the output stream up to the revision the store reported.
+4. A warm instance (not holding the lease) checks every committed batch against its own
+   outputs. On a difference it raises an alarm, stops campaigning and never emits.
+5. A switchover marker in the input stream holds emission after its position. The old
+   primary designates the target once its outputs up to the marker are committed and
+   releases the lease; the target takes it, lifts the hold and resumes right after the
+   marker.
+6. Every ``snapshot_every`` inputs (and at each snapshot request) the primary captures a
+   snapshot and writes it once the outputs up to its input are committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import zlib
+from dataclasses import dataclass
+
+import grpc
+
+from engine import wire
+from engine.codec import CodecError, state_hash
+from engine.consumer import MAX_PENDING_INPUTS, Capture, Consumer
+from engine.lease import PrimaryLease
+from store.client import EXACT, AppendError, CaughtUp, StoreClient
+from xdc.v1 import eventstore_pb2 as pb
+from xdc.v1 import exchange_pb2 as xpb
+from xdc.v1 import exchange_pb2_grpc as xpb_grpc
+
+log = logging.getLogger("xdc.engine")
+
+ENGINE_VERSION = "1.0.0"
+SNAPSHOT_CHUNK = 512 * 1024  # compressed bytes per snapshot event (event limit 1 MiB)
+MAX_SNAPSHOT_CHUNKS = 32  # one atomic append of at most 16 MiB
+DESIGNATION_TTL_S = 10
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerConfig:
+    group: str
+    instance: str
+    store: tuple[str, ...]
+    role: str = "auto"  # auto: campaign for the lease; warm: never (verify only)
+    snapshot_every: int = 100_000  # inputs between snapshots (0: only on request)
+    max_inflight: int = 8  # output appends in flight
+    campaign_interval_s: float = 0.2
+
+    def __post_init__(self) -> None:
+        wire.check_group(self.group)
+        assert self.role in ("auto", "warm"), self.role
+        assert self.max_inflight >= 1 and self.snapshot_every >= 0
+
+
+@dataclass(slots=True)
+class _Inflight:
+    expected: int
+    generation: int
+
+
+class EngineRunner:
+    def __init__(self, config: RunnerConfig, lease: PrimaryLease,
+                 client: StoreClient | None = None) -> None:
+        self.config = config
+        self.lease = lease
+        self.client = client or StoreClient(list(config.store), timeout_s=30.0)
+        self.consumer = Consumer(config.group)
+        self.input_stream = wire.input_stream(config.group)
+        self.output_stream = wire.output_stream(config.group)
+        self.primary = False
+        self.caught_up = False
+        self.role_note = "starting"
+        self.snapshot_position = 0
+        self.store_position = 0
+        self._inflight: list[_Inflight] = []
+        self._generation = 0
+        self._resync_to = 0  # emit again once out_revision reaches this
+        self._captures: list[Capture] = []
+        self._since_capture = 0
+        self._tasks: list[asyncio.Task] = []
+        self._wake = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self.failure: BaseException | None = None
+
+    # ---------------------------------------------------------------- life cycle
+
+    async def start(self) -> None:
+        await self._load_snapshot()
+        self._tasks = [asyncio.create_task(self._consume(), name="engine-consume"),
+                       asyncio.create_task(self._leadership(), name="engine-lease")]
+        for t in self._tasks:
+            t.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None and self.failure is None:
+            self.failure = task.exception()
+            log.error("engine task %s failed: %r", task.get_name(), self.failure)
+            self._stopped.set()
+
+    async def wait_failed(self) -> None:
+        await self._stopped.wait()
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self.lease.held:
+            await self.lease.release()
+        await self.lease.close()
+        await self.client.close()
+
+    # ---------------------------------------------------------------- snapshots
+
+    async def _load_snapshot(self) -> None:
+        stream = wire.snapshot_stream(self.config.group)
+        try:
+            tail = await self.client.read(stream, backwards=True, limit=1)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return
+            raise
+        if not tail:
+            return
+        md = tail[0].metadata
+        index, count = (int(x) for x in md["chunk"].split("/"))
+        first_rev = tail[0].revision - index
+        chunks = await self.client.read(stream, start=first_rev, limit=count)
+        try:
+            assert [int(c.metadata["chunk"].split("/")[0]) for c in chunks] == list(range(count))
+            data = zlib.decompress(b"".join(c.data for c in chunks))
+            self.consumer = Consumer.from_snapshot(
+                self.config.group, data, int(md["input_position"]), bytes.fromhex(md["chain"]),
+                int(md["output_revision"]), bytes.fromhex(md["state_hash"]))
+        except (AssertionError, CodecError, ValueError, KeyError, zlib.error) as exc:
+            # A bad snapshot costs a full replay, never a wrong state.
+            log.error("snapshot at revision %d unusable (%s): replaying the whole log",
+                      tail[0].revision, exc)
+            self.consumer = Consumer(self.config.group)
+            return
+        self.snapshot_position = self.consumer.position
+
+    async def _write_snapshot(self, cap: Capture) -> None:
+        packed = zlib.compress(cap.data, 1)
+        chunks = [packed[i:i + SNAPSHOT_CHUNK] for i in range(0, len(packed), SNAPSHOT_CHUNK)]
+        if len(chunks) > MAX_SNAPSHOT_CHUNKS:
+            log.error("snapshot at input %d is %d bytes compressed, over the %d-chunk limit: "
+                      "not written", cap.position, len(packed), MAX_SNAPSHOT_CHUNKS)
+            return
+        events = [pb.ProposedEvent(
+            id=wire.derived_id("snap", self.config.group, cap.position, i),
+            type=wire.SNAPSHOT_TYPE, content_type="application/x-xdc-snapshot+zlib",
+            data=chunk, metadata={
+                "input_position": str(cap.position), "output_revision": str(cap.out_revision),
+                "chain": cap.chain.hex(), "state_hash": cap.state_hash.hex(),
+                "chunk": f"{i}/{len(chunks)}", "engine_version": ENGINE_VERSION})
+            for i, chunk in enumerate(chunks)]
+        await self.client.append(wire.snapshot_stream(self.config.group), events)
+        self.snapshot_position = cap.position
+
+    def _maybe_capture(self, requested: bool) -> None:
+        every = self.config.snapshot_every
+        if requested or (every and self._since_capture >= every):
+            self._since_capture = 0
+            self._captures.append(self.consumer.capture())
+
+    async def _flush_captures(self) -> None:
+        while self._captures and self.consumer.committed_input >= self._captures[0].wait_for:
+            cap = self._captures.pop(0)
+            try:
+                await self._write_snapshot(cap)
+            except (AppendError, grpc.aio.AioRpcError) as exc:
+                log.warning("snapshot at input %d not written: %s", cap.position, exc)
+
+    # ---------------------------------------------------------------- the log
+
+    async def _consume(self) -> None:
+        c = self.consumer
+        agen = self.client.subscribe(after_position=c.position,
+                                     stream_prefix=wire.group_prefix(self.config.group),
+                                     event_types=wire.CONSUMED_TYPES, batches=True)
+        async for item in agen:
+            c = self.consumer
+            if isinstance(item, CaughtUp):
+                self.caught_up = True
+                self.store_position = max(self.store_position, item.position)
+                self._wake.set()
+                continue
+            if not isinstance(item, pb.RecordBatch):
+                continue
+            before = c.inputs
+            for e in item.events:
+                stream = e.stream
+                if stream == self.input_stream:
+                    c.on_input(e.position, e.type, e.data, e.timestamp_ns)
+                elif stream == self.output_stream and e.type == wire.OUTPUT_TYPE:
+                    try:
+                        batch = wire.decode_output(e.data)
+                    except CodecError as exc:
+                        c.alarm = c.alarm or f"output revision {e.revision} undecodable: {exc}"
+                        continue
+                    c.on_output(e.revision, batch)
+            if item.events:
+                self.store_position = max(self.store_position, item.events[-1].position)
+            self._since_capture += c.inputs - before
+            requested = False
+            for control in c.controls:
+                if control.kind == wire.SNAPSHOT_REQUEST_TYPE:
+                    requested = True
+            c.controls.clear()
+            if self.primary:
+                self._maybe_capture(requested)
+            if c.alarm and self.primary:
+                await self._demote(f"alarm: {c.alarm}")
+            if not self.primary and c.backlog > MAX_PENDING_INPUTS:
+                # No primary has emitted for a long time. Stop checking (memory bound)
+                # and stay out of the race for the lease until outputs past this point
+                # are seen committed: emitting from here would leave a gap.
+                c.shed_backlog()
+            if self.primary:
+                await self._emit()
+                await self._flush_captures()
+            self._wake.set()
+        raise RuntimeError("subscription ended")
+
+    # ---------------------------------------------------------------- emission
+
+    async def _emit(self) -> None:
+        c = self.consumer
+        if not self.caught_up or c.alarm or c.out_revision < self._resync_to:
+            return
+        self._inflight = [f for f in self._inflight
+                          if f.generation == self._generation and f.expected >= c.out_revision]
+        while len(self._inflight) < self.config.max_inflight:
+            batch = c.next_batch()
+            if batch is None:
+                return
+            expected = self._inflight[-1].expected + 1 if self._inflight else c.out_revision
+            f = _Inflight(expected, self._generation)
+            self._inflight.append(f)
+            event = batch.event(self.config.group, self.config.instance)
+            fut = self.client.append_nowait(self.output_stream, [event], EXACT, expected)
+            fut.add_done_callback(lambda done, f=f: self._appended(done, f))
+
+    def _appended(self, fut: asyncio.Future, f: _Inflight) -> None:
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is None or f.generation != self._generation:
+            return
+        # Another writer got there first, or the attempt's outcome is unknown: re-emit
+        # from the last committed input once the subscription has shown the stream up
+        # to what the store reported (the new outputs are then verified, not repeated).
+        self._generation += 1
+        self._inflight.clear()
+        self.consumer.rewind_emission()
+        actual = getattr(exc, "actual_last_revision", 0)
+        self._resync_to = max(self._resync_to, actual)
+        log.info("output append at revision %d refused (%s); resync to revision %d",
+                 f.expected, exc, actual)
+        self._wake.set()
+
+    # ---------------------------------------------------------------- the lease
+
+    async def _leadership(self) -> None:
+        interval = self.config.campaign_interval_s
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), interval)
+            self._wake.clear()
+            c = self.consumer
+            if self.primary:
+                if not self.lease.held:
+                    await self._demote("lease lost")
+                elif c.hold_after and c.handover_to and c.handover_to != self.config.instance \
+                        and c.handed_over():
+                    await self.lease.designate(c.handover_to, DESIGNATION_TTL_S)
+                    await self._demote(f"switchover to {c.handover_to} after input "
+                                       f"{c.hold_after}")
+                    await self.lease.release()
+                else:
+                    await self._emit()
+                    await self._flush_captures()
+                continue
+            if not self._may_campaign():
+                continue
+            designated = await self.lease.designated()
+            if designated is not None and designated != self.config.instance:
+                continue
+            if c.hold_after and c.handover_to == self.config.instance and not c.handed_over():
+                continue  # the old primary still owes outputs up to the marker
+            if await self.lease.try_acquire():
+                await self._promote()
+
+    def _may_campaign(self) -> bool:
+        c = self.consumer
+        return (self.config.role == "auto" and self.caught_up and not c.alarm
+                and c.committed_input >= c.promotable_after)
+
+    async def _promote(self) -> None:
+        c = self.consumer
+        c.release_hold()
+        c.rewind_emission()
+        self._generation += 1
+        self._inflight.clear()
+        self.primary = True
+        self.role_note = "primary"
+        log.info("instance %s is primary of %s from input %d (outputs committed through %d)",
+                 self.config.instance, self.config.group, c.position, c.committed_input)
+        await self._emit()
+
+    async def _demote(self, why: str) -> None:
+        self.primary = False
+        self._generation += 1
+        self._inflight.clear()
+        self._captures.clear()
+        self.consumer.rewind_emission()
+        self.role_note = "warm"
+        log.warning("instance %s is no longer primary of %s: %s", self.config.instance,
+                    self.config.group, why)
+
+    # ---------------------------------------------------------------- status
+
+    async def status(self) -> xpb.EngineStatus:
+        c = self.consumer
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.TimeoutError):
+            info = await asyncio.wait_for(self.client.node_info(), 1.0)
+            self.store_position = max(self.store_position, info.commit_position)
+        role = ("diverged" if c.alarm else "primary" if self.primary
+                else "warm" if self.caught_up else "starting")
+        return xpb.EngineStatus(
+            group=self.config.group, instance=self.config.instance, role=role,
+            input_position=c.position, committed_input_position=c.committed_input,
+            store_position=self.store_position,
+            lag=max(0, self.store_position - c.position), chain_hash=c.chain.hex(),
+            state_hash=state_hash(c.engine).hex(), engine_version=ENGINE_VERSION,
+            alarm=c.alarm, snapshot_position=self.snapshot_position,
+            inputs_processed=c.inputs)
+
+
+class EngineControlService(xpb_grpc.EngineControlServicer):
+    def __init__(self, runner: EngineRunner) -> None:
+        self.runner = runner
+
+    async def Status(self, request: xpb.EngineStatusRequest,
+                     context: grpc.aio.ServicerContext) -> xpb.EngineStatus:
+        return await self.runner.status()
+
+
+def status_json(s: xpb.EngineStatus) -> str:
+    return json.dumps({
+        "group": s.group, "instance": s.instance, "role": s.role,
+        "input_position": s.input_position,
+        "committed_input_position": s.committed_input_position,
+        "store_position": s.store_position, "lag": s.lag, "chain_hash": s.chain_hash,
+        "state_hash": s.state_hash, "engine_version": s.engine_version, "alarm": s.alarm,
+        "snapshot_position": s.snapshot_position, "inputs_processed": s.inputs_processed})
+
+
+async def run_engine(config: RunnerConfig, lease: PrimaryLease, control_listen: str) -> int:
+    """`xdc engine run`: the runner plus its EngineControl server; stops on SIGTERM/INT,
+    exits non-zero when the runner fails."""
+    from store.server import run_until_signalled
+
+    runner = EngineRunner(config, lease)
+    server = grpc.aio.server()
+    xpb_grpc.add_EngineControlServicer_to_server(EngineControlService(runner), server)
+    port = server.add_insecure_port(control_listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {control_listen}")
+    host = control_listen.rsplit(":", 1)[0]
+    failed = asyncio.Event()
+
+    async def start() -> str:
+        await runner.start()
+        await server.start()
+
+        async def watch() -> None:
+            await runner.wait_failed()
+            failed.set()
+            os.kill(os.getpid(), signal.SIGTERM)
+        asyncio.get_running_loop().create_task(watch())
+        return f"{host}:{port}"
+
+    async def stop() -> None:
+        await server.stop(0.5)
+        await runner.stop()
+
+    await run_until_signalled(start, stop)
+    return 1 if failed.is_set() else 0
+

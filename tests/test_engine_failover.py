@@ -1,0 +1,253 @@
+"""Hot-warm matching engines as real processes against a real store: SIGKILL of the
+primary under order load, planned switchover under load, restart from a snapshot, and
+determinism across processes with different hash seeds (each instance runs under its
+own PYTHONHASHSEED; the warm one checks every committed output against its own)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine import wire
+from engine.codec import encode_event
+from engine.consumer import Consumer
+from store.client import StoreClient
+from store.process import ServeProcess
+from tests.support.exchange import (
+    GROUP,
+    check_exactly_once,
+    lease_dir,
+    start_engine,
+    status,
+    wait_outputs_through,
+    workload,
+)
+from tests.support.store import run
+
+
+async def _roles(engines: dict[str, ServeProcess]) -> dict[str, str]:
+    out = {}
+    for name, p in engines.items():
+        if p.proc is not None and p.proc.poll() is None:
+            s = await status(p.address)
+            out[name] = s.role if s is not None else "?"
+    return out
+
+
+async def _primary(engines: dict[str, ServeProcess], timeout_s: float = 20) -> str:
+    found: list[str] = []
+
+    async def one() -> bool:
+        roles = await _roles(engines)
+        found[:] = [n for n, r in roles.items() if r == "primary"]
+        return len(found) == 1
+    await wait_until_async(one, timeout_s)
+    return found[0]
+
+
+async def wait_until_async(pred, timeout_s: float) -> None:  # type: ignore[no-untyped-def]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not await pred():
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.05)
+
+
+async def _load(client: StoreClient, events: list, start: int, end: int,  # type: ignore[type-arg]
+                width: int = 16) -> int:
+    """Appends events[start:end], ``width`` in flight; returns the last position."""
+    last = 0
+    stream = wire.input_stream(GROUP)
+    for i in range(start, end, width):
+        rs = await asyncio.gather(*[client.append(stream, [e]) for e in events[i:i + width]])
+        last = max(last, *(r.last_position for r in rs))
+    return last
+
+
+def _lease(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    if kind == "file":
+        return lease_dir(tmp_path)
+    etcd = request.getfixturevalue("etcd")
+    return "etcd:" + ",".join(etcd.endpoints)
+
+
+@pytest.mark.parametrize("lease_kind", ["file", "etcd"])
+def test_sigkill_primary_under_load_warm_takes_over_exactly_once(
+        tmp_path: Path, lease_kind: str, request: pytest.FixtureRequest) -> None:
+    lease = _lease(lease_kind, tmp_path, request)
+    events = workload(seed=11, n=1500)
+    store = ServeProcess(str(tmp_path / "store")).start()
+    engines: dict[str, ServeProcess] = {}
+    try:
+        engines["a"] = start_engine(store.address, "a", lease, seed=1)
+        engines["b"] = start_engine(store.address, "b", lease, seed=2)
+
+        async def body() -> None:
+            client = StoreClient(store.address)
+            try:
+                third = len(events) // 3
+                await _load(client, events, 0, third)
+                victim = await _primary(engines)
+                survivor = "b" if victim == "a" else "a"
+                loader = asyncio.create_task(_load(client, events, third, len(events)))
+                # Kill in the middle of the load, with outputs in flight.
+                await wait_until_async(lambda: _input_count_above(client, third + 200), 20)
+                engines[victim].signal(signal.SIGKILL)
+                engines[victim].proc.wait()  # type: ignore[union-attr]
+                last = await loader
+                assert await _primary({survivor: engines[survivor]}, 30) == survivor
+                await wait_outputs_through(client, last, 30)
+                await check_exactly_once(client)
+                s = await status(engines[survivor].address)
+                assert s is not None and not s.alarm and s.inputs_processed > 0
+
+                # The killed instance restarts from the latest snapshot, replays the
+                # rest, agrees on the chain and the state hash, and is warm.
+                engines[victim] = start_engine(store.address, victim, lease, seed=3)
+
+                async def agreed() -> bool:
+                    x, y = await status(engines[victim].address), await status(
+                        engines[survivor].address)
+                    return (x is not None and y is not None and x.role == "warm"
+                            and x.input_position == y.input_position
+                            and x.chain_hash == y.chain_hash and x.state_hash == y.state_hash)
+                await wait_until_async(agreed, 30)
+                restarted = await status(engines[victim].address)
+                assert restarted is not None and restarted.snapshot_position > 0
+                assert not restarted.alarm
+                assert restarted.inputs_processed < len(events)  # it did not replay it all
+            finally:
+                await client.close()
+        run(body, timeout_s=150)
+        verify = subprocess.run([sys.executable, "-m", "xdc.cli", "engine", "verify", GROUP,
+                                 "--store", store.address], capture_output=True, text=True,
+                                timeout=60)
+        result = json.loads(verify.stdout)
+        assert verify.returncode == 0 and result["ok"], result
+        assert result["snapshots_checked"] >= 1 and result["snapshot_mismatches"] == []
+    finally:
+        for p in engines.values():
+            p.kill()
+        store.kill()
+
+
+async def _input_count_above(client: StoreClient, n: int) -> bool:
+    info = await client.stream_info(wire.input_stream(GROUP))
+    return info.count > n
+
+
+def test_planned_switchover_under_load_hands_over_at_the_marker(tmp_path: Path) -> None:
+    lease = lease_dir(tmp_path)
+    events = workload(seed=12, n=1200)
+    store = ServeProcess(str(tmp_path / "store")).start()
+    engines: dict[str, ServeProcess] = {}
+    try:
+        engines["a"] = start_engine(store.address, "a", lease, seed=5)
+
+        async def body() -> None:
+            client = StoreClient(store.address)
+            try:
+                half = len(events) // 2
+                await _load(client, events, 0, 200)
+                assert await _primary(engines) == "a"
+                engines["b"] = start_engine(store.address, "b", lease, seed=6)
+                loader = asyncio.create_task(_load(client, events, 200, len(events)))
+                await wait_until_async(lambda: _input_count_above(client, half), 20)
+                # The marker lands among the orders in flight.
+                r = await client.append(wire.input_stream(GROUP), [wire.control_event(
+                    GROUP, wire.SWITCHOVER_TYPE, {"to": "b"}, "to-b")])
+                marker = r.last_position
+                last = await loader
+                assert marker < last - 100
+                assert await _primary(engines, 20) == "b"
+                await wait_outputs_through(client, last, 30)
+                _, outputs = await check_exactly_once(client)
+                writers = {o.metadata["writer"] for o in outputs}
+                assert writers == {"a", "b"}
+                for o in outputs:
+                    if o.metadata["writer"] == "a":
+                        assert int(o.metadata["last_input"]) < marker
+                    else:
+                        assert int(o.metadata["first_input"]) > marker
+                sa, sb = await status(engines["a"].address), await status(engines["b"].address)
+                assert sa is not None and sb is not None
+                assert sa.role == "warm" and not sa.alarm and not sb.alarm
+
+                # Back to "a" through the CLI, then more orders: "a" emits them.
+                out = await asyncio.to_thread(subprocess.run, [
+                    sys.executable, "-m", "xdc.cli", "engine", "switchover", GROUP,
+                    "--to", "a", "--store", store.address], capture_output=True, text=True,
+                    timeout=30)
+                assert out.returncode == 0, out.stderr
+                back = json.loads(out.stdout)["marker_position"]
+                assert await _primary(engines, 20) == "a"
+                extra = workload(seed=99, n=50)[-40:]
+                last = await _load(client, extra, 0, len(extra))
+                await wait_outputs_through(client, last, 30)
+                _, outputs = await check_exactly_once(client)
+                assert all(o.metadata["writer"] == "a" for o in outputs
+                           if int(o.metadata["first_input"]) > back)
+            finally:
+                await client.close()
+        run(body, timeout_s=120)
+    finally:
+        for p in engines.values():
+            p.kill()
+        store.kill()
+
+
+def test_warm_instance_alarms_on_forged_outputs_and_never_takes_over(tmp_path: Path) -> None:
+    """A committed output batch that differs from what the warm instance computes (here
+    forged by a rogue writer at the right expected revision) is an alarm: the warm
+    instance reports it and stays out of the race for the lease."""
+    lease = lease_dir(tmp_path)
+    events = workload(seed=13, n=100)
+    store = ServeProcess(str(tmp_path / "store")).start()
+    warm = None
+    try:
+        async def body() -> None:
+            nonlocal warm
+            client = StoreClient(store.address)
+            try:
+                last = await _load(client, events, 0, len(events))
+                # A rogue primary: holds nothing, emits shifted outputs (input i gets the
+                # outputs of input i-1).
+                c = Consumer(GROUP)
+                for e in await client.read(wire.input_stream(GROUP), limit=10_000):
+                    c.on_input(e.position, e.type, e.data, e.timestamp_ns)
+                blobs = [p.blob for p in c.pending]
+                positions = [wire.blob_position(b) for b in blobs]
+                forged = [wire.input_blob(positions[i + 1], [
+                    encode_event(r) for r in wire.blob_outputs(blobs[i])[1]])
+                    for i in range(len(blobs) - 1)]
+                batch = wire.OutputBatch(positions[1], positions[-1], c.chain, tuple(forged))
+                await client.append(wire.output_stream(GROUP), [batch.event(GROUP, "rogue")])
+                warm = start_engine(store.address, "w", lease, seed=7)
+
+                async def alarmed() -> bool:
+                    s = await status(warm.address)
+                    return s is not None and s.role == "diverged" and bool(s.alarm)
+                await wait_until_async(alarmed, 20)
+                s = await status(warm.address)
+                assert s is not None and "differ" in s.alarm and s.input_position >= last
+                # It never emits: the output stream still holds only the forged batch.
+                info = await client.stream_info(wire.output_stream(GROUP))
+                assert info.count == 1
+                status_cli = await asyncio.to_thread(subprocess.run, [
+                    sys.executable, "-m", "xdc.cli", "engine", "status", "--engine",
+                    warm.address], capture_output=True, text=True, timeout=30)
+                assert status_cli.returncode == 1 and "differ" in status_cli.stdout
+            finally:
+                await client.close()
+        run(body, timeout_s=60)
+    finally:
+        if warm is not None:
+            warm.kill()
+        store.kill()
