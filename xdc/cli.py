@@ -241,6 +241,197 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(quick=args.quick, json_path=args.json)
 
 
+# ---------------------------------------------------------------------- exchange, gateway
+
+DEFAULT_GATEWAY = os.environ.get("XDC_GATEWAY", "127.0.0.1:7100")
+
+
+def _store_targets(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def message_json(msg: Any) -> dict[str, Any]:
+    """A protobuf message as JSON-ready dict: every field (defaults included, so scripts
+    see a stable shape), enums by name, 64-bit integers as numbers."""
+    out: dict[str, Any] = {}
+    for f in msg.DESCRIPTOR.fields:
+        v = getattr(msg, f.name)
+        if f.message_type is not None:
+            v = [message_json(x) for x in v] if f.is_repeated else message_json(v)
+        elif f.enum_type is not None:
+            names = f.enum_type.values_by_number
+            v = ([names[x].name if x in names else x for x in v] if f.is_repeated
+                 else names[v].name if v in names else v)
+        elif f.is_repeated:
+            v = list(v)
+        out[f.name] = v
+    return out
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    import logging
+
+    from engine.gateway import serve_gateway
+    level = logging.DEBUG if os.environ.get("XDC_LOG") == "debug" else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(message)s")
+    return serve_gateway(_store_targets(args.store), args.listen, args.exchange)
+
+
+def cmd_exchange(args: argparse.Namespace) -> int:
+    from engine import exchange_config, wire
+    if args.exchange_command == "example":
+        print(exchange_config.DEMO_CONFIG, end="")
+        return 0
+    from store.client import AppendError, Client
+    try:
+        config = exchange_config.load(args.exchange)
+    except exchange_config.ExchangeConfigError as exc:
+        print(f"xdc exchange init: {exc}", file=sys.stderr)
+        return 2
+    # One append per event, not one per group: each event's id is its own idempotency key,
+    # so a file that gained a symbol or a deposit appends just the new ones.
+    with Client(_store_targets(args.store)) as client:
+        for group in config.groups:
+            stream = wire.input_stream(group.name)
+            appended = duplicates = last = 0
+            for event in exchange_config.init_events(group):
+                try:
+                    r = client.append(stream, event)
+                except AppendError as err:
+                    print(f"xdc exchange init: group {group.name!r}, {event.type} "
+                          f"{event.data!r}: {err} (the exchange file changed a setting that "
+                          f"is already in the log)", file=sys.stderr)
+                    return 1
+                duplicates += r.duplicate
+                appended += not r.duplicate
+                last = max(last, r.last_position)
+            print(json.dumps({"group": group.name, "stream": stream, "appended": appended,
+                              "duplicates": duplicates, "last_position": last}))
+    return 0
+
+
+def _gateway_stub(address: str) -> Any:
+    import grpc
+
+    from xdc.v1 import exchange_pb2_grpc
+    return exchange_pb2_grpc.OrderGatewayStub(grpc.insecure_channel(address))
+
+
+def cmd_order(args: argparse.Namespace) -> int:
+    import grpc
+
+    from xdc.v1 import exchange_pb2 as xpb
+    action = args.order_command
+    common = {"symbol": args.symbol, "account": args.account, "wait": args.wait,
+              "wait_timeout_ms": args.timeout_ms}
+    stub = _gateway_stub(args.gateway)
+    try:
+        if action == "submit":
+            tif = args.tif or ("ioc" if args.type == "market" else "gtc")
+            r = stub.SubmitOrder(xpb.SubmitOrderRequest(
+                client_order_id=args.client_order_id, side=xpb.Side.Value(args.side.upper()),
+                order_type=xpb.OrderType.Value(args.type.upper()),
+                time_in_force=xpb.TimeInForce.Value(tif.upper()), price=args.price,
+                qty=args.qty, post_only=args.post_only,
+                stp=xpb.SelfTradePrevention.Value("STP_" + args.stp.upper().replace("-", "_")),
+                **common), timeout=args.deadline)
+        elif action == "cancel":
+            r = stub.CancelOrder(xpb.CancelOrderRequest(
+                request_id=args.request_id, order_id=args.order_id,
+                client_order_id=args.client_order_id, **common), timeout=args.deadline)
+        else:
+            r = stub.ReplaceOrder(xpb.ReplaceOrderRequest(
+                request_id=args.request_id, order_id=args.order_id,
+                client_order_id=args.client_order_id, price=args.price, qty=args.qty,
+                **common), timeout=args.deadline)
+    except grpc.RpcError as exc:
+        return _rpc_error(f"order {action}", exc)
+    print(json.dumps(message_json(r)))
+    return 0
+
+
+def cmd_book(args: argparse.Namespace) -> int:
+    import grpc
+
+    from xdc.v1 import exchange_pb2 as xpb
+    call = _gateway_stub(args.gateway).StreamBook(
+        xpb.StreamBookRequest(symbol=args.symbol, depth=args.depth))
+    try:
+        for msg in call:
+            print(json.dumps(message_json(msg)), flush=True)
+            if not args.follow:
+                break
+    except grpc.RpcError as exc:
+        return _rpc_error("book", exc)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        call.cancel()
+    return 0
+
+
+def add_exchange_parsers(sub: Any) -> None:
+    """`xdc gateway`, `xdc exchange`, `xdc order`, `xdc book`."""
+    p = sub.add_parser("gateway", help="run the order gateway (gRPC OrderGateway)")
+    p.add_argument("--store", default=DEFAULT_TARGET, help="store address(es), comma separated")
+    p.add_argument("--listen", default="127.0.0.1:7100", help="HOST:PORT (port 0: any free)")
+    p.add_argument("--exchange", required=True, help="exchange TOML (groups and symbols)")
+    p.set_defaults(func=cmd_gateway)
+
+    p = sub.add_parser("exchange", help="the exchange file: example, init")
+    xsub = p.add_subparsers(dest="exchange_command", required=True)
+    x = xsub.add_parser("init", help="append each group's symbols and deposits (idempotent)")
+    x.add_argument("--store", default=DEFAULT_TARGET, help="store address(es), comma separated")
+    x.add_argument("--exchange", required=True, help="exchange TOML")
+    x.set_defaults(func=cmd_exchange)
+    x = xsub.add_parser("example", help="print an example exchange file")
+    x.set_defaults(func=cmd_exchange)
+
+    p = sub.add_parser("order", help="submit, cancel or replace an order (JSON out)")
+    osub = p.add_subparsers(dest="order_command", required=True)
+
+    def order_cmd(name: str, help_text: str) -> argparse.ArgumentParser:
+        o = osub.add_parser(name, help=help_text)
+        o.add_argument("--gateway", default=DEFAULT_GATEWAY)
+        o.add_argument("--symbol", required=True)
+        o.add_argument("--account", required=True)
+        o.add_argument("--wait", action="store_true", help="answer with the engine's outputs")
+        o.add_argument("--timeout-ms", type=int, default=0,
+                       help="how long --wait waits (0: the gateway's default)")
+        o.add_argument("--deadline", type=float, default=70.0, help="RPC deadline, seconds")
+        o.set_defaults(func=cmd_order)
+        return o
+
+    o = order_cmd("submit", "submit a new order")
+    o.add_argument("--client-order-id", required=True, help="idempotency key of the order")
+    o.add_argument("--side", required=True, choices=["buy", "sell"])
+    o.add_argument("--qty", type=int, required=True)
+    o.add_argument("--price", type=int, default=0, help="limit price (0 for market orders)")
+    o.add_argument("--type", choices=["limit", "market"], default="limit")
+    o.add_argument("--tif", choices=["gtc", "ioc", "fok"],
+                   help="time in force (default: gtc, ioc for market orders)")
+    o.add_argument("--post-only", action="store_true")
+    o.add_argument("--stp", default="cancel-newest",
+                   choices=["none", "cancel-newest", "cancel-oldest", "cancel-both",
+                            "decrement-and-cancel"], help="self-trade prevention")
+    for name, help_text in (("cancel", "cancel an order"),
+                            ("replace", "new price and quantity (loses time priority)")):
+        o = order_cmd(name, help_text)
+        o.add_argument("--request-id", required=True, help="idempotency key of this request")
+        o.add_argument("--order-id", type=int, default=0)
+        o.add_argument("--client-order-id", default="", help="instead of --order-id")
+        if name == "replace":
+            o.add_argument("--price", type=int, required=True)
+            o.add_argument("--qty", type=int, required=True)
+
+    p = sub.add_parser("book", help="an L2 book from the gateway: snapshot, then updates")
+    p.add_argument("symbol")
+    p.add_argument("--gateway", default=DEFAULT_GATEWAY)
+    p.add_argument("--depth", type=int, default=0, help="levels per side (0: 20)")
+    p.add_argument("--follow", action="store_true", help="keep printing updates")
+    p.set_defaults(func=cmd_book)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xdc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -342,6 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", help="write results here")
     p.set_defaults(func=cmd_bench)
+    add_exchange_parsers(sub)
     return parser
 
 

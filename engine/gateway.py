@@ -1,0 +1,831 @@
+"""The order gateway (DESIGN §5): the `OrderGateway` gRPC service of exchange.proto.
+
+A request is validated, routed by the exchange file (symbol -> engine group) and
+appended as ONE input command event to ``exchange.<group>.input``; the gateway never
+touches a book. The event id derives from (group, kind, account, client order id or
+request id) (``wire.command_event``), so the store's idempotency makes a retry land
+once: the same fields give the original input position with ``duplicate=true``, other
+fields under the same id are ALREADY_EXISTS.
+
+What comes back is read from the engines' output streams through one store subscription
+(``OutputFeed``): one filtered subscription over the configured groups' output streams
+(stream names checked exactly, since the store filters by prefix) rather than one per
+group, so every output event is dispatched in global log order. That order is what lets a
+``StreamExecutions`` client resume after the position of the last batch it saw without a
+gap, whichever groups its account trades in. The feed serves:
+
+* ``wait=true``: the outputs of the request's input position. Waiters are registered in
+  the same event loop step that checks the group's progress, and outputs of recent inputs
+  are kept in a bounded cache, so outputs that arrive before the append's answer are not
+  missed; outputs that have left the cache are looked up in the output stream (binary
+  search by revision).
+* ``StreamExecutions``: reports of one account, one message per output event.
+* ``StreamBook``: L2 books per symbol, built from every ``BookUpdate`` in the output
+  streams from the start of the log. Future work: start from an engine snapshot instead
+  of replaying all outputs, which a long-lived exchange will need.
+
+Every queue has a limit: waiting requests (``max_waiters``), the recent-outputs cache
+(``recent_inputs``) and each streaming client's queue (``stream_queue``); a client that
+reads slower than the exchange trades is cut off with RESOURCE_EXHAUSTED rather than
+buffered without bound.
+
+Public API: ``GatewayLimits``, ``OrderGatewayService(config, client, limits)``,
+``GatewayServer(config, store_targets, listen, limits)`` with ``start``/``stop``/
+``address``, and ``serve_gateway(store_targets, listen, exchange_path)`` behind
+``xdc gateway``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import heapq
+import logging
+import struct
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from engine import commands as cm
+from engine import events as ev
+from engine import wire
+from engine.codec import CodecError
+from engine.constants import (
+    MAX_ID_LEN,
+    MAX_ORDER_ID,
+    MAX_PRICE,
+    MAX_QTY,
+    STP,
+    OrderType,
+    Side,
+    TimeInForce,
+)
+from engine.exchange_config import ExchangeConfig, ExchangeConfigError, load
+from store.client import AppendError, CaughtUp, Checkpoint, StoreClient
+from store.limits import Limits
+from store.server import _listen as listen_on
+from store.server import run_until_signalled, server_options
+from xdc.v1 import eventstore_pb2 as pb
+from xdc.v1 import exchange_pb2 as xpb
+from xdc.v1 import exchange_pb2_grpc as xpb_grpc
+
+log = logging.getLogger("xdc.gateway")
+
+SERVICE = "xdc.v1.OrderGateway"
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+# Proto enums -> engine constants. UNSPECIFIED takes the documented default.
+SIDES = {xpb.BUY: Side.BUY, xpb.SELL: Side.SELL}
+ORDER_TYPES = {xpb.ORDER_TYPE_UNSPECIFIED: OrderType.LIMIT, xpb.LIMIT: OrderType.LIMIT,
+               xpb.MARKET: OrderType.MARKET}
+TIFS = {xpb.TIF_UNSPECIFIED: TimeInForce.GTC, xpb.GTC: TimeInForce.GTC,
+        xpb.IOC: TimeInForce.IOC, xpb.FOK: TimeInForce.FOK}
+STPS = {xpb.STP_UNSPECIFIED: STP.CANCEL_NEWEST, xpb.STP_NONE: STP.NONE,
+        xpb.STP_CANCEL_NEWEST: STP.CANCEL_NEWEST, xpb.STP_CANCEL_OLDEST: STP.CANCEL_OLDEST,
+        xpb.STP_CANCEL_BOTH: STP.CANCEL_BOTH,
+        xpb.STP_DECREMENT_AND_CANCEL: STP.DECREMENT_AND_CANCEL}
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayLimits:
+    default_wait_ms: int = 5_000  # wait_timeout_ms 0
+    max_wait_ms: int = 60_000  # larger wait_timeout_ms is INVALID_ARGUMENT
+    max_waiters: int = 10_000  # requests waiting for outputs at once
+    recent_inputs: int = 20_000  # inputs whose outputs are cached for late waiters
+    stream_queue: int = 1_024  # messages queued per streaming client before it is cut off
+    max_streams: int = 1_000  # StreamExecutions + StreamBook clients at once
+    default_book_depth: int = 20
+    max_book_depth: int = 1_000
+    book_wait_s: float = 10.0  # StreamBook waits this long for the feed to catch up
+
+    def __post_init__(self) -> None:
+        assert 0 < self.default_wait_ms <= self.max_wait_ms
+        assert self.max_waiters > 0 and self.recent_inputs > 0 and self.stream_queue > 0
+        assert 0 < self.default_book_depth <= self.max_book_depth
+
+
+class Refused(Exception):
+    """A request the gateway answers with a gRPC status, before or instead of appending."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+# ---------------------------------------------------------------------- validation
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_id(name: str, value: str, required: bool = True) -> str:
+    """Identifiers end up in the canonical command encoding: the engine accepts printable
+    ASCII without spaces, so the gateway refuses anything else before it is appended."""
+    if not value and not required:
+        return ""
+    if not (0 < len(value) <= MAX_ID_LEN and value.isascii() and value.isprintable()
+            and " " not in value):
+        need = "required, " if required else ""
+        raise Refused(INVALID, f"{name}: {need}1..{MAX_ID_LEN} printable ASCII characters "
+                               f"without spaces, got {_show(value)}")
+    return value
+
+
+def check_int(name: str, value: int, lo: int, hi: int, why: str = "") -> int:
+    if not lo <= value <= hi:
+        raise Refused(INVALID, f"{name}: {lo}..{hi}{why}, got {value}")
+    return value
+
+
+def check_enum(name: str, value: int, table: dict[int, int], enum: object) -> int:
+    if value not in table:
+        names = [enum.Name(k) for k in table if k]  # type: ignore[attr-defined]
+        raise Refused(INVALID, f"{name}: one of {', '.join(names)}, got {value}")
+    return table[value]
+
+
+def check_order_ref(order_id: int, client_order_id: str) -> tuple[int, str]:
+    check_int("order_id", order_id, 0, MAX_ORDER_ID)
+    cid = check_id("client_order_id", client_order_id, required=False)
+    if not order_id and not cid:
+        raise Refused(INVALID, "order_id or client_order_id: one is required to name the order")
+    return order_id, cid
+
+
+# ---------------------------------------------------------------------- the output feed
+
+@dataclass(slots=True)
+class GroupProgress:
+    name: str
+    stream: str
+    last_input: int = 0  # the outputs of every input up to here have been dispatched
+    evicted_upto: int = 0  # outputs of inputs up to here may have left the recent cache
+    # Waiting requests by input position; the heap holds the positions, oldest first.
+    waiters: dict[int, list[asyncio.Future[list[tuple] | None]]] = field(default_factory=dict)
+    heap: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class L2Book:
+    """Aggregate open quantity per price, per side, as the engine's BookUpdates say."""
+
+    bids: dict[int, int] = field(default_factory=dict)
+    asks: dict[int, int] = field(default_factory=dict)
+
+    def apply(self, side: int, price: int, qty: int) -> None:
+        levels = self.bids if side == Side.BUY else self.asks
+        if qty:
+            levels[price] = qty
+        else:
+            levels.pop(price, None)
+
+    def top(self, side: int, depth: int) -> list[tuple[int, int]]:
+        levels = self.bids if side == Side.BUY else self.asks
+        prices = sorted(levels, reverse=side == Side.BUY)[:depth]
+        return [(p, levels[p]) for p in prices]
+
+
+class Outlet:
+    """One streaming client's queue. The feed never waits for a client: past `capacity`
+    queued messages the client is marked overflowed and cut off by its handler."""
+
+    def __init__(self, capacity: int) -> None:
+        self.queue: asyncio.Queue[object] = asyncio.Queue(capacity)
+        self.overflowed = False
+
+    def offer(self, item: object) -> None:
+        if self.overflowed:
+            return
+        try:
+            self.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self.overflowed = True
+
+
+def common_prefix(names: list[str]) -> str:
+    """The longest string every name starts with (character-wise, not path-wise)."""
+    if not names:
+        return ""
+    lo, hi = min(names), max(names)
+    n = 0
+    while n < min(len(lo), len(hi)) and lo[n] == hi[n]:
+        n += 1
+    return lo[:n]
+
+
+def _levels(pairs: list[tuple[int, int]]) -> list[xpb.BookLevel]:
+    return [xpb.BookLevel(price=p, qty=q) for p, q in pairs]
+
+
+class OutputFeed:
+    """Follows the configured groups' output streams with one store subscription and
+    dispatches each output event to waiters, execution streams and L2 books."""
+
+    def __init__(self, config: ExchangeConfig, client: StoreClient,
+                 limits: GatewayLimits) -> None:
+        self.client = client
+        self.limits = limits
+        self.groups = {g.name: GroupProgress(g.name, wire.output_stream(g.name))
+                       for g in config.groups}
+        self.by_stream = {g.stream: g for g in self.groups.values()}
+        # The store filters by prefix: the longest prefix shared by the streams, and the
+        # exact name checked on every event (a longer stream name also matches it).
+        self.prefix = common_prefix(list(self.by_stream))
+        self.position = 0  # every output event up to this global position is dispatched
+        self.caught_up = asyncio.Event()
+        self.recent: collections.OrderedDict[tuple[str, int], list[tuple]] = (
+            collections.OrderedDict())
+        self.group_of = dict(config.group_of)  # symbol -> group
+        self.books: dict[str, L2Book] = {s: L2Book() for s in config.group_of}
+        self.exec_outlets: dict[str, set[Outlet]] = {}
+        self.book_outlets: dict[str, set[Outlet]] = {}
+        self.outlets = 0
+        self._task: asyncio.Task[None] | None = None
+
+    # ---- lifecycle
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._follow())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for g in self.groups.values():
+            for futs in g.waiters.values():
+                for f in futs:
+                    if not f.done():
+                        f.set_result(None)
+            g.waiters.clear()
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                async for item in self.client.subscribe(
+                        after_position=self.position, stream_prefix=self.prefix,
+                        event_types=[wire.OUTPUT_TYPE], batches=True):
+                    if isinstance(item, pb.RecordBatch):
+                        for e in item.events:
+                            self.on_output_event(e)
+                    else:
+                        assert isinstance(item, CaughtUp | Checkpoint)
+                        self.position = max(self.position, item.position)
+                        if isinstance(item, CaughtUp) and not self.caught_up.is_set():
+                            log.info("output feed caught up at position %d", item.position)
+                            self.caught_up.set()
+                log.warning("output subscription ended; resubscribing")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # The client resumes by itself across UNAVAILABLE; anything else is logged
+                # and the subscription re-opened from the last dispatched position.
+                log.warning("output subscription failed (%s); resubscribing after %d",
+                            exc, self.position)
+            await asyncio.sleep(0.5)  # backoff between resubscriptions, not a sync point
+
+    # ---- dispatch (synchronous: nothing else runs between the steps below)
+
+    def on_output_event(self, e: pb.RecordedEvent) -> None:
+        group = self.by_stream.get(e.stream)
+        self.position = max(self.position, e.position)
+        if group is None:
+            return  # a longer stream name that shares the prefix, or another exchange's
+        try:
+            batch = wire.decode_output(e.data)
+            outs = wire.batch_outputs(batch)
+        except (CodecError, struct.error, KeyError, ValueError) as exc:
+            log.error("output event at position %d of %s is undecodable (%s); skipped",
+                      e.position, e.stream, exc)
+            return
+        for position, raws in outs:
+            self._remember(group, position, raws)
+        group.last_input = max(group.last_input, batch.last_input)
+        self._update_books(group, outs)
+        self._send_executions(group, e.position, outs)
+        self._wake_waiters(group, batch.first_input, dict(outs))
+
+    def _remember(self, group: GroupProgress, position: int, raws: list[tuple]) -> None:
+        self.recent[(group.name, position)] = raws
+        while len(self.recent) > self.limits.recent_inputs:
+            (name, p), _ = self.recent.popitem(last=False)
+            g = self.groups[name]
+            g.evicted_upto = max(g.evicted_upto, p)
+
+    def _wake_waiters(self, group: GroupProgress, first_input: int,
+                      outs: dict[int, list[tuple]]) -> None:
+        heap = group.heap
+        while heap and heap[0] <= group.last_input:
+            position = heapq.heappop(heap)
+            futs = group.waiters.pop(position, None)
+            if not futs:
+                continue
+            raws = outs.get(position)
+            if raws is None:
+                raws = self.recent.get((group.name, position))
+            if raws is None and position >= first_input:
+                raws = []  # inside this batch's range without outputs of its own
+            # None left: outputs from an earlier batch no longer cached; the waiter reads
+            # them from the store.
+            for f in futs:
+                if not f.done():
+                    f.set_result(raws)
+
+    def _send_executions(self, group: GroupProgress, position: int,
+                         outs: list[tuple[int, list[tuple]]]) -> None:
+        if not self.exec_outlets:
+            return
+        by_account = self.account_reports(group.name, outs, self.exec_outlets)
+        for account, reports in by_account.items():
+            msg = xpb.ExecutionBatch(reports=reports, position=position)
+            for outlet in self.exec_outlets[account]:
+                outlet.offer(msg)
+
+    @staticmethod
+    def account_reports(group: str, outs: list[tuple[int, list[tuple]]],
+                        accounts: dict[str, object] | set[str]
+                        ) -> dict[str, list[xpb.ExecutionReport]]:
+        by_account: dict[str, list[xpb.ExecutionReport]] = {}
+        for input_position, raws in outs:
+            for index, raw in enumerate(raws):
+                wanted = [a for a in wire.accounts_of(raw) if a in accounts]
+                if not wanted:
+                    continue
+                report = wire.report(group, input_position, index, raw)
+                for a in wanted:
+                    by_account.setdefault(a, []).append(report)
+        return by_account
+
+    def _update_books(self, group: GroupProgress,
+                      outs: list[tuple[int, list[tuple]]]) -> None:
+        changed: dict[str, dict[tuple[int, int], int]] = {}
+        for _, raws in outs:
+            for raw in raws:
+                if raw[0] != ev.BOOK:
+                    continue
+                _, symbol, side, price, qty = raw
+                book = self.books.get(symbol)
+                if book is None:  # a symbol added to the group outside the exchange file
+                    book = self.books[symbol] = L2Book()
+                book.apply(side, price, qty)
+                if symbol in self.book_outlets:
+                    changed.setdefault(symbol, {})[(side, price)] = qty
+        for symbol, levels in changed.items():
+            msg = xpb.BookMessage(
+                symbol=symbol, input_position=group.last_input,
+                bids=[xpb.BookLevel(price=p, qty=q) for (s, p), q in levels.items()
+                      if s == Side.BUY],
+                asks=[xpb.BookLevel(price=p, qty=q) for (s, p), q in levels.items()
+                      if s == Side.SELL])
+            for outlet in self.book_outlets[symbol]:
+                outlet.offer(msg)
+
+    # ---- waiting for one input's outputs
+
+    async def outputs_of(self, group_name: str, position: int,
+                         timeout_s: float) -> list[tuple] | None:
+        """The raw outputs of input ``position`` of the group, or None if they did not
+        arrive within ``timeout_s``."""
+        group = self.groups[group_name]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        raws: list[tuple] | None
+        if position <= group.last_input:
+            raws = self.recent.get((group_name, position))
+            if raws is not None:
+                return raws
+            if position > group.evicted_upto:
+                return []  # processed, and nothing was emitted for it
+        else:
+            # Registered in the same loop step as the progress check above: the batch that
+            # covers `position` cannot be dispatched in between.
+            fut: asyncio.Future[list[tuple] | None] = loop.create_future()
+            if position not in group.waiters:
+                heapq.heappush(group.heap, position)
+            group.waiters.setdefault(position, []).append(fut)
+            try:
+                done, _ = await asyncio.wait({fut}, timeout=timeout_s)
+            finally:
+                self._forget(group, position, fut)
+            if not done:
+                return None
+            raws = fut.result()
+            if raws is not None:
+                return raws
+        return await self._outputs_from_store(group, position,
+                                              max(0.001, deadline - loop.time()))
+
+    def _forget(self, group: GroupProgress, position: int,
+                fut: asyncio.Future[list[tuple] | None]) -> None:
+        futs = group.waiters.get(position)
+        if futs is not None:
+            if fut in futs:
+                futs.remove(fut)
+            if not futs:
+                del group.waiters[position]
+        # Timed-out waiters leave heap entries behind while the engine is stalled: rebuild
+        # when they dominate, so the heap stays bounded by the live waiters.
+        if len(group.heap) > 2 * len(group.waiters) + 64:
+            group.heap = list(group.waiters)
+            heapq.heapify(group.heap)
+
+    async def _outputs_from_store(self, group: GroupProgress, position: int,
+                                  timeout_s: float) -> list[tuple] | None:
+        """Binary search of the output stream by revision: output batches are in input
+        order, so the one whose range holds ``position`` is found in log2(batches) reads."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                info = await self.client.stream_info(group.stream)
+                lo, hi = 1, info.last_revision
+                while lo <= hi:
+                    mid = (lo + hi) // 2
+                    found = await self.client.read(group.stream, start=mid, limit=1)
+                    batch = wire.decode_output(found[0].data)
+                    if position < batch.first_input:
+                        hi = mid - 1
+                    elif position > batch.last_input:
+                        lo = mid + 1
+                    else:
+                        for p, raws in wire.batch_outputs(batch):
+                            if p == position:
+                                return raws
+                        return []
+        except (TimeoutError, grpc.RpcError, CodecError, IndexError) as exc:
+            log.warning("outputs of input %d of %s not found in the store: %s", position,
+                        group.name, exc)
+        return None
+
+    # ---- streaming clients
+
+    def open_outlet(self) -> Outlet:
+        if self.outlets >= self.limits.max_streams:
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"too many streaming clients (limit {self.limits.max_streams}); "
+                          f"retry later")
+        self.outlets += 1
+        return Outlet(self.limits.stream_queue)
+
+    def close_outlet(self, outlet: Outlet, table: dict[str, set[Outlet]], key: str) -> None:
+        self.outlets -= 1
+        members = table.get(key)
+        if members is not None:
+            members.discard(outlet)
+            if not members:
+                del table[key]
+
+    def book_snapshot(self, symbol: str, depth: int) -> xpb.BookMessage:
+        book = self.books.setdefault(symbol, L2Book())
+        group = self.groups[self.group_of[symbol]]
+        return xpb.BookMessage(symbol=symbol, snapshot=True, input_position=group.last_input,
+                               bids=_levels(book.top(Side.BUY, depth)),
+                               asks=_levels(book.top(Side.SELL, depth)))
+
+
+# ---------------------------------------------------------------------- the service
+
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """A validated request: the command to append to ``group``'s input stream."""
+
+    group: str
+    cmd: object
+    key: str  # the idempotency key within (group, kind, account)
+    what: str  # how a refusal names the key
+    wait_s: float | None  # None: answer once appended
+
+
+
+class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
+    """The servicer. ``start()`` opens the output feed (call it inside the event loop the
+    gRPC server runs in), ``stop()`` closes it."""
+
+    def __init__(self, config: ExchangeConfig, client: StoreClient,
+                 limits: GatewayLimits | None = None) -> None:
+        self.config = config
+        self.client = client
+        self.limits = limits or GatewayLimits()
+        self.feed = OutputFeed(config, client, self.limits)
+        self._waiting = 0
+
+    def start(self) -> None:
+        self.feed.start()
+
+    async def stop(self) -> None:
+        await self.feed.stop()
+
+    # ---- helpers
+
+    def _group(self, symbol: str) -> str:
+        if not symbol:
+            raise Refused(INVALID, "symbol: required")
+        group = self.config.group_of.get(symbol)
+        if group is None:
+            known = sorted(self.config.group_of)
+            shown = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "")
+            raise Refused(grpc.StatusCode.NOT_FOUND,
+                          f"symbol {_show(symbol)} is not traded on this gateway "
+                          f"(symbols: {shown})")
+        return group
+
+    def _wait_s(self, wait: bool, timeout_ms: int) -> float | None:
+        check_int("wait_timeout_ms", timeout_ms, 0, self.limits.max_wait_ms,
+                  f" (0: the default of {self.limits.default_wait_ms})")
+        if not wait:
+            return None
+        return (timeout_ms or self.limits.default_wait_ms) / 1000
+
+    async def _submit(self, req: Routed,
+                      context: grpc.aio.ServicerContext) -> xpb.OrderResponse:
+        group, wait_s = req.group, req.wait_s
+        reserved = False
+        if wait_s is not None:
+            # Reserved before the append, so a full table refuses with nothing appended.
+            if self._waiting >= self.limits.max_waiters:
+                raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"wait: too many requests waiting for outputs (limit "
+                              f"{self.limits.max_waiters}); retry later or without wait")
+            self._waiting += 1
+            reserved = True
+        try:
+            timeout_s = self.client.timeout_s
+            remaining = context.time_remaining()
+            if remaining is not None:
+                timeout_s = max(0.001, min(timeout_s, remaining))
+            event = wire.command_event(group, req.cmd, req.key)
+            try:
+                r = await self.client.append(wire.input_stream(group), event,
+                                             timeout_s=timeout_s)
+            except AppendError as err:
+                if err.code == grpc.StatusCode.ALREADY_EXISTS:
+                    raise Refused(err.code, f"{req.what} was already used for a different request; "
+                                            f"a retry must repeat the original fields exactly, "
+                                            f"a new request needs a new id "
+                                            f"(store: {err.message})") from None
+                raise Refused(err.code, err.message) from None
+            resp = xpb.OrderResponse(input_position=r.first_position, duplicate=r.duplicate)
+            if wait_s is None:
+                return resp
+            raws = await self.feed.outputs_of(group, r.first_position, wait_s)
+            if raws is None:
+                resp.timed_out = True
+            else:
+                resp.reports.extend(wire.report(group, r.first_position, i, raw)
+                                    for i, raw in enumerate(raws))
+            return resp
+        finally:
+            if reserved:
+                self._waiting -= 1
+
+    # ---- RPCs
+
+    async def SubmitOrder(self, request: xpb.SubmitOrderRequest,
+                          context: grpc.aio.ServicerContext) -> xpb.OrderResponse:
+        return await self._answer(context, self._new_order, request)
+
+    async def CancelOrder(self, request: xpb.CancelOrderRequest,
+                          context: grpc.aio.ServicerContext) -> xpb.OrderResponse:
+        return await self._answer(context, self._cancel, request)
+
+    async def ReplaceOrder(self, request: xpb.ReplaceOrderRequest,
+                           context: grpc.aio.ServicerContext) -> xpb.OrderResponse:
+        return await self._answer(context, self._replace, request)
+
+    async def _answer(self, context: grpc.aio.ServicerContext,
+                      parse: Callable[[Any], Routed], request: Any) -> xpb.OrderResponse:
+        try:
+            return await self._submit(parse(request), context)
+        except Refused as r:
+            await context.abort(r.code, r.message)
+            raise AssertionError("unreachable") from None
+
+    def _new_order(self, r: xpb.SubmitOrderRequest) -> Routed:
+        account = check_id("account", r.account)
+        cid = check_id("client_order_id", r.client_order_id)
+        if r.side not in SIDES:
+            raise Refused(INVALID, f"side: required, BUY or SELL, got {r.side}")
+        order_type = check_enum("order_type", r.order_type, ORDER_TYPES, xpb.OrderType)
+        tif = check_enum("time_in_force", r.time_in_force, TIFS, xpb.TimeInForce)
+        stp = check_enum("stp", r.stp, STPS, xpb.SelfTradePrevention)
+        check_int("qty", r.qty, 1, MAX_QTY)
+        if order_type == OrderType.MARKET:
+            check_int("price", r.price, 0, 0, " (market orders carry no price)")
+        else:
+            check_int("price", r.price, 1, MAX_PRICE, " (limit orders)")
+        wait_s = self._wait_s(r.wait, r.wait_timeout_ms)
+        cmd = cm.NewOrder(0, r.symbol, account, cid, SIDES[r.side], r.qty, r.price,
+                          order_type, tif, r.post_only, stp)
+        return Routed(self._group(r.symbol), cmd, cid,
+                      f"client_order_id {cid!r} of account {account!r}", wait_s)
+
+    def _order_ref(self, r: xpb.CancelOrderRequest | xpb.ReplaceOrderRequest
+                   ) -> tuple[str, str, int, str]:
+        account = check_id("account", r.account)
+        rid = check_id("request_id", r.request_id)
+        return (account, rid, *check_order_ref(r.order_id, r.client_order_id))
+
+    def _cancel(self, r: xpb.CancelOrderRequest) -> Routed:
+        account, rid, order_id, cid = self._order_ref(r)
+        wait_s = self._wait_s(r.wait, r.wait_timeout_ms)
+        cmd = cm.CancelOrder(0, r.symbol, account, order_id, cid)
+        return Routed(self._group(r.symbol), cmd, rid,
+                      f"request_id {rid!r} of account {account!r}", wait_s)
+
+    def _replace(self, r: xpb.ReplaceOrderRequest) -> Routed:
+        account, rid, order_id, cid = self._order_ref(r)
+        check_int("price", r.price, 1, MAX_PRICE)
+        check_int("qty", r.qty, 1, MAX_QTY)
+        wait_s = self._wait_s(r.wait, r.wait_timeout_ms)
+        cmd = cm.ReplaceOrder(0, r.symbol, account, r.price, r.qty, order_id, cid)
+        return Routed(self._group(r.symbol), cmd, rid,
+                      f"request_id {rid!r} of account {account!r}", wait_s)
+
+    async def StreamExecutions(self, request: xpb.StreamExecutionsRequest,
+                               context: grpc.aio.ServicerContext
+                               ) -> AsyncIterator[xpb.ExecutionBatch]:
+        feed = self.feed
+        try:
+            account = check_id("account", request.account)
+        except Refused as r:
+            await context.abort(r.code, r.message)
+        outlet: Outlet | None = None
+        position = request.after_position
+
+        def attach() -> Outlet:
+            o = feed.open_outlet()
+            feed.exec_outlets.setdefault(account, set()).add(o)
+            return o
+
+        try:
+            if position == 0 or position >= feed.position:
+                outlet = attach()
+            else:
+                # Catch-up from the store until the feed's position, then switch to the
+                # feed in the same loop step (no gap); the live part skips what catch-up
+                # already sent.
+                subscription = self.client.subscribe(
+                    after_position=position, stream_prefix=feed.prefix,
+                    event_types=[wire.OUTPUT_TYPE], batches=True)
+                try:
+                    async for item in subscription:
+                        if isinstance(item, pb.RecordBatch):
+                            for e in item.events:
+                                msg = self._catch_up_batch(e, account)
+                                position = e.position
+                                if msg is not None:
+                                    yield msg
+                        else:
+                            position = max(position, item.position)  # type: ignore[union-attr]
+                        if position >= feed.position:
+                            outlet = attach()
+                            break
+                finally:
+                    await subscription.aclose()
+                if outlet is None:
+                    raise Refused(grpc.StatusCode.UNAVAILABLE,
+                                  "the store ended the catch-up subscription; resume with "
+                                  f"after_position={position}")
+            while True:
+                if outlet.overflowed:
+                    raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  f"execution stream consumer too slow: more than "
+                                  f"{self.limits.stream_queue} batches queued; resume with "
+                                  f"after_position={position}")
+                msg = await outlet.queue.get()
+                assert isinstance(msg, xpb.ExecutionBatch)
+                if msg.position <= position:
+                    continue
+                position = msg.position
+                yield msg
+        except Refused as r:
+            await context.abort(r.code, r.message)
+        finally:
+            if outlet is not None:
+                feed.close_outlet(outlet, feed.exec_outlets, account)
+
+    def _catch_up_batch(self, e: pb.RecordedEvent, account: str) -> xpb.ExecutionBatch | None:
+        group = self.feed.by_stream.get(e.stream)
+        if group is None:
+            return None
+        try:
+            outs = wire.batch_outputs(wire.decode_output(e.data))
+        except (CodecError, struct.error, KeyError, ValueError):
+            return None  # the feed logged it when it went by
+        reports = OutputFeed.account_reports(group.name, outs, {account}).get(account)
+        if not reports:
+            return None
+        return xpb.ExecutionBatch(reports=reports, position=e.position)
+
+    async def StreamBook(self, request: xpb.StreamBookRequest,
+                         context: grpc.aio.ServicerContext) -> AsyncIterator[xpb.BookMessage]:
+        feed = self.feed
+        outlet: Outlet | None = None
+        symbol = request.symbol
+        try:
+            self._group(symbol)
+            depth = request.depth or self.limits.default_book_depth
+            check_int("depth", depth, 1, self.limits.max_book_depth, " levels per side")
+            if not feed.caught_up.is_set():
+                try:
+                    await asyncio.wait_for(feed.caught_up.wait(), self.limits.book_wait_s)
+                except TimeoutError:
+                    raise Refused(grpc.StatusCode.UNAVAILABLE,
+                                  f"the gateway is still reading the output log (at position "
+                                  f"{feed.position}); retry shortly") from None
+            # Attach and snapshot in one loop step: every later update follows the snapshot.
+            outlet = feed.open_outlet()
+            feed.book_outlets.setdefault(symbol, set()).add(outlet)
+            snapshot = feed.book_snapshot(symbol, depth)
+            yield snapshot
+            while True:
+                if outlet.overflowed:
+                    raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  f"book stream consumer too slow: more than "
+                                  f"{self.limits.stream_queue} updates queued; subscribe "
+                                  f"again for a fresh snapshot")
+                msg = await outlet.queue.get()
+                yield msg  # type: ignore[misc]
+        except Refused as r:
+            await context.abort(r.code, r.message)
+        finally:
+            if outlet is not None:
+                feed.close_outlet(outlet, feed.book_outlets, symbol)
+
+
+# ---------------------------------------------------------------------- the server
+
+class GatewayServer:
+    """The gateway service behind a gRPC server with health checking and reflection."""
+
+    def __init__(self, config: ExchangeConfig, store_targets: str | Sequence[str],
+                 listen: str = "127.0.0.1:0", limits: GatewayLimits | None = None,
+                 client: StoreClient | None = None) -> None:
+        self.config = config
+        self.listen = listen
+        self.client = client or StoreClient(store_targets)
+        self._own_client = client is None
+        self.service = OrderGatewayService(config, self.client, limits)
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        server = grpc.aio.server(options=server_options(Limits()))
+        xpb_grpc.add_OrderGatewayServicer_to_server(self.service, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        self.port = listen_on(server, self.listen)
+        self.service.start()
+        await server.start()
+        self.server = server
+        for name in ("", SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    @property
+    def address(self) -> str:
+        return f"{self.listen.rsplit(':', 1)[0]}:{self.port}"
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(grace_s)
+        await self.service.stop()
+        if self._own_client:
+            await self.client.close()
+
+
+def serve_gateway(store_targets: str | Sequence[str], listen: str, exchange_path: str,
+                  limits: GatewayLimits | None = None) -> int:
+    """Runs the gateway until SIGTERM/SIGINT; prints one JSON ready line. Exit code 2 for
+    a bad exchange file, 1 when the address cannot be bound."""
+    try:
+        config = load(exchange_path)
+    except ExchangeConfigError as exc:
+        print(f"xdc gateway: {exc}", file=sys.stderr)
+        return 2
+    if isinstance(store_targets, str):
+        store_targets = [t for t in store_targets.split(",") if t]
+
+    async def main() -> None:
+        server = GatewayServer(config, store_targets, listen, limits)
+
+        async def start() -> str:
+            await server.start()
+            return server.address
+
+        await run_until_signalled(start, server.stop)
+
+    try:
+        asyncio.run(main())
+    except OSError as exc:
+        print(f"xdc gateway: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,663 @@
+"""The order gateway against a real store (real LMDB, real gRPC) and a real gRPC gateway
+on loopback. Engine outputs come from tests/support/engine_driver.py, a test driver that
+runs the pure matching core over the input stream (not the real consumer)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tomllib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from engine import commands as cm
+from engine import wire
+from engine.constants import MAX_ID_LEN, MAX_ORDER_ID, MAX_PRICE, MAX_QTY, STP, OrderType
+from engine.constants import Side as ESide
+from engine.constants import TimeInForce as ETif
+from engine.exchange_config import ExchangeConfig, init_events, parse
+from engine.gateway import GatewayLimits, GatewayServer
+from store.client import StoreClient
+from store.process import ServeProcess
+from store.server import StoreServer
+from tests.support.engine_driver import EngineDriver, running_driver
+from tests.support.store import run, running_store, wait_until
+from xdc.v1 import exchange_pb2 as xpb
+from xdc.v1 import exchange_pb2_grpc as xpb_grpc
+
+EXCHANGE = """
+[[group]]
+name = "g1"
+  [[group.symbol]]
+  name = "BTC-USD"
+  base = "BTC"
+  quote = "USD"
+  tick_size = 1
+  lot_size = 1
+  band_bps = 5000
+  ref_price = 50000
+  [[group.symbol]]
+  name = "ETH-USD"
+  base = "ETH"
+  quote = "USD"
+  tick_size = 1
+  lot_size = 1
+  band_bps = 5000
+  ref_price = 3000
+  [[group.deposit]]
+  account = "alice"
+  asset = "BTC"
+  amount = 1000
+  [[group.deposit]]
+  account = "bob"
+  asset = "USD"
+  amount = 100000000
+  [[group.deposit]]
+  account = "carol"
+  asset = "USD"
+  amount = 100000000
+
+[[group]]
+name = "g2"
+  [[group.symbol]]
+  name = "ACME"
+  base = "ACME"
+  quote = "USD"
+  tick_size = 5
+  lot_size = 100
+  band_bps = 1000
+  ref_price = 10000
+  [[group.deposit]]
+  account = "alice"
+  asset = "USD"
+  amount = 100000000
+"""
+
+T = 10.0  # seconds any single wait in these tests may take before it is a failure
+
+
+@dataclass
+class Exchange:
+    store: StoreServer
+    client: StoreClient
+    config: ExchangeConfig
+    gateway: GatewayServer
+    stub: xpb_grpc.OrderGatewayStub
+    drivers: dict[str, EngineDriver]
+    init_counts: dict[str, int]
+
+    async def inputs(self, group: str) -> list[Any]:
+        return await self.client.read(wire.input_stream(group), limit=10_000)
+
+    async def step(self, *groups: str) -> None:
+        for g in groups or tuple(self.drivers):
+            await self.drivers[g].step()
+
+    async def fed(self, group: str = "g1") -> None:
+        """Waits until the gateway has dispatched the driver's outputs so far."""
+        feed = self.gateway.service.feed
+        upto = self.drivers[group].last_input
+        await wait_until(lambda: feed.groups[group].last_input >= upto, T, "gateway feed")
+
+
+@contextlib.asynccontextmanager
+async def exchange(tmp_path: Path, limits: GatewayLimits | None = None
+                   ) -> AsyncIterator[Exchange]:
+    config = parse(tomllib.loads(EXCHANGE))
+    async with running_store(tmp_path / "store") as (store, client):
+        counts = {}
+        for g in config.groups:
+            events = init_events(g)
+            await client.append(wire.input_stream(g.name), events)
+            counts[g.name] = len(events)
+        gateway = GatewayServer(config, store.address, "127.0.0.1:0", limits)
+        await gateway.start()
+        channel = grpc.aio.insecure_channel(gateway.address)
+        try:
+            yield Exchange(store, client, config, gateway, xpb_grpc.OrderGatewayStub(channel),
+                           {g.name: EngineDriver(client, g.name) for g in config.groups},
+                           counts)
+        finally:
+            await channel.close()
+            await gateway.stop(grace_s=0.5)
+
+
+def order(cid: str, side: int, qty: int, price: int = 0, account: str = "alice",
+          symbol: str = "BTC-USD", **kw: Any) -> xpb.SubmitOrderRequest:
+    return xpb.SubmitOrderRequest(symbol=symbol, account=account, client_order_id=cid,
+                                  side=side, qty=qty, price=price, **kw)
+
+
+async def refused(call: Any) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    return info.value
+
+
+# ---------------------------------------------------------------------- validation
+
+GOOD = {"symbol": "BTC-USD", "account": "alice", "client_order_id": "c1", "side": xpb.BUY,
+        "qty": 1, "price": 50000}
+CANCEL = {"symbol": "BTC-USD", "account": "alice", "request_id": "r1", "order_id": 1}
+REPLACE = {**CANCEL, "price": 50000, "qty": 1}
+INV, NF = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+LONG = "x" * (MAX_ID_LEN + 1)
+CID_RULE = f"client_order_id: required, 1..{MAX_ID_LEN} printable ASCII characters"
+
+SUBMIT_REFUSALS: list[tuple[dict[str, Any], grpc.StatusCode, str]] = [
+    ({"client_order_id": ""}, INV, CID_RULE),
+    ({"client_order_id": LONG}, INV, CID_RULE),
+    ({"client_order_id": "has space"}, INV, CID_RULE),
+    ({"client_order_id": "caf\u00e9"}, INV, CID_RULE),
+    ({"client_order_id": "tab\there"}, INV, CID_RULE),
+    ({"account": ""}, INV, f"account: required, 1..{MAX_ID_LEN} printable ASCII"),
+    ({"account": LONG}, INV, "account: required"),
+    ({"symbol": ""}, INV, "symbol: required"),
+    ({"symbol": "DOGE-USD"}, NF, "symbol 'DOGE-USD' is not traded on this gateway"),
+    ({"side": xpb.SIDE_UNSPECIFIED}, INV, "side: required, BUY or SELL"),
+    ({"side": 7}, INV, "side: required, BUY or SELL, got 7"),
+    ({"qty": 0}, INV, f"qty: 1..{MAX_QTY}, got 0"),
+    ({"qty": -5}, INV, f"qty: 1..{MAX_QTY}, got -5"),
+    ({"qty": MAX_QTY + 1}, INV, f"qty: 1..{MAX_QTY}, got {MAX_QTY + 1}"),
+    ({"price": 0}, INV, f"price: 1..{MAX_PRICE} (limit orders), got 0"),
+    ({"price": -1}, INV, f"price: 1..{MAX_PRICE}"),
+    ({"price": MAX_PRICE + 1}, INV, f"price: 1..{MAX_PRICE}"),
+    ({"order_type": xpb.MARKET, "time_in_force": xpb.IOC, "price": 50000}, INV,
+     "price: 0..0 (market orders carry no price), got 50000"),
+    ({"order_type": 9}, INV, "order_type: one of LIMIT, MARKET, got 9"),
+    ({"time_in_force": 9}, INV, "time_in_force: one of GTC, IOC, FOK, got 9"),
+    ({"stp": 42}, INV, "stp: one of STP_NONE, STP_CANCEL_NEWEST"),
+    ({"wait": True, "wait_timeout_ms": 60_001}, INV, "wait_timeout_ms: 0..60000"),
+    ({"wait_timeout_ms": 3_600_000}, INV, "wait_timeout_ms: 0..60000"),
+]
+CANCEL_REFUSALS: list[tuple[dict[str, Any], grpc.StatusCode, str]] = [
+    ({"request_id": ""}, INV, f"request_id: required, 1..{MAX_ID_LEN} printable ASCII"),
+    ({"request_id": LONG}, INV, "request_id: required"),
+    ({"order_id": 0}, INV, "order_id or client_order_id: one is required"),
+    ({"order_id": 0, "client_order_id": "bad id"}, INV,
+     f"client_order_id: 1..{MAX_ID_LEN} printable ASCII characters without spaces"),
+    ({"order_id": MAX_ORDER_ID + 1}, INV, f"order_id: 0..{MAX_ORDER_ID}"),
+    ({"account": ""}, INV, "account: required"),
+    ({"symbol": "NOPE"}, NF, "symbol 'NOPE'"),
+    ({"wait_timeout_ms": 70_000}, INV, "wait_timeout_ms: 0..60000"),
+]
+REPLACE_REFUSALS: list[tuple[dict[str, Any], grpc.StatusCode, str]] = [
+    *CANCEL_REFUSALS,
+    ({"price": 0}, INV, f"price: 1..{MAX_PRICE}, got 0"),
+    ({"price": MAX_PRICE + 1}, INV, "price: 1.."),
+    ({"qty": 0}, INV, f"qty: 1..{MAX_QTY}, got 0"),
+    ({"qty": MAX_QTY + 1}, INV, "qty: 1.."),
+]
+
+
+def test_every_refusal_names_the_field_and_appends_nothing(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with exchange(tmp_path) as x:
+            cases = ([(x.stub.SubmitOrder, xpb.SubmitOrderRequest(**{**GOOD, **c}), code, text)
+                      for c, code, text in SUBMIT_REFUSALS]
+                     + [(x.stub.CancelOrder, xpb.CancelOrderRequest(**{**CANCEL, **c}), code,
+                         text) for c, code, text in CANCEL_REFUSALS]
+                     + [(x.stub.ReplaceOrder, xpb.ReplaceOrderRequest(**{**REPLACE, **c}), code,
+                         text) for c, code, text in REPLACE_REFUSALS])
+            for rpc, request, code, text in cases:
+                err = await refused(rpc(request))
+                where = f"{type(request).__name__} {request}"
+                assert err.code() == code, (where, err.details())
+                assert text in (err.details() or ""), (where, err.details())
+            # Streams refuse before anything is opened.
+            err = await refused(x.stub.StreamExecutions(
+                xpb.StreamExecutionsRequest(account="")).read())
+            assert err.code() == INV and "account: required" in (err.details() or "")
+            err = await refused(x.stub.StreamBook(xpb.StreamBookRequest(symbol="NOPE")).read())
+            assert err.code() == NF and "symbol 'NOPE'" in (err.details() or "")
+            err = await refused(x.stub.StreamBook(
+                xpb.StreamBookRequest(symbol="ACME", depth=1001)).read())
+            assert err.code() == INV and "depth: 1..1000" in (err.details() or "")
+            for g, n in x.init_counts.items():
+                assert len(await x.inputs(g)) == n, f"group {g}: a refused request was appended"
+            # A valid request goes through on the same gateway (the refusals were not luck).
+            ok = await x.stub.SubmitOrder(xpb.SubmitOrderRequest(**GOOD))
+            assert ok.input_position > 0 and len(await x.inputs("g1")) == x.init_counts["g1"] + 1
+    run(body)
+
+
+# ---------------------------------------------------------------------- idempotency
+
+def test_retry_is_a_duplicate_and_a_changed_retry_is_already_exists(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with exchange(tmp_path) as x:
+            req = order("c-1", xpb.SELL, 5, 50100, time_in_force=xpb.IOC, stp=xpb.STP_NONE,
+                        post_only=False)
+            first = await x.stub.SubmitOrder(req)
+            again = await x.stub.SubmitOrder(req)
+            assert not first.duplicate and again.duplicate
+            assert again.input_position == first.input_position
+            changed = order("c-1", xpb.SELL, 6, 50100, time_in_force=xpb.IOC, stp=xpb.STP_NONE)
+            err = await refused(x.stub.SubmitOrder(changed))
+            assert err.code() == grpc.StatusCode.ALREADY_EXISTS
+            assert ("client_order_id 'c-1' of account 'alice' was already used for a "
+                    "different request") in (err.details() or "")
+            # The same client order id of another account is another order.
+            other = await x.stub.SubmitOrder(order("c-1", xpb.BUY, 1, 50000, account="bob"))
+            assert not other.duplicate and other.input_position > first.input_position
+
+            cancel = xpb.CancelOrderRequest(symbol="BTC-USD", account="alice", request_id="r-1",
+                                            client_order_id="c-1")
+            c1, c2 = await x.stub.CancelOrder(cancel), await x.stub.CancelOrder(cancel)
+            assert c2.duplicate and c2.input_position == c1.input_position
+            cancel.order_id = 7
+            err = await refused(x.stub.CancelOrder(cancel))
+            assert err.code() == grpc.StatusCode.ALREADY_EXISTS
+            assert "request_id 'r-1' of account 'alice'" in (err.details() or "")
+            replace = xpb.ReplaceOrderRequest(symbol="BTC-USD", account="alice",
+                                              request_id="r-2", order_id=1, price=50000, qty=2)
+            p1, p2 = await x.stub.ReplaceOrder(replace), await x.stub.ReplaceOrder(replace)
+            assert p2.duplicate and p2.input_position == p1.input_position
+
+            # What landed: one event per request, enums mapped to the engine's constants.
+            events = (await x.inputs("g1"))[x.init_counts["g1"]:]
+            assert [e.position for e in events] == [first.input_position, other.input_position,
+                                                    c1.input_position, p1.input_position]
+            cmds = [wire.decode_input(e.data, 0) for e in events]
+            assert cmds[0] == cm.NewOrder(0, "BTC-USD", "alice", "c-1", ESide.SELL, 5, 50100,
+                                          OrderType.LIMIT, ETif.IOC, False, STP.NONE)
+            # UNSPECIFIED takes the defaults: LIMIT, GTC, STP cancel newest.
+            assert cmds[1] == cm.NewOrder(0, "BTC-USD", "bob", "c-1", ESide.BUY, 1, 50000,
+                                          OrderType.LIMIT, ETif.GTC, False, STP.CANCEL_NEWEST)
+            assert cmds[2] == cm.CancelOrder(0, "BTC-USD", "alice", 0, "c-1")
+            assert cmds[3] == cm.ReplaceOrder(0, "BTC-USD", "alice", 50000, 2, 1, "")
+            assert [e.type for e in events] == ["NewOrder", "NewOrder", "CancelOrder",
+                                                "ReplaceOrder"]
+    run(body)
+
+
+def test_store_unavailable_passes_through(tmp_path: Path) -> None:
+    async def body() -> None:
+        with socket.socket() as s:  # a loopback port nobody listens on once closed
+            s.bind(("127.0.0.1", 0))
+            dead = f"127.0.0.1:{s.getsockname()[1]}"
+        config = parse(tomllib.loads(EXCHANGE))
+        client = StoreClient(dead, timeout_s=1.0, attempt_timeout_s=0.5)
+        gateway = GatewayServer(config, dead, client=client)
+        await gateway.start()
+        try:
+            async with grpc.aio.insecure_channel(gateway.address) as channel:
+                stub = xpb_grpc.OrderGatewayStub(channel)
+                err = await refused(stub.SubmitOrder(order("c1", xpb.BUY, 1, 50000)))
+                # The store client's own refusal, passed through: code and message.
+                assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+                assert "connect" in (err.details() or ""), err
+        finally:
+            await gateway.stop(grace_s=0.5)
+            await client.close()
+    run(body)
+
+
+# ---------------------------------------------------------------------- wait
+
+def kinds(resp: xpb.OrderResponse) -> list[str]:
+    return [r.kind for r in resp.reports]
+
+
+def test_wait_answers_with_the_engines_outputs(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with exchange(tmp_path) as x:
+            await x.step()  # the engine applies the exchange's symbols and deposits
+            async with running_driver(x.drivers["g1"]):
+                sell = await x.stub.SubmitOrder(order("s1", xpb.SELL, 5, 50000, wait=True))
+                assert not sell.timed_out and kinds(sell) == ["ACCEPTED", "BOOK"]
+                acc = sell.reports[0]
+                assert (acc.account, acc.client_order_id, acc.side, acc.price, acc.qty,
+                        acc.group, acc.input_position, acc.output_index) == (
+                    "alice", "s1", xpb.SELL, 50000, 5, "g1", sell.input_position, 0)
+                assert acc.ts_ns > 0  # the store's timestamp of the input record
+
+                buy = await x.stub.SubmitOrder(order("b1", xpb.BUY, 3, 50000, account="bob",
+                                                     wait=True))
+                assert kinds(buy)[:2] == ["ACCEPTED", "FILL"]
+                fill = buy.reports[1]
+                assert (fill.maker_account, fill.taker_account, fill.price, fill.qty,
+                        fill.side, fill.maker_order_id) == ("alice", "bob", 50000, 3, xpb.BUY,
+                                                            acc.order_id)
+                assert [r.output_index for r in buy.reports] == list(range(len(buy.reports)))
+
+                rep = await x.stub.ReplaceOrder(xpb.ReplaceOrderRequest(
+                    symbol="BTC-USD", account="alice", request_id="r1", client_order_id="s1",
+                    price=50010, qty=2, wait=True))
+                assert kinds(rep)[0] == "REPLACED" and rep.reports[0].price == 50010
+                cancel = await x.stub.CancelOrder(xpb.CancelOrderRequest(
+                    symbol="BTC-USD", account="alice", request_id="r2", order_id=acc.order_id,
+                    wait=True))
+                assert kinds(cancel)[0] == "CANCELLED" and cancel.reports[0].qty == 2
+                # The engine's deterministic rejects come back as reports too.
+                bad = await x.stub.SubmitOrder(order("s2", xpb.SELL, 1, 99999, wait=True))
+                assert kinds(bad) == ["REJECTED"]
+                assert bad.reports[0].reason == "PRICE_OUTSIDE_BAND"
+                # A retry with wait gets the same answer (from the gateway's cache).
+                retry = await x.stub.SubmitOrder(order("b1", xpb.BUY, 3, 50000, account="bob",
+                                                       wait=True))
+                assert retry.duplicate and list(retry.reports) == list(buy.reports)
+    run(body)
+
+
+def test_wait_times_out_without_an_engine_and_late_outputs_are_found(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with exchange(tmp_path, GatewayLimits(recent_inputs=2)) as x:
+            await x.step()
+            slow = await x.stub.SubmitOrder(order("w1", xpb.SELL, 1, 50000, wait=True,
+                                                  wait_timeout_ms=200))
+            assert slow.timed_out and not slow.reports and slow.input_position > 0
+            # Outputs land before the retry's waiter exists: served from the cache.
+            await x.step()
+            await x.fed()
+            late = await x.stub.SubmitOrder(order("w1", xpb.SELL, 1, 50000, wait=True))
+            assert late.duplicate and not late.timed_out and kinds(late) == ["ACCEPTED", "BOOK"]
+            # Push w1 out of the two-input cache: its outputs are read from the store.
+            for i in range(4):
+                await x.stub.SubmitOrder(order(f"f{i}", xpb.SELL, 1, 50001 + i))
+                await x.step()
+            await x.fed()
+            assert ("g1", late.input_position) not in x.gateway.service.feed.recent
+            old = await x.stub.SubmitOrder(order("w1", xpb.SELL, 1, 50000, wait=True))
+            assert old.duplicate and list(old.reports) == list(late.reports)
+            # A group whose engine is not running answers timed_out, not an error.
+            acme = await x.stub.SubmitOrder(order("a1", xpb.BUY, 100, 10000, symbol="ACME",
+                                                  wait=True, wait_timeout_ms=100))
+            assert acme.timed_out
+            assert not x.gateway.service.feed.groups["g2"].waiters  # cleaned up
+    run(body)
+
+
+# ---------------------------------------------------------------------- StreamExecutions
+
+async def next_msg(call: Any) -> Any:
+    msg = await asyncio.wait_for(call.read(), T)
+    assert msg is not grpc.aio.EOF, "stream ended"
+    return msg
+
+
+def test_stream_executions_filters_by_account_and_resumes(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with exchange(tmp_path) as x:
+            feed = x.gateway.service.feed
+            await x.step()
+            await x.fed()
+            await x.fed("g2")
+            live = x.stub.StreamExecutions(xpb.StreamExecutionsRequest(account="alice"))
+            await wait_until(lambda: "alice" in feed.exec_outlets, T, "alice's stream")
+            await x.stub.SubmitOrder(order("a1", xpb.SELL, 5, 50000))
+            await x.stub.SubmitOrder(order("c1", xpb.BUY, 1, 40000, account="carol"))
+            await x.stub.SubmitOrder(order("b1", xpb.BUY, 2, 50000, account="bob"))
+            await x.stub.SubmitOrder(order("a2", xpb.BUY, 100, 10000, symbol="ACME"))
+            await x.step("g1")
+            await x.step("g2")
+            got = [await next_msg(live) for _ in range(2)]
+            reports = [r for b in got for r in b.reports]
+            assert {r.group for r in reports} == {"g1", "g2"}
+            for r in reports:
+                assert "alice" in (r.account, r.maker_account, r.taker_account), r
+            assert "FILL" in [r.kind for r in reports]
+            assert all(r.account != "carol" for r in reports)
+            assert got[0].position < got[1].position  # one batch per output event
+            live.cancel()
+
+            # Resume after the first batch: the rest comes from the store, then live.
+            resumed = x.stub.StreamExecutions(xpb.StreamExecutionsRequest(
+                account="alice", after_position=got[0].position))
+            assert await next_msg(resumed) == got[1]
+            await x.stub.CancelOrder(xpb.CancelOrderRequest(
+                symbol="BTC-USD", account="alice", request_id="r1", client_order_id="a1"))
+            await x.step("g1")
+            tail = await next_msg(resumed)
+            assert tail.position > got[1].position
+            assert tail.reports[0].kind == "CANCELLED"
+            resumed.cancel()
+
+            # From the start of the log: every alice report, deposits included.
+            everything = x.stub.StreamExecutions(xpb.StreamExecutionsRequest(
+                account="alice", after_position=1))
+            batches = [await next_msg(everything) for _ in range(5)]
+            assert [b.position for b in batches] == sorted(b.position for b in batches)
+            assert batches[0].reports[0].kind == "BALANCE"
+            assert batches[-1] == tail
+            everything.cancel()
+            await wait_until(lambda: feed.outlets == 0, T, "streams closed")
+    run(body)
+
+
+def test_a_slow_execution_consumer_is_cut_off_and_can_resume(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with exchange(tmp_path, GatewayLimits(stream_queue=2)) as x:
+            feed = x.gateway.service.feed
+            await x.step()
+            await x.fed()
+            call = x.stub.StreamExecutions(xpb.StreamExecutionsRequest(account="alice"))
+            await wait_until(lambda: "alice" in feed.exec_outlets, T, "alice's stream")
+            for i in range(5):
+                await x.stub.SubmitOrder(order(f"s{i}", xpb.SELL, 1, 50000 + i))
+            # Five output events committed together reach the feed in one message: more
+            # than the client's queue of two before its handler can run.
+            await x.drivers["g1"].step(split=True)
+            first = await next_msg(call)
+            err = await refused(call.read())
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert f"resume with after_position={first.position}" in (err.details() or "")
+            resumed = x.stub.StreamExecutions(xpb.StreamExecutionsRequest(
+                account="alice", after_position=first.position))
+            rest = [await next_msg(resumed) for _ in range(4)]
+            cids = [b.reports[0].client_order_id for b in [first, *rest]]
+            assert cids == [f"s{i}" for i in range(5)]
+            resumed.cancel()
+    run(body)
+
+
+# ---------------------------------------------------------------------- StreamBook
+
+def levels(msg: xpb.BookMessage) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    return [(lv.price, lv.qty) for lv in msg.bids], [(lv.price, lv.qty) for lv in msg.asks]
+
+
+def test_stream_book_snapshot_then_updates(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with exchange(tmp_path) as x:
+            await x.step()
+            for cid, side, qty, price, acct in [("a1", xpb.SELL, 3, 50010, "alice"),
+                                                ("a2", xpb.SELL, 4, 50020, "alice"),
+                                                ("a3", xpb.SELL, 5, 50030, "alice"),
+                                                ("b1", xpb.BUY, 2, 49990, "bob"),
+                                                ("b2", xpb.BUY, 1, 49980, "carol"),
+                                                ("b3", xpb.BUY, 6, 49990, "carol")]:
+                await x.stub.SubmitOrder(order(cid, side, qty, price, account=acct))
+            await x.stub.SubmitOrder(order("e1", xpb.BUY, 7, 2000, account="bob",
+                                           symbol="ETH-USD"))
+            await x.step()
+            await x.fed()
+            call = x.stub.StreamBook(xpb.StreamBookRequest(symbol="BTC-USD", depth=2))
+            snap = await next_msg(call)
+            assert snap.snapshot and snap.symbol == "BTC-USD"
+            assert snap.input_position == x.drivers["g1"].last_input
+            assert levels(snap) == ([(49990, 8), (49980, 1)], [(50010, 3), (50020, 4)])
+            full = x.stub.StreamBook(xpb.StreamBookRequest(symbol="BTC-USD"))  # depth 20
+            assert levels(await next_msg(full))[1] == [(50010, 3), (50020, 4), (50030, 5)]
+            full.cancel()
+
+            # A buy that takes the best ask and rests the rest at 50010.
+            taker = await x.stub.SubmitOrder(order("b4", xpb.BUY, 5, 50010, account="bob"))
+            await x.step()
+            update = await next_msg(call)
+            assert not update.snapshot and update.input_position == taker.input_position
+            assert levels(update) == ([(50010, 2)], [(50010, 0)])
+            # Other symbols' changes do not reach this stream.
+            await x.stub.SubmitOrder(order("e2", xpb.BUY, 1, 2001, account="bob",
+                                           symbol="ETH-USD"))
+            await x.stub.CancelOrder(xpb.CancelOrderRequest(
+                symbol="BTC-USD", account="carol", request_id="r1", client_order_id="b2"))
+            await x.step()
+            update = await next_msg(call)
+            assert levels(update) == ([(49980, 0)], [])
+            call.cancel()
+    run(body)
+
+
+# ---------------------------------------------------------------------- CLI and processes
+
+@dataclass
+class GatewayProcess(ServeProcess):
+    """`xdc gateway` as a child process; ServeProcess reads its ready line and kills it by
+    PID."""
+
+    store: str = ""
+    exchange: str = ""
+
+    def start(self, timeout_s: float = 20.0) -> GatewayProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "xdc.cli", "gateway", "--store", self.store, "--listen",
+             self.listen, "--exchange", self.exchange], stdout=subprocess.PIPE,
+            env={**os.environ, **(self.env or {})})
+        self.address = self._await_ready(timeout_s)
+        return self
+
+
+def write_exchange(tmp_path: Path) -> Path:
+    path = tmp_path / "exchange.toml"
+    path.write_text(EXCHANGE)
+    return path
+
+
+async def xdc(*args: str, timeout_s: float = 60.0) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "xdc.cli", *args, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def test_cli_exchange_init_gateway_order_and_book(tmp_path: Path) -> None:
+    exchange_file = write_exchange(tmp_path)
+
+    async def body(store: ServeProcess, gateway: ServeProcess) -> None:
+        gw = ("--gateway", gateway.address)
+        async with StoreClient(store.address) as client:
+            driver = EngineDriver(client, "g1")
+            await driver.step()
+            rc, out, err = await xdc("order", "submit", *gw, "--symbol", "BTC-USD",
+                                     "--account", "alice", "--client-order-id", "s1",
+                                     "--side", "sell", "--qty", "5", "--price", "50000")
+            assert rc == 0, err
+            sell = json.loads(out)
+            assert sell["input_position"] > 0 and sell["duplicate"] is False
+            rc, out, _ = await xdc("order", "submit", *gw, "--symbol", "BTC-USD", "--account",
+                                   "alice", "--client-order-id", "s1", "--side", "sell",
+                                   "--qty", "5", "--price", "50000")
+            assert json.loads(out)["duplicate"] is True
+            await driver.step()
+
+            follow = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "xdc.cli", "book", "BTC-USD", "--follow", *gw,
+                stdout=asyncio.subprocess.PIPE)
+            try:
+                assert follow.stdout is not None
+                snap = json.loads(await asyncio.wait_for(follow.stdout.readline(), T))
+                assert snap["snapshot"] is True
+                assert snap["asks"] == [{"price": 50000, "qty": 5}] and snap["bids"] == []
+
+                async with running_driver(driver):
+                    rc, out, err = await xdc(
+                        "order", "submit", *gw, "--symbol", "BTC-USD", "--account", "bob",
+                        "--client-order-id", "b1", "--side", "buy", "--qty", "2", "--price",
+                        "50000", "--wait")
+                    assert rc == 0, err
+                    buy = json.loads(out)
+                    assert buy["timed_out"] is False
+                    assert [r["kind"] for r in buy["reports"]][:2] == ["ACCEPTED", "FILL"]
+                    assert buy["reports"][1]["maker_account"] == "alice"
+                    assert buy["reports"][0]["side"] == "BUY"
+                    update = json.loads(await asyncio.wait_for(follow.stdout.readline(), T))
+                    assert update["snapshot"] is False
+                    assert update["asks"] == [{"price": 50000, "qty": 3}]
+
+                    rc, out, err = await xdc(
+                        "order", "replace", *gw, "--symbol", "BTC-USD", "--account", "alice",
+                        "--request-id", "r1", "--client-order-id", "s1", "--price", "50005",
+                        "--qty", "3", "--wait")
+                    assert rc == 0, err
+                    assert json.loads(out)["reports"][0]["kind"] == "REPLACED"
+                    rc, out, err = await xdc(
+                        "order", "cancel", *gw, "--symbol", "BTC-USD", "--account", "alice",
+                        "--request-id", "r2", "--client-order-id", "s1", "--wait")
+                    assert rc == 0, err
+                    cancelled = json.loads(out)["reports"][0]
+                    assert (cancelled["kind"], cancelled["qty"]) == ("CANCELLED", 3)
+            finally:
+                follow.kill()  # by PID
+                await follow.wait()
+
+            rc, out, err = await xdc("book", "BTC-USD", *gw)
+            assert rc == 0, err
+            book = json.loads(out)
+            assert (book["bids"], book["asks"]) == ([], [])
+            assert book["input_position"] == driver.last_input
+
+            rc, out, err = await xdc("order", "submit", *gw, "--symbol", "BTC-USD",
+                                     "--account", "alice", "--client-order-id", "z",
+                                     "--side", "sell", "--qty", "0", "--price", "1")
+            assert rc == 1 and "INVALID_ARGUMENT: qty: 1.." in err
+            rc, out, err = await xdc("book", "NOPE", *gw)
+            assert rc == 1 and "NOT_FOUND" in err
+
+    with ServeProcess(str(tmp_path / "store")) as store:
+        init = ("exchange", "init", "--store", store.address, "--exchange", str(exchange_file))
+
+        async def init_twice() -> None:
+            rc, out, err = await xdc(*init)
+            assert rc == 0, err
+            lines = [json.loads(line) for line in out.splitlines()]
+            assert [(r["group"], r["appended"], r["duplicates"]) for r in lines] == [
+                ("g1", 5, 0), ("g2", 2, 0)]
+            rc, out, err = await xdc(*init)
+            assert rc == 0, err
+            assert [json.loads(line)["duplicates"] for line in out.splitlines()] == [5, 2]
+            rc, out, _ = await xdc("exchange", "example")
+            assert rc == 0 and parse(tomllib.loads(out)).group_of["ACME"] == "equities"
+        run(init_twice)
+
+        gateway = GatewayProcess("", store=store.address, exchange=str(exchange_file))
+        with gateway:
+            run(lambda: body(store, gateway))
+            gateway.signal(signal.SIGTERM)
+            assert gateway.proc is not None and gateway.proc.wait(20) == 0
+            assert gateway.proc.stdout is not None
+            assert b'"stopped"' in gateway.proc.stdout.read()
+
+
+def test_gateway_cli_refuses_a_bad_exchange_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[group]]\nname = 'g 1'\n")
+
+    async def body() -> None:
+        rc, _, err = await xdc("gateway", "--store", "127.0.0.1:1", "--listen", "127.0.0.1:0",
+                               "--exchange", str(bad))
+        assert rc == 2 and "group[0].name" in err
+        rc, _, err = await xdc("exchange", "init", "--store", "127.0.0.1:1", "--exchange",
+                               str(tmp_path / "missing.toml"))
+        assert rc == 2 and "missing.toml" in err
+    run(body)
+
+
