@@ -282,9 +282,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help=f"{QUICK_N} commands, 3 runs")
     ap.add_argument("--runs", type=int, default=None)
     ap.add_argument("--json", metavar="PATH", help="write results as JSON")
+    ap.add_argument("--match-only", action="store_true", help="skip the end-to-end part")
     args = ap.parse_args(argv)
     res = run(args.quick, args.runs)
     print(_table(res))
+    if not args.match_only:
+        from bench.exchange import run as run_exchange
+        e2e = run_exchange(args.quick, args.runs)
+        res.update(e2e)
+        print("\nend to end (client -> store -> engine -> outputs committed), single node")
+        for k in ("e2e_orders_per_s", "e2e_offered_load_per_s", "e2e_p50_ms", "e2e_p99_ms",
+                  "replay_cps", "replay_vs_live", "restore_100k_s"):
+            print(f"  {k:<24}  {e2e[k]}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2, sort_keys=True)

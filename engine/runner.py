@@ -41,6 +41,7 @@ from engine.codec import CodecError, state_hash
 from engine.consumer import MAX_PENDING_INPUTS, Capture, Consumer
 from engine.lease import PrimaryLease
 from store.client import EXACT, AppendError, CaughtUp, StoreClient
+from store.errors import MD_RETRY_AFTER_MS
 from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import exchange_pb2 as xpb
 from xdc.v1 import exchange_pb2_grpc as xpb_grpc
@@ -51,6 +52,17 @@ ENGINE_VERSION = "1.0.0"
 SNAPSHOT_CHUNK = 512 * 1024  # compressed bytes per snapshot event (event limit 1 MiB)
 MAX_SNAPSHOT_CHUNKS = 32  # one atomic append of at most 16 MiB
 DESIGNATION_TTL_S = 10
+STARTUP_TIMEOUT_S = 60.0
+_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
+              grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def _retry_after_s(exc: grpc.aio.AioRpcError) -> float:
+    """The store's retry hint (trailing metadata), bounded; 0.1 s without one."""
+    for key, value in exc.trailing_metadata() or ():
+        if key in (MD_RETRY_AFTER_MS, "retry-after-ms") and str(value).isdigit():
+            return min(2.0, max(0.01, int(value) / 1000))
+    return 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,12 +144,19 @@ class EngineRunner:
 
     async def _load_snapshot(self) -> None:
         stream = wire.snapshot_stream(self.config.group)
-        try:
-            tail = await self.client.read(stream, backwards=True, limit=1)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return
-            raise
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STARTUP_TIMEOUT_S
+        while True:
+            try:
+                tail = await self.client.read(stream, backwards=True, limit=1)
+                break
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    return
+                # A store that is starting, electing or shedding load: wait for it.
+                if exc.code() not in _TRANSIENT or loop.time() > deadline:
+                    raise
+                await asyncio.sleep(_retry_after_s(exc))
         if not tail:
             return
         md = tail[0].metadata

@@ -1,0 +1,199 @@
+"""End-to-end exchange benchmark: client -> store -> matching engine -> outputs committed.
+
+Real processes on this machine: one `xdc serve` (durable, fsync before every answer) and
+one `xdc engine run` (primary, file lease). The bench process appends order commands to
+the group's input stream with the store client and watches the output stream.
+
+* e2e_orders_per_s: the matching workload of bench.match (80% new orders, 25% of them
+  marketable, 20% cancels), appended as fast as the client pipelines them; time from the
+  first append to the output batch that covers the last order.
+* e2e_p50_ms / e2e_p99_ms: at a stated offered load (orders paced on a schedule), time
+  from the append call to the moment the output batch holding that order's outputs is
+  delivered to a subscriber: append, fsync, engine, output append, fsync, delivery.
+* replay_cps: a fresh instance replaying the whole group log from the store and checking
+  every committed output (`xdc engine verify`'s code), inputs per second.
+* restore_100k_s: restoring an engine snapshot holding 100k resting orders.
+
+Nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.match import SYMBOL, setup_commands, workload
+from engine import wire
+from engine.book import Engine, gc_paused
+from engine.cli import verify
+from engine.codec import restore, snapshot_bytes
+from engine.commands import AddSymbol, Deposit, NewOrder
+from engine.constants import Side
+from store.client import StoreClient
+from store.process import ServeProcess
+
+GROUP = "bench"
+
+
+def _events(cmds: list[object], tag: str) -> list:  # type: ignore[type-arg]
+    return [wire.command_event(GROUP, dataclasses.replace(c, ts_ns=0), f"{tag}:{i}")  # type: ignore[type-var]
+            for i, c in enumerate(cmds)]
+
+
+async def _last_output_input(client: StoreClient) -> int:
+    try:
+        tail = await client.read(wire.output_stream(GROUP), backwards=True, limit=1)
+    except Exception:
+        return 0
+    return int(tail[0].metadata["last_input"]) if tail else 0
+
+
+async def _wait_outputs(client: StoreClient, position: int, timeout_s: float) -> float:
+    deadline = time.monotonic() + timeout_s
+    while await _last_output_input(client) < position:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"outputs not committed through input {position}")
+        await asyncio.sleep(0.002)
+    return time.perf_counter()
+
+
+async def _throughput(client: StoreClient, n: int, run: int) -> float:
+    events = _events(workload(n, seed=1000 + run), f"t{run}")
+    stream = wire.input_stream(GROUP)
+    t0 = time.perf_counter()
+    futs = [client.append_nowait(stream, [e]) for e in events]
+    results = await asyncio.gather(*futs)
+    last = max(r.last_position for r in results)
+    t1 = await _wait_outputs(client, last, 120)
+    return n / (t1 - t0)
+
+
+async def _latency(client: StoreClient, rate: int, seconds: float, run: int) -> list[float]:
+    """Orders paced at ``rate``/s; latency per order in ms."""
+    n = int(rate * seconds)
+    # Resting limit orders far from the touch: every order is one Accepted + BookUpdate.
+    cmds = [NewOrder(0, SYMBOL, f"acct{i % 100:03d}", "", Side.BUY if i % 2 else Side.SELL,
+                     1, 9_000 - (i % 50) if i % 2 else 11_000 + (i % 50)) for i in range(n)]
+    events = _events(cmds, f"l{run}")
+    sent: dict[int, float] = {}
+    arrived: dict[int, float] = {}
+    done = asyncio.Event()
+    stream = wire.input_stream(GROUP)
+    start_after = await _last_output_input(client)
+
+    async def watch() -> None:
+        async for item in client.subscribe(from_end=True, stream_prefix=wire.output_stream(GROUP),
+                                           event_types=[wire.OUTPUT_TYPE], batches=True):
+            now = time.perf_counter()
+            if not hasattr(item, "events"):
+                continue
+            for e in item.events:
+                for blob in wire.decode_output(e.data).blobs:
+                    p = wire.blob_position(blob)
+                    if p > start_after:
+                        arrived[p] = now
+            if len(arrived) >= n:
+                done.set()
+                return
+
+    watcher = asyncio.create_task(watch())
+    await asyncio.sleep(0.2)  # let the subscription reach the live tail before pacing
+    t0 = time.perf_counter()
+
+    def record(fut: asyncio.Future, t: float) -> None:  # type: ignore[type-arg]
+        if not fut.cancelled() and fut.exception() is None:
+            sent[fut.result().first_position] = t
+
+    for i, e in enumerate(events):
+        due = t0 + i / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        t = time.perf_counter()
+        fut = client.append_nowait(stream, [e])
+        fut.add_done_callback(lambda f, t=t: record(f, t))
+    try:
+        await asyncio.wait_for(done.wait(), 60)
+    finally:
+        watcher.cancel()
+    return [(arrived[p] - t) * 1000 for p, t in sent.items() if p in arrived]
+
+
+def restore_100k() -> float:
+    eng = Engine()
+    out: list[tuple] = []
+    eng.process(AddSymbol(1, "R", "B", "Q", 1, 1, 10_000, 100_000), out)
+    for a in range(100):
+        eng.process(Deposit(1, f"a{a}", "Q", 10**15), out)
+        eng.process(Deposit(1, f"a{a}", "B", 10**12), out)
+    with gc_paused():
+        for i in range(100_000):
+            side = i % 2
+            price = 100_000 - 1 - (i % 5000) if side == Side.BUY else 100_001 + (i % 5000)
+            out.clear()
+            eng.process(NewOrder(2, "R", f"a{i % 100}", "", side, 1, price), out)
+    data = snapshot_bytes(eng)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        restore(data)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+async def _run_async(quick: bool, address: str, engine: ServeProcess, runs: int
+                     ) -> dict[str, Any]:
+    client = StoreClient(address, timeout_s=120)
+    try:
+        await client.append(wire.input_stream(GROUP), _events(setup_commands(), "setup"))
+        n = 20_000 if quick else 100_000
+        tput = [await _throughput(client, n, r) for r in range(runs)]
+        rate = 500 if quick else 1_000
+        seconds = 2.0 if quick else 5.0
+        lat: list[float] = []
+        p50s, p99s = [], []
+        for r in range(runs):
+            sample = sorted(await _latency(client, rate, seconds, r))
+            lat.extend(sample)
+            p50s.append(sample[len(sample) // 2])
+            p99s.append(sample[min(len(sample) - 1, int(len(sample) * 0.99))])
+        replay = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            res = await verify([address], GROUP)
+            replay.append(int(res["inputs"]) / (time.perf_counter() - t0))  # type: ignore[call-overload]
+            assert res["ok"], res
+        return {
+            "e2e_orders_per_s": round(statistics.median(tput)),
+            "e2e_runs_orders_per_s": [round(x) for x in tput],
+            "e2e_offered_load_per_s": rate,
+            "e2e_latency_orders": len(lat),
+            "e2e_p50_ms": round(statistics.median(p50s), 3),
+            "e2e_p99_ms": round(statistics.median(p99s), 3),
+            "replay_cps": round(statistics.median(replay)),
+            "replay_inputs": int(res["inputs"]),  # type: ignore[call-overload]
+        }
+    finally:
+        await client.close()
+
+
+def run(quick: bool = False, runs: int | None = None) -> dict[str, Any]:
+    runs = runs or 3
+    with tempfile.TemporaryDirectory(prefix="xdc-bench-exchange-") as tmp:
+        store = ServeProcess(str(Path(tmp) / "store")).start()
+        engine = ServeProcess(command=[
+            "engine", "run", "--store", store.address, "--group", GROUP, "--instance", "p",
+            "--lease", f"file:{tmp}/lease", "--snapshot-every", "0"]).start()
+        try:
+            out = asyncio.run(_run_async(quick, store.address, engine, runs))
+        finally:
+            engine.stop()
+            store.stop()
+    out["restore_100k_s"] = round(restore_100k(), 3)
+    out["replay_vs_live"] = round(out["replay_cps"] / out["e2e_orders_per_s"], 2)
+    return out
