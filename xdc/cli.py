@@ -534,6 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write results here")
     p.set_defaults(func=cmd_bench)
     add_exchange_parsers(sub)
+
+    from engine.cli import add_parser as add_engine_parser
+    add_engine_parser(sub)
     return parser
 
 
