@@ -102,7 +102,9 @@ class GatewayLimits:
     max_streams: int = 1_000  # StreamExecutions + StreamBook clients at once
     default_book_depth: int = 20
     max_book_depth: int = 1_000
-    book_wait_s: float = 10.0  # StreamBook waits this long for the feed to catch up
+    # Live streams (StreamBook, StreamExecutions from now) wait this long for the output
+    # feed to read the log up to its end after a start; then UNAVAILABLE.
+    catch_up_wait_s: float = 10.0
 
     def __post_init__(self) -> None:
         assert 0 < self.default_wait_ms <= self.max_wait_ms
@@ -248,6 +250,7 @@ class OutputFeed:
         self.exec_outlets: dict[str, set[Outlet]] = {}
         self.book_outlets: dict[str, set[Outlet]] = {}
         self.outlets = 0
+        self.stopped = False
         self._task: asyncio.Task[None] | None = None
 
     # ---- lifecycle
@@ -256,6 +259,7 @@ class OutputFeed:
         self._task = asyncio.get_running_loop().create_task(self._follow())
 
     async def stop(self) -> None:
+        self.stopped = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -415,7 +419,7 @@ class OutputFeed:
                 done, _ = await asyncio.wait({fut}, timeout=timeout_s)
             finally:
                 self._forget(group, position, fut)
-            if not done:
+            if not done or self.stopped:
                 return None
             raws = fut.result()
             if raws is not None:
@@ -517,6 +521,11 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
 
     def start(self) -> None:
         self.feed.start()
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for their outputs now (at most ``limits.max_waiters``)."""
+        return self._waiting
 
     async def stop(self) -> None:
         await self.feed.stop()
@@ -664,7 +673,11 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
             return o
 
         try:
-            if position == 0 or position >= feed.position:
+            if position == 0:
+                # "From now": not the history the feed replays after the gateway started.
+                await self._caught_up()
+                outlet = attach()
+            elif position >= feed.position:
                 outlet = attach()
             else:
                 # Catch-up from the store until the feed's position, then switch to the
@@ -710,6 +723,16 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
             if outlet is not None:
                 feed.close_outlet(outlet, feed.exec_outlets, account)
 
+    async def _caught_up(self) -> None:
+        if self.feed.caught_up.is_set():
+            return
+        try:
+            await asyncio.wait_for(self.feed.caught_up.wait(), self.limits.catch_up_wait_s)
+        except TimeoutError:
+            raise Refused(grpc.StatusCode.UNAVAILABLE,
+                          f"the gateway is still reading the output log (at position "
+                          f"{self.feed.position}); retry shortly") from None
+
     def _catch_up_batch(self, e: pb.RecordedEvent, account: str) -> xpb.ExecutionBatch | None:
         group = self.feed.by_stream.get(e.stream)
         if group is None:
@@ -732,13 +755,7 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
             self._group(symbol)
             depth = request.depth or self.limits.default_book_depth
             check_int("depth", depth, 1, self.limits.max_book_depth, " levels per side")
-            if not feed.caught_up.is_set():
-                try:
-                    await asyncio.wait_for(feed.caught_up.wait(), self.limits.book_wait_s)
-                except TimeoutError:
-                    raise Refused(grpc.StatusCode.UNAVAILABLE,
-                                  f"the gateway is still reading the output log (at position "
-                                  f"{feed.position}); retry shortly") from None
+            await self._caught_up()
             # Attach and snapshot in one loop step: every later update follows the snapshot.
             outlet = feed.open_outlet()
             feed.book_outlets.setdefault(symbol, set()).add(outlet)

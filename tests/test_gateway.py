@@ -379,6 +379,37 @@ def test_wait_times_out_without_an_engine_and_late_outputs_are_found(tmp_path: P
     run(body)
 
 
+def test_waiters_and_streams_are_bounded(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with exchange(tmp_path, GatewayLimits(max_waiters=1, max_streams=1)) as x:
+            service = x.gateway.service
+            # No engine runs for g2: the first waiter holds the only slot.
+            first = x.stub.SubmitOrder(order("a1", xpb.BUY, 100, 10000, symbol="ACME",
+                                             wait=True, wait_timeout_ms=60_000))
+            await wait_until(lambda: service.waiting == 1, T, "the first waiter")
+            err = await refused(x.stub.SubmitOrder(order("a2", xpb.BUY, 100, 10000,
+                                                         symbol="ACME", wait=True)))
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "too many requests waiting for outputs (limit 1)" in (err.details() or "")
+            assert len(await x.inputs("g2")) == x.init_counts["g2"] + 1  # a1 only
+            # Without wait the same order goes through.
+            assert (await x.stub.SubmitOrder(order("a2", xpb.BUY, 100, 10000,
+                                                   symbol="ACME"))).input_position
+            first.cancel()  # the gateway releases the slot when the call goes away
+            await wait_until(lambda: service.waiting == 0, T, "the slot released")
+            assert not service.feed.groups["g2"].waiters
+
+            one = x.stub.StreamBook(xpb.StreamBookRequest(symbol="ACME"))
+            assert (await next_msg(one)).snapshot
+            err = await refused(x.stub.StreamExecutions(
+                xpb.StreamExecutionsRequest(account="alice")).read())
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "too many streaming clients (limit 1)" in (err.details() or "")
+            one.cancel()
+            await wait_until(lambda: service.feed.outlets == 0, T, "the stream closed")
+    run(body)
+
+
 # ---------------------------------------------------------------------- StreamExecutions
 
 async def next_msg(call: Any) -> Any:
@@ -507,6 +538,39 @@ def test_stream_book_snapshot_then_updates(tmp_path: Path) -> None:
             update = await next_msg(call)
             assert levels(update) == ([(49980, 0)], [])
             call.cancel()
+    run(body)
+
+
+def test_a_new_gateway_rebuilds_books_from_the_log_and_live_means_from_now(
+        tmp_path: Path) -> None:
+    async def body() -> None:
+        async with exchange(tmp_path) as x:
+            await x.step()
+            await x.stub.SubmitOrder(order("a1", xpb.SELL, 3, 50010))
+            await x.stub.SubmitOrder(order("b1", xpb.BUY, 2, 49990, account="bob"))
+            await x.step()
+            await x.fed()
+            second = GatewayServer(x.config, x.store.address)
+            await second.start()
+            try:
+                async with grpc.aio.insecure_channel(second.address) as channel:
+                    stub = xpb_grpc.OrderGatewayStub(channel)
+                    book = stub.StreamBook(xpb.StreamBookRequest(symbol="BTC-USD"))
+                    snap = await next_msg(book)
+                    assert levels(snap) == ([(49990, 2)], [(50010, 3)])
+                    assert snap.input_position == x.drivers["g1"].last_input
+                    book.cancel()
+                    live = stub.StreamExecutions(xpb.StreamExecutionsRequest(account="alice"))
+                    feed = second.service.feed
+                    await wait_until(lambda: "alice" in feed.exec_outlets, T, "alice's stream")
+                    sent = await stub.SubmitOrder(order("a2", xpb.SELL, 1, 50020))
+                    await x.step()
+                    first = await next_msg(live)  # not alice's deposit or a1 from the log
+                    assert [r.client_order_id for r in first.reports] == ["a2"]
+                    assert first.reports[0].input_position == sent.input_position
+                    live.cancel()
+            finally:
+                await second.stop(grace_s=0.5)
     run(body)
 
 
