@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from dataclasses import fields
+from typing import Any
 
 from engine import commands as cm
 from engine.book import (
@@ -64,11 +65,22 @@ class CodecError(ValueError):
     """Bytes that are not a valid encoding."""
 
 
+_STR_CACHE: dict[str, bytes] = {}
+_STR_CACHE_MAX = 65_536  # symbols, accounts and reason codes repeat; ids mostly do not
+
+
 def _str(s: str) -> bytes:
+    cached = _STR_CACHE.get(s)
+    if cached is not None:
+        return cached
     b = s.encode("ascii")
     if len(b) > 255:
         raise CodecError("string longer than 255 bytes")
-    return bytes((len(b),)) + b
+    out = bytes((len(b),)) + b
+    if len(_STR_CACHE) >= _STR_CACHE_MAX:
+        _STR_CACHE.clear()
+    _STR_CACHE[s] = out
+    return out
 
 
 class _Reader:
@@ -311,7 +323,68 @@ _Q1 = struct.Struct("<q")
 _B1 = struct.Struct("<B")
 
 
+def _compile_decoder(cls: type) -> Any:
+    """A decoder for one command class: runs of fixed-size fields are read with one
+    struct each, strings by their length byte. Same bytes accepted and refused as
+    ``_decode_generic`` (the tests compare them)."""
+    plan: list[tuple[str, Any, tuple[int, ...]]] = []
+    fmt = ""
+    bools: list[int] = []  # indexes of bool fields within the current run
+    for _, typ in _CMD_FIELDS[cls]:
+        if typ == "str":
+            if fmt:
+                plan.append(("s", struct.Struct("<" + fmt), tuple(bools)))
+                fmt, bools = "", []
+            plan.append(("t", None, ()))
+        else:
+            if typ == "bool":
+                bools.append(len(fmt))
+            fmt += "B" if typ == "bool" else "q"
+    if fmt:
+        plan.append(("s", struct.Struct("<" + fmt), tuple(bools)))
+    steps = tuple(plan)
+
+    def decode(data: bytes) -> object:
+        pos = 1
+        n = len(data)
+        values: list[object] = []
+        for kind, st, bools in steps:
+            if kind == "s":
+                if pos + st.size > n:
+                    raise CodecError("truncated")
+                run = st.unpack_from(data, pos)
+                if bools:
+                    run = list(run)
+                    for i in bools:
+                        if run[i] > 1:
+                            raise CodecError("bad bool")
+                        run[i] = bool(run[i])
+                values.extend(run)
+                pos += st.size
+            else:
+                if pos >= n:
+                    raise CodecError("truncated")
+                end = pos + 1 + data[pos]
+                if end > n:
+                    raise CodecError("truncated")
+                try:
+                    values.append(data[pos + 1:end].decode("ascii"))
+                except UnicodeDecodeError as exc:
+                    raise CodecError("non-ASCII string") from exc
+                pos = end
+        if pos != n:
+            raise CodecError("trailing bytes")
+        return cls(*values)
+    return decode
+
+
 def decode_command(data: bytes) -> object:
+    if not data or not 1 <= data[0] <= len(COMMAND_CLASSES):
+        raise CodecError("unknown command tag")
+    return _DECODERS[data[0] - 1](data)
+
+
+def _decode_generic(data: bytes) -> object:
     if not data or not 1 <= data[0] <= len(COMMAND_CLASSES):
         raise CodecError("unknown command tag")
     cls = COMMAND_CLASSES[data[0] - 1]
@@ -332,6 +405,8 @@ def decode_command(data: bytes) -> object:
         raise CodecError("trailing bytes")
     return cls(*values)
 
+
+_DECODERS = tuple(_compile_decoder(cls) for cls in COMMAND_CLASSES)
 
 __all__ = [
     "GENESIS",
