@@ -132,6 +132,24 @@ def check_expected(stream: str, kind: int, revision: int, last_revision: int) ->
         raise wrong_revision(stream, _expected_text(kind, revision), last_revision)
 
 
+# Metadata that describes the attempt, not the event: a client retrying an append in a
+# new trace sends another traceparent, and that is still the same event.
+ATTEMPT_METADATA = ("traceparent", "tracestate")
+
+
+def same_event(stored: bytes, retried: bytes) -> bool:
+    """Is a retried event (serialized ProposedEvent) the stored one? Byte-equal, or equal
+    once the attempt's trace metadata is set aside (the stored copy is kept as it is)."""
+    if stored == retried:
+        return True
+    a, b = pb.ProposedEvent.FromString(stored), pb.ProposedEvent.FromString(retried)
+    for e in (a, b):
+        for key in ATTEMPT_METADATA:
+            if key in e.metadata:
+                del e.metadata[key]
+    return a == b
+
+
 def _disk_error(path: str, exc: Exception) -> StoreError:
     # LMDB reports a full disk as EIO from its page writes: say what the disk says.
     try:
@@ -419,7 +437,7 @@ class Log:
                     f"events[{i}].id {uuid.UUID(bytes=req.ids[i])} already exists at position "
                     f"{p} in stream {records.stream_of(value)!r}, not {req.stream!r}",
                 )
-            if records.body_of(value) != req.bodies[i]:
+            if not same_event(records.body_of(value), req.bodies[i]):
                 raise StoreError(
                     grpc.StatusCode.ALREADY_EXISTS,
                     f"events[{i}].id {uuid.UUID(bytes=req.ids[i])} already exists at position "

@@ -138,6 +138,17 @@ def test_idempotent_retry_returns_original_positions_even_after_restart(tmp_path
                 await c.append("s", changed)
             assert e.value.code == grpc.StatusCode.ALREADY_EXISTS
             assert "different content" in e.value.message
+            # A retry in another trace (new traceparent) is the same event; another
+            # metadata value is not.
+            traced = pb.ProposedEvent()
+            traced.CopyFrom(batch[0])
+            traced.metadata["traceparent"] = "00-" + "1" * 32 + "-" + "2" * 16 + "-01"
+            r = await c.append("s", traced)
+            assert r.duplicate and r.first_position == 1
+            traced.metadata["other"] = "x"
+            with pytest.raises(AppendError) as e:
+                await c.append("s", traced)
+            assert "different content" in e.value.message
             with pytest.raises(AppendError) as e:
                 await c.append("elsewhere", batch[0])
             assert e.value.code == grpc.StatusCode.ALREADY_EXISTS
