@@ -251,3 +251,22 @@ def test_warm_instance_alarms_on_forged_outputs_and_never_takes_over(tmp_path: P
         if warm is not None:
             warm.kill()
         store.kill()
+
+
+def test_engine_run_resolves_its_group_from_the_exchange_file(tmp_path: Path) -> None:
+    import argparse
+
+    from engine.cli import _group
+    from engine.exchange_config import DEMO_CONFIG
+
+    path = tmp_path / "exchange.toml"
+    path.write_text(DEMO_CONFIG)
+
+    def ns(**kw: str | None) -> argparse.Namespace:
+        return argparse.Namespace(**{"group": None, "exchange": None, "symbols": None, **kw})
+    assert _group(ns(exchange=str(path), symbols="BTC-USD,ETH-USD")) == "crypto"
+    assert _group(ns(group="equities")) == "equities"
+    for bad in (ns(exchange=str(path), symbols="BTC-USD,ACME"),
+                ns(exchange=str(path), symbols="NOPE"), ns()):
+        with pytest.raises(SystemExit):
+            _group(bad)
