@@ -28,6 +28,7 @@ bench: $(STAMP) sysdeps
 	$(BIN)/xdc bench store --json bench/results/store.json
 	$(BIN)/xdc bench replication --json bench/results/replication.json
 	$(BIN)/xdc bench engine --json bench/results/engine.json
+	$(BIN)/xdc bench tracing --json bench/results/tracing.json
 
 proto: $(STAMP)
 	$(BIN)/python -m xdc.protogen

@@ -34,6 +34,7 @@ from geo.replication.messages import (
     Tip,
 )
 from geo.replicator import Replicator, term_start_record
+from geo.tracing import FailoverClock, ReplicationObserver
 from geo.transport import CHANNEL_OPTIONS, PeerSender, ReplicationService, SwitchoverError
 from store.errors import StoreError
 from store.limits import Limits
@@ -41,6 +42,7 @@ from store.log import Log
 from store.node import StoreNode
 from store.server import StoreServer
 from store.writer import Results
+from xdc import telemetry
 from xdc.v1 import replication_pb2 as rpb
 from xdc.v1 import replication_pb2_grpc as rpb_grpc
 
@@ -83,6 +85,11 @@ class ClusterNode:
         # After losing its quorum a node lets the others campaign first: it is likely the
         # one cut off, and still reaching etcd it would take the seat back in vain.
         self._campaign_after = 0.0
+        # Replication spans and lag metrics, failover timings (geo/tracing.py).
+        self.observer = ReplicationObserver(
+            member_id, lambda: self.store.log.last_position if self.store.log else 0,
+            lambda: self.store.role.name == "leader")
+        self.failover = FailoverClock(member_id)
 
     # ---- life cycle ---------------------------------------------------------------
 
@@ -100,7 +107,8 @@ class ClusterNode:
             assert isinstance(self.replicator, Replicator)
             rpb_grpc.add_ReplicationServicer_to_server(ReplicationService(
                 self.config.cluster, self.id, {m.id for m in self.config.members},
-                self.replicator.deliver, self._tip, self.status, self.switchover), server)
+                self.replicator.deliver, self._tip, self.status, self.switchover,
+                observe=self.observer.observe), server)
 
         self.server = StoreServer(self.store, self.member.client, writer_factory=make,
                                   extra_listen=[self.member.peer],
@@ -113,6 +121,7 @@ class ClusterNode:
             self.senders[peer] = sender
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._ticker()), loop.create_task(self._elections())]
+        self.observer.start()
 
     async def stop(self) -> None:
         self._stopping = True
@@ -130,6 +139,8 @@ class ClusterNode:
         if self.server is not None:
             await self.server.stop(grace_s=1.0)
         await self.leadership.close()
+        self.observer.stop()
+        self.failover.stop()
 
     @property
     def address(self) -> str:
@@ -169,9 +180,11 @@ class ClusterNode:
                 current = await self.leadership.current()
                 if current is not None:
                     info, term = current
+                    self.failover.leader_seen(term, won=False)
                     self.store.role.leader = info.get("client", "")
                     await self.leadership.wait_change(term, timeout_s=self.config.lease_ttl_s)
                     continue
+                self.failover.vacant()
                 if (not self.member.voter or time.monotonic() < self._campaign_after
                         or not await self._may_campaign()):
                     await self.leadership.wait_change(None, timeout_s=self.tick_s * 4)
@@ -184,6 +197,7 @@ class ClusterNode:
                 term = await self.leadership.campaign()
                 if term is None:
                     continue
+                self.failover.leader_seen(term, won=True)
                 log.info("%s: won the leader key, term %d", self.id, term)
                 self.store.role.name = "candidate"
                 self.store.role.term = term
@@ -215,7 +229,9 @@ class ClusterNode:
 
         async def ask(peer: str, address: str) -> None:
             try:
-                async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as ch:
+                async with grpc.aio.insecure_channel(
+                        address, options=CHANNEL_OPTIONS,
+                        interceptors=telemetry.client_interceptors()) as ch:
                     r = await rpb_grpc.ReplicationStub(ch).Tip(
                         rpb.TipRequest(cluster=self.config.cluster, src=self.id), timeout=0.5)
                     peers[peer] = Tip(r.last_term, r.last_position)
@@ -256,9 +272,10 @@ class ClusterNode:
                     log.debug("%s: %s", self.id, e)
         for e in effects:
             if isinstance(e, Send):
+                trace_context = self.observer.on_send(e.msg)
                 sender = self.senders.get(e.msg.dst)
                 if sender is not None:
-                    sender.send(e.msg)
+                    sender.send(e.msg, trace_context)
             elif isinstance(e, Committed):
                 commit.advance(e.upto)
             elif isinstance(e, LeaderOpen):
@@ -267,6 +284,7 @@ class ClusterNode:
                 self.store.role.term = e.term
                 self.store.role.leader = self.member.client
                 self._opened.set()
+                self.failover.opened(e.term)
                 if self.server is not None:
                     self._background(self.server.health.set(
                         "xdc.v1.EventStore.writes", health_pb2.HealthCheckResponse.SERVING))
@@ -274,6 +292,9 @@ class ClusterNode:
                 log.warning("%s: stepped down from term %d: %s", self.id, e.term, e.reason)
                 self.store.role.name = "follower" if self.member.voter else "standby"
                 self._opened.clear()
+                self.observer.reset(f"stepped down: {e.reason}")
+                if not self._stopping:
+                    self.failover.lost(e.reason)
                 if "quorum" in e.reason or "recovery" in e.reason:
                     self._campaign_after = time.monotonic() + 2 * self.config.lease_ttl_s
                 commit.fail_waiters(StoreError(

@@ -31,7 +31,8 @@ from store import records
 from store.errors import StoreError
 from store.limits import Limits
 from store.log import Appended, Log, PreparedAppend, Sequenced
-from store.writer import Results, admit_to_queue
+from store.writer import Results, admit_to_queue, end_group_span, group_span
+from xdc import telemetry
 from xdc.v1 import eventstore_pb2 as pb
 
 TERM_START_TYPE = "$term-start"
@@ -104,6 +105,7 @@ class LmdbLogView:
 class _Group:
     reqs: list[PreparedAppend]
     future: asyncio.Future[Results]
+    caller: Any = None  # the submitter's span context, when tracing
 
 
 # Posted to the loop after each cycle: effects for the loop, and client results.
@@ -161,7 +163,8 @@ class Replicator:
         with self._cond:  # the writer thread decrements the count under the same lock
             admit_to_queue(self._pending_events, n, self.limits)
             self._pending_events += n
-        self._put("appends", _Group(reqs, fut))
+        self._put("appends", _Group(reqs, fut, telemetry.current_span_context()
+                                    if telemetry.tracing() else None))
         return fut
 
     def deliver(self, msgs: list[Message]) -> None:
@@ -239,6 +242,8 @@ class Replicator:
         answers: list[tuple[asyncio.Future[Results], Results]] = []
         effects = core.drain()
         propose = bool(groups)
+        span = (group_span([g.caller for g in groups], [r for g in groups for r in g.reqs],
+                           core.term) if propose and telemetry.tracing() else None)
         while True:
             if not (propose or self._commit_to_persist > self.log.commit_position
                     or any(isinstance(e, Persist) for e in effects)):
@@ -260,6 +265,8 @@ class Replicator:
             if last_seq:
                 core.on_persisted(last_seq)
             effects = core.drain()
+        if span is not None:
+            end_group_span(span, [r for _, results in answers for r in results])
         for e in out:
             if isinstance(e, Committed):
                 self._commit_to_persist = max(self._commit_to_persist, e.upto)

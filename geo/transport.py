@@ -11,7 +11,7 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import fields
 from typing import Any
 
@@ -111,8 +111,11 @@ class PeerSender:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    def send(self, msg: Message) -> None:
-        self._queue.append(encode(msg))
+    def send(self, msg: Message, trace_context: Mapping[str, str] | None = None) -> None:
+        pm = encode(msg)
+        if trace_context:
+            pm.trace_context.update(trace_context)
+        self._queue.append(pm)
         self._ready.set()
 
     async def _run(self) -> None:
@@ -154,8 +157,12 @@ class ReplicationService(rpb_grpc.ReplicationServicer):
                  tip: Callable[[], rpb.TipResponse],
                  status: Callable[[], Awaitable[rpb.NodeStatus]],
                  switchover: Callable[[str, float], Awaitable[rpb.SwitchoverResponse]],
+                 observe: Callable[[Message, Mapping[str, str]], None] | None = None,
                  ) -> None:
         self.cluster = cluster
+        # Sees each message before `deliver`, with the trace context it came with
+        # (geo/tracing.py: replication spans and lag).
+        self.observe = observe
         self.node_id = node_id
         self.members = members
         self.deliver = deliver
@@ -175,7 +182,10 @@ class ReplicationService(rpb_grpc.ReplicationServicer):
             for pm in batch.messages:
                 if pm.dst != self.node_id or pm.src != batch.src:
                     continue  # misrouted: drop, as a network would
-                msgs.append(decode(pm))
+                msg = decode(pm)
+                if self.observe is not None:
+                    self.observe(msg, pm.trace_context)
+                msgs.append(msg)
             received += len(msgs)
             if msgs:
                 self.deliver(msgs)

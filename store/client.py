@@ -21,9 +21,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from store.errors import MD_LEADER
 from store.limits import Limits
+from xdc import telemetry
 from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import eventstore_pb2_grpc as pb_grpc
 
@@ -85,6 +87,8 @@ class _Pending:
     request: pb.AppendRequest
     future: asyncio.Future[pb.AppendResponse]
     deadline: float
+    # The caller's span context when tracing: the message span's parent or link.
+    caller: Any = None
 
 
 def channel_options(limits: Limits | None = None) -> list[tuple[str, Any]]:
@@ -143,14 +147,17 @@ class StoreClient:
         self._cids = itertools.count(1)
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
+        # CLIENT span of each AppendStream message in flight, by correlation id (tracing).
+        self._spans: dict[int, Span] = {}
 
     # ---- connection ---------------------------------------------------------------
 
     @property
     def stub(self) -> pb_grpc.EventStoreStub:
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self._target,
-                                                      options=channel_options(self.limits))
+            self._channel = grpc.aio.insecure_channel(
+                self._target, options=channel_options(self.limits),
+                interceptors=telemetry.client_interceptors())
             self._stub = pb_grpc.EventStoreStub(self._channel)
         return self._stub
 
@@ -216,7 +223,8 @@ class StoreClient:
                                    expected_revision=expected_revision, events=events)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout_s if timeout_s is not None else self.timeout_s)
-        pending = _Pending(request, loop.create_future(), deadline)
+        pending = _Pending(request, loop.create_future(), deadline,
+                           telemetry.current_span_context() if telemetry.tracing() else None)
         self._enqueue(pending)
         return pending.future
 
@@ -277,11 +285,13 @@ class StoreClient:
                 if call is not self._call:  # reset while we waited for a slot
                     raise _StreamBroken()
                 cid = next(self._cids)
+                msg = pb.AppendStreamRequest(correlation_id=cid,
+                                             appends=[p.request for p in batch])
+                if telemetry.tracing():
+                    self._trace_message(msg, batch)
                 self._inflight.append((cid, batch, asyncio.get_running_loop().time()))
                 # Bounded: a write on a call whose channel went away can wait forever.
-                await asyncio.wait_for(call.write(pb.AppendStreamRequest(
-                    correlation_id=cid, appends=[p.request for p in batch])),
-                    self.attempt_timeout_s)
+                await asyncio.wait_for(call.write(msg), self.attempt_timeout_s)
             except asyncio.CancelledError:
                 raise
             except TimeoutError:
@@ -290,6 +300,7 @@ class StoreClient:
                 else:
                     self._inflight = collections.deque(
                         m for m in self._inflight if m[1] is not batch)
+                    self._end_orphan_spans()
                     self._retry(batch, None)
             except Exception:
                 # Whatever broke the stream: the receiver of the live stream re-queues what
@@ -299,7 +310,49 @@ class StoreClient:
                     if in_flight:
                         self._inflight = collections.deque(
                             m for m in self._inflight if m[1] is not batch)
+                    self._end_orphan_spans()
                     self._retry(batch, None)
+
+    def _trace_message(self, msg: pb.AppendStreamRequest, batch: list[_Pending]) -> None:
+        """A CLIENT span for one message, carried in it (the stream's gRPC metadata is
+        per call): the server's span for the message is its child. A message that
+        coalesces appends of several callers links to each of them instead."""
+        parent, links = telemetry.parent_and_links([p.caller for p in batch])
+        streams = {p.request.stream for p in batch}
+        attrs: dict[str, Any] = {
+            telemetry.RPC_SYSTEM: "grpc", telemetry.RPC_SERVICE: "xdc.v1.EventStore",
+            telemetry.RPC_METHOD: "AppendStream", telemetry.MESSAGING_SYSTEM: telemetry.SYSTEM,
+            telemetry.MESSAGING_BATCH_COUNT: sum(len(p.request.events) for p in batch),
+            "xdc.append.count": len(batch), "xdc.append.streams": len(streams),
+            "xdc.correlation_id": msg.correlation_id, "server.address": self._target}
+        if len(streams) == 1:
+            attrs[telemetry.MESSAGING_DESTINATION] = next(iter(streams))
+        span = telemetry.tracer().start_span("xdc.v1.EventStore/AppendStream", context=parent,
+                                             links=links, kind=SpanKind.CLIENT,
+                                             attributes=attrs)
+        msg.trace_context.update(telemetry.carrier_of(span))
+        self._spans[msg.correlation_id] = span
+
+    def _end_span(self, cid: int, resp: pb.AppendStreamResponse | None = None,
+                  error: str = "") -> None:
+        span = self._spans.pop(cid, None)
+        if span is None:
+            return
+        if resp is not None:
+            refused = sum(1 for r in resp.results if r.WhichOneof("result") != "ok")
+            span.set_attributes({"xdc.append.refused": refused, "xdc.append.result":
+                                 "ok" if not refused else "refused"
+                                 if refused == len(resp.results) else "partial"})
+        if error:
+            span.set_status(Status(StatusCode.ERROR, error))
+        span.end()
+
+    def _end_orphan_spans(self) -> None:
+        """Ends the spans of messages no longer in flight (not sent; re-queued)."""
+        if self._spans:
+            live = {m[0] for m in self._inflight}
+            for cid in [c for c in self._spans if c not in live]:
+                self._end_span(cid, error="message not sent; appends re-queued")
 
     async def _watch_stream(self) -> None:
         loop = asyncio.get_running_loop()
@@ -315,9 +368,13 @@ class StoreClient:
         error: grpc.aio.AioRpcError | None = None
         try:
             async for resp in call:
-                cid, batch, _ = self._inflight.popleft()
+                cid, batch, sent = self._inflight.popleft()
                 assert cid == resp.correlation_id, "AppendStream answers arrive in order"
                 self._slot_free.set()
+                telemetry.metrics().client_append_duration.record(
+                    asyncio.get_running_loop().time() - sent)
+                if self._spans:
+                    self._end_span(cid, resp)
                 for p, result in zip(batch, resp.results, strict=True):
                     self._settle(p, result)
         except grpc.aio.AioRpcError as exc:
@@ -388,6 +445,8 @@ class StoreClient:
         inflight = [p for _, batch, _ in self._inflight for p in batch]
         self._inflight.clear()
         self._slot_free.set()
+        for cid in list(self._spans):
+            self._end_span(cid, error=f"stream reset ({error!r}); appends re-sent")
         if call is not None:
             call.cancel()
         if receiver is not None and receiver is not asyncio.current_task():
@@ -451,8 +510,9 @@ class StoreClient:
                                           from_end=from_end and first,
                                           stream_prefix=stream_prefix, event_types=event_types)
             first = False
+            call = self.stub.Subscribe(request)
             try:
-                async for msg in self.stub.Subscribe(request):
+                async for msg in call:
                     kind = msg.WhichOneof("kind")
                     if kind == "events":
                         events = msg.events.events
@@ -479,6 +539,10 @@ class StoreClient:
                     raise
                 await self._switch()
                 await asyncio.sleep(0.1)
+            finally:
+                # A consumer that stops iterating ends the call: the server stops
+                # streaming to it (and stops counting it in the subscription lag gauge).
+                call.cancel()
 
     async def stream_info(self, stream: str) -> pb.StreamInfoResponse:
         return await self.stub.StreamInfo(pb.StreamInfoRequest(stream=stream),

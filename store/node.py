@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -20,6 +21,7 @@ from store.errors import StoreError
 from store.limits import Limits
 from store.log import Appended, Log, PreparedAppend
 from store.writer import AdmitHook, DurableHook, Results, Writer
+from xdc import telemetry
 
 
 class AppendWriter(Protocol):
@@ -101,5 +103,15 @@ class StoreNode:
         results = await self.writer.submit(reqs)
         last = max((r.last_position for r in results if isinstance(r, Appended)), default=0)
         if last > self.commit.position:
-            await self.commit.wait_for(last, generation)
+            # A cluster leader: durable here, now waiting for a quorum (standalone nodes
+            # commit what is durable before answering, so they never wait here).
+            t0 = time.perf_counter()
+            if telemetry.tracing():
+                with telemetry.tracer().start_as_current_span(
+                        "xdc.commit", attributes={"xdc.position.last": last,
+                                                  "xdc.node": self.node_id}):
+                    await self.commit.wait_for(last, generation)
+            else:
+                await self.commit.wait_for(last, generation)
+            telemetry.metrics().commit_duration.record(time.perf_counter() - t0)
         return results

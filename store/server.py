@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from store.limits import Limits
 from store.node import StoreNode, WriterFactory
 from store.service import SERVICE, EventStoreService
+from xdc import telemetry
 
 
 def server_options(limits: Limits) -> list[tuple[str, int]]:
@@ -63,12 +64,17 @@ class StoreServer:
         self.port = 0
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
+        self._lag_gauge = 0
 
     async def start(self) -> None:
         await self.node.start(self.writer_factory)
         server = grpc.aio.server(options=server_options(self.node.limits),
-                                 interceptors=self.interceptors)
-        server.add_generic_rpc_handlers((EventStoreService(self.node).handler(),))
+                                 interceptors=[*telemetry.server_interceptors(),
+                                               *self.interceptors])
+        service = EventStoreService(self.node)
+        server.add_generic_rpc_handlers((service.handler(),))
+        self._lag_gauge = telemetry.add_gauge_source("xdc.subscription.lag.records",
+                                                     service.subscription_lag)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if self.add_services is not None:
             self.add_services(server)
@@ -88,6 +94,7 @@ class StoreServer:
         return f"{host}:{self.port}"
 
     async def stop(self, grace_s: float = 2.0) -> None:
+        telemetry.remove_gauge_source("xdc.subscription.lag.records", self._lag_gauge)
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace_s)

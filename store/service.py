@@ -7,17 +7,22 @@ so no record is decoded or re-encoded on the way out."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import itertools
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind
 
 from store import records
 from store.errors import StoreError, invalid
-from store.log import Appended
+from store.log import Appended, PreparedAppend
 from store.node import StoreNode
 from store.validation import ALL, check_read, check_stream_name, prepare, refuse
+from xdc import telemetry
 from xdc.v1 import eventstore_pb2 as pb
 
 SERVICE = "xdc.v1.EventStore"
@@ -60,10 +65,44 @@ async def _abort(context: grpc.aio.ServicerContext, err: StoreError) -> None:
     await context.abort(err.code, err.message, trailing_metadata=err.metadata)
 
 
+def _annotate(span: Span, prepared: list[PreparedAppend], results: list[Any]) -> str:
+    """Sets an append span's attributes (batch level: counts, bytes, positions, result)
+    and returns the result label: ok, partial or refused."""
+    streams = {p.stream for p in prepared}
+    ok = [r for r in results if isinstance(r, Appended)]
+    refused = len(results) - len(ok)
+    label = "refused" if not ok else "partial" if refused else "ok"
+    attrs: dict[str, Any] = {
+        telemetry.MESSAGING_SYSTEM: telemetry.SYSTEM,
+        telemetry.MESSAGING_BATCH_COUNT: sum(len(p.ids) for p in prepared),
+        "xdc.append.count": len(results), "xdc.append.streams": len(streams),
+        "xdc.append.bytes": sum(len(b) for p in prepared for b in p.bodies),
+        "xdc.append.result": label, "xdc.append.refused": refused,
+        "xdc.append.duplicates": sum(1 for r in ok if r.duplicate)}
+    if len(streams) == 1:
+        attrs[telemetry.MESSAGING_DESTINATION] = next(iter(streams))
+    if ok:
+        attrs["xdc.position.first"] = min(r.first_position for r in ok)
+        attrs["xdc.position.last"] = max(r.last_position for r in ok)
+    span.set_attributes(attrs)
+    return label
+
+
+def _stream_span(correlation_id: int, parent: Any) -> Span:
+    """The SERVER span of one AppendStream message."""
+    return telemetry.tracer().start_span(
+        f"{SERVICE}/AppendStream", context=parent, kind=SpanKind.SERVER,
+        attributes={telemetry.RPC_SYSTEM: "grpc", telemetry.RPC_SERVICE: SERVICE,
+                    telemetry.RPC_METHOD: "AppendStream", "xdc.correlation_id": correlation_id})
+
+
 class EventStoreService:
     def __init__(self, node: StoreNode) -> None:
         self.node = node
         self.limits = node.limits
+        # Live subscriptions -> the position each has delivered up to (lag gauge).
+        self.subscriptions: dict[int, int] = {}
+        self._subscription_ids = itertools.count(1)
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(SERVICE, {
@@ -86,22 +125,39 @@ class EventStoreService:
     # ---- appends ------------------------------------------------------------------
 
     async def Append(self, request: Any, context: grpc.aio.ServicerContext) -> pb.AppendResponse:
+        # Its SERVER span is the interceptor's (telemetry.ServerInterceptor): current here.
+        t0 = time.perf_counter()
+        label = "ok"
         try:
             if isinstance(request, BadRequest):
                 raise StoreError(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
-            result = (await self.node.append([prepare(request, self.limits)]))[0]
+            prepared = [prepare(request, self.limits)]
+            result = (await self.node.append(prepared))[0]
+            if telemetry.tracing():
+                label = _annotate(trace.get_current_span(), prepared, [result])
             if isinstance(result, StoreError):
                 raise result
             return _ok(result)
         except StoreError as err:
+            label = "refused"
             await _abort(context, err)
             raise AssertionError("unreachable") from None
+        finally:
+            telemetry.metrics().append_duration.record(
+                time.perf_counter() - t0, {telemetry.RPC_METHOD: "Append",
+                                           "xdc.append.result": label})
 
     def _start_message(
-        self, msg: pb.AppendStreamRequest,
+        self, msg: pb.AppendStreamRequest, call_context: Mapping[str, str] | None = None,
     ) -> asyncio.Future[pb.AppendStreamResponse]:
         """Validates and queues one AppendStream message; the future is its answer.
         Queuing happens now, so one call's appends reach the writer in order."""
+        span = None
+        if telemetry.tracing():
+            # The message's own trace context, else the call's (a client that traces the
+            # whole stream), else a new trace.
+            span = _stream_span(msg.correlation_id, telemetry.extract(
+                msg.trace_context if msg.trace_context else call_context))
         n = len(msg.appends)
         slots: list[pb.AppendResult | None] = [None] * n
         prepared = []
@@ -115,18 +171,37 @@ class EventStoreService:
                     prepared.append((i, prepare(req, self.limits, f"appends[{i}].")))
                 except StoreError as err:
                     slots[i] = refuse(err)
-        return asyncio.ensure_future(self._finish_message(msg.correlation_id, slots, prepared))
+        return asyncio.ensure_future(self._finish_message(msg.correlation_id, slots, prepared,
+                                                          span))
 
     async def _finish_message(self, correlation_id: int, slots: list[pb.AppendResult | None],
-                              prepared: list) -> pb.AppendStreamResponse:
+                              prepared: list, span: Span | None = None,
+                              ) -> pb.AppendStreamResponse:
+        t0 = time.perf_counter()
+        results: list[Any] = []
         if prepared:
             try:
-                results = await self.node.append([p for _, p in prepared])
+                if span is not None:
+                    # Current while the append runs: the writer links its group commit
+                    # to it and the commit wait is its child.
+                    with trace.use_span(span):
+                        results = await self.node.append([p for _, p in prepared])
+                else:
+                    results = await self.node.append([p for _, p in prepared])
             except StoreError as err:
                 results = [err] * len(prepared)
             for (i, _), result in zip(prepared, results, strict=True):
                 slots[i] = (refuse(result) if isinstance(result, StoreError)
                             else pb.AppendResult(ok=_ok(result)))
+        refused = len(slots) - len(results)
+        label = ("refused" if refused == len(slots) else "partial" if refused or any(
+            isinstance(r, StoreError) for r in results) else "ok")
+        if span is not None:
+            label = _annotate(span, [p for _, p in prepared], [*results, *[None] * refused])
+            span.end()
+        telemetry.metrics().append_duration.record(
+            time.perf_counter() - t0, {telemetry.RPC_METHOD: "AppendStream",
+                                       "xdc.append.result": label})
         return pb.AppendStreamResponse(correlation_id=correlation_id, results=slots)
 
     async def AppendStream(
@@ -135,11 +210,16 @@ class EventStoreService:
         answers: asyncio.Queue[asyncio.Future[pb.AppendStreamResponse] | BadRequest | None] = (
             asyncio.Queue(MAX_INFLIGHT_MESSAGES))
 
+        call_context = None
+        if telemetry.tracing():
+            call_context = {k: v for k, v in (context.invocation_metadata() or ())
+                            if isinstance(v, str)}
+
         async def read() -> None:
             try:
                 async for msg in request_iterator:
                     await answers.put(msg if isinstance(msg, BadRequest)
-                                      else self._start_message(msg))
+                                      else self._start_message(msg, call_context))
             finally:
                 await answers.put(None)
 
@@ -228,8 +308,26 @@ class EventStoreService:
             if backwards and start == 0:
                 return
 
+    def subscription_lag(self) -> list[tuple[float, dict[str, Any]]]:
+        """The largest lag of a live subscription, in records (a gauge source; it runs
+        on the metric reader's thread, so it reads a copy)."""
+        commit = self.node.commit
+        positions = list(self.subscriptions.copy().values())
+        if commit is None or not positions:
+            return []
+        return [(float(max(0, commit.position - min(positions))), {})]
+
     async def Subscribe(self, request: Any,
                         context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        token = next(self._subscription_ids)
+        try:
+            async for item in self._subscribe(request, context, token):
+                yield item
+        finally:
+            self.subscriptions.pop(token, None)
+
+    async def _subscribe(self, request: Any, context: grpc.aio.ServicerContext,
+                         token: int) -> AsyncIterator[bytes]:
         log, commit = self.node.log, self.node.commit
         assert log is not None and commit is not None
         if isinstance(request, BadRequest):
@@ -242,6 +340,7 @@ class EventStoreService:
         skipped = 0
         step = self.limits.max_batch_events
         while True:
+            self.subscriptions[token] = position
             upto = commit.position
             if position >= upto:
                 if not caught_up:

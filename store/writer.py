@@ -12,12 +12,14 @@ import collections
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 
 from store.errors import StoreError
 from store.limits import Limits
 from store.log import Appended, Log, PreparedAppend
+from xdc import telemetry
 
 Results = list[Appended | StoreError]
 # Called on the loop thread after a group is durable: (last position, new stored records).
@@ -45,8 +47,8 @@ class Writer:
         self._on_durable = on_durable
         self._admit = admit
         self._cond = threading.Condition()
-        self._queue: collections.deque[tuple[list[PreparedAppend], asyncio.Future[Results]]] = (
-            collections.deque())
+        # (appends, answer, the submitter's span context when tracing)
+        self._queue: collections.deque[_Queued] = collections.deque()
         self._pending_events = 0
         self._stopping = False
         self.groups = 0  # group commits done, for stats and tests
@@ -66,7 +68,8 @@ class Writer:
                 raise StoreError(grpc.StatusCode.UNAVAILABLE, "node is shutting down")
             admit_to_queue(self._pending_events, n, self._limits)
             self._pending_events += n
-            self._queue.append((reqs, fut))
+            self._queue.append((reqs, fut, telemetry.current_span_context()
+                                if telemetry.tracing() else None))
             self._cond.notify()
         return fut
 
@@ -76,7 +79,7 @@ class Writer:
             self._cond.notify()
         self._thread.join()
 
-    def _take(self) -> list[tuple[list[PreparedAppend], asyncio.Future[Results]]] | None:
+    def _take(self) -> list[_Queued] | None:
         with self._cond:
             while not self._queue and not self._stopping:
                 self._cond.wait()
@@ -96,14 +99,18 @@ class Writer:
             admitted = self._admit()
             if isinstance(admitted, StoreError):
                 self._loop.call_soon_threadsafe(
-                    _deliver_all, [(fut, [admitted] * len(reqs)) for reqs, fut in taken])
+                    _deliver_all, [(fut, [admitted] * len(reqs)) for reqs, fut, _ in taken])
                 continue
-            flat = [r for reqs, _ in taken for r in reqs]
+            flat = [r for reqs, _, _ in taken for r in reqs]
+            span = group_span([c for _, _, c in taken], flat, admitted) \
+                if telemetry.tracing() else None
             results, values = self._log.append_group(flat, admitted, time.time_ns())
+            if span is not None:
+                end_group_span(span, results)
             self.groups += 1
             out = []
             i = 0
-            for reqs, fut in taken:
+            for reqs, fut, _ in taken:
                 out.append((fut, results[i:i + len(reqs)]))
                 i += len(reqs)
             last = self._log.last_position
@@ -115,6 +122,29 @@ class Writer:
         if values:
             self._on_durable(last, values)
         _deliver_all(out)
+
+
+_Queued = tuple[list[PreparedAppend], asyncio.Future[Results], Any]
+
+
+def group_span(contexts: list[Any], flat: list[PreparedAppend], term: int) -> Any:
+    """The INTERNAL span of one group commit (one write transaction, one fsync): the
+    child of the one message it serves, or linked to each of several (xdc/telemetry.py)."""
+    parent, links = telemetry.parent_and_links(contexts)
+    return telemetry.tracer().start_span(
+        "xdc.group_commit", context=parent, links=links, attributes={
+            "xdc.group.appends": len(flat), "xdc.term": term,
+            telemetry.MESSAGING_BATCH_COUNT: sum(len(r.ids) for r in flat)})
+
+
+def end_group_span(span: Any, results: Results) -> None:
+    ok = [r for r in results if isinstance(r, Appended) and not r.duplicate]
+    if ok:
+        span.set_attributes({"xdc.position.first": min(r.first_position for r in ok),
+                             "xdc.position.last": max(r.last_position for r in ok)})
+    span.set_attribute("xdc.group.refused", sum(1 for r in results
+                                                 if isinstance(r, StoreError)))
+    span.end()
 
 
 def _deliver_all(out: list[tuple[asyncio.Future[Results], Results]]) -> None:

@@ -231,6 +231,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from bench.store import main as bench_main
     elif args.suite == "replication":
         from bench.replication import main as bench_main
+    elif args.suite == "tracing":
+        from bench.tracing import main as bench_main
     elif args.suite == "engine":
         from bench.match import main as match_main
         return match_main((["--quick"] if args.quick else []) +
@@ -529,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="run a benchmark suite")
-    p.add_argument("suite", choices=["store", "replication", "engine"])
+    p.add_argument("suite", choices=["store", "replication", "engine", "tracing"])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", help="write results here")
     p.set_defaults(func=cmd_bench)
@@ -540,9 +542,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that export traces and metrics when the OTEL_* variables ask for it
+# (xdc/telemetry.py), under these service names.
+TRACED_COMMANDS = {"serve": "xdc-store", "node": "xdc-node", "gateway": "xdc-gateway",
+                   "engine": "xdc-engine", "drill": "xdc-drill", "tail": "xdc-cli",
+                   "append": "xdc-cli", "order": "xdc-cli"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    service = TRACED_COMMANDS.get(args.command)
+    if service is None:
+        return int(args.func(args) or 0)
+    from xdc import telemetry
+
+    instance = getattr(args, "member", None) or getattr(args, "node_id", None)
+    try:
+        enabled = telemetry.setup_from_env(
+            service, {"service.instance.id": instance} if instance else None)
+    except ValueError as exc:  # an unknown exporter or protocol
+        print(f"xdc {args.command}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    finally:
+        if enabled:
+            telemetry.shutdown()  # exports what is still buffered
 
 
 if __name__ == "__main__":

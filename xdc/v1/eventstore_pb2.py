@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17xdc/v1/eventstore.proto\x12\x06xdc.v1\"\xb5\x01\n\rProposedEvent\x12\n\n\x02id\x18\x01 \x01(\x0c\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\x12\x35\n\x08metadata\x18\x04 \x03(\x0b\x32#.xdc.v1.ProposedEvent.MetadataEntry\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8d\x02\n\rRecordedEvent\x12\n\n\x02id\x18\x01 \x01(\x0c\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\x12\x35\n\x08metadata\x18\x04 \x03(\x0b\x32#.xdc.v1.RecordedEvent.MetadataEntry\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0e\n\x06stream\x18\x06 \x01(\t\x12\x10\n\x08revision\x18\x07 \x01(\x06\x12\x10\n\x08position\x18\x08 \x01(\x06\x12\x0c\n\x04term\x18\t \x01(\x06\x12\x14\n\x0ctimestamp_ns\x18\n \x01(\x06\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x89\x01\n\rAppendRequest\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12&\n\x08\x65xpected\x18\x02 \x01(\x0e\x32\x14.xdc.v1.ExpectedKind\x12\x19\n\x11\x65xpected_revision\x18\x03 \x01(\x04\x12%\n\x06\x65vents\x18\x04 \x03(\x0b\x32\x15.xdc.v1.ProposedEvent\"\x80\x01\n\x0e\x41ppendResponse\x12\x16\n\x0e\x66irst_position\x18\x01 \x01(\x04\x12\x15\n\rlast_position\x18\x02 \x01(\x04\x12\x15\n\rlast_revision\x18\x03 \x01(\x04\x12\x15\n\rnext_revision\x18\x04 \x01(\x04\x12\x11\n\tduplicate\x18\x05 \x01(\x08\"r\n\x0b\x41ppendError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x1c\n\x14\x61\x63tual_last_revision\x18\x03 \x01(\x04\x12\x0e\n\x06leader\x18\x04 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x05 \x01(\r\"d\n\x0c\x41ppendResult\x12$\n\x02ok\x18\x01 \x01(\x0b\x32\x16.xdc.v1.AppendResponseH\x00\x12$\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x13.xdc.v1.AppendErrorH\x00\x42\x08\n\x06result\"U\n\x13\x41ppendStreamRequest\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\x04\x12&\n\x07\x61ppends\x18\x02 \x03(\x0b\x32\x15.xdc.v1.AppendRequest\"U\n\x14\x41ppendStreamResponse\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\x04\x12%\n\x07results\x18\x02 \x03(\x0b\x32\x14.xdc.v1.AppendResult\"v\n\x0bReadRequest\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12$\n\tdirection\x18\x02 \x01(\x0e\x32\x11.xdc.v1.Direction\x12\x0c\n\x04\x66rom\x18\x03 \x01(\x04\x12\r\n\x05limit\x18\x04 \x01(\x04\x12\x14\n\x0cmin_position\x18\x05 \x01(\x04\"4\n\x0bRecordBatch\x12%\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x15.xdc.v1.RecordedEvent\"h\n\x10SubscribeRequest\x12\x16\n\x0e\x61\x66ter_position\x18\x01 \x01(\x04\x12\x10\n\x08\x66rom_end\x18\x02 \x01(\x08\x12\x15\n\rstream_prefix\x18\x03 \x01(\t\x12\x13\n\x0b\x65vent_types\x18\x04 \x03(\t\"\x1c\n\x08\x43\x61ughtUp\x12\x10\n\x08position\x18\x01 \x01(\x04\"\x1e\n\nCheckpoint\x12\x10\n\x08position\x18\x01 \x01(\x04\"\x93\x01\n\x11SubscribeResponse\x12%\n\x06\x65vents\x18\x01 \x01(\x0b\x32\x13.xdc.v1.RecordBatchH\x00\x12%\n\tcaught_up\x18\x02 \x01(\x0b\x32\x10.xdc.v1.CaughtUpH\x00\x12(\n\ncheckpoint\x18\x03 \x01(\x0b\x32\x12.xdc.v1.CheckpointH\x00\x42\x06\n\x04kind\"#\n\x11StreamInfoRequest\x12\x0e\n\x06stream\x18\x01 \x01(\t\"y\n\x12StreamInfoResponse\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x15\n\rlast_revision\x18\x02 \x01(\x04\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\x12\x16\n\x0e\x66irst_position\x18\x04 \x01(\x04\x12\x15\n\rlast_position\x18\x05 \x01(\x04\"\x11\n\x0fNodeInfoRequest\"\xa9\x01\n\x10NodeInfoResponse\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x0c\n\x04term\x18\x04 \x01(\x04\x12\x17\n\x0f\x63ommit_position\x18\x05 \x01(\x04\x12\x15\n\rlast_position\x18\x06 \x01(\x04\x12\x0e\n\x06leader\x18\x07 \x01(\t\x12\x14\n\x0cstream_count\x18\x08 \x01(\x04*h\n\x0c\x45xpectedKind\x12\x10\n\x0c\x45XPECTED_ANY\x10\x00\x12\x16\n\x12\x45XPECTED_NO_STREAM\x10\x01\x12\x1a\n\x16\x45XPECTED_STREAM_EXISTS\x10\x02\x12\x12\n\x0e\x45XPECTED_EXACT\x10\x03*(\n\tDirection\x12\x0c\n\x08\x46ORWARDS\x10\x00\x12\r\n\tBACKWARDS\x10\x01\x32\x90\x03\n\nEventStore\x12\x37\n\x06\x41ppend\x12\x15.xdc.v1.AppendRequest\x1a\x16.xdc.v1.AppendResponse\x12M\n\x0c\x41ppendStream\x12\x1b.xdc.v1.AppendStreamRequest\x1a\x1c.xdc.v1.AppendStreamResponse(\x01\x30\x01\x12\x32\n\x04Read\x12\x13.xdc.v1.ReadRequest\x1a\x13.xdc.v1.RecordBatch0\x01\x12\x42\n\tSubscribe\x12\x18.xdc.v1.SubscribeRequest\x1a\x19.xdc.v1.SubscribeResponse0\x01\x12\x43\n\nStreamInfo\x12\x19.xdc.v1.StreamInfoRequest\x1a\x1a.xdc.v1.StreamInfoResponse\x12=\n\x08NodeInfo\x12\x17.xdc.v1.NodeInfoRequest\x1a\x18.xdc.v1.NodeInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17xdc/v1/eventstore.proto\x12\x06xdc.v1\"\xb5\x01\n\rProposedEvent\x12\n\n\x02id\x18\x01 \x01(\x0c\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\x12\x35\n\x08metadata\x18\x04 \x03(\x0b\x32#.xdc.v1.ProposedEvent.MetadataEntry\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8d\x02\n\rRecordedEvent\x12\n\n\x02id\x18\x01 \x01(\x0c\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\x12\x35\n\x08metadata\x18\x04 \x03(\x0b\x32#.xdc.v1.RecordedEvent.MetadataEntry\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0e\n\x06stream\x18\x06 \x01(\t\x12\x10\n\x08revision\x18\x07 \x01(\x06\x12\x10\n\x08position\x18\x08 \x01(\x06\x12\x0c\n\x04term\x18\t \x01(\x06\x12\x14\n\x0ctimestamp_ns\x18\n \x01(\x06\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x89\x01\n\rAppendRequest\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12&\n\x08\x65xpected\x18\x02 \x01(\x0e\x32\x14.xdc.v1.ExpectedKind\x12\x19\n\x11\x65xpected_revision\x18\x03 \x01(\x04\x12%\n\x06\x65vents\x18\x04 \x03(\x0b\x32\x15.xdc.v1.ProposedEvent\"\x80\x01\n\x0e\x41ppendResponse\x12\x16\n\x0e\x66irst_position\x18\x01 \x01(\x04\x12\x15\n\rlast_position\x18\x02 \x01(\x04\x12\x15\n\rlast_revision\x18\x03 \x01(\x04\x12\x15\n\rnext_revision\x18\x04 \x01(\x04\x12\x11\n\tduplicate\x18\x05 \x01(\x08\"r\n\x0b\x41ppendError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x1c\n\x14\x61\x63tual_last_revision\x18\x03 \x01(\x04\x12\x0e\n\x06leader\x18\x04 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x05 \x01(\r\"d\n\x0c\x41ppendResult\x12$\n\x02ok\x18\x01 \x01(\x0b\x32\x16.xdc.v1.AppendResponseH\x00\x12$\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x13.xdc.v1.AppendErrorH\x00\x42\x08\n\x06result\"\xd0\x01\n\x13\x41ppendStreamRequest\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\x04\x12&\n\x07\x61ppends\x18\x02 \x03(\x0b\x32\x15.xdc.v1.AppendRequest\x12\x44\n\rtrace_context\x18\x03 \x03(\x0b\x32-.xdc.v1.AppendStreamRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"U\n\x14\x41ppendStreamResponse\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\x04\x12%\n\x07results\x18\x02 \x03(\x0b\x32\x14.xdc.v1.AppendResult\"v\n\x0bReadRequest\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12$\n\tdirection\x18\x02 \x01(\x0e\x32\x11.xdc.v1.Direction\x12\x0c\n\x04\x66rom\x18\x03 \x01(\x04\x12\r\n\x05limit\x18\x04 \x01(\x04\x12\x14\n\x0cmin_position\x18\x05 \x01(\x04\"4\n\x0bRecordBatch\x12%\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x15.xdc.v1.RecordedEvent\"h\n\x10SubscribeRequest\x12\x16\n\x0e\x61\x66ter_position\x18\x01 \x01(\x04\x12\x10\n\x08\x66rom_end\x18\x02 \x01(\x08\x12\x15\n\rstream_prefix\x18\x03 \x01(\t\x12\x13\n\x0b\x65vent_types\x18\x04 \x03(\t\"\x1c\n\x08\x43\x61ughtUp\x12\x10\n\x08position\x18\x01 \x01(\x04\"\x1e\n\nCheckpoint\x12\x10\n\x08position\x18\x01 \x01(\x04\"\x93\x01\n\x11SubscribeResponse\x12%\n\x06\x65vents\x18\x01 \x01(\x0b\x32\x13.xdc.v1.RecordBatchH\x00\x12%\n\tcaught_up\x18\x02 \x01(\x0b\x32\x10.xdc.v1.CaughtUpH\x00\x12(\n\ncheckpoint\x18\x03 \x01(\x0b\x32\x12.xdc.v1.CheckpointH\x00\x42\x06\n\x04kind\"#\n\x11StreamInfoRequest\x12\x0e\n\x06stream\x18\x01 \x01(\t\"y\n\x12StreamInfoResponse\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x15\n\rlast_revision\x18\x02 \x01(\x04\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\x12\x16\n\x0e\x66irst_position\x18\x04 \x01(\x04\x12\x15\n\rlast_position\x18\x05 \x01(\x04\"\x11\n\x0fNodeInfoRequest\"\xa9\x01\n\x10NodeInfoResponse\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x0c\n\x04term\x18\x04 \x01(\x04\x12\x17\n\x0f\x63ommit_position\x18\x05 \x01(\x04\x12\x15\n\rlast_position\x18\x06 \x01(\x04\x12\x0e\n\x06leader\x18\x07 \x01(\t\x12\x14\n\x0cstream_count\x18\x08 \x01(\x04*h\n\x0c\x45xpectedKind\x12\x10\n\x0c\x45XPECTED_ANY\x10\x00\x12\x16\n\x12\x45XPECTED_NO_STREAM\x10\x01\x12\x1a\n\x16\x45XPECTED_STREAM_EXISTS\x10\x02\x12\x12\n\x0e\x45XPECTED_EXACT\x10\x03*(\n\tDirection\x12\x0c\n\x08\x46ORWARDS\x10\x00\x12\r\n\tBACKWARDS\x10\x01\x32\x90\x03\n\nEventStore\x12\x37\n\x06\x41ppend\x12\x15.xdc.v1.AppendRequest\x1a\x16.xdc.v1.AppendResponse\x12M\n\x0c\x41ppendStream\x12\x1b.xdc.v1.AppendStreamRequest\x1a\x1c.xdc.v1.AppendStreamResponse(\x01\x30\x01\x12\x32\n\x04Read\x12\x13.xdc.v1.ReadRequest\x1a\x13.xdc.v1.RecordBatch0\x01\x12\x42\n\tSubscribe\x12\x18.xdc.v1.SubscribeRequest\x1a\x19.xdc.v1.SubscribeResponse0\x01\x12\x43\n\nStreamInfo\x12\x19.xdc.v1.StreamInfoRequest\x1a\x1a.xdc.v1.StreamInfoResponse\x12=\n\x08NodeInfo\x12\x17.xdc.v1.NodeInfoRequest\x1a\x18.xdc.v1.NodeInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +35,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROPOSEDEVENT_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_RECORDEDEVENT_METADATAENTRY']._loaded_options = None
   _globals['_RECORDEDEVENT_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_EXPECTEDKIND']._serialized_start=1997
-  _globals['_EXPECTEDKIND']._serialized_end=2101
-  _globals['_DIRECTION']._serialized_start=2103
-  _globals['_DIRECTION']._serialized_end=2143
+  _globals['_APPENDSTREAMREQUEST_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_APPENDSTREAMREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
+  _globals['_EXPECTEDKIND']._serialized_start=2121
+  _globals['_EXPECTEDKIND']._serialized_end=2225
+  _globals['_DIRECTION']._serialized_start=2227
+  _globals['_DIRECTION']._serialized_end=2267
   _globals['_PROPOSEDEVENT']._serialized_start=36
   _globals['_PROPOSEDEVENT']._serialized_end=217
   _globals['_PROPOSEDEVENT_METADATAENTRY']._serialized_start=170
@@ -55,30 +57,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_APPENDERROR']._serialized_end=876
   _globals['_APPENDRESULT']._serialized_start=878
   _globals['_APPENDRESULT']._serialized_end=978
-  _globals['_APPENDSTREAMREQUEST']._serialized_start=980
-  _globals['_APPENDSTREAMREQUEST']._serialized_end=1065
-  _globals['_APPENDSTREAMRESPONSE']._serialized_start=1067
-  _globals['_APPENDSTREAMRESPONSE']._serialized_end=1152
-  _globals['_READREQUEST']._serialized_start=1154
-  _globals['_READREQUEST']._serialized_end=1272
-  _globals['_RECORDBATCH']._serialized_start=1274
-  _globals['_RECORDBATCH']._serialized_end=1326
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=1328
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=1432
-  _globals['_CAUGHTUP']._serialized_start=1434
-  _globals['_CAUGHTUP']._serialized_end=1462
-  _globals['_CHECKPOINT']._serialized_start=1464
-  _globals['_CHECKPOINT']._serialized_end=1494
-  _globals['_SUBSCRIBERESPONSE']._serialized_start=1497
-  _globals['_SUBSCRIBERESPONSE']._serialized_end=1644
-  _globals['_STREAMINFOREQUEST']._serialized_start=1646
-  _globals['_STREAMINFOREQUEST']._serialized_end=1681
-  _globals['_STREAMINFORESPONSE']._serialized_start=1683
-  _globals['_STREAMINFORESPONSE']._serialized_end=1804
-  _globals['_NODEINFOREQUEST']._serialized_start=1806
-  _globals['_NODEINFOREQUEST']._serialized_end=1823
-  _globals['_NODEINFORESPONSE']._serialized_start=1826
-  _globals['_NODEINFORESPONSE']._serialized_end=1995
-  _globals['_EVENTSTORE']._serialized_start=2146
-  _globals['_EVENTSTORE']._serialized_end=2546
+  _globals['_APPENDSTREAMREQUEST']._serialized_start=981
+  _globals['_APPENDSTREAMREQUEST']._serialized_end=1189
+  _globals['_APPENDSTREAMREQUEST_TRACECONTEXTENTRY']._serialized_start=1138
+  _globals['_APPENDSTREAMREQUEST_TRACECONTEXTENTRY']._serialized_end=1189
+  _globals['_APPENDSTREAMRESPONSE']._serialized_start=1191
+  _globals['_APPENDSTREAMRESPONSE']._serialized_end=1276
+  _globals['_READREQUEST']._serialized_start=1278
+  _globals['_READREQUEST']._serialized_end=1396
+  _globals['_RECORDBATCH']._serialized_start=1398
+  _globals['_RECORDBATCH']._serialized_end=1450
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=1452
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=1556
+  _globals['_CAUGHTUP']._serialized_start=1558
+  _globals['_CAUGHTUP']._serialized_end=1586
+  _globals['_CHECKPOINT']._serialized_start=1588
+  _globals['_CHECKPOINT']._serialized_end=1618
+  _globals['_SUBSCRIBERESPONSE']._serialized_start=1621
+  _globals['_SUBSCRIBERESPONSE']._serialized_end=1768
+  _globals['_STREAMINFOREQUEST']._serialized_start=1770
+  _globals['_STREAMINFOREQUEST']._serialized_end=1805
+  _globals['_STREAMINFORESPONSE']._serialized_start=1807
+  _globals['_STREAMINFORESPONSE']._serialized_end=1928
+  _globals['_NODEINFOREQUEST']._serialized_start=1930
+  _globals['_NODEINFOREQUEST']._serialized_end=1947
+  _globals['_NODEINFORESPONSE']._serialized_start=1950
+  _globals['_NODEINFORESPONSE']._serialized_end=2119
+  _globals['_EVENTSTORE']._serialized_start=2270
+  _globals['_EVENTSTORE']._serialized_end=2670
 # @@protoc_insertion_point(module_scope)

@@ -126,12 +126,21 @@ class AppendResult(_message.Message):
     def __init__(self, ok: _Optional[_Union[AppendResponse, _Mapping]] = ..., error: _Optional[_Union[AppendError, _Mapping]] = ...) -> None: ...
 
 class AppendStreamRequest(_message.Message):
-    __slots__ = ("correlation_id", "appends")
+    __slots__ = ("correlation_id", "appends", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
     APPENDS_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     correlation_id: int
     appends: _containers.RepeatedCompositeFieldContainer[AppendRequest]
-    def __init__(self, correlation_id: _Optional[int] = ..., appends: _Optional[_Iterable[_Union[AppendRequest, _Mapping]]] = ...) -> None: ...
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, correlation_id: _Optional[int] = ..., appends: _Optional[_Iterable[_Union[AppendRequest, _Mapping]]] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class AppendStreamResponse(_message.Message):
     __slots__ = ("correlation_id", "results")

@@ -35,7 +35,14 @@ class LogEntry(_message.Message):
     def __init__(self, position: _Optional[int] = ..., term: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class PeerMessage(_message.Message):
-    __slots__ = ("kind", "src", "dst", "term", "ok", "prev_pos", "prev_term", "entries", "commit", "match", "rejected", "hint_pos", "hint_term", "higher_term", "tip_term", "tip_position", "max_entries", "max_bytes")
+    __slots__ = ("kind", "src", "dst", "term", "ok", "prev_pos", "prev_term", "entries", "commit", "match", "rejected", "hint_pos", "hint_term", "higher_term", "tip_term", "tip_position", "max_entries", "max_bytes", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     KIND_FIELD_NUMBER: _ClassVar[int]
     SRC_FIELD_NUMBER: _ClassVar[int]
     DST_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +61,7 @@ class PeerMessage(_message.Message):
     TIP_POSITION_FIELD_NUMBER: _ClassVar[int]
     MAX_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     kind: PeerKind
     src: str
     dst: str
@@ -72,7 +80,8 @@ class PeerMessage(_message.Message):
     tip_position: int
     max_entries: int
     max_bytes: int
-    def __init__(self, kind: _Optional[_Union[PeerKind, str]] = ..., src: _Optional[str] = ..., dst: _Optional[str] = ..., term: _Optional[int] = ..., ok: _Optional[bool] = ..., prev_pos: _Optional[int] = ..., prev_term: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[LogEntry, _Mapping]]] = ..., commit: _Optional[int] = ..., match: _Optional[int] = ..., rejected: _Optional[int] = ..., hint_pos: _Optional[int] = ..., hint_term: _Optional[int] = ..., higher_term: _Optional[int] = ..., tip_term: _Optional[int] = ..., tip_position: _Optional[int] = ..., max_entries: _Optional[int] = ..., max_bytes: _Optional[int] = ...) -> None: ...
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, kind: _Optional[_Union[PeerKind, str]] = ..., src: _Optional[str] = ..., dst: _Optional[str] = ..., term: _Optional[int] = ..., ok: _Optional[bool] = ..., prev_pos: _Optional[int] = ..., prev_term: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[LogEntry, _Mapping]]] = ..., commit: _Optional[int] = ..., match: _Optional[int] = ..., rejected: _Optional[int] = ..., hint_pos: _Optional[int] = ..., hint_term: _Optional[int] = ..., higher_term: _Optional[int] = ..., tip_term: _Optional[int] = ..., tip_position: _Optional[int] = ..., max_entries: _Optional[int] = ..., max_bytes: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class PeerBatch(_message.Message):
     __slots__ = ("cluster", "src", "messages")

@@ -1,0 +1,394 @@
+"""OpenTelemetry spans and metrics (xdc/telemetry.py): the SDK's in-memory exporter and
+metric reader against a real store server, a real 3-node cluster on real etcd, and the
+real OTLP exporters of a real `xdc serve` process against a small OTLP receiver."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from store.client import CaughtUp, StoreClient, new_event
+from store.process import ServeProcess
+from tests.support.cluster import LocalCluster
+from tests.support.etcd import EtcdCluster
+from tests.support.store import run, running_store, wait_until
+from xdc import telemetry
+from xdc.otlp_receiver import OtlpReceiver, ReceivedSpan
+from xdc.v1 import eventstore_pb2 as pb
+from xdc.v1 import eventstore_pb2_grpc as pb_grpc
+
+APPEND_STREAM = "xdc.v1.EventStore/AppendStream"
+
+
+class Otel:
+    """In-memory providers installed as xdc's for one test."""
+
+    def __init__(self) -> None:
+        self.exporter = InMemorySpanExporter()
+        self.tracer_provider = TracerProvider()
+        self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.reader = InMemoryMetricReader()
+        self.meter_provider = MeterProvider(metric_readers=[self.reader])
+        # The test's own producer (the order gateway's role).
+        self.producer = self.tracer_provider.get_tracer("test-gateway")
+
+    def spans(self, name: str | None = None) -> list[ReadableSpan]:
+        return [s for s in self.exporter.get_finished_spans() if name is None or s.name == name]
+
+    def metrics(self) -> dict[str, list[Any]]:
+        """Metric name -> its data points, from one collection."""
+        out: dict[str, list[Any]] = {}
+        data = self.reader.get_metrics_data()
+        for rm in data.resource_metrics if data else ():
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    out.setdefault(m.name, []).extend(m.data.data_points)
+        return out
+
+
+@pytest.fixture
+def otel() -> Iterator[Otel]:
+    o = Otel()
+    telemetry.install(o.tracer_provider, o.meter_provider)
+    try:
+        yield o
+    finally:
+        telemetry.install(None, None)
+        o.tracer_provider.shutdown()
+        o.meter_provider.shutdown()
+
+
+def _child_of(span: ReadableSpan, parent: ReadableSpan) -> bool:
+    return (span.parent is not None and span.parent.span_id == parent.context.span_id
+            and span.context.trace_id == parent.context.trace_id)
+
+
+def _links_to(span: ReadableSpan, target: ReadableSpan) -> bool:
+    return any(link.context.span_id == target.context.span_id
+               and link.context.trace_id == target.context.trace_id for link in span.links)
+
+
+def _traceparent(span: ReadableSpan) -> str:
+    ctx = span.context
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+
+
+# ---- helpers without a server --------------------------------------------------------------
+
+def test_nothing_is_exported_without_otel_variables() -> None:
+    assert telemetry.setup_from_env("xdc-test", env={}) is False
+    assert not telemetry.tracing()
+    assert telemetry.server_interceptors() == [] and telemetry.client_interceptors() is None
+    with telemetry.tracer().start_as_current_span("x") as span:
+        assert not span.is_recording()
+        assert telemetry.inject({}) == {}  # no recording span: no traceparent
+    with telemetry.consumer_span("orders", [{"traceparent": "garbage"}]) as span:
+        assert not span.is_recording()
+    assert telemetry.setup_from_env("xdc-test", env={"OTEL_TRACES_EXPORTER": "none",
+                                                     "OTEL_METRICS_EXPORTER": "none"}) is False
+    with pytest.raises(ValueError, match="OTEL_TRACES_EXPORTER"):
+        telemetry.setup_from_env("xdc-test", env={"OTEL_TRACES_EXPORTER": "zipkin"})
+    with pytest.raises(ValueError, match="PROTOCOL"):
+        telemetry.setup_from_env("xdc-test", env={"OTEL_TRACES_EXPORTER": "otlp",
+                                                  "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"})
+    telemetry.install(None, None)
+
+
+def test_console_exporter_from_env(capfd: pytest.CaptureFixture[str]) -> None:
+    env = {"OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "xdc-console-test"}
+    assert telemetry.setup_from_env("ignored", env=env)
+    try:
+        assert telemetry.tracing()
+        with telemetry.tracer().start_as_current_span("hello"):
+            pass
+    finally:
+        telemetry.shutdown()
+    err = capfd.readouterr().err  # stderr: stdout carries `xdc serve`'s ready line
+    assert '"name": "hello"' in err and "xdc-console-test" in err
+    assert not telemetry.tracing()
+
+
+def test_inject_extract_and_consumer_links(otel: Otel) -> None:
+    with otel.producer.start_as_current_span("order-1") as o1:
+        md1 = telemetry.inject({"client": "a"})
+    with otel.producer.start_as_current_span("order-2"):
+        md2 = telemetry.inject({})
+    assert md1["traceparent"] == _traceparent(o1) and md1["client"] == "a"
+    ctx = telemetry.extract(md1)
+    with telemetry.tracer().start_as_current_span("child", context=ctx):
+        pass
+    # One producer: the CONSUMER span is its child (one order, one trace) and links to it.
+    with telemetry.consumer_span("orders-BTC", [md1, md1, {}], consumer_group="engine-1"):
+        pass
+    # Several producers: links to each, under the ambient context.
+    with telemetry.consumer_span("orders-BTC", [md1, md2, {"traceparent": "bad"}]):
+        pass
+    [o1_s] = otel.spans("order-1")
+    [o2_s] = otel.spans("order-2")
+    assert _child_of(otel.spans("child")[0], o1_s)
+    single, batch = otel.spans("process orders-BTC")
+    assert single.kind == SpanKind.CONSUMER and _child_of(single, o1_s) and _links_to(single, o1_s)
+    assert dict(single.attributes or {}) == {
+        "messaging.system": "xdc", "messaging.operation.type": "process",
+        "messaging.operation.name": "process", "messaging.destination.name": "orders-BTC",
+        "messaging.batch.message_count": 3, "messaging.consumer.group.name": "engine-1"}
+    assert batch.parent is None and _links_to(batch, o1_s) and _links_to(batch, o2_s)
+    assert len(batch.links) == 2
+    # An exception inside the block is recorded on the consumer span.
+    with pytest.raises(RuntimeError), telemetry.consumer_span("s", [md1]):
+        raise RuntimeError("book invariant")
+    assert otel.spans("process s")[0].status.status_code == StatusCode.ERROR
+
+
+# ---- a real store server and client ------------------------------------------------------
+
+def test_append_spans_parent_child_and_stored_traceparent(otel: Otel, tmp_path: Path) -> None:
+    async def body() -> Any:
+        async with running_store(tmp_path / "store") as (server, client):
+            with otel.producer.start_as_current_span("submit-order") as order:
+                event = new_event("OrderPlaced", b"{}", metadata=telemetry.inject({}))
+                r = await client.append("orders-BTC", event)
+            # A refused append: wrong expected revision.
+            with pytest.raises(Exception, match="FAILED_PRECONDITION"):
+                await client.append("orders-BTC", new_event("X"), pb.EXPECTED_NO_STREAM)
+            stored = (await client.read("orders-BTC"))[0]
+            assert stored.metadata["traceparent"] == _traceparent(order)
+            # Unary Append over an instrumented channel: context in the gRPC metadata.
+            async with grpc.aio.insecure_channel(
+                    server.address, interceptors=telemetry.client_interceptors()) as ch:
+                stub = pb_grpc.EventStoreStub(ch)
+                with otel.producer.start_as_current_span("unary-caller"):
+                    await stub.Append(pb.AppendRequest(stream="u", events=[new_event("T")]))
+                    with pytest.raises(grpc.aio.AioRpcError):
+                        await stub.Append(pb.AppendRequest(
+                            stream="u", expected=pb.EXPECTED_NO_STREAM, events=[new_event("T")]))
+            await client.node_info()
+            await wait_until(lambda: len(otel.spans(APPEND_STREAM)) >= 4, what="stream spans")
+            return r
+
+    r = run(body)
+    order_s = otel.spans("submit-order")[0]
+    clients = [s for s in otel.spans(APPEND_STREAM) if s.kind == SpanKind.CLIENT]
+    servers = [s for s in otel.spans(APPEND_STREAM) if s.kind == SpanKind.SERVER]
+    assert len(clients) == 2 and len(servers) == 2
+    client_ok = next(s for s in clients if _child_of(s, order_s))
+    server_ok = next(s for s in servers if _child_of(s, client_ok))
+    assert dict(client_ok.attributes or {})["xdc.append.result"] == "ok"
+    attrs = dict(server_ok.attributes or {})
+    assert attrs["rpc.system"] == "grpc" and attrs["rpc.method"] == "AppendStream"
+    assert attrs["messaging.destination.name"] == "orders-BTC"
+    assert attrs["messaging.batch.message_count"] == 1 and attrs["xdc.append.count"] == 1
+    assert attrs["xdc.append.result"] == "ok" and attrs["xdc.append.bytes"] > 0
+    assert attrs["xdc.position.first"] == attrs["xdc.position.last"] == r.last_position
+    # The group commit (one write transaction, one fsync) is the server span's child.
+    group = next(s for s in otel.spans("xdc.group_commit") if _child_of(s, server_ok))
+    assert group.kind == SpanKind.INTERNAL
+    assert dict(group.attributes or {})["messaging.batch.message_count"] == 1
+    # The refused append: its own client and server spans, result "refused".
+    refused = next(s for s in servers if s is not server_ok)
+    assert dict(refused.attributes or {})["xdc.append.result"] == "refused"
+    # Unary calls: CLIENT span (interceptor) -> SERVER span (interceptor), child via the
+    # traceparent in the call's metadata; the failed one carries the gRPC status.
+    caller_s = otel.spans("unary-caller")[0]
+    unary_clients = [s for s in otel.spans("xdc.v1.EventStore/Append")
+                     if s.kind == SpanKind.CLIENT]
+    unary_servers = [s for s in otel.spans("xdc.v1.EventStore/Append")
+                     if s.kind == SpanKind.SERVER]
+    assert len(unary_clients) == 2 and all(_child_of(s, caller_s) for s in unary_clients)
+    assert all(any(_child_of(srv, c) for c in unary_clients) for srv in unary_servers)
+    failed = next(s for s in unary_servers if s.status.status_code == StatusCode.ERROR)
+    assert dict(failed.attributes or {})["rpc.grpc.status_code"] == 9  # FAILED_PRECONDITION
+    assert dict(failed.attributes or {})["xdc.append.result"] == "refused"
+    ok = next(s for s in unary_servers if s is not failed)
+    assert dict(ok.attributes or {})["messaging.destination.name"] == "u"
+    assert any(_child_of(g, ok) for g in otel.spans("xdc.group_commit"))
+    node_info = otel.spans("xdc.v1.EventStore/NodeInfo")
+    assert {s.kind for s in node_info} == {SpanKind.CLIENT, SpanKind.SERVER}
+
+
+def test_coalesced_appends_link_to_each_caller(otel: Otel, tmp_path: Path) -> None:
+    async def body() -> None:
+        async with running_store(tmp_path / "store", linger_s=0.05) as (_, client):
+            futures = []
+            for i in range(3):
+                with otel.producer.start_as_current_span(f"caller-{i}"):
+                    futures.append(client.append_nowait(f"s{i}", new_event("T")))
+            await asyncio.gather(*futures)
+            await wait_until(lambda: otel.spans("xdc.group_commit"), what="group commit")
+
+    run(body)
+    callers = [otel.spans(f"caller-{i}")[0] for i in range(3)]
+    [client_span] = [s for s in otel.spans(APPEND_STREAM) if s.kind == SpanKind.CLIENT]
+    assert client_span.parent is None  # three callers in one message: links, new trace
+    assert all(_links_to(client_span, c) for c in callers)
+    assert dict(client_span.attributes or {})["xdc.append.count"] == 3
+    [server_span] = [s for s in otel.spans(APPEND_STREAM) if s.kind == SpanKind.SERVER]
+    assert _child_of(server_span, client_span)
+    assert dict(server_span.attributes or {})["xdc.append.streams"] == 3
+
+
+def test_metrics_append_latency_and_subscription_lag(otel: Otel, tmp_path: Path) -> None:
+    async def body() -> None:
+        async with running_store(tmp_path / "store") as (_, client):
+            for i in range(5):
+                await client.append("m", new_event("T", b"%d" % i))
+            # A subscription that stops reading after catching up lags behind new appends.
+            sub = client.subscribe(batches=True)
+            async for item in sub:
+                if isinstance(item, CaughtUp):
+                    break
+            lag0 = otel.metrics()["xdc.subscription.lag.records"][0].value
+            assert lag0 == 0
+            await asyncio.gather(*(client.append("m", new_event("T")) for _ in range(50)))
+            # Closing the subscription ends its call: the server stops counting it.
+            await sub.aclose()
+            await wait_until(lambda: "xdc.subscription.lag.records" not in otel.metrics(),
+                             what="closed subscription leaves the gauge")
+
+    run(body)
+    m = otel.metrics()
+    server = m["xdc.append.duration"]
+    assert sum(p.count for p in server) >= 6
+    assert {p.attributes["rpc.method"] for p in server} == {"AppendStream"}
+    assert all(p.attributes["xdc.append.result"] == "ok" for p in server)
+    assert sum(p.count for p in m["xdc.client.append.duration"]) >= 6
+
+
+# ---- replication in a real 3-node cluster --------------------------------------------------
+
+def test_cluster_replication_spans_follow_the_order(otel: Otel, etcd: EtcdCluster,
+                                                   tmp_path: Path) -> None:
+    async def body() -> tuple[str, list[str]]:
+        cluster = LocalCluster.make(etcd.endpoints, tmp_path)
+        await cluster.start()
+        try:
+            leader = await cluster.leader()
+            followers = sorted(n.id for n in cluster.nodes.values() if n is not leader)
+            async with StoreClient(leader.address, timeout_s=10) as client:
+                await client.append("warmup", new_event("T"))
+                await cluster.converged()
+                otel.exporter.clear()
+                with otel.producer.start_as_current_span("submit-order"):
+                    event = new_event("OrderPlaced", metadata=telemetry.inject({}))
+                    r = await client.append("orders-ETH", event)
+                await cluster.converged()
+
+                def acked_by_both() -> bool:
+                    done = [s for s in otel.spans("xdc.replica.append")
+                            if dict(s.attributes or {})["xdc.position.last"] >= r.last_position]
+                    return len({dict(s.attributes or {})["xdc.node"] for s in done}) == 2
+                await wait_until(acked_by_both, what="both followers' replica spans")
+                # Metrics: follower commit lag per follower, replication lag gauges.
+                m = otel.metrics()
+                lag_peers = {p.attributes["xdc.peer"]
+                             for p in m["xdc.replication.follower.commit_lag"]}
+                assert lag_peers == set(followers)
+                records = {p.attributes["xdc.peer"]: p.value
+                           for p in m["xdc.replication.lag.records"]}
+                assert set(records) == set(followers) and all(v == 0 for v in records.values())
+                assert {p.attributes["xdc.peer"] for p in m["xdc.replication.lag.seconds"]} \
+                    == set(followers)
+                assert sum(p.count for p in m["xdc.commit.duration"]) >= 1
+                # Failover: a graceful stop of the leader; the next term is timed.
+                await cluster.stop(leader.id)
+                await cluster.leader()
+                await wait_until(lambda: len(otel.spans("xdc.failover")) >= 2,
+                                 timeout_s=15, what="failover spans")
+            return leader.id, followers
+        finally:
+            await cluster.stop()
+
+    leader_id, followers = run(body, timeout_s=90)
+    order = otel.spans("submit-order")[0]
+    client = next(s for s in otel.spans(APPEND_STREAM)
+                  if s.kind == SpanKind.CLIENT and _child_of(s, order))
+    server = next(s for s in otel.spans(APPEND_STREAM)
+                  if s.kind == SpanKind.SERVER and _child_of(s, client))
+    assert any(_child_of(g, server) for g in otel.spans("xdc.group_commit"))
+    commit = next(s for s in otel.spans("xdc.commit") if _child_of(s, server))
+    assert dict(commit.attributes or {})["xdc.node"] == leader_id
+    # Leader: one CLIENT span per follower for the batch holding the order, in the
+    # order's trace (its only producer), acknowledged by that follower.
+    position = dict(server.attributes or {})["xdc.position.last"]
+    replicate = [s for s in otel.spans("xdc.replicate")
+                 if dict(s.attributes or {})["xdc.position.last"] >= position
+                 and dict(s.attributes or {})["xdc.position.first"] <= position]
+    assert {dict(s.attributes or {})["xdc.peer"] for s in replicate} == set(followers)
+    for s in replicate:
+        assert s.kind == SpanKind.CLIENT and _child_of(s, order)
+        assert s.status.status_code != StatusCode.ERROR
+        assert dict(s.attributes or {})["xdc.match"] >= position
+    # Follower: a SERVER span, child of the leader's span for it (context carried in the
+    # PeerMessage), linked to the producer through the record's own traceparent.
+    for f in followers:
+        theirs = [s for s in otel.spans("xdc.replica.append")
+                  if dict(s.attributes or {})["xdc.node"] == f
+                  and dict(s.attributes or {})["xdc.position.last"] >= position]
+        assert theirs, f"no replica span on {f}"
+        span = theirs[0]
+        assert span.kind == SpanKind.SERVER and _links_to(span, order)
+        mine = next(s for s in replicate if dict(s.attributes or {})["xdc.peer"] == f)
+        assert _child_of(span, mine)
+        assert span.context.trace_id == order.context.trace_id  # one order, one trace
+    # The failover after the leader's stop: elected and opened, timed.
+    failovers = otel.spans("xdc.failover")
+    events = {e.name for s in failovers for e in s.events}
+    assert {"elected", "open"} <= events
+    phases = {p.attributes["xdc.failover.phase"]
+              for p in otel.metrics().get("xdc.failover.duration", [])}
+    assert {"elected", "open"} <= phases
+
+
+# ---- the real exporters of a real process, over the wire -----------------------------------
+
+def _otel_env(receiver: OtlpReceiver, protocol: str, service: str) -> dict[str, str]:
+    endpoint = receiver.grpc_endpoint if protocol == "grpc" else receiver.http_endpoint
+    return {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_METRICS_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
+            "OTEL_SERVICE_NAME": service, "OTEL_METRIC_EXPORT_INTERVAL": "200"}
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_real_process_exports_spans_over_otlp(otel: Otel, tmp_path: Path,
+                                              protocol: str) -> None:
+    with OtlpReceiver() as receiver:
+        service = f"xdc-store-{protocol.split('/')[0]}"
+        proc = ServeProcess(str(tmp_path / "data"), env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
+            **_otel_env(receiver, protocol, service)})
+        with proc:
+            async def append() -> None:
+                async with StoreClient(proc.address) as client:
+                    with otel.producer.start_as_current_span("producer"):
+                        await client.append("wire", new_event("T", metadata=telemetry.inject(
+                            {})))
+            run(append)
+            # Metrics come every 200 ms; spans are batched (5 s by default) and flushed
+            # when the process exits on SIGTERM.
+            receiver.wait(lambda r: any(m.name == "xdc.append.duration"
+                                        for m in r.metrics(service)), what="metrics")
+            proc.signal(signal.SIGTERM)
+            assert proc.proc is not None and proc.proc.wait(20) == 0
+        receiver.wait(lambda r: any(s.name == APPEND_STREAM for s in r.spans(service)))
+        spans: list[ReceivedSpan] = receiver.spans(service)
+    assert all(s.resource["service.name"] == service for s in spans)
+    client = next(s for s in otel.spans(APPEND_STREAM) if s.kind == SpanKind.CLIENT)
+    server = next(s for s in spans if s.name == APPEND_STREAM)
+    # The server span (in the child process) is the child of the client span (here).
+    assert int.from_bytes(server.span.trace_id, "big") == client.context.trace_id
+    assert int.from_bytes(server.span.parent_span_id, "big") == client.context.span_id
+    assert server.attrs["xdc.append.result"] == "ok"
+    assert any(s.name == "xdc.group_commit" for s in spans)

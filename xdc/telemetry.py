@@ -1,0 +1,604 @@
+"""OpenTelemetry for xdc: tracer and meter providers from the standard `OTEL_*` variables,
+W3C trace context in event metadata and gRPC metadata, the shared span rules, metrics.
+
+Nothing is exported unless the environment asks for it: with no `OTEL_*` variable set,
+`tracer()` is a no-op tracer (every span it starts is the shared non-recording
+INVALID_SPAN) and `tracing()` is False, so hot paths skip their telemetry work behind one
+check. Spans are batch-level on the ingest path (one per AppendStream message, one per
+group commit, one per replicated batch and follower), never one per event.
+
+Providers are this module's, not OpenTelemetry's process-wide globals (which can be set
+only once): `install()` swaps them at any time, which is how tests put an in-memory
+exporter in place. `setup_from_env()` also sets the globals, once, for third-party code.
+
+The API for producers and consumers of events (the order gateway, the matching engine):
+
+    telemetry.inject(event_metadata)            # producer: traceparent/tracestate of the
+                                                # current span into the event's metadata
+    with telemetry.consumer_span(stream, [e.metadata for e in batch]) as span:
+        ...                                     # CONSUMER span linked to each producer
+
+Never inject into an event whose id is derived (the engine's outputs): the store's
+idempotency compares content, and two engine instances must emit identical bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import itertools
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import metrics as otel_metrics
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.metrics import CallbackOptions, Histogram, Meter, Observation
+from opentelemetry.trace import (
+    INVALID_SPAN,
+    Link,
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    Tracer,
+    TraceState,
+)
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+log = logging.getLogger("xdc.telemetry")
+
+INSTRUMENTATION = "xdc"
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+# Links per span at most (the SDK's default limit is 128; past it links are dropped).
+MAX_LINKS = 64
+# Latency buckets in seconds: a loopback append is ~0.3 ms, a WAN round trip ~100 ms, a
+# failover seconds. (The SDK's default buckets are meant for milliseconds.)
+SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                   0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+# Span attribute names: OpenTelemetry semantic conventions where one exists.
+MESSAGING_SYSTEM = "messaging.system"
+MESSAGING_OPERATION_TYPE = "messaging.operation.type"
+MESSAGING_OPERATION_NAME = "messaging.operation.name"
+MESSAGING_DESTINATION = "messaging.destination.name"
+MESSAGING_BATCH_COUNT = "messaging.batch.message_count"
+MESSAGING_CONSUMER_GROUP = "messaging.consumer.group.name"
+RPC_SYSTEM = "rpc.system"
+RPC_SERVICE = "rpc.service"
+RPC_METHOD = "rpc.method"
+RPC_STATUS = "rpc.grpc.status_code"
+PEER_ADDRESS = "network.peer.address"
+SYSTEM = "xdc"
+
+_W3C = TraceContextTextMapPropagator()
+
+
+# ---- providers --------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Instruments:
+    """The metrics xdc records, created on the current meter provider."""
+
+    append_duration: Histogram         # server: one AppendStream message or Append call
+    client_append_duration: Histogram  # client: one AppendStream message, send to answer
+    commit_duration: Histogram         # cluster leader: durable locally -> quorum commit
+    follower_commit_lag: Histogram     # leader: a batch shipped -> that follower holds it
+    failover_duration: Histogram       # vacancy or lease loss -> new term, -> open
+
+
+@dataclass(slots=True)
+class _State:
+    tracing: bool
+    tracer: Tracer
+    meter: Meter
+    instruments: Instruments
+    tracer_provider: Any = None  # what shutdown() flushes: SDK providers we installed
+    meter_provider: Any = None
+
+
+def _instruments(meter: Meter) -> Instruments:
+    def hist(name: str, description: str) -> Histogram:
+        return meter.create_histogram(name, unit="s", description=description,
+                                      explicit_bucket_boundaries_advisory=SECONDS_BUCKETS)
+    return Instruments(
+        append_duration=hist("xdc.append.duration",
+                             "server time of one append message (durable and committed)"),
+        client_append_duration=hist("xdc.client.append.duration",
+                                    "client time of one append message, sent to answered"),
+        commit_duration=hist("xdc.commit.duration",
+                             "leader: locally durable to committed by a quorum"),
+        follower_commit_lag=hist("xdc.replication.follower.commit_lag",
+                                 "leader: records shipped to a follower until it holds "
+                                 "them durably, per follower (xdc.peer)"),
+        failover_duration=hist("xdc.failover.duration",
+                               "lease loss or observed vacancy until a new term "
+                               "(xdc.failover.phase=elected) or writes open (=open)"),
+    )
+
+
+# Gauge sources: callables returning (value, attributes) observations, registered by
+# running components (a cluster node's replication lag, a store's subscriptions). They run
+# on the metric reader's thread: they must only read, and copy what they iterate.
+GaugeSource = Callable[[], Iterable[tuple[float, Mapping[str, Any]]]]
+GAUGES: dict[str, tuple[str, str]] = {
+    "xdc.replication.lag.records": (
+        "{record}", "leader: last position minus what the follower acknowledged (xdc.peer)"),
+    "xdc.replication.lag.seconds": (
+        "s", "leader: age of the oldest batch shipped to the follower and not acknowledged"),
+    "xdc.subscription.lag.records": (
+        "{record}", "commit position minus what a live subscription has delivered"),
+}
+_sources: dict[str, dict[int, GaugeSource]] = {name: {} for name in GAUGES}
+_source_ids = itertools.count(1)
+_sources_lock = threading.Lock()
+
+
+def add_gauge_source(gauge: str, source: GaugeSource) -> int:
+    """Registers a source of observations for one of GAUGES; returns its handle."""
+    assert gauge in GAUGES, f"unknown gauge {gauge!r}"
+    handle = next(_source_ids)
+    with _sources_lock:
+        _sources[gauge][handle] = source
+    return handle
+
+
+def remove_gauge_source(gauge: str, handle: int) -> None:
+    with _sources_lock:
+        _sources[gauge].pop(handle, None)
+
+
+def _gauge_callback(gauge: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+    def observe(options: CallbackOptions) -> Iterable[Observation]:
+        with _sources_lock:
+            sources = list(_sources[gauge].values())
+        out = []
+        for source in sources:
+            try:
+                out.extend(Observation(value, dict(attrs)) for value, attrs in source())
+            except Exception:  # a component stopping under us: skip it this round
+                log.debug("gauge source of %s failed", gauge, exc_info=True)
+        return out
+    return observe
+
+
+def _make_state(tracer_provider: Any, meter_provider: Any, owned: bool) -> _State:
+    from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
+
+    tracing = isinstance(tracer_provider, SdkTracerProvider)
+    tracer = (tracer_provider.get_tracer(INSTRUMENTATION) if tracer_provider is not None
+              else trace.NoOpTracer())
+    meter = (meter_provider.get_meter(INSTRUMENTATION) if meter_provider is not None
+             else otel_metrics.NoOpMeter(INSTRUMENTATION))
+    if meter_provider is not None:
+        for name, (unit, description) in GAUGES.items():
+            meter.create_observable_gauge(name, [_gauge_callback(name)], unit=unit,
+                                          description=description)
+    return _State(tracing, tracer, meter, _instruments(meter),
+                  tracer_provider if owned else None, meter_provider if owned else None)
+
+
+_state = _make_state(None, None, owned=False)
+
+
+def install(tracer_provider: Any = None, meter_provider: Any = None, *,
+            owned: bool = False) -> None:
+    """Makes these providers the ones xdc uses (None: no-op). Tests pass SDK providers
+    with in-memory exporters; components built afterwards (servers, clients) use them.
+    With `owned`, shutdown() flushes and shuts them down."""
+    global _state
+    _state = _make_state(tracer_provider, meter_provider, owned)
+
+
+def tracing() -> bool:
+    """True when spans are recorded: the one check a hot path makes before span work."""
+    return _state.tracing
+
+
+def tracer() -> Tracer:
+    return _state.tracer
+
+
+def metrics() -> Instruments:
+    return _state.instruments
+
+
+def _exporters(variable: str, default_endpoint_vars: Sequence[str],
+               env: Mapping[str, str]) -> list[str]:
+    """The exporters named by OTEL_{TRACES,METRICS}_EXPORTER. Unset means `otlp` when an
+    OTLP endpoint is configured, else none: nothing is exported by default."""
+    value = env.get(variable)
+    if value is None:
+        return ["otlp"] if any(env.get(v) for v in default_endpoint_vars) else []
+    names = [v.strip().lower() for v in value.split(",") if v.strip()]
+    return [] if "none" in names else names
+
+
+def _protocol(signal: str, env: Mapping[str, str]) -> str:
+    return (env.get(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL")
+            or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc").strip()
+
+
+def _otlp_options(signal: str, protocol: str, env: Mapping[str, str]) -> dict[str, Any]:
+    """Endpoint options from `env` when it is not the process environment (which the
+    exporters read themselves), e.g. a benchmark exporting to its own receiver."""
+    if env is os.environ:
+        return {}
+    endpoint = env.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")
+    base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if endpoint is None and base is not None:
+        # The generic endpoint is a base URL for HTTP (the signal's path is added).
+        endpoint = (f"{base.rstrip('/')}/v1/{signal.lower()}" if protocol != "grpc"
+                    else base)
+    if endpoint is None:
+        return {}
+    if protocol == "grpc":
+        return {"endpoint": endpoint, "insecure": endpoint.startswith("http://")}
+    return {"endpoint": endpoint}
+
+
+# (signal, OTLP protocol) -> the exporter class, imported only when configured.
+_OTLP_EXPORTERS = {
+    ("TRACES", "grpc"): ("opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
+                         "OTLPSpanExporter"),
+    ("TRACES", "http/protobuf"): ("opentelemetry.exporter.otlp.proto.http.trace_exporter",
+                                  "OTLPSpanExporter"),
+    ("METRICS", "grpc"): ("opentelemetry.exporter.otlp.proto.grpc.metric_exporter",
+                          "OTLPMetricExporter"),
+    ("METRICS", "http/protobuf"): ("opentelemetry.exporter.otlp.proto.http.metric_exporter",
+                                   "OTLPMetricExporter"),
+}
+_CONSOLE_EXPORTERS = {"TRACES": ("opentelemetry.sdk.trace.export", "ConsoleSpanExporter"),
+                      "METRICS": ("opentelemetry.sdk.metrics.export", "ConsoleMetricExporter")}
+
+
+def _exporter(signal: str, name: str, env: Mapping[str, str]) -> Any:
+    """The exporter `name` of OTEL_{signal}_EXPORTER."""
+    if name == "console":
+        module, cls = _CONSOLE_EXPORTERS[signal]
+        # stderr: stdout carries `xdc serve`'s ready line.
+        return getattr(importlib.import_module(module), cls)(out=sys.stderr)
+    if name == "otlp":
+        protocol = _protocol(signal, env)
+        if (signal, protocol) not in _OTLP_EXPORTERS:
+            raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL: {protocol!r} is not supported "
+                             "(grpc, http/protobuf)")
+        module, cls = _OTLP_EXPORTERS[(signal, protocol)]
+        return getattr(importlib.import_module(module), cls)(
+            **_otlp_options(signal, protocol, env))
+    raise ValueError(f"OTEL_{signal}_EXPORTER: unknown exporter {name!r} "
+                     "(otlp, console, none)")
+
+
+_globals_set = False
+
+
+def setup_from_env(service_name: str, attributes: Mapping[str, Any] | None = None,
+                   env: Mapping[str, str] | None = None) -> bool:
+    """Configures tracing and metrics from the standard variables: OTEL_SDK_DISABLED,
+    OTEL_SERVICE_NAME (overrides `service_name`), OTEL_RESOURCE_ATTRIBUTES,
+    OTEL_TRACES_EXPORTER and OTEL_METRICS_EXPORTER (otlp, console, none; comma-separated),
+    OTEL_EXPORTER_OTLP_[TRACES_|METRICS_]PROTOCOL (grpc, the default, or http/protobuf),
+    and what the SDK and the exporters read themselves (OTEL_EXPORTER_OTLP_ENDPOINT,
+    _HEADERS, _TIMEOUT, OTEL_TRACES_SAMPLER, OTEL_BSP_*, OTEL_METRIC_EXPORT_INTERVAL...).
+    Returns whether anything is exported. Raises ValueError on an unknown exporter."""
+    global _globals_set
+    env = os.environ if env is None else env
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        install(None, None)
+        return False
+    traces = _exporters("OTEL_TRACES_EXPORTER", ("OTEL_EXPORTER_OTLP_ENDPOINT",
+                                                 "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"), env)
+    metrics_ = _exporters("OTEL_METRICS_EXPORTER", ("OTEL_EXPORTER_OTLP_ENDPOINT",
+                                                    "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"), env)
+    if not traces and not metrics_:
+        install(None, None)
+        return False
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+
+    resource = Resource.create({**(attributes or {}),
+                                SERVICE_NAME: env.get("OTEL_SERVICE_NAME") or service_name})
+    tracer_provider = meter_provider = None
+    if traces:
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        tracer_provider = TracerProvider(resource=resource)
+        for name in traces:
+            # Batched: the export runs on the processor's thread, never on the request path.
+            tracer_provider.add_span_processor(BatchSpanProcessor(_exporter("TRACES", name, env)))
+    if metrics_:
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+        interval = env.get("OTEL_METRIC_EXPORT_INTERVAL") if env is not os.environ else None
+        meter_provider = MeterProvider(resource=resource, metric_readers=[
+            PeriodicExportingMetricReader(_exporter("METRICS", name, env),
+                                          float(interval) if interval else None)
+            for name in metrics_])
+    install(tracer_provider, meter_provider, owned=True)
+    if not _globals_set:  # the globals take one value per process
+        _globals_set = True
+        if tracer_provider is not None:
+            trace.set_tracer_provider(tracer_provider)
+        if meter_provider is not None:
+            otel_metrics.set_meter_provider(meter_provider)
+    return True
+
+
+def shutdown(timeout_s: float = 5.0) -> None:
+    """Flushes and stops the providers setup_from_env (or install(owned=True)) made:
+    spans still buffered are exported before a process exits."""
+    st = _state
+    if st.tracer_provider is not None:
+        st.tracer_provider.force_flush(int(timeout_s * 1000))
+        st.tracer_provider.shutdown()
+    if st.meter_provider is not None:
+        st.meter_provider.shutdown(timeout_millis=timeout_s * 1000)
+    install(None, None)
+
+
+@contextlib.contextmanager
+def configured(service_name: str, attributes: Mapping[str, Any] | None = None,
+               ) -> Iterator[bool]:
+    """setup_from_env for the length of a long-running command, then flush and shut down."""
+    enabled = setup_from_env(service_name, attributes)
+    try:
+        yield enabled
+    finally:
+        if enabled:
+            shutdown()
+
+
+# ---- trace context in metadata ---------------------------------------------------------
+
+def inject(metadata: MutableMapping[str, str], context: Context | None = None,
+           ) -> MutableMapping[str, str]:
+    """Puts the W3C `traceparent` (and `tracestate`) of the current span (or of
+    `context`) into `metadata` (an event's metadata map, a gRPC metadata dict) and returns
+    it. Does nothing when no span is recording. Call it once when an event is created and
+    re-send the same event on retries: its metadata is part of its idempotent content."""
+    _W3C.inject(metadata, context)
+    return metadata
+
+
+def extract(metadata: Mapping[str, str] | None) -> Context:
+    """The context carried by `traceparent`/`tracestate` in `metadata` (empty Context
+    when absent or malformed): pass it as `context=` to start a child span."""
+    if not metadata or TRACEPARENT not in metadata:
+        return Context()
+    return _W3C.extract(metadata, Context())
+
+
+def span_context(traceparent: str | None, tracestate: str | None = None) -> SpanContext | None:
+    """A remote SpanContext from a W3C traceparent header, or None when it is not valid.
+    Parsed by hand: the consumer path reads one per event."""
+    if not traceparent or len(traceparent) != 55:
+        return None
+    version, trace_id, span_id, flags = traceparent[:2], traceparent[3:35], traceparent[36:52], \
+        traceparent[53:55]
+    if version == "ff" or traceparent[2] != "-" or traceparent[35] != "-" \
+            or traceparent[52] != "-":
+        return None
+    try:
+        tid, sid, fl = int(trace_id, 16), int(span_id, 16), int(flags, 16)
+    except ValueError:
+        return None
+    if not tid or not sid:
+        return None
+    state = TraceState.from_header([tracestate]) if tracestate else None
+    return SpanContext(tid, sid, is_remote=True, trace_flags=TraceFlags(fl),
+                       trace_state=state)
+
+
+def contexts_of(metadatas: Iterable[Mapping[str, str]],
+                limit: int = MAX_LINKS) -> tuple[list[SpanContext], int]:
+    """The distinct producer contexts in events' metadata (at most `limit`), and how many
+    metadata maps were read."""
+    seen: dict[str, SpanContext] = {}
+    n = 0
+    for md in metadatas:
+        n += 1
+        tp = md.get(TRACEPARENT)
+        if tp and tp not in seen and len(seen) < limit:
+            sc = span_context(tp, md.get(TRACESTATE))
+            if sc is not None:
+                seen[tp] = sc
+    return list(seen.values()), n
+
+
+def current_span_context() -> SpanContext | None:
+    """The current span's context if it is valid: what a queued request remembers of its
+    caller (cheap: one context-variable read)."""
+    sc = trace.get_current_span().get_span_context()
+    return sc if sc.is_valid else None
+
+
+def parent_and_links(contexts: Sequence[SpanContext | None],
+                     ambient: bool = False) -> tuple[Context, list[Link]]:
+    """The span rule for work done for several callers at once (a coalesced message, a
+    group commit, a replicated batch): one distinct caller context becomes the parent, so
+    a lone order's trace holds the span as a child; several become links (the messaging
+    conventions' batch rule), under the ambient context or a new root."""
+    distinct: dict[tuple[int, int], SpanContext] = {}
+    for sc in contexts:
+        if sc is not None and (sc.trace_id, sc.span_id) not in distinct:
+            distinct[(sc.trace_id, sc.span_id)] = sc
+            if len(distinct) >= MAX_LINKS:
+                break
+    base = otel_context.get_current() if ambient else Context()
+    if len(distinct) == 1:
+        only = next(iter(distinct.values()))
+        return trace.set_span_in_context(NonRecordingSpan(only), base), []
+    return base, [Link(sc) for sc in distinct.values()]
+
+
+def context_with(sc: SpanContext | None) -> Context:
+    """A Context whose current span is `sc` (empty when None): a parent for a span."""
+    return trace.set_span_in_context(NonRecordingSpan(sc), Context()) if sc else Context()
+
+
+def carrier_of(span: Span) -> dict[str, str]:
+    """The W3C headers of `span`, for a message field that carries trace context."""
+    carrier: dict[str, str] = {}
+    if span.is_recording():
+        _W3C.inject(carrier, trace.set_span_in_context(span, Context()))
+    return carrier
+
+
+@contextlib.contextmanager
+def consumer_span(stream: str, metadatas: Iterable[Mapping[str, str]], *,
+                  consumer_group: str | None = None, name: str | None = None,
+                  attributes: Mapping[str, Any] | None = None) -> Iterator[Span]:
+    """A CONSUMER span ("process <stream>") for processing a batch of events, made
+    current for the block, following the messaging semantic conventions: it links to the
+    producer context (`traceparent`) of each event (distinct ones, at most MAX_LINKS);
+    when the whole batch comes from one producer context it is also that context's
+    child, so one order is one trace. With tracing off it yields INVALID_SPAN and reads
+    no metadata. Exceptions are recorded and set the span's status to ERROR."""
+    if not _state.tracing:
+        yield INVALID_SPAN
+        return
+    contexts, n = contexts_of(metadatas)
+    parent, _ = parent_and_links(contexts, ambient=True)
+    attrs: dict[str, Any] = {
+        MESSAGING_SYSTEM: SYSTEM, MESSAGING_OPERATION_TYPE: "process",
+        MESSAGING_OPERATION_NAME: "process", MESSAGING_DESTINATION: stream,
+        MESSAGING_BATCH_COUNT: n}
+    if consumer_group:
+        attrs[MESSAGING_CONSUMER_GROUP] = consumer_group
+    if attributes:
+        attrs.update(attributes)
+    with _state.tracer.start_as_current_span(
+            name or f"process {stream}", context=parent, kind=SpanKind.CONSUMER,
+            links=[Link(sc) for sc in contexts], attributes=attrs) as span:
+        yield span
+
+
+def producer_links(payloads: Iterable[bytes], limit: int = MAX_LINKS) -> list[SpanContext]:
+    """Producer contexts carried in stored records (store/records.py layout): records
+    whose bytes hold no `traceparent` are skipped without decoding."""
+    from store import records  # store imports this module: import on use
+
+    metadatas = []
+    for value in payloads:
+        if b"traceparent" in value:
+            metadatas.append(records.decode(value).metadata)
+            if len(metadatas) >= limit:
+                break
+    return contexts_of(metadatas, limit)[0]
+
+
+def set_status_code(span: Span, code: grpc.StatusCode, message: str = "") -> None:
+    span.set_attribute(RPC_STATUS, code.value[0])
+    if code != grpc.StatusCode.OK:
+        span.set_status(Status(StatusCode.ERROR, f"{code.name}: {message}" if message
+                               else code.name))
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+# ---- gRPC instrumentation (unary RPCs) ---------------------------------------------------
+# Streaming RPCs are long-lived here (AppendStream, Subscribe, the peer streams): one span
+# per call would last as long as the connection. Their handlers make one span per message
+# instead, with the trace context inside the message (AppendStreamRequest.trace_context,
+# PeerMessage.trace_context). These interceptors cover the unary RPCs, with W3C trace
+# context in the call's metadata.
+
+def _split_method(method: str) -> tuple[str, str]:
+    service, _, name = method.lstrip("/").partition("/")
+    return service, name
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    """A SERVER span per unary-unary call, child of the `traceparent` in its metadata."""
+
+    async def intercept_service(self, continuation: Callable[[Any], Any],
+                                details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or handler.request_streaming or handler.response_streaming:
+            return handler
+        behavior = handler.unary_unary
+        method = details.method
+        service, name = _split_method(method)
+
+        async def traced(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            md = {k: v for k, v in (context.invocation_metadata() or ())
+                  if isinstance(v, str)}
+            attrs = {RPC_SYSTEM: "grpc", RPC_SERVICE: service, RPC_METHOD: name,
+                     PEER_ADDRESS: context.peer()}
+            with _state.tracer.start_as_current_span(
+                    f"{service}/{name}", context=extract(md), kind=SpanKind.SERVER,
+                    attributes=attrs, record_exception=False,
+                    set_status_on_exception=False) as span:
+                try:
+                    response = await behavior(request, context)
+                except grpc.aio.AbortError:
+                    set_status_code(span, context.code() or grpc.StatusCode.UNKNOWN,
+                                    context.details() or "")
+                    raise
+                except Exception as exc:
+                    span.record_exception(exc)
+                    set_status_code(span, grpc.StatusCode.UNKNOWN, repr(exc))
+                    raise
+                set_status_code(span, context.code() or grpc.StatusCode.OK)
+                return response
+
+        return grpc.unary_unary_rpc_method_handler(
+            traced, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+
+def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
+    """What a server built now installs: nothing when tracing is off (no per-call cost)."""
+    return [ServerInterceptor()] if _state.tracing else []
+
+
+class ClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
+    """A CLIENT span per unary-unary call; its context travels in the call's metadata."""
+
+    async def intercept_unary_unary(self, continuation: Callable[..., Any],
+                                    details: grpc.aio.ClientCallDetails, request: Any) -> Any:
+        method = details.method.decode() if isinstance(details.method, bytes) \
+            else details.method
+        service, name = _split_method(method)
+        span = _state.tracer.start_span(
+            f"{service}/{name}", kind=SpanKind.CLIENT,
+            attributes={RPC_SYSTEM: "grpc", RPC_SERVICE: service, RPC_METHOD: name})
+        carrier = carrier_of(span)
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+        for k, v in carrier.items():
+            metadata[k] = v
+        details = grpc.aio.ClientCallDetails(details.method, details.timeout, metadata,
+                                             details.credentials, details.wait_for_ready)
+        try:
+            call = await continuation(details, request)
+            code = await call.code()  # waits for the end of the call, raises nothing
+            set_status_code(span, code, await call.details() or "")
+            return call
+        except BaseException as exc:
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, repr(exc)))
+            raise
+        finally:
+            span.end()
+
+
+def client_interceptors() -> list[grpc.aio.ClientInterceptor] | None:
+    """Interceptors for a channel opened now: none when tracing is off. Only a unary-unary
+    interceptor: grpc.aio then leaves streaming calls untouched (no per-message hop)."""
+    return [ClientInterceptor()] if _state.tracing else None
