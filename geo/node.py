@@ -21,9 +21,10 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2
 
+from geo import tiers as tiers_mod
 from geo.config import ClusterConfig
 from geo.leadership import Leadership, LeadershipError
-from geo.replication.core import Node, should_campaign
+from geo.replication.core import Node, Role, should_campaign
 from geo.replication.messages import (
     Committed,
     Effect,
@@ -34,6 +35,7 @@ from geo.replication.messages import (
     Tip,
 )
 from geo.replicator import Replicator, term_start_record
+from geo.tier_supervisor import Reading, TierSupervisor
 from geo.tracing import FailoverClock, ReplicationObserver
 from geo.transport import CHANNEL_OPTIONS, PeerSender, ReplicationService, SwitchoverError
 from store.errors import StoreError
@@ -57,7 +59,7 @@ MAX_DEFERRALS = 5
 class ClusterNode:
     def __init__(self, config: ClusterConfig, member_id: str, data_dir: str | None = None,
                  *, limits: Limits | None = None, routes: dict[str, str] | None = None,
-                 tick_s: float = TICK_S) -> None:
+                 tick_s: float = TICK_S, tiers: tiers_mod.TierSpec | None = None) -> None:
         self.config = config
         self.member = config.member(member_id)
         self.id = member_id
@@ -90,6 +92,11 @@ class ClusterNode:
             member_id, lambda: self.store.log.last_position if self.store.log else 0,
             lambda: self.store.role.name == "leader")
         self.failover = FailoverClock(member_id)
+        # Degradation tiers (DESIGN §6), loaded and checked here so that a bad tier file
+        # stops the node before it binds anything (ConfigError).
+        self.tiers = tiers or tiers_mod.load(config.tiers_file)
+        self.supervisor = TierSupervisor(self.tiers, self._tier_reading, node_id=member_id)
+        self._heard: dict[str, float] = {}  # peer -> monotonic time of its last message
 
     # ---- life cycle ---------------------------------------------------------------
 
@@ -107,12 +114,14 @@ class ClusterNode:
             assert isinstance(self.replicator, Replicator)
             rpb_grpc.add_ReplicationServicer_to_server(ReplicationService(
                 self.config.cluster, self.id, {m.id for m in self.config.members},
-                self.replicator.deliver, self._tip, self.status, self.switchover,
+                self._deliver, self._tip, self.status, self.switchover,
                 observe=self.observer.observe), server)
+            self.supervisor.add_services(server)
 
         self.server = StoreServer(self.store, self.member.client, writer_factory=make,
                                   extra_listen=[self.member.peer],
-                                  add_services=add_replication)
+                                  add_services=add_replication,
+                                  interceptors=self.supervisor.interceptors)
         await self.server.start()
         self.store.role.name = "follower" if self.member.voter else "standby"
         for peer, address in self.routes.items():
@@ -122,9 +131,11 @@ class ClusterNode:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._ticker()), loop.create_task(self._elections())]
         self.observer.start()
+        await self.supervisor.start(self.server)
 
     async def stop(self) -> None:
         self._stopping = True
+        await self.supervisor.stop()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -153,6 +164,41 @@ class ClusterNode:
         while True:
             await asyncio.sleep(self.tick_s)
             self.replicator.tick()
+
+    def _deliver(self, msgs: list[Any]) -> None:
+        # Who spoke to us lately: the leader's quorum for the tier supervisor.
+        now = time.monotonic()
+        for m in msgs:
+            self._heard[m.src] = now
+        assert self.replicator is not None
+        self.replicator.deliver(msgs)
+
+    async def _tier_reading(self) -> Reading:
+        """What the tier supervisor observes (geo/tiers.py): an open leader, a voter
+        majority, the writer queue and the commit lag."""
+        assert self.replicator is not None and self.store.writer is not None
+        st = await self.replicator.query(Node.status)
+        limits = self.replicator.core.limits
+        now = time.monotonic()
+        # Peers answer a leader every tick; twice the check-quorum window of silence
+        # means gone (the machine itself steps down after one window).
+        window_s = 2 * limits.check_quorum_ticks * self.tick_s
+        voters = {m.id for m in self.config.voters}
+        if st.role == Role.FOLLOWER:
+            leader_ok = (st.leader is not None and st.leader != self.id
+                         and st.ticks_since_leader <= 2 * limits.check_quorum_ticks)
+            # A follower cannot count the others; it knows it lacks a majority only when
+            # it just stepped down for that reason (it then waits before campaigning).
+            quorum = leader_ok or time.monotonic() >= self._campaign_after
+        else:
+            leader_ok = st.role == Role.LEADER and st.open
+            heard = sum(1 for p in voters - {self.id} if now - self._heard.get(p, -1e9)
+                        <= window_s)
+            quorum = heard + 1 >= self.config.quorum
+        return Reading(failover=not leader_ok, quorum=quorum,
+                       pending_events=self.store.writer.pending_events,
+                       max_pending_events=self.store.limits.max_pending_events,
+                       commit_lag=max(0, st.last_position - st.commit))
 
     def _lease_lost(self, reason: str) -> None:
         """Called by Leadership (any thread) before the lease can expire."""

@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from store.errors import MD_LEADER
+from store.errors import MD_LEADER, MD_RETRY_AFTER_MS, MD_SHED_REASON, MD_TIER
 from store.limits import Limits
 from xdc import telemetry
 from xdc.v1 import eventstore_pb2 as pb
@@ -91,6 +91,18 @@ class _Pending:
     caller: Any = None
 
 
+def shed_wait_s(exc: grpc.aio.AioRpcError) -> float | None:
+    """For a call a degradation tier refused before it ran (trailing xdc-shed-reason):
+    how long the server asks to wait before retrying. None for any other error."""
+    md = dict(exc.trailing_metadata() or ())
+    if MD_SHED_REASON not in md:
+        return None
+    try:
+        return max(0.01, int(md.get(MD_RETRY_AFTER_MS, "100")) / 1000)
+    except ValueError:
+        return 0.1
+
+
 def channel_options(limits: Limits | None = None) -> list[tuple[str, Any]]:
     """Options of every channel xdc opens (clients, peers, tools).
 
@@ -115,7 +127,7 @@ class StoreClient:
     def __init__(self, targets: str | Sequence[str], *, linger_s: float = 0.0,
                  max_batch_appends: int = 1024, max_inflight_messages: int = 32,
                  timeout_s: float = 10.0, attempt_timeout_s: float = 2.0,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, tier: str = "") -> None:
         self.targets = [targets] if isinstance(targets, str) else list(targets)
         assert self.targets, "at least one target address"
         assert max_batch_appends >= 1 and max_inflight_messages >= 1 and linger_s >= 0
@@ -128,6 +140,9 @@ class StoreClient:
         # its appends re-sent elsewhere, with the same ids.
         self.attempt_timeout_s = attempt_timeout_s
         self.limits = limits or Limits()
+        # The criticality of this client's reads and subscriptions (a tier or service
+        # name of the tier file, e.g. "engine"): servers shed them by it when degraded.
+        self.metadata: tuple[tuple[str, str], ...] = ((MD_TIER, tier),) if tier else ()
         self._target = self.targets[0]
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.EventStoreStub | None = None
@@ -478,9 +493,22 @@ class StoreClient:
         request = pb.ReadRequest(stream=stream, limit=limit, min_position=min_position,
                                  direction=pb.BACKWARDS if backwards else pb.FORWARDS)
         setattr(request, "from", start)
-        call = self.stub.Read(request, timeout=timeout_s or self.timeout_s)
-        async for batch in call:
-            yield batch
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout_s or self.timeout_s)
+        while True:
+            call = self.stub.Read(request, timeout=max(0.001, deadline - loop.time()),
+                                  metadata=self.metadata)
+            try:
+                async for batch in call:
+                    yield batch
+                return
+            except grpc.aio.AioRpcError as exc:
+                # Shed by a degradation tier (before any batch): retry as the server
+                # asks, within the timeout.
+                wait = shed_wait_s(exc)
+                if wait is None or loop.time() + wait >= deadline:
+                    raise
+            await asyncio.sleep(wait)
 
     async def read(self, stream: str, *, start: int = 0, limit: int = 1000,
                    backwards: bool = False, min_position: int = 0,
@@ -510,7 +538,7 @@ class StoreClient:
                                           from_end=from_end and first,
                                           stream_prefix=stream_prefix, event_types=event_types)
             first = False
-            call = self.stub.Subscribe(request)
+            call = self.stub.Subscribe(request, metadata=self.metadata)
             try:
                 async for msg in call:
                     kind = msg.WhichOneof("kind")
@@ -535,18 +563,30 @@ class StoreClient:
                         yield Checkpoint(msg.checkpoint.position)
                 return
             except grpc.aio.AioRpcError as exc:
-                if not resume or exc.code() != grpc.StatusCode.UNAVAILABLE or self._closed:
+                wait = shed_wait_s(exc)  # shed by a tier: resumable, after its hint
+                if not resume or self._closed or (
+                        exc.code() != grpc.StatusCode.UNAVAILABLE and wait is None):
                     raise
                 await self._switch()
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(max(0.1, wait or 0.0))
             finally:
                 # A consumer that stops iterating ends the call: the server stops
                 # streaming to it (and stops counting it in the subscription lag gauge).
                 call.cancel()
 
     async def stream_info(self, stream: str) -> pb.StreamInfoResponse:
-        return await self.stub.StreamInfo(pb.StreamInfoRequest(stream=stream),
-                                          timeout=self.timeout_s)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        while True:
+            try:
+                return await self.stub.StreamInfo(pb.StreamInfoRequest(stream=stream),
+                                                  timeout=max(0.001, deadline - loop.time()),
+                                                  metadata=self.metadata)
+            except grpc.aio.AioRpcError as exc:
+                wait = shed_wait_s(exc)  # shed by a degradation tier: retry as asked
+                if wait is None or loop.time() + wait >= deadline:
+                    raise
+            await asyncio.sleep(wait)
 
     async def node_info(self) -> pb.NodeInfoResponse:
         return await self.stub.NodeInfo(pb.NodeInfoRequest(), timeout=self.timeout_s)

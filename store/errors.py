@@ -9,6 +9,11 @@ import grpc
 MD_ACTUAL_REVISION = "xdc-actual-last-revision"
 MD_LEADER = "xdc-leader"
 MD_RETRY_AFTER_MS = "xdc-retry-after-ms"
+# A call shed by admission control (geo's degradation tiers) names the tier and why.
+# It was refused before anything ran, so retrying after xdc-retry-after-ms is safe. A
+# request names its own tier with MD_TIER too (a tier or service name).
+MD_TIER = "xdc-tier"
+MD_SHED_REASON = "xdc-shed-reason"
 
 
 class StoreError(Exception):

@@ -32,8 +32,17 @@ def _limits(args: argparse.Namespace) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from geo import tiers
+    from geo.config import ConfigError
+    from geo.tier_supervisor import standalone_companion
     from store.server import serve
-    return serve(args.data, args.listen, _limits(args), node_id=args.node_id)
+    try:
+        spec = tiers.load(args.tiers)
+    except ConfigError as exc:
+        print(f"xdc serve: {exc}", file=sys.stderr)
+        return 2
+    return serve(args.data, args.listen, _limits(args), node_id=args.node_id,
+                 companion=standalone_companion(spec))
 
 
 def _expected(text: str) -> tuple[int, int]:
@@ -146,7 +155,11 @@ def cmd_node_run(args: argparse.Namespace) -> int:
         print(f"xdc node run: warning: {exc}; starting as a follower until etcd answers",
               file=sys.stderr)
     routes = dict(r.split("=", 1) for r in args.route)
-    node = ClusterNode(config, args.member, args.data, limits=_limits(args), routes=routes)
+    try:  # the node loads and checks the tier file
+        node = ClusterNode(config, args.member, args.data, limits=_limits(args), routes=routes)
+    except ConfigError as exc:
+        print(f"xdc node run: {exc}", file=sys.stderr)
+        return 2
 
     async def start() -> str:
         await node.start()
@@ -444,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-id", default="standalone")
     p.add_argument("--max-event-bytes", type=int, default=1024 * 1024)
     p.add_argument("--max-append-events", type=int, default=10_000)
+    p.add_argument("--tiers", help="tier file (default: the one shipped, geo/tiers.default.toml)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("node", help="run a clustered store node")
@@ -524,6 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stream", nargs="?")
     p.add_argument("--target", default=DEFAULT_TARGET)
     p.set_defaults(func=cmd_info)
+
+    from geo.tier_cli import add_parser as add_tiers_parser
+    add_tiers_parser(sub, DEFAULT_TARGET)
 
     p = sub.add_parser("demo", help="run the local multi-region demo")
     p.add_argument("--rtt-ms", type=float, default=30.0)

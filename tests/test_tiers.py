@@ -1,0 +1,655 @@
+"""Degradation tiers (DESIGN §6): the tier file, the pure supervisor machine with a fake
+clock, and the shell against real servers: the interceptor on every call shape, overload
+shedding on a standalone node whose writer is held, and a real three-node cluster whose
+leader loses its quorum and recovers tier by tier (real etcd, LMDB, gRPC)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import random
+import re
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from geo import tiers
+from geo.config import ConfigError
+from geo.tier_supervisor import (
+    HEALTH_ALL,
+    MD_SHED_REASON,
+    MD_TIER,
+    Reading,
+    TierSupervisor,
+    health_name,
+    standalone_reader,
+)
+from geo.tiers import Observation, Reason, State, TierMachine
+from store.client import CaughtUp, StoreClient, new_event
+from store.errors import MD_RETRY_AFTER_MS
+from store.limits import Limits
+from store.node import StoreNode
+from store.server import StoreServer
+from tests.support.cluster import LocalCluster
+from tests.support.etcd import EtcdCluster
+from tests.support.store import run, wait_until
+from xdc.v1 import eventstore_pb2 as pb
+from xdc.v1 import eventstore_pb2_grpc as pb_grpc
+from xdc.v1 import exchange_pb2
+from xdc.v1 import tiers_pb2 as tpb
+from xdc.v1 import tiers_pb2_grpc as tpb_grpc
+
+DEFAULT = tiers.load()
+N = len(DEFAULT.tiers)
+SETTLE = DEFAULT.supervisor.settle_s
+
+
+def machine(spec: tiers.TierSpec = DEFAULT) -> TierMachine:
+    return TierMachine(spec, 0.0, 0)
+
+
+class Clock:
+    """The fake clock: observations at chosen monotonic times (wall = 1e9 x time)."""
+
+    def __init__(self, m: TierMachine) -> None:
+        self.m = m
+        self.t = 0.0
+
+    def at(self, t: float, **kw: Any) -> list[tiers.Transition]:
+        self.t = t
+        return self.m.observe(Observation(t, int(t * 1e9), **kw))
+
+    def step(self, dt: float, **kw: Any) -> list[tiers.Transition]:
+        return self.at(self.t + dt, **kw)
+
+
+def states(m: TierMachine) -> list[State]:
+    return [s.state for s in m.states]
+
+
+def serving_count(m: TierMachine) -> int:
+    return sum(1 for s in m.states if s.state == State.SERVING)
+
+
+def recover_fully(c: Clock, dt: float = 0.05, **kw: Any) -> None:
+    for _ in range(int(N * SETTLE / dt) + 20):
+        c.step(dt, **kw)
+        if serving_count(c.m) == N:
+            return
+    raise AssertionError(f"did not recover: {states(c.m)}")
+
+
+# ---- the tier file --------------------------------------------------------------------
+
+
+def test_default_file_is_the_design_example_and_maps_every_rpc() -> None:
+    assert DEFAULT.names == ("ledger", "matching", "order-entry", "market-data", "analytics")
+    assert DEFAULT.tiers[0].services == ("leader", "replication", "append")
+    assert DEFAULT.warnings == ()
+    assert {s for t in DEFAULT.tiers for s in t.services} == set(tiers.SERVICES)
+    # Every public method is tiered, except those deliberately never shed.
+    never_shed = {"/xdc.v1.EventStore/NodeInfo"}
+    for service in (pb.DESCRIPTOR.services_by_name["EventStore"],
+                    exchange_pb2.DESCRIPTOR.services_by_name["OrderGateway"]):
+        for method in service.methods:
+            path = f"/{service.full_name}/{method.name}"
+            assert path in tiers.METHOD_SERVICES or path in never_shed, path
+    assert all(s in tiers.SERVICES for s in tiers.METHOD_SERVICES.values())
+    assert tiers.service_of(tiers.READ_METHOD, pb.ReadRequest(stream="$all")) == "read-all"
+    assert tiers.service_of(tiers.READ_METHOD, pb.ReadRequest(stream="orders")) == "history"
+    assert tiers.service_of("/xdc.v1.OrderGateway/StreamExecutions") == "gateway.cancel"
+    assert tiers.service_of("/grpc.health.v1.Health/Check") is None
+    assert DEFAULT.resolve("market-data") == 3 and DEFAULT.resolve("engine") == 1
+    assert DEFAULT.resolve("nonsense") is None
+
+
+def test_tier_file_errors_are_all_reported_with_their_keys() -> None:
+    text = """
+        colour = "blue"
+        [[tier]]
+        name = "ledger"
+        services = ["leader", "append"]
+        [[tier]]
+        name = "ledger"
+        services = ["subscibe", "append", "replication"]
+        [[tier]]
+        name = "empty"
+        services = []
+        [[tier]]
+        services = ["book"]
+        [supervisor]
+        settle_s = "soon"
+        overload_from = 2.0
+        max_commit_lag = 0
+        retry_after = 5
+    """
+    with pytest.raises(ConfigError) as info:
+        tiers.loads(text, source="t.toml")
+    problems = dict(info.value.problems)
+    assert problems["colour"].startswith("unknown key")
+    assert "duplicate tier name 'ledger'" in problems["tier[1].name"]
+    assert "did you mean 'subscribe'" in problems["tier[1].services[0]"]
+    assert "listed twice (also tier[0].services[1])" in problems["tier[1].services[1]"]
+    assert "must be in tier 0" in problems["tier[1].services[2]"]
+    assert "empty tier" in problems["tier[2].services"]
+    assert problems["tier[3].name"] == "is required"
+    assert "expected a number" in problems["supervisor.settle_s"]
+    assert "out of range" in problems["supervisor.overload_from"]
+    assert "out of range" in problems["supervisor.max_commit_lag"]
+    assert "did you mean 'retry_after_ms'" in problems["supervisor.retry_after"]
+    assert str(info.value).startswith("t.toml: ")
+    with pytest.raises(ConfigError, match="declare at least one"):
+        tiers.loads("")
+    many = "".join(f'[[tier]]\nname = "t{i}"\nservices = ["{s}"]\n'
+                   for i, s in enumerate(list(tiers.SERVICES) * 2))
+    with pytest.raises(ConfigError, match="at most 16"):
+        tiers.loads(many)
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        tiers.loads("[[tier]\n")
+
+
+def test_unlisted_services_warn_and_take_a_place(tmp_path: Path) -> None:
+    path = tmp_path / "tiers.toml"
+    path.write_text('[[tier]]\nname = "core"\nservices = ["append"]\n'
+                    '[[tier]]\nname = "rest"\nservices = ["subscribe"]\n')
+    spec = tiers.load(path)
+    assert spec.warnings and "leader (counted in tier 0)" in spec.warnings[0]
+    assert spec.tier_of("leader") == 0 and spec.tier_of("read-all") == 1
+    with pytest.raises(ConfigError, match="cannot read"):
+        tiers.load(tmp_path / "missing.toml")
+
+
+def test_cli_checks_tier_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from xdc.cli import main
+    assert main(["tiers", "check"]) == 0
+    assert "ledger" in capsys.readouterr().out
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[tier]]\nname = "x"\nservices = ["engines"]\n')
+    assert main(["tiers", "check", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "tier[0].services[0]: unknown service 'engines' (did you mean 'engine'?)" in err
+    # The standalone server refuses to start on it, before binding anything.
+    assert main(["serve", "--data", str(tmp_path / "d"), "--listen", "127.0.0.1:0",
+                 "--tiers", str(bad)]) == 2
+    assert "unknown service 'engines'" in capsys.readouterr().err
+
+
+# ---- the machine ----------------------------------------------------------------------
+
+
+def test_start_admits_tiers_in_order_each_after_the_settle_time() -> None:
+    m = machine()
+    assert states(m) == [State.DEGRADED] + [State.SHED] * (N - 1)
+    assert [s.reason for s in m.states] == [Reason.STARTING] * N
+    c = Clock(m)
+    c.at(1.0)
+    assert states(m) == [State.SERVING] + [State.RECOVERING] * (N - 1)
+    assert m.refusal(0) is None
+    r = m.refusal(1)
+    assert r is not None and r.code == grpc.StatusCode.UNAVAILABLE
+    assert r.reason == Reason.SETTLING and "'matching'" in r.message
+    # The hint estimates when the tier comes back: one settle per tier below it.
+    assert [m.refusal(i).retry_after_ms for i in range(1, N)] == [  # type: ignore[union-attr]
+        int(SETTLE * 1000 * k) for k in range(1, N)]
+    c.at(1.0 + SETTLE - 0.01)
+    assert serving_count(m) == 1
+    for k in range(1, N):
+        c.at(1.0 + k * SETTLE)
+        assert states(m) == [State.SERVING] * (k + 1) + [State.RECOVERING] * (N - k - 1)
+    recovered = [s.recovered_at_ns for s in m.states]
+    assert recovered == [int((1.0 + k * SETTLE) * 1e9) for k in range(N)]
+    assert m.all_admitted
+
+
+@pytest.mark.parametrize(("kw", "reason", "words"), [
+    ({"quorum": False}, Reason.NO_QUORUM, "no quorum"),
+    ({"failover": True}, Reason.FAILOVER, "failover in progress"),
+    ({"quorum": False, "failover": True}, Reason.NO_QUORUM, "no quorum"),
+])
+def test_loss_of_leader_or_quorum_sheds_everything_above_tier_0(
+        kw: dict[str, bool], reason: Reason, words: str) -> None:
+    m = machine()
+    c = Clock(m)
+    recover_fully(c)
+    changes = c.step(0.1, **kw)
+    assert states(m) == [State.DEGRADED] + [State.SHED] * (N - 1)
+    assert [t.index for t in changes] == list(range(N))  # reported in tier order
+    assert m.refusal(0) is None  # tier 0 is never shed
+    for i in range(1, N):
+        r = m.refusal(i)
+        assert r is not None and r.code == grpc.StatusCode.UNAVAILABLE and r.reason == reason
+        assert f"'{DEFAULT.tiers[i].name}'" in r.message and words in r.message
+        assert r.retry_after_ms == DEFAULT.supervisor.retry_after_ms
+        assert f"retry after {r.retry_after_ms} ms" in r.message
+    down_at = c.t
+    assert all(s.down_at_ns == int(down_at * 1e9) for s in m.states)
+    # Back: tier 0 at once, then one tier per settle time, in order.
+    c.step(0.5)
+    assert states(m) == [State.SERVING] + [State.RECOVERING] * (N - 1)
+    order = []
+    while serving_count(m) < N:
+        order += [t.index for t in c.step(0.01) if t.new == State.SERVING]
+    assert order == list(range(1, N))
+    times = [s.recovered_at_ns for s in m.states]
+    assert all(b - a >= int(SETTLE * 1e9) - 10**7 for a, b in itertools.pairwise(times))
+    assert all(t > int(down_at * 1e9) for t in times)
+
+
+def test_a_tier_lost_while_recovering_sends_the_ones_above_back() -> None:
+    m = machine()
+    c = Clock(m)
+    recover_fully(c)
+    c.step(0.1, failover=True)
+    c.step(0.1)
+    c.step(SETTLE)
+    assert states(m)[:3] == [State.SERVING, State.SERVING, State.RECOVERING]
+    c.step(0.05, failover=True)  # a second failover before order entry is back
+    assert states(m) == [State.DEGRADED] + [State.SHED] * (N - 1)
+    c.step(0.05)
+    assert states(m) == [State.SERVING] + [State.RECOVERING] * (N - 1)  # from the start
+
+
+def test_overload_sheds_from_the_top_with_hysteresis_and_never_tier_0() -> None:
+    m = machine()
+    c = Clock(m)
+    recover_fully(c)
+    limit = 1000
+    shed_by_load = []
+    for pending in range(0, 2 * limit + 1, 25):
+        c.step(0.01, pending_events=pending, max_pending_events=limit)
+        shed_by_load.append((pending, N - serving_count(m)))
+    # Thresholds 0.5, 0.625, 0.75, 0.875 of the queue: the top tier first.
+    first_shed = {k: next(p for p, n in shed_by_load if n >= k) for k in range(1, N)}
+    assert first_shed == {1: 500, 2: 625, 3: 750, 4: 875}
+    assert states(m) == [State.SERVING] + [State.SHED] * (N - 1)  # even at twice the limit
+    assert m.refusal(0) is None
+    r = m.refusal(N - 1)
+    assert r is not None and r.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert r.reason == Reason.OVERLOAD and "'analytics'" in r.message
+    assert "writer queue 2000/1000" in r.message
+    assert r.retry_after_ms == DEFAULT.supervisor.overload_retry_after_ms
+    # Under a threshold but above restore_below x threshold: still shed.
+    c.step(1.0, pending_events=800, max_pending_events=limit)  # tier 1: 0.875 * 0.8 = 0.7
+    assert states(m)[1] == State.SHED
+    # Quiet: the tiers come back lowest first, each after its quiet time and the settle
+    # time of the one below.
+    order = []
+    for _ in range(400):
+        order += [(t.index, round(c.t, 2)) for t in c.step(0.01) if t.new == State.SERVING]
+        if serving_count(m) == N:
+            break
+    assert [i for i, _ in order] == list(range(1, N))
+    gaps = [b[1] - a[1] for a, b in itertools.pairwise(order)]
+    assert all(g >= SETTLE - 0.011 for g in gaps), gaps
+
+
+def test_commit_lag_counts_as_load() -> None:
+    m = machine()
+    c = Clock(m)
+    recover_fully(c)
+    lag = DEFAULT.supervisor.max_commit_lag
+    c.step(0.01, commit_lag=lag // 2)
+    assert states(m)[-1] == State.SHED and states(m)[-2] == State.SERVING
+    r = m.refusal(N - 1)
+    assert r is not None and f"commit lag {lag // 2}/{lag}" in r.message
+    c.step(0.01, commit_lag=lag)
+    assert states(m) == [State.SERVING] + [State.SHED] * (N - 1)
+
+
+def test_a_service_down_degrades_its_tier_and_sheds_the_ones_above() -> None:
+    m = machine()
+    c = Clock(m)
+    recover_fully(c)
+    c.step(0.01, down=frozenset({"engine"}))
+    assert states(m) == [State.SERVING, State.DEGRADED] + [State.SHED] * (N - 2)
+    assert m.refusal(1) is None  # admitted: the engines' own calls pass to recover
+    r = m.refusal(2)
+    assert r is not None and r.reason == Reason.DEPENDENCY and r.code.name == "UNAVAILABLE"
+    assert "tier 'matching' is not healthy (engine down)" in r.message
+    r = m.refusal(4)
+    assert r is not None and r.reason == Reason.DEPENDENCY and "'order-entry' is shed" in (
+        r.message)
+    recover_fully(c)
+
+
+def test_zero_settle_recovers_all_at_once_in_order_and_backwards_clock_is_harmless() -> None:
+    m = machine(DEFAULT.with_supervisor(settle_s=0))
+    c = Clock(m)
+    assert [t.index for t in c.at(5.0) if t.new == State.SERVING] == list(range(N))
+    c.at(5.1, failover=True)
+    c.at(4.0)  # a clock stepping back counts as no time passing
+    assert m.states[1].since == 5.1 and serving_count(m) == N
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_schedules_keep_the_invariants(seed: int) -> None:
+    """Admitted tiers always form a prefix including tier 0; a tier is only admitted
+    (from shed or recovering) once the tier below has served for settle_s; every
+    refusal names its tier; overload and only overload is RESOURCE_EXHAUSTED."""
+    rnd = random.Random(seed)
+    m = machine()
+    t = 0.0
+    for _ in range(3000):
+        t += rnd.choice((0.0, 0.01, 0.05, 0.1, 0.3))
+        before = m.states
+        obs = Observation(
+            t, int(t * 1e9), failover=rnd.random() < 0.05, quorum=rnd.random() > 0.05,
+            pending_events=rnd.choice((0, 0, 0, 100, 600, 800, 1000)), max_pending_events=1000,
+            commit_lag=rnd.choice((0, 0, 0, 90_000)),
+            down=frozenset(rnd.sample(list(tiers.SERVICES), rnd.choice((0, 0, 0, 0, 1)))))
+        m.observe(obs)
+        admitted = [s.admitted for s in m.states]
+        assert admitted[0]
+        assert admitted == sorted(admitted, reverse=True), admitted
+        for i in range(1, N):
+            was, now = before[i], m.states[i]
+            if now.admitted and not was.admitted:
+                below = before[i - 1]
+                assert below.state == State.SERVING and below.serving_since is not None
+                assert t - below.serving_since >= SETTLE - 1e-9
+            r = m.refusal(i)
+            if r is not None:
+                assert repr(now.name) in r.message
+                assert (r.code == grpc.StatusCode.RESOURCE_EXHAUSTED) == (
+                    r.reason == Reason.OVERLOAD)
+
+
+# ---- the interceptor on every call shape (a real gRPC server) ------------------------------
+
+
+def test_interceptor_refuses_every_call_shape_and_passes_tier_0(tmp_path: Path) -> None:
+    async def body() -> None:
+        failing = {"on": False}
+
+        async def read() -> Reading:
+            return Reading(failover=failing["on"])
+
+        sup = TierSupervisor(DEFAULT.with_supervisor(settle_s=0, interval_s=0.01), read)
+        identity = (lambda b: b)  # noqa: E731
+
+        async def uu(req: bytes, ctx: Any) -> bytes:
+            return b"uu"
+
+        async def us(req: bytes, ctx: Any) -> AsyncIterator[bytes]:
+            yield b"us"
+
+        async def su(reqs: Any, ctx: Any) -> bytes:
+            return b"su"
+
+        async def ss(reqs: Any, ctx: Any) -> AsyncIterator[bytes]:
+            yield b"ss"
+
+        handlers = grpc.method_handlers_generic_handler("t.Shapes", {
+            "UU": grpc.unary_unary_rpc_method_handler(uu, identity, identity),
+            "US": grpc.unary_stream_rpc_method_handler(us, identity, identity),
+            "SU": grpc.stream_unary_rpc_method_handler(su, identity, identity),
+            "SS": grpc.stream_stream_rpc_method_handler(ss, identity, identity),
+        })
+        server = grpc.aio.server(interceptors=sup.interceptors)
+        server.add_generic_rpc_handlers((handlers,))
+        hs = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        await sup.start(hs)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                calls = {
+                    "UU": lambda md: ch.unary_unary("/t.Shapes/UU")(b"x", metadata=md),
+                    "US": lambda md: _drain(ch.unary_stream("/t.Shapes/US")(b"x", metadata=md)),
+                    "SU": lambda md: ch.stream_unary("/t.Shapes/SU")(iter([b"x"]), metadata=md),
+                    "SS": lambda md: _drain(ch.stream_stream("/t.Shapes/SS")(iter([b"x"]),
+                                                                             metadata=md)),
+                }
+                await wait_until(lambda: sup.machine.all_admitted, what="all tiers admitted")
+                for call in calls.values():
+                    await call(((MD_TIER, "analytics"),))
+                failing["on"] = True
+                await wait_until(lambda: not sup.machine.all_admitted, what="shedding")
+                for name, call in calls.items():
+                    with pytest.raises(grpc.aio.AioRpcError) as info:
+                        await call(((MD_TIER, "analytics"),))
+                    e = info.value
+                    assert e.code() == grpc.StatusCode.UNAVAILABLE, name
+                    assert "tier 'analytics' (tier 4) is shed" in (e.details() or "")
+                    md = dict(e.trailing_metadata() or ())
+                    assert md[MD_RETRY_AFTER_MS] == "1000" and md[MD_TIER] == "analytics"
+                    assert md[MD_SHED_REASON] == "failover"
+                    await call(((MD_TIER, "ledger"),))  # tier 0: never shed
+                    await call(((MD_TIER, "append"),))  # a service name works too
+                    await call(())  # a method no tier covers: never shed
+                    await call((("x-xdc-tier", "ledger"),))
+                    # An unknown name falls back to the method (here: none, so it passes).
+                    await call(((MD_TIER, "no-such-tier"),))
+                # Health: tier 0 is degraded, the rest not serving.
+                stub = health_pb2_grpc.HealthStub(ch)
+                for service in (health_name("ledger"), health_name("analytics"), HEALTH_ALL):
+                    r = await stub.Check(health_pb2.HealthCheckRequest(service=service))
+                    assert r.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        finally:
+            await sup.stop()
+            await server.stop(0)
+
+    run(body)
+
+
+async def _drain(call: Any) -> list[Any]:
+    return [x async for x in call]
+
+
+# ---- overload on a standalone node (real LMDB, real gRPC, the writer held) ----------------
+
+
+def test_overload_sheds_top_tiers_with_resource_exhausted(tmp_path: Path) -> None:
+    async def body() -> None:
+        spec = DEFAULT.with_supervisor(settle_s=0.1, interval_s=0.02)
+        node = StoreNode(tmp_path / "store", Limits(max_pending_events=20))
+        sup = TierSupervisor(spec, standalone_reader(node), node_id="solo")
+        server = StoreServer(node, "127.0.0.1:0", interceptors=sup.interceptors,
+                             add_services=sup.add_services)
+        await server.start()
+        await sup.start(server)
+        # The writer thread asks `admit` before each group: holding it there lets the
+        # queue fill deterministically, as a slow disk would.
+        gate, held = threading.Event(), threading.Event()
+        standalone_admit = node.admit
+
+        def held_admit() -> int | Any:
+            held.set()
+            gate.wait(30)
+            return standalone_admit()
+
+        node.admit = held_admit
+        writes: list[asyncio.Task[Any]] = []
+        try:
+            async with grpc.aio.insecure_channel(server.address) as ch:
+                store = pb_grpc.EventStoreStub(ch)
+                tiers_stub = tpb_grpc.TiersStub(ch)
+                health_stub = health_pb2_grpc.HealthStub(ch)
+                await _wait_health(health_stub, HEALTH_ALL, serving=True)
+
+                def append(i: int) -> asyncio.Task[Any]:
+                    return asyncio.ensure_future(store.Append(pb.AppendRequest(
+                        stream=f"s{i}", events=[new_event("T", b"%d" % i)]), timeout=60))
+
+                writes.append(append(0))  # taken by the writer, held in admit
+                await wait_until(held.is_set, what="the writer held in admit")
+                writes.extend(append(i) for i in range(1, 17))  # 16/20 queued: load 0.8
+                await wait_until(lambda: node.writer.pending_events == 16,  # type: ignore
+                                 what="16 queued events")
+                await _wait_health(health_stub, health_name("order-entry"), serving=False)
+                st = await tiers_stub.Status(tpb.TiersStatusRequest())
+                assert [t.state for t in st.tiers] == [
+                    "serving", "serving", "shed", "shed", "shed"]
+                assert st.cause == "" and st.pending_events == 16
+                assert st.max_pending_events == 20
+                # Read of $all (analytics) and Subscribe (market-data): shed for load.
+                for call, tier in (
+                        (lambda md: _drain(store.Read(pb.ReadRequest(stream="$all", limit=10),
+                                                      metadata=md)), "analytics"),
+                        (lambda md: _drain(store.Subscribe(pb.SubscribeRequest(), metadata=md)),
+                         "market-data")):
+                    with pytest.raises(grpc.aio.AioRpcError) as info:
+                        await call(())
+                    e = info.value
+                    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    assert f"tier '{tier}'" in (e.details() or "")
+                    assert "overload" in (e.details() or "")
+                    md = dict(e.trailing_metadata() or ())
+                    assert md[MD_RETRY_AFTER_MS] == str(spec.supervisor.overload_retry_after_ms)
+                    assert md[MD_TIER] == tier and md[MD_SHED_REASON] == "overload"
+                # A stream's history is analytics too; the same read as tier 0 passes.
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await _drain(store.Read(pb.ReadRequest(stream="s1", limit=10)))
+                assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert await _drain(store.Read(pb.ReadRequest(stream="$all", limit=10),
+                                               metadata=((MD_TIER, "ledger"),))) == []
+                # matching is not shed at this load: an engine's subscription passes.
+                sub = store.Subscribe(pb.SubscribeRequest(), metadata=((MD_TIER, "engine"),))
+                first = await sub.read()
+                assert first.WhichOneof("kind") == "caught_up"
+                sub.cancel()
+                # The client names its tier (an engine's subscription passes), and a read
+                # it is refused retries after the hint until the tier is back.
+                async with StoreClient(server.address, tier="engine") as engine_client:
+                    async for item in engine_client.subscribe():
+                        assert isinstance(item, CaughtUp)
+                        break
+                client = StoreClient(server.address, timeout_s=30)
+                refused = sup.interceptor.refused["analytics"]
+                reader = asyncio.ensure_future(client.read("$all", limit=100))
+                await wait_until(lambda: sup.interceptor.refused["analytics"] > refused,
+                                 what="the client's read refused")
+                # The writer moves again: the queue drains, the tiers return in order.
+                gate.set()
+                assert len(await reader) == 17  # only once analytics is admitted again
+                await client.close()
+                results = await asyncio.gather(*writes)
+                assert len({r.first_position for r in results}) == 17
+                await _wait_health(health_stub, HEALTH_ALL, serving=True)
+                st = await tiers_stub.Status(tpb.TiersStatusRequest())
+                shed_at = max(t.at_unix_ns for t in st.transitions if t.to_state == "shed")
+                back = [(t.index, t.at_unix_ns) for t in st.transitions
+                        if t.to_state == "serving" and t.at_unix_ns > shed_at]
+                assert [i for i, _ in back] == [2, 3, 4]
+                assert [a for _, a in back] == sorted(a for _, a in back)
+                events = await _drain(store.Read(pb.ReadRequest(stream="$all", limit=100)))
+                assert sum(len(b.events) for b in events) == 17
+        finally:
+            gate.set()
+            for w in writes:
+                w.cancel()
+            await sup.stop()
+            await server.stop(0.5)
+
+    run(body, timeout_s=60)
+
+
+async def _wait_health(stub: Any, service: str, *, serving: bool,
+                       timeout_s: float = 20.0) -> None:
+    want = (health_pb2.HealthCheckResponse.SERVING if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        r = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        if r.status == want:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"{service} not {'SERVING' if serving else 'NOT_SERVING'} "
+                                 f"within {timeout_s}s")
+        await asyncio.sleep(0.02)
+
+
+# ---- a real cluster losing its quorum -------------------------------------------------------
+
+
+def test_quorum_loss_sheds_upper_tiers_and_recovery_follows_tier_order(
+        etcd: EtcdCluster, tmp_path: Path) -> None:
+    settle = 0.3
+    tier_file = tmp_path / "tiers.toml"
+    text = re.sub(r"(?m)^settle_s = \S+", f"settle_s = {settle}",
+                  tiers.DEFAULT_PATH.read_text())
+    tier_file.write_text(re.sub(r"(?m)^interval_s = \S+", "interval_s = 0.05", text))
+
+    async def body() -> None:
+        base = LocalCluster.make(etcd.endpoints, tmp_path)
+        cluster = LocalCluster(dataclasses.replace(base.config, tiers_file=tier_file))
+        await cluster.start()
+        watchers: list[asyncio.Task[None]] = []
+        try:
+            leader = await cluster.leader()
+            assert leader.tiers.supervisor.settle_s == settle
+            followers = [mid for mid in cluster.nodes if mid != leader.id]
+            async with grpc.aio.insecure_channel(leader.address) as ch:
+                store = pb_grpc.EventStoreStub(ch)
+                health_stub = health_pb2_grpc.HealthStub(ch)
+                await _wait_health(health_stub, HEALTH_ALL, serving=True)
+                await store.Append(pb.AppendRequest(stream="orders",
+                                                    events=[new_event("Placed", b"1")]))
+                await cluster.stop(*followers)
+                await _wait_health(health_stub, health_name("matching"), serving=False)
+                st = await tpb_grpc.TiersStub(ch).Status(tpb.TiersStatusRequest())
+                assert st.cause in ("no_quorum", "failover")
+                assert st.tiers[0].state == "degraded"
+                # Shed tiers: a subscription marked market-data, an unmarked read of $all.
+                for call, tier in (
+                        (lambda md: _drain(store.Subscribe(pb.SubscribeRequest(),
+                                                           metadata=md)), "market-data"),
+                        (lambda md: _drain(store.Read(pb.ReadRequest(stream="$all", limit=5),
+                                                      metadata=md)), "analytics")):
+                    with pytest.raises(grpc.aio.AioRpcError) as info:
+                        await call(((MD_TIER, tier),) if tier == "market-data" else ())
+                    e = info.value
+                    md = dict(e.trailing_metadata() or ())
+                    assert e.code() == grpc.StatusCode.UNAVAILABLE
+                    assert f"tier '{tier}'" in (e.details() or "")
+                    assert md[MD_TIER] == tier
+                    assert md[MD_SHED_REASON] in ("no_quorum", "failover")
+                    assert int(md[MD_RETRY_AFTER_MS]) > 0
+                # Tier 0 is still attempted: committed reads are served, and a write
+                # reaches the store, which cannot commit it (no shedding metadata).
+                batches = await _drain(store.Read(pb.ReadRequest(stream="$all", limit=5),
+                                                  metadata=((MD_TIER, "ledger"),)))
+                assert "orders" in [e.stream for b in batches for e in b.events]
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await store.Append(pb.AppendRequest(
+                        stream="orders", events=[new_event("Placed", b"2")]), timeout=3)
+                assert MD_TIER not in dict(info.value.trailing_metadata() or ())
+                # Watch every tier's health on this node, then bring the others back.
+                seen: list[tuple[int, int]] = []
+
+                async def watch(i: int, name: str) -> None:
+                    async for r in health_stub.Watch(
+                            health_pb2.HealthCheckRequest(service=health_name(name))):
+                        seen.append((i, r.status))
+
+                watchers = [asyncio.ensure_future(watch(i, t.name))
+                            for i, t in enumerate(leader.tiers.tiers)]
+                await wait_until(lambda: {i for i, _ in seen} == set(range(N)),
+                                 what="a first health answer per tier")
+                await cluster.start(*followers)
+                await _wait_health(health_stub, HEALTH_ALL, serving=True, timeout_s=60)
+                await wait_until(lambda: sum(1 for i, s in seen if s == 1) >= N)
+                st = await tpb_grpc.TiersStub(ch).Status(tpb.TiersStatusRequest())
+        finally:
+            for w in watchers:
+                w.cancel()
+            await cluster.stop()
+        # The last change to SERVING of each tier, in arrival order: 0, 1, 2, 3, 4.
+        serving = health_pb2.HealthCheckResponse.SERVING
+        last_up = {i: k for k, (i, s) in enumerate(seen) if s == serving}
+        assert sorted(last_up, key=last_up.__getitem__) == list(range(N)), seen
+        recovered = [t.recovered_at_unix_ns for t in st.tiers]
+        assert recovered == sorted(recovered)
+        gaps = [(b - a) / 1e9 for a, b in itertools.pairwise(recovered)]
+        assert all(g >= settle - 0.01 for g in gaps), gaps
+        assert all(t.down_at_unix_ns < t.recovered_at_unix_ns for t in st.tiers)
+
+    run(body, timeout_s=120)
