@@ -65,27 +65,39 @@ async def _abort(context: grpc.aio.ServicerContext, err: StoreError) -> None:
     await context.abort(err.code, err.message, trailing_metadata=err.metadata)
 
 
-def _annotate(span: Span, prepared: list[PreparedAppend], results: list[Any]) -> str:
-    """Sets an append span's attributes (batch level: counts, bytes, positions, result)
-    and returns the result label: ok, partial or refused."""
+def _label(total: int, refused: int) -> str:
+    """The result of an append message: ok, partial or refused."""
+    return "ok" if not refused else "refused" if refused == total else "partial"
+
+
+def _annotate(span: Span, prepared: list[PreparedAppend], results: list[Any], total: int,
+              label: str) -> None:
+    """Sets an append span's attributes (batch level: counts, bytes, positions, result).
+    `results` answer `prepared`; `total` also counts appends refused before the writer.
+    One pass over each list: a message can hold thousands of appends."""
+    events = size = ok = duplicates = first = last = 0
+    for p in prepared:
+        events += len(p.ids)
+        size += sum(map(len, p.bodies))
+    for r in results:
+        if isinstance(r, Appended):
+            ok += 1
+            duplicates += r.duplicate
+            if not first or r.first_position < first:
+                first = r.first_position
+            last = max(last, r.last_position)
     streams = {p.stream for p in prepared}
-    ok = [r for r in results if isinstance(r, Appended)]
-    refused = len(results) - len(ok)
-    label = "refused" if not ok else "partial" if refused else "ok"
     attrs: dict[str, Any] = {
-        telemetry.MESSAGING_SYSTEM: telemetry.SYSTEM,
-        telemetry.MESSAGING_BATCH_COUNT: sum(len(p.ids) for p in prepared),
-        "xdc.append.count": len(results), "xdc.append.streams": len(streams),
-        "xdc.append.bytes": sum(len(b) for p in prepared for b in p.bodies),
-        "xdc.append.result": label, "xdc.append.refused": refused,
-        "xdc.append.duplicates": sum(1 for r in ok if r.duplicate)}
+        telemetry.MESSAGING_SYSTEM: telemetry.SYSTEM, telemetry.MESSAGING_BATCH_COUNT: events,
+        "xdc.append.count": total, "xdc.append.streams": len(streams),
+        "xdc.append.bytes": size, "xdc.append.result": label,
+        "xdc.append.refused": total - ok, "xdc.append.duplicates": duplicates}
     if len(streams) == 1:
         attrs[telemetry.MESSAGING_DESTINATION] = next(iter(streams))
     if ok:
-        attrs["xdc.position.first"] = min(r.first_position for r in ok)
-        attrs["xdc.position.last"] = max(r.last_position for r in ok)
+        attrs["xdc.position.first"] = first
+        attrs["xdc.position.last"] = last
     span.set_attributes(attrs)
-    return label
 
 
 def _stream_span(correlation_id: int, parent: Any) -> Span:
@@ -134,7 +146,8 @@ class EventStoreService:
             prepared = [prepare(request, self.limits)]
             result = (await self.node.append(prepared))[0]
             if telemetry.tracing():
-                label = _annotate(trace.get_current_span(), prepared, [result])
+                _annotate(trace.get_current_span(), prepared, [result], 1,
+                          "refused" if isinstance(result, StoreError) else "ok")
             if isinstance(result, StoreError):
                 raise result
             return _ok(result)
@@ -179,6 +192,7 @@ class EventStoreService:
                               ) -> pb.AppendStreamResponse:
         t0 = time.perf_counter()
         results: list[Any] = []
+        refused = len(slots) - len(prepared)  # refused by validation already
         if prepared:
             try:
                 if span is not None:
@@ -191,13 +205,14 @@ class EventStoreService:
             except StoreError as err:
                 results = [err] * len(prepared)
             for (i, _), result in zip(prepared, results, strict=True):
-                slots[i] = (refuse(result) if isinstance(result, StoreError)
-                            else pb.AppendResult(ok=_ok(result)))
-        refused = len(slots) - len(results)
-        label = ("refused" if refused == len(slots) else "partial" if refused or any(
-            isinstance(r, StoreError) for r in results) else "ok")
+                if isinstance(result, StoreError):
+                    refused += 1
+                    slots[i] = refuse(result)
+                else:
+                    slots[i] = pb.AppendResult(ok=_ok(result))
+        label = _label(len(slots), refused)
         if span is not None:
-            label = _annotate(span, [p for _, p in prepared], [*results, *[None] * refused])
+            _annotate(span, [p for _, p in prepared], results, len(slots), label)
             span.end()
         telemetry.metrics().append_duration.record(
             time.perf_counter() - t0, {telemetry.RPC_METHOD: "AppendStream",

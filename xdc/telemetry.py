@@ -18,8 +18,10 @@ The API for producers and consumers of events (the order gateway, the matching e
     with telemetry.consumer_span(stream, [e.metadata for e in batch]) as span:
         ...                                     # CONSUMER span linked to each producer
 
-Never inject into an event whose id is derived (the engine's outputs): the store's
-idempotency compares content, and two engine instances must emit identical bytes.
+Inject once, when the event is created. The store's idempotency sets `traceparent` and
+`tracestate` aside (store/log.same_event), so a retry in another trace is still the same
+event; but outputs whose bytes feed a determinism check (the engine's chain hash) should
+not carry them, since two engine instances would differ there.
 """
 
 from __future__ import annotations
@@ -368,8 +370,9 @@ def inject(metadata: MutableMapping[str, str], context: Context | None = None,
            ) -> MutableMapping[str, str]:
     """Puts the W3C `traceparent` (and `tracestate`) of the current span (or of
     `context`) into `metadata` (an event's metadata map, a gRPC metadata dict) and returns
-    it. Does nothing when no span is recording. Call it once when an event is created and
-    re-send the same event on retries: its metadata is part of its idempotent content."""
+    it. Does nothing when no span is recording. Call it once when an event is created
+    and re-send the same event on retries (the store ignores these two keys when it
+    compares a retried event with the stored one)."""
     _W3C.inject(metadata, context)
     return metadata
 
@@ -524,13 +527,18 @@ def _split_method(method: str) -> tuple[str, str]:
     return service, name
 
 
+# Health checks and reflection: polled all the time, nothing to see in a trace.
+_UNTRACED = ("/grpc.health.", "/grpc.reflection.")
+
+
 class ServerInterceptor(grpc.aio.ServerInterceptor):
     """A SERVER span per unary-unary call, child of the `traceparent` in its metadata."""
 
     async def intercept_service(self, continuation: Callable[[Any], Any],
                                 details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
-        if handler is None or handler.request_streaming or handler.response_streaming:
+        if (handler is None or handler.request_streaming or handler.response_streaming
+                or details.method.startswith(_UNTRACED)):
             return handler
         behavior = handler.unary_unary
         method = details.method
