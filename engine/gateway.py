@@ -71,6 +71,7 @@ from store.client import AppendError, CaughtUp, Checkpoint, StoreClient
 from store.limits import Limits
 from store.server import _listen as listen_on
 from store.server import run_until_signalled, server_options
+from xdc import telemetry
 from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import exchange_pb2 as xpb
 from xdc.v1 import exchange_pb2_grpc as xpb_grpc
@@ -568,7 +569,9 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
             remaining = context.time_remaining()
             if remaining is not None:
                 timeout_s = max(0.001, min(timeout_s, remaining))
-            event = wire.command_event(group, req.cmd, req.key)
+            # The order's trace travels in its event: the engine's CONSUMER span links
+            # to it (the store sets it aside when it compares a retried event).
+            event = wire.command_event(group, req.cmd, req.key, metadata=dict(telemetry.inject({})))
             try:
                 r = await self.client.append(wire.input_stream(group), event,
                                              timeout_s=timeout_s)
@@ -794,7 +797,8 @@ class GatewayServer:
         self.port = 0
 
     async def start(self) -> None:
-        server = grpc.aio.server(options=server_options(Limits()))
+        server = grpc.aio.server(options=server_options(Limits()),
+                                 interceptors=telemetry.server_interceptors())
         xpb_grpc.add_OrderGatewayServicer_to_server(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

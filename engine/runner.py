@@ -42,6 +42,7 @@ from engine.consumer import MAX_PENDING_INPUTS, Capture, Consumer
 from engine.lease import PrimaryLease
 from store.client import EXACT, AppendError, CaughtUp, StoreClient
 from store.errors import MD_RETRY_AFTER_MS
+from xdc import telemetry
 from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import exchange_pb2 as xpb
 from xdc.v1 import exchange_pb2_grpc as xpb_grpc
@@ -92,7 +93,8 @@ class EngineRunner:
                  client: StoreClient | None = None) -> None:
         self.config = config
         self.lease = lease
-        self.client = client or StoreClient(list(config.store), timeout_s=30.0)
+        # Its reads recover with the matching tier, not with analytics.
+        self.client = client or StoreClient(list(config.store), timeout_s=30.0, tier="engine")
         self.consumer = Consumer(config.group)
         self.input_stream = wire.input_stream(config.group)
         self.output_stream = wire.output_stream(config.group)
@@ -226,39 +228,55 @@ class EngineRunner:
             if not isinstance(item, pb.RecordBatch):
                 continue
             before = c.inputs
-            for e in item.events:
-                stream = e.stream
-                if stream == self.input_stream:
-                    c.on_input(e.position, e.type, e.data, e.timestamp_ns)
-                elif stream == self.output_stream and e.type == wire.OUTPUT_TYPE:
-                    try:
-                        batch = wire.decode_output(e.data)
-                    except CodecError as exc:
-                        c.alarm = c.alarm or f"output revision {e.revision} undecodable: {exc}"
-                        continue
-                    c.on_output(e.revision, batch)
-            if item.events:
-                self.store_position = max(self.store_position, item.events[-1].position)
-            self._since_capture += c.inputs - before
-            requested = False
-            for control in c.controls:
-                if control.kind == wire.SNAPSHOT_REQUEST_TYPE:
-                    requested = True
-            c.controls.clear()
-            if self.primary:
-                self._maybe_capture(requested)
-            if c.alarm and self.primary:
-                await self._demote(f"alarm: {c.alarm}")
-            if not self.primary and c.backlog > MAX_PENDING_INPUTS:
-                # No primary has emitted for a long time. Stop checking (memory bound)
-                # and stay out of the race for the lease until outputs past this point
-                # are seen committed: emitting from here would leave a gap.
-                c.shed_backlog()
-            if self.primary:
-                await self._emit()
-                await self._flush_captures()
-            self._wake.set()
+            # One CONSUMER span per delivered batch, linked to each order's producer
+            # span (its traceparent); the output append below is its child.
+            with telemetry.consumer_span(
+                    self.input_stream, (e.metadata for e in item.events
+                                        if e.stream == self.input_stream),
+                    consumer_group=self.config.group,
+                    attributes={"xdc.engine.instance": self.config.instance}) as span:
+                self._apply(c, item)
+                if span.is_recording():
+                    span.set_attribute("xdc.engine.input_position", c.position)
+                    span.set_attribute("xdc.engine.primary", self.primary)
+                await self._after_batch(c, item, before)
         raise RuntimeError("subscription ended")
+
+    def _apply(self, c: Consumer, item: pb.RecordBatch) -> None:
+        for e in item.events:
+            stream = e.stream
+            if stream == self.input_stream:
+                c.on_input(e.position, e.type, e.data, e.timestamp_ns)
+            elif stream == self.output_stream and e.type == wire.OUTPUT_TYPE:
+                try:
+                    batch = wire.decode_output(e.data)
+                except CodecError as exc:
+                    c.alarm = c.alarm or f"output revision {e.revision} undecodable: {exc}"
+                    continue
+                c.on_output(e.revision, batch)
+
+    async def _after_batch(self, c: Consumer, item: pb.RecordBatch, before: int) -> None:
+        if item.events:
+            self.store_position = max(self.store_position, item.events[-1].position)
+        self._since_capture += c.inputs - before
+        requested = False
+        for control in c.controls:
+            if control.kind == wire.SNAPSHOT_REQUEST_TYPE:
+                requested = True
+        c.controls.clear()
+        if self.primary:
+            self._maybe_capture(requested)
+        if c.alarm and self.primary:
+            await self._demote(f"alarm: {c.alarm}")
+        if not self.primary and c.backlog > MAX_PENDING_INPUTS:
+            # No primary has emitted for a long time. Stop checking (memory bound)
+            # and stay out of the race for the lease until outputs past this point
+            # are seen committed: emitting from here would leave a gap.
+            c.shed_backlog()
+        if self.primary:
+            await self._emit()
+            await self._flush_captures()
+        self._wake.set()
 
     # ---------------------------------------------------------------- emission
 

@@ -1,0 +1,83 @@
+"""One order is one trace: gateway SERVER span -> the order's input event carries its
+traceparent -> the engine's CONSUMER span links to it (and, as the batch's only
+producer, is its child) -> the output append is a child of the CONSUMER span. Real
+store, real gateway, real engine runner, SDK in-memory exporter."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import grpc
+from opentelemetry.trace import SpanKind
+
+from engine import commands as cm
+from engine import wire
+from engine.exchange_config import DEMO_CONFIG, init_events, parse
+from engine.gateway import GatewayServer
+from engine.lease import FileLease
+from engine.runner import EngineRunner, RunnerConfig
+from tests.support.store import run, running_store, wait_until
+from tests.test_telemetry import Otel, _child_of, _links_to, otel  # noqa: F401 (fixture)
+from xdc.v1 import exchange_pb2 as xpb
+from xdc.v1 import exchange_pb2_grpc as xpb_grpc
+
+
+def test_one_order_is_one_trace_through_gateway_store_and_engine(otel: Otel,  # noqa: F811
+                                                                  tmp_path: Path) -> None:
+    config = parse(tomllib.loads(DEMO_CONFIG))
+
+    async def body() -> None:
+        async with running_store(tmp_path / "store") as (server, client):
+            group = config.group("crypto")
+            events = [
+                *init_events(group),
+                wire.command_event("crypto", cm.Deposit(0, "alice", "USD", 10**9), "d1"),
+                wire.command_event("crypto", cm.Deposit(0, "bob", "BTC", 10**6), "d2")]
+            await client.append(wire.input_stream("crypto"), events)
+            runner = EngineRunner(RunnerConfig("crypto", "a", (server.address,)),
+                                  FileLease(tmp_path / "lease", "crypto", "a"))
+            gateway = GatewayServer(config, server.address)
+            await runner.start()
+            await gateway.start()
+            try:
+                await wait_until(lambda: runner.primary, 10)
+                otel.exporter.clear()
+                async with grpc.aio.insecure_channel(gateway.address) as ch:
+                    r = await xpb_grpc.OrderGatewayStub(ch).SubmitOrder(xpb.SubmitOrderRequest(
+                        symbol="BTC-USD", account="bob", client_order_id="o-1", side=xpb.SELL,
+                        qty=3, price=50_000, wait=True, wait_timeout_ms=10_000), timeout=15)
+                assert not r.timed_out and r.reports[0].kind == "ACCEPTED"
+                (stored,) = [e for e in await client.read(wire.input_stream("crypto"),
+                                                          start=1, limit=100)
+                             if e.position == r.input_position]
+                traceparent = stored.metadata["traceparent"]
+
+                def traced() -> bool:
+                    return any(s.kind == SpanKind.CONSUMER for s in otel.spans())
+                await wait_until(traced, 10)
+            finally:
+                await gateway.stop(0.5)
+                await runner.stop()
+
+        spans = otel.spans()
+        (submit,) = [s for s in spans if s.kind == SpanKind.SERVER and "SubmitOrder" in s.name]
+        assert traceparent.split("-")[1] == f"{submit.context.trace_id:032x}"
+        consumers = [s for s in spans if s.kind == SpanKind.CONSUMER]
+        mine = [s for s in consumers if s.context.trace_id == submit.context.trace_id]
+        assert mine, [s.name for s in consumers]
+        consumer = mine[0]
+        assert consumer.name == "process " + wire.input_stream("crypto")
+        assert consumer.attributes["messaging.system"] == "xdc"
+        assert consumer.attributes["messaging.consumer.group.name"] == "crypto"
+        producer_span_id = int(traceparent.split("-")[2], 16)
+        assert any(link.context.span_id == producer_span_id for link in consumer.links)
+        assert consumer.parent is not None and consumer.parent.span_id == producer_span_id
+        # The execution append: a CLIENT span under the CONSUMER span.
+        appends = [s for s in spans if s.kind == SpanKind.CLIENT and _child_of(s, consumer)]
+        assert appends, [(s.name, s.kind) for s in spans
+                         if s.context.trace_id == consumer.context.trace_id]
+        assert _links_to(consumer, submit) or any(
+            link.context.trace_id == submit.context.trace_id for link in consumer.links)
+
+    run(body, timeout_s=60)
