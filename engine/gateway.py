@@ -789,7 +789,8 @@ class GatewayServer:
                  client: StoreClient | None = None) -> None:
         self.config = config
         self.listen = listen
-        self.client = client or StoreClient(store_targets)
+        # Its reads and its output feed serve order entry: they recover with that tier.
+        self.client = client or StoreClient(store_targets, tier="order-entry")
         self._own_client = client is None
         self.service = OrderGatewayService(config, self.client, limits)
         self.health = health.aio.HealthServicer()
