@@ -170,14 +170,14 @@ def start_node(state: ClusterState, n: NodeProc) -> None:
 def up(directory: str = DEFAULT_DIR, regions: int = 3, rtt_ms: float = 0.0,
        failover: str = "automatic", standbys: int = 0, ttl_s: int = 2,
        cluster: str = "xdc-local", jitter_ms: float = 0.0, seed: int = 1,
-       attempts: int = 3) -> ClusterState:
+       attempts: int = 3, etcd_members: int = 1) -> ClusterState:
     """Starts the cluster. Ports are picked free, then bound by the children a moment
     later; another process can take one in between, so a start that fails that way is
-    retried from scratch."""
+    retried from scratch. `etcd_members` > 1 runs a multi-member etcd (drills lose one)."""
     for attempt in range(attempts):
         try:
             return _up(directory, regions, rtt_ms, failover, standbys, ttl_s, cluster,
-                       jitter_ms, seed)
+                       jitter_ms, seed, etcd_members)
         except BaseException as exc:
             # Whatever failed, stop what was started: nothing may outlive a failed start.
             with contextlib.suppress(Exception):
@@ -190,7 +190,8 @@ def up(directory: str = DEFAULT_DIR, regions: int = 3, rtt_ms: float = 0.0,
 
 
 def _up(directory: str, regions: int, rtt_ms: float, failover: str, standbys: int,
-        ttl_s: int, cluster: str, jitter_ms: float, seed: int) -> ClusterState:
+        ttl_s: int, cluster: str, jitter_ms: float, seed: int,
+        etcd_members: int = 1) -> ClusterState:
     base = Path(directory).resolve()
     if (base / "state.json").exists():
         with contextlib.suppress(Exception):
@@ -200,7 +201,7 @@ def _up(directory: str, regions: int, rtt_ms: float, failover: str, standbys: in
                                    "`xdc cluster down` first")
     base.mkdir(parents=True, exist_ok=True)
     names = REGION_NAMES[:regions]
-    etcd = EtcdCluster(base / "etcd", 1).start()
+    etcd = EtcdCluster(base / "etcd", etcd_members).start()
     _etcd[str(base)] = etcd
     members = [(f"{r}-1", r, True) for r in names]
     members += [(f"{names[i % len(names)]}-dr{i + 1}", names[i % len(names)], False)

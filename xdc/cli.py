@@ -556,6 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from engine.cli import add_parser as add_engine_parser
     add_engine_parser(sub)
+    from geo.drill import add_parser as add_drill_parser
+    add_drill_parser(sub)
     return parser
 
 

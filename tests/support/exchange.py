@@ -5,15 +5,14 @@ the store holds with a no-failure replay of the same inputs."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 from pathlib import Path
 
 import grpc
 
-from engine import events as ev
 from engine import wire
-from engine.consumer import Consumer
+from engine.workload import check_exactly_once as _check_exactly_once
+from engine.workload import command_events, read_stream
 from store.client import StoreClient
 from store.process import ServeProcess
 from tests.test_book_model import random_commands
@@ -27,15 +26,7 @@ GROUP = "sim"
 def workload(seed: int, n: int) -> list[pb.ProposedEvent]:
     """Setup (symbols, deposits) then ``n`` seeded random commands, as input events. Every
     50th is a poison input (a NewOrder whose bytes are not a command)."""
-    out = []
-    for i, cmd in enumerate(random_commands(seed, n)):
-        out.append(wire.command_event(GROUP, dataclasses.replace(cmd, ts_ns=0),  # type: ignore[type-var]
-                                      f"w{seed}:{i}"))
-        if i % 50 == 49:
-            out.append(pb.ProposedEvent(id=wire.derived_id("poison", seed, i), type="NewOrder",
-                                        content_type=wire.COMMAND_CONTENT_TYPE,
-                                        data=b"\x01poison"))
-    return out
+    return list(command_events(GROUP, random_commands(seed, n), f"w{seed}", poison_every=50))
 
 
 def start_engine(store: str, instance: str, lease: str, *, seed: int = 0,
@@ -56,33 +47,14 @@ async def status(address: str) -> xpb.EngineStatus | None:
 
 
 async def read_all(client: StoreClient, stream: str) -> list[pb.RecordedEvent]:
-    try:
-        return await client.read(stream, limit=100_000)
-    except grpc.aio.AioRpcError as exc:
-        if exc.code() == grpc.StatusCode.NOT_FOUND:
-            return []
-        raise
+    return await read_stream(client, stream)
 
 
 async def check_exactly_once(client: StoreClient) -> tuple[list[pb.RecordedEvent],
                                                           list[pb.RecordedEvent]]:
-    """The output stream holds, exactly once and in order, the outputs a single instance
-    computes from the input stream with no failure; every order has one outcome."""
-    inputs = await read_all(client, wire.input_stream(GROUP))
-    outputs = await read_all(client, wire.output_stream(GROUP))
-    ref = Consumer(GROUP)
-    for e in inputs:
-        ref.on_input(e.position, e.type, e.data, e.timestamp_ns)
-    expected = [p.blob for p in ref.pending]
-    committed = [b for o in outputs for b in wire.decode_output(o.data).blobs]
-    assert len(committed) == len(expected), (len(committed), len(expected))
-    assert committed == expected
-    by_input = dict(wire.blob_outputs(b) for b in committed)
-    for e in inputs:
-        if e.type == "NewOrder":
-            outcomes = [r for r in by_input[e.position] if r[0] in (ev.ACCEPTED, ev.REJECTED)]
-            assert len(outcomes) == 1, (e.position, by_input[e.position])
-    return inputs, outputs
+    """engine.workload.check_exactly_once for the tests' group (AssertionError on a
+    violation)."""
+    return await _check_exactly_once(client, GROUP)
 
 
 async def wait_outputs_through(client: StoreClient, position: int, timeout_s: float) -> None:

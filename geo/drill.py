@@ -1,0 +1,1127 @@
+"""`xdc drill SCENARIO --runs N --seed S`: disaster-recovery drills with measured RTO/RPO
+against the local multi-region cluster (geo/launcher.py) under continuous load.
+
+Every run starts a fresh cluster in its own directory: etcd (3 members for
+`etcd-member-loss`), the WAN proxy (30 ms RTT between regions by default), one store node
+per region and one matching-engine instance per region (`xdc engine run`, etcd lease under
+the cluster's name, so there is always a warm standby). The leader region's engine is
+started first, so the engine primary sits next to the store leader, as an operator would
+place it. Load, seeded by the run's seed (S + i for run i):
+
+* ledger: `producers` tasks appending small events through `store.client.StoreClient`, one
+  at a time each, with a per-call deadline (`call_timeout_s`). A call that fails with a
+  deadline or UNAVAILABLE is *in doubt*: it is retried with the same event id until it is
+  acknowledged, and the answer's `duplicate` flag tells how it resolved (an earlier
+  attempt had been committed, or the retry wrote it);
+* orders: seeded order commands (engine/workload.py) to the `drill` engine group's input
+  stream, same retry discipline. With tracing enabled (OTEL_* variables), each order
+  carries the `traceparent` of a PRODUCER span;
+* market data: a subscription to the group's output stream;
+* stale writes: after the fault, appends sent straight to the deposed leader's address
+  (no leader following) every `STALE_PROBE_S`.
+
+Observed during the run, on a monotonic clock: the store leader key and the engine lease
+key in etcd (every `POLL_S`), every engine's EngineControl.Status, the acknowledgements
+(time and position) and the subscription's deliveries (time and record term). After the
+fault and the recovery, killed processes restart and rejoin, the load stops, the replicas
+converge, and the log is read back.
+
+What a run reports (seconds are from the fault; None: did not happen):
+
+* `lease_expiry_s`: first observation of the leader key vacant or held in another term (a
+  crash or pause: the lease TTL; a switchover: the resignation);
+* `new_term_s`: first observation of the key with a higher term;
+* `rto_s`: the first ledger write acknowledged in the new term (the term comes from the
+  record read back from the log). `engine-crash` keeps the store leader: its RTO is the
+  matching tier's. With no new term at all (`etcd-member-loss` when the leader survives):
+  the longest interval without any acknowledged write after the fault;
+* `tiers`, in recovery order (the order of geo/tiers.default.toml), measured from outside:
+  ledger = first ledger write acknowledged after the fault (in the new term if any),
+  matching = the engine primary's committed input position reaching a post-fault input
+  (engine-crash: a new primary's advancing), order-entry = first order acknowledged after
+  the fault (new term), market-data = first output batch delivered by the subscription
+  after the fault (written in the new term / by the new primary);
+* `acked_lost`: acknowledged events (ledger, orders and acknowledged stale probes) not at
+  their acknowledged position in the converged log; `duplicates`: event ids at more than
+  one position;
+* `stale_writes_rejected`: probe appends sent to the deposed leader's own address after
+  the fault that this node itself refused (UNAVAILABLE "does not accept writes" or
+  "leadership of term N lost", FAILED_PRECONDITION; recognised by the store's trailing
+  metadata `xdc-leader` / `xdc-retry-after-ms`). Connection failures (a dead node) are
+  counted apart as `stale_unreachable`, timeouts (a paused or cut-off node) as
+  `stale_in_doubt` and checked against the log; `stale_acked_after_new_term` must be 0;
+* `in_doubt`: client calls that ended in a timeout or UNAVAILABLE, and how each resolved;
+* `hashes_agree`: every engine instance (killed ones restarted) reports the same
+  input_position, chain_hash and state_hash with no alarm, and the group's outputs are
+  exactly-once (engine.workload.check_exactly_once); `logs_identical`: the replicas'
+  raw logs hash the same up to the commit position.
+
+Exit status 1 when any run lost or duplicated an acknowledged event, ended with diverged
+hashes, or failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from engine import wire
+from engine.workload import (
+    ExactlyOnceViolation,
+    check_exactly_once,
+    command_events,
+    order_stream,
+    read_stream,
+)
+from geo import launcher
+from geo.demo import raw_log_hash
+from geo.leadership import Leadership, LeadershipError
+from store.client import AppendError, CaughtUp, StoreClient, channel_options, new_event
+from store.errors import MD_LEADER, MD_RETRY_AFTER_MS
+from xdc.v1 import eventstore_pb2 as pb
+from xdc.v1 import eventstore_pb2_grpc as pb_grpc
+from xdc.v1 import exchange_pb2 as xpb
+from xdc.v1 import exchange_pb2_grpc as xpb_grpc
+from xdc.v1 import tiers_pb2, tiers_pb2_grpc
+
+log = logging.getLogger("xdc.drill")
+
+SCENARIOS = ("leader-crash", "leader-pause", "leader-partition", "engine-crash",
+             "switchover", "etcd-member-loss", "failback")
+GROUP = "drill"
+CLUSTER = "xdc-drill"
+TIERS = ("ledger", "matching", "order-entry", "market-data")  # recovery order
+POLL_S = 0.02  # etcd key and engine status sampling period
+STALE_PROBE_S = 0.05
+MAX_SAMPLES = 50_000  # per observer: bounded memory however long a run lasts
+MAX_IN_DOUBT = 10_000
+_RETRYABLE = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE,
+              grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED)
+
+
+@dataclass
+class DrillOptions:
+    regions: int = 3
+    rtt_ms: float = 30.0
+    ttl_s: int = 2
+    producers: int = 4  # ledger producers, one append in flight each
+    order_width: int = 2  # order appends in flight
+    before_s: float = 2.0  # load before the fault
+    after_acks: int = 200  # ledger acks after recovery before the run winds down
+    call_timeout_s: float = 1.0  # per append: past it the write is in doubt
+    step_timeout_s: float = 40.0  # bound on every wait for a condition
+    quick: bool = False
+    keep: bool = False  # keep the run directories (logs) after the drill
+    base_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.quick:
+            self.before_s = min(self.before_s, 1.0)
+            self.after_acks = min(self.after_acks, 60)
+
+
+# ------------------------------------------------------------------------ recordings
+
+@dataclass(slots=True)
+class Ack:
+    t: float
+    position: int
+    id: bytes
+    kind: str  # ledger | order | stale
+
+
+@dataclass(slots=True)
+class InDoubt:
+    id: bytes
+    kind: str
+    t: float
+    code: str
+    resolution: str = "unresolved"  # earlier-attempt | retry | unresolved (-in-log/-absent)
+
+
+@dataclass
+class Recorder:
+    """Everything the load and the observers saw, on time.monotonic()."""
+
+    acks: list[Ack] = field(default_factory=list)
+    in_doubt: list[InDoubt] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    leader_key: deque[tuple[float, int | None, str]] = field(
+        default_factory=lambda: deque(maxlen=MAX_SAMPLES))  # (t, term, holder)
+    engine_key: deque[tuple[float, int | None, str]] = field(
+        default_factory=lambda: deque(maxlen=MAX_SAMPLES))
+    engine_samples: deque[tuple[float, str, str, int, int]] = field(
+        default_factory=lambda: deque(maxlen=MAX_SAMPLES))  # (t, inst, role, committed, input)
+    deliveries: deque[tuple[float, int, int, str]] = field(
+        default_factory=lambda: deque(maxlen=MAX_SAMPLES))  # (t, last_input, term, writer)
+    stale: dict[str, int] = field(default_factory=lambda: {
+        "sent": 0, "rejected": 0, "unreachable": 0, "in_doubt": 0, "acked": 0,
+        "acked_after_new_term": 0})
+    stale_doubt_ids: list[bytes] = field(default_factory=list)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def acks_after(self, t: float, kind: str = "ledger") -> int:
+        return sum(1 for a in self.acks if a.t > t and a.kind == kind)
+
+    def note_error(self, what: str) -> None:
+        if len(self.errors) < 100:
+            self.errors.append(what)
+
+
+async def wait_until(pred: Callable[[], bool | Awaitable[bool]], timeout_s: float,
+                     what: str, interval_s: float = 0.01) -> float:
+    """Polls `pred` until true; returns the monotonic time it became true."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = pred()
+        if not isinstance(got, bool):
+            got = await got
+        if got:
+            return time.monotonic()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s:g}s waiting for {what}")
+        await asyncio.sleep(interval_s)
+
+
+# ------------------------------------------------------------------------ engines
+
+@dataclass
+class EngineProc:
+    """One `xdc engine run` instance of the drill's group, stopped by PID only."""
+
+    instance: str
+    region: str
+    run_dir: Path
+    command: list[str]
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    address: str = ""
+
+    def start(self) -> EngineProc:
+        d = self.run_dir / "engines" / self.instance
+        d.mkdir(parents=True, exist_ok=True)
+        out = d / "stdout.log"
+        out.write_text("")
+        with open(out, "ab") as stdout, open(d / "engine.log", "ab") as stderr:
+            self.proc = subprocess.Popen(self.command, stdout=stdout, stderr=stderr,
+                                         env={**os.environ, **self.env},
+                                         start_new_session=True)
+        self.address = launcher._wait_ready_line(out, self.proc, 60)["listen"]
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive:
+            assert self.proc is not None
+            os.kill(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        if not self.alive:
+            self.kill()  # reaps
+            return
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, signal.SIGCONT)  # a paused process cannot handle TERM
+            os.kill(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+_ENGINE_MAIN = ("import logging, sys; logging.basicConfig(level=logging.INFO, format="
+                "'%(asctime)s %(name)s %(levelname)s %(message)s'); from xdc.cli import main; "
+                "sys.exit(main(sys.argv[1:]))")
+
+
+def engine_command(state: launcher.ClusterState, instance: str, stores: list[str],
+                   ttl_s: int) -> list[str]:
+    # `xdc engine run` with its INFO log (role changes, refused appends) in engine.log.
+    return [sys.executable, "-c", _ENGINE_MAIN, "engine", "run", "--store", ",".join(stores),
+            "--group", GROUP, "--instance", instance,
+            "--lease", "etcd:" + ",".join(state.etcd_endpoints), "--cluster", state.cluster,
+            "--lease-ttl", str(ttl_s), "--snapshot-every", "2000"]
+
+
+async def engine_status(address: str, timeout_s: float = 0.5) -> xpb.EngineStatus | None:
+    try:
+        async with grpc.aio.insecure_channel(address) as ch:
+            return await xpb_grpc.EngineControlStub(ch).Status(xpb.EngineStatusRequest(),
+                                                               timeout=timeout_s)
+    except grpc.aio.AioRpcError:
+        return None
+
+
+# ------------------------------------------------------------------------ the run
+
+@dataclass
+class Phase:
+    """One fault and what is needed to measure the recovery from it."""
+
+    t0: float
+    old_term: int
+    old_leader: launcher.NodeProc
+    old_engine: str  # engine primary's instance at the fault
+    committed_at_fault: int  # engine primary's committed input position at the fault
+    expect_new_term: bool
+    engine_failover: bool = False
+    t0_wall: float = 0.0  # time.time() at t0: the tier supervisor reports wall times
+
+
+class Run:
+    def __init__(self, scenario: str, seed: int, opts: DrillOptions, directory: str) -> None:
+        self.scenario = scenario
+        self.seed = seed
+        self.opts = opts
+        self.rng = random.Random(seed)
+        self.dir = directory
+        self.rec = Recorder()
+        self.state: launcher.ClusterState | None = None
+        self.engines: dict[str, EngineProc] = {}
+        self.tasks: list[asyncio.Task[Any]] = []
+        self.notes: list[str] = []
+        self.markers: dict[str, float] = {}  # extra moments for the timeline (monotonic)
+        self._orders: Iterator[pb.ProposedEvent] = iter(())
+        self._stale_target: str = ""
+        self._new_term_seen = float("inf")
+        self._observer: Leadership | None = None
+        self._engine_observer: Leadership | None = None
+        self._phase: Phase | None = None
+
+    # ---- setup ------------------------------------------------------------------
+
+    def start_cluster(self) -> launcher.ClusterState:
+        etcd_members = 3 if self.scenario == "etcd-member-loss" else 1
+        self.state = launcher.up(self.dir, regions=self.opts.regions, rtt_ms=self.opts.rtt_ms,
+                                 ttl_s=self.opts.ttl_s, cluster=CLUSTER, seed=self.seed,
+                                 etcd_members=etcd_members)
+        return self.state
+
+    def _engine(self, region: str, k: int) -> EngineProc:
+        assert self.state is not None
+        local = [n.client for n in self.state.region_nodes(region)]
+        others = [n.client for n in self.state.nodes if n.region != region and n.voter]
+        instance = f"{region}-e1"
+        return EngineProc(instance, region, Path(self.dir),
+                          engine_command(self.state, instance, local + others, self.opts.ttl_s),
+                          {"PYTHONHASHSEED": str(self.seed * 10 + k)})
+
+    async def start_engines(self, leader_region: str) -> None:
+        """The leader region's instance first (it becomes primary), then the others."""
+        assert self.state is not None
+        regions = [leader_region] + [r for r in dict.fromkeys(n.region for n in self.state.nodes)
+                                     if r != leader_region]
+        for k, region in enumerate(regions):
+            e = self._engine(region, k)
+            self.engines[e.instance] = await asyncio.to_thread(e.start)
+            if k == 0:
+                await wait_until(lambda e=e: self._role_is(e, "primary"),
+                                 self.opts.step_timeout_s, f"{e.instance} primary", 0.05)
+
+    async def _role_is(self, e: EngineProc, role: str) -> bool:
+        s = await engine_status(e.address)
+        return s is not None and s.role == role
+
+    async def engine_primary(self) -> tuple[str, int]:
+        for e in self.engines.values():
+            if e.alive:
+                s = await engine_status(e.address)
+                if s is not None and s.role == "primary":
+                    return s.instance, s.committed_input_position
+        return "", 0
+
+    # ---- load -------------------------------------------------------------------
+
+    async def _append_until_acked(self, client: StoreClient, stream: str,
+                                  event: pb.ProposedEvent, kind: str) -> None:
+        doubt: InDoubt | None = None
+        give_up = float("inf")
+        while True:
+            try:
+                r = await client.append(stream, event, timeout_s=self.opts.call_timeout_s)
+            except (TimeoutError, AppendError, grpc.aio.AioRpcError) as exc:
+                code = exc.code if isinstance(exc, AppendError) else (
+                    exc.code() if isinstance(exc, grpc.aio.AioRpcError)
+                    else grpc.StatusCode.DEADLINE_EXCEEDED)
+                if code not in _RETRYABLE:
+                    self.rec.note_error(f"{kind} append refused: {exc}")
+                    return
+                if doubt is None and len(self.rec.in_doubt) < MAX_IN_DOUBT:
+                    doubt = InDoubt(event.id, kind, time.monotonic(), code.name)
+                    self.rec.in_doubt.append(doubt)
+                if self.rec.stop.is_set():
+                    # Winding down: keep retrying the same id for a while, so that every
+                    # in-doubt write resolves before the log is read back.
+                    give_up = min(give_up, time.monotonic() + self.opts.step_timeout_s / 2)
+                    if time.monotonic() > give_up:
+                        return
+                await asyncio.sleep(0.02)  # back off before the retry (not a sync)
+                continue
+            self.rec.acks.append(Ack(time.monotonic(), r.first_position, event.id, kind))
+            if doubt is not None:
+                doubt.resolution = "earlier-attempt" if r.duplicate else "retry"
+            return
+
+    async def ledger_producer(self, client: StoreClient, k: int) -> None:
+        for i in itertools.count():
+            if self.rec.stop.is_set():
+                return
+            event = new_event("DrillWrite", b'{"producer": %d, "n": %d}' % (k, i),
+                              content_type="application/json")
+            await self._append_until_acked(client, f"drill.ledger.P{k}", event, "ledger")
+
+    async def order_producer(self, client: StoreClient) -> None:
+        stream = wire.input_stream(GROUP)
+        while not self.rec.stop.is_set():
+            event = next(self._orders)
+            _trace(event)
+            await self._append_until_acked(client, stream, event, "order")
+
+    async def market_data(self, targets: list[str]) -> None:
+        """Follows the output stream; records each delivered batch (resumes by itself)."""
+        async with StoreClient(targets, timeout_s=30) as client:
+            async for item in client.subscribe(from_end=True,
+                                               stream_prefix=wire.output_stream(GROUP),
+                                               event_types=[wire.OUTPUT_TYPE], batches=True):
+                if isinstance(item, CaughtUp) or not isinstance(item, pb.RecordBatch):
+                    continue
+                now = time.monotonic()
+                for e in item.events:
+                    self.rec.deliveries.append((now, int(e.metadata.get("last_input", "0")),
+                                                e.term, e.metadata.get("writer", "")))
+
+    async def watch_keys(self) -> None:
+        """Samples the store leader key and the engine lease key."""
+        assert self._observer is not None and self._engine_observer is not None
+        while True:
+            for obs, out, who in ((self._observer, self.rec.leader_key, "id"),
+                                  (self._engine_observer, self.rec.engine_key, "instance")):
+                try:
+                    cur = await asyncio.wait_for(obs.current(), 1.0)
+                except (TimeoutError, LeadershipError):
+                    continue  # etcd member lost or slow: the next sample tells
+                term, holder = (cur[1], cur[0].get(who, "")) if cur else (None, "")
+                out.append((time.monotonic(), term, holder))
+                if out is self.rec.leader_key and term is not None and self._phase is not None \
+                        and term > self._phase.old_term:
+                    self._new_term_seen = min(self._new_term_seen, time.monotonic())
+            await asyncio.sleep(POLL_S)
+
+    async def watch_engines(self) -> None:
+        while True:
+            live = [e for e in self.engines.values() if e.alive]
+            got = await asyncio.gather(*(engine_status(e.address, 0.3) for e in live))
+            now = time.monotonic()
+            for s in got:
+                if s is not None:
+                    self.rec.engine_samples.append((now, s.instance, s.role,
+                                                    s.committed_input_position,
+                                                    s.input_position))
+            await asyncio.sleep(POLL_S * 2)
+
+    async def stale_prober(self, target: str) -> None:
+        """Appends sent straight to the deposed leader, classified by who answered."""
+        st = self.rec.stale
+        async with grpc.aio.insecure_channel(target, options=channel_options()) as ch:
+            stub = pb_grpc.EventStoreStub(ch)
+            while True:
+                event = new_event("StaleProbe", b"")
+                st["sent"] += 1
+                try:
+                    r = await stub.Append(pb.AppendRequest(stream="drill.stale", events=[event]),
+                                          timeout=self.opts.call_timeout_s)
+                except grpc.aio.AioRpcError as exc:
+                    md = {k: v for k, v in (exc.trailing_metadata() or ())}
+                    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        st["in_doubt"] += 1
+                        self.rec.stale_doubt_ids.append(event.id)
+                    elif exc.code() in (grpc.StatusCode.UNAVAILABLE,
+                                        grpc.StatusCode.FAILED_PRECONDITION) and (
+                            MD_LEADER in md or MD_RETRY_AFTER_MS in md):
+                        st["rejected"] += 1
+                    else:
+                        st["unreachable"] += 1
+                else:
+                    now = time.monotonic()
+                    st["acked"] += 1
+                    if now > self._new_term_seen:
+                        st["acked_after_new_term"] += 1
+                    self.rec.acks.append(Ack(now, r.first_position, event.id, "stale"))
+                await asyncio.sleep(STALE_PROBE_S)
+
+    def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self.tasks.append(task)
+        return task
+
+    async def phase_start(self, expect_new_term: bool, old_leader: launcher.NodeProc,
+                          old_term: int, stale_probe: bool = True) -> Phase:
+        inst, committed = await self.engine_primary()
+        t0 = time.monotonic()
+        self._phase = Phase(t0, old_term, old_leader, inst, committed, expect_new_term,
+                            t0_wall=time.time())
+        self._new_term_seen = float("inf")
+        if stale_probe:
+            self.spawn(self.stale_prober(old_leader.client), "stale-prober")
+        return self._phase
+
+    # ---- scenarios ----------------------------------------------------------------
+
+    async def execute(self) -> dict[str, Any]:
+        state = self.state
+        assert state is not None
+        opts = self.opts
+        leader, st = await launcher.wait_leader(state, opts.step_timeout_s)
+        await self.start_engines(leader.region)
+        self._observer = Leadership(state.etcd_endpoints, state.cluster, "drill-observer",
+                                    {"id": "drill-observer"}, opts.ttl_s, on_lost=_ignore)
+        self._engine_observer = Leadership(state.etcd_endpoints, f"{state.cluster}/engines/{GROUP}",
+                                           "drill-observer", {"instance": "drill-observer"},
+                                           opts.ttl_s, on_lost=_ignore)
+        self._orders = command_events(GROUP, order_stream(self.seed), f"drill{self.seed}",
+                                      poison_every=97)
+        voters = [n.client for n in state.nodes if n.voter]
+        # Producers know only the node list, starting at a seeded node.
+        self.rng.shuffle(voters)
+        client = StoreClient(voters, timeout_s=opts.step_timeout_s)
+        md_targets = [n.client for n in state.nodes if n.region != leader.region] + [
+            leader.client]
+        try:
+            self.spawn(self.watch_keys(), "watch-keys")
+            self.spawn(self.watch_engines(), "watch-engines")
+            self.spawn(self.market_data(md_targets), "market-data")
+            for k in range(opts.producers):
+                self.spawn(self.ledger_producer(client, k), f"ledger-{k}")
+            for k in range(opts.order_width):
+                self.spawn(self.order_producer(client), f"orders-{k}")
+            started = time.monotonic()
+            await wait_until(lambda: self.rec.acks_after(started) >= 50
+                             and self.rec.acks_after(started, "order") >= 20
+                             and len(self.rec.deliveries) > 0, opts.step_timeout_s,
+                             "load before the fault")
+            await wait_until(self._engines_warm, opts.step_timeout_s, "warm engines", 0.05)
+            log.info("load running: %d acks; the fault strikes next", len(self.rec.acks))
+            # The fault strikes at a seeded moment of the load.
+            await asyncio.sleep(max(0.0, started + opts.before_s - time.monotonic())
+                                + self.rng.uniform(0, 0.5))
+            result = await getattr(self, "_" + self.scenario.replace("-", "_"))(leader, st.term)
+            # Wind down: stop the load (in-doubt writes still resolve), then check.
+            log.info("scenario done; winding down the load")
+            self.rec.stop.set()
+            producers = [t for t in self.tasks if t.get_name().startswith(("ledger", "orders"))]
+            await asyncio.wait_for(asyncio.gather(*producers), opts.step_timeout_s)
+            log.info("load stopped; checking")
+            result.update(await self.check(client))
+            return result
+        finally:
+            self.rec.stop.set()
+            for t in self.tasks:
+                t.cancel()
+            # Bounded: a cleanup step that hangs must not hold the drill.
+            with contextlib.suppress(asyncio.TimeoutError, Exception):
+                await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), 10)
+            with contextlib.suppress(asyncio.TimeoutError, Exception):
+                await asyncio.wait_for(client.close(), 5)
+            for obs in (self._observer, self._engine_observer):
+                if obs is not None:
+                    with contextlib.suppress(asyncio.TimeoutError, Exception):
+                        await asyncio.wait_for(obs.close(), 5)
+
+    async def _engines_warm(self) -> bool:
+        roles = []
+        for e in self.engines.values():
+            s = await engine_status(e.address)
+            roles.append(s.role if s is not None else "?")
+        return roles.count("primary") == 1 and roles.count("warm") == len(roles) - 1
+
+    async def _recovered(self, phase: Phase, timeout_s: float | None = None) -> None:
+        """Waits until every tier is back after `phase` and some load went through."""
+        log.info("waiting for recovery: %d ledger / %d order acks since the fault so far",
+                 self.rec.acks_after(phase.t0), self.rec.acks_after(phase.t0, "order"))
+        timeout_s = timeout_s or self.opts.step_timeout_s
+        await wait_until(lambda: self.rec.acks_after(phase.t0) >= self.opts.after_acks
+                         and self.rec.acks_after(phase.t0, "order") >= 10,
+                         timeout_s, "writes after the fault")
+        log.info("writes recovered; waiting for market data")
+        try:
+            await wait_until(lambda: self._md_recovered(phase) is not None, timeout_s,
+                             "market data after the fault")
+        except TimeoutError:
+            self.rec.note_error(self.diagnosis(phase))
+            raise
+        log.info("recovered %.3f s after the fault", time.monotonic() - phase.t0)
+
+    def _md_recovered(self, phase: Phase) -> float | None:
+        for t, _last, term, writer in self.rec.deliveries:
+            if t <= phase.t0:
+                continue
+            if phase.expect_new_term and term <= phase.old_term:
+                continue
+            if phase.engine_failover and writer == phase.old_engine:
+                continue
+            return t
+        return None
+
+    def diagnosis(self, phase: Phase) -> str:
+        """What the observers saw last: for a run that did not recover."""
+        last: dict[str, tuple[Any, ...]] = {}
+        for sample in self.rec.engine_samples:
+            last[sample[1]] = sample[2:]
+        deliveries = list(self.rec.deliveries)[-3:]
+        return (f"engines (role, committed, input) {last}; old term {phase.old_term}, old "
+                f"engine {phase.old_engine}; last deliveries (t-t0, last_input, term, writer) "
+                f"{[(round(t - phase.t0, 3), *rest) for t, *rest in deliveries]}")
+
+    async def _kill_region(self, region: str) -> list[launcher.NodeProc]:
+        assert self.state is not None
+        victims = launcher.signal_node(self.state, region, signal.SIGKILL)
+        for e in self.engines.values():
+            if e.region == region:
+                e.signal(signal.SIGKILL)
+        for v in victims:
+            launcher.reap(v.pid)
+        for e in self.engines.values():
+            if e.region == region:
+                e.kill()
+        return victims
+
+    async def _restart_region(self, victims: list[launcher.NodeProc], region: str) -> None:
+        assert self.state is not None
+        for v in victims:
+            await asyncio.to_thread(launcher.start_node, self.state, v)
+        for name, e in list(self.engines.items()):
+            if e.region == region and not e.alive:
+                self.engines[name] = await asyncio.to_thread(e.start)
+
+    async def _leader_crash(self, leader: launcher.NodeProc, term: int) -> dict[str, Any]:
+        phase = await self.phase_start(True, leader, term)
+        victims = await self._kill_region(leader.region)
+        await launcher.wait_leader(self.state, self.opts.step_timeout_s, exclude=(leader.id,))  # type: ignore[arg-type]
+        await self._recovered(phase)
+        self.markers["restart"] = time.monotonic()
+        await self._restart_region(victims, leader.region)
+        return {"fault": f"SIGKILL of every process of {leader.region} (node {leader.id} and "
+                         f"its engine)", "_phases": [phase]}
+
+    async def _leader_pause(self, leader: launcher.NodeProc, term: int) -> dict[str, Any]:
+        assert self.state is not None
+        phase = await self.phase_start(True, leader, term)
+        launcher.signal_node(self.state, leader.region, signal.SIGSTOP)
+        paused = [e for e in self.engines.values() if e.region == leader.region]
+        for e in paused:
+            e.signal(signal.SIGSTOP)
+        try:
+            # Held past the lease: until another node leads (so the lease has expired),
+            # plus a seeded extra (the fault's duration, not a synchronisation).
+            await launcher.wait_leader(self.state, self.opts.step_timeout_s, exclude=(leader.id,))
+            await asyncio.sleep(self.rng.uniform(0.2, 0.8))
+        finally:
+            self.markers["resume"] = time.monotonic()
+            launcher.signal_node(self.state, leader.region, signal.SIGCONT)
+            for e in paused:
+                e.signal(signal.SIGCONT)
+        await self._recovered(phase)
+        return {"fault": f"SIGSTOP of every process of {leader.region} past its "
+                         f"{self.opts.ttl_s}s lease, then SIGCONT",
+                "fault_duration_s": round(self.markers["resume"] - phase.t0, 3),
+                "_phases": [phase]}
+
+    async def _leader_partition(self, leader: launcher.NodeProc, term: int) -> dict[str, Any]:
+        from geo.proxy import AsyncProxyControl
+
+        assert self.state is not None
+        proxy = AsyncProxyControl(self.state.proxy_control)
+        phase = await self.phase_start(True, leader, term)
+        await proxy.partition(region=leader.region, mode="blackhole")
+        try:
+            await launcher.wait_leader(self.state, self.opts.step_timeout_s, exclude=(leader.id,))
+            await wait_until(lambda: self.rec.acks_after(phase.t0, "order") >= 10,
+                             self.opts.step_timeout_s, "orders on the majority side")
+        finally:
+            self.markers["heal"] = time.monotonic()
+            await proxy.heal()
+        await self._recovered(phase)
+        self.notes.append("the cut-off region's engine reads its own (stalled) replica: "
+                          "matching resumes after the heal")
+        return {"fault": f"{leader.region} cut off from the other regions (WAN proxy "
+                         "blackhole), then healed",
+                "fault_duration_s": round(self.markers["heal"] - phase.t0, 3),
+                "_phases": [phase]}
+
+    async def _engine_crash(self, leader: launcher.NodeProc, term: int) -> dict[str, Any]:
+        phase = await self.phase_start(False, leader, term, stale_probe=False)
+        phase.engine_failover = True
+        victim = self.engines[phase.old_engine]
+        victim.signal(signal.SIGKILL)
+        victim.kill()
+        await self._recovered(phase)
+        self.markers["restart"] = time.monotonic()
+        self.engines[victim.instance] = await asyncio.to_thread(victim.start)
+        self.notes.append("store leader not deposed: no stale-leader probe")
+        return {"fault": f"SIGKILL of the engine primary {victim.instance}", "_phases": [phase]}
+
+    async def _switchover(self, leader: launcher.NodeProc, term: int) -> dict[str, Any]:
+        assert self.state is not None
+        target = self.rng.choice([n for n in self.state.nodes if n.voter and n.id != leader.id])
+        phase = await self.phase_start(True, leader, term)
+        resp = await launcher.switchover(self.state, target.id, self.opts.step_timeout_s)
+        self.markers["switchover answered"] = time.monotonic()
+        await self._recovered(phase)
+        return {"fault": f"planned switchover {leader.id} -> {target.id}",
+                "switchover_response": str(resp).strip().replace("\n", "; "),
+                "_phases": [phase]}
+
+    async def _etcd_member_loss(self, leader: launcher.NodeProc, term: int) -> dict[str, Any]:
+        assert self.state is not None
+        etcd = launcher.etcd_of(self.state)
+        k = self.rng.randrange(len(etcd.members))
+        member = etcd.members[k]
+        phase = await self.phase_start(False, leader, term, stale_probe=False)
+        member.kill()
+        await self._recovered(phase)
+        _, st = await launcher.wait_leader(self.state, self.opts.step_timeout_s)
+        if st.term != term:  # the loss did cost the leadership: measure it as a failover
+            phase.expect_new_term = True
+            self.notes.append(f"leadership changed (term {term} -> {st.term})")
+        self.markers["etcd member back"] = time.monotonic()
+        member.start()
+        await asyncio.to_thread(etcd.wait_healthy, 30.0, [member])
+        return {"fault": f"SIGKILL of etcd member {k + 1}/{len(etcd.members)} "
+                         f"({member.endpoint})", "_phases": [phase]}
+
+    async def _failback(self, leader: launcher.NodeProc, term: int) -> dict[str, Any]:
+        assert self.state is not None
+        first = await self.phase_start(True, leader, term)
+        victims = await self._kill_region(leader.region)
+        await launcher.wait_leader(self.state, self.opts.step_timeout_s, exclude=(leader.id,))
+        await self._recovered(first)
+        self.markers["restart"] = time.monotonic()
+        await self._restart_region(victims, leader.region)
+        await launcher.wait_converged(self.state, self.opts.step_timeout_s)
+        interim, st = await launcher.wait_leader(self.state, self.opts.step_timeout_s)
+        await wait_until(self._engines_warm, self.opts.step_timeout_s, "warm engines", 0.05)
+        # Back to the original region: store leadership, then the engine primary.
+        second = await self.phase_start(True, interim, st.term)
+        await launcher.switchover(self.state, leader.id, self.opts.step_timeout_s)
+        await self._recovered(second)
+        original = f"{leader.region}-e1"
+        engine_back = None
+        inst, _ = await self.engine_primary()
+        if inst and inst != original:
+            async with StoreClient([n.client for n in self.state.nodes]) as c:
+                marked = time.monotonic()
+                await c.append(wire.input_stream(GROUP), [wire.control_event(
+                    GROUP, wire.SWITCHOVER_TYPE, {"to": original}, f"failback{self.seed}")])
+                await wait_until(lambda: self._role_is(self.engines[original], "primary"),
+                                 self.opts.step_timeout_s, "engine failback", 0.02)
+                engine_back = round(time.monotonic() - marked, 3)
+        return {"fault": f"failover from {leader.id} (SIGKILL of its region), restart, then "
+                         f"planned failback {interim.id} -> {leader.id}",
+                "engine_failback_s": engine_back, "_phases": [first, second]}
+
+    # ---- after the run ----------------------------------------------------------
+
+    async def check(self, client: StoreClient) -> dict[str, Any]:
+        assert self.state is not None
+        timeout = self.opts.step_timeout_s
+        upto = await launcher.wait_converged(self.state, timeout)
+        leader, _ = await launcher.wait_leader(self.state, timeout)
+        async with StoreClient(leader.client, timeout_s=60) as reader:
+            records = {e.position: e for e in await read_stream(reader, "$all")}
+        hashes = {n.id: await raw_log_hash(n.client, upto) for n in self.state.nodes}
+        positions: dict[bytes, list[int]] = {}
+        for p, e in records.items():
+            positions.setdefault(e.id, []).append(p)
+        duplicates = sum(1 for ps in positions.values() if len(ps) > 1)
+        lost = [a for a in self.rec.acks
+                if a.position not in records or records[a.position].id != a.id]
+        for d in self.rec.in_doubt:
+            if d.resolution == "unresolved":
+                d.resolution = "unresolved-in-log" if d.id in positions else "unresolved-absent"
+        stale_doubt_in_log = sum(1 for i in self.rec.stale_doubt_ids if i in positions)
+        engines = await self._engines_agree(timeout)
+        tiers_status = await _tiers_status(leader.client)
+        return {"records": records, "_tiers_status": tiers_status, "upto": upto,
+                "duplicates": duplicates,
+                "acked_lost": len(lost), "lost_examples": [a.position for a in lost[:5]],
+                "logs_identical": len(set(hashes.values())) == 1,
+                "stale_in_doubt_in_log": stale_doubt_in_log, **engines}
+
+    async def _engines_agree(self, timeout_s: float) -> dict[str, Any]:
+        """Waits until every instance has processed the whole input stream and the primary's
+        outputs are committed through it, then compares hashes; checks exactly-once."""
+        async with StoreClient([n.client for n in self.state.nodes], timeout_s=30) as c:  # type: ignore[union-attr]
+            tail = await c.read(wire.input_stream(GROUP), backwards=True, limit=1)
+            last = tail[0].position if tail else 0
+            got: list[xpb.EngineStatus | None] = []
+
+            async def caught_up() -> bool:
+                got[:] = [await engine_status(e.address) for e in self.engines.values()]
+                return all(s is not None and s.input_position >= last for s in got) and any(
+                    s is not None and s.role == "primary" and s.committed_input_position
+                    >= last for s in got)
+            agreed = True
+            try:
+                await wait_until(caught_up, timeout_s, "engines at the last input", 0.05)
+            except TimeoutError as exc:
+                agreed = False
+                self.rec.note_error(str(exc))
+            views = {s.instance: {"role": s.role, "input_position": s.input_position,
+                                  "chain_hash": s.chain_hash[:16], "state_hash": s.state_hash[:16],
+                                  "alarm": s.alarm} for s in got if s is not None}
+            agreed = agreed and len(views) == len(self.engines) and len(
+                {(v["input_position"], v["chain_hash"], v["state_hash"]) for v in views.values()}
+            ) == 1 and not any(v["alarm"] for v in views.values())
+            exactly_once = ""
+            try:
+                inputs, outputs = await check_exactly_once(c, GROUP)
+            except ExactlyOnceViolation as exc:
+                exactly_once = str(exc)
+                inputs, outputs = [], []
+        return {"hashes_agree": agreed and not exactly_once, "engines": views,
+                "exactly_once": exactly_once or "ok", "orders_in_log": len(inputs),
+                "output_batches": len(outputs)}
+
+
+def _ignore(reason: str) -> None:
+    pass
+
+
+def _trace(event: pb.ProposedEvent) -> None:
+    """With tracing enabled, the order carries its PRODUCER span's `traceparent` (set once,
+    before the first attempt: a retry must carry the same content)."""
+    try:
+        from opentelemetry.trace import SpanKind
+
+        from xdc import telemetry
+    except ImportError:  # telemetry not installed in this tree: no trace ids
+        return
+    if not telemetry.tracing():
+        return
+    with telemetry.tracer().start_as_current_span(
+            f"send {wire.input_stream(GROUP)}", kind=SpanKind.PRODUCER):
+        md: dict[str, str] = {}
+        telemetry.inject(md)
+        event.metadata.update(md)
+
+
+# ------------------------------------------------------------------------ measurement
+
+def _first(items: list[float]) -> float | None:
+    return min(items) if items else None
+
+
+def _rel(t: float | None, t0: float) -> float | None:
+    return None if t is None else round(t - t0, 3)
+
+
+def measure(run: Run, phase: Phase, records: dict[int, pb.RecordedEvent],
+            until: float) -> dict[str, Any]:
+    """The timings of one phase from what the run recorded and the log read back."""
+    rec, t0 = run.rec, phase.t0
+    new_term_pos = min((p for p, e in records.items() if e.term > phase.old_term),
+                       default=None) if phase.expect_new_term else None
+    window = [a for a in rec.acks if t0 < a.t <= until]
+
+    def first_ack(kind: str) -> float | None:
+        return _first([a.t for a in window if a.kind == kind
+                       and (new_term_pos is None or a.position >= new_term_pos)])
+
+    key = [s for s in rec.leader_key if s[0] > t0]
+    expiry = _first([t for t, term, _ in key if term != phase.old_term])
+    new_term = _first([t for t, term, _ in key if term is not None and term > phase.old_term])
+    ekey = [s for s in rec.engine_key if s[0] > t0]
+    e_expiry = _first([t for t, _term, holder in ekey if holder != phase.old_engine])
+    e_new = _first([t for t, term, holder in ekey if term is not None
+                    and holder not in ("", phase.old_engine)])
+    ledger = first_ack("ledger")
+    orders = first_ack("order")
+    if phase.engine_failover:
+        matching = _first([t for t, inst, role, committed, _ in rec.engine_samples
+                           if t > t0 and inst != phase.old_engine and role == "primary"
+                           and committed > phase.committed_at_fault])
+    else:
+        threshold = new_term_pos if new_term_pos is not None else phase.committed_at_fault + 1
+        matching = _first([t for t, _inst, role, committed, _ in rec.engine_samples
+                           if t > t0 and role == "primary" and committed >= threshold])
+    market = run._md_recovered(phase)
+    tiers = [{"name": n, "recovered_s": _rel(t, t0)}
+             for n, t in zip(TIERS, (ledger, matching, orders, market), strict=True)]
+    recovered = [x["recovered_s"] for x in tiers]
+    if phase.expect_new_term or phase.engine_failover:
+        rto = _rel(matching if phase.engine_failover else ledger, t0)
+    else:  # no failover: the longest write stall after the fault
+        times = [t0, *sorted(a.t for a in window if a.kind == "ledger")]
+        rto = round(max((b - a for a, b in itertools.pairwise(times)), default=0.0), 3)
+    before = [a.t for a in rec.acks if a.t <= t0]
+    gap = round(ledger - max(before), 3) if ledger is not None and before else None
+    return {
+        "old_term": phase.old_term,
+        "new_term": records[new_term_pos].term if new_term_pos is not None else None,
+        "lease_expiry_s": _rel(expiry, t0), "new_term_s": _rel(new_term, t0),
+        "rto_s": rto, "write_gap_s": gap,
+        "engine_lease_expiry_s": _rel(e_expiry, t0), "engine_new_primary_s": _rel(e_new, t0),
+        "tiers": tiers,
+        "tiers_in_order": all(a is not None and b is not None and a <= b
+                              for a, b in itertools.pairwise(recovered)),
+    }
+
+
+async def _tiers_status(address: str) -> Any:
+    """The node's degradation-tier supervisor status (xdc.v1.Tiers/Status), or None when
+    the node does not serve it."""
+    try:
+        async with grpc.aio.insecure_channel(address) as ch:
+            return await tiers_pb2_grpc.TiersStub(ch).Status(tiers_pb2.TiersStatusRequest(),
+                                                            timeout=2)
+    except grpc.aio.AioRpcError:
+        return None
+
+
+def supervisor_tiers(status: Any, phase: Phase) -> list[dict[str, Any]] | None:
+    """Per tier, in recovery order, the first change to serving after the fault that the
+    final leader's tier supervisor recorded (None: it did not go down, or no record)."""
+    if status is None:
+        return None
+    start = int(phase.t0_wall * 1e9)
+    out = []
+    for tier in status.tiers:
+        back = [t.at_unix_ns for t in status.transitions if t.tier == tier.name
+                and t.to_state == "serving" and t.at_unix_ns >= start]
+        out.append({"name": tier.name, "recovered_s":
+                    round((min(back) - start) / 1e9, 3) if back else None})
+    return out
+
+
+def _in_doubt_summary(rec: Recorder) -> dict[str, int]:
+    out = {"total": len(rec.in_doubt)}
+    for d in rec.in_doubt:
+        out[d.resolution] = out.get(d.resolution, 0) + 1
+    return out
+
+
+def _first_trace_id(run: Run, phase: Phase, records: dict[int, pb.RecordedEvent],
+                    rto_s: float | None) -> str:
+    """The trace id of the first order acknowledged after the failover (its stored
+    `traceparent`), or "" when orders carry none (tracing disabled)."""
+    if rto_s is None:
+        return ""
+    start = phase.t0 + rto_s
+    for a in sorted((a for a in run.rec.acks if a.kind == "order" and a.t >= start),
+                    key=lambda a: a.t):
+        e = records.get(a.position)
+        tp = e.metadata.get("traceparent", "") if e is not None else ""
+        return tp.split("-")[1] if tp.count("-") == 3 else ""
+    return ""
+
+
+def _timeline(run: Run, phase: Phase, end: float) -> dict[str, Any]:
+    """What the HTML chart draws: ack times (relative, bounded) and markers."""
+    t0 = phase.t0
+    start = t0 - run.opts.before_s
+
+    def rel(kind: str) -> list[float]:
+        ts = [round(a.t - t0, 3) for a in run.rec.acks if a.kind == kind and start <= a.t <= end]
+        step = max(1, len(ts) // 4000)  # bounded report size
+        return ts[::step]
+    markers = {k: round(v - t0, 3) for k, v in run.markers.items() if start <= v <= end}
+    vacancy = [(round(t - t0, 3), term) for t, term, _ in run.rec.leader_key
+               if start <= t <= end]
+    step = max(1, len(vacancy) // 2000)
+    return {"from_s": round(start - t0, 3), "to_s": round(end - t0, 3),
+            "ledger_acks": rel("ledger"), "order_acks": rel("order"),
+            "md_deliveries": [round(t - t0, 3) for t, *_ in run.rec.deliveries
+                              if start <= t <= end][:4000],
+            "leader_key": vacancy[::step], "markers": markers}
+
+
+# ------------------------------------------------------------------------ drill
+
+def run_once(scenario: str, seed: int, opts: DrillOptions) -> dict[str, Any]:
+    """One run on a fresh cluster; everything it started is stopped before it returns."""
+    base = opts.base_dir or tempfile.gettempdir()
+    Path(base).mkdir(parents=True, exist_ok=True)
+    directory = tempfile.mkdtemp(prefix=f"xdc-drill-{scenario}-{seed}-", dir=base)
+    run = Run(scenario, seed, opts, directory)
+    out: dict[str, Any] = {"scenario": scenario, "seed": seed, "directory": directory}
+    wall = time.time()
+    try:
+        run.start_cluster()
+        raw = asyncio.run(asyncio.wait_for(run.execute(), 10 * opts.step_timeout_s))
+        end = time.monotonic()
+        records = raw.pop("records")
+        phases: list[Phase] = raw.pop("_phases")
+        main = phases[-1]
+        m = measure(run, main, records, end)
+        out.update({k: m[k] for k in ("rto_s", "lease_expiry_s", "new_term_s", "write_gap_s",
+                                      "engine_lease_expiry_s", "engine_new_primary_s",
+                                      "tiers", "tiers_in_order", "old_term", "new_term")})
+        out["tiers_supervisor"] = supervisor_tiers(raw.pop("_tiers_status"), main)
+        if len(phases) > 1:
+            out["failover"] = measure(run, phases[0], records, phases[-1].t0)
+        st = run.rec.stale
+        tid = _first_trace_id(run, main, records, m["rto_s"])
+        out.update({
+            "acked_lost": raw.pop("acked_lost"), "duplicates": raw.pop("duplicates"),
+            "hashes_agree": raw.pop("hashes_agree"),
+            "stale_writes_rejected": st["rejected"],
+            "stale": {**st, "in_doubt_in_log": raw.pop("stale_in_doubt_in_log")},
+            "in_doubt": _in_doubt_summary(run.rec),
+            "acked": {k: sum(1 for a in run.rec.acks if a.kind == k)
+                      for k in ("ledger", "order", "stale")},
+            "trace_ids": {"first_order_after_failover": tid},
+            "timeline": _timeline(run, main, end),
+            **raw,
+        })
+        if not tid:
+            run.notes.append("no trace id: orders carry no traceparent (tracing disabled; "
+                             "set OTEL_TRACES_EXPORTER/OTEL_EXPORTER_OTLP_ENDPOINT)")
+        out["ok"] = out["acked_lost"] == 0 and out["duplicates"] == 0 and out["hashes_agree"]
+    except Exception as exc:
+        log.exception("drill run %s seed %d failed", scenario, seed)
+        out.update({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        for e in run.engines.values():
+            e.stop()
+        with contextlib.suppress(Exception):
+            launcher.down(directory)
+        if not opts.keep and out.get("ok"):
+            shutil.rmtree(directory, ignore_errors=True)
+    out["notes"] = run.notes
+    out["errors"] = run.rec.errors
+    out["wall_s"] = round(time.time() - wall, 1)
+    return out
+
+
+def run_drill(scenario: str, runs: int, seed: int, opts: DrillOptions,
+              progress: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    if scenario not in SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}: one of {', '.join(SCENARIOS)}")
+    results = []
+    for i in range(runs):
+        r = run_once(scenario, seed + i, opts)
+        results.append(r)
+        if progress is not None:
+            progress(r)
+    return results
+
+
+def failed(results: list[dict[str, Any]]) -> bool:
+    return any(not r.get("ok") for r in results)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v * 1000:.0f}ms" if v < 1 else f"{v:.2f}s"
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    return str(v)
+
+
+def summary_table(results: list[dict[str, Any]]) -> str:
+    head = ["scenario", "seed", "expiry", "new term", "RTO", *TIERS, "lost", "dup",
+            "stale rej", "in doubt", "hashes", "ok"]
+    rows = [head]
+    for r in results:
+        if "error" in r:
+            rows.append([r["scenario"], str(r["seed"])] + ["-"] * (len(head) - 4)
+                        + ["-", "FAILED: " + r["error"][:60]])
+            continue
+        tiers = {t["name"]: t["recovered_s"] for t in r["tiers"]}
+        d = r["in_doubt"]
+        doubt = f"{d['total']}" + (f" ({d.get('earlier-attempt', 0)}e/{d.get('retry', 0)}r)"
+                                   if d["total"] else "")
+        rows.append([r["scenario"], str(r["seed"]), _fmt(r["lease_expiry_s"]),
+                     _fmt(r["new_term_s"]), _fmt(r["rto_s"]),
+                     *(_fmt(tiers.get(n)) for n in TIERS), str(r["acked_lost"]),
+                     str(r["duplicates"]), str(r["stale_writes_rejected"]), doubt,
+                     _fmt(r["hashes_agree"]), "ok" if r["ok"] else "FAILED"])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    rtos = sorted(r["rto_s"] for r in results if r.get("rto_s") is not None)
+    if rtos:
+        lines.append(f"RTO over {len(rtos)} run(s): min {_fmt(rtos[0])}, "
+                     f"median {_fmt(rtos[len(rtos) // 2])}, max {_fmt(rtos[-1])}; "
+                     f"in doubt: e = an earlier attempt had committed, r = the retry wrote it")
+    return "\n".join(lines)
+
+
+def write_json(path: str, scenario: str, seed: int, opts: DrillOptions,
+               results: list[dict[str, Any]]) -> None:
+    doc = {"drill": scenario, "seed": seed, "options": asdict(opts),
+           "ok": not failed(results), "runs": results}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(doc, indent=1, default=str))
+
+
+def cmd_drill(args: argparse.Namespace) -> int:
+    from geo.drill_report import write_html
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(message)s")
+    opts = DrillOptions(rtt_ms=args.rtt_ms, ttl_s=args.lease_ttl, producers=args.producers,
+                        quick=args.quick, keep=args.keep, base_dir=args.dir)
+
+    def progress(r: dict[str, Any]) -> None:
+        state = "ok" if r.get("ok") else "FAILED " + r.get("error", "")
+        print(f"drill {r['scenario']} seed {r['seed']}: rto {_fmt(r.get('rto_s'))}, "
+              f"lost {r.get('acked_lost', '-')}, {state} ({r['wall_s']}s)", flush=True)
+    results = run_drill(args.scenario, args.runs, args.seed, opts, progress)
+    print(summary_table(results))
+    if args.json:
+        write_json(args.json, args.scenario, args.seed, opts, results)
+        print(f"JSON: {args.json}")
+    if args.html:
+        write_html(args.html, args.scenario, args.seed, results)
+        print(f"HTML: {args.html}")
+    return 1 if failed(results) else 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("drill", help="DR drill against a fresh local multi-region cluster "
+                                     "under load: measured RTO, RPO, tiers, hashes")
+    p.add_argument("scenario", choices=SCENARIOS)
+    p.add_argument("--runs", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1, help="run i uses seed S+i")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--html", help="write a self-contained HTML report here")
+    p.add_argument("--rtt-ms", type=float, default=30.0, help="injected RTT between regions")
+    p.add_argument("--lease-ttl", type=int, default=2, help="etcd lease TTL, seconds")
+    p.add_argument("--producers", type=int, default=4, help="ledger producers")
+    p.add_argument("--quick", action="store_true", help="shorter load windows")
+    p.add_argument("--keep", action="store_true", help="keep every run's directory (logs)")
+    p.add_argument("--dir", help="parent of the run directories (default: the temp dir)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log each step")
+    p.set_defaults(func=cmd_drill)
