@@ -310,11 +310,6 @@ class EngineRunner:
         self._inflight.clear()
         self.consumer.rewind_emission()
         actual = getattr(exc, "actual_last_revision", 0)
-        if getattr(exc, "code", None) == grpc.StatusCode.ALREADY_EXISTS:
-            # The batch's id is in the log: another writer (the old primary, its append
-            # not yet delivered to us) holds this revision. Without waiting for it, the
-            # same append would be refused again at once, forever (found by xdc drill).
-            actual = max(actual, f.expected)
         self._resync_to = max(self._resync_to, actual)
         log.info("output append at revision %d refused (%s); resync to revision %d",
                  f.expected, exc, actual)

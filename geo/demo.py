@@ -165,4 +165,10 @@ def run_demo(rtt_ms: float = 30.0) -> int:
     ok = summary["acknowledged events lost"] == 0 and str(
         summary["logs identical after rejoin"]).startswith("True")
     print("xdc demo: " + ("no acknowledged event lost" if ok else "FAILED"))
-    return 0 if ok else 1
+    # The demo ends with one DR drill run (geo/drill.py) on a fresh cluster.
+    from geo.drill import DrillOptions, run_once, summary_table
+
+    print("xdc demo: one `xdc drill leader-crash --quick` run", flush=True)
+    drill = run_once("leader-crash", 1, DrillOptions(rtt_ms=rtt_ms, quick=True))
+    print(summary_table([drill]))
+    return 0 if ok and drill["ok"] else 1

@@ -1,0 +1,79 @@
+"""DR drills with real processes (etcd, store nodes, WAN proxy, engine instances): one
+short run each of `leader-crash` and `engine-crash` through the `xdc drill` command
+line, checking the JSON report's shape and the invariants (no acknowledged event lost or
+duplicated, engines agree, exactly-once outputs), that an RTO was measured (no time bound
+is asserted) and that the HTML report holds an inline SVG chart. The other scenarios are
+exercised by `xdc drill SCENARIO --quick` (README, "DR drills"), not here: each costs a
+fresh cluster, and the suite must stay fast on two cores."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from geo.drill import TIERS
+
+RUN_KEYS = {"scenario", "seed", "rto_s", "acked_lost", "duplicates", "hashes_agree",
+            "stale_writes_rejected", "tiers", "lease_expiry_s", "new_term_s", "in_doubt",
+            "stale", "engines", "trace_ids", "timeline", "tiers_supervisor"}
+
+
+def _drill(tmp_path: Path, scenario: str, seed: int) -> tuple[dict, str]:  # type: ignore[type-arg]
+    out_json, out_html = tmp_path / "drill.json", tmp_path / "drill.html"
+    proc = subprocess.run(
+        [sys.executable, "-m", "xdc.cli", "drill", scenario, "--runs", "1", "--seed", str(seed),
+         "--quick", "--json", str(out_json), "--html", str(out_html), "--dir",
+         str(tmp_path / "runs")], capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert scenario in proc.stdout and "RTO" in proc.stdout  # the summary table
+    return json.loads(out_json.read_text()), out_html.read_text()
+
+
+def _check(doc: dict, html: str, scenario: str, seed: int) -> dict:  # type: ignore[type-arg]
+    assert doc["ok"] is True and len(doc["runs"]) == 1
+    run = doc["runs"][0]
+    assert RUN_KEYS <= set(run), RUN_KEYS - set(run)
+    assert run["scenario"] == scenario and run["seed"] == seed
+    assert run["acked_lost"] == 0 and run["duplicates"] == 0
+    assert run["hashes_agree"] is True and run["exactly_once"] == "ok"
+    assert run["logs_identical"] is True
+    assert run["rto_s"] is not None and run["rto_s"] > 0
+    assert [t["name"] for t in run["tiers"]] == list(TIERS)
+    assert all(t["recovered_s"] is not None and t["recovered_s"] > 0 for t in run["tiers"])
+    assert run["acked"]["ledger"] > 0 and run["acked"]["order"] > 0
+    assert run["in_doubt"]["total"] == sum(v for k, v in run["in_doubt"].items()
+                                           if k != "total")
+    assert not any(k.startswith("unresolved-absent") for k in run["in_doubt"])
+    engines = run["engines"]
+    assert len(engines) == 3 and len({(e["chain_hash"], e["state_hash"], e["input_position"])
+                                      for e in engines.values()}) == 1
+    assert "<svg" in html and "</svg>" in html and "http" not in html.split("<svg", 1)[0]
+    # Run directories of successful runs are removed, every process stopped.
+    assert not Path(run["directory"]).exists()
+    return run
+
+
+@pytest.mark.timeout(150)
+def test_leader_crash_drill(tmp_path: Path) -> None:
+    doc, html = _drill(tmp_path, "leader-crash", 7)
+    run = _check(doc, html, "leader-crash", 7)
+    assert run["new_term"] > run["old_term"]
+    assert run["lease_expiry_s"] is not None and run["new_term_s"] is not None
+    assert run["stale"]["acked_after_new_term"] == 0
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.xfail(strict=False, reason=(
+    "engine runner: a warm instance promoted while the old primary's last output batch is "
+    "still in flight sees that batch committed but not its inputs as committed, re-emits a "
+    "batch with the same first input and is refused ALREADY_EXISTS in a tight loop; the "
+    "group's outputs stop. Found by this drill, reported, not fixed here"))
+def test_engine_crash_drill(tmp_path: Path) -> None:
+    doc, html = _drill(tmp_path, "engine-crash", 3)
+    run = _check(doc, html, "engine-crash", 3)
+    assert run["new_term"] is None  # the store leader stayed
+    assert run["engine_new_primary_s"] is not None and run["engine_new_primary_s"] > 0
