@@ -242,8 +242,9 @@ class Replicator:
         answers: list[tuple[asyncio.Future[Results], Results]] = []
         effects = core.drain()
         propose = bool(groups)
-        span = (group_span([g.caller for g in groups], [r for g in groups for r in g.reqs],
+        span = (group_span([g.caller for g in groups], sum(len(g.reqs) for g in groups),
                            core.term) if propose and telemetry.tracing() else None)
+        written_after = self.log.last_position if span is not None else 0
         while True:
             if not (propose or self._commit_to_persist > self.log.commit_position
                     or any(isinstance(e, Persist) for e in effects)):
@@ -266,7 +267,7 @@ class Replicator:
                 core.on_persisted(last_seq)
             effects = core.drain()
         if span is not None:
-            end_group_span(span, [r for _, results in answers for r in results])
+            end_group_span(span, written_after + 1, self.log.last_position)
         for e in out:
             if isinstance(e, Committed):
                 self._commit_to_persist = max(self._commit_to_persist, e.upto)
