@@ -31,7 +31,7 @@ from store import records
 from store.errors import StoreError
 from store.limits import Limits
 from store.log import Appended, Log, PreparedAppend, Sequenced
-from store.writer import Results, admit_to_queue, end_group_span, group_span
+from store.writer import Results, admit_to_queue, emit_group_span
 from xdc import telemetry
 from xdc.v1 import eventstore_pb2 as pb
 
@@ -242,9 +242,8 @@ class Replicator:
         answers: list[tuple[asyncio.Future[Results], Results]] = []
         effects = core.drain()
         propose = bool(groups)
-        span = (group_span([g.caller for g in groups], sum(len(g.reqs) for g in groups),
-                           core.term) if propose and telemetry.tracing() else None)
-        written_after = self.log.last_position if span is not None else 0
+        traced = propose and telemetry.tracing()
+        written_after, start_ns = self.log.last_position, time.time_ns()
         while True:
             if not (propose or self._commit_to_persist > self.log.commit_position
                     or any(isinstance(e, Persist) for e in effects)):
@@ -266,8 +265,10 @@ class Replicator:
             if last_seq:
                 core.on_persisted(last_seq)
             effects = core.drain()
-        if span is not None:
-            end_group_span(span, written_after + 1, self.log.last_position)
+        if traced:  # the span is made on the loop thread, from these timestamps
+            self.loop.call_soon_threadsafe(
+                emit_group_span, [g.caller for g in groups], sum(len(g.reqs) for g in groups),
+                core.term, start_ns, time.time_ns(), written_after + 1, self.log.last_position)
         for e in out:
             if isinstance(e, Committed):
                 self._commit_to_persist = max(self._commit_to_persist, e.upto)

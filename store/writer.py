@@ -102,12 +102,15 @@ class Writer:
                     _deliver_all, [(fut, [admitted] * len(reqs)) for reqs, fut, _ in taken])
                 continue
             flat = [r for reqs, _, _ in taken for r in reqs]
-            span = group_span([c for _, _, c in taken], len(flat), admitted) \
-                if telemetry.tracing() else None
-            results, values = self._log.append_group(flat, admitted, time.time_ns())
-            if span is not None:
+            start_ns = time.time_ns()
+            results, values = self._log.append_group(flat, admitted, start_ns)
+            if telemetry.tracing():
+                # Only timestamps here: the span is made on the loop thread, off this
+                # thread's path from one fsync to the next.
                 last = self._log.last_position
-                end_group_span(span, last - len(values) + 1, last)
+                self._loop.call_soon_threadsafe(
+                    emit_group_span, [c for _, _, c in taken], len(flat), admitted, start_ns,
+                    time.time_ns(), last - len(values) + 1, last)
             self.groups += 1
             out = []
             i = 0
@@ -128,23 +131,20 @@ class Writer:
 _Queued = tuple[list[PreparedAppend], asyncio.Future[Results], Any]
 
 
-def group_span(contexts: list[Any], appends: int, term: int) -> Any:
-    """The INTERNAL span of one group commit (one write transaction, one fsync): the
-    child of the one message it serves, or linked to each of several (xdc/telemetry.py).
-    Its attributes cost O(1): this runs on the writer thread, the ingest bottleneck."""
+def emit_group_span(contexts: list[Any], appends: int, term: int, start_ns: int,
+                    end_ns: int, first: int, last: int) -> None:
+    """The INTERNAL span of one group commit (one write transaction, one fsync), made
+    after the fact from the writer's timestamps: the child of the one message it served,
+    or linked to each of several (xdc/telemetry.py). `first..last`: the positions
+    written (none when every append was refused or a duplicate)."""
     parent, links = telemetry.parent_and_links(contexts)
-    return telemetry.tracer().start_span(
-        "xdc.group_commit", context=parent, links=links,
+    span = telemetry.tracer().start_span(
+        "xdc.group_commit", context=parent, links=links, start_time=start_ns,
         attributes={"xdc.group.appends": appends, "xdc.term": term})
-
-
-def end_group_span(span: Any, first: int, last: int) -> None:
-    """Ends it with the positions written (none when every append was refused or a
-    duplicate)."""
     if last >= first:
         span.set_attributes({"xdc.position.first": first, "xdc.position.last": last,
                              telemetry.MESSAGING_BATCH_COUNT: last - first + 1})
-    span.end()
+    span.end(end_time=end_ns)
 
 
 def _deliver_all(out: list[tuple[asyncio.Future[Results], Results]]) -> None:
