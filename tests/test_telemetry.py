@@ -99,6 +99,22 @@ def test_nothing_is_exported_without_otel_variables() -> None:
         assert not span.is_recording()
     assert telemetry.setup_from_env("xdc-test", env={"OTEL_TRACES_EXPORTER": "none",
                                                      "OTEL_METRICS_EXPORTER": "none"}) is False
+    # An OTLP endpoint alone means OTLP for both signals; "none" turns one off.
+    endpoint_vars = ("OTEL_EXPORTER_OTLP_ENDPOINT",)
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317"}
+    assert telemetry._exporters("OTEL_TRACES_EXPORTER", endpoint_vars, env) == ["otlp"]
+    assert telemetry._exporters("OTEL_TRACES_EXPORTER", endpoint_vars,
+                                {**env, "OTEL_TRACES_EXPORTER": "none"}) == []
+    assert telemetry._exporters("OTEL_TRACES_EXPORTER", endpoint_vars,
+                                {"OTEL_TRACES_EXPORTER": "console,otlp"}) == ["console", "otlp"]
+    # W3C traceparent parsing: the consumer path reads one per event.
+    good = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    sc = telemetry.span_context(good, "vendor=x")
+    assert sc is not None and sc.is_remote and sc.span_id == 0xB7AD6B7169203331
+    assert sc.trace_state.get("vendor") == "x"
+    for bad in ("", good[:-1], "ff" + good[2:], good.replace("0af7", "zzzz"),
+                "00-" + "0" * 32 + good[35:]):
+        assert telemetry.span_context(bad) is None, bad
     with pytest.raises(ValueError, match="OTEL_TRACES_EXPORTER"):
         telemetry.setup_from_env("xdc-test", env={"OTEL_TRACES_EXPORTER": "zipkin"})
     with pytest.raises(ValueError, match="PROTOCOL"):
@@ -191,7 +207,7 @@ def test_append_spans_parent_child_and_stored_traceparent(otel: Otel, tmp_path: 
     assert attrs["rpc.system"] == "grpc" and attrs["rpc.method"] == "AppendStream"
     assert attrs["messaging.destination.name"] == "orders-BTC"
     assert attrs["messaging.batch.message_count"] == 1 and attrs["xdc.append.count"] == 1
-    assert attrs["xdc.append.result"] == "ok" and attrs["xdc.append.bytes"] > 0
+    assert attrs["xdc.append.result"] == "ok" and attrs["xdc.append.streams"] == 1
     assert attrs["xdc.position.first"] == attrs["xdc.position.last"] == r.last_position
     # The group commit (one write transaction, one fsync) is the server span's child.
     group = next(s for s in otel.spans("xdc.group_commit") if _child_of(s, server_ok))
