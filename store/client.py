@@ -339,7 +339,7 @@ class StoreClient:
         """A CLIENT span for one message, carried in it (the stream's gRPC metadata is
         per call): the server's span for the message is its child. A message that
         coalesces appends of several callers links to each of them instead."""
-        parent, links = telemetry.parent_and_links(list(map(_CALLER, batch)))
+        parent, links = telemetry.parent_and_links(list(filter(None, map(_CALLER, batch))))
         requests = list(map(_REQUEST, batch))
         streams = set(map(_STREAM, requests))
         attrs: dict[str, Any] = {
