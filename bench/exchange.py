@@ -21,7 +21,6 @@ Nothing here asserts a time.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import statistics
 import tempfile
 import time
@@ -35,6 +34,7 @@ from engine.cli import verify
 from engine.codec import restore, snapshot_bytes
 from engine.commands import AddSymbol, Deposit, NewOrder
 from engine.constants import Side
+from engine.workload import command_events, outputs_through
 from store.client import StoreClient
 from store.process import ServeProcess
 
@@ -43,21 +43,12 @@ ORDERS_PER_APPEND = 100
 
 
 def _events(cmds: list[object], tag: str) -> list:  # type: ignore[type-arg]
-    return [wire.command_event(GROUP, dataclasses.replace(c, ts_ns=0), f"{tag}:{i}")  # type: ignore[type-var]
-            for i, c in enumerate(cmds)]
-
-
-async def _last_output_input(client: StoreClient) -> int:
-    try:
-        tail = await client.read(wire.output_stream(GROUP), backwards=True, limit=1)
-    except Exception:
-        return 0
-    return int(tail[0].metadata["last_input"]) if tail else 0
+    return list(command_events(GROUP, cmds, tag))
 
 
 async def _wait_outputs(client: StoreClient, position: int, timeout_s: float) -> float:
     deadline = time.monotonic() + timeout_s
-    while await _last_output_input(client) < position:
+    while await outputs_through(client, GROUP) < position:
         if time.monotonic() > deadline:
             raise TimeoutError(f"outputs not committed through input {position}")
         await asyncio.sleep(0.002)
@@ -89,7 +80,7 @@ async def _latency(client: StoreClient, rate: int, seconds: float, run: int) -> 
     arrived: dict[int, float] = {}
     done = asyncio.Event()
     stream = wire.input_stream(GROUP)
-    start_after = await _last_output_input(client)
+    start_after = await outputs_through(client, GROUP)
 
     async def watch() -> None:
         async for item in client.subscribe(from_end=True, stream_prefix=wire.output_stream(GROUP),

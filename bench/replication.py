@@ -12,22 +12,15 @@ from the local launcher, measured next to a standalone node in the same run.
 from __future__ import annotations
 
 import asyncio
-import statistics
 import tempfile
 import time
 from typing import Any
 
 from bench import report
-from bench.store import _ingest_messages, _pipeline, batched_ingest
+from bench.store import PAYLOAD, _ingest_messages, _median, _pipeline, batched_ingest
 from geo import launcher
 from geo.demo import crash_leader_region
 from store.client import StoreClient, new_event
-
-PAYLOAD = 200
-
-
-def _median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
 
 
 def replicated_ingest(n: int) -> float:

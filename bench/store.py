@@ -29,6 +29,7 @@ import grpc
 import lmdb
 
 from bench import report
+from geo.etcd_server import free_ports
 from store import records
 from store.client import CaughtUp, StoreClient, new_event
 from store.log import Log, PreparedAppend
@@ -187,12 +188,6 @@ def single_appends(n: int, inflight: int = 256) -> tuple[float, float, float]:
 
 # ---- NATS JetStream peer -----------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def nats_single(n: int, inflight: int = 256) -> float | None:
     binary = shutil.which("nats-server")
     if binary is None:
@@ -200,7 +195,7 @@ def nats_single(n: int, inflight: int = 256) -> float | None:
     import nats
 
     with tempfile.TemporaryDirectory(prefix="xdc-bench-nats-") as d:
-        port = _free_port()
+        (port,) = free_ports(1)
         proc = subprocess.Popen([binary, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", d],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:

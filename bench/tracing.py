@@ -31,15 +31,15 @@ from xdc.otlp_receiver import OtlpReceiver
 
 
 def _env(receiver: OtlpReceiver | None) -> dict[str, str]:
-    """The server's environment: no OTEL_* at all (off), or export to the receiver."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    if receiver is not None:
-        env.update({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_METRICS_EXPORTER": "otlp",
-                    "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
-                    "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.grpc_endpoint,
-                    "OTEL_SERVICE_NAME": "xdc-bench-store",
-                    "OTEL_METRIC_EXPORT_INTERVAL": "1000"})
-    return env
+    """What the server's environment adds to this process's: nothing (off; `run` has
+    removed every OTEL_* from os.environ, which ServeProcess passes on), or export to
+    the receiver."""
+    if receiver is None:
+        return {}
+    return {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_METRICS_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.grpc_endpoint,
+            "OTEL_SERVICE_NAME": "xdc-bench-store", "OTEL_METRIC_EXPORT_INTERVAL": "1000"}
 
 
 def _cpu_s(pid: int) -> float:

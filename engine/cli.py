@@ -15,11 +15,10 @@ from engine.codec import state_hash
 from engine.consumer import Consumer
 from engine.exchange_config import ExchangeConfigError, load
 from engine.lease import make_lease
-from engine.runner import ENGINE_VERSION, RunnerConfig, run_engine, status_json
+from engine.runner import ENGINE_VERSION, RunnerConfig, fetch_status, run_engine
 from store.client import CaughtUp, StoreClient
 from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import exchange_pb2 as xpb
-from xdc.v1 import exchange_pb2_grpc as xpb_grpc
 
 
 def _group(args: argparse.Namespace) -> str:
@@ -49,16 +48,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 async def _status(addresses: list[str]) -> list[xpb.EngineStatus | str]:
     out: list[xpb.EngineStatus | str] = []
     for a in addresses:
-        async with grpc.aio.insecure_channel(a) as ch:
-            try:
-                out.append(await xpb_grpc.EngineControlStub(ch).Status(
-                    xpb.EngineStatusRequest(), timeout=5))
-            except grpc.aio.AioRpcError as exc:
-                out.append(f"{a}: {exc.code().name} {exc.details()}")
+        try:
+            out.append(await fetch_status(a))
+        except grpc.aio.AioRpcError as exc:
+            out.append(f"{a}: {exc.code().name} {exc.details()}")
     return out
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from xdc.cli import message_json
     bad = 0
     for s in asyncio.run(_status(args.engine.split(","))):
         if isinstance(s, str):
@@ -66,7 +64,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(json.dumps({"error": s}))
         else:
             bad |= bool(s.alarm)
-            print(status_json(s))
+            print(json.dumps(message_json(s)))
     return bad
 
 
@@ -109,7 +107,7 @@ async def verify(store: list[str], group: str) -> dict[str, object]:
         c = Consumer(group)
         checked = 0
         mismatched: list[int] = []
-        inp, out = wire.input_stream(group), wire.output_stream(group)
+        inp = wire.input_stream(group)
         async for item in client.subscribe(stream_prefix=wire.group_prefix(group),
                                            event_types=wire.CONSUMED_TYPES, batches=True):
             if isinstance(item, CaughtUp):
@@ -117,14 +115,11 @@ async def verify(store: list[str], group: str) -> dict[str, object]:
             if not isinstance(item, pb.RecordBatch):
                 continue
             for e in item.events:
-                if e.stream == inp:
-                    c.on_input(e.position, e.type, e.data, e.timestamp_ns)
-                    if e.position in snaps:
-                        checked += 1
-                        if state_hash(c.engine).hex() != snaps[e.position]:
-                            mismatched.append(e.position)
-                elif e.stream == out and e.type == wire.OUTPUT_TYPE:
-                    c.on_output(e.revision, wire.decode_output(e.data))
+                c.on_record(e)
+                if e.stream == inp and e.position in snaps:
+                    checked += 1
+                    if state_hash(c.engine).hex() != snaps[e.position]:
+                        mismatched.append(e.position)
         return {"group": group, "engine_version": ENGINE_VERSION, "inputs": c.inputs,
                 "input_position": c.position, "outputs_verified_through": c.committed_input,
                 "unverified_pending_inputs": c.backlog, "chain_hash": c.chain.hex(),

@@ -319,14 +319,12 @@ def encode_command(cmd: object) -> bytes:
     return b"".join(parts)
 
 
-_Q1 = struct.Struct("<q")
-_B1 = struct.Struct("<B")
 
 
 def _compile_decoder(cls: type) -> Any:
     """A decoder for one command class: runs of fixed-size fields are read with one
     struct each, strings by their length byte. Same bytes accepted and refused as
-    ``_decode_generic`` (the tests compare them)."""
+    a field-by-field reference decoder (tests/test_consumer.py compares them)."""
     plan: list[tuple[str, Any, tuple[int, ...]]] = []
     fmt = ""
     bools: list[int] = []  # indexes of bool fields within the current run
@@ -382,28 +380,6 @@ def decode_command(data: bytes) -> object:
     if not data or not 1 <= data[0] <= len(COMMAND_CLASSES):
         raise CodecError("unknown command tag")
     return _DECODERS[data[0] - 1](data)
-
-
-def _decode_generic(data: bytes) -> object:
-    if not data or not 1 <= data[0] <= len(COMMAND_CLASSES):
-        raise CodecError("unknown command tag")
-    cls = COMMAND_CLASSES[data[0] - 1]
-    r = _Reader(data)
-    r.pos = 1
-    values: list[object] = []
-    for _, typ in _CMD_FIELDS[cls]:
-        if typ == "str":
-            values.append(r.str())
-        elif typ == "bool":
-            (b,) = r.take(_B1)
-            if b > 1:
-                raise CodecError("bad bool")
-            values.append(bool(b))
-        else:
-            values.append(r.take(_Q1)[0])
-    if r.pos != len(data):
-        raise CodecError("trailing bytes")
-    return cls(*values)
 
 
 _DECODERS = tuple(_compile_decoder(cls) for cls in COMMAND_CLASSES)

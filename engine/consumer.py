@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from engine import wire
 from engine.book import Engine
@@ -41,6 +43,17 @@ from engine.codec import GENESIS, CodecError, encode_event, restore, snapshot_by
 MAX_PENDING_INPUTS = 200_000
 MAX_BATCH_INPUTS = 4_096
 MAX_BATCH_BYTES = 512 * 1024
+
+
+class RecordLike(Protocol):
+    """What ``on_record`` reads of a RecordedEvent."""
+
+    stream: str
+    type: str
+    position: int
+    revision: int
+    timestamp_ns: int
+    data: bytes
 
 
 @dataclass(slots=True)
@@ -82,7 +95,6 @@ class Consumer:
     base_position: int = 0  # inputs up to here came from a snapshot, not from replay
     committed_input: int = 0
     out_revision: int = 0
-    emitted_through: int = 0  # last input whose outputs were handed to the shell to append
     alarm: str = ""
     # A planned switchover marker at this input: nothing after it is emitted until the
     # shell of the instance that takes over calls ``release_hold`` (stop, marker, resume).
@@ -94,7 +106,16 @@ class Consumer:
     inputs: int = 0  # inputs processed by this instance
     pending: collections.deque[Pending] = field(default_factory=collections.deque)
     controls: list[Control] = field(default_factory=list)
+    # The first ``_sent`` pending entries were handed to the shell to append (and are not
+    # seen committed yet); the next batch starts after them.
+    _sent: int = 0
     _out: list[tuple] = field(default_factory=list)
+    _input_stream: str = field(init=False, default="")
+    _output_stream: str = field(init=False, default="")
+
+    def __post_init__(self) -> None:
+        self._input_stream = wire.input_stream(self.group)
+        self._output_stream = wire.output_stream(self.group)
 
     @classmethod
     def from_snapshot(cls, group: str, data: bytes, position: int, chain: bytes,
@@ -103,8 +124,20 @@ class Consumer:
         if expected_hash is not None and state_hash(engine) != expected_hash:
             raise CodecError(f"snapshot at input {position}: state hash mismatch after restore")
         return cls(group, engine, position=position, chain=chain, base_position=position,
-                   committed_input=position, out_revision=out_revision,
-                   emitted_through=position)
+                   committed_input=position, out_revision=out_revision)
+
+    def on_record(self, e: RecordLike) -> None:
+        """One record of the group's subscription, in log order: an input (command or
+        control) or a committed output batch. Other records are not the group's."""
+        if e.stream == self._input_stream:
+            self.on_input(e.position, e.type, e.data, e.timestamp_ns)
+        elif e.stream == self._output_stream and e.type == wire.OUTPUT_TYPE:
+            try:
+                batch = wire.decode_output(e.data)
+            except CodecError as exc:
+                self.alarm = self.alarm or f"output revision {e.revision} undecodable: {exc}"
+                return
+            self.on_output(e.revision, batch)
 
     # ---------------------------------------------------------------- inputs
 
@@ -149,7 +182,6 @@ class Consumer:
         self.out_revision = revision
         if self.alarm or batch.last_input <= self.base_position:
             self.committed_input = max(self.committed_input, batch.last_input)
-            self.emitted_through = max(self.emitted_through, self.committed_input)
             return
         # After a restore, the first batch may straddle the snapshot's input.
         if batch.first_input <= self.committed_input and self.committed_input > self.base_position:
@@ -165,7 +197,7 @@ class Consumer:
             pos = wire.blob_position(blob)
             if pos <= self.base_position:
                 continue
-            mine = self.pending.popleft() if self.pending else None
+            mine = self._pop()
             if mine is None or mine.position != pos or mine.blob != blob:
                 what = "nothing" if mine is None else f"input {mine.position}'s"
                 return self._diverged(f"output revision {revision}: the committed outputs "
@@ -178,7 +210,12 @@ class Consumer:
             return self._diverged(f"output revision {revision}: chain hash differs after "
                                   f"input {batch.last_input}")
         self.committed_input = batch.last_input
-        self.emitted_through = max(self.emitted_through, batch.last_input)
+
+    def _pop(self) -> Pending | None:
+        if not self.pending:
+            return None
+        self._sent = max(0, self._sent - 1)
+        return self.pending.popleft()
 
     def _diverged(self, alarm: str) -> None:
         """A warm check failed: this instance never emits or takes over from now on (the
@@ -196,9 +233,7 @@ class Consumer:
         size = 0
         last: Pending | None = None
         hold = self.hold_after
-        for p in self.pending:
-            if p.position <= self.emitted_through:
-                continue
+        for p in itertools.islice(self.pending, self._sent, None):
             if hold and p.position > hold:
                 break
             if blobs and (len(blobs) >= MAX_BATCH_INPUTS or size + len(p.blob) > MAX_BATCH_BYTES):
@@ -209,7 +244,7 @@ class Consumer:
         if last is None:
             return None
         first = wire.blob_position(blobs[0])
-        self.emitted_through = last.position
+        self._sent += len(blobs)
         return wire.OutputBatch(first, last.position, last.chain, tuple(blobs))
 
     def release_hold(self) -> None:
@@ -217,20 +252,21 @@ class Consumer:
 
     def handed_over(self) -> bool:
         """True once every output up to the switchover marker is committed."""
-        return bool(self.hold_after) and not any(
-            p.position <= self.hold_after for p in self.pending)
+        return bool(self.hold_after) and (
+            not self.pending or self.pending[0].position > self.hold_after)
 
     def shed_backlog(self) -> None:
         """Drop unverified outputs to bound memory when no primary has emitted for a
         long time; this instance then stays out of the race for the lease (see
         ``promotable_after``)."""
         self.pending.clear()
+        self._sent = 0
         self.base_position = self.promotable_after = self.position
 
     def rewind_emission(self) -> None:
         """An append failed (another writer, a lost connection): what was handed out but
         is not seen committed is emitted again once the shell has caught up."""
-        self.emitted_through = self.committed_input
+        self._sent = 0
 
     # ---------------------------------------------------------------- snapshots
 

@@ -76,12 +76,6 @@ class ExchangeConfig:
                 return g
         raise ExchangeConfigError(f"unknown engine group {name!r}")
 
-    def symbol(self, name: str) -> SymbolSpec | None:
-        g = self.group_of.get(name)
-        if g is None:
-            return None
-        return next(s for s in self.group(g).symbols if s.name == name)
-
 
 def _int(table: dict, key: str, where: str, lo: int = 0, default: int | None = None) -> int:
     v = table.get(key, default)

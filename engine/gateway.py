@@ -69,8 +69,7 @@ from engine.constants import (
 from engine.exchange_config import ExchangeConfig, ExchangeConfigError, load
 from store.client import AppendError, CaughtUp, Checkpoint, StoreClient
 from store.limits import Limits
-from store.server import _listen as listen_on
-from store.server import run_until_signalled, server_options
+from store.server import listen_on, run_until_signalled, server_options
 from xdc import telemetry
 from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import exchange_pb2 as xpb
@@ -316,7 +315,8 @@ class OutputFeed:
         group.last_input = max(group.last_input, batch.last_input)
         self._update_books(group, outs)
         self._send_executions(group, e.position, outs)
-        self._wake_waiters(group, batch.first_input, dict(outs))
+        if group.heap and group.heap[0] <= group.last_input:  # anyone waiting for these
+            self._wake_waiters(group, batch.first_input, dict(outs))
 
     def _remember(self, group: GroupProgress, position: int, raws: list[tuple]) -> None:
         self.recent[(group.name, position)] = raws
@@ -571,7 +571,7 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
                 timeout_s = max(0.001, min(timeout_s, remaining))
             # The order's trace travels in its event: the engine's CONSUMER span links
             # to it (the store sets it aside when it compares a retried event).
-            event = wire.command_event(group, req.cmd, req.key, metadata=dict(telemetry.inject({})))
+            event = wire.command_event(group, req.cmd, req.key, metadata=telemetry.inject({}))
             try:
                 r = await self.client.append(wire.input_stream(group), event,
                                              timeout_s=timeout_s)

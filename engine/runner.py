@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -40,8 +39,7 @@ from engine import wire
 from engine.codec import CodecError, state_hash
 from engine.consumer import MAX_PENDING_INPUTS, Capture, Consumer
 from engine.lease import PrimaryLease
-from store.client import EXACT, AppendError, CaughtUp, StoreClient
-from store.errors import MD_RETRY_AFTER_MS
+from store.client import EXACT, AppendError, CaughtUp, StoreClient, shed_wait_s
 from xdc import telemetry
 from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import exchange_pb2 as xpb
@@ -56,14 +54,6 @@ DESIGNATION_TTL_S = 10
 STARTUP_TIMEOUT_S = 60.0
 _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
               grpc.StatusCode.DEADLINE_EXCEEDED)
-
-
-def _retry_after_s(exc: grpc.aio.AioRpcError) -> float:
-    """The store's retry hint (trailing metadata), bounded; 0.1 s without one."""
-    for key, value in exc.trailing_metadata() or ():
-        if key in (MD_RETRY_AFTER_MS, "retry-after-ms") and str(value).isdigit():
-            return min(2.0, max(0.01, int(value) / 1000))
-    return 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +96,7 @@ class EngineRunner:
         self._inflight: list[_Inflight] = []
         self._generation = 0
         self._resync_to = 0  # emit again once out_revision reaches this
+        self._hash_at: tuple[int, str] = (-1, "")  # (input position, state hash hex)
         self._captures: list[Capture] = []
         self._since_capture = 0
         self._tasks: list[asyncio.Task] = []
@@ -158,7 +149,7 @@ class EngineRunner:
                 # A store that is starting, electing or shedding load: wait for it.
                 if exc.code() not in _TRANSIENT or loop.time() > deadline:
                     raise
-                await asyncio.sleep(_retry_after_s(exc))
+                await asyncio.sleep(min(2.0, shed_wait_s(exc) or 0.1))
         if not tail:
             return
         md = tail[0].metadata
@@ -235,25 +226,13 @@ class EngineRunner:
                                         if e.stream == self.input_stream),
                     consumer_group=self.config.group,
                     attributes={"xdc.engine.instance": self.config.instance}) as span:
-                self._apply(c, item)
+                for e in item.events:
+                    c.on_record(e)
                 if span.is_recording():
                     span.set_attribute("xdc.engine.input_position", c.position)
                     span.set_attribute("xdc.engine.primary", self.primary)
                 await self._after_batch(c, item, before)
         raise RuntimeError("subscription ended")
-
-    def _apply(self, c: Consumer, item: pb.RecordBatch) -> None:
-        for e in item.events:
-            stream = e.stream
-            if stream == self.input_stream:
-                c.on_input(e.position, e.type, e.data, e.timestamp_ns)
-            elif stream == self.output_stream and e.type == wire.OUTPUT_TYPE:
-                try:
-                    batch = wire.decode_output(e.data)
-                except CodecError as exc:
-                    c.alarm = c.alarm or f"output revision {e.revision} undecodable: {exc}"
-                    continue
-                c.on_output(e.revision, batch)
 
     async def _after_batch(self, c: Consumer, item: pb.RecordBatch, before: int) -> None:
         if item.events:
@@ -388,9 +367,34 @@ class EngineRunner:
             input_position=c.position, committed_input_position=c.committed_input,
             store_position=self.store_position,
             lag=max(0, self.store_position - c.position), chain_hash=c.chain.hex(),
-            state_hash=state_hash(c.engine).hex(), engine_version=ENGINE_VERSION,
+            state_hash=self._state_hash(), engine_version=ENGINE_VERSION,
             alarm=c.alarm, snapshot_position=self.snapshot_position,
             inputs_processed=c.inputs)
+
+
+    def _state_hash(self) -> str:
+        """The state hash after the last input: a full canonical encoding of the engine,
+        so computed once per input position, not once per status request (monitors and
+        drills poll status many times a second on the loop that processes orders)."""
+        c = self.consumer
+        if self._hash_at[0] != c.position:
+            self._hash_at = (c.position, state_hash(c.engine).hex())
+        return self._hash_at[1]
+
+
+async def fetch_status(address: str, timeout_s: float = 5.0) -> xpb.EngineStatus:
+    """An engine instance's status through its EngineControl address (raises
+    grpc.aio.AioRpcError when it does not answer)."""
+    async with grpc.aio.insecure_channel(address) as ch:
+        return await xpb_grpc.EngineControlStub(ch).Status(xpb.EngineStatusRequest(),
+                                                           timeout=timeout_s)
+
+
+async def status_or_none(address: str, timeout_s: float = 5.0) -> xpb.EngineStatus | None:
+    try:
+        return await fetch_status(address, timeout_s)
+    except grpc.aio.AioRpcError:
+        return None
 
 
 class EngineControlService(xpb_grpc.EngineControlServicer):
@@ -402,27 +406,15 @@ class EngineControlService(xpb_grpc.EngineControlServicer):
         return await self.runner.status()
 
 
-def status_json(s: xpb.EngineStatus) -> str:
-    return json.dumps({
-        "group": s.group, "instance": s.instance, "role": s.role,
-        "input_position": s.input_position,
-        "committed_input_position": s.committed_input_position,
-        "store_position": s.store_position, "lag": s.lag, "chain_hash": s.chain_hash,
-        "state_hash": s.state_hash, "engine_version": s.engine_version, "alarm": s.alarm,
-        "snapshot_position": s.snapshot_position, "inputs_processed": s.inputs_processed})
-
-
 async def run_engine(config: RunnerConfig, lease: PrimaryLease, control_listen: str) -> int:
     """`xdc engine run`: the runner plus its EngineControl server; stops on SIGTERM/INT,
     exits non-zero when the runner fails."""
-    from store.server import run_until_signalled
+    from store.server import listen_on, run_until_signalled
 
     runner = EngineRunner(config, lease)
     server = grpc.aio.server()
     xpb_grpc.add_EngineControlServicer_to_server(EngineControlService(runner), server)
-    port = server.add_insecure_port(control_listen)
-    if port == 0:
-        raise OSError(f"cannot listen on {control_listen}")
+    port = listen_on(server, control_listen)
     host = control_listen.rsplit(":", 1)[0]
     failed = asyncio.Event()
 

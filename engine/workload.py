@@ -116,6 +116,17 @@ async def read_stream(client: StoreClient, stream: str) -> list[pb.RecordedEvent
         raise
 
 
+async def outputs_through(client: StoreClient, group: str) -> int:
+    """The last input whose outputs are committed (0 when the group has no output)."""
+    try:
+        tail = await client.read(wire.output_stream(group), backwards=True, limit=1)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.NOT_FOUND:
+            return 0
+        raise
+    return int(tail[0].metadata["last_input"]) if tail else 0
+
+
 class ExactlyOnceViolation(AssertionError):
     """The committed outputs are not exactly the failure-free outputs of the inputs."""
 

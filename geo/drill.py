@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import itertools
 import json
@@ -79,12 +80,15 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
 import grpc
+from opentelemetry.trace import SpanKind
 
 from engine import wire
+from engine.runner import status_or_none
 from engine.workload import (
     ExactlyOnceViolation,
     check_exactly_once,
@@ -97,10 +101,10 @@ from geo.demo import raw_log_hash
 from geo.leadership import Leadership, LeadershipError
 from store.client import AppendError, CaughtUp, StoreClient, channel_options, new_event
 from store.errors import MD_LEADER, MD_RETRY_AFTER_MS
+from xdc import telemetry
 from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import eventstore_pb2_grpc as pb_grpc
 from xdc.v1 import exchange_pb2 as xpb
-from xdc.v1 import exchange_pb2_grpc as xpb_grpc
 from xdc.v1 import tiers_pb2, tiers_pb2_grpc
 
 log = logging.getLogger("xdc.drill")
@@ -180,7 +184,10 @@ class Recorder:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     def acks_after(self, t: float, kind: str = "ledger") -> int:
-        return sum(1 for a in self.acks if a.t > t and a.kind == kind)
+        # Acks are appended in time order (one loop, a monotonic clock): polled every
+        # few ms during a drill, this looks at the acks after `t` only.
+        i = bisect.bisect_right(self.acks, t, key=attrgetter("t"))
+        return sum(1 for a in itertools.islice(self.acks, i, None) if a.kind == kind)
 
     def note_error(self, what: str) -> None:
         if len(self.errors) < 100:
@@ -272,15 +279,6 @@ def engine_command(state: launcher.ClusterState, instance: str, stores: list[str
             "--lease-ttl", str(ttl_s), "--snapshot-every", "2000"]
 
 
-async def engine_status(address: str, timeout_s: float = 0.5) -> xpb.EngineStatus | None:
-    try:
-        async with grpc.aio.insecure_channel(address) as ch:
-            return await xpb_grpc.EngineControlStub(ch).Status(xpb.EngineStatusRequest(),
-                                                               timeout=timeout_s)
-    except grpc.aio.AioRpcError:
-        return None
-
-
 # ------------------------------------------------------------------------ the run
 
 @dataclass
@@ -348,13 +346,13 @@ class Run:
                                  self.opts.step_timeout_s, f"{e.instance} primary", 0.05)
 
     async def _role_is(self, e: EngineProc, role: str) -> bool:
-        s = await engine_status(e.address)
+        s = await status_or_none(e.address, 0.5)
         return s is not None and s.role == role
 
     async def engine_primary(self) -> tuple[str, int]:
         for e in self.engines.values():
             if e.alive:
-                s = await engine_status(e.address)
+                s = await status_or_none(e.address, 0.5)
                 if s is not None and s.role == "primary":
                     return s.instance, s.committed_input_position
         return "", 0
@@ -439,7 +437,7 @@ class Run:
     async def watch_engines(self) -> None:
         while True:
             live = [e for e in self.engines.values() if e.alive]
-            got = await asyncio.gather(*(engine_status(e.address, 0.3) for e in live))
+            got = await asyncio.gather(*(status_or_none(e.address, 0.3) for e in live))
             now = time.monotonic()
             for s in got:
                 if s is not None:
@@ -560,7 +558,7 @@ class Run:
     async def _engines_warm(self) -> bool:
         roles = []
         for e in self.engines.values():
-            s = await engine_status(e.address)
+            s = await status_or_none(e.address, 0.5)
             roles.append(s.role if s is not None else "?")
         return roles.count("primary") == 1 and roles.count("warm") == len(roles) - 1
 
@@ -721,12 +719,7 @@ class Run:
 
     async def _failback(self, leader: launcher.NodeProc, term: int) -> dict[str, Any]:
         assert self.state is not None
-        first = await self.phase_start(True, leader, term)
-        victims = await self._kill_region(leader.region)
-        await launcher.wait_leader(self.state, self.opts.step_timeout_s, exclude=(leader.id,))
-        await self._recovered(first)
-        self.markers["restart"] = time.monotonic()
-        await self._restart_region(victims, leader.region)
+        (first,) = (await self._leader_crash(leader, term))["_phases"]
         await launcher.wait_converged(self.state, self.opts.step_timeout_s)
         interim, st = await launcher.wait_leader(self.state, self.opts.step_timeout_s)
         await wait_until(self._engines_warm, self.opts.step_timeout_s, "warm engines", 0.05)
@@ -786,7 +779,7 @@ class Run:
             got: list[xpb.EngineStatus | None] = []
 
             async def caught_up() -> bool:
-                got[:] = [await engine_status(e.address) for e in self.engines.values()]
+                got[:] = [await status_or_none(e.address, 0.5) for e in self.engines.values()]
                 return all(s is not None and s.input_position >= last for s in got) and any(
                     s is not None and s.role == "primary" and s.committed_input_position
                     >= last for s in got)
@@ -820,12 +813,6 @@ def _ignore(reason: str) -> None:
 def _trace(event: pb.ProposedEvent) -> None:
     """With tracing enabled, the order carries its PRODUCER span's `traceparent` (set once,
     before the first attempt: a retry must carry the same content)."""
-    try:
-        from opentelemetry.trace import SpanKind
-
-        from xdc import telemetry
-    except ImportError:  # telemetry not installed in this tree: no trace ids
-        return
     if not telemetry.tracing():
         return
     with telemetry.tracer().start_as_current_span(
@@ -937,12 +924,12 @@ def _first_trace_id(run: Run, phase: Phase, records: dict[int, pb.RecordedEvent]
     if rto_s is None:
         return ""
     start = phase.t0 + rto_s
-    for a in sorted((a for a in run.rec.acks if a.kind == "order" and a.t >= start),
-                    key=lambda a: a.t):
-        e = records.get(a.position)
-        tp = e.metadata.get("traceparent", "") if e is not None else ""
-        return tp.split("-")[1] if tp.count("-") == 3 else ""
-    return ""
+    a = next((a for a in run.rec.acks if a.kind == "order" and a.t >= start), None)
+    if a is None:  # acks are in time order: the first one after `start` is the first
+        return ""
+    e = records.get(a.position)
+    tp = e.metadata.get("traceparent", "") if e is not None else ""
+    return tp.split("-")[1] if tp.count("-") == 3 else ""
 
 
 def _timeline(run: Run, phase: Phase, end: float) -> dict[str, Any]:

@@ -273,9 +273,7 @@ def _stop_pid(pid: int, timeout_s: float = 10.0) -> None:
             os.kill(pid, signal.SIGKILL)
         while _alive(pid):
             time.sleep(0.01)
-    child = _children.pop(pid, None)
-    if child is not None:
-        child.wait()
+    reap(pid)
 
 
 def reap(pid: int) -> None:

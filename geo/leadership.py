@@ -25,7 +25,6 @@ API (all coroutines run their etcd calls in threads; `LeadershipError` on etcd f
     lead.term                           # the term while leader, else None
     lead.deadline()                     # monotonic time the leader must stop by, or None
     lead.last_refresh_sent()            # send time of the last successful refresh/grant
-    lead.lost_reason()                  # why the last term was lost, or None
     lead.watching                       # number of wait_change watches in place
     await lead.resign()                 # revoke the lease: the key vanishes at once
     await lead.current()                # (info, term) of the leader now, or None
@@ -306,10 +305,6 @@ class Leadership:
         last term; None before any win."""
         t = self._term
         return t.last_ok_send if t is not None else None
-
-    def lost_reason(self) -> str | None:
-        t = self._term
-        return t.reason if t is not None and t.lost else None
 
     # ---- plumbing -----------------------------------------------------------------
 

@@ -83,7 +83,6 @@ class ClusterNode:
         self._tasks: list[asyncio.Task[None]] = []
         self._side_tasks: set[asyncio.Future[Any]] = set()
         self._stopping = False
-        self._opened = asyncio.Event()
         # After losing its quorum a node lets the others campaign first: it is likely the
         # one cut off, and still reaching etcd it would take the seat back in vain.
         self._campaign_after = 0.0
@@ -143,7 +142,7 @@ class ClusterNode:
                 await t
         if self.replicator is not None:
             self.replicator.step_down("node stopping")
-        with contextlib.suppress(LeadershipError, Exception):
+        with contextlib.suppress(Exception):
             await self.leadership.resign()
         for s in self.senders.values():
             await s.stop()
@@ -166,10 +165,11 @@ class ClusterNode:
             self.replicator.tick()
 
     def _deliver(self, msgs: list[Any]) -> None:
-        # Who spoke to us lately: the leader's quorum for the tier supervisor.
-        now = time.monotonic()
-        for m in msgs:
-            self._heard[m.src] = now
+        # Who spoke to us lately: the leader's quorum for the tier supervisor. One
+        # delivery is one PeerBatch, whose messages all come from its sender
+        # (ReplicationService.Stream drops any other).
+        if msgs:
+            self._heard[msgs[0].src] = time.monotonic()
         assert self.replicator is not None
         self.replicator.deliver(msgs)
 
@@ -329,7 +329,6 @@ class ClusterNode:
                 self.store.role.name = "leader"
                 self.store.role.term = e.term
                 self.store.role.leader = self.member.client
-                self._opened.set()
                 self.failover.opened(e.term)
                 if self.server is not None:
                     self._background(self.server.health.set(
@@ -337,7 +336,6 @@ class ClusterNode:
             elif isinstance(e, SteppedDown):
                 log.warning("%s: stepped down from term %d: %s", self.id, e.term, e.reason)
                 self.store.role.name = "follower" if self.member.voter else "standby"
-                self._opened.clear()
                 self.observer.reset(f"stepped down: {e.reason}")
                 if not self._stopping:
                     self.failover.lost(e.reason)
@@ -364,7 +362,7 @@ class ClusterNode:
         task.add_done_callback(self._side_tasks.discard)
 
     async def _resign_quietly(self) -> None:
-        with contextlib.suppress(LeadershipError, Exception):
+        with contextlib.suppress(Exception):
             await self.leadership.resign()
 
     # ---- status -------------------------------------------------------------------
@@ -432,6 +430,3 @@ class ClusterNode:
         return rpb.SwitchoverResponse(new_leader=target, new_term=current[1],
                                       took_us=int((time.perf_counter() - t0) * 1e6),
                                       handover_position=handover)
-
-    async def wait_open(self, timeout_s: float) -> None:
-        await asyncio.wait_for(self._opened.wait(), timeout_s)

@@ -106,6 +106,7 @@ class _Group:
     reqs: list[PreparedAppend]
     future: asyncio.Future[Results]
     caller: Any = None  # the submitter's span context, when tracing
+    events: int = 0  # sum of len(r.ids): counted once, at admission
 
 
 # Posted to the loop after each cycle: effects for the loop, and client results.
@@ -138,18 +139,20 @@ class Replicator:
         self._commit_to_persist = 0
         # Set during a planned switchover: appends are refused and sent to this member.
         self.redirect_to: str | None = None
-        self.groups = 0
         self.fatal: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="xdc-replicator", daemon=True)
         self._thread.start()
 
     # ---- inputs (loop thread) -------------------------------------------------------
 
+    def _check_running(self) -> None:
+        if self._stopping:
+            raise StoreError(grpc.StatusCode.UNAVAILABLE, "node is shutting down",
+                             retry_after_ms=200)
+
     def _put(self, kind: str, arg: Any) -> None:
         with self._cond:
-            if self._stopping:
-                raise StoreError(grpc.StatusCode.UNAVAILABLE, "node is shutting down",
-                                 retry_after_ms=200)
+            self._check_running()
             self._inputs.append((kind, arg))
             self._cond.notify()
 
@@ -160,11 +163,16 @@ class Replicator:
     def submit(self, reqs: list[PreparedAppend]) -> asyncio.Future[Results]:
         n = sum(len(r.ids) for r in reqs)
         fut: asyncio.Future[Results] = self.loop.create_future()
-        with self._cond:  # the writer thread decrements the count under the same lock
+        group = _Group(reqs, fut, telemetry.current_span_context(), n)
+        # One critical section: the stopping check, admission, the count (the writer
+        # thread decrements it under the same lock) and the queueing, so a refusal
+        # never leaves the count raised.
+        with self._cond:
+            self._check_running()
             admit_to_queue(self._pending_events, n, self.limits)
             self._pending_events += n
-        self._put("appends", _Group(reqs, fut, telemetry.current_span_context()
-                                    if telemetry.tracing() else None))
+            self._inputs.append(("appends", group))
+            self._cond.notify()
         return fut
 
     def deliver(self, msgs: list[Message]) -> None:
@@ -260,7 +268,6 @@ class Replicator:
                                                                self.log.last_position))
             finally:
                 self.view.txn = None
-            self.groups += 1
             propose = False
             if last_seq:
                 core.on_persisted(last_seq)
@@ -279,7 +286,7 @@ class Replicator:
             except Exception as exc:
                 self.loop.call_soon_threadsafe(_settle, fut, None, exc)
         with self._cond:
-            self._pending_events -= sum(len(r.ids) for g in groups for r in g.reqs)
+            self._pending_events -= sum(g.events for g in groups)
         self.loop.call_soon_threadsafe(self.on_effects, out, answers)
 
     def _apply(self, txn: lmdb.Transaction, effects: list[Effect], out: list[Effect],

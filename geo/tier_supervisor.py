@@ -15,7 +15,6 @@ Who runs one
       health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
       await server.start()
       await sup.start(health_servicer)          # publishes xdc.tier.<name>, xdc.tiers
-      sup.mark("engine", healthy=False)         # services the process itself watches
       ...
       await sup.stop()
 
@@ -225,14 +224,10 @@ class TierSupervisor:
         self.machine = TierMachine(spec, clock(), wall_clock())
         self.interceptor = TierInterceptor(spec, self.machine)
         self.interceptors: tuple[grpc.aio.ServerInterceptor, ...] = (self.interceptor,)
-        self._marked_down: set[str] = set()
         self._health: health.aio.HealthServicer | None = None
         self._task: asyncio.Task[None] | None = None
         self._read_failing = False
         self._read_timeout_s = max(MIN_READ_TIMEOUT_S, 10 * spec.supervisor.interval_s)
-        # Every transition, in order, for whoever wants them as they happen (tests,
-        # logs); bounded by the machine's own history.
-        self.on_transitions: list[Callable[[list[Transition]], None]] = []
 
     # -- life cycle
 
@@ -255,15 +250,6 @@ class TierSupervisor:
         if closer is not None:
             await closer()
 
-    def mark(self, service: str, healthy: bool) -> None:
-        """Reports a service this process watches itself (e.g. the gateway: engine)."""
-        if service not in tiers_mod.SERVICES:
-            raise ValueError(f"unknown service {service!r}")
-        if healthy:
-            self._marked_down.discard(service)
-        else:
-            self._marked_down.add(service)
-
     # -- observing
 
     async def observe_once(self) -> list[Transition]:
@@ -282,15 +268,13 @@ class TierSupervisor:
             at=self._clock(), wall_ns=self._wall(), failover=reading.failover,
             quorum=reading.quorum, pending_events=reading.pending_events,
             max_pending_events=reading.max_pending_events, commit_lag=reading.commit_lag,
-            down=reading.down | frozenset(self._marked_down))
+            down=reading.down)
         changes = self.machine.observe(obs)
         if changes:
             for t in changes:
                 log.info("%s: tier %s %s -> %s %s", self.node_id, t.tier, t.old.value,
                          t.new.value, t.reason.value)
             await self._publish(changes)
-            for callback in self.on_transitions:
-                callback(changes)
         return changes
 
     async def _run(self) -> None:
@@ -406,6 +390,6 @@ class RemoteReader:
 def gateway_supervisor(store_targets: str | Sequence[str], spec: TierSpec | None = None,
                        node_id: str = "gateway") -> TierSupervisor:
     """A supervisor for a server in front of the store (the order gateway): it sheds by
-    the store's state (RemoteReader) plus what the process marks down itself."""
+    the store's state (RemoteReader)."""
     return TierSupervisor(spec or tiers_mod.load(), RemoteReader(store_targets),
                           node_id=node_id)

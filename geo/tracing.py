@@ -133,6 +133,8 @@ class ReplicationObserver:
     def on_send(self, msg: Message) -> dict[str, str] | None:
         """A message leaving this node. Returns the trace context to send along, if any.
         Telemetry never breaks replication: a failure here is logged and ignored."""
+        if not telemetry.active():
+            return None
         try:
             if isinstance(msg, Append):
                 return self._ship(msg) if msg.entries else None
@@ -162,6 +164,8 @@ class ReplicationObserver:
 
     def observe(self, msg: Message, trace_context: Mapping[str, str]) -> None:
         """A message received from a peer, before the replicator sees it."""
+        if not telemetry.active():
+            return
         try:
             if isinstance(msg, AppendReply):
                 self._replied(msg)
@@ -260,8 +264,7 @@ class ReplicationObserver:
 class FailoverClock:
     """Times an election as this node sees it: from the lease lost (or leadership given
     up) or a vacancy observed, to the next term (`elected`) and, on the winner, to open
-    writes (`open`). Each failover is one `xdc.failover` span (its trace id is kept in
-    `last_trace_id`, for drill reports)."""
+    writes (`open`). Each failover is one `xdc.failover` span."""
 
     def __init__(self, node_id: str) -> None:
         self.node_id = node_id
@@ -269,7 +272,6 @@ class FailoverClock:
         self._reason = ""
         self._span: Span | None = None
         self._term = 0
-        self.last_trace_id = ""
 
     def lost(self, reason: str) -> None:
         """This node gave up leadership (lease, quorum, switchover). Loop thread."""
@@ -288,7 +290,6 @@ class FailoverClock:
                 "xdc.failover", context=Context(), kind=SpanKind.INTERNAL,
                 attributes={"xdc.node": self.node_id, "xdc.failover.reason": reason,
                             "xdc.term.previous": self._term})
-            self.last_trace_id = format(self._span.get_span_context().trace_id, "032x")
 
     def leader_seen(self, term: int, won: bool) -> None:
         """A leader holds `term` (this node when `won`)."""

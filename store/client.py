@@ -246,7 +246,7 @@ class StoreClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout_s if timeout_s is not None else self.timeout_s)
         pending = _Pending(request, loop.create_future(), deadline,
-                           telemetry.current_span_context() if telemetry.tracing() else None)
+                           telemetry.current_span_context())
         self._enqueue(pending)
         return pending.future
 

@@ -443,9 +443,8 @@ class Log:
                     f"events[{i}].id {uuid.UUID(bytes=req.ids[i])} already exists at position "
                     f"{p} with different content",
                 )
-        last_value = (group_values[positions[-1] - group_first] if positions[-1] >= group_first
-                      else txn.get(_pos_key(positions[-1]), db=self.log_db))
-        return Appended(positions[0], positions[-1], records.revision_of(last_value), True)
+        # `value` is the record at positions[-1], the loop's last.
+        return Appended(positions[0], positions[-1], records.revision_of(value), True)
 
     # ---- reader side -------------------------------------------------------------
 
@@ -493,8 +492,8 @@ class Log:
         """Stored records of one stream from revision `start` (inclusive)."""
         out: list[bytes] = []
         with self.env.begin() as txn:
+            log_cur = txn.cursor(self.log_db)  # one cursor, repositioned per run
             for first_pos, count in self._stream_runs(txn, stream_key, start, backwards):
-                log_cur = txn.cursor(self.log_db)
                 if not log_cur.set_key(_pos_key(first_pos)):
                     break
                 it = log_cur.iterprev(keys=False) if backwards else log_cur.iternext(keys=False)

@@ -8,6 +8,7 @@ which advances `commit` when a quorum holds a record and fails the waiting appen
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from store.commit import CommitTracker
 from store.errors import StoreError
 from store.limits import Limits
 from store.log import Appended, Log, PreparedAppend
-from store.writer import AdmitHook, DurableHook, Results, Writer
+from store.writer import AdmitHook, Results, Writer
 from xdc import telemetry
 
 
@@ -57,7 +58,6 @@ class StoreNode:
         self.writer: AppendWriter | None = None
         self.commit: CommitTracker | None = None
         self.admit: AdmitHook = self._standalone_admit
-        self.on_durable: DurableHook = self._standalone_durable
 
     async def start(self, writer_factory: WriterFactory | None = None) -> None:
         """Opens the log and starts its writer: the standalone group-commit Writer, or
@@ -73,8 +73,7 @@ class StoreNode:
         # Standalone: everything durable is committed.
         self.commit = CommitTracker(log.last_position)
         self.role.term = max(1, log.promised_term)
-        self.writer = Writer(log, self.limits, loop, lambda last, values: self.on_durable(
-            last, values), lambda: self.admit())
+        self.writer = Writer(log, self.limits, loop, self.commit.advance, lambda: self.admit())
 
     async def stop(self) -> None:
         if self.writer is not None:
@@ -92,10 +91,6 @@ class StoreNode:
     def _standalone_admit(self) -> int | StoreError:
         return self.role.term
 
-    def _standalone_durable(self, last: int, values: list[bytes]) -> None:
-        assert self.commit is not None
-        self.commit.advance(last)
-
     async def append(self, reqs: list[PreparedAppend]) -> Results:
         """Appends and waits until each successful append is committed."""
         assert self.writer is not None and self.commit is not None
@@ -106,12 +101,10 @@ class StoreNode:
             # A cluster leader: durable here, now waiting for a quorum (standalone nodes
             # commit what is durable before answering, so they never wait here).
             t0 = time.perf_counter()
-            if telemetry.tracing():
-                with telemetry.tracer().start_as_current_span(
-                        "xdc.commit", attributes={"xdc.position.last": last,
-                                                  "xdc.node": self.node_id}):
-                    await self.commit.wait_for(last, generation)
-            else:
+            span = (telemetry.tracer().start_as_current_span(
+                "xdc.commit", attributes={"xdc.position.last": last, "xdc.node": self.node_id})
+                if telemetry.tracing() else contextlib.nullcontext())
+            with span:
                 await self.commit.wait_for(last, generation)
             telemetry.metrics().commit_duration.record(time.perf_counter() - t0)
         return results

@@ -33,7 +33,7 @@ def server_options(limits: Limits) -> list[tuple[str, int]]:
     ]
 
 
-def _listen(server: grpc.aio.Server, address: str) -> int:
+def listen_on(server: grpc.aio.Server, address: str) -> int:
     try:
         port = server.add_insecure_port(address)
     except RuntimeError as exc:  # gRPC reports a failed bind this way
@@ -80,9 +80,9 @@ class StoreServer:
             self.add_services(server)
         reflection.enable_server_reflection(
             (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        self.port = _listen(server, self.listen)
+        self.port = listen_on(server, self.listen)
         for address in self.extra_listen:
-            _listen(server, address)
+            listen_on(server, address)
         await server.start()
         self.server = server
         for name in ("", SERVICE):

@@ -7,6 +7,7 @@ so no record is decoded or re-encoded on the way out."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -189,15 +190,13 @@ class EventStoreService:
         t0 = time.perf_counter()
         results: list[Any] = []
         refused = len(slots) - len(prepared)  # refused by validation already
+        appends = [p for _, p in prepared]
         if prepared:
             try:
-                if span is not None:
-                    # Current while the append runs: the writer links its group commit
-                    # to it and the commit wait is its child.
-                    with trace.use_span(span):
-                        results = await self.node.append([p for _, p in prepared])
-                else:
-                    results = await self.node.append([p for _, p in prepared])
+                # The span is current while the append runs: the writer links its group
+                # commit to it and the commit wait is its child.
+                with trace.use_span(span) if span is not None else contextlib.nullcontext():
+                    results = await self.node.append(appends)
             except StoreError as err:
                 results = [err] * len(prepared)
             for (i, _), result in zip(prepared, results, strict=True):
@@ -208,7 +207,7 @@ class EventStoreService:
                     slots[i] = pb.AppendResult(ok=_ok(result))
         label = _label(len(slots), refused)
         if span is not None:
-            _annotate(span, [p for _, p in prepared], results, len(slots), refused, label)
+            _annotate(span, appends, results, len(slots), refused, label)
             span.end()
         telemetry.metrics().append_duration.record(
             time.perf_counter() - t0, {telemetry.RPC_METHOD: "AppendStream",

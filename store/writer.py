@@ -23,7 +23,7 @@ from xdc import telemetry
 
 Results = list[Appended | StoreError]
 # Called on the loop thread after a group is durable: (last position, new stored records).
-DurableHook = Callable[[int, list[bytes]], None]
+DurableHook = Callable[[int], None]  # the last durable position
 # Called on the writer thread before each group: the term to append in, or a refusal.
 AdmitHook = Callable[[], int | StoreError]
 
@@ -51,7 +51,6 @@ class Writer:
         self._queue: collections.deque[_Queued] = collections.deque()
         self._pending_events = 0
         self._stopping = False
-        self.groups = 0  # group commits done, for stats and tests
         self._thread = threading.Thread(target=self._run, name="xdc-writer", daemon=True)
         self._thread.start()
 
@@ -68,8 +67,7 @@ class Writer:
                 raise StoreError(grpc.StatusCode.UNAVAILABLE, "node is shutting down")
             admit_to_queue(self._pending_events, n, self._limits)
             self._pending_events += n
-            self._queue.append((reqs, fut, telemetry.current_span_context()
-                                if telemetry.tracing() else None))
+            self._queue.append((reqs, fut, telemetry.current_span_context(), n))
             self._cond.notify()
         return fut
 
@@ -89,7 +87,7 @@ class Writer:
             events = 0
             while self._queue and (not taken or events < self._limits.max_group_events):
                 item = self._queue.popleft()
-                events += sum(len(r.ids) for r in item[0])
+                events += item[3]
                 taken.append(item)
             self._pending_events -= events
             return taken
@@ -99,36 +97,34 @@ class Writer:
             admitted = self._admit()
             if isinstance(admitted, StoreError):
                 self._loop.call_soon_threadsafe(
-                    _deliver_all, [(fut, [admitted] * len(reqs)) for reqs, fut, _ in taken])
+                    _deliver_all, [(fut, [admitted] * len(reqs)) for reqs, fut, _, _ in taken])
                 continue
-            flat = [r for reqs, _, _ in taken for r in reqs]
+            flat = [r for reqs, _, _, _ in taken for r in reqs]
             start_ns = time.time_ns()
             results, values = self._log.append_group(flat, admitted, start_ns)
+            last = self._log.last_position
             if telemetry.tracing():
                 # Only timestamps here: the span is made on the loop thread, off this
                 # thread's path from one fsync to the next.
-                last = self._log.last_position
                 self._loop.call_soon_threadsafe(
-                    emit_group_span, [c for _, _, c in taken], len(flat), admitted, start_ns,
+                    emit_group_span, [c for _, _, c, _ in taken], len(flat), admitted, start_ns,
                     time.time_ns(), last - len(values) + 1, last)
-            self.groups += 1
             out = []
             i = 0
-            for reqs, fut, _ in taken:
+            for reqs, fut, _, _ in taken:
                 out.append((fut, results[i:i + len(reqs)]))
                 i += len(reqs)
-            last = self._log.last_position
-            self._loop.call_soon_threadsafe(self._delivered, last, values, out)
+            self._loop.call_soon_threadsafe(self._delivered, last, out)
 
-    def _delivered(self, last: int, values: list[bytes],
-                   out: list[tuple[asyncio.Future[Results], Results]]) -> None:
+    def _delivered(self, last: int, out: list[tuple[asyncio.Future[Results], Results]]) -> None:
         # The hook first: in a standalone node it commits, so answers can go out at once.
-        if values:
-            self._on_durable(last, values)
+        # (A group that wrote nothing leaves `last` where it was: the hook ignores it.)
+        self._on_durable(last)
         _deliver_all(out)
 
 
-_Queued = tuple[list[PreparedAppend], asyncio.Future[Results], Any]
+# (appends, future, caller's span context, events in the appends: counted once)
+_Queued = tuple[list[PreparedAppend], asyncio.Future[Results], Any, int]
 
 
 def emit_group_span(contexts: list[Any], appends: int, term: int, start_ns: int,

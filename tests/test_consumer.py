@@ -8,13 +8,22 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import struct
 from dataclasses import dataclass, field
 
 import pytest
 
 from engine import wire
 from engine.book import Engine
-from engine.codec import GENESIS, encode_command, encode_event
+from engine.codec import (
+    _CMD_FIELDS,
+    COMMAND_CLASSES,
+    GENESIS,
+    CodecError,
+    _Reader,
+    encode_command,
+    encode_event,
+)
 from engine.consumer import Capture, Consumer
 from tests.test_book_model import random_commands
 
@@ -262,6 +271,31 @@ def test_snapshot_restore_equals_full_replay() -> None:
         Consumer.from_snapshot(GROUP, cap.data, cap.position, cap.chain, 0, b"\0" * 32)
 
 
+def test_shed_backlog_bars_takeover_until_the_shed_inputs_are_seen_committed() -> None:
+    """A warm instance that dropped its unverified outputs (memory bound) must not take
+    over before another instance's committed outputs cover the dropped inputs: it would
+    emit from after them and leave a gap."""
+    log = Log()
+    for cmd in random_commands(14, 60):
+        log.add_input(cmd)
+    primary, warm = Consumer(GROUP), Consumer(GROUP)
+    for r in log.records[:40]:
+        feed(primary, r)
+        feed(warm, r)
+    warm.shed_backlog()
+    assert warm.promotable_after == 40 and not warm.pending
+    assert warm.committed_input < warm.promotable_after  # the shell's campaign condition
+    for r in log.records[40:]:
+        feed(primary, r)
+        feed(warm, r)
+    while (batch := primary.next_batch()) is not None:
+        assert log.append_output(log.out_revision, batch)
+        feed(primary, log.records[-1])
+        feed(warm, log.records[-1])
+    assert not warm.alarm and warm.committed_input >= warm.promotable_after
+    assert warm.chain == primary.chain and not warm.pending
+
+
 def test_undecodable_input_is_a_deterministic_reject() -> None:
     c = Consumer(GROUP)
     c.on_input(1, "NewOrder", b"\xff garbage", 5)
@@ -275,7 +309,7 @@ def test_fast_command_decoder_agrees_with_the_reference_decoder() -> None:
     """decode_command (compiled per class) accepts and refuses exactly the bytes the
     field-by-field reference decoder does: valid commands, truncations, bad bools,
     trailing bytes, random mutations."""
-    from engine.codec import CodecError, _decode_generic, decode_command
+    from engine.codec import CodecError, decode_command
 
     assert issubclass(CodecError, ValueError)
 
@@ -299,3 +333,30 @@ def test_fast_command_decoder_agrees_with_the_reference_decoder() -> None:
         except CodecError:
             got = "refused"
         assert got == want, b
+
+
+_Q1 = struct.Struct("<q")
+_B1 = struct.Struct("<B")
+
+
+def _decode_generic(data: bytes) -> object:
+    """The reference: one field at a time, as the encoder writes them."""
+    if not data or not 1 <= data[0] <= len(COMMAND_CLASSES):
+        raise CodecError("unknown command tag")
+    cls = COMMAND_CLASSES[data[0] - 1]
+    r = _Reader(data)
+    r.pos = 1
+    values: list[object] = []
+    for _, typ in _CMD_FIELDS[cls]:
+        if typ == "str":
+            values.append(r.str())
+        elif typ == "bool":
+            (b,) = r.take(_B1)
+            if b > 1:
+                raise CodecError("bad bool")
+            values.append(bool(b))
+        else:
+            values.append(r.take(_Q1)[0])
+    if r.pos != len(data):
+        raise CodecError("trailing bytes")
+    return cls(*values)

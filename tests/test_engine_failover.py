@@ -17,6 +17,7 @@ import pytest
 from engine import wire
 from engine.codec import encode_event
 from engine.consumer import Consumer
+from engine.runner import status_or_none
 from store.client import StoreClient
 from store.process import ServeProcess
 from tests.support.exchange import (
@@ -24,18 +25,17 @@ from tests.support.exchange import (
     check_exactly_once,
     lease_dir,
     start_engine,
-    status,
     wait_outputs_through,
     workload,
 )
-from tests.support.store import run
+from tests.support.store import run, wait_until
 
 
 async def _roles(engines: dict[str, ServeProcess]) -> dict[str, str]:
     out = {}
     for name, p in engines.items():
         if p.proc is not None and p.proc.poll() is None:
-            s = await status(p.address)
+            s = await status_or_none(p.address)
             out[name] = s.role if s is not None else "?"
     return out
 
@@ -47,17 +47,8 @@ async def _primary(engines: dict[str, ServeProcess], timeout_s: float = 20) -> s
         roles = await _roles(engines)
         found[:] = [n for n, r in roles.items() if r == "primary"]
         return len(found) == 1
-    await wait_until_async(one, timeout_s)
+    await wait_until(one, timeout_s)
     return found[0]
-
-
-async def wait_until_async(pred, timeout_s: float) -> None:  # type: ignore[no-untyped-def]
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not await pred():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
 
 
 async def _load(client: StoreClient, events: list, start: int, end: int,  # type: ignore[type-arg]
@@ -98,14 +89,14 @@ def test_sigkill_primary_under_load_warm_takes_over_exactly_once(
                 survivor = "b" if victim == "a" else "a"
                 loader = asyncio.create_task(_load(client, events, third, len(events)))
                 # Kill in the middle of the load, with outputs in flight.
-                await wait_until_async(lambda: _input_count_above(client, third + 200), 20)
+                await wait_until(lambda: _input_count_above(client, third + 200), 20)
                 engines[victim].signal(signal.SIGKILL)
                 engines[victim].proc.wait()  # type: ignore[union-attr]
                 last = await loader
                 assert await _primary({survivor: engines[survivor]}, 30) == survivor
                 await wait_outputs_through(client, last, 30)
                 await check_exactly_once(client)
-                s = await status(engines[survivor].address)
+                s = await status_or_none(engines[survivor].address)
                 assert s is not None and not s.alarm and s.inputs_processed > 0
 
                 # The killed instance restarts from the latest snapshot, replays the
@@ -113,13 +104,13 @@ def test_sigkill_primary_under_load_warm_takes_over_exactly_once(
                 engines[victim] = start_engine(store.address, victim, lease, seed=3)
 
                 async def agreed() -> bool:
-                    x, y = await status(engines[victim].address), await status(
+                    x, y = await status_or_none(engines[victim].address), await status_or_none(
                         engines[survivor].address)
                     return (x is not None and y is not None and x.role == "warm"
                             and x.input_position == y.input_position
                             and x.chain_hash == y.chain_hash and x.state_hash == y.state_hash)
-                await wait_until_async(agreed, 30)
-                restarted = await status(engines[victim].address)
+                await wait_until(agreed, 30)
+                restarted = await status_or_none(engines[victim].address)
                 assert restarted is not None and restarted.snapshot_position > 0
                 assert not restarted.alarm
                 assert restarted.inputs_processed < len(events)  # it did not replay it all
@@ -159,7 +150,7 @@ def test_planned_switchover_under_load_hands_over_at_the_marker(tmp_path: Path) 
                 assert await _primary(engines) == "a"
                 engines["b"] = start_engine(store.address, "b", lease, seed=6)
                 loader = asyncio.create_task(_load(client, events, 200, len(events)))
-                await wait_until_async(lambda: _input_count_above(client, half), 20)
+                await wait_until(lambda: _input_count_above(client, half), 20)
                 # The marker lands among the orders in flight.
                 r = await client.append(wire.input_stream(GROUP), [wire.control_event(
                     GROUP, wire.SWITCHOVER_TYPE, {"to": "b"}, "to-b")])
@@ -176,7 +167,8 @@ def test_planned_switchover_under_load_hands_over_at_the_marker(tmp_path: Path) 
                         assert int(o.metadata["last_input"]) < marker
                     else:
                         assert int(o.metadata["first_input"]) > marker
-                sa, sb = await status(engines["a"].address), await status(engines["b"].address)
+                sa = await status_or_none(engines["a"].address)
+                sb = await status_or_none(engines["b"].address)
                 assert sa is not None and sb is not None
                 assert sa.role == "warm" and not sa.alarm and not sb.alarm
 
@@ -232,10 +224,10 @@ def test_warm_instance_alarms_on_forged_outputs_and_never_takes_over(tmp_path: P
                 warm = start_engine(store.address, "w", lease, seed=7)
 
                 async def alarmed() -> bool:
-                    s = await status(warm.address)
+                    s = await status_or_none(warm.address)
                     return s is not None and s.role == "diverged" and bool(s.alarm)
-                await wait_until_async(alarmed, 20)
-                s = await status(warm.address)
+                await wait_until(alarmed, 20)
+                s = await status_or_none(warm.address)
                 assert s is not None and "differ" in s.alarm and s.input_position >= last
                 # It never emits: the output stream still holds only the forged batch.
                 info = await client.stream_info(wire.output_stream(GROUP))

@@ -7,10 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import socket
-import subprocess
 import sys
 import tomllib
 from collections.abc import AsyncIterator
@@ -576,21 +574,10 @@ def test_a_new_gateway_rebuilds_books_from_the_log_and_live_means_from_now(
 
 # ---------------------------------------------------------------------- CLI and processes
 
-@dataclass
-class GatewayProcess(ServeProcess):
-    """`xdc gateway` as a child process; ServeProcess reads its ready line and kills it by
-    PID."""
-
-    store: str = ""
-    exchange: str = ""
-
-    def start(self, timeout_s: float = 20.0) -> GatewayProcess:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "xdc.cli", "gateway", "--store", self.store, "--listen",
-             self.listen, "--exchange", self.exchange], stdout=subprocess.PIPE,
-            env={**os.environ, **(self.env or {})})
-        self.address = self._await_ready(timeout_s)
-        return self
+def gateway_process(store: str, exchange: str) -> ServeProcess:
+    """`xdc gateway` as a child process (ready line read, killed by PID)."""
+    return ServeProcess(command=["gateway", "--store", store, "--listen", "127.0.0.1:0",
+                                 "--exchange", exchange])
 
 
 def write_exchange(tmp_path: Path) -> Path:
@@ -702,7 +689,7 @@ def test_cli_exchange_init_gateway_order_and_book(tmp_path: Path) -> None:
             assert rc == 0 and parse(tomllib.loads(out)).group_of["ACME"] == "equities"
         run(init_twice)
 
-        gateway = GatewayProcess("", store=store.address, exchange=str(exchange_file))
+        gateway = gateway_process(store.address, str(exchange_file))
         with gateway:
             run(lambda: body(store, gateway))
             gateway.signal(signal.SIGTERM)

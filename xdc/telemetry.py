@@ -33,7 +33,6 @@ import logging
 import os
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -109,6 +108,7 @@ class _State:
     instruments: Instruments
     tracer_provider: Any = None  # what shutdown() flushes: SDK providers we installed
     meter_provider: Any = None
+    metering: bool = False  # a meter provider is installed (metrics are collected)
 
 
 def _instruments(meter: Meter) -> Instruments:
@@ -177,9 +177,10 @@ def _gauge_callback(gauge: str) -> Callable[[CallbackOptions], Iterable[Observat
 
 
 def _make_state(tracer_provider: Any, meter_provider: Any, owned: bool) -> _State:
-    from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
-
-    tracing = isinstance(tracer_provider, SdkTracerProvider)
+    tracing = False
+    if tracer_provider is not None:  # the SDK is imported only when a provider is given
+        from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
+        tracing = isinstance(tracer_provider, SdkTracerProvider)
     tracer = (tracer_provider.get_tracer(INSTRUMENTATION) if tracer_provider is not None
               else trace.NoOpTracer())
     meter = (meter_provider.get_meter(INSTRUMENTATION) if meter_provider is not None
@@ -189,7 +190,8 @@ def _make_state(tracer_provider: Any, meter_provider: Any, owned: bool) -> _Stat
             meter.create_observable_gauge(name, [_gauge_callback(name)], unit=unit,
                                           description=description)
     return _State(tracing, tracer, meter, _instruments(meter),
-                  tracer_provider if owned else None, meter_provider if owned else None)
+                  tracer_provider if owned else None, meter_provider if owned else None,
+                  meter_provider is not None)
 
 
 _state = _make_state(None, None, owned=False)
@@ -207,6 +209,12 @@ def install(tracer_provider: Any = None, meter_provider: Any = None, *,
 def tracing() -> bool:
     """True when spans are recorded: the one check a hot path makes before span work."""
     return _state.tracing
+
+
+def active() -> bool:
+    """True when spans are recorded or metrics collected: the check for bookkeeping that
+    feeds either (with neither, nothing would ever read it)."""
+    return _state.tracing or _state.metering
 
 
 def tracer() -> Tracer:
@@ -352,18 +360,6 @@ def shutdown(timeout_s: float = 5.0) -> None:
     install(None, None)
 
 
-@contextlib.contextmanager
-def configured(service_name: str, attributes: Mapping[str, Any] | None = None,
-               ) -> Iterator[bool]:
-    """setup_from_env for the length of a long-running command, then flush and shut down."""
-    enabled = setup_from_env(service_name, attributes)
-    try:
-        yield enabled
-    finally:
-        if enabled:
-            shutdown()
-
-
 # ---- trace context in metadata ---------------------------------------------------------
 
 def inject(metadata: MutableMapping[str, str], context: Context | None = None,
@@ -424,7 +420,9 @@ def contexts_of(metadatas: Iterable[Mapping[str, str]],
 
 def current_span_context() -> SpanContext | None:
     """The current span's context if it is valid: what a queued request remembers of its
-    caller (cheap: one context-variable read)."""
+    caller (cheap: one context-variable read; nothing at all with tracing off)."""
+    if not _state.tracing:
+        return None
     sc = trace.get_current_span().get_span_context()
     return sc if sc.is_valid else None
 
@@ -446,11 +444,6 @@ def parent_and_links(contexts: Sequence[SpanContext | None],
         only = next(iter(distinct.values()))
         return trace.set_span_in_context(NonRecordingSpan(only), base), []
     return base, [Link(sc) for sc in distinct.values()]
-
-
-def context_with(sc: SpanContext | None) -> Context:
-    """A Context whose current span is `sc` (empty when None): a parent for a span."""
-    return trace.set_span_in_context(NonRecordingSpan(sc), Context()) if sc else Context()
 
 
 def carrier_of(span: Span) -> dict[str, str]:
@@ -490,29 +483,11 @@ def consumer_span(stream: str, metadatas: Iterable[Mapping[str, str]], *,
         yield span
 
 
-def producer_links(payloads: Iterable[bytes], limit: int = MAX_LINKS) -> list[SpanContext]:
-    """Producer contexts carried in stored records (store/records.py layout): records
-    whose bytes hold no `traceparent` are skipped without decoding."""
-    from store import records  # store imports this module: import on use
-
-    metadatas = []
-    for value in payloads:
-        if b"traceparent" in value:
-            metadatas.append(records.decode(value).metadata)
-            if len(metadatas) >= limit:
-                break
-    return contexts_of(metadatas, limit)[0]
-
-
 def set_status_code(span: Span, code: grpc.StatusCode, message: str = "") -> None:
     span.set_attribute(RPC_STATUS, code.value[0])
     if code != grpc.StatusCode.OK:
         span.set_status(Status(StatusCode.ERROR, f"{code.name}: {message}" if message
                                else code.name))
-
-
-def now_ns() -> int:
-    return time.time_ns()
 
 
 # ---- gRPC instrumentation (unary RPCs) ---------------------------------------------------

@@ -10,6 +10,7 @@ from pathlib import Path
 from geo.config import ClusterConfig, loads
 from geo.node import ClusterNode
 from store import records
+from store.limits import Limits
 from tests.support.etcd import free_ports
 
 
@@ -41,11 +42,11 @@ class LocalCluster:
         names = ["us-east", "eu-west", "ap-south", "us-west", "sa-east"][:regions]
         return cls(loads(cluster_toml("t", etcd_endpoints, names, base, **kw), base))
 
-    async def start(self, *ids: str) -> None:
+    async def start(self, *ids: str, limits: Limits | None = None) -> None:
         for m in self.config.members:
             if ids and m.id not in ids:
                 continue
-            node = ClusterNode(self.config, m.id, tick_s=0.05)
+            node = ClusterNode(self.config, m.id, tick_s=0.05, limits=limits)
             await node.start()
             self.nodes[m.id] = node
 

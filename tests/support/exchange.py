@@ -8,17 +8,12 @@ import asyncio
 import os
 from pathlib import Path
 
-import grpc
-
-from engine import wire
 from engine.workload import check_exactly_once as _check_exactly_once
-from engine.workload import command_events, read_stream
+from engine.workload import command_events, outputs_through
 from store.client import StoreClient
 from store.process import ServeProcess
 from tests.test_book_model import random_commands
 from xdc.v1 import eventstore_pb2 as pb
-from xdc.v1 import exchange_pb2 as xpb
-from xdc.v1 import exchange_pb2_grpc as xpb_grpc
 
 GROUP = "sim"
 
@@ -37,19 +32,6 @@ def start_engine(store: str, instance: str, lease: str, *, seed: int = 0,
         env={"PYTHONHASHSEED": str(seed)}).start()
 
 
-async def status(address: str) -> xpb.EngineStatus | None:
-    async with grpc.aio.insecure_channel(address) as ch:
-        try:
-            return await xpb_grpc.EngineControlStub(ch).Status(xpb.EngineStatusRequest(),
-                                                               timeout=5)
-        except grpc.aio.AioRpcError:
-            return None
-
-
-async def read_all(client: StoreClient, stream: str) -> list[pb.RecordedEvent]:
-    return await read_stream(client, stream)
-
-
 async def check_exactly_once(client: StoreClient) -> tuple[list[pb.RecordedEvent],
                                                           list[pb.RecordedEvent]]:
     """engine.workload.check_exactly_once for the tests' group (AssertionError on a
@@ -60,22 +42,10 @@ async def check_exactly_once(client: StoreClient) -> tuple[list[pb.RecordedEvent
 async def wait_outputs_through(client: StoreClient, position: int, timeout_s: float) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    while True:
-        outputs = await client.read(wire.output_stream(GROUP), backwards=True, limit=1) \
-            if await _exists(client) else []
-        if outputs and int(outputs[0].metadata["last_input"]) >= position:
-            return
+    while await outputs_through(client, GROUP) < position:
         if loop.time() > deadline:
             raise AssertionError(f"outputs not committed through input {position}")
         await asyncio.sleep(0.05)
-
-
-async def _exists(client: StoreClient) -> bool:
-    try:
-        await client.stream_info(wire.output_stream(GROUP))
-        return True
-    except grpc.aio.AioRpcError:
-        return False
 
 
 def lease_dir(tmp: Path) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,11 +38,17 @@ def run(coro_fn: Callable[[], Awaitable[T]], timeout_s: float = 60.0) -> T:
     return asyncio.run(bounded())
 
 
-async def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0,
+async def wait_until(predicate: Callable[[], bool | Awaitable[bool]], timeout_s: float = 10.0,
                      what: str = "condition") -> None:
+    """Polls `predicate` (plain or async) until it holds; AssertionError after the
+    timeout."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    while not predicate():
+
+    async def holds() -> bool:
+        got = predicate()
+        return bool(await got) if inspect.isawaitable(got) else bool(got)
+    while not await holds():
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
         await asyncio.sleep(0.01)
