@@ -338,8 +338,12 @@ class Replicator:
                                else StoreError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                                f"replication backlog ({accepted.reason}); "
                                                "retry shortly", retry_after_ms=50))
-                    results = [refusal if isinstance(r, Appended) and not r.duplicate else r
-                               for r in results]
+                    # Refuse everything that points into this unwritten group: its new
+                    # appends and the retries answered from inside it (Log.sequence
+                    # answers an in-group duplicate with positions in the group).
+                    # Duplicates of records already in the log keep their answer.
+                    results = [refusal if isinstance(r, Appended)
+                               and r.last_position >= seq.first else r for r in results]
                     refusal = None
         i = 0
         for g in groups:

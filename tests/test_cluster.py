@@ -133,3 +133,40 @@ def test_manual_failover_waits_for_an_operator(etcd: EtcdCluster, tmp_path: Path
             await cluster.stop()
 
     run(body, timeout_s=60)
+
+
+def test_a_refused_replication_group_acknowledges_none_of_its_appends(
+        etcd: EtcdCluster, tmp_path: Path) -> None:
+    """One AppendStream message carrying an append and its retry (same ids) becomes one
+    replication group; when replication refuses the group (here: too large to propose),
+    the retry must be refused too. Answering it as a duplicate would acknowledge
+    positions that were never written."""
+    from store.limits import Limits
+    from xdc.v1 import eventstore_pb2 as pb
+    from xdc.v1 import eventstore_pb2_grpc as pb_grpc
+
+    limits = Limits(max_group_events=2, max_append_events=2)
+
+    async def body() -> None:
+        cluster = LocalCluster.make(etcd.endpoints, tmp_path, regions=1)
+        await cluster.start(limits=limits)
+        try:
+            leader = await cluster.leader()
+            first = pb.AppendRequest(stream="s", events=[new_event("T"), new_event("T")])
+            other = pb.AppendRequest(stream="t", events=[new_event("T")])
+            retry = pb.AppendRequest()
+            retry.CopyFrom(first)
+            async with grpc.aio.insecure_channel(leader.address) as ch:
+                call = pb_grpc.EventStoreStub(ch).AppendStream()
+                await call.write(pb.AppendStreamRequest(correlation_id=1,
+                                                        appends=[first, other, retry]))
+                reply = await call.read()
+                await call.done_writing()
+            kinds = [r.WhichOneof("result") for r in reply.results]
+            assert kinds == ["error", "error", "error"], reply
+            assert all(r.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+                       for r in reply.results)
+            assert leader.store.log is not None and leader.store.log.last_position <= 1
+        finally:
+            await cluster.stop()
+    run(body, timeout_s=20)
