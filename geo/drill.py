@@ -57,7 +57,7 @@ What a run reports (seconds are from the fault; None: did not happen):
   raw logs hash the same up to the commit position.
 
 Exit status 1 when any run lost or duplicated an acknowledged event, ended with diverged
-hashes, or failed.
+hashes, had a deposed leader acknowledge a write after the new term, or failed.
 """
 
 from __future__ import annotations
@@ -993,7 +993,7 @@ def run_once(scenario: str, seed: int, opts: DrillOptions) -> dict[str, Any]:
         if not tid:
             run.notes.append("no trace id: orders carry no traceparent (tracing disabled; "
                              "set OTEL_TRACES_EXPORTER/OTEL_EXPORTER_OTLP_ENDPOINT)")
-        out["ok"] = out["acked_lost"] == 0 and out["duplicates"] == 0 and out["hashes_agree"]
+        out["ok"] = verdict(out)
     except Exception as exc:
         log.exception("drill run %s seed %d failed", scenario, seed)
         out.update({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
@@ -1021,6 +1021,13 @@ def run_drill(scenario: str, runs: int, seed: int, opts: DrillOptions,
         if progress is not None:
             progress(r)
     return results
+
+
+def verdict(run: dict[str, Any]) -> bool:
+    """A run passes when no acknowledged event was lost or duplicated, the engines agree,
+    and no deposed leader acknowledged a write once the new term was seen (fencing)."""
+    return (run["acked_lost"] == 0 and run["duplicates"] == 0 and bool(run["hashes_agree"])
+            and run["stale"]["acked_after_new_term"] == 0)
 
 
 def failed(results: list[dict[str, Any]]) -> bool:

@@ -81,3 +81,18 @@ def test_engine_crash_drill(tmp_path: Path) -> None:
     run = _check(doc, html, "engine-crash", 3)
     assert run["new_term"] is None  # the store leader stayed
     assert run["engine_new_primary_s"] is not None and run["engine_new_primary_s"] > 0
+
+
+def test_verdict_fails_a_run_on_each_broken_invariant() -> None:
+    """The run's pass/fail (and so `xdc drill`'s exit status) breaks on each invariant
+    alone: a lost ack, a duplicate, diverged engines, a deposed leader's late ack."""
+    from geo.drill import failed, verdict
+
+    good = {"acked_lost": 0, "duplicates": 0, "hashes_agree": True,
+            "stale": {"acked_after_new_term": 0}}
+    assert verdict(good) and not failed([{**good, "ok": verdict(good)}])
+    for broken in ({"acked_lost": 1}, {"duplicates": 2}, {"hashes_agree": False},
+                   {"stale": {"acked_after_new_term": 1}}):
+        run = {**good, **broken}
+        assert not verdict(run), broken
+        assert failed([{**good, "ok": True}, {**run, "ok": verdict(run)}])
