@@ -103,6 +103,7 @@ class EngineRunner:
         self._wake = asyncio.Event()
         self._stopped = asyncio.Event()
         self.failure: BaseException | None = None
+        self._stopping = False
 
     # ---------------------------------------------------------------- life cycle
 
@@ -114,15 +115,21 @@ class EngineRunner:
             t.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task) -> None:
-        if not task.cancelled() and task.exception() is not None and self.failure is None:
-            self.failure = task.exception()
-            log.error("engine task %s failed: %r", task.get_name(), self.failure)
-            self._stopped.set()
+        if self._stopping or self.failure is not None:
+            return
+        # Either task ending, even by a cancel nobody asked for, leaves an engine that
+        # looks alive and does nothing: fail, so the process exits and is restarted.
+        self.failure = (RuntimeError(f"task {task.get_name()} cancelled")
+                        if task.cancelled() else task.exception()
+                        or RuntimeError(f"task {task.get_name()} returned"))
+        log.error("engine task %s failed: %r", task.get_name(), self.failure)
+        self._stopped.set()
 
     async def wait_failed(self) -> None:
         await self._stopped.wait()
 
     async def stop(self) -> None:
+        self._stopping = True
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -289,6 +296,11 @@ class EngineRunner:
         self._inflight.clear()
         self.consumer.rewind_emission()
         actual = getattr(exc, "actual_last_revision", 0)
+        if getattr(exc, "code", None) == grpc.StatusCode.ALREADY_EXISTS:
+            # Another primary's batch from the same first input is in the stream, past
+            # the revision this one expected: wait until it has been seen (and verified);
+            # emitting at once would be refused the same way, in a tight loop.
+            actual = f.expected + 1
         self._resync_to = max(self._resync_to, actual)
         log.info("output append at revision %d refused (%s); resync to revision %d",
                  f.expected, exc, actual)

@@ -174,22 +174,27 @@ class StoreClient:
 
     # ---- connection ---------------------------------------------------------------
 
+    def _open_channel(self, target: str) -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(target, options=channel_options(self.limits),
+                                         interceptors=telemetry.client_interceptors())
+
     @property
     def stub(self) -> pb_grpc.EventStoreStub:
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(
-                self._target, options=channel_options(self.limits),
-                interceptors=telemetry.client_interceptors())
+            self._channel = self._open_channel(self._target)
             self._stub = pb_grpc.EventStoreStub(self._channel)
         return self._stub
+
+    def _next_target(self, target: str) -> str:
+        i = self.targets.index(target) if target in self.targets else -1
+        return self.targets[(i + 1) % len(self.targets)]
 
     async def _switch(self, leader: str = "") -> None:
         """Drops the channel; the next call connects to `leader` or the next target."""
         if leader:
             self._target = leader
         elif len(self.targets) > 1:
-            i = self.targets.index(self._target) if self._target in self.targets else -1
-            self._target = self.targets[(i + 1) % len(self.targets)]
+            self._target = self._next_target(self._target)
         await self._reset_stream()
         if self._channel is not None:
             await self._channel.close()
@@ -542,46 +547,60 @@ class StoreClient:
         position = after_position
         caught_up_sent = False
         first = True
-        while True:
-            request = pb.SubscribeRequest(after_position=position,
-                                          from_end=from_end and first,
-                                          stream_prefix=stream_prefix, event_types=event_types)
-            first = False
-            call = self.stub.Subscribe(request, metadata=self.metadata)
-            try:
-                async for msg in call:
-                    kind = msg.WhichOneof("kind")
-                    if kind == "events":
-                        events = msg.events.events
-                        if not events:
-                            continue
-                        assert events[0].position > position, "subscription went backwards"
-                        position = events[-1].position
-                        if batches:
-                            yield msg.events
-                        else:
-                            for event in events:
-                                yield event
-                    elif kind == "caught_up":
-                        position = max(position, msg.caught_up.position)
-                        if not caught_up_sent:
-                            caught_up_sent = True
-                            yield CaughtUp(msg.caught_up.position)
-                    elif kind == "checkpoint":
-                        position = max(position, msg.checkpoint.position)
-                        yield Checkpoint(msg.checkpoint.position)
-                return
-            except grpc.aio.AioRpcError as exc:
-                wait = shed_wait_s(exc)  # shed by a tier: resumable, after its hint
-                if not resume or self._closed or (
-                        exc.code() != grpc.StatusCode.UNAVAILABLE and wait is None):
-                    raise
-                await self._switch()
-                await asyncio.sleep(max(0.1, wait or 0.0))
-            finally:
-                # A consumer that stops iterating ends the call: the server stops
-                # streaming to it (and stops counting it in the subscription lag gauge).
-                call.cancel()
+        # A channel of its own: appends switch the shared channel to the leader (closing
+        # the old one cancels every call on it), and a subscription must not die of that.
+        # Any member serves a subscription up to its commit position.
+        target = self._target
+        channel = self._open_channel(target)
+        try:
+            while True:
+                request = pb.SubscribeRequest(after_position=position,
+                                              from_end=from_end and first,
+                                              stream_prefix=stream_prefix,
+                                              event_types=event_types)
+                first = False
+                call = pb_grpc.EventStoreStub(channel).Subscribe(request,
+                                                                 metadata=self.metadata)
+                try:
+                    async for msg in call:
+                        kind = msg.WhichOneof("kind")
+                        if kind == "events":
+                            events = msg.events.events
+                            if not events:
+                                continue
+                            assert events[0].position > position, "subscription went backwards"
+                            position = events[-1].position
+                            if batches:
+                                yield msg.events
+                            else:
+                                for event in events:
+                                    yield event
+                        elif kind == "caught_up":
+                            position = max(position, msg.caught_up.position)
+                            if not caught_up_sent:
+                                caught_up_sent = True
+                                yield CaughtUp(msg.caught_up.position)
+                        elif kind == "checkpoint":
+                            position = max(position, msg.checkpoint.position)
+                            yield Checkpoint(msg.checkpoint.position)
+                    return
+                except grpc.aio.AioRpcError as exc:
+                    wait = shed_wait_s(exc)  # shed by a tier: resumable, after its hint
+                    if not resume or self._closed or (
+                            exc.code() != grpc.StatusCode.UNAVAILABLE and wait is None):
+                        raise
+                    if wait is None and len(self.targets) > 1:
+                        # Unreachable: resume at the next member.
+                        await channel.close()
+                        target = self._next_target(target)
+                        channel = self._open_channel(target)
+                    await asyncio.sleep(max(0.1, wait or 0.0))
+                finally:
+                    # A consumer that stops iterating ends the call: the server stops
+                    # streaming to it (and stops counting it in the subscription lag gauge).
+                    call.cancel()
+        finally:
+            await channel.close()
 
     async def stream_info(self, stream: str) -> pb.StreamInfoResponse:
         loop = asyncio.get_running_loop()

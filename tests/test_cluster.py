@@ -12,7 +12,8 @@ import pytest
 from store.client import StoreClient, new_event
 from tests.support.cluster import LocalCluster
 from tests.support.etcd import EtcdCluster
-from tests.support.store import run
+from tests.support.store import run, wait_until
+from xdc.v1 import eventstore_pb2 as pb
 
 
 def test_three_regions_elect_replicate_and_fail_over(etcd: EtcdCluster, tmp_path: Path) -> None:
@@ -22,12 +23,29 @@ def test_three_regions_elect_replicate_and_fail_over(etcd: EtcdCluster, tmp_path
         try:
             leader = await cluster.leader()
             followers = [n for n in cluster.nodes.values() if n is not leader]
-            # A client that knows only a follower is redirected to the leader.
+            # A client that knows only a follower is redirected to the leader; its
+            # subscription to the follower lives on through that switch.
             async with StoreClient(followers[0].address, timeout_s=10) as client:
+                seen: list[int] = []
+                caught_up = asyncio.Event()
+
+                async def follow() -> None:
+                    async for e in client.subscribe(stream_prefix="orders"):
+                        if isinstance(e, pb.RecordedEvent):
+                            seen.append(e.position)
+                        else:
+                            caught_up.set()
+                follower_task = asyncio.create_task(follow())
+                await asyncio.wait_for(caught_up.wait(), 10)
                 acked = [await client.append("orders", new_event("Placed", b"%d" % i))
                          for i in range(20)]
                 acked += await asyncio.gather(*(client.append(f"s{i % 4}", new_event(
                     "Placed", b"x")) for i in range(200)))
+                await wait_until(lambda: follower_task.done() or len(seen) == 20,
+                                 what="the subscription to deliver all 20 orders")
+                assert not follower_task.done(), follower_task
+                assert seen == [a.first_position for a in acked[:20]]
+                follower_task.cancel()
             upto = await cluster.converged()
             assert upto >= max(a.last_position for a in acked)
             # Followers serve committed reads.
@@ -38,7 +56,6 @@ def test_three_regions_elect_replicate_and_fail_over(etcd: EtcdCluster, tmp_path
                 assert info.role == "follower" and info.leader == leader.address
             # Writes to a follower are refused with the leader's address.
             async with grpc.aio.insecure_channel(followers[1].address) as ch:
-                from xdc.v1 import eventstore_pb2 as pb
                 from xdc.v1 import eventstore_pb2_grpc as pb_grpc
                 with pytest.raises(grpc.aio.AioRpcError) as rpc:
                     await pb_grpc.EventStoreStub(ch).Append(pb.AppendRequest(

@@ -58,10 +58,6 @@ def _check(doc: dict, html: str, scenario: str, seed: int) -> dict:  # type: ign
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.xfail(strict=False, reason=(
-    "flaky on known defects the drills found (issue 5 notes): a subscription on a node "
-    "whose leader stepped down can stop delivering (market data never resumes), and the "
-    "engine takeover can stall; the run fails rather than report a false pass"))
 def test_leader_crash_drill(tmp_path: Path) -> None:
     doc, html = _drill(tmp_path, "leader-crash", 7)
     run = _check(doc, html, "leader-crash", 7)
@@ -71,11 +67,6 @@ def test_leader_crash_drill(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.xfail(strict=False, reason=(
-    "engine runner: a warm instance promoted while the old primary's last output batch is "
-    "still in flight sees that batch committed but not its inputs as committed, re-emits a "
-    "batch with the same first input and is refused ALREADY_EXISTS in a tight loop; the "
-    "group's outputs stop. Found by this drill, reported, not fixed here"))
 def test_engine_crash_drill(tmp_path: Path) -> None:
     doc, html = _drill(tmp_path, "engine-crash", 3)
     run = _check(doc, html, "engine-crash", 3)
