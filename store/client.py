@@ -27,6 +27,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from store.errors import MD_LEADER, MD_RETRY_AFTER_MS, MD_SHED_REASON, MD_TIER
 from store.limits import Limits
 from xdc import telemetry
+from xdc.tls import Tls, aio_channel
 from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import eventstore_pb2_grpc as pb_grpc
 
@@ -134,7 +135,8 @@ class StoreClient:
     def __init__(self, targets: str | Sequence[str], *, linger_s: float = 0.0,
                  max_batch_appends: int = 1024, max_inflight_messages: int = 32,
                  timeout_s: float = 10.0, attempt_timeout_s: float = 2.0,
-                 limits: Limits | None = None, tier: str = "") -> None:
+                 limits: Limits | None = None, tier: str = "",
+                 tls: Tls | None = None) -> None:
         self.targets = [targets] if isinstance(targets, str) else list(targets)
         assert self.targets, "at least one target address"
         assert max_batch_appends >= 1 and max_inflight_messages >= 1 and linger_s >= 0
@@ -147,6 +149,7 @@ class StoreClient:
         # its appends re-sent elsewhere, with the same ids.
         self.attempt_timeout_s = attempt_timeout_s
         self.limits = limits or Limits()
+        self.tls = tls
         # The criticality of this client's reads and subscriptions (a tier or service
         # name of the tier file, e.g. "engine"): servers shed them by it when degraded.
         self.metadata: tuple[tuple[str, str], ...] = ((MD_TIER, tier),) if tier else ()
@@ -175,8 +178,8 @@ class StoreClient:
     # ---- connection ---------------------------------------------------------------
 
     def _open_channel(self, target: str) -> grpc.aio.Channel:
-        return grpc.aio.insecure_channel(target, options=channel_options(self.limits),
-                                         interceptors=telemetry.client_interceptors())
+        return aio_channel(target, self.tls, options=channel_options(self.limits),
+                           interceptors=telemetry.client_interceptors())
 
     @property
     def stub(self) -> pb_grpc.EventStoreStub:

@@ -18,6 +18,7 @@ from store.limits import Limits
 from store.node import StoreNode, WriterFactory
 from store.service import SERVICE, EventStoreService
 from xdc import telemetry
+from xdc.tls import Tls, server_credentials
 
 
 def server_options(limits: Limits) -> list[tuple[str, int]]:
@@ -33,9 +34,16 @@ def server_options(limits: Limits) -> list[tuple[str, int]]:
     ]
 
 
-def listen_on(server: grpc.aio.Server, address: str) -> int:
+def listen_on(server: grpc.aio.Server, address: str, tls: Tls | None = None, *,
+              peer: bool = False) -> int:
+    """Binds `address`: plaintext without `tls`; with it TLS, demanding a client
+    certificate on a peer port and, on a client port, as `tls.require_client_cert` says."""
     try:
-        port = server.add_insecure_port(address)
+        if tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, server_credentials(
+                tls, require_client_cert=peer or tls.require_client_cert))
     except RuntimeError as exc:  # gRPC reports a failed bind this way
         raise OSError(f"cannot listen on {address} (in use?): {exc}") from None
     if port == 0:
@@ -50,11 +58,15 @@ class StoreServer:
                  writer_factory: WriterFactory | None = None,
                  extra_listen: Sequence[str] = (),
                  add_services: Callable[[grpc.aio.Server], None] | None = None,
-                 interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
+                 interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+                 tls: Tls | None = None) -> None:
         self.node = node
         self.listen = listen
         self.writer_factory = writer_factory
+        # Peer ports (geo's replication): with TLS, they always demand a member's
+        # client certificate.
         self.extra_listen = list(extra_listen)
+        self.tls = tls
         # Called once the node is started and before the server starts (gRPC takes no
         # new services after that).
         self.add_services = add_services
@@ -80,9 +92,9 @@ class StoreServer:
             self.add_services(server)
         reflection.enable_server_reflection(
             (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        self.port = listen_on(server, self.listen)
+        self.port = listen_on(server, self.listen, self.tls)
         for address in self.extra_listen:
-            listen_on(server, address)
+            listen_on(server, address, self.tls, peer=True)
         await server.start()
         self.server = server
         for name in ("", SERVICE):
@@ -132,12 +144,14 @@ class Companion(Protocol):
 
 def serve(data_dir: str, listen: str, limits: Limits | None = None,
           node_id: str = "standalone",
-          companion: Callable[[StoreNode], Companion] | None = None) -> int:
+          companion: Callable[[StoreNode], Companion] | None = None,
+          tls: Tls | None = None) -> int:
     node = StoreNode(data_dir, limits, node_id=node_id)
     extra = companion(node) if companion is not None else None
     server = StoreServer(node, listen,
                          add_services=extra.add_services if extra is not None else None,
-                         interceptors=extra.interceptors if extra is not None else ())
+                         interceptors=extra.interceptors if extra is not None else (),
+                         tls=tls)
 
     async def start() -> str:
         await server.start()

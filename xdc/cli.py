@@ -12,6 +12,8 @@ import sys
 import uuid
 from typing import Any
 
+from xdc.tls import add_cli_args as add_tls_args
+
 DEFAULT_TARGET = os.environ.get("XDC_TARGET", "127.0.0.1:7000")
 
 
@@ -31,7 +33,19 @@ def _limits(args: argparse.Namespace) -> Any:
     return Limits(max_event_bytes=args.max_event_bytes, max_append_events=args.max_append_events)
 
 
+def _tls(args: argparse.Namespace) -> Any:
+    """The command's --tls-* material (None: plaintext); exits 2 when it is unusable."""
+    from xdc.tls import TlsError, from_cli_args
+    try:
+        return from_cli_args(args)
+    except TlsError as exc:
+        print(f"xdc {args.command}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from geo import tiers
     from geo.config import ConfigError
     from geo.tier_supervisor import standalone_companion
@@ -41,8 +55,50 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"xdc serve: {exc}", file=sys.stderr)
         return 2
+    tls = _tls(args)
+    if tls is not None:
+        tls = dataclasses.replace(tls, require_client_cert=args.tls_client_auth == "require")
     return serve(args.data, args.listen, _limits(args), node_id=args.node_id,
-                 companion=standalone_companion(spec))
+                 companion=standalone_companion(spec), tls=tls)
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from xdc import certs
+    if (Path(args.dir) / "ca.pem").exists() and not args.force:
+        print(f"xdc certs init: {args.dir} already holds a CA (ca.pem); --force replaces "
+              "every certificate in it", file=sys.stderr)
+        return 1
+    if args.config:
+        from geo.config import ConfigError, load
+        try:
+            config = load(args.config)
+        except ConfigError as exc:
+            print(f"xdc certs init: {exc}", file=sys.stderr)
+            return 2
+        cluster, members = config.cluster, [m.id for m in config.members]
+    elif args.cluster and args.members:
+        cluster, members = args.cluster, _store_targets(args.members)
+    else:
+        print("xdc certs init: give --config FILE, or --cluster NAME with --members IDS",
+              file=sys.stderr)
+        return 2
+    others = [(role, name) for role, names in (("engine", args.engines),
+                                               ("gateway", args.gateways),
+                                               ("admin", args.admins))
+              for name in _store_targets(names)]
+    try:
+        issued = certs.init(args.dir, cluster, members, others=others,
+                            hosts=_store_targets(args.hosts), days=args.days)
+    except ValueError as exc:
+        print(f"xdc certs init: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"ca": str(Path(args.dir, "ca.pem")),
+                      "certificates": {name: {"identity": i.identity.uri, "cert": str(i.cert),
+                                              "key": str(i.key)}
+                                       for name, i in issued.items()}}, indent=2))
+    return 0
 
 
 def _expected(text: str) -> tuple[int, int]:
@@ -60,7 +116,7 @@ def cmd_append(args: argparse.Namespace) -> int:
     event = new_event(args.type, data, metadata=metadata, content_type=args.content_type,
                       event_id=uuid.UUID(args.id).bytes if args.id else None)
     kind, revision = _expected(args.expected)
-    with Client(args.target) as client:
+    with Client(args.target, tls=_tls(args)) as client:
         try:
             r = client.append(args.stream, event, kind, revision)
         except AppendError as err:
@@ -81,7 +137,7 @@ def cmd_read(args: argparse.Namespace) -> int:
     import grpc
 
     from store.client import Client
-    with Client(args.target) as client:
+    with Client(args.target, tls=_tls(args)) as client:
         try:
             events = client.read(args.stream, start=args.start, limit=args.limit,
                                  backwards=args.backwards)
@@ -95,9 +151,11 @@ def cmd_read(args: argparse.Namespace) -> int:
 def cmd_tail(args: argparse.Namespace) -> int:
     from store.client import CaughtUp, Checkpoint, StoreClient
 
+    tls = _tls(args)
+
     async def run() -> None:
         seen = 0
-        async with StoreClient(args.target) as client:
+        async with StoreClient(args.target, tls=tls) as client:
             async for item in client.subscribe(after_position=args.after, from_end=args.from_end,
                                                stream_prefix=args.prefix,
                                                event_types=args.type or ()):
@@ -121,7 +179,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
     from store.client import Client
-    with Client(args.target) as client:
+    with Client(args.target, tls=_tls(args)) as client:
         try:
             info = client.stream_info(args.stream) if args.stream else client.node_info()
         except grpc.RpcError as exc:
@@ -458,7 +516,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-event-bytes", type=int, default=1024 * 1024)
     p.add_argument("--max-append-events", type=int, default=10_000)
     p.add_argument("--tiers", help="tier file (default: the one shipped, geo/tiers.default.toml)")
+    add_tls_args(p)
+    p.add_argument("--tls-client-auth", choices=["require", "none"], default="require",
+                   help="with TLS: demand a client certificate signed by the CA (default) "
+                        "or not")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("certs", help="development certificates (TLS)")
+    csub = p.add_subparsers(dest="certs_command", required=True)
+    c = csub.add_parser("init", help="a development CA and one certificate per member, "
+                                     "engine, gateway and admin")
+    c.add_argument("--dir", required=True, help="where to write the PEM files")
+    c.add_argument("--config", help="cluster TOML: its name and members")
+    c.add_argument("--cluster", help="cluster name (without --config)")
+    c.add_argument("--members", help="member ids, comma separated (without --config)")
+    c.add_argument("--engines", default="engine", help="engine certificate names")
+    c.add_argument("--gateways", default="gateway", help="gateway certificate names")
+    c.add_argument("--admins", default="admin", help="operator tool certificate names")
+    c.add_argument("--hosts", default="localhost,127.0.0.1,::1",
+                   help="host names and addresses every certificate is valid for")
+    c.add_argument("--days", type=int, default=365)
+    c.add_argument("--force", action="store_true", help="replace an existing CA")
+    c.set_defaults(func=cmd_certs)
 
     p = sub.add_parser("node", help="run a clustered store node")
     nsub = p.add_subparsers(dest="node_command", required=True)
@@ -514,6 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--content-type", default="")
     p.add_argument("--id", help="event UUID (default: a new one)")
     p.add_argument("--target", default=DEFAULT_TARGET)
+    add_tls_args(p)
     p.set_defaults(func=cmd_append)
 
     p = sub.add_parser("read", help="read a stream or $all, one JSON line per event")
@@ -523,6 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=1000)
     p.add_argument("--backwards", action="store_true")
     p.add_argument("--target", default=DEFAULT_TARGET)
+    add_tls_args(p)
     p.set_defaults(func=cmd_read)
 
     p = sub.add_parser("tail", help="follow a subscription (catch-up, then live)")
@@ -532,11 +613,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--type", action="append", help="only events of this type (repeatable)")
     p.add_argument("--count", type=int, default=0, help="stop after this many events")
     p.add_argument("--target", default=DEFAULT_TARGET)
+    add_tls_args(p)
     p.set_defaults(func=cmd_tail)
 
     p = sub.add_parser("info", help="node info, or a stream's info")
     p.add_argument("stream", nargs="?")
     p.add_argument("--target", default=DEFAULT_TARGET)
+    add_tls_args(p)
     p.set_defaults(func=cmd_info)
 
     from geo.tier_cli import add_parser as add_tiers_parser

@@ -1,0 +1,201 @@
+"""TLS and mutual TLS with real certificates (xdc/tls.py, xdc/certs.py): the store's
+client API, and every refusal: plaintext, another CA, no client certificate, unusable
+files."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from store.client import AppendError, StoreClient, new_event
+from store.node import StoreNode
+from store.process import ServeProcess
+from store.server import StoreServer
+from tests.support.store import run
+from xdc import certs
+from xdc.tls import Identity, Tls, TlsError, aio_channel
+from xdc.v1 import eventstore_pb2 as pb
+from xdc.v1 import eventstore_pb2_grpc as pb_grpc
+
+CLUSTER = "t"
+MEMBERS = ("us-east-1", "eu-west-1", "ap-south-1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pki:
+    """One CA per test module (key generation is the slow part), a second CA that
+    nobody trusts, and the certificates each issued."""
+
+    dir: Path
+    ca: certs.Authority
+    issued: dict[str, certs.Issued]
+    other_ca: certs.Authority
+    other: dict[str, certs.Issued]
+
+    def tls(self, name: str, *, require_client_cert: bool = True) -> Tls:
+        i = self.issued[name]
+        return Tls.load(self.ca.path, i.cert, i.key, require_client_cert=require_client_cert)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pki]:
+    base = tmp_path_factory.mktemp("pki")
+    issued = certs.init(base / "ca", CLUSTER, MEMBERS)
+    ca = certs.Authority.open(base / "ca")
+    # A valid certificate of this CA that is no member's, and a member's name on a
+    # certificate of a CA the cluster does not trust.
+    issued["intruder"] = ca.issue(Identity(CLUSTER, "client", "intruder"))
+    issued["other-cluster"] = ca.issue(Identity("elsewhere", "member", MEMBERS[0]),
+                                       file_name="other-cluster")
+    other = certs.init(base / "other", CLUSTER, MEMBERS)
+    yield Pki(base / "ca", ca, issued, certs.Authority.open(base / "other"), other)
+
+
+def test_certs_init_writes_private_keys_0600_and_identities(pki: Pki) -> None:
+    for name, issued in pki.issued.items():
+        mode = stat.S_IMODE(os.stat(issued.key).st_mode)
+        assert mode == 0o600, (name, oct(mode))
+    assert stat.S_IMODE(os.stat(pki.dir / "ca-key.pem").st_mode) == 0o600
+    tls = pki.tls("us-east-1")
+    assert tls.identity == Identity(CLUSTER, "member", "us-east-1")
+    assert pki.tls("gateway").identity == Identity(CLUSTER, "gateway", "gateway")
+    assert Identity.parse("xdc://t/member/a") == Identity("t", "member", "a")
+    for bad in ("https://t/member/a", "xdc://t/king/a", "xdc://t/member", "xdc://t//a"):
+        assert Identity.parse(bad) is None, bad
+
+
+def test_unusable_material_is_refused_naming_file_and_problem(pki: Pki) -> None:
+    a, b = pki.issued["us-east-1"], pki.issued["eu-west-1"]
+    with pytest.raises(TlsError, match="is not the key of the certificate"):
+        Tls.load(pki.ca.path, a.cert, b.key)
+    with pytest.raises(TlsError, match="not signed by the CA"):
+        Tls.load(pki.ca.path, pki.other["us-east-1"].cert, pki.other["us-east-1"].key)
+    with pytest.raises(TlsError, match=r"missing\.pem: cannot read the certificate"):
+        Tls.load(pki.ca.path, pki.dir / "missing.pem", a.key)
+    with pytest.raises(TlsError, match="not a PEM certificate"):
+        Tls.load(pki.ca.path, a.key, a.key)
+    with pytest.raises(TlsError, match="not an unencrypted PEM private key"):
+        Tls.load(pki.ca.path, a.cert, a.cert)
+    with pytest.raises(TlsError, match="not a PEM CA certificate"):
+        Tls.load(a.key, a.cert, a.key)
+
+
+def test_certs_init_refuses_bad_names(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="repeated, reserved or not plain"):
+        certs.init(tmp_path, CLUSTER, ["a", "a"])
+    with pytest.raises(ValueError, match="repeated, reserved or not plain"):
+        certs.init(tmp_path, CLUSTER, ["a"], others=[("admin", "a b")])
+    with pytest.raises(ValueError, match="role 'king'"):
+        certs.init(tmp_path, CLUSTER, ["a"], others=[("king", "k")])
+    assert not (tmp_path / "ca.pem").exists()  # nothing written on refusal
+
+
+async def _append(address: str, tls: Tls | None) -> pb.AppendResponse:
+    async with StoreClient(address, tls=tls, timeout_s=2.0, attempt_timeout_s=1.0) as client:
+        return await client.append("orders", new_event("Placed", b"x"))
+
+
+async def _node_info(address: str, tls: Tls | None, **kw: str) -> pb.NodeInfoResponse:
+    async with aio_channel(address, tls, **kw) as ch:
+        return await pb_grpc.EventStoreStub(ch).NodeInfo(pb.NodeInfoRequest(), timeout=2)
+
+
+def test_store_over_tls_and_every_refused_client(pki: Pki, tmp_path: Path) -> None:
+    async def body() -> None:
+        server = StoreServer(StoreNode(tmp_path / "n"), "127.0.0.1:0",
+                             tls=pki.tls("us-east-1"))
+        await server.start()
+        try:
+            r = await _append(server.address, pki.tls("engine"))
+            assert r.first_position == 1
+            # Plaintext against a TLS port: the handshake fails, nothing is written.
+            with pytest.raises(grpc.aio.AioRpcError) as plain:
+                await _node_info(server.address, None)
+            assert plain.value.code() == grpc.StatusCode.UNAVAILABLE
+            # A client that trusts another CA refuses the server's certificate.
+            stranger = Tls.load(pki.other_ca.path, pki.other["admin"].cert,
+                                pki.other["admin"].key)
+            with pytest.raises(grpc.aio.AioRpcError) as other_ca:
+                await _node_info(server.address, stranger)
+            assert other_ca.value.code() == grpc.StatusCode.UNAVAILABLE
+            # A client presenting no certificate: the port demands one.
+            anonymous = dataclasses.replace(pki.tls("admin"), cert=b"", key=b"")
+            with pytest.raises(grpc.aio.AioRpcError) as no_cert:
+                await _node_info(server.address, anonymous)
+            assert no_cert.value.code() == grpc.StatusCode.UNAVAILABLE
+            # A client certificate from another CA: refused by the server.
+            mixed = dataclasses.replace(stranger, ca=pki.tls("admin").ca)
+            with pytest.raises(grpc.aio.AioRpcError) as foreign:
+                await _node_info(server.address, mixed)
+            assert foreign.value.code() == grpc.StatusCode.UNAVAILABLE
+            # A server name the certificate does not carry: hostname check fails.
+            with pytest.raises(grpc.aio.AioRpcError) as wrong_name:
+                await _node_info(server.address, pki.tls("admin"), server_name="eu-west-1")
+            assert "Hostname Verification" in (wrong_name.value.details() or "")
+            with pytest.raises(AppendError):
+                await _append(server.address, None)
+            info = await _node_info(server.address, pki.tls("admin"),
+                                    server_name="us-east-1")
+            assert info.commit_position == 1  # none of the refused appends landed
+        finally:
+            await server.stop(0.5)
+    run(body)
+
+
+def test_client_certificates_optional_on_the_client_port(pki: Pki, tmp_path: Path) -> None:
+    async def body() -> None:
+        server_tls = pki.tls("us-east-1", require_client_cert=False)
+        server = StoreServer(StoreNode(tmp_path / "n"), "127.0.0.1:0", tls=server_tls)
+        await server.start()
+        try:
+            anonymous = dataclasses.replace(pki.tls("admin"), cert=b"", key=b"")
+            assert (await _node_info(server.address, anonymous)).commit_position == 0
+            with pytest.raises(grpc.aio.AioRpcError):
+                await _node_info(server.address, None)  # TLS all the same
+        finally:
+            await server.stop(0.5)
+    run(body)
+
+
+def _xdc(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "xdc.cli", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_cli_certs_init_serve_and_clients_over_tls(tmp_path: Path) -> None:
+    d = tmp_path / "tls"
+    out = _xdc("certs", "init", "--dir", str(d), "--cluster", "c", "--members", "n1")
+    assert out.returncode == 0, out.stderr
+    made = json.loads(out.stdout)["certificates"]
+    assert made["n1"]["identity"] == "xdc://c/member/n1" and set(made) == {
+        "n1", "engine", "gateway", "admin"}
+    again = _xdc("certs", "init", "--dir", str(d), "--cluster", "c", "--members", "n1")
+    assert again.returncode == 1 and "already holds a CA" in again.stderr
+
+    def tls_args(name: str) -> list[str]:
+        return ["--tls-ca", str(d / "ca.pem"), "--tls-cert", str(d / f"{name}.pem"),
+                "--tls-key", str(d / f"{name}-key.pem")]
+
+    with ServeProcess(str(tmp_path / "data"), args=tls_args("n1")) as node:
+        t = ("--target", node.address)
+        ok = _xdc("append", "s", "T", "x", *t, *tls_args("admin"))
+        assert ok.returncode == 0, ok.stderr
+        plain = _xdc("read", "s", *t)
+        assert plain.returncode != 0
+        half = _xdc("read", "s", *t, "--tls-ca", str(d / "ca.pem"))
+        assert half.returncode == 2 and "--tls-cert, --tls-key missing" in half.stderr
+        read = _xdc("read", "s", *t, *tls_args("admin"))
+        assert [json.loads(line)["data"] for line in read.stdout.splitlines()] == ["x"]
+    bad = _xdc("serve", "--data", str(tmp_path / "x"), "--listen", "127.0.0.1:0",
+               "--tls-ca", str(d / "ca.pem"), "--tls-cert", str(d / "n1.pem"),
+               "--tls-key", str(d / "admin-key.pem"))
+    assert bad.returncode == 2 and "is not the key of the certificate" in bad.stderr
