@@ -68,8 +68,7 @@ from engine.constants import (
 )
 from engine.exchange_config import ExchangeConfig, ExchangeConfigError, load
 from store.client import AppendError, CaughtUp, Checkpoint, StoreClient
-from store.limits import Limits
-from store.server import listen_on, run_until_signalled, server_options
+from store.server import listen_on, new_server, run_until_signalled
 from xdc import telemetry
 from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import exchange_pb2 as xpb
@@ -798,8 +797,7 @@ class GatewayServer:
         self.port = 0
 
     async def start(self) -> None:
-        server = grpc.aio.server(options=server_options(Limits()),
-                                 interceptors=telemetry.server_interceptors())
+        server = new_server(interceptors=telemetry.server_interceptors())
         xpb_grpc.add_OrderGatewayServicer_to_server(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

@@ -39,7 +39,14 @@ from engine import wire
 from engine.codec import CodecError, state_hash
 from engine.consumer import MAX_PENDING_INPUTS, Capture, Consumer
 from engine.lease import PrimaryLease
-from store.client import EXACT, AppendError, CaughtUp, StoreClient, shed_wait_s
+from store.client import (
+    EXACT,
+    AppendError,
+    CaughtUp,
+    StoreClient,
+    channel_options,
+    shed_wait_s,
+)
 from xdc import telemetry
 from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import exchange_pb2 as xpb
@@ -397,7 +404,7 @@ class EngineRunner:
 async def fetch_status(address: str, timeout_s: float = 5.0) -> xpb.EngineStatus:
     """An engine instance's status through its EngineControl address (raises
     grpc.aio.AioRpcError when it does not answer)."""
-    async with grpc.aio.insecure_channel(address) as ch:
+    async with grpc.aio.insecure_channel(address, options=channel_options()) as ch:
         return await xpb_grpc.EngineControlStub(ch).Status(xpb.EngineStatusRequest(),
                                                            timeout=timeout_s)
 
@@ -421,10 +428,10 @@ class EngineControlService(xpb_grpc.EngineControlServicer):
 async def run_engine(config: RunnerConfig, lease: PrimaryLease, control_listen: str) -> int:
     """`xdc engine run`: the runner plus its EngineControl server; stops on SIGTERM/INT,
     exits non-zero when the runner fails."""
-    from store.server import listen_on, run_until_signalled
+    from store.server import listen_on, new_server, run_until_signalled
 
     runner = EngineRunner(config, lease)
-    server = grpc.aio.server()
+    server = new_server()
     xpb_grpc.add_EngineControlServicer_to_server(EngineControlService(runner), server)
     port = listen_on(server, control_listen)
     host = control_listen.rsplit(":", 1)[0]

@@ -888,7 +888,7 @@ async def _tiers_status(address: str) -> Any:
     """The node's degradation-tier supervisor status (xdc.v1.Tiers/Status), or None when
     the node does not serve it."""
     try:
-        async with grpc.aio.insecure_channel(address) as ch:
+        async with grpc.aio.insecure_channel(address, options=channel_options()) as ch:
             return await tiers_pb2_grpc.TiersStub(ch).Status(tiers_pb2.TiersStatusRequest(),
                                                             timeout=2)
     except grpc.aio.AioRpcError:

@@ -37,11 +37,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     import grpc
     from google.protobuf.json_format import MessageToDict
 
+    from store.client import channel_options
     from xdc.v1 import tiers_pb2 as tpb
     from xdc.v1 import tiers_pb2_grpc as tpb_grpc
 
     try:
-        with grpc.insecure_channel(args.target) as channel:
+        with grpc.insecure_channel(args.target, options=channel_options()) as channel:
             st = tpb_grpc.TiersStub(channel).Status(tpb.TiersStatusRequest(), timeout=5)
     except grpc.RpcError as exc:
         print(f"xdc tiers status: {exc.code().name}: {exc.details()}", file=sys.stderr)

@@ -9,7 +9,7 @@ Who runs one
 
       from geo.tier_supervisor import gateway_supervisor
       sup = gateway_supervisor(store_targets, node_id="gw-1")     # tier file: default
-      server = grpc.aio.server(interceptors=sup.interceptors)
+      server = new_server(interceptors=sup.interceptors)      # store.server
       add_OrderGatewayServicer_to_server(..., server)
       sup.add_services(server)                  # xdc.v1.Tiers/Status (optional)
       health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -60,6 +60,7 @@ from geo.tiers import (
     Transition,
     service_of,
 )
+from store.client import channel_options
 from store.errors import MD_SHED_REASON, MD_TIER, StoreError
 from store.node import StoreNode
 from xdc.v1 import tiers_pb2 as tpb
@@ -368,7 +369,8 @@ class RemoteReader:
         for target in self.targets:
             channel = self._channels.get(target)
             if channel is None:
-                channel = self._channels[target] = grpc.aio.insecure_channel(target)
+                channel = self._channels[target] = grpc.aio.insecure_channel(
+                    target, options=channel_options())
             try:
                 st = await tpb_grpc.TiersStub(channel).Status(tpb.TiersStatusRequest(),
                                                               timeout=self.timeout_s)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import json
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -16,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from store.limits import Limits
 from store.node import StoreNode, WriterFactory
-from store.service import SERVICE, EventStoreService
+from store.service import SERVICE, BadRequest, EventStoreService, Parser
 from xdc import telemetry
 from xdc.tls import Tls, server_credentials
 
@@ -32,6 +34,92 @@ def server_options(limits: Limits) -> list[tuple[str, int]]:
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
         ("grpc.http2.max_ping_strikes", 0),
     ]
+
+
+class RequestGuard(grpc.aio.ServerInterceptor):
+    """Answers a request whose bytes do not parse with INVALID_ARGUMENT naming the
+    method, for every service of a server (a generated servicer's deserializer raises,
+    which gRPC answers with UNKNOWN). The store's own handlers parse with Parser and
+    refuse in order themselves (an AppendStream answers the messages before a bad one
+    first): they pass through unchanged.
+
+    Installed last, next to the services, so it sees their handlers, which are made
+    once at registration: the wrapped handlers are cached by identity."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[int, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails],
+                                     Awaitable[grpc.RpcMethodHandler | None]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None or isinstance(
+                handler.request_deserializer, Parser):
+            return handler
+        cached = self._wrapped.get(id(handler))
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        guarded = _guarded(handler, details.method)
+        if len(self._wrapped) < MAX_GUARDED_HANDLERS:
+            self._wrapped[id(handler)] = (handler, guarded)
+        return guarded
+
+
+# Distinct handlers RequestGuard keeps wrapped (one per method a server registers).
+MAX_GUARDED_HANDLERS = 1024
+
+
+def _guarded(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """`handler` with a deserializer that never raises and a behaviour that refuses a
+    BadRequest with INVALID_ARGUMENT before the servicer sees it. Handlers that are not
+    asyncio ones are left alone (gRPC runs those on threads; xdc has none)."""
+    inner = (handler.unary_unary or handler.unary_stream or handler.stream_unary
+             or handler.stream_stream)
+    agen = inspect.isasyncgenfunction(inner)
+    if not (agen or inspect.iscoroutinefunction(inner)):
+        return handler
+
+    async def one(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, BadRequest):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+        return request
+
+    async def each(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        async def checked() -> AsyncIterator[Any]:
+            async for request in requests:
+                yield await one(request, context)
+        return checked()
+
+    check = each if handler.request_streaming else one
+    # The same kind of callable as the servicer's: gRPC picks the calling convention
+    # (async generator or coroutine) by inspecting it.
+    if agen:
+        async def behavior(arg: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with contextlib.aclosing(inner(await check(arg, context), context)) as out:
+                async for item in out:
+                    yield item
+    else:
+        async def behavior(arg: Any, context: grpc.aio.ServicerContext) -> Any:
+            return await inner(await check(arg, context), context)
+
+    make = {(False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler}[
+        (handler.request_streaming, handler.response_streaming)]
+    return make(behavior, Parser(handler.request_deserializer, f"request of {method}"),
+                handler.response_serializer)
+
+
+def new_server(limits: Limits | None = None,
+               interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
+    """Every gRPC server xdc runs (store nodes, the gateway, engine control, the OTLP
+    receiver): message sizes bounded by `limits`, and malformed request bytes refused
+    with INVALID_ARGUMENT (RequestGuard, after `interceptors`)."""
+    return grpc.aio.server(options=server_options(limits or Limits()),
+                           interceptors=[*interceptors, RequestGuard()])
 
 
 def listen_on(server: grpc.aio.Server, address: str, tls: Tls | None = None, *,
@@ -80,9 +168,8 @@ class StoreServer:
 
     async def start(self) -> None:
         await self.node.start(self.writer_factory)
-        server = grpc.aio.server(options=server_options(self.node.limits),
-                                 interceptors=[*telemetry.server_interceptors(),
-                                               *self.interceptors])
+        server = new_server(self.node.limits,
+                            [*telemetry.server_interceptors(), *self.interceptors])
         service = EventStoreService(self.node)
         server.add_generic_rpc_handlers((service.handler(),))
         self._lag_gauge = telemetry.add_gauge_source("xdc.subscription.lag.records",

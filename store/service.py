@@ -44,13 +44,26 @@ class BadRequest:
         self.reason = reason
 
 
-def _parser(cls: Any) -> Callable[[bytes], Any]:
-    def parse(data: bytes) -> Any:
+class Parser:
+    """A request deserializer that never raises: gRPC answers an exception raised while
+    deserializing with UNKNOWN, so malformed bytes become a BadRequest that the handler
+    (or store.server.RequestGuard) refuses with INVALID_ARGUMENT."""
+
+    __slots__ = ("deserialize", "what")
+
+    def __init__(self, deserialize: Callable[[bytes], Any], what: str) -> None:
+        self.deserialize = deserialize
+        self.what = what
+
+    @classmethod
+    def of(cls, message: Any) -> Parser:
+        return cls(message.FromString, message.DESCRIPTOR.name)
+
+    def __call__(self, data: bytes) -> Any:
         try:
-            return cls.FromString(data)
+            return self.deserialize(data)
         except DecodeError as exc:
-            return BadRequest(f"not a valid {cls.DESCRIPTOR.name}: {exc}")
-    return parse
+            return BadRequest(f"not a valid {self.what}: {exc}")
 
 
 def _identity(data: bytes) -> bytes:
@@ -115,19 +128,20 @@ class EventStoreService:
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(SERVICE, {
             "Append": grpc.unary_unary_rpc_method_handler(
-                self.Append, _parser(pb.AppendRequest), pb.AppendResponse.SerializeToString),
+                self.Append, Parser.of(pb.AppendRequest), pb.AppendResponse.SerializeToString),
             "AppendStream": grpc.stream_stream_rpc_method_handler(
-                self.AppendStream, _parser(pb.AppendStreamRequest),
+                self.AppendStream, Parser.of(pb.AppendStreamRequest),
                 pb.AppendStreamResponse.SerializeToString),
             "Read": grpc.unary_stream_rpc_method_handler(
-                self.Read, _parser(pb.ReadRequest), _identity),
+                self.Read, Parser.of(pb.ReadRequest), _identity),
             "Subscribe": grpc.unary_stream_rpc_method_handler(
-                self.Subscribe, _parser(pb.SubscribeRequest), _identity),
+                self.Subscribe, Parser.of(pb.SubscribeRequest), _identity),
             "StreamInfo": grpc.unary_unary_rpc_method_handler(
-                self.StreamInfo, _parser(pb.StreamInfoRequest),
+                self.StreamInfo, Parser.of(pb.StreamInfoRequest),
                 pb.StreamInfoResponse.SerializeToString),
             "NodeInfo": grpc.unary_unary_rpc_method_handler(
-                self.NodeInfo, _parser(pb.NodeInfoRequest), pb.NodeInfoResponse.SerializeToString),
+                self.NodeInfo, Parser.of(pb.NodeInfoRequest),
+                pb.NodeInfoResponse.SerializeToString),
         })
 
     # ---- appends ------------------------------------------------------------------

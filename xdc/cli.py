@@ -386,8 +386,10 @@ def cmd_exchange(args: argparse.Namespace) -> int:
 def _gateway_stub(address: str) -> Any:
     import grpc
 
+    from store.client import channel_options
     from xdc.v1 import exchange_pb2_grpc
-    return exchange_pb2_grpc.OrderGatewayStub(grpc.insecure_channel(address))
+    return exchange_pb2_grpc.OrderGatewayStub(grpc.insecure_channel(address,
+                                                                    options=channel_options()))
 
 
 def cmd_order(args: argparse.Namespace) -> int:

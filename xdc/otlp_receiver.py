@@ -25,6 +25,8 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as tpb
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as tpb_grpc
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
+from store.server import new_server
+
 
 def value_of(v: AnyValue) -> Any:
     kind = v.WhichOneof("value")
@@ -184,7 +186,8 @@ class OtlpReceiver:
         return self
 
     async def _start_grpc(self) -> None:
-        server = grpc.aio.server()
+        # Not traced: its own spans would be exported to it, without end.
+        server = new_server()
         tpb_grpc.add_TraceServiceServicer_to_server(_TraceService(self._store), server)
         mpb_grpc.add_MetricsServiceServicer_to_server(_MetricsService(self._store), server)
         self.grpc_port = server.add_insecure_port(f"{self.host}:0")
