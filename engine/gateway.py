@@ -68,6 +68,7 @@ from engine.constants import (
 )
 from engine.exchange_config import ExchangeConfig, ExchangeConfigError, load
 from store.client import AppendError, CaughtUp, Checkpoint, StoreClient
+from store.errors import show
 from store.server import listen_on, new_server, run_until_signalled
 from xdc import telemetry
 from xdc.v1 import eventstore_pb2 as pb
@@ -122,11 +123,6 @@ class Refused(Exception):
 
 # ---------------------------------------------------------------------- validation
 
-def _show(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def check_id(name: str, value: str, required: bool = True) -> str:
     """Identifiers end up in the canonical command encoding: the engine accepts printable
     ASCII without spaces, so the gateway refuses anything else before it is appended."""
@@ -136,7 +132,7 @@ def check_id(name: str, value: str, required: bool = True) -> str:
             and " " not in value):
         need = "required, " if required else ""
         raise Refused(INVALID, f"{name}: {need}1..{MAX_ID_LEN} printable ASCII characters "
-                               f"without spaces, got {_show(value)}")
+                               f"without spaces, got {show(value)}")
     return value
 
 
@@ -540,7 +536,7 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
             known = sorted(self.config.group_of)
             shown = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "")
             raise Refused(grpc.StatusCode.NOT_FOUND,
-                          f"symbol {_show(symbol)} is not traded on this gateway "
+                          f"symbol {show(symbol)} is not traded on this gateway "
                           f"(symbols: {shown})")
         return group
 

@@ -29,6 +29,7 @@ from geo.replication.messages import (
     Tip,
 )
 from store.client import channel_options
+from store.errors import show
 from xdc.v1 import replication_pb2 as rpb
 from xdc.v1 import replication_pb2_grpc as rpb_grpc
 
@@ -47,6 +48,10 @@ MAX_QUEUED = 4096
 # Messages per PeerBatch on the wire.
 MAX_BATCH = 256
 RECONNECT_S = 0.1
+# Switchover.timeout_ms: 0 means the default; larger values are refused (a call that
+# waits for days holds the leader's writes paused that long).
+DEFAULT_SWITCHOVER_MS = 5_000
+MAX_SWITCHOVER_MS = 60_000
 # Peer links: the client's channel options, with keep-alives that notice a dead or cut
 # peer within seconds.
 CHANNEL_OPTIONS = [
@@ -176,12 +181,17 @@ class ReplicationService(rpb_grpc.ReplicationServicer):
         async for batch in request_iterator:
             if batch.cluster != self.cluster or batch.src not in self.members:
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                    f"node {batch.src!r} of cluster {batch.cluster!r} is not a "
-                                    f"member of cluster {self.cluster!r}")
+                                    f"node {show(batch.src)} of cluster {show(batch.cluster)} is "
+                                    f"not a member of cluster {self.cluster!r}")
             msgs = []
-            for pm in batch.messages:
+            for i, pm in enumerate(batch.messages):
                 if pm.dst != self.node_id or pm.src != batch.src:
                     continue  # misrouted: drop, as a network would
+                if pm.kind not in _CLASSES:
+                    # Nothing of this batch is delivered: a peer that sends what this
+                    # node cannot read runs another version of the protocol.
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"messages[{i}].kind: unknown PeerKind {pm.kind}")
                 msg = decode(pm)
                 if self.observe is not None:
                     self.observe(msg, pm.trace_context)
@@ -195,7 +205,7 @@ class ReplicationService(rpb_grpc.ReplicationServicer):
                   context: grpc.aio.ServicerContext) -> rpb.TipResponse:
         if request.cluster != self.cluster:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                f"cluster {request.cluster!r} is not {self.cluster!r}")
+                                f"cluster {show(request.cluster)} is not {self.cluster!r}")
         return self.tip()
 
     async def Status(self, request: rpb.StatusRequest,
@@ -206,9 +216,14 @@ class ReplicationService(rpb_grpc.ReplicationServicer):
                          context: grpc.aio.ServicerContext) -> rpb.SwitchoverResponse:
         if request.target not in self.members:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"target: {request.target!r} is not a member")
+                                f"target: {show(request.target)} is not a member")
+        if request.timeout_ms > MAX_SWITCHOVER_MS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"timeout_ms: {request.timeout_ms} exceeds the maximum "
+                                f"({MAX_SWITCHOVER_MS}; 0: {DEFAULT_SWITCHOVER_MS})")
         try:
-            return await self.switchover(request.target, (request.timeout_ms or 5000) / 1000)
+            return await self.switchover(request.target,
+                                         (request.timeout_ms or DEFAULT_SWITCHOVER_MS) / 1000)
         except SwitchoverError as exc:
             await context.abort(exc.code, str(exc))
             raise AssertionError("unreachable") from None

@@ -45,6 +45,14 @@ class StoreError(Exception):
         return f"StoreError({self.code.name}, {self.message!r})"
 
 
+def show(value: object, limit: int = 80) -> str:
+    """`value` as a refusal quotes it: repr, cut to `limit` characters. A status message
+    travels in a trailer, which the client refuses past its metadata size limit: echoing
+    a hostile value whole would turn the refusal into an INTERNAL error."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def invalid(field: str, problem: str) -> StoreError:
     return StoreError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {problem}")
 

@@ -18,8 +18,12 @@ class Limits:
     # Events in one AppendRequest, and their summed sizes.
     max_append_events: int = 10_000
     max_append_bytes: int = 16 * MiB
-    # AppendRequests in one AppendStream message.
+    # AppendRequests in one AppendStream message; over it the call ends with
+    # INVALID_ARGUMENT (an answer per append would be larger than the request).
     max_appends_per_message: int = 10_000
+    # AppendStream messages one call has read ahead of their answers; past it the
+    # server stops reading and gRPC flow control holds the client back.
+    max_inflight_messages: int = 64
     # UTF-8 bytes of a stream name.
     max_stream_name_bytes: int = 255
     # UTF-8 bytes of an event type or content type.
@@ -28,6 +32,14 @@ class Limits:
     max_metadata_key_bytes: int = 256
     # Events returned by one Read.
     max_read_count: int = 100_000
+    # How long a Read waits for its min_position to commit when the call's deadline
+    # is later (or absent); then DEADLINE_EXCEEDED.
+    max_read_wait_ms: int = 60_000
+    # Open Subscribe calls on a node; past it RESOURCE_EXHAUSTED with a retry hint.
+    max_subscriptions: int = 10_000
+    # Types in one Subscribe filter (each at most max_type_bytes; the stream prefix at
+    # most max_stream_name_bytes).
+    max_subscribe_types: int = 64
     # Events and bytes in one Read/Subscribe response message.
     max_batch_events: int = 2_000
     max_batch_bytes: int = 1 * MiB

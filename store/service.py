@@ -23,14 +23,18 @@ from store import records
 from store.errors import StoreError, invalid
 from store.log import Appended, PreparedAppend
 from store.node import StoreNode
-from store.validation import ALL, check_read, check_stream_name, prepare, refuse
+from store.validation import (
+    ALL,
+    check_read,
+    check_stream_name,
+    check_subscribe,
+    prepare,
+    refuse,
+)
 from xdc import telemetry
 from xdc.v1 import eventstore_pb2 as pb
 
 SERVICE = "xdc.v1.EventStore"
-# AppendStream messages read ahead of their answers, per call; past it the reader
-# stops reading and gRPC flow control holds the client back.
-MAX_INFLIGHT_MESSAGES = 64
 # A filtered subscription reports its position after skipping this many events.
 CHECKPOINT_EVERY = 10_000
 
@@ -124,6 +128,7 @@ class EventStoreService:
         # Live subscriptions -> the position each has delivered up to (lag gauge).
         self.subscriptions: dict[int, int] = {}
         self._subscription_ids = itertools.count(1)
+        self._open_subscriptions = 0
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(SERVICE, {
@@ -182,19 +187,13 @@ class EventStoreService:
             # whole stream), else a new trace.
             span = _stream_span(telemetry.extract(
                 msg.trace_context if msg.trace_context else call_context))
-        n = len(msg.appends)
-        slots: list[pb.AppendResult | None] = [None] * n
+        slots: list[pb.AppendResult | None] = [None] * len(msg.appends)
         prepared = []
-        if n > self.limits.max_appends_per_message:
-            err = invalid("appends", f"{n} appends exceeds max_appends_per_message "
-                                     f"({self.limits.max_appends_per_message})")
-            slots = [refuse(err)] * n
-        else:
-            for i, req in enumerate(msg.appends):
-                try:
-                    prepared.append((i, prepare(req, self.limits, f"appends[{i}].")))
-                except StoreError as err:
-                    slots[i] = refuse(err)
+        for i, req in enumerate(msg.appends):
+            try:
+                prepared.append((i, prepare(req, self.limits, f"appends[{i}].")))
+            except StoreError as err:
+                slots[i] = refuse(err)
         return asyncio.ensure_future(self._finish_message(msg.correlation_id, slots, prepared,
                                                           span))
 
@@ -228,11 +227,22 @@ class EventStoreService:
                                        "xdc.append.result": label})
         return pb.AppendStreamResponse(correlation_id=correlation_id, results=slots)
 
+    def _refuse_message(self, msg: Any) -> StoreError | None:
+        """Why a whole AppendStream message is refused (it ends the call), or None."""
+        if isinstance(msg, BadRequest):
+            return StoreError(grpc.StatusCode.INVALID_ARGUMENT, msg.reason)
+        n = len(msg.appends)
+        if n > self.limits.max_appends_per_message:
+            return invalid("appends", f"{n} appends in one message exceeds "
+                                      f"max_appends_per_message "
+                                      f"({self.limits.max_appends_per_message})")
+        return None
+
     async def AppendStream(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.AppendStreamResponse]:
-        answers: asyncio.Queue[asyncio.Future[pb.AppendStreamResponse] | BadRequest | None] = (
-            asyncio.Queue(MAX_INFLIGHT_MESSAGES))
+        answers: asyncio.Queue[asyncio.Future[pb.AppendStreamResponse] | StoreError | None] = (
+            asyncio.Queue(self.limits.max_inflight_messages))
 
         call_context = None
         if telemetry.tracing():
@@ -242,16 +252,20 @@ class EventStoreService:
         async def read() -> None:
             try:
                 async for msg in request_iterator:
-                    await answers.put(msg if isinstance(msg, BadRequest)
-                                      else self._start_message(msg, call_context))
+                    refusal = self._refuse_message(msg)
+                    if refusal is not None:
+                        await answers.put(refusal)
+                        return
+                    await answers.put(self._start_message(msg, call_context))
             finally:
                 await answers.put(None)
 
         reader = asyncio.create_task(read())
         try:
             while (item := await answers.get()) is not None:
-                if isinstance(item, BadRequest):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, item.reason)
+                if isinstance(item, StoreError):
+                    # The messages before it have been answered: the call ends here.
+                    await _abort(context, item)
                 yield await item
             await reader  # surfaces a failure of the request side
         finally:
@@ -265,13 +279,18 @@ class EventStoreService:
         assert commit is not None
         if min_position <= commit.position:
             return
+        wait_s = self.limits.max_read_wait_ms / 1000
         remaining = context.time_remaining()
+        if remaining is not None:
+            wait_s = min(wait_s, remaining)
         try:
-            await asyncio.wait_for(commit.wait_for(min_position), remaining)
+            await asyncio.wait_for(commit.wait_for(min_position), wait_s)
         except TimeoutError:
             raise StoreError(grpc.StatusCode.DEADLINE_EXCEEDED,
                              f"min_position: position {min_position} not committed on this node "
-                             f"before the deadline (commit position {commit.position})") from None
+                             f"within {wait_s:.3f}s, the call's deadline or max_read_wait_ms "
+                             f"({self.limits.max_read_wait_ms}) (commit position "
+                             f"{commit.position})") from None
 
     def _batches(self, values: list[bytes]) -> list[bytes]:
         """Splits records into RecordBatch payloads of at most max_batch_bytes."""
@@ -343,21 +362,31 @@ class EventStoreService:
 
     async def Subscribe(self, request: Any,
                         context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        if self._open_subscriptions >= self.limits.max_subscriptions:
+            await _abort(context, StoreError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"subscriptions: {self._open_subscriptions} open on this node, "
+                f"max_subscriptions ({self.limits.max_subscriptions}); retry later",
+                retry_after_ms=1000))
         token = next(self._subscription_ids)
+        self._open_subscriptions += 1
         try:
             async for item in self._subscribe(request, context, token):
                 yield item
         finally:
+            self._open_subscriptions -= 1
             self.subscriptions.pop(token, None)
 
     async def _subscribe(self, request: Any, context: grpc.aio.ServicerContext,
                          token: int) -> AsyncIterator[bytes]:
         log, commit = self.node.log, self.node.commit
         assert log is not None and commit is not None
-        if isinstance(request, BadRequest):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
-        prefix = request.stream_prefix.encode()
-        types = frozenset(request.event_types)
+        try:
+            if isinstance(request, BadRequest):
+                raise StoreError(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+            prefix, types = check_subscribe(request, self.limits)
+        except StoreError as err:
+            await _abort(context, err)
         filtered = bool(prefix or types)
         position = commit.position if request.from_end else request.after_position
         caught_up = False

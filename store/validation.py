@@ -141,6 +141,28 @@ def check_read(req: pb.ReadRequest, limits: Limits) -> bytes:
     return key
 
 
+def check_subscribe(req: pb.SubscribeRequest, limits: Limits) -> tuple[bytes, frozenset[str]]:
+    """The subscription's filter: (stream prefix bytes, event types), or INVALID_ARGUMENT
+    naming the field and the limit."""
+    prefix = req.stream_prefix.encode()
+    if len(prefix) > limits.max_stream_name_bytes:
+        raise invalid("stream_prefix", f"{len(prefix)} bytes exceeds max_stream_name_bytes "
+                                       f"({limits.max_stream_name_bytes})")
+    types = req.event_types
+    if len(types) > limits.max_subscribe_types:
+        raise invalid("event_types", f"{len(types)} types exceeds max_subscribe_types "
+                                     f"({limits.max_subscribe_types})")
+    for i, t in enumerate(types):
+        if not t:
+            raise invalid(f"event_types[{i}]", "empty; an event type is 1.."
+                                               f"{limits.max_type_bytes} bytes")
+        size = len(t.encode())
+        if size > limits.max_type_bytes:
+            raise invalid(f"event_types[{i}]", f"{size} bytes exceeds max_type_bytes "
+                                               f"({limits.max_type_bytes})")
+    return prefix, frozenset(types)
+
+
 def refuse(err: StoreError) -> pb.AppendResult:
     return pb.AppendResult(error=pb.AppendError(
         code=err.code.value[0], message=err.message,

@@ -5,13 +5,23 @@ field and the limit, with nothing written. Real servers on loopback, real LMDB."
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
-from tests.support.store import run
+from geo.transport import MAX_SWITCHOVER_MS
+from store.client import StoreClient, channel_options, new_event
+from store.errors import MD_RETRY_AFTER_MS
+from store.limits import Limits
+from tests.support.cluster import LocalCluster
+from tests.support.etcd import EtcdCluster
+from tests.support.store import run, running_store, wait_until
 from tests.test_gateway import exchange
+from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import exchange_pb2 as xpb
+from xdc.v1 import replication_pb2 as rpb
+from xdc.v1 import replication_pb2_grpc as rpb_grpc
 
 GATEWAY_METHODS = {
     "/xdc.v1.OrderGateway/SubmitOrder": "unary_unary",
@@ -54,3 +64,155 @@ def test_malformed_bytes_get_invalid_argument_on_a_generated_servicer(tmp_path: 
                 price=50000))
             assert ok.input_position > 0
     run(body)
+
+
+# ---- named limits of the EventStore ---------------------------------------------------
+
+async def refusal(call: Any) -> grpc.aio.AioRpcError:
+    """The status a streaming call ends with (it must end with an error)."""
+    with pytest.raises(grpc.aio.AioRpcError) as rpc:
+        async for _ in call:
+            pass
+    return rpc.value
+
+
+def test_subscribe_filter_limits(tmp_path: Path) -> None:
+    limits = Limits(max_stream_name_bytes=40, max_type_bytes=32, max_subscribe_types=3)
+    inv = grpc.StatusCode.INVALID_ARGUMENT
+
+    async def body() -> None:
+        async with running_store(tmp_path, limits) as (_, c):
+            for request, text in [
+                (pb.SubscribeRequest(stream_prefix="p" * 41),
+                 "stream_prefix: 41 bytes exceeds max_stream_name_bytes (40)"),
+                (pb.SubscribeRequest(stream_prefix="é" * 21),
+                 "stream_prefix: 42 bytes exceeds max_stream_name_bytes (40)"),
+                (pb.SubscribeRequest(event_types=["a", "b", "c", "d"]),
+                 "event_types: 4 types exceeds max_subscribe_types (3)"),
+                (pb.SubscribeRequest(event_types=["a", ""]), "event_types[1]: empty"),
+                (pb.SubscribeRequest(event_types=["t" * 33]),
+                 "event_types[0]: 33 bytes exceeds max_type_bytes (32)"),
+            ]:
+                err = await refusal(c.stub.Subscribe(request))
+                assert err.code() == inv and text in err.details(), (request, err.details())
+            # At the limits: served (catch-up marker first).
+            call = c.stub.Subscribe(pb.SubscribeRequest(stream_prefix="p" * 40,
+                                                        event_types=["a", "b", "t" * 32]))
+            first = await call.read()
+            assert first.WhichOneof("kind") == "caught_up"
+            call.cancel()
+    run(body)
+
+
+def test_open_subscriptions_are_bounded_by_max_subscriptions(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with running_store(tmp_path, Limits(max_subscriptions=2)) as (_, c):
+            calls = [c.stub.Subscribe(pb.SubscribeRequest()) for _ in range(2)]
+            for call in calls:  # each is open once its catch-up marker arrived
+                assert (await call.read()).HasField("caught_up")
+            err = await refusal(c.stub.Subscribe(pb.SubscribeRequest()))
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "subscriptions: 2 open on this node, max_subscriptions (2)" in err.details()
+            assert dict(err.trailing_metadata())[MD_RETRY_AFTER_MS] == "1000"
+            # A closed subscription frees its slot.
+            calls[0].cancel()
+
+            async def third_serves() -> bool:
+                call = c.stub.Subscribe(pb.SubscribeRequest())
+                try:
+                    await call.read()
+                    calls.append(call)
+                    return True
+                except grpc.aio.AioRpcError as exc:
+                    assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    return False
+            await wait_until(third_serves, 10, "a slot freed by the cancelled subscription")
+            for call in calls:
+                call.cancel()
+    run(body)
+
+
+def test_too_many_appends_in_one_message_end_the_call_after_the_earlier_answers(
+        tmp_path: Path) -> None:
+    async def body() -> None:
+        async with running_store(tmp_path, Limits(max_appends_per_message=5)) as (server, c):
+            call = c.stub.AppendStream()
+            await call.write(pb.AppendStreamRequest(correlation_id=1, appends=[
+                pb.AppendRequest(stream="ok", events=[new_event("T")])]))
+            await call.write(pb.AppendStreamRequest(correlation_id=2, appends=[
+                pb.AppendRequest(stream="x", events=[new_event("T")]) for _ in range(6)]))
+            await call.done_writing()
+            first = await call.read()
+            assert first.correlation_id == 1 and first.results[0].HasField("ok")
+            with pytest.raises(grpc.aio.AioRpcError) as rpc:
+                await call.read()
+            assert rpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert ("appends: 6 appends in one message exceeds max_appends_per_message (5)"
+                    in rpc.value.details())
+            assert [e.stream for e in await c.read("$all")] == ["ok"]
+            assert server.node.log is not None and server.node.log.last_position == 1
+    run(body)
+
+
+def test_min_position_wait_is_bounded_by_max_read_wait_ms(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with running_store(tmp_path, Limits(max_read_wait_ms=200)) as (_, c):
+            await c.append("s", new_event("T"))
+            # No deadline on the call: the store's limit ends the wait.
+            err = await refusal(c.stub.Read(pb.ReadRequest(stream="s", limit=1,
+                                                           min_position=5)))
+            assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "position 5 not committed" in err.details()
+            assert "max_read_wait_ms (200)" in err.details()
+    run(body)
+
+
+# ---- the replication service of a cluster node ----------------------------------------
+
+def test_replication_refusals_name_the_field_and_quote_input_cut_short(
+        etcd: EtcdCluster, tmp_path: Path) -> None:
+    async def body() -> None:
+        cluster = LocalCluster.make(etcd.endpoints, tmp_path)
+        await cluster.start()
+        try:
+            leader = await cluster.leader()
+            follower = next(n for n in cluster.nodes.values() if n is not leader)
+            last = leader.store.log.last_position  # type: ignore[union-attr]
+            async with grpc.aio.insecure_channel(follower.member.peer,
+                                                 options=channel_options()) as ch:
+                stub = rpb_grpc.ReplicationStub(ch)
+                huge = "n" * 100_000  # echoed whole, it would not fit in a status trailer
+                with pytest.raises(grpc.aio.AioRpcError) as rpc:
+                    await stub.Stream(iter([rpb.PeerBatch(cluster=huge, src=huge)]))
+                assert rpc.value.code() == grpc.StatusCode.PERMISSION_DENIED
+                assert "is not a member of cluster 't'" in rpc.value.details()
+                assert len(rpc.value.details()) < 400
+                with pytest.raises(grpc.aio.AioRpcError) as rpc:
+                    await stub.Tip(rpb.TipRequest(cluster=huge))
+                assert rpc.value.code() == grpc.StatusCode.PERMISSION_DENIED
+                assert len(rpc.value.details()) < 400
+                # A member's batch with a message of a kind this node cannot read.
+                with pytest.raises(grpc.aio.AioRpcError) as rpc:
+                    await stub.Stream(iter([rpb.PeerBatch(cluster="t", src=leader.id, messages=[
+                        rpb.PeerMessage(kind=99, src=leader.id, dst=follower.id)])]))
+                assert rpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "messages[0].kind: unknown PeerKind 99" in rpc.value.details()
+                for request, text in [
+                    (rpb.SwitchoverRequest(target=huge), "target: 'nnnn"),
+                    (rpb.SwitchoverRequest(target=follower.id, timeout_ms=MAX_SWITCHOVER_MS + 1),
+                     f"timeout_ms: {MAX_SWITCHOVER_MS + 1} exceeds the maximum "
+                     f"({MAX_SWITCHOVER_MS}"),
+                ]:
+                    with pytest.raises(grpc.aio.AioRpcError) as rpc:
+                        await rpb_grpc.ReplicationStub(ch).Switchover(request)
+                    assert rpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                    assert text in rpc.value.details() and len(rpc.value.details()) < 400
+            # Nothing of it reached the machine: same leader, same log, still replicating.
+            assert await cluster.leader() is leader
+            async with StoreClient(leader.address) as client:
+                r = await client.append("after", new_event("T"))
+            assert r.last_position == last + 1
+            assert await cluster.converged() == last + 1
+        finally:
+            await cluster.stop()
+    run(body, timeout_s=120)
