@@ -25,11 +25,14 @@ Schema::
     peer = "10.0.1.10:7100"           # replication host:port
     voter = true                      # false = non-voting standby (async DR copy)
     data_dir = "/var/lib/xdc"         # optional
+    cert = "tls/use1-a.pem"           # optional: this member's certificate and key
+    key = "tls/use1-a-key.pem"        # (default: tls.cert and tls.key)
 
     [tls]                             # optional: paths to PEM files, relative to the file
-    ca = "tls/ca.pem"
-    cert = "tls/node.pem"
-    key = "tls/node-key.pem"
+    ca = "tls/ca.pem"                 # required in [tls]
+    cert = "tls/node.pem"             # this host's certificate and key: a member's unless
+    key = "tls/node-key.pem"          #   the member names its own; tools' and engines'
+    client_certs = true               # client API ports demand a client certificate
 
 Only `cluster`, `[etcd]`, at least one `[[region]]` and one `[[member]]` are required;
 `failover` defaults to "manual" (new systems start manual and switch to automatic as
@@ -38,7 +41,8 @@ operators gain confidence), `lease_ttl_s` to 2.
 Errors (`ConfigError`): unknown keys (a typo must not pass silently), wrong types,
 malformed or out-of-range host:port, duplicate member ids, one address used twice,
 a member in an undeclared region, no voter at all, an unknown failover mode, a TTL below
-one second. Warnings (`ClusterConfig.warnings`, the file is still usable): an even number
+one second, TLS on but a member without a certificate (neither its own nor tls.cert), a
+cert without its key. Warnings (`ClusterConfig.warnings`, the file is still usable): an even number
 of voters (it tolerates no more failures than one voter fewer), a region without any
 member, a TTL below etcd's default-timing floor.
 
@@ -65,6 +69,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from xdc.tls import Tls, TlsError
+
 __all__ = [
     "DEFAULT_FAILOVER",
     "DEFAULT_LEASE_TTL_S",
@@ -77,6 +83,7 @@ __all__ = [
     "check_etcd",
     "check_files",
     "load",
+    "load_tls",
     "loads",
     "split_hostport",
 ]
@@ -133,6 +140,8 @@ class Member:
     peer: str  # host:port of the replication service
     voter: bool
     data_dir: Path | None = None
+    cert: Path | None = None  # TLS: this member's own (default: tls.cert)
+    key: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -143,8 +152,9 @@ class EtcdConfig:
 @dataclass(frozen=True)
 class TlsConfig:
     ca: Path
-    cert: Path
-    key: Path
+    cert: Path | None = None  # this host's (any process reading the file), or None when
+    key: Path | None = None   # every member names its own and tools pass --tls-*
+    client_certs: bool = True  # client API ports demand a client certificate
 
 
 @dataclass(frozen=True)
@@ -390,7 +400,7 @@ class _Validator:
         etcd = self._etcd(raw)
         regions = self._regions(raw)
         members = self._members(raw, {r.name for r in regions})
-        tls = self._tls(raw)
+        tls = self._tls(raw, members)
         self._cross_checks(regions, members, etcd)
         if self.errors:
             raise ConfigError(self.source, self.errors)
@@ -453,7 +463,8 @@ class _Validator:
         seen_ids: dict[str, int] = {}
         for i, table in enumerate(self.array_of_tables(raw, "member")):
             key = f"member[{i}]"
-            self.only(table, ("id", "region", "client", "peer", "voter", "data_dir"), key)
+            self.only(table, ("id", "region", "client", "peer", "voter", "data_dir", "cert",
+                              "key"), key)
             member_id = self.name(table, "id", f"{key}.id")
             if member_id is not None:
                 if member_id in seen_ids:
@@ -473,24 +484,46 @@ class _Validator:
             voter = self._get(table, "voter", f"{key}.voter", bool, "true or false",
                               required=True)
             data_dir = self.path(table, "data_dir", f"{key}.data_dir", required=False)
+            cert, cert_key = self.pem_pair(table, key)
             if None in (member_id, region, client, peer, voter):
                 continue
             members.append(Member(id=member_id, region=region, client=client, peer=peer,
-                                  voter=voter, data_dir=data_dir))
+                                  voter=voter, data_dir=data_dir, cert=cert, key=cert_key))
             self.member_index[member_id] = i
         return members
 
-    def _tls(self, raw: Mapping[str, Any]) -> TlsConfig | None:
+    def pem_pair(self, table: Mapping[str, Any], key: str) -> tuple[Path | None, Path | None]:
+        """An optional `cert` with its `key`: both or neither."""
+        cert = self.path(table, "cert", f"{key}.cert", required=False)
+        pem_key = self.path(table, "key", f"{key}.key", required=False)
+        if ("cert" in table) != ("key" in table):
+            given, missing = ("cert", "key") if "cert" in table else ("key", "cert")
+            self.error(f"{key}.{missing}", f"is required with {key}.{given}")
+        return cert, pem_key
+
+    def _tls(self, raw: Mapping[str, Any], members: list[Member]) -> TlsConfig | None:
         table = self.table(raw, "tls", "tls", required=False)
         if table is None:
+            for m in members:
+                if m.cert is not None:
+                    where = f"member[{self.member_index[m.id]}].cert"
+                    self.error(where, "a member certificate needs a [tls] table with the CA")
             return None
-        self.only(table, ("ca", "cert", "key"), "tls")
+        self.only(table, ("ca", "cert", "key", "client_certs"), "tls")
         ca = self.path(table, "ca", "tls.ca", required=True)
-        cert = self.path(table, "cert", "tls.cert", required=True)
-        key = self.path(table, "key", "tls.key", required=True)
-        if None in (ca, cert, key):
+        cert, key = self.pem_pair(table, "tls")
+        client_certs = self._get(table, "client_certs", "tls.client_certs", bool,
+                                 "true or false", required=False)
+        if cert is None:
+            for m in members:
+                if m.cert is None:
+                    where = f"member[{self.member_index[m.id]}]"
+                    self.error(where, f"member {m.id!r} has no TLS certificate: set its cert "
+                                      "and key, or tls.cert and tls.key")
+        if ca is None:
             return None
-        return TlsConfig(ca=ca, cert=cert, key=key)
+        return TlsConfig(ca=ca, cert=cert, key=key,
+                         client_certs=True if client_certs is None else client_certs)
 
     def _cross_checks(self, regions: list[Region], members: list[Member],
                       etcd: EtcdConfig | None) -> None:
@@ -557,6 +590,29 @@ def check_files(config: ClusterConfig) -> None:
             problems.append((key, f"{path} {what}"))
     if problems:
         raise ConfigError(config.source, problems)
+
+
+def load_tls(config: ClusterConfig, member_id: str | None = None) -> Tls | None:
+    """Opens the TLS material of a member (its own cert and key, else tls.cert and
+    tls.key) or, without `member_id`, of this host (tls.cert and tls.key). None when the
+    cluster runs without TLS. ConfigError naming the key and the file's problem."""
+    tls = config.tls
+    if tls is None:
+        return None
+    cert, key, where = tls.cert, tls.key, "tls"
+    if member_id is not None:
+        m = config.member(member_id)
+        if m.cert is not None:
+            cert, key = m.cert, m.key
+            where = f"member[{config.members.index(m)}]"
+    if cert is None or key is None:
+        raise ConfigError(config.source, [("tls.cert", "no certificate for this program: "
+                                                       "set tls.cert and tls.key, or pass "
+                                                       "--tls-ca/--tls-cert/--tls-key")])
+    try:
+        return Tls.load(tls.ca, cert, key, require_client_cert=tls.client_certs)
+    except TlsError as exc:
+        raise ConfigError(config.source, [(where, str(exc))]) from None
 
 
 def check_etcd(endpoints: Iterable[str], timeout_s: float = 2.0) -> None:

@@ -22,7 +22,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from geo import tiers as tiers_mod
-from geo.config import ClusterConfig
+from geo.config import ClusterConfig, load_tls
 from geo.leadership import Leadership, LeadershipError
 from geo.replication.core import Node, Role, should_campaign
 from geo.replication.messages import (
@@ -45,6 +45,7 @@ from store.node import StoreNode
 from store.server import StoreServer
 from store.writer import Results
 from xdc import telemetry
+from xdc.tls import aio_channel
 from xdc.v1 import replication_pb2 as rpb
 from xdc.v1 import replication_pb2_grpc as rpb_grpc
 
@@ -71,6 +72,9 @@ class ClusterNode:
         self.tick_s = tick_s
         self.store = StoreNode(data, limits, node_id=member_id,
                                client_address=self.member.client)
+        # This member's certificate on both ports and to its peers (ConfigError when
+        # unusable, before anything binds).
+        self.tls = load_tls(config, member_id)
         self.replicator: Replicator | None = None
         self.server: StoreServer | None = None
         self.senders: dict[str, PeerSender] = {}
@@ -114,17 +118,17 @@ class ClusterNode:
             rpb_grpc.add_ReplicationServicer_to_server(ReplicationService(
                 self.config.cluster, self.id, {m.id for m in self.config.members},
                 self._deliver, self._tip, self.status, self.switchover,
-                observe=self.observer.observe), server)
+                observe=self.observer.observe, secure=self.tls is not None), server)
             self.supervisor.add_services(server)
 
         self.server = StoreServer(self.store, self.member.client, writer_factory=make,
                                   extra_listen=[self.member.peer],
                                   add_services=add_replication,
-                                  interceptors=self.supervisor.interceptors)
+                                  interceptors=self.supervisor.interceptors, tls=self.tls)
         await self.server.start()
         self.store.role.name = "follower" if self.member.voter else "standby"
         for peer, address in self.routes.items():
-            sender = PeerSender(self.config.cluster, self.id, peer, address)
+            sender = PeerSender(self.config.cluster, self.id, peer, address, self.tls)
             sender.start()
             self.senders[peer] = sender
         loop = asyncio.get_running_loop()
@@ -275,9 +279,9 @@ class ClusterNode:
 
         async def ask(peer: str, address: str) -> None:
             try:
-                async with grpc.aio.insecure_channel(
-                        address, options=CHANNEL_OPTIONS,
-                        interceptors=telemetry.client_interceptors()) as ch:
+                async with aio_channel(address, self.tls, options=CHANNEL_OPTIONS,
+                                       interceptors=telemetry.client_interceptors(),
+                                       server_name=peer) as ch:
                     r = await rpb_grpc.ReplicationStub(ch).Tip(
                         rpb.TipRequest(cluster=self.config.cluster, src=self.id), timeout=0.5)
                     peers[peer] = Tip(r.last_term, r.last_position)

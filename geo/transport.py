@@ -30,6 +30,7 @@ from geo.replication.messages import (
 )
 from store.client import channel_options
 from store.errors import show
+from xdc.tls import ROLES, Identity, Tls, aio_channel, describe_peer, peer_identity
 from xdc.v1 import replication_pb2 as rpb
 from xdc.v1 import replication_pb2_grpc as rpb_grpc
 
@@ -96,11 +97,13 @@ def decode(pm: rpb.PeerMessage) -> Message:
 class PeerSender:
     """Sends this node's messages to one peer on a long-lived client stream."""
 
-    def __init__(self, cluster: str, node_id: str, peer_id: str, address: str) -> None:
+    def __init__(self, cluster: str, node_id: str, peer_id: str, address: str,
+                 tls: Tls | None = None) -> None:
         self.cluster = cluster
         self.node_id = node_id
         self.peer_id = peer_id
         self.address = address
+        self.tls = tls
         self._queue: collections.deque[rpb.PeerMessage] = collections.deque(maxlen=MAX_QUEUED)
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -129,8 +132,10 @@ class PeerSender:
         # failed and drop what the next stream should carry.
         while True:
             try:
-                async with grpc.aio.insecure_channel(self.address,
-                                                     options=CHANNEL_OPTIONS) as channel:
+                # With TLS the peer's certificate must name `peer_id` (the address may
+                # be a proxy's): a node that is not that member fails the handshake.
+                async with aio_channel(self.address, self.tls, options=CHANNEL_OPTIONS,
+                                       server_name=self.peer_id) as channel:
                     call = rpb_grpc.ReplicationStub(channel).Stream()
                     self.connected = True
                     while True:
@@ -145,7 +150,11 @@ class PeerSender:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any stream failure: reconnect, never give up
-                log.debug("%s -> %s: stream ended: %r", self.node_id, self.peer_id, exc)
+                if _refused(exc):  # a certificate problem does not heal by retrying
+                    log.warning("%s -> %s: refused: %s", self.node_id, self.peer_id,
+                                _details(exc))
+                else:
+                    log.debug("%s -> %s: stream ended: %r", self.node_id, self.peer_id, exc)
             finally:
                 self.connected = False
             # Messages queued while disconnected are stale by the time a stream is back;
@@ -154,8 +163,24 @@ class PeerSender:
             await asyncio.sleep(RECONNECT_S)
 
 
+def _details(exc: BaseException) -> str:
+    return exc.details() or "" if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+
+
+def _refused(exc: BaseException) -> bool:
+    if not isinstance(exc, grpc.aio.AioRpcError):
+        return False
+    return exc.code() in (grpc.StatusCode.PERMISSION_DENIED,
+                          grpc.StatusCode.UNAUTHENTICATED) or "Verification" in _details(exc)
+
+
 class ReplicationService(rpb_grpc.ReplicationServicer):
-    """Inbound peer messages, handed to `deliver` (the replicator's input queue)."""
+    """Inbound peer messages, handed to `deliver` (the replicator's input queue).
+
+    With `secure` (the cluster runs TLS), every call is checked against the caller's
+    certificate (xdc/tls.py): replication (Stream, Tip) only from a member of this
+    cluster, speaking as itself; Status from any holder of a certificate of this
+    cluster; Switchover from an operator (admin) only."""
 
     def __init__(self, cluster: str, node_id: str, members: set[str],
                  deliver: Callable[[list[Message]], None],
@@ -163,8 +188,9 @@ class ReplicationService(rpb_grpc.ReplicationServicer):
                  status: Callable[[], Awaitable[rpb.NodeStatus]],
                  switchover: Callable[[str, float], Awaitable[rpb.SwitchoverResponse]],
                  observe: Callable[[Message, Mapping[str, str]], None] | None = None,
-                 ) -> None:
+                 secure: bool = False) -> None:
         self.cluster = cluster
+        self.secure = secure
         # Sees each message before `deliver`, with the trace context it came with
         # (geo/tracing.py: replication spans and lag).
         self.observe = observe
@@ -175,14 +201,43 @@ class ReplicationService(rpb_grpc.ReplicationServicer):
         self.status = status
         self.switchover = switchover
 
+    async def _caller(self, context: grpc.aio.ServicerContext, what: str,
+                      roles: tuple[str, ...]) -> Identity | None:
+        """The caller's identity when it may call `what` (None without TLS); aborts
+        with a status naming the caller and the reason otherwise."""
+        if not self.secure:
+            return None
+        who = peer_identity(context)
+        if who is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                f"{what} refused: {describe_peer(context)}; a certificate "
+                                f"of cluster {self.cluster!r} is required")
+        assert who is not None
+        if who.cluster != self.cluster:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"{what} refused: {who} is of cluster {who.cluster!r}, "
+                                f"not {self.cluster!r}")
+        if who.role not in roles or (who.role == "member" and who.name not in self.members):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"{what} refused: {who} is not a {' or '.join(roles)} of "
+                                f"cluster {self.cluster!r}"
+                                + (f" (members: {', '.join(sorted(self.members))})"
+                                   if "member" in roles else ""))
+        return who
+
     async def Stream(self, request_iterator: Any,
                      context: grpc.aio.ServicerContext) -> rpb.StreamSummary:
+        who = await self._caller(context, "replication", ("member",))
         received = 0
         async for batch in request_iterator:
             if batch.cluster != self.cluster or batch.src not in self.members:
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                     f"node {show(batch.src)} of cluster {show(batch.cluster)} is "
                                     f"not a member of cluster {self.cluster!r}")
+            if who is not None and batch.src != who.name:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                    f"replication refused: {who} cannot speak as member "
+                                    f"{show(batch.src)}")
             msgs = []
             for i, pm in enumerate(batch.messages):
                 if pm.dst != self.node_id or pm.src != batch.src:
@@ -203,6 +258,7 @@ class ReplicationService(rpb_grpc.ReplicationServicer):
 
     async def Tip(self, request: rpb.TipRequest,
                   context: grpc.aio.ServicerContext) -> rpb.TipResponse:
+        await self._caller(context, "Tip", ("member",))
         if request.cluster != self.cluster:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 f"cluster {show(request.cluster)} is not {self.cluster!r}")
@@ -210,10 +266,12 @@ class ReplicationService(rpb_grpc.ReplicationServicer):
 
     async def Status(self, request: rpb.StatusRequest,
                      context: grpc.aio.ServicerContext) -> rpb.NodeStatus:
+        await self._caller(context, "Status", ROLES)
         return await self.status()
 
     async def Switchover(self, request: rpb.SwitchoverRequest,
                          context: grpc.aio.ServicerContext) -> rpb.SwitchoverResponse:
+        await self._caller(context, "Switchover", ("admin",))
         if request.target not in self.members:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"target: {show(request.target)} is not a member")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import stat
 import subprocess
@@ -16,15 +17,23 @@ from pathlib import Path
 import grpc
 import pytest
 
+from geo.config import ConfigError, load_tls, loads
+from geo.node import ClusterNode
+from geo.replication.messages import Promise
+from geo.transport import PeerSender, encode
 from store.client import AppendError, StoreClient, new_event
 from store.node import StoreNode
 from store.process import ServeProcess
 from store.server import StoreServer
-from tests.support.store import run
+from tests.support.cluster import LocalCluster, cluster_toml
+from tests.support.etcd import EtcdCluster
+from tests.support.store import run, wait_until
 from xdc import certs
 from xdc.tls import Identity, Tls, TlsError, aio_channel
 from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import eventstore_pb2_grpc as pb_grpc
+from xdc.v1 import replication_pb2 as rpb
+from xdc.v1 import replication_pb2_grpc as rpb_grpc
 
 CLUSTER = "t"
 MEMBERS = ("us-east-1", "eu-west-1", "ap-south-1")
@@ -199,3 +208,119 @@ def test_cli_certs_init_serve_and_clients_over_tls(tmp_path: Path) -> None:
                "--tls-ca", str(d / "ca.pem"), "--tls-cert", str(d / "n1.pem"),
                "--tls-key", str(d / "admin-key.pem"))
     assert bad.returncode == 2 and "is not the key of the certificate" in bad.stderr
+
+
+# ---- replication: mutual TLS between members -------------------------------------------
+
+async def _replicate_as(address: str, tls: Tls | None, src: str, dst: str, *,
+                        cluster: str = CLUSTER, server_name: str = "") -> rpb.StreamSummary:
+    """Sends a Promise of a huge term (accepted, it would fence the whole cluster)."""
+    batch = rpb.PeerBatch(cluster=cluster, src=src,
+                          messages=[encode(Promise(src=src, dst=dst, term=10**12))])
+    async with aio_channel(address, tls, server_name=server_name) as ch:
+        return await rpb_grpc.ReplicationStub(ch).Stream(iter([batch]), timeout=5)
+
+
+def test_tls_cluster_replicates_and_refuses_every_non_member(
+        pki: Pki, etcd: EtcdCluster, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cluster = LocalCluster.make(etcd.endpoints, tmp_path, tls_dir=pki.dir)
+    admin = pki.tls("admin")
+
+    async def body() -> None:
+        await cluster.start()
+        try:
+            leader = await cluster.leader()
+            async with StoreClient(cluster.client_targets(), tls=pki.tls("engine"),
+                                   timeout_s=15) as client:
+                for i in range(20):
+                    await client.append("orders", new_event("Placed", str(i).encode()))
+            upto = await cluster.converged()
+            assert upto >= 20
+            follower = next(n for n in cluster.nodes.values() if n is not leader)
+            promised = follower.store.log.promised_term if follower.store.log else 0
+            peer = follower.member.peer
+
+            async def refused(tls: Tls | None, src: str, **kw: str) -> grpc.aio.AioRpcError:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await _replicate_as(peer, tls, src, follower.id, **kw)
+                return err.value
+
+            # Valid certificates of the cluster's CA that are not a member's.
+            for name in ("intruder", "gateway", "admin"):
+                err = await refused(pki.tls(name), leader.id)
+                assert err.code() == grpc.StatusCode.PERMISSION_DENIED, name
+                assert f"replication refused: {pki.tls(name).identity}" in (err.details() or "")
+            # A member of another cluster, signed by the same CA.
+            err = await refused(pki.tls("other-cluster"), leader.id)
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "of cluster 'elsewhere'" in (err.details() or "")
+            # A member speaking as another member.
+            third = next(n for n in cluster.nodes.values() if n not in (leader, follower))
+            err = await refused(pki.tls(third.id), leader.id)
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert f"cannot speak as member '{leader.id}'" in (err.details() or "")
+            # A certificate of another CA, and plaintext: no handshake at all.
+            stranger = dataclasses.replace(
+                pki.tls(leader.id), cert=pki.other[leader.id].cert.read_bytes(),
+                key=pki.other[leader.id].key.read_bytes())
+            assert (await refused(stranger, leader.id)).code() == grpc.StatusCode.UNAVAILABLE
+            assert (await refused(None, leader.id)).code() == grpc.StatusCode.UNAVAILABLE
+            # None of it reached the follower's replication machine.
+            assert follower.store.log is not None
+            assert follower.store.log.promised_term == promised < 10**12
+            # Tip (the pre-vote) is replication too; Status is for any holder of a
+            # cluster certificate; Switchover only for operators.
+            async with aio_channel(peer, pki.tls("gateway")) as ch:
+                stub = rpb_grpc.ReplicationStub(ch)
+                with pytest.raises(grpc.aio.AioRpcError) as tip:
+                    await stub.Tip(rpb.TipRequest(cluster=CLUSTER, src=leader.id), timeout=5)
+                assert tip.value.code() == grpc.StatusCode.PERMISSION_DENIED
+                assert (await stub.Status(rpb.StatusRequest(), timeout=5)).node_id == follower.id
+                with pytest.raises(grpc.aio.AioRpcError) as sw:
+                    await stub.Switchover(rpb.SwitchoverRequest(target=follower.id), timeout=5)
+                assert sw.value.code() == grpc.StatusCode.PERMISSION_DENIED
+                assert "Switchover refused" in (sw.value.details() or "")
+            # The client port demands a certificate too: a client's one reaches only
+            # what clients may call.
+            async with aio_channel(leader.address, admin) as ch:
+                st = await rpb_grpc.ReplicationStub(ch).Status(rpb.StatusRequest(), timeout=5)
+                assert st.role == "leader" and st.commit_position >= upto
+
+            # A leader reaching "a follower" whose certificate names another member
+            # refuses it: the handshake fails, nothing is sent, the log says why.
+            caplog.set_level(logging.WARNING, logger="xdc.transport")
+            sender = PeerSender(CLUSTER, leader.id, "ghost", peer, pki.tls(leader.id))
+            sender.start()
+            try:
+                sender.send(Promise(src=leader.id, dst="ghost", term=10**12))
+                await wait_until(lambda: any("Hostname Verification" in r.getMessage()
+                                             for r in caplog.records), 10,
+                                 "the sender's refusal")
+                assert sender.sent == 0 and follower.store.log.promised_term == promised
+            finally:
+                await sender.stop()
+        finally:
+            await cluster.stop()
+    run(body, 90)
+
+
+def test_config_tls_errors_name_the_key(pki: Pki, tmp_path: Path) -> None:
+    text = cluster_toml(CLUSTER, ["127.0.0.1:2379"], ["us-east"], tmp_path, tls_dir=pki.dir)
+    cfg = loads(text, tmp_path)
+    assert cfg.tls is not None and cfg.members[0].cert == pki.dir / "us-east-1.pem"
+    assert load_tls(cfg, "us-east-1").identity == Identity(CLUSTER, "member", "us-east-1")
+    with pytest.raises(ConfigError, match=r"tls\.cert: no certificate for this program"):
+        load_tls(cfg)
+    swapped = text.replace("us-east-1-key.pem", "admin-key.pem")
+    with pytest.raises(ConfigError, match=r"member\[0\]: .*is not the key of the certificate"):
+        ClusterNode(loads(swapped, tmp_path), "us-east-1")
+    no_cert = text.replace(f'cert = "{pki.dir}/us-east-1.pem"\n', "")
+    with pytest.raises(ConfigError, match=r"member\[0\]\.cert: is required with member\[0\]"):
+        loads(no_cert, tmp_path)
+    bare = "\n".join(line for line in text.splitlines()
+                     if not line.startswith(("cert =", "key =")))
+    with pytest.raises(ConfigError, match="member 'us-east-1' has no TLS certificate"):
+        loads(bare, tmp_path)
+    no_tls = text[:text.index("[tls]")]
+    with pytest.raises(ConfigError, match="needs a \\[tls\\] table"):
+        loads(no_tls, tmp_path)

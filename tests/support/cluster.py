@@ -15,7 +15,9 @@ from tests.support.etcd import free_ports
 
 
 def cluster_toml(name: str, etcd_endpoints: list[str], regions: list[str], base: Path,
-                 *, standbys: int = 0, failover: str = "automatic", ttl_s: int = 2) -> str:
+                 *, standbys: int = 0, failover: str = "automatic", ttl_s: int = 2,
+                 tls_dir: Path | None = None) -> str:
+    """`tls_dir`: TLS on, with `xdc certs init`'s files there (ca.pem, <id>.pem)."""
     ports = free_ports(2 * (len(regions) + standbys))
     lines = [f'cluster = "{name}"', f'failover = "{failover}"', f"lease_ttl_s = {ttl_s}",
              "[etcd]", f"endpoints = {etcd_endpoints!r}".replace("'", '"')]
@@ -28,6 +30,10 @@ def cluster_toml(name: str, etcd_endpoints: list[str], regions: list[str], base:
         lines += ["[[member]]", f'id = "{mid}"', f'region = "{region}"',
                   f'client = "127.0.0.1:{ports[2 * i]}"', f'peer = "127.0.0.1:{ports[2 * i + 1]}"',
                   f"voter = {'true' if voter else 'false'}", f'data_dir = "{base / mid}"']
+        if tls_dir is not None:
+            lines += [f'cert = "{tls_dir / mid}.pem"', f'key = "{tls_dir / mid}-key.pem"']
+    if tls_dir is not None:
+        lines += ["[tls]", f'ca = "{tls_dir / "ca.pem"}"']
     return "\n".join(lines) + "\n"
 
 
