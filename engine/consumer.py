@@ -15,8 +15,13 @@ State kept per instance:
   inputs, same bytes, same chain) and raises an alarm on any difference; a primary
   appends them;
 * ``committed_input``: the last input whose outputs are known committed, and
-  ``out_revision``: the output stream's last revision seen. The primary appends with
-  ``EXPECTED_EXACT out_revision + in-flight``, so only one writer's batches can land.
+  ``out_revision``: the output stream's last revision seen;
+* emission (primary): one output append in flight at most, with the exact expected
+  revision ``max(out_revision, last revision this generation appended)``, so only one
+  writer's batches can land. Never two: if the first were refused because another
+  writer's batch took its revision, the second's expected revision would match and
+  land it after a batch covering other inputs (a gap or a repeat). Answers of an older
+  generation (before a refusal, a demotion, a promotion) change nothing.
 
 Takeover is therefore exact with no extra protocol: a new primary appends exactly its
 pending outputs, which start right after the last committed input, and a stale primary's
@@ -109,6 +114,10 @@ class Consumer:
     # The first ``_sent`` pending entries were handed to the shell to append (and are not
     # seen committed yet); the next batch starts after them.
     _sent: int = 0
+    generation: int = 0  # of emission: bumped by every rewind
+    inflight: int | None = None  # expected revision of the output append in flight
+    appended_through: int = 0  # last output revision appended in this generation
+    resync_to: int = 0  # emit again once out_revision has reached this
     _out: list[tuple] = field(default_factory=list)
     _input_stream: str = field(init=False, default="")
     _output_stream: str = field(init=False, default="")
@@ -264,9 +273,47 @@ class Consumer:
         self.base_position = self.promotable_after = self.position
 
     def rewind_emission(self) -> None:
-        """An append failed (another writer, a lost connection): what was handed out but
-        is not seen committed is emitted again once the shell has caught up."""
+        """A new generation of emission (an append refused or in doubt, a promotion, a
+        demotion): what was handed out but is not seen committed is emitted again, and
+        the answer of the append in flight, whenever it comes, changes nothing."""
         self._sent = 0
+        self.generation += 1
+        self.inflight = None
+        self.appended_through = 0
+
+    def next_append(self) -> tuple[int, int, wire.OutputBatch] | None:
+        """(generation, exact expected revision, batch) of the next output append, or
+        None while one is in flight, while resyncing, or with nothing to emit."""
+        if self.alarm or self.inflight is not None or self.out_revision < self.resync_to:
+            return None
+        batch = self.next_batch()
+        if batch is None:
+            return None
+        self.inflight = max(self.out_revision, self.appended_through)
+        return self.generation, self.inflight, batch
+
+    def on_appended(self, generation: int, last_revision: int) -> None:
+        if generation == self.generation:
+            assert self.inflight is not None and last_revision == self.inflight + 1, (
+                f"append expected at {self.inflight} landed at revision {last_revision}")
+            self.inflight = None
+            self.appended_through = last_revision
+
+    def on_refused(self, generation: int, actual_last_revision: int = 0,
+                   already_exists: bool = False) -> None:
+        """The append was refused, or its outcome is unknown (no revision known: 0).
+        Emission resumes from the last committed input once the subscription has shown
+        the stream up to what the store reported, so new outputs are verified first."""
+        if generation != self.generation:
+            return
+        assert self.inflight is not None
+        expected = self.inflight
+        self.rewind_emission()
+        if already_exists:
+            # Another primary's batch from the same first input is in the stream, past
+            # the expected revision: emitting at once would be refused the same way.
+            actual_last_revision = expected + 1
+        self.resync_to = max(self.resync_to, actual_last_revision)
 
     # ---------------------------------------------------------------- snapshots
 

@@ -9,8 +9,11 @@ Life of an instance:
    inputs, controls and committed outputs, in log order.
 2. Until the subscription has caught up, only replay (and verify committed outputs).
 3. With ``role = auto`` and no alarm, campaign for the group's lease; the holder is the
-   primary and appends its pending outputs to the output stream, at most
-   ``max_inflight`` appends in flight, each with the exact expected revision. A refused
+   primary and appends its pending outputs to the output stream, one append in flight
+   (each takes all outputs pending, up to the batch limits), with the exact expected
+   revision. Never two in flight: if the first were refused because another writer's
+   batch took its revision, the second's expected revision would match and land it
+   after that batch, whatever inputs that batch covered (a gap or a repeat). A refused
    append (another writer, a stale view) rewinds emission until the subscription has
    shown the output stream up to the revision the store reported.
 4. A warm instance (not holding the lease) checks every committed batch against its own
@@ -70,19 +73,12 @@ class RunnerConfig:
     store: tuple[str, ...]
     role: str = "auto"  # auto: campaign for the lease; warm: never (verify only)
     snapshot_every: int = 100_000  # inputs between snapshots (0: only on request)
-    max_inflight: int = 8  # output appends in flight
     campaign_interval_s: float = 0.2
 
     def __post_init__(self) -> None:
         wire.check_group(self.group)
         assert self.role in ("auto", "warm"), self.role
-        assert self.max_inflight >= 1 and self.snapshot_every >= 0
-
-
-@dataclass(slots=True)
-class _Inflight:
-    expected: int
-    generation: int
+        assert self.snapshot_every >= 0
 
 
 class EngineRunner:
@@ -100,9 +96,6 @@ class EngineRunner:
         self.role_note = "starting"
         self.snapshot_position = 0
         self.store_position = 0
-        self._inflight: list[_Inflight] = []
-        self._generation = 0
-        self._resync_to = 0  # emit again once out_revision reaches this
         self._hash_at: tuple[int, str] = (-1, "")  # (input position, state hash hex)
         self._captures: list[Capture] = []
         self._since_capture = 0
@@ -122,15 +115,19 @@ class EngineRunner:
             t.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task) -> None:
-        if self._stopping or self.failure is not None:
+        if self._stopping:
             return
         # Either task ending, even by a cancel nobody asked for, leaves an engine that
         # looks alive and does nothing: fail, so the process exits and is restarted.
-        self.failure = (RuntimeError(f"task {task.get_name()} cancelled")
-                        if task.cancelled() else task.exception()
-                        or RuntimeError(f"task {task.get_name()} returned"))
-        log.error("engine task %s failed: %r", task.get_name(), self.failure)
-        self._stopped.set()
+        self._fail(task.get_name(), RuntimeError(f"task {task.get_name()} cancelled")
+                   if task.cancelled() else task.exception()
+                   or RuntimeError(f"task {task.get_name()} returned"))
+
+    def _fail(self, where: str, exc: BaseException) -> None:
+        if self.failure is None:
+            self.failure = exc
+            log.error("engine %s failed: %r", where, exc)
+            self._stopped.set()
 
     async def wait_failed(self) -> None:
         await self._stopped.wait()
@@ -267,50 +264,43 @@ class EngineRunner:
             # are seen committed: emitting from here would leave a gap.
             c.shed_backlog()
         if self.primary:
-            await self._emit()
+            self._emit()
             await self._flush_captures()
         self._wake.set()
 
     # ---------------------------------------------------------------- emission
 
-    async def _emit(self) -> None:
-        c = self.consumer
-        if not self.caught_up or c.alarm or c.out_revision < self._resync_to:
+    def _emit(self) -> None:
+        if not self.caught_up:
             return
-        self._inflight = [f for f in self._inflight
-                          if f.generation == self._generation and f.expected >= c.out_revision]
-        while len(self._inflight) < self.config.max_inflight:
-            batch = c.next_batch()
-            if batch is None:
-                return
-            expected = self._inflight[-1].expected + 1 if self._inflight else c.out_revision
-            f = _Inflight(expected, self._generation)
-            self._inflight.append(f)
-            event = batch.event(self.config.group, self.config.instance)
-            fut = self.client.append_nowait(self.output_stream, [event], EXACT, expected)
-            fut.add_done_callback(lambda done, f=f: self._appended(done, f))
+        nxt = self.consumer.next_append()
+        if nxt is None:
+            return
+        generation, expected, batch = nxt
+        event = batch.event(self.config.group, self.config.instance)
+        fut = self.client.append_nowait(self.output_stream, [event], EXACT, expected)
+        fut.add_done_callback(lambda done: self._appended(done, generation, expected))
 
-    def _appended(self, fut: asyncio.Future, f: _Inflight) -> None:
-        if fut.cancelled():
+    def _appended(self, fut: asyncio.Future, generation: int, expected: int) -> None:
+        try:
+            self._on_answer(fut, generation, expected)
+        except Exception as exc:  # a broken invariant in a callback: not to be lost
+            self._fail("output append answer", exc)
+
+    def _on_answer(self, fut: asyncio.Future, generation: int, expected: int) -> None:
+        c = self.consumer
+        exc = None if fut.cancelled() else fut.exception()
+        if exc is None and not fut.cancelled():
+            c.on_appended(generation, fut.result().last_revision)
+            self._emit()
+            self._wake.set()
             return
-        exc = fut.exception()
-        if exc is None or f.generation != self._generation:
+        if generation != c.generation:
             return
-        # Another writer got there first, or the attempt's outcome is unknown: re-emit
-        # from the last committed input once the subscription has shown the stream up
-        # to what the store reported (the new outputs are then verified, not repeated).
-        self._generation += 1
-        self._inflight.clear()
-        self.consumer.rewind_emission()
-        actual = getattr(exc, "actual_last_revision", 0)
-        if getattr(exc, "code", None) == grpc.StatusCode.ALREADY_EXISTS:
-            # Another primary's batch from the same first input is in the stream, past
-            # the revision this one expected: wait until it has been seen (and verified);
-            # emitting at once would be refused the same way, in a tight loop.
-            actual = f.expected + 1
-        self._resync_to = max(self._resync_to, actual)
+        c.on_refused(generation, getattr(exc, "actual_last_revision", 0),
+                     getattr(exc, "code", None) == grpc.StatusCode.ALREADY_EXISTS)
         log.info("output append at revision %d refused (%s); resync to revision %d",
-                 f.expected, exc, actual)
+                 expected, exc or "cancelled", c.resync_to)
         self._wake.set()
 
     # ---------------------------------------------------------------- the lease
@@ -332,7 +322,7 @@ class EngineRunner:
                                        f"{c.hold_after}")
                     await self.lease.release()
                 else:
-                    await self._emit()
+                    self._emit()
                     await self._flush_captures()
                 continue
             if not self._may_campaign():
@@ -354,20 +344,16 @@ class EngineRunner:
         c = self.consumer
         c.release_hold()
         c.rewind_emission()
-        self._generation += 1
-        self._inflight.clear()
         self.primary = True
         self.role_note = "primary"
         log.info("instance %s is primary of %s from input %d (outputs committed through %d)",
                  self.config.instance, self.config.group, c.position, c.committed_input)
-        await self._emit()
+        self._emit()
 
     async def _demote(self, why: str) -> None:
         self.primary = False
-        self._generation += 1
-        self._inflight.clear()
-        self._captures.clear()
         self.consumer.rewind_emission()
+        self._captures.clear()
         self.role_note = "warm"
         log.warning("instance %s is no longer primary of %s: %s", self.config.instance,
                     self.config.group, why)

@@ -451,7 +451,7 @@ class Run:
         st = self.rec.stale
         async with grpc.aio.insecure_channel(target, options=channel_options()) as ch:
             stub = pb_grpc.EventStoreStub(ch)
-            while True:
+            while not self.rec.stop.is_set():
                 event = new_event("StaleProbe", b"")
                 st["sent"] += 1
                 try:
@@ -489,6 +489,11 @@ class Run:
         self._phase = Phase(t0, old_term, old_leader, inst, committed, expect_new_term,
                             t0_wall=time.time())
         self._new_term_seen = float("inf")
+        # The last phase's deposed leader may lead again (failback): probing it now
+        # would count a real leader's acks as stale ones.
+        for t in self.tasks:
+            if t.get_name() == "stale-prober":
+                t.cancel()
         if stale_probe:
             self.spawn(self.stale_prober(old_leader.client), "stale-prober")
         return self._phase
@@ -536,8 +541,14 @@ class Run:
             # Wind down: stop the load (in-doubt writes still resolve), then check.
             log.info("scenario done; winding down the load")
             self.rec.stop.set()
-            producers = [t for t in self.tasks if t.get_name().startswith(("ledger", "orders"))]
-            await asyncio.wait_for(asyncio.gather(*producers), opts.step_timeout_s)
+            # The stale prober too: an ack it got after the check's read would be "lost".
+            producers = [t for t in self.tasks if t.get_name().startswith(
+                ("ledger", "orders", "stale")) and not t.cancelled()]
+            await asyncio.wait_for(asyncio.gather(*producers, return_exceptions=True),
+                                   opts.step_timeout_s)
+            for t in producers:
+                if not t.cancelled() and t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
             log.info("load stopped; checking")
             result.update(await self.check(client))
             return result
@@ -720,7 +731,8 @@ class Run:
     async def _failback(self, leader: launcher.NodeProc, term: int) -> dict[str, Any]:
         assert self.state is not None
         (first,) = (await self._leader_crash(leader, term))["_phases"]
-        await launcher.wait_converged(self.state, self.opts.step_timeout_s)
+        # The load goes on: the restarted region has caught up, not "converged".
+        await launcher.wait_caught_up(self.state, self.opts.step_timeout_s)
         interim, st = await launcher.wait_leader(self.state, self.opts.step_timeout_s)
         await wait_until(self._engines_warm, self.opts.step_timeout_s, "warm engines", 0.05)
         # Back to the original region: store leadership, then the engine primary.

@@ -357,6 +357,22 @@ async def wait_converged(state: ClusterState, timeout_s: float = 30.0) -> int:
         await asyncio.sleep(0.05)
 
 
+async def wait_caught_up(state: ClusterState, timeout_s: float = 30.0) -> int:
+    """Waits until every node holds what the leader had committed when the wait began;
+    returns that position. Unlike `wait_converged` it holds under continuous load."""
+    deadline = time.monotonic() + timeout_s
+    _, st = await wait_leader(state, timeout_s)
+    target = st.commit_position
+    while True:
+        sts = await statuses(state)
+        if all(s is not None and s.commit_position >= target for s in sts.values()):
+            return target
+        if time.monotonic() > deadline:
+            seen = {k: s.commit_position if s else None for k, s in sts.items()}
+            raise TimeoutError(f"replicas did not reach commit position {target}: {seen}")
+        await asyncio.sleep(0.05)
+
+
 def _leadership(state: ClusterState, node_id: str = "xdc-cli") -> Leadership:
     return Leadership(state.etcd_endpoints, state.cluster, node_id, {"id": node_id}, 2,
                       on_lost=lambda reason: None)

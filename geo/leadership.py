@@ -72,9 +72,11 @@ Switchover and manual failover (policy lives in the node; these are the primitiv
     only when `promoted()` names it (or, for a cluster's very first election, when
     `ever_led()` is False). The winning transaction consumes the promotion, so a second
     loss of leadership again waits for an operator.
-These rules are checked by the caller before `campaign()`, not inside the transaction:
-a designation written between the check and the campaign can lose one race, which costs
-availability for a moment, never safety (terms and promises fence the log).
+The caller checks these rules before `campaign()`; the campaign transaction also
+refuses while a designation names another node (a designation written between the
+caller's check and its campaign must not lose the race). A promotion written in that
+window can still lose one race: it costs availability for a moment, never safety
+(terms and promises fence the log).
 """
 
 from __future__ import annotations
@@ -342,15 +344,27 @@ class Leadership:
         tx = self._etcd.clients[0].transactions
         sent = self.clock()  # the lease's TTL starts no earlier than this
         lease = self._etcd.call("grant lease", lambda c: c.lease(self.ttl_s))
+        success = [tx.put(self.leader_key, self._value, lease.id),
+                   tx.put(self.last_key, self._value),
+                   tx.delete(self.promoted_key),
+                   tx.delete(self.designated_key),
+                   tx.get(self.leader_key)]
         try:
+            # The designation is part of the guard, not only of the caller's check: when
+            # a leader designates and resigns, every other candidate wakes at that moment
+            # and one that read "no designation" just before would otherwise win.
             ok, responses = self._etcd.call("campaign", lambda c: c.transaction(
-                compare=[tx.create(self.leader_key) == 0],
-                success=[tx.put(self.leader_key, self._value, lease.id),
-                         tx.put(self.last_key, self._value),
-                         tx.delete(self.promoted_key),
-                         tx.delete(self.designated_key),
-                         tx.get(self.leader_key)],
-                failure=[tx.get(self.leader_key)]))
+                compare=[tx.create(self.leader_key) == 0,
+                         tx.version(self.designated_key) == 0],
+                success=success,
+                failure=[tx.get(self.leader_key), tx.get(self.designated_key)]))
+            if not ok and not responses[0] and responses[1] \
+                    and responses[1][0][0] == self.node_id.encode():
+                # This node is the designated one.
+                ok, responses = self._etcd.call("campaign", lambda c: c.transaction(
+                    compare=[tx.create(self.leader_key) == 0,
+                             tx.value(self.designated_key) == self.node_id],
+                    success=success, failure=[tx.get(self.leader_key)]))
         except LeadershipError:
             self._revoke_quietly(lease.id)  # the outcome is unknown: undo it
             raise

@@ -1,8 +1,9 @@
 """The deterministic consumer's pure core, driven by a simulated log with seeded fault
 schedules: instances crash and restart (from a snapshot or from scratch), two of them
-believe they are primary at once, appends are delayed, lost or refused, and the output
-stream must end up holding every input's outputs exactly once, identical to a run
-without failures."""
+believe they are primary at once, appends are delayed, lost, refused or land with their
+answer lost, appends sent before a crash still land after it, and the output stream
+must end up holding every input's outputs exactly once, identical to a run without
+failures."""
 
 from __future__ import annotations
 
@@ -56,12 +57,20 @@ class Log:
         self.records.append(Record(len(self.records) + 1, "in", kind, body.encode()))
 
     def append_output(self, expected: int, batch: wire.OutputBatch) -> bool:
+        return self.try_append(expected, batch) == "ok"
+
+    def try_append(self, expected: int, batch: wire.OutputBatch) -> str:
+        """As the store answers: the batch's id (derived from its first input) is
+        checked before the expected revision."""
+        if any(r.batch is not None and r.batch.first_input == batch.first_input
+               for r in self.records):
+            return "exists"
         if expected != self.out_revision:
-            return False
+            return "wrong"
         self.out_revision += 1
         self.records.append(Record(len(self.records) + 1, "out", revision=self.out_revision,
                                    batch=batch))
-        return True
+        return "ok"
 
     def committed_blobs(self) -> list[bytes]:
         return [b for r in self.records if r.kind == "out" for b in r.batch.blobs]  # type: ignore[union-attr]
@@ -87,7 +96,16 @@ def reference(log: Log) -> list[bytes]:
 class Instance:
     consumer: Consumer
     cursor: int = 0  # records read
-    inflight: list[tuple[int, wire.OutputBatch]] = field(default_factory=list)
+
+
+@dataclass
+class Sent:
+    """An output append on the wire: it lands or not whatever becomes of its sender."""
+
+    sender: Instance
+    generation: int
+    expected: int
+    batch: wire.OutputBatch
 
 
 def boot(log: Log, rng: random.Random) -> Instance:
@@ -100,11 +118,29 @@ def boot(log: Log, rng: random.Random) -> Instance:
     return Instance(Consumer(GROUP))
 
 
+def deliver(log: Log, sent: Sent, rng: random.Random, faults: bool) -> None:
+    """The store processes one append, then its answer reaches the sender (unless lost,
+    or the sender is gone: an answer to a crashed incarnation changes nothing)."""
+    c = sent.sender.consumer
+    if faults and rng.random() < 0.05:  # lost before the store: outcome unknown
+        c.on_refused(sent.generation)
+        return
+    outcome = log.try_append(sent.expected, sent.batch)
+    if faults and rng.random() < 0.05:  # answer lost: outcome unknown
+        c.on_refused(sent.generation)
+    elif outcome == "ok":
+        c.on_appended(sent.generation, log.out_revision)
+    else:
+        c.on_refused(sent.generation, log.out_revision if outcome == "wrong" else 0,
+                     already_exists=outcome == "exists")
+
+
 def simulate(seed: int, n_inputs: int = 400) -> tuple[Log, list[Instance]]:
     rng = random.Random(seed)
     cmds = random_commands(seed, n_inputs)
     log = Log()
     inst = [Instance(Consumer(GROUP)), Instance(Consumer(GROUP))]
+    wire_: list[Sent] = []  # appends in flight, in the order the store will see them
     primaries = {0}
     pending_snap: list[Capture] = []
     i = 0
@@ -112,6 +148,7 @@ def simulate(seed: int, n_inputs: int = 400) -> tuple[Log, list[Instance]]:
     while True:
         steps += 1
         assert steps < 100_000
+        faults = i < len(cmds)
         if i < len(cmds) and rng.random() < 0.5:
             for _ in range(rng.randint(1, 8)):
                 if i < len(cmds):
@@ -125,44 +162,37 @@ def simulate(seed: int, n_inputs: int = 400) -> tuple[Log, list[Instance]]:
             feed(x.consumer, r)
         x.cursor = upto
         assert not x.consumer.alarm, x.consumer.alarm
-        # deliver or lose in-flight appends (in order)
-        while x.inflight and rng.random() < 0.6:
-            expected, batch = x.inflight.pop(0)
-            lost = i < len(cmds) and rng.random() < 0.1
-            if lost or not log.append_output(expected, batch):
-                x.inflight.clear()
-                x.consumer.rewind_emission()
+        # the store takes some appends off the wire (each sender's in order)
+        while wire_ and rng.random() < 0.6:
+            deliver(log, wire_.pop(0), rng, faults)
         # primaries emit (sometimes both: only expected revisions keep them apart)
         if who in primaries:
-            while len(x.inflight) < 4:
-                b = x.consumer.next_batch()
-                if b is None:
-                    break
-                x.inflight.append((x.consumer.out_revision + len(x.inflight), b))
+            if (nxt := x.consumer.next_append()) is not None:
+                wire_.append(Sent(x, *nxt))
             if rng.random() < 0.05:
                 pending_snap.append(x.consumer.capture())
         for s in list(pending_snap):
             if any(c.consumer.committed_input >= s.wait_for for c in inst):
                 log.snapshots.append(s)
                 pending_snap.remove(s)
-        if i < len(cmds):
+        if faults:
             event = rng.random()
-            if event < 0.02:  # crash: in-flight appends are lost, state rebuilt
+            if event < 0.02:  # crash: state rebuilt; what it sent may still land
                 inst[who] = boot(log, rng)
             elif event < 0.05:
                 primaries = {rng.randrange(2)}
+                for k in range(2):
+                    if k not in primaries:  # a demotion starts a new generation
+                        inst[k].consumer.rewind_emission()
             elif event < 0.06:
                 primaries = {0, 1}  # a stale primary that has not noticed yet
             continue
         # Quiesce: one primary, no more faults; done once everything is committed and
         # both instances have read the whole log.
         primaries = {0}
-        if all(c.cursor == len(log.records) and not c.inflight for c in inst) \
+        if all(c.cursor == len(log.records) for c in inst) and not wire_ \
                 and not inst[0].consumer.pending and not inst[1].consumer.pending:
             break
-        x = inst[0]
-        if not x.inflight and x.cursor == len(log.records):
-            x.consumer.rewind_emission()
     return log, inst
 
 

@@ -117,6 +117,7 @@ def test_terms_strictly_increase_across_elections(etcd: EtcdCluster) -> None:
                 terms.append(term)
                 # Unrelated writes in between move the revision, never backwards.
                 await a.lead.designate("nobody", 5)
+                await a.lead.clear_designation()
                 await n.lead.resign()
             assert all(x < y for x, y in itertools.pairwise(terms)), terms
         finally:
@@ -422,8 +423,12 @@ def test_designate_promote_and_failover_mode_round_trips(etcd: EtcdCluster) -> N
             assert await asyncio.wait_for(waiter, 5) is True
             assert await b.lead.promoted() == "b"
 
-            # The winning campaign consumes the promotion and the designation.
+            # While the designation names b, a cannot win even if it skips the check
+            # (the campaign's own guard); b wins and consumes the promotion and the
+            # designation.
             await a.lead.designate("b", 30)
+            assert await a.lead.campaign() is None
+            assert await a.lead.current() is None
             term = await b.lead.campaign()
             assert term is not None
             assert await a.lead.promoted() is None
