@@ -48,7 +48,8 @@ class StoreError(Exception):
 def show(value: object, limit: int = 80) -> str:
     """`value` as a refusal quotes it: repr, cut to `limit` characters. A status message
     travels in a trailer, which the client refuses past its metadata size limit: echoing
-    a hostile value whole would turn the refusal into an INTERNAL error."""
+    a hostile value whole, the caller would see RESOURCE_EXHAUSTED "Stream removed"
+    instead of the refusal."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
 

@@ -428,6 +428,16 @@ class Log:
                 )
         positions = [_BE64.unpack(where[event_id])[0] for event_id in req.ids]
         for i, p in enumerate(positions):
+            # An append is written whole, in order, at consecutive positions: events
+            # found elsewhere were appended separately, and first..last would not be
+            # this request's positions.
+            if p != positions[0] + i:
+                raise StoreError(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"events[{i}].id {uuid.UUID(bytes=req.ids[i])} is at position {p}, not "
+                    f"{positions[0] + i}: these events are in the log, but not as one append "
+                    f"in this order; a retried append must carry exactly the original events",
+                )
             value = group_values[p - group_first] if p >= group_first else txn.get(
                 _pos_key(p), db=self.log_db)
             assert value is not None, f"ids index points at missing position {p}"

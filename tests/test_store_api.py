@@ -158,6 +158,17 @@ def test_idempotent_retry_returns_original_positions_even_after_restart(tmp_path
             assert e.value.code == grpc.StatusCode.ALREADY_EXISTS
             assert "exactly the original events" in e.value.message
             assert server.node.log.last_position == 3
+            # Events all in the log, but not as one append in this order: first..last
+            # would not be their positions (found by tests/test_fuzz.py).
+            five = ev(5)
+            assert (await c.append("s", five)).first_position == 4
+            for events, text in (([batch[1], batch[0]], "events[1].id"),
+                                 ([batch[0], five], "events[1].id")):
+                with pytest.raises(AppendError) as e:
+                    await c.append("s", events)
+                assert e.value.code == grpc.StatusCode.ALREADY_EXISTS
+                assert text in e.value.message and "not as one append" in e.value.message
+            assert server.node.log.last_position == 4
 
     run(first)
     run(after_restart)

@@ -4,7 +4,9 @@ files, real gRPC servers on loopback ports, one replicator thread per node."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from geo.config import ClusterConfig, loads
@@ -103,3 +105,15 @@ def log_hash(node: ClusterNode, upto: int) -> str:
         h.update(value)
     assert upto == 0 or records.position_of(value) == upto
     return h.hexdigest()
+
+
+@contextlib.asynccontextmanager
+async def running_cluster(etcd_endpoints: list[str], base: Path, regions: int = 3,
+                          **kw: object) -> AsyncIterator[LocalCluster]:
+    """A started LocalCluster, stopped on the way out."""
+    cluster = LocalCluster.make(etcd_endpoints, base, regions, **kw)
+    await cluster.start()
+    try:
+        yield cluster
+    finally:
+        await cluster.stop()

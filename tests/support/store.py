@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -52,3 +54,41 @@ async def wait_until(predicate: Callable[[], bool | Awaitable[bool]], timeout_s:
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+class LoopThread:
+    """An event loop of its own in a background thread, for synchronous test code (e.g.
+    hypothesis, which cannot drive a coroutine) that talks to real asyncio servers."""
+
+    def __init__(self, timeout_s: float = 60.0) -> None:
+        self.timeout_s = timeout_s
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="test-loop",
+                                        daemon=True)
+        self._thread.start()
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Runs `coro` on the loop; its result, or its exception, here."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(self.timeout_s)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(self.timeout_s)
+        self.loop.close()
+
+
+@contextlib.contextmanager
+def in_thread(manager: Callable[[], AbstractAsyncContextManager[T]],
+              timeout_s: float = 60.0) -> Iterator[tuple[T, LoopThread]]:
+    """Enters the async context manager `manager()` (running_store, a cluster...) on a
+    LoopThread and yields its value with the thread; exits it there afterwards."""
+    thread = LoopThread(timeout_s)
+    try:
+        cm = manager()
+        value = thread.call(cm.__aenter__())
+        try:
+            yield value, thread
+        finally:
+            thread.call(cm.__aexit__(None, None, None))
+    finally:
+        thread.close()
