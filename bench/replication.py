@@ -7,6 +7,9 @@ from the local launcher, measured next to a standalone node in the same run.
 - crash failover: SIGKILL of the leader region under load -> first acknowledged write at
   the new leader (RTO), and acknowledged events lost;
 - planned switchover: writes paused from the request until the target holds the key.
+
+The clusters run in plaintext (`tls=False`), like the standalone node they are compared
+with and bench/store's raw pipeline; TLS is the launcher's default otherwise.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from store.client import StoreClient, new_event
 def replicated_ingest(n: int) -> float:
     msgs = _ingest_messages(n, per_append=500, appends_per_msg=2, streams=8)
     with tempfile.TemporaryDirectory(prefix="xdc-bench-repl-") as d:
-        state = launcher.up(d, regions=3, rtt_ms=0)
+        state = launcher.up(d, regions=3, rtt_ms=0, tls=False)
         try:
             leader, _ = asyncio.run(launcher.wait_leader(state))
             dt = asyncio.run(_pipeline(leader.client, msgs, inflight=16))
@@ -52,7 +55,7 @@ async def _commit_latencies(address: str, n: int, inflight: int = 16) -> list[fl
 
 def commit_latency(rtt_ms: float, n: int) -> tuple[float, float]:
     with tempfile.TemporaryDirectory(prefix="xdc-bench-lat-") as d:
-        state = launcher.up(d, regions=3, rtt_ms=rtt_ms)
+        state = launcher.up(d, regions=3, rtt_ms=rtt_ms, tls=False)
         try:
             leader, _ = asyncio.run(launcher.wait_leader(state))
             lat = asyncio.run(_commit_latencies(leader.client, n))
@@ -63,7 +66,7 @@ def commit_latency(rtt_ms: float, n: int) -> tuple[float, float]:
 
 def crash_failover(ttl_s: int = 2) -> tuple[float, int, int]:
     with tempfile.TemporaryDirectory(prefix="xdc-bench-crash-") as d:
-        state = launcher.up(d, regions=3, rtt_ms=30, ttl_s=ttl_s)
+        state = launcher.up(d, regions=3, rtt_ms=30, ttl_s=ttl_s, tls=False)
         try:
             crash = asyncio.run(crash_leader_region(state, after=200))
             return crash.rto_s, crash.acked, crash.lost
@@ -73,7 +76,7 @@ def crash_failover(ttl_s: int = 2) -> tuple[float, int, int]:
 
 def switchover(rounds: int) -> list[float]:
     with tempfile.TemporaryDirectory(prefix="xdc-bench-switch-") as d:
-        state = launcher.up(d, regions=3, rtt_ms=30)
+        state = launcher.up(d, regions=3, rtt_ms=30, tls=False)
         took = []
         try:
             for _ in range(rounds):

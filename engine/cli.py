@@ -17,6 +17,7 @@ from engine.exchange_config import ExchangeConfigError, load
 from engine.lease import make_lease
 from engine.runner import ENGINE_VERSION, RunnerConfig, fetch_status, run_engine
 from store.client import CaughtUp, StoreClient
+from xdc.tls import Tls, add_cli_args, cli_tls
 from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import exchange_pb2 as xpb
 
@@ -40,16 +41,17 @@ def _group(args: argparse.Namespace) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     group = _group(args)
     config = RunnerConfig(group=group, instance=args.instance, store=tuple(args.store.split(",")),
-                          role=args.role, snapshot_every=args.snapshot_every)
+                          role=args.role, snapshot_every=args.snapshot_every,
+                          tls=cli_tls(args, "xdc engine"))
     lease = make_lease(args.lease, group, args.instance, args.cluster, args.lease_ttl)
     return asyncio.run(run_engine(config, lease, args.control))
 
 
-async def _status(addresses: list[str]) -> list[xpb.EngineStatus | str]:
+async def _status(addresses: list[str], tls: Tls | None) -> list[xpb.EngineStatus | str]:
     out: list[xpb.EngineStatus | str] = []
     for a in addresses:
         try:
-            out.append(await fetch_status(a))
+            out.append(await fetch_status(a, tls=tls))
         except grpc.aio.AioRpcError as exc:
             out.append(f"{a}: {exc.code().name} {exc.details()}")
     return out
@@ -58,7 +60,7 @@ async def _status(addresses: list[str]) -> list[xpb.EngineStatus | str]:
 def cmd_status(args: argparse.Namespace) -> int:
     from xdc.cli import message_json
     bad = 0
-    for s in asyncio.run(_status(args.engine.split(","))):
+    for s in asyncio.run(_status(args.engine.split(","), cli_tls(args, "xdc engine"))):
         if isinstance(s, str):
             bad = 1
             print(json.dumps({"error": s}))
@@ -68,8 +70,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     return bad
 
 
-async def _control(store: str, group: str, kind: str, body: dict[str, str]) -> int:
-    client = StoreClient(store.split(","))
+async def _control(store: str, group: str, kind: str, body: dict[str, str],
+                   tls: Tls | None) -> int:
+    client = StoreClient(store.split(","), tls=tls)
     try:
         r = await client.append(wire.input_stream(group), [
             wire.control_event(group, kind, body, uuid.uuid4().hex)])
@@ -80,22 +83,23 @@ async def _control(store: str, group: str, kind: str, body: dict[str, str]) -> i
 
 def cmd_switchover(args: argparse.Namespace) -> int:
     position = asyncio.run(_control(args.store, wire.check_group(args.group),
-                                    wire.SWITCHOVER_TYPE, {"to": args.to}))
+                                    wire.SWITCHOVER_TYPE, {"to": args.to},
+                                    cli_tls(args, "xdc engine")))
     print(json.dumps({"group": args.group, "to": args.to, "marker_position": position}))
     return 0
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
     position = asyncio.run(_control(args.store, wire.check_group(args.group),
-                                    wire.SNAPSHOT_REQUEST_TYPE, {}))
+                                    wire.SNAPSHOT_REQUEST_TYPE, {}, cli_tls(args, "xdc engine")))
     print(json.dumps({"group": args.group, "requested_at": position}))
     return 0
 
 
-async def verify(store: list[str], group: str) -> dict[str, object]:
+async def verify(store: list[str], group: str, tls: Tls | None = None) -> dict[str, object]:
     """Replay the group's whole log into this engine code and compare: every committed
     output batch (bytes and chain) and the state hash of every stored snapshot."""
-    client = StoreClient(store, timeout_s=60)
+    client = StoreClient(store, timeout_s=60, tls=tls)
     try:
         snaps: dict[int, str] = {}
         try:
@@ -131,7 +135,8 @@ async def verify(store: list[str], group: str) -> dict[str, object]:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    result = asyncio.run(verify(args.store.split(","), wire.check_group(args.group)))
+    result = asyncio.run(verify(args.store.split(","), wire.check_group(args.group),
+                                cli_tls(args, "xdc engine")))
     print(json.dumps(result))
     return 0 if result["ok"] else 1
 
@@ -154,27 +159,32 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--snapshot-every", type=int, default=100_000,
                    help="inputs between snapshots (0: on request only)")
     r.add_argument("--control", default="127.0.0.1:0", help="EngineControl listen address")
+    add_cli_args(r)
     r.set_defaults(func=cmd_run)
 
     s = esub.add_parser("status", help="role, input position, lag, hashes of instances")
     s.add_argument("--engine", required=True, help="control address(es), comma-separated")
+    add_cli_args(s)
     s.set_defaults(func=cmd_status)
 
     w = esub.add_parser("switchover", help="hand the group over at an exact input position")
     w.add_argument("group")
     w.add_argument("--to", required=True, help="target instance id")
     w.add_argument("--store", required=True)
+    add_cli_args(w)
     w.set_defaults(func=cmd_switchover)
 
     n = esub.add_parser("snapshot", help="ask the primary for a snapshot at this position")
     n.add_argument("group")
     n.add_argument("--store", required=True)
+    add_cli_args(n)
     n.set_defaults(func=cmd_snapshot)
 
     v = esub.add_parser("verify", help="replay the log into this engine version and compare "
                                        "outputs and snapshot state hashes")
     v.add_argument("group")
     v.add_argument("--store", required=True)
+    add_cli_args(v)
     v.set_defaults(func=cmd_verify)
 
 

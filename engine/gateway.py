@@ -71,6 +71,7 @@ from store.client import AppendError, CaughtUp, Checkpoint, StoreClient
 from store.errors import show
 from store.server import listen_on, new_server, run_until_signalled
 from xdc import telemetry
+from xdc.tls import Tls
 from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import exchange_pb2 as xpb
 from xdc.v1 import exchange_pb2_grpc as xpb_grpc
@@ -781,11 +782,13 @@ class GatewayServer:
 
     def __init__(self, config: ExchangeConfig, store_targets: str | Sequence[str],
                  listen: str = "127.0.0.1:0", limits: GatewayLimits | None = None,
-                 client: StoreClient | None = None) -> None:
+                 client: StoreClient | None = None, tls: Tls | None = None) -> None:
         self.config = config
         self.listen = listen
+        # Its certificate to the store and on its own port (xdc/tls.py).
+        self.tls = tls
         # Its reads and its output feed serve order entry: they recover with that tier.
-        self.client = client or StoreClient(store_targets, tier="order-entry")
+        self.client = client or StoreClient(store_targets, tier="order-entry", tls=tls)
         self._own_client = client is None
         self.service = OrderGatewayService(config, self.client, limits)
         self.health = health.aio.HealthServicer()
@@ -798,7 +801,7 @@ class GatewayServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        self.port = listen_on(server, self.listen)
+        self.port = listen_on(server, self.listen, self.tls)
         self.service.start()
         await server.start()
         self.server = server
@@ -819,7 +822,7 @@ class GatewayServer:
 
 
 def serve_gateway(store_targets: str | Sequence[str], listen: str, exchange_path: str,
-                  limits: GatewayLimits | None = None) -> int:
+                  limits: GatewayLimits | None = None, tls: Tls | None = None) -> int:
     """Runs the gateway until SIGTERM/SIGINT; prints one JSON ready line. Exit code 2 for
     a bad exchange file, 1 when the address cannot be bound."""
     try:
@@ -831,7 +834,7 @@ def serve_gateway(store_targets: str | Sequence[str], listen: str, exchange_path
         store_targets = [t for t in store_targets.split(",") if t]
 
     async def main() -> None:
-        server = GatewayServer(config, store_targets, listen, limits)
+        server = GatewayServer(config, store_targets, listen, limits, tls=tls)
 
         async def start() -> str:
             await server.start()

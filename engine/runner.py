@@ -51,6 +51,7 @@ from store.client import (
     shed_wait_s,
 )
 from xdc import telemetry
+from xdc.tls import Tls, aio_channel
 from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import exchange_pb2 as xpb
 from xdc.v1 import exchange_pb2_grpc as xpb_grpc
@@ -74,6 +75,8 @@ class RunnerConfig:
     role: str = "auto"  # auto: campaign for the lease; warm: never (verify only)
     snapshot_every: int = 100_000  # inputs between snapshots (0: only on request)
     campaign_interval_s: float = 0.2
+    # TLS to the store and on the control port (xdc/tls.py); None: plaintext.
+    tls: Tls | None = None
 
     def __post_init__(self) -> None:
         wire.check_group(self.group)
@@ -87,7 +90,8 @@ class EngineRunner:
         self.config = config
         self.lease = lease
         # Its reads recover with the matching tier, not with analytics.
-        self.client = client or StoreClient(list(config.store), timeout_s=30.0, tier="engine")
+        self.client = client or StoreClient(list(config.store), timeout_s=30.0, tier="engine",
+                                            tls=config.tls)
         self.consumer = Consumer(config.group)
         self.input_stream = wire.input_stream(config.group)
         self.output_stream = wire.output_stream(config.group)
@@ -387,17 +391,19 @@ class EngineRunner:
         return self._hash_at[1]
 
 
-async def fetch_status(address: str, timeout_s: float = 5.0) -> xpb.EngineStatus:
+async def fetch_status(address: str, timeout_s: float = 5.0,
+                       tls: Tls | None = None) -> xpb.EngineStatus:
     """An engine instance's status through its EngineControl address (raises
     grpc.aio.AioRpcError when it does not answer)."""
-    async with grpc.aio.insecure_channel(address, options=channel_options()) as ch:
+    async with aio_channel(address, tls, options=channel_options()) as ch:
         return await xpb_grpc.EngineControlStub(ch).Status(xpb.EngineStatusRequest(),
                                                            timeout=timeout_s)
 
 
-async def status_or_none(address: str, timeout_s: float = 5.0) -> xpb.EngineStatus | None:
+async def status_or_none(address: str, timeout_s: float = 5.0,
+                         tls: Tls | None = None) -> xpb.EngineStatus | None:
     try:
-        return await fetch_status(address, timeout_s)
+        return await fetch_status(address, timeout_s, tls)
     except grpc.aio.AioRpcError:
         return None
 
@@ -419,7 +425,7 @@ async def run_engine(config: RunnerConfig, lease: PrimaryLease, control_listen: 
     runner = EngineRunner(config, lease)
     server = new_server()
     xpb_grpc.add_EngineControlServicer_to_server(EngineControlService(runner), server)
-    port = listen_on(server, control_listen)
+    port = listen_on(server, control_listen, config.tls)
     host = control_listen.rsplit(":", 1)[0]
     failed = asyncio.Event()
 

@@ -4,7 +4,8 @@ Starts etcd, a WAN proxy (30 ms RTT between regions) and one store node per regi
 real processes, pushes traffic from producers that only know the node list, SIGKILLs
 every process of the leader region, keeps pushing, and prints the measured RTO (kill to
 the first write acknowledged by the new leader) and the number of acknowledged events
-lost (read back from the surviving regions). The killed region then restarts, rejoins
+lost (read back from the surviving regions). Everything speaks TLS (the launcher's
+default). The killed region then restarts, rejoins
 as a follower and catches up; the logs are compared byte for byte; everything stops.
 """
 
@@ -18,11 +19,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import grpc
-
 from geo import launcher
 from store.client import StoreClient, channel_options, new_event
 from store.errors import MD_TIER
+from xdc.tls import Tls, aio_channel
 from xdc.v1 import eventstore_pb2 as pb
 
 PRODUCERS = 8
@@ -63,10 +63,10 @@ async def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -
         await asyncio.sleep(0.005)
 
 
-async def raw_log_hash(address: str, upto: int) -> str:
+async def raw_log_hash(address: str, upto: int, tls: Tls | None = None) -> str:
     """sha256 of a node's stored records 1..upto, read as raw bytes."""
     h = hashlib.sha256()
-    async with grpc.aio.insecure_channel(address, options=channel_options()) as ch:
+    async with aio_channel(address, tls, options=channel_options()) as ch:
         read = ch.unary_stream("/xdc.v1.EventStore/Read",
                                request_serializer=pb.ReadRequest.SerializeToString,
                                response_deserializer=lambda b: b)
@@ -78,8 +78,8 @@ async def raw_log_hash(address: str, upto: int) -> str:
     return h.hexdigest()
 
 
-async def read_all_ids(address: str) -> dict[int, bytes]:
-    async with StoreClient(address) as client:
+async def read_all_ids(address: str, tls: Tls | None = None) -> dict[int, bytes]:
+    async with StoreClient(address, tls=tls) as client:
         out: dict[int, bytes] = {}
         async for batch in client.read_batches("$all", limit=100_000, timeout_s=30):
             for e in batch.events:
@@ -108,7 +108,8 @@ async def crash_leader_region(state: launcher.ClusterState, producers: int = PRO
     node list keep appending; measures the RTO and checks every acknowledgement."""
     leader, st = await launcher.wait_leader(state)
     load = Load()
-    async with StoreClient([n.client for n in state.nodes], timeout_s=15) as client:
+    tls = launcher.client_tls(state)
+    async with StoreClient([n.client for n in state.nodes], timeout_s=15, tls=tls) as client:
         tasks = [asyncio.ensure_future(load.producer(client, k)) for k in range(producers)]
         await wait_for(lambda: len(load.acked) >= before, 30, "traffic before the fault")
         killed_at = time.monotonic()
@@ -121,7 +122,7 @@ async def crash_leader_region(state: launcher.ClusterState, producers: int = PRO
         await wait_for(lambda: load.acks_after(killed_at) >= after, 30, "traffic after")
         load.stop.set()
         await asyncio.gather(*tasks)
-    survivors = await read_all_ids(new_leader.client)
+    survivors = await read_all_ids(new_leader.client, tls)
     lost = sum(1 for p, i in load.acked.items() if survivors.get(p) != i)
     return Crash(leader, st.term, new_leader, new_st.term, victims, rto, len(load.acked), lost,
                  load.errors)
@@ -133,7 +134,8 @@ async def run(state: launcher.ClusterState) -> dict[str, object]:
     for v in crash.victims:
         launcher.start_node(state, v)
     upto = await launcher.wait_converged(state)
-    hashes = {n.id: await raw_log_hash(n.client, upto) for n in state.nodes}
+    tls = launcher.client_tls(state)
+    hashes = {n.id: await raw_log_hash(n.client, upto, tls) for n in state.nodes}
     return {
         "leader before": f"{crash.leader.id} (term {crash.old_term})",
         "fault": f"SIGKILL of every process of region {crash.leader.region}",

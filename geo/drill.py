@@ -102,6 +102,7 @@ from geo.leadership import Leadership, LeadershipError
 from store.client import AppendError, CaughtUp, StoreClient, channel_options, new_event
 from store.errors import MD_LEADER, MD_RETRY_AFTER_MS
 from xdc import telemetry
+from xdc.tls import Tls, aio_channel
 from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import eventstore_pb2_grpc as pb_grpc
 from xdc.v1 import exchange_pb2 as xpb
@@ -276,7 +277,8 @@ def engine_command(state: launcher.ClusterState, instance: str, stores: list[str
     return [sys.executable, "-c", _ENGINE_MAIN, "engine", "run", "--store", ",".join(stores),
             "--group", GROUP, "--instance", instance,
             "--lease", "etcd:" + ",".join(state.etcd_endpoints), "--cluster", state.cluster,
-            "--lease-ttl", str(ttl_s), "--snapshot-every", "2000"]
+            "--lease-ttl", str(ttl_s), "--snapshot-every", "2000",
+            *launcher.tls_args(state, "engine")]
 
 
 # ------------------------------------------------------------------------ the run
@@ -314,6 +316,7 @@ class Run:
         self._observer: Leadership | None = None
         self._engine_observer: Leadership | None = None
         self._phase: Phase | None = None
+        self.tls: Tls | None = None  # the cluster's admin certificate (launcher)
 
     # ---- setup ------------------------------------------------------------------
 
@@ -322,6 +325,7 @@ class Run:
         self.state = launcher.up(self.dir, regions=self.opts.regions, rtt_ms=self.opts.rtt_ms,
                                  ttl_s=self.opts.ttl_s, cluster=CLUSTER, seed=self.seed,
                                  etcd_members=etcd_members)
+        self.tls = launcher.client_tls(self.state)
         return self.state
 
     def _engine(self, region: str, k: int) -> EngineProc:
@@ -346,13 +350,13 @@ class Run:
                                  self.opts.step_timeout_s, f"{e.instance} primary", 0.05)
 
     async def _role_is(self, e: EngineProc, role: str) -> bool:
-        s = await status_or_none(e.address, 0.5)
+        s = await status_or_none(e.address, 0.5, self.tls)
         return s is not None and s.role == role
 
     async def engine_primary(self) -> tuple[str, int]:
         for e in self.engines.values():
             if e.alive:
-                s = await status_or_none(e.address, 0.5)
+                s = await status_or_none(e.address, 0.5, self.tls)
                 if s is not None and s.role == "primary":
                     return s.instance, s.committed_input_position
         return "", 0
@@ -406,7 +410,7 @@ class Run:
 
     async def market_data(self, targets: list[str]) -> None:
         """Follows the output stream; records each delivered batch (resumes by itself)."""
-        async with StoreClient(targets, timeout_s=30) as client:
+        async with StoreClient(targets, timeout_s=30, tls=self.tls) as client:
             async for item in client.subscribe(from_end=True,
                                                stream_prefix=wire.output_stream(GROUP),
                                                event_types=[wire.OUTPUT_TYPE], batches=True):
@@ -437,7 +441,7 @@ class Run:
     async def watch_engines(self) -> None:
         while True:
             live = [e for e in self.engines.values() if e.alive]
-            got = await asyncio.gather(*(status_or_none(e.address, 0.3) for e in live))
+            got = await asyncio.gather(*(status_or_none(e.address, 0.3, self.tls) for e in live))
             now = time.monotonic()
             for s in got:
                 if s is not None:
@@ -449,7 +453,7 @@ class Run:
     async def stale_prober(self, target: str) -> None:
         """Appends sent straight to the deposed leader, classified by who answered."""
         st = self.rec.stale
-        async with grpc.aio.insecure_channel(target, options=channel_options()) as ch:
+        async with aio_channel(target, self.tls, options=channel_options()) as ch:
             stub = pb_grpc.EventStoreStub(ch)
             while not self.rec.stop.is_set():
                 event = new_event("StaleProbe", b"")
@@ -516,7 +520,7 @@ class Run:
         voters = [n.client for n in state.nodes if n.voter]
         # Producers know only the node list, starting at a seeded node.
         self.rng.shuffle(voters)
-        client = StoreClient(voters, timeout_s=opts.step_timeout_s)
+        client = StoreClient(voters, timeout_s=opts.step_timeout_s, tls=self.tls)
         md_targets = [n.client for n in state.nodes if n.region != leader.region] + [
             leader.client]
         try:
@@ -569,7 +573,7 @@ class Run:
     async def _engines_warm(self) -> bool:
         roles = []
         for e in self.engines.values():
-            s = await status_or_none(e.address, 0.5)
+            s = await status_or_none(e.address, 0.5, self.tls)
             roles.append(s.role if s is not None else "?")
         return roles.count("primary") == 1 and roles.count("warm") == len(roles) - 1
 
@@ -743,7 +747,7 @@ class Run:
         engine_back = None
         inst, _ = await self.engine_primary()
         if inst and inst != original:
-            async with StoreClient([n.client for n in self.state.nodes]) as c:
+            async with StoreClient([n.client for n in self.state.nodes], tls=self.tls) as c:
                 marked = time.monotonic()
                 await c.append(wire.input_stream(GROUP), [wire.control_event(
                     GROUP, wire.SWITCHOVER_TYPE, {"to": original}, f"failback{self.seed}")])
@@ -761,9 +765,9 @@ class Run:
         timeout = self.opts.step_timeout_s
         upto = await launcher.wait_converged(self.state, timeout)
         leader, _ = await launcher.wait_leader(self.state, timeout)
-        async with StoreClient(leader.client, timeout_s=60) as reader:
+        async with StoreClient(leader.client, timeout_s=60, tls=self.tls) as reader:
             records = {e.position: e for e in await read_stream(reader, "$all")}
-        hashes = {n.id: await raw_log_hash(n.client, upto) for n in self.state.nodes}
+        hashes = {n.id: await raw_log_hash(n.client, upto, self.tls) for n in self.state.nodes}
         positions: dict[bytes, list[int]] = {}
         for p, e in records.items():
             positions.setdefault(e.id, []).append(p)
@@ -775,7 +779,7 @@ class Run:
                 d.resolution = "unresolved-in-log" if d.id in positions else "unresolved-absent"
         stale_doubt_in_log = sum(1 for i in self.rec.stale_doubt_ids if i in positions)
         engines = await self._engines_agree(timeout)
-        tiers_status = await _tiers_status(leader.client)
+        tiers_status = await _tiers_status(leader.client, self.tls)
         return {"records": records, "_tiers_status": tiers_status, "upto": upto,
                 "duplicates": duplicates,
                 "acked_lost": len(lost), "lost_examples": [a.position for a in lost[:5]],
@@ -785,13 +789,15 @@ class Run:
     async def _engines_agree(self, timeout_s: float) -> dict[str, Any]:
         """Waits until every instance has processed the whole input stream and the primary's
         outputs are committed through it, then compares hashes; checks exactly-once."""
-        async with StoreClient([n.client for n in self.state.nodes], timeout_s=30) as c:  # type: ignore[union-attr]
+        async with StoreClient([n.client for n in self.state.nodes], timeout_s=30,  # type: ignore[union-attr]
+                               tls=self.tls) as c:
             tail = await c.read(wire.input_stream(GROUP), backwards=True, limit=1)
             last = tail[0].position if tail else 0
             got: list[xpb.EngineStatus | None] = []
 
             async def caught_up() -> bool:
-                got[:] = [await status_or_none(e.address, 0.5) for e in self.engines.values()]
+                got[:] = [await status_or_none(e.address, 0.5, self.tls)
+                           for e in self.engines.values()]
                 return all(s is not None and s.input_position >= last for s in got) and any(
                     s is not None and s.role == "primary" and s.committed_input_position
                     >= last for s in got)
@@ -896,11 +902,11 @@ def measure(run: Run, phase: Phase, records: dict[int, pb.RecordedEvent],
     }
 
 
-async def _tiers_status(address: str) -> Any:
+async def _tiers_status(address: str, tls: Tls | None) -> Any:
     """The node's degradation-tier supervisor status (xdc.v1.Tiers/Status), or None when
     the node does not serve it."""
     try:
-        async with grpc.aio.insecure_channel(address, options=channel_options()) as ch:
+        async with aio_channel(address, tls, options=channel_options()) as ch:
             return await tiers_pb2_grpc.TiersStub(ch).Status(tiers_pb2.TiersStatusRequest(),
                                                             timeout=2)
     except grpc.aio.AioRpcError:

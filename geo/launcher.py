@@ -9,12 +9,19 @@ Regions talk to each other only through the fault-injecting proxy (geo/proxy.py)
 every ordered pair of regions (a, b) there is a link that a's node uses to reach b's
 peer port (`xdc node run --route b=<link>`), with half the configured RTT of one-way
 delay. Clients reach every node directly.
+
+TLS is on by default (`--insecure` turns it off): `up` makes a development CA and
+certificates under `tls/` (xdc/certs.py: one per member, plus `engine`, `gateway` and
+`admin`), every node serves and dials with its own, and this module's operations speak
+as `admin` (`client_tls`). The cluster TOML's `[tls]` names the admin certificate as
+the host's, so any tool given the TOML acts as the operator.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -31,6 +38,8 @@ import grpc
 from geo.etcd_server import EtcdCluster, free_ports, health
 from geo.leadership import Leadership
 from store.client import channel_options
+from xdc import certs
+from xdc.tls import Tls, aio_channel
 from xdc.v1 import replication_pb2 as rpb
 from xdc.v1 import replication_pb2_grpc as rpb_grpc
 
@@ -68,6 +77,7 @@ class ClusterState:
     proxy_control: str = ""
     links: dict[str, str] = field(default_factory=dict)
     rtt_ms: float = 0.0
+    tls_dir: str = ""  # the certificates (xdc certs init); "": plaintext
 
     def save(self) -> None:
         Path(self.directory, "state.json").write_text(json.dumps(asdict(self), indent=2))
@@ -96,6 +106,28 @@ class ClusterState:
         return self.region_nodes(key) or [self.node(key)]
 
 
+def client_tls(state: ClusterState, name: str = "admin") -> Tls | None:
+    """The TLS material of certificate `name` of the cluster (`admin`: operator tools,
+    `engine`, `gateway`), None when the cluster runs in plaintext."""
+    return _load_tls(state.tls_dir, name) if state.tls_dir else None
+
+
+@functools.lru_cache(maxsize=16)
+def _load_tls(directory: str, name: str) -> Tls:
+    d = Path(directory)
+    return Tls.load(d / "ca.pem", d / f"{name}.pem", d / f"{name}-key.pem")
+
+
+def tls_args(state: ClusterState, name: str) -> list[str]:
+    """`--tls-*` options of an `xdc` command run with certificate `name` (none in
+    plaintext)."""
+    if not state.tls_dir:
+        return []
+    d = Path(state.tls_dir)
+    return ["--tls-ca", str(d / "ca.pem"), "--tls-cert", str(d / f"{name}.pem"),
+            "--tls-key", str(d / f"{name}-key.pem")]
+
+
 def _toml(state: ClusterState, regions: list[str], failover: str, ttl_s: int) -> str:
     lines = [f'cluster = "{state.cluster}"', f'failover = "{failover}"',
              f"lease_ttl_s = {ttl_s}", "", "[etcd]",
@@ -106,6 +138,12 @@ def _toml(state: ClusterState, regions: list[str], failover: str, ttl_s: int) ->
         lines += ["", "[[member]]", f'id = "{n.id}"', f'region = "{n.region}"',
                   f'client = "{n.client}"', f'peer = "{n.peer}"',
                   f"voter = {'true' if n.voter else 'false'}", f'data_dir = "{n.data_dir}"']
+        if state.tls_dir:
+            lines += [f'cert = "{state.tls_dir}/{n.id}.pem"',
+                      f'key = "{state.tls_dir}/{n.id}-key.pem"']
+    if state.tls_dir:
+        lines += ["", "[tls]", f'ca = "{state.tls_dir}/ca.pem"',
+                  f'cert = "{state.tls_dir}/admin.pem"', f'key = "{state.tls_dir}/admin-key.pem"']
     return "\n".join(lines) + "\n"
 
 
@@ -170,14 +208,14 @@ def start_node(state: ClusterState, n: NodeProc) -> None:
 def up(directory: str = DEFAULT_DIR, regions: int = 3, rtt_ms: float = 0.0,
        failover: str = "automatic", standbys: int = 0, ttl_s: int = 2,
        cluster: str = "xdc-local", jitter_ms: float = 0.0, seed: int = 1,
-       attempts: int = 3, etcd_members: int = 1) -> ClusterState:
+       attempts: int = 3, etcd_members: int = 1, tls: bool = True) -> ClusterState:
     """Starts the cluster. Ports are picked free, then bound by the children a moment
     later; another process can take one in between, so a start that fails that way is
     retried from scratch. `etcd_members` > 1 runs a multi-member etcd (drills lose one)."""
     for attempt in range(attempts):
         try:
             return _up(directory, regions, rtt_ms, failover, standbys, ttl_s, cluster,
-                       jitter_ms, seed, etcd_members)
+                       jitter_ms, seed, etcd_members, tls)
         except BaseException as exc:
             # Whatever failed, stop what was started: nothing may outlive a failed start.
             with contextlib.suppress(Exception):
@@ -191,7 +229,7 @@ def up(directory: str = DEFAULT_DIR, regions: int = 3, rtt_ms: float = 0.0,
 
 def _up(directory: str, regions: int, rtt_ms: float, failover: str, standbys: int,
         ttl_s: int, cluster: str, jitter_ms: float, seed: int,
-        etcd_members: int = 1) -> ClusterState:
+        etcd_members: int = 1, tls: bool = True) -> ClusterState:
     base = Path(directory).resolve()
     if (base / "state.json").exists():
         with contextlib.suppress(Exception):
@@ -212,6 +250,9 @@ def _up(directory: str, regions: int, rtt_ms: float, failover: str, standbys: in
              for i, (mid, region, voter) in enumerate(members)]
     state = ClusterState(str(base), cluster, str(base / "cluster.toml"), etcd.endpoints,
                          [m.pid for m in etcd.members if m.pid], nodes, rtt_ms=rtt_ms)
+    if tls:
+        state.tls_dir = str(base / "tls")
+        certs.init(state.tls_dir, cluster, [n.id for n in nodes])
     state.save()
     Path(state.config).write_text(_toml(state, names, failover, ttl_s))
     # One proxy link per ordered pair of nodes in different regions.
@@ -311,10 +352,11 @@ def down(directory: str = DEFAULT_DIR) -> ClusterState:
 
 # ---- operations on a running cluster (async: they talk gRPC and etcd) -------------------
 
-async def node_status(n: NodeProc, timeout_s: float = 1.0) -> rpb.NodeStatus | None:
+async def node_status(state: ClusterState, n: NodeProc,
+                      timeout_s: float = 1.0) -> rpb.NodeStatus | None:
     """The node's replication status, or None when it does not answer."""
     try:
-        async with grpc.aio.insecure_channel(n.client, options=channel_options()) as ch:
+        async with aio_channel(n.client, client_tls(state), options=channel_options()) as ch:
             return await rpb_grpc.ReplicationStub(ch).Status(rpb.StatusRequest(),
                                                              timeout=timeout_s)
     except grpc.aio.AioRpcError:
@@ -322,7 +364,7 @@ async def node_status(n: NodeProc, timeout_s: float = 1.0) -> rpb.NodeStatus | N
 
 
 async def statuses(state: ClusterState) -> dict[str, rpb.NodeStatus | None]:
-    got = await asyncio.gather(*(node_status(n) for n in state.nodes))
+    got = await asyncio.gather(*(node_status(state, n) for n in state.nodes))
     return {n.id: s for n, s in zip(state.nodes, got, strict=True)}
 
 
@@ -382,7 +424,7 @@ async def switchover(state: ClusterState, to: str, timeout_s: float = 10.0
                      ) -> rpb.SwitchoverResponse:
     target = state.node(to)
     leader, _ = await wait_leader(state, timeout_s)
-    async with grpc.aio.insecure_channel(leader.client, options=channel_options()) as ch:
+    async with aio_channel(leader.client, client_tls(state), options=channel_options()) as ch:
         return await rpb_grpc.ReplicationStub(ch).Switchover(
             rpb.SwitchoverRequest(target=target.id, timeout_ms=int(timeout_s * 1000)),
             timeout=timeout_s + 1)

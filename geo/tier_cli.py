@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from xdc.tls import add_cli_args, cli_tls, sync_channel
+
 
 def cmd_check(args: argparse.Namespace) -> int:
     from geo import tiers
@@ -42,7 +44,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     from xdc.v1 import tiers_pb2_grpc as tpb_grpc
 
     try:
-        with grpc.insecure_channel(args.target, options=channel_options()) as channel:
+        with sync_channel(args.target, cli_tls(args, "xdc tiers status"),
+                          options=channel_options()) as channel:
             st = tpb_grpc.TiersStub(channel).Status(tpb.TiersStatusRequest(), timeout=5)
     except grpc.RpcError as exc:
         print(f"xdc tiers status: {exc.code().name}: {exc.details()}", file=sys.stderr)
@@ -74,4 +77,5 @@ def add_parser(sub: Any, default_target: str) -> None:
     c = tsub.add_parser("status", help="a node's tier states (xdc.v1.Tiers/Status)")
     c.add_argument("--target", default=default_target)
     c.add_argument("--json", action="store_true")
+    add_cli_args(c)
     c.set_defaults(func=cmd_status)

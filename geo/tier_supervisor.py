@@ -63,6 +63,7 @@ from geo.tiers import (
 from store.client import channel_options
 from store.errors import MD_SHED_REASON, MD_TIER, StoreError
 from store.node import StoreNode
+from xdc.tls import Tls, aio_channel
 from xdc.v1 import tiers_pb2 as tpb
 from xdc.v1 import tiers_pb2_grpc as tpb_grpc
 
@@ -358,8 +359,9 @@ class RemoteReader:
     A store that cannot be reached counts as a failover."""
 
     def __init__(self, targets: str | Sequence[str],
-                 timeout_s: float = REMOTE_TIMEOUT_S) -> None:
+                 timeout_s: float = REMOTE_TIMEOUT_S, tls: Tls | None = None) -> None:
         self.targets = [targets] if isinstance(targets, str) else list(targets)
+        self.tls = tls
         if not self.targets:
             raise ValueError("RemoteReader needs at least one target")
         self.timeout_s = timeout_s
@@ -369,8 +371,8 @@ class RemoteReader:
         for target in self.targets:
             channel = self._channels.get(target)
             if channel is None:
-                channel = self._channels[target] = grpc.aio.insecure_channel(
-                    target, options=channel_options())
+                channel = self._channels[target] = aio_channel(
+                    target, self.tls, options=channel_options())
             try:
                 st = await tpb_grpc.TiersStub(channel).Status(tpb.TiersStatusRequest(),
                                                               timeout=self.timeout_s)
@@ -390,8 +392,8 @@ class RemoteReader:
 
 
 def gateway_supervisor(store_targets: str | Sequence[str], spec: TierSpec | None = None,
-                       node_id: str = "gateway") -> TierSupervisor:
+                       node_id: str = "gateway", tls: Tls | None = None) -> TierSupervisor:
     """A supervisor for a server in front of the store (the order gateway): it sheds by
     the store's state (RemoteReader)."""
-    return TierSupervisor(spec or tiers_mod.load(), RemoteReader(store_targets),
+    return TierSupervisor(spec or tiers_mod.load(), RemoteReader(store_targets, tls=tls),
                           node_id=node_id)

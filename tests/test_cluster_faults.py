@@ -24,6 +24,7 @@ from geo import launcher
 from geo.demo import Load, raw_log_hash, read_all_ids, wait_for
 from geo.proxy import AsyncProxyControl
 from store.client import StoreClient, new_event
+from xdc.tls import aio_channel
 from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import eventstore_pb2_grpc as pb_grpc
 
@@ -40,7 +41,8 @@ def cluster(tmp_path: Path) -> Iterator[launcher.ClusterState]:
 @contextlib.asynccontextmanager
 async def loaded(state: launcher.ClusterState, producers: int = 4) -> AsyncIterator[Load]:
     load = Load()
-    async with StoreClient([n.client for n in state.nodes if n.voter], timeout_s=20) as client:
+    async with StoreClient([n.client for n in state.nodes if n.voter], timeout_s=20,
+                           tls=launcher.client_tls(state)) as client:
         tasks = [asyncio.ensure_future(load.producer(client, k)) for k in range(producers)]
         try:
             await wait_for(lambda: len(load.acked) >= 200, 30, "traffic before the fault")
@@ -57,9 +59,10 @@ async def check_cluster(state: launcher.ClusterState, load: Load, timeout_s: flo
         upto = await launcher.wait_converged(state, timeout_s)
     except TimeoutError as exc:
         raise AssertionError(str(exc)) from None
-    hashes = {n.id: await raw_log_hash(n.client, upto) for n in state.nodes}
+    tls = launcher.client_tls(state)
+    hashes = {n.id: await raw_log_hash(n.client, upto, tls) for n in state.nodes}
     assert len(set(hashes.values())) == 1, f"replica logs differ: {hashes}"
-    ids = await read_all_ids(state.nodes[0].client)
+    ids = await read_all_ids(state.nodes[0].client, tls)
     assert sorted(ids) == list(range(1, upto + 1)), "positions must be gapless"
     assert len(set(ids.values())) == len(ids), "an event id appears twice"
     lost = [p for p, i in load.acked.items() if ids.get(p) != i]
@@ -88,7 +91,7 @@ def test_sigkill_leader_under_load(cluster: launcher.ClusterState) -> None:
             assert new.term > st.term
         launcher.start_node(cluster, leader)  # rejoins as a follower and converges
         await check_cluster(cluster, load)
-        st_old = await launcher.node_status(leader)
+        st_old = await launcher.node_status(cluster, leader)
         assert st_old is not None and st_old.role == "follower"
 
     _run(body())
@@ -106,17 +109,17 @@ def test_sigstop_leader_past_its_lease_is_fenced(cluster: launcher.ClusterState)
             launcher.signal_node(cluster, old.id, signal.SIGCONT)
             # The old leader may still believe it leads for a moment: a write sent to it
             # must never be acknowledged, since the voters promised the newer term.
-            async with grpc.aio.insecure_channel(old.client) as ch:
+            async with aio_channel(old.client, launcher.client_tls(cluster)) as ch:
                 with pytest.raises(grpc.aio.AioRpcError) as rpc:
                     await pb_grpc.EventStoreStub(ch).Append(
                         pb.AppendRequest(stream="stale", events=[new_event("Stale")]), timeout=10)
                 assert rpc.value.code() == grpc.StatusCode.UNAVAILABLE
             await wait_for(lambda: load.acks_after(resumed) >= 300, 30, "writes after resume")
         await check_cluster(cluster, load)
-        st_old = await launcher.node_status(old)
+        st_old = await launcher.node_status(cluster, old)
         assert st_old is not None and st_old.role == "follower" and st_old.term >= new.term
-        ids = await read_all_ids(cluster.nodes[0].client)
-        async with StoreClient(cluster.nodes[0].client) as client:
+        ids = await read_all_ids(cluster.nodes[0].client, launcher.client_tls(cluster))
+        async with StoreClient(cluster.nodes[0].client, tls=launcher.client_tls(cluster)) as client:
             assert not [e for e in await client.read("$all", limit=100_000)
                         if e.stream == "stale"], "a fenced leader's write reached the log"
         assert ids

@@ -4,6 +4,7 @@ files."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -324,3 +325,44 @@ def test_config_tls_errors_name_the_key(pki: Pki, tmp_path: Path) -> None:
     no_tls = text[:text.index("[tls]")]
     with pytest.raises(ConfigError, match="needs a \\[tls\\] table"):
         loads(no_tls, tmp_path)
+
+
+# ---- engines, gateway and their command lines over mutual TLS --------------------------
+
+def test_engine_gateway_and_clis_over_mutual_tls(pki: Pki, tmp_path: Path) -> None:
+    def tls_args(name: str) -> list[str]:
+        i = pki.issued[name]
+        return ["--tls-ca", str(pki.ca.path), "--tls-cert", str(i.cert), "--tls-key",
+                str(i.key)]
+
+    exchange = tmp_path / "exchange.toml"
+    exchange.write_text(_xdc("exchange", "example").stdout)
+    (tmp_path / "leases").mkdir()
+    with contextlib.ExitStack() as stack:
+        store = stack.enter_context(ServeProcess(str(tmp_path / "store"),
+                                                 args=tls_args("us-east-1")))
+        init = _xdc("exchange", "init", "--store", store.address, "--exchange", str(exchange),
+                    *tls_args("admin"))
+        assert init.returncode == 0, init.stderr
+        engine = stack.enter_context(ServeProcess(command=[
+            "engine", "run", "--store", store.address, "--group", "crypto", "--instance", "a",
+            "--lease", f"file:{tmp_path / 'leases'}", *tls_args("engine")]))
+        gateway = stack.enter_context(ServeProcess(command=[
+            "gateway", "--store", store.address, "--listen", "127.0.0.1:0", "--exchange",
+            str(exchange), *tls_args("gateway")]))
+        order = ["order", "submit", "--gateway", gateway.address, "--symbol", "BTC-USD",
+                 "--account", "bob", "--client-order-id", "o-1", "--side", "sell", "--qty",
+                 "1", "--price", "50000", "--wait", "--timeout-ms", "20000", "--deadline", "30"]
+        plain = _xdc(*order)
+        assert plain.returncode == 1 and "UNAVAILABLE" in plain.stderr
+        ok = _xdc(*order, *tls_args("admin"))
+        assert ok.returncode == 0, ok.stderr
+        answer = json.loads(ok.stdout)
+        assert answer["input_position"] > 0 and answer["reports"], answer  # the engine ran
+        status = _xdc("engine", "status", "--engine", engine.address, *tls_args("admin"))
+        assert status.returncode == 0, status.stdout
+        assert json.loads(status.stdout)["input_position"] >= answer["input_position"]
+        refused = _xdc("engine", "status", "--engine", engine.address)
+        assert refused.returncode == 1 and "UNAVAILABLE" in refused.stdout
+        tiers = _xdc("tiers", "status", "--target", store.address, *tls_args("admin"))
+        assert tiers.returncode == 0, tiers.stderr

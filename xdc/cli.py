@@ -13,6 +13,7 @@ import uuid
 from typing import Any
 
 from xdc.tls import add_cli_args as add_tls_args
+from xdc.tls import cli_tls
 
 DEFAULT_TARGET = os.environ.get("XDC_TARGET", "127.0.0.1:7000")
 
@@ -35,12 +36,7 @@ def _limits(args: argparse.Namespace) -> Any:
 
 def _tls(args: argparse.Namespace) -> Any:
     """The command's --tls-* material (None: plaintext); exits 2 when it is unusable."""
-    from xdc.tls import TlsError, from_cli_args
-    try:
-        return from_cli_args(args)
-    except TlsError as exc:
-        print(f"xdc {args.command}: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return cli_tls(args, f"xdc {args.command}")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -241,9 +237,14 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         if action == "up":
             state = launcher.up(args.dir, regions=args.regions, rtt_ms=args.rtt_ms,
                                 jitter_ms=args.jitter_ms, failover=args.failover,
-                                standbys=args.standbys, ttl_s=args.lease_ttl)
+                                standbys=args.standbys, ttl_s=args.lease_ttl,
+                                tls=not args.insecure)
             leader, st = asyncio.run(launcher.wait_leader(state))
             print(f"cluster up in {state.directory}: leader {leader.id} (term {st.term})")
+            if state.tls_dir:
+                d = state.tls_dir
+                print(f"TLS on: clients need XDC_TLS_CA={d}/ca.pem "
+                      f"XDC_TLS_CERT={d}/admin.pem XDC_TLS_KEY={d}/admin-key.pem")
             print(launcher.format_status(state, asyncio.run(launcher.statuses(state))))
             return 0
         state = launcher.ClusterState.load(args.dir)
@@ -347,7 +348,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     from engine.gateway import serve_gateway
     level = logging.DEBUG if os.environ.get("XDC_LOG") == "debug" else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(message)s")
-    return serve_gateway(_store_targets(args.store), args.listen, args.exchange)
+    return serve_gateway(_store_targets(args.store), args.listen, args.exchange,
+                         tls=_tls(args))
 
 
 def cmd_exchange(args: argparse.Namespace) -> int:
@@ -363,7 +365,7 @@ def cmd_exchange(args: argparse.Namespace) -> int:
         return 2
     # One append per event, not one per group: each event's id is its own idempotency key,
     # so a file that gained a symbol or a deposit appends just the new ones.
-    with Client(_store_targets(args.store)) as client:
+    with Client(_store_targets(args.store), tls=_tls(args)) as client:
         for group in config.groups:
             stream = wire.input_stream(group.name)
             appended = duplicates = last = 0
@@ -383,13 +385,12 @@ def cmd_exchange(args: argparse.Namespace) -> int:
     return 0
 
 
-def _gateway_stub(address: str) -> Any:
-    import grpc
-
+def _gateway_stub(args: argparse.Namespace) -> Any:
     from store.client import channel_options
+    from xdc.tls import sync_channel
     from xdc.v1 import exchange_pb2_grpc
-    return exchange_pb2_grpc.OrderGatewayStub(grpc.insecure_channel(address,
-                                                                    options=channel_options()))
+    return exchange_pb2_grpc.OrderGatewayStub(
+        sync_channel(args.gateway, _tls(args), options=channel_options()))
 
 
 def cmd_order(args: argparse.Namespace) -> int:
@@ -399,7 +400,7 @@ def cmd_order(args: argparse.Namespace) -> int:
     action = args.order_command
     common = {"symbol": args.symbol, "account": args.account, "wait": args.wait,
               "wait_timeout_ms": args.timeout_ms}
-    stub = _gateway_stub(args.gateway)
+    stub = _gateway_stub(args)
     try:
         if action == "submit":
             tif = args.tif or ("ioc" if args.type == "market" else "gtc")
@@ -429,7 +430,7 @@ def cmd_book(args: argparse.Namespace) -> int:
     import grpc
 
     from xdc.v1 import exchange_pb2 as xpb
-    call = _gateway_stub(args.gateway).StreamBook(
+    call = _gateway_stub(args).StreamBook(
         xpb.StreamBookRequest(symbol=args.symbol, depth=args.depth))
     try:
         for msg in call:
@@ -451,6 +452,7 @@ def add_exchange_parsers(sub: Any) -> None:
     p.add_argument("--store", default=DEFAULT_TARGET, help="store address(es), comma separated")
     p.add_argument("--listen", default="127.0.0.1:7100", help="HOST:PORT (port 0: any free)")
     p.add_argument("--exchange", required=True, help="exchange TOML (groups and symbols)")
+    add_tls_args(p)
     p.set_defaults(func=cmd_gateway)
 
     p = sub.add_parser("exchange", help="the exchange file: example, init")
@@ -458,6 +460,7 @@ def add_exchange_parsers(sub: Any) -> None:
     x = xsub.add_parser("init", help="append each group's symbols and deposits (idempotent)")
     x.add_argument("--store", default=DEFAULT_TARGET, help="store address(es), comma separated")
     x.add_argument("--exchange", required=True, help="exchange TOML")
+    add_tls_args(x)
     x.set_defaults(func=cmd_exchange)
     x = xsub.add_parser("example", help="print an example exchange file")
     x.set_defaults(func=cmd_exchange)
@@ -474,6 +477,7 @@ def add_exchange_parsers(sub: Any) -> None:
         o.add_argument("--timeout-ms", type=int, default=0,
                        help="how long --wait waits (0: the gateway's default)")
         o.add_argument("--deadline", type=float, default=70.0, help="RPC deadline, seconds")
+        add_tls_args(o)
         o.set_defaults(func=cmd_order)
         return o
 
@@ -504,6 +508,7 @@ def add_exchange_parsers(sub: Any) -> None:
     p.add_argument("--gateway", default=DEFAULT_GATEWAY)
     p.add_argument("--depth", type=int, default=0, help="levels per side (0: 20)")
     p.add_argument("--follow", action="store_true", help="keep printing updates")
+    add_tls_args(p)
     p.set_defaults(func=cmd_book)
 
 
@@ -569,6 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--failover", choices=["manual", "automatic"], default="automatic")
     c.add_argument("--standbys", type=int, default=0, help="non-voting DR copies")
     c.add_argument("--lease-ttl", type=int, default=2, help="etcd lease TTL, seconds")
+    c.add_argument("--insecure", action="store_true",
+                   help="plaintext everywhere (default: TLS with development certificates)")
     c = cluster_cmd("status", "roles, terms, positions, lag, etcd health")
     c.add_argument("--json", action="store_true")
     cluster_cmd("down", "stop every process of the cluster (by PID)")

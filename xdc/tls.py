@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ __all__ = [
     "TlsError",
     "add_cli_args",
     "aio_channel",
+    "cli_tls",
     "from_cli_args",
     "peer_identity",
     "server_credentials",
@@ -260,3 +262,12 @@ def from_cli_args(args: argparse.Namespace) -> Tls | None:
         raise TlsError(f"{', '.join(missing)} missing: give --tls-ca, --tls-cert and "
                        "--tls-key together (or set XDC_TLS_CA, XDC_TLS_CERT, XDC_TLS_KEY)")
     return Tls.load(args.tls_ca, args.tls_cert, args.tls_key)
+
+
+def cli_tls(args: argparse.Namespace, prog: str) -> Tls | None:
+    """`from_cli_args` for a command: an unusable option prints why and exits 2."""
+    try:
+        return from_cli_args(args)
+    except TlsError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
