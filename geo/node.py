@@ -235,11 +235,16 @@ class ClusterNode:
                     await self.leadership.wait_change(term, timeout_s=self.config.lease_ttl_s)
                     continue
                 self.failover.vacant()
+                designation = await self.leadership.designated() if self.member.voter else None
+                designated = designation == self.id
                 if (not self.member.voter or time.monotonic() < self._campaign_after
-                        or not await self._may_campaign()):
+                        or not await self._may_campaign(designation)):
                     await self.leadership.wait_change(None, timeout_s=self.tick_s * 4)
                     continue
-                if not await self._precheck() and deferrals < MAX_DEFERRALS:
+                # A designated target skips the pre-check (round trips to every voter):
+                # the old leader handed over only once it held everything appended.
+                if not designated and not await self._precheck() \
+                        and deferrals < MAX_DEFERRALS:
                     deferrals += 1
                     await asyncio.sleep(self.tick_s * 2)
                     continue
@@ -259,8 +264,7 @@ class ClusterNode:
                 log.warning("%s: election loop: %s", self.id, exc)
                 await asyncio.sleep(self.tick_s * 4)
 
-    async def _may_campaign(self) -> bool:
-        designated = await self.leadership.designated()
+    async def _may_campaign(self, designated: str | None) -> bool:
         if designated is not None:
             return designated == self.id
         if await self.leadership.failover_mode() == "manual":
@@ -399,7 +403,10 @@ class ClusterNode:
             raise SwitchoverError(grpc.StatusCode.FAILED_PRECONDITION,
                                   f"{self.id} is not the open leader, or is the target "
                                   f"(leader: {self.store.role.leader or 'unknown'})")
-        await self.leadership.designate(target, max(2, 2 * self.config.lease_ttl_s))
+        # The designation is written while the target catches up (both take round
+        # trips); it must exist before the resignation below, not before the wait.
+        designation = asyncio.ensure_future(
+            self.leadership.designate(target, max(2, 2 * self.config.lease_ttl_s)))
         self.replicator.redirect_to = target
         try:
             while True:
@@ -414,6 +421,7 @@ class ClusterNode:
                                           f"(match {peer.match if peer else 0}, "
                                           f"last {st.last_position})")
                 await asyncio.sleep(0.002)
+            await designation
             handover = st.last_position
             self.replicator.step_down(f"switchover to {target}")
             await self.leadership.resign()
@@ -427,6 +435,9 @@ class ClusterNode:
                 await self.leadership.wait_change(current[1] if current else None,
                                                   timeout_s=max(0.01, deadline - loop.time()))
         except BaseException:
+            designation.cancel()
+            with contextlib.suppress(BaseException):
+                await designation
             await self.leadership.clear_designation()
             raise
         finally:

@@ -356,7 +356,7 @@ class Replicator:
         address = self.leader_address(leader)
         where = f"the leader is {leader} at {address}" if address else "no leader is known yet"
         return StoreError(grpc.StatusCode.UNAVAILABLE, f"this node does not accept writes: "
-                          f"{where}", leader=address, retry_after_ms=100)
+                          f"{where}", leader=address, retry_after_ms=25)
 
 
 def _settle(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
