@@ -31,7 +31,7 @@ from store import records
 from store.errors import StoreError
 from store.limits import Limits
 from store.log import Appended, Log, PreparedAppend, Sequenced
-from store.writer import Results, admit_to_queue, emit_group_span
+from store.writer import QueueLoad, Results, emit_group_span
 from xdc import telemetry
 from xdc.v1 import eventstore_pb2 as pb
 
@@ -106,7 +106,7 @@ class _Group:
     reqs: list[PreparedAppend]
     future: asyncio.Future[Results]
     caller: Any = None  # the submitter's span context, when tracing
-    events: int = 0  # sum of len(r.ids): counted once, at admission
+    load: tuple[int, int] = (0, 0)  # (events, bytes): counted once, at admission
 
 
 # Posted to the loop after each cycle: effects for the loop, and client results.
@@ -134,7 +134,7 @@ class Replicator:
         self.leader_address = leader_address
         self._cond = threading.Condition()
         self._inputs: collections.deque[tuple[str, Any]] = collections.deque()
-        self._pending_events = 0
+        self._load = QueueLoad()
         self._stopping = False
         self._commit_to_persist = 0
         # Set during a planned switchover: appends are refused and sent to this member.
@@ -158,19 +158,17 @@ class Replicator:
 
     @property
     def pending_events(self) -> int:
-        return self._pending_events
+        return self._load.events
 
     def submit(self, reqs: list[PreparedAppend]) -> asyncio.Future[Results]:
-        n = sum(len(r.ids) for r in reqs)
         fut: asyncio.Future[Results] = self.loop.create_future()
-        group = _Group(reqs, fut, telemetry.current_span_context(), n)
+        group = _Group(reqs, fut, telemetry.current_span_context())
         # One critical section: the stopping check, admission, the count (the writer
         # thread decrements it under the same lock) and the queueing, so a refusal
         # never leaves the count raised.
         with self._cond:
             self._check_running()
-            admit_to_queue(self._pending_events, n, self.limits)
-            self._pending_events += n
+            group.load = self._load.admit(reqs, self.limits)
             self._inputs.append(("appends", group))
             self._cond.notify()
         return fut
@@ -286,7 +284,8 @@ class Replicator:
             except Exception as exc:
                 self.loop.call_soon_threadsafe(_settle, fut, None, exc)
         with self._cond:
-            self._pending_events -= sum(g.events for g in groups)
+            for g in groups:
+                self._load.release(*g.load)
         self.loop.call_soon_threadsafe(self.on_effects, out, answers)
 
     def _apply(self, txn: lmdb.Transaction, effects: list[Effect], out: list[Effect],

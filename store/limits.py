@@ -43,8 +43,11 @@ class Limits:
     # Events and bytes in one Read/Subscribe response message.
     max_batch_events: int = 2_000
     max_batch_bytes: int = 1 * MiB
-    # Events waiting for the writer; past it appends are shed with RESOURCE_EXHAUSTED.
+    # Events, and their bytes, waiting for the writer; past either appends are shed
+    # with RESOURCE_EXHAUSTED and a retry hint (the bytes bound the memory that queued
+    # appends hold while the disk, or a quorum, is slow).
     max_pending_events: int = 200_000
+    max_pending_bytes: int = 256 * MiB
     # Events one group commit takes from the queue (one write transaction, one fsync).
     max_group_events: int = 50_000
 
@@ -55,6 +58,6 @@ class Limits:
         return self.max_append_bytes + 4 * MiB
 
     def __post_init__(self) -> None:
-        assert 0 < self.max_event_bytes <= self.max_append_bytes
+        assert 0 < self.max_event_bytes <= self.max_append_bytes <= self.max_pending_bytes
         assert 0 < self.max_append_events <= self.max_group_events
         assert 0 < self.max_batch_events and self.max_batch_bytes >= self.max_event_bytes

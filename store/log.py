@@ -64,6 +64,8 @@ class PreparedAppend:
     # Serialized ProposedEvents (deterministic serialization: equal content, equal bytes).
     bodies: list[bytes]
     stream_fld: bytes = field(default=b"")
+    # Summed len(bodies), for the writer queue's byte bound (0: not counted).
+    size: int = 0
 
     def __post_init__(self) -> None:
         assert len(self.ids) == len(self.bodies) > 0

@@ -115,7 +115,7 @@ def prepare(req: pb.AppendRequest, limits: Limits, prefix: str = "") -> Prepared
                                                          "in the same append")
             seen[event_id] = i
     return PreparedAppend(req.stream, stream_key, kind, req.expected_revision, ids, bodies,
-                          stream_fld)
+                          stream_fld, total)
 
 
 def _check_metadata(metadata: object, limits: Limits, field: str) -> None:

@@ -12,6 +12,7 @@ import collections
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -28,14 +29,37 @@ DurableHook = Callable[[int], None]  # the last durable position
 AdmitHook = Callable[[], int | StoreError]
 
 
-def admit_to_queue(pending: int, n: int, limits: Limits) -> None:
-    """Refuses `n` more events when the writer's queue holds its limit already (load
-    shedding with a retry hint). Call under the writer's lock."""
-    if pending and pending + n > limits.max_pending_events:
-        raise StoreError(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"write queue full: {pending} events pending, max_pending_events "
-            f"({limits.max_pending_events}); retry shortly", retry_after_ms=50)
+@dataclass(slots=True)
+class QueueLoad:
+    """What a writer's queue holds, counted when appends are admitted and released when
+    the writer takes them; used under the writer's lock."""
+
+    events: int = 0
+    bytes: int = 0
+
+    def admit(self, reqs: list[PreparedAppend], limits: Limits) -> tuple[int, int]:
+        """Counts `reqs` in, or refuses them when the queue holds a limit already (load
+        shedding with a retry hint; an empty queue takes any one append). Returns what
+        to release later: (events, bytes)."""
+        n = size = 0
+        for r in reqs:
+            n += len(r.ids)
+            size += r.size
+        for pending, more, limit, name, unit in (
+                (self.events, n, limits.max_pending_events, "max_pending_events", "events"),
+                (self.bytes, size, limits.max_pending_bytes, "max_pending_bytes", "bytes")):
+            if pending and pending + more > limit:
+                raise StoreError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"write queue full: {pending} {unit} pending, {name} ({limit}); retry "
+                    "shortly", retry_after_ms=50)
+        self.events += n
+        self.bytes += size
+        return n, size
+
+    def release(self, events: int, size: int) -> None:
+        self.events -= events
+        self.bytes -= size
 
 
 class Writer:
@@ -49,25 +73,23 @@ class Writer:
         self._cond = threading.Condition()
         # (appends, answer, the submitter's span context when tracing)
         self._queue: collections.deque[_Queued] = collections.deque()
-        self._pending_events = 0
+        self._load = QueueLoad()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="xdc-writer", daemon=True)
         self._thread.start()
 
     @property
     def pending_events(self) -> int:
-        return self._pending_events
+        return self._load.events
 
     def submit(self, reqs: list[PreparedAppend]) -> asyncio.Future[Results]:
         """Queues appends (loop thread); the future resolves once they are durable."""
-        n = sum(len(r.ids) for r in reqs)
         fut: asyncio.Future[Results] = self._loop.create_future()
         with self._cond:
             if self._stopping:
                 raise StoreError(grpc.StatusCode.UNAVAILABLE, "node is shutting down")
-            admit_to_queue(self._pending_events, n, self._limits)
-            self._pending_events += n
-            self._queue.append((reqs, fut, telemetry.current_span_context(), n))
+            load = self._load.admit(reqs, self._limits)
+            self._queue.append((reqs, fut, telemetry.current_span_context(), load))
             self._cond.notify()
         return fut
 
@@ -84,12 +106,13 @@ class Writer:
             if not self._queue:
                 return None
             taken = []
-            events = 0
+            events = size = 0
             while self._queue and (not taken or events < self._limits.max_group_events):
                 item = self._queue.popleft()
-                events += item[3]
+                events += item[3][0]
+                size += item[3][1]
                 taken.append(item)
-            self._pending_events -= events
+            self._load.release(events, size)
             return taken
 
     def _run(self) -> None:
@@ -123,8 +146,8 @@ class Writer:
         _deliver_all(out)
 
 
-# (appends, future, caller's span context, events in the appends: counted once)
-_Queued = tuple[list[PreparedAppend], asyncio.Future[Results], Any, int]
+# (appends, future, caller's span context, (events, bytes) of the appends: counted once)
+_Queued = tuple[list[PreparedAppend], asyncio.Future[Results], Any, tuple[int, int]]
 
 
 def emit_group_span(contexts: list[Any], appends: int, term: int, start_ns: int,

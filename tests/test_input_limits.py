@@ -4,6 +4,8 @@ field and the limit, with nothing written. Real servers on loopback, real LMDB."
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +16,14 @@ from geo.transport import MAX_SWITCHOVER_MS
 from store.client import StoreClient, channel_options, new_event
 from store.errors import MD_RETRY_AFTER_MS
 from store.limits import Limits
+from store.node import StoreNode
+from store.server import StoreServer
 from tests.support.cluster import LocalCluster
 from tests.support.etcd import EtcdCluster
 from tests.support.store import run, running_store, wait_until
 from tests.test_gateway import exchange
 from xdc.v1 import eventstore_pb2 as pb
+from xdc.v1 import eventstore_pb2_grpc as pb_grpc
 from xdc.v1 import exchange_pb2 as xpb
 from xdc.v1 import replication_pb2 as rpb
 from xdc.v1 import replication_pb2_grpc as rpb_grpc
@@ -216,3 +221,53 @@ def test_replication_refusals_name_the_field_and_quote_input_cut_short(
         finally:
             await cluster.stop()
     run(body, timeout_s=120)
+
+
+def test_writer_queue_bytes_are_bounded_by_max_pending_bytes(tmp_path: Path) -> None:
+    limits = Limits(max_event_bytes=1024, max_append_bytes=4096, max_pending_bytes=4096)
+
+    async def body() -> None:
+        node = StoreNode(tmp_path / "store", limits)
+        server = StoreServer(node, "127.0.0.1:0")
+        await server.start()
+        # The writer asks `admit` before each group: held there, the queue fills as it
+        # would behind a slow disk.
+        gate, held = threading.Event(), threading.Event()
+        standalone_admit = node.admit
+
+        def held_admit() -> int | Any:
+            held.set()
+            gate.wait(30)
+            return standalone_admit()
+
+        node.admit = held_admit  # type: ignore[method-assign]
+        try:
+            async with grpc.aio.insecure_channel(server.address) as ch:
+                stub = pb_grpc.EventStoreStub(ch)
+
+                def append(i: int, size: int) -> asyncio.Future[Any]:
+                    return asyncio.ensure_future(stub.Append(pb.AppendRequest(
+                        stream=f"s{i}", events=[new_event("T", b"x" * size)]), timeout=30))
+
+                writes = [append(0, 1)]  # taken by the writer, held in admit
+                await wait_until(held.is_set, what="the writer held in admit")
+                writes += [append(i, 900) for i in range(1, 5)]  # 4 x 924 bytes queued
+                assert node.writer is not None
+                await wait_until(lambda: node.writer.pending_events == 4,  # type: ignore
+                                 what="4 appends queued")
+                with pytest.raises(grpc.aio.AioRpcError) as rpc:
+                    await append(5, 900)
+                assert rpc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                queued = 4 * new_event("T", b"x" * 900).ByteSize()
+                assert (f"write queue full: {queued} bytes pending, max_pending_bytes (4096)"
+                        in rpc.value.details())
+                assert dict(rpc.value.trailing_metadata())[MD_RETRY_AFTER_MS] == "50"
+                gate.set()
+                done = await asyncio.gather(*writes)
+                assert sorted(r.first_position for r in done) == [1, 2, 3, 4, 5]
+                assert node.log is not None and node.log.last_position == 5
+                assert node.writer.pending_events == 0
+        finally:
+            gate.set()
+            await server.stop(grace_s=0.5)
+    run(body)
