@@ -5,7 +5,6 @@ field and the limit, with nothing written. Real servers on loopback, real LMDB."
 from __future__ import annotations
 
 import asyncio
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from store.node import StoreNode
 from store.server import StoreServer
 from tests.support.cluster import LocalCluster
 from tests.support.etcd import EtcdCluster
-from tests.support.store import run, running_store, wait_until
+from tests.support.store import hold_writer, run, running_store, wait_until
 from tests.test_gateway import exchange
 from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import eventstore_pb2_grpc as pb_grpc
@@ -230,17 +229,8 @@ def test_writer_queue_bytes_are_bounded_by_max_pending_bytes(tmp_path: Path) -> 
         node = StoreNode(tmp_path / "store", limits)
         server = StoreServer(node, "127.0.0.1:0")
         await server.start()
-        # The writer asks `admit` before each group: held there, the queue fills as it
-        # would behind a slow disk.
-        gate, held = threading.Event(), threading.Event()
-        standalone_admit = node.admit
-
-        def held_admit() -> int | Any:
-            held.set()
-            gate.wait(30)
-            return standalone_admit()
-
-        node.admit = held_admit  # type: ignore[method-assign]
+        hold = hold_writer(node)
+        gate, held = hold.gate, hold.held
         try:
             async with grpc.aio.insecure_channel(server.address) as ch:
                 stub = pb_grpc.EventStoreStub(ch)

@@ -10,7 +10,6 @@ import dataclasses
 import itertools
 import random
 import re
-import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from store.node import StoreNode
 from store.server import StoreServer
 from tests.support.cluster import LocalCluster
 from tests.support.etcd import EtcdCluster
-from tests.support.store import run, wait_until
+from tests.support.store import hold_writer, run, wait_until
 from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import eventstore_pb2_grpc as pb_grpc
 from xdc.v1 import exchange_pb2
@@ -455,17 +454,8 @@ def test_overload_sheds_top_tiers_with_resource_exhausted(tmp_path: Path) -> Non
                              add_services=sup.add_services)
         await server.start()
         await sup.start(server)
-        # The writer thread asks `admit` before each group: holding it there lets the
-        # queue fill deterministically, as a slow disk would.
-        gate, held = threading.Event(), threading.Event()
-        standalone_admit = node.admit
-
-        def held_admit() -> int | Any:
-            held.set()
-            gate.wait(30)
-            return standalone_admit()
-
-        node.admit = held_admit
+        hold = hold_writer(node)
+        gate, held = hold.gate, hold.held
         writes: list[asyncio.Task[Any]] = []
         try:
             async with grpc.aio.insecure_channel(server.address) as ch:

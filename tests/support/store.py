@@ -9,10 +9,12 @@ import inspect
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from store.client import StoreClient
+from store.errors import StoreError
 from store.limits import Limits
 from store.node import StoreNode
 from store.server import StoreServer
@@ -92,3 +94,28 @@ def in_thread(manager: Callable[[], AbstractAsyncContextManager[T]],
             thread.call(cm.__aexit__(None, None, None))
     finally:
         thread.close()
+
+
+@dataclass
+class HeldWriter:
+    """A standalone node's writer held before its next group (`held` is set once it
+    waits there) until `gate` is set: the queue then fills deterministically, as it
+    would behind a slow disk."""
+
+    gate: threading.Event
+    held: threading.Event
+
+
+def hold_writer(node: StoreNode, timeout_s: float = 30.0) -> HeldWriter:
+    """Holds `node`'s writer in its `admit` hook (asked before each group) until the
+    returned gate is set; set it before stopping the node."""
+    hold = HeldWriter(threading.Event(), threading.Event())
+    standalone_admit = node.admit
+
+    def held_admit() -> int | StoreError:
+        hold.held.set()
+        hold.gate.wait(timeout_s)
+        return standalone_admit()
+
+    node.admit = held_admit
+    return hold
