@@ -5,11 +5,14 @@ field and the limit, with nothing written. Real servers on loopback, real LMDB."
 from __future__ import annotations
 
 import asyncio
+import gzip
+import http.client
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from geo.transport import MAX_SWITCHOVER_MS
 from store.client import StoreClient, channel_options, new_event
@@ -21,6 +24,7 @@ from tests.support.cluster import LocalCluster
 from tests.support.etcd import EtcdCluster
 from tests.support.store import hold_writer, run, running_store, wait_until
 from tests.test_gateway import exchange
+from xdc.otlp_receiver import MAX_BODY_BYTES, OtlpReceiver
 from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import eventstore_pb2_grpc as pb_grpc
 from xdc.v1 import exchange_pb2 as xpb
@@ -261,3 +265,38 @@ def test_writer_queue_bytes_are_bounded_by_max_pending_bytes(tmp_path: Path) -> 
             gate.set()
             await server.stop(grace_s=0.5)
     run(body)
+
+
+def test_otlp_http_receiver_bounds_bodies_and_refuses_bad_ones() -> None:
+    def post(conn: http.client.HTTPConnection, body: bytes, **headers: str) -> int:
+        conn.request("POST", "/v1/traces", body=body, headers={
+            "Content-Type": "application/x-protobuf", **headers})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+
+    valid = ExportTraceServiceRequest().SerializeToString()
+    with OtlpReceiver() as receiver:
+        host, port = receiver.http_endpoint.removeprefix("http://").rsplit(":", 1)
+        for body, headers, status in [
+            (valid, {}, 200),
+            (gzip.compress(valid), {"Content-Encoding": "gzip"}, 200),
+            (b"\xff\xff\xff", {}, 400),  # not protobuf
+            (b"not gzip", {"Content-Encoding": "gzip"}, 400),
+            # 20 KiB that inflate past the limit: refused before it is all inflated.
+            (gzip.compress(bytes(MAX_BODY_BYTES + 1)), {"Content-Encoding": "gzip"}, 413),
+        ]:
+            conn = http.client.HTTPConnection(host, int(port), timeout=10)
+            try:
+                assert post(conn, body, **headers) == status, (body[:16], headers)
+            finally:
+                conn.close()
+        # A length over the limit is refused from the header, before any body is read.
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        try:
+            conn.putrequest("POST", "/v1/traces")
+            conn.putheader("Content-Length", str(MAX_BODY_BYTES + 1))
+            conn.endheaders()
+            assert conn.getresponse().status == 413
+        finally:
+            conn.close()

@@ -10,21 +10,23 @@ event loop for the grpc.aio server, a threading HTTP server beside it), so block
 from __future__ import annotations
 
 import asyncio
-import gzip
 import http.server
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2 as mpb
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc as mpb_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as tpb
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as tpb_grpc
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
+from store.limits import Limits
 from store.server import new_server
 
 
@@ -112,21 +114,54 @@ class _MetricsService(mpb_grpc.MetricsServiceServicer):
         return mpb.ExportMetricsServiceResponse()
 
 
+# An OTLP/HTTP body, compressed or not, is at most what a gRPC export may carry.
+MAX_BODY_BYTES = Limits().max_message_bytes
+_HTTP_MESSAGES = {"/v1/traces": (tpb.ExportTraceServiceRequest, tpb.ExportTraceServiceResponse),
+                  "/v1/metrics": (mpb.ExportMetricsServiceRequest,
+                                  mpb.ExportMetricsServiceResponse)}
+
+
+def _gunzip(body: bytes, limit: int) -> bytes | None:
+    """The decompressed body, or None past `limit` bytes (a small body can inflate to
+    gigabytes)."""
+    inflate = zlib.decompressobj(wbits=31)  # gzip framing
+    out = inflate.decompress(body, limit + 1)
+    return None if len(out) > limit or inflate.unconsumed_tail else out
+
+
 def _http_handler(store: _Store) -> type[http.server.BaseHTTPRequestHandler]:
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-            if self.headers.get("Content-Encoding") == "gzip":
-                body = gzip.decompress(body)
-            if self.path == "/v1/traces":
-                store.add_traces(tpb.ExportTraceServiceRequest.FromString(body))
-                answer = tpb.ExportTraceServiceResponse().SerializeToString()
-            elif self.path == "/v1/metrics":
-                store.add_metrics(mpb.ExportMetricsServiceRequest.FromString(body))
-                answer = mpb.ExportMetricsServiceResponse().SerializeToString()
-            else:
+            messages = _HTTP_MESSAGES.get(self.path)
+            if messages is None:
                 self.send_error(404)
                 return
+            length = self.headers.get("Content-Length", "0")
+            if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+                self.send_error(413 if length.isdigit() else 400,
+                                f"Content-Length: {length[:32]!r}, at most {MAX_BODY_BYTES}")
+                return
+            body: bytes | None = self.rfile.read(int(length))
+            if self.headers.get("Content-Encoding") == "gzip":
+                try:
+                    body = _gunzip(body, MAX_BODY_BYTES)  # type: ignore[arg-type]
+                except zlib.error as exc:
+                    self.send_error(400, f"not gzip: {exc}")
+                    return
+                if body is None:
+                    self.send_error(413, f"decompressed body over {MAX_BODY_BYTES} bytes")
+                    return
+            request, response = messages
+            try:
+                parsed = request.FromString(body)
+            except DecodeError as exc:
+                self.send_error(400, f"not a valid {request.DESCRIPTOR.name}: {exc}")
+                return
+            if self.path == "/v1/traces":
+                store.add_traces(parsed)
+            else:
+                store.add_metrics(parsed)
+            answer = response().SerializeToString()
             self.send_response(200)
             self.send_header("Content-Type", "application/x-protobuf")
             self.send_header("Content-Length", str(len(answer)))
