@@ -31,8 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import signal
 import zlib
 from dataclasses import dataclass
 
@@ -427,23 +425,15 @@ async def run_engine(config: RunnerConfig, lease: PrimaryLease, control_listen: 
     xpb_grpc.add_EngineControlServicer_to_server(EngineControlService(runner), server)
     port = listen_on(server, control_listen, config.tls)
     host = control_listen.rsplit(":", 1)[0]
-    failed = asyncio.Event()
 
     async def start() -> str:
         await runner.start()
         await server.start()
-
-        async def watch() -> None:
-            await runner.wait_failed()
-            failed.set()
-            os.kill(os.getpid(), signal.SIGTERM)
-        asyncio.get_running_loop().create_task(watch())
         return f"{host}:{port}"
 
     async def stop() -> None:
         await server.stop(0.5)
         await runner.stop()
 
-    await run_until_signalled(start, stop)
-    return 1 if failed.is_set() else 0
+    return 1 if await run_until_signalled(start, stop, runner.wait_failed) else 0
 

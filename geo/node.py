@@ -86,6 +86,7 @@ class ClusterNode:
             default_failover=config.failover)
         self._tasks: list[asyncio.Task[None]] = []
         self._side_tasks: set[asyncio.Future[Any]] = set()
+        self._failed = asyncio.Event()
         self._stopping = False
         # After losing its quorum a node lets the others campaign first: it is likely the
         # one cut off, and still reaching etcd it would take the seat back in vain.
@@ -361,8 +362,25 @@ class ClusterNode:
         for fut, results in answers:
             if not fut.done():
                 fut.set_result(results)
-        if self.replicator is not None and self.replicator.fatal is not None:
+        if self.replicator is not None and self.replicator.fatal is not None \
+                and not self._failed.is_set():
+            # A disk or invariant failure: the writer is gone, so this node can neither
+            # lead nor follow. Appends waiting for commit are answered, and the process
+            # exits (xdc node run) to restart from its durable state.
             log.error("%s: replicator failed: %r", self.id, self.replicator.fatal)
+            self.store.commit.fail_waiters(StoreError(
+                grpc.StatusCode.UNAVAILABLE, f"node {self.id} failed "
+                f"({type(self.replicator.fatal).__name__}): the append's outcome is unknown, "
+                "retry with the same event ids", retry_after_ms=200))
+            self._failed.set()
+            self._background(self._resign_quietly())
+
+    @property
+    def failure(self) -> BaseException | None:
+        return self.replicator.fatal if self.replicator is not None else None
+
+    async def wait_failed(self) -> None:
+        await self._failed.wait()
 
     def _background(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)

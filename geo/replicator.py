@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import logging
 import threading
 import time
 import uuid
@@ -54,6 +55,8 @@ def term_start_record(cluster_id: str, term: int, leader: str, now_ns: int) -> b
         data=json.dumps({"term": term, "leader": leader}, sort_keys=True).encode())
     return records.encode(0, term, 1, now_ns, records.stream_field(term_stream(term).encode()),
                           body.SerializeToString(deterministic=True))
+
+log = logging.getLogger("xdc.replicator")
 
 
 class LmdbLogView:
@@ -222,9 +225,9 @@ class Replicator:
             while (taken := self._take()) is not None:
                 self._cycle(taken)
         except BaseException as exc:  # a disk or invariant failure: this node must stop
+            log.exception("replicator thread failed")
             self.fatal = exc
             self.loop.call_soon_threadsafe(self.on_effects, [], [])
-            raise
 
     def _cycle(self, taken: list[tuple[str, Any]]) -> None:
         core = self.core

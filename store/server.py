@@ -201,18 +201,28 @@ class StoreServer:
 
 
 async def run_until_signalled(start: Callable[[], Awaitable[str]],
-                              stop: Callable[[], Awaitable[None]]) -> None:
+                              stop: Callable[[], Awaitable[None]],
+                              failed: Callable[[], Awaitable[object]] | None = None) -> bool:
     """Starts, prints one JSON `ready` line with the bound address (tests and scripts read
-    it to learn a port chosen by the OS), and stops cleanly on SIGTERM or SIGINT."""
+    it to learn a port chosen by the OS), and stops cleanly on SIGTERM or SIGINT, or
+    when `failed` returns (then True: the caller exits non-zero so that a supervisor
+    restarts the process from its durable state)."""
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     address = await start()
     print(json.dumps({"event": "ready", "listen": address, "pid": os.getpid()}), flush=True)
-    await stopping.wait()
+    waits = [asyncio.ensure_future(stopping.wait())]
+    if failed is not None:
+        waits.append(asyncio.ensure_future(failed()))
+    done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for w in pending:
+        w.cancel()
+    has_failed = failed is not None and waits[1] in done
     await stop()
-    print(json.dumps({"event": "stopped"}), flush=True)
+    print(json.dumps({"event": "failed" if has_failed else "stopped"}), flush=True)
+    return has_failed
 
 
 class Companion(Protocol):

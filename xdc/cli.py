@@ -220,7 +220,9 @@ def cmd_node_run(args: argparse.Namespace) -> int:
         return node.address
 
     try:
-        asyncio.run(run_until_signalled(start, node.stop))
+        if asyncio.run(run_until_signalled(start, node.stop, node.wait_failed)):
+            print(f"xdc node run: {node.failure!r}", file=sys.stderr)
+            return 1
     except OSError as exc:
         print(f"xdc node run: {exc}", file=sys.stderr)
         return 1
