@@ -67,6 +67,8 @@ from engine.constants import (
     TimeInForce,
 )
 from engine.exchange_config import ExchangeConfig, ExchangeConfigError, load
+from geo.tier_supervisor import gateway_supervisor
+from geo.tiers import TierSpec
 from store.client import AppendError, CaughtUp, Checkpoint, StoreClient
 from store.errors import show
 from store.server import listen_on, new_server, run_until_signalled
@@ -782,7 +784,8 @@ class GatewayServer:
 
     def __init__(self, config: ExchangeConfig, store_targets: str | Sequence[str],
                  listen: str = "127.0.0.1:0", limits: GatewayLimits | None = None,
-                 client: StoreClient | None = None, tls: Tls | None = None) -> None:
+                 client: StoreClient | None = None, tls: Tls | None = None,
+                 tiers_spec: TierSpec | None = None) -> None:
         self.config = config
         self.listen = listen
         # Its certificate to the store and on its own port (xdc/tls.py).
@@ -792,13 +795,19 @@ class GatewayServer:
         self._own_client = client is None
         self.service = OrderGatewayService(config, self.client, limits)
         self.health = health.aio.HealthServicer()
+        # Sheds by the store's state, as the store itself does: while it has no quorum
+        # or is failing over, orders are refused with the tier, the reason and a retry
+        # hint, and after it they are admitted again in tier order.
+        self.tiers = gateway_supervisor(store_targets, tiers_spec, tls=tls)
         self.server: grpc.aio.Server | None = None
         self.port = 0
 
     async def start(self) -> None:
-        server = new_server(interceptors=telemetry.server_interceptors())
+        server = new_server(interceptors=[*telemetry.server_interceptors(),
+                                          *self.tiers.interceptors])
         xpb_grpc.add_OrderGatewayServicer_to_server(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        self.tiers.add_services(server)
         reflection.enable_server_reflection(
             (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         self.port = listen_on(server, self.listen, self.tls)
@@ -807,6 +816,23 @@ class GatewayServer:
         self.server = server
         for name in ("", SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self.tiers.start(self.health)
+
+    async def wait_admitted(self, tier: str | None = None, timeout_s: float = 10.0) -> None:
+        """Returns once the gateway admits `tier` (default: every tier). After a start
+        the tiers are admitted in order, as the store's."""
+        states = self.tiers.machine.states
+        if tier is not None:
+            index = self.tiers.spec.resolve(tier)
+            assert index is not None, f"no tier {tier!r}"
+            states = (states[index],)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not all(self.tiers.machine.states[t.index].admitted for t in states):
+            if loop.time() > deadline:
+                raise TimeoutError(f"not admitted within {timeout_s}s: " + "; ".join(
+                    self.tiers.machine.states[t.index].detail for t in states))
+            await asyncio.sleep(0.02)
 
     @property
     def address(self) -> str:
@@ -814,6 +840,7 @@ class GatewayServer:
 
     async def stop(self, grace_s: float = 2.0) -> None:
         await self.health.enter_graceful_shutdown()
+        await self.tiers.stop()
         if self.server is not None:
             await self.server.stop(grace_s)
         await self.service.stop()

@@ -64,6 +64,8 @@ from store.client import channel_options
 from store.errors import MD_SHED_REASON, MD_TIER, StoreError
 from store.node import StoreNode
 from xdc.tls import Tls, aio_channel
+from xdc.v1 import eventstore_pb2 as pb
+from xdc.v1 import eventstore_pb2_grpc as pb_grpc
 from xdc.v1 import tiers_pb2 as tpb
 from xdc.v1 import tiers_pb2_grpc as tpb_grpc
 
@@ -376,8 +378,17 @@ class RemoteReader:
             try:
                 st = await tpb_grpc.TiersStub(channel).Status(tpb.TiersStatusRequest(),
                                                               timeout=self.timeout_s)
-            except grpc.aio.AioRpcError:
-                continue
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    continue
+                # A store without its own tiers (embedded in a test, or one that runs
+                # none): it answers, so it is up; its NodeInfo gives the commit lag.
+                try:
+                    info = await pb_grpc.EventStoreStub(channel).NodeInfo(
+                        pb.NodeInfoRequest(), timeout=self.timeout_s)
+                except grpc.aio.AioRpcError:
+                    continue
+                return Reading(commit_lag=max(0, info.last_position - info.commit_position))
             return Reading(failover=st.cause in ("failover", "starting"),
                            quorum=st.cause != "no_quorum",
                            pending_events=st.pending_events,

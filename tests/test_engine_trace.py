@@ -40,6 +40,7 @@ def test_one_order_is_one_trace_through_gateway_store_and_engine(otel: Otel,  # 
             gateway = GatewayServer(config, server.address)
             await runner.start()
             await gateway.start()
+            await gateway.wait_admitted()
             try:
                 await wait_until(lambda: runner.primary, 10)
                 otel.exporter.clear()

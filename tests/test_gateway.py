@@ -27,6 +27,7 @@ from engine.constants import TimeInForce as ETif
 from engine.exchange_config import ExchangeConfig, init_events, parse
 from engine.gateway import GatewayLimits, GatewayServer
 from store.client import StoreClient
+from store.node import StoreNode
 from store.process import ServeProcess
 from store.server import StoreServer
 from tests.support.engine_driver import EngineDriver, running_driver
@@ -121,6 +122,7 @@ async def exchange(tmp_path: Path, limits: GatewayLimits | None = None
             counts[g.name] = len(events)
         gateway = GatewayServer(config, store.address, "127.0.0.1:0", limits)
         await gateway.start()
+        await gateway.wait_admitted()
         channel = grpc.aio.insecure_channel(gateway.address)
         try:
             yield Exchange(store, client, config, gateway, xpb_grpc.OrderGatewayStub(channel),
@@ -280,26 +282,66 @@ def test_retry_is_a_duplicate_and_a_changed_retry_is_already_exists(tmp_path: Pa
     run(body)
 
 
-def test_store_unavailable_passes_through(tmp_path: Path) -> None:
+def test_orders_are_shed_while_the_store_is_down_and_admitted_in_tier_order_after(
+        tmp_path: Path) -> None:
+    """The gateway sheds by the store's state, as the store does: with no store, orders
+    are refused before they run (tier, reason, retry hint); once a store answers the
+    tiers come back in order, orders pass; when it goes away they are shed again."""
     async def body() -> None:
         with socket.socket() as s:  # a loopback port nobody listens on once closed
             s.bind(("127.0.0.1", 0))
-            dead = f"127.0.0.1:{s.getsockname()[1]}"
+            address = f"127.0.0.1:{s.getsockname()[1]}"
         config = parse(tomllib.loads(EXCHANGE))
-        client = StoreClient(dead, timeout_s=1.0, attempt_timeout_s=0.5)
-        gateway = GatewayServer(config, dead, client=client)
+        client = StoreClient(address, timeout_s=5.0, attempt_timeout_s=0.5)
+        gateway = GatewayServer(config, address, client=client)
         await gateway.start()
+        store: StoreServer | None = None
         try:
             async with grpc.aio.insecure_channel(gateway.address) as channel:
                 stub = xpb_grpc.OrderGatewayStub(channel)
                 err = await refused(stub.SubmitOrder(order("c1", xpb.BUY, 1, 50000)))
-                # The store client's own refusal, passed through: code and message.
                 assert err.code() == grpc.StatusCode.UNAVAILABLE, err
-                assert "connect" in (err.details() or ""), err
+                assert "tier 'order-entry'" in (err.details() or ""), err
+                md = dict(err.trailing_metadata() or ())
+                assert md["xdc-tier"] == "order-entry" and int(md["xdc-retry-after-ms"]) > 0
+                assert md["xdc-shed-reason"] in ("starting", "failover"), md
+                store = StoreServer(StoreNode(tmp_path / "store"), address)
+                await store.start()
+                admitted: list[str] = []
+
+                def progress() -> bool:
+                    for t in gateway.tiers.machine.states:
+                        if t.admitted and t.name not in admitted:
+                            admitted.append(t.name)
+                    return len(admitted) == len(gateway.tiers.machine.states)
+                await wait_until(progress, 20, "every tier admitted")
+                assert admitted == [t.name for t in gateway.tiers.spec.tiers], admitted
+                # The store's client may still be in its reconnect backoff: the gateway
+                # passes that refusal through; an idempotent retry then lands.
+                await wait_until(lambda: _submits(stub, "c1"), 10, "an accepted order")
+                await store.stop(grace_s=0.5)
+                store = None
+                await wait_until(lambda: not gateway.tiers.machine.states[2].admitted, 10,
+                                 "order entry shed again")
+                err = await refused(stub.SubmitOrder(order("c2", xpb.BUY, 1, 50000)))
+                assert err.code() == grpc.StatusCode.UNAVAILABLE
+                assert dict(err.trailing_metadata() or ())["xdc-shed-reason"] == "failover"
         finally:
             await gateway.stop(grace_s=0.5)
             await client.close()
+            if store is not None:
+                await store.stop(grace_s=0.5)
     run(body)
+
+
+async def _submits(stub: xpb_grpc.OrderGatewayStub, cid: str) -> bool:
+    try:
+        r = await stub.SubmitOrder(order(cid, xpb.BUY, 1, 50000))
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() != grpc.StatusCode.UNAVAILABLE:
+            raise
+        return False
+    return r.input_position > 0
 
 
 # ---------------------------------------------------------------------- wait
@@ -550,6 +592,7 @@ def test_a_new_gateway_rebuilds_books_from_the_log_and_live_means_from_now(
             await x.fed()
             second = GatewayServer(x.config, x.store.address)
             await second.start()
+            await second.wait_admitted()
             try:
                 async with grpc.aio.insecure_channel(second.address) as channel:
                     stub = xpb_grpc.OrderGatewayStub(channel)

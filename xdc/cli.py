@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 import uuid
 from typing import Any
 
@@ -395,6 +396,24 @@ def _gateway_stub(args: argparse.Namespace) -> Any:
         sync_channel(args.gateway, _tls(args), options=channel_options()))
 
 
+def _retrying_shed(call: Any, request: Any, deadline_s: float) -> Any:
+    """One unary gateway call; a call a degradation tier refused before it ran is sent
+    again after the server's hint until `deadline_s` (orders are idempotent by their
+    client order id or request id, so a repeat is harmless)."""
+    import grpc
+
+    from store.client import shed_wait_s
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            return call(request, timeout=max(0.01, end - time.monotonic()))
+        except grpc.RpcError as exc:
+            wait = shed_wait_s(exc)  # type: ignore[arg-type]
+            if wait is None or time.monotonic() + wait >= end:
+                raise
+            time.sleep(wait)
+
+
 def cmd_order(args: argparse.Namespace) -> int:
     import grpc
 
@@ -406,22 +425,22 @@ def cmd_order(args: argparse.Namespace) -> int:
     try:
         if action == "submit":
             tif = args.tif or ("ioc" if args.type == "market" else "gtc")
-            r = stub.SubmitOrder(xpb.SubmitOrderRequest(
+            r = _retrying_shed(stub.SubmitOrder, xpb.SubmitOrderRequest(
                 client_order_id=args.client_order_id, side=xpb.Side.Value(args.side.upper()),
                 order_type=xpb.OrderType.Value(args.type.upper()),
                 time_in_force=xpb.TimeInForce.Value(tif.upper()), price=args.price,
                 qty=args.qty, post_only=args.post_only,
                 stp=xpb.SelfTradePrevention.Value("STP_" + args.stp.upper().replace("-", "_")),
-                **common), timeout=args.deadline)
+                **common), args.deadline)
         elif action == "cancel":
-            r = stub.CancelOrder(xpb.CancelOrderRequest(
+            r = _retrying_shed(stub.CancelOrder, xpb.CancelOrderRequest(
                 request_id=args.request_id, order_id=args.order_id,
-                client_order_id=args.client_order_id, **common), timeout=args.deadline)
+                client_order_id=args.client_order_id, **common), args.deadline)
         else:
-            r = stub.ReplaceOrder(xpb.ReplaceOrderRequest(
+            r = _retrying_shed(stub.ReplaceOrder, xpb.ReplaceOrderRequest(
                 request_id=args.request_id, order_id=args.order_id,
                 client_order_id=args.client_order_id, price=args.price, qty=args.qty,
-                **common), timeout=args.deadline)
+                **common), args.deadline)
     except grpc.RpcError as exc:
         return _rpc_error(f"order {action}", exc)
     print(json.dumps(message_json(r)))
