@@ -43,7 +43,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = RunnerConfig(group=group, instance=args.instance, store=tuple(args.store.split(",")),
                           role=args.role, snapshot_every=args.snapshot_every,
                           tls=cli_tls(args, "xdc engine"))
-    lease = make_lease(args.lease, group, args.instance, args.cluster, args.lease_ttl)
+    spec, cluster, access = args.lease, args.cluster, None
+    if args.config:
+        from geo.config import ConfigError, etcd_access
+        from geo.config import load as load_cluster
+        try:
+            cfg = load_cluster(args.config)
+            access = etcd_access(cfg)
+        except ConfigError as exc:
+            raise SystemExit(f"xdc engine run: {exc}") from None
+        cluster = cfg.cluster
+        if spec == "etcd":
+            spec = "etcd:" + ",".join(cfg.etcd.endpoints)
+    lease = make_lease(spec, group, args.instance, cluster, args.lease_ttl, access)
     return asyncio.run(run_engine(config, lease, args.control))
 
 
@@ -153,8 +165,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--instance", required=True, help="this instance's id")
     r.add_argument("--role", choices=("auto", "warm"), default="auto",
                    help="auto: take over when the primary is gone; warm: verify only")
-    r.add_argument("--lease", required=True, help="file:DIR or etcd:HOST:PORT[,...]")
+    r.add_argument("--lease", required=True,
+                   help="file:DIR or etcd:HOST:PORT[,...] (with --config: etcd)")
     r.add_argument("--cluster", default="xdc", help="etcd key prefix (etcd leases)")
+    r.add_argument("--config", help="cluster TOML: etcd endpoints, TLS and user, and the "
+                                    "cluster name for an etcd lease")
     r.add_argument("--lease-ttl", type=int, default=2, help="etcd lease TTL, seconds")
     r.add_argument("--snapshot-every", type=int, default=100_000,
                    help="inputs between snapshots (0: on request only)")

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-from geo.leadership import Leadership, LeadershipError
+from geo.leadership import EtcdAccess, Leadership, LeadershipError
 
 
 class PrimaryLease(Protocol):
@@ -101,12 +101,12 @@ class EtcdLease:
     lease can expire, designation for planned switchovers)."""
 
     def __init__(self, endpoints: list[str], cluster: str, group: str, instance: str,
-                 ttl_s: int = 2) -> None:
+                 ttl_s: int = 2, access: EtcdAccess | None = None) -> None:
         self.instance = instance
         self._lost = asyncio.Event()
         self._lead = Leadership(endpoints, f"{cluster}/engines/{group}", instance,
                                 {"instance": instance}, ttl_s, on_lost=self._on_lost,
-                                default_failover="automatic")
+                                default_failover="automatic", access=access)
 
     def _on_lost(self, reason: str) -> None:
         pass  # `held` turns False by itself; the runner polls it
@@ -141,11 +141,11 @@ class EtcdLease:
 
 
 def make_lease(spec: str, group: str, instance: str, cluster: str = "xdc",
-               ttl_s: int = 2) -> PrimaryLease:
-    """``file:DIR`` or ``etcd:HOST:PORT[,HOST:PORT]``."""
+               ttl_s: int = 2, access: EtcdAccess | None = None) -> PrimaryLease:
+    """``file:DIR`` or ``etcd:HOST:PORT[,HOST:PORT]`` (`access`: etcd's TLS and user)."""
     kind, _, rest = spec.partition(":")
     if kind == "file" and rest:
         return FileLease(rest, group, instance)
     if kind == "etcd" and rest:
-        return EtcdLease(rest.split(","), cluster, group, instance, ttl_s)
+        return EtcdLease(rest.split(","), cluster, group, instance, ttl_s, access)
     raise ValueError(f"lease {spec!r}: use file:DIR or etcd:HOST:PORT[,HOST:PORT]")

@@ -14,6 +14,11 @@ Schema::
 
     [etcd]
     endpoints = ["127.0.0.1:2379"]    # host:port, at least one
+    ca = "tls/ca.pem"                 # optional: https to etcd, this CA
+    cert = "tls/node.pem"             # optional: the client certificate etcd demands
+    key = "tls/node-key.pem"
+    user = "xdc-demo-node"            # optional: etcd authentication (needs ca)
+    password_file = "etcd.password"   # the user's password (first line), never inline
 
     [[region]]
     name = "us-east"
@@ -40,7 +45,8 @@ operators gain confidence), `lease_ttl_s` to 2.
 
 Errors (`ConfigError`): unknown keys (a typo must not pass silently), wrong types,
 malformed or out-of-range host:port, duplicate member ids, one address used twice,
-a member in an undeclared region, no voter at all, an unknown failover mode, a TTL below
+a member in an undeclared region, no voter at all, etcd cert/user without ca, a user
+without password_file, an unknown failover mode, a TTL below
 one second, TLS on but a member without a certificate (neither its own nor tls.cert), a
 cert without its key. Warnings (`ClusterConfig.warnings`, the file is still usable): an even number
 of voters (it tolerates no more failures than one voter fewer), a region without any
@@ -69,6 +75,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from geo.etcd_server import EtcdTls
+from geo.leadership import EtcdAccess
 from xdc.tls import Tls, TlsError
 
 __all__ = [
@@ -82,6 +90,7 @@ __all__ = [
     "TlsConfig",
     "check_etcd",
     "check_files",
+    "etcd_access",
     "load",
     "load_tls",
     "loads",
@@ -147,6 +156,11 @@ class Member:
 @dataclass(frozen=True)
 class EtcdConfig:
     endpoints: tuple[str, ...]  # host:port, client port of each etcd member
+    ca: Path | None = None  # https with this CA
+    cert: Path | None = None  # client certificate and key
+    key: Path | None = None
+    user: str = ""  # etcd authentication: this user, its password in password_file
+    password_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -422,7 +436,18 @@ class _Validator:
         table = self.table(raw, "etcd", "etcd", required=True)
         if table is None:
             return None
-        self.only(table, ("endpoints",), "etcd")
+        self.only(table, ("endpoints", "ca", "cert", "key", "user", "password_file"), "etcd")
+        ca = self.path(table, "ca", "etcd.ca", required=False)
+        cert, key = self.pem_pair(table, "etcd")
+        user = self.string(table, "user", "etcd.user", required=False) or ""
+        password_file = self.path(table, "password_file", "etcd.password_file",
+                                  required=False)
+        if ca is None and (cert is not None or user):
+            self.error("etcd.ca", "is required with etcd.cert or etcd.user (TLS to etcd; a "
+                                  "password never crosses in plaintext)")
+        if bool(user) != (password_file is not None):
+            self.error("etcd.password_file" if user else "etcd.user",
+                       "etcd.user and etcd.password_file go together")
         endpoints = self._get(table, "endpoints", "etcd.endpoints", list,
                               'an array of "host:port" strings', required=True)
         if endpoints is None:
@@ -439,7 +464,8 @@ class _Validator:
                 self.error(f"etcd.endpoints[{i}]", f"duplicate endpoint {ep!r}")
             seen.add(_canonical(ep))
             good.append(ep)
-        return EtcdConfig(endpoints=tuple(good))
+        return EtcdConfig(endpoints=tuple(good), ca=ca, cert=cert, key=key, user=user,
+                          password_file=password_file)
 
     def _regions(self, raw: Mapping[str, Any]) -> list[Region]:
         regions: list[Region] = []
@@ -615,7 +641,36 @@ def load_tls(config: ClusterConfig, member_id: str | None = None) -> Tls | None:
         raise ConfigError(config.source, [(where, str(exc))]) from None
 
 
-def check_etcd(endpoints: Iterable[str], timeout_s: float = 2.0) -> None:
+MAX_PASSWORD_BYTES = 4096
+
+
+def etcd_access(config: ClusterConfig) -> EtcdAccess:
+    """How this host reaches etcd: TLS files and user, the password read from its file
+    (its first line). ConfigError naming the key when the file is unusable."""
+    e = config.etcd
+    tls = None
+    if e.ca is not None:
+        tls = EtcdTls(e.ca, e.cert, e.key)
+    if not e.user:
+        return EtcdAccess(tls)
+    assert e.password_file is not None  # validated together
+    try:
+        with open(e.password_file, "rb") as f:
+            raw = f.read(MAX_PASSWORD_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(config.source, [("etcd.password_file",
+                                           f"{e.password_file}: {exc.strerror or exc}")]) from None
+    lines = raw.decode("utf-8", "replace").splitlines()
+    if len(raw) > MAX_PASSWORD_BYTES or not lines or not lines[0]:
+        raise ConfigError(config.source, [("etcd.password_file",
+                                           f"{e.password_file}: expected the password on "
+                                           f"its first line (at most {MAX_PASSWORD_BYTES} "
+                                           "bytes)")])
+    return EtcdAccess(tls, e.user, lines[0])
+
+
+def check_etcd(endpoints: Iterable[str], timeout_s: float = 2.0,
+               tls: EtcdTls | None = None) -> None:
     """Raise ConfigError ("etcd unreachable at ...") unless some endpoint's ``/health``
     reports healthy within `timeout_s` seconds.
 
@@ -634,7 +689,7 @@ def check_etcd(endpoints: Iterable[str], timeout_s: float = 2.0) -> None:
             # Bounded per request so that one black-holed endpoint cannot use up the
             # whole budget before the healthy ones are asked.
             remaining = deadline - time.monotonic()
-            reason = _etcd_health(ep, min(max(remaining, 0.05), 1.0))
+            reason = _etcd_health(ep, min(max(remaining, 0.05), 1.0), tls)
             if reason is None:
                 return
             reasons.append(f"{ep}: {reason}")
@@ -646,15 +701,17 @@ def check_etcd(endpoints: Iterable[str], timeout_s: float = 2.0) -> None:
     )
 
 
-def _etcd_health(endpoint: str, timeout_s: float) -> str | None:
+def _etcd_health(endpoint: str, timeout_s: float, tls: EtcdTls | None = None) -> str | None:
     """None when healthy, else why not."""
     try:
         host, port = split_hostport(endpoint)
     except ValueError as exc:
         return str(exc)
-    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/health"
+    scheme = "https" if tls is not None else "http"
+    url = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}/health"
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+        with urllib.request.urlopen(url, timeout=timeout_s,
+                                    context=tls.ssl_context() if tls else None) as resp:
             body = resp.read(4096)
     except urllib.error.HTTPError as exc:
         # etcd answers 503 with a JSON body when it has no leader or an alarm is raised.

@@ -276,7 +276,7 @@ def engine_command(state: launcher.ClusterState, instance: str, stores: list[str
     # `xdc engine run` with its INFO log (role changes, refused appends) in engine.log.
     return [sys.executable, "-c", _ENGINE_MAIN, "engine", "run", "--store", ",".join(stores),
             "--group", GROUP, "--instance", instance,
-            "--lease", "etcd:" + ",".join(state.etcd_endpoints), "--cluster", state.cluster,
+            "--lease", "etcd", "--config", state.config,
             "--lease-ttl", str(ttl_s), "--snapshot-every", "2000",
             *launcher.tls_args(state, "engine")]
 
@@ -510,11 +510,13 @@ class Run:
         opts = self.opts
         leader, st = await launcher.wait_leader(state, opts.step_timeout_s)
         await self.start_engines(leader.region)
+        access = launcher.etcd_access_of(state)
         self._observer = Leadership(state.etcd_endpoints, state.cluster, "drill-observer",
-                                    {"id": "drill-observer"}, opts.ttl_s, on_lost=_ignore)
+                                    {"id": "drill-observer"}, opts.ttl_s, on_lost=_ignore,
+                                    access=access)
         self._engine_observer = Leadership(state.etcd_endpoints, f"{state.cluster}/engines/{GROUP}",
                                            "drill-observer", {"instance": "drill-observer"},
-                                           opts.ttl_s, on_lost=_ignore)
+                                           opts.ttl_s, on_lost=_ignore, access=access)
         self._orders = command_events(GROUP, order_stream(self.seed), f"drill{self.seed}",
                                       poison_every=97)
         voters = [n.client for n in state.nodes if n.voter]

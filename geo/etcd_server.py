@@ -14,6 +14,12 @@ behind. Readiness is polled on ``/health``; nothing sleeps a fixed time to synch
     cluster.stop()
 
 The binary is ``$XDC_ETCD_BIN`` when set, else ``etcd`` on PATH (Debian's etcd-server).
+
+Security (the launcher's default): ``EtcdCluster(..., tls=EtcdTls(ca, cert, key))``
+serves clients and peers over https and demands client certificates signed by the CA;
+``enable_auth`` then creates the root user, one role per cluster that may read and write
+only the cluster's prefix ``/<cluster>/``, a user with that role for the cluster's nodes
+and engines, and turns authentication on. Health checks present the certificate.
 """
 
 from __future__ import annotations
@@ -26,12 +32,19 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+
+import etcd3
+import grpc
+from etcd3.etcdrpc import auth_pb2
+from etcd3.etcdrpc import rpc_pb2 as etcdrpc
 
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 20.0
@@ -42,6 +55,39 @@ _names = itertools.count()
 
 class EtcdError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class EtcdTls:
+    """PEM files: the CA, and the certificate and key presented (a server's, or a
+    client's when it reaches etcd; a client of an etcd that asks for none has none)."""
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+
+    def ssl_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.ca))
+        if self.cert is not None and self.key is not None:
+            ctx.load_cert_chain(str(self.cert), str(self.key))
+        return ctx
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        pair = self.cert is not None and self.key is not None
+        return grpc.ssl_channel_credentials(
+            self.ca.read_bytes(), self.key.read_bytes() if pair else None,  # type: ignore[union-attr]
+            self.cert.read_bytes() if pair else None)  # type: ignore[union-attr]
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The end of the key range of every key starting with `prefix` (etcd's range_end)."""
+    end = bytearray(prefix)
+    while end and end[-1] == 0xFF:
+        end.pop()
+    if not end:
+        return b"\0"
+    end[-1] += 1
+    return bytes(end)
 
 
 def etcd_binary() -> str:
@@ -74,10 +120,13 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def health(endpoint: str, timeout_s: float = 0.5) -> bool:
+def health(endpoint: str, timeout_s: float = 0.5, tls: EtcdTls | None = None) -> bool:
     """True when the member at `endpoint` (host:port) reports itself healthy."""
+    scheme = "https" if tls is not None else "http"
+    ctx = tls.ssl_context() if tls is not None else None
     try:
-        with urllib.request.urlopen(f"http://{endpoint}/health", timeout=timeout_s) as resp:
+        with urllib.request.urlopen(f"{scheme}://{endpoint}/health", timeout=timeout_s,
+                                    context=ctx) as resp:
             return json.loads(resp.read()).get("health") in ("true", True)
     except (OSError, ValueError, http.client.HTTPException):  # URLError, HTTPError: OSError
         return False
@@ -88,7 +137,8 @@ class EtcdMember:
     restarted member rejoins its cluster with its own data."""
 
     def __init__(self, name: str, data_dir: Path, client_port: int, peer_port: int,
-                 initial_cluster: str, binary: str, extra_args: tuple[str, ...]) -> None:
+                 initial_cluster: str, binary: str, extra_args: tuple[str, ...],
+                 tls: EtcdTls | None = None) -> None:
         self.name = name
         self.data_dir = data_dir
         self.client_port = client_port
@@ -96,6 +146,8 @@ class EtcdMember:
         self.initial_cluster = initial_cluster
         self.binary = binary
         self.extra_args = extra_args
+        self.tls = tls
+        self.scheme = "https" if tls is not None else "http"
         self.log_path = data_dir.parent / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -106,11 +158,11 @@ class EtcdMember:
 
     @property
     def client_url(self) -> str:
-        return f"http://{self.endpoint}"
+        return f"{self.scheme}://{self.endpoint}"
 
     @property
     def peer_url(self) -> str:
-        return f"http://{HOST}:{self.peer_port}"
+        return f"{self.scheme}://{HOST}:{self.peer_port}"
 
     @property
     def pid(self) -> int | None:
@@ -134,8 +186,19 @@ class EtcdMember:
             # A unique token keeps members of concurrently running test clusters from
             # ever joining each other, even if a port gets reused.
             f"--initial-cluster-token={self.name.rsplit('-', 1)[0]}",
+            *self._tls_args(),
             *self.extra_args,
         ]
+
+    def _tls_args(self) -> list[str]:
+        t = self.tls
+        if t is None:
+            return []
+        if t.cert is None or t.key is None:
+            raise EtcdError("an etcd server needs its certificate and key")
+        return [f"--cert-file={t.cert}", f"--key-file={t.key}", f"--trusted-ca-file={t.ca}",
+                "--client-cert-auth", f"--peer-cert-file={t.cert}", f"--peer-key-file={t.key}",
+                f"--peer-trusted-ca-file={t.ca}", "--peer-client-cert-auth"]
 
     def start(self) -> EtcdMember:
         """Spawn the process (no wait; see EtcdCluster.wait_healthy)."""
@@ -197,7 +260,7 @@ class EtcdMember:
         return self.start()
 
     def healthy(self, timeout_s: float = 0.5) -> bool:
-        return self.running and health(self.endpoint, timeout_s)
+        return self.running and health(self.endpoint, timeout_s, self.tls)
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -214,7 +277,8 @@ class EtcdCluster:
 
     def __init__(self, base_dir: str | os.PathLike[str], n: int = 1, *,
                  binary: str | None = None, heartbeat_ms: int = 100,
-                 election_timeout_ms: int = 1000, extra_args: tuple[str, ...] = ()) -> None:
+                 election_timeout_ms: int = 1000, extra_args: tuple[str, ...] = (),
+                 tls: EtcdTls | None = None) -> None:
         if n < 1:
             raise ValueError("an etcd cluster needs at least one member")
         self.base_dir = Path(base_dir)
@@ -225,6 +289,7 @@ class EtcdCluster:
         # pid + counter: unique across xdist workers and across clusters in one test.
         self.name = f"etcd{os.getpid()}x{next(_names)}"
         self.members: list[EtcdMember] = []
+        self.tls = tls
 
     @property
     def endpoints(self) -> list[str]:
@@ -233,11 +298,12 @@ class EtcdCluster:
     def _layout(self) -> None:
         ports = free_ports(2 * self.n)
         names = [f"{self.name}-{i}" for i in range(self.n)]
-        initial = ",".join(f"{name}=http://{HOST}:{ports[2 * i + 1]}"
+        scheme = "https" if self.tls is not None else "http"
+        initial = ",".join(f"{name}={scheme}://{HOST}:{ports[2 * i + 1]}"
                            for i, name in enumerate(names))
         self.members = [
             EtcdMember(name, self.base_dir / self.name / name, ports[2 * i], ports[2 * i + 1],
-                       initial, self.binary, self.extra_args)
+                       initial, self.binary, self.extra_args, self.tls)
             for i, name in enumerate(names)
         ]
 
@@ -272,7 +338,7 @@ class EtcdCluster:
                 if not m.running:
                     raise EtcdError(f"{m.name} exited with {m.proc.returncode if m.proc else '?'}"
                                     f":\n{m.log_tail()}")
-            waiting = [m for m in waiting if not health(m.endpoint, 0.5)]
+            waiting = [m for m in waiting if not health(m.endpoint, 0.5, self.tls)]
             if not waiting:
                 return
             if time.monotonic() > deadline:
@@ -298,6 +364,38 @@ class EtcdCluster:
             m.start()
         self.wait_healthy(timeout_s)
         return self
+
+    def enable_auth(self, cluster: str, user: str, password: str, root_password: str,
+                    timeout_s: float = 5.0) -> None:
+        """Turns on authentication: user `root` (`root_password`), role `cluster` with
+        read and write on ``/<cluster>/`` only, `user` (`password`) with that role.
+        Needs TLS (passwords never cross in plaintext)."""
+        if self.tls is None:
+            raise EtcdError("etcd authentication needs TLS (EtcdCluster(tls=...))")
+        host, port = self.members[0].endpoint.rsplit(":", 1)
+        ep = etcd3.Endpoint(host, int(port), secure=True, creds=self.tls.channel_credentials())
+        client = etcd3.MultiEndpointEtcd3Client(endpoints=[ep], timeout=timeout_s)
+        prefix = f"/{cluster}/".encode()
+        try:
+            auth = client.authstub
+            auth.UserAdd(etcdrpc.AuthUserAddRequest(name="root", password=root_password),
+                         timeout_s)
+            auth.RoleAdd(etcdrpc.AuthRoleAddRequest(name="root"), timeout_s)
+            auth.UserGrantRole(etcdrpc.AuthUserGrantRoleRequest(user="root", role="root"),
+                               timeout_s)
+            auth.RoleAdd(etcdrpc.AuthRoleAddRequest(name=cluster), timeout_s)
+            auth.RoleGrantPermission(etcdrpc.AuthRoleGrantPermissionRequest(
+                name=cluster, perm=auth_pb2.Permission(
+                    permType=auth_pb2.Permission.READWRITE, key=prefix,
+                    range_end=prefix_end(prefix))), timeout_s)
+            auth.UserAdd(etcdrpc.AuthUserAddRequest(name=user, password=password), timeout_s)
+            auth.UserGrantRole(etcdrpc.AuthUserGrantRoleRequest(user=user, role=cluster),
+                               timeout_s)
+            auth.AuthEnable(etcdrpc.AuthEnableRequest(), timeout_s)
+        except grpc.RpcError as exc:
+            raise EtcdError(f"enabling etcd auth: {exc.code().name} {exc.details()}") from None
+        finally:
+            client.close()
 
     def __enter__(self) -> EtcdCluster:
         return self.start()

@@ -14,7 +14,11 @@ TLS is on by default (`--insecure` turns it off): `up` makes a development CA an
 certificates under `tls/` (xdc/certs.py: one per member, plus `engine`, `gateway` and
 `admin`), every node serves and dials with its own, and this module's operations speak
 as `admin` (`client_tls`). The cluster TOML's `[tls]` names the admin certificate as
-the host's, so any tool given the TOML acts as the operator.
+the host's, so any tool given the TOML acts as the operator. etcd then runs with TLS
+(client certificates demanded) and authentication: user `root` (password in
+`etcd-root.password`) and user `<cluster>-node` (`etcd-node.password`, named by the
+TOML's `[etcd]`), whose role may touch only `/<cluster>/`; nodes, engines and these
+operations use it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import contextlib
 import functools
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -35,8 +40,9 @@ from typing import Any
 
 import grpc
 
-from geo.etcd_server import EtcdCluster, free_ports, health
-from geo.leadership import Leadership
+from geo.config import etcd_access, load
+from geo.etcd_server import EtcdCluster, EtcdTls, free_ports, health
+from geo.leadership import EtcdAccess, Leadership
 from store.client import channel_options
 from xdc import certs
 from xdc.tls import Tls, aio_channel
@@ -128,10 +134,19 @@ def tls_args(state: ClusterState, name: str) -> list[str]:
             "--tls-key", str(d / f"{name}-key.pem")]
 
 
+def etcd_user(cluster: str) -> str:
+    return f"{cluster}-node"
+
+
 def _toml(state: ClusterState, regions: list[str], failover: str, ttl_s: int) -> str:
     lines = [f'cluster = "{state.cluster}"', f'failover = "{failover}"',
              f"lease_ttl_s = {ttl_s}", "", "[etcd]",
              "endpoints = [" + ", ".join(f'"{e}"' for e in state.etcd_endpoints) + "]"]
+    if state.tls_dir:
+        lines += [f'ca = "{state.tls_dir}/ca.pem"', f'cert = "{state.tls_dir}/admin.pem"',
+                  f'key = "{state.tls_dir}/admin-key.pem"',
+                  f'user = "{etcd_user(state.cluster)}"',
+                  f'password_file = "{state.directory}/etcd-node.password"']
     for r in regions:
         lines += ["", "[[region]]", f'name = "{r}"']
     for n in state.nodes:
@@ -239,11 +254,25 @@ def _up(directory: str, regions: int, rtt_ms: float, failover: str, standbys: in
                                    "`xdc cluster down` first")
     base.mkdir(parents=True, exist_ok=True)
     names = REGION_NAMES[:regions]
-    etcd = EtcdCluster(base / "etcd", etcd_members).start()
-    _etcd[str(base)] = etcd
     members = [(f"{r}-1", r, True) for r in names]
     members += [(f"{names[i % len(names)]}-dr{i + 1}", names[i % len(names)], False)
                 for i in range(standbys)]
+    tls_dir = base / "tls"
+    etcd_tls = None
+    if tls:
+        certs.init(tls_dir, cluster, [m[0] for m in members])
+        etcd_tls = EtcdTls(tls_dir / "ca.pem", tls_dir / "etcd.pem", tls_dir / "etcd-key.pem")
+    etcd = EtcdCluster(base / "etcd", etcd_members, tls=etcd_tls).start()
+    _etcd[str(base)] = etcd
+    if tls:
+        node_password, root_password = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+        certs.write_private(base / "etcd-node.password", node_password.encode() + b"\n")
+        certs.write_private(base / "etcd-root.password", root_password.encode() + b"\n")
+        try:
+            etcd.enable_auth(cluster, etcd_user(cluster), node_password, root_password)
+        except BaseException:
+            etcd.stop()  # not yet in state.json: `down` would not find it
+            raise
     ports = free_ports(2 * len(members))
     nodes = [NodeProc(mid, region, f"127.0.0.1:{ports[2 * i]}", f"127.0.0.1:{ports[2 * i + 1]}",
                       voter, str(base / "nodes" / mid / "data"))
@@ -251,8 +280,7 @@ def _up(directory: str, regions: int, rtt_ms: float, failover: str, standbys: in
     state = ClusterState(str(base), cluster, str(base / "cluster.toml"), etcd.endpoints,
                          [m.pid for m in etcd.members if m.pid], nodes, rtt_ms=rtt_ms)
     if tls:
-        state.tls_dir = str(base / "tls")
-        certs.init(state.tls_dir, cluster, [n.id for n in nodes])
+        state.tls_dir = str(tls_dir)
     state.save()
     Path(state.config).write_text(_toml(state, names, failover, ttl_s))
     # One proxy link per ordered pair of nodes in different regions.
@@ -415,8 +443,14 @@ async def wait_caught_up(state: ClusterState, timeout_s: float = 30.0) -> int:
         await asyncio.sleep(0.05)
 
 
+def etcd_access_of(state: ClusterState) -> EtcdAccess:
+    """How this cluster's tools reach its etcd (the TOML's [etcd]: TLS and the user)."""
+    return etcd_access(load(state.config))
+
+
 def _leadership(state: ClusterState, node_id: str = "xdc-cli") -> Leadership:
     return Leadership(state.etcd_endpoints, state.cluster, node_id, {"id": node_id}, 2,
+                      access=etcd_access_of(state),
                       on_lost=lambda reason: None)
 
 
@@ -467,7 +501,8 @@ def format_status(state: ClusterState, sts: dict[str, rpb.NodeStatus | None]) ->
                      ("yes" if p.in_sync else "no") if p else "-", str(n.pid)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    healthy = [e for e in state.etcd_endpoints if health(e)]
+    etcd_tls = etcd_access_of(state).tls
+    healthy = [e for e in state.etcd_endpoints if health(e, tls=etcd_tls)]
     lines.append(f"etcd: {len(healthy)}/{len(state.etcd_endpoints)} healthy "
                  f"({', '.join(state.etcd_endpoints)})")
     if state.proxy_control:

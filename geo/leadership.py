@@ -19,7 +19,7 @@ API (all coroutines run their etcd calls in threads; `LeadershipError` on etcd f
 
     lead = Leadership(endpoints, cluster, node_id, info, ttl_s, on_lost=cb,
                       clock=time.monotonic, timeout_s=1.0, safety_margin_s=None,
-                      default_failover="manual")
+                      default_failover="manual", access=EtcdAccess(tls, user, password))
     term = await lead.campaign()        # int (the term) if this node won, else None
     lead.is_leader                      # bool, also checks the deadline on `clock`
     lead.term                           # the term while leader, else None
@@ -35,6 +35,12 @@ API (all coroutines run their etcd calls in threads; `LeadershipError` on etcd f
     await lead.ever_led()               # True once any node has won the key
     await lead.close()                  # stop threads and clients (does not revoke)
     lead._pause_keepalive() / _resume_keepalive()   # tests: freeze as SIGSTOP would
+
+Security: `access` carries the TLS files (https, a client certificate) and the etcd user
+and password of a cluster whose etcd runs with authentication (geo/etcd_server.py). The
+password is exchanged for a token on first use; a token etcd no longer accepts (it
+expires after --auth-token-ttl of disuse, or with an etcd restart) is replaced and the
+call retried once, so an idle client never fails for it.
 
 Campaign: a lease of `ttl_s` is granted, then one transaction guarded by
 ``create_revision(leader) == 0`` puts the key attached to the lease, writes `last_leader`,
@@ -98,8 +104,11 @@ import etcd3
 import grpc
 from etcd3 import events as etcd_events
 from etcd3 import watch as etcd_watch
+from etcd3.etcdrpc import rpc_pb2 as etcdrpc
 
-__all__ = ["FAILOVER_MODES", "Leadership", "LeadershipError"]
+from geo.etcd_server import EtcdTls
+
+__all__ = ["FAILOVER_MODES", "EtcdAccess", "Leadership", "LeadershipError"]
 
 log = logging.getLogger("xdc.leadership")
 
@@ -155,6 +164,52 @@ class LeadershipError(RuntimeError):
     to have failed unless the message says otherwise."""
 
 
+@dataclass(frozen=True)
+class EtcdAccess:
+    """How to reach etcd: `tls` (None: plaintext), and `user` with `password` when etcd
+    runs with authentication (needs TLS: a password never crosses in plaintext)."""
+
+    tls: EtcdTls | None = None
+    user: str = ""
+    password: str = field(default="", repr=False)
+
+    def __post_init__(self) -> None:
+        if self.user and self.tls is None:
+            raise ValueError("etcd user and password need TLS to etcd")
+
+
+class _Token(grpc.AuthMetadataPlugin):
+    """The etcd auth token on every call of a client (the watcher's too): obtained with
+    the password on first use, replaced when etcd refuses it."""
+
+    def __init__(self, access: EtcdAccess, endpoint: Any, timeout_s: float) -> None:
+        self.access = access
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self.value = ""
+        self._lock = threading.Lock()
+
+    def __call__(self, context: Any, callback: Any) -> None:
+        callback((("token", self.value),) if self.value else (), None)
+
+    def refresh(self) -> None:
+        # A stub without call credentials: authenticating needs no token.
+        stub = etcd3.etcdrpc.AuthStub(self.endpoint.channel)
+        with self._lock:
+            resp = stub.Authenticate(etcdrpc.AuthenticateRequest(
+                name=self.access.user, password=self.access.password), timeout=self.timeout_s)
+            self.value = resp.token
+
+    def ensure(self) -> None:
+        if not self.value:
+            self.refresh()
+
+
+def _stale_token(exc: BaseException) -> bool:
+    text = _describe(exc)
+    return "invalid auth token" in text or "user name is empty" in text
+
+
 def _split(endpoint: str) -> tuple[str, int]:
     host, sep, port = endpoint.rpartition(":")
     if not sep or not port.isdigit():
@@ -168,25 +223,46 @@ class _Etcd:
     endpoint failed for `time_retry` seconds after an error and then refuses to use it;
     time_retry=0 turns that off, rotation is done here."""
 
-    def __init__(self, endpoints: list[str], timeout_s: float) -> None:
+    def __init__(self, endpoints: list[str], timeout_s: float,
+                 access: EtcdAccess | None = None) -> None:
         if not endpoints:
             raise ValueError("no etcd endpoint given")
+        access = access or EtcdAccess()
         self.endpoints = list(endpoints)
         self.clients = []
+        self.tokens: list[_Token | None] = []
+        creds = access.tls.channel_credentials() if access.tls is not None else None
         for ep in self.endpoints:
             host, port = _split(ep)
-            endpoint = etcd3.Endpoint(host, port, secure=False, time_retry=0,
-                                      opts=_GRPC_OPTIONS)  # type: ignore[arg-type]
-            self.clients.append(etcd3.MultiEndpointEtcd3Client(
-                endpoints=[endpoint], timeout=timeout_s))
+            endpoint = etcd3.Endpoint(host, port, secure=creds is not None, creds=creds,
+                                      time_retry=0, opts=_GRPC_OPTIONS)  # type: ignore[arg-type]
+            client = etcd3.MultiEndpointEtcd3Client(endpoints=[endpoint], timeout=timeout_s)
+            token = _Token(access, endpoint, timeout_s) if access.user else None
+            if token is not None:
+                # Authenticated lazily (an unreachable etcd must not fail construction)
+                # and renewed; the fork would authenticate once, at construction.
+                client.call_credentials = grpc.metadata_call_credentials(token)
+                client.metadata = None
+            self.clients.append(client)
+            self.tokens.append(token)
         self._index = 0
         self._lock = threading.Lock()
 
     def call(self, what: str, fn: Callable[[Any], T]) -> T:
         with self._lock:
             i = self._index
+        token = self.tokens[i]
         try:
-            return fn(self.clients[i])
+            if token is None:
+                return fn(self.clients[i])
+            token.ensure()
+            try:
+                return fn(self.clients[i])
+            except grpc.RpcError as exc:
+                if not _stale_token(exc):
+                    raise
+                token.refresh()
+                return fn(self.clients[i])
         except _ETCD_ERRORS as exc:
             if len(self.clients) > 1:
                 with self._lock:
@@ -246,7 +322,7 @@ class Leadership:
                  ttl_s: int, *, on_lost: Callable[[str], None],
                  clock: Callable[[], float] = time.monotonic, timeout_s: float = 1.0,
                  safety_margin_s: float | None = None, default_failover: str = "manual",
-                 poll_s: float = 0.5) -> None:
+                 poll_s: float = 0.5, access: EtcdAccess | None = None) -> None:
         if ttl_s < 1 or int(ttl_s) != ttl_s:
             raise ValueError(f"ttl_s must be a whole number of seconds >= 1, not {ttl_s!r}")
         if default_failover not in FAILOVER_MODES:
@@ -272,11 +348,11 @@ class Leadership:
         self.failover_key = self.prefix + "failover"
         self._controls = (self.designated_key, self.promoted_key, self.failover_key)
         self._value = json.dumps(self.info, sort_keys=True)
-        self._etcd = _Etcd(endpoints, timeout_s)
+        self._etcd = _Etcd(endpoints, timeout_s, access)
         # Separate connections: a failing call on one never tears down the keep-alive
         # or a watch on another (the fork drops a client's watcher on any error).
-        self._ka_etcd = _Etcd(endpoints, timeout_s)
-        self._watch_etcd = _Etcd(endpoints, timeout_s)
+        self._ka_etcd = _Etcd(endpoints, timeout_s, access)
+        self._watch_etcd = _Etcd(endpoints, timeout_s, access)
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=8, thread_name_prefix=f"xdc-etcd-{node_id}")
         self._lock = threading.Lock()

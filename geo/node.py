@@ -22,7 +22,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from geo import tiers as tiers_mod
-from geo.config import ClusterConfig, load_tls
+from geo.config import ClusterConfig, etcd_access, load_tls
 from geo.leadership import Leadership, LeadershipError
 from geo.replication.core import Node, Role, should_campaign
 from geo.replication.messages import (
@@ -83,7 +83,7 @@ class ClusterNode:
             {"id": member_id, "client": self.member.client, "peer": self.member.peer,
              "region": self.member.region},
             config.lease_ttl_s, on_lost=self._lease_lost,
-            default_failover=config.failover)
+            default_failover=config.failover, access=etcd_access(config))
         self._tasks: list[asyncio.Task[None]] = []
         self._side_tasks: set[asyncio.Future[Any]] = set()
         self._failed = asyncio.Event()

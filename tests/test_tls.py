@@ -4,6 +4,7 @@ files."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -18,7 +19,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from geo.config import ConfigError, load_tls, loads
+from geo.config import ConfigError, etcd_access, load_tls, loads
+from geo.etcd_server import EtcdTls
+from geo.leadership import EtcdAccess, Leadership, LeadershipError
 from geo.node import ClusterNode
 from geo.replication.messages import Promise
 from geo.transport import PeerSender, encode
@@ -187,7 +190,7 @@ def test_cli_certs_init_serve_and_clients_over_tls(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     made = json.loads(out.stdout)["certificates"]
     assert made["n1"]["identity"] == "xdc://c/member/n1" and set(made) == {
-        "n1", "engine", "gateway", "admin"}
+        "n1", "engine", "gateway", "admin", "etcd"}
     again = _xdc("certs", "init", "--dir", str(d), "--cluster", "c", "--members", "n1")
     assert again.returncode == 1 and "already holds a CA" in again.stderr
 
@@ -366,3 +369,88 @@ def test_engine_gateway_and_clis_over_mutual_tls(pki: Pki, tmp_path: Path) -> No
         assert refused.returncode == 1 and "UNAVAILABLE" in refused.stdout
         tiers = _xdc("tiers", "status", "--target", store.address, *tls_args("admin"))
         assert tiers.returncode == 0, tiers.stderr
+
+
+# ---- etcd with TLS and authentication --------------------------------------------------
+
+def test_etcd_tls_and_auth_confine_the_node_user_to_its_prefix(pki: Pki,
+                                                               tmp_path: Path) -> None:
+    ca = pki.ca.path
+    server = EtcdTls(ca, pki.issued["etcd"].cert, pki.issued["etcd"].key)
+    client = EtcdTls(ca, pki.issued["admin"].cert, pki.issued["admin"].key)
+    etcd = EtcdCluster(tmp_path / "etcd", tls=server).start()
+
+    def lead(cluster: str, access: EtcdAccess) -> Leadership:
+        return Leadership(etcd.endpoints, cluster, "n1", {"id": "n1"}, 2,
+                          on_lost=lambda reason: None, access=access)
+
+    async def body() -> None:
+        etcd.enable_auth(CLUSTER, "t-node", "s3cret", "r00t")
+        ok = lead(CLUSTER, EtcdAccess(client, "t-node", "s3cret"))
+        outside = lead("other", EtcdAccess(client, "t-node", "s3cret"))
+        wrong = lead(CLUSTER, EtcdAccess(client, "t-node", "guess"))
+        anonymous = lead(CLUSTER, EtcdAccess(EtcdTls(ca), "t-node", "s3cret"))
+        no_user = lead(CLUSTER, EtcdAccess(client))
+        try:
+            term = await ok.campaign()
+            assert term is not None and (await ok.current()) == ({"id": "n1"}, term)
+            # Neither write nor read outside /t/.
+            with pytest.raises(LeadershipError, match="permission denied"):
+                await outside.campaign()
+            with pytest.raises(LeadershipError, match="permission denied"):
+                await outside.current()
+            with pytest.raises(LeadershipError, match="authentication failed"):
+                await wrong.current()
+            with pytest.raises(LeadershipError):  # no client certificate: no connection
+                await anonymous.current()
+            # A certificate alone is no etcd user (its common name is not one).
+            with pytest.raises(LeadershipError, match="permission denied"):
+                await no_user.current()
+            # Tokens live in etcd's memory: a restart invalidates every one; the client
+            # authenticates again by itself.
+            token = ok._etcd.tokens[0]
+            assert token is not None
+            before = token.value
+            await ok.resign()
+            await asyncio.to_thread(etcd.restart)
+
+            async def answers() -> bool:
+                try:
+                    return await ok.current() is None
+                except LeadershipError:
+                    return False
+            await wait_until(answers, 20, "etcd answering the node user after a restart")
+            assert token.value and token.value != before
+            assert etcd.members[0].healthy()  # /health over https with a certificate
+        finally:
+            for x in (ok, outside, wrong, anonymous, no_user):
+                await x.close()
+    try:
+        run(body, 60)
+    finally:
+        etcd.stop()
+
+
+def test_etcd_config_keys_and_password_file(pki: Pki, tmp_path: Path) -> None:
+    base = cluster_toml(CLUSTER, ["127.0.0.1:2379"], ["us-east"], tmp_path, tls_dir=pki.dir)
+    etcd_keys = (f'ca = "{pki.ca.path}"\ncert = "{pki.issued["admin"].cert}"\n'
+                 f'key = "{pki.issued["admin"].key}"\nuser = "t-node"\n'
+                 'password_file = "etcd.password"\n')
+    text = base.replace("[[region]]", etcd_keys + "[[region]]", 1)
+    (tmp_path / "etcd.password").write_text("s3cret\n")
+    access = etcd_access(loads(text, tmp_path))
+    assert access.user == "t-node" and access.password == "s3cret"
+    assert access.tls is not None and access.tls.cert == pki.issued["admin"].cert
+    assert "s3cret" not in repr(access)
+    (tmp_path / "etcd.password").write_text("")
+    with pytest.raises(ConfigError, match=r"etcd\.password_file: .*first line"):
+        etcd_access(loads(text, tmp_path))
+    (tmp_path / "etcd.password").unlink()
+    with pytest.raises(ConfigError, match=r"etcd\.password_file: .*No such file"):
+        etcd_access(loads(text, tmp_path))
+    no_ca = text.replace(f'ca = "{pki.ca.path}"\n', "", 1)
+    with pytest.raises(ConfigError, match=r"etcd\.ca: is required with etcd\.cert or etcd\.user"):
+        loads(no_ca, tmp_path)
+    no_password = text.replace('password_file = "etcd.password"\n', "")
+    with pytest.raises(ConfigError, match=r"etcd\.user and etcd\.password_file go together"):
+        loads(no_password, tmp_path)

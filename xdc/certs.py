@@ -68,7 +68,7 @@ class Authority:
                 .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
                                critical=False)
                 .sign(key, hashes.SHA256()))
-        _write_key(d / "ca-key.pem", key)
+        write_private(d / "ca-key.pem", _pem(key))
         (d / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return cls(cert, key, d / "ca.pem")
 
@@ -113,7 +113,7 @@ class Authority:
                 .sign(self.key, hashes.SHA256()))
         stem = file_name or identity.name
         cert_path, key_path = d / f"{stem}.pem", d / f"{stem}-key.pem"
-        _write_key(key_path, key)
+        write_private(key_path, _pem(key))
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return Issued(identity, cert_path, key_path)
 
@@ -122,9 +122,15 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+def _pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
+
+
+def write_private(path: str | os.PathLike[str], data: bytes) -> None:
+    """Writes a secret (a key, a password) readable by its owner only: mode 0600 from
+    creation, never readable by others for a moment."""
+    path = Path(path)
     path.unlink(missing_ok=True)  # O_CREAT's mode applies to new files only
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -133,7 +139,7 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
 
 def init(directory: str | os.PathLike[str], cluster: str, members: Sequence[str], *,
          others: Sequence[tuple[str, str]] = (("engine", "engine"), ("gateway", "gateway"),
-                                               ("admin", "admin")),
+                                               ("admin", "admin"), ("etcd", "etcd")),
          hosts: Iterable[str] = LOOPBACK, days: int = DEFAULT_DAYS) -> dict[str, Issued]:
     """A new CA in `directory` and a certificate for each member and each (role, name) of
     `others`; returns them by name. ValueError for an unusable or repeated name."""
@@ -146,7 +152,9 @@ def init(directory: str | os.PathLike[str], cluster: str, members: Sequence[str]
     for role, name in holders:
         if role not in ROLES:
             raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
-        if name in seen or name in ("ca", "ca-key") or not _plain(name):
+        # etcd takes a client certificate's common name as its user when no password is
+        # given: no certificate may be named after etcd's all-powerful `root`.
+        if name in seen or name in ("ca", "ca-key", "root") or not _plain(name):
             raise ValueError(f"certificate name {name!r} is repeated, reserved or not plain "
                              "(letters, digits, '.', '_', '-')")
         seen.add(name)

@@ -83,7 +83,8 @@ def cmd_certs(args: argparse.Namespace) -> int:
         return 2
     others = [(role, name) for role, names in (("engine", args.engines),
                                                ("gateway", args.gateways),
-                                               ("admin", args.admins))
+                                               ("admin", args.admins),
+                                               ("etcd", args.etcd))
               for name in _store_targets(names)]
     try:
         issued = certs.init(args.dir, cluster, members, others=others,
@@ -201,9 +202,14 @@ def cmd_node_run(args: argparse.Namespace) -> int:
         return 2
     for warning in config.warnings:
         print(f"xdc node run: warning: {warning}", file=sys.stderr)
-    from geo.config import check_etcd
+    from geo.config import check_etcd, etcd_access
     try:
-        check_etcd(list(config.etcd.endpoints), timeout_s=2.0)
+        access = etcd_access(config)
+    except ConfigError as exc:
+        print(f"xdc node run: {exc}", file=sys.stderr)
+        return 2
+    try:
+        check_etcd(list(config.etcd.endpoints), timeout_s=2.0, tls=access.tls)
     except ConfigError as exc:
         # A node must come up in a disaster too: it serves committed reads and joins
         # elections once etcd answers.
@@ -553,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("certs", help="development certificates (TLS)")
     csub = p.add_subparsers(dest="certs_command", required=True)
     c = csub.add_parser("init", help="a development CA and one certificate per member, "
-                                     "engine, gateway and admin")
+                                     "engine, gateway, admin and etcd server")
     c.add_argument("--dir", required=True, help="where to write the PEM files")
     c.add_argument("--config", help="cluster TOML: its name and members")
     c.add_argument("--cluster", help="cluster name (without --config)")
@@ -561,6 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--engines", default="engine", help="engine certificate names")
     c.add_argument("--gateways", default="gateway", help="gateway certificate names")
     c.add_argument("--admins", default="admin", help="operator tool certificate names")
+    c.add_argument("--etcd", default="etcd", help="etcd server certificate names")
     c.add_argument("--hosts", default="localhost,127.0.0.1,::1",
                    help="host names and addresses every certificate is valid for")
     c.add_argument("--days", type=int, default=365)

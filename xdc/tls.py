@@ -10,13 +10,13 @@ single `xdc serve` without certificates and for tests that do not test security.
 Identity: each certificate names who holds it in a URI subject alternative name
 ``xdc://<cluster>/<role>/<name>`` (`Identity`), e.g. ``xdc://xdc-local/member/us-east-1``.
 Roles: a store node is a `member`; engines, gateways, operators' tools and other
-programs are `engine`, `gateway`, `admin`, `client`. A server reads the caller's identity
-from the handshake (`peer_identity`), so replication accepts a peer only when its
-certificate, signed by the cluster's CA, names a member of the same cluster. A member's
-certificate also carries its id as a DNS name: a leader reaching a follower sets the
-expected server name to the follower's id (`server_name`), so the handshake fails
-unless the certificate is that member's (a proxy or a re-pointed address cannot stand
-in for it).
+programs are `engine`, `gateway`, `admin`, `client`; an etcd server is `etcd`. A server
+reads the caller's identity from the handshake (`peer_identity`), so replication
+accepts a peer only when its certificate, signed by the cluster's CA, names a member of
+the same cluster. A member's certificate also carries its id as a DNS name: a leader
+reaching a follower sets the expected server name to the follower's id (`server_name`),
+so the handshake fails unless the certificate is that member's (a proxy or a re-pointed
+address cannot stand in for it).
 
 gRPC's Python API either demands a client certificate or never asks for one; it cannot
 ask and accept an answer without one. So a port is one or the other: peer ports always
@@ -55,7 +55,7 @@ __all__ = [
     "sync_channel",
 ]
 
-ROLES = ("member", "engine", "gateway", "admin", "client")
+ROLES = ("member", "engine", "gateway", "admin", "client", "etcd")
 SCHEME = "xdc"
 # PEM files larger than this are not certificates or keys (a wrong path to a log, a
 # data file): refuse before reading them whole.
