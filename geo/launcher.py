@@ -507,4 +507,6 @@ def format_status(state: ClusterState, sts: dict[str, rpb.NodeStatus | None]) ->
                  f"({', '.join(state.etcd_endpoints)})")
     if state.proxy_control:
         lines.append(f"wan proxy: control {state.proxy_control}, rtt {state.rtt_ms:g} ms")
+    lines.append(f"tls: on, etcd with authentication (certificates in {state.tls_dir})"
+                 if state.tls_dir else "tls: off (plaintext)")
     return "\n".join(lines)

@@ -24,7 +24,7 @@ from geo.etcd_server import EtcdTls
 from geo.leadership import EtcdAccess, Leadership, LeadershipError
 from geo.node import ClusterNode
 from geo.replication.messages import Promise
-from geo.transport import PeerSender, encode
+from geo.transport import PeerSender, ReplicationService, encode
 from store.client import AppendError, StoreClient, new_event
 from store.node import StoreNode
 from store.process import ServeProcess
@@ -306,6 +306,46 @@ def test_tls_cluster_replicates_and_refuses_every_non_member(
         finally:
             await cluster.stop()
     run(body, 90)
+
+
+def test_replication_without_a_client_certificate_is_unauthenticated(
+        pki: Pki, tmp_path: Path) -> None:
+    """A client port with `client_certs = false` lets callers in without a certificate;
+    the replication service still refuses them, naming why."""
+    delivered: list[object] = []
+
+    def tip() -> rpb.TipResponse:
+        return rpb.TipResponse(node_id="us-east-1")
+
+    async def status() -> rpb.NodeStatus:
+        return rpb.NodeStatus(node_id="us-east-1")
+
+    async def switchover(target: str, timeout_s: float) -> rpb.SwitchoverResponse:
+        raise AssertionError("never reached")
+
+    def add(server: grpc.aio.Server) -> None:
+        rpb_grpc.add_ReplicationServicer_to_server(ReplicationService(
+            CLUSTER, "us-east-1", set(MEMBERS), delivered.extend, tip, status, switchover,
+            secure=True), server)
+
+    async def body() -> None:
+        server = StoreServer(StoreNode(tmp_path / "n"), "127.0.0.1:0", add_services=add,
+                             tls=pki.tls("us-east-1", require_client_cert=False))
+        await server.start()
+        try:
+            anonymous = dataclasses.replace(pki.tls("admin"), cert=b"", key=b"")
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await _replicate_as(server.address, anonymous, "eu-west-1", "us-east-1")
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "without a client certificate" in (err.value.details() or "")
+            async with aio_channel(server.address, anonymous) as ch:
+                with pytest.raises(grpc.aio.AioRpcError) as st:
+                    await rpb_grpc.ReplicationStub(ch).Status(rpb.StatusRequest(), timeout=5)
+                assert st.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert delivered == []
+        finally:
+            await server.stop(0.5)
+    run(body)
 
 
 def test_config_tls_errors_name_the_key(pki: Pki, tmp_path: Path) -> None:
