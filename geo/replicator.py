@@ -164,17 +164,32 @@ class Replicator:
         return self._load.events
 
     def submit(self, reqs: list[PreparedAppend]) -> asyncio.Future[Results]:
-        fut: asyncio.Future[Results] = self.loop.create_future()
-        group = _Group(reqs, fut, telemetry.current_span_context())
+        # Groups of at most max_group_events events: one cycle proposes at most that
+        # many (the machine refuses more, and a refusal would come back on every retry).
+        # Each append stays whole; the groups are queued together, in order.
+        chunks: list[list[PreparedAppend]] = [[]]
+        n = 0
+        for r in reqs:
+            if chunks[-1] and n + len(r.ids) > self.limits.max_group_events:
+                chunks.append([])
+                n = 0
+            chunks[-1].append(r)
+            n += len(r.ids)
+        caller = telemetry.current_span_context()
+        groups = [_Group(c, self.loop.create_future(), caller) for c in chunks]
         # One critical section: the stopping check, admission, the count (the writer
         # thread decrements it under the same lock) and the queueing, so a refusal
         # never leaves the count raised.
         with self._cond:
             self._check_running()
-            group.load = self._load.admit(reqs, self.limits)
-            self._inputs.append(("appends", group))
+            self._load.admit(reqs, self.limits)
+            for g in groups:
+                g.load = (sum(len(r.ids) for r in g.reqs), sum(r.size for r in g.reqs))
+                self._inputs.append(("appends", g))
             self._cond.notify()
-        return fut
+        if len(groups) == 1:
+            return groups[0].future
+        return _joined([g.future for g in groups], self.loop)
 
     def deliver(self, msgs: list[Message]) -> None:
         self._put("msgs", msgs)
@@ -216,8 +231,18 @@ class Replicator:
                 if out:
                     self.loop.call_soon_threadsafe(self.on_effects, [], out)
                 return None
-            taken = list(self._inputs)
-            self._inputs.clear()
+            # A prefix of the queue holding at most max_group_events appended events
+            # (one proposal; the machine refuses larger ones): the rest waits for the
+            # next cycle instead of the whole queue being refused, again and again.
+            taken = []
+            events = 0
+            while self._inputs:
+                kind, arg = self._inputs[0]
+                if kind == "appends":
+                    if taken and events + arg.load[0] > self.limits.max_group_events:
+                        break
+                    events += arg.load[0]
+                taken.append(self._inputs.popleft())
             return taken
 
     def _run(self) -> None:
@@ -359,6 +384,25 @@ class Replicator:
         where = f"the leader is {leader} at {address}" if address else "no leader is known yet"
         return StoreError(grpc.StatusCode.UNAVAILABLE, f"this node does not accept writes: "
                           f"{where}", leader=address, retry_after_ms=25)
+
+
+def _joined(parts: list[asyncio.Future[Results]],
+            loop: asyncio.AbstractEventLoop) -> asyncio.Future[Results]:
+    """One future for the results of several groups, in order."""
+    out: asyncio.Future[Results] = loop.create_future()
+
+    def done(_: asyncio.Future[Results]) -> None:
+        if out.done() or not all(p.done() for p in parts):
+            return
+        for p in parts:
+            if p.cancelled() or p.exception() is not None:
+                out.set_exception(p.exception() if not p.cancelled()
+                                  else asyncio.CancelledError())
+                return
+        out.set_result([r for p in parts for r in p.result()])
+    for p in parts:
+        p.add_done_callback(done)
+    return out
 
 
 def _settle(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:

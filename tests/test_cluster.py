@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from store.client import StoreClient, new_event
+from store.limits import Limits
 from tests.support.cluster import LocalCluster
 from tests.support.etcd import EtcdCluster
 from tests.support.store import run, wait_until
@@ -155,35 +156,61 @@ def test_manual_failover_waits_for_an_operator(etcd: EtcdCluster, tmp_path: Path
 def test_a_refused_replication_group_acknowledges_none_of_its_appends(
         etcd: EtcdCluster, tmp_path: Path) -> None:
     """One AppendStream message carrying an append and its retry (same ids) becomes one
-    replication group; when replication refuses the group (here: too large to propose),
-    the retry must be refused too. Answering it as a duplicate would acknowledge
-    positions that were never written."""
-    from store.limits import Limits
+    replication group; when replication refuses the group after sequencing it (here:
+    the machine's proposal limit, shrunk below the group's size, since groups are cut
+    to fit it), the retry must be refused too. Answering it as a duplicate would
+    acknowledge positions that were never written."""
+    import dataclasses
+
     from xdc.v1 import eventstore_pb2 as pb
     from xdc.v1 import eventstore_pb2_grpc as pb_grpc
 
-    limits = Limits(max_group_events=2, max_append_events=2)
+    limits = Limits(max_group_events=4, max_append_events=2)
 
     async def body() -> None:
         cluster = LocalCluster.make(etcd.endpoints, tmp_path, regions=1)
         await cluster.start(limits=limits)
         try:
             leader = await cluster.leader()
+            assert leader.replicator is not None
+            core = leader.replicator.core
+            core.limits = dataclasses.replace(core.limits, max_propose_entries=1)
             first = pb.AppendRequest(stream="s", events=[new_event("T"), new_event("T")])
-            other = pb.AppendRequest(stream="t", events=[new_event("T")])
             retry = pb.AppendRequest()
             retry.CopyFrom(first)
             async with grpc.aio.insecure_channel(leader.address) as ch:
                 call = pb_grpc.EventStoreStub(ch).AppendStream()
                 await call.write(pb.AppendStreamRequest(correlation_id=1,
-                                                        appends=[first, other, retry]))
+                                                        appends=[first, retry]))
                 reply = await call.read()
                 await call.done_writing()
             kinds = [r.WhichOneof("result") for r in reply.results]
-            assert kinds == ["error", "error", "error"], reply
+            assert kinds == ["error", "error"], reply
             assert all(r.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
                        for r in reply.results)
             assert leader.store.log is not None and leader.store.log.last_position <= 1
         finally:
             await cluster.stop()
     run(body, timeout_s=20)
+
+
+def test_a_queue_longer_than_one_proposal_is_proposed_in_parts(
+        etcd: EtcdCluster, tmp_path: Path) -> None:
+    """More events queued than one proposal takes (max_group_events) are written over
+    several cycles, never refused as a whole (that refusal came back on every retry)."""
+    async def body() -> None:
+        cluster = LocalCluster.make(etcd.endpoints, tmp_path)
+        await cluster.start(limits=Limits(max_group_events=64, max_append_events=16))
+        try:
+            leader = await cluster.leader()
+            async with StoreClient(leader.address, timeout_s=20) as client:
+                acks = await asyncio.gather(*(client.append(
+                    f"s{i % 8}", [new_event("T", b"%d" % i) for _ in range(16)])
+                    for i in range(300)))
+            spans = sorted((a.first_position, a.last_position) for a in acks)
+            assert all(b - a == 15 for a, b in spans)
+            assert [a for a, _ in spans] == list(range(spans[0][0], spans[-1][1], 16))
+            await cluster.converged()
+        finally:
+            await cluster.stop()
+    run(body)
