@@ -109,6 +109,9 @@ _BOOK = ev.BOOK
 # A level's deque keeps cancelled orders (qty 0) until matching reaches them; it is
 # rebuilt when dead entries outnumber live ones by this much, so memory stays bounded.
 _COMPACT_SLACK = 16
+# Band edges remembered per reference price (a trade moves the reference, usually among
+# a few recent prices); the cache is dropped whole when it reaches this size.
+_EDGES_CACHE_MAX = 4096
 
 
 @dataclass(slots=True, frozen=True)
@@ -187,6 +190,7 @@ class Book:
         "bid_heap",
         "bids",
         "cfg_ref",
+        "edges",
         "halted",
         "hi",
         "lo",
@@ -233,17 +237,28 @@ class Book:
         self.bid_heap: list[int] = []
         self.ask_heap: list[int] = []
         self.orders: dict[int, Order] = {}
+        self.edges: dict[int, tuple[int, int, int, int]] = {}
         self.set_ref(ref_price)
 
+    def set_band(self, band_bps: int) -> None:
+        self.band_bps = band_bps
+        self.edges = {}  # computed with the old band
+
     def set_ref(self, ref: int) -> None:
-        """Move the band's reference price and recompute the band and market protection."""
+        """Move the band's reference price: the band ``lo..hi`` and the market protection
+        prices follow (every trading command may move it: cached per reference)."""
         self.ref = ref
-        band = ref * self.band_bps // 10000
-        tick = self.tick
-        self.lo = ref - band
-        self.hi = min(ref + band, MAX_PRICE)
-        self.mkt_buy = self.hi - self.hi % tick
-        self.mkt_sell = max(tick, self.lo + (-self.lo) % tick)
+        edges = self.edges.get(ref)
+        if edges is None:
+            band = ref * self.band_bps // 10000
+            tick = self.tick
+            lo = ref - band
+            hi = min(ref + band, MAX_PRICE)
+            edges = (lo, hi, hi - hi % tick, max(tick, lo + (-lo) % tick))
+            if len(self.edges) >= _EDGES_CACHE_MAX:
+                self.edges.clear()
+            self.edges[ref] = edges
+        self.lo, self.hi, self.mkt_buy, self.mkt_sell = edges
 
     def best_bid(self) -> int | None:
         return _best(self.bids, self.bid_heap, -1)
@@ -424,22 +439,22 @@ class Engine:
 
     def _new(self, c: NewOrder, out: list[tuple]) -> None:
         # Validation only reads: no state changes before the Accepted event is emitted.
-        ts = c.ts_ns
+        # One unpack of the command tuple instead of a field lookup per use.
+        ts, symbol, account, cid, side, qty, price, otype, tif, post_only, stp = c
         if type(ts) is not int or not 0 <= ts <= MAX_TS_NS:
             return self._reject_any(c, out, Cmd.NEW, Reject.INVALID_TIMESTAMP, "")
         # Keys are plain str; whatever else is looked up misses (or, if unhashable,
         # raises before any change). Events carry the stored key, never the input value.
-        book = self.books.get(c.symbol)
+        book = self.books.get(symbol)
         if book is None:
             return self._reject_any(c, out, Cmd.NEW, Reject.UNKNOWN_SYMBOL, "")
         if book.halted:
             return self._reject_any(c, out, Cmd.NEW, Reject.SYMBOL_HALTED, "")
         sym = book.symbol
-        acct = self.accounts.get(c.account)
+        acct = self.accounts.get(account)
         if acct is None:
             return self._reject_any(c, out, Cmd.NEW, Reject.UNKNOWN_ACCOUNT, "")
         aid = acct.id
-        cid = c.client_order_id
         if cid != "":
             if not _valid_id(cid, MAX_ID_LEN):
                 return self._reject_any(c, out, Cmd.NEW, Reject.INVALID_CLIENT_ORDER_ID, "")
@@ -447,16 +462,14 @@ class Engine:
                 return self._reject_any(c, out, Cmd.NEW, Reject.DUPLICATE_CLIENT_ORDER_ID, "")
         # All five enum fields in one lookup of the table of valid combinations, which
         # also normalises them to plain ints/bools; a miss finds the precise reason.
-        flags = _NEW_FLAGS.get((c.side, c.order_type, c.tif, c.stp, c.post_only))
+        flags = _NEW_FLAGS.get((side, otype, tif, stp, post_only))
         if flags is None:
             return self._reject_any(c, out, Cmd.NEW, _flags_reject(c), "")
         side, otype, tif, stp, post_only = flags
-        qty = c.qty
         if type(qty) is not int or not 0 < qty <= book.max_qty:
             return self._reject_any(c, out, Cmd.NEW, Reject.INVALID_QTY, "")
         if qty % book.lot:
             return self._reject_any(c, out, Cmd.NEW, Reject.INVALID_LOT, "")
-        price = c.price
         crosses = True
         if otype == LIMIT:
             if type(price) is not int or not 0 < price <= MAX_PRICE:
@@ -844,7 +857,7 @@ class Engine:
         if not _config_ok(book.tick, book.lot, c.band_bps, c.ref_price, c.max_orders,
                           c.max_qty):
             return self._reject_any(c, out, kind, Reject.INVALID_CONFIG, "")
-        book.band_bps = c.band_bps
+        book.set_band(c.band_bps)
         book.cfg_ref = c.ref_price
         book.max_orders = c.max_orders
         book.max_qty = c.max_qty

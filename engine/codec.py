@@ -27,8 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from dataclasses import fields
-from typing import Any
+from typing import Any, get_type_hints
 
 from engine import commands as cm
 from engine.book import (
@@ -232,6 +231,11 @@ def state_hash(eng: Engine) -> bytes:
 
 
 # ---------------------------------------------------------------------- events
+#
+# Encoders are generated once per event tag as straight-line code (the consumer encodes
+# every output of every input: a generic per-field loop costs several times more). Each
+# returns the event *framed* for an output blob, ``u16 length + event``; the canonical
+# event bytes are the frame without its first two bytes.
 
 _EVENT_INTS = {tag: struct.Struct("<B" + "q" * kinds.count("i")) for tag, kinds in
                FIELD_KINDS.items()}
@@ -241,12 +245,34 @@ _EVENT_INT_POS = {tag: tuple(i + 1 for i, k in enumerate(kinds) if k == "i")
                   for tag, kinds in FIELD_KINDS.items()}
 
 
+def _compile_event_encoder(tag: int) -> Any:
+    ints, strs = _EVENT_INT_POS[tag], _EVENT_STR_POS[tag]
+    head = struct.Struct("<HB" + "q" * len(ints))
+    svars = [f"s{i}" for i in strs]
+    length = " + ".join([str(head.size - 2)] + [f"len({v})" for v in svars])
+    src = "def encode(r):\n"
+    for i, v in zip(strs, svars, strict=True):
+        src += f"    {v} = _cached(r[{i}]) or _str(r[{i}])\n"
+    src += f"    return b''.join((_head({length}, {tag}, {', '.join(f'r[{i}]' for i in ints)})"
+    src += "".join(f", {v}" for v in svars) + "))\n"
+    env = {"_cached": _STR_CACHE.get, "_str": _str, "_head": head.pack}
+    exec(src, env)  # the source is built above from the event field table alone
+    return env["encode"]
+
+
+_FRAMED = {tag: _compile_event_encoder(tag) for tag in FIELD_KINDS}
+
+
+def encode_framed(raws: list[tuple]) -> bytes:
+    """``u16 length + canonical bytes`` of each raw event, concatenated."""
+    framed = _FRAMED
+    return b"".join([framed[r[0]](r) for r in raws])
+
+
 def encode_event(raw: tuple) -> bytes:
     """Canonical bytes of one raw event: tag, its int fields (q each) in field order,
     then its str fields (length byte + ASCII) in field order."""
-    tag = raw[0]
-    head = _EVENT_INTS[tag].pack(tag, *[raw[i] for i in _EVENT_INT_POS[tag]])
-    return head + b"".join([_str(raw[i]) for i in _EVENT_STR_POS[tag]])
+    return _FRAMED[raw[0]](raw)[2:]
 
 
 def decode_event(data: bytes) -> tuple:
@@ -291,7 +317,16 @@ COMMAND_CLASSES: tuple[type, ...] = (
     cm.Withdraw,
 )
 _CMD_TAG = {cls: i + 1 for i, cls in enumerate(COMMAND_CLASSES)}
-_CMD_FIELDS = {cls: tuple((f.name, f.type) for f in fields(cls)) for cls in COMMAND_CLASSES}
+
+
+def _field_types(cls: type) -> tuple[tuple[str, str], ...]:
+    hints = get_type_hints(cls)
+    return tuple((name, hints[name].__name__) for name in cls._fields)  # type: ignore[attr-defined]
+
+
+# (name, type name: "int", "str" or "bool") per field, in field order.
+_CMD_FIELDS = {cls: _field_types(cls) for cls in COMMAND_CLASSES}
+_TS = struct.Struct("<q")
 
 
 def encode_command(cmd: object) -> bytes:
@@ -315,74 +350,74 @@ def encode_command(cmd: object) -> bytes:
         else:
             if type(v) is not int or not -(1 << 63) <= v < (1 << 63):
                 raise CodecError(f"{name}: 64-bit int required")
-            parts.append(struct.pack("<q", v))
+            parts.append(_TS.pack(v))
     return b"".join(parts)
 
 
-
-
 def _compile_decoder(cls: type) -> Any:
-    """A decoder for one command class: runs of fixed-size fields are read with one
-    struct each, strings by their length byte. Same bytes accepted and refused as
-    a field-by-field reference decoder (tests/test_consumer.py compares them)."""
-    plan: list[tuple[str, Any, tuple[int, ...]]] = []
-    fmt = ""
-    bools: list[int] = []  # indexes of bool fields within the current run
-    for _, typ in _CMD_FIELDS[cls]:
+    """``decode(data, ts_ns=None)`` for one command class, generated once as straight-line
+    code: each run of fixed-size fields is read with one struct, each string by its length
+    byte, and the command is built with ``tuple.__new__`` (the consumer decodes every
+    input; interpreting a field plan per input cost as much as matching it). ``ts_ns``,
+    when given, replaces the encoded time (the first field of every command). Accepts
+    and refuses the same bytes as a field-by-field reference decoder
+    (tests/test_consumer.py compares them)."""
+    fields = _CMD_FIELDS[cls]
+    assert fields[0] == ("ts_ns", "int"), cls
+    env: dict[str, Any] = {"CodecError": CodecError, "_make": tuple.__new__, "_cls": cls,
+                           "_ts": _TS.unpack_from}
+    body = ["n = len(data)", "if n < 9:", "    raise CodecError('truncated')",
+            "if ts_ns is None:", "    (ts_ns,) = _ts(data, 1)", "pos = 9"]
+    names = ["ts_ns"]
+    run: list[tuple[str, str]] = []  # (variable, struct code) of the current fixed run
+
+    def flush() -> None:
+        if not run:
+            return
+        st = struct.Struct("<" + "".join(code for _, code in run))
+        unpack = f"_run{len(env)}"
+        env[unpack] = st.unpack_from
+        body.extend([f"if pos + {st.size} > n:", "    raise CodecError('truncated')",
+                     f"{', '.join(v for v, _ in run)}, = {unpack}(data, pos)",
+                     f"pos += {st.size}"])
+        for v, code in run:
+            if code == "B":
+                body.extend([f"if {v} > 1:", "    raise CodecError('bad bool')",
+                             f"{v} = {v} == 1"])
+        run.clear()
+
+    for i, (_, typ) in enumerate(fields[1:], 1):
+        v = f"f{i}"
+        names.append(v)
         if typ == "str":
-            if fmt:
-                plan.append(("s", struct.Struct("<" + fmt), tuple(bools)))
-                fmt, bools = "", []
-            plan.append(("t", None, ()))
+            flush()
+            body.extend(["if pos >= n:", "    raise CodecError('truncated')",
+                         "end = pos + 1 + data[pos]", "if end > n:",
+                         "    raise CodecError('truncated')",
+                         f"{v} = data[pos + 1:end].decode('ascii')", "pos = end"])
         else:
-            if typ == "bool":
-                bools.append(len(fmt))
-            fmt += "B" if typ == "bool" else "q"
-    if fmt:
-        plan.append(("s", struct.Struct("<" + fmt), tuple(bools)))
-    steps = tuple(plan)
-
-    def decode(data: bytes) -> object:
-        pos = 1
-        n = len(data)
-        values: list[object] = []
-        for kind, st, bools in steps:
-            if kind == "s":
-                if pos + st.size > n:
-                    raise CodecError("truncated")
-                run = st.unpack_from(data, pos)
-                if bools:
-                    run = list(run)
-                    for i in bools:
-                        if run[i] > 1:
-                            raise CodecError("bad bool")
-                        run[i] = bool(run[i])
-                values.extend(run)
-                pos += st.size
-            else:
-                if pos >= n:
-                    raise CodecError("truncated")
-                end = pos + 1 + data[pos]
-                if end > n:
-                    raise CodecError("truncated")
-                try:
-                    values.append(data[pos + 1:end].decode("ascii"))
-                except UnicodeDecodeError as exc:
-                    raise CodecError("non-ASCII string") from exc
-                pos = end
-        if pos != n:
-            raise CodecError("trailing bytes")
-        return cls(*values)
-    return decode
-
-
-def decode_command(data: bytes) -> object:
-    if not data or not 1 <= data[0] <= len(COMMAND_CLASSES):
-        raise CodecError("unknown command tag")
-    return _DECODERS[data[0] - 1](data)
+            run.append((v, "B" if typ == "bool" else "q"))
+    flush()
+    body.extend(["if pos != n:", "    raise CodecError('trailing bytes')",
+                 f"return _make(_cls, ({', '.join(names)},))"])
+    src = ("def decode(data, ts_ns=None):\n    try:\n"
+           + "".join(f"        {line}\n" for line in body)
+           + "    except UnicodeDecodeError as exc:\n"
+           + "        raise CodecError('non-ASCII string') from exc\n")
+    exec(src, env)  # the source is built above from the command field table alone
+    return env["decode"]
 
 
 _DECODERS = tuple(_compile_decoder(cls) for cls in COMMAND_CLASSES)
+
+
+def decode_command(data: bytes, ts_ns: int | None = None) -> object:
+    """The command encoded in ``data``; with ``ts_ns``, that time instead of the encoded
+    one. Raises ``CodecError`` for bytes that are not a command."""
+    if not data or not 1 <= data[0] <= len(COMMAND_CLASSES):
+        raise CodecError("unknown command tag")
+    return _DECODERS[data[0] - 1](data, ts_ns)
+
 
 __all__ = [
     "GENESIS",

@@ -37,11 +37,11 @@ import hashlib
 import itertools
 import json
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from engine import wire
 from engine.book import Engine
-from engine.codec import GENESIS, CodecError, encode_event, restore, snapshot_bytes, state_hash
+from engine.codec import GENESIS, CodecError, restore, snapshot_bytes, state_hash
 
 # Limits: outputs waiting for their commit (a primary stops taking inputs past this, a
 # warm instance that lags the primary this much is alarmed), inputs per output batch.
@@ -61,8 +61,9 @@ class RecordLike(Protocol):
     data: bytes
 
 
-@dataclass(slots=True)
-class Pending:
+class Pending(NamedTuple):
+    """One input's outputs awaiting their commit (a tuple: one is built per input)."""
+
     position: int
     blob: bytes
     chain: bytes  # chain after this input
@@ -177,9 +178,9 @@ class Consumer:
         self.engine.process(cmd, out)
         if not out:
             return
-        blob = wire.input_blob(position, [encode_event(r) for r in out])
-        self.chain = wire.chain_next(self.chain, blob)
-        self.pending.append(Pending(position, blob, self.chain))
+        blob = wire.outputs_blob(position, out)
+        self.chain = chain = wire.chain_next(self.chain, blob)
+        self.pending.append(Pending(position, blob, chain))
 
     # ---------------------------------------------------------------- committed outputs
 

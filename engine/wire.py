@@ -37,7 +37,13 @@ from dataclasses import dataclass
 
 from engine import commands as cm
 from engine import events as ev
-from engine.codec import CodecError, decode_command, decode_event, encode_command
+from engine.codec import (
+    CodecError,
+    decode_command,
+    decode_event,
+    encode_command,
+    encode_framed,
+)
 from engine.constants import Side
 from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import exchange_pb2 as xpb
@@ -122,13 +128,20 @@ def decode_input(data: bytes, ts_ns: int) -> object:
     Raises CodecError for bytes that are not a command."""
     if len(data) < 9:
         raise CodecError("short command")
-    return decode_command(data[:1] + _Q.pack(ts_ns) + data[9:])
+    return decode_command(data, ts_ns)
 
 
 # ---------------------------------------------------------------------- outputs
 
+def outputs_blob(position: int, raws: list[tuple]) -> bytes:
+    """One input's outputs (raw events) as stored in an output batch and hashed into the
+    chain (the consumer's hot path)."""
+    assert len(raws) < 65_536
+    return _IN_HEAD.pack(position, len(raws)) + encode_framed(raws)
+
+
 def input_blob(position: int, encoded: list[bytes]) -> bytes:
-    """One input's outputs as stored in an output batch (and hashed into the chain)."""
+    """``outputs_blob`` from events encoded already (or any bytes: tests forge blobs)."""
     assert len(encoded) < 65_536
     parts = [_IN_HEAD.pack(position, len(encoded))]
     for e in encoded:

@@ -15,7 +15,6 @@ drills (geo/drill.py) and anything else that drives an engine group through the 
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -90,7 +89,7 @@ def command_events(group: str, commands: Iterable[object], tag: str,
     """Input events for ``commands``; the i-th has the idempotency key ``tag:i``. With
     ``poison_every``, a poison input follows every ``poison_every``-th command."""
     for i, cmd in enumerate(commands):
-        yield wire.command_event(group, dataclasses.replace(cmd, ts_ns=0),  # type: ignore[type-var]
+        yield wire.command_event(group, cmd._replace(ts_ns=0),  # type: ignore[attr-defined]
                                  f"{tag}:{i}")
         if poison_every and i % poison_every == poison_every - 1:
             yield pb.ProposedEvent(id=wire.derived_id("poison", tag, i), type="NewOrder",
