@@ -16,7 +16,7 @@ from engine.consumer import Consumer
 from engine.exchange_config import ExchangeConfigError, load
 from engine.lease import make_lease
 from engine.runner import ENGINE_VERSION, RunnerConfig, fetch_status, run_engine
-from store.client import CaughtUp, StoreClient
+from store.client import AppendError, CaughtUp, StoreClient
 from xdc.tls import Tls, add_cli_args, cli_tls
 from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import exchange_pb2 as xpb
@@ -39,10 +39,12 @@ def _group(args: argparse.Namespace) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from xdc.cli import load_auth
     group = _group(args)
+    auth_config = load_auth("engine run", args.auth)
     config = RunnerConfig(group=group, instance=args.instance, store=tuple(args.store.split(",")),
                           role=args.role, snapshot_every=args.snapshot_every,
-                          tls=cli_tls(args, "xdc engine"))
+                          tls=cli_tls(args, "xdc engine"), token=args.token)
     spec, cluster, access = args.lease, args.cluster, None
     if args.config:
         from geo.config import ConfigError, etcd_access
@@ -56,14 +58,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         if spec == "etcd":
             spec = "etcd:" + ",".join(cfg.etcd.endpoints)
     lease = make_lease(spec, group, args.instance, cluster, args.lease_ttl, access)
-    return asyncio.run(run_engine(config, lease, args.control))
+    return asyncio.run(run_engine(config, lease, args.control, auth_config))
 
 
-async def _status(addresses: list[str], tls: Tls | None) -> list[xpb.EngineStatus | str]:
+async def _status(addresses: list[str], tls: Tls | None,
+                  token: str) -> list[xpb.EngineStatus | str]:
     out: list[xpb.EngineStatus | str] = []
     for a in addresses:
         try:
-            out.append(await fetch_status(a, tls=tls))
+            out.append(await fetch_status(a, tls=tls, token=token))
         except grpc.aio.AioRpcError as exc:
             out.append(f"{a}: {exc.code().name} {exc.details()}")
     return out
@@ -72,7 +75,8 @@ async def _status(addresses: list[str], tls: Tls | None) -> list[xpb.EngineStatu
 def cmd_status(args: argparse.Namespace) -> int:
     from xdc.cli import message_json
     bad = 0
-    for s in asyncio.run(_status(args.engine.split(","), cli_tls(args, "xdc engine"))):
+    for s in asyncio.run(_status(args.engine.split(","), cli_tls(args, "xdc engine"),
+                                 args.token)):
         if isinstance(s, str):
             bad = 1
             print(json.dumps({"error": s}))
@@ -83,8 +87,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 async def _control(store: str, group: str, kind: str, body: dict[str, str],
-                   tls: Tls | None) -> int:
-    client = StoreClient(store.split(","), tls=tls)
+                   tls: Tls | None, token: str) -> int:
+    """Appends a control event to the group's input stream: the store lets only
+    principals whose grants cover its type (admins) do it."""
+    client = StoreClient(store.split(","), tls=tls, token=token)
     try:
         r = await client.append(wire.input_stream(group), [
             wire.control_event(group, kind, body, uuid.uuid4().hex)])
@@ -93,25 +99,37 @@ async def _control(store: str, group: str, kind: str, body: dict[str, str],
         await client.close()
 
 
+def _control_cmd(args: argparse.Namespace, kind: str, body: dict[str, str]) -> int | None:
+    """The marker's position, or None after printing why the store refused it."""
+    try:
+        return asyncio.run(_control(args.store, wire.check_group(args.group), kind, body,
+                                    cli_tls(args, "xdc engine"), args.token))
+    except AppendError as err:
+        print(f"xdc engine {args.engine_command}: {err}", file=sys.stderr)
+        return None
+
+
 def cmd_switchover(args: argparse.Namespace) -> int:
-    position = asyncio.run(_control(args.store, wire.check_group(args.group),
-                                    wire.SWITCHOVER_TYPE, {"to": args.to},
-                                    cli_tls(args, "xdc engine")))
+    position = _control_cmd(args, wire.SWITCHOVER_TYPE, {"to": args.to})
+    if position is None:
+        return 1
     print(json.dumps({"group": args.group, "to": args.to, "marker_position": position}))
     return 0
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    position = asyncio.run(_control(args.store, wire.check_group(args.group),
-                                    wire.SNAPSHOT_REQUEST_TYPE, {}, cli_tls(args, "xdc engine")))
+    position = _control_cmd(args, wire.SNAPSHOT_REQUEST_TYPE, {})
+    if position is None:
+        return 1
     print(json.dumps({"group": args.group, "requested_at": position}))
     return 0
 
 
-async def verify(store: list[str], group: str, tls: Tls | None = None) -> dict[str, object]:
+async def verify(store: list[str], group: str, tls: Tls | None = None,
+                 token: str = "") -> dict[str, object]:
     """Replay the group's whole log into this engine code and compare: every committed
     output batch (bytes and chain) and the state hash of every stored snapshot."""
-    client = StoreClient(store, timeout_s=60, tls=tls)
+    client = StoreClient(store, timeout_s=60, tls=tls, token=token)
     try:
         snaps: dict[int, str] = {}
         try:
@@ -148,12 +166,13 @@ async def verify(store: list[str], group: str, tls: Tls | None = None) -> dict[s
 
 def cmd_verify(args: argparse.Namespace) -> int:
     result = asyncio.run(verify(args.store.split(","), wire.check_group(args.group),
-                                cli_tls(args, "xdc engine")))
+                                cli_tls(args, "xdc engine"), args.token))
     print(json.dumps(result))
     return 0 if result["ok"] else 1
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from xdc.cli import add_token_arg
     p = sub.add_parser("engine", help="matching engines (deterministic consumers)")
     esub = p.add_subparsers(dest="engine_command", required=True)
 
@@ -175,11 +194,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="inputs between snapshots (0: on request only)")
     r.add_argument("--control", default="127.0.0.1:0", help="EngineControl listen address")
     add_cli_args(r)
+    r.add_argument("--auth", help="auth file: EngineControl callers must authenticate")
+    add_token_arg(r)
     r.set_defaults(func=cmd_run)
 
     s = esub.add_parser("status", help="role, input position, lag, hashes of instances")
     s.add_argument("--engine", required=True, help="control address(es), comma-separated")
     add_cli_args(s)
+    add_token_arg(s)
     s.set_defaults(func=cmd_status)
 
     w = esub.add_parser("switchover", help="hand the group over at an exact input position")
@@ -187,12 +209,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--to", required=True, help="target instance id")
     w.add_argument("--store", required=True)
     add_cli_args(w)
+    add_token_arg(w)
     w.set_defaults(func=cmd_switchover)
 
     n = esub.add_parser("snapshot", help="ask the primary for a snapshot at this position")
     n.add_argument("group")
     n.add_argument("--store", required=True)
     add_cli_args(n)
+    add_token_arg(n)
     n.set_defaults(func=cmd_snapshot)
 
     v = esub.add_parser("verify", help="replay the log into this engine version and compare "
@@ -200,6 +224,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("group")
     v.add_argument("--store", required=True)
     add_cli_args(v)
+    add_token_arg(v)
     v.set_defaults(func=cmd_verify)
 
 

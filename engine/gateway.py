@@ -69,6 +69,7 @@ from engine.constants import (
 from engine.exchange_config import ExchangeConfig, ExchangeConfigError, load
 from geo.tier_supervisor import gateway_supervisor
 from geo.tiers import TierSpec
+from store import auth
 from store.client import AppendError, CaughtUp, Checkpoint, StoreClient
 from store.errors import show
 from store.server import listen_on, new_server, run_until_signalled
@@ -779,31 +780,56 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
 
 # ---------------------------------------------------------------------- the server
 
+def _account_rule(principal: auth.Principal, request: Any) -> None:
+    # An empty account is the handler's to refuse (INVALID_ARGUMENT, "account: required").
+    if request.account:
+        principal.require_account(request.account)
+
+
+# Who may do what here (store/auth.py): orders and executions only for the principal's own
+# accounts; books are public to any authenticated principal.
+AUTH_RULES: auth.Rules = {
+    f"/{SERVICE}/SubmitOrder": _account_rule,
+    f"/{SERVICE}/CancelOrder": _account_rule,
+    f"/{SERVICE}/ReplaceOrder": _account_rule,
+    f"/{SERVICE}/StreamExecutions": _account_rule,
+    f"/{SERVICE}/StreamBook": auth.authenticated,
+}
+
+
 class GatewayServer:
-    """The gateway service behind a gRPC server with health checking and reflection."""
+    """The gateway service behind a gRPC server with health checking and reflection.
+    With `auth`, its callers authenticate and trade only for their own accounts; `token`
+    is the gateway's own principal at the store."""
 
     def __init__(self, config: ExchangeConfig, store_targets: str | Sequence[str],
                  listen: str = "127.0.0.1:0", limits: GatewayLimits | None = None,
                  client: StoreClient | None = None, tls: Tls | None = None,
-                 tiers_spec: TierSpec | None = None) -> None:
+                 tiers_spec: TierSpec | None = None,
+                 auth_config: auth.AuthConfig | None = None, token: str = "") -> None:
         self.config = config
         self.listen = listen
         # Its certificate to the store and on its own port (xdc/tls.py).
         self.tls = tls
         # Its reads and its output feed serve order entry: they recover with that tier.
-        self.client = client or StoreClient(store_targets, tier="order-entry", tls=tls)
+        self.client = client or StoreClient(store_targets, tier="order-entry", tls=tls,
+                                            token=token)
         self._own_client = client is None
         self.service = OrderGatewayService(config, self.client, limits)
         self.health = health.aio.HealthServicer()
         # Sheds by the store's state, as the store itself does: while it has no quorum
         # or is failing over, orders are refused with the tier, the reason and a retry
         # hint, and after it they are admitted again in tier order.
-        self.tiers = gateway_supervisor(store_targets, tiers_spec, tls=tls)
+        self.tiers = gateway_supervisor(store_targets, tiers_spec, tls=tls, token=token)
+        # Its callers' principals (store/auth.py), checked before the tiers shed a call.
+        self.guard = (auth.Guard(auth_config, {**AUTH_RULES, **self.tiers.auth_rules})
+                      if auth_config is not None else None)
         self.server: grpc.aio.Server | None = None
         self.port = 0
 
     async def start(self) -> None:
-        server = new_server(interceptors=[*telemetry.server_interceptors(),
+        guard = [self.guard] if self.guard is not None else []
+        server = new_server(interceptors=[*telemetry.server_interceptors(), *guard,
                                           *self.tiers.interceptors])
         xpb_grpc.add_OrderGatewayServicer_to_server(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -849,7 +875,8 @@ class GatewayServer:
 
 
 def serve_gateway(store_targets: str | Sequence[str], listen: str, exchange_path: str,
-                  limits: GatewayLimits | None = None, tls: Tls | None = None) -> int:
+                  limits: GatewayLimits | None = None, tls: Tls | None = None,
+                  auth_config: auth.AuthConfig | None = None, token: str = "") -> int:
     """Runs the gateway until SIGTERM/SIGINT; prints one JSON ready line. Exit code 2 for
     a bad exchange file, 1 when the address cannot be bound."""
     try:
@@ -861,7 +888,8 @@ def serve_gateway(store_targets: str | Sequence[str], listen: str, exchange_path
         store_targets = [t for t in store_targets.split(",") if t]
 
     async def main() -> None:
-        server = GatewayServer(config, store_targets, listen, limits, tls=tls)
+        server = GatewayServer(config, store_targets, listen, limits, tls=tls,
+                               auth_config=auth_config, token=token)
 
         async def start() -> str:
             await server.start()

@@ -40,6 +40,7 @@ from engine import wire
 from engine.codec import CodecError, state_hash
 from engine.consumer import MAX_PENDING_INPUTS, Capture, Consumer
 from engine.lease import PrimaryLease
+from store import auth
 from store.client import (
     EXACT,
     AppendError,
@@ -75,6 +76,7 @@ class RunnerConfig:
     campaign_interval_s: float = 0.2
     # TLS to the store and on the control port (xdc/tls.py); None: plaintext.
     tls: Tls | None = None
+    token: str = ""  # its principal's bearer token at the store (store/auth.py)
 
     def __post_init__(self) -> None:
         wire.check_group(self.group)
@@ -89,7 +91,7 @@ class EngineRunner:
         self.lease = lease
         # Its reads recover with the matching tier, not with analytics.
         self.client = client or StoreClient(list(config.store), timeout_s=30.0, tier="engine",
-                                            tls=config.tls)
+                                            tls=config.tls, token=config.token)
         self.consumer = Consumer(config.group)
         self.input_stream = wire.input_stream(config.group)
         self.output_stream = wire.output_stream(config.group)
@@ -390,20 +392,25 @@ class EngineRunner:
 
 
 async def fetch_status(address: str, timeout_s: float = 5.0,
-                       tls: Tls | None = None) -> xpb.EngineStatus:
+                       tls: Tls | None = None, token: str = "") -> xpb.EngineStatus:
     """An engine instance's status through its EngineControl address (raises
-    grpc.aio.AioRpcError when it does not answer)."""
+    grpc.aio.AioRpcError when it does not answer or refuses)."""
     async with aio_channel(address, tls, options=channel_options()) as ch:
-        return await xpb_grpc.EngineControlStub(ch).Status(xpb.EngineStatusRequest(),
-                                                           timeout=timeout_s)
+        return await xpb_grpc.EngineControlStub(ch).Status(
+            xpb.EngineStatusRequest(), timeout=timeout_s, metadata=auth.bearer(token))
 
 
-async def status_or_none(address: str, timeout_s: float = 5.0,
-                         tls: Tls | None = None) -> xpb.EngineStatus | None:
+async def status_or_none(address: str, timeout_s: float = 5.0, tls: Tls | None = None,
+                         token: str = "") -> xpb.EngineStatus | None:
     try:
-        return await fetch_status(address, timeout_s, tls)
+        return await fetch_status(address, timeout_s, tls, token)
     except grpc.aio.AioRpcError:
         return None
+
+
+# EngineControl is status only (controls travel as input events, which the store's ACLs
+# reserve for admins): any authenticated principal may read it.
+AUTH_RULES: auth.Rules = {"/xdc.v1.EngineControl/Status": auth.authenticated}
 
 
 class EngineControlService(xpb_grpc.EngineControlServicer):
@@ -415,13 +422,16 @@ class EngineControlService(xpb_grpc.EngineControlServicer):
         return await self.runner.status()
 
 
-async def run_engine(config: RunnerConfig, lease: PrimaryLease, control_listen: str) -> int:
-    """`xdc engine run`: the runner plus its EngineControl server; stops on SIGTERM/INT,
-    exits non-zero when the runner fails."""
+async def run_engine(config: RunnerConfig, lease: PrimaryLease, control_listen: str,
+                     auth_config: auth.AuthConfig | None = None) -> int:
+    """`xdc engine run`: the runner plus its EngineControl server (callers authenticated
+    against `auth_config` when given); stops on SIGTERM/INT, exits non-zero when the
+    runner fails."""
     from store.server import listen_on, new_server, run_until_signalled
 
     runner = EngineRunner(config, lease)
-    server = new_server()
+    server = new_server(interceptors=[auth.Guard(auth_config, AUTH_RULES)]
+                        if auth_config is not None else ())
     xpb_grpc.add_EngineControlServicer_to_server(EngineControlService(runner), server)
     port = listen_on(server, control_listen, config.tls)
     host = control_listen.rsplit(":", 1)[0]

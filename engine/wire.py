@@ -60,6 +60,9 @@ COMMAND_TYPES = tuple(cls.__name__ for cls in (
     cm.UpdateSymbol, cm.Deposit, cm.Withdraw))
 # What an engine subscribes to: its inputs and the committed outputs, in log order.
 CONSUMED_TYPES = (*COMMAND_TYPES, *CONTROL_TYPES, OUTPUT_TYPE)
+# What the order gateway appends (engine/gateway.py); the other commands (symbols,
+# deposits) and the controls are the operators'.
+GATEWAY_TYPES = tuple(cls.__name__ for cls in (cm.NewOrder, cm.CancelOrder, cm.ReplaceOrder))
 
 _OUT_HEAD = struct.Struct("<2sBqq32sI")
 _IN_HEAD = struct.Struct("<qH")
@@ -89,6 +92,33 @@ def snapshot_stream(group: str) -> str:
 
 def group_prefix(group: str) -> str:
     return f"exchange.{group}."
+
+
+def exchange_principals(tokens: dict[str, str], certs: dict[str, str] | None = None,
+                        trader_accounts: tuple[str, ...] = ("alice",)) -> list[dict[str, object]]:
+    """The principals of an exchange's auth file (store/auth.py render), by role: `admin`
+    (everything: switchovers, engine controls, symbols and deposits), `gateway` (appends
+    orders, reads the exchange), `engine` (appends outputs and snapshots, reads the
+    exchange) and `trader` (its accounts at the gateway, its own `orders.*` streams).
+    `tokens`: role -> token (roles without one are left out); `certs`: role -> the client
+    certificate identity that authenticates as it too."""
+    exchange = "exchange.*"
+    roles: dict[str, dict[str, object]] = {
+        "admin": {"accounts": ["*"], "grants": [
+            {"operations": ["admin", "append", "read", "subscribe"], "streams": ["*"]}]},
+        "gateway": {"grants": [
+            {"operations": ["append"], "streams": [input_stream("*")],
+             "types": list(GATEWAY_TYPES)},
+            {"operations": ["read", "subscribe"], "streams": [exchange]}]},
+        "engine": {"grants": [
+            {"operations": ["append"], "streams": [output_stream("*"), snapshot_stream("*")]},
+            {"operations": ["read", "subscribe"], "streams": [exchange]}]},
+        "trader": {"accounts": list(trader_accounts), "grants": [
+            {"operations": ["append", "read", "subscribe"], "streams": ["orders.*"]}]},
+    }
+    certs = certs or {}
+    return [{"name": role, "token": tokens[role], "cert": certs.get(role, ""), **spec}
+            for role, spec in roles.items() if role in tokens]
 
 
 def derived_id(*parts: str | int) -> bytes:

@@ -11,6 +11,7 @@ Schema::
     failover = "manual"               # "manual" (default) or "automatic"
     lease_ttl_s = 2                   # etcd lease TTL, integer seconds >= 1
     tiers_file = "tiers.toml"         # optional; relative to the config file
+    auth_file = "auth.toml"           # optional: client principals and grants (store/auth.py)
 
     [etcd]
     endpoints = ["127.0.0.1:2379"]    # host:port, at least one
@@ -181,6 +182,8 @@ class ClusterConfig:
     lease_ttl_s: int = DEFAULT_LEASE_TTL_S
     tiers_file: Path | None = None
     tls: TlsConfig | None = None
+    # Clients authenticate and are checked against it (store/auth.py); None: open.
+    auth_file: Path | None = None
     source: str = "<string>"
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
@@ -392,7 +395,7 @@ class _Validator:
 
     def build(self, raw: dict[str, Any]) -> ClusterConfig:
         self.only(raw, ("cluster", "failover", "lease_ttl_s", "tiers_file", "etcd", "region",
-                        "member", "tls"), "")
+                        "member", "tls", "auth_file"), "")
         cluster = self.name(raw, "cluster", "cluster")
         failover = self.string(raw, "failover", "failover", required=False)
         if failover is None:
@@ -411,6 +414,7 @@ class _Validator:
                                      f"({ETCD_DEFAULT_MIN_TTL_S} s): run etcd with "
                                      "--election-timeout=500 or etcd will extend it")
         tiers_file = self.path(raw, "tiers_file", "tiers_file", required=False)
+        auth_file = self.path(raw, "auth_file", "auth_file", required=False)
         etcd = self._etcd(raw)
         regions = self._regions(raw)
         members = self._members(raw, {r.name for r in regions})
@@ -428,6 +432,7 @@ class _Validator:
             regions=tuple(regions),
             members=tuple(members),
             tls=tls,
+            auth_file=auth_file,
             source=self.source,
             warnings=tuple(self.warnings),
         )
@@ -606,7 +611,8 @@ def _closest(name: str, allowed: tuple[str, ...]) -> str | None:
 def check_files(config: ClusterConfig) -> None:
     """Check that the files the config names exist and are readable (on the node itself)."""
     problems = []
-    named: list[tuple[str, Path | None]] = [("tiers_file", config.tiers_file)]
+    named: list[tuple[str, Path | None]] = [("tiers_file", config.tiers_file),
+                                            ("auth_file", config.auth_file)]
     if config.tls is not None:
         named += [("tls.ca", config.tls.ca), ("tls.cert", config.tls.cert),
                   ("tls.key", config.tls.key)]

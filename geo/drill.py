@@ -278,7 +278,10 @@ def engine_command(state: launcher.ClusterState, instance: str, stores: list[str
             "--group", GROUP, "--instance", instance,
             "--lease", "etcd", "--config", state.config,
             "--lease-ttl", str(ttl_s), "--snapshot-every", "2000",
-            *launcher.tls_args(state, "engine")]
+            *launcher.tls_args(state, "engine"),
+            # EngineControl callers authenticate too (its certificate is the engine
+            # principal's: the auth file maps it, so it needs no token).
+            *(["--auth", state.auth_file] if state.auth_file else [])]
 
 
 # ------------------------------------------------------------------------ the run

@@ -5,6 +5,11 @@ directory and log per node, the cluster TOML, the WAN proxy's link file, and
 `state.json` with every process's PID and address, so that later commands (status,
 down, drills) find them. Processes are stopped by PID, never by name.
 
+Clients authenticate (store/auth.py): `up` writes `auth/auth.toml` with the principals
+of engine.wire.exchange_principals (admin, gateway, engine, trader) and each one's token in
+`auth/<name>.token` (mode 0600), and the nodes enforce it. The operations here use the
+admin token; `XDC_TOKEN=$(cat run/cluster/auth/admin.token) xdc append ...` for others.
+
 Regions talk to each other only through the fault-injecting proxy (geo/proxy.py): for
 every ordered pair of regions (a, b) there is a link that a's node uses to reach b's
 peer port (`xdc node run --route b=<link>`), with half the configured RTT of one-way
@@ -40,12 +45,14 @@ from typing import Any
 
 import grpc
 
+from engine.wire import exchange_principals
 from geo.config import etcd_access, load
 from geo.etcd_server import EtcdCluster, EtcdTls, free_ports, health
 from geo.leadership import EtcdAccess, Leadership
+from store import auth
 from store.client import channel_options
 from xdc import certs
-from xdc.tls import Tls, aio_channel
+from xdc.tls import Identity, Tls, aio_channel
 from xdc.v1 import replication_pb2 as rpb
 from xdc.v1 import replication_pb2_grpc as rpb_grpc
 
@@ -84,6 +91,7 @@ class ClusterState:
     links: dict[str, str] = field(default_factory=dict)
     rtt_ms: float = 0.0
     tls_dir: str = ""  # the certificates (xdc certs init); "": plaintext
+    auth_dir: str = ""  # auth.toml and <principal>.token; empty: no auth
 
     def save(self) -> None:
         Path(self.directory, "state.json").write_text(json.dumps(asdict(self), indent=2))
@@ -110,6 +118,37 @@ class ClusterState:
     def select(self, key: str) -> list[NodeProc]:
         """Every node of region `key`, or the node with id `key`."""
         return self.region_nodes(key) or [self.node(key)]
+
+    def token(self, principal: str = "admin") -> str:
+        """A local principal's token ("" when the cluster runs without auth)."""
+        if not self.auth_dir:
+            return ""
+        return Path(self.auth_dir, f"{principal}.token").read_text().strip()
+
+    @property
+    def auth_file(self) -> str:
+        return str(Path(self.auth_dir, "auth.toml")) if self.auth_dir else ""
+
+
+# The order-entry client's certificate, besides certs.init's usual ones.
+TRADER_CERT = ("client", "trader")
+# The holders (role, name) of the certificates the principals of the auth file are.
+LOCAL_CERTS = (("engine", "engine"), ("gateway", "gateway"), ("admin", "admin"), TRADER_CERT)
+
+
+def write_local_auth(directory: Path, cluster: str = "") -> None:
+    """A fresh token per principal of the local exchange, and the auth file of them. With
+    `cluster` (TLS on), each principal is also whoever holds its certificate
+    (LOCAL_CERTS), so tools with the admin certificate need no token."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tokens = {role: auth.new_token() for role in ("admin", "gateway", "engine", "trader")}
+    for role, token in tokens.items():
+        fd = os.open(directory / f"{role}.token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+    identities = {name: Identity(cluster, role, name).uri for role, name in LOCAL_CERTS
+                  } if cluster else {}
+    (directory / "auth.toml").write_text(auth.render(exchange_principals(tokens, identities)))
 
 
 def client_tls(state: ClusterState, name: str = "admin") -> Tls | None:
@@ -140,8 +179,11 @@ def etcd_user(cluster: str) -> str:
 
 def _toml(state: ClusterState, regions: list[str], failover: str, ttl_s: int) -> str:
     lines = [f'cluster = "{state.cluster}"', f'failover = "{failover}"',
-             f"lease_ttl_s = {ttl_s}", "", "[etcd]",
-             "endpoints = [" + ", ".join(f'"{e}"' for e in state.etcd_endpoints) + "]"]
+             f"lease_ttl_s = {ttl_s}"]
+    if state.auth_dir:
+        lines.append(f'auth_file = "{state.auth_file}"')
+    lines += ["", "[etcd]",
+              "endpoints = [" + ", ".join(f'"{e}"' for e in state.etcd_endpoints) + "]"]
     if state.tls_dir:
         lines += [f'ca = "{state.tls_dir}/ca.pem"', f'cert = "{state.tls_dir}/admin.pem"',
                   f'key = "{state.tls_dir}/admin-key.pem"',
@@ -223,14 +265,16 @@ def start_node(state: ClusterState, n: NodeProc) -> None:
 def up(directory: str = DEFAULT_DIR, regions: int = 3, rtt_ms: float = 0.0,
        failover: str = "automatic", standbys: int = 0, ttl_s: int = 2,
        cluster: str = "xdc-local", jitter_ms: float = 0.0, seed: int = 1,
-       attempts: int = 3, etcd_members: int = 1, tls: bool = True) -> ClusterState:
+       attempts: int = 3, etcd_members: int = 1, tls: bool = True,
+       auth: bool = True) -> ClusterState:
     """Starts the cluster. Ports are picked free, then bound by the children a moment
     later; another process can take one in between, so a start that fails that way is
-    retried from scratch. `etcd_members` > 1 runs a multi-member etcd (drills lose one)."""
+    retried from scratch. `etcd_members` > 1 runs a multi-member etcd (drills lose one).
+    `auth`: clients authenticate with the tokens under `auth/` (module docstring)."""
     for attempt in range(attempts):
         try:
             return _up(directory, regions, rtt_ms, failover, standbys, ttl_s, cluster,
-                       jitter_ms, seed, etcd_members, tls)
+                       jitter_ms, seed, etcd_members, tls, auth)
         except BaseException as exc:
             # Whatever failed, stop what was started: nothing may outlive a failed start.
             with contextlib.suppress(Exception):
@@ -244,7 +288,7 @@ def up(directory: str = DEFAULT_DIR, regions: int = 3, rtt_ms: float = 0.0,
 
 def _up(directory: str, regions: int, rtt_ms: float, failover: str, standbys: int,
         ttl_s: int, cluster: str, jitter_ms: float, seed: int,
-        etcd_members: int = 1, tls: bool = True) -> ClusterState:
+        etcd_members: int = 1, tls: bool = True, with_auth: bool = True) -> ClusterState:
     base = Path(directory).resolve()
     if (base / "state.json").exists():
         with contextlib.suppress(Exception):
@@ -260,7 +304,8 @@ def _up(directory: str, regions: int, rtt_ms: float, failover: str, standbys: in
     tls_dir = base / "tls"
     etcd_tls = None
     if tls:
-        certs.init(tls_dir, cluster, [m[0] for m in members])
+        certs.init(tls_dir, cluster, [m[0] for m in members],
+                   others=(*certs.DEFAULT_OTHERS, TRADER_CERT))
         etcd_tls = EtcdTls(tls_dir / "ca.pem", tls_dir / "etcd.pem", tls_dir / "etcd-key.pem")
     etcd = EtcdCluster(base / "etcd", etcd_members, tls=etcd_tls).start()
     _etcd[str(base)] = etcd
@@ -281,6 +326,9 @@ def _up(directory: str, regions: int, rtt_ms: float, failover: str, standbys: in
                          [m.pid for m in etcd.members if m.pid], nodes, rtt_ms=rtt_ms)
     if tls:
         state.tls_dir = str(tls_dir)
+    if with_auth:
+        state.auth_dir = str(base / "auth")
+        write_local_auth(base / "auth", cluster if tls else "")
     state.save()
     Path(state.config).write_text(_toml(state, names, failover, ttl_s))
     # One proxy link per ordered pair of nodes in different regions.
@@ -385,8 +433,8 @@ async def node_status(state: ClusterState, n: NodeProc,
     """The node's replication status, or None when it does not answer."""
     try:
         async with aio_channel(n.client, client_tls(state), options=channel_options()) as ch:
-            return await rpb_grpc.ReplicationStub(ch).Status(rpb.StatusRequest(),
-                                                             timeout=timeout_s)
+            return await rpb_grpc.ReplicationStub(ch).Status(
+                rpb.StatusRequest(), timeout=timeout_s, metadata=auth.bearer(state.token()))
     except grpc.aio.AioRpcError:
         return None
 
@@ -454,14 +502,16 @@ def _leadership(state: ClusterState, node_id: str = "xdc-cli") -> Leadership:
                       on_lost=lambda reason: None)
 
 
-async def switchover(state: ClusterState, to: str, timeout_s: float = 10.0
-                     ) -> rpb.SwitchoverResponse:
+async def switchover(state: ClusterState, to: str, timeout_s: float = 10.0,
+                     token: str | None = None) -> rpb.SwitchoverResponse:
+    """Planned switchover, as `token`'s principal (default: the local admin)."""
     target = state.node(to)
     leader, _ = await wait_leader(state, timeout_s)
     async with aio_channel(leader.client, client_tls(state), options=channel_options()) as ch:
         return await rpb_grpc.ReplicationStub(ch).Switchover(
             rpb.SwitchoverRequest(target=target.id, timeout_ms=int(timeout_s * 1000)),
-            timeout=timeout_s + 1)
+            timeout=timeout_s + 1,
+            metadata=auth.bearer(state.token() if token is None else token))
 
 
 async def promote(state: ClusterState, to: str) -> str:

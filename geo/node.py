@@ -22,7 +22,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from geo import tiers as tiers_mod
-from geo.config import ClusterConfig, etcd_access, load_tls
+from geo.config import ClusterConfig, ConfigError, etcd_access, load_tls
 from geo.leadership import Leadership, LeadershipError
 from geo.replication.core import Node, Role, should_campaign
 from geo.replication.messages import (
@@ -37,7 +37,14 @@ from geo.replication.messages import (
 from geo.replicator import Replicator, term_start_record
 from geo.tier_supervisor import Reading, TierSupervisor
 from geo.tracing import FailoverClock, ReplicationObserver
-from geo.transport import CHANNEL_OPTIONS, PeerSender, ReplicationService, SwitchoverError
+from geo.transport import (
+    AUTH_RULES,
+    CHANNEL_OPTIONS,
+    PeerSender,
+    ReplicationService,
+    SwitchoverError,
+)
+from store import auth
 from store.errors import StoreError
 from store.limits import Limits
 from store.log import Log
@@ -100,6 +107,11 @@ class ClusterNode:
         # stops the node before it binds anything (ConfigError).
         self.tiers = tiers or tiers_mod.load(config.tiers_file)
         self.supervisor = TierSupervisor(self.tiers, self._tier_reading, node_id=member_id)
+        # Client principals and grants, checked here too for the same reason.
+        try:
+            self.auth = auth.load(config.auth_file) if config.auth_file else None
+        except auth.AuthConfigError as exc:
+            raise ConfigError(config.source, [("auth_file", str(exc))]) from None
         self._heard: dict[str, float] = {}  # peer -> monotonic time of its last message
 
     # ---- life cycle ---------------------------------------------------------------
@@ -125,7 +137,9 @@ class ClusterNode:
         self.server = StoreServer(self.store, self.member.client, writer_factory=make,
                                   extra_listen=[self.member.peer],
                                   add_services=add_replication,
-                                  interceptors=self.supervisor.interceptors, tls=self.tls)
+                                  interceptors=self.supervisor.interceptors, tls=self.tls,
+                                  auth=self.auth,
+                                  auth_rules={**AUTH_RULES, **self.supervisor.auth_rules})
         await self.server.start()
         self.store.role.name = "follower" if self.member.voter else "standby"
         for peer, address in self.routes.items():

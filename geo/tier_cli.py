@@ -39,6 +39,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     import grpc
     from google.protobuf.json_format import MessageToDict
 
+    from store.auth import bearer
     from store.client import channel_options
     from xdc.v1 import tiers_pb2 as tpb
     from xdc.v1 import tiers_pb2_grpc as tpb_grpc
@@ -46,7 +47,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         with sync_channel(args.target, cli_tls(args, "xdc tiers status"),
                           options=channel_options()) as channel:
-            st = tpb_grpc.TiersStub(channel).Status(tpb.TiersStatusRequest(), timeout=5)
+            st = tpb_grpc.TiersStub(channel).Status(tpb.TiersStatusRequest(), timeout=5,
+                                                    metadata=bearer(args.token))
     except grpc.RpcError as exc:
         print(f"xdc tiers status: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
@@ -78,4 +80,6 @@ def add_parser(sub: Any, default_target: str) -> None:
     c.add_argument("--target", default=default_target)
     c.add_argument("--json", action="store_true")
     add_cli_args(c)
+    from xdc.cli import add_token_arg
+    add_token_arg(c)
     c.set_defaults(func=cmd_status)

@@ -42,7 +42,7 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +60,7 @@ from geo.tiers import (
     Transition,
     service_of,
 )
+from store import auth
 from store.client import channel_options
 from store.errors import MD_SHED_REASON, MD_TIER, StoreError
 from store.node import StoreNode
@@ -113,23 +114,10 @@ async def _abort(context: grpc.aio.ServicerContext, r: Refusal) -> None:
 
 
 def _refusing(handler: grpc.RpcMethodHandler, r: Refusal) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as `handler` that refuses without reading a request."""
-    des, ser = handler.request_deserializer, handler.response_serializer
-
-    async def unary(request: Any, context: grpc.aio.ServicerContext) -> None:
+    """A handler of the same shape as `handler` that refuses before `handler` runs."""
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
         await _abort(context, r)
-
-    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        await _abort(context, r)
-        yield  # never reached: makes this an async generator, as streaming handlers are
-
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(streaming, des, ser)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(unary, des, ser)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(streaming, des, ser)
-    return grpc.unary_unary_rpc_method_handler(unary, des, ser)
+    return auth.guarded(handler, refuse)
 
 
 class TierInterceptor(grpc.aio.ServerInterceptor):
@@ -228,6 +216,9 @@ class TierSupervisor:
         self.machine = TierMachine(spec, clock(), wall_clock())
         self.interceptor = TierInterceptor(spec, self.machine)
         self.interceptors: tuple[grpc.aio.ServerInterceptor, ...] = (self.interceptor,)
+        # Tiers/Status is status, not control: the gateway sheds by the store's (its
+        # RemoteReader), so any authenticated principal may read it.
+        self.auth_rules: auth.Rules = {"/xdc.v1.Tiers/Status": auth.authenticated}
         self._health: health.aio.HealthServicer | None = None
         self._task: asyncio.Task[None] | None = None
         self._read_failing = False
@@ -361,12 +352,14 @@ class RemoteReader:
     A store that cannot be reached counts as a failover."""
 
     def __init__(self, targets: str | Sequence[str],
-                 timeout_s: float = REMOTE_TIMEOUT_S, tls: Tls | None = None) -> None:
+                 timeout_s: float = REMOTE_TIMEOUT_S, tls: Tls | None = None,
+                 token: str = "") -> None:
         self.targets = [targets] if isinstance(targets, str) else list(targets)
         self.tls = tls
         if not self.targets:
             raise ValueError("RemoteReader needs at least one target")
         self.timeout_s = timeout_s
+        self.metadata = auth.bearer(token)  # the reader's principal at the store
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     async def __call__(self) -> Reading:
@@ -377,7 +370,8 @@ class RemoteReader:
                     target, self.tls, options=channel_options())
             try:
                 st = await tpb_grpc.TiersStub(channel).Status(tpb.TiersStatusRequest(),
-                                                              timeout=self.timeout_s)
+                                                              timeout=self.timeout_s,
+                                                              metadata=self.metadata)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
                     continue
@@ -385,7 +379,7 @@ class RemoteReader:
                 # none): it answers, so it is up; its NodeInfo gives the commit lag.
                 try:
                     info = await pb_grpc.EventStoreStub(channel).NodeInfo(
-                        pb.NodeInfoRequest(), timeout=self.timeout_s)
+                        pb.NodeInfoRequest(), timeout=self.timeout_s, metadata=self.metadata)
                 except grpc.aio.AioRpcError:
                     continue
                 return Reading(commit_lag=max(0, info.last_position - info.commit_position))
@@ -403,8 +397,10 @@ class RemoteReader:
 
 
 def gateway_supervisor(store_targets: str | Sequence[str], spec: TierSpec | None = None,
-                       node_id: str = "gateway", tls: Tls | None = None) -> TierSupervisor:
+                       node_id: str = "gateway", tls: Tls | None = None,
+                       token: str = "") -> TierSupervisor:
     """A supervisor for a server in front of the store (the order gateway): it sheds by
-    the store's state (RemoteReader)."""
-    return TierSupervisor(spec or tiers_mod.load(), RemoteReader(store_targets, tls=tls),
+    the store's state (RemoteReader, as `token`'s principal)."""
+    return TierSupervisor(spec or tiers_mod.load(),
+                          RemoteReader(store_targets, tls=tls, token=token),
                           node_id=node_id)

@@ -28,6 +28,7 @@ from geo.replication.messages import (
     PromiseReply,
     Tip,
 )
+from store import auth
 from store.client import channel_options
 from store.errors import show
 from xdc.tls import ROLES, Identity, Tls, aio_channel, describe_peer, peer_identity
@@ -172,6 +173,18 @@ def _refused(exc: BaseException) -> bool:
         return False
     return exc.code() in (grpc.StatusCode.PERMISSION_DENIED,
                           grpc.StatusCode.UNAUTHENTICATED) or "Verification" in _details(exc)
+
+
+# Access rules of client tokens (store/auth.py). Stream and Tip are node-to-node: a peer
+# proves it is a member with its certificate (mutual TLS, ReplicationService below), not
+# with a token. Status is read by any authenticated principal; only admins may move the
+# leadership (with TLS, also only callers with an admin certificate).
+AUTH_RULES: auth.Rules = {
+    "/xdc.v1.Replication/Stream": None,
+    "/xdc.v1.Replication/Tip": None,
+    "/xdc.v1.Replication/Status": auth.authenticated,
+    "/xdc.v1.Replication/Switchover": auth.admin_rule("switch the cluster's leader over"),
+}
 
 
 class ReplicationService(rpb_grpc.ReplicationServicer):

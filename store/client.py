@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from store.auth import bearer
 from store.errors import MD_LEADER, MD_RETRY_AFTER_MS, MD_SHED_REASON, MD_TIER
 from store.limits import Limits
 from xdc import telemetry
@@ -136,7 +137,7 @@ class StoreClient:
                  max_batch_appends: int = 1024, max_inflight_messages: int = 32,
                  timeout_s: float = 10.0, attempt_timeout_s: float = 2.0,
                  limits: Limits | None = None, tier: str = "",
-                 tls: Tls | None = None) -> None:
+                 tls: Tls | None = None, token: str = "") -> None:
         self.targets = [targets] if isinstance(targets, str) else list(targets)
         assert self.targets, "at least one target address"
         assert max_batch_appends >= 1 and max_inflight_messages >= 1 and linger_s >= 0
@@ -152,7 +153,11 @@ class StoreClient:
         self.tls = tls
         # The criticality of this client's reads and subscriptions (a tier or service
         # name of the tier file, e.g. "engine"): servers shed them by it when degraded.
-        self.metadata: tuple[tuple[str, str], ...] = ((MD_TIER, tier),) if tier else ()
+        # With `token`, every call authenticates as its principal (store/auth.py). Appends
+        # and NodeInfo carry only that: the tier names what a client reads.
+        self.auth_metadata = bearer(token)
+        self.metadata: tuple[tuple[str, str], ...] = (
+            ((MD_TIER, tier),) if tier else ()) + self.auth_metadata
         self._target = self.targets[0]
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.EventStoreStub | None = None
@@ -301,7 +306,7 @@ class StoreClient:
             call = None
             try:
                 if self._call is None:
-                    self._call = self.stub.AppendStream()
+                    self._call = self.stub.AppendStream(metadata=self.auth_metadata)
                     self._receiver = asyncio.get_running_loop().create_task(
                         self._receive(self._call))
                     if self._watchdog is None or self._watchdog.done():
@@ -620,7 +625,8 @@ class StoreClient:
             await asyncio.sleep(wait)
 
     async def node_info(self) -> pb.NodeInfoResponse:
-        return await self.stub.NodeInfo(pb.NodeInfoRequest(), timeout=self.timeout_s)
+        return await self.stub.NodeInfo(pb.NodeInfoRequest(), timeout=self.timeout_s,
+                                        metadata=self.auth_metadata)
 
 
 class _StreamBroken(Exception):

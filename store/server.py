@@ -16,9 +16,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from store.auth import AuthConfig, Guard, Rules
 from store.limits import Limits
 from store.node import StoreNode, WriterFactory
-from store.service import SERVICE, BadRequest, EventStoreService, Parser
+from store.service import AUTH_RULES, SERVICE, BadRequest, EventStoreService, Parser
 from xdc import telemetry
 from xdc.tls import Tls, server_credentials
 
@@ -147,7 +148,8 @@ class StoreServer:
                  extra_listen: Sequence[str] = (),
                  add_services: Callable[[grpc.aio.Server], None] | None = None,
                  interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
-                 tls: Tls | None = None) -> None:
+                 tls: Tls | None = None, auth: AuthConfig | None = None,
+                 auth_rules: Rules | None = None) -> None:
         self.node = node
         self.listen = listen
         self.writer_factory = writer_factory
@@ -161,6 +163,11 @@ class StoreServer:
         # Run on every call before its handler, in order (geo passes its tier
         # interceptor here: the store itself knows nothing of tiers).
         self.interceptors = list(interceptors)
+        # With an auth file every call is authenticated and checked (store/auth.py), before
+        # the interceptors above: an unknown caller learns nothing of tiers. `auth_rules`
+        # are the rules of the services `add_services` adds.
+        self.guard = (Guard(auth, {**AUTH_RULES, **(auth_rules or {})})
+                      if auth is not None else None)
         self.port = 0
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
@@ -168,9 +175,10 @@ class StoreServer:
 
     async def start(self) -> None:
         await self.node.start(self.writer_factory)
+        guard = [self.guard] if self.guard is not None else []
         server = new_server(self.node.limits,
-                            [*telemetry.server_interceptors(), *self.interceptors])
-        service = EventStoreService(self.node)
+                            [*telemetry.server_interceptors(), *guard, *self.interceptors])
+        service = EventStoreService(self.node, guard=self.guard)
         server.add_generic_rpc_handlers((service.handler(),))
         self._lag_gauge = telemetry.add_gauge_source("xdc.subscription.lag.records",
                                                      service.subscription_lag)
@@ -231,6 +239,7 @@ class Companion(Protocol):
     is up and stops before the server does."""
 
     interceptors: Sequence[grpc.aio.ServerInterceptor]
+    auth_rules: Rules  # access rules of the services it adds (store/auth.py)
 
     def add_services(self, server: grpc.aio.Server) -> None: ...
 
@@ -242,13 +251,14 @@ class Companion(Protocol):
 def serve(data_dir: str, listen: str, limits: Limits | None = None,
           node_id: str = "standalone",
           companion: Callable[[StoreNode], Companion] | None = None,
-          tls: Tls | None = None) -> int:
+          tls: Tls | None = None, auth: AuthConfig | None = None) -> int:
     node = StoreNode(data_dir, limits, node_id=node_id)
     extra = companion(node) if companion is not None else None
     server = StoreServer(node, listen,
                          add_services=extra.add_services if extra is not None else None,
                          interceptors=extra.interceptors if extra is not None else (),
-                         tls=tls)
+                         tls=tls, auth=auth,
+                         auth_rules=extra.auth_rules if extra is not None else None)
 
     async def start() -> str:
         await server.start()

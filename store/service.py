@@ -19,7 +19,8 @@ from google.protobuf.message import DecodeError
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind
 
-from store import records
+from store import auth, records
+from store.auth import READ, SUBSCRIBE, Guard, Principal, Rules
 from store.errors import StoreError, invalid
 from store.log import Appended, PreparedAppend
 from store.node import StoreNode
@@ -89,7 +90,7 @@ def _label(total: int, refused: int) -> str:
     return "ok" if not refused else "refused" if refused == total else "partial"
 
 
-_IDS, _STREAM = attrgetter("ids"), attrgetter("stream")
+_IDS, _STREAM, _TYPE = attrgetter("ids"), attrgetter("stream"), attrgetter("type")
 
 
 def _annotate(span: Span, prepared: list[PreparedAppend], results: list[Any], total: int,
@@ -121,10 +122,54 @@ def _stream_span(parent: Any) -> Span:
                     telemetry.RPC_METHOD: "AppendStream"})
 
 
+# ---- access rules (store/auth.py): a request whose bytes did not parse is let through to
+# its handler, which refuses it with INVALID_ARGUMENT.
+
+def _append_rule(principal: Principal, request: Any) -> None:
+    if not isinstance(request, BadRequest):
+        principal.require_append(request.stream, map(_TYPE, request.events))
+
+
+def _read_rule(principal: Principal, request: Any) -> None:
+    if isinstance(request, BadRequest):
+        return
+    if request.stream != ALL:
+        principal.require(READ, request.stream)
+    elif not principal.covers(READ, ""):
+        raise auth.denied(f"principal {principal.name!r} may not read {ALL!r} (the whole "
+                          "log): that needs a read grant on '*'")
+
+
+def _subscribe_rule(principal: Principal, request: Any) -> None:
+    if not isinstance(request, BadRequest):
+        principal.require_prefix(SUBSCRIBE, request.stream_prefix)
+
+
+def _stream_info_rule(principal: Principal, request: Any) -> None:
+    if not isinstance(request, BadRequest):
+        principal.require(READ, request.stream)
+
+
+# AppendStream authenticates and checks in its handler, per append: a refused append gets
+# its own UNAUTHENTICATED or PERMISSION_DENIED result and the others of the message go on.
+# (Aborting the call instead races with the client's writes: grpc-python then reports
+# INTERNAL to the client rather than the status.)
+AUTH_RULES: Rules = {
+    f"/{SERVICE}/Append": _append_rule,
+    f"/{SERVICE}/AppendStream": None,
+    f"/{SERVICE}/Read": _read_rule,
+    f"/{SERVICE}/Subscribe": _subscribe_rule,
+    f"/{SERVICE}/StreamInfo": _stream_info_rule,
+    f"/{SERVICE}/NodeInfo": auth.authenticated,
+}
+
+
 class EventStoreService:
-    def __init__(self, node: StoreNode) -> None:
+    def __init__(self, node: StoreNode, *, guard: Guard | None = None) -> None:
         self.node = node
         self.limits = node.limits
+        # The server's auth.Guard: AppendStream authenticates and checks with it.
+        self.guard = guard
         # Live subscriptions -> the position each has delivered up to (lag gauge).
         self.subscriptions: dict[int, int] = {}
         self._subscription_ids = itertools.count(1)
@@ -178,6 +223,7 @@ class EventStoreService:
 
     def _start_message(
         self, msg: pb.AppendStreamRequest, call_context: Mapping[str, str] | None = None,
+        principal: Principal | StoreError | None = None,
     ) -> asyncio.Future[pb.AppendStreamResponse]:
         """Validates and queues one AppendStream message; the future is its answer.
         Queuing happens now, so one call's appends reach the writer in order."""
@@ -189,11 +235,16 @@ class EventStoreService:
                 msg.trace_context if msg.trace_context else call_context))
         slots: list[pb.AppendResult | None] = [None] * len(msg.appends)
         prepared = []
-        for i, req in enumerate(msg.appends):
-            try:
-                prepared.append((i, prepare(req, self.limits, f"appends[{i}].")))
-            except StoreError as err:
-                slots[i] = refuse(err)
+        if isinstance(principal, StoreError):  # the call did not authenticate
+            slots = [refuse(principal)] * len(msg.appends)
+        else:
+            for i, req in enumerate(msg.appends):
+                try:
+                    if principal is not None:
+                        principal.require_append(req.stream, map(_TYPE, req.events))
+                    prepared.append((i, prepare(req, self.limits, f"appends[{i}].")))
+                except StoreError as err:
+                    slots[i] = refuse(err)
         return asyncio.ensure_future(self._finish_message(msg.correlation_id, slots, prepared,
                                                           span))
 
@@ -248,6 +299,12 @@ class EventStoreService:
         if telemetry.tracing():
             call_context = {k: v for k, v in (context.invocation_metadata() or ())
                             if isinstance(v, str)}
+        principal: Principal | StoreError | None = None
+        if self.guard is not None:
+            try:
+                principal = self.guard.authenticate(context, f"/{SERVICE}/AppendStream")
+            except StoreError as err:
+                principal = err
 
         async def read() -> None:
             try:
@@ -256,7 +313,7 @@ class EventStoreService:
                     if refusal is not None:
                         await answers.put(refusal)
                         return
-                    await answers.put(self._start_message(msg, call_context))
+                    await answers.put(self._start_message(msg, call_context, principal))
             finally:
                 await answers.put(None)
 

@@ -137,9 +137,13 @@ def write_private(path: str | os.PathLike[str], data: bytes) -> None:
         f.write(data)
 
 
+# The certificates besides the members' that init issues unless told otherwise.
+DEFAULT_OTHERS = (("engine", "engine"), ("gateway", "gateway"), ("admin", "admin"),
+                  ("etcd", "etcd"))
+
+
 def init(directory: str | os.PathLike[str], cluster: str, members: Sequence[str], *,
-         others: Sequence[tuple[str, str]] = (("engine", "engine"), ("gateway", "gateway"),
-                                               ("admin", "admin"), ("etcd", "etcd")),
+         others: Sequence[tuple[str, str]] = DEFAULT_OTHERS,
          hosts: Iterable[str] = LOOPBACK, days: int = DEFAULT_DAYS) -> dict[str, Issued]:
     """A new CA in `directory` and a certificate for each member and each (role, name) of
     `others`; returns them by name. ValueError for an unusable or repeated name."""

@@ -38,6 +38,22 @@ def _limits(args: argparse.Namespace) -> Any:
 def _tls(args: argparse.Namespace) -> Any:
     """The command's --tls-* material (None: plaintext); exits 2 when it is unusable."""
     return cli_tls(args, f"xdc {args.command}")
+def load_auth(prog: str, path: str | None) -> Any:
+    """The auth file of `--auth` (None without one); exits 2 naming every problem."""
+    if not path:
+        return None
+    from store import auth
+    try:
+        return auth.load(path)
+    except auth.AuthConfigError as exc:
+        print(f"xdc {prog}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def add_token_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token", default=os.environ.get("XDC_TOKEN", ""),
+                   help="bearer token of a principal of the server's auth file "
+                        "(default: $XDC_TOKEN)")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -56,7 +72,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if tls is not None:
         tls = dataclasses.replace(tls, require_client_cert=args.tls_client_auth == "require")
     return serve(args.data, args.listen, _limits(args), node_id=args.node_id,
-                 companion=standalone_companion(spec), tls=tls)
+                 companion=standalone_companion(spec), tls=tls,
+                 auth=load_auth("serve", args.auth))
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -99,6 +116,23 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_auth(args: argparse.Namespace) -> int:
+    from store import auth
+    if args.auth_command == "token":
+        token = auth.new_token()
+        print(json.dumps({"principal": args.name, "token": token,
+                          "line": f'token_sha256 = "{auth.token_digest(token).hex()}"'}))
+        return 0
+    config = load_auth("auth check", args.file)
+    for p in config.principals:
+        print(json.dumps({"principal": p.name, "admin": p.admin, "token": bool(p.token_sha256),
+                          "cert": p.cert, "accounts": sorted(p.accounts),
+                          "grants": [{"operations": sorted(g.operations),
+                                      "streams": list(g.streams), "types": list(g.types)}
+                                     for g in p.grants]}))
+    return 0
+
+
 def _expected(text: str) -> tuple[int, int]:
     from store.client import ANY, EXACT, NO_STREAM, STREAM_EXISTS
     named = {"any": ANY, "no_stream": NO_STREAM, "stream_exists": STREAM_EXISTS}
@@ -114,7 +148,7 @@ def cmd_append(args: argparse.Namespace) -> int:
     event = new_event(args.type, data, metadata=metadata, content_type=args.content_type,
                       event_id=uuid.UUID(args.id).bytes if args.id else None)
     kind, revision = _expected(args.expected)
-    with Client(args.target, tls=_tls(args)) as client:
+    with Client(args.target, tls=_tls(args), token=args.token) as client:
         try:
             r = client.append(args.stream, event, kind, revision)
         except AppendError as err:
@@ -135,7 +169,7 @@ def cmd_read(args: argparse.Namespace) -> int:
     import grpc
 
     from store.client import Client
-    with Client(args.target, tls=_tls(args)) as client:
+    with Client(args.target, tls=_tls(args), token=args.token) as client:
         try:
             events = client.read(args.stream, start=args.start, limit=args.limit,
                                  backwards=args.backwards)
@@ -153,7 +187,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         seen = 0
-        async with StoreClient(args.target, tls=tls) as client:
+        async with StoreClient(args.target, tls=tls, token=args.token) as client:
             async for item in client.subscribe(after_position=args.after, from_end=args.from_end,
                                                stream_prefix=args.prefix,
                                                event_types=args.type or ()):
@@ -177,7 +211,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
     from store.client import Client
-    with Client(args.target, tls=_tls(args)) as client:
+    with Client(args.target, tls=_tls(args), token=args.token) as client:
         try:
             info = client.stream_info(args.stream) if args.stream else client.node_info()
         except grpc.RpcError as exc:
@@ -254,6 +288,9 @@ def cmd_cluster(args: argparse.Namespace) -> int:
                 d = state.tls_dir
                 print(f"TLS on: clients need XDC_TLS_CA={d}/ca.pem "
                       f"XDC_TLS_CERT={d}/admin.pem XDC_TLS_KEY={d}/admin-key.pem")
+            if state.auth_dir:
+                print(f"client tokens in {state.auth_dir} (admin, gateway, engine, trader): "
+                      f"export XDC_TOKEN=$(cat {state.auth_dir}/admin.token)")
             print(launcher.format_status(state, asyncio.run(launcher.statuses(state))))
             return 0
         state = launcher.ClusterState.load(args.dir)
@@ -268,7 +305,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             launcher.down(args.dir)
             print(f"cluster in {state.directory} stopped")
         elif action == "switchover":
-            r = asyncio.run(launcher.switchover(state, args.to, args.timeout))
+            r = asyncio.run(launcher.switchover(state, args.to, args.timeout, args.token))
             print(f"switchover to {r.new_leader}: term {r.new_term}, writes paused "
                   f"{r.took_us / 1000:.1f} ms, handed over at position {r.handover_position}")
         elif action == "promote":
@@ -358,7 +395,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     level = logging.DEBUG if os.environ.get("XDC_LOG") == "debug" else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(message)s")
     return serve_gateway(_store_targets(args.store), args.listen, args.exchange,
-                         tls=_tls(args))
+                         tls=_tls(args), auth_config=load_auth("gateway", args.auth),
+                         token=args.token)
 
 
 def cmd_exchange(args: argparse.Namespace) -> int:
@@ -374,7 +412,7 @@ def cmd_exchange(args: argparse.Namespace) -> int:
         return 2
     # One append per event, not one per group: each event's id is its own idempotency key,
     # so a file that gained a symbol or a deposit appends just the new ones.
-    with Client(_store_targets(args.store), tls=_tls(args)) as client:
+    with Client(_store_targets(args.store), tls=_tls(args), token=args.token) as client:
         for group in config.groups:
             stream = wire.input_stream(group.name)
             appended = duplicates = last = 0
@@ -402,7 +440,8 @@ def _gateway_stub(args: argparse.Namespace) -> Any:
         sync_channel(args.gateway, _tls(args), options=channel_options()))
 
 
-def _retrying_shed(call: Any, request: Any, deadline_s: float) -> Any:
+def _retrying_shed(call: Any, request: Any, deadline_s: float,
+                   metadata: tuple[tuple[str, str], ...] = ()) -> Any:
     """One unary gateway call; a call a degradation tier refused before it ran is sent
     again after the server's hint until `deadline_s` (orders are idempotent by their
     client order id or request id, so a repeat is harmless)."""
@@ -412,7 +451,7 @@ def _retrying_shed(call: Any, request: Any, deadline_s: float) -> Any:
     end = time.monotonic() + deadline_s
     while True:
         try:
-            return call(request, timeout=max(0.01, end - time.monotonic()))
+            return call(request, timeout=max(0.01, end - time.monotonic()), metadata=metadata)
         except grpc.RpcError as exc:
             wait = shed_wait_s(exc)  # type: ignore[arg-type]
             if wait is None or time.monotonic() + wait >= end:
@@ -423,6 +462,7 @@ def _retrying_shed(call: Any, request: Any, deadline_s: float) -> Any:
 def cmd_order(args: argparse.Namespace) -> int:
     import grpc
 
+    from store.auth import bearer
     from xdc.v1 import exchange_pb2 as xpb
     action = args.order_command
     common = {"symbol": args.symbol, "account": args.account, "wait": args.wait,
@@ -437,16 +477,17 @@ def cmd_order(args: argparse.Namespace) -> int:
                 time_in_force=xpb.TimeInForce.Value(tif.upper()), price=args.price,
                 qty=args.qty, post_only=args.post_only,
                 stp=xpb.SelfTradePrevention.Value("STP_" + args.stp.upper().replace("-", "_")),
-                **common), args.deadline)
+                **common), args.deadline, bearer(args.token))
         elif action == "cancel":
             r = _retrying_shed(stub.CancelOrder, xpb.CancelOrderRequest(
                 request_id=args.request_id, order_id=args.order_id,
-                client_order_id=args.client_order_id, **common), args.deadline)
+                client_order_id=args.client_order_id, **common), args.deadline,
+                bearer(args.token))
         else:
             r = _retrying_shed(stub.ReplaceOrder, xpb.ReplaceOrderRequest(
                 request_id=args.request_id, order_id=args.order_id,
                 client_order_id=args.client_order_id, price=args.price, qty=args.qty,
-                **common), args.deadline)
+                **common), args.deadline, bearer(args.token))
     except grpc.RpcError as exc:
         return _rpc_error(f"order {action}", exc)
     print(json.dumps(message_json(r)))
@@ -456,9 +497,11 @@ def cmd_order(args: argparse.Namespace) -> int:
 def cmd_book(args: argparse.Namespace) -> int:
     import grpc
 
+    from store.auth import bearer
     from xdc.v1 import exchange_pb2 as xpb
     call = _gateway_stub(args).StreamBook(
-        xpb.StreamBookRequest(symbol=args.symbol, depth=args.depth))
+        xpb.StreamBookRequest(symbol=args.symbol, depth=args.depth),
+        metadata=bearer(args.token))
     try:
         for msg in call:
             print(json.dumps(message_json(msg)), flush=True)
@@ -480,6 +523,9 @@ def add_exchange_parsers(sub: Any) -> None:
     p.add_argument("--listen", default="127.0.0.1:7100", help="HOST:PORT (port 0: any free)")
     p.add_argument("--exchange", required=True, help="exchange TOML (groups and symbols)")
     add_tls_args(p)
+    p.add_argument("--auth", help="auth file: callers authenticate and trade only for the "
+                                  "accounts of their principal")
+    add_token_arg(p)  # the gateway's own principal at the store
     p.set_defaults(func=cmd_gateway)
 
     p = sub.add_parser("exchange", help="the exchange file: example, init")
@@ -488,6 +534,7 @@ def add_exchange_parsers(sub: Any) -> None:
     x.add_argument("--store", default=DEFAULT_TARGET, help="store address(es), comma separated")
     x.add_argument("--exchange", required=True, help="exchange TOML")
     add_tls_args(x)
+    add_token_arg(x)
     x.set_defaults(func=cmd_exchange)
     x = xsub.add_parser("example", help="print an example exchange file")
     x.set_defaults(func=cmd_exchange)
@@ -505,6 +552,7 @@ def add_exchange_parsers(sub: Any) -> None:
                        help="how long --wait waits (0: the gateway's default)")
         o.add_argument("--deadline", type=float, default=70.0, help="RPC deadline, seconds")
         add_tls_args(o)
+        add_token_arg(o)
         o.set_defaults(func=cmd_order)
         return o
 
@@ -536,6 +584,7 @@ def add_exchange_parsers(sub: Any) -> None:
     p.add_argument("--depth", type=int, default=0, help="levels per side (0: 20)")
     p.add_argument("--follow", action="store_true", help="keep printing updates")
     add_tls_args(p)
+    add_token_arg(p)
     p.set_defaults(func=cmd_book)
 
 
@@ -554,6 +603,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-client-auth", choices=["require", "none"], default="require",
                    help="with TLS: demand a client certificate signed by the CA (default) "
                         "or not")
+    p.add_argument("--auth", help="auth file: principals, tokens and grants (store/auth.py); "
+                                  "without it every call is allowed")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("certs", help="development certificates (TLS)")
@@ -573,6 +624,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--days", type=int, default=365)
     c.add_argument("--force", action="store_true", help="replace an existing CA")
     c.set_defaults(func=cmd_certs)
+
+    p = sub.add_parser("auth", help="client authentication: new tokens, check an auth file")
+    asub = p.add_subparsers(dest="auth_command", required=True)
+    a = asub.add_parser("token", help="print a new token and the token_sha256 line to paste")
+    a.add_argument("name", help="the principal's name")
+    a.set_defaults(func=cmd_auth)
+    a = asub.add_parser("check", help="validate an auth file; one JSON line per principal")
+    a.add_argument("file")
+    a.set_defaults(func=cmd_auth)
 
     p = sub.add_parser("node", help="run a clustered store node")
     nsub = p.add_subparsers(dest="node_command", required=True)
@@ -610,6 +670,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = cluster_cmd("switchover", "planned handover of leadership, no loss")
     c.add_argument("--to", required=True, help="region or node id")
     c.add_argument("--timeout", type=float, default=10.0)
+    c.add_argument("--token", default=os.environ.get("XDC_TOKEN"),
+                   help="an admin's token (default: $XDC_TOKEN, else the cluster's own "
+                        "admin token under DIR/auth)")
     c = cluster_cmd("promote", "manual failover: let this region take the vacant seat")
     c.add_argument("region")
     c = cluster_cmd("failover", "switch between manual and automatic failover")
@@ -631,6 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id", help="event UUID (default: a new one)")
     p.add_argument("--target", default=DEFAULT_TARGET)
     add_tls_args(p)
+    add_token_arg(p)
     p.set_defaults(func=cmd_append)
 
     p = sub.add_parser("read", help="read a stream or $all, one JSON line per event")
@@ -641,6 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backwards", action="store_true")
     p.add_argument("--target", default=DEFAULT_TARGET)
     add_tls_args(p)
+    add_token_arg(p)
     p.set_defaults(func=cmd_read)
 
     p = sub.add_parser("tail", help="follow a subscription (catch-up, then live)")
@@ -651,12 +716,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=0, help="stop after this many events")
     p.add_argument("--target", default=DEFAULT_TARGET)
     add_tls_args(p)
+    add_token_arg(p)
     p.set_defaults(func=cmd_tail)
 
     p = sub.add_parser("info", help="node info, or a stream's info")
     p.add_argument("stream", nargs="?")
     p.add_argument("--target", default=DEFAULT_TARGET)
     add_tls_args(p)
+    add_token_arg(p)
     p.set_defaults(func=cmd_info)
 
     from geo.tier_cli import add_parser as add_tiers_parser

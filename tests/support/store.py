@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from store.auth import AuthConfig
 from store.client import StoreClient
 from store.errors import StoreError
 from store.limits import Limits
@@ -24,8 +25,9 @@ T = TypeVar("T")
 
 @contextlib.asynccontextmanager
 async def running_store(data_dir: Path, limits: Limits | None = None,
+                        auth: AuthConfig | None = None,
                         **client_options: Any) -> AsyncIterator[tuple[StoreServer, StoreClient]]:
-    server = StoreServer(StoreNode(data_dir, limits), "127.0.0.1:0")
+    server = StoreServer(StoreNode(data_dir, limits), "127.0.0.1:0", auth=auth)
     await server.start()
     client = StoreClient(server.address, limits=limits, **client_options)
     try:
