@@ -73,6 +73,7 @@ from store import auth
 from store.client import AppendError, CaughtUp, Checkpoint, StoreClient
 from store.errors import show
 from store.server import listen_on, new_server, run_until_signalled
+from store.service import BadRequest
 from xdc import telemetry
 from xdc.tls import Tls
 from xdc.v1 import eventstore_pb2 as pb
@@ -781,8 +782,9 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
 # ---------------------------------------------------------------------- the server
 
 def _account_rule(principal: auth.Principal, request: Any) -> None:
-    # An empty account is the handler's to refuse (INVALID_ARGUMENT, "account: required").
-    if request.account:
+    # Bytes that did not parse and an empty account are the handler's to refuse
+    # (INVALID_ARGUMENT).
+    if not isinstance(request, BadRequest) and request.account:
         principal.require_account(request.account)
 
 

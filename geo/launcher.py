@@ -7,8 +7,9 @@ down, drills) find them. Processes are stopped by PID, never by name.
 
 Clients authenticate (store/auth.py): `up` writes `auth/auth.toml` with the principals
 of engine.wire.exchange_principals (admin, gateway, engine, trader) and each one's token in
-`auth/<name>.token` (mode 0600), and the nodes enforce it. The operations here use the
-admin token; `XDC_TOKEN=$(cat run/cluster/auth/admin.token) xdc append ...` for others.
+`auth/<name>.token` (mode 0600), and the nodes enforce it. With TLS each principal is also
+the holder of the certificate of its name (LOCAL_CERTS), so the operations here act as
+admin by certificate; without TLS they send the admin token.
 
 Regions talk to each other only through the fault-injecting proxy (geo/proxy.py): for
 every ordered pair of regions (a, b) there is a link that a's node uses to reach b's

@@ -20,7 +20,9 @@ from engine import wire
 from store import auth
 from store.auth import AuthConfig, AuthConfigError
 from store.client import NO_STREAM, AppendError, CaughtUp, StoreClient, new_event
+from store.node import StoreNode
 from store.process import ServeProcess
+from store.server import StoreServer
 from tests.support.store import run, running_store
 from xdc.v1 import eventstore_pb2 as pb
 
@@ -285,12 +287,14 @@ def test_append_stream_refuses_forbidden_appends_and_writes_nothing_of_them(
 
 # ---- the CLI against `xdc serve --auth` -------------------------------------------------------
 
-def _xdc(*args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = None
+def _xdc(*args: str, token: str | None = None,
+         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`xdc ARGS` as a child process; `token`: its XDC_TOKEN; `env`: more variables."""
+    extra = dict(env or {})
     if token is not None:
-        env = {**os.environ, "XDC_TOKEN": token}
+        extra["XDC_TOKEN"] = token
     return subprocess.run([sys.executable, "-m", "xdc.cli", *args], capture_output=True,
-                          text=True, timeout=60, env=env)
+                          text=True, timeout=60, env={**os.environ, **extra})
 
 
 def test_cli_tokens_against_serve_with_auth_file(tmp_path: Path) -> None:
@@ -396,6 +400,13 @@ def test_gateway_trades_only_for_the_principals_accounts(tmp_path: Path) -> None
                             await call.read()
                         assert rpc.value.code() in (grpc.StatusCode.PERMISSION_DENIED,
                                                     grpc.StatusCode.UNAUTHENTICATED)
+                    # Bytes that do not parse: authenticated first, then INVALID_ARGUMENT.
+                    raw = ch.unary_unary("/xdc.v1.OrderGateway/SubmitOrder")
+                    for md, code in ((None, grpc.StatusCode.UNAUTHENTICATED),
+                                     (as_trader, grpc.StatusCode.INVALID_ARGUMENT)):
+                        with pytest.raises(grpc.aio.AioRpcError) as rpc:
+                            await raw(b"\xff\xff\xff", timeout=10, metadata=md)
+                        assert rpc.value.code() == code, rpc.value.details()
                     assert server.node.log.stream_state(
                         b"exchange.g1.input").last_revision == inputs
 
@@ -474,9 +485,77 @@ def test_engine_control_and_engine_switchover_need_admin(tmp_path: Path) -> None
     run(body)
 
 
+# ---- client certificates as principals (mutual TLS) ------------------------------------------
+
+def test_client_certificate_identities_are_principals(tmp_path: Path) -> None:
+    """Real certificates of one CA: one mapped to the admin principal, one to the trader,
+    one to no principal. A token, when sent, decides over the certificate."""
+    from xdc import certs
+    from xdc.tls import Tls
+
+    issued = certs.init(tmp_path / "tls", "t", ["n1"],
+                        others=(("admin", "ops"), ("client", "trader"), ("client", "stranger")))
+    principals = [
+        {**PRINCIPALS[0], "cert": issued["ops"].identity.uri},   # admin
+        {**PRINCIPALS[3], "cert": issued["trader"].identity.uri},  # trader
+    ]
+    cfg = auth.loads(auth.render(principals))
+
+    def tls(name: str) -> Tls:
+        return Tls.load(tmp_path / "tls" / "ca.pem", issued[name].cert, issued[name].key)
+
+    async def body() -> None:
+        server = StoreServer(StoreNode(tmp_path / "data"), "127.0.0.1:0", tls=tls("n1"),
+                             auth=cfg)
+        await server.start()
+        try:
+            async with StoreClient(server.address, tls=tls("ops"), timeout_s=5) as admin:
+                r = await admin.append("exchange.g1.input", ev("AddSymbol"))  # admin's grant
+                assert r.last_revision == 1
+                assert len(await admin.read("$all")) == 1
+            before = _state(server)
+            async with StoreClient(server.address, tls=tls("trader"), timeout_s=5) as trader:
+                assert (await trader.append("orders.1", ev())).last_revision == 1
+                with pytest.raises(AppendError) as info:
+                    await trader.append("other", ev())
+                assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
+                assert "principal 'trader' may not append to stream 'other'" in info.value.message
+            async with StoreClient(server.address, tls=tls("stranger"), timeout_s=5) as c:
+                with pytest.raises(grpc.aio.AioRpcError) as rpc:
+                    await c.read("orders.1")
+                assert rpc.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert "certificate xdc://t/client/stranger is no principal's" in (
+                    rpc.value.details() or "")
+                with pytest.raises(AppendError) as info:
+                    await c.append("orders.1", ev())
+                assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
+            # The stranger's connection with the trader's token is the trader; the admin's
+            # certificate with the trader's token is the trader too.
+            for holder in ("stranger", "ops"):
+                async with StoreClient(server.address, tls=tls(holder), timeout_s=5,
+                                       token=TOKENS["trader"]) as c:
+                    assert [e.stream for e in await c.read("orders.1")] == ["orders.1"]
+                    with pytest.raises(grpc.aio.AioRpcError) as rpc:
+                        await c.read("$all")
+                    assert rpc.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            position, streams = _state(server)
+            assert position == before[0] + 1 and streams["orders.1"] == 1
+        finally:
+            await server.stop(grace_s=0.5)
+    run(body)
+
+
 # ---- the local cluster: auth on by default ---------------------------------------------------
 
+def _tls_env(state: Any, name: str) -> dict[str, str]:
+    d = Path(state.tls_dir)
+    return {"XDC_TLS_CA": str(d / "ca.pem"), "XDC_TLS_CERT": str(d / f"{name}.pem"),
+            "XDC_TLS_KEY": str(d / f"{name}-key.pem")}
+
+
 def test_local_cluster_runs_with_auth_and_only_admins_switch_over(tmp_path: Path) -> None:
+    """`xdc cluster up` defaults: TLS and an auth file whose principals are also the
+    holders of the cluster's certificates."""
     from geo import launcher
 
     d = str(tmp_path / "cluster")
@@ -487,33 +566,61 @@ def test_local_cluster_runs_with_auth_and_only_admins_switch_over(tmp_path: Path
         for role in tokens:
             assert (Path(state.auth_dir, f"{role}.token").stat().st_mode & 0o777) == 0o600
         written = auth.load(state.auth_file)
-        assert [p.name for p in written.principals] == list(tokens)
+        assert [(p.name, p.cert) for p in written.principals] == [
+            ("admin", "xdc://xdc-local/admin/admin"), ("gateway", "xdc://xdc-local/gateway/gateway"),
+            ("engine", "xdc://xdc-local/engine/engine"), ("trader", "xdc://xdc-local/client/trader")]
         assert tokens["admin"] not in Path(state.auth_file).read_text()  # hashes only
 
         leader, _ = asyncio.run(launcher.wait_leader(state))
         other = next(n for n in state.nodes if n.id != leader.id)
-        status = _xdc("cluster", "status", "--dir", d)
+        status = _xdc("cluster", "status", "--dir", d)  # the launcher's admin certificate
         assert status.returncode == 0 and "leader (open)" in status.stdout, status.stderr
-        for token, message in ((tokens["trader"], "PERMISSION_DENIED: principal 'trader' may "
-                                                  "not switch the cluster's leader over"),
-                               ("", "UNAUTHENTICATED")):
-            r = _xdc("cluster", "switchover", "--dir", d, "--to", other.id, "--token", token)
-            assert r.returncode == 1 and message in r.stderr, r.stderr
+        r = _xdc("cluster", "switchover", "--dir", d, "--to", other.id,
+                 "--token", tokens["trader"])  # the token decides: not an admin
+        assert r.returncode == 1, r.stderr
+        assert "PERMISSION_DENIED: principal 'trader' may not switch the cluster's leader " \
+               "over" in r.stderr
         assert asyncio.run(launcher.wait_leader(state))[0].id == leader.id
-        r = _xdc("cluster", "switchover", "--dir", d, "--to", other.id)  # the local admin
+        r = _xdc("cluster", "switchover", "--dir", d, "--to", other.id)
         assert r.returncode == 0, r.stderr
         assert asyncio.run(launcher.wait_leader(state))[0].id == other.id
 
+        # The trader by its client certificate alone.
         target = ["--target", other.client]
+        as_trader = _tls_env(state, "trader")
+        r = _xdc("append", "exchange.g1.output", "T", "x", *target, token="", env=as_trader)
+        assert r.returncode == 1 and "principal 'trader' may not append to stream " \
+            "'exchange.g1.output'" in r.stderr, r.stderr
+        r = _xdc("append", "orders.7", "T", "x", *target, token="", env=as_trader)
+        assert r.returncode == 0, r.stderr
+        r = _xdc("read", "$all", *target, token="", env=as_trader)
+        assert r.returncode == 1 and "may not read '$all'" in r.stderr
+        r = _xdc("tiers", "status", *target, "--json", token="",
+                 env=_tls_env(state, "gateway"))
+        assert r.returncode == 0 and json.loads(r.stdout)["nodeId"] == other.id
+    finally:
+        launcher.down(d)
+
+
+def test_insecure_local_cluster_authenticates_by_token(tmp_path: Path) -> None:
+    from geo import launcher
+
+    d = str(tmp_path / "cluster")
+    state = launcher.up(d, regions=1, ttl_s=2, tls=False)
+    try:
+        assert not state.tls_dir and "cert" not in Path(state.auth_file).read_text()
+        leader, _ = asyncio.run(launcher.wait_leader(state))  # with the admin token
+        status = _xdc("cluster", "status", "--dir", d)
+        assert status.returncode == 0 and "leader (open)" in status.stdout, status.stderr
+        target = ["--target", leader.client]
         r = _xdc("append", "orders.7", "T", "x", *target, token="")
         assert r.returncode == 1 and "UNAUTHENTICATED" in r.stderr
-        r = _xdc("append", "exchange.g1.output", "T", "x", *target, token=tokens["trader"])
-        assert r.returncode == 1 and "may not append to stream 'exchange.g1.output'" in r.stderr
-        r = _xdc("append", "orders.7", "T", "x", *target, token=tokens["trader"])
+        r = _xdc("append", "orders.7", "T", "x", *target, token=state.token("trader"))
         assert r.returncode == 0, r.stderr
         r = _xdc("tiers", "status", *target, token="")
         assert r.returncode == 1 and "UNAUTHENTICATED" in r.stderr
-        r = _xdc("tiers", "status", *target, "--json", token=tokens["gateway"])
-        assert r.returncode == 0 and json.loads(r.stdout)["nodeId"] == other.id
+        r = _xdc("cluster", "switchover", "--dir", d, "--to", leader.id, "--token",
+                 state.token("gateway"))
+        assert r.returncode == 1 and "principal 'gateway' may not switch" in r.stderr
     finally:
         launcher.down(d)
