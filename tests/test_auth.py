@@ -400,6 +400,9 @@ def test_gateway_trades_only_for_the_principals_accounts(tmp_path: Path) -> None
                             await call.read()
                         assert rpc.value.code() in (grpc.StatusCode.PERMISSION_DENIED,
                                                     grpc.StatusCode.UNAUTHENTICATED)
+                    # (The refusals above come first whether or not the gateway's tiers
+                    # admit orders yet; the rest needs them admitted.)
+                    await gateway.wait_admitted()
                     # Bytes that do not parse: authenticated first, then INVALID_ARGUMENT.
                     raw = ch.unary_unary("/xdc.v1.OrderGateway/SubmitOrder")
                     for md, code in ((None, grpc.StatusCode.UNAUTHENTICATED),
