@@ -353,12 +353,11 @@ class ClusterNode:
                 self.store.role.term = e.term
                 self.store.role.leader = self.member.client
                 self.failover.opened(e.term)
-                if self.server is not None:
-                    self._background(self.server.health.set(
-                        "xdc.v1.EventStore.writes", health_pb2.HealthCheckResponse.SERVING))
+                self._set_writes_health(True)
             elif isinstance(e, SteppedDown):
                 log.warning("%s: stepped down from term %d: %s", self.id, e.term, e.reason)
                 self.store.role.name = "follower" if self.member.voter else "standby"
+                self._set_writes_health(False)
                 self.observer.reset(f"stepped down: {e.reason}")
                 if not self._stopping:
                     self.failover.lost(e.reason)
@@ -387,7 +386,16 @@ class ClusterNode:
                 f"({type(self.replicator.fatal).__name__}): the append's outcome is unknown, "
                 "retry with the same event ids", retry_after_ms=200))
             self._failed.set()
+            self._set_writes_health(False)
             self._background(self._resign_quietly())
+
+    def _set_writes_health(self, serving: bool) -> None:
+        """`xdc.v1.EventStore.writes`: SERVING on the open leader only (load balancers
+        and probes send writes by it)."""
+        if self.server is not None:
+            self._background(self.server.health.set(
+                "xdc.v1.EventStore.writes", health_pb2.HealthCheckResponse.SERVING if serving
+                else health_pb2.HealthCheckResponse.NOT_SERVING))
 
     @property
     def failure(self) -> BaseException | None:

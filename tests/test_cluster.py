@@ -8,7 +8,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from geo.node import ClusterNode
 from store.client import StoreClient, new_event
 from store.limits import Limits
 from tests.support.cluster import LocalCluster
@@ -112,6 +114,10 @@ def test_planned_switchover_under_load_loses_nothing(etcd: EtcdCluster, tmp_path
                 await asyncio.gather(*tasks)
                 now_leader = await cluster.leader()
                 assert now_leader is target
+                # Probes send writes by the writes health: only the open leader serves.
+                for node, want in ((leader, NOT_SERVING), (target, SERVING)):
+                    await wait_until(lambda n=node, w=want: _writes_health(n, w),
+                                     what=f"{node.id} writes health {want}")
                 everything = {e.position: e.id for e in await client.read("$all", limit=100_000)}
             for position, event_id in acked:
                 assert everything[position] == event_id, f"acknowledged position {position} lost"
@@ -121,6 +127,17 @@ def test_planned_switchover_under_load_loses_nothing(etcd: EtcdCluster, tmp_path
             await cluster.stop()
 
     run(body, timeout_s=120)
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def _writes_health(node: ClusterNode, want: int) -> bool:
+    async with grpc.aio.insecure_channel(node.address) as ch:
+        r = await health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(service="xdc.v1.EventStore.writes"), timeout=2)
+    return r.status == want
 
 
 def test_manual_failover_waits_for_an_operator(etcd: EtcdCluster, tmp_path: Path) -> None:
