@@ -560,4 +560,6 @@ def format_status(state: ClusterState, sts: dict[str, rpb.NodeStatus | None]) ->
         lines.append(f"wan proxy: control {state.proxy_control}, rtt {state.rtt_ms:g} ms")
     lines.append(f"tls: on, etcd with authentication (certificates in {state.tls_dir})"
                  if state.tls_dir else "tls: off (plaintext)")
+    lines.append(f"client auth: on (principals in {state.auth_file}, tokens beside it)"
+                 if state.auth_dir else "client auth: off (every call allowed)")
     return "\n".join(lines)

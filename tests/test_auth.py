@@ -578,6 +578,7 @@ def test_local_cluster_runs_with_auth_and_only_admins_switch_over(tmp_path: Path
         other = next(n for n in state.nodes if n.id != leader.id)
         status = _xdc("cluster", "status", "--dir", d)  # the launcher's admin certificate
         assert status.returncode == 0 and "leader (open)" in status.stdout, status.stderr
+        assert f"client auth: on (principals in {state.auth_file}" in status.stdout
         r = _xdc("cluster", "switchover", "--dir", d, "--to", other.id,
                  "--token", tokens["trader"])  # the token decides: not an admin
         assert r.returncode == 1, r.stderr
