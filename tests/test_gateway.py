@@ -431,7 +431,13 @@ def test_waiters_and_streams_are_bounded(tmp_path: Path) -> None:
                                                          symbol="ACME", wait=True)))
             assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "too many requests waiting for outputs (limit 1)" in (err.details() or "")
-            assert len(await x.inputs("g2")) == x.init_counts["g2"] + 1  # a1 only
+            # a1 only (a waiter is registered before its order's append is committed:
+            # wait for a1 to land, then nothing else may be there)
+            async def landed() -> bool:
+                return len(await x.inputs("g2")) > x.init_counts["g2"]
+            await wait_until(landed, T, "a1's input")
+            inputs = (await x.inputs("g2"))[x.init_counts["g2"]:]
+            assert [wire.decode_input(e.data, 0).client_order_id for e in inputs] == ["a1"]
             # Without wait the same order goes through.
             assert (await x.stub.SubmitOrder(order("a2", xpb.BUY, 100, 10000,
                                                    symbol="ACME"))).input_position
