@@ -263,10 +263,13 @@ def _compile_event_encoder(tag: int) -> Any:
 _FRAMED = {tag: _compile_event_encoder(tag) for tag in FIELD_KINDS}
 
 
-def encode_framed(raws: list[tuple]) -> bytes:
-    """``u16 length + canonical bytes`` of each raw event, concatenated."""
+def encode_framed(raws: list[tuple], head: bytes = b"") -> bytes:
+    """``head``, then ``u16 length + canonical bytes`` of each raw event."""
     framed = _FRAMED
-    return b"".join([framed[r[0]](r) for r in raws])
+    parts = [head]
+    for r in raws:  # a loop, not a comprehension: no extra frame per call
+        parts.append(framed[r[0]](r))
+    return b"".join(parts)
 
 
 def encode_event(raw: tuple) -> bytes:

@@ -241,8 +241,7 @@ class EngineRunner:
                                         if e.stream == self.input_stream),
                     consumer_group=self.config.group,
                     attributes={"xdc.engine.instance": self.config.instance}) as span:
-                for e in item.events:
-                    c.on_record(e)
+                c.on_records(item.events)
                 if span.is_recording():
                     span.set_attribute("xdc.engine.input_position", c.position)
                     span.set_attribute("xdc.engine.primary", self.primary)

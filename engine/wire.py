@@ -167,7 +167,7 @@ def outputs_blob(position: int, raws: list[tuple]) -> bytes:
     """One input's outputs (raw events) as stored in an output batch and hashed into the
     chain (the consumer's hot path)."""
     assert len(raws) < 65_536
-    return _IN_HEAD.pack(position, len(raws)) + encode_framed(raws)
+    return encode_framed(raws, _IN_HEAD.pack(position, len(raws)))
 
 
 def input_blob(position: int, encoded: list[bytes]) -> bytes:
@@ -206,22 +206,34 @@ class OutputBatch:
                       "last_input": str(self.last_input), "chain": self.chain.hex()})
 
 
-def decode_output(data: bytes) -> OutputBatch:
+OUT_HEAD_SIZE = _OUT_HEAD.size
+
+
+def output_header(data: bytes) -> tuple[int, int, bytes, int]:
+    """(first_input, last_input, chain, number of input blobs) of an output batch."""
     if len(data) < _OUT_HEAD.size:
         raise CodecError("short output batch")
     magic, version, first, last, chain, n = _OUT_HEAD.unpack_from(data)
     if magic != OUT_MAGIC or version != OUT_VERSION:
         raise CodecError("not an output batch")
+    return first, last, chain, n
+
+
+def decode_output(data: bytes) -> OutputBatch:
+    first, last, chain, n = output_header(data)
     pos = _OUT_HEAD.size
     blobs = []
-    for _ in range(n):
-        start = pos
-        _, k = _IN_HEAD.unpack_from(data, pos)
-        pos += _IN_HEAD.size
-        for _ in range(k):
-            (length,) = _U16.unpack_from(data, pos)
-            pos += 2 + length
-        blobs.append(data[start:pos])
+    try:
+        for _ in range(n):
+            start = pos
+            _, k = _IN_HEAD.unpack_from(data, pos)
+            pos += _IN_HEAD.size
+            for _ in range(k):
+                (length,) = _U16.unpack_from(data, pos)
+                pos += 2 + length
+            blobs.append(data[start:pos])
+    except struct.error as exc:
+        raise CodecError("truncated output batch") from exc
     if pos != len(data):
         raise CodecError("trailing bytes in output batch")
     return OutputBatch(first, last, chain, tuple(blobs))

@@ -352,6 +352,8 @@ class EventStoreService:
     def _batches(self, values: list[bytes]) -> list[bytes]:
         """Splits records into RecordBatch payloads of at most max_batch_bytes."""
         limit = self.limits.max_batch_bytes
+        if sum(map(len, values)) <= limit:  # the usual case, in one C-level pass
+            return [records.batch_bytes(values)] if values else []
         out: list[bytes] = []
         start = 0
         size = 0
@@ -445,6 +447,7 @@ class EventStoreService:
         except StoreError as err:
             await _abort(context, err)
         filtered = bool(prefix or types)
+        type_keys = frozenset(t.encode() for t in types)
         position = commit.position if request.from_end else request.after_position
         caught_up = False
         skipped = 0
@@ -468,9 +471,7 @@ class EventStoreService:
             position += len(values)
             assert records.position_of(values[-1]) == position, "log positions must be dense"
             if filtered:
-                kept = [v for v in values
-                        if (not prefix or records.stream_bytes_of(v).startswith(prefix))
-                        and (not types or records.type_of(v) in types)]
+                kept = records.select(values, prefix, type_keys)
                 skipped += len(values) - len(kept)
                 values = kept
                 if skipped >= CHECKPOINT_EVERY and not values:

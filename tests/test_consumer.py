@@ -76,9 +76,13 @@ class Log:
         return [b for r in self.records if r.kind == "out" for b in r.batch.blobs]  # type: ignore[union-attr]
 
 
-def feed(c: Consumer, r: Record) -> None:
+def feed(c: Consumer, r: Record, as_bytes: bool = True) -> None:
+    """One record, as the shell delivers it (outputs as bytes: verified whole when they
+    match), or with outputs decoded first (always verified blob by blob)."""
     if r.kind == "in":
         c.on_input(r.position, r.type, r.data, r.ts)
+    elif as_bytes:
+        c.on_output_data(r.revision, r.batch.encode())  # type: ignore[union-attr]
     else:
         c.on_output(r.revision, r.batch)  # type: ignore[arg-type]
 
@@ -135,7 +139,8 @@ def deliver(log: Log, sent: Sent, rng: random.Random, faults: bool) -> None:
                      already_exists=outcome == "exists")
 
 
-def simulate(seed: int, n_inputs: int = 400) -> tuple[Log, list[Instance]]:
+def simulate(seed: int, n_inputs: int = 400, as_bytes: bool = True
+             ) -> tuple[Log, list[Instance]]:
     rng = random.Random(seed)
     cmds = random_commands(seed, n_inputs)
     log = Log()
@@ -159,7 +164,7 @@ def simulate(seed: int, n_inputs: int = 400) -> tuple[Log, list[Instance]]:
         # read some records
         upto = min(len(log.records), x.cursor + rng.randint(0, 20))
         for r in log.records[x.cursor:upto]:
-            feed(x.consumer, r)
+            feed(x.consumer, r, as_bytes)
         x.cursor = upto
         assert not x.consumer.alarm, x.consumer.alarm
         # the store takes some appends off the wire (each sender's in order)
@@ -209,14 +214,46 @@ def test_outputs_exactly_once_under_faults(seed: int) -> None:
         assert not c.consumer.alarm
 
 
-def test_warm_detects_divergent_outputs() -> None:
+@pytest.mark.parametrize("seed", range(8))
+def test_whole_batch_verification_changes_nothing(seed: int) -> None:
+    """Verifying a committed batch in one byte comparison (the usual case) leaves every
+    instance exactly where checking it blob by blob does, under the fault schedules."""
+    log_b, inst_b = simulate(seed, as_bytes=True)
+    log_d, inst_d = simulate(seed, as_bytes=False)
+    assert log_b.committed_blobs() == log_d.committed_blobs()
+    assert log_b.out_revision == log_d.out_revision
+    for b, d in zip(inst_b, inst_d, strict=True):
+        cb, cd = b.consumer, d.consumer
+        assert (cb.position, cb.chain, cb.committed_input, cb.out_revision, list(cb.pending),
+                cb.alarm) == (cd.position, cd.chain, cd.committed_input, cd.out_revision,
+                              list(cd.pending), cd.alarm)
+
+
+def fed_pair(seed: int, n: int) -> tuple[Log, Consumer, Consumer]:
+    """A log of ``n`` random inputs and two instances that have read all of it."""
     log = Log()
-    for cmd in random_commands(7, 50):
+    for cmd in random_commands(seed, n):
         log.add_input(cmd)
-    primary, warm = Consumer(GROUP), Consumer(GROUP)
+    a, b = Consumer(GROUP), Consumer(GROUP)
     for r in log.records:
-        feed(primary, r)
-        feed(warm, r)
+        feed(a, r)
+        feed(b, r)
+    return log, a, b
+
+
+def test_matching_batch_is_verified_whole() -> None:
+    _, primary, warm = fed_pair(11, 60)
+    batch = primary.next_batch()
+    assert batch is not None and len(batch.blobs) > 1
+    assert warm._verify_whole(1, batch.encode())
+    assert not warm.pending and warm.committed_input == batch.last_input
+    assert not primary._verify_whole(1, batch.encode()[:-1])  # not the bytes it holds
+    assert not primary._verify_whole(0, batch.encode())  # not a new revision
+    assert len(primary.pending) == len(batch.blobs)
+
+
+def test_warm_detects_divergent_outputs() -> None:
+    log, primary, warm = fed_pair(7, 50)
     batch = primary.next_batch()
     assert batch is not None
     blobs = list(batch.blobs)
@@ -231,13 +268,7 @@ def test_warm_detects_divergent_outputs() -> None:
 
 
 def test_warm_detects_chain_mismatch_and_gap() -> None:
-    log = Log()
-    for cmd in random_commands(8, 30):
-        log.add_input(cmd)
-    a, b = Consumer(GROUP), Consumer(GROUP)
-    for r in log.records:
-        feed(a, r)
-        feed(b, r)
+    log, a, b = fed_pair(8, 30)
     batch = a.next_batch()
     assert batch is not None and len(batch.blobs) > 2
     log.append_output(0, dataclasses.replace(batch, chain=GENESIS))

@@ -132,3 +132,29 @@ def test_backward_read_skips_records_beyond_the_commit_position(tmp_path: Path) 
         assert [records.position_of(v) for v in two] == [5, 4]
     finally:
         log.close()
+
+
+def test_subscription_filter_reads_stream_and_type_like_the_general_parsers() -> None:
+    """records.select (a subscription's filter) reads stream and type in place at fixed
+    steps for the usual layout, and must agree with the general parsers on every layout:
+    one- and two-byte lengths of the frame, stream and type, bodies without a type."""
+    rng = random.Random(SEED)
+    values = []
+    for i in range(400):
+        stream = rng.choice(["o", "orders.a", "x" * 127, "orders." + "y" * 140, "é" * 70])
+        body = pb.ProposedEvent(
+            id=uuid.UUID(int=rng.getrandbits(128)).bytes,
+            type=rng.choice(["T", "Placed", "t" * 127, "u" * 128, "", "ü" * 100]),
+            metadata={"k": "v"} if i % 3 else {}, content_type="c" * rng.randint(0, 3),
+            data=rng.randbytes(rng.choice([0, 10, 200, 20_000]))
+        ).SerializeToString(deterministic=True)
+        values.append(records.encode(i + 1, 1, i, 5, records.stream_field(stream.encode()),
+                                     body))
+    for v in values:
+        assert records.stream_and_type(v) == (records.stream_bytes_of(v),
+                                              records.type_of(v).encode())
+    for prefix in (b"", b"orders.", b"x" * 127, "é".encode()):
+        for types in (frozenset(), frozenset([b"T"]), frozenset([b"u" * 128, "ü".encode() * 100])):
+            want = [v for v in values if records.stream_bytes_of(v).startswith(prefix)
+                    and (not types or records.type_of(v).encode() in types)]
+            assert records.select(values, prefix, types) == want
