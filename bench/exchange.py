@@ -10,7 +10,12 @@ the group's input stream with the store client and watches the output stream.
   batch that covers the last order.
 * e2e_p50_ms / e2e_p99_ms: at a stated offered load (orders paced on a schedule), time
   from the append call to the moment the output batch holding that order's outputs is
-  delivered to a subscriber: append, fsync, engine, output append, fsync, delivery.
+  delivered to a subscriber: append, fsync, engine, output append, fsync, delivery. The
+  same run measures one durable LMDB commit on this disk (``fsync_ms``; the floor is two
+  of them, ``e2e_floor_ms``) and splits each order's time at the store's timestamps of
+  the two group commits (wall clock, one machine): ``e2e_hop_append_ms`` (client, gRPC,
+  store queue), ``e2e_hop_engine_ms`` (input fsync, delivery to the engine, matching,
+  output append, store queue), ``e2e_hop_output_ms`` (output fsync, delivery), p50s.
 * replay_cps: a fresh instance replaying the whole group log from the store and checking
   every committed output (`xdc engine verify`'s code), inputs per second.
 * restore_100k_s: restoring an engine snapshot holding 100k resting orders.
@@ -28,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.match import SYMBOL, setup_commands, workload
+from bench.store import commit_latency_ms
 from engine import wire
 from engine.book import Engine, gc_paused
 from engine.cli import verify
@@ -69,15 +75,17 @@ async def _throughput(client: StoreClient, n: int, run: int) -> float:
     return n / (t1 - t0)
 
 
-async def _latency(client: StoreClient, rate: int, seconds: float, run: int) -> list[float]:
-    """Orders paced at ``rate``/s; latency per order in ms."""
+async def _latency(client: StoreClient, rate: int, seconds: float, run: int
+                   ) -> list[tuple[float, float, float, float]]:
+    """Orders paced at ``rate``/s; per order (ms): total, then its three hops."""
     n = int(rate * seconds)
     # Resting limit orders far from the touch: every order is one Accepted + BookUpdate.
     cmds = [NewOrder(0, SYMBOL, f"acct{i % 100:03d}", "", Side.BUY if i % 2 else Side.SELL,
                      1, 9_000 - (i % 50) if i % 2 else 11_000 + (i % 50)) for i in range(n)]
     events = _events(cmds, f"l{run}")
-    sent: dict[int, float] = {}
-    arrived: dict[int, float] = {}
+    sent: dict[int, int] = {}  # input position -> wall clock ns of the append call
+    # input position -> (its record's timestamp, its output record's timestamp, arrival)
+    arrived: dict[int, tuple[int, int, int]] = {}
     done = asyncio.Event()
     stream = wire.input_stream(GROUP)
     start_after = await outputs_through(client, GROUP)
@@ -85,14 +93,14 @@ async def _latency(client: StoreClient, rate: int, seconds: float, run: int) -> 
     async def watch() -> None:
         async for item in client.subscribe(from_end=True, stream_prefix=wire.output_stream(GROUP),
                                            event_types=[wire.OUTPUT_TYPE], batches=True):
-            now = time.perf_counter()
+            now = time.time_ns()
             if not hasattr(item, "events"):
                 continue
             for e in item.events:
                 for blob in wire.decode_output(e.data).blobs:
-                    p = wire.blob_position(blob)
-                    if p > start_after:
-                        arrived[p] = now
+                    p, raws = wire.blob_outputs(blob)
+                    if p > start_after:  # raws[0] is the order's Accepted: ts_ns last
+                        arrived[p] = (raws[0][-1], e.timestamp_ns, now)
             if len(arrived) >= n:
                 done.set()
                 return
@@ -101,7 +109,7 @@ async def _latency(client: StoreClient, rate: int, seconds: float, run: int) -> 
     await asyncio.sleep(0.2)  # let the subscription reach the live tail before pacing
     t0 = time.perf_counter()
 
-    def record(fut: asyncio.Future, t: float) -> None:  # type: ignore[type-arg]
+    def record(fut: asyncio.Future, t: int) -> None:  # type: ignore[type-arg]
         if not fut.cancelled() and fut.exception() is None:
             sent[fut.result().first_position] = t
 
@@ -110,14 +118,24 @@ async def _latency(client: StoreClient, rate: int, seconds: float, run: int) -> 
         delay = due - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        t = time.perf_counter()
+        t = time.time_ns()
         fut = client.append_nowait(stream, [e])
         fut.add_done_callback(lambda f, t=t: record(f, t))
     try:
         await asyncio.wait_for(done.wait(), 60)
     finally:
         watcher.cancel()
-    return [(arrived[p] - t) * 1000 for p, t in sent.items() if p in arrived]
+    out = []
+    for p, t in sent.items():
+        if p in arrived:
+            t_in, t_out, t_seen = arrived[p]
+            out.append(((t_seen - t) / 1e6, (t_in - t) / 1e6, (t_out - t_in) / 1e6,
+                        (t_seen - t_out) / 1e6))
+    return out
+
+
+def _p(sample: list[float], q: float) -> float:
+    return sorted(sample)[min(len(sample) - 1, int(len(sample) * q))]
 
 
 def restore_100k() -> float:
@@ -151,13 +169,18 @@ async def _run_async(quick: bool, address: str, engine: ServeProcess, runs: int
         tput = [await _throughput(client, n, r) for r in range(runs)]
         rate = 500 if quick else 1_000
         seconds = 2.0 if quick else 5.0
-        lat: list[float] = []
-        p50s, p99s = [], []
+        lat = 0
+        p50s, p99s, fsyncs = [], [], []
+        hops: list[list[float]] = [[], [], []]
         for r in range(runs):
-            sample = sorted(await _latency(client, rate, seconds, r))
-            lat.extend(sample)
-            p50s.append(sample[len(sample) // 2])
-            p99s.append(sample[min(len(sample) - 1, int(len(sample) * 0.99))])
+            fsyncs.append(commit_latency_ms(100))
+            sample = await _latency(client, rate, seconds, r)
+            lat += len(sample)
+            total = [x[0] for x in sample]
+            p50s.append(_p(total, 0.5))
+            p99s.append(_p(total, 0.99))
+            for i in range(3):
+                hops[i].append(_p([x[i + 1] for x in sample], 0.5))
         replay = []
         for _ in range(runs):
             t0 = time.perf_counter()
@@ -169,9 +192,14 @@ async def _run_async(quick: bool, address: str, engine: ServeProcess, runs: int
             "e2e_runs_orders_per_s": [round(x) for x in tput],
             "e2e_orders_per_append": ORDERS_PER_APPEND,
             "e2e_offered_load_per_s": rate,
-            "e2e_latency_orders": len(lat),
+            "e2e_latency_orders": lat,
             "e2e_p50_ms": round(statistics.median(p50s), 3),
             "e2e_p99_ms": round(statistics.median(p99s), 3),
+            "fsync_ms": round(statistics.median(fsyncs), 3),
+            "e2e_floor_ms": round(2 * statistics.median(fsyncs), 3),
+            "e2e_hop_append_ms": round(statistics.median(hops[0]), 3),
+            "e2e_hop_engine_ms": round(statistics.median(hops[1]), 3),
+            "e2e_hop_output_ms": round(statistics.median(hops[2]), 3),
             "replay_cps": round(statistics.median(replay)),
             "replay_inputs": int(res["inputs"]),  # type: ignore[call-overload]
         }

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import grpc
 
 from engine import wire
+from engine.book import gc_paused
 from engine.codec import CodecError, state_hash
 from engine.consumer import MAX_PENDING_INPUTS, Capture, Consumer
 from engine.lease import PrimaryLease
@@ -241,7 +242,8 @@ class EngineRunner:
                                         if e.stream == self.input_stream),
                     consumer_group=self.config.group,
                     attributes={"xdc.engine.instance": self.config.instance}) as span:
-                c.on_records(item.events)
+                with gc_paused():  # the cyclic GC would re-scan the whole book
+                    c.on_records(item.events)
                 if span.is_recording():
                     span.set_attribute("xdc.engine.input_position", c.position)
                     span.set_attribute("xdc.engine.primary", self.primary)
