@@ -1106,8 +1106,9 @@ def write_json(path: str, scenario: str, seed: int, opts: DrillOptions,
 def cmd_drill(args: argparse.Namespace) -> int:
     from geo.drill_report import write_html
 
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(message)s")
+    level = (logging.DEBUG if os.environ.get("XDC_LOG") == "debug"
+             else logging.INFO if args.verbose else logging.WARNING)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(message)s")
     opts = DrillOptions(rtt_ms=args.rtt_ms, ttl_s=args.lease_ttl, producers=args.producers,
                         quick=args.quick, keep=args.keep, base_dir=args.dir)
 

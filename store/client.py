@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import logging
 import os
 import threading
 import time
@@ -94,6 +95,13 @@ class _Pending:
     caller: Any = None
 
 
+log = logging.getLogger("xdc.client")
+
+# How long a node that failed a stream (down, unreachable) is passed over by rotation
+# and its name in other nodes' leader hints ignored: about one failover's span.
+UNREACHABLE_S = 1.0
+
+
 def shed_wait_s(exc: grpc.aio.AioRpcError) -> float | None:
     """For a call a degradation tier refused before it ran (trailing xdc-shed-reason):
     how long the server asks to wait before retrying. None for any other error."""
@@ -159,6 +167,8 @@ class StoreClient:
         self.metadata: tuple[tuple[str, str], ...] = (
             ((MD_TIER, tier),) if tier else ()) + self.auth_metadata
         self._target = self.targets[0]
+        # Targets that failed us (transport error, no leader hint), until this loop time.
+        self._unreachable: dict[str, float] = {}
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.EventStoreStub | None = None
         self._pending: list[_Pending] = []
@@ -194,8 +204,15 @@ class StoreClient:
         return self._stub
 
     def _next_target(self, target: str) -> str:
+        """The target after `target`, skipping those that just failed us (unless all
+        did)."""
         i = self.targets.index(target) if target in self.targets else -1
-        return self.targets[(i + 1) % len(self.targets)]
+        ring = [self.targets[(i + k) % len(self.targets)] for k in range(1, len(self.targets) + 1)]
+        return next((t for t in ring if not self._is_unreachable(t)), ring[0])
+
+    def _is_unreachable(self, target: str) -> bool:
+        until = self._unreachable.get(target)
+        return until is not None and until > asyncio.get_running_loop().time()
 
     async def _switch(self, leader: str = "") -> None:
         """Drops the channel; the next call connects to `leader` or the next target."""
@@ -397,6 +414,9 @@ class StoreClient:
             await asyncio.sleep(self.attempt_timeout_s / 4)
             if self._inflight and loop.time() - self._inflight[0][2] > self.attempt_timeout_s:
                 stuck = self._target
+                log.warning("append stream to %s unanswered for %.1f s: re-sending %d "
+                            "messages elsewhere", stuck, loop.time() - self._inflight[0][2],
+                            len(self._inflight))
                 await self._switch()  # re-sends what was in flight, to the next node
                 if self._target == stuck:
                     await asyncio.sleep(0.1)
@@ -455,12 +475,18 @@ class StoreClient:
         failed_on = self._target
 
         async def later() -> None:
-            if cause is not None and cause.leader and cause.leader != self._target:
+            # A hint at a node that just failed us is stale (followers name the dead
+            # leader until they hear of the next): following it would bounce between
+            # one follower and the dead node while the others may know better.
+            if cause is not None and cause.leader and cause.leader != self._target \
+                    and not self._is_unreachable(cause.leader):
                 await self._switch(cause.leader)
-            elif (cause is not None and cause.code == grpc.StatusCode.UNAVAILABLE
-                  and len(self.targets) > 1 and self._target == failed_on):
-                # Refused without a hint: this node does not know the leader; another
-                # node may.
+            elif len(self.targets) > 1 and self._target == failed_on and (
+                    self._is_unreachable(failed_on) or (
+                        cause is not None and cause.code == grpc.StatusCode.UNAVAILABLE)):
+                # Refused without a hint (this node does not know the leader; another
+                # node may), or the node is down: staying would wait out gRPC's
+                # reconnect backoff (up to a second per attempt) on a dead address.
                 await asyncio.sleep(delay_s)
                 if self._target == failed_on:
                     await self._switch()
@@ -477,6 +503,9 @@ class StoreClient:
         task.add_done_callback(self._tasks.discard)
 
     async def _reset_stream(self, error: Exception | None = None) -> None:
+        if self._inflight or error is not None:
+            log.debug("append stream to %s reset (%d messages in flight): %r", self._target,
+                      len(self._inflight), error)
         call, self._call = self._call, None
         receiver, self._receiver = self._receiver, None
         inflight = [p for _, batch, _ in self._inflight for p in batch]
@@ -503,6 +532,9 @@ class StoreClient:
                         p.future.set_exception(AppendError(error.code(), error.details() or ""))
                 return
             cause = AppendError(error.code(), error.details() or "", leader=md.get(MD_LEADER, ""))
+            if not cause.leader:  # the node itself failed us (down, unreachable, stuck)
+                self._unreachable[self._target] = (asyncio.get_running_loop().time()
+                                                   + UNREACHABLE_S)
             if not cause.leader and len(self.targets) > 1:
                 await self._switch()
         self._retry(inflight, cause)
