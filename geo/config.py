@@ -78,7 +78,7 @@ from typing import Any, Literal
 
 from geo.etcd_server import EtcdTls
 from geo.leadership import EtcdAccess
-from xdc.tls import Tls, TlsError
+from xdc.tls import HOSTNAME_RE, Tls, TlsError
 
 __all__ = [
     "DEFAULT_FAILOVER",
@@ -95,6 +95,7 @@ __all__ = [
     "load",
     "load_tls",
     "loads",
+    "read_password",
     "split_hostport",
 ]
 
@@ -108,10 +109,6 @@ ETCD_DEFAULT_MIN_TTL_S = 2
 
 # Names end up in etcd keys ("/<cluster>/leader") and file names: keep them plain.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-_HOSTNAME_RE = re.compile(
-    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
-)
 
 
 class ConfigError(ValueError):
@@ -234,7 +231,7 @@ def split_hostport(value: str) -> tuple[str, int]:
             raise ValueError(f"expected host:port, got {value!r}")
         if ":" in host:
             raise ValueError(f"write IPv6 addresses as [addr]:port, got {value!r}")
-        if not _is_ipv4(host) and not _HOSTNAME_RE.match(host):
+        if not _is_ipv4(host) and not HOSTNAME_RE.match(host):
             raise ValueError(f"{host!r} is not a valid host name or address")
     if not port_text.isdigit():
         raise ValueError(f"port {port_text!r} is not a number")
@@ -660,19 +657,23 @@ def etcd_access(config: ClusterConfig) -> EtcdAccess:
     if not e.user:
         return EtcdAccess(tls)
     assert e.password_file is not None  # validated together
+    return EtcdAccess(tls, e.user, read_password(e.password_file, config.source,
+                                                 "etcd.password_file"))
+
+
+def read_password(path: str | os.PathLike[str], source: str, key: str) -> str:
+    """The password on the first line of `path`; ConfigError naming `key` and the file
+    when it cannot be read or holds none."""
     try:
-        with open(e.password_file, "rb") as f:
+        with open(path, "rb") as f:
             raw = f.read(MAX_PASSWORD_BYTES + 1)
     except OSError as exc:
-        raise ConfigError(config.source, [("etcd.password_file",
-                                           f"{e.password_file}: {exc.strerror or exc}")]) from None
+        raise ConfigError(source, [(key, f"{path}: {exc.strerror or exc}")]) from None
     lines = raw.decode("utf-8", "replace").splitlines()
     if len(raw) > MAX_PASSWORD_BYTES or not lines or not lines[0]:
-        raise ConfigError(config.source, [("etcd.password_file",
-                                           f"{e.password_file}: expected the password on "
-                                           f"its first line (at most {MAX_PASSWORD_BYTES} "
-                                           "bytes)")])
-    return EtcdAccess(tls, e.user, lines[0])
+        raise ConfigError(source, [(key, f"{path}: expected the password on its first line "
+                                         f"(at most {MAX_PASSWORD_BYTES} bytes)")])
+    return lines[0]
 
 
 def check_etcd(endpoints: Iterable[str], timeout_s: float = 2.0,

@@ -20,6 +20,10 @@ serves clients and peers over https and demands client certificates signed by th
 ``enable_auth`` then creates the root user, one role per cluster that may read and write
 only the cluster's prefix ``/<cluster>/``, a user with that role for the cluster's nodes
 and engines, and turns authentication on. Health checks present the certificate.
+
+`bootstrap_auth` is that bootstrap for any etcd, idempotent: the launcher runs it on its
+own etcd, and ``xdc etcd bootstrap-auth --config cluster.toml`` on a real one (the
+Terraform deployment runs it at boot of its first etcd member, again after every boot).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -367,35 +372,12 @@ class EtcdCluster:
 
     def enable_auth(self, cluster: str, user: str, password: str, root_password: str,
                     timeout_s: float = 5.0) -> None:
-        """Turns on authentication: user `root` (`root_password`), role `cluster` with
-        read and write on ``/<cluster>/`` only, `user` (`password`) with that role.
-        Needs TLS (passwords never cross in plaintext)."""
+        """Turns on authentication (`bootstrap_auth`). Needs TLS (passwords never cross
+        in plaintext)."""
         if self.tls is None:
             raise EtcdError("etcd authentication needs TLS (EtcdCluster(tls=...))")
-        host, port = self.members[0].endpoint.rsplit(":", 1)
-        ep = etcd3.Endpoint(host, int(port), secure=True, creds=self.tls.channel_credentials())
-        client = etcd3.MultiEndpointEtcd3Client(endpoints=[ep], timeout=timeout_s)
-        prefix = f"/{cluster}/".encode()
-        try:
-            auth = client.authstub
-            auth.UserAdd(etcdrpc.AuthUserAddRequest(name="root", password=root_password),
-                         timeout_s)
-            auth.RoleAdd(etcdrpc.AuthRoleAddRequest(name="root"), timeout_s)
-            auth.UserGrantRole(etcdrpc.AuthUserGrantRoleRequest(user="root", role="root"),
-                               timeout_s)
-            auth.RoleAdd(etcdrpc.AuthRoleAddRequest(name=cluster), timeout_s)
-            auth.RoleGrantPermission(etcdrpc.AuthRoleGrantPermissionRequest(
-                name=cluster, perm=auth_pb2.Permission(
-                    permType=auth_pb2.Permission.READWRITE, key=prefix,
-                    range_end=prefix_end(prefix))), timeout_s)
-            auth.UserAdd(etcdrpc.AuthUserAddRequest(name=user, password=password), timeout_s)
-            auth.UserGrantRole(etcdrpc.AuthUserGrantRoleRequest(user=user, role=cluster),
-                               timeout_s)
-            auth.AuthEnable(etcdrpc.AuthEnableRequest(), timeout_s)
-        except grpc.RpcError as exc:
-            raise EtcdError(f"enabling etcd auth: {exc.code().name} {exc.details()}") from None
-        finally:
-            client.close()
+        bootstrap_auth(self.endpoints, self.tls, cluster, user, password, root_password,
+                       timeout_s)
 
     def __enter__(self) -> EtcdCluster:
         return self.start()
@@ -403,3 +385,101 @@ class EtcdCluster:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+# etcd's answers (etcdserver/api/v3rpc/rpctypes) that the bootstrap expects and handles.
+_NOT_ENABLED = "authentication is not enabled"
+_EXISTS = "already exists"
+_AUTH_FAILED = "authentication failed"
+
+
+def bootstrap_auth(endpoints: Sequence[str], tls: EtcdTls, cluster: str, user: str,
+                   password: str, root_password: str, timeout_s: float = 5.0) -> list[str]:
+    """Makes etcd's authentication what xdc expects, idempotently: user `root`
+    (`root_password`) with role `root`; role `cluster` with read and write on
+    ``/<cluster>/`` only; `user` (`password`) with that role; authentication on. Run again
+    it changes nothing, except a node password etcd no longer accepts (the secret was
+    rotated), which it sets. Once authentication is on it acts as root, so a wrong
+    `root_password` is an EtcdError and nothing changes. Returns what it did, in order
+    (empty: nothing to do)."""
+    if not endpoints:
+        raise EtcdError("no etcd endpoint given")
+    creds = tls.channel_credentials()
+    eps = []
+    for endpoint in endpoints:
+        host, port = endpoint.rsplit(":", 1)
+        eps.append(etcd3.Endpoint(host.strip("[]"), int(port), secure=True, creds=creds))
+    client = etcd3.MultiEndpointEtcd3Client(endpoints=eps, timeout=timeout_s, failover=True)
+    stub = client.authstub
+    done: list[str] = []
+    metadata: tuple[tuple[str, str], ...] = ()
+
+    def call(what: str, method: object, request: object, *, exists_ok: bool = False) -> bool:
+        """True when etcd did it, False when it was already so (`exists_ok`)."""
+        try:
+            method(request, timeout_s, metadata=metadata)  # type: ignore[operator]
+        except grpc.RpcError as exc:
+            if exists_ok and _EXISTS in (exc.details() or ""):
+                return False
+            raise EtcdError(f"etcd auth bootstrap: {what}: {exc.code().name} "
+                            f"{exc.details()}") from None
+        done.append(what)
+        return True
+
+    def token_of(name: str, secret: str) -> str | None:
+        """A token for the user; "" when etcd refuses the password, None while
+        authentication is off."""
+        try:
+            return stub.Authenticate(etcdrpc.AuthenticateRequest(
+                name=name, password=secret), timeout_s).token
+        except grpc.RpcError as exc:
+            details = exc.details() or ""
+            if _NOT_ENABLED in details:
+                return None
+            if _AUTH_FAILED in details:
+                return ""
+            raise EtcdError(f"etcd auth bootstrap: authenticating {name!r}: "
+                            f"{exc.code().name} {details}") from None
+
+    prefix = f"/{cluster}/".encode()
+    try:
+        root_token = token_of("root", root_password)
+        if root_token == "":
+            raise EtcdError("etcd auth bootstrap: authentication is on and etcd refuses "
+                            "the root password given (nothing changed)")
+        enabled = root_token is not None
+        if enabled:
+            metadata = (("token", root_token),)
+        elif not call("add user root", stub.UserAdd, etcdrpc.AuthUserAddRequest(
+                name="root", password=root_password), exists_ok=True):
+            # Left by an earlier run that stopped before enabling: nobody can use it yet.
+            call("set the root password", stub.UserChangePassword,
+                 etcdrpc.AuthUserChangePasswordRequest(name="root", password=root_password))
+        call("add role root", stub.RoleAdd, etcdrpc.AuthRoleAddRequest(name="root"),
+             exists_ok=True)
+        # Granting a role a user holds already is accepted and changes nothing.
+        stub.UserGrantRole(etcdrpc.AuthUserGrantRoleRequest(user="root", role="root"),
+                           timeout_s, metadata=metadata)
+        call(f"add role {cluster}", stub.RoleAdd, etcdrpc.AuthRoleAddRequest(name=cluster),
+             exists_ok=True)
+        # The same key replaces the permission: idempotent.
+        stub.RoleGrantPermission(etcdrpc.AuthRoleGrantPermissionRequest(
+            name=cluster, perm=auth_pb2.Permission(
+                permType=auth_pb2.Permission.READWRITE, key=prefix,
+                range_end=prefix_end(prefix))), timeout_s, metadata=metadata)
+        if not call(f"add user {user}", stub.UserAdd, etcdrpc.AuthUserAddRequest(
+                name=user, password=password), exists_ok=True):
+            # A password change makes every client of etcd authenticate again (its auth
+            # revision moves), so only when etcd does not take the one given.
+            if not token_of(user, password):
+                call(f"set the password of {user}", stub.UserChangePassword,
+                     etcdrpc.AuthUserChangePasswordRequest(name=user, password=password))
+        stub.UserGrantRole(etcdrpc.AuthUserGrantRoleRequest(user=user, role=cluster),
+                           timeout_s, metadata=metadata)
+        if not enabled:
+            call("enable authentication", stub.AuthEnable, etcdrpc.AuthEnableRequest())
+    except grpc.RpcError as exc:
+        raise EtcdError(f"etcd auth bootstrap: {exc.code().name} {exc.details()}") from None
+    finally:
+        client.close()
+    return done

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
 
 from geo.config import ConfigError, etcd_access, load_tls, loads
-from geo.etcd_server import EtcdTls
+from geo.etcd_server import EtcdError, EtcdTls, bootstrap_auth
 from geo.leadership import EtcdAccess, Leadership, LeadershipError
 from geo.node import ClusterNode
 from geo.replication.messages import Promise
@@ -212,6 +213,55 @@ def test_cli_certs_init_serve_and_clients_over_tls(tmp_path: Path) -> None:
                "--tls-ca", str(d / "ca.pem"), "--tls-cert", str(d / "n1.pem"),
                "--tls-key", str(d / "admin-key.pem"))
     assert bad.returncode == 2 and "is not the key of the certificate" in bad.stderr
+
+
+def _server_names(cert: Path) -> set[str]:
+    san = x509.load_pem_x509_certificate(cert.read_bytes()).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value
+    return {*san.get_values_for_type(x509.DNSName),
+            *map(str, san.get_values_for_type(x509.IPAddress))}
+
+
+def test_cli_certs_init_per_host_server_names(tmp_path: Path) -> None:
+    """Real hosts: each certificate names its own host's address (--san), and a client
+    dialling that address accepts that certificate and no other."""
+    d = tmp_path / "tls"
+    names = ("--cluster", "c", "--members", "n1,n2", "--engines", "e1", "--gateways", "e1-gw",
+             "--etcd", "etcd-a", "--admins", "admin")
+    for bad, why in ((["--san", "nobody=10.0.0.1"], "no such certificate"),
+                     (["--san", "n1="], "expected NAME=HOST"),
+                     (["--san", "n1=10.0.0.1,bad_host!"], "neither an IP address"),
+                     (["--engines", "n1-key"], "not ending in '-key'")):
+        out = _xdc("certs", "init", "--dir", str(d), *names, *bad)
+        assert out.returncode == 2 and why in out.stderr, (bad, out.stderr)
+        assert not d.exists()  # nothing written on refusal
+    out = _xdc("certs", "init", "--dir", str(d), *names, "--hosts", "",
+               "--san", "n1=127.0.0.2,n1.xdc.internal", "--san", "n2=127.0.0.3",
+               "--san", "e1=10.40.2.50", "--san", "e1-gw=10.40.2.50")
+    assert out.returncode == 0, out.stderr
+    assert _server_names(d / "n1.pem") == {"n1", "n1.xdc.internal", "127.0.0.2"}
+    assert _server_names(d / "n2.pem") == {"n2", "127.0.0.3"}
+    assert _server_names(d / "e1.pem") == {"e1", "10.40.2.50"}
+    assert _server_names(d / "e1-gw.pem") == {"e1-gw", "10.40.2.50"}
+    assert _server_names(d / "admin.pem") == {"admin"}  # --hosts "": no loopback names
+
+    def tls(name: str) -> Tls:
+        return Tls.load(d / "ca.pem", d / f"{name}.pem", d / f"{name}-key.pem")
+
+    async def body() -> None:
+        for holder, ok in (("n1", True), ("n2", False)):
+            server = StoreServer(StoreNode(tmp_path / holder), "127.0.0.2:0", tls=tls(holder))
+            await server.start()
+            try:
+                if ok:
+                    assert (await _node_info(server.address, tls("admin"))).commit_position == 0
+                else:  # n2's certificate does not name 127.0.0.2
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await _node_info(server.address, tls("admin"))
+                    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            finally:
+                await server.stop(0.5)
+    run(body)
 
 
 # ---- replication: mutual TLS between members -------------------------------------------
@@ -494,3 +544,65 @@ def test_etcd_config_keys_and_password_file(pki: Pki, tmp_path: Path) -> None:
     no_password = text.replace('password_file = "etcd.password"\n', "")
     with pytest.raises(ConfigError, match=r"etcd\.user and etcd\.password_file go together"):
         loads(no_password, tmp_path)
+
+
+def test_etcd_bootstrap_auth_is_idempotent_and_the_cli_runs_it(pki: Pki,
+                                                               tmp_path: Path) -> None:
+    """What the Terraform deployment runs at every boot of its first etcd member: the
+    first run enables authentication, later runs change nothing, a rotated node password
+    is set, a wrong root password changes nothing."""
+    ca = pki.ca.path
+    server = EtcdTls(ca, pki.issued["etcd"].cert, pki.issued["etcd"].key)
+    client = EtcdTls(ca, pki.issued["admin"].cert, pki.issued["admin"].key)
+    etcd = EtcdCluster(tmp_path / "etcd", tls=server).start()
+
+    def bootstrap(password: str, root: str = "r00t") -> list[str]:
+        return bootstrap_auth(etcd.endpoints, client, CLUSTER, "t-node", password, root)
+
+    async def answers(password: str) -> bool:
+        lead = Leadership(etcd.endpoints, CLUSTER, "n1", {"id": "n1"}, 2,
+                          on_lost=lambda reason: None,
+                          access=EtcdAccess(client, "t-node", password))
+        try:
+            return await lead.current() is None
+        except LeadershipError as exc:
+            assert "authentication failed" in str(exc)
+            return False
+        finally:
+            await lead.close()
+
+    try:
+        first = bootstrap("s3cret")
+        assert first == ["add user root", "add role root", f"add role {CLUSTER}",
+                         "add user t-node", "enable authentication"]
+        assert bootstrap("s3cret") == []
+        assert run(lambda: answers("s3cret"), 30)
+        assert bootstrap("rotated") == ["set the password of t-node"]
+        assert run(lambda: answers("rotated"), 30) and not run(lambda: answers("s3cret"), 30)
+        with pytest.raises(EtcdError, match="refuses the root password"):
+            bootstrap("other", root="guess")
+        assert run(lambda: answers("rotated"), 30)  # nothing changed
+
+        base = cluster_toml(CLUSTER, etcd.endpoints, ["us-east"], tmp_path, tls_dir=pki.dir)
+        etcd_keys = (f'ca = "{ca}"\ncert = "{pki.issued["admin"].cert}"\n'
+                     f'key = "{pki.issued["admin"].key}"\nuser = "t-node"\n'
+                     'password_file = "node.password"\n')
+        (tmp_path / "cluster.toml").write_text(
+            base.replace("[[region]]", etcd_keys + "[[region]]", 1))
+        (tmp_path / "node.password").write_text("rotated\n")
+        (tmp_path / "root.password").write_text("r00t\n")
+        cli = ("etcd", "bootstrap-auth", "--config", str(tmp_path / "cluster.toml"),
+               "--wait", "10", "--root-password-file")
+        out = _xdc(*cli, str(tmp_path / "root.password"))
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout) == {"cluster": CLUSTER, "user": "t-node", "done": []}
+        (tmp_path / "root.password").write_text("guess\n")
+        out = _xdc(*cli, str(tmp_path / "root.password"))
+        assert out.returncode == 1 and "refuses the root password" in out.stderr
+        out = _xdc(*cli, str(tmp_path / "missing.password"))
+        assert out.returncode == 2 and "--root-password-file" in out.stderr
+        (tmp_path / "cluster.toml").write_text(base)  # no [etcd] user: nothing to bootstrap
+        out = _xdc(*cli, str(tmp_path / "root.password"))
+        assert out.returncode == 2 and "[etcd] needs ca, cert, key, user" in out.stderr
+    finally:
+        etcd.stop()

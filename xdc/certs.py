@@ -3,7 +3,10 @@
 For the local launcher, the tests and trying TLS out; production CAs issue certificates
 of the same shape (xdc/tls.py): a URI name ``xdc://<cluster>/<role>/<name>``, the name
 as a DNS name (a member's id is what a leader expects its follower's certificate to
-name), plus the host names and addresses the holder is reached at (loopback here).
+name), plus the host names and addresses the holder is reached at: loopback unless told
+otherwise, and per holder its real hosts' (`init(..., sans=...)`, `xdc certs init --san
+NAME=HOST,...`): a client that dials 10.40.1.10:7000 checks that the certificate names
+10.40.1.10.
 
 Files, all PEM, in one directory: ``ca.pem`` and ``ca-key.pem``, then ``<name>.pem``
 and ``<name>-key.pem`` for each holder. Keys are written 0600 (created so, never
@@ -15,7 +18,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +27,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from xdc.tls import ROLES, Identity
+from xdc.tls import HOSTNAME_RE, ROLES, Identity
 
 DEFAULT_DAYS = 365
 MAX_HOLDERS = 1000
+MAX_HOSTS = 100  # server names and addresses of one certificate
 LOOPBACK = ("localhost", "127.0.0.1", "::1")
 
 
@@ -144,9 +148,12 @@ DEFAULT_OTHERS = (("engine", "engine"), ("gateway", "gateway"), ("admin", "admin
 
 def init(directory: str | os.PathLike[str], cluster: str, members: Sequence[str], *,
          others: Sequence[tuple[str, str]] = DEFAULT_OTHERS,
-         hosts: Iterable[str] = LOOPBACK, days: int = DEFAULT_DAYS) -> dict[str, Issued]:
+         hosts: Iterable[str] = LOOPBACK, sans: Mapping[str, Sequence[str]] | None = None,
+         days: int = DEFAULT_DAYS) -> dict[str, Issued]:
     """A new CA in `directory` and a certificate for each member and each (role, name) of
-    `others`; returns them by name. ValueError for an unusable or repeated name."""
+    `others`, valid for `hosts` and, per name in `sans`, that holder's own host names and
+    addresses; returns them by name. ValueError (nothing written) for an unusable or
+    repeated name, or a host that is neither an address nor a DNS name."""
     holders = [("member", m) for m in members] + list(others)
     if not members:
         raise ValueError("no member: a cluster needs at least one")
@@ -157,15 +164,39 @@ def init(directory: str | os.PathLike[str], cluster: str, members: Sequence[str]
         if role not in ROLES:
             raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
         # etcd takes a client certificate's common name as its user when no password is
-        # given: no certificate may be named after etcd's all-powerful `root`.
-        if name in seen or name in ("ca", "ca-key", "root") or not _plain(name):
+        # given: no certificate may be named after etcd's all-powerful `root`. A name
+        # ending in "-key" would write its certificate over another holder's key file.
+        if (name in seen or name in ("ca", "ca-key", "root") or name.endswith("-key")
+                or not _plain(name)):
             raise ValueError(f"certificate name {name!r} is repeated, reserved or not plain "
-                             "(letters, digits, '.', '_', '-')")
+                             "(letters, digits, '.', '_', '-'; not ending in '-key')")
         seen.add(name)
+    sans = dict(sans or {})
+    unknown = sorted(set(sans) - seen)
+    if unknown:
+        raise ValueError(f"server names given for {', '.join(map(repr, unknown))}: no such "
+                         "certificate is being issued")
     hosts = tuple(hosts)
+    per_holder = {name: (*hosts, *sans.get(name, ())) for _, name in holders}
+    for name, names in per_holder.items():
+        if len(names) > MAX_HOSTS:
+            raise ValueError(f"{name!r}: {len(names)} host names and addresses "
+                             f"(limit {MAX_HOSTS})")
+        for host in names:
+            if not _host(host):
+                raise ValueError(f"{name!r}: {host!r} is neither an IP address nor a DNS "
+                                 "host name")
     ca = Authority.create(directory, f"xdc development CA ({cluster})", days)
-    return {name: ca.issue(Identity(cluster, role, name), hosts=hosts, days=days)
+    return {name: ca.issue(Identity(cluster, role, name), hosts=per_holder[name], days=days)
             for role, name in holders}
+
+
+def _host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return bool(HOSTNAME_RE.match(host))
+    return True
 
 
 def _plain(name: str) -> bool:

@@ -103,9 +103,17 @@ def cmd_certs(args: argparse.Namespace) -> int:
                                                ("admin", args.admins),
                                                ("etcd", args.etcd))
               for name in _store_targets(names)]
+    sans: dict[str, list[str]] = {}
+    for item in args.san:
+        name, sep, hosts = item.partition("=")
+        if not sep or not name or not _store_targets(hosts):
+            print(f"xdc certs init: --san {item!r}: expected NAME=HOST[,HOST...]",
+                  file=sys.stderr)
+            return 2
+        sans.setdefault(name, []).extend(_store_targets(hosts))
     try:
         issued = certs.init(args.dir, cluster, members, others=others,
-                            hosts=_store_targets(args.hosts), days=args.days)
+                            hosts=_store_targets(args.hosts), sans=sans, days=args.days)
     except ValueError as exc:
         print(f"xdc certs init: {exc}", file=sys.stderr)
         return 2
@@ -217,6 +225,40 @@ def cmd_info(args: argparse.Namespace) -> int:
         except grpc.RpcError as exc:
             return _rpc_error("info", exc)
     print(json.dumps(MessageToDict(info, always_print_fields_with_no_presence=True)))
+    return 0
+
+
+MAX_ETCD_WAIT_S = 3600
+
+
+def cmd_etcd_bootstrap_auth(args: argparse.Namespace) -> int:
+    from geo.config import ConfigError, check_etcd, etcd_access, load, read_password
+    from geo.etcd_server import EtcdError, bootstrap_auth
+    prog = "xdc etcd bootstrap-auth"
+    if not 0 <= args.wait <= MAX_ETCD_WAIT_S:
+        print(f"{prog}: --wait {args.wait}: between 0 and {MAX_ETCD_WAIT_S} seconds",
+              file=sys.stderr)
+        return 2
+    try:
+        config = load(args.config)
+        access = etcd_access(config)
+        root_password = read_password(args.root_password_file, prog, "--root-password-file")
+    except ConfigError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    if access.tls is None or access.tls.cert is None or not access.user:
+        print(f"{prog}: {args.config}: [etcd] needs ca, cert, key, user and password_file "
+              "(authentication over TLS with a client certificate)", file=sys.stderr)
+        return 2
+    try:
+        # At boot the other members may still be starting: wait for a quorum, bounded.
+        check_etcd(config.etcd.endpoints, timeout_s=args.wait, tls=access.tls)
+        done = bootstrap_auth(config.etcd.endpoints, access.tls, config.cluster, access.user,
+                              access.password, root_password)
+    except (ConfigError, EtcdError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"cluster": config.cluster, "user": access.user, "done": done}))
     return 0
 
 
@@ -621,6 +663,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--etcd", default="etcd", help="etcd server certificate names")
     c.add_argument("--hosts", default="localhost,127.0.0.1,::1",
                    help="host names and addresses every certificate is valid for")
+    c.add_argument("--san", action="append", default=[], metavar="NAME=HOST[,HOST...]",
+                   help="more host names and addresses for certificate NAME only (its "
+                        "host's private IP or DNS name); repeatable")
     c.add_argument("--days", type=int, default=365)
     c.add_argument("--force", action="store_true", help="replace an existing CA")
     c.set_defaults(func=cmd_certs)
@@ -645,6 +690,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-event-bytes", type=int, default=1024 * 1024)
     p.add_argument("--max-append-events", type=int, default=10_000)
     p.set_defaults(func=cmd_node_run)
+
+    p = sub.add_parser("etcd", help="etcd of a cluster")
+    esub = p.add_subparsers(dest="etcd_command", required=True)
+    p = esub.add_parser("bootstrap-auth",
+                        help="turn on etcd authentication for the cluster (idempotent): "
+                             "root, a role confined to /<cluster>/, the [etcd] user")
+    p.add_argument("--config", required=True,
+                   help="cluster TOML: endpoints, [etcd] TLS files, user and password_file")
+    p.add_argument("--root-password-file", required=True,
+                   help="etcd root's password (first line)")
+    p.add_argument("--wait", type=float, default=60.0,
+                   help="seconds to wait for a healthy etcd first")
+    p.set_defaults(func=cmd_etcd_bootstrap_auth)
 
     p = sub.add_parser("cluster", help="the local multi-region cluster")
     csub = p.add_subparsers(dest="cluster_command", required=True)

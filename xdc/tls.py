@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 __all__ = [
+    "HOSTNAME_RE",
     "ROLES",
     "Identity",
     "Tls",
@@ -56,6 +58,12 @@ __all__ = [
 ]
 
 ROLES = ("member", "engine", "gateway", "admin", "client", "etcd")
+# A DNS host name (RFC 1123 labels): what a certificate may name as a server besides
+# addresses, and what a host:port may use.
+HOSTNAME_RE = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
 SCHEME = "xdc"
 # PEM files larger than this are not certificates or keys (a wrong path to a log, a
 # data file): refuse before reading them whole.
