@@ -502,11 +502,14 @@ class Engine:
             if type(price) is not int or price != 0:
                 return self._reject_any(c, out, Cmd.NEW, Reject.INVALID_PRICE, "")
             price = book.mkt_buy if side == BUY else book.mkt_sell
+        # A buy reserves price * qty of the quote asset, a sell qty of the base asset.
         if side == BUY:
-            cost = price * qty
-            if acct.avail.get(book.quote, 0) < cost:
-                return self._reject_any(c, out, Cmd.NEW, Reject.INSUFFICIENT_BALANCE, "")
-        elif acct.avail.get(book.base, 0) < qty:
+            asset, need = book.quote, price * qty
+        else:
+            asset, need = book.base, qty
+        avail = acct.avail
+        have = avail.get(asset, 0)
+        if have < need:
             return self._reject_any(c, out, Cmd.NEW, Reject.INSUFFICIENT_BALANCE, "")
 
         # Validated: from here on only integer arithmetic on checked values.
@@ -516,14 +519,9 @@ class Engine:
         if not crosses:
             # Fast path (most orders): a GTC limit that cannot trade goes straight to its
             # level. Same effects as _execute with no fills.
-            if side == BUY:
-                own = book.bids
-                acct.avail[book.quote] -= cost
-                acct.held[book.quote] += cost
-            else:
-                own = book.asks
-                acct.avail[book.base] -= qty
-                acct.held[book.base] += qty
+            avail[asset] = have - need
+            acct.held[asset] += need
+            own = book.bids if side == BUY else book.asks
             lvl = own.get(price)
             if lvl is None:
                 lvl = own[price] = new_level()
@@ -937,26 +935,25 @@ def _release(acct: Account, side: int, price: int, qty: int, base: str, quote: s
 
 def _unlink(book: Book, o: Order, out: list[tuple]) -> None:
     """Take a resting order out of its book, release its reservation, emit the level."""
-    levels = book.bids if o[SIDE] == BUY else book.asks
-    lvl = levels[o[PRICE]]
-    qty = o[QTY]
-    acct = o[ACCT]
-    _release(acct, o[SIDE], o[PRICE], qty, book.base, book.quote)
+    qty, oid, acct, cid, side, price = o[:POST_ONLY]  # the Order layout's first fields
+    levels = book.bids if side == BUY else book.asks
+    lvl = levels[price]
+    _release(acct, side, price, qty, book.base, book.quote)
     o[QTY] = 0
     lvl.qty -= qty
     lvl.n -= 1
-    del book.orders[o[OID]]
+    del book.orders[oid]
     acct.n_open -= 1
-    if o[CID]:
-        del acct.cids[o[CID]]
+    if cid:
+        del acct.cids[cid]
     dq = lvl.dq
     if not lvl.n:
-        del levels[o[PRICE]]
+        del levels[price]
     elif dq[0] is o:
         dq.popleft()
     elif len(dq) > 2 * lvl.n + _COMPACT_SLACK:
         lvl.dq = deque(x for x in dq if x[QTY])
-    out.append((_BOOK, book.symbol, o[SIDE], o[PRICE], lvl.qty))
+    out.append((_BOOK, book.symbol, side, price, lvl.qty))
 
 
 def _rebuild_heap(heap: list[int], levels: dict[int, Level], side: int) -> None:

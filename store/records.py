@@ -24,6 +24,7 @@ _TAG_REVISION = (7 << 3) | 1
 _TAG_TIMESTAMP = (10 << 3) | 1
 _TAG_STREAM = (6 << 3) | 2
 _TAG_FRAME = (1 << 3) | 2
+_FRAME_TAG = bytes((_TAG_FRAME,))
 HEADER_SIZE = _HEADER.size  # 36
 _U64 = struct.Struct("<Q")
 _BE64 = struct.Struct(">Q")
@@ -40,6 +41,8 @@ def key_position(key: bytes) -> int:
 def varint(n: int) -> bytes:
     if n < 0x80:
         return bytes((n,))
+    if n < 0x4000:  # most records: two bytes, without the loop
+        return bytes(((n & 0x7F) | 0x80, n >> 7))
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
@@ -76,7 +79,7 @@ def encode(
         timestamp_ns,
     )
     length = HEADER_SIZE + len(stream_fld) + len(body)
-    return b"".join((bytes((_TAG_FRAME,)), varint(length), header, stream_fld, body))
+    return b"".join((_FRAME_TAG, varint(length), header, stream_fld, body))
 
 
 def _start(value: bytes) -> int:
