@@ -313,8 +313,9 @@ class EngineRunner:
     async def _leadership(self) -> None:
         interval = self.config.campaign_interval_s
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):  # no task per wake-up
+                    await self._wake.wait()
             self._wake.clear()
             c = self.consumer
             if self.primary:

@@ -343,7 +343,9 @@ class StoreClient:
                     self._trace_message(msg, batch)
                 self._inflight.append((cid, batch, asyncio.get_running_loop().time()))
                 # Bounded: a write on a call whose channel went away can wait forever.
-                await asyncio.wait_for(call.write(msg), self.attempt_timeout_s)
+                # (A timeout scope, not wait_for: no task per message on the hot path.)
+                async with asyncio.timeout(self.attempt_timeout_s):
+                    await call.write(msg)
             except asyncio.CancelledError:
                 raise
             except TimeoutError:
