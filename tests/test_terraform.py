@@ -284,13 +284,15 @@ def test_etcd_version_validation_requires_3_5_6_or_newer(version: str, ok: bool)
 
 
 def test_tls_material_never_enters_terraform() -> None:
-    """Only secret ARNs pass through: no resource may generate or hold key material."""
+    """Only secret names and ARNs pass through: no resource may generate or hold key
+    material, no data source may read a secret's value."""
     forbidden = ("tls_private_key", "tls_self_signed_cert", "tls_locally_signed_cert",
                  "aws_secretsmanager_secret_version", "local_file", "local_sensitive_file")
     for path in module_dirs():
-        for block in load_module(path).blocks.get("resource", []):
-            for rtype in block:
-                assert rtype not in forbidden, f"{path}: {rtype} would put secrets in state"
+        for kind in ("resource", "data"):
+            for block in load_module(path).blocks.get(kind, []):
+                for rtype in block:
+                    assert rtype not in forbidden, f"{path}: {rtype} would put secrets in state"
         text = "\n".join(p.read_text() for p in path.glob("*.tf"))
         assert "BEGIN " not in text and "PRIVATE KEY" not in text
 
@@ -556,9 +558,9 @@ def test_every_template_gets_exactly_the_variables_it_reads() -> None:
         assert keys <= names, f"{module} passes {sorted(keys - names)} that {where} never reads"
 
 
-def example_context() -> dict[str, Any]:
-    """The cluster_config template's context, computed from the example's defaults the
-    way examples/three-region/main.tf computes it (addresses by cidrsubnet/cidrhost)."""
+def example_ips() -> dict[str, list[str]]:
+    """Private IPs of the example's store nodes, engine hosts and etcd members, computed
+    from its defaults the way examples/three-region/main.tf does (cidrsubnet/cidrhost)."""
     d = defaults()
     index = {r["name"]: i for i, r in enumerate(d["regions"])}
     private = [
@@ -576,25 +578,60 @@ def example_context() -> dict[str, Any]:
             ips.append(str(subnet.network_address + base + before))
         return ips
 
-    store_ips = place(d["store_nodes"], 10)
-    etcd_ips = place(d["etcd_members"], 100)
+    return {"store": place(d["store_nodes"], 10), "engine": place(d["engine_hosts"], 50),
+            "etcd": place(d["etcd_members"], 100)}
+
+
+def example_locals() -> dict[str, Any]:
+    return load_module(EXAMPLE).blocks["locals"][0]
+
+
+def example_context() -> dict[str, Any]:
+    """The cluster_config template's context for the example's defaults, as
+    modules/cluster_config/main.tf builds it."""
+    d = defaults()
+    ips = example_ips()
     ports = d["ports"]
-    locals_ = load_module(EXAMPLE).blocks["locals"][0]
+    locals_ = example_locals()
+    tls_dir = locals_["tls_dir"]
     return {
         "cluster": d["cluster_name"],
         "failover": d["failover"],
         "lease_ttl_s": d["lease_ttl_s"],
-        "etcd_endpoints": [f"{ip}:{ports['etcd_client']}" for ip in etcd_ips],
+        "etcd_endpoints": [f"{ip}:{ports['etcd_client']}" for ip in ips["etcd"]],
         "regions": [r["name"] for r in d["regions"]],
         "members": [
             {"id": n["id"], "region": n["region"], "client": f"{ip}:{ports['client']}",
-             "peer": f"{ip}:{ports['peer']}", "voter": n["voter"]}
-            for n, ip in zip(d["store_nodes"], store_ips, strict=True)
+             "peer": f"{ip}:{ports['peer']}", "voter": n["voter"],
+             "cert": f"{tls_dir}/{n['id']}.pem", "key": f"{tls_dir}/{n['id']}-key.pem"}
+            for n, ip in zip(d["store_nodes"], ips["store"], strict=True)
         ],
         "data_dir": locals_["store_data_dir"],
-        "tls": locals_["tls_dir"] != "",
-        "tls_dir": locals_["tls_dir"],
+        "tls": tls_dir != "",
+        "tls_dir": tls_dir,
+        "client_certs": d["client_certs"],
+        "etcd_user": f"{d['cluster_name']}-node",
+        "etcd_password_file": locals_["etcd_password_file"],
+        "auth": d["client_auth"],
+        "auth_file": AUTH_FILE if d["client_auth"] else "",
     }
+
+
+AUTH_FILE = "/etc/xdc/auth.toml"
+
+
+def test_cluster_toml_inputs_are_what_the_example_passes() -> None:
+    """example_context mirrors these expressions: keep them in step."""
+    locals_ = example_locals()
+    assert locals_["etcd_user"] == "${var.cluster_name}-node"
+    assert locals_["auth_file"] == f'${{var.client_auth ? "{AUTH_FILE}" : ""}}'
+    call = load_module(EXAMPLE).labelled("module")["cluster_config"]
+    assert call["etcd_user"] == "${local.etcd_user}"
+    assert call["auth_file"] == "${local.auth_file}"
+    assert call["client_certs"] == "${var.client_certs}"
+    members = load_module(MODULES / "cluster_config").blocks["locals"][0]["members"]
+    assert '"${var.tls_dir}/${m.id}.pem"' in members
+    assert '"${var.tls_dir}/${m.id}-key.pem"' in members
 
 
 def test_rendered_cluster_toml_passes_the_config_loader(tmp_path: Path) -> None:
@@ -615,12 +652,27 @@ def test_rendered_cluster_toml_passes_the_config_loader(tmp_path: Path) -> None:
     assert len(cfg.etcd.endpoints) == 3
     assert cfg.member("use1-a").client == "10.40.1.10:7000"
     assert cfg.member("use1-dr").peer == "10.40.2.10:7100"  # second AZ's subnet
-    assert cfg.tls is not None and cfg.tls.key == Path("/etc/xdc/tls/key.pem")
+    # Each member names its own certificate; no host-wide one for members to fall back on.
+    for m in cfg.members:
+        assert (m.cert, m.key) == (Path(f"/etc/xdc/tls/{m.id}.pem"),
+                                   Path(f"/etc/xdc/tls/{m.id}-key.pem"))
+    assert cfg.tls == config.TlsConfig(ca=Path("/etc/xdc/tls/ca.pem"), client_certs=True)
+    # etcd over TLS with the host's own certificate, and the node user's password file.
+    assert cfg.etcd.ca == Path("/etc/xdc/tls/ca.pem")
+    assert (cfg.etcd.cert, cfg.etcd.key) == (Path("/etc/xdc/tls/host.pem"),
+                                             Path("/etc/xdc/tls/host-key.pem"))
+    assert cfg.etcd.user == "xdc-prod-node"
+    assert cfg.etcd.password_file == Path("/etc/xdc/etcd-node.password")
+    assert cfg.auth_file == Path(AUTH_FILE)
     assert cfg.tiers_file == tmp_path / "tiers.toml"
     # Every address lies in its region's VPC: security groups open ports to those CIDRs.
     vpc = {r["name"]: ipaddress.ip_network(r["vpc_cidr"]) for r in d["regions"]}
     for m in cfg.members:
         assert ipaddress.ip_address(config.split_hostport(m.client)[0]) in vpc[m.region]
+    # Without client auth and with server-only TLS on the client API.
+    plain = config.loads(template.render({**context, "auth": False, "auth_file": "",
+                                          "client_certs": False}))
+    assert plain.auth_file is None and plain.tls is not None and not plain.tls.client_certs
 
 
 def test_rendered_cluster_toml_escapes_strings() -> None:
@@ -685,21 +737,280 @@ def write_files(cloud_init: str) -> dict[str, str]:
     return files
 
 
-def host_bootstrap(*, role: str, service_user: str, data_dir: str, data_volume: bool,
-                   tls_enabled: bool, install_xdc: bool, role_script: str, units: list[str],
-                   files: dict[str, str]) -> tuple[str, str]:
+SECRETS = {"region": "us-east-1", "prefix": "xdc-prod/",
+           "arn_prefix": "arn:aws:secretsmanager:us-east-1:123456789012:secret:xdc-prod/",
+           "kms_key_arns": []}
+
+
+@dataclass(frozen=True)
+class Host:
+    """One host of the example, with what modules/region gives it: the certificates it
+    holds (its own first) and the other secrets it fetches (path => secret name)."""
+
+    name: str
+    role: str  # store, engine, etcd
+    ip: str
+    certificates: tuple[str, ...]
+    secret_files: dict[str, str]
+    bootstrap_auth: bool = False
+
+
+def example_hosts() -> list[Host]:
+    """Mirrors examples/three-region (node_secret_files, etcd_bootstrap_secret_files, the
+    first etcd member bootstraps), modules/region and the host modules' `certificates`;
+    test_each_host_gets_only_its_own_certificates checks those expressions."""
+    d = defaults()
+    ips = example_ips()
+    locals_ = example_locals()
+    node_password, root_password = (locals_["etcd_password_file"],
+                                    locals_["etcd_root_password_file"])
+    node_files = {node_password: "etcd-node.password"}
+    if d["client_auth"]:
+        node_files[AUTH_FILE] = "auth.toml"
+    bootstrap_files = {node_password: "etcd-node.password",
+                       root_password: "etcd-root.password"}
+    hosts = [Host(n["id"], "store", ip, (n["id"],), node_files)
+             for n, ip in zip(d["store_nodes"], ips["store"], strict=True)]
+    hosts += [Host(e["id"], "engine", ip, (e["id"], f"{e['id']}-gw"), node_files)
+              for e, ip in zip(d["engine_hosts"], ips["engine"], strict=True)]
+    hosts += [Host(m["name"], "etcd", ip, (m["name"],), bootstrap_files if i == 0 else {}, i == 0)
+              for i, (m, ip) in enumerate(zip(d["etcd_members"], ips["etcd"], strict=True))]
+    return hosts
+
+
+def host_secret_files(tls_dir: str, host: Host) -> dict[str, str]:
+    """modules/host `local.secret_files`: path on the host => secret name after the prefix."""
+    files = {}
+    if host.certificates:
+        own = host.certificates[0]
+        files = {f"{tls_dir}/ca.pem": "ca.pem", f"{tls_dir}/host.pem": f"{own}.pem",
+                 f"{tls_dir}/host-key.pem": f"{own}-key.pem"}
+        files |= {f"{tls_dir}/{c}.pem": f"{c}.pem" for c in host.certificates}
+        files |= {f"{tls_dir}/{c}-key.pem": f"{c}-key.pem" for c in host.certificates}
+    return files | host.secret_files
+
+
+def test_each_host_gets_only_its_own_certificates() -> None:
+    """The expressions example_hosts and host_secret_files mirror, and the one source of
+    both what a host fetches and what its role may read: `local.secret_files`."""
+    host = load_module(MODULES / "host")
+    locals_ = host.blocks["locals"][0]
+    assert locals_["secret_files"] == "${merge(local.tls_files, var.secret_files)}"
+    for piece in ('"${var.tls_dir}/ca.pem" = "ca.pem"',
+                  '"${var.tls_dir}/host.pem" = "${var.certificates[0]}.pem"',
+                  '"${var.tls_dir}/host-key.pem" = "${var.certificates[0]}-key.pem"',
+                  '{for c in var.certificates : "${var.tls_dir}/${c}.pem" => "${c}.pem"}',
+                  '{for c in var.certificates : "${var.tls_dir}/${c}-key.pem" => "${c}-key.pem"}'):
+        assert piece in locals_["tls_files"], piece
+    assert "secret_files = local.secret_files" in locals_["setup_script"]
+    iam = host.labelled("module")["iam"]
+    assert iam["source"] == "../iam"
+    assert iam["secret_arns"] == (
+        '${[for s in sort(distinct(values(local.secret_files))) : '
+        '"${var.secrets.arn_prefix}${s}-??????"]}')
+    instance = host.resources("aws_instance")["this"]
+    assert instance["iam_instance_profile"] == "${module.iam.instance_profile_name}"
+    # Instance profiles come from the iam module only (one per host), whose policy grants
+    # reading exactly var.secret_arns, and no other secret statement exists.
+    for path in module_dirs():
+        if path != MODULES / "iam":
+            assert not load_module(path).resources("aws_iam_instance_profile"), path
+    policies = [body for path in module_dirs() for block in load_module(path).blocks.get(
+        "data", []) for body in block.get("aws_iam_policy_document", {}).values()]
+    reads = [st for body in policies for st in body.get("statement", [])
+             if any("secretsmanager" in a for a in st.get("actions", []))]
+    assert len(reads) == 1 and reads[0]["resources"] == "${var.secret_arns}"
+    assert set(reads[0]["actions"]) == {"secretsmanager:GetSecretValue",
+                                        "secretsmanager:DescribeSecret"}
+    # Which certificates each kind of host holds.
+    calls = {name: load_module(MODULES / name).labelled("module")["host"]
+             for name in ("store_node", "engine_host", "etcd_member")}
+    assert calls["store_node"]["certificates"] == ["${var.member_id}"]
+    assert calls["engine_host"]["certificates"] == ["${var.engine_id}", "${local.gateway}"]
+    assert load_module(MODULES / "engine_host").blocks["locals"][0]["gateway"] == (
+        "${var.engine_id}-gw")
+    assert calls["etcd_member"]["certificates"] == ["${var.member_name}"]
+    region = load_module(MODULES / "region").labelled("module")
+    assert region["store"]["member_id"] == region["engine"]["engine_id"] == "${each.key}"
+    assert region["etcd"]["member_name"] == "${each.key}"
+    assert region["store"]["secret_files"] == region["engine"]["secret_files"] == (
+        "${var.node_secret_files}")
+    assert region["etcd"]["secret_files"] == (
+        "${each.value.bootstrap_auth ? var.etcd_bootstrap_secret_files : {}}")
+    root = example_locals()
+    assert "bootstrap_auth = i == 0" in root["region_etcd"]
+    assert root["node_secret_files"] == (
+        '${merge({(local.etcd_password_file) = "etcd-node.password"}, var.client_auth ? '
+        '{(local.auth_file) = "auth.toml"} : {})}')
+
+
+def iam_matches(pattern: str, arn: str) -> bool:
+    """IAM's ARN wildcards: `*` any run of characters, `?` exactly one."""
+    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return re.fullmatch(regex, arn) is not None
+
+
+def test_each_role_reads_exactly_its_hosts_secrets() -> None:
+    """Secret ARNs end in '-' and 6 random characters; a host's patterns must match its
+    own secrets and no other holder's (e.g. use1-a's never use1-a-x's or use1-dr's)."""
+    hosts = example_hosts()
+    tls_dir = example_locals()["tls_dir"]
+    every = {name for h in hosts for name in host_secret_files(tls_dir, h).values()}
+    assert "ca-key.pem" not in every  # the CA's key never leaves the operator
+    arns = {name: f"{SECRETS['arn_prefix']}{name}-AbC12z" for name in every}
+    for h in hosts:
+        own = set(host_secret_files(tls_dir, h).values())
+        patterns = [f"{SECRETS['arn_prefix']}{s}-??????" for s in sorted(own)]
+        readable = {name for name, arn in arns.items() if any(iam_matches(p, arn)
+                                                                for p in patterns)}
+        assert readable == own, (h.name, sorted(readable ^ own))
+        keys = {n for n in own if n.endswith("-key.pem")}
+        assert keys == {f"{c}-key.pem" for c in h.certificates}, h.name
+        assert ("etcd-root.password" in own) == h.bootstrap_auth
+
+
+def test_certificates_for_every_host_and_what_each_host_loads(tmp_path: Path) -> None:
+    """The whole chain on each host: `xdc certs init` with every host's IP (as the output
+    certs_init_command runs it), the secrets made from its files, each host's setup
+    script fetching its own (rendered template), and then what that host runs loading
+    them: a store node its member certificate (and no other member's), etcd access and
+    the auth file; an engine host its engine and gateway certificates; an etcd member its
+    server certificate, naming its IP."""
+    from store import auth
+    from xdc import cli
+    from xdc.tls import Identity, Tls
+
+    d = defaults()
+    cluster = d["cluster_name"]
+    hosts = example_hosts()
+    by_role = {role: [h for h in hosts if h.role == role] for role in ("store", "engine", "etcd")}
+    # The shape of certs_init_command (its expression is checked below).
+    issued = tmp_path / "tls"
+    argv = ["certs", "init", "--dir", str(issued), "--cluster", cluster,
+            "--members", ",".join(h.name for h in by_role["store"]),
+            "--engines", ",".join(h.name for h in by_role["engine"]),
+            "--gateways", ",".join(f"{h.name}-gw" for h in by_role["engine"]),
+            "--etcd", ",".join(h.name for h in by_role["etcd"]), "--admins", "admin",
+            *[f"--san={c}={h.ip}" for h in hosts for c in h.certificates]]
+    assert cli.main(argv) == 0
+    command, flags = example_locals()["certs_init_command"], example_locals()["role_flags"]
+    for piece in ("--admins admin", "--san ${name}=${c.ip}",
+                  "xdc certs init --dir tls --cluster ${var.cluster_name}"):
+        assert piece in command, piece
+    assert flags == {"member": "--members", "engine": "--engines", "gateway": "--gateways",
+                     "etcd": "--etcd"}
+    store = {f"xdc-prod/{p.name}": p.read_text() for p in issued.glob("*.pem")
+             if p.name != "ca-key.pem"}
+    store["xdc-prod/etcd-node.password"] = "n0de-secret\n"
+    store["xdc-prod/etcd-root.password"] = "r00t-secret\n"
+    store["xdc-prod/auth.toml"] = (EXAMPLE / "auth.toml.example").read_text()
+    cluster_toml = render("cluster_config", "cluster.toml.tftpl", example_context())
+    tls_dir = example_locals()["tls_dir"]
+
+    for h in hosts:
+        root = tmp_path / "hosts" / h.name
+        _, setup = host_bootstrap(h, files={})
+        fetched = re.findall(r"^fetch_secret '([^']+)' (/\S+)$", setup, re.M)
+        assert dict((p, n.removeprefix("xdc-prod/")) for n, p in fetched) == host_secret_files(
+            tls_dir, h)
+        for name, path in fetched:
+            (root / path[1:]).parent.mkdir(parents=True, exist_ok=True)
+            (root / path[1:]).write_text(store[name])
+        on_host = cluster_toml.replace("/etc/xdc/", f"{root}/etc/xdc/")
+        cfg = config.loads(on_host, root / "etc/xdc", source=f"{h.name}:cluster.toml")
+
+        def tls_of(cert: str, key: str, root: Path = root) -> Tls:
+            return Tls.load(root / "etc/xdc/tls/ca.pem", root / cert[1:], root / key[1:])
+
+        if h.role == "store":
+            assert config.load_tls(cfg, h.name).identity == Identity(cluster, "member", h.name)
+            for other in by_role["store"]:
+                if other is not h:
+                    with pytest.raises(config.ConfigError, match="cannot read"):
+                        config.load_tls(cfg, other.name)
+            access = config.etcd_access(cfg)
+            assert access.password == "n0de-secret" and access.user == "xdc-prod-node"
+            assert access.tls is not None and access.tls.cert is not None
+            assert tls_of(str(access.tls.cert).removeprefix(str(root)),
+                          str(access.tls.key).removeprefix(str(root))).identity.name == h.name
+            assert cfg.auth_file is not None and {p.cert for p in auth.load(
+                cfg.auth_file).principals} >= {f"xdc://{cluster}/engine/{e.name}"
+                                               for e in by_role["engine"]}
+        elif h.role == "engine":
+            for unit, holder, role in (("xdc-engine.service.tftpl", h.name, "engine"),
+                                       ("xdc-gateway.service.tftpl", f"{h.name}-gw",
+                                        "gateway")):
+                text = render("engine_host", unit, engine_unit_context(h))
+                cert = re.search(r"--tls-cert (\S+)", text).group(1)  # type: ignore[union-attr]
+                key = re.search(r"--tls-key (\S+)", text).group(1)  # type: ignore[union-attr]
+                assert tls_of(cert, key).identity == Identity(cluster, role, holder)
+                assert f"--auth {AUTH_FILE}" in text and (root / AUTH_FILE[1:]).exists()
+                assert ",".join(m["client"] for m in example_context()["members"]) in text
+            assert config.etcd_access(cfg).password == "n0de-secret"
+        else:
+            unit = render("etcd_member", "etcd.service.tftpl", etcd_unit_context(h))
+            cert = re.search(r"--cert-file=(\S+)", unit).group(1)  # type: ignore[union-attr]
+            key = re.search(r"--key-file=(\S+)", unit).group(1)  # type: ignore[union-attr]
+            server = tls_of(cert, key)
+            assert server.identity == Identity(cluster, "etcd", h.name)
+            assert h.ip in server_names(root / cert[1:])  # clients and peers dial the IP
+            if h.bootstrap_auth:  # what `xdc etcd bootstrap-auth --config` reads
+                assert config.etcd_access(cfg).password == "n0de-secret"
+                assert (root / "etc/xdc/etcd-root.password").read_text() == "r00t-secret\n"
+            else:
+                assert not (root / "etc/xdc/etcd-node.password").exists()
+    # A member's certificate names its IP (clients dial it) and its id (peers expect it).
+    assert server_names(issued / "use1-a.pem") >= {"use1-a", "10.40.1.10"}
+    assert "10.40.1.10" not in server_names(issued / "use2-a.pem")
+
+
+def server_names(cert: Path) -> set[str]:
+    from cryptography import x509
+    san = x509.load_pem_x509_certificate(cert.read_bytes()).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value
+    return {*san.get_values_for_type(x509.DNSName),
+            *map(str, san.get_values_for_type(x509.IPAddress))}
+
+
+def engine_unit_context(h: Host) -> dict[str, Any]:
+    d = defaults()
+    e = next(e for e in d["engine_hosts"] if e["id"] == h.name)
+    return {"cluster_name": d["cluster_name"], "engine_id": h.name, "engine_group": e["group"],
+            "engine_port": d["ports"]["engine"], "gateway": f"{h.name}-gw",
+            "gateway_port": d["ports"]["gateway"],
+            "store_endpoints": ",".join(m["client"] for m in example_context()["members"]),
+            "tls_dir": example_locals()["tls_dir"], "auth": True, "auth_file": AUTH_FILE}
+
+
+def etcd_unit_context(h: Host) -> dict[str, Any]:
+    d = defaults()
+    ips = dict(zip([m["name"] for m in d["etcd_members"]], example_ips()["etcd"], strict=True))
+    initial = ",".join(f"{n}=https://{ip}:{d['ports']['etcd_peer']}" for n, ip in ips.items())
+    return {"cluster_name": d["cluster_name"], "member_name": h.name, "private_ip": h.ip,
+            "client_port": d["ports"]["etcd_client"], "peer_port": d["ports"]["etcd_peer"],
+            "initial_cluster": initial, "heartbeat_ms": d["etcd_heartbeat_ms"],
+            "election_timeout_ms": d["etcd_election_timeout_ms"], "data_dir": "/var/lib/etcd",
+            "tls_dir": example_locals()["tls_dir"]}
+
+
+def host_bootstrap(host: Host, *, files: dict[str, str], units: tuple[str, ...] = (),
+                   role_script: str = "") -> tuple[str, str]:
     """(cloud-init, setup script) the way modules/host/main.tf renders them."""
+    service_user, data_dir, data_volume = {
+        "store": ("xdc", "/var/lib/xdc", True), "engine": ("xdc", "/var/lib/xdc-engine", False),
+        "etcd": ("etcd", "/var/lib/etcd", True)}[host.role]
+    secret_files = host_secret_files(example_locals()["tls_dir"], host)
     setup = render("host", "setup.sh.tftpl", {
-        "name": f"xdc-prod-use1-{role}", "role": role, "service_user": service_user,
-        "data_dir": data_dir, "data_volume": data_volume, "tls_enabled": tls_enabled,
-        "tls": {k: f"arn:aws:secretsmanager:us-east-1:123456789012:secret:xdc/{k}"
-                for k in ("ca_secret_arn", "cert_secret_arn", "key_secret_arn")},
-        "tls_dir": "/etc/xdc/tls", "install_xdc": install_xdc, "xdc_package": "xdc==0.1.0",
+        "name": f"xdc-prod-use1-{host.role}-{host.name}", "role": host.role,
+        "service_user": service_user, "data_dir": data_dir, "data_volume": data_volume,
+        "fetch_secrets": bool(secret_files), "secret_files": secret_files, "secrets": SECRETS,
+        "install_xdc": host.role != "etcd" or host.bootstrap_auth, "xdc_package": "xdc==0.1.0",
         "pip_index_args": "--index-url https://pypi.internal.example/simple",
-        "role_script": role_script, "units": units,
+        "role_script": role_script, "units": list(units),
     })
     cloud = render("host", "cloud-init.yaml.tftpl", {
-        "name": f"xdc-prod-use1-{role}", "role": role, "files": files, "setup_script": setup,
+        "name": f"xdc-prod-use1-{host.role}", "role": host.role, "files": files,
+        "setup_script": setup,
     })
     return cloud, setup
 
@@ -713,56 +1024,136 @@ def bash_syntax_ok(script: str, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
+# EC2 refuses user data over 16 KiB; keep room for 5 voters and standbys.
+MAX_USER_DATA = 12 * 1024
+
+
 def test_store_node_bootstrap_writes_the_config_and_starts_the_unit(tmp_path: Path) -> None:
-    context = example_context()
-    cluster_toml = render("cluster_config", "cluster.toml.tftpl", context)
+    from xdc import cli
+
+    host = example_hosts()[0]
+    cluster_toml = render("cluster_config", "cluster.toml.tftpl", example_context())
     tiers_toml = render("cluster_config", "tiers.toml.tftpl", {"tiers": defaults()["tiers"]})
     unit = render("store_node", "xdc-store.service.tftpl", {
-        "cluster_name": "xdc-prod", "member_id": "use1-a", "data_dir": "/var/lib/xdc"})
+        "cluster_name": "xdc-prod", "member_id": host.name, "data_dir": "/var/lib/xdc"})
     files = {"/etc/xdc/cluster.toml": cluster_toml, "/etc/xdc/tiers.toml": tiers_toml,
              "/etc/systemd/system/xdc-store.service": unit}
-    cloud, setup = host_bootstrap(
-        role="store", service_user="xdc", data_dir="/var/lib/xdc", data_volume=True,
-        tls_enabled=True, install_xdc=True, role_script="", units=["xdc-store.service"],
-        files=files)
+    cloud, setup = host_bootstrap(host, files=files, units=("xdc-store.service",))
     written = write_files(cloud)
     assert written == {**files, "/usr/local/sbin/xdc-host-setup": setup}
-    # EC2 refuses user data over 16 KiB; keep room for 5 voters and standbys.
-    assert len(cloud.encode()) < 12 * 1024, len(cloud.encode())
+    assert len(cloud.encode()) < MAX_USER_DATA, len(cloud.encode())
     # What lands on the host is what the node will load.
     (tmp_path / "cluster.toml").write_text(written["/etc/xdc/cluster.toml"])
     (tmp_path / "tiers.toml").write_text(written["/etc/xdc/tiers.toml"])
     assert config.load(tmp_path / "cluster.toml").member("use1-a").data_dir == Path(
         "/var/lib/xdc")
     assert "--member use1-a" in unit and "RequiresMountsFor=/var/lib/xdc" in unit
-    assert "systemctl enable --now xdc-store.service" in setup
-    assert "secretsmanager get-secret-value" in setup and "mkfs.xfs" in setup
+    line = next(x for x in unit.splitlines() if x.startswith("ExecStart="))
+    args = cli.build_parser().parse_args(line.removeprefix("ExecStart=/opt/xdc/bin/xdc ").split())
+    assert (args.func, args.config, args.member) == (cli.cmd_node_run, "/etc/xdc/cluster.toml",
+                                                     "use1-a")
+    assert "systemctl enable --now --no-block xdc-store.service" in setup
+    assert "secretsmanager get-secret-value --region 'us-east-1'" in setup
+    assert "fetch_secret 'xdc-prod/use1-a-key.pem' /etc/xdc/tls/use1-a-key.pem" in setup
+    assert "umask 077" in setup and "mkfs.xfs" in setup
     assert "'xdc==0.1.0'" in setup
     assert "${" not in setup.replace("$${", "") and "%{" not in setup
     bash_syntax_ok(setup, tmp_path)
 
 
-def test_etcd_member_bootstrap_installs_the_pinned_release(tmp_path: Path) -> None:
+def test_engine_host_bootstrap_runs_the_engine_and_the_gateway(tmp_path: Path) -> None:
+    """The units run the real CLI: every option they pass is one `xdc engine run` and
+    `xdc gateway` accept, with the files the host fetched."""
+    from xdc import cli
+
+    host = next(h for h in example_hosts() if h.role == "engine")
+    context = engine_unit_context(host)
+    engine = render("engine_host", "xdc-engine.service.tftpl", context)
+    gateway = render("engine_host", "xdc-gateway.service.tftpl", context)
+    exchange = (EXAMPLE / "exchange.toml").read_text()
+    files = {"/etc/xdc/cluster.toml": render("cluster_config", "cluster.toml.tftpl",
+                                             example_context()),
+             "/etc/xdc/tiers.toml": render("cluster_config", "tiers.toml.tftpl",
+                                           {"tiers": defaults()["tiers"]}),
+             "/etc/xdc/exchange.toml": exchange,
+             "/etc/systemd/system/xdc-engine.service": engine,
+             "/etc/systemd/system/xdc-gateway.service": gateway}
+    cloud, setup = host_bootstrap(host, files=files,
+                                  units=("xdc-engine.service", "xdc-gateway.service"))
+    assert write_files(cloud) == {**files, "/usr/local/sbin/xdc-host-setup": setup}
+    assert len(cloud.encode()) < MAX_USER_DATA, len(cloud.encode())
+    parser = cli.build_parser()
+    for unit, command in ((engine, ["engine", "run"]), (gateway, ["gateway"])):
+        line = next(x for x in unit.splitlines() if x.startswith("ExecStart="))
+        argv = line.removeprefix("ExecStart=/opt/xdc/bin/xdc ").split()
+        assert argv[:len(command)] == command
+        args = parser.parse_args(argv)  # exits (SystemExit) on an unknown option
+        assert args.tls_cert.startswith("/etc/xdc/tls/") and args.auth == AUTH_FILE
+    args = parser.parse_args(next(x for x in engine.splitlines() if x.startswith(
+        "ExecStart=")).removeprefix("ExecStart=/opt/xdc/bin/xdc ").split())
+    assert (args.group, args.instance, args.lease) == ("equities", host.name, "etcd")
+    assert args.config == "/etc/xdc/cluster.toml" and args.control == "0.0.0.0:7200"
+    assert "systemctl enable --now --no-block xdc-gateway.service" in setup
+    bash_syntax_ok(setup, tmp_path)
+
+
+def test_example_exchange_and_auth_files_fit_the_hosts() -> None:
+    from engine.exchange_config import load as load_exchange
+    from store import auth
+
+    groups = {g.name for g in load_exchange(EXAMPLE / "exchange.toml").groups}
+    assert {e["group"] for e in defaults()["engine_hosts"]} <= groups
+    principals = auth.load(EXAMPLE / "auth.toml.example").principals
+    certs_named = {p.cert for p in principals}
+    for h in example_hosts():
+        if h.role == "engine":
+            assert f"xdc://xdc-prod/engine/{h.name}" in certs_named
+            assert f"xdc://xdc-prod/gateway/{h.name}-gw" in certs_named
+    assert "xdc://xdc-prod/admin/admin" in certs_named
+
+
+def test_etcd_member_bootstrap_runs_tls_and_the_first_turns_auth_on(tmp_path: Path) -> None:
+    from geo.etcd_server import EtcdMember, EtcdTls
+    from xdc import cli
+
     d = defaults()
     version, sha = d["etcd_version"], d["etcd_sha256"]
     url = (f"{d['etcd_download_base_url']}/v{version}/etcd-v{version}-linux-amd64.tar.gz")
     install = render("etcd_member", "install-etcd.sh.tftpl", {
         "etcd_version": version, "etcd_sha256": sha, "download_url": url})
-    initial = ("etcd-use1=http://10.40.1.100:2380,etcd-use2=http://10.41.1.100:2380,"
-               "etcd-usw2=http://10.42.1.100:2380")
-    unit = render("etcd_member", "etcd.service.tftpl", {
-        "cluster_name": "xdc-prod", "member_name": "etcd-use1", "private_ip": "10.40.1.100",
-        "client_port": 2379, "peer_port": 2380, "initial_cluster": initial,
-        "heartbeat_ms": 100, "election_timeout_ms": 1000, "data_dir": "/var/lib/etcd"})
-    cloud, setup = host_bootstrap(
-        role="etcd", service_user="etcd", data_dir="/var/lib/etcd", data_volume=True,
-        tls_enabled=False, install_xdc=False, role_script=install, units=["etcd.service"],
-        files={"/etc/systemd/system/etcd.service": unit})
-    assert set(write_files(cloud)) == {"/etc/systemd/system/etcd.service",
-                                       "/usr/local/sbin/xdc-host-setup"}
+    first, second = [h for h in example_hosts() if h.role == "etcd"][:2]
+    unit = render("etcd_member", "etcd.service.tftpl", etcd_unit_context(first))
+    auth_unit = render("etcd_member", "xdc-etcd-auth.service.tftpl", {
+        "cluster_name": "xdc-prod", "root_password_file": "/etc/xdc/etcd-root.password"})
+    files = {"/etc/systemd/system/etcd.service": unit,
+             "/etc/xdc/cluster.toml": render("cluster_config", "cluster.toml.tftpl",
+                                             example_context()),
+             "/etc/systemd/system/xdc-etcd-auth.service": auth_unit}
+    cloud, setup = host_bootstrap(first, files=files, role_script=install,
+                                  units=("etcd.service", "xdc-etcd-auth.service"))
+    assert set(write_files(cloud)) == {*files, "/usr/local/sbin/xdc-host-setup"}
     assert f"echo '{sha}  '" in install and "sha256sum --check" in install
     assert url in install
-    assert f"--initial-cluster={initial}" in unit
-    assert "--advertise-client-urls=http://10.40.1.100:2379" in unit
-    assert "secretsmanager" not in setup and "/opt/xdc" not in setup
+    assert etcd_unit_context(first)["initial_cluster"].startswith("etcd-use1=https://")
+    assert f"--initial-cluster={etcd_unit_context(first)['initial_cluster']}" in unit
+    assert "--advertise-client-urls=https://10.40.1.100:2379" in unit
+    assert "http://" not in unit
+    # The same TLS flags as the etcd the launcher and the tests run (geo/etcd_server.py).
+    tls = EtcdTls(Path("/etc/xdc/tls/ca.pem"), Path("/etc/xdc/tls/etcd-use1.pem"),
+                  Path("/etc/xdc/tls/etcd-use1-key.pem"))
+    member = EtcdMember("etcd-use1", tmp_path, 2379, 2380, "", "etcd", (), tls)
+    flags = [a for line in unit.splitlines() for a in line.strip(" \\").split()
+             if a.startswith("--")]
+    assert set(member._tls_args()) <= set(flags)
+    # The first member runs `xdc etcd bootstrap-auth` with the cluster TOML's [etcd].
+    line = next(x for x in auth_unit.splitlines() if x.startswith("ExecStart="))
+    args = cli.build_parser().parse_args(line.removeprefix("ExecStart=/opt/xdc/bin/xdc ").split())
+    assert args.func is cli.cmd_etcd_bootstrap_auth and args.config == "/etc/xdc/cluster.toml"
+    assert args.root_password_file == "/etc/xdc/etcd-root.password"
+    assert "Restart=on-failure" in auth_unit and "StartLimitIntervalSec=0" in auth_unit
+    assert "/opt/xdc" in setup and "etcd-root.password" in setup
     bash_syntax_ok(setup, tmp_path)
+    # The others install no xdc and hold no password.
+    _, other = host_bootstrap(second, files={}, role_script=install, units=("etcd.service",))
+    assert "/opt/xdc" not in other and ".password" not in other
+    assert "fetch_secret 'xdc-prod/etcd-use2-key.pem'" in other

@@ -227,7 +227,7 @@ def test_cli_certs_init_per_host_server_names(tmp_path: Path) -> None:
     dialling that address accepts that certificate and no other."""
     d = tmp_path / "tls"
     names = ("--cluster", "c", "--members", "n1,n2", "--engines", "e1", "--gateways", "e1-gw",
-             "--etcd", "etcd-a", "--admins", "admin")
+             "--etcd", "etcd-a", "--admins", "admin", "--clients", "desk-1")
     for bad, why in ((["--san", "nobody=10.0.0.1"], "no such certificate"),
                      (["--san", "n1="], "expected NAME=HOST"),
                      (["--san", "n1=10.0.0.1,bad_host!"], "neither an IP address"),
@@ -235,6 +235,9 @@ def test_cli_certs_init_per_host_server_names(tmp_path: Path) -> None:
         out = _xdc("certs", "init", "--dir", str(d), *names, *bad)
         assert out.returncode == 2 and why in out.stderr, (bad, out.stderr)
         assert not d.exists()  # nothing written on refusal
+    def tls(name: str) -> Tls:
+        return Tls.load(d / "ca.pem", d / f"{name}.pem", d / f"{name}-key.pem")
+
     out = _xdc("certs", "init", "--dir", str(d), *names, "--hosts", "",
                "--san", "n1=127.0.0.2,n1.xdc.internal", "--san", "n2=127.0.0.3",
                "--san", "e1=10.40.2.50", "--san", "e1-gw=10.40.2.50")
@@ -244,9 +247,7 @@ def test_cli_certs_init_per_host_server_names(tmp_path: Path) -> None:
     assert _server_names(d / "e1.pem") == {"e1", "10.40.2.50"}
     assert _server_names(d / "e1-gw.pem") == {"e1-gw", "10.40.2.50"}
     assert _server_names(d / "admin.pem") == {"admin"}  # --hosts "": no loopback names
-
-    def tls(name: str) -> Tls:
-        return Tls.load(d / "ca.pem", d / f"{name}.pem", d / f"{name}-key.pem")
+    assert tls("desk-1").identity == Identity("c", "client", "desk-1")
 
     async def body() -> None:
         for holder, ok in (("n1", True), ("n2", False)):

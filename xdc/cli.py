@@ -101,6 +101,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
     others = [(role, name) for role, names in (("engine", args.engines),
                                                ("gateway", args.gateways),
                                                ("admin", args.admins),
+                                               ("client", args.clients),
                                                ("etcd", args.etcd))
               for name in _store_targets(names)]
     sans: dict[str, list[str]] = {}
@@ -660,6 +661,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--engines", default="engine", help="engine certificate names")
     c.add_argument("--gateways", default="gateway", help="gateway certificate names")
     c.add_argument("--admins", default="admin", help="operator tool certificate names")
+    c.add_argument("--clients", default="", help="client program certificate names "
+                                                  "(order-entry desks, market-data readers)")
     c.add_argument("--etcd", default="etcd", help="etcd server certificate names")
     c.add_argument("--hosts", default="localhost,127.0.0.1,::1",
                    help="host names and addresses every certificate is valid for")

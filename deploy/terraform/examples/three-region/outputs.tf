@@ -46,3 +46,23 @@ output "cluster_toml" {
   description = "The cluster configuration written to /etc/xdc/cluster.toml on every host (use it with `xdc cluster status --config`)."
   value       = module.cluster_config.cluster_toml
 }
+
+output "certificates" {
+  description = "Every certificate the hosts hold: name => role (identity xdc://<cluster>/<role>/<name>) and the private IP it must name. Each name is one host's: a store node, an engine, a gateway (\"<engine id>-gw\", on its engine host) or an etcd member."
+  value       = local.certificates
+}
+
+output "certs_init_command" {
+  description = "The `xdc certs init` command that issues every certificate above (and an operator's `admin`) with its host's IP as a server name; or issue the same shape with your own CA."
+  value       = local.certs_init_command
+}
+
+output "secret_names" {
+  description = "The Secrets Manager secrets to create before the hosts boot (region: secrets.region, default the first region's): file => secret name. ca-key.pem is never one of them."
+  value = merge(
+    { "ca.pem" = "${local.secret_prefix}ca.pem" },
+    { for name, c in local.certificates : "${name}.pem" => "${local.secret_prefix}${name}.pem" },
+    { for name, c in local.certificates : "${name}-key.pem" => "${local.secret_prefix}${name}-key.pem" },
+    { for f in distinct(concat(values(local.node_secret_files), values(local.etcd_bootstrap_secret_files))) : f => "${local.secret_prefix}${f}" },
+  )
+}

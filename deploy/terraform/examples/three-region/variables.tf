@@ -34,7 +34,7 @@ variable "regions" {
     error_message = "xdc region names must be 1-16 lowercase letters, digits or '-'."
   }
   validation {
-    condition     = alltrue([for r in var.regions : can(cidrhost(r.vpc_cidr, 0)) && try(tonumber(split("/", r.vpc_cidr)[1]) <= 16, false)])
+    condition = alltrue([for r in var.regions : can(cidrhost(r.vpc_cidr, 0)) && try(tonumber(split("/", r.vpc_cidr)[1]) <= 16, false)])
     # Subnets are carved 8 bits smaller (a /16 gives /24s) and etcd members sit at host .100+.
     error_message = "Every vpc_cidr must be a valid IPv4 CIDR of /16 or larger."
   }
@@ -120,6 +120,20 @@ variable "engine_hosts" {
     # try(): HCL does not short-circuit &&, and [0] fails for an undeclared region.
     condition     = alltrue([for e in var.engine_hosts : try(e.az_index >= 0 && e.az_index < length([for r in var.regions : r.availability_zones if r.name == e.region][0]), false)])
     error_message = "Every engine host must name a declared region and one of its availability zones."
+  }
+  validation {
+    # Each host holds certificates (and fetches their secrets) by these names, the
+    # gateway's as "<engine id>-gw": a name used twice would hand one host another's key.
+    condition = length(distinct(concat([for n in var.store_nodes : n.id], [for e in var.engine_hosts : e.id],
+      [for e in var.engine_hosts : "${e.id}-gw"], [for m in var.etcd_members : m.name], ["admin"]
+    ))) == length(var.store_nodes) + 2 * length(var.engine_hosts) + length(var.etcd_members) + 1
+    error_message = "Store node ids, engine ids, their gateways (\"<engine id>-gw\"), etcd member names and \"admin\" name certificates: they must all differ."
+  }
+  validation {
+    # "<name>-key.pem" is the key file of certificate <name>, ca.pem the CA's; etcd takes a
+    # certificate's name as its user when no password is sent.
+    condition     = alltrue([for n in concat([for n in var.store_nodes : n.id], [for e in var.engine_hosts : e.id], [for m in var.etcd_members : m.name]) : !endswith(n, "-key") && !contains(["ca", "root", "${var.cluster_name}-node"], n)])
+    error_message = "No store node id, engine id or etcd member name may end in \"-key\" or be \"ca\", \"root\" or \"<cluster_name>-node\" (etcd's users)."
   }
 }
 
@@ -243,18 +257,36 @@ variable "tiers" {
   }
 }
 
-variable "tls" {
-  description = "Secrets Manager ARNs of the cluster's PEM files: CA, certificate (SANs: every host's private IP) and key. Create the secrets outside Terraform; only their ARNs enter the state."
+variable "secrets" {
+  description = "Where the secrets are (create them outside Terraform, see the README; only their names and ARNs enter the state): Secrets Manager region (empty: the first region's), name prefix (empty: \"<cluster_name>/\"), customer-managed KMS keys encrypting them (empty: the AWS-managed key). Names: <prefix>ca.pem, <prefix><name>.pem and <prefix><name>-key.pem per certificate (output certificates), <prefix>etcd-root.password, <prefix>etcd-node.password, and <prefix>auth.toml with client_auth."
   type = object({
-    ca_secret_arn   = string
-    cert_secret_arn = string
-    key_secret_arn  = string
-    kms_key_arns    = optional(list(string), [])
+    region       = optional(string, "")
+    prefix       = optional(string, "")
+    kms_key_arns = optional(list(string), [])
   })
+  default = {}
   validation {
-    condition     = alltrue([for a in [var.tls.ca_secret_arn, var.tls.cert_secret_arn, var.tls.key_secret_arn] : can(regex("^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:[0-9]{12}:secret:", a))])
-    error_message = "tls.*_secret_arn must be Secrets Manager secret ARNs (the PEM contents never go into Terraform)."
+    condition     = can(regex("^([a-z]{2}(-[a-z]+)+-[0-9])?$", var.secrets.region)) && can(regex("^[A-Za-z0-9/_+=.@-]{0,200}$", var.secrets.prefix))
+    error_message = "secrets.region must be an AWS region name (or empty), secrets.prefix at most 200 characters of letters, digits and /_+=.@-."
   }
+}
+
+variable "client_auth" {
+  description = "Clients authenticate and are checked against an auth file (principals by token hash or certificate identity, grants; see the README): secret <prefix>auth.toml, fetched by store and engine hosts. false: every caller with a certificate of the CA may do anything."
+  type        = bool
+  default     = true
+}
+
+variable "client_certs" {
+  description = "Whether the store's client API demands a client certificate signed by the cluster's CA (false: server-only TLS there, clients authenticate with tokens)."
+  type        = bool
+  default     = true
+}
+
+variable "exchange_file" {
+  description = "The exchange file (engine groups, symbols, opening deposits) the gateways route by; run `xdc exchange init --exchange FILE` once against the cluster."
+  type        = string
+  default     = "exchange.toml"
 }
 
 variable "xdc_package" {

@@ -52,7 +52,7 @@ variable "data_dir" {
 }
 
 variable "tls_dir" {
-  description = "Directory holding ca.pem, cert.pem and key.pem on every host; empty: no [tls] table."
+  description = "Directory of the PEM files on every host (ca.pem, <member id>.pem, host.pem); empty: no TLS and no etcd authentication."
   type        = string
   validation {
     condition     = can(regex("^(/[A-Za-z0-9._-]+)*$", var.tls_dir))
@@ -66,4 +66,24 @@ variable "tiers" {
     name     = string
     services = list(string)
   }))
+}
+
+variable "client_certs" {
+  description = "Whether the store's client API demands a client certificate (false: clients authenticate with tokens only)."
+  type        = bool
+}
+
+variable "etcd_user" {
+  description = "etcd user of the cluster's nodes and engines (its role may touch only \"/<cluster_name>/\")."
+  type        = string
+}
+
+variable "etcd_password_file" {
+  description = "Path of the etcd user's password on every host."
+  type        = string
+}
+
+variable "auth_file" {
+  description = "Path of the client auth file (principals, grants) on the hosts; empty: clients are not authenticated."
+  type        = string
 }

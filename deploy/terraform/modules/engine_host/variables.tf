@@ -33,11 +33,6 @@ variable "security_group_ids" {
   type        = list(string)
 }
 
-variable "iam_instance_profile" {
-  description = "Instance profile of the host."
-  type        = string
-}
-
 variable "kms_key_arn" {
   description = "KMS key of the region, encrypting the volumes."
   type        = string
@@ -103,11 +98,32 @@ variable "gateway_port" {
   type        = number
 }
 
-variable "tls" {
-  description = "Secrets Manager ARNs of the cluster's PEM files (ca, cert, key); the host fetches them at boot."
+variable "store_endpoints" {
+  description = "host:port of every store node's client API, comma separated (engines and the gateway follow the leader among them)."
+  type        = string
+}
+
+variable "exchange_toml" {
+  description = "The exchange file (engine groups and symbols) the gateway routes by; written to /etc/xdc/exchange.toml."
+  type        = string
+}
+
+variable "auth_file" {
+  description = "Path of the auth file on the host (fetched as a secret); the engine's control port and the gateway check callers against it. Empty: no client authentication."
+  type        = string
+}
+
+variable "secrets" {
+  description = "Where the cluster's secrets are (Secrets Manager region, name prefix, its ARN, KMS keys); the host fetches its own at boot."
   type = object({
-    ca_secret_arn   = string
-    cert_secret_arn = string
-    key_secret_arn  = string
+    region       = string
+    prefix       = string
+    arn_prefix   = string
+    kms_key_arns = list(string)
   })
+}
+
+variable "secret_files" {
+  description = "Secrets besides the TLS files: absolute path on the host => secret name after secrets.prefix."
+  type        = map(string)
 }

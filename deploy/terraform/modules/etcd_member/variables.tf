@@ -33,11 +33,6 @@ variable "security_group_ids" {
   type        = list(string)
 }
 
-variable "iam_instance_profile" {
-  description = "Instance profile of the host."
-  type        = string
-}
-
 variable "kms_key_arn" {
   description = "KMS key of the region, encrypting the volumes."
   type        = string
@@ -59,7 +54,7 @@ variable "member_name" {
 }
 
 variable "initial_cluster" {
-  description = "etcd --initial-cluster value: name=http://ip:peer_port for every member."
+  description = "etcd --initial-cluster value: name=https://ip:peer_port for every member."
   type        = string
 }
 
@@ -101,4 +96,49 @@ variable "peer_port" {
 variable "data_volume_gb" {
   description = "Size of the etcd data volume in GiB."
   type        = number
+}
+
+variable "tls_dir" {
+  description = "Directory of the PEM files: ca.pem, <member_name>.pem and <member_name>-key.pem (the member's server and peer certificate), host.pem."
+  type        = string
+}
+
+variable "bootstrap_auth" {
+  description = "Whether this member turns etcd authentication on (exactly one member: the first). It then gets xdc, the cluster TOML and both etcd passwords."
+  type        = bool
+}
+
+variable "cluster_toml" {
+  description = "Rendered cluster configuration: its [etcd] names the endpoints, TLS files, user and password file the bootstrap uses."
+  type        = string
+}
+
+variable "root_password_file" {
+  description = "Path of etcd root's password on the bootstrapping member (fetched as a secret)."
+  type        = string
+}
+
+variable "xdc_package" {
+  description = "pip requirement for xdc, pinned (installed on the bootstrapping member only)."
+  type        = string
+}
+
+variable "xdc_index_url" {
+  description = "Package index serving xdc; empty: pip's default."
+  type        = string
+}
+
+variable "secrets" {
+  description = "Where the cluster's secrets are (Secrets Manager region, name prefix, its ARN, KMS keys); the host fetches its own at boot."
+  type = object({
+    region       = string
+    prefix       = string
+    arn_prefix   = string
+    kms_key_arns = list(string)
+  })
+}
+
+variable "secret_files" {
+  description = "Secrets besides the TLS files: absolute path on the host => secret name after secrets.prefix (the bootstrapping member: both etcd passwords)."
+  type        = map(string)
 }

@@ -17,16 +17,29 @@ data "aws_ami" "ubuntu" {
 
 locals {
   ami_id = var.ami_id != null ? var.ami_id : data.aws_ami.ubuntu[0].id
+  # Every file this host fetches from Secrets Manager: path on the host => secret name
+  # after the cluster's prefix. The certificates it holds (the first is the host's own
+  # identity, also host.pem: the [etcd] client certificate of the shared cluster TOML),
+  # the CA, and its role's passwords or auth file. The host's role may read exactly these.
+  tls_files = length(var.certificates) == 0 ? {} : merge(
+    {
+      "${var.tls_dir}/ca.pem"       = "ca.pem"
+      "${var.tls_dir}/host.pem"     = "${var.certificates[0]}.pem"
+      "${var.tls_dir}/host-key.pem" = "${var.certificates[0]}-key.pem"
+    },
+    { for c in var.certificates : "${var.tls_dir}/${c}.pem" => "${c}.pem" },
+    { for c in var.certificates : "${var.tls_dir}/${c}-key.pem" => "${c}-key.pem" },
+  )
+  secret_files = merge(local.tls_files, var.secret_files)
   setup_script = templatefile("${path.module}/setup.sh.tftpl", {
     name           = var.name
     role           = var.role
     service_user   = var.service_user
     data_dir       = var.data_dir
     data_volume    = var.data_volume_gb > 0
-    tls_enabled    = var.tls != null
-    # Both branches of a template `if` must evaluate, so no null here.
-    tls = var.tls != null ? var.tls : { ca_secret_arn = "", cert_secret_arn = "", key_secret_arn = "" }
-    tls_dir        = var.tls_dir
+    fetch_secrets  = length(local.secret_files) > 0
+    secret_files   = local.secret_files
+    secrets        = var.secrets
     install_xdc    = var.install_xdc
     xdc_package    = var.xdc_package
     pip_index_args = var.xdc_index_url == "" ? "" : "--index-url ${var.xdc_index_url}"
@@ -41,13 +54,23 @@ locals {
   })
 }
 
+# This host's own role: it may read the secrets it fetches and no other host's.
+module "iam" {
+  source = "../iam"
+
+  name         = var.name
+  secret_arns  = [for s in sort(distinct(values(local.secret_files))) : "${var.secrets.arn_prefix}${s}-??????"]
+  kms_key_arns = var.secrets.kms_key_arns
+  tags         = var.tags
+}
+
 resource "aws_instance" "this" {
   ami                         = local.ami_id
   instance_type               = var.instance_type
   subnet_id                   = var.subnet_id
   private_ip                  = var.private_ip
   vpc_security_group_ids      = var.security_group_ids
-  iam_instance_profile        = var.iam_instance_profile
+  iam_instance_profile        = module.iam.instance_profile_name
   associate_public_ip_address = false
   ebs_optimized               = true
   monitoring                  = true

@@ -43,11 +43,6 @@ variable "security_group_ids" {
   type        = list(string)
 }
 
-variable "iam_instance_profile" {
-  description = "Instance profile (SSM access, reading the TLS secrets)."
-  type        = string
-}
-
 variable "service_user" {
   description = "System user the host's service runs as; it owns the data directory."
   type        = string
@@ -88,18 +83,29 @@ variable "xdc_index_url" {
   type        = string
 }
 
-variable "tls" {
-  description = "Secrets Manager ARNs of the PEM files (ca, cert, key); only the ARNs pass through Terraform, the host fetches the contents at boot. null: no TLS files."
-  type = object({
-    ca_secret_arn   = string
-    cert_secret_arn = string
-    key_secret_arn  = string
-  })
+variable "tls_dir" {
+  description = "Directory the TLS PEM files are written to: ca.pem, <name>.pem and <name>-key.pem per certificate held, host.pem and host-key.pem (the host's own)."
+  type        = string
 }
 
-variable "tls_dir" {
-  description = "Directory the TLS PEM files are written to (ca.pem, cert.pem, key.pem)."
-  type        = string
+variable "certificates" {
+  description = "Names of the certificates this host holds (files <name>.pem and <name>-key.pem of `xdc certs init`, one secret each); the first is the host's own identity. Empty: no TLS material."
+  type        = list(string)
+}
+
+variable "secret_files" {
+  description = "More secrets to fetch at boot: absolute path on the host => secret name after secrets.prefix (e.g. etcd passwords, the auth file)."
+  type        = map(string)
+}
+
+variable "secrets" {
+  description = "Where the secrets are: Secrets Manager region, name prefix, the ARN of that prefix (arn:...:secret:<prefix>) and the KMS keys encrypting them. Only names and ARNs pass through Terraform; the host fetches the contents at boot."
+  type = object({
+    region       = string
+    prefix       = string
+    arn_prefix   = string
+    kms_key_arns = list(string)
+  })
 }
 
 variable "kms_key_arn" {

@@ -1,5 +1,7 @@
-# One role for every host of the cluster: Session Manager access for operators (instead
-# of SSH) and read access to exactly the TLS secrets, nothing else.
+# The role of one host: Session Manager access for operators (instead of SSH) and read
+# access to exactly the secrets that host fetches at boot (its own certificate and key,
+# the CA, and the passwords or auth file its role needs), nothing else. One role per host,
+# so a compromised host cannot read another host's key.
 
 data "aws_partition" "current" {}
 
@@ -14,9 +16,10 @@ data "aws_iam_policy_document" "assume" {
 }
 
 resource "aws_iam_role" "this" {
-  name               = var.name
+  # IAM names are global and limited to 64 characters: a prefix plus a unique suffix.
+  name_prefix        = substr("${var.name}-", 0, 38)
   assume_role_policy = data.aws_iam_policy_document.assume.json
-  tags               = var.tags
+  tags               = merge(var.tags, { Name = var.name })
 }
 
 resource "aws_iam_role_policy_attachment" "ssm" {
@@ -24,18 +27,19 @@ resource "aws_iam_role_policy_attachment" "ssm" {
   policy_arn = "arn:${data.aws_partition.current.partition}:iam::aws:policy/AmazonSSMManagedInstanceCore"
 }
 
-data "aws_iam_policy_document" "tls" {
+data "aws_iam_policy_document" "secrets" {
+  count = length(var.secret_arns) > 0 ? 1 : 0
   statement {
-    sid       = "ReadTlsMaterial"
+    sid       = "ReadOwnSecrets"
     actions   = ["secretsmanager:GetSecretValue", "secretsmanager:DescribeSecret"]
-    resources = var.tls_secret_arns
+    resources = var.secret_arns
   }
   dynamic "statement" {
-    for_each = length(var.tls_kms_key_arns) > 0 ? [1] : []
+    for_each = length(var.kms_key_arns) > 0 ? [1] : []
     content {
-      sid       = "DecryptTlsMaterial"
+      sid       = "DecryptOwnSecrets"
       actions   = ["kms:Decrypt"]
-      resources = var.tls_kms_key_arns
+      resources = var.kms_key_arns
       condition {
         test     = "StringLike"
         variable = "kms:ViaService"
@@ -45,14 +49,15 @@ data "aws_iam_policy_document" "tls" {
   }
 }
 
-resource "aws_iam_role_policy" "tls" {
-  name   = "read-tls-secrets"
+resource "aws_iam_role_policy" "secrets" {
+  count  = length(var.secret_arns) > 0 ? 1 : 0
+  name   = "read-own-secrets"
   role   = aws_iam_role.this.id
-  policy = data.aws_iam_policy_document.tls.json
+  policy = data.aws_iam_policy_document.secrets[0].json
 }
 
 resource "aws_iam_instance_profile" "this" {
-  name = var.name
-  role = aws_iam_role.this.name
-  tags = var.tags
+  name_prefix = substr("${var.name}-", 0, 38)
+  role        = aws_iam_role.this.name
+  tags        = merge(var.tags, { Name = var.name })
 }

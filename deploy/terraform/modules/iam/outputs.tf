@@ -1,9 +1,9 @@
 output "instance_profile_name" {
-  description = "Instance profile every host uses."
+  description = "Instance profile of the host."
   value       = aws_iam_instance_profile.this.name
 }
 
 output "role_arn" {
-  description = "ARN of the hosts' role (grant it access to anything else the hosts need)."
+  description = "ARN of the host's role (grant it access to anything else the host needs)."
   value       = aws_iam_role.this.arn
 }

@@ -28,58 +28,61 @@ module "store" {
   source   = "../store_node"
   for_each = { for n in var.store_nodes : n.id => n }
 
-  name_prefix          = var.name_prefix
-  cluster_name         = var.cluster_name
-  member_id            = each.key
-  region_name          = var.region_name
-  voter                = each.value.voter
-  private_ip           = each.value.ip
-  subnet_id            = module.network.private_subnet_ids[each.value.az_index]
-  availability_zone    = var.availability_zones[each.value.az_index]
-  instance_type        = var.instance_types.store
-  security_group_ids   = [module.security.store_sg_id]
-  iam_instance_profile = var.iam_instance_profile
-  kms_key_arn          = module.network.kms_key_arn
-  root_volume_gb       = var.root_volume_gb
-  data_volume_gb       = var.store_data_volume_gb
-  data_volume_iops     = var.store_data_volume_iops
-  data_dir             = var.store_data_dir
-  cluster_toml         = var.cluster_toml
-  tiers_toml           = var.tiers_toml
-  tls                  = var.tls
-  tls_dir              = var.tls_dir
-  xdc_package          = var.xdc_package
-  xdc_index_url        = var.xdc_index_url
-  client_port          = var.ports.client
-  tags                 = var.tags
+  name_prefix        = var.name_prefix
+  cluster_name       = var.cluster_name
+  member_id          = each.key
+  region_name        = var.region_name
+  voter              = each.value.voter
+  private_ip         = each.value.ip
+  subnet_id          = module.network.private_subnet_ids[each.value.az_index]
+  availability_zone  = var.availability_zones[each.value.az_index]
+  instance_type      = var.instance_types.store
+  security_group_ids = [module.security.store_sg_id]
+  kms_key_arn        = module.network.kms_key_arn
+  root_volume_gb     = var.root_volume_gb
+  data_volume_gb     = var.store_data_volume_gb
+  data_volume_iops   = var.store_data_volume_iops
+  data_dir           = var.store_data_dir
+  cluster_toml       = var.cluster_toml
+  tiers_toml         = var.tiers_toml
+  tls_dir            = var.tls_dir
+  secrets            = var.secrets
+  secret_files       = var.node_secret_files
+  xdc_package        = var.xdc_package
+  xdc_index_url      = var.xdc_index_url
+  client_port        = var.ports.client
+  tags               = var.tags
 }
 
 module "engine" {
   source   = "../engine_host"
   for_each = { for e in var.engine_hosts : e.id => e }
 
-  name_prefix          = var.name_prefix
-  cluster_name         = var.cluster_name
-  engine_id            = each.key
-  engine_group         = each.value.group
-  region_name          = var.region_name
-  private_ip           = each.value.ip
-  subnet_id            = module.network.private_subnet_ids[each.value.az_index]
-  availability_zone    = var.availability_zones[each.value.az_index]
-  instance_type        = var.instance_types.engine
-  security_group_ids   = [module.security.engine_sg_id]
-  iam_instance_profile = var.iam_instance_profile
-  kms_key_arn          = module.network.kms_key_arn
-  root_volume_gb       = var.root_volume_gb
-  cluster_toml         = var.cluster_toml
-  tiers_toml           = var.tiers_toml
-  tls                  = var.tls
-  tls_dir              = var.tls_dir
-  xdc_package          = var.xdc_package
-  xdc_index_url        = var.xdc_index_url
-  engine_port          = var.ports.engine
-  gateway_port         = var.ports.gateway
-  tags                 = var.tags
+  name_prefix        = var.name_prefix
+  cluster_name       = var.cluster_name
+  engine_id          = each.key
+  engine_group       = each.value.group
+  region_name        = var.region_name
+  private_ip         = each.value.ip
+  subnet_id          = module.network.private_subnet_ids[each.value.az_index]
+  availability_zone  = var.availability_zones[each.value.az_index]
+  instance_type      = var.instance_types.engine
+  security_group_ids = [module.security.engine_sg_id]
+  kms_key_arn        = module.network.kms_key_arn
+  root_volume_gb     = var.root_volume_gb
+  cluster_toml       = var.cluster_toml
+  tiers_toml         = var.tiers_toml
+  exchange_toml      = var.exchange_toml
+  store_endpoints    = var.store_endpoints
+  auth_file          = var.auth_file
+  tls_dir            = var.tls_dir
+  secrets            = var.secrets
+  secret_files       = var.node_secret_files
+  xdc_package        = var.xdc_package
+  xdc_index_url      = var.xdc_index_url
+  engine_port        = var.ports.engine
+  gateway_port       = var.ports.gateway
+  tags               = var.tags
 }
 
 module "etcd" {
@@ -94,7 +97,6 @@ module "etcd" {
   availability_zone      = var.availability_zones[each.value.az_index]
   instance_type          = var.instance_types.etcd
   security_group_ids     = [module.security.etcd_sg_id]
-  iam_instance_profile   = var.iam_instance_profile
   kms_key_arn            = module.network.kms_key_arn
   root_volume_gb         = var.root_volume_gb
   data_volume_gb         = var.etcd_data_volume_gb
@@ -106,5 +108,13 @@ module "etcd" {
   election_timeout_ms    = var.etcd_election_timeout_ms
   client_port            = var.ports.etcd_client
   peer_port              = var.ports.etcd_peer
+  tls_dir                = var.tls_dir
+  secrets                = var.secrets
+  bootstrap_auth         = each.value.bootstrap_auth
+  secret_files           = each.value.bootstrap_auth ? var.etcd_bootstrap_secret_files : {}
+  cluster_toml           = var.cluster_toml
+  root_password_file     = var.etcd_root_password_file
+  xdc_package            = var.xdc_package
+  xdc_index_url          = var.xdc_index_url
   tags                   = var.tags
 }

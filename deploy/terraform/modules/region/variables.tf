@@ -76,11 +76,12 @@ variable "engine_hosts" {
 }
 
 variable "etcd_members" {
-  description = "etcd members of this region with their fixed IPs."
+  description = "etcd members of this region with their fixed IPs; bootstrap_auth: the one member of the cluster that turns etcd authentication on."
   type = list(object({
-    name     = string
-    az_index = number
-    ip       = string
+    name           = string
+    az_index       = number
+    ip             = string
+    bootstrap_auth = bool
   }))
 }
 
@@ -129,15 +130,6 @@ variable "store_data_dir" {
   type        = string
 }
 
-variable "tls" {
-  description = "Secrets Manager ARNs of the PEM files."
-  type = object({
-    ca_secret_arn   = string
-    cert_secret_arn = string
-    key_secret_arn  = string
-  })
-}
-
 variable "tls_dir" {
   description = "Directory of the PEM files on the hosts."
   type        = string
@@ -150,11 +142,6 @@ variable "xdc_package" {
 
 variable "xdc_index_url" {
   description = "Package index serving xdc; empty: pip's default."
-  type        = string
-}
-
-variable "iam_instance_profile" {
-  description = "Instance profile of every host."
   type        = string
 }
 
@@ -195,4 +182,44 @@ variable "flow_log_retention_days" {
 variable "tags" {
   description = "Tags added to every resource."
   type        = map(string)
+}
+
+variable "secrets" {
+  description = "Where the cluster's secrets are (Secrets Manager region, name prefix, its ARN, KMS keys)."
+  type = object({
+    region       = string
+    prefix       = string
+    arn_prefix   = string
+    kms_key_arns = list(string)
+  })
+}
+
+variable "node_secret_files" {
+  description = "Secrets every store node and engine host fetches besides its TLS files (etcd node password, auth file): path => secret name after the prefix."
+  type        = map(string)
+}
+
+variable "etcd_bootstrap_secret_files" {
+  description = "Secrets the etcd member that turns authentication on fetches besides its TLS files (both etcd passwords)."
+  type        = map(string)
+}
+
+variable "etcd_root_password_file" {
+  description = "Path of etcd root's password on the bootstrapping etcd member."
+  type        = string
+}
+
+variable "store_endpoints" {
+  description = "Client API host:port of every store node of the cluster, comma separated (for engines and gateways)."
+  type        = string
+}
+
+variable "exchange_toml" {
+  description = "The exchange file (engine groups and symbols) of the gateways."
+  type        = string
+}
+
+variable "auth_file" {
+  description = "Path of the client auth file on store and engine hosts; empty: no client authentication."
+  type        = string
 }

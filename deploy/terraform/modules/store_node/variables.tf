@@ -33,11 +33,6 @@ variable "security_group_ids" {
   type        = list(string)
 }
 
-variable "iam_instance_profile" {
-  description = "Instance profile of the host."
-  type        = string
-}
-
 variable "kms_key_arn" {
   description = "KMS key of the region, encrypting the volumes."
   type        = string
@@ -113,11 +108,17 @@ variable "client_port" {
   type        = number
 }
 
-variable "tls" {
-  description = "Secrets Manager ARNs of the cluster's PEM files (ca, cert, key); the host fetches them at boot."
+variable "secrets" {
+  description = "Where the cluster's secrets are (Secrets Manager region, name prefix, its ARN, KMS keys); the host fetches its own at boot."
   type = object({
-    ca_secret_arn   = string
-    cert_secret_arn = string
-    key_secret_arn  = string
+    region       = string
+    prefix       = string
+    arn_prefix   = string
+    kms_key_arns = list(string)
   })
+}
+
+variable "secret_files" {
+  description = "Secrets besides the TLS files: absolute path on the host => secret name after secrets.prefix."
+  type        = map(string)
 }
