@@ -546,10 +546,14 @@ def format_status(state: ClusterState, sts: dict[str, rpb.NodeStatus | None]) ->
                          str(n.pid)))
             continue
         p = lag.get(n.id)
-        rows.append((n.id, n.region, st.role + (" (open)" if st.open else ""), str(st.term),
+        role = st.role + (" (open)" if st.open else "")
+        if st.role == "rejoining":  # a voter that lost its disk: its catch-up progress
+            role += f" {st.commit_position}/{st.leader_commit}"
+        rows.append((n.id, n.region, role, str(st.term),
                      str(st.commit_position), str(st.last_position),
                      str(p.lag) if p else ("0" if st.role == "leader" else "?"),
-                     ("yes" if p.in_sync else "no") if p else "-", str(n.pid)))
+                     (("yes" if p.in_sync else "no") + (", not counted" if p.rejoining else ""))
+                     if p else "-", str(n.pid)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     etcd_tls = etcd_access_of(state).tls

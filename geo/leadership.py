@@ -14,6 +14,7 @@ Keys, all under ``/<cluster>/``::
     designated   node id of a planned switchover target, attached to its own lease.
     promoted     node id an operator promoted (`xdc cluster promote`), no lease.
     failover     "manual" or "automatic": a runtime override of the config's mode.
+    members/<id> JSON of `info` (no lease): the member has joined (geo/node.py, lost disks).
 
 API (all coroutines run their etcd calls in threads; `LeadershipError` on etcd failure)::
 
@@ -33,6 +34,8 @@ API (all coroutines run their etcd calls in threads; `LeadershipError` on etcd f
     await lead.promote(node_id) / clear_promotion() / promoted()
     await lead.set_failover_mode(mode) / failover_mode()
     await lead.ever_led()               # True once any node has won the key
+    await lead.membership()             # Membership: joined before, ever led, revision
+    await lead.join()                   # record that this node joined (members/<id>)
     await lead.close()                  # stop threads and clients (does not revoke)
     lead._pause_keepalive() / _resume_keepalive()   # tests: freeze as SIGSTOP would
 
@@ -315,6 +318,15 @@ class _Snapshot:
     revision: int
 
 
+@dataclass(slots=True, frozen=True)
+class Membership:
+    joined: bool  # this node recorded itself under members/ before
+    ever_led: bool  # some node has won the leader key
+    # etcd's revision after both reads: every term granted so far is at most this (a
+    # term is a create_revision), every later one above it.
+    revision: int
+
+
 class Leadership:
     """Leader election on ``/<cluster>/leader`` (see the module docstring)."""
 
@@ -346,6 +358,7 @@ class Leadership:
         self.designated_key = self.prefix + "designated"
         self.promoted_key = self.prefix + "promoted"
         self.failover_key = self.prefix + "failover"
+        self.member_key = self.prefix + "members/" + node_id
         self._controls = (self.designated_key, self.promoted_key, self.failover_key)
         self._value = json.dumps(self.info, sort_keys=True)
         self._etcd = _Etcd(endpoints, timeout_s, access)
@@ -756,6 +769,22 @@ class Leadership:
     async def ever_led(self) -> bool:
         """True once any node has won the leader key of this cluster."""
         return await self._run(self._get_str, self.last_key) is not None
+
+    # ---- membership (lost disks) -----------------------------------------------------
+
+    async def membership(self) -> Membership:
+        """Whether this node joined before and whether any node ever led, then etcd's
+        current revision (see Membership)."""
+        def read(c: Any) -> Membership:
+            member = c.get_response(self.member_key)
+            last = c.get_response(self.last_key)
+            return Membership(member.count > 0, last.count > 0, int(last.header.revision))
+        return await self._run(self._etcd.call, "read membership", read)
+
+    async def join(self) -> None:
+        """Records that this node joined the cluster, before it serves anything: a later
+        start on an empty data directory then knows the disk was lost."""
+        await self._run(self._put, self.member_key, self._value)
 
     # ---- life cycle ---------------------------------------------------------------
 

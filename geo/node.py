@@ -8,6 +8,20 @@ tries the guarded etcd transaction; the key's create_revision is its term. The
 replication machine then runs the promise/recovery step and opens for writes once its
 term-start record commits. A leader whose lease cannot be renewed in time steps down
 before the lease can expire; safety comes from terms and promises, not from the lease.
+
+Lost disks: before it serves anything, a member records in etcd that it joined
+(`/<cluster>/members/<id>`), then marks its data directory with the cluster's name. A
+voter starting on an unmarked, empty directory while etcd says it joined before, and a
+leader was ever elected, lost its disk (replaced disk, rebuilt region): it may have
+promised and acknowledged things it no longer holds. It starts rejoining
+(geo/replication/core.py): with the mark it persists promised_term = rejoin_term =
+etcd's revision + 1 (above every term granted so far), then catches up from the leader
+without voting, campaigning or counting for commit, and votes again once it holds a
+committed record of a term elected after it came back. Any other unmarked member is new
+(a brand new cluster's first start, or a member added later): it never promised or
+acknowledged anything, so it is a plain voter. "A leader was ever elected" alone would
+not do (a cluster started one node at a time elects its first leader before the others
+start), nor "a peer holds records" (same, one election later).
 """
 
 from __future__ import annotations
@@ -16,7 +30,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -30,6 +45,7 @@ from geo.replication.messages import (
     Effect,
     LeaderKnown,
     LeaderOpen,
+    Rejoined,
     Send,
     SteppedDown,
     Tip,
@@ -57,11 +73,18 @@ from xdc.v1 import replication_pb2 as rpb
 from xdc.v1 import replication_pb2_grpc as rpb_grpc
 
 log = logging.getLogger("xdc.node")
+T = TypeVar("T")
 
 TICK_S = 0.05
 # A reachable, more up-to-date voter is deferred to at most this many times in a row,
 # in case it cannot reach etcd itself.
 MAX_DEFERRALS = 5
+# A voter on an unmarked data directory asks etcd whether it is new or lost its disk for
+# at most this long, then gives up with an error: it cannot serve safely without knowing.
+LOST_DISK_CHECK_S = 60.0
+TIP_TIMEOUT_S = 0.5
+# A rejoining node logs its catch-up at most this often.
+REJOIN_LOG_EVERY_S = 5.0
 
 
 class ClusterNode:
@@ -113,14 +136,24 @@ class ClusterNode:
         except auth.AuthConfigError as exc:
             raise ConfigError(config.source, [("auth_file", str(exc))]) from None
         self._heard: dict[str, float] = {}  # peer -> monotonic time of its last message
+        # A voter that lost its disk and has not caught up (core's rejoin): set from the
+        # log at start, cleared by the machine's Rejoined effect.
+        self._rejoining = False
+        self._rejoin_logged = 0.0
 
     # ---- life cycle ---------------------------------------------------------------
 
     async def start(self) -> None:
         voters = [m.id for m in self.config.voters]
         standbys = [m.id for m in self.config.standbys]
+        try:
+            await self._check_data_dir()
+        except BaseException:
+            await self.leadership.close()
+            raise
 
         def make(log_: Log, loop: asyncio.AbstractEventLoop) -> Replicator:
+            self._rejoining = bool(log_.rejoin_term)
             return Replicator(log_, self.store.limits, loop, node_id=self.id, voters=voters,
                               standbys=standbys, on_effects=self._on_effects,
                               leader_address=self._client_address)
@@ -141,7 +174,7 @@ class ClusterNode:
                                   auth=self.auth,
                                   auth_rules={**AUTH_RULES, **self.supervisor.auth_rules})
         await self.server.start()
-        self.store.role.name = "follower" if self.member.voter else "standby"
+        self.store.role.name = self._follower_role()
         for peer, address in self.routes.items():
             sender = PeerSender(self.config.cluster, self.id, peer, address, self.tls)
             sender.start()
@@ -174,6 +207,74 @@ class ClusterNode:
     @property
     def address(self) -> str:
         return self.member.client
+
+    def _follower_role(self) -> str:
+        if not self.member.voter:
+            return "standby"
+        return "rejoining" if self._rejoining else "follower"
+
+    # ---- lost disks -----------------------------------------------------------------
+
+    async def _check_data_dir(self) -> None:
+        """Marks the data directory as this cluster's, and starts a voter whose directory
+        lost its former content rejoining (module docstring). Runs before anything is
+        served, on a log opened only for this."""
+        loop = asyncio.get_running_loop()
+        data = self.store.data_dir
+        log_ = await loop.run_in_executor(None, lambda: Log(data, node_id=self.id))
+        try:
+            if log_.cluster and log_.cluster != self.config.cluster:
+                raise ConfigError(self.config.source, [(
+                    f"member {self.id}: data_dir",
+                    f"{data} holds a log of cluster {log_.cluster!r}, not "
+                    f"{self.config.cluster!r}: refusing to mix them")])
+            if log_.cluster:
+                if log_.rejoin_term:
+                    log.warning("%s: still rejoining after a lost disk (fenced at term %d, "
+                                "commit %d): it does not vote until it holds a committed "
+                                "record of term >= %d", self.id, log_.rejoin_term,
+                                log_.commit_position, log_.rejoin_term)
+                return
+            fence = 0
+            if self.member.voter:  # a standby never votes: it just catches up
+                known = await self._etcd_at_start(self.leadership.membership)
+                # (A log with records but no mark is older than marks: it is whole.)
+                if known.joined and known.ever_led and log_.last_position == 0:
+                    fence = known.revision + 1
+                if not known.joined:  # before the mark: a marked directory is on record
+                    await self._etcd_at_start(self.leadership.join)
+            with log_.write() as txn:
+                log_.set_meta(txn, cluster=self.config.cluster)
+                if fence:
+                    log_.set_meta(txn, promised_term=fence, rejoin_term=fence)
+            if fence:
+                log.warning(
+                    "%s: LOST DISK: %s holds no log of cluster %r, which this member had "
+                    "joined; rejoining: fenced at term %d (no leader elected before now "
+                    "can use this node), catching up from the leader without voting; it "
+                    "votes again once it holds a committed record of term >= %d",
+                    self.id, data, self.config.cluster, fence, fence)
+            else:
+                log.info("%s: joined cluster %r (%s)", self.id, self.config.cluster, data)
+        finally:
+            log_.close()
+
+    async def _etcd_at_start(self, call: Callable[[], Awaitable[T]]) -> T:
+        """`call()`, retried while etcd does not answer, for at most LOST_DISK_CHECK_S."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LOST_DISK_CHECK_S
+        while True:
+            try:
+                return await call()
+            except LeadershipError as exc:
+                if loop.time() > deadline:
+                    raise ConfigError(self.config.source, [("etcd.endpoints", (
+                        f"unreachable for {LOST_DISK_CHECK_S:g}s ({exc}): member {self.id} "
+                        "starts on an unmarked data directory and cannot tell a new member "
+                        "from one that lost its disk without etcd"))]) from None
+                log.warning("%s: unmarked data directory: waiting for etcd to tell a new "
+                            "member from a lost disk: %s", self.id, exc)
+                await asyncio.sleep(0.5)
 
     # ---- inputs to the machine ----------------------------------------------------
 
@@ -247,12 +348,15 @@ class ClusterNode:
                     info, term = current
                     self.failover.leader_seen(term, won=False)
                     self.store.role.leader = info.get("client", "")
+                    if self._rejoining:
+                        await self._log_rejoin_progress()
                     await self.leadership.wait_change(term, timeout_s=self.config.lease_ttl_s)
                     continue
                 self.failover.vacant()
                 designation = await self.leadership.designated() if self.member.voter else None
                 designated = designation == self.id
-                if (not self.member.voter or time.monotonic() < self._campaign_after
+                if (not self.member.voter or self._rejoining
+                        or time.monotonic() < self._campaign_after
                         or not await self._may_campaign(designation)):
                     await self.leadership.wait_change(None, timeout_s=self.tick_s * 4)
                     continue
@@ -290,26 +394,33 @@ class ClusterNode:
         return True
 
     async def _precheck(self) -> bool:
-        """Patroni-style: defer to a reachable voter with a more up-to-date log."""
+        """Patroni-style: defer to a reachable voter with a more up-to-date log (not to
+        a rejoining one: it does not campaign)."""
         assert self.replicator is not None
         own = Tip(self.store.log.last_term if self.store.log else 0,
                   self.store.log.last_position if self.store.log else 0)
-        peers: dict[str, Tip | None] = {}
+        peers = {p: Tip(r.last_term, r.last_position) if r is not None and not r.rejoining
+                 else None for p, r in (await self._peer_tips()).items()}
+        return should_campaign(own, peers)
+
+    async def _peer_tips(self) -> dict[str, rpb.TipResponse | None]:
+        """What every other voter holds (None: unreachable), asked in parallel."""
+        tips: dict[str, rpb.TipResponse | None] = {}
 
         async def ask(peer: str, address: str) -> None:
             try:
                 async with aio_channel(address, self.tls, options=CHANNEL_OPTIONS,
                                        interceptors=telemetry.client_interceptors(),
                                        server_name=peer) as ch:
-                    r = await rpb_grpc.ReplicationStub(ch).Tip(
-                        rpb.TipRequest(cluster=self.config.cluster, src=self.id), timeout=0.5)
-                    peers[peer] = Tip(r.last_term, r.last_position)
+                    tips[peer] = await rpb_grpc.ReplicationStub(ch).Tip(
+                        rpb.TipRequest(cluster=self.config.cluster, src=self.id),
+                        timeout=TIP_TIMEOUT_S)
             except grpc.aio.AioRpcError:
-                peers[peer] = None
+                tips[peer] = None
 
         voters = {m.id for m in self.config.voters}
         await asyncio.gather(*(ask(p, a) for p, a in self.routes.items() if p in voters))
-        return should_campaign(own, peers)
+        return tips
 
     def _tip(self) -> rpb.TipResponse:
         log_ = self.store.log
@@ -318,7 +429,7 @@ class ClusterNode:
                                last_position=log_.last_position,
                                promised_term=log_.promised_term,
                                commit_position=self.store.commit.position if self.store.commit
-                               else 0, role=self.store.role.name)
+                               else 0, role=self.store.role.name, rejoining=self._rejoining)
 
     # ---- effects from the machine (loop thread) -------------------------------------
 
@@ -356,7 +467,7 @@ class ClusterNode:
                 self._set_writes_health(True)
             elif isinstance(e, SteppedDown):
                 log.warning("%s: stepped down from term %d: %s", self.id, e.term, e.reason)
-                self.store.role.name = "follower" if self.member.voter else "standby"
+                self.store.role.name = self._follower_role()
                 self._set_writes_health(False)
                 self.observer.reset(f"stepped down: {e.reason}")
                 if not self._stopping:
@@ -372,6 +483,13 @@ class ClusterNode:
             elif isinstance(e, LeaderKnown):
                 self.store.role.term = e.term
                 self.store.role.leader = self._client_address(e.leader)
+            elif isinstance(e, Rejoined):
+                log.warning("%s: REJOINED: holds the committed log up to %d (term %d): a "
+                            "voter again (votes, counts for commit, may lead)", self.id,
+                            e.position, e.term)
+                self._rejoining = False
+                if self.store.role.name == "rejoining":
+                    self.store.role.name = self._follower_role()
         for fut, results in answers:
             if not fut.done():
                 fut.set_result(results)
@@ -418,17 +536,31 @@ class ClusterNode:
     async def status(self) -> rpb.NodeStatus:
         assert self.replicator is not None
         st = await self.replicator.query(Node.status)
-        role = str(st.role) if self.member.voter or str(st.role) != "follower" else "standby"
+        role = str(st.role)
+        if role == "follower":
+            role = "rejoining" if st.rejoining else self._follower_role()
         return rpb.NodeStatus(
             node_id=self.id, region=self.member.region, role=role, open=st.open,
             term=st.term, promised_term=st.promised_term, commit_position=st.commit,
             last_position=st.last_position, durable_position=st.durable_position,
-            leader=st.leader or "", voter=self.member.voter,
+            leader=st.leader or "", voter=self.member.voter, rejoin_term=st.rejoin_term,
+            leader_commit=st.leader_commit,
             peers=[rpb.PeerProgress(node_id=p, voter=ps.voter, match=ps.match, lag=ps.lag,
-                                    in_sync=ps.in_sync,
+                                    in_sync=ps.in_sync, rejoining=ps.rejoining,
                                     connected=self.senders[p].connected
                                     if p in self.senders else False)
                    for p, ps in sorted(st.peers.items())])
+
+    async def _log_rejoin_progress(self) -> None:
+        now = time.monotonic()
+        if now - self._rejoin_logged < REJOIN_LOG_EVERY_S or self.replicator is None:
+            return
+        self._rejoin_logged = now
+        st = await self.replicator.query(Node.status)
+        if st.rejoining:
+            log.warning("%s: rejoining: holds %d of the leader's committed %d (fenced at "
+                        "term %d; not voting yet)", self.id, st.commit,
+                        st.leader_commit, st.rejoin_term)
 
     async def switchover(self, target: str, timeout_s: float) -> rpb.SwitchoverResponse:
         """Planned handover to `target`: designate it in etcd (so nobody else campaigns),

@@ -130,8 +130,10 @@ class Replicator:
         core_limits = core_limits or CoreLimits(
             max_propose_entries=limits.max_group_events,
             max_unpersisted_entries=4 * limits.max_group_events)
+        # A voter that lost its disk starts rejoining (geo/node.py persisted the fence).
         self.core = Node(node_id, voters, standbys, self.view, promised_term=log.promised_term,
-                         commit=log.commit_position, limits=core_limits)
+                         commit=log.commit_position, rejoin_term=log.rejoin_term,
+                         limits=core_limits)
         self.node_id = node_id
         self.on_effects = on_effects
         self.leader_address = leader_address
@@ -290,8 +292,11 @@ class Replicator:
                     last_seq = self._apply(txn, effects, out)
                     if propose:
                         last_seq = max(last_seq, self._propose(txn, groups, out, answers))
+                    # The end of a rejoin is kept lazily, like the commit position: a
+                    # restart before it recomputes it from the log.
                     self.log.set_meta(txn, commit_position=min(self._commit_to_persist,
-                                                               self.log.last_position))
+                                                               self.log.last_position),
+                                      rejoin_term=self.core.rejoin_term)
             finally:
                 self.view.txn = None
             propose = False

@@ -9,7 +9,10 @@ Named databases:
   one put instead of one per event. A revision is found by seeking to the greatest
   key <= (stream, revision);
 - `ids`: 16-byte event id -> 8-byte position (durable idempotency);
-- `meta`: cluster id, node id, promised term, commit position, schema version.
+- `meta`: cluster id, node id, promised term, commit position, schema version; for a
+  cluster member also `cluster` (the name of the cluster it joined: a directory without
+  it is new, or lost its former content) and `rejoin_term` (a voter that lost its disk
+  and has not caught up yet, geo/replication/core.py), both absent otherwise.
 
 Only the writer thread calls the `append_*` and `write_*` methods; readers open their
 own read transactions. Positions are dense from 1; revisions are dense from 1 per
@@ -209,6 +212,9 @@ class Log:
             self.node_id = txn.get(b"node_id", db=self.meta_db).decode()
             self.promised_term = _BE64.unpack(txn.get(b"promised_term", db=self.meta_db))[0]
             self.commit_position = _BE64.unpack(txn.get(b"commit_position", db=self.meta_db))[0]
+            self.cluster = (txn.get(b"cluster", db=self.meta_db) or b"").decode()
+            rejoin = txn.get(b"rejoin_term", db=self.meta_db)
+            self.rejoin_term = _BE64.unpack(rejoin)[0] if rejoin else 0
             cur = txn.cursor(self.log_db)
             if cur.last():
                 self.last_position = records.key_position(cur.key())
@@ -232,13 +238,13 @@ class Log:
         """One write transaction, committed with fsync on exit. The writer thread only.
         On any failure nothing is written and the in-memory tips are restored."""
         tips = (self.last_position, self.last_term, self.last_timestamp_ns, self.promised_term,
-                self.commit_position)
+                self.commit_position, self.cluster, self.rejoin_term)
         try:
             with self.env.begin(write=True) as txn:
                 yield txn
         except BaseException:
             (self.last_position, self.last_term, self.last_timestamp_ns, self.promised_term,
-             self.commit_position) = tips
+             self.commit_position, self.cluster, self.rejoin_term) = tips
             raise
 
     def append_group(self, reqs: list[PreparedAppend], term: int,
@@ -397,7 +403,18 @@ class Log:
         self.last_term = records.term_of(value) if value else 0
 
     def set_meta(self, txn: lmdb.Transaction, *, promised_term: int | None = None,
-                 commit_position: int | None = None) -> None:
+                 commit_position: int | None = None, cluster: str | None = None,
+                 rejoin_term: int | None = None) -> None:
+        if cluster is not None and cluster != self.cluster:
+            assert not self.cluster, "a log belongs to one cluster"
+            txn.put(b"cluster", cluster.encode(), db=self.meta_db)
+            self.cluster = cluster
+        if rejoin_term is not None and rejoin_term != self.rejoin_term:
+            if rejoin_term:
+                txn.put(b"rejoin_term", _pos_key(rejoin_term), db=self.meta_db)
+            else:
+                txn.delete(b"rejoin_term", db=self.meta_db)
+            self.rejoin_term = rejoin_term
         if promised_term is not None and promised_term != self.promised_term:
             assert promised_term > self.promised_term, "promised_term never decreases"
             txn.put(b"promised_term", _pos_key(promised_term), db=self.meta_db)

@@ -29,6 +29,7 @@ from geo.replication.messages import (
     Promise,
     PromiseReply,
     Refused,
+    Rejoined,
     Send,
     SteppedDown,
     Tip,
@@ -97,6 +98,15 @@ class Cluster:
                         node.on_persisted(e.seq)
                 else:
                     self.effects[n].append(e)
+
+    def wipe(self, n: str, fence: int) -> Node:
+        """`n` lost its disk and restarts rejoining, fenced at `fence`, as the node shell
+        starts it (promise and rejoin term persisted before the machine runs)."""
+        d = self.disks[n] = MemoryLog()
+        d.promised_term = d.rejoin_term = fence
+        node = self.nodes[n] = Node(n, self.voters, self.standbys, d, promised_term=fence,
+                                    rejoin_term=fence)
+        return node
 
     def release(self, n: str) -> None:
         self.hold.discard(n)
@@ -724,3 +734,119 @@ def test_old_reordered_reject_below_match_is_ignored() -> None:
     leader.step(AppendReply("b", "a", 2, False, rejected=2, hint_pos=1, hint_term=1))
     assert leader.status().peers["b"].match == 4
     assert c.nodes["a"].drain() == []
+
+
+# ---------------------------------------------------------------------------- wiped voters
+
+
+def test_rejoin_is_validated() -> None:
+    with pytest.raises(ValueError, match="only a voter"):
+        Node("s", ["a"], ["s"], MemoryLog(), promised_term=3, rejoin_term=3)
+    with pytest.raises(InvariantError, match="rejoin term"):
+        Node("a", ["a", "b", "c"], [], MemoryLog(), promised_term=2, rejoin_term=3)
+
+
+def test_rejoining_voter_promises_nothing_but_keeps_the_fence() -> None:
+    c = Cluster({"a": [1, 1], "b": [1, 1], "c": [1, 1]})
+    b = c.wipe("b", 5)
+    assert b.rejoining and b.rejoin_term == 5 and b.status().rejoining
+    effs = step(b, Promise("a", "b", 7))
+    (reply,) = sends(effs)
+    assert reply == PromiseReply("b", "a", 7, False, Tip(0, 0), rejoining=True)
+    (p,) = persists(effs)  # the higher promise is still kept: older leaders stay fenced
+    assert p.promised_term == 7 and b.promised_term == 7
+    (rej,) = sends(step(b, Promise("c", "b", 6)))
+    assert not rej.ok and rej.higher_term == 7
+
+
+def test_rejoining_voter_fences_every_leader_elected_before_the_wipe() -> None:
+    c = Cluster({"a": [1, 1], "b": [1, 1], "c": [1, 1]})
+    leader = c.elect("a", 2)
+    assert leader.is_open
+    c.wipe("b", 5)  # etcd's revision was 4 when b restarted: every old term is below 5
+    c.tick("a")
+    c.deliver()
+    assert c.of("a", SteppedDown) == [SteppedDown(2, "higher term")]
+    assert c.disks["b"].last_position() == 0  # nothing of the old leader was written
+
+
+def test_no_election_counts_a_rejoining_voter() -> None:
+    # The hole: a led and committed 3 with b's ack; b lost its disk; a is down. c + b are
+    # a majority, but c lacks position 3: counting b's promise would lose it.
+    c = Cluster({"a": [1, 1, 1], "b": [1, 1, 1], "c": [1, 1]}, commits={"a": 3})
+    c.wipe("b", 5)
+    cand = c.elect("c", 6, drop=lambda m: "a" in (m.src, m.dst))
+    assert cand.role == Role.CANDIDATE and not cand.is_open  # c alone is no majority
+    assert terms_of(c.disks["c"]) == [1, 1]  # no term-start record on the short log
+    c.tick("c", 100)
+    c.deliver(drop=lambda m: "a" in (m.src, m.dst))
+    assert c.of("c", SteppedDown) == [SteppedDown(6, "recovery timeout")]
+    # with a back, a majority without b adopts a's log: position 3 survives
+    leader = c.elect("a", 7)
+    assert leader.is_open and terms_of(c.disks["c"]) == [1, 1, 1, 7]
+
+
+def test_rejoining_voter_does_not_lead() -> None:
+    c = Cluster({"a": [1], "b": [1], "c": [1]})
+    b = c.wipe("b", 5)
+    b.become_leader(6)
+    assert b.drain() == [SteppedDown(6, "rejoining: not a voter until caught up")]
+    assert b.role == Role.FOLLOWER and b.promised_term == 5
+
+
+def test_leader_counts_a_rejoining_voters_acks_only_once_it_is_whole() -> None:
+    c = Cluster({"a": [1, 1], "b": [1, 1], "c": [1, 1]})
+    c.wipe("b", 5)
+    c_replication = lambda m: (  # noqa: E731
+        isinstance(m, (Append, AppendReply)) and "c" in (m.src, m.dst))
+    # a + c promise (b refuses); c never gets the term-start record, b catches up in bulk
+    # and acks it, flagged: it must not commit (it would with b counted)
+    leader = c.elect("a", 6, drop=c_replication)
+    assert terms_of(c.disks["b"]) == [1, 1, 6]
+    peer = leader.status().peers["b"]
+    assert peer.rejoining and peer.match == 3
+    assert any(isinstance(m, AppendReply) and m.src == "b" and m.ok and m.rejoining
+               for m in c.sent)
+    assert leader.commit == 0 and not leader.is_open
+    b = c.nodes["b"]
+    assert b.rejoining and c.of("b", Rejoined) == []
+    # c acks: the term-start record commits; b learns it and is whole again (term 6 >= 5)
+    for _ in range(Limits().retransmit_ticks + 2):
+        c.tick("a")
+        c.deliver()
+    assert leader.is_open and leader.commit == 3
+    assert b.commit == 3 and not b.rejoining and c.of("b", Rejoined) == [Rejoined(3, 6)]
+    assert not leader.status().peers["b"].rejoining
+    # now b counts: a + b commit with c cut off
+    res = leader.propose([b"x"])
+    assert isinstance(res, Accepted)
+    c.pump("a")
+    c.deliver(drop=lambda m: "c" in (m.src, m.dst))
+    assert leader.commit == res.last
+
+
+def test_rejoining_voter_does_not_keep_a_leader_in_its_seat() -> None:
+    lim = Limits(check_quorum_ticks=5)
+    c = Cluster({"a": [1], "b": [1], "c": [1]}, limits=lim)
+    c.wipe("b", 5)
+    c_replication = lambda m: (  # noqa: E731
+        isinstance(m, (Append, AppendReply)) and "c" in (m.src, m.dst))
+    leader = c.elect("a", 6, drop=c_replication)  # promised by a + c, c then silent
+    for _ in range(2 * lim.check_quorum_ticks):  # b answers every tick, c never
+        c.tick("a")
+        c.deliver(drop=c_replication)
+    assert c.of("a", SteppedDown) == [SteppedDown(6, "lost quorum")]
+    assert leader.role == Role.FOLLOWER
+    # b was answering all along: it holds the term-start record, yet it did not count
+    assert c.nodes["b"].rejoining and terms_of(c.disks["b"]) == [1, 6]
+
+
+def test_rejoin_ends_only_at_a_committed_entry_of_the_fence_term_or_later() -> None:
+    # A crash during catch-up: meta still says rejoining, and the log alone decides.
+    d = disk_with([1, 1, 4], promised=5, commit=3)
+    d.rejoin_term = 5
+    n = Node("b", ["a", "b", "c"], [], d, promised_term=5, commit=3, rejoin_term=5)
+    assert n.rejoining and n.drain() == []  # term 4 < 5: written by an old leader
+    d = disk_with([1, 1, 4, 6], promised=6, commit=4)
+    n = Node("b", ["a", "b", "c"], [], d, promised_term=6, commit=4, rejoin_term=5)
+    assert not n.rejoining and n.drain() == [Rejoined(4, 6)]

@@ -90,11 +90,40 @@ Protocol (the reason for each rule is next to its code)
    ``check_quorum_ticks`` ('lost quorum'), or when the promise/fetch step makes no progress
    for ``recovery_timeout_ticks``; the shell then resigns the key so another node can try.
 
-Not handled here: membership changes, log compaction/snapshots, and wiped VOTERS. A voter
-that lost its disk forgot its promise and the records it acknowledged; letting it vote again
-breaks the quorum-intersection argument. It must rejoin as a standby until caught up (a
-configuration change), and should start with ``promised_term`` set to etcd's current
-revision so that no old leader can use it.
+Wiped voters (``rejoin_term``)
+--------------------------------
+A voter whose disk is lost (disk replaced, region rebuilt) restarts empty and forgot (a) the
+records it acknowledged, which may be committed with its ack counted and so now sit on a
+minority, and (b) its promise, so a deposed leader could count it again. Voting at once
+breaks the quorum-intersection argument of rule 2 (Raft has the same problem: disk loss is a
+membership change). The shell detects it at start (an empty log that never belonged to the
+cluster, while etcd says the cluster has had a leader) and constructs the machine with
+``rejoin_term=F`` and ``promised_term=F``, both persisted first, where F is above every term
+granted so far (etcd's current revision + 1: terms are create_revisions). Until it is whole:
+
+* it promises nothing as a voter (a ``PromiseReply`` with ``ok=False, rejoining=True``), and
+  ``become_leader`` gives the key back: no election counts it;
+* every reply it sends carries ``rejoining``, and a leader counts neither its match for
+  commit nor its replies for check-quorum: it is a standby that the quorum size still
+  includes (as if down), so commit and elections need a majority of the OTHER voters;
+* its promise F fences every leader elected before the wipe (they step down on its reply),
+  so every leader it follows has term >= F and never counts an ack of its previous life.
+
+It is whole again, and emits :class:`Rejoined`, once its visible commit position P (committed
+and durable here) holds an entry of term >= F. That is enough: P's entry was written by a
+leader L of term >= F, elected after the wipe; by log matching our 1..P equals L's log, which
+holds L's term-start record at or before P and, before it, the log L adopted from a promise
+majority of voters none of which was rejoining. Every record the wiped voter was ever
+counted for was committed by a leader of term < F; its commit majority and L's promise
+majority intersect in a voter other than the wiped one (which did not promise), and that
+voter still held the record (an ack is sent only once durable; a voter rejoined earlier
+holds everything below its own such point), so L adopted it, below its term start, below P.
+A plain "leader's commit position after the wipe" would not do: a new leader's commit can
+still be below records committed by its predecessor (it learns them lazily), and an old
+leader (if it were not fenced) could still count a delayed ack of the previous life after
+that point. The rejoin survives restarts: ``rejoin_term`` stays in meta until it is whole.
+
+Not handled here: membership changes and log compaction/snapshots.
 """
 
 from __future__ import annotations
@@ -123,6 +152,7 @@ from geo.replication.messages import (
     PromiseReply,
     ProposeResult,
     Refused,
+    Rejoined,
     Send,
     SteppedDown,
     Tip,
@@ -171,6 +201,8 @@ class Unsafe:
 
     commit_any_term: bool = False  # drop Raft's current-term commit rule
     skip_promises: bool = False  # lead on the local log without the Promise/recovery step
+    # (shell, simulator) a wiped voter restarts as an ordinary empty voter with promise 0
+    wiped_voter_votes: bool = False
 
 
 class Role(StrEnum):
@@ -215,6 +247,7 @@ class Progress:
     sent_tick: int = -1  # last tick anything was sent (heartbeats only fill silences)
     active: bool = False  # replied during the current check-quorum window
     in_sync: bool = False  # has matched our last position at least once this term
+    rejoining: bool = False  # its last reply said so: neither its match nor its reply counts
 
 
 @dataclass(slots=True, frozen=True)
@@ -226,6 +259,7 @@ class PeerStatus:
     inflight: int
     in_sync: bool
     lag: int
+    rejoining: bool
 
 
 @dataclass(slots=True, frozen=True)
@@ -242,6 +276,9 @@ class NodeStatus:
     durable_position: int
     ticks_since_leader: int
     peers: dict[NodeId, PeerStatus]
+    rejoining: bool
+    rejoin_term: int  # F while rejoining, else 0
+    leader_commit: int  # highest commit position a leader told us (catch-up target)
 
 
 # A reply that may only be sent once everything written before it is durable.
@@ -261,6 +298,7 @@ class Node:
         *,
         promised_term: int = 0,
         commit: int = 0,
+        rejoin_term: int = 0,
         limits: Limits | None = None,
         unsafe: Unsafe | None = None,
     ) -> None:
@@ -287,6 +325,12 @@ class Node:
         last = log.last_position()
         if commit > last:
             raise InvariantError(f"commit {commit} above the log's last position {last}")
+        if rejoin_term and node_id not in self.voters:
+            raise ValueError("only a voter rejoins (a wiped standby just catches up)")
+        if rejoin_term > promised_term:
+            raise InvariantError(f"rejoin term {rejoin_term} above promised {promised_term}")
+        self._rejoin = rejoin_term
+        self._leader_commit = commit
 
         # Writes issued but not acknowledged: an overlay over ``log`` starting at _u_offset
         # (0 = no overlay) holding the final content of every position >= _u_offset.
@@ -317,6 +361,7 @@ class Node:
         self.is_open = False
         self._progress: dict[NodeId, Progress] = {}
         self._quorum_window_start = 0
+        self._check_rejoined()  # a restart after catching up, before meta said so
 
     # ------------------------------------------------------------------ queries
 
@@ -333,6 +378,16 @@ class Node:
     def commit(self) -> int:
         """Visible commit position: committed by a quorum and durable on this node."""
         return self._visible
+
+    @property
+    def rejoining(self) -> bool:
+        """A wiped voter that is not whole yet (module docstring): it neither votes nor
+        counts for commit."""
+        return self._rejoin != 0
+
+    @property
+    def rejoin_term(self) -> int:
+        return self._rejoin
 
     @property
     def ticks_since_leader(self) -> int:
@@ -359,6 +414,7 @@ class Node:
                 inflight=len(pr.inflight),
                 in_sync=pr.in_sync,
                 lag=max(0, last - pr.match),
+                rejoining=pr.rejoining,
             )
             for p, pr in self._progress.items()
         }
@@ -375,6 +431,9 @@ class Node:
             durable_position=self._stable_last(),
             ticks_since_leader=self.ticks_since_leader,
             peers=peers,
+            rejoining=self.rejoining,
+            rejoin_term=self._rejoin,
+            leader_commit=max(self._leader_commit, self._commit),
         )
 
     def drain(self) -> list[Effect]:
@@ -455,6 +514,11 @@ class Node:
     def become_leader(self, term: int, start_payload: bytes = b"") -> None:
         if self.id not in self.voters:
             raise ValueError("a standby cannot lead")
+        if self._rejoin:
+            # The shell should not campaign while rejoining; if it won anyway, give the key
+            # back: leading on a log that may lack committed records would lose them.
+            self._emit(SteppedDown(term, "rejoining: not a voter until caught up"))
+            return
         if term <= self._promised:
             # We already promised this term or a later one to another leader: the key we
             # won is stale (another election happened since); give it back.
@@ -639,6 +703,7 @@ class Node:
         if visible > self._visible:
             self._visible = visible
             self._emit(Committed(visible))
+            self._check_rejoined()
         if (
             self.role == Role.LEADER
             and not self.is_open
@@ -647,6 +712,14 @@ class Node:
             check(self._term_at(self._term_start) == self._term, "term-start record lost")
             self.is_open = True
             self._emit(LeaderOpen(self._term, self._term_start))
+
+    def _check_rejoined(self) -> None:
+        """Whole again once the visible commit holds an entry of a term >= the fence: see
+        the module docstring for why that point is enough."""
+        v = self._visible
+        if self._rejoin and v and self._term_at(v) >= self._rejoin:
+            self._rejoin = 0
+            self._emit(Rejoined(v, self._term_at(v)))
 
     def _step_down(self, reason: str) -> None:
         self._emit(SteppedDown(self._term, reason))
@@ -698,9 +771,11 @@ class Node:
         else:
             if self._promised != term:
                 # We promised a later leader meanwhile: the old one must not count us.
-                self._send(AppendReply(self.id, dst, term, False, higher_term=self._promised))
+                self._send(AppendReply(self.id, dst, term, False, higher_term=self._promised,
+                                       rejoining=self.rejoining))
             else:
-                self._send(AppendReply(self.id, dst, term, True, match=match))
+                self._send(AppendReply(self.id, dst, term, True, match=match,
+                                       rejoining=self.rejoining))
 
     # ------------------------------------------------------------------ follower side
 
@@ -716,7 +791,7 @@ class Node:
         if self._fence(m.term):
             self._send(
                 AppendReply(self.id, m.src, m.term, False, rejected=m.prev_pos,
-                            higher_term=self._promised)
+                            higher_term=self._promised, rejoining=self.rejoining)
             )
             return
         if self.role != Role.FOLLOWER:
@@ -725,13 +800,15 @@ class Node:
         if self.leader != m.src:
             self.leader = m.src
             self._emit(LeaderKnown(m.term, m.src))
+        self._leader_commit = max(self._leader_commit, m.commit)
         last = self._last()
         if m.prev_pos > last or self._term_at(m.prev_pos) != m.prev_term:
             self._persist_promise()
             hint = self._find_le(min(m.prev_pos, last), m.prev_term)
             self._send(
                 AppendReply(self.id, m.src, m.term, False, rejected=m.prev_pos,
-                            hint_pos=hint, hint_term=self._term_at(hint))
+                            hint_pos=hint, hint_term=self._term_at(hint),
+                            rejoining=self.rejoining)
             )
             return
         self._append_matching(m.prev_pos, m.entries)
@@ -749,6 +826,12 @@ class Node:
         if self.role != Role.FOLLOWER:
             raise InvariantError(f"{self.id} leads term {m.term} but {m.src} sent a Promise")
         self._persist_promise()
+        if self._rejoin:
+            # Our log may lack records committed with the ack of our previous life: an
+            # election counting us could adopt a log without them (module docstring).
+            self._send(PromiseReply(self.id, m.src, m.term, False, self.tip(),
+                                    rejoining=True))
+            return
         self._after_durable(("promise", m.src, m.term, 0))
 
     def _on_fetch(self, m: Fetch) -> None:
@@ -906,6 +989,9 @@ class Node:
         if pr is None:
             return
         pr.active = True
+        # Every reply carries the flag, and match only rises with a reply, so a match is
+        # never counted while the last word of its peer was "rejoining".
+        pr.rejoining = m.rejoining
         if m.ok:
             if m.match > self._last():
                 raise InvariantError(f"{m.src} acked {m.match} beyond our log")
@@ -947,7 +1033,7 @@ class Node:
 
     def _leader_maybe_commit(self) -> None:
         matches = sorted(
-            (self._stable_last() if v == self.id else self._progress[v].match
+            (self._stable_last() if v == self.id else self._counted_match(v)
              for v in self.voters),
             reverse=True,
         )
@@ -964,11 +1050,18 @@ class Node:
         if self.unsafe.commit_any_term or self._term_at(candidate) == self._term:
             self._set_commit(candidate)
 
+    def _counted_match(self, voter: NodeId) -> int:
+        pr = self._progress[voter]
+        return 0 if pr.rejoining else pr.match
+
     def _leader_tick(self) -> None:
         lim = self.limits
         if self._now - self._quorum_window_start >= lim.check_quorum_ticks:
+            # A rejoining voter cannot help commit: keeping the seat with it would leave
+            # the cluster stuck behind a leader that can never commit.
             active = 1 + sum(
-                1 for v in self._voter_peers if self._progress[v].active
+                1 for v in self._voter_peers
+                if self._progress[v].active and not self._progress[v].rejoining
             )
             for pr in self._progress.values():
                 pr.active = False

@@ -50,12 +50,13 @@ class MemoryLog:
     as its "disk" and loses only the writes it had not applied yet when a node crashes.
     """
 
-    __slots__ = ("_entries", "commit", "promised_term")
+    __slots__ = ("_entries", "commit", "promised_term", "rejoin_term")
 
     def __init__(self) -> None:
         self._entries: list[Entry] = []
         self.promised_term = 0
         self.commit = 0
+        self.rejoin_term = 0  # meta.rejoin_term: set by the shell for a wiped voter
 
     def last_position(self) -> int:
         return len(self._entries)

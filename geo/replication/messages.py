@@ -11,6 +11,8 @@ Conventions shared by all peer messages:
   request it answers, so a leader can drop replies from another of its terms).
 * ``higher_term`` on a reply is 0, or the responder's promised term when that is above
   ``term``: the request was fenced and the requester must step down.
+* ``rejoining`` on a reply: the responder is a voter that lost its disk and has not caught
+  up yet (see ``core``): its ack and its promise must not be counted.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class PromiseReply:
     ok: bool
     tip: Tip
     higher_term: int = 0
+    rejoining: bool = False
 
 
 @dataclass(slots=True, frozen=True)
@@ -101,6 +104,7 @@ class AppendReply:
     hint_pos: int = 0
     hint_term: int = 0
     higher_term: int = 0
+    rejoining: bool = False
 
 
 @dataclass(slots=True, frozen=True)
@@ -193,6 +197,17 @@ class SteppedDown:
 
 
 @dataclass(slots=True, frozen=True)
+class Rejoined:
+    """A rejoining voter is whole again: it durably holds the committed log up to
+    ``position``, whose entry is of ``term`` (>= the term it was fenced at). From now on it
+    acks and promises as a voter. Persist the end of the rejoin (lazily: until then a
+    restart recomputes it from the log)."""
+
+    position: int
+    term: int
+
+
+@dataclass(slots=True, frozen=True)
 class LeaderKnown:
     """Follower learned (or changed) who leads ``term``: use it to redirect client writes."""
 
@@ -200,7 +215,7 @@ class LeaderKnown:
     leader: NodeId
 
 
-Effect = Send | Persist | Committed | LeaderOpen | SteppedDown | LeaderKnown
+Effect = Send | Persist | Committed | LeaderOpen | SteppedDown | LeaderKnown | Rejoined
 
 
 # --------------------------------------------------------------------------------------------

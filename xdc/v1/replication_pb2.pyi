@@ -35,7 +35,7 @@ class LogEntry(_message.Message):
     def __init__(self, position: _Optional[int] = ..., term: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class PeerMessage(_message.Message):
-    __slots__ = ("kind", "src", "dst", "term", "ok", "prev_pos", "prev_term", "entries", "commit", "match", "rejected", "hint_pos", "hint_term", "higher_term", "tip_term", "tip_position", "max_entries", "max_bytes", "trace_context")
+    __slots__ = ("kind", "src", "dst", "term", "ok", "prev_pos", "prev_term", "entries", "commit", "match", "rejected", "hint_pos", "hint_term", "higher_term", "tip_term", "tip_position", "max_entries", "max_bytes", "trace_context", "rejoining")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,7 @@ class PeerMessage(_message.Message):
     MAX_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    REJOINING_FIELD_NUMBER: _ClassVar[int]
     kind: PeerKind
     src: str
     dst: str
@@ -81,7 +82,8 @@ class PeerMessage(_message.Message):
     max_entries: int
     max_bytes: int
     trace_context: _containers.ScalarMap[str, str]
-    def __init__(self, kind: _Optional[_Union[PeerKind, str]] = ..., src: _Optional[str] = ..., dst: _Optional[str] = ..., term: _Optional[int] = ..., ok: _Optional[bool] = ..., prev_pos: _Optional[int] = ..., prev_term: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[LogEntry, _Mapping]]] = ..., commit: _Optional[int] = ..., match: _Optional[int] = ..., rejected: _Optional[int] = ..., hint_pos: _Optional[int] = ..., hint_term: _Optional[int] = ..., higher_term: _Optional[int] = ..., tip_term: _Optional[int] = ..., tip_position: _Optional[int] = ..., max_entries: _Optional[int] = ..., max_bytes: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    rejoining: bool
+    def __init__(self, kind: _Optional[_Union[PeerKind, str]] = ..., src: _Optional[str] = ..., dst: _Optional[str] = ..., term: _Optional[int] = ..., ok: _Optional[bool] = ..., prev_pos: _Optional[int] = ..., prev_term: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[LogEntry, _Mapping]]] = ..., commit: _Optional[int] = ..., match: _Optional[int] = ..., rejected: _Optional[int] = ..., hint_pos: _Optional[int] = ..., hint_term: _Optional[int] = ..., higher_term: _Optional[int] = ..., tip_term: _Optional[int] = ..., tip_position: _Optional[int] = ..., max_entries: _Optional[int] = ..., max_bytes: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., rejoining: _Optional[bool] = ...) -> None: ...
 
 class PeerBatch(_message.Message):
     __slots__ = ("cluster", "src", "messages")
@@ -108,43 +110,47 @@ class TipRequest(_message.Message):
     def __init__(self, cluster: _Optional[str] = ..., src: _Optional[str] = ...) -> None: ...
 
 class TipResponse(_message.Message):
-    __slots__ = ("node_id", "last_term", "last_position", "promised_term", "commit_position", "role")
+    __slots__ = ("node_id", "last_term", "last_position", "promised_term", "commit_position", "role", "rejoining")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     LAST_TERM_FIELD_NUMBER: _ClassVar[int]
     LAST_POSITION_FIELD_NUMBER: _ClassVar[int]
     PROMISED_TERM_FIELD_NUMBER: _ClassVar[int]
     COMMIT_POSITION_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
+    REJOINING_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     last_term: int
     last_position: int
     promised_term: int
     commit_position: int
     role: str
-    def __init__(self, node_id: _Optional[str] = ..., last_term: _Optional[int] = ..., last_position: _Optional[int] = ..., promised_term: _Optional[int] = ..., commit_position: _Optional[int] = ..., role: _Optional[str] = ...) -> None: ...
+    rejoining: bool
+    def __init__(self, node_id: _Optional[str] = ..., last_term: _Optional[int] = ..., last_position: _Optional[int] = ..., promised_term: _Optional[int] = ..., commit_position: _Optional[int] = ..., role: _Optional[str] = ..., rejoining: _Optional[bool] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class PeerProgress(_message.Message):
-    __slots__ = ("node_id", "voter", "match", "lag", "in_sync", "connected")
+    __slots__ = ("node_id", "voter", "match", "lag", "in_sync", "connected", "rejoining")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     VOTER_FIELD_NUMBER: _ClassVar[int]
     MATCH_FIELD_NUMBER: _ClassVar[int]
     LAG_FIELD_NUMBER: _ClassVar[int]
     IN_SYNC_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    REJOINING_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     voter: bool
     match: int
     lag: int
     in_sync: bool
     connected: bool
-    def __init__(self, node_id: _Optional[str] = ..., voter: _Optional[bool] = ..., match: _Optional[int] = ..., lag: _Optional[int] = ..., in_sync: _Optional[bool] = ..., connected: _Optional[bool] = ...) -> None: ...
+    rejoining: bool
+    def __init__(self, node_id: _Optional[str] = ..., voter: _Optional[bool] = ..., match: _Optional[int] = ..., lag: _Optional[int] = ..., in_sync: _Optional[bool] = ..., connected: _Optional[bool] = ..., rejoining: _Optional[bool] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node_id", "region", "role", "open", "term", "promised_term", "commit_position", "last_position", "durable_position", "leader", "peers", "voter")
+    __slots__ = ("node_id", "region", "role", "open", "term", "promised_term", "commit_position", "last_position", "durable_position", "leader", "peers", "voter", "rejoin_term", "leader_commit")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +163,8 @@ class NodeStatus(_message.Message):
     LEADER_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
     VOTER_FIELD_NUMBER: _ClassVar[int]
+    REJOIN_TERM_FIELD_NUMBER: _ClassVar[int]
+    LEADER_COMMIT_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     region: str
     role: str
@@ -169,7 +177,9 @@ class NodeStatus(_message.Message):
     leader: str
     peers: _containers.RepeatedCompositeFieldContainer[PeerProgress]
     voter: bool
-    def __init__(self, node_id: _Optional[str] = ..., region: _Optional[str] = ..., role: _Optional[str] = ..., open: _Optional[bool] = ..., term: _Optional[int] = ..., promised_term: _Optional[int] = ..., commit_position: _Optional[int] = ..., last_position: _Optional[int] = ..., durable_position: _Optional[int] = ..., leader: _Optional[str] = ..., peers: _Optional[_Iterable[_Union[PeerProgress, _Mapping]]] = ..., voter: _Optional[bool] = ...) -> None: ...
+    rejoin_term: int
+    leader_commit: int
+    def __init__(self, node_id: _Optional[str] = ..., region: _Optional[str] = ..., role: _Optional[str] = ..., open: _Optional[bool] = ..., term: _Optional[int] = ..., promised_term: _Optional[int] = ..., commit_position: _Optional[int] = ..., last_position: _Optional[int] = ..., durable_position: _Optional[int] = ..., leader: _Optional[str] = ..., peers: _Optional[_Iterable[_Union[PeerProgress, _Mapping]]] = ..., voter: _Optional[bool] = ..., rejoin_term: _Optional[int] = ..., leader_commit: _Optional[int] = ...) -> None: ...
 
 class SwitchoverRequest(_message.Message):
     __slots__ = ("target", "timeout_ms")

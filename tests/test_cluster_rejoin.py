@@ -1,0 +1,162 @@
+"""A voter that lost its disk (geo/node.py "Lost disks", geo/replication/core.py "Wiped
+voters"): three nodes in one process with real etcd, real LMDB files and real gRPC on
+loopback. The wiped voter restarts rejoining, votes for no one and counts for no commit
+until it holds a committed record of a term elected after it came back."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from geo import launcher
+from geo.config import ConfigError, load
+from geo.node import ClusterNode
+from store.client import StoreClient, new_event
+from store.log import Log
+from tests.support.cluster import LocalCluster, cluster_toml
+from tests.support.etcd import EtcdCluster
+from tests.support.store import run, wait_until
+
+
+async def role_of(node: ClusterNode) -> str:
+    return (await node.status()).role
+
+
+async def status_table(cluster: LocalCluster, etcd: EtcdCluster) -> str:
+    """`xdc cluster status` of the in-process cluster (stopped nodes: unreachable)."""
+    cfg = cluster.config
+    state = launcher.ClusterState(
+        directory=str(Path(cfg.source).parent), cluster=cfg.cluster, config=cfg.source,
+        etcd_endpoints=etcd.endpoints, etcd_pids=[],
+        nodes=[launcher.NodeProc(m.id, m.region, m.client, m.peer, m.voter,
+                                 str(m.data_dir), pid=os.getpid()) for m in cfg.members])
+    sts = {m: await n.status() for m, n in cluster.nodes.items()}
+    return launcher.format_status(state, {m.id: sts.get(m.id) for m in cfg.members})
+
+
+def test_wiped_follower_rejoins_without_a_vote_and_no_acknowledged_event_is_lost(
+        etcd: EtcdCluster, tmp_path: Path) -> None:
+    """The hole: A leads and commits with B's acks while C is down; B loses its disk and
+    restarts; A is stopped; C (which lacks those records) and the wiped B are a majority.
+    Counting B's vote would elect C and lose every acknowledged event; rejoining, B
+    refuses, C cannot lead, and once A is back nothing is lost and B votes again."""
+    async def body() -> None:
+        toml = tmp_path / "cluster.toml"
+        toml.write_text(cluster_toml("t", etcd.endpoints, ["us-east", "eu-west", "ap-south"],
+                                     tmp_path))
+        cluster = LocalCluster(load(toml))
+        await cluster.start()
+        try:
+            a = await cluster.leader()
+            assert all([await role_of(n) in ("leader", "follower")
+                        for n in cluster.nodes.values()])  # a new cluster: nobody rejoins
+            b_id, c_id = sorted(m for m in cluster.nodes if m != a.id)
+            b_dir = cluster.config.member(b_id).data_dir
+            assert b_dir is not None
+            await cluster.stop(c_id)
+            async with StoreClient(a.address, timeout_s=10) as client:
+                acked = [await client.append("orders", new_event("Placed", b"%d" % i))
+                         for i in range(50)]  # each committed by a + b
+            old_term = a.store.role.term
+            await cluster.stop(b_id)
+            shutil.rmtree(b_dir)  # the disk is lost while b is down
+            await cluster.start(b_id)
+            b = cluster.nodes[b_id]
+            st = await b.status()
+            assert st.role == "rejoining" and st.rejoin_term > old_term
+            assert st.promised_term >= st.rejoin_term and st.last_position == 0
+            async with StoreClient(b.address) as reader:
+                assert (await reader.node_info()).role == "rejoining"
+            row = next(line for line in (await status_table(cluster, etcd)).splitlines()
+                       if line.startswith(b_id))
+            assert re.search(r" rejoining \d+/\d+ ", row), row
+            # b's fence deposes a (term < fence); without c no majority can form around
+            # the rejoining b, so it stays rejoining. A restart keeps that (meta).
+            await wait_until(lambda: a.store.role.name != "leader", 10, "a fenced by b")
+            await cluster.stop(b_id)
+            with contextlib.closing(Log(b_dir)) as log_:
+                assert log_.rejoin_term == st.rejoin_term and log_.cluster == "t"
+            await cluster.start(b_id)
+            b = cluster.nodes[b_id]
+            assert await role_of(b) == "rejoining"
+            await cluster.stop(a.id)
+            await cluster.start(c_id)
+            c = cluster.nodes[c_id]
+            # c campaigns, b refuses its promise: c never opens, its recovery times out
+            roles: set[str] = set()
+
+            async def c_gave_up() -> bool:
+                roles.add(c.store.role.name)
+                assert "leader" not in roles, "c led with the wiped b's vote"
+                return "candidate" in roles and c.store.role.name == "follower"
+            await wait_until(c_gave_up, 20, "c to campaign and give up")
+            assert await role_of(b) == "rejoining"
+            # a is back: a + c elect a leader holding every acknowledged event
+            await cluster.start(a.id)
+            await cluster.leader()
+            await wait_until(lambda: b.store.role.name == "follower", 20,
+                             "b to be whole again: a voter")
+            st = await b.status()
+            assert st.rejoin_term == 0 and st.commit_position >= acked[-1].last_position
+            upto = await cluster.converged()
+            async with StoreClient(b.address) as reader:
+                got = await reader.read("orders", limit=1000)
+            assert [e.data for e in got] == [b"%d" % i for i in range(50)]
+            assert [e.position for e in got] == [r.first_position for r in acked]
+            assert upto >= acked[-1].last_position
+            # b counts again: with c down, a + b commit
+            await cluster.stop(c_id)
+            leader = await cluster.leader()
+            async with StoreClient(leader.address, timeout_s=10) as client:
+                more = await client.append("orders", new_event("Placed", b"after"))
+            assert more.last_revision == 51
+            await cluster.converged()
+        finally:
+            await cluster.stop()
+
+    run(body, timeout_s=120)
+
+
+def test_a_data_dir_of_another_cluster_is_refused(etcd: EtcdCluster, tmp_path: Path) -> None:
+    async def body() -> None:
+        cluster = LocalCluster.make(etcd.endpoints, tmp_path)
+        member = cluster.config.members[0]
+        assert member.data_dir is not None
+        with contextlib.closing(Log(member.data_dir)) as log_, log_.write() as txn:
+            log_.set_meta(txn, cluster="other")
+        node = ClusterNode(cluster.config, member.id)
+        with pytest.raises(ConfigError, match="holds a log of cluster 'other', not 't'"):
+            await node.start()
+        assert node.server is None  # nothing was served
+
+    run(body, timeout_s=30)
+
+
+def test_a_member_starting_after_the_first_election_is_new_not_wiped(
+        etcd: EtcdCluster, tmp_path: Path) -> None:
+    """A cluster brought up one node at a time elects and writes before the last member
+    first starts: that member never promised or acknowledged anything, so it is a plain
+    voter at once (no fence, no forced election)."""
+    async def body() -> None:
+        cluster = LocalCluster.make(etcd.endpoints, tmp_path)
+        first, second, last = (m.id for m in cluster.config.members)
+        await cluster.start(first, second)
+        try:
+            leader = await cluster.leader()
+            async with StoreClient(leader.address, timeout_s=10) as client:
+                await client.append("orders", new_event("Placed", b"x"))
+            term = leader.store.role.term
+            await cluster.start(last)
+            st = await cluster.nodes[last].status()
+            assert st.role == "follower" and st.rejoin_term == 0
+            await cluster.converged()
+            assert leader.store.role.name == "leader" and leader.store.role.term == term
+        finally:
+            await cluster.stop()
+
+    run(body, timeout_s=60)
