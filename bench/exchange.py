@@ -13,11 +13,12 @@ the group's input stream with the store client and watches the output stream.
 * e2e_p50_ms / e2e_p99_ms: at a stated offered load (orders paced on a schedule), time
   from the append call to the moment the output batch holding that order's outputs is
   delivered to a subscriber: append, fsync, engine, output append, fsync, delivery. The
-  same run measures one durable LMDB commit on this disk (``fsync_ms``; the floor is two
-  of them, ``e2e_floor_ms``) and splits each order's time at the store's timestamps of
-  the two group commits (wall clock, one machine): ``e2e_hop_append_ms`` (client, gRPC,
-  store queue), ``e2e_hop_engine_ms`` (input fsync, delivery to the engine, matching,
-  output append, store queue), ``e2e_hop_output_ms`` (output fsync, delivery), p50s.
+  same run measures the store's durable group commit of one event on this disk
+  (``fsync_ms``; the floor is two of them, ``e2e_floor_ms``) and splits each order's time
+  at the store's timestamps of the two group commits (wall clock, one machine):
+  ``e2e_hop_append_ms`` (client, gRPC, store queue), ``e2e_hop_engine_ms`` (input fsync,
+  delivery to the engine, matching, output append, store queue), ``e2e_hop_output_ms``
+  (output fsync, delivery), p50s.
 * replay_cps: a fresh instance replaying the whole group log from the store and checking
   every committed output (`xdc engine verify`'s code), inputs per second.
 * restore_100k_s: restoring an engine snapshot holding 100k resting orders.
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.match import SYMBOL, setup_commands, workload
-from bench.store import commit_latency_ms
+from bench.store import group_commit_ms
 from engine import wire
 from engine.book import Engine, gc_paused
 from engine.cli import verify
@@ -176,7 +177,7 @@ async def _run_async(quick: bool, address: str, engine: ServeProcess, runs: int
         p50s, p99s, fsyncs = [], [], []
         hops: list[list[float]] = [[], [], []]
         for r in range(runs):
-            fsyncs.append(commit_latency_ms(100))
+            fsyncs.append(group_commit_ms(100))
             sample = await _latency(client, rate, seconds, r)
             lat += len(sample)
             total = [x[0] for x in sample]

@@ -328,7 +328,7 @@ def _rows(res: dict[str, Any]) -> list[report.Row]:
              f"p50 {res['e2e_p50_ms']} ms",
              f"p99 {res['e2e_p99_ms']} ms (targets 1 / 5 ms)"),
             ("  floor: 2 durable commits", f"{res['e2e_floor_ms']} ms",
-             f"one LMDB commit p50 {res['fsync_ms']} ms on this disk"),
+             f"one-event group commit p50 {res['fsync_ms']} ms on this disk"),
             ("  append -> input commit", f"{res['e2e_hop_append_ms']} ms",
              "client, gRPC, store queue (p50)"),
             ("  input commit -> output commit", f"{res['e2e_hop_engine_ms']} ms",
