@@ -39,7 +39,7 @@ from grpc_health.v1 import health_pb2
 from geo import tiers as tiers_mod
 from geo.config import ClusterConfig, ConfigError, etcd_access, load_tls
 from geo.leadership import Leadership, LeadershipError
-from geo.replication.core import Node, Role, should_campaign
+from geo.replication.core import REJOIN_FENCE, Node, Role, should_campaign
 from geo.replication.messages import (
     Committed,
     Effect,
@@ -479,7 +479,8 @@ class ClusterNode:
                     f"leadership of term {e.term} lost ({e.reason}) before the append "
                     "committed: its outcome is unknown, retry with the same event ids",
                     retry_after_ms=200))
-                self._background(self._resign_quietly())
+                self._background(self._retake_seat() if e.reason == REJOIN_FENCE
+                                 and not self._stopping else self._resign_quietly())
             elif isinstance(e, LeaderKnown):
                 self.store.role.term = e.term
                 self.store.role.leader = self._client_address(e.leader)
@@ -530,6 +531,15 @@ class ClusterNode:
     async def _resign_quietly(self) -> None:
         with contextlib.suppress(Exception):
             await self.leadership.resign()
+
+    async def _retake_seat(self) -> None:
+        """A voter back from a lost disk fenced our term (its promise is above every term
+        granted before it came back). No other leader was elected: designate ourselves
+        (a switchover to self), then resign, so that we campaign again at once, in manual
+        failover mode too, and lead in a new term it accepts."""
+        with contextlib.suppress(Exception):
+            await self.leadership.designate(self.id, max(2, 2 * self.config.lease_ttl_s))
+        await self._resign_quietly()
 
     # ---- status -------------------------------------------------------------------
 

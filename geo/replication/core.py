@@ -18,6 +18,8 @@ Construction (at start and after every restart; a crash throws the old instance 
   keeps in memory only the entries of writes it has not seen acknowledged yet.
 * ``P`` = ``meta.promised_term``; ``C`` = ``meta.commit`` (0 for a new node). ``commit``
   may lag (persist it lazily, from ``Committed`` effects only), never lead.
+* ``rejoin_term`` = ``meta.rejoin_term``: 0, or F for a voter that lost its disk and has
+  not caught up yet (see "Wiped voters" below).
 
 Inputs (each may queue effects; call :meth:`Node.drain` after each, or after a batch)
 -----------------------------------------------------------------------------------------
@@ -64,6 +66,8 @@ Effects (``drain()`` returns them in the order they must be executed)
   be overwritten: clients retry with the same event ids), resign the etcd key / revoke the
   lease if still held, redirect writes.
 * ``LeaderKnown(term, leader)``: a follower learned who leads: redirect writes there.
+* ``Rejoined(position, term)``: a rejoining voter is whole again (see "Wiped voters"):
+  persist ``rejoin_term = 0`` (lazily), count it as a voter again.
 
 Protocol (the reason for each rule is next to its code)
 ---------------------------------------------------------
@@ -96,8 +100,8 @@ A voter whose disk is lost (disk replaced, region rebuilt) restarts empty and fo
 records it acknowledged, which may be committed with its ack counted and so now sit on a
 minority, and (b) its promise, so a deposed leader could count it again. Voting at once
 breaks the quorum-intersection argument of rule 2 (Raft has the same problem: disk loss is a
-membership change). The shell detects it at start (an empty log that never belonged to the
-cluster, while etcd says the cluster has had a leader) and constructs the machine with
+membership change). The shell detects it at start (an empty, unmarked data directory of a
+member etcd says joined before, in a cluster that has had a leader) and constructs it with
 ``rejoin_term=F`` and ``promised_term=F``, both persisted first, where F is above every term
 granted so far (etcd's current revision + 1: terms are create_revisions). Until it is whole:
 
@@ -106,8 +110,9 @@ granted so far (etcd's current revision + 1: terms are create_revisions). Until 
 * every reply it sends carries ``rejoining``, and a leader counts neither its match for
   commit nor its replies for check-quorum: it is a standby that the quorum size still
   includes (as if down), so commit and elections need a majority of the OTHER voters;
-* its promise F fences every leader elected before the wipe (they step down on its reply),
-  so every leader it follows has term >= F and never counts an ack of its previous life.
+* its promise F fences every leader elected before the wipe (they step down on its reply,
+  with ``SteppedDown(reason=REJOIN_FENCE)``: the shell campaigns again at once), so every
+  leader it follows has term >= F and never counts an ack of its previous life.
 
 It is whole again, and emits :class:`Rejoined`, once its visible commit position P (committed
 and durable here) holds an entry of term >= F. That is enough: P's entry was written by a
@@ -159,6 +164,7 @@ from geo.replication.messages import (
 )
 
 __all__ = [
+    "REJOIN_FENCE",
     "InvariantError",
     "Limits",
     "Node",
@@ -215,6 +221,12 @@ class Role(StrEnum):
 class PeerState(StrEnum):
     PROBE = "probe"  # one message at a time until the match point is known
     REPLICATE = "replicate"  # pipelining up to max_inflight batches
+
+
+# SteppedDown reason when a voter back from a lost disk fenced our term: nobody else was
+# elected, so the shell may take the seat again at once (in a new term the voter accepts),
+# even in manual failover mode.
+REJOIN_FENCE = "fenced by a rejoining voter"
 
 
 def quorum(voters: int) -> int:
@@ -864,7 +876,7 @@ class Node:
         if self.role == Role.FOLLOWER or m.term != self._term:
             return
         if m.higher_term > self._term:
-            self._step_down("higher term")
+            self._step_down(REJOIN_FENCE if m.rejoining else "higher term")
             return
         if self.role != Role.CANDIDATE or not m.ok or m.src not in self.voters:
             return
@@ -981,7 +993,7 @@ class Node:
             return
         if m.higher_term > self._term:
             # A peer promised a later leader: we can never commit again in this term.
-            self._step_down("higher term")
+            self._step_down(REJOIN_FENCE if m.rejoining else "higher term")
             return
         if self.role != Role.LEADER:
             return
