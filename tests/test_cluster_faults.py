@@ -162,6 +162,38 @@ def test_wiped_standby_catches_up_in_bulk(cluster: launcher.ClusterState) -> Non
     _run(body())
 
 
+def test_wiped_voter_rejoins_under_load_then_the_leader_is_killed(
+        cluster: launcher.ClusterState) -> None:
+    """A voter SIGKILLed and restarted on an empty data directory (lost disk) rejoins:
+    it says so, fences the leader of the moment (which takes its seat back), catches up
+    without counting, votes again; then the leader is SIGKILLed and the cluster, the
+    wiped voter among the majority, loses no acknowledged event."""
+    async def body() -> None:
+        leader, _ = await launcher.wait_leader(cluster)
+        victim = next(n for n in cluster.nodes if n.voter and n.id != leader.id)
+        node_log = Path(cluster.directory, "nodes", victim.id, "node.log")
+        async with loaded(cluster) as load:
+            await wait_for(lambda: len(load.acked) >= 1000, 30, "a log worth catching up")
+            for n in launcher.signal_node(cluster, victim.id, signal.SIGKILL):
+                launcher.reap(n.pid)
+            shutil.rmtree(victim.data_dir)
+            node_log.write_text("")
+            launcher.start_node(cluster, victim)
+            assert "LOST DISK" in node_log.read_text()
+            await wait_for(lambda: "REJOINED" in node_log.read_text(), 30, "the rejoin")
+            st = await launcher.node_status(cluster, victim)
+            assert st is not None and st.role == "follower" and st.rejoin_term == 0
+            leader, _ = await launcher.wait_leader(cluster)
+            killed = time.monotonic()
+            for n in launcher.signal_node(cluster, leader.id, signal.SIGKILL):
+                launcher.reap(n.pid)
+            await wait_for(lambda: load.acks_after(killed) >= 200, 30, "writes after the kill")
+        launcher.start_node(cluster, leader)
+        await check_cluster(cluster, load)
+
+    _run(body())
+
+
 def test_etcd_restart_keeps_every_acknowledged_event(cluster: launcher.ClusterState) -> None:
     async def body() -> None:
         etcd = launcher.etcd_of(cluster)
