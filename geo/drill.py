@@ -575,6 +575,13 @@ class Run:
                     with contextlib.suppress(asyncio.TimeoutError, Exception):
                         await asyncio.wait_for(obs.close(), 5)
 
+    async def _all_tiers_serving(self) -> bool:
+        assert self.state is not None
+        got = await asyncio.gather(*(_tiers_status(n.client, self.tls)
+                                     for n in self.state.nodes))
+        return all(st is not None and all(t.state == "serving" for t in st.tiers)
+                   for st in got)
+
     async def _engines_warm(self) -> bool:
         roles = []
         for e in self.engines.values():
@@ -744,6 +751,11 @@ class Run:
         await launcher.wait_caught_up(self.state, self.opts.step_timeout_s)
         interim, st = await launcher.wait_leader(self.state, self.opts.step_timeout_s)
         await wait_until(self._engines_warm, self.opts.step_timeout_s, "warm engines", 0.05)
+        # The restarted node admits its tiers one by one after its start: the second
+        # phase begins once every node serves every tier, or its tier timings would
+        # mix the tail of that recovery with the failback's.
+        await wait_until(self._all_tiers_serving, self.opts.step_timeout_s,
+                         "every tier serving on every node", 0.05)
         # Back to the original region: store leadership, then the engine primary.
         second = await self.phase_start(True, interim, st.term)
         await launcher.switchover(self.state, leader.id, self.opts.step_timeout_s)
