@@ -61,7 +61,9 @@ async def _wait_outputs(client: StoreClient, position: int, timeout_s: float) ->
     while await outputs_through(client, GROUP) < position:
         if time.monotonic() > deadline:
             raise TimeoutError(f"outputs not committed through input {position}")
-        await asyncio.sleep(0.002)
+        # Each poll is a read on the store's loop, beside the engine's subscription: a
+        # coarse poll disturbs less (and errs on the slow side by at most 10 ms).
+        await asyncio.sleep(0.01)
     return time.perf_counter()
 
 
