@@ -40,14 +40,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 from engine.wire import exchange_principals
-from geo.config import etcd_access, load
+from geo.config import ClusterConfig, Member, etcd_access, load, load_tls
 from geo.etcd_server import EtcdCluster, EtcdTls, free_ports, health
 from geo.leadership import EtcdAccess, Leadership
 from store import auth
@@ -108,10 +109,12 @@ class ClusterState:
         return cls(**raw)
 
     def node(self, key: str) -> NodeProc:
-        for n in self.nodes:
-            if key in (n.id, n.region):
-                return n
-        raise KeyError(f"no node or region {key!r} (have {[n.id for n in self.nodes]})")
+        return find_node(self.nodes, key)
+
+    def reach(self) -> Reach:
+        """How this module's operations reach the cluster: as its admin."""
+        return Reach(self.cluster, tuple(self.nodes), tuple(self.etcd_endpoints), self.config,
+                     client_tls(self), self.token())
 
     def region_nodes(self, region: str) -> list[NodeProc]:
         return [n for n in self.nodes if n.region == region]
@@ -129,6 +132,56 @@ class ClusterState:
     @property
     def auth_file(self) -> str:
         return str(Path(self.auth_dir, "auth.toml")) if self.auth_dir else ""
+
+
+@dataclass(frozen=True)
+class Reach:
+    """How an operator reaches a cluster: its members' addresses, etcd, and the admin's
+    TLS material and token. A local cluster (ClusterState.reach) and any deployment's
+    TOML (`reach_config`) both give one, so status, switchover and promote are one code
+    path for both. `nodes` are the local NodeProcs (with PIDs) or the TOML's Members."""
+    cluster: str
+    nodes: tuple[NodeProc | Member, ...]
+    etcd_endpoints: tuple[str, ...]
+    config: str  # the cluster TOML: [etcd] TLS, user, password_file; failover
+    tls: Tls | None = None
+    token: str = ""
+
+    def node(self, key: str) -> NodeProc | Member:
+        return find_node(self.nodes, key)
+
+
+N = TypeVar("N", NodeProc, Member, NodeProc | Member)
+
+
+def find_node(nodes: Sequence[N], key: str) -> N:
+    """The node with id `key`, else region `key`'s first (voters come first); KeyError
+    naming the known regions and nodes."""
+    for n in nodes:
+        if n.id == key:
+            return n
+    for n in nodes:
+        if n.region == key:
+            return n
+    regions = sorted({n.region for n in nodes})
+    raise KeyError(f"no node or region {key!r} (regions: {', '.join(regions)}; "
+                   f"nodes: {', '.join(n.id for n in nodes)})")
+
+
+def reach_config(config: ClusterConfig, tls: Tls | None, token: str = "") -> Reach:
+    """How the operator holding `tls` (else the TOML's [tls] certificate) and `token`
+    reaches the cluster of `config` (a deployment's TOML)."""
+    if tls is None and config.tls is not None:
+        tls = load_tls(config)
+    return Reach(config.cluster, config.members, config.etcd.endpoints, config.source, tls,
+                 token)
+
+
+Target = ClusterState | Reach
+
+
+def reach(target: Target) -> Reach:
+    return target if isinstance(target, Reach) else target.reach()
 
 
 # The order-entry client's certificate, besides certs.init's usual ones.
@@ -428,31 +481,36 @@ def down(directory: str = DEFAULT_DIR) -> ClusterState:
 
 
 # ---- operations on a running cluster (async: they talk gRPC and etcd) -------------------
+# Each takes a local ClusterState or a Reach (a deployment's TOML, `xdc cluster ... --config`).
 
-async def node_status(state: ClusterState, n: NodeProc,
+async def node_status(target: Target, n: NodeProc | Member,
                       timeout_s: float = 1.0) -> rpb.NodeStatus | None:
     """The node's replication status, or None when it does not answer."""
+    r = reach(target)
     try:
-        async with aio_channel(n.client, client_tls(state), options=channel_options()) as ch:
+        async with aio_channel(n.client, r.tls, options=channel_options()) as ch:
             return await rpb_grpc.ReplicationStub(ch).Status(
-                rpb.StatusRequest(), timeout=timeout_s, metadata=auth.bearer(state.token()))
+                rpb.StatusRequest(), timeout=timeout_s, metadata=auth.bearer(r.token))
     except grpc.aio.AioRpcError:
         return None
 
 
-async def statuses(state: ClusterState) -> dict[str, rpb.NodeStatus | None]:
-    got = await asyncio.gather(*(node_status(state, n) for n in state.nodes))
-    return {n.id: s for n, s in zip(state.nodes, got, strict=True)}
+async def statuses(target: Target) -> dict[str, rpb.NodeStatus | None]:
+    r = reach(target)
+    got = await asyncio.gather(*(node_status(r, n) for n in r.nodes))
+    return {n.id: s for n, s in zip(r.nodes, got, strict=True)}
 
 
-async def wait_leader(state: ClusterState, timeout_s: float = 20.0,
-                      exclude: tuple[str, ...] = ()) -> tuple[NodeProc, rpb.NodeStatus]:
-    """The open leader, once there is one (not among `exclude`)."""
+async def wait_leader(target: Target, timeout_s: float = 20.0,
+                      exclude: tuple[str, ...] = ()) -> tuple[Any, rpb.NodeStatus]:
+    """The open leader (a NodeProc of a local cluster, else the TOML's Member), once
+    there is one (not among `exclude`)."""
+    r = reach(target)
     deadline = time.monotonic() + timeout_s
     while True:
-        for node_id, st in (await statuses(state)).items():
+        for node_id, st in (await statuses(r)).items():
             if st is not None and st.role == "leader" and st.open and node_id not in exclude:
-                return state.node(node_id), st
+                return r.node(node_id), st
         if time.monotonic() > deadline:
             raise TimeoutError(f"no open leader within {timeout_s}s")
         await asyncio.sleep(0.02)
@@ -492,58 +550,81 @@ async def wait_caught_up(state: ClusterState, timeout_s: float = 30.0) -> int:
         await asyncio.sleep(0.05)
 
 
-def etcd_access_of(state: ClusterState) -> EtcdAccess:
+def etcd_access_of(target: Target) -> EtcdAccess:
     """How this cluster's tools reach its etcd (the TOML's [etcd]: TLS and the user)."""
-    return etcd_access(load(state.config))
+    return etcd_access(load(target.config))
 
 
-def _leadership(state: ClusterState, node_id: str = "xdc-cli") -> Leadership:
-    return Leadership(state.etcd_endpoints, state.cluster, node_id, {"id": node_id}, 2,
-                      access=etcd_access_of(state),
+def _leadership(target: Target, node_id: str = "xdc-cli") -> Leadership:
+    config = load(target.config)
+    return Leadership(list(target.etcd_endpoints), target.cluster, node_id, {"id": node_id},
+                      2, access=etcd_access(config), default_failover=config.failover,
                       on_lost=lambda reason: None)
 
 
-async def switchover(state: ClusterState, to: str, timeout_s: float = 10.0,
+def _voter(r: Reach, key: str, action: str) -> NodeProc | Member:
+    """The voter `key` names; refused (ValueError) for a standby, which cannot lead."""
+    n = r.node(key)
+    if not n.voter:
+        voters = ", ".join(f"{v.id} ({v.region})" for v in r.nodes if v.voter)
+        raise ValueError(f"{action} to {n.id} refused: it is a standby (non-voter) and "
+                         f"cannot lead; voters: {voters}")
+    return n
+
+
+async def switchover(target: Target, to: str, timeout_s: float = 10.0,
                      token: str | None = None) -> rpb.SwitchoverResponse:
-    """Planned switchover, as `token`'s principal (default: the local admin)."""
-    target = state.node(to)
-    leader, _ = await wait_leader(state, timeout_s)
-    async with aio_channel(leader.client, client_tls(state), options=channel_options()) as ch:
+    """Planned switchover to voter `to` (region or node id), as `token`'s principal
+    (default: the admin of `target`)."""
+    r = reach(target)
+    n = _voter(r, to, "switchover")
+    leader, _ = await wait_leader(r, timeout_s)
+    async with aio_channel(leader.client, r.tls, options=channel_options()) as ch:
         return await rpb_grpc.ReplicationStub(ch).Switchover(
-            rpb.SwitchoverRequest(target=target.id, timeout_ms=int(timeout_s * 1000)),
-            timeout=timeout_s + 1,
-            metadata=auth.bearer(state.token() if token is None else token))
+            rpb.SwitchoverRequest(target=n.id, timeout_ms=int(timeout_s * 1000)),
+            timeout=timeout_s + 1, metadata=auth.bearer(r.token if token is None else token))
 
 
-async def promote(state: ClusterState, to: str) -> str:
-    """Manual failover: authorise one member to take the vacant leader seat."""
-    target = state.node(to)
-    lead = _leadership(state)
+async def promote(target: Target, to: str) -> str:
+    """Manual failover: authorise one voter to take the vacant leader seat. Refused
+    (RuntimeError) when failover is automatic: the voters elect a leader themselves."""
+    r = reach(target)
+    n = _voter(r, to, "promote")
+    lead = _leadership(r)
     try:
-        await lead.promote(target.id)
+        mode = await lead.failover_mode()
+        if mode != "manual":
+            raise RuntimeError(
+                f"failover is {mode}: the voters elect a new leader by themselves, so "
+                f"there is nothing to promote (for a planned move use `xdc cluster "
+                f"switchover --to {to}`; to decide failovers by hand first run "
+                f"`xdc cluster failover manual`)")
+        await lead.promote(n.id)
     finally:
         await lead.close()
-    return target.id
+    return n.id
 
 
-async def set_failover(state: ClusterState, mode: str) -> None:
-    lead = _leadership(state)
+async def set_failover(target: Target, mode: str) -> None:
+    lead = _leadership(target)
     try:
         await lead.set_failover_mode(mode)
     finally:
         await lead.close()
 
 
-def format_status(state: ClusterState, sts: dict[str, rpb.NodeStatus | None]) -> str:
+def format_status(target: Target, sts: dict[str, rpb.NodeStatus | None]) -> str:
+    r = reach(target)
+    local = isinstance(target, ClusterState)  # only then PIDs, the proxy, its files
     leader = next((s for s in sts.values() if s is not None and s.role == "leader"), None)
     lag = {p.node_id: p for p in leader.peers} if leader is not None else {}
     rows = [("node", "region", "role", "term", "commit", "last", "lag", "in sync", "pid")]
-    for n in state.nodes:
+    for n in r.nodes:
         st = sts.get(n.id)
-        alive = "" if _alive(n.pid) else " (down)"
+        pid = str(n.pid) if isinstance(n, NodeProc) else "-"
         if st is None:
-            rows.append((n.id, n.region, "unreachable" + alive, "-", "-", "-", "-", "-",
-                         str(n.pid)))
+            alive = "" if not isinstance(n, NodeProc) or _alive(n.pid) else " (down)"
+            rows.append((n.id, n.region, "unreachable" + alive, "-", "-", "-", "-", "-", pid))
             continue
         p = lag.get(n.id)
         role = st.role + (" (open)" if st.open else "")
@@ -553,17 +634,23 @@ def format_status(state: ClusterState, sts: dict[str, rpb.NodeStatus | None]) ->
                      str(st.commit_position), str(st.last_position),
                      str(p.lag) if p else ("0" if st.role == "leader" else "?"),
                      (("yes" if p.in_sync else "no") + (", not counted" if p.rejoining else ""))
-                     if p else "-", str(n.pid)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    etcd_tls = etcd_access_of(state).tls
-    healthy = [e for e in state.etcd_endpoints if health(e, tls=etcd_tls)]
-    lines.append(f"etcd: {len(healthy)}/{len(state.etcd_endpoints)} healthy "
-                 f"({', '.join(state.etcd_endpoints)})")
-    if state.proxy_control:
-        lines.append(f"wan proxy: control {state.proxy_control}, rtt {state.rtt_ms:g} ms")
-    lines.append(f"tls: on, etcd with authentication (certificates in {state.tls_dir})"
-                 if state.tls_dir else "tls: off (plaintext)")
-    lines.append(f"client auth: on (principals in {state.auth_file}, tokens beside it)"
-                 if state.auth_dir else "client auth: off (every call allowed)")
+                     if p else "-", pid))
+    if not local:
+        rows = [row[:-1] for row in rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    etcd_tls = etcd_access_of(r).tls
+    healthy = [e for e in r.etcd_endpoints if health(e, tls=etcd_tls)]
+    lines.append(f"etcd: {len(healthy)}/{len(r.etcd_endpoints)} healthy "
+                 f"({', '.join(r.etcd_endpoints)})")
+    if not local:
+        lines.append(f"tls: {'on' if r.tls else 'off (plaintext)'}; admin token: "
+                     f"{'given' if r.token else 'none'}")
+        return "\n".join(lines)
+    if target.proxy_control:
+        lines.append(f"wan proxy: control {target.proxy_control}, rtt {target.rtt_ms:g} ms")
+    lines.append(f"tls: on, etcd with authentication (certificates in {target.tls_dir})"
+                 if target.tls_dir else "tls: off (plaintext)")
+    lines.append(f"client auth: on (principals in {target.auth_file}, tokens beside it)"
+                 if target.auth_dir else "client auth: off (every call allowed)")
     return "\n".join(lines)

@@ -581,6 +581,11 @@ class ClusterNode:
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
+        standby = next((m for m in self.config.members if m.id == target and not m.voter), None)
+        if standby is not None:  # it cannot campaign: the seat would stay vacant
+            raise SwitchoverError(grpc.StatusCode.FAILED_PRECONDITION,
+                                  f"switchover to {target} refused: it is a standby "
+                                  "(non-voter) and cannot lead")
         if self.store.role.name != "leader" or target == self.id:
             raise SwitchoverError(grpc.StatusCode.FAILED_PRECONDITION,
                                   f"{self.id} is not the open leader, or is the target "

@@ -336,27 +336,14 @@ def cmd_cluster(args: argparse.Namespace) -> int:
                       f"export XDC_TOKEN=$(cat {state.auth_dir}/admin.token)")
             print(launcher.format_status(state, asyncio.run(launcher.statuses(state))))
             return 0
+        if getattr(args, "config", None):
+            return cluster_action(launcher, cluster_reach(args), args)
         state = launcher.ClusterState.load(args.dir)
-        if action == "status":
-            sts = asyncio.run(launcher.statuses(state))
-            if args.json:
-                from google.protobuf.json_format import MessageToDict
-                print(json.dumps({k: MessageToDict(v) if v else None for k, v in sts.items()}))
-            else:
-                print(launcher.format_status(state, sts))
-        elif action == "down":
+        if action in ("status", "switchover", "promote", "failover"):
+            return cluster_action(launcher, state, args)
+        if action == "down":
             launcher.down(args.dir)
             print(f"cluster in {state.directory} stopped")
-        elif action == "switchover":
-            r = asyncio.run(launcher.switchover(state, args.to, args.timeout, args.token))
-            print(f"switchover to {r.new_leader}: term {r.new_term}, writes paused "
-                  f"{r.took_us / 1000:.1f} ms, handed over at position {r.handover_position}")
-        elif action == "promote":
-            node = asyncio.run(launcher.promote(state, args.region))
-            print(f"promoted {node}: it takes the leader seat when it is vacant")
-        elif action == "failover":
-            asyncio.run(launcher.set_failover(state, args.mode))
-            print(f"failover mode: {args.mode}")
         elif action == "signal":
             sig = getattr(signals, f"SIG{args.signal.upper()}")
             hit = launcher.signal_node(state, args.target, sig)
@@ -365,13 +352,46 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             for n in state.select(args.target):
                 launcher.start_node(state, n)
                 print(f"started {n.id} (pid {n.pid})")
-    except (FileNotFoundError, KeyError, RuntimeError, TimeoutError) as exc:
-        print(f"xdc cluster {action}: {exc}", file=sys.stderr)
+    except (FileNotFoundError, KeyError, ValueError, RuntimeError, TimeoutError) as exc:
+        print(f"xdc cluster {action}: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 1
     except grpc_error() as exc:
         print(f"xdc cluster {action}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
     return 0
+
+
+def cluster_action(launcher: Any, target: Any, args: argparse.Namespace) -> int:
+    """status, switchover, promote, failover: the same for a local cluster (its
+    ClusterState) and a deployment (the Reach of its TOML)."""
+    action = args.cluster_command
+    if action == "status":
+        sts = asyncio.run(launcher.statuses(target))
+        if args.json:
+            from google.protobuf.json_format import MessageToDict
+            print(json.dumps({k: MessageToDict(v) if v else None for k, v in sts.items()}))
+        else:
+            print(launcher.format_status(target, sts))
+    elif action == "switchover":
+        r = asyncio.run(launcher.switchover(target, args.to, args.timeout, args.token))
+        print(f"switchover to {r.new_leader}: term {r.new_term}, writes paused "
+              f"{r.took_us / 1000:.1f} ms, handed over at position {r.handover_position}")
+    elif action == "promote":
+        node = asyncio.run(launcher.promote(target, args.region))
+        print(f"promoted {node}: it takes the leader seat when it is vacant")
+    elif action == "failover":
+        asyncio.run(launcher.set_failover(target, args.mode))
+        print(f"failover mode: {args.mode}")
+    return 0
+
+
+def cluster_reach(args: argparse.Namespace) -> Any:
+    """How `xdc cluster ... --config TOML` reaches a deployment: as the admin of --tls-*
+    (else the TOML's [tls] certificate) and --token."""
+    from geo import launcher
+    from geo.config import load
+
+    return launcher.reach_config(load(args.config), _tls(args), getattr(args, "token", "") or "")
 
 
 def grpc_error() -> type[Exception]:
@@ -725,18 +745,27 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lease-ttl", type=int, default=2, help="etcd lease TTL, seconds")
     c.add_argument("--insecure", action="store_true",
                    help="plaintext everywhere (default: TLS with development certificates)")
-    c = cluster_cmd("status", "roles, terms, positions, lag, etcd health")
+    def remote(c: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        c.add_argument("--config", help="a deployment's cluster TOML (instead of --dir): its "
+                                        "members, etcd and [tls]; act as the admin of "
+                                        "--tls-* (else the TOML's [tls] cert) and --token")
+        add_tls_args(c)
+        return c
+
+    c = remote(cluster_cmd("status", "roles, terms, positions, lag, etcd health"))
     c.add_argument("--json", action="store_true")
+    c.add_argument("--token", default=os.environ.get("XDC_TOKEN"),
+                   help="an admin's token (default: $XDC_TOKEN, else the local cluster's)")
     cluster_cmd("down", "stop every process of the cluster (by PID)")
-    c = cluster_cmd("switchover", "planned handover of leadership, no loss")
+    c = remote(cluster_cmd("switchover", "planned handover of leadership, no loss"))
     c.add_argument("--to", required=True, help="region or node id")
     c.add_argument("--timeout", type=float, default=10.0)
     c.add_argument("--token", default=os.environ.get("XDC_TOKEN"),
                    help="an admin's token (default: $XDC_TOKEN, else the cluster's own "
                         "admin token under DIR/auth)")
-    c = cluster_cmd("promote", "manual failover: let this region take the vacant seat")
-    c.add_argument("region")
-    c = cluster_cmd("failover", "switch between manual and automatic failover")
+    c = remote(cluster_cmd("promote", "manual failover: let this region take the vacant seat"))
+    c.add_argument("region", help="region or node id (a voter)")
+    c = remote(cluster_cmd("failover", "switch between manual and automatic failover"))
     c.add_argument("mode", choices=["manual", "automatic"])
     c = cluster_cmd("signal", "send a signal to a region's (or node's) processes")
     c.add_argument("target", help="region or node id")

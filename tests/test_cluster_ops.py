@@ -1,0 +1,145 @@
+"""`xdc cluster status|switchover|promote|failover --config TOML`: the operator's commands
+against a deployment known only by its cluster TOML, run as subprocesses.
+
+The deployment is a launcher cluster (real etcd with TLS and authentication, real `xdc
+node run` processes, TLS, client auth) with three voters and one standby; the commands
+get only the TOML the launcher wrote (members, [etcd] with its user and password file,
+[tls] with the admin certificate) and `--dir` pointing nowhere, so nothing of the local
+state is used. One cluster for the module: the tests run in file order and each leaves
+an open leader behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from geo import launcher
+from geo.demo import wait_for
+from tests.test_cli import xdc
+from tests.test_cluster_faults import check_cluster, loaded
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[launcher.ClusterState]:
+    state = launcher.up(str(tmp_path_factory.mktemp("ops") / "cluster"), regions=3,
+                        standbys=1)
+    try:
+        asyncio.run(launcher.wait_leader(state))
+        yield state
+    finally:
+        launcher.down(state.directory)
+
+
+def ops(state: launcher.ClusterState, *args: str) -> subprocess.CompletedProcess[str]:
+    """`xdc cluster ARGS --config TOML`, with a --dir that holds no cluster."""
+    return xdc("cluster", *args, "--config", state.config,
+               "--dir", str(Path(state.directory) / "no-such-dir"))
+
+
+def status_json(state: launcher.ClusterState) -> dict[str, dict[str, object] | None]:
+    r = ops(state, "status", "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+
+def leader_of(sts: dict[str, dict[str, object] | None]) -> str:
+    leaders = [k for k, s in sts.items() if s is not None and s.get("role") == "leader"]
+    assert len(leaders) == 1, sts
+    return leaders[0]
+
+
+def test_status_from_the_toml(cluster: launcher.ClusterState) -> None:
+    sts = status_json(cluster)
+    assert sorted(sts) == sorted(n.id for n in cluster.nodes)
+    leader = leader_of(sts)
+    assert leader == asyncio.run(launcher.wait_leader(cluster))[0].id
+    standby = next(n.id for n in cluster.nodes if not n.voter)
+    assert sts[standby] is not None and sts[standby]["role"] != "leader"
+    table = ops(cluster, "status")
+    assert table.returncode == 0, table.stderr
+    assert "leader (open)" in table.stdout
+    assert all(n.id in table.stdout for n in cluster.nodes)
+    assert f"etcd: {len(cluster.etcd_endpoints)}/{len(cluster.etcd_endpoints)} healthy" \
+        in table.stdout
+    assert "tls: on" in table.stdout
+
+
+def test_unknown_region_and_standby_target_are_refused(cluster: launcher.ClusterState) -> None:
+    before = leader_of(status_json(cluster))
+    r = ops(cluster, "switchover", "--to", "mars")
+    assert r.returncode == 1
+    assert "no node or region 'mars'" in r.stderr and "us-east" in r.stderr, r.stderr
+    standby = next(n for n in cluster.nodes if not n.voter)
+    r = ops(cluster, "switchover", "--to", standby.id)
+    assert r.returncode == 1
+    assert f"switchover to {standby.id} refused" in r.stderr and "non-voter" in r.stderr
+    r = ops(cluster, "promote", "mars")
+    assert r.returncode == 1 and "no node or region 'mars'" in r.stderr
+    assert leader_of(status_json(cluster)) == before
+
+
+def test_switchover_under_load_moves_the_leader_and_loses_nothing(
+        cluster: launcher.ClusterState) -> None:
+    async def body() -> None:
+        leader, st = await launcher.wait_leader(cluster)
+        to = next(n for n in cluster.nodes if n.voter and n.id != leader.id)
+        async with loaded(cluster) as load:
+            before = len(load.acked)
+            # Explicit --tls-* (the admin's) rather than the TOML's [tls]: the same.
+            r = await asyncio.to_thread(ops, cluster, "switchover", "--to", to.region,
+                                        *launcher.tls_args(cluster, "admin"))
+            assert r.returncode == 0, r.stderr
+            assert f"switchover to {to.id}" in r.stdout
+            await wait_for(lambda: len(load.acked) >= before + 200, 30,
+                           "writes after the switchover")
+        new, new_st = await launcher.wait_leader(cluster)
+        assert new.id == to.id and new_st.term > st.term
+        await check_cluster(cluster, load)
+
+    asyncio.run(asyncio.wait_for(body(), 120))
+
+
+def test_switchover_as_a_non_admin_is_refused(cluster: launcher.ClusterState) -> None:
+    before = leader_of(status_json(cluster))
+    to = next(n for n in cluster.nodes if n.voter and n.id != before)
+    r = ops(cluster, "switchover", "--to", to.id, *launcher.tls_args(cluster, "trader"))
+    assert r.returncode == 1
+    assert "PERMISSION_DENIED" in r.stderr, r.stderr
+    assert leader_of(status_json(cluster)) == before
+
+
+def test_promote_in_manual_mode_after_the_leader_is_killed(
+        cluster: launcher.ClusterState) -> None:
+    leader = asyncio.run(launcher.wait_leader(cluster))[0]
+    to = next(n for n in cluster.nodes if n.voter and n.id != leader.id)
+    r = ops(cluster, "promote", to.region)
+    assert r.returncode == 1
+    assert "failover is automatic" in r.stderr and "switchover" in r.stderr, r.stderr
+    assert ops(cluster, "failover", "manual").returncode == 0
+    try:
+        for n in launcher.signal_node(cluster, leader.id, signal.SIGKILL):
+            launcher.reap(n.pid)
+        # Manual failover: the seat stays vacant, the dead leader shows as unreachable.
+        sts = status_json(cluster)
+        assert sts[leader.id] is None
+        table = ops(cluster, "status")
+        assert table.returncode == 0
+        assert any(line.startswith(leader.id) and "unreachable" in line
+                   for line in table.stdout.splitlines()), table.stdout
+        r = ops(cluster, "promote", to.region)
+        assert r.returncode == 0, r.stderr
+        assert f"promoted {to.id}" in r.stdout
+        new, _ = asyncio.run(launcher.wait_leader(cluster, timeout_s=30))
+        assert new.id == to.id
+        assert leader_of(status_json(cluster)) == to.id
+    finally:
+        assert ops(cluster, "failover", "automatic").returncode == 0
+        launcher.start_node(cluster, leader)
+    asyncio.run(launcher.wait_converged(cluster))
