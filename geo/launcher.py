@@ -48,7 +48,7 @@ from typing import Any, TypeVar
 import grpc
 
 from engine.wire import exchange_principals
-from geo.config import ClusterConfig, Member, etcd_access, load, load_tls
+from geo.config import ClusterConfig, ConfigError, Member, etcd_access, load, load_tls
 from geo.etcd_server import EtcdCluster, EtcdTls, free_ports, health
 from geo.leadership import EtcdAccess, Leadership
 from store import auth
@@ -639,10 +639,14 @@ def format_status(target: Target, sts: dict[str, rpb.NodeStatus | None]) -> str:
         rows = [row[:-1] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
-    etcd_tls = etcd_access_of(r).tls
-    healthy = [e for e in r.etcd_endpoints if health(e, tls=etcd_tls)]
-    lines.append(f"etcd: {len(healthy)}/{len(r.etcd_endpoints)} healthy "
-                 f"({', '.join(r.etcd_endpoints)})")
+    try:
+        etcd_tls = etcd_access_of(r).tls
+    except ConfigError as exc:  # e.g. the TOML's password file is not on this host
+        lines.append(f"etcd: not checked ({exc})")
+    else:
+        healthy = [e for e in r.etcd_endpoints if health(e, tls=etcd_tls)]
+        lines.append(f"etcd: {len(healthy)}/{len(r.etcd_endpoints)} healthy "
+                     f"({', '.join(r.etcd_endpoints)})")
     if not local:
         lines.append(f"tls: {'on' if r.tls else 'off (plaintext)'}; admin token: "
                      f"{'given' if r.token else 'none'}")

@@ -71,6 +71,20 @@ def test_status_from_the_toml(cluster: launcher.ClusterState) -> None:
     assert "tls: on" in table.stdout
 
 
+def test_status_without_the_etcd_password_still_shows_the_members(
+        cluster: launcher.ClusterState, tmp_path: Path) -> None:
+    """An operator host may lack the [etcd] password file: status needs only gRPC."""
+    toml = Path(cluster.config).read_text()
+    password = f'{cluster.directory}/etcd-node.password'
+    assert password in toml
+    copy = tmp_path / "cluster.toml"
+    copy.write_text(toml.replace(password, str(tmp_path / "missing.password")))
+    r = xdc("cluster", "status", "--config", str(copy))
+    assert r.returncode == 0, r.stderr
+    assert "leader (open)" in r.stdout and "etcd: not checked" in r.stdout
+    assert "missing.password" in r.stdout
+
+
 def test_unknown_region_and_standby_target_are_refused(cluster: launcher.ClusterState) -> None:
     before = leader_of(status_json(cluster))
     r = ops(cluster, "switchover", "--to", "mars")
