@@ -18,12 +18,16 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from geo import launcher
 from geo.demo import wait_for
 from tests.test_cli import xdc
 from tests.test_cluster_faults import check_cluster, loaded
+from xdc.tls import sync_channel
+from xdc.v1 import replication_pb2 as rpb
+from xdc.v1 import replication_pb2_grpc as rpb_grpc
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +98,14 @@ def test_unknown_region_and_standby_target_are_refused(cluster: launcher.Cluster
     r = ops(cluster, "switchover", "--to", standby.id)
     assert r.returncode == 1
     assert f"switchover to {standby.id} refused" in r.stderr and "non-voter" in r.stderr
+    # The leader itself refuses too (a client that skips the CLI's check).
+    leader = asyncio.run(launcher.wait_leader(cluster))[0]
+    with (sync_channel(leader.client, launcher.client_tls(cluster)) as ch,
+          pytest.raises(grpc.RpcError) as refused):
+        rpb_grpc.ReplicationStub(ch).Switchover(
+            rpb.SwitchoverRequest(target=standby.id, timeout_ms=5000), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "non-voter" in refused.value.details()
     r = ops(cluster, "promote", "mars")
     assert r.returncode == 1 and "no node or region 'mars'" in r.stderr
     assert leader_of(status_json(cluster)) == before
