@@ -169,25 +169,26 @@ class Replicator:
         # Groups of at most max_group_events events: one cycle proposes at most that
         # many (the machine refuses more, and a refusal would come back on every retry).
         # Each append stays whole; the groups are queued together, in order.
-        chunks: list[list[PreparedAppend]] = [[]]
-        n = 0
-        for r in reqs:
-            if chunks[-1] and n + len(r.ids) > self.limits.max_group_events:
-                chunks.append([])
-                n = 0
-            chunks[-1].append(r)
-            n += len(r.ids)
         caller = telemetry.current_span_context()
-        groups = [_Group(c, self.loop.create_future(), caller) for c in chunks]
+        groups = [_Group([], self.loop.create_future(), caller)]
+        n = size = 0  # of the last group
+        for r in reqs:
+            if groups[-1].reqs and n + len(r.ids) > self.limits.max_group_events:
+                groups[-1].load = (n, size)
+                groups.append(_Group([], self.loop.create_future(), caller))
+                n = size = 0
+            groups[-1].reqs.append(r)
+            n += len(r.ids)
+            size += r.size
+        groups[-1].load = (n, size)
         # One critical section: the stopping check, admission, the count (the writer
         # thread decrements it under the same lock) and the queueing, so a refusal
         # never leaves the count raised.
         with self._cond:
             self._check_running()
-            self._load.admit(reqs, self.limits)
-            for g in groups:
-                g.load = (sum(len(r.ids) for r in g.reqs), sum(r.size for r in g.reqs))
-                self._inputs.append(("appends", g))
+            self._load.admit_counted(sum(g.load[0] for g in groups),
+                                     sum(g.load[1] for g in groups), self.limits)
+            self._inputs.extend(("appends", g) for g in groups)
             self._cond.notify()
         if len(groups) == 1:
             return groups[0].future

@@ -45,6 +45,10 @@ class QueueLoad:
         for r in reqs:
             n += len(r.ids)
             size += r.size
+        return self.admit_counted(n, size, limits)
+
+    def admit_counted(self, n: int, size: int, limits: Limits) -> tuple[int, int]:
+        """`admit` for appends already counted: `n` events of `size` bytes."""
         for pending, more, limit, name, unit in (
                 (self.events, n, limits.max_pending_events, "max_pending_events", "events"),
                 (self.bytes, size, limits.max_pending_bytes, "max_pending_bytes", "bytes")):
