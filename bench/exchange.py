@@ -128,7 +128,8 @@ async def _latency(client: StoreClient, rate: int, seconds: float, run: int
         fut = client.append_nowait(stream, [e])
         fut.add_done_callback(lambda f, t=t: record(f, t))
     try:
-        await asyncio.wait_for(done.wait(), 60)
+        async with asyncio.timeout(60):
+            await done.wait()
     finally:
         watcher.cancel()
     out = []

@@ -730,7 +730,8 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
         if self.feed.caught_up.is_set():
             return
         try:
-            await asyncio.wait_for(self.feed.caught_up.wait(), self.limits.catch_up_wait_s)
+            async with asyncio.timeout(self.limits.catch_up_wait_s):
+                await self.feed.caught_up.wait()
         except TimeoutError:
             raise Refused(grpc.StatusCode.UNAVAILABLE,
                           f"the gateway is still reading the output log (at position "

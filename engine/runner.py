@@ -369,7 +369,8 @@ class EngineRunner:
     async def status(self) -> xpb.EngineStatus:
         c = self.consumer
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.TimeoutError):
-            info = await asyncio.wait_for(self.client.node_info(), 1.0)
+            async with asyncio.timeout(1.0):
+                info = await self.client.node_info()
             self.store_position = max(self.store_position, info.commit_position)
         role = ("diverged" if c.alarm else "primary" if self.primary
                 else "warm" if self.caught_up else "starting")

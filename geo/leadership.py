@@ -682,7 +682,8 @@ class Leadership:
                     return False
                 step = self.poll_s if watch_id is not None and not state["broken"] else 0.1
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), min(remaining, step))
+                    async with asyncio.timeout(min(remaining, step)):
+                        await wake.wait()
                 wake.clear()
                 if state["changed"]:
                     return True

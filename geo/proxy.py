@@ -402,9 +402,8 @@ class _Conn:
         link = self.link
         host, port = link.target_host, link.target_port
         try:
-            await asyncio.wait_for(
-                link.loop.create_connection(lambda: self.upstream, host, port),
-                CONNECT_TIMEOUT_S)
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                await link.loop.create_connection(lambda: self.upstream, host, port)
         except (OSError, TimeoutError) as e:
             link.stats["connect_failures"] += 1
             log.debug("%s: connect to %s:%s failed: %s", link.name, host, port, e)
@@ -912,7 +911,8 @@ class AsyncProxyControl:
         self.timeout = timeout
 
     async def request(self, req: dict[str, Any]) -> dict[str, Any]:
-        return await asyncio.wait_for(self._request(req), self.timeout)
+        async with asyncio.timeout(self.timeout):
+            return await self._request(req)
 
     async def _request(self, req: dict[str, Any]) -> dict[str, Any]:
         host, port = parse_address(self.address)

@@ -249,7 +249,8 @@ class TierSupervisor:
 
     async def observe_once(self) -> list[Transition]:
         try:
-            reading = await asyncio.wait_for(self._read(), self._read_timeout_s)
+            async with asyncio.timeout(self._read_timeout_s):
+                reading = await self._read()
             if self._read_failing:
                 log.info("%s: tier observation works again", self.node_id)
             self._read_failing = False

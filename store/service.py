@@ -341,7 +341,8 @@ class EventStoreService:
         if remaining is not None:
             wait_s = min(wait_s, remaining)
         try:
-            await asyncio.wait_for(commit.wait_for(min_position), wait_s)
+            async with asyncio.timeout(wait_s):
+                await commit.wait_for(min_position)
         except TimeoutError:
             raise StoreError(grpc.StatusCode.DEADLINE_EXCEEDED,
                              f"min_position: position {min_position} not committed on this node "

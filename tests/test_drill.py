@@ -9,6 +9,7 @@ fresh cluster, and the suite must stay fast on two cores."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,16 +21,31 @@ from geo.drill import TIERS
 RUN_KEYS = {"scenario", "seed", "rto_s", "acked_lost", "duplicates", "hashes_agree",
             "stale_writes_rejected", "tiers", "lease_expiry_s", "new_term_s", "in_doubt",
             "stale", "engines", "trace_ids", "timeline", "tiers_supervisor"}
+# A quick run takes 10-30 s; its own steps are bounded (DrillOptions.step_timeout_s).
+DRILL_BUDGET_S = 130
 
 
 def _drill(tmp_path: Path, scenario: str, seed: int) -> tuple[dict, str]:  # type: ignore[type-arg]
     out_json, out_html = tmp_path / "drill.json", tmp_path / "drill.html"
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "xdc.cli", "drill", scenario, "--runs", "1", "--seed", str(seed),
-         "--quick", "--json", str(out_json), "--html", str(out_html), "--dir",
-         str(tmp_path / "runs")], capture_output=True, text=True, timeout=150)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert scenario in proc.stdout and "RTO" in proc.stdout  # the summary table
+         "--quick", "--verbose", "--json", str(out_json), "--html", str(out_html), "--dir",
+         str(tmp_path / "runs")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=DRILL_BUDGET_S)
+    except subprocess.TimeoutExpired:
+        # SIGINT, not SIGKILL: the drill then stops every process of its cluster, and
+        # its log says which step it was waiting for.
+        proc.send_signal(signal.SIGINT)
+        try:
+            stdout, stderr = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+        pytest.fail(f"drill {scenario} still running after {DRILL_BUDGET_S}s:\n"
+                    + stdout[-3000:] + stderr[-6000:])
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-6000:]
+    assert scenario in stdout and "RTO" in stdout  # the summary table
     return json.loads(out_json.read_text()), out_html.read_text()
 
 
@@ -57,7 +73,7 @@ def _check(doc: dict, html: str, scenario: str, seed: int) -> dict:  # type: ign
     return run
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(DRILL_BUDGET_S + 45)
 def test_leader_crash_drill(tmp_path: Path) -> None:
     doc, html = _drill(tmp_path, "leader-crash", 7)
     run = _check(doc, html, "leader-crash", 7)
@@ -66,7 +82,7 @@ def test_leader_crash_drill(tmp_path: Path) -> None:
     assert run["stale"]["acked_after_new_term"] == 0
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(DRILL_BUDGET_S + 45)
 def test_engine_crash_drill(tmp_path: Path) -> None:
     doc, html = _drill(tmp_path, "engine-crash", 3)
     run = _check(doc, html, "engine-crash", 3)
