@@ -729,8 +729,16 @@ class Run:
     async def _switchover(self, leader: launcher.NodeProc, term: int) -> dict[str, Any]:
         assert self.state is not None
         target = self.rng.choice([n for n in self.state.nodes if n.voter and n.id != leader.id])
+        # The leader is found before the clock starts (finding it is not part of the
+        # switchover's cost); it is still the one the run started with, unless the load
+        # cost it its lease.
+        leader, st = await launcher.wait_leader(self.state, self.opts.step_timeout_s)
+        if target.id == leader.id:
+            target = next(n for n in self.state.nodes if n.voter and n.id != leader.id)
+        term = st.term
         phase = await self.phase_start(True, leader, term)
-        resp = await launcher.switchover(self.state, target.id, self.opts.step_timeout_s)
+        resp = await launcher.switchover(self.state, target.id, self.opts.step_timeout_s,
+                                         leader=leader)
         self.markers["switchover answered"] = time.monotonic()
         await self._recovered(phase)
         return {"fault": f"planned switchover {leader.id} -> {target.id}",

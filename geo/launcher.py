@@ -573,12 +573,14 @@ def _voter(r: Reach, key: str, action: str) -> NodeProc | Member:
 
 
 async def switchover(target: Target, to: str, timeout_s: float = 10.0,
-                     token: str | None = None) -> rpb.SwitchoverResponse:
+                     token: str | None = None,
+                     leader: NodeProc | None = None) -> rpb.SwitchoverResponse:
     """Planned switchover to voter `to` (region or node id), as `token`'s principal
-    (default: the admin of `target`)."""
+    (default: the admin of `target`), asked of `leader` (default: the one found now)."""
     r = reach(target)
     n = _voter(r, to, "switchover")
-    leader, _ = await wait_leader(r, timeout_s)
+    if leader is None:
+        leader, _ = await wait_leader(r, timeout_s)
     async with aio_channel(leader.client, r.tls, options=channel_options()) as ch:
         return await rpb_grpc.ReplicationStub(ch).Switchover(
             rpb.SwitchoverRequest(target=n.id, timeout_ms=int(timeout_s * 1000)),

@@ -407,13 +407,15 @@ class Leadership:
 
     # ---- campaign -----------------------------------------------------------------
 
-    async def campaign(self) -> int | None:
+    async def campaign(self, designated: bool = False) -> int | None:
         """Try once to take the leader key. Returns the term if this node won (the
-        keep-alive then runs), None if another node holds the key."""
+        keep-alive then runs), None if another node holds the key. `designated`: this
+        node read itself named as a switchover's target, so the transaction that
+        expects that designation goes first (one etcd round trip saved)."""
         loop = asyncio.get_running_loop()
         if self._closed.is_set():
             raise LeadershipError("leadership is closed")
-        fut = loop.run_in_executor(self._pool, self._campaign_sync)
+        fut = loop.run_in_executor(self._pool, self._campaign_sync, designated)
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
@@ -425,7 +427,7 @@ class Leadership:
             fut.add_done_callback(undo)
             raise
 
-    def _campaign_sync(self) -> int | None:
+    def _campaign_sync(self, designated: bool = False) -> int | None:
         with self._lock:
             t = self._term
             if t is not None and t.active and self.clock() < t.deadline:
@@ -438,22 +440,30 @@ class Leadership:
                    tx.delete(self.promoted_key),
                    tx.delete(self.designated_key),
                    tx.get(self.leader_key)]
+        # The designation is part of the guard, not only of the caller's check: when a
+        # leader designates and resigns, every other candidate wakes at that moment and
+        # one that read "no designation" just before would otherwise win.
+        undesignated = [tx.create(self.leader_key) == 0, tx.version(self.designated_key) == 0]
+        as_designated = [tx.create(self.leader_key) == 0,
+                         tx.value(self.designated_key) == self.node_id]
         try:
-            # The designation is part of the guard, not only of the caller's check: when
-            # a leader designates and resigns, every other candidate wakes at that moment
-            # and one that read "no designation" just before would otherwise win.
-            ok, responses = self._etcd.call("campaign", lambda c: c.transaction(
-                compare=[tx.create(self.leader_key) == 0,
-                         tx.version(self.designated_key) == 0],
-                success=success,
-                failure=[tx.get(self.leader_key), tx.get(self.designated_key)]))
-            if not ok and not responses[0] and responses[1] \
-                    and responses[1][0][0] == self.node_id.encode():
-                # This node is the designated one.
+            if designated:
                 ok, responses = self._etcd.call("campaign", lambda c: c.transaction(
-                    compare=[tx.create(self.leader_key) == 0,
-                             tx.value(self.designated_key) == self.node_id],
-                    success=success, failure=[tx.get(self.leader_key)]))
+                    compare=as_designated, success=success,
+                    failure=[tx.get(self.leader_key), tx.get(self.designated_key)]))
+                if not ok and not responses[0] and not responses[1]:
+                    # The designation expired before we read it back: a plain campaign.
+                    ok, responses = self._etcd.call("campaign", lambda c: c.transaction(
+                        compare=undesignated, success=success, failure=[]))
+            else:
+                ok, responses = self._etcd.call("campaign", lambda c: c.transaction(
+                    compare=undesignated, success=success,
+                    failure=[tx.get(self.leader_key), tx.get(self.designated_key)]))
+                if not ok and not responses[0] and responses[1] \
+                        and responses[1][0][0] == self.node_id.encode():
+                    # This node is the designated one.
+                    ok, responses = self._etcd.call("campaign", lambda c: c.transaction(
+                        compare=as_designated, success=success, failure=[]))
         except LeadershipError:
             self._revoke_quietly(lease.id)  # the outcome is unknown: undo it
             raise
@@ -628,6 +638,18 @@ class Leadership:
         if meta is None:
             return None
         return _info(value), int(meta.create_revision)
+
+    async def seat(self) -> tuple[tuple[dict[str, str], int] | None, str | None]:
+        """`current()` and `designated()` in one etcd round trip: what an election loop
+        reads each time the seat may have changed."""
+        def read(c: Any) -> tuple[tuple[dict[str, str], int] | None, str | None]:
+            tx = c.transactions
+            _, (leader, designated) = c.transaction(
+                compare=[], success=[tx.get(self.leader_key), tx.get(self.designated_key)],
+                failure=[])
+            cur = (_info(leader[0][0]), int(leader[0][1].create_revision)) if leader else None
+            return cur, designated[0][0].decode() if designated else None
+        return await self._run(self._etcd.call, "read leader and designation", read)
 
     def _snapshot(self) -> _Snapshot:
         resp = self._etcd.call("read cluster keys", lambda c: c.get_prefix_response(self.prefix))

@@ -343,7 +343,7 @@ class ClusterNode:
                 if self.leadership.is_leader:
                     await asyncio.sleep(self.tick_s)
                     continue
-                current = await self.leadership.current()
+                current, designation = await self.leadership.seat()
                 if current is not None:
                     info, term = current
                     self.failover.leader_seen(term, won=False)
@@ -353,8 +353,7 @@ class ClusterNode:
                     await self.leadership.wait_change(term, timeout_s=self.config.lease_ttl_s)
                     continue
                 self.failover.vacant()
-                designation = await self.leadership.designated() if self.member.voter else None
-                designated = designation == self.id
+                designated = self.member.voter and designation == self.id
                 if (not self.member.voter or self._rejoining
                         or time.monotonic() < self._campaign_after
                         or not await self._may_campaign(designation)):
@@ -368,7 +367,7 @@ class ClusterNode:
                     await asyncio.sleep(self.tick_s * 2)
                     continue
                 deferrals = 0
-                term = await self.leadership.campaign()
+                term = await self.leadership.campaign(designated)
                 if term is None:
                     continue
                 self.failover.leader_seen(term, won=True)

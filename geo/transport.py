@@ -50,6 +50,8 @@ MAX_QUEUED = 4096
 # Messages per PeerBatch on the wire.
 MAX_BATCH = 256
 RECONNECT_S = 0.1
+# Messages older than this when a stream comes back are dropped, not sent late.
+STALE_AFTER_S = 1.0
 # Switchover.timeout_ms: 0 means the default; larger values are refused (a call that
 # waits for days holds the leader's writes paused that long).
 DEFAULT_SWITCHOVER_MS = 5_000
@@ -131,23 +133,41 @@ class PeerSender:
         # Writes go through call.write() from this one task: with a request iterator,
         # gRPC's own consumer task would keep pulling from the queue after the call
         # failed and drop what the next stream should carry.
+        loop = asyncio.get_running_loop()
+        down_since = loop.time()
         while True:
+            batch: list[rpb.PeerMessage] = []
+            opened = loop.time()
             try:
                 # With TLS the peer's certificate must name `peer_id` (the address may
                 # be a proxy's): a node that is not that member fails the handshake.
                 async with aio_channel(self.address, self.tls, options=CHANNEL_OPTIONS,
                                        server_name=self.peer_id) as channel:
                     call = rpb_grpc.ReplicationStub(channel).Stream()
-                    self.connected = True
-                    while True:
-                        while not self._queue:
-                            self._ready.clear()
-                            await self._ready.wait()
-                        batch = [self._queue.popleft()
-                                 for _ in range(min(MAX_BATCH, len(self._queue)))]
-                        await call.write(rpb.PeerBatch(cluster=self.cluster, src=self.node_id,
-                                                       messages=batch))
-                        self.sent += len(batch)
+                    # An idle stream that failed (the peer was down when it opened, or
+                    # went away) is replaced at once, not found dead by the next write:
+                    # that write would carry a reply an election is waiting for.
+                    ended = asyncio.ensure_future(_ended(call))
+                    ended.add_done_callback(lambda _: self._ready.set())
+                    try:
+                        if loop.time() - down_since > STALE_AFTER_S:
+                            self._queue.clear()
+                        self.connected = True
+                        while True:
+                            while not self._queue:
+                                if ended.done():
+                                    raise ended.result() or ConnectionError(
+                                        "stream ended while idle")
+                                self._ready.clear()
+                                await self._ready.wait()
+                            batch = [self._queue.popleft()
+                                     for _ in range(min(MAX_BATCH, len(self._queue)))]
+                            await call.write(rpb.PeerBatch(cluster=self.cluster,
+                                                           src=self.node_id, messages=batch))
+                            self.sent += len(batch)
+                            batch = []
+                    finally:
+                        ended.cancel()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any stream failure: reconnect, never give up
@@ -157,11 +177,24 @@ class PeerSender:
                 else:
                     log.debug("%s -> %s: stream ended: %r", self.node_id, self.peer_id, exc)
             finally:
+                if self.connected:
+                    down_since = loop.time()
                 self.connected = False
-            # Messages queued while disconnected are stale by the time a stream is back;
-            # the protocol resends what it still needs.
-            self._queue.clear()
-            await asyncio.sleep(RECONNECT_S)
+            # The batch a failed write carried goes first on the next stream. What waits
+            # longer than STALE_AFTER_S is dropped when a stream is back: by then it is
+            # stale, and the protocol resends what it still needs.
+            self._queue.extendleft(reversed(batch))
+            if loop.time() - opened < RECONNECT_S:  # failing fast: do not spin
+                await asyncio.sleep(RECONNECT_S)
+
+
+async def _ended(call: Any) -> Exception | None:
+    """How a stream call ended (its error, or None for a normal end)."""
+    try:
+        await call
+    except Exception as exc:
+        return exc
+    return None
 
 
 def _details(exc: BaseException) -> str:

@@ -438,6 +438,22 @@ def test_designate_promote_and_failover_mode_round_trips(etcd: EtcdCluster) -> N
             assert await a.lead.ever_led() is True, "survives the leader key"
             await a.lead.clear_promotion()
             assert await a.lead.promoted() is None
+
+            # seat(): the leader and the designation in one read.
+            assert await a.lead.seat() == (None, None)
+            await a.lead.designate("a", 30)
+            assert await b.lead.seat() == (None, "a")
+            # A campaign as the designated target: b is not named, so it loses even
+            # though it claims to be; a wins at once and consumes the designation.
+            assert await b.lead.campaign(designated=True) is None
+            term_a = await a.lead.campaign(designated=True)
+            assert term_a is not None
+            (info, seen_term), designation = await b.lead.seat()
+            assert seen_term == term_a and info["id"] == "a" and designation is None
+            await a.lead.resign()
+            # A designation that expired before the campaign: a plain campaign wins.
+            assert await b.lead.campaign(designated=True) is not None
+            await b.lead.resign()
         finally:
             await close(a, b, auto)
     run(body())
