@@ -183,6 +183,11 @@ class StoreClient:
         # Set on every answer and every reset: the sender waits on it for a free slot.
         self._slot_free = asyncio.Event()
         self._call: Any = None
+        # The timeout scope of the sender's write in progress and its call: a reset
+        # expires it at once (a write on a discarded call can hang until the timeout).
+        self._write_scope: asyncio.Timeout | None = None
+        self._writing: Any = None
+        self._write_abandoned = False
         self._receiver: asyncio.Task[None] | None = None
         self._cids = itertools.count(1)
         self._closed = False
@@ -323,6 +328,7 @@ class StoreClient:
             call = None
             try:
                 if self._call is None:
+                    log.debug("append stream to %s opened", self._target)
                     self._call = self.stub.AppendStream(metadata=self.auth_metadata)
                     self._receiver = asyncio.get_running_loop().create_task(
                         self._receive(self._call))
@@ -344,12 +350,21 @@ class StoreClient:
                 self._inflight.append((cid, batch, asyncio.get_running_loop().time()))
                 # Bounded: a write on a call whose channel went away can wait forever.
                 # (A timeout scope, not wait_for: no task per message on the hot path.)
-                async with asyncio.timeout(self.attempt_timeout_s):
-                    await call.write(msg)
+                self._write_abandoned = False
+                async with asyncio.timeout(self.attempt_timeout_s) as scope:
+                    self._write_scope, self._writing = scope, call
+                    try:
+                        await call.write(msg)
+                    finally:
+                        self._write_scope = self._writing = None
             except asyncio.CancelledError:
                 raise
             except TimeoutError:
-                if call is not None and call is self._call:
+                if self._write_abandoned:
+                    # The call was reset under the write; the reset re-queued this batch
+                    # with the rest of what was in flight on it.
+                    self._write_abandoned = False
+                elif call is not None and call is self._call:
                     await self._switch()  # re-sends everything in flight, this batch too
                 else:
                     self._inflight = collections.deque(
@@ -482,6 +497,8 @@ class StoreClient:
             # one follower and the dead node while the others may know better.
             if cause is not None and cause.leader and cause.leader != self._target \
                     and not self._is_unreachable(cause.leader):
+                log.debug("%d appends refused by %s: following its hint to %s", len(again),
+                          failed_on, cause.leader)
                 await self._switch(cause.leader)
             elif len(self.targets) > 1 and self._target == failed_on and (
                     self._is_unreachable(failed_on) or (
@@ -492,6 +509,9 @@ class StoreClient:
                 await asyncio.sleep(delay_s)
                 if self._target == failed_on:
                     await self._switch()
+                    log.debug("%d appends refused by %s (%s): trying %s", len(again),
+                              failed_on, cause.code.name if cause else "unreachable",
+                              self._target)
             else:
                 await asyncio.sleep(delay_s)
             for p in again:
@@ -517,6 +537,11 @@ class StoreClient:
             self._end_span(cid, error=f"stream reset ({error!r}); appends re-sent")
         if call is not None:
             call.cancel()
+            if self._writing is call and self._write_scope is not None:
+                # The sender is inside a write on this call: abandon it now, or appends
+                # re-queued to the next node wait behind it for the write timeout.
+                self._write_abandoned = True
+                self._write_scope.reschedule(asyncio.get_running_loop().time())
         if receiver is not None and receiver is not asyncio.current_task():
             receiver.cancel()
         if isinstance(error, AppendError):
