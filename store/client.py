@@ -57,6 +57,10 @@ def new_event(event_type: str, data: bytes = b"", *, metadata: dict[str, str] | 
                             metadata=metadata or {}, data=data)
 
 
+_IN_DOUBT = ("append not confirmed before the timeout; its outcome is unknown: retry with "
+             "the same event ids")
+
+
 class AppendError(Exception):
     """An append the store refused. `code` is a grpc.StatusCode."""
 
@@ -265,8 +269,16 @@ class StoreClient:
                      expected: int = ANY, expected_revision: int = 0,
                      timeout_s: float | None = None) -> pb.AppendResponse:
         """Appends events to one stream atomically; returns once committed. Raises
-        AppendError when refused (wrong expected revision, invalid input, ...)."""
-        return await self.append_nowait(stream, events, expected, expected_revision, timeout_s)
+        AppendError when refused (wrong expected revision, invalid input, ...), and
+        DEADLINE_EXCEEDED when not answered within `timeout_s` (default: the client's),
+        however the attempt is stuck: the outcome is then unknown, and a retry with the
+        same event ids resolves it."""
+        fut = self.append_nowait(stream, events, expected, expected_revision, timeout_s)
+        try:
+            async with asyncio.timeout(self.timeout_s if timeout_s is None else timeout_s):
+                return await fut
+        except TimeoutError:
+            raise AppendError(grpc.StatusCode.DEADLINE_EXCEEDED, _IN_DOUBT) from None
 
     def append_nowait(self, stream: str,
                       events: pb.ProposedEvent | Iterable[pb.ProposedEvent],
@@ -483,8 +495,7 @@ class StoreClient:
                 continue
             if now >= p.deadline or self._closed:
                 p.future.set_exception(cause or AppendError(
-                    grpc.StatusCode.DEADLINE_EXCEEDED, "append not confirmed before the timeout; "
-                    "its outcome is unknown: retry with the same event ids"))
+                    grpc.StatusCode.DEADLINE_EXCEEDED, _IN_DOUBT))
             else:
                 again.append(p)
         if not again:

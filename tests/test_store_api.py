@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -480,16 +483,10 @@ def test_node_info_health_and_reflection(tmp_path: Path) -> None:
     run(body)
 
 
-def test_a_write_hung_on_an_abandoned_stream_does_not_hold_the_appends_behind_it(
-        tmp_path: Path) -> None:
-    """The client leaves a node (a leader hint, a refusal) while its sender is blocked in
-    a write to that node's stream. The write is abandoned at once: the appends go to the
-    next node now, not after the write timeout (seen in drills as a 2 s stall after a
-    failover). The stuck node here reads nothing, so its stream's flow-control window
-    fills and the client's write blocks."""
-    import time
-
-    from store.client import StoreClient
+@contextlib.asynccontextmanager
+async def _node_that_reads_nothing() -> AsyncIterator[str]:
+    """An EventStore whose AppendStream never reads a message nor answers: its stream's
+    flow-control window fills and a client's write blocks."""
     from store.server import listen_on, new_server
     from xdc.v1 import eventstore_pb2_grpc as pb_grpc
 
@@ -497,34 +494,64 @@ def test_a_write_hung_on_an_abandoned_stream_does_not_hold_the_appends_behind_it
 
     class Stuck(pb_grpc.EventStoreServicer):
         async def AppendStream(self, request_iterator, context):  # type: ignore[no-untyped-def]
-            await release.wait()  # never reads a message
+            await release.wait()
             return
             yield
 
+    server = new_server()
+    pb_grpc.add_EventStoreServicer_to_server(Stuck(), server)
+    port = listen_on(server, "127.0.0.1:0", None)
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        release.set()
+        await server.stop(0)
+
+
+def test_a_write_hung_on_an_abandoned_stream_does_not_hold_the_appends_behind_it(
+        tmp_path: Path) -> None:
+    """The client leaves a node (a leader hint, a refusal) while its sender is blocked in
+    a write to that node's stream. The write is abandoned at once: the appends go to the
+    next node now, not after the write timeout (seen in drills as a 2 s stall after a
+    failover)."""
+    from store.client import StoreClient
+
     async def body() -> None:
-        stuck = new_server()
-        pb_grpc.add_EventStoreServicer_to_server(Stuck(), stuck)
-        port = listen_on(stuck, "127.0.0.1:0", None)
-        await stuck.start()
-        try:
-            async with running_store(tmp_path / "b") as (b, _):
-                attempt = 6.0
-                async with StoreClient([f"127.0.0.1:{port}", b.address], timeout_s=30,
-                                       attempt_timeout_s=attempt) as c:
-                    big = [new_event("T", bytes(900_000), metadata={"n": str(i)})
-                           for i in range(8)]
-                    appends = [asyncio.ensure_future(c.append("s", [e])) for e in big]
-                    await wait_until(lambda: len(c._inflight) > 0, 10,
-                                     "the sender writing to the stuck node")
-                    t0 = time.monotonic()
-                    await c._switch(b.address)
-                    await asyncio.gather(*appends)
-                    took = time.monotonic() - t0
-                    assert took < attempt / 2, f"appends waited {took:.1f}s behind the write"
-                async with StoreClient(b.address) as on_b:
-                    assert sorted(int(e.metadata["n"]) for e in await on_b.read("s")) == \
-                        list(range(8))
-        finally:
-            release.set()
-            await stuck.stop(0)
+        async with _node_that_reads_nothing() as stuck, \
+                running_store(tmp_path / "b") as (b, _):
+            attempt = 6.0
+            async with StoreClient([stuck, b.address], timeout_s=30,
+                                   attempt_timeout_s=attempt) as c:
+                big = [new_event("T", bytes(900_000), metadata={"n": str(i)})
+                       for i in range(8)]
+                appends = [asyncio.ensure_future(c.append("s", [e])) for e in big]
+                await wait_until(lambda: len(c._inflight) > 0, 10,
+                                 "the sender writing to the stuck node")
+                t0 = time.monotonic()
+                await c._switch(b.address)
+                await asyncio.gather(*appends)
+                took = time.monotonic() - t0
+                assert took < attempt / 2, f"appends waited {took:.1f}s behind the write"
+            async with StoreClient(b.address) as on_b:
+                assert sorted(int(e.metadata["n"]) for e in await on_b.read("s")) == \
+                    list(range(8))
+    run(body)
+
+
+def test_an_append_answers_deadline_exceeded_at_its_timeout_however_it_is_stuck() -> None:
+    """`append(timeout_s=...)` returns by its timeout even when the node never answers
+    and the stream looks alive (before: at the stream's attempt timeout, 6 s here)."""
+    from store.client import StoreClient
+
+    async def body() -> None:
+        async with _node_that_reads_nothing() as stuck, \
+                StoreClient(stuck, timeout_s=30, attempt_timeout_s=6.0) as c:
+            t0 = time.monotonic()
+            with pytest.raises(AppendError) as err:
+                await c.append("s", [ev(1)], timeout_s=0.5)
+            took = time.monotonic() - t0
+            assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "outcome is unknown" in str(err.value)
+            assert 0.5 <= took < 2.0, took
     run(body)
