@@ -89,11 +89,12 @@ class Writer:
     def submit(self, reqs: list[PreparedAppend]) -> asyncio.Future[Results]:
         """Queues appends (loop thread); the future resolves once they are durable."""
         fut: asyncio.Future[Results] = self._loop.create_future()
+        caller = telemetry.current_span_context()  # outside the writer's lock
         with self._cond:
             if self._stopping:
                 raise StoreError(grpc.StatusCode.UNAVAILABLE, "node is shutting down")
             load = self._load.admit(reqs, self._limits)
-            self._queue.append((reqs, fut, telemetry.current_span_context(), load))
+            self._queue.append((reqs, fut, caller, load))
             self._cond.notify()
         return fut
 
@@ -130,24 +131,25 @@ class Writer:
             start_ns = time.time_ns()
             results, values = self._log.append_group(flat, admitted, start_ns)
             last = self._log.last_position
-            if telemetry.tracing():
-                # Only timestamps here: the span is made on the loop thread, off this
-                # thread's path from one fsync to the next.
-                self._loop.call_soon_threadsafe(
-                    emit_group_span, [c for _, _, c, _ in taken], len(flat), admitted, start_ns,
-                    time.time_ns(), last - len(values) + 1, last)
+            # Only timestamps here: the span is made on the loop thread, off this thread's
+            # path from one fsync to the next, in the same wake-up as the answers.
+            span = ([c for _, _, c, _ in taken], len(flat), admitted, start_ns,
+                    time.time_ns(), last - len(values) + 1, last) if telemetry.tracing() else None
             out = []
             i = 0
             for reqs, fut, _, _ in taken:
                 out.append((fut, results[i:i + len(reqs)]))
                 i += len(reqs)
-            self._loop.call_soon_threadsafe(self._delivered, last, out)
+            self._loop.call_soon_threadsafe(self._delivered, last, out, span)
 
-    def _delivered(self, last: int, out: list[tuple[asyncio.Future[Results], Results]]) -> None:
+    def _delivered(self, last: int, out: list[tuple[asyncio.Future[Results], Results]],
+                   span: tuple[Any, ...] | None = None) -> None:
         # The hook first: in a standalone node it commits, so answers can go out at once.
         # (A group that wrote nothing leaves `last` where it was: the hook ignores it.)
         self._on_durable(last)
         _deliver_all(out)
+        if span is not None:  # after the answers: they are what callers wait for
+            emit_group_span(*span)
 
 
 # (appends, future, caller's span context, (events, bytes) of the appends: counted once)
