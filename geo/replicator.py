@@ -304,10 +304,11 @@ class Replicator:
             if last_seq:
                 core.on_persisted(last_seq)
             effects = core.drain()
-        if traced:  # the span is made on the loop thread, from these timestamps
-            self.loop.call_soon_threadsafe(
-                emit_group_span, [g.caller for g in groups], sum(len(g.reqs) for g in groups),
-                core.term, start_ns, time.time_ns(), written_after + 1, self.log.last_position)
+        # The span is made on the loop thread from these timestamps, in the wake-up that
+        # carries the effects (one call_soon_threadsafe per cycle, not two).
+        span = ([g.caller for g in groups], sum(len(g.reqs) for g in groups), core.term,
+                start_ns, time.time_ns(), written_after + 1,
+                self.log.last_position) if traced else None
         for e in out:
             if isinstance(e, Committed):
                 self._commit_to_persist = max(self._commit_to_persist, e.upto)
@@ -320,7 +321,13 @@ class Replicator:
         with self._cond:
             for g in groups:
                 self._load.release(*g.load)
-        self.loop.call_soon_threadsafe(self.on_effects, out, answers)
+        self.loop.call_soon_threadsafe(self._effects, out, answers, span)
+
+    def _effects(self, out: list[Effect], answers: list[tuple[asyncio.Future[Results], Results]],
+                 span: tuple[Any, ...] | None) -> None:
+        self.on_effects(out, answers)
+        if span is not None:
+            emit_group_span(*span)
 
     def _apply(self, txn: lmdb.Transaction, effects: list[Effect], out: list[Effect],
                seq: Sequenced | None = None) -> int:
