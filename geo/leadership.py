@@ -442,28 +442,24 @@ class Leadership:
                    tx.get(self.leader_key)]
         # The designation is part of the guard, not only of the caller's check: when a
         # leader designates and resigns, every other candidate wakes at that moment and
-        # one that read "no designation" just before would otherwise win.
+        # one that read "no designation" just before would otherwise win. Two guards, the
+        # one this node expects first (`designated`: one etcd round trip when it holds);
+        # the other only when the first failed on the designation alone.
         undesignated = [tx.create(self.leader_key) == 0, tx.version(self.designated_key) == 0]
         as_designated = [tx.create(self.leader_key) == 0,
                          tx.value(self.designated_key) == self.node_id]
+        guards = [as_designated, undesignated] if designated else [undesignated, as_designated]
+        seen = [tx.get(self.leader_key), tx.get(self.designated_key)]
         try:
-            if designated:
-                ok, responses = self._etcd.call("campaign", lambda c: c.transaction(
-                    compare=as_designated, success=success,
-                    failure=[tx.get(self.leader_key), tx.get(self.designated_key)]))
-                if not ok and not responses[0] and not responses[1]:
-                    # The designation expired before we read it back: a plain campaign.
-                    ok, responses = self._etcd.call("campaign", lambda c: c.transaction(
-                        compare=undesignated, success=success, failure=[]))
-            else:
-                ok, responses = self._etcd.call("campaign", lambda c: c.transaction(
-                    compare=undesignated, success=success,
-                    failure=[tx.get(self.leader_key), tx.get(self.designated_key)]))
-                if not ok and not responses[0] and responses[1] \
-                        and responses[1][0][0] == self.node_id.encode():
-                    # This node is the designated one.
-                    ok, responses = self._etcd.call("campaign", lambda c: c.transaction(
-                        compare=as_designated, success=success, failure=[]))
+            for compare in guards:
+                ok, responses = self._etcd.call("campaign", lambda c, compare=compare:
+                                                c.transaction(compare=compare, success=success,
+                                                              failure=seen))
+                if ok or responses[0]:
+                    break  # won, or the seat is taken
+                holder = responses[1][0][0] if responses[1] else None
+                if holder not in (None, self.node_id.encode()):
+                    break  # another node is designated
         except LeadershipError:
             self._revoke_quietly(lease.id)  # the outcome is unknown: undo it
             raise

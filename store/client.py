@@ -187,10 +187,10 @@ class StoreClient:
         # Set on every answer and every reset: the sender waits on it for a free slot.
         self._slot_free = asyncio.Event()
         self._call: Any = None
-        # The timeout scope of the sender's write in progress and its call: a reset
-        # expires it at once (a write on a discarded call can hang until the timeout).
+        # The timeout scope of the sender's write in progress (always on the current
+        # call): a reset expires it at once (a write on a discarded call can hang until
+        # the timeout).
         self._write_scope: asyncio.Timeout | None = None
-        self._writing: Any = None
         self._write_abandoned = False
         self._receiver: asyncio.Task[None] | None = None
         self._cids = itertools.count(1)
@@ -364,11 +364,11 @@ class StoreClient:
                 # (A timeout scope, not wait_for: no task per message on the hot path.)
                 self._write_abandoned = False
                 async with asyncio.timeout(self.attempt_timeout_s) as scope:
-                    self._write_scope, self._writing = scope, call
+                    self._write_scope = scope
                     try:
                         await call.write(msg)
                     finally:
-                        self._write_scope = self._writing = None
+                        self._write_scope = None
             except asyncio.CancelledError:
                 raise
             except TimeoutError:
@@ -548,7 +548,7 @@ class StoreClient:
             self._end_span(cid, error=f"stream reset ({error!r}); appends re-sent")
         if call is not None:
             call.cancel()
-            if self._writing is call and self._write_scope is not None:
+            if self._write_scope is not None:
                 # The sender is inside a write on this call: abandon it now, or appends
                 # re-queued to the next node wait behind it for the write timeout.
                 self._write_abandoned = True
