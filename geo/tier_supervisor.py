@@ -89,6 +89,24 @@ def health_name(tier: str) -> str:
     return f"xdc.tier.{tier}"
 
 
+async def wait_health(stub: Any, service: str, *, serving: bool = True,
+                      timeout_s: float = 20.0) -> None:
+    """Polls `stub` (a grpc_health HealthStub on an aio channel) until `service` is
+    SERVING (or NOT_SERVING); TimeoutError after `timeout_s`."""
+    want = (health_pb2.HealthCheckResponse.SERVING if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        r = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        if r.status == want:
+            return
+        if loop.time() > deadline:
+            raise TimeoutError(f"{service} not {'SERVING' if serving else 'NOT_SERVING'} "
+                               f"within {timeout_s}s")
+        await asyncio.sleep(0.02)
+
+
 @dataclass(frozen=True, slots=True)
 class Reading:
     """One observation as the shell takes it; the supervisor adds the times."""

@@ -212,6 +212,13 @@ class StoreClient:
             self._stub = pb_grpc.EventStoreStub(self._channel)
         return self._stub
 
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """The channel to the current target (other services of the same node: health)."""
+        self.stub  # noqa: B018 (opens it)
+        assert self._channel is not None
+        return self._channel
+
     def _next_target(self, target: str) -> str:
         """The target after `target`, skipping those that just failed us (unless all
         did)."""

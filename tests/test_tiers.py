@@ -28,6 +28,7 @@ from geo.tier_supervisor import (
     TierSupervisor,
     health_name,
     standalone_reader,
+    wait_health,
 )
 from geo.tiers import Observation, Reason, State, TierMachine
 from store.client import CaughtUp, StoreClient, new_event
@@ -462,7 +463,7 @@ def test_overload_sheds_top_tiers_with_resource_exhausted(tmp_path: Path) -> Non
                 store = pb_grpc.EventStoreStub(ch)
                 tiers_stub = tpb_grpc.TiersStub(ch)
                 health_stub = health_pb2_grpc.HealthStub(ch)
-                await _wait_health(health_stub, HEALTH_ALL, serving=True)
+                await wait_health(health_stub, HEALTH_ALL, serving=True)
 
                 def append(i: int) -> asyncio.Task[Any]:
                     return asyncio.ensure_future(store.Append(pb.AppendRequest(
@@ -473,7 +474,7 @@ def test_overload_sheds_top_tiers_with_resource_exhausted(tmp_path: Path) -> Non
                 writes.extend(append(i) for i in range(1, 17))  # 16/20 queued: load 0.8
                 await wait_until(lambda: node.writer.pending_events == 16,  # type: ignore
                                  what="16 queued events")
-                await _wait_health(health_stub, health_name("order-entry"), serving=False)
+                await wait_health(health_stub, health_name("order-entry"), serving=False)
                 st = await tiers_stub.Status(tpb.TiersStatusRequest())
                 assert [t.state for t in st.tiers] == [
                     "serving", "serving", "shed", "shed", "shed"]
@@ -522,7 +523,7 @@ def test_overload_sheds_top_tiers_with_resource_exhausted(tmp_path: Path) -> Non
                 await client.close()
                 results = await asyncio.gather(*writes)
                 assert len({r.first_position for r in results}) == 17
-                await _wait_health(health_stub, HEALTH_ALL, serving=True)
+                await wait_health(health_stub, HEALTH_ALL, serving=True)
                 st = await tiers_stub.Status(tpb.TiersStatusRequest())
                 shed_at = max(t.at_unix_ns for t in st.transitions if t.to_state == "shed")
                 back = [(t.index, t.at_unix_ns) for t in st.transitions
@@ -539,22 +540,6 @@ def test_overload_sheds_top_tiers_with_resource_exhausted(tmp_path: Path) -> Non
             await server.stop(0.5)
 
     run(body, timeout_s=60)
-
-
-async def _wait_health(stub: Any, service: str, *, serving: bool,
-                       timeout_s: float = 20.0) -> None:
-    want = (health_pb2.HealthCheckResponse.SERVING if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while True:
-        r = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
-        if r.status == want:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"{service} not {'SERVING' if serving else 'NOT_SERVING'} "
-                                 f"within {timeout_s}s")
-        await asyncio.sleep(0.02)
 
 
 # ---- a real cluster losing its quorum -------------------------------------------------------
@@ -580,11 +565,11 @@ def test_quorum_loss_sheds_upper_tiers_and_recovery_follows_tier_order(
             async with grpc.aio.insecure_channel(leader.address) as ch:
                 store = pb_grpc.EventStoreStub(ch)
                 health_stub = health_pb2_grpc.HealthStub(ch)
-                await _wait_health(health_stub, HEALTH_ALL, serving=True)
+                await wait_health(health_stub, HEALTH_ALL, serving=True)
                 await store.Append(pb.AppendRequest(stream="orders",
                                                     events=[new_event("Placed", b"1")]))
                 await cluster.stop(*followers)
-                await _wait_health(health_stub, health_name("matching"), serving=False)
+                await wait_health(health_stub, health_name("matching"), serving=False)
                 st = await tpb_grpc.TiersStub(ch).Status(tpb.TiersStatusRequest())
                 assert st.cause in ("no_quorum", "failover")
                 assert st.tiers[0].state == "degraded"
@@ -625,7 +610,7 @@ def test_quorum_loss_sheds_upper_tiers_and_recovery_follows_tier_order(
                 await wait_until(lambda: {i for i, _ in seen} == set(range(N)),
                                  what="a first health answer per tier")
                 await cluster.start(*followers)
-                await _wait_health(health_stub, HEALTH_ALL, serving=True, timeout_s=60)
+                await wait_health(health_stub, HEALTH_ALL, serving=True, timeout_s=60)
                 await wait_until(lambda: sum(1 for i, s in seen if s == 1) >= N)
                 st = await tpb_grpc.TiersStub(ch).Status(tpb.TiersStatusRequest())
         finally:
