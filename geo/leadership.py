@@ -22,6 +22,7 @@ API (all coroutines run their etcd calls in threads; `LeadershipError` on etcd f
                       clock=time.monotonic, timeout_s=1.0, safety_margin_s=None,
                       default_failover="manual", access=EtcdAccess(tls, user, password))
     term = await lead.campaign()        # int (the term) if this node won, else None
+    await lead.prepare_campaign()       # grant the next campaign's lease ahead of time
     lead.is_leader                      # bool, also checks the deadline on `clock`
     lead.term                           # the term while leader, else None
     lead.deadline()                     # monotonic time the leader must stop by, or None
@@ -30,6 +31,7 @@ API (all coroutines run their etcd calls in threads; `LeadershipError` on etcd f
     await lead.resign()                 # revoke the lease: the key vanishes at once
     await lead.current()                # (info, term) of the leader now, or None
     await lead.wait_change(known_term, timeout_s)   # True on change, False on timeout
+    lead.vacancy_seen                   # the last wait_change ended on a vacant seat
     await lead.designate(node_id, ttl_s) / clear_designation() / designated()
     await lead.promote(node_id) / clear_promotion() / promoted()
     await lead.set_failover_mode(mode) / failover_mode()
@@ -51,6 +53,10 @@ consumes any pending promotion and designation (deletes them: each authorises on
 election) and reads the key back; the key's create_revision is the term. A lost race
 revokes the unused lease and returns None. A failed or cancelled campaign revokes its
 lease too, so an unknown outcome never leaves a leader nobody knows about.
+`prepare_campaign()` grants that lease ahead of time (a switchover's target does, as soon
+as it reads its designation): the campaign then is the transaction alone. A prepared
+lease older than SPARE_MAX_AGE_FRACTION x TTL is revoked and a fresh one granted; the
+term's deadline counts from the prepared lease's send time, as for any grant.
 
 Keep-alive: a dedicated thread per term refreshes the lease every ttl/3 on `clock`. The
 lease's server-side expiry is at least (send time of the last successful refresh) + TTL,
@@ -69,6 +75,9 @@ that may not campaign re-evaluates. It returns at once when the state already di
 It watches the prefix from the revision it read (no missed event), and also re-reads
 every `poll_s` in case the watch stream broke (the fork's watcher can die silently when
 etcd restarts). False on timeout; etcd errors during the wait just end in a timeout.
+`vacancy_seen` then says whether what it saw last was a vacant seat (a delete of the
+key, or a read finding none): an election loop may campaign at once instead of reading
+the seat again (the campaign's guarded transaction decides anyway).
 
 Switchover and manual failover (policy lives in the node; these are the primitives):
   - Planned switchover: the operator `designate(target, ttl_s)`s, then the leader
@@ -135,6 +144,10 @@ FAILOVER_MODES = ("manual", "automatic")
 # The lease is a liveness signal only; safety comes from terms and promises (DESIGN §4),
 # so the margin bounds how long a stale leader *believes* it leads, nothing more.
 REACTION_S = 0.1
+# A lease granted ahead for a campaign (prepare_campaign) is used only this young (as a
+# fraction of the TTL): its deadline counts from its grant, so an older one would leave
+# the new term little time before its first refresh.
+SPARE_MAX_AGE_FRACTION = 0.25
 DRIFT_FRACTION = 0.01
 
 # How often the keep-alive retries a refresh that failed fast (connection refused while
@@ -370,8 +383,11 @@ class Leadership:
             max_workers=8, thread_name_prefix=f"xdc-etcd-{node_id}")
         self._lock = threading.Lock()
         self._term: _Term | None = None
+        # (lease, send time of its grant): granted ahead for the next campaign.
+        self._spare: tuple[Any, float] | None = None
         self._closed = threading.Event()
         self.watching = 0  # active wait_change watches (diagnostics and tests)
+        self.vacancy_seen = False
 
     # ---- state --------------------------------------------------------------------
 
@@ -433,8 +449,7 @@ class Leadership:
             if t is not None and t.active and self.clock() < t.deadline:
                 return t.term
         tx = self._etcd.clients[0].transactions
-        sent = self.clock()  # the lease's TTL starts no earlier than this
-        lease = self._etcd.call("grant lease", lambda c: c.lease(self.ttl_s))
+        lease, sent = self._take_spare() or self._grant()
         success = [tx.put(self.leader_key, self._value, lease.id),
                    tx.put(self.last_key, self._value),
                    tx.delete(self.promoted_key),
@@ -491,6 +506,30 @@ class Leadership:
         t.thread.start()
         log.info("%s: leader of term %d (lease %x, ttl %s s)", self.node_id, term, lease.id, ttl)
         return term
+
+    def _grant(self) -> tuple[Any, float]:
+        sent = self.clock()  # the lease's TTL starts no earlier than this
+        return self._etcd.call("grant lease", lambda c: c.lease(self.ttl_s)), sent
+
+    def _take_spare(self) -> tuple[Any, float] | None:
+        """The prepared lease if it is still young, else None (an old one is revoked)."""
+        with self._lock:
+            spare, self._spare = self._spare, None
+        if spare is not None and self.clock() - spare[1] > SPARE_MAX_AGE_FRACTION * self.ttl_s:
+            self._revoke_quietly(spare[0].id)
+            return None
+        return spare
+
+    async def prepare_campaign(self) -> None:
+        """Grant the next campaign's lease now (module docstring); a no-op while a young
+        one is ready."""
+        def run() -> None:
+            spare = self._take_spare() or self._grant()
+            with self._lock:
+                old, self._spare = self._spare, spare
+            if old is not None:
+                self._revoke_quietly(old[0].id)
+        await self._run(run)
 
     # ---- keep-alive ---------------------------------------------------------------
 
@@ -664,25 +703,34 @@ class Leadership:
         control key changes. True on change, False after `timeout_s`."""
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout_s
+        self.vacancy_seen = False
         base = await self._run(self._snapshot)
         if base.term != known_term:
+            self.vacancy_seen = base.term is None
             return True
         wake = asyncio.Event()
-        state = {"changed": False, "broken": False}
+        state = {"changed": False, "broken": False, "vacated": False}
 
-        def on_loop(changed: bool, broken: bool) -> None:
+        def on_loop(changed: bool, broken: bool, vacated: bool) -> None:
+            if changed:
+                state["vacated"] = vacated
             state["changed"] |= changed
             state["broken"] |= broken
             wake.set()
 
         def callback(resp: Any) -> None:  # on the fork's watcher thread
+            vacated = False
             if isinstance(resp, BaseException):
                 changed, broken = False, True
             else:
                 changed, broken = self._relevant(resp, known_term), False
+                # The last event on the leader key tells whether the seat is vacant now.
+                for ev in getattr(resp, "events", ()):
+                    if ev.key.decode(errors="replace") == self.leader_key:
+                        vacated = isinstance(ev, etcd_events.DeleteEvent)
             if changed or broken:
                 with contextlib.suppress(RuntimeError):  # loop closed: nobody waits
-                    loop.call_soon_threadsafe(on_loop, changed, broken)
+                    loop.call_soon_threadsafe(on_loop, changed, broken, vacated)
 
         watch_id = None
         try:
@@ -704,12 +752,14 @@ class Leadership:
                         await wake.wait()
                 wake.clear()
                 if state["changed"]:
+                    self.vacancy_seen = state["vacated"]
                     return True
                 try:
                     snap = await self._run(self._snapshot)
                 except LeadershipError:
                     continue
                 if snap.term != known_term or snap.controls != base.controls:
+                    self.vacancy_seen = snap.term is None
                     return True
         finally:
             if watch_id is not None:

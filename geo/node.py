@@ -50,7 +50,7 @@ from geo.replication.messages import (
     SteppedDown,
     Tip,
 )
-from geo.replicator import Replicator, term_start_record
+from geo.replicator import PARK_MAX_S, Replicator, term_start_record
 from geo.tier_supervisor import Reading, TierSupervisor
 from geo.tracing import FailoverClock, ReplicationObserver
 from geo.transport import (
@@ -338,19 +338,37 @@ class ClusterNode:
 
     async def _elections(self) -> None:
         deferrals = 0
+        # Set when this node, designated, saw the seat vacated: it campaigns at once,
+        # without reading the seat again (the campaign's guard checks the designation).
+        handover = False
         while not self._stopping:
             try:
                 if self.leadership.is_leader:
                     await asyncio.sleep(self.tick_s)
                     continue
-                current, designation = await self.leadership.seat()
+                if handover:
+                    current, designation = None, self.id
+                else:
+                    current, designation = await self.leadership.seat()
+                handover = False
                 if current is not None:
                     info, term = current
                     self.failover.leader_seen(term, won=False)
                     self.store.role.leader = info.get("client", "")
                     if self._rejoining:
                         await self._log_rejoin_progress()
+                    target = (designation == self.id and self.member.voter
+                              and not self._rejoining)
+                    assert self.replicator is not None
+                    # A switchover to this node is under way: hold the appends the old
+                    # leader sends over, and have the campaign's lease ready.
+                    self.replicator.park_until = (time.monotonic() + PARK_MAX_S
+                                                  if target else 0.0)
+                    if target:
+                        with contextlib.suppress(LeadershipError):  # campaign grants then
+                            await self.leadership.prepare_campaign()
                     await self.leadership.wait_change(term, timeout_s=self.config.lease_ttl_s)
+                    handover = target and self.leadership.vacancy_seen
                     continue
                 self.failover.vacant()
                 designated = self.member.voter and designation == self.id
@@ -375,6 +393,7 @@ class ClusterNode:
                 self.store.role.name = "candidate"
                 self.store.role.term = term
                 assert self.replicator is not None
+                self.replicator.park_until = time.monotonic() + PARK_MAX_S
                 self.replicator.become_leader(term, term_start_record(
                     self.store.log.cluster_id if self.store.log else "", term, self.id,
                     time.time_ns()))
@@ -466,6 +485,8 @@ class ClusterNode:
                 self._set_writes_health(True)
             elif isinstance(e, SteppedDown):
                 log.warning("%s: stepped down from term %d: %s", self.id, e.term, e.reason)
+                if self.replicator is not None:
+                    self.replicator.park_until = 0.0
                 self.store.role.name = self._follower_role()
                 self._set_writes_health(False)
                 self.observer.reset(f"stepped down: {e.reason}")
@@ -607,10 +628,16 @@ class ClusterNode:
                                           f"(match {peer.match if peer else 0}, "
                                           f"last {st.last_position})")
                 await asyncio.sleep(0.002)
+            caught_up = time.perf_counter()
             await designation
+            designated = time.perf_counter()
             handover = st.last_position
             self.replicator.step_down(f"switchover to {target}")
             await self.leadership.resign()
+            log.info("%s: switchover to %s: caught up at %d after %.0f ms, designated "
+                     "%.0f ms later, resigned in %.0f ms", self.id, target, handover,
+                     (caught_up - t0) * 1e3, (designated - caught_up) * 1e3,
+                     (time.perf_counter() - designated) * 1e3)
             while True:
                 current = await self.leadership.current()
                 if current is not None and current[0].get("id") == target:

@@ -7,6 +7,15 @@ with one fsync (group commit): client appends are sequenced against that transac
 proposed, and written in it too. Sends, commits and role changes go to the event loop.
 Running the machine and the disk writes on one thread keeps Persist effects in order
 without any locking.
+
+Parking: while a node is about to lead (the target of a planned switchover, or a
+candidate between winning the key and its term-start commit), appends it receives are
+held, not refused, until `park_until` (monotonic, set by the node; at most PARK_MAX_S
+ahead): once the term opens they are proposed first, in arrival order; if parking ends
+first they get the usual not-leader answer. Clients sent over by the old leader then
+wait once at the next leader instead of bouncing between the two (each bounce a new
+connection) and retrying on a timer. Parked appends stay counted in the writer's load,
+so the queue limit bounds them.
 """
 
 from __future__ import annotations
@@ -57,6 +66,9 @@ def term_start_record(cluster_id: str, term: int, leader: str, now_ns: int) -> b
                           body.SerializeToString(deterministic=True))
 
 log = logging.getLogger("xdc.replicator")
+# Longest a node holds appends while it is about to lead (module docstring): well under a
+# client's attempt timeout, so a switchover that fails costs a client no more than that.
+PARK_MAX_S = 0.5
 
 
 class LmdbLogView:
@@ -144,6 +156,10 @@ class Replicator:
         self._commit_to_persist = 0
         # Set during a planned switchover: appends are refused and sent to this member.
         self.redirect_to: str | None = None
+        # Monotonic time until which appends are parked, not refused (module docstring):
+        # written by the loop thread, read by the writer thread.
+        self.park_until = 0.0
+        self._parked: list[_Group] = []  # writer thread only
         self.fatal: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="xdc-replicator", daemon=True)
         self._thread.start()
@@ -225,8 +241,9 @@ class Replicator:
             while not self._inputs and not self._stopping:
                 self._cond.wait()
             if self._stopping:
-                # Answer what is queued: the node is going away.
-                left = list(self._inputs)
+                # Answer what is queued or parked: the node is going away.
+                left = [("appends", g) for g in self._parked] + list(self._inputs)
+                self._parked.clear()
                 self._inputs.clear()
                 err = StoreError(grpc.StatusCode.UNAVAILABLE, "node is shutting down",
                                  retry_after_ms=200)
@@ -275,6 +292,14 @@ class Replicator:
                 core.step_down(arg)
             elif kind == "query":
                 queries.append(arg)
+        if groups or self._parked:
+            if (not core.is_open and self.redirect_to is None
+                    and time.monotonic() < self.park_until):
+                self._parked.extend(groups)  # still counted in the load: not released
+                groups = []
+            elif self._parked:
+                groups = self._parked + groups  # in arrival order
+                self._parked = []
         out: list[Effect] = []
         answers: list[tuple[asyncio.Future[Results], Results]] = []
         effects = core.drain()

@@ -139,6 +139,7 @@ def test_resign_vacates_the_key_and_wakes_a_waiter(etcd: EtcdCluster) -> None:
             term = await a.lead.campaign()
             assert term is not None
             assert await asyncio.wait_for(waiter, 5) is True
+            assert b.lead.vacancy_seen is False, "the seat was filled"
 
             waiter = asyncio.create_task(b.lead.wait_change(term, timeout_s=10))
             await until(lambda: b.lead.watching > 0, 5, "b's watch")
@@ -148,10 +149,12 @@ def test_resign_vacates_the_key_and_wakes_a_waiter(etcd: EtcdCluster) -> None:
             woke = time.monotonic() - t_resign
             # Through the watch, well below the lease TTL and the poll fallback.
             assert woke < 0.25, woke
+            assert b.lead.vacancy_seen is True, "the watch saw the key deleted"
             assert not a.lead.is_leader and a.lead.term is None and a.lead.deadline() is None
             assert await b.lead.current() is None
             # Already vacant: returns at once; resign again is a no-op.
             assert await b.lead.wait_change(term, timeout_s=5) is True
+            assert b.lead.vacancy_seen is True
             await a.lead.resign()
             await b.lead.resign()  # never led: no-op
             assert not a.lost, "resign is voluntary: no on_lost"
@@ -456,6 +459,63 @@ def test_designate_promote_and_failover_mode_round_trips(etcd: EtcdCluster) -> N
             await b.lead.resign()
         finally:
             await close(a, b, auto)
+    run(body())
+
+
+def _lease_ttl(endpoint: str, lease_id: int) -> int:
+    """The lease's remaining TTL in etcd, -1 when it does not exist (revoked/expired)."""
+    host, port = endpoint.rsplit(":", 1)
+    with etcd3.client(host, int(port), timeout=2) as c:
+        return int(c.get_lease_info(lease_id).TTL)
+
+
+def _key_lease(endpoint: str, key: str) -> int:
+    host, port = endpoint.rsplit(":", 1)
+    with etcd3.client(host, int(port), timeout=2) as c:
+        _, meta = c.get(key)
+        return int(meta.lease_id) if meta is not None else 0
+
+
+def test_a_prepared_lease_is_the_campaigns_and_an_old_one_is_replaced(
+        etcd: EtcdCluster) -> None:
+    """prepare_campaign grants the lease a switchover's target campaigns with (the
+    campaign is then one transaction); a prepared lease older than a quarter of the TTL
+    is revoked and a fresh one granted, so a term never starts near its deadline."""
+    shift = [0.0]
+
+    def clock() -> float:
+        return time.monotonic() + shift[0]
+
+    async def body() -> None:
+        a, b = await nodes(etcd, "a", "b", ttl_s=2, clock=clock)
+        endpoint = etcd.endpoints[0].removeprefix("http://")
+        try:
+            await a.lead.prepare_campaign()
+            assert a.lead._spare is not None
+            spare_id, spare_sent = a.lead._spare[0].id, a.lead._spare[1]
+            await a.lead.prepare_campaign()  # young: kept, not replaced
+            assert a.lead._spare is not None and a.lead._spare[0].id == spare_id
+            term = await a.lead.campaign()
+            assert term is not None
+            assert _key_lease(endpoint, a.lead.leader_key) == spare_id
+            # The term counts from the prepared grant's send time.
+            assert a.lead.last_refresh_sent() is not None
+            assert a.lead.last_refresh_sent() >= spare_sent
+            assert a.lead._spare is None, "a prepared lease serves one campaign"
+            await a.lead.resign()
+
+            await b.lead.prepare_campaign()
+            assert b.lead._spare is not None
+            old_id = b.lead._spare[0].id
+            shift[0] += 0.25 * 2 + 0.1  # older than a quarter of the TTL
+            term_b = await b.lead.campaign()
+            assert term_b is not None and term_b > term
+            new_id = _key_lease(endpoint, b.lead.leader_key)
+            assert new_id not in (0, old_id)
+            assert _lease_ttl(endpoint, old_id) == -1, "the old prepared lease is revoked"
+            await b.lead.resign()
+        finally:
+            await close(a, b)
     run(body())
 
 

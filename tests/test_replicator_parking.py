@@ -1,0 +1,131 @@
+"""geo/replicator.py parking, in process on a real LMDB log: appends that reach a node
+about to lead are held until its term opens (then written first, in arrival order), or
+refused with the usual not-leader answer once `park_until` passes.
+
+A single voter leads alone (its own durable promise is a majority), so the term opens
+within a cycle or two of `become_leader`; ticks drive the writer's cycles. Waits poll a
+condition with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from geo.replication.messages import Effect, LeaderOpen
+from geo.replicator import Replicator, term_start_record
+from store.errors import StoreError
+from store.limits import Limits
+from store.log import Appended, Log
+from store.validation import prepare
+from xdc.v1 import eventstore_pb2 as pb
+
+
+def _append(stream: str, n: int = 1) -> Any:
+    req = pb.AppendRequest(stream=stream, expected_revision=pb.EXPECTED_ANY, events=[
+        pb.ProposedEvent(id=uuid.uuid4().bytes, type="T", data=b"x") for _ in range(n)])
+    return prepare(req, Limits())
+
+
+class Harness:
+    def __init__(self, path: Path, loop: asyncio.AbstractEventLoop) -> None:
+        self.log = Log(str(path))
+        self.opened: list[LeaderOpen] = []
+        self.rep = Replicator(self.log, Limits(), loop, node_id="a", voters=["a"],
+                              standbys=[], on_effects=self._on_effects,
+                              leader_address=lambda leader: f"{leader}:1" if leader else "")
+
+    def _on_effects(self, effects: list[Effect], answers: list[tuple[Any, Any]]) -> None:
+        self.opened += [e for e in effects if isinstance(e, LeaderOpen)]
+        for fut, results in answers:
+            if not fut.done():
+                fut.set_result(results)
+
+    async def until(self, cond: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not cond():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            self.rep.tick()  # a cycle: the writer re-examines what it holds
+            await asyncio.sleep(0.005)
+
+    def close(self) -> None:
+        self.rep.stop()
+        self.log.close()
+
+
+def run(body: Callable[[Harness], Any], path: Path) -> None:
+    async def main() -> None:
+        h = Harness(path, asyncio.get_running_loop())
+        try:
+            async with asyncio.timeout(30):
+                await body(h)
+        finally:
+            h.close()
+    asyncio.run(main())
+
+
+def test_appends_parked_before_the_term_opens_are_written_first_in_order(
+        tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        h.rep.park_until = time.monotonic() + 30
+        first = h.rep.submit([_append("s-1", 2)])
+        second = h.rep.submit([_append("s-2")])
+        for _ in range(5):  # cycles while parked: nothing answered, nothing written
+            h.rep.tick()
+        await asyncio.sleep(0.05)
+        assert not first.done() and not second.done()
+        assert h.rep.pending_events == 3, "parked appends stay counted in the load"
+        h.rep.become_leader(7, term_start_record("c", 7, "a", time.time_ns()))
+        await h.until(lambda: first.done() and second.done(), "the parked appends")
+        (a,), (b,) = first.result(), second.result()
+        assert isinstance(a, Appended) and isinstance(b, Appended), (a, b)
+        assert len(h.opened) == 1 and h.opened[0].term == 7
+        start = h.opened[0].start_position
+        # Right after the term-start record, in arrival order.
+        assert (a.first_position, a.last_position) == (start + 1, start + 2)
+        assert b.first_position == start + 3
+        assert h.rep.pending_events == 0
+    run(body, tmp_path / "log")
+
+
+def test_parking_that_ends_before_the_term_opens_refuses_with_not_leader(
+        tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        h.rep.park_until = time.monotonic() + 0.2
+        parked = h.rep.submit([_append("s")])
+        h.rep.tick()
+        await asyncio.sleep(0.02)
+        assert not parked.done(), "held while the window lasts"
+        await h.until(parked.done, "the window to pass", timeout_s=5)
+        (r,) = parked.result()
+        assert isinstance(r, StoreError) and r.code == grpc.StatusCode.UNAVAILABLE, r
+        assert "does not accept writes" in str(r)
+        assert h.rep.pending_events == 0
+        # Without parking the refusal is immediate.
+        h.rep.park_until = 0.0
+        direct = h.rep.submit([_append("s")])
+        await h.until(direct.done, "the refusal")
+        assert isinstance(direct.result()[0], StoreError)
+    run(body, tmp_path / "log")
+
+
+def test_parked_appends_are_answered_when_the_node_stops(tmp_path: Path) -> None:
+    async def main() -> None:
+        h = Harness(tmp_path / "log", asyncio.get_running_loop())
+        h.rep.park_until = time.monotonic() + 30
+        parked = h.rep.submit([_append("s")])
+        h.rep.tick()
+        await asyncio.sleep(0.02)
+        assert not parked.done()
+        await asyncio.to_thread(h.close)
+        async with asyncio.timeout(5):
+            (r,) = await parked
+        assert isinstance(r, StoreError) and "shutting down" in str(r), r
+    asyncio.run(main())
