@@ -62,21 +62,18 @@ validate where those files do not exist. `check_files` checks them on the node i
 from __future__ import annotations
 
 import difflib
-import http.client
 import ipaddress
 import json
 import os
 import re
 import time
 import tomllib
-import urllib.error
-import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from geo.etcd_server import EtcdTls
+from geo.etcd_server import EtcdTls, health_problem
 from geo.leadership import EtcdAccess
 from xdc.tls import HOSTNAME_RE, Tls, TlsError
 
@@ -709,29 +706,9 @@ def check_etcd(endpoints: Iterable[str], timeout_s: float = 2.0,
 
 
 def _etcd_health(endpoint: str, timeout_s: float, tls: EtcdTls | None = None) -> str | None:
-    """None when healthy, else why not."""
+    """None when healthy, else why not (a malformed endpoint included)."""
     try:
         host, port = split_hostport(endpoint)
     except ValueError as exc:
         return str(exc)
-    scheme = "https" if tls is not None else "http"
-    url = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}/health"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s,
-                                    context=tls.ssl_context() if tls else None) as resp:
-            body = resp.read(4096)
-    except urllib.error.HTTPError as exc:
-        # etcd answers 503 with a JSON body when it has no leader or an alarm is raised.
-        body = exc.read(4096) if exc.fp is not None else b""
-        return f"HTTP {exc.code} {body.decode('utf-8', 'replace').strip()}".strip()
-    except urllib.error.URLError as exc:
-        return str(exc.reason)
-    except (OSError, ValueError, http.client.HTTPException) as exc:  # timeouts, resets, junk
-        return str(exc) or type(exc).__name__
-    try:
-        health = json.loads(body).get("health")
-    except (ValueError, AttributeError):
-        return f"unexpected /health answer {body[:80]!r}"
-    if health not in ("true", True):
-        return f"unhealthy: {body.decode('utf-8', 'replace').strip()}"
-    return None
+    return health_problem(f"{'[' + host + ']' if ':' in host else host}:{port}", timeout_s, tls)

@@ -125,16 +125,35 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def health(endpoint: str, timeout_s: float = 0.5, tls: EtcdTls | None = None) -> bool:
-    """True when the member at `endpoint` (host:port) reports itself healthy."""
+def health_problem(endpoint: str, timeout_s: float = 0.5,
+                   tls: EtcdTls | None = None) -> str | None:
+    """None when the member at `endpoint` (host:port, an IPv6 host in brackets) reports
+    itself healthy on /health, else why not (in words, for error messages)."""
     scheme = "https" if tls is not None else "http"
-    ctx = tls.ssl_context() if tls is not None else None
     try:
         with urllib.request.urlopen(f"{scheme}://{endpoint}/health", timeout=timeout_s,
-                                    context=ctx) as resp:
-            return json.loads(resp.read()).get("health") in ("true", True)
-    except (OSError, ValueError, http.client.HTTPException):  # URLError, HTTPError: OSError
-        return False
+                                    context=tls.ssl_context() if tls else None) as resp:
+            body = resp.read(4096)
+    except urllib.error.HTTPError as exc:
+        # etcd answers 503 with a JSON body when it has no leader or an alarm is raised.
+        body = exc.read(4096) if exc.fp is not None else b""
+        return f"HTTP {exc.code} {body.decode('utf-8', 'replace').strip()}".strip()
+    except urllib.error.URLError as exc:
+        return str(exc.reason)
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # timeouts, resets, junk
+        return str(exc) or type(exc).__name__
+    try:
+        healthy = json.loads(body).get("health")
+    except (ValueError, AttributeError):
+        return f"unexpected /health answer {body[:80]!r}"
+    if healthy not in ("true", True):
+        return f"unhealthy: {body.decode('utf-8', 'replace').strip()}"
+    return None
+
+
+def health(endpoint: str, timeout_s: float = 0.5, tls: EtcdTls | None = None) -> bool:
+    """True when the member at `endpoint` (host:port) reports itself healthy."""
+    return health_problem(endpoint, timeout_s, tls) is None
 
 
 class EtcdMember:
