@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Callable
 from typing import Any, get_type_hints
 
 from engine import commands as cm
@@ -46,7 +47,7 @@ from engine.book import (
     EngineLimits,
     new_level,
 )
-from engine.events import EVENT_CLASSES, FIELD_KINDS
+from engine.events import ACCEPTED, BOOK, CANCELLED, EVENT_CLASSES, FIELD_KINDS, FILL, REJECTED
 
 MAGIC = b"XDCE"
 VERSION = 1
@@ -262,14 +263,46 @@ def _compile_event_encoder(tag: int) -> Any:
 
 _FRAMED = {tag: _compile_event_encoder(tag) for tag in FIELD_KINDS}
 
+# The tags most outputs have, most frequent first (the workload of bench.match: ~40%
+# book updates, ~30% accepts, ~20% fills): ``encode_framed`` tests for them in this order.
+_COMMON_TAGS = (BOOK, ACCEPTED, FILL, REJECTED, CANCELLED)
 
-def encode_framed(raws: list[tuple], head: bytes = b"") -> bytes:
-    """``head``, then ``u16 length + canonical bytes`` of each raw event."""
-    framed = _FRAMED
-    parts = [head]
-    for r in raws:  # a loop, not a comprehension: no extra frame per call
-        parts.append(framed[r[0]](r))
-    return b"".join(parts)
+
+def _compile_framed_encoder() -> Any:
+    """``encode_framed`` as straight-line code: the body of each common tag's encoder
+    inlined in one loop over the events, writing the parts of every event into one list
+    joined once, instead of a call and a join per event (6-7% less encoding time on the
+    bench.match workload, about 1% of the consumer's time per input).
+    Same bytes as ``_FRAMED[tag](r)`` per event (tests/test_consumer.py compares them);
+    other tags go through ``_FRAMED``."""
+    env: dict[str, Any] = {"_cached": _STR_CACHE.get, "_str": _str, "_framed": _FRAMED}
+    lines = ["def encode_framed(raws, head=b''):",
+             "    parts = [head]",
+             "    append = parts.append",
+             "    for r in raws:  # a loop, not a comprehension: no extra frame per call",
+             "        tag = r[0]"]
+    for k, tag in enumerate(_COMMON_TAGS):
+        ints, strs = _EVENT_INT_POS[tag], _EVENT_STR_POS[tag]
+        head = struct.Struct("<HB" + "q" * len(ints))
+        env[f"_head{tag}"] = head.pack
+        svars = [f"s{i}" for i in strs]
+        length = " + ".join([str(head.size - 2)] + [f"len({v})" for v in svars])
+        lines.append(f"        {'if' if k == 0 else 'elif'} tag == {tag}:")
+        for i, v in zip(strs, svars, strict=True):
+            lines.append(f"            {v} = _cached(r[{i}]) or _str(r[{i}])")
+        args = ", ".join(f"r[{i}]" for i in ints)
+        lines.append(f"            append(_head{tag}({length}, {tag}, {args}))")
+        lines.extend(f"            append({v})" for v in svars)
+    lines += ["        else:",
+              "            append(_framed[tag](r))",
+              "    return b''.join(parts)"]
+    exec("\n".join(lines) + "\n", env)  # built above from the event field table alone
+    return env["encode_framed"]
+
+
+# encode_framed(raws, head=b"") -> bytes: ``head``, then ``u16 length + canonical bytes``
+# of each raw event (the generated function itself: a wrapper would cost a call per input).
+encode_framed: Callable[..., bytes] = _compile_framed_encoder()
 
 
 def encode_event(raw: tuple) -> bytes:
