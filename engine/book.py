@@ -112,6 +112,8 @@ _COMPACT_SLACK = 16
 # Band edges remembered per reference price (a trade moves the reference, usually among
 # a few recent prices); the cache is dropped whole when it reaches this size.
 _EDGES_CACHE_MAX = 4096
+# Emptied levels kept per book for reuse (see ``Book.spare``).
+_SPARE_LEVELS = 64
 
 
 @dataclass(slots=True, frozen=True)
@@ -162,6 +164,22 @@ def new_level() -> Level:
     return lvl
 
 
+def _take_level(book: Book) -> Level:
+    """An empty level for a new price: a spare one if the book has any."""
+    spare = book.spare
+    return spare.pop() if spare else new_level()
+
+
+def _drop_level(book: Book, levels: dict[int, Level], price: int, lvl: Level) -> None:
+    """Remove a level that has no live order left, keeping it as a spare."""
+    del levels[price]
+    spare = book.spare
+    if len(spare) < _SPARE_LEVELS:
+        lvl.dq.clear()  # cancelled orders (qty 0) may remain in it
+        lvl.qty = 0  # already 0 with no live order: set so a spare is always pristine
+        spare.append(lvl)
+
+
 class Account:
     """Balances per asset: ``avail`` may be spent, ``held`` reserves resting orders.
     Absent keys mean 0 (``defaultdict`` so that a credit is one ``+=``; a read that may
@@ -203,6 +221,7 @@ class Book:
         "orders",
         "quote",
         "ref",
+        "spare",
         "symbol",
         "tick",
         "traded",
@@ -237,6 +256,11 @@ class Book:
         self.bid_heap: list[int] = []
         self.ask_heap: list[int] = []
         self.orders: dict[int, Order] = {}
+        # Emptied levels, reused for the next new price: levels near the touch empty and
+        # refill all the time (a quarter of the commands of bench.match open a level), and
+        # reusing one is cheaper than building a Level and its deque. Not state: nothing
+        # observable depends on which object a level is.
+        self.spare: list[Level] = []
         self.edges: dict[int, tuple[int, int, int, int]] = {}
         self.set_ref(ref_price)
 
@@ -524,7 +548,7 @@ class Engine:
             own = book.bids if side == BUY else book.asks
             lvl = own.get(price)
             if lvl is None:
-                lvl = own[price] = new_level()
+                lvl = own[price] = _take_level(book)
                 heap = book.bid_heap if side == BUY else book.ask_heap
                 heappush(heap, -price if side == BUY else price)
                 if len(heap) > 2 * len(own) + _COMPACT_SLACK:
@@ -669,7 +693,7 @@ class Engine:
             elif stp_hit:
                 out.append((_BOOK, sym, oside, p, lvl.qty))
             if not lvl.n:
-                del levels[p]
+                _drop_level(book, levels, p, lvl)
                 heappop(heap)
             if kill:
                 break
@@ -696,7 +720,7 @@ class Engine:
             own = book.bids if side == BUY else book.asks
             lvl = own.get(price)
             if lvl is None:
-                lvl = own[price] = new_level()
+                lvl = own[price] = _take_level(book)
                 heap = book.bid_heap if side == BUY else book.ask_heap
                 heappush(heap, -price if side == BUY else price)
                 if len(heap) > 2 * len(own) + _COMPACT_SLACK:
@@ -948,7 +972,7 @@ def _unlink(book: Book, o: Order, out: list[tuple]) -> None:
         del acct.cids[cid]
     dq = lvl.dq
     if not lvl.n:
-        del levels[price]
+        _drop_level(book, levels, price, lvl)
     elif dq[0] is o:
         dq.popleft()
     elif len(dq) > 2 * lvl.n + _COMPACT_SLACK:
@@ -1062,6 +1086,11 @@ def check_invariants(eng: Engine) -> None:
                         cids[(o[ACCT].id, o[CID])] = o
         assert sum(lvl.n for lvl in book.bids.values()) + sum(
             lvl.n for lvl in book.asks.values()) == len(book.orders)
+        in_use = {id(lvl) for lvl in (*book.bids.values(), *book.asks.values())}
+        for lvl in book.spare:
+            assert not lvl.dq and not lvl.n and not lvl.qty, "spare level not empty"
+            assert id(lvl) not in in_use, "spare level still in the book"
+        assert len({id(lvl) for lvl in book.spare}) == len(book.spare), "spare twice"
         bb, ba = book.best_bid(), book.best_ask()
         assert bb is None or ba is None or bb < ba, f"{sym} crossed: {bb} >= {ba}"
         assert all(o[OID] < book.next_oid for o in book.orders.values())
