@@ -73,8 +73,12 @@ def encode(msg: Message) -> rpb.PeerMessage:
     for name in _FIELDS[cls]:
         value = getattr(msg, name)
         if name == "entries":
-            out.entries.extend(rpb.LogEntry(position=e.position, term=e.term, payload=e.payload)
-                               for e in value)
+            if value:
+                first = value[0].position
+                assert value[-1].position == first + len(value) - 1, "entries not consecutive"
+                out.first_position = first
+                out.entry_terms.extend([e.term for e in value])
+                out.entry_payloads.extend([e.payload for e in value])
         elif name == "tip":
             out.tip_term, out.tip_position = value.term, value.position
         else:
@@ -89,7 +93,11 @@ def decode(pm: rpb.PeerMessage) -> Message:
     kwargs: dict[str, Any] = {}
     for name in _FIELDS[cls]:
         if name == "entries":
-            kwargs[name] = tuple(Entry(e.position, e.term, e.payload) for e in pm.entries)
+            terms, payloads = pm.entry_terms, pm.entry_payloads
+            if len(terms) != len(payloads):
+                raise ValueError(f"{len(terms)} entry terms for {len(payloads)} payloads")
+            first = pm.first_position
+            kwargs[name] = tuple(map(Entry, range(first, first + len(terms)), terms, payloads))
         elif name == "tip":
             kwargs[name] = Tip(pm.tip_term, pm.tip_position)
         else:

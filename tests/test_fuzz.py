@@ -671,8 +671,8 @@ def peer_batches() -> SearchStrategy[rpb.PeerBatch]:
         rpb.PeerMessage, kind=valid_or_hostile(st.sampled_from(range(1, 7)), sint(32)),
         src=member, dst=valid_or_hostile(member, names("")), term=u64, ok=st.booleans(),
         prev_pos=u64, prev_term=u64,
-        entries=st.lists(st.builds(rpb.LogEntry, position=u64, term=u64,
-                                   payload=st.binary(max_size=64)), max_size=4),
+        first_position=u64, entry_terms=st.lists(u64, max_size=4),
+        entry_payloads=st.lists(st.binary(max_size=64), max_size=4),
         commit=u64, match=u64, rejected=u64, hint_pos=u64, hint_term=u64, higher_term=u64,
         tip_term=u64, tip_position=u64, max_entries=u64, max_bytes=u64,
         trace_context=small_map)

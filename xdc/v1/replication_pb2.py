@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18xdc/v1/replication.proto\x12\x06xdc.v1\";\n\x08LogEntry\x12\x10\n\x08position\x18\x01 \x01(\x06\x12\x0c\n\x04term\x18\x02 \x01(\x06\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\"\xea\x03\n\x0bPeerMessage\x12\x1e\n\x04kind\x18\x01 \x01(\x0e\x32\x10.xdc.v1.PeerKind\x12\x0b\n\x03src\x18\x02 \x01(\t\x12\x0b\n\x03\x64st\x18\x03 \x01(\t\x12\x0c\n\x04term\x18\x04 \x01(\x04\x12\n\n\x02ok\x18\x05 \x01(\x08\x12\x10\n\x08prev_pos\x18\x06 \x01(\x04\x12\x11\n\tprev_term\x18\x07 \x01(\x04\x12!\n\x07\x65ntries\x18\x08 \x03(\x0b\x32\x10.xdc.v1.LogEntry\x12\x0e\n\x06\x63ommit\x18\t \x01(\x04\x12\r\n\x05match\x18\n \x01(\x04\x12\x10\n\x08rejected\x18\x0b \x01(\x04\x12\x10\n\x08hint_pos\x18\x0c \x01(\x04\x12\x11\n\thint_term\x18\r \x01(\x04\x12\x13\n\x0bhigher_term\x18\x0e \x01(\x04\x12\x10\n\x08tip_term\x18\x0f \x01(\x04\x12\x14\n\x0ctip_position\x18\x10 \x01(\x04\x12\x13\n\x0bmax_entries\x18\x11 \x01(\x04\x12\x11\n\tmax_bytes\x18\x12 \x01(\x04\x12<\n\rtrace_context\x18\x13 \x03(\x0b\x32%.xdc.v1.PeerMessage.TraceContextEntry\x12\x11\n\trejoining\x18\x14 \x01(\x08\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"P\n\tPeerBatch\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x0b\n\x03src\x18\x02 \x01(\t\x12%\n\x08messages\x18\x03 \x03(\x0b\x32\x13.xdc.v1.PeerMessage\"!\n\rStreamSummary\x12\x10\n\x08received\x18\x01 \x01(\x04\"*\n\nTipRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x0b\n\x03src\x18\x02 \x01(\t\"\x99\x01\n\x0bTipResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tlast_term\x18\x02 \x01(\x04\x12\x15\n\rlast_position\x18\x03 \x01(\x04\x12\x15\n\rpromised_term\x18\x04 \x01(\x04\x12\x17\n\x0f\x63ommit_position\x18\x05 \x01(\x04\x12\x0c\n\x04role\x18\x06 \x01(\t\x12\x11\n\trejoining\x18\x07 \x01(\x08\"\x0f\n\rStatusRequest\"\x81\x01\n\x0cPeerProgress\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05voter\x18\x02 \x01(\x08\x12\r\n\x05match\x18\x03 \x01(\x04\x12\x0b\n\x03lag\x18\x04 \x01(\x04\x12\x0f\n\x07in_sync\x18\x05 \x01(\x08\x12\x11\n\tconnected\x18\x06 \x01(\x08\x12\x11\n\trejoining\x18\x07 \x01(\x08\"\xa8\x02\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x0c\n\x04open\x18\x04 \x01(\x08\x12\x0c\n\x04term\x18\x05 \x01(\x04\x12\x15\n\rpromised_term\x18\x06 \x01(\x04\x12\x17\n\x0f\x63ommit_position\x18\x07 \x01(\x04\x12\x15\n\rlast_position\x18\x08 \x01(\x04\x12\x18\n\x10\x64urable_position\x18\t \x01(\x04\x12\x0e\n\x06leader\x18\n \x01(\t\x12#\n\x05peers\x18\x0b \x03(\x0b\x32\x14.xdc.v1.PeerProgress\x12\r\n\x05voter\x18\x0c \x01(\x08\x12\x13\n\x0brejoin_term\x18\r \x01(\x04\x12\x15\n\rleader_commit\x18\x0e \x01(\x04\"7\n\x11SwitchoverRequest\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\"f\n\x12SwitchoverResponse\x12\x12\n\nnew_leader\x18\x01 \x01(\t\x12\x10\n\x08new_term\x18\x02 \x01(\x04\x12\x0f\n\x07took_us\x18\x03 \x01(\x04\x12\x19\n\x11handover_position\x18\x04 \x01(\x04*\x7f\n\x08PeerKind\x12\x19\n\x15PEER_KIND_UNSPECIFIED\x10\x00\x12\x0b\n\x07PROMISE\x10\x01\x12\x11\n\rPROMISE_REPLY\x10\x02\x12\n\n\x06\x41PPEND\x10\x03\x12\x10\n\x0c\x41PPEND_REPLY\x10\x04\x12\t\n\x05\x46\x45TCH\x10\x05\x12\x0f\n\x0b\x46\x45TCH_REPLY\x10\x06\x32\xed\x01\n\x0bReplication\x12\x34\n\x06Stream\x12\x11.xdc.v1.PeerBatch\x1a\x15.xdc.v1.StreamSummary(\x01\x12.\n\x03Tip\x12\x12.xdc.v1.TipRequest\x1a\x13.xdc.v1.TipResponse\x12\x33\n\x06Status\x12\x15.xdc.v1.StatusRequest\x1a\x12.xdc.v1.NodeStatus\x12\x43\n\nSwitchover\x12\x19.xdc.v1.SwitchoverRequest\x1a\x1a.xdc.v1.SwitchoverResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18xdc/v1/replication.proto\x12\x06xdc.v1\"\x92\x04\n\x0bPeerMessage\x12\x1e\n\x04kind\x18\x01 \x01(\x0e\x32\x10.xdc.v1.PeerKind\x12\x0b\n\x03src\x18\x02 \x01(\t\x12\x0b\n\x03\x64st\x18\x03 \x01(\t\x12\x0c\n\x04term\x18\x04 \x01(\x04\x12\n\n\x02ok\x18\x05 \x01(\x08\x12\x10\n\x08prev_pos\x18\x06 \x01(\x04\x12\x11\n\tprev_term\x18\x07 \x01(\x04\x12\x0e\n\x06\x63ommit\x18\t \x01(\x04\x12\r\n\x05match\x18\n \x01(\x04\x12\x10\n\x08rejected\x18\x0b \x01(\x04\x12\x10\n\x08hint_pos\x18\x0c \x01(\x04\x12\x11\n\thint_term\x18\r \x01(\x04\x12\x13\n\x0bhigher_term\x18\x0e \x01(\x04\x12\x10\n\x08tip_term\x18\x0f \x01(\x04\x12\x14\n\x0ctip_position\x18\x10 \x01(\x04\x12\x13\n\x0bmax_entries\x18\x11 \x01(\x04\x12\x11\n\tmax_bytes\x18\x12 \x01(\x04\x12<\n\rtrace_context\x18\x13 \x03(\x0b\x32%.xdc.v1.PeerMessage.TraceContextEntry\x12\x11\n\trejoining\x18\x14 \x01(\x08\x12\x16\n\x0e\x66irst_position\x18\x15 \x01(\x06\x12\x13\n\x0b\x65ntry_terms\x18\x16 \x03(\x06\x12\x16\n\x0e\x65ntry_payloads\x18\x17 \x03(\x0c\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01J\x04\x08\x08\x10\t\"P\n\tPeerBatch\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x0b\n\x03src\x18\x02 \x01(\t\x12%\n\x08messages\x18\x03 \x03(\x0b\x32\x13.xdc.v1.PeerMessage\"!\n\rStreamSummary\x12\x10\n\x08received\x18\x01 \x01(\x04\"*\n\nTipRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x0b\n\x03src\x18\x02 \x01(\t\"\x99\x01\n\x0bTipResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tlast_term\x18\x02 \x01(\x04\x12\x15\n\rlast_position\x18\x03 \x01(\x04\x12\x15\n\rpromised_term\x18\x04 \x01(\x04\x12\x17\n\x0f\x63ommit_position\x18\x05 \x01(\x04\x12\x0c\n\x04role\x18\x06 \x01(\t\x12\x11\n\trejoining\x18\x07 \x01(\x08\"\x0f\n\rStatusRequest\"\x81\x01\n\x0cPeerProgress\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05voter\x18\x02 \x01(\x08\x12\r\n\x05match\x18\x03 \x01(\x04\x12\x0b\n\x03lag\x18\x04 \x01(\x04\x12\x0f\n\x07in_sync\x18\x05 \x01(\x08\x12\x11\n\tconnected\x18\x06 \x01(\x08\x12\x11\n\trejoining\x18\x07 \x01(\x08\"\xa8\x02\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x0c\n\x04open\x18\x04 \x01(\x08\x12\x0c\n\x04term\x18\x05 \x01(\x04\x12\x15\n\rpromised_term\x18\x06 \x01(\x04\x12\x17\n\x0f\x63ommit_position\x18\x07 \x01(\x04\x12\x15\n\rlast_position\x18\x08 \x01(\x04\x12\x18\n\x10\x64urable_position\x18\t \x01(\x04\x12\x0e\n\x06leader\x18\n \x01(\t\x12#\n\x05peers\x18\x0b \x03(\x0b\x32\x14.xdc.v1.PeerProgress\x12\r\n\x05voter\x18\x0c \x01(\x08\x12\x13\n\x0brejoin_term\x18\r \x01(\x04\x12\x15\n\rleader_commit\x18\x0e \x01(\x04\"7\n\x11SwitchoverRequest\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\"f\n\x12SwitchoverResponse\x12\x12\n\nnew_leader\x18\x01 \x01(\t\x12\x10\n\x08new_term\x18\x02 \x01(\x04\x12\x0f\n\x07took_us\x18\x03 \x01(\x04\x12\x19\n\x11handover_position\x18\x04 \x01(\x04*\x7f\n\x08PeerKind\x12\x19\n\x15PEER_KIND_UNSPECIFIED\x10\x00\x12\x0b\n\x07PROMISE\x10\x01\x12\x11\n\rPROMISE_REPLY\x10\x02\x12\n\n\x06\x41PPEND\x10\x03\x12\x10\n\x0c\x41PPEND_REPLY\x10\x04\x12\t\n\x05\x46\x45TCH\x10\x05\x12\x0f\n\x0b\x46\x45TCH_REPLY\x10\x06\x32\xed\x01\n\x0bReplication\x12\x34\n\x06Stream\x12\x11.xdc.v1.PeerBatch\x1a\x15.xdc.v1.StreamSummary(\x01\x12.\n\x03Tip\x12\x12.xdc.v1.TipRequest\x1a\x13.xdc.v1.TipResponse\x12\x33\n\x06Status\x12\x15.xdc.v1.StatusRequest\x1a\x12.xdc.v1.NodeStatus\x12\x43\n\nSwitchover\x12\x19.xdc.v1.SwitchoverRequest\x1a\x1a.xdc.v1.SwitchoverResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,32 +33,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PEERMESSAGE_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_PEERMESSAGE_TRACECONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_PEERKIND']._serialized_start=1516
-  _globals['_PEERKIND']._serialized_end=1643
-  _globals['_LOGENTRY']._serialized_start=36
-  _globals['_LOGENTRY']._serialized_end=95
-  _globals['_PEERMESSAGE']._serialized_start=98
-  _globals['_PEERMESSAGE']._serialized_end=588
-  _globals['_PEERMESSAGE_TRACECONTEXTENTRY']._serialized_start=537
-  _globals['_PEERMESSAGE_TRACECONTEXTENTRY']._serialized_end=588
-  _globals['_PEERBATCH']._serialized_start=590
-  _globals['_PEERBATCH']._serialized_end=670
-  _globals['_STREAMSUMMARY']._serialized_start=672
-  _globals['_STREAMSUMMARY']._serialized_end=705
-  _globals['_TIPREQUEST']._serialized_start=707
-  _globals['_TIPREQUEST']._serialized_end=749
-  _globals['_TIPRESPONSE']._serialized_start=752
-  _globals['_TIPRESPONSE']._serialized_end=905
-  _globals['_STATUSREQUEST']._serialized_start=907
-  _globals['_STATUSREQUEST']._serialized_end=922
-  _globals['_PEERPROGRESS']._serialized_start=925
-  _globals['_PEERPROGRESS']._serialized_end=1054
-  _globals['_NODESTATUS']._serialized_start=1057
-  _globals['_NODESTATUS']._serialized_end=1353
-  _globals['_SWITCHOVERREQUEST']._serialized_start=1355
-  _globals['_SWITCHOVERREQUEST']._serialized_end=1410
-  _globals['_SWITCHOVERRESPONSE']._serialized_start=1412
-  _globals['_SWITCHOVERRESPONSE']._serialized_end=1514
-  _globals['_REPLICATION']._serialized_start=1646
-  _globals['_REPLICATION']._serialized_end=1883
+  _globals['_PEERKIND']._serialized_start=1495
+  _globals['_PEERKIND']._serialized_end=1622
+  _globals['_PEERMESSAGE']._serialized_start=37
+  _globals['_PEERMESSAGE']._serialized_end=567
+  _globals['_PEERMESSAGE_TRACECONTEXTENTRY']._serialized_start=510
+  _globals['_PEERMESSAGE_TRACECONTEXTENTRY']._serialized_end=561
+  _globals['_PEERBATCH']._serialized_start=569
+  _globals['_PEERBATCH']._serialized_end=649
+  _globals['_STREAMSUMMARY']._serialized_start=651
+  _globals['_STREAMSUMMARY']._serialized_end=684
+  _globals['_TIPREQUEST']._serialized_start=686
+  _globals['_TIPREQUEST']._serialized_end=728
+  _globals['_TIPRESPONSE']._serialized_start=731
+  _globals['_TIPRESPONSE']._serialized_end=884
+  _globals['_STATUSREQUEST']._serialized_start=886
+  _globals['_STATUSREQUEST']._serialized_end=901
+  _globals['_PEERPROGRESS']._serialized_start=904
+  _globals['_PEERPROGRESS']._serialized_end=1033
+  _globals['_NODESTATUS']._serialized_start=1036
+  _globals['_NODESTATUS']._serialized_end=1332
+  _globals['_SWITCHOVERREQUEST']._serialized_start=1334
+  _globals['_SWITCHOVERREQUEST']._serialized_end=1389
+  _globals['_SWITCHOVERRESPONSE']._serialized_start=1391
+  _globals['_SWITCHOVERRESPONSE']._serialized_end=1493
+  _globals['_REPLICATION']._serialized_start=1625
+  _globals['_REPLICATION']._serialized_end=1862
 # @@protoc_insertion_point(module_scope)

@@ -24,18 +24,8 @@ APPEND_REPLY: PeerKind
 FETCH: PeerKind
 FETCH_REPLY: PeerKind
 
-class LogEntry(_message.Message):
-    __slots__ = ("position", "term", "payload")
-    POSITION_FIELD_NUMBER: _ClassVar[int]
-    TERM_FIELD_NUMBER: _ClassVar[int]
-    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
-    position: int
-    term: int
-    payload: bytes
-    def __init__(self, position: _Optional[int] = ..., term: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...
-
 class PeerMessage(_message.Message):
-    __slots__ = ("kind", "src", "dst", "term", "ok", "prev_pos", "prev_term", "entries", "commit", "match", "rejected", "hint_pos", "hint_term", "higher_term", "tip_term", "tip_position", "max_entries", "max_bytes", "trace_context", "rejoining")
+    __slots__ = ("kind", "src", "dst", "term", "ok", "prev_pos", "prev_term", "commit", "match", "rejected", "hint_pos", "hint_term", "higher_term", "tip_term", "tip_position", "max_entries", "max_bytes", "trace_context", "rejoining", "first_position", "entry_terms", "entry_payloads")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -50,7 +40,6 @@ class PeerMessage(_message.Message):
     OK_FIELD_NUMBER: _ClassVar[int]
     PREV_POS_FIELD_NUMBER: _ClassVar[int]
     PREV_TERM_FIELD_NUMBER: _ClassVar[int]
-    ENTRIES_FIELD_NUMBER: _ClassVar[int]
     COMMIT_FIELD_NUMBER: _ClassVar[int]
     MATCH_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +52,9 @@ class PeerMessage(_message.Message):
     MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     REJOINING_FIELD_NUMBER: _ClassVar[int]
+    FIRST_POSITION_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_TERMS_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_PAYLOADS_FIELD_NUMBER: _ClassVar[int]
     kind: PeerKind
     src: str
     dst: str
@@ -70,7 +62,6 @@ class PeerMessage(_message.Message):
     ok: bool
     prev_pos: int
     prev_term: int
-    entries: _containers.RepeatedCompositeFieldContainer[LogEntry]
     commit: int
     match: int
     rejected: int
@@ -83,7 +74,10 @@ class PeerMessage(_message.Message):
     max_bytes: int
     trace_context: _containers.ScalarMap[str, str]
     rejoining: bool
-    def __init__(self, kind: _Optional[_Union[PeerKind, str]] = ..., src: _Optional[str] = ..., dst: _Optional[str] = ..., term: _Optional[int] = ..., ok: _Optional[bool] = ..., prev_pos: _Optional[int] = ..., prev_term: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[LogEntry, _Mapping]]] = ..., commit: _Optional[int] = ..., match: _Optional[int] = ..., rejected: _Optional[int] = ..., hint_pos: _Optional[int] = ..., hint_term: _Optional[int] = ..., higher_term: _Optional[int] = ..., tip_term: _Optional[int] = ..., tip_position: _Optional[int] = ..., max_entries: _Optional[int] = ..., max_bytes: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., rejoining: _Optional[bool] = ...) -> None: ...
+    first_position: int
+    entry_terms: _containers.RepeatedScalarFieldContainer[int]
+    entry_payloads: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, kind: _Optional[_Union[PeerKind, str]] = ..., src: _Optional[str] = ..., dst: _Optional[str] = ..., term: _Optional[int] = ..., ok: _Optional[bool] = ..., prev_pos: _Optional[int] = ..., prev_term: _Optional[int] = ..., commit: _Optional[int] = ..., match: _Optional[int] = ..., rejected: _Optional[int] = ..., hint_pos: _Optional[int] = ..., hint_term: _Optional[int] = ..., higher_term: _Optional[int] = ..., tip_term: _Optional[int] = ..., tip_position: _Optional[int] = ..., max_entries: _Optional[int] = ..., max_bytes: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., rejoining: _Optional[bool] = ..., first_position: _Optional[int] = ..., entry_terms: _Optional[_Iterable[int]] = ..., entry_payloads: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class PeerBatch(_message.Message):
     __slots__ = ("cluster", "src", "messages")
