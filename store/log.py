@@ -313,18 +313,20 @@ class Log:
 
     def write_records(self, txn: lmdb.Transaction, values: list[bytes], first: int,
                       spans: list[Span] | None = None,
-                      truncate_after: int | None = None) -> None:
+                      truncate_after: int | None = None) -> list[bytes]:
         """The only way records enter the log, on leaders and followers alike: optionally
         drop the suffix after `truncate_after`, then append `values` at first.. and derive
         the streams, stream index and ids entries from them. `spans` (stream, position,
-        ids per append) saves re-parsing when the caller already knows them."""
+        ids per append) saves re-parsing when the caller already knows them. Returns the
+        records as stored (a record built before its position was known, a term-start
+        record, is patched: records.patch_position; every other one is `values`' own)."""
         if truncate_after is not None and truncate_after < self.last_position:
             assert truncate_after >= self.commit_position, (
                 f"truncating at {truncate_after} below the commit position "
                 f"{self.commit_position}")
             self._truncate(txn, truncate_after)
         if not values:
-            return
+            return values
         assert first == self.last_position + 1, (
             f"gap: writing at {first} after {self.last_position}")
         derived = spans is None
@@ -355,6 +357,7 @@ class Log:
         self.last_position = last
         self.last_term = records.term_of(values[-1])
         self.last_timestamp_ns = max(self.last_timestamp_ns, records.timestamp_of(values[-1]))
+        return values
 
     def _truncate(self, txn: lmdb.Transaction, after: int) -> None:
         """Removes positions > after and every index entry derived from them."""

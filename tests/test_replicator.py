@@ -1,6 +1,8 @@
-"""geo/replicator.py parking, in process on a real LMDB log: appends that reach a node
-about to lead are held until its term opens (then written first, in arrival order), or
-refused with the usual not-leader answer once `park_until` passes.
+"""geo/replicator.py in process on a real LMDB log.
+
+Parking: appends that reach a node about to lead are held until its term opens (then
+written first, in arrival order), or refused with the usual not-leader answer once
+`park_until` passes. The view: the entries it serves from memory are the log's.
 
 A single voter leads alone (its own durable promise is a majority), so the term opens
 within a cycle or two of `become_leader`; ticks drive the writer's cycles. Waits poll a
@@ -18,8 +20,9 @@ from typing import Any
 
 import grpc
 
-from geo.replication.messages import Effect, LeaderOpen
-from geo.replicator import Replicator, term_start_record
+from geo.replication.messages import Effect, Entry, LeaderOpen
+from geo.replicator import LmdbLogView, Replicator, term_start_record
+from store import records
 from store.errors import StoreError
 from store.limits import Limits
 from store.log import Appended, Log
@@ -129,3 +132,45 @@ def test_parked_appends_are_answered_when_the_node_stops(tmp_path: Path) -> None
             (r,) = await parked
         assert isinstance(r, StoreError) and "shutting down" in str(r), r
     asyncio.run(main())
+
+
+def test_the_views_recent_entries_are_what_the_log_holds(tmp_path: Path) -> None:
+    """Entries written (with truncation, and records patched with their position when
+    stored) are served from memory exactly as LMDB holds them."""
+    log = Log(str(tmp_path / "log"))
+    view = LmdbLogView(log)
+
+    def write(truncate_after: int | None, first: int, terms: list[int]) -> None:
+        # Term-start records carry position 0 until stored: the patched case.
+        entries = [Entry(first + i, t, term_start_record("c", t, "a", 1)) for i, t in
+                   enumerate(terms)]
+        with log.write() as txn:
+            stored = log.write_records(txn, [e.payload for e in entries], first,
+                                       truncate_after=truncate_after)
+        view.wrote(truncate_after, [Entry(e.position, e.term, v)
+                                    for e, v in zip(entries, stored, strict=True)])
+
+    def check() -> None:
+        last = log.last_position
+        with log.env.begin() as txn:
+            stored = view._scan(txn, 1, last)
+        for lo in range(1, last + 1):
+            assert view.term_at(lo) == records.term_of(stored[lo - 1])
+            for hi in range(lo, last + 1):
+                got = view.entries(lo, hi, 1 << 30)
+                assert [(e.position, e.term, e.payload) for e in got] == [
+                    (p, records.term_of(v), v) for p, v in
+                    zip(range(lo, hi + 1), stored[lo - 1:hi], strict=True)]
+        capped = view.entries(1, last, 1)
+        assert len(capped) == 1, "the byte cap still holds (at least one entry)"
+
+    try:
+        write(None, 1, [1, 2, 3, 4, 5])
+        check()
+        write(3, 4, [6, 7])  # a divergent suffix replaced
+        check()
+        write(None, 6, [8])
+        check()
+        assert view._cached(1, 6) is not None, "served from memory"
+    finally:
+        log.close()
