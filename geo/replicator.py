@@ -57,7 +57,7 @@ def term_stream(term: int) -> str:
 
 def term_start_record(cluster_id: str, term: int, leader: str, now_ns: int) -> bytes:
     """The record a new leader appends (DESIGN §4). Its position is patched in when it
-    is written (store/records.patch_position), since recovery decides it."""
+    is written (store/records.index_fields), since recovery decides it."""
     body = pb.ProposedEvent(
         id=uuid.uuid5(TERM_NAMESPACE, f"{cluster_id}/{term}").bytes, type=TERM_START_TYPE,
         content_type="application/json",

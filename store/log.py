@@ -98,17 +98,24 @@ class Sequenced:
     spans: list[Span] = field(default_factory=list)
 
 
-def _spans_of(values: list[bytes], first: int) -> list[Span]:
-    """Spans of consecutive records of one stream, read from the records themselves."""
+def _indexed(values: list[bytes], first: int) -> tuple[list[bytes], list[Span]]:
+    """Records from elsewhere (replication, a term-start record): as stored (patched with
+    their positions), and spans of consecutive records of one stream, read from the
+    records themselves in one parse each."""
     spans: list[Span] = []
+    stored: list[bytes] = []
     key = b""
+    ids: list[bytes] = []
+    index_fields = records.index_fields
     for i, value in enumerate(values):
-        k = records.stream_bytes_of(value)
+        value, k, event_id = index_fields(value, first + i)
+        stored.append(value)
         if k != key or not spans:
-            spans.append((k, first + i, []))
+            ids = []
+            spans.append((k, first + i, ids))
             key = k
-        spans[-1][2].append(records.id_of(value))
-    return spans
+        ids.append(event_id)
+    return stored, spans
 
 
 @dataclass(slots=True, frozen=True)
@@ -319,7 +326,7 @@ class Log:
         the streams, stream index and ids entries from them. `spans` (stream, position,
         ids per append) saves re-parsing when the caller already knows them. Returns the
         records as stored (a record built before its position was known, a term-start
-        record, is patched: records.patch_position; every other one is `values`' own)."""
+        record, is patched: records.index_fields; every other one is `values`' own)."""
         if truncate_after is not None and truncate_after < self.last_position:
             assert truncate_after >= self.commit_position, (
                 f"truncating at {truncate_after} below the commit position "
@@ -331,8 +338,7 @@ class Log:
             f"gap: writing at {first} after {self.last_position}")
         derived = spans is None
         if spans is None:  # records from elsewhere (replication, a term-start record)
-            values = [records.patch_position(v, first + i) for i, v in enumerate(values)]
-            spans = _spans_of(values, first)
+            values, spans = _indexed(values, first)
         else:
             assert records.position_of(values[-1]) == first + len(values) - 1
         streams: dict[bytes, list[int]] = {}

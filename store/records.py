@@ -133,18 +133,29 @@ def id_of(value: bytes) -> bytes:
     return value[body_start + 2:body_start + 18]
 
 
-def patch_position(value: bytes, position: int) -> bytes:
-    """A record built before its position was known (a term-start record, whose position
-    depends on the recovery) carries position 0; every node patches in the same way, so
-    replicas stay byte-identical. Any other record must already carry `position`."""
-    start = _start(value)
+def index_fields(value: bytes, position: int) -> tuple[bytes, bytes, bytes]:
+    """(the record as stored at `position`, its stream, its event id) in one parse: what
+    a node needs to index a record that it did not build (replication, a term-start
+    record). A record built before its position was known (a term-start record, whose
+    position depends on the recovery) carries position 0 and is patched; every node
+    patches the same way, so replicas stay byte-identical. Any other record must already
+    carry `position` (and is returned as is, the same object)."""
+    assert value[0] == _TAG_FRAME, "not a framed record"
+    # The frame length: 2 bytes for most records (128 bytes..16 KiB), inline.
+    start = 2 if value[1] < 0x80 else 3 if value[2] < 0x80 else read_varint(value, 1)[1]
     embedded = _U64.unpack_from(value, start + 1)[0]
-    if embedded == position:
-        return value
-    assert embedded == 0, f"record for position {position} carries position {embedded}"
-    out = bytearray(value)
-    _U64.pack_into(out, start + 1, position)
-    return bytes(out)
+    if embedded != position:
+        assert embedded == 0, f"record for position {position} carries position {embedded}"
+        out = bytearray(value)
+        _U64.pack_into(out, start + 1, position)
+        value = bytes(out)
+    off = start + HEADER_SIZE
+    assert value[off] == _TAG_STREAM, "stream field expected after the header"
+    b = value[off + 1]
+    lo, length = (off + 2, b) if b < 0x80 else read_varint(value, off + 1)[::-1]
+    hi = lo + length
+    assert value[hi] == 0x0A and value[hi + 1] == 16, "event id expected"
+    return value, value[lo:hi], value[hi + 2:hi + 18]
 
 
 def type_of(value: bytes) -> str:

@@ -158,3 +158,20 @@ def test_subscription_filter_reads_stream_and_type_like_the_general_parsers() ->
             want = [v for v in values if records.stream_bytes_of(v).startswith(prefix)
                     and (not types or records.type_of(v).encode() in types)]
             assert records.select(values, prefix, types) == want
+
+
+def test_index_fields_reads_stream_and_id_across_varint_sizes() -> None:
+    """One parse gives what the separate readers give: frame lengths of 1, 2 and 3 varint
+    bytes and stream names under and over 127 bytes; position 0 is patched, others kept."""
+    for stream in (b"s", b"orders." + b"x" * 200):
+        for size in (0, 40, 2_000, 40_000):
+            body = pb.ProposedEvent(id=uuid.UUID(int=size + 1).bytes, type="T",
+                                    data=b"d" * size).SerializeToString(deterministic=True)
+            for embedded in (0, 9):
+                value = records.encode(embedded, 2, 1, 42, records.stream_field(stream), body)
+                stored, k, event_id = records.index_fields(value, 9)
+                assert records.position_of(stored) == 9
+                assert (stored is value) == (embedded == 9), "unpatched records are kept"
+                assert k == records.stream_bytes_of(value) == stream
+                assert event_id == records.id_of(value) == uuid.UUID(int=size + 1).bytes
+                assert records.term_of(stored) == 2 and records.body_of(stored) == body
