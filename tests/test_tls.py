@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from geo.config import ConfigError, etcd_access, load_tls, loads
 from geo.etcd_server import EtcdError, EtcdTls, bootstrap_auth
@@ -34,7 +35,7 @@ from tests.support.cluster import LocalCluster, cluster_toml
 from tests.support.etcd import EtcdCluster
 from tests.support.store import run, wait_until
 from xdc import certs
-from xdc.tls import Identity, Tls, TlsError, aio_channel
+from xdc.tls import Identity, Tls, TlsError, aio_channel, sync_channel
 from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import eventstore_pb2_grpc as pb_grpc
 from xdc.v1 import replication_pb2 as rpb
@@ -460,6 +461,22 @@ def test_engine_gateway_and_clis_over_mutual_tls(pki: Pki, tmp_path: Path) -> No
         assert refused.returncode == 1 and "UNAVAILABLE" in refused.stdout
         tiers = _xdc("tiers", "status", "--target", store.address, *tls_args("admin"))
         assert tiers.returncode == 0, tiers.stderr
+        # --tls-client-auth none: traders reach the gateway over TLS without a client
+        # certificate (they prove who they are with tokens); the default demands one.
+        open_gateway = stack.enter_context(ServeProcess(command=[
+            "gateway", "--store", store.address, "--listen", "127.0.0.1:0", "--exchange",
+            str(exchange), *tls_args("gateway"), "--tls-client-auth", "none"]))
+        anonymous = dataclasses.replace(pki.tls("admin"), cert=b"", key=b"")
+        for address, answers in ((open_gateway.address, True), (gateway.address, False)):
+            with sync_channel(address, anonymous) as ch:
+                check = health_pb2_grpc.HealthStub(ch).Check
+                if answers:
+                    assert check(health_pb2.HealthCheckRequest(), timeout=10).status == \
+                        health_pb2.HealthCheckResponse.SERVING
+                else:
+                    with pytest.raises(grpc.RpcError) as refused_tls:
+                        check(health_pb2.HealthCheckRequest(), timeout=10)
+                    assert refused_tls.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 # ---- etcd with TLS and authentication --------------------------------------------------

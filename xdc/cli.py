@@ -38,6 +38,22 @@ def _limits(args: argparse.Namespace) -> Any:
 def _tls(args: argparse.Namespace) -> Any:
     """The command's --tls-* material (None: plaintext); exits 2 when it is unusable."""
     return cli_tls(args, f"xdc {args.command}")
+
+
+def add_client_auth_arg(p: argparse.ArgumentParser) -> None:
+    """For servers: whether their clients must show a certificate (`_server_tls`)."""
+    p.add_argument("--tls-client-auth", choices=["require", "none"], default="require",
+                   help="with TLS: demand a client certificate signed by the CA (default) "
+                        "or not (clients then prove who they are with --auth tokens)")
+
+
+def _server_tls(args: argparse.Namespace) -> Any:
+    """`_tls`, with --tls-client-auth applied to the port the command listens on."""
+    tls = _tls(args)
+    if tls is not None:
+        import dataclasses
+        tls = dataclasses.replace(tls, require_client_cert=args.tls_client_auth == "require")
+    return tls
 def load_auth(prog: str, path: str | None) -> Any:
     """The auth file of `--auth` (None without one); exits 2 naming every problem."""
     if not path:
@@ -57,8 +73,6 @@ def add_token_arg(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from geo import tiers
     from geo.config import ConfigError
     from geo.tier_supervisor import standalone_companion
@@ -68,9 +82,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"xdc serve: {exc}", file=sys.stderr)
         return 2
-    tls = _tls(args)
-    if tls is not None:
-        tls = dataclasses.replace(tls, require_client_cert=args.tls_client_auth == "require")
+    tls = _server_tls(args)
     return serve(args.data, args.listen, _limits(args), node_id=args.node_id,
                  companion=standalone_companion(spec), tls=tls,
                  auth=load_auth("serve", args.auth))
@@ -457,8 +469,10 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     from engine.gateway import serve_gateway
     level = logging.DEBUG if os.environ.get("XDC_LOG") == "debug" else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(message)s")
+    # Its certificate serves both ways (to the store, and on its port); --tls-client-auth
+    # only decides whether traders must show one.
     return serve_gateway(_store_targets(args.store), args.listen, args.exchange,
-                         tls=_tls(args), auth_config=load_auth("gateway", args.auth),
+                         tls=_server_tls(args), auth_config=load_auth("gateway", args.auth),
                          token=args.token)
 
 
@@ -586,6 +600,7 @@ def add_exchange_parsers(sub: Any) -> None:
     p.add_argument("--listen", default="127.0.0.1:7100", help="HOST:PORT (port 0: any free)")
     p.add_argument("--exchange", required=True, help="exchange TOML (groups and symbols)")
     add_tls_args(p)
+    add_client_auth_arg(p)
     p.add_argument("--auth", help="auth file: callers authenticate and trade only for the "
                                   "accounts of their principal")
     add_token_arg(p)  # the gateway's own principal at the store
@@ -663,9 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-append-events", type=int, default=10_000)
     p.add_argument("--tiers", help="tier file (default: the one shipped, geo/tiers.default.toml)")
     add_tls_args(p)
-    p.add_argument("--tls-client-auth", choices=["require", "none"], default="require",
-                   help="with TLS: demand a client certificate signed by the CA (default) "
-                        "or not")
+    add_client_auth_arg(p)
     p.add_argument("--auth", help="auth file: principals, tokens and grants (store/auth.py); "
                                   "without it every call is allowed")
     p.set_defaults(func=cmd_serve)
