@@ -79,7 +79,6 @@ class Pending(NamedTuple):
 
 # ``Pending(...)`` goes through namedtuple's Python-level __new__; one is built per input.
 _new_pending = tuple.__new__
-_sha256 = hashlib.sha256
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,8 +197,7 @@ class Consumer:
         if not out:
             return
         blob = wire.outputs_blob(position, out)
-        # wire.chain_next, inlined (a call frame less per input).
-        self.chain = chain = _sha256(self.chain + blob).digest()
+        self.chain = chain = wire.chain_next(self.chain, blob)
         self.pending.append(_new_pending(Pending, (position, blob, chain)))
 
     # ---------------------------------------------------------------- committed outputs

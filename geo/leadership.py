@@ -719,15 +719,10 @@ class Leadership:
             wake.set()
 
         def callback(resp: Any) -> None:  # on the fork's watcher thread
-            vacated = False
             if isinstance(resp, BaseException):
-                changed, broken = False, True
+                changed, broken, vacated = False, True, False
             else:
-                changed, broken = self._relevant(resp, known_term), False
-                # The last event on the leader key tells whether the seat is vacant now.
-                for ev in getattr(resp, "events", ()):
-                    if ev.key.decode(errors="replace") == self.leader_key:
-                        vacated = isinstance(ev, etcd_events.DeleteEvent)
+                (changed, vacated), broken = self._relevant(resp, known_term), False
             if changed or broken:
                 with contextlib.suppress(RuntimeError):  # loop closed: nobody waits
                     loop.call_soon_threadsafe(on_loop, changed, broken, vacated)
@@ -771,18 +766,19 @@ class Leadership:
         with contextlib.suppress(LeadershipError):
             self._watch_etcd.call("cancel watch", lambda c: c.cancel_watch(watch_id))
 
-    def _relevant(self, resp: Any, known_term: int | None) -> bool:
+    def _relevant(self, resp: Any, known_term: int | None) -> tuple[bool, bool]:
+        """(whether the watch response changes what `known_term` says, whether its last
+        event on the leader key deleted it: the seat is vacant now)."""
+        changed = vacated = False
         for ev in getattr(resp, "events", ()):
             key = ev.key.decode(errors="replace")
             if key == self.leader_key:
-                if isinstance(ev, etcd_events.DeleteEvent):
-                    if known_term is not None:
-                        return True
-                elif int(ev.create_revision) != known_term:
-                    return True
+                vacated = isinstance(ev, etcd_events.DeleteEvent)
+                changed |= (known_term is not None if vacated
+                            else int(ev.create_revision) != known_term)
             elif key in self._controls:
-                return True
-        return False
+                changed = True
+        return changed, vacated
 
     # ---- switchover and manual failover --------------------------------------------
 

@@ -408,9 +408,10 @@ class Replicator:
                     self.log.write_records(txn, seq.values, first, seq.spans,
                                            truncate_after=e.truncate_after)
                 else:
-                    stored = self.log.write_records(txn, [x.payload for x in entries], first,
+                    payloads = [x.payload for x in entries]
+                    stored = self.log.write_records(txn, payloads, first,
                                                     truncate_after=e.truncate_after)
-                    if any(v is not x.payload for v, x in zip(stored, entries, strict=True)):
+                    if stored is not payloads:
                         # A patched term-start record: the view serves what is stored.
                         entries = [x if v is x.payload else Entry(x.position, x.term, v)
                                    for v, x in zip(stored, entries, strict=True)]

@@ -100,22 +100,24 @@ class Sequenced:
 
 def _indexed(values: list[bytes], first: int) -> tuple[list[bytes], list[Span]]:
     """Records from elsewhere (replication, a term-start record): as stored (patched with
-    their positions), and spans of consecutive records of one stream, read from the
-    records themselves in one parse each."""
+    their positions; `values` itself when none needed it), and spans of consecutive
+    records of one stream, read from the records themselves in one parse each."""
     spans: list[Span] = []
     stored: list[bytes] = []
+    patched = False
     key = b""
     ids: list[bytes] = []
     index_fields = records.index_fields
     for i, value in enumerate(values):
-        value, k, event_id = index_fields(value, first + i)
-        stored.append(value)
+        kept, k, event_id = index_fields(value, first + i)
+        patched |= kept is not value
+        stored.append(kept)
         if k != key or not spans:
             ids = []
             spans.append((k, first + i, ids))
             key = k
         ids.append(event_id)
-    return stored, spans
+    return (stored if patched else values), spans
 
 
 @dataclass(slots=True, frozen=True)
@@ -325,8 +327,8 @@ class Log:
         drop the suffix after `truncate_after`, then append `values` at first.. and derive
         the streams, stream index and ids entries from them. `spans` (stream, position,
         ids per append) saves re-parsing when the caller already knows them. Returns the
-        records as stored (a record built before its position was known, a term-start
-        record, is patched: records.index_fields; every other one is `values`' own)."""
+        records as stored: `values` itself unless one was patched (a record built before
+        its position was known, a term-start record: records.index_fields)."""
         if truncate_after is not None and truncate_after < self.last_position:
             assert truncate_after >= self.commit_position, (
                 f"truncating at {truncate_after} below the commit position "

@@ -58,6 +58,13 @@ class Harness:
             self.rep.tick()  # a cycle: the writer re-examines what it holds
             await asyncio.sleep(0.005)
 
+    async def cycled(self) -> None:
+        """Returns once the writer has run a cycle past everything queued so far, and the
+        answers of that cycle have reached the loop (a query is settled just before them,
+        so the waiting task resumes after them)."""
+        self.rep.tick()
+        await self.rep.query(lambda _core: None)
+
     def close(self) -> None:
         self.rep.stop()
         self.log.close()
@@ -81,8 +88,7 @@ def test_appends_parked_before_the_term_opens_are_written_first_in_order(
         first = h.rep.submit([_append("s-1", 2)])
         second = h.rep.submit([_append("s-2")])
         for _ in range(5):  # cycles while parked: nothing answered, nothing written
-            h.rep.tick()
-        await asyncio.sleep(0.05)
+            await h.cycled()
         assert not first.done() and not second.done()
         assert h.rep.pending_events == 3, "parked appends stay counted in the load"
         h.rep.become_leader(7, term_start_record("c", 7, "a", time.time_ns()))
@@ -103,8 +109,7 @@ def test_parking_that_ends_before_the_term_opens_refuses_with_not_leader(
     async def body(h: Harness) -> None:
         h.rep.park_until = time.monotonic() + 0.2
         parked = h.rep.submit([_append("s")])
-        h.rep.tick()
-        await asyncio.sleep(0.02)
+        await h.cycled()
         assert not parked.done(), "held while the window lasts"
         await h.until(parked.done, "the window to pass", timeout_s=5)
         (r,) = parked.result()
@@ -124,8 +129,7 @@ def test_parked_appends_are_answered_when_the_node_stops(tmp_path: Path) -> None
         h = Harness(tmp_path / "log", asyncio.get_running_loop())
         h.rep.park_until = time.monotonic() + 30
         parked = h.rep.submit([_append("s")])
-        h.rep.tick()
-        await asyncio.sleep(0.02)
+        await h.cycled()
         assert not parked.done()
         await asyncio.to_thread(h.close)
         async with asyncio.timeout(5):
