@@ -46,6 +46,7 @@ from store.client import (
     EXACT,
     AppendError,
     CaughtUp,
+    Checkpoint,
     StoreClient,
     channel_options,
     shed_wait_s,
@@ -101,6 +102,9 @@ class EngineRunner:
         self.role_note = "starting"
         self.snapshot_position = 0
         self.store_position = 0
+        # Every input committed up to here has been delivered and processed (events,
+        # caught-up markers and checkpoints of the subscription advance it).
+        self.delivered_position = 0
         self._hash_at: tuple[int, str] = (-1, "")  # (input position, state hash hex)
         self._captures: list[Capture] = []
         self._since_capture = 0
@@ -229,8 +233,11 @@ class EngineRunner:
             c = self.consumer
             if isinstance(item, CaughtUp):
                 self.caught_up = True
-                self.store_position = max(self.store_position, item.position)
+                self._delivered(item.position)
                 self._wake.set()
+                continue
+            if isinstance(item, Checkpoint):
+                self._delivered(item.position)
                 continue
             if not isinstance(item, pb.RecordBatch):
                 continue
@@ -250,9 +257,13 @@ class EngineRunner:
                 await self._after_batch(c, item, before)
         raise RuntimeError("subscription ended")
 
+    def _delivered(self, position: int) -> None:
+        self.delivered_position = max(self.delivered_position, position)
+        self.store_position = max(self.store_position, position)
+
     async def _after_batch(self, c: Consumer, item: pb.RecordBatch, before: int) -> None:
         if item.events:
-            self.store_position = max(self.store_position, item.events[-1].position)
+            self._delivered(item.events[-1].position)
         self._since_capture += c.inputs - before
         requested = False
         for control in c.controls:
@@ -366,22 +377,27 @@ class EngineRunner:
 
     # ---------------------------------------------------------------- status
 
-    async def status(self) -> xpb.EngineStatus:
+    async def status(self, brief: bool = False) -> xpb.EngineStatus:
+        """`brief`: role and positions only, for health probes (no store round trip,
+        no state hash)."""
         c = self.consumer
-        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.TimeoutError):
-            async with asyncio.timeout(1.0):
-                info = await self.client.node_info()
-            self.store_position = max(self.store_position, info.commit_position)
+        if not brief:
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.TimeoutError):
+                async with asyncio.timeout(1.0):
+                    info = await self.client.node_info()
+                self.store_position = max(self.store_position, info.commit_position)
         role = ("diverged" if c.alarm else "primary" if self.primary
                 else "warm" if self.caught_up else "starting")
         return xpb.EngineStatus(
             group=self.config.group, instance=self.config.instance, role=role,
             input_position=c.position, committed_input_position=c.committed_input,
             store_position=self.store_position,
-            lag=max(0, self.store_position - c.position), chain_hash=c.chain.hex(),
-            state_hash=self._state_hash(), engine_version=ENGINE_VERSION,
+            lag=max(0, self.store_position - max(c.position, self.delivered_position)),
+            chain_hash="" if brief else c.chain.hex(),
+            state_hash="" if brief else self._state_hash(), engine_version=ENGINE_VERSION,
             alarm=c.alarm, snapshot_position=self.snapshot_position,
-            inputs_processed=c.inputs)
+            inputs_processed=c.inputs, delivered_position=self.delivered_position,
+            handover_to=c.handover_to if c.hold_after else "")
 
 
     def _state_hash(self) -> str:
@@ -422,7 +438,7 @@ class EngineControlService(xpb_grpc.EngineControlServicer):
 
     async def Status(self, request: xpb.EngineStatusRequest,
                      context: grpc.aio.ServicerContext) -> xpb.EngineStatus:
-        return await self.runner.status()
+        return await self.runner.status(request.brief)
 
 
 async def run_engine(config: RunnerConfig, lease: PrimaryLease, control_listen: str,

@@ -9,6 +9,11 @@ drills (geo/drill.py) and anything else that drives an engine group through the 
   universe: resting and marketable orders, cancels and replaces of recent orders by client
   order id, and a few requests the engine must reject. Self-contained: it never looks at
   an engine, so it can run for as long as a drill lasts.
+* ``gateway_load(group, seed, tag)``: the same commands split by who sends them: the
+  orders, cancels and replaces as ``OrderGateway`` requests (``GatewayOrder``, with the
+  id of the input event the gateway will append), setup and poison inputs as raw events
+  (only an admin appends those); ``exchange_toml(group)`` is the exchange file the
+  gateway routes the workload's symbols by;
 * ``check_exactly_once(client, group)``: the output stream holds, exactly once and in
   order, what a single failure-free instance computes from the input stream.
 """
@@ -18,6 +23,8 @@ from __future__ import annotations
 import random
 from collections import deque
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -28,6 +35,7 @@ from engine.constants import OrderType, Side, TimeInForce
 from engine.consumer import Consumer
 from store.client import StoreClient
 from xdc.v1 import eventstore_pb2 as pb
+from xdc.v1 import exchange_pb2 as xpb
 
 # symbol: (base, quote, tick, lot, band_bps, ref price)
 SYMBOLS = {"DRA-USD": ("DRA", "USD", 5, 1, 3000, 1000),
@@ -94,6 +102,72 @@ def command_events(group: str, commands: Iterable[object], tag: str,
         if poison_every and i % poison_every == poison_every - 1:
             yield pb.ProposedEvent(id=wire.derived_id("poison", tag, i), type="NewOrder",
                                    content_type=wire.COMMAND_CONTENT_TYPE, data=b"\x01poison")
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayOrder:
+    """One OrderGateway call: `method` ("SubmitOrder", "CancelOrder", "ReplaceOrder"),
+    its request, and the id of the input event the gateway appends for it."""
+
+    method: str
+    request: xpb.SubmitOrderRequest | xpb.CancelOrderRequest | xpb.ReplaceOrderRequest
+    event_id: bytes
+
+
+_SIDES = {Side.BUY: xpb.BUY, Side.SELL: xpb.SELL}
+_TIFS = {TimeInForce.GTC: xpb.GTC, TimeInForce.IOC: xpb.IOC, TimeInForce.FOK: xpb.FOK}
+_TYPES = {OrderType.LIMIT: xpb.LIMIT, OrderType.MARKET: xpb.MARKET}
+
+
+def gateway_order(group: str, cmd: object, request_id: str) -> GatewayOrder:
+    """The gateway request that appends `cmd` (a NewOrder, CancelOrder or ReplaceOrder
+    with default self-trade prevention); `request_id` names a cancel or a replace."""
+    if isinstance(cmd, NewOrder):
+        req: Any = xpb.SubmitOrderRequest(
+            symbol=cmd.symbol, account=cmd.account, client_order_id=cmd.client_order_id,
+            side=_SIDES[cmd.side], order_type=_TYPES[cmd.order_type],
+            time_in_force=_TIFS[cmd.tif], price=cmd.price, qty=cmd.qty)
+        method, key = "SubmitOrder", cmd.client_order_id
+    elif isinstance(cmd, CancelOrder):
+        req = xpb.CancelOrderRequest(symbol=cmd.symbol, account=cmd.account,
+                                     request_id=request_id,
+                                     client_order_id=cmd.client_order_id)
+        method, key = "CancelOrder", request_id
+    elif isinstance(cmd, ReplaceOrder):
+        req = xpb.ReplaceOrderRequest(symbol=cmd.symbol, account=cmd.account,
+                                      request_id=request_id,
+                                      client_order_id=cmd.client_order_id,
+                                      price=cmd.price, qty=cmd.qty)
+        method, key = "ReplaceOrder", request_id
+    else:
+        raise TypeError(f"{type(cmd).__name__} is not sent through the gateway")
+    return GatewayOrder(method, req, wire.command_event(group, cmd, key).id)
+
+
+def gateway_load(group: str, seed: int, tag: str, poison_every: int = 0
+                 ) -> Iterator[GatewayOrder | pb.ProposedEvent]:
+    """``order_stream(seed)`` as gateway requests, with the setup commands and (every
+    ``poison_every``-th command) a poison input as raw events (ids as command_events')."""
+    raw = command_events(group, order_stream(seed), tag, poison_every)
+    for i, cmd in enumerate(order_stream(seed)):
+        event = next(raw)
+        if isinstance(cmd, (NewOrder, CancelOrder, ReplaceOrder)):
+            yield gateway_order(group, cmd, f"{tag}r{i}")
+        else:
+            yield event
+        if poison_every and i % poison_every == poison_every - 1:
+            yield next(raw)
+
+
+def exchange_toml(group: str) -> str:
+    """The exchange file of the workload's symbols in `group` (no deposits: the setup
+    commands carry them)."""
+    lines = ["[[group]]", f'name = "{group}"']
+    for name, (base, quote, tick, lot, bps, ref) in SYMBOLS.items():
+        lines += ["", "  [[group.symbol]]", f'  name = "{name}"', f'  base = "{base}"',
+                  f'  quote = "{quote}"', f"  tick_size = {tick}", f"  lot_size = {lot}",
+                  f"  band_bps = {bps}", f"  ref_price = {ref}"]
+    return "\n".join(lines) + "\n"
 
 
 async def read_stream(client: StoreClient, stream: str) -> list[pb.RecordedEvent]:

@@ -3,19 +3,21 @@ against the local multi-region cluster (geo/launcher.py) under continuous load.
 
 Every run starts a fresh cluster in its own directory: etcd (3 members for
 `etcd-member-loss`), the WAN proxy (30 ms RTT between regions by default), one store node
-per region and one matching-engine instance per region (`xdc engine run`, etcd lease under
-the cluster's name, so there is always a warm standby). The leader region's engine is
-started first, so the engine primary sits next to the store leader, as an operator would
-place it. Load, seeded by the run's seed (S + i for run i):
+per region, one matching-engine instance per region (`xdc engine run`, etcd lease under
+the cluster's name, so there is always a warm standby) and one order gateway per region.
+The leader region's engine is started first, so the engine primary sits next to the store
+leader, as an operator would place it. Load, seeded by the run's seed (S + i for run i):
 
 * ledger: `producers` tasks appending small events through `store.client.StoreClient`, one
   at a time each, with a per-call deadline (`call_timeout_s`). A call that fails with a
   deadline or UNAVAILABLE is *in doubt*: it is retried with the same event id until it is
   acknowledged, and the answer's `duplicate` flag tells how it resolved (an earlier
   attempt had been committed, or the retry wrote it);
-* orders: seeded order commands (engine/workload.py) to the `drill` engine group's input
-  stream, same retry discipline. With tracing enabled (OTEL_* variables), each order
-  carries the `traceparent` of a PRODUCER span;
+* orders: seeded order commands (engine/workload.py) through the order gateways (one
+  `xdc gateway` per region, each judging the matching tier by the engines' status), same
+  retry discipline; a refused order moves to the next gateway after the refusal's retry
+  hint. Setup and poison inputs go straight to the group's input stream. With tracing
+  enabled (OTEL_* variables), each order is sent under a PRODUCER span;
 * market data: a subscription to the group's output stream;
 * stale writes: after the fault, appends sent straight to the deposed leader's address
   (no leader following) every `STALE_PROBE_S`.
@@ -36,11 +38,20 @@ What a run reports (seconds are from the fault; None: did not happen):
   matching tier's. With no new term at all (`etcd-member-loss` when the leader survives):
   the longest interval without any acknowledged write after the fault;
 * `tiers`, in recovery order (the order of geo/tiers.default.toml), measured from outside:
-  ledger = first ledger write acknowledged after the fault (in the new term if any),
-  matching = the engine primary's committed input position reaching a post-fault input
-  (engine-crash: a new primary's advancing), order-entry = first order acknowledged after
-  the fault (new term), market-data = first output batch delivered by the subscription
-  after the fault (written in the new term / by the new primary);
+  - ledger: the first ledger write acknowledged after the fault (in the new term if any);
+  - matching: the engine primary has been delivered every input up to that write (its
+    EngineStatus.delivered_position); engine-crash: a new primary delivered past where
+    the old one was;
+  - order-entry: the first order a gateway acknowledged after the last order a gateway
+    refused or left unanswered (in the new term if any);
+  - market-data: the first output batch the subscription delivered for an input at or
+    past that order (written in the new term / by the new primary);
+  each with `down`: whether some supervisor (a store node's or a gateway's Tiers/Status
+  transitions) took the tier out of serving during the phase (shed; tier 0, never shed,
+  degraded). `tiers_in_order`: every tier recovered, and every tier that went down no
+  earlier than each tier below it. A tier that never went down never left (a planned
+  switchover takes none down: orders are held by the target like ledger writes), so it
+  resumes with the writes in whatever order requests land;
 * `acked_lost`: acknowledged events (ledger, orders and acknowledged stale probes) not at
   their acknowledged position in the converged log; `duplicates`: event ids at more than
   one position;
@@ -85,15 +96,17 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.trace import SpanKind
 
 from engine import wire
 from engine.runner import status_or_none
 from engine.workload import (
     ExactlyOnceViolation,
+    GatewayOrder,
     check_exactly_once,
-    command_events,
-    order_stream,
+    exchange_toml,
+    gateway_load,
     read_stream,
 )
 from geo import launcher
@@ -106,6 +119,7 @@ from xdc.tls import Tls, aio_channel
 from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import eventstore_pb2_grpc as pb_grpc
 from xdc.v1 import exchange_pb2 as xpb
+from xdc.v1 import exchange_pb2_grpc as xpb_grpc
 from xdc.v1 import tiers_pb2, tiers_pb2_grpc
 
 log = logging.getLogger("xdc.drill")
@@ -117,8 +131,12 @@ CLUSTER = "xdc-drill"
 TIERS = ("ledger", "matching", "order-entry", "market-data")  # recovery order
 POLL_S = 0.02  # etcd key and engine status sampling period
 STALE_PROBE_S = 0.05
+# An order a gateway refused is retried after the refusal's hint, at most this long: the
+# retry cadence bounds how precisely order-entry's recovery is measured.
+GATEWAY_RETRY_MAX_S = 0.1
 MAX_SAMPLES = 50_000  # per observer: bounded memory however long a run lasts
 MAX_IN_DOUBT = 10_000
+MAX_REPORTED_REFUSALS = 50
 _RETRYABLE = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE,
               grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED)
 
@@ -176,8 +194,12 @@ class Recorder:
         default_factory=lambda: deque(maxlen=MAX_SAMPLES))  # (t, term, holder)
     engine_key: deque[tuple[float, int | None, str]] = field(
         default_factory=lambda: deque(maxlen=MAX_SAMPLES))
-    engine_samples: deque[tuple[float, str, str, int, int]] = field(
-        default_factory=lambda: deque(maxlen=MAX_SAMPLES))  # (t, inst, role, committed, input)
+    # (t, instance, role, committed input, input, delivered store position)
+    engine_samples: deque[tuple[float, str, str, int, int, int]] = field(
+        default_factory=lambda: deque(maxlen=MAX_SAMPLES))
+    # Order calls a gateway refused or did not answer: (t, status code name)
+    order_refusals: deque[tuple[float, str, str]] = field(
+        default_factory=lambda: deque(maxlen=MAX_SAMPLES))  # (t, code, details)
     deliveries: deque[tuple[float, int, int, str]] = field(
         default_factory=lambda: deque(maxlen=MAX_SAMPLES))  # (t, last_input, term, writer)
     stale: dict[str, int] = field(default_factory=lambda: {
@@ -215,24 +237,30 @@ async def wait_until(pred: Callable[[], bool | Awaitable[bool]], timeout_s: floa
 # ------------------------------------------------------------------------ engines
 
 @dataclass
-class EngineProc:
-    """One `xdc engine run` instance of the drill's group, stopped by PID only."""
+class ChildProc:
+    """One `xdc engine run` instance of the drill's group, or one `xdc gateway`: a
+    process that prints a JSON ready line with its `listen` address; stopped by PID only."""
 
     instance: str
     region: str
     run_dir: Path
     command: list[str]
     env: dict[str, str]
+    kind: str = "engine"  # engine | gateway
+    listen_flag: str = "--control"  # the option of the command naming its address
     proc: subprocess.Popen[bytes] | None = None
     address: str = ""
 
-    def start(self) -> EngineProc:
-        d = self.run_dir / "engines" / self.instance
+    def start(self) -> ChildProc:
+        d = self.run_dir / f"{self.kind}s" / self.instance
         d.mkdir(parents=True, exist_ok=True)
         out = d / "stdout.log"
         out.write_text("")
-        with open(out, "ab") as stdout, open(d / "engine.log", "ab") as stderr:
-            self.proc = subprocess.Popen(self.command, stdout=stdout, stderr=stderr,
+        command = list(self.command)
+        if self.address:  # a restart keeps its address: gateways probe engines by it
+            command[command.index(self.listen_flag) + 1] = self.address
+        with open(out, "ab") as stdout, open(d / f"{self.kind}.log", "ab") as stderr:
+            self.proc = subprocess.Popen(command, stdout=stdout, stderr=stderr,
                                          env={**os.environ, **self.env},
                                          start_new_session=True)
         self.address = launcher._wait_ready_line(out, self.proc, 60)["listen"]
@@ -268,7 +296,7 @@ class EngineProc:
             self.kill()
 
 
-_ENGINE_MAIN = ("import logging, sys; logging.basicConfig(level=logging.INFO, format="
+_CHILD_MAIN = ("import logging, sys; logging.basicConfig(level=logging.INFO, format="
                 "'%(asctime)s %(name)s %(levelname)s %(message)s'); from xdc.cli import main; "
                 "sys.exit(main(sys.argv[1:]))")
 
@@ -276,13 +304,23 @@ _ENGINE_MAIN = ("import logging, sys; logging.basicConfig(level=logging.INFO, fo
 def engine_command(state: launcher.ClusterState, instance: str, stores: list[str],
                    ttl_s: int) -> list[str]:
     # `xdc engine run` with its INFO log (role changes, refused appends) in engine.log.
-    return [sys.executable, "-c", _ENGINE_MAIN, "engine", "run", "--store", ",".join(stores),
-            "--group", GROUP, "--instance", instance,
+    return [sys.executable, "-c", _CHILD_MAIN, "engine", "run", "--store", ",".join(stores),
+            "--group", GROUP, "--instance", instance, "--control", "127.0.0.1:0",
             "--lease", "etcd", "--config", state.config,
             "--lease-ttl", str(ttl_s), "--snapshot-every", "2000",
             *launcher.tls_args(state, "engine"),
             # EngineControl callers authenticate too (its certificate is the engine
             # principal's: the auth file maps it, so it needs no token).
+            *(["--auth", state.auth_file] if state.auth_file else [])]
+
+
+def gateway_command(state: launcher.ClusterState, stores: list[str], engines: list[str],
+                    exchange_file: str) -> list[str]:
+    # `xdc gateway` with its certificate (the gateway principal, to the store and the
+    # engines) and its callers authenticated by the cluster's auth file.
+    return [sys.executable, "-c", _CHILD_MAIN, "gateway", "--store", ",".join(stores),
+            "--listen", "127.0.0.1:0", "--exchange", exchange_file,
+            "--engines", ",".join(engines), *launcher.tls_args(state, "gateway"),
             *(["--auth", state.auth_file] if state.auth_file else [])]
 
 
@@ -297,9 +335,14 @@ class Phase:
     old_leader: launcher.NodeProc
     old_engine: str  # engine primary's instance at the fault
     committed_at_fault: int  # engine primary's committed input position at the fault
+    delivered_at_fault: int  # engine primary's delivered store position at the fault
     expect_new_term: bool
     engine_failover: bool = False
     t0_wall: float = 0.0  # time.time() at t0: the tier supervisor reports wall times
+    # When every tier was seen back (the end of Run._recovered): what happens after it,
+    # e.g. a restarted region's gateway refusing orders while it starts, is not this
+    # phase's recovery.
+    recovered_at: float = float("inf")
 
 
 class Run:
@@ -311,11 +354,14 @@ class Run:
         self.dir = directory
         self.rec = Recorder()
         self.state: launcher.ClusterState | None = None
-        self.engines: dict[str, EngineProc] = {}
+        self.engines: dict[str, ChildProc] = {}
+        self.gateways: dict[str, ChildProc] = {}  # one per region
+        self._gateway_stubs: dict[str, tuple[grpc.aio.Channel, Any]] = {}  # by address
+        self.supervisor_statuses: list[Any] = []  # TiersStatus of every node and gateway
         self.tasks: list[asyncio.Task[Any]] = []
         self.notes: list[str] = []
         self.markers: dict[str, float] = {}  # extra moments for the timeline (monotonic)
-        self._orders: Iterator[pb.ProposedEvent] = iter(())
+        self._orders: Iterator[GatewayOrder | pb.ProposedEvent] = iter(())
         self._stale_target: str = ""
         self._new_term_seen = float("inf")
         self._observer: Leadership | None = None
@@ -333,12 +379,12 @@ class Run:
         self.tls = launcher.client_tls(self.state)
         return self.state
 
-    def _engine(self, region: str, k: int) -> EngineProc:
+    def _engine(self, region: str, k: int) -> ChildProc:
         assert self.state is not None
         local = [n.client for n in self.state.region_nodes(region)]
         others = [n.client for n in self.state.nodes if n.region != region and n.voter]
         instance = f"{region}-e1"
-        return EngineProc(instance, region, Path(self.dir),
+        return ChildProc(instance, region, Path(self.dir),
                           engine_command(self.state, instance, local + others, self.opts.ttl_s),
                           {"PYTHONHASHSEED": str(self.seed * 10 + k)})
 
@@ -354,17 +400,37 @@ class Run:
                 await wait_until(lambda e=e: self._role_is(e, "primary"),
                                  self.opts.step_timeout_s, f"{e.instance} primary", 0.05)
 
-    async def _role_is(self, e: EngineProc, role: str) -> bool:
+    async def start_gateways(self) -> None:
+        """One order gateway per region: its region's store first, every engine to judge
+        the matching tier by (engine/matching_health.py)."""
+        assert self.state is not None
+        exchange = Path(self.dir, "exchange.toml")
+        exchange.write_text(exchange_toml(GROUP))
+        engines = [e.address for e in self.engines.values()]
+        for region in dict.fromkeys(n.region for n in self.state.nodes):
+            local = [n.client for n in self.state.region_nodes(region)]
+            others = [n.client for n in self.state.nodes if n.region != region and n.voter]
+            g = ChildProc(f"{region}-gw", region, Path(self.dir),
+                          gateway_command(self.state, local + others, engines, str(exchange)),
+                          {}, kind="gateway", listen_flag="--listen")
+            self.gateways[g.instance] = await asyncio.to_thread(g.start)
+
+    def _region_procs(self, region: str) -> list[ChildProc]:
+        return [p for p in (*self.engines.values(), *self.gateways.values())
+                if p.region == region]
+
+    async def _role_is(self, e: ChildProc, role: str) -> bool:
         s = await status_or_none(e.address, 0.5, self.tls)
         return s is not None and s.role == role
 
-    async def engine_primary(self) -> tuple[str, int]:
+    async def engine_primary(self) -> tuple[str, int, int]:
+        """(instance, committed input position, delivered position) of the primary."""
         for e in self.engines.values():
             if e.alive:
                 s = await status_or_none(e.address, 0.5, self.tls)
                 if s is not None and s.role == "primary":
-                    return s.instance, s.committed_input_position
-        return "", 0
+                    return s.instance, s.committed_input_position, s.delivered_position
+        return "", 0, 0
 
     # ---- load -------------------------------------------------------------------
 
@@ -406,12 +472,71 @@ class Run:
                               content_type="application/json")
             await self._append_until_acked(client, f"drill.ledger.P{k}", event, "ledger")
 
-    async def order_producer(self, client: StoreClient) -> None:
+    async def order_producer(self, client: StoreClient, k: int) -> None:
+        """Orders, cancels and replaces through the gateways (setup and poison inputs
+        straight to the store: only an admin appends those)."""
         stream = wire.input_stream(GROUP)
         while not self.rec.stop.is_set():
-            event = next(self._orders)
-            _trace(event)
-            await self._append_until_acked(client, stream, event, "order")
+            item = next(self._orders)
+            if isinstance(item, GatewayOrder):
+                await self._submit_until_acked(item, k)
+            else:
+                _trace(item)
+                await self._append_until_acked(client, stream, item, "order")
+
+    def _gateway_stub(self, address: str) -> Any:
+        got = self._gateway_stubs.get(address)
+        if got is None:
+            ch = aio_channel(address, self.tls, options=channel_options(),
+                             interceptors=telemetry.client_interceptors())
+            got = self._gateway_stubs[address] = (ch, xpb_grpc.OrderGatewayStub(ch))
+        return got[1]
+
+    async def _submit_until_acked(self, order: GatewayOrder, k: int) -> None:
+        """One gateway call, retried with the same request (the same input event id)
+        until a gateway acknowledges it. A refusal (shed by a tier, or no gateway there)
+        moves on to the next gateway after the refusal's retry hint (at most
+        GATEWAY_RETRY_MAX_S); a timeout is in doubt and resolved by the retry."""
+        doubt: InDoubt | None = None
+        give_up = float("inf")
+        attempt = k
+        while True:
+            live = [g.address for g in self.gateways.values() if g.alive]
+            if not live:
+                await asyncio.sleep(0.05)  # every gateway restarting (not a sync)
+                continue
+            stub = self._gateway_stub(live[attempt % len(live)])
+            try:
+                with _producer_span():
+                    r = await getattr(stub, order.method)(
+                        order.request, timeout=self.opts.call_timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code not in _RETRYABLE:
+                    self.rec.note_error(f"order {order.method} refused: {code.name} "
+                                        f"{exc.details()}")
+                    return
+                now = time.monotonic()
+                self.rec.order_refusals.append((now, code.name, (exc.details() or "")[:160]))
+                md = {k: v for k, v in (exc.trailing_metadata() or ())}
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED and doubt is None \
+                        and len(self.rec.in_doubt) < MAX_IN_DOUBT:
+                    doubt = InDoubt(order.event_id, "order", now, code.name)
+                    self.rec.in_doubt.append(doubt)
+                if self.rec.stop.is_set():
+                    give_up = min(give_up, now + self.opts.step_timeout_s / 2)
+                    if now > give_up:
+                        return
+                attempt += 1
+                hint_ms = int(md.get(MD_RETRY_AFTER_MS, "0") or 0)
+                # Back off before the retry (not a sync): by the hint, bounded.
+                await asyncio.sleep(min(GATEWAY_RETRY_MAX_S, max(0.02, hint_ms / 1000)))
+                continue
+            self.rec.acks.append(Ack(time.monotonic(), r.input_position, order.event_id,
+                                     "order"))
+            if doubt is not None:
+                doubt.resolution = "earlier-attempt" if r.duplicate else "retry"
+            return
 
     async def market_data(self, targets: list[str]) -> None:
         """Follows the output stream; records each delivered batch (resumes by itself)."""
@@ -453,7 +578,7 @@ class Run:
                 if s is not None:
                     self.rec.engine_samples.append((now, s.instance, s.role,
                                                     s.committed_input_position,
-                                                    s.input_position))
+                                                    s.input_position, s.delivered_position))
             await asyncio.sleep(POLL_S * 2)
 
     async def stale_prober(self, target: str) -> None:
@@ -494,10 +619,10 @@ class Run:
 
     async def phase_start(self, expect_new_term: bool, old_leader: launcher.NodeProc,
                           old_term: int, stale_probe: bool = True) -> Phase:
-        inst, committed = await self.engine_primary()
+        inst, committed, delivered = await self.engine_primary()
         t0 = time.monotonic()
-        self._phase = Phase(t0, old_term, old_leader, inst, committed, expect_new_term,
-                            t0_wall=time.time())
+        self._phase = Phase(t0, old_term, old_leader, inst, committed, delivered,
+                            expect_new_term, t0_wall=time.time())
         self._new_term_seen = float("inf")
         # The last phase's deposed leader may lead again (failback): probing it now
         # would count a real leader's acks as stale ones.
@@ -516,6 +641,7 @@ class Run:
         opts = self.opts
         leader, st = await launcher.wait_leader(state, opts.step_timeout_s)
         await self.start_engines(leader.region)
+        await self.start_gateways()
         access = launcher.etcd_access_of(state)
         self._observer = Leadership(state.etcd_endpoints, state.cluster, "drill-observer",
                                     {"id": "drill-observer"}, opts.ttl_s, on_lost=_ignore,
@@ -523,8 +649,7 @@ class Run:
         self._engine_observer = Leadership(state.etcd_endpoints, f"{state.cluster}/engines/{GROUP}",
                                            "drill-observer", {"instance": "drill-observer"},
                                            opts.ttl_s, on_lost=_ignore, access=access)
-        self._orders = command_events(GROUP, order_stream(self.seed), f"drill{self.seed}",
-                                      poison_every=97)
+        self._orders = gateway_load(GROUP, self.seed, f"drill{self.seed}", poison_every=97)
         voters = [n.client for n in state.nodes if n.voter]
         # Producers know only the node list, starting at a seeded node.
         self.rng.shuffle(voters)
@@ -538,13 +663,15 @@ class Run:
             for k in range(opts.producers):
                 self.spawn(self.ledger_producer(client, k), f"ledger-{k}")
             for k in range(opts.order_width):
-                self.spawn(self.order_producer(client), f"orders-{k}")
+                self.spawn(self.order_producer(client, k), f"orders-{k}")
             started = time.monotonic()
             await wait_until(lambda: self.rec.acks_after(started) >= 50
                              and self.rec.acks_after(started, "order") >= 20
                              and len(self.rec.deliveries) > 0, opts.step_timeout_s,
                              "load before the fault")
             await wait_until(self._engines_warm, opts.step_timeout_s, "warm engines", 0.05)
+            await wait_until(self._gateways_admit_orders, opts.step_timeout_s,
+                             "every gateway admitting orders", 0.05)
             log.info("load running: %d acks; the fault strikes next", len(self.rec.acks))
             # The fault strikes at a seeded moment of the load.
             await asyncio.sleep(max(0.0, started + opts.before_s - time.monotonic())
@@ -574,6 +701,8 @@ class Run:
                 log.warning("cleanup: tasks still running 10 s after their cancel: %s",
                             ", ".join(t.get_name() for t in pending))
             for what, closing in [("client", client.close())] + [
+                    (f"gateway channel {a}", ch.close())
+                    for a, (ch, _) in self._gateway_stubs.items()] + [
                     (f"etcd observer {k}", obs.close()) for k, obs in
                     enumerate((self._observer, self._engine_observer)) if obs is not None]:
                 try:
@@ -601,25 +730,67 @@ class Run:
         return roles.count("primary") == 1 and roles.count("warm") == len(roles) - 1
 
     async def _recovered(self, phase: Phase, timeout_s: float | None = None) -> None:
-        """Waits until every tier is back after `phase` and some load went through."""
+        """Waits until every tier is back after `phase` and some load went through: ledger
+        writes, every gateway admitting orders again and orders acknowledged since the
+        last refusal, market data for those orders."""
         log.info("waiting for recovery: %d ledger / %d order acks since the fault so far",
                  self.rec.acks_after(phase.t0), self.rec.acks_after(phase.t0, "order"))
         timeout_s = timeout_s or self.opts.step_timeout_s
-        await wait_until(lambda: self.rec.acks_after(phase.t0) >= self.opts.after_acks
-                         and self.rec.acks_after(phase.t0, "order") >= 10,
+        await wait_until(lambda: self.rec.acks_after(phase.t0) >= self.opts.after_acks,
                          timeout_s, "writes after the fault")
-        log.info("writes recovered; waiting for market data")
+        log.info("writes recovered; waiting for order entry")
+        await wait_until(self._gateways_admit_orders, timeout_s,
+                         "every gateway admitting orders", 0.05)
+        await wait_until(lambda: self.rec.acks_after(self._last_refusal(phase), "order") >= 10,
+                         timeout_s, "orders acknowledged after the last refusal")
+        log.info("order entry recovered; waiting for market data")
         try:
-            await wait_until(lambda: self._md_recovered(phase) is not None, timeout_s,
-                             "market data after the fault")
+            await wait_until(lambda: self.market_data_back(
+                phase, self.order_entry_back(phase, None, time.monotonic())) is not None,
+                timeout_s, "market data after the fault")
         except TimeoutError:
             self.rec.note_error(self.diagnosis(phase))
             raise
-        log.info("recovered %.3f s after the fault", time.monotonic() - phase.t0)
+        phase.recovered_at = time.monotonic()
+        log.info("recovered %.3f s after the fault", phase.recovered_at - phase.t0)
 
-    def _md_recovered(self, phase: Phase) -> float | None:
-        for t, _last, term, writer in self.rec.deliveries:
-            if t <= phase.t0:
+    async def _gateways_admit_orders(self) -> bool:
+        """Every running gateway (at least one) admits orders."""
+        live = [g for g in self.gateways.values() if g.alive]
+        if not live:
+            return False
+        for g in live:
+            self._gateway_stub(g.address)
+            ch = self._gateway_stubs[g.address][0]
+            try:
+                r = await health_pb2_grpc.HealthStub(ch).Check(
+                    health_pb2.HealthCheckRequest(service="xdc.tier.order-entry"), timeout=1)
+            except grpc.aio.AioRpcError:
+                return False
+            if r.status != health_pb2.HealthCheckResponse.SERVING:
+                return False
+        return True
+
+    def _last_refusal(self, phase: Phase, until: float = float("inf")) -> float:
+        return max((t for t, _, _ in self.rec.order_refusals if phase.t0 < t <= until),
+                   default=phase.t0)
+
+    def order_entry_back(self, phase: Phase, new_term_pos: int | None,
+                         until: float) -> Ack | None:
+        """The first order acknowledged after the last order a gateway refused (or left
+        unanswered) in the phase; in the new term when there is one."""
+        after = self._last_refusal(phase, until)
+        return next((a for a in self.rec.acks if a.kind == "order" and after < a.t <= until
+                     and (new_term_pos is None or a.position >= new_term_pos)), None)
+
+    def market_data_back(self, phase: Phase, order_ack: Ack | None) -> float | None:
+        """The first output batch the subscription delivered for an input at or past the
+        order that marks order entry's recovery (written in the new term / by the new
+        primary)."""
+        if order_ack is None:
+            return None
+        for t, last_input, term, writer in self.rec.deliveries:
+            if t <= phase.t0 or last_input < order_ack.position:
                 continue
             if phase.expect_new_term and term <= phase.old_term:
                 continue
@@ -627,6 +798,16 @@ class Run:
                 continue
             return t
         return None
+
+    def down_tiers(self, phase: Phase, until: float) -> set[str]:
+        """The tiers some supervisor (a store node's or a gateway's) took out of serving
+        (shed, or degraded: tier 0 is never shed) during the phase, from the statuses read
+        after the run."""
+        start = int(phase.t0_wall * 1e9)
+        end = start + int((until - phase.t0) * 1e9)
+        return {t.tier for st in self.supervisor_statuses for t in st.transitions
+                if start <= t.at_unix_ns <= end and t.from_state == "serving"
+                and t.to_state != "serving"}
 
     def diagnosis(self, phase: Phase) -> str:
         """What the observers saw last: for a run that did not recover."""
@@ -641,23 +822,22 @@ class Run:
     async def _kill_region(self, region: str) -> list[launcher.NodeProc]:
         assert self.state is not None
         victims = launcher.signal_node(self.state, region, signal.SIGKILL)
-        for e in self.engines.values():
-            if e.region == region:
-                e.signal(signal.SIGKILL)
+        procs = self._region_procs(region)
+        for p in procs:
+            p.signal(signal.SIGKILL)
         for v in victims:
             launcher.reap(v.pid)
-        for e in self.engines.values():
-            if e.region == region:
-                e.kill()
+        for p in procs:
+            p.kill()
         return victims
 
     async def _restart_region(self, victims: list[launcher.NodeProc], region: str) -> None:
         assert self.state is not None
         for v in victims:
             await asyncio.to_thread(launcher.start_node, self.state, v)
-        for name, e in list(self.engines.items()):
-            if e.region == region and not e.alive:
-                self.engines[name] = await asyncio.to_thread(e.start)
+        for e in self._region_procs(region):  # engines first: the gateway probes them
+            if not e.alive:
+                await asyncio.to_thread(e.start)
 
     async def _leader_crash(self, leader: launcher.NodeProc, term: int) -> dict[str, Any]:
         phase = await self.phase_start(True, leader, term)
@@ -666,14 +846,14 @@ class Run:
         await self._recovered(phase)
         self.markers["restart"] = time.monotonic()
         await self._restart_region(victims, leader.region)
-        return {"fault": f"SIGKILL of every process of {leader.region} (node {leader.id} and "
-                         f"its engine)", "_phases": [phase]}
+        return {"fault": f"SIGKILL of every process of {leader.region} (node {leader.id}, "
+                         f"its engine and its gateway)", "_phases": [phase]}
 
     async def _leader_pause(self, leader: launcher.NodeProc, term: int) -> dict[str, Any]:
         assert self.state is not None
         phase = await self.phase_start(True, leader, term)
         launcher.signal_node(self.state, leader.region, signal.SIGSTOP)
-        paused = [e for e in self.engines.values() if e.region == leader.region]
+        paused = self._region_procs(leader.region)
         for e in paused:
             e.signal(signal.SIGSTOP)
         try:
@@ -701,14 +881,17 @@ class Run:
         await proxy.partition(region=leader.region, mode="blackhole")
         try:
             await launcher.wait_leader(self.state, self.opts.step_timeout_s, exclude=(leader.id,))
-            await wait_until(lambda: self.rec.acks_after(phase.t0, "order") >= 10,
-                             self.opts.step_timeout_s, "orders on the majority side")
+            # Ledger writes resume on the majority side; orders do not: the engine
+            # primary reads the cut-off replica, so the gateways shed order entry
+            # (engine/matching_health.py) until the heal.
+            await wait_until(lambda: self.rec.acks_after(self._new_term_seen) >= 20,
+                             self.opts.step_timeout_s, "writes on the majority side")
         finally:
             self.markers["heal"] = time.monotonic()
             await proxy.heal()
         await self._recovered(phase)
         self.notes.append("the cut-off region's engine reads its own (stalled) replica: "
-                          "matching resumes after the heal")
+                          "matching, and with it order entry, resumes after the heal")
         return {"fault": f"{leader.region} cut off from the other regions (WAN proxy "
                          "blackhole), then healed",
                 "fault_duration_s": round(self.markers["heal"] - phase.t0, 3),
@@ -770,18 +953,21 @@ class Run:
         await launcher.wait_caught_up(self.state, self.opts.step_timeout_s)
         interim, st = await launcher.wait_leader(self.state, self.opts.step_timeout_s)
         await wait_until(self._engines_warm, self.opts.step_timeout_s, "warm engines", 0.05)
-        # The restarted node admits its tiers one by one after its start: the second
-        # phase begins once every node serves every tier, or its tier timings would
+        # The restarted node (and gateway) admits its tiers one by one after its start:
+        # the second phase begins once every node serves every tier and every gateway
+        # admits orders, or its tier timings would
         # mix the tail of that recovery with the failback's.
         await wait_until(self._all_tiers_serving, self.opts.step_timeout_s,
                          "every tier serving on every node", 0.05)
+        await wait_until(self._gateways_admit_orders, self.opts.step_timeout_s,
+                         "every gateway admitting orders", 0.05)
         # Back to the original region: store leadership, then the engine primary.
         second = await self.phase_start(True, interim, st.term)
         await launcher.switchover(self.state, leader.id, self.opts.step_timeout_s)
         await self._recovered(second)
         original = f"{leader.region}-e1"
         engine_back = None
-        inst, _ = await self.engine_primary()
+        inst, _, _ = await self.engine_primary()
         if inst and inst != original:
             async with StoreClient([n.client for n in self.state.nodes], tls=self.tls) as c:
                 marked = time.monotonic()
@@ -816,6 +1002,10 @@ class Run:
         stale_doubt_in_log = sum(1 for i in self.rec.stale_doubt_ids if i in positions)
         engines = await self._engines_agree(timeout)
         tiers_status = await _tiers_status(leader.client, self.tls)
+        got = await asyncio.gather(*(_tiers_status(a, self.tls) for a in (
+            *(n.client for n in self.state.nodes),
+            *(g.address for g in self.gateways.values() if g.alive))))
+        self.supervisor_statuses = [st for st in got if st is not None]
         return {"records": records, "_tiers_status": tiers_status, "upto": upto,
                 "duplicates": duplicates,
                 "acked_lost": len(lost), "lost_examples": [a.position for a in lost[:5]],
@@ -876,6 +1066,15 @@ def _trace(event: pb.ProposedEvent) -> None:
         event.metadata.update(md)
 
 
+def _producer_span() -> contextlib.AbstractContextManager[Any]:
+    """With tracing enabled, a PRODUCER span around a gateway call: its client span, the
+    gateway's and the order's input event (traceparent) follow in its trace."""
+    if not telemetry.tracing():
+        return contextlib.nullcontext()
+    return telemetry.tracer().start_as_current_span(f"send {wire.input_stream(GROUP)}",
+                                                    kind=SpanKind.PRODUCER)
+
+
 # ------------------------------------------------------------------------ measurement
 
 def _first(items: list[float]) -> float | None:
@@ -905,20 +1104,27 @@ def measure(run: Run, phase: Phase, records: dict[int, pb.RecordedEvent],
     e_expiry = _first([t for t, _term, holder in ekey if holder != phase.old_engine])
     e_new = _first([t for t, term, holder in ekey if term is not None
                     and holder not in ("", phase.old_engine)])
-    ledger = first_ack("ledger")
-    orders = first_ack("order")
+    ledger_ack = next((a for a in window if a.kind == "ledger"
+                       and (new_term_pos is None or a.position >= new_term_pos)), None)
+    ledger = ledger_ack.t if ledger_ack is not None else None
+    order_ack = run.order_entry_back(phase, new_term_pos, min(until, phase.recovered_at))
+    orders = order_ack.t if order_ack is not None else None
     if phase.engine_failover:
-        matching = _first([t for t, inst, role, committed, _ in rec.engine_samples
+        matching = _first([t for t, inst, role, _c, _i, delivered in rec.engine_samples
                            if t > t0 and inst != phase.old_engine and role == "primary"
-                           and committed > phase.committed_at_fault])
+                           and delivered >= phase.delivered_at_fault])
+    elif ledger_ack is not None:
+        # The primary has been delivered every input up to the first write of the new
+        # term (or, without a new term, the first write after the fault).
+        matching = _first([t for t, _inst, role, _c, _i, delivered in rec.engine_samples
+                           if t > t0 and role == "primary"
+                           and delivered >= ledger_ack.position])
     else:
-        threshold = new_term_pos if new_term_pos is not None else phase.committed_at_fault + 1
-        matching = _first([t for t, _inst, role, committed, _ in rec.engine_samples
-                           if t > t0 and role == "primary" and committed >= threshold])
-    market = run._md_recovered(phase)
-    tiers = [{"name": n, "recovered_s": _rel(t, t0)}
+        matching = None
+    market = run.market_data_back(phase, order_ack)
+    down = run.down_tiers(phase, min(until, phase.recovered_at))
+    tiers = [{"name": n, "recovered_s": _rel(t, t0), "down": n in down}
              for n, t in zip(TIERS, (ledger, matching, orders, market), strict=True)]
-    recovered = [x["recovered_s"] for x in tiers]
     if phase.expect_new_term or phase.engine_failover:
         rto = _rel(matching if phase.engine_failover else ledger, t0)
     else:  # no failover: the longest write stall after the fault
@@ -933,9 +1139,20 @@ def measure(run: Run, phase: Phase, records: dict[int, pb.RecordedEvent],
         "rto_s": rto, "write_gap_s": gap,
         "engine_lease_expiry_s": _rel(e_expiry, t0), "engine_new_primary_s": _rel(e_new, t0),
         "tiers": tiers,
-        "tiers_in_order": all(a is not None and b is not None and a <= b
-                              for a, b in itertools.pairwise(recovered)),
+        "tiers_in_order": tiers_in_order(tiers),
     }
+
+
+def tiers_in_order(tiers: list[dict[str, Any]]) -> bool:
+    """Every tier recovered, and every tier that went down came back no earlier than
+    every tier below it (DESIGN §6). A tier no supervisor took out of serving never left:
+    it resumes with the writes, in whatever order its first request happens to land (a
+    planned switchover takes none down)."""
+    times = [t["recovered_s"] for t in tiers]
+    if any(t is None for t in times):
+        return False
+    return all(not tier["down"] or all(lower <= tier["recovered_s"] for lower in times[:i])
+               for i, tier in enumerate(tiers))
 
 
 async def _tiers_status(address: str, tls: Tls | None) -> Any:
@@ -962,6 +1179,17 @@ def supervisor_tiers(status: Any, phase: Phase) -> list[dict[str, Any]] | None:
         out.append({"name": tier.name, "recovered_s":
                     round((min(back) - start) / 1e9, 3) if back else None})
     return out
+
+
+def _refusal_summary(run: Run, phase: Phase) -> dict[str, Any]:
+    """Order calls refused or unanswered: counts by status over the run, and the first
+    ones after the fault (time from the fault, status, message)."""
+    codes: dict[str, int] = {}
+    for _, code, _ in run.rec.order_refusals:
+        codes[code] = codes.get(code, 0) + 1
+    after = [(round(t - phase.t0, 3), code, why) for t, code, why in run.rec.order_refusals
+             if t > phase.t0]
+    return {"by_code": codes, "after_fault": after[:MAX_REPORTED_REFUSALS]}
 
 
 def _in_doubt_summary(rec: Recorder) -> dict[str, int]:
@@ -1038,6 +1266,8 @@ def run_once(scenario: str, seed: int, opts: DrillOptions) -> dict[str, Any]:
             "stale_writes_rejected": st["rejected"],
             "stale": {**st, "in_doubt_in_log": raw.pop("stale_in_doubt_in_log")},
             "in_doubt": _in_doubt_summary(run.rec),
+            # Order calls a gateway refused or left unanswered, by status, and when.
+            "order_refusals": _refusal_summary(run, main),
             "acked": {k: sum(1 for a in run.rec.acks if a.kind == k)
                       for k in ("ledger", "order", "stale")},
             "trace_ids": {"first_order_after_failover": tid},
@@ -1052,7 +1282,7 @@ def run_once(scenario: str, seed: int, opts: DrillOptions) -> dict[str, Any]:
         log.exception("drill run %s seed %d failed", scenario, seed)
         out.update({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
     finally:
-        for e in run.engines.values():
+        for e in (*run.gateways.values(), *run.engines.values()):
             e.stop()
         with contextlib.suppress(Exception):
             launcher.down(directory)
@@ -1099,21 +1329,23 @@ def _fmt(v: Any) -> str:
 
 
 def summary_table(results: list[dict[str, Any]]) -> str:
-    head = ["scenario", "seed", "expiry", "new term", "RTO", *TIERS, "lost", "dup",
-            "stale rej", "in doubt", "hashes", "ok"]
+    head = ["scenario", "seed", "expiry", "new term", "RTO", *TIERS, "in order", "lost",
+            "dup", "stale rej", "in doubt", "hashes", "ok"]
     rows = [head]
     for r in results:
         if "error" in r:
             rows.append([r["scenario"], str(r["seed"])] + ["-"] * (len(head) - 4)
                         + ["-", "FAILED: " + r["error"][:60]])
             continue
-        tiers = {t["name"]: t["recovered_s"] for t in r["tiers"]}
+        tiers = {t["name"]: _fmt(t["recovered_s"]) + ("*" if t["down"] else "")
+                 for t in r["tiers"]}
         d = r["in_doubt"]
         doubt = f"{d['total']}" + (f" ({d.get('earlier-attempt', 0)}e/{d.get('retry', 0)}r)"
                                    if d["total"] else "")
         rows.append([r["scenario"], str(r["seed"]), _fmt(r["lease_expiry_s"]),
                      _fmt(r["new_term_s"]), _fmt(r["rto_s"]),
-                     *(_fmt(tiers.get(n)) for n in TIERS), str(r["acked_lost"]),
+                     *(tiers.get(n, "-") for n in TIERS), _fmt(r["tiers_in_order"]),
+                     str(r["acked_lost"]),
                      str(r["duplicates"]), str(r["stale_writes_rejected"]), doubt,
                      _fmt(r["hashes_agree"]), "ok" if r["ok"] else "FAILED"])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
@@ -1122,7 +1354,8 @@ def summary_table(results: list[dict[str, Any]]) -> str:
     if rtos:
         lines.append(f"RTO over {len(rtos)} run(s): min {_fmt(rtos[0])}, "
                      f"median {_fmt(rtos[len(rtos) // 2])}, max {_fmt(rtos[-1])}; "
-                     f"in doubt: e = an earlier attempt had committed, r = the retry wrote it")
+                     f"in doubt: e = an earlier attempt had committed, r = the retry wrote it; "
+                     f"tier* = went down (shed, or degraded)")
     return "\n".join(lines)
 
 

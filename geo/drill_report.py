@@ -126,7 +126,8 @@ def render(scenario: str, seed: int, results: list[dict[str, Any]]) -> str:
             + "</tr>")
     sections = []
     for r in results:
-        tiers = "".join(f"<li>{_e(t['name'])}: {_ms(t['recovered_s'])}</li>"
+        tiers = "".join(f"<li>{_e(t['name'])}: {_ms(t['recovered_s'])}"
+                        f"{' (went down)' if t.get('down') else ''}</li>"
                         for t in r.get("tiers", []))
         tid = (r.get("trace_ids") or {}).get("first_order_after_failover", "")
         detail = {k: v for k, v in r.items() if k not in ("timeline", "tiers", "engines")}

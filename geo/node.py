@@ -121,6 +121,9 @@ class ClusterNode:
         # After losing its quorum a node lets the others campaign first: it is likely the
         # one cut off, and still reaching etcd it would take the seat back in vain.
         self._campaign_after = 0.0
+        # Until then (monotonic) a planned switchover is under way: see _tier_reading.
+        self._planned_until = 0.0
+        self._followed_term = 0  # the last term this node followed (or led) an open leader in
         # Replication spans and lag metrics, failover timings (geo/tracing.py).
         self.observer = ReplicationObserver(
             member_id, lambda: self.store.log.last_position if self.store.log else 0,
@@ -305,20 +308,33 @@ class ClusterNode:
         window_s = 2 * limits.check_quorum_ticks * self.tick_s
         voters = {m.id for m in self.config.voters}
         if st.role == Role.FOLLOWER:
-            leader_ok = (st.leader is not None and st.leader != self.id
-                         and st.ticks_since_leader <= 2 * limits.check_quorum_ticks)
+            recent = st.ticks_since_leader <= 2 * limits.check_quorum_ticks
+            if st.leader is not None and st.leader != self.id:
+                self._followed_term = st.term
+                leader_ok = recent
+            else:
+                # A successor is recovering its term (it asked for our promise) while the
+                # leader we followed spoke recently: a handover, not (yet) a failover.
+                leader_ok = recent and st.term > self._followed_term > 0
             # A follower cannot count the others; it knows it lacks a majority only when
             # it just stepped down for that reason (it then waits before campaigning).
             quorum = leader_ok or time.monotonic() >= self._campaign_after
         else:
             leader_ok = st.role == Role.LEADER and st.open
+            if leader_ok:
+                self._followed_term = st.term
             heard = sum(1 for p in voters - {self.id} if now - self._heard.get(p, -1e9)
                         <= window_s)
             quorum = heard + 1 >= self.config.quorum
-        return Reading(failover=not leader_ok, quorum=quorum,
+        # A planned handover is not a failover: for its short window (the target holds
+        # the appends, the old leader redirects to it) the tiers stay admitted, so a
+        # switchover sheds nothing. Past PARK_MAX_S it counts as one.
+        planned = now < self._planned_until
+        return Reading(failover=not (leader_ok or planned), quorum=quorum or planned,
                        pending_events=self.store.writer.pending_events,
                        max_pending_events=self.store.limits.max_pending_events,
-                       commit_lag=max(0, st.last_position - st.commit))
+                       commit_lag=max(0, st.last_position - st.commit),
+                       term=st.term, commit_position=st.commit)
 
     def _lease_lost(self, reason: str) -> None:
         """Called by Leadership (any thread) before the lease can expire."""
@@ -365,6 +381,8 @@ class ClusterNode:
                     self.replicator.park_until = (time.monotonic() + PARK_MAX_S
                                                   if target else 0.0)
                     if target:
+                        self._planned_until = self.replicator.park_until
+                    if target:
                         with contextlib.suppress(LeadershipError):  # campaign grants then
                             await self.leadership.prepare_campaign()
                     await self.leadership.wait_change(term, timeout_s=self.config.lease_ttl_s)
@@ -394,6 +412,8 @@ class ClusterNode:
                 self.store.role.term = term
                 assert self.replicator is not None
                 self.replicator.park_until = time.monotonic() + PARK_MAX_S
+                if designated:  # a planned switchover: see _tier_reading
+                    self._planned_until = self.replicator.park_until
                 self.replicator.become_leader(term, term_start_record(
                     self.store.log.cluster_id if self.store.log else "", term, self.id,
                     time.time_ns()))
@@ -632,6 +652,7 @@ class ClusterNode:
             await designation
             designated = time.perf_counter()
             handover = st.last_position
+            self._planned_until = time.monotonic() + PARK_MAX_S
             self.replicator.step_down(f"switchover to {target}")
             await self.leadership.resign()
             log.info("%s: switchover to %s: caught up at %d after %.0f ms, designated "

@@ -117,6 +117,10 @@ class Reading:
     max_pending_events: int = 0
     commit_lag: int = 0
     down: frozenset[str] = frozenset()
+    # Not inputs of the machine: reported in Tiers/Status for servers in front of the
+    # store, which tell by them whether a consumer is current (engine/matching_health.py).
+    term: int = 0
+    commit_position: int = 0
 
 
 Reader = Callable[[], Awaitable[Reading]]
@@ -240,6 +244,7 @@ class TierSupervisor:
         self._health: health.aio.HealthServicer | None = None
         self._task: asyncio.Task[None] | None = None
         self._read_failing = False
+        self.reading = Reading(failover=True)  # the last one
         self._read_timeout_s = max(MIN_READ_TIMEOUT_S, 10 * spec.supervisor.interval_s)
 
     # -- life cycle
@@ -278,6 +283,7 @@ class TierSupervisor:
                             self.node_id, exc)
             self._read_failing = True
             reading = Reading(failover=True)
+        self.reading = reading
         obs = Observation(
             at=self._clock(), wall_ns=self._wall(), failover=reading.failover,
             quorum=reading.quorum, pending_events=reading.pending_events,
@@ -325,6 +331,7 @@ class TierSupervisor:
             commit_lag=last.commit_lag if last else 0,
             max_commit_lag=self.spec.supervisor.max_commit_lag,
             observations=m.observations,
+            term=self.reading.term, commit_position=self.reading.commit_position,
             tiers=[tpb.TierStatus(
                 name=st.name, index=st.index, services=self.spec.tiers[st.index].services,
                 state=st.state.value, reason=st.reason.value,
@@ -355,7 +362,8 @@ def standalone_reader(node: StoreNode) -> Reader:
             return Reading(failover=True)  # not started, or stopping
         return Reading(pending_events=writer.pending_events,
                        max_pending_events=node.limits.max_pending_events,
-                       commit_lag=max(0, log_.last_position - commit.position))
+                       commit_lag=max(0, log_.last_position - commit.position),
+                       commit_position=commit.position)
     return read
 
 
@@ -401,12 +409,14 @@ class RemoteReader:
                         pb.NodeInfoRequest(), timeout=self.timeout_s, metadata=self.metadata)
                 except grpc.aio.AioRpcError:
                     continue
-                return Reading(commit_lag=max(0, info.last_position - info.commit_position))
+                return Reading(commit_lag=max(0, info.last_position - info.commit_position),
+                               term=info.term, commit_position=info.commit_position)
             return Reading(failover=st.cause in ("failover", "starting"),
                            quorum=st.cause != "no_quorum",
                            pending_events=st.pending_events,
                            max_pending_events=st.max_pending_events,
-                           commit_lag=st.commit_lag)
+                           commit_lag=st.commit_lag, term=st.term,
+                           commit_position=st.commit_position)
         return Reading(failover=True)
 
     async def close(self) -> None:
@@ -417,9 +427,11 @@ class RemoteReader:
 
 def gateway_supervisor(store_targets: str | Sequence[str], spec: TierSpec | None = None,
                        node_id: str = "gateway", tls: Tls | None = None,
-                       token: str = "") -> TierSupervisor:
+                       token: str = "",
+                       wrap: Callable[[Reader], Reader] | None = None) -> TierSupervisor:
     """A supervisor for a server in front of the store (the order gateway): it sheds by
-    the store's state (RemoteReader, as `token`'s principal)."""
-    return TierSupervisor(spec or tiers_mod.load(),
-                          RemoteReader(store_targets, tls=tls, token=token),
+    the store's state (RemoteReader, as `token`'s principal); `wrap` adds what the server
+    observes itself (the gateway: engine/matching_health.MatchingWatch)."""
+    reader: Reader = RemoteReader(store_targets, tls=tls, token=token)
+    return TierSupervisor(spec or tiers_mod.load(), wrap(reader) if wrap else reader,
                           node_id=node_id)

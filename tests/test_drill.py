@@ -1,10 +1,11 @@
 """DR drills with real processes (etcd, store nodes, WAN proxy, engine instances): one
-short run each of `leader-crash` and `engine-crash` through the `xdc drill` command
-line, checking the JSON report's shape and the invariants (no acknowledged event lost or
-duplicated, engines agree, exactly-once outputs), that an RTO was measured (no time bound
-is asserted) and that the HTML report holds an inline SVG chart. The other scenarios are
-exercised by `xdc drill SCENARIO --quick` (README, "DR drills"), not here: each costs a
-fresh cluster, and the suite must stay fast on two cores."""
+short run each of `leader-crash`, `engine-crash` and `switchover` through the `xdc drill`
+command line, checking the JSON report's shape and the invariants (no acknowledged event
+lost or duplicated, engines agree, exactly-once outputs), that an RTO was measured (no
+time bound is asserted), that the tiers the failure took down came back in tier order (a
+planned switchover takes none down) and that the HTML report holds an inline SVG chart.
+The other scenarios are exercised by `xdc drill SCENARIO --quick` (README, "DR drills"),
+not here: each costs a fresh cluster, and the suite must stay fast on two cores."""
 
 from __future__ import annotations
 
@@ -80,6 +81,10 @@ def test_leader_crash_drill(tmp_path: Path) -> None:
     assert run["new_term"] > run["old_term"]
     assert run["lease_expiry_s"] is not None and run["new_term_s"] is not None
     assert run["stale"]["acked_after_new_term"] == 0
+    # A crash takes every tier down (the ledger degraded, the others shed); they come
+    # back one after the other.
+    assert all(t["down"] for t in run["tiers"]), run["tiers"]
+    assert run["tiers_in_order"] is True, run["tiers"]
 
 
 @pytest.mark.timeout(DRILL_BUDGET_S + 45)
@@ -88,6 +93,38 @@ def test_engine_crash_drill(tmp_path: Path) -> None:
     run = _check(doc, html, "engine-crash", 3)
     assert run["new_term"] is None  # the store leader stayed
     assert run["engine_new_primary_s"] is not None and run["engine_new_primary_s"] > 0
+    # The ledger never stopped; the gateways shed orders until a new primary was current.
+    down = {t["name"] for t in run["tiers"] if t["down"]}
+    assert "ledger" not in down and {"matching", "order-entry"} <= down, run["tiers"]
+    assert run["tiers_in_order"] is True, run["tiers"]
+    assert run["order_refusals"]["by_code"].get("UNAVAILABLE", 0) > 0
+
+
+@pytest.mark.timeout(DRILL_BUDGET_S + 45)
+def test_switchover_drill_takes_no_tier_down(tmp_path: Path) -> None:
+    """A planned switchover is no failover: the target holds the writes and orders it
+    receives until its term opens, and no supervisor (store node or gateway) sheds."""
+    doc, html = _drill(tmp_path, "switchover", 11)
+    run = _check(doc, html, "switchover", 11)
+    assert run["new_term"] > run["old_term"]
+    assert not any(t["down"] for t in run["tiers"]), run["tiers"]
+    assert run["tiers_in_order"] is True
+    assert not run["order_refusals"]["after_fault"], run["order_refusals"]
+
+
+def test_tiers_in_order_judges_tiers_that_went_down_against_every_tier_below() -> None:
+    from geo.drill import tiers_in_order
+
+    def tiers(*spec: tuple[float | None, bool]) -> list[dict]:  # type: ignore[type-arg]
+        return [{"name": n, "recovered_s": t, "down": s}
+                for n, (t, s) in zip(TIERS, spec, strict=True)]
+    assert tiers_in_order(tiers((2.0, True), (2.1, True), (2.5, True), (2.6, True)))
+    assert not tiers_in_order(tiers((2.0, True), (2.1, True), (2.05, True), (2.6, True)))
+    # A tier that never went down may resume before a lower one: it never left.
+    assert tiers_in_order(tiers((0.2, False), (0.3, False), (0.19, False), (0.3, False)))
+    # A tier that went down must not beat any lower tier, down or not.
+    assert not tiers_in_order(tiers((0.02, False), (1.8, True), (1.7, True), (2.0, True)))
+    assert not tiers_in_order(tiers((1.0, True), (None, True), (2.0, True), (2.1, True)))
 
 
 def test_verdict_fails_a_run_on_each_broken_invariant() -> None:

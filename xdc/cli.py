@@ -473,7 +473,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     # only decides whether traders must show one.
     return serve_gateway(_store_targets(args.store), args.listen, args.exchange,
                          tls=_server_tls(args), auth_config=load_auth("gateway", args.auth),
-                         token=args.token)
+                         token=args.token, engines=_store_targets(args.engines))
 
 
 def cmd_exchange(args: argparse.Namespace) -> int:
@@ -599,6 +599,9 @@ def add_exchange_parsers(sub: Any) -> None:
     p.add_argument("--store", default=DEFAULT_TARGET, help="store address(es), comma separated")
     p.add_argument("--listen", default="127.0.0.1:7100", help="HOST:PORT (port 0: any free)")
     p.add_argument("--exchange", required=True, help="exchange TOML (groups and symbols)")
+    p.add_argument("--engines", default="",
+                   help="EngineControl addresses of the engines, comma separated: orders are "
+                        "admitted only while an engine primary is current (matching tier)")
     add_tls_args(p)
     add_client_auth_arg(p)
     p.add_argument("--auth", help="auth file: callers authenticate and trade only for the "

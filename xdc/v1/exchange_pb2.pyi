@@ -218,11 +218,13 @@ class BookMessage(_message.Message):
     def __init__(self, symbol: _Optional[str] = ..., snapshot: _Optional[bool] = ..., bids: _Optional[_Iterable[_Union[BookLevel, _Mapping]]] = ..., asks: _Optional[_Iterable[_Union[BookLevel, _Mapping]]] = ..., input_position: _Optional[int] = ...) -> None: ...
 
 class EngineStatusRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("brief",)
+    BRIEF_FIELD_NUMBER: _ClassVar[int]
+    brief: bool
+    def __init__(self, brief: _Optional[bool] = ...) -> None: ...
 
 class EngineStatus(_message.Message):
-    __slots__ = ("group", "instance", "role", "input_position", "committed_input_position", "store_position", "lag", "chain_hash", "state_hash", "engine_version", "alarm", "snapshot_position", "inputs_processed")
+    __slots__ = ("group", "instance", "role", "input_position", "committed_input_position", "store_position", "lag", "chain_hash", "state_hash", "engine_version", "alarm", "snapshot_position", "inputs_processed", "delivered_position", "handover_to")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -236,6 +238,8 @@ class EngineStatus(_message.Message):
     ALARM_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_POSITION_FIELD_NUMBER: _ClassVar[int]
     INPUTS_PROCESSED_FIELD_NUMBER: _ClassVar[int]
+    DELIVERED_POSITION_FIELD_NUMBER: _ClassVar[int]
+    HANDOVER_TO_FIELD_NUMBER: _ClassVar[int]
     group: str
     instance: str
     role: str
@@ -249,4 +253,6 @@ class EngineStatus(_message.Message):
     alarm: str
     snapshot_position: int
     inputs_processed: int
-    def __init__(self, group: _Optional[str] = ..., instance: _Optional[str] = ..., role: _Optional[str] = ..., input_position: _Optional[int] = ..., committed_input_position: _Optional[int] = ..., store_position: _Optional[int] = ..., lag: _Optional[int] = ..., chain_hash: _Optional[str] = ..., state_hash: _Optional[str] = ..., engine_version: _Optional[str] = ..., alarm: _Optional[str] = ..., snapshot_position: _Optional[int] = ..., inputs_processed: _Optional[int] = ...) -> None: ...
+    delivered_position: int
+    handover_to: str
+    def __init__(self, group: _Optional[str] = ..., instance: _Optional[str] = ..., role: _Optional[str] = ..., input_position: _Optional[int] = ..., committed_input_position: _Optional[int] = ..., store_position: _Optional[int] = ..., lag: _Optional[int] = ..., chain_hash: _Optional[str] = ..., state_hash: _Optional[str] = ..., engine_version: _Optional[str] = ..., alarm: _Optional[str] = ..., snapshot_position: _Optional[int] = ..., inputs_processed: _Optional[int] = ..., delivered_position: _Optional[int] = ..., handover_to: _Optional[str] = ...) -> None: ...

@@ -51,7 +51,7 @@ class TierTransition(_message.Message):
     def __init__(self, at_unix_ns: _Optional[int] = ..., tier: _Optional[str] = ..., index: _Optional[int] = ..., from_state: _Optional[str] = ..., to_state: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class TiersStatus(_message.Message):
-    __slots__ = ("node_id", "tiers", "transitions", "cause", "observed_at_unix_ns", "pending_events", "max_pending_events", "commit_lag", "max_commit_lag", "observations")
+    __slots__ = ("node_id", "tiers", "transitions", "cause", "observed_at_unix_ns", "pending_events", "max_pending_events", "commit_lag", "max_commit_lag", "observations", "term", "commit_position")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
     TRANSITIONS_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,8 @@ class TiersStatus(_message.Message):
     COMMIT_LAG_FIELD_NUMBER: _ClassVar[int]
     MAX_COMMIT_LAG_FIELD_NUMBER: _ClassVar[int]
     OBSERVATIONS_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_POSITION_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     tiers: _containers.RepeatedCompositeFieldContainer[TierStatus]
     transitions: _containers.RepeatedCompositeFieldContainer[TierTransition]
@@ -72,4 +74,6 @@ class TiersStatus(_message.Message):
     commit_lag: int
     max_commit_lag: int
     observations: int
-    def __init__(self, node_id: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierStatus, _Mapping]]] = ..., transitions: _Optional[_Iterable[_Union[TierTransition, _Mapping]]] = ..., cause: _Optional[str] = ..., observed_at_unix_ns: _Optional[int] = ..., pending_events: _Optional[int] = ..., max_pending_events: _Optional[int] = ..., commit_lag: _Optional[int] = ..., max_commit_lag: _Optional[int] = ..., observations: _Optional[int] = ...) -> None: ...
+    term: int
+    commit_position: int
+    def __init__(self, node_id: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierStatus, _Mapping]]] = ..., transitions: _Optional[_Iterable[_Union[TierTransition, _Mapping]]] = ..., cause: _Optional[str] = ..., observed_at_unix_ns: _Optional[int] = ..., pending_events: _Optional[int] = ..., max_pending_events: _Optional[int] = ..., commit_lag: _Optional[int] = ..., max_commit_lag: _Optional[int] = ..., observations: _Optional[int] = ..., term: _Optional[int] = ..., commit_position: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,155 @@
+"""Whether matching works, as a server in front of the store sees it (the order gateway).
+
+The order-entry tier depends on the matching tier (DESIGN §6): an order accepted while no
+engine processes the group's inputs only queues, for an unknown time. A store node cannot
+tell whether an engine is current (the primary may read from another region's replica), so
+the gateway asks the engines themselves (EngineControl/Status, brief) and reports the
+service ``engine`` down to its tier supervisor unless:
+
+* exactly one instance is primary (two during a takeover: neither is trusted yet). A
+  planned engine switchover (EngineStatus.handover_to) leaves the group without a primary
+  for a moment: matching that was current stays so for at most `max_lag_s` while the
+  target takes over;
+* the primary has been delivered every input up to the store's commit position observed
+  when the current state began (first observation after a failover, a new term or a new
+  primary): it is current in *this* term, not in a term the store has left. A primary
+  that was current when the term changed without a failover in between (a planned
+  switchover) keeps serving while it catches up, for at most `max_lag_s`;
+* and it keeps up: it has been delivered what the store had committed `max_lag_s` ago (a
+  primary reading a replica cut off from the leader falls behind without any term change
+  that the gateway could see).
+
+``MatchingWatch(inner, engines)`` wraps the gateway's store reader
+(geo.tier_supervisor.RemoteReader) and adds ``engine`` to what it reports down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import grpc
+
+from geo.tier_supervisor import Reader, Reading
+from store import auth
+from store.client import channel_options
+from xdc.tls import Tls, aio_channel
+from xdc.v1 import exchange_pb2 as xpb
+from xdc.v1 import exchange_pb2_grpc as xpb_grpc
+
+log = logging.getLogger("xdc.matching_health")
+
+ENGINE_SERVICE = "engine"  # the matching tier's service (geo/tiers.default.toml)
+PROBE_TIMEOUT_S = 0.5
+MAX_LAG_S = 1.0
+MAX_ENGINES = 64
+MAX_HISTORY = 1024  # commit positions remembered (one per observation)
+
+
+class MatchingWatch:
+    """A tier Reader: `inner`'s reading, with ``engine`` down while matching is not
+    current (module docstring). `engines`: EngineControl addresses of the group(s)."""
+
+    def __init__(self, inner: Reader, engines: Sequence[str], tls: Tls | None = None,
+                 token: str = "", max_lag_s: float = MAX_LAG_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not engines:
+            raise ValueError("MatchingWatch needs at least one engine address")
+        if len(engines) > MAX_ENGINES:
+            raise ValueError(f"engines: {len(engines)} addresses, max {MAX_ENGINES}")
+        self.inner = inner
+        self.engines = list(engines)
+        self.tls = tls
+        self.metadata = auth.bearer(token)
+        self.max_lag_s = max_lag_s
+        self._clock = clock
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._state: tuple[int, str] | None = None  # (term, primary) the reference is for
+        self._reference: int | None = None  # commit position the primary must pass
+        self._grace_until = 0.0  # until then, a primary short of the reference is current
+        self._handover_to = ""  # the target of the last engine switchover seen
+        self._handover_until = 0.0
+        self._history: collections.deque[tuple[float, int]] = collections.deque(
+            maxlen=MAX_HISTORY)  # (time, commit position) since the reference was set
+        self.why = "not observed yet"  # why matching is down ("" when current)
+
+    async def _status(self, address: str) -> xpb.EngineStatus | None:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = aio_channel(address, self.tls,
+                                                            options=channel_options())
+        try:
+            return await xpb_grpc.EngineControlStub(channel).Status(
+                xpb.EngineStatusRequest(brief=True), timeout=PROBE_TIMEOUT_S,
+                metadata=self.metadata)
+        except grpc.aio.AioRpcError:
+            return None
+
+    async def __call__(self) -> Reading:
+        reading, statuses = await asyncio.gather(
+            self.inner(), asyncio.gather(*(self._status(a) for a in self.engines)))
+        why = self._judge(reading, [s for s in statuses if s is not None])
+        if why != self.why:
+            log.info("matching %s", f"down: {why}" if why else "current")
+            self.why = why
+        if not why:
+            return reading
+        return replace(reading, down=reading.down | {ENGINE_SERVICE})
+
+    def _judge(self, reading: Reading, statuses: list[xpb.EngineStatus]) -> str:
+        """Why matching is not current ("" when it is); keeps the reference."""
+        primaries = [s for s in statuses if s.role == "primary"]
+        now = self._clock()
+        if reading.failover:
+            self._state = None
+            return "the store is failing over"
+        if not primaries and not self.why and self._state is not None:
+            # A planned engine switchover under way to an instance that answers: the
+            # target takes over at the marker, within the grace.
+            target = next((s.handover_to for s in statuses if s.handover_to), "")
+            if target and any(s.instance == target for s in statuses):
+                if self._handover_to != target:
+                    self._handover_to, self._handover_until = target, now + self.max_lag_s
+                if now < self._handover_until:
+                    return ""
+        if len(primaries) != 1:
+            self._state = None
+            return (f"no engine primary answers ({len(statuses)} of {len(self.engines)} "
+                    f"instances answer)" if not primaries else
+                    f"{len(primaries)} instances claim primary (a takeover in progress)")
+        p = primaries[0]
+        state = (reading.term, p.instance)
+        if state != self._state:
+            # Current until now and no failover seen since: a new term under the same
+            # primary (a store switchover), or the target of an engine switchover taking
+            # over, gets max_lag_s to pass the reference.
+            handover = (self._state is not None and not self.why
+                        and p.instance in (self._state[1], self._handover_to))
+            self._grace_until = now + self.max_lag_s if handover else 0.0
+            self._state, self._reference = state, reading.commit_position
+            self._history.clear()
+        self._history.append((now, reading.commit_position))
+        assert self._reference is not None
+        if p.delivered_position < self._reference and now >= self._grace_until:
+            return (f"primary {p.instance} has been delivered inputs up to position "
+                    f"{p.delivered_position}, not yet {self._reference} (term {reading.term})")
+        # What was committed max_lag_s ago must have reached the primary by now.
+        while len(self._history) > 1 and self._history[1][0] <= now - self.max_lag_s:
+            self._history.popleft()
+        t, old = self._history[0]
+        if t <= now - self.max_lag_s and p.delivered_position < old:
+            return (f"primary {p.instance} lags: delivered up to {p.delivered_position}, "
+                    f"the store had committed {old} {now - t:.1f} s ago")
+        return ""
+
+    async def close(self) -> None:
+        closer = getattr(self.inner, "close", None)
+        if closer is not None:
+            await closer()
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
