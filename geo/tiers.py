@@ -21,7 +21,7 @@ file names no ``tiers_file``)::
     restore_below = 0.8             # a tier shed for load returns once the load stays
                                     #   under this fraction of its threshold for settle_s
     max_commit_lag = 100000         # records; this lag counts as load 1.0
-    retry_after_ms = 1000           # hint for refusals while failing over / no quorum
+    retry_after_ms = 250            # hint for refusals while failing over / no quorum
     overload_retry_after_ms = 200   # hint for refusals under overload
 
 Validation (``load``/``loads`` raise geo.config.ConfigError listing every problem): unknown
@@ -180,7 +180,7 @@ class Supervision:
     overload_from: float = 0.5
     restore_below: float = 0.8
     max_commit_lag: int = 100_000
-    retry_after_ms: int = 1000
+    retry_after_ms: int = 250
     overload_retry_after_ms: int = 200
 
     def __post_init__(self) -> None:
