@@ -36,7 +36,15 @@ import lmdb
 
 from geo.replication.core import Limits as CoreLimits
 from geo.replication.core import Node
-from geo.replication.messages import Accepted, Committed, Effect, Entry, Message, Persist
+from geo.replication.messages import (
+    Accepted,
+    Committed,
+    Effect,
+    Entry,
+    Message,
+    Persist,
+    Send,
+)
 from store import records
 from store.errors import StoreError
 from store.limits import Limits
@@ -363,6 +371,11 @@ class Replicator:
                     self.log.set_meta(txn, commit_position=min(self._commit_to_persist,
                                                                self.log.last_position),
                                       rejoin_term=self.core.rejoin_term)
+                    # The machine's sends may leave before its writes are durable (what
+                    # depends on durability, acks and promise replies, it emits only after
+                    # on_persisted): a leader ships new entries while its own fsync runs,
+                    # so a commit costs max(local fsync, RTT + follower fsync), not the sum.
+                    self._send_early(out)
             finally:
                 self.view.txn = None
             propose = False
@@ -387,6 +400,12 @@ class Replicator:
             for g in groups:
                 self._load.release(*g.load)
         self.loop.call_soon_threadsafe(self._effects, out, answers, span)
+
+    def _send_early(self, out: list[Effect]) -> None:
+        sends = [e for e in out if isinstance(e, Send)]
+        if sends:
+            out[:] = [e for e in out if not isinstance(e, Send)]
+            self.loop.call_soon_threadsafe(self.on_effects, sends, [])
 
     def _effects(self, out: list[Effect], answers: list[tuple[asyncio.Future[Results], Results]],
                  span: tuple[Any, ...] | None) -> None:
