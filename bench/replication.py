@@ -2,7 +2,7 @@
 from the local launcher, measured next to a standalone node in the same run.
 
 - durable batched ingest: standalone node vs 3-region leader (quorum commit), same
-  pre-serialized AppendStream messages;
+  pre-serialized AppendStream messages (ids as the client library makes them, UUIDv7);
 - commit latency of single appends (16 in flight) at 0 ms and 30 ms injected RTT;
 - crash failover: SIGKILL of the leader region under load -> first acknowledged write at
   the new leader (RTO), and acknowledged events lost;
