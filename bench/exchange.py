@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import report
 from bench.match import SYMBOL, setup_commands, workload
 from bench.store import group_commit_ms
 from engine import wire
@@ -223,7 +224,7 @@ def run(quick: bool = False, runs: int | None = None) -> dict[str, Any]:
             "engine", "run", "--store", store.address, "--group", GROUP, "--instance", "p",
             "--lease", f"file:{tmp}/lease", "--snapshot-every", "0"]).start()
         try:
-            out = asyncio.run(_run_async(quick, store.address, engine, runs))
+            out = report.run(_run_async(quick, store.address, engine, runs))
         finally:
             engine.stop()
             store.stop()

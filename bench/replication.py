@@ -35,8 +35,8 @@ def replicated_ingest(n: int) -> float:
     with tempfile.TemporaryDirectory(prefix="xdc-bench-repl-") as d:
         state = launcher.up(d, regions=3, rtt_ms=0, tls=False, auth=False)
         try:
-            leader, _ = asyncio.run(launcher.wait_leader(state))
-            dt = asyncio.run(_pipeline(leader.client, msgs, inflight=16))
+            leader, _ = report.run(launcher.wait_leader(state))
+            dt = report.run(_pipeline(leader.client, msgs, inflight=16))
         finally:
             launcher.down(d)
     return n / dt
@@ -61,8 +61,8 @@ def commit_latency(rtt_ms: float, n: int) -> tuple[float, float]:
     with tempfile.TemporaryDirectory(prefix="xdc-bench-lat-") as d:
         state = launcher.up(d, regions=3, rtt_ms=rtt_ms, tls=False, auth=False)
         try:
-            leader, _ = asyncio.run(launcher.wait_leader(state))
-            lat = asyncio.run(_commit_latencies(leader.client, n))
+            leader, _ = report.run(launcher.wait_leader(state))
+            lat = report.run(_commit_latencies(leader.client, n))
         finally:
             launcher.down(d)
     return lat[len(lat) // 2] * 1e3, lat[int(len(lat) * 0.99)] * 1e3
@@ -72,7 +72,7 @@ def crash_failover(ttl_s: int = 2) -> tuple[float, int, int]:
     with tempfile.TemporaryDirectory(prefix="xdc-bench-crash-") as d:
         state = launcher.up(d, regions=3, rtt_ms=30, ttl_s=ttl_s, tls=False, auth=False)
         try:
-            crash = asyncio.run(crash_leader_region(state, after=200))
+            crash = report.run(crash_leader_region(state, after=200))
             return crash.rto_s, crash.acked, crash.lost
         finally:
             launcher.down(d)
@@ -112,7 +112,7 @@ def switchover(rounds: int) -> list[tuple[float, float]]:
     with tempfile.TemporaryDirectory(prefix="xdc-bench-switch-") as d:
         state = launcher.up(d, regions=3, rtt_ms=30, tls=False, auth=False)
         try:
-            return [asyncio.run(_switch_under_load(state)) for _ in range(rounds)]
+            return [report.run(_switch_under_load(state)) for _ in range(rounds)]
         finally:
             launcher.down(d)
 

@@ -181,7 +181,7 @@ def batched_ingest(n: int, random_ids: bool = False) -> float:
     msgs = _ingest_messages(n, per_append=500, appends_per_msg=2, streams=8,
                             random_ids=random_ids)
     with tempfile.TemporaryDirectory(prefix="xdc-bench-ingest-") as d, ServeProcess(d) as node:
-        dt = asyncio.run(_pipeline(node.address, msgs, inflight=16))
+        dt = report.run(_pipeline(node.address, msgs, inflight=16))
     return n / dt
 
 
@@ -215,7 +215,7 @@ async def _single_appends(address: str, n: int, inflight: int) -> tuple[float, l
 
 def single_appends(n: int, inflight: int = 256) -> tuple[float, float, float]:
     with tempfile.TemporaryDirectory(prefix="xdc-bench-single-") as d, ServeProcess(d) as node:
-        eps, lat = asyncio.run(_single_appends(node.address, n, inflight))
+        eps, lat = report.run(_single_appends(node.address, n, inflight))
     lat.sort()
     return eps, lat[len(lat) // 2] * 1e3, lat[int(len(lat) * 0.99)] * 1e3
 
@@ -258,7 +258,7 @@ def nats_single(n: int, inflight: int = 256) -> float | None:
                 assert info.state.messages == n + 1, info.state
                 await nc.close()
                 return n / dt
-            return asyncio.run(run())
+            return report.run(run())
         finally:
             os.kill(proc.pid, signal.SIGTERM)
             proc.wait(10)
@@ -304,7 +304,7 @@ async def _catch_up(address: str) -> tuple[int, float]:
 
 def subscribe_catchup(path: str, n: int) -> float:
     with ServeProcess(path) as node:
-        got, dt = asyncio.run(_catch_up(node.address))
+        got, dt = report.run(_catch_up(node.address))
     assert got == n, (got, n)
     return got / dt
 
@@ -325,7 +325,7 @@ def restart_time(path: str) -> tuple[float, float, float]:
                 last = await client.read("$all", backwards=True, limit=1)
                 assert len(last) == 1, last
                 return serve, time.perf_counter() - t0
-        serve, read_all = asyncio.run(first_answers())
+        serve, read_all = report.run(first_answers())
     finally:
         node.stop()
     t1 = time.perf_counter()

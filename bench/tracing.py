@@ -15,7 +15,6 @@ client of the single-append scenario traces too (its spans go to the same receiv
 
 from __future__ import annotations
 
-import asyncio
 import os
 import statistics
 import tempfile
@@ -67,7 +66,7 @@ def _serve(receiver: OtlpReceiver | None, fn: Callable[[str], float]) -> tuple[f
 
 def batched(n: int, receiver: OtlpReceiver | None) -> tuple[float, float]:
     msgs = _ingest_messages(n, per_append=500, appends_per_msg=2, streams=8)
-    return _serve(receiver, lambda address: n / asyncio.run(_pipeline(address, msgs, 16)))
+    return _serve(receiver, lambda address: n / report.run(_pipeline(address, msgs, 16)))
 
 
 def single(n: int, receiver: OtlpReceiver | None) -> tuple[float, float]:
@@ -75,7 +74,7 @@ def single(n: int, receiver: OtlpReceiver | None) -> tuple[float, float]:
         if receiver is not None:  # the client process traces and exports as well
             telemetry.setup_from_env("xdc-bench-client", env=_env(receiver))
         try:
-            eps, _ = asyncio.run(_single_appends(address, n, 256))
+            eps, _ = report.run(_single_appends(address, n, 256))
         finally:
             telemetry.shutdown()
         return eps
