@@ -99,6 +99,14 @@ def test_auth_file_refused_with_clear_errors(text: str, expected: str) -> None:
     assert expected in str(info.value) and str(info.value).startswith("bad.toml: ")
 
 
+def test_new_tokens_are_safe_on_a_command_line() -> None:
+    """A token is passed as `--token TOKEN`: one starting with "-" would be taken for an
+    option (it broke `xdc cluster switchover --token ...` about once in 64 tokens)."""
+    tokens = {auth.new_token() for _ in range(4000)}
+    assert len(tokens) == 4000
+    assert all(t.startswith(auth.TOKEN_PREFIX) and len(t) > 40 for t in tokens)
+
+
 def test_auth_file_same_token_twice_is_refused() -> None:
     twice = [{"name": "a", "token": "same"}, {"name": "b", "token": "same"}]
     with pytest.raises(AuthConfigError, match="also principal 'a'"):
