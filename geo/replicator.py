@@ -74,6 +74,8 @@ def term_start_record(cluster_id: str, term: int, leader: str, now_ns: int) -> b
                           body.SerializeToString(deterministic=True))
 
 log = logging.getLogger("xdc.replicator")
+# Longest the persisted commit position waits for a write to ride along with.
+COMMIT_PERSIST_S = 0.2
 # Longest a node holds appends while it is about to lead (module docstring): well under a
 # client's attempt timeout, so a switchover that fails costs a client no more than that.
 PARK_MAX_S = 0.5
@@ -202,6 +204,7 @@ class Replicator:
         self._load = QueueLoad()
         self._stopping = False
         self._commit_to_persist = 0
+        self._meta_written_at = 0.0  # monotonic time of the last commit position written
         # Set during a planned switchover: appends are refused and sent to this member.
         self.redirect_to: str | None = None
         # Monotonic time until which appends are parked, not refused (module docstring):
@@ -355,8 +358,12 @@ class Replicator:
         traced = propose and telemetry.tracing()
         written_after, start_ns = self.log.last_position, time.time_ns()
         while True:
-            if not (propose or self._commit_to_persist > self.log.commit_position
-                    or any(isinstance(e, Persist) for e in effects)):
+            # The commit position rides along with the next write; alone it is written
+            # (one more fsync) only when it has waited COMMIT_PERSIST_S: a restart then
+            # serves a little less until the leader tells it more, which is safe.
+            lagging = (self._commit_to_persist > self.log.commit_position
+                       and time.monotonic() - self._meta_written_at >= COMMIT_PERSIST_S)
+            if not (propose or lagging or any(isinstance(e, Persist) for e in effects)):
                 out.extend(effects)
                 break
             last_seq = 0
@@ -371,6 +378,7 @@ class Replicator:
                     self.log.set_meta(txn, commit_position=min(self._commit_to_persist,
                                                                self.log.last_position),
                                       rejoin_term=self.core.rejoin_term)
+                    self._meta_written_at = time.monotonic()
                     # The machine's sends may leave before its writes are durable (what
                     # depends on durability, acks and promise replies, it emits only after
                     # on_persisted): a leader ships new entries while its own fsync runs,

@@ -178,3 +178,22 @@ def test_the_views_recent_entries_are_what_the_log_holds(tmp_path: Path) -> None
         assert view._cached(1, 6) is not None, "served from memory"
     finally:
         log.close()
+
+
+def test_the_commit_position_is_persisted_with_no_other_write_to_ride_along(
+        tmp_path: Path) -> None:
+    """The commit position is written with the next write; with none coming, on its own
+    once it has waited COMMIT_PERSIST_S (a restart then serves up to it at once)."""
+    from geo.replicator import COMMIT_PERSIST_S
+
+    async def body(h: Harness) -> None:
+        h.rep.become_leader(3, term_start_record("c", 3, "a", time.time_ns()))
+        await h.until(lambda: bool(h.opened), "the term open")
+        fut = h.rep.submit([_append("s", 3)])
+        await h.until(fut.done, "the append")
+        (a,) = fut.result()
+        assert isinstance(a, Appended), a
+        # No other append comes: ticks alone must get it written.
+        await h.until(lambda: h.log.commit_position >= a.last_position,
+                      "the commit position persisted", timeout_s=COMMIT_PERSIST_S + 2.0)
+    run(body, tmp_path / "log")
