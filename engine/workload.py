@@ -97,11 +97,19 @@ def command_events(group: str, commands: Iterable[object], tag: str,
     """Input events for ``commands``; the i-th has the idempotency key ``tag:i``. With
     ``poison_every``, a poison input follows every ``poison_every``-th command."""
     for i, cmd in enumerate(commands):
-        yield wire.command_event(group, cmd._replace(ts_ns=0),  # type: ignore[attr-defined]
-                                 f"{tag}:{i}")
+        yield _raw_event(group, cmd, tag, i)
         if poison_every and i % poison_every == poison_every - 1:
-            yield pb.ProposedEvent(id=wire.derived_id("poison", tag, i), type="NewOrder",
-                                   content_type=wire.COMMAND_CONTENT_TYPE, data=b"\x01poison")
+            yield _poison_event(tag, i)
+
+
+def _raw_event(group: str, cmd: object, tag: str, i: int) -> pb.ProposedEvent:
+    return wire.command_event(group, cmd._replace(ts_ns=0),  # type: ignore[attr-defined]
+                              f"{tag}:{i}")
+
+
+def _poison_event(tag: str, i: int) -> pb.ProposedEvent:
+    return pb.ProposedEvent(id=wire.derived_id("poison", tag, i), type="NewOrder",
+                            content_type=wire.COMMAND_CONTENT_TYPE, data=b"\x01poison")
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,15 +156,13 @@ def gateway_load(group: str, seed: int, tag: str, poison_every: int = 0
                  ) -> Iterator[GatewayOrder | pb.ProposedEvent]:
     """``order_stream(seed)`` as gateway requests, with the setup commands and (every
     ``poison_every``-th command) a poison input as raw events (ids as command_events')."""
-    raw = command_events(group, order_stream(seed), tag, poison_every)
     for i, cmd in enumerate(order_stream(seed)):
-        event = next(raw)
         if isinstance(cmd, (NewOrder, CancelOrder, ReplaceOrder)):
             yield gateway_order(group, cmd, f"{tag}r{i}")
         else:
-            yield event
+            yield _raw_event(group, cmd, tag, i)
         if poison_every and i % poison_every == poison_every - 1:
-            yield next(raw)
+            yield _poison_event(tag, i)
 
 
 def exchange_toml(group: str) -> str:

@@ -96,7 +96,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 from opentelemetry.trace import SpanKind
 
 from engine import wire
@@ -112,6 +112,7 @@ from engine.workload import (
 from geo import launcher
 from geo.demo import raw_log_hash
 from geo.leadership import Leadership, LeadershipError
+from geo.tier_supervisor import health_name, wait_health
 from store.client import AppendError, CaughtUp, StoreClient, channel_options, new_event
 from store.errors import MD_LEADER, MD_RETRY_AFTER_MS
 from xdc import telemetry
@@ -181,6 +182,18 @@ class InDoubt:
     t: float
     code: str
     resolution: str = "unresolved"  # earlier-attempt | retry | unresolved (-in-log/-absent)
+
+
+class _Failed(Exception):
+    """An attempt of Run._until_acked that failed: its status, what to note if it is not
+    retryable, and how long to wait before the next attempt."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, wait_s: float = 0.02) -> None:
+        super().__init__(message)
+        self.code, self.message, self.wait_s = code, message, wait_s
+
+
+Attempt = Callable[[int], Awaitable[tuple[int, bool]]]  # n -> (position, duplicate)
 
 
 @dataclass
@@ -334,7 +347,6 @@ class Phase:
     old_term: int
     old_leader: launcher.NodeProc
     old_engine: str  # engine primary's instance at the fault
-    committed_at_fault: int  # engine primary's committed input position at the fault
     delivered_at_fault: int  # engine primary's delivered store position at the fault
     expect_new_term: bool
     engine_failover: bool = False
@@ -423,46 +435,61 @@ class Run:
         s = await status_or_none(e.address, 0.5, self.tls)
         return s is not None and s.role == role
 
-    async def engine_primary(self) -> tuple[str, int, int]:
-        """(instance, committed input position, delivered position) of the primary."""
+    async def engine_primary(self) -> tuple[str, int]:
+        """(instance, delivered store position) of the primary."""
         for e in self.engines.values():
             if e.alive:
                 s = await status_or_none(e.address, 0.5, self.tls)
                 if s is not None and s.role == "primary":
-                    return s.instance, s.committed_input_position, s.delivered_position
-        return "", 0, 0
+                    return s.instance, s.delivered_position
+        return "", 0
 
     # ---- load -------------------------------------------------------------------
 
-    async def _append_until_acked(self, client: StoreClient, stream: str,
-                                  event: pb.ProposedEvent, kind: str) -> None:
+    async def _until_acked(self, event_id: bytes, kind: str, attempt: Attempt,
+                           doubtful: tuple[grpc.StatusCode, ...] = _RETRYABLE) -> None:
+        """Calls `attempt(n)` (n = attempts so far) with the same event until it is
+        acknowledged. A retryable failure is retried after its back-off; the first one of
+        a `doubtful` status puts the call in doubt, and the answer that ends it says how it
+        resolved. Any other failure is noted and the event given up."""
         doubt: InDoubt | None = None
         give_up = float("inf")
-        while True:
+        for n in itertools.count():
+            try:
+                position, duplicate = await attempt(n)
+            except _Failed as f:
+                if f.code not in _RETRYABLE:
+                    self.rec.note_error(f.message)
+                    return
+                now = time.monotonic()
+                if doubt is None and f.code in doubtful and len(self.rec.in_doubt) < MAX_IN_DOUBT:
+                    doubt = InDoubt(event_id, kind, now, f.code.name)
+                    self.rec.in_doubt.append(doubt)
+                if self.rec.stop.is_set():
+                    # Winding down: keep retrying the same id for a while, so that every
+                    # in-doubt write resolves before the log is read back.
+                    give_up = min(give_up, now + self.opts.step_timeout_s / 2)
+                    if now > give_up:
+                        return
+                await asyncio.sleep(f.wait_s)  # back off before the retry (not a sync)
+                continue
+            self.rec.acks.append(Ack(time.monotonic(), position, event_id, kind))
+            if doubt is not None:
+                doubt.resolution = "earlier-attempt" if duplicate else "retry"
+            return
+
+    async def _append_until_acked(self, client: StoreClient, stream: str,
+                                  event: pb.ProposedEvent, kind: str) -> None:
+        async def attempt(_n: int) -> tuple[int, bool]:
             try:
                 r = await client.append(stream, event, timeout_s=self.opts.call_timeout_s)
             except (TimeoutError, AppendError, grpc.aio.AioRpcError) as exc:
                 code = exc.code if isinstance(exc, AppendError) else (
                     exc.code() if isinstance(exc, grpc.aio.AioRpcError)
                     else grpc.StatusCode.DEADLINE_EXCEEDED)
-                if code not in _RETRYABLE:
-                    self.rec.note_error(f"{kind} append refused: {exc}")
-                    return
-                if doubt is None and len(self.rec.in_doubt) < MAX_IN_DOUBT:
-                    doubt = InDoubt(event.id, kind, time.monotonic(), code.name)
-                    self.rec.in_doubt.append(doubt)
-                if self.rec.stop.is_set():
-                    # Winding down: keep retrying the same id for a while, so that every
-                    # in-doubt write resolves before the log is read back.
-                    give_up = min(give_up, time.monotonic() + self.opts.step_timeout_s / 2)
-                    if time.monotonic() > give_up:
-                        return
-                await asyncio.sleep(0.02)  # back off before the retry (not a sync)
-                continue
-            self.rec.acks.append(Ack(time.monotonic(), r.first_position, event.id, kind))
-            if doubt is not None:
-                doubt.resolution = "earlier-attempt" if r.duplicate else "retry"
-            return
+                raise _Failed(code, f"{kind} append refused: {exc}") from None
+            return r.first_position, r.duplicate
+        await self._until_acked(event.id, kind, attempt)
 
     async def ledger_producer(self, client: StoreClient, k: int) -> None:
         for i in itertools.count():
@@ -484,59 +511,41 @@ class Run:
                 _trace(item)
                 await self._append_until_acked(client, stream, item, "order")
 
-    def _gateway_stub(self, address: str) -> Any:
+    def _gateway(self, address: str) -> tuple[grpc.aio.Channel, Any]:
+        """(channel, OrderGateway stub) of the gateway at `address`, kept open."""
         got = self._gateway_stubs.get(address)
         if got is None:
             ch = aio_channel(address, self.tls, options=channel_options(),
                              interceptors=telemetry.client_interceptors())
             got = self._gateway_stubs[address] = (ch, xpb_grpc.OrderGatewayStub(ch))
-        return got[1]
+        return got
 
     async def _submit_until_acked(self, order: GatewayOrder, k: int) -> None:
         """One gateway call, retried with the same request (the same input event id)
         until a gateway acknowledges it. A refusal (shed by a tier, or no gateway there)
         moves on to the next gateway after the refusal's retry hint (at most
         GATEWAY_RETRY_MAX_S); a timeout is in doubt and resolved by the retry."""
-        doubt: InDoubt | None = None
-        give_up = float("inf")
-        attempt = k
-        while True:
-            live = [g.address for g in self.gateways.values() if g.alive]
-            if not live:
+        async def attempt(n: int) -> tuple[int, bool]:
+            while not (live := [g.address for g in self.gateways.values() if g.alive]):
                 await asyncio.sleep(0.05)  # every gateway restarting (not a sync)
-                continue
-            stub = self._gateway_stub(live[attempt % len(live)])
+            _, stub = self._gateway(live[(k + n) % len(live)])
             try:
                 with _producer_span():
                     r = await getattr(stub, order.method)(
                         order.request, timeout=self.opts.call_timeout_s)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
-                if code not in _RETRYABLE:
-                    self.rec.note_error(f"order {order.method} refused: {code.name} "
-                                        f"{exc.details()}")
-                    return
-                now = time.monotonic()
-                self.rec.order_refusals.append((now, code.name, (exc.details() or "")[:160]))
-                md = {k: v for k, v in (exc.trailing_metadata() or ())}
-                if code == grpc.StatusCode.DEADLINE_EXCEEDED and doubt is None \
-                        and len(self.rec.in_doubt) < MAX_IN_DOUBT:
-                    doubt = InDoubt(order.event_id, "order", now, code.name)
-                    self.rec.in_doubt.append(doubt)
-                if self.rec.stop.is_set():
-                    give_up = min(give_up, now + self.opts.step_timeout_s / 2)
-                    if now > give_up:
-                        return
-                attempt += 1
-                hint_ms = int(md.get(MD_RETRY_AFTER_MS, "0") or 0)
-                # Back off before the retry (not a sync): by the hint, bounded.
-                await asyncio.sleep(min(GATEWAY_RETRY_MAX_S, max(0.02, hint_ms / 1000)))
-                continue
-            self.rec.acks.append(Ack(time.monotonic(), r.input_position, order.event_id,
-                                     "order"))
-            if doubt is not None:
-                doubt.resolution = "earlier-attempt" if r.duplicate else "retry"
-            return
+                if code in _RETRYABLE:
+                    self.rec.order_refusals.append(
+                        (time.monotonic(), code.name, (exc.details() or "")[:160]))
+                md = dict(exc.trailing_metadata() or ())
+                hint_s = int(md.get(MD_RETRY_AFTER_MS, "0") or 0) / 1000
+                raise _Failed(code, f"order {order.method} refused: {code.name} "
+                                    f"{exc.details()}",
+                              min(GATEWAY_RETRY_MAX_S, max(0.02, hint_s))) from None
+            return r.input_position, r.duplicate
+        await self._until_acked(order.event_id, "order", attempt,
+                                doubtful=(grpc.StatusCode.DEADLINE_EXCEEDED,))
 
     async def market_data(self, targets: list[str]) -> None:
         """Follows the output stream; records each delivered batch (resumes by itself)."""
@@ -619,9 +628,9 @@ class Run:
 
     async def phase_start(self, expect_new_term: bool, old_leader: launcher.NodeProc,
                           old_term: int, stale_probe: bool = True) -> Phase:
-        inst, committed, delivered = await self.engine_primary()
+        inst, delivered = await self.engine_primary()
         t0 = time.monotonic()
-        self._phase = Phase(t0, old_term, old_leader, inst, committed, delivered,
+        self._phase = Phase(t0, old_term, old_leader, inst, delivered,
                             expect_new_term, t0_wall=time.time())
         self._new_term_seen = float("inf")
         # The last phase's deposed leader may lead again (failback): probing it now
@@ -670,8 +679,7 @@ class Run:
                              and len(self.rec.deliveries) > 0, opts.step_timeout_s,
                              "load before the fault")
             await wait_until(self._engines_warm, opts.step_timeout_s, "warm engines", 0.05)
-            await wait_until(self._gateways_admit_orders, opts.step_timeout_s,
-                             "every gateway admitting orders", 0.05)
+            await self._gateways_admit_orders(opts.step_timeout_s)
             log.info("load running: %d acks; the fault strikes next", len(self.rec.acks))
             # The fault strikes at a seeded moment of the load.
             await asyncio.sleep(max(0.0, started + opts.before_s - time.monotonic())
@@ -739,8 +747,7 @@ class Run:
         await wait_until(lambda: self.rec.acks_after(phase.t0) >= self.opts.after_acks,
                          timeout_s, "writes after the fault")
         log.info("writes recovered; waiting for order entry")
-        await wait_until(self._gateways_admit_orders, timeout_s,
-                         "every gateway admitting orders", 0.05)
+        await self._gateways_admit_orders(timeout_s)
         await wait_until(lambda: self.rec.acks_after(self._last_refusal(phase), "order") >= 10,
                          timeout_s, "orders acknowledged after the last refusal")
         log.info("order entry recovered; waiting for market data")
@@ -754,22 +761,12 @@ class Run:
         phase.recovered_at = time.monotonic()
         log.info("recovered %.3f s after the fault", phase.recovered_at - phase.t0)
 
-    async def _gateways_admit_orders(self) -> bool:
-        """Every running gateway (at least one) admits orders."""
-        live = [g for g in self.gateways.values() if g.alive]
-        if not live:
-            return False
-        for g in live:
-            self._gateway_stub(g.address)
-            ch = self._gateway_stubs[g.address][0]
-            try:
-                r = await health_pb2_grpc.HealthStub(ch).Check(
-                    health_pb2.HealthCheckRequest(service="xdc.tier.order-entry"), timeout=1)
-            except grpc.aio.AioRpcError:
-                return False
-            if r.status != health_pb2.HealthCheckResponse.SERVING:
-                return False
-        return True
+    async def _gateways_admit_orders(self, timeout_s: float) -> None:
+        """Waits until every running gateway admits orders (its order-entry tier health)."""
+        await asyncio.gather(*(
+            wait_health(health_pb2_grpc.HealthStub(self._gateway(g.address)[0]),
+                        health_name("order-entry"), timeout_s=timeout_s)
+            for g in self.gateways.values() if g.alive))
 
     def _last_refusal(self, phase: Phase, until: float = float("inf")) -> float:
         return max((t for t, _, _ in self.rec.order_refusals if phase.t0 < t <= until),
@@ -959,15 +956,14 @@ class Run:
         # mix the tail of that recovery with the failback's.
         await wait_until(self._all_tiers_serving, self.opts.step_timeout_s,
                          "every tier serving on every node", 0.05)
-        await wait_until(self._gateways_admit_orders, self.opts.step_timeout_s,
-                         "every gateway admitting orders", 0.05)
+        await self._gateways_admit_orders(self.opts.step_timeout_s)
         # Back to the original region: store leadership, then the engine primary.
         second = await self.phase_start(True, interim, st.term)
         await launcher.switchover(self.state, leader.id, self.opts.step_timeout_s)
         await self._recovered(second)
         original = f"{leader.region}-e1"
         engine_back = None
-        inst, _, _ = await self.engine_primary()
+        inst, _ = await self.engine_primary()
         if inst and inst != original:
             async with StoreClient([n.client for n in self.state.nodes], tls=self.tls) as c:
                 marked = time.monotonic()
@@ -1001,10 +997,11 @@ class Run:
                 d.resolution = "unresolved-in-log" if d.id in positions else "unresolved-absent"
         stale_doubt_in_log = sum(1 for i in self.rec.stale_doubt_ids if i in positions)
         engines = await self._engines_agree(timeout)
-        tiers_status = await _tiers_status(leader.client, self.tls)
+        nodes = self.state.nodes
         got = await asyncio.gather(*(_tiers_status(a, self.tls) for a in (
-            *(n.client for n in self.state.nodes),
+            *(n.client for n in nodes),
             *(g.address for g in self.gateways.values() if g.alive))))
+        tiers_status = got[[n.id for n in nodes].index(leader.id)]
         self.supervisor_statuses = [st for st in got if st is not None]
         return {"records": records, "_tiers_status": tiers_status, "upto": upto,
                 "duplicates": duplicates,
@@ -1092,10 +1089,6 @@ def measure(run: Run, phase: Phase, records: dict[int, pb.RecordedEvent],
     new_term_pos = min((p for p, e in records.items() if e.term > phase.old_term),
                        default=None) if phase.expect_new_term else None
     window = [a for a in rec.acks if t0 < a.t <= until]
-
-    def first_ack(kind: str) -> float | None:
-        return _first([a.t for a in window if a.kind == kind
-                       and (new_term_pos is None or a.position >= new_term_pos)])
 
     key = [s for s in rec.leader_key if s[0] > t0]
     expiry = _first([t for t, term, _ in key if term != phase.old_term])

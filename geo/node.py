@@ -382,7 +382,6 @@ class ClusterNode:
                                                   if target else 0.0)
                     if target:
                         self._planned_until = self.replicator.park_until
-                    if target:
                         with contextlib.suppress(LeadershipError):  # campaign grants then
                             await self.leadership.prepare_campaign()
                     await self.leadership.wait_change(term, timeout_s=self.config.lease_ttl_s)

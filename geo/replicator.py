@@ -148,22 +148,17 @@ class LmdbLogView:
         return records.term_of(self._get_range(position, position)[0])
 
     def entries(self, lo: int, hi: int, max_bytes: int) -> Sequence[Entry]:
-        cached = self._cached(lo, hi)
-        if cached is not None:
-            size = 0
-            for i, e in enumerate(cached):
-                size += len(e.payload)
-                if i and size > max_bytes:
-                    return cached[:i]
-            return cached
-        out: list[Entry] = []
+        """Entries lo..hi, cut where they pass `max_bytes` of payload (at least one)."""
+        got = self._cached(lo, hi)
+        if got is None:
+            got = [Entry(lo + i, records.term_of(v), v)
+                   for i, v in enumerate(self._get_range(lo, hi))]
         size = 0
-        for i, value in enumerate(self._get_range(lo, hi)):
-            size += len(value)
-            if out and size > max_bytes:
-                break
-            out.append(Entry(lo + i, records.term_of(value), value))
-        return out
+        for i, e in enumerate(got):
+            size += len(e.payload)
+            if i and size > max_bytes:
+                return got[:i]
+        return got
 
 
 @dataclass(slots=True)

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -51,9 +52,10 @@ def _server_tls(args: argparse.Namespace) -> Any:
     """`_tls`, with --tls-client-auth applied to the port the command listens on."""
     tls = _tls(args)
     if tls is not None:
-        import dataclasses
         tls = dataclasses.replace(tls, require_client_cert=args.tls_client_auth == "require")
     return tls
+
+
 def load_auth(prog: str, path: str | None) -> Any:
     """The auth file of `--auth` (None without one); exits 2 naming every problem."""
     if not path:
