@@ -79,7 +79,9 @@ async def raw_log_hash(address: str, upto: int, tls: Tls | None = None) -> str:
 
 
 async def read_all_ids(address: str, tls: Tls | None = None) -> dict[int, bytes]:
-    async with StoreClient(address, tls=tls) as client:
+    """position -> event id of every committed record the node serves. A verification
+    read like raw_log_hash's: tier 0, never shed (not even by a node without quorum)."""
+    async with StoreClient(address, tls=tls, tier="ledger") as client:
         out: dict[int, bytes] = {}
         async for batch in client.read_batches("$all", limit=100_000, timeout_s=30):
             for e in batch.events:
