@@ -3,9 +3,12 @@ OpenTelemetry export, in the same run, alternating which goes first, medians of 
 runs. Target: at most 10% slower with export enabled (issue #5).
 
 With export on, `xdc serve` gets OTEL_TRACES_EXPORTER=otlp and OTEL_METRICS_EXPORTER=otlp
-pointing at an OTLP/gRPC receiver in this process (xdc/otlp_receiver.py) that is really
-listening, so spans are batched, serialized and sent over loopback as in production; the
-client of the single-append scenario traces too (its spans go to the same receiver).
+pointing at an OTLP/gRPC receiver (xdc/otlp_receiver.py) that is really listening, so
+spans are batched, serialized and sent over loopback as in production; the client of
+the single-append scenario traces too (its spans go to the same receiver). The receiver
+runs in a process of its own, as a collector would: in this process its decoding of
+every export took the GIL from the benchmark's client, which was then counted as
+tracing overhead of the client.
 
 - batched ingest: AppendStream, 1000 events of 200 bytes per message, 16 in flight
   (bench/store.py's pipeline): one server span and one group-commit span per message;
@@ -26,10 +29,10 @@ from bench import report
 from bench.store import _ingest_messages, _pipeline, _single_appends
 from store.process import ServeProcess
 from xdc import telemetry
-from xdc.otlp_receiver import OtlpReceiver
+from xdc.otlp_receiver import OtlpReceiverProcess
 
 
-def _env(receiver: OtlpReceiver | None) -> dict[str, str]:
+def _env(receiver: OtlpReceiverProcess | None) -> dict[str, str]:
     """What the server's environment adds to this process's: nothing (off; `run` has
     removed every OTEL_* from os.environ, which ServeProcess passes on), or export to
     the receiver."""
@@ -48,7 +51,7 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _serve(receiver: OtlpReceiver | None, fn: Callable[[str], float]) -> tuple[float, float]:
+def _serve(receiver: OtlpReceiverProcess | None, fn: Callable[[str], float]) -> tuple[float, float]:
     """Runs fn(address) against a fresh durable `xdc serve`; returns (events/s, the
     server's CPU seconds during the run). Stops it with SIGTERM so its remaining spans
     are flushed to the receiver before the next measurement."""
@@ -64,12 +67,12 @@ def _serve(receiver: OtlpReceiver | None, fn: Callable[[str], float]) -> tuple[f
             node.stop()
 
 
-def batched(n: int, receiver: OtlpReceiver | None) -> tuple[float, float]:
+def batched(n: int, receiver: OtlpReceiverProcess | None) -> tuple[float, float]:
     msgs = _ingest_messages(n, per_append=500, appends_per_msg=2, streams=8)
     return _serve(receiver, lambda address: n / report.run(_pipeline(address, msgs, 16)))
 
 
-def single(n: int, receiver: OtlpReceiver | None) -> tuple[float, float]:
+def single(n: int, receiver: OtlpReceiverProcess | None) -> tuple[float, float]:
     def run(address: str) -> float:
         if receiver is not None:  # the client process traces and exports as well
             telemetry.setup_from_env("xdc-bench-client", env=_env(receiver))
@@ -91,7 +94,7 @@ def run(quick: bool = False, runs: int = 7) -> dict[str, Any]:
     keys = ("off_eps", "on_eps", "ratio", "off_cpu_us", "on_cpu_us", "cpu_ratio")
     raw: dict[str, dict[str, list[float]]] = {s: {k: [] for k in keys} for s in scenarios}
     spans: list[int] = []
-    with OtlpReceiver(keep=False) as receiver:
+    with OtlpReceiverProcess() as receiver:
         for r in range(runs):
             print(f"run {r + 1}/{runs}", flush=True)
             for name, fn in scenarios.items():

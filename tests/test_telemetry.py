@@ -26,7 +26,7 @@ from tests.support.cluster import LocalCluster
 from tests.support.etcd import EtcdCluster
 from tests.support.store import run, running_store, wait_until
 from xdc import telemetry
-from xdc.otlp_receiver import OtlpReceiver, ReceivedSpan
+from xdc.otlp_receiver import OtlpReceiver, OtlpReceiverProcess, ReceivedSpan
 from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import eventstore_pb2_grpc as pb_grpc
 
@@ -370,8 +370,10 @@ def test_cluster_replication_spans_follow_the_order(otel: Otel, etcd: EtcdCluste
 
 # ---- the real exporters of a real process, over the wire -----------------------------------
 
-def _otel_env(receiver: OtlpReceiver, protocol: str, service: str) -> dict[str, str]:
-    endpoint = receiver.grpc_endpoint if protocol == "grpc" else receiver.http_endpoint
+def _otel_env(receiver: OtlpReceiver | OtlpReceiverProcess, protocol: str,
+              service: str) -> dict[str, str]:
+    endpoint = (receiver.grpc_endpoint if protocol == "grpc"
+                else receiver.http_endpoint)  # type: ignore[union-attr]
     return {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_METRICS_EXPORTER": "otlp",
             "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
             "OTEL_SERVICE_NAME": service, "OTEL_METRIC_EXPORT_INTERVAL": "200"}
@@ -408,3 +410,26 @@ def test_real_process_exports_spans_over_otlp(otel: Otel, tmp_path: Path,
     assert int.from_bytes(server.span.parent_span_id, "big") == client.context.span_id
     assert server.attrs["xdc.append.result"] == "ok"
     assert any(s.name == "xdc.group_commit" for s in spans)
+
+
+def test_receiver_in_its_own_process_counts_what_a_real_exporter_sends(tmp_path: Path) -> None:
+    # The tracing benchmark's sink: a collector's process beside the service, not in it.
+    with OtlpReceiverProcess() as receiver:
+        assert receiver.span_count == 0
+        proc = ServeProcess(str(tmp_path / "data"), env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
+            **_otel_env(receiver, "grpc", "xdc-store-counted")})
+        with proc:
+            async def append() -> None:
+                async with StoreClient(proc.address) as client:
+                    for i in range(3):
+                        await client.append(f"counted-{i}", new_event("T"))
+            run(append)
+            receiver.wait(lambda r: r.metric_requests > 0, what="metrics")
+            proc.signal(signal.SIGTERM)
+            assert proc.proc is not None and proc.proc.wait(20) == 0
+        # Each append: its server span and its group commit (flushed at SIGTERM).
+        receiver.wait(lambda r: r.span_count >= 6)
+        child = receiver._proc
+        assert child is not None and child.is_alive()
+    assert not child.is_alive()

@@ -5,18 +5,24 @@ and the tracing benchmark check what the real exporters send against this.
 It listens on loopback ports chosen by the OS and runs in a background thread (its own
 event loop for the grpc.aio server, a threading HTTP server beside it), so blocking code
 (a test driving a child process, a benchmark) can use it as well as asyncio code.
+`OtlpReceiverProcess` runs one in a process of its own, as a collector runs beside the
+services it serves: a benchmark's client then does not share its interpreter (and GIL)
+with the receiver's decoding of every export.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
+import multiprocessing
 import threading
 import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from multiprocessing.connection import Connection
+from typing import Any, Self
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -174,7 +180,44 @@ def _http_handler(store: _Store) -> type[http.server.BaseHTTPRequestHandler]:
     return Handler
 
 
-class OtlpReceiver:
+class _Counted:
+    """What both receivers share: the context manager, the gRPC endpoint, and waiting on
+    the spans and metric exports counted."""
+
+    host: str
+    grpc_port: int
+    span_count: int
+    metric_requests: int
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def grpc_endpoint(self) -> str:
+        return f"http://{self.host}:{self.grpc_port}"
+
+    def wait(self, predicate: Callable[[Self], bool], timeout_s: float = 20.0,
+             what: str = "spans") -> None:
+        """Polls `predicate(self)` until true (exports arrive on the exporters' schedule)."""
+        deadline = time.monotonic() + timeout_s
+        while not predicate(self):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"OTLP receiver: no {what} within {timeout_s}s "
+                                   f"({self.span_count} spans, {self.metric_requests} "
+                                   "metric exports so far)")
+            time.sleep(0.02)
+
+
+class OtlpReceiver(_Counted):
     """`with OtlpReceiver() as r:` then point an exporter at `r.grpc_endpoint` or
     `r.http_endpoint`. With keep=False it only counts (a benchmark's sink)."""
 
@@ -243,16 +286,6 @@ class OtlpReceiver:
             self._thread.join(10)
             self._thread = None
 
-    def __enter__(self) -> OtlpReceiver:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def grpc_endpoint(self) -> str:
-        return f"http://{self.host}:{self.grpc_port}"
-
     @property
     def http_endpoint(self) -> str:
         return f"http://{self.host}:{self.http_port}"
@@ -279,13 +312,70 @@ class OtlpReceiver:
             got = list(self._store.metrics)
         return [m for s, m in got if service is None or s == service]
 
-    def wait(self, predicate: Callable[[OtlpReceiver], bool], timeout_s: float = 20.0,
-             what: str = "spans") -> None:
-        """Polls `predicate(self)` until true (exports arrive on the exporters' schedule)."""
-        deadline = time.monotonic() + timeout_s
-        while not predicate(self):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"OTLP receiver: no {what} within {timeout_s}s "
-                                   f"({self.span_count} spans, {self.metric_requests} "
-                                   "metric exports so far)")
-            time.sleep(0.02)
+
+class OtlpReceiverProcess(_Counted):
+    """A counting `OtlpReceiver` (keep=False) in a child process: the endpoints and
+    counts of an OtlpReceiver, read over a pipe. A spawned child, not a forked one: the
+    parent may have gRPC running already, which does not survive fork."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.grpc_port = 0
+        self._conn: Connection | None = None
+        self._proc: multiprocessing.process.BaseProcess | None = None
+
+    def start(self, timeout_s: float = 30.0) -> OtlpReceiverProcess:
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve_counts, args=(child, self.host),
+                                 name="otlp-receiver", daemon=True)
+        self._proc.start()
+        child.close()
+        self._conn = parent
+        if not parent.poll(timeout_s):
+            self.stop()
+            raise TimeoutError(f"OTLP receiver process not listening within {timeout_s}s")
+        self.grpc_port = parent.recv()
+        return self
+
+    def _ask(self, what: str) -> Any:
+        assert self._conn is not None, "receiver process not started"
+        self._conn.send(what)
+        return self._conn.recv()
+
+    def stop(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(OSError, EOFError):
+                self._ask("stop")
+            self._conn.close()
+            self._conn = None
+        if self._proc is not None:
+            self._proc.join(10)
+            if self._proc.is_alive():  # by PID: this child only
+                self._proc.kill()
+                self._proc.join(10)
+            self._proc = None
+
+    @property
+    def span_count(self) -> int:
+        return int(self._ask("spans"))
+
+    @property
+    def metric_requests(self) -> int:
+        return int(self._ask("metrics"))
+
+
+def _serve_counts(conn: Connection, host: str) -> None:
+    """The child of OtlpReceiverProcess: answers the parent's questions until "stop" or
+    until the parent is gone."""
+    with OtlpReceiver(host, keep=False) as receiver:
+        conn.send(receiver.grpc_port)
+        while True:
+            try:
+                what = conn.recv()
+            except EOFError:
+                return
+            if what == "stop":
+                conn.send(None)
+                return
+            conn.send(receiver.span_count if what == "spans" else receiver.metric_requests)
