@@ -45,6 +45,7 @@ from geo.replication.messages import (
     Effect,
     LeaderKnown,
     LeaderOpen,
+    Promise,
     Rejoined,
     Send,
     SteppedDown,
@@ -124,6 +125,9 @@ class ClusterNode:
         # Until then (monotonic) a planned switchover is under way: see _tier_reading.
         self._planned_until = 0.0
         self._followed_term = 0  # the last term this node followed (or led) an open leader in
+        # (term, monotonic time) of the first Promise received for the highest term a
+        # successor asked this node to promise: see _tier_reading.
+        self._asked: tuple[int, float] = (0, 0.0)
         # Replication spans and lag metrics, failover timings (geo/tracing.py).
         self.observer = ReplicationObserver(
             member_id, lambda: self.store.log.last_position if self.store.log else 0,
@@ -292,7 +296,11 @@ class ClusterNode:
         # delivery is one PeerBatch, whose messages all come from its sender
         # (ReplicationService.Stream drops any other).
         if msgs:
-            self._heard[msgs[0].src] = time.monotonic()
+            now = time.monotonic()
+            self._heard[msgs[0].src] = now
+            for m in msgs:
+                if type(m) is Promise and m.term > self._asked[0]:
+                    self._asked = (m.term, now)
         assert self.replicator is not None
         self.replicator.deliver(msgs)
 
@@ -314,8 +322,15 @@ class ClusterNode:
                 leader_ok = recent
             else:
                 # A successor is recovering its term (it asked for our promise) while the
-                # leader we followed spoke recently: a handover, not (yet) a failover.
-                leader_ok = recent and st.term > self._followed_term > 0
+                # leader we followed spoke recently: a handover, not (yet) a failover, for
+                # PARK_MAX_S from its request at most (README, "Degradation tiers"). The
+                # bound matters: 'recent' alone kept the tiers admitted for up to a second
+                # after the old leader's last message, and a node whose own term never
+                # opened (nobody asked it for that promise) admitted them again when it
+                # gave the term up, while cut off.
+                asked_term, asked_at = self._asked
+                leader_ok = (recent and st.term == asked_term > self._followed_term > 0
+                             and now - asked_at < PARK_MAX_S)
             # A follower cannot count the others; it knows it lacks a majority only when
             # it just stepped down for that reason (it then waits before campaigning).
             quorum = leader_ok or time.monotonic() >= self._campaign_after
