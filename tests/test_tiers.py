@@ -1,15 +1,19 @@
 """Degradation tiers (DESIGN §6): the tier file, the pure supervisor machine with a fake
 clock, and the shell against real servers: the interceptor on every call shape, overload
 shedding on a standalone node whose writer is held, and a real three-node cluster whose
-leader loses its quorum and recovers tier by tier (real etcd, LMDB, gRPC)."""
+leader loses its quorum and recovers tier by tier (real etcd, LMDB, gRPC), or whose planned
+switchover stalls (the target's messages of its new term are dropped in process): past
+PARK_MAX_S it counts as a failover."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import random
 import re
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from geo import tiers
 from geo.config import ConfigError
+from geo.node import ClusterNode
+from geo.replication.messages import Promise
+from geo.replicator import PARK_MAX_S
 from geo.tier_supervisor import (
     HEALTH_ALL,
     MD_SHED_REASON,
@@ -30,7 +37,7 @@ from geo.tier_supervisor import (
     standalone_reader,
     wait_health,
 )
-from geo.tiers import Observation, Reason, State, TierMachine
+from geo.tiers import Observation, Reason, State, TierMachine, Transition
 from store.client import CaughtUp, StoreClient, new_event
 from store.errors import MD_RETRY_AFTER_MS
 from store.limits import Limits
@@ -546,17 +553,23 @@ def test_overload_sheds_top_tiers_with_resource_exhausted(tmp_path: Path) -> Non
 # ---- a real cluster losing its quorum -------------------------------------------------------
 
 
-def test_quorum_loss_sheds_upper_tiers_and_recovery_follows_tier_order(
-        etcd: EtcdCluster, tmp_path: Path) -> None:
-    settle = 0.3
+def _tiered_cluster(etcd: EtcdCluster, tmp_path: Path, settle: float) -> LocalCluster:
+    """Three nodes (not started) whose tier file is the default one with `settle` and an
+    observation every 50 ms."""
     tier_file = tmp_path / "tiers.toml"
     text = re.sub(r"(?m)^settle_s = \S+", f"settle_s = {settle}",
                   tiers.DEFAULT_PATH.read_text())
     tier_file.write_text(re.sub(r"(?m)^interval_s = \S+", "interval_s = 0.05", text))
+    base = LocalCluster.make(etcd.endpoints, tmp_path)
+    return LocalCluster(dataclasses.replace(base.config, tiers_file=tier_file))
+
+
+def test_quorum_loss_sheds_upper_tiers_and_recovery_follows_tier_order(
+        etcd: EtcdCluster, tmp_path: Path) -> None:
+    settle = 0.3
 
     async def body() -> None:
-        base = LocalCluster.make(etcd.endpoints, tmp_path)
-        cluster = LocalCluster(dataclasses.replace(base.config, tiers_file=tier_file))
+        cluster = _tiered_cluster(etcd, tmp_path, settle)
         await cluster.start()
         watchers: list[asyncio.Task[None]] = []
         try:
@@ -629,3 +642,158 @@ def test_quorum_loss_sheds_upper_tiers_and_recovery_follows_tier_order(
         assert all(t.down_at_unix_ns < t.recovered_at_unix_ns for t in st.tiers)
 
     run(body, timeout_s=120)
+
+
+# ---- a planned switchover whose target never opens its term ---------------------------------
+
+# How late past its deadline a shed, or the answer to a parked append, may come: the
+# supervisor observes and the writer ticks every 50 ms, the rest is slack for a loaded
+# machine. Well under what would shed those tiers anyway (a follower's leader silent for
+# a second) or answer the append (the candidate's recovery timeout, 2 s).
+LATE_S = 0.3
+# Transitions are stamped with the wall clock, deadlines kept on the monotonic one.
+EARLY_S = 0.02
+
+
+@dataclasses.dataclass
+class Stalled:
+    cluster: LocalCluster
+    old: ClusterNode  # the leader that handed over
+    target: ClusterNode  # designated, holds the leader key, never opens its term
+    other: ClusterNode
+    t0: int  # wall clock (ns) when the switchover was asked for...
+    t1: int  # ...and when it returned (the target had taken the key)
+    handover: int  # the position handed over
+    asked: dict[str, int]  # node -> wall clock when the target's Promise reached it
+
+
+@contextlib.asynccontextmanager
+async def _stalled_switchover(etcd: EtcdCluster, tmp_path: Path,
+                              monkeypatch: pytest.MonkeyPatch, cut: str,
+                              ) -> AsyncIterator[Stalled]:
+    """A switchover to a target whose term never opens. `cut` "mute": what the target
+    sends in a term above the old leader's is lost (its Promise reaches nobody); "deaf":
+    what it receives of such terms is lost (the promises it asks for never come back)."""
+    cluster = _tiered_cluster(etcd, tmp_path, settle=0.1)
+    await cluster.start()
+    try:
+        old = await cluster.leader()
+        for node in cluster.nodes.values():
+            await wait_until(lambda n=node: n.supervisor.machine.all_admitted,  # type: ignore
+                             timeout_s=20, what=f"every tier admitted on {node.id}")
+        target, other = (n for n in cluster.nodes.values() if n is not old)
+        term = old.store.role.term
+        asked: dict[str, int] = {}
+        for node in (old, other):
+            assert node.replicator is not None
+
+            def record(msgs: list[Any], node_id: str = node.id,
+                       deliver: Any = node.replicator.deliver) -> None:
+                if node_id not in asked and any(isinstance(m, Promise) and m.term > term
+                                                for m in msgs):
+                    asked[node_id] = time.time_ns()
+                deliver(msgs)
+            monkeypatch.setattr(node.replicator, "deliver", record)
+        if cut == "mute":
+            for sender in target.senders.values():
+                monkeypatch.setattr(sender, "send", lambda m, ctx=None, send=sender.send:
+                                    None if m.term > term else send(m, ctx))
+        else:
+            assert cut == "deaf" and target.replicator is not None
+            deliver = target.replicator.deliver
+            monkeypatch.setattr(target.replicator, "deliver",
+                                lambda msgs: deliver([m for m in msgs if m.term <= term]))
+        t0 = time.time_ns()
+        resp = await old.switchover(target.id, timeout_s=10)
+        t1 = time.time_ns()
+        assert resp.new_leader == target.id
+        yield Stalled(cluster, old, target, other, t0, t1, resp.handover_position, asked)
+    finally:
+        await cluster.stop()
+
+
+def _first_shed(node: ClusterNode, after_ns: int) -> Transition | None:
+    """The first time after `after_ns` that `node` stopped serving its matching tier."""
+    return next((t for t in node.supervisor.machine.transitions if t.tier == "matching"
+                 and t.wall_ns > after_ns and t.old == State.SERVING), None)
+
+
+async def _shed(node: ClusterNode, after_ns: int) -> Transition:
+    await wait_until(lambda: _first_shed(node, after_ns) is not None, timeout_s=5,
+                     what=f"{node.id} to shed its tiers")
+    shed = _first_shed(node, after_ns)
+    assert shed is not None and shed.new == State.SHED, shed
+    assert shed.reason == Reason.FAILOVER, shed
+    return shed
+
+
+def test_a_switchover_whose_target_never_opens_is_a_failover_after_the_park_window(
+        etcd: EtcdCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The target wins the key but its Promise reaches nobody. The appends it holds are
+    answered 'not the leader' once PARK_MAX_S has passed (not acknowledged, not left
+    hanging), and it and the old leader shed their tiers then, as in a failover, instead
+    of keeping them admitted; the third node sheds once its leader has been silent."""
+    async def body() -> None:
+        async with _stalled_switchover(etcd, tmp_path, monkeypatch, "mute") as s, \
+                grpc.aio.insecure_channel(s.target.address) as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await pb_grpc.EventStoreStub(ch).Append(pb.AppendRequest(
+                    stream="parked", events=[new_event("Placed", b"1")]), timeout=10)
+            answered = time.time_ns()
+            e = info.value
+            assert e.code() == grpc.StatusCode.UNAVAILABLE, e
+            assert "does not accept writes" in (e.details() or ""), e
+            # Held while the target could still open, answered once it could not.
+            held_s = (answered - s.t0) / 1e9
+            assert PARK_MAX_S - EARLY_S <= held_s <= (s.t1 - s.t0) / 1e9 + PARK_MAX_S \
+                + LATE_S, held_s
+            assert s.target.store.log is not None
+            assert s.target.store.log.last_position == s.handover, "nothing written"
+            for node in (s.target, s.old):  # their planned windows began within t0..t1
+                shed = await _shed(node, s.t0)
+                after_s = (shed.wall_ns - s.t0) / 1e9
+                assert PARK_MAX_S - EARLY_S <= after_s <= (s.t1 - s.t0) / 1e9 \
+                    + PARK_MAX_S + LATE_S, (node.id, after_s)
+            await _shed(s.other, s.t0)
+            # An order-entry call to the target is refused with the tier's message.
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await _drain(pb_grpc.EventStoreStub(ch).Read(
+                    pb.ReadRequest(stream="parked"), metadata=((MD_TIER, "order-entry"),)))
+            e = info.value
+            md = dict(e.trailing_metadata() or ())
+            assert e.code() == grpc.StatusCode.UNAVAILABLE, e
+            assert "tier 'order-entry'" in (e.details() or ""), e
+            assert md[MD_TIER] == "order-entry"
+            assert md[MD_SHED_REASON] in ("failover", "no_quorum")
+
+    run(body, timeout_s=60)
+
+
+def test_followers_asked_for_a_promise_keep_their_tiers_for_at_most_the_park_window(
+        etcd: EtcdCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The target's Promise reaches the others, who promise, but their replies never reach
+    it. Asked by a successor while the leader they followed spoke within the window, the
+    old leader and the third node keep their tiers admitted, but for PARK_MAX_S from the
+    request at most. The target, whose own term never opened, does not admit its tiers
+    again after giving the term up: nobody asked it for a promise."""
+    async def body() -> None:
+        async with _stalled_switchover(etcd, tmp_path, monkeypatch, "deaf") as s:
+            await wait_until(lambda: set(s.asked) == {s.old.id, s.other.id}, timeout_s=5,
+                             what="the target's Promise to reach the others")
+            for node in (s.old, s.other):
+                shed = await _shed(node, s.t0)
+                after_s = (shed.wall_ns - s.asked[node.id]) / 1e9
+                assert PARK_MAX_S - EARLY_S <= after_s <= PARK_MAX_S + LATE_S, (node.id,
+                                                                                after_s)
+            await _shed(s.target, s.t0)
+            await wait_until(lambda: s.target.store.role.name == "follower", timeout_s=10,
+                             what="the target to give its term up")
+            machine = s.target.supervisor.machine
+            seen = machine.observations
+            await wait_until(lambda: machine.observations >= seen + 10,
+                             what="ten more observations")
+            back = [t for t in machine.transitions if t.tier == "matching"
+                    and t.wall_ns > s.t0 and t.new != State.SHED]
+            assert back == [], back
+
+    run(body, timeout_s=60)
