@@ -488,7 +488,12 @@ class Replicator:
 
     def _not_leader(self, leader: str | None) -> StoreError:
         address = self.leader_address(leader)
-        where = f"the leader is {leader} at {address}" if address else "no leader is known yet"
+        if not address:
+            where = "no leader is known yet"
+        elif leader is None:  # the address is the seat's holder as etcd last named it
+            where = f"the leader was last seen at {address}"
+        else:
+            where = f"the leader is {leader} at {address}"
         return StoreError(grpc.StatusCode.UNAVAILABLE, f"this node does not accept writes: "
                           f"{where}", leader=address, retry_after_ms=25)
 

@@ -743,6 +743,7 @@ def test_a_switchover_whose_target_never_opens_is_a_failover_after_the_park_wind
             e = info.value
             assert e.code() == grpc.StatusCode.UNAVAILABLE, e
             assert "does not accept writes" in (e.details() or ""), e
+            assert "None" not in (e.details() or ""), e  # names a leader or none
             # Held while the target could still open, answered once it could not.
             held_s = (answered - s.t0) / 1e9
             assert PARK_MAX_S - EARLY_S <= held_s <= (s.t1 - s.t0) / 1e9 + PARK_MAX_S \
