@@ -438,6 +438,49 @@ def test_filtered_subscription_reports_checkpoints_across_long_skips(tmp_path: P
     run(body)
 
 
+def test_caught_up_filtered_subscription_checkpoints_at_most_every_interval(
+        tmp_path: Path) -> None:
+    from store import service
+
+    async def body() -> None:
+        async with running_store(tmp_path) as (_, c):
+            await c.append("noise", ev(0))
+            got: list[tuple[float, int]] = []  # (loop time, checkpoint position)
+            caught_up = asyncio.Event()
+
+            async def watch() -> None:
+                async for item in c.subscribe(stream_prefix="wanted"):
+                    if isinstance(item, CaughtUp):
+                        caught_up.set()
+                    elif isinstance(item, Checkpoint):
+                        got.append((asyncio.get_running_loop().time(), item.position))
+
+            task = asyncio.ensure_future(watch())
+            try:
+                await asyncio.wait_for(caught_up.wait(), 10)
+                # Skipped commits one after another: one checkpoint per commit before.
+                t0 = asyncio.get_running_loop().time()
+                last = 0
+                for i in range(150):
+                    last = (await c.append("noise", ev(i + 1))).last_position
+                elapsed = asyncio.get_running_loop().time() - t0
+                # The last one arrives once the interval has passed, without more commits.
+                await wait_until(lambda: bool(got) and got[-1][1] == last, 10)
+                during = [t for t, _ in got if t <= t0 + elapsed]
+                assert len(during) <= elapsed / service.CHECKPOINT_INTERVAL_S + 2, (
+                    len(during), elapsed)
+                assert [p for _, p in got] == sorted({p for _, p in got})  # forward only
+                # After a quiet spell, the next skipped commit is reported at once.
+                await asyncio.sleep(service.CHECKPOINT_INTERVAL_S)
+                n = len(got)
+                quiet = (await c.append("noise", ev(1000))).last_position
+                await wait_until(lambda: len(got) > n, 10)
+                assert got[n][1] == quiet
+            finally:
+                task.cancel()
+    run(body)
+
+
 def test_a_stalled_subscriber_does_not_block_appends(tmp_path: Path) -> None:
     async def body() -> None:
         async with running_store(tmp_path) as (_, c):
