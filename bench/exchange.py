@@ -18,7 +18,10 @@ the group's input stream with the store client and watches the output stream.
   at the store's timestamps of the two group commits (wall clock, one machine):
   ``e2e_hop_append_ms`` (client, gRPC, store queue), ``e2e_hop_engine_ms`` (input fsync,
   delivery to the engine, matching, output append, store queue), ``e2e_hop_output_ms``
-  (output fsync, delivery), p50s.
+  (output fsync, delivery), p50s. It also measures a gRPC round trip between two Python
+  processes on this machine (``rpc_rtt_ms``: NodeInfo, nothing to compute, 1 ms apart as
+  the paced orders are): an order crosses four one-way hops (client -> store -> engine
+  -> store -> subscriber), so ``e2e_floor_ms`` = two durable commits + two round trips.
 * replay_cps: a fresh instance replaying the whole group log from the store and checking
   every committed output (`xdc engine verify`'s code), inputs per second.
 * restore_100k_s: restoring an engine snapshot holding 100k resting orders.
@@ -142,6 +145,18 @@ async def _latency(client: StoreClient, rate: int, seconds: float, run: int
     return out
 
 
+async def _rpc_rtt_ms(client: StoreClient, n: int = 300) -> float:
+    """p50 of a NodeInfo round trip, the calls 1 ms apart (an idle process wakes up for
+    each, as it does for paced orders)."""
+    lat = []
+    for _ in range(n):
+        t = time.perf_counter()
+        await client.node_info()
+        lat.append((time.perf_counter() - t) * 1e3)
+        await asyncio.sleep(0.001)
+    return statistics.median(lat)
+
+
 def _p(sample: list[float], q: float) -> float:
     return sorted(sample)[min(len(sample) - 1, int(len(sample) * q))]
 
@@ -178,10 +193,11 @@ async def _run_async(quick: bool, address: str, engine: ServeProcess, runs: int
         rate = 500 if quick else 1_000
         seconds = 2.0 if quick else 5.0
         lat = 0
-        p50s, p99s, fsyncs = [], [], []
+        p50s, p99s, fsyncs, rtts = [], [], [], []
         hops: list[list[float]] = [[], [], []]
         for r in range(runs):
             fsyncs.append(group_commit_ms(100))
+            rtts.append(await _rpc_rtt_ms(client))
             sample = await _latency(client, rate, seconds, r)
             lat += len(sample)
             total = [x[0] for x in sample]
@@ -205,7 +221,9 @@ async def _run_async(quick: bool, address: str, engine: ServeProcess, runs: int
             "e2e_p50_ms": round(statistics.median(p50s), 3),
             "e2e_p99_ms": round(statistics.median(p99s), 3),
             "fsync_ms": round(statistics.median(fsyncs), 3),
-            "e2e_floor_ms": round(2 * statistics.median(fsyncs), 3),
+            "rpc_rtt_ms": round(statistics.median(rtts), 3),
+            "e2e_floor_ms": round(2 * statistics.median(fsyncs) + 2 * statistics.median(rtts),
+                                  3),
             "e2e_hop_append_ms": round(statistics.median(hops[0]), 3),
             "e2e_hop_engine_ms": round(statistics.median(hops[1]), 3),
             "e2e_hop_output_ms": round(statistics.median(hops[2]), 3),
