@@ -8,8 +8,12 @@ Named databases:
   so a run indexes a whole append (and consecutive appends of one group commit) with
   one put instead of one per event. A revision is found by seeking to the greatest
   key <= (stream, revision);
-- `ids`: 16-byte event id -> 8-byte position (durable idempotency);
-- `meta`: cluster id, node id, promised term, commit position, schema version; for a
+- `ids`: 16-byte event id -> 8-byte position (durable idempotency). New ids wait in
+  memory (store/recent_ids.py) and enter it a key slice at a time; `meta`'s
+  `ids_through` says up to where every record's id is in it, and an open refills the
+  memory from the records after that;
+- `meta`: cluster id, node id, promised term, commit position, schema version,
+  `ids_through` (absent in a log written before it existed: every id is indexed); for a
   cluster member also `cluster` (the name of the cluster it joined: a directory without
   it is new, or lost its former content) and `rejoin_term` (a voter that lost its disk
   and has not caught up yet, geo/replication/core.py), both absent otherwise.
@@ -34,6 +38,7 @@ import lmdb
 
 from store import records
 from store.errors import StoreError, wrong_revision
+from store.recent_ids import RecentIds
 from xdc.v1 import eventstore_pb2 as pb
 
 SCHEMA_VERSION = 1
@@ -41,6 +46,9 @@ SCHEMA_VERSION = 1
 # as pages are written, so a large map means the store grows without operator action
 # and the disk, not the map, is what fills first (handled as a clear error).
 DEFAULT_MAP_SIZE = 1 << 40
+# Records whose ids may still be only in memory (store/recent_ids.py): an open reads at
+# most this many records to refill it (~0.1 s), and it holds at most this many ids.
+MAX_UNINDEXED = 100_000
 
 # last revision, first position, last position, and the stream's current index run:
 # its first revision and first position.
@@ -234,8 +242,23 @@ class Log:
                 self.last_position = 0
                 self.last_term = 0
                 self.last_timestamp_ns = 0
-        # Opening reads three keys and the last record: O(1) in the log's length.
+        # Opening reads a few keys, the last record and at most MAX_UNINDEXED records
+        # (the ids not indexed yet): bounded, whatever the log's length.
         assert self.commit_position <= self.last_position
+        self._recent = self._refill_recent()
+
+    def _refill_recent(self) -> RecentIds:
+        """The ids of the records after `ids_through`, from the committed log."""
+        with self.env.begin() as txn:
+            raw = txn.get(b"ids_through", db=self.meta_db)
+            through = min(_BE64.unpack(raw)[0], self.last_position) if raw else \
+                self.last_position
+            recent = RecentIds(through)
+            cur = txn.cursor(self.log_db)
+            if through < self.last_position and cur.set_key(_pos_key(through + 1)):
+                id_of = records.id_of
+                recent.add_run([id_of(v) for v in cur.iternext(keys=False)], through + 1)
+        return recent
 
     def close(self) -> None:
         self.env.close()
@@ -254,6 +277,8 @@ class Log:
         except BaseException:
             (self.last_position, self.last_term, self.last_timestamp_ns, self.promised_term,
              self.commit_position, self.cluster, self.rejoin_term) = tips
+            # The transaction changed the buffered ids too: take them from the log again.
+            self._recent = self._refill_recent()
             raise
 
     def append_group(self, reqs: list[PreparedAppend], term: int,
@@ -289,8 +314,20 @@ class Log:
         out = Sequenced(first)
         revisions: dict[bytes, int] = {}
         group_ids: dict[bytes, int] = {}
-        # One look-up of every id of the group; most groups have no repeat at all.
-        known = dict(txn.cursor(self.ids_db).getmulti([i for r in reqs for i in r.ids]))
+        # One look-up of every id of the group; most groups have no repeat at all. The
+        # ids not in memory (recent_ids.py) are looked up in the index in one call.
+        recent = self._recent.get
+        known: dict[bytes, bytes] = {}
+        unseen = []
+        for r in reqs:
+            for i in r.ids:
+                p = recent(i)
+                if p is None:
+                    unseen.append(i)
+                else:
+                    known[i] = _pos_key(p)
+        if unseen:
+            known.update(txn.cursor(self.ids_db).getmulti(unseen))
         encode = records.encode
         for req in reqs:
             key = req.stream_key
@@ -345,6 +382,7 @@ class Log:
             assert records.position_of(values[-1]) == first + len(values) - 1
         streams: dict[bytes, list[int]] = {}
         runs: dict[tuple[bytes, int], tuple[int, int]] = {}
+        add_ids = self._recent.add_run
         id_items: list[tuple[bytes, bytes]] = []
         for key, pos, ids in spans:
             st = streams.get(key)
@@ -356,8 +394,17 @@ class Log:
                 assert records.revision_of(values[pos - first]) == st[0] + 1, (
                     f"stream revisions must be dense: {key!r} at position {pos}")
             _advance_stream(st, runs, key, pos, len(ids))
-            id_items.extend(zip(ids, map(_pos_key, range(pos, pos + len(ids))), strict=True))
-        txn.cursor(self.ids_db).putmulti(id_items)
+            if ids[0][6] >> 4 == 7:
+                # UUIDv7 (what the client library makes): time-ordered, they land beside
+                # each other at the index's end, cheap to put at once. Any other id
+                # (random, derived) waits in memory (recent_ids.py). Either way is
+                # correct: look-ups see both.
+                id_items.extend(zip(ids, map(_pos_key, range(pos, pos + len(ids))),
+                                    strict=True))
+            else:
+                add_ids(ids, pos)
+        if id_items:
+            txn.cursor(self.ids_db).putmulti(id_items)
         last = first + len(values) - 1
         txn.cursor(self.log_db).putmulti(
             list(zip(map(_pos_key, range(first, last + 1)), values, strict=True)), append=True)
@@ -365,7 +412,22 @@ class Log:
         self.last_position = last
         self.last_term = records.term_of(values[-1])
         self.last_timestamp_ns = max(self.last_timestamp_ns, records.timestamp_of(values[-1]))
+        self._flush_ids(txn)
         return values
+
+    def _flush_ids(self, txn: lmdb.Transaction) -> None:
+        """Moves the bucket of buffered ids flushed longest ago into the index (more, if
+        the records not fully indexed would exceed MAX_UNINDEXED), and persists how far
+        the index is complete."""
+        recent = self._recent
+        ids = txn.cursor(self.ids_db)
+        while True:
+            items = recent.take_oldest(self.last_position)
+            if items:
+                ids.putmulti([(i, _pos_key(p)) for i, p in items])
+            if self.last_position - recent.through <= MAX_UNINDEXED:
+                break
+        txn.put(b"ids_through", _pos_key(recent.through), db=self.meta_db)
 
     def _truncate(self, txn: lmdb.Transaction, after: int) -> None:
         """Removes positions > after and every index entry derived from them."""
@@ -377,10 +439,16 @@ class Log:
                 key = records.stream_bytes_of(value)
                 rev = records.revision_of(value)
                 cut[key] = min(rev, cut.get(key, rev))
-                txn.delete(records.id_of(value), db=ids_db)
+                event_id = records.id_of(value)
+                txn.delete(event_id, db=ids_db)
+                self._recent.discard(event_id)
             cur.set_key(_pos_key(after + 1))
             while cur.delete():
                 pass
+        self._recent.truncated(after)
+        # Now, not with the next write: a transaction that only truncates must not leave
+        # an ids_through above records written later at those positions.
+        txn.put(b"ids_through", _pos_key(self._recent.through), db=self.meta_db)
         idx = txn.cursor(self.index_db)
         for key, lowest in cut.items():
             keep = lowest - 1

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from store import records
-from store.log import Log, PreparedAppend, StreamState
+from store.log import Appended, Log, PreparedAppend, StreamState
 from xdc.v1 import eventstore_pb2 as pb
 
 SEED = 7
@@ -175,3 +175,88 @@ def test_index_fields_reads_stream_and_id_across_varint_sizes() -> None:
                 assert k == records.stream_bytes_of(value) == stream
                 assert event_id == records.id_of(value) == uuid.UUID(int=size + 1).bytes
                 assert records.term_of(stored) == 2 and records.body_of(stored) == body
+
+
+# ---- ids buffered in memory before the ids index (store/recent_ids.py) ---------------------
+
+def _ids_through(log: Log) -> int:
+    with log.env.begin() as txn:
+        raw = txn.get(b"ids_through", db=log.meta_db)
+    assert raw is not None
+    return int.from_bytes(raw, "big")
+
+
+def _indexed(log: Log, event_id: bytes) -> bool:
+    with log.env.begin() as txn:
+        return txn.get(event_id, db=log.ids_db) is not None
+
+
+def _retry(log: Log, value: bytes) -> PreparedAppend:
+    stream = records.stream_of(value)
+    return PreparedAppend(stream, stream.encode(), pb.EXPECTED_ANY, 0, [records.id_of(value)],
+                          [records.body_of(value)])
+
+
+def test_buffered_ids_are_found_before_and_after_a_reopen(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("store.log.MAX_UNINDEXED", 60)
+    rng = random.Random(SEED)
+    log = Log(tmp_path / "n")
+    values: list[bytes] = []
+    for _ in range(10):
+        values += fill(log, rng, 5)
+        # However far the index lags, never by more than MAX_UNINDEXED records.
+        assert 0 <= log.last_position - _ids_through(log) <= 60
+    unindexed = [v for v in values if not _indexed(log, records.id_of(v))]
+    assert unindexed, "the test needs ids that are only in memory"
+    assert all(records.position_of(v) > _ids_through(log) for v in unindexed)
+    log.close()
+    # After an open (as after a crash: nothing is flushed on close) every id is known.
+    log = Log(tmp_path / "n")
+    for v in values:
+        results, new = log.append_group([_retry(log, v)], 9, 0)
+        assert new == [] and results[0] == Appended(  # type: ignore[comparison-overlap]
+            records.position_of(v), records.position_of(v), records.revision_of(v), True)
+
+
+def test_ids_of_a_failed_write_are_not_known(tmp_path: Path) -> None:
+    rng = random.Random(SEED)
+    log = Log(tmp_path / "n")
+    fill(log, rng, 3)
+    last = log.last_position
+    req = prepared("a", 3, rng)
+    with pytest.raises(RuntimeError), log.write() as txn:
+        seq = log.sequence(txn, [req], last + 1, 1, 0)
+        log.write_records(txn, seq.values, seq.first, seq.spans)
+        raise RuntimeError("the transaction fails after the records were written")
+    assert log.last_position == last
+    # Not a duplicate of records that were never committed: appended, as new.
+    results, new = log.append_group([req], 1, 0)
+    assert len(new) == 3 and not results[0].duplicate  # type: ignore[union-attr]
+    assert [records.position_of(v) for v in new] == [last + 1, last + 2, last + 3]
+
+
+def test_truncated_buffered_ids_are_forgotten_across_a_reopen(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("store.log.MAX_UNINDEXED", 5)  # the index close behind the log
+    rng = random.Random(SEED)
+    log = Log(tmp_path / "n")
+    values = fill(log, rng, 20)
+    cut = len(values) // 2
+    assert _ids_through(log) > cut
+    with log.write() as txn:  # a transaction that only truncates, then a crash
+        log.write_records(txn, [], log.last_position + 1, truncate_after=cut)
+    assert _ids_through(log) <= cut
+    log.close()
+    log = Log(tmp_path / "n")
+    for v in values[:cut]:  # kept: still known
+        assert log.append_group([_retry(log, v)], 9, 0)[1] == []
+    # Removed: new again, written at the positions the truncation freed...
+    _, new = log.append_group([_retry(log, values[cut])], 9, 0)
+    assert len(new) == 1 and records.position_of(new[0]) == cut + 1
+    new += fill(log, rng, 1)
+    log.close()
+    # ...and known after another crash, though written below the index's old mark.
+    log = Log(tmp_path / "n")
+    for v in new:
+        assert log.append_group([_retry(log, v)], 9, 0)[1] == []
