@@ -301,7 +301,11 @@ class ReplicationService(rpb_grpc.ReplicationServicer):
                     # node cannot read runs another version of the protocol.
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                         f"messages[{i}].kind: unknown PeerKind {pm.kind}")
-                msg = decode(pm)
+                try:
+                    msg = decode(pm)
+                except ValueError as exc:  # entries that do not add up: nothing delivered
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"messages[{i}]: {exc}")
                 if self.observe is not None:
                     self.observe(msg, pm.trace_context)
                 msgs.append(msg)

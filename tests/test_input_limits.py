@@ -205,6 +205,15 @@ def test_replication_refusals_name_the_field_and_quote_input_cut_short(
                         rpb.PeerMessage(kind=99, src=leader.id, dst=follower.id)])]))
                 assert rpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
                 assert "messages[0].kind: unknown PeerKind 99" in rpc.value.details()
+                # Entries whose terms and records do not pair up (term 0: a stale message,
+                # so only the decoding is tried).
+                with pytest.raises(grpc.aio.AioRpcError) as rpc:
+                    await stub.Stream(iter([rpb.PeerBatch(cluster="t", src=leader.id, messages=[
+                        rpb.PeerMessage(kind=rpb.APPEND, src=leader.id, dst=follower.id,
+                                        first_position=1, entry_terms=[1, 1],
+                                        entry_payloads=[b"x"])])]))
+                assert rpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "messages[0]: 2 entry terms for 1 payloads" in rpc.value.details()
                 for request, text in [
                     (rpb.SwitchoverRequest(target=huge), "target: 'nnnn"),
                     (rpb.SwitchoverRequest(target=follower.id, timeout_ms=MAX_SWITCHOVER_MS + 1),
