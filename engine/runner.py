@@ -18,11 +18,17 @@ Life of an instance:
    shown the output stream up to the revision the store reported.
 4. A warm instance (not holding the lease) checks every committed batch against its own
    outputs. On a difference it raises an alarm, stops campaigning and never emits.
-5. A switchover marker in the input stream holds emission after its position. The old
+5. A primary whose store member has had no leader for STORE_CUT_OFF_S (the member is
+   cut off from the ledger's leader, as in a partition of its region, or unreachable)
+   gives up the lease, and an instance whose member is cut off so does not campaign:
+   inputs stall there, while a warm instance beside a member of the majority can take
+   over at the exact position and let orders flow again. A failover of the ledger
+   itself (a crash: ~2 s) ends before STORE_CUT_OFF_S and moves nothing.
+6. A switchover marker in the input stream holds emission after its position. The old
    primary designates the target once its outputs up to the marker are committed and
    releases the lease; the target takes it, lifts the hold and resumes right after the
    marker.
-6. Every ``snapshot_every`` inputs (and at each snapshot request) the primary captures a
+7. Every ``snapshot_every`` inputs (and at each snapshot request) the primary captures a
    snapshot and writes it once the outputs up to its input are committed.
 """
 
@@ -41,6 +47,7 @@ from engine.book import gc_paused
 from engine.codec import CodecError, state_hash
 from engine.consumer import MAX_PENDING_INPUTS, Capture, Consumer
 from engine.lease import PrimaryLease
+from geo.tier_supervisor import RemoteReader
 from store import auth
 from store.client import (
     EXACT,
@@ -63,6 +70,10 @@ ENGINE_VERSION = "1.0.0"
 SNAPSHOT_CHUNK = 512 * 1024  # compressed bytes per snapshot event (event limit 1 MiB)
 MAX_SNAPSHOT_CHUNKS = 32  # one atomic append of at most 16 MiB
 DESIGNATION_TTL_S = 10
+# A store member without a leader for this long is cut off, not failing over: a crash
+# failover takes the 2 s lease plus an election (drills: ~2 s, target 3 s).
+STORE_CUT_OFF_S = 5.0
+STORE_WATCH_S = 0.5  # how often the primary's store member is asked for its tiers
 STARTUP_TIMEOUT_S = 60.0
 _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
               grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -113,13 +124,17 @@ class EngineRunner:
         self._stopped = asyncio.Event()
         self.failure: BaseException | None = None
         self._stopping = False
+        # Since when the store member this instance reads has had no leader (None: it
+        # has one); see STORE_CUT_OFF_S.
+        self.leaderless_since: float | None = None
 
     # ---------------------------------------------------------------- life cycle
 
     async def start(self) -> None:
         await self._load_snapshot()
         self._tasks = [asyncio.create_task(self._consume(), name="engine-consume"),
-                       asyncio.create_task(self._leadership(), name="engine-lease")]
+                       asyncio.create_task(self._leadership(), name="engine-lease"),
+                       asyncio.create_task(self._watch_store(), name="engine-store-watch")]
         for t in self._tasks:
             t.add_done_callback(self._task_done)
 
@@ -355,7 +370,42 @@ class EngineRunner:
     def _may_campaign(self) -> bool:
         c = self.consumer
         return (self.config.role == "auto" and self.caught_up and not c.alarm
-                and c.committed_input >= c.promotable_after)
+                and c.committed_input >= c.promotable_after and not self.store_cut_off)
+
+    @property
+    def store_cut_off(self) -> bool:
+        return (self.leaderless_since is not None
+                and asyncio.get_running_loop().time() - self.leaderless_since
+                >= STORE_CUT_OFF_S)
+
+    async def _watch_store(self) -> None:
+        """Follows whether the store member of the subscription has a leader (its
+        Tiers/Status: geo/tier_supervisor.RemoteReader; a standalone store always has)."""
+        readers: dict[str, RemoteReader] = {}
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                await asyncio.sleep(STORE_WATCH_S)
+                target = self.client.subscribed_to
+                if not target:
+                    continue
+                reader = readers.get(target)
+                if reader is None:
+                    reader = readers[target] = RemoteReader(target, tls=self.config.tls,
+                                                            token=self.config.token)
+                reading = await reader()
+                if not (reading.failover or not reading.quorum):
+                    self.leaderless_since = None
+                    continue
+                if self.leaderless_since is None:
+                    self.leaderless_since = loop.time()
+                if self.primary and self.store_cut_off:
+                    await self._demote(f"its store member {target} has had no leader for "
+                                       f"{STORE_CUT_OFF_S:.0f} s (cut off from the ledger)")
+                    await self.lease.release()
+        finally:
+            for r in readers.values():
+                await r.close()
 
     async def _promote(self) -> None:
         c = self.consumer

@@ -100,7 +100,7 @@ from grpc_health.v1 import health_pb2_grpc
 from opentelemetry.trace import SpanKind
 
 from engine import wire
-from engine.runner import status_or_none
+from engine.runner import STORE_CUT_OFF_S, status_or_none
 from engine.workload import (
     ExactlyOnceViolation,
     GatewayOrder,
@@ -878,20 +878,25 @@ class Run:
         await proxy.partition(region=leader.region, mode="blackhole")
         try:
             await launcher.wait_leader(self.state, self.opts.step_timeout_s, exclude=(leader.id,))
-            # Ledger writes resume on the majority side; orders do not: the engine
-            # primary reads the cut-off replica, so the gateways shed order entry
-            # (engine/matching_health.py) until the heal.
             await wait_until(lambda: self.rec.acks_after(self._new_term_seen) >= 20,
                              self.opts.step_timeout_s, "writes on the majority side")
+            # Orders too, before the heal: an engine primary in the cut-off region reads
+            # a replica without a leader; after STORE_CUT_OFF_S it gives up its lease
+            # and a warm instance on the majority side takes over (engine/runner.py).
+            majority_orders = await wait_until(
+                lambda: self.rec.acks_after(self._new_term_seen, "order") >= 10,
+                STORE_CUT_OFF_S + self.opts.step_timeout_s,
+                "orders acknowledged on the majority side during the partition")
         finally:
             self.markers["heal"] = time.monotonic()
             await proxy.heal()
         await self._recovered(phase)
-        self.notes.append("the cut-off region's engine reads its own (stalled) replica: "
-                          "matching, and with it order entry, resumes after the heal")
         return {"fault": f"{leader.region} cut off from the other regions (WAN proxy "
-                         "blackhole), then healed",
+                         "blackhole), then healed once orders flowed on the majority side",
                 "fault_duration_s": round(self.markers["heal"] - phase.t0, 3),
+                # Fault -> the 10th order acknowledged in the new term, while cut off.
+                "majority_orders_s": round(majority_orders - phase.t0, 3),
+                "engine_moved": phase.old_engine != (await self.engine_primary())[0],
                 "_phases": [phase]}
 
     async def _engine_crash(self, leader: launcher.NodeProc, term: int) -> dict[str, Any]:

@@ -171,6 +171,9 @@ class StoreClient:
         self.metadata: tuple[tuple[str, str], ...] = (
             ((MD_TIER, tier),) if tier else ()) + self.auth_metadata
         self._target = self.targets[0]
+        # The member the latest subscription call went to ("" before any): an engine
+        # watches whether that member has a leader (engine/runner.py).
+        self.subscribed_to = ""
         # Targets that failed us (transport error, no leader hint), until this loop time.
         self._unreachable: dict[str, float] = {}
         self._channel: grpc.aio.Channel | None = None
@@ -635,7 +638,7 @@ class StoreClient:
         # A channel of its own: appends switch the shared channel to the leader (closing
         # the old one cancels every call on it), and a subscription must not die of that.
         # Any member serves a subscription up to its commit position.
-        target = self._target
+        target = self.subscribed_to = self._target
         channel = self._open_channel(target)
         try:
             while True:
@@ -677,7 +680,7 @@ class StoreClient:
                     if wait is None and len(self.targets) > 1:
                         # Unreachable: resume at the next member.
                         await channel.close()
-                        target = self._next_target(target)
+                        target = self.subscribed_to = self._next_target(target)
                         channel = self._open_channel(target)
                     await asyncio.sleep(max(0.1, wait or 0.0))
                 finally:

@@ -18,11 +18,13 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import lmdb
 import pytest
 
+from engine import wire
 from geo import launcher
 from geo.demo import Load, raw_log_hash, read_all_ids, wait_for
 from geo.proxy import AsyncProxyControl
@@ -327,3 +329,81 @@ def test_sigkill_every_node_at_once_loses_no_acknowledged_event(
         print("power loss rounds:", "; ".join(rounds))
 
     _run(body())
+
+
+def test_engine_primary_of_a_cut_off_region_hands_matching_to_the_majority(
+        cluster: launcher.ClusterState) -> None:
+    """A region cut off from the others (its store member has no leader) must not hold
+    the matching engine's lease for the whole partition: its primary gives it up after
+    STORE_CUT_OFF_S and the warm instance of a region in the majority takes over at the
+    exact position. Outputs stay exactly-once; after the heal both agree to the hash."""
+    from engine.runner import STORE_CUT_OFF_S
+    from engine.workload import check_exactly_once, command_events, outputs_through
+    from geo.drill import GROUP, ChildProc, engine_command
+    from tests.support.store import wait_until
+    from tests.test_book_model import random_commands
+
+    state = cluster
+    events = list(command_events(GROUP, random_commands(11, 600), "cutoff"))
+    tls = launcher.client_tls(state)
+    engines: list[ChildProc] = []
+
+    async def status(e: ChildProc) -> Any:
+        from engine.runner import status_or_none
+        return await status_or_none(e.address, 1.0, tls)
+
+    async def role_of(e: ChildProc, role: str) -> bool:
+        s = await status(e)
+        return s is not None and s.role == role
+
+    async def body() -> None:
+        leader, _ = await launcher.wait_leader(state)
+        # A follower region: the ledger keeps its leader and quorum, only the cut-off
+        # member loses its leader (the store's own failover is not part of this test).
+        cut = next(n.region for n in state.nodes if n.voter and n.region != leader.region)
+        for k, region in enumerate((cut, leader.region)):
+            e = ChildProc(f"{region}-e", region, Path(state.directory), engine_command(
+                state, f"{region}-e", [n.client for n in state.region_nodes(region)],
+                int(cluster_ttl(state))), {})
+            engines.append(await asyncio.to_thread(e.start))
+            await wait_until(lambda e=e, r=("primary", "warm")[k]: role_of(e, r), 30,
+                           f"{e.instance} {('primary', 'warm')[k]}")
+        cut_off, majority = engines
+        stream = wire.input_stream(GROUP)
+        async with StoreClient(leader.client, timeout_s=30, tls=tls) as client:
+            last = (await client.append(stream, events[:300])).last_position
+            await wait_until(lambda: _through(client, last), 30, "outputs before the cut")
+            proxy = AsyncProxyControl(state.proxy_control)
+            await proxy.partition(region=cut, mode="blackhole")
+            t0 = time.monotonic()
+            try:
+                last = (await client.append(stream, events[300:])).last_position
+                await wait_until(lambda: role_of(majority, "primary"), STORE_CUT_OFF_S + 20,
+                               "the majority's instance primary")
+                took = time.monotonic() - t0
+                assert took >= STORE_CUT_OFF_S - 1.0, (
+                    f"took the lease {took:.1f} s after the cut: not a cut-off rule")
+                assert await role_of(cut_off, "warm")
+                # Orders placed during the partition are matched on the majority side.
+                await wait_until(lambda: _through(client, last), 30, "outputs during the cut")
+            finally:
+                await proxy.heal()
+            await check_exactly_once(client, GROUP)
+            # Healed: the old primary catches up as a warm instance and agrees.
+            await wait_until(lambda: _same_hash(status, cut_off, majority, last), 30,
+                           "both instances at the last input with one chain hash")
+
+    async def _through(client: StoreClient, position: int) -> bool:
+        return await outputs_through(client, GROUP) >= position
+
+    try:
+        _run(body())
+    finally:
+        for e in engines:
+            e.stop()
+
+
+async def _same_hash(status: Any, a: Any, b: Any, position: int) -> bool:
+    sa, sb = await status(a), await status(b)
+    return (sa is not None and sb is not None and sa.input_position >= position
+            and sa.input_position == sb.input_position and sa.chain_hash == sb.chain_hash)
