@@ -425,9 +425,10 @@ class Log:
             items = recent.take_oldest(self.last_position)
             if items:
                 ids.putmulti([(i, _pos_key(p)) for i, p in items])
-            if self.last_position - recent.through <= MAX_UNINDEXED:
+            if not items or self.last_position - recent.through(self.last_position) \
+                    <= MAX_UNINDEXED:
                 break
-        txn.put(b"ids_through", _pos_key(recent.through), db=self.meta_db)
+        txn.put(b"ids_through", _pos_key(recent.through(self.last_position)), db=self.meta_db)
 
     def _truncate(self, txn: lmdb.Transaction, after: int) -> None:
         """Removes positions > after and every index entry derived from them."""
@@ -448,7 +449,7 @@ class Log:
         self._recent.truncated(after)
         # Now, not with the next write: a transaction that only truncates must not leave
         # an ids_through above records written later at those positions.
-        txn.put(b"ids_through", _pos_key(self._recent.through), db=self.meta_db)
+        txn.put(b"ids_through", _pos_key(self._recent.through(after)), db=self.meta_db)
         idx = txn.cursor(self.index_db)
         for key, lowest in cut.items():
             keep = lowest - 1

@@ -34,9 +34,12 @@ class RecentIds:
         # Per bucket: every id of that bucket at a position <= this is in the index.
         self._flushed: list[int] = [through] * BUCKETS
 
-    @property
-    def through(self) -> int:
-        return min(self._flushed)
+    def through(self, last_position: int) -> int:
+        """Every record's id at or below this position is in the index. An empty bucket
+        holds nothing back: with only time-ordered ids (never buffered) it is the last
+        position, and an open has nothing to refill."""
+        return min((f for f, b in zip(self._flushed, self._buckets, strict=True) if b),
+                   default=last_position)
 
     def __len__(self) -> int:
         return sum(map(len, self._buckets))
@@ -46,9 +49,12 @@ class RecentIds:
 
     def add_run(self, ids: list[bytes], first: int) -> None:
         """`ids` are those of the records at first, first + 1, ..."""
-        buckets = self._buckets
+        buckets, flushed = self._buckets, self._flushed
         for position, event_id in enumerate(ids, first):
-            buckets[event_id[0]][event_id] = position
+            bucket = buckets[event_id[0]]
+            if not bucket:  # it held nothing back: its ids before this one are indexed
+                flushed[event_id[0]] = position - 1
+            bucket[event_id] = position
 
     def discard(self, event_id: bytes) -> None:
         self._buckets[event_id[0]].pop(event_id, None)
@@ -59,9 +65,13 @@ class RecentIds:
         self._flushed = [min(f, after) for f in self._flushed]
 
     def take_oldest(self, last_position: int) -> list[tuple[bytes, int]]:
-        """Empties the bucket flushed longest ago and returns its ids, sorted, for the
-        index; the caller writes them in the transaction that reaches `last_position`."""
-        b = min(range(BUCKETS), key=self._flushed.__getitem__)
+        """Empties the non-empty bucket flushed longest ago and returns its ids, sorted,
+        for the index; the caller writes them in the transaction that reaches
+        `last_position`."""
+        held = [b for b in range(BUCKETS) if self._buckets[b]]
+        if not held:
+            return []
+        b = min(held, key=self._flushed.__getitem__)
         bucket = self._buckets[b]
         self._buckets[b] = {}
         self._flushed[b] = last_position

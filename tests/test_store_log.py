@@ -260,3 +260,17 @@ def test_truncated_buffered_ids_are_forgotten_across_a_reopen(
     log = Log(tmp_path / "n")
     for v in new:
         assert log.append_group([_retry(log, v)], 9, 0)[1] == []
+
+
+def test_with_time_ordered_ids_only_an_open_has_nothing_to_refill(tmp_path: Path) -> None:
+    from store.client import new_id
+    log = Log(tmp_path / "n")
+    for g in range(300):  # more write transactions than buckets
+        bodies = [pb.ProposedEvent(id=new_id(), type="T").SerializeToString(deterministic=True)
+                  for _ in range(3)]
+        log.append_group([PreparedAppend("s", b"s", pb.EXPECTED_ANY, 0,
+                                         [b[2:18] for b in bodies], bodies)], 1, g)
+    assert _ids_through(log) == log.last_position == 900
+    log.close()
+    log = Log(tmp_path / "n")
+    assert len(log._recent) == 0  # UUIDv7s went straight to the index
