@@ -20,7 +20,7 @@ Life of an instance:
    outputs. On a difference it raises an alarm, stops campaigning and never emits.
 5. A primary whose store member has had no leader for STORE_CUT_OFF_S (the member is
    cut off from the ledger's leader, as in a partition of its region, or unreachable)
-   gives up the lease, and an instance whose member is cut off so does not campaign:
+   gives up the lease, and an instance whose member is cut off does not campaign:
    inputs stall there, while a warm instance beside a member of the majority can take
    over at the exact position and let orders flow again. A failover of the ledger
    itself (a crash: ~2 s) ends before STORE_CUT_OFF_S and moves nothing.
@@ -73,7 +73,7 @@ DESIGNATION_TTL_S = 10
 # A store member without a leader for this long is cut off, not failing over: a crash
 # failover takes the 2 s lease plus an election (drills: ~2 s, target 3 s).
 STORE_CUT_OFF_S = 5.0
-STORE_WATCH_S = 0.5  # how often the primary's store member is asked for its tiers
+STORE_WATCH_S = 0.5  # how often an instance asks its store member for its tiers
 STARTUP_TIMEOUT_S = 60.0
 _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
               grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -394,7 +394,8 @@ class EngineRunner:
                     reader = readers[target] = RemoteReader(target, tls=self.config.tls,
                                                             token=self.config.token)
                 reading = await reader()
-                if not (reading.failover or not reading.quorum):
+                leaderless = reading.failover or not reading.quorum
+                if not leaderless:
                     self.leaderless_since = None
                     continue
                 if self.leaderless_since is None:
