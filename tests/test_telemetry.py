@@ -370,10 +370,7 @@ def test_cluster_replication_spans_follow_the_order(otel: Otel, etcd: EtcdCluste
 
 # ---- the real exporters of a real process, over the wire -----------------------------------
 
-def _otel_env(receiver: OtlpReceiver | OtlpReceiverProcess, protocol: str,
-              service: str) -> dict[str, str]:
-    endpoint = (receiver.grpc_endpoint if protocol == "grpc"
-                else receiver.http_endpoint)  # type: ignore[union-attr]
+def _otel_env(endpoint: str, protocol: str, service: str) -> dict[str, str]:
     return {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_METRICS_EXPORTER": "otlp",
             "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
             "OTEL_SERVICE_NAME": service, "OTEL_METRIC_EXPORT_INTERVAL": "200"}
@@ -386,7 +383,8 @@ def test_real_process_exports_spans_over_otlp(otel: Otel, tmp_path: Path,
         service = f"xdc-store-{protocol.split('/')[0]}"
         proc = ServeProcess(str(tmp_path / "data"), env={
             **{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
-            **_otel_env(receiver, protocol, service)})
+            **_otel_env(receiver.grpc_endpoint if protocol == "grpc" else receiver.http_endpoint,
+                        protocol, service)})
         with proc:
             async def append() -> None:
                 async with StoreClient(proc.address) as client:
@@ -418,7 +416,7 @@ def test_receiver_in_its_own_process_counts_what_a_real_exporter_sends(tmp_path:
         assert receiver.span_count == 0
         proc = ServeProcess(str(tmp_path / "data"), env={
             **{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
-            **_otel_env(receiver, "grpc", "xdc-store-counted")})
+            **_otel_env(receiver.grpc_endpoint, "grpc", "xdc-store-counted")})
         with proc:
             async def append() -> None:
                 async with StoreClient(proc.address) as client:
