@@ -92,18 +92,27 @@ def health_name(tier: str) -> str:
 async def wait_health(stub: Any, service: str, *, serving: bool = True,
                       timeout_s: float = 20.0) -> None:
     """Polls `stub` (a grpc_health HealthStub on an aio channel) until `service` is
-    SERVING (or NOT_SERVING); TimeoutError after `timeout_s`."""
+    SERVING (or NOT_SERVING); TimeoutError after `timeout_s`. A server that does not
+    answer yet (UNAVAILABLE: restarting, not listening yet) is polled again, not an
+    error: a drill waits this way on processes it has just restarted."""
     want = (health_pb2.HealthCheckResponse.SERVING if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
+    seen = "no answer"
     while True:
-        r = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
-        if r.status == want:
-            return
+        try:
+            r = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            if r.status == want:
+                return
+            seen = health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            seen = f"UNAVAILABLE: {exc.details()}"
         if loop.time() > deadline:
             raise TimeoutError(f"{service} not {'SERVING' if serving else 'NOT_SERVING'} "
-                               f"within {timeout_s}s")
+                               f"within {timeout_s}s (last: {seen})")
         await asyncio.sleep(0.02)
 
 

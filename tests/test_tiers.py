@@ -798,3 +798,32 @@ def test_followers_asked_for_a_promise_keep_their_tiers_for_at_most_the_park_win
             assert back == [], back
 
     run(body, timeout_s=60)
+
+
+def test_wait_health_polls_through_a_server_not_listening_yet() -> None:
+    """A process just restarted (a drill's gateway) refuses connections for a moment:
+    wait_health keeps polling until it serves, and names what it last saw on timeout."""
+    import socket
+
+    async def body() -> None:
+        with socket.socket() as s:  # a loopback port nobody listens on, for now
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            with pytest.raises(TimeoutError, match="last: UNAVAILABLE"):
+                await wait_health(stub, "svc", timeout_s=0.3)
+            waiting = asyncio.ensure_future(wait_health(stub, "svc", timeout_s=20))
+            await asyncio.sleep(0.2)  # the server comes up while it polls
+            assert not waiting.done()
+            server = grpc.aio.server()
+            servicer = health.aio.HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+            server.add_insecure_port(f"127.0.0.1:{port}")
+            await server.start()
+            try:
+                await servicer.set("svc", health_pb2.HealthCheckResponse.SERVING)
+                await asyncio.wait_for(waiting, 20)
+            finally:
+                await server.stop(0)
+    run(body)
