@@ -4,10 +4,10 @@ peer, measured in the same run, medians of several runs.
 - batched durable ingest through gRPC (AppendStream, 200-byte events) vs the raw LMDB
   ceiling (putmulti of the same records, one fsync per 1000). Event ids as the client
   library makes them (UUIDv7, time-ordered); the same ingest with random UUIDv4 ids (a
-  client of another library) is reported apart: the id index's inserts then land on
-  random pages, and every group commit rewrites a number of pages that grows with the
-  index (2,800 random ids into a 400k-id index: a 20 ms commit on this disk, 3 ms on
-  tmpfs);
+  client of another library, or an order gateway's derived ids) is reported apart: such
+  ids wait in memory and enter the id index a key slice at a time (store/recent_ids.py;
+  put straight in, each dirtied an index page of its own and ingest fell as the index
+  grew);
 - single-event appends through the client, 256 in flight, fsync before every ack, vs
   NATS JetStream (Debian's nats-server, nats-py publish_async, 256 in flight);
 - catch-up subscription throughput from a large log;

@@ -133,16 +133,19 @@ def derived_id(*parts: str | int) -> bytes:
 
 # ---------------------------------------------------------------------- inputs
 
+def input_id(group: str, cmd: object, key: str) -> bytes:
+    """The id of ``cmd``'s input event. ``key`` is the request's idempotency key within
+    (group, account, kind): the client order id of a submit, the request id of a cancel
+    or replace."""
+    return derived_id("in", group, type(cmd).__name__, getattr(cmd, "account", ""), key)
+
+
 def command_event(group: str, cmd: object, key: str,
                   metadata: dict[str, str] | None = None) -> pb.ProposedEvent:
-    """The input event of ``cmd`` (its ``ts_ns`` must be 0). ``key`` is the request's
-    idempotency key within (group, account, kind): the client order id of a submit, the
-    request id of a cancel or replace."""
+    """The input event of ``cmd`` (its ``ts_ns`` must be 0), with ``input_id``'s id."""
     assert getattr(cmd, "ts_ns", 0) == 0, "input commands carry no time of their own"
-    kind = type(cmd).__name__
-    account = getattr(cmd, "account", "")
     return pb.ProposedEvent(
-        id=derived_id("in", group, kind, account, key), type=kind,
+        id=input_id(group, cmd, key), type=type(cmd).__name__,
         content_type=COMMAND_CONTENT_TYPE, data=encode_command(cmd), metadata=metadata or {})
 
 

@@ -149,7 +149,7 @@ def gateway_order(group: str, cmd: object, request_id: str) -> GatewayOrder:
         method, key = "ReplaceOrder", request_id
     else:
         raise TypeError(f"{type(cmd).__name__} is not sent through the gateway")
-    return GatewayOrder(method, req, wire.command_event(group, cmd, key).id)
+    return GatewayOrder(method, req, wire.input_id(group, cmd, key))
 
 
 def gateway_load(group: str, seed: int, tag: str, poison_every: int = 0

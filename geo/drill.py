@@ -88,7 +88,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from operator import attrgetter
@@ -1182,12 +1182,10 @@ def supervisor_tiers(status: Any, phase: Phase) -> list[dict[str, Any]] | None:
 def _refusal_summary(run: Run, phase: Phase) -> dict[str, Any]:
     """Order calls refused or unanswered: counts by status over the run, and the first
     ones after the fault (time from the fault, status, message)."""
-    codes: dict[str, int] = {}
-    for _, code, _ in run.rec.order_refusals:
-        codes[code] = codes.get(code, 0) + 1
+    codes = Counter(code for _, code, _ in run.rec.order_refusals)
     after = [(round(t - phase.t0, 3), code, why) for t, code, why in run.rec.order_refusals
              if t > phase.t0]
-    return {"by_code": codes, "after_fault": after[:MAX_REPORTED_REFUSALS]}
+    return {"by_code": dict(codes), "after_fault": after[:MAX_REPORTED_REFUSALS]}
 
 
 def _in_doubt_summary(rec: Recorder) -> dict[str, int]:

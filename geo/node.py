@@ -333,7 +333,7 @@ class ClusterNode:
                              and now - asked_at < PARK_MAX_S)
             # A follower cannot count the others; it knows it lacks a majority only when
             # it just stepped down for that reason (it then waits before campaigning).
-            quorum = leader_ok or time.monotonic() >= self._campaign_after
+            quorum = leader_ok or now >= self._campaign_after
         else:
             leader_ok = st.role == Role.LEADER and st.open
             if leader_ok:

@@ -323,16 +323,8 @@ class Log:
         group_ids: dict[bytes, int] = {}
         # One look-up of every id of the group; most groups have no repeat at all. The
         # ids not in memory (recent_ids.py) are looked up in the index in one call.
-        recent = self._recent.get
-        known: dict[bytes, bytes] = {}
-        unseen = []
-        for r in reqs:
-            for i in r.ids:
-                p = recent(i)
-                if p is None:
-                    unseen.append(i)
-                else:
-                    known[i] = _pos_key(p)
+        held, unseen = self._recent.split([i for r in reqs for i in r.ids])
+        known = {i: _pos_key(p) for i, p in held.items()}
         if unseen:
             known.update(txn.cursor(self.ids_db).getmulti(unseen))
         encode = records.encode
@@ -426,16 +418,15 @@ class Log:
         """Moves the bucket of buffered ids flushed longest ago into the index (more, if
         the records not fully indexed would exceed MAX_UNINDEXED), and persists how far
         the index is complete."""
-        recent = self._recent
+        recent, last = self._recent, self.last_position
         ids = txn.cursor(self.ids_db)
         while True:
-            items = recent.take_oldest(self.last_position)
+            items = recent.take_oldest(last)
             if items:
                 ids.putmulti([(i, _pos_key(p)) for i, p in items])
-            if not items or self.last_position - recent.through(self.last_position) \
-                    <= MAX_UNINDEXED:
+            through = recent.through(last)
+            if not items or last - through <= MAX_UNINDEXED:
                 break
-        through = recent.through(self.last_position)
         if through - self._ids_through_stored >= IDS_THROUGH_STEP:
             self._put_ids_through(txn, through)
 
@@ -462,8 +453,9 @@ class Log:
         self._recent.truncated(after)
         # Now, not with the next write: a transaction that only truncates must not leave
         # an ids_through above records written later at those positions.
-        if self._ids_through_stored > self._recent.through(after):
-            self._put_ids_through(txn, self._recent.through(after))
+        through = self._recent.through(after)
+        if self._ids_through_stored > through:
+            self._put_ids_through(txn, through)
         idx = txn.cursor(self.index_db)
         for key, lowest in cut.items():
             keep = lowest - 1

@@ -7,11 +7,11 @@ its own: 1000 random ids into an index of 3M meant ~1000 pages (4 MiB) copied an
 fsync'd, and raw ingest fell from ~240k ids/s (time-ordered) to ~44k ids/s.
 
 So new ids that are not time-ordered (the Log puts UUIDv7s straight into the index:
-they land at its end, beside each other) stay here (in memory), bucketed by their
-first byte, which is a slice of
-the index's key order. Each write transaction moves the bucket flushed longest ago
-into the index as one sorted `putmulti`: those ids share the index pages of their slice,
-and a bucket gathers about 256 transactions' worth of ids before it is flushed.
+they land at its end, beside each other) stay here, in memory, bucketed by their first
+byte, which is a slice of the index's key order. Each write transaction moves the
+bucket flushed longest ago into the index as one sorted `putmulti`: those ids share the
+index pages of their slice, and a bucket gathers about 256 transactions' worth of ids
+before it is flushed.
 
 Durability: the log itself is the write-ahead log of this buffer. `through` is a
 position such that the id of every record at or below it is in the index; the Log
@@ -44,8 +44,19 @@ class RecentIds:
     def __len__(self) -> int:
         return sum(map(len, self._buckets))
 
-    def get(self, event_id: bytes) -> int | None:
-        return self._buckets[event_id[0]].get(event_id)
+    def split(self, ids: list[bytes]) -> tuple[dict[bytes, int], list[bytes]]:
+        """(position of each of `ids` held here, the others): one call per group
+        commit, not one per id."""
+        buckets = self._buckets
+        held: dict[bytes, int] = {}
+        others: list[bytes] = []
+        for event_id in ids:
+            p = buckets[event_id[0]].get(event_id)
+            if p is None:
+                others.append(event_id)
+            else:
+                held[event_id] = p
+        return held, others
 
     def add_run(self, ids: list[bytes], first: int) -> None:
         """`ids` are those of the records at first, first + 1, ..."""
