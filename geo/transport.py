@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+import operator
+import struct
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import fields
 from typing import Any
 
@@ -31,6 +34,7 @@ from geo.replication.messages import (
 from store import auth
 from store.client import channel_options
 from store.errors import show
+from store.records import varint
 from xdc.tls import ROLES, Identity, Tls, aio_channel, describe_peer, peer_identity
 from xdc.v1 import replication_pb2 as rpb
 from xdc.v1 import replication_pb2_grpc as rpb_grpc
@@ -50,6 +54,12 @@ MAX_QUEUED = 4096
 # Messages per PeerBatch on the wire.
 MAX_BATCH = 256
 RECONNECT_S = 0.1
+_STREAM_METHOD = "/xdc.v1.Replication/Stream"
+# The key of PeerBatch.messages (field 3, length-delimited).
+_MESSAGES_TAG = bytes((3 << 3 | 2,))
+# PeerMessage.first_position (field 21, fixed64): its key, then 8 bytes little-endian.
+_FIRST_POSITION = struct.Struct("<HQ")
+_FIRST_POSITION_KEY = 0x01A9
 # Messages older than this when a stream comes back are dropped, not sent late.
 STALE_AFTER_S = 1.0
 # Switchover.timeout_ms: 0 means the default; larger values are refused (a call that
@@ -68,22 +78,70 @@ CHANNEL_OPTIONS = [
 
 
 def encode(msg: Message) -> rpb.PeerMessage:
+    out = rpb.PeerMessage()
+    out.MergeFromString(b"".join(encode_parts(msg)))
+    return out
+
+
+def encode_parts(msg: Message, trace_context: Mapping[str, str] | None = None) -> list[bytes]:
+    """A PeerMessage, serialized, in parts to be joined (protobuf merges the fields of
+    concatenated messages): its entries are serialized apart and once for every peer they
+    go to (a leader ships the same records to each follower), and joined only once, into
+    the batch the message travels in."""
     cls = type(msg)
-    out = rpb.PeerMessage(kind=_KINDS[cls])
+    head = rpb.PeerMessage(kind=_KINDS[cls])
+    entries: Sequence[Entry] = ()
     for name in _FIELDS[cls]:
         value = getattr(msg, name)
         if name == "entries":
-            if value:
-                first = value[0].position
-                assert value[-1].position == first + len(value) - 1, "entries not consecutive"
-                out.first_position = first
-                out.entry_terms.extend([e.term for e in value])
-                out.entry_payloads.extend([e.payload for e in value])
+            entries = value
         elif name == "tip":
-            out.tip_term, out.tip_position = value.term, value.position
+            head.tip_term, head.tip_position = value.term, value.position
         else:
-            setattr(out, name, value)
-    return out
+            setattr(head, name, value)
+    if trace_context:
+        head.trace_context.update(trace_context)
+    parts = [head.SerializeToString()]
+    if entries:
+        _add_entries(parts, entries)
+    return parts
+
+
+# Entries serialized (the entry_terms and entry_payloads fields of a PeerMessage) by
+# blocks of BLOCK positions, aligned on multiples of BLOCK: a message holds runs back to
+# back, which parse as one list. A leader ships the same records to each follower, but
+# in slices cut differently (one follower may be a proposal behind the other); every
+# whole block in a slice is serialized once for all of them. A cached block is used only
+# if it holds the very same Entry objects (immutable).
+BLOCK = 64
+MAX_BLOCKS = 256
+_BLOCKS: dict[int, tuple[tuple[Entry, ...], bytes]] = {}
+
+
+def _add_entries(parts: list[bytes], entries: Sequence[Entry]) -> None:
+    first = entries[0].position
+    n = len(entries)
+    assert entries[-1].position == first + n - 1, "entries not consecutive"
+    parts.append(_FIRST_POSITION.pack(_FIRST_POSITION_KEY, first))
+    i = 0
+    while i < n:
+        pos = first + i
+        k = min(BLOCK - pos % BLOCK, n - i)  # to the end of pos's block, or of entries
+        run = tuple(entries[i:i + k])
+        whole = k == BLOCK
+        cached = _BLOCKS.get(pos) if whole else None
+        if cached is not None and all(map(operator.is_, cached[0], run)):
+            parts.append(cached[1])
+        else:
+            data = rpb.PeerMessage(entry_terms=[e.term for e in run],
+                                   entry_payloads=[e.payload for e in run]).SerializeToString()
+            if whole:
+                _BLOCKS.pop(pos, None)
+                _BLOCKS[pos] = (run, data)
+                if len(_BLOCKS) > MAX_BLOCKS:
+                    del _BLOCKS[next(iter(_BLOCKS))]
+            parts.append(data)
+        i += k
 
 
 def decode(pm: rpb.PeerMessage) -> Message:
@@ -115,7 +173,10 @@ class PeerSender:
         self.peer_id = peer_id
         self.address = address
         self.tls = tls
-        self._queue: collections.deque[rpb.PeerMessage] = collections.deque(maxlen=MAX_QUEUED)
+        # Each message serialized and framed as a PeerBatch.messages field, so that a
+        # batch on the wire is the batch's head and these bytes, joined.
+        self._queue: collections.deque[list[bytes]] = collections.deque(maxlen=MAX_QUEUED)
+        self._head = rpb.PeerBatch(cluster=cluster, src=node_id).SerializeToString()
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.sent = 0
@@ -131,10 +192,9 @@ class PeerSender:
                 await self._task
 
     def send(self, msg: Message, trace_context: Mapping[str, str] | None = None) -> None:
-        pm = encode(msg)
-        if trace_context:
-            pm.trace_context.update(trace_context)
-        self._queue.append(pm)
+        parts = encode_parts(msg, trace_context)
+        parts[:0] = (_MESSAGES_TAG, varint(sum(map(len, parts))))
+        self._queue.append(parts)
         self._ready.set()
 
     async def _run(self) -> None:
@@ -144,14 +204,18 @@ class PeerSender:
         loop = asyncio.get_running_loop()
         down_since = loop.time()
         while True:
-            batch: list[rpb.PeerMessage] = []
+            batch: list[list[bytes]] = []
             opened = loop.time()
             try:
                 # With TLS the peer's certificate must name `peer_id` (the address may
                 # be a proxy's): a node that is not that member fails the handshake.
                 async with aio_channel(self.address, self.tls, options=CHANNEL_OPTIONS,
                                        server_name=self.peer_id) as channel:
-                    call = rpb_grpc.ReplicationStub(channel).Stream()
+                    # Raw bytes out (PeerBatch, serialized here): no copy of the records
+                    # into a message object per peer.
+                    call = channel.stream_unary(
+                        _STREAM_METHOD,
+                        response_deserializer=rpb.StreamSummary.FromString)()
                     # An idle stream that failed (the peer was down when it opened, or
                     # went away) is replaced at once, not found dead by the next write:
                     # that write would carry a reply an election is waiting for.
@@ -170,8 +234,8 @@ class PeerSender:
                                 await self._ready.wait()
                             batch = [self._queue.popleft()
                                      for _ in range(min(MAX_BATCH, len(self._queue)))]
-                            await call.write(rpb.PeerBatch(cluster=self.cluster,
-                                                           src=self.node_id, messages=batch))
+                            await call.write(b"".join(itertools.chain(
+                                (self._head,), *batch)))
                             self.sent += len(batch)
                             batch = []
                     finally:

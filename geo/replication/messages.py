@@ -1,8 +1,9 @@
 """Records exchanged by the replication state machine: log entries, peer messages, effects.
 
-Everything here is plain data (``@dataclass(slots=True, frozen=True)``) so that the shell can
-map it one-to-one onto protobuf messages and the simulator can copy, drop, duplicate and
-reorder it freely. See :mod:`geo.replication.core` for the rules that produce and consume them.
+Everything here is plain, immutable data (frozen dataclasses; entries are named tuples)
+so that the shell can map it one-to-one onto protobuf messages and the simulator can copy,
+drop, duplicate and reorder it freely. See :mod:`geo.replication.core` for the rules that
+produce and consume them.
 
 Conventions shared by all peer messages:
 
@@ -18,13 +19,15 @@ Conventions shared by all peer messages:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 NodeId = str
 
 
-@dataclass(slots=True, frozen=True)
-class Entry:
-    """One log record: dense ``position`` from 1, the ``term`` it was first appended in."""
+class Entry(NamedTuple):
+    """One log record: dense ``position`` from 1, the ``term`` it was first appended in.
+    A tuple, not a frozen dataclass: one is made per record on every node, and a tuple
+    is made in half the time."""
 
     position: int
     term: int
