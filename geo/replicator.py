@@ -44,6 +44,7 @@ from geo.replication.messages import (
     Message,
     Persist,
     Send,
+    entries_of,
 )
 from store import records
 from store.errors import StoreError
@@ -151,8 +152,8 @@ class LmdbLogView:
         """Entries lo..hi, cut where they pass `max_bytes` of payload (at least one)."""
         got = self._cached(lo, hi)
         if got is None:
-            got = [Entry(lo + i, records.term_of(v), v)
-                   for i, v in enumerate(self._get_range(lo, hi))]
+            values = self._get_range(lo, hi)
+            got = entries_of(lo, map(records.term_of, values), values)
         size = 0
         for i, e in enumerate(got):
             size += len(e.payload)

@@ -30,6 +30,7 @@ from geo.replication.messages import (
     Promise,
     PromiseReply,
     Tip,
+    entries_of,
 )
 from store import auth
 from store.client import channel_options
@@ -155,7 +156,7 @@ def decode(pm: rpb.PeerMessage) -> Message:
             if len(terms) != len(payloads):
                 raise ValueError(f"{len(terms)} entry terms for {len(payloads)} payloads")
             first = pm.first_position
-            kwargs[name] = tuple(map(Entry, range(first, first + len(terms)), terms, payloads))
+            kwargs[name] = tuple(entries_of(first, terms, payloads))
         elif name == "tip":
             kwargs[name] = Tip(pm.tip_term, pm.tip_position)
         else:

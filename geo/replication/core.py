@@ -133,6 +133,7 @@ Not handled here: membership changes and log compaction/snapshots.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -161,6 +162,7 @@ from geo.replication.messages import (
     Send,
     SteppedDown,
     Tip,
+    entries_of,
 )
 
 __all__ = [
@@ -574,7 +576,7 @@ class Node:
         if unpersisted + n > self.limits.max_unpersisted_entries:
             return Refused("backpressure", self.id)
         first = self._last() + 1
-        entries = [Entry(first + i, self._term, p) for i, p in enumerate(payloads)]
+        entries = entries_of(first, itertools.repeat(self._term, n), payloads)
         self._write(None, entries)
         for p in self._peers:
             self._send_append(p)
