@@ -13,12 +13,14 @@ from typing import Any
 
 import grpc
 import pytest
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace import SpanContext, SpanKind, StatusCode
 
 from store.client import CaughtUp, StoreClient, new_event
 from store.process import ServeProcess
@@ -167,6 +169,32 @@ def test_inject_extract_and_consumer_links(otel: Otel) -> None:
     with pytest.raises(RuntimeError), telemetry.consumer_span("s", [md1]):
         raise RuntimeError("book invariant")
     assert otel.spans("process s")[0].status.status_code == StatusCode.ERROR
+
+
+def test_current_span_context_reads_what_the_api_reads(otel: Otel) -> None:
+    """What a queued append remembers of its caller: the current span's context, None
+    outside any span or under an invalid one. telemetry reads the context variable
+    directly (the API's path cost ~1 us per append); it must agree with the API."""
+    assert telemetry._CURRENT_CONTEXT is not None, "the fast path is in use here"
+
+    def api() -> SpanContext | None:
+        sc = trace.get_current_span().get_span_context()
+        return sc if sc.is_valid else None
+
+    assert telemetry.current_span_context() is None and api() is None
+    with otel.producer.start_as_current_span("order") as span:
+        assert telemetry.current_span_context() == span.get_span_context() == api()
+        with trace.use_span(trace.INVALID_SPAN):
+            assert telemetry.current_span_context() is None and api() is None
+        remote = telemetry.extract(telemetry.inject({}))
+        token = otel_context.attach(remote)  # a context received from another process
+        try:
+            got = telemetry.current_span_context()
+            assert got is not None and got == api() and got.is_remote
+            assert got.span_id == span.get_span_context().span_id
+        finally:
+            otel_context.detach(token)
+    assert telemetry.current_span_context() is None
 
 
 # ---- a real store server and client ------------------------------------------------------

@@ -27,6 +27,7 @@ not carry them, since two engine instances would differ there.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib
 import itertools
 import logging
@@ -56,6 +57,7 @@ from opentelemetry.trace import (
     Tracer,
     TraceState,
 )
+from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 log = logging.getLogger("xdc.telemetry")
@@ -423,8 +425,28 @@ def current_span_context() -> SpanContext | None:
     caller (cheap: one context-variable read; nothing at all with tracing off)."""
     if not _state.tracing:
         return None
-    sc = trace.get_current_span().get_span_context()
+    if _CURRENT_CONTEXT is not None:
+        # The API's own path made five Python calls per queued append (~1 us); this one
+        # reads the same context variable and key. Appends made outside any span (the
+        # common case of a producer loop) stop at the first read.
+        span = _CURRENT_CONTEXT.get().get(_SPAN_KEY)
+        if span is None:
+            return None
+    else:
+        span = trace.get_current_span()
+    sc = span.get_span_context()
     return sc if sc.is_valid else None
+
+
+def _current_context_var() -> contextvars.ContextVar[Context] | None:
+    """The context variable behind opentelemetry.context.get_current() when the runtime
+    context is the default contextvars one (None otherwise: then the public API is used)."""
+    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+    var = getattr(runtime, "_current_context", None)
+    return var if isinstance(var, contextvars.ContextVar) else None
+
+
+_CURRENT_CONTEXT = _current_context_var()
 
 
 def parent_and_links(contexts: Sequence[SpanContext | None],
