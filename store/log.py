@@ -32,6 +32,7 @@ import struct
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import grpc
 import lmdb
@@ -89,8 +90,10 @@ class PreparedAppend:
             self.stream_fld = records.stream_field(self.stream_key)
 
 
-@dataclass(slots=True, frozen=True)
-class Appended:
+class Appended(NamedTuple):
+    """One append's outcome. A tuple: one is made per append, twice as fast as a frozen
+    dataclass."""
+
     first_position: int
     last_position: int
     last_revision: int
@@ -320,39 +323,54 @@ class Log:
         ts = max(now_ns, self.last_timestamp_ns)
         out = Sequenced(first)
         revisions: dict[bytes, int] = {}
-        group_ids: dict[bytes, int] = {}
         # One look-up of every id of the group; most groups have no repeat at all. The
         # ids not in memory (recent_ids.py) are looked up in the index in one call.
-        held, unseen = self._recent.split([i for r in reqs for i in r.ids])
+        group = [i for r in reqs for i in r.ids]
+        held, unseen = self._recent.split(group)
         known = {i: _pos_key(p) for i, p in held.items()}
         if unseen:
             known.update(txn.cursor(self.ids_db).getmulti(unseen))
+        # Ids this group writes, when an id comes twice in it (a retry sent before the
+        # first attempt was answered); None, and no bookkeeping, when none does.
+        group_ids: dict[bytes, int] | None = {} if len(set(group)) != len(group) else None
         encode = records.encode
+        values, results, spans = out.values, out.results, out.spans
         for req in reqs:
             key = req.stream_key
             last_rev = revisions.get(key)
             if last_rev is None:
                 raw = txn.get(key, db=self.streams_db)
                 last_rev = _STREAM.unpack(raw)[0] if raw else 0
-            found = [(i, known[i]) for i in req.ids if i in known] if known else []
-            if group_ids:
-                found += [(i, _pos_key(group_ids[i])) for i in req.ids if i in group_ids]
-            try:
+            ids = req.ids
+            if known or group_ids:
+                found = [(i, known[i]) for i in ids if i in known] if known else []
+                if group_ids:
+                    found += [(i, _pos_key(group_ids[i])) for i in ids if i in group_ids]
                 if found:
-                    out.results.append(self._duplicate(txn, req, found, first, out.values))
+                    try:
+                        results.append(self._duplicate(txn, req, found, first, values))
+                    except StoreError as err:
+                        results.append(err)
                     continue
-                check_expected(req.stream, req.expected, req.expected_revision, last_rev)
-            except StoreError as err:
-                out.results.append(err)
-                continue
-            n = len(req.bodies)
-            fld = req.stream_fld
-            out.values.extend([encode(pos + i, term, last_rev + 1 + i, ts, fld, body)
-                               for i, body in enumerate(req.bodies)])
-            group_ids.update(zip(req.ids, range(pos, pos + n), strict=True))
-            out.spans.append((key, pos, req.ids))
+            if req.expected != ANY:
+                try:
+                    check_expected(req.stream, req.expected, req.expected_revision, last_rev)
+                except StoreError as err:
+                    results.append(err)
+                    continue
+            bodies = req.bodies
+            n = len(bodies)
+            if n == 1:
+                values.append(encode(pos, term, last_rev + 1, ts, req.stream_fld, bodies[0]))
+            else:
+                fld = req.stream_fld
+                values.extend([encode(pos + i, term, last_rev + 1 + i, ts, fld, body)
+                               for i, body in enumerate(bodies)])
+            if group_ids is not None:
+                group_ids.update(zip(ids, range(pos, pos + n), strict=True))
+            spans.append((key, pos, ids))
             revisions[key] = last_rev + n
-            out.results.append(Appended(pos, pos + n - 1, last_rev + n))
+            results.append(Appended(pos, pos + n - 1, last_rev + n))
             pos += n
         return out
 

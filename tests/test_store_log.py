@@ -279,3 +279,40 @@ def test_with_time_ordered_ids_only_an_open_refills_less_than_a_step(
     log.close()
     log = Log(tmp_path / "n")
     assert len(log._recent) < 100
+
+
+def test_ids_repeated_within_one_group_are_answered_like_retries(tmp_path: Path) -> None:
+    """A retry can reach the writer in the same group commit as its first attempt (sent
+    again before the first was answered). Groups without a repeated id skip that
+    bookkeeping (Log.sequence); groups with one must answer exactly as across groups."""
+    rng = random.Random(SEED)
+    log = Log(tmp_path / "log")
+    try:
+        a = prepared("a", 2, rng)
+        retry = PreparedAppend("a", b"a", pb.EXPECTED_ANY, 0, list(a.ids), list(a.bodies))
+        other = prepared("b", 1, rng)
+        new_id, new_body = _fresh(rng)
+        mixed = PreparedAppend("a", b"a", pb.EXPECTED_ANY, 0, [a.ids[0], *new_id],
+                               [a.bodies[0], *new_body])
+        changed = prepared("a", 1, rng)
+        changed = PreparedAppend("a", b"a", pb.EXPECTED_ANY, 0, [a.ids[1]], changed.bodies)
+        exact = PreparedAppend("a", b"a", pb.EXPECTED_EXACT, 2, *_fresh(rng))
+        results, new = log.append_group([a, retry, other, mixed, changed, exact], 1, 1_000)
+        assert results[0] == Appended(1, 2, 2) and results[1] == Appended(1, 2, 2, True)
+        assert results[2] == Appended(3, 3, 1)
+        assert isinstance(results[3], Exception) and "is new but" in str(results[3])
+        assert isinstance(results[4], Exception) and "different content" in str(results[4])
+        # The stream's revision counts only what was written: 2 events, then this one.
+        assert results[5] == Appended(4, 4, 3)
+        assert len(new) == 4 and log.last_position == 4
+        # The same answers from the next group, where the ids are known from the log.
+        results, new = log.append_group([retry, mixed, changed], 1, 2_000)
+        assert results[0] == Appended(1, 2, 2, True) and new == []
+        assert [type(r).__name__ for r in results[1:]] == ["StoreError", "StoreError"]
+    finally:
+        log.close()
+
+
+def _fresh(rng: random.Random) -> tuple[list[bytes], list[bytes]]:
+    p = prepared("a", 1, rng)
+    return p.ids, p.bodies
