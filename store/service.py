@@ -86,6 +86,28 @@ def _ok(r: Appended) -> pb.AppendResponse:
                              duplicate=r.duplicate)
 
 
+def _stream_response(correlation_id: int,
+                     slots: list[pb.AppendResult | Appended | None]) -> pb.AppendStreamResponse:
+    """The answer to one AppendStream message, a result per append in order. Results are
+    filled in place (results.add()): building each as a message of its own and copying
+    it in took three times as long, per append."""
+    resp = pb.AppendStreamResponse(correlation_id=correlation_id)
+    add = resp.results.add
+    for slot in slots:
+        if isinstance(slot, Appended):
+            ok = add().ok
+            ok.first_position = slot.first_position
+            ok.last_position = slot.last_position
+            ok.last_revision = slot.last_revision
+            ok.next_revision = slot.last_revision + 1
+            if slot.duplicate:
+                ok.duplicate = True
+        else:
+            assert slot is not None, "every append is answered"
+            add().CopyFrom(slot)
+    return resp
+
+
 async def _abort(context: grpc.aio.ServicerContext, err: StoreError) -> None:
     await context.abort(err.code, err.message, trailing_metadata=err.metadata)
 
@@ -238,7 +260,7 @@ class EventStoreService:
             # whole stream), else a new trace.
             span = _stream_span(telemetry.extract(
                 msg.trace_context if msg.trace_context else call_context))
-        slots: list[pb.AppendResult | None] = [None] * len(msg.appends)
+        slots: list[pb.AppendResult | Appended | None] = [None] * len(msg.appends)
         prepared = []
         if isinstance(principal, StoreError):  # the call did not authenticate
             slots = [refuse(principal)] * len(msg.appends)
@@ -253,7 +275,8 @@ class EventStoreService:
         return asyncio.ensure_future(self._finish_message(msg.correlation_id, slots, prepared,
                                                           span))
 
-    async def _finish_message(self, correlation_id: int, slots: list[pb.AppendResult | None],
+    async def _finish_message(self, correlation_id: int,
+                              slots: list[pb.AppendResult | Appended | None],
                               prepared: list, span: Span | None = None,
                               ) -> pb.AppendStreamResponse:
         t0 = time.perf_counter()
@@ -273,7 +296,7 @@ class EventStoreService:
                     refused += 1
                     slots[i] = refuse(result)
                 else:
-                    slots[i] = pb.AppendResult(ok=_ok(result))
+                    slots[i] = result
         label = _label(len(slots), refused)
         if span is not None:
             _annotate(span, appends, results, len(slots), refused, label)
@@ -281,7 +304,7 @@ class EventStoreService:
         telemetry.metrics().append_duration.record(
             time.perf_counter() - t0, {telemetry.RPC_METHOD: "AppendStream",
                                        "xdc.append.result": label})
-        return pb.AppendStreamResponse(correlation_id=correlation_id, results=slots)
+        return _stream_response(correlation_id, slots)
 
     def _refuse_message(self, msg: Any) -> StoreError | None:
         """Why a whole AppendStream message is refused (it ends the call), or None."""

@@ -47,11 +47,11 @@ _STREAM_CACHE: dict[tuple[str, int], tuple[bytes, bytes]] = {}
 _STREAM_CACHE_MAX = 65_536
 
 
-def _stream(stream: str, limits: Limits, field: str) -> tuple[bytes, bytes]:
+def _stream(stream: str, limits: Limits, prefix: str) -> tuple[bytes, bytes]:
     cached = _STREAM_CACHE.get((stream, limits.max_stream_name_bytes))
     if cached is not None:
         return cached
-    key = check_stream_name(stream, limits, field)
+    key = check_stream_name(stream, limits, f"{prefix}stream")
     if len(_STREAM_CACHE) >= _STREAM_CACHE_MAX:
         _STREAM_CACHE.clear()
     value = _STREAM_CACHE[(stream, limits.max_stream_name_bytes)] = (key, stream_field(key))
@@ -59,7 +59,7 @@ def _stream(stream: str, limits: Limits, field: str) -> tuple[bytes, bytes]:
 
 
 def prepare(req: pb.AppendRequest, limits: Limits, prefix: str = "") -> PreparedAppend:
-    stream_key, stream_fld = _stream(req.stream, limits, f"{prefix}stream")
+    stream_key, stream_fld = _stream(req.stream, limits, prefix)
     kind = req.expected
     if kind not in _EXPECTED_KINDS:
         raise invalid(f"{prefix}expected", f"unknown ExpectedKind {kind}")
@@ -107,7 +107,7 @@ def prepare(req: pb.AppendRequest, limits: Limits, prefix: str = "") -> Prepared
     if total > limits.max_append_bytes:
         raise invalid(f"{prefix}events", f"{total} bytes in all exceeds max_append_bytes "
                                          f"({limits.max_append_bytes})")
-    if len(set(ids)) != n:
+    if n > 1 and len(set(ids)) != n:
         seen: dict[bytes, int] = {}
         for i, event_id in enumerate(ids):
             if event_id in seen:
