@@ -189,26 +189,25 @@ def batched_ingest(n: int, random_ids: bool = False) -> float:
 
 async def _single_appends(address: str, n: int, inflight: int) -> tuple[float, list[float]]:
     """One producer loop with `inflight` appends outstanding: the same shape as the NATS
-    peer's publish_async loop."""
+    peer's publish_async loop. An append's latency ends when the loop sees it answered
+    (no callback per append: the peer's loop has none either)."""
     data = b"x" * PAYLOAD
     latencies: list[float] = []
     async with StoreClient(address, timeout_s=30) as client:
         await client.append("warmup", new_event("Tick", data))
-        window: collections.deque[asyncio.Future[Any]] = collections.deque()
+        window: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         perf = time.perf_counter
-
-        def done(sent: float) -> Callable[[asyncio.Future[Any]], None]:
-            return lambda fut: latencies.append(perf() - sent)
-
         t0 = perf()
         for i in range(n):
             if len(window) >= inflight:
-                await window.popleft()
-            fut = client.append_nowait(f"single-{i % 16}", new_event("Tick", data))
-            fut.add_done_callback(done(perf()))
-            window.append(fut)
-        for fut in window:
+                fut, sent = window.popleft()
+                await fut
+                latencies.append(perf() - sent)
+            window.append((client.append_nowait(f"single-{i % 16}", new_event("Tick", data)),
+                           perf()))
+        for fut, sent in window:
             await fut
+            latencies.append(perf() - sent)
         dt = perf() - t0
     return n / dt, latencies
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,6 +24,7 @@ from store.client import (
     CaughtUp,
     Checkpoint,
     new_event,
+    new_id,
 )
 from store.errors import MD_ACTUAL_REVISION
 from tests.support.store import run, running_store, wait_until
@@ -598,3 +600,33 @@ def test_an_append_answers_deadline_exceeded_at_its_timeout_however_it_is_stuck(
             assert "outcome is unknown" in str(err.value)
             assert 0.5 <= took < 2.0, took
     run(body)
+
+
+def test_client_event_ids_are_uuid7_time_ordered_unique_and_differ_after_fork() -> None:
+    """new_id: version 7 and RFC 4122 variant, the current Unix millisecond in front,
+    no repeats, and a forked child (which inherits the generator) does not repeat its
+    parent's ids."""
+    before = time.time_ns() // 1_000_000
+    ids = [new_id() for _ in range(50_000)]
+    after = time.time_ns() // 1_000_000
+    assert len(set(ids)) == len(ids)
+    for raw in ids[::997]:
+        u = uuid.UUID(bytes=raw)
+        assert u.version == 7 and u.variant == uuid.RFC_4122
+        assert before <= int.from_bytes(raw[:6], "big") <= after
+    assert ids == sorted(ids, key=lambda raw: raw[:6])  # ordered by their millisecond
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, to the parent
+        os.write(write, b"".join(new_id() for _ in range(4)))
+        os._exit(0)
+    os.close(write)
+    try:
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        child = os.read(read, 64)
+    finally:
+        os.close(read)
+    parent = [new_id() for _ in range(4)]
+    # The random parts (after the millisecond) are not the parent's next ones.
+    assert [child[i * 16 + 6:i * 16 + 16] for i in range(4)] != [p[6:] for p in parent]
