@@ -118,6 +118,11 @@ log = logging.getLogger("xdc.client")
 # and its name in other nodes' leader hints ignored: about one failover's span.
 UNREACHABLE_S = 1.0
 
+# Answers of one message settled between two yields to the loop (StoreClient._settle_all).
+# Single-event appends, 256 in flight: 128 took 44.4k -> 50.3k events/s (medians of 5
+# alternated runs); 64 made more, smaller messages and cost the server more than it won.
+SETTLE_SLICE = 128
+
 
 def shed_wait_s(exc: grpc.aio.AioRpcError) -> float | None:
     """For a call a degradation tier refused before it ran (trailing xdc-shed-reason):
@@ -484,14 +489,34 @@ class StoreClient:
                     asyncio.get_running_loop().time() - sent)
                 if self._spans:
                     self._end_span(cid, resp)
-                for p, result in zip(batch, resp.results, strict=True):
-                    self._settle(p, result)
+                await self._settle_all(batch, resp.results)
         except grpc.aio.AioRpcError as exc:
             error = exc
         except asyncio.CancelledError:
             return
         if self._call is call:
             await self._reset_stream(error=error)
+
+    async def _settle_all(self, batch: list[_Pending], results: Sequence[pb.AppendResult]
+                          ) -> None:
+        """Settles a message's appends in order, SETTLE_SLICE at a time with a yield to
+        the loop between slices: a producer whose window the message filled is woken by
+        the first slice and sends its next appends while the server still works, instead
+        of after all are settled (one message in flight, client and server taking turns).
+        The next message's answers wait for these: futures resolve in order."""
+        assert len(batch) == len(results), "one result per append"
+        done = 0
+        try:
+            while done < len(batch):
+                if done:
+                    await asyncio.sleep(0)
+                end = done + SETTLE_SLICE
+                for p, result in zip(batch[done:end], results[done:end], strict=True):
+                    self._settle(p, result)
+                done = end
+        finally:  # cancelled (the client closes): the rest were answered all the same
+            for p, result in zip(batch[done:], results[done:], strict=True):
+                self._settle(p, result)
 
     def _settle(self, p: _Pending, result: pb.AppendResult) -> None:
         if p.future.done():

@@ -19,10 +19,12 @@ from store.client import (
     ANY,
     EXACT,
     NO_STREAM,
+    SETTLE_SLICE,
     STREAM_EXISTS,
     AppendError,
     CaughtUp,
     Checkpoint,
+    _Pending,
     new_event,
     new_id,
 )
@@ -630,3 +632,38 @@ def test_client_event_ids_are_uuid7_time_ordered_unique_and_differ_after_fork() 
     parent = [new_id() for _ in range(4)]
     # The random parts (after the millisecond) are not the parent's next ones.
     assert [child[i * 16 + 6:i * 16 + 16] for i in range(4)] != [p[6:] for p in parent]
+
+
+def test_answers_of_a_large_message_resolve_in_order_in_slices_and_all_despite_cancel(
+        tmp_path: Path) -> None:
+    """A message's answers are settled SETTLE_SLICE at a time with a yield between
+    (so a producer refills its window while the server works): in order, and every one
+    of them even if the receiver is cancelled between two slices."""
+    n = 3 * SETTLE_SLICE + 5
+
+    async def body() -> None:
+        async with running_store(tmp_path) as (_, client):
+            order: list[int] = []
+            futs = [client.append_nowait("burst", new_event("T", b"%d" % i)) for i in range(n)]
+            for i, f in enumerate(futs):
+                f.add_done_callback(lambda _f, i=i: order.append(i))
+            results = await asyncio.gather(*futs)
+            assert order == list(range(n))
+            assert [r.first_position for r in results] == sorted(r.first_position
+                                                                 for r in results)
+
+            # The receiver cancelled after the first slice: the rest settle regardless.
+            loop = asyncio.get_running_loop()
+            batch = [_Pending(pb.AppendRequest(), loop.create_future(), 0.0) for _ in range(n)]
+            answers = [pb.AppendResult(ok=pb.AppendResponse(first_position=i + 1,
+                                                            last_position=i + 1))
+                       for i in range(n)]
+            task = loop.create_task(client._settle_all(batch, answers))
+            await asyncio.sleep(0)  # the task settles its first slice, then yields
+            assert batch[SETTLE_SLICE - 1].future.done()
+            assert not batch[SETTLE_SLICE].future.done()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            assert [p.future.result().first_position for p in batch] == list(range(1, n + 1))
+    run(body)
