@@ -36,6 +36,7 @@ import lmdb
 
 from geo.replication.core import Limits as CoreLimits
 from geo.replication.core import Node
+from geo.replication.log import within_bytes
 from geo.replication.messages import (
     Accepted,
     Committed,
@@ -154,12 +155,7 @@ class LmdbLogView:
         if got is None:
             values = self._get_range(lo, hi)
             got = entries_of(lo, map(records.term_of, values), values)
-        size = 0
-        for i, e in enumerate(got):
-            size += len(e.payload)
-            if i and size > max_bytes:
-                return got[:i]
-        return got
+        return within_bytes(got, max_bytes)
 
 
 @dataclass(slots=True)

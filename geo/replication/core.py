@@ -139,7 +139,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from geo.replication.log import InvariantError, LogView, check
+from geo.replication.log import InvariantError, LogView, check, within_bytes
 from geo.replication.messages import (
     Accepted,
     Append,
@@ -619,12 +619,8 @@ class Node:
                 return out  # byte limit hit
             lo = stable_hi + 1
         if lo <= hi:
-            size = sum(len(e.payload) for e in out)
-            for e in self._u_entries[lo - self._u_offset : hi - self._u_offset + 1]:
-                size += len(e.payload)
-                if out and size > max_bytes:
-                    break
-                out.append(e)
+            chunk = self._u_entries[lo - self._u_offset : hi - self._u_offset + 1]
+            return within_bytes(out + chunk if out else chunk, max_bytes)
         return out
 
     def _find_le(self, pos: int, term: int) -> int:
@@ -1102,3 +1098,4 @@ class Node:
                 # prev = the known match point always matches, so a heartbeat never causes a
                 # reject, and it lets the follower advance its commit up to that point.
                 self._send(self._append_msg(p, pr.match, ()))
+

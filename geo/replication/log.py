@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -43,6 +44,23 @@ class LogView(Protocol):
         ...
 
 
+_PAYLOAD = operator.attrgetter("payload")
+
+
+def within_bytes(entries: list[Entry], max_bytes: int) -> list[Entry]:
+    """The longest prefix of ``entries`` whose payloads total at most ``max_bytes``, but
+    at least one entry. Usually all of them, found in one C-level pass."""
+    sizes = list(map(len, map(_PAYLOAD, entries)))
+    if sum(sizes) <= max_bytes:
+        return entries
+    total = 0
+    for i, size in enumerate(sizes):
+        total += size
+        if i and total > max_bytes:
+            return entries[:i]
+    return entries
+
+
 class MemoryLog:
     """A :class:`LogView` over a list, plus the durable metadata the shell keeps in ``meta``.
 
@@ -71,14 +89,7 @@ class MemoryLog:
     def entries(self, lo: int, hi: int, max_bytes: int) -> list[Entry]:
         if not 1 <= lo <= hi <= len(self._entries):
             raise InvariantError(f"entries({lo}, {hi}) out of range")
-        out: list[Entry] = []
-        size = 0
-        for e in self._entries[lo - 1 : hi]:
-            size += len(e.payload)
-            if out and size > max_bytes:
-                break
-            out.append(e)
-        return out
+        return within_bytes(self._entries[lo - 1 : hi], max_bytes)
 
     def entry(self, position: int) -> Entry:
         return self._entries[position - 1]
