@@ -50,12 +50,11 @@ _PAYLOAD = operator.attrgetter("payload")
 def within_bytes(entries: list[Entry], max_bytes: int) -> list[Entry]:
     """The longest prefix of ``entries`` whose payloads total at most ``max_bytes``, but
     at least one entry. Usually all of them, found in one C-level pass."""
-    sizes = list(map(len, map(_PAYLOAD, entries)))
-    if sum(sizes) <= max_bytes:
+    if sum(map(len, map(_PAYLOAD, entries))) <= max_bytes:
         return entries
     total = 0
-    for i, size in enumerate(sizes):
-        total += size
+    for i, e in enumerate(entries):
+        total += len(e.payload)
         if i and total > max_bytes:
             return entries[:i]
     return entries
