@@ -24,6 +24,7 @@ import asyncio
 import collections
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -78,6 +79,11 @@ def term_start_record(cluster_id: str, term: int, leader: str, now_ns: int) -> b
 log = logging.getLogger("xdc.replicator")
 # Longest the persisted commit position waits for a write to ride along with.
 COMMIT_PERSIST_S = 0.2
+# Test failpoint, 0 (off) unless the environment sets it: a leader holds each write
+# transaction this long after shipping its new entries, before its own fsync, so that a
+# test can SIGKILL it while followers hold records its disk will never have
+# (tests/test_cluster_faults.py). Read once, at import.
+STALL_AFTER_SHIP_S = float(os.environ.get("XDC_FAILPOINT_STALL_AFTER_SHIP_MS", "0")) / 1000
 # Longest a node holds appends while it is about to lead (module docstring): well under a
 # client's attempt timeout, so a switchover that fails costs a client no more than that.
 PARK_MAX_S = 0.5
@@ -375,7 +381,8 @@ class Replicator:
                     # depends on durability, acks and promise replies, it emits only after
                     # on_persisted): a leader ships new entries while its own fsync runs,
                     # so a commit costs max(local fsync, RTT + follower fsync), not the sum.
-                    self._send_early(out)
+                    if self._send_early(out) and propose and STALL_AFTER_SHIP_S:
+                        time.sleep(STALL_AFTER_SHIP_S)  # the test failpoint below
             finally:
                 self.view.txn = None
             propose = False
@@ -401,11 +408,13 @@ class Replicator:
                 self._load.release(*g.load)
         self.loop.call_soon_threadsafe(self._effects, out, answers, span)
 
-    def _send_early(self, out: list[Effect]) -> None:
+    def _send_early(self, out: list[Effect]) -> bool:
+        """Hands the machine's sends to the loop now; True if there were any."""
         sends = [e for e in out if isinstance(e, Send)]
         if sends:
             out[:] = [e for e in out if not isinstance(e, Send)]
             self.loop.call_soon_threadsafe(self.on_effects, sends, [])
+        return bool(sends)
 
     def _effects(self, out: list[Effect], answers: list[tuple[asyncio.Future[Results], Results]],
                  span: tuple[Any, ...] | None) -> None:
