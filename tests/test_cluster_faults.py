@@ -15,7 +15,7 @@ import random
 import shutil
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -247,6 +247,17 @@ def on_disk(data_dir: str) -> OnDisk:
         env.close()
 
 
+async def until_the_moment(round_: Callable[[], Awaitable[bool]], rounds: int, seed: int,
+                           log: list[str], missed: str) -> None:
+    """Runs fault rounds until one reports it created the moment its test is about (a
+    kill's timing is luck); fails, saying what each round saw, if none did."""
+    for _ in range(rounds):
+        if await round_():
+            return
+    raise AssertionError(f"in {rounds} rounds (seed {seed}) {missed}: the test did not "
+                         f"create the moment it is about: " + "; ".join(log))
+
+
 POWER_LOSS_SEED = 20260407
 POWER_LOSS_ROUNDS = 3
 
@@ -313,14 +324,9 @@ def test_sigkill_every_node_at_once_loses_no_acknowledged_event(
 
     async def body() -> None:
         async with loaded(cluster) as load:
-            for _ in range(POWER_LOSS_ROUNDS):
-                if await power_loss(load):
-                    break
-            else:
-                raise AssertionError(
-                    f"in {POWER_LOSS_ROUNDS} rounds (seed {POWER_LOSS_SEED}) the followers' "
-                    "persisted commit positions never both lagged the acknowledgements: the "
-                    "test did not create the moment it is about: " + "; ".join(rounds))
+            await until_the_moment(lambda: power_loss(load), POWER_LOSS_ROUNDS,
+                                   POWER_LOSS_SEED, rounds, "the followers' persisted commit "
+                                   "positions never both lagged the acknowledgements")
         await check_cluster(cluster, load)
         final = await read_all_ids(cluster.nodes[0].client, tls)
         for node_id, got in served.items():
@@ -473,14 +479,9 @@ def test_leader_killed_between_shipping_and_its_fsync_loses_nothing(
 
     async def body() -> None:
         async with loaded(cluster) as load:
-            for _ in range(SHIP_KILL_ROUNDS):
-                if await ship_kill(load):
-                    break
-            else:
-                raise AssertionError(
-                    f"in {SHIP_KILL_ROUNDS} rounds (seed {SHIP_KILL_SEED}) no kill left the "
-                    "followers holding records the leader had not made durable: the test did "
-                    "not create the moment it is about: " + "; ".join(rounds))
+            await until_the_moment(lambda: ship_kill(load), SHIP_KILL_ROUNDS, SHIP_KILL_SEED,
+                                   rounds, "no kill left the followers holding records the "
+                                   "leader had not made durable")
         await check_cluster(cluster, load)
         print("ship-then-kill rounds:", "; ".join(rounds))
 
