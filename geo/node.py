@@ -304,6 +304,20 @@ class ClusterNode:
         assert self.replicator is not None
         self.replicator.deliver(msgs)
 
+    def _park(self, planned: bool) -> None:
+        """Holds appends for up to PARK_MAX_S: this node is about to lead (it won the key,
+        or a switchover designated it). A planned switchover's window is also read by
+        the tiers as planned, not as a failover (_tier_reading)."""
+        assert self.replicator is not None
+        until = time.monotonic() + PARK_MAX_S
+        self.replicator.park_until = until
+        if planned:
+            self._planned_until = until
+
+    def _unpark(self) -> None:
+        if self.replicator is not None:
+            self.replicator.park_until = 0.0
+
     async def _tier_reading(self) -> Reading:
         """What the tier supervisor observes (geo/tiers.py): an open leader, a voter
         majority, the writer queue and the commit lag."""
@@ -390,15 +404,14 @@ class ClusterNode:
                         await self._log_rejoin_progress()
                     target = (designation == self.id and self.member.voter
                               and not self._rejoining)
-                    assert self.replicator is not None
                     # A switchover to this node is under way: hold the appends the old
                     # leader sends over, and have the campaign's lease ready.
-                    self.replicator.park_until = (time.monotonic() + PARK_MAX_S
-                                                  if target else 0.0)
                     if target:
-                        self._planned_until = self.replicator.park_until
+                        self._park(planned=True)
                         with contextlib.suppress(LeadershipError):  # campaign grants then
                             await self.leadership.prepare_campaign()
+                    else:
+                        self._unpark()
                     await self.leadership.wait_change(term, timeout_s=self.config.lease_ttl_s)
                     handover = target and self.leadership.vacancy_seen
                     continue
@@ -424,10 +437,8 @@ class ClusterNode:
                 log.info("%s: won the leader key, term %d", self.id, term)
                 self.store.role.name = "candidate"
                 self.store.role.term = term
+                self._park(planned=designated)
                 assert self.replicator is not None
-                self.replicator.park_until = time.monotonic() + PARK_MAX_S
-                if designated:  # a planned switchover: see _tier_reading
-                    self._planned_until = self.replicator.park_until
                 self.replicator.become_leader(term, term_start_record(
                     self.store.log.cluster_id if self.store.log else "", term, self.id,
                     time.time_ns()))
@@ -519,8 +530,7 @@ class ClusterNode:
                 self._set_writes_health(True)
             elif isinstance(e, SteppedDown):
                 log.warning("%s: stepped down from term %d: %s", self.id, e.term, e.reason)
-                if self.replicator is not None:
-                    self.replicator.park_until = 0.0
+                self._unpark()
                 self.store.role.name = self._follower_role()
                 self._set_writes_health(False)
                 self.observer.reset(f"stepped down: {e.reason}")
