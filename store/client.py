@@ -110,6 +110,8 @@ class _Pending:
     deadline: float
     # The caller's span context when tracing: the message span's parent or link.
     caller: Any = None
+    # Events in the request (the message span's batch count without reading them back).
+    events: int = 1
 
 
 log = logging.getLogger("xdc.client")
@@ -158,7 +160,7 @@ def channel_options(limits: Limits | None = None) -> list[tuple[str, Any]]:
 
 # For the per-message span: C-level passes over a message's appends, no Python loop.
 _CALLER, _REQUEST = attrgetter("caller"), attrgetter("request")
-_STREAM, _EVENTS = attrgetter("stream"), attrgetter("events")
+_STREAM, _N_EVENTS = attrgetter("stream"), attrgetter("events")
 _HAS_ERROR = methodcaller("HasField", "error")
 
 
@@ -316,12 +318,14 @@ class StoreClient:
         appends in flight from one task, each answered in order of its stream."""
         if isinstance(events, pb.ProposedEvent):
             events = [events]
+        elif not isinstance(events, list):
+            events = list(events)
         request = pb.AppendRequest(stream=stream, expected=expected,
                                    expected_revision=expected_revision, events=events)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout_s if timeout_s is not None else self.timeout_s)
         pending = _Pending(request, loop.create_future(), deadline,
-                           telemetry.current_span_context())
+                           telemetry.current_span_context(), len(events))
         self._enqueue(pending)
         return pending.future
 
@@ -432,7 +436,7 @@ class StoreClient:
         attrs: dict[str, Any] = {
             telemetry.RPC_SYSTEM: "grpc", telemetry.RPC_SERVICE: "xdc.v1.EventStore",
             telemetry.RPC_METHOD: "AppendStream",
-            telemetry.MESSAGING_BATCH_COUNT: sum(map(len, map(_EVENTS, requests))),
+            telemetry.MESSAGING_BATCH_COUNT: sum(map(_N_EVENTS, batch)),
             "xdc.append.count": len(batch), "xdc.append.streams": len(streams),
             "server.address": self._target}
         if len(streams) == 1:

@@ -163,13 +163,13 @@ def emit_group_span(contexts: list[Any], appends: int, term: int, start_ns: int,
     or linked to each of several (xdc/telemetry.py). `first..last`: the positions
     written (none when every append was refused or a duplicate)."""
     parent, links = telemetry.parent_and_links(contexts)
-    span = telemetry.tracer().start_span(
-        "xdc.group_commit", context=parent, links=links, start_time=start_ns,
-        attributes={"xdc.group.appends": appends, "xdc.term": term})
+    attrs: dict[str, Any] = {"xdc.group.appends": appends, "xdc.term": term}
     if last >= first:
-        span.set_attributes({"xdc.position.first": first, "xdc.position.last": last,
-                             telemetry.MESSAGING_BATCH_COUNT: last - first + 1})
-    span.end(end_time=end_ns)
+        attrs.update({"xdc.position.first": first, "xdc.position.last": last,
+                      telemetry.MESSAGING_BATCH_COUNT: last - first + 1})
+    telemetry.tracer().start_span(
+        "xdc.group_commit", context=parent, links=links, start_time=start_ns,
+        attributes=attrs).end(end_time=end_ns)
 
 
 def _deliver_all(out: list[tuple[asyncio.Future[Results], Results]]) -> None:

@@ -267,9 +267,10 @@ def test_coalesced_appends_link_to_each_caller(otel: Otel, tmp_path: Path) -> No
     async def body() -> None:
         async with running_store(tmp_path / "store", linger_s=0.05) as (_, client):
             futures = []
-            for i in range(3):
+            for i in range(3):  # 1, 2 and 3 events: 6 in the message
                 with otel.producer.start_as_current_span(f"caller-{i}"):
-                    futures.append(client.append_nowait(f"s{i}", new_event("T")))
+                    futures.append(client.append_nowait(
+                        f"s{i}", (new_event("T") for _ in range(i + 1))))
             await asyncio.gather(*futures)
             await wait_until(lambda: otel.spans("xdc.group_commit"), what="group commit")
 
@@ -279,6 +280,7 @@ def test_coalesced_appends_link_to_each_caller(otel: Otel, tmp_path: Path) -> No
     assert client_span.parent is None  # three callers in one message: links, new trace
     assert all(_links_to(client_span, c) for c in callers)
     assert dict(client_span.attributes or {})["xdc.append.count"] == 3
+    assert dict(client_span.attributes or {})["messaging.batch.message_count"] == 6
     [server_span] = [s for s in otel.spans(APPEND_STREAM) if s.kind == SpanKind.SERVER]
     assert _child_of(server_span, client_span)
     assert dict(server_span.attributes or {})["xdc.append.streams"] == 3
