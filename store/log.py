@@ -208,6 +208,20 @@ def _advance_stream(st: list[int], runs: dict[tuple[bytes, int], tuple[int, int]
     runs[(stream_key, run_rev)] = (run_pos, last_rev - run_rev + 1)
 
 
+def stored_positions(path: str) -> tuple[int, int]:
+    """(persisted commit position, last position) of a log that no process has open,
+    read without writing anything or taking LMDB's lock: a stopped node's data."""
+    env = lmdb.open(path, readonly=True, lock=False, subdir=True, max_dbs=8)
+    try:
+        with env.begin() as txn:
+            meta = env.open_db(b"meta", txn=txn, create=False)
+            cur = txn.cursor(env.open_db(b"log", txn=txn, create=False))
+            last = records.key_position(cur.key()) if cur.last() else 0
+            return _BE64.unpack(txn.get(b"commit_position", db=meta))[0], last
+    finally:
+        env.close()
+
+
 class Log:
     def __init__(self, path: str | os.PathLike[str], *, map_size: int = DEFAULT_MAP_SIZE,
                  node_id: str = "standalone") -> None:

@@ -21,15 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import lmdb
 import pytest
 
 from engine import wire
 from geo import launcher
 from geo.demo import Load, raw_log_hash, read_all_ids, wait_for
 from geo.proxy import AsyncProxyControl
-from store import records
 from store.client import StoreClient, new_event
+from store.log import stored_positions
 from xdc.tls import aio_channel
 from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import eventstore_pb2_grpc as pb_grpc
@@ -235,16 +234,8 @@ class OnDisk:
 
 
 def on_disk(data_dir: str) -> OnDisk:
-    """Reads a stopped node's LMDB read-only (lock=False: no process has it open)."""
-    env = lmdb.open(data_dir, readonly=True, lock=False, subdir=True, max_dbs=8)
-    try:
-        with env.begin() as txn:
-            meta = env.open_db(b"meta", txn=txn, create=False)
-            cur = txn.cursor(env.open_db(b"log", txn=txn, create=False))
-            last = records.key_position(cur.key()) if cur.last() else 0
-            return OnDisk(int.from_bytes(txn.get(b"commit_position", db=meta), "big"), last)
-    finally:
-        env.close()
+    """What a stopped node's LMDB holds (store.log.stored_positions)."""
+    return OnDisk(*stored_positions(data_dir))
 
 
 async def until_the_moment(round_: Callable[[], Awaitable[bool]], rounds: int, seed: int,

@@ -316,3 +316,23 @@ def test_ids_repeated_within_one_group_are_answered_like_retries(tmp_path: Path)
 def _fresh(rng: random.Random) -> tuple[list[bytes], list[bytes]]:
     p = prepared("a", 1, rng)
     return p.ids, p.bodies
+
+
+def test_stored_positions_of_a_closed_log(tmp_path: Path) -> None:
+    """stored_positions reads a stopped node's persisted commit and last position without
+    opening the log for writing (the fault tests read dead nodes' disks with it)."""
+    from store.log import stored_positions
+
+    path = tmp_path / "log"
+    log = Log(path)
+    try:
+        fill(log, random.Random(SEED), 4)
+        last = log.last_position
+        with log.write() as txn:
+            log.set_meta(txn, commit_position=last - 2)
+    finally:
+        log.close()
+    assert stored_positions(str(path)) == (last - 2, last) and last > 2
+    empty = tmp_path / "empty"
+    Log(empty).close()
+    assert stored_positions(str(empty)) == (0, 0)
