@@ -144,9 +144,12 @@ def command_event(group: str, cmd: object, key: str,
                   metadata: dict[str, str] | None = None) -> pb.ProposedEvent:
     """The input event of ``cmd`` (its ``ts_ns`` must be 0), with ``input_id``'s id."""
     assert getattr(cmd, "ts_ns", 0) == 0, "input commands carry no time of their own"
-    return pb.ProposedEvent(
+    event = pb.ProposedEvent(
         id=input_id(group, cmd, key), type=type(cmd).__name__,
-        content_type=COMMAND_CONTENT_TYPE, data=encode_command(cmd), metadata=metadata or {})
+        content_type=COMMAND_CONTENT_TYPE, data=encode_command(cmd))
+    if metadata:  # assigning even an empty map costs about a microsecond per order
+        event.metadata.update(metadata)
+    return event
 
 
 def control_event(group: str, kind: str, body: dict[str, str], key: str) -> pb.ProposedEvent:

@@ -16,7 +16,7 @@ import hashlib
 import signal
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from geo import launcher
@@ -78,15 +78,19 @@ async def raw_log_hash(address: str, upto: int, tls: Tls | None = None) -> str:
     return h.hexdigest()
 
 
-async def read_all_ids(address: str, tls: Tls | None = None) -> dict[int, bytes]:
-    """position -> event id of every committed record the node serves. A verification
-    read like raw_log_hash's: tier 0, never shed (not even by a node without quorum)."""
+async def committed_records(address: str, tls: Tls | None = None
+                            ) -> AsyncIterator[pb.RecordedEvent]:
+    """Every committed record the node serves, in order. A verification read like
+    raw_log_hash's: tier 0, never shed (not even by a node without quorum)."""
     async with StoreClient(address, tls=tls, tier="ledger") as client:
-        out: dict[int, bytes] = {}
         async for batch in client.read_batches("$all", limit=100_000, timeout_s=30):
             for e in batch.events:
-                out[e.position] = e.id
-        return out
+                yield e
+
+
+async def read_all_ids(address: str, tls: Tls | None = None) -> dict[int, bytes]:
+    """position -> event id of every committed record the node serves."""
+    return {e.position: e.id async for e in committed_records(address, tls)}
 
 
 @dataclass

@@ -80,10 +80,20 @@ def _identity(data: bytes) -> bytes:
     return data
 
 
+def _set_ok(ok: pb.AppendResponse, r: Appended) -> None:
+    """An append's answer, filled in place (one mapping for the unary and stream calls)."""
+    ok.first_position = r.first_position
+    ok.last_position = r.last_position
+    ok.last_revision = r.last_revision
+    ok.next_revision = r.last_revision + 1
+    if r.duplicate:
+        ok.duplicate = True
+
+
 def _ok(r: Appended) -> pb.AppendResponse:
-    return pb.AppendResponse(first_position=r.first_position, last_position=r.last_position,
-                             last_revision=r.last_revision, next_revision=r.last_revision + 1,
-                             duplicate=r.duplicate)
+    ok = pb.AppendResponse()
+    _set_ok(ok, r)
+    return ok
 
 
 def _stream_response(correlation_id: int,
@@ -95,13 +105,7 @@ def _stream_response(correlation_id: int,
     add = resp.results.add
     for slot in slots:
         if isinstance(slot, Appended):
-            ok = add().ok
-            ok.first_position = slot.first_position
-            ok.last_position = slot.last_position
-            ok.last_revision = slot.last_revision
-            ok.next_revision = slot.last_revision + 1
-            if slot.duplicate:
-                ok.duplicate = True
+            _set_ok(add().ok, slot)
         else:
             assert slot is not None, "every append is answered"
             add().CopyFrom(slot)

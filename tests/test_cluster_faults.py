@@ -25,7 +25,7 @@ import pytest
 
 from engine import wire
 from geo import launcher
-from geo.demo import Load, raw_log_hash, read_all_ids, wait_for
+from geo.demo import Load, committed_records, raw_log_hash, read_all_ids, wait_for
 from geo.proxy import AsyncProxyControl
 from store.client import StoreClient, new_event
 from store.log import stored_positions
@@ -426,13 +426,8 @@ def stalling_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 async def _max_position_of_term(address: str, term: int, tls: Any) -> int:
-    async with StoreClient(address, tls=tls, tier="ledger") as client:
-        top = 0
-        async for batch in client.read_batches("$all", limit=100_000, timeout_s=30):
-            for e in batch.events:
-                if e.term == term:
-                    top = max(top, e.position)
-        return top
+    return max([e.position async for e in committed_records(address, tls) if e.term == term],
+               default=0)
 
 
 def test_leader_killed_between_shipping_and_its_fsync_loses_nothing(

@@ -1098,4 +1098,3 @@ class Node:
                 # prev = the known match point always matches, so a heartbeat never causes a
                 # reject, and it lets the follower advance its commit up to that point.
                 self._send(self._append_msg(p, pr.match, ()))
-
