@@ -73,6 +73,7 @@ DESIGNATION_TTL_S = 10
 # A store member without a leader for this long is cut off, not failing over: a crash
 # failover takes the 2 s lease plus an election (drills: ~2 s, target 3 s).
 STORE_CUT_OFF_S = 5.0
+CAMPAIGN_INTERVAL_S = 0.2  # an instance that may campaign tries for the lease this often
 STORE_WATCH_S = 0.5  # how often an instance asks its store member for its tiers
 STARTUP_TIMEOUT_S = 60.0
 _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -86,7 +87,7 @@ class RunnerConfig:
     store: tuple[str, ...]
     role: str = "auto"  # auto: campaign for the lease; warm: never (verify only)
     snapshot_every: int = 100_000  # inputs between snapshots (0: only on request)
-    campaign_interval_s: float = 0.2
+    campaign_interval_s: float = CAMPAIGN_INTERVAL_S
     # TLS to the store and on the control port (xdc/tls.py); None: plaintext.
     tls: Tls | None = None
     token: str = ""  # its principal's bearer token at the store (store/auth.py)
@@ -110,7 +111,6 @@ class EngineRunner:
         self.output_stream = wire.output_stream(config.group)
         self.primary = False
         self.caught_up = False
-        self.role_note = "starting"
         self.snapshot_position = 0
         self.store_position = 0
         # Every input committed up to here has been delivered and processed (events,
@@ -368,9 +368,27 @@ class EngineRunner:
                 await self._promote()
 
     def _may_campaign(self) -> bool:
+        return not self.campaign_blocker()
+
+    def campaign_blocker(self) -> str:
+        """Why this instance may not campaign for the group's lease now; "" if it may.
+        Reported by Status, so an operator sees why a warm instance does not take over."""
         c = self.consumer
-        return (self.config.role == "auto" and self.caught_up and not c.alarm
-                and c.committed_input >= c.promotable_after and not self.store_cut_off)
+        if self.config.role != "auto":
+            return f"role {self.config.role}: verifies only, never campaigns"
+        if c.alarm:
+            return "diverged (see alarm)"
+        if not self.caught_up:
+            return "not caught up with the log"
+        if c.committed_input < c.promotable_after:
+            return (f"backlog shed: waits to see outputs committed through input "
+                    f"{c.promotable_after}")
+        if self.store_cut_off:
+            assert self.leaderless_since is not None
+            since = asyncio.get_running_loop().time() - self.leaderless_since
+            return (f"cut off from the ledger: its store member has had no leader for "
+                    f"{since:.1f} s (limit {STORE_CUT_OFF_S:.0f} s)")
+        return ""
 
     @property
     def store_cut_off(self) -> bool:
@@ -413,7 +431,6 @@ class EngineRunner:
         c.release_hold()
         c.rewind_emission()
         self.primary = True
-        self.role_note = "primary"
         log.info("instance %s is primary of %s from input %d (outputs committed through %d)",
                  self.config.instance, self.config.group, c.position, c.committed_input)
         self._emit()
@@ -422,7 +439,6 @@ class EngineRunner:
         self.primary = False
         self.consumer.rewind_emission()
         self._captures.clear()
-        self.role_note = "warm"
         log.warning("instance %s is no longer primary of %s: %s", self.config.instance,
                     self.config.group, why)
 
@@ -448,7 +464,8 @@ class EngineRunner:
             state_hash="" if brief else self._state_hash(), engine_version=ENGINE_VERSION,
             alarm=c.alarm, snapshot_position=self.snapshot_position,
             inputs_processed=c.inputs, delivered_position=self.delivered_position,
-            handover_to=c.handover_to if c.hold_after else "")
+            handover_to=c.handover_to if c.hold_after else "",
+            campaign_blocked="" if self.primary else self.campaign_blocker())
 
 
     def _state_hash(self) -> str:

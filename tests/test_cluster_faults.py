@@ -333,15 +333,18 @@ def test_engine_primary_of_a_cut_off_region_hands_matching_to_the_majority(
     """A region cut off from the others (its store member has no leader) must not hold
     the matching engine's lease for the whole partition: its primary gives it up after
     STORE_CUT_OFF_S and the warm instance of a region in the majority takes over at the
-    exact position. Outputs stay exactly-once; after the heal both agree to the hash."""
-    from engine.runner import STORE_CUT_OFF_S
+    exact position. Nor may it take the lease back while cut off: with the majority's
+    primary killed and the lease free, it stays warm (and says why) until the heal, then
+    takes over. Outputs stay exactly-once; in the end both instances agree to the hash."""
+    from engine.runner import CAMPAIGN_INTERVAL_S, STORE_CUT_OFF_S
     from engine.workload import check_exactly_once, command_events, outputs_through
     from geo.drill import GROUP, ChildProc, engine_command
+    from geo.leadership import Leadership
     from tests.support.store import wait_until
     from tests.test_book_model import random_commands
 
     state = cluster
-    events = list(command_events(GROUP, random_commands(11, 600), "cutoff"))
+    events = list(command_events(GROUP, random_commands(11, 800), "cutoff"))
     tls = launcher.client_tls(state)
     engines: list[ChildProc] = []
 
@@ -383,21 +386,49 @@ def test_engine_primary_of_a_cut_off_region_hands_matching_to_the_majority(
                 assert await role_of(cut_off, "warm")
                 # Orders placed during the partition are matched on the majority side.
                 await wait_until(lambda: _through(client, last), 30, "outputs during the cut")
+                # The majority's primary dies; its lease expires. The instance left is cut
+                # off: it must not campaign, or matching would run on a stale ledger view.
+                majority.kill()
+                await wait_until(lambda: _lease_free(observer), cluster_ttl(state) + 10,
+                                 "the killed primary's lease expired")
+                s = await status(cut_off)
+                assert s is not None and s.role == "warm", s
+                assert s.campaign_blocked.startswith("cut off from the ledger"), s
+                # Ten chances to campaign with the lease free; taking it at any of them fails.
+                window_end = time.monotonic() + 10 * CAMPAIGN_INTERVAL_S
+                while time.monotonic() < window_end:
+                    assert await _lease_free(observer), "a cut-off instance took the lease"
+                    await asyncio.sleep(CAMPAIGN_INTERVAL_S / 2)
+                assert await role_of(cut_off, "warm")
             finally:
                 await proxy.heal()
+            # Healed: its member has a leader again, so it campaigns, takes over at the
+            # exact position and matches what comes next.
+            await wait_until(lambda: role_of(cut_off, "primary"), 30,
+                             "the healed instance primary")
+            last = (await client.append(stream, events[600:])).last_position
+            await wait_until(lambda: _through(client, last), 30, "outputs after the heal")
             await check_exactly_once(client, GROUP)
-            # Healed: the old primary catches up as a warm instance and agrees.
+            # The killed instance restarts, replays as a warm instance and agrees.
+            await asyncio.to_thread(majority.start)
             await wait_until(lambda: _same_hash(status, cut_off, majority, last), 30,
                            "both instances at the last input with one chain hash")
+
+    async def _lease_free(observer: Leadership) -> bool:
+        return await observer.current() is None
 
     async def _through(client: StoreClient, position: int) -> bool:
         return await outputs_through(client, GROUP) >= position
 
+    observer = Leadership(state.etcd_endpoints, f"{state.cluster}/engines/{GROUP}",
+                          "test-observer", {"instance": "test-observer"}, int(cluster_ttl(state)),
+                          on_lost=lambda *_: None, access=launcher.etcd_access_of(state))
     try:
         _run(body())
     finally:
         for e in engines:
             e.stop()
+        _run(observer.close())
 
 
 async def _same_hash(status: Any, a: Any, b: Any, position: int) -> bool:

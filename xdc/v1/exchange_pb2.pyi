@@ -224,7 +224,7 @@ class EngineStatusRequest(_message.Message):
     def __init__(self, brief: _Optional[bool] = ...) -> None: ...
 
 class EngineStatus(_message.Message):
-    __slots__ = ("group", "instance", "role", "input_position", "committed_input_position", "store_position", "lag", "chain_hash", "state_hash", "engine_version", "alarm", "snapshot_position", "inputs_processed", "delivered_position", "handover_to")
+    __slots__ = ("group", "instance", "role", "input_position", "committed_input_position", "store_position", "lag", "chain_hash", "state_hash", "engine_version", "alarm", "snapshot_position", "inputs_processed", "delivered_position", "handover_to", "campaign_blocked")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -240,6 +240,7 @@ class EngineStatus(_message.Message):
     INPUTS_PROCESSED_FIELD_NUMBER: _ClassVar[int]
     DELIVERED_POSITION_FIELD_NUMBER: _ClassVar[int]
     HANDOVER_TO_FIELD_NUMBER: _ClassVar[int]
+    CAMPAIGN_BLOCKED_FIELD_NUMBER: _ClassVar[int]
     group: str
     instance: str
     role: str
@@ -255,4 +256,5 @@ class EngineStatus(_message.Message):
     inputs_processed: int
     delivered_position: int
     handover_to: str
-    def __init__(self, group: _Optional[str] = ..., instance: _Optional[str] = ..., role: _Optional[str] = ..., input_position: _Optional[int] = ..., committed_input_position: _Optional[int] = ..., store_position: _Optional[int] = ..., lag: _Optional[int] = ..., chain_hash: _Optional[str] = ..., state_hash: _Optional[str] = ..., engine_version: _Optional[str] = ..., alarm: _Optional[str] = ..., snapshot_position: _Optional[int] = ..., inputs_processed: _Optional[int] = ..., delivered_position: _Optional[int] = ..., handover_to: _Optional[str] = ...) -> None: ...
+    campaign_blocked: str
+    def __init__(self, group: _Optional[str] = ..., instance: _Optional[str] = ..., role: _Optional[str] = ..., input_position: _Optional[int] = ..., committed_input_position: _Optional[int] = ..., store_position: _Optional[int] = ..., lag: _Optional[int] = ..., chain_hash: _Optional[str] = ..., state_hash: _Optional[str] = ..., engine_version: _Optional[str] = ..., alarm: _Optional[str] = ..., snapshot_position: _Optional[int] = ..., inputs_processed: _Optional[int] = ..., delivered_position: _Optional[int] = ..., handover_to: _Optional[str] = ..., campaign_blocked: _Optional[str] = ...) -> None: ...
