@@ -139,6 +139,42 @@ def test_console_exporter_from_env(capfd: pytest.CaptureFixture[str]) -> None:
     assert not telemetry.tracing()
 
 
+def test_exported_resource_is_hashed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The OTLP encoders hash the resource for every span they export; the providers'
+    resource is the SDK's (equal, same hash) but never serializes itself again."""
+    import opentelemetry.sdk.resources as resources
+
+    sdk = resources.Resource.create({"service.name": "xdc-hash-test", "xdc.region": "r1"})
+    hashed = telemetry._hashed_once(sdk)
+    assert hashed == sdk and hash(hashed) == hash(sdk)
+    assert dict(hashed.attributes) == dict(sdk.attributes)
+    calls = 0
+    real_dumps = resources.dumps
+
+    def counting_dumps(*args: Any, **kwargs: Any) -> str:
+        nonlocal calls
+        calls += 1
+        return real_dumps(*args, **kwargs)
+
+    monkeypatch.setattr(resources, "dumps", counting_dumps)
+    hash(sdk)
+    assert calls == 1, "the SDK's resource serializes itself per hash (what this avoids)"
+    for _ in range(3):
+        hash(hashed)
+    assert calls == 1
+    env = {"OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "xdc-hash-test"}
+    assert telemetry.setup_from_env("ignored", env=env)
+    try:
+        resource = telemetry._state.tracer_provider.resource
+        assert resource.attributes["service.name"] == "xdc-hash-test"
+        calls = 0
+        for _ in range(3):
+            hash(resource)
+        assert calls == 0
+    finally:
+        telemetry.shutdown()
+
+
 def test_inject_extract_and_consumer_links(otel: Otel) -> None:
     with otel.producer.start_as_current_span("order-1") as o1:
         md1 = telemetry.inject({"client": "a"})
