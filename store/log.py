@@ -347,7 +347,7 @@ class Log:
         # Ids this group writes, when an id comes twice in it (a retry sent before the
         # first attempt was answered); None, and no bookkeeping, when none does.
         group_ids: dict[bytes, int] | None = {} if len(set(group)) != len(group) else None
-        encode = records.encode
+        encode_run = records.encode_run
         values, results, spans = out.values, out.results, out.spans
         for req in reqs:
             key = req.stream_key
@@ -374,12 +374,7 @@ class Log:
                     continue
             bodies = req.bodies
             n = len(bodies)
-            if n == 1:
-                values.append(encode(pos, term, last_rev + 1, ts, req.stream_fld, bodies[0]))
-            else:
-                fld = req.stream_fld
-                values.extend([encode(pos + i, term, last_rev + 1 + i, ts, fld, body)
-                               for i, body in enumerate(bodies)])
+            values.extend(encode_run(pos, term, last_rev + 1, ts, req.stream_fld, bodies))
             if group_ids is not None:
                 group_ids.update(zip(ids, range(pos, pos + n), strict=True))
             spans.append((key, pos, ids))

@@ -97,7 +97,10 @@ def prepare(req: pb.AppendRequest, limits: Limits, prefix: str = "") -> Prepared
         metadata = ev.metadata
         if metadata:
             _check_metadata(metadata, limits, f"{prefix}events[{i}].metadata")
-        body = ev.SerializeToString(deterministic=True)
+            body = ev.SerializeToString(deterministic=True)  # map entries in key order
+        else:
+            # Without a map field the bytes are the same either way, in half the time.
+            body = ev.SerializeToString()
         if len(body) > max_event:
             raise invalid(f"{prefix}events[{i}]", f"{len(body)} bytes exceeds max_event_bytes "
                                                   f"({max_event})")

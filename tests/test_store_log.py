@@ -160,6 +160,38 @@ def test_subscription_filter_reads_stream_and_type_like_the_general_parsers() ->
             assert records.select(values, prefix, types) == want
 
 
+def test_encode_run_frames_every_record_as_protobuf_reads_it() -> None:
+    """encode_run packs the frame tag, a two-byte frame length and the header in one call
+    for the usual sizes and falls back for the others: frame lengths of 1, 2 and 3 varint
+    bytes (at and around 128 and 16 KiB) all parse back, as a RecordBatch, to the fields
+    given, with consecutive positions and revisions; encode is the one-record case."""
+    stream = b"orders.1"
+    fld = records.stream_field(stream)
+    base = records.HEADER_SIZE + len(fld)
+    bodies = []
+    for frame_length in (base, 127, 128, 129, 0x3FFF, 0x4000, 0x4001, 40_000):
+        event = pb.ProposedEvent(id=uuid.UUID(int=frame_length).bytes, type="T")
+        pad = frame_length - base - len(event.SerializeToString())
+        if pad >= 3:  # data field: tag, length varint (1-3 bytes), bytes
+            for k in (1, 2, 3):
+                event.data = b"d" * (pad - 1 - k)
+                if len(event.SerializeToString()) + base == frame_length:
+                    break
+        bodies.append(event.SerializeToString())
+    values = records.encode_run(5, 3, 11, 77, fld, bodies)
+    lengths = [records.read_varint(v, 1)[0] for v in values]
+    assert {1, 2, 3} <= {records.read_varint(v, 1)[1] - 1 for v in values}, lengths
+    assert {127, 128, 0x3FFF, 0x4000} <= set(lengths), lengths
+    batch = pb.RecordBatch.FromString(b"".join(values))
+    assert len(batch.events) == len(bodies)
+    for i, (e, body) in enumerate(zip(batch.events, bodies, strict=True)):
+        assert (e.position, e.term, e.revision, e.timestamp_ns) == (5 + i, 3, 11 + i, 77)
+        assert e.stream == stream.decode()
+        assert pb.ProposedEvent(id=e.id, type=e.type, data=e.data).SerializeToString() == body
+        assert records.body_of(values[i]) == body and records.position_of(values[i]) == 5 + i
+    assert records.encode(5, 3, 11, 77, fld, bodies[0]) == values[0]
+
+
 def test_index_fields_reads_stream_and_id_across_varint_sizes() -> None:
     """One parse gives what the separate readers give: frame lengths of 1, 2 and 3 varint
     bytes and stream names under and over 127 bytes; position 0 is patched, others kept."""
