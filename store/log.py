@@ -406,6 +406,8 @@ class Log:
             values, spans = _indexed(values, first)
         else:
             assert records.position_of(values[-1]) == first + len(values) - 1
+        last = first + len(values) - 1
+        keys = list(map(_pos_key, range(first, last + 1)))  # the log's keys, the ids' values
         streams: dict[bytes, list[int]] = {}
         runs: dict[tuple[bytes, int], tuple[int, int]] = {}
         add_ids = self._recent.add_run
@@ -425,15 +427,13 @@ class Log:
                 # each other at the index's end, cheap to put at once. Any other id
                 # (random, derived) waits in memory (recent_ids.py). Either way is
                 # correct: look-ups see both.
-                id_items.extend(zip(ids, map(_pos_key, range(pos, pos + len(ids))),
+                id_items.extend(zip(ids, keys[pos - first:pos - first + len(ids)],
                                     strict=True))
             else:
                 add_ids(ids, pos)
         if id_items:
             txn.cursor(self.ids_db).putmulti(id_items)
-        last = first + len(values) - 1
-        txn.cursor(self.log_db).putmulti(
-            list(zip(map(_pos_key, range(first, last + 1)), values, strict=True)), append=True)
+        txn.cursor(self.log_db).putmulti(list(zip(keys, values, strict=True)), append=True)
         self._put_streams_and_runs(txn, streams, runs)
         self.last_position = last
         self.last_term = records.term_of(values[-1])

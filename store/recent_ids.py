@@ -48,6 +48,8 @@ class RecentIds:
         """(position of each of `ids` held here, the others): one call per group
         commit, not one per id."""
         buckets = self._buckets
+        if not any(buckets):  # only time-ordered ids so far: none is ever held here
+            return {}, ids
         held: dict[bytes, int] = {}
         others: list[bytes] = []
         for event_id in ids:
