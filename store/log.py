@@ -123,17 +123,27 @@ def _indexed(values: list[bytes], first: int) -> tuple[list[bytes], list[Span]]:
     patched = False
     key = b""
     ids: list[bytes] = []
-    index_fields = records.index_fields
-    for i, value in enumerate(values):
+    index_fields, same_stream_ids = records.index_fields, records.same_stream_ids
+    i, n = 0, len(values)
+    while i < n:
+        value = values[i]
         kept, k, event_id = index_fields(value, first + i)
-        patched |= kept is not value
-        stored.append(kept)
         if k != key or not spans:
             ids = []
             spans.append((k, first + i, ids))
             key = k
         ids.append(event_id)
-    return (stored if patched else values), spans
+        if kept is not value:
+            patched = True
+            stored.extend(values[len(stored):i])
+            stored.append(kept)
+            i += 1
+        else:
+            i = same_stream_ids(values, i + 1, first + i + 1, ids)
+    if not patched:
+        return values, spans
+    stored.extend(values[len(stored):])
+    return stored, spans
 
 
 @dataclass(slots=True, frozen=True)

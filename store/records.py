@@ -13,6 +13,7 @@ client sent (fields 1..5). Protobuf parsers accept fields in any order.
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import Sequence
 
@@ -180,6 +181,32 @@ def index_fields(value: bytes, position: int) -> tuple[bytes, bytes, bytes]:
     assert value[hi] == 0x0A and value[hi + 1] == 16, "event id expected"
     return value, value[lo:hi], value[hi + 2:hi + 18]
 
+
+def same_stream_ids(values: Sequence[bytes], i: int, position: int, ids: list[bytes]) -> int:
+    """After ``index_fields`` read ``values[i - 1]`` (stored at ``position - 1``): appends
+    to `ids` the event ids of the records from `i` on that have the very same layout up to
+    the id (frame-length size, stream field, id tag) and already carry their positions,
+    and returns the index of the first that does not (the next run, or one to patch).
+    The records of an append are consecutive, of one stream and nearly always of one
+    frame-length size: one prefix comparison per record instead of a parse (0.55 -> 0.3
+    us per record)."""
+    prev = values[i - 1]
+    start = 2 if prev[1] < 0x80 else 3 if prev[2] < 0x80 else 0  # frame length: 1-2 bytes
+    off = start + HEADER_SIZE
+    if not start or prev[off + 1] >= 0x80:
+        return i  # a frame length or a stream name of 3+ varint bytes: parsed one by one
+    id_at = off + 2 + prev[off + 1] + 2
+    layout = prev[off:id_at]  # the stream field, then the id's tag and length
+    one_byte = start == 2
+    unpack_from = _U64.unpack_from
+    for v in itertools.islice(values, i, None):
+        if ((v[1] < 0x80) != one_byte or (not one_byte and v[2] >= 0x80)
+                or not v.startswith(layout, off) or unpack_from(v, start + 1)[0] != position):
+            break
+        ids.append(v[id_at:id_at + 16])
+        position += 1
+        i += 1
+    return i
 
 def type_of(value: bytes) -> str:
     """The event type, read without decoding the whole record (id is field 1, type 2)."""

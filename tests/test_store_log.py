@@ -192,6 +192,41 @@ def test_encode_run_frames_every_record_as_protobuf_reads_it() -> None:
     assert records.encode(5, 3, 11, 77, fld, bodies[0]) == values[0]
 
 
+def test_indexed_runs_match_a_parse_of_every_record() -> None:
+    """What a node indexes of records it did not build (replication, term-start records)
+    is read record by record at each run's start and by one prefix comparison for the
+    rest of a run: seeded mixes of streams (names under and over 127 bytes), frame
+    lengths of 1, 2 and 3 varint bytes and records to patch (position 0) give what a
+    full parse of every record gives."""
+    from store.log import _indexed
+
+    rng = random.Random(SEED)
+    for _ in range(200):
+        first = rng.randint(1, 10_000)
+        values: list[bytes] = []
+        while len(values) < rng.randint(1, 60):
+            stream = rng.choice([b"a", b"b", b"orders." + b"x" * 130, b"$xdc"])
+            size = rng.choice([0, 10, 200, 20_000])
+            for _ in range(rng.choice([1, 1, 3, 20])):
+                pos = first + len(values)
+                body = pb.ProposedEvent(id=uuid.UUID(int=rng.getrandbits(128)).bytes, type="T",
+                                        data=b"d" * size).SerializeToString()
+                embedded = 0 if rng.random() < 0.05 else pos
+                values.append(records.encode(embedded, 2, 1, 42, records.stream_field(stream),
+                                             body))
+        want_stored = []
+        want_spans: list[tuple[bytes, int, list[bytes]]] = []
+        for i, v in enumerate(values):
+            kept, k, event_id = records.index_fields(v, first + i)
+            want_stored.append(kept)
+            if not want_spans or want_spans[-1][0] != k:
+                want_spans.append((k, first + i, []))
+            want_spans[-1][2].append(event_id)
+        stored, spans = _indexed(values, first)
+        assert stored == want_stored and spans == want_spans
+        assert (stored is values) == all(a is b for a, b in zip(want_stored, values, strict=True))
+
+
 def test_index_fields_reads_stream_and_id_across_varint_sizes() -> None:
     """One parse gives what the separate readers give: frame lengths of 1, 2 and 3 varint
     bytes and stream names under and over 127 bytes; position 0 is patched, others kept."""
