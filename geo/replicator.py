@@ -433,7 +433,7 @@ class Replicator:
                 entries: Sequence[Entry] = e.entries
                 if seq is not None and entries and first == seq.first:
                     # Our own proposal: the records and their index spans are at hand.
-                    self.log.write_records(txn, seq.values, first, seq.spans,
+                    self.log.write_records(txn, seq.values, first, seq.spans, seq.stream_rows,
                                            truncate_after=e.truncate_after)
                 else:
                     payloads = [x.payload for x in entries]

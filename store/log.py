@@ -30,7 +30,7 @@ import os
 import shutil
 import struct
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -112,6 +112,8 @@ class Sequenced:
     results: list[Appended | StoreError] = field(default_factory=list)
     values: list[bytes] = field(default_factory=list)
     spans: list[Span] = field(default_factory=list)
+    # The streams rows read (None: a new stream), for write_records to reuse.
+    stream_rows: dict[bytes, bytes | None] = field(default_factory=dict)
 
 
 def _indexed(values: list[bytes], first: int) -> tuple[list[bytes], list[Span]]:
@@ -329,7 +331,7 @@ class Log:
             with self.write() as txn:
                 seq = self.sequence(txn, reqs, self.last_position + 1, term, now_ns)
                 if seq.values:
-                    self.write_records(txn, seq.values, seq.first, seq.spans)
+                    self.write_records(txn, seq.values, seq.first, seq.spans, seq.stream_rows)
         except lmdb.Error as exc:
             return [self.disk_error(exc)] * len(reqs), []
         return seq.results, seq.values
@@ -363,7 +365,7 @@ class Log:
             key = req.stream_key
             last_rev = revisions.get(key)
             if last_rev is None:
-                raw = txn.get(key, db=self.streams_db)
+                raw = out.stream_rows[key] = txn.get(key, db=self.streams_db)
                 last_rev = _STREAM.unpack(raw)[0] if raw else 0
             ids = req.ids
             if known or group_ids:
@@ -395,18 +397,23 @@ class Log:
 
     def write_records(self, txn: lmdb.Transaction, values: list[bytes], first: int,
                       spans: list[Span] | None = None,
+                      stream_rows: Mapping[bytes, bytes | None] | None = None,
                       truncate_after: int | None = None) -> list[bytes]:
         """The only way records enter the log, on leaders and followers alike: optionally
         drop the suffix after `truncate_after`, then append `values` at first.. and derive
         the streams, stream index and ids entries from them. `spans` (stream, position,
-        ids per append) saves re-parsing when the caller already knows them. Returns the
-        records as stored: `values` itself unless one was patched (a record built before
-        its position was known, a term-start record: records.index_fields)."""
+        ids per append) saves re-parsing when the caller already knows them, and
+        `stream_rows` (Sequenced.stream_rows, read in this transaction) a second read of
+        the streams' rows. Returns the records as stored: `values` itself unless one was
+        patched (a record built before its position was known, a term-start record:
+        records.index_fields)."""
         if truncate_after is not None and truncate_after < self.last_position:
             assert truncate_after >= self.commit_position, (
                 f"truncating at {truncate_after} below the commit position "
                 f"{self.commit_position}")
             self._truncate(txn, truncate_after)
+            stream_rows = None  # read before the truncation changed them
+        rows = stream_rows or {}
         if not values:
             return values
         assert first == self.last_position + 1, (
@@ -425,7 +432,7 @@ class Log:
         for key, pos, ids in spans:
             st = streams.get(key)
             if st is None:
-                raw = txn.get(key, db=self.streams_db)
+                raw = rows[key] if key in rows else txn.get(key, db=self.streams_db)
                 st = list(_STREAM.unpack(raw)) if raw else [0, 0, 0, 0, 0]
                 streams[key] = st
             if derived:
