@@ -67,7 +67,7 @@ from engine.constants import (
     TimeInForce,
 )
 from engine.exchange_config import ExchangeConfig, ExchangeConfigError, load
-from engine.matching_health import MatchingWatch
+from engine.matching_health import EngineDirectory, MatchingWatch
 from geo.tier_supervisor import gateway_supervisor
 from geo.tiers import TierSpec
 from store import auth
@@ -811,7 +811,7 @@ class GatewayServer:
                  client: StoreClient | None = None, tls: Tls | None = None,
                  tiers_spec: TierSpec | None = None,
                  auth_config: auth.AuthConfig | None = None, token: str = "",
-                 engines: Sequence[str] = ()) -> None:
+                 engines: Sequence[str] = (), discover_engines: bool = False) -> None:
         self.config = config
         self.listen = listen
         # Its certificate to the store and on its own port (xdc/tls.py).
@@ -825,11 +825,15 @@ class GatewayServer:
         # Sheds by the store's state, as the store itself does: while it has no quorum
         # or is failing over, orders are refused with the tier, the reason and a retry
         # hint, and after it they are admitted again in tier order. With `engines` (their
-        # EngineControl addresses), orders also wait for an engine primary that is
-        # current in the store's term (engine/matching_health.py).
+        # EngineControl addresses) or `discover_engines` (the addresses the instances of
+        # its groups advertise), orders also wait for an engine primary that is current
+        # in the store's term (engine/matching_health.py).
+        directory = (EngineDirectory(self.client, [g.name for g in config.groups])
+                     if discover_engines else None)
         self.tiers = gateway_supervisor(
             store_targets, tiers_spec, tls=tls, token=token,
-            wrap=(lambda r: MatchingWatch(r, engines, tls, token)) if engines else None)
+            wrap=(lambda r: MatchingWatch(r, engines, tls, token, directory=directory))
+            if engines or directory else None)
         # Its callers' principals (store/auth.py), checked before the tiers shed a call.
         self.guard = (auth.Guard(auth_config, {**AUTH_RULES, **self.tiers.auth_rules})
                       if auth_config is not None else None)
@@ -886,7 +890,7 @@ class GatewayServer:
 def serve_gateway(store_targets: str | Sequence[str], listen: str, exchange_path: str,
                   limits: GatewayLimits | None = None, tls: Tls | None = None,
                   auth_config: auth.AuthConfig | None = None, token: str = "",
-                  engines: Sequence[str] = ()) -> int:
+                  engines: Sequence[str] = (), discover_engines: bool = False) -> int:
     """Runs the gateway until SIGTERM/SIGINT; prints one JSON ready line. Exit code 2 for
     a bad exchange file, 1 when the address cannot be bound."""
     try:
@@ -899,7 +903,8 @@ def serve_gateway(store_targets: str | Sequence[str], listen: str, exchange_path
 
     async def main() -> None:
         server = GatewayServer(config, store_targets, listen, limits, tls=tls,
-                               auth_config=auth_config, token=token, engines=engines)
+                               auth_config=auth_config, token=token, engines=engines,
+                               discover_engines=discover_engines)
 
         async def start() -> str:
             await server.start()

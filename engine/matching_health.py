@@ -21,6 +21,11 @@ service ``engine`` down to its tier supervisor unless:
 
 ``MatchingWatch(inner, engines)`` wraps the gateway's store reader
 (geo.tier_supervisor.RemoteReader) and adds ``engine`` to what it reports down.
+
+The instances to ask are the configured addresses and, with an ``EngineDirectory``,
+those the engines advertise in their groups' instances streams (engine/wire.py) when
+they start: a new release started elsewhere is judged as soon as it has advertised,
+without reconfiguring the gateway.
 """
 
 from __future__ import annotations
@@ -34,9 +39,10 @@ from dataclasses import replace
 
 import grpc
 
+from engine import wire
 from geo.tier_supervisor import Reader, Reading
 from store import auth
-from store.client import channel_options
+from store.client import StoreClient, channel_options
 from xdc.tls import Tls, aio_channel
 from xdc.v1 import exchange_pb2 as xpb
 from xdc.v1 import exchange_pb2_grpc as xpb_grpc
@@ -48,6 +54,50 @@ PROBE_TIMEOUT_S = 0.5
 MAX_LAG_S = 1.0
 MAX_ENGINES = 64
 MAX_HISTORY = 1024  # commit positions remembered (one per observation)
+DISCOVER_EVERY_S = 1.0  # how often the instances streams are read again
+MAX_INSTANCE_EVENTS = 256  # read per stream and look
+
+
+class EngineDirectory:
+    """Where the instances of some engine groups answer EngineControl, as they advertise
+    it (wire.instances_stream): the latest address per instance, read from the store at
+    most every DISCOVER_EVERY_S. At most MAX_ENGINES instances, the most recently
+    advertised first."""
+
+    def __init__(self, client: StoreClient, groups: Sequence[str],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.client = client
+        self.groups = list(groups)
+        self._clock = clock
+        self._next_revision = {g: 0 for g in self.groups}
+        self._addresses: dict[tuple[str, str], str] = {}  # (group, instance) -> address
+        self._read_at = -DISCOVER_EVERY_S
+
+    async def addresses(self) -> list[str]:
+        now = self._clock()
+        if now - self._read_at >= DISCOVER_EVERY_S:
+            self._read_at = now
+            for group in self.groups:
+                await self._read(group)
+        latest = list(dict.fromkeys(reversed(self._addresses.values())))
+        return latest[:MAX_ENGINES]
+
+    async def _read(self, group: str) -> None:
+        try:
+            events = await self.client.read(wire.instances_stream(group),
+                                            start=self._next_revision[group],
+                                            limit=MAX_INSTANCE_EVENTS, timeout_s=PROBE_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:  # NOT_FOUND: none advertised yet
+                log.debug("instances of %s not read: %s", group, exc.code().name)
+            return
+        for e in events:
+            self._next_revision[group] = e.revision + 1
+            parsed = wire.parse_instance(e.data) if e.type == wire.INSTANCE_TYPE else None
+            if parsed is not None:
+                key = (group, parsed[0])
+                self._addresses.pop(key, None)  # re-inserted: the most recent last
+                self._addresses[key] = parsed[1]
 
 
 class MatchingWatch:
@@ -56,13 +106,16 @@ class MatchingWatch:
 
     def __init__(self, inner: Reader, engines: Sequence[str], tls: Tls | None = None,
                  token: str = "", max_lag_s: float = MAX_LAG_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        if not engines:
-            raise ValueError("MatchingWatch needs at least one engine address")
+                 clock: Callable[[], float] = time.monotonic,
+                 directory: EngineDirectory | None = None) -> None:
+        if not engines and directory is None:
+            raise ValueError("MatchingWatch needs engine addresses or a directory")
         if len(engines) > MAX_ENGINES:
             raise ValueError(f"engines: {len(engines)} addresses, max {MAX_ENGINES}")
         self.inner = inner
-        self.engines = list(engines)
+        self.configured = list(engines)
+        self.engines = list(engines)  # asked at the last observation
+        self.directory = directory
         self.tls = tls
         self.metadata = auth.bearer(token)
         self.max_lag_s = max_lag_s
@@ -76,6 +129,7 @@ class MatchingWatch:
         self._history: collections.deque[tuple[float, int]] = collections.deque(
             maxlen=MAX_HISTORY)  # (time, commit position) since the reference was set
         self.why = "not observed yet"  # why matching is down ("" when current)
+        self.answered = 0  # instances that answered at the last observation
 
     async def _status(self, address: str) -> xpb.EngineStatus | None:
         channel = self._channels.get(address)
@@ -90,9 +144,16 @@ class MatchingWatch:
             return None
 
     async def __call__(self) -> Reading:
+        if self.directory is not None:
+            found = await self.directory.addresses()
+            self.engines = list(dict.fromkeys([*self.configured, *found]))[:MAX_ENGINES]
+            for gone in [a for a in self._channels if a not in self.engines]:
+                await self._channels.pop(gone).close()
         reading, statuses = await asyncio.gather(
             self.inner(), asyncio.gather(*(self._status(a) for a in self.engines)))
-        why = self._judge(reading, [s for s in statuses if s is not None])
+        answered = [s for s in statuses if s is not None]
+        self.answered = len(answered)
+        why = self._judge(reading, answered)
         if why != self.why:
             log.info("matching %s", f"down: {why}" if why else "current")
             self.why = why

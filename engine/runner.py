@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import zlib
 from dataclasses import dataclass
 
@@ -74,6 +75,7 @@ DESIGNATION_TTL_S = 10
 # failover takes the 2 s lease plus an election (drills: ~2 s, target 3 s).
 STORE_CUT_OFF_S = 5.0
 CAMPAIGN_INTERVAL_S = 0.2  # an instance that may campaign tries for the lease this often
+ADVERTISE_RETRY_MAX_S = 5.0
 STORE_WATCH_S = 0.5  # how often an instance asks its store member for its tiers
 STARTUP_TIMEOUT_S = 60.0
 _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -127,6 +129,7 @@ class EngineRunner:
         # Since when the store member this instance reads has had no leader (None: it
         # has one); see STORE_CUT_OFF_S.
         self.leaderless_since: float | None = None
+        self._advertiser: asyncio.Task | None = None
 
     # ---------------------------------------------------------------- life cycle
 
@@ -156,8 +159,41 @@ class EngineRunner:
     async def wait_failed(self) -> None:
         await self._stopped.wait()
 
+    def advertise(self, address: str) -> None:
+        """Records, in the group's instances stream, where this instance answers
+        EngineControl: gateways that discover engines (`xdc gateway --discover-engines`)
+        then judge matching by instances they were not configured with, such as a new
+        release taking over. In the background; a refusal other than a transient one is
+        logged, not fatal (matching does not depend on it)."""
+        self._advertiser = asyncio.create_task(self._advertise(address), name="engine-advertise")
+
+    async def _advertise(self, address: str) -> None:
+        event = wire.instance_event(self.config.group, self.config.instance, address,
+                                    ENGINE_VERSION)
+        delay = 0.1
+        while True:
+            try:
+                await self.client.append(wire.instances_stream(self.config.group), [event])
+                log.info("instance %s of %s advertised at %s", self.config.instance,
+                         self.config.group, address)
+                return
+            except AppendError as exc:
+                if exc.code not in _TRANSIENT:
+                    log.warning("instance %s not advertised at %s: %s", self.config.instance,
+                                address, exc)
+                    return
+            except Exception as exc:  # never fatal: the engine matches without it
+                log.warning("instance %s not advertised at %s yet: %r", self.config.instance,
+                            address, exc)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, ADVERTISE_RETRY_MAX_S)
+
     async def stop(self) -> None:
         self._stopping = True
+        if self._advertiser is not None:
+            self._advertiser.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._advertiser
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -509,6 +545,15 @@ class EngineControlService(xpb_grpc.EngineControlServicer):
         return await self.runner.status(request.brief)
 
 
+def advertised(address: str) -> str:
+    """The address others reach a listener bound to `address` at: a wildcard host
+    (0.0.0.0, ::) is replaced by this machine's name."""
+    host, port = address.rsplit(":", 1)
+    if host.strip("[]") in ("0.0.0.0", "::", ""):
+        host = socket.getfqdn()
+    return f"{host}:{port}"
+
+
 async def run_engine(config: RunnerConfig, lease: PrimaryLease, control_listen: str,
                      auth_config: auth.AuthConfig | None = None) -> int:
     """`xdc engine run`: the runner plus its EngineControl server (callers authenticated
@@ -526,7 +571,9 @@ async def run_engine(config: RunnerConfig, lease: PrimaryLease, control_listen: 
     async def start() -> str:
         await runner.start()
         await server.start()
-        return f"{host}:{port}"
+        address = f"{host}:{port}"
+        runner.advertise(advertised(address))
+        return address
 
     async def stop() -> None:
         await server.stop(0.5)

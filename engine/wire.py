@@ -9,6 +9,9 @@ domain) there are three streams::
     exchange.G.output     output batches (type = OUTPUT_TYPE), appended by the primary
                           with the exact expected revision of the stream
     exchange.G.snapshots  engine snapshots, chunked (type = SNAPSHOT_TYPE)
+    exchange.G.instances  where each engine instance answers EngineControl (type
+                          INSTANCE_TYPE, JSON), appended when it starts: how gateways
+                          find instances they were not told about (a new release)
 
 Input events carry ``ts_ns = 0``: the engine's time for a command is the store's leader
 timestamp of its record, which is part of the replicated log, so a retried submit has
@@ -53,6 +56,8 @@ COMMAND_CONTENT_TYPE = "application/x-xdc-command"
 OUTPUT_TYPE = "xdc.Outputs"
 SNAPSHOT_TYPE = "xdc.Snapshot"
 SWITCHOVER_TYPE = "xdc.Switchover"
+INSTANCE_TYPE = "xdc.EngineInstance"
+MAX_ADDRESS_BYTES = 256
 SNAPSHOT_REQUEST_TYPE = "xdc.SnapshotRequest"
 CONTROL_TYPES = (SWITCHOVER_TYPE, SNAPSHOT_REQUEST_TYPE)
 COMMAND_TYPES = tuple(cls.__name__ for cls in (
@@ -90,6 +95,10 @@ def snapshot_stream(group: str) -> str:
     return f"exchange.{group}.snapshots"
 
 
+def instances_stream(group: str) -> str:
+    return f"exchange.{group}.instances"
+
+
 def group_prefix(group: str) -> str:
     return f"exchange.{group}."
 
@@ -111,7 +120,8 @@ def exchange_principals(tokens: dict[str, str], certs: dict[str, str] | None = N
              "types": list(GATEWAY_TYPES)},
             {"operations": ["read", "subscribe"], "streams": [exchange]}]},
         "engine": {"grants": [
-            {"operations": ["append"], "streams": [output_stream("*"), snapshot_stream("*")]},
+            {"operations": ["append"], "streams": [output_stream("*"), snapshot_stream("*"),
+                                                   instances_stream("*")]},
             {"operations": ["read", "subscribe"], "streams": [exchange]}]},
         "trader": {"accounts": list(trader_accounts), "grants": [
             {"operations": ["append", "read", "subscribe"], "streams": ["orders.*"]}]},
@@ -150,6 +160,30 @@ def command_event(group: str, cmd: object, key: str,
     if metadata:  # assigning even an empty map costs about a microsecond per order
         event.metadata.update(metadata)
     return event
+
+
+def instance_event(group: str, instance: str, address: str, version: str) -> pb.ProposedEvent:
+    """An engine instance's EngineControl address (its id derives from all four: an
+    instance restarted at the same address and version appends nothing new)."""
+    body = {"instance": instance, "address": address, "version": version}
+    return pb.ProposedEvent(id=derived_id("instance", group, instance, address, version),
+                            type=INSTANCE_TYPE, content_type="application/json",
+                            data=json.dumps(body, sort_keys=True).encode())
+
+
+def parse_instance(data: bytes) -> tuple[str, str] | None:
+    """(instance, address) of an instance event's data; None if it is not one."""
+    try:
+        body = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(body, dict):
+        return None
+    instance, address = body.get("instance"), body.get("address")
+    if (not isinstance(instance, str) or not isinstance(address, str) or not instance
+            or not 0 < len(address.encode()) <= MAX_ADDRESS_BYTES or ":" not in address):
+        return None
+    return instance, address
 
 
 def control_event(group: str, kind: str, body: dict[str, str], key: str) -> pb.ProposedEvent:

@@ -330,10 +330,13 @@ def engine_command(state: launcher.ClusterState, instance: str, stores: list[str
 def gateway_command(state: launcher.ClusterState, stores: list[str], engines: list[str],
                     exchange_file: str) -> list[str]:
     # `xdc gateway` with its certificate (the gateway principal, to the store and the
-    # engines) and its callers authenticated by the cluster's auth file.
+    # engines) and its callers authenticated by the cluster's auth file. It knows the
+    # engines' addresses and discovers them too (both give the same instances here: the
+    # advertised addresses, over TLS and authenticated, are exercised by every drill).
     return [sys.executable, "-c", _CHILD_MAIN, "gateway", "--store", ",".join(stores),
             "--listen", "127.0.0.1:0", "--exchange", exchange_file,
-            "--engines", ",".join(engines), *launcher.tls_args(state, "gateway"),
+            "--engines", ",".join(engines), "--discover-engines",
+            *launcher.tls_args(state, "gateway"),
             *(["--auth", state.auth_file] if state.auth_file else [])]
 
 

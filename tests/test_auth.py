@@ -4,6 +4,7 @@ LMDB store behind a real gRPC server, `xdc serve --auth` as a real process."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -23,7 +24,7 @@ from store.client import NO_STREAM, AppendError, CaughtUp, StoreClient, new_even
 from store.node import StoreNode
 from store.process import ServeProcess
 from store.server import StoreServer
-from tests.support.store import run, running_store
+from tests.support.store import run, running_store, wait_until
 from xdc.v1 import eventstore_pb2 as pb
 
 TOKENS = {"admin": "tok-admin-7f3a", "gateway": "tok-gw-5d10", "engine": "tok-engine-e4b8",
@@ -464,6 +465,14 @@ def test_engine_control_and_engine_switchover_need_admin(tmp_path: Path) -> None
                 await wait_outputs_through(admin, r.last_position, 30)
                 status = await fetch_status(engine.address, token=TOKENS["trader"])
                 assert status.role == "primary" and status.input_position == r.last_position
+                # ... and advertises where it answers EngineControl (gateways discover it).
+                async def advertised() -> bool:
+                    with contextlib.suppress(grpc.aio.AioRpcError):  # NOT_FOUND: not yet
+                        events = await admin.read(wire.instances_stream(GROUP))
+                        return [wire.parse_instance(e.data) for e in events] == [
+                            ("a", engine.address)]
+                    return False
+                await wait_until(advertised, 30, "the engine's instance event")
 
                 stream = wire.input_stream(GROUP).encode()
                 before = server.node.log.stream_state(stream).last_revision

@@ -8,12 +8,15 @@ end: orders are shed while no engine primary is current and admitted again once 
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import grpc
 
+from engine import wire
 from engine.exchange_config import parse
 from engine.gateway import GatewayServer
 from engine.matching_health import ENGINE_SERVICE, MatchingWatch
@@ -137,9 +140,10 @@ def test_a_handover_that_does_not_complete_in_time_is_down() -> None:
 T = 20.0
 
 
-def _engine(store: str, lease: str, control: str = "127.0.0.1:0") -> ServeProcess:
+def _engine(store: str, lease: str, control: str = "127.0.0.1:0",
+            instance: str = "e1") -> ServeProcess:
     return ServeProcess(command=["engine", "run", "--store", store, "--group", "g1",
-                                 "--instance", "e1", "--lease", lease, "--control", control,
+                                 "--instance", instance, "--lease", lease, "--control", control,
                                  "--lease-ttl", "1"]).start()
 
 
@@ -185,3 +189,77 @@ def test_gateway_sheds_orders_while_no_engine_primary_is_current(tmp_path: Path)
                 engine.signal(signal.SIGKILL)
                 engine.proc.wait()  # type: ignore[union-attr]
     run(body, timeout_s=90)
+
+
+def test_gateway_discovers_a_new_engine_instance_that_takes_over(tmp_path: Path) -> None:
+    """A release: the gateway knows only e1's address; e2 starts elsewhere, advertises
+    itself in the group's instances stream, and takes over by a planned switchover; e1 is
+    killed. With --discover-engines the gateway judges matching by e2 alone and keeps
+    admitting orders; configured addresses alone would leave it with no primary to ask."""
+    async def body() -> None:
+        config = parse(tomllib.loads(EXCHANGE))
+        lease = lease_dir(tmp_path)
+        async with running_store(tmp_path / "store") as (store, client):
+            e1 = await asyncio.to_thread(_engine, store.address, lease)
+            e2: ServeProcess | None = None
+            gateway = GatewayServer(config, store.address, engines=[e1.address],
+                                    discover_engines=True)
+            try:
+                await gateway.start()
+                await gateway.wait_admitted(timeout_s=T)
+                watch = gateway.tiers._read
+                assert isinstance(watch, MatchingWatch)
+                e2 = await asyncio.to_thread(_engine, store.address, lease, "127.0.0.1:0", "e2")
+
+                async def advertised() -> set[tuple[str, str] | None]:
+                    return {wire.parse_instance(e.data)
+                            for e in await client.read(wire.instances_stream("g1"))}
+
+                assert e2 is not None
+                want = {("e1", e1.address), ("e2", e2.address)}
+                await wait_until(lambda: _has(advertised(), want), T, "both advertised")
+                await wait_until(lambda: e2.address in watch.engines, T, "e2 discovered")
+                await client.append(wire.input_stream("g1"), [wire.control_event(
+                    "g1", wire.SWITCHOVER_TYPE, {"to": "e2"}, "release-1")])
+                await wait_until(lambda: _role(e2.address, "primary"), T, "e2 primary")
+                e1.signal(signal.SIGKILL)
+                e1.proc.wait()  # type: ignore[union-attr]
+                await wait_until(lambda: watch.answered == 1 and watch.why == "", T,
+                                 "matching judged current by e2 alone")
+                assert gateway.tiers.machine.states[2].admitted
+                async with grpc.aio.insecure_channel(gateway.address) as channel:
+                    ok = await xpb_grpc.OrderGatewayStub(channel).SubmitOrder(
+                        order("after-release", xpb.BUY, 1, 50000))
+                    assert ok.input_position > 0
+            finally:
+                await gateway.stop(grace_s=0.5)
+                e1.kill()
+                if e2 is not None:
+                    e2.kill()
+    run(body, timeout_s=90)
+
+
+async def _has(found: Any, want: set[tuple[str, str]]) -> bool:
+    return want <= await found
+
+
+async def _role(address: str, role: str) -> bool:
+    from engine.runner import status_or_none
+    s = await status_or_none(address, 1.0)
+    return s is not None and s.role == role
+
+
+def test_instance_events_parse_or_are_ignored() -> None:
+    """What a gateway reads in an instances stream: an engine's own event parses to
+    (instance, address); anything else (not JSON, not an object, fields missing or of
+    the wrong type, an address without a port or over MAX_ADDRESS_BYTES) is ignored."""
+    e = wire.instance_event("g1", "e7", "10.0.0.7:7200", "1.0.0")
+    assert e.type == wire.INSTANCE_TYPE and wire.parse_instance(e.data) == ("e7", "10.0.0.7:7200")
+    assert e.id == wire.instance_event("g1", "e7", "10.0.0.7:7200", "1.0.0").id
+    assert e.id != wire.instance_event("g1", "e7", "10.0.0.8:7200", "1.0.0").id
+    long = "h" * wire.MAX_ADDRESS_BYTES + ":1"
+    for data in (b"", b"not json", b"[1]", b'{"instance": "e7"}',
+                 b'{"instance": 7, "address": "h:1"}', b'{"instance": "", "address": "h:1"}',
+                 b'{"instance": "e7", "address": "no-port"}',
+                 json.dumps({"instance": "e7", "address": long}).encode()):
+        assert wire.parse_instance(data) is None, data

@@ -475,7 +475,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     # only decides whether traders must show one.
     return serve_gateway(_store_targets(args.store), args.listen, args.exchange,
                          tls=_server_tls(args), auth_config=load_auth("gateway", args.auth),
-                         token=args.token, engines=_store_targets(args.engines))
+                         token=args.token, engines=_store_targets(args.engines),
+                         discover_engines=args.discover_engines)
 
 
 def cmd_exchange(args: argparse.Namespace) -> int:
@@ -604,6 +605,10 @@ def add_exchange_parsers(sub: Any) -> None:
     p.add_argument("--engines", default="",
                    help="EngineControl addresses of the engines, comma separated: orders are "
                         "admitted only while an engine primary is current (matching tier)")
+    p.add_argument("--discover-engines", action="store_true",
+                   help="also ask the engine instances that advertise themselves in the "
+                        "exchange's groups (exchange.<group>.instances): a new release is "
+                        "judged without restarting the gateway")
     add_tls_args(p)
     add_client_auth_arg(p)
     p.add_argument("--auth", help="auth file: callers authenticate and trade only for the "
