@@ -73,11 +73,32 @@ async def _status(addresses: list[str], tls: Tls | None,
     return out
 
 
+async def _advertised(store: str, group: str, tls: Tls | None, token: str) -> list[str]:
+    from engine.matching_health import EngineDirectory
+    client = StoreClient(store.split(","), tls=tls, token=token)
+    try:
+        return await EngineDirectory(client, [group]).addresses()
+    finally:
+        await client.close()
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from xdc.cli import message_json
+    tls = cli_tls(args, "xdc engine")
+    addresses = [a for a in args.engine.split(",") if a]
+    if args.group or args.store:
+        if not (args.group and args.store):
+            print("xdc engine status: --group and --store go together", file=sys.stderr)
+            return 2
+        found = asyncio.run(_advertised(args.store, wire.check_group(args.group), tls,
+                                        args.token))
+        addresses = list(dict.fromkeys([*addresses, *found]))
+    if not addresses:
+        print("xdc engine status: no instance to ask (--engine, or --group with --store: "
+              "none advertised)", file=sys.stderr)
+        return 2
     bad = 0
-    for s in asyncio.run(_status(args.engine.split(","), cli_tls(args, "xdc engine"),
-                                 args.token)):
+    for s in asyncio.run(_status(addresses, tls, args.token)):
         if isinstance(s, str):
             bad = 1
             print(json.dumps({"error": s}))
@@ -211,7 +232,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r.set_defaults(func=cmd_run)
 
     s = esub.add_parser("status", help="role, input position, lag, hashes of instances")
-    s.add_argument("--engine", required=True, help="control address(es), comma-separated")
+    s.add_argument("--engine", default="", help="control address(es), comma-separated")
+    s.add_argument("--group", default="",
+                   help="with --store: every instance the group's engines advertised")
+    s.add_argument("--store", default="", help="store address(es), comma separated")
     add_cli_args(s)
     add_token_arg(s)
     s.set_defaults(func=cmd_status)

@@ -6,9 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -24,6 +21,7 @@ from store.client import NO_STREAM, AppendError, CaughtUp, StoreClient, new_even
 from store.node import StoreNode
 from store.process import ServeProcess
 from store.server import StoreServer
+from tests.support.cli import xdc_cli as _xdc
 from tests.support.store import run, running_store, wait_until
 from xdc.v1 import eventstore_pb2 as pb
 
@@ -295,16 +293,6 @@ def test_append_stream_refuses_forbidden_appends_and_writes_nothing_of_them(
 
 
 # ---- the CLI against `xdc serve --auth` -------------------------------------------------------
-
-def _xdc(*args: str, token: str | None = None,
-         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """`xdc ARGS` as a child process; `token`: its XDC_TOKEN; `env`: more variables."""
-    extra = dict(env or {})
-    if token is not None:
-        extra["XDC_TOKEN"] = token
-    return subprocess.run([sys.executable, "-m", "xdc.cli", *args], capture_output=True,
-                          text=True, timeout=60, env={**os.environ, **extra})
-
 
 def test_cli_tokens_against_serve_with_auth_file(tmp_path: Path) -> None:
     made = _xdc("auth", "token", "ops")

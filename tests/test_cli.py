@@ -9,11 +9,7 @@ import sys
 from pathlib import Path
 
 from store.process import ServeProcess
-
-
-def xdc(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "xdc.cli", *args], capture_output=True,
-                          text=stdin is None, input=stdin, timeout=60)
+from tests.support.cli import xdc_cli as xdc
 
 
 def test_append_read_info_tail_and_clean_sigterm(tmp_path: Path) -> None:

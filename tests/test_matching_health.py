@@ -22,6 +22,7 @@ from engine.gateway import GatewayServer
 from engine.matching_health import ENGINE_SERVICE, MatchingWatch
 from geo.tier_supervisor import Reading
 from store.process import ServeProcess
+from tests.support.cli import xdc_cli
 from tests.support.exchange import lease_dir
 from tests.support.store import run, running_store, wait_until
 from tests.test_gateway import EXCHANGE, order, refused
@@ -219,6 +220,12 @@ def test_gateway_discovers_a_new_engine_instance_that_takes_over(tmp_path: Path)
                 want = {("e1", e1.address), ("e2", e2.address)}
                 await wait_until(lambda: _has(advertised(), want), T, "both advertised")
                 await wait_until(lambda: e2.address in watch.engines, T, "e2 discovered")
+                # An operator finds them the same way: `xdc engine status --group --store`.
+                cli = await asyncio.to_thread(xdc_cli, "engine", "status", "--group", "g1",
+                                              "--store", store.address)
+                assert cli.returncode == 0, cli.stderr
+                assert {json.loads(line)["instance"] for line in cli.stdout.splitlines()} == {
+                    "e1", "e2"}
                 await client.append(wire.input_stream("g1"), [wire.control_event(
                     "g1", wire.SWITCHOVER_TYPE, {"to": "e2"}, "release-1")])
                 await wait_until(lambda: _role(e2.address, "primary"), T, "e2 primary")

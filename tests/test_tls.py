@@ -11,8 +11,6 @@ import json
 import logging
 import os
 import stat
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from store.client import AppendError, StoreClient, new_event
 from store.node import StoreNode
 from store.process import ServeProcess
 from store.server import StoreServer
+from tests.support.cli import xdc_cli as _xdc
 from tests.support.cluster import LocalCluster, cluster_toml
 from tests.support.etcd import EtcdCluster
 from tests.support.store import run, wait_until
@@ -179,11 +178,6 @@ def test_client_certificates_optional_on_the_client_port(pki: Pki, tmp_path: Pat
         finally:
             await server.stop(0.5)
     run(body)
-
-
-def _xdc(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "xdc.cli", *args], capture_output=True,
-                          text=True, timeout=60)
 
 
 def test_cli_certs_init_serve_and_clients_over_tls(tmp_path: Path) -> None:
