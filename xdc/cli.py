@@ -868,8 +868,15 @@ TRACED_COMMANDS = {"serve": "xdc-store", "node": "xdc-node", "gateway": "xdc-gat
                    "append": "xdc-cli", "order": "xdc-cli"}
 
 
+# Long-running servers: they move large buffers all the time (xdc/malloc_tuning.py).
+SERVER_COMMANDS = ("serve", "node", "gateway", "engine")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in SERVER_COMMANDS:
+        from xdc.malloc_tuning import keep_large_buffers
+        keep_large_buffers()
     service = TRACED_COMMANDS.get(args.command)
     if service is None:
         return int(args.func(args) or 0)
