@@ -208,6 +208,7 @@ def same_stream_ids(values: Sequence[bytes], i: int, position: int, ids: list[by
         i += 1
     return i
 
+
 def type_of(value: bytes) -> str:
     """The event type, read without decoding the whole record (id is field 1, type 2)."""
     body = body_of(value)

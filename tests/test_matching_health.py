@@ -270,3 +270,15 @@ def test_instance_events_parse_or_are_ignored() -> None:
                  b'{"instance": "e7", "address": "no-port"}',
                  json.dumps({"instance": "e7", "address": long}).encode()):
         assert wire.parse_instance(data) is None, data
+
+
+def test_an_engine_advertises_a_reachable_address() -> None:
+    """What an instance writes to its instances stream: the address it is bound to, or,
+    bound to a wildcard host, this machine's name with the same port."""
+    import socket
+
+    from engine.runner import advertised
+    assert advertised("127.0.0.1:7201") == "127.0.0.1:7201"
+    assert advertised("engine-a.example:7201") == "engine-a.example:7201"
+    for wildcard in ("0.0.0.0:7201", "[::]:7201", ":7201"):
+        assert advertised(wildcard) == f"{socket.getfqdn()}:7201", wildcard

@@ -304,6 +304,27 @@ def test_ids_of_a_failed_write_are_not_known(tmp_path: Path) -> None:
     assert [records.position_of(v) for v in new] == [last + 1, last + 2, last + 3]
 
 
+def test_stream_rows_read_before_a_truncation_are_not_used_after_it(tmp_path: Path) -> None:
+    """write_records may reuse the stream rows Log.sequence read in the same transaction,
+    but not once it has truncated: the rows then describe records that are gone. A
+    stream at revision 3, its rows read, then positions 2.. replaced by another term's
+    record: the stream ends at revision 2, position 2 (not 4, from the stale row)."""
+    rng = random.Random(SEED)
+    log = Log(tmp_path / "n")
+    for _ in range(3):
+        log.append_group([prepared("s", 1, rng)], 1, 0)
+    assert log.stream_state(b"s").last_revision == 3  # type: ignore[union-attr]
+    with log.write() as txn:
+        seq = log.sequence(txn, [prepared("s", 1, rng)], 4, 1, 0)
+        assert seq.stream_rows[b"s"] is not None
+        other = prepared("s", 1, rng)
+        value = records.encode(2, 2, 2, 0, other.stream_fld, other.bodies[0])
+        log.write_records(txn, [value], 2, [(b"s", 2, other.ids)], seq.stream_rows,
+                          truncate_after=1)
+    state = log.stream_state(b"s")
+    assert state is not None and (state.last_revision, state.last_position) == (2, 2)
+
+
 def test_truncated_buffered_ids_are_forgotten_across_a_reopen(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("store.log.MAX_UNINDEXED", 5)  # the index close behind the log
