@@ -150,7 +150,7 @@ class ReplicationObserver:
         span = None
         if telemetry.tracing():
             parent, links = telemetry.parent_and_links(self._producers(msg))
-            span = telemetry.tracer().start_span(
+            span = telemetry.open_span(
                 "xdc.replicate", context=parent, links=links, kind=SpanKind.CLIENT,
                 attributes={"xdc.node": self.node_id, "xdc.peer": msg.dst, "xdc.term": msg.term,
                             "xdc.position.first": first, "xdc.position.last": last,
@@ -233,7 +233,7 @@ class ReplicationObserver:
         parent = telemetry.extract(carrier)
         if not carrier:  # a leader that does not trace: the producers' rule instead
             parent, _ = telemetry.parent_and_links(producers)
-        span = telemetry.tracer().start_span(
+        span = telemetry.open_span(
             "xdc.replica.append", context=parent, kind=SpanKind.SERVER,
             links=[Link(sc) for sc in producers],
             attributes={"xdc.node": self.node_id, "xdc.leader": msg.src, "xdc.term": msg.term,

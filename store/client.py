@@ -441,9 +441,8 @@ class StoreClient:
             "server.address": self._target}
         if len(streams) == 1:
             attrs[telemetry.MESSAGING_DESTINATION] = next(iter(streams))
-        span = telemetry.tracer().start_span("xdc.v1.EventStore/AppendStream", context=parent,
-                                             links=links, kind=SpanKind.CLIENT,
-                                             attributes=attrs)
+        span = telemetry.open_span("xdc.v1.EventStore/AppendStream", context=parent,
+                                   links=links, kind=SpanKind.CLIENT, attributes=attrs)
         msg.trace_context.update(telemetry.carrier_of(span))
         self._spans[msg.correlation_id] = span
 

@@ -147,7 +147,7 @@ def _annotate(span: Span, prepared: list[PreparedAppend], results: list[Any], to
 
 def _stream_span(parent: Any) -> Span:
     """The SERVER span of one AppendStream message."""
-    return telemetry.tracer().start_span(
+    return telemetry.open_span(
         f"{SERVICE}/AppendStream", context=parent, kind=SpanKind.SERVER,
         attributes={telemetry.RPC_SYSTEM: "grpc", telemetry.RPC_SERVICE: SERVICE,
                     telemetry.RPC_METHOD: "AppendStream"})

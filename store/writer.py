@@ -167,9 +167,8 @@ def emit_group_span(contexts: list[Any], appends: int, term: int, start_ns: int,
     if last >= first:
         attrs.update({"xdc.position.first": first, "xdc.position.last": last,
                       telemetry.MESSAGING_BATCH_COUNT: last - first + 1})
-    telemetry.tracer().start_span(
-        "xdc.group_commit", context=parent, links=links, start_time=start_ns,
-        attributes=attrs).end(end_time=end_ns)
+    telemetry.open_span("xdc.group_commit", context=parent, links=links, start_time=start_ns,
+                        attributes=attrs).end(end_time=end_ns)
 
 
 def _deliver_all(out: list[tuple[asyncio.Future[Results], Results]]) -> None:

@@ -233,6 +233,90 @@ def test_current_span_context_reads_what_the_api_reads(otel: Otel) -> None:
     assert telemetry.current_span_context() is None
 
 
+def test_open_span_exports_what_the_sdk_tracer_would(otel: Otel) -> None:
+    """The hot paths' spans (telemetry.open_span) reach the exporters as the SDK's own:
+    name, kind, parent, links, attributes, times, status, scope and resource."""
+    with otel.producer.start_as_current_span("order") as order:
+        parent = trace.set_span_in_context(order)
+    link = trace.Link(SpanContext(0xABC, 0xDEF, is_remote=True))
+    sdk = telemetry.tracer().start_span("batch", context=parent, kind=SpanKind.SERVER,
+                                        links=[link], attributes={"a": 1}, start_time=10)
+    sdk.set_attributes({"b": "x"})
+    sdk.end(end_time=20)
+    fast = telemetry.open_span("batch", context=parent, kind=SpanKind.SERVER, links=[link],
+                               attributes={"a": 1}, start_time=10)
+    assert isinstance(fast, telemetry.OpenSpan) and fast.is_recording()
+    fast.set_attributes({"b": "x"})
+    fast.end(end_time=20)
+    fast.set_attribute("late", 1)  # after end: ignored, as by the SDK
+    fast.end(end_time=30)          # a second end: ignored
+    want, got = otel.spans("batch")
+    for field in ("name", "kind", "parent", "start_time", "end_time", "resource",
+                  "instrumentation_scope"):
+        assert getattr(got, field) == getattr(want, field), field
+    assert dict(got.attributes) == dict(want.attributes) == {"a": 1, "b": "x"}
+    assert [lk.context for lk in got.links] == [lk.context for lk in want.links]
+    assert got.status.status_code is StatusCode.UNSET
+    assert got.context.trace_id == order.get_span_context().trace_id
+    assert got.context.trace_flags == want.context.trace_flags
+    assert got.context.span_id not in (want.context.span_id, order.get_span_context().span_id)
+    # A root span gets a trace of its own; the carrier is the span's own context.
+    root = telemetry.open_span("root")
+    assert telemetry.carrier_of(root)["traceparent"] == (
+        f"00-{root.get_span_context().trace_id:032x}-"
+        f"{root.get_span_context().span_id:016x}-"
+        f"{int(root.get_span_context().trace_flags):02x}")
+    root.end()
+    assert otel.spans("root")[0].parent is None
+
+
+def test_open_span_status_and_exceptions_as_the_sdk() -> None:
+    """ERROR keeps its description, OK is final; an exception raised under use_span is
+    recorded as an event and sets ERROR."""
+    otel = Otel()
+    telemetry.install(otel.tracer_provider)
+    try:
+        span = telemetry.open_span("s")
+        span.set_status(StatusCode.ERROR, "first")
+        span.set_status(trace.Status(StatusCode.OK))
+        span.set_status(StatusCode.ERROR, "after ok")
+        span.end()
+        with pytest.raises(ValueError), trace.use_span(telemetry.open_span("e"),
+                                                       end_on_exit=True):
+            raise ValueError("poison")
+    finally:
+        telemetry.install(None, None)
+    (s,) = otel.spans("s")
+    assert s.status.status_code is StatusCode.OK
+    (e,) = otel.spans("e")
+    assert e.status.status_code is StatusCode.ERROR and "poison" in (e.status.description or "")
+    (event,) = e.events
+    assert event.name == "exception" and event.attributes["exception.type"] == "ValueError"
+    assert "poison" in event.attributes["exception.stacktrace"]
+
+
+def test_open_span_honours_the_sampler() -> None:
+    """A span the configured sampler drops is not exported, and its context goes on
+    unsampled (a downstream child is not sampled either); tracing off gives INVALID_SPAN."""
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry.install(provider)
+    try:
+        span = telemetry.open_span("dropped", attributes={"a": 1})
+        assert not span.is_recording() and span.get_span_context().is_valid
+        assert not span.get_span_context().trace_flags.sampled
+        carrier = telemetry.carrier_of(span)
+        span.end()
+    finally:
+        telemetry.install(None, None)
+        provider.shutdown()
+    assert exporter.get_finished_spans() == () and carrier == {}
+    assert telemetry.open_span("off") is trace.INVALID_SPAN
+
+
 # ---- a real store server and client ------------------------------------------------------
 
 def test_append_spans_parent_child_and_stored_traceparent(otel: Otel, tmp_path: Path) -> None:
