@@ -21,6 +21,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanContext, SpanKind, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from store.client import CaughtUp, StoreClient, new_event
 from store.process import ServeProcess
@@ -115,8 +116,19 @@ def test_nothing_is_exported_without_otel_variables() -> None:
     assert sc is not None and sc.is_remote and sc.span_id == 0xB7AD6B7169203331
     assert sc.trace_state.get("vendor") == "x"
     for bad in ("", good[:-1], "ff" + good[2:], good.replace("0af7", "zzzz"),
-                "00-" + "0" * 32 + good[35:]):
+                "00-" + "0" * 32 + good[35:], good.upper(), good.replace("0af7", "_af7"),
+                good.replace("-b7ad", "+b7ad")[:55]):
         assert telemetry.span_context(bad) is None, bad
+    # extract parses a lone traceparent itself: the same context as the W3C propagator,
+    # for good and bad headers, with and without a tracestate.
+    w3c = TraceContextTextMapPropagator()
+    for carrier in ({"traceparent": good}, {"traceparent": good, "tracestate": "a=1"},
+                    {"traceparent": "01" + good[2:]}, {"traceparent": good + "-x"},
+                    {"traceparent": "01" + good[2:] + "-x"}, {"traceparent": good.upper()},
+                    {"traceparent": "ff" + good[2:]}, {}):
+        mine = trace.get_current_span(telemetry.extract(carrier)).get_span_context()
+        theirs = trace.get_current_span(w3c.extract(carrier)).get_span_context()
+        assert mine == theirs and mine.trace_state == theirs.trace_state, carrier
     with pytest.raises(ValueError, match="OTEL_TRACES_EXPORTER"):
         telemetry.setup_from_env("xdc-test", env={"OTEL_TRACES_EXPORTER": "zipkin"})
     with pytest.raises(ValueError, match="PROTOCOL"):
@@ -293,6 +305,29 @@ def test_open_span_status_and_exceptions_as_the_sdk() -> None:
     (event,) = e.events
     assert event.name == "exception" and event.attributes["exception.type"] == "ValueError"
     assert "poison" in event.attributes["exception.stacktrace"]
+
+
+def test_open_span_default_sampler_decides_as_the_sdk(otel: Otel) -> None:
+    """open_span decides for the SDK's default sampler inline: the same flags and trace
+    state as the sampler itself, for a root, a sampled parent and an unsampled one."""
+    from opentelemetry.sdk.trace.sampling import DEFAULT_ON
+    from opentelemetry.trace import NonRecordingSpan, TraceFlags, TraceState
+
+    assert otel.tracer_provider.sampler is DEFAULT_ON
+    assert telemetry._state.recorder is not None and telemetry._state.recorder.default_sampler
+    state = TraceState([("vendor", "v")])
+    for parent in (None, SpanContext(7, 8, True, TraceFlags(TraceFlags.SAMPLED), state),
+                   SpanContext(7, 8, True, TraceFlags(TraceFlags.DEFAULT), state)):
+        ctx = trace.set_span_in_context(NonRecordingSpan(parent)) if parent else None
+        span = telemetry.open_span("decided", context=ctx)
+        sdk = telemetry.tracer().start_span("decided", context=ctx)
+        got, want = span.get_span_context(), sdk.get_span_context()
+        assert (got.trace_flags, got.trace_state) == (want.trace_flags, want.trace_state)
+        assert span.is_recording() == sdk.is_recording()
+        if parent is not None:
+            assert got.trace_id == want.trace_id == 7
+        span.end()
+        sdk.end()
 
 
 def test_open_span_honours_the_sampler() -> None:

@@ -32,6 +32,7 @@ import importlib
 import itertools
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -109,6 +110,9 @@ class _Recorder:
 
     processor: Any  # the provider's span processor(s): on_end(ReadableSpan)
     sampler: Any
+    # The SDK's default sampler (parentbased_always_on, the very object the SDK uses when
+    # OTEL_TRACES_SAMPLER is unset): its decision is taken inline, without the call.
+    default_sampler: bool
     id_generator: Any
     resource: Any
     scope: Any      # InstrumentationScope(INSTRUMENTATION)
@@ -192,6 +196,7 @@ def _gauge_callback(gauge: str) -> Callable[[CallbackOptions], Iterable[Observat
 
 
 def _recorder(provider: Any) -> _Recorder:
+    from opentelemetry.sdk.trace.sampling import DEFAULT_ON
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
     # The one private attribute used: where the provider's add_span_processor() puts the
@@ -200,7 +205,8 @@ def _recorder(provider: Any) -> _Recorder:
     if processor is None or not callable(getattr(processor, "on_end", None)):
         raise RuntimeError("opentelemetry-sdk: TracerProvider._active_span_processor is gone; "
                            "xdc.telemetry.open_span needs updating for this SDK version")
-    return _Recorder(processor, provider.sampler, provider.id_generator, provider.resource,
+    return _Recorder(processor, provider.sampler, provider.sampler is DEFAULT_ON,
+                     provider.id_generator, provider.resource,
                      InstrumentationScope(INSTRUMENTATION, ""))  # as get_tracer(name)
 
 
@@ -424,10 +430,20 @@ def inject(metadata: MutableMapping[str, str], context: Context | None = None,
 
 def extract(metadata: Mapping[str, str] | None) -> Context:
     """The context carried by `traceparent`/`tracestate` in `metadata` (empty Context
-    when absent or malformed): pass it as `context=` to start a child span."""
+    when absent or malformed): pass it as `context=` to start a child span. A lone
+    traceparent of the usual form (every AppendStream message carries one) is parsed
+    here; anything else goes through the W3C propagator."""
     if not metadata or TRACEPARENT not in metadata:
         return Context()
+    if TRACESTATE not in metadata:
+        sc = span_context(metadata[TRACEPARENT])
+        if sc is not None:
+            return trace.set_span_in_context(NonRecordingSpan(sc), Context())
     return _W3C.extract(metadata, Context())
+
+
+# A traceparent of 55 characters (version 00's length), as the W3C propagator reads it.
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 
 
 def span_context(traceparent: str | None, tracestate: str | None = None) -> SpanContext | None:
@@ -435,15 +451,10 @@ def span_context(traceparent: str | None, tracestate: str | None = None) -> Span
     Parsed by hand: the consumer path reads one per event."""
     if not traceparent or len(traceparent) != 55:
         return None
-    version, trace_id, span_id, flags = traceparent[:2], traceparent[3:35], traceparent[36:52], \
-        traceparent[53:55]
-    if version == "ff" or traceparent[2] != "-" or traceparent[35] != "-" \
-            or traceparent[52] != "-":
+    m = _TRACEPARENT.fullmatch(traceparent)
+    if m is None or m[1] == "ff":
         return None
-    try:
-        tid, sid, fl = int(trace_id, 16), int(span_id, 16), int(flags, 16)
-    except ValueError:
-        return None
+    tid, sid, fl = int(m[2], 16), int(m[3], 16), int(m[4], 16)
     if not tid or not sid:
         return None
     state = TraceState.from_header([tracestate]) if tracestate else None
@@ -628,17 +639,27 @@ def open_span(name: str, context: Context | None = None, kind: SpanKind = SpanKi
     else:
         trace_id = parent.trace_id
         random_id = parent.trace_flags.random_trace_id
-    sampled = r.sampler.should_sample(context, trace_id, name, kind, attributes, links)
-    flags = _SAMPLED if sampled.decision.is_sampled() else _NOT_SAMPLED
+    attrs = attributes if attributes is not None else {}
+    if r.default_sampler:
+        # ParentBased(ALWAYS_ON): a root is sampled, a child follows its parent's flag, and
+        # the parent's trace state goes on; no attributes are added.
+        recording = parent is None or parent.trace_flags.sampled
+        trace_state = parent.trace_state if parent is not None else None
+    else:
+        result = r.sampler.should_sample(context, trace_id, name, kind, attributes, links)
+        recording = result.decision.is_sampled()
+        trace_state = result.trace_state
+        if result.decision.is_recording() and result.attributes:
+            attrs.update(result.attributes)
+        # RECORD_ONLY (recorded, not sampled) is not exported by the SDK's processors: it
+        # is dropped here at once.
+    flags = _SAMPLED if recording else _NOT_SAMPLED
     if random_id:
         flags = TraceFlags(flags | TraceFlags.RANDOM_TRACE_ID)
     span_context = SpanContext(trace_id, r.id_generator.generate_span_id(), is_remote=False,
-                               trace_flags=flags, trace_state=sampled.trace_state)
-    if not sampled.decision.is_recording():
+                               trace_flags=flags, trace_state=trace_state)
+    if not recording:
         return NonRecordingSpan(span_context)
-    attrs = attributes if attributes is not None else {}
-    if sampled.attributes:
-        attrs.update(sampled.attributes)
     return OpenSpan(r, name, kind, span_context, parent, links, attrs,
                     start_time if start_time is not None else time.time_ns())
 
