@@ -298,8 +298,7 @@ def _otlp_options(signal: str, protocol: str, env: Mapping[str, str]) -> dict[st
 
 # (signal, OTLP protocol) -> the exporter class, imported only when configured.
 _OTLP_EXPORTERS = {
-    ("TRACES", "grpc"): ("opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
-                         "OTLPSpanExporter"),
+    ("TRACES", "grpc"): ("xdc.otlp_spans", "SpanExporter"),  # OTLPSpanExporter's subclass
     ("TRACES", "http/protobuf"): ("opentelemetry.exporter.otlp.proto.http.trace_exporter",
                                   "OTLPSpanExporter"),
     ("METRICS", "grpc"): ("opentelemetry.exporter.otlp.proto.grpc.metric_exporter",
