@@ -39,6 +39,7 @@ from geo.replication.core import Limits as CoreLimits
 from geo.replication.core import Node
 from geo.replication.log import within_bytes
 from geo.replication.messages import (
+    ENTRY_PAYLOAD,
     Accepted,
     Committed,
     Effect,
@@ -436,7 +437,7 @@ class Replicator:
                     self.log.write_records(txn, seq.values, first, seq.spans, seq.stream_rows,
                                            truncate_after=e.truncate_after)
                 else:
-                    payloads = [x.payload for x in entries]
+                    payloads = list(map(ENTRY_PAYLOAD, entries))
                     stored = self.log.write_records(txn, payloads, first,
                                                     truncate_after=e.truncate_after)
                     if stored is not payloads:

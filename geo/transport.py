@@ -21,6 +21,8 @@ from typing import Any
 import grpc
 
 from geo.replication.messages import (
+    ENTRY_PAYLOAD,
+    ENTRY_TERM,
     Append,
     AppendReply,
     Entry,
@@ -134,8 +136,9 @@ def _add_entries(parts: list[bytes], entries: Sequence[Entry]) -> None:
         if cached is not None and all(map(operator.is_, cached[0], run)):
             parts.append(cached[1])
         else:
-            data = rpb.PeerMessage(entry_terms=[e.term for e in run],
-                                   entry_payloads=[e.payload for e in run]).SerializeToString()
+            data = rpb.PeerMessage(entry_terms=list(map(ENTRY_TERM, run)),
+                                   entry_payloads=list(map(ENTRY_PAYLOAD, run))
+                                   ).SerializeToString()
             if whole:
                 _BLOCKS.pop(pos, None)
                 _BLOCKS[pos] = (run, data)

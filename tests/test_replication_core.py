@@ -333,6 +333,17 @@ def test_entry_terms_must_not_decrease() -> None:
         f.step(Append("L", "f", 3, 0, 0, (Entry(1, 3, b"a"), Entry(2, 2, b"b")), 0))
 
 
+def test_entry_terms_must_not_fall_below_the_log_or_pass_the_promise() -> None:
+    """Checked for every entry of every write (in C-level passes): the first entry's term
+    against the entry before it, the last against the promised term."""
+    f = follower([1, 3], promised=3)
+    with pytest.raises(InvariantError, match="term decreases at 3"):
+        f.step(Append("L", "f", 3, 2, 3, (Entry(3, 2, b"a"),), 0))
+    f = follower([], promised=1)
+    with pytest.raises(InvariantError, match="above promised"):
+        f.step(Append("L", "f", 1, 0, 0, (Entry(1, 1, b"a"), Entry(2, 2, b"b")), 0))
+
+
 def test_positions_must_be_gapless() -> None:
     f = follower([1], promised=1)
     with pytest.raises(InvariantError, match="gap"):

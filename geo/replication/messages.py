@@ -19,6 +19,7 @@ Conventions shared by all peer messages:
 from __future__ import annotations
 
 import itertools
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -34,6 +35,12 @@ class Entry(NamedTuple):
     position: int
     term: int
     payload: bytes
+
+
+# Entry fields for C-level passes over many entries: map(ENTRY_TERM, entries).
+ENTRY_POSITION = operator.itemgetter(0)
+ENTRY_TERM = operator.itemgetter(1)
+ENTRY_PAYLOAD = operator.itemgetter(2)
 
 
 def entries_of(first: int, terms: Iterable[int], payloads: Iterable[bytes]) -> list[Entry]:
