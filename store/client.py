@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from operator import attrgetter, methodcaller
+from operator import attrgetter
 from typing import Any
 
 import grpc
@@ -110,8 +110,10 @@ class _Pending:
     deadline: float
     # The caller's span context when tracing: the message span's parent or link.
     caller: Any = None
-    # Events in the request (the message span's batch count without reading them back).
+    # Events in the request and its stream: the message span's attributes, without
+    # reading them back from the request.
     events: int = 1
+    stream: str = ""
 
 
 log = logging.getLogger("xdc.client")
@@ -159,9 +161,7 @@ def channel_options(limits: Limits | None = None) -> list[tuple[str, Any]]:
 
 
 # For the per-message span: C-level passes over a message's appends, no Python loop.
-_CALLER, _REQUEST = attrgetter("caller"), attrgetter("request")
-_STREAM, _N_EVENTS = attrgetter("stream"), attrgetter("events")
-_HAS_ERROR = methodcaller("HasField", "error")
+_CALLER, _STREAM, _N_EVENTS = attrgetter("caller"), attrgetter("stream"), attrgetter("events")
 
 
 class StoreClient:
@@ -325,7 +325,7 @@ class StoreClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout_s if timeout_s is not None else self.timeout_s)
         pending = _Pending(request, loop.create_future(), deadline,
-                           telemetry.current_span_context(), len(events))
+                           telemetry.current_span_context(), len(events), stream)
         self._enqueue(pending)
         return pending.future
 
@@ -431,8 +431,7 @@ class StoreClient:
         per call): the server's span for the message is its child. A message that
         coalesces appends of several callers links to each of them instead."""
         parent, links = telemetry.parent_and_links(list(filter(None, map(_CALLER, batch))))
-        requests = list(map(_REQUEST, batch))
-        streams = set(map(_STREAM, requests))
+        streams = set(map(_STREAM, batch))
         attrs: dict[str, Any] = {
             telemetry.RPC_SYSTEM: "grpc", telemetry.RPC_SERVICE: "xdc.v1.EventStore",
             telemetry.RPC_METHOD: "AppendStream",
@@ -446,15 +445,15 @@ class StoreClient:
         msg.trace_context.update(telemetry.carrier_of(span))
         self._spans[msg.correlation_id] = span
 
-    def _end_span(self, cid: int, resp: pb.AppendStreamResponse | None = None,
+    def _end_span(self, cid: int, answered: int = 0, refused: int = 0,
                   error: str = "") -> None:
+        """Ends a message's span: `answered` appends, `refused` of them refused."""
         span = self._spans.pop(cid, None)
         if span is None:
             return
-        if resp is not None:
-            refused = sum(map(_HAS_ERROR, resp.results))
+        if answered:
             span.set_attribute("xdc.append.result", "ok" if not refused else "refused"
-                               if refused == len(resp.results) else "partial")
+                               if refused == answered else "partial")
             if refused:
                 span.set_attribute("xdc.append.refused", refused)
         if error:
@@ -490,9 +489,7 @@ class StoreClient:
                 self._slot_free.set()
                 telemetry.metrics().client_append_duration.record(
                     asyncio.get_running_loop().time() - sent)
-                if self._spans:
-                    self._end_span(cid, resp)
-                await self._settle_all(batch, resp.results)
+                await self._settle_all(batch, resp.results, cid)
         except grpc.aio.AioRpcError as exc:
             error = exc
         except asyncio.CancelledError:
@@ -500,33 +497,38 @@ class StoreClient:
         if self._call is call:
             await self._reset_stream(error=error)
 
-    async def _settle_all(self, batch: list[_Pending], results: Sequence[pb.AppendResult]
-                          ) -> None:
+    async def _settle_all(self, batch: list[_Pending], results: Sequence[pb.AppendResult],
+                          cid: int = 0) -> None:
         """Settles a message's appends in order, SETTLE_SLICE at a time with a yield to
         the loop between slices: a producer whose window the message filled is woken by
         the first slice and sends its next appends while the server still works, instead
         of after all are settled (one message in flight, client and server taking turns).
-        The next message's answers wait for these: futures resolve in order."""
+        The next message's answers wait for these: futures resolve in order. Then the
+        message's span (`cid`) ends, with the count of refusals met while settling."""
         assert len(batch) == len(results), "one result per append"
-        done = 0
+        done = refused = 0
         try:
             while done < len(batch):
                 if done:
                     await asyncio.sleep(0)
                 end = done + SETTLE_SLICE
                 for p, result in zip(batch[done:end], results[done:end], strict=True):
-                    self._settle(p, result)
+                    refused += self._settle(p, result)
                 done = end
         finally:  # cancelled (the client closes): the rest were answered all the same
             for p, result in zip(batch[done:], results[done:], strict=True):
-                self._settle(p, result)
+                refused += self._settle(p, result)
+            if self._spans:
+                self._end_span(cid, len(batch), refused)
 
-    def _settle(self, p: _Pending, result: pb.AppendResult) -> None:
-        if p.future.done():
-            return
+    def _settle(self, p: _Pending, result: pb.AppendResult) -> bool:
+        """Answers one append; True if the store refused it."""
         if result.WhichOneof("result") == "ok":
-            p.future.set_result(result.ok)
-            return
+            if not p.future.done():
+                p.future.set_result(result.ok)
+            return False
+        if p.future.done():
+            return True
         err = result.error
         code = _CODES.get(err.code, grpc.StatusCode.UNKNOWN)
         exc = AppendError(code, err.message, err.actual_last_revision, err.leader)
@@ -534,6 +536,7 @@ class StoreClient:
             self._retry([p], exc, err.retry_after_ms / 1000)
         else:
             p.future.set_exception(exc)
+        return True
 
     def _retry(self, batch: list[_Pending], cause: AppendError | None,
                delay_s: float = 0.05) -> None:

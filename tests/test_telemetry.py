@@ -272,12 +272,19 @@ def test_open_span_exports_what_the_sdk_tracer_would(otel: Otel) -> None:
     assert got.context.trace_id == order.get_span_context().trace_id
     assert got.context.trace_flags == want.context.trace_flags
     assert got.context.span_id not in (want.context.span_id, order.get_span_context().span_id)
-    # A root span gets a trace of its own; the carrier is the span's own context.
+    # A root span gets a trace of its own; the carrier is the span's own context, as the
+    # W3C propagator writes it (with a trace state too).
     root = telemetry.open_span("root")
-    assert telemetry.carrier_of(root)["traceparent"] == (
-        f"00-{root.get_span_context().trace_id:032x}-"
-        f"{root.get_span_context().span_id:016x}-"
-        f"{int(root.get_span_context().trace_flags):02x}")
+    traced = telemetry.open_span("stated", context=trace.set_span_in_context(
+        trace.NonRecordingSpan(SpanContext(5, 6, True, trace.TraceFlags(1),
+                                           trace.TraceState([("k", "v"), ("a", "b")])))))
+    for span in (root, traced, fast, trace.INVALID_SPAN):
+        w3c: dict[str, str] = {}
+        if span.is_recording():
+            TraceContextTextMapPropagator().inject(w3c, trace.set_span_in_context(span))
+        assert telemetry.carrier_of(span) == w3c
+    assert "tracestate" in telemetry.carrier_of(traced)
+    traced.end()
     root.end()
     assert otel.spans("root")[0].parent is None
 
@@ -399,6 +406,10 @@ def test_append_spans_parent_child_and_stored_traceparent(otel: Otel, tmp_path: 
     # The refused append: its own client and server spans, result "refused".
     refused = next(s for s in servers if s is not server_ok)
     assert dict(refused.attributes or {})["xdc.append.result"] == "refused"
+    client_refused = dict(next(s for s in clients if s is not client_ok).attributes or {})
+    assert client_refused["xdc.append.result"] == "refused"
+    assert client_refused["xdc.append.refused"] == 1
+    assert "xdc.append.refused" not in dict(client_ok.attributes or {})
     # Unary calls: CLIENT span (interceptor) -> SERVER span (interceptor), child via the
     # traceparent in the call's metadata; the failed one carries the gRPC status.
     caller_s = otel.spans("unary-caller")[0]

@@ -664,10 +664,16 @@ def open_span(name: str, context: Context | None = None, kind: SpanKind = SpanKi
 
 
 def carrier_of(span: Span) -> dict[str, str]:
-    """The W3C headers of `span`, for a message field that carries trace context."""
-    carrier: dict[str, str] = {}
-    if span.is_recording():
-        _W3C.inject(carrier, trace.set_span_in_context(span, Context()))
+    """The W3C headers of `span`, for a message field that carries trace context:
+    written here as the W3C propagator writes them (one per AppendStream message)."""
+    if not span.is_recording():
+        return {}
+    sc = span.get_span_context()
+    if not sc.is_valid:
+        return {}
+    carrier = {TRACEPARENT: f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{sc.trace_flags:02x}"}
+    if sc.trace_state:
+        carrier[TRACESTATE] = sc.trace_state.to_header()
     return carrier
 
 
