@@ -41,6 +41,10 @@ _EMPTY_STATUS = b"\x7a\x00"
 # Encoded keys (KeyValue.key with its tag and length), by key: a process uses few.
 _KEYS: dict[str, bytes] = {}
 _MAX_KEYS = 1024
+# Attributes with a string value, whole, by (field tag, key, value).
+_STRING_KVS: dict[tuple[bytes, str, str], bytes] = {}
+# AnyValue field (tag 0x12, its length) then int_value's tag, by the varint's length.
+_VALUE_INT = [b""] + [bytes((0x12, n + 1, 0x18)) for n in range(1, 11)]
 
 
 class _Unsupported(Exception):
@@ -76,18 +80,32 @@ def _any_value(v: Any) -> bytes:
     raise _Unsupported
 
 
+def _key_value(key: str, value: Any) -> bytes:
+    """A KeyValue message's bytes."""
+    k = _KEYS.get(key)
+    if k is None:
+        k = _string(b"\x0a", key)
+        if len(_KEYS) < _MAX_KEYS:
+            _KEYS[key] = k
+    if type(value) is int and 0 <= value < 1 << 63:  # most values: counts, positions
+        v = _varint(value)
+        return k + _VALUE_INT[len(v)] + v
+    return k + _delimited(b"\x12", _any_value(value))
+
+
 def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
-    """Repeated KeyValue field `tag`."""
+    """Repeated KeyValue field `tag`. A key and a string value seen before are written
+    from a cache (spans repeat the same few: rpc.system = grpc...)."""
     if not attributes:
         return b""
     parts = []
-    for key, value in attributes.items():
-        k = _KEYS.get(key)
-        if k is None:
-            k = _string(b"\x0a", key)
-            if len(_KEYS) < _MAX_KEYS:
-                _KEYS[key] = k
-        parts.append(_delimited(tag, k + _delimited(b"\x12", _any_value(value))))
+    for item in attributes.items():
+        kv = _STRING_KVS.get((tag, *item)) if type(item[1]) is str else None
+        if kv is None:
+            kv = _delimited(tag, _key_value(*item))
+            if type(item[1]) is str and len(_STRING_KVS) < _MAX_KEYS:
+                _STRING_KVS[(tag, *item)] = kv
+        parts.append(kv)
     return b"".join(parts)
 
 
