@@ -281,8 +281,16 @@ class TierSupervisor:
 
     async def observe_once(self) -> list[Transition]:
         try:
-            async with asyncio.timeout(self._read_timeout_s):
-                reading = await self._read()
+            try:
+                async with asyncio.timeout(self._read_timeout_s):
+                    reading = await self._read()
+            except asyncio.CancelledError as exc:
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise
+                # A gRPC call of the reader whose channel was closed under it: not
+                # this task's cancellation, one failed observation.
+                raise RuntimeError("a call of the reader was cancelled") from exc
             if self._read_failing:
                 log.info("%s: tier observation works again", self.node_id)
             self._read_failing = False
@@ -309,7 +317,12 @@ class TierSupervisor:
     async def _run(self) -> None:
         interval = self.spec.supervisor.interval_s
         while True:
-            await self.observe_once()
+            try:
+                await self.observe_once()
+            except Exception:
+                # The tiers must keep being observed: a supervisor that stopped would
+                # leave them in whatever state they were, for good.
+                log.exception("%s: tier observation failed", self.node_id)
             await asyncio.sleep(interval)
 
     async def _publish(self, changes: list[Transition] | None) -> None:

@@ -641,11 +641,13 @@ class StoreClient:
         setattr(request, "from", start)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout_s or self.timeout_s)
+        given = False
         while True:
             call = self.stub.Read(request, timeout=max(0.001, deadline - loop.time()),
                                   metadata=self.metadata)
             try:
                 async for batch in call:
+                    given = True
                     yield batch
                 return
             except grpc.aio.AioRpcError as exc:
@@ -654,6 +656,13 @@ class StoreClient:
                 wait = shed_wait_s(exc)
                 if wait is None or loop.time() + wait >= deadline:
                     raise
+            except asyncio.CancelledError:
+                if not _channel_closed():
+                    raise
+                # Read again on the new channel, unless batches were already given out.
+                if given or loop.time() >= deadline:
+                    raise _moved() from None
+                continue
             await asyncio.sleep(wait)
 
     async def read(self, stream: str, *, start: int = 0, limit: int = 1000,
@@ -746,11 +755,41 @@ class StoreClient:
                 wait = shed_wait_s(exc)  # shed by a degradation tier: retry as asked
                 if wait is None or loop.time() + wait >= deadline:
                     raise
+            except asyncio.CancelledError:
+                if not _channel_closed():
+                    raise
+                if loop.time() >= deadline:
+                    raise _moved() from None
+                continue
             await asyncio.sleep(wait)
 
     async def node_info(self) -> pb.NodeInfoResponse:
-        return await self.stub.NodeInfo(pb.NodeInfoRequest(), timeout=self.timeout_s,
-                                        metadata=self.auth_metadata)
+        try:
+            return await self.stub.NodeInfo(pb.NodeInfoRequest(), timeout=self.timeout_s,
+                                            metadata=self.auth_metadata)
+        except asyncio.CancelledError:
+            if not _channel_closed():
+                raise
+            raise _moved() from None
+
+
+# Reads and unary calls share the client's channel with appends. When an append stream
+# fails over, the client closes that channel, and grpc.aio cancels every call on it: the
+# caller sees asyncio.CancelledError although nobody cancelled its task. Left alone that
+# error ends whatever loop made the call (a gateway's tier supervisor died of it).
+
+def _channel_closed() -> bool:
+    """Whether a CancelledError just caught came from the call's channel being closed,
+    not from a cancellation of the task awaiting it."""
+    task = asyncio.current_task()
+    return task is not None and not task.cancelling()
+
+
+def _moved() -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+        details="the client moved to another node while the call was in flight "
+                "(its channel was closed); retry")
 
 
 class _StreamBroken(Exception):

@@ -344,6 +344,32 @@ def test_min_position_read_waits_for_the_write(tmp_path: Path) -> None:
     run(body)
 
 
+def test_a_read_outlives_the_client_moving_its_channel(tmp_path: Path) -> None:
+    """Reads share the channel of appends; when an append stream fails over the client
+    closes that channel and grpc.aio cancels every call on it. A read in flight is made
+    again on the new channel (its caller's task was not cancelled, so it must not see
+    CancelledError); a read whose task is cancelled still ends with CancelledError."""
+    async def body() -> None:
+        async with running_store(tmp_path) as (server, c):
+            waiters = server.node.commit._waiters  # reads waiting for a min_position
+            await c.append("s", ev(1))
+            reader = asyncio.ensure_future(c.read("$all", min_position=2, timeout_s=10))
+            await wait_until(lambda: len(waiters) == 1, what="the read waiting on the server")
+            first = c._channel
+            await c._switch()  # what a failed-over append stream does
+            await wait_until(lambda: len(waiters) == 2, what="the read made again")
+            await c.append("s", ev(2))  # on the new channel
+            assert c._channel is not first
+            assert [e.position for e in await reader] == [1, 2]
+            before = len(waiters)  # the waits above are answered and gone
+            doomed = asyncio.ensure_future(c.read("$all", min_position=10, timeout_s=10))
+            await wait_until(lambda: len(waiters) > before, what="the read waiting")
+            doomed.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await doomed
+    run(body)
+
+
 def test_large_reads_come_in_bounded_batches(tmp_path: Path) -> None:
     from store.limits import Limits
     limits = Limits(max_batch_events=100, max_event_bytes=64 * 1024, max_batch_bytes=64 * 1024)

@@ -370,6 +370,35 @@ def test_random_schedules_keep_the_invariants(seed: int) -> None:
 # ---- the interceptor on every call shape (a real gRPC server) ------------------------------
 
 
+def test_supervisor_outlives_a_reader_that_fails_in_any_way() -> None:
+    """A reader whose gRPC call was cancelled under it (its channel closed: CancelledError
+    although nobody cancelled the supervisor), or that raises anything else, counts as a
+    failed observation; the supervisor goes on observing and the tiers recover. (A gateway's
+    supervisor once died of the first, silently, and left order entry shed for good.)"""
+    async def body() -> None:
+        script = [asyncio.CancelledError(), RuntimeError("reader bug"), None]
+
+        async def read() -> Reading:
+            failure = script.pop(0) if script else None
+            if failure is not None:
+                raise failure
+            return Reading()
+
+        sup = TierSupervisor(DEFAULT.with_supervisor(settle_s=0, interval_s=0.01), read)
+        servicer = health.aio.HealthServicer()
+        await sup.start(servicer)
+        try:
+            await wait_until(lambda: not script and sup.machine.all_admitted, 5.0,
+                             "tiers admitted after the failed observations")
+            assert sup._task is not None and not sup._task.done()
+        finally:
+            await sup.stop()
+        # The supervisor's own cancellation still stops it.
+        assert sup._task is None
+
+    run(body)
+
+
 def test_interceptor_refuses_every_call_shape_and_passes_tier_0(tmp_path: Path) -> None:
     async def body() -> None:
         failing = {"on": False}
