@@ -61,7 +61,7 @@ from geo.tiers import (
     service_of,
 )
 from store import auth
-from store.client import channel_options
+from store.client import cancelled_by_channel, channel_options
 from store.errors import MD_SHED_REASON, MD_TIER, StoreError
 from store.node import StoreNode
 from xdc.tls import Tls, aio_channel
@@ -281,20 +281,16 @@ class TierSupervisor:
 
     async def observe_once(self) -> list[Transition]:
         try:
-            try:
-                async with asyncio.timeout(self._read_timeout_s):
-                    reading = await self._read()
-            except asyncio.CancelledError as exc:
-                task = asyncio.current_task()
-                if task is None or task.cancelling():
-                    raise
-                # A gRPC call of the reader whose channel was closed under it: not
-                # this task's cancellation, one failed observation.
-                raise RuntimeError("a call of the reader was cancelled") from exc
+            async with asyncio.timeout(self._read_timeout_s):
+                reading = await self._read()
             if self._read_failing:
                 log.info("%s: tier observation works again", self.node_id)
             self._read_failing = False
-        except Exception as exc:  # TimeoutError included
+        except (Exception, asyncio.CancelledError) as exc:  # TimeoutError included
+            # A CancelledError from a gRPC call of the reader whose channel was closed
+            # under it is one failed observation; this task's own cancellation stops it.
+            if isinstance(exc, asyncio.CancelledError) and not cancelled_by_channel():
+                raise
             if not self._read_failing:
                 log.warning("%s: tier observation failed (%r): counted as a failover",
                             self.node_id, exc)

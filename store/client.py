@@ -657,7 +657,7 @@ class StoreClient:
                 if wait is None or loop.time() + wait >= deadline:
                     raise
             except asyncio.CancelledError:
-                if not _channel_closed():
+                if not cancelled_by_channel():
                     raise
                 # Read again on the new channel, unless batches were already given out.
                 if given or loop.time() >= deadline:
@@ -756,7 +756,7 @@ class StoreClient:
                 if wait is None or loop.time() + wait >= deadline:
                     raise
             except asyncio.CancelledError:
-                if not _channel_closed():
+                if not cancelled_by_channel():
                     raise
                 if loop.time() >= deadline:
                     raise _moved() from None
@@ -768,7 +768,7 @@ class StoreClient:
             return await self.stub.NodeInfo(pb.NodeInfoRequest(), timeout=self.timeout_s,
                                             metadata=self.auth_metadata)
         except asyncio.CancelledError:
-            if not _channel_closed():
+            if not cancelled_by_channel():
                 raise
             raise _moved() from None
 
@@ -778,9 +778,9 @@ class StoreClient:
 # caller sees asyncio.CancelledError although nobody cancelled its task. Left alone that
 # error ends whatever loop made the call (a gateway's tier supervisor died of it).
 
-def _channel_closed() -> bool:
+def cancelled_by_channel() -> bool:
     """Whether a CancelledError just caught came from the call's channel being closed,
-    not from a cancellation of the task awaiting it."""
+    not from a cancellation of the task awaiting it (for any grpc.aio caller)."""
     task = asyncio.current_task()
     return task is not None and not task.cancelling()
 

@@ -289,22 +289,17 @@ def test_open_span_exports_what_the_sdk_tracer_would(otel: Otel) -> None:
     assert otel.spans("root")[0].parent is None
 
 
-def test_open_span_status_and_exceptions_as_the_sdk() -> None:
+def test_open_span_status_and_exceptions_as_the_sdk(otel: Otel) -> None:
     """ERROR keeps its description, OK is final; an exception raised under use_span is
     recorded as an event and sets ERROR."""
-    otel = Otel()
-    telemetry.install(otel.tracer_provider)
-    try:
-        span = telemetry.open_span("s")
-        span.set_status(StatusCode.ERROR, "first")
-        span.set_status(trace.Status(StatusCode.OK))
-        span.set_status(StatusCode.ERROR, "after ok")
-        span.end()
-        with pytest.raises(ValueError), trace.use_span(telemetry.open_span("e"),
-                                                       end_on_exit=True):
-            raise ValueError("poison")
-    finally:
-        telemetry.install(None, None)
+    span = telemetry.open_span("s")
+    span.set_status(StatusCode.ERROR, "first")
+    span.set_status(trace.Status(StatusCode.OK))
+    span.set_status(StatusCode.ERROR, "after ok")
+    span.end()
+    with pytest.raises(ValueError), trace.use_span(telemetry.open_span("e"),
+                                                   end_on_exit=True):
+        raise ValueError("poison")
     (s,) = otel.spans("s")
     assert s.status.status_code is StatusCode.OK
     (e,) = otel.spans("e")

@@ -99,12 +99,15 @@ def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
     if not attributes:
         return b""
     parts = []
-    for item in attributes.items():
-        kv = _STRING_KVS.get((tag, *item)) if type(item[1]) is str else None
+    for key, value in attributes.items():
+        if type(value) is not str:
+            parts.append(_delimited(tag, _key_value(key, value)))
+            continue
+        kv = _STRING_KVS.get((tag, key, value))
         if kv is None:
-            kv = _delimited(tag, _key_value(*item))
-            if type(item[1]) is str and len(_STRING_KVS) < _MAX_KEYS:
-                _STRING_KVS[(tag, *item)] = kv
+            kv = _delimited(tag, _key_value(key, value))
+            if len(_STRING_KVS) < _MAX_KEYS:
+                _STRING_KVS[(tag, key, value)] = kv
         parts.append(kv)
     return b"".join(parts)
 
