@@ -410,7 +410,9 @@ class Run:
                                      if r != leader_region]
         for k, region in enumerate(regions):
             e = self._engine(region, k)
-            self.engines[e.instance] = await asyncio.to_thread(e.start)
+            # Known before it starts: a run ended meanwhile (SIGTERM) still stops it.
+            self.engines[e.instance] = e
+            await asyncio.to_thread(e.start)
             if k == 0:
                 await wait_until(lambda e=e: self._role_is(e, "primary"),
                                  self.opts.step_timeout_s, f"{e.instance} primary", 0.05)
@@ -428,7 +430,8 @@ class Run:
             g = ChildProc(f"{region}-gw", region, Path(self.dir),
                           gateway_command(self.state, local + others, engines, str(exchange)),
                           {}, kind="gateway", listen_flag="--listen")
-            self.gateways[g.instance] = await asyncio.to_thread(g.start)
+            self.gateways[g.instance] = g
+            await asyncio.to_thread(g.start)
 
     def _region_procs(self, region: str) -> list[ChildProc]:
         return [p for p in (*self.engines.values(), *self.gateways.values())

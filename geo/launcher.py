@@ -312,8 +312,8 @@ def start_node(state: ClusterState, n: NodeProc) -> None:
                                 start_new_session=True)
     _children[proc.pid] = proc
     n.pid = proc.pid
+    state.save()  # before it is ready: `down` must find it if this start is interrupted
     _wait_ready_line(out, proc, READY_TIMEOUT_S)
-    state.save()
 
 
 def up(directory: str = DEFAULT_DIR, regions: int = 3, rtt_ms: float = 0.0,
@@ -361,8 +361,9 @@ def _up(directory: str, regions: int, rtt_ms: float, failover: str, standbys: in
         certs.init(tls_dir, cluster, [m[0] for m in members],
                    others=(*certs.DEFAULT_OTHERS, TRADER_CERT))
         etcd_tls = EtcdTls(tls_dir / "ca.pem", tls_dir / "etcd.pem", tls_dir / "etcd-key.pem")
-    etcd = EtcdCluster(base / "etcd", etcd_members, tls=etcd_tls).start()
-    _etcd[str(base)] = etcd
+    etcd = EtcdCluster(base / "etcd", etcd_members, tls=etcd_tls)
+    _etcd[str(base)] = etcd  # before it starts: `down` stops it if this start is interrupted
+    etcd.start()
     if tls:
         node_password, root_password = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
         certs.write_private(base / "etcd-node.password", node_password.encode() + b"\n")
@@ -406,8 +407,9 @@ def _up(directory: str, regions: int, rtt_ms: float, failover: str, standbys: in
                                      str(links_file), "--control", "127.0.0.1:0"],
                                     stdout=stdout, stderr=stderr, start_new_session=True)
         _children[proc.pid] = proc
-        ready = _wait_ready_line(out, proc, READY_TIMEOUT_S)
         state.proxy_pid = proc.pid
+        state.save()  # before it is ready: `down` must find it if this start is interrupted
+        ready = _wait_ready_line(out, proc, READY_TIMEOUT_S)
         state.proxy_control = ready["control"]
         state.links = ready["links"]
         for a in nodes:
@@ -463,7 +465,14 @@ def etcd_of(state: ClusterState) -> EtcdCluster:
 
 
 def down(directory: str = DEFAULT_DIR) -> ClusterState:
-    state = ClusterState.load(directory)
+    try:
+        state = ClusterState.load(directory)
+    except FileNotFoundError:
+        # A start interrupted before its first state.json: only etcd can be running.
+        etcd = _etcd.pop(str(Path(directory).resolve()), None)
+        if etcd is not None:
+            etcd.stop()
+        raise
     for n in state.nodes:
         _stop_pid(n.pid)
     _stop_pid(state.proxy_pid)

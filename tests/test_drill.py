@@ -10,9 +10,11 @@ not here: each costs a fresh cluster, and the suite must stay fast on two cores.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -140,3 +142,63 @@ def test_verdict_fails_a_run_on_each_broken_invariant() -> None:
         run = {**good, **broken}
         assert not verdict(run), broken
         assert failed([{**good, "ok": True}, {**run, "ok": verdict(run)}])
+
+
+def _children(pid: int) -> set[int]:
+    """The processes whose parent is `pid` (from /proc: every process's stat)."""
+    out = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.add(int(entry.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, dead and not yet reaped, does not count)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("children", [1, 11], ids=["starting-etcd", "under-load"])
+def test_sigterm_stops_the_drill_and_every_process_of_its_cluster(
+        tmp_path: Path, children: int) -> None:
+    """An operator's `kill PID` of a running drill, while its cluster starts (etcd only)
+    or once everything runs (etcd, proxy, 3 nodes, 3 engines, 3 gateways): it exits with
+    128+15 and leaves no process of its cluster running (they are in sessions of their
+    own: a signal to the drill alone reaches none of them)."""
+    runs = tmp_path / "runs"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xdc.cli", "drill", "leader-crash", "--runs", "1", "--seed",
+         "5", "--quick", "--dir", str(runs)], stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE)
+    started: set[int] = set()
+    try:
+        # Under way: the cluster is up (etcd, nodes, proxy) and the drill has started
+        # its engines and gateways beside it.
+        deadline = time.monotonic() + 60
+        while len(_children(proc.pid)) < children:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the drill's cluster did not start in 60 s"
+            time.sleep(0.05)
+        started = _children(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        still = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                 for pid in started if _alive(pid)}
+        assert not still, f"left running after SIGTERM: {still}"
+    finally:
+        for pid in (proc.pid, *started):
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()

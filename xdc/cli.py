@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 import uuid
@@ -328,8 +329,6 @@ def cmd_node_run(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
-    import signal as signals
-
     from geo import launcher
 
     action = args.cluster_command
@@ -359,7 +358,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             launcher.down(args.dir)
             print(f"cluster in {state.directory} stopped")
         elif action == "signal":
-            sig = getattr(signals, f"SIG{args.signal.upper()}")
+            sig = getattr(signal, f"SIG{args.signal.upper()}")
             hit = launcher.signal_node(state, args.target, sig)
             print(f"sent SIG{args.signal.upper()} to {[n.id for n in hit]}")
         elif action == "start":
@@ -870,6 +869,19 @@ TRACED_COMMANDS = {"serve": "xdc-store", "node": "xdc-node", "gateway": "xdc-gat
 
 # Long-running servers: they move large buffers all the time (xdc/malloc_tuning.py).
 SERVER_COMMANDS = ("serve", "node", "gateway", "engine")
+# Commands that start processes of their own and stop them in `finally` blocks: a drill's
+# cluster, the demo's, a benchmark's servers.
+ORCHESTRATING_COMMANDS = ("drill", "demo", "bench")
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM ends the command as SystemExit would, so that its `finally` blocks stop
+    what it started; by default it died at once and left its cluster running. A second
+    SIGTERM kills at once (the default action), as a second Ctrl-C would."""
+    def handler(signum: int, _frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -877,6 +889,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in SERVER_COMMANDS:
         from xdc.malloc_tuning import keep_large_buffers
         keep_large_buffers()
+    if args.command in ORCHESTRATING_COMMANDS:
+        _exit_on_sigterm()
     service = TRACED_COMMANDS.get(args.command)
     if service is None:
         return int(args.func(args) or 0)
