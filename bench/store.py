@@ -147,8 +147,16 @@ def _ingest_messages(n: int, per_append: int, appends_per_msg: int, streams: int
     return msgs
 
 
-async def _pipeline(address: str, msgs: list[bytes], inflight: int) -> float:
-    """Sends pre-serialized AppendStream messages with `inflight` outstanding; returns s."""
+# Checkpoints of a run's progress: (time.monotonic(), units answered so far), from (start,
+# 0) on. The clock is the machine's, so the progress of runs in several processes at once
+# can be compared over the window they share (bench/tracing.py).
+Progress = list[tuple[float, int]]
+
+
+async def _pipeline(address: str, msgs: list[bytes], inflight: int,
+                    progress: Progress | None = None) -> float:
+    """Sends pre-serialized AppendStream messages with `inflight` outstanding; returns s.
+    `progress` gets a checkpoint per answered message."""
     async with grpc.aio.insecure_channel(address, options=[
             ("grpc.max_send_message_length", 64 << 20),
             ("grpc.max_receive_message_length", 64 << 20)]) as ch:
@@ -164,6 +172,8 @@ async def _pipeline(address: str, msgs: list[bytes], inflight: int) -> float:
             await call.done_writing()
 
         t0 = time.perf_counter()
+        if progress is not None:
+            progress.append((time.monotonic(), 0))
         writer = asyncio.ensure_future(write())
         got = 0
         async for resp in call:
@@ -171,6 +181,8 @@ async def _pipeline(address: str, msgs: list[bytes], inflight: int) -> float:
             if any(r.WhichOneof("result") != "ok" for r in parsed.results):
                 raise RuntimeError(f"append refused: {parsed.results[0]}")
             got += 1
+            if progress is not None:
+                progress.append((time.monotonic(), got))
             slots.release()
         await writer
         assert got == len(msgs)
@@ -187,10 +199,14 @@ def batched_ingest(n: int, random_ids: bool = False) -> float:
 
 # ---- single-event appends through the client ---------------------------------------------
 
-async def _single_appends(address: str, n: int, inflight: int) -> tuple[float, list[float]]:
+PROGRESS_EVERY = 128
+
+async def _single_appends(address: str, n: int, inflight: int,
+                          progress: Progress | None = None) -> tuple[float, list[float]]:
     """One producer loop with `inflight` appends outstanding: the same shape as the NATS
     peer's publish_async loop. An append's latency ends when the loop sees it answered
-    (no callback per append: the peer's loop has none either)."""
+    (no callback per append: the peer's loop has none either). `progress` gets a
+    checkpoint every PROGRESS_EVERY answered appends."""
     data = b"x" * PAYLOAD
     latencies: list[float] = []
     async with StoreClient(address, timeout_s=30) as client:
@@ -198,17 +214,23 @@ async def _single_appends(address: str, n: int, inflight: int) -> tuple[float, l
         window: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         perf = time.perf_counter
         t0 = perf()
+        if progress is not None:
+            progress.append((time.monotonic(), 0))
         for i in range(n):
             if len(window) >= inflight:
                 fut, sent = window.popleft()
                 await fut
                 latencies.append(perf() - sent)
+                if progress is not None and len(latencies) % PROGRESS_EVERY == 0:
+                    progress.append((time.monotonic(), len(latencies)))
             window.append((client.append_nowait(f"single-{i % 16}", new_event("Tick", data)),
                            perf()))
         for fut, sent in window:
             await fut
             latencies.append(perf() - sent)
         dt = perf() - t0
+        if progress is not None:
+            progress.append((time.monotonic(), n))
     return n / dt, latencies
 
 
