@@ -109,6 +109,7 @@ class _Recorder:
     """What open_span needs of an SDK tracer provider, read once when it is installed."""
 
     processor: Any  # the provider's span processor(s): on_end(ReadableSpan)
+    readable: Any   # the SDK's ReadableSpan class (imported once, not per span)
     sampler: Any
     # The SDK's default sampler (parentbased_always_on, the very object the SDK uses when
     # OTEL_TRACES_SAMPLER is unset): its decision is taken inline, without the call.
@@ -196,6 +197,7 @@ def _gauge_callback(gauge: str) -> Callable[[CallbackOptions], Iterable[Observat
 
 
 def _recorder(provider: Any) -> _Recorder:
+    from opentelemetry.sdk.trace import ReadableSpan
     from opentelemetry.sdk.trace.sampling import DEFAULT_ON
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
@@ -205,7 +207,7 @@ def _recorder(provider: Any) -> _Recorder:
     if processor is None or not callable(getattr(processor, "on_end", None)):
         raise RuntimeError("opentelemetry-sdk: TracerProvider._active_span_processor is gone; "
                            "xdc.telemetry.open_span needs updating for this SDK version")
-    return _Recorder(processor, provider.sampler, provider.sampler is DEFAULT_ON,
+    return _Recorder(processor, ReadableSpan, provider.sampler, provider.sampler is DEFAULT_ON,
                      provider.id_generator, provider.resource,
                      InstrumentationScope(INSTRUMENTATION, ""))  # as get_tracer(name)
 
@@ -608,13 +610,11 @@ class OpenSpan(Span):
             "exception.escaped": str(escaped), **(attributes or {})}, timestamp)
 
     def end(self, end_time: int | None = None) -> None:
-        from opentelemetry.sdk.trace import ReadableSpan
-
         if self._ended:
             return
         self._ended = True
         r = self._recorder
-        r.processor.on_end(ReadableSpan(
+        r.processor.on_end(r.readable(
             self._name, self._context, self._parent, r.resource, self._attributes,
             self._events, self._links, self._kind, None, self._status, self._start_ns,
             end_time if end_time is not None else time.time_ns(), r.scope))
