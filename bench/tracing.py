@@ -23,7 +23,8 @@ and server CPU per event rise and fall together), and a median of such ratios ca
   rate is taken over the window the three share. They share the machine's slow and fast
   spells and its two cores; a side that needs more CPU per event (client and server
   together) gets fewer events through, which is the cost this measures. The control's
-  round ratios stay within 1-2% of each other.
+  round ratios stay within 1-2% of each other. The same workload is also measured in
+  turn ("single appends, in turn"), for comparison with the method it replaced.
 - Batched ingest is bound by the disk (an fsync per group of thousands of events): side
   by side, three servers fsyncing at once measure the disk's fairness, not tracing. A
   round runs one segment of each side in turn, in a rotating order; the ratios are
@@ -59,8 +60,13 @@ from xdc import telemetry
 from xdc.otlp_receiver import OtlpReceiverProcess
 
 SIDES = ("off", "on", "off2")
-SCENARIOS = ("batched", "single")
+# Scenario -> its workload. "single_in_turn" is the single-append workload measured the
+# other way (one side after the other), for comparison: noisier, same code.
+SCENARIOS = {"batched": "batched", "single": "single", "single_in_turn": "single"}
 SIDE_BY_SIDE = ("single",)  # the scenarios whose sides run at once (module docstring)
+LABELS = {"batched": "batched durable ingest (AppendStream)",
+          "single": "single appends, 256 in flight",
+          "single_in_turn": "single appends, in turn"}
 ROUNDS = 31
 QUICK_ROUNDS = 11
 
@@ -209,26 +215,27 @@ def run(quick: bool = False, rounds: int | None = None) -> dict[str, Any]:
         for r in range(rounds):
             print(f"round {r + 1}/{rounds}", flush=True)
             for scenario in SCENARIOS:
+                workload = SCENARIOS[scenario]
                 if scenario in SIDE_BY_SIDE:
                     for side in sides.values():
-                        side.send(scenario, sizes[scenario])
+                        side.send(workload, sizes[workload])
                     got = {name: side.receive() for name, side in sides.items()}
                 else:  # one side after the other; each goes first equally often
                     got = {}
                     for name in SIDES[r % 3:] + SIDES[:r % 3]:
-                        sides[name].send(scenario, sizes[scenario])
+                        sides[name].send(workload, sizes[workload])
                         got[name] = sides[name].receive()
                 rates = (shared_rates({name: g[0] for name, g in got.items()})
                          if scenario in SIDE_BY_SIDE else
                          {name: _rate(*g[0]) for name, g in got.items()})
                 for name in SIDES:
                     eps[scenario][name].append(rates[name])
-                    seg_cpu[scenario][name].append(got[name][1] / sizes[scenario] * 1e6)
+                    seg_cpu[scenario][name].append(got[name][1] / sizes[workload] * 1e6)
         # Stops every side; each flushes its last spans, synchronously, before it exits.
         stack.close()
         spans = receiver.span_count
         metric_exports = receiver.metric_requests
-    total_events = rounds * sum(sizes.values())
+    total_events = rounds * sum(sizes[w] for w in SCENARIOS.values())
     out: dict[str, Any] = {
         "runs": rounds, "quick": quick, "events_per_segment": sizes,
         "spans_exported": spans, "metric_exports": metric_exports,
@@ -258,8 +265,7 @@ def run(quick: bool = False, rounds: int | None = None) -> dict[str, Any]:
 
 def print_table(out: dict[str, Any]) -> None:
     rows = []
-    for name, label in (("batched", "batched durable ingest (AppendStream)"),
-                        ("single", "single appends, 256 in flight")):
+    for name, label in LABELS.items():
         r = out[name]
         rows.append((f"{label}, tracing off", f"{r['off_eps']:,.0f} ev/s",
                      f"server CPU {r['off_cpu_us_per_event']:.1f} us/event"))
