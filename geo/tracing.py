@@ -155,7 +155,7 @@ class ReplicationObserver:
                 attributes={"xdc.node": self.node_id, "xdc.peer": msg.dst, "xdc.term": msg.term,
                             "xdc.position.first": first, "xdc.position.last": last,
                             telemetry.MESSAGING_BATCH_COUNT: len(msg.entries),
-                            "xdc.replicate.bytes": sum(len(e.payload) for e in msg.entries)})
+                            "xdc.replicate.bytes": sum([len(e[2]) for e in msg.entries])})
         batches = self._shipped.setdefault(msg.dst, collections.deque())
         if len(batches) >= MAX_TRACKED:
             _end(batches.popleft().span, "untracked: too many batches in flight")

@@ -20,6 +20,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.trace import SpanContext, SpanKind, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -280,8 +281,7 @@ def test_open_span_exports_what_the_sdk_tracer_would(otel: Otel) -> None:
                                            trace.TraceState([("k", "v"), ("a", "b")])))))
     for span in (root, traced, fast, trace.INVALID_SPAN):
         w3c: dict[str, str] = {}
-        if span.is_recording():
-            TraceContextTextMapPropagator().inject(w3c, trace.set_span_in_context(span))
+        TraceContextTextMapPropagator().inject(w3c, trace.set_span_in_context(span))
         assert telemetry.carrier_of(span) == w3c
     assert "tracestate" in telemetry.carrier_of(traced)
     traced.end()
@@ -334,7 +334,8 @@ def test_open_span_default_sampler_decides_as_the_sdk(otel: Otel) -> None:
 
 def test_open_span_honours_the_sampler() -> None:
     """A span the configured sampler drops is not exported, and its context goes on
-    unsampled (a downstream child is not sampled either); tracing off gives INVALID_SPAN."""
+    flagged unsampled, as the W3C propagator writes it (a parent-based sampler downstream
+    drops the children too); tracing off gives INVALID_SPAN."""
     from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
     exporter = InMemorySpanExporter()
@@ -346,12 +347,69 @@ def test_open_span_honours_the_sampler() -> None:
         assert not span.is_recording() and span.get_span_context().is_valid
         assert not span.get_span_context().trace_flags.sampled
         carrier = telemetry.carrier_of(span)
+        w3c: dict[str, str] = {}
+        TraceContextTextMapPropagator().inject(w3c, trace.set_span_in_context(span))
         span.end()
     finally:
         telemetry.install(None, None)
         provider.shutdown()
-    assert exporter.get_finished_spans() == () and carrier == {}
+    assert carrier == w3c and not int(carrier["traceparent"][-2:], 16) & 1  # unsampled
+    # Downstream (the store receiving the message), under the default parent-based
+    # sampler: the child of an unsampled context is not recorded either.
+    downstream = TracerProvider()
+    downstream.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry.install(downstream)
+    try:
+        child = telemetry.open_span("child", context=telemetry.extract(carrier))
+        assert not child.is_recording()
+        assert child.get_span_context().trace_id == span.get_span_context().trace_id
+        child.end()
+    finally:
+        telemetry.install(None, None)
+        downstream.shutdown()
+    assert exporter.get_finished_spans() == ()
     assert telemetry.open_span("off") is trace.INVALID_SPAN
+
+
+class _Deciding(Sampler):
+    """A sampler that answers `decision` and adds an attribute when it records."""
+
+    def __init__(self, decision: Decision) -> None:
+        self.decision = decision
+
+    def should_sample(self, parent_context: Any, trace_id: int, name: str,
+                      kind: Any = None, attributes: Any = None, links: Any = None,
+                      trace_state: Any = None) -> SamplingResult:
+        return SamplingResult(self.decision, {"sampler.decided": self.decision.name})
+
+    def get_description(self) -> str:
+        return f"Deciding({self.decision.name})"
+
+
+def test_open_span_asks_a_custom_sampler_and_keeps_its_attributes() -> None:
+    """RECORD_AND_SAMPLE: exported with the sampler's attributes beside the caller's.
+    RECORD_ONLY (recorded, never exported by the SDK's processors): dropped at once, its
+    context flagged unsampled, as DROP."""
+    exporter = InMemorySpanExporter()
+    spans = {}
+    for decision in (Decision.RECORD_AND_SAMPLE, Decision.RECORD_ONLY, Decision.DROP):
+        provider = TracerProvider(sampler=_Deciding(decision))
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        telemetry.install(provider)
+        try:
+            spans[decision] = span = telemetry.open_span(decision.name, attributes={"a": 1})
+            span.end()
+        finally:
+            telemetry.install(None, None)
+            provider.shutdown()
+    (kept,) = exporter.get_finished_spans()
+    assert kept.name == "RECORD_AND_SAMPLE"
+    assert dict(kept.attributes or {}) == {"a": 1, "sampler.decided": "RECORD_AND_SAMPLE"}
+    assert kept.context.trace_flags.sampled
+    for decision in (Decision.RECORD_ONLY, Decision.DROP):
+        span = spans[decision]
+        assert not span.is_recording() and span.get_span_context().is_valid
+        assert not span.get_span_context().trace_flags.sampled
 
 
 # ---- a real store server and client ------------------------------------------------------

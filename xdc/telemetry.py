@@ -422,9 +422,10 @@ def inject(metadata: MutableMapping[str, str], context: Context | None = None,
            ) -> MutableMapping[str, str]:
     """Puts the W3C `traceparent` (and `tracestate`) of the current span (or of
     `context`) into `metadata` (an event's metadata map, a gRPC metadata dict) and returns
-    it. Does nothing when no span is recording. Call it once when an event is created
-    and re-send the same event on retries (the store ignores these two keys when it
-    compares a retried event with the stored one)."""
+    it. Does nothing when there is no span (an unsampled one's context goes, flagged
+    unsampled). Call it once when an event is created and re-send the same event on
+    retries (the store ignores these two keys when it compares a retried event with the
+    stored one)."""
     _W3C.inject(metadata, context)
     return metadata
 
@@ -665,9 +666,9 @@ def open_span(name: str, context: Context | None = None, kind: SpanKind = SpanKi
 
 def carrier_of(span: Span) -> dict[str, str]:
     """The W3C headers of `span`, for a message field that carries trace context:
-    written here as the W3C propagator writes them (one per AppendStream message)."""
-    if not span.is_recording():
-        return {}
+    written here as the W3C propagator writes them (one per AppendStream message). A span
+    the sampler dropped has them too, flagged unsampled: a parent-based sampler
+    downstream then drops its children as well, instead of starting traces of its own."""
     sc = span.get_span_context()
     if not sc.is_valid:
         return {}
