@@ -24,6 +24,7 @@ from store.client import (
     AppendError,
     CaughtUp,
     Checkpoint,
+    StoreClient,
     _Pending,
     new_event,
     new_id,
@@ -368,6 +369,41 @@ def test_a_read_outlives_the_client_moving_its_channel(tmp_path: Path) -> None:
             with pytest.raises(asyncio.CancelledError):
                 await doomed
     run(body)
+
+
+def test_unary_calls_cut_by_the_client_moving_its_channel(tmp_path: Path) -> None:
+    """The unary calls on the shared channel when the client moves (its server paused,
+    so that each call is in flight): StreamInfo is made again on the new channel and
+    answered once the server goes on; NodeInfo answers UNAVAILABLE at once (it asks the
+    node the client has just left; its caller decides whether to ask again)."""
+    import signal
+
+    from store.process import ServeProcess
+
+    async def body(node: ServeProcess) -> None:
+        async with StoreClient(node.address, timeout_s=20) as c:
+            await c.append("s", [ev(i) for i in range(8)])
+            node.signal(signal.SIGSTOP)
+            try:
+                info = asyncio.ensure_future(c.stream_info("s"))
+                node_info = asyncio.ensure_future(c.node_info())
+                for _ in range(3):  # let each start its call (no time passes)
+                    await asyncio.sleep(0)
+                assert not (info.done() or node_info.done())
+                old = c._channel
+                await c._switch()
+                assert c._channel is not old
+                with pytest.raises(grpc.aio.AioRpcError) as cut:
+                    await node_info
+                assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert not info.done()  # made again, waiting for the paused server
+            finally:
+                node.signal(signal.SIGCONT)
+            answered = await info
+            assert answered.last_revision == 8 and answered.count == 8
+
+    with ServeProcess(str(tmp_path)) as node:
+        run(lambda: body(node))
 
 
 def test_large_reads_come_in_bounded_batches(tmp_path: Path) -> None:
