@@ -275,9 +275,15 @@ class EventStoreService:
                 try:
                     if principal is not None:
                         principal.require_append(req.stream, map(_TYPE, req.events))
-                    prepared.append((i, prepare(req, self.limits, f"appends[{i}].")))
                 except StoreError as err:
                     slots[i] = refuse(err)
+                    continue
+                try:
+                    prepared.append((i, prepare(req, self.limits)))
+                except StoreError as err:
+                    # Its fields are named from the append down; this says which append.
+                    # (Formatted only here: an f-string per append cost ~2% of prepare.)
+                    slots[i] = refuse(StoreError(err.code, f"appends[{i}].{err.message}"))
         return asyncio.ensure_future(self._finish_message(msg.correlation_id, slots, prepared,
                                                           span))
 

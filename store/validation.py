@@ -47,31 +47,34 @@ _STREAM_CACHE: dict[tuple[str, int], tuple[bytes, bytes]] = {}
 _STREAM_CACHE_MAX = 65_536
 
 
-def _stream(stream: str, limits: Limits, prefix: str) -> tuple[bytes, bytes]:
+def _stream(stream: str, limits: Limits) -> tuple[bytes, bytes]:
     cached = _STREAM_CACHE.get((stream, limits.max_stream_name_bytes))
     if cached is not None:
         return cached
-    key = check_stream_name(stream, limits, f"{prefix}stream")
+    key = check_stream_name(stream, limits)
     if len(_STREAM_CACHE) >= _STREAM_CACHE_MAX:
         _STREAM_CACHE.clear()
     value = _STREAM_CACHE[(stream, limits.max_stream_name_bytes)] = (key, stream_field(key))
     return value
 
 
-def prepare(req: pb.AppendRequest, limits: Limits, prefix: str = "") -> PreparedAppend:
-    stream_key, stream_fld = _stream(req.stream, limits, prefix)
+def prepare(req: pb.AppendRequest, limits: Limits) -> PreparedAppend:
+    """The append validated and serialized, or INVALID_ARGUMENT naming the field from
+    the append down (`events[2].type: ...`): the caller of a message of appends puts the
+    append's place in front (store/service.py)."""
+    stream_key, stream_fld = _stream(req.stream, limits)
     kind = req.expected
     if kind not in _EXPECTED_KINDS:
-        raise invalid(f"{prefix}expected", f"unknown ExpectedKind {kind}")
+        raise invalid("expected", f"unknown ExpectedKind {kind}")
     if kind != EXACT and req.expected_revision:
-        raise invalid(f"{prefix}expected_revision", "set only with EXPECTED_EXACT")
+        raise invalid("expected_revision", "set only with EXPECTED_EXACT")
     events = req.events
     n = len(events)
     if n == 0:
-        raise invalid(f"{prefix}events", f"empty; an append carries 1..{limits.max_append_events} "
+        raise invalid("events", f"empty; an append carries 1..{limits.max_append_events} "
                                          "events")
     if n > limits.max_append_events:
-        raise invalid(f"{prefix}events", f"{n} events exceeds max_append_events "
+        raise invalid("events", f"{n} events exceeds max_append_events "
                                          f"({limits.max_append_events})")
     ids: list[bytes] = []
     bodies: list[bytes] = []
@@ -81,40 +84,40 @@ def prepare(req: pb.AppendRequest, limits: Limits, prefix: str = "") -> Prepared
     for i, ev in enumerate(events):
         event_id = ev.id
         if len(event_id) != 16 or event_id == _NIL:
-            raise invalid(f"{prefix}events[{i}].id",
+            raise invalid(f"events[{i}].id",
                           f"must be a 16-byte binary UUID other than nil, got {len(event_id)} "
                           f"bytes{' (nil)' if event_id == _NIL else ''}")
         event_type = ev.type
         if not event_type:
-            raise invalid(f"{prefix}events[{i}].type", "required")
+            raise invalid(f"events[{i}].type", "required")
         if len(event_type) * 4 > max_type and len(event_type.encode()) > max_type:
-            raise invalid(f"{prefix}events[{i}].type", f"{len(event_type.encode())} bytes exceeds "
+            raise invalid(f"events[{i}].type", f"{len(event_type.encode())} bytes exceeds "
                                                        f"max_type_bytes ({max_type})")
         content_type = ev.content_type
         if len(content_type) * 4 > max_type and len(content_type.encode()) > max_type:
-            raise invalid(f"{prefix}events[{i}].content_type",
+            raise invalid(f"events[{i}].content_type",
                           f"{len(content_type.encode())} bytes exceeds max_type_bytes ({max_type})")
         metadata = ev.metadata
         if metadata:
-            _check_metadata(metadata, limits, f"{prefix}events[{i}].metadata")
+            _check_metadata(metadata, limits, f"events[{i}].metadata")
             body = ev.SerializeToString(deterministic=True)  # map entries in key order
         else:
             # Without a map field the bytes are the same either way, in half the time.
             body = ev.SerializeToString()
         if len(body) > max_event:
-            raise invalid(f"{prefix}events[{i}]", f"{len(body)} bytes exceeds max_event_bytes "
+            raise invalid(f"events[{i}]", f"{len(body)} bytes exceeds max_event_bytes "
                                                   f"({max_event})")
         total += len(body)
         ids.append(event_id)
         bodies.append(body)
     if total > limits.max_append_bytes:
-        raise invalid(f"{prefix}events", f"{total} bytes in all exceeds max_append_bytes "
+        raise invalid("events", f"{total} bytes in all exceeds max_append_bytes "
                                          f"({limits.max_append_bytes})")
     if n > 1 and len(set(ids)) != n:
         seen: dict[bytes, int] = {}
         for i, event_id in enumerate(ids):
             if event_id in seen:
-                raise invalid(f"{prefix}events[{i}].id", f"duplicates events[{seen[event_id]}].id "
+                raise invalid(f"events[{i}].id", f"duplicates events[{seen[event_id]}].id "
                                                          "in the same append")
             seen[event_id] = i
     return PreparedAppend(req.stream, stream_key, kind, req.expected_revision, ids, bodies,
