@@ -970,7 +970,10 @@ class Run:
         await self._gateways_admit_orders(self.opts.step_timeout_s)
         # Back to the original region: store leadership, then the engine primary.
         second = await self.phase_start(True, interim, st.term)
-        await launcher.switchover(self.state, leader.id, self.opts.step_timeout_s)
+        # Asked of the leader found above, as in `switchover`: finding it again here put
+        # a status sweep of every node inside the measured window.
+        await launcher.switchover(self.state, leader.id, self.opts.step_timeout_s,
+                                  leader=interim)
         await self._recovered(second)
         original = f"{leader.region}-e1"
         engine_back = None
