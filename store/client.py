@@ -159,9 +159,6 @@ def channel_options(limits: Limits | None = None) -> list[tuple[str, Any]]:
     ]
 
 
-# For the per-message span: C-level passes over a message's appends, no Python loop.
-
-
 class StoreClient:
     def __init__(self, targets: str | Sequence[str], *, linger_s: float = 0.0,
                  max_batch_appends: int = 1024, max_inflight_messages: int = 32,
@@ -429,8 +426,8 @@ class StoreClient:
         per call): the server's span for the message is its child. A message that
         coalesces appends of several callers links to each of them instead."""
         # Comprehensions, not map(attrgetter(...)): reading a slot attribute that way
-        # took three times as long, and these passes are most of this span's cost. The
-        # distinct streams of a message are counted by its server span.
+        # took three times as long, and these passes are most of this span's cost. No
+        # count of distinct streams: a set of fresh stream names hashes every one.
         parent, links = telemetry.parent_and_links(
             [p.caller for p in batch if p.caller is not None])
         attrs: dict[str, Any] = {
