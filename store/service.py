@@ -160,7 +160,7 @@ def _stream_span(parent: Any) -> Span:
 
 def _append_rule(principal: Principal, request: Any) -> None:
     if not isinstance(request, BadRequest):
-        principal.require_append(request.stream, map(_TYPE, request.events))
+        principal.require_append(request.stream, map(_TYPE, request.events[:]))
 
 
 def _read_rule(principal: Principal, request: Any) -> None:
@@ -271,10 +271,12 @@ class EventStoreService:
         if isinstance(principal, StoreError):  # the call did not authenticate
             slots = [refuse(principal)] * len(msg.appends)
         else:
-            for i, req in enumerate(msg.appends):
+            # Slices: a for loop over a repeated field ends on a raised IndexError
+            # (store/validation.py, prepare).
+            for i, req in enumerate(msg.appends[:]):
                 try:
                     if principal is not None:
-                        principal.require_append(req.stream, map(_TYPE, req.events))
+                        principal.require_append(req.stream, map(_TYPE, req.events[:]))
                 except StoreError as err:
                     slots[i] = refuse(err)
                     continue
