@@ -62,20 +62,21 @@ def prepare(req: pb.AppendRequest, limits: Limits) -> PreparedAppend:
     """The append validated and serialized, or INVALID_ARGUMENT naming the field from
     the append down (`events[2].type: ...`): the caller of a message of appends puts the
     append's place in front (store/service.py)."""
-    stream_key, stream_fld = _stream(req.stream, limits)
-    kind = req.expected
+    # Each field read once: a read looks the field up by name and makes a new object.
+    stream, kind, expected_revision = req.stream, req.expected, req.expected_revision
+    stream_key, stream_fld = _stream(stream, limits)
     if kind not in _EXPECTED_KINDS:
         raise invalid("expected", f"unknown ExpectedKind {kind}")
-    if kind != EXACT and req.expected_revision:
+    if kind != EXACT and expected_revision:
         raise invalid("expected_revision", "set only with EXPECTED_EXACT")
     events = req.events
     n = len(events)
     if n == 0:
         raise invalid("events", f"empty; an append carries 1..{limits.max_append_events} "
-                                         "events")
+                                "events")
     if n > limits.max_append_events:
         raise invalid("events", f"{n} events exceeds max_append_events "
-                                         f"({limits.max_append_events})")
+                                f"({limits.max_append_events})")
     ids: list[bytes] = []
     bodies: list[bytes] = []
     total = 0
@@ -95,7 +96,7 @@ def prepare(req: pb.AppendRequest, limits: Limits) -> PreparedAppend:
             raise invalid(f"events[{i}].type", "required")
         if len(event_type) * 4 > max_type and len(event_type.encode()) > max_type:
             raise invalid(f"events[{i}].type", f"{len(event_type.encode())} bytes exceeds "
-                                                       f"max_type_bytes ({max_type})")
+                                               f"max_type_bytes ({max_type})")
         content_type = ev.content_type
         if len(content_type) * 4 > max_type and len(content_type.encode()) > max_type:
             raise invalid(f"events[{i}].content_type",
@@ -109,21 +110,21 @@ def prepare(req: pb.AppendRequest, limits: Limits) -> PreparedAppend:
             body = ev.SerializeToString()
         if len(body) > max_event:
             raise invalid(f"events[{i}]", f"{len(body)} bytes exceeds max_event_bytes "
-                                                  f"({max_event})")
+                                          f"({max_event})")
         total += len(body)
         ids.append(event_id)
         bodies.append(body)
     if total > limits.max_append_bytes:
         raise invalid("events", f"{total} bytes in all exceeds max_append_bytes "
-                                         f"({limits.max_append_bytes})")
+                                f"({limits.max_append_bytes})")
     if n > 1 and len(set(ids)) != n:
         seen: dict[bytes, int] = {}
         for i, event_id in enumerate(ids):
             if event_id in seen:
                 raise invalid(f"events[{i}].id", f"duplicates events[{seen[event_id]}].id "
-                                                         "in the same append")
+                                                 "in the same append")
             seen[event_id] = i
-    return PreparedAppend(req.stream, stream_key, kind, req.expected_revision, ids, bodies,
+    return PreparedAppend(stream, stream_key, kind, expected_revision, ids, bodies,
                           stream_fld, total)
 
 
