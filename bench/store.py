@@ -201,6 +201,7 @@ def batched_ingest(n: int, random_ids: bool = False) -> float:
 
 PROGRESS_EVERY = 128
 
+
 async def _single_appends(address: str, n: int, inflight: int,
                           progress: Progress | None = None) -> tuple[float, list[float]]:
     """One producer loop with `inflight` appends outstanding: the same shape as the NATS

@@ -258,7 +258,8 @@ def _toml(state: ClusterState, regions: list[str], failover: str, ttl_s: int) ->
     return "\n".join(lines) + "\n"
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, dead and not yet reaped, does not)."""
     if pid <= 0:
         return False
     child = _children.get(pid)
@@ -347,7 +348,7 @@ def _up(directory: str, regions: int, rtt_ms: float, failover: str, standbys: in
     if (base / "state.json").exists():
         with contextlib.suppress(Exception):
             existing = ClusterState.load(base)
-            if any(_alive(n.pid) for n in existing.nodes):
+            if any(alive(n.pid) for n in existing.nodes):
                 raise RuntimeError(f"a cluster is already running in {base}: "
                                    "`xdc cluster down` first")
     base.mkdir(parents=True, exist_ok=True)
@@ -427,24 +428,24 @@ def signal_node(state: ClusterState, key: str, sig: int) -> list[NodeProc]:
     """Sends a signal to every node of a region (or to one node), by PID."""
     targets = state.select(key)
     for n in targets:
-        if _alive(n.pid):
+        if alive(n.pid):
             os.kill(n.pid, sig)
     return targets
 
 
 def _stop_pid(pid: int, timeout_s: float = 10.0) -> None:
-    if not _alive(pid):
+    if not alive(pid):
         return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGCONT)  # a paused process cannot handle SIGTERM
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    while _alive(pid) and time.monotonic() < deadline:
+    while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
-    if _alive(pid):
+    if alive(pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        while _alive(pid):
+        while alive(pid):
             time.sleep(0.01)
     reap(pid)
 
@@ -465,20 +466,17 @@ def etcd_of(state: ClusterState) -> EtcdCluster:
 
 
 def down(directory: str = DEFAULT_DIR) -> ClusterState:
+    etcd = _etcd.pop(str(Path(directory).resolve()), None)
     try:
         state = ClusterState.load(directory)
-    except FileNotFoundError:
-        # A start interrupted before its first state.json: only etcd can be running.
-        etcd = _etcd.pop(str(Path(directory).resolve()), None)
+        for n in state.nodes:
+            _stop_pid(n.pid)
+        _stop_pid(state.proxy_pid)
+    finally:
+        # After the nodes (a leader revokes its lease as it stops), and also when there is
+        # no state.json yet: a start interrupted that early has only etcd running.
         if etcd is not None:
             etcd.stop()
-        raise
-    for n in state.nodes:
-        _stop_pid(n.pid)
-    _stop_pid(state.proxy_pid)
-    etcd = _etcd.pop(str(Path(directory).resolve()), None)
-    if etcd is not None:
-        etcd.stop()
     for pid in state.etcd_pids:
         _stop_pid(pid)
     for n in state.nodes:
@@ -634,8 +632,8 @@ def format_status(target: Target, sts: dict[str, rpb.NodeStatus | None]) -> str:
         st = sts.get(n.id)
         pid = str(n.pid) if isinstance(n, NodeProc) else "-"
         if st is None:
-            alive = "" if not isinstance(n, NodeProc) or _alive(n.pid) else " (down)"
-            rows.append((n.id, n.region, "unreachable" + alive, "-", "-", "-", "-", "-", pid))
+            suffix = "" if not isinstance(n, NodeProc) or alive(n.pid) else " (down)"
+            rows.append((n.id, n.region, "unreachable" + suffix, "-", "-", "-", "-", "-", pid))
             continue
         p = lag.get(n.id)
         role = st.role + (" (open)" if st.open else "")

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from geo.drill import TIERS
+from geo.launcher import alive
 
 RUN_KEYS = {"scenario", "seed", "rto_s", "acked_lost", "duplicates", "hashes_agree",
             "stale_writes_rejected", "tiers", "lease_expiry_s", "new_term_s", "in_doubt",
@@ -158,15 +159,6 @@ def _children(pid: int) -> set[int]:
     return out
 
 
-def _alive(pid: int) -> bool:
-    """Running (a zombie, dead and not yet reaped, does not count)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("children", [1, 11], ids=["starting-etcd", "under-load"])
 def test_sigterm_stops_the_drill_and_every_process_of_its_cluster(
@@ -193,11 +185,11 @@ def test_sigterm_stops_the_drill_and_every_process_of_its_cluster(
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 128 + signal.SIGTERM
         still = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-                 for pid in started if _alive(pid)}
+                 for pid in started if alive(pid)}
         assert not still, f"left running after SIGTERM: {still}"
     finally:
         for pid in (proc.pid, *started):
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
         proc.wait()
         assert proc.stderr is not None
