@@ -371,6 +371,38 @@ def test_a_read_outlives_the_client_moving_its_channel(tmp_path: Path) -> None:
     run(body)
 
 
+def test_a_read_cut_after_its_first_batches_answers_unavailable(tmp_path: Path) -> None:
+    """A read that has given out batches when the client moves its channel is not made
+    again (its caller would see those events twice): the next step of the iteration
+    raises UNAVAILABLE, and the caller reads again from where it got to. The read is far
+    larger than gRPC's flow-control window, so the server is still sending when the
+    channel closes."""
+    from store.limits import Limits
+    limits = Limits(max_batch_events=100, max_event_bytes=64 * 1024, max_batch_bytes=64 * 1024)
+    per_append, appends, size = 50, 20, 32 * 1024  # 1000 events, 32 MiB
+
+    async def body() -> None:
+        async with running_store(tmp_path, limits) as (_, c):
+            for i in range(appends):
+                await c.append("big", [ev(i * per_append + k, size=size)
+                                       for k in range(per_append)])
+            batches = c.read_batches("big", limit=per_append * appends)
+            first = await anext(batches)
+            got = len(first.events)
+            assert 0 < got < per_append * appends
+            await c._switch()  # what a failed-over append stream does
+            with pytest.raises(grpc.aio.AioRpcError) as cut:
+                async for b in batches:  # what gRPC buffered may still come first
+                    got += len(b.events)
+            assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "moved" in (cut.value.details() or "")
+            assert got < per_append * appends
+            # Reading on from the last event seen gives the rest, once each.
+            rest = await c.read("big", start=got + 1, limit=per_append * appends)
+            assert [e.revision for e in rest] == list(range(got + 1, per_append * appends + 1))
+    run(body)
+
+
 def test_unary_calls_cut_by_the_client_moving_its_channel(tmp_path: Path) -> None:
     """The unary calls on the shared channel when the client moves (its server paused,
     so that each call is in flight): StreamInfo is made again on the new channel and
