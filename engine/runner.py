@@ -10,10 +10,11 @@ Life of an instance:
 2. Until the subscription has caught up, only replay (and verify committed outputs).
 3. With ``role = auto`` and no alarm, campaign for the group's lease; the holder is the
    primary and appends its pending outputs to the output stream, one append in flight
-   (each takes all outputs pending, up to the batch limits), with the exact expected
-   revision. Never two in flight: if the first were refused because another writer's
-   batch took its revision, the second's expected revision would match and land it
-   after that batch, whatever inputs that batch covered (a gap or a repeat). A refused
+   (each takes all outputs pending, in up to MAX_APPEND_BATCHES batches of bounded
+   size, one event each), with the exact expected revision. Never two in flight: if
+   the first were refused because another writer's batch took its revision, the
+   second's expected revision would match and land it after that batch, whatever
+   inputs that batch covered (a gap or a repeat). A refused
    append (another writer, a stale view) rewinds emission until the subscription has
    shown the output stream up to the revision the store reported.
 4. A warm instance (not holding the lease) checks every committed batch against its own
@@ -343,9 +344,9 @@ class EngineRunner:
         nxt = self.consumer.next_append()
         if nxt is None:
             return
-        generation, expected, batch = nxt
-        event = batch.event(self.config.group, self.config.instance)
-        fut = self.client.append_nowait(self.output_stream, [event], EXACT, expected)
+        generation, expected, batches = nxt
+        events = [b.event(self.config.group, self.config.instance) for b in batches]
+        fut = self.client.append_nowait(self.output_stream, events, EXACT, expected)
         fut.add_done_callback(lambda done: self._appended(done, generation, expected))
 
     def _appended(self, fut: asyncio.Future, generation: int, expected: int) -> None:

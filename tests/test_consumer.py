@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from engine import consumer as consumer_module
 from engine import wire
 from engine.book import Engine
 from engine.codec import (
@@ -47,6 +48,7 @@ class Log:
     records: list[Record] = field(default_factory=list)
     out_revision: int = 0
     snapshots: list[Capture] = field(default_factory=list)
+    landed: list[int] = field(default_factory=list)  # batches of each append that landed
 
     def add_input(self, cmd: object) -> None:
         ts = cmd.ts_ns  # type: ignore[attr-defined]
@@ -57,19 +59,21 @@ class Log:
         self.records.append(Record(len(self.records) + 1, "in", kind, body.encode()))
 
     def append_output(self, expected: int, batch: wire.OutputBatch) -> bool:
-        return self.try_append(expected, batch) == "ok"
+        return self.try_append(expected, [batch]) == "ok"
 
-    def try_append(self, expected: int, batch: wire.OutputBatch) -> str:
-        """As the store answers: the batch's id (derived from its first input) is
-        checked before the expected revision."""
-        if any(r.batch is not None and r.batch.first_input == batch.first_input
-               for r in self.records):
+    def try_append(self, expected: int, batches: list[wire.OutputBatch]) -> str:
+        """As the store answers one append of batches (all written or none): their ids
+        (derived from each first input) are checked before the expected revision."""
+        firsts = {b.first_input for b in batches}
+        if any(r.batch is not None and r.batch.first_input in firsts for r in self.records):
             return "exists"
         if expected != self.out_revision:
             return "wrong"
-        self.out_revision += 1
-        self.records.append(Record(len(self.records) + 1, "out", revision=self.out_revision,
-                                   batch=batch))
+        for batch in batches:
+            self.out_revision += 1
+            self.records.append(Record(len(self.records) + 1, "out",
+                                       revision=self.out_revision, batch=batch))
+        self.landed.append(len(batches))
         return "ok"
 
     def committed_blobs(self) -> list[bytes]:
@@ -109,7 +113,7 @@ class Sent:
     sender: Instance
     generation: int
     expected: int
-    batch: wire.OutputBatch
+    batches: list[wire.OutputBatch]
 
 
 def boot(log: Log, rng: random.Random) -> Instance:
@@ -129,7 +133,7 @@ def deliver(log: Log, sent: Sent, rng: random.Random, faults: bool) -> None:
     if faults and rng.random() < 0.05:  # lost before the store: outcome unknown
         c.on_refused(sent.generation)
         return
-    outcome = log.try_append(sent.expected, sent.batch)
+    outcome = log.try_append(sent.expected, sent.batches)
     if faults and rng.random() < 0.05:  # answer lost: outcome unknown
         c.on_refused(sent.generation)
     elif outcome == "ok":
@@ -212,6 +216,48 @@ def test_outputs_exactly_once_under_faults(seed: int) -> None:
     assert len(chains) == 1
     for c in inst:
         assert not c.consumer.alarm
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_outputs_exactly_once_with_many_batches_per_append(
+        seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same fault schedules with batches of at most 2 inputs, so that appends carry
+    several batches (all landing or none) and takeovers cut across them."""
+    monkeypatch.setattr(consumer_module, "MAX_BATCH_INPUTS", 2)
+    log, inst = simulate(seed)
+    assert max(log.landed) > 1, "no append carried several batches"
+    assert max(log.landed) <= consumer_module.MAX_APPEND_BATCHES
+    committed = log.committed_blobs()
+    assert committed == reference(log)
+    positions = [wire.blob_position(b) for b in committed]
+    assert positions == sorted(set(positions))
+    for c in inst:
+        assert not c.consumer.alarm
+
+
+def test_an_append_gathers_consecutive_batches_and_lands_them_together(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(consumer_module, "MAX_BATCH_INPUTS", 1)
+    log, primary, warm = fed_pair(5, 40)
+    n = len(primary.pending)
+    assert n > consumer_module.MAX_APPEND_BATCHES
+    nxt = primary.next_append()
+    assert nxt is not None
+    generation, expected, batches = nxt
+    assert expected == 0 and len(batches) == consumer_module.MAX_APPEND_BATCHES
+    assert [b.first_input for b in batches] == [p.position for p in
+                                                list(primary.pending)[:len(batches)]]
+    assert primary.next_append() is None  # one append in flight
+    assert log.try_append(expected, batches) == "ok"
+    primary.on_appended(generation, log.out_revision)
+    assert primary.appended_through == len(batches)
+    nxt = primary.next_append()
+    assert nxt is not None and nxt[1] == len(batches)  # the next one follows it
+    for r in log.records:
+        feed(warm, r)
+    assert not warm.alarm and warm.committed_input == batches[-1].last_input
+    with pytest.raises(AssertionError, match="landed through revision"):
+        primary.on_appended(nxt[0], nxt[1] + 1 + len(nxt[2]))
 
 
 @pytest.mark.parametrize("seed", range(8))
