@@ -71,8 +71,12 @@ async def _wait_outputs(client: StoreClient, position: int, timeout_s: float) ->
     return time.perf_counter()
 
 
-async def _throughput(client: StoreClient, n: int, run: int) -> float:
-    events = _events(workload(n, seed=1000 + run), f"t{run}")
+async def _throughput(client: StoreClient, n: int, run: int, first_oid: int
+                      ) -> tuple[float, int]:
+    """Orders/s of one burst of ``n`` orders, and the book's next order id after it (the
+    runs share one engine: each run's cancels name orders of its own)."""
+    cmds = workload(n, seed=1000 + run, first_oid=first_oid)
+    events = _events(cmds, f"t{run}")
     stream = wire.input_stream(GROUP)
     t0 = time.perf_counter()
     # Orders travel ORDERS_PER_APPEND to a request, as a gateway batching its clients'
@@ -87,7 +91,7 @@ async def _throughput(client: StoreClient, n: int, run: int) -> float:
     results = await asyncio.gather(*futs)
     last = max(r.last_position for r in results)
     t1 = await _wait_outputs(client, last, 120)
-    return n / (t1 - t0)
+    return n / (t1 - t0), first_oid + sum(1 for c in cmds if isinstance(c, NewOrder))
 
 
 async def _latency(client: StoreClient, rate: int, seconds: float, run: int
@@ -194,7 +198,11 @@ async def _run_async(quick: bool, address: str, engine: ServeProcess, runs: int
     try:
         await client.append(wire.input_stream(GROUP), _events(setup_commands(), "setup"))
         n = 20_000 if quick else 100_000
-        tput = [await _throughput(client, n, r) for r in range(runs)]
+        tput = []
+        next_oid = 1
+        for r in range(runs):
+            eps, next_oid = await _throughput(client, n, r, next_oid)
+            tput.append(eps)
         rate = 500 if quick else 1_000
         seconds = 2.0 if quick else 5.0
         lat = 0

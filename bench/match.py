@@ -59,13 +59,14 @@ def setup_commands() -> list[object]:
     return cmds
 
 
-def workload(n: int, seed: int = SEED) -> list[object]:
+def workload(n: int, seed: int = SEED, first_oid: int = 1) -> list[object]:
     """``n`` commands. Order ids are predictable because every new order is accepted:
-    the k-th new order gets id k."""
+    the k-th new order gets id ``first_oid + k - 1`` (``first_oid``: the book's next order
+    id, 1 on a fresh book), which is what the cancels name."""
     rng = random.Random(seed)
     cmds: list[object] = []
     resting: list[int] = []  # order ids of GTC orders, most recent last
-    next_oid = 1
+    next_oid = first_oid
     for i in range(n):
         ts = 1_000_000 + i
         account = f"acct{rng.randrange(N_ACCOUNTS):03d}"
@@ -95,7 +96,7 @@ def workload(n: int, seed: int = SEED) -> list[object]:
             cmds.append(CancelOrder(ts, SYMBOL, "", oid))
     # Fix up cancel owners (a cancel must come from the order's account).
     owners: dict[int, str] = {}
-    k = 0
+    k = first_oid - 1
     fixed: list[object] = []
     for c in cmds:
         if isinstance(c, NewOrder):
