@@ -298,26 +298,39 @@ class Consumer:
 
     def next_batch(self) -> wire.OutputBatch | None:
         """The next output batch to append (primary only): pending outputs after the last
-        emitted input, bounded in inputs and bytes (``next_append`` gathers batches into
-        an append)."""
+        emitted input, bounded in inputs and bytes."""
+        batches = self._next_batches(1)
+        return batches[0] if batches else None
+
+    def _next_batches(self, limit: int) -> list[wire.OutputBatch]:
+        """Up to ``limit`` consecutive next batches, cut in one pass over the pending
+        outputs (a pass per batch would walk past the ones already cut each time)."""
         assert not self.alarm, "a diverged instance never emits"
+        assert limit >= 1
+        out: list[wire.OutputBatch] = []
         blobs: list[bytes] = []
         size = 0
-        last: Pending | None = None
+        last = Pending(0, b"", b"")  # the last pending output in blobs, once there is one
         hold = self.hold_after
         for p in itertools.islice(self.pending, self._sent, None):
             if hold and p.position > hold:
                 break
             if blobs and (len(blobs) >= MAX_BATCH_INPUTS or size + len(p.blob) > MAX_BATCH_BYTES):
-                break
+                out.append(self._cut(blobs, last))
+                blobs, size = [], 0
+                if len(out) == limit:
+                    break
             blobs.append(p.blob)
             size += len(p.blob)
             last = p
-        if last is None:
-            return None
-        first = wire.blob_position(blobs[0])
+        if blobs:
+            out.append(self._cut(blobs, last))
+        return out
+
+    def _cut(self, blobs: list[bytes], last: Pending) -> wire.OutputBatch:
         self._sent += len(blobs)
-        return wire.OutputBatch(first, last.position, last.chain, tuple(blobs))
+        return wire.OutputBatch(wire.blob_position(blobs[0]), last.position, last.chain,
+                                tuple(blobs))
 
     def release_hold(self) -> None:
         self.hold_after, self.handover_to = 0, ""
@@ -352,9 +365,7 @@ class Consumer:
         together."""
         if self.alarm or self.inflight is not None or self.out_revision < self.resync_to:
             return None
-        batches: list[wire.OutputBatch] = []
-        while len(batches) < MAX_APPEND_BATCHES and (batch := self.next_batch()) is not None:
-            batches.append(batch)
+        batches = self._next_batches(MAX_APPEND_BATCHES)
         if not batches:
             return None
         self.inflight = max(self.out_revision, self.appended_through)
