@@ -373,14 +373,25 @@ class Consumer:
         return self.generation, self.inflight, batches
 
     def on_appended(self, generation: int, last_revision: int) -> None:
-        if generation == self.generation:
-            assert self.inflight is not None and (
-                last_revision == self.inflight + self.inflight_batches), (
-                f"append of {self.inflight_batches} batches expected at {self.inflight} "
-                f"landed through revision {last_revision}")
-            self.inflight = None
-            self.inflight_batches = 0
-            self.appended_through = last_revision
+        if generation != self.generation:
+            return
+        assert self.inflight is not None
+        landed = self.inflight + self.inflight_batches
+        assert last_revision >= landed, (
+            f"append of {self.inflight_batches} batches expected at {self.inflight} "
+            f"landed through revision {last_revision}")
+        if last_revision > landed:
+            # The store answered an exact retry: these very batches (same bytes, this
+            # instance's name) were appended before, further on than this instance has
+            # seen. That happens after a restore from a snapshot, whose output revision
+            # is the one seen when it was captured. They are committed: catch up with
+            # the stream up to them (they are then verified as the others) and go on.
+            self.rewind_emission()
+            self.resync_to = max(self.resync_to, last_revision)
+            return
+        self.inflight = None
+        self.inflight_batches = 0
+        self.appended_through = last_revision
 
     def on_refused(self, generation: int, actual_last_revision: int = 0,
                    already_exists: bool = False) -> None:

@@ -41,6 +41,7 @@ class Record:
     ts: int = 0
     revision: int = 0
     batch: wire.OutputBatch | None = None
+    writer: int = -1  # the instance that appended an output batch
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Log:
     out_revision: int = 0
     snapshots: list[Capture] = field(default_factory=list)
     landed: list[int] = field(default_factory=list)  # batches of each append that landed
+    duplicates: int = 0  # appends answered as exact retries
 
     def add_input(self, cmd: object) -> None:
         ts = cmd.ts_ns  # type: ignore[attr-defined]
@@ -61,18 +63,28 @@ class Log:
     def append_output(self, expected: int, batch: wire.OutputBatch) -> bool:
         return self.try_append(expected, [batch]) == "ok"
 
-    def try_append(self, expected: int, batches: list[wire.OutputBatch]) -> str:
+    def try_append(self, expected: int, batches: list[wire.OutputBatch],
+                   writer: int = 0) -> str:
         """As the store answers one append of batches (all written or none): their ids
-        (derived from each first input) are checked before the expected revision."""
-        firsts = {b.first_input for b in batches}
-        if any(r.batch is not None and r.batch.first_input in firsts for r in self.records):
+        (derived from each first input) are checked before the expected revision. An
+        exact retry (every batch already there, the same bytes from the same writer, at
+        consecutive positions) is answered with its revision ("dup:<last revision>");
+        any other overlap is "exists"."""
+        by_first = {r.batch.first_input: r for r in self.records if r.batch is not None}
+        found = [by_first.get(b.first_input) for b in batches]
+        if any(found):
+            if all(r is not None and r.batch == b and r.writer == writer
+                   and r.position == found[0].position + i  # type: ignore[union-attr]
+                   for i, (r, b) in enumerate(zip(found, batches, strict=True))):
+                return f"dup:{found[-1].revision}"  # type: ignore[union-attr]
             return "exists"
         if expected != self.out_revision:
             return "wrong"
         for batch in batches:
             self.out_revision += 1
             self.records.append(Record(len(self.records) + 1, "out",
-                                       revision=self.out_revision, batch=batch))
+                                       revision=self.out_revision, batch=batch,
+                                       writer=writer))
         self.landed.append(len(batches))
         return "ok"
 
@@ -111,6 +123,7 @@ class Sent:
     """An output append on the wire: it lands or not whatever becomes of its sender."""
 
     sender: Instance
+    writer: int  # which instance (its name survives a restart)
     generation: int
     expected: int
     batches: list[wire.OutputBatch]
@@ -133,11 +146,14 @@ def deliver(log: Log, sent: Sent, rng: random.Random, faults: bool) -> None:
     if faults and rng.random() < 0.05:  # lost before the store: outcome unknown
         c.on_refused(sent.generation)
         return
-    outcome = log.try_append(sent.expected, sent.batches)
+    outcome = log.try_append(sent.expected, sent.batches, sent.writer)
     if faults and rng.random() < 0.05:  # answer lost: outcome unknown
         c.on_refused(sent.generation)
     elif outcome == "ok":
         c.on_appended(sent.generation, log.out_revision)
+    elif outcome.startswith("dup:"):
+        log.duplicates += 1
+        c.on_appended(sent.generation, int(outcome[4:]))
     else:
         c.on_refused(sent.generation, log.out_revision if outcome == "wrong" else 0,
                      already_exists=outcome == "exists")
@@ -177,7 +193,7 @@ def simulate(seed: int, n_inputs: int = 400, as_bytes: bool = True
         # primaries emit (sometimes both: only expected revisions keep them apart)
         if who in primaries:
             if (nxt := x.consumer.next_append()) is not None:
-                wire_.append(Sent(x, *nxt))
+                wire_.append(Sent(x, who, *nxt))
             if rng.random() < 0.05:
                 pending_snap.append(x.consumer.capture())
         for s in list(pending_snap):
@@ -257,7 +273,7 @@ def test_an_append_gathers_consecutive_batches_and_lands_them_together(
         feed(warm, r)
     assert not warm.alarm and warm.committed_input == batches[-1].last_input
     with pytest.raises(AssertionError, match="landed through revision"):
-        primary.on_appended(nxt[0], nxt[1] + 1 + len(nxt[2]))
+        primary.on_appended(nxt[0], nxt[1] + len(nxt[2]) - 1)
 
 
 @pytest.mark.parametrize("seed", range(8))
