@@ -383,9 +383,11 @@ class Consumer:
         if last_revision > landed:
             # The store answered an exact retry: these very batches (same bytes, this
             # instance's name) were appended before, further on than this instance has
-            # seen. That happens after a restore from a snapshot, whose output revision
-            # is the one seen when it was captured. They are committed: catch up with
-            # the stream up to them (they are then verified as the others) and go on.
+            # seen: by its previous incarnation, when it emits before its subscription
+            # shows that one's last append (the fault simulation of tests/test_consumer.py
+            # reaches it after restores from snapshots; the runner emits only once caught
+            # up). They are committed: catch up with the stream up to them (they are then
+            # verified as the others) and go on.
             self.rewind_emission()
             self.resync_to = max(self.resync_to, last_revision)
             return
