@@ -512,6 +512,13 @@ def test_overload_sheds_top_tiers_with_resource_exhausted(tmp_path: Path) -> Non
                 await wait_until(lambda: node.writer.pending_events == 16,  # type: ignore
                                  what="16 queued events")
                 await wait_health(health_stub, health_name("order-entry"), serving=False)
+
+                async def observed_all_16() -> bool:
+                    # The status is the supervisor's last observation: tiers shed from
+                    # load 0.5 on, so one made at 15 queued events may still be the latest.
+                    return (await tiers_stub.Status(tpb.TiersStatusRequest())
+                            ).pending_events == 16
+                await wait_until(observed_all_16, what="an observation of 16 queued events")
                 st = await tiers_stub.Status(tpb.TiersStatusRequest())
                 assert [t.state for t in st.tiers] == [
                     "serving", "serving", "shed", "shed", "shed"]
