@@ -62,6 +62,15 @@ async def _load(client: StoreClient, events: list, start: int, end: int,  # type
     return last
 
 
+def _verified(store: str) -> dict:  # type: ignore[type-arg]
+    """`xdc engine verify` of the group: its result, asserted ok."""
+    verify = subprocess.run([sys.executable, "-m", "xdc.cli", "engine", "verify", GROUP,
+                             "--store", store], capture_output=True, text=True, timeout=60)
+    result = json.loads(verify.stdout)
+    assert verify.returncode == 0 and result["ok"], result
+    return result
+
+
 def _lease(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
     if kind == "file":
         return lease_dir(tmp_path)
@@ -117,11 +126,7 @@ def test_sigkill_primary_under_load_warm_takes_over_exactly_once(
             finally:
                 await client.close()
         run(body, timeout_s=150)
-        verify = subprocess.run([sys.executable, "-m", "xdc.cli", "engine", "verify", GROUP,
-                                 "--store", store.address], capture_output=True, text=True,
-                                timeout=60)
-        result = json.loads(verify.stdout)
-        assert verify.returncode == 0 and result["ok"], result
+        result = _verified(store.address)
         assert result["snapshots_checked"] >= 1 and result["snapshot_mismatches"] == []
     finally:
         for p in engines.values():
@@ -242,6 +247,51 @@ def test_warm_instance_alarms_on_forged_outputs_and_never_takes_over(tmp_path: P
     finally:
         if warm is not None:
             warm.kill()
+        store.kill()
+
+
+def test_a_primary_started_on_a_backlog_emits_it_in_appends_of_several_batches(
+        tmp_path: Path) -> None:
+    """Orders committed before any engine runs: the primary emits only once caught up,
+    with the whole backlog pending, so its first append carries several batches (one
+    event each, up to MAX_APPEND_BATCHES). Every output is committed exactly once and
+    `xdc engine verify` agrees."""
+    from engine.consumer import MAX_APPEND_BATCHES, MAX_BATCH_BYTES
+    events = workload(seed=21, n=25_000)
+    store = ServeProcess(str(tmp_path / "store")).start()
+    engine = None
+    try:
+        async def body() -> None:
+            nonlocal engine
+            client = StoreClient(store.address)
+            try:
+                stream = wire.input_stream(GROUP)
+                last = 0
+                for i in range(0, len(events), 500):
+                    last = (await client.append(stream, events[i:i + 500])).last_position
+                engine = start_engine(store.address, "a", lease_dir(tmp_path),
+                                      snapshot_every=0)
+                await wait_outputs_through(client, last, 60)
+                await check_exactly_once(client)
+                outputs = await client.read(wire.output_stream(GROUP), limit=10_000)
+                # The backlog was several batches, all pending before the first append,
+                # which carried several: written by one group commit, they share its time
+                # (one append in flight: two appends never share a group commit).
+                assert MAX_APPEND_BATCHES >= 3 and len(outputs) >= 3
+                together = [e for e in outputs if e.timestamp_ns == outputs[0].timestamp_ns]
+                assert len(together) == min(len(outputs), MAX_APPEND_BATCHES) >= 3
+                assert sum(len(e.data) for e in outputs) > 2 * MAX_BATCH_BYTES
+                assert all(len(e.data) <= MAX_BATCH_BYTES + wire.OUT_HEAD_SIZE
+                           for e in outputs)
+                s = await status_or_none(engine.address)
+                assert s is not None and s.role == "primary" and not s.alarm
+            finally:
+                await client.close()
+        run(body, timeout_s=120)
+        _verified(store.address)
+    finally:
+        if engine is not None:
+            engine.kill()
         store.kill()
 
 
