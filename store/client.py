@@ -430,8 +430,7 @@ class StoreClient:
         per call): the server's span for the message is its child. A message that
         coalesces appends of several callers links to each of them instead."""
         # Comprehensions, not map(attrgetter(...)): reading a slot attribute that way
-        # took three times as long, and these passes are most of this span's cost. No
-        # count of distinct streams: a set of fresh stream names hashes every one.
+        # took three times as long, and these passes are most of this span's cost.
         parent, links = telemetry.parent_and_links(
             [p.caller for p in batch if p.caller is not None])
         attrs: dict[str, Any] = {
@@ -439,9 +438,7 @@ class StoreClient:
             telemetry.RPC_METHOD: "AppendStream",
             telemetry.MESSAGING_BATCH_COUNT: sum([p.events for p in batch]),
             "xdc.append.count": len(batch), "server.address": self._target}
-        first = batch[0].stream
-        if all(p.stream == first for p in batch):  # stops at the first other stream
-            attrs[telemetry.MESSAGING_DESTINATION] = first
+        telemetry.set_destination(attrs, batch)
         span = telemetry.open_span("xdc.v1.EventStore/AppendStream", context=parent,
                                    links=links, kind=SpanKind.CLIENT, attributes=attrs)
         msg.trace_context.update(telemetry.carrier_of(span))

@@ -128,19 +128,15 @@ def _annotate(span: Span, prepared: list[PreparedAppend], results: list[Any], to
               refused: int, label: str) -> None:
     """Sets an append span's attributes: counts, result, the stream when there is one,
     the first and last position answered. A message can hold thousands of appends and
-    this runs for each message: one pass and one that stops at the first other stream
-    (comprehensions: map(attrgetter(...)) took three times as long; a set of the streams
-    hashed every name again), the rest O(1) (the exact positions written are the group
-    commit span's)."""
+    this runs for each message: one pass (a comprehension: map(attrgetter(...)) took
+    three times as long) and telemetry.set_destination's, the rest O(1) (the exact
+    positions written are the group commit span's)."""
     attrs: dict[str, Any] = {
         telemetry.MESSAGING_BATCH_COUNT: sum([len(p.ids) for p in prepared]),
         "xdc.append.count": total, "xdc.append.result": label}
     if refused:
         attrs["xdc.append.refused"] = refused
-    if prepared:
-        first = prepared[0].stream
-        if all(p.stream == first for p in prepared):
-            attrs[telemetry.MESSAGING_DESTINATION] = first
+    telemetry.set_destination(attrs, prepared)
     if results and isinstance(results[0], Appended) and isinstance(results[-1], Appended):
         attrs["xdc.position.first"] = results[0].first_position
         attrs["xdc.position.last"] = results[-1].last_position

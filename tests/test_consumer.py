@@ -50,7 +50,6 @@ class Log:
     out_revision: int = 0
     snapshots: list[Capture] = field(default_factory=list)
     landed: list[int] = field(default_factory=list)  # batches of each append that landed
-    duplicates: int = 0  # appends answered as exact retries
 
     def add_input(self, cmd: object) -> None:
         ts = cmd.ts_ns  # type: ignore[attr-defined]
@@ -152,7 +151,6 @@ def deliver(log: Log, sent: Sent, rng: random.Random, faults: bool) -> None:
     elif outcome == "ok":
         c.on_appended(sent.generation, log.out_revision)
     elif outcome.startswith("dup:"):
-        log.duplicates += 1
         c.on_appended(sent.generation, int(outcome[4:]))
     else:
         c.on_refused(sent.generation, log.out_revision if outcome == "wrong" else 0,

@@ -509,6 +509,17 @@ def _current_context_var() -> contextvars.ContextVar[Context] | None:
 _CURRENT_CONTEXT = _current_context_var()
 
 
+def set_destination(attrs: dict[str, Any], appends: Sequence[Any]) -> None:
+    """Sets `messaging.destination.name` when every append of a message (anything with a
+    `.stream`) goes to one stream. One pass that stops at the first other stream: a set
+    of the streams would hash every name, and this runs for every message on the
+    single-append path."""
+    if appends:
+        first = appends[0].stream
+        if all(p.stream == first for p in appends):
+            attrs[MESSAGING_DESTINATION] = first
+
+
 def parent_and_links(contexts: Sequence[SpanContext | None],
                      ambient: bool = False) -> tuple[Context, list[Link]]:
     """The span rule for work done for several callers at once (a coalesced message, a
