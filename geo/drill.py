@@ -789,11 +789,13 @@ class Run:
     def market_data_back(self, phase: Phase, order_ack: Ack | None) -> float | None:
         """The first output batch the subscription delivered for an input at or past the
         order that marks order entry's recovery (written in the new term / by the new
-        primary)."""
+        primary), once that order is acknowledged: the order's outputs can reach the
+        subscriber a few ms before its acknowledgement reaches the order client (two
+        paths from one commit), and market data is not back before order entry is."""
         if order_ack is None:
             return None
         for t, last_input, term, writer in self.rec.deliveries:
-            if t <= phase.t0 or last_input < order_ack.position:
+            if t <= phase.t0 or t < order_ack.t or last_input < order_ack.position:
                 continue
             if phase.expect_new_term and term <= phase.old_term:
                 continue
