@@ -63,6 +63,16 @@ MAX_BATCH_BYTES = 512 * 1024
 # at one ~512 KiB batch per round trip after the last input was processed (~0.12 s of
 # a 100k-order burst's 1.2 s in `xdc bench engine`).
 MAX_APPEND_BATCHES = 8
+# A batch's event beside its blobs (header, id, type, metadata) is at most this plus
+# the instance name and group: measured by ``envelope_bytes``. The slack covers the
+# varint of the data's length.
+_ENVELOPE_SLACK = 16
+
+
+def envelope_bytes(group: str, writer: str) -> int:
+    """Bytes of an output batch's event beyond its blobs, at most (widest numbers)."""
+    widest = wire.OutputBatch(2**63 - 1, 2**63 - 1, b"\xff" * 32, ())
+    return len(widest.event(group, writer).SerializeToString()) + _ENVELOPE_SLACK
 
 
 class RecordLike(Protocol):
@@ -139,6 +149,13 @@ class Consumer:
     inflight_batches: int = 0  # its batches: it lands at revisions inflight + 1..
     appended_through: int = 0  # last output revision appended in this generation
     resync_to: int = 0  # emit again once out_revision has reached this
+    # What one output batch (one event) and one append may hold: the defaults above, cut
+    # to what the store accepts (``fit_store``).
+    batch_bytes: int = MAX_BATCH_BYTES
+    append_batches: int = MAX_APPEND_BATCHES
+    # Why emission is held (an input's outputs that no event the store accepts can
+    # hold): an operator raises the store's limit; empty while emitting.
+    emit_blocked: str = ""
     _out: list[tuple] = field(default_factory=list)
     _input_stream: str = field(init=False, default="")
     _output_stream: str = field(init=False, default="")
@@ -296,6 +313,17 @@ class Consumer:
 
     # ---------------------------------------------------------------- emission
 
+    def fit_store(self, max_event_bytes: int, max_append_events: int, max_append_bytes: int,
+                  writer: str) -> None:
+        """Sizes output batches and appends to what the store refuses past (its NodeInfo
+        limits; 0 is unknown: no cut), so that no append is refused for its size."""
+        envelope = envelope_bytes(self.group, writer)
+        per_event = min(MAX_BATCH_BYTES + envelope, max_event_bytes or MAX_BATCH_BYTES + envelope)
+        self.batch_bytes = max(1, per_event - envelope)
+        self.append_batches = max(1, min(MAX_APPEND_BATCHES,
+                                         max_append_events or MAX_APPEND_BATCHES,
+                                         (max_append_bytes or 1 << 62) // per_event))
+
     def next_batch(self) -> wire.OutputBatch | None:
         """The next output batch to append (primary only): pending outputs after the last
         emitted input, bounded in inputs and bytes."""
@@ -307,19 +335,28 @@ class Consumer:
         outputs (a pass per batch would walk past the ones already cut each time)."""
         assert not self.alarm, "a diverged instance never emits"
         assert limit >= 1
+        self.emit_blocked = ""
         out: list[wire.OutputBatch] = []
         blobs: list[bytes] = []
         size = 0
         last = Pending(0, b"", b"")  # the last pending output in blobs, once there is one
         hold = self.hold_after
+        cap = self.batch_bytes
         for p in itertools.islice(self.pending, self._sent, None):
             if hold and p.position > hold:
                 break
-            if blobs and (len(blobs) >= MAX_BATCH_INPUTS or size + len(p.blob) > MAX_BATCH_BYTES):
+            if blobs and (len(blobs) >= MAX_BATCH_INPUTS or size + len(p.blob) > cap):
                 out.append(self._cut(blobs, last))
                 blobs, size = [], 0
                 if len(out) == limit:
                     break
+            if len(p.blob) > cap:
+                # Alone in a batch it would still be refused: hold emission here.
+                self.emit_blocked = (
+                    f"outputs of input {p.position} take {len(p.blob)} bytes, over the "
+                    f"{cap} an output event may hold under the store's max_event_bytes: "
+                    "raise that limit")
+                break
             blobs.append(p.blob)
             size += len(p.blob)
             last = p
@@ -365,7 +402,7 @@ class Consumer:
         together."""
         if self.alarm or self.inflight is not None or self.out_revision < self.resync_to:
             return None
-        batches = self._next_batches(MAX_APPEND_BATCHES)
+        batches = self._next_batches(self.append_batches)
         if not batches:
             return None
         self.inflight = max(self.out_revision, self.appended_through)

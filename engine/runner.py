@@ -71,6 +71,12 @@ log = logging.getLogger("xdc.engine")
 ENGINE_VERSION = "1.0.0"
 SNAPSHOT_CHUNK = 512 * 1024  # compressed bytes per snapshot event (event limit 1 MiB)
 MAX_SNAPSHOT_CHUNKS = 32  # one atomic append of at most 16 MiB
+# A snapshot chunk's event beside its data (id, types, metadata), at most.
+SNAPSHOT_ENVELOPE = 1024
+# How long a primary waits for the store's limits before it emits with the defaults,
+# and pauses emission after an append refused as invalid (sized past a limit).
+STORE_LIMITS_TIMEOUT_S = 2.0
+REFUSED_PAUSE_S = 1.0
 DESIGNATION_TTL_S = 10
 # A store member without a leader for this long is cut off, not failing over: a crash
 # failover takes the 2 s lease plus an election (drills: ~2 s, target 3 s).
@@ -131,6 +137,11 @@ class EngineRunner:
         # has one); see STORE_CUT_OFF_S.
         self.leaderless_since: float | None = None
         self._advertiser: asyncio.Task | None = None
+        # What the store refuses past (NodeInfo), once known: output batches, appends
+        # and snapshot chunks are sized to fit.
+        self.store_limits: pb.StoreLimits | None = None
+        self._emit_paused_until = 0.0
+        self._refit: asyncio.Future[None] | None = None
 
     # ---------------------------------------------------------------- life cycle
 
@@ -242,12 +253,27 @@ class EngineRunner:
             return
         self.snapshot_position = self.consumer.position
 
+    def _snapshot_chunking(self) -> tuple[int, int]:
+        """(bytes per chunk, chunks per snapshot): one atomic append the store accepts."""
+        size, most = SNAPSHOT_CHUNK, MAX_SNAPSHOT_CHUNKS
+        lim = self.store_limits
+        if lim is not None:
+            if lim.max_event_bytes:
+                size = max(1, min(size, lim.max_event_bytes - SNAPSHOT_ENVELOPE))
+            if lim.max_append_events:
+                most = min(most, lim.max_append_events)
+            if lim.max_append_bytes:
+                most = min(most, lim.max_append_bytes // (size + SNAPSHOT_ENVELOPE))
+        return size, most
+
     async def _write_snapshot(self, cap: Capture) -> None:
         packed = zlib.compress(cap.data, 1)
-        chunks = [packed[i:i + SNAPSHOT_CHUNK] for i in range(0, len(packed), SNAPSHOT_CHUNK)]
-        if len(chunks) > MAX_SNAPSHOT_CHUNKS:
-            log.error("snapshot at input %d is %d bytes compressed, over the %d-chunk limit: "
-                      "not written", cap.position, len(packed), MAX_SNAPSHOT_CHUNKS)
+        size, most = self._snapshot_chunking()
+        chunks = [packed[i:i + size] for i in range(0, len(packed), size)]
+        if len(chunks) > most:
+            log.error("snapshot at input %d is %d bytes compressed, over %d chunks of %d "
+                      "bytes (the store's limits): not written", cap.position, len(packed),
+                      most, size)
             return
         events = [pb.ProposedEvent(
             id=wire.derived_id("snap", self.config.group, cap.position, i),
@@ -339,9 +365,14 @@ class EngineRunner:
     # ---------------------------------------------------------------- emission
 
     def _emit(self) -> None:
-        if not self.caught_up:
+        if not self.caught_up or asyncio.get_running_loop().time() < self._emit_paused_until:
             return
-        nxt = self.consumer.next_append()
+        c = self.consumer
+        blocked = c.emit_blocked
+        nxt = c.next_append()
+        if c.emit_blocked and c.emit_blocked != blocked:
+            log.error("instance %s holds the outputs of %s: %s", self.config.instance,
+                      self.config.group, c.emit_blocked)
         if nxt is None:
             return
         generation, expected, batches = nxt
@@ -369,10 +400,34 @@ class EngineRunner:
             return
         if generation != c.generation:
             return
+        code = getattr(exc, "code", None)
         c.on_refused(generation, getattr(exc, "actual_last_revision", 0),
-                     getattr(exc, "code", None) == grpc.StatusCode.ALREADY_EXISTS)
-        log.info("output append at revision %d refused (%s); resync to revision %d",
-                 expected, exc or "cancelled", c.resync_to)
+                     code == grpc.StatusCode.ALREADY_EXISTS)
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            # Sized past a limit of the store (one restarted with smaller ones, or a
+            # member that states other ones): learn them again; no hot retry meanwhile.
+            log.warning("output append at revision %d refused as invalid (%s): fitting "
+                        "the store's limits again", expected, exc)
+            self._emit_paused_until = asyncio.get_running_loop().time() + REFUSED_PAUSE_S
+            self._refit = asyncio.ensure_future(self._fit_store())
+        else:
+            log.info("output append at revision %d refused (%s); resync to revision %d",
+                     expected, exc or "cancelled", c.resync_to)
+        self._wake.set()
+
+    async def _fit_store(self) -> None:
+        """Learns the store's limits (NodeInfo) and sizes emission to them; the defaults
+        (or what was learnt before) stay when the store does not answer in time."""
+        try:
+            async with asyncio.timeout(STORE_LIMITS_TIMEOUT_S):
+                info = await self.client.node_info()
+        except (grpc.aio.AioRpcError, TimeoutError) as exc:
+            log.warning("store limits not learnt (%s): output appends keep their sizes", exc)
+            return
+        lim = info.limits
+        self.store_limits = lim
+        self.consumer.fit_store(lim.max_event_bytes, lim.max_append_events,
+                                lim.max_append_bytes, self.config.instance)
         self._wake.set()
 
     # ---------------------------------------------------------------- the lease
@@ -468,6 +523,7 @@ class EngineRunner:
                 await r.close()
 
     async def _promote(self) -> None:
+        await self._fit_store()
         c = self.consumer
         c.release_hold()
         c.rewind_emission()
@@ -506,7 +562,8 @@ class EngineRunner:
             alarm=c.alarm, snapshot_position=self.snapshot_position,
             inputs_processed=c.inputs, delivered_position=self.delivered_position,
             handover_to=c.handover_to if c.hold_after else "",
-            campaign_blocked="" if self.primary else self.campaign_blocker())
+            campaign_blocked="" if self.primary else self.campaign_blocker(),
+            emit_blocked=c.emit_blocked if self.primary else "")
 
 
     def _state_hash(self) -> str:

@@ -197,6 +197,13 @@ class EventStoreService:
     def __init__(self, node: StoreNode, *, guard: Guard | None = None) -> None:
         self.node = node
         self.limits = node.limits
+        lim = self.limits
+        self._limits_message = pb.StoreLimits(
+            max_event_bytes=lim.max_event_bytes, max_append_events=lim.max_append_events,
+            max_append_bytes=lim.max_append_bytes,
+            max_appends_per_message=lim.max_appends_per_message,
+            max_stream_name_bytes=lim.max_stream_name_bytes,
+            max_batch_events=lim.max_batch_events, max_batch_bytes=lim.max_batch_bytes)
         # The server's auth.Guard: AppendStream authenticates and checks with it.
         self.guard = guard
         # Live subscriptions -> the position each has delivered up to (lag gauge).
@@ -562,4 +569,4 @@ class EventStoreService:
             cluster_id=node.log.cluster_id, node_id=node.node_id, role=node.role.name,
             term=node.role.term, commit_position=node.commit.position,
             last_position=node.log.last_position, leader=node.role.leader,
-            stream_count=node.log.stream_count())
+            stream_count=node.log.stream_count(), limits=self._limits_message)

@@ -274,6 +274,45 @@ def test_an_append_gathers_consecutive_batches_and_lands_them_together(
         primary.on_appended(nxt[0], nxt[1] + len(nxt[2]) - 1)
 
 
+def test_batches_and_appends_fit_the_store_limits() -> None:
+    """Under a store's small limits every output event fits max_event_bytes and an
+    append holds at most max_append_events of them and max_append_bytes; the warm
+    instance verifies the smaller batches all the same."""
+    log, primary, warm = fed_pair(6, 400)
+    max_event, max_events, max_bytes = 2_000, 3, 5_000
+    primary.fit_store(max_event, max_events, max_bytes, "a")
+    assert primary.append_batches == 2  # 5000 bytes hold two events of up to 2000
+    assert primary.batch_bytes < max_event
+    appends = 0
+    while (nxt := primary.next_append()) is not None:
+        generation, expected, batches = nxt
+        events = [b.event(GROUP, "a").SerializeToString() for b in batches]
+        assert len(events) <= max_events and sum(map(len, events)) <= max_bytes
+        assert all(len(e) <= max_event for e in events)
+        assert log.try_append(expected, batches) == "ok"
+        primary.on_appended(generation, log.out_revision)
+        appends += 1
+    assert not primary.emit_blocked and primary._sent == len(primary.pending)
+    assert appends > 5 and log.out_revision > appends  # several batches per append
+    for r in log.records:
+        feed(warm, r)
+    assert not warm.alarm and warm.committed_input == primary.position
+
+
+def test_outputs_no_event_can_hold_block_emission_with_a_reason() -> None:
+    _, primary, _ = fed_pair(6, 50)
+    biggest = max(len(p.blob) for p in primary.pending)
+    primary.fit_store(consumer_module.envelope_bytes(GROUP, "a") + biggest - 1, 0, 0, "a")
+    while (nxt := primary.next_append()) is not None:
+        primary.on_appended(nxt[0], nxt[1] + len(nxt[2]))
+    held = primary.pending[primary._sent]
+    assert len(held.blob) == biggest
+    assert primary.emit_blocked.startswith(f"outputs of input {held.position} take {biggest}")
+    assert "max_event_bytes" in primary.emit_blocked
+    primary.fit_store(0, 0, 0, "a")  # limits unknown: the engine's own sizes
+    assert primary.next_append() is not None and not primary.emit_blocked
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_whole_batch_verification_changes_nothing(seed: int) -> None:
     """Verifying a committed batch in one byte comparison (the usual case) leaves every

@@ -6,12 +6,14 @@ own PYTHONHASHSEED; the warm one checks every committed output against its own).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
 
 from engine import wire
@@ -250,6 +252,16 @@ def test_warm_instance_alarms_on_forged_outputs_and_never_takes_over(tmp_path: P
         store.kill()
 
 
+async def _backlog(client: StoreClient, events: list, per_append: int) -> int:  # type: ignore[type-arg]
+    """Commits the orders before any engine runs, ``per_append`` to an append; returns
+    the last position."""
+    stream = wire.input_stream(GROUP)
+    last = 0
+    for i in range(0, len(events), per_append):
+        last = (await client.append(stream, events[i:i + per_append])).last_position
+    return last
+
+
 def test_a_primary_started_on_a_backlog_emits_it_in_appends_of_several_batches(
         tmp_path: Path) -> None:
     """Orders committed before any engine runs: the primary emits only once caught up,
@@ -265,10 +277,7 @@ def test_a_primary_started_on_a_backlog_emits_it_in_appends_of_several_batches(
             nonlocal engine
             client = StoreClient(store.address)
             try:
-                stream = wire.input_stream(GROUP)
-                last = 0
-                for i in range(0, len(events), 500):
-                    last = (await client.append(stream, events[i:i + 500])).last_position
+                last = await _backlog(client, events, 500)
                 engine = start_engine(store.address, "a", lease_dir(tmp_path),
                                       snapshot_every=0)
                 await wait_outputs_through(client, last, 60)
@@ -285,6 +294,61 @@ def test_a_primary_started_on_a_backlog_emits_it_in_appends_of_several_batches(
                            for e in outputs)
                 s = await status_or_none(engine.address)
                 assert s is not None and s.role == "primary" and not s.alarm
+            finally:
+                await client.close()
+        run(body, timeout_s=120)
+        _verified(store.address)
+    finally:
+        if engine is not None:
+            engine.kill()
+        store.kill()
+
+
+def test_a_primary_sizes_its_appends_to_a_store_with_small_limits(tmp_path: Path) -> None:
+    """A store that refuses events over 4 KiB and appends over 3 events (the engine's
+    own sizes are 512 KiB batches, 8 to an append): the primary learns the limits from
+    NodeInfo, so none of its output or snapshot appends is refused and a backlog is
+    emitted exactly once (before, every output append was refused, forever)."""
+    from bench.match import setup_commands
+    from bench.match import workload as book_workload
+    from engine.runner import SNAPSHOT_ENVELOPE
+    from engine.workload import command_events
+    max_event, max_append = 4_096, 3
+    # A deep book (most orders rest), so that its snapshot needs several chunks.
+    events = list(command_events(GROUP, setup_commands() + book_workload(6_000, seed=22),
+                                 "limits"))
+    store = ServeProcess(str(tmp_path / "store"), args=[
+        "--max-event-bytes", str(max_event), "--max-append-events", str(max_append)]).start()
+    engine = None
+    try:
+        async def body() -> None:
+            nonlocal engine
+            client = StoreClient(store.address)
+            try:
+                last = await _backlog(client, events, max_append)
+                engine = start_engine(store.address, "a", lease_dir(tmp_path),
+                                      snapshot_every=4_000)
+                await wait_outputs_through(client, last, 60)
+                await check_exactly_once(client)
+                outputs = await client.read(wire.output_stream(GROUP), limit=10_000)
+                assert len(outputs) >= max_append + 1
+                assert all(len(e.data) < max_event for e in outputs)
+                assert sum(len(e.data) for e in outputs) > 4 * max_event
+                # The first append carried as many batches as the store takes, no more.
+                together = [e for e in outputs if e.timestamp_ns == outputs[0].timestamp_ns]
+                assert len(together) == max_append
+                # The snapshot after input 4000 is written, in chunks that fit.
+                async def snapshot() -> bool:
+                    with contextlib.suppress(grpc.aio.AioRpcError):
+                        return bool(await client.read(wire.snapshot_stream(GROUP), limit=100))
+                    return False
+                await wait_until(snapshot, 30)
+                chunks = await client.read(wire.snapshot_stream(GROUP), limit=100)
+                assert len(chunks) >= 2  # it was cut to fit
+                assert all(len(e.data) <= max_event - SNAPSHOT_ENVELOPE for e in chunks)
+                s = await status_or_none(engine.address)
+                assert s is not None and s.role == "primary" and not s.alarm
+                assert not s.emit_blocked
             finally:
                 await client.close()
         run(body, timeout_s=120)

@@ -30,6 +30,7 @@ from store.client import (
     new_id,
 )
 from store.errors import MD_ACTUAL_REVISION
+from store.limits import Limits
 from tests.support.store import run, running_store, wait_until
 from xdc.v1 import eventstore_pb2 as pb
 
@@ -248,7 +249,6 @@ def _bad_appends() -> list[tuple[str, pb.AppendRequest, str]]:
 
 
 def test_bad_appends_are_refused_with_field_and_limit_and_write_nothing(tmp_path: Path) -> None:
-    from store.limits import Limits
     limits = Limits(**SMALL)
 
     async def body() -> None:
@@ -302,7 +302,6 @@ def test_malformed_request_bytes_get_invalid_argument(tmp_path: Path) -> None:
 
 
 def test_bad_reads(tmp_path: Path) -> None:
-    from store.limits import Limits
 
     async def body() -> None:
         async with running_store(tmp_path, Limits(**SMALL)) as (_, c):
@@ -377,7 +376,6 @@ def test_a_read_cut_after_its_first_batches_answers_unavailable(tmp_path: Path) 
     raises UNAVAILABLE, and the caller reads again from where it got to. The read is far
     larger than gRPC's flow-control window, so the server is still sending when the
     channel closes."""
-    from store.limits import Limits
     limits = Limits(max_batch_events=100, max_event_bytes=64 * 1024, max_batch_bytes=64 * 1024)
     per_append, appends, size = 50, 20, 32 * 1024  # 1000 events, 32 MiB
 
@@ -439,7 +437,6 @@ def test_unary_calls_cut_by_the_client_moving_its_channel(tmp_path: Path) -> Non
 
 
 def test_large_reads_come_in_bounded_batches(tmp_path: Path) -> None:
-    from store.limits import Limits
     limits = Limits(max_batch_events=100, max_event_bytes=64 * 1024, max_batch_bytes=64 * 1024)
 
     async def body() -> None:
@@ -600,6 +597,23 @@ def test_a_stalled_subscriber_does_not_block_appends(tmp_path: Path) -> None:
 
 # ---- info, health, reflection ----------------------------------------------------------
 
+def test_node_info_states_the_limits_the_node_enforces(tmp_path: Path) -> None:
+    """A producer learns what the node refuses past (an engine sizes its output appends
+    by it) from NodeInfo, and the node does refuse past it."""
+    async def body() -> None:
+        limits = Limits(max_event_bytes=4096, max_append_events=3, max_append_bytes=8192)
+        async with running_store(tmp_path, limits) as (_, c):
+            info = (await c.node_info()).limits
+            assert (info.max_event_bytes, info.max_append_events, info.max_append_bytes) == (
+                4096, 3, 8192)
+            with pytest.raises(AppendError) as err:
+                await c.append("s", [ev(k) for k in range(info.max_append_events + 1)])
+            assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert "max_append_events (3)" in err.value.message
+            await c.append("s", [ev(k) for k in range(info.max_append_events)])
+    run(body)
+
+
 def test_node_info_health_and_reflection(tmp_path: Path) -> None:
     async def body() -> None:
         async with running_store(tmp_path) as (server, c):
@@ -609,6 +623,14 @@ def test_node_info_health_and_reflection(tmp_path: Path) -> None:
             assert (info.role, info.term, info.commit_position, info.last_position,
                     info.stream_count) == ("standalone", 1, 2, 2, 2)
             uuid.UUID(info.cluster_id)
+            d = Limits()
+            assert (info.limits.max_event_bytes, info.limits.max_append_events,
+                    info.limits.max_append_bytes, info.limits.max_appends_per_message,
+                    info.limits.max_stream_name_bytes, info.limits.max_batch_events,
+                    info.limits.max_batch_bytes) == (
+                d.max_event_bytes, d.max_append_events, d.max_append_bytes,
+                d.max_appends_per_message, d.max_stream_name_bytes, d.max_batch_events,
+                d.max_batch_bytes)
             async with grpc.aio.insecure_channel(server.address) as ch:
                 health = health_pb2_grpc.HealthStub(ch)
                 for name in ("", "xdc.v1.EventStore"):

@@ -228,7 +228,7 @@ class NodeInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfoResponse(_message.Message):
-    __slots__ = ("cluster_id", "node_id", "role", "term", "commit_position", "last_position", "leader", "stream_count")
+    __slots__ = ("cluster_id", "node_id", "role", "term", "commit_position", "last_position", "leader", "stream_count", "limits")
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -237,6 +237,7 @@ class NodeInfoResponse(_message.Message):
     LAST_POSITION_FIELD_NUMBER: _ClassVar[int]
     LEADER_FIELD_NUMBER: _ClassVar[int]
     STREAM_COUNT_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     cluster_id: str
     node_id: str
     role: str
@@ -245,4 +246,23 @@ class NodeInfoResponse(_message.Message):
     last_position: int
     leader: str
     stream_count: int
-    def __init__(self, cluster_id: _Optional[str] = ..., node_id: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., commit_position: _Optional[int] = ..., last_position: _Optional[int] = ..., leader: _Optional[str] = ..., stream_count: _Optional[int] = ...) -> None: ...
+    limits: StoreLimits
+    def __init__(self, cluster_id: _Optional[str] = ..., node_id: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., commit_position: _Optional[int] = ..., last_position: _Optional[int] = ..., leader: _Optional[str] = ..., stream_count: _Optional[int] = ..., limits: _Optional[_Union[StoreLimits, _Mapping]] = ...) -> None: ...
+
+class StoreLimits(_message.Message):
+    __slots__ = ("max_event_bytes", "max_append_events", "max_append_bytes", "max_appends_per_message", "max_stream_name_bytes", "max_batch_events", "max_batch_bytes")
+    MAX_EVENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_APPEND_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_APPEND_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_APPENDS_PER_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    MAX_STREAM_NAME_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_BYTES_FIELD_NUMBER: _ClassVar[int]
+    max_event_bytes: int
+    max_append_events: int
+    max_append_bytes: int
+    max_appends_per_message: int
+    max_stream_name_bytes: int
+    max_batch_events: int
+    max_batch_bytes: int
+    def __init__(self, max_event_bytes: _Optional[int] = ..., max_append_events: _Optional[int] = ..., max_append_bytes: _Optional[int] = ..., max_appends_per_message: _Optional[int] = ..., max_stream_name_bytes: _Optional[int] = ..., max_batch_events: _Optional[int] = ..., max_batch_bytes: _Optional[int] = ...) -> None: ...
