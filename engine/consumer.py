@@ -409,9 +409,11 @@ class Consumer:
         self.inflight_batches = len(batches)
         return self.generation, self.inflight, batches
 
-    def on_appended(self, generation: int, last_revision: int) -> None:
+    def on_appended(self, generation: int, last_revision: int) -> bool:
+        """The append of ``generation`` landed through ``last_revision``. True when that
+        is further on than its batches (a resync follows), else False."""
         if generation != self.generation:
-            return
+            return False
         assert self.inflight is not None
         landed = self.inflight + self.inflight_batches
         assert last_revision >= landed, (
@@ -427,10 +429,11 @@ class Consumer:
             # verified as the others) and go on.
             self.rewind_emission()
             self.resync_to = max(self.resync_to, last_revision)
-            return
+            return True
         self.inflight = None
         self.inflight_batches = 0
         self.appended_through = last_revision
+        return False
 
     def on_refused(self, generation: int, actual_last_revision: int = 0,
                    already_exists: bool = False) -> None:

@@ -390,9 +390,8 @@ class EngineRunner:
         c = self.consumer
         exc = None if fut.cancelled() else fut.exception()
         if exc is None and not fut.cancelled():
-            last, current = fut.result().last_revision, c.generation
-            c.on_appended(generation, last)
-            if c.generation != current:  # landed further on: resynchronising
+            last = fut.result().last_revision
+            if c.on_appended(generation, last):
                 log.info("output append at revision %d answered as an earlier append of "
                          "the same batches, through revision %d; resync to it", expected, last)
             self._emit()

@@ -263,7 +263,7 @@ def test_an_append_gathers_consecutive_batches_and_lands_them_together(
                                                 list(primary.pending)[:len(batches)]]
     assert primary.next_append() is None  # one append in flight
     assert log.try_append(expected, batches) == "ok"
-    primary.on_appended(generation, log.out_revision)
+    assert primary.on_appended(generation, log.out_revision) is False
     assert primary.appended_through == len(batches)
     nxt = primary.next_append()
     assert nxt is not None and nxt[1] == len(batches)  # the next one follows it
@@ -272,6 +272,10 @@ def test_an_append_gathers_consecutive_batches_and_lands_them_together(
     assert not warm.alarm and warm.committed_input == batches[-1].last_input
     with pytest.raises(AssertionError, match="landed through revision"):
         primary.on_appended(nxt[0], nxt[1] + len(nxt[2]) - 1)
+    # Answered further on (an exact retry of batches landed before): resync to there.
+    beyond = nxt[1] + len(nxt[2]) + 2
+    assert primary.on_appended(nxt[0], beyond) is True
+    assert primary.resync_to == beyond and primary.next_append() is None
 
 
 def test_batches_and_appends_fit_the_store_limits() -> None:
