@@ -22,6 +22,8 @@ the group's input stream with the store client and watches the output stream.
   processes on this machine (``rpc_rtt_ms``: NodeInfo, nothing to compute, 1 ms apart as
   the paced orders are): an order crosses four one-way hops (client -> store -> engine
   -> store -> subscriber), so ``e2e_floor_ms`` = two durable commits + two round trips.
+  ``e2e_light_p50_ms`` / ``e2e_light_p99_ms``: the same at a light load
+  (``e2e_light_load_per_s``, LATENCY_RATES).
 * replay_cps: a fresh instance replaying the whole group log from the store and checking
   every committed output (`xdc engine verify`'s code), inputs per second.
 * restore_100k_s: restoring an engine snapshot holding 100k resting orders.
@@ -52,6 +54,12 @@ from store.client import StoreClient
 from store.process import ServeProcess
 
 GROUP = "bench"
+# Offered loads of the latency runs: (headline, light). Each order is its own append, so
+# at the headline load the store's writer spends most of its time in commits (input and
+# output appends, ~0.4 ms each on this disk) and orders queue behind them; the light
+# load shows the latency of an idle pipeline.
+LATENCY_RATES = (1_000, 200)
+LATENCY_RATES_QUICK = (500, 100)
 ORDERS_PER_APPEND = 100
 APPENDS_PER_MESSAGE = 10
 
@@ -203,10 +211,11 @@ async def _run_async(quick: bool, address: str, engine: ServeProcess, runs: int
         for r in range(runs):
             eps, next_oid = await _throughput(client, n, r, next_oid)
             tput.append(eps)
-        rate = 500 if quick else 1_000
+        rate, light = LATENCY_RATES_QUICK if quick else LATENCY_RATES
         seconds = 2.0 if quick else 5.0
         lat = 0
         p50s, p99s, fsyncs, rtts = [], [], [], []
+        light_p50s, light_p99s = [], []
         hops: list[list[float]] = [[], [], []]
         for r in range(runs):
             fsyncs.append(group_commit_ms(100))
@@ -218,6 +227,9 @@ async def _run_async(quick: bool, address: str, engine: ServeProcess, runs: int
             p99s.append(_p(total, 0.99))
             for i in range(3):
                 hops[i].append(_p([x[i + 1] for x in sample], 0.5))
+            total = [x[0] for x in await _latency(client, light, seconds, runs + r)]
+            light_p50s.append(_p(total, 0.5))
+            light_p99s.append(_p(total, 0.99))
         replay = []
         for _ in range(runs):
             t0 = time.perf_counter()
@@ -233,6 +245,9 @@ async def _run_async(quick: bool, address: str, engine: ServeProcess, runs: int
             "e2e_latency_orders": lat,
             "e2e_p50_ms": round(statistics.median(p50s), 3),
             "e2e_p99_ms": round(statistics.median(p99s), 3),
+            "e2e_light_load_per_s": light,
+            "e2e_light_p50_ms": round(statistics.median(light_p50s), 3),
+            "e2e_light_p99_ms": round(statistics.median(light_p99s), 3),
             "fsync_ms": round(statistics.median(fsyncs), 3),
             "rpc_rtt_ms": round(statistics.median(rtts), 3),
             "e2e_floor_ms": round(2 * statistics.median(fsyncs) + 2 * statistics.median(rtts),

@@ -328,6 +328,8 @@ def _rows(res: dict[str, Any]) -> list[report.Row]:
             (f"latency at {res['e2e_offered_load_per_s']}/s offered",
              f"p50 {res['e2e_p50_ms']} ms",
              f"p99 {res['e2e_p99_ms']} ms (targets 1 / 5 ms)"),
+            (f"latency at {res['e2e_light_load_per_s']}/s offered",
+             f"p50 {res['e2e_light_p50_ms']} ms", f"p99 {res['e2e_light_p99_ms']} ms"),
             ("  floor: 2 commits, 4 one-way hops", f"{res['e2e_floor_ms']} ms",
              f"group commit p50 {res['fsync_ms']} ms on this disk, gRPC round trip "
              f"{res['rpc_rtt_ms']} ms"),
