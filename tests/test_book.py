@@ -4,12 +4,13 @@ poison input, codecs."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 from collections import defaultdict
 
 import pytest
 
 from engine import events as ev
-from engine.book import Engine, EngineLimits, check_invariants, step
+from engine.book import Engine, EngineLimits, GcFreezer, check_invariants, step
 from engine.codec import (
     GENESIS,
     CodecError,
@@ -680,3 +681,25 @@ def test_level_compaction_and_heap_rebuild_keep_priority() -> None:
     assert [f.maker_order_id for f in of(out, Fill)] == [1, 36, 37, 38, 39, 40]
     assert restore(snapshot_bytes(e)).apply_raw(limit("c", SELL, 1, 91)) == e.apply_raw(
         limit("c", SELL, 1, 91))
+
+
+def test_gc_freezer_takes_long_lived_objects_out_of_full_collections() -> None:
+    """Resting orders (tracked lists) that survive ``every`` inputs are frozen: a full
+    collection no longer walks them, and they are still freed by reference counting."""
+    freezer = GcFreezer(every=1_000)
+    before = gc.get_freeze_count()
+    resting = [[i, "acct"] for i in range(20_000)]
+    try:
+        freezer.advance(999)
+        assert gc.get_freeze_count() == before and freezer.freezes == 0
+        freezer.advance(1)
+        assert freezer.freezes == 1 and gc.get_freeze_count() >= before + len(resting)
+        walked = {id(o) for o in gc.get_objects()}  # what a full collection walks
+        assert not any(id(o) in walked for o in resting)
+        frozen = gc.get_freeze_count()
+        del resting[:10_000]  # cancelled or filled: freed at once, frozen or not
+        assert gc.get_freeze_count() <= frozen - 10_000
+        freezer.advance(999)
+        assert freezer.freezes == 1  # counted from the last freeze
+    finally:
+        gc.unfreeze()
