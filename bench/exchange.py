@@ -26,6 +26,10 @@ the group's input stream with the store client and watches the output stream.
   (``e2e_light_load_per_s``, LATENCY_RATES).
 * replay_cps: a fresh instance replaying the whole group log from the store and checking
   every committed output (`xdc engine verify`'s code), inputs per second.
+* catchup_cps: a new warm instance (`xdc engine run --role warm`) catching up with the
+  whole group log with the default verify window (engine.runner.VERIFY_WINDOW): inputs
+  before the window are replayed for the state alone, the window's outputs are checked
+  (``catchup_trusted_inputs``: the last input replayed for the state alone).
 * restore_100k_s: restoring an engine snapshot holding 100k resting orders.
 
 Nothing here asserts a time.
@@ -49,6 +53,7 @@ from engine.cli import verify
 from engine.codec import restore, snapshot_bytes
 from engine.commands import AddSymbol, Deposit, NewOrder
 from engine.constants import Side
+from engine.runner import VERIFY_WINDOW, fetch_status
 from engine.workload import command_events, outputs_through
 from store.client import StoreClient
 from store.process import ServeProcess
@@ -200,7 +205,37 @@ def restore_100k() -> float:
     return statistics.median(times)
 
 
-async def _run_async(quick: bool, address: str, engine: ServeProcess, runs: int
+async def _catch_up(client: StoreClient, address: str, lease: str, instance: str
+                    ) -> tuple[float, int]:
+    """(inputs/s, inputs replayed for the state alone) of a new warm instance catching
+    up with the whole group log, with the default verify window. Timed inside the
+    instance, from its first processed input to the log's last (brief status polls
+    every 5 ms: a full status hashes the whole book)."""
+    last = (await client.stream_info(wire.input_stream(GROUP))).last_position
+    warm = ServeProcess(command=[
+        "engine", "run", "--store", address, "--group", GROUP, "--instance", instance,
+        "--lease", lease, "--snapshot-every", "0", "--role", "warm"]).start()
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 120
+        start: tuple[float, int] | None = None
+        while True:
+            s = await fetch_status(warm.address, brief=True)
+            now = time.perf_counter()
+            if start is None and s.inputs_processed:
+                start = (now, s.inputs_processed)
+            if s.input_position >= last:
+                break
+            if loop.time() > deadline:
+                raise TimeoutError(f"{instance} did not catch up with input {last}")
+            await asyncio.sleep(0.005)
+        assert start is not None and not s.alarm, s
+        return (s.inputs_processed - start[1]) / (now - start[0]), s.trusted_through
+    finally:
+        warm.stop()
+
+
+async def _run_async(quick: bool, address: str, lease: str, runs: int
                      ) -> dict[str, Any]:
     client = StoreClient(address, timeout_s=120, max_batch_appends=APPENDS_PER_MESSAGE)
     try:
@@ -236,6 +271,7 @@ async def _run_async(quick: bool, address: str, engine: ServeProcess, runs: int
             res = await verify([address], GROUP)
             replay.append(int(res["inputs"]) / (time.perf_counter() - t0))  # type: ignore[call-overload]
             assert res["ok"], res
+        catchup = [await _catch_up(client, address, lease, f"c{r}") for r in range(runs)]
         return {
             "e2e_orders_per_s": round(statistics.median(tput)),
             "e2e_runs_orders_per_s": [round(x) for x in tput],
@@ -256,6 +292,9 @@ async def _run_async(quick: bool, address: str, engine: ServeProcess, runs: int
             "e2e_hop_engine_ms": round(statistics.median(hops[1]), 3),
             "e2e_hop_output_ms": round(statistics.median(hops[2]), 3),
             "replay_cps": round(statistics.median(replay)),
+            "catchup_cps": round(statistics.median(c for c, _ in catchup)),
+            "catchup_trusted_inputs": catchup[0][1],
+            "catchup_verify_window": VERIFY_WINDOW,
             "replay_inputs": int(res["inputs"]),  # type: ignore[call-overload]
         }
     finally:
@@ -266,14 +305,16 @@ def run(quick: bool = False, runs: int | None = None) -> dict[str, Any]:
     runs = runs or 3
     with tempfile.TemporaryDirectory(prefix="xdc-bench-exchange-") as tmp:
         store = ServeProcess(str(Path(tmp) / "store")).start()
+        lease = f"file:{tmp}/lease"
         engine = ServeProcess(command=[
             "engine", "run", "--store", store.address, "--group", GROUP, "--instance", "p",
-            "--lease", f"file:{tmp}/lease", "--snapshot-every", "0"]).start()
+            "--lease", lease, "--snapshot-every", "0"]).start()
         try:
-            out = report.run(_run_async(quick, store.address, engine, runs))
+            out = report.run(_run_async(quick, store.address, lease, runs))
         finally:
             engine.stop()
             store.stop()
     out["restore_100k_s"] = round(restore_100k(), 3)
     out["replay_vs_live"] = round(out["replay_cps"] / out["e2e_orders_per_s"], 2)
+    out["catchup_vs_live"] = round(out["catchup_cps"] / out["e2e_orders_per_s"], 2)
     return out

@@ -16,7 +16,13 @@ from engine.codec import state_hash
 from engine.consumer import Consumer
 from engine.exchange_config import ExchangeConfigError, load
 from engine.lease import make_lease
-from engine.runner import ENGINE_VERSION, RunnerConfig, fetch_status, run_engine
+from engine.runner import (
+    ENGINE_VERSION,
+    VERIFY_WINDOW,
+    RunnerConfig,
+    fetch_status,
+    run_engine,
+)
 from store.client import AppendError, CaughtUp, StoreClient
 from xdc.tls import Tls, add_cli_args, cli_tls
 from xdc.v1 import eventstore_pb2 as pb
@@ -45,6 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     auth_config = load_auth("engine run", args.auth)
     config = RunnerConfig(group=group, instance=args.instance, store=tuple(args.store.split(",")),
                           role=args.role, snapshot_every=args.snapshot_every,
+                          verify_window=args.verify_window,
                           tls=cli_tls(args, "xdc engine"), token=args.token)
     spec, cluster, access = args.lease, args.cluster, None
     if args.config:
@@ -225,6 +232,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--lease-ttl", type=int, default=2, help="etcd lease TTL, seconds")
     r.add_argument("--snapshot-every", type=int, default=100_000,
                    help="inputs between snapshots (0: on request only)")
+    r.add_argument("--verify-window", type=int, default=VERIFY_WINDOW,
+                   help="catching up, check the committed outputs of at least this many "
+                        "last inputs; replay those before for the state alone (0: check "
+                        "every committed output)")
     r.add_argument("--control", default="127.0.0.1:0", help="EngineControl listen address")
     add_cli_args(r)
     r.add_argument("--auth", help="auth file: EngineControl callers must authenticate")

@@ -90,6 +90,10 @@ CAMPAIGN_INTERVAL_S = 0.2  # an instance that may campaign tries for the lease t
 ADVERTISE_RETRY_MAX_S = 5.0
 STORE_WATCH_S = 0.5  # how often an instance asks its store member for its tiers
 STARTUP_TIMEOUT_S = 60.0
+# Committed inputs whose outputs a catching-up instance checks at least (RunnerConfig):
+# as many as `--snapshot-every` puts between snapshots by default, so an instance that
+# restarts from the latest snapshot checks everything after it.
+VERIFY_WINDOW = 100_000
 _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
               grpc.StatusCode.DEADLINE_EXCEEDED)
 
@@ -105,11 +109,15 @@ class RunnerConfig:
     # TLS to the store and on the control port (xdc/tls.py); None: plaintext.
     tls: Tls | None = None
     token: str = ""  # its principal's bearer token at the store (store/auth.py)
+    # Catching up, the outputs of at least this many of the last committed inputs are
+    # computed and checked; those before them are replayed for the state alone
+    # (Consumer.trust). 0: every committed output is checked.
+    verify_window: int = VERIFY_WINDOW
 
     def __post_init__(self) -> None:
         wire.check_group(self.group)
         assert self.role in ("auto", "warm"), self.role
-        assert self.snapshot_every >= 0
+        assert self.snapshot_every >= 0 and self.verify_window >= 0
 
 
 class EngineRunner:
@@ -153,6 +161,13 @@ class EngineRunner:
 
     async def start(self) -> None:
         await self._load_snapshot()
+        point = await self._trust_point()
+        if point is not None:
+            self.consumer.trust(*point)
+            log.info("instance %s replays inputs %d..%d of %s for the state alone (their "
+                     "outputs are committed); it checks the outputs of the %d inputs after",
+                     self.config.instance, self.consumer.position + 1, point[0],
+                     self.config.group, self.config.verify_window)
         self._tasks = [asyncio.create_task(self._consume(), name="engine-consume"),
                        asyncio.create_task(self._leadership(), name="engine-lease"),
                        asyncio.create_task(self._watch_store(), name="engine-store-watch")]
@@ -258,6 +273,38 @@ class EngineRunner:
             self.consumer = Consumer(self.config.group)
             return
         self.snapshot_position = self.consumer.position
+
+    async def _trust_point(self) -> tuple[int, bytes] | None:
+        """(last input, chain) of the newest committed output batch that ends at least
+        ``verify_window`` inputs before the newest one, found by a binary search on the
+        output stream's revisions (batches are in input order); None when there is none
+        past this instance's position, or when the store cannot say (a full replay)."""
+        window, stream = self.config.verify_window, self.output_stream
+        if not window:
+            return None
+        try:
+            tail = await self.client.read(stream, backwards=True, limit=1)
+            if not tail:
+                return None
+            target = wire.output_header(tail[0].data)[1] - window
+            lo, hi, found = 1, tail[0].revision, None
+            while lo <= hi and target > self.consumer.position:
+                mid = (lo + hi) // 2
+                _, last, chain, _ = wire.output_header(
+                    (await self.client.read(stream, start=mid, limit=1))[0].data)
+                if last <= target:
+                    found, lo = (last, chain), mid + 1
+                else:
+                    hi = mid - 1
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                log.warning("no trusted catch-up (%s): every committed output is checked",
+                            exc.details())
+            return None
+        except CodecError as exc:
+            log.warning("no trusted catch-up (%s): every committed output is checked", exc)
+            return None
+        return found if found is not None and found[0] > self.consumer.position else None
 
     def _snapshot_chunking(self) -> tuple[int, int]:
         """(bytes per chunk, chunks per snapshot): one atomic append the store accepts."""
@@ -569,7 +616,8 @@ class EngineRunner:
             inputs_processed=c.inputs, delivered_position=self.delivered_position,
             handover_to=c.handover_to if c.hold_after else "",
             campaign_blocked="" if self.primary else self.campaign_blocker(),
-            emit_blocked=c.emit_blocked if self.primary else "")
+            emit_blocked=c.emit_blocked if self.primary else "",
+            trusted_through=c.trusted_through)
 
 
     def _state_hash(self) -> str:
@@ -583,12 +631,15 @@ class EngineRunner:
 
 
 async def fetch_status(address: str, timeout_s: float = 5.0,
-                       tls: Tls | None = None, token: str = "") -> xpb.EngineStatus:
+                       tls: Tls | None = None, token: str = "",
+                       brief: bool = False) -> xpb.EngineStatus:
     """An engine instance's status through its EngineControl address (raises
-    grpc.aio.AioRpcError when it does not answer or refuses)."""
+    grpc.aio.AioRpcError when it does not answer or refuses). ``brief``: no state hash
+    (a whole snapshot of the book) and no store round trip, for polling."""
     async with aio_channel(address, tls, options=channel_options()) as ch:
         return await xpb_grpc.EngineControlStub(ch).Status(
-            xpb.EngineStatusRequest(), timeout=timeout_s, metadata=auth.bearer(token))
+            xpb.EngineStatusRequest(brief=brief), timeout=timeout_s,
+            metadata=auth.bearer(token))
 
 
 async def status_or_none(address: str, timeout_s: float = 5.0, tls: Tls | None = None,

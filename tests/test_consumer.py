@@ -25,6 +25,7 @@ from engine.codec import (
     _Reader,
     encode_command,
     encode_event,
+    state_hash,
 )
 from engine.consumer import Capture, Consumer
 from tests.test_book_model import random_commands
@@ -315,6 +316,56 @@ def test_outputs_no_event_can_hold_block_emission_with_a_reason() -> None:
     assert "max_event_bytes" in primary.emit_blocked
     primary.fit_store(0, 0, 0, "a")  # limits unknown: the engine's own sizes
     assert primary.next_append() is not None and not primary.emit_blocked
+
+
+def _emitted(seed: int, n: int, batch_inputs: int,
+             monkeypatch: pytest.MonkeyPatch) -> tuple[Log, Consumer]:
+    """A log of ``n`` random inputs whose outputs a primary committed in batches of at
+    most ``batch_inputs`` inputs, and that primary, fed all of it."""
+    monkeypatch.setattr(consumer_module, "MAX_BATCH_INPUTS", batch_inputs)
+    log, primary, _ = fed_pair(seed, n)
+    while (nxt := primary.next_append()) is not None:
+        assert log.try_append(nxt[1], nxt[2]) == "ok"
+        primary.on_appended(nxt[0], log.out_revision)
+    for r in log.records:
+        if r.kind == "out":
+            feed(primary, r)
+    assert not primary.pending and not primary.alarm
+    return log, primary
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_trusted_catch_up_ends_where_a_full_replay_does(
+        seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An instance that trusts the committed outputs up to a batch's last input (state
+    only), then verifies, ends with the engine, chain, positions and revisions of one that
+    computed and checked everything; and it goes on verifying after that point."""
+    log, primary = _emitted(seed, 300, 7, monkeypatch)
+    batches = [r for r in log.records if r.kind == "out"]
+    assert len(batches) > 10
+    cut = batches[len(batches) // 2].batch
+    assert cut is not None
+    fast = Consumer(GROUP)
+    fast.trust(cut.last_input, cut.chain)
+    for r in log.records:
+        feed(fast, r)
+    assert not fast.alarm and not fast.pending
+    assert (fast.position, fast.chain, fast.committed_input, fast.out_revision) == (
+        primary.position, primary.chain, primary.committed_input, primary.out_revision)
+    assert state_hash(fast.engine) == state_hash(primary.engine)
+    # After the trusted point a forged batch is caught as before.
+    log2, _ = _emitted(seed, 300, 7, monkeypatch)
+    outs = [r for r in log2.records if r.kind == "out"]
+    victim = outs[-1].batch
+    assert victim is not None and victim.last_input > cut.last_input
+    blob = victim.blobs[-1]
+    forged = blob[:-1] + bytes([blob[-1] ^ 1])
+    outs[-1].batch = dataclasses.replace(victim, blobs=(*victim.blobs[:-1], forged))
+    checked = Consumer(GROUP)
+    checked.trust(cut.last_input, cut.chain)
+    for r in log2.records:
+        feed(checked, r)
+    assert "differ" in checked.alarm
 
 
 @pytest.mark.parametrize("seed", range(8))

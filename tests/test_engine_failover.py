@@ -304,6 +304,46 @@ def test_a_primary_started_on_a_backlog_emits_it_in_appends_of_several_batches(
         store.kill()
 
 
+def test_a_warm_instance_catches_up_for_the_state_alone_then_checks_a_window(
+        tmp_path: Path) -> None:
+    """A warm instance started on a long committed history (no snapshot) replays the
+    inputs before its verify window for the state alone (their outputs are committed),
+    checks the outputs of the window, and ends with the primary's state and chain hashes."""
+    events = workload(seed=23, n=6_000)
+    store = ServeProcess(str(tmp_path / "store")).start()
+    engines: list[ServeProcess] = []
+    try:
+        async def body() -> None:
+            client = StoreClient(store.address)
+            try:
+                last = await _backlog(client, events, 50)
+                engines.append(start_engine(store.address, "p", lease_dir(tmp_path),
+                                            snapshot_every=0))
+                await wait_outputs_through(client, last, 60)
+                window = 2_000
+                engines.append(start_engine(store.address, "w", lease_dir(tmp_path),
+                                            snapshot_every=0, role="warm",
+                                            verify_window=window))
+                p, w = (e.address for e in engines)
+
+                async def caught_up() -> bool:
+                    s = await status_or_none(w)
+                    return s is not None and s.role == "warm" and s.input_position >= last
+                await wait_until(caught_up, 30)
+                sp, sw = await status_or_none(p), await status_or_none(w)
+                assert sp is not None and sw is not None and not sw.alarm
+                assert 0 < sw.trusted_through <= last - window
+                assert sw.committed_input_position == sp.committed_input_position
+                assert (sw.state_hash, sw.chain_hash) == (sp.state_hash, sp.chain_hash)
+            finally:
+                await client.close()
+        run(body, timeout_s=120)
+    finally:
+        for e in engines:
+            e.kill()
+        store.kill()
+
+
 def test_a_primary_sizes_its_appends_to_a_store_with_small_limits(tmp_path: Path) -> None:
     """A store that refuses events over 4 KiB and appends over 3 events (the engine's
     own sizes are 512 KiB batches, 8 to an append): the primary learns the limits from

@@ -25,10 +25,12 @@ def workload(seed: int, n: int) -> list[pb.ProposedEvent]:
 
 
 def start_engine(store: str, instance: str, lease: str, *, seed: int = 0,
-                 snapshot_every: int = 300, role: str = "auto") -> ServeProcess:
+                 snapshot_every: int = 300, role: str = "auto",
+                 verify_window: int = 100_000) -> ServeProcess:
     return ServeProcess(command=[
         "engine", "run", "--store", store, "--group", GROUP, "--instance", instance,
-        "--lease", lease, "--snapshot-every", str(snapshot_every), "--role", role],
+        "--lease", lease, "--snapshot-every", str(snapshot_every), "--role", role,
+        "--verify-window", str(verify_window)],
         env={"PYTHONHASHSEED": str(seed)}).start()
 
 
