@@ -643,9 +643,9 @@ async def fetch_status(address: str, timeout_s: float = 5.0,
 
 
 async def status_or_none(address: str, timeout_s: float = 5.0, tls: Tls | None = None,
-                         token: str = "") -> xpb.EngineStatus | None:
+                         token: str = "", brief: bool = False) -> xpb.EngineStatus | None:
     try:
-        return await fetch_status(address, timeout_s, tls, token)
+        return await fetch_status(address, timeout_s, tls, token, brief)
     except grpc.aio.AioRpcError:
         return None
 

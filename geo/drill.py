@@ -438,14 +438,14 @@ class Run:
                 if p.region == region]
 
     async def _role_is(self, e: ChildProc, role: str) -> bool:
-        s = await status_or_none(e.address, 0.5, self.tls)
+        s = await status_or_none(e.address, 0.5, self.tls, brief=True)
         return s is not None and s.role == role
 
     async def engine_primary(self) -> tuple[str, int]:
         """(instance, delivered store position) of the primary."""
         for e in self.engines.values():
             if e.alive:
-                s = await status_or_none(e.address, 0.5, self.tls)
+                s = await status_or_none(e.address, 0.5, self.tls, brief=True)
                 if s is not None and s.role == "primary":
                     return s.instance, s.delivered_position
         return "", 0
@@ -587,7 +587,9 @@ class Run:
     async def watch_engines(self) -> None:
         while True:
             live = [e for e in self.engines.values() if e.alive]
-            got = await asyncio.gather(*(status_or_none(e.address, 0.3, self.tls) for e in live))
+            # Brief: a full status hashes the whole book, a load on what is measured.
+            got = await asyncio.gather(*(status_or_none(e.address, 0.3, self.tls, brief=True)
+                                         for e in live))
             now = time.monotonic()
             for s in got:
                 if s is not None:
@@ -739,7 +741,7 @@ class Run:
     async def _engines_warm(self) -> bool:
         roles = []
         for e in self.engines.values():
-            s = await status_or_none(e.address, 0.5, self.tls)
+            s = await status_or_none(e.address, 0.5, self.tls, brief=True)
             roles.append(s.role if s is not None else "?")
         return roles.count("primary") == 1 and roles.count("warm") == len(roles) - 1
 
