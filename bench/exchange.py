@@ -44,6 +44,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from bench import report
 from bench.match import SYMBOL, setup_commands, workload
 from bench.store import group_commit_ms
@@ -53,10 +55,12 @@ from engine.cli import verify
 from engine.codec import restore, snapshot_bytes
 from engine.commands import AddSymbol, Deposit, NewOrder
 from engine.constants import Side
-from engine.runner import VERIFY_WINDOW, fetch_status
+from engine.runner import VERIFY_WINDOW
 from engine.workload import command_events, outputs_through
 from store.client import StoreClient
 from store.process import ServeProcess
+from xdc.v1 import exchange_pb2 as xpb
+from xdc.v1 import exchange_pb2_grpc as xpb_grpc
 
 GROUP = "bench"
 # Offered loads of the latency runs: (headline, light). Each order is its own append, so
@@ -210,7 +214,8 @@ async def _catch_up(client: StoreClient, address: str, lease: str, instance: str
     """(inputs/s, inputs replayed for the state alone) of a new warm instance catching
     up with the whole group log, with the default verify window. Timed inside the
     instance, from its first processed input to the log's last (brief status polls
-    every 5 ms: a full status hashes the whole book)."""
+    every 5 ms on one channel: a full status hashes the whole book, and a channel per
+    poll would be a connection a poll for the instance to accept)."""
     last = (await client.stream_info(wire.input_stream(GROUP))).last_position
     warm = ServeProcess(command=[
         "engine", "run", "--store", address, "--group", GROUP, "--instance", instance,
@@ -219,16 +224,18 @@ async def _catch_up(client: StoreClient, address: str, lease: str, instance: str
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 120
         start: tuple[float, int] | None = None
-        while True:
-            s = await fetch_status(warm.address, brief=True)
-            now = time.perf_counter()
-            if start is None and s.inputs_processed:
-                start = (now, s.inputs_processed)
-            if s.input_position >= last:
-                break
-            if loop.time() > deadline:
-                raise TimeoutError(f"{instance} did not catch up with input {last}")
-            await asyncio.sleep(0.005)
+        async with grpc.aio.insecure_channel(warm.address) as ch:
+            status = xpb_grpc.EngineControlStub(ch).Status
+            while True:
+                s = await status(xpb.EngineStatusRequest(brief=True), timeout=5)
+                now = time.perf_counter()
+                if start is None and s.inputs_processed:
+                    start = (now, s.inputs_processed)
+                if s.input_position >= last:
+                    break
+                if loop.time() > deadline:
+                    raise TimeoutError(f"{instance} did not catch up with input {last}")
+                await asyncio.sleep(0.005)
         assert start is not None and not s.alarm, s
         return (s.inputs_processed - start[1]) / (now - start[0]), s.trusted_through
     finally:

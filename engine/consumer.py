@@ -146,13 +146,8 @@ class Consumer:
     pending: collections.deque[Pending] = field(default_factory=collections.deque)
     controls: list[Control] = field(default_factory=list)
     # The first ``_sent`` pending entries were handed to the shell to append (and are not
-    # seen committed yet); the next batch starts after them, with the first of
-    # ``_unsent``: the other pending entries, the same objects. (Walking ``pending`` past
-    # the sent ones on every append grows with the backlog: up to 78k entries are sent
-    # and not yet seen committed in the bench's bursts, where the walk was ~1% of a live
-    # primary's time.)
+    # seen committed yet); the next batch starts after them.
     _sent: int = 0
-    _unsent: collections.deque[Pending] = field(default_factory=collections.deque)
     generation: int = 0  # of emission: bumped by every rewind
     inflight: int | None = None  # expected revision of the output append in flight
     inflight_batches: int = 0  # its batches: it lands at revisions inflight + 1..
@@ -236,9 +231,7 @@ class Consumer:
             return
         blob = wire.outputs_blob(position, out)
         self.chain = chain = wire.chain_next(self.chain, blob)
-        p = _new_pending(Pending, (position, blob, chain))
-        self.pending.append(p)
-        self._unsent.append(p)
+        self.pending.append(_new_pending(Pending, (position, blob, chain)))
 
     # ---------------------------------------------------------------- committed outputs
 
@@ -248,9 +241,11 @@ class Consumer:
         computed too), is verified with one comparison of its bytes; any other is decoded
         and checked blob by blob by ``on_output``, which names the difference."""
         try:
-            if revision > self.out_revision and self.trusted_through:
+            if revision > self.out_revision and self.base_position:
                 last = wire.output_header(data)[1]
-                if last <= self.trusted_through:  # trusted: its header is all there is to read
+                if last <= self.base_position:
+                    # Outputs of inputs restored or trusted, not computed here: on_output
+                    # would only advance past them; its header is all there is to read.
                     self.out_revision = revision
                     self.committed_input = max(self.committed_input, last)
                     return
@@ -279,7 +274,7 @@ class Consumer:
             return False
         for _ in range(n):
             pending.popleft()
-        self._popped(n)
+        self._sent = max(0, self._sent - n)
         self.out_revision = revision
         self.committed_input = last
         return True
@@ -324,19 +319,8 @@ class Consumer:
     def _pop(self) -> Pending | None:
         if not self.pending:
             return None
-        p = self.pending.popleft()
-        self._popped(1)
-        return p
-
-    def _popped(self, n: int) -> None:
-        """``n`` entries left ``pending`` (seen committed): the sent ones first."""
-        if n > self._sent:
-            for _ in range(n - self._sent):
-                self._unsent.popleft()
-            self._sent = 0
-        else:
-            self._sent -= n
-        assert len(self._unsent) == len(self.pending) - self._sent
+        self._sent = max(0, self._sent - 1)
+        return self.pending.popleft()
 
     def _diverged(self, alarm: str) -> None:
         """A warm check failed: this instance never emits or takes over from now on (the
@@ -350,11 +334,16 @@ class Consumer:
         """Sizes output batches and appends to what the store refuses past (its NodeInfo
         limits; 0 is unknown: no cut), so that no append is refused for its size."""
         envelope = envelope_bytes(self.group, writer)
-        per_event = min(MAX_BATCH_BYTES + envelope, max_event_bytes or MAX_BATCH_BYTES + envelope)
+        per_event = MAX_BATCH_BYTES + envelope
+        if max_event_bytes:
+            per_event = min(per_event, max_event_bytes)
+        batches = MAX_APPEND_BATCHES
+        if max_append_events:
+            batches = min(batches, max_append_events)
+        if max_append_bytes:
+            batches = min(batches, max_append_bytes // per_event)
         self.batch_bytes = max(1, per_event - envelope)
-        self.append_batches = max(1, min(MAX_APPEND_BATCHES,
-                                         max_append_events or MAX_APPEND_BATCHES,
-                                         (max_append_bytes or 1 << 62) // per_event))
+        self.append_batches = max(1, batches)
 
     def next_batch(self) -> wire.OutputBatch | None:
         """The next output batch to append (primary only): pending outputs after the last
@@ -374,7 +363,7 @@ class Consumer:
         last = Pending(0, b"", b"")  # the last pending output in blobs, once there is one
         hold = self.hold_after
         cap = self.batch_bytes
-        for p in self._unsent:
+        for p in itertools.islice(self.pending, self._sent, None):
             if hold and p.position > hold:
                 break
             if blobs and (len(blobs) >= MAX_BATCH_INPUTS or size + len(p.blob) > cap):
@@ -394,10 +383,6 @@ class Consumer:
             last = p
         if blobs:
             out.append(self._cut(blobs, last))
-        unsent = self._unsent
-        for _ in range(sum(len(b.blobs) for b in out)):  # cut: now sent
-            unsent.popleft()
-        assert len(unsent) == len(self.pending) - self._sent
         return out
 
     def _cut(self, blobs: list[bytes], last: Pending) -> wire.OutputBatch:
@@ -429,7 +414,6 @@ class Consumer:
         long time; this instance then stays out of the race for the lease (see
         ``promotable_after``)."""
         self.pending.clear()
-        self._unsent.clear()
         self._sent = 0
         self.base_position = self.promotable_after = self.position
 
@@ -438,7 +422,6 @@ class Consumer:
         demotion): what was handed out but is not seen committed is emitted again, and
         the answer of the append in flight, whenever it comes, changes nothing."""
         self._sent = 0
-        self._unsent = collections.deque(self.pending)
         self.generation += 1
         self.inflight = None
         self.inflight_batches = 0

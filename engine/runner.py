@@ -74,14 +74,14 @@ MAX_SNAPSHOT_CHUNKS = 32  # one atomic append of at most 16 MiB
 # A snapshot chunk's event beside its data (id, types, metadata), at most.
 SNAPSHOT_ENVELOPE = 1024
 # How long a primary waits for the store's limits before it emits with the defaults,
-# and pauses emission after an append refused as invalid (sized past a limit).
+# and how long it pauses emission after an append refused as invalid (sized past a limit).
 STORE_LIMITS_TIMEOUT_S = 2.0
+REFUSED_PAUSE_S = 1.0
 # Inputs between two freezes of what survived (engine.book.GcFreezer), each after a
 # collection of the young generations only. In `xdc bench engine`'s bursts (5 x 100k
 # orders, one engine), the longest collection was 36-38 ms without freezing (a full one),
 # 10-13 ms freezing every 50k inputs, 4-5 ms every 5k.
 GC_FREEZE_EVERY = 5_000
-REFUSED_PAUSE_S = 1.0
 DESIGNATION_TTL_S = 10
 # A store member without a leader for this long is cut off, not failing over: a crash
 # failover takes the 2 s lease plus an election (drills: ~2 s, target 3 s).

@@ -11,6 +11,7 @@ import json
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -262,6 +263,20 @@ async def _backlog(client: StoreClient, events: list, per_append: int) -> int:  
     return last
 
 
+@contextlib.contextmanager
+def _store(tmp_path: Path, *args: str) -> Iterator[tuple[ServeProcess, list[ServeProcess]]]:
+    """An `xdc serve` process (with ``args``) and a list for the engines a test starts:
+    all killed, by PID, on the way out."""
+    store = ServeProcess(str(tmp_path / "store"), args=list(args)).start()
+    engines: list[ServeProcess] = []
+    try:
+        yield store, engines
+    finally:
+        for e in engines:
+            e.kill()
+        store.kill()
+
+
 def test_a_primary_started_on_a_backlog_emits_it_in_appends_of_several_batches(
         tmp_path: Path) -> None:
     """Orders committed before any engine runs: the primary emits only once caught up,
@@ -270,16 +285,12 @@ def test_a_primary_started_on_a_backlog_emits_it_in_appends_of_several_batches(
     `xdc engine verify` agrees."""
     from engine.consumer import MAX_APPEND_BATCHES, MAX_BATCH_BYTES
     events = workload(seed=21, n=25_000)
-    store = ServeProcess(str(tmp_path / "store")).start()
-    engine = None
-    try:
+    with _store(tmp_path) as (store, engines):
         async def body() -> None:
-            nonlocal engine
-            client = StoreClient(store.address)
-            try:
+            async with StoreClient(store.address) as client:
                 last = await _backlog(client, events, 500)
-                engine = start_engine(store.address, "a", lease_dir(tmp_path),
-                                      snapshot_every=0)
+                engines.append(start_engine(store.address, "a", lease_dir(tmp_path),
+                                            snapshot_every=0))
                 await wait_outputs_through(client, last, 60)
                 await check_exactly_once(client)
                 outputs = await client.read(wire.output_stream(GROUP), limit=10_000)
@@ -292,16 +303,10 @@ def test_a_primary_started_on_a_backlog_emits_it_in_appends_of_several_batches(
                 assert sum(len(e.data) for e in outputs) > 2 * MAX_BATCH_BYTES
                 assert all(len(e.data) <= MAX_BATCH_BYTES + wire.OUT_HEAD_SIZE
                            for e in outputs)
-                s = await status_or_none(engine.address)
+                s = await status_or_none(engines[0].address)
                 assert s is not None and s.role == "primary" and not s.alarm
-            finally:
-                await client.close()
         run(body, timeout_s=120)
         _verified(store.address)
-    finally:
-        if engine is not None:
-            engine.kill()
-        store.kill()
 
 
 def test_a_warm_instance_catches_up_for_the_state_alone_then_checks_a_window(
@@ -310,12 +315,9 @@ def test_a_warm_instance_catches_up_for_the_state_alone_then_checks_a_window(
     inputs before its verify window for the state alone (their outputs are committed),
     checks the outputs of the window, and ends with the primary's state and chain hashes."""
     events = workload(seed=23, n=6_000)
-    store = ServeProcess(str(tmp_path / "store")).start()
-    engines: list[ServeProcess] = []
-    try:
+    with _store(tmp_path) as (store, engines):
         async def body() -> None:
-            client = StoreClient(store.address)
-            try:
+            async with StoreClient(store.address) as client:
                 last = await _backlog(client, events, 50)
                 engines.append(start_engine(store.address, "p", lease_dir(tmp_path),
                                             snapshot_every=0))
@@ -327,7 +329,7 @@ def test_a_warm_instance_catches_up_for_the_state_alone_then_checks_a_window(
                 p, w = (e.address for e in engines)
 
                 async def caught_up() -> bool:
-                    s = await status_or_none(w)
+                    s = await status_or_none(w, brief=True)  # a full one hashes the book
                     return s is not None and s.role == "warm" and s.input_position >= last
                 await wait_until(caught_up, 30)
                 sp, sw = await status_or_none(p), await status_or_none(w)
@@ -335,13 +337,7 @@ def test_a_warm_instance_catches_up_for_the_state_alone_then_checks_a_window(
                 assert 0 < sw.trusted_through <= last - window
                 assert sw.committed_input_position == sp.committed_input_position
                 assert (sw.state_hash, sw.chain_hash) == (sp.state_hash, sp.chain_hash)
-            finally:
-                await client.close()
         run(body, timeout_s=120)
-    finally:
-        for e in engines:
-            e.kill()
-        store.kill()
 
 
 def test_a_primary_sizes_its_appends_to_a_store_with_small_limits(tmp_path: Path) -> None:
@@ -357,17 +353,13 @@ def test_a_primary_sizes_its_appends_to_a_store_with_small_limits(tmp_path: Path
     # A deep book (most orders rest), so that its snapshot needs several chunks.
     events = list(command_events(GROUP, setup_commands() + book_workload(6_000, seed=22),
                                  "limits"))
-    store = ServeProcess(str(tmp_path / "store"), args=[
-        "--max-event-bytes", str(max_event), "--max-append-events", str(max_append)]).start()
-    engine = None
-    try:
+    with _store(tmp_path, "--max-event-bytes", str(max_event),
+                "--max-append-events", str(max_append)) as (store, engines):
         async def body() -> None:
-            nonlocal engine
-            client = StoreClient(store.address)
-            try:
+            async with StoreClient(store.address) as client:
                 last = await _backlog(client, events, max_append)
-                engine = start_engine(store.address, "a", lease_dir(tmp_path),
-                                      snapshot_every=4_000)
+                engines.append(start_engine(store.address, "a", lease_dir(tmp_path),
+                                            snapshot_every=4_000))
                 await wait_outputs_through(client, last, 60)
                 await check_exactly_once(client)
                 outputs = await client.read(wire.output_stream(GROUP), limit=10_000)
@@ -386,17 +378,11 @@ def test_a_primary_sizes_its_appends_to_a_store_with_small_limits(tmp_path: Path
                 chunks = await client.read(wire.snapshot_stream(GROUP), limit=100)
                 assert len(chunks) >= 2  # it was cut to fit
                 assert all(len(e.data) <= max_event - SNAPSHOT_ENVELOPE for e in chunks)
-                s = await status_or_none(engine.address)
+                s = await status_or_none(engines[0].address)
                 assert s is not None and s.role == "primary" and not s.alarm
                 assert not s.emit_blocked
-            finally:
-                await client.close()
         run(body, timeout_s=120)
         _verified(store.address)
-    finally:
-        if engine is not None:
-            engine.kill()
-        store.kill()
 
 
 def test_engine_run_resolves_its_group_from_the_exchange_file(tmp_path: Path) -> None:
