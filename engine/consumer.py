@@ -330,9 +330,10 @@ class Consumer:
     # ---------------------------------------------------------------- emission
 
     def fit_store(self, max_event_bytes: int, max_append_events: int, max_append_bytes: int,
-                  writer: str) -> None:
+                  writer: str) -> int:
         """Sizes output batches and appends to what the store refuses past (its NodeInfo
-        limits; 0 is unknown: no cut), so that no append is refused for its size."""
+        limits; 0 is unknown: no cut), so that no append is refused for its size. Returns
+        the most bytes an output event may then take."""
         envelope = envelope_bytes(self.group, writer)
         per_event = MAX_BATCH_BYTES + envelope
         if max_event_bytes:
@@ -344,6 +345,7 @@ class Consumer:
             batches = min(batches, max_append_bytes // per_event)
         self.batch_bytes = max(1, per_event - envelope)
         self.append_batches = max(1, batches)
+        return per_event
 
     def next_batch(self) -> wire.OutputBatch | None:
         """The next output batch to append (primary only): pending outputs after the last

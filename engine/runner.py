@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import socket
 import zlib
@@ -154,6 +155,8 @@ class EngineRunner:
         # and snapshot chunks are sized to fit.
         self.store_limits: pb.StoreLimits | None = None
         self._emit_paused_until = 0.0
+        self.limit_refusals = 0
+        self.output_event_bytes = 0  # as fitted to the store's limits; 0: not yet
         self._refit: asyncio.Future[None] | None = None
         self._gc = GcFreezer(GC_FREEZE_EVERY)
 
@@ -352,6 +355,8 @@ class EngineRunner:
                 await self._write_snapshot(cap)
             except (AppendError, grpc.aio.AioRpcError) as exc:
                 log.warning("snapshot at input %d not written: %s", cap.position, exc)
+                if isinstance(exc, AppendError) and exc.code == grpc.StatusCode.INVALID_ARGUMENT:
+                    self._refused_as_invalid(f"snapshot at input {cap.position}", exc)
 
     # ---------------------------------------------------------------- the log
 
@@ -457,16 +462,19 @@ class EngineRunner:
         c.on_refused(generation, getattr(exc, "actual_last_revision", 0),
                      code == grpc.StatusCode.ALREADY_EXISTS)
         if code == grpc.StatusCode.INVALID_ARGUMENT:
-            # Sized past a limit of the store (one restarted with smaller ones, or a
-            # member that states other ones): learn them again; no hot retry meanwhile.
-            log.warning("output append at revision %d refused as invalid (%s): fitting "
-                        "the store's limits again", expected, exc)
-            self._emit_paused_until = asyncio.get_running_loop().time() + REFUSED_PAUSE_S
-            self._refit = asyncio.ensure_future(self._fit_store())
+            self._refused_as_invalid(f"output append at revision {expected}", exc)
         else:
             log.info("output append at revision %d refused (%s); resync to revision %d",
                      expected, exc or "cancelled", c.resync_to)
         self._wake.set()
+
+    def _refused_as_invalid(self, what: str, exc: BaseException | None) -> None:
+        """An append sized past a limit of the store (one restarted with smaller ones, or
+        a member that states other ones): learn them again; no hot retry meanwhile."""
+        log.warning("%s refused as invalid (%s): fitting the store's limits again", what, exc)
+        self.limit_refusals += 1
+        self._emit_paused_until = asyncio.get_running_loop().time() + REFUSED_PAUSE_S
+        self._refit = asyncio.ensure_future(self._fit_store())
 
     async def _fit_store(self) -> None:
         """Learns the store's limits (NodeInfo) and sizes emission to them; the defaults
@@ -479,8 +487,9 @@ class EngineRunner:
             return
         lim = info.limits
         self.store_limits = lim
-        self.consumer.fit_store(lim.max_event_bytes, lim.max_append_events,
-                                lim.max_append_bytes, self.config.instance)
+        self.output_event_bytes = self.consumer.fit_store(
+            lim.max_event_bytes, lim.max_append_events, lim.max_append_bytes,
+            self.config.instance)
         self._wake.set()
 
     # ---------------------------------------------------------------- the lease
@@ -617,7 +626,10 @@ class EngineRunner:
             handover_to=c.handover_to if c.hold_after else "",
             campaign_blocked="" if self.primary else self.campaign_blocker(),
             emit_blocked=c.emit_blocked if self.primary else "",
-            trusted_through=c.trusted_through)
+            trusted_through=c.trusted_through,
+            output_event_bytes=self.output_event_bytes,
+            output_append_events=c.append_batches if self.output_event_bytes else 0,
+            limit_refusals=self.limit_refusals, gc_frozen_objects=gc.get_freeze_count())
 
 
     def _state_hash(self) -> str:

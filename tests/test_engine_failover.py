@@ -11,6 +11,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from tests.support.exchange import (
     workload,
 )
 from tests.support.store import run, wait_until
+from xdc.v1 import exchange_pb2 as xpb
 
 
 async def _roles(engines: dict[str, ServeProcess]) -> dict[str, str]:
@@ -402,3 +404,61 @@ def test_engine_run_resolves_its_group_from_the_exchange_file(tmp_path: Path) ->
                 ns(exchange=str(path), symbols="NOPE"), ns()):
         with pytest.raises(SystemExit):
             _group(bad)
+
+
+def test_a_primary_fits_a_store_restarted_with_smaller_limits(tmp_path: Path) -> None:
+    """The store restarts (same data, same address) refusing events over 4 KiB while its
+    primary holds the sizes it learnt before (512 KiB batches): the next output append,
+    a backlog's ~100 KiB batch, is refused as invalid. The primary learns the limits
+    again, holds emission REFUSED_PAUSE_S (no hot retry of an append that cannot land),
+    then emits everything exactly once, with no second refusal, and writes its
+    snapshots in chunks that fit. Along the way its GcFreezer (every GC_FREEZE_EVERY
+    inputs) moves the book out of the cyclic collector's reach."""
+    from engine.consumer import MAX_BATCH_BYTES
+    from engine.runner import GC_FREEZE_EVERY, REFUSED_PAUSE_S
+    max_event = 4_096
+    events = workload(seed=23, n=GC_FREEZE_EVERY + 1_000)
+    first, rest = events[:1_000], events[1_000:]
+    with _store(tmp_path) as (store, procs):
+        async def before() -> xpb.EngineStatus:
+            async with StoreClient(store.address) as client:
+                last = await _backlog(client, first, 100)
+                procs.append(start_engine(store.address, "a", lease_dir(tmp_path)))
+                await wait_outputs_through(client, last, 60)
+            s = await status_or_none(procs[0].address, brief=True)
+            assert s is not None and s.role == "primary"
+            return s
+        s = run(before, timeout_s=60)
+        assert s.output_event_bytes > MAX_BATCH_BYTES and s.output_append_events > 1
+        assert s.limit_refusals == 0 and s.snapshot_position
+        first_last, frozen_at_start = s.committed_input_position, s.gc_frozen_objects
+        engine = procs[0]
+        assert store.stop() == 0
+        procs.append(ServeProcess(str(tmp_path / "store"), listen=store.address,
+                                  args=["--max-event-bytes", str(max_event)]).start())
+        # The backlog lands while the engine is stopped, so that it is delivered in bulk.
+        engine.signal(signal.SIGSTOP)
+        try:
+            async def backlog() -> int:
+                async with StoreClient(store.address) as client:
+                    return await _backlog(client, rest, 1_000)
+            last = run(backlog, timeout_s=30)
+        finally:
+            engine.signal(signal.SIGCONT)
+        resumed_ns = time.time_ns()
+
+        async def after() -> None:
+            async with StoreClient(store.address) as client:
+                await wait_outputs_through(client, last, 60)
+                _, outputs = await check_exactly_once(client)
+                late = [e.timestamp_ns for e in outputs if e.timestamp_ns > resumed_ns]
+                # Refused just after resuming; nothing emitted during the pause.
+                assert late and min(late) >= resumed_ns + REFUSED_PAUSE_S * 1e9
+                s = await status_or_none(engine.address)
+                assert s is not None and s.role == "primary" and not s.alarm, s
+                assert s.limit_refusals == 1 and s.output_event_bytes == max_event, s
+                assert s.snapshot_position > first_last, s  # written since, in chunks
+                # Frozen since start-up (the book's resting orders among them).
+                assert s.gc_frozen_objects > frozen_at_start
+        run(after, timeout_s=90)
+        _verified(store.address)

@@ -224,7 +224,7 @@ class EngineStatusRequest(_message.Message):
     def __init__(self, brief: _Optional[bool] = ...) -> None: ...
 
 class EngineStatus(_message.Message):
-    __slots__ = ("group", "instance", "role", "input_position", "committed_input_position", "store_position", "lag", "chain_hash", "state_hash", "engine_version", "alarm", "snapshot_position", "inputs_processed", "delivered_position", "handover_to", "campaign_blocked", "emit_blocked", "trusted_through")
+    __slots__ = ("group", "instance", "role", "input_position", "committed_input_position", "store_position", "lag", "chain_hash", "state_hash", "engine_version", "alarm", "snapshot_position", "inputs_processed", "delivered_position", "handover_to", "campaign_blocked", "emit_blocked", "trusted_through", "output_event_bytes", "output_append_events", "limit_refusals", "gc_frozen_objects")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -243,6 +243,10 @@ class EngineStatus(_message.Message):
     CAMPAIGN_BLOCKED_FIELD_NUMBER: _ClassVar[int]
     EMIT_BLOCKED_FIELD_NUMBER: _ClassVar[int]
     TRUSTED_THROUGH_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_EVENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_APPEND_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_REFUSALS_FIELD_NUMBER: _ClassVar[int]
+    GC_FROZEN_OBJECTS_FIELD_NUMBER: _ClassVar[int]
     group: str
     instance: str
     role: str
@@ -261,4 +265,8 @@ class EngineStatus(_message.Message):
     campaign_blocked: str
     emit_blocked: str
     trusted_through: int
-    def __init__(self, group: _Optional[str] = ..., instance: _Optional[str] = ..., role: _Optional[str] = ..., input_position: _Optional[int] = ..., committed_input_position: _Optional[int] = ..., store_position: _Optional[int] = ..., lag: _Optional[int] = ..., chain_hash: _Optional[str] = ..., state_hash: _Optional[str] = ..., engine_version: _Optional[str] = ..., alarm: _Optional[str] = ..., snapshot_position: _Optional[int] = ..., inputs_processed: _Optional[int] = ..., delivered_position: _Optional[int] = ..., handover_to: _Optional[str] = ..., campaign_blocked: _Optional[str] = ..., emit_blocked: _Optional[str] = ..., trusted_through: _Optional[int] = ...) -> None: ...
+    output_event_bytes: int
+    output_append_events: int
+    limit_refusals: int
+    gc_frozen_objects: int
+    def __init__(self, group: _Optional[str] = ..., instance: _Optional[str] = ..., role: _Optional[str] = ..., input_position: _Optional[int] = ..., committed_input_position: _Optional[int] = ..., store_position: _Optional[int] = ..., lag: _Optional[int] = ..., chain_hash: _Optional[str] = ..., state_hash: _Optional[str] = ..., engine_version: _Optional[str] = ..., alarm: _Optional[str] = ..., snapshot_position: _Optional[int] = ..., inputs_processed: _Optional[int] = ..., delivered_position: _Optional[int] = ..., handover_to: _Optional[str] = ..., campaign_blocked: _Optional[str] = ..., emit_blocked: _Optional[str] = ..., trusted_through: _Optional[int] = ..., output_event_bytes: _Optional[int] = ..., output_append_events: _Optional[int] = ..., limit_refusals: _Optional[int] = ..., gc_frozen_objects: _Optional[int] = ...) -> None: ...
