@@ -347,12 +347,6 @@ class Consumer:
         self.append_batches = max(1, batches)
         return per_event
 
-    def next_batch(self) -> wire.OutputBatch | None:
-        """The next output batch to append (primary only): pending outputs after the last
-        emitted input, bounded in inputs and bytes."""
-        batches = self._next_batches(1)
-        return batches[0] if batches else None
-
     def _next_batches(self, limit: int) -> list[wire.OutputBatch]:
         """Up to ``limit`` consecutive next batches, cut in one pass over the pending
         outputs (a pass per batch would walk past the ones already cut each time)."""
