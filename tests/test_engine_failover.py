@@ -33,6 +33,7 @@ from tests.support.exchange import (
     workload,
 )
 from tests.support.store import run, wait_until
+from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import exchange_pb2 as xpb
 
 
@@ -407,22 +408,40 @@ def test_engine_run_resolves_its_group_from_the_exchange_file(tmp_path: Path) ->
 
 
 def test_a_primary_fits_a_store_restarted_with_smaller_limits(tmp_path: Path) -> None:
-    """The store restarts (same data, same address) refusing events over 4 KiB while its
-    primary holds the sizes it learnt before (512 KiB batches): the next output append,
-    a backlog's ~100 KiB batch, is refused as invalid. The primary learns the limits
-    again, holds emission REFUSED_PAUSE_S (no hot retry of an append that cannot land),
-    then emits everything exactly once, with no second refusal, and writes its
-    snapshots in chunks that fit. Along the way its GcFreezer (every GC_FREEZE_EVERY
-    inputs) moves the book out of the cyclic collector's reach."""
+    """Its store restarts twice (same data, same address) with smaller limits while the
+    primary holds the sizes it learnt before (512 KiB output batches and snapshot
+    chunks):
+
+    1. events over 3 KiB refused, orders paced so that every output batch fits: the
+       append refused as invalid is a snapshot's (one chunk of over 3 KiB);
+    2. events over 2 KiB refused, a backlog committed while the engine is stopped: an
+       output append (a batch cut for 3 KiB) is refused.
+
+    Each time the primary learns the limits again (one refusal each) and holds emission
+    REFUSED_PAUSE_S (no hot retry of an append that cannot land); it then emits
+    everything exactly once and writes its snapshots in chunks that fit. Along the way
+    its GcFreezer (every GC_FREEZE_EVERY inputs) moves the book out of the cyclic
+    collector's reach."""
+    from bench.match import setup_commands
+    from bench.match import workload as book_workload
     from engine.consumer import MAX_BATCH_BYTES
     from engine.runner import GC_FREEZE_EVERY, REFUSED_PAUSE_S
-    max_event = 4_096
-    events = workload(seed=23, n=GC_FREEZE_EVERY + 1_000)
-    first, rest = events[:1_000], events[1_000:]
+    from engine.workload import command_events
+    # A book that rests orders, so that its snapshot outgrows an event of 3 KiB.
+    events = list(command_events(GROUP, setup_commands() + book_workload(
+        GC_FREEZE_EVERY + 1_000, seed=23), "refit"))
+    first, paced, rest = events[:2_500], events[2_500:3_200], events[3_200:]
     with _store(tmp_path) as (store, procs):
+        async def snapshot_chunks() -> list[pb.RecordedEvent]:
+            """The chunks of the last snapshot written."""
+            async with StoreClient(store.address) as client:
+                events = await client.read(wire.snapshot_stream(GROUP), limit=10_000)
+            last = events[-1].metadata["input_position"]
+            return [e for e in events if e.metadata["input_position"] == last]
+
         async def before() -> xpb.EngineStatus:
             async with StoreClient(store.address) as client:
-                last = await _backlog(client, first, 100)
+                last = await _backlog(client, first, 500)
                 procs.append(start_engine(store.address, "a", lease_dir(tmp_path)))
                 await wait_outputs_through(client, last, 60)
             s = await status_or_none(procs[0].address, brief=True)
@@ -432,10 +451,33 @@ def test_a_primary_fits_a_store_restarted_with_smaller_limits(tmp_path: Path) ->
         assert s.output_event_bytes > MAX_BATCH_BYTES and s.output_append_events > 1
         assert s.limit_refusals == 0 and s.snapshot_position
         first_last, frozen_at_start = s.committed_input_position, s.gc_frozen_objects
-        engine = procs[0]
-        assert store.stop() == 0
-        procs.append(ServeProcess(str(tmp_path / "store"), listen=store.address,
-                                  args=["--max-event-bytes", str(max_event)]).start())
+        (chunk,) = run(snapshot_chunks)
+        assert len(chunk.data) > 3_072  # the next one would be refused whole
+        engine, stores = procs[0], [store]
+
+        def restart(max_event: int) -> None:
+            assert stores[-1].stop() == 0
+            stores.append(ServeProcess(str(tmp_path / "store"), listen=store.address,
+                                       args=["--max-event-bytes", str(max_event)]).start())
+            procs.append(stores[-1])
+
+        restart(3_072)
+
+        async def paced_orders() -> xpb.EngineStatus:
+            async with StoreClient(store.address) as client:
+                for i in range(0, len(paced), 10):
+                    last = await _backlog(client, paced[i:i + 10], 10)
+                    await wait_outputs_through(client, last, 30)
+            s = await status_or_none(engine.address, brief=True)
+            assert s is not None
+            return s
+        s = run(paced_orders, timeout_s=90)
+        assert s.limit_refusals == 1 and s.output_event_bytes == 3_072, s
+        assert s.snapshot_position > first_last, s
+        assert len(run(snapshot_chunks)) >= 2  # the next snapshot was cut to fit
+        paced_last = s.committed_input_position
+
+        restart(2_048)
         # The backlog lands while the engine is stopped, so that it is delivered in bulk.
         engine.signal(signal.SIGSTOP)
         try:
@@ -456,8 +498,8 @@ def test_a_primary_fits_a_store_restarted_with_smaller_limits(tmp_path: Path) ->
                 assert late and min(late) >= resumed_ns + REFUSED_PAUSE_S * 1e9
                 s = await status_or_none(engine.address)
                 assert s is not None and s.role == "primary" and not s.alarm, s
-                assert s.limit_refusals == 1 and s.output_event_bytes == max_event, s
-                assert s.snapshot_position > first_last, s  # written since, in chunks
+                assert s.limit_refusals == 2 and s.output_event_bytes == 2_048, s
+                assert s.snapshot_position > paced_last, s
                 # Frozen since start-up (the book's resting orders among them).
                 assert s.gc_frozen_objects > frozen_at_start
         run(after, timeout_s=90)
