@@ -58,6 +58,10 @@ _POLL_S = 0.02
 _names = itertools.count()
 
 
+HEARTBEAT_MS = 30
+ELECTION_TIMEOUT_MS = 300
+
+
 class EtcdError(RuntimeError):
     pass
 
@@ -286,6 +290,18 @@ class EtcdMember:
     def healthy(self, timeout_s: float = 0.5) -> bool:
         return self.running and health(self.endpoint, timeout_s, self.tls)
 
+    def is_leader(self, timeout_s: float = 0.5) -> bool:
+        """Whether this member leads its cluster now (its /metrics gauge
+        ``etcd_server_is_leader``); False when it does not answer."""
+        scheme = "https" if self.tls is not None else "http"
+        try:
+            with urllib.request.urlopen(
+                    f"{scheme}://{self.endpoint}/metrics", timeout=timeout_s,
+                    context=self.tls.ssl_context() if self.tls else None) as resp:
+                return b"\netcd_server_is_leader 1\n" in resp.read()
+        except (OSError, ValueError, http.client.HTTPException):
+            return False
+
     def log_tail(self, lines: int = 20) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -297,11 +313,24 @@ class EtcdMember:
 
 
 class EtcdCluster:
-    """`n` etcd members on loopback forming one cluster (n=1 for most tests)."""
+    """`n` etcd members on loopback forming one cluster (n=1 for most tests).
+
+    Timing: members on one host are a fraction of a millisecond apart, so heartbeats
+    every HEARTBEAT_MS and an election timeout of ELECTION_TIMEOUT_MS (etcd's guidance:
+    about 10 heartbeats). A lost etcd leader is replaced after a random wait in
+    [timeout, 2 x timeout), twice that when the first vote splits (both followers stand
+    at once: seen in the drills), and a store leader whose lease refreshes fail
+    meanwhile steps down at TTL - margin after its last refresh (geo/leadership.py).
+    The rule: 4 x election timeout plus a few round trips under the lease TTL minus its
+    margin. Losses of the etcd leader in `xdc drill etcd-member-loss` that cost the
+    store leader its 2 s lease: with a 500 ms timeout, 3 of 9 (refreshes sent to one
+    endpoint after another) and 2 of 18 (to every endpoint at once; a split vote
+    among them); with 300 ms, none of 12 (writes stalled 84-268 ms)."""
 
     def __init__(self, base_dir: str | os.PathLike[str], n: int = 1, *,
-                 binary: str | None = None, heartbeat_ms: int = 100,
-                 election_timeout_ms: int = 1000, extra_args: tuple[str, ...] = (),
+                 binary: str | None = None, heartbeat_ms: int = HEARTBEAT_MS,
+                 election_timeout_ms: int = ELECTION_TIMEOUT_MS,
+                 extra_args: tuple[str, ...] = (),
                  tls: EtcdTls | None = None) -> None:
         if n < 1:
             raise ValueError("an etcd cluster needs at least one member")
@@ -349,6 +378,10 @@ class EtcdCluster:
                     self.stop()
                     raise
         raise AssertionError("unreachable")
+
+    def leader(self) -> EtcdMember | None:
+        """The member that leads now, or None (an election, or none answers)."""
+        return next((m for m in self.members if m.running and m.is_leader()), None)
 
     def wait_healthy(self, timeout_s: float = START_TIMEOUT_S,
                      members: list[EtcdMember] | None = None) -> None:

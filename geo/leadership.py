@@ -267,6 +267,17 @@ class _Etcd:
     def call(self, what: str, fn: Callable[[Any], T]) -> T:
         with self._lock:
             i = self._index
+        try:
+            return self.call_at(i, what, fn)
+        except LeadershipError:
+            if len(self.clients) > 1:
+                with self._lock:
+                    if self._index == i:
+                        self._index = (i + 1) % len(self.clients)
+            raise
+
+    def call_at(self, i: int, what: str, fn: Callable[[Any], T]) -> T:
+        """``fn`` on endpoint ``i``'s client, whatever the current endpoint."""
         token = self.tokens[i]
         try:
             if token is None:
@@ -280,10 +291,6 @@ class _Etcd:
                 token.refresh()
                 return fn(self.clients[i])
         except _ETCD_ERRORS as exc:
-            if len(self.clients) > 1:
-                with self._lock:
-                    if self._index == i:
-                        self._index = (i + 1) % len(self.clients)
             raise LeadershipError(f"etcd {self.endpoints[i]}: {what}: {_describe(exc)}") from exc
 
     def close(self) -> None:
@@ -533,23 +540,52 @@ class Leadership:
 
     # ---- keep-alive ---------------------------------------------------------------
 
-    def _refresh(self, lease_id: int, timeout_s: float) -> int:
+    def _refresh_at(self, i: int, lease_id: int, timeout_s: float) -> int:
         def call(c: Any) -> int:
-            # The fork takes the deadline from the client: this client serves refreshes
-            # only, one at a time per term (a hung one of an old term can overlap a new
-            # term's; both values stay within (0, ttl/3], so that race is harmless).
+            # The fork takes the deadline from the client: these clients serve refreshes
+            # only (one still hung from an earlier round can overlap the next one's; both
+            # values stay within (0, ttl/3], so that race is harmless).
             c.timeout = timeout_s
             responses = list(c.refresh_lease(lease_id))
             if not responses:
                 raise LeadershipError("empty keep-alive response")
             return int(responses[0].TTL)
-        return self._ka_etcd.call("refresh lease", call)
+        return self._ka_etcd.call_at(i, "refresh lease", call)
+
+    def _refresh(self, rpc: concurrent.futures.Executor, lease_id: int, timeout_s: float,
+                 until: float) -> int | None:
+        """One refresh sent to every endpoint at once: the TTL left from the first that
+        answers, None if none did by ``until`` (on ``clock``); LeadershipError naming each
+        endpoint's failure when all failed.
+
+        Hedged, not one endpoint after another: when the etcd leader is lost, the member
+        a refresh reaches first may be the dead one, or one waiting for the election
+        (and a first call on an authenticated endpoint must get a token, through raft,
+        too). Tried in turn, the deadline could pass before the member that would answer
+        was asked, and the store failed over for the loss of one etcd member."""
+        pending = {rpc.submit(self._refresh_at, i, lease_id, timeout_s)
+                   for i in range(len(self._ka_etcd.clients))}
+        errors: list[str] = []
+        while pending:
+            done, pending = concurrent.futures.wait(
+                pending, timeout=max(0.0, until - self.clock()),
+                return_when=concurrent.futures.FIRST_COMPLETED)
+            if not done:
+                return None
+            for fut in done:
+                try:
+                    return fut.result()
+                except LeadershipError as exc:
+                    errors.append(str(exc))
+        raise LeadershipError("; ".join(errors))
 
     def _keepalive(self, t: _Term) -> None:
         interval = t.ttl_s / 3
         next_send = t.last_ok_send + interval
+        # Two refreshes per endpoint: one hung past its round may overlap the next.
         rpc = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"xdc-refresh-{self.node_id}")
+            max_workers=2 * len(self._ka_etcd.clients),
+            thread_name_prefix=f"xdc-refresh-{self.node_id}")
         try:
             while True:
                 t.running.wait()  # test hook: a frozen process does nothing at all
@@ -565,18 +601,18 @@ class Leadership:
                     t.stop.wait(min(next_send, t.deadline) - now)
                     continue
                 send = self.clock()
-                fut = rpc.submit(self._refresh, t.lease_id,
-                                 max(0.01, min(interval, t.deadline - send)))
                 try:
-                    ttl_left = fut.result(timeout=max(0.0, t.deadline - self.clock()))
-                except concurrent.futures.TimeoutError:
-                    log.debug("%s: term %d: refresh sent %.3f s ago still pending at the "
-                              "deadline", self.node_id, t.term, self.clock() - send)
-                    continue  # the deadline passed: the loop reports it
+                    ttl_left = self._refresh(rpc, t.lease_id,
+                                             max(0.01, min(interval, t.deadline - send)),
+                                             t.deadline)
                 except LeadershipError as exc:
                     log.warning("%s: term %d: %s", self.node_id, t.term, exc)
                     next_send = self.clock() + RETRY_S
                     continue
+                if ttl_left is None:
+                    log.debug("%s: term %d: refresh sent %.3f s ago still pending at the "
+                              "deadline", self.node_id, t.term, self.clock() - send)
+                    continue  # the deadline passed: the loop reports it
                 if t.stop.is_set():
                     return
                 if ttl_left <= 0:
