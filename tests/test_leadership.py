@@ -334,6 +334,43 @@ def test_a_lease_outlasts_the_loss_of_the_etcd_leader(tmp_path: Path) -> None:
         cluster.stop()
 
 
+def test_a_lease_is_kept_while_two_etcd_endpoints_swallow_its_refreshes(
+        etcd: EtcdCluster) -> None:
+    """The leader reaches etcd by three endpoints, two of them through proxies (the
+    WAN proxy, geo/proxy.py) that then black-hole their established connections (a
+    partition that drops packets): every refresh is sent to all three at once, so the
+    direct one keeps the lease. Asked one endpoint after another (first the proxies,
+    where the earlier refreshes went), the first alone used up most of the deadline
+    and the lease was lost (6 runs of 6)."""
+    from geo.proxy import Link
+
+    async def body() -> None:
+        (target,) = etcd.endpoints
+        async with Link("p1", target) as p1, Link("p2", target) as p2:
+            # Deadline 0.7 s after a refresh's send: one hung refresh (0.33 s, sent
+            # 0.33 s after the last) leaves no time to try the others in turn.
+            a = Node([p1.address, p2.address, target], "a", ttl_s=1, safety_margin_s=0.3)
+            try:
+                term = await a.lead.campaign()
+                assert term is not None
+                t_won = time.monotonic()
+                await until(lambda: (a.lead.last_refresh_sent() or 0) > t_won, 5,
+                            "a refresh through the proxies")
+                p1.partition("blackhole")
+                p2.partition("blackhole")
+                t_cut = time.monotonic()
+                await until(lambda: bool(a.lost)
+                            or (a.lead.last_refresh_sent() or 0) > t_cut + 2.5,
+                            10, "refreshes for 2.5 s")
+                assert not a.lost, a.lost
+                assert a.lead.is_leader and a.lead.term == term
+            finally:
+                p1.heal()
+                p2.heal()
+                await close(a)
+    run(body())
+
+
 def test_etcd_down_past_the_deadline_reports_loss_and_frees_the_seat(
         etcd: EtcdCluster) -> None:
     async def body() -> None:
