@@ -179,7 +179,7 @@ variable "failover" {
 }
 
 variable "lease_ttl_s" {
-  description = "etcd lease TTL of the leader key (whole seconds). It must exceed etcd's minimum TTL, 1.5 election timeouts."
+  description = "etcd lease TTL of the leader key (whole seconds). It must exceed etcd's minimum TTL, 1.5 election timeouts. To outlast the loss of etcd's leader (a rolling etcd upgrade) instead of failing the store over, it needs about 4 election timeouts plus a few round trips (one election, another after a split vote): 5 s with the default 1000 ms; the 2 s default favours a fast region failover."
   type        = number
   default     = 2
   validation {
