@@ -58,7 +58,9 @@ as it reads its designation): the campaign then is the transaction alone. A prep
 lease older than SPARE_MAX_AGE_FRACTION x TTL is revoked and a fresh one granted; the
 term's deadline counts from the prepared lease's send time, as for any grant.
 
-Keep-alive: a dedicated thread per term refreshes the lease every ttl/3 on `clock`. The
+Keep-alive: a dedicated thread per term refreshes the lease every ttl/3 on `clock`, each
+refresh sent to every etcd endpoint at once (the first answer counts), so that a dead,
+partitioned or leaderless member does not use up the deadline. The
 lease's server-side expiry is at least (send time of the last successful refresh) + TTL,
 so the leader's deadline is that send time + ttl - safety margin. When no refresh has
 succeeded by the deadline (etcd paused, partitioned, restarting, or a refresh reports
