@@ -129,15 +129,21 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
+def _get(endpoint: str, path: str, timeout_s: float, tls: EtcdTls | None,
+         limit: int = -1) -> bytes:
+    """The body of a GET of one of a member's HTTP endpoints (/health, /metrics)."""
+    scheme = "https" if tls is not None else "http"
+    with urllib.request.urlopen(f"{scheme}://{endpoint}{path}", timeout=timeout_s,
+                                context=tls.ssl_context() if tls else None) as resp:
+        return resp.read(limit)
+
+
 def health_problem(endpoint: str, timeout_s: float = 0.5,
                    tls: EtcdTls | None = None) -> str | None:
     """None when the member at `endpoint` (host:port, an IPv6 host in brackets) reports
     itself healthy on /health, else why not (in words, for error messages)."""
-    scheme = "https" if tls is not None else "http"
     try:
-        with urllib.request.urlopen(f"{scheme}://{endpoint}/health", timeout=timeout_s,
-                                    context=tls.ssl_context() if tls else None) as resp:
-            body = resp.read(4096)
+        body = _get(endpoint, "/health", timeout_s, tls, 4096)
     except urllib.error.HTTPError as exc:
         # etcd answers 503 with a JSON body when it has no leader or an alarm is raised.
         body = exc.read(4096) if exc.fp is not None else b""
@@ -293,12 +299,9 @@ class EtcdMember:
     def is_leader(self, timeout_s: float = 0.5) -> bool:
         """Whether this member leads its cluster now (its /metrics gauge
         ``etcd_server_is_leader``); False when it does not answer."""
-        scheme = "https" if self.tls is not None else "http"
         try:
-            with urllib.request.urlopen(
-                    f"{scheme}://{self.endpoint}/metrics", timeout=timeout_s,
-                    context=self.tls.ssl_context() if self.tls else None) as resp:
-                return b"\netcd_server_is_leader 1\n" in resp.read()
+            return b"\netcd_server_is_leader 1\n" in _get(self.endpoint, "/metrics",
+                                                          timeout_s, self.tls)
         except (OSError, ValueError, http.client.HTTPException):
             return False
 

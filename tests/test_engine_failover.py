@@ -266,6 +266,19 @@ async def _backlog(client: StoreClient, events: list, per_append: int) -> int:  
     return last
 
 
+async def _primary_on_backlog(client: StoreClient, store: ServeProcess,
+                              engines: list[ServeProcess], tmp_path: Path,
+                              events: list, per_append: int,  # type: ignore[type-arg]
+                              instance: str = "a", **engine_kw: object) -> int:
+    """Commits ``events`` (``_backlog``), then starts a primary on them and waits until
+    their outputs are committed; returns the last input's position."""
+    last = await _backlog(client, events, per_append)
+    engines.append(start_engine(store.address, instance, lease_dir(tmp_path),
+                                **engine_kw))  # type: ignore[arg-type]
+    await wait_outputs_through(client, last, 60)
+    return last
+
+
 @contextlib.contextmanager
 def _store(tmp_path: Path, *args: str) -> Iterator[tuple[ServeProcess, list[ServeProcess]]]:
     """An `xdc serve` process (with ``args``) and a list for the engines a test starts:
@@ -291,10 +304,8 @@ def test_a_primary_started_on_a_backlog_emits_it_in_appends_of_several_batches(
     with _store(tmp_path) as (store, engines):
         async def body() -> None:
             async with StoreClient(store.address) as client:
-                last = await _backlog(client, events, 500)
-                engines.append(start_engine(store.address, "a", lease_dir(tmp_path),
-                                            snapshot_every=0))
-                await wait_outputs_through(client, last, 60)
+                await _primary_on_backlog(client, store, engines, tmp_path, events, 500,
+                                          snapshot_every=0)
                 await check_exactly_once(client)
                 outputs = await client.read(wire.output_stream(GROUP), limit=10_000)
                 # The backlog was several batches, all pending before the first append,
@@ -321,10 +332,8 @@ def test_a_warm_instance_catches_up_for_the_state_alone_then_checks_a_window(
     with _store(tmp_path) as (store, engines):
         async def body() -> None:
             async with StoreClient(store.address) as client:
-                last = await _backlog(client, events, 50)
-                engines.append(start_engine(store.address, "p", lease_dir(tmp_path),
-                                            snapshot_every=0))
-                await wait_outputs_through(client, last, 60)
+                last = await _primary_on_backlog(client, store, engines, tmp_path, events, 50,
+                                                 "p", snapshot_every=0)
                 window = 2_000
                 engines.append(start_engine(store.address, "w", lease_dir(tmp_path),
                                             snapshot_every=0, role="warm",
@@ -360,10 +369,8 @@ def test_a_primary_sizes_its_appends_to_a_store_with_small_limits(tmp_path: Path
                 "--max-append-events", str(max_append)) as (store, engines):
         async def body() -> None:
             async with StoreClient(store.address) as client:
-                last = await _backlog(client, events, max_append)
-                engines.append(start_engine(store.address, "a", lease_dir(tmp_path),
-                                            snapshot_every=4_000))
-                await wait_outputs_through(client, last, 60)
+                await _primary_on_backlog(client, store, engines, tmp_path, events, max_append,
+                                          snapshot_every=4_000)
                 await check_exactly_once(client)
                 outputs = await client.read(wire.output_stream(GROUP), limit=10_000)
                 assert len(outputs) >= max_append + 1
@@ -441,9 +448,7 @@ def test_a_primary_fits_a_store_restarted_with_smaller_limits(tmp_path: Path) ->
 
         async def before() -> xpb.EngineStatus:
             async with StoreClient(store.address) as client:
-                last = await _backlog(client, first, 500)
-                procs.append(start_engine(store.address, "a", lease_dir(tmp_path)))
-                await wait_outputs_through(client, last, 60)
+                await _primary_on_backlog(client, store, procs, tmp_path, first, 500)
             s = await status_or_none(procs[0].address, brief=True)
             assert s is not None and s.role == "primary"
             return s
