@@ -104,15 +104,22 @@ SubscriptionItem = pb.RecordedEvent | pb.RecordBatch | CaughtUp | Checkpoint
 
 @dataclass(slots=True)
 class _Pending:
-    request: pb.AppendRequest
+    """One append of a caller, until answered. Its request is built only when its
+    message is: appends of one stream may then be merged (StoreClient._coalesce)."""
+
+    stream: str
+    proposed: list[pb.ProposedEvent]
+    expected: int
+    expected_revision: int
     future: asyncio.Future[pb.AppendResponse]
     deadline: float
     # The caller's span context when tracing: the message span's parent or link.
     caller: Any = None
-    # Events in the request and its stream: the message span's attributes, without
-    # reading them back from the request.
-    events: int = 1
-    stream: str = ""
+    events: int = 1  # len(proposed)
+    size: int = 0  # their serialized bytes, as the store counts them against its limits
+    # Sent as an append of its own from now on: a merged append that held it was refused
+    # for what one of its appends holds (each then gets its own answer).
+    solo: bool = False
 
 
 log = logging.getLogger("xdc.client")
@@ -195,8 +202,10 @@ class StoreClient:
         self._stub: pb_grpc.EventStoreStub | None = None
         self._pending: list[_Pending] = []
         self._flush_handle: asyncio.Handle | None = None
-        # (correlation id, appends, send time) of each message awaiting its answer.
-        self._inflight: collections.deque[tuple[int, list[_Pending], float]] = (
+        # (correlation id, appends, send time, appends as sent: StoreClient._coalesce) of
+        # each message awaiting its answer.
+        self._inflight: collections.deque[
+            tuple[int, list[_Pending], float, list[list[_Pending]]]] = (
             collections.deque())
         self._watchdog: asyncio.Task[None] | None = None
         self._outbox: collections.deque[list[_Pending]] = collections.deque()
@@ -315,16 +324,12 @@ class StoreClient:
             events = [events]
         elif not isinstance(events, list):
             events = list(events)
-        # Defaults left out: each keyword costs the constructor a field look-up by name
-        # (the common `expected=ANY` append is built ~15% faster).
-        request = (pb.AppendRequest(stream=stream, events=events)
-                   if expected == ANY and not expected_revision else
-                   pb.AppendRequest(stream=stream, expected=expected,
-                                    expected_revision=expected_revision, events=events))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout_s if timeout_s is not None else self.timeout_s)
-        pending = _Pending(request, loop.create_future(), deadline,
-                           telemetry.current_span_context(), len(events), stream)
+        pending = _Pending(stream, events, expected, expected_revision, loop.create_future(),
+                           deadline, telemetry.current_span_context(), len(events),
+                           events[0].ByteSize() if len(events) == 1 else
+                           sum([e.ByteSize() for e in events]))
         self._enqueue(pending)
         return pending.future
 
@@ -386,11 +391,11 @@ class StoreClient:
                 if call is not self._call:  # reset while we waited for a slot
                     raise _StreamBroken()
                 cid = next(self._cids)
-                msg = pb.AppendStreamRequest(correlation_id=cid,
-                                             appends=[p.request for p in batch])
+                msg = pb.AppendStreamRequest(correlation_id=cid)
+                groups = self._coalesce(batch, msg.appends.add)
                 if telemetry.tracing():
                     self._trace_message(msg, batch)
-                self._inflight.append((cid, batch, asyncio.get_running_loop().time()))
+                self._inflight.append((cid, batch, asyncio.get_running_loop().time(), groups))
                 # Bounded: a write on a call whose channel went away can wait forever.
                 # (A timeout scope, not wait_for: no task per message on the hot path.)
                 self._write_abandoned = False
@@ -417,13 +422,72 @@ class StoreClient:
             except Exception:
                 # Whatever broke the stream: the receiver of the live stream re-queues what
                 # is in flight on it; anything else is re-queued here.
-                in_flight = any(b is batch for _, b, _ in self._inflight)
+                in_flight = any(m[1] is batch for m in self._inflight)
                 if not (in_flight and call is not None and call is self._call):
                     if in_flight:
                         self._inflight = collections.deque(
                             m for m in self._inflight if m[1] is not batch)
                     self._end_orphan_spans()
                     self._retry(batch, None)
+
+    def _coalesce(self, batch: list[_Pending], add: Any) -> list[list[_Pending]]:
+        """Builds a message's appends with ``add`` (its repeated field's ``add``) and
+        returns the callers' appends each one holds, in order.
+
+        Appends to one stream with ``expected=ANY`` go as one append (Kafka's record batch
+        per partition): the store's work per append (validation, sequencing, an answer)
+        is then paid once for all of them. Measured with `xdc bench store` (256 single
+        events in flight over 16 streams, 128 per message): ~1.5x the events/s, half the
+        latency. Each caller's positions and revisions are its share of the merged
+        answer, as they would have been appended one after the other.
+
+        A merged append stops where an append to its stream with another expectation
+        comes (that one checks the stream as the appends before it left it), at the
+        store's limits, and before an event id it holds already (a retry sent while its
+        first attempt is in flight: one append cannot hold an id twice). If the store
+        refuses a merged append for what it holds (invalid, an id reused, not allowed),
+        nothing of it was written and each of its appends is sent again alone, for its
+        own answer; appends made after them to that stream may then land first. A
+        producer that needs its appends in a strict order sends them with expected
+        revisions, which are never merged."""
+        groups: list[list[_Pending]] = []
+        loads: list[list[int]] = []  # events and bytes of each group
+        ids: list[set[bytes] | None] = []  # of each group, once a second append joins it
+        open_groups: dict[str, int] = {}  # stream -> index of the group appends may join
+        max_events = self.limits.max_append_events
+        max_bytes = self.limits.max_append_bytes
+        for p in batch:
+            if p.expected == ANY and not p.expected_revision and not p.solo:
+                k = open_groups.get(p.stream)
+                if k is not None:
+                    load = loads[k]
+                    if load[0] + p.events <= max_events and load[1] + p.size <= max_bytes:
+                        held = ids[k]
+                        if held is None:
+                            held = ids[k] = {e.id for e in groups[k][0].proposed}
+                        new = [e.id for e in p.proposed]
+                        if held.isdisjoint(new):
+                            held.update(new)
+                            groups[k].append(p)
+                            load[0] += p.events
+                            load[1] += p.size
+                            continue
+                open_groups[p.stream] = len(groups)
+            else:
+                open_groups.pop(p.stream, None)
+            groups.append([p])
+            loads.append([p.events, p.size])
+            ids.append(None)
+        for g in groups:
+            p = g[0]
+            # Defaults left out: each keyword costs a field look-up by name.
+            r = (add(stream=p.stream) if p.expected == ANY and not p.expected_revision else
+                 add(stream=p.stream, expected=p.expected,
+                     expected_revision=p.expected_revision))
+            # Built in place (add, extend): an AppendRequest made apart and then put in
+            # the message is copied once more.
+            r.events.extend(p.proposed if len(g) == 1 else [e for q in g for e in q.proposed])
+        return groups
 
     def _trace_message(self, msg: pb.AppendStreamRequest, batch: list[_Pending]) -> None:
         """A CLIENT span for one message, carried in it (the stream's gRPC metadata is
@@ -483,12 +547,12 @@ class StoreClient:
         error: grpc.aio.AioRpcError | None = None
         try:
             async for resp in call:
-                cid, batch, sent = self._inflight.popleft()
+                cid, _, sent, groups = self._inflight.popleft()
                 assert cid == resp.correlation_id, "AppendStream answers arrive in order"
                 self._slot_free.set()
                 telemetry.metrics().client_append_duration.record(
                     asyncio.get_running_loop().time() - sent)
-                await self._settle_all(batch, resp.results, cid)
+                await self._settle_all(groups, resp.results, cid)
         except grpc.aio.AioRpcError as exc:
             error = exc
         except asyncio.CancelledError:
@@ -496,29 +560,68 @@ class StoreClient:
         if self._call is call:
             await self._reset_stream(error=error)
 
-    async def _settle_all(self, batch: list[_Pending], results: Sequence[pb.AppendResult],
-                          cid: int = 0) -> None:
+    async def _settle_all(self, groups: list[list[_Pending]],
+                          results: Sequence[pb.AppendResult], cid: int = 0) -> None:
         """Settles a message's appends in order, SETTLE_SLICE at a time with a yield to
         the loop between slices: a producer whose window the message filled is woken by
         the first slice and sends its next appends while the server still works, instead
         of after all are settled (one message in flight, client and server taking turns).
         The next message's answers wait for these: futures resolve in order. Then the
         message's span (`cid`) ends, with the count of refusals met while settling."""
-        assert len(batch) == len(results), "one result per append"
+        assert len(groups) == len(results), "one result per append"
         done = refused = 0
         try:
-            while done < len(batch):
+            while done < len(groups):
                 if done:
                     await asyncio.sleep(0)
                 end = done + SETTLE_SLICE
-                for p, result in zip(batch[done:end], results[done:end], strict=True):
-                    refused += self._settle(p, result)
+                for g, result in zip(groups[done:end], results[done:end], strict=True):
+                    refused += (self._settle(g[0], result) if len(g) == 1
+                                else self._settle_merged(g, result))
                 done = end
         finally:  # cancelled (the client closes): the rest were answered all the same
-            for p, result in zip(batch[done:], results[done:], strict=True):
-                refused += self._settle(p, result)
+            for g, result in zip(groups[done:], results[done:], strict=True):
+                refused += (self._settle(g[0], result) if len(g) == 1
+                            else self._settle_merged(g, result))
             if self._spans:
-                self._end_span(cid, len(batch), refused)
+                self._end_span(cid, sum(map(len, groups)), refused)
+
+    def _settle_merged(self, group: list[_Pending], result: pb.AppendResult) -> int:
+        """Answers the appends merged into one (``_coalesce``); returns how many the store
+        refused in this message."""
+        if result.WhichOneof("result") == "ok":
+            ok = result.ok
+            pos = ok.first_position
+            rev = ok.last_revision - sum([p.events for p in group])
+            duplicate = ok.duplicate
+            for p in group:
+                n = p.events
+                rev += n
+                if not p.future.done():
+                    answer = pb.AppendResponse(first_position=pos, last_position=pos + n - 1,
+                                               last_revision=rev, next_revision=rev + 1)
+                    if duplicate:
+                        answer.duplicate = True
+                    p.future.set_result(answer)
+                pos += n
+            return 0
+        err = result.error
+        if err.retry_after_ms or err.leader:  # as for any append: later, or elsewhere
+            code = _CODES.get(err.code, grpc.StatusCode.UNKNOWN)
+            self._retry(group, AppendError(code, err.message, err.actual_last_revision,
+                                           err.leader), err.retry_after_ms / 1000)
+            return len(group)
+        log.debug("merged append of %d appends to %r refused (%s): sending each alone",
+                  len(group), group[0].stream, err.message)
+        for p in group:
+            if p.future.done():
+                continue
+            if self._closed:
+                p.future.set_exception(AppendError(grpc.StatusCode.CANCELLED, "client closed"))
+            else:
+                p.solo = True
+                self._enqueue(p)
+        return len(group)
 
     def _settle(self, p: _Pending, result: pb.AppendResult) -> bool:
         """Answers one append; True if the store refused it."""
@@ -594,7 +697,7 @@ class StoreClient:
                       len(self._inflight), error)
         call, self._call = self._call, None
         receiver, self._receiver = self._receiver, None
-        inflight = [p for _, batch, _ in self._inflight for p in batch]
+        inflight = [p for m in self._inflight for p in m[1]]
         self._inflight.clear()
         self._slot_free.set()
         for cid in list(self._spans):

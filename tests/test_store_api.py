@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import time
 import uuid
@@ -750,6 +751,152 @@ def test_client_event_ids_are_uuid7_time_ordered_unique_and_differ_after_fork() 
     assert [child[i * 16 + 6:i * 16 + 16] for i in range(4)] != [p[6:] for p in parent]
 
 
+def _coalesced(appends: list[tuple[str, int, int, int]], limits: Limits | None = None,
+               ) -> tuple[list[list[int]], pb.AppendStreamRequest]:
+    """``StoreClient._coalesce`` over appends given as (stream, events, expected kind,
+    expected revision): the indexes of the appends each request holds, and the message."""
+    async def body() -> tuple[list[list[int]], pb.AppendStreamRequest]:
+        loop = asyncio.get_running_loop()
+        client = StoreClient("127.0.0.1:1", limits=limits)  # never connects
+        batch = []
+        for stream, n, kind, rev in appends:
+            events = [new_event("T", b"%d" % i) for i in range(n)]
+            batch.append(_Pending(stream, events, kind, rev, loop.create_future(), 0.0,
+                                  None, n, sum(e.ByteSize() for e in events)))
+        msg = pb.AppendStreamRequest()
+        groups = client._coalesce(batch, msg.appends.add)
+        await client.close()
+        return [[batch.index(p) for p in g] for g in groups], msg
+    return run(body)
+
+
+def test_the_client_merges_a_streams_appends_up_to_a_limit_or_another_expectation() -> None:
+    """Appends with expected=ANY to one stream travel as one append, in their order; an
+    append to that stream with another expectation ends the merge (it must find the
+    stream as the appends before it left it), and so do the store's limits."""
+    groups, msg = _coalesced([("a", 1, ANY, 0), ("b", 2, ANY, 0), ("a", 3, ANY, 0),
+                              ("a", 1, EXACT, 4), ("a", 1, ANY, 0), ("b", 1, ANY, 0),
+                              ("a", 1, NO_STREAM, 0), ("c", 1, STREAM_EXISTS, 0),
+                              ("c", 1, STREAM_EXISTS, 0)])
+    assert groups == [[0, 2], [1, 5], [3], [4], [6], [7], [8]]
+    assert [(r.stream, len(r.events), r.expected, r.expected_revision)
+            for r in msg.appends] == [("a", 4, ANY, 0), ("b", 3, ANY, 0), ("a", 1, EXACT, 4),
+                                      ("a", 1, ANY, 0), ("a", 1, NO_STREAM, 0),
+                                      ("c", 1, STREAM_EXISTS, 0), ("c", 1, STREAM_EXISTS, 0)]
+    # The events in the order of the appends merged.
+    assert [e.data for e in msg.appends[0].events] == [b"0", b"0", b"1", b"2"]
+    # At the store's limits: events per append, then bytes per append.
+    groups, _ = _coalesced([("s", 2, ANY, 0)] * 5, Limits(max_append_events=5))
+    assert groups == [[0, 1], [2, 3], [4]]
+    one = new_event("T", b"0").ByteSize()
+    groups, _ = _coalesced([("s", 1, ANY, 0)] * 5,
+                           Limits(max_append_bytes=2 * one, max_event_bytes=one))
+    assert groups == [[0, 1], [2, 3], [4]]
+
+
+def test_merged_appends_each_get_their_own_positions_and_revisions(tmp_path: Path) -> None:
+    """Each caller of a merged append gets the positions and revisions its events have
+    in the log, as if it had been appended alone, duplicates included."""
+    async def body() -> None:
+        async with running_store(tmp_path) as (_, client):
+            await client.append("a", new_event("Seed"))
+            sizes = [1, 3, 1, 2, 1, 1, 4]
+            sent = [[new_event("T", b"%d-%d" % (i, k)) for k in range(n)]
+                    for i, n in enumerate(sizes)]
+            futs = [client.append_nowait("a" if i % 3 else "b", events)
+                    for i, events in enumerate(sent)]
+            answers = await asyncio.gather(*futs)
+            by_id = {e.id: e for s in ("a", "b") for e in await client.read(s)}
+            for events, answer in zip(sent, answers, strict=True):
+                got = [by_id[e.id] for e in events]
+                assert [e.data for e in got] == [e.data for e in events]
+                assert answer.first_position == got[0].position
+                assert answer.last_position == got[-1].position == (
+                    got[0].position + len(events) - 1)
+                assert answer.last_revision == got[-1].revision
+                assert answer.next_revision == got[-1].revision + 1
+                assert not answer.duplicate
+            # All five appends to "a" went as one: one append, consecutive positions.
+            a = [ans for i, ans in enumerate(answers) if i % 3]
+            assert [x.first_position for x in a[1:]] == [x.last_position + 1 for x in a[:-1]]
+            # The same appends again (a retry with the same ids), merged the same way:
+            # every caller gets its original answer, marked duplicate.
+            again = await asyncio.gather(*[client.append_nowait("a" if i % 3 else "b", events)
+                                           for i, events in enumerate(sent)])
+            assert [(x.first_position, x.last_position, x.last_revision) for x in again] == [
+                (x.first_position, x.last_position, x.last_revision) for x in answers]
+            assert all(x.duplicate for x in again)
+            assert (await client.stream_info("a")).last_revision == 1 + sum(
+                n for i, n in enumerate(sizes) if i % 3)
+    run(body)
+
+
+def test_a_merged_append_refused_for_one_of_its_appends_answers_each_alone(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """One bad append among appends merged into one (an event with no type, an id reused
+    with other content, a retry of an append the store holds apart) costs the others
+    nothing: each is sent again alone and gets its own answer; the log holds every good
+    event once and nothing of the bad ones."""
+    async def body() -> None:
+        async with running_store(tmp_path) as (_, client):
+            taken = new_event("T", b"original")
+            first = await client.append("s", taken)
+            lone = new_event("T", b"lone")
+            lone_answer = await client.append("s", lone)
+            good = [new_event("T", b"good-%d" % i) for i in range(4)]
+            typeless = pb.ProposedEvent(id=new_id(), data=b"no type")
+            reused = pb.ProposedEvent(id=taken.id, type="T", data=b"other content")
+            futs = [client.append_nowait("s", good[0]), client.append_nowait("s", typeless),
+                    client.append_nowait("s", good[1]), client.append_nowait("s", reused),
+                    client.append_nowait("s", good[2]),
+                    client.append_nowait("s", lone),  # an exact retry, held apart
+                    client.append_nowait("s", good[3])]
+            answers = await asyncio.gather(*futs, return_exceptions=True)
+            assert isinstance(answers[1], AppendError)
+            assert answers[1].code == grpc.StatusCode.INVALID_ARGUMENT
+            assert "events[0].type" in str(answers[1])
+            assert isinstance(answers[3], AppendError)
+            assert answers[3].code == grpc.StatusCode.ALREADY_EXISTS
+            assert "events[0].id" in str(answers[3])
+            retry = answers[5]
+            assert isinstance(retry, pb.AppendResponse) and retry.duplicate
+            assert retry.first_position == lone_answer.first_position
+            stored = await client.read("s")
+            assert [e.data for e in stored] == [b"original", b"lone"] + [
+                b"good-%d" % i for i in range(4)]
+            assert stored[0].position == first.first_position
+            for i, k in enumerate((0, 2, 4, 6)):
+                answer = answers[k]
+                assert isinstance(answer, pb.AppendResponse) and not answer.duplicate
+                assert (answer.first_position, answer.last_revision) == (
+                    stored[2 + i].position, stored[2 + i].revision)
+    caplog.set_level(logging.DEBUG, logger="xdc.client")
+    run(body)
+    assert "merged append of 7 appends to 's' refused" in caplog.text
+
+
+def test_an_id_sent_twice_in_one_message_is_appended_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A retry sent while its first attempt still waits to go out is not merged into the
+    same append (one append cannot hold an id twice, and the store would refuse it): the
+    second is answered as a duplicate with the first's positions, and no merged append
+    was refused on the way."""
+    caplog.set_level(logging.DEBUG, logger="xdc.client")
+
+    async def body() -> None:
+        async with running_store(tmp_path) as (_, client):
+            e = new_event("T", b"once")
+            other = new_event("T", b"other")
+            a, b, c = await asyncio.gather(client.append_nowait("s", e),
+                                           client.append_nowait("s", other),
+                                           client.append_nowait("s", e))
+            assert not a.duplicate and c.duplicate and not b.duplicate
+            assert (c.first_position, c.last_revision) == (a.first_position, a.last_revision)
+            assert [x.data for x in await client.read("s")] == [b"once", b"other"]
+    run(body)
+    assert "sending each alone" not in caplog.text
+
+
 def test_answers_of_a_large_message_resolve_in_order_in_slices_and_all_despite_cancel(
         tmp_path: Path) -> None:
     """A message's answers are settled SETTLE_SLICE at a time with a yield between
@@ -770,11 +917,11 @@ def test_answers_of_a_large_message_resolve_in_order_in_slices_and_all_despite_c
 
             # The receiver cancelled after the first slice: the rest settle regardless.
             loop = asyncio.get_running_loop()
-            batch = [_Pending(pb.AppendRequest(), loop.create_future(), 0.0) for _ in range(n)]
+            batch = [_Pending("s", [], ANY, 0, loop.create_future(), 0.0) for _ in range(n)]
             answers = [pb.AppendResult(ok=pb.AppendResponse(first_position=i + 1,
                                                             last_position=i + 1))
                        for i in range(n)]
-            task = loop.create_task(client._settle_all(batch, answers))
+            task = loop.create_task(client._settle_all([[p] for p in batch], answers))
             await asyncio.sleep(0)  # the task settles its first slice, then yields
             assert batch[SETTLE_SLICE - 1].future.done()
             assert not batch[SETTLE_SLICE].future.done()
