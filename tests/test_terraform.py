@@ -264,6 +264,33 @@ def test_validations_guard_the_invariants() -> None:
     assert "contains([3, 5]" in conditions("etcd_members")
 
 
+def _arithmetic(condition: str, values: dict[str, float]) -> bool:
+    """An HCL condition of numbers, `var.` references, + * and >=, evaluated."""
+    expr = VAR_RE.sub(lambda m: repr(values[m.group(1)]), bare(condition))
+    assert re.fullmatch(r"[0-9.\s+*>=]+", expr), f"not plain arithmetic: {expr}"
+    return bool(eval(expr))  # checked above: digits and operators only
+
+
+def test_the_default_lease_outlasts_an_etcd_election_and_the_plan_warns_otherwise() -> None:
+    """The store leader's lease must outlast etcd's own election (about 4 election
+    timeouts plus a few heartbeats: an election, another after a split vote), or every
+    loss of etcd's leader fails the store over (measured on the local cluster: README).
+    The example's defaults keep that rule; a shorter lease is a choice the plan warns of
+    with a check block (a warning, not an error)."""
+    module = load_module(EXAMPLE)
+    [check] = [c["lease_outlasts_an_etcd_election"] for c in module.blocks.get("check", [])
+               if "lease_outlasts_an_etcd_election" in c]
+    condition = check["assert"][0]["condition"]
+    defaults = {name: spec["default"] for name, spec in module.variables.items()
+                if isinstance(spec.get("default"), int | float)}
+    assert _arithmetic(condition, defaults)
+    # Session 14's drills: 2 s under etcd's 100/1000 ms lost the term to elections.
+    assert not _arithmetic(condition, defaults | {"lease_ttl_s": 2})
+    # A shorter etcd election timeout lets a shorter lease keep the rule.
+    assert _arithmetic(condition, defaults | {"lease_ttl_s": 3, "etcd_heartbeat_ms": 60,
+                                              "etcd_election_timeout_ms": 600})
+
+
 def hcl_regex(condition: str) -> re.Pattern[str]:
     literal = re.search(r'regex\("((?:[^"\\]|\\.)*)"', condition)
     assert literal, condition

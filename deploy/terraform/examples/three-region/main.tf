@@ -122,6 +122,15 @@ data "aws_partition" "current" {
   provider = aws.r0
 }
 
+# A warning, not an error: a lease shorter than an etcd election is a choice (a faster
+# region failover), but then every loss of etcd's leader fails the store's leader over.
+check "lease_outlasts_an_etcd_election" {
+  assert {
+    condition     = var.lease_ttl_s * 1000 >= 4 * var.etcd_election_timeout_ms + 4 * var.etcd_heartbeat_ms
+    error_message = "lease_ttl_s (${var.lease_ttl_s} s) is shorter than about 4 etcd election timeouts plus 4 heartbeats (${4 * var.etcd_election_timeout_ms + 4 * var.etcd_heartbeat_ms} ms): each loss of etcd's leader (a rolling etcd upgrade) will fail the store's leader region over instead of being outlasted."
+  }
+}
+
 module "cluster_config" {
   source = "../../modules/cluster_config"
 

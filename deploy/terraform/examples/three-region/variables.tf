@@ -179,9 +179,9 @@ variable "failover" {
 }
 
 variable "lease_ttl_s" {
-  description = "etcd lease TTL of the leader key (whole seconds). It must exceed etcd's minimum TTL, 1.5 election timeouts. To outlast the loss of etcd's leader (a rolling etcd upgrade) instead of failing the store over, it needs about 4 election timeouts plus a few round trips (one election, another after a split vote): 5 s with the default 1000 ms; the 2 s default favours a fast region failover."
+  description = "etcd lease TTL of the leader key (whole seconds): how long a dead leader region holds the writes before another region may take over. It must exceed etcd's minimum TTL, 1.5 election timeouts. To outlast the loss of etcd's leader (a rolling etcd upgrade, one etcd host lost) instead of failing the store over, it needs about 4 election timeouts plus 4 heartbeats (one election, another after a split vote): the check lease_outlasts_an_etcd_election warns at plan time otherwise. 5 s does with the default 100/1000 ms; a shorter lease trades that for a faster region failover."
   type        = number
-  default     = 2
+  default     = 5
   validation {
     condition     = var.lease_ttl_s >= 1 && floor(var.lease_ttl_s) == var.lease_ttl_s && var.lease_ttl_s * 1000 >= 1.5 * var.etcd_election_timeout_ms
     error_message = "lease_ttl_s must be a whole number of seconds and at least 1.5 x etcd_election_timeout_ms (etcd raises shorter TTLs silently)."
