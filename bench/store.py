@@ -11,7 +11,10 @@ peer, measured in the same run, medians of several runs.
 - single-event appends through the client, 256 in flight, fsync before every ack, vs
   NATS JetStream (Debian's nats-server, nats-py publish_async, 256 in flight);
 - catch-up subscription throughput from a large log;
-- restart: spawn of `xdc serve` on a large log until it answers a read.
+- restart: spawn of `xdc serve` on a large log until it answers a read;
+- the writer path as the id index grows: group commits over the first and the last tenth
+  of filling a log with random ids (what an order gateway's derived ids are), and with
+  time-ordered ones on the same path (id_index_growth).
 """
 
 from __future__ import annotations
@@ -305,6 +308,39 @@ def build_log(path: str, n: int, batch: int = 5000) -> None:
     log.close()
 
 
+def id_index_growth(n: int, random_ids: bool, per_commit: int = 1000) -> tuple[float, float]:
+    """Events/s of the store's writer path (Log.append_group: sequencing with the id
+    look-ups, the write and the fsync) in group commits of ``per_commit`` events, over the
+    first and over the last tenth of filling an empty log with ``n`` events. With random
+    ids (an order gateway's, derived from client order ids) every commit looks its ids up
+    at random places of the id index and writes them there (store/recent_ids.py), so the
+    cost grows with the index; time-ordered ids (the client library's UUIDv7) are the
+    reference on the same path. Events are made before each tenth, untimed."""
+    data = b"x" * PAYLOAD
+    make_id = (lambda: uuid.uuid4().bytes) if random_ids else new_id
+    tenth = max(per_commit, n // 10 // per_commit * per_commit)
+    rates: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="xdc-bench-ids-") as d:
+        log = Log(d)
+        try:
+            for _ in range(n // tenth):
+                groups = []
+                for c in range(tenth // per_commit):
+                    evs = [pb.ProposedEvent(id=make_id(), type="NewOrder", data=data)
+                           .SerializeToString(deterministic=True) for _ in range(per_commit)]
+                    groups.append([PreparedAppend(f"in-{c % 4}", f"in-{c % 4}".encode(),
+                                                  pb.EXPECTED_ANY, 0, [b[2:18] for b in evs],
+                                                  evs)])
+                t0 = time.perf_counter()
+                for g in groups:
+                    results, _ = log.append_group(g, 1, time.time_ns())
+                    assert not isinstance(results[0], Exception), results[0]
+                rates.append(tenth / (time.perf_counter() - t0))
+        finally:
+            log.close()
+    return rates[0], rates[-1]
+
+
 async def _all_tiers_admitted(client: StoreClient) -> None:
     """After a start the tier supervisor admits subscriptions and $all reads only once
     the tiers below them have served for settle_s each (geo/tiers.default.toml): measured
@@ -368,6 +404,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     single_n = 20_480 if quick else 102_400
     log_n = 200_000 if quick else 1_000_000
     restart_n = 1_000_000 if quick else 10_000_000
+    growth_n = 500_000 if quick else 5_000_000
     raw: dict[str, list[float]] = {k: [] for k in (
         "lmdb_ceiling_eps", "batched_ingest_eps", "batched_ingest_random_ids_eps",
         "single_append_eps", "single_append_p50_ms",
@@ -395,7 +432,14 @@ def run(quick: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="xdc-bench-restart-") as d:
         _timed(f"building a {restart_n}-event log", lambda: build_log(d, restart_n, 20_000))
         restarts = [_timed("restart", lambda: restart_time(d)) for _ in range(runs)]
+    # One run each: filling a log of growth_n events is the measurement.
+    growth = {kind: _timed(f"filling a {growth_n}-event log, {kind} ids", lambda kind=kind:
+                           id_index_growth(growth_n, random_ids=kind == "random"))
+              for kind in ("random", "time-ordered")}
     out: dict[str, Any] = {k: _median(v) for k, v in raw.items()}
+    out["id_growth_log_events"] = growth_n
+    out["random_ids_first_tenth_eps"], out["random_ids_last_tenth_eps"] = growth["random"]
+    out["v7_ids_first_tenth_eps"], out["v7_ids_last_tenth_eps"] = growth["time-ordered"]
     out["batched_vs_ceiling"] = _median([a / b for a, b in zip(
         raw["batched_ingest_eps"], raw["lmdb_ceiling_eps"], strict=True)])
     out["single_vs_nats"] = (_median([a / b for a, b in zip(
@@ -436,6 +480,14 @@ def print_table(out: dict[str, Any]) -> None:
          "(target < 1 s)"),
         ("  restart to every tier admitted", f"{out['restart_read_all_s']:.2f} s",
          "spawn to first read of $all, after the tier staircase"),
+        (f"writer path, random ids, log 0-{out['id_growth_log_events'] // 10:,}",
+         f"{out['random_ids_first_tenth_eps']:,.0f} ev/s",
+         "commits of 1000 (Log.append_group, fsync'd); one run"),
+        (f"  the same at {out['id_growth_log_events'] * 9 // 10:,}-"
+         f"{out['id_growth_log_events']:,}", f"{out['random_ids_last_tenth_eps']:,.0f} ev/s",
+         f"{out['random_ids_last_tenth_eps'] / out['random_ids_first_tenth_eps']:.0%} of the "
+         f"first tenth; time-ordered ids: {out['v7_ids_first_tenth_eps']:,.0f} -> "
+         f"{out['v7_ids_last_tenth_eps']:,.0f} ev/s"),
     ]
     report.print_table("store", out, rows)
 
