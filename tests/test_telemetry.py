@@ -508,6 +508,28 @@ def test_coalesced_appends_link_to_each_caller(otel: Otel, tmp_path: Path) -> No
     assert "messaging.destination.name" not in dict(client_span.attributes or {})
 
 
+def test_merged_appends_are_counted_as_callers_and_as_sent(otel: Otel, tmp_path: Path
+                                                           ) -> None:
+    """Appends to one stream in one message travel merged (store/client.py _coalesce):
+    the client span counts its callers' appends and the appends sent, which is the
+    server span's count; both carry every event."""
+    async def body() -> None:
+        async with running_store(tmp_path / "store", linger_s=0.05) as (_, client):
+            futures = [client.append_nowait("m", new_event("T")) for _ in range(4)]
+            futures.append(client.append_nowait("other", new_event("T")))
+            await asyncio.gather(*futures)
+
+    run(body)
+    [client_span] = [s for s in otel.spans(APPEND_STREAM) if s.kind == SpanKind.CLIENT]
+    [server_span] = [s for s in otel.spans(APPEND_STREAM) if s.kind == SpanKind.SERVER]
+    client_attrs = dict(client_span.attributes or {})
+    server_attrs = dict(server_span.attributes or {})
+    assert client_attrs["xdc.append.count"] == 5 and client_attrs["xdc.append.sent"] == 2
+    assert server_attrs["xdc.append.count"] == 2
+    assert client_attrs["messaging.batch.message_count"] == 5
+    assert server_attrs["messaging.batch.message_count"] == 5
+
+
 def test_metrics_append_latency_and_subscription_lag(otel: Otel, tmp_path: Path) -> None:
     async def body() -> None:
         async with running_store(tmp_path / "store") as (_, client):
