@@ -120,6 +120,11 @@ class _Pending:
     # Sent as an append of its own from now on: a merged append that held it was refused
     # for what one of its appends holds (each then gets its own answer).
     solo: bool = False
+    # Where the message being sent holds it (StoreClient._coalesce): the index of its
+    # append, and the events of other callers' appends merged before and after it.
+    slot: int = 0
+    before: int = 0
+    after: int = 0
 
 
 log = logging.getLogger("xdc.client")
@@ -202,10 +207,9 @@ class StoreClient:
         self._stub: pb_grpc.EventStoreStub | None = None
         self._pending: list[_Pending] = []
         self._flush_handle: asyncio.Handle | None = None
-        # (correlation id, appends, send time, appends as sent: StoreClient._coalesce) of
-        # each message awaiting its answer.
-        self._inflight: collections.deque[
-            tuple[int, list[_Pending], float, list[list[_Pending]]]] = (
+        # (correlation id, appends, send time, number of appends sent once merged:
+        # StoreClient._coalesce) of each message awaiting its answer.
+        self._inflight: collections.deque[tuple[int, list[_Pending], float, int]] = (
             collections.deque())
         self._watchdog: asyncio.Task[None] | None = None
         self._outbox: collections.deque[list[_Pending]] = collections.deque()
@@ -392,10 +396,11 @@ class StoreClient:
                     raise _StreamBroken()
                 cid = next(self._cids)
                 msg = pb.AppendStreamRequest(correlation_id=cid)
-                groups = self._coalesce(batch, msg.appends.add)
+                self._coalesce(batch, msg.appends.add)
                 if telemetry.tracing():
                     self._trace_message(msg, batch)
-                self._inflight.append((cid, batch, asyncio.get_running_loop().time(), groups))
+                self._inflight.append((cid, batch, asyncio.get_running_loop().time(),
+                                      len(msg.appends)))
                 # Bounded: a write on a call whose channel went away can wait forever.
                 # (A timeout scope, not wait_for: no task per message on the hot path.)
                 self._write_abandoned = False
@@ -430,9 +435,10 @@ class StoreClient:
                     self._end_orphan_spans()
                     self._retry(batch, None)
 
-    def _coalesce(self, batch: list[_Pending], add: Any) -> list[list[_Pending]]:
-        """Builds a message's appends with ``add`` (its repeated field's ``add``) and
-        returns the callers' appends each one holds, in order.
+    def _coalesce(self, batch: list[_Pending], add: Any) -> None:
+        """Builds a message's appends with ``add`` (its repeated field's ``add``), and
+        notes in each caller's append where the message holds it (``slot``, ``before``,
+        ``after``).
 
         Appends to one stream with ``expected=ANY`` go as one append (Kafka's record batch
         per partition): the store's work per append (validation, sequencing, an answer)
@@ -478,7 +484,7 @@ class StoreClient:
             groups.append([p])
             loads.append([p.events, p.size])
             ids.append(None)
-        for g in groups:
+        for slot, (g, load) in enumerate(zip(groups, loads, strict=True)):
             p = g[0]
             # Defaults left out: each keyword costs a field look-up by name.
             r = (add(stream=p.stream) if p.expected == ANY and not p.expected_revision else
@@ -486,8 +492,15 @@ class StoreClient:
                      expected_revision=p.expected_revision))
             # Built in place (add, extend): an AppendRequest made apart and then put in
             # the message is copied once more.
-            r.events.extend(p.proposed if len(g) == 1 else [e for q in g for e in q.proposed])
-        return groups
+            if len(g) == 1:
+                r.events.extend(p.proposed)
+                p.slot, p.before, p.after = slot, 0, 0
+                continue
+            r.events.extend([e for q in g for e in q.proposed])
+            before = 0
+            for q in g:
+                q.slot, q.before, q.after = slot, before, load[0] - before - q.events
+                before += q.events
 
     def _trace_message(self, msg: pb.AppendStreamRequest, batch: list[_Pending]) -> None:
         """A CLIENT span for one message, carried in it (the stream's gRPC metadata is
@@ -550,12 +563,13 @@ class StoreClient:
         error: grpc.aio.AioRpcError | None = None
         try:
             async for resp in call:
-                cid, _, sent, groups = self._inflight.popleft()
+                cid, batch, sent, appends = self._inflight.popleft()
                 assert cid == resp.correlation_id, "AppendStream answers arrive in order"
                 self._slot_free.set()
                 telemetry.metrics().client_append_duration.record(
                     asyncio.get_running_loop().time() - sent)
-                await self._settle_all(groups, resp.results, cid)
+                assert len(resp.results) == appends, "one result per append sent"
+                await self._settle_all(batch, resp.results, cid)
         except grpc.aio.AioRpcError as exc:
             error = exc
         except asyncio.CancelledError:
@@ -563,84 +577,67 @@ class StoreClient:
         if self._call is call:
             await self._reset_stream(error=error)
 
-    async def _settle_all(self, groups: list[list[_Pending]],
-                          results: Sequence[pb.AppendResult], cid: int = 0) -> None:
+    async def _settle_all(self, batch: list[_Pending], results: Sequence[pb.AppendResult],
+                          cid: int = 0) -> None:
         """Settles a message's appends in order, SETTLE_SLICE at a time with a yield to
         the loop between slices: a producer whose window the message filled is woken by
         the first slice and sends its next appends while the server still works, instead
         of after all are settled (one message in flight, client and server taking turns).
         The next message's answers wait for these: futures resolve in order. Then the
         message's span (`cid`) ends, with the count of refusals met while settling."""
-        assert len(groups) == len(results), "one result per append"
         done = refused = 0
         try:
-            while done < len(groups):
+            while done < len(batch):
                 if done:
                     await asyncio.sleep(0)
                 end = done + SETTLE_SLICE
-                for g, result in zip(groups[done:end], results[done:end], strict=True):
-                    refused += (self._settle(g[0], result) if len(g) == 1
-                                else self._settle_merged(g, result))
+                for p in batch[done:end]:
+                    refused += self._settle(p, results[p.slot])
                 done = end
         finally:  # cancelled (the client closes): the rest were answered all the same
-            for g, result in zip(groups[done:], results[done:], strict=True):
-                refused += (self._settle(g[0], result) if len(g) == 1
-                            else self._settle_merged(g, result))
+            for p in batch[done:]:
+                refused += self._settle(p, results[p.slot])
             if self._spans:
-                self._end_span(cid, sum(map(len, groups)), refused)
-
-    def _settle_merged(self, group: list[_Pending], result: pb.AppendResult) -> int:
-        """Answers the appends merged into one (``_coalesce``); returns how many the store
-        refused in this message."""
-        if result.WhichOneof("result") == "ok":
-            ok = result.ok
-            pos = ok.first_position
-            rev = ok.last_revision - sum([p.events for p in group])
-            duplicate = ok.duplicate
-            for p in group:
-                n = p.events
-                rev += n
-                if not p.future.done():
-                    answer = pb.AppendResponse(first_position=pos, last_position=pos + n - 1,
-                                               last_revision=rev, next_revision=rev + 1)
-                    if duplicate:
-                        answer.duplicate = True
-                    p.future.set_result(answer)
-                pos += n
-            return 0
-        err = result.error
-        if err.retry_after_ms or err.leader:  # as for any append: later, or elsewhere
-            code = _CODES.get(err.code, grpc.StatusCode.UNKNOWN)
-            self._retry(group, AppendError(code, err.message, err.actual_last_revision,
-                                           err.leader), err.retry_after_ms / 1000)
-            return len(group)
-        log.debug("merged append of %d appends to %r refused (%s): sending each alone",
-                  len(group), group[0].stream, err.message)
-        for p in group:
-            if p.future.done():
-                continue
-            if self._closed:
-                p.future.set_exception(AppendError(grpc.StatusCode.CANCELLED, "client closed"))
-            else:
-                p.solo = True
-                self._enqueue(p)
-        return len(group)
+                self._end_span(cid, len(batch), refused)
 
     def _settle(self, p: _Pending, result: pb.AppendResult) -> bool:
-        """Answers one append; True if the store refused it."""
+        """Answers one append from the result of the append that held it (its share, when
+        merged with others: ``_coalesce``); True if the store refused it."""
+        merged = p.before or p.after
         if result.WhichOneof("result") == "ok":
             if not p.future.done():
-                p.future.set_result(result.ok)
+                if not merged:
+                    p.future.set_result(result.ok)
+                    return False
+                ok = result.ok
+                first = ok.first_position + p.before
+                rev = ok.last_revision - p.after
+                answer = pb.AppendResponse(first_position=first,
+                                           last_position=first + p.events - 1,
+                                           last_revision=rev, next_revision=rev + 1)
+                if ok.duplicate:
+                    answer.duplicate = True
+                p.future.set_result(answer)
             return False
         if p.future.done():
             return True
         err = result.error
         code = _CODES.get(err.code, grpc.StatusCode.UNKNOWN)
-        exc = AppendError(code, err.message, err.actual_last_revision, err.leader)
         if err.retry_after_ms or err.leader:
-            self._retry([p], exc, err.retry_after_ms / 1000)
+            self._retry([p], AppendError(code, err.message, err.actual_last_revision,
+                                         err.leader), err.retry_after_ms / 1000)
+        elif not merged:
+            p.future.set_exception(AppendError(code, err.message, err.actual_last_revision,
+                                               err.leader))
+        elif self._closed:
+            p.future.set_exception(AppendError(grpc.StatusCode.CANCELLED, "client closed"))
         else:
-            p.future.set_exception(exc)
+            # Refused for what one of the merged appends holds: nothing of it was written.
+            if not p.before:
+                log.debug("merged append to %r refused (%s): its appends are sent again "
+                          "one by one", p.stream, err.message)
+            p.solo = True
+            self._enqueue(p)
         return True
 
     def _retry(self, batch: list[_Pending], cause: AppendError | None,
