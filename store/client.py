@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import itertools
 import logging
 import os
@@ -189,6 +190,10 @@ class StoreClient:
         # its appends re-sent elsewhere, with the same ids.
         self.attempt_timeout_s = attempt_timeout_s
         self.limits = limits or Limits()
+        # The most events and bytes one merged append holds (_coalesce): this client's
+        # limits, cut to the node's once its NodeInfo is known (``_merge_limits_of``).
+        self._merge_limits = (self.limits.max_append_events, self.limits.max_append_bytes)
+        self._merge_limits_of = ""
         self.tls = tls
         # The criticality of this client's reads and subscriptions (a tier or service
         # name of the tier file, e.g. "engine"): servers shed them by it when degraded.
@@ -381,6 +386,10 @@ class StoreClient:
             try:
                 if self._call is None:
                     log.debug("append stream to %s opened", self._target)
+                    if self._merge_limits_of != self._target:
+                        # In a context of its own: not a span of the caller whose
+                        # append opened the stream.
+                        self._spawn(self._learn_limits(self._target), contextvars.Context())
                     self._call = self.stub.AppendStream(metadata=self.auth_metadata)
                     self._receiver = asyncio.get_running_loop().create_task(
                         self._receive(self._call))
@@ -460,8 +469,7 @@ class StoreClient:
         loads: list[list[int]] = []  # events and bytes of each group
         ids: list[set[bytes] | None] = []  # of each group, once a second append joins it
         open_groups: dict[str, int] = {}  # stream -> index of the group appends may join
-        max_events = self.limits.max_append_events
-        max_bytes = self.limits.max_append_bytes
+        max_events, max_bytes = self._merge_limits
         for p in batch:
             if p.expected == ANY and not p.expected_revision and not p.solo:
                 k = open_groups.get(p.stream)
@@ -501,6 +509,31 @@ class StoreClient:
             for q in g:
                 q.slot, q.before, q.after = slot, before, load[0] - before - q.events
                 before += q.events
+
+    async def _learn_limits(self, target: str) -> None:
+        """Cuts the merged appends' size to what ``target`` accepts (its NodeInfo), as the
+        engine sizes its output appends: a node configured below this client's limits
+        would otherwise refuse every full merged append, each costing a round trip more
+        (its appends sent again alone). Runs beside the stream: until it is known, the
+        client's own limits apply. A failure leaves them, to be tried on the next open."""
+        try:
+            info = await self.stub.NodeInfo(pb.NodeInfoRequest(),
+                                            timeout=min(self.timeout_s, 2.0),
+                                            metadata=self.auth_metadata)
+        except grpc.aio.AioRpcError:
+            return  # the node is unreachable: tried again on the next open
+        except asyncio.CancelledError:
+            if not cancelled_by_channel():
+                raise
+            return  # the client moved on (its channel was closed)
+        if target != self._target or not info.HasField("limits"):
+            return
+        events, size = self.limits.max_append_events, self.limits.max_append_bytes
+        if info.limits.max_append_events:
+            events = min(events, info.limits.max_append_events)
+        if info.limits.max_append_bytes:
+            size = min(size, info.limits.max_append_bytes)
+        self._merge_limits, self._merge_limits_of = (events, size), target
 
     def _trace_message(self, msg: pb.AppendStreamRequest, batch: list[_Pending]) -> None:
         """A CLIENT span for one message, carried in it (the stream's gRPC metadata is
@@ -686,8 +719,8 @@ class StoreClient:
                     self._enqueue(p)
         self._spawn(later())
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+    def _spawn(self, coro: Any, context: contextvars.Context | None = None) -> None:
+        task = asyncio.get_running_loop().create_task(coro, context=context)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

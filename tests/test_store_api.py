@@ -911,6 +911,36 @@ def test_an_id_sent_twice_in_one_message_is_appended_once(
     assert "sending each alone" not in caplog.text
 
 
+def test_merged_appends_fit_the_limits_the_node_states(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A node configured below the client's limits states them (NodeInfo): once the
+    client has read them, its merged appends fit, instead of each full one being refused
+    and its appends sent again one by one. Before that, what is refused is still
+    answered append by append."""
+    caplog.set_level(logging.DEBUG, logger="xdc.client")
+
+    async def body() -> None:
+        async with running_store(tmp_path, Limits(max_append_events=3)) as (server, _):
+            client = StoreClient(server.address)  # the default limits: 10,000 events
+            try:
+                # Before the limits are known: one merged append of 8, refused, then
+                # each append alone.
+                first = await asyncio.gather(*[client.append_nowait("s", new_event("T"))
+                                               for _ in range(8)])
+                assert "merged append to 's' refused" in caplog.text
+                await wait_until(lambda: client._merge_limits[0] == 3, what="limits")
+                caplog.clear()
+                later = await asyncio.gather(*[client.append_nowait("s", new_event("T"))
+                                               for _ in range(8)])
+                assert "refused" not in caplog.text
+                answers = first + later
+                assert [a.last_revision for a in answers] == list(range(1, 17))
+                assert (await client.stream_info("s")).last_revision == 16
+            finally:
+                await client.close()
+    run(body)
+
+
 def test_answers_of_a_large_message_resolve_in_order_in_slices_and_all_despite_cancel(
         tmp_path: Path) -> None:
     """A message's answers are settled SETTLE_SLICE at a time with a yield between
