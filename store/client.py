@@ -520,12 +520,14 @@ class StoreClient:
             info = await self.stub.NodeInfo(pb.NodeInfoRequest(),
                                             timeout=min(self.timeout_s, 2.0),
                                             metadata=self.auth_metadata)
-        except grpc.aio.AioRpcError:
-            return  # the node is unreachable: tried again on the next open
         except asyncio.CancelledError:
             if not cancelled_by_channel():
                 raise
             return  # the client moved on (its channel was closed)
+        except Exception as exc:  # unreachable, or the channel closed under the call
+            log.debug("limits of %s not read (%r): tried again on the next open", target,
+                      exc)
+            return
         if target != self._target or not info.HasField("limits"):
             return
         events, size = self.limits.max_append_events, self.limits.max_append_bytes
