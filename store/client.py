@@ -517,14 +517,8 @@ class StoreClient:
         (its appends sent again alone). Runs beside the stream: until it is known, the
         client's own limits apply. A failure leaves them, to be tried on the next open."""
         try:
-            info = await self.stub.NodeInfo(pb.NodeInfoRequest(),
-                                            timeout=min(self.timeout_s, 2.0),
-                                            metadata=self.auth_metadata)
-        except asyncio.CancelledError:
-            if not cancelled_by_channel():
-                raise
-            return  # the client moved on (its channel was closed)
-        except Exception as exc:  # unreachable, or the channel closed under the call
+            info = await self.node_info()  # a closed channel becomes an AioRpcError here
+        except Exception as exc:  # unreachable, or the client moved on
             log.debug("limits of %s not read (%r): tried again on the next open", target,
                       exc)
             return

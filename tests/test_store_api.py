@@ -908,7 +908,7 @@ def test_an_id_sent_twice_in_one_message_is_appended_once(
             assert (c.first_position, c.last_revision) == (a.first_position, a.last_revision)
             assert [x.data for x in await client.read("s")] == [b"once", b"other"]
     run(body)
-    assert "sending each alone" not in caplog.text
+    assert "merged append to 's' refused" not in caplog.text
 
 
 def test_merged_appends_fit_the_limits_the_node_states(
