@@ -605,7 +605,8 @@ class EngineRunner:
 
     async def status(self, brief: bool = False) -> xpb.EngineStatus:
         """`brief`: role and positions only, for health probes (no store round trip,
-        no state hash)."""
+        no state hash, no count of frozen objects: each of these walks something whole,
+        and a poller asks many times a second on the loop that processes orders)."""
         c = self.consumer
         if not brief:
             with contextlib.suppress(grpc.aio.AioRpcError, asyncio.TimeoutError):
@@ -629,7 +630,9 @@ class EngineRunner:
             trusted_through=c.trusted_through,
             output_event_bytes=self.output_event_bytes,
             output_append_events=c.append_batches if self.output_event_bytes else 0,
-            limit_refusals=self.limit_refusals, gc_frozen_objects=gc.get_freeze_count())
+            limit_refusals=self.limit_refusals,
+            # gc.get_freeze_count() walks the frozen list: every resting order is on it
+            gc_frozen_objects=0 if brief else gc.get_freeze_count())
 
 
     def _state_hash(self) -> str:

@@ -449,7 +449,7 @@ def test_a_primary_fits_a_store_restarted_with_smaller_limits(tmp_path: Path) ->
         async def before() -> xpb.EngineStatus:
             async with StoreClient(store.address) as client:
                 await _primary_on_backlog(client, store, procs, tmp_path, first, 500)
-            s = await status_or_none(procs[0].address, brief=True)
+            s = await status_or_none(procs[0].address)
             assert s is not None and s.role == "primary"
             return s
         s = run(before, timeout_s=60)
