@@ -172,6 +172,26 @@ def channel_options(limits: Limits | None = None) -> list[tuple[str, Any]]:
     ]
 
 
+def _fail_closed(appends: Iterable[_Pending]) -> None:
+    for p in appends:
+        if not p.future.done():
+            p.future.set_exception(AppendError(grpc.StatusCode.CANCELLED, "client closed"))
+
+
+def _same_refusal(cause: AppendError, code: grpc.StatusCode, err: pb.AppendError) -> bool:
+    return (cause.code == code and cause.leader == err.leader and cause.message == err.message
+            and cause.actual_last_revision == err.actual_last_revision)
+
+
+def _bad_request(stream: object, expected: object, expected_revision: object) -> str:
+    if type(stream) is not str:
+        return f"stream: a str, not {type(stream).__name__}"
+    if type(expected) is not int:
+        return f"expected: an ExpectedKind (int), not {type(expected).__name__}"
+    return (f"expected_revision: {expected_revision!r} is not a revision (an int in "
+            f"0..2^64-1)")
+
+
 class StoreClient:
     def __init__(self, targets: str | Sequence[str], *, linger_s: float = 0.0,
                  max_batch_appends: int = 1024, max_inflight_messages: int = 32,
@@ -194,6 +214,8 @@ class StoreClient:
         # limits, cut to the node's once its NodeInfo is known (``_merge_limits_of``).
         self._merge_limits = (self.limits.max_append_events, self.limits.max_append_bytes)
         self._merge_limits_of = ""
+        # The most appends one message holds: this client's, cut to the node's.
+        self._message_appends = max_batch_appends
         self.tls = tls
         # The criticality of this client's reads and subscriptions (a tier or service
         # name of the tier file, e.g. "engine"): servers shed them by it when degraded.
@@ -218,6 +240,12 @@ class StoreClient:
             collections.deque())
         self._watchdog: asyncio.Task[None] | None = None
         self._outbox: collections.deque[list[_Pending]] = collections.deque()
+        # Appends to send again (a stream reset, a refusal with a hint), in the order
+        # they were first sent: the sender takes them before anything in `_outbox`.
+        self._retrying: collections.deque[list[_Pending]] = collections.deque()
+        # While it runs (a backoff, a move to another node), the sender sends nothing:
+        # appends made meanwhile must not overtake the ones being retried.
+        self._hold: asyncio.Task[None] | None = None
         self._outbox_ready = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
         # Set on every answer and every reset: the sender waits on it for a free slot.
@@ -282,18 +310,17 @@ class StoreClient:
         self._closed = True
         if self._flush_handle is not None:
             self._flush_handle.cancel()
-        for p in self._pending:
-            if not p.future.done():
-                p.future.set_exception(AppendError(grpc.StatusCode.CANCELLED, "client closed"))
+        _fail_closed(self._pending)
         self._pending = []
+        # The sender fails the batch it holds, if it had not sent it (_unsent).
         if self._sender is not None:
             self._sender.cancel()
-        for batch in self._outbox:
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(AppendError(grpc.StatusCode.CANCELLED,
-                                                       "client closed"))
-        self._outbox.clear()
+        for t in [*self._tasks, *([self._hold] if self._hold is not None else [])]:
+            t.cancel()
+        for queue in (self._retrying, self._outbox):
+            for batch in queue:
+                _fail_closed(batch)
+            queue.clear()
         if self._watchdog is not None:
             self._watchdog.cancel()
         await self._reset_stream(AppendError(grpc.StatusCode.CANCELLED, "client closed"))
@@ -334,6 +361,14 @@ class StoreClient:
         elif not isinstance(events, list):
             events = list(events)
         loop = asyncio.get_running_loop()
+        if (type(stream) is not str or type(expected) is not int
+                or type(expected_revision) is not int or not 0 <= expected_revision < 1 << 64):
+            # Refused here, alone: in a message with others' appends it could not even be
+            # built, and would fail them all.
+            fut = loop.create_future()
+            fut.set_exception(AppendError(grpc.StatusCode.INVALID_ARGUMENT, _bad_request(
+                stream, expected, expected_revision)))
+            return fut
         deadline = loop.time() + (timeout_s if timeout_s is not None else self.timeout_s)
         pending = _Pending(stream, events, expected, expected_revision, loop.create_future(),
                            deadline, telemetry.current_span_context(), len(events),
@@ -364,24 +399,46 @@ class StoreClient:
         self._flush_handle = None
         if not self._pending:
             return
-        batch, self._pending = (self._pending[:self.max_batch_appends],
-                                self._pending[self.max_batch_appends:])
+        batch, self._pending = self._cut(self._pending)
         self._outbox.append(batch)
+        self._kick()
+        if self._pending:
+            self._schedule_flush(0.0)
+
+    def _cut(self, appends: list[_Pending]) -> tuple[list[_Pending], list[_Pending]]:
+        """(the first message's appends, the rest): at most the appends a message may
+        hold, and at most the bytes one append may (the node's message limit is that plus
+        room for framing); at least one append."""
+        most, budget = self._message_appends, self._merge_limits[1]
+        n = size = 0
+        for p in appends:
+            size += p.size
+            if n and (n == most or size > budget):
+                break
+            n += 1
+        return appends[:n], appends[n:]
+
+    def _kick(self) -> None:
         self._outbox_ready.set()
         if self._sender is None or self._sender.done():
             self._sender = asyncio.get_running_loop().create_task(self._send_loop())
-        if self._pending:
-            self._schedule_flush(0.0)
 
     async def _send_loop(self) -> None:
         """The only task that writes to the AppendStream call (gRPC allows one write at
         a time), so messages leave in the order appends were made."""
         while not self._closed:
-            if not self._outbox:
+            hold = self._hold
+            if hold is not None and not hold.done():
+                await asyncio.wait([hold])  # its outcome is not ours to raise
+                continue
+            if self._retrying:
+                batch = self._retrying.popleft()
+            elif self._outbox:
+                batch = self._outbox.popleft()
+            else:
                 self._outbox_ready.clear()
                 await self._outbox_ready.wait()
                 continue
-            batch = self._outbox.popleft()
             call = None
             try:
                 if self._call is None:
@@ -420,6 +477,8 @@ class StoreClient:
                     finally:
                         self._write_scope = None
             except asyncio.CancelledError:
+                if not any(m[1] is batch for m in self._inflight):
+                    self._unsent(batch)  # taken from its queue and not sent: only we hold it
                 raise
             except TimeoutError:
                 if self._write_abandoned:
@@ -471,7 +530,8 @@ class StoreClient:
         open_groups: dict[str, int] = {}  # stream -> index of the group appends may join
         max_events, max_bytes = self._merge_limits
         for p in batch:
-            if p.expected == ANY and not p.expected_revision and not p.solo:
+            if p.expected == ANY and not p.expected_revision and not p.solo and p.events:
+                # (An append of no event goes alone: the store refuses it.)
                 k = open_groups.get(p.stream)
                 if k is not None:
                     load = loads[k]
@@ -514,8 +574,10 @@ class StoreClient:
         """Cuts the merged appends' size to what ``target`` accepts (its NodeInfo), as the
         engine sizes its output appends: a node configured below this client's limits
         would otherwise refuse every full merged append, each costing a round trip more
-        (its appends sent again alone). Runs beside the stream: until it is known, the
-        client's own limits apply. A failure leaves them, to be tried on the next open."""
+        (its appends sent again alone); and a message's appends to the node's
+        ``max_appends_per_message``. Runs beside the stream: until they are known, the
+        limits known before apply (the client's own, or the previous node's). A failure
+        leaves them, to be tried on the next open."""
         try:
             info = await self.node_info()  # a closed channel becomes an AioRpcError here
         except Exception as exc:  # unreachable, or the client moved on
@@ -529,6 +591,8 @@ class StoreClient:
             events = min(events, info.limits.max_append_events)
         if info.limits.max_append_bytes:
             size = min(size, info.limits.max_append_bytes)
+        self._message_appends = min(self.max_batch_appends,
+                                    info.limits.max_appends_per_message or 1 << 62)
         self._merge_limits, self._merge_limits_of = (events, size), target
 
     def _trace_message(self, msg: pb.AppendStreamRequest, batch: list[_Pending]) -> None:
@@ -613,25 +677,40 @@ class StoreClient:
         the first slice and sends its next appends while the server still works, instead
         of after all are settled (one message in flight, client and server taking turns).
         The next message's answers wait for these: futures resolve in order. Then the
-        message's span (`cid`) ends, with the count of refusals met while settling."""
+        message's span (`cid`) ends, with the count of refusals met while settling.
+
+        The appends to send again go back together once the whole message is settled,
+        so they stay in order, ahead of the messages sent after this one (_retry)."""
         done = refused = 0
+        again: list[tuple[_Pending, AppendError | None, float]] = []
         try:
             while done < len(batch):
                 if done:
                     await asyncio.sleep(0)
                 end = done + SETTLE_SLICE
                 for p in batch[done:end]:
-                    refused += self._settle(p, results[p.slot])
+                    refused += self._settle(p, results[p.slot], again)
                 done = end
         finally:  # cancelled (the client closes): the rest were answered all the same
             for p in batch[done:]:
-                refused += self._settle(p, results[p.slot])
+                refused += self._settle(p, results[p.slot], again)
+            # Consecutive appends with the same cause go back as one batch.
+            for (cause, delay_s), group in itertools.groupby(
+                    again, key=lambda a: (a[1], a[2])):
+                appends = [a[0] for a in group]
+                if cause is None:  # a merged append refused: each alone, no backoff
+                    self._requeue(appends)
+                else:
+                    self._retry(appends, cause, delay_s)
             if self._spans:
                 self._end_span(cid, len(batch), refused)
 
-    def _settle(self, p: _Pending, result: pb.AppendResult) -> bool:
+    def _settle(self, p: _Pending, result: pb.AppendResult,
+                again: list[tuple[_Pending, AppendError | None, float]]) -> bool:
         """Answers one append from the result of the append that held it (its share, when
-        merged with others: ``_coalesce``); True if the store refused it."""
+        merged with others: ``_coalesce``), or adds it to ``again`` (with the refusal to
+        retry it after, None to send it again alone at once); True if the store refused
+        it."""
         merged = p.before or p.after
         if result.WhichOneof("result") == "ok":
             if not p.future.done():
@@ -653,25 +732,45 @@ class StoreClient:
         err = result.error
         code = _CODES.get(err.code, grpc.StatusCode.UNKNOWN)
         if err.retry_after_ms or err.leader:
-            self._retry([p], AppendError(code, err.message, err.actual_last_revision,
-                                         err.leader), err.retry_after_ms / 1000)
+            # One AppendError per distinct refusal: equal ones group (_settle_all).
+            cause = (again[-1][1] if again and again[-1][1] is not None
+                     and _same_refusal(again[-1][1], code, err) else
+                     AppendError(code, err.message, err.actual_last_revision, err.leader))
+            again.append((p, cause, err.retry_after_ms / 1000))
         elif not merged:
             p.future.set_exception(AppendError(code, err.message, err.actual_last_revision,
                                                err.leader))
-        elif self._closed:
-            p.future.set_exception(AppendError(grpc.StatusCode.CANCELLED, "client closed"))
         else:
             # Refused for what one of the merged appends holds: nothing of it was written.
             if not p.before:
                 log.debug("merged append to %r refused (%s): its appends are sent again "
                           "one by one", p.stream, err.message)
             p.solo = True
-            self._enqueue(p)
+            again.append((p, None, 0.0))
         return True
+
+    def _requeue(self, appends: list[_Pending]) -> None:
+        """Sends appends again at once, before any made after them."""
+        if self._closed:
+            _fail_closed(appends)
+            return
+        while appends:
+            batch, appends = self._cut(appends)
+            self._retrying.append(batch)
+        self._kick()
+
+    def _unsent(self, batch: list[_Pending]) -> None:
+        """A batch the sender took and did not send: first to go, or failed if closing."""
+        if self._closed:
+            _fail_closed(batch)
+        else:
+            self._retrying.appendleft(batch)
 
     def _retry(self, batch: list[_Pending], cause: AppendError | None,
                delay_s: float = 0.05) -> None:
-        """Re-sends appends after a short backoff, with the same event ids."""
+        """Re-sends appends, with the same event ids, after a backoff (and a move to
+        another node when the cause says so): before anything made after them, and
+        nothing is sent until the backoff is over (``_hold``)."""
         loop = asyncio.get_running_loop()
         now = loop.time()
         again = []
@@ -685,35 +784,44 @@ class StoreClient:
                 again.append(p)
         if not again:
             return
-        failed_on = self._target
+        self._requeue(again)
+        if self._hold is None or self._hold.done():
+            self._hold = loop.create_task(self._recover(cause, self._target, delay_s,
+                                                        len(again)))
 
-        async def later() -> None:
-            # A hint at a node that just failed us is stale (followers name the dead
-            # leader until they hear of the next): following it would bounce between
-            # one follower and the dead node while the others may know better.
-            if cause is not None and cause.leader and cause.leader != self._target \
-                    and not self._is_unreachable(cause.leader):
-                log.debug("%d appends refused by %s: following its hint to %s", len(again),
-                          failed_on, cause.leader)
-                await self._switch(cause.leader)
-            elif len(self.targets) > 1 and self._target == failed_on and (
-                    self._is_unreachable(failed_on) or (
-                        cause is not None and cause.code == grpc.StatusCode.UNAVAILABLE)):
-                # Refused without a hint (this node does not know the leader; another
-                # node may), or the node is down: staying would wait out gRPC's
-                # reconnect backoff (up to a second per attempt) on a dead address.
-                await asyncio.sleep(delay_s)
-                if self._target == failed_on:
-                    await self._switch()
-                    log.debug("%d appends refused by %s (%s): trying %s", len(again),
-                              failed_on, cause.code.name if cause else "unreachable",
-                              self._target)
-            else:
-                await asyncio.sleep(delay_s)
-            for p in again:
-                if not p.future.done():
-                    self._enqueue(p)
-        self._spawn(later())
+    async def _recover(self, cause: AppendError | None, failed_on: str, delay_s: float,
+                       n: int) -> None:
+        """What the sender waits for before it sends the appends a failure put back: a
+        backoff, and a move to the leader a refusal named or to another node."""
+        try:
+            await self._move_after(cause, failed_on, delay_s, n)
+        except Exception as exc:  # the appends still go, wherever the client is now
+            log.warning("after appends were refused by %s: %r", failed_on, exc)
+
+    async def _move_after(self, cause: AppendError | None, failed_on: str, delay_s: float,
+                          n: int) -> None:
+        leader = cause.leader if cause is not None else ""
+        # A hint at a node that just failed us is stale (followers name the dead leader
+        # until they hear of the next): following it would bounce between one follower
+        # and the dead node while the others may know better.
+        if leader and leader != self._target and not self._is_unreachable(leader):
+            log.debug("%d appends refused by %s: following its hint to %s", n, failed_on,
+                      leader)
+            await self._switch(leader)
+        elif len(self.targets) > 1 and self._target == failed_on and leader != failed_on and (
+                self._is_unreachable(failed_on) or (
+                    cause is not None and cause.code == grpc.StatusCode.UNAVAILABLE)):
+            # Refused without a hint (this node does not know the leader; another node
+            # may), or the node is down: staying would wait out gRPC's reconnect backoff
+            # (up to a second per attempt) on a dead address. Not when the hint names
+            # this very node: the appends were refused by the one before it.
+            await asyncio.sleep(delay_s)
+            if self._target == failed_on:
+                await self._switch()
+                log.debug("%d appends refused by %s (%s): trying %s", n, failed_on,
+                          cause.code.name if cause else "unreachable", self._target)
+        else:
+            await asyncio.sleep(delay_s)
 
     def _spawn(self, coro: Any, context: contextvars.Context | None = None) -> None:
         task = asyncio.get_running_loop().create_task(coro, context=context)

@@ -1,0 +1,205 @@
+"""The store client when things go wrong around its appends: closing with appends in
+every stage, malformed appends among good ones, messages at the limits, a stream reset
+with appends in flight, and a follower refusing a large message. Real gRPC servers: real
+`xdc` nodes, and in-process EventStore servers that answer in one fixed way (never, or
+refusing every append) to reach each case on purpose."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from store.client import ANY, EXACT, AppendError, StoreClient, new_event
+from store.limits import Limits
+from tests.support.store import run, running_store, wait_until
+from xdc.v1 import eventstore_pb2 as pb
+from xdc.v1 import eventstore_pb2_grpc as pb_grpc
+
+
+@contextlib.asynccontextmanager
+async def _node(answer: str, leader: str = "", retry_after_ms: int = 0
+                ) -> AsyncIterator[tuple[str, list[int]]]:
+    """An EventStore that never answers an AppendStream message (`answer="never"`) or
+    refuses every append of each (`"refuse"`: UNAVAILABLE, naming `leader`, with
+    `retry_after_ms`). Yields its address and the number of appends of each message it
+    received."""
+    from store.server import listen_on, new_server
+
+    release = asyncio.Event()
+    seen: list[int] = []
+
+    class Node(pb_grpc.EventStoreServicer):
+        async def NodeInfo(self, request, context):  # type: ignore[no-untyped-def]
+            return pb.NodeInfoResponse()
+
+        async def AppendStream(self, request_iterator, context):  # type: ignore[no-untyped-def]
+            if answer == "never":
+                await release.wait()
+                return
+            async for msg in request_iterator:
+                seen.append(len(msg.appends))
+                resp = pb.AppendStreamResponse(correlation_id=msg.correlation_id)
+                for _ in msg.appends:
+                    resp.results.add().error.CopyFrom(pb.AppendError(
+                        code=grpc.StatusCode.UNAVAILABLE.value[0], message="not the leader",
+                        leader=leader, retry_after_ms=retry_after_ms))
+                yield resp
+
+    server = new_server()
+    pb_grpc.add_EventStoreServicer_to_server(Node(), server)
+    port = listen_on(server, "127.0.0.1:0", None)
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}", seen
+    finally:
+        release.set()
+        await server.stop(0)
+
+
+def _events(n: int, size: int = 16) -> list[pb.ProposedEvent]:
+    return [new_event("T", bytes(size), metadata={"n": str(i)}) for i in range(n)]
+
+
+def _cancelled(fut: asyncio.Future) -> bool:  # type: ignore[type-arg]
+    exc = fut.exception() if fut.done() and not fut.cancelled() else None
+    return isinstance(exc, AppendError) and exc.code == grpc.StatusCode.CANCELLED
+
+
+def test_close_answers_every_append_it_holds() -> None:
+    """Closing fails, with CANCELLED, an append in flight, one the sender took and holds
+    while it waits for a free slot, one still queued, and one waiting out a refusal's
+    retry hint. Before, the one the sender held and the one in its backoff were never
+    answered: their callers waited forever."""
+    async def body() -> None:
+        async with _node("never") as (stuck, _):
+            c = StoreClient(stuck, timeout_s=30, max_inflight_messages=1, max_batch_appends=1)
+            futs = [c.append_nowait(f"s{i}", _events(1)) for i in range(3)]
+            await wait_until(lambda: len(c._inflight) == 1
+                             and len(c._outbox) + len(c._pending) == 1, 10,
+                             "one append in flight, one held by the sender, one queued")
+            await c.close()
+            await asyncio.wait(futs, timeout=2)
+            assert all(_cancelled(f) for f in futs), futs
+        async with _node("refuse", retry_after_ms=5_000) as (busy, seen):
+            c = StoreClient(busy, timeout_s=30)
+            fut = c.append_nowait("s", _events(1))
+            await wait_until(lambda: bool(seen) and c._hold is not None, 10,
+                             "the refusal's backoff")
+            await c.close()
+            await asyncio.wait([fut], timeout=2)
+            assert _cancelled(fut), fut
+    run(body)
+
+
+def test_a_malformed_append_fails_alone_among_good_ones(tmp_path: Path) -> None:
+    """An expected revision, expectation or stream the client cannot even put in a
+    message fails that append with INVALID_ARGUMENT naming the field; the appends that
+    would have shared its message are written. Before, building the message raised for
+    all of them, again and again until their deadline. An append of no event joins no
+    merged append: the store refuses it alone."""
+    async def body() -> None:
+        async with running_store(tmp_path, linger_s=0.02) as (_, c):
+            bad = [c.append_nowait("s", _events(1), EXACT, -1),
+                   c.append_nowait("s", _events(1), EXACT, 1.5),  # type: ignore[arg-type]
+                   c.append_nowait("s", _events(1), "any"),  # type: ignore[arg-type]
+                   c.append_nowait(5, _events(1))]  # type: ignore[arg-type]
+            good = [c.append_nowait("s", _events(1)) for _ in range(3)]
+            empty = c.append_nowait("s", [])
+            good.append(c.append_nowait("s", _events(1)))
+            answers = await asyncio.wait_for(asyncio.gather(*good), 10)
+            assert [a.last_revision for a in answers] == [1, 2, 3, 4]
+            for f, field in zip(bad, ["expected_revision", "expected_revision", "expected",
+                                      "stream"], strict=True):
+                err = f.exception()
+                assert isinstance(err, AppendError), err
+                assert err.code == grpc.StatusCode.INVALID_ARGUMENT, err
+                assert err.message.startswith(f"{field}:"), err
+            with pytest.raises(AppendError) as refused:
+                await empty
+            assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert "events" in refused.value.message
+            assert len(await c.read("s")) == 4
+    run(body)
+
+
+def test_messages_fit_the_message_size_and_the_nodes_appends_per_message(
+        tmp_path: Path) -> None:
+    """A message holds at most the bytes of one append (the node's message limit is that
+    plus room for framing) and at most the appends per message the node states. Before,
+    30 appends of 900 kB made one 27 MB message that gRPC refused whole, and a node
+    configured for 4 appends a message ended the stream of a client sending 50."""
+    async def body() -> None:
+        async with running_store(tmp_path / "a", linger_s=0.05) as (_, c):
+            futs = [c.append_nowait("s", _events(1, 900_000)) for _ in range(30)]
+            answers = await asyncio.wait_for(asyncio.gather(*futs), 30)
+            assert [a.last_revision for a in answers] == list(range(1, 31))
+        limits = Limits(max_appends_per_message=4)
+        async with running_store(tmp_path / "b", limits=limits, linger_s=0.05) as (_, c):
+            await c.append("warm", _events(1))
+            await wait_until(lambda: c._message_appends == 4, 10, "the node's limits read")
+            futs = [c.append_nowait(f"s{i}", _events(1)) for i in range(50)]
+            await asyncio.wait_for(asyncio.gather(*futs), 10)
+    run(body)
+
+
+def test_appends_retried_after_a_reset_land_before_appends_made_later(
+        tmp_path: Path) -> None:
+    """A stream reset puts the appends in flight back, and the client sends nothing else
+    until they are sent again: appends made during the backoff land after them. Before,
+    those went out at once on the new stream and landed first (in this test: every
+    time), so appends to one stream were written in another order than made."""
+    from geo.proxy import Link
+
+    async def body() -> None:
+        async with running_store(tmp_path) as (server, _), \
+                Link("front", server.address) as front:
+            c = StoreClient(front.address, timeout_s=30, attempt_timeout_s=5)
+            try:
+                await c.append("s", _events(1))  # the stream is open
+                front.partition("blackhole")  # the next appends stay in the proxy...
+                first = [c.append_nowait("s", _events(1)) for _ in range(10)]
+                await wait_until(lambda: bool(c._inflight), 10, "first appends in flight")
+                front.partition("reset")  # ...which then drops them and the connection
+                await wait_until(lambda: c._call is None, 10, "the stream reset")
+                front.heal()
+                later = [c.append_nowait("s", _events(1)) for _ in range(10)]
+                first_ok = await asyncio.wait_for(asyncio.gather(*first), 20)
+                later_ok = await asyncio.wait_for(asyncio.gather(*later), 20)
+                assert max(a.last_position for a in first_ok) < \
+                    min(a.last_position for a in later_ok), (first_ok, later_ok)
+                assert [a.last_revision for a in first_ok + later_ok] == list(range(2, 22))
+            finally:
+                await c.close()
+    run(body)
+
+
+def test_a_follower_refusing_a_large_message_moves_the_client_to_its_leader_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A follower refuses every append of a 1000-append message, naming the leader: the
+    client moves to the leader once, and every append lands there. Before, each append
+    got a retry of its own: the first moved the client, the others, refused 'by' the
+    leader they were already on, moved it on to the next node, and back (10 moves in a
+    reproduction); each move is a stream reset."""
+    async def body() -> None:
+        async with running_store(tmp_path) as (leader, _), \
+                _node("refuse", leader=leader.address) as (follower, _), \
+                _node("refuse", leader=leader.address) as (other, _), \
+                StoreClient([follower, leader.address, other], timeout_s=30,
+                            linger_s=0.05) as c:
+            futs = [c.append_nowait("s", _events(1), ANY) for _ in range(1000)]
+            answers = await asyncio.wait_for(asyncio.gather(*futs), 30)
+            assert answers[-1].last_revision == 1000
+        opened = [r.getMessage() for r in caplog.records
+                  if r.getMessage().startswith("append stream to")
+                  and r.getMessage().endswith("opened")]
+        assert opened == [f"append stream to {follower} opened",
+                          f"append stream to {leader.address} opened"], opened
+
+    with caplog.at_level(logging.DEBUG, logger="xdc.client"):
+        run(body)
