@@ -477,9 +477,13 @@ class StoreClient:
                     finally:
                         self._write_scope = None
             except asyncio.CancelledError:
-                if not any(m[1] is batch for m in self._inflight):
-                    self._unsent(batch)  # taken from its queue and not sent: only we hold it
-                raise
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():  # close() cancels this task
+                    if not any(m[1] is batch for m in self._inflight):
+                        self._unsent(batch)  # taken from its queue, not sent: only we hold it
+                    raise
+                # gRPC's, for a call cancelled under the write: a broken stream like any
+                self._after_write_error(batch, call)
             except TimeoutError:
                 if self._write_abandoned:
                     # The call was reset under the write; the reset re-queued this batch
@@ -488,20 +492,27 @@ class StoreClient:
                 elif call is not None and call is self._call:
                     await self._switch()  # re-sends everything in flight, this batch too
                 else:
-                    self._inflight = collections.deque(
-                        m for m in self._inflight if m[1] is not batch)
-                    self._end_orphan_spans()
-                    self._retry(batch, None)
+                    self._write_failed(batch, True)
             except Exception:
-                # Whatever broke the stream: the receiver of the live stream re-queues what
-                # is in flight on it; anything else is re-queued here.
-                in_flight = any(m[1] is batch for m in self._inflight)
-                if not (in_flight and call is not None and call is self._call):
-                    if in_flight:
-                        self._inflight = collections.deque(
-                            m for m in self._inflight if m[1] is not batch)
-                    self._end_orphan_spans()
-                    self._retry(batch, None)
+                self._after_write_error(batch, call)
+
+    def _after_write_error(self, batch: list[_Pending], call: Any) -> None:
+        """Whatever broke the stream: the receiver of the live stream re-queues what is in
+        flight on it, as a reset under the write did; anything else is re-queued here."""
+        if self._write_abandoned:  # the reset re-queued this batch with the rest
+            self._write_abandoned = False
+            return
+        in_flight = any(m[1] is batch for m in self._inflight)
+        if not (in_flight and call is not None and call is self._call):
+            self._write_failed(batch, in_flight)
+
+    def _write_failed(self, batch: list[_Pending], in_flight: bool) -> None:
+        """A batch whose write failed off the live stream: out of the in-flight list, and
+        sent again."""
+        if in_flight:
+            self._inflight = collections.deque(m for m in self._inflight if m[1] is not batch)
+        self._end_orphan_spans()
+        self._retry(batch, None)
 
     def _coalesce(self, batch: list[_Pending], add: Any) -> None:
         """Builds a message's appends with ``add`` (its repeated field's ``add``), and
