@@ -183,6 +183,20 @@ def _same_refusal(cause: AppendError, code: grpc.StatusCode, err: pb.AppendError
             and cause.actual_last_revision == err.actual_last_revision)
 
 
+def _out_of_protocol(resp: pb.AppendStreamResponse,
+                     inflight: collections.deque[tuple[int, list[_Pending], float, int]]) -> str:
+    """What is wrong with an AppendStream answer, given the messages in flight ("" if
+    nothing): answers come in order, one result per append sent."""
+    if not inflight:
+        return f"an answer (correlation id {resp.correlation_id}) to no message"
+    cid, _, _, appends = inflight[0]
+    if resp.correlation_id != cid:
+        return f"correlation id {resp.correlation_id} where {cid} was next"
+    if len(resp.results) != appends:
+        return f"{len(resp.results)} results for the {appends} appends of message {cid}"
+    return ""
+
+
 def _bad_request(stream: object, expected: object, expected_revision: object) -> str:
     if type(stream) is not str:
         return f"stream: a str, not {type(stream).__name__}"
@@ -667,12 +681,14 @@ class StoreClient:
         error: grpc.aio.AioRpcError | None = None
         try:
             async for resp in call:
-                cid, batch, sent, appends = self._inflight.popleft()
-                assert cid == resp.correlation_id, "AppendStream answers arrive in order"
+                garbled = _out_of_protocol(resp, self._inflight)
+                if garbled:
+                    await self._left_out_of_protocol(call, garbled)
+                    return
+                cid, batch, sent, _ = self._inflight.popleft()
                 self._slot_free.set()
                 telemetry.metrics().client_append_duration.record(
                     asyncio.get_running_loop().time() - sent)
-                assert len(resp.results) == appends, "one result per append sent"
                 await self._settle_all(batch, resp.results, cid)
         except grpc.aio.AioRpcError as exc:
             error = exc
@@ -680,6 +696,16 @@ class StoreClient:
             return
         if self._call is call:
             await self._reset_stream(error=error)
+
+    async def _left_out_of_protocol(self, call: Any, what: str) -> None:
+        """A node answering out of protocol (a bug, or not an xdc node) is a failed node:
+        its stream is dropped and what is in flight on it is sent again, elsewhere if
+        there is an elsewhere, else to it until the appends' deadlines."""
+        log.error("append stream to %s answered out of protocol (%s): re-sending %d "
+                  "messages", self._target, what, len(self._inflight))
+        self._unreachable[self._target] = asyncio.get_running_loop().time() + UNREACHABLE_S
+        if self._call is call:
+            await self._switch()
 
     async def _settle_all(self, batch: list[_Pending], results: Sequence[pb.AppendResult],
                           cid: int = 0) -> None:

@@ -25,10 +25,10 @@ from xdc.v1 import eventstore_pb2_grpc as pb_grpc
 @contextlib.asynccontextmanager
 async def _node(answer: str, leader: str = "", retry_after_ms: int = 0
                 ) -> AsyncIterator[tuple[str, list[int]]]:
-    """An EventStore that never answers an AppendStream message (`answer="never"`) or
+    """An EventStore that never answers an AppendStream message (`answer="never"`),
     refuses every append of each (`"refuse"`: UNAVAILABLE, naming `leader`, with
-    `retry_after_ms`). Yields its address and the number of appends of each message it
-    received."""
+    `retry_after_ms`), or answers each out of protocol (`"garble"`: no result). Yields
+    its address and the number of appends of each message it received."""
     from store.server import listen_on, new_server
 
     release = asyncio.Event()
@@ -45,6 +45,9 @@ async def _node(answer: str, leader: str = "", retry_after_ms: int = 0
             async for msg in request_iterator:
                 seen.append(len(msg.appends))
                 resp = pb.AppendStreamResponse(correlation_id=msg.correlation_id)
+                if answer == "garble":
+                    yield resp
+                    continue
                 for _ in msg.appends:
                     resp.results.add().error.CopyFrom(pb.AppendError(
                         code=grpc.StatusCode.UNAVAILABLE.value[0], message="not the leader",
@@ -203,3 +206,26 @@ def test_a_follower_refusing_a_large_message_moves_the_client_to_its_leader_once
 
     with caplog.at_level(logging.DEBUG, logger="xdc.client"):
         run(body)
+
+
+def test_a_node_answering_out_of_protocol_is_left_like_a_failed_one(tmp_path: Path) -> None:
+    """An answer without a result per append (a bug, or not an xdc node at that address)
+    drops the stream and sends the appends elsewhere; with nowhere else, they fail at
+    their deadline. Before, an assert ended the task reading answers, and an append whose
+    message was the only one in flight was never answered."""
+    async def body() -> None:
+        async with _node("garble") as (garbling, seen):
+            c = StoreClient(garbling, timeout_s=1.0)
+            try:
+                fut = c.append_nowait("s", _events(1))
+                await asyncio.wait([fut], timeout=5)
+                assert fut.done() and isinstance(fut.exception(), AppendError), fut
+                assert fut.exception().code == grpc.StatusCode.DEADLINE_EXCEEDED
+                assert len(seen) >= 2  # sent again until its deadline
+            finally:
+                await c.close()
+            async with running_store(tmp_path) as (store, _), \
+                    StoreClient([garbling, store.address], timeout_s=10) as c:
+                answer = await c.append("s", _events(1))
+                assert answer.last_revision == 1
+    run(body)
