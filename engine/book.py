@@ -70,6 +70,7 @@ from engine.constants import (
     MAX_ASSET_LEN,
     MAX_BAND_BPS,
     MAX_ID_LEN,
+    MAX_MATCHES_PER_ORDER,
     MAX_PRICE,
     MAX_QTY,
     MAX_SUPPLY,
@@ -599,6 +600,8 @@ class Engine:
         dec = 0  # taker quantity removed by STP decrement, without a trade
         last_px = 0
         kill = False  # taker's remainder cancelled by STP
+        touched = 0  # makers filled or removed (MAX_MATCHES_PER_ORDER)
+        capped = False
         while q:
             while heap:
                 key = heap[0]
@@ -620,6 +623,10 @@ class Engine:
                 if not mq:
                     dq.popleft()
                     continue
+                if touched == MAX_MATCHES_PER_ORDER:
+                    capped = True
+                    break
+                touched += 1
                 macct = m[ACCT]
                 if macct is acct and stp:
                     if stp == STP_CN:
@@ -695,11 +702,11 @@ class Engine:
             if not lvl.n:
                 _drop_level(book, levels, p, lvl)
                 heappop(heap)
-            if kill:
+            if kill or capped:
                 break
         filled = qty - q - dec
         assert 0 <= q <= qty and 0 <= filled <= qty and value >= 0
-        rest = q if (may_rest and not kill) else 0
+        rest = q if (may_rest and not kill and not capped) else 0
         # Settle the taker in one step: pay for fills, reserve what rests.
         if side == BUY:
             hold = price * rest
@@ -735,7 +742,8 @@ class Engine:
                 acct.cids[cid] = o
             out.append((_BOOK, sym, side, price, lvl.qty))
         elif q:
-            reason = CancelReason.STP if kill else CancelReason.EXPIRED
+            reason = (CancelReason.STP if kill else CancelReason.MATCH_LIMIT if capped
+                      else CancelReason.EXPIRED)
             out.append((_CANCELLED, sym, oid, aid, cid, reason, q, ts))
 
     def _find(self, c: CancelOrder | ReplaceOrder | ReduceOrder, kind: str,
@@ -992,10 +1000,14 @@ def _fok_fillable(book: Book, acct: Account, side: int, price: int, qty: int,
     if side == SELL:
         prices.reverse()
     need = qty
+    makers = 0  # the taker could not trade past MAX_MATCHES_PER_ORDER of them
     for p in prices:
         for m in levels[p].dq:
             if not m[QTY]:
                 continue
+            makers += 1
+            if makers > MAX_MATCHES_PER_ORDER:
+                return False
             if m[ACCT] is acct and stp != STP_NONE:
                 if stp == STP_CO:
                     continue

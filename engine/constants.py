@@ -87,6 +87,7 @@ class CancelReason:
     EXPIRED: Final = "EXPIRED"  # IOC or market remainder
     FOK_UNFILLED: Final = "FOK_UNFILLED"  # fill-or-kill could not fill completely
     STP: Final = "STP"  # self-trade prevention
+    MATCH_LIMIT: Final = "MATCH_LIMIT"  # remainder after MAX_MATCHES_PER_ORDER makers
 
 
 class ReduceReason:
@@ -122,6 +123,14 @@ MAX_SUPPLY: Final = (1 << 62) - 1
 MAX_TS_NS: Final = (1 << 63) - 1
 MAX_ID_LEN: Final = 64  # account ids, client order ids
 MAX_SYMBOL_LEN: Final = 32
+# Resting orders one incoming order may trade against or remove (fills and self-trade
+# cancels); the rest of it is cancelled (MATCH_LIMIT), never rested. All of one input's
+# outputs travel in one output event (engine/consumer.py: at most MAX_BATCH_BYTES, 512
+# KiB): without a bound, an order sweeping ~9,000 one-lot orders held every later output
+# back, and one sweeping 65,536 failed an assertion on every instance, again at each
+# restart (a poison order). 1,024 makers, each at a price level of its own, with the
+# longest symbol, account ids and client order ids, encode to ~281 KB (tests/test_book.py).
+MAX_MATCHES_PER_ORDER: Final = 1_024
 MAX_ASSET_LEN: Final = 16
 MAX_BAND_BPS: Final = 1_000_000  # 100x the reference price
 MAX_ORDER_ID: Final = (1 << 62) - 1

@@ -424,7 +424,9 @@ class EngineRunner:
     # ---------------------------------------------------------------- emission
 
     def _emit(self) -> None:
-        if not self.caught_up or asyncio.get_running_loop().time() < self._emit_paused_until:
+        # Only the primary: an answer to an append made before a demotion calls this too.
+        if not self.primary or not self.caught_up \
+                or asyncio.get_running_loop().time() < self._emit_paused_until:
             return
         c = self.consumer
         blocked = c.emit_blocked
@@ -512,6 +514,12 @@ class EngineRunner:
                                        f"{c.hold_after}")
                     await self.lease.release()
                 else:
+                    if c.hold_after and c.handover_to in ("", self.config.instance):
+                        # A marker naming this very instance (a switchover repeated, or
+                        # one a failover overtook) or none: nothing to hand over.
+                        log.info("instance %s: switchover marker at input %d names it; "
+                                 "emission goes on", self.config.instance, c.hold_after)
+                        c.release_hold()
                     self._emit()
                     await self._flush_captures()
                 continue

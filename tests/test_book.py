@@ -35,8 +35,11 @@ from engine.commands import (
     Withdraw,
 )
 from engine.constants import (
+    MAX_ID_LEN,
+    MAX_MATCHES_PER_ORDER,
     MAX_PRICE,
     MAX_SUPPLY,
+    MAX_SYMBOL_LEN,
     STP,
     CancelReason,
     OrderType,
@@ -703,3 +706,66 @@ def test_gc_freezer_takes_long_lived_objects_out_of_full_collections() -> None:
         assert freezer.freezes == 1  # counted from the last freeze
     finally:
         gc.unfreeze()
+
+
+# ---------------------------------------------------------------- one order's reach
+
+
+def sweep_book(makers: int) -> tuple[Engine, str]:
+    """A book with the longest symbol and ``makers`` one-lot asks of an account with the
+    longest id, each with the longest client order id at a price level of its own (the
+    most output bytes per maker); account TAKER can buy them all."""
+    sym = "S" * MAX_SYMBOL_LEN
+    e = Engine()
+    for c in (AddSymbol(1, sym, "B", "Q", 1, 1, 10_000, 100_000),
+              Deposit(1, MAKER, "B", 10**6), Deposit(1, TAKER, "Q", 10**15)):
+        assert not of(e.apply(c), Rejected)
+    for i in range(makers):
+        cid = f"{i:0{MAX_ID_LEN}d}"
+        assert not of(e.apply(limit(MAKER, SELL, 1, 100_001 + i, cid, symbol=sym)), Rejected)
+    return e, sym
+
+
+MAKER, TAKER = "m" * MAX_ID_LEN, "t" * MAX_ID_LEN
+
+
+def test_an_order_trades_with_at_most_max_matches_makers_and_never_rests_past_them() -> None:
+    """A buy that could sweep more makers than MAX_MATCHES_PER_ORDER fills against that
+    many and is cancelled for the rest (MATCH_LIMIT), even GTC: resting it would cross
+    the book. Its outputs, the most there can be per maker, fit one output event with
+    room to spare (an input's outputs travel whole in one: engine/consumer.py). Before,
+    such an order held every later output back, and one sweeping 65,536 makers failed an
+    assertion on every instance at each restart."""
+    from engine import wire
+    from engine.consumer import MAX_BATCH_BYTES
+
+    extra = 10
+    e, sym = sweep_book(MAX_MATCHES_PER_ORDER + extra)
+    raws: list[tuple] = []
+    e.process(limit(TAKER, BUY, MAX_MATCHES_PER_ORDER + 1_000, 200_000, symbol=sym), raws)
+    out = [ev.to_record(r) for r in raws]
+    check_invariants(e)
+    assert len(of(out, Fill)) == MAX_MATCHES_PER_ORDER
+    (cancelled,) = of(out, Cancelled)
+    assert cancelled.reason == CancelReason.MATCH_LIMIT and cancelled.qty == 1_000
+    book = e.books[sym]
+    assert not book.bids and len(book.asks) == extra  # nothing rested, nothing crossed
+    blob = wire.outputs_blob(1, raws)
+    assert len(blob) < 0.6 * MAX_BATCH_BYTES, len(blob)
+    # Exactly the limit is no limit: all of it fills.
+    e, sym = sweep_book(MAX_MATCHES_PER_ORDER)
+    out = run(e, limit(TAKER, BUY, MAX_MATCHES_PER_ORDER, 200_000, symbol=sym))
+    assert len(of(out, Fill)) == MAX_MATCHES_PER_ORDER and not of(out, Cancelled)
+
+
+def test_a_fill_or_kill_order_beyond_max_matches_makers_is_not_filled_at_all() -> None:
+    e, sym = sweep_book(MAX_MATCHES_PER_ORDER + 1)
+    fok = limit(TAKER, BUY, MAX_MATCHES_PER_ORDER + 1, 200_000, symbol=sym,
+                tif=TimeInForce.FOK)
+    out = run(e, fok)
+    assert not of(out, Fill)
+    (cancelled,) = of(out, Cancelled)
+    assert cancelled.reason == CancelReason.FOK_UNFILLED
+    assert len(e.books[sym].asks) == MAX_MATCHES_PER_ORDER + 1  # untouched
+    out = run(e, fok._replace(qty=MAX_MATCHES_PER_ORDER))  # within reach: all of it
+    assert len(of(out, Fill)) == MAX_MATCHES_PER_ORDER

@@ -197,6 +197,20 @@ def test_planned_switchover_under_load_hands_over_at_the_marker(tmp_path: Path) 
                 _, outputs = await check_exactly_once(client)
                 assert all(o.metadata["writer"] == "a" for o in outputs
                            if int(o.metadata["first_input"]) > back)
+
+                # Again to "a", which holds it already (a command repeated, or overtaken
+                # by a failover): nothing to hand over, and "a" goes on emitting. Before,
+                # it held every output after this marker, for good.
+                r = await client.append(wire.input_stream(GROUP), [wire.control_event(
+                    GROUP, wire.SWITCHOVER_TYPE, {"to": "a"}, "to-a-again")])
+                again = r.last_position
+                extra = workload(seed=98, n=50)[-40:]
+                last = await _load(client, extra, 0, len(extra))
+                await wait_outputs_through(client, last, 30)
+                _, outputs = await check_exactly_once(client)
+                assert any(int(o.metadata["first_input"]) > again for o in outputs)
+                assert all(o.metadata["writer"] == "a" for o in outputs
+                           if int(o.metadata["first_input"]) > again)
             finally:
                 await client.close()
         run(body, timeout_s=120)
