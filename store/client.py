@@ -128,6 +128,9 @@ class _Pending:
     after: int = 0
 
 
+# A refusal to retry after: (code, message, actual last revision, leader hint, backoff s).
+_Refusal = tuple[grpc.StatusCode, str, int, str, float]
+
 log = logging.getLogger("xdc.client")
 
 # How long a node that failed a stream (down, unreachable) is passed over by rotation
@@ -176,11 +179,6 @@ def _fail_closed(appends: Iterable[_Pending]) -> None:
     for p in appends:
         if not p.future.done():
             p.future.set_exception(AppendError(grpc.StatusCode.CANCELLED, "client closed"))
-
-
-def _same_refusal(cause: AppendError, code: grpc.StatusCode, err: pb.AppendError) -> bool:
-    return (cause.code == code and cause.leader == err.leader and cause.message == err.message
-            and cause.actual_last_revision == err.actual_last_revision)
 
 
 def _out_of_protocol(resp: pb.AppendStreamResponse,
@@ -329,8 +327,9 @@ class StoreClient:
         # The sender fails the batch it holds, if it had not sent it (_unsent).
         if self._sender is not None:
             self._sender.cancel()
-        for t in [*self._tasks, *([self._hold] if self._hold is not None else [])]:
-            t.cancel()
+        for t in [*self._tasks, self._hold]:
+            if t is not None:
+                t.cancel()
         for queue in (self._retrying, self._outbox):
             for batch in queue:
                 _fail_closed(batch)
@@ -719,7 +718,7 @@ class StoreClient:
         The appends to send again go back together once the whole message is settled,
         so they stay in order, ahead of the messages sent after this one (_retry)."""
         done = refused = 0
-        again: list[tuple[_Pending, AppendError | None, float]] = []
+        again: list[tuple[_Pending, _Refusal | None]] = []
         try:
             while done < len(batch):
                 if done:
@@ -731,19 +730,19 @@ class StoreClient:
         finally:  # cancelled (the client closes): the rest were answered all the same
             for p in batch[done:]:
                 refused += self._settle(p, results[p.slot], again)
-            # Consecutive appends with the same cause go back as one batch.
-            for (cause, delay_s), group in itertools.groupby(
-                    again, key=lambda a: (a[1], a[2])):
+            # Consecutive appends refused alike go back as one batch.
+            for refusal, group in itertools.groupby(again, key=lambda a: a[1]):
                 appends = [a[0] for a in group]
-                if cause is None:  # a merged append refused: each alone, no backoff
+                if refusal is None:  # a merged append refused: each alone, no backoff
                     self._requeue(appends)
                 else:
-                    self._retry(appends, cause, delay_s)
+                    code, message, actual, leader, delay_s = refusal
+                    self._retry(appends, AppendError(code, message, actual, leader), delay_s)
             if self._spans:
                 self._end_span(cid, len(batch), refused)
 
     def _settle(self, p: _Pending, result: pb.AppendResult,
-                again: list[tuple[_Pending, AppendError | None, float]]) -> bool:
+                again: list[tuple[_Pending, _Refusal | None]]) -> bool:
         """Answers one append from the result of the append that held it (its share, when
         merged with others: ``_coalesce``), or adds it to ``again`` (with the refusal to
         retry it after, None to send it again alone at once); True if the store refused
@@ -769,11 +768,8 @@ class StoreClient:
         err = result.error
         code = _CODES.get(err.code, grpc.StatusCode.UNKNOWN)
         if err.retry_after_ms or err.leader:
-            # One AppendError per distinct refusal: equal ones group (_settle_all).
-            cause = (again[-1][1] if again and again[-1][1] is not None
-                     and _same_refusal(again[-1][1], code, err) else
-                     AppendError(code, err.message, err.actual_last_revision, err.leader))
-            again.append((p, cause, err.retry_after_ms / 1000))
+            again.append((p, (code, err.message, err.actual_last_revision, err.leader,
+                              err.retry_after_ms / 1000)))
         elif not merged:
             p.future.set_exception(AppendError(code, err.message, err.actual_last_revision,
                                                err.leader))
@@ -783,7 +779,7 @@ class StoreClient:
                 log.debug("merged append to %r refused (%s): its appends are sent again "
                           "one by one", p.stream, err.message)
             p.solo = True
-            again.append((p, None, 0.0))
+            again.append((p, None))
         return True
 
     def _requeue(self, appends: list[_Pending]) -> None:
@@ -830,35 +826,31 @@ class StoreClient:
                        n: int) -> None:
         """What the sender waits for before it sends the appends a failure put back: a
         backoff, and a move to the leader a refusal named or to another node."""
+        leader = cause.leader if cause is not None else ""
         try:
-            await self._move_after(cause, failed_on, delay_s, n)
+            # A hint at a node that just failed us is stale (followers name the dead
+            # leader until they hear of the next): following it would bounce between one
+            # follower and the dead node while the others may know better.
+            if leader and leader != self._target and not self._is_unreachable(leader):
+                log.debug("%d appends refused by %s: following its hint to %s", n,
+                          failed_on, leader)
+                await self._switch(leader)
+            elif len(self.targets) > 1 and self._target == failed_on and leader != failed_on \
+                    and (self._is_unreachable(failed_on) or (
+                        cause is not None and cause.code == grpc.StatusCode.UNAVAILABLE)):
+                # Refused without a hint (this node does not know the leader; another
+                # node may), or the node is down: staying would wait out gRPC's reconnect
+                # backoff (up to a second per attempt) on a dead address. Not when the
+                # hint names this very node: the appends were refused by the one before.
+                await asyncio.sleep(delay_s)
+                if self._target == failed_on:
+                    await self._switch()
+                    log.debug("%d appends refused by %s (%s): trying %s", n, failed_on,
+                              cause.code.name if cause else "unreachable", self._target)
+            else:
+                await asyncio.sleep(delay_s)
         except Exception as exc:  # the appends still go, wherever the client is now
             log.warning("after appends were refused by %s: %r", failed_on, exc)
-
-    async def _move_after(self, cause: AppendError | None, failed_on: str, delay_s: float,
-                          n: int) -> None:
-        leader = cause.leader if cause is not None else ""
-        # A hint at a node that just failed us is stale (followers name the dead leader
-        # until they hear of the next): following it would bounce between one follower
-        # and the dead node while the others may know better.
-        if leader and leader != self._target and not self._is_unreachable(leader):
-            log.debug("%d appends refused by %s: following its hint to %s", n, failed_on,
-                      leader)
-            await self._switch(leader)
-        elif len(self.targets) > 1 and self._target == failed_on and leader != failed_on and (
-                self._is_unreachable(failed_on) or (
-                    cause is not None and cause.code == grpc.StatusCode.UNAVAILABLE)):
-            # Refused without a hint (this node does not know the leader; another node
-            # may), or the node is down: staying would wait out gRPC's reconnect backoff
-            # (up to a second per attempt) on a dead address. Not when the hint names
-            # this very node: the appends were refused by the one before it.
-            await asyncio.sleep(delay_s)
-            if self._target == failed_on:
-                await self._switch()
-                log.debug("%d appends refused by %s (%s): trying %s", n, failed_on,
-                          cause.code.name if cause else "unreachable", self._target)
-        else:
-            await asyncio.sleep(delay_s)
 
     def _spawn(self, coro: Any, context: contextvars.Context | None = None) -> None:
         task = asyncio.get_running_loop().create_task(coro, context=context)
