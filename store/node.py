@@ -58,6 +58,8 @@ class StoreNode:
         self.writer: AppendWriter | None = None
         self.commit: CommitTracker | None = None
         self.admit: AdmitHook = self._standalone_admit
+        # Commits need a quorum (a cluster member's writer), not only this disk.
+        self.quorum = False
 
     async def start(self, writer_factory: WriterFactory | None = None) -> None:
         """Opens the log and starts its writer: the standalone group-commit Writer, or
@@ -67,6 +69,7 @@ class StoreNode:
             None, lambda: Log(self.data_dir, node_id=self.node_id))
         if writer_factory is not None:
             # A cluster node: only what a quorum holds is committed.
+            self.quorum = True
             self.commit = CommitTracker(log.commit_position)
             self.writer = writer_factory(log, loop)
             return
@@ -97,14 +100,17 @@ class StoreNode:
         generation = self.commit.generation
         results = await self.writer.submit(reqs)
         last = max((r.last_position for r in results if isinstance(r, Appended)), default=0)
-        if last > self.commit.position:
-            # A cluster leader: durable here, now waiting for a quorum (standalone nodes
-            # commit what is durable before answering, so they never wait here).
-            t0 = time.perf_counter()
+        if last and self.quorum:
+            # A cluster leader: durable here, committed once a quorum holds it (standalone
+            # nodes commit what is durable before answering). The span is there even when
+            # the quorum was first (the leader ships before its own fsync): a trace shows
+            # the commit of every order, waited for or not.
             span = (telemetry.tracer().start_as_current_span(
                 "xdc.commit", attributes={"xdc.position.last": last, "xdc.node": self.node_id})
                 if telemetry.tracing() else contextlib.nullcontext())
             with span:
-                await self.commit.wait_for(last, generation)
-            telemetry.metrics().commit_duration.record(time.perf_counter() - t0)
+                if last > self.commit.position:
+                    t0 = time.perf_counter()
+                    await self.commit.wait_for(last, generation)
+                    telemetry.metrics().commit_duration.record(time.perf_counter() - t0)
         return results
