@@ -13,7 +13,7 @@ import grpc
 from engine import wire
 from engine.book import gc_paused
 from engine.codec import state_hash
-from engine.consumer import Consumer
+from engine.consumer import MAX_PENDING_INPUTS, Consumer
 from engine.exchange_config import ExchangeConfigError, load
 from engine.lease import make_lease
 from engine.runner import (
@@ -52,6 +52,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = RunnerConfig(group=group, instance=args.instance, store=tuple(args.store.split(",")),
                           role=args.role, snapshot_every=args.snapshot_every,
                           verify_window=args.verify_window,
+                          max_pending_inputs=args.max_pending_inputs,
                           tls=cli_tls(args, "xdc engine"), token=args.token)
     spec, cluster, access = args.lease, args.cluster, None
     if args.config:
@@ -236,6 +237,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="catching up, check the committed outputs of at least this many "
                         "last inputs; replay those before for the state alone (0: check "
                         "every committed output)")
+    r.add_argument("--max-pending-inputs", type=int, default=MAX_PENDING_INPUTS,
+                   help="inputs whose outputs are not seen committed, at most: past it a "
+                        "warm instance stops checking them, a primary exits (its service "
+                        "manager restarts it from the latest snapshot)")
     r.add_argument("--control", default="127.0.0.1:0", help="EngineControl listen address")
     add_cli_args(r)
     r.add_argument("--auth", help="auth file: EngineControl callers must authenticate")

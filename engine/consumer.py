@@ -479,6 +479,37 @@ class Consumer:
             actual_last_revision = expected + 1
         self.resync_to = max(self.resync_to, actual_last_revision)
 
+    @property
+    def resyncing(self) -> bool:
+        return self.out_revision < self.resync_to
+
+    def reconcile(self, last_revision: int, seen_through: bool) -> str:
+        """Emission has waited long for the output stream to reach ``resync_to``; the
+        store now reports the stream's last revision, and ``seen_through`` says whether
+        the subscription has delivered every record up to that last one. Returns what
+        was wrong ("" if nothing, or if the wait should go on).
+
+        * The stream ends before ``resync_to``: the revision a refusal named was never
+          committed (a leader's uncommitted tail, lost in a failover). Waiting for it
+          would hold emission for good; wait for the stream's real end instead.
+        * Everything up to its end was delivered, yet ``out_revision`` is short of it:
+          the stream's last events are not output batches (the subscription delivers
+          every one), so they hold no outputs to verify; emission goes on after them.
+
+        Safe because every append still names the exact revision it expects: a wrong
+        view costs a refusal, never a gap or a repeat."""
+        if not self.resyncing:
+            return ""
+        if last_revision < self.resync_to:
+            named, self.resync_to = self.resync_to, max(self.out_revision, last_revision)
+            return (f"revision {named} named by a refusal is not in the output stream "
+                    f"(it ends at {last_revision})")
+        if seen_through:
+            skipped = f"{self.out_revision + 1}..{last_revision}"
+            self.out_revision = last_revision
+            return f"output stream revisions {skipped} hold no output batch"
+        return ""
+
     # ---------------------------------------------------------------- snapshots
 
     def capture(self) -> Capture:

@@ -78,6 +78,9 @@ SNAPSHOT_ENVELOPE = 1024
 # and how long it pauses emission after an append refused as invalid (sized past a limit).
 STORE_LIMITS_TIMEOUT_S = 2.0
 REFUSED_PAUSE_S = 1.0
+# Emission held this long for the output stream to reach the revision a refusal named:
+# the primary asks the store where the stream really ends (EngineRunner._check_resync).
+RESYNC_CHECK_S = 2.0
 # Inputs between two freezes of what survived (engine.book.GcFreezer), each after a
 # collection of the young generations only. In `xdc bench engine`'s bursts (5 x 100k
 # orders, one engine), the longest collection was 36-38 ms without freezing (a full one),
@@ -91,6 +94,7 @@ CAMPAIGN_INTERVAL_S = 0.2  # an instance that may campaign tries for the lease t
 ADVERTISE_RETRY_MAX_S = 5.0
 STORE_WATCH_S = 0.5  # how often an instance asks its store member for its tiers
 STARTUP_TIMEOUT_S = 60.0
+MAX_CAPTURES_WAITING = 2  # snapshots captured, waiting for their outputs' commit
 # Committed inputs whose outputs a catching-up instance checks at least (RunnerConfig):
 # as many as `--snapshot-every` puts between snapshots by default, so an instance that
 # restarts from the latest snapshot checks everything after it.
@@ -114,11 +118,20 @@ class RunnerConfig:
     # computed and checked; those before them are replayed for the state alone
     # (Consumer.trust). 0: every committed output is checked.
     verify_window: int = VERIFY_WINDOW
+    # Inputs whose outputs are not seen committed, at most: past it a warm instance
+    # sheds them, a primary stops (EmissionStalled).
+    max_pending_inputs: int = MAX_PENDING_INPUTS
 
     def __post_init__(self) -> None:
         wire.check_group(self.group)
         assert self.role in ("auto", "warm"), self.role
         assert self.snapshot_every >= 0 and self.verify_window >= 0
+        assert self.max_pending_inputs > 0
+
+
+class EmissionStalled(RuntimeError):
+    """A primary's outputs have not been committed for RunnerConfig.max_pending_inputs
+    inputs: the instance stops (fail-stop) rather than hold them without bound."""
 
 
 class EngineRunner:
@@ -159,6 +172,9 @@ class EngineRunner:
         self.output_event_bytes = 0  # as fitted to the store's limits; 0: not yet
         self._refit: asyncio.Future[None] | None = None
         self._gc = GcFreezer(GC_FREEZE_EVERY)
+        self._resync_since: float | None = None  # emission resyncing since (loop time)
+        self._flushing = asyncio.Lock()
+        self.resyncs_reconciled = 0
 
     # ---------------------------------------------------------------- life cycle
 
@@ -260,10 +276,12 @@ class EngineRunner:
         if not tail:
             return
         md = tail[0].metadata
-        index, count = (int(x) for x in md["chunk"].split("/"))
-        first_rev = tail[0].revision - index
-        chunks = await self.client.read(stream, start=first_rev, limit=count)
         try:
+            index, count = (int(x) for x in md["chunk"].split("/"))
+            if not 0 <= index < count <= MAX_SNAPSHOT_CHUNKS or index >= tail[0].revision:
+                raise ValueError(f"chunk {index}/{count}")
+            chunks = await self.client.read(stream, start=tail[0].revision - index,
+                                            limit=count)
             assert [int(c.metadata["chunk"].split("/")[0]) for c in chunks] == list(range(count))
             data = zlib.decompress(b"".join(c.data for c in chunks))
             self.consumer = Consumer.from_snapshot(
@@ -299,6 +317,10 @@ class EngineRunner:
                     found, lo = (last, chain), mid + 1
                 else:
                     hi = mid - 1
+        except IndexError:  # a revision the read did not return: the store's view moved
+            log.warning("no trusted catch-up (the output stream changed under the search): "
+                        "every committed output is checked")
+            return None
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 log.warning("no trusted catch-up (%s): every committed output is checked",
@@ -346,17 +368,27 @@ class EngineRunner:
         every = self.config.snapshot_every
         if requested or (every and self._since_capture >= every):
             self._since_capture = 0
+            if len(self._captures) >= MAX_CAPTURES_WAITING:
+                # Each holds a whole book; the later ones are newer anyway.
+                log.warning("snapshot at input %d not taken: %d wait for their outputs' "
+                            "commit", self.consumer.position, len(self._captures))
+                return
             self._captures.append(self.consumer.capture())
 
     async def _flush_captures(self) -> None:
-        while self._captures and self.consumer.committed_input >= self._captures[0].wait_for:
-            cap = self._captures.pop(0)
-            try:
-                await self._write_snapshot(cap)
-            except (AppendError, grpc.aio.AioRpcError) as exc:
-                log.warning("snapshot at input %d not written: %s", cap.position, exc)
-                if isinstance(exc, AppendError) and exc.code == grpc.StatusCode.INVALID_ARGUMENT:
-                    self._refused_as_invalid(f"snapshot at input {cap.position}", exc)
+        # The consume and lease tasks both flush: one at a time, so that snapshots are
+        # written in input order (the newest in the stream is the one a restart loads).
+        async with self._flushing:
+            while self._captures and \
+                    self.consumer.committed_input >= self._captures[0].wait_for:
+                cap = self._captures.pop(0)
+                try:
+                    await self._write_snapshot(cap)
+                except (AppendError, grpc.aio.AioRpcError) as exc:
+                    log.warning("snapshot at input %d not written: %s", cap.position, exc)
+                    if isinstance(exc, AppendError) and \
+                            exc.code == grpc.StatusCode.INVALID_ARGUMENT:
+                        self._refused_as_invalid(f"snapshot at input {cap.position}", exc)
 
     # ---------------------------------------------------------------- the log
 
@@ -411,11 +443,24 @@ class EngineRunner:
             self._maybe_capture(requested)
         if c.alarm and self.primary:
             await self._demote(f"alarm: {c.alarm}")
-        if not self.primary and c.backlog > MAX_PENDING_INPUTS:
-            # No primary has emitted for a long time. Stop checking (memory bound)
-            # and stay out of the race for the lease until outputs past this point
-            # are seen committed: emitting from here would leave a gap.
-            c.shed_backlog()
+        if c.backlog > self.config.max_pending_inputs:
+            if self.primary:
+                # Its appends have failed for that long (a store refusing them, outputs
+                # no event it accepts can hold): stop before memory runs out. A restart
+                # (the service manager's) replays from the latest snapshot and emits as
+                # soon as the cause is gone; a warm instance may take over meanwhile.
+                raise EmissionStalled(
+                    f"outputs of {c.backlog} inputs not committed (limit "
+                    f"{self.config.max_pending_inputs}): emission failed for too long"
+                    + (f" ({c.emit_blocked})" if c.emit_blocked else ""))
+            if self.caught_up:
+                # No primary has emitted for a long time. Stop checking (memory bound)
+                # and stay out of the race for the lease until outputs past this point
+                # are seen committed: emitting from here would leave a gap.
+                c.shed_backlog()
+            # Catching up, the backlog is what it has to emit once primary: shed, it
+            # could never take over, and a group whose instances all restart after a
+            # long outage would stall for good. It is bounded by the log itself.
         if self.primary:
             self._emit()
             await self._flush_captures()
@@ -470,6 +515,35 @@ class EngineRunner:
                      expected, exc or "cancelled", c.resync_to)
         self._wake.set()
 
+    async def _check_resync(self) -> None:
+        """Emission held RESYNC_CHECK_S for the output stream to reach the revision a
+        refusal named: ask the store where the stream ends (committed) and let the
+        consumer decide (``Consumer.reconcile``). Without this, a revision that is never
+        committed, or events of another type at the stream's end, held the outputs of
+        every later order for good."""
+        c, loop = self.consumer, asyncio.get_running_loop()
+        if not (self.caught_up and c.resyncing):
+            self._resync_since = None
+            return
+        if self._resync_since is None:
+            self._resync_since = loop.time()
+        if loop.time() - self._resync_since < RESYNC_CHECK_S:
+            return
+        self._resync_since = loop.time()
+        try:
+            async with asyncio.timeout(RESYNC_CHECK_S / 2):  # the lease loop waits
+                info = await self.client.stream_info(self.output_stream)
+        except (grpc.aio.AioRpcError, TimeoutError) as exc:
+            log.warning("output stream not read while resyncing to revision %d: %s",
+                        c.resync_to, exc)
+            return
+        found = c.reconcile(info.last_revision, self.delivered_position >= info.last_position)
+        if found:
+            log.warning("instance %s, %s: %s; emission goes on after revision %d",
+                        self.config.instance, self.config.group, found, c.resync_to)
+            self.resyncs_reconciled += 1
+            self._emit()
+
     def _refused_as_invalid(self, what: str, exc: BaseException | None) -> None:
         """An append sized past a limit of the store (one restarted with smaller ones, or
         a member that states other ones): learn them again; no hot retry meanwhile."""
@@ -521,6 +595,7 @@ class EngineRunner:
                                  "emission goes on", self.config.instance, c.hold_after)
                         c.release_hold()
                     self._emit()
+                    await self._check_resync()
                     await self._flush_captures()
                 continue
             if not self._may_campaign():

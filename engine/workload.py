@@ -198,12 +198,14 @@ async def read_stream(client: StoreClient, stream: str) -> list[pb.RecordedEvent
 async def outputs_through(client: StoreClient, group: str) -> int:
     """The last input whose outputs are committed (0 when the group has no output)."""
     try:
-        tail = await client.read(wire.output_stream(group), backwards=True, limit=1)
+        tail = await client.read(wire.output_stream(group), backwards=True, limit=16)
     except grpc.aio.AioRpcError as exc:
         if exc.code() == grpc.StatusCode.NOT_FOUND:
             return 0
         raise
-    return int(tail[0].metadata["last_input"]) if tail else 0
+    # The last output batch: events of other types may follow it.
+    return next((int(e.metadata["last_input"]) for e in tail if e.type == wire.OUTPUT_TYPE),
+                0)
 
 
 class ExactlyOnceViolation(AssertionError):
@@ -216,7 +218,9 @@ async def check_exactly_once(client: StoreClient, group: str
     computes from the input stream with no failure; every order has one outcome. Returns
     (inputs, outputs); raises ExactlyOnceViolation."""
     inputs = await read_stream(client, wire.input_stream(group))
-    outputs = await read_stream(client, wire.output_stream(group))
+    # Events of other types in the output stream hold no outputs (the engine skips them).
+    outputs = [e for e in await read_stream(client, wire.output_stream(group))
+               if e.type == wire.OUTPUT_TYPE]
     ref = Consumer(group)
     for e in inputs:
         ref.on_input(e.position, e.type, e.data, e.timestamp_ns)

@@ -301,6 +301,53 @@ def test_an_append_gathers_consecutive_batches_and_lands_them_together(
     assert primary.resync_to == beyond and primary.next_append() is None
 
 
+def test_a_resync_to_a_revision_never_committed_or_holding_no_output_ends() -> None:
+    """A refusal names a revision the output stream never reaches (a leader's
+    uncommitted tail lost in a failover), or one the subscription never delivers (an
+    event of another type at the stream's end): ``reconcile``, given where the stream
+    really ends, lets emission go on; while that end may still be on its way, the wait
+    goes on. Without it, every later output was held for good."""
+    log, primary, warm = fed_pair(7, 200)
+    primary.fit_store(2_000, 1, 0, "a")  # one small batch per append: several appends
+    nxt = primary.next_append()
+    assert nxt is not None
+    generation, expected, batches = nxt
+    assert log.try_append(expected, batches) == "ok"
+    primary.on_appended(generation, log.out_revision)
+    for r in log.records[-len(batches):]:
+        feed(primary, r)
+    landed = log.out_revision
+    assert primary.out_revision == landed and not primary.resyncing
+    # Refused, naming revision landed + 3, which never commits.
+    nxt = primary.next_append()
+    assert nxt is not None
+    primary.on_refused(nxt[0], landed + 3)
+    assert primary.resyncing and primary.next_append() is None
+    assert primary.reconcile(landed + 5, seen_through=False) == ""  # may be on its way
+    assert primary.resyncing
+    found = primary.reconcile(landed, seen_through=False)
+    assert f"revision {landed + 3} named by a refusal is not in the output stream" in found
+    assert not primary.resyncing
+    nxt = primary.next_append()
+    assert nxt is not None and nxt[1] == landed  # the stream's real end
+    # Two events of another type end the stream: refused, naming the last.
+    primary.on_refused(nxt[0], landed + 2)
+    assert primary.reconcile(landed + 2, seen_through=False) == ""  # not all delivered
+    assert primary.reconcile(landed + 2, seen_through=True) == (
+        f"output stream revisions {landed + 1}..{landed + 2} hold no output batch")
+    log.out_revision += 2  # those two events, in the simulated log
+    nxt = primary.next_append()
+    assert nxt is not None and nxt[1] == landed + 2
+    assert log.try_append(nxt[1], nxt[2]) == "ok"
+    primary.on_appended(nxt[0], log.out_revision)
+    for r in log.records:
+        feed(primary, r)
+        feed(warm, r)
+    assert not primary.alarm and not warm.alarm
+    assert primary.committed_input == warm.committed_input == nxt[2][-1].last_input
+    assert primary.reconcile(landed, seen_through=True) == ""  # not resyncing: no-op
+
+
 def test_batches_and_appends_fit_the_store_limits() -> None:
     """Under a store's small limits every output event fits max_event_bytes and an
     append holds at most max_append_events of them and max_append_bytes; the warm

@@ -523,3 +523,85 @@ def test_a_primary_fits_a_store_restarted_with_smaller_limits(tmp_path: Path) ->
                 assert s.gc_frozen_objects > frozen_at_start
         run(after, timeout_s=90)
         _verified(store.address)
+
+
+def test_events_of_another_type_at_the_output_streams_end_hold_no_output_for_good(
+        tmp_path: Path) -> None:
+    """Someone appends an event of another type to the group's output stream. The
+    primary's next output append, at the revision before it, is refused; the refusal
+    names the foreign event's revision, which the subscription (output batches only)
+    never delivers. After RESYNC_CHECK_S the primary asks the store where the stream
+    ends, sees everything up to there delivered, and emits after the foreign event.
+    Before, it waited for that revision forever and no later order had an outcome."""
+    from engine.runner import RESYNC_CHECK_S
+    events = workload(seed=31, n=700)
+    with _store(tmp_path) as (store, engines):
+        async def body() -> None:
+            async with StoreClient(store.address) as client:
+                await _primary_on_backlog(client, store, engines, tmp_path, events[:300], 50,
+                                          snapshot_every=0)
+                out = wire.output_stream(GROUP)
+                note = await client.append(out, [pb.ProposedEvent(
+                    id=wire.derived_id("note", GROUP), type="OperatorNote",
+                    content_type="text/plain", data=b"foreign")])
+                started = time.monotonic()
+                last = await _backlog(client, events[300:], 50)
+                await wait_outputs_through(client, last, 30)
+                waited = time.monotonic() - started
+                assert waited >= RESYNC_CHECK_S  # it did resync past the foreign event
+                _, outputs = await check_exactly_once(client)
+                assert outputs[-1].revision > note.last_revision
+                s = await status_or_none(engines[0].address)
+                assert s is not None and s.role == "primary" and not s.alarm
+        run(body, timeout_s=120)
+
+
+def test_a_primary_that_cannot_emit_stops_at_its_pending_limit_and_a_restart_resumes(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """A store that refuses events over 4 KiB, and an order whose outputs (fills against
+    120 makers) no such event holds: the primary holds its outputs (emit_blocked) while
+    inputs keep coming. Past --max-pending-inputs it exits non-zero, naming the limit and
+    the cause, instead of holding outputs and snapshot captures without bound. Once the
+    store accepts larger events, a restart replays and emits every output exactly once."""
+    from engine.commands import AddSymbol, Deposit, NewOrder
+    from engine.constants import Side
+    from engine.workload import command_events
+    sym, maker, taker = "BIG", "m" * 40, "t" * 40
+    makers = 120
+    cmds: list[object] = [AddSymbol(1, sym, "B", "Q", 1, 1, 10_000, 100_000),
+                          Deposit(1, maker, "B", 10**6), Deposit(1, taker, "Q", 10**15)]
+    cmds += [NewOrder(1, sym, maker, f"c{i:038d}", Side.SELL, 1, 100_001 + i)
+             for i in range(makers)]
+    cmds.append(NewOrder(1, sym, taker, "sweep", Side.BUY, makers, 200_000))
+    cmds += [NewOrder(1, sym, maker, f"late{i}", Side.SELL, 1, 150_000 + i)
+             for i in range(200)]
+    events = list(command_events(GROUP, cmds, "stall"))
+    limit = 100
+    with _store(tmp_path, "--max-event-bytes", "4096") as (store, engines):
+        async def blocked() -> int:
+            async with StoreClient(store.address) as client:
+                # A backlog over the limit, before the engine runs: it is caught up with,
+                # not shed (shed, no instance could ever emit it).
+                await _primary_on_backlog(client, store, engines, tmp_path,
+                                          events[:makers + 3], 50, snapshot_every=20,
+                                          extra=("--max-pending-inputs", str(limit)))
+                await _backlog(client, events[makers + 3:], 50)
+            assert engines[0].proc is not None
+            return await asyncio.to_thread(engines[0].proc.wait, 60)
+        assert run(blocked, timeout_s=90) == 1
+        err = capfd.readouterr().err
+        assert f"limit {limit}): emission failed for too long" in err
+        assert "max_event_bytes" in err  # the cause: what emit_blocked says
+        assert store.stop() == 0
+        store2 = ServeProcess(str(tmp_path / "store"), listen=store.address).start()
+        engines.append(store2)
+        engines.append(start_engine(store2.address, "a", lease_dir(tmp_path),
+                                    snapshot_every=20,
+                                    extra=("--max-pending-inputs", str(limit))))
+
+        async def resumed() -> None:
+            async with StoreClient(store2.address) as client:
+                last = (await client.stream_info(wire.input_stream(GROUP))).last_position
+                await wait_outputs_through(client, last, 60)
+                await check_exactly_once(client)
+        run(resumed, timeout_s=90)

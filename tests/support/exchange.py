@@ -26,11 +26,11 @@ def workload(seed: int, n: int) -> list[pb.ProposedEvent]:
 
 def start_engine(store: str, instance: str, lease: str, *, seed: int = 0,
                  snapshot_every: int = 300, role: str = "auto",
-                 verify_window: int = 100_000) -> ServeProcess:
+                 verify_window: int = 100_000, extra: tuple[str, ...] = ()) -> ServeProcess:
     return ServeProcess(command=[
         "engine", "run", "--store", store, "--group", GROUP, "--instance", instance,
         "--lease", lease, "--snapshot-every", str(snapshot_every), "--role", role,
-        "--verify-window", str(verify_window)],
+        "--verify-window", str(verify_window), *extra],
         env={"PYTHONHASHSEED": str(seed)}).start()
 
 
