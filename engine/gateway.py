@@ -85,6 +85,9 @@ log = logging.getLogger("xdc.gateway")
 
 SERVICE = "xdc.v1.OrderGateway"
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
+# A request with a deadline is answered this long before it: an order that landed is
+# reported (its position, timed_out) rather than lost in the caller's DEADLINE_EXCEEDED.
+WAIT_DEADLINE_MARGIN_S = 0.05
 
 # Proto enums -> engine constants. UNSPECIFIED takes the documented default.
 SIDES = {xpb.BUY: Side.BUY, xpb.SELL: Side.SELL}
@@ -192,8 +195,21 @@ class L2Book:
 
     def top(self, side: int, depth: int) -> list[tuple[int, int]]:
         levels = self.bids if side == Side.BUY else self.asks
-        prices = sorted(levels, reverse=side == Side.BUY)[:depth]
-        return [(p, levels[p]) for p in prices]
+        best = heapq.nlargest if side == Side.BUY else heapq.nsmallest
+        return [(p, levels[p]) for p in best(depth, levels)]
+
+    def window(self, depth: int) -> tuple[dict[int, int], dict[int, int]]:
+        """(bids, asks) of the top ``depth`` levels per side: what a stream of that
+        depth shows."""
+        return dict(self.top(Side.BUY, depth)), dict(self.top(Side.SELL, depth))
+
+
+def _window_change(old: dict[int, int], new: dict[int, int]) -> list[xpb.BookLevel]:
+    """The levels to send so that a client showing ``old`` shows ``new``: those that
+    changed or came into the window, and those that left it with qty 0."""
+    out = [xpb.BookLevel(price=p, qty=q) for p, q in new.items() if old.get(p) != q]
+    out += [xpb.BookLevel(price=p, qty=0) for p in old if p not in new]
+    return out
 
 
 class Outlet:
@@ -203,6 +219,7 @@ class Outlet:
     def __init__(self, capacity: int) -> None:
         self.queue: asyncio.Queue[object] = asyncio.Queue(capacity)
         self.overflowed = False
+        self.depth = 0  # a book stream's levels per side
 
     def offer(self, item: object) -> None:
         if self.overflowed:
@@ -250,6 +267,8 @@ class OutputFeed:
         self.books: dict[str, L2Book] = {s: L2Book() for s in config.group_of}
         self.exec_outlets: dict[str, set[Outlet]] = {}
         self.book_outlets: dict[str, set[Outlet]] = {}
+        # (symbol, depth) -> the window its book streams show, as of the last update.
+        self.book_windows: dict[tuple[str, int], tuple[dict[int, int], dict[int, int]]] = {}
         self.outlets = 0
         self.stopped = False
         self._task: asyncio.Task[None] | None = None
@@ -372,7 +391,7 @@ class OutputFeed:
 
     def _update_books(self, group: GroupProgress,
                       outs: list[tuple[int, list[tuple]]]) -> None:
-        changed: dict[str, dict[tuple[int, int], int]] = {}
+        changed: set[str] = set()
         for _, raws in outs:
             for raw in raws:
                 if raw[0] != ev.BOOK:
@@ -383,16 +402,25 @@ class OutputFeed:
                     book = self.books[symbol] = L2Book()
                 book.apply(side, price, qty)
                 if symbol in self.book_outlets:
-                    changed.setdefault(symbol, {})[(side, price)] = qty
-        for symbol, levels in changed.items():
-            msg = xpb.BookMessage(
-                symbol=symbol, input_position=group.last_input,
-                bids=[xpb.BookLevel(price=p, qty=q) for (s, p), q in levels.items()
-                      if s == Side.BUY],
-                asks=[xpb.BookLevel(price=p, qty=q) for (s, p), q in levels.items()
-                      if s == Side.SELL])
+                    changed.add(symbol)
+        # A stream shows the top `depth` levels per side: it is sent what changed in that
+        # window, levels that entered it (a level above went) included; changes below it
+        # are not its business. One computation per (symbol, depth), not per stream.
+        for symbol in changed:
+            by_depth: dict[int, list[Outlet]] = {}
             for outlet in self.book_outlets[symbol]:
-                outlet.offer(msg)
+                by_depth.setdefault(outlet.depth, []).append(outlet)
+            for depth, outlets in by_depth.items():
+                new = self.books[symbol].window(depth)
+                old = self.book_windows.get((symbol, depth), ({}, {}))
+                self.book_windows[(symbol, depth)] = new
+                bids, asks = _window_change(old[0], new[0]), _window_change(old[1], new[1])
+                if not (bids or asks):
+                    continue
+                msg = xpb.BookMessage(symbol=symbol, input_position=group.last_input,
+                                      bids=bids, asks=asks)
+                for outlet in outlets:
+                    outlet.offer(msg)
 
     # ---- waiting for one input's outputs
 
@@ -488,11 +516,14 @@ class OutputFeed:
                 del table[key]
 
     def book_snapshot(self, symbol: str, depth: int) -> xpb.BookMessage:
+        """The top ``depth`` levels per side now; the window that streams of this depth
+        are updated from (the same for every one: they all had every update since)."""
         book = self.books.setdefault(symbol, L2Book())
         group = self.groups[self.group_of[symbol]]
+        bids, asks = self.book_windows[(symbol, depth)] = book.window(depth)
         return xpb.BookMessage(symbol=symbol, snapshot=True, input_position=group.last_input,
-                               bids=_levels(book.top(Side.BUY, depth)),
-                               asks=_levels(book.top(Side.SELL, depth)))
+                               bids=_levels(list(bids.items())),
+                               asks=_levels(list(asks.items())))
 
 
 # ---------------------------------------------------------------------- the service
@@ -503,7 +534,9 @@ class Routed:
 
     group: str
     cmd: object
-    key: str  # the idempotency key within (group, kind, account)
+    key: str  # the idempotency key within (group, kind, account): a client order id
+    # reused for a symbol of another engine group is another order (the groups share no
+    # state); retries repeat the symbol, so they are never doubled
     what: str  # how a refusal names the key
     wait_s: float | None  # None: answer once appended
 
@@ -568,8 +601,8 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
         try:
             timeout_s = self.client.timeout_s
             remaining = context.time_remaining()
-            if remaining is not None:
-                timeout_s = max(0.001, min(timeout_s, remaining))
+            if remaining is not None:  # answer before the caller's deadline, not at it
+                timeout_s = max(0.001, min(timeout_s, remaining - WAIT_DEADLINE_MARGIN_S))
             # The order's trace travels in its event: the engine's CONSUMER span links
             # to it (the store sets it aside when it compares a retried event).
             event = wire.command_event(group, req.cmd, req.key, metadata=telemetry.inject({}))
@@ -582,10 +615,19 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
                                             f"a retry must repeat the original fields exactly, "
                                             f"a new request needs a new id "
                                             f"(store: {err.message})") from None
+                if err.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise Refused(err.code, f"not appended in time, outcome unknown: a retry "
+                                            f"with the same {req.what} never makes a "
+                                            f"second one") from None
                 raise Refused(err.code, err.message) from None
             resp = xpb.OrderResponse(input_position=r.first_position, duplicate=r.duplicate)
             if wait_s is None:
                 return resp
+            remaining = context.time_remaining()
+            if remaining is not None:
+                # Answer timed_out (with the position) before the caller's deadline: past
+                # it, the caller would not learn that the order landed.
+                wait_s = max(0.0, min(wait_s, remaining - WAIT_DEADLINE_MARGIN_S))
             raws = await self.feed.outputs_of(group, r.first_position, wait_s)
             if raws is None:
                 resp.timed_out = True
@@ -669,20 +711,26 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
         except Refused as r:
             await context.abort(r.code, r.message)
         outlet: Outlet | None = None
+        live = False
         position = request.after_position
 
-        def attach() -> Outlet:
-            o = feed.open_outlet()
-            feed.exec_outlets.setdefault(account, set()).add(o)
-            return o
+        def attach() -> None:
+            nonlocal live
+            assert outlet is not None
+            feed.exec_outlets.setdefault(account, set()).add(outlet)
+            live = True
 
         try:
+            # The stream's slot is taken first: a catch-up from the store (a subscription
+            # of its own) counts against max_streams too.
+            outlet = feed.open_outlet()
             if position == 0:
                 # "From now": not the history the feed replays after the gateway started.
                 await self._caught_up()
-                outlet = attach()
+                attach()
             elif position >= feed.position:
-                outlet = attach()
+                await self._check_reachable(position)
+                attach()
             else:
                 # Catch-up from the store until the feed's position, then switch to the
                 # feed in the same loop step (no gap); the live part skips what catch-up
@@ -701,11 +749,16 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
                         else:
                             position = max(position, item.position)  # type: ignore[union-attr]
                         if position >= feed.position:
-                            outlet = attach()
+                            attach()
                             break
+                except grpc.aio.AioRpcError as exc:
+                    # The store's own status (a limit, a permission), not UNKNOWN.
+                    raise Refused(exc.code(), f"catch-up from the store failed: "
+                                              f"{exc.details()}; resume with "
+                                              f"after_position={position}") from None
                 finally:
                     await subscription.aclose()
-                if outlet is None:
+                if not live:
                     raise Refused(grpc.StatusCode.UNAVAILABLE,
                                   "the store ended the catch-up subscription; resume with "
                                   f"after_position={position}")
@@ -726,6 +779,23 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
         finally:
             if outlet is not None:
                 feed.close_outlet(outlet, feed.exec_outlets, account)
+
+    async def _check_reachable(self, position: int) -> None:
+        """An ``after_position`` past the feed's: refused if the log does not reach it
+        (a position of another cluster, or of a store since restored), where the stream
+        would stay silent for good."""
+        if position <= self.feed.position:
+            return
+        try:
+            commit = (await self.client.node_info()).commit_position
+        except grpc.aio.AioRpcError as exc:
+            raise Refused(grpc.StatusCode.UNAVAILABLE,
+                          f"the store did not say where its log ends ({exc.details()}); "
+                          f"retry shortly") from None
+        if position > commit:
+            raise Refused(grpc.StatusCode.OUT_OF_RANGE,
+                          f"after_position: {position} is past the end of the log "
+                          f"({commit})")
 
     async def _caught_up(self) -> None:
         if self.feed.caught_up.is_set():
@@ -760,9 +830,10 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
             self._group(symbol)
             depth = request.depth or self.limits.default_book_depth
             check_int("depth", depth, 1, self.limits.max_book_depth, " levels per side")
+            outlet = feed.open_outlet()  # the slot first: waiting for the feed counts too
+            outlet.depth = depth
             await self._caught_up()
             # Attach and snapshot in one loop step: every later update follows the snapshot.
-            outlet = feed.open_outlet()
             feed.book_outlets.setdefault(symbol, set()).add(outlet)
             snapshot = feed.book_snapshot(symbol, depth)
             yield snapshot

@@ -27,6 +27,7 @@ from engine.constants import TimeInForce as ETif
 from engine.exchange_config import ExchangeConfig, init_events, parse
 from engine.gateway import GatewayLimits, GatewayServer
 from store.client import StoreClient
+from store.limits import Limits
 from store.node import StoreNode
 from store.process import ServeProcess
 from store.server import StoreServer
@@ -111,10 +112,10 @@ class Exchange:
 
 
 @contextlib.asynccontextmanager
-async def exchange(tmp_path: Path, limits: GatewayLimits | None = None
-                   ) -> AsyncIterator[Exchange]:
+async def exchange(tmp_path: Path, limits: GatewayLimits | None = None,
+                   store_limits: Limits | None = None) -> AsyncIterator[Exchange]:
     config = parse(tomllib.loads(EXCHANGE))
-    async with running_store(tmp_path / "store") as (store, client):
+    async with running_store(tmp_path / "store", store_limits) as (store, client):
         counts = {}
         for g in config.groups:
             events = init_events(g)
@@ -456,6 +457,69 @@ def test_waiters_and_streams_are_bounded(tmp_path: Path) -> None:
     run(body)
 
 
+def test_a_catch_up_holds_a_stream_slot_and_bad_resumes_are_refused_clearly(
+        tmp_path: Path) -> None:
+    """A StreamExecutions that catches up from the store takes its slot first: with the
+    one slot held, another resume is refused before it is sent any history (before, each
+    replayed its history on a subscription of its own, unbounded, and was refused only
+    once live). A resume from past the log's end is OUT_OF_RANGE (before, it stayed
+    silent for good), and a store refusing the catch-up's subscription is reported with
+    the store's status (before, UNKNOWN)."""
+    async def body() -> None:
+        async with exchange(tmp_path, GatewayLimits(max_streams=1)) as x:
+            for i in range(3):
+                await x.stub.SubmitOrder(order(f"s{i}", xpb.SELL, 1, 50000 + i))
+            await x.step()
+            await x.fed()
+            first = x.stub.StreamExecutions(
+                xpb.StreamExecutionsRequest(account="alice", after_position=1))
+            assert (await next_msg(first)).reports  # history, then live
+            second = x.stub.StreamExecutions(
+                xpb.StreamExecutionsRequest(account="alice", after_position=1))
+            err = await refused(second.read())
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "too many streaming clients (limit 1)" in (err.details() or "")
+            first.cancel()
+            feed = x.gateway.service.feed
+            await wait_until(lambda: feed.outlets == 0, T, "the stream closed")
+            far = 10**9
+            err = await refused(x.stub.StreamExecutions(
+                xpb.StreamExecutionsRequest(account="alice", after_position=far)).read())
+            assert err.code() == grpc.StatusCode.OUT_OF_RANGE
+            assert f"after_position: {far} is past the end of the log" in (err.details() or "")
+            assert feed.outlets == 0
+        # The store serves one subscription: the gateway's feed has it.
+        async with exchange(tmp_path / "one", store_limits=Limits(max_subscriptions=1)) as x:
+            await x.stub.SubmitOrder(order("s1", xpb.SELL, 1, 50000))
+            await x.step()
+            await x.fed()
+            err = await refused(x.stub.StreamExecutions(
+                xpb.StreamExecutionsRequest(account="alice", after_position=1)).read())
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "catch-up from the store failed" in (err.details() or "")
+            assert "resume with after_position=1" in (err.details() or "")
+    run(body)
+
+
+def test_wait_answers_before_the_callers_deadline(tmp_path: Path) -> None:
+    """A wait longer than the caller's deadline ends just before it, with the order's
+    position and timed_out: before, the caller got DEADLINE_EXCEEDED and never learnt
+    that its order landed."""
+    async def body() -> None:
+        async with exchange(tmp_path) as x:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            # No engine runs for g2.
+            r = await x.stub.SubmitOrder(order("d1", xpb.BUY, 100, 10000, symbol="ACME",
+                                               wait=True, wait_timeout_ms=30_000),
+                                         timeout=1.0)
+            assert r.timed_out and r.input_position > 0
+            assert loop.time() - started < 1.0
+            inputs = await x.inputs("g2")
+            assert inputs[-1].position == r.input_position
+    run(body)
+
+
 # ---------------------------------------------------------------------- StreamExecutions
 
 async def next_msg(call: Any) -> Any:
@@ -569,20 +633,46 @@ def test_stream_book_snapshot_then_updates(tmp_path: Path) -> None:
             assert levels(await next_msg(full))[1] == [(50010, 3), (50020, 4), (50030, 5)]
             full.cancel()
 
-            # A buy that takes the best ask and rests the rest at 50010.
+            # A buy that takes the best ask and rests the rest at 50010. The stream shows
+            # two levels a side: the bid at 49980 leaves that window (qty 0), the ask at
+            # 50030 enters it (before, it was never sent: the client's book lost a level).
+            book = {side: dict(lv) for side, lv in zip("ba", levels(snap), strict=True)}
+
+            def apply(update: xpb.BookMessage) -> tuple[list[tuple[int, int]], ...]:
+                for side, lv in zip("ba", levels(update), strict=True):
+                    for price, qty in lv:
+                        if qty:
+                            book[side][price] = qty
+                        else:
+                            del book[side][price]  # only levels it shows are removed
+                return (sorted(book["b"].items(), reverse=True), sorted(book["a"].items()))
             taker = await x.stub.SubmitOrder(order("b4", xpb.BUY, 5, 50010, account="bob"))
             await x.step()
             update = await next_msg(call)
             assert not update.snapshot and update.input_position == taker.input_position
-            assert levels(update) == ([(50010, 2)], [(50010, 0)])
-            # Other symbols' changes do not reach this stream.
+            assert sorted(update.bids, key=lambda lv: lv.price) == [
+                xpb.BookLevel(price=49980, qty=0), xpb.BookLevel(price=50010, qty=2)]
+            assert sorted(update.asks, key=lambda lv: lv.price) == [
+                xpb.BookLevel(price=50010, qty=0), xpb.BookLevel(price=50030, qty=5)]
+            assert apply(update) == ([(50010, 2), (49990, 8)], [(50020, 4), (50030, 5)])
+            # Other symbols' changes do not reach this stream, nor changes below its
+            # window (carol's bid at 49980): the next update is the one at 49990.
             await x.stub.SubmitOrder(order("e2", xpb.BUY, 1, 2001, account="bob",
                                            symbol="ETH-USD"))
             await x.stub.CancelOrder(xpb.CancelOrderRequest(
                 symbol="BTC-USD", account="carol", request_id="r1", client_order_id="b2"))
             await x.step()
+            await x.stub.CancelOrder(xpb.CancelOrderRequest(
+                symbol="BTC-USD", account="carol", request_id="r2", client_order_id="b3"))
+            await x.step()
             update = await next_msg(call)
-            assert levels(update) == ([(49980, 0)], [])
+            assert levels(update) == ([(49990, 2)], [])
+            apply(update)
+            # The best ask goes: the third one comes into view.
+            await x.stub.CancelOrder(xpb.CancelOrderRequest(
+                symbol="BTC-USD", account="alice", request_id="r3", client_order_id="a2"))
+            await x.step()
+            assert apply(await next_msg(call)) == ([(50010, 2), (49990, 2)], [(50030, 5)])
             call.cancel()
     run(body)
 
