@@ -679,17 +679,19 @@ class Leadership:
         except LeadershipError as exc:
             log.warning("%s: %s (the lease expires on its own)", self.node_id, exc)
 
-    async def resign(self) -> None:
+    async def resign(self, term: int | None = None) -> None:
         """Give up leadership: stop the keep-alive and revoke the lease, so the key
-        disappears at once. Idempotent; a no-op when not leading. Raises
-        LeadershipError when etcd cannot be reached (the lease then expires on its
-        own within the TTL); leadership is given up locally either way."""
-        await self._run(self._resign_sync)
+        disappears at once. Idempotent; a no-op when not leading, or, with ``term``,
+        when the term held is another (a step-down from an older term, handled late,
+        must not give up a newer one). Raises LeadershipError when etcd cannot be
+        reached (the lease then expires on its own within the TTL); leadership is given
+        up locally either way."""
+        await self._run(self._resign_sync, term)
 
-    def _resign_sync(self) -> None:
+    def _resign_sync(self, term: int | None = None) -> None:
         with self._lock:
             t = self._term
-            if t is None or t.revoked:
+            if t is None or t.revoked or (term is not None and t.term != term):
                 return
             if t.active:
                 t.resigned = True

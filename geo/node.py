@@ -543,8 +543,8 @@ class ClusterNode:
                     f"leadership of term {e.term} lost ({e.reason}) before the append "
                     "committed: its outcome is unknown, retry with the same event ids",
                     retry_after_ms=200))
-                self._background(self._retake_seat() if e.reason == REJOIN_FENCE
-                                 and not self._stopping else self._resign_quietly())
+                self._background(self._retake_seat(e.term) if e.reason == REJOIN_FENCE
+                                 and not self._stopping else self._resign_quietly(e.term))
             elif isinstance(e, LeaderKnown):
                 self.store.role.term = e.term
                 self.store.role.leader = self._client_address(e.leader)
@@ -592,18 +592,20 @@ class ClusterNode:
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
 
-    async def _resign_quietly(self) -> None:
+    async def _resign_quietly(self, term: int | None = None) -> None:
+        """Gives up the lease of ``term`` (None: whatever is held), never a newer term's:
+        a step-down from an older term may be handled after the node won another."""
         with contextlib.suppress(Exception):
-            await self.leadership.resign()
+            await self.leadership.resign(term)
 
-    async def _retake_seat(self) -> None:
+    async def _retake_seat(self, term: int) -> None:
         """A voter back from a lost disk fenced our term (its promise is above every term
         granted before it came back). No other leader was elected: designate ourselves
         (a switchover to self), then resign, so that we campaign again at once, in manual
         failover mode too, and lead in a new term it accepts."""
         with contextlib.suppress(Exception):
             await self.leadership.designate(self.id, max(2, 2 * self.config.lease_ttl_s))
-        await self._resign_quietly()
+        await self._resign_quietly(term)
 
     # ---- status -------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import itertools
 import logging
 import operator
 import struct
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import fields
 from typing import Any
@@ -51,11 +52,14 @@ _KINDS: dict[type, int] = {
 _CLASSES = {v: k for k, v in _KINDS.items()}
 _FIELDS = {cls: tuple(f.name for f in fields(cls)) for cls in _KINDS}
 
-# Outbound messages waiting per peer; past it the oldest are dropped (the protocol
-# retransmits what matters).
+# Outbound messages (and their bytes) waiting per peer; past either the oldest are
+# dropped (the protocol retransmits what matters).
 MAX_QUEUED = 4096
-# Messages per PeerBatch on the wire.
+MAX_QUEUED_BYTES = 64 << 20
+# Messages and bytes per PeerBatch on the wire (one message at least): well under the
+# peers' gRPC message limit, which a batch past it would fail on every retry.
 MAX_BATCH = 256
+MAX_BATCH_BYTES = 8 << 20
 RECONNECT_S = 0.1
 _STREAM_METHOD = "/xdc.v1.Replication/Stream"
 # The key of PeerBatch.messages (field 3, length-delimited).
@@ -63,7 +67,8 @@ _MESSAGES_TAG = bytes((3 << 3 | 2,))
 # PeerMessage.first_position (field 21, fixed64): its key, then 8 bytes little-endian.
 _FIRST_POSITION = struct.Struct("<HQ")
 _FIRST_POSITION_KEY = 0x01A9
-# Messages older than this when a stream comes back are dropped, not sent late.
+# Messages queued longer than this are dropped, not sent late (a peer that was down or
+# slow gets what the protocol sends it next instead).
 STALE_AFTER_S = 1.0
 # Switchover.timeout_ms: 0 means the default; larger values are refused (a call that
 # waits for days holds the leader's writes paused that long).
@@ -179,14 +184,17 @@ class PeerSender:
         self.peer_id = peer_id
         self.address = address
         self.tls = tls
-        # Each message serialized and framed as a PeerBatch.messages field, so that a
-        # batch on the wire is the batch's head and these bytes, joined.
-        self._queue: collections.deque[list[bytes]] = collections.deque(maxlen=MAX_QUEUED)
+        # (queued at, bytes, parts): each message serialized and framed as a
+        # PeerBatch.messages field, so that a batch on the wire is the batch's head and
+        # these bytes, joined.
+        self._queue: collections.deque[tuple[float, int, list[bytes]]] = collections.deque()
+        self._queued_bytes = 0
         self._head = rpb.PeerBatch(cluster=cluster, src=node_id).SerializeToString()
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.sent = 0
-        self.connected = False
+        self.dropped = 0  # stale or over the queue's bounds
+        self.connected = False  # the last write went through
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -199,18 +207,48 @@ class PeerSender:
 
     def send(self, msg: Message, trace_context: Mapping[str, str] | None = None) -> None:
         parts = encode_parts(msg, trace_context)
-        parts[:0] = (_MESSAGES_TAG, varint(sum(map(len, parts))))
-        self._queue.append(parts)
+        size = sum(map(len, parts))
+        parts[:0] = (_MESSAGES_TAG, varint(size))
+        self._queue.append((time.monotonic(), size, parts))
+        self._queued_bytes += size
+        while len(self._queue) > MAX_QUEUED or self._queued_bytes > MAX_QUEUED_BYTES:
+            self._drop_oldest()
         self._ready.set()
+
+    def _drop_oldest(self) -> None:
+        self._queued_bytes -= self._queue.popleft()[1]
+        self.dropped += 1
+
+    def _next_batch(self, now: float) -> list[tuple[float, int, list[bytes]]]:
+        """The messages of the next write, oldest first: stale ones dropped, at most
+        MAX_BATCH of them and MAX_BATCH_BYTES (one at least)."""
+        q = self._queue
+        while q and now - q[0][0] > STALE_AFTER_S:
+            self._drop_oldest()
+        batch: list[tuple[float, int, list[bytes]]] = []
+        size = 0
+        while q and len(batch) < MAX_BATCH and (not batch or size + q[0][1] <= MAX_BATCH_BYTES):
+            item = q.popleft()
+            size += item[1]
+            batch.append(item)
+        self._queued_bytes -= size
+        return batch
+
+    def _requeue(self, batch: list[tuple[float, int, list[bytes]]]) -> None:
+        """A failed write's messages go first on the next stream (until they are
+        stale), within the queue's bounds."""
+        self._queue.extendleft(reversed(batch))
+        self._queued_bytes += sum(item[1] for item in batch)
+        while len(self._queue) > MAX_QUEUED or self._queued_bytes > MAX_QUEUED_BYTES:
+            self._drop_oldest()
 
     async def _run(self) -> None:
         # Writes go through call.write() from this one task: with a request iterator,
         # gRPC's own consumer task would keep pulling from the queue after the call
         # failed and drop what the next stream should carry.
         loop = asyncio.get_running_loop()
-        down_since = loop.time()
         while True:
-            batch: list[list[bytes]] = []
+            batch: list[tuple[float, int, list[bytes]]] = []
             opened = loop.time()
             try:
                 # With TLS the peer's certificate must name `peer_id` (the address may
@@ -228,9 +266,6 @@ class PeerSender:
                     ended = asyncio.ensure_future(_ended(call))
                     ended.add_done_callback(lambda _: self._ready.set())
                     try:
-                        if loop.time() - down_since > STALE_AFTER_S:
-                            self._queue.clear()
-                        self.connected = True
                         while True:
                             while not self._queue:
                                 if ended.done():
@@ -238,10 +273,12 @@ class PeerSender:
                                         "stream ended while idle")
                                 self._ready.clear()
                                 await self._ready.wait()
-                            batch = [self._queue.popleft()
-                                     for _ in range(min(MAX_BATCH, len(self._queue)))]
+                            batch = self._next_batch(time.monotonic())
+                            if not batch:
+                                continue  # all of it was stale
                             await call.write(b"".join(itertools.chain(
-                                (self._head,), *batch)))
+                                (self._head,), *(item[2] for item in batch))))
+                            self.connected = True
                             self.sent += len(batch)
                             batch = []
                     finally:
@@ -255,13 +292,8 @@ class PeerSender:
                 else:
                     log.debug("%s -> %s: stream ended: %r", self.node_id, self.peer_id, exc)
             finally:
-                if self.connected:
-                    down_since = loop.time()
                 self.connected = False
-            # The batch a failed write carried goes first on the next stream. What waits
-            # longer than STALE_AFTER_S is dropped when a stream is back: by then it is
-            # stale, and the protocol resends what it still needs.
-            self._queue.extendleft(reversed(batch))
+            self._requeue(batch)
             if loop.time() - opened < RECONNECT_S:  # failing fast: do not spin
                 await asyncio.sleep(RECONNECT_S)
 

@@ -39,12 +39,17 @@ class CommitTracker:
 
     async def wait_for(self, position: int, generation: int | None = None) -> None:
         """Returns once `position` is committed; raises the error given to fail_waiters,
-        also when it came after `generation` (read before the append was queued)."""
-        if position <= self.position:
-            return
+        also when it came after `generation` (read before the append was queued).
+
+        The generation is checked first: after a step-down, a commit position past
+        `position` may be a newer leader's, whose record now sits there (the loop can
+        process the step-down and the new leader's commit before the append's waiter
+        runs). The outcome is then unknown, never "committed"."""
         if generation is not None and generation != self.generation:
             assert self._failure is not None
             raise self._failure
+        if position <= self.position:
+            return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiters, (position, next(self._seq), fut))
         await fut

@@ -109,8 +109,10 @@ class StoreNode:
                 "xdc.commit", attributes={"xdc.position.last": last, "xdc.node": self.node_id})
                 if telemetry.tracing() else contextlib.nullcontext())
             with span:
-                if last > self.commit.position:
-                    t0 = time.perf_counter()
-                    await self.commit.wait_for(last, generation)
+                t0, waits = time.perf_counter(), last > self.commit.position
+                # Also when the position looks committed: not if leadership was lost
+                # since the append was queued (CommitTracker.wait_for).
+                await self.commit.wait_for(last, generation)
+                if waits:
                     telemetry.metrics().commit_duration.record(time.perf_counter() - t0)
         return results

@@ -125,6 +125,29 @@ def test_terms_strictly_increase_across_elections(etcd: EtcdCluster) -> None:
     run(body())
 
 
+def test_resigning_an_older_term_keeps_the_newer_one(etcd: EtcdCluster) -> None:
+    """A step-down from term T1 handled after the node won T2 (its writer stalled while
+    the lease lapsed and it was re-elected) resigns T1 only: T2's key and lease stay.
+    Before, resign() revoked whatever term was held, and each re-won term was resigned
+    by the step-down of the one before (a review found it)."""
+    async def body() -> None:
+        a, b = await nodes(etcd, "a", "b", ttl_s=2)
+        try:
+            old = await a.lead.campaign()
+            assert old is not None
+            await a.lead.resign(old)
+            new = await a.lead.campaign()
+            assert new is not None and new > old
+            await a.lead.resign(old)  # late: a no-op
+            assert await b.lead.current() == (a.info, new)
+            assert a.lead.term == new
+            await a.lead.resign(new)
+            assert await b.lead.current() is None
+        finally:
+            await close(a, b)
+    run(body())
+
+
 def test_resign_vacates_the_key_and_wakes_a_waiter(etcd: EtcdCluster) -> None:
     async def body() -> None:
         a, b = await nodes(etcd, "a", "b", ttl_s=2)

@@ -12,6 +12,7 @@ condition with a deadline.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -197,3 +198,112 @@ def test_the_commit_position_is_persisted_with_no_other_write_to_ride_along(
         await h.until(lambda: h.log.commit_position >= a.last_position,
                       "the commit position persisted", timeout_s=COMMIT_PERSIST_S + 2.0)
     run(body, tmp_path / "log")
+
+
+class _WatchedLoop:
+    """The event loop as the writer thread sees it, noting each batch of effects it
+    hands over (test instrumentation: the loop itself is real)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.handed: list[list[Effect]] = []
+        self.changed = threading.Condition()
+
+    def call_soon_threadsafe(self, fn: Callable[..., Any], *args: Any) -> Any:
+        with self.changed:
+            if args and isinstance(args[0], list):
+                self.handed.append(list(args[0]))
+            self.changed.notify_all()
+        return self._loop.call_soon_threadsafe(fn, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loop, name)
+
+
+def test_an_append_is_not_acknowledged_when_a_newer_leader_committed_its_position(
+        tmp_path: Path) -> None:
+    """Node a leads term 5 with b and writes a client's append at position 2. Before the
+    loop runs the append's waiter, a newer leader's messages (term 7: a Promise, then its
+    own record at 2, committed) reach a's writer, which steps down, replaces position 2
+    and advances the commit to 2. The commit position then covers the append, but the
+    record there is another leader's: the append must get "outcome unknown", not an
+    acknowledgement (before, StoreNode.append answered by position alone and the client
+    was told its record was committed at 2). A review found it (real Replicator, real
+    LMDB, real StoreNode.append; the loop is held busy while the writer runs ahead, as
+    a loaded loop would be)."""
+    from geo.replication.messages import (
+        Append,
+        AppendReply,
+        Committed,
+        Promise,
+        PromiseReply,
+        SteppedDown,
+        Tip,
+    )
+    from store.node import StoreNode
+
+    async def body() -> None:
+        node = StoreNode(tmp_path / "a", Limits(), node_id="a")
+        watched: list[_WatchedLoop] = []
+        inject: list[Any] = []
+
+        def on_effects(effects: list[Effect], answers: list[tuple[Any, Any]]) -> None:
+            assert node.commit is not None and node.writer is not None
+            if inject and answers:
+                # The newer leader's messages reach the writer while the loop is still
+                # busy here: it runs ahead, steps down, writes and commits their record.
+                w = watched[0]
+                node.writer.deliver(inject.pop())
+                with w.changed:
+                    assert w.changed.wait_for(lambda: any(
+                        isinstance(e, Committed) and e.upto >= 2
+                        for h in w.handed for e in h), 10), "the newer leader's commit"
+            for e in effects:
+                if isinstance(e, Committed):
+                    node.commit.advance(e.upto)
+                elif isinstance(e, SteppedDown):  # as ClusterNode._on_effects does
+                    node.commit.fail_waiters(StoreError(
+                        grpc.StatusCode.UNAVAILABLE, "leadership lost: outcome unknown"))
+            for fut, results in answers:
+                if not fut.done():
+                    fut.set_result(results)
+
+        def make(log: Log, loop: asyncio.AbstractEventLoop) -> Replicator:
+            watched.append(_WatchedLoop(loop))
+            return Replicator(log, node.limits, watched[0], node_id="a",  # type: ignore[arg-type]
+                              voters=["a", "b", "c"], standbys=[], on_effects=on_effects,
+                              leader_address=lambda leader: "")
+        await node.start(writer_factory=make)
+        rep = node.writer
+        assert isinstance(rep, Replicator) and node.commit is not None and node.log is not None
+
+        async def cycles(n: int = 3) -> None:
+            for _ in range(n):
+                rep.tick()
+                await rep.query(lambda core: None)
+        try:
+            rep.become_leader(5, term_start_record("c1", 5, "a", time.time_ns()))
+            await cycles()
+            rep.deliver([PromiseReply("b", "a", 5, True, Tip(0, 0))])
+            await cycles()
+            rep.deliver([AppendReply("b", "a", 5, True, match=1)])
+            await cycles()
+            assert rep.core.is_open and node.commit.position == 1
+            # c leads term 7 with b; its log: 1 (a's term start, term 5), then its own.
+            record = term_start_record("c1", 7, "c", time.time_ns())
+            inject.append([Promise("c", "a", 7),
+                           Append("c", "a", 7, 1, 5, (Entry(2, 7, record),), 2)])
+            try:
+                results = await node.append([_append("orders")])
+                answered = results[0]
+            except StoreError as err:
+                answered = err
+            await cycles()
+            assert node.commit.position >= 2
+            assert records.term_of(node.log.record(2)) == 7  # the newer leader's record
+            assert isinstance(answered, StoreError), (
+                f"acknowledged as {answered}, but position 2 holds term 7's record")
+            assert "outcome unknown" in answered.message
+        finally:
+            await node.stop()
+    asyncio.run(body())

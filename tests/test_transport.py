@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import random
@@ -79,6 +80,64 @@ def test_an_idle_sender_replaces_a_failed_stream_before_it_has_anything_to_send(
     run(body, 40)
 
 
+def test_a_backlog_queued_while_the_peer_was_down_goes_stale_and_never_wedges_the_link(
+        ) -> None:
+    """While the peer is down, the leader queues probes of ~0.7 MB each: past
+    MAX_QUEUED_BYTES the oldest are dropped, and once STALE_AFTER_S old they are dropped
+    instead of sent. Before, every failed attempt counted as connected, so nothing was
+    ever stale, and the first 256 queued messages (~28 MB) made one write over the
+    peers' gRPC message limit that failed on every retry: nothing was delivered again
+    (a review found it). Batches now stay under MAX_BATCH_BYTES."""
+    from geo import transport
+
+    delivered: list[object] = []
+
+    async def status() -> rpb.NodeStatus:
+        return rpb.NodeStatus(node_id="b")
+
+    async def switchover(target: str, timeout_s: float) -> rpb.SwitchoverResponse:
+        raise AssertionError("not called")
+
+    async def body() -> None:
+        port = _free_port()
+        sender = PeerSender(CLUSTER, "a", "b", f"127.0.0.1:{port}")
+        sender.start()
+        server = new_server()
+        try:
+            probe = Append("a", "b", 5, 10, 5, (Entry(11, 5, b"x" * 700_000),), 10)
+            for _ in range(120):  # 84 MB
+                sender.send(probe)
+            assert sender._queued_bytes <= transport.MAX_QUEUED_BYTES
+            assert sender.dropped > 0 and not sender.connected
+            # The queue ages past STALE_AFTER_S (the scenario: a peer down that long).
+            await asyncio.sleep(transport.STALE_AFTER_S + 0.1)
+            fresh = [Append("a", "b", 5, 10, 5, (), 10 + i) for i in range(3)]
+            service = ReplicationService(CLUSTER, "b", {"a", "b"}, delivered.extend,
+                                         lambda: rpb.TipResponse(node_id="b"), status,
+                                         switchover)
+            rpb_grpc.add_ReplicationServicer_to_server(service, server)
+            assert listen_on(server, f"127.0.0.1:{port}", None) == port
+            await server.start()
+            for m in fresh:
+                sender.send(m)
+            await wait_until(lambda: delivered[-3:] == fresh, 10,
+                             "the fresh messages after the peer came back")
+            assert probe not in delivered  # stale: dropped, not sent late
+            assert sender.connected
+            # A burst sent at once travels in writes under the byte cap, all delivered.
+            delivered.clear()
+            burst = [Append("a", "b", 5, 10, 5, (Entry(11, 5, b"y" * 700_000),), 20 + i)
+                     for i in range(40)]  # 28 MB: over the peers' message limit at once
+            for m in burst:
+                sender.send(m)
+            await wait_until(lambda: len(delivered) == len(burst), 20, "the burst")
+            assert delivered == burst
+        finally:
+            await sender.stop()
+            await server.stop(0)
+    run(body, 60)
+
+
 def test_entries_sent_to_several_peers_in_differently_cut_slices_decode_exactly() -> None:
     """A leader ships the same records to each follower in slices cut differently; whole
     blocks of them are serialized once (geo/transport.py). Every slice must decode to
@@ -110,7 +169,7 @@ def test_entries_sent_to_several_peers_in_differently_cut_slices_decode_exactly(
     for m in msgs:
         sender.send(m, {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"})
     batch = rpb.PeerBatch.FromString(b"".join(itertools.chain(
-        (sender._head,), *sender._queue)))
+        (sender._head,), *(parts for _, _, parts in sender._queue))))
     assert (batch.cluster, batch.src) == (CLUSTER, "a")
     assert [decode(pm) for pm in batch.messages] == msgs
     assert all(pm.trace_context["traceparent"].startswith("00-1111") for pm in batch.messages)
