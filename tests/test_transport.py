@@ -33,6 +33,14 @@ class CountingService(ReplicationService):
         return await super().Stream(request_iterator, context)
 
 
+async def _status() -> rpb.NodeStatus:
+    return rpb.NodeStatus(node_id="b")
+
+
+async def _switchover(target: str, timeout_s: float) -> rpb.SwitchoverResponse:
+    raise AssertionError("not called")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -48,18 +56,12 @@ def test_an_idle_sender_replaces_a_failed_stream_before_it_has_anything_to_send(
     caplog.set_level(logging.DEBUG, logger="xdc.transport")
     delivered: list[object] = []
 
-    async def status() -> rpb.NodeStatus:
-        return rpb.NodeStatus(node_id="b")
-
-    async def switchover(target: str, timeout_s: float) -> rpb.SwitchoverResponse:
-        raise AssertionError("not called")
-
     async def body() -> None:
         port = _free_port()
         sender = PeerSender(CLUSTER, "a", "b", f"127.0.0.1:{port}")
         sender.start()
         service = CountingService(CLUSTER, "b", {"a", "b"}, delivered.extend,
-                                  lambda: rpb.TipResponse(node_id="b"), status, switchover)
+                                  lambda: rpb.TipResponse(node_id="b"), _status, _switchover)
         server = new_server()
         try:
             await wait_until(lambda: any("a -> b: stream ended" in r.getMessage()
@@ -92,12 +94,6 @@ def test_a_backlog_queued_while_the_peer_was_down_goes_stale_and_never_wedges_th
 
     delivered: list[object] = []
 
-    async def status() -> rpb.NodeStatus:
-        return rpb.NodeStatus(node_id="b")
-
-    async def switchover(target: str, timeout_s: float) -> rpb.SwitchoverResponse:
-        raise AssertionError("not called")
-
     async def body() -> None:
         port = _free_port()
         sender = PeerSender(CLUSTER, "a", "b", f"127.0.0.1:{port}")
@@ -113,8 +109,8 @@ def test_a_backlog_queued_while_the_peer_was_down_goes_stale_and_never_wedges_th
             await asyncio.sleep(transport.STALE_AFTER_S + 0.1)
             fresh = [Append("a", "b", 5, 10, 5, (), 10 + i) for i in range(3)]
             service = ReplicationService(CLUSTER, "b", {"a", "b"}, delivered.extend,
-                                         lambda: rpb.TipResponse(node_id="b"), status,
-                                         switchover)
+                                         lambda: rpb.TipResponse(node_id="b"), _status,
+                                         _switchover)
             rpb_grpc.add_ReplicationServicer_to_server(service, server)
             assert listen_on(server, f"127.0.0.1:{port}", None) == port
             await server.start()
