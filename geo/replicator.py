@@ -50,7 +50,7 @@ from geo.replication.messages import (
     entries_of,
 )
 from store import records
-from store.errors import StoreError
+from store.errors import StoreError, shutting_down
 from store.limits import Limits
 from store.log import Appended, Log, PreparedAppend, Sequenced
 from store.writer import QueueLoad, Results, emit_group_span
@@ -218,8 +218,7 @@ class Replicator:
 
     def _check_running(self) -> None:
         if self._stopping:
-            raise StoreError(grpc.StatusCode.UNAVAILABLE, "node is shutting down",
-                             retry_after_ms=200)
+            raise shutting_down()
 
     def _put(self, kind: str, arg: Any) -> None:
         with self._cond:
@@ -295,8 +294,7 @@ class Replicator:
                 left = [("appends", g) for g in self._parked] + list(self._inputs)
                 self._parked.clear()
                 self._inputs.clear()
-                err = StoreError(grpc.StatusCode.UNAVAILABLE, "node is shutting down",
-                                 retry_after_ms=200)
+                err = shutting_down()
                 out = [(g.future, [err] * len(g.reqs)) for k, g in left if k == "appends"]
                 if out:
                     self.loop.call_soon_threadsafe(self.on_effects, [], out)

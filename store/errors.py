@@ -65,3 +65,10 @@ def wrong_revision(stream: str, expected: str, actual: int) -> StoreError:
         f"actual last revision {actual}",
         actual_last_revision=actual,
     )
+
+
+def shutting_down() -> StoreError:
+    """A node that stops refuses new appends: nothing of them was written, so a retry
+    (at another node, or at this one once back) is safe."""
+    return StoreError(grpc.StatusCode.UNAVAILABLE, "node is shutting down; retry",
+                      retry_after_ms=200)

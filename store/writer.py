@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from store.errors import StoreError
+from store.errors import StoreError, shutting_down
 from store.limits import Limits
 from store.log import Appended, Log, PreparedAppend
 from xdc import telemetry
@@ -92,7 +92,7 @@ class Writer:
         caller = telemetry.current_span_context()  # outside the writer's lock
         with self._cond:
             if self._stopping:
-                raise StoreError(grpc.StatusCode.UNAVAILABLE, "node is shutting down")
+                raise shutting_down()
             load = self._load.admit(reqs, self._limits)
             self._queue.append((reqs, fut, caller, load))
             self._cond.notify()

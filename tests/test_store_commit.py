@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import grpc
 import pytest
@@ -48,4 +49,29 @@ def test_a_wait_begun_before_a_step_down_fails_at_once() -> None:
         await asyncio.sleep(0)
         commit.advance(4)
         await asyncio.wait_for(later, 1)
+    run(body)
+
+
+def test_an_append_refused_while_the_node_stops_says_when_to_retry(tmp_path: Path) -> None:
+    """Nothing of it was written: the refusal is UNAVAILABLE with a retry hint (the
+    client then retries, here or at another node), standalone and in a cluster alike.
+    Before, the standalone writer's refusal had no hint."""
+    from store.limits import Limits
+    from store.node import StoreNode
+    from store.validation import prepare
+    from xdc.v1 import eventstore_pb2 as pb
+
+    async def body() -> None:
+        node = StoreNode(tmp_path, Limits())
+        await node.start()
+        assert node.writer is not None
+        req = prepare(pb.AppendRequest(stream="s", events=[pb.ProposedEvent(
+            id=b"\x01" * 16, type="T", data=b"x")]), Limits())
+        node.writer.stop()
+        with pytest.raises(StoreError) as refused:
+            node.writer.submit([req])
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+        assert refused.value.retry_after_ms == 200
+        assert ("xdc-retry-after-ms", "200") in refused.value.metadata
+        await node.stop()
     run(body)
