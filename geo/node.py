@@ -439,9 +439,8 @@ class ClusterNode:
                 self.store.role.term = term
                 self._park(planned=designated)
                 assert self.replicator is not None
-                self.replicator.become_leader(term, term_start_record(
-                    self.store.log.cluster_id if self.store.log else "", term, self.id,
-                    time.time_ns()))
+                self.replicator.become_leader(term, term_start_record(term, self.id,
+                                                                      time.time_ns()))
             except (LeadershipError, grpc.aio.AioRpcError, OSError) as exc:
                 log.warning("%s: election loop: %s", self.id, exc)
                 await asyncio.sleep(self.tick_s * 4)

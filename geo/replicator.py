@@ -58,7 +58,6 @@ from xdc import telemetry
 from xdc.v1 import eventstore_pb2 as pb
 
 TERM_START_TYPE = "$term-start"
-TERM_NAMESPACE = uuid.UUID("6f1d8a44-2f51-4e0b-9a57-5c1b7e0e7a11")
 
 
 def term_stream(term: int) -> str:
@@ -67,11 +66,15 @@ def term_stream(term: int) -> str:
     return f"$term.{term}"
 
 
-def term_start_record(cluster_id: str, term: int, leader: str, now_ns: int) -> bytes:
+def term_start_record(term: int, leader: str, now_ns: int) -> bytes:
     """The record a new leader appends (DESIGN §4). Its position is patched in when it
-    is written (store/records.index_fields), since recovery decides it."""
+    is written (store/records.index_fields), since recovery decides it. Its id is
+    random: one derived from (cluster, term), which NodeInfo tells any client, could be
+    appended by a client first, and the term-start record would then take over that
+    client's id in the index (a retry answered ALREADY_EXISTS, or, once the record was
+    truncated, written twice)."""
     body = pb.ProposedEvent(
-        id=uuid.uuid5(TERM_NAMESPACE, f"{cluster_id}/{term}").bytes, type=TERM_START_TYPE,
+        id=uuid.uuid4().bytes, type=TERM_START_TYPE,
         content_type="application/json",
         data=json.dumps({"term": term, "leader": leader}, sort_keys=True).encode())
     return records.encode(0, term, 1, now_ns, records.stream_field(term_stream(term).encode()),

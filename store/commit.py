@@ -25,6 +25,7 @@ class CommitTracker:
         # the failure instead of waiting for a commit that may never come.
         self.generation = 0
         self._failure: StoreError | None = None
+        self._abandoned = 0  # waits cancelled while their entries stay in the heap
 
     def advance(self, position: int) -> None:
         if position <= self.position:
@@ -52,7 +53,18 @@ class CommitTracker:
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiters, (position, next(self._seq), fut))
-        await fut
+        try:
+            await fut
+        except asyncio.CancelledError:
+            # A read whose min_position never came (timed out, or its caller went away):
+            # its entry is dropped once such entries are half the heap, so that polling
+            # with an unreachable position cannot grow it without bound.
+            self._abandoned += 1
+            if self._abandoned > 64 and 2 * self._abandoned > len(self._waiters):
+                self._waiters = [w for w in self._waiters if not w[2].done()]
+                heapq.heapify(self._waiters)
+                self._abandoned = 0
+            raise
 
     async def wait_beyond(self, position: int) -> None:
         """Returns once the commit position is past `position`."""

@@ -623,8 +623,11 @@ class Log:
         with self.env.begin() as txn:
             return txn.get(_pos_key(position), db=self.log_db)
 
-    def read_all(self, start: int, limit: int, upto: int, backwards: bool = False) -> list[bytes]:
-        """Stored records from position `start` (inclusive), at most `limit`, none past `upto`."""
+    def read_all(self, start: int, limit: int, upto: int, backwards: bool = False,
+                 max_bytes: int = 0) -> list[bytes]:
+        """Stored records from position `start` (inclusive), at most `limit`, none past
+        `upto`; with `max_bytes`, no more once they hold that many bytes (one at least),
+        so that what a reader holds for a slow client is bounded by bytes too."""
         if backwards:
             start = min(start, upto)
             limit = min(limit, start)
@@ -640,16 +643,20 @@ class Log:
                 return []
             it = cur.iterprev(keys=False) if backwards else cur.iternext(keys=False)
             out = []
+            size = 0
             for value in it:
                 out.append(value)
-                if len(out) == limit:
+                size += len(value)
+                if len(out) == limit or size >= max_bytes > 0:
                     break
             return out
 
     def read_stream(self, stream_key: bytes, start: int, limit: int, upto: int,
-                    backwards: bool = False) -> list[bytes]:
-        """Stored records of one stream from revision `start` (inclusive)."""
+                    backwards: bool = False, max_bytes: int = 0) -> list[bytes]:
+        """Stored records of one stream from revision `start` (inclusive); `max_bytes` as
+        in read_all."""
         out: list[bytes] = []
+        size = 0
         with self.env.begin() as txn:
             log_cur = txn.cursor(self.log_db)  # one cursor, repositioned per run
             for first_pos, count in self._stream_runs(txn, stream_key, start, backwards):
@@ -666,6 +673,9 @@ class Log:
                     if backwards and records.position_of(value) > upto:
                         continue
                     out.append(value)
+                    size += len(value)
+                    if size >= max_bytes > 0:
+                        limit = len(out)
                 if len(out) == limit:
                     break
         if not backwards:

@@ -423,11 +423,15 @@ class EventStoreService:
             upto = self.node.commit.position
             backwards = request.direction == pb.BACKWARDS
             remaining = request.limit
+            # A step holds one batch's bytes at most while it waits for a slow client
+            # (max_batch_events records of up to max_event_bytes each would be ~2 GiB).
+            max_bytes = self.limits.max_batch_bytes
             if request.stream == ALL:
                 start = getattr(request, "from")
                 if start == 0:
                     start = upto if backwards else 1
-                reader = log.read_all
+                def reader(s: int, n: int, u: int, b: bool) -> list[bytes]:
+                    return log.read_all(s, n, u, b, max_bytes)
             else:
                 state = log.stream_state(key)
                 if state is None or state.first_position > upto:
@@ -438,7 +442,7 @@ class EventStoreService:
                     start = state.last_revision if backwards else 1
 
                 def reader(s: int, n: int, u: int, b: bool) -> list[bytes]:
-                    return log.read_stream(key, s, n, u, b)
+                    return log.read_stream(key, s, n, u, b, max_bytes)
         except StoreError as err:
             await _abort(context, err)
             return
@@ -520,7 +524,7 @@ class EventStoreService:
                         checkpoint=pb.Checkpoint(position=position)).SerializeToString()
                 await commit.wait_beyond(position)
                 continue
-            values = log.read_all(position + 1, step, upto)
+            values = log.read_all(position + 1, step, upto, max_bytes=self.limits.max_batch_bytes)
             assert values, f"committed records {position + 1}..{upto} missing from the log"
             position += len(values)
             assert records.position_of(values[-1]) == position, "log positions must be dense"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 
+from google.protobuf.unknown_fields import UnknownFieldSet
+
 from store.errors import StoreError, invalid
 from store.limits import Limits
 from store.log import EXACT, PreparedAppend
@@ -12,7 +14,7 @@ from store.records import stream_field
 from xdc.v1 import eventstore_pb2 as pb
 
 ALL = "$all"
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc: C0, DEL, C1
 _NIL = bytes(16)
 _EXPECTED_KINDS = frozenset(pb.ExpectedKind.values())
 
@@ -127,6 +129,16 @@ def prepare(req: pb.AppendRequest, limits: Limits) -> PreparedAppend:
                          + _field_bytes(len(content_type) if content_type.isascii()
                                         else len(content_type.encode()))
                          + _field_bytes(len(ev.data))):
+            unknown = UnknownFieldSet(ev)
+            if len(unknown):
+                # A record is the store's header and stream field, then these bytes, and
+                # fields 6.. are RecordedEvent's stream, revision, position, term and
+                # time: kept, they would override the store's for every reader.
+                numbers = sorted({f.field_number for f in unknown})
+                raise invalid(f"events[{i}]", f"unknown field number(s) "
+                                              f"{', '.join(map(str, numbers))}: a "
+                                              f"ProposedEvent has fields 1..5 (id, type, "
+                                              f"content_type, data, metadata)")
             metadata = ev.metadata
             if metadata:
                 _check_metadata(metadata, limits, f"events[{i}].metadata")

@@ -429,7 +429,8 @@ def test_fuzz_raw_bytes_to_every_store_rpc(store: grpc.Channel, case: tuple[str,
 
 GATEWAY = "/xdc.v1.OrderGateway/"
 ORDER_CODES = {OK, INV, Code.NOT_FOUND, Code.ALREADY_EXISTS, Code.RESOURCE_EXHAUSTED}
-STREAM_CODES = {OK, INV, Code.NOT_FOUND, Code.RESOURCE_EXHAUSTED}
+# OUT_OF_RANGE: an after_position past the log's end.
+STREAM_CODES = {OK, INV, Code.NOT_FOUND, Code.RESOURCE_EXHAUSTED, Code.OUT_OF_RANGE}
 
 
 @dataclass

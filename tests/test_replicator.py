@@ -92,7 +92,7 @@ def test_appends_parked_before_the_term_opens_are_written_first_in_order(
             await h.cycled()
         assert not first.done() and not second.done()
         assert h.rep.pending_events == 3, "parked appends stay counted in the load"
-        h.rep.become_leader(7, term_start_record("c", 7, "a", time.time_ns()))
+        h.rep.become_leader(7, term_start_record(7, "a", time.time_ns()))
         await h.until(lambda: first.done() and second.done(), "the parked appends")
         (a,), (b,) = first.result(), second.result()
         assert isinstance(a, Appended) and isinstance(b, Appended), (a, b)
@@ -147,7 +147,7 @@ def test_the_views_recent_entries_are_what_the_log_holds(tmp_path: Path) -> None
 
     def write(truncate_after: int | None, first: int, terms: list[int]) -> None:
         # Term-start records carry position 0 until stored: the patched case.
-        entries = [Entry(first + i, t, term_start_record("c", t, "a", 1)) for i, t in
+        entries = [Entry(first + i, t, term_start_record(t, "a", 1)) for i, t in
                    enumerate(terms)]
         with log.write() as txn:
             stored = log.write_records(txn, [e.payload for e in entries], first,
@@ -188,7 +188,7 @@ def test_the_commit_position_is_persisted_with_no_other_write_to_ride_along(
     from geo.replicator import COMMIT_PERSIST_S
 
     async def body(h: Harness) -> None:
-        h.rep.become_leader(3, term_start_record("c", 3, "a", time.time_ns()))
+        h.rep.become_leader(3, term_start_record(3, "a", time.time_ns()))
         await h.until(lambda: bool(h.opened), "the term open")
         fut = h.rep.submit([_append("s", 3)])
         await h.until(fut.done, "the append")
@@ -282,7 +282,7 @@ def test_an_append_is_not_acknowledged_when_a_newer_leader_committed_its_positio
                 rep.tick()
                 await rep.query(lambda core: None)
         try:
-            rep.become_leader(5, term_start_record("c1", 5, "a", time.time_ns()))
+            rep.become_leader(5, term_start_record(5, "a", time.time_ns()))
             await cycles()
             rep.deliver([PromiseReply("b", "a", 5, True, Tip(0, 0))])
             await cycles()
@@ -290,7 +290,7 @@ def test_an_append_is_not_acknowledged_when_a_newer_leader_committed_its_positio
             await cycles()
             assert rep.core.is_open and node.commit.position == 1
             # c leads term 7 with b; its log: 1 (a's term start, term 5), then its own.
-            record = term_start_record("c1", 7, "c", time.time_ns())
+            record = term_start_record(7, "c", time.time_ns())
             inject.append([Promise("c", "a", 7),
                            Append("c", "a", 7, 1, 5, (Entry(2, 7, record),), 2)])
             try:
@@ -307,3 +307,12 @@ def test_an_append_is_not_acknowledged_when_a_newer_leader_committed_its_positio
         finally:
             await node.stop()
     asyncio.run(body())
+
+
+def test_a_term_start_records_id_cannot_be_predicted() -> None:
+    """Derived from (cluster, term), which NodeInfo tells any client, the id could be
+    appended by a client ahead of that term; the term-start record then took over the
+    client's id in the index (its retry answered ALREADY_EXISTS, or written twice once
+    the record was truncated: a review found it). Each record's id is random."""
+    ids = {records.id_of(term_start_record(7, "a", 1)) for _ in range(3)}
+    assert len(ids) == 3

@@ -52,6 +52,26 @@ def test_a_wait_begun_before_a_step_down_fails_at_once() -> None:
     run(body)
 
 
+def test_abandoned_waits_do_not_pile_up() -> None:
+    """Reads with a min_position that never comes, each timing out: their waits leave
+    the heap (before, every one stayed until the commit passed that position: a client
+    polling with a foreign position grew the node's memory without bound)."""
+    async def body() -> None:
+        commit = CommitTracker(5)
+        for _ in range(2_000):
+            wait = asyncio.ensure_future(commit.wait_for(10**12))
+            await asyncio.sleep(0)  # it waits (its entry is in the heap)
+            wait.cancel()  # as a read's timeout does
+            with pytest.raises(asyncio.CancelledError):
+                await wait
+        assert len(commit._waiters) <= 2 * 64 + 2
+        live = asyncio.ensure_future(commit.wait_for(7))
+        await asyncio.sleep(0)
+        commit.advance(7)
+        await asyncio.wait_for(live, 1)
+    run(body)
+
+
 def test_an_append_refused_while_the_node_stops_says_when_to_retry(tmp_path: Path) -> None:
     """Nothing of it was written: the refusal is UNAVAILABLE with a retry hint (the
     client then retries, here or at another node), standalone and in a cluster alike.

@@ -134,6 +134,44 @@ def test_backward_read_skips_records_beyond_the_commit_position(tmp_path: Path) 
         log.close()
 
 
+def test_reads_stop_at_a_byte_budget_and_paging_on_from_there_reads_everything(
+        tmp_path: Path) -> None:
+    """A read step holds at most about `max_bytes` (one record at least) while the server
+    waits for a slow client: before, a step was max_batch_events records whatever their
+    size (2000 of 1 MiB: ~2 GiB held per stalled Read or Subscribe; a review measured
+    ~383 MiB per stalled consumer). Paged on by position (or revision), in both
+    directions, the steps read exactly what one unbounded read does."""
+    rng = random.Random(SEED)
+    log = Log(str(tmp_path / "log"))
+    try:
+        values = fill(log, rng, 40)
+        last = log.last_position
+        budget = 200  # a few records' bytes
+        for backwards in (False, True):
+            got: list[bytes] = []
+            start = last if backwards else 1
+            while True:
+                step = log.read_all(start, 10**6, last, backwards, max_bytes=budget)
+                if not step:
+                    break
+                assert len(step) == 1 or sum(map(len, step[:-1])) < budget
+                got += step
+                start = records.position_of(step[-1]) + (-1 if backwards else 1)
+                if start == 0:
+                    break
+            assert got == (values[::-1] if backwards else values)
+            for s in "abc":
+                whole = log.read_stream(s.encode(), 1, 10**6, last)
+                got, rev = [], 1
+                while step := log.read_stream(s.encode(), rev, 10**6, last, max_bytes=budget):
+                    assert len(step) == 1 or sum(map(len, step[:-1])) < budget
+                    got += step
+                    rev = records.revision_of(step[-1]) + 1
+                assert got == whole and len(whole) > 3
+    finally:
+        log.close()
+
+
 def test_subscription_filter_reads_stream_and_type_like_the_general_parsers() -> None:
     """records.select (a subscription's filter) reads stream and type in place at fixed
     steps for the usual layout, and must agree with the general parsers on every layout:
