@@ -51,6 +51,10 @@ log = logging.getLogger("xdc.matching_health")
 
 ENGINE_SERVICE = "engine"  # the matching tier's service (geo/tiers.default.toml)
 PROBE_TIMEOUT_S = 0.5
+# The directory's read of the instances streams, before the probes: with them and the
+# store's reading (REMOTE_TIMEOUT_S) an observation stays under the supervisor's 1 s even
+# when a store target hangs (a slow read keeps the addresses known).
+DIRECTORY_TIMEOUT_S = 0.25
 MAX_LAG_S = 1.0
 MAX_ENGINES = 64
 MAX_HISTORY = 1024  # commit positions remembered (one per observation)
@@ -86,7 +90,8 @@ class EngineDirectory:
         try:
             events = await self.client.read(wire.instances_stream(group),
                                             start=self._next_revision[group],
-                                            limit=MAX_INSTANCE_EVENTS, timeout_s=PROBE_TIMEOUT_S)
+                                            limit=MAX_INSTANCE_EVENTS,
+                                            timeout_s=DIRECTORY_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:  # NOT_FOUND: none advertised yet
                 log.debug("instances of %s not read: %s", group, exc.code().name)

@@ -182,7 +182,9 @@ async def read_stream(client: StoreClient, stream: str) -> list[pb.RecordedEvent
     try:
         while True:  # pages of READ_PAGE: a read is bounded by the store's max_read_count
             page: list[pb.RecordedEvent] = []
-            start = out[-1].revision + 1 if out else 0
+            # $all pages by global position, a stream by its revision.
+            start = (out[-1].position if stream == "$all" else out[-1].revision) + 1 \
+                if out else 0
             async for batch in client.read_batches(stream, start=start, limit=READ_PAGE,
                                                    timeout_s=60):
                 page.extend(batch.events)

@@ -114,7 +114,7 @@ from geo.demo import raw_log_hash
 from geo.leadership import Leadership, LeadershipError
 from geo.tier_supervisor import health_name, wait_health
 from store.client import AppendError, CaughtUp, StoreClient, channel_options, new_event
-from store.errors import MD_LEADER, MD_RETRY_AFTER_MS
+from store.errors import MD_LEADER, MD_RETRY_AFTER_MS, MD_SHED_REASON
 from xdc import telemetry
 from xdc.tls import Tls, aio_channel
 from xdc.v1 import eventstore_pb2 as pb
@@ -188,9 +188,12 @@ class _Failed(Exception):
     """An attempt of Run._until_acked that failed: its status, what to note if it is not
     retryable, and how long to wait before the next attempt."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, wait_s: float = 0.02) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, wait_s: float = 0.02,
+                 in_doubt: bool | None = None) -> None:
         super().__init__(message)
         self.code, self.message, self.wait_s = code, message, wait_s
+        # Whether the write may have happened; None: any retryable status says so.
+        self.in_doubt = code in _RETRYABLE if in_doubt is None else in_doubt
 
 
 Attempt = Callable[[int], Awaitable[tuple[int, bool]]]  # n -> (position, duplicate)
@@ -452,12 +455,12 @@ class Run:
 
     # ---- load -------------------------------------------------------------------
 
-    async def _until_acked(self, event_id: bytes, kind: str, attempt: Attempt,
-                           doubtful: tuple[grpc.StatusCode, ...] = _RETRYABLE) -> None:
+    async def _until_acked(self, event_id: bytes, kind: str, attempt: Attempt) -> None:
         """Calls `attempt(n)` (n = attempts so far) with the same event until it is
-        acknowledged. A retryable failure is retried after its back-off; the first one of
-        a `doubtful` status puts the call in doubt, and the answer that ends it says how it
-        resolved. Any other failure is noted and the event given up."""
+        acknowledged. A retryable failure is retried after its back-off; the first one
+        that may have written (`_Failed.in_doubt`) puts the call in doubt, and the answer
+        that ends it says how it resolved. Any other failure is noted and the event given
+        up."""
         doubt: InDoubt | None = None
         give_up = float("inf")
         for n in itertools.count():
@@ -468,7 +471,7 @@ class Run:
                     self.rec.note_error(f.message)
                     return
                 now = time.monotonic()
-                if doubt is None and f.code in doubtful and len(self.rec.in_doubt) < MAX_IN_DOUBT:
+                if doubt is None and f.in_doubt and len(self.rec.in_doubt) < MAX_IN_DOUBT:
                     doubt = InDoubt(event_id, kind, now, f.code.name)
                     self.rec.in_doubt.append(doubt)
                 if self.rec.stop.is_set():
@@ -546,12 +549,16 @@ class Run:
                         (time.monotonic(), code.name, (exc.details() or "")[:160]))
                 md = dict(exc.trailing_metadata() or ())
                 hint_s = int(md.get(MD_RETRY_AFTER_MS, "0") or 0) / 1000
+                # A tier's shed is refused before anything ran; a timeout, or a gateway
+                # (or its store) gone mid-call, may have appended the order.
+                doubt = code == grpc.StatusCode.DEADLINE_EXCEEDED or (
+                    code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+                    and MD_SHED_REASON not in md)
                 raise _Failed(code, f"order {order.method} refused: {code.name} "
                                     f"{exc.details()}",
-                              min(GATEWAY_RETRY_MAX_S, max(0.02, hint_s))) from None
+                              min(GATEWAY_RETRY_MAX_S, max(0.02, hint_s)), doubt) from None
             return r.input_position, r.duplicate
-        await self._until_acked(order.event_id, "order", attempt,
-                                doubtful=(grpc.StatusCode.DEADLINE_EXCEEDED,))
+        await self._until_acked(order.event_id, "order", attempt)
 
     async def market_data(self, targets: list[str]) -> None:
         """Follows the output stream; records each delivered batch (resumes by itself)."""
@@ -643,12 +650,15 @@ class Run:
         self._new_term_seen = float("inf")
         # The last phase's deposed leader may lead again (failback): probing it now
         # would count a real leader's acks as stale ones.
-        for t in self.tasks:
-            if t.get_name() == "stale-prober":
-                t.cancel()
+        self._stop_stale_prober()
         if stale_probe:
             self.spawn(self.stale_prober(old_leader.client), "stale-prober")
         return self._phase
+
+    def _stop_stale_prober(self) -> None:
+        for t in self.tasks:
+            if t.get_name() == "stale-prober":
+                t.cancel()
 
     # ---- scenarios ----------------------------------------------------------------
 
@@ -692,6 +702,10 @@ class Run:
             # The fault strikes at a seeded moment of the load.
             await asyncio.sleep(max(0.0, started + opts.before_s - time.monotonic())
                                 + self.rng.uniform(0, 0.5))
+            # The leader as of now: the load may have moved leadership since the start
+            # (a lost lease), and striking a follower would report a failover that never
+            # was (before, the start's leader was struck whoever led by then).
+            leader, st = await launcher.wait_leader(state, opts.step_timeout_s)
             result = await getattr(self, "_" + self.scenario.replace("-", "_"))(leader, st.term)
             # Wind down: stop the load (in-doubt writes still resolve), then check.
             log.info("scenario done; winding down the load")
@@ -851,6 +865,9 @@ class Run:
         victims = await self._kill_region(leader.region)
         await launcher.wait_leader(self.state, self.opts.step_timeout_s, exclude=(leader.id,))  # type: ignore[arg-type]
         await self._recovered(phase)
+        # What answers at the deposed leader's address from now on is a fresh follower:
+        # its refusals are no fencing of the old term (they were counted as such).
+        self._stop_stale_prober()
         self.markers["restart"] = time.monotonic()
         await self._restart_region(victims, leader.region)
         return {"fault": f"SIGKILL of every process of {leader.region} (node {leader.id}, "
@@ -1322,10 +1339,11 @@ def run_drill(scenario: str, runs: int, seed: int, opts: DrillOptions,
 
 
 def verdict(run: dict[str, Any]) -> bool:
-    """A run passes when no acknowledged event was lost or duplicated, the engines agree,
-    and no deposed leader acknowledged a write once the new term was seen (fencing)."""
+    """A run passes when no acknowledged event was lost or duplicated, the replicas' logs
+    are identical, the engines agree, and no deposed leader acknowledged a write once the
+    new term was seen (fencing)."""
     return (run["acked_lost"] == 0 and run["duplicates"] == 0 and bool(run["hashes_agree"])
-            and run["stale"]["acked_after_new_term"] == 0)
+            and bool(run["logs_identical"]) and run["stale"]["acked_after_new_term"] == 0)
 
 
 def failed(results: list[dict[str, Any]]) -> bool:

@@ -82,7 +82,9 @@ HEALTH_ALL = "xdc.tiers"
 MIN_READ_TIMEOUT_S = 1.0
 # Unknown xdc-tier values are logged once each, up to this many.
 MAX_WARNED_NAMES = 64
-REMOTE_TIMEOUT_S = 1.0
+# One Tiers/Status (or NodeInfo) call of a RemoteReader: well under the supervisor's
+# observation timeout (MIN_READ_TIMEOUT_S), with the gateway's engine probes beside it.
+REMOTE_TIMEOUT_S = 0.5
 
 
 def health_name(tier: str) -> str:
@@ -393,8 +395,12 @@ def standalone_companion(spec: TierSpec | None = None) -> Callable[[StoreNode], 
 
 class RemoteReader:
     """Observes a store node through its Tiers/Status: what the order gateway (or any
-    server in front of the store) sheds by. Several targets: the first that answers.
-    A store that cannot be reached counts as a failover."""
+    server in front of the store) sheds by. Several targets are asked at once: the first
+    healthy answer (a leader with its quorum) counts, else the first answer in target
+    order. A target that hangs (a paused or cut-off store) so costs no more than the
+    call's timeout, whatever its place; before, targets were asked one after the other
+    and a hung first one used up the supervisor's whole observation time, every time.
+    A store that no target reaches counts as a failover."""
 
     def __init__(self, targets: str | Sequence[str],
                  timeout_s: float = REMOTE_TIMEOUT_S, tls: Tls | None = None,
@@ -408,34 +414,46 @@ class RemoteReader:
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     async def __call__(self) -> Reading:
-        for target in self.targets:
-            channel = self._channels.get(target)
-            if channel is None:
-                channel = self._channels[target] = aio_channel(
-                    target, self.tls, options=channel_options())
+        asks = [asyncio.ensure_future(self._ask(t)) for t in self.targets]
+        try:
+            for done in asyncio.as_completed(asks):
+                reading = await done
+                if reading is not None and not reading.failover and reading.quorum:
+                    return reading
+            answered = [a.result() for a in asks if a.result() is not None]
+            return answered[0] if answered else Reading(failover=True)
+        finally:
+            for a in asks:
+                a.cancel()
+
+    async def _ask(self, target: str) -> Reading | None:
+        """One target's reading; None when it does not answer in time."""
+        channel = self._channels.get(target)
+        if channel is None:
+            channel = self._channels[target] = aio_channel(target, self.tls,
+                                                           options=channel_options())
+        try:
+            st = await tpb_grpc.TiersStub(channel).Status(tpb.TiersStatusRequest(),
+                                                          timeout=self.timeout_s,
+                                                          metadata=self.metadata)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                return None
+            # A store without its own tiers (embedded in a test, or one that runs none):
+            # it answers, so it is up; its NodeInfo gives the commit lag.
             try:
-                st = await tpb_grpc.TiersStub(channel).Status(tpb.TiersStatusRequest(),
-                                                              timeout=self.timeout_s,
-                                                              metadata=self.metadata)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
-                    continue
-                # A store without its own tiers (embedded in a test, or one that runs
-                # none): it answers, so it is up; its NodeInfo gives the commit lag.
-                try:
-                    info = await pb_grpc.EventStoreStub(channel).NodeInfo(
-                        pb.NodeInfoRequest(), timeout=self.timeout_s, metadata=self.metadata)
-                except grpc.aio.AioRpcError:
-                    continue
-                return Reading(commit_lag=max(0, info.last_position - info.commit_position),
-                               term=info.term, commit_position=info.commit_position)
-            return Reading(failover=st.cause in ("failover", "starting"),
-                           quorum=st.cause != "no_quorum",
-                           pending_events=st.pending_events,
-                           max_pending_events=st.max_pending_events,
-                           commit_lag=st.commit_lag, term=st.term,
-                           commit_position=st.commit_position)
-        return Reading(failover=True)
+                info = await pb_grpc.EventStoreStub(channel).NodeInfo(
+                    pb.NodeInfoRequest(), timeout=self.timeout_s, metadata=self.metadata)
+            except grpc.aio.AioRpcError:
+                return None
+            return Reading(commit_lag=max(0, info.last_position - info.commit_position),
+                           term=info.term, commit_position=info.commit_position)
+        return Reading(failover=st.cause in ("failover", "starting"),
+                       quorum=st.cause != "no_quorum",
+                       pending_events=st.pending_events,
+                       max_pending_events=st.max_pending_events,
+                       commit_lag=st.commit_lag, term=st.term,
+                       commit_position=st.commit_position)
 
     async def close(self) -> None:
         for channel in self._channels.values():

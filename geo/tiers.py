@@ -22,7 +22,8 @@ file names no ``tiers_file``)::
                                     #   under this fraction of its threshold for settle_s
     max_commit_lag = 100000         # records; this lag counts as load 1.0
     retry_after_ms = 250            # hint for refusals while failing over / no quorum
-    overload_retry_after_ms = 200   # hint for refusals under overload
+    overload_retry_after_ms = 200   # least hint for refusals under overload (the hint
+                                    #   is when the tier is expected back)
 
 Validation (``load``/``loads`` raise geo.config.ConfigError listing every problem): unknown
 keys, no tier, more than MAX_TIERS tiers, a tier without services, duplicate tier names,
@@ -625,10 +626,25 @@ class TierMachine:
                 f"{self.sup.settle_s:g} s)")
 
     def _retry_ms(self, i: int, t: float, state: State, reason: Reason) -> int:
+        """The refusal's hint: when tier i is expected back, so that a client following
+        it is not refused again. Each step of a recovery ends at an observation, so it
+        takes up to one interval more than its settle time."""
         if state in ADMITTED:
             return 0
+        settle, interval = self.sup.settle_s, self.sup.interval_s
         if reason == Reason.OVERLOAD:
-            return self.sup.overload_retry_after_ms
+            # The lowest tier j shed for load comes back once the load has been quiet
+            # for a settle time (assumed from now if it is not quiet yet); every tier
+            # from j up to i then takes one more settle time. Before, the hint was the
+            # constant overload_retry_after_ms, and clients came back far too early.
+            j = i
+            while j > 1 and self._overloaded[j - 1]:
+                j -= 1
+            since = self._quiet_since[j]
+            quiet = max(0.0, settle - (t - since)) if since is not None else settle
+            estimate = quiet + interval + (settle + interval) * (i - j)
+            return max(self.sup.overload_retry_after_ms,
+                       min(MAX_RETRY_AFTER_MS, math.ceil(estimate * 1000)))
         if reason != Reason.SETTLING:
             return self.sup.retry_after_ms
         # Settling: the lowest recovering tier j waits for tier j-1 to finish settling,
@@ -637,9 +653,9 @@ class TierMachine:
         while j > 1 and self._states[j - 1].state == State.RECOVERING:
             j -= 1
         below = self._states[j - 1]
-        first = (max(0.0, below.serving_since + self.sup.settle_s - t)
-                 if below.serving_since is not None else self.sup.settle_s)
-        estimate = first + self.sup.settle_s * (i - j)
+        first = (max(0.0, below.serving_since + settle - t)
+                 if below.serving_since is not None else settle)
+        estimate = first + interval + (settle + interval) * (i - j)
         return max(MIN_RETRY_AFTER_MS, min(MAX_RETRY_AFTER_MS, math.ceil(estimate * 1000)))
 
     def _set(self, i: int, state: State, reason: Reason, why: str, retry: int, t: float,

@@ -9,6 +9,7 @@ not here: each costs a fresh cluster, and the suite must stay fast on two cores.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -84,6 +85,10 @@ def test_leader_crash_drill(tmp_path: Path) -> None:
     assert run["new_term"] > run["old_term"]
     assert run["lease_expiry_s"] is not None and run["new_term_s"] is not None
     assert run["stale"]["acked_after_new_term"] == 0
+    # The deposed leader was SIGKILLed: nothing at its address could refuse as a
+    # fenced leader. (Before, the probes kept going to the restarted process, a fresh
+    # follower, and its refusals were counted as fencing.)
+    assert run["stale_writes_rejected"] == 0 and run["stale"]["unreachable"] > 0
     # A crash takes every tier down (the ledger degraded, the others shed); they come
     # back one after the other.
     assert all(t["down"] for t in run["tiers"]), run["tiers"]
@@ -132,17 +137,40 @@ def test_tiers_in_order_judges_tiers_that_went_down_against_every_tier_below() -
 
 def test_verdict_fails_a_run_on_each_broken_invariant() -> None:
     """The run's pass/fail (and so `xdc drill`'s exit status) breaks on each invariant
-    alone: a lost ack, a duplicate, diverged engines, a deposed leader's late ack."""
+    alone: a lost ack, a duplicate, diverged replicas' logs (before, a run whose logs
+    differed passed), diverged engines, a deposed leader's late ack."""
     from geo.drill import failed, verdict
 
-    good = {"acked_lost": 0, "duplicates": 0, "hashes_agree": True,
+    good = {"acked_lost": 0, "duplicates": 0, "hashes_agree": True, "logs_identical": True,
             "stale": {"acked_after_new_term": 0}}
     assert verdict(good) and not failed([{**good, "ok": verdict(good)}])
     for broken in ({"acked_lost": 1}, {"duplicates": 2}, {"hashes_agree": False},
-                   {"stale": {"acked_after_new_term": 1}}):
+                   {"logs_identical": False}, {"stale": {"acked_after_new_term": 1}}):
         run = {**good, **broken}
         assert not verdict(run), broken
         assert failed([{**good, "ok": True}, {**run, "ok": verdict(run)}])
+
+
+def test_the_read_back_of_all_pages_by_position(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The drill's check reads `$all` back in pages (engine.workload.read_stream). Paged
+    by the last record's stream revision, as before, a log longer than a page was read
+    again from near its start, for ever (a review found it: a full drill's RPO check
+    would hang past 50,000 records)."""
+    from engine import workload
+    from store.client import new_event
+    from tests.support.store import run, running_store
+
+    async def body() -> None:
+        async with running_store(tmp_path / "s") as (_, client):
+            for i in range(12):
+                await client.append(f"s{i % 3}", new_event("T", b"%d" % i))
+            monkeypatch.setattr(workload, "READ_PAGE", 4)
+            events = await asyncio.wait_for(workload.read_stream(client, "$all"), 10)
+            assert [e.position for e in events] == list(range(1, 13))
+            one = await workload.read_stream(client, "s1")
+            assert [e.revision for e in one] == [1, 2, 3, 4]
+    run(body)
 
 
 def _children(pid: int) -> set[int]:

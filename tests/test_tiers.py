@@ -201,9 +201,11 @@ def test_start_admits_tiers_in_order_each_after_the_settle_time() -> None:
     r = m.refusal(1)
     assert r is not None and r.code == grpc.StatusCode.UNAVAILABLE
     assert r.reason == Reason.SETTLING and "'matching'" in r.message
-    # The hint estimates when the tier comes back: one settle per tier below it.
+    # The hint estimates when the tier comes back: one settle per tier below it, each
+    # ending at an observation (up to one interval later).
+    step = SETTLE + DEFAULT.supervisor.interval_s
     assert [m.refusal(i).retry_after_ms for i in range(1, N)] == [  # type: ignore[union-attr]
-        int(SETTLE * 1000 * k) for k in range(1, N)]
+        round(step * 1000 * k) for k in range(1, N)]
     c.at(1.0 + SETTLE - 0.01)
     assert serving_count(m) == 1
     for k in range(1, N):
@@ -280,18 +282,25 @@ def test_overload_sheds_from_the_top_with_hysteresis_and_never_tier_0() -> None:
     assert r is not None and r.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert r.reason == Reason.OVERLOAD and "'analytics'" in r.message
     assert "writer queue 2000/1000" in r.message
-    assert r.retry_after_ms == DEFAULT.supervisor.overload_retry_after_ms
+    # The hint: a quiet settle time for the lowest tier shed for load, then one settle
+    # time per tier up to this one (before: the constant 200 ms, far too early).
+    step = SETTLE + DEFAULT.supervisor.interval_s
+    assert r.retry_after_ms == round(step * (N - 1) * 1000)
     # Under a threshold but above restore_below x threshold: still shed.
     c.step(1.0, pending_events=800, max_pending_events=limit)  # tier 1: 0.875 * 0.8 = 0.7
     assert states(m)[1] == State.SHED
     # Quiet: the tiers come back lowest first, each after its quiet time and the settle
-    # time of the one below.
+    # time of the one below; none before the hint it gave when the load went quiet.
+    c.step(0.01)
+    quiet_at = c.t
+    hints = {i: m.refusal(i).retry_after_ms / 1000 for i in range(1, N)}  # type: ignore[union-attr]
     order = []
     for _ in range(400):
         order += [(t.index, round(c.t, 2)) for t in c.step(0.01) if t.new == State.SERVING]
         if serving_count(m) == N:
             break
     assert [i for i, _ in order] == list(range(1, N))
+    assert all(at - quiet_at <= hints[i] + 0.011 for i, at in order), (order, hints)
     gaps = [b[1] - a[1] for a, b in itertools.pairwise(order)]
     assert all(g >= SETTLE - 0.011 for g in gaps), gaps
 
@@ -537,7 +546,9 @@ def test_overload_sheds_top_tiers_with_resource_exhausted(tmp_path: Path) -> Non
                     assert f"tier '{tier}'" in (e.details() or "")
                     assert "overload" in (e.details() or "")
                     md = dict(e.trailing_metadata() or ())
-                    assert md[MD_RETRY_AFTER_MS] == str(spec.supervisor.overload_retry_after_ms)
+                    # When the tier is expected back (geo/tiers.TierMachine._retry_ms).
+                    assert int(md[MD_RETRY_AFTER_MS]) >= \
+                        spec.supervisor.overload_retry_after_ms
                     assert md[MD_TIER] == tier and md[MD_SHED_REASON] == "overload"
                 # A stream's history is analytics too; the same read as tier 0 passes.
                 with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -834,6 +845,57 @@ def test_followers_asked_for_a_promise_keep_their_tiers_for_at_most_the_park_win
             assert back == [], back
 
     run(body, timeout_s=60)
+
+
+def test_a_remote_reader_is_not_held_by_a_target_that_hangs() -> None:
+    """The gateway reads its store's tiers through several targets. The first one hangs
+    (a paused store): the healthy second one answers within one call's timeout, and a
+    healthy answer wins over an unhealthy one (a cut-off member saying no_quorum) that
+    comes first. Before, targets were asked one after the other: the hung one used the
+    supervisor's whole observation time, every observation was a failover, and orders
+    stayed shed for as long as it hung (a review found it)."""
+    from geo.tier_supervisor import REMOTE_TIMEOUT_S, RemoteReader
+
+    class Hang(tpb_grpc.TiersServicer):
+        async def Status(self, request: Any, context: Any) -> tpb.TiersStatus:
+            await asyncio.Event().wait()  # never answers (the call's deadline ends it)
+            raise AssertionError("unreachable")
+
+    class Answer(tpb_grpc.TiersServicer):
+        def __init__(self, cause: str) -> None:
+            self.cause = cause
+
+        async def Status(self, request: Any, context: Any) -> tpb.TiersStatus:
+            return tpb.TiersStatus(cause=self.cause, term=5, commit_position=10)
+
+    async def body() -> None:
+        servers, addresses = [], []
+        for svc in (Hang(), Answer("no_quorum"), Answer("")):
+            server = grpc.aio.server()
+            tpb_grpc.add_TiersServicer_to_server(svc, server)
+            addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
+            await server.start()
+            servers.append(server)
+        hang, cut_off, good = addresses
+        try:
+            for targets, healthy in (([hang, good], True), ([hang, cut_off, good], True),
+                                     ([hang, cut_off], False), ([hang], None)):
+                reader = RemoteReader(targets)
+                try:
+                    t0 = time.monotonic()
+                    reading = await reader()
+                    took = time.monotonic() - t0
+                finally:
+                    await reader.close()
+                if healthy is None:  # nothing answered: a failover, after one timeout
+                    assert reading.failover and took < 2 * REMOTE_TIMEOUT_S
+                    continue
+                assert not reading.failover and reading.quorum is healthy, (targets, reading)
+                assert took < (0.5 if healthy else 2) * REMOTE_TIMEOUT_S + 0.2, took
+        finally:
+            for server in servers:
+                await server.stop(0)
+    run(body)
 
 
 def test_wait_health_polls_through_a_server_not_listening_yet() -> None:
