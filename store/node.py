@@ -91,6 +91,16 @@ class StoreNode:
             self.log.close()
             self.log = None
 
+    async def wait_failed(self) -> None:
+        """Returns when the standalone writer has died of an unexpected error (it has
+        answered what it held; `xdc serve` then exits non-zero so that its supervisor
+        restarts it from its durable state). A cluster node's failure is its own
+        (geo/node.py)."""
+        failed = getattr(self.writer, "failed", None)
+        if failed is None:
+            await asyncio.Event().wait()
+        await failed.wait()
+
     def _standalone_admit(self) -> int | StoreError:
         return self.role.term
 

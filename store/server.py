@@ -280,7 +280,10 @@ def serve(data_dir: str, listen: str, limits: Limits | None = None,
         await server.stop()
 
     try:
-        asyncio.run(run_until_signalled(start, stop))
+        if asyncio.run(run_until_signalled(start, stop, node.wait_failed)):
+            print(f"xdc serve: writer failed: {node.writer.fatal!r}",  # type: ignore[union-attr]
+                  file=sys.stderr)
+            return 1
     except OSError as exc:
         print(f"xdc serve: {exc}", file=sys.stderr)
         return 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +22,8 @@ from store.errors import StoreError, shutting_down
 from store.limits import Limits
 from store.log import Appended, Log, PreparedAppend
 from xdc import telemetry
+
+log = logging.getLogger("xdc.writer")
 
 Results = list[Appended | StoreError]
 # Called on the loop thread after a group is durable: (last position, new stored records).
@@ -79,6 +82,11 @@ class Writer:
         self._queue: collections.deque[_Queued] = collections.deque()
         self._load = QueueLoad()
         self._stopping = False
+        # Set when the writer thread died of an unexpected error: appends can no longer
+        # be written, and the process should exit (StoreNode.wait_failed) so that its
+        # supervisor restarts it from its durable state.
+        self.fatal: BaseException | None = None
+        self.failed = asyncio.Event()
         self._thread = threading.Thread(target=self._run, name="xdc-writer", daemon=True)
         self._thread.start()
 
@@ -121,26 +129,45 @@ class Writer:
             return taken
 
     def _run(self) -> None:
-        while (taken := self._take()) is not None:
-            admitted = self._admit()
-            if isinstance(admitted, StoreError):
-                self._loop.call_soon_threadsafe(
-                    _deliver_all, [(fut, [admitted] * len(reqs)) for reqs, fut, _, _ in taken])
-                continue
-            flat = [r for reqs, _, _, _ in taken for r in reqs]
-            start_ns = time.time_ns()
-            results, values = self._log.append_group(flat, admitted, start_ns)
-            last = self._log.last_position
-            # Only timestamps here: the span is made on the loop thread, off this thread's
-            # path from one fsync to the next, in the same wake-up as the answers.
-            span = ([c for _, _, c, _ in taken], len(flat), admitted, start_ns,
-                    time.time_ns(), last - len(values) + 1, last) if telemetry.tracing() else None
-            out = []
-            i = 0
-            for reqs, fut, _, _ in taken:
-                out.append((fut, results[i:i + len(reqs)]))
-                i += len(reqs)
-            self._loop.call_soon_threadsafe(self._delivered, last, out, span)
+        taken: list[_Queued] | None = None
+        try:
+            while (taken := self._take()) is not None:
+                self._write(taken)
+                taken = None  # answered
+        except BaseException as exc:  # anything but a refusal append_group answers itself
+            log.exception("writer thread failed: this node stops")
+            self.fatal = exc
+            with self._cond:
+                self._stopping = True
+                left = list(taken or ()) + list(self._queue)
+                self._queue.clear()
+            err = StoreError(grpc.StatusCode.UNAVAILABLE,
+                             f"node failed ({type(exc).__name__}): the append's outcome is "
+                             "unknown, retry with the same event ids", retry_after_ms=200)
+            self._loop.call_soon_threadsafe(
+                _deliver_all, [(fut, [err] * len(reqs)) for reqs, fut, _, _ in left])
+            self._loop.call_soon_threadsafe(self.failed.set)
+
+    def _write(self, taken: list[_Queued]) -> None:
+        admitted = self._admit()
+        if isinstance(admitted, StoreError):
+            self._loop.call_soon_threadsafe(
+                _deliver_all, [(fut, [admitted] * len(reqs)) for reqs, fut, _, _ in taken])
+            return
+        flat = [r for reqs, _, _, _ in taken for r in reqs]
+        start_ns = time.time_ns()
+        results, values = self._log.append_group(flat, admitted, start_ns)
+        last = self._log.last_position
+        # Only timestamps here: the span is made on the loop thread, off this thread's
+        # path from one fsync to the next, in the same wake-up as the answers.
+        span = ([c for _, _, c, _ in taken], len(flat), admitted, start_ns,
+                time.time_ns(), last - len(values) + 1, last) if telemetry.tracing() else None
+        out = []
+        i = 0
+        for reqs, fut, _, _ in taken:
+            out.append((fut, results[i:i + len(reqs)]))
+            i += len(reqs)
+        self._loop.call_soon_threadsafe(self._delivered, last, out, span)
 
     def _delivered(self, last: int, out: list[tuple[asyncio.Future[Results], Results]],
                    span: tuple[Any, ...] | None = None) -> None:

@@ -95,3 +95,39 @@ def test_an_append_refused_while_the_node_stops_says_when_to_retry(tmp_path: Pat
         assert ("xdc-retry-after-ms", "200") in refused.value.metadata
         await node.stop()
     run(body)
+
+
+def test_a_writer_that_dies_answers_what_it_held_and_fails_the_node(tmp_path: Path) -> None:
+    """An unexpected error in the standalone writer thread (not a refusal, which the log
+    answers itself): before, the thread died and every append waited for ever. Now the
+    appends it held are answered UNAVAILABLE, outcome unknown (nothing of a failed write
+    transaction is kept), later ones are refused, and StoreNode.wait_failed returns, so
+    that `xdc serve` exits non-zero for its supervisor to restart it."""
+    from store.limits import Limits
+    from store.node import StoreNode
+    from store.validation import prepare
+    from xdc.v1 import eventstore_pb2 as pb
+
+    async def body() -> None:
+        node = StoreNode(tmp_path, Limits())
+        await node.start()
+        assert node.writer is not None and node.log is not None
+
+        def req(i: int) -> object:
+            return prepare(pb.AppendRequest(stream="s", events=[pb.ProposedEvent(
+                id=bytes([i]) * 16, type="T", data=b"x")]), Limits())
+        await node.append([req(1)])  # works
+
+        def broken(*args: object) -> object:
+            raise RuntimeError("an invariant broke")
+        node.log.append_group = broken  # type: ignore[method-assign]
+        (answer,) = await asyncio.wait_for(node.writer.submit([req(2)]), 5)  # type: ignore[list-item]
+        assert isinstance(answer, StoreError), answer
+        assert answer.code == grpc.StatusCode.UNAVAILABLE
+        assert "outcome is unknown" in answer.message
+        await asyncio.wait_for(node.wait_failed(), 5)
+        assert isinstance(node.writer.fatal, RuntimeError)  # type: ignore[attr-defined]
+        with pytest.raises(StoreError):
+            node.writer.submit([req(3)])  # type: ignore[list-item]
+        await node.stop()
+    run(body)
