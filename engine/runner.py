@@ -443,6 +443,9 @@ class EngineRunner:
             self._maybe_capture(requested)
         if c.alarm and self.primary:
             await self._demote(f"alarm: {c.alarm}")
+            # Its state disagrees with the committed outputs: let an instance that
+            # agrees take over (held, the lease barred every other one for good).
+            await self.lease.release()
         if c.backlog > self.config.max_pending_inputs:
             if self.primary:
                 # Its appends have failed for that long (a store refusing them, outputs

@@ -22,7 +22,8 @@ from engine import wire
 from engine.codec import encode_event
 from engine.consumer import Consumer
 from engine.runner import status_or_none
-from store.client import StoreClient
+from engine.workload import outputs_through
+from store.client import EXACT, StoreClient
 from store.process import ServeProcess
 from tests.support.exchange import (
     GROUP,
@@ -220,6 +221,15 @@ def test_planned_switchover_under_load_hands_over_at_the_marker(tmp_path: Path) 
         store.kill()
 
 
+def _shifted_batch(blobs: list[bytes], chain: bytes) -> wire.OutputBatch:
+    """A rogue output batch: input i gets the outputs the engine computed for input i-1
+    (what no instance computes, framed as any batch is)."""
+    positions = [wire.blob_position(b) for b in blobs]
+    forged = tuple(wire.input_blob(positions[i + 1], [
+        encode_event(r) for r in wire.blob_outputs(blobs[i])[1]]) for i in range(len(blobs) - 1))
+    return wire.OutputBatch(positions[1], positions[-1], chain, forged)
+
+
 def test_warm_instance_alarms_on_forged_outputs_and_never_takes_over(tmp_path: Path) -> None:
     """A committed output batch that differs from what the warm instance computes (here
     forged by a rogue writer at the right expected revision) is an alarm: the warm
@@ -239,12 +249,7 @@ def test_warm_instance_alarms_on_forged_outputs_and_never_takes_over(tmp_path: P
                 c = Consumer(GROUP)
                 for e in await client.read(wire.input_stream(GROUP), limit=10_000):
                     c.on_input(e.position, e.type, e.data, e.timestamp_ns)
-                blobs = [p.blob for p in c.pending]
-                positions = [wire.blob_position(b) for b in blobs]
-                forged = [wire.input_blob(positions[i + 1], [
-                    encode_event(r) for r in wire.blob_outputs(blobs[i])[1]])
-                    for i in range(len(blobs) - 1)]
-                batch = wire.OutputBatch(positions[1], positions[-1], c.chain, tuple(forged))
+                batch = _shifted_batch([p.blob for p in c.pending], c.chain)
                 await client.append(wire.output_stream(GROUP), [batch.event(GROUP, "rogue")])
                 warm = start_engine(store.address, "w", lease, seed=7)
 
@@ -268,6 +273,51 @@ def test_warm_instance_alarms_on_forged_outputs_and_never_takes_over(tmp_path: P
         if warm is not None:
             warm.kill()
         store.kill()
+
+
+def test_a_primary_that_finds_foreign_outputs_alarms_and_gives_up_its_lease(
+        tmp_path: Path) -> None:
+    """While the primary is stopped, a rogue writer commits outputs for the next inputs
+    that differ from the engine's (shifted by one input) at the right revision. Resumed,
+    the primary's own append is refused, it reads the rogue batch, raises the alarm,
+    stops emitting and releases the group's lease, so that an instance that agrees with
+    the log may take over (before, it kept the lease and barred every other instance)."""
+    from engine.lease import FileLease
+    events = workload(seed=41, n=400)
+    with _store(tmp_path) as (store, engines):
+        async def body() -> None:
+            async with StoreClient(store.address) as client:
+                await _primary_on_backlog(client, store, engines, tmp_path, events[:200], 50,
+                                          snapshot_every=0)
+                out = wire.output_stream(GROUP)
+                revision = (await client.stream_info(out)).last_revision
+                primary = engines[0]
+                primary.signal(signal.SIGSTOP)
+                try:
+                    await _backlog(client, events[200:], 50)
+                    c = Consumer(GROUP)
+                    for e in await client.read(wire.input_stream(GROUP), limit=10_000):
+                        c.on_input(e.position, e.type, e.data, e.timestamp_ns)
+                    done = await outputs_through(client, GROUP)
+                    batch = _shifted_batch([p.blob for p in c.pending if p.position > done],
+                                           c.chain)
+                    await client.append(out, [batch.event(GROUP, "rogue")], EXACT, revision)
+                finally:
+                    primary.signal(signal.SIGCONT)
+
+                async def alarmed() -> bool:
+                    s = await status_or_none(primary.address, brief=True)
+                    return s is not None and s.role == "diverged" and bool(s.alarm)
+                await wait_until(alarmed, 20)
+                probe = FileLease(lease_dir(tmp_path).removeprefix("file:"), GROUP, "probe")
+                try:
+                    assert await probe.try_acquire(), "the diverged primary kept the lease"
+                finally:
+                    await probe.release()
+                    await probe.close()
+                s = await status_or_none(primary.address)
+                assert s is not None and "differ" in s.alarm
+        run(body, timeout_s=90)
 
 
 async def _backlog(client: StoreClient, events: list, per_append: int) -> int:  # type: ignore[type-arg]
