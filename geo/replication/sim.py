@@ -452,8 +452,13 @@ class Sim:
                                     f" but it was committed as {hist[pos]} before")
             else:
                 hist.append((e.term, e.payload))
-            if n.proposed.get(pos) == e.payload:
-                self.acked[pos] = e.payload  # answered to the client now
+            proposed = n.proposed.get(pos)
+            if proposed is not None:
+                # Answered to the client now, as the shell answers: by position, for what
+                # this node proposed in its current leadership (a step-down forgets it,
+                # as the shell's CommitTracker.fail_waiters does), without looking at
+                # what is there. The check below finds an ack of another record.
+                self.acked[pos] = proposed
         n.checked_upto = max(n.checked_upto, upto)
         disk.commit = upto  # meta.commit (a real shell may persist it lazily: it only lags)
 
