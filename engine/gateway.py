@@ -44,7 +44,7 @@ import heapq
 import logging
 import struct
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,6 +119,13 @@ class GatewayLimits:
         assert 0 < self.default_wait_ms <= self.max_wait_ms
         assert self.max_waiters > 0 and self.recent_inputs > 0 and self.stream_queue > 0
         assert 0 < self.default_book_depth <= self.max_book_depth
+
+
+def _before_deadline(context: grpc.aio.ServicerContext, seconds: float) -> float:
+    """`seconds`, cut to end WAIT_DEADLINE_MARGIN_S before the caller's deadline (if
+    it set one): the answer must reach it before, not at it."""
+    remaining = context.time_remaining()
+    return seconds if remaining is None else min(seconds, remaining - WAIT_DEADLINE_MARGIN_S)
 
 
 class Refused(Exception):
@@ -241,7 +248,7 @@ def common_prefix(names: list[str]) -> str:
     return lo[:n]
 
 
-def _levels(pairs: list[tuple[int, int]]) -> list[xpb.BookLevel]:
+def _levels(pairs: Iterable[tuple[int, int]]) -> list[xpb.BookLevel]:
     return [xpb.BookLevel(price=p, qty=q) for p, q in pairs]
 
 
@@ -522,8 +529,7 @@ class OutputFeed:
         group = self.groups[self.group_of[symbol]]
         bids, asks = self.book_windows[(symbol, depth)] = book.window(depth)
         return xpb.BookMessage(symbol=symbol, snapshot=True, input_position=group.last_input,
-                               bids=_levels(list(bids.items())),
-                               asks=_levels(list(asks.items())))
+                               bids=_levels(bids.items()), asks=_levels(asks.items()))
 
 
 # ---------------------------------------------------------------------- the service
@@ -599,10 +605,7 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
             self._waiting += 1
             reserved = True
         try:
-            timeout_s = self.client.timeout_s
-            remaining = context.time_remaining()
-            if remaining is not None:  # answer before the caller's deadline, not at it
-                timeout_s = max(0.001, min(timeout_s, remaining - WAIT_DEADLINE_MARGIN_S))
+            timeout_s = max(0.001, _before_deadline(context, self.client.timeout_s))
             # The order's trace travels in its event: the engine's CONSUMER span links
             # to it (the store sets it aside when it compares a retried event).
             event = wire.command_event(group, req.cmd, req.key, metadata=telemetry.inject({}))
@@ -623,11 +626,9 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
             resp = xpb.OrderResponse(input_position=r.first_position, duplicate=r.duplicate)
             if wait_s is None:
                 return resp
-            remaining = context.time_remaining()
-            if remaining is not None:
-                # Answer timed_out (with the position) before the caller's deadline: past
-                # it, the caller would not learn that the order landed.
-                wait_s = max(0.0, min(wait_s, remaining - WAIT_DEADLINE_MARGIN_S))
+            # Answer timed_out (with the position) before the caller's deadline: past it,
+            # the caller would not learn that the order landed.
+            wait_s = max(0.0, _before_deadline(context, wait_s))
             raws = await self.feed.outputs_of(group, r.first_position, wait_s)
             if raws is None:
                 resp.timed_out = True
@@ -711,14 +712,11 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
         except Refused as r:
             await context.abort(r.code, r.message)
         outlet: Outlet | None = None
-        live = False
         position = request.after_position
 
         def attach() -> None:
-            nonlocal live
             assert outlet is not None
             feed.exec_outlets.setdefault(account, set()).add(outlet)
-            live = True
 
         try:
             # The stream's slot is taken first: a catch-up from the store (a subscription
@@ -758,7 +756,7 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
                                               f"after_position={position}") from None
                 finally:
                     await subscription.aclose()
-                if not live:
+                if outlet not in feed.exec_outlets.get(account, ()):
                     raise Refused(grpc.StatusCode.UNAVAILABLE,
                                   "the store ended the catch-up subscription; resume with "
                                   f"after_position={position}")

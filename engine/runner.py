@@ -174,7 +174,6 @@ class EngineRunner:
         self._gc = GcFreezer(GC_FREEZE_EVERY)
         self._resync_since: float | None = None  # emission resyncing since (loop time)
         self._flushing = asyncio.Lock()
-        self.resyncs_reconciled = 0
 
     # ---------------------------------------------------------------- life cycle
 
@@ -544,7 +543,6 @@ class EngineRunner:
         if found:
             log.warning("instance %s, %s: %s; emission goes on after revision %d",
                         self.config.instance, self.config.group, found, c.resync_to)
-            self.resyncs_reconciled += 1
             self._emit()
 
     def _refused_as_invalid(self, what: str, exc: BaseException | None) -> None:

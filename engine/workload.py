@@ -34,6 +34,7 @@ from engine.commands import AddSymbol, CancelOrder, Deposit, NewOrder, ReplaceOr
 from engine.constants import OrderType, Side, TimeInForce
 from engine.consumer import Consumer
 from store.client import StoreClient
+from store.validation import ALL
 from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import exchange_pb2 as xpb
 
@@ -183,7 +184,7 @@ async def read_stream(client: StoreClient, stream: str) -> list[pb.RecordedEvent
         while True:  # pages of READ_PAGE: a read is bounded by the store's max_read_count
             page: list[pb.RecordedEvent] = []
             # $all pages by global position, a stream by its revision.
-            start = (out[-1].position if stream == "$all" else out[-1].revision) + 1 \
+            start = (out[-1].position if stream == ALL else out[-1].revision) + 1 \
                 if out else 0
             async for batch in client.read_batches(stream, start=start, limit=READ_PAGE,
                                                    timeout_s=60):

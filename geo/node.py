@@ -62,7 +62,7 @@ from geo.transport import (
     SwitchoverError,
 )
 from store import auth
-from store.errors import StoreError
+from store.errors import StoreError, node_failed
 from store.limits import Limits
 from store.log import Log
 from store.node import StoreNode
@@ -563,10 +563,7 @@ class ClusterNode:
             # lead nor follow. Appends waiting for commit are answered, and the process
             # exits (xdc node run) to restart from its durable state.
             log.error("%s: replicator failed: %r", self.id, self.replicator.fatal)
-            self.store.commit.fail_waiters(StoreError(
-                grpc.StatusCode.UNAVAILABLE, f"node {self.id} failed "
-                f"({type(self.replicator.fatal).__name__}): the append's outcome is unknown, "
-                "retry with the same event ids", retry_after_ms=200))
+            self.store.commit.fail_waiters(node_failed(self.replicator.fatal, self.id))
             self._failed.set()
             self._set_writes_health(False)
             self._background(self._resign_quietly())

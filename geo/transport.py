@@ -211,9 +211,13 @@ class PeerSender:
         parts[:0] = (_MESSAGES_TAG, varint(size))
         self._queue.append((time.monotonic(), size, parts))
         self._queued_bytes += size
+        self._trim()
+        self._ready.set()
+
+    def _trim(self) -> None:
+        """Drops the oldest messages past the queue's bounds."""
         while len(self._queue) > MAX_QUEUED or self._queued_bytes > MAX_QUEUED_BYTES:
             self._drop_oldest()
-        self._ready.set()
 
     def _drop_oldest(self) -> None:
         self._queued_bytes -= self._queue.popleft()[1]
@@ -239,8 +243,7 @@ class PeerSender:
         stale), within the queue's bounds."""
         self._queue.extendleft(reversed(batch))
         self._queued_bytes += sum(item[1] for item in batch)
-        while len(self._queue) > MAX_QUEUED or self._queued_bytes > MAX_QUEUED_BYTES:
-            self._drop_oldest()
+        self._trim()
 
     async def _run(self) -> None:
         # Writes go through call.write() from this one task: with a request iterator,

@@ -490,8 +490,7 @@ class StoreClient:
                     finally:
                         self._write_scope = None
             except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():  # close() cancels this task
+                if not cancelled_by_channel():  # close() cancels this task
                     if not any(m[1] is batch for m in self._inflight):
                         self._unsent(batch)  # taken from its queue, not sent: only we hold it
                     raise

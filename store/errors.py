@@ -72,3 +72,12 @@ def shutting_down() -> StoreError:
     (at another node, or at this one once back) is safe."""
     return StoreError(grpc.StatusCode.UNAVAILABLE, "node is shutting down; retry",
                       retry_after_ms=200)
+
+
+def node_failed(exc: BaseException, node_id: str = "") -> StoreError:
+    """The answer to appends a node's writer held when it died: written or not, it
+    cannot say."""
+    node = f"node {node_id}" if node_id else "node"
+    return StoreError(grpc.StatusCode.UNAVAILABLE,
+                      f"{node} failed ({type(exc).__name__}): the append's outcome is "
+                      "unknown, retry with the same event ids", retry_after_ms=200)

@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from store.errors import StoreError, shutting_down
+from store.errors import StoreError, node_failed, shutting_down
 from store.limits import Limits
 from store.log import Appended, Log, PreparedAppend
 from xdc import telemetry
@@ -141,9 +141,7 @@ class Writer:
                 self._stopping = True
                 left = list(taken or ()) + list(self._queue)
                 self._queue.clear()
-            err = StoreError(grpc.StatusCode.UNAVAILABLE,
-                             f"node failed ({type(exc).__name__}): the append's outcome is "
-                             "unknown, retry with the same event ids", retry_after_ms=200)
+            err = node_failed(exc)
             self._loop.call_soon_threadsafe(
                 _deliver_all, [(fut, [err] * len(reqs)) for reqs, fut, _, _ in left])
             self._loop.call_soon_threadsafe(self.failed.set)
