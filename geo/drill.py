@@ -36,7 +36,7 @@ What a run reports (seconds are from the fault; None: did not happen):
 * `rto_s`: the first ledger write acknowledged in the new term (the term comes from the
   record read back from the log). `engine-crash` keeps the store leader: its RTO is the
   matching tier's. With no new term at all (`etcd-member-loss` when the leader survives):
-  the longest interval without any acknowledged write after the fault;
+  the longest interval without any acknowledged write from the fault to the recovery;
 * `tiers`, in recovery order (the order of geo/tiers.default.toml), measured from outside:
   - ledger: the first ledger write acknowledged after the fault (in the new term if any);
   - matching: the engine primary has been delivered every input up to that write (its
@@ -49,9 +49,10 @@ What a run reports (seconds are from the fault; None: did not happen):
   each with `down`: whether some supervisor (a store node's or a gateway's Tiers/Status
   transitions) took the tier out of serving during the phase (shed; tier 0, never shed,
   degraded). `tiers_in_order`: every tier recovered, and every tier that went down no
-  earlier than each tier below it. A tier that never went down never left (a planned
-  switchover takes none down: orders are held by the target like ledger writes), so it
-  resumes with the writes in whatever order requests land;
+  earlier than each tier below it; None (unknown) when the status of some supervisor
+  could not be read after the run (`supervisors_unread`). A tier that never went down
+  never left (a planned switchover takes none down: orders are held by the target like
+  ledger writes), so it resumes with the writes in whatever order requests land;
 * `acked_lost`: acknowledged events (ledger, orders and acknowledged stale probes) not at
   their acknowledged position in the converged log; `duplicates`: event ids at more than
   one position;
@@ -376,6 +377,9 @@ class Run:
         self.gateways: dict[str, ChildProc] = {}  # one per region
         self._gateway_stubs: dict[str, tuple[grpc.aio.Channel, Any]] = {}  # by address
         self.supervisor_statuses: list[Any] = []  # TiersStatus of every node and gateway
+        # Nodes and gateways whose TiersStatus could not be read after the run: with any,
+        # which tiers went down is not known, nor whether they came back in order.
+        self.supervisors_unread = 0
         self.tasks: list[asyncio.Task[Any]] = []
         self.notes: list[str] = []
         self.markers: dict[str, float] = {}  # extra moments for the timeline (monotonic)
@@ -1043,6 +1047,7 @@ class Run:
             *(g.address for g in self.gateways.values() if g.alive))))
         tiers_status = got[[n.id for n in nodes].index(leader.id)]
         self.supervisor_statuses = [st for st in got if st is not None]
+        self.supervisors_unread = len(got) - len(self.supervisor_statuses)
         return {"records": records, "_tiers_status": tiers_status, "upto": upto,
                 "duplicates": duplicates,
                 "acked_lost": len(lost), "lost_examples": [a.position for a in lost[:5]],
@@ -1160,10 +1165,10 @@ def measure(run: Run, phase: Phase, records: dict[int, pb.RecordedEvent],
              for n, t in zip(TIERS, (ledger, matching, orders, market), strict=True)]
     if phase.expect_new_term or phase.engine_failover:
         rto = _rel(matching if phase.engine_failover else ledger, t0)
-    else:  # no failover: the longest write stall after the fault
-        times = [t0, *sorted(a.t for a in window if a.kind == "ledger")]
-        rto = round(max((b - a for a, b in itertools.pairwise(times)), default=0.0), 3)
-    before = [a.t for a in rec.acks if a.t <= t0]
+    else:  # no failover: the longest write stall between the fault and the recovery
+        rto = longest_stall(t0, [a.t for a in window if a.kind == "ledger"],
+                            phase.recovered_at)
+    before = [a.t for a in rec.acks if a.t <= t0 and a.kind == "ledger"]
     gap = round(ledger - max(before), 3) if ledger is not None and before else None
     return {
         "old_term": phase.old_term,
@@ -1172,8 +1177,26 @@ def measure(run: Run, phase: Phase, records: dict[int, pb.RecordedEvent],
         "rto_s": rto, "write_gap_s": gap,
         "engine_lease_expiry_s": _rel(e_expiry, t0), "engine_new_primary_s": _rel(e_new, t0),
         "tiers": tiers,
-        "tiers_in_order": tiers_in_order(tiers),
+        # Unknown (None) when some supervisor's status could not be read: a tier it took
+        # down would be missing from `down`, and the check would pass by default.
+        "tiers_in_order": tiers_in_order(tiers) if not run.supervisors_unread else None,
+        "supervisors_unread": run.supervisors_unread,
     }
+
+
+def longest_stall(t0: float, ack_times: list[float], recovered_at: float) -> float | None:
+    """The longest interval without an acknowledged write from the fault (`t0`) to the
+    first acknowledgement at or past the recovery: stalls while the run winds down (a
+    restarted etcd member, processes rejoining) are not this fault's. None: no write was
+    acknowledged after the fault."""
+    if not ack_times:
+        return None
+    times = [t0]
+    for t in sorted(ack_times):
+        times.append(t)
+        if t >= recovered_at:
+            break
+    return round(max((b - a for a, b in itertools.pairwise(times)), default=0.0), 3)
 
 
 def tiers_in_order(tiers: list[dict[str, Any]]) -> bool:
@@ -1285,7 +1308,8 @@ def run_once(scenario: str, seed: int, opts: DrillOptions) -> dict[str, Any]:
         m = measure(run, main, records, end)
         out.update({k: m[k] for k in ("rto_s", "lease_expiry_s", "new_term_s", "write_gap_s",
                                       "engine_lease_expiry_s", "engine_new_primary_s",
-                                      "tiers", "tiers_in_order", "old_term", "new_term")})
+                                      "tiers", "tiers_in_order", "supervisors_unread",
+                                      "old_term", "new_term")})
         out["tiers_supervisor"] = supervisor_tiers(raw.pop("_tiers_status"), main)
         if len(phases) > 1:
             out["failover"] = measure(run, phases[0], records, phases[-1].t0)

@@ -135,6 +135,29 @@ def test_tiers_in_order_judges_tiers_that_went_down_against_every_tier_below() -
     assert not tiers_in_order(tiers((1.0, True), (None, True), (2.0, True), (2.1, True)))
 
 
+def test_measure_of_a_phase_without_failover(tmp_path: Path) -> None:
+    """The write stall of a fault with no new term ends at the recovery (a stall while the
+    run winds down is not the fault's), the write gap runs from the last *ledger* ack
+    before the fault, and tier order is unknown (None), not passed, when a supervisor's
+    status could not be read: a tier it took down would be missing (before, all three
+    read the run's other records: the stall to the run's end, any ack, a vacuous pass)."""
+    from geo.drill import Ack, DrillOptions, Phase, Run, measure
+
+    run = Run("etcd-member-loss", 1, DrillOptions(), str(tmp_path))
+    t0 = 100.0
+    phase = Phase(t0, old_term=5, old_leader=None, old_engine="r1-e1",  # type: ignore[arg-type]
+                  delivered_at_fault=0, expect_new_term=False, recovered_at=t0 + 3.0)
+    acks = [(99.0, "ledger"), (99.9, "order"), (100.4, "ledger"), (101.9, "ledger"),
+            (102.5, "order"), (103.2, "ledger"), (108.0, "ledger")]  # 103.2 -> 108: wind-down
+    run.rec.acks = [Ack(t, p, bytes([p]), k) for p, (t, k) in enumerate(acks, 1)]
+    m = measure(run, phase, {}, until=t0 + 10)
+    assert m["rto_s"] == 1.5  # 100.4 -> 101.9, not 103.2 -> 108.0
+    assert m["write_gap_s"] == 1.4  # 99.0 (ledger) -> 100.4, not 99.9 (an order)
+    assert m["tiers_in_order"] is False  # no order went through after the fault: not back
+    run.supervisors_unread = 1
+    assert measure(run, phase, {}, until=t0 + 10)["tiers_in_order"] is None
+
+
 def test_verdict_fails_a_run_on_each_broken_invariant() -> None:
     """The run's pass/fail (and so `xdc drill`'s exit status) breaks on each invariant
     alone: a lost ack, a duplicate, diverged replicas' logs (before, a run whose logs
