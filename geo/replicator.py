@@ -91,6 +91,12 @@ STALL_AFTER_SHIP_S = float(os.environ.get("XDC_FAILPOINT_STALL_AFTER_SHIP_MS", "
 # Longest a node holds appends while it is about to lead (module docstring): well under a
 # client's attempt timeout, so a switchover that fails costs a client no more than that.
 PARK_MAX_S = 0.5
+# Peer messages queued for the writer thread while it is busy (a slow fsync, a stalled
+# disk): past either bound a delivery is dropped, as a lossy network would drop it. The
+# protocol tolerates loss (a leader resends from its followers' acknowledged positions),
+# and without a bound a stalled follower would buffer everything its leader ships.
+MAX_QUEUED_DELIVERIES = 4_096
+MAX_QUEUED_ENTRY_BYTES = 256 * 1024 * 1024
 
 
 # Entries the writer wrote last, kept for the machine's reads: a leader ships what it
@@ -204,6 +210,10 @@ class Replicator:
         self._cond = threading.Condition()
         self._inputs: collections.deque[tuple[str, Any]] = collections.deque()
         self._load = QueueLoad()
+        # Peer deliveries queued in _inputs, and the entry payload bytes they carry.
+        self._queued_deliveries = 0
+        self._queued_entry_bytes = 0
+        self.dropped_deliveries = 0
         self._stopping = False
         self._commit_to_persist = 0
         self._meta_written_at = 0.0  # monotonic time of the last commit position written
@@ -263,7 +273,25 @@ class Replicator:
         return _joined([g.future for g in groups], self.loop)
 
     def deliver(self, msgs: list[Message]) -> None:
-        self._put("msgs", msgs)
+        size = sum(sum(map(len, map(ENTRY_PAYLOAD, m.entries))) for m in msgs
+                   if getattr(m, "entries", None))
+        with self._cond:
+            self._check_running()
+            # (One delivery larger than the byte bound still goes into an empty queue.)
+            if (self._queued_deliveries >= MAX_QUEUED_DELIVERIES
+                    or (self._queued_deliveries
+                        and self._queued_entry_bytes + size > MAX_QUEUED_ENTRY_BYTES)):
+                self.dropped_deliveries += 1
+                if self.dropped_deliveries % 1000 == 1:
+                    log.warning("%s: writer busy, %d peer deliveries (%d entry bytes) "
+                                "queued: dropping (%d so far)", self.node_id,
+                                self._queued_deliveries, self._queued_entry_bytes,
+                                self.dropped_deliveries)
+                return
+            self._queued_deliveries += 1
+            self._queued_entry_bytes += size
+            self._inputs.append(("msgs", (msgs, size)))
+            self._cond.notify()
 
     def tick(self) -> None:
         self._put("tick", None)
@@ -313,6 +341,9 @@ class Replicator:
                     if taken and events + arg.load[0] > self.limits.max_group_events:
                         break
                     events += arg.load[0]
+                elif kind == "msgs":
+                    self._queued_deliveries -= 1
+                    self._queued_entry_bytes -= arg[1]
                 taken.append(self._inputs.popleft())
             return taken
 
@@ -331,7 +362,7 @@ class Replicator:
         queries = []
         for kind, arg in taken:
             if kind == "msgs":
-                for m in arg:
+                for m in arg[0]:
                     core.step(m)
             elif kind == "tick":
                 core.tick()

@@ -58,6 +58,15 @@ class Limits:
         return self.max_append_bytes + 4 * MiB
 
     def __post_init__(self) -> None:
-        assert 0 < self.max_event_bytes <= self.max_append_bytes <= self.max_pending_bytes
-        assert 0 < self.max_append_events <= self.max_group_events
-        assert 0 < self.max_batch_events and self.max_batch_bytes >= self.max_event_bytes
+        """Refuses limits that cannot work together, naming them (`xdc serve` exits 2 with
+        the message): a ValueError, not an assert, since operators set some of them."""
+        for name in self.__slots__:  # type: ignore[attr-defined]
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
+        for low, high in (("max_event_bytes", "max_append_bytes"),
+                          ("max_append_bytes", "max_pending_bytes"),
+                          ("max_event_bytes", "max_batch_bytes"),
+                          ("max_append_events", "max_group_events")):
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(f"{low} ({getattr(self, low)}) must not exceed {high} "
+                                 f"({getattr(self, high)})")

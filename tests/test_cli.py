@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from store.process import ServeProcess
 from tests.support.cli import xdc_cli as xdc
 
@@ -58,3 +60,22 @@ def test_serve_refuses_a_busy_port(tmp_path: Path) -> None:
                               capture_output=True, text=True, timeout=30)
         assert busy.returncode == 1
         assert "cannot listen" in busy.stderr or "address" in busy.stderr.lower()
+
+
+@pytest.mark.parametrize(("flags", "named"), [
+    (["--max-event-bytes", "0"], "max_event_bytes must be positive"),
+    (["--max-event-bytes", str(64 * 1024 * 1024)], "max_event_bytes (67108864) must not "
+     "exceed max_append_bytes"),
+    (["--max-append-events", "60000"], "max_append_events (60000) must not exceed "
+     "max_group_events"),
+])
+def test_serve_refuses_limits_that_cannot_be_naming_them(
+        tmp_path: Path, flags: list[str], named: str) -> None:
+    """Exit 2 with the limit named (before: an AssertionError traceback, and under
+    `python -O` no check at all), and nothing served."""
+    bad = subprocess.run([sys.executable, "-m", "xdc.cli", "serve", "--data",
+                          str(tmp_path / "a"), "--listen", "127.0.0.1:0", *flags],
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2, bad.stderr
+    assert f"xdc serve: {named}" in bad.stderr
+    assert "Traceback" not in bad.stderr

@@ -309,3 +309,46 @@ def test_otlp_http_receiver_bounds_bodies_and_refuses_bad_ones() -> None:
             assert conn.getresponse().status == 413
         finally:
             conn.close()
+
+
+def test_read_and_subscribe_steps_hold_at_most_max_batch_bytes(tmp_path: Path) -> None:
+    """Each step of a Read ($all or a stream, both ways) and of a Subscribe takes from the
+    log at most max_batch_bytes (one record over at most), not max_batch_events records
+    whatever their size: a stalled reader of large events holds one batch, not
+    max_batch_events of them. The log's own calls are observed (they read real LMDB);
+    every event is still delivered once, in order. Fails without the service passing
+    max_batch_bytes down (steps of all 30 records)."""
+    limits = Limits(max_event_bytes=10_000, max_batch_bytes=30_000)
+    events = 30
+
+    async def body() -> None:
+        async with running_store(tmp_path, limits) as (server, c):
+            await c.append("big", [new_event("T", bytes(9_000)) for _ in range(events)])
+            log = server.node.log
+            steps: list[int] = []
+            for name in ("read_all", "read_stream"):
+                real = getattr(log, name)
+
+                def spy(*args: Any, _real: Any = real, **kw: Any) -> list[bytes]:
+                    got = _real(*args, **kw)
+                    steps.append(sum(map(len, got)))
+                    return got  # type: ignore[no-any-return]
+                setattr(log, name, spy)
+            bound = limits.max_batch_bytes + limits.max_event_bytes
+            for stream in ("$all", "big"):
+                for backwards in (False, True):
+                    steps.clear()
+                    got = await c.read(stream, limit=1000, backwards=backwards)
+                    assert len(got) == events
+                    assert steps and max(steps) < bound, (stream, backwards, steps)
+            steps.clear()
+            seen = 0
+            async for item in c.subscribe(batches=True):
+                if isinstance(item, pb.RecordBatch):
+                    seen += len(item.events)
+                    assert all(len(e.data) == 9_000 for e in item.events)
+                else:
+                    break  # caught up
+            assert seen == events
+            assert len(steps) > 1 and max(steps) < bound, steps
+    run(body)

@@ -38,10 +38,11 @@ def _append(stream: str, n: int = 1) -> Any:
 
 
 class Harness:
-    def __init__(self, path: Path, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, path: Path, loop: asyncio.AbstractEventLoop,
+                 voters: list[str] | None = None) -> None:
         self.log = Log(str(path))
         self.opened: list[LeaderOpen] = []
-        self.rep = Replicator(self.log, Limits(), loop, node_id="a", voters=["a"],
+        self.rep = Replicator(self.log, Limits(), loop, node_id="a", voters=voters or ["a"],
                               standbys=[], on_effects=self._on_effects,
                               leader_address=lambda leader: f"{leader}:1" if leader else "")
 
@@ -316,3 +317,62 @@ def test_a_term_start_records_id_cannot_be_predicted() -> None:
     the record was truncated: a review found it). Each record's id is random."""
     ids = {records.id_of(term_start_record(7, "a", 1)) for _ in range(3)}
     assert len(ids) == 3
+
+
+def test_peer_messages_queued_while_the_writer_is_busy_are_bounded(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    """While the writer thread is held (a slow fsync, a stalled disk), peer deliveries
+    past MAX_QUEUED_DELIVERIES or MAX_QUEUED_ENTRY_BYTES are dropped, as a lossy network
+    would drop them, instead of queueing everything the leader ships (before, the queue
+    had no bound). What was queued is applied in order once the writer runs again, and
+    the leader's resend of the dropped ones fills the log up."""
+    import geo.replicator as replicator
+    from geo.replication.messages import Append
+
+    monkeypatch.setattr(replicator, "MAX_QUEUED_DELIVERIES", 8)
+    payloads = [records.encode(p, 1, p, 0, records.stream_field(b"s"), pb.ProposedEvent(
+        id=uuid.uuid4().bytes, type="T").SerializeToString()) for p in range(1, 21)]
+
+    def ship(first: int, last: int) -> None:
+        for p in range(first, last + 1):
+            h.rep.deliver([Append("b", "a", 1, p - 1, 1 if p > 1 else 0,
+                                  (Entry(p, 1, payloads[p - 1]),), 0)])
+
+    async def body() -> None:
+        gate, held = threading.Event(), threading.Event()
+        busy = h.rep.query(lambda _core: (held.set(), gate.wait(10)))
+        await asyncio.to_thread(held.wait, 5)
+        ship(1, 20)
+        assert (h.rep.dropped_deliveries, h.rep._queued_deliveries) == (12, 8)
+        gate.set()
+        await busy
+        await h.until(lambda: h.log.last_position == 8, "the queued deliveries applied")
+        assert h.rep._queued_deliveries == h.rep._queued_entry_bytes == 0
+
+        def resent() -> bool:  # as a leader resends from what its follower has
+            ship(h.log.last_position + 1, 20)
+            return h.log.last_position == 20
+        await h.until(resent, "the resent entries applied")
+
+        # The byte bound: three entries' worth, while the writer is held again.
+        monkeypatch.setattr(replicator, "MAX_QUEUED_ENTRY_BYTES", 3 * len(payloads[0]))
+        gate.clear(), held.clear()
+        busy = h.rep.query(lambda _core: (held.set(), gate.wait(10)))
+        await asyncio.to_thread(held.wait, 5)
+        before = h.rep.dropped_deliveries
+        for _ in range(5):
+            ship(20, 20)  # a duplicate: the follower acknowledges it again
+        assert h.rep.dropped_deliveries - before == 2
+        gate.set()
+        await busy
+
+    async def main() -> None:
+        nonlocal h
+        h = Harness(tmp_path / "log", asyncio.get_running_loop(), voters=["a", "b"])
+        try:
+            async with asyncio.timeout(30):
+                await body()
+        finally:
+            h.close()
+    h: Harness
+    asyncio.run(main())

@@ -33,8 +33,14 @@ def event_json(e: Any) -> dict[str, Any]:
 
 
 def _limits(args: argparse.Namespace) -> Any:
+    """The store's limits from the command line; exits 2 naming a limit that cannot be."""
     from store.limits import Limits
-    return Limits(max_event_bytes=args.max_event_bytes, max_append_events=args.max_append_events)
+    try:
+        return Limits(max_event_bytes=args.max_event_bytes,
+                      max_append_events=args.max_append_events)
+    except ValueError as exc:
+        print(f"xdc {args.command}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _tls(args: argparse.Namespace) -> Any:
