@@ -15,6 +15,7 @@ import collections
 import contextvars
 import itertools
 import logging
+import math
 import os
 import random
 import threading
@@ -136,6 +137,11 @@ log = logging.getLogger("xdc.client")
 # How long a node that failed a stream (down, unreachable) is passed over by rotation
 # and its name in other nodes' leader hints ignored: about one failover's span.
 UNREACHABLE_S = 1.0
+
+# The least time between two sweeps for appends past their deadline (StoreClient._expire):
+# the latest an append fails after its timeout when many expire one after another (behind
+# a paused node), which each cost a pass over every append unanswered.
+EXPIRY_SWEEP_S = 0.02
 
 # Answers of one message settled between two yields to the loop (StoreClient._settle_all).
 # Single-event appends, 256 in flight: 128 took 44.4k -> 50.3k events/s (medians of 5
@@ -260,6 +266,14 @@ class StoreClient:
         self._hold: asyncio.Task[None] | None = None
         self._outbox_ready = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
+        # The batch the sender took last: between its queue and `_inflight` (waiting for
+        # a free slot) it is nowhere else a sweep for expired appends would find it.
+        self._sending: list[_Pending] = []
+        # One timer for every append's deadline (no timer per append on the hot path): it
+        # fires at `_expiry_at`, never later than the earliest deadline of an unanswered
+        # append (_expire), so an append blocked anywhere in the client fails by its own.
+        self._expiry: asyncio.TimerHandle | None = None
+        self._expiry_at = math.inf
         # Set on every answer and every reset: the sender waits on it for a free slot.
         self._slot_free = asyncio.Event()
         self._call: Any = None
@@ -322,6 +336,8 @@ class StoreClient:
         self._closed = True
         if self._flush_handle is not None:
             self._flush_handle.cancel()
+        if self._expiry is not None:
+            self._expiry.cancel()
         _fail_closed(self._pending)
         self._pending = []
         # The sender fails the batch it holds, if it had not sent it (_unsent).
@@ -368,7 +384,8 @@ class StoreClient:
                       expected: int = ANY, expected_revision: int = 0,
                       timeout_s: float | None = None) -> asyncio.Future[pb.AppendResponse]:
         """Queues an append and returns its future at once (a producer's `send`): many
-        appends in flight from one task, each answered in order of its stream."""
+        appends in flight from one task, each answered in order of its stream. The future
+        fails with DEADLINE_EXCEEDED (outcome unknown) by `timeout_s` at the latest."""
         if isinstance(events, pb.ProposedEvent):
             events = [events]
         elif not isinstance(events, list):
@@ -394,10 +411,46 @@ class StoreClient:
         if self._closed:
             raise AppendError(grpc.StatusCode.CANCELLED, "client closed")
         self._pending.append(pending)
+        if pending.deadline < self._expiry_at:  # rare: deadlines mostly come in order
+            self._expire_at(pending.deadline)
         if len(self._pending) >= self.max_batch_appends:
             self._schedule_flush(0.0)
         elif self._flush_handle is None:
             self._schedule_flush(self.linger_s)
+
+    def _expire_at(self, when: float) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self._expiry_at = when
+        self._expiry = asyncio.get_running_loop().call_at(when, self._expire)
+
+    def _expire(self) -> None:
+        """Fails with DEADLINE_EXCEEDED (outcome unknown) every unanswered append past its
+        deadline, wherever it waits: queued, held by the sender, in flight on a stream
+        that says nothing (a paused node: the watchdog notices only after
+        ``attempt_timeout_s``), or waiting out a backoff. Elsewhere deadlines are looked
+        at only where appends are retried. A pass over all of them, but only once a
+        deadline is reached: then arms itself for the earliest deadline left.
+
+        An expired append is still sent if it was not yet: its caller was told the
+        outcome is unknown, and a retry with the same ids is answered with the original
+        positions whichever attempt lands first."""
+        self._expiry, self._expiry_at = None, math.inf
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        earliest = math.inf
+        for batch in (self._pending, self._sending, *self._outbox, *self._retrying,
+                      *[m[1] for m in self._inflight]):
+            for p in batch:
+                if p.future.done():
+                    continue
+                if p.deadline <= now:
+                    p.future.set_exception(AppendError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                                       _IN_DOUBT))
+                elif p.deadline < earliest:
+                    earliest = p.deadline
+        if earliest < math.inf and not self._closed:
+            self._expire_at(max(earliest, now + EXPIRY_SWEEP_S))
 
     def _schedule_flush(self, delay: float) -> None:
         if self._flush_handle is not None:
@@ -452,6 +505,7 @@ class StoreClient:
                 self._outbox_ready.clear()
                 await self._outbox_ready.wait()
                 continue
+            self._sending = batch
             call = None
             try:
                 if self._call is None:
@@ -803,13 +857,16 @@ class StoreClient:
         """Re-sends appends, with the same event ids, after a backoff (and a move to
         another node when the cause says so): before anything made after them, and
         nothing is sent until the backoff is over (``_hold``)."""
+        if self._closed:  # not the refusal: the caller must learn its client closed
+            _fail_closed(batch)
+            return
         loop = asyncio.get_running_loop()
         now = loop.time()
         again = []
         for p in batch:
             if p.future.done():
                 continue
-            if now >= p.deadline or self._closed:
+            if now >= p.deadline:
                 p.future.set_exception(cause or AppendError(
                     grpc.StatusCode.DEADLINE_EXCEEDED, _IN_DOUBT))
             else:

@@ -1,21 +1,23 @@
 """The store client when things go wrong around its appends: closing with appends in
 every stage, malformed appends among good ones, messages at the limits, a stream reset
-with appends in flight, and a follower refusing a large message. Real gRPC servers: real
-`xdc` nodes, and in-process EventStore servers that answer in one fixed way (never, or
-refusing every append) to reach each case on purpose."""
+with appends in flight, a follower refusing a large message, and appends outliving
+their timeout behind a paused node. Real gRPC servers: real `xdc` nodes, and in-process
+EventStore servers that answer in one fixed way (never, or refusing appends) to reach
+each case on purpose."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from store.client import ANY, EXACT, AppendError, StoreClient, new_event
+from store.client import ANY, EXACT, SETTLE_SLICE, AppendError, StoreClient, new_event
 from store.limits import Limits
 from tests.support.store import run, running_store, wait_until
 from xdc.v1 import eventstore_pb2 as pb
@@ -27,8 +29,9 @@ async def _node(answer: str, leader: str = "", retry_after_ms: int = 0
                 ) -> AsyncIterator[tuple[str, list[int]]]:
     """An EventStore that never answers an AppendStream message (`answer="never"`),
     refuses every append of each (`"refuse"`: UNAVAILABLE, naming `leader`, with
-    `retry_after_ms`), or answers each out of protocol (`"garble"`: no result). Yields
-    its address and the number of appends of each message it received."""
+    `retry_after_ms`), refuses all but the first (`"first-ok"`), or answers each out of
+    protocol (`"garble"`: no result). Yields its address and the number of appends of
+    each message it received."""
     from store.server import listen_on, new_server
 
     release = asyncio.Event()
@@ -48,7 +51,12 @@ async def _node(answer: str, leader: str = "", retry_after_ms: int = 0
                 if answer == "garble":
                     yield resp
                     continue
-                for _ in msg.appends:
+                for i, _ in enumerate(msg.appends):
+                    if answer == "first-ok" and i == 0:
+                        resp.results.add().ok.CopyFrom(pb.AppendResponse(
+                            first_position=1, last_position=1, last_revision=1,
+                            next_revision=2))
+                        continue
                     resp.results.add().error.CopyFrom(pb.AppendError(
                         code=grpc.StatusCode.UNAVAILABLE.value[0], message="not the leader",
                         leader=leader, retry_after_ms=retry_after_ms))
@@ -229,3 +237,83 @@ def test_a_node_answering_out_of_protocol_is_left_like_a_failed_one(tmp_path: Pa
                 answer = await c.append("s", _events(1))
                 assert answer.last_revision == 1
     run(body)
+
+
+def test_closing_fails_appends_about_to_be_retried_with_cancelled() -> None:
+    """Appends refused with a retry hint and settled while the client closes fail with
+    CANCELLED ("client closed"), like every other append the close finds. Before, they
+    failed with the refusal that was to be retried (UNAVAILABLE "not the leader"), as if
+    the store had answered them so. The close comes between two slices of one message's
+    answers (SETTLE_SLICE): the first append's answer wakes this task before the rest are
+    settled."""
+    async def body() -> None:
+        async with _node("first-ok", retry_after_ms=5_000) as (node, _):
+            c = StoreClient(node, timeout_s=30)
+            try:
+                # Distinct streams: one append each in a single message, not merged.
+                futs = [c.append_nowait(f"s{i}", _events(1)) for i in range(3 * SETTLE_SLICE)]
+                assert (await futs[0]).last_revision == 1
+            finally:
+                await c.close()
+            await asyncio.wait(futs[1:], timeout=5)
+            errors = [f.exception() for f in futs[1:]]
+            assert all(isinstance(e, AppendError) and e.code == grpc.StatusCode.CANCELLED
+                       and e.message == "client closed" for e in errors), {
+                repr(e) for e in errors}
+    run(body)
+
+
+def test_append_nowait_fails_at_its_timeout_behind_a_paused_node(tmp_path: Path) -> None:
+    """Appends to a paused `xdc serve` (SIGSTOP) fail with DEADLINE_EXCEEDED by their own
+    timeout wherever they wait: in flight, held by the sender for a free slot, queued,
+    and one with a shorter timeout queued behind them. Before, `append_nowait`'s futures
+    were failed only where the client retried (the stream's attempt timeout, 5 s here).
+    Once the node goes on, what it wrote of them is found by retrying with the same ids:
+    answered as duplicates with the original positions, each event stored once."""
+    from store.process import ServeProcess
+
+    async def body(node: ServeProcess) -> None:
+        loop = asyncio.get_running_loop()
+        async with StoreClient(node.address, timeout_s=30, attempt_timeout_s=5,
+                               max_inflight_messages=1, max_batch_appends=1) as c:
+            await c.append("s", _events(1))  # the stream is open, the limits known
+            node.signal(signal.SIGSTOP)
+            try:
+                sent = [_events(1) for _ in range(4)]
+                timeouts = [0.6, 0.6, 0.6, 0.3]
+                t0 = loop.time()
+                ended: dict[int, float] = {}
+                futs = []
+                for i, (events, timeout) in enumerate(zip(sent, timeouts, strict=True)):
+                    futs.append(c.append_nowait("s", events, timeout_s=timeout))
+                    futs[-1].add_done_callback(lambda _, i=i: ended.setdefault(
+                        i, loop.time() - t0))
+                await wait_until(lambda: len(c._inflight) == 1 and len(c._outbox) == 2, 5,
+                                 "one append in flight, one held by the sender, two queued")
+                await asyncio.wait(futs, timeout=10)
+                for i, (f, timeout) in enumerate(zip(futs, timeouts, strict=True)):
+                    err = f.exception()
+                    assert isinstance(err, AppendError), (i, f)
+                    assert err.code == grpc.StatusCode.DEADLINE_EXCEEDED, (i, err)
+                    assert "outcome is unknown" in err.message
+                    # The margin absorbs a loaded machine's loop lag; without the
+                    # deadline sweep they end at the 5 s attempt timeout.
+                    assert timeout <= ended[i] < timeout + 1.0, (i, ended)
+            finally:
+                node.signal(signal.SIGCONT)
+            # The one in flight was written after its timeout; retries must find it.
+            await wait_until(lambda: _count(c, "s", 2), 10, "the paused append written")
+            answers = [await c.append("s", events, timeout_s=10) for events in sent]
+            assert answers[0].duplicate, answers[0]
+            stored = await c.read("s")
+            assert len({e.id for e in stored}) == len(stored) == 5, stored
+            revision = {e.id: e.revision for e in stored}
+            assert [a.last_revision for a in answers] == [revision[e[0].id] for e in sent]
+            assert (await c.append("s", _events(1))).last_revision == 6
+
+    with ServeProcess(str(tmp_path)) as node:
+        run(lambda: body(node))
+
+
+async def _count(c: StoreClient, stream: str, n: int) -> bool:
+    return len(await c.read(stream)) >= n
