@@ -83,6 +83,7 @@ from typing import Any
 import grpc
 
 from geo.config import ConfigError
+from store.validation import ALL
 
 __all__ = [
     "DEFAULT_PATH",
@@ -125,7 +126,6 @@ _EVENTSTORE = "/xdc.v1.EventStore/"
 _GATEWAY = "/xdc.v1.OrderGateway/"
 # The Read method is resolved per request: "$all" is read-all, a stream is history.
 READ_METHOD = _EVENTSTORE + "Read"
-ALL_STREAM = "$all"
 
 METHOD_SERVICES: Mapping[str, str] = {
     _EVENTSTORE + "Append": "append",
@@ -151,7 +151,7 @@ METHOD_SERVICES: Mapping[str, str] = {
 def service_of(method: str, request: Any = None) -> str | None:
     """The service a call belongs to, or None for methods that are never shed. For Read,
     pass the request (a ReadRequest; anything without `stream` counts as history)."""
-    if method == READ_METHOD and getattr(request, "stream", None) == ALL_STREAM:
+    if method == READ_METHOD and getattr(request, "stream", None) == ALL:
         return "read-all"
     return METHOD_SERVICES.get(method)
 

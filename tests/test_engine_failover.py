@@ -655,3 +655,39 @@ def test_a_primary_that_cannot_emit_stops_at_its_pending_limit_and_a_restart_res
                 await wait_outputs_through(client, last, 60)
                 await check_exactly_once(client)
         run(resumed, timeout_s=90)
+
+
+@pytest.mark.parametrize("chunk", ["bad", "0/100000000", None])
+def test_a_snapshot_with_a_malformed_chunk_header_costs_a_replay(
+        tmp_path: Path, chunk: str | None) -> None:
+    """The latest snapshot's chunk header cannot be read (not "i/n", a count the store
+    would refuse to read, or none at all): the engine replays the whole log and emits
+    every output, instead of dying on it at every start (before, the header was parsed
+    and the chunks read outside the check: a crash loop)."""
+    from store.client import new_event
+
+    events = workload(seed=24, n=300)
+    with _store(tmp_path) as (store, engines):
+        async def body() -> None:
+            async with StoreClient(store.address) as client:
+                md = {"input_position": "5", "output_revision": "0", "chain": "00" * 32,
+                      "state_hash": "00" * 32}
+                if chunk is not None:
+                    md["chunk"] = chunk
+                await client.append(wire.snapshot_stream(GROUP), [new_event(
+                    wire.SNAPSHOT_TYPE, b"not a snapshot", metadata=md)])
+                await _primary_on_backlog(client, store, engines, tmp_path, events, 50,
+                                          snapshot_every=0)
+                await check_exactly_once(client)
+                s = await status_or_none(engines[0].address)
+                assert s is not None and s.role == "primary" and not s.alarm
+                return s
+        s = run(body, timeout_s=60)
+        # A full replay by `xdc engine verify` ends in the same state, and flags the
+        # snapshot as one that does not match the log.
+        verify = subprocess.run([sys.executable, "-m", "xdc.cli", "engine", "verify", GROUP,
+                                 "--store", store.address], capture_output=True, text=True,
+                                timeout=60)
+        result = json.loads(verify.stdout)
+        assert result["snapshot_mismatches"] == [5] and verify.returncode == 1, result
+        assert (result["state_hash"], result["chain_hash"]) == (s.state_hash, s.chain_hash)
