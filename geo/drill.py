@@ -90,7 +90,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from operator import attrgetter
 from pathlib import Path
@@ -553,14 +553,10 @@ class Run:
                         (time.monotonic(), code.name, (exc.details() or "")[:160]))
                 md = dict(exc.trailing_metadata() or ())
                 hint_s = int(md.get(MD_RETRY_AFTER_MS, "0") or 0) / 1000
-                # A tier's shed is refused before anything ran; a timeout, or a gateway
-                # (or its store) gone mid-call, may have appended the order.
-                doubt = code == grpc.StatusCode.DEADLINE_EXCEEDED or (
-                    code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
-                    and MD_SHED_REASON not in md)
                 raise _Failed(code, f"order {order.method} refused: {code.name} "
                                     f"{exc.details()}",
-                              min(GATEWAY_RETRY_MAX_S, max(0.02, hint_s)), doubt) from None
+                              min(GATEWAY_RETRY_MAX_S, max(0.02, hint_s)),
+                              gateway_call_in_doubt(code, md)) from None
             return r.input_position, r.duplicate
         await self._until_acked(order.event_id, "order", attempt)
 
@@ -1090,6 +1086,15 @@ class Run:
         return {"hashes_agree": agreed and not exactly_once, "engines": views,
                 "exactly_once": exactly_once or "ok", "orders_in_log": len(inputs),
                 "output_batches": len(outputs)}
+
+
+def gateway_call_in_doubt(code: grpc.StatusCode, trailing: Mapping[str, str]) -> bool:
+    """Whether a failed gateway call may have appended its order: a tier's shed (its
+    reason in the trailing metadata) is refused before anything ran; a timeout, or a
+    gateway (or its store) gone mid-call, may have appended it."""
+    return code == grpc.StatusCode.DEADLINE_EXCEEDED or (
+        code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+        and MD_SHED_REASON not in trailing)
 
 
 def _ignore(reason: str) -> None:

@@ -245,3 +245,23 @@ def test_sigterm_stops_the_drill_and_every_process_of_its_cluster(
         proc.wait()
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+def test_a_failed_gateway_call_is_in_doubt_unless_a_tier_shed_it() -> None:
+    """A timeout, or a gateway (or its store) gone mid-call (UNAVAILABLE, CANCELLED), may
+    have appended the order: the drill retries it with the same id and reports how it
+    resolved. A tier's shed (its reason in the trailing metadata) ran nothing, nor did a
+    refusal like RESOURCE_EXHAUSTED or INVALID_ARGUMENT."""
+    import grpc
+
+    from geo.drill import gateway_call_in_doubt
+    from store.errors import MD_SHED_REASON
+    code = grpc.StatusCode
+    shed = {MD_SHED_REASON: "market-data shed"}
+    assert gateway_call_in_doubt(code.DEADLINE_EXCEEDED, {})
+    assert gateway_call_in_doubt(code.DEADLINE_EXCEEDED, shed)
+    for c in (code.UNAVAILABLE, code.CANCELLED):
+        assert gateway_call_in_doubt(c, {})
+        assert not gateway_call_in_doubt(c, shed)
+    for c in (code.RESOURCE_EXHAUSTED, code.INVALID_ARGUMENT, code.FAILED_PRECONDITION):
+        assert not gateway_call_in_doubt(c, {})
