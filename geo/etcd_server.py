@@ -340,8 +340,12 @@ class EtcdCluster:
         self.base_dir = Path(base_dir)
         self.n = n
         self.binary = binary or etcd_binary()
+        # Pre-vote (off by default before etcd 3.5): a member cut off from the others,
+        # back after its election timeouts, would otherwise bump the term and depose a
+        # healthy etcd leader, an election during which no store lease is refreshed.
         self.extra_args = (f"--heartbeat-interval={heartbeat_ms}",
-                           f"--election-timeout={election_timeout_ms}", *extra_args)
+                           f"--election-timeout={election_timeout_ms}", "--pre-vote=true",
+                           *extra_args)
         # pid + counter: unique across xdist workers and across clusters in one test.
         self.name = f"etcd{os.getpid()}x{next(_names)}"
         self.members: list[EtcdMember] = []

@@ -626,3 +626,12 @@ def test_a_prepared_lease_is_the_campaigns_and_an_old_one_is_replaced(
 
 async def _is(value: Awaitable[Any], expected: Any) -> bool:
     return await value == expected
+
+
+def test_etcd_members_run_with_pre_vote(etcd: EtcdCluster) -> None:
+    """Members are started with --pre-vote (off by default before etcd 3.5): a member
+    back from a partition asks before it campaigns, instead of bumping the term and
+    deposing a healthy etcd leader (an election during which no store lease is
+    refreshed). Its raft log names the pre-candidate step of its first election."""
+    (member,) = etcd.members
+    assert "became pre-candidate" in member.log_tail(200), member.log_tail(200)
