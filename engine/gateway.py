@@ -5,7 +5,9 @@ appended as ONE input command event to ``exchange.<group>.input``; the gateway n
 touches a book. The event id derives from (group, kind, account, client order id or
 request id) (``wire.command_event``), so the store's idempotency makes a retry land
 once: the same fields give the original input position with ``duplicate=true``, other
-fields under the same id are ALREADY_EXISTS.
+fields under the same id are ALREADY_EXISTS. A cancel and a replace share the account's
+request ids (``wire.input_id``): one whose request_id names an input of the other kind is
+ALREADY_EXISTS too.
 
 What comes back is read from the engines' output streams through one store subscription
 (``OutputFeed``): one filtered subscription over the configured groups' output streams
@@ -42,10 +44,11 @@ import collections
 import contextlib
 import heapq
 import logging
+import math
 import struct
 import sys
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import grpc
@@ -85,6 +88,11 @@ log = logging.getLogger("xdc.gateway")
 
 SERVICE = "xdc.v1.OrderGateway"
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
+# A resumed StreamExecutions catches up from the store in at most this many rounds, each
+# to the feed's position when it began (each round replays what was committed during the
+# one before, less and less for a consumer faster than the exchange); the last is buffered
+# by the live feed meanwhile (StreamExecutions).
+CATCH_UP_ROUNDS = 3
 # A request with a deadline is answered this long before it: an order that landed is
 # reported (its position, timed_out) rather than lost in the caller's DEADLINE_EXCEEDED.
 WAIT_DEADLINE_MARGIN_S = 0.05
@@ -116,9 +124,25 @@ class GatewayLimits:
     catch_up_wait_s: float = 10.0
 
     def __post_init__(self) -> None:
-        assert 0 < self.default_wait_ms <= self.max_wait_ms
-        assert self.max_waiters > 0 and self.recent_inputs > 0 and self.stream_queue > 0
-        assert 0 < self.default_book_depth <= self.max_book_depth
+        """Refuses limits that cannot work, naming the field and the rule: a ValueError,
+        not an assert (gone under ``python -O``), since operators and embedders set
+        them."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "float":  # seconds (annotations are strings here)
+                # NaN fails every comparison, so `> 0` alone would let it through; an
+                # endless wait is no limit.
+                if not (type(value) in (int, float) and 0 < value < math.inf):
+                    raise ValueError(f"GatewayLimits.{f.name} ({value!r}) must be a finite "
+                                     f"number of seconds > 0")
+            elif type(value) is not int or value <= 0:  # bool is no count
+                raise ValueError(f"GatewayLimits.{f.name} ({value!r}) must be an integer "
+                                 f"> 0")
+        for high, low in (("max_wait_ms", "default_wait_ms"),
+                          ("max_book_depth", "default_book_depth")):
+            if getattr(self, high) < getattr(self, low):
+                raise ValueError(f"GatewayLimits.{high} ({getattr(self, high)}) must be >= "
+                                 f"{low} ({getattr(self, low)})")
 
 
 def _before_deadline(context: grpc.aio.ServicerContext, seconds: float) -> float:
@@ -730,12 +754,19 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
                 await self._check_reachable(position)
                 attach()
             else:
-                # Catch-up from the store until the feed's position, then switch to the
-                # feed in the same loop step (no gap); the live part skips what catch-up
-                # already sent.
+                # Catch-up from the store in rounds, each to a fixed target: the feed's
+                # position when the round began. Chasing the feed's moving position never
+                # ends while the consumer reads no faster than the exchange trades (its
+                # backlog never shrinks); a fixed target is reached. A round that ends
+                # level with the feed switches to it in the same loop step (no gap). The
+                # last round is attached first: the feed queues what it dispatches past
+                # the target while the catch-up sends the rest, and the live part skips
+                # what the catch-up already sent.
                 subscription = self.client.subscribe(
                     after_position=position, stream_prefix=feed.prefix,
                     event_types=[wire.OUTPUT_TYPE], batches=True)
+                rounds, target = 1, feed.position
+                attached = handed_over = False
                 try:
                     async for item in subscription:
                         if isinstance(item, pb.RecordBatch):
@@ -746,9 +777,21 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
                                     yield msg
                         else:
                             position = max(position, item.position)  # type: ignore[union-attr]
-                        if position >= feed.position:
+                        if outlet.overflowed:
+                            break  # attached and too slow: refused below, with position
+                        if position < target:
+                            continue
+                        if not attached and position >= feed.position:
                             attach()
+                            attached = True
+                        if attached and position >= target:
+                            handed_over = True
                             break
+                        rounds += 1
+                        if rounds == CATCH_UP_ROUNDS:
+                            attach()
+                            attached = True
+                        target = feed.position
                 except grpc.aio.AioRpcError as exc:
                     # The store's own status (a limit, a permission), not UNKNOWN.
                     raise Refused(exc.code(), f"catch-up from the store failed: "
@@ -756,7 +799,7 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
                                               f"after_position={position}") from None
                 finally:
                     await subscription.aclose()
-                if outlet not in feed.exec_outlets.get(account, ()):
+                if not (handed_over or outlet.overflowed):
                     raise Refused(grpc.StatusCode.UNAVAILABLE,
                                   "the store ended the catch-up subscription; resume with "
                                   f"after_position={position}")

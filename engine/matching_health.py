@@ -65,8 +65,8 @@ MAX_INSTANCE_EVENTS = 256  # read per stream and look
 class EngineDirectory:
     """Where the instances of some engine groups answer EngineControl, as they advertise
     it (wire.instances_stream): the latest address per instance, read from the store at
-    most every DISCOVER_EVERY_S. At most MAX_ENGINES instances, the most recently
-    advertised first."""
+    most every DISCOVER_EVERY_S. At most MAX_ENGINES addresses, the most recently
+    advertised first; no more instances are remembered (``_forget``)."""
 
     def __init__(self, client: StoreClient, groups: Sequence[str],
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -83,8 +83,29 @@ class EngineDirectory:
             self._read_at = now
             for group in self.groups:
                 await self._read(group)
-        latest = list(dict.fromkeys(reversed(self._addresses.values())))
-        return latest[:MAX_ENGINES]
+            self._forget()
+        return list(reversed(self._addresses.values()))  # distinct after _forget
+
+    @property
+    def known(self) -> int:
+        """Instances remembered (at most MAX_ENGINES)."""
+        return len(self._addresses)
+
+    def _forget(self) -> None:
+        """Keeps what ``addresses`` returns and nothing more: for each of the MAX_ENGINES
+        addresses advertised last, the instance that advertised it last. Every instance
+        that ever started (each restart under a new id) was kept before. An earlier
+        instance at an address was replaced there (one address, one listener). Not by
+        age: an instance advertises once per start, so a primary that has run for weeks
+        holds the oldest advertisement of all."""
+        holders: dict[str, tuple[str, str]] = {}  # address -> (group, instance), newest first
+        for key, address in reversed(self._addresses.items()):
+            if address not in holders:
+                holders[address] = key
+                if len(holders) == MAX_ENGINES:
+                    break
+        if len(holders) < len(self._addresses):
+            self._addresses = {key: address for address, key in reversed(holders.items())}
 
     async def _read(self, group: str) -> None:
         try:

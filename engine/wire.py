@@ -143,11 +143,20 @@ def derived_id(*parts: str | int) -> bytes:
 
 # ---------------------------------------------------------------------- inputs
 
+# Kinds of input whose keys share one namespace: a cancel and a replace are both named by
+# the account's request ids, so one request id names one of them (a replace sent under a
+# cancel's request id has the cancel's event id, and the store refuses it as other content
+# under that id: ALREADY_EXISTS), as FIX gives each request its own ClOrdID.
+_KEY_SPACES = {"CancelOrder": "request", "ReplaceOrder": "request"}
+
+
 def input_id(group: str, cmd: object, key: str) -> bytes:
     """The id of ``cmd``'s input event. ``key`` is the request's idempotency key within
-    (group, account, kind): the client order id of a submit, the request id of a cancel
-    or replace."""
-    return derived_id("in", group, type(cmd).__name__, getattr(cmd, "account", ""), key)
+    (group, account, key space): the client order id of a submit, the request id of a
+    cancel or replace (one space for both), the key of an admin command of its kind."""
+    kind = type(cmd).__name__
+    return derived_id("in", group, _KEY_SPACES.get(kind, kind), getattr(cmd, "account", ""),
+                      key)
 
 
 def command_event(group: str, cmd: object, key: str,

@@ -283,6 +283,42 @@ def test_retry_is_a_duplicate_and_a_changed_retry_is_already_exists(tmp_path: Pa
     run(body)
 
 
+def test_a_request_id_names_one_cancel_or_replace(tmp_path: Path) -> None:
+    """A cancel and a replace share the account's request ids: reusing one for the other
+    kind is ALREADY_EXISTS naming request_id, and nothing is appended (before, both were
+    appended: their event ids derived from the kind); retries keep their original answer."""
+    async def body() -> None:
+        async with exchange(tmp_path) as x:
+            ref = {"symbol": "BTC-USD", "account": "alice", "client_order_id": "c-1"}
+            cancel = xpb.CancelOrderRequest(request_id="r-1", **ref)
+            c1 = await x.stub.CancelOrder(cancel)
+            err = await refused(x.stub.ReplaceOrder(xpb.ReplaceOrderRequest(
+                request_id="r-1", price=50000, qty=2, **ref)))
+            assert err.code() == grpc.StatusCode.ALREADY_EXISTS, err
+            assert ("request_id 'r-1' of account 'alice' was already used for a "
+                    "different request") in (err.details() or "")
+            replace = xpb.ReplaceOrderRequest(request_id="r-2", price=50000, qty=2, **ref)
+            p1 = await x.stub.ReplaceOrder(replace)
+            err = await refused(x.stub.CancelOrder(xpb.CancelOrderRequest(
+                request_id="r-2", **ref)))
+            assert err.code() == grpc.StatusCode.ALREADY_EXISTS, err
+            assert ("request_id 'r-2' of account 'alice' was already used for a "
+                    "different request") in (err.details() or "")
+            again = [await x.stub.CancelOrder(cancel), await x.stub.ReplaceOrder(replace)]
+            assert [(r.duplicate, r.input_position) for r in again] == [
+                (True, c1.input_position), (True, p1.input_position)]
+            # Another account's request ids are its own.
+            bob = await x.stub.ReplaceOrder(xpb.ReplaceOrderRequest(
+                symbol="BTC-USD", account="bob", request_id="r-1", order_id=1, price=50000,
+                qty=1))
+            assert not bob.duplicate
+            events = (await x.inputs("g1"))[x.init_counts["g1"]:]
+            assert [(e.position, e.type) for e in events] == [
+                (c1.input_position, "CancelOrder"), (p1.input_position, "ReplaceOrder"),
+                (bob.input_position, "ReplaceOrder")]
+    run(body)
+
+
 def test_orders_are_shed_while_the_store_is_down_and_admitted_in_tier_order_after(
         tmp_path: Path) -> None:
     """The gateway sheds by the store's state, as the store does: with no store, orders
@@ -600,6 +636,61 @@ def test_a_slow_execution_consumer_is_cut_off_and_can_resume(tmp_path: Path) -> 
             cids = [b.reports[0].client_order_id for b in [first, *rest]]
             assert cids == [f"s{i}" for i in range(5)]
             resumed.cancel()
+    run(body)
+
+
+def test_a_resumed_execution_stream_goes_live_under_steady_load(tmp_path: Path) -> None:
+    """A resumed StreamExecutions hands over from its catch-up to the live feed within a
+    bounded number of messages while the exchange keeps trading, and delivers every
+    output event once, in order. The consumer reads one message per output event the
+    exchange commits, and its handler runs at most an HTTP/2 window ahead of it: before,
+    the catch-up switched only once it had seen everything the feed had, which a backlog
+    that never shrinks never allows, so it chased the feed for good (holding a store
+    subscription of its own)."""
+    per_step, history = 100, 30  # ~14 kB a message: the history is several windows
+
+    async def body() -> None:
+        async with exchange(tmp_path) as x:
+            feed = x.gateway.service.feed
+            sent = 0
+
+            async def trade() -> None:
+                # alice's IOC sells, none filled: two reports each, her balance untouched.
+                nonlocal sent
+                cids = [f"s{sent + i}" for i in range(per_step)]
+                sent += per_step
+                await x.client.append(wire.input_stream("g1"), [wire.command_event(
+                    "g1", cm.NewOrder(0, "BTC-USD", "alice", cid, ESide.SELL, 1, 50000,
+                                      OrderType.LIMIT, ETif.IOC, False, STP.NONE), cid)
+                    for cid in cids])
+                await x.step("g1")
+                await x.fed()
+
+            await x.step("g1")  # the exchange's setup: alice's deposit is her first report
+            for _ in range(history):
+                await trade()
+            # No BDP probing: the window stays at its initial size, which the messages of
+            # the history exceed many times over.
+            async with grpc.aio.insecure_channel(
+                    x.gateway.address, options=[("grpc.http2.bdp_probe", 0)]) as channel:
+                call = xpb_grpc.OrderGatewayStub(channel).StreamExecutions(
+                    xpb.StreamExecutionsRequest(account="alice", after_position=1))
+                got = []
+                for _ in range(4 * history):
+                    if "alice" in feed.exec_outlets:
+                        break
+                    await trade()  # the feed has it before the consumer reads on
+                    got.append(await next_msg(call))
+                assert "alice" in feed.exec_outlets, (
+                    f"still catching up after {len(got)} messages read")
+                outputs = await x.client.read(wire.output_stream("g1"), limit=10_000)
+                while not got or got[-1].position < outputs[-1].position:
+                    got.append(await next_msg(call))
+                assert [b.position for b in got] == [e.position for e in outputs]
+                ids = [r.client_order_id for b in got for r in b.reports if r.kind == "ACCEPTED"]
+                assert ids == [f"s{i}" for i in range(sent)]
+                call.cancel()
+            await wait_until(lambda: feed.outlets == 0, T, "the stream closed")
     run(body)
 
 
