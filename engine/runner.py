@@ -36,7 +36,9 @@ Life of an instance:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import contextvars
 import gc
 import logging
 import socket
@@ -44,6 +46,7 @@ import zlib
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry.trace import Span, SpanContext
 
 from engine import wire
 from engine.book import GcFreezer, gc_paused
@@ -95,6 +98,9 @@ ADVERTISE_RETRY_MAX_S = 5.0
 STORE_WATCH_S = 0.5  # how often an instance asks its store member for its tiers
 STARTUP_TIMEOUT_S = 60.0
 MAX_CAPTURES_WAITING = 2  # snapshots captured, waiting for their outputs' commit
+# Traced input batches whose spans an output append may still hang under (_spans_of):
+# more than the batches whose outputs one append carries (consumer.MAX_APPEND_BATCHES).
+MAX_TRACED_BATCHES = 1_024
 # Committed inputs whose outputs a catching-up instance checks at least (RunnerConfig):
 # as many as `--snapshot-every` puts between snapshots by default, so an instance that
 # restarts from the latest snapshot checks everything after it.
@@ -168,6 +174,11 @@ class EngineRunner:
         # and snapshot chunks are sized to fit.
         self.store_limits: pb.StoreLimits | None = None
         self._emit_paused_until = 0.0
+        # (first input, last input, CONSUMER span) of the batches processed lately, when
+        # traced: an output append hangs under the spans of the inputs it carries outputs
+        # of (_emit), not under whichever span was current when it was sent.
+        self._batch_spans: collections.deque[tuple[int, int, SpanContext]] = \
+            collections.deque(maxlen=MAX_TRACED_BATCHES)
         self.limit_refusals = 0
         self.output_event_bytes = 0  # as fitted to the store's limits; 0: not yet
         self._refit: asyncio.Future[None] | None = None
@@ -408,9 +419,9 @@ class EngineRunner:
                 continue
             if not isinstance(item, pb.RecordBatch):
                 continue
-            before = c.inputs
+            before, first = c.inputs, c.position + 1
             # One CONSUMER span per delivered batch, linked to each order's producer
-            # span (its traceparent); the output append below is its child.
+            # span (its traceparent); the output append of its outputs is its child.
             with telemetry.consumer_span(
                     self.input_stream, (e.metadata for e in item.events
                                         if e.stream == self.input_stream),
@@ -421,6 +432,8 @@ class EngineRunner:
                 if span.is_recording():
                     span.set_attribute("xdc.engine.input_position", c.position)
                     span.set_attribute("xdc.engine.primary", self.primary)
+                    # Warm too: the outputs it holds at a takeover are emitted then.
+                    self._batch_spans.append((first, c.position, span.get_span_context()))
                 await self._after_batch(c, item, before)
         raise RuntimeError("subscription ended")
 
@@ -485,10 +498,25 @@ class EngineRunner:
             return
         generation, expected, batches = nxt
         events = [b.event(self.config.group, self.config.instance) for b in batches]
-        fut = self.client.append_nowait(self.output_stream, events, EXACT, expected)
-        fut.add_done_callback(lambda done: self._appended(done, generation, expected))
+        with telemetry.serving(self._spans_of(batches[0].first_input, batches[-1].last_input),
+                               f"emit {self.output_stream}") as span:
+            fut = self.client.append_nowait(self.output_stream, events, EXACT, expected)
+        # In an empty context: the answer's callback sends the next append, which must not
+        # inherit this one's spans (it would, from the context copied here).
+        fut.add_done_callback(lambda done: self._appended(done, generation, expected, span),
+                              context=contextvars.Context())
 
-    def _appended(self, fut: asyncio.Future, generation: int, expected: int) -> None:
+    def _spans_of(self, first: int, last: int) -> list[SpanContext]:
+        """The CONSUMER spans of the batches that held inputs first..last (outputs are
+        emitted in input order: spans of earlier inputs are dropped)."""
+        spans = self._batch_spans
+        while spans and spans[0][1] < first:
+            spans.popleft()
+        return [sc for lo, _hi, sc in spans if lo <= last]
+
+    def _appended(self, fut: asyncio.Future, generation: int, expected: int,
+                  span: Span) -> None:
+        span.end()  # the emit span, when the append served several batches' spans
         try:
             self._on_answer(fut, generation, expected)
         except Exception as exc:  # a broken invariant in a callback: not to be lost

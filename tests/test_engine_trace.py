@@ -82,3 +82,84 @@ def test_one_order_is_one_trace_through_gateway_store_and_engine(otel: Otel,  # 
             link.context.trace_id == submit.context.trace_id for link in consumer.links)
 
     run(body, timeout_s=60)
+
+
+def test_each_output_append_hangs_under_the_spans_of_the_inputs_it_carries(
+        otel: Otel, tmp_path: Path) -> None:  # noqa: F811
+    """Orders arriving while an output append is in flight: every CONSUMER span of the
+    primary is served by exactly one output append, either as its parent (an append of
+    one batch's outputs) or through an "emit" span linked to each batch it carries. Before,
+    the next append was sent from the previous one's answer callback, in the context
+    copied when that callback was registered: appends hung under an old, ended CONSUMER
+    span (other orders' traces), and most CONSUMER spans had none."""
+    import asyncio
+
+    config = parse(tomllib.loads(DEMO_CONFIG))
+    orders = 40
+
+    async def body() -> None:
+        async with running_store(tmp_path / "store") as (server, client):
+            group = config.group("crypto")
+            await client.append(wire.input_stream("crypto"), [
+                *init_events(group),
+                wire.command_event("crypto", cm.Deposit(0, "bob", "BTC", 10**9), "d2")])
+            runner = EngineRunner(RunnerConfig("crypto", "a", (server.address,)),
+                                  FileLease(tmp_path / "lease", "crypto", "a"))
+            gateway = GatewayServer(config, server.address)
+            await runner.start()
+            await gateway.start()
+            await gateway.wait_admitted()
+            try:
+                await wait_until(lambda: runner.primary, 10)
+                async with grpc.aio.insecure_channel(gateway.address) as ch:
+                    stub = xpb_grpc.OrderGatewayStub(ch)
+                    calls = []
+                    for i in range(orders):  # overlapping calls, a few ms apart
+                        calls.append(asyncio.ensure_future(stub.SubmitOrder(
+                            xpb.SubmitOrderRequest(
+                                symbol="BTC-USD", account="bob", client_order_id=f"o-{i}",
+                                side=xpb.SELL, qty=1, price=50_000 + i, wait=True,
+                                wait_timeout_ms=10_000), timeout=15)))
+                        await asyncio.sleep(0.004)  # pacing the load, not a sync
+                    answers = await asyncio.gather(*calls)
+                assert not any(r.timed_out for r in answers)
+                await wait_until(lambda: not any(served(otel.spans())[:2]), 10,
+                                 "every CONSUMER span served by an output append")
+            finally:
+                await gateway.stop(0.5)
+                await runner.stop()
+
+    def served(spans: list) -> tuple[list, list, dict]:  # type: ignore[type-arg]
+        """(CONSUMER spans of orders with no output append, output appends whose parent
+        is no span exported (yet), appends per CONSUMER span)."""
+        by_id = {s.context.span_id: s for s in spans}
+        out_stream = wire.output_stream("crypto")
+        per: dict[int, int] = {}
+        orphans = []
+        for s in spans:
+            if not (s.kind == SpanKind.CLIENT and "AppendStream" in s.name
+                    and s.attributes.get("messaging.destination.name") == out_stream):
+                continue
+            parent = by_id.get(s.parent.span_id) if s.parent is not None else None
+            if parent is None:
+                orphans.append(s)
+                continue
+            if parent.kind == SpanKind.CONSUMER:
+                batches = [parent.context.span_id]
+            else:
+                assert parent.name == f"emit {out_stream}", parent.name
+                batches = [link.context.span_id for link in parent.links]
+                assert len(batches) > 1 and parent.end_time >= s.end_time
+            for b in batches:
+                assert by_id[b].kind == SpanKind.CONSUMER
+                per[b] = per.get(b, 0) + 1
+        # The primary's spans of batches holding orders (linked to their producers).
+        orders_consumed = [s for s in spans if s.kind == SpanKind.CONSUMER
+                           and s.attributes.get("xdc.engine.primary") and s.links]
+        return [s for s in orders_consumed if s.context.span_id not in per], orphans, per
+
+    otel.exporter.clear()
+    run(body, timeout_s=90)
+    missing, orphans, per = served(otel.spans())
+    assert not missing and not orphans, (missing, [s.parent for s in orphans])
+    assert set(per.values()) == {1}, per

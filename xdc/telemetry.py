@@ -539,6 +539,29 @@ def parent_and_links(contexts: Sequence[SpanContext | None],
     return base, [Link(sc) for sc in distinct.values()]
 
 
+@contextlib.contextmanager
+def serving(contexts: Sequence[SpanContext], name: str) -> Iterator[Span]:
+    """Makes current, for the block, what work done for the spans `contexts` hangs under
+    (parent_and_links' rule): the one context itself, or, for several, an INTERNAL span
+    `name` linked to each, yielded for the caller to end once the work is done (a
+    span that is already ended or INVALID_SPAN otherwise). With none, an empty context:
+    never whatever happens to be current (a callback's, copied when it was registered,
+    would put the work in an unrelated trace). With tracing off: nothing at all."""
+    if not _state.tracing:
+        yield INVALID_SPAN
+        return
+    parent, links = parent_and_links(contexts)
+    span: Span = INVALID_SPAN
+    if links:
+        span = open_span(name, context=parent, links=links)
+        parent = trace.set_span_in_context(span, Context())
+    token = otel_context.attach(parent)
+    try:
+        yield span
+    finally:
+        otel_context.detach(token)
+
+
 # ---- batch-level spans ------------------------------------------------------------------
 # The SDK's Span cleans every attribute value through its abstract-type checks and a lock
 # as it is set, and runs the sampler, its own metrics and the processors' on_start: about
