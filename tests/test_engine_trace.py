@@ -5,7 +5,10 @@ store, real gateway, real engine runner, SDK in-memory exporter."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import tomllib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -17,49 +20,55 @@ from engine.exchange_config import DEMO_CONFIG, init_events, parse
 from engine.gateway import GatewayServer
 from engine.lease import FileLease
 from engine.runner import EngineRunner, RunnerConfig
+from store.client import StoreClient
 from tests.support.store import run, running_store, wait_until
 from tests.test_telemetry import Otel, _child_of, _links_to, otel  # noqa: F401 (fixture)
 from xdc.v1 import exchange_pb2 as xpb
 from xdc.v1 import exchange_pb2_grpc as xpb_grpc
 
 
+@contextlib.asynccontextmanager
+async def _exchange(tmp_path: Path) -> AsyncIterator[tuple[StoreClient, str]]:
+    """A store, the demo exchange's setup (bob holds BTC), a primary engine and a gateway:
+    (store client, gateway address); all stopped on the way out."""
+    config = parse(tomllib.loads(DEMO_CONFIG))
+    async with running_store(tmp_path / "store") as (server, client):
+        await client.append(wire.input_stream("crypto"), [
+            *init_events(config.group("crypto")),
+            wire.command_event("crypto", cm.Deposit(0, "alice", "USD", 10**9), "d1"),
+            wire.command_event("crypto", cm.Deposit(0, "bob", "BTC", 10**9), "d2")])
+        runner = EngineRunner(RunnerConfig("crypto", "a", (server.address,)),
+                              FileLease(tmp_path / "lease", "crypto", "a"))
+        gateway = GatewayServer(config, server.address)
+        await runner.start()
+        await gateway.start()
+        await gateway.wait_admitted()
+        try:
+            await wait_until(lambda: runner.primary, 10)
+            yield client, gateway.address
+        finally:
+            await gateway.stop(0.5)
+            await runner.stop()
+
+
 def test_one_order_is_one_trace_through_gateway_store_and_engine(otel: Otel,  # noqa: F811
                                                                   tmp_path: Path) -> None:
-    config = parse(tomllib.loads(DEMO_CONFIG))
-
     async def body() -> None:
-        async with running_store(tmp_path / "store") as (server, client):
-            group = config.group("crypto")
-            events = [
-                *init_events(group),
-                wire.command_event("crypto", cm.Deposit(0, "alice", "USD", 10**9), "d1"),
-                wire.command_event("crypto", cm.Deposit(0, "bob", "BTC", 10**6), "d2")]
-            await client.append(wire.input_stream("crypto"), events)
-            runner = EngineRunner(RunnerConfig("crypto", "a", (server.address,)),
-                                  FileLease(tmp_path / "lease", "crypto", "a"))
-            gateway = GatewayServer(config, server.address)
-            await runner.start()
-            await gateway.start()
-            await gateway.wait_admitted()
-            try:
-                await wait_until(lambda: runner.primary, 10)
-                otel.exporter.clear()
-                async with grpc.aio.insecure_channel(gateway.address) as ch:
-                    r = await xpb_grpc.OrderGatewayStub(ch).SubmitOrder(xpb.SubmitOrderRequest(
-                        symbol="BTC-USD", account="bob", client_order_id="o-1", side=xpb.SELL,
-                        qty=3, price=50_000, wait=True, wait_timeout_ms=10_000), timeout=15)
-                assert not r.timed_out and r.reports[0].kind == "ACCEPTED"
-                (stored,) = [e for e in await client.read(wire.input_stream("crypto"),
-                                                          start=1, limit=100)
-                             if e.position == r.input_position]
-                traceparent = stored.metadata["traceparent"]
+        async with _exchange(tmp_path) as (client, address):
+            otel.exporter.clear()
+            async with grpc.aio.insecure_channel(address) as ch:
+                r = await xpb_grpc.OrderGatewayStub(ch).SubmitOrder(xpb.SubmitOrderRequest(
+                    symbol="BTC-USD", account="bob", client_order_id="o-1", side=xpb.SELL,
+                    qty=3, price=50_000, wait=True, wait_timeout_ms=10_000), timeout=15)
+            assert not r.timed_out and r.reports[0].kind == "ACCEPTED"
+            (stored,) = [e for e in await client.read(wire.input_stream("crypto"),
+                                                      start=1, limit=100)
+                         if e.position == r.input_position]
+            traceparent = stored.metadata["traceparent"]
 
-                def traced() -> bool:
-                    return any(s.kind == SpanKind.CONSUMER for s in otel.spans())
-                await wait_until(traced, 10)
-            finally:
-                await gateway.stop(0.5)
-                await runner.stop()
+            def traced() -> bool:
+                return any(s.kind == SpanKind.CONSUMER for s in otel.spans())
+            await wait_until(traced, 10)
 
         spans = otel.spans()
         (submit,) = [s for s in spans if s.kind == SpanKind.SERVER and "SubmitOrder" in s.name]
@@ -92,42 +101,23 @@ def test_each_output_append_hangs_under_the_spans_of_the_inputs_it_carries(
     the next append was sent from the previous one's answer callback, in the context
     copied when that callback was registered: appends hung under an old, ended CONSUMER
     span (other orders' traces), and most CONSUMER spans had none."""
-    import asyncio
-
-    config = parse(tomllib.loads(DEMO_CONFIG))
     orders = 40
 
     async def body() -> None:
-        async with running_store(tmp_path / "store") as (server, client):
-            group = config.group("crypto")
-            await client.append(wire.input_stream("crypto"), [
-                *init_events(group),
-                wire.command_event("crypto", cm.Deposit(0, "bob", "BTC", 10**9), "d2")])
-            runner = EngineRunner(RunnerConfig("crypto", "a", (server.address,)),
-                                  FileLease(tmp_path / "lease", "crypto", "a"))
-            gateway = GatewayServer(config, server.address)
-            await runner.start()
-            await gateway.start()
-            await gateway.wait_admitted()
-            try:
-                await wait_until(lambda: runner.primary, 10)
-                async with grpc.aio.insecure_channel(gateway.address) as ch:
-                    stub = xpb_grpc.OrderGatewayStub(ch)
-                    calls = []
-                    for i in range(orders):  # overlapping calls, a few ms apart
-                        calls.append(asyncio.ensure_future(stub.SubmitOrder(
-                            xpb.SubmitOrderRequest(
-                                symbol="BTC-USD", account="bob", client_order_id=f"o-{i}",
-                                side=xpb.SELL, qty=1, price=50_000 + i, wait=True,
-                                wait_timeout_ms=10_000), timeout=15)))
-                        await asyncio.sleep(0.004)  # pacing the load, not a sync
-                    answers = await asyncio.gather(*calls)
-                assert not any(r.timed_out for r in answers)
-                await wait_until(lambda: not any(served(otel.spans())[:2]), 10,
-                                 "every CONSUMER span served by an output append")
-            finally:
-                await gateway.stop(0.5)
-                await runner.stop()
+        async with _exchange(tmp_path) as (_, address):
+            async with grpc.aio.insecure_channel(address) as ch:
+                stub = xpb_grpc.OrderGatewayStub(ch)
+                calls = []
+                for i in range(orders):  # overlapping calls, a few ms apart
+                    calls.append(asyncio.ensure_future(stub.SubmitOrder(xpb.SubmitOrderRequest(
+                        symbol="BTC-USD", account="bob", client_order_id=f"o-{i}",
+                        side=xpb.SELL, qty=1, price=50_000 + i, wait=True,
+                        wait_timeout_ms=10_000), timeout=15)))
+                    await asyncio.sleep(0.004)  # pacing the load, not a sync
+                answers = await asyncio.gather(*calls)
+            assert not any(r.timed_out for r in answers)
+            await wait_until(lambda: not any(served(otel.spans())[:2]), 10,
+                             "every CONSUMER span served by an output append")
 
     def served(spans: list) -> tuple[list, list, dict]:  # type: ignore[type-arg]
         """(CONSUMER spans of orders with no output append, output appends whose parent
