@@ -108,7 +108,8 @@ def exchange_principals(tokens: dict[str, str], certs: dict[str, str] | None = N
     """The principals of an exchange's auth file (store/auth.py render), by role: `admin`
     (everything: switchovers, engine controls, symbols and deposits), `gateway` (appends
     orders, reads the exchange), `engine` (appends outputs and snapshots, reads the
-    exchange) and `trader` (its accounts at the gateway, its own `orders.*` streams).
+    exchange), `trader` (its accounts at the gateway, its own `orders.*` streams) and
+    `peer` (the store members' replication, without TLS).
     `tokens`: role -> token (roles without one are left out); `certs`: role -> the client
     certificate identity that authenticates as it too."""
     exchange = "exchange.*"
@@ -125,6 +126,9 @@ def exchange_principals(tokens: dict[str, str], certs: dict[str, str] | None = N
             {"operations": ["read", "subscribe"], "streams": [exchange]}]},
         "trader": {"accounts": list(trader_accounts), "grants": [
             {"operations": ["append", "read", "subscribe"], "streams": ["orders.*"]}]},
+        # The store members themselves, in a cluster without TLS (with TLS, their
+        # certificates): replication between them (geo/config.py peer_token_file).
+        "peer": {"grants": [{"operations": ["replicate"]}]},
     }
     certs = certs or {}
     return [{"name": role, "token": tokens[role], "cert": certs.get(role, ""), **spec}

@@ -12,6 +12,9 @@ Schema::
     lease_ttl_s = 2                   # etcd lease TTL, integer seconds >= 1
     tiers_file = "tiers.toml"         # optional; relative to the config file
     auth_file = "auth.toml"           # optional: client principals and grants (store/auth.py)
+    peer_token_file = "peer.token"    # with auth_file and no [tls]: the member token
+                                      #   (a principal granted "replicate") nodes present
+                                      #   to each other; with [tls], certificates do
 
     [etcd]
     endpoints = ["127.0.0.1:2379"]    # host:port, at least one
@@ -47,7 +50,9 @@ operators gain confidence), `lease_ttl_s` to 2.
 Errors (`ConfigError`): unknown keys (a typo must not pass silently), wrong types,
 malformed or out-of-range host:port, duplicate member ids, one address used twice,
 a member in an undeclared region, no voter at all, etcd cert/user without ca, a user
-without password_file, an unknown failover mode, a TTL below
+without password_file, auth_file without [tls] and without peer_token_file (replication
+would be open to anyone reaching a peer port: a forged promise stalls the cluster for
+good), peer_token_file with [tls] or without auth_file, an unknown failover mode, a TTL below
 one second, TLS on but a member without a certificate (neither its own nor tls.cert), a
 cert without its key. Warnings (`ClusterConfig.warnings`, the file is still usable): an even number
 of voters (it tolerates no more failures than one voter fewer), a region without any
@@ -178,6 +183,8 @@ class ClusterConfig:
     tls: TlsConfig | None = None
     # Clients authenticate and are checked against it (store/auth.py); None: open.
     auth_file: Path | None = None
+    # Without TLS: the token members present on each other's replication service.
+    peer_token_file: Path | None = None
     source: str = "<string>"
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
@@ -389,7 +396,7 @@ class _Validator:
 
     def build(self, raw: dict[str, Any]) -> ClusterConfig:
         self.only(raw, ("cluster", "failover", "lease_ttl_s", "tiers_file", "etcd", "region",
-                        "member", "tls", "auth_file"), "")
+                        "member", "tls", "auth_file", "peer_token_file"), "")
         cluster = self.name(raw, "cluster", "cluster")
         failover = self.string(raw, "failover", "failover", required=False)
         if failover is None:
@@ -413,6 +420,14 @@ class _Validator:
         regions = self._regions(raw)
         members = self._members(raw, {r.name for r in regions})
         tls = self._tls(raw, members)
+        peer_token_file = self.path(raw, "peer_token_file", "peer_token_file", required=False)
+        if auth_file is not None and tls is None and peer_token_file is None:
+            self.error("peer_token_file", "required with auth_file and no [tls]: members "
+                       "must authenticate to each other (a principal granted 'replicate'), "
+                       "or anyone reaching a peer port could forge replication messages")
+        elif peer_token_file is not None and (tls is not None or auth_file is None):
+            self.error("peer_token_file", "only for a cluster with auth_file and no [tls] "
+                       "(with TLS, member certificates authenticate replication)")
         self._cross_checks(regions, members, etcd)
         if self.errors:
             raise ConfigError(self.source, self.errors)
@@ -427,6 +442,7 @@ class _Validator:
             members=tuple(members),
             tls=tls,
             auth_file=auth_file,
+            peer_token_file=peer_token_file,
             source=self.source,
             warnings=tuple(self.warnings),
         )
@@ -606,7 +622,8 @@ def check_files(config: ClusterConfig) -> None:
     """Check that the files the config names exist and are readable (on the node itself)."""
     problems = []
     named: list[tuple[str, Path | None]] = [("tiers_file", config.tiers_file),
-                                            ("auth_file", config.auth_file)]
+                                            ("auth_file", config.auth_file),
+                                            ("peer_token_file", config.peer_token_file)]
     if config.tls is not None:
         named += [("tls.ca", config.tls.ca), ("tls.cert", config.tls.cert),
                   ("tls.key", config.tls.key)]

@@ -195,7 +195,9 @@ def write_local_auth(directory: Path, cluster: str = "") -> None:
     `cluster` (TLS on), each principal is also whoever holds its certificate
     (LOCAL_CERTS), so tools with the admin certificate need no token."""
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tokens = {role: auth.new_token() for role in ("admin", "gateway", "engine", "trader")}
+    # Without TLS the members authenticate to each other with a token too (`peer`).
+    roles = ("admin", "gateway", "engine", "trader") + (() if cluster else ("peer",))
+    tokens = {role: auth.new_token() for role in roles}
     for role, token in tokens.items():
         fd = os.open(directory / f"{role}.token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -236,6 +238,8 @@ def _toml(state: ClusterState, regions: list[str], failover: str, ttl_s: int) ->
              f"lease_ttl_s = {ttl_s}"]
     if state.auth_dir:
         lines.append(f'auth_file = "{state.auth_file}"')
+        if not state.tls_dir:
+            lines.append(f'peer_token_file = "{state.auth_dir}/peer.token"')
     lines += ["", "[etcd]",
               "endpoints = [" + ", ".join(f'"{e}"' for e in state.etcd_endpoints) + "]"]
     if state.tls_dir:

@@ -142,6 +142,16 @@ class ClusterNode:
             self.auth = auth.load(config.auth_file) if config.auth_file else None
         except auth.AuthConfigError as exc:
             raise ConfigError(config.source, [("auth_file", str(exc))]) from None
+        # The member token this node presents to its peers (a cluster without TLS).
+        self.peer_token = ""
+        if config.peer_token_file is not None:
+            try:
+                self.peer_token = config.peer_token_file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(config.source, [("peer_token_file", str(exc))]) from None
+            if not self.peer_token:
+                raise ConfigError(config.source, [("peer_token_file",
+                                                   f"{config.peer_token_file} is empty")])
         self._heard: dict[str, float] = {}  # peer -> monotonic time of its last message
         # A voter that lost its disk and has not caught up (core's rejoin): set from the
         # log at start, cleared by the machine's Rejoined effect.
@@ -171,7 +181,8 @@ class ClusterNode:
             rpb_grpc.add_ReplicationServicer_to_server(ReplicationService(
                 self.config.cluster, self.id, {m.id for m in self.config.members},
                 self._deliver, self._tip, self.status, self.switchover,
-                observe=self.observer.observe, secure=self.tls is not None), server)
+                observe=self.observer.observe, secure=self.tls is not None,
+                auth_config=self.auth), server)
             self.supervisor.add_services(server)
 
         self.server = StoreServer(self.store, self.member.client, writer_factory=make,
@@ -183,7 +194,8 @@ class ClusterNode:
         await self.server.start()
         self.store.role.name = self._follower_role()
         for peer, address in self.routes.items():
-            sender = PeerSender(self.config.cluster, self.id, peer, address, self.tls)
+            sender = PeerSender(self.config.cluster, self.id, peer, address, self.tls,
+                                self.peer_token)
             sender.start()
             self.senders[peer] = sender
         loop = asyncio.get_running_loop()
@@ -476,7 +488,7 @@ class ClusterNode:
                                        server_name=peer) as ch:
                     tips[peer] = await rpb_grpc.ReplicationStub(ch).Tip(
                         rpb.TipRequest(cluster=self.config.cluster, src=self.id),
-                        timeout=TIP_TIMEOUT_S)
+                        timeout=TIP_TIMEOUT_S, metadata=auth.bearer(self.peer_token))
             except grpc.aio.AioRpcError:
                 tips[peer] = None
 

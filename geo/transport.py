@@ -37,7 +37,7 @@ from geo.replication.messages import (
 )
 from store import auth
 from store.client import channel_options
-from store.errors import show
+from store.errors import StoreError, show
 from store.records import varint
 from xdc.tls import ROLES, Identity, Tls, aio_channel, describe_peer, peer_identity
 from xdc.v1 import replication_pb2 as rpb
@@ -178,12 +178,15 @@ class PeerSender:
     """Sends this node's messages to one peer on a long-lived client stream."""
 
     def __init__(self, cluster: str, node_id: str, peer_id: str, address: str,
-                 tls: Tls | None = None) -> None:
+                 tls: Tls | None = None, token: str = "") -> None:
         self.cluster = cluster
         self.node_id = node_id
         self.peer_id = peer_id
         self.address = address
         self.tls = tls
+        # The member token (a cluster without TLS but with an auth file): its bearer
+        # metadata on every stream.
+        self.metadata = auth.bearer(token)
         # (queued at, bytes, parts): each message serialized and framed as a
         # PeerBatch.messages field, so that a batch on the wire is the batch's head and
         # these bytes, joined.
@@ -262,7 +265,8 @@ class PeerSender:
                     # into a message object per peer.
                     call = channel.stream_unary(
                         _STREAM_METHOD,
-                        response_deserializer=rpb.StreamSummary.FromString)()
+                        response_deserializer=rpb.StreamSummary.FromString)(
+                            metadata=self.metadata)
                     # An idle stream that failed (the peer was down when it opened, or
                     # went away) is replaced at once, not found dead by the next write:
                     # that write would carry a reply an election is waiting for.
@@ -339,7 +343,11 @@ class ReplicationService(rpb_grpc.ReplicationServicer):
     With `secure` (the cluster runs TLS), every call is checked against the caller's
     certificate (xdc/tls.py): replication (Stream, Tip) only from a member of this
     cluster, speaking as itself; Status from any holder of a certificate of this
-    cluster; Switchover from an operator (admin) only."""
+    cluster; Switchover from an operator (admin) only. Without TLS but with `auth` (the
+    auth file), replication needs a principal granted `replicate` (the member token,
+    geo/config.py peer_token_file), which speaks for any member; Status and Switchover
+    are checked by the server's Guard (AUTH_RULES). Without either, the service is open:
+    anyone who reaches the peer port could forge promises and stall the cluster."""
 
     def __init__(self, cluster: str, node_id: str, members: set[str],
                  deliver: Callable[[list[Message]], None],
@@ -347,9 +355,12 @@ class ReplicationService(rpb_grpc.ReplicationServicer):
                  status: Callable[[], Awaitable[rpb.NodeStatus]],
                  switchover: Callable[[str, float], Awaitable[rpb.SwitchoverResponse]],
                  observe: Callable[[Message, Mapping[str, str]], None] | None = None,
-                 secure: bool = False) -> None:
+                 secure: bool = False, auth_config: auth.AuthConfig | None = None) -> None:
         self.cluster = cluster
         self.secure = secure
+        # Authenticates member tokens when the cluster runs without TLS (rules of its
+        # own: the server's Guard lets Stream and Tip through to this service).
+        self._guard = auth.Guard(auth_config, {}) if auth_config and not secure else None
         # Sees each message before `deliver`, with the trace context it came with
         # (geo/tracing.py: replication spans and lag).
         self.observe = observe
@@ -365,6 +376,12 @@ class ReplicationService(rpb_grpc.ReplicationServicer):
         """The caller's identity when it may call `what` (None without TLS); aborts
         with a status naming the caller and the reason otherwise."""
         if not self.secure:
+            # Replication proper (members only); Status and Switchover are the Guard's.
+            if self._guard is not None and roles == ("member",):
+                try:
+                    self._guard.authenticate(context, what).require_replicate(what)
+                except StoreError as err:
+                    await context.abort(err.code, err.message)
             return None
         who = peer_identity(context)
         if who is None:

@@ -28,7 +28,8 @@ prefix needs ``*``; a subscription with a prefix needs one grant whose pattern m
 every stream starting with that prefix (a pattern ending in ``*`` that matches the prefix
 itself). ``types`` restricts which event types a grant lets a principal append (same
 patterns); reads and subscriptions are by stream only. ``admin`` covers the operator's
-calls (cluster switchover); it takes no streams.
+calls (cluster switchover); ``replicate`` lets a member speak on the replication service
+of a cluster without TLS (with TLS, member certificates do); neither takes streams.
 
 Servers enforce with `Guard` (one per server, built from the file and the server's
 `Rules`): a call without credentials or with an unknown token gets UNAUTHENTICATED; a
@@ -60,7 +61,13 @@ from store.errors import StoreError
 from xdc.tls import peer_identity
 
 APPEND, READ, SUBSCRIBE, ADMIN = "append", "read", "subscribe", "admin"
-OPERATIONS = (APPEND, READ, SUBSCRIBE, ADMIN)
+# Speaking as a member of the cluster on its replication service (geo/transport.py): what
+# a cluster without TLS authenticates its members with (a member token); with TLS,
+# member certificates do and this operation is not needed.
+REPLICATE = "replicate"
+OPERATIONS = (APPEND, READ, SUBSCRIBE, ADMIN, REPLICATE)
+# Operations on the whole node, not on streams: their grants name no streams.
+NODE_OPERATIONS = frozenset({ADMIN, REPLICATE})
 MD_AUTHORIZATION = "authorization"
 TOKEN_ENV = "XDC_TOKEN"
 # Services every caller may use: load balancers and tools probe them without credentials.
@@ -214,6 +221,11 @@ class Principal:
         if not self.admin:
             raise denied(f"principal {self.name!r} may not {what}: it needs the admin "
                          "operation")
+
+    def require_replicate(self, what: str) -> None:
+        if not any(REPLICATE in g.operations for g in self.grants):
+            raise denied(f"principal {self.name!r} may not {what}: it needs the "
+                         f"{REPLICATE} operation (a member token)")
 
     def require_account(self, account: str) -> None:
         if not self.may_trade(account):
@@ -445,14 +457,14 @@ def _grant_of(g: dict[str, Any], where: str, problems: list[str]) -> Grant | Non
                             f"{', '.join(OPERATIONS)})")
     if not ops:
         problems.append(f"{where}: operations: at least one of {', '.join(OPERATIONS)}")
-    stream_ops = set(ops) - {ADMIN}
+    stream_ops = set(ops) - NODE_OPERATIONS
     streams = _strings(g.get("streams", []), f"{where}: streams", problems, patterns=True)
     if stream_ops and not streams:
         problems.append(f"{where}: streams: required for {', '.join(sorted(stream_ops))} "
                         "(patterns such as \"orders.*\"; \"*\" is every stream)")
     if not stream_ops and streams:
-        problems.append(f"{where}: streams: admin takes no streams; grant stream "
-                        "operations in a grant of their own")
+        problems.append(f"{where}: streams: {' and '.join(sorted(set(ops)))} take(s) no "
+                        "streams; grant stream operations in a grant of their own")
     types = _strings(g.get("types", []), f"{where}: types", problems, patterns=True)
     if types and APPEND not in ops:
         problems.append(f"{where}: types: only restricts append, which this grant lacks")

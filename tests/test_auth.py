@@ -612,13 +612,44 @@ def test_local_cluster_runs_with_auth_and_only_admins_switch_over(tmp_path: Path
 
 
 def test_insecure_local_cluster_authenticates_by_token(tmp_path: Path) -> None:
+    """Without TLS, clients and the members themselves authenticate by token: the
+    replication service refuses a caller without the member token (before, it took a
+    forged promise of a huge term from anyone, which stalled every write for good)."""
     from geo import launcher
+    from geo.replication.messages import Promise
+    from geo.transport import encode
+    from xdc.v1 import replication_pb2 as rpb
+    from xdc.v1 import replication_pb2_grpc as rpb_grpc
 
     d = str(tmp_path / "cluster")
-    state = launcher.up(d, regions=1, ttl_s=2, tls=False)
+    state = launcher.up(d, regions=2, ttl_s=2, tls=False)
     try:
         assert not state.tls_dir and "cert" not in Path(state.auth_file).read_text()
         leader, _ = asyncio.run(launcher.wait_leader(state))  # with the admin token
+        follower = next(n for n in state.nodes if n.id != leader.id)
+
+        async def replicate(token: str) -> tuple[grpc.StatusCode, str]:
+            """A Tip, then a forged Promise of a huge term, as `token`'s holder."""
+            md = auth.bearer(token)
+            async with grpc.aio.insecure_channel(follower.peer) as ch:
+                stub = rpb_grpc.ReplicationStub(ch)
+                try:
+                    await stub.Tip(rpb.TipRequest(cluster=state.cluster, src=leader.id),
+                                   timeout=5, metadata=md)
+                    if token == state.token("peer"):
+                        return grpc.StatusCode.OK, ""  # no forging with the real token
+                    batch = rpb.PeerBatch(cluster=state.cluster, src=leader.id, messages=[
+                        encode(Promise(src=leader.id, dst=follower.id, term=10**12))])
+                    await stub.Stream(iter([batch]), timeout=5, metadata=md)
+                    return grpc.StatusCode.OK, ""
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code(), exc.details() or ""
+        code, why = asyncio.run(replicate(""))
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "no credentials" in why, why
+        code, why = asyncio.run(replicate(state.token("trader")))
+        assert code == grpc.StatusCode.PERMISSION_DENIED, why
+        assert "principal 'trader' may not Tip: it needs the replicate operation" in why, why
+        assert asyncio.run(replicate(state.token("peer")))[0] == grpc.StatusCode.OK
         status = _xdc("cluster", "status", "--dir", d)
         assert status.returncode == 0 and "leader (open)" in status.stdout, status.stderr
         target = ["--target", leader.client]
@@ -631,5 +662,9 @@ def test_insecure_local_cluster_authenticates_by_token(tmp_path: Path) -> None:
         r = _xdc("cluster", "switchover", "--dir", d, "--to", leader.id, "--token",
                  state.token("gateway"))
         assert r.returncode == 1 and "principal 'gateway' may not switch" in r.stderr
+        # The members replicate with their token: the append reaches the follower, and
+        # the leader still leads (no forged term got through).
+        asyncio.run(launcher.wait_converged(state, 15))
+        assert asyncio.run(launcher.wait_leader(state))[0].id == leader.id
     finally:
         launcher.down(d)

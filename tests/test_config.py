@@ -278,6 +278,24 @@ def test_every_problem_is_reported_at_once() -> None:
 # --- warnings -------------------------------------------------------------------------------
 
 
+def test_auth_without_tls_needs_a_member_token() -> None:
+    """With client auth but no TLS, members must authenticate to each other
+    (peer_token_file): else anyone reaching a peer port could forge replication
+    messages (a promise of a huge term stalls every write for good). With TLS the member
+    certificates do, and a member token is refused as meaningless."""
+    auth = MINIMAL.replace('cluster = "c"', 'cluster = "c"\nauth_file = "auth.toml"')
+    assert_problem(auth, "peer_token_file", "required with auth_file and no [tls]")
+    ok = loads(auth.replace('auth_file = "auth.toml"',
+                            'auth_file = "auth.toml"\npeer_token_file = "peer.token"'), "/etc/xdc")
+    assert ok.peer_token_file == Path("/etc/xdc/peer.token")
+    assert_problem(VALID.replace('tiers_file = "tiers.toml"',
+                                 'tiers_file = "tiers.toml"\nauth_file = "auth.toml"\n'
+                                 'peer_token_file = "peer.token"'),
+                   "peer_token_file", "only for a cluster with auth_file and no [tls]")
+    assert_problem(MINIMAL.replace('cluster = "c"', 'cluster = "c"\npeer_token_file = "p"'),
+                   "peer_token_file", "only for a cluster with auth_file and no [tls]")
+
+
 def test_even_number_of_voters_is_a_warning() -> None:
     cfg = loads(edit(VALID, "voter = false", "voter = true"))
     assert len(cfg.voters) == 4

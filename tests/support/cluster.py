@@ -18,11 +18,17 @@ from tests.support.etcd import free_ports
 
 def cluster_toml(name: str, etcd_endpoints: list[str], regions: list[str], base: Path,
                  *, standbys: int = 0, failover: str = "automatic", ttl_s: int = 2,
-                 tls_dir: Path | None = None) -> str:
-    """`tls_dir`: TLS on, with `xdc certs init`'s files there (ca.pem, <id>.pem)."""
+                 tls_dir: Path | None = None, auth_file: Path | None = None,
+                 peer_token_file: Path | None = None) -> str:
+    """`tls_dir`: TLS on, with `xdc certs init`'s files there (ca.pem, <id>.pem);
+    `auth_file`, `peer_token_file`: client auth, and the members' token without TLS."""
     ports = free_ports(2 * (len(regions) + standbys))
-    lines = [f'cluster = "{name}"', f'failover = "{failover}"', f"lease_ttl_s = {ttl_s}",
-             "[etcd]", f"endpoints = {etcd_endpoints!r}".replace("'", '"')]
+    lines = [f'cluster = "{name}"', f'failover = "{failover}"', f"lease_ttl_s = {ttl_s}"]
+    if auth_file is not None:
+        lines.append(f'auth_file = "{auth_file}"')
+    if peer_token_file is not None:
+        lines.append(f'peer_token_file = "{peer_token_file}"')
+    lines += ["[etcd]", f"endpoints = {etcd_endpoints!r}".replace("'", '"')]
     for r in regions:
         lines += ["[[region]]", f'name = "{r}"']
     members = [(f"{r}-1", r, True) for r in regions]
