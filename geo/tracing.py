@@ -67,6 +67,9 @@ def record_contexts(payloads: Iterable[bytes]) -> list[SpanContext]:
     return out
 
 
+_Inbound = tuple[str, int, int, int, Span]
+
+
 @dataclass(slots=True)
 class _Shipped:
     first: int
@@ -92,8 +95,9 @@ class ReplicationObserver:
         # Leader side, per follower: batches in flight and the acknowledged position.
         self._shipped: dict[str, collections.deque[_Shipped]] = {}
         self._match: dict[str, int] = {}
-        # Follower side: spans of received batches until this node acknowledges them.
-        self._inbound: collections.deque[tuple[str, int, int, Span]] = collections.deque()
+        # Follower side: spans of received batches until this node acknowledges them:
+        # (leader, term, prev_pos, last position, span).
+        self._inbound: collections.deque[_Inbound] = collections.deque()
         self._links: tuple[tuple[int, int], list[SpanContext]] = ((0, 0), [])
         self._gauges: list[tuple[str, int]] = []
 
@@ -110,8 +114,7 @@ class ReplicationObserver:
             telemetry.remove_gauge_source(gauge, handle)
         self._gauges = []
         self.reset("node stopping")
-        while self._inbound:
-            _end(self._inbound.popleft()[3], "node stopping")
+        self._end_inbound("node stopping")
 
     def reset(self, reason: str) -> None:
         """Leadership ended: what was in flight will not be acknowledged to this term."""
@@ -120,6 +123,13 @@ class ReplicationObserver:
                 _end(b.span, reason)
         self._shipped.clear()
         self._match.clear()
+        # Keyed by positions: the next leader may truncate the log and write other
+        # records at the same ones, which must not be linked to these producers.
+        self._links = ((0, 0), [])
+
+    def _end_inbound(self, reason: str) -> None:
+        while self._inbound:
+            _end(self._inbound.popleft()[4], reason)
 
     # ---- leader ------------------------------------------------------------------------
 
@@ -146,6 +156,11 @@ class ReplicationObserver:
         return None
 
     def _ship(self, msg: Append) -> dict[str, str] | None:
+        if self._inbound:
+            # This node leads now: what it received as a follower will not be
+            # acknowledged to the leader it came from (a reply carrying the promised
+            # term ended those already, unless it was never sent).
+            self._end_inbound("this node became leader")
         first, last = msg.entries[0].position, msg.entries[-1].position
         span = None
         if telemetry.tracing():
@@ -240,24 +255,30 @@ class ReplicationObserver:
                         "xdc.position.first": first, "xdc.position.last": last,
                         telemetry.MESSAGING_BATCH_COUNT: len(msg.entries)})
         if len(self._inbound) >= MAX_TRACKED:
-            _end(self._inbound.popleft()[3], "untracked: too many batches in flight")
-        self._inbound.append((msg.src, msg.prev_pos, last, span))
+            _end(self._inbound.popleft()[4], "untracked: too many batches in flight")
+        self._inbound.append((msg.src, msg.term, msg.prev_pos, last, span))
 
     def _ack(self, reply: AppendReply) -> None:
         if not self._inbound:
             return
-        keep: collections.deque[tuple[str, int, int, Span]] = collections.deque()
-        for leader, prev, last, span in self._inbound:
+        keep: collections.deque[_Inbound] = collections.deque()
+        for entry in self._inbound:
+            leader, term, prev, last, span = entry
             if leader != reply.dst:
-                keep.append((leader, prev, last, span))
+                keep.append(entry)
             elif reply.ok and last <= reply.match:
                 span.set_attribute("xdc.match", reply.match)
                 span.end()
+            elif not reply.ok and reply.higher_term and term < reply.higher_term:
+                # This node promised a later term: none of this leader's batches of an
+                # earlier one will be acknowledged (the reply to a deferred ack names no
+                # rejected position, core._release). The same leader's batches of the
+                # promised term, if it won it, go on.
+                _end(span, f"fenced: promised term {reply.higher_term}")
             elif not reply.ok and prev == reply.rejected:
-                _end(span, f"log mismatch at {reply.rejected}" if not reply.higher_term
-                     else f"fenced: promised term {reply.higher_term}")
+                _end(span, f"log mismatch at {reply.rejected}")
             else:
-                keep.append((leader, prev, last, span))
+                keep.append(entry)
         self._inbound = keep
 
 

@@ -5,8 +5,12 @@ real OTLP exporters of a real `xdc serve` process against a small OTLP receiver.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +28,9 @@ from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.trace import SpanContext, SpanKind, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from geo.replication.messages import Append, AppendReply, Entry
+from geo.tracing import ReplicationObserver
+from store import records
 from store.client import CaughtUp, StoreClient, new_event
 from store.process import ServeProcess
 from tests.support.cluster import LocalCluster
@@ -705,3 +712,111 @@ def test_receiver_in_its_own_process_counts_what_a_real_exporter_sends(tmp_path:
         child = receiver._proc
         assert child is not None and child.is_alive()
     assert not child.is_alive()
+
+
+# ---- a collector that is down ------------------------------------------------------------
+
+@pytest.fixture
+def refusing_endpoint() -> Iterator[str]:
+    """An OTLP endpoint that refuses connections: a loopback port bound, never listening
+    (held for the test, so nothing else can take it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_shutdown_returns_within_its_timeout_with_the_collector_down(
+        refusing_endpoint: str) -> None:
+    """The SDK's force_flush ignores its timeout and retries every queued batch (~8 s
+    each against a refusing collector): shutdown keeps the bound itself."""
+    assert telemetry.setup_from_env("xdc-test", env={
+        "OTEL_TRACES_EXPORTER": "otlp", "OTEL_METRICS_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": refusing_endpoint,
+        "OTEL_METRIC_EXPORT_INTERVAL": "60000"})
+    for _ in range(2000):  # four export batches queued
+        telemetry.open_span("xdc.group_commit").end()
+    telemetry.metrics().append_duration.record(0.001)
+    start = time.monotonic()
+    telemetry.shutdown(timeout_s=2.0)
+    assert time.monotonic() - start < 2.0 + 2.0
+    assert not telemetry.tracing() and not telemetry.active()
+
+
+def test_serve_exits_promptly_after_sigterm_with_the_collector_down(
+        tmp_path: Path, refusing_endpoint: str) -> None:
+    """A real `xdc serve` exporting both signals to a collector that is down exits
+    within telemetry.shutdown's 5 s of SIGTERM (it took ~8 s a queued batch)."""
+    proc = ServeProcess(str(tmp_path / "data"), env={
+        **{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
+        "OTEL_EXPORTER_OTLP_ENDPOINT": refusing_endpoint,
+        # A batch per span: every span queued is an export retried for ~8 s.
+        "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "1"})
+    with proc:
+        async def append() -> None:
+            async with StoreClient(proc.address) as client:
+                for i in range(3):
+                    await client.append(f"down-{i}", new_event("T"))
+        run(append)
+        start = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        assert proc.proc is not None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.proc.wait(30)
+        took = time.monotonic() - start
+        assert proc.proc.poll() == 0, f"still running {took:.1f} s after SIGTERM"
+    assert took < 5.0 + 2.0
+
+
+# ---- the replication observer alone ------------------------------------------------------
+
+def _record(position: int, producer: ReadableSpan | None = None) -> Entry:
+    """A stored record at `position` carrying `producer`'s traceparent."""
+    md = {"traceparent": _traceparent(producer)} if producer is not None else {}
+    body = new_event("T", metadata=md).SerializeToString()
+    return Entry(position, 3, records.encode(position, 3, 1, 0, records.stream_field(b"s"),
+                                             body))
+
+
+def test_replica_span_ends_when_a_later_term_is_promised(otel: Otel) -> None:
+    """A follower's xdc.replica.append span ends when it answers its leader with the
+    later term it promised meanwhile: the deferred ack (core._release) names no rejected
+    position. The same leader's batches of the promised term go on."""
+    obs = ReplicationObserver("f1", lambda: 0, lambda: False)
+    carrier = {"traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"}
+    obs.observe(Append("L1", "f1", 3, 10, 3, (_record(11), _record(12)), 10), carrier)
+    obs.observe(Append("L1", "f1", 4, 12, 3, (_record(13),), 10), carrier)  # L1 won term 4
+    obs.on_send(AppendReply("f1", "L1", 3, False, higher_term=4))
+    (fenced,) = otel.spans("xdc.replica.append")
+    assert dict(fenced.attributes or {})["xdc.term"] == 3
+    assert fenced.status.status_code is StatusCode.ERROR
+    assert "promised term 4" in (fenced.status.description or "")
+    obs.on_send(AppendReply("f1", "L1", 4, True, match=13))
+    assert len(otel.spans("xdc.replica.append")) == 2 and not obs._inbound
+    obs.stop()
+
+
+def test_replica_spans_end_when_the_node_becomes_leader(otel: Otel) -> None:
+    obs = ReplicationObserver("f1", lambda: 13, lambda: True)
+    obs.observe(Append("L1", "f1", 3, 10, 3, (_record(11),), 10), {})
+    assert not otel.spans("xdc.replica.append")
+    obs.on_send(Append("f1", "f2", 4, 11, 3, (_record(12),), 11))  # this node leads term 4
+    (ended,) = otel.spans("xdc.replica.append")
+    assert "became leader" in (ended.status.description or "") and not obs._inbound
+    obs.stop()
+
+
+def test_reset_forgets_the_producers_of_positions(otel: Otel) -> None:
+    """A new leader may truncate this node's log and write other records at the same
+    positions: after a step-down, the records' own producers are read again."""
+    with otel.producer.start_as_current_span("order-a"):
+        pass
+    with otel.producer.start_as_current_span("order-b"):
+        pass
+    a, b = otel.spans("order-a")[0], otel.spans("order-b")[0]
+    obs = ReplicationObserver("l1", lambda: 12, lambda: True)
+    obs.on_send(Append("l1", "f1", 3, 10, 3, (_record(11, a), _record(12, a)), 10))
+    obs.reset("stepped down: test")
+    obs.on_send(Append("l1", "f1", 5, 10, 3, (_record(11, b), _record(12, b)), 10))
+    obs.stop()
+    first, second = otel.spans("xdc.replicate")
+    assert _child_of(first, a) and _child_of(second, b)

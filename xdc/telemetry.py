@@ -129,6 +129,8 @@ class _State:
     meter_provider: Any = None
     metering: bool = False  # a meter provider is installed (metrics are collected)
     recorder: _Recorder | None = None  # open_span's: set when `tracing`
+    # The span exporters setup_from_env made: shutdown() stops them when a flush overruns.
+    span_exporters: tuple[Any, ...] = ()
 
 
 def _instruments(meter: Meter) -> Instruments:
@@ -237,12 +239,15 @@ _state = _make_state(None, None, owned=False)
 
 
 def install(tracer_provider: Any = None, meter_provider: Any = None, *,
-            owned: bool = False) -> None:
+            owned: bool = False, span_exporters: Sequence[Any] = ()) -> None:
     """Makes these providers the ones xdc uses (None: no-op). Tests pass SDK providers
     with in-memory exporters; components built afterwards (servers, clients) use them.
-    With `owned`, shutdown() flushes and shuts them down."""
+    With `owned`, shutdown() flushes and shuts them down; `span_exporters` are those
+    behind the tracer provider's processors, which it stops if a flush overruns."""
     global _state
     _state = _make_state(tracer_provider, meter_provider, owned)
+    if owned:
+        _state.span_exporters = tuple(span_exporters)
 
 
 def tracing() -> bool:
@@ -377,14 +382,16 @@ def setup_from_env(service_name: str, attributes: Mapping[str, Any] | None = Non
     resource = _hashed_once(Resource.create({
         **(attributes or {}), SERVICE_NAME: env.get("OTEL_SERVICE_NAME") or service_name}))
     tracer_provider = meter_provider = None
+    span_exporters: list[Any] = []
     if traces:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
         tracer_provider = TracerProvider(resource=resource)
         for name in traces:
+            span_exporters.append(_exporter("TRACES", name, env))
             # Batched: the export runs on the processor's thread, never on the request path.
-            tracer_provider.add_span_processor(BatchSpanProcessor(_exporter("TRACES", name, env)))
+            tracer_provider.add_span_processor(BatchSpanProcessor(span_exporters[-1]))
     if metrics_:
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
@@ -394,7 +401,7 @@ def setup_from_env(service_name: str, attributes: Mapping[str, Any] | None = Non
             PeriodicExportingMetricReader(_exporter("METRICS", name, env),
                                           float(interval) if interval else None)
             for name in metrics_])
-    install(tracer_provider, meter_provider, owned=True)
+    install(tracer_provider, meter_provider, owned=True, span_exporters=span_exporters)
     if not _globals_set:  # the globals take one value per process
         _globals_set = True
         if tracer_provider is not None:
@@ -404,15 +411,64 @@ def setup_from_env(service_name: str, attributes: Mapping[str, Any] | None = Non
     return True
 
 
+def _in_thread(call: Callable[[], Any], what: str) -> threading.Event:
+    """Runs `call` on a daemon thread; the event is set when it returns. One that is not
+    waited for to the end is left to finish, or to die with the process."""
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            call()
+        except Exception:
+            log.warning("telemetry: %s failed", what, exc_info=True)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name=f"xdc-telemetry-{what}", daemon=True).start()
+    return done
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
+
+
 def shutdown(timeout_s: float = 5.0) -> None:
     """Flushes and stops the providers setup_from_env (or install(owned=True)) made:
-    spans still buffered are exported before a process exits."""
+    spans still buffered are exported before a process exits. Returns within
+    `timeout_s`: what an unreachable collector has not taken by then is dropped.
+
+    The bound is kept here because the SDK does not keep it: this version's force_flush
+    ignores its timeout and exports the whole queue, each batch retried for up to
+    OTEL_EXPORTER_OTLP_TIMEOUT (10 s), which held `xdc serve` ~35 s after SIGTERM with
+    the collector down. So the flush runs on a thread of its own, the metrics' shutdown
+    alongside (each signal gets the whole budget), and on overrun the span exporters are
+    shut down: that ends their retries and closes their channels, after which the
+    processors' own shutdown drains the queue at once (every export fails fast)."""
     st = _state
-    if st.tracer_provider is not None:
-        st.tracer_provider.force_flush(int(timeout_s * 1000))
-        st.tracer_provider.shutdown()
+    start = time.monotonic()
+    deadline = start + timeout_s
+    # Kept back from the flush for stopping the exporters and processors after it.
+    flush_deadline = deadline - min(1.0, timeout_s / 5)
+    metrics_done = None
     if st.meter_provider is not None:
-        st.meter_provider.shutdown(timeout_millis=timeout_s * 1000)
+        # Bounded by the SDK itself: each reader's thread is joined with the timeout,
+        # then its exporter is shut down (which ends an export's retries).
+        meter, budget_ms = st.meter_provider, (flush_deadline - start) * 1000
+        metrics_done = _in_thread(lambda: meter.shutdown(timeout_millis=budget_ms),
+                                  "metrics-shutdown")
+    if st.tracer_provider is not None:
+        provider = st.tracer_provider
+        if not _in_thread(provider.force_flush, "flush").wait(_left(flush_deadline)):
+            log.warning("telemetry: spans not exported within %.1f s (is the collector "
+                        "reachable?): the rest are dropped", flush_deadline - start)
+            for exporter in st.span_exporters:
+                try:
+                    exporter.shutdown()
+                except Exception:
+                    log.warning("telemetry: span exporter shutdown failed", exc_info=True)
+        _in_thread(provider.shutdown, "traces-shutdown").wait(_left(deadline))
+    if metrics_done is not None:
+        metrics_done.wait(_left(deadline))
     install(None, None)
 
 
@@ -655,13 +711,26 @@ class OpenSpan(Span):
             end_time if end_time is not None else time.time_ns(), r.scope))
 
 
+def _first_sampled(links: Sequence[Link]) -> SpanContext | None:
+    for link in links:
+        if link.context.trace_flags.sampled:
+            return link.context
+    return None
+
+
 def open_span(name: str, context: Context | None = None, kind: SpanKind = SpanKind.INTERNAL,
               attributes: dict[str, Any] | None = None, links: Sequence[Link] = (),
               start_time: int | None = None) -> Span:
     """Starts a span as tracer().start_span would (parent from `context`, the configured
     sampler decides), for the batch-level spans of the hot paths. The caller owns
     `attributes` (kept, not copied) and ends the span once. A span the sampler drops is a
-    NonRecordingSpan that still carries its context on; with tracing off, INVALID_SPAN."""
+    NonRecordingSpan that still carries its context on; with tracing off, INVALID_SPAN.
+
+    One rule beyond the SDK's: a span with links and no parent (work done for several
+    callers, parent_and_links) is decided as the child of its first sampled link, if
+    any. A parent-based sampler would otherwise decide it as a new root, and a ratio
+    root sampler would drop the store, replication and engine spans of orders whose
+    traces were all sampled. The sampler still decides (ALWAYS_OFF drops it)."""
     r = _state.recorder
     if r is None:
         return INVALID_SPAN
@@ -680,9 +749,19 @@ def open_span(name: str, context: Context | None = None, kind: SpanKind = SpanKi
         recording = parent is None or parent.trace_flags.sampled
         trace_state = parent.trace_state if parent is not None else None
     else:
-        result = r.sampler.should_sample(context, trace_id, name, kind, attributes, links)
+        decide_in = context
+        linked = None
+        if parent is None and links:
+            linked = _first_sampled(links)
+            if linked is not None:
+                decide_in = trace.set_span_in_context(NonRecordingSpan(linked), Context())
+        result = r.sampler.should_sample(decide_in, trace_id, name, kind, attributes, links)
         recording = result.decision.is_sampled()
         trace_state = result.trace_state
+        if linked is not None and trace_state is linked.trace_state:
+            # A parent-based sampler hands on its parent's trace state: the link's here,
+            # vendor data of another trace, not of the new one this span starts.
+            trace_state = None
         if result.decision.is_recording() and result.attributes:
             attrs.update(result.attributes)
         # RECORD_ONLY (recorded, not sampled) is not exported by the SDK's processors: it
@@ -735,9 +814,11 @@ def consumer_span(stream: str, metadatas: Iterable[Mapping[str, str]], *,
         attrs[MESSAGING_CONSUMER_GROUP] = consumer_group
     if attributes:
         attrs.update(attributes)
-    with _state.tracer.start_as_current_span(
-            name or f"process {stream}", context=parent, kind=SpanKind.CONSUMER,
-            links=[Link(sc) for sc in contexts], attributes=attrs) as span:
+    # open_span, not the SDK tracer: its sampling rule for linked batches (a batch of
+    # several sampled orders under a ratio sampler) is what keeps them in their traces.
+    span = open_span(name or f"process {stream}", context=parent, kind=SpanKind.CONSUMER,
+                     links=[Link(sc) for sc in contexts], attributes=attrs)
+    with trace.use_span(span, end_on_exit=True):
         yield span
 
 
