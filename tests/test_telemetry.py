@@ -695,15 +695,10 @@ def test_receiver_in_its_own_process_counts_what_a_real_exporter_sends(tmp_path:
     # The tracing benchmark's sink: a collector's process beside the service, not in it.
     with OtlpReceiverProcess() as receiver:
         assert receiver.span_count == 0
-        proc = ServeProcess(str(tmp_path / "data"), env={
-            **{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
-            **_otel_env(receiver.grpc_endpoint, "grpc", "xdc-store-counted")})
+        proc = _serve_with_otel(tmp_path, _otel_env(receiver.grpc_endpoint, "grpc",
+                                                    "xdc-store-counted"))
         with proc:
-            async def append() -> None:
-                async with StoreClient(proc.address) as client:
-                    for i in range(3):
-                        await client.append(f"counted-{i}", new_event("T"))
-            run(append)
+            _append_three(proc.address, "counted")
             receiver.wait(lambda r: r.metric_requests > 0, what="metrics")
             proc.signal(signal.SIGTERM)
             assert proc.proc is not None and proc.proc.wait(20) == 0
@@ -746,17 +741,12 @@ def test_serve_exits_promptly_after_sigterm_with_the_collector_down(
         tmp_path: Path, refusing_endpoint: str) -> None:
     """A real `xdc serve` exporting both signals to a collector that is down exits
     within telemetry.shutdown's 5 s of SIGTERM (it took ~8 s a queued batch)."""
-    proc = ServeProcess(str(tmp_path / "data"), env={
-        **{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
+    proc = _serve_with_otel(tmp_path, {
         "OTEL_EXPORTER_OTLP_ENDPOINT": refusing_endpoint,
         # A batch per span: every span queued is an export retried for ~8 s.
         "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "1"})
     with proc:
-        async def append() -> None:
-            async with StoreClient(proc.address) as client:
-                for i in range(3):
-                    await client.append(f"down-{i}", new_event("T"))
-        run(append)
+        _append_three(proc.address, "down")
         start = time.monotonic()
         proc.signal(signal.SIGTERM)
         assert proc.proc is not None
@@ -820,3 +810,17 @@ def test_reset_forgets_the_producers_of_positions(otel: Otel) -> None:
     obs.stop()
     first, second = otel.spans("xdc.replicate")
     assert _child_of(first, a) and _child_of(second, b)
+
+
+def _serve_with_otel(tmp_path: Path, otel_env: dict[str, str]) -> ServeProcess:
+    """An `xdc serve` whose OTEL_* environment is `otel_env` alone."""
+    return ServeProcess(str(tmp_path / "data"), env={
+        **{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}, **otel_env})
+
+
+def _append_three(address: str, prefix: str) -> None:
+    async def append() -> None:
+        async with StoreClient(address) as client:
+            for i in range(3):
+                await client.append(f"{prefix}-{i}", new_event("T"))
+    run(append)
