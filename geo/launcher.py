@@ -3,7 +3,12 @@
 Everything lives under one directory (default `./run/cluster`): etcd's data, one data
 directory and log per node, the cluster TOML, the WAN proxy's link file, and
 `state.json` with every process's PID and address, so that later commands (status,
-down, drills) find them. Processes are stopped by PID, never by name.
+down, drills) find them. Processes are stopped by PID, never by name, and only while
+the PID is still the process the launcher started: state.json also records each one's
+identity (`proc_identity`: boot and start time), since after a crash or a reboot its PID
+may belong to an unrelated process (`ClusterState.owns`). `up` refuses a directory whose
+cluster still runs (`DirectoryInUse`) and checks its options before starting anything
+(`check_up_options`).
 
 Clients authenticate (store/auth.py): `up` writes `auth/auth.toml` with the principals
 of engine.wire.exchange_principals (admin, gateway, engine, trader) and each one's token in
@@ -33,6 +38,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import math
 import os
 import secrets
 import shutil
@@ -66,6 +72,11 @@ _etcd: dict[str, EtcdCluster] = {}
 REGION_NAMES = ["us-east", "eu-west", "ap-south", "us-west", "sa-east", "eu-north", "ap-east"]
 DEFAULT_DIR = "run/cluster"
 READY_TIMEOUT_S = 30.0
+# The shortest lease `up` accepts: the cluster TOML's floor (geo/config.py refuses a
+# lease_ttl_s below 1 s). The launcher's etcd grants it as asked: etcd's minimum TTL is
+# 1.5 election timeouts, here 1.5 x etcd_server.ELECTION_TIMEOUT_MS (0.45 s), not the
+# ~1.5 s of etcd's default timing behind config.ETCD_DEFAULT_MIN_TTL_S.
+MIN_LEASE_TTL_S = 1
 
 
 @dataclass
@@ -94,6 +105,9 @@ class ClusterState:
     rtt_ms: float = 0.0
     tls_dir: str = ""  # the certificates (xdc certs init); "": plaintext
     auth_dir: str = ""  # auth.toml and <principal>.token; empty: no auth
+    # str(pid) -> proc_identity(pid) when the launcher started it. Missing in state files
+    # written before identities were recorded: see `owns`.
+    identities: dict[str, str] = field(default_factory=dict)
 
     def save(self) -> None:
         Path(self.directory, "state.json").write_text(json.dumps(asdict(self), indent=2))
@@ -132,6 +146,34 @@ class ClusterState:
     @property
     def auth_file(self) -> str:
         return str(Path(self.auth_dir, "auth.toml")) if self.auth_dir else ""
+
+    def pids(self) -> list[int]:
+        """Every PID this state names: nodes, the proxy, etcd."""
+        return [p for p in (*(n.pid for n in self.nodes), self.proxy_pid, *self.etcd_pids)
+                if p > 0]
+
+    def record(self, pid: int) -> None:
+        """Remembers who the process just started as `pid` is (and forgets the processes
+        this state no longer names), so that a later PID reuse is not mistaken for it."""
+        self.identities[str(pid)] = proc_identity(pid)
+        named = {str(p) for p in self.pids()}
+        self.identities = {k: v for k, v in self.identities.items() if k in named}
+
+    def owns(self, pid: int) -> bool:
+        """Whether process `pid` is still the one the launcher started for this cluster.
+        A PID without a recorded identity (a state file of an older launcher) cannot be
+        told for sure: then the process must name the cluster's directory on its command
+        line, as every node (its TOML), proxy (its links file) and etcd (its data dir)
+        started here does; an unrelated process that took the PID over does not."""
+        recorded = self.identities.get(str(pid))
+        if recorded is not None:
+            return recorded != "" and proc_identity(pid) == recorded
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        directory = os.fsencode(self.directory.rstrip("/") + "/")
+        return any(arg.startswith(directory) or b"=" + directory in arg for arg in cmdline)
 
 
 @dataclass(frozen=True)
@@ -262,23 +304,51 @@ def _toml(state: ClusterState, regions: list[str], failover: str, ttl_s: int) ->
     return "\n".join(lines) + "\n"
 
 
-def alive(pid: int) -> bool:
-    """Whether process `pid` runs (a zombie, dead and not yet reaped, does not)."""
+def _stat(pid: int) -> list[str]:
+    """/proc/PID/stat from field 3 (state) on; [] when there is no such process. The
+    command name before it may hold spaces and parentheses: split after the last ')'."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return []
+    return stat[stat.rfind(")") + 1:].split()
+
+
+@functools.lru_cache(maxsize=1)
+def _boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def proc_identity(pid: int) -> str:
+    """Who process `pid` is beyond its number: this boot's id and the process's start
+    time (/proc/PID/stat field 22, clock ticks since boot). A PID reused by another
+    process, or the same PID after a reboot, gives another; "" when none runs."""
+    fields = _stat(pid)
+    if len(fields) < 20:
+        return ""
+    return f"{_boot_id()}/{fields[19]}"
+
+
+def alive(pid: int, state: ClusterState | None = None) -> bool:
+    """Whether process `pid` of `state`'s cluster runs: a zombie (dead, not yet reaped)
+    does not, nor a process that merely holds the PID now (`ClusterState.owns`). Without
+    `state`, whether any process runs as `pid` (tests watching their own children)."""
     if pid <= 0:
         return False
     child = _children.get(pid)
-    if child is not None:
-        return child.poll() is None
+    if child is not None and child.poll() is not None:
+        return False  # exited, and now reaped: its PID may already be another's
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
+    except PermissionError:
+        return False  # another user's process: not one the launcher started
     # A zombie child still answers kill(0); it is not alive for our purposes.
-    with contextlib.suppress(OSError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        if stat.split(")")[1].split()[0] == "Z":
-            return False
-    return True
+    stat = _stat(pid)
+    if not stat or stat[0] == "Z":
+        return False
+    return state is None or state.owns(pid)
 
 
 def _wait_ready_line(path: Path, proc: subprocess.Popen[bytes], timeout_s: float) -> dict[str, Any]:
@@ -317,8 +387,42 @@ def start_node(state: ClusterState, n: NodeProc) -> None:
                                 start_new_session=True)
     _children[proc.pid] = proc
     n.pid = proc.pid
+    state.record(proc.pid)
     state.save()  # before it is ready: `down` must find it if this start is interrupted
     _wait_ready_line(out, proc, READY_TIMEOUT_S)
+
+
+class BadOption(ValueError):
+    """An option of `up` that cannot be (named as the `xdc cluster up` flag)."""
+
+
+class DirectoryInUse(RuntimeError):
+    """`up` on the directory of a cluster that still runs (or whose state.json cannot be
+    read): refused before anything starts, and that cluster is left alone."""
+
+
+def check_up_options(regions: int = 3, rtt_ms: float = 0.0, standbys: int = 0,
+                     ttl_s: int = 2, jitter_ms: float = 0.0,
+                     etcd_members: int = 1) -> None:
+    """Raises BadOption naming every option of `up` that cannot be, by its flag and rule,
+    before anything starts (a bad one used to fail late: no leader, nodes refusing the
+    TOML, processes left behind)."""
+    problems = []
+    if not 1 <= regions <= len(REGION_NAMES):
+        problems.append(f"--regions {regions}: between 1 and {len(REGION_NAMES)} (one node "
+                        f"per region, named {', '.join(REGION_NAMES)})")
+    if standbys < 0:
+        problems.append(f"--standbys {standbys}: 0 or more")
+    if ttl_s < MIN_LEASE_TTL_S:
+        problems.append(f"--lease-ttl {ttl_s}: at least {MIN_LEASE_TTL_S} s (the cluster "
+                        "TOML's lease_ttl_s floor)")
+    for flag, value in (("--rtt-ms", rtt_ms), ("--jitter-ms", jitter_ms)):
+        if not (math.isfinite(value) and value >= 0):
+            problems.append(f"{flag} {value:g}: a number of milliseconds, 0 or more")
+    if etcd_members < 1:
+        problems.append(f"etcd_members {etcd_members}: 1 or more")
+    if problems:
+        raise BadOption("; ".join(problems))
 
 
 def up(directory: str = DEFAULT_DIR, regions: int = 3, rtt_ms: float = 0.0,
@@ -329,11 +433,17 @@ def up(directory: str = DEFAULT_DIR, regions: int = 3, rtt_ms: float = 0.0,
     """Starts the cluster. Ports are picked free, then bound by the children a moment
     later; another process can take one in between, so a start that fails that way is
     retried from scratch. `etcd_members` > 1 runs a multi-member etcd (drills lose one).
-    `auth`: clients authenticate with the tokens under `auth/` (module docstring)."""
+    `auth`: clients authenticate with the tokens under `auth/` (module docstring).
+    BadOption and DirectoryInUse come before anything starts (and stop nothing: the
+    directory may hold a running cluster); any other failure stops what was started."""
+    check_up_options(regions=regions, rtt_ms=rtt_ms, standbys=standbys, ttl_s=ttl_s,
+                     jitter_ms=jitter_ms, etcd_members=etcd_members)
     for attempt in range(attempts):
         try:
             return _up(directory, regions, rtt_ms, failover, standbys, ttl_s, cluster,
                        jitter_ms, seed, etcd_members, tls, auth)
+        except DirectoryInUse:
+            raise  # another cluster's processes: `down` would stop them
         except BaseException as exc:
             # Whatever failed, stop what was started: nothing may outlive a failed start.
             with contextlib.suppress(Exception):
@@ -349,12 +459,11 @@ def _up(directory: str, regions: int, rtt_ms: float, failover: str, standbys: in
         ttl_s: int, cluster: str, jitter_ms: float, seed: int,
         etcd_members: int = 1, tls: bool = True, with_auth: bool = True) -> ClusterState:
     base = Path(directory).resolve()
-    if (base / "state.json").exists():
-        with contextlib.suppress(Exception):
-            existing = ClusterState.load(base)
-            if any(alive(n.pid) for n in existing.nodes):
-                raise RuntimeError(f"a cluster is already running in {base}: "
-                                   "`xdc cluster down` first")
+    running = running_pids(base)
+    if running:
+        raise DirectoryInUse(f"a cluster is already running in {base} (pids "
+                             f"{', '.join(map(str, running))}): stop it first with "
+                             f"`xdc cluster down --dir {base}`, or use another --dir")
     base.mkdir(parents=True, exist_ok=True)
     names = REGION_NAMES[:regions]
     members = [(f"{r}-1", r, True) for r in names]
@@ -384,6 +493,8 @@ def _up(directory: str, regions: int, rtt_ms: float, failover: str, standbys: in
              for i, (mid, region, voter) in enumerate(members)]
     state = ClusterState(str(base), cluster, str(base / "cluster.toml"), etcd.endpoints,
                          [m.pid for m in etcd.members if m.pid], nodes, rtt_ms=rtt_ms)
+    for pid in state.etcd_pids:
+        state.record(pid)
     if tls:
         state.tls_dir = str(tls_dir)
     if with_auth:
@@ -413,6 +524,7 @@ def _up(directory: str, regions: int, rtt_ms: float, failover: str, standbys: in
                                     stdout=stdout, stderr=stderr, start_new_session=True)
         _children[proc.pid] = proc
         state.proxy_pid = proc.pid
+        state.record(proc.pid)
         state.save()  # before it is ready: `down` must find it if this start is interrupted
         ready = _wait_ready_line(out, proc, READY_TIMEOUT_S)
         state.proxy_control = ready["control"]
@@ -428,28 +540,45 @@ def _up(directory: str, regions: int, rtt_ms: float, failover: str, standbys: in
     return state
 
 
+def running_pids(directory: str | os.PathLike[str]) -> list[int]:
+    """The processes of the cluster in `directory` that still run (none without a
+    state.json). DirectoryInUse when its state.json cannot be read: what runs there is
+    then unknown."""
+    if not Path(directory, "state.json").exists():
+        return []
+    try:
+        state = ClusterState.load(directory)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise DirectoryInUse(f"{Path(directory, 'state.json')} cannot be read ({exc!r}): "
+                             "if no cluster runs there, remove it") from exc
+    return [pid for pid in state.pids() if alive(pid, state)]
+
+
 def signal_node(state: ClusterState, key: str, sig: int) -> list[NodeProc]:
-    """Sends a signal to every node of a region (or to one node), by PID."""
+    """Sends a signal to every node of a region (or to one node), by PID: only to those
+    still running as the launcher started them."""
     targets = state.select(key)
     for n in targets:
-        if alive(n.pid):
+        if alive(n.pid, state):
             os.kill(n.pid, sig)
     return targets
 
 
-def _stop_pid(pid: int, timeout_s: float = 10.0) -> None:
-    if not alive(pid):
+def _stop_pid(pid: int, state: ClusterState, timeout_s: float = 10.0) -> None:
+    """Stops process `pid` of `state`'s cluster (TERM, then KILL); a PID that is no
+    longer the launcher's process is left alone."""
+    if not alive(pid, state):
         return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGCONT)  # a paused process cannot handle SIGTERM
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    while alive(pid) and time.monotonic() < deadline:
+    while alive(pid, state) and time.monotonic() < deadline:
         time.sleep(0.02)
-    if alive(pid):
+    if alive(pid, state):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        while alive(pid):
+        while alive(pid, state):
             time.sleep(0.01)
     reap(pid)
 
@@ -474,19 +603,20 @@ def down(directory: str = DEFAULT_DIR) -> ClusterState:
     try:
         state = ClusterState.load(directory)
         for n in state.nodes:
-            _stop_pid(n.pid)
-        _stop_pid(state.proxy_pid)
+            _stop_pid(n.pid, state)
+        _stop_pid(state.proxy_pid, state)
     finally:
         # After the nodes (a leader revokes its lease as it stops), and also when there is
         # no state.json yet: a start interrupted that early has only etcd running.
         if etcd is not None:
             etcd.stop()
     for pid in state.etcd_pids:
-        _stop_pid(pid)
+        _stop_pid(pid, state)
     for n in state.nodes:
         n.pid = 0
     state.proxy_pid = 0
     state.etcd_pids = []
+    state.identities = {}
     state.save()
     return state
 
@@ -494,32 +624,74 @@ def down(directory: str = DEFAULT_DIR) -> ClusterState:
 # ---- operations on a running cluster (async: they talk gRPC and etcd) -------------------
 # Each takes a local ClusterState or a Reach (a deployment's TOML, `xdc cluster ... --config`).
 
+# Errors of a status call that mean the node was not reached (down, partitioned, slow).
+UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# The operator's credentials refused: asking again will not help.
+AUTH_REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
+
+class Refused(RuntimeError):
+    """A node answered the operator's status call with an error, most often its
+    credentials refused (AUTH_REFUSALS). Not "unreachable": it is reported with the
+    node's code and details."""
+
+    def __init__(self, node_id: str, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{node_id} refused the call: {code.name}: {details}")
+        self.node_id = node_id
+        self.code = code
+        self.details = details
+
+
+# A node's answer to `statuses`: its status, its refusal, or None (unreachable).
+Answer = rpb.NodeStatus | Refused | None
+
+
 async def node_status(target: Target, n: NodeProc | Member,
                       timeout_s: float = 1.0) -> rpb.NodeStatus | None:
-    """The node's replication status, or None when it does not answer."""
+    """The node's replication status, or None when it does not answer (UNREACHABLE).
+    Refused when it answers with another error (e.g. the operator's token refused)."""
     r = reach(target)
     try:
         async with aio_channel(n.client, r.tls, options=channel_options()) as ch:
             return await rpb_grpc.ReplicationStub(ch).Status(
                 rpb.StatusRequest(), timeout=timeout_s, metadata=auth.bearer(r.token))
-    except grpc.aio.AioRpcError:
-        return None
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() in UNREACHABLE:
+            return None
+        raise Refused(n.id, exc.code(), exc.details() or "") from None
 
 
-async def statuses(target: Target) -> dict[str, rpb.NodeStatus | None]:
+async def statuses(target: Target) -> dict[str, Answer]:
     r = reach(target)
-    got = await asyncio.gather(*(node_status(r, n) for n in r.nodes))
+
+    async def answer(n: NodeProc | Member) -> Answer:
+        try:
+            return await node_status(r, n)
+        except Refused as refused:
+            return refused
+
+    got = await asyncio.gather(*(answer(n) for n in r.nodes))
     return {n.id: s for n, s in zip(r.nodes, got, strict=True)}
+
+
+def answered(sts: dict[str, Answer]) -> dict[str, rpb.NodeStatus | None]:
+    """The statuses, None for a node that did not give one; raises the first refusal of
+    the operator's credentials (waiting for a leader or for replicas cannot get past
+    it: better said at once than as a timeout)."""
+    for st in sts.values():
+        if isinstance(st, Refused) and st.code in AUTH_REFUSALS:
+            raise st
+    return {k: s if isinstance(s, rpb.NodeStatus) else None for k, s in sts.items()}
 
 
 async def wait_leader(target: Target, timeout_s: float = 20.0,
                       exclude: tuple[str, ...] = ()) -> tuple[Any, rpb.NodeStatus]:
     """The open leader (a NodeProc of a local cluster, else the TOML's Member), once
-    there is one (not among `exclude`)."""
+    there is one (not among `exclude`). Refused at once if a node refuses the operator."""
     r = reach(target)
     deadline = time.monotonic() + timeout_s
     while True:
-        for node_id, st in (await statuses(r)).items():
+        for node_id, st in answered(await statuses(r)).items():
             if st is not None and st.role == "leader" and st.open and node_id not in exclude:
                 return r.node(node_id), st
         if time.monotonic() > deadline:
@@ -532,7 +704,7 @@ async def wait_converged(state: ClusterState, timeout_s: float = 30.0) -> int:
     that position (a replica that holds uncommitted records has not converged)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        sts = await statuses(state)
+        sts = answered(await statuses(state))
         positions = {(s.commit_position, s.last_position) for s in sts.values() if s}
         if all(sts.values()) and len(positions) == 1:
             upto, last = positions.pop()
@@ -552,7 +724,7 @@ async def wait_caught_up(state: ClusterState, timeout_s: float = 30.0) -> int:
     _, st = await wait_leader(state, timeout_s)
     target = st.commit_position
     while True:
-        sts = await statuses(state)
+        sts = answered(await statuses(state))
         if all(s is not None and s.commit_position >= target for s in sts.values()):
             return target
         if time.monotonic() > deadline:
@@ -626,17 +798,26 @@ async def set_failover(target: Target, mode: str) -> None:
         await lead.close()
 
 
-def format_status(target: Target, sts: dict[str, rpb.NodeStatus | None]) -> str:
+def format_status(target: Target, sts: dict[str, Answer]) -> str:
     r = reach(target)
     local = isinstance(target, ClusterState)  # only then PIDs, the proxy, its files
-    leader = next((s for s in sts.values() if s is not None and s.role == "leader"), None)
+    leader = next((s for s in sts.values()
+                   if isinstance(s, rpb.NodeStatus) and s.role == "leader"), None)
     lag = {p.node_id: p for p in leader.peers} if leader is not None else {}
     rows = [("node", "region", "role", "term", "commit", "last", "lag", "in sync", "pid")]
+    refusals = []
     for n in r.nodes:
         st = sts.get(n.id)
         pid = str(n.pid) if isinstance(n, NodeProc) else "-"
+        if isinstance(st, Refused):
+            refusals.append(str(st))
+            rows.append((n.id, n.region, f"refused ({st.code.name})", "-", "-", "-", "-", "-",
+                         pid))
+            continue
         if st is None:
-            suffix = "" if not isinstance(n, NodeProc) or alive(n.pid) else " (down)"
+            gone = (isinstance(n, NodeProc) and isinstance(target, ClusterState)
+                    and not alive(n.pid, target))
+            suffix = " (down)" if gone else ""
             rows.append((n.id, n.region, "unreachable" + suffix, "-", "-", "-", "-", "-", pid))
             continue
         p = lag.get(n.id)
@@ -652,6 +833,7 @@ def format_status(target: Target, sts: dict[str, rpb.NodeStatus | None]) -> str:
         rows = [row[:-1] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    lines += refusals
     try:
         etcd_tls = etcd_access_of(r).tls
     except ConfigError as exc:  # e.g. the TOML's password file is not on this host

@@ -141,6 +141,30 @@ def test_switchover_as_a_non_admin_is_refused(cluster: launcher.ClusterState) ->
     assert leader_of(status_json(cluster)) == before
 
 
+def test_refused_credentials_are_named_not_shown_as_unreachable(
+        cluster: launcher.ClusterState) -> None:
+    """A wrong token is refused by every node: status says so (exit 1), and switchover
+    fails at once naming the refusal (it waited for an open leader until --timeout)."""
+    before = leader_of(status_json(cluster))
+    r = ops(cluster, "status", "--token", "wrong")
+    assert r.returncode == 1, r.stdout
+    rows = {line.split()[0]: line for line in r.stdout.splitlines()[1:len(cluster.nodes) + 1]}
+    assert sorted(rows) == sorted(n.id for n in cluster.nodes)
+    assert all("refused (UNAUTHENTICATED)" in row for row in rows.values()), r.stdout
+    assert "unreachable" not in r.stdout
+    assert "refused the call: UNAUTHENTICATED: " in r.stdout
+    assert "unknown bearer token" in r.stderr, r.stderr
+    r = ops(cluster, "status", "--json", "--token", "wrong")
+    assert r.returncode == 1
+    assert {s["refused"] for s in json.loads(r.stdout).values()} == {"UNAUTHENTICATED"}
+    to = next(n for n in cluster.nodes if n.voter and n.id != before)
+    r = ops(cluster, "switchover", "--to", to.id, "--token", "wrong", "--timeout", "10")
+    assert r.returncode == 1
+    assert "refused the call: UNAUTHENTICATED: " in r.stderr, r.stderr
+    assert "no open leader" not in r.stderr
+    assert leader_of(status_json(cluster)) == before
+
+
 def test_promote_in_manual_mode_after_the_leader_is_killed(
         cluster: launcher.ClusterState) -> None:
     leader = asyncio.run(launcher.wait_leader(cluster))[0]

@@ -19,6 +19,74 @@ from xdc.tls import add_cli_args as add_tls_args
 from xdc.tls import cli_tls
 
 DEFAULT_TARGET = os.environ.get("XDC_TARGET", "127.0.0.1:7000")
+# Positions, revisions and limits are uint64 in the protocol.
+U64_MAX = 2**64 - 1
+
+
+# ---- argparse types: a bad value is an error naming its flag (exit 2), not a traceback ----
+
+def _u64(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value <= U64_MAX:
+        raise argparse.ArgumentTypeError(f"{value} is out of range 0..2^64-1")
+    return value
+
+
+def _expected(text: str) -> tuple[int, int]:
+    """`--expected`: (kind, revision) for StoreClient.append."""
+    from store.client import ANY, EXACT, NO_STREAM, STREAM_EXISTS
+    named = {"any": ANY, "no_stream": NO_STREAM, "stream_exists": STREAM_EXISTS}
+    if text in named:
+        return named[text], 0
+    try:
+        return EXACT, _u64(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected any, no_stream, stream_exists or a revision "
+            "0..2^64-1") from None
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE")
+    return key, value
+
+
+def _uuid(text: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a UUID") from None
+
+
+def _route(text: str) -> tuple[str, str]:
+    """`--route MEMBER=HOST:PORT` (the member is checked against the config later)."""
+    from geo.config import split_hostport
+    member, sep, address = text.partition("=")
+    if not sep or not member:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected MEMBER=HOST:PORT")
+    try:
+        split_hostport(address)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+    return member, address
+
+
+def _listen(text: str) -> str:
+    """HOST:PORT to listen on, port 1..65535 or 0 (any free port). gRPC takes any number
+    and binds it modulo 65536 (99999 listened on 34463)."""
+    from geo.config import split_hostport
+    host, sep, port = text.rpartition(":")
+    try:
+        # Port 0 is fine here; the host part is checked as split_hostport checks it.
+        split_hostport(f"{host}:1" if sep and port == "0" else text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc} (0: any free port)") from None
+    return text
 
 
 def event_json(e: Any) -> dict[str, Any]:
@@ -163,21 +231,13 @@ def cmd_auth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _expected(text: str) -> tuple[int, int]:
-    from store.client import ANY, EXACT, NO_STREAM, STREAM_EXISTS
-    named = {"any": ANY, "no_stream": NO_STREAM, "stream_exists": STREAM_EXISTS}
-    if text in named:
-        return named[text], 0
-    return EXACT, int(text)
-
-
 def cmd_append(args: argparse.Namespace) -> int:
     from store.client import AppendError, Client, new_event
-    metadata = dict(kv.split("=", 1) for kv in args.metadata)
     data = sys.stdin.buffer.read() if args.data == "-" else args.data.encode()
-    event = new_event(args.type, data, metadata=metadata, content_type=args.content_type,
-                      event_id=uuid.UUID(args.id).bytes if args.id else None)
-    kind, revision = _expected(args.expected)
+    event = new_event(args.type, data, metadata=dict(args.metadata),
+                      content_type=args.content_type,
+                      event_id=args.id.bytes if args.id else None)
+    kind, revision = args.expected
     with Client(args.target, tls=_tls(args), token=args.token) as client:
         try:
             r = client.append(args.stream, event, kind, revision)
@@ -210,7 +270,45 @@ def cmd_read(args: argparse.Namespace) -> int:
     return 0
 
 
+# How often `xdc tail` checks that its node answers (it says so when that changes), and
+# how long it waits for the answer (a black-holed address never refuses).
+TAIL_PROBE_S = 2.0
+TAIL_PROBE_TIMEOUT_S = 5.0
+
+
+async def _report_reachability(client: Any, target: str) -> None:
+    """The subscription resumes by itself while its node is unreachable (a tail outlives
+    a restart), silently: this says on stderr when the node stops or starts answering,
+    as `tail -F`, kcat and `nats sub` do."""
+    import grpc
+    unreachable = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    reachable: bool | None = None
+    while True:
+        try:
+            # asyncio.timeout, not wait_for: this 3.11's wait_for can swallow the task's
+            # cancellation when the call ends at the same moment (the tail then hung).
+            async with asyncio.timeout(TAIL_PROBE_TIMEOUT_S):
+                await client.node_info()
+            now, why = True, ""
+        except TimeoutError:
+            now, why = False, f"no answer within {TAIL_PROBE_TIMEOUT_S:g} s"
+        except grpc.aio.AioRpcError as exc:
+            # Any other answer (e.g. a refused token) came from the node: it is reachable,
+            # and the subscription reports the error itself.
+            now = exc.code() not in unreachable
+            why = f"{exc.code().name}: {exc.details()}"
+        if not now and reachable is not False:
+            print(f"xdc tail: {target} unreachable ({why}); retrying", file=sys.stderr,
+                  flush=True)
+        elif now and reachable is False:
+            print(f"xdc tail: {target} reachable again", file=sys.stderr, flush=True)
+        reachable = now
+        await asyncio.sleep(TAIL_PROBE_S)
+
+
 def cmd_tail(args: argparse.Namespace) -> int:
+    import grpc
+
     from store.client import CaughtUp, Checkpoint, StoreClient
 
     tls = _tls(args)
@@ -218,21 +316,32 @@ def cmd_tail(args: argparse.Namespace) -> int:
     async def run() -> None:
         seen = 0
         async with StoreClient(args.target, tls=tls, token=args.token) as client:
-            async for item in client.subscribe(after_position=args.after, from_end=args.from_end,
-                                               stream_prefix=args.prefix,
-                                               event_types=args.type or ()):
-                if isinstance(item, CaughtUp):
-                    print(json.dumps({"caught_up": item.position}), file=sys.stderr, flush=True)
-                    continue
-                if isinstance(item, Checkpoint):
-                    continue
-                print(json.dumps(event_json(item)), flush=True)
-                seen += 1
-                if args.count and seen >= args.count:
-                    return
+            watch = asyncio.create_task(_report_reachability(client, args.target))
+            try:
+                async for item in client.subscribe(
+                        after_position=args.after, from_end=args.from_end,
+                        stream_prefix=args.prefix, event_types=args.type or ()):
+                    if isinstance(item, CaughtUp):
+                        print(json.dumps({"caught_up": item.position}), file=sys.stderr,
+                              flush=True)
+                        continue
+                    if isinstance(item, Checkpoint):
+                        continue
+                    print(json.dumps(event_json(item)), flush=True)
+                    seen += 1
+                    if args.count and seen >= args.count:
+                        return
+            finally:
+                watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watch
 
-    with contextlib.suppress(KeyboardInterrupt):
+    try:
         asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+    except grpc.RpcError as exc:  # e.g. UNAUTHENTICATED, PERMISSION_DENIED
+        return _rpc_error("tail", exc)
     return 0
 
 
@@ -298,6 +407,12 @@ def cmd_node_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"xdc node run: {exc}", file=sys.stderr)
         return 2
+    members = [m.id for m in config.members]
+    for flag, member in [("--member", args.member), *(("--route", r) for r, _ in args.route)]:
+        if member not in members:
+            print(f"xdc node run: {flag} {member!r}: no such member in {args.config} "
+                  f"(members: {', '.join(members)})", file=sys.stderr)
+            return 2
     for warning in config.warnings:
         print(f"xdc node run: warning: {warning}", file=sys.stderr)
     from geo.config import check_etcd, etcd_access
@@ -313,7 +428,7 @@ def cmd_node_run(args: argparse.Namespace) -> int:
         # elections once etcd answers.
         print(f"xdc node run: warning: {exc}; starting as a follower until etcd answers",
               file=sys.stderr)
-    routes = dict(r.split("=", 1) for r in args.route)
+    routes = dict(args.route)
     try:  # the node loads and checks the tier file
         node = ClusterNode(config, args.member, args.data, limits=_limits(args), routes=routes)
     except ConfigError as exc:
@@ -338,13 +453,26 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     from geo import launcher
 
     action = args.cluster_command
+    if action == "up":
+        try:
+            launcher.check_up_options(regions=args.regions, rtt_ms=args.rtt_ms,
+                                      standbys=args.standbys, ttl_s=args.lease_ttl,
+                                      jitter_ms=args.jitter_ms)
+        except launcher.BadOption as exc:
+            print(f"xdc cluster up: {exc}", file=sys.stderr)
+            return 2
     try:
         if action == "up":
             state = launcher.up(args.dir, regions=args.regions, rtt_ms=args.rtt_ms,
                                 jitter_ms=args.jitter_ms, failover=args.failover,
                                 standbys=args.standbys, ttl_s=args.lease_ttl,
                                 tls=not args.insecure)
-            leader, st = asyncio.run(launcher.wait_leader(state))
+            try:
+                leader, st = asyncio.run(launcher.wait_leader(state))
+            except BaseException:
+                # A cluster without a leader is a failed start: stop what it started.
+                launcher.down(state.directory)
+                raise
             print(f"cluster up in {state.directory}: leader {leader.id} (term {st.term})")
             if state.tls_dir:
                 d = state.tls_dir
@@ -356,7 +484,13 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             print(launcher.format_status(state, asyncio.run(launcher.statuses(state))))
             return 0
         if getattr(args, "config", None):
-            return cluster_action(launcher, cluster_reach(args), args)
+            from geo.config import ConfigError
+            try:
+                target = cluster_reach(args)
+            except ConfigError as exc:
+                print(f"xdc cluster {action}: {exc}", file=sys.stderr)
+                return 2
+            return cluster_action(launcher, target, args)
         state = launcher.ClusterState.load(args.dir)
         if action in ("status", "switchover", "promote", "failover"):
             return cluster_action(launcher, state, args)
@@ -365,8 +499,13 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             print(f"cluster in {state.directory} stopped")
         elif action == "signal":
             sig = getattr(signal, f"SIG{args.signal.upper()}")
-            hit = launcher.signal_node(state, args.target, sig)
-            print(f"sent SIG{args.signal.upper()} to {[n.id for n in hit]}")
+            # Only processes still running as the launcher started them are signalled.
+            stopped = [n.id for n in state.select(args.target)
+                       if not launcher.alive(n.pid, state)]
+            hit = [n.id for n in launcher.signal_node(state, args.target, sig)
+                   if n.id not in stopped]
+            print(f"sent SIG{args.signal.upper()} to {hit}" +
+                  (f"; not running: {stopped}" if stopped else ""))
         elif action == "start":
             for n in state.select(args.target):
                 launcher.start_node(state, n)
@@ -386,11 +525,20 @@ def cluster_action(launcher: Any, target: Any, args: argparse.Namespace) -> int:
     action = args.cluster_command
     if action == "status":
         sts = asyncio.run(launcher.statuses(target))
+        refused = [s for s in sts.values() if isinstance(s, launcher.Refused)]
         if args.json:
             from google.protobuf.json_format import MessageToDict
-            print(json.dumps({k: MessageToDict(v) if v else None for k, v in sts.items()}))
+
+            def entry(v: Any) -> Any:
+                if isinstance(v, launcher.Refused):
+                    return {"refused": v.code.name, "details": v.details}
+                return MessageToDict(v) if v else None
+            print(json.dumps({k: entry(v) for k, v in sts.items()}))
         else:
             print(launcher.format_status(target, sts))
+        for r in refused:  # the operator's credentials, most likely: not a healthy cluster
+            print(f"xdc cluster status: {r}", file=sys.stderr)
+        return 1 if refused else 0
     elif action == "switchover":
         r = asyncio.run(launcher.switchover(target, args.to, args.timeout, args.token))
         print(f"switchover to {r.new_leader}: term {r.new_term}, writes paused "
@@ -605,7 +753,8 @@ def add_exchange_parsers(sub: Any) -> None:
     """`xdc gateway`, `xdc exchange`, `xdc order`, `xdc book`."""
     p = sub.add_parser("gateway", help="run the order gateway (gRPC OrderGateway)")
     p.add_argument("--store", default=DEFAULT_TARGET, help="store address(es), comma separated")
-    p.add_argument("--listen", default="127.0.0.1:7100", help="HOST:PORT (port 0: any free)")
+    p.add_argument("--listen", default="127.0.0.1:7100", type=_listen,
+                   help="HOST:PORT (port 0: any free)")
     p.add_argument("--exchange", required=True, help="exchange TOML (groups and symbols)")
     p.add_argument("--engines", default="",
                    help="EngineControl addresses of the engines, comma separated: orders are "
@@ -687,7 +836,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run a standalone store node (no etcd needed)")
     p.add_argument("--data", required=True, help="data directory (created if missing)")
-    p.add_argument("--listen", default="127.0.0.1:7000", help="HOST:PORT (port 0: any free)")
+    p.add_argument("--listen", default="127.0.0.1:7000", type=_listen,
+                   help="HOST:PORT (port 0: any free)")
     p.add_argument("--node-id", default="standalone")
     p.add_argument("--max-event-bytes", type=int, default=1024 * 1024)
     p.add_argument("--max-append-events", type=int, default=10_000)
@@ -737,6 +887,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--member", required=True, help="this node's member id")
     p.add_argument("--data", help="data directory (default: the member's data_dir)")
     p.add_argument("--route", action="append", default=[], metavar="MEMBER=HOST:PORT",
+                   type=_route,
                    help="reach a peer at this address (e.g. through a WAN proxy)")
     p.add_argument("--max-event-bytes", type=int, default=1024 * 1024)
     p.add_argument("--max-append-events", type=int, default=10_000)
@@ -805,11 +956,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stream")
     p.add_argument("type")
     p.add_argument("data", nargs="?", default="", help="event data ('-': read stdin)")
-    p.add_argument("--expected", default="any",
+    p.add_argument("--expected", default="any", type=_expected,
                    help="any | no_stream | stream_exists | N (the stream's last revision)")
-    p.add_argument("--metadata", "-m", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--metadata", "-m", action="append", default=[], metavar="KEY=VALUE",
+                   type=_key_value)
     p.add_argument("--content-type", default="")
-    p.add_argument("--id", help="event UUID (default: a new one)")
+    p.add_argument("--id", type=_uuid, help="event UUID (default: a new one)")
     p.add_argument("--target", default=DEFAULT_TARGET)
     add_tls_args(p)
     add_token_arg(p)
@@ -817,9 +969,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("read", help="read a stream or $all, one JSON line per event")
     p.add_argument("stream", help='stream name, or "$all"')
-    p.add_argument("--from", dest="start", type=int, default=0,
+    p.add_argument("--from", dest="start", type=_u64, default=0,
                    help="revision (stream) or position ($all), inclusive; 0: start/end")
-    p.add_argument("--limit", type=int, default=1000)
+    p.add_argument("--limit", type=_u64, default=1000)
     p.add_argument("--backwards", action="store_true")
     p.add_argument("--target", default=DEFAULT_TARGET)
     add_tls_args(p)
@@ -827,11 +979,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_read)
 
     p = sub.add_parser("tail", help="follow a subscription (catch-up, then live)")
-    p.add_argument("--after", type=int, default=0, help="start after this position")
+    p.add_argument("--after", type=_u64, default=0, help="start after this position")
     p.add_argument("--from-end", action="store_true")
     p.add_argument("--prefix", default="", help="only streams starting with this")
     p.add_argument("--type", action="append", help="only events of this type (repeatable)")
-    p.add_argument("--count", type=int, default=0, help="stop after this many events")
+    p.add_argument("--count", type=_u64, default=0, help="stop after this many events")
     p.add_argument("--target", default=DEFAULT_TARGET)
     add_tls_args(p)
     add_token_arg(p)
@@ -876,8 +1028,14 @@ TRACED_COMMANDS = {"serve": "xdc-store", "node": "xdc-node", "gateway": "xdc-gat
 # Long-running servers: they move large buffers all the time (xdc/malloc_tuning.py).
 SERVER_COMMANDS = ("serve", "node", "gateway", "engine")
 # Commands that start processes of their own and stop them in `finally` blocks: a drill's
-# cluster, the demo's, a benchmark's servers.
+# cluster, the demo's, a benchmark's servers; and `cluster up`, whose failure (SIGTERM
+# included) stops what it started.
 ORCHESTRATING_COMMANDS = ("drill", "demo", "bench")
+
+
+def _orchestrates(args: argparse.Namespace) -> bool:
+    return args.command in ORCHESTRATING_COMMANDS or (
+        args.command == "cluster" and args.cluster_command == "up")
 
 
 def _exit_on_sigterm() -> None:
@@ -890,22 +1048,39 @@ def _exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def resource_attributes(args: argparse.Namespace) -> dict[str, str]:
+    """The telemetry resource of a traced command, besides service.name: which instance
+    it is (without one the SDK makes up a random service.instance.id at every start, so
+    a restarted node or engine looks like a new one) and, for a cluster node, its region
+    (semantic convention `cloud.region`) from the cluster TOML."""
+    attributes = {}
+    if args.command == "node":
+        attributes["service.instance.id"] = args.member
+        from geo.config import ConfigError, load
+        # A config or member that cannot be is cmd_node_run's to report (exit 2).
+        with contextlib.suppress(ConfigError, KeyError):
+            attributes["cloud.region"] = load(args.config).member(args.member).region
+    elif args.command == "engine" and args.engine_command == "run":
+        attributes["service.instance.id"] = args.instance
+    elif args.command == "serve":
+        attributes["service.instance.id"] = args.node_id
+    return attributes
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in SERVER_COMMANDS:
         from xdc.malloc_tuning import keep_large_buffers
         keep_large_buffers()
-    if args.command in ORCHESTRATING_COMMANDS:
+    if _orchestrates(args):
         _exit_on_sigterm()
     service = TRACED_COMMANDS.get(args.command)
     if service is None:
         return int(args.func(args) or 0)
     from xdc import telemetry
 
-    instance = getattr(args, "member", None) or getattr(args, "node_id", None)
     try:
-        enabled = telemetry.setup_from_env(
-            service, {"service.instance.id": instance} if instance else None)
+        enabled = telemetry.setup_from_env(service, resource_attributes(args) or None)
     except ValueError as exc:  # an unknown exporter or protocol
         print(f"xdc {args.command}: {exc}", file=sys.stderr)
         return 2

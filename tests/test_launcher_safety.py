@@ -1,0 +1,232 @@
+"""The local launcher (`xdc cluster up/down/signal`) must never touch what it did not
+start: a second `up` on a running cluster's directory, a state.json whose PIDs now
+belong to other processes, a bad option or an interrupted start.
+
+One real cluster for the module (`launcher.up --insecure --regions 2`: etcd, the WAN
+proxy and two `xdc node run` processes), its nodes exporting their telemetry to an OTLP
+receiver; the commands under test run as `xdc` processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from geo import launcher
+from store.client import StoreClient, new_event
+from tests.support.cli import xdc_cli as xdc
+from xdc.otlp_receiver import OtlpReceiver
+
+OTEL_ENV = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_METRICS_EXPORTER": "none",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_BSP_SCHEDULE_DELAY": "100"}
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"not within {timeout_s}s: {what}"
+        time.sleep(0.02)
+
+
+def processes_naming(directory: Path) -> list[int]:
+    """PIDs of the processes whose command line names `directory` (every etcd, proxy and
+    node the launcher starts there does)."""
+    needle = os.fsencode(str(directory))
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if needle in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass  # gone meanwhile
+    return found
+
+
+@pytest.fixture(scope="module")
+def otlp() -> Iterator[OtlpReceiver]:
+    with OtlpReceiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory,
+            otlp: OtlpReceiver) -> Iterator[launcher.ClusterState]:
+    env = {**OTEL_ENV, "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.grpc_endpoint}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # only for the nodes `up` starts: restored at once
+    try:
+        state = launcher.up(str(tmp_path_factory.mktemp("safety") / "cluster"), regions=2,
+                            tls=False)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    started = state.pids()
+    try:
+        asyncio.run(launcher.wait_leader(state))
+        yield state
+    finally:
+        launcher.down(state.directory)
+        assert [p for p in started if launcher.alive(p, state)] == []
+
+
+# ---- 1. `up` on a running cluster's directory -------------------------------------------------
+
+def test_up_on_a_running_cluster_is_refused_and_leaves_it_alone(
+        cluster: launcher.ClusterState) -> None:
+    base = Path(cluster.directory)
+    auth = {p: p.read_bytes() for p in Path(cluster.auth_dir).iterdir()}
+    before = (base / "state.json").read_text()
+    pids = cluster.pids()
+    assert len(pids) == 4  # etcd, the proxy, two nodes
+    try:
+        r = xdc("cluster", "up", "--insecure", "--regions", "2", "--dir", str(base))
+    finally:
+        if (base / "state.json").read_text() != before:  # a second cluster was started
+            second = launcher.ClusterState.load(base)
+            for pid in second.pids():
+                launcher._stop_pid(pid, second)
+            (base / "state.json").write_text(before)
+            for p, content in auth.items():
+                p.write_bytes(content)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert f"a cluster is already running in {base}" in r.stderr, r.stderr
+    assert all(str(pid) in r.stderr for pid in pids), r.stderr
+    assert "Traceback" not in r.stderr
+    # Nothing of it was touched: same processes, same state, same tokens.
+    assert (base / "state.json").read_text() == before
+    assert {p: p.read_bytes() for p in Path(cluster.auth_dir).iterdir()} == auth
+    assert all(launcher.alive(pid, cluster) for pid in pids)
+    asyncio.run(launcher.wait_leader(cluster, timeout_s=10))
+
+
+# ---- 2. PIDs are signalled only while they are still the launcher's ----------------------------
+
+def test_state_records_who_each_pid_is(cluster: launcher.ClusterState) -> None:
+    state = launcher.ClusterState.load(cluster.directory)
+    assert sorted(state.identities) == sorted(str(p) for p in state.pids())
+    for pid in state.pids():
+        assert state.identities[str(pid)] == launcher.proc_identity(pid) != ""
+        assert launcher.alive(pid, state)
+    # A state file of an older launcher (no identities): its processes are still found
+    # (they name the cluster's directory), others are not.
+    legacy = launcher.ClusterState.load(cluster.directory)
+    legacy.identities = {}
+    assert all(launcher.alive(pid, legacy) for pid in state.pids())
+    assert not launcher.alive(os.getpid(), legacy)
+
+
+@pytest.mark.parametrize("recorded", ["another process's identity", "no identities (old file)"])
+def test_down_and_signal_spare_a_process_that_took_a_recorded_pid(
+        tmp_path: Path, recorded: str) -> None:
+    """A state.json left by a crash or a reboot: its PIDs now belong to others."""
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    try:
+        node = launcher.NodeProc("us-east-1", "us-east", "127.0.0.1:1", "127.0.0.1:2", True,
+                                 str(tmp_path / "data"), pid=victim.pid)
+        state = launcher.ClusterState(str(tmp_path), "xdc-local", str(tmp_path / "cluster.toml"),
+                                      ["127.0.0.1:1"], [victim.pid], [node],
+                                      proxy_pid=victim.pid)
+        if recorded.startswith("another"):  # the process launched back then
+            state.identities = {str(victim.pid): "0-boot-of-back-then/42"}
+        state.save()
+        if recorded.startswith("no"):
+            raw = json.loads((tmp_path / "state.json").read_text())
+            del raw["identities"]
+            (tmp_path / "state.json").write_text(json.dumps(raw))
+        r = xdc("cluster", "signal", "us-east", "kill", "--dir", str(tmp_path))
+        assert r.returncode == 0, r.stderr
+        assert victim.poll() is None, "an unrelated process was signalled"
+        assert not launcher.alive(victim.pid, launcher.ClusterState.load(tmp_path))
+        r = xdc("cluster", "down", "--dir", str(tmp_path))
+        assert r.returncode == 0, r.stderr
+        assert victim.poll() is None, "an unrelated process was stopped"
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+# ---- 4. options checked before anything starts; a failed start stops what it started ---------
+
+@pytest.mark.parametrize(("flags", "named"), [
+    (["--regions", "0"], "--regions 0: between 1 and 7"),
+    (["--lease-ttl", "0"], "--lease-ttl 0: at least 1 s"),
+])
+def test_up_refuses_bad_options_before_starting_anything(
+        tmp_path: Path, flags: list[str], named: str) -> None:
+    d = tmp_path / "cluster"
+    try:
+        r = xdc("cluster", "up", "--insecure", *flags, "--dir", str(d))
+    finally:
+        if (d / "state.json").exists():  # started something after all
+            launcher.down(str(d))
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert named in r.stderr, r.stderr
+    assert not d.exists()
+
+
+def test_check_up_options_names_each_flag_and_rule() -> None:
+    launcher.check_up_options()  # the defaults
+    launcher.check_up_options(regions=7, rtt_ms=30, standbys=3, ttl_s=1, jitter_ms=2)
+    with pytest.raises(launcher.BadOption) as bad:
+        launcher.check_up_options(regions=8, rtt_ms=-1, standbys=-1, ttl_s=0,
+                                  jitter_ms=float("nan"), etcd_members=0)
+    for named in ("--regions 8: between 1 and 7", "--rtt-ms -1: a number of milliseconds",
+                  "--standbys -1: 0 or more", "--lease-ttl 0: at least 1 s",
+                  "--jitter-ms nan", "etcd_members 0"):
+        assert named in str(bad.value)
+
+
+def test_up_interrupted_by_sigterm_stops_everything_it_started(tmp_path: Path) -> None:
+    d = tmp_path / "cluster"
+    proc = subprocess.Popen([sys.executable, "-m", "xdc.cli", "cluster", "up", "--insecure",
+                             "--regions", "2", "--dir", str(d)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        def a_node_started() -> bool:
+            try:
+                state = launcher.ClusterState.load(d)
+            except (OSError, ValueError):
+                return False  # not yet, or being written
+            return any(n.pid for n in state.nodes)
+
+        wait_until(a_node_started, 60, "the first node started")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) != 0
+        assert processes_naming(d) == [], "processes of the interrupted start still run"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if (d / "state.json").exists():
+            launcher.down(str(d))
+
+
+# ---- 6. the nodes' telemetry resource ----------------------------------------------------------
+
+def test_node_telemetry_names_its_instance_and_region(cluster: launcher.ClusterState,
+                                                      otlp: OtlpReceiver) -> None:
+    async def append() -> None:
+        async with StoreClient([n.client for n in cluster.nodes],
+                               token=cluster.token()) as client:
+            await client.append("telemetry.resource", new_event("T"))
+
+    asyncio.run(append())
+    regions = {n.id: n.region for n in cluster.nodes}
+    otlp.wait(lambda r: {s.resource.get("service.instance.id") for s in r.spans("xdc-node")}
+              >= set(regions), what="spans of every node")
+    for span in otlp.spans("xdc-node"):
+        member = span.resource["service.instance.id"]
+        assert span.resource.get("cloud.region") == regions[member], span.resource
