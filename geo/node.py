@@ -62,6 +62,7 @@ from geo.transport import (
     SwitchoverError,
 )
 from store import auth
+from store.commit import CommitTracker
 from store.errors import StoreError, node_failed
 from store.limits import Limits
 from store.log import Log
@@ -382,6 +383,20 @@ class ClusterNode:
         loop = self.store_loop
         loop.call_soon_threadsafe(self._step_down_now, f"lease: {reason}")
 
+    def _past_lease(self, commit: CommitTracker) -> None:
+        """A leader whose lease may have expired (its deadline passed: the loop ran late,
+        the process was paused) answers no append any more: a newer term may exist, and
+        an acknowledgement now would come from a deposed leader (DESIGN §4, fencing).
+        What it holds is committed (a quorum has it, and a newer leader recovers it), but
+        its clients are told the outcome is unknown: a retry with the same ids finds it.
+        The step-down that the keep-alive thread asked for may still be queued."""
+        commit.fail_waiters(StoreError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"leadership of term {self.store.role.term} lapsed (its lease deadline passed) "
+            "before the append was answered: its outcome is unknown, retry with the same "
+            "event ids", retry_after_ms=200))
+        self._step_down_now("lease: deadline passed")
+
     def _step_down_now(self, reason: str) -> None:
         if self.replicator is not None and not self._stopping:
             self.replicator.step_down(reason)
@@ -531,6 +546,8 @@ class ClusterNode:
                 if sender is not None:
                     sender.send(e.msg, trace_context)
             elif isinstance(e, Committed):
+                if self.store.role.name == "leader" and not self.leadership.is_leader:
+                    self._past_lease(commit)
                 commit.advance(e.upto)
             elif isinstance(e, LeaderOpen):
                 log.info("%s: leader of term %d, open at %d", self.id, e.term, e.start_position)

@@ -231,3 +231,43 @@ def test_a_queue_longer_than_one_proposal_is_proposed_in_parts(
         finally:
             await cluster.stop()
     run(body)
+
+
+def test_a_leader_past_its_lease_deadline_acknowledges_no_append(
+        etcd: EtcdCluster, tmp_path: Path) -> None:
+    """A leader whose lease deadline has passed (a paused process, a late loop: its
+    step-down may still be queued) answers no append: the one it holds is committed, but
+    its client is told the outcome is unknown, and a retry with the same id finds it at
+    the newer leader. Before, the commit answered it OK (a reviewer saw a resumed leader
+    acknowledge 14 appends after a newer term existed). The keep-alive thread is frozen,
+    as SIGSTOP would freeze it, and the leader's clock moved past its deadline."""
+    import time
+
+    from xdc.v1 import eventstore_pb2_grpc as pb_grpc
+
+    async def body() -> None:
+        cluster = LocalCluster.make(etcd.endpoints, tmp_path)
+        await cluster.start()
+        try:
+            leader = await cluster.leader()
+            async with StoreClient(leader.address, timeout_s=15) as client:
+                await client.append("s", new_event("T"))
+                lead = leader.leadership
+                lead._pause_keepalive()
+                lead.clock = lambda: time.monotonic() + 3600  # the deadline is past
+                assert not lead.is_leader and leader.store.role.name == "leader"
+                event = new_event("T")
+                async with grpc.aio.insecure_channel(leader.address) as ch:
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await pb_grpc.EventStoreStub(ch).Append(
+                            pb.AppendRequest(stream="s", events=[event]), timeout=5)
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+                assert "lapsed" in (err.value.details() or ""), err.value.details()
+                lead.clock = time.monotonic
+                lead._resume_keepalive()
+                # The retry lands once a leader is open again: the write was committed.
+                again = await client.append("s", event)
+                assert again.duplicate and again.first_position >= 2, again
+        finally:
+            await cluster.stop()
+    run(body, timeout_s=60)
