@@ -53,14 +53,21 @@ class FileLease:
         self._fd: int | None = None
 
     async def try_acquire(self) -> bool:
-        if self._fd is not None:
+        if self.held:
             return True
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            # The lock is on the inode opened, the lease on the path: if the file was
+            # removed or replaced between open and flock, this lock guards an orphan
+            # while another instance can lock the file the path names now. Try again.
+            if _same_file(fd, self.path):
+                break
             os.close(fd)
-            return False
         os.ftruncate(fd, 0)
         os.write(fd, self.instance.encode())
         self._fd = fd
@@ -71,7 +78,18 @@ class FileLease:
 
     @property
     def held(self) -> bool:
-        return self._fd is not None
+        """Whether the lock is held on the file the path names now. A lock file removed
+        or replaced (a tmp cleaner, an operator's cleanup) loses the lease: another
+        instance may already lock the new file. The lost lock is then dropped, so that
+        `try_acquire` starts afresh."""
+        fd = self._fd
+        if fd is None:
+            return False
+        if _same_file(fd, self.path):
+            return True
+        self._fd = None
+        os.close(fd)
+        return False
 
     async def release(self) -> None:
         fd, self._fd = self._fd, None
@@ -93,6 +111,16 @@ class FileLease:
 
     async def close(self) -> None:
         await self.release()
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether `path` names the file open as `fd`."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 class EtcdLease:

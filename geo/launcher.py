@@ -759,22 +759,55 @@ async def switchover(target: Target, to: str, timeout_s: float = 10.0,
                      token: str | None = None,
                      leader: NodeProc | None = None) -> rpb.SwitchoverResponse:
     """Planned switchover to voter `to` (region or node id), as `token`'s principal
-    (default: the admin of `target`), asked of `leader` (default: the one found now)."""
+    (default: the admin of `target`), asked of `leader` (default: the one found now).
+    When `to` already is the open leader (a retry of a switchover that succeeded) there
+    is nothing to hand over: the answer is its term, no pause, and its commit position
+    now as the handover position."""
     r = reach(target)
     n = _voter(r, to, "switchover")
+    st: rpb.NodeStatus | None = None
     if leader is None:
-        leader, _ = await wait_leader(r, timeout_s)
+        leader, st = await wait_leader(r, timeout_s)
+    elif leader.id == n.id:
+        st = await node_status(r, leader, timeout_s)
+    if leader.id == n.id and st is not None and st.role == "leader" and st.open:
+        return rpb.SwitchoverResponse(new_leader=n.id, new_term=st.term, took_us=0,
+                                      handover_position=st.commit_position)
     async with aio_channel(leader.client, r.tls, options=channel_options()) as ch:
         return await rpb_grpc.ReplicationStub(ch).Switchover(
             rpb.SwitchoverRequest(target=n.id, timeout_ms=int(timeout_s * 1000)),
             timeout=timeout_s + 1, metadata=auth.bearer(r.token if token is None else token))
 
 
-async def promote(target: Target, to: str) -> str:
+@dataclass(frozen=True)
+class Promotion:
+    """What `promote` did: `node` was promoted (`term` None), or it already leads
+    `term` and nothing was written. str() is the node id."""
+    node: str
+    term: int | None = None
+
+    def __str__(self) -> str:
+        return self.node
+
+    @property
+    def message(self) -> str:
+        if self.term is not None:
+            return f"{self.node} already leads term {self.term}"
+        return f"promoted {self.node}: it takes the leader seat when it is vacant"
+
+
+async def promote(target: Target, to: str) -> Promotion:
     """Manual failover: authorise one voter to take the vacant leader seat. Refused
-    (RuntimeError) when failover is automatic: the voters elect a leader themselves."""
+    (RuntimeError) when failover is automatic: the voters elect a leader themselves; and
+    when another node keeps the seat (a promotion left armed would elect its target when
+    that leader dies, with no operator deciding). A leader that just died holds the seat
+    until its lease expires: the promotion waits that long (one lease TTL) for the seat
+    to free. A promotion of the node that already leads (a retry) changes nothing and is
+    no error."""
     r = reach(target)
     n = _voter(r, to, "promote")
+    # Plus etcd's lessor, which deletes an expired lease's keys on a 500 ms tick.
+    wait_s = load(r.config).lease_ttl_s + 1.0
     lead = _leadership(r)
     try:
         mode = await lead.failover_mode()
@@ -784,10 +817,26 @@ async def promote(target: Target, to: str) -> str:
                 f"there is nothing to promote (for a planned move use `xdc cluster "
                 f"switchover --to {to}`; to decide failovers by hand first run "
                 f"`xdc cluster failover manual`)")
-        await lead.promote(n.id)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + wait_s
+        while True:
+            seated = await lead.promote(n.id)
+            if seated is None:
+                return Promotion(n.id)
+            info, term = seated
+            holder = info.get("id") or info.get("raw") or "?"
+            if holder == n.id:
+                return Promotion(n.id, term)
+            remaining = end - loop.time()
+            if remaining <= 0:
+                raise RuntimeError(
+                    f"promote {n.id} refused: {holder} holds the leader seat (term {term}) "
+                    f"and kept it for {wait_s:g} s, one lease TTL: it is alive; a promotion "
+                    f"only fills a vacant seat (to move a live leader use `xdc cluster "
+                    f"switchover --to {to}`)")
+            await lead.wait_change(term, remaining)
     finally:
         await lead.close()
-    return n.id
 
 
 async def set_failover(target: Target, mode: str) -> None:

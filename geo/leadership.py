@@ -12,7 +12,8 @@ Keys, all under ``/<cluster>/``::
     last_leader  JSON of the last winner's `info` (no lease): "has this cluster ever had
                  a leader" survives the leader key. Written in the winning transaction.
     designated   node id of a planned switchover target, attached to its own lease.
-    promoted     node id an operator promoted (`xdc cluster promote`), no lease.
+    promoted     node id an operator promoted (`xdc cluster promote`) while the seat
+                 was vacant, attached to its own lease (it expires unused).
     failover     "manual" or "automatic": a runtime override of the config's mode.
     members/<id> JSON of `info` (no lease): the member has joined (geo/node.py, lost disks).
 
@@ -33,9 +34,10 @@ API (all coroutines run their etcd calls in threads; `LeadershipError` on etcd f
     await lead.wait_change(known_term, timeout_s)   # True on change, False on timeout
     lead.vacancy_seen                   # the last wait_change ended on a vacant seat
     await lead.designate(node_id, ttl_s) / clear_designation() / designated()
-    await lead.promote(node_id) / clear_promotion() / promoted()
+    await lead.promote(node_id, ttl_s) / clear_promotion() / promoted()  # seat vacant only
     await lead.set_failover_mode(mode) / failover_mode()
     await lead.ever_led()               # True once any node has won the key
+    await lead.last_leader()            # the id of the node that won it last, or None
     await lead.membership()             # Membership: joined before, ever led, revision
     await lead.join()                   # record that this node joined (members/<id>)
     await lead.close()                  # stop threads and clients (does not revoke)
@@ -90,8 +92,9 @@ Switchover and manual failover (policy lives in the node; these are the primitiv
   - Manual failover: `failover_mode()` is the `failover` key when set, else
     `default_failover` (pass the config's `failover`). In manual mode a node campaigns
     only when `promoted()` names it (or, for a cluster's very first election, when
-    `ever_led()` is False). The winning transaction consumes the promotion, so a second
-    loss of leadership again waits for an operator.
+    `ever_led()` is False, or when `last_leader()` is itself: a leader that lost only its
+    lease takes its seat back). The winning transaction consumes the promotion, so a
+    second loss of leadership again waits for an operator.
 The caller checks these rules before `campaign()`; the campaign transaction also
 refuses while a designation names another node (a designation written between the
 caller's check and its campaign must not lose the race). A promotion written in that
@@ -848,10 +851,41 @@ class Leadership:
         """The designated switchover target, or None."""
         return await self._run(self._get_str, self.designated_key)
 
-    async def promote(self, node_id: str) -> None:
+    async def promote(self, node_id: str,
+                      ttl_s: int = 60) -> tuple[dict[str, str], int] | None:
         """Authorise `node_id` to campaign in manual failover mode (`xdc cluster
-        promote`). Consumed by the next winning campaign, whoever wins."""
-        await self._run(self._put, self.promoted_key, node_id)
+        promote`), only while the leader seat is vacant. Returns None when the promotion
+        is written, else (info, term) of the node holding the seat, and nothing is
+        written. Consumed by the next winning campaign, whoever wins; else it expires
+        with its own lease after `ttl_s`.
+
+        Why guarded: a promotion written while a leader holds the seat would stay armed
+        and elect `node_id` when that leader dies, with no operator there to decide: in
+        manual mode only an operator replaces a lost leader. Why a lease: the same holds
+        for a promotion whose target is down; an operator's decision should not fire
+        long after it was made (a minute covers a node that is restarting)."""
+        def run() -> tuple[dict[str, str], int] | None:
+            lease = self._etcd.call("grant promotion lease",
+                                    lambda c: c.lease(max(1, int(ttl_s))))
+            tx = self._etcd.clients[0].transactions
+            try:
+                ok, responses = self._etcd.call("promote", lambda c: c.transaction(
+                    compare=[tx.create(self.leader_key) == 0],
+                    success=[tx.put(self.promoted_key, node_id, lease.id)],
+                    failure=[tx.get(self.leader_key)]))
+            except LeadershipError:
+                # The outcome is unknown: revoking the lease deletes a promotion that
+                # may have been written, so a failed call never leaves one armed.
+                self._revoke_quietly(lease.id)
+                raise
+            if ok:
+                return None
+            self._revoke_quietly(lease.id)
+            kvs = responses[0]
+            if not kvs:  # cannot happen: the guard failed on this very key
+                raise LeadershipError("promote: the leader key vanished inside a transaction")
+            return _info(kvs[0][0]), int(kvs[0][1].create_revision)
+        return await self._run(run)
 
     async def clear_promotion(self) -> None:
         await self._run(self._delete, self.promoted_key)
@@ -874,6 +908,17 @@ class Leadership:
     async def ever_led(self) -> bool:
         """True once any node has won the leader key of this cluster."""
         return await self._run(self._get_str, self.last_key) is not None
+
+    async def last_leader(self) -> str | None:
+        """The id of the node that won the leader key last (None: never, or unreadable
+        info): kept after its lease is gone."""
+        raw = await self._run(self._get_str, self.last_key)
+        if raw is None:
+            return None
+        with contextlib.suppress(ValueError, AttributeError):
+            found = json.loads(raw).get("id")
+            return found if isinstance(found, str) else None
+        return None
 
     # ---- membership (lost disks) -----------------------------------------------------
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -85,6 +86,9 @@ MAX_DEFERRALS = 5
 # at most this long, then gives up with an error: it cannot serve safely without knowing.
 LOST_DISK_CHECK_S = 60.0
 TIP_TIMEOUT_S = 0.5
+# A switchover target must have been heard from this recently (it answers every
+# heartbeat, each tick): a dead one's stale acknowledgement is no proof it can lead.
+SWITCHOVER_HEARD_S = 1.0
 # A rejoining node logs its catch-up at most this often.
 REJOIN_LOG_EVERY_S = 5.0
 
@@ -477,9 +481,14 @@ class ClusterNode:
             return designated == self.id
         if await self.leadership.failover_mode() == "manual":
             promoted = await self.leadership.promoted()
-            # A cluster that never had a leader elects its first one on its own.
-            return promoted == self.id or (promoted is None and
-                                           not await self.leadership.ever_led())
+            if promoted is not None:
+                return promoted == self.id
+            # A cluster that never had a leader elects its first one on its own, and the
+            # last leader takes its seat back after losing only its lease (an etcd stall,
+            # a paused process): no leader was replaced, so no operator is needed. A dead
+            # one cannot: replacing it is the operator's promotion.
+            return (not await self.leadership.ever_led()
+                    or await self.leadership.last_leader() == self.id)
         return True
 
     async def _precheck(self) -> bool:
@@ -686,18 +695,25 @@ class ClusterNode:
         designation = asyncio.ensure_future(
             self.leadership.designate(target, max(2, 2 * self.config.lease_ttl_s)))
         self.replicator.redirect_to = target
+        resigned = False
         try:
             while True:
                 st = await self.replicator.query(Node.status)
                 peer = st.peers.get(target)
+                # Heard from lately too: a dead target's last acknowledgement still
+                # matches when nothing was written since, and it would never campaign.
+                silent = time.monotonic() - self._heard.get(target, -math.inf)
                 if st.commit == st.last_position and peer is not None \
-                        and peer.match == st.last_position:
+                        and peer.match == st.last_position and silent < SWITCHOVER_HEARD_S:
                     break
                 if loop.time() > deadline:
-                    raise SwitchoverError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                          f"{target} did not catch up within {timeout_s}s "
-                                          f"(match {peer.match if peer else 0}, "
-                                          f"last {st.last_position})")
+                    raise SwitchoverError(
+                        grpc.StatusCode.DEADLINE_EXCEEDED if silent < SWITCHOVER_HEARD_S
+                        else grpc.StatusCode.UNAVAILABLE,
+                        f"{target} did not catch up within {timeout_s}s (match "
+                        f"{peer.match if peer else 0}, last {st.last_position}"
+                        + (f"; not heard from for {silent:.1f} s" if silent >= SWITCHOVER_HEARD_S
+                           else "") + f"): {self.id} keeps leading")
                 await asyncio.sleep(0.002)
             caught_up = time.perf_counter()
             await designation
@@ -705,6 +721,7 @@ class ClusterNode:
             handover = st.last_position
             self._planned_until = time.monotonic() + PARK_MAX_S
             self.replicator.step_down(f"switchover to {target}")
+            resigned = True
             await self.leadership.resign()
             log.info("%s: switchover to %s: caught up at %d after %.0f ms, designated "
                      "%.0f ms later, resigned in %.0f ms", self.id, target, handover,
@@ -716,14 +733,22 @@ class ClusterNode:
                     break
                 if loop.time() > deadline:
                     raise SwitchoverError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                          f"{target} did not take the leader key in time")
+                                          f"{target} did not take the leader key in time: "
+                                          f"{self.id} takes the seat back")
                 await self.leadership.wait_change(current[1] if current else None,
                                                   timeout_s=max(0.01, deadline - loop.time()))
         except BaseException:
             designation.cancel()
             with contextlib.suppress(BaseException):
                 await designation
-            await self.leadership.clear_designation()
+            if resigned and not self._stopping:
+                # The seat is vacant and the target did not take it (in manual mode no
+                # one else would): this node campaigns again, designated, at once.
+                with contextlib.suppress(Exception):
+                    await self.leadership.designate(self.id,
+                                                    max(2, 2 * self.config.lease_ttl_s))
+            else:
+                await self.leadership.clear_designation()
             raise
         finally:
             self.replicator.redirect_to = None

@@ -271,3 +271,68 @@ def test_a_leader_past_its_lease_deadline_acknowledges_no_append(
         finally:
             await cluster.stop()
     run(body, timeout_s=60)
+
+
+def test_a_switchover_to_a_dead_voter_is_refused_and_the_leader_stays(
+        etcd: EtcdCluster, tmp_path: Path) -> None:
+    """The target's last acknowledgement still matches the log when nothing was written
+    since it died: the switchover must also have heard from it lately. Before, the
+    leader designated the dead voter and resigned; the command failed later and, in
+    manual failover mode, no node ever campaigned again."""
+    import time
+
+    from geo.node import SWITCHOVER_HEARD_S
+    from geo.transport import SwitchoverError
+
+    async def body() -> None:
+        cluster = LocalCluster.make(etcd.endpoints, tmp_path, failover="manual")
+        await cluster.start()
+        try:
+            leader = await cluster.leader()
+            async with StoreClient(leader.address, timeout_s=15) as client:
+                await client.append("s", new_event("T"))
+            await cluster.converged()
+            dead = next(n for n in cluster.nodes if n != leader.id)
+            await cluster.stop(dead)
+            await wait_until(lambda: time.monotonic() - leader._heard[dead]
+                             > SWITCHOVER_HEARD_S, 10, "the dead voter silent")
+            with pytest.raises(SwitchoverError) as err:
+                await leader.switchover(dead, 1.0)
+            assert err.value.code == grpc.StatusCode.UNAVAILABLE, err.value
+            assert "not heard from" in str(err.value) and "keeps leading" in str(err.value)
+            assert leader.leadership.is_leader and leader.store.role.name == "leader"
+            async with StoreClient(leader.address, timeout_s=15) as client:
+                await client.append("s", new_event("T"))  # still taking writes
+        finally:
+            await cluster.stop()
+    run(body, timeout_s=60)
+
+
+def test_in_manual_mode_a_leader_that_lost_only_its_lease_takes_its_seat_back(
+        etcd: EtcdCluster, tmp_path: Path) -> None:
+    """An etcd stall (here: the keep-alive frozen, as SIGSTOP would freeze it) outlasts
+    the lease: the leader steps down, alive. Nobody replaced it, so in manual mode too it
+    campaigns again (it won the key last); before, the seat stayed vacant until an
+    operator promoted a node, with every node healthy."""
+    async def body() -> None:
+        cluster = LocalCluster.make(etcd.endpoints, tmp_path, failover="manual")
+        await cluster.start()
+        try:
+            leader = await cluster.leader()
+            term = leader.store.role.term
+            leader.leadership._pause_keepalive()
+            await wait_until(lambda: not leader.leadership.is_leader, 10,
+                             "the lease deadline past")
+            leader.leadership._resume_keepalive()
+            await wait_until(lambda: leader.store.role.name != "leader", 10,
+                             "the step-down")
+
+            async def leads_again() -> bool:
+                return (leader.store.role.name == "leader" and leader.store.role.term > term
+                        and leader.leadership.is_leader)
+            await wait_until(leads_again, 20, "the same node leading a new term")
+            assert [n.id for n in cluster.nodes.values()
+                    if n.store.role.name == "leader"] == [leader.id]
+        finally:
+            await cluster.stop()
+    run(body, timeout_s=60)

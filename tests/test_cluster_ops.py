@@ -22,7 +22,9 @@ import grpc
 import pytest
 
 from geo import launcher
+from geo.config import load
 from geo.demo import wait_for
+from geo.leadership import Leadership
 from tests.test_cli import xdc
 from tests.test_cluster_faults import check_cluster, loaded
 from xdc.tls import sync_channel
@@ -132,6 +134,23 @@ def test_switchover_under_load_moves_the_leader_and_loses_nothing(
     asyncio.run(asyncio.wait_for(body(), 120))
 
 
+def test_a_switchover_retried_after_it_succeeded_reports_the_leader(
+        cluster: launcher.ClusterState) -> None:
+    """A retry (the operator did not see the first answer) finds its target leading:
+    success with the target's term, nothing moves."""
+    leader = asyncio.run(launcher.wait_leader(cluster))[0]
+    to = next(n for n in cluster.nodes if n.voter and n.id != leader.id)
+    first = ops(cluster, "switchover", "--to", to.id)
+    assert first.returncode == 0, first.stderr
+    _, st = asyncio.run(launcher.wait_leader(cluster))
+    assert f"switchover to {to.id}: term {st.term}," in first.stdout
+    retry = ops(cluster, "switchover", "--to", to.region)
+    assert retry.returncode == 0, retry.stderr
+    assert f"switchover to {to.id}: term {st.term}, writes paused 0.0 ms" in retry.stdout
+    new, new_st = asyncio.run(launcher.wait_leader(cluster))
+    assert new.id == to.id and new_st.term == st.term
+
+
 def test_switchover_as_a_non_admin_is_refused(cluster: launcher.ClusterState) -> None:
     before = leader_of(status_json(cluster))
     to = next(n for n in cluster.nodes if n.voter and n.id != before)
@@ -192,4 +211,64 @@ def test_promote_in_manual_mode_after_the_leader_is_killed(
     finally:
         assert ops(cluster, "failover", "automatic").returncode == 0
         launcher.start_node(cluster, leader)
+    asyncio.run(launcher.wait_converged(cluster))
+
+
+async def _pending_promotion(state: launcher.ClusterState) -> str | None:
+    lead = Leadership(list(state.etcd_endpoints), state.cluster, "test-reader",
+                      {"id": "test-reader"}, 2, access=launcher.etcd_access_of(state),
+                      on_lost=lambda reason: None)
+    try:
+        return await lead.promoted()
+    finally:
+        await lead.close()
+
+
+async def _leaders(state: launcher.ClusterState) -> list[str]:
+    sts = launcher.answered(await launcher.statuses(state))
+    return [k for k, s in sts.items() if s is not None and s.role in ("leader", "candidate")]
+
+
+def test_promote_while_the_seat_is_held_writes_nothing_and_elects_nobody(
+        cluster: launcher.ClusterState) -> None:
+    """Manual mode promises that only an operator replaces a lost leader. A promotion
+    of the leader (a retry) is a no-op; one of another node while the leader lives is
+    refused naming the holder; neither leaves anything armed: when the leader dies
+    later, the seat stays vacant until an operator promotes."""
+    leader, st = asyncio.run(launcher.wait_leader(cluster))
+    other = next(n for n in cluster.nodes if n.voter and n.id != leader.id)
+    assert ops(cluster, "failover", "manual").returncode == 0
+    try:
+        r = ops(cluster, "promote", leader.region)
+        assert r.returncode == 0, r.stderr
+        assert asyncio.run(_pending_promotion(cluster)) is None
+        r = ops(cluster, "promote", other.id)
+        assert r.returncode == 1
+        assert f"{leader.id} holds the leader seat (term {st.term})" in r.stderr, r.stderr
+        assert asyncio.run(_pending_promotion(cluster)) is None
+        done = asyncio.run(launcher.promote(cluster, leader.id))
+        assert done == launcher.Promotion(leader.id, st.term)
+        assert done.message == f"{leader.id} already leads term {st.term}"
+        for n in launcher.signal_node(cluster, leader.id, signal.SIGKILL):
+            launcher.reap(n.pid)
+
+        async def vacant_for(window_s: float) -> None:
+            # Long enough for the dead leader's lease to expire and an armed promotion
+            # to win: nobody may take the seat.
+            loop = asyncio.get_running_loop()
+            end = loop.time() + window_s
+            while loop.time() < end:
+                assert await _leaders(cluster) == []
+                await asyncio.sleep(0.1)  # poll interval, not synchronisation
+        ttl_s = load(cluster.config).lease_ttl_s
+        asyncio.run(vacant_for(2 * ttl_s + 2))
+        r = ops(cluster, "promote", other.region)
+        assert r.returncode == 0, r.stderr
+        assert f"promoted {other.id}" in r.stdout
+        new, _ = asyncio.run(launcher.wait_leader(cluster, timeout_s=30))
+        assert new.id == other.id
+    finally:
+        assert ops(cluster, "failover", "automatic").returncode == 0
+        if not launcher.alive(leader.pid, cluster):
+            launcher.start_node(cluster, leader)
     asyncio.run(launcher.wait_converged(cluster))

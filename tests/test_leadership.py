@@ -624,6 +624,44 @@ def test_a_prepared_lease_is_the_campaigns_and_an_old_one_is_replaced(
     run(body())
 
 
+def test_a_promotion_is_written_only_while_the_seat_is_vacant(etcd: EtcdCluster) -> None:
+    """In manual mode a promotion is the operator replacing a lost leader. One written
+    while a leader holds the seat (a retried promotion, or one of another node) would
+    stay armed and elect its target whenever that leader dies, with no operator there:
+    it is refused, naming the holder, and nothing is written. One written on a vacant
+    seat carries a lease, so a promotion nobody acted on cannot fire much later."""
+    async def body() -> None:
+        a, b, op = await nodes(etcd, "a", "b", "operator")
+        endpoint = etcd.endpoints[0].removeprefix("http://")
+        try:
+            term = await a.lead.campaign()
+            assert term is not None
+            for target in ("b", "a"):  # another node; the leader itself (a retry)
+                seated = await op.lead.promote(target)
+                assert seated is not None, f"promotion of {target} accepted while a leads"
+                info, seen_term = seated
+                assert info["id"] == "a" and seen_term == term
+                assert await op.lead.promoted() is None, "a refused promotion wrote nothing"
+            await a.lead.resign()
+            # The seat vacant: the promotion is written, on its own lease.
+            assert await op.lead.promote("b") is None
+            assert await b.lead.promoted() == "b"
+            lease = _key_lease(endpoint, op.lead.promoted_key)
+            assert lease != 0 and 0 < _lease_ttl(endpoint, lease) <= 60
+            term_b = await b.lead.campaign()
+            assert term_b is not None and term_b > term
+            assert await op.lead.promoted() is None, "consumed by the winning campaign"
+            await b.lead.resign()
+            # Not acted on: the promotion expires with its lease.
+            assert await op.lead.promote("a", ttl_s=1) is None
+            assert await a.lead.promoted() == "a"
+            await until(lambda: _is(a.lead.promoted(), None), 5,
+                        "the unused promotion to expire", interval_s=0.05)
+        finally:
+            await close(a, b, op)
+    run(body())
+
+
 async def _is(value: Awaitable[Any], expected: Any) -> bool:
     return await value == expected
 

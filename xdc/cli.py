@@ -544,8 +544,7 @@ def cluster_action(launcher: Any, target: Any, args: argparse.Namespace) -> int:
         print(f"switchover to {r.new_leader}: term {r.new_term}, writes paused "
               f"{r.took_us / 1000:.1f} ms, handed over at position {r.handover_position}")
     elif action == "promote":
-        node = asyncio.run(launcher.promote(target, args.region))
-        print(f"promoted {node}: it takes the leader seat when it is vacant")
+        print(asyncio.run(launcher.promote(target, args.region)).message)
     elif action == "failover":
         asyncio.run(launcher.set_failover(target, args.mode))
         print(f"failover mode: {args.mode}")
