@@ -659,7 +659,7 @@ def test_insecure_local_cluster_authenticates_by_token(tmp_path: Path) -> None:
         assert r.returncode == 0, r.stderr
         r = _xdc("tiers", "status", *target, token="")
         assert r.returncode == 1 and "UNAUTHENTICATED" in r.stderr
-        r = _xdc("cluster", "switchover", "--dir", d, "--to", leader.id, "--token",
+        r = _xdc("cluster", "switchover", "--dir", d, "--to", follower.id, "--token",
                  state.token("gateway"))
         assert r.returncode == 1 and "principal 'gateway' may not switch" in r.stderr
         # The members replicate with their token: the append reaches the follower, and
