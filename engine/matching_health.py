@@ -14,7 +14,7 @@ service ``engine`` down to its tier supervisor unless:
   when the current state began (first observation after a failover, a new term or a new
   primary): it is current in *this* term, not in a term the store has left. A primary
   that was current when the term changed without a failover in between (a planned
-  switchover) keeps serving while it catches up, for at most `max_lag_s`;
+  switchover) keeps serving while it catches up, for at most TERM_CHANGE_GRACE_S;
 * and it keeps up: it has been delivered what the store had committed `max_lag_s` ago (a
   primary reading a replica cut off from the leader falls behind without any term change
   that the gateway could see).
@@ -56,6 +56,14 @@ PROBE_TIMEOUT_S = 0.5
 # when a store target hangs (a slow read keeps the addresses known).
 DIRECTORY_TIMEOUT_S = 0.25
 MAX_LAG_S = 1.0
+# How long a primary that was current keeps serving, short of the reference, after a new
+# store term it did not see coming through a failover (a planned switchover: the writes
+# pause ~150 ms here, and the primary's store member is delivered the new term's first
+# commit within that). Not max_lag_s: a failover the gateway's readings happened to miss
+# (the seat vacant for less than one observation, a leader cut off by a partition) looks
+# the same, and a primary reading from the cut-off region was trusted for a second while
+# orders were admitted (drill leader-partition: order entry back before matching).
+TERM_CHANGE_GRACE_S = 0.4
 MAX_ENGINES = 64
 MAX_HISTORY = 1024  # commit positions remembered (one per observation)
 DISCOVER_EVERY_S = 1.0  # how often the instances streams are read again
@@ -154,6 +162,7 @@ class MatchingWatch:
         self._handover_until = 0.0
         self._history: collections.deque[tuple[float, int]] = collections.deque(
             maxlen=MAX_HISTORY)  # (time, commit position) since the reference was set
+        self._seen = (0, 0)  # the highest (term, commit position) any reading showed
         self.why = "not observed yet"  # why matching is down ("" when current)
         self.answered = 0  # instances that answered at the last observation
 
@@ -216,9 +225,19 @@ class MatchingWatch:
             # over, gets max_lag_s to pass the reference.
             handover = (self._state is not None and not self.why
                         and p.instance in (self._state[1], self._handover_to))
-            self._grace_until = now + self.max_lag_s if handover else 0.0
+            self._grace_until = (now + min(self.max_lag_s, TERM_CHANGE_GRACE_S)
+                                 if handover else 0.0)
             self._state, self._reference = state, reading.commit_position
+            if reading.term > self._seen[0] > 0:
+                # A new store term: the reference is a position of that term, at least the
+                # one after what was committed before it (its term-start record). A
+                # reading from a member that has not yet learnt the new term's first
+                # commit would otherwise let a primary pass that still reads a replica
+                # the old term left behind (cut off by a partition).
+                self._reference = max(self._reference, self._seen[1] + 1)
             self._history.clear()
+        self._seen = (max(self._seen[0], reading.term), max(self._seen[1],
+                                                            reading.commit_position))
         self._history.append((now, reading.commit_position))
         assert self._reference is not None
         if p.delivered_position < self._reference and now >= self._grace_until:
