@@ -742,6 +742,9 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
             assert outlet is not None
             feed.exec_outlets.setdefault(account, set()).add(outlet)
 
+        def attached() -> bool:
+            return outlet in feed.exec_outlets.get(account, ())
+
         try:
             # The stream's slot is taken first: a catch-up from the store (a subscription
             # of its own) counts against max_streams too.
@@ -766,7 +769,7 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
                     after_position=position, stream_prefix=feed.prefix,
                     event_types=[wire.OUTPUT_TYPE], batches=True)
                 rounds, target = 1, feed.position
-                attached = handed_over = False
+                handed_over = False
                 try:
                     async for item in subscription:
                         if isinstance(item, pb.RecordBatch):
@@ -781,16 +784,14 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
                             break  # attached and too slow: refused below, with position
                         if position < target:
                             continue
-                        if not attached and position >= feed.position:
+                        if position >= feed.position:
                             attach()
-                            attached = True
-                        if attached and position >= target:
+                        if attached() and position >= target:
                             handed_over = True
                             break
                         rounds += 1
                         if rounds == CATCH_UP_ROUNDS:
                             attach()
-                            attached = True
                         target = feed.position
                 except grpc.aio.AioRpcError as exc:
                     # The store's own status (a limit, a permission), not UNKNOWN.

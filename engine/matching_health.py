@@ -222,7 +222,7 @@ class MatchingWatch:
         if state != self._state:
             # Current until now and no failover seen since: a new term under the same
             # primary (a store switchover), or the target of an engine switchover taking
-            # over, gets max_lag_s to pass the reference.
+            # over, gets TERM_CHANGE_GRACE_S to pass the reference.
             handover = (self._state is not None and not self.why
                         and p.instance in (self._state[1], self._handover_to))
             self._grace_until = (now + min(self.max_lag_s, TERM_CHANGE_GRACE_S)

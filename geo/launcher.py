@@ -159,15 +159,16 @@ class ClusterState:
         named = {str(p) for p in self.pids()}
         self.identities = {k: v for k, v in self.identities.items() if k in named}
 
-    def owns(self, pid: int) -> bool:
+    def owns(self, pid: int, stat: list[str] | None = None) -> bool:
         """Whether process `pid` is still the one the launcher started for this cluster.
         A PID without a recorded identity (a state file of an older launcher) cannot be
         told for sure: then the process must name the cluster's directory on its command
         line, as every node (its TOML), proxy (its links file) and etcd (its data dir)
-        started here does; an unrelated process that took the PID over does not."""
+        started here does; an unrelated process that took the PID over does not. `stat`:
+        its `_stat`, when the caller read it already."""
         recorded = self.identities.get(str(pid))
         if recorded is not None:
-            return recorded != "" and proc_identity(pid) == recorded
+            return recorded != "" and proc_identity(pid, stat) == recorded
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
@@ -319,11 +320,12 @@ def _boot_id() -> str:
     return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 
 
-def proc_identity(pid: int) -> str:
+def proc_identity(pid: int, stat: list[str] | None = None) -> str:
     """Who process `pid` is beyond its number: this boot's id and the process's start
     time (/proc/PID/stat field 22, clock ticks since boot). A PID reused by another
-    process, or the same PID after a reboot, gives another; "" when none runs."""
-    fields = _stat(pid)
+    process, or the same PID after a reboot, gives another; "" when none runs. `stat`:
+    its `_stat`, when the caller read it already."""
+    fields = _stat(pid) if stat is None else stat
     if len(fields) < 20:
         return ""
     return f"{_boot_id()}/{fields[19]}"
@@ -348,7 +350,7 @@ def alive(pid: int, state: ClusterState | None = None) -> bool:
     stat = _stat(pid)
     if not stat or stat[0] == "Z":
         return False
-    return state is None or state.owns(pid)
+    return state is None or state.owns(pid, stat)
 
 
 def _wait_ready_line(path: Path, proc: subprocess.Popen[bytes], timeout_s: float) -> dict[str, Any]:
@@ -739,10 +741,12 @@ def etcd_access_of(target: Target) -> EtcdAccess:
 
 
 def _leadership(target: Target, node_id: str = "xdc-cli") -> Leadership:
+    """An operator's view of the leader seat (it never campaigns): its `ttl_s` is the
+    cluster's lease TTL, as the TOML says."""
     config = load(target.config)
     return Leadership(list(target.etcd_endpoints), target.cluster, node_id, {"id": node_id},
-                      2, access=etcd_access(config), default_failover=config.failover,
-                      on_lost=lambda reason: None)
+                      config.lease_ttl_s, access=etcd_access(config),
+                      default_failover=config.failover, on_lost=lambda reason: None)
 
 
 def _voter(r: Reach, key: str, action: str) -> NodeProc | Member:
@@ -806,9 +810,9 @@ async def promote(target: Target, to: str) -> Promotion:
     no error."""
     r = reach(target)
     n = _voter(r, to, "promote")
-    # Plus etcd's lessor, which deletes an expired lease's keys on a 500 ms tick.
-    wait_s = load(r.config).lease_ttl_s + 1.0
     lead = _leadership(r)
+    # Plus etcd's lessor, which deletes an expired lease's keys on a 500 ms tick.
+    wait_s = lead.ttl_s + 1.0
     try:
         mode = await lead.failover_mode()
         if mode != "manual":

@@ -37,7 +37,7 @@ API (all coroutines run their etcd calls in threads; `LeadershipError` on etcd f
     await lead.promote(node_id, ttl_s) / clear_promotion() / promoted()  # seat vacant only
     await lead.set_failover_mode(mode) / failover_mode()
     await lead.ever_led()               # True once any node has won the key
-    await lead.last_leader()            # the id of the node that won it last, or None
+    await lead.last_leader()            # the info of the node that won it last, or None
     await lead.membership()             # Membership: joined before, ever led, revision
     await lead.join()                   # record that this node joined (members/<id>)
     await lead.close()                  # stop threads and clients (does not revoke)
@@ -92,7 +92,7 @@ Switchover and manual failover (policy lives in the node; these are the primitiv
   - Manual failover: `failover_mode()` is the `failover` key when set, else
     `default_failover` (pass the config's `failover`). In manual mode a node campaigns
     only when `promoted()` names it (or, for a cluster's very first election, when
-    `ever_led()` is False, or when `last_leader()` is itself: a leader that lost only its
+    `ever_led()` is False, or when `last_leader()` is its own: a leader that lost only its
     lease takes its seat back). The winning transaction consumes the promotion, so a
     second loss of leadership again waits for an operator.
 The caller checks these rules before `campaign()`; the campaign transaction also
@@ -909,16 +909,11 @@ class Leadership:
         """True once any node has won the leader key of this cluster."""
         return await self._run(self._get_str, self.last_key) is not None
 
-    async def last_leader(self) -> str | None:
-        """The id of the node that won the leader key last (None: never, or unreadable
-        info): kept after its lease is gone."""
+    async def last_leader(self) -> dict[str, str] | None:
+        """The `info` of the node that won the leader key last, kept after its lease is
+        gone; None when no node ever won it (`ever_led` is False)."""
         raw = await self._run(self._get_str, self.last_key)
-        if raw is None:
-            return None
-        with contextlib.suppress(ValueError, AttributeError):
-            found = json.loads(raw).get("id")
-            return found if isinstance(found, str) else None
-        return None
+        return None if raw is None else _info(raw.encode())
 
     # ---- membership (lost disks) -----------------------------------------------------
 

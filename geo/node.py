@@ -56,11 +56,11 @@ from geo.replicator import PARK_MAX_S, Replicator, term_start_record
 from geo.tier_supervisor import Reading, TierSupervisor
 from geo.tracing import FailoverClock, ReplicationObserver
 from geo.transport import (
-    AUTH_RULES,
     CHANNEL_OPTIONS,
     PeerSender,
     ReplicationService,
     SwitchoverError,
+    auth_rules,
 )
 from store import auth
 from store.commit import CommitTracker
@@ -186,8 +186,7 @@ class ClusterNode:
             rpb_grpc.add_ReplicationServicer_to_server(ReplicationService(
                 self.config.cluster, self.id, {m.id for m in self.config.members},
                 self._deliver, self._tip, self.status, self.switchover,
-                observe=self.observer.observe, secure=self.tls is not None,
-                auth_config=self.auth), server)
+                observe=self.observer.observe, secure=self.tls is not None), server)
             self.supervisor.add_services(server)
 
         self.server = StoreServer(self.store, self.member.client, writer_factory=make,
@@ -195,7 +194,8 @@ class ClusterNode:
                                   add_services=add_replication,
                                   interceptors=self.supervisor.interceptors, tls=self.tls,
                                   auth=self.auth,
-                                  auth_rules={**AUTH_RULES, **self.supervisor.auth_rules})
+                                  auth_rules={**auth_rules(self.tls is not None),
+                                              **self.supervisor.auth_rules})
         await self.server.start()
         self.store.role.name = self._follower_role()
         for peer, address in self.routes.items():
@@ -487,8 +487,8 @@ class ClusterNode:
             # last leader takes its seat back after losing only its lease (an etcd stall,
             # a paused process): no leader was replaced, so no operator is needed. A dead
             # one cannot: replacing it is the operator's promotion.
-            return (not await self.leadership.ever_led()
-                    or await self.leadership.last_leader() == self.id)
+            last = await self.leadership.last_leader()  # one read for both rules
+            return last is None or last.get("id") == self.id
         return True
 
     async def _precheck(self) -> bool:
@@ -695,7 +695,6 @@ class ClusterNode:
         designation = asyncio.ensure_future(
             self.leadership.designate(target, max(2, 2 * self.config.lease_ttl_s)))
         self.replicator.redirect_to = target
-        resigned = False
         try:
             while True:
                 st = await self.replicator.query(Node.status)
@@ -721,7 +720,6 @@ class ClusterNode:
             handover = st.last_position
             self._planned_until = time.monotonic() + PARK_MAX_S
             self.replicator.step_down(f"switchover to {target}")
-            resigned = True
             await self.leadership.resign()
             log.info("%s: switchover to %s: caught up at %d after %.0f ms, designated "
                      "%.0f ms later, resigned in %.0f ms", self.id, target, handover,
@@ -741,14 +739,9 @@ class ClusterNode:
             designation.cancel()
             with contextlib.suppress(BaseException):
                 await designation
-            if resigned and not self._stopping:
-                # The seat is vacant and the target did not take it (in manual mode no
-                # one else would): this node campaigns again, designated, at once.
-                with contextlib.suppress(Exception):
-                    await self.leadership.designate(self.id,
-                                                    max(2, 2 * self.config.lease_ttl_s))
-            else:
-                await self.leadership.clear_designation()
+            # A vacant seat the target did not take is this node's again: it won the key
+            # last (_may_campaign), in manual failover mode too.
+            await self.leadership.clear_designation()
             raise
         finally:
             self.replicator.redirect_to = None

@@ -37,7 +37,7 @@ from geo.replication.messages import (
 )
 from store import auth
 from store.client import channel_options
-from store.errors import StoreError, show
+from store.errors import show
 from store.records import varint
 from xdc.tls import ROLES, Identity, Tls, aio_channel, describe_peer, peer_identity
 from xdc.v1 import replication_pb2 as rpb
@@ -325,16 +325,20 @@ def _refused(exc: BaseException) -> bool:
                           grpc.StatusCode.UNAUTHENTICATED) or "Verification" in _details(exc)
 
 
-# Access rules of client tokens (store/auth.py). Stream and Tip are node-to-node: a peer
-# proves it is a member with its certificate (mutual TLS, ReplicationService below), not
-# with a token. Status is read by any authenticated principal; only admins may move the
-# leadership (with TLS, also only callers with an admin certificate).
-AUTH_RULES: auth.Rules = {
-    "/xdc.v1.Replication/Stream": None,
-    "/xdc.v1.Replication/Tip": None,
-    "/xdc.v1.Replication/Status": auth.authenticated,
-    "/xdc.v1.Replication/Switchover": auth.admin_rule("switch the cluster's leader over"),
-}
+def auth_rules(secure: bool) -> auth.Rules:
+    """Access rules of tokens (store/auth.py), for a server with an auth file. Stream and
+    Tip are node-to-node: with TLS a peer proves it is a member with its certificate
+    (ReplicationService below checks it; the Guard lets them through), without TLS with
+    the member token (a principal granted `replicate`, geo/config.py peer_token_file),
+    checked by the Guard before the handler like every other rule. Status is read by any
+    authenticated principal; only admins may move the leadership (with TLS, also only
+    callers with an admin certificate)."""
+    return {
+        "/xdc.v1.Replication/Stream": None if secure else auth.replicate_rule("replication"),
+        "/xdc.v1.Replication/Tip": None if secure else auth.replicate_rule("Tip"),
+        "/xdc.v1.Replication/Status": auth.authenticated,
+        "/xdc.v1.Replication/Switchover": auth.admin_rule("switch the cluster's leader over"),
+    }
 
 
 class ReplicationService(rpb_grpc.ReplicationServicer):
@@ -343,11 +347,10 @@ class ReplicationService(rpb_grpc.ReplicationServicer):
     With `secure` (the cluster runs TLS), every call is checked against the caller's
     certificate (xdc/tls.py): replication (Stream, Tip) only from a member of this
     cluster, speaking as itself; Status from any holder of a certificate of this
-    cluster; Switchover from an operator (admin) only. Without TLS but with `auth` (the
-    auth file), replication needs a principal granted `replicate` (the member token,
-    geo/config.py peer_token_file), which speaks for any member; Status and Switchover
-    are checked by the server's Guard (AUTH_RULES). Without either, the service is open:
-    anyone who reaches the peer port could forge promises and stall the cluster."""
+    cluster; Switchover from an operator (admin) only. Without TLS, the server's Guard
+    checks tokens (`auth_rules`): replication needs the member token, which speaks for
+    any member. Without TLS and without an auth file, the service is open: anyone who
+    reaches the peer port could forge promises and stall the cluster."""
 
     def __init__(self, cluster: str, node_id: str, members: set[str],
                  deliver: Callable[[list[Message]], None],
@@ -355,12 +358,9 @@ class ReplicationService(rpb_grpc.ReplicationServicer):
                  status: Callable[[], Awaitable[rpb.NodeStatus]],
                  switchover: Callable[[str, float], Awaitable[rpb.SwitchoverResponse]],
                  observe: Callable[[Message, Mapping[str, str]], None] | None = None,
-                 secure: bool = False, auth_config: auth.AuthConfig | None = None) -> None:
+                 secure: bool = False) -> None:
         self.cluster = cluster
         self.secure = secure
-        # Authenticates member tokens when the cluster runs without TLS (rules of its
-        # own: the server's Guard lets Stream and Tip through to this service).
-        self._guard = auth.Guard(auth_config, {}) if auth_config and not secure else None
         # Sees each message before `deliver`, with the trace context it came with
         # (geo/tracing.py: replication spans and lag).
         self.observe = observe
@@ -376,12 +376,6 @@ class ReplicationService(rpb_grpc.ReplicationServicer):
         """The caller's identity when it may call `what` (None without TLS); aborts
         with a status naming the caller and the reason otherwise."""
         if not self.secure:
-            # Replication proper (members only); Status and Switchover are the Guard's.
-            if self._guard is not None and roles == ("member",):
-                try:
-                    self._guard.authenticate(context, what).require_replicate(what)
-                except StoreError as err:
-                    await context.abort(err.code, err.message)
             return None
         who = peer_identity(context)
         if who is None:

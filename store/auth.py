@@ -493,6 +493,12 @@ def admin_rule(what: str) -> Rule:
     return rule
 
 
+def replicate_rule(what: str) -> Rule:
+    def rule(principal: Principal, request: Any) -> None:
+        principal.require_replicate(what)
+    return rule
+
+
 class Guard(grpc.aio.ServerInterceptor):
     """The server interceptor: authenticates every call its rules do not let through and
     applies its method's rule, before the handler runs."""

@@ -21,9 +21,7 @@ from xdc.v1 import eventstore_pb2 as pb
 
 def test_three_regions_elect_replicate_and_fail_over(etcd: EtcdCluster, tmp_path: Path) -> None:
     async def body() -> None:
-        cluster = LocalCluster.make(etcd.endpoints, tmp_path)
-        await cluster.start()
-        try:
+        async with LocalCluster.running(etcd.endpoints, tmp_path) as cluster:
             leader = await cluster.leader()
             followers = [n for n in cluster.nodes.values() if n is not leader]
             # A client that knows only a follower is redirected to the leader; its
@@ -77,17 +75,13 @@ def test_three_regions_elect_replicate_and_fail_over(etcd: EtcdCluster, tmp_path
             assert [e.data for e in got][:20] == [b"%d" % i for i in range(20)]
             assert more[-1].last_revision == 25
             await cluster.converged()
-        finally:
-            await cluster.stop()
 
     run(body, timeout_s=120)
 
 
 def test_planned_switchover_under_load_loses_nothing(etcd: EtcdCluster, tmp_path: Path) -> None:
     async def body() -> None:
-        cluster = LocalCluster.make(etcd.endpoints, tmp_path)
-        await cluster.start()
-        try:
+        async with LocalCluster.running(etcd.endpoints, tmp_path) as cluster:
             leader = await cluster.leader()
             target = next(n for n in cluster.nodes.values() if n is not leader)
             acked: list[tuple[int, bytes]] = []
@@ -123,8 +117,6 @@ def test_planned_switchover_under_load_loses_nothing(etcd: EtcdCluster, tmp_path
                 assert everything[position] == event_id, f"acknowledged position {position} lost"
             await cluster.converged()
             print(f"switchover took {resp.took_us / 1000:.1f} ms")
-        finally:
-            await cluster.stop()
 
     run(body, timeout_s=120)
 
@@ -144,9 +136,7 @@ def test_manual_failover_waits_for_an_operator(etcd: EtcdCluster, tmp_path: Path
     from geo.leadership import Leadership
 
     async def body() -> None:
-        cluster = LocalCluster.make(etcd.endpoints, tmp_path, failover="manual")
-        await cluster.start()
-        try:
+        async with LocalCluster.running(etcd.endpoints, tmp_path, failover="manual") as cluster:
             leader = await cluster.leader()  # a cluster's first election needs no operator
             await cluster.stop(leader.id)
             # The seat stays vacant: watched over two lease TTLs, no one takes it.
@@ -164,8 +154,6 @@ def test_manual_failover_waits_for_an_operator(etcd: EtcdCluster, tmp_path: Path
             finally:
                 await operator.close()
             assert (await cluster.leader()).id == target
-        finally:
-            await cluster.stop()
 
     run(body, timeout_s=60)
 
@@ -185,9 +173,8 @@ def test_a_refused_replication_group_acknowledges_none_of_its_appends(
     limits = Limits(max_group_events=4, max_append_events=2)
 
     async def body() -> None:
-        cluster = LocalCluster.make(etcd.endpoints, tmp_path, regions=1)
-        await cluster.start(limits=limits)
-        try:
+        async with LocalCluster.running(etcd.endpoints, tmp_path, regions=1,
+                                        limits=limits) as cluster:
             leader = await cluster.leader()
             assert leader.replicator is not None
             core = leader.replicator.core
@@ -206,8 +193,6 @@ def test_a_refused_replication_group_acknowledges_none_of_its_appends(
             assert all(r.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
                        for r in reply.results)
             assert leader.store.log is not None and leader.store.log.last_position <= 1
-        finally:
-            await cluster.stop()
     run(body, timeout_s=20)
 
 
@@ -216,9 +201,8 @@ def test_a_queue_longer_than_one_proposal_is_proposed_in_parts(
     """More events queued than one proposal takes (max_group_events) are written over
     several cycles, never refused as a whole (that refusal came back on every retry)."""
     async def body() -> None:
-        cluster = LocalCluster.make(etcd.endpoints, tmp_path)
-        await cluster.start(limits=Limits(max_group_events=64, max_append_events=16))
-        try:
+        async with LocalCluster.running(etcd.endpoints, tmp_path, limits=Limits(
+                max_group_events=64, max_append_events=16)) as cluster:
             leader = await cluster.leader()
             async with StoreClient(leader.address, timeout_s=20) as client:
                 acks = await asyncio.gather(*(client.append(
@@ -228,8 +212,6 @@ def test_a_queue_longer_than_one_proposal_is_proposed_in_parts(
             assert all(b - a == 15 for a, b in spans)
             assert [a for a, _ in spans] == list(range(spans[0][0], spans[-1][1], 16))
             await cluster.converged()
-        finally:
-            await cluster.stop()
     run(body)
 
 
@@ -246,9 +228,7 @@ def test_a_leader_past_its_lease_deadline_acknowledges_no_append(
     from xdc.v1 import eventstore_pb2_grpc as pb_grpc
 
     async def body() -> None:
-        cluster = LocalCluster.make(etcd.endpoints, tmp_path)
-        await cluster.start()
-        try:
+        async with LocalCluster.running(etcd.endpoints, tmp_path) as cluster:
             leader = await cluster.leader()
             async with StoreClient(leader.address, timeout_s=15) as client:
                 await client.append("s", new_event("T"))
@@ -268,8 +248,6 @@ def test_a_leader_past_its_lease_deadline_acknowledges_no_append(
                 # The retry lands once a leader is open again: the write was committed.
                 again = await client.append("s", event)
                 assert again.duplicate and again.first_position >= 2, again
-        finally:
-            await cluster.stop()
     run(body, timeout_s=60)
 
 
@@ -285,9 +263,7 @@ def test_a_switchover_to_a_dead_voter_is_refused_and_the_leader_stays(
     from geo.transport import SwitchoverError
 
     async def body() -> None:
-        cluster = LocalCluster.make(etcd.endpoints, tmp_path, failover="manual")
-        await cluster.start()
-        try:
+        async with LocalCluster.running(etcd.endpoints, tmp_path, failover="manual") as cluster:
             leader = await cluster.leader()
             async with StoreClient(leader.address, timeout_s=15) as client:
                 await client.append("s", new_event("T"))
@@ -303,8 +279,6 @@ def test_a_switchover_to_a_dead_voter_is_refused_and_the_leader_stays(
             assert leader.leadership.is_leader and leader.store.role.name == "leader"
             async with StoreClient(leader.address, timeout_s=15) as client:
                 await client.append("s", new_event("T"))  # still taking writes
-        finally:
-            await cluster.stop()
     run(body, timeout_s=60)
 
 
@@ -315,9 +289,7 @@ def test_in_manual_mode_a_leader_that_lost_only_its_lease_takes_its_seat_back(
     campaigns again (it won the key last); before, the seat stayed vacant until an
     operator promoted a node, with every node healthy."""
     async def body() -> None:
-        cluster = LocalCluster.make(etcd.endpoints, tmp_path, failover="manual")
-        await cluster.start()
-        try:
+        async with LocalCluster.running(etcd.endpoints, tmp_path, failover="manual") as cluster:
             leader = await cluster.leader()
             term = leader.store.role.term
             leader.leadership._pause_keepalive()
@@ -333,6 +305,33 @@ def test_in_manual_mode_a_leader_that_lost_only_its_lease_takes_its_seat_back(
             await wait_until(leads_again, 20, "the same node leading a new term")
             assert [n.id for n in cluster.nodes.values()
                     if n.store.role.name == "leader"] == [leader.id]
-        finally:
-            await cluster.stop()
+    run(body, timeout_s=60)
+
+
+def test_a_switchover_the_target_does_not_complete_leaves_the_old_leader_leading(
+        etcd: EtcdCluster, tmp_path: Path) -> None:
+    """The target is caught up and answering, so the leader resigns, but the target never
+    campaigns (here: held back by its campaign timer). In manual mode nobody else would
+    take the seat: the old leader, the last to win it, takes it back in a new term."""
+    import time
+
+    from geo.transport import SwitchoverError
+
+    async def body() -> None:
+        async with LocalCluster.running(etcd.endpoints, tmp_path, failover="manual") as cluster:
+            leader = await cluster.leader()
+            term = leader.store.role.term
+            target = next(n for n in cluster.nodes.values() if n is not leader)
+            target._campaign_after = time.monotonic() + 3600
+            with pytest.raises(SwitchoverError) as err:
+                await leader.switchover(target.id, 1.5)
+            assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED, err.value
+            assert "takes the seat back" in str(err.value)
+
+            async def leads_again() -> bool:
+                return (leader.store.role.name == "leader" and leader.store.role.term > term
+                        and leader.leadership.is_leader)
+            await wait_until(leads_again, 20, "the old leader leading a new term")
+            async with StoreClient(leader.address, timeout_s=15) as client:
+                await client.append("s", new_event("T"))
     run(body, timeout_s=60)

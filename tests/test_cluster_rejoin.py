@@ -168,9 +168,7 @@ def test_in_manual_failover_the_fenced_leader_takes_its_seat_back_without_an_ope
     that leader campaigns again at once (manual failover would otherwise wait for an
     operator), and the wiped voter catches up from it and votes again."""
     async def body() -> None:
-        cluster = LocalCluster.make(etcd.endpoints, tmp_path, failover="manual")
-        await cluster.start()
-        try:
+        async with LocalCluster.running(etcd.endpoints, tmp_path, failover="manual") as cluster:
             a = await cluster.leader()
             async with StoreClient(a.address, timeout_s=10) as client:
                 acked = [await client.append("orders", new_event("Placed", b"%d" % i))
@@ -192,7 +190,5 @@ def test_in_manual_failover_the_fenced_leader_takes_its_seat_back_without_an_ope
                 got = await reader.read("orders", limit=100)
             assert [e.position for e in got] == [r.first_position for r in acked]
             await cluster.converged()
-        finally:
-            await cluster.stop()
 
     run(body, timeout_s=60)

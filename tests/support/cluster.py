@@ -56,6 +56,19 @@ class LocalCluster:
         names = ["us-east", "eu-west", "ap-south", "us-west", "sa-east"][:regions]
         return cls(loads(cluster_toml("t", etcd_endpoints, names, base, **kw), base))
 
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def running(cls, etcd_endpoints: list[str], base: Path, *,
+                      limits: Limits | None = None, **kw: object) -> AsyncIterator[LocalCluster]:
+        """`make(...)` with every node started, and every node left stopped on the way
+        out."""
+        cluster = cls.make(etcd_endpoints, base, **kw)
+        await cluster.start(limits=limits)
+        try:
+            yield cluster
+        finally:
+            await cluster.stop()
+
     async def start(self, *ids: str, limits: Limits | None = None) -> None:
         for m in self.config.members:
             if ids and m.id not in ids:
