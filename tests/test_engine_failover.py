@@ -416,6 +416,62 @@ def test_a_warm_instance_catches_up_for_the_state_alone_then_checks_a_window(
         run(body, timeout_s=120)
 
 
+def test_a_trust_point_search_whose_store_view_moves_falls_back_to_checking_everything(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The search for the trusted catch-up point reads the output stream's tail from one
+    store member, then the client moves to another member that lags (it holds only the
+    first output batch): a revision below the tail comes back empty. The runner then has
+    no trust point (None: every committed output is checked) and says why, instead of
+    failing its start with an IndexError."""
+    from engine.lease import FileLease
+    from engine.runner import EngineRunner, RunnerConfig
+    from tests.support.store import running_store
+
+    # Eight committed output batches of ten inputs each (blobs forged; the search reads
+    # only the batches' headers).
+    batches, chain = [], b"\0" * 32
+    for first in range(1, 80, 10):
+        blob = wire.input_blob(first + 9, [b"out"])
+        chain = wire.chain_next(chain, blob)
+        batches.append(wire.OutputBatch(first, first + 9, chain, (blob,)))
+    stream = wire.output_stream(GROUP)
+
+    async def body() -> None:
+        async with running_store(tmp_path / "ahead") as (ahead, a), \
+                running_store(tmp_path / "behind") as (behind, b):
+            events = [batch.event(GROUP, "p") for batch in batches]
+            await a.append(stream, events, pb.EXPECTED_NO_STREAM)
+            await b.append(stream, events[:1], pb.EXPECTED_NO_STREAM)  # lags behind
+            config = RunnerConfig(GROUP, "w", (ahead.address, behind.address), role="warm",
+                                  verify_window=5)
+            runner = EngineRunner(config, FileLease(tmp_path / "lease", GROUP, "w"))
+            try:
+                # On one member, the search finds the newest batch ending at or before
+                # input 80 - 5.
+                assert await runner._trust_point() == (70, batches[6].chain)
+                # The view moves: right after the tail read, the client moves to the
+                # member behind (as it does when its node fails over).
+                client, real_read = runner.client, runner.client.read
+                read_from: list[str] = []
+
+                async def read_then_move(s: str, **kw: object) -> list[pb.RecordedEvent]:
+                    read_from.append(client._target)
+                    got = await real_read(s, **kw)  # type: ignore[arg-type]
+                    if len(read_from) == 1:
+                        await client._switch()
+                    return got
+                monkeypatch.setattr(client, "read", read_then_move)
+                with caplog.at_level("WARNING", logger="xdc.engine"):
+                    assert await runner._trust_point() is None
+                assert read_from == [ahead.address, behind.address], read_from
+                assert "the output stream changed under the search" in caplog.text
+                assert runner.consumer.trusted_through == 0
+            finally:
+                await runner.stop()
+    run(body, timeout_s=30)
+
+
 def test_a_primary_sizes_its_appends_to_a_store_with_small_limits(tmp_path: Path) -> None:
     """A store that refuses events over 4 KiB and appends over 3 events (the engine's
     own sizes are 512 KiB batches, 8 to an append): the primary learns the limits from

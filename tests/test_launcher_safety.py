@@ -214,6 +214,60 @@ def test_up_interrupted_by_sigterm_stops_everything_it_started(tmp_path: Path) -
             launcher.down(str(d))
 
 
+# `xdc cluster up` with one seam: its wait for a leader (20 s) cut to the seconds in
+# argv[1]. As the wait begins, it prints the processes then running and who each is.
+UP_WITH_SHORT_LEADER_WAIT = """
+import json, sys
+from geo import launcher
+from xdc import cli
+
+wait_leader = launcher.wait_leader
+
+async def short_wait(target, timeout_s=20.0, exclude=()):
+    running = {p: launcher.proc_identity(p) for p in target.pids() if launcher.alive(p, target)}
+    print(json.dumps({"running": running}), flush=True)
+    return await wait_leader(target, float(sys.argv[1]), exclude)
+
+launcher.wait_leader = short_wait
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def test_up_without_a_leader_in_time_fails_and_stops_everything_it_started(
+        tmp_path: Path) -> None:
+    """Two regions whose WAN holds every byte for 5 minutes each way: etcd, the proxy and
+    both nodes start and serve, but a candidate never hears the other voter's promise (a
+    majority of two is both), so no leader opens. `up` waits for one (1 s here), then
+    fails saying so, and stops every process it started."""
+    d = tmp_path / "cluster"
+    try:
+        r = subprocess.run([sys.executable, "-c", UP_WITH_SHORT_LEADER_WAIT, "1.0",
+                            "cluster", "up", "--insecure", "--regions", "2",
+                            "--rtt-ms", "600000", "--dir", str(d)],
+                           capture_output=True, text=True, timeout=120)
+        # What still runs now that `up` returned (before this test's own cleanup).
+        lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+        assert lines and "running" in lines[0], (r.stdout, r.stderr)
+        running = {int(pid): who for pid, who in lines[0]["running"].items()}
+        still = [pid for pid, who in running.items()
+                 if launcher.alive(pid) and launcher.proc_identity(pid) == who]
+        left = processes_naming(d)
+        pids_in_state = launcher.ClusterState.load(d).pids()
+    finally:
+        if (d / "state.json").exists():
+            launcher.down(str(d))  # whatever the failed `up` left behind
+    assert len(running) == 4, running  # etcd, the proxy, two nodes: all up when it waited
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "xdc cluster up: no open leader within 1.0s" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "cluster up in" not in r.stdout
+    # Every process it started is gone (a PID running now with another identity is
+    # another process's), nothing else names its directory, and its state says so.
+    assert still == [], f"processes of the failed start still run: {still}"
+    assert left == [], f"processes naming {d} still run: {left}"
+    assert pids_in_state == []
+
+
 # ---- 6. the nodes' telemetry resource ----------------------------------------------------------
 
 def test_node_telemetry_names_its_instance_and_region(cluster: launcher.ClusterState,
