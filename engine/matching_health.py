@@ -14,7 +14,9 @@ service ``engine`` down to its tier supervisor unless:
   when the current state began (first observation after a failover, a new term or a new
   primary): it is current in *this* term, not in a term the store has left. A primary
   that was current when the term changed without a failover in between (a planned
-  switchover) keeps serving while it catches up, for at most TERM_CHANGE_GRACE_S;
+  switchover) keeps serving while it catches up, for at most TERM_CHANGE_GRACE_S, unless
+  the store says the term began with an election (its start record: a failover the
+  readings missed);
 * and it keeps up: it has been delivered what the store had committed `max_lag_s` ago (a
   primary reading a replica cut off from the leader falls behind without any term change
   that the gateway could see).
@@ -40,6 +42,7 @@ from dataclasses import replace
 import grpc
 
 from engine import wire
+from geo.replicator import ELECTION
 from geo.tier_supervisor import Reader, Reading
 from store import auth
 from store.client import StoreClient, channel_options
@@ -59,10 +62,12 @@ MAX_LAG_S = 1.0
 # How long a primary that was current keeps serving, short of the reference, after a new
 # store term it did not see coming through a failover (a planned switchover: the writes
 # pause ~150 ms here, and the primary's store member is delivered the new term's first
-# commit within that). Not max_lag_s: a failover the gateway's readings happened to miss
-# (the seat vacant for less than one observation, a leader cut off by a partition) looks
-# the same, and a primary reading from the cut-off region was trusted for a second while
-# orders were admitted (drill leader-partition: order entry back before matching).
+# commit within that). Not max_lag_s: a primary reading from a region cut off by a
+# partition was trusted for a second while orders were admitted (drill leader-partition:
+# order entry back before matching). The grace ends as soon as the store's reading says
+# the term began with an election (Reading.term_began: a failover the readings missed,
+# the seat vacant for less than one observation); it applies only while the gateway's
+# store member has not yet got the term's start record.
 TERM_CHANGE_GRACE_S = 0.4
 MAX_ENGINES = 64
 MAX_HISTORY = 1024  # commit positions remembered (one per observation)
@@ -158,6 +163,7 @@ class MatchingWatch:
         self._state: tuple[int, str] | None = None  # (term, primary) the reference is for
         self._reference: int | None = None  # commit position the primary must pass
         self._grace_until = 0.0  # until then, a primary short of the reference is current
+        self._grace_term = 0  # the new store term the grace was given for (0: none)
         self._handover_to = ""  # the target of the last engine switchover seen
         self._handover_until = 0.0
         self._history: collections.deque[tuple[float, int]] = collections.deque(
@@ -222,11 +228,15 @@ class MatchingWatch:
         if state != self._state:
             # Current until now and no failover seen since: a new term under the same
             # primary (a store switchover), or the target of an engine switchover taking
-            # over, gets TERM_CHANGE_GRACE_S to pass the reference.
+            # over, gets TERM_CHANGE_GRACE_S to pass the reference; a new term the store
+            # says began with an election (a failover the readings missed) gets none.
+            new_term = self._state is not None and reading.term != self._state[0]
             handover = (self._state is not None and not self.why
-                        and p.instance in (self._state[1], self._handover_to))
+                        and p.instance in (self._state[1], self._handover_to)
+                        and not (new_term and reading.term_began == ELECTION))
             self._grace_until = (now + min(self.max_lag_s, TERM_CHANGE_GRACE_S)
                                  if handover else 0.0)
+            self._grace_term = reading.term if handover and new_term else 0
             self._state, self._reference = state, reading.commit_position
             if reading.term > self._seen[0] > 0:
                 # A new store term: the reference is a position of that term, at least the
@@ -236,6 +246,10 @@ class MatchingWatch:
                 # the old term left behind (cut off by a partition).
                 self._reference = max(self._reference, self._seen[1] + 1)
             self._history.clear()
+        if self._grace_term == reading.term and reading.term_began == ELECTION:
+            # The store member learnt the term's start record during the grace: the term
+            # began with an election, not a handover.
+            self._grace_until = 0.0
         self._seen = (max(self._seen[0], reading.term), max(self._seen[1],
                                                             reading.commit_position))
         self._history.append((now, reading.commit_position))

@@ -52,7 +52,7 @@ from geo.replication.messages import (
     SteppedDown,
     Tip,
 )
-from geo.replicator import PARK_MAX_S, Replicator, term_start_record
+from geo.replicator import PARK_MAX_S, Replicator, term_began, term_start_record, term_stream
 from geo.tier_supervisor import Reading, TierSupervisor
 from geo.tracing import FailoverClock, ReplicationObserver
 from geo.transport import (
@@ -130,6 +130,7 @@ class ClusterNode:
         # Until then (monotonic) a planned switchover is under way: see _tier_reading.
         self._planned_until = 0.0
         self._followed_term = 0  # the last term this node followed (or led) an open leader in
+        self._began = (0, "")  # (term, how it began) once this node's log has its start record
         # (term, monotonic time) of the first Promise received for the highest term a
         # successor asked this node to promise: see _tier_reading.
         self._asked: tuple[int, float] = (0, 0.0)
@@ -380,7 +381,20 @@ class ClusterNode:
                        pending_events=self.store.writer.pending_events,
                        max_pending_events=self.store.limits.max_pending_events,
                        commit_lag=max(0, st.last_position - st.commit),
-                       term=st.term, commit_position=st.commit)
+                       term=st.term, commit_position=st.commit,
+                       term_began=self._term_began(st.term))
+
+    def _term_began(self, term: int) -> str:
+        """How `term` began (geo.replicator.term_began) by its start record in this node's
+        log; "" until the record is here. One read per observation until then."""
+        if self._began[0] != term:
+            log_ = self.store.log
+            found = (log_.read_stream(term_stream(term).encode(), 1, 1, log_.last_position)
+                     if log_ is not None and term > 0 else [])
+            if not found:
+                return ""
+            self._began = (term, term_began(found[0]))
+        return self._began[1]
 
     def _lease_lost(self, reason: str) -> None:
         """Called by Leadership (any thread) before the lease can expire."""
@@ -470,8 +484,8 @@ class ClusterNode:
                 self.store.role.term = term
                 self._park(planned=designated)
                 assert self.replicator is not None
-                self.replicator.become_leader(term, term_start_record(term, self.id,
-                                                                      time.time_ns()))
+                self.replicator.become_leader(term, term_start_record(
+                    term, self.id, time.time_ns(), planned=designated))
             except (LeadershipError, grpc.aio.AioRpcError, OSError) as exc:
                 log.warning("%s: election loop: %s", self.id, exc)
                 await asyncio.sleep(self.tick_s * 4)

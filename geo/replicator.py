@@ -66,19 +66,39 @@ def term_stream(term: int) -> str:
     return f"$term.{term}"
 
 
-def term_start_record(term: int, leader: str, now_ns: int) -> bytes:
+# How a term began, as its term-start record tells (term_began): the target of a planned
+# switchover, or an election after a failover. "" while the record is not known.
+HANDOVER = "handover"
+ELECTION = "election"
+
+
+def term_start_record(term: int, leader: str, now_ns: int, planned: bool = False) -> bytes:
     """The record a new leader appends (DESIGN §4). Its position is patched in when it
     is written (store/records.index_fields), since recovery decides it. Its id is
     random: one derived from (cluster, term), which NodeInfo tells any client, could be
     appended by a client first, and the term-start record would then take over that
     client's id in the index (a retry answered ALREADY_EXISTS, or, once the record was
-    truncated, written twice)."""
+    truncated, written twice). `planned`: the leader is the target of a planned
+    switchover (the old leader handed over): what lets servers in front of the store
+    tell a handover from a failover (engine/matching_health.py)."""
+    fields: dict[str, object] = {"term": term, "leader": leader}
+    if planned:
+        fields["planned"] = True
     body = pb.ProposedEvent(
         id=uuid.uuid4().bytes, type=TERM_START_TYPE,
         content_type="application/json",
-        data=json.dumps({"term": term, "leader": leader}, sort_keys=True).encode())
+        data=json.dumps(fields, sort_keys=True).encode())
     return records.encode(0, term, 1, now_ns, records.stream_field(term_stream(term).encode()),
                           body.SerializeToString(deterministic=True))
+
+
+def term_began(record: bytes) -> str:
+    """HANDOVER or ELECTION, by a term-start record (records without `planned`, written
+    before it existed, read as elections)."""
+    body = pb.ProposedEvent.FromString(records.body_of(record))
+    assert body.type == TERM_START_TYPE, body.type
+    return HANDOVER if json.loads(body.data).get("planned") is True else ELECTION
+
 
 log = logging.getLogger("xdc.replicator")
 # Longest the persisted commit position waits for a write to ride along with.

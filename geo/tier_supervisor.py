@@ -132,6 +132,7 @@ class Reading:
     # store, which tell by them whether a consumer is current (engine/matching_health.py).
     term: int = 0
     commit_position: int = 0
+    term_began: str = ""  # geo.replicator.HANDOVER or ELECTION; "" unknown
 
 
 Reader = Callable[[], Awaitable[Reading]]
@@ -352,6 +353,7 @@ class TierSupervisor:
             max_commit_lag=self.spec.supervisor.max_commit_lag,
             observations=m.observations,
             term=self.reading.term, commit_position=self.reading.commit_position,
+            term_began=self.reading.term_began,
             tiers=[tpb.TierStatus(
                 name=st.name, index=st.index, services=self.spec.tiers[st.index].services,
                 state=st.state.value, reason=st.reason.value,
@@ -453,7 +455,7 @@ class RemoteReader:
                        pending_events=st.pending_events,
                        max_pending_events=st.max_pending_events,
                        commit_lag=st.commit_lag, term=st.term,
-                       commit_position=st.commit_position)
+                       commit_position=st.commit_position, term_began=st.term_began)
 
     async def close(self) -> None:
         for channel in self._channels.values():

@@ -11,12 +11,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from geo.node import ClusterNode
+from geo.replicator import ELECTION, HANDOVER
 from store.client import StoreClient, new_event
 from store.limits import Limits
 from tests.support.cluster import LocalCluster
 from tests.support.etcd import EtcdCluster
 from tests.support.store import run, wait_until
 from xdc.v1 import eventstore_pb2 as pb
+from xdc.v1 import tiers_pb2 as tpb
+from xdc.v1 import tiers_pb2_grpc as tpb_grpc
 
 
 def test_three_regions_elect_replicate_and_fail_over(etcd: EtcdCluster, tmp_path: Path) -> None:
@@ -95,12 +98,21 @@ def test_planned_switchover_under_load_loses_nothing(etcd: EtcdCluster, tmp_path
                     acked.append((r.first_position, e.id))
                     i += 1
 
+            # Every member tells how the term it is in began (its start record): the
+            # first term by an election, the switchover's by a handover.
+            first_term = leader.store.role.term
+            for node in cluster.nodes.values():
+                await wait_until(lambda n=node: _term_began(n, first_term, ELECTION),
+                                 what=f"{node.id} reports term {first_term} elected")
             async with StoreClient(cluster.client_targets(), timeout_s=15) as client:
                 tasks = [asyncio.ensure_future(load(client, k)) for k in range(4)]
                 while len(acked) < 100:
                     await asyncio.sleep(0.01)
                 resp = await leader.switchover(target.id, timeout_s=10)
                 assert resp.new_leader == target.id and resp.new_term > leader.store.role.term - 1
+                for node in cluster.nodes.values():
+                    await wait_until(lambda n=node: _term_began(n, resp.new_term, HANDOVER),
+                                     what=f"{node.id} reports term {resp.new_term} handed over")
                 before = len(acked)
                 while len(acked) < before + 100:
                     await asyncio.sleep(0.01)
@@ -123,6 +135,12 @@ def test_planned_switchover_under_load_loses_nothing(etcd: EtcdCluster, tmp_path
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def _term_began(node: ClusterNode, term: int, began: str) -> bool:
+    async with grpc.aio.insecure_channel(node.address) as ch:
+        st = await tpb_grpc.TiersStub(ch).Status(tpb.TiersStatusRequest(), timeout=2)
+    return st.term == term and st.term_began == began
 
 
 async def _writes_health(node: ClusterNode, want: int) -> bool:

@@ -20,6 +20,7 @@ from engine import wire
 from engine.exchange_config import parse
 from engine.gateway import GatewayServer
 from engine.matching_health import ENGINE_SERVICE, MatchingWatch
+from geo.replicator import ELECTION, HANDOVER
 from geo.tier_supervisor import Reading
 from store.process import ServeProcess
 from tests.support.cli import xdc_cli
@@ -126,6 +127,29 @@ def test_a_new_terms_reference_is_past_what_the_old_term_committed() -> None:
     assert j(Reading(term=2, commit_position=12), primary("a", 12)) == ""  # the grace
     assert "not yet 13" in j(Reading(term=2, commit_position=12), primary("a", 12), dt=0.5)
     assert j(Reading(term=2, commit_position=14), primary("a", 13)) == ""
+
+
+def test_a_new_term_the_store_says_began_with_an_election_gets_no_grace() -> None:
+    """A failover the readings missed (the seat vacant for less than one observation, a
+    leader cut off by a partition) looks like a switchover, but the new term's start
+    record says it began with an election (Reading.term_began): no grace, whether the
+    member knows it at the first reading of the term or learns it during the grace.
+    Before, a primary still reading the cut-off region's replica was trusted for the
+    grace while orders were admitted (drill leader-partition)."""
+    j = Judge()
+    assert j(Reading(term=1, commit_position=10), primary("a", 10)) == ""
+    assert "not yet 13" in j(Reading(term=2, commit_position=13, term_began=ELECTION),
+                             primary("a", 10))
+    assert j(Reading(term=2, commit_position=14, term_began=ELECTION), primary("a", 13)) == ""
+    # Learnt during the grace: down from that reading on.
+    assert j(Reading(term=3, commit_position=20), primary("a", 14)) == ""
+    assert "not yet 20" in j(Reading(term=3, commit_position=21, term_began=ELECTION),
+                             primary("a", 15))
+    # A handover keeps its grace once the record is known.
+    assert j(Reading(term=3, commit_position=22, term_began=ELECTION), primary("a", 22)) == ""
+    assert j(Reading(term=4, commit_position=25, term_began=HANDOVER), primary("a", 22)) == ""
+    assert j(Reading(term=4, commit_position=26, term_began=HANDOVER), primary("a", 24)) == ""
+    assert j(Reading(term=4, commit_position=27, term_began=HANDOVER), primary("a", 25)) == ""
 
 
 def test_a_planned_engine_switchover_is_not_a_matching_outage() -> None:

@@ -51,7 +51,7 @@ class TierTransition(_message.Message):
     def __init__(self, at_unix_ns: _Optional[int] = ..., tier: _Optional[str] = ..., index: _Optional[int] = ..., from_state: _Optional[str] = ..., to_state: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class TiersStatus(_message.Message):
-    __slots__ = ("node_id", "tiers", "transitions", "cause", "observed_at_unix_ns", "pending_events", "max_pending_events", "commit_lag", "max_commit_lag", "observations", "term", "commit_position")
+    __slots__ = ("node_id", "tiers", "transitions", "cause", "observed_at_unix_ns", "pending_events", "max_pending_events", "commit_lag", "max_commit_lag", "observations", "term", "commit_position", "term_began")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
     TRANSITIONS_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,7 @@ class TiersStatus(_message.Message):
     OBSERVATIONS_FIELD_NUMBER: _ClassVar[int]
     TERM_FIELD_NUMBER: _ClassVar[int]
     COMMIT_POSITION_FIELD_NUMBER: _ClassVar[int]
+    TERM_BEGAN_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     tiers: _containers.RepeatedCompositeFieldContainer[TierStatus]
     transitions: _containers.RepeatedCompositeFieldContainer[TierTransition]
@@ -76,4 +77,5 @@ class TiersStatus(_message.Message):
     observations: int
     term: int
     commit_position: int
-    def __init__(self, node_id: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierStatus, _Mapping]]] = ..., transitions: _Optional[_Iterable[_Union[TierTransition, _Mapping]]] = ..., cause: _Optional[str] = ..., observed_at_unix_ns: _Optional[int] = ..., pending_events: _Optional[int] = ..., max_pending_events: _Optional[int] = ..., commit_lag: _Optional[int] = ..., max_commit_lag: _Optional[int] = ..., observations: _Optional[int] = ..., term: _Optional[int] = ..., commit_position: _Optional[int] = ...) -> None: ...
+    term_began: str
+    def __init__(self, node_id: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierStatus, _Mapping]]] = ..., transitions: _Optional[_Iterable[_Union[TierTransition, _Mapping]]] = ..., cause: _Optional[str] = ..., observed_at_unix_ns: _Optional[int] = ..., pending_events: _Optional[int] = ..., max_pending_events: _Optional[int] = ..., commit_lag: _Optional[int] = ..., max_commit_lag: _Optional[int] = ..., observations: _Optional[int] = ..., term: _Optional[int] = ..., commit_position: _Optional[int] = ..., term_began: _Optional[str] = ...) -> None: ...
