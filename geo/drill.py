@@ -1369,10 +1369,12 @@ def run_drill(scenario: str, runs: int, seed: int, opts: DrillOptions,
 
 def verdict(run: dict[str, Any]) -> bool:
     """A run passes when no acknowledged event was lost or duplicated, the replicas' logs
-    are identical, the engines agree, and no deposed leader acknowledged a write once the
-    new term was seen (fencing)."""
+    are identical, the engines agree, no deposed leader acknowledged a write once the
+    new term was seen (fencing), and the tiers did not come back out of order (the
+    promise of DESIGN §6; unknown, None, does not fail a run)."""
     return (run["acked_lost"] == 0 and run["duplicates"] == 0 and bool(run["hashes_agree"])
-            and bool(run["logs_identical"]) and run["stale"]["acked_after_new_term"] == 0)
+            and bool(run["logs_identical"]) and run["stale"]["acked_after_new_term"] == 0
+            and run.get("tiers_in_order") is not False)
 
 
 def failed(results: list[dict[str, Any]]) -> bool:

@@ -178,14 +178,17 @@ def test_measure_of_a_phase_without_failover(tmp_path: Path) -> None:
 def test_verdict_fails_a_run_on_each_broken_invariant() -> None:
     """The run's pass/fail (and so `xdc drill`'s exit status) breaks on each invariant
     alone: a lost ack, a duplicate, diverged replicas' logs (before, a run whose logs
-    differed passed), diverged engines, a deposed leader's late ack."""
+    differed passed), diverged engines, a deposed leader's late ack, tiers back out of
+    order (before, only the 'in order' column said so); an unknown order passes."""
     from geo.drill import failed, verdict
 
     good = {"acked_lost": 0, "duplicates": 0, "hashes_agree": True, "logs_identical": True,
             "stale": {"acked_after_new_term": 0}}
     assert verdict(good) and not failed([{**good, "ok": verdict(good)}])
+    assert verdict({**good, "tiers_in_order": None}) and verdict({**good, "tiers_in_order": True})
     for broken in ({"acked_lost": 1}, {"duplicates": 2}, {"hashes_agree": False},
-                   {"logs_identical": False}, {"stale": {"acked_after_new_term": 1}}):
+                   {"logs_identical": False}, {"stale": {"acked_after_new_term": 1}},
+                   {"tiers_in_order": False}):
         run = {**good, **broken}
         assert not verdict(run), broken
         assert failed([{**good, "ok": True}, {**run, "ok": verdict(run)}])
