@@ -67,12 +67,15 @@ MAX_APPEND_BATCHES = 8
 # the instance name and group: measured by ``envelope_bytes``. The slack covers the
 # varint of the data's length.
 _ENVELOPE_SLACK = 16
+_WIDEST_TRACEPARENT = f"00-{'f' * 32}-{'f' * 16}-ff"  # a W3C traceparent is 55 characters
 
 
 def envelope_bytes(group: str, writer: str) -> int:
-    """Bytes of an output batch's event beyond its blobs, at most (widest numbers)."""
+    """Bytes of an output batch's event beyond its blobs, at most (widest numbers, and
+    the traceparent a traced engine puts in its metadata)."""
     widest = wire.OutputBatch(2**63 - 1, 2**63 - 1, b"\xff" * 32, ())
-    return len(widest.event(group, writer).SerializeToString()) + _ENVELOPE_SLACK
+    return len(widest.event(group, writer, _WIDEST_TRACEPARENT).SerializeToString()) \
+        + _ENVELOPE_SLACK
 
 
 class RecordLike(Protocol):

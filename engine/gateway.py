@@ -26,6 +26,13 @@ gap, whichever groups its account trades in. The feed serves:
   streams from the start of the log. Future work: start from an engine snapshot instead
   of replaying all outputs, which a long-lived exchange will need.
 
+Traced, an order's trace ends with its answer: the engine's output events carry the
+``traceparent`` of the span their outputs were made in, and each message to a client (a
+waiting request's answer, a live ``StreamExecutions`` message) is a CONSUMER span
+``deliver <output stream>`` from the feed's receipt of the output event to the message
+handed to gRPC (``deliver_span``): one per message, never per report. With tracing off
+the feed keeps nothing for them and streams are offered the plain message.
+
 Every queue has a limit: waiting requests (``max_waiters``), the recent-outputs cache
 (``recent_inputs``) and each streaming client's queue (``stream_queue``); a client that
 reads slower than the exchange trades is cut off with RESOURCE_EXHAUSTED rather than
@@ -47,13 +54,16 @@ import logging
 import math
 import struct
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.context import Context
+from opentelemetry.trace import Link, SpanContext, SpanKind
 
 from engine import commands as cm
 from engine import events as ev
@@ -96,6 +106,10 @@ CATCH_UP_ROUNDS = 3
 # A request with a deadline is answered this long before it: an order that landed is
 # reported (its position, timed_out) rather than lost in the caller's DEADLINE_EXCEEDED.
 WAIT_DEADLINE_MARGIN_S = 0.05
+# Output events per group whose receipt a waiting request's `deliver` span may still start
+# from, when traced (OutputFeed.delivered): a waiter looks for its output among the last
+# ones received, newest first.
+MAX_TRACED_OUTPUTS = 1_024
 
 # Proto enums -> engine constants. UNSPECIFIED takes the documented default.
 SIDES = {xpb.BUY: Side.BUY, xpb.SELL: Side.SELL}
@@ -199,6 +213,18 @@ def check_order_ref(order_id: int, client_order_id: str) -> tuple[int, str]:
 
 # ---------------------------------------------------------------------- the output feed
 
+class Received(NamedTuple):
+    """An output event as the feed received it, kept when traced: what the `deliver`
+    spans of its outputs start from and point at."""
+
+    first_input: int
+    last_input: int
+    position: int  # the output event's, in the log
+    # Its `traceparent`: the engine's span its outputs were made in (engine/runner.py).
+    producer: SpanContext | None
+    at_ns: int  # when the feed received it
+
+
 @dataclass(slots=True)
 class GroupProgress:
     name: str
@@ -208,6 +234,34 @@ class GroupProgress:
     # Waiting requests by input position; the heap holds the positions, oldest first.
     waiters: dict[int, list[asyncio.Future[list[tuple] | None]]] = field(default_factory=dict)
     heap: list[int] = field(default_factory=list)
+    # The last output events received, oldest first, when traced.
+    received: collections.deque[Received] = field(
+        default_factory=lambda: collections.deque(maxlen=MAX_TRACED_OUTPUTS))
+
+
+def deliver_span(stream: str, received: Received | None, delivery: str, reports: int,
+                 context: Context | None = None) -> None:
+    """The CONSUMER span `deliver <output stream>` of one message to a client (a waiting
+    request's answer, one StreamExecutions message), made when it is handed to gRPC:
+    from the feed's receipt of the output event to then. Linked to the output's producer
+    context (the engine's CONSUMER span, or its "emit" span); its parent is `context`
+    (None: the current span, the waiting request's). The sampler decides, as for any
+    span; call it only when tracing."""
+    attrs: dict[str, Any] = {
+        telemetry.MESSAGING_SYSTEM: telemetry.SYSTEM,
+        telemetry.MESSAGING_OPERATION_TYPE: "process",
+        telemetry.MESSAGING_OPERATION_NAME: "deliver",
+        telemetry.MESSAGING_DESTINATION: stream,
+        "xdc.gateway.delivery": delivery, "xdc.execution.reports": reports}
+    links: list[Link] = []
+    start = None
+    if received is not None:
+        attrs["xdc.output.position"] = received.position
+        start = received.at_ns
+        if received.producer is not None:
+            links.append(Link(received.producer))
+    telemetry.open_span(f"deliver {stream}", context=context, kind=SpanKind.CONSUMER,
+                        attributes=attrs, links=links, start_time=start).end()
 
 
 @dataclass(slots=True)
@@ -354,6 +408,7 @@ class OutputFeed:
         self.position = max(self.position, e.position)
         if group is None:
             return  # a longer stream name that shares the prefix, or another exchange's
+        at_ns = time.time_ns() if telemetry.tracing() else 0
         try:
             batch = wire.decode_output(e.data)
             outs = wire.batch_outputs(batch)
@@ -361,11 +416,17 @@ class OutputFeed:
             log.error("output event at position %d of %s is undecodable (%s); skipped",
                       e.position, e.stream, exc)
             return
+        received = None
+        if at_ns:  # traced: one record per output event, for its `deliver` spans
+            received = Received(batch.first_input, batch.last_input, e.position,
+                                telemetry.span_context(e.metadata.get(telemetry.TRACEPARENT)),
+                                at_ns)
+            group.received.append(received)
         for position, raws in outs:
             self._remember(group, position, raws)
         group.last_input = max(group.last_input, batch.last_input)
         self._update_books(group, outs)
-        self._send_executions(group, e.position, outs)
+        self._send_executions(group, e.position, outs, received)
         if group.heap and group.heap[0] <= group.last_input:  # anyone waiting for these
             self._wake_waiters(group, batch.first_input, dict(outs))
 
@@ -396,14 +457,19 @@ class OutputFeed:
                     f.set_result(raws)
 
     def _send_executions(self, group: GroupProgress, position: int,
-                         outs: list[tuple[int, list[tuple]]]) -> None:
+                         outs: list[tuple[int, list[tuple]]],
+                         received: Received | None = None) -> None:
         if not self.exec_outlets:
             return
         by_account = self.account_reports(group.name, outs, self.exec_outlets)
         for account, reports in by_account.items():
             msg = xpb.ExecutionBatch(reports=reports, position=position)
+            # Traced, and the output names its producer: the stream's handler makes the
+            # message's `deliver` span when it hands the message to gRPC.
+            item: object = (msg if received is None or received.producer is None
+                            else (msg, received, group.stream))
             for outlet in self.exec_outlets[account]:
-                outlet.offer(msg)
+                outlet.offer(item)
 
     @staticmethod
     def account_reports(group: str, outs: list[tuple[int, list[tuple]]],
@@ -454,6 +520,24 @@ class OutputFeed:
                     outlet.offer(msg)
 
     # ---- waiting for one input's outputs
+
+    def delivered(self, group_name: str, position: int, reports: int) -> None:
+        """The `deliver` span of a waiting request's answer (call it when tracing, in the
+        request's context): the current span's child (the request's SERVER span), linked
+        to the producer of the output event that held input `position`'s outputs, from
+        the feed's receipt of that event. Without a current span, the producer's child."""
+        group = self.groups[group_name]
+        found = None
+        for r in reversed(group.received):  # newest first: the waiter's is one of the last
+            if r.first_input <= position:
+                if position <= r.last_input:
+                    found = r
+                break
+        context = None
+        if (telemetry.current_span_context() is None and found is not None
+                and found.producer is not None):
+            context, _ = telemetry.parent_and_links([found.producer])
+        deliver_span(group.stream, found, "wait", reports, context)
 
     async def outputs_of(self, group_name: str, position: int,
                          timeout_s: float) -> list[tuple] | None:
@@ -659,6 +743,8 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
             else:
                 resp.reports.extend(wire.report(group, r.first_position, i, raw)
                                     for i, raw in enumerate(raws))
+                if telemetry.tracing():  # the order's trace ends with its answer
+                    self.feed.delivered(group, r.first_position, len(resp.reports))
             return resp
         finally:
             if reserved:
@@ -810,12 +896,18 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
                                   f"execution stream consumer too slow: more than "
                                   f"{self.limits.stream_queue} batches queued; resume with "
                                   f"after_position={position}")
-                msg = await outlet.queue.get()
-                assert isinstance(msg, xpb.ExecutionBatch)
-                if msg.position <= position:
+                item = await outlet.queue.get()
+                received: Received | None = None
+                if type(item) is tuple:  # (message, Received, output stream): traced
+                    item, received, stream = item
+                assert isinstance(item, xpb.ExecutionBatch)
+                if item.position <= position:
                     continue
-                position = msg.position
-                yield msg
+                position = item.position
+                yield item
+                if received is not None:  # handed to gRPC: its span, the producer's child
+                    parent, _ = telemetry.parent_and_links([received.producer])
+                    deliver_span(stream, received, "stream", len(item.reports), parent)
         except Refused as r:
             await context.abort(r.code, r.message)
         finally:

@@ -497,9 +497,12 @@ class EngineRunner:
         if nxt is None:
             return
         generation, expected, batches = nxt
-        events = [b.event(self.config.group, self.config.instance) for b in batches]
-        with telemetry.serving(self._spans_of(batches[0].first_input, batches[-1].last_input),
-                               f"emit {self.output_stream}") as span:
+        spans = self._spans_of(batches[0].first_input, batches[-1].last_input)
+        with telemetry.serving(spans, f"emit {self.output_stream}") as span:
+            if spans:  # traced: each output event carries the context its outputs hang under
+                events = self._traced_events(batches, spans, span)
+            else:
+                events = [b.event(self.config.group, self.config.instance) for b in batches]
             fut = self.client.append_nowait(self.output_stream, events, EXACT, expected)
         # In an empty context: the answer's callback sends the next append, which must not
         # inherit this one's spans (it would, from the context copied here).
@@ -513,6 +516,31 @@ class EngineRunner:
         while spans and spans[0][1] < first:
             spans.popleft()
         return [sc for lo, _hi, sc in spans if lo <= last]
+
+    def _traced_events(self, batches: list[wire.OutputBatch], spans: list[SpanContext],
+                       emit: Span) -> list[pb.ProposedEvent]:
+        """The output events of `batches`, each with the `traceparent` (metadata) of the
+        CONSUMER span that made its outputs when that is one span, else of the "emit"
+        span the append is made under (linked to each of `spans`): what the gateway's
+        `deliver` spans of these outputs hang under (engine/gateway.py)."""
+        group, instance = self.config.group, self.config.instance
+        if len(spans) == 1:
+            tp = telemetry.traceparent_of(spans[0])
+            return [b.event(group, instance, tp) for b in batches]
+        emitted = emit.get_span_context()
+        shared = telemetry.traceparent_of(emitted) if emitted.is_valid else ""
+        last = batches[-1].last_input
+        entries = []  # (first, last input, span) of the batches `spans` came from
+        for entry in self._batch_spans:  # those before the append's first input are gone
+            if entry[0] > last:
+                break
+            entries.append(entry)
+        events = []
+        for b in batches:
+            mine = [sc for lo, hi, sc in entries if lo <= b.last_input and hi >= b.first_input]
+            events.append(b.event(group, instance, telemetry.traceparent_of(mine[0])
+                                  if len(mine) == 1 else shared))
+        return events
 
     def _appended(self, fut: asyncio.Future, generation: int, expected: int,
                   span: Span) -> None:

@@ -248,15 +248,19 @@ class OutputBatch:
         return _OUT_HEAD.pack(OUT_MAGIC, OUT_VERSION, self.first_input, self.last_input,
                               self.chain, len(self.blobs)) + b"".join(self.blobs)
 
-    def event(self, group: str, writer: str = "") -> pb.ProposedEvent:
+    def event(self, group: str, writer: str = "", traceparent: str = "") -> pb.ProposedEvent:
         """``writer`` (the emitting instance) is for operators: two instances emitting the
         same batch then conflict (ALREADY_EXISTS) instead of deduplicating, which the
-        expected revision makes impossible anyway."""
+        expected revision makes impossible anyway. ``traceparent`` (W3C, 55 characters)
+        is the context the outputs were made in, when traced: in the metadata, outside
+        the data the chain hash covers, and set aside by the store's idempotency."""
+        metadata = {"first_input": str(self.first_input), "writer": writer,
+                    "last_input": str(self.last_input), "chain": self.chain.hex()}
+        if traceparent:
+            metadata["traceparent"] = traceparent
         return pb.ProposedEvent(
             id=derived_id("out", group, self.first_input), type=OUTPUT_TYPE,
-            content_type="application/x-xdc-outputs", data=self.encode(),
-            metadata={"first_input": str(self.first_input), "writer": writer,
-                      "last_input": str(self.last_input), "chain": self.chain.hex()})
+            content_type="application/x-xdc-outputs", data=self.encode(), metadata=metadata)
 
 
 OUT_HEAD_SIZE = _OUT_HEAD.size

@@ -1,18 +1,23 @@
 """One order is one trace: gateway SERVER span -> the order's input event carries its
 traceparent -> the engine's CONSUMER span links to it (and, as the batch's only
-producer, is its child) -> the output append is a child of the CONSUMER span. Real
-store, real gateway, real engine runner, SDK in-memory exporter."""
+producer, is its child) -> the output append is a child of the CONSUMER span, and the
+output event carries that span's traceparent -> the gateway's `deliver` spans of the
+answer (a waiting request's, a StreamExecutions message) end the trace. Real store, real
+gateway, real engine runner, SDK in-memory exporter."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import random
 import tomllib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import INVALID_SPAN, NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 
 from engine import commands as cm
 from engine import wire
@@ -23,14 +28,15 @@ from engine.runner import EngineRunner, RunnerConfig
 from store.client import StoreClient
 from tests.support.store import run, running_store, wait_until
 from tests.test_telemetry import Otel, _child_of, _links_to, otel  # noqa: F401 (fixture)
+from xdc import telemetry
 from xdc.v1 import exchange_pb2 as xpb
 from xdc.v1 import exchange_pb2_grpc as xpb_grpc
 
 
 @contextlib.asynccontextmanager
-async def _exchange(tmp_path: Path) -> AsyncIterator[tuple[StoreClient, str]]:
+async def _exchange(tmp_path: Path) -> AsyncIterator[tuple[StoreClient, GatewayServer]]:
     """A store, the demo exchange's setup (bob holds BTC), a primary engine and a gateway:
-    (store client, gateway address); all stopped on the way out."""
+    (store client, gateway server); all stopped on the way out."""
     config = parse(tomllib.loads(DEMO_CONFIG))
     async with running_store(tmp_path / "store") as (server, client):
         await client.append(wire.input_stream("crypto"), [
@@ -45,7 +51,7 @@ async def _exchange(tmp_path: Path) -> AsyncIterator[tuple[StoreClient, str]]:
         await gateway.wait_admitted()
         try:
             await wait_until(lambda: runner.primary, 10)
-            yield client, gateway.address
+            yield client, gateway
         finally:
             await gateway.stop(0.5)
             await runner.stop()
@@ -54,9 +60,9 @@ async def _exchange(tmp_path: Path) -> AsyncIterator[tuple[StoreClient, str]]:
 def test_one_order_is_one_trace_through_gateway_store_and_engine(otel: Otel,  # noqa: F811
                                                                   tmp_path: Path) -> None:
     async def body() -> None:
-        async with _exchange(tmp_path) as (client, address):
+        async with _exchange(tmp_path) as (client, gateway):
             otel.exporter.clear()
-            async with grpc.aio.insecure_channel(address) as ch:
+            async with grpc.aio.insecure_channel(gateway.address) as ch:
                 r = await xpb_grpc.OrderGatewayStub(ch).SubmitOrder(xpb.SubmitOrderRequest(
                     symbol="BTC-USD", account="bob", client_order_id="o-1", side=xpb.SELL,
                     qty=3, price=50_000, wait=True, wait_timeout_ms=10_000), timeout=15)
@@ -104,8 +110,8 @@ def test_each_output_append_hangs_under_the_spans_of_the_inputs_it_carries(
     orders = 40
 
     async def body() -> None:
-        async with _exchange(tmp_path) as (_, address):
-            async with grpc.aio.insecure_channel(address) as ch:
+        async with _exchange(tmp_path) as (_, gateway):
+            async with grpc.aio.insecure_channel(gateway.address) as ch:
                 stub = xpb_grpc.OrderGatewayStub(ch)
                 calls = []
                 for i in range(orders):  # overlapping calls, a few ms apart
@@ -153,3 +159,126 @@ def test_each_output_append_hangs_under_the_spans_of_the_inputs_it_carries(
     missing, orphans, per = served(otel.spans())
     assert not missing and not orphans, (missing, [s.parent for s in orphans])
     assert set(per.values()) == {1}, per
+    # Each answer's `deliver` span: its SubmitOrder's child, linked to the context its
+    # output event carries, the CONSUMER span of its batch, else the "emit" span of an
+    # append of several batches.
+    spans = otel.spans()
+    by_id = {s.context.span_id: s for s in spans}
+    submits = {s.context.span_id for s in spans if "SubmitOrder" in s.name}
+    waits = [s for s in spans if s.name == f"deliver {wire.output_stream('crypto')}"]
+    assert len(submits) == orders and sorted(s.parent.span_id for s in waits) == sorted(submits)
+    producers = [by_id[link.context.span_id] for s in waits for link in s.links]
+    assert len(producers) == orders
+    assert {p.name.split()[0] for p in producers} <= {"process", "emit"}
+
+
+OUTPUT = wire.output_stream("crypto")
+DELIVER = f"deliver {OUTPUT}"
+
+
+async def _order_streamed(gateway: GatewayServer,
+                          ) -> tuple[xpb.OrderResponse, xpb.ExecutionBatch]:
+    """bob streams his executions from now and submits one order with wait: (the answer,
+    the stream's message of that order)."""
+    async with grpc.aio.insecure_channel(gateway.address) as ch:
+        stub = xpb_grpc.OrderGatewayStub(ch)
+        stream = stub.StreamExecutions(xpb.StreamExecutionsRequest(account="bob"))
+        await wait_until(lambda: "bob" in gateway.service.feed.exec_outlets, 10,
+                         "the stream attached")
+        r = await stub.SubmitOrder(xpb.SubmitOrderRequest(
+            symbol="BTC-USD", account="bob", client_order_id="o-1", side=xpb.SELL,
+            qty=3, price=50_000, wait=True, wait_timeout_ms=10_000), timeout=15)
+        msg = await asyncio.wait_for(stream.read(), 10)
+        stream.cancel()
+    assert not r.timed_out and r.reports[0].kind == "ACCEPTED"
+    assert isinstance(msg, xpb.ExecutionBatch)
+    assert [m.input_position for m in msg.reports] == [r.input_position]
+    return r, msg
+
+
+def test_the_answer_to_a_waiting_order_and_its_streamed_execution_end_its_trace(
+        otel: Otel, tmp_path: Path) -> None:  # noqa: F811
+    """The gateway's delivery of the execution report makes a CONSUMER span `deliver
+    <output stream>`, in the order's trace, after the output append committed: for the
+    waiting SubmitOrder (the SERVER span's child, linked to the output's producer, the
+    engine's CONSUMER span) and for the StreamExecutions message (the producer's child).
+    Before, the trace ended at the engine's output append."""
+    async def body() -> tuple[xpb.OrderResponse, xpb.ExecutionBatch, str]:
+        async with _exchange(tmp_path) as (client, gateway):
+            otel.exporter.clear()
+            r, msg = await _order_streamed(gateway)
+            outputs = await client.read(OUTPUT, start=1, limit=100)
+            (output,) = [o for o in outputs if o.position == msg.position]
+            await wait_until(lambda: len(otel.spans(DELIVER)) >= 2, 10, "deliver spans")
+            return r, msg, output.metadata.get("traceparent", "")
+
+    r, msg, output_traceparent = run(body, timeout_s=60)
+    spans = otel.spans()
+    (submit,) = [s for s in spans if s.kind == SpanKind.SERVER and "SubmitOrder" in s.name]
+    trace_id = submit.context.trace_id
+    (consumer,) = [s for s in spans if s.kind == SpanKind.CONSUMER
+                   and s.name.startswith("process ") and s.context.trace_id == trace_id]
+    # The output event carries the context its outputs were made in.
+    assert output_traceparent.split("-")[1:3] == [f"{trace_id:032x}",
+                                                  f"{consumer.context.span_id:016x}"]
+    # The output append (CLIENT, the CONSUMER span's child) and its group commit.
+    (out_append,) = [s for s in spans if s.kind == SpanKind.CLIENT and _child_of(s, consumer)
+                     and s.attributes.get("messaging.destination.name") == OUTPUT]
+    (out_server,) = [s for s in spans if s.kind == SpanKind.SERVER
+                     and _child_of(s, out_append)]
+    (out_commit,) = [s for s in spans if s.name == "xdc.group_commit"
+                     and _child_of(s, out_server)]
+    delivers = {s.attributes["xdc.gateway.delivery"]: s for s in spans if s.name == DELIVER}
+    assert set(delivers) == {"wait", "stream"}, [s.attributes for s in otel.spans(DELIVER)]
+    for kind, deliver in delivers.items():
+        assert deliver.kind == SpanKind.CONSUMER, kind
+        assert deliver.context.trace_id == trace_id, kind  # in the order's trace
+        assert _links_to(deliver, consumer), kind
+        assert deliver.attributes["messaging.system"] == "xdc"
+        assert deliver.attributes["messaging.operation.type"] == "process"
+        assert deliver.attributes["messaging.destination.name"] == OUTPUT
+        assert deliver.attributes["xdc.output.position"] == msg.position
+        # From the feed's receipt of the committed output to the answer handed to gRPC.
+        assert out_commit.end_time <= deliver.start_time <= deliver.end_time, kind
+    wait, streamed = delivers["wait"], delivers["stream"]
+    assert _child_of(wait, submit) and wait.end_time <= submit.end_time
+    assert wait.attributes["xdc.execution.reports"] == len(r.reports)
+    assert _child_of(streamed, consumer)
+    assert streamed.attributes["xdc.execution.reports"] == len(msg.reports)
+
+
+def test_untraced_outputs_carry_no_context_and_the_feed_keeps_none(tmp_path: Path) -> None:
+    """Tracing off: output events carry no traceparent, the feed keeps no receipts and
+    streams are offered the plain message (nothing made per output for `deliver`)."""
+    async def body() -> None:
+        async with _exchange(tmp_path) as (client, gateway):
+            _, msg = await _order_streamed(gateway)
+            (output,) = [o for o in await client.read(OUTPUT, start=1, limit=100)
+                         if o.position == msg.position]
+            assert "traceparent" not in output.metadata
+            feed = gateway.service.feed
+            assert not any(g.received for g in feed.groups.values())
+
+    run(body, timeout_s=60)
+
+
+def test_each_output_event_carries_the_context_its_outputs_were_made_in() -> None:
+    """An output event whose inputs were all consumed in one traced batch carries that
+    batch's CONSUMER span (its traceparent); one whose inputs span several, the "emit"
+    span the append was made under; none when that span is not valid."""
+    def ctx() -> SpanContext:
+        return SpanContext(random.getrandbits(127) + 1, random.getrandbits(63) + 1, False,
+                           TraceFlags(TraceFlags.SAMPLED))
+    a, b, c, emit = ctx(), ctx(), ctx(), ctx()
+    runner = SimpleNamespace(config=SimpleNamespace(group="crypto", instance="a"),
+                             _batch_spans=collections.deque([(1, 2, a), (3, 3, b), (4, 5, c)]))
+    batches = [wire.OutputBatch(1, 2, b"\0" * 32, ()), wire.OutputBatch(3, 5, b"\0" * 32, ())]
+
+    def carried(spans: list, emit_span: object) -> list[str]:  # type: ignore[type-arg]
+        events = EngineRunner._traced_events(runner, batches, spans, emit_span)  # type: ignore[arg-type]
+        return [e.metadata.get("traceparent", "") for e in events]
+    tp = telemetry.traceparent_of
+    assert carried([a, b, c], NonRecordingSpan(emit)) == [tp(a), tp(emit)]
+    assert carried([a, b, c], INVALID_SPAN) == [tp(a), ""]
+    assert carried([b], INVALID_SPAN) == [tp(b), tp(b)]
+    assert all(len(t) == 55 for t in carried([a, b, c], NonRecordingSpan(emit)))

@@ -178,3 +178,42 @@ def test_the_configured_sampler_still_decides() -> None:
         with telemetry.consumer_span("orders", metadatas):
             pass
     assert len(exporter.get_finished_spans()) == 2
+
+
+def test_the_gateways_deliver_spans_follow_the_orders_sampling() -> None:
+    """The gateway's `deliver` span of a waiting request's answer is that request's
+    span's child (linked to the output's producer): recorded when the request is
+    sampled. A streamed message's is the producer's child: recorded when the producer
+    is. Under a ratio of 0, nothing else is."""
+    import time
+    import tomllib
+
+    from engine.exchange_config import DEMO_CONFIG, parse
+    from engine.gateway import GatewayLimits, OutputFeed, Received, deliver_span
+
+    request, quiet = _upstream(True), _upstream(False)  # the waiting requests' spans
+    producer, unsampled_producer = _upstream(True), _upstream(False)
+    with _installed(RATIO_0) as exporter:
+        feed = OutputFeed(parse(tomllib.loads(DEMO_CONFIG)), None,  # type: ignore[arg-type]
+                          GatewayLimits())
+        group = feed.groups["crypto"]
+        out = Received(5, 7, 100, producer, time.time_ns() - 1_000_000)
+        group.received.extend([out, Received(8, 8, 101, unsampled_producer, time.time_ns())])
+        with trace.use_span(NonRecordingSpan(request)):
+            feed.delivered("crypto", 6, 2)  # recorded: the request is sampled
+        with trace.use_span(NonRecordingSpan(quiet)):
+            feed.delivered("crypto", 6, 2)  # dropped with its request
+        for received in group.received:  # the producer's child: recorded if it is sampled
+            deliver_span(group.stream, received, "stream", 1,
+                         telemetry.parent_and_links([received.producer])[0])
+    wait, stream = _named(exporter, f"deliver {group.stream}")
+    assert wait.kind == stream.kind == SpanKind.CONSUMER
+    assert wait.attributes["xdc.gateway.delivery"] == "wait"
+    assert wait.parent is not None and wait.parent.span_id == request.span_id
+    assert wait.context.trace_id == request.trace_id
+    assert [link.context for link in wait.links] == [producer]
+    assert wait.start_time == out.at_ns and wait.attributes["xdc.output.position"] == 100
+    assert wait.attributes["xdc.execution.reports"] == 2
+    assert stream.attributes["xdc.gateway.delivery"] == "stream"
+    assert stream.parent is not None and stream.parent.span_id == producer.span_id
+    assert stream.context.trace_id == producer.trace_id

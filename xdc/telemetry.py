@@ -20,8 +20,10 @@ The API for producers and consumers of events (the order gateway, the matching e
 
 Inject once, when the event is created. The store's idempotency sets `traceparent` and
 `tracestate` aside (store/log.same_event), so a retry in another trace is still the same
-event; but outputs whose bytes feed a determinism check (the engine's chain hash) should
-not carry them, since two engine instances would differ there.
+event; but bytes that feed a determinism check (the engine's chain hash, over an output
+event's data) must not carry them, since two engine instances would differ there. The
+engine's output events carry a `traceparent` in their metadata, outside that hash
+(engine/runner.py, `_emit`); the gateway's `deliver` spans hang under it.
 """
 
 from __future__ import annotations
@@ -785,10 +787,15 @@ def carrier_of(span: Span) -> dict[str, str]:
     sc = span.get_span_context()
     if not sc.is_valid:
         return {}
-    carrier = {TRACEPARENT: f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{sc.trace_flags:02x}"}
+    carrier = {TRACEPARENT: traceparent_of(sc)}
     if sc.trace_state:
         carrier[TRACESTATE] = sc.trace_state.to_header()
     return carrier
+
+
+def traceparent_of(sc: SpanContext) -> str:
+    """The W3C traceparent of a valid span context (55 characters, version 00)."""
+    return f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{sc.trace_flags:02x}"
 
 
 @contextlib.contextmanager
