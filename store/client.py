@@ -853,10 +853,12 @@ class StoreClient:
             self._retrying.appendleft(batch)
 
     def _retry(self, batch: list[_Pending], cause: AppendError | None,
-               delay_s: float = 0.05) -> None:
+               delay_s: float = 0.05, in_doubt: bool = False) -> None:
         """Re-sends appends, with the same event ids, after a backoff (and a move to
         another node when the cause says so): before anything made after them, and
-        nothing is sent until the backoff is over (``_hold``)."""
+        nothing is sent until the backoff is over (``_hold``). One past its deadline
+        fails with the cause (a refusal), or DEADLINE_EXCEEDED when there is none or the
+        appends were cut off in flight (`in_doubt`)."""
         if self._closed:  # not the refusal: the caller must learn its client closed
             _fail_closed(batch)
             return
@@ -867,8 +869,9 @@ class StoreClient:
             if p.future.done():
                 continue
             if now >= p.deadline:
-                p.future.set_exception(cause or AppendError(
-                    grpc.StatusCode.DEADLINE_EXCEEDED, _IN_DOUBT))
+                p.future.set_exception(cause if cause is not None and not in_doubt else
+                                       AppendError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                                   _IN_DOUBT))
             else:
                 again.append(p)
         if not again:
@@ -951,9 +954,12 @@ class StoreClient:
             if not cause.leader:  # the node itself failed us (down, unreachable, stuck)
                 self._unreachable[self._target] = (asyncio.get_running_loop().time()
                                                    + UNREACHABLE_S)
-            if not cause.leader and len(self.targets) > 1:
-                await self._switch()
-        self._retry(inflight, cause)
+        # Put back before the move below: as refused by this node (not the next), and
+        # where the deadline sweep finds them (_expire) whatever the move awaits. Sent,
+        # they may have been written: one past its deadline is in doubt, not refused.
+        self._retry(inflight, cause, in_doubt=True)
+        if cause is not None and not cause.leader and len(self.targets) > 1:
+            await self._switch()
 
     # ---- reads --------------------------------------------------------------------
 

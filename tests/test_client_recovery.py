@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from store import client as client_module
 from store.client import ANY, EXACT, SETTLE_SLICE, AppendError, StoreClient, new_event
 from store.limits import Limits
 from tests.support.store import run, running_store, wait_until
@@ -317,3 +318,97 @@ def test_append_nowait_fails_at_its_timeout_behind_a_paused_node(tmp_path: Path)
 
 async def _count(c: StoreClient, stream: str, n: int) -> bool:
     return len(await c.read(stream)) >= n
+
+
+async def _stored(c: StoreClient, stream: str) -> int:
+    """The events of `stream` on the node of `c` (0: no such stream)."""
+    try:
+        return len(await c.read(stream))
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() != grpc.StatusCode.NOT_FOUND:
+            raise
+        return 0
+
+
+def test_a_stream_reset_moves_the_appends_in_flight_to_the_next_node_only(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A node whose connection breaks with appends in flight (RST through a proxy) is
+    left for the next target, and the appends land there. Before, the appends were put
+    back only after the move, as refused by the node moved to: their backoff then moved
+    the client on once more, past a node that had never been tried (the appends landed
+    on the third target)."""
+    from geo.proxy import Link
+
+    async def body() -> None:
+        async with running_store(tmp_path / "a") as (a, _), \
+                running_store(tmp_path / "b") as (b, on_b), \
+                running_store(tmp_path / "c") as (c3, on_c), \
+                Link("front", a.address) as front:
+            c = StoreClient([front.address, b.address, c3.address], timeout_s=30,
+                            attempt_timeout_s=5)
+            try:
+                await c.append("s", _events(1))  # the stream to the proxied node is open
+                front.partition("blackhole")
+                futs = [c.append_nowait("s", _events(1)) for _ in range(10)]
+                await wait_until(lambda: bool(c._inflight), 10, "the appends in flight")
+                front.partition("reset")
+                answers = await asyncio.wait_for(asyncio.gather(*futs), 20)
+                assert [x.last_revision for x in answers] == list(range(1, 11)), answers
+            finally:
+                await c.close()
+            assert [await _stored(on, "s") for on in (on_b, on_c)] == [10, 0]
+        opened = [r.getMessage() for r in caplog.records
+                  if r.getMessage().startswith("append stream to")
+                  and r.getMessage().endswith("opened")]
+        assert opened == [f"append stream to {front.address} opened",
+                          f"append stream to {b.address} opened"], opened
+
+    with caplog.at_level(logging.DEBUG, logger="xdc.client"):
+        run(body)
+
+
+def test_an_append_past_its_deadline_when_its_stream_resets_fails_in_doubt(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An append in flight whose deadline passed before the deadline sweep came round to
+    it (sweeps are at least EXPIRY_SWEEP_S apart) fails, when its stream is reset, with
+    DEADLINE_EXCEEDED "outcome unknown": it was sent, it may have been written. Before,
+    it failed with the transport's error (UNAVAILABLE "Connection reset"), as if the
+    store had refused it. The sweep is set far apart so that the reset, made right after
+    the deadline, comes first every time; an append with a longer timeout lands on the
+    next node."""
+    from geo.proxy import Link
+
+    monkeypatch.setattr(client_module, "EXPIRY_SWEEP_S", 30.0)
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        async with running_store(tmp_path / "a") as (a, _), \
+                running_store(tmp_path / "b") as (b, _), \
+                Link("front", a.address) as front:
+            c = StoreClient([front.address, b.address], timeout_s=30, attempt_timeout_s=5)
+            try:
+                await c.append("s", _events(1))  # the stream to the proxied node is open
+                front.partition("blackhole")
+                swept = c.append_nowait("s", _events(1), timeout_s=0.3)
+                unswept = c.append_nowait("s", _events(1), timeout_s=0.4)
+                deadline = loop.time() + 0.4  # no earlier than `unswept`'s
+                lasting = c.append_nowait("s", _events(1), timeout_s=30)
+                await wait_until(lambda: bool(c._inflight), 10, "the appends in flight")
+                await wait_until(swept.done, 10, "the first deadline swept")
+                await wait_until(lambda: loop.time() > deadline, 10,
+                                 "the second deadline past, unswept")
+                assert not unswept.done()
+                front.partition("reset")
+                await asyncio.wait([unswept], timeout=10)
+                ended = loop.time() - deadline
+                for f in (swept, unswept):
+                    err = f.exception()
+                    assert isinstance(err, AppendError), f
+                    assert err.code == grpc.StatusCode.DEADLINE_EXCEEDED, err
+                    assert "outcome is unknown" in err.message, err
+                assert ended < 2.0, ended  # at the reset, not at a sweep 30 s on
+                assert (await asyncio.wait_for(lasting, 20)).last_revision == 1
+            finally:
+                await c.close()
+
+    run(body)
