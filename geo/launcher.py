@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -56,7 +57,7 @@ import grpc
 from engine.wire import exchange_principals
 from geo.config import ClusterConfig, ConfigError, Member, etcd_access, load, load_tls
 from geo.etcd_server import EtcdCluster, EtcdTls, free_ports, health
-from geo.leadership import EtcdAccess, Leadership
+from geo.leadership import EtcdAccess, Leadership, LeadershipError, Pending, SeatView
 from store import auth
 from store.client import channel_options
 from xdc import certs
@@ -783,32 +784,145 @@ async def switchover(target: Target, to: str, timeout_s: float = 10.0,
             timeout=timeout_s + 1, metadata=auth.bearer(r.token if token is None else token))
 
 
+# How long `promote` waits, once its promotion is written, for the target to take the
+# seat and open for writes (`xdc cluster promote --timeout`).
+PROMOTE_TIMEOUT_S = 10.0
+# The lease of a promotion (Leadership.promote): unused, it expires after this long, and
+# in manual mode no other voter campaigns meanwhile.
+PROMOTION_TTL_S = 60
+
+
+class PromotionRefused(RuntimeError):
+    """`promote` wrote nothing: its target cannot take the seat now (it does not answer,
+    is not a voter, is rejoining) or, without --force, lacks committed records. The
+    message names the node, the positions and the voters that could."""
+
+
+class PromotionNotSeated(RuntimeError):
+    """The promotion was written, but its target did not take the seat and open for
+    writes within the timeout: the message says what holds the seat now, what the target
+    answers, and how long the promotion stays armed."""
+
+
 @dataclass(frozen=True)
 class Promotion:
-    """What `promote` did: `node` was promoted (`term` None), or it already leads
-    `term` and nothing was written. str() is the node id."""
+    """What `promote` did: `node` took the vacant seat for `term` after this call
+    promoted it (`promoted`, `took_s` after the promotion was written), or it already
+    led `term` and nothing was written. str() is the node id."""
     node: str
     term: int | None = None
+    promoted: bool = False
+    took_s: float = field(default=0.0, compare=False)
 
     def __str__(self) -> str:
         return self.node
 
     @property
     def message(self) -> str:
-        if self.term is not None:
+        if not self.promoted:
             return f"{self.node} already leads term {self.term}"
-        return f"promoted {self.node}: it takes the leader seat when it is vacant"
+        return (f"promoted {self.node}: leader of term {self.term}, open for writes "
+                f"{self.took_s:.1f} s after the promotion")
 
 
-async def promote(target: Target, to: str) -> Promotion:
-    """Manual failover: authorise one voter to take the vacant leader seat. Refused
-    (RuntimeError) when failover is automatic: the voters elect a leader themselves; and
-    when another node keeps the seat (a promotion left armed would elect its target when
-    that leader dies, with no operator deciding). A leader that just died holds the seat
-    until its lease expires: the promotion waits that long (one lease TTL) for the seat
-    to free. A promotion of the node that already leads (a retry) changes nothing and is
-    no error."""
+def _holder(info: dict[str, str]) -> str:
+    return info.get("id") or info.get("raw") or "?"
+
+
+def _describe(st: rpb.NodeStatus) -> str:
+    return (f"{st.role}{' (open)' if st.open else ''}, term {st.term}, commit "
+            f"{st.commit_position}, last {st.last_position}")
+
+
+def _candidates(sts: dict[str, rpb.NodeStatus | None], exclude: str) -> str:
+    """The other voters that answer and could lead, most up-to-date first."""
+    able = sorted(((k, s) for k, s in sts.items() if s is not None and k != exclude
+                   and s.voter and s.role != "rejoining"),
+                  key=lambda kv: (-kv[1].last_position, kv[0]))
+    return ", ".join(f"{k} (last {s.last_position}, commit {s.commit_position})"
+                     for k, s in able) or "none answers"
+
+
+async def check_candidate(target: Target, n: NodeProc | Member,
+                          force: bool = False) -> rpb.NodeStatus:
+    """Asks every member for its status (with the operator's credentials) and refuses
+    (PromotionRefused) a target that cannot take the seat: one that does not answer, is
+    not a voter by its own account, or is rejoining after a lost disk. None of these
+    campaigns, and while a promotion names it no other voter may (manual mode): the seat
+    would stay vacant for the promotion's whole lease. Unless `force`, it also refuses a
+    target whose log ends below the highest commit position any member knows of (its
+    own, or what a leader last told it): such a target takes the seat, but fetches the
+    committed records it lacks from the other voters in its promise round before it opens
+    for writes; nothing committed is lost, writes just wait longer, and an up-to-date
+    voter is usually what the operator meant. Returns the target's status."""
     r = reach(target)
+    raw = await statuses(r)
+    sts = answered(raw)  # raises a refusal of the operator's credentials
+    mine = raw.get(n.id)
+    if isinstance(mine, Refused):
+        raise PromotionRefused(f"promote {n.id} refused: it answered its status call with "
+                               f"an error: {mine.code.name}: {mine.details}")
+    st = sts.get(n.id)
+    if st is None:
+        raise PromotionRefused(
+            f"promote {n.id} refused: it does not answer (its status call at {n.client}): "
+            f"a promoted node that cannot campaign leaves the leader seat vacant for the "
+            f"promotion's whole lease ({PROMOTION_TTL_S} s), since no other voter may "
+            f"campaign meanwhile. Start it and promote it once it answers, or promote a "
+            f"voter that answers: {_candidates(sts, n.id)}")
+    if not st.voter:
+        raise PromotionRefused(
+            f"promote {n.id} refused: it answers as a non-voter ({st.role}) and cannot "
+            f"lead; voters that answer: {_candidates(sts, n.id)}")
+    if st.role == "rejoining":
+        raise PromotionRefused(
+            f"promote {n.id} refused: it is rejoining after a lost disk (fenced at term "
+            f"{st.rejoin_term}; commit {st.commit_position} of the {st.leader_commit} a "
+            f"leader last told it): it neither campaigns nor votes until a leader elected "
+            f"since its return commits a record to it, so the seat would stay vacant "
+            f"(--force does not change that). Promote a voter that is whole: "
+            f"{_candidates(sts, n.id)}")
+    known = {k: max(s.commit_position, s.leader_commit) for k, s in sts.items()
+             if s is not None}
+    best = max(known.values(), default=0)
+    if st.last_position < best and not force:
+        seen = sorted(k for k, v in known.items() if v == best)
+        raise PromotionRefused(
+            f"promote {n.id} refused: it is behind: its log ends at position "
+            f"{st.last_position} (commit {st.commit_position}) while position {best} is "
+            f"known committed ({', '.join(seen)}). It would have to fetch the "
+            f"{best - st.last_position} records it lacks from the other voters before "
+            f"opening for writes (nothing committed is lost, writes wait longer). Promote "
+            f"an up-to-date voter: {_candidates(sts, n.id)}; or pass --force to promote "
+            f"{n.id} anyway")
+    return st
+
+
+async def _status_or_none(r: Reach, n: NodeProc | Member) -> rpb.NodeStatus | None:
+    try:
+        return await node_status(r, n)
+    except Refused:
+        return None
+
+
+async def promote(target: Target, to: str, *, force: bool = False,
+                  timeout_s: float = PROMOTE_TIMEOUT_S,
+                  token: str | None = None) -> Promotion:
+    """Manual failover: authorise one voter to take the vacant leader seat, as `token`'s
+    principal (default: the admin of `target`), then wait up to `timeout_s` for it to take
+    the seat and open for writes. Refused (RuntimeError) when failover is automatic: the
+    voters elect a leader themselves; and when another node keeps the seat (a promotion
+    left armed would elect its target when that leader dies, with no operator deciding).
+    A leader that just died holds the seat until its lease expires: the promotion waits
+    that long (one lease TTL) for the seat to free. Once the seat is vacant the target
+    is asked first (`check_candidate`: PromotionRefused, nothing written, when it does not
+    answer, is rejoining or, unless `force`, lacks committed records). PromotionNotSeated
+    when it is promoted but not seated and open by `timeout_s` (the promotion then stays
+    armed until its lease ends). A promotion of the node that already leads (a retry)
+    changes nothing and is no error."""
+    r = reach(target)
+    if token is not None:
+        r = dataclasses.replace(r, token=token)
     n = _voter(r, to, "promote")
     lead = _leadership(r)
     # Plus etcd's lessor, which deletes an expired lease's keys on a 500 ms tick.
@@ -824,11 +938,14 @@ async def promote(target: Target, to: str) -> Promotion:
         loop = asyncio.get_running_loop()
         end = loop.time() + wait_s
         while True:
-            seated = await lead.promote(n.id)
+            seated = await lead.current()
             if seated is None:
-                return Promotion(n.id)
+                await check_candidate(r, n, force)
+                seated = await lead.promote(n.id, PROMOTION_TTL_S)
+                if seated is None:
+                    return await _until_seated(r, lead, n, timeout_s)
             info, term = seated
-            holder = info.get("id") or info.get("raw") or "?"
+            holder = _holder(info)
             if holder == n.id:
                 return Promotion(n.id, term)
             remaining = end - loop.time()
@@ -843,6 +960,107 @@ async def promote(target: Target, to: str) -> Promotion:
         await lead.close()
 
 
+async def _until_seated(r: Reach, lead: Leadership, n: NodeProc | Member,
+                        timeout_s: float) -> Promotion:
+    """After `n`'s promotion is written: its Promotion once it holds the seat and answers
+    as the open leader of that term; PromotionNotSeated after `timeout_s`."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    end = start + timeout_s
+    while True:
+        seated = await lead.current()
+        if seated is not None:
+            info, term = seated
+            holder = _holder(info)
+            if holder != n.id:
+                raise PromotionNotSeated(
+                    f"promoted {n.id}, but {holder} took the leader seat instead (term "
+                    f"{term}): see `xdc cluster status`")
+            st = await _status_or_none(r, n)
+            if st is not None and st.role == "leader" and st.open and st.term == term:
+                return Promotion(n.id, term, promoted=True, took_s=loop.time() - start)
+        remaining = end - loop.time()
+        if remaining <= 0:
+            break
+        if seated is None:
+            await lead.wait_change(None, min(remaining, 0.5))
+        else:
+            await asyncio.sleep(min(remaining, 0.05))  # poll: its promise round, term start
+    st = await _status_or_none(r, n)
+    now = f"it answers as {_describe(st)}" if st is not None else "it does not answer now"
+    if seated is not None:
+        raise PromotionNotSeated(
+            f"promoted {n.id}: it holds the leader seat (term {seated[1]}) but is not open "
+            f"for writes after {timeout_s:g} s ({now}): its promise round needs a majority "
+            f"of the voters; see `xdc cluster status`")
+    view = await lead.seat_view()
+    if view.promoted is not None and view.promoted.node == n.id:
+        armed = (f"the promotion stays armed for {view.promoted.expires_in_s} s more (no "
+                 f"other voter campaigns meanwhile; {n.id} takes the seat if it campaigns "
+                 f"by then; `xdc cluster status` shows it); promoting another voter "
+                 f"replaces it")
+    else:
+        armed = "the promotion is no longer pending (used or expired): promote again"
+    raise PromotionNotSeated(
+        f"promoted {n.id}, but the leader seat is still vacant after {timeout_s:g} s: "
+        f"{n.id} has not taken it ({now}); {armed}")
+
+
+async def seat_view(target: Target) -> SeatView | str:
+    """The leader seat, failover mode and pending promotion or designation as etcd holds
+    them, or why they could not be read (etcd down, the TOML's password file missing)."""
+    try:
+        lead = _leadership(reach(target))
+    except (ConfigError, OSError, ValueError) as exc:
+        return str(exc)
+    try:
+        return await lead.seat_view()
+    except LeadershipError as exc:
+        return str(exc)
+    finally:
+        await lead.close()
+
+
+async def cluster_status(target: Target) -> tuple[dict[str, Answer], SeatView | str]:
+    """`statuses` and `seat_view`, asked at once (`xdc cluster status`)."""
+    sts, seat = await asyncio.gather(statuses(target), seat_view(target))
+    return sts, seat
+
+
+def seat_lines(seat: SeatView | str | None) -> list[str]:
+    """The seat's lines of `xdc cluster status` (none when `seat` is None)."""
+    if seat is None:
+        return []
+    if isinstance(seat, str):
+        return [f"leader seat: not read ({seat})"]
+    held = (f"held by {_holder(seat.leader[0])} (term {seat.leader[1]})"
+            if seat.leader is not None else "vacant")
+    lines = [f"leader seat: {held}; failover {seat.failover}"]
+    p = seat.promoted
+    if p is not None:
+        lines.append(f"promotion pending: {p.node} (expires in {p.expires_in_s} s unless it "
+                     f"takes the seat first" + ("; no other voter campaigns meanwhile)"
+                                                if seat.failover == "manual" else ")"))
+    d = seat.designated
+    if d is not None:
+        lines.append(f"switchover pending: {d.node} designated (expires in "
+                     f"{d.expires_in_s} s unless it takes the seat first; no other voter "
+                     f"campaigns meanwhile)")
+    return lines
+
+
+def seat_json(seat: SeatView | str) -> dict[str, Any]:
+    """The `_seat` entry of `xdc cluster status --json`."""
+    if isinstance(seat, str):
+        return {"error": seat}
+
+    def pending(p: Pending | None) -> dict[str, Any] | None:
+        return None if p is None else {"node": p.node, "expires_in_s": p.expires_in_s}
+    return {"leader": _holder(seat.leader[0]) if seat.leader else None,
+            "term": seat.leader[1] if seat.leader else None, "failover": seat.failover,
+            "promoted": pending(seat.promoted), "designated": pending(seat.designated)}
+
+
 async def set_failover(target: Target, mode: str) -> None:
     lead = _leadership(target)
     try:
@@ -851,7 +1069,9 @@ async def set_failover(target: Target, mode: str) -> None:
         await lead.close()
 
 
-def format_status(target: Target, sts: dict[str, Answer]) -> str:
+def format_status(target: Target, sts: dict[str, Answer],
+                  seat: SeatView | str | None = None) -> str:
+    """The status table; with `seat` (`seat_view`), the leader seat's lines too."""
     r = reach(target)
     local = isinstance(target, ClusterState)  # only then PIDs, the proxy, its files
     leader = next((s for s in sts.values()
@@ -895,6 +1115,7 @@ def format_status(target: Target, sts: dict[str, Answer]) -> str:
         healthy = [e for e in r.etcd_endpoints if health(e, tls=etcd_tls)]
         lines.append(f"etcd: {len(healthy)}/{len(r.etcd_endpoints)} healthy "
                      f"({', '.join(r.etcd_endpoints)})")
+    lines += seat_lines(seat)
     if not local:
         lines.append(f"tls: {'on' if r.tls else 'off (plaintext)'}; admin token: "
                      f"{'given' if r.token else 'none'}")

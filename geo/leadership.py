@@ -36,6 +36,8 @@ API (all coroutines run their etcd calls in threads; `LeadershipError` on etcd f
     await lead.designate(node_id, ttl_s) / clear_designation() / designated()
     await lead.promote(node_id, ttl_s) / clear_promotion() / promoted()  # seat vacant only
     await lead.set_failover_mode(mode) / failover_mode()
+    await lead.seat_view()              # SeatView: holder, mode, pending promotion and
+                                        # designation with their leases' seconds left
     await lead.ever_led()               # True once any node has won the key
     await lead.last_leader()            # the info of the node that won it last, or None
     await lead.membership()             # Membership: joined before, ever led, revision
@@ -125,7 +127,8 @@ from etcd3.etcdrpc import rpc_pb2 as etcdrpc
 
 from geo.etcd_server import EtcdTls
 
-__all__ = ["FAILOVER_MODES", "EtcdAccess", "Leadership", "LeadershipError"]
+__all__ = ["FAILOVER_MODES", "EtcdAccess", "Leadership", "LeadershipError", "Pending",
+           "SeatView"]
 
 log = logging.getLogger("xdc.leadership")
 
@@ -341,6 +344,26 @@ class _Snapshot:
     info: bytes | None
     controls: dict[str, int]  # control key -> mod_revision
     revision: int
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A control key an operator (or a switchover) wrote and no election consumed yet:
+    the node it names and the seconds its lease has left (etcd's TTL, rounded down)."""
+
+    node: str
+    expires_in_s: int
+
+
+@dataclass(frozen=True)
+class SeatView:
+    """The leader seat as an operator sees it (`seat_view()`): who holds it, the failover
+    mode in force, and any pending promotion or switchover designation."""
+
+    leader: tuple[dict[str, str], int] | None  # (info, term), None when vacant
+    failover: str
+    promoted: Pending | None
+    designated: Pending | None
 
 
 @dataclass(slots=True, frozen=True)
@@ -893,6 +916,28 @@ class Leadership:
     async def promoted(self) -> str | None:
         """The promoted node id not yet consumed by an election, or None."""
         return await self._run(self._get_str, self.promoted_key)
+
+    async def seat_view(self) -> SeatView:
+        """The seat, the failover mode, the pending promotion and designation, read in
+        one etcd transaction, then the time left on each pending key's lease (`xdc
+        cluster status`). A key whose lease etcd reports expired is not pending."""
+        def read(c: Any) -> SeatView:
+            tx = c.transactions
+            keys = (self.leader_key, self.failover_key, self.promoted_key, self.designated_key)
+            _, got = c.transaction(compare=[], success=[tx.get(k) for k in keys], failure=[])
+            leader, failover, promoted, designated = (kvs[0] if kvs else None for kvs in got)
+
+            def pending(kv: Any) -> Pending | None:
+                if kv is None:
+                    return None
+                ttl = int(c.get_lease_info(kv[1].lease_id).TTL) if kv[1].lease_id else -1
+                return Pending(kv[0].decode(errors="replace"), ttl) if ttl >= 0 else None
+            mode = failover[0].decode(errors="replace") if failover else ""
+            return SeatView(
+                leader=(_info(leader[0]), int(leader[1].create_revision)) if leader else None,
+                failover=mode if mode in FAILOVER_MODES else self.default_failover,
+                promoted=pending(promoted), designated=pending(designated))
+        return await self._run(self._etcd.call, "read the leader seat", read)
 
     async def set_failover_mode(self, mode: str) -> None:
         """Set the cluster's failover mode at runtime ("manual" or "automatic")."""

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -25,6 +27,7 @@ from geo import launcher
 from geo.config import load
 from geo.demo import wait_for
 from geo.leadership import Leadership
+from store.client import StoreClient, new_event
 from tests.test_cli import xdc
 from tests.test_cluster_faults import check_cluster, loaded
 from xdc.tls import sync_channel
@@ -50,9 +53,12 @@ def ops(state: launcher.ClusterState, *args: str) -> subprocess.CompletedProcess
 
 
 def status_json(state: launcher.ClusterState) -> dict[str, dict[str, object] | None]:
+    """The members' statuses of `status --json` (without its `_seat`)."""
     r = ops(state, "status", "--json")
     assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)  # type: ignore[no-any-return]
+    sts = json.loads(r.stdout)
+    assert "_seat" in sts
+    return {k: v for k, v in sts.items() if k != "_seat"}
 
 
 def leader_of(sts: dict[str, dict[str, object] | None]) -> str:
@@ -175,7 +181,8 @@ def test_refused_credentials_are_named_not_shown_as_unreachable(
     assert "unknown bearer token" in r.stderr, r.stderr
     r = ops(cluster, "status", "--json", "--token", "wrong")
     assert r.returncode == 1
-    assert {s["refused"] for s in json.loads(r.stdout).values()} == {"UNAUTHENTICATED"}
+    assert {s["refused"] for k, s in json.loads(r.stdout).items()
+            if k != "_seat"} == {"UNAUTHENTICATED"}
     to = next(n for n in cluster.nodes if n.voter and n.id != before)
     r = ops(cluster, "switchover", "--to", to.id, "--token", "wrong", "--timeout", "10")
     assert r.returncode == 1
@@ -272,3 +279,254 @@ def test_promote_while_the_seat_is_held_writes_nothing_and_elects_nobody(
         if not launcher.alive(leader.pid, cluster):
             launcher.start_node(cluster, leader)
     asyncio.run(launcher.wait_converged(cluster))
+
+
+# ---- promote asks its target first; status shows what is pending ----------------------------
+
+def _kill(state: launcher.ClusterState, node_id: str) -> None:
+    for n in launcher.signal_node(state, node_id, signal.SIGKILL):
+        launcher.reap(n.pid)
+
+
+def _restart_the_dead(state: launcher.ClusterState) -> None:
+    for n in state.nodes:
+        if not launcher.alive(n.pid, state):
+            launcher.start_node(state, n)
+
+
+def _back_to_automatic(state: launcher.ClusterState) -> None:
+    """What every test of the module leaves: automatic failover, every node up, one open
+    leader, every replica converged."""
+    assert ops(state, "failover", "automatic").returncode == 0
+    _restart_the_dead(state)
+    asyncio.run(launcher.wait_leader(state, timeout_s=30))
+    asyncio.run(launcher.wait_converged(state, 60))
+
+
+async def _status_until(state: launcher.ClusterState, node: launcher.NodeProc,
+                        ok: Callable[[rpb.NodeStatus], bool], what: str,
+                        timeout_s: float = 30) -> rpb.NodeStatus:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        st = await launcher.node_status(state, node)
+        if st is not None and ok(st):
+            return st
+        if loop.time() > deadline:
+            raise AssertionError(f"{node.id}: no {what} within {timeout_s} s: {st}")
+        await asyncio.sleep(0.05)  # poll interval
+
+
+def test_promote_refuses_a_target_that_does_not_answer(cluster: launcher.ClusterState) -> None:
+    """A promotion of a dead node used to be written: no other voter may campaign while
+    it stands (60 s), and the dead node never does. Refused now, naming who could; once
+    it answers it is promoted, and promote returns only when it leads, open."""
+    leader = asyncio.run(launcher.wait_leader(cluster))[0]
+    dead, alive = [n for n in cluster.nodes if n.voter and n.id != leader.id]
+    assert ops(cluster, "failover", "manual").returncode == 0
+    try:
+        _kill(cluster, dead.id)
+        _kill(cluster, leader.id)
+        r = ops(cluster, "promote", dead.region)
+        assert r.returncode == 1, r.stdout
+        assert f"promote {dead.id} refused: it does not answer (its status call at " \
+               f"{dead.client})" in r.stderr, r.stderr
+        assert f"promote a voter that answers: {alive.id} (last " in r.stderr, r.stderr
+        assert asyncio.run(_pending_promotion(cluster)) is None, "nothing written"
+        launcher.start_node(cluster, dead)
+        r = ops(cluster, "promote", dead.region)
+        assert r.returncode == 0, r.stderr
+        assert f"promoted {dead.id}: leader of term " in r.stdout, r.stdout
+        assert "open for writes" in r.stdout
+        st = asyncio.run(launcher.node_status(cluster, dead))
+        assert st is not None and st.role == "leader" and st.open, st
+        assert f"promoted {dead.id}: leader of term {st.term}, " in r.stdout
+    finally:
+        _back_to_automatic(cluster)
+
+
+async def _append(state: launcher.ClusterState, count: int) -> int:
+    """`count` events appended (each committed) through the leader; the last position."""
+    leader, _ = await launcher.wait_leader(state)
+    last = 0
+    async with StoreClient(leader.client, tls=launcher.client_tls(state), timeout_s=10) as c:
+        for i in range(count):
+            last = (await c.append("promote-lag", new_event("Placed", b"%d" % i))).last_position
+    return last
+
+
+def test_promote_refuses_a_target_behind_the_commit_unless_forced(
+        cluster: launcher.ClusterState) -> None:
+    """A voter that missed committed records (down while they were written) is refused
+    naming the positions and the up-to-date voter; --force promotes it anyway and it
+    opens holding every committed record (its promise round fetched them)."""
+    leader = asyncio.run(launcher.wait_leader(cluster))[0]
+    behind, ahead = [n for n in cluster.nodes if n.voter and n.id != leader.id]
+    assert ops(cluster, "failover", "manual").returncode == 0
+    try:
+        _kill(cluster, behind.id)
+        last = asyncio.run(_append(cluster, 30))
+        # `ahead` learns of the commit with the leader's next message.
+        asyncio.run(_status_until(cluster, ahead, lambda s: s.commit_position >= last,
+                                  f"commit position {last}"))
+        _kill(cluster, leader.id)
+        launcher.start_node(cluster, behind)
+        lag = asyncio.run(launcher.node_status(cluster, behind))
+        top = asyncio.run(launcher.node_status(cluster, ahead))
+        assert lag is not None and top is not None
+        known = max(top.commit_position, top.leader_commit)
+        assert lag.last_position < last <= known
+        r = ops(cluster, "promote", behind.region)
+        assert r.returncode == 1, r.stdout
+        assert f"promote {behind.id} refused: it is behind: its log ends at position " \
+               f"{lag.last_position} (commit {lag.commit_position}) while position " \
+               f"{known} is known committed (" in r.stderr, r.stderr
+        seen = r.stderr.split("is known committed (", 1)[1].split(")", 1)[0].split(", ")
+        assert ahead.id in seen and behind.id not in seen, r.stderr  # the standby knows too
+        assert f"fetch the {known - lag.last_position} records it lacks" in r.stderr
+        assert f"Promote an up-to-date voter: {ahead.id} (last {top.last_position}, " \
+               f"commit {top.commit_position})" in r.stderr, r.stderr
+        assert "--force" in r.stderr
+        assert asyncio.run(_pending_promotion(cluster)) is None, "nothing written"
+        r = ops(cluster, "promote", behind.id, "--force")
+        assert r.returncode == 0, r.stderr
+        assert f"promoted {behind.id}: leader of term " in r.stdout, r.stdout
+        st = asyncio.run(launcher.node_status(cluster, behind))
+        assert st is not None and st.role == "leader" and st.open
+        assert st.commit_position > last, "it opened holding every committed record"
+    finally:
+        _back_to_automatic(cluster)
+
+
+def test_status_shows_a_pending_promotion_and_designation(
+        cluster: launcher.ClusterState) -> None:
+    """Both keep every other voter from campaigning while they stand: the operator sees
+    them, the node they name and the seconds left, in the table and in --json."""
+    leader, st = asyncio.run(launcher.wait_leader(cluster))
+    standby = next(n for n in cluster.nodes if not n.voter)  # never campaigns: stays pending
+    op = _operator(cluster)
+    try:
+        asyncio.run(op.designate(standby.id, 30))
+        table = ops(cluster, "status")
+        assert table.returncode == 0, table.stderr
+        assert f"leader seat: held by {leader.id} (term {st.term}); failover automatic" \
+            in table.stdout, table.stdout
+        assert f"switchover pending: {standby.id} designated (expires in " in table.stdout
+        assert "promotion pending" not in table.stdout
+        seat = seat_json(cluster)
+        assert seat["leader"] == leader.id and seat["term"] == st.term
+        assert seat["failover"] == "automatic" and seat["promoted"] is None
+        assert seat["designated"]["node"] == standby.id
+        assert 0 < seat["designated"]["expires_in_s"] <= 30
+        asyncio.run(op.clear_designation())
+        assert ops(cluster, "failover", "manual").returncode == 0
+        _kill(cluster, leader.id)
+        asyncio.run(_until_vacant(op))
+        assert asyncio.run(op.promote(standby.id, 60)) is None
+        table = ops(cluster, "status")
+        assert table.returncode == 0, table.stderr
+        assert "leader seat: vacant; failover manual" in table.stdout, table.stdout
+        assert f"promotion pending: {standby.id} (expires in " in table.stdout
+        assert "no other voter campaigns meanwhile" in table.stdout
+        assert "switchover pending" not in table.stdout
+        seat = seat_json(cluster)
+        assert seat["leader"] is None and seat["term"] is None
+        assert seat["failover"] == "manual" and seat["designated"] is None
+        assert seat["promoted"]["node"] == standby.id
+        assert 0 < seat["promoted"]["expires_in_s"] <= 60
+        asyncio.run(op.clear_promotion())
+    finally:
+        asyncio.run(op.close())
+        _back_to_automatic(cluster)
+
+
+def test_promote_says_when_its_target_does_not_take_the_seat(
+        cluster: launcher.ClusterState, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A target that answered but then does not campaign (frozen here right after it
+    answered) leaves the seat vacant: promote says so after --timeout, with how long the
+    promotion stays armed, and exits non-zero; it used to report success at once."""
+    leader = asyncio.run(launcher.wait_leader(cluster))[0]
+    target = next(n for n in cluster.nodes if n.voter and n.id != leader.id)
+    check = launcher.check_candidate
+    frozen: list[launcher.NodeProc] = []
+
+    async def check_then_freeze(t: launcher.Target, n: launcher.NodeProc,
+                                force: bool = False) -> rpb.NodeStatus:
+        st = await check(t, n, force)
+        frozen.extend(launcher.signal_node(cluster, n.id, signal.SIGSTOP))
+        return st
+
+    monkeypatch.setattr(launcher, "check_candidate", check_then_freeze)
+    assert ops(cluster, "failover", "manual").returncode == 0
+    try:
+        _kill(cluster, leader.id)
+        with pytest.raises(launcher.PromotionNotSeated) as failed:
+            asyncio.run(launcher.promote(cluster, target.region, timeout_s=3))
+        assert frozen, "the check ran"
+        msg = str(failed.value)
+        assert msg.startswith(f"promoted {target.id}, but the leader seat is still vacant "
+                              f"after 3 s: {target.id} has not taken it (it does not answer "
+                              f"now); the promotion stays armed for "), msg
+        seat = seat_json(cluster)
+        assert seat["leader"] is None and seat["promoted"]["node"] == target.id
+        for n in launcher.signal_node(cluster, target.id, signal.SIGCONT):
+            frozen.remove(n)
+        new, _ = asyncio.run(launcher.wait_leader(cluster, timeout_s=30))
+        assert new.id == target.id, "the promotion still stood: it takes the seat"
+    finally:
+        for n in frozen:
+            launcher.signal_node(cluster, n.id, signal.SIGCONT)
+        _back_to_automatic(cluster)
+
+
+def test_promote_refuses_a_rejoining_target(cluster: launcher.ClusterState) -> None:
+    """A voter that lost its disk rejoins: it neither campaigns nor votes until a leader
+    elected since commits to it. Promoting it used to be accepted and kept the seat vacant
+    (and the old leader out of it) for 60 s; refused now, with --force too, nothing is
+    written, and the old leader, back, takes its seat again by itself. Last in the module:
+    the wiped node may restart rejoining again until it persists that it is whole."""
+    leader = asyncio.run(launcher.wait_leader(cluster))[0]
+    wiped, other = [n for n in cluster.nodes if n.voter and n.id != leader.id]
+    assert ops(cluster, "failover", "manual").returncode == 0
+    try:
+        _kill(cluster, leader.id)
+        _kill(cluster, wiped.id)
+        shutil.rmtree(wiped.data_dir)  # the disk is lost while it is down
+        launcher.start_node(cluster, wiped)
+        st = asyncio.run(_status_until(cluster, wiped, lambda s: s.role == "rejoining",
+                                       "rejoining role"))
+        for force in ((), ("--force",)):
+            r = ops(cluster, "promote", wiped.id, *force)
+            assert r.returncode == 1, r.stdout
+            assert f"promote {wiped.id} refused: it is rejoining after a lost disk (fenced " \
+                   f"at term {st.rejoin_term};" in r.stderr, r.stderr
+            assert f"Promote a voter that is whole: {other.id} (last " in r.stderr
+            assert asyncio.run(_pending_promotion(cluster)) is None, "nothing written"
+        launcher.start_node(cluster, leader)
+        new, _ = asyncio.run(launcher.wait_leader(cluster, timeout_s=30))
+        assert new.id == leader.id
+        asyncio.run(_status_until(cluster, wiped, lambda s: s.role == "follower",
+                                  "follower role (whole again)"))
+    finally:
+        _back_to_automatic(cluster)
+
+
+def _operator(state: launcher.ClusterState) -> Leadership:
+    return Leadership(list(state.etcd_endpoints), state.cluster, "test-operator",
+                      {"id": "test-operator"}, 2, access=launcher.etcd_access_of(state),
+                      on_lost=lambda reason: None)
+
+
+async def _until_vacant(op: Leadership, timeout_s: float = 10) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while (cur := await op.current()) is not None:
+        if loop.time() > deadline:
+            raise AssertionError(f"the seat is still held: {cur}")
+        await op.wait_change(cur[1], deadline - loop.time())
+
+
+def seat_json(state: launcher.ClusterState) -> dict[str, Any]:
+    r = ops(state, "status", "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)["_seat"]  # type: ignore[no-any-return]

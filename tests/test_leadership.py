@@ -20,7 +20,7 @@ import etcd3
 import pytest
 from etcd3 import etcdrpc
 
-from geo.leadership import Leadership, LeadershipError
+from geo.leadership import Leadership, LeadershipError, SeatView
 from tests.support.etcd import EtcdCluster, free_ports
 
 CLUSTER = "xdc-test"
@@ -660,6 +660,43 @@ def test_a_promotion_is_written_only_while_the_seat_is_vacant(etcd: EtcdCluster)
         finally:
             await close(a, b, op)
     run(body())
+
+
+def test_seat_view_shows_the_holder_mode_and_what_is_pending(etcd: EtcdCluster) -> None:
+    """What `xdc cluster status` shows of the seat: one read of the holder, the mode,
+    and each pending promotion or designation with its lease's seconds left; a key whose
+    lease ended is not pending."""
+    async def body() -> None:
+        a, op = await nodes(etcd, "a", "operator")
+        try:
+            view = await op.lead.seat_view()
+            assert view == SeatView(None, "manual", None, None)
+            await op.lead.set_failover_mode("automatic")
+            assert await op.lead.promote("a", ttl_s=60) is None
+            await op.lead.designate("b", 30)
+            view = await op.lead.seat_view()
+            assert view.leader is None and view.failover == "automatic"
+            assert view.promoted is not None and view.promoted.node == "a"
+            assert 0 < view.promoted.expires_in_s <= 60
+            assert view.designated is not None and view.designated.node == "b"
+            assert 0 < view.designated.expires_in_s <= 30
+            await op.lead.clear_designation()
+            term = await a.lead.campaign()  # consumes the promotion
+            assert term is not None
+            view = await op.lead.seat_view()
+            assert view.leader == (a.info, term)
+            assert view.promoted is None and view.designated is None
+            await a.lead.resign()
+            await op.lead.designate("b", 1)
+            await until(lambda: _no_designation(op.lead), 5, "the designation to expire",
+                        interval_s=0.05)
+        finally:
+            await close(a, op)
+    run(body())
+
+
+async def _no_designation(lead: Leadership) -> bool:
+    return (await lead.seat_view()).designated is None
 
 
 async def _is(value: Awaitable[Any], expected: Any) -> bool:

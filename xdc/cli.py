@@ -524,7 +524,7 @@ def cluster_action(launcher: Any, target: Any, args: argparse.Namespace) -> int:
     ClusterState) and a deployment (the Reach of its TOML)."""
     action = args.cluster_command
     if action == "status":
-        sts = asyncio.run(launcher.statuses(target))
+        sts, seat = asyncio.run(launcher.cluster_status(target))
         refused = [s for s in sts.values() if isinstance(s, launcher.Refused)]
         if args.json:
             from google.protobuf.json_format import MessageToDict
@@ -533,9 +533,12 @@ def cluster_action(launcher: Any, target: Any, args: argparse.Namespace) -> int:
                 if isinstance(v, launcher.Refused):
                     return {"refused": v.code.name, "details": v.details}
                 return MessageToDict(v) if v else None
-            print(json.dumps({k: entry(v) for k, v in sts.items()}))
+            out = {k: entry(v) for k, v in sts.items()}
+            # Member ids start with a letter or digit (geo/config.py): never "_seat".
+            out["_seat"] = launcher.seat_json(seat)
+            print(json.dumps(out))
         else:
-            print(launcher.format_status(target, sts))
+            print(launcher.format_status(target, sts, seat))
         for r in refused:  # the operator's credentials, most likely: not a healthy cluster
             print(f"xdc cluster status: {r}", file=sys.stderr)
         return 1 if refused else 0
@@ -544,7 +547,8 @@ def cluster_action(launcher: Any, target: Any, args: argparse.Namespace) -> int:
         print(f"switchover to {r.new_leader}: term {r.new_term}, writes paused "
               f"{r.took_us / 1000:.1f} ms, handed over at position {r.handover_position}")
     elif action == "promote":
-        print(asyncio.run(launcher.promote(target, args.region)).message)
+        print(asyncio.run(launcher.promote(target, args.region, force=args.force,
+                                           timeout_s=args.timeout, token=args.token)).message)
     elif action == "failover":
         asyncio.run(launcher.set_failover(target, args.mode))
         print(f"failover mode: {args.mode}")
@@ -943,6 +947,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "admin token under DIR/auth)")
     c = remote(cluster_cmd("promote", "manual failover: let this region take the vacant seat"))
     c.add_argument("region", help="region or node id (a voter)")
+    c.add_argument("--force", action="store_true",
+                   help="promote it even if it lacks committed records (it fetches them "
+                        "before it opens); never a target that does not answer or rejoins")
+    c.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds to wait for it to take the seat and open for writes")
+    c.add_argument("--token", default=os.environ.get("XDC_TOKEN"),
+                   help="an admin's token (default: $XDC_TOKEN, else the cluster's own "
+                        "admin token under DIR/auth)")
     c = remote(cluster_cmd("failover", "switch between manual and automatic failover"))
     c.add_argument("mode", choices=["manual", "automatic"])
     c = cluster_cmd("signal", "send a signal to a region's (or node's) processes")
