@@ -46,7 +46,9 @@ import zlib
 from dataclasses import dataclass
 
 import grpc
-from opentelemetry.trace import Span, SpanContext
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import INVALID_SPAN, Span, SpanContext, SpanKind, Status, StatusCode
 
 from engine import wire
 from engine.book import GcFreezer, gc_paused
@@ -355,13 +357,32 @@ class EngineRunner:
         return size, most
 
     async def _write_snapshot(self, cap: Capture) -> None:
+        """Writes a snapshot; traced, under a root INTERNAL span `snapshot <group>` of its
+        own (its append is that span's child): a snapshot is no part of the processing
+        of the orders before it, whichever batch or task it is written after."""
+        if not telemetry.tracing():
+            await self._put_snapshot(cap, INVALID_SPAN)
+            return
+        span = telemetry.open_span(
+            f"snapshot {self.config.group}", context=Context(), kind=SpanKind.INTERNAL,
+            attributes={"xdc.engine.group": self.config.group,
+                        "xdc.engine.instance": self.config.instance,
+                        "xdc.engine.input_position": cap.position})
+        with trace.use_span(span, end_on_exit=True):
+            await self._put_snapshot(cap, span)
+
+    async def _put_snapshot(self, cap: Capture, span: Span) -> None:
         packed = zlib.compress(cap.data, 1)
         size, most = self._snapshot_chunking()
         chunks = [packed[i:i + size] for i in range(0, len(packed), size)]
+        if span.is_recording():
+            span.set_attributes({"xdc.snapshot.bytes": len(packed),
+                                 "xdc.snapshot.chunks": len(chunks)})
         if len(chunks) > most:
             log.error("snapshot at input %d is %d bytes compressed, over %d chunks of %d "
                       "bytes (the store's limits): not written", cap.position, len(packed),
                       most, size)
+            span.set_status(Status(StatusCode.ERROR, "over the store's limits: not written"))
             return
         events = [pb.ProposedEvent(
             id=wire.derived_id("snap", self.config.group, cap.position, i),
@@ -421,7 +442,8 @@ class EngineRunner:
                 continue
             before, first = c.inputs, c.position + 1
             # One CONSUMER span per delivered batch, linked to each order's producer
-            # span (its traceparent); the output append of its outputs is its child.
+            # span (its traceparent); the output append of its outputs is its child. It
+            # ends before any snapshot is taken or written (those are not the orders').
             with telemetry.consumer_span(
                     self.input_stream, (e.metadata for e in item.events
                                         if e.stream == self.input_stream),
@@ -434,14 +456,20 @@ class EngineRunner:
                     span.set_attribute("xdc.engine.primary", self.primary)
                     # Warm too: the outputs it holds at a takeover are emitted then.
                     self._batch_spans.append((first, c.position, span.get_span_context()))
-                await self._after_batch(c, item, before)
+                requested = await self._after_batch(c, item, before)
+            if self.primary:
+                self._maybe_capture(requested)
+                await self._flush_captures()
         raise RuntimeError("subscription ended")
 
     def _delivered(self, position: int) -> None:
         self.delivered_position = max(self.delivered_position, position)
         self.store_position = max(self.store_position, position)
 
-    async def _after_batch(self, c: Consumer, item: pb.RecordBatch, before: int) -> None:
+    async def _after_batch(self, c: Consumer, item: pb.RecordBatch, before: int) -> bool:
+        """What follows a batch's processing, in its span: positions, alarms, the backlog
+        bound, emission. Returns whether a snapshot was requested (taken after the span:
+        the capture reads nothing emission changes)."""
         if item.events:
             self._delivered(item.events[-1].position)
         self._since_capture += c.inputs - before
@@ -451,8 +479,6 @@ class EngineRunner:
             if control.kind == wire.SNAPSHOT_REQUEST_TYPE:
                 requested = True
         c.controls.clear()
-        if self.primary:
-            self._maybe_capture(requested)
         if c.alarm and self.primary:
             await self._demote(f"alarm: {c.alarm}")
             # Its state disagrees with the committed outputs: let an instance that
@@ -478,8 +504,8 @@ class EngineRunner:
             # long outage would stall for good. It is bounded by the log itself.
         if self.primary:
             self._emit()
-            await self._flush_captures()
         self._wake.set()
+        return requested
 
     # ---------------------------------------------------------------- emission
 

@@ -41,7 +41,8 @@ _TP_VALUE = b"traceparent\x12\x37"  # the map entry's key, then its 55-byte valu
 def record_contexts(payloads: Iterable[bytes]) -> list[SpanContext]:
     """Distinct producer contexts of stored records, read without decoding them: a
     record's metadata entry is key "traceparent" then a 55-byte value (protobuf writes a
-    map entry's key first); a record laid out otherwise is decoded."""
+    map entry's key first); a record laid out otherwise is decoded. At most
+    telemetry.MAX_LINKED: the spans of the batch link each (open_span's link chunks)."""
     seen: dict[bytes, SpanContext | None] = {}
     out: list[SpanContext] = []
     for value in payloads:
@@ -62,7 +63,7 @@ def record_contexts(payloads: Iterable[bytes]) -> list[SpanContext]:
         seen[tp] = sc
         if sc is not None:
             out.append(sc)
-            if len(out) >= telemetry.MAX_LINKS:
+            if len(out) >= telemetry.MAX_LINKED:
                 break
     return out
 

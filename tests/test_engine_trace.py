@@ -17,10 +17,18 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import grpc
-from opentelemetry.trace import INVALID_SPAN, NonRecordingSpan, SpanContext, SpanKind, TraceFlags
+from opentelemetry.trace import (
+    INVALID_SPAN,
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    TraceFlags,
+)
 
 from engine import commands as cm
 from engine import wire
+from engine.constants import Side
 from engine.exchange_config import DEMO_CONFIG, init_events, parse
 from engine.gateway import GatewayServer
 from engine.lease import FileLease
@@ -29,6 +37,7 @@ from store.client import StoreClient
 from tests.support.store import run, running_store, wait_until
 from tests.test_telemetry import Otel, _child_of, _links_to, otel  # noqa: F401 (fixture)
 from xdc import telemetry
+from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import exchange_pb2 as xpb
 from xdc.v1 import exchange_pb2_grpc as xpb_grpc
 
@@ -282,3 +291,129 @@ def test_each_output_event_carries_the_context_its_outputs_were_made_in() -> Non
     assert carried([a, b, c], INVALID_SPAN) == [tp(a), ""]
     assert carried([b], INVALID_SPAN) == [tp(b), tp(b)]
     assert all(len(t) == 55 for t in carried([a, b, c], NonRecordingSpan(emit)))
+
+
+@contextlib.asynccontextmanager
+async def _engine(tmp_path: Path, **options: int,
+                  ) -> AsyncIterator[tuple[StoreClient, EngineRunner]]:
+    """A store with the demo exchange's setup (bob holds BTC) and a primary engine
+    (RunnerConfig `options`), no gateway: (store client, runner)."""
+    config = parse(tomllib.loads(DEMO_CONFIG))
+    async with running_store(tmp_path / "store") as (server, client):
+        await client.append(wire.input_stream("crypto"), [
+            *init_events(config.group("crypto")),
+            wire.command_event("crypto", cm.Deposit(0, "bob", "BTC", 10**9), "d2")])
+        runner = EngineRunner(RunnerConfig("crypto", "a", (server.address,), **options),
+                              FileLease(tmp_path / "lease", "crypto", "a"))
+        await runner.start()
+        try:
+            await wait_until(lambda: runner.primary, 10)
+            yield client, runner
+        finally:
+            await runner.stop()
+
+
+def _order(otel: Otel, i: int) -> tuple[pb.ProposedEvent, Span]:  # noqa: F811
+    """(bob's sell order `o-i`'s input event, its producer span: ended, own trace)."""
+    with otel.producer.start_as_current_span(f"order {i}") as producer:
+        event = wire.command_event("crypto", cm.NewOrder(
+            0, "BTC-USD", "bob", f"o-{i}", Side.SELL, 1, 50_000 + i), f"o-{i}",
+            metadata=telemetry.inject({}))
+    return event, producer
+
+
+def test_every_order_of_a_batch_past_max_links_reaches_its_processing(
+        otel: Otel, tmp_path: Path) -> None:  # noqa: F811
+    """Orders of more traces than MAX_LINKS delivered to the engine in one batch (one
+    append here; a burst or a backlog there): every order's trace reaches the engine's
+    processing, a link from the batch's CONSUMER span or from one of its link chunks
+    (its children: same name and timing, MAX_LINKS links each), and through them the
+    output append, the CONSUMER span's child. Before, the span linked the first 64
+    orders: the others' traces stopped at the store."""
+    n = 2 * telemetry.MAX_LINKS + 44
+    processing = f"process {wire.input_stream('crypto')}"
+
+    async def body() -> list[Span]:
+        async with _engine(tmp_path) as (client, runner):
+            otel.exporter.clear()
+            orders = [_order(otel, i) for i in range(n)]
+            last = (await client.append(wire.input_stream("crypto"),
+                                        [e for e, _ in orders])).last_position
+
+            def emitted() -> bool:
+                return (runner.consumer.position >= last
+                        and runner.consumer.committed_input >= last)
+            await wait_until(emitted, 30, "the batch's outputs committed")
+            return [p for _, p in orders]
+
+    producers = run(body, timeout_s=90)
+    spans = otel.spans()
+    (batch,) = [s for s in otel.spans(processing) if s.parent is None
+                and s.attributes.get("messaging.batch.message_count") == n]
+    chunks = [s for s in otel.spans(processing) if _child_of(s, batch)]
+    linked = {(lk.context.trace_id, lk.context.span_id)
+              for s in (batch, *chunks) for lk in s.links}
+    missing = [p.name for p in producers if (p.get_span_context().trace_id,
+                                             p.get_span_context().span_id) not in linked]
+    assert missing == [], f"{len(missing)} of {n} orders never reach their processing"
+    assert len(chunks) == 2 and batch.attributes["xdc.links.chunks"] == 3
+    for chunk in chunks:
+        assert (chunk.start_time, chunk.end_time) == (batch.start_time, batch.end_time)
+        assert chunk.kind == SpanKind.CONSUMER and len(chunk.links) <= telemetry.MAX_LINKS
+    # The outputs of the batch: appended under its CONSUMER span, the chunks' parent.
+    assert any(s.kind == SpanKind.CLIENT and _child_of(s, batch)
+               and s.attributes.get("messaging.destination.name") == OUTPUT for s in spans)
+
+
+def test_a_snapshot_is_traced_on_its_own_not_in_an_orders_processing(
+        otel: Otel, tmp_path: Path) -> None:  # noqa: F811
+    """With a snapshot every few inputs and orders flowing: each snapshot written is a
+    root INTERNAL span `snapshot crypto`, its append that span's child; no CONSUMER span
+    of a batch holds a snapshot (neither its append nor its time). Before, the batch's
+    span stayed open while the snapshot was taken and written: its append hung under
+    the span (in an order's trace when the batch held one) and its time counted as the
+    batch's processing."""
+    every, n = 4, 24
+    snapshots = wire.snapshot_stream("crypto")
+
+    async def body() -> None:
+        async with _engine(tmp_path, snapshot_every=every) as (client, runner):
+            otel.exporter.clear()
+            for i in range(n):  # one by one: batches of orders and committed outputs
+                last = (await client.append(wire.input_stream("crypto"),
+                                            [_order(otel, i)[0]])).last_position
+
+            def settled() -> bool:  # every output committed, every snapshot taken written
+                c = runner.consumer
+                return c.position >= last and c.committed_input >= last \
+                    and not runner._captures and not runner._flushing.locked() \
+                    and runner.snapshot_position > 0
+            await wait_until(settled, 30, "the snapshots written")
+
+    def appended(spans: list) -> list:  # type: ignore[type-arg]
+        return [s for s in spans if s.kind == SpanKind.CLIENT
+                and s.attributes.get("messaging.destination.name") == snapshots]
+
+    run(body, timeout_s=90)
+    spans = otel.spans()
+    by_id = {s.context.span_id: s for s in spans}
+    appends = appended(spans)
+    consumers = [s for s in spans if s.kind == SpanKind.CONSUMER]
+    assert any(s.links for s in consumers)  # the orders' batches were traced
+    for append in appends:
+        holding = [c for c in consumers
+                   if c.start_time <= append.start_time and append.end_time <= c.end_time]
+        assert holding == [], "a snapshot's append inside a batch's CONSUMER span"
+    roots = otel.spans("snapshot crypto")
+    assert len(appends) >= 2 and len(roots) >= len(appends)
+    for append in appends:
+        assert append.parent is not None and by_id[append.parent.span_id] in roots
+    for root in roots:
+        assert root.parent is None and root.kind == SpanKind.INTERNAL
+        assert root.attributes["xdc.engine.instance"] == "a"
+        assert root.attributes["xdc.engine.input_position"] > 0
+        assert root.attributes["xdc.snapshot.chunks"] >= 1
+    for root in roots:
+        assert not any(c.start_time <= root.start_time and root.end_time <= c.end_time
+                       for c in consumers)
+

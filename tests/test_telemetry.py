@@ -296,6 +296,78 @@ def test_open_span_exports_what_the_sdk_tracer_would(otel: Otel) -> None:
     assert otel.spans("root")[0].parent is None
 
 
+def _contexts(n: int, sampled: bool = True) -> list[SpanContext]:
+    """`n` distinct remote contexts (producers of a batch), each in a trace of its own."""
+    flags = trace.TraceFlags(trace.TraceFlags.SAMPLED if sampled else trace.TraceFlags.DEFAULT)
+    return [SpanContext(0x1000 + i, 0x2000 + i, is_remote=True, trace_flags=flags)
+            for i in range(n)]
+
+
+def test_open_span_splits_links_past_max_links_into_chunks(otel: Otel) -> None:
+    """A span serving more producer contexts than MAX_LINKS links the first MAX_LINKS;
+    at its end each further MAX_LINKS go to a child of the same name, kind, attributes
+    (as they were at the end), status and timing, so every context reaches the work.
+    Past MAX_LINKED, the rest are not linked (16 spans at most). Before, the contexts
+    past the 64th were dropped: their traces never reached the batch's span."""
+    per, n = telemetry.MAX_LINKS, 2 * telemetry.MAX_LINKS + 44
+    contexts = _contexts(n)
+    span = telemetry.open_span("batch", kind=SpanKind.CONSUMER, attributes={"a": 1},
+                               links=[trace.Link(sc) for sc in contexts], start_time=10)
+    span.set_attribute("b", 2)
+    span.set_status(trace.Status(StatusCode.ERROR, "refused"))
+    span.end(end_time=20)
+    (first,) = [s for s in otel.spans("batch") if s.parent is None]
+    chunks = sorted((s for s in otel.spans("batch") if s.parent is not None),
+                    key=lambda s: s.attributes["xdc.links.chunk"])
+    assert [len(s.links) for s in [first, *chunks]] == [per, per, 44]
+    assert [lk.context for s in [first, *chunks] for lk in s.links] == contexts
+    assert dict(first.attributes) == {"a": 1, "b": 2, "xdc.links.chunk": 0,
+                                      "xdc.links.chunks": 3}
+    for k, chunk in enumerate(chunks, 1):
+        assert _child_of(chunk, first)
+        assert (chunk.kind, chunk.start_time, chunk.end_time) == (SpanKind.CONSUMER, 10, 20)
+        assert dict(chunk.attributes) == {**first.attributes, "xdc.links.chunk": k}
+        assert chunk.status.status_code is StatusCode.ERROR
+        assert chunk.status.description == "refused"
+    # A batch's spans are bounded: MAX_LINKED contexts at most, MAX_LINKS per span.
+    otel.exporter.clear()
+    many = _contexts(telemetry.MAX_LINKED + 100)
+    telemetry.open_span("huge", links=[trace.Link(sc) for sc in many]).end()
+    huge = otel.spans("huge")
+    assert len(huge) == telemetry.MAX_LINKED // per and {len(s.links) for s in huge} == {per}
+    assert [lk.context.span_id for s in sorted(huge, key=lambda s: s.attributes[
+        "xdc.links.chunk"]) for lk in s.links] == [sc.span_id for sc in many[:telemetry.MAX_LINKED]]
+    # At MAX_LINKS or fewer, one span as before, without the chunk attributes.
+    otel.exporter.clear()
+    telemetry.open_span("small", links=[trace.Link(sc) for sc in contexts[:per]]).end()
+    (small,) = otel.spans("small")
+    assert len(small.links) == per and "xdc.links.chunks" not in small.attributes
+
+
+def test_batch_spans_link_every_producer_past_max_links(otel: Otel) -> None:
+    """The rules that gather a batch's producer contexts keep up to MAX_LINKED of them
+    (before: MAX_LINKS, 64): the engine's CONSUMER span (consumer_span), and
+    parent_and_links (an AppendStream message, a group commit, the leader's replicate
+    span, an emit span), whose span open_span then splits."""
+    contexts = _contexts(300)
+    metadatas = [{"traceparent": telemetry.traceparent_of(sc)} for sc in contexts]
+    with telemetry.consumer_span("orders", metadatas) as span:
+        assert len(telemetry.contexts_of(metadatas)[0]) == 300
+    spans = otel.spans("process orders")
+    assert len(spans) == 3 and all(s.kind == SpanKind.CONSUMER for s in spans)
+    assert {lk.context.span_id for s in spans for lk in s.links} == \
+        {sc.span_id for sc in contexts}
+    (first,) = [s for s in spans if s.parent is None]
+    assert first.context.span_id == span.get_span_context().span_id  # the one yielded
+    assert all(_child_of(s, first) for s in spans if s is not first)
+    _, links = telemetry.parent_and_links([*contexts, *contexts[:10], None])
+    assert [lk.context for lk in links] == contexts  # distinct, in order
+    with telemetry.serving(contexts, "emit out") as emit:
+        pass
+    emit.end()
+    assert len(otel.spans("emit out")) == 3
+
+
 def test_open_span_status_and_exceptions_as_the_sdk(otel: Otel) -> None:
     """ERROR keeps its description, OK is final; an exception raised under use_span is
     recorded as an event and sets ERROR."""
@@ -513,6 +585,37 @@ def test_coalesced_appends_link_to_each_caller(otel: Otel, tmp_path: Path) -> No
     # Three streams: no one destination.
     assert "messaging.destination.name" not in dict(server_span.attributes or {})
     assert "messaging.destination.name" not in dict(client_span.attributes or {})
+
+
+def test_a_message_of_many_callers_links_each_of_them(otel: Otel, tmp_path: Path) -> None:
+    """More callers in one AppendStream message than MAX_LINKS: the message's CLIENT span
+    and its link chunks (its children) link every caller, so each caller's trace reaches
+    the message and, under it, the server span and the group commit. Before, the
+    callers past the 64th had no link to any span of the store."""
+    n = 2 * telemetry.MAX_LINKS + 44
+
+    async def body() -> None:
+        async with running_store(tmp_path / "store", linger_s=0.05) as (_, client):
+            await client.append("warm", new_event("T"))
+            otel.exporter.clear()
+            futures = []
+            for i in range(n):
+                with otel.producer.start_as_current_span(f"caller-{i}"):
+                    futures.append(client.append_nowait(f"s{i}", new_event("T")))
+            await asyncio.gather(*futures)
+            await wait_until(lambda: otel.spans("xdc.group_commit"), what="group commit")
+
+    run(body)
+    clients = [s for s in otel.spans(APPEND_STREAM) if s.kind == SpanKind.CLIENT]
+    (message,) = [s for s in clients if s.parent is None]
+    assert message.attributes["xdc.append.count"] == n, "one message for every caller"
+    linked = {lk.context.span_id for s in clients for lk in s.links}
+    callers = [otel.spans(f"caller-{i}")[0] for i in range(n)]
+    assert [c.name for c in callers if c.context.span_id not in linked] == []
+    chunks = [s for s in clients if s is not message]
+    assert len(chunks) == 2 and all(_child_of(c, message) for c in chunks)
+    [server_span] = [s for s in otel.spans(APPEND_STREAM) if s.kind == SpanKind.SERVER]
+    assert _child_of(server_span, message)
 
 
 def test_merged_appends_are_counted_as_callers_and_as_sent(otel: Otel, tmp_path: Path
@@ -793,6 +896,35 @@ def test_replica_spans_end_when_the_node_becomes_leader(otel: Otel) -> None:
     (ended,) = otel.spans("xdc.replica.append")
     assert "became leader" in (ended.status.description or "") and not obs._inbound
     obs.stop()
+
+
+def test_replicated_batches_link_every_producer(otel: Otel) -> None:
+    """A shipped batch of records from more producers than MAX_LINKS: the leader's
+    `xdc.replicate` span and the follower's `xdc.replica.append` link each producer
+    (with their link chunks). Before, the producers past the 64th were not linked."""
+    n = telemetry.MAX_LINKS + 72
+    for i in range(n):
+        with otel.producer.start_as_current_span(f"order-{i}"):
+            pass
+    producers = [otel.spans(f"order-{i}")[0] for i in range(n)]
+    entries = tuple(_record(11 + i, p) for i, p in enumerate(producers))
+    leader = ReplicationObserver("l1", lambda: 10 + n, lambda: True)
+    carrier = leader.on_send(Append("l1", "f1", 3, 10, 3, entries, 10))
+    leader.observe(AppendReply("f1", "l1", 3, True, match=10 + n), {})
+    follower = ReplicationObserver("f1", lambda: 0, lambda: False)
+    follower.observe(Append("l1", "f1", 3, 10, 3, entries, 10), carrier or {})
+    follower.on_send(AppendReply("f1", "l1", 3, True, match=10 + n))
+    leader.stop()
+    follower.stop()
+    for name in ("xdc.replicate", "xdc.replica.append"):
+        spans = otel.spans(name)
+        assert sorted(len(s.links) for s in spans) == [72, telemetry.MAX_LINKS], name
+        linked = {lk.context.span_id for s in spans for lk in s.links}
+        assert all(p.context.span_id in linked for p in producers), name
+    (shipped,) = [s for s in otel.spans("xdc.replicate") if s.parent is None]
+    (received,) = [s for s in otel.spans("xdc.replica.append") if _child_of(s, shipped)]
+    assert all(_child_of(s, received) for s in otel.spans("xdc.replica.append")
+               if s is not received)
 
 
 def test_reset_forgets_the_producers_of_positions(otel: Otel) -> None:

@@ -159,6 +159,31 @@ def test_consumer_and_serving_spans_follow_a_sampled_link() -> None:
     assert emit.parent is None and len(emit.links) == 2
 
 
+def test_link_chunks_follow_the_sampling_of_their_links() -> None:
+    """A batch span past MAX_LINKS (open_span's link chunks): decided on all its links,
+    so one sampled order past the first MAX_LINKS records it; a chunk is made only when
+    one of its links is sampled (the others lead to traces that are not exported).
+    Before, orders past the 64th were not linked at all: a sampled one there neither
+    kept the batch recorded nor reached it."""
+    per = telemetry.MAX_LINKS
+    sampled = _upstream(True)
+    orders = [_upstream(False) for _ in range(3 * per)]
+    orders[per + 5] = sampled  # in the second chunk
+    with _installed(RATIO_0) as exporter:
+        with telemetry.consumer_span("orders", [_traceparent(o) for o in orders]) as span:
+            assert span.is_recording()
+        with telemetry.consumer_span("orders", [_traceparent(o) for o in orders
+                                                if o is not sampled]) as span:
+            assert not span.is_recording()
+    first, chunk = sorted(_named(exporter, "process orders"),
+                          key=lambda s: s.attributes["xdc.links.chunk"])
+    assert first.parent is None and first.context.trace_id != sampled.trace_id
+    assert first.attributes["xdc.links.chunks"] == 3 and len(first.links) == per
+    assert chunk.attributes["xdc.links.chunk"] == 1  # the third chunk: no sampled link
+    assert chunk.parent is not None and chunk.parent.span_id == first.context.span_id
+    assert _served(chunk, sampled) and len(chunk.links) == per
+
+
 def test_the_configured_sampler_still_decides() -> None:
     """A sampled link makes a span the child of that link for the sampler, nothing more:
     ALWAYS_OFF and a sampler that ignores parents still drop it; the default sampler

@@ -69,8 +69,16 @@ log = logging.getLogger("xdc.telemetry")
 INSTRUMENTATION = "xdc"
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
-# Links per span at most (the SDK's default limit is 128; past it links are dropped).
-MAX_LINKS = 64
+# Links per span at most: the SDK's default limit (past which the SDK drops them). A span
+# made for more producer contexts (open_span) carries the first MAX_LINKS and gets
+# children of the same name, kind, attributes and timing linking the next MAX_LINKS each
+# ("link chunks"), so every order of a batch reaches the batch's span.
+MAX_LINKS = 128
+# Distinct producer contexts one batch-level span links at most, across its chunks (16
+# spans): what one unit of work holds with the default limits, a delivered subscription
+# batch (store max_batch_events, 2000), a replicated batch (2048 entries), an AppendStream
+# message (1024 appends). Past it the rest are not linked: the cost stays bounded.
+MAX_LINKED = 16 * MAX_LINKS
 # Latency buckets in seconds: a loopback append is ~0.3 ms, a WAN round trip ~100 ms, a
 # failover seconds. (The SDK's default buckets are meant for milliseconds.)
 SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -83,6 +91,10 @@ MESSAGING_OPERATION_NAME = "messaging.operation.name"
 MESSAGING_DESTINATION = "messaging.destination.name"
 MESSAGING_BATCH_COUNT = "messaging.batch.message_count"
 MESSAGING_CONSUMER_GROUP = "messaging.consumer.group.name"
+# On a span whose links were split (MAX_LINKS): its chunk (0: the span itself, which
+# the work's other spans hang under; 1..: its children) and how many it was split into.
+LINK_CHUNK = "xdc.links.chunk"
+LINK_CHUNKS = "xdc.links.chunks"
 RPC_SYSTEM = "rpc.system"
 RPC_SERVICE = "rpc.service"
 RPC_METHOD = "rpc.method"
@@ -523,7 +535,7 @@ def span_context(traceparent: str | None, tracestate: str | None = None) -> Span
 
 
 def contexts_of(metadatas: Iterable[Mapping[str, str]],
-                limit: int = MAX_LINKS) -> tuple[list[SpanContext], int]:
+                limit: int = MAX_LINKED) -> tuple[list[SpanContext], int]:
     """The distinct producer contexts in events' metadata (at most `limit`), and how many
     metadata maps were read."""
     seen: dict[str, SpanContext] = {}
@@ -583,12 +595,13 @@ def parent_and_links(contexts: Sequence[SpanContext | None],
     """The span rule for work done for several callers at once (a coalesced message, a
     group commit, a replicated batch): one distinct caller context becomes the parent, so
     a lone order's trace holds the span as a child; several become links (the messaging
-    conventions' batch rule), under the ambient context or a new root."""
+    conventions' batch rule), under the ambient context or a new root: at most
+    MAX_LINKED distinct ones, which open_span splits over MAX_LINKS per span."""
     distinct: dict[tuple[int, int], SpanContext] = {}
     for sc in contexts:
         if sc is not None and (sc.trace_id, sc.span_id) not in distinct:
             distinct[(sc.trace_id, sc.span_id)] = sc
-            if len(distinct) >= MAX_LINKS:
+            if len(distinct) >= MAX_LINKED:
                 break
     base = otel_context.get_current() if ambient else Context()
     if len(distinct) == 1:
@@ -627,9 +640,10 @@ def serving(contexts: Sequence[SpanContext], name: str) -> Iterator[Span]:
 # server, group commit). open_span keeps the attributes in a plain dict and builds the
 # ReadableSpan the exporters read in one step at the end (about 3 us). What it leaves out
 # is what those spans never need: attribute values are the ints and short strings xdc sets
-# (no cleaning, no truncation, far fewer than the SDK's 128), links are at most MAX_LINKS,
-# and span processors see a span at its end only (on_start, which the batch and simple
-# processors ignore, is not called).
+# (no cleaning, no truncation, far fewer than the SDK's 128), and span processors see a
+# span at its end only (on_start, which the batch and simple processors ignore, is not
+# called). Links past MAX_LINKS are not dropped as the SDK would: they go to link chunks,
+# children made at the end (OpenSpan._end_chunks).
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
@@ -640,11 +654,12 @@ class OpenSpan(Span):
     take it) whose data stays in plain fields until end() hands it to the processors."""
 
     __slots__ = ("_attributes", "_context", "_ended", "_events", "_kind", "_links", "_name",
-                 "_parent", "_recorder", "_start_ns", "_status")
+                 "_overflow", "_parent", "_recorder", "_start_ns", "_status")
 
     def __init__(self, recorder: _Recorder, name: str, kind: SpanKind, context: SpanContext,
                  parent: SpanContext | None, links: Sequence[Link],
-                 attributes: dict[str, Any], start_ns: int) -> None:
+                 attributes: dict[str, Any], start_ns: int,
+                 overflow: Sequence[Link] = ()) -> None:
         self._recorder = recorder
         self._name = name
         self._kind = kind
@@ -656,6 +671,7 @@ class OpenSpan(Span):
         self._events: list[Any] = []
         self._status = Status(StatusCode.UNSET)
         self._ended = False
+        self._overflow = overflow  # links past MAX_LINKS: the link chunks'
 
     def get_span_context(self) -> SpanContext:
         return self._context
@@ -706,11 +722,32 @@ class OpenSpan(Span):
         if self._ended:
             return
         self._ended = True
+        end_ns = end_time if end_time is not None else time.time_ns()
         r = self._recorder
         r.processor.on_end(r.readable(
             self._name, self._context, self._parent, r.resource, self._attributes,
             self._events, self._links, self._kind, None, self._status, self._start_ns,
-            end_time if end_time is not None else time.time_ns(), r.scope))
+            end_ns, r.scope))
+        if self._overflow:
+            self._end_chunks(end_ns)
+
+    def _end_chunks(self, end_ns: int) -> None:
+        """The link chunks: children of this span with its name, kind, attributes (as
+        they are at its end), status and timing, each linked to the next MAX_LINKS
+        contexts. A chunk whose contexts are all unsampled is not made: their traces are
+        not exported, nothing would lead to it. Asked of the sampler as any child."""
+        context = trace.set_span_in_context(self, Context())
+        overflow = self._overflow
+        for k, i in enumerate(range(0, len(overflow), MAX_LINKS), 1):
+            links = overflow[i:i + MAX_LINKS]
+            if _first_sampled(links) is None:
+                continue
+            attrs = dict(self._attributes)
+            attrs[LINK_CHUNK] = k
+            chunk = open_span(self._name, context, self._kind, attrs, links, self._start_ns)
+            if self._status.status_code is StatusCode.ERROR:
+                chunk.set_status(self._status)
+            chunk.end(end_ns)
 
 
 def _first_sampled(links: Sequence[Link]) -> SpanContext | None:
@@ -732,7 +769,12 @@ def open_span(name: str, context: Context | None = None, kind: SpanKind = SpanKi
     callers, parent_and_links) is decided as the child of its first sampled link, if
     any. A parent-based sampler would otherwise decide it as a new root, and a ratio
     root sampler would drop the store, replication and engine spans of orders whose
-    traces were all sampled. The sampler still decides (ALWAYS_OFF drops it)."""
+    traces were all sampled. The sampler still decides (ALWAYS_OFF drops it).
+
+    And one on links: past MAX_LINKS (up to MAX_LINKED) they are split in chunks, the
+    span itself linking the first MAX_LINKS and, when it ends, one child per further
+    chunk (OpenSpan._end_chunks); both carry LINK_CHUNK and LINK_CHUNKS. The sampler
+    decides the span on all of them."""
     r = _state.recorder
     if r is None:
         return INVALID_SPAN
@@ -775,8 +817,13 @@ def open_span(name: str, context: Context | None = None, kind: SpanKind = SpanKi
                                trace_flags=flags, trace_state=trace_state)
     if not recording:
         return NonRecordingSpan(span_context)
+    overflow: Sequence[Link] = ()
+    if len(links) > MAX_LINKS:
+        links, overflow = links[:MAX_LINKS], links[MAX_LINKS:MAX_LINKED]
+        attrs[LINK_CHUNK] = 0
+        attrs[LINK_CHUNKS] = 1 + (len(overflow) + MAX_LINKS - 1) // MAX_LINKS
     return OpenSpan(r, name, kind, span_context, parent, links, attrs,
-                    start_time if start_time is not None else time.time_ns())
+                    start_time if start_time is not None else time.time_ns(), overflow)
 
 
 def carrier_of(span: Span) -> dict[str, str]:
@@ -804,8 +851,9 @@ def consumer_span(stream: str, metadatas: Iterable[Mapping[str, str]], *,
                   attributes: Mapping[str, Any] | None = None) -> Iterator[Span]:
     """A CONSUMER span ("process <stream>") for processing a batch of events, made
     current for the block, following the messaging semantic conventions: it links to the
-    producer context (`traceparent`) of each event (distinct ones, at most MAX_LINKS);
-    when the whole batch comes from one producer context it is also that context's
+    producer context (`traceparent`) of each event (distinct ones, at most MAX_LINKED,
+    MAX_LINKS per span: open_span's link chunks, children of the span yielded, carry the
+    others); when the whole batch comes from one producer context it is also that context's
     child, so one order is one trace. With tracing off it yields INVALID_SPAN and reads
     no metadata. Exceptions are recorded and set the span's status to ERROR."""
     if not _state.tracing:
