@@ -26,6 +26,7 @@ stream; a stream with no event has last revision 0.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import struct
@@ -234,11 +235,50 @@ def stored_positions(path: str) -> tuple[int, int]:
         env.close()
 
 
+# Held (flock, exclusive) by the process whose Log has the directory open; holds its pid.
+LOCK_FILE = "xdc.lock"
+
+
+class DataDirInUse(OSError):
+    """Another Log (another process, or this one) has the data directory open."""
+
+
+def _lock_data_dir(path: str) -> int:
+    """The descriptor of the directory's lock file, locked for this Log. LMDB lets any
+    number of processes write one environment, but a Log keeps the log's tip (position,
+    term, stream revisions) in memory: a second writer would hand out the same positions
+    and overwrite acknowledged records. The lock goes with the descriptor (closed, or the
+    process gone, it is free)."""
+    fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise DataDirInUse(f"data directory {path} is in use by another store process"
+                           f"{f' (pid {holder})' if holder.isdigit() else ''}: one process "
+                           f"per data directory") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 class Log:
     def __init__(self, path: str | os.PathLike[str], *, map_size: int = DEFAULT_MAP_SIZE,
                  node_id: str = "standalone") -> None:
         os.makedirs(path, exist_ok=True)
         self.path = str(path)
+        self._lock_fd = _lock_data_dir(self.path)
+        try:
+            self._open(map_size, node_id)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+
+    def _open(self, map_size: int, node_id: str) -> None:
         self.env = lmdb.open(
             self.path, map_size=map_size, max_dbs=8, subdir=True, sync=True, metasync=True,
             max_readers=512, readahead=False,
@@ -298,6 +338,9 @@ class Log:
 
     def close(self) -> None:
         self.env.close()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # the directory's lock with it
+            self._lock_fd = -1
 
     # ---- writer side -------------------------------------------------------------
 

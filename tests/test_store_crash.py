@@ -11,6 +11,8 @@ import asyncio
 import json
 import random
 import signal
+import subprocess
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,3 +146,35 @@ def test_sigkill_under_load_loses_no_acknowledged_event(tmp_path: Path, seed: in
             assert asyncio.run(asyncio.wait_for(_verify(node.address, acked), 60)) == total, \
                 "a retried acknowledged append was written again"
     assert sum(a.last_position - a.first_position + 1 for a in acked) <= total_before
+
+
+def test_a_second_process_on_a_data_directory_in_use_is_refused(tmp_path: Path) -> None:
+    """LMDB lets two processes write one environment, but each store keeps the log's tip
+    in memory: a second `xdc serve` on the same directory handed out the first one's
+    positions, and an event it acknowledged was gone from the first one's reads. Now the
+    second exits 1 naming the directory and the holder's pid, and writes nothing; once
+    the holder is SIGKILLed the directory opens again with every acknowledged event."""
+    data = str(tmp_path / "n")
+
+    async def append(address: str, k: int) -> int:
+        async with StoreClient(address) as client:
+            return (await client.append("dup", new_event("T", b"%d" % k))).first_position
+
+    with ServeProcess(data) as first:
+        assert first.proc is not None
+        assert asyncio.run(append(first.address, 1)) == 1
+        second = subprocess.run([sys.executable, "-m", "xdc.cli", "serve", "--data", data,
+                                 "--listen", "127.0.0.1:0"], capture_output=True, text=True,
+                                timeout=30)
+        assert second.returncode == 1, second.stdout
+        assert (f"data directory {data} is in use by another store process (pid "
+                f"{first.proc.pid})") in second.stderr, second.stderr
+        assert '"ready"' not in second.stdout
+        assert asyncio.run(append(first.address, 2)) == 2
+        first.signal(signal.SIGKILL)
+        first.proc.wait(10)
+    with ServeProcess(data) as again:
+        async def read() -> list[bytes]:
+            async with StoreClient(again.address) as client:
+                return [e.data for e in await client.read("dup")]
+        assert asyncio.run(read()) == [b"1", b"2"]

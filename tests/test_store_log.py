@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from store import records
-from store.log import Appended, Log, PreparedAppend, StreamState
+from store.log import Appended, DataDirInUse, Log, PreparedAppend, StreamState
 from xdc.v1 import eventstore_pb2 as pb
 
 SEED = 7
@@ -462,3 +462,13 @@ def test_stored_positions_of_a_closed_log(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     Log(empty).close()
     assert stored_positions(str(empty)) == (0, 0)
+
+
+def test_a_data_directory_opens_in_one_log_at_a_time(tmp_path: Path) -> None:
+    """A second Log on an open directory (here, in the same process) is refused; closing
+    the first frees it."""
+    first = Log(tmp_path / "n")
+    with pytest.raises(DataDirInUse, match=f"data directory {tmp_path / 'n'} is in use"):
+        Log(tmp_path / "n")
+    first.close()
+    Log(tmp_path / "n").close()
