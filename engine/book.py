@@ -275,10 +275,8 @@ class Book:
         self.ref = ref
         edges = self.edges.get(ref)
         if edges is None:
-            band = ref * self.band_bps // 10000
             tick = self.tick
-            lo = ref - band
-            hi = min(ref + band, MAX_PRICE)
+            lo, hi = band_edges(ref, self.band_bps)
             edges = (lo, hi, hi - hi % tick, max(tick, lo + (-lo) % tick))
             if len(self.edges) >= _EDGES_CACHE_MAX:
                 self.edges.clear()
@@ -357,6 +355,13 @@ def _flags_reject(c: NewOrder) -> str:
 def _is_int(x: object, lo: int, hi: int) -> bool:
     # bool is an int subclass; `type(x) is int` keeps True out of prices and quantities.
     return type(x) is int and lo <= x <= hi  # type: ignore[operator]
+
+
+def band_edges(ref: int, band_bps: int) -> tuple[int, int]:
+    """The price band ``lo..hi`` around reference price ``ref`` (limit prices outside it
+    are rejected PRICE_OUTSIDE_BAND)."""
+    band = ref * band_bps // 10000
+    return ref - band, min(ref + band, MAX_PRICE)
 
 
 class Engine:

@@ -7,6 +7,9 @@ import asyncio
 import json
 import sys
 import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 
@@ -18,8 +21,10 @@ from engine.exchange_config import ExchangeConfigError, load
 from engine.lease import make_lease
 from engine.runner import (
     ENGINE_VERSION,
+    STARTUP_TIMEOUT_S,
     VERIFY_WINDOW,
     RunnerConfig,
+    StoreUnreachable,
     fetch_status,
     run_engine,
 )
@@ -27,6 +32,12 @@ from store.client import AppendError, CaughtUp, StoreClient
 from xdc.tls import Tls, add_cli_args, cli_tls
 from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import exchange_pb2 as xpb
+
+_T = TypeVar("_T")
+# `engine switchover` waits this long for its target to take over (--timeout); a status
+# call of an instance gets STATUS_TIMEOUT_S.
+SWITCHOVER_TIMEOUT_S = 10.0
+STATUS_TIMEOUT_S = 2.0
 
 
 def _group(args: argparse.Namespace) -> str:
@@ -46,13 +57,25 @@ def _group(args: argparse.Namespace) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
     from xdc.cli import load_auth
+    # Its log (role changes, a store or lease it cannot reach) on stderr, as the gateway's;
+    # a no-op when the caller configured logging already (drills).
+    logging.basicConfig(level=logging.DEBUG if os.environ.get("XDC_LOG") == "debug"
+                        else logging.INFO, format="%(asctime)s %(name)s %(message)s")
     group = _group(args)
     auth_config = load_auth("engine run", args.auth)
+    if not args.startup_timeout > 0:
+        print(f"xdc engine run: --startup-timeout {args.startup_timeout:g}: seconds > 0",
+              file=sys.stderr)
+        return 2
     config = RunnerConfig(group=group, instance=args.instance, store=tuple(args.store.split(",")),
                           role=args.role, snapshot_every=args.snapshot_every,
                           verify_window=args.verify_window,
                           max_pending_inputs=args.max_pending_inputs,
+                          startup_timeout_s=args.startup_timeout,
                           tls=cli_tls(args, "xdc engine"), token=args.token)
     spec, cluster, access = args.lease, args.cluster, None
     if args.config:
@@ -66,8 +89,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         cluster = cfg.cluster
         if spec == "etcd":
             spec = "etcd:" + ",".join(cfg.etcd.endpoints)
-    lease = make_lease(spec, group, args.instance, cluster, args.lease_ttl, access)
-    return asyncio.run(run_engine(config, lease, args.control, auth_config))
+    try:
+        lease = make_lease(spec, group, args.instance, cluster, args.lease_ttl, access)
+    except ValueError as exc:
+        print(f"xdc engine run: --lease: {exc} (--lease etcd takes its endpoints from "
+              f"--config)", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(run_engine(config, lease, args.control, auth_config))
+    except StoreUnreachable as exc:
+        print(f"xdc engine run: {exc}", file=sys.stderr)
+        return 1
+    except grpc.aio.AioRpcError as exc:  # refused at start: a permission, TLS, a limit
+        print(f"xdc engine run: the store ({args.store}) refused the start: "
+              f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
 
 
 async def _status(addresses: list[str], tls: Tls | None,
@@ -85,7 +121,7 @@ async def _advertised(store: str, group: str, tls: Tls | None, token: str) -> li
     from engine.matching_health import EngineDirectory
     client = StoreClient(store.split(","), tls=tls, token=token)
     try:
-        return await EngineDirectory(client, [group]).addresses()
+        return await EngineDirectory(client, [group], timeout_s=STATUS_TIMEOUT_S).addresses()
     finally:
         await client.close()
 
@@ -116,39 +152,198 @@ def cmd_status(args: argparse.Namespace) -> int:
     return bad
 
 
-async def _control(store: str, group: str, kind: str, body: dict[str, str],
-                   tls: Tls | None, token: str) -> int:
-    """Appends a control event to the group's input stream: the store lets only
-    principals whose grants cover its type (admins) do it."""
-    client = StoreClient(store.split(","), tls=tls, token=token)
+class _Refused(Exception):
+    """An engine control refused before anything was appended; the message says why."""
+
+
+async def _known_group(client: StoreClient, group: str) -> None:
+    """Raises _Refused when the store holds no input stream for `group` (a typo): a
+    control event appended there would make the group up, for good."""
     try:
+        await client.stream_info(wire.input_stream(group))
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() != grpc.StatusCode.NOT_FOUND:
+            raise
+        raise _Refused(f"no engine group {group!r} in this store: its input stream "
+                       f"{wire.input_stream(group)} does not exist (`xdc exchange init` "
+                       f"creates a group's streams)") from None
+
+
+@dataclass(frozen=True)
+class _Instance:
+    """An instance a group's instances stream advertises, and what it answers."""
+
+    name: str
+    address: str
+    status: xpb.EngineStatus | None
+    error: str = ""  # why it did not answer
+
+    def describe(self) -> str:
+        st = self.status
+        if st is None:
+            return f"{self.name} at {self.address}: no answer ({self.error})"
+        extra = "".join(f", {k} {v}" for k, v in (
+            ("alarm", st.alarm), ("campaign_blocked", st.campaign_blocked),
+            ("handover_to", st.handover_to)) if v)
+        return f"{self.name}: {st.role}, input {st.input_position}{extra}"
+
+
+def _unable(st: xpb.EngineStatus) -> str:
+    """Why an instance that answers cannot take the group over ("" if it can)."""
+    if st.alarm:
+        return f"it diverged ({st.alarm})"
+    if st.role != "warm":
+        return f"it is {st.role}" + (" (not caught up with the log)"
+                                     if st.role == "starting" else "")
+    return st.campaign_blocked
+
+
+async def _instances(client: StoreClient, group: str, tls: Tls | None,
+                     token: str) -> list[_Instance]:
+    from engine.matching_health import EngineDirectory
+    found = await EngineDirectory(client, [group], timeout_s=STATUS_TIMEOUT_S).instances()
+
+    async def ask(name: str, address: str) -> _Instance:
+        try:
+            return _Instance(name, address, await fetch_status(
+                address, STATUS_TIMEOUT_S, tls=tls, token=token, brief=True))
+        except grpc.aio.AioRpcError as exc:
+            return _Instance(name, address, None, f"{exc.code().name} {exc.details()}")
+    return list(await asyncio.gather(*(ask(name, address)
+                                       for (_, name), address in found.items())))
+
+
+def _handover_check(group: str, to: str, instances: list[_Instance]) -> _Instance | None:
+    """The primary that hands over to `to`, or None when `to` is the primary already;
+    raises _Refused when `to` could not take over (so matching would stop until the
+    designation lapses), naming the instances that could."""
+    able = ", ".join(i.name for i in instances if i.name != to and i.status is not None
+                     and not _unable(i.status)) or "none"
+    target = next((i for i in instances if i.name == to), None)
+    if target is None:
+        known = "; ".join(i.describe() for i in instances) or "none advertised"
+        raise _Refused(f"{to!r} is not an instance of engine group {group!r} (instances: "
+                       f"{known}); instances that could take over: {able}")
+    if target.status is None:
+        raise _Refused(f"instance {to!r} at {target.address} does not answer "
+                       f"({target.error}); instances that could take over: {able}")
+    if target.status.role == "primary":
+        return None
+    primaries = [i for i in instances if i.status is not None and i.status.role == "primary"]
+    if len(primaries) != 1:
+        states = "; ".join(i.describe() for i in instances)
+        raise _Refused(f"no primary of engine group {group!r} answers ({states}): "
+                       f"nothing to hand over (a warm instance takes a free lease by "
+                       f"itself)" if not primaries else
+                       f"{len(primaries)} instances of engine group {group!r} claim primary "
+                       f"({states}): a takeover is under way; try again")
+    why = _unable(target.status)
+    if why:
+        raise _Refused(f"instance {to!r} cannot take over: {why}; instances that could: "
+                       f"{able}")
+    return primaries[0]
+
+
+async def _switchover(args: argparse.Namespace, group: str,
+                      tls: Tls | None) -> tuple[dict[str, object], str]:
+    """(the JSON answer, an error for stderr: "" on success)."""
+    to = args.to
+    client = StoreClient(args.store.split(","), tls=tls, token=args.token)
+    try:
+        await _known_group(client, group)
+        instances = await _instances(client, group, tls, args.token)
+        try:
+            primary = _handover_check(group, to, instances)
+        except _Refused:
+            if not args.force:
+                raise
+            primary = next((i for i in instances if i.status is not None
+                            and i.status.role == "primary" and i.name != to), None)
+        else:
+            if primary is None:  # a switchover repeated after it succeeded
+                return ({"group": group, "to": to, "from": to, "marker_position": 0,
+                         "took_over": True, "took_s": 0.0, "already_primary": True}, "")
         r = await client.append(wire.input_stream(group), [
-            wire.control_event(group, kind, body, uuid.uuid4().hex)])
+            wire.control_event(group, wire.SWITCHOVER_TYPE, {"to": to}, uuid.uuid4().hex)])
+    finally:
+        await client.close()
+    answer: dict[str, object] = {"group": group, "to": to,
+                                 "from": primary.name if primary is not None else "",
+                                 "marker_position": r.last_position}
+    target = next((i for i in instances if i.name == to), None)
+    if args.timeout <= 0 or target is None:
+        return answer, ""
+    # Wait for the takeover, as `xdc cluster switchover` does: the old primary hands
+    # over once its outputs up to the marker are committed, then the target takes the
+    # lease (a fraction of a second).
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    seen = "no answer"
+    while True:
+        try:
+            st = await fetch_status(target.address, STATUS_TIMEOUT_S, tls=tls,
+                                    token=args.token, brief=True)
+            if st.role == "primary":
+                answer.update(took_over=True, took_s=round(loop.time() - began, 3))
+                return answer, ""
+            seen = _Instance(to, target.address, st).describe()
+        except grpc.aio.AioRpcError as exc:
+            seen = f"no answer ({exc.code().name} {exc.details()})"
+        if loop.time() - began >= args.timeout:
+            answer.update(took_over=False, took_s=round(loop.time() - began, 3))
+            return answer, (f"the marker is at position {r.last_position}, but {to!r} is not "
+                            f"primary {args.timeout:g} s later (it answers: {seen}); the old "
+                            f"primary hands over once its outputs up to the marker are "
+                            f"committed (`xdc engine status --group {group} --store "
+                            f"{args.store}`)")
+        await asyncio.sleep(0.05)
+
+
+def _run_control(args: argparse.Namespace, work: Callable[..., Awaitable[_T]],
+                 *rest: object) -> _T | None:
+    """asyncio.run(work(args, group, tls, *rest)); None after printing why it was refused
+    (nothing appended) or why the store refused it."""
+    prog = f"xdc engine {args.engine_command}"
+    try:
+        return asyncio.run(work(args, wire.check_group(args.group),
+                                cli_tls(args, "xdc engine"), *rest))
+    except _Refused as exc:
+        appends = args.engine_command != "verify"
+        print(f"{prog}: {exc}{'; nothing appended' if appends else ''}", file=sys.stderr)
+    except AppendError as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+    except grpc.aio.AioRpcError as exc:
+        print(f"{prog}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+    return None
+
+
+def cmd_switchover(args: argparse.Namespace) -> int:
+    done = _run_control(args, _switchover)
+    if done is None:
+        return 1
+    answer, error = done
+    print(json.dumps(answer))
+    if error:
+        print(f"xdc engine switchover: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _snapshot(args: argparse.Namespace, group: str, tls: Tls | None) -> int:
+    """Appends a snapshot request (a control event: the store lets only principals whose
+    grants cover its type, admins, do it); its position."""
+    client = StoreClient(args.store.split(","), tls=tls, token=args.token)
+    try:
+        await _known_group(client, group)
+        r = await client.append(wire.input_stream(group), [
+            wire.control_event(group, wire.SNAPSHOT_REQUEST_TYPE, {}, uuid.uuid4().hex)])
         return r.last_position
     finally:
         await client.close()
 
 
-def _control_cmd(args: argparse.Namespace, kind: str, body: dict[str, str]) -> int | None:
-    """The marker's position, or None after printing why the store refused it."""
-    try:
-        return asyncio.run(_control(args.store, wire.check_group(args.group), kind, body,
-                                    cli_tls(args, "xdc engine"), args.token))
-    except AppendError as err:
-        print(f"xdc engine {args.engine_command}: {err}", file=sys.stderr)
-        return None
-
-
-def cmd_switchover(args: argparse.Namespace) -> int:
-    position = _control_cmd(args, wire.SWITCHOVER_TYPE, {"to": args.to})
-    if position is None:
-        return 1
-    print(json.dumps({"group": args.group, "to": args.to, "marker_position": position}))
-    return 0
-
-
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    position = _control_cmd(args, wire.SNAPSHOT_REQUEST_TYPE, {})
+    position = _run_control(args, _snapshot)
     if position is None:
         return 1
     print(json.dumps({"group": args.group, "requested_at": position}))
@@ -205,9 +400,20 @@ async def verify(store: list[str], group: str, tls: Tls | None = None,
         await client.close()
 
 
+async def _verify(args: argparse.Namespace, group: str,
+                  tls: Tls | None) -> dict[str, object]:
+    client = StoreClient(args.store.split(","), tls=tls, token=args.token)
+    try:
+        await _known_group(client, group)  # else: "inputs 0, ok" for a typo
+    finally:
+        await client.close()
+    return await verify(args.store.split(","), group, tls, args.token)
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
-    result = asyncio.run(verify(args.store.split(","), wire.check_group(args.group),
-                                cli_tls(args, "xdc engine"), args.token))
+    result = _run_control(args, _verify)
+    if result is None:
+        return 1
     print(json.dumps(result))
     return 0 if result["ok"] else 1
 
@@ -242,6 +448,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "warm instance stops checking them, a primary exits (its service "
                         "manager restarts it from the latest snapshot)")
     r.add_argument("--control", default="127.0.0.1:0", help="EngineControl listen address")
+    r.add_argument("--startup-timeout", type=float, default=STARTUP_TIMEOUT_S,
+                   help="seconds to wait at start for the store to answer (it says so at "
+                        "once and retries); then exit 1")
     add_cli_args(r)
     r.add_argument("--auth", help="auth file: EngineControl callers must authenticate")
     add_token_arg(r)
@@ -260,6 +469,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     w.add_argument("group")
     w.add_argument("--to", required=True, help="target instance id")
     w.add_argument("--store", required=True)
+    w.add_argument("--timeout", type=float, default=SWITCHOVER_TIMEOUT_S,
+                   help="seconds to wait for the target to take over (0: do not wait)")
+    w.add_argument("--force", action="store_true",
+                   help="append the marker even if the target does not look able to take "
+                        "over (not advertised, not answering, not warm)")
     add_cli_args(w)
     add_token_arg(w)
     w.set_defaults(func=cmd_switchover)

@@ -157,7 +157,8 @@ def init_events(group: GroupSpec) -> list[pb.ProposedEvent]:
 
 
 DEMO_CONFIG = """\
-# The demo exchange: two engine groups.
+# The demo exchange: two engine groups, and opening balances for the accounts alice
+# and bob (the trader principal of `xdc cluster up` trades for alice).
 [[group]]
 name = "crypto"
 
@@ -179,6 +180,36 @@ name = "crypto"
   band_bps = 5000
   ref_price = 3000
 
+  [[group.deposit]]
+  account = "alice"
+  asset = "USD"
+  amount = 1000000000
+
+  [[group.deposit]]
+  account = "alice"
+  asset = "BTC"
+  amount = 100
+
+  [[group.deposit]]
+  account = "alice"
+  asset = "ETH"
+  amount = 1000
+
+  [[group.deposit]]
+  account = "bob"
+  asset = "USD"
+  amount = 1000000000
+
+  [[group.deposit]]
+  account = "bob"
+  asset = "BTC"
+  amount = 100
+
+  [[group.deposit]]
+  account = "bob"
+  asset = "ETH"
+  amount = 1000
+
 [[group]]
 name = "equities"
 
@@ -190,4 +221,24 @@ name = "equities"
   lot_size = 100
   band_bps = 1000
   ref_price = 10000
+
+  [[group.deposit]]
+  account = "alice"
+  asset = "USD"
+  amount = 1000000000
+
+  [[group.deposit]]
+  account = "alice"
+  asset = "ACME"
+  amount = 100000
+
+  [[group.deposit]]
+  account = "bob"
+  asset = "USD"
+  amount = 1000000000
+
+  [[group.deposit]]
+  account = "bob"
+  asset = "ACME"
+  amount = 100000
 """

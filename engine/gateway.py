@@ -68,6 +68,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind
 from engine import commands as cm
 from engine import events as ev
 from engine import wire
+from engine.book import band_edges
 from engine.codec import CodecError
 from engine.constants import (
     MAX_ID_LEN,
@@ -76,6 +77,7 @@ from engine.constants import (
     MAX_QTY,
     STP,
     OrderType,
+    Reject,
     Side,
     TimeInForce,
 )
@@ -113,6 +115,7 @@ MAX_TRACED_OUTPUTS = 1_024
 
 # Proto enums -> engine constants. UNSPECIFIED takes the documented default.
 SIDES = {xpb.BUY: Side.BUY, xpb.SELL: Side.SELL}
+SIDE_PB = {Side.BUY: xpb.BUY, Side.SELL: xpb.SELL}
 ORDER_TYPES = {xpb.ORDER_TYPE_UNSPECIFIED: OrderType.LIMIT, xpb.LIMIT: OrderType.LIMIT,
                xpb.MARKET: OrderType.MARKET}
 TIFS = {xpb.TIF_UNSPECIFIED: TimeInForce.GTC, xpb.GTC: TimeInForce.GTC,
@@ -330,6 +333,21 @@ def _levels(pairs: Iterable[tuple[int, int]]) -> list[xpb.BookLevel]:
     return [xpb.BookLevel(price=p, qty=q) for p, q in pairs]
 
 
+def band_detail(band_bps: int, ref: int) -> str:
+    """The price band of a reference price as the engine computes it (engine/book.py
+    Book.set_ref), in words."""
+    lo, hi = band_edges(ref, band_bps)
+    return f"price band {lo}..{hi} (reference price {ref}, {band_bps} bps)"
+
+
+def order_report(group: str, position: int, index: int, raw: tuple) -> xpb.ExecutionReport:
+    """wire.report, and a BOOK report's side: the side of the book its level is on."""
+    r = wire.report(group, position, index, raw)
+    if raw[0] == ev.BOOK:
+        r.side = SIDE_PB.get(raw[2], xpb.SIDE_UNSPECIFIED)
+    return r
+
+
 class OutputFeed:
     """Follows the configured groups' output streams with one store subscription and
     dispatches each output event to waiters, execution streams and L2 books."""
@@ -355,6 +373,8 @@ class OutputFeed:
         # (symbol, depth) -> the window its book streams show, as of the last update.
         self.book_windows: dict[tuple[str, int], tuple[dict[int, int], dict[int, int]]] = {}
         self.outlets = 0
+        # symbol -> (band_bps, reference price) as the outputs move them (_follow_bands).
+        self.bands: dict[str, tuple[int, int]] = {}
         self.stopped = False
         self._task: asyncio.Task[None] | None = None
 
@@ -423,12 +443,34 @@ class OutputFeed:
                                 at_ns)
             group.received.append(received)
         for position, raws in outs:
+            self._follow_bands(raws)
             self._remember(group, position, raws)
         group.last_input = max(group.last_input, batch.last_input)
         self._update_books(group, outs)
         self._send_executions(group, e.position, outs, received)
         if group.heap and group.heap[0] <= group.last_input:  # anyone waiting for these
             self._wake_waiters(group, batch.first_input, dict(outs))
+
+    def _follow_bands(self, raws: list[tuple]) -> None:
+        """Follows each symbol's price band as the engine moves it (engine/book.py: the
+        reference is the price of the last trade, or the configured one before the
+        first; SymbolConfig states both) and writes the band into PRICE_OUTSIDE_BAND
+        rejects, whose detail the engine leaves empty: the band before an input is the
+        one its check used. Only the gateway's copy of the outputs changes (the stored
+        ones, and their chain hash, stay as the engine made them); reports read back
+        from the store (a resumed stream, outputs gone from the cache) have no band."""
+        for i, raw in enumerate(raws):
+            tag = raw[0]
+            if tag == ev.FILL:
+                band = self.bands.get(raw[1])
+                if band is not None:
+                    self.bands[raw[1]] = (band[0], raw[2])
+            elif tag == ev.SYMBOL_CONFIG:
+                self.bands[raw[1]] = (raw[6], raw[7])
+            elif tag == ev.REJECTED and raw[6] == Reject.PRICE_OUTSIDE_BAND and not raw[7]:
+                band = self.bands.get(raw[1])
+                if band is not None:
+                    raws[i] = (*raw[:7], band_detail(*band), *raw[8:])
 
     def _remember(self, group: GroupProgress, position: int, raws: list[tuple]) -> None:
         self.recent[(group.name, position)] = raws
@@ -481,7 +523,7 @@ class OutputFeed:
                 wanted = [a for a in wire.accounts_of(raw) if a in accounts]
                 if not wanted:
                     continue
-                report = wire.report(group, input_position, index, raw)
+                report = wire.report(group, input_position, index, raw)  # no BOOK here
                 for a in wanted:
                     by_account.setdefault(a, []).append(report)
         return by_account
@@ -741,8 +783,8 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
             if raws is None:
                 resp.timed_out = True
             else:
-                resp.reports.extend(wire.report(group, r.first_position, i, raw)
-                                    for i, raw in enumerate(raws))
+                resp.reports.extend(order_report(group, r.first_position, i, raw)
+                                          for i, raw in enumerate(raws))
                 if telemetry.tracing():  # the order's trace ends with its answer
                     self.feed.delivered(group, r.first_position, len(resp.reports))
             return resp

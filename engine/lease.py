@@ -132,6 +132,11 @@ class EtcdLease:
                  ttl_s: int = 2, access: EtcdAccess | None = None) -> None:
         self.instance = instance
         self._lost = asyncio.Event()
+        self._plain = access is None
+        # Why the last campaign or designation read failed ("" when it worked): an etcd
+        # that does not answer or refuses this instance (TLS, user) leaves it warm for
+        # good, which the runner reports (EngineStatus.campaign_blocked) and logs.
+        self.problem = ""
         self._lead = Leadership(endpoints, f"{cluster}/engines/{group}", instance,
                                 {"instance": instance}, ttl_s, on_lost=self._on_lost,
                                 default_failover="automatic", access=access)
@@ -143,9 +148,17 @@ class EtcdLease:
         if self._lead.is_leader:
             return True
         try:
-            return await self._lead.campaign() is not None
-        except LeadershipError:
+            won = await self._lead.campaign() is not None
+        except LeadershipError as exc:
+            self._failed(exc)
             return False
+        self.problem = ""
+        return won
+
+    def _failed(self, exc: LeadershipError) -> None:
+        hint = (" (an etcd with TLS or users: --lease etcd --config CLUSTER.toml)"
+                if self._plain else "")
+        self.problem = f"{exc}{hint}"
 
     @property
     def held(self) -> bool:
@@ -160,9 +173,12 @@ class EtcdLease:
 
     async def designated(self) -> str | None:
         try:
-            return await self._lead.designated()
-        except LeadershipError:
+            found = await self._lead.designated()
+        except LeadershipError as exc:
+            self._failed(exc)
             return None
+        self.problem = ""
+        return found
 
     async def close(self) -> None:
         await self._lead.close()

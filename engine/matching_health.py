@@ -82,10 +82,12 @@ class EngineDirectory:
     advertised first; no more instances are remembered (``_forget``)."""
 
     def __init__(self, client: StoreClient, groups: Sequence[str],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 timeout_s: float = DIRECTORY_TIMEOUT_S) -> None:
         self.client = client
         self.groups = list(groups)
         self._clock = clock
+        self.timeout_s = timeout_s  # per read (an operator's command waits longer)
         self._next_revision = {g: 0 for g in self.groups}
         self._addresses: dict[tuple[str, str], str] = {}  # (group, instance) -> address
         self._read_at = -DISCOVER_EVERY_S
@@ -98,6 +100,13 @@ class EngineDirectory:
                 await self._read(group)
             self._forget()
         return list(reversed(self._addresses.values()))  # distinct after _forget
+
+    async def instances(self) -> dict[tuple[str, str], str]:
+        """(group, instance) -> address of each instance remembered, the most recently
+        advertised last (read again as ``addresses`` does): who `xdc engine switchover`
+        may hand over to."""
+        await self.addresses()
+        return dict(self._addresses)
 
     @property
     def known(self) -> int:
@@ -125,7 +134,7 @@ class EngineDirectory:
             events = await self.client.read(wire.instances_stream(group),
                                             start=self._next_revision[group],
                                             limit=MAX_INSTANCE_EVENTS,
-                                            timeout_s=DIRECTORY_TIMEOUT_S)
+                                            timeout_s=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:  # NOT_FOUND: none advertised yet
                 log.debug("instances of %s not read: %s", group, exc.code().name)
@@ -208,7 +217,7 @@ class MatchingWatch:
         now = self._clock()
         if reading.failover:
             self._state = None
-            return "the store is failing over"
+            return reading.unreachable or "the store is failing over"
         if not primaries and not self.why and self._state is not None:
             # A planned engine switchover under way to an instance that answers: the
             # target takes over at the marker, within the grace.

@@ -98,7 +98,11 @@ STORE_CUT_OFF_S = 5.0
 CAMPAIGN_INTERVAL_S = 0.2  # an instance that may campaign tries for the lease this often
 ADVERTISE_RETRY_MAX_S = 5.0
 STORE_WATCH_S = 0.5  # how often an instance asks its store member for its tiers
+# How long an instance waits at start for its store to answer (`--startup-timeout`),
+# each attempt at most STARTUP_ATTEMPT_S (a store that hangs is reported as early as one
+# that refuses the connection).
 STARTUP_TIMEOUT_S = 60.0
+STARTUP_ATTEMPT_S = 5.0
 MAX_CAPTURES_WAITING = 2  # snapshots captured, waiting for their outputs' commit
 # Traced input batches whose spans an output append may still hang under (_spans_of):
 # more than the batches whose outputs one append carries (consumer.MAX_APPEND_BATCHES).
@@ -129,12 +133,20 @@ class RunnerConfig:
     # Inputs whose outputs are not seen committed, at most: past it a warm instance
     # sheds them, a primary stops (EmissionStalled).
     max_pending_inputs: int = MAX_PENDING_INPUTS
+    # How long the start waits for the store to answer before it gives up
+    # (StoreUnreachable).
+    startup_timeout_s: float = STARTUP_TIMEOUT_S
 
     def __post_init__(self) -> None:
         wire.check_group(self.group)
         assert self.role in ("auto", "warm"), self.role
         assert self.snapshot_every >= 0 and self.verify_window >= 0
-        assert self.max_pending_inputs > 0
+        assert self.max_pending_inputs > 0 and self.startup_timeout_s > 0
+
+
+class StoreUnreachable(RuntimeError):
+    """The store did not answer within RunnerConfig.startup_timeout_s of the start: the
+    message names its targets and the last error (`xdc engine run` prints it, exit 1)."""
 
 
 class EmissionStalled(RuntimeError):
@@ -187,6 +199,7 @@ class EngineRunner:
         self._gc = GcFreezer(GC_FREEZE_EVERY)
         self._resync_since: float | None = None  # emission resyncing since (loop time)
         self._flushing = asyncio.Lock()
+        self._lease_problem = ""  # the lease's problem when last looked at (_check_lease)
 
     # ---------------------------------------------------------------- life cycle
 
@@ -273,18 +286,37 @@ class EngineRunner:
     async def _load_snapshot(self) -> None:
         stream = wire.snapshot_stream(self.config.group)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + STARTUP_TIMEOUT_S
+        limit = self.config.startup_timeout_s
+        deadline = loop.time() + limit
+        targets = ",".join(self.config.store)
+        waiting = False
         while True:
             try:
-                tail = await self.client.read(stream, backwards=True, limit=1)
+                tail = await self.client.read(
+                    stream, backwards=True, limit=1,
+                    timeout_s=max(0.001, min(STARTUP_ATTEMPT_S, deadline - loop.time())))
                 break
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.NOT_FOUND:
-                    return
+                    tail = []  # no snapshot: the store answers
+                    break
                 # A store that is starting, electing or shedding load: wait for it.
-                if exc.code() not in _TRANSIENT or loop.time() > deadline:
+                if exc.code() not in _TRANSIENT:
                     raise
-                await asyncio.sleep(min(2.0, shed_wait_s(exc) or 0.1))
+                why = f"{exc.code().name}: {exc.details()}"
+                if loop.time() >= deadline:
+                    raise StoreUnreachable(f"the store ({targets}) did not answer within "
+                                           f"{limit:g} s ({why})") from None
+                if not waiting:
+                    waiting = True
+                    log.warning("instance %s of %s: the store (%s) does not answer (%s); "
+                                "retrying for up to %g s", self.config.instance,
+                                self.config.group, targets, why, limit)
+                await asyncio.sleep(min(2.0, shed_wait_s(exc) or 0.1,
+                                        max(0.0, deadline - loop.time())))
+        if waiting:
+            log.info("instance %s of %s: the store (%s) answers", self.config.instance,
+                     self.config.group, targets)
         if not tail:
             return
         md = tail[0].metadata
@@ -684,19 +716,45 @@ class EngineRunner:
             if not self._may_campaign():
                 continue
             designated = await self.lease.designated()
+            self._check_lease()
             if designated is not None and designated != self.config.instance:
                 continue
             if c.hold_after and c.handover_to == self.config.instance and not c.handed_over():
                 continue  # the old primary still owes outputs up to the marker
-            if await self.lease.try_acquire():
+            acquired = await self.lease.try_acquire()
+            self._check_lease()
+            if acquired:
                 await self._promote()
 
+    def _check_lease(self) -> None:
+        """Logs when the lease stops or starts working (an etcd that does not answer or
+        refuses this instance): without it, such an instance stayed warm for good and
+        said nothing."""
+        problem = getattr(self.lease, "problem", "")
+        if bool(problem) != bool(self._lease_problem):
+            if problem:
+                log.warning("instance %s of %s cannot campaign for the group's lease: %s",
+                            self.config.instance, self.config.group, problem)
+            else:
+                log.info("instance %s of %s reaches the group's lease again",
+                         self.config.instance, self.config.group)
+        self._lease_problem = problem
+
     def _may_campaign(self) -> bool:
-        return not self.campaign_blocker()
+        return not self._campaign_gate()
 
     def campaign_blocker(self) -> str:
-        """Why this instance may not campaign for the group's lease now; "" if it may.
-        Reported by Status, so an operator sees why a warm instance does not take over."""
+        """Why this instance may not campaign for the group's lease now, or why its
+        campaigns fail (a lease it cannot reach: it keeps trying); "" if it may. Reported
+        by Status, so an operator sees why a warm instance does not take over."""
+        gate = self._campaign_gate()
+        if gate:
+            return gate
+        problem = getattr(self.lease, "problem", "")
+        return f"lease unavailable: {problem}" if problem else ""
+
+    def _campaign_gate(self) -> str:
+        """Why this instance must not campaign now; "" if it may."""
         c = self.consumer
         if self.config.role != "auto":
             return f"role {self.config.role}: verifies only, never campaigns"
@@ -869,7 +927,11 @@ async def run_engine(config: RunnerConfig, lease: PrimaryLease, control_listen: 
     host = control_listen.rsplit(":", 1)[0]
 
     async def start() -> str:
-        await runner.start()
+        try:
+            await runner.start()
+        except BaseException:
+            await runner.stop()  # its lease and store client: nothing left running
+            raise
         await server.start()
         address = f"{host}:{port}"
         runner.advertise(advertised(address))

@@ -1454,17 +1454,49 @@ def cmd_drill(args: argparse.Namespace) -> int:
     return 1 if failed(results) else 0
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least `low` (exit 2 naming the flag)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value}: at least {low}")
+        return value
+    return parse
+
+
+def _up_option(flag: str, keyword: str, kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type for an option every run passes to `launcher.up`: checked by its
+    `check_up_options` rule when the command line is parsed, not as each run fails."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        try:
+            launcher.check_up_options(**{keyword: value})
+        except launcher.BadOption as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{flag} ")) from None
+        return value
+    return parse
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("drill", help="DR drill against a fresh local multi-region cluster "
                                      "under load: measured RTO, RPO, tiers, hashes")
     p.add_argument("scenario", choices=SCENARIOS)
-    p.add_argument("--runs", type=int, default=1)
+    p.add_argument("--runs", type=_at_least(1), default=1, help="1 or more")
     p.add_argument("--seed", type=int, default=1, help="run i uses seed S+i")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--html", help="write a self-contained HTML report here")
-    p.add_argument("--rtt-ms", type=float, default=30.0, help="injected RTT between regions")
-    p.add_argument("--lease-ttl", type=int, default=2, help="etcd lease TTL, seconds")
-    p.add_argument("--producers", type=int, default=4, help="ledger producers")
+    p.add_argument("--rtt-ms", type=_up_option("--rtt-ms", "rtt_ms", float), default=30.0,
+                   help="injected RTT between regions (0 or more)")
+    p.add_argument("--lease-ttl", type=_up_option("--lease-ttl", "ttl_s", int), default=2,
+                   help=f"etcd lease TTL, seconds (at least {launcher.MIN_LEASE_TTL_S})")
+    p.add_argument("--producers", type=_at_least(1), default=4,
+                   help="ledger producers (1 or more)")
     p.add_argument("--quick", action="store_true", help="shorter load windows")
     p.add_argument("--keep", action="store_true", help="keep every run's directory (logs)")
     p.add_argument("--dir", help="parent of the run directories (default: the temp dir)")

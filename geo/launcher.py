@@ -58,6 +58,7 @@ from engine.wire import exchange_principals
 from geo.config import ClusterConfig, ConfigError, Member, etcd_access, load, load_tls
 from geo.etcd_server import EtcdCluster, EtcdTls, free_ports, health
 from geo.leadership import EtcdAccess, Leadership, LeadershipError, Pending, SeatView
+from geo.proxy import AsyncProxyControl, ProxyControl, ProxyControlError
 from store import auth
 from store.client import channel_options
 from xdc import certs
@@ -152,6 +153,11 @@ class ClusterState:
         """Every PID this state names: nodes, the proxy, etcd."""
         return [p for p in (*(n.pid for n in self.nodes), self.proxy_pid, *self.etcd_pids)
                 if p > 0]
+
+    def running(self) -> list[int]:
+        """The PIDs of `pids` still running as the launcher started them (none: the
+        cluster is stopped)."""
+        return [p for p in self.pids() if alive(p, self)]
 
     def record(self, pid: int) -> None:
         """Remembers who the process just started as `pid` is (and forgets the processes
@@ -379,8 +385,20 @@ def node_command(state: ClusterState, n: NodeProc) -> list[str]:
     return cmd
 
 
+class AlreadyRunning(RuntimeError):
+    """`start_node` of a node whose recorded process still runs: nothing was started (a
+    second process would only fail on the node's ports) and nothing recorded."""
+
+    def __init__(self, n: NodeProc) -> None:
+        super().__init__(f"{n.id} is already running (pid {n.pid})")
+        self.node = n
+
+
 def start_node(state: ClusterState, n: NodeProc) -> None:
-    """Starts (or restarts) one node process; returns once it serves."""
+    """Starts (or restarts) one node process; returns once it serves. AlreadyRunning,
+    with nothing started or recorded, while its recorded process still runs."""
+    if alive(n.pid, state):
+        raise AlreadyRunning(n)
     node_dir = Path(state.directory, "nodes", n.id)
     node_dir.mkdir(parents=True, exist_ok=True)
     out = node_dir / "stdout.log"
@@ -438,9 +456,12 @@ def up(directory: str = DEFAULT_DIR, regions: int = 3, rtt_ms: float = 0.0,
     retried from scratch. `etcd_members` > 1 runs a multi-member etcd (drills lose one).
     `auth`: clients authenticate with the tokens under `auth/` (module docstring).
     BadOption and DirectoryInUse come before anything starts (and stop nothing: the
-    directory may hold a running cluster); any other failure stops what was started."""
+    directory may hold a running cluster); any other failure stops what was started.
+    A retry starts from an empty directory only when this call created it: the data of
+    an earlier run there (`earlier_data`) is kept."""
     check_up_options(regions=regions, rtt_ms=rtt_ms, standbys=standbys, ttl_s=ttl_s,
                      jitter_ms=jitter_ms, etcd_members=etcd_members)
+    created = not Path(directory).exists()
     for attempt in range(attempts):
         try:
             return _up(directory, regions, rtt_ms, failover, standbys, ttl_s, cluster,
@@ -454,7 +475,8 @@ def up(directory: str = DEFAULT_DIR, regions: int = 3, rtt_ms: float = 0.0,
             retry = isinstance(exc, RuntimeError) and "before ready" in str(exc)
             if not retry or attempt == attempts - 1:
                 raise
-            shutil.rmtree(directory, ignore_errors=True)
+            if created:
+                shutil.rmtree(directory, ignore_errors=True)
     raise AssertionError("unreachable")
 
 
@@ -543,6 +565,16 @@ def _up(directory: str, regions: int, rtt_ms: float, failover: str, standbys: in
     return state
 
 
+def earlier_data(directory: str | os.PathLike[str]) -> list[str]:
+    """The members whose data directory under `directory` holds something: `up` there
+    continues from an earlier run's logs (and etcd, with its terms)."""
+    nodes = Path(directory, "nodes")
+    if not nodes.is_dir():
+        return []
+    return sorted(d.parent.name for d in nodes.glob("*/data")
+                  if d.is_dir() and any(d.iterdir()))
+
+
 def running_pids(directory: str | os.PathLike[str]) -> list[int]:
     """The processes of the cluster in `directory` that still run (none without a
     state.json). DirectoryInUse when its state.json cannot be read: what runs there is
@@ -554,7 +586,7 @@ def running_pids(directory: str | os.PathLike[str]) -> list[int]:
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise DirectoryInUse(f"{Path(directory, 'state.json')} cannot be read ({exc!r}): "
                              "if no cluster runs there, remove it") from exc
-    return [pid for pid in state.pids() if alive(pid, state)]
+    return state.running()
 
 
 def signal_node(state: ClusterState, key: str, sig: int) -> list[NodeProc]:
@@ -565,6 +597,24 @@ def signal_node(state: ClusterState, key: str, sig: int) -> list[NodeProc]:
         if alive(n.pid, state):
             os.kill(n.pid, sig)
     return targets
+
+
+def stop_node(state: ClusterState, key: str) -> list[tuple[NodeProc, int]]:
+    """Stops every node of region `key` (or node `key`) that still runs as the launcher
+    started it (TERM, then KILL after 10 s), and records it as stopped (pid 0). Returns
+    each node of `key` with the PID it stopped, 0 when it was not running."""
+    done = []
+    for n in state.select(key):
+        pid = n.pid if alive(n.pid, state) else 0
+        if pid:
+            _stop_pid(pid, state)
+            n.pid = 0
+        done.append((n, pid))
+    if any(pid for _, pid in done):
+        state.identities = {k: v for k, v in state.identities.items()
+                            if int(k) in state.pids()}
+        state.save()
+    return done
 
 
 def _stop_pid(pid: int, state: ClusterState, timeout_s: float = 10.0) -> None:
@@ -760,6 +810,22 @@ def _voter(r: Reach, key: str, action: str) -> NodeProc | Member:
     return n
 
 
+@dataclass(frozen=True)
+class Handover:
+    """What `hand_over` did: the leader's answer, or (`already`) nothing, since `to`
+    already was the open leader; `response` then holds its term and commit position."""
+    response: rpb.SwitchoverResponse
+    already: bool = False
+
+    @property
+    def message(self) -> str:
+        r = self.response
+        if self.already:
+            return f"{r.new_leader} already leads term {r.new_term}; nothing handed over"
+        return (f"switchover to {r.new_leader}: term {r.new_term}, writes paused "
+                f"{r.took_us / 1000:.1f} ms, handed over at position {r.handover_position}")
+
+
 async def switchover(target: Target, to: str, timeout_s: float = 10.0,
                      token: str | None = None,
                      leader: NodeProc | None = None) -> rpb.SwitchoverResponse:
@@ -767,7 +833,14 @@ async def switchover(target: Target, to: str, timeout_s: float = 10.0,
     (default: the admin of `target`), asked of `leader` (default: the one found now).
     When `to` already is the open leader (a retry of a switchover that succeeded) there
     is nothing to hand over: the answer is its term, no pause, and its commit position
-    now as the handover position."""
+    now as the handover position (`hand_over` tells the two apart)."""
+    return (await hand_over(target, to, timeout_s, token, leader)).response
+
+
+async def hand_over(target: Target, to: str, timeout_s: float = 10.0,
+                    token: str | None = None,
+                    leader: NodeProc | None = None) -> Handover:
+    """`switchover`, saying whether `to` already led (`Handover.already`)."""
     r = reach(target)
     n = _voter(r, to, "switchover")
     st: rpb.NodeStatus | None = None
@@ -776,12 +849,13 @@ async def switchover(target: Target, to: str, timeout_s: float = 10.0,
     elif leader.id == n.id:
         st = await node_status(r, leader, timeout_s)
     if leader.id == n.id and st is not None and st.role == "leader" and st.open:
-        return rpb.SwitchoverResponse(new_leader=n.id, new_term=st.term, took_us=0,
-                                      handover_position=st.commit_position)
+        return Handover(rpb.SwitchoverResponse(new_leader=n.id, new_term=st.term, took_us=0,
+                                               handover_position=st.commit_position),
+                        already=True)
     async with aio_channel(leader.client, r.tls, options=channel_options()) as ch:
-        return await rpb_grpc.ReplicationStub(ch).Switchover(
+        return Handover(await rpb_grpc.ReplicationStub(ch).Switchover(
             rpb.SwitchoverRequest(target=n.id, timeout_ms=int(timeout_s * 1000)),
-            timeout=timeout_s + 1, metadata=auth.bearer(r.token if token is None else token))
+            timeout=timeout_s + 1, metadata=auth.bearer(r.token if token is None else token)))
 
 
 # How long `promote` waits, once its promotion is written, for the target to take the
@@ -1021,10 +1095,99 @@ async def seat_view(target: Target) -> SeatView | str:
         await lead.close()
 
 
-async def cluster_status(target: Target) -> tuple[dict[str, Answer], SeatView | str]:
-    """`statuses` and `seat_view`, asked at once (`xdc cluster status`)."""
-    sts, seat = await asyncio.gather(statuses(target), seat_view(target))
-    return sts, seat
+async def cluster_status(target: Target) -> tuple[dict[str, Answer], SeatView | str,
+                                                  dict[str, str] | str | None]:
+    """`statuses`, `seat_view` and `wan_view`, asked at once (`xdc cluster status`)."""
+    sts, seat, wan = await asyncio.gather(statuses(target), seat_view(target),
+                                          wan_view(target))
+    return sts, seat, wan
+
+
+# ---- the WAN proxy of a local cluster: partitions (`xdc cluster partition/heal`) --------
+
+class ProxyUnavailable(RuntimeError):
+    """The local cluster's WAN proxy does not run or does not answer."""
+
+
+def _proxy(state: ClusterState) -> ProxyControl:
+    if not state.proxy_control:
+        raise ProxyUnavailable("this cluster has no WAN proxy (a single region: no link "
+                               "between regions to cut)")
+    if not alive(state.proxy_pid, state):
+        raise ProxyUnavailable(f"the WAN proxy is not running (pid {state.proxy_pid}): "
+                               f"`xdc cluster up --dir {state.directory}` starts the cluster")
+    return ProxyControl(state.proxy_control, timeout=2.0)
+
+
+async def wan_view(target: Target) -> dict[str, str] | str | None:
+    """The partitioned links of a local cluster's WAN proxy ({link: mode}, empty when
+    none is), or why they could not be read; None for a deployment's TOML or a cluster
+    without a proxy."""
+    if not isinstance(target, ClusterState) or not target.proxy_control:
+        return None
+    try:
+        _proxy(target)
+        links = await AsyncProxyControl(target.proxy_control, timeout=2.0).status()
+    except (ProxyUnavailable, ProxyControlError, OSError, TimeoutError, ValueError) as exc:
+        return str(exc) or type(exc).__name__
+    return {name: link["partition"] for name, link in links.items() if link.get("partition")}
+
+
+def _links_of(state: ClusterState, key: str) -> list[str]:
+    """The WAN links with a node of region `key` (or node `key`) at either end."""
+    ids = {n.id for n in state.select(key)}
+    return [name for name in state.links
+            if ids & set(name.split("->"))]
+
+
+def partition(state: ClusterState, key: str, mode: str = "blackhole") -> list[str]:
+    """Cuts region `key` (or node `key`) off from the other regions: the proxy stops
+    forwarding on every WAN link to and from it (`mode`: geo/proxy.py). Returns the links."""
+    links = _links_of(state, key)
+    if not links:
+        raise ValueError(f"{key} has no WAN link to cut (a single-region cluster)")
+    try:
+        return _proxy(state).partition(mode=mode, links=links)
+    except (ProxyControlError, OSError) as exc:
+        raise ProxyUnavailable(f"the WAN proxy at {state.proxy_control}: {exc}") from exc
+
+
+def heal(state: ClusterState, key: str | None = None,
+         reset: bool = False) -> tuple[list[str], list[str]]:
+    """Ends the partitions of region `key`'s (or node `key`'s) links, of every link
+    without `key`. Returns (the links healed, those of them that were partitioned)."""
+    control = _proxy(state)
+    links = _links_of(state, key) if key is not None else list(state.links)
+    try:
+        before = control.status()
+        healed = control.heal(reset=reset, links=links) if links else []
+    except (ProxyControlError, OSError) as exc:
+        raise ProxyUnavailable(f"the WAN proxy at {state.proxy_control}: {exc}") from exc
+    return healed, [name for name in healed if before.get(name, {}).get("partition")]
+
+
+def wan_line(state: ClusterState, wan: dict[str, str] | str | None) -> str:
+    """The WAN proxy's line of `xdc cluster status`: its control address and RTT, and
+    which regions are cut off (every link to and from them partitioned) or which other
+    links are."""
+    head = f"wan proxy: control {state.proxy_control}, rtt {state.rtt_ms:g} ms"
+    if wan is None:
+        return head
+    if isinstance(wan, str):
+        return f"{head}; partitions not read ({wan})"
+    if not wan:
+        return f"{head}; no partition"
+    region = {n.id: n.region for n in state.nodes}
+    parts, covered = [], set()
+    for r in dict.fromkeys(n.region for n in state.nodes):
+        touching = [name for name in state.links
+                    if r in {region.get(end) for end in name.split("->")}]
+        if touching and all(name in wan for name in touching):
+            modes = "/".join(sorted({wan[name] for name in touching}))
+            parts.append(f"{r} cut off ({modes})")
+            covered.update(touching)
+    parts += [f"{name} ({mode})" for name, mode in sorted(wan.items()) if name not in covered]
+    return f"{head}; partitioned: {', '.join(parts)} (`xdc cluster heal` ends it)"
 
 
 def seat_lines(seat: SeatView | str | None) -> list[str]:
@@ -1070,34 +1233,38 @@ async def set_failover(target: Target, mode: str) -> None:
 
 
 def format_status(target: Target, sts: dict[str, Answer],
-                  seat: SeatView | str | None = None) -> str:
-    """The status table; with `seat` (`seat_view`), the leader seat's lines too."""
+                  seat: SeatView | str | None = None,
+                  wan: dict[str, str] | str | None = None) -> str:
+    """The status table; with `seat` (`seat_view`), the leader seat's lines too; with
+    `wan` (`wan_view`), the partitions of a local cluster's WAN proxy."""
     r = reach(target)
     local = isinstance(target, ClusterState)  # only then PIDs, the proxy, its files
     leader = next((s for s in sts.values()
                    if isinstance(s, rpb.NodeStatus) and s.role == "leader"), None)
     lag = {p.node_id: p for p in leader.peers} if leader is not None else {}
-    rows = [("node", "region", "role", "term", "commit", "last", "lag", "in sync", "pid")]
+    rows = [("node", "region", "client", "role", "term", "commit", "last", "lag", "in sync",
+             "pid")]
     refusals = []
     for n in r.nodes:
         st = sts.get(n.id)
         pid = str(n.pid) if isinstance(n, NodeProc) else "-"
         if isinstance(st, Refused):
             refusals.append(str(st))
-            rows.append((n.id, n.region, f"refused ({st.code.name})", "-", "-", "-", "-", "-",
-                         pid))
+            rows.append((n.id, n.region, n.client, f"refused ({st.code.name})", "-", "-", "-",
+                         "-", "-", pid))
             continue
         if st is None:
             gone = (isinstance(n, NodeProc) and isinstance(target, ClusterState)
                     and not alive(n.pid, target))
             suffix = " (down)" if gone else ""
-            rows.append((n.id, n.region, "unreachable" + suffix, "-", "-", "-", "-", "-", pid))
+            rows.append((n.id, n.region, n.client, "unreachable" + suffix, "-", "-", "-", "-",
+                         "-", pid))
             continue
         p = lag.get(n.id)
         role = st.role + (" (open)" if st.open else "")
         if st.role == "rejoining":  # a voter that lost its disk: its catch-up progress
             role += f" {st.commit_position}/{st.leader_commit}"
-        rows.append((n.id, n.region, role, str(st.term),
+        rows.append((n.id, n.region, n.client, role, str(st.term),
                      str(st.commit_position), str(st.last_position),
                      str(p.lag) if p else ("0" if st.role == "leader" else "?"),
                      (("yes" if p.in_sync else "no") + (", not counted" if p.rejoining else ""))
@@ -1120,8 +1287,10 @@ def format_status(target: Target, sts: dict[str, Answer],
         lines.append(f"tls: {'on' if r.tls else 'off (plaintext)'}; admin token: "
                      f"{'given' if r.token else 'none'}")
         return "\n".join(lines)
-    if target.proxy_control:
-        lines.append(f"wan proxy: control {target.proxy_control}, rtt {target.rtt_ms:g} ms")
+    if target.proxy_control and not alive(target.proxy_pid, target):
+        lines.append(f"wan proxy: not running (pid {target.proxy_pid})")
+    elif target.proxy_control:
+        lines.append(wan_line(target, wan))
     lines.append(f"tls: on, etcd with authentication (certificates in {target.tls_dir})"
                  if target.tls_dir else "tls: off (plaintext)")
     lines.append(f"client auth: on (principals in {target.auth_file}, tokens beside it)"

@@ -43,7 +43,7 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
@@ -53,6 +53,7 @@ from geo import tiers as tiers_mod
 from geo.tiers import (
     READ_METHOD,
     Observation,
+    Reason,
     Refusal,
     State,
     TierMachine,
@@ -133,6 +134,9 @@ class Reading:
     term: int = 0
     commit_position: int = 0
     term_began: str = ""  # geo.replicator.HANDOVER or ELECTION; "" unknown
+    # With `failover`, when no store target answered at all (RemoteReader): which, and
+    # why. The machine counts it as a failover; refusals and status say this instead.
+    unreachable: str = ""
 
 
 Reader = Callable[[], Awaitable[Reading]]
@@ -157,9 +161,13 @@ def _refusing(handler: grpc.RpcMethodHandler, r: Refusal) -> grpc.RpcMethodHandl
 class TierInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls of tiers the machine does not admit (see the module docstring)."""
 
-    def __init__(self, spec: TierSpec, machine: TierMachine) -> None:
+    def __init__(self, spec: TierSpec, machine: TierMachine,
+                 explain: Callable[[Refusal], Refusal] | None = None) -> None:
         self.spec = spec
         self.machine = machine
+        # Rewords a refusal's message with what the machine does not know (a store that
+        # does not answer at all); never changes whether or how a call is refused.
+        self.explain = explain
         self._warned: set[str] = set()
         # Calls refused, per tier name (for status and tests; keys bounded by the file).
         self.refused: collections.Counter[str] = collections.Counter()
@@ -185,7 +193,7 @@ class TierInterceptor(grpc.aio.ServerInterceptor):
         if refusal is None:
             return handler
         self.refused[refusal.tier] += 1
-        return _refusing(handler, refusal)
+        return _refusing(handler, self.explain(refusal) if self.explain else refusal)
 
     def _declared(self, metadata: Sequence[tuple[str, Any]] | None) -> int | None:
         for key, value in metadata or ():
@@ -203,7 +211,7 @@ class TierInterceptor(grpc.aio.ServerInterceptor):
 
     def _read_guard(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         inner = handler.unary_stream
-        machine, spec, refused = self.machine, self.spec, self.refused
+        machine, spec, refused, explain = self.machine, self.spec, self.refused, self.explain
 
         def refusal(request: Any) -> Refusal | None:
             service = service_of(READ_METHOD, request)
@@ -211,6 +219,8 @@ class TierInterceptor(grpc.aio.ServerInterceptor):
             r = machine.refusal(spec.tier_of(service))
             if r is not None:
                 refused[r.tier] += 1
+                if explain is not None:
+                    r = explain(r)
             return r
 
         if inspect.isasyncgenfunction(inner):
@@ -248,7 +258,7 @@ class TierSupervisor:
         self._clock = clock
         self._wall = wall_clock
         self.machine = TierMachine(spec, clock(), wall_clock())
-        self.interceptor = TierInterceptor(spec, self.machine)
+        self.interceptor = TierInterceptor(spec, self.machine, self._explain)
         self.interceptors: tuple[grpc.aio.ServerInterceptor, ...] = (self.interceptor,)
         # Tiers/Status is status, not control: the gateway sheds by the store's (its
         # RemoteReader), so any authenticated principal may read it.
@@ -341,6 +351,20 @@ class TierSupervisor:
 
     # -- status
 
+    def _why(self, st: Any) -> str:
+        """A tier state's detail, saying that the store does not answer when that is
+        what the machine counts as a failover."""
+        unreachable = self.reading.unreachable
+        if not unreachable or st.reason != Reason.FAILOVER:
+            return st.detail
+        head = f"tier {st.name!r} (tier {st.index}) is {st.state.value}: {unreachable}"
+        return head if st.admitted else f"{head}; retry after {st.retry_after_ms} ms"
+
+    def _explain(self, r: Refusal) -> Refusal:
+        if not self.reading.unreachable or r.reason != Reason.FAILOVER:
+            return r
+        return replace(r, message=self._why(self.machine.states[r.index]))
+
     def status(self) -> tpb.TiersStatus:
         m = self.machine
         last = m.last
@@ -357,7 +381,7 @@ class TierSupervisor:
             tiers=[tpb.TierStatus(
                 name=st.name, index=st.index, services=self.spec.tiers[st.index].services,
                 state=st.state.value, reason=st.reason.value,
-                detail=st.detail, retry_after_ms=st.retry_after_ms,
+                detail=self._why(st), retry_after_ms=st.retry_after_ms,
                 since_unix_ns=st.since_wall_ns, recovered_at_unix_ns=st.recovered_at_ns,
                 down_at_unix_ns=st.down_at_ns) for st in m.states],
             transitions=[tpb.TierTransition(
@@ -402,7 +426,8 @@ class RemoteReader:
     order. A target that hangs (a paused or cut-off store) so costs no more than the
     call's timeout, whatever its place; before, targets were asked one after the other
     and a hung first one used up the supervisor's whole observation time, every time.
-    A store that no target reaches counts as a failover."""
+    A store that no target reaches counts as a failover (Reading.unreachable says which
+    targets did not answer and why: refusals name them, not a failover)."""
 
     def __init__(self, targets: str | Sequence[str],
                  timeout_s: float = REMOTE_TIMEOUT_S, tls: Tls | None = None,
@@ -414,6 +439,8 @@ class RemoteReader:
         self.timeout_s = timeout_s
         self.metadata = auth.bearer(token)  # the reader's principal at the store
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._errors: dict[str, str] = {}  # target -> why it did not answer last time
+        self._unreachable = ""  # what the last reading said (logged when it changes)
 
     async def __call__(self) -> Reading:
         asks = [asyncio.ensure_future(self._ask(t)) for t in self.targets]
@@ -421,12 +448,26 @@ class RemoteReader:
             for done in asyncio.as_completed(asks):
                 reading = await done
                 if reading is not None and not reading.failover and reading.quorum:
-                    return reading
+                    return self._reached(reading)
             answered = [a.result() for a in asks if a.result() is not None]
-            return answered[0] if answered else Reading(failover=True)
+            if answered:
+                return self._reached(answered[0])
+            why = "; ".join(f"{t}: {self._errors.get(t, 'no answer')}" for t in self.targets)
+            unreachable = (f"the store does not answer ({why})" if len(self.targets) == 1
+                           else f"no store target answers ({why})")
+            if not self._unreachable:
+                log.warning("%s: counted as a failover until one answers", unreachable)
+            self._unreachable = unreachable
+            return Reading(failover=True, unreachable=unreachable)
         finally:
             for a in asks:
                 a.cancel()
+
+    def _reached(self, reading: Reading) -> Reading:
+        if self._unreachable:
+            log.info("the store answers again (%s)", ", ".join(self.targets))
+            self._unreachable = ""
+        return reading
 
     async def _ask(self, target: str) -> Reading | None:
         """One target's reading; None when it does not answer in time."""
@@ -440,13 +481,15 @@ class RemoteReader:
                                                           metadata=self.metadata)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                self._errors[target] = _failure(exc, self.timeout_s)
                 return None
             # A store without its own tiers (embedded in a test, or one that runs none):
             # it answers, so it is up; its NodeInfo gives the commit lag.
             try:
                 info = await pb_grpc.EventStoreStub(channel).NodeInfo(
                     pb.NodeInfoRequest(), timeout=self.timeout_s, metadata=self.metadata)
-            except grpc.aio.AioRpcError:
+            except grpc.aio.AioRpcError as exc:
+                self._errors[target] = _failure(exc, self.timeout_s)
                 return None
             return Reading(commit_lag=max(0, info.last_position - info.commit_position),
                            term=info.term, commit_position=info.commit_position)
@@ -461,6 +504,13 @@ class RemoteReader:
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
+
+
+def _failure(exc: grpc.aio.AioRpcError, timeout_s: float) -> str:
+    """How a call of a RemoteReader failed, in a few words."""
+    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"no answer within {timeout_s:g} s"
+    return f"{exc.code().name}: {exc.details()}" if exc.details() else exc.code().name
 
 
 def gateway_supervisor(store_targets: str | Sequence[str], spec: TierSpec | None = None,

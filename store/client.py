@@ -74,6 +74,19 @@ def new_event(event_type: str, data: bytes = b"", *, metadata: dict[str, str] | 
 _IN_DOUBT = ("append not confirmed before the timeout; its outcome is unknown: retry with "
              "the same event ids")
 
+# How gRPC fails a call it never sent anywhere (wait_for_ready off, retries off): no
+# address of the target could be connected to (refused; closed or reset before the HTTP/2
+# handshake ended, as a TLS port does to plaintext; a failed TLS handshake), or its name
+# does not resolve. A call that had a connection fails with what ended that instead.
+_NEVER_CONNECTED = ("failed to connect to all addresses", "errors resolving ",
+                    "DNS resolution failed")
+
+
+def never_sent(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether a call failed before any of it left this process (see _NEVER_CONNECTED)."""
+    return (exc.code() == grpc.StatusCode.UNAVAILABLE
+            and (exc.details() or "").startswith(_NEVER_CONNECTED))
+
 
 class AppendError(Exception):
     """An append the store refused. `code` is a grpc.StatusCode."""
@@ -127,6 +140,14 @@ class _Pending:
     slot: int = 0
     before: int = 0
     after: int = 0
+    # An attempt of it ended in a way that may have written it (a stream broken or stuck
+    # with it in flight): at its deadline its outcome is unknown.
+    maybe_written: bool = False
+    # The target and transport error of the latest attempt that never left this process
+    # (never_sent), and when the first such attempt failed: an append whose attempts all
+    # ended so is known not to be written.
+    unreached: str = ""
+    unreached_at: float = 0.0
 
 
 # A refusal to retry after: (code, message, actual last revision, leader hint, backoff s).
@@ -147,6 +168,16 @@ EXPIRY_SWEEP_S = 0.02
 # Single-event appends, 256 in flight: 128 took 44.4k -> 50.3k events/s (medians of 5
 # alternated runs); 64 made more, smaller messages and cost the server more than it won.
 SETTLE_SLICE = 128
+
+# An append that no attempt has brought to a node is not tried again when the attempt
+# would start within this of its deadline (after the backoff): an attempt still under
+# way at the deadline would make its outcome unknown, one failing to connect takes a
+# millisecond or a round trip.
+LAST_ATTEMPT_S = 0.1
+
+# How long close() waits for the tasks it cancelled (and the blocking Client for those
+# left on its loop, gRPC's own) to end: they end at their next step, within milliseconds.
+CLOSE_WAIT_S = 1.0
 
 
 def shed_wait_s(exc: grpc.aio.AioRpcError) -> float | None:
@@ -215,7 +246,8 @@ class StoreClient:
                  max_batch_appends: int = 1024, max_inflight_messages: int = 32,
                  timeout_s: float = 10.0, attempt_timeout_s: float = 2.0,
                  limits: Limits | None = None, tier: str = "",
-                 tls: Tls | None = None, token: str = "") -> None:
+                 tls: Tls | None = None, token: str = "",
+                 connect_timeout_s: float | None = None) -> None:
         self.targets = [targets] if isinstance(targets, str) else list(targets)
         assert self.targets, "at least one target address"
         assert max_batch_appends >= 1 and max_inflight_messages >= 1 and linger_s >= 0
@@ -227,6 +259,12 @@ class StoreClient:
         # (paused, cut off, lost its quorum without noticing): the stream is dropped and
         # its appends re-sent elsewhere, with the same ids.
         self.attempt_timeout_s = attempt_timeout_s
+        # An append none of whose attempts could connect anywhere (refused, TLS handshake
+        # failed, name not resolved) is retried until shortly before its timeout, as
+        # through a failover, then fails with UNAVAILABLE "not sent". With this, it
+        # fails so once it has failed to connect for this long: short-lived tools (the
+        # CLI) fail fast on a wrong address or port, as a read does.
+        self.connect_timeout_s = connect_timeout_s
         self.limits = limits or Limits()
         # The most events and bytes one merged append holds (_coalesce): this client's
         # limits, cut to the node's once its NodeInfo is known (``_merge_limits_of``).
@@ -352,9 +390,17 @@ class StoreClient:
             queue.clear()
         if self._watchdog is not None:
             self._watchdog.cancel()
+        tasks = {t for t in (self._sender, self._hold, self._watchdog, self._receiver,
+                             *self._tasks) if t is not None}
         await self._reset_stream(AppendError(grpc.StatusCode.CANCELLED, "client closed"))
         if self._channel is not None:
             await self._channel.close()
+        # Cancelled above, they end at their next step: returning before would leave them
+        # pending, and a loop closed right after (the blocking Client's, a CLI command's)
+        # says "Task was destroyed but it is pending!" for each at exit.
+        tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
+        if tasks:
+            await asyncio.wait(tasks, timeout=CLOSE_WAIT_S)
 
     async def __aenter__(self) -> StoreClient:
         return self
@@ -371,7 +417,12 @@ class StoreClient:
         AppendError when refused (wrong expected revision, invalid input, ...), and
         DEADLINE_EXCEEDED when not answered within `timeout_s` (default: the client's),
         however the attempt is stuck: the outcome is then unknown, and a retry with the
-        same event ids resolves it."""
+        same event ids resolves it. When no attempt can have reached a node (each failed
+        to connect: refused, TLS handshake failed, name not resolved), the outcome is
+        known instead: it fails with UNAVAILABLE "append not sent", naming the target and
+        the transport's error, and nothing was appended. Such an append is retried until
+        shortly before its timeout (LAST_ATTEMPT_S), as through a failover, or until
+        `connect_timeout_s`."""
         fut = self.append_nowait(stream, events, expected, expected_revision, timeout_s)
         try:
             async with asyncio.timeout(self.timeout_s if timeout_s is None else timeout_s):
@@ -385,7 +436,8 @@ class StoreClient:
                       timeout_s: float | None = None) -> asyncio.Future[pb.AppendResponse]:
         """Queues an append and returns its future at once (a producer's `send`): many
         appends in flight from one task, each answered in order of its stream. The future
-        fails with DEADLINE_EXCEEDED (outcome unknown) by `timeout_s` at the latest."""
+        fails by `timeout_s` at the latest, as `append` does: DEADLINE_EXCEEDED (outcome
+        unknown), or UNAVAILABLE "append not sent"."""
         if isinstance(events, pb.ProposedEvent):
             events = [events]
         elif not isinstance(events, list):
@@ -451,6 +503,21 @@ class StoreClient:
                     earliest = p.deadline
         if earliest < math.inf and not self._closed:
             self._expire_at(max(earliest, now + EXPIRY_SWEEP_S))
+
+    def _expired(self, p: _Pending, refusal: AppendError | None = None) -> AppendError:
+        """What an append given up on (_retry: its deadline, its connect timeout) fails
+        with, once its attempt has ended: DEADLINE_EXCEEDED (outcome unknown) if an
+        attempt may have written it; else the store's `refusal` it was to be retried
+        after; else, when every attempt failed to connect anywhere, UNAVAILABLE "not
+        sent" (it is not sent again: nothing was appended)."""
+        if not p.maybe_written:
+            if refusal is not None:
+                return refusal
+            if p.unreached:
+                return AppendError(grpc.StatusCode.UNAVAILABLE,
+                                   f"append not sent: no connection to {p.unreached}; "
+                                   "nothing was appended")
+        return AppendError(grpc.StatusCode.DEADLINE_EXCEEDED, _IN_DOUBT)
 
     def _schedule_flush(self, delay: float) -> None:
         if self._flush_handle is not None:
@@ -577,6 +644,8 @@ class StoreClient:
         sent again."""
         if in_flight:
             self._inflight = collections.deque(m for m in self._inflight if m[1] is not batch)
+            for p in batch:  # its write may have gone out
+                p.maybe_written = True
         self._end_orphan_spans()
         self._retry(batch, None)
 
@@ -857,8 +926,14 @@ class StoreClient:
         """Re-sends appends, with the same event ids, after a backoff (and a move to
         another node when the cause says so): before anything made after them, and
         nothing is sent until the backoff is over (``_hold``). One past its deadline
-        fails with the cause (a refusal), or DEADLINE_EXCEEDED when there is none or the
-        appends were cut off in flight (`in_doubt`)."""
+        fails as _expired says: with the cause (a refusal) unless the appends were cut
+        off in flight (`in_doubt`), else DEADLINE_EXCEEDED.
+
+        One known not written (every attempt failed to connect: _expired answers "not
+        sent") fails once its connect timeout has passed, or, so that no attempt of it
+        is under way at its deadline (which would leave its outcome unknown), once
+        another attempt could not end before the deadline: up to `delay_s` +
+        LAST_ATTEMPT_S early."""
         if self._closed:  # not the refusal: the caller must learn its client closed
             _fail_closed(batch)
             return
@@ -868,10 +943,13 @@ class StoreClient:
         for p in batch:
             if p.future.done():
                 continue
-            if now >= p.deadline:
-                p.future.set_exception(cause if cause is not None and not in_doubt else
-                                       AppendError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                                   _IN_DOUBT))
+            end = p.deadline
+            if p.unreached and not p.maybe_written:
+                end -= delay_s + LAST_ATTEMPT_S
+                if self.connect_timeout_s is not None:
+                    end = min(end, p.unreached_at + self.connect_timeout_s)
+            if now >= end:
+                p.future.set_exception(self._expired(p, None if in_doubt else cause))
             else:
                 again.append(p)
         if not again:
@@ -954,6 +1032,16 @@ class StoreClient:
             if not cause.leader:  # the node itself failed us (down, unreachable, stuck)
                 self._unreachable[self._target] = (asyncio.get_running_loop().time()
                                                    + UNREACHABLE_S)
+        if isinstance(error, grpc.aio.AioRpcError) and never_sent(error):
+            # The call never reached the node: nothing of it can have been written.
+            where, now = f"{self._target} ({error.details()})", asyncio.get_running_loop().time()
+            for p in inflight:
+                if not p.unreached:
+                    p.unreached_at = now
+                p.unreached = where
+        else:
+            for p in inflight:
+                p.maybe_written = True
         # Put back before the move below: as refused by this node (not the next), and
         # where the deadline sweep finds them (_expire) whatever the move awaits. Sent,
         # they may have been written: one past its deadline is in doubt, not refused.
@@ -963,44 +1051,73 @@ class StoreClient:
 
     # ---- reads --------------------------------------------------------------------
 
-    async def read_batches(self, stream: str, *, start: int = 0, limit: int = 1000,
+    async def read_batches(self, stream: str, *, start: int = 0, limit: int | None = 1000,
                            backwards: bool = False, min_position: int = 0,
                            timeout_s: float | None = None) -> AsyncIterator[pb.RecordBatch]:
-        request = pb.ReadRequest(stream=stream, limit=limit, min_position=min_position,
-                                 direction=pb.BACKWARDS if backwards else pb.FORWARDS)
-        setattr(request, "from", start)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + (timeout_s or self.timeout_s)
-        given = False
-        while True:
-            call = self.stub.Read(request, timeout=max(0.001, deadline - loop.time()),
-                                  metadata=self.metadata)
-            try:
-                async for batch in call:
-                    given = True
-                    yield batch
-                return
-            except grpc.aio.AioRpcError as exc:
-                # Shed by a degradation tier (before any batch): retry as the server
-                # asks, within the timeout.
-                wait = shed_wait_s(exc)
-                if wait is None or loop.time() + wait >= deadline:
-                    raise
-            except asyncio.CancelledError:
-                if not cancelled_by_channel():
-                    raise
-                # Read again on the new channel, unless batches were already given out.
-                if given or loop.time() >= deadline:
-                    raise _moved() from None
-                continue
-            await asyncio.sleep(wait)
+        """The events of `stream` (or "$all") from revision (position, for "$all")
+        `start`, inclusive (0: the start, or the end when `backwards`), in the batches the
+        node sends (at most its max_batch_events and max_batch_bytes each): at most
+        `limit` events, 1000 by default; None reads to the end, however many there are.
 
-    async def read(self, stream: str, *, start: int = 0, limit: int = 1000,
+        The node serves at most max_read_count events a request (100,000; this client's
+        `limits`): past that the read goes on in further requests, each from where the
+        previous one ended, each with `timeout_s` (default: the client's), so memory is
+        one batch at a time however long the stream. Raises grpc.aio.AioRpcError:
+        NOT_FOUND for a missing stream; UNAVAILABLE when the client moved to another
+        node after batches of a request were given out (read on from the last event)."""
+        loop = asyncio.get_running_loop()
+        page = self.limits.max_read_count
+        left = limit
+        while True:
+            want = page if left is None else min(page, left)
+            request = pb.ReadRequest(stream=stream, limit=want, min_position=min_position,
+                                     direction=pb.BACKWARDS if backwards else pb.FORWARDS)
+            setattr(request, "from", start)
+            deadline = loop.time() + (timeout_s or self.timeout_s)
+            got = 0
+            last: pb.RecordedEvent | None = None
+            while True:
+                call = self.stub.Read(request, timeout=max(0.001, deadline - loop.time()),
+                                      metadata=self.metadata)
+                try:
+                    async for batch in call:
+                        if batch.events:
+                            got += len(batch.events)
+                            last = batch.events[-1]
+                        yield batch
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    # Shed by a degradation tier (before any batch): retry as the server
+                    # asks, within the timeout.
+                    wait = shed_wait_s(exc)
+                    if wait is None or loop.time() + wait >= deadline:
+                        raise
+                except asyncio.CancelledError:
+                    if not cancelled_by_channel():
+                        raise
+                    # Read again on the new channel, unless batches were already given out.
+                    if got or loop.time() >= deadline:
+                        raise _moved() from None
+                    continue
+                await asyncio.sleep(wait)
+            if left is not None:
+                left -= got
+            if last is None or got < want or left == 0:
+                return  # the end (as of the node's commit position), or the limit
+            start = (last.position if stream == "$all" else last.revision) + (
+                -1 if backwards else 1)
+            if start == 0:  # backwards past the first event (0 would mean the end)
+                return
+
+    async def read(self, stream: str, *, start: int = 0, limit: int | None = 1000,
                    backwards: bool = False, min_position: int = 0,
                    timeout_s: float | None = None) -> list[pb.RecordedEvent]:
-        """Events of `stream` (or "$all") from revision/position `start` (0: the start,
-        or the end when backwards). Raises grpc.aio.AioRpcError NOT_FOUND for a missing
-        stream."""
+        """The events of `stream` (or "$all") from revision (position) `start` (0: the
+        start, or the end when backwards), as one list of at most `limit` events: 1000
+        by default, so a longer stream is cut there, silently. `limit=None` reads all of
+        it, into memory; to go through a long stream one batch at a time, iterate
+        `read_batches` (the same arguments). Raises grpc.aio.AioRpcError NOT_FOUND for a
+        missing stream."""
         out: list[pb.RecordedEvent] = []
         async for batch in self.read_batches(stream, start=start, limit=limit,
                                              backwards=backwards, min_position=min_position,
@@ -1012,9 +1129,20 @@ class StoreClient:
                         stream_prefix: str = "", event_types: Sequence[str] = (),
                         batches: bool = False, resume: bool = True,
                         ) -> AsyncIterator[SubscriptionItem]:
-        """Catch-up, then one CaughtUp, then live events, in position order. With
-        `resume`, a broken connection is re-established from the last position seen, so
-        the caller sees no gap and no repeat. With `batches`, yields whole RecordBatches."""
+        """The events after `after_position` (or from the end, with `from_end`) in
+        position order: those committed (the catch-up), then live ones as they commit.
+        Besides the events (pb.RecordedEvent; whole pb.RecordBatch with `batches`), it
+        yields markers, never events, so check each item's type:
+
+        - `CaughtUp(position)`, once: everything committed when it caught up has been
+          yielded (live events follow);
+        - `Checkpoint(position)`, only when filtered (`stream_prefix`, `event_types`):
+          events up to `position` were looked at and skipped, after 10,000 skipped in a
+          row, and once caught up at most every 50 ms while skipped events commit. Keep
+          it as the point to resume from (`after_position`), as after an event.
+
+        With `resume`, a broken connection is re-established from the last position
+        seen, so the caller sees no gap and no repeat (and no second CaughtUp)."""
         position = after_position
         caught_up_sent = False
         first = True
@@ -1168,10 +1296,29 @@ class Client:
             self._call(agen.aclose())
 
     def close(self) -> None:
-        self._call(self._async.close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
+        try:
+            self._call(self._async.close())
+            self._call(self._finish_tasks())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+
+    @staticmethod
+    async def _finish_tasks() -> None:
+        """Lets the tasks still on this loop end before it is closed, as asyncio.run does:
+        gRPC's own (a cancelled call's status handler ends once the cancellation comes
+        back from its core, a loop iteration or two later), then cancels what is left.
+        A loop closed with them pending printed "Task was destroyed but it is pending!"
+        at the exit of about one `xdc append` in ten."""
+        left = asyncio.all_tasks() - {asyncio.current_task()}
+        if left:
+            _, left = await asyncio.wait(left, timeout=CLOSE_WAIT_S)
+        for t in left:
+            t.cancel()
+        if left:
+            await asyncio.wait(left, timeout=CLOSE_WAIT_S)
+        await asyncio.get_running_loop().shutdown_asyncgens()
 
     def __enter__(self) -> Client:
         return self

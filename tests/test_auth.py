@@ -331,7 +331,7 @@ def test_cli_tokens_against_serve_with_auth_file(tmp_path: Path) -> None:
         r = _xdc("read", "$all", *target, token=TOKENS["trader"])
         assert r.returncode == 1 and "PERMISSION_DENIED" in r.stderr
         r = _xdc("info", *target, token=TOKENS["trader"])
-        assert r.returncode == 0 and json.loads(r.stdout)["lastPosition"] == "1"
+        assert r.returncode == 0 and json.loads(r.stdout)["last_position"] == 1
         r = _xdc("tail", "--prefix", "orders.", "--count", "1", *target,
                  token=TOKENS["trader"])
         assert r.returncode == 0 and json.loads(r.stdout)["stream"] == "orders.1"

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,10 +45,12 @@ def test_append_read_info_tail_and_clean_sigterm(tmp_path: Path) -> None:
         missing = xdc("read", "nope", *t)
         assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
 
+        # As read and append: snake_case keys, integers (before: "commitPosition": "2").
         info = json.loads(xdc("info", *t).stdout)
-        assert info["commitPosition"] == "2" and info["role"] == "standalone"
+        assert info["commit_position"] == 2 and info["role"] == "standalone"
+        assert info["limits"]["max_append_events"] == 10_000
         stream = json.loads(xdc("info", "orders", *t).stdout)
-        assert stream["lastRevision"] == "2"
+        assert (stream["last_revision"], stream["count"]) == (2, 2)
 
         tail = xdc("tail", "--count", "2", *t)
         assert [json.loads(line)["position"] for line in tail.stdout.splitlines()] == [1, 2]
@@ -92,7 +98,15 @@ def test_serve_refuses_limits_that_cannot_be_naming_them(
      "no_stream, stream_exists or a revision 0..2^64-1"),
     (["append", "s", "T", "--expected", str(2**64)], "argument --expected"),
     (["append", "s", "T", "--id", "notauuid"], "argument --id: 'notauuid' is not a UUID"),
-    (["read", "s", "--limit", "-1"], "argument --limit: -1 is out of range 0..2^64-1"),
+    (["read", "s", "--limit", "-1"], "argument --limit: -1 is out of range 1..2^64-1"),
+    (["read", "s", "--limit", "0"], "argument --limit: 0 is out of range 1..2^64-1"),
+    # gRPC dialled a bare host at port 443 (and said only "Connection refused").
+    (["info", "--target", "localhost"], "argument --target: 'localhost' has no port: give "
+     "HOST:PORT (e.g. localhost:7000)"),
+    (["append", "s", "T", "--target", "127.0.0.1:0"], "argument --target: '127.0.0.1:0': "
+     "port 0 is out of range"),
+    (["read", "s", "--target", "http://127.0.0.1:7000"], "argument --target"),
+    (["tail", "--target", "h:99999"], "argument --target: 'h:99999': port 99999"),
     (["read", "s", "--from", "1e23"], "argument --from: '1e23' is not an integer"),
     (["read", "s", "--from", str(10**23)], f"argument --from: {10**23} is out of range"),
     (["tail", "--after", "-1"], "argument --after: -1 is out of range 0..2^64-1"),
@@ -161,6 +175,113 @@ def test_cluster_config_errors_exit_2(tmp_path: Path) -> None:
         assert f"xdc cluster {argv[0]}: " in r.stderr and "Traceback" not in r.stderr
 
 
+def test_cluster_status_exits_1_when_no_member_answers(tmp_path: Path) -> None:
+    """A deployment none of whose members answers is no healthy cluster (as `patronictl
+    list` of a dead cluster fails): the table, then exit 1 saying so."""
+    from tests.support.cluster import cluster_toml
+    toml = tmp_path / "cluster.toml"
+    toml.write_text(cluster_toml("t", ["127.0.0.1:1"], ["us-east", "eu-west"], tmp_path))
+    r = xdc("cluster", "status", "--config", str(toml))
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert r.stderr == "xdc cluster status: no member answers\n"
+    assert r.stdout.count("unreachable") == 2
+
+
+def xdc_reader_gone(*args: str, token: str = "") -> subprocess.CompletedProcess[str]:
+    """`xdc ARGS | head -0`, decided in advance: stdout is a pipe whose reader is closed
+    before the command writes anything."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run([sys.executable, "-m", "xdc.cli", *args], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=60,
+                              env={**os.environ, "XDC_TOKEN": token})
+    finally:
+        os.close(write)
+
+
+UP_FAILING_ONCE = """
+import sys
+from geo import launcher
+from xdc import cli
+
+start_node = launcher.start_node
+failed = []
+
+def start_failing_once(state, n):
+    if not failed:  # as when another process took the node's port in between
+        failed.append(n.id)
+        raise RuntimeError(f"{n.id} exited with 1 before ready (injected)")
+    return start_node(state, n)
+
+launcher.start_node = start_failing_once
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_cluster_stopped_restarted_on_its_data_and_output_into_a_closed_pipe(
+        tmp_path: Path) -> None:
+    """`up | head` and `status | head` exit quietly (141, as SIGPIPE would) and `up` still
+    leaves its cluster running; after `down`, status says the cluster is stopped (exit 3)
+    instead of listing unreachable nodes and a proxy; `up` again says it continues from
+    the earlier data, which survives even a start retried after a failed attempt."""
+    from geo import launcher
+    d = tmp_path / "cluster"
+    dd = ("--dir", str(d))
+    try:
+        r = xdc_reader_gone("cluster", "up", "--insecure", "--regions", "2", *dd)
+        assert r.returncode == 141, r.stderr
+        assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+        state = launcher.ClusterState.load(d)
+        assert len(state.running()) == 4  # etcd, the proxy, two nodes: it is up
+        r = xdc_reader_gone("cluster", "status", *dd)
+        assert (r.returncode, r.stderr) == (141, "")
+
+        def leader_client() -> str:
+            sts = json.loads(xdc("cluster", "status", "--json", *dd).stdout)
+            return next(s["client"] for k, s in sts.items()
+                        if not k.startswith("_") and s.get("role") == "leader")
+
+        leader = leader_client()
+        token = state.token()
+        r = xdc("append", "kept", "T", "x", "--target", leader, token=token)
+        assert r.returncode == 0, r.stderr
+        r = xdc_reader_gone("read", "kept", "--target", leader, token=token)
+        assert (r.returncode, r.stderr) == (141, "")
+
+        assert xdc("cluster", "down", *dd).returncode == 0
+        r = xdc("cluster", "status", *dd)
+        assert (r.returncode, r.stderr) == (3, ""), (r.stdout, r.stderr)
+        assert r.stdout == (f"cluster xdc-local in {d} is stopped (none of its processes "
+                            f"runs); `xdc cluster up --dir {d}` starts it again on its data\n")
+        r = xdc("cluster", "status", "--json", *dd)
+        assert r.returncode == 3
+        assert json.loads(r.stdout) == {
+            **{n.id: {"client": n.client, "unreachable": True} for n in state.nodes},
+            "_seat": {"error": "the cluster is stopped"},
+            "_wan": {"error": "the cluster is stopped"}}
+
+        def up_again(*command: str) -> None:
+            r = subprocess.run([*command, "cluster", "up", "--insecure", "--regions", "2",
+                                *dd], capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, (r.stdout, r.stderr)
+            notice = r.stdout.splitlines()[1]
+            assert notice.startswith(f"reusing the data of an earlier run in {d} (now term "), \
+                r.stdout
+            assert f"`xdc cluster down --dir {d}`, `rm -r {d}`, `up` again" in notice
+            r = xdc("read", "kept", "--target", leader_client(),
+                    token=launcher.ClusterState.load(d).token())
+            assert r.returncode == 0, r.stderr
+            assert [json.loads(line)["type"] for line in r.stdout.splitlines()] == ["T"]
+            assert xdc("cluster", "down", *dd).returncode == 0
+
+        up_again(sys.executable, "-m", "xdc.cli")
+        up_again(sys.executable, "-c", UP_FAILING_ONCE)
+    finally:
+        if (d / "state.json").exists():
+            launcher.down(str(d))
+
+
 # ---- xdc tail: refusals and an unreachable node ---------------------------------------------
 
 def test_tail_reports_refused_credentials(tmp_path: Path) -> None:
@@ -208,6 +329,169 @@ def test_tail_says_when_its_node_is_unreachable(tmp_path: Path) -> None:
         tail.wait()
 
 
+# ---- store commands against a node they cannot reach, or one that never answers --------------
+
+@contextlib.contextmanager
+def _closed_port() -> Iterator[str]:
+    """HOST:PORT of a port bound and not listening (held for the test): connections to it
+    are refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_append_to_a_closed_port_fails_fast_saying_nothing_was_appended() -> None:
+    """Nothing listens: the append never left the process, so its outcome is known. Before,
+    after 10.4 s: "DEADLINE_EXCEEDED: ... its outcome is unknown: retry with the same event
+    ids", while `xdc read` said UNAVAILABLE Connection refused in 0.5 s."""
+    with _closed_port() as closed:
+        start = time.monotonic()
+        r = xdc("append", "s", "T", "x", "--target", closed)
+        took = time.monotonic() - start
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.startswith(f"xdc append: UNAVAILABLE: append not sent: no connection to "
+                               f"{closed} (failed to connect to all addresses"), r.stderr
+    assert "Connection refused" in r.stderr and r.stderr.rstrip().endswith(
+        "nothing was appended"), r.stderr
+    assert "DEADLINE_EXCEEDED" not in r.stderr and "--tls" not in r.stderr
+    # The CLI gives up after APPEND_CONNECT_TIMEOUT_S (1 s) of failed connects; the rest is
+    # the interpreter starting (a loaded machine's margin).
+    assert took < 6.0, took
+
+
+def test_append_in_plaintext_to_a_tls_node_says_so_and_names_the_tls_flags(
+        tmp_path: Path) -> None:
+    """A TLS port closes a plaintext connection before HTTP/2 starts: nothing was sent,
+    and the message says how to speak TLS. Before: DEADLINE_EXCEEDED outcome unknown after
+    10.4 s."""
+    from xdc import certs
+    issued = certs.init(tmp_path / "tls", "c", ["n1"])
+    ca = str(tmp_path / "tls" / "ca.pem")
+    tls = ["--tls-ca", ca, "--tls-cert", str(issued["n1"].cert),
+           "--tls-key", str(issued["n1"].key)]
+    with ServeProcess(str(tmp_path / "n"), args=tls) as node:
+        start = time.monotonic()
+        r = xdc("append", "s", "T", "x", "--target", node.address)
+        took = time.monotonic() - start
+        assert r.returncode == 1, r.stderr
+        assert f"xdc append: UNAVAILABLE: append not sent: no connection to {node.address} " \
+            in r.stderr, r.stderr
+        assert "Socket closed" in r.stderr and "nothing was appended" in r.stderr
+        assert "(is it a TLS port? give --tls-ca, --tls-cert and --tls-key" in r.stderr
+        assert took < 6.0, took
+        # read and info name the flags alike; with them, the append goes through.
+        r = xdc("info", "--target", node.address)
+        assert r.returncode == 1 and "is it a TLS port? give --tls-ca" in r.stderr, r.stderr
+        admin = ["--tls-ca", ca, "--tls-cert", str(issued["admin"].cert),
+                 "--tls-key", str(issued["admin"].key)]
+        assert xdc("append", "s", "T", "x", "--target", node.address, *admin).returncode == 0
+
+
+def test_append_sent_and_never_answered_prints_the_id_to_retry_with() -> None:
+    """A node that takes the append and never answers: its outcome is unknown (it may be
+    written), so the CLI says which id to append again. Before, the id it had made up was
+    not printed: a retry could only append a second event."""
+    import uuid as uuid_module
+
+    from store.server import listen_on, new_server
+    from tests.support.store import LoopThread
+    from xdc.v1 import eventstore_pb2 as pb
+    from xdc.v1 import eventstore_pb2_grpc as pb_grpc
+
+    received: list[bytes] = []
+
+    class Silent(pb_grpc.EventStoreServicer):
+        async def NodeInfo(self, request, context):  # type: ignore[no-untyped-def]
+            return pb.NodeInfoResponse()
+
+        async def AppendStream(self, request_iterator, context):  # type: ignore[no-untyped-def]
+            async for msg in request_iterator:
+                received.extend(e.id for a in msg.appends for e in a.events)
+            if False:  # an async generator that yields nothing
+                yield
+
+    loop = LoopThread()
+    try:
+        async def start() -> tuple[Any, int]:
+            server = new_server()
+            pb_grpc.add_EventStoreServicer_to_server(Silent(), server)
+            port = listen_on(server, "127.0.0.1:0", None)
+            await server.start()
+            return server, port
+
+        server, port = loop.call(start())
+        try:
+            r = xdc("append", "s", "T", "x", "--target", f"127.0.0.1:{port}")
+        finally:
+            loop.call(server.stop(0))
+    finally:
+        loop.close()
+    assert r.returncode == 1, r.stderr
+    assert "xdc append: DEADLINE_EXCEEDED: append not confirmed before the timeout; its " \
+        "outcome is unknown: retry with the same event ids (--id " in r.stderr, r.stderr
+    printed = uuid_module.UUID(r.stderr.split("(--id ", 1)[1].split(")", 1)[0])
+    assert received and set(received) == {printed.bytes}  # the id the node was sent
+
+
+def test_read_prints_the_whole_stream_and_limit_caps_it(tmp_path: Path) -> None:
+    """`xdc read` pages through the whole stream (before: the first 1000 of 2500 events,
+    exit 0, nothing said); `--limit N` takes the first N."""
+    from store.client import StoreClient, new_event
+    from tests.support.store import run
+
+    with ServeProcess(str(tmp_path / "n")) as node:
+        async def fill() -> None:
+            async with StoreClient(node.address) as c:
+                for i in range(5):
+                    await c.append("big", [new_event("T", str(i * 500 + k).encode())
+                                           for k in range(500)])
+        run(fill)
+        t = ("--target", node.address)
+        every = xdc("read", "big", *t)
+        assert every.returncode == 0, every.stderr
+        assert [json.loads(line)["revision"] for line in every.stdout.splitlines()] == \
+            list(range(1, 2501))
+        first = xdc("read", "big", "--limit", "1200", *t)
+        assert len(first.stdout.splitlines()) == 1200
+        back = xdc("read", "big", "--backwards", "--limit", "3", "--from", "2000", *t)
+        assert [json.loads(line)["revision"] for line in back.stdout.splitlines()] == [
+            2000, 1999, 1998]
+        assert len(xdc("read", "$all", *t).stdout.splitlines()) == 2500
+
+
+def test_short_lived_commands_exit_without_task_warnings(tmp_path: Path) -> None:
+    """`xdc append` N times: stderr stays empty. Before, about 1 in 7 printed "Task was
+    destroyed but it is pending! ... _AioCall._handle_status_once_received()": the blocking
+    client closed its event loop with the cancelled append stream's status still to come."""
+    with ServeProcess(str(tmp_path / "n")) as node:
+        for i in range(20):
+            r = xdc("append", "s", "T", str(i), "--target", node.address)
+            assert r.returncode == 0, r.stderr
+            assert r.stderr == "", (i, r.stderr)
+        for argv in (["read", "s"], ["info"], ["info", "s"]):
+            r = xdc(*argv, "--target", node.address)
+            assert r.returncode == 0 and r.stderr == "", (argv, r.stderr)
+
+
+def test_a_target_without_a_port_exits_2_without_dialling() -> None:
+    """Before, `--target localhost` dialled 127.0.0.1:443 and said "Connection refused"."""
+    for argv in (["info"], ["read", "s"], ["append", "s", "T"], ["tail"]):
+        r = xdc(*argv, "--target", "localhost")
+        assert r.returncode == 2, (argv, r.stderr)
+        assert "argument --target: 'localhost' has no port" in r.stderr, r.stderr
+    r = xdc("info", env={"XDC_TARGET": "localhost"})
+    assert r.returncode == 2 and "'localhost' has no port" in r.stderr, r.stderr
+
+
+def test_the_readme_quick_start_says_where_xdc_is() -> None:
+    """`make demo` installs `xdc` in .venv/bin, not on the PATH: the quick start says so."""
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "README.md").read_text()
+    quick = text[text.index("\n## Quick start\n"):text.index("\n## Using the store\n")]
+    assert "`.venv/bin/xdc`" in quick and "`. .venv/bin/activate`" in quick, quick
+    assert (Path(sys.executable).parent / "xdc").exists()  # where the venv puts it
+
+
 # ---- telemetry resource ----------------------------------------------------------------------
 
 def test_resource_names_the_instance_and_the_nodes_region(tmp_path: Path) -> None:
@@ -228,3 +512,102 @@ def test_resource_names_the_instance_and_the_nodes_region(tmp_path: Path) -> Non
         "service.instance.id": "nobody"}
     assert resource("serve", "--data", "d", "--node-id", "n1") == {"service.instance.id": "n1"}
     assert resource("tail") == {}
+
+
+# ---- the README's order gateway walkthrough, verbatim ---------------------------------------
+
+def _readme_block(heading: str) -> list[list[str]]:
+    """The commands of the first ```sh block under `heading` in README.md: continuation
+    lines joined, comments dropped, each split as a shell would."""
+    import shlex
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text[text.index(f"\n{heading}\n"):]
+    block = section[section.index("```sh\n") + 6:]
+    block = block[:block.index("```")]
+    lines = block.replace("\\\n", " ").splitlines()
+    commands = [shlex.split(line, comments=True) for line in lines]
+    return [c for c in commands if c]
+
+
+def test_readme_gateway_walkthrough_works_as_written(tmp_path: Path) -> None:
+    """The "Order gateway" commands of the README, run as written (only the addresses,
+    the store's directory and the files moved under the test's directory): the first
+    order is ACCEPTED (before: the example exchange had no deposits, so UNKNOWN_ACCOUNT),
+    the replace and the cancel that follow find the order (before: a replace after the
+    cancel, UNKNOWN_ORDER). Then an order of a group no engine runs for: `xdc order
+    --wait` says it was appended and no engine output came, and exits 1 (before: exit 0
+    and nothing said)."""
+    from engine.runner import status_or_none
+    from tests.support.store import run, wait_until
+
+    store_address = gateway_address = ""
+    procs: list[ServeProcess] = []
+    answers: list[dict] = []  # type: ignore[type-arg]
+
+    def local(argv: list[str]) -> list[str]:
+        out = []
+        for a in argv:
+            a = a.replace("127.0.0.1:7000", store_address)
+            a = a.replace("file:/tmp/leases", f"file:{tmp_path / 'leases'}")
+            if a == "exchange.toml":
+                a = str(tmp_path / "exchange.toml")
+            out.append(a)
+        return out
+
+    commands = _readme_block("## Order gateway")
+    assert [c[:3] for c in commands if c[1] == "order"] == [
+        ["xdc", "order", "submit"], ["xdc", "order", "replace"], ["xdc", "order", "cancel"]]
+    try:
+        for argv in commands:
+            assert argv[0] == "xdc", argv
+            verb = argv[1]
+            if verb == "serve":
+                store = ServeProcess(str(tmp_path / "store")).start()
+                procs.append(store)
+                store_address = store.address
+            elif verb == "exchange" and argv[2] == "example":
+                assert argv[3:] == [">", "exchange.toml"], argv
+                r = xdc(*argv[1:3])
+                assert r.returncode == 0, r.stderr
+                (tmp_path / "exchange.toml").write_text(r.stdout)
+            elif verb == "engine":
+                engine = ServeProcess(command=local(argv[1:])).start()
+                procs.append(engine)
+
+                async def primary(address: str = engine.address) -> bool:
+                    s = await status_or_none(address, 1.0)
+                    return s is not None and s.role == "primary"
+                run(lambda: wait_until(primary, 20, "the engine primary"))
+            elif verb == "gateway":
+                args = local(argv[1:])
+                args[args.index("--listen") + 1] = "127.0.0.1:0"
+                gateway = ServeProcess(command=args).start()
+                procs.append(gateway)
+                gateway_address = gateway.address
+            else:
+                args = [a.replace("127.0.0.1:7100", gateway_address) for a in local(argv[1:])]
+                r = xdc(*args, env={"XDC_GATEWAY": gateway_address})
+                assert r.returncode == 0, (argv, r.stdout, r.stderr)
+                if verb in ("order", "book"):
+                    answers.append(json.loads(r.stdout.splitlines()[0]))
+        submit, replace, book, cancel = answers
+        assert [x["kind"] for x in submit["reports"]][:1] == ["ACCEPTED"], submit
+        accepted = submit["reports"][0]
+        assert (accepted["order_id"], accepted["account"], accepted["qty"]) == (1, "alice", 5)
+        assert replace["reports"][0]["kind"] == "REPLACED", replace
+        assert (book["asks"], book["bids"]) == ([{"price": 50010, "qty": 2}], []), book
+        assert (cancel["reports"][0]["kind"], cancel["reports"][0]["qty"]) == ("CANCELLED", 2)
+
+        # No engine runs for the equities group: the order lands, nobody answers it.
+        r = xdc("order", "submit", "--gateway", gateway_address, "--symbol", "ACME",
+                "--account", "alice", "--client-order-id", "e-1", "--side", "buy", "--qty",
+                "100", "--price", "10000", "--wait", "--timeout-ms", "300")
+        assert r.returncode == 1, (r.stdout, r.stderr)
+        late = json.loads(r.stdout)
+        assert late["timed_out"] is True and late["input_position"] > 0, late
+        assert f"xdc order submit: appended at input position {late['input_position']}, " \
+               "but no engine output for it came within 300 ms: is a matching engine " \
+               "running for the engine group of ACME?" in r.stderr, r.stderr
+    finally:
+        for p in reversed(procs):
+            p.kill()

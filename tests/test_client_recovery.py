@@ -11,7 +11,8 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -412,3 +413,100 @@ def test_an_append_past_its_deadline_when_its_stream_resets_fails_in_doubt(
                 await c.close()
 
     run(body)
+
+
+# ---- appends that never reached a node, and appends that may have -------------------------
+
+@contextlib.contextmanager
+def _refusing() -> Iterator[str]:
+    """HOST:PORT of a port bound and not listening (held for the test): connections to it
+    are refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_an_append_no_node_could_be_reached_fails_not_sent_naming_why() -> None:
+    """Every attempt failed to connect: nothing can have been written, so the append fails
+    with UNAVAILABLE naming the target and the transport's error, not "outcome unknown".
+    It is retried until shortly before its timeout (a node coming up meanwhile takes it:
+    the next test), or for `connect_timeout_s` of failed connects. Before: DEADLINE_EXCEEDED
+    "its outcome is unknown", after the whole timeout, whatever `connect_timeout_s`."""
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        with _refusing() as closed:
+            async with StoreClient(closed, timeout_s=1.0) as c:
+                t0 = loop.time()
+                with pytest.raises(AppendError) as failed:
+                    await c.append("s", _events(1))
+                took = loop.time() - t0
+                err = failed.value
+                assert err.code == grpc.StatusCode.UNAVAILABLE, err
+                assert err.message.startswith(f"append not sent: no connection to {closed} "
+                                              "(failed to connect to all addresses"), err
+                assert "Connection refused" in err.message, err
+                assert err.message.endswith("; nothing was appended"), err
+                # Retried until its last attempt could end before the deadline.
+                assert 1.0 - 0.05 - client_module.LAST_ATTEMPT_S - 0.1 <= took < 1.0, took
+                fut = c.append_nowait("s", _events(1), timeout_s=0.5)
+                await asyncio.wait([fut], timeout=5)
+                assert fut.exception().code == grpc.StatusCode.UNAVAILABLE, fut
+            async with StoreClient(closed, timeout_s=30, connect_timeout_s=0.3) as c:
+                t0 = loop.time()
+                with pytest.raises(AppendError) as failed:
+                    await c.append("s", _events(1))
+                took = loop.time() - t0
+                assert failed.value.code == grpc.StatusCode.UNAVAILABLE, failed.value
+                assert "append not sent" in failed.value.message
+                assert 0.3 <= took < 2.0, took
+    run(body)
+
+
+def test_an_append_made_before_its_node_is_up_lands_once_it_is(tmp_path: Path) -> None:
+    """Failed connects are retried until the timeout (a node restarting, a leader not yet
+    up): the append lands when the node starts listening; one that gave up before was
+    never sent, then or later."""
+    from store.node import StoreNode
+    from store.server import StoreServer
+
+    async def body() -> None:
+        with _refusing() as address:
+            pass  # free again: the node listens there below
+        async with StoreClient(address, timeout_s=30) as c:
+            given_up = c.append_nowait("s", _events(1), timeout_s=0.4)
+            waiting = c.append_nowait("s", _events(1))
+            await asyncio.wait([given_up], timeout=5)
+            assert given_up.exception().code == grpc.StatusCode.UNAVAILABLE, given_up
+            server = StoreServer(StoreNode(tmp_path), address)
+            await server.start()
+            try:
+                answer = await asyncio.wait_for(waiting, 20)
+                assert answer.last_revision == 1
+                assert len(await c.read("s")) == 1  # the one given up never went
+            finally:
+                await server.stop(grace_s=0.5)
+    run(body)
+
+
+def test_an_append_cut_off_in_flight_stays_in_doubt_though_its_node_then_refuses(
+        tmp_path: Path) -> None:
+    """An append in flight to a node that dies (SIGSTOP, then SIGKILL) may have been
+    written: every attempt after it is refused, and yet it fails with DEADLINE_EXCEEDED,
+    outcome unknown, never "not sent"."""
+    from store.process import ServeProcess
+
+    async def body(node: ServeProcess) -> None:
+        async with StoreClient(node.address, timeout_s=30) as c:
+            await c.append("s", _events(1))  # the stream is open
+            node.signal(signal.SIGSTOP)
+            fut = c.append_nowait("s", _events(1), timeout_s=3.0)
+            await wait_until(lambda: bool(c._inflight), 5, "the append in flight")
+            node.kill()
+            await asyncio.wait([fut], timeout=10)
+            err = fut.exception()
+            assert isinstance(err, AppendError), fut
+            assert err.code == grpc.StatusCode.DEADLINE_EXCEEDED, err
+            assert "outcome is unknown" in err.message, err
+
+    with ServeProcess(str(tmp_path)) as node:
+        run(lambda: body(node))

@@ -74,10 +74,14 @@ def test_status_from_the_toml(cluster: launcher.ClusterState) -> None:
     assert leader == asyncio.run(launcher.wait_leader(cluster))[0].id
     standby = next(n.id for n in cluster.nodes if not n.voter)
     assert sts[standby] is not None and sts[standby]["role"] != "leader"
+    # Each member's client address (what `xdc append --target` needs), in both forms.
+    assert {k: s["client"] for k, s in sts.items()} == {n.id: n.client for n in cluster.nodes}
     table = ops(cluster, "status")
     assert table.returncode == 0, table.stderr
     assert "leader (open)" in table.stdout
-    assert all(n.id in table.stdout for n in cluster.nodes)
+    assert table.stdout.splitlines()[0].split()[:3] == ["node", "region", "client"]
+    rows = {line.split()[0]: line.split() for line in table.stdout.splitlines()[1:]}
+    assert all(rows[n.id][:3] == [n.id, n.region, n.client] for n in cluster.nodes), table.stdout
     assert f"etcd: {len(cluster.etcd_endpoints)}/{len(cluster.etcd_endpoints)} healthy" \
         in table.stdout
     assert "tls: on" in table.stdout
@@ -152,9 +156,20 @@ def test_a_switchover_retried_after_it_succeeded_reports_the_leader(
     assert f"switchover to {to.id}: term {st.term}," in first.stdout
     retry = ops(cluster, "switchover", "--to", to.region)
     assert retry.returncode == 0, retry.stderr
-    assert f"switchover to {to.id}: term {st.term}, writes paused 0.0 ms" in retry.stdout
+    assert retry.stdout == f"{to.id} already leads term {st.term}; nothing handed over\n"
     new, new_st = asyncio.run(launcher.wait_leader(cluster))
     assert new.id == to.id and new_st.term == st.term
+
+
+def test_timeouts_must_be_seconds_above_zero(cluster: launcher.ClusterState) -> None:
+    leader = asyncio.run(launcher.wait_leader(cluster))[0]
+    to = next(n for n in cluster.nodes if n.voter and n.id != leader.id)
+    for argv in (["switchover", "--to", to.id], ["promote", to.id]):
+        for timeout in ("-1", "0", "nan", "soon"):
+            r = ops(cluster, *argv, "--timeout", timeout)
+            assert r.returncode == 2, (argv, timeout, r.stdout, r.stderr)
+            assert f"error: argument --timeout: '{timeout}'" in r.stderr, r.stderr
+    assert leader_of(status_json(cluster)) == leader.id
 
 
 def test_switchover_as_a_non_admin_is_refused(cluster: launcher.ClusterState) -> None:
@@ -204,7 +219,7 @@ def test_promote_in_manual_mode_after_the_leader_is_killed(
             launcher.reap(n.pid)
         # Manual failover: the seat stays vacant, the dead leader shows as unreachable.
         sts = status_json(cluster)
-        assert sts[leader.id] is None
+        assert sts[leader.id] == {"client": leader.client, "unreachable": True}
         table = ops(cluster, "status")
         assert table.returncode == 0
         assert any(line.startswith(leader.id) and "unreachable" in line
@@ -530,3 +545,45 @@ def seat_json(state: launcher.ClusterState) -> dict[str, Any]:
     r = ops(state, "status", "--json")
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)["_seat"]  # type: ignore[no-any-return]
+
+
+# ---- the WAN proxy: `xdc cluster partition/heal` (local clusters) --------------------------
+
+def test_partition_cuts_a_region_off_and_heal_ends_it(cluster: launcher.ClusterState) -> None:
+    """`partition REGION` cuts every WAN link to and from the region in the proxy: the
+    leader there loses its quorum and a voter of another region takes over; status shows
+    the cut (table and --json `_wan`); `heal` ends it and the region catches up."""
+    local = ("--dir", cluster.directory)
+    leader = asyncio.run(launcher.wait_leader(cluster))[0]
+    cut = {n.id for n in cluster.nodes if n.region == leader.region}
+    links = {name for name in cluster.links if cut & set(name.split("->"))}
+    assert links
+    try:
+        r = xdc("cluster", "partition", leader.region, *local)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == (f"{leader.region} cut off from the other regions (blackhole, "
+                            f"{len(links)} WAN links); `xdc cluster heal {leader.region}` "
+                            f"ends it\n")
+        new, _ = asyncio.run(launcher.wait_leader(cluster, timeout_s=30, exclude=tuple(cut)))
+        assert new.region != leader.region
+        table = xdc("cluster", "status", *local)
+        assert table.returncode == 0, table.stderr
+        assert f"; partitioned: {leader.region} cut off (blackhole)" in table.stdout, \
+            table.stdout
+        r = xdc("cluster", "status", "--json", *local)
+        assert r.returncode == 0, r.stderr
+        wan = json.loads(r.stdout)["_wan"]
+        assert wan["control"] == cluster.proxy_control
+        assert wan["partitioned"] == dict.fromkeys(sorted(links), "blackhole")
+    finally:
+        healed = xdc("cluster", "heal", *local)
+    assert healed.returncode == 0, healed.stderr
+    assert healed.stdout == f"healed {len(links)} partitioned WAN links\n"
+    table = xdc("cluster", "status", *local)
+    assert f"rtt {cluster.rtt_ms:g} ms; no partition" in table.stdout, table.stdout
+    again = xdc("cluster", "heal", leader.region, *local)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == f"no WAN link of {leader.region} was partitioned; nothing to heal\n"
+    unknown = xdc("cluster", "partition", "mars", *local)
+    assert unknown.returncode == 1 and "no node or region 'mars'" in unknown.stderr
+    asyncio.run(launcher.wait_converged(cluster))

@@ -137,6 +137,28 @@ def test_etcd_member_loss_drill(tmp_path: Path) -> None:
     assert run["tiers_in_order"] is True, run["tiers"]
 
 
+@pytest.mark.parametrize(("flags", "named"), [
+    (["--runs", "0"], "argument --runs: 0: at least 1"),
+    (["--runs", "-2"], "argument --runs: -2: at least 1"),
+    (["--lease-ttl", "0"], "argument --lease-ttl: 0: at least 1 s"),
+    (["--rtt-ms", "-1"], "argument --rtt-ms: -1: a number of milliseconds, 0 or more"),
+    (["--rtt-ms", "nan"], "argument --rtt-ms: nan: a number of milliseconds, 0 or more"),
+    (["--producers", "0"], "argument --producers: 0: at least 1"),
+])
+def test_options_that_cannot_be_exit_2_before_any_run(tmp_path: Path, flags: list[str],
+                                                      named: str) -> None:
+    """Refused as the command line is parsed (the flag and its range named), not as an
+    empty table (`--runs 0`, exit 0) or a FAILED run with a traceback (`--lease-ttl 0`)."""
+    runs = tmp_path / "runs"
+    r = subprocess.run([sys.executable, "-m", "xdc.cli", "drill", "leader-crash", "--quick",
+                        *flags, "--dir", str(runs)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stdout == "" and f"xdc drill: error: {named}" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert not runs.exists()
+
+
 def test_tiers_in_order_judges_tiers_that_went_down_against_every_tier_below() -> None:
     from geo.drill import tiers_in_order
 

@@ -747,3 +747,166 @@ def test_a_snapshot_with_a_malformed_chunk_header_costs_a_replay(
         result = json.loads(verify.stdout)
         assert result["snapshot_mismatches"] == [5] and verify.returncode == 1, result
         assert (result["state_hash"], result["chain_hash"]) == (s.state_hash, s.chain_hash)
+
+
+# ---- the operator's commands: what they refuse, what they report ----------------------------
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "xdc.cli", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_engine_switchover_refuses_what_cannot_take_over_and_waits_for_the_takeover(
+        tmp_path: Path) -> None:
+    """A switchover to an instance the group does not have (a typo) is refused, naming
+    the instances that could take over, and appends nothing: before, the marker landed,
+    every instance went warm waiting for "zz", and matching stopped until the
+    designation lapsed. A group without an input stream is refused by switchover,
+    snapshot and verify alike (before: a control event made the group up, and verify
+    said "ok"). A switchover to a real instance returns once it is primary."""
+    lease = lease_dir(tmp_path)
+    events = workload(seed=31, n=60)
+    with _store(tmp_path) as (store, engines):
+        async def setup() -> None:
+            async with StoreClient(store.address) as client:
+                await client.append(wire.input_stream(GROUP), events[:30])
+        run(setup)
+        engines.append(start_engine(store.address, "a", lease, seed=1))
+        by_name = {"a": engines[0]}
+
+        async def primary_a() -> int:
+            assert await _primary(by_name) == "a"
+            async with StoreClient(store.address) as client:
+                return (await client.stream_info(wire.input_stream(GROUP))).last_revision
+        run(primary_a)
+        engines.append(start_engine(store.address, "b", lease, seed=2))
+        by_name["b"] = engines[1]
+
+        async def b_warm() -> None:
+            await wait_until(lambda: _has_role(engines[1].address, "warm"), 20, "b warm")
+        run(b_warm)
+        revision = run(primary_a)
+
+        typo = _cli("engine", "switchover", GROUP, "--to", "zz", "--store", store.address)
+        assert typo.returncode == 1, (typo.stdout, typo.stderr)
+        assert f"'zz' is not an instance of engine group '{GROUP}'" in typo.stderr, typo.stderr
+        assert "instances that could take over: b" in typo.stderr, typo.stderr
+        assert "nothing appended" in typo.stderr and "Traceback" not in typo.stderr
+
+        async def untouched() -> None:
+            async with StoreClient(store.address) as client:
+                info = await client.stream_info(wire.input_stream(GROUP))
+                assert info.last_revision == revision  # no marker
+                for name, p in by_name.items():
+                    s = await status_or_none(p.address)
+                    assert s is not None and not s.handover_to, (name, s)
+                    assert s.role == ("primary" if name == "a" else "warm"), (name, s)
+                with pytest.raises(grpc.aio.AioRpcError) as missing:
+                    await client.stream_info(wire.input_stream("nosuch"))
+                assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        for argv in (["switchover", "nosuch", "--to", "a"], ["snapshot", "nosuch"],
+                     ["verify", "nosuch"]):
+            out = _cli("engine", *argv, "--store", store.address)
+            assert out.returncode == 1, (argv, out.stdout, out.stderr)
+            assert "no engine group 'nosuch' in this store: its input stream " \
+                   "exchange.nosuch.input does not exist" in out.stderr, (argv, out.stderr)
+            assert out.stdout == "", (argv, out.stdout)
+        run(untouched)
+
+        moved = _cli("engine", "switchover", GROUP, "--to", "b", "--store", store.address)
+        assert moved.returncode == 0, moved.stderr
+        answer = json.loads(moved.stdout)
+        assert (answer["from"], answer["to"], answer["took_over"]) == ("a", "b", True), answer
+        assert answer["marker_position"] > 0 and answer["took_s"] >= 0
+
+        async def b_primary_now() -> None:  # it returned once b took over: no wait here
+            s = await status_or_none(engines[1].address)
+            assert s is not None and s.role == "primary", s
+        run(b_primary_now)
+        again = _cli("engine", "switchover", GROUP, "--to", "b", "--store", store.address)
+        assert again.returncode == 0, again.stderr
+        assert json.loads(again.stdout)["already_primary"] is True
+
+
+async def _has_role(address: str, role: str) -> bool:
+    s = await status_or_none(address, 1.0)
+    return s is not None and s.role == role
+
+
+def _closed_port() -> int:
+    import socket
+    with socket.socket() as s:  # a loopback port nobody listens on once closed
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _read_until(proc: subprocess.Popen[bytes], text: bytes, timeout_s: float) -> bytes:
+    """stderr of `proc` until `text` shows (AssertionError after `timeout_s`)."""
+    import os
+    import select
+    assert proc.stderr is not None
+    seen = b""
+    deadline = time.monotonic() + timeout_s
+    while text not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0, f"{text!r} not said within {timeout_s} s: {seen!r}"
+        if select.select([proc.stderr], [], [], left)[0]:
+            chunk = os.read(proc.stderr.fileno(), 65536)
+            assert chunk, f"exited without saying {text!r}: {seen!r}"
+            seen += chunk
+    return seen
+
+
+def test_engine_run_says_at_once_that_its_store_does_not_answer_then_exits_1(
+        tmp_path: Path) -> None:
+    """A wrong --store port: before, nothing for 60 s, then a raw AioRpcError traceback.
+    Now a log line at once (it retries), then one line and exit 1."""
+    store = f"127.0.0.1:{_closed_port()}"
+    proc = subprocess.Popen([sys.executable, "-m", "xdc.cli", "engine", "run", "--store",
+                             store, "--group", GROUP, "--instance", "a", "--lease",
+                             lease_dir(tmp_path), "--startup-timeout", "4"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        seen = _read_until(proc, b"retrying for up to 4 s", 15)
+        assert proc.poll() is None  # said while still trying
+        assert f"the store ({store}) does not answer (UNAVAILABLE: ".encode() in seen, seen
+        out, err = proc.communicate(timeout=30)
+        err = seen + err
+        assert proc.returncode == 1, err
+        assert b"Traceback" not in err, err
+        assert err.decode().splitlines()[-1].startswith(
+            f"xdc engine run: the store ({store}) did not answer within 4 s (UNAVAILABLE: "), err
+        assert b'"ready"' not in out
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_an_etcd_lease_the_engine_cannot_reach_is_reported(tmp_path: Path) -> None:
+    """An etcd lease it cannot reach (a wrong port; a cluster's TLS etcd without its TOML):
+    before, the instance said it was ready and stayed warm for good, with an empty
+    campaign_blocked and no log. Now both say why."""
+    etcd = f"127.0.0.1:{_closed_port()}"
+    with _store(tmp_path) as (store, engines):
+        log_file = tmp_path / "engine.err"
+        with log_file.open("wb") as err:
+            engine = ServeProcess(command=[
+                "engine", "run", "--store", store.address, "--group", GROUP, "--instance",
+                "a", "--lease", f"etcd:{etcd}", "--cluster", "t"])
+            engine.proc = subprocess.Popen(  # ServeProcess.start, its stderr kept
+                [sys.executable, "-m", "xdc.cli", *engine.command], stdout=subprocess.PIPE,
+                stderr=err)
+            engines.append(engine)
+            engine.address = engine._await_ready(20)
+        blocked: list[str] = []
+
+        async def says_why() -> bool:
+            s = await status_or_none(engine.address, 1.0)
+            blocked[:] = [s.campaign_blocked] if s is not None else []
+            return bool(blocked and blocked[0])
+        run(lambda: wait_until(says_why, 20, "campaign_blocked set"))
+        assert blocked[0].startswith(f"lease unavailable: etcd {etcd}: "), blocked
+        assert "--lease etcd --config" in blocked[0], blocked  # the form that carries TLS
+        logged = log_file.read_text()
+        assert "instance a of sim cannot campaign for the group's lease: etcd " \
+               f"{etcd}: " in logged, logged

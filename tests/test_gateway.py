@@ -363,6 +363,13 @@ def test_orders_are_shed_while_the_store_is_down_and_admitted_in_tier_order_afte
                 err = await refused(stub.SubmitOrder(order("c2", xpb.BUY, 1, 50000)))
                 assert err.code() == grpc.StatusCode.UNAVAILABLE
                 assert dict(err.trailing_metadata() or ())["xdc-shed-reason"] == "failover"
+                # Shed as in a failover, but said as it is: no store target answers.
+                assert f"is shed: the store does not answer ({address}: " in \
+                    (err.details() or ""), err
+                assert "failover in progress" not in (err.details() or ""), err
+                status = gateway.tiers.status()
+                assert status.cause == "failover"
+                assert f"the store does not answer ({address}: " in status.tiers[2].detail
         finally:
             await gateway.stop(grace_s=0.5)
             await client.close()
@@ -394,6 +401,8 @@ def test_wait_answers_with_the_engines_outputs(tmp_path: Path) -> None:
             async with running_driver(x.drivers["g1"]):
                 sell = await x.stub.SubmitOrder(order("s1", xpb.SELL, 5, 50000, wait=True))
                 assert not sell.timed_out and kinds(sell) == ["ACCEPTED", "BOOK"]
+                level = sell.reports[1]  # the ask level it made, on its side of the book
+                assert (level.side, level.price, level.qty) == (xpb.SELL, 50000, 5)
                 acc = sell.reports[0]
                 assert (acc.account, acc.client_order_id, acc.side, acc.price, acc.qty,
                         acc.group, acc.input_position, acc.output_index) == (
@@ -421,6 +430,19 @@ def test_wait_answers_with_the_engines_outputs(tmp_path: Path) -> None:
                 bad = await x.stub.SubmitOrder(order("s2", xpb.SELL, 1, 99999, wait=True))
                 assert kinds(bad) == ["REJECTED"]
                 assert bad.reports[0].reason == "PRICE_OUTSIDE_BAND"
+                # Its detail names the band (the engine's output leaves it empty): the
+                # reference is the last trade's price, here the configured one's.
+                assert bad.reports[0].detail == \
+                    "price band 25000..75000 (reference price 50000, 5000 bps)"
+                # A trade at 60000 moves the reference, and the band with it.
+                await x.stub.SubmitOrder(order("s3", xpb.SELL, 1, 60000, wait=True))
+                moved = await x.stub.SubmitOrder(order("b2", xpb.BUY, 1, 60000,
+                                                       account="bob", wait=True))
+                assert kinds(moved)[:2] == ["ACCEPTED", "FILL"]
+                low = await x.stub.SubmitOrder(order("s4", xpb.SELL, 1, 29999, wait=True))
+                assert (low.reports[0].reason, low.reports[0].detail) == (
+                    "PRICE_OUTSIDE_BAND",
+                    "price band 30000..90000 (reference price 60000, 5000 bps)")
                 # A retry with wait gets the same answer (from the gateway's cache).
                 retry = await x.stub.SubmitOrder(order("b1", xpb.BUY, 3, 50000, account="bob",
                                                        wait=True))

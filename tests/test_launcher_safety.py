@@ -147,7 +147,8 @@ def test_down_and_signal_spare_a_process_that_took_a_recorded_pid(
             del raw["identities"]
             (tmp_path / "state.json").write_text(json.dumps(raw))
         r = xdc("cluster", "signal", "us-east", "kill", "--dir", str(tmp_path))
-        assert r.returncode == 0, r.stderr
+        assert r.returncode == 1, r.stderr  # nothing signalled: like kill(1), a failure
+        assert (r.stdout, r.stderr) == ("", "us-east-1 is not running; nothing signalled\n")
         assert victim.poll() is None, "an unrelated process was signalled"
         assert not launcher.alive(victim.pid, launcher.ClusterState.load(tmp_path))
         r = xdc("cluster", "down", "--dir", str(tmp_path))
@@ -284,3 +285,60 @@ def test_node_telemetry_names_its_instance_and_region(cluster: launcher.ClusterS
     for span in otlp.spans("xdc-node"):
         member = span.resource["service.instance.id"]
         assert span.resource.get("cloud.region") == regions[member], span.resource
+
+
+# ---- 7. start, stop and signal of one region ----------------------------------------------------
+
+def test_start_of_a_running_node_says_so_and_changes_nothing(
+        cluster: launcher.ClusterState) -> None:
+    """A second process would fail on the node's ports; its PID must not replace the live
+    node's in state.json (status, signal and down would then miss the node)."""
+    base = Path(cluster.directory)
+    before = (base / "state.json").read_text()
+    node = cluster.nodes[0]
+    try:
+        r = xdc("cluster", "start", node.region, "--dir", str(base))
+    finally:
+        after = (base / "state.json").read_text()
+        (base / "state.json").write_text(before)  # as it was, whatever the start did
+    assert (r.returncode, r.stderr) == (0, ""), (r.stdout, r.stderr)
+    assert r.stdout == f"{node.id} is already running (pid {node.pid}); nothing started\n"
+    assert after == before
+    assert launcher.alive(node.pid, cluster)
+    table = xdc("cluster", "status", "--dir", str(base))
+    assert table.returncode == 0, table.stderr
+    row = next(line.split() for line in table.stdout.splitlines() if line.startswith(node.id))
+    assert row[-1] == str(node.pid), table.stdout
+
+
+def test_signal_stop_and_start_of_a_region_say_what_they_did(
+        cluster: launcher.ClusterState) -> None:
+    """`signal` names each node it signalled; `stop` stops a region's node by PID and,
+    run again, says it is not running (exit 0 both times, as `systemctl stop`); the node
+    then starts again and the cluster elects a leader."""
+    d = cluster.directory
+    leader = asyncio.run(launcher.wait_leader(cluster))[0]
+    node = next(n for n in cluster.nodes if n.id != leader.id)
+    pid = node.pid
+    try:
+        for kind in ("stop", "cont"):
+            r = xdc("cluster", "signal", node.region, kind, "--dir", d)
+            assert (r.returncode, r.stderr) == (0, ""), (r.stdout, r.stderr)
+            assert r.stdout == f"sent SIG{kind.upper()} to {node.id} (pid {pid})\n"
+        r = xdc("cluster", "stop", node.region, "--dir", d)
+        assert (r.returncode, r.stderr) == (0, ""), (r.stdout, r.stderr)
+        assert r.stdout == f"stopped {node.id} (pid {pid})\n"
+        assert not launcher.alive(pid, cluster)
+        assert launcher.ClusterState.load(d).node(node.id).pid == 0
+        r = xdc("cluster", "stop", node.region, "--dir", d)
+        assert (r.returncode, r.stderr) == (0, ""), (r.stdout, r.stderr)
+        assert r.stdout == f"{node.id} is not running; nothing stopped\n"
+        r = xdc("cluster", "signal", node.region, "kill", "--dir", d)
+        assert r.returncode == 1 and "nothing signalled" in r.stderr, (r.stdout, r.stderr)
+    finally:
+        if launcher.alive(node.pid, cluster):
+            os.kill(node.pid, signal.SIGCONT)  # if the test stopped between stop and cont
+        else:
+            launcher.start_node(cluster, node)  # this process's child: reaped at `down`
+    assert launcher.ClusterState.load(d).node(node.id).pid == node.pid != pid
+    asyncio.run(launcher.wait_leader(cluster, timeout_s=30))

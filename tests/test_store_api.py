@@ -1030,3 +1030,115 @@ def test_prepared_bodies_are_the_events_canonical_bytes() -> None:
     assert prepared.bodies == [e.SerializeToString(deterministic=True) for e in events]
     # The same map inserted in two orders: the same bytes after the (different) ids.
     assert prepared.bodies[-2][18:] == prepared.bodies[-1][18:]
+
+
+# ---- reading a whole stream, the blocking client's close, the README's example -----------
+
+def test_reads_page_past_max_read_count_to_the_end_or_the_limit(tmp_path: Path) -> None:
+    """A node serves at most max_read_count events a request (100 here): `read_batches`
+    and `read` read on from where each request ended, to the end (`limit=None`) or to a
+    limit past max_read_count, either way, a stream or "$all". `read()` returns at most
+    1000 by default. Before, `limit=None` could not be given and a limit above
+    max_read_count was refused (INVALID_ARGUMENT): the CLI printed the first 1000."""
+    limits = Limits(max_read_count=100, max_batch_events=30)
+
+    async def body() -> None:
+        async with running_store(tmp_path, limits) as (_, c):
+            for i in range(21):
+                await c.append("s", [ev(i * 50 + k) for k in range(50)])
+            await c.append("other", ev(0))
+
+            async def revisions(stream: str = "s", **kw) -> list[int]:  # type: ignore[no-untyped-def]
+                return [e.position if stream == "$all" else e.revision
+                        async for b in c.read_batches(stream, **kw) for e in b.events]
+
+            assert await revisions(limit=None) == list(range(1, 1051))
+            assert await revisions(limit=None, backwards=True) == list(range(1050, 0, -1))
+            assert await revisions(limit=250) == list(range(1, 251))
+            assert await revisions(start=901, limit=None) == list(range(901, 1051))
+            assert await revisions(start=120, limit=None, backwards=True) == list(
+                range(120, 0, -1))
+            assert await revisions("$all", limit=None) == list(range(1, 1052))
+            assert len(await c.read("s")) == 1000  # the default: documented, not an error
+            assert [e.revision for e in await c.read("s", limit=None)] == list(range(1, 1051))
+            with pytest.raises(grpc.aio.AioRpcError) as missing:
+                await c.read("missing", limit=None)
+            assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    run(body)
+
+
+def test_the_blocking_client_closes_with_no_task_left_on_its_loop(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """After `Client.close()` nothing is pending on its loop, and nothing is said when what
+    it held is collected. Before, the append stream's tasks and gRPC's status handler of
+    the call close() had cancelled were still pending when the loop was closed: about one
+    `xdc append` in ten printed "Task was destroyed but it is pending!" at exit."""
+    import gc
+
+    from store.client import Client
+    from tests.support.store import in_thread
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"), \
+            in_thread(lambda: running_store(tmp_path)) as ((server, _), _thread):
+        for i in range(5):
+            client = Client(server.address)
+            client.append("s", ev(i))
+            assert client.read("s")[-1].revision == i + 1
+            client.node_info()
+            loop = client._loop
+            client.close()
+            assert not asyncio.all_tasks(loop), asyncio.all_tasks(loop)
+            del client, loop
+            gc.collect()
+    destroyed = [r.getMessage() for r in caplog.records if "destroyed" in r.getMessage()]
+    assert not destroyed, destroyed
+
+
+def test_the_readmes_python_example_runs_and_hands_its_loop_only_events(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's "From Python" example, run as written (only the address replaced),
+    after 10,000 events of another stream: its filtered subscription meets a Checkpoint
+    during the catch-up, and the example's loop hands `handle` the two `orders.` events
+    only. Before, the README said the iterator yields RecordedEvents and one CaughtUp, and
+    its loop did not tell a Checkpoint from an event."""
+    import textwrap
+
+    from store import service
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text[text.index("\nFrom Python:\n"):]
+    code = section[section.index("```python\n") + len("```python\n"):]
+    code = code[:code.index("```")]
+    yielded: list[type] = []
+    subscribe = StoreClient.subscribe
+
+    async def recording(self: StoreClient, **kw):  # type: ignore[no-untyped-def]
+        async for item in subscribe(self, **kw):
+            yielded.append(type(item))
+            yield item
+
+    monkeypatch.setattr(StoreClient, "subscribe", recording)
+
+    class Enough(Exception):
+        pass
+
+    handled: list[object] = []
+
+    def handle(item: object) -> None:
+        handled.append(item)
+        if len(handled) == 2:
+            raise Enough
+
+    async def body() -> None:
+        async with running_store(tmp_path) as (server, c):
+            for i in range(service.CHECKPOINT_EVERY // 5000):
+                await c.append("noise", [ev(i * 5000 + k) for k in range(5000)])
+            source = code.replace('"127.0.0.1:7000"', repr(server.address))
+            namespace: dict[str, object] = {}
+            exec(compile("async def example(handle):\n" + textwrap.indent(source, "    "),
+                         "README.md", "exec"), namespace)
+            with pytest.raises(Enough):
+                await asyncio.wait_for(namespace["example"](handle), 30)  # type: ignore[operator]
+    run(body)
+    assert Checkpoint in yielded and CaughtUp not in yielded[:yielded.index(Checkpoint)]
+    assert [(type(e), e.stream, e.revision) for e in handled] == [  # type: ignore[attr-defined]
+        (pb.RecordedEvent, "orders.BTC-USD", 1), (pb.RecordedEvent, "orders.BTC-USD", 2)]

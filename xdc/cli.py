@@ -25,13 +25,24 @@ U64_MAX = 2**64 - 1
 
 # ---- argparse types: a bad value is an error naming its flag (exit 2), not a traceback ----
 
-def _u64(text: str) -> int:
+def _u64(text: str, low: int = 0, hint: str = "") -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= value <= U64_MAX:
-        raise argparse.ArgumentTypeError(f"{value} is out of range 0..2^64-1")
+    if not low <= value <= U64_MAX:
+        raise argparse.ArgumentTypeError(f"{value} is out of range {low}..2^64-1{hint}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """A timeout: a finite number of seconds, more than 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds, more than 0")
     return value
 
 
@@ -87,6 +98,25 @@ def _listen(text: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"{text!r}: {exc} (0: any free port)") from None
     return text
+
+
+def _target(text: str) -> str:
+    """`--target HOST:PORT` of a store node. gRPC would dial a bare host at port 443,
+    where no node listens, and say only that it could not connect."""
+    from geo.config import split_hostport
+    if text and ":" not in text:
+        raise argparse.ArgumentTypeError(f"{text!r} has no port: give HOST:PORT (e.g. "
+                                         f"{text}:7000)")
+    try:
+        split_hostport(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+    return text
+
+
+def _limit(text: str) -> int:
+    """`xdc read --limit N`: at most N events, N >= 1 (without it: all of them)."""
+    return _u64(text, 1, " (without --limit: every event)")
 
 
 def event_json(e: Any) -> dict[str, Any]:
@@ -231,18 +261,31 @@ def cmd_auth(args: argparse.Namespace) -> int:
     return 0
 
 
+# How long `xdc append` tries to reach its node before it says it could not (nothing
+# appended; a library client retries until its timeout, as through a failover): about
+# what `xdc read` and `info` take to say so, with room for a few reconnects.
+APPEND_CONNECT_TIMEOUT_S = 1.0
+
+
 def cmd_append(args: argparse.Namespace) -> int:
+    import grpc
+
     from store.client import AppendError, Client, new_event
     data = sys.stdin.buffer.read() if args.data == "-" else args.data.encode()
     event = new_event(args.type, data, metadata=dict(args.metadata),
                       content_type=args.content_type,
                       event_id=args.id.bytes if args.id else None)
     kind, revision = args.expected
-    with Client(args.target, tls=_tls(args), token=args.token) as client:
+    with Client(args.target, tls=_tls(args), token=args.token,
+                connect_timeout_s=APPEND_CONNECT_TIMEOUT_S) as client:
         try:
             r = client.append(args.stream, event, kind, revision)
         except AppendError as err:
-            print(f"xdc append: {err}", file=sys.stderr)
+            # Outcome unknown: the id to retry with, so that it is appended once.
+            again = (f" (--id {uuid.UUID(bytes=event.id)})"
+                     if err.code == grpc.StatusCode.DEADLINE_EXCEEDED else "")
+            print(f"xdc append: {err}{again}{_tls_hint(args, err.code.name, err.message)}",
+                  file=sys.stderr)
             return 1
     print(json.dumps({"first_position": r.first_position, "last_position": r.last_position,
                       "last_revision": r.last_revision, "duplicate": r.duplicate,
@@ -255,18 +298,45 @@ def _rpc_error(prog: str, exc: Any) -> int:
     return 1
 
 
+def _tls_hint(args: argparse.Namespace, code: str, message: str) -> str:
+    """For a plaintext connection closed before its HTTP/2 handshake ended, what a TLS
+    port does to it: how to speak TLS."""
+    plaintext = not (args.tls_ca or args.tls_cert or args.tls_key)
+    if plaintext and code == "UNAVAILABLE" and "Socket closed" in message:
+        return (" (is it a TLS port? give --tls-ca, --tls-cert and --tls-key, or "
+                "XDC_TLS_CA, XDC_TLS_CERT and XDC_TLS_KEY)")
+    return ""
+
+
+def _store_rpc_error(prog: str, args: argparse.Namespace, exc: Any) -> int:
+    """`_rpc_error` of a command that talks to a store node (`--target`, `--tls-*`)."""
+    details = exc.details() or ""
+    print(f"xdc {prog}: {exc.code().name}: {details}"
+          f"{_tls_hint(args, exc.code().name, details)}", file=sys.stderr)
+    return 1
+
+
 def cmd_read(args: argparse.Namespace) -> int:
     import grpc
 
-    from store.client import Client
-    with Client(args.target, tls=_tls(args), token=args.token) as client:
-        try:
-            events = client.read(args.stream, start=args.start, limit=args.limit,
-                                 backwards=args.backwards)
-        except grpc.RpcError as exc:
-            return _rpc_error("read", exc)
-    for e in events:
-        print(json.dumps(event_json(e)))
+    from store.client import StoreClient
+    tls = _tls(args)
+
+    async def run() -> None:
+        # Page after page to the end (or --limit), each batch printed as it comes.
+        async with StoreClient(args.target, tls=tls, token=args.token) as client:
+            async for batch in client.read_batches(args.stream, start=args.start,
+                                                   limit=args.limit,
+                                                   backwards=args.backwards):
+                sys.stdout.write("".join([json.dumps(event_json(e)) + "\n"
+                                          for e in batch.events]))
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        return 130
+    except grpc.RpcError as exc:
+        return _store_rpc_error("read", args, exc)
     return 0
 
 
@@ -341,21 +411,21 @@ def cmd_tail(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     except grpc.RpcError as exc:  # e.g. UNAUTHENTICATED, PERMISSION_DENIED
-        return _rpc_error("tail", exc)
+        return _store_rpc_error("tail", args, exc)
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     import grpc
-    from google.protobuf.json_format import MessageToDict
 
     from store.client import Client
     with Client(args.target, tls=_tls(args), token=args.token) as client:
         try:
             info = client.stream_info(args.stream) if args.stream else client.node_info()
         except grpc.RpcError as exc:
-            return _rpc_error("info", exc)
-    print(json.dumps(MessageToDict(info, always_print_fields_with_no_presence=True)))
+            return _store_rpc_error("info", args, exc)
+    # As read and append print: snake_case keys, integers as numbers.
+    print(json.dumps(message_json(info)))
     return 0
 
 
@@ -463,6 +533,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             return 2
     try:
         if action == "up":
+            reused = launcher.earlier_data(args.dir)
             state = launcher.up(args.dir, regions=args.regions, rtt_ms=args.rtt_ms,
                                 jitter_ms=args.jitter_ms, failover=args.failover,
                                 standbys=args.standbys, ttl_s=args.lease_ttl,
@@ -474,6 +545,10 @@ def cmd_cluster(args: argparse.Namespace) -> int:
                 launcher.down(state.directory)
                 raise
             print(f"cluster up in {state.directory}: leader {leader.id} (term {st.term})")
+            if reused:
+                print(f"reusing the data of an earlier run in {state.directory} (now term "
+                      f"{st.term}, {st.commit_position} records); to start fresh: `xdc cluster "
+                      f"down --dir {state.directory}`, `rm -r {state.directory}`, `up` again")
             if state.tls_dir:
                 d = state.tls_dir
                 print(f"TLS on: clients need XDC_TLS_CA={d}/ca.pem "
@@ -498,18 +573,42 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             launcher.down(args.dir)
             print(f"cluster in {state.directory} stopped")
         elif action == "signal":
-            sig = getattr(signal, f"SIG{args.signal.upper()}")
+            name = f"SIG{args.signal.upper()}"
             # Only processes still running as the launcher started them are signalled.
             stopped = [n.id for n in state.select(args.target)
                        if not launcher.alive(n.pid, state)]
-            hit = [n.id for n in launcher.signal_node(state, args.target, sig)
+            hit = [n for n in launcher.signal_node(state, args.target, getattr(signal, name))
                    if n.id not in stopped]
-            print(f"sent SIG{args.signal.upper()} to {hit}" +
-                  (f"; not running: {stopped}" if stopped else ""))
+            for n in hit:
+                print(f"sent {name} to {n.id} (pid {n.pid})")
+            for node_id in stopped:
+                print(f"{node_id} is not running" + ("" if hit else "; nothing signalled"),
+                      file=sys.stdout if hit else sys.stderr)
+            return 0 if hit else 1
         elif action == "start":
+            # Like `systemctl start`: a node that runs already is left alone (exit 0).
             for n in state.select(args.target):
-                launcher.start_node(state, n)
+                try:
+                    launcher.start_node(state, n)
+                except launcher.AlreadyRunning as exc:
+                    print(f"{exc}; nothing started")
+                    continue
                 print(f"started {n.id} (pid {n.pid})")
+        elif action == "stop":
+            for n, pid in launcher.stop_node(state, args.target):
+                print(f"stopped {n.id} (pid {pid})" if pid else
+                      f"{n.id} is not running; nothing stopped")
+        elif action == "partition":
+            links = launcher.partition(state, args.target, args.mode)
+            print(f"{args.target} cut off from the other regions ({args.mode}, {len(links)} "
+                  f"WAN links); `xdc cluster heal {args.target}` ends it")
+        elif action == "heal":
+            healed, were = launcher.heal(state, args.target, args.reset)
+            of = f" of {args.target}" if args.target else ""
+            print(f"healed {len(were)} partitioned WAN links{of}" if were else
+                  f"no WAN link{of} was partitioned; nothing to heal")
+            if args.reset:
+                print(f"reset the connections of {len(healed)} WAN links")
     except (FileNotFoundError, KeyError, ValueError, RuntimeError, TimeoutError) as exc:
         print(f"xdc cluster {action}: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 1
@@ -524,28 +623,51 @@ def cluster_action(launcher: Any, target: Any, args: argparse.Namespace) -> int:
     ClusterState) and a deployment (the Reach of its TOML)."""
     action = args.cluster_command
     if action == "status":
-        sts, seat = asyncio.run(launcher.cluster_status(target))
+        local = isinstance(target, launcher.ClusterState)
+        # A local cluster none of whose processes runs (after `down`) is stopped: said so
+        # (exit 3, as `pg_ctl status` and LSB `status` do), not shown as N unreachable nodes.
+        stopped = local and not target.running()
+        if stopped:
+            sts = {n.id: None for n in target.nodes}
+            seat = wan = "the cluster is stopped"
+        else:
+            sts, seat, wan = asyncio.run(launcher.cluster_status(target))
         refused = [s for s in sts.values() if isinstance(s, launcher.Refused)]
+        clients = {n.id: n.client for n in launcher.reach(target).nodes}
         if args.json:
             from google.protobuf.json_format import MessageToDict
 
-            def entry(v: Any) -> Any:
+            def entry(k: str, v: Any) -> Any:
                 if isinstance(v, launcher.Refused):
-                    return {"refused": v.code.name, "details": v.details}
-                return MessageToDict(v) if v else None
-            out = {k: entry(v) for k, v in sts.items()}
+                    return {"client": clients[k], "refused": v.code.name, "details": v.details}
+                if v is None:
+                    return {"client": clients[k], "unreachable": True}
+                return {"client": clients[k], **MessageToDict(v)}
+            out = {k: entry(k, v) for k, v in sts.items()}
             # Member ids start with a letter or digit (geo/config.py): never "_seat".
             out["_seat"] = launcher.seat_json(seat)
+            if local and target.proxy_control:
+                out["_wan"] = ({"error": wan} if isinstance(wan, str) else
+                               {"control": target.proxy_control, "rtt_ms": target.rtt_ms,
+                                "partitioned": wan or {}})
             print(json.dumps(out))
+        elif stopped:
+            print(f"cluster {target.cluster} in {target.directory} is stopped (none of its "
+                  f"processes runs); `xdc cluster up --dir {target.directory}` starts it again "
+                  f"on its data")
         else:
-            print(launcher.format_status(target, sts, seat))
+            print(launcher.format_status(target, sts, seat, wan))
         for r in refused:  # the operator's credentials, most likely: not a healthy cluster
             print(f"xdc cluster status: {r}", file=sys.stderr)
+        if stopped:
+            return 3
+        if not any(isinstance(s, launcher.rpb.NodeStatus) for s in sts.values()) and not refused:
+            print("xdc cluster status: no member answers", file=sys.stderr)
+            return 1
         return 1 if refused else 0
     elif action == "switchover":
-        r = asyncio.run(launcher.switchover(target, args.to, args.timeout, args.token))
-        print(f"switchover to {r.new_leader}: term {r.new_term}, writes paused "
-              f"{r.took_us / 1000:.1f} ms, handed over at position {r.handover_position}")
+        print(asyncio.run(launcher.hand_over(target, args.to, args.timeout,
+                                             args.token)).message)
     elif action == "promote":
         print(asyncio.run(launcher.promote(target, args.region, force=args.force,
                                            timeout_s=args.timeout, token=args.token)).message)
@@ -727,6 +849,16 @@ def cmd_order(args: argparse.Namespace) -> int:
     except grpc.RpcError as exc:
         return _rpc_error(f"order {action}", exc)
     print(json.dumps(message_json(r)))
+    if r.timed_out:
+        # In the log, not lost: it is processed once an engine of its group runs.
+        waited = (f"{args.timeout_ms} ms" if args.timeout_ms
+                  else "the gateway's default wait")
+        print(f"xdc order {action}: appended at input position {r.input_position}, but no "
+              f"engine output for it came within {waited}: is a matching engine running "
+              f"for the engine group of {args.symbol}? (`xdc engine status --group GROUP "
+              f"--store STORE`); it is processed once one runs, and a retry with the same "
+              f"id appends nothing new", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -941,7 +1073,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster_cmd("down", "stop every process of the cluster (by PID)")
     c = remote(cluster_cmd("switchover", "planned handover of leadership, no loss"))
     c.add_argument("--to", required=True, help="region or node id")
-    c.add_argument("--timeout", type=float, default=10.0)
+    c.add_argument("--timeout", type=_seconds, default=10.0, help="seconds, more than 0")
     c.add_argument("--token", default=os.environ.get("XDC_TOKEN"),
                    help="an admin's token (default: $XDC_TOKEN, else the cluster's own "
                         "admin token under DIR/auth)")
@@ -950,7 +1082,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true",
                    help="promote it even if it lacks committed records (it fetches them "
                         "before it opens); never a target that does not answer or rejoins")
-    c.add_argument("--timeout", type=float, default=10.0,
+    c.add_argument("--timeout", type=_seconds, default=10.0,
                    help="seconds to wait for it to take the seat and open for writes")
     c.add_argument("--token", default=os.environ.get("XDC_TOKEN"),
                    help="an admin's token (default: $XDC_TOKEN, else the cluster's own "
@@ -962,6 +1094,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("signal", choices=["kill", "term", "stop", "cont"])
     c = cluster_cmd("start", "(re)start a region's (or node's) processes")
     c.add_argument("target", help="region or node id")
+    c = cluster_cmd("stop", "stop a region's (or node's) processes (TERM, by PID)")
+    c.add_argument("target", help="region or node id")
+    c = cluster_cmd("partition", "cut a region (or node) off from the other regions (WAN proxy)")
+    c.add_argument("target", help="region or node id")
+    c.add_argument("--mode", choices=["blackhole", "reset"], default="blackhole",
+                   help="blackhole: silence, peers time out; reset: connections refused")
+    c = cluster_cmd("heal", "end the partitions of a region (or node), or of every region")
+    c.add_argument("target", nargs="?", help="region or node id (default: every link)")
+    c.add_argument("--reset", action="store_true",
+                   help="also reset the connections held through the cut")
 
     p = sub.add_parser("append", help="append one event")
     p.add_argument("stream")
@@ -973,7 +1115,7 @@ def build_parser() -> argparse.ArgumentParser:
                    type=_key_value)
     p.add_argument("--content-type", default="")
     p.add_argument("--id", type=_uuid, help="event UUID (default: a new one)")
-    p.add_argument("--target", default=DEFAULT_TARGET)
+    p.add_argument("--target", default=DEFAULT_TARGET, type=_target, metavar="HOST:PORT")
     add_tls_args(p)
     add_token_arg(p)
     p.set_defaults(func=cmd_append)
@@ -982,9 +1124,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stream", help='stream name, or "$all"')
     p.add_argument("--from", dest="start", type=_u64, default=0,
                    help="revision (stream) or position ($all), inclusive; 0: start/end")
-    p.add_argument("--limit", type=_u64, default=1000)
+    p.add_argument("--limit", type=_limit, default=None,
+                   help="at most this many events (default: all, read page by page)")
     p.add_argument("--backwards", action="store_true")
-    p.add_argument("--target", default=DEFAULT_TARGET)
+    p.add_argument("--target", default=DEFAULT_TARGET, type=_target, metavar="HOST:PORT")
     add_tls_args(p)
     add_token_arg(p)
     p.set_defaults(func=cmd_read)
@@ -995,14 +1138,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default="", help="only streams starting with this")
     p.add_argument("--type", action="append", help="only events of this type (repeatable)")
     p.add_argument("--count", type=_u64, default=0, help="stop after this many events")
-    p.add_argument("--target", default=DEFAULT_TARGET)
+    p.add_argument("--target", default=DEFAULT_TARGET, type=_target, metavar="HOST:PORT")
     add_tls_args(p)
     add_token_arg(p)
     p.set_defaults(func=cmd_tail)
 
     p = sub.add_parser("info", help="node info, or a stream's info")
     p.add_argument("stream", nargs="?")
-    p.add_argument("--target", default=DEFAULT_TARGET)
+    p.add_argument("--target", default=DEFAULT_TARGET, type=_target, metavar="HOST:PORT")
     add_tls_args(p)
     add_token_arg(p)
     p.set_defaults(func=cmd_info)
@@ -1078,7 +1221,33 @@ def resource_attributes(args: argparse.Namespace) -> dict[str, str]:
     return attributes
 
 
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader went away (`xdc ... | head`)."""
+    import select
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
+    """`_main`; when stdout's reader goes away (`| head`), a quiet exit 141 (128 +
+    SIGPIPE, as a Unix tool killed by SIGPIPE) instead of a BrokenPipeError traceback.
+    The error unwinds the command first: what an orchestrating command started is stopped
+    by its `finally` blocks, as SIGPIPE's default action would not."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        if not _stdout_gone():
+            raise  # another pipe or socket: a real error
+        # What is still buffered for stdout goes nowhere, rather than failing again at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in SERVER_COMMANDS:
         from xdc.malloc_tuning import keep_large_buffers
@@ -1098,7 +1267,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     finally:
-        if enabled:
+        if enabled and service == "xdc-cli":  # short-lived: a moment, at most one line
+            telemetry.shutdown(telemetry.CLI_EXPORT_TIMEOUT_S, quiet=True)
+        elif enabled:
             telemetry.shutdown()  # exports what is still buffered
 
 

@@ -446,10 +446,19 @@ def _left(deadline: float) -> float:
     return max(0.0, deadline - time.monotonic())
 
 
-def shutdown(timeout_s: float = 5.0) -> None:
+# What a short-lived command (`xdc append`, `tail`, `order`: the CLI's "xdc-cli") gives
+# its telemetry at exit, instead of a server's 5 s: a collector that is down cost every
+# `xdc append` ~5 s and a screenful of exporter retries.
+CLI_EXPORT_TIMEOUT_S = 0.5
+
+
+def shutdown(timeout_s: float = 5.0, *, quiet: bool = False) -> None:
     """Flushes and stops the providers setup_from_env (or install(owned=True)) made:
     spans still buffered are exported before a process exits. Returns within
     `timeout_s`: what an unreachable collector has not taken by then is dropped.
+    `quiet` (a command about to exit): the exporters' own log lines (each retry, each
+    call after their shutdown) are silenced from here on, and a collector that did not
+    take the spans in time is one warning line.
 
     The bound is kept here because the SDK does not keep it: this version's force_flush
     ignores its timeout and exports the whole queue, each batch retried for up to
@@ -459,6 +468,8 @@ def shutdown(timeout_s: float = 5.0) -> None:
     shut down: that ends their retries and closes their channels, after which the
     processors' own shutdown drains the queue at once (every export fails fast)."""
     st = _state
+    if quiet:  # for good: their threads may still log after this returns
+        logging.getLogger("opentelemetry").setLevel(logging.CRITICAL)
     start = time.monotonic()
     deadline = start + timeout_s
     # Kept back from the flush for stopping the exporters and processors after it.
