@@ -470,16 +470,18 @@ def test_engine_control_and_engine_switchover_need_admin(tmp_path: Path) -> None
                         ("engine", "principal 'engine' may not append to stream "
                                    "'exchange.sim.input'"),
                         ("", "no credentials")):
+                    # --force: 'b' is no instance, which the CLI refuses before any
+                    # append otherwise; here the store's permission check is under test.
                     cli = await asyncio.to_thread(
-                        _xdc, "engine", "switchover", GROUP, "--to", "b", "--store",
-                        server.address, token=TOKENS.get(who, ""))
+                        _xdc, "engine", "switchover", GROUP, "--to", "b", "--force",
+                        "--store", server.address, token=TOKENS.get(who, ""))
                     assert cli.returncode == 1 and message in cli.stderr, cli.stderr
                 assert server.node.log.stream_state(stream).last_revision == before
                 cli = await asyncio.to_thread(_xdc, "engine", "snapshot", GROUP, "--store",
                                               server.address, token=TOKENS["trader"])
                 assert cli.returncode == 1 and "PERMISSION_DENIED" in cli.stderr
                 cli = await asyncio.to_thread(
-                    _xdc, "engine", "switchover", GROUP, "--to", "b", "--store",
+                    _xdc, "engine", "switchover", GROUP, "--to", "b", "--force", "--store",
                     server.address, token=TOKENS["admin"])
                 assert cli.returncode == 0, cli.stderr
                 marker = json.loads(cli.stdout)["marker_position"]
