@@ -276,8 +276,8 @@ def cmd_append(args: argparse.Namespace) -> int:
                       content_type=args.content_type,
                       event_id=args.id.bytes if args.id else None)
     kind, revision = args.expected
-    with Client(args.target, tls=_tls(args), token=args.token,
-                connect_timeout_s=APPEND_CONNECT_TIMEOUT_S) as client:
+    with Client(args.target, tls=_tls(args), token=args.token, timeout_s=args.timeout,
+                connect_timeout_s=min(APPEND_CONNECT_TIMEOUT_S, args.timeout)) as client:
         try:
             r = client.append(args.stream, event, kind, revision)
         except AppendError as err:
@@ -1115,6 +1115,9 @@ def build_parser() -> argparse.ArgumentParser:
                    type=_key_value)
     p.add_argument("--content-type", default="")
     p.add_argument("--id", type=_uuid, help="event UUID (default: a new one)")
+    p.add_argument("--timeout", type=_seconds, default=10.0,
+                   help="seconds until the append's outcome is given up as unknown "
+                        "(default 10)")
     p.add_argument("--target", default=DEFAULT_TARGET, type=_target, metavar="HOST:PORT")
     add_tls_args(p)
     add_token_arg(p)
