@@ -946,10 +946,12 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
                 if item.position <= position:
                     continue
                 position = item.position
-                yield item
-                if received is not None:  # handed to gRPC: its span, the producer's child
+                if received is not None:  # handed to gRPC now: its span, the producer's
+                    # child (made before the yield: after it, code runs only when gRPC
+                    # asks for the next message, never for a stream's last one)
                     parent, _ = telemetry.parent_and_links([received.producer])
                     deliver_span(stream, received, "stream", len(item.reports), parent)
+                yield item
         except Refused as r:
             await context.abort(r.code, r.message)
         finally:

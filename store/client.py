@@ -420,7 +420,8 @@ class StoreClient:
         same event ids resolves it. When no attempt can have reached a node (each failed
         to connect: refused, TLS handshake failed, name not resolved), the outcome is
         known instead: it fails with UNAVAILABLE "append not sent", naming the target and
-        the transport's error, and nothing was appended. Such an append is retried until
+        the transport's error: this call appended nothing (an earlier call with the same
+        event ids, whose outcome was unknown, may have). Such an append is retried until
         shortly before its timeout (LAST_ATTEMPT_S), as through a failover, or until
         `connect_timeout_s`."""
         fut = self.append_nowait(stream, events, expected, expected_revision, timeout_s)
@@ -509,14 +510,15 @@ class StoreClient:
         with, once its attempt has ended: DEADLINE_EXCEEDED (outcome unknown) if an
         attempt may have written it; else the store's `refusal` it was to be retried
         after; else, when every attempt failed to connect anywhere, UNAVAILABLE "not
-        sent" (it is not sent again: nothing was appended)."""
+        sent" (it is not sent again: this call appended nothing)."""
         if not p.maybe_written:
             if refusal is not None:
                 return refusal
             if p.unreached:
                 return AppendError(grpc.StatusCode.UNAVAILABLE,
                                    f"append not sent: no connection to {p.unreached}; "
-                                   "nothing was appended")
+                                   "this call appended nothing (an earlier append of the "
+                                   "same event ids may have been: retry with them)")
         return AppendError(grpc.StatusCode.DEADLINE_EXCEEDED, _IN_DOUBT)
 
     def _schedule_flush(self, delay: float) -> None:

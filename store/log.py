@@ -31,6 +31,7 @@ import os
 import shutil
 import struct
 import uuid
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -235,7 +236,8 @@ def stored_positions(path: str) -> tuple[int, int]:
         env.close()
 
 
-# Held (flock, exclusive) by the process whose Log has the directory open; holds its pid.
+# Written by the process whose Log has the directory open: its pid, for the message a
+# second opener gets. Informational: the lock is on the directory itself.
 LOCK_FILE = "xdc.lock"
 
 
@@ -244,25 +246,32 @@ class DataDirInUse(OSError):
 
 
 def _lock_data_dir(path: str) -> int:
-    """The descriptor of the directory's lock file, locked for this Log. LMDB lets any
+    """The descriptor of the data directory itself, flocked for this Log. LMDB lets any
     number of processes write one environment, but a Log keeps the log's tip (position,
     term, stream revisions) in memory: a second writer would hand out the same positions
-    and overwrite acknowledged records. The lock goes with the descriptor (closed, or the
-    process gone, it is free)."""
-    fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    and overwrite acknowledged records. The directory, not a file in it: a lock file can
+    be deleted as stale or replaced by a restore, and a second opener would then lock the
+    new file. The lock goes with the descriptor (closed, or the process gone, it is
+    free)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
         os.close(fd)
-        raise DataDirInUse(f"data directory {path} is in use by another store process"
-                           f"{f' (pid {holder})' if holder.isdigit() else ''}: one process "
-                           f"per data directory") from None
+        try:
+            with open(os.path.join(path, LOCK_FILE)) as f:
+                holder = f.read(32).strip()
+        except OSError:
+            holder = ""
+        who = ("already open in this process" if holder == str(os.getpid()) else
+               f"in use by another store process{f' (pid {holder})' if holder.isdigit() else ''}")
+        raise DataDirInUse(f"data directory {path} is {who}: one Log per data "
+                           f"directory") from None
     except BaseException:
         os.close(fd)
         raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    with contextlib.suppress(OSError), open(os.path.join(path, LOCK_FILE), "w") as f:
+        f.write(f"{os.getpid()}\n")  # the pid is for messages only
     return fd
 
 
@@ -271,11 +280,13 @@ class Log:
                  node_id: str = "standalone") -> None:
         os.makedirs(path, exist_ok=True)
         self.path = str(path)
-        self._lock_fd = _lock_data_dir(self.path)
+        # Closed by close(), or when the Log is collected unclosed: the lock never
+        # outlives the Log.
+        self._unlock = weakref.finalize(self, os.close, _lock_data_dir(self.path))
         try:
             self._open(map_size, node_id)
         except BaseException:
-            os.close(self._lock_fd)
+            self._unlock()
             raise
 
     def _open(self, map_size: int, node_id: str) -> None:
@@ -338,9 +349,7 @@ class Log:
 
     def close(self) -> None:
         self.env.close()
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)  # the directory's lock with it
-            self._lock_fd = -1
+        self._unlock()  # the directory's lock with it (once: a finalizer runs at most once)
 
     # ---- writer side -------------------------------------------------------------
 

@@ -176,6 +176,13 @@ class StoreServer:
 
     async def start(self) -> None:
         await self.node.start(self.writer_factory)
+        try:
+            await self._serve()
+        except BaseException:
+            await self.node.stop()  # its log and the data directory's lock with it
+            raise
+
+    async def _serve(self) -> None:
         guard = [self.guard] if self.guard is not None else []
         server = new_server(self.node.limits,
                             [*telemetry.server_interceptors(), *guard, *self.interceptors])

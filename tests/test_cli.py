@@ -351,8 +351,8 @@ def test_append_to_a_closed_port_fails_fast_saying_nothing_was_appended() -> Non
     assert r.returncode == 1, r.stderr
     assert r.stderr.startswith(f"xdc append: UNAVAILABLE: append not sent: no connection to "
                                f"{closed} (failed to connect to all addresses"), r.stderr
-    assert "Connection refused" in r.stderr and r.stderr.rstrip().endswith(
-        "nothing was appended"), r.stderr
+    assert "Connection refused" in r.stderr and "this call appended nothing" in r.stderr, \
+        r.stderr
     assert "DEADLINE_EXCEEDED" not in r.stderr and "--tls" not in r.stderr
     # The CLI gives up after APPEND_CONNECT_TIMEOUT_S (1 s) of failed connects; the rest is
     # the interpreter starting (a loaded machine's margin).
@@ -376,7 +376,7 @@ def test_append_in_plaintext_to_a_tls_node_says_so_and_names_the_tls_flags(
         assert r.returncode == 1, r.stderr
         assert f"xdc append: UNAVAILABLE: append not sent: no connection to {node.address} " \
             in r.stderr, r.stderr
-        assert "Socket closed" in r.stderr and "nothing was appended" in r.stderr
+        assert "Socket closed" in r.stderr and "this call appended nothing" in r.stderr
         assert "(is it a TLS port? give --tls-ca, --tls-cert and --tls-key" in r.stderr
         assert took < 6.0, took
         # read and info name the flags alike; with them, the append goes through.

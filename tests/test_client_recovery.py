@@ -445,7 +445,7 @@ def test_an_append_no_node_could_be_reached_fails_not_sent_naming_why() -> None:
                 assert err.message.startswith(f"append not sent: no connection to {closed} "
                                               "(failed to connect to all addresses"), err
                 assert "Connection refused" in err.message, err
-                assert err.message.endswith("; nothing was appended"), err
+                assert "; this call appended nothing" in err.message, err
                 # Retried until its last attempt could end before the deadline.
                 assert 1.0 - 0.05 - client_module.LAST_ATTEMPT_S - 0.1 <= took < 1.0, took
                 fut = c.append_nowait("s", _events(1), timeout_s=0.5)

@@ -468,7 +468,30 @@ def test_a_data_directory_opens_in_one_log_at_a_time(tmp_path: Path) -> None:
     """A second Log on an open directory (here, in the same process) is refused; closing
     the first frees it."""
     first = Log(tmp_path / "n")
-    with pytest.raises(DataDirInUse, match=f"data directory {tmp_path / 'n'} is in use"):
+    with pytest.raises(DataDirInUse, match=f"data directory {tmp_path / 'n'} is already "
+                                           "open in this process"):
         Log(tmp_path / "n")
     first.close()
+    second = Log(tmp_path / "n")
+    del second  # collected unclosed: its lock goes with it
+    Log(tmp_path / "n").close()
+
+
+def test_a_server_that_cannot_listen_releases_its_data_directory(tmp_path: Path) -> None:
+    """A start that fails after the log was opened (the port is taken) closes it: the
+    directory opens again in the same process. Before, the lock stayed for the life of
+    the process and a second start was refused as 'in use'."""
+    import asyncio
+    import socket
+
+    from store.node import StoreNode
+    from store.server import StoreServer
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        server = StoreServer(StoreNode(str(tmp_path / "n")), f"127.0.0.1:{port}")
+        with pytest.raises(OSError, match="cannot listen"):
+            asyncio.run(server.start())
     Log(tmp_path / "n").close()

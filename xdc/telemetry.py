@@ -670,7 +670,7 @@ class OpenSpan(Span):
     def __init__(self, recorder: _Recorder, name: str, kind: SpanKind, context: SpanContext,
                  parent: SpanContext | None, links: Sequence[Link],
                  attributes: dict[str, Any], start_ns: int,
-                 overflow: Sequence[Link] = ()) -> None:
+                 chunks: Sequence[Sequence[Link]] = ()) -> None:
         self._recorder = recorder
         self._name = name
         self._kind = kind
@@ -682,7 +682,7 @@ class OpenSpan(Span):
         self._events: list[Any] = []
         self._status = Status(StatusCode.UNSET)
         self._ended = False
-        self._overflow = overflow  # links past MAX_LINKS: the link chunks'
+        self._overflow = chunks  # links past MAX_LINKS: the link chunks to make
 
     def get_span_context(self) -> SpanContext:
         return self._context
@@ -745,14 +745,10 @@ class OpenSpan(Span):
     def _end_chunks(self, end_ns: int) -> None:
         """The link chunks: children of this span with its name, kind, attributes (as
         they are at its end), status and timing, each linked to the next MAX_LINKS
-        contexts. A chunk whose contexts are all unsampled is not made: their traces are
-        not exported, nothing would lead to it. Asked of the sampler as any child."""
+        contexts (open_span left out those whose contexts are all unsampled). Asked of
+        the sampler as any child."""
         context = trace.set_span_in_context(self, Context())
-        overflow = self._overflow
-        for k, i in enumerate(range(0, len(overflow), MAX_LINKS), 1):
-            links = overflow[i:i + MAX_LINKS]
-            if _first_sampled(links) is None:
-                continue
+        for k, links in enumerate(self._overflow, 1):
             attrs = dict(self._attributes)
             attrs[LINK_CHUNK] = k
             chunk = open_span(self._name, context, self._kind, attrs, links, self._start_ns)
@@ -828,13 +824,18 @@ def open_span(name: str, context: Context | None = None, kind: SpanKind = SpanKi
                                trace_flags=flags, trace_state=trace_state)
     if not recording:
         return NonRecordingSpan(span_context)
-    overflow: Sequence[Link] = ()
+    chunks: list[Sequence[Link]] = []
     if len(links) > MAX_LINKS:
-        links, overflow = links[:MAX_LINKS], links[MAX_LINKS:MAX_LINKED]
+        # A chunk whose contexts are all unsampled is not made: their traces are not
+        # exported, nothing would lead to it. LINK_CHUNKS counts the spans made.
+        rest = links[MAX_LINKS:MAX_LINKED]
+        links = links[:MAX_LINKS]
+        chunks = [c for c in (rest[i:i + MAX_LINKS] for i in range(0, len(rest), MAX_LINKS))
+                  if _first_sampled(c) is not None]
         attrs[LINK_CHUNK] = 0
-        attrs[LINK_CHUNKS] = 1 + (len(overflow) + MAX_LINKS - 1) // MAX_LINKS
+        attrs[LINK_CHUNKS] = 1 + len(chunks)
     return OpenSpan(r, name, kind, span_context, parent, links, attrs,
-                    start_time if start_time is not None else time.time_ns(), overflow)
+                    start_time if start_time is not None else time.time_ns(), chunks)
 
 
 def carrier_of(span: Span) -> dict[str, str]:
