@@ -567,7 +567,8 @@ def _up(directory: str, regions: int, rtt_ms: float, failover: str, standbys: in
 
 def earlier_data(directory: str | os.PathLike[str]) -> list[str]:
     """The members whose data directory under `directory` holds something: `up` there
-    continues from an earlier run's logs (and etcd, with its terms)."""
+    continues from an earlier run's logs (not its etcd: a new one starts, its revisions,
+    the terms, from 1)."""
     nodes = Path(directory, "nodes")
     if not nodes.is_dir():
         return []
