@@ -117,6 +117,11 @@ def test_serve_refuses_limits_that_cannot_be_naming_them(
     (["serve", "--data", "d", "--listen", "127.0.0.1:99999"],
      "argument --listen: '127.0.0.1:99999': port 99999 is out of range 1-65535"),
     (["gateway", "--exchange", "x.toml", "--listen", "127.0.0.1:-1"], "argument --listen"),
+    # Timeouts are seconds above 0: -1 failed late as "Value out of range: -1000".
+    *((["cluster", command, *args, "--timeout", timeout], f"argument --timeout: '{timeout}'")
+      for command, args in (("switchover", ["--to", "b"]), ("promote", ["b"]))
+      for timeout in ("-1", "0", "nan", "soon")),
+    (["append", "s", "T", "--timeout", "0"], "argument --timeout: '0'"),
 ])
 def test_bad_values_exit_2_naming_the_flag(capsys: pytest.CaptureFixture[str],
                                            argv: list[str], named: str) -> None:
