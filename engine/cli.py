@@ -29,6 +29,7 @@ from engine.runner import (
     run_engine,
 )
 from store.client import AppendError, CaughtUp, StoreClient
+from xdc.argtypes import seconds
 from xdc.tls import Tls, add_cli_args, cli_tls
 from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import exchange_pb2 as xpb
@@ -67,10 +68,6 @@ def cmd_run(args: argparse.Namespace) -> int:
                         else logging.INFO, format="%(asctime)s %(name)s %(message)s")
     group = _group(args)
     auth_config = load_auth("engine run", args.auth)
-    if not args.startup_timeout > 0:
-        print(f"xdc engine run: --startup-timeout {args.startup_timeout:g}: seconds > 0",
-              file=sys.stderr)
-        return 2
     config = RunnerConfig(group=group, instance=args.instance, store=tuple(args.store.split(",")),
                           role=args.role, snapshot_every=args.snapshot_every,
                           verify_window=args.verify_window,
@@ -448,7 +445,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "warm instance stops checking them, a primary exits (its service "
                         "manager restarts it from the latest snapshot)")
     r.add_argument("--control", default="127.0.0.1:0", help="EngineControl listen address")
-    r.add_argument("--startup-timeout", type=float, default=STARTUP_TIMEOUT_S,
+    r.add_argument("--startup-timeout", type=seconds, default=STARTUP_TIMEOUT_S,
                    help="seconds to wait at start for the store to answer (it says so at "
                         "once and retries); then exit 1")
     add_cli_args(r)

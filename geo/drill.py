@@ -117,6 +117,7 @@ from geo.tier_supervisor import health_name, wait_health
 from store.client import AppendError, CaughtUp, StoreClient, channel_options, new_event
 from store.errors import MD_LEADER, MD_RETRY_AFTER_MS, MD_SHED_REASON
 from xdc import telemetry
+from xdc.argtypes import at_least
 from xdc.tls import Tls, aio_channel
 from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import eventstore_pb2_grpc as pb_grpc
@@ -1454,19 +1455,6 @@ def cmd_drill(args: argparse.Namespace) -> int:
     return 1 if failed(results) else 0
 
 
-def _at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: an integer of at least `low` (exit 2 naming the flag)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value}: at least {low}")
-        return value
-    return parse
-
-
 def _up_option(flag: str, keyword: str, kind: Callable[[str], Any]) -> Callable[[str], Any]:
     """An argparse type for an option every run passes to `launcher.up`: checked by its
     `check_up_options` rule when the command line is parsed, not as each run fails."""
@@ -1487,7 +1475,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("drill", help="DR drill against a fresh local multi-region cluster "
                                      "under load: measured RTO, RPO, tiers, hashes")
     p.add_argument("scenario", choices=SCENARIOS)
-    p.add_argument("--runs", type=_at_least(1), default=1, help="1 or more")
+    p.add_argument("--runs", type=at_least(1), default=1, help="1 or more")
     p.add_argument("--seed", type=int, default=1, help="run i uses seed S+i")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--html", help="write a self-contained HTML report here")
@@ -1495,7 +1483,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="injected RTT between regions (0 or more)")
     p.add_argument("--lease-ttl", type=_up_option("--lease-ttl", "ttl_s", int), default=2,
                    help=f"etcd lease TTL, seconds (at least {launcher.MIN_LEASE_TTL_S})")
-    p.add_argument("--producers", type=_at_least(1), default=4,
+    p.add_argument("--producers", type=at_least(1), default=4,
                    help="ledger producers (1 or more)")
     p.add_argument("--quick", action="store_true", help="shorter load windows")
     p.add_argument("--keep", action="store_true", help="keep every run's directory (logs)")

@@ -15,36 +15,13 @@ import time
 import uuid
 from typing import Any
 
+from xdc.argtypes import seconds as _seconds
+from xdc.argtypes import u64 as _u64
 from xdc.tls import add_cli_args as add_tls_args
 from xdc.tls import cli_tls
 
 DEFAULT_TARGET = os.environ.get("XDC_TARGET", "127.0.0.1:7000")
-# Positions, revisions and limits are uint64 in the protocol.
-U64_MAX = 2**64 - 1
-
-
 # ---- argparse types: a bad value is an error naming its flag (exit 2), not a traceback ----
-
-def _u64(text: str, low: int = 0, hint: str = "") -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not low <= value <= U64_MAX:
-        raise argparse.ArgumentTypeError(f"{value} is out of range {low}..2^64-1{hint}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    """A timeout: a finite number of seconds, more than 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not (value > 0 and value != float("inf")):
-        raise argparse.ArgumentTypeError(f"{text!r}: seconds, more than 0")
-    return value
-
 
 def _expected(text: str) -> tuple[int, int]:
     """`--expected`: (kind, revision) for StoreClient.append."""
