@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +16,7 @@ import pytest
 
 from store.process import ServeProcess
 from tests.support.cli import xdc_cli as xdc
+from tests.support.store import refusing_port
 
 
 def test_append_read_info_tail_and_clean_sigterm(tmp_path: Path) -> None:
@@ -336,20 +334,11 @@ def test_tail_says_when_its_node_is_unreachable(tmp_path: Path) -> None:
 
 # ---- store commands against a node they cannot reach, or one that never answers --------------
 
-@contextlib.contextmanager
-def _closed_port() -> Iterator[str]:
-    """HOST:PORT of a port bound and not listening (held for the test): connections to it
-    are refused."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield f"127.0.0.1:{sock.getsockname()[1]}"
-
-
 def test_append_to_a_closed_port_fails_fast_saying_nothing_was_appended() -> None:
     """Nothing listens: the append never left the process, so its outcome is known. Before,
     after 10.4 s: "DEADLINE_EXCEEDED: ... its outcome is unknown: retry with the same event
     ids", while `xdc read` said UNAVAILABLE Connection refused in 0.5 s."""
-    with _closed_port() as closed:
+    with refusing_port() as closed:
         start = time.monotonic()
         r = xdc("append", "s", "T", "x", "--target", closed)
         took = time.monotonic() - start

@@ -11,8 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -21,7 +20,7 @@ import pytest
 from store import client as client_module
 from store.client import ANY, EXACT, SETTLE_SLICE, AppendError, StoreClient, new_event
 from store.limits import Limits
-from tests.support.store import run, running_store, wait_until
+from tests.support.store import refusing_port, run, running_store, streams_opened, wait_until
 from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import eventstore_pb2_grpc as pb_grpc
 
@@ -208,9 +207,7 @@ def test_a_follower_refusing_a_large_message_moves_the_client_to_its_leader_once
             futs = [c.append_nowait("s", _events(1), ANY) for _ in range(1000)]
             answers = await asyncio.wait_for(asyncio.gather(*futs), 30)
             assert answers[-1].last_revision == 1000
-        opened = [r.getMessage() for r in caplog.records
-                  if r.getMessage().startswith("append stream to")
-                  and r.getMessage().endswith("opened")]
+        opened = streams_opened(caplog)
         assert opened == [f"append stream to {follower} opened",
                           f"append stream to {leader.address} opened"], opened
 
@@ -358,9 +355,7 @@ def test_a_stream_reset_moves_the_appends_in_flight_to_the_next_node_only(
             finally:
                 await c.close()
             assert [await _stored(on, "s") for on in (on_b, on_c)] == [10, 0]
-        opened = [r.getMessage() for r in caplog.records
-                  if r.getMessage().startswith("append stream to")
-                  and r.getMessage().endswith("opened")]
+        opened = streams_opened(caplog)
         assert opened == [f"append stream to {front.address} opened",
                           f"append stream to {b.address} opened"], opened
 
@@ -417,15 +412,6 @@ def test_an_append_past_its_deadline_when_its_stream_resets_fails_in_doubt(
 
 # ---- appends that never reached a node, and appends that may have -------------------------
 
-@contextlib.contextmanager
-def _refusing() -> Iterator[str]:
-    """HOST:PORT of a port bound and not listening (held for the test): connections to it
-    are refused."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield f"127.0.0.1:{sock.getsockname()[1]}"
-
-
 def test_an_append_no_node_could_be_reached_fails_not_sent_naming_why() -> None:
     """Every attempt failed to connect: nothing can have been written, so the append fails
     with UNAVAILABLE naming the target and the transport's error, not "outcome unknown".
@@ -434,7 +420,7 @@ def test_an_append_no_node_could_be_reached_fails_not_sent_naming_why() -> None:
     "its outcome is unknown", after the whole timeout, whatever `connect_timeout_s`."""
     async def body() -> None:
         loop = asyncio.get_running_loop()
-        with _refusing() as closed:
+        with refusing_port() as closed:
             async with StoreClient(closed, timeout_s=1.0) as c:
                 t0 = loop.time()
                 with pytest.raises(AppendError) as failed:
@@ -470,7 +456,7 @@ def test_an_append_made_before_its_node_is_up_lands_once_it_is(tmp_path: Path) -
     from store.server import StoreServer
 
     async def body() -> None:
-        with _refusing() as address:
+        with refusing_port() as address:
             pass  # free again: the node listens there below
         async with StoreClient(address, timeout_s=30) as c:
             given_up = c.append_nowait("s", _events(1), timeout_s=0.4)

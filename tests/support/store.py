@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import socket
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+
+import pytest
 
 from store.auth import AuthConfig
 from store.client import StoreClient
@@ -79,6 +82,23 @@ class LoopThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(self.timeout_s)
         self.loop.close()
+
+
+@contextlib.contextmanager
+def refusing_port() -> Iterator[str]:
+    """HOST:PORT of a port bound and not listening (held for the test): connections to it
+    are refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def streams_opened(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The client's "append stream to X opened" log lines (logger xdc.client, DEBUG), in
+    order: where its appends went."""
+    return [r.getMessage() for r in caplog.records
+            if r.getMessage().startswith("append stream to")
+            and r.getMessage().endswith("opened")]
 
 
 @contextlib.contextmanager
