@@ -8,6 +8,11 @@ tries the guarded etcd transaction; the key's create_revision is its term. The
 replication machine then runs the promise/recovery step and opens for writes once its
 term-start record commits. A leader whose lease cannot be renewed in time steps down
 before the lease can expire; safety comes from terms and promises, not from the lease.
+An etcd that lost its data (or a new one under old logs: `xdc cluster up` on an old
+directory) grants revisions, so terms, from 1 again: a candidate whose term is at or
+below what the voters promised is refused (SteppedDown 'stale term', 'higher term', or
+TERM_TAKEN when a voter promised that very term to another node) and campaigns again,
+each campaign taking the revision further up, until its term is above every promise.
 
 Lost disks: before it serves anything, a member records in etcd that it joined
 (`/<cluster>/members/<id>`), then marks its data directory with the cluster's name. A
@@ -40,7 +45,7 @@ from grpc_health.v1 import health_pb2
 from geo import tiers as tiers_mod
 from geo.config import ClusterConfig, ConfigError, etcd_access, load_tls
 from geo.leadership import Leadership, LeadershipError
-from geo.replication.core import REJOIN_FENCE, Node, Role, should_campaign
+from geo.replication.core import REJOIN_FENCE, TERM_TAKEN, Node, Role, should_campaign
 from geo.replication.messages import (
     Committed,
     Effect,
@@ -271,7 +276,9 @@ class ClusterNode:
             with log_.write() as txn:
                 log_.set_meta(txn, cluster=self.config.cluster)
                 if fence:
-                    log_.set_meta(txn, promised_term=fence, rejoin_term=fence)
+                    # Promised to nobody known: the first Promise or Append of that term
+                    # binds it (core rule 1).
+                    log_.set_meta(txn, promised_term=fence, promised_to="", rejoin_term=fence)
             if fence:
                 log.warning(
                     "%s: LOST DISK: %s holds no log of cluster %r, which this member had "
@@ -581,6 +588,13 @@ class ClusterNode:
                 self._set_writes_health(True)
             elif isinstance(e, SteppedDown):
                 log.warning("%s: stepped down from term %d: %s", self.id, e.term, e.reason)
+                if e.reason == TERM_TAKEN:
+                    # No wait before campaigning again: each campaign takes etcd's revision
+                    # further up, past the terms granted before it lost its data.
+                    log.warning("%s: term %d was granted before, to another node: etcd "
+                                "lost its data, or a new etcd runs under the old logs "
+                                "(`xdc cluster up` on an old directory); campaigning again",
+                                self.id, e.term)
                 self._unpark()
                 self.store.role.name = self._follower_role()
                 self._set_writes_health(False)

@@ -222,8 +222,8 @@ class Replicator:
             max_unpersisted_entries=4 * limits.max_group_events)
         # A voter that lost its disk starts rejoining (geo/node.py persisted the fence).
         self.core = Node(node_id, voters, standbys, self.view, promised_term=log.promised_term,
-                         commit=log.commit_position, rejoin_term=log.rejoin_term,
-                         limits=core_limits)
+                         promised_to=log.promised_to, commit=log.commit_position,
+                         rejoin_term=log.rejoin_term, limits=core_limits)
         self.node_id = node_id
         self.on_effects = on_effects
         self.leader_address = leader_address
@@ -497,7 +497,8 @@ class Replicator:
                         entries = [x if v is x.payload else Entry(x.position, x.term, v)
                                    for v, x in zip(stored, entries, strict=True)]
                 self.view.wrote(e.truncate_after, entries)
-                self.log.set_meta(txn, promised_term=e.promised_term)
+                self.log.set_meta(txn, promised_term=e.promised_term,
+                                  promised_to=e.promised_to)
                 last_seq = e.seq
             else:
                 out.append(e)

@@ -15,8 +15,10 @@ Named databases:
 - `meta`: cluster id, node id, promised term, commit position, schema version,
   `ids_through` (absent in a log written before it existed: every id is indexed); for a
   cluster member also `cluster` (the name of the cluster it joined: a directory without
-  it is new, or lost its former content) and `rejoin_term` (a voter that lost its disk
-  and has not caught up yet, geo/replication/core.py), both absent otherwise.
+  it is new, or lost its former content), `rejoin_term` (a voter that lost its disk
+  and has not caught up yet, geo/replication/core.py), both absent otherwise, and
+  `promised_to` (the member the promised term was promised to, Raft's votedFor; absent
+  when not known, as in a log written before it existed: it reads as "").
 
 Only the writer thread calls the `append_*` and `write_*` methods; readers open their
 own read transactions. Positions are dense from 1; revisions are dense from 1 per
@@ -314,6 +316,7 @@ class Log:
             self.cluster_id = txn.get(b"cluster_id", db=self.meta_db).decode()
             self.node_id = txn.get(b"node_id", db=self.meta_db).decode()
             self.promised_term = _BE64.unpack(txn.get(b"promised_term", db=self.meta_db))[0]
+            self.promised_to = (txn.get(b"promised_to", db=self.meta_db) or b"").decode()
             self.commit_position = _BE64.unpack(txn.get(b"commit_position", db=self.meta_db))[0]
             self.cluster = (txn.get(b"cluster", db=self.meta_db) or b"").decode()
             rejoin = txn.get(b"rejoin_term", db=self.meta_db)
@@ -358,13 +361,13 @@ class Log:
         """One write transaction, committed with fsync on exit. The writer thread only.
         On any failure nothing is written and the in-memory tips are restored."""
         tips = (self.last_position, self.last_term, self.last_timestamp_ns, self.promised_term,
-                self.commit_position, self.cluster, self.rejoin_term)
+                self.promised_to, self.commit_position, self.cluster, self.rejoin_term)
         try:
             with self.env.begin(write=True) as txn:
                 yield txn
         except BaseException:
             (self.last_position, self.last_term, self.last_timestamp_ns, self.promised_term,
-             self.commit_position, self.cluster, self.rejoin_term) = tips
+             self.promised_to, self.commit_position, self.cluster, self.rejoin_term) = tips
             # The transaction changed the buffered ids too: take them from the log again.
             self._recent = self._refill_recent()
             raise
@@ -585,8 +588,11 @@ class Log:
         self.last_term = records.term_of(value) if value else 0
 
     def set_meta(self, txn: lmdb.Transaction, *, promised_term: int | None = None,
-                 commit_position: int | None = None, cluster: str | None = None,
-                 rejoin_term: int | None = None) -> None:
+                 promised_to: str | None = None, commit_position: int | None = None,
+                 cluster: str | None = None, rejoin_term: int | None = None) -> None:
+        """Meta writes in `txn`. A raised `promised_term` is promised to `promised_to`
+        ("" or None: to nobody known yet); with the term unchanged, `promised_to` may
+        only bind a promise made to nobody known (geo/replication/core.py, rule 1)."""
         if cluster is not None and cluster != self.cluster:
             assert not self.cluster, "a log belongs to one cluster"
             txn.put(b"cluster", cluster.encode(), db=self.meta_db)
@@ -601,9 +607,22 @@ class Log:
             assert promised_term > self.promised_term, "promised_term never decreases"
             txn.put(b"promised_term", _pos_key(promised_term), db=self.meta_db)
             self.promised_term = promised_term
+            self._put_promised_to(txn, promised_to or "")
+        elif promised_to is not None and promised_to != self.promised_to:
+            assert not self.promised_to, (
+                f"term {self.promised_term} was promised to {self.promised_to!r}, not "
+                f"{promised_to!r}")
+            self._put_promised_to(txn, promised_to)
         if commit_position is not None and commit_position > self.commit_position:
             txn.put(b"commit_position", _pos_key(commit_position), db=self.meta_db)
             self.commit_position = commit_position
+
+    def _put_promised_to(self, txn: lmdb.Transaction, node: str) -> None:
+        if node:
+            txn.put(b"promised_to", node.encode(), db=self.meta_db)
+        elif self.promised_to:
+            txn.delete(b"promised_to", db=self.meta_db)
+        self.promised_to = node
 
     def _put_streams_and_runs(self, txn: lmdb.Transaction, streams: dict[bytes, list[int]],
                               runs: dict[tuple[bytes, int], tuple[int, int]]) -> None:

@@ -5,6 +5,7 @@ until it holds a committed record of a term elected after it came back."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -192,3 +193,57 @@ def test_in_manual_failover_the_fenced_leader_takes_its_seat_back_without_an_ope
             await cluster.converged()
 
     run(body, timeout_s=60)
+
+
+def test_etcd_losing_its_data_under_the_nodes_loses_no_acknowledged_event(
+        etcd: EtcdCluster, tmp_path: Path) -> None:
+    """etcd loses its data while every node keeps its log (as under `xdc cluster up` on an
+    old directory, which starts a new, empty etcd): its revisions, the terms, restart from
+    1, so term numbers granted before are granted again. The voters' promises (to one
+    node each: geo/replication/core.py rule 1) refuse them; candidates campaign until
+    etcd's revision passes them. Nothing acknowledged is lost, writes resume, and every
+    voter's promise is on disk with the node it was made to."""
+    async def body() -> None:
+        cluster = LocalCluster.make(etcd.endpoints, tmp_path)
+        await cluster.start()
+        try:
+            a = await cluster.leader()
+            async with StoreClient(a.address, timeout_s=10) as client:
+                acked = [await client.append("orders", new_event("Placed", b"%d" % i))
+                         for i in range(20)]
+            old_term = a.store.role.term
+            for n in cluster.nodes.values():
+                assert await n.replicator.query(lambda c: (c.promised_term, c.promised_to)) \
+                    == (old_term, a.id)
+            etcd.stop()
+            for m in etcd.members:
+                shutil.rmtree(m.data_dir)
+            etcd.restart()  # same endpoints, no data: revision 1 again
+            leader = None
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while leader is None:
+                assert loop.time() < deadline, "no leader after etcd lost its data"
+                leader = next((n for n in cluster.nodes.values()
+                               if n.store.role.name == "leader"
+                               and n.store.role.term > old_term), None)
+                await asyncio.sleep(0.05)
+            async with StoreClient(leader.address, timeout_s=10) as client:
+                got = await client.read("orders", limit=100)
+                assert [e.data for e in got] == [b"%d" % i for i in range(20)]
+                assert [e.position for e in got] == [r.first_position for r in acked]
+                more = await client.append("orders", new_event("Placed", b"after"))
+            assert more.last_revision == 21 and more.first_position > acked[-1].last_position
+            await cluster.converged()
+            term = leader.store.role.term
+            # the leader last, so that no election happens meanwhile
+            await cluster.stop(*(m for m in cluster.nodes if m != leader.id))
+            await cluster.stop(leader.id)
+        finally:
+            await cluster.stop()
+        for m in cluster.config.members:
+            assert m.data_dir is not None
+            with contextlib.closing(Log(m.data_dir)) as log_:
+                assert (log_.promised_term, log_.promised_to) == (term, leader.id)
+
+    run(body, timeout_s=90)

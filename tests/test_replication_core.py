@@ -14,6 +14,7 @@ import pytest
 
 from geo.replication.core import (
     REJOIN_FENCE,
+    TERM_TAKEN,
     Limits,
     Node,
     Role,
@@ -30,6 +31,7 @@ from geo.replication.messages import (
     Effect,
     Entry,
     Fetch,
+    FetchReply,
     LeaderKnown,
     LeaderOpen,
     Message,
@@ -49,10 +51,12 @@ def payload(term: int, pos: int) -> bytes:
     return f"t{term}p{pos}".encode()
 
 
-def disk_with(terms: Iterable[int], promised: int = 0, commit: int = 0) -> MemoryLog:
+def disk_with(terms: Iterable[int], promised: int = 0, commit: int = 0,
+              promised_to: str = "") -> MemoryLog:
     d = MemoryLog()
     entries = tuple(Entry(i + 1, t, payload(t, i + 1)) for i, t in enumerate(terms))
-    d.apply(Persist(0, None, entries, max([promised, *(e.term for e in entries)])))
+    d.apply(Persist(0, None, entries, max([promised, *(e.term for e in entries)]),
+                    promised_to))
     d.commit = commit
     return d
 
@@ -173,9 +177,12 @@ def durable(node: Node, *writes: Persist) -> None:
     node.on_persisted(writes[-1].seq)
 
 
-def follower(terms: list[int], promised: int = 0, commit: int = 0, **kw) -> Node:
-    d = disk_with(terms, promised=promised, commit=commit)
-    return Node("f", ["L", "f", "x"], [], d, promised_term=d.promised_term, commit=commit, **kw)
+def follower(terms: list[int], promised: int = 0, commit: int = 0, to: str = "L",
+             **kw) -> Node:
+    """Follower "f" of voters L, f, x; its promise (if any) was made to ``to``."""
+    d = disk_with(terms, promised=promised, commit=commit, promised_to=to if promised else "")
+    return Node("f", ["L", "f", "x"], [], d, promised_term=d.promised_term,
+                promised_to=d.promised_to, commit=commit, **kw)
 
 
 # ---------------------------------------------------------------------------- basics
@@ -222,7 +229,8 @@ def test_higher_term_is_persisted_atomically_with_the_entries() -> None:
     effs = step(f, Append("L", "f", 7, 2, 1, (Entry(3, 7, b"x"),), 0))
     (p,) = persists(effs)
     assert p.promised_term == 7 and [e.position for e in p.entries] == [3]
-    assert f.promised_term == 7
+    assert p.promised_to == "L"  # the leader that raised it holds the term
+    assert f.promised_term == 7 and f.promised_to == "L"
     assert any(isinstance(e, LeaderKnown) and e.leader == "L" for e in effs)
 
 
@@ -260,7 +268,143 @@ def test_ack_pending_when_a_higher_promise_arrives_is_turned_into_a_fence() -> N
 def test_promised_term_never_decreases() -> None:
     f = follower([1], promised=4)
     with pytest.raises(InvariantError):
-        f._raise_promise(3)
+        f._raise_promise(3, "L")
+
+
+# ---------------------------------------------------------------------------- one node per term
+# etcd that lost its data grants revisions (terms) from 1 again: one term can go to two
+# candidates. A promise binds the term to one node (Raft's votedFor), so only one leads it.
+
+
+def test_a_voter_promises_a_term_to_one_node_only_even_after_a_restart() -> None:
+    # f promised 30 to L (old etcd); a new etcd grants 30 again, to x.
+    f = follower([1, 1], promised=1)
+    effs = step(f, Promise("L", "f", 30))
+    (p,) = persists(effs)
+    assert (p.promised_term, p.promised_to) == (30, "L")
+    durable(f, p)
+    assert sends(f.drain()) == [PromiseReply("f", "L", 30, True, Tip(1, 2))]
+    refused = PromiseReply("f", "x", 30, False, Tip(1, 2), higher_term=30)
+    effs = step(f, Promise("x", "f", 30))
+    assert persists(effs) == [] and sends(effs) == [refused]  # no state change
+    assert (f.promised_term, f.promised_to) == (30, "L")
+    # a restart reads the promise back from the disk, whom it was made to included
+    d = f.log
+    assert isinstance(d, MemoryLog) and (d.promised_term, d.promised_to) == (30, "L")
+    f2 = Node("f", ["L", "f", "x"], [], d, promised_term=d.promised_term,
+              promised_to=d.promised_to)
+    assert f2.promised_to == "L" and f2.status().promised_to == "L"
+    effs = step(f2, Promise("x", "f", 30))
+    assert persists(effs) == [] and sends(effs) == [refused]
+    # L's repeated Promise is still answered
+    effs = step(f2, Promise("L", "f", 30))
+    assert persists(effs) == []
+    assert sends(effs) == [PromiseReply("f", "L", 30, True, Tip(1, 2))]
+
+
+def test_append_and_fetch_of_the_promised_term_from_another_node_are_refused() -> None:
+    f = follower([1, 30, 30], promised=30, to="L")
+    effs = step(f, Append("x", "f", 30, 3, 30, (Entry(4, 30, b"x's"),), 4))
+    assert persists(effs) == [] and f.commit == 0 and f.leader is None
+    assert sends(effs) == [AppendReply("f", "x", 30, False, rejected=3, higher_term=30)]
+    effs = step(f, Fetch("x", "f", 30, 1, 1, 100, 1 << 20))
+    assert sends(effs) == [FetchReply("f", "x", 30, False, 1, higher_term=30)]
+    assert terms_of(f.log) == [1, 30, 30]  # type: ignore[arg-type]
+    # L, which holds the term, is served
+    effs = step(f, Append("L", "f", 30, 3, 30, (Entry(4, 30, b"L's"),), 0))
+    durable(f, *persists(effs))
+    assert sends(f.drain()) == [AppendReply("f", "L", 30, True, match=4)]
+    (reply,) = sends(step(f, Fetch("L", "f", 30, 1, 1, 100, 1 << 20)))
+    assert isinstance(reply, FetchReply) and reply.ok
+    assert [e.payload for e in reply.entries][-1] == b"L's"
+
+
+def test_a_promise_to_nobody_known_binds_to_the_first_node_of_that_term() -> None:
+    # e.g. a wiped voter's fence, or a data directory written before promised_to existed
+    f = follower([1, 1], promised=7, to="")
+    assert f.promised_to == ""
+    # a Fetch binds nothing, and is refused: no leader counted a promise made to nobody
+    effs = step(f, Fetch("L", "f", 7, 1, 1, 100, 1 << 20))
+    assert persists(effs) == [] and f.promised_to == ""
+    assert sends(effs) == [FetchReply("f", "L", 7, False, 1, higher_term=7)]
+    effs = step(f, Append("x", "f", 7, 2, 1, (), 0))
+    (p,) = persists(effs)  # the binding is durable before the ack
+    assert (p.promised_term, p.promised_to, p.entries) == (7, "x", ())
+    assert sends(effs) == []
+    durable(f, p)
+    assert sends(f.drain()) == [AppendReply("f", "x", 7, True, match=2)]
+    assert f.promised_to == "x"
+    (rej,) = sends(step(f, Promise("L", "f", 7)))
+    assert isinstance(rej, PromiseReply) and not rej.ok and rej.higher_term == 7
+    # a Promise binds it just the same
+    g = follower([1, 1], promised=7, to="")
+    (p,) = persists(step(g, Promise("L", "f", 7)))
+    assert (p.promised_term, p.promised_to) == (7, "L")
+    durable(g, p)
+    assert sends(g.drain()) == [PromiseReply("f", "L", 7, True, Tip(1, 2))]
+    (rej,) = sends(step(g, Append("x", "f", 7, 2, 1, (), 0)))
+    assert isinstance(rej, AppendReply) and not rej.ok and rej.higher_term == 7
+
+
+def test_a_candidate_promises_its_term_to_itself() -> None:
+    c = Cluster({"a": [1], "b": [1], "c": [1]})
+    a = c.nodes["a"]
+    a.become_leader(4)
+    (p,) = persists(a.drain())
+    assert (p.promised_term, p.promised_to) == (4, "a") and a.promised_to == "a"
+    # so it refuses term 4 to anybody else, and cannot take term 4 again
+    (rej,) = sends(step(a, Promise("b", "a", 4)))
+    assert isinstance(rej, PromiseReply) and not rej.ok and rej.higher_term == 4
+    assert a.role == Role.CANDIDATE
+    a.step_down("lease lost")
+    a.become_leader(4)
+    assert a.drain()[-1] == SteppedDown(4, "stale term")
+
+
+def test_a_candidate_gives_up_a_term_promised_to_another_node() -> None:
+    # a leads term 5 with b (c was cut off). etcd loses its data and grants 5 again, to c.
+    c = Cluster({"a": [1], "b": [1], "c": [1]})
+    a = c.elect("a", 5, drop=lambda m: "c" in (m.src, m.dst))
+    assert a.is_open and c.nodes["b"].promised_to == "a"
+    cand = c.elect("c", 5)
+    # a and b refuse (they promised 5 to a): c counts no refusal and gives the term up
+    assert c.of("c", SteppedDown) == [SteppedDown(5, TERM_TAKEN)]
+    assert cand.role == Role.FOLLOWER and terms_of(c.disks["c"]) == [1]
+    assert a.role == Role.LEADER and a.is_open and c.of("a", SteppedDown) == []
+    # the shell campaigns again; the next revision is a term above the promises
+    cand = c.elect("c", 6)
+    assert cand.is_open and terms_of(c.disks["c"]) == [1, 5, 6]
+    assert c.of("a", SteppedDown) == [SteppedDown(5, "higher term")]
+
+
+def test_a_leader_or_recovering_leader_refused_its_own_term_steps_down() -> None:
+    c = Cluster({"a": [1], "b": [1], "c": [1]})
+    leader = c.elect("a", 3)
+    leader.step(AppendReply("b", "a", 3, False, rejected=2, higher_term=3))
+    assert leader.drain() == [SteppedDown(3, TERM_TAKEN)] and leader.role == Role.FOLLOWER
+    c = Cluster({"a": [1], "b": [1, 1, 1], "c": [1]})
+    a = c.nodes["a"]
+    a.become_leader(4)
+    c.pump("a")
+    c.deliver(drop=lambda m: isinstance(m, Fetch))
+    assert a.role == Role.RECOVERING
+    a.step(FetchReply("b", "a", 4, False, 1, higher_term=4))
+    assert a.drain() == [SteppedDown(4, TERM_TAKEN)] and a.role == Role.FOLLOWER
+
+
+def test_the_disk_never_moves_a_promise_to_another_node() -> None:
+    d = disk_with([1], promised=3, promised_to="a")
+    with pytest.raises(InvariantError, match="promised to 'a', then to 'b'"):
+        d.apply(Persist(1, None, (), 3, "b"))
+    d.apply(Persist(1, None, (), 4, "b"))  # a new term: any node
+    e = disk_with([1], promised=3)
+    e.apply(Persist(1, None, (), 3, "b"))  # from nobody known: binds
+    assert e.promised_to == "b"
+
+
+def test_promised_to_needs_a_promised_term() -> None:
+    with pytest.raises(InvariantError, match="no promised term"):
+        Node("a", ["a", "b", "c"], [], MemoryLog(), promised_to="b")
 
 
 # ---------------------------------------------------------------------------- log matching
@@ -520,8 +664,20 @@ def test_single_voter_cluster_commits_alone() -> None:
     assert isinstance(res, Accepted) and leader.commit == res.last == 5
 
 
-def test_two_leaders_in_one_term_is_an_invariant_violation() -> None:
+def test_a_leader_refuses_an_append_of_its_own_term_from_another_node() -> None:
+    # Two nodes granted one term (etcd lost its data): the leader promised it to itself.
     c = Cluster({"a": [], "b": [], "c": []})
+    leader = c.elect("a", 2)
+    effs = step(leader, Append("b", "a", 2, 1, 2, (Entry(2, 2, b"b's"),), 2))
+    assert persists(effs) == []
+    (rej,) = sends(effs)
+    assert isinstance(rej, AppendReply) and not rej.ok and rej.higher_term == 2
+    assert leader.role == Role.LEADER and leader.is_open and leader.promised_to == "a"
+
+
+def test_two_leaders_in_one_term_is_an_invariant_violation() -> None:
+    # Without promised_to (the broken variant) the Append gets through to the check.
+    c = Cluster({"a": [], "b": [], "c": []}, unsafe=Unsafe(unbound_promises=True))
     c.elect("a", 2)
     with pytest.raises(InvariantError, match="leads term 2"):
         c.nodes["a"].step(Append("b", "a", 2, 0, 0, (), 0))

@@ -7,7 +7,8 @@ the machine never invents one. A ``Node`` is not thread-safe: drive it from one 
 
 Construction (at start and after every restart; a crash throws the old instance away)
 ---------------------------------------------------------------------------------------
-``Node(node_id, voters, standbys, log, promised_term=P, commit=C, limits=Limits(...))``
+``Node(node_id, voters, standbys, log, promised_term=P, promised_to=N, commit=C,
+limits=Limits(...))``
 
 * ``voters`` / ``standbys``: the static membership from the cluster config (every node
   must be given the same sets). Quorum = majority of voters; standbys never count.
@@ -16,8 +17,10 @@ Construction (at start and after every restart; a crash throws the old instance 
   must reflect every write already acknowledged with ``on_persisted``; it may also reflect
   later writes (applied, not yet acknowledged), never a write out of order. The machine
   keeps in memory only the entries of writes it has not seen acknowledged yet.
-* ``P`` = ``meta.promised_term``; ``C`` = ``meta.commit`` (0 for a new node). ``commit``
-  may lag (persist it lazily, from ``Committed`` effects only), never lead.
+* ``P`` = ``meta.promised_term``; ``N`` = ``meta.promised_to``: the node P was promised to
+  ("" when not known yet, e.g. a data directory written before the key existed);
+  ``C`` = ``meta.commit`` (0 for a new node). ``commit`` may lag (persist it lazily, from
+  ``Committed`` effects only), never lead.
 * ``rejoin_term`` = ``meta.rejoin_term``: 0, or F for a voter that lost its disk and has
   not caught up yet (see "Wiped voters" below).
 
@@ -51,17 +54,19 @@ Effects (``drain()`` returns them in the order they must be executed)
 * ``Send(msg)``: deliver to ``msg.dst``, best effort. May go out before earlier ``Persist``
   effects are durable: whatever depends on durability (acks, promise replies) is only
   emitted after the matching ``on_persisted``.
-* ``Persist(seq, truncate_after, entries, promised_term)``: ONE atomic write transaction
-  ending in fsync, applied strictly in seq order: delete positions > truncate_after (if not
-  None; never at or below the commit position), append ``entries`` (gapless), store
-  ``promised_term`` in meta. ``entries`` may be empty (a promise alone must still be
-  durable). Consecutive writes may share one transaction; acknowledge the last seq. A crash
-  may lose unacknowledged writes (a suffix of them), never an acknowledged one.
+* ``Persist(seq, truncate_after, entries, promised_term, promised_to)``: ONE atomic write
+  transaction ending in fsync, applied strictly in seq order: delete positions >
+  truncate_after (if not None; never at or below the commit position), append ``entries``
+  (gapless), store ``promised_term`` and ``promised_to`` in meta. ``entries`` may be empty
+  (a promise alone must still be durable). Consecutive writes may share one transaction;
+  acknowledge the last seq. A crash may lose unacknowledged writes (a suffix of them),
+  never an acknowledged one.
 * ``Committed(upto)``: positions <= upto are committed by a quorum of voters AND durable
   here. Leader: answer the clients whose proposals end at or below ``upto``. Every node:
   reads and subscriptions may expose positions <= upto. Never decreases.
 * ``LeaderOpen(term, start_position)``: the term-start record is committed: accept writes.
-* ``SteppedDown(term, reason)``: no longer leading ``term``: fail every unanswered
+* ``SteppedDown(term, reason)``: no longer leading ``term`` (``reason`` is free text, or
+  :data:`REJOIN_FENCE`, or :data:`TERM_TAKEN`): fail every unanswered
   proposal with an 'unknown outcome' status (it may still commit under the next leader, or
   be overwritten: clients retry with the same event ids), resign the etcd key / revoke the
   lease if still held, redirect writes.
@@ -72,16 +77,35 @@ Effects (``drain()`` returns them in the order they must be executed)
 Protocol (the reason for each rule is next to its code)
 ---------------------------------------------------------
 1. Fencing: every node persists ``promised_term`` atomically with its log writes and
-   rejects Append, Promise and Fetch from lower terms; any message of a higher term raises
-   the promise (a leader that sees one steps down). A paused old leader therefore never
-   gathers a quorum again: a majority has promised the newer term.
-2. Election: after ``become_leader(T)`` the node promises T itself and sends ``Promise(T)``
-   to the other voters; each replies once its promise is durable, with its log tip. With a
-   majority (itself included), the leader adopts the most up-to-date promiser log (highest
-   last term, then position), fetching the missing suffix from that peer in bulk ranges and
-   truncating its own divergent uncommitted suffix, then appends the term-start record in T
-   and opens once that record is committed. Any two majorities intersect, so every
-   committed record is in the adopted log.
+   rejects Append, Promise and Fetch from lower terms; a Promise or Append of a higher term
+   raises the promise (a leader that sees one steps down). A paused old leader therefore
+   never gathers a quorum again: a majority has promised the newer term.
+   A promise is made to ONE node (Raft's votedFor): ``promised_to``, persisted atomically
+   with ``promised_term``, is the sender of the Promise or Append that raised it (a
+   candidate promises itself), or "" when not known (a wiped voter's fence, an old data
+   directory), in which case the first Promise or Append of that term binds it. A Promise,
+   Append or Fetch of the promised term from any other node is rejected like a lower term
+   (``higher_term`` = that same term: the sender steps down with :data:`TERM_TAKEN`).
+   Terms are unique only while etcd keeps its data: an etcd that lost it (or a new, empty
+   one started under the old logs, as ``xdc cluster up`` does on an old directory) grants
+   revisions from 1 again, so one term number can go to two candidates. Were a promise
+   bound to the term alone, both could gather a majority and write different entries under
+   the same (position, term), which breaks log matching (a follower holding one leader's
+   entry accepts the other's Append whose prev names it): acknowledged records would be
+   lost or logs diverge. Bound to a node, any two majorities of one term share a voter that
+   promised one of them only, so at most one leader per term ever opens.
+2. Election: after ``become_leader(T)`` the node promises T to itself and sends
+   ``Promise(T)`` to the other voters; each replies once its promise (to this candidate)
+   is durable, with its log tip. With a majority (itself included), the leader adopts the
+   most up-to-date promiser log (highest last term, then position), fetching the missing
+   suffix from that peer in bulk ranges and truncating its own divergent uncommitted
+   suffix, then appends the term-start record in T and opens once that record is
+   committed. Any two majorities intersect, so every committed record is in the adopted
+   log. A refusal is never counted; one saying that T was promised to another node
+   (``higher_term == T``, rule 1), to the candidate, the recovering or the open leader
+   alike, makes it give T up (``SteppedDown`` with :data:`TERM_TAKEN`): the term was
+   granted twice and that voter may be in the other holder's majority. The shell resigns
+   the key and campaigns again, for a new revision.
 3. Replication: batches bounded in entries and bytes, at most ``max_inflight`` per peer,
    each carrying prev (position, term) and the leader's commit position. A follower checks
    the prev, keeps entries it already holds, truncates a divergent uncommitted suffix,
@@ -113,6 +137,11 @@ granted so far (etcd's current revision + 1: terms are create_revisions). Until 
 * its promise F fences every leader elected before the wipe (they step down on its reply,
   with ``SteppedDown(reason=REJOIN_FENCE)``: the shell campaigns again at once), so every
   leader it follows has term >= F and never counts an ack of its previous life.
+
+F must be above every term granted before the wipe, which etcd's revision tells only while
+etcd keeps its data: after etcd lost it (rule 1), its revision may be below terms granted
+before, F too, and the argument below fails (a leader of a term >= F may have counted an ack
+of the previous life). Not handled: it takes both a lost etcd and a lost voter disk.
 
 It is whole again, and emits :class:`Rejoined`, once its visible commit position P (committed
 and durable here) holds an entry of term >= F. That is enough: P's entry was written by a
@@ -170,6 +199,7 @@ from geo.replication.messages import (
 
 __all__ = [
     "REJOIN_FENCE",
+    "TERM_TAKEN",
     "InvariantError",
     "Limits",
     "Node",
@@ -217,6 +247,9 @@ class Unsafe:
     skip_promises: bool = False  # lead on the local log without the Promise/recovery step
     # (shell, simulator) a wiped voter restarts as an ordinary empty voter with promise 0
     wiped_voter_votes: bool = False
+    # a promise binds a term, not a node (no promised_to check): a term granted twice
+    # (etcd lost its data) can get two leaders
+    unbound_promises: bool = False
 
 
 class Role(StrEnum):
@@ -235,6 +268,12 @@ class PeerState(StrEnum):
 # elected, so the shell may take the seat again at once (in a new term the voter accepts),
 # even in manual failover mode.
 REJOIN_FENCE = "fenced by a rejoining voter"
+
+# SteppedDown reason when a voter had promised our term to another node: the term source
+# granted it twice (etcd lost its data, or a new etcd runs under the old logs). The term
+# is unusable; the shell resigns the key and campaigns again for a new revision (no wait:
+# nobody else is known to lead, and each campaign moves the revision up).
+TERM_TAKEN = "term already promised to another node (granted twice: etcd lost its data?)"
 
 
 def quorum(voters: int) -> int:
@@ -288,6 +327,7 @@ class NodeStatus:
     role: Role
     term: int
     promised_term: int
+    promised_to: NodeId  # "" when not known
     leader: NodeId | None
     open: bool
     commit: int
@@ -317,6 +357,7 @@ class Node:
         log: LogView,
         *,
         promised_term: int = 0,
+        promised_to: NodeId = "",
         commit: int = 0,
         rejoin_term: int = 0,
         limits: Limits | None = None,
@@ -338,8 +379,12 @@ class Node:
         self._voter_peers = tuple(p for p in self._peers if p in self.voters)
         self.log = log
 
+        if promised_to and not promised_term:
+            raise InvariantError(f"promised to {promised_to!r} with no promised term")
         self._promised = promised_term
-        self._promised_written = promised_term  # highest promised_term issued in a Persist
+        self._promised_to = promised_to  # who _promised is promised to ("": not known yet)
+        # the (promised_term, promised_to) issued in the last Persist
+        self._promised_written = (promised_term, promised_to)
         self._commit = commit  # known committed (may be above what is durable here)
         self._visible = commit  # what Committed effects announced: committed AND durable here
         last = log.last_position()
@@ -388,6 +433,11 @@ class Node:
     @property
     def promised_term(self) -> int:
         return self._promised
+
+    @property
+    def promised_to(self) -> NodeId:
+        """The node ``promised_term`` is promised to ("" when not known yet)."""
+        return self._promised_to
 
     @property
     def term(self) -> int:
@@ -443,6 +493,7 @@ class Node:
             role=self.role,
             term=self.term,
             promised_term=self._promised,
+            promised_to=self._promised_to,
             leader=self.leader,
             open=self.is_open,
             commit=self._visible,
@@ -546,7 +597,7 @@ class Node:
             return
         if self.role != Role.FOLLOWER:
             self._step_down("new term")
-        self._raise_promise(term)
+        self._raise_promise(term, self.id)
         self._persist_promise()
         self.role = Role.CANDIDATE
         self._term = term
@@ -673,8 +724,9 @@ class Node:
                 del self._u_entries[first - self._u_offset :]
                 self._u_entries.extend(entries)
         self._pending.append((seq, first, base + len(entries)))
-        self._promised_written = self._promised
-        self._emit(Persist(seq, truncate_after, tuple(entries), self._promised))
+        self._promised_written = (self._promised, self._promised_to)
+        self._emit(Persist(seq, truncate_after, tuple(entries), self._promised,
+                           self._promised_to))
         return seq
 
     def _broken_write(self, base: int, prev_term: int, entries: Sequence[Entry]) -> None:
@@ -689,7 +741,7 @@ class Node:
         raise AssertionError("_write's checks and _broken_write disagree")
 
     def _persist_promise(self) -> None:
-        if self._promised_written < self._promised:
+        if self._promised_written != (self._promised, self._promised_to):
             self._write(None, ())
 
     def _append_matching(self, prev_pos: int, entries: Sequence[Entry]) -> None:
@@ -711,12 +763,30 @@ class Node:
 
     # ------------------------------------------------------------------ terms, commit
 
-    def _raise_promise(self, term: int) -> None:
+    def _raise_promise(self, term: int, to: NodeId) -> None:
         check(term > self._promised, "promised_term must only increase")
+        check(bool(to), "a promise is raised by its holder's message")
         if self.role != Role.FOLLOWER:
             self._step_down("higher term")
         self._promised = term
+        self._promised_to = to
         self.leader = None
+
+    def _holds(self, term: int, src: NodeId) -> bool:
+        """True if our promise is ``term``, made to ``src``."""
+        return term == self._promised and (
+            self._promised_to == src or self.unsafe.unbound_promises)
+
+    def _fenced_reason(self, higher_term: int, rejoining: bool) -> str | None:
+        """(Leader side) why a reply to our term fences us, or None if it does not."""
+        if higher_term > self._term:
+            # A peer promised a later leader: we can never commit again in this term.
+            return REJOIN_FENCE if rejoining else "higher term"
+        if higher_term == self._term:
+            # The peer promised our very term to another node (rule 1): two candidates
+            # got the same term, and this peer may be in the other's majority.
+            return TERM_TAKEN
+        return None
 
     def _set_commit(self, pos: int) -> None:
         if pos <= self._commit:
@@ -789,14 +859,14 @@ class Node:
                     self._promises[self.id] = self.tip()
                     self._check_promises()
                 return
-            if self._promised != term:
+            if not self._holds(term, dst):
                 self._send(PromiseReply(self.id, dst, term, False, self.tip(), self._promised))
             else:
                 # Everything issued before this reply is durable, and nothing of a lower
                 # term can be written from now on: the tip is final for this term's leader.
                 self._send(PromiseReply(self.id, dst, term, True, self.tip()))
         else:
-            if self._promised != term:
+            if not self._holds(term, dst):
                 # We promised a later leader meanwhile: the old one must not count us.
                 self._send(AppendReply(self.id, dst, term, False, higher_term=self._promised,
                                        rejoining=self.rejoining))
@@ -806,16 +876,24 @@ class Node:
 
     # ------------------------------------------------------------------ follower side
 
-    def _fence(self, term: int) -> bool:
-        """True if a request of ``term`` must be rejected. Raises the promise if higher."""
+    def _fence(self, term: int, src: NodeId) -> bool:
+        """True if a Promise or Append of ``term`` from ``src`` must be rejected: a lower
+        term, or our term promised to another node (rule 1). Raises the promise (to
+        ``src``) if higher; binds a promise not yet bound to anyone to ``src``. Either is
+        persisted before any reply that depends on it (the caller's write or
+        _persist_promise, then _after_durable)."""
         if term < self._promised:
             return True
         if term > self._promised:
-            self._raise_promise(term)
-        return False
+            self._raise_promise(term, src)
+            return False
+        if not self._promised_to:
+            self._promised_to = src  # Raft: votedFor was null
+            return False
+        return not self._holds(term, src)
 
     def _on_append(self, m: Append) -> None:
-        if self._fence(m.term):
+        if self._fence(m.term, m.src):
             self._send(
                 AppendReply(self.id, m.src, m.term, False, rejected=m.prev_pos,
                             higher_term=self._promised, rejoining=self.rejoining)
@@ -847,7 +925,7 @@ class Node:
         self._after_durable(("append", m.src, m.term, last_new))
 
     def _on_promise(self, m: Promise) -> None:
-        if self._fence(m.term):
+        if self._fence(m.term, m.src):
             self._send(PromiseReply(self.id, m.src, m.term, False, self.tip(), self._promised))
             return
         if self.role != Role.FOLLOWER:
@@ -862,7 +940,12 @@ class Node:
         self._after_durable(("promise", m.src, m.term, 0))
 
     def _on_fetch(self, m: Fetch) -> None:
-        if m.term < self._promised:
+        if m.term < self._promised or (
+                m.term == self._promised and not self._holds(m.term, m.src)):
+            # A later term, or our term not promised to this leader (to another node, or
+            # to nobody known: a wiped voter's fence, whose log is not the one it counted):
+            # our log is not what it adopted. A Fetch binds nothing (only a Promise or an
+            # Append does): the leader steps down and campaigns again.
             self._send(FetchReply(self.id, m.src, m.term, False, m.prev_pos,
                                   higher_term=self._promised))
             return
@@ -890,8 +973,9 @@ class Node:
     def _on_promise_reply(self, m: PromiseReply) -> None:
         if self.role == Role.FOLLOWER or m.term != self._term:
             return
-        if m.higher_term > self._term:
-            self._step_down(REJOIN_FENCE if m.rejoining else "higher term")
+        reason = self._fenced_reason(m.higher_term, m.rejoining)
+        if reason is not None:
+            self._step_down(reason)
             return
         if self.role != Role.CANDIDATE or not m.ok or m.src not in self.voters:
             return
@@ -929,8 +1013,9 @@ class Node:
     def _on_fetch_reply(self, m: FetchReply) -> None:
         if self.role == Role.FOLLOWER or m.term != self._term:
             return
-        if m.higher_term > self._term:
-            self._step_down("higher term")
+        reason = self._fenced_reason(m.higher_term, False)
+        if reason is not None:
+            self._step_down(reason)
             return
         if self.role != Role.RECOVERING or m.src != self._fetch_from:
             return
@@ -961,6 +1046,11 @@ class Node:
         self._send_fetch()
 
     def _start_term(self) -> None:
+        # Our own promise of the term is the one our majority shares with any other
+        # majority of that term (rule 1): it must still be ours.
+        check(self._holds(self._term, self.id),
+              f"{self.id} leads term {self._term}, promised {self._promised} to "
+              f"{self._promised_to!r}")
         self.role = Role.LEADER
         self._fetch_from = None
         pos = self._last() + 1
@@ -1006,9 +1096,9 @@ class Node:
     def _on_append_reply(self, m: AppendReply) -> None:
         if self.role == Role.FOLLOWER or m.term != self._term:
             return
-        if m.higher_term > self._term:
-            # A peer promised a later leader: we can never commit again in this term.
-            self._step_down(REJOIN_FENCE if m.rejoining else "higher term")
+        reason = self._fenced_reason(m.higher_term, m.rejoining)
+        if reason is not None:
+            self._step_down(reason)
             return
         if self.role != Role.LEADER:
             return

@@ -67,11 +67,12 @@ class MemoryLog:
     as its "disk" and loses only the writes it had not applied yet when a node crashes.
     """
 
-    __slots__ = ("_entries", "commit", "promised_term", "rejoin_term")
+    __slots__ = ("_entries", "commit", "promised_term", "promised_to", "rejoin_term")
 
     def __init__(self) -> None:
         self._entries: list[Entry] = []
         self.promised_term = 0
+        self.promised_to = ""  # meta.promised_to: "" when not known (e.g. a wiped voter)
         self.commit = 0
         self.rejoin_term = 0  # meta.rejoin_term: set by the shell for a wiped voter
 
@@ -95,6 +96,10 @@ class MemoryLog:
 
     def apply(self, p: Persist) -> None:
         check(p.promised_term >= self.promised_term, "promised_term decreased on disk")
+        check(p.promised_term > self.promised_term or p.promised_to == self.promised_to
+              or not self.promised_to,
+              f"term {p.promised_term} promised to {self.promised_to!r}, then to "
+              f"{p.promised_to!r}")
         if p.truncate_after is not None:
             check(p.truncate_after >= self.commit, "truncating below the persisted commit")
             del self._entries[p.truncate_after :]
@@ -102,3 +107,4 @@ class MemoryLog:
             check(e.position == len(self._entries) + 1, "gap in persisted entries")
             self._entries.append(e)
         self.promised_term = p.promised_term
+        self.promised_to = p.promised_to

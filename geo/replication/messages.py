@@ -10,8 +10,10 @@ Conventions shared by all peer messages:
 * ``src`` / ``dst`` are node ids (strings, as in the cluster configuration).
 * ``term`` is the term of the *request* the message belongs to (a reply echoes the term of the
   request it answers, so a leader can drop replies from another of its terms).
-* ``higher_term`` on a reply is 0, or the responder's promised term when that is above
-  ``term``: the request was fenced and the requester must step down.
+* ``higher_term`` on a reply is 0, or the responder's promised term when the request was
+  fenced: above ``term``, or equal to it when the responder promised that term to another
+  node (the term was granted twice, see ``core`` rule 1). Either way the requester must
+  step down.
 * ``rejoining`` on a reply: the responder is a voter that lost its disk and has not caught
   up yet (see ``core``): its ack and its promise must not be counted.
 """
@@ -67,7 +69,8 @@ class Tip:
 
 @dataclass(slots=True, frozen=True)
 class Promise:
-    """New leader of ``term`` -> voter: persist ``promised_term = term``, then reply."""
+    """New leader of ``term`` -> voter: persist ``promised_term = term`` and
+    ``promised_to = src``, then reply."""
 
     src: NodeId
     dst: NodeId
@@ -175,15 +178,18 @@ class Persist:
 
     In this order, all-or-nothing: if ``truncate_after`` is not None delete every position
     above it; append ``entries`` (their positions follow on gaplessly); set
-    ``promised_term``. Writes must be applied in ``seq`` order; when the write with
-    ``seq`` is durable, call ``Node.on_persisted(seq)`` (acknowledgements are cumulative: one
-    call acknowledges every lower seq too, so consecutive writes may share one transaction).
+    ``promised_term`` and ``promised_to`` (the node that term is promised to, "" when not
+    known yet: Raft's votedFor; it changes only with the term, or from ""). Writes must be
+    applied in ``seq`` order; when the write with ``seq`` is durable, call
+    ``Node.on_persisted(seq)`` (acknowledgements are cumulative: one call acknowledges every
+    lower seq too, so consecutive writes may share one transaction).
     """
 
     seq: int
     truncate_after: int | None
     entries: tuple[Entry, ...]
     promised_term: int
+    promised_to: NodeId = ""
 
 
 @dataclass(slots=True, frozen=True)
