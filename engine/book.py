@@ -364,6 +364,24 @@ def band_edges(ref: int, band_bps: int) -> tuple[int, int]:
     return ref - band, min(ref + band, MAX_PRICE)
 
 
+def band_after(symbol: str, band: tuple[int, int] | None,
+               raw: tuple) -> tuple[int, int] | None:
+    """The price band ``(band_bps, reference price)`` of ``symbol`` after the output event
+    ``raw`` (a raw tuple), given the one before it (None: not known): the band rule above
+    as the engine's outputs show it, for whoever follows them (the gateway) instead of
+    the book. A ``SymbolConfig`` of the symbol states both (its ``ref_price`` is the
+    reference in force: the last trade's price once the book has traded); a ``Fill``
+    moves the reference to its price (the reference moves at the end of a command that
+    traded, to the price it last traded at: its last fill's); any other event changes
+    neither. Checking a command's price uses the band after every output before it."""
+    tag = raw[0]
+    if tag == ev.SYMBOL_CONFIG and raw[1] == symbol:
+        return raw[6], raw[7]
+    if tag == _FILL and band is not None and raw[1] == symbol:
+        return band[0], raw[2]
+    return band
+
+
 class Engine:
     """All books and accounts of one engine instance. See the module docstring."""
 

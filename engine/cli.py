@@ -268,7 +268,7 @@ async def _switchover(args: argparse.Namespace, group: str,
                                  "from": primary.name if primary is not None else "",
                                  "marker_position": r.last_position}
     target = next((i for i in instances if i.name == to), None)
-    if args.timeout <= 0 or target is None:
+    if args.no_wait or target is None:
         return answer, ""
     # Wait for the takeover, as `xdc cluster switchover` does: the old primary hands
     # over once its outputs up to the marker are committed, then the target takes the
@@ -466,8 +466,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     w.add_argument("group")
     w.add_argument("--to", required=True, help="target instance id")
     w.add_argument("--store", required=True)
-    w.add_argument("--timeout", type=float, default=SWITCHOVER_TIMEOUT_S,
-                   help="seconds to wait for the target to take over (0: do not wait)")
+    w.add_argument("--timeout", type=seconds, default=SWITCHOVER_TIMEOUT_S,
+                   help="seconds to wait for the target to take over, more than 0")
+    w.add_argument("--no-wait", action="store_true",
+                   help="return once the marker is appended, without waiting")
     w.add_argument("--force", action="store_true",
                    help="append the marker even if the target does not look able to take "
                         "over (not advertised, not answering, not warm)")
@@ -492,7 +494,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main() -> None:  # pragma: no cover - convenience for `python -m engine.cli`
-    parser = argparse.ArgumentParser(prog="xdc")
+    from xdc.argtypes import ArgumentParser
+    parser = ArgumentParser(prog="xdc")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args()
     sys.exit(args.func(args))

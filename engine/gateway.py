@@ -68,7 +68,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind
 from engine import commands as cm
 from engine import events as ev
 from engine import wire
-from engine.book import band_edges
+from engine.book import band_after, band_edges
 from engine.codec import CodecError
 from engine.constants import (
     MAX_ID_LEN,
@@ -105,6 +105,12 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 # one before, less and less for a consumer faster than the exchange); the last is buffered
 # by the live feed meanwhile (StreamExecutions).
 CATCH_UP_ROUNDS = 3
+# Output events per read when the gateway looks for the price band in force at an input
+# read back from the store (OutputFeed.band_before), newest first, and the most reads it
+# makes for one band: past them the reject is shown without its band (a symbol idle for
+# that long costs a client's request no more than this).
+BAND_READ_EVENTS = 8
+BAND_MAX_READS = 64
 # A request with a deadline is answered this long before it: an order that landed is
 # reported (its position, timed_out) rather than lost in the caller's DEADLINE_EXCEEDED.
 WAIT_DEADLINE_MARGIN_S = 0.05
@@ -340,6 +346,19 @@ def band_detail(band_bps: int, ref: int) -> str:
     return f"price band {lo}..{hi} (reference price {ref}, {band_bps} bps)"
 
 
+Band = tuple[int, int]  # (band_bps, reference price): engine.book.band_after
+
+
+def _band_reject(raw: tuple) -> bool:
+    """A PRICE_OUTSIDE_BAND reject whose detail the engine left empty (the gateway writes
+    the band there)."""
+    return raw[0] == ev.REJECTED and raw[6] == Reject.PRICE_OUTSIDE_BAND and not raw[7]
+
+
+def _with_band(raw: tuple, band: Band) -> tuple:
+    return (*raw[:7], band_detail(*band), *raw[8:])
+
+
 def order_report(group: str, position: int, index: int, raw: tuple) -> xpb.ExecutionReport:
     """wire.report, and a BOOK report's side: the side of the book its level is on."""
     r = wire.report(group, position, index, raw)
@@ -373,8 +392,14 @@ class OutputFeed:
         # (symbol, depth) -> the window its book streams show, as of the last update.
         self.book_windows: dict[tuple[str, int], tuple[dict[int, int], dict[int, int]]] = {}
         self.outlets = 0
-        # symbol -> (band_bps, reference price) as the outputs move them (_follow_bands).
-        self.bands: dict[str, tuple[int, int]] = {}
+        # symbol -> (band_bps, reference price) as the outputs move them (_follow_bands);
+        # the input position of the last output that moved it; the input positions of
+        # its SymbolConfigs with their band_bps (as many as the symbol was configured):
+        # what a report read back from the store needs to show the same band
+        # (band_before).
+        self.bands: dict[str, Band] = {}
+        self.band_moved: dict[str, int] = {}
+        self.band_bps_from: dict[str, list[tuple[int, int]]] = {}
         self.stopped = False
         self._task: asyncio.Task[None] | None = None
 
@@ -443,7 +468,7 @@ class OutputFeed:
                                 at_ns)
             group.received.append(received)
         for position, raws in outs:
-            self._follow_bands(raws)
+            self._follow_bands(position, raws)
             self._remember(group, position, raws)
         group.last_input = max(group.last_input, batch.last_input)
         self._update_books(group, outs)
@@ -451,26 +476,109 @@ class OutputFeed:
         if group.heap and group.heap[0] <= group.last_input:  # anyone waiting for these
             self._wake_waiters(group, batch.first_input, dict(outs))
 
-    def _follow_bands(self, raws: list[tuple]) -> None:
-        """Follows each symbol's price band as the engine moves it (engine/book.py: the
-        reference is the price of the last trade, or the configured one before the
-        first; SymbolConfig states both) and writes the band into PRICE_OUTSIDE_BAND
-        rejects, whose detail the engine leaves empty: the band before an input is the
-        one its check used. Only the gateway's copy of the outputs changes (the stored
-        ones, and their chain hash, stay as the engine made them); reports read back
-        from the store (a resumed stream, outputs gone from the cache) have no band."""
+    def _follow_bands(self, position: int, raws: list[tuple]) -> None:
+        """Follows each symbol's price band as the engine moves it (``band_after``, the
+        engine's rule) and writes the band into PRICE_OUTSIDE_BAND rejects, whose detail
+        the engine leaves empty: the band before an input is the one its check used.
+        Only the gateway's copy of the outputs changes (the stored ones, and their chain
+        hash, stay as the engine made them); reports read back from the store get the
+        same band from ``fill_in_bands``."""
+        bands = self.bands
         for i, raw in enumerate(raws):
-            tag = raw[0]
-            if tag == ev.FILL:
-                band = self.bands.get(raw[1])
+            symbol = raw[1]
+            if _band_reject(raw):
+                band = bands.get(symbol)
                 if band is not None:
-                    self.bands[raw[1]] = (band[0], raw[2])
-            elif tag == ev.SYMBOL_CONFIG:
-                self.bands[raw[1]] = (raw[6], raw[7])
-            elif tag == ev.REJECTED and raw[6] == Reject.PRICE_OUTSIDE_BAND and not raw[7]:
-                band = self.bands.get(raw[1])
-                if band is not None:
-                    raws[i] = (*raw[:7], band_detail(*band), *raw[8:])
+                    raws[i] = _with_band(raw, band)
+                continue
+            before = bands.get(symbol)
+            after = band_after(symbol, before, raw)
+            if after != before:
+                assert after is not None
+                bands[symbol] = after
+                self.band_moved[symbol] = position
+                if before is None or after[0] != before[0]:
+                    self.band_bps_from.setdefault(symbol, []).append((position, after[0]))
+
+    async def fill_in_bands(self, group: GroupProgress, revision: int,
+                            outs: list[tuple[int, list[tuple]]], bands: dict[str, Band],
+                            start: int = 0, account: str | None = None) -> None:
+        """Writes the band into the PRICE_OUTSIDE_BAND rejects of ``outs[start:]`` (of
+        ``account`` only, if given), outputs of the event at ``revision`` of the group's
+        output stream read back from the store: the band ``_follow_bands`` wrote on the
+        live path, the one in force before each input. ``bands`` holds the bands a reader
+        going forward through the log knows (the ones found before): it follows them
+        through ``outs``; a symbol it lacks is looked up (``band_before``)."""
+        for k in range(start, len(outs)):
+            position, raws = outs[k]
+            for i, raw in enumerate(raws):
+                symbol = raw[1]
+                if _band_reject(raw):
+                    if account is not None and raw[2] != account:
+                        continue
+                    if symbol not in bands:
+                        band = await self.band_before(group, symbol, position, revision,
+                                                      outs[:k])
+                        if band is None:
+                            continue
+                        bands[symbol] = band
+                    raws[i] = _with_band(raw, bands[symbol])
+                elif symbol in bands:
+                    bands[symbol] = band_after(symbol, bands[symbol], raw)  # type: ignore[assignment]
+
+    async def band_before(self, group: GroupProgress, symbol: str, position: int,
+                          revision: int, earlier: list[tuple[int, list[tuple]]]
+                          ) -> Band | None:
+        """The band of ``symbol`` in force before input ``position`` of ``group``, whose
+        outputs are in the output event at ``revision`` after those of ``earlier``: the
+        one the feed follows when no output since that input moved it, else found by
+        reading the output stream back from there to the last output that set it (the
+        band_bps then from the SymbolConfigs the feed saw). None when the store does not
+        answer, has none, or not within BAND_MAX_READS reads."""
+        seen_all = position - 1 <= group.last_input  # the feed has every output before
+        moved = self.band_moved.get(symbol)
+        if seen_all and moved is not None and moved < position:
+            return self.bands.get(symbol)
+        bps = None
+        if seen_all:
+            for at, value in self.band_bps_from.get(symbol, ()):
+                if at >= position:
+                    break
+                bps = value
+        # What band_after makes of each output, newest first, from a band of the known
+        # band_bps and no reference yet (0): the first output it changes set the band
+        # (a SymbolConfig states both; a Fill the reference).
+        unset = None if bps is None else (bps, 0)
+
+        def setter(outs: Iterable[tuple[int, list[tuple]]]) -> Band | None:
+            for p, raws in reversed(list(outs)):
+                if p >= position:
+                    continue
+                for raw in reversed(raws):
+                    after = band_after(symbol, unset, raw)
+                    if after != unset:
+                        return after
+            return None
+
+        found = setter(earlier)
+        reads = 0
+        try:
+            while found is None and revision > 1 and reads < BAND_MAX_READS:
+                reads += 1
+                events = await self.client.read(group.stream, start=revision - 1,
+                                                backwards=True, limit=BAND_READ_EVENTS)
+                if not events:
+                    break
+                for e in events:
+                    revision = e.revision
+                    if e.type == wire.OUTPUT_TYPE:
+                        found = setter(wire.batch_outputs(wire.decode_output(e.data)))
+                        if found is not None:
+                            break
+        except (grpc.RpcError, CodecError, struct.error, KeyError, ValueError) as exc:
+            log.warning("price band of %s before input %d not found in the store: %s",
+                        symbol, position, exc)
+        return found
 
     def _remember(self, group: GroupProgress, position: int, raws: list[tuple]) -> None:
         self.recent[(group.name, position)] = raws
@@ -632,6 +740,8 @@ class OutputFeed:
                                   timeout_s: float) -> list[tuple] | None:
         """Binary search of the output stream by revision: output batches are in input
         order, so the one whose range holds ``position`` is found in log2(batches) reads."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         try:
             async with asyncio.timeout(timeout_s):
                 info = await self.client.stream_info(group.stream)
@@ -645,14 +755,24 @@ class OutputFeed:
                     elif position > batch.last_input:
                         lo = mid + 1
                     else:
-                        for p, raws in wire.batch_outputs(batch):
-                            if p == position:
-                                return raws
-                        return []
+                        break
+                else:
+                    return None
         except (TimeoutError, grpc.RpcError, CodecError, IndexError) as exc:
             log.warning("outputs of input %d of %s not found in the store: %s", position,
                         group.name, exc)
-        return None
+            return None
+        outs = wire.batch_outputs(batch)
+        k = next((k for k, (p, _) in enumerate(outs) if p == position), None)
+        if k is None:
+            return []
+        try:  # a band reject shows its band, as on the live path
+            async with asyncio.timeout(max(0.001, deadline - loop.time())):
+                await self.fill_in_bands(group, mid, outs[:k + 1], {}, k)
+        except TimeoutError:
+            log.warning("price band of input %d of %s not found in time", position,
+                        group.name)
+        return outs[k][1]
 
     # ---- streaming clients
 
@@ -897,12 +1017,13 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
                     after_position=position, stream_prefix=feed.prefix,
                     event_types=[wire.OUTPUT_TYPE], batches=True)
                 rounds, target = 1, feed.position
+                bands: dict[str, Band] = {}  # as of the catch-up's position
                 handed_over = False
                 try:
                     async for item in subscription:
                         if isinstance(item, pb.RecordBatch):
                             for e in item.events:
-                                msg = self._catch_up_batch(e, account)
+                                msg = await self._catch_up_batch(e, account, bands)
                                 position = e.position
                                 if msg is not None:
                                     yield msg
@@ -986,7 +1107,8 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
                           f"the gateway is still reading the output log (at position "
                           f"{self.feed.position}); retry shortly") from None
 
-    def _catch_up_batch(self, e: pb.RecordedEvent, account: str) -> xpb.ExecutionBatch | None:
+    async def _catch_up_batch(self, e: pb.RecordedEvent, account: str,
+                              bands: dict[str, Band]) -> xpb.ExecutionBatch | None:
         group = self.feed.by_stream.get(e.stream)
         if group is None:
             return None
@@ -994,6 +1116,9 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
             outs = wire.batch_outputs(wire.decode_output(e.data))
         except (CodecError, struct.error, KeyError, ValueError):
             return None  # the feed logged it when it went by
+        # Band rejects show their band, as on the live path (the bands of every group in
+        # one dict: a symbol is traded in one group).
+        await self.feed.fill_in_bands(group, e.revision, outs, bands, account=account)
         reports = OutputFeed.account_reports(group.name, outs, {account}).get(account)
         if not reports:
             return None

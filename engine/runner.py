@@ -200,12 +200,19 @@ class EngineRunner:
         self._resync_since: float | None = None  # emission resyncing since (loop time)
         self._flushing = asyncio.Lock()
         self._lease_problem = ""  # the lease's problem when last looked at (_check_lease)
+        # The start-up reads' clients, one per store target, and the target they read from
+        # now (_startup_reader): a target that does not answer passes them to the next.
+        self._startup_clients: dict[str, StoreClient] = {}
+        self._startup_target = 0
 
     # ---------------------------------------------------------------- life cycle
 
     async def start(self) -> None:
-        await self._load_snapshot()
-        point = await self._trust_point()
+        try:
+            await self._load_snapshot()
+            point = await self._trust_point()
+        finally:
+            await self._close_startup_clients()
         if point is not None:
             self.consumer.trust(*point)
             log.info("instance %s replays inputs %d..%d of %s for the state alone (their "
@@ -279,7 +286,36 @@ class EngineRunner:
         if self.lease.held:
             await self.lease.release()
         await self.lease.close()
+        await self._close_startup_clients()
         await self.client.close()
+
+    # ---------------------------------------------------------------- start-up reads
+
+    def _startup_reader(self) -> StoreClient:
+        """The client of the start-up reads (the latest snapshot, the trust point): the
+        instance's own with one store target. With several, a client of one target, the
+        one that answered last: ``client.read`` stays on its current target, where the
+        subscription and the appends move on to the next one that answers, so with the
+        first target down the start would wait for it alone (``_next_startup_target``)."""
+        targets = self.config.store
+        if len(targets) == 1:
+            return self.client
+        target = targets[self._startup_target]
+        client = self._startup_clients.get(target)
+        if client is None:
+            client = self._startup_clients[target] = StoreClient(
+                target, timeout_s=self.client.timeout_s, tier="engine", tls=self.config.tls,
+                token=self.config.token)
+        return client
+
+    def _next_startup_target(self) -> None:
+        """The current start-up target did not answer: the next reads go to the next."""
+        self._startup_target = (self._startup_target + 1) % len(self.config.store)
+
+    async def _close_startup_clients(self) -> None:
+        clients, self._startup_clients = self._startup_clients, {}
+        for client in clients.values():
+            await client.close()
 
     # ---------------------------------------------------------------- snapshots
 
@@ -291,8 +327,9 @@ class EngineRunner:
         targets = ",".join(self.config.store)
         waiting = False
         while True:
+            reader = self._startup_reader()
             try:
-                tail = await self.client.read(
+                tail = await reader.read(
                     stream, backwards=True, limit=1,
                     timeout_s=max(0.001, min(STARTUP_ATTEMPT_S, deadline - loop.time())))
                 break
@@ -300,10 +337,14 @@ class EngineRunner:
                 if exc.code() == grpc.StatusCode.NOT_FOUND:
                     tail = []  # no snapshot: the store answers
                     break
-                # A store that is starting, electing or shedding load: wait for it.
+                # A store that is starting, electing or shedding load: wait for it, and
+                # ask the next target meanwhile (one down must not hold the start).
                 if exc.code() not in _TRANSIENT:
                     raise
+                self._next_startup_target()
                 why = f"{exc.code().name}: {exc.details()}"
+                if len(self.config.store) > 1:
+                    why = f"{reader.targets[0]}: {why}"
                 if loop.time() >= deadline:
                     raise StoreUnreachable(f"the store ({targets}) did not answer within "
                                            f"{limit:g} s ({why})") from None
@@ -324,8 +365,7 @@ class EngineRunner:
             index, count = (int(x) for x in md["chunk"].split("/"))
             if not 0 <= index < count <= MAX_SNAPSHOT_CHUNKS or index >= tail[0].revision:
                 raise ValueError(f"chunk {index}/{count}")
-            chunks = await self.client.read(stream, start=tail[0].revision - index,
-                                            limit=count)
+            chunks = await reader.read(stream, start=tail[0].revision - index, limit=count)
             assert [int(c.metadata["chunk"].split("/")[0]) for c in chunks] == list(range(count))
             data = zlib.decompress(b"".join(c.data for c in chunks))
             self.consumer = Consumer.from_snapshot(
@@ -347,8 +387,9 @@ class EngineRunner:
         window, stream = self.config.verify_window, self.output_stream
         if not window:
             return None
+        reader = self._startup_reader()  # the target the snapshot was read from
         try:
-            tail = await self.client.read(stream, backwards=True, limit=1)
+            tail = await reader.read(stream, backwards=True, limit=1)
             if not tail:
                 return None
             target = wire.output_header(tail[0].data)[1] - window
@@ -356,7 +397,7 @@ class EngineRunner:
             while lo <= hi and target > self.consumer.position:
                 mid = (lo + hi) // 2
                 _, last, chain, _ = wire.output_header(
-                    (await self.client.read(stream, start=mid, limit=1))[0].data)
+                    (await reader.read(stream, start=mid, limit=1))[0].data)
                 if last <= target:
                     found, lo = (last, chain), mid + 1
                 else:

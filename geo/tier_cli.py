@@ -37,7 +37,6 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     import grpc
-    from google.protobuf.json_format import MessageToDict
 
     from store.auth import bearer
     from store.client import channel_options
@@ -53,7 +52,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"xdc tiers status: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(MessageToDict(st, always_print_fields_with_no_presence=True)))
+        # As `xdc info` prints: snake_case keys, integers as numbers, every field.
+        from xdc.cli import message_json
+        print(json.dumps(message_json(st)))
         return 0
     print(format_status(st))
     return 0

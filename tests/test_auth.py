@@ -608,7 +608,7 @@ def test_local_cluster_runs_with_auth_and_only_admins_switch_over(tmp_path: Path
         assert r.returncode == 1 and "may not read '$all'" in r.stderr
         r = _xdc("tiers", "status", *target, "--json", token="",
                  env=_tls_env(state, "gateway"))
-        assert r.returncode == 0 and json.loads(r.stdout)["nodeId"] == other.id
+        assert r.returncode == 0 and json.loads(r.stdout)["node_id"] == other.id
     finally:
         launcher.down(d)
 

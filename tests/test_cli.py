@@ -119,6 +119,9 @@ def test_serve_refuses_limits_that_cannot_be_naming_them(
     *((["cluster", command, *args, "--timeout", timeout], f"argument --timeout: '{timeout}'")
       for command, args in (("switchover", ["--to", "b"]), ("promote", ["b"]))
       for timeout in ("-1", "0", "nan", "soon")),
+    # Before: taken, so -1 appended the marker and returned at once like 0 did.
+    *((["engine", "switchover", "g", "--to", "b", "--store", "127.0.0.1:7000", "--timeout",
+        timeout], f"argument --timeout: '{timeout}'") for timeout in ("-1", "0", "nan", "inf")),
     (["append", "s", "T", "--timeout", "0"], "argument --timeout: '0'"),
 ])
 def test_bad_values_exit_2_naming_the_flag(capsys: pytest.CaptureFixture[str],
@@ -141,6 +144,53 @@ def test_good_values_parse() -> None:
                                      ).expected == (EXACT, 2**64 - 1)
     assert build_parser().parse_args(["serve", "--data", "d", "--listen", "[::1]:0"]
                                      ).listen == "[::1]:0"
+    switchover = ["engine", "switchover", "g", "--to", "b", "--store", "127.0.0.1:7000"]
+    args = build_parser().parse_args(switchover)
+    assert (args.timeout, args.no_wait) == (10.0, False)
+    args = build_parser().parse_args([*switchover, "--timeout", "0.5", "--no-wait"])
+    assert (args.timeout, args.no_wait) == (0.5, True)
+
+
+def _parsers(parser: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    """`parser` and every subcommand's parser under it, with their command words."""
+    import argparse
+    found = [(path, parser)]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found += _parsers(sub, (*path, name))
+    return found
+
+
+def test_help_shows_the_defaults_of_every_subcommand(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--help` states each option's default, with or without a help text (before: none
+    of them did: `engine switchover --timeout` said only "seconds to wait"), through one
+    formatter every subcommand's parser has; an option whose default comes from the
+    environment names its variable, never the value (a token)."""
+    from xdc.argtypes import DefaultsHelpFormatter
+    from xdc.cli import DEFAULT_TARGET, build_parser
+    monkeypatch.setenv("XDC_TOKEN", "tok-sekrit-123")
+    parsers = dict(_parsers(build_parser()))
+    assert len(parsers) > 40
+    for path, parser in parsers.items():
+        assert parser.formatter_class is DefaultsHelpFormatter, path
+        assert "tok-sekrit-123" not in parser.format_help(), path
+
+    def help_of(*path: str) -> str:
+        return " ".join(parsers[path].format_help().split())  # lines joined
+
+    assert "take over, more than 0 (default: 10.0)" in help_of("engine", "switchover")
+    assert "--timeout TIMEOUT seconds, more than 0 (default: 10.0)" in help_of(
+        "cluster", "switchover")
+    run_help = help_of("engine", "run")
+    assert "(default: 200000)" in run_help and "then exit 1 (default: 60.0)" in run_help
+    assert "--max-event-bytes MAX_EVENT_BYTES default: 1048576" in help_of("serve")
+    assert "--regions REGIONS default: 3" in help_of("cluster", "up")
+    assert "RPC deadline, seconds (default: 70.0)" in help_of("order", "submit")
+    # Said by the help text already: not twice.
+    assert "given up as unknown (default 10) --target" in help_of("append")
+    assert f"--target HOST:PORT default: {DEFAULT_TARGET}" in help_of("append")
+    assert "(default: $XDC_TOKEN)" in help_of("read") and "None" not in help_of("read")
 
 
 def test_bad_values_in_real_processes_exit_2_without_binding(tmp_path: Path) -> None:

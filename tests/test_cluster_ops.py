@@ -76,6 +76,8 @@ def test_status_from_the_toml(cluster: launcher.ClusterState) -> None:
     assert sts[standby] is not None and sts[standby]["role"] != "leader"
     # Each member's client address (what `xdc append --target` needs), in both forms.
     assert {k: s["client"] for k, s in sts.items()} == {n.id: n.client for n in cluster.nodes}
+    # As `xdc info` prints: snake_case keys, integers as numbers (was "commitPosition": "7").
+    assert isinstance(sts[leader]["commit_position"], int) and sts[leader]["commit_position"] > 0
     table = ops(cluster, "status")
     assert table.returncode == 0, table.stderr
     assert "leader (open)" in table.stdout

@@ -420,10 +420,12 @@ def test_a_trust_point_search_whose_store_view_moves_falls_back_to_checking_ever
         tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The search for the trusted catch-up point reads the output stream's tail from one
-    store member, then the client moves to another member that lags (it holds only the
+    store member, then its client moves to another member that lags (it holds only the
     first output batch): a revision below the tail comes back empty. The runner then has
     no trust point (None: every committed output is checked) and says why, instead of
-    failing its start with an IndexError."""
+    failing its start with an IndexError. (The start-up reads' own clients stay on one
+    member; the search is given the instance's client, which moves as its node fails
+    over.)"""
     from engine.lease import FileLease
     from engine.runner import EngineRunner, RunnerConfig
     from tests.support.store import running_store
@@ -462,6 +464,7 @@ def test_a_trust_point_search_whose_store_view_moves_falls_back_to_checking_ever
                         await client._switch()
                     return got
                 monkeypatch.setattr(client, "read", read_then_move)
+                monkeypatch.setattr(runner, "_startup_reader", lambda: client)
                 with caplog.at_level("WARNING", logger="xdc.engine"):
                     assert await runner._trust_point() is None
                 assert read_from == [ahead.address, behind.address], read_from
@@ -880,6 +883,41 @@ def test_engine_run_says_at_once_that_its_store_does_not_answer_then_exits_1(
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_engine_run_start_up_reads_move_past_a_store_target_that_is_down(
+        tmp_path: Path) -> None:
+    """`--store DOWN,UP`: the start-up reads (the latest snapshot, the trust point) go to
+    the next target when one does not answer, as the subscription and the appends do:
+    the instance loads the snapshot from the second target and takes over. Before, they
+    asked the first target alone until --startup-timeout, then exit 1."""
+    events = workload(seed=31, n=600)
+    with _store(tmp_path) as (store, engines):
+        async def body() -> None:
+            async with StoreClient(store.address) as client:
+                last = await _primary_on_backlog(client, store, engines, tmp_path, events,
+                                                 50, "a", snapshot_every=200)
+
+                async def snapshot() -> bool:
+                    s = await status_or_none(engines[0].address)
+                    return s is not None and s.snapshot_position >= 400
+                await wait_until(snapshot, 30, "a snapshot written")
+                engines[0].kill()  # its file lease goes with it
+                down = f"127.0.0.1:{_closed_port()}"
+                engines.append(await asyncio.to_thread(
+                    start_engine, f"{down},{store.address}", "b", lease_dir(tmp_path),
+                    extra=("--startup-timeout", "8")))
+                b = engines[-1].address
+                await wait_until(lambda: _has_role(b, "primary"), 20, "b primary")
+                s = await status_or_none(b)
+                assert s is not None and not s.alarm
+                assert s.snapshot_position >= 400  # the snapshot, read from the second
+                more = workload(seed=31, n=700)[600:]
+                end = await _load(client, more, 0, len(more))
+                await wait_outputs_through(client, end, 30)
+                assert end > last
+                await check_exactly_once(client)
+        run(body, timeout_s=120)
 
 
 def test_an_etcd_lease_the_engine_cannot_reach_is_reported(tmp_path: Path) -> None:

@@ -478,6 +478,120 @@ def test_wait_times_out_without_an_engine_and_late_outputs_are_found(tmp_path: P
     run(body)
 
 
+def test_a_band_reject_read_back_from_the_store_names_its_band_as_live(
+        tmp_path: Path) -> None:
+    """A PRICE_OUTSIDE_BAND reject names the band it was checked against on every path:
+    live (a wait, a live StreamExecutions), and read back from the store (a wait whose
+    outputs left the gateway's cache, a resumed StreamExecutions), whatever trades moved
+    the band since. Before, its detail was empty when read back from the store."""
+    def band(lo: int, hi: int, ref: int) -> str:
+        return f"price band {lo}..{hi} (reference price {ref}, 5000 bps)"
+
+    async def body() -> None:
+        async with exchange(tmp_path, GatewayLimits(recent_inputs=2)) as x:
+            feed = x.gateway.service.feed
+            await x.step()
+            await x.fed()
+            await x.fed("g2")
+            live = x.stub.StreamExecutions(xpb.StreamExecutionsRequest(account="alice"))
+            await wait_until(lambda: "alice" in feed.exec_outlets, T, "alice's stream")
+
+            async def submit(*requests: xpb.SubmitOrderRequest) -> list[int]:
+                positions = [(await x.stub.SubmitOrder(r)).input_position for r in requests]
+                await x.step("g1")
+                await x.fed()
+                return positions
+
+            # Rejected at the configured reference (the walk back ends at the
+            # SymbolConfig), at a trade's, and after the last trade (the feed's band).
+            first = await submit(order("x1", xpb.SELL, 1, 99999))
+            await submit(order("t1", xpb.SELL, 1, 60000),
+                         order("t2", xpb.BUY, 1, 60000, account="bob"))
+            second = await submit(order("x2", xpb.SELL, 1, 29999))
+            await submit(order("t3", xpb.SELL, 1, 55000),
+                         order("t4", xpb.BUY, 1, 55000, account="bob"))
+            third = await submit(order("x3", xpb.SELL, 1, 20000))
+            for i in range(3):  # out of the two-input cache; they rest, the band stays
+                await submit(order(f"f{i}", xpb.SELL, 1, 70000 + i))
+            expected = {"x1": band(25000, 75000, 50000), "x2": band(30000, 90000, 60000),
+                        "x3": band(27500, 82500, 55000)}
+            for position in (*first, *second, *third):
+                assert ("g1", position) not in feed.recent
+
+            # Live, as the engine's outputs went by.
+            seen: dict[str, xpb.ExecutionReport] = {}
+            while len(seen) < 3:
+                for r in (await next_msg(live)).reports:
+                    if r.kind == "REJECTED":
+                        seen[r.client_order_id] = r
+            live.cancel()
+            assert {k: r.detail for k, r in seen.items()} == expected
+            # A retry with wait: the outputs read back from the store.
+            for cid, price in (("x1", 99999), ("x2", 29999), ("x3", 20000)):
+                again = await x.stub.SubmitOrder(order(cid, xpb.SELL, 1, price, wait=True))
+                assert again.duplicate and list(again.reports) == [seen[cid]], again
+            # A resumed stream: its catch-up reads the outputs from the store.
+            resumed = x.stub.StreamExecutions(xpb.StreamExecutionsRequest(
+                account="alice", after_position=1))
+            read_back: dict[str, xpb.ExecutionReport] = {}
+            while len(read_back) < 3:
+                for r in (await next_msg(resumed)).reports:
+                    if r.kind == "REJECTED":
+                        read_back[r.client_order_id] = r
+            resumed.cancel()
+            assert read_back == seen
+            await wait_until(lambda: feed.outlets == 0, T, "streams closed")
+    run(body)
+
+
+def test_the_gateway_follows_the_price_band_by_the_engines_rule() -> None:
+    """The band the gateway follows from the outputs (engine.book.band_after, the one
+    function it calls) is the engine's own after every command, through trades, band
+    changes and market orders, and it is the band the engine checked each
+    PRICE_OUTSIDE_BAND reject against."""
+    import random
+
+    from engine import events as ev
+    from engine.book import Engine, band_after, band_edges
+    from engine.constants import Reject
+
+    rng = random.Random(5)
+    engine = Engine()
+    cmds: list[object] = [cm.AddSymbol(1, "S", "B", "Q", 5, 1, 400, 10_000),
+                          cm.Deposit(1, "a", "Q", 10**12), cm.Deposit(1, "a", "B", 10**8),
+                          cm.Deposit(1, "b", "Q", 10**12), cm.Deposit(1, "b", "B", 10**8)]
+    for i in range(3_000):
+        if i % 500 == 250:  # the band's width changes; the reference stays the trades'
+            cmds.append(cm.UpdateSymbol(2, "S", rng.choice((100, 400, 1000)), 10_000,
+                                        1_000, 10**6))
+            continue
+        account, side = rng.choice("ab"), rng.choice((ESide.BUY, ESide.SELL))
+        if rng.random() < 0.1:
+            cmds.append(cm.NewOrder(2, "S", account, "", side, rng.randint(1, 5), 0,
+                                    OrderType.MARKET, ETif.IOC, False, STP.NONE))
+        else:
+            price = 5 * rng.randint(1_700, 2_300)  # 8500..11500: some outside the band
+            cmds.append(cm.NewOrder(2, "S", account, "", side, rng.randint(1, 5), price,
+                                    OrderType.LIMIT, ETif.GTC, False, STP.NONE))
+    followed = None
+    rejects = moves = 0
+    for c in cmds:
+        before = followed
+        out: list[tuple] = []
+        engine.process(c, out)
+        for raw in out:
+            if raw[0] == ev.REJECTED and raw[6] == Reject.PRICE_OUTSIDE_BAND:
+                assert before is not None
+                lo, hi = band_edges(before[1], before[0])
+                assert not lo <= c.price <= hi  # type: ignore[attr-defined]
+                rejects += 1
+            followed = band_after("S", followed, raw)
+        book = engine.books["S"]
+        assert followed == (book.band_bps, book.ref)
+        moves += followed != before
+    assert rejects > 50 and moves > 100
+
+
 def test_waiters_and_streams_are_bounded(tmp_path: Path) -> None:
     async def body() -> None:
         async with exchange(tmp_path, GatewayLimits(max_waiters=1, max_streams=1)) as x:

@@ -187,6 +187,35 @@ def test_cli_checks_tier_files(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "unknown service 'engines'" in capsys.readouterr().err
 
 
+def test_cli_status_json_has_snake_case_keys_and_integers(tmp_path: Path) -> None:
+    """`xdc tiers status --json` against a real `xdc serve`: the keys and numbers of
+    `xdc info` (snake_case, 64-bit integers as numbers, every field); before, protobuf's
+    JSON mapping: "nodeId", "commitLag": "0", "sinceUnixNs": "17..."."""
+    import json
+
+    from store.process import ServeProcess
+    from tests.support.cli import xdc_cli
+    with ServeProcess(str(tmp_path / "n")) as node:
+        deadline = time.monotonic() + 10
+        while True:  # until the supervisor's first observations made transitions
+            r = xdc_cli("tiers", "status", "--json", "--target", node.address)
+            assert r.returncode == 0, r.stderr
+            st = json.loads(r.stdout)
+            if st["transitions"] or time.monotonic() > deadline:
+                break
+        assert st["node_id"] == "standalone" and "nodeId" not in st
+        for key in ("observed_at_unix_ns", "pending_events", "max_pending_events",
+                    "commit_lag", "max_commit_lag", "observations", "term",
+                    "commit_position"):
+            assert type(st[key]) is int, (key, st)
+        assert st["max_pending_events"] > 0
+        assert [t["name"] for t in st["tiers"]] == [t.name for t in DEFAULT.tiers]
+        first = st["tiers"][0]
+        assert first["index"] == 0 and type(first["since_unix_ns"]) is int
+        assert set(first) == {f.name for f in tpb.TierStatus.DESCRIPTOR.fields}
+        assert st["transitions"] and type(st["transitions"][0]["at_unix_ns"]) is int
+
+
 # ---- the machine ----------------------------------------------------------------------
 
 

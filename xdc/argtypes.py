@@ -1,11 +1,14 @@
 """argparse types shared by the command lines (xdc/cli.py, engine/cli.py, geo/drill.py):
-a bad value is an error naming its flag (exit 2), not a traceback."""
+a bad value is an error naming its flag (exit 2), not a traceback; and their parser class,
+whose `--help` shows every option's default."""
 
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 from collections.abc import Callable
+from typing import Any
 
 # Positions, revisions and limits are uint64 in the protocol.
 U64_MAX = 2**64 - 1
@@ -44,3 +47,44 @@ def seconds(text: str) -> float:
     if not (value > 0 and value != math.inf):
         raise argparse.ArgumentTypeError(f"{text!r}: seconds, more than 0")
     return value
+
+
+def _shows_default(action: argparse.Action) -> bool:
+    """Whether `--help` states `action`'s default: one it has (not None, not a flag's
+    False, not empty), of an option or an optional positional."""
+    default = action.default
+    if default is None or default is argparse.SUPPRESS or isinstance(default, bool):
+        return False
+    if isinstance(default, str | list | tuple | dict) and not default:
+        return False
+    return bool(action.option_strings) or action.nargs in (argparse.OPTIONAL,
+                                                            argparse.ZERO_OR_MORE)
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """`--help` with each option's default (timeouts, limits), as argparse's
+    ArgumentDefaultsHelpFormatter but also for options without a help text, and never
+    for one whose help already says its default: those taken from the environment
+    (`--token`, `--tls-*`) say which variable, never the value (a token's)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if _shows_default(action) and "default" not in text.lower():
+            text = f"{text} (default: %(default)s)" if text else "default: %(default)s"
+        return text
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and _shows_default(action):
+            # argparse writes no help column for an option without help text.
+            action = copy.copy(action)
+            action.help = self._get_help_string(action)
+        return super()._format_action(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The parser of `xdc` and of every subcommand: subparsers are made of the class of
+    their parent (argparse's add_subparsers), so every `--help` shows the defaults."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)

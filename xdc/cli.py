@@ -612,14 +612,12 @@ def cluster_action(launcher: Any, target: Any, args: argparse.Namespace) -> int:
         refused = [s for s in sts.values() if isinstance(s, launcher.Refused)]
         clients = {n.id: n.client for n in launcher.reach(target).nodes}
         if args.json:
-            from google.protobuf.json_format import MessageToDict
-
             def entry(k: str, v: Any) -> Any:
                 if isinstance(v, launcher.Refused):
                     return {"client": clients[k], "refused": v.code.name, "details": v.details}
                 if v is None:
                     return {"client": clients[k], "unreachable": True}
-                return {"client": clients[k], **MessageToDict(v)}
+                return {"client": clients[k], **message_json(v)}
             out = {k: entry(k, v) for k, v in sts.items()}
             # Member ids start with a letter or digit (geo/config.py): never "_seat".
             out["_seat"] = launcher.seat_json(seat)
@@ -943,7 +941,8 @@ def add_exchange_parsers(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xdc", description=__doc__)
+    from xdc.argtypes import ArgumentParser  # its subcommands' --help show the defaults
+    parser = ArgumentParser(prog="xdc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run a standalone store node (no etcd needed)")
