@@ -399,37 +399,179 @@ class Engine:
     def process(self, cmd: object, out: list[tuple]) -> None:
         """Apply one command, appending its raw output events to ``out``. Never raises
         for any input (except ``MemoryError``/``RecursionError``)."""
-        n0 = len(out)
-        try:
-            if type(cmd) is NewOrder:  # the bulk of all input
-                self._new(cmd, out)  # type: ignore[arg-type]
-            else:
-                handler = _HANDLERS.get(type(cmd))
-                if handler is None:
-                    self._reject_any(cmd, out, Cmd.UNKNOWN, Reject.UNKNOWN_COMMAND, "")
-                else:
-                    handler(self, cmd, out)
-        except (MemoryError, RecursionError):
-            raise
-        except Exception as exc:
-            self._failed(cmd, out, n0, exc)
+        self.process_batch((cmd,), out)
 
     def process_batch(self, cmds: Iterable[object], out: list[tuple]) -> None:
-        """``process`` each command in order: same outputs, one call frame less per
-        command (the consumer's hot loop)."""
-        new = self._new
+        """``process`` each command in order (the consumer's hot loop).
+
+        New orders, the bulk of all input, are handled inline rather than by a method
+        call per command, with what they read from the engine hoisted out of the loop;
+        cancels, the next most common, skip the handler table. (``out.append`` stays a
+        method call: CPython 3.11 specialises it to an inline list append, cheaper than
+        calling a bound ``append`` kept in a local.)"""
+        books = self.books
+        accounts = self.accounts
+        max_open = self._max_open
+        reject = self._reject_any
         handlers = _HANDLERS
         for cmd in cmds:
             n0 = len(out)
             try:
-                if type(cmd) is NewOrder:
-                    new(cmd, out)  # type: ignore[arg-type]
-                else:
+                if type(cmd) is not NewOrder:
+                    if type(cmd) is CancelOrder:  # the next most common
+                        self._cancel(cmd, out)
+                        continue
                     handler = handlers.get(type(cmd))
                     if handler is None:
-                        self._reject_any(cmd, out, Cmd.UNKNOWN, Reject.UNKNOWN_COMMAND, "")
+                        reject(cmd, out, Cmd.UNKNOWN, Reject.UNKNOWN_COMMAND, "")
                     else:
                         handler(self, cmd, out)
+                    continue
+                # ---- a new order. Validation only reads: no state changes before the
+                # Accepted event is emitted. One unpack of the command tuple instead of a
+                # field lookup per use.
+                ts, symbol, account, cid, side, qty, price, otype, tif, post_only, stp = cmd
+                if type(ts) is not int or ts < 0 or ts > MAX_TS_NS:
+                    reject(cmd, out, Cmd.NEW, Reject.INVALID_TIMESTAMP, "")
+                    continue
+                # Keys are plain str; whatever else is looked up misses (or, if unhashable,
+                # raises before any change). Events carry the stored key, never the input.
+                # Dict lookups here subscript (cheaper than .get in CPython 3.11) and, on
+                # KeyError, ask .get: None for a miss, or it raises again what the key's
+                # own __hash__/__eq__ raised, exactly as a plain .get would have.
+                try:
+                    book = books[symbol]
+                except KeyError:
+                    book = books.get(symbol)
+                if book is None:
+                    reject(cmd, out, Cmd.NEW, Reject.UNKNOWN_SYMBOL, "")
+                    continue
+                if book.halted:
+                    reject(cmd, out, Cmd.NEW, Reject.SYMBOL_HALTED, "")
+                    continue
+                try:
+                    acct = accounts[account]
+                except KeyError:
+                    acct = accounts.get(account)
+                if acct is None:
+                    reject(cmd, out, Cmd.NEW, Reject.UNKNOWN_ACCOUNT, "")
+                    continue
+                if cid != "":
+                    if not _valid_id(cid, MAX_ID_LEN):
+                        reject(cmd, out, Cmd.NEW, Reject.INVALID_CLIENT_ORDER_ID, "")
+                        continue
+                    if cid in acct.cids:
+                        reject(cmd, out, Cmd.NEW, Reject.DUPLICATE_CLIENT_ORDER_ID, "")
+                        continue
+                # All five enum fields in one lookup of the table of valid combinations,
+                # which also normalises them to plain ints/bools; a miss finds the reason.
+                # (Subscript as above: through .get, a tuple key costs ~3x more.)
+                try:
+                    flags = _NEW_FLAGS[side, otype, tif, stp, post_only]
+                except KeyError:
+                    flags = _NEW_FLAGS.get((side, otype, tif, stp, post_only))
+                if flags is None:
+                    reject(cmd, out, Cmd.NEW, _flags_reject(cmd), "")  # type: ignore[arg-type]
+                    continue
+                side, otype, tif, stp, post_only = flags
+                if type(qty) is not int or qty <= 0 or qty > book.max_qty:
+                    reject(cmd, out, Cmd.NEW, Reject.INVALID_QTY, "")
+                    continue
+                if qty % book.lot:
+                    reject(cmd, out, Cmd.NEW, Reject.INVALID_LOT, "")
+                    continue
+                crosses = True
+                if otype == LIMIT:
+                    if type(price) is not int or price <= 0 or price > MAX_PRICE:
+                        reject(cmd, out, Cmd.NEW, Reject.INVALID_PRICE, "")
+                        continue
+                    if price % book.tick:
+                        reject(cmd, out, Cmd.NEW, Reject.INVALID_TICK, "")
+                        continue
+                    if price < book.lo or price > book.hi:
+                        reject(cmd, out, Cmd.NEW, Reject.PRICE_OUTSIDE_BAND, "")
+                        continue
+                    if tif == GTC:
+                        if len(book.orders) >= book.max_orders:
+                            reject(cmd, out, Cmd.NEW, Reject.BOOK_FULL, "")
+                            continue
+                        if acct.n_open >= max_open:
+                            reject(cmd, out, Cmd.NEW, Reject.TOO_MANY_OPEN_ORDERS, "")
+                            continue
+                        # Best opposite price (dropping stale heap keys changes no state);
+                        # the side's own levels are picked here for the fast path below.
+                        crosses = False
+                        if side == BUY:
+                            own = book.bids
+                            heap = book.ask_heap
+                            levels = book.asks
+                            while heap:
+                                if heap[0] in levels:
+                                    if heap[0] <= price:
+                                        crosses = True
+                                    break
+                                heappop(heap)
+                        else:
+                            own = book.asks
+                            heap = book.bid_heap
+                            levels = book.bids
+                            while heap:
+                                if -heap[0] in levels:
+                                    if -heap[0] >= price:
+                                        crosses = True
+                                    break
+                                heappop(heap)
+                        if post_only and crosses:
+                            reject(cmd, out, Cmd.NEW, Reject.POST_ONLY_WOULD_CROSS, "")
+                            continue
+                else:
+                    if type(price) is not int or price != 0:
+                        reject(cmd, out, Cmd.NEW, Reject.INVALID_PRICE, "")
+                        continue
+                    price = book.mkt_buy if side == BUY else book.mkt_sell
+                # A buy reserves price * qty of the quote asset, a sell qty of the base.
+                if side == BUY:
+                    asset, need = book.quote, price * qty
+                else:
+                    asset, need = book.base, qty
+                avail = acct.avail
+                have = avail.get(asset, 0)
+                if have < need:
+                    reject(cmd, out, Cmd.NEW, Reject.INSUFFICIENT_BALANCE, "")
+                    continue
+
+                # Validated: from here on only integer arithmetic on checked values.
+                oid = book.next_oid
+                out.append((_ACCEPTED, book.symbol, oid, acct.id, cid, side, otype, tif, price,
+                            qty, ts))
+                book.next_oid = oid + 1
+                if crosses:
+                    if tif == FOK and not _fok_fillable(book, acct, side, price, qty, stp):
+                        out.append((_CANCELLED, book.symbol, oid, acct.id, cid,
+                                    CancelReason.FOK_UNFILLED, qty, ts))
+                    else:
+                        self._execute(book, acct, oid, cid, side, price, qty, tif == GTC,
+                                      post_only, stp, ts, out)
+                    continue
+                # Fast path (most orders): a GTC limit that cannot trade goes straight to
+                # its level. Same effects as _execute with no fills.
+                avail[asset] = have - need
+                acct.held[asset] += need
+                lvl = own.get(price)
+                if lvl is None:
+                    spare = book.spare  # see Book.spare
+                    lvl = own[price] = spare.pop() if spare else new_level()
+                    heap = book.bid_heap if side == BUY else book.ask_heap
+                    heappush(heap, -price if side == BUY else price)
+                o = [qty, oid, acct, cid, side, price, post_only, stp]  # see Order layout
+                lvl.dq.append(o)
+                lvl.n += 1
+                lvl.qty += qty
+                book.orders[oid] = o
+                acct.n_open += 1
+                if cid:
+                    acct.cids[cid] = o
+                out.append((_BOOK, book.symbol, side, price, lvl.qty))
             except (MemoryError, RecursionError):
                 raise
             except Exception as exc:
@@ -484,115 +626,7 @@ class Engine:
         ))
 
     # ---------------------------------------------------------------- orders
-
-    def _new(self, c: NewOrder, out: list[tuple]) -> None:
-        # Validation only reads: no state changes before the Accepted event is emitted.
-        # One unpack of the command tuple instead of a field lookup per use.
-        ts, symbol, account, cid, side, qty, price, otype, tif, post_only, stp = c
-        if type(ts) is not int or not 0 <= ts <= MAX_TS_NS:
-            return self._reject_any(c, out, Cmd.NEW, Reject.INVALID_TIMESTAMP, "")
-        # Keys are plain str; whatever else is looked up misses (or, if unhashable,
-        # raises before any change). Events carry the stored key, never the input value.
-        book = self.books.get(symbol)
-        if book is None:
-            return self._reject_any(c, out, Cmd.NEW, Reject.UNKNOWN_SYMBOL, "")
-        if book.halted:
-            return self._reject_any(c, out, Cmd.NEW, Reject.SYMBOL_HALTED, "")
-        sym = book.symbol
-        acct = self.accounts.get(account)
-        if acct is None:
-            return self._reject_any(c, out, Cmd.NEW, Reject.UNKNOWN_ACCOUNT, "")
-        aid = acct.id
-        if cid != "":
-            if not _valid_id(cid, MAX_ID_LEN):
-                return self._reject_any(c, out, Cmd.NEW, Reject.INVALID_CLIENT_ORDER_ID, "")
-            if cid in acct.cids:
-                return self._reject_any(c, out, Cmd.NEW, Reject.DUPLICATE_CLIENT_ORDER_ID, "")
-        # All five enum fields in one lookup of the table of valid combinations, which
-        # also normalises them to plain ints/bools; a miss finds the precise reason.
-        flags = _NEW_FLAGS.get((side, otype, tif, stp, post_only))
-        if flags is None:
-            return self._reject_any(c, out, Cmd.NEW, _flags_reject(c), "")
-        side, otype, tif, stp, post_only = flags
-        if type(qty) is not int or not 0 < qty <= book.max_qty:
-            return self._reject_any(c, out, Cmd.NEW, Reject.INVALID_QTY, "")
-        if qty % book.lot:
-            return self._reject_any(c, out, Cmd.NEW, Reject.INVALID_LOT, "")
-        crosses = True
-        if otype == LIMIT:
-            if type(price) is not int or not 0 < price <= MAX_PRICE:
-                return self._reject_any(c, out, Cmd.NEW, Reject.INVALID_PRICE, "")
-            if price % book.tick:
-                return self._reject_any(c, out, Cmd.NEW, Reject.INVALID_TICK, "")
-            if price < book.lo or price > book.hi:
-                return self._reject_any(c, out, Cmd.NEW, Reject.PRICE_OUTSIDE_BAND, "")
-            if tif == GTC:
-                if len(book.orders) >= book.max_orders:
-                    return self._reject_any(c, out, Cmd.NEW, Reject.BOOK_FULL, "")
-                if acct.n_open >= self._max_open:
-                    return self._reject_any(c, out, Cmd.NEW, Reject.TOO_MANY_OPEN_ORDERS, "")
-                # Best opposite price (dropping stale heap keys is not a state change).
-                if side == BUY:
-                    heap = book.ask_heap
-                    levels = book.asks
-                    while heap and heap[0] not in levels:
-                        heappop(heap)
-                    crosses = bool(heap) and heap[0] <= price
-                else:
-                    heap = book.bid_heap
-                    levels = book.bids
-                    while heap and -heap[0] not in levels:
-                        heappop(heap)
-                    crosses = bool(heap) and -heap[0] >= price
-                if post_only and crosses:
-                    return self._reject_any(c, out, Cmd.NEW, Reject.POST_ONLY_WOULD_CROSS, "")
-        else:
-            if type(price) is not int or price != 0:
-                return self._reject_any(c, out, Cmd.NEW, Reject.INVALID_PRICE, "")
-            price = book.mkt_buy if side == BUY else book.mkt_sell
-        # A buy reserves price * qty of the quote asset, a sell qty of the base asset.
-        if side == BUY:
-            asset, need = book.quote, price * qty
-        else:
-            asset, need = book.base, qty
-        avail = acct.avail
-        have = avail.get(asset, 0)
-        if have < need:
-            return self._reject_any(c, out, Cmd.NEW, Reject.INSUFFICIENT_BALANCE, "")
-
-        # Validated: from here on only integer arithmetic on checked values.
-        oid = book.next_oid
-        out.append((_ACCEPTED, sym, oid, aid, cid, side, otype, tif, price, qty, ts))
-        book.next_oid = oid + 1
-        if not crosses:
-            # Fast path (most orders): a GTC limit that cannot trade goes straight to its
-            # level. Same effects as _execute with no fills.
-            avail[asset] = have - need
-            acct.held[asset] += need
-            own = book.bids if side == BUY else book.asks
-            lvl = own.get(price)
-            if lvl is None:
-                lvl = own[price] = _take_level(book)
-                heap = book.bid_heap if side == BUY else book.ask_heap
-                heappush(heap, -price if side == BUY else price)
-                if len(heap) > 2 * len(own) + _COMPACT_SLACK:
-                    _rebuild_heap(heap, own, side)
-            o = [qty, oid, acct, cid, side, price, post_only, stp]  # see Order layout
-            lvl.dq.append(o)
-            lvl.n += 1
-            lvl.qty += qty
-            book.orders[oid] = o
-            acct.n_open += 1
-            if cid:
-                acct.cids[cid] = o
-            out.append((_BOOK, sym, side, price, lvl.qty))
-            return None
-        if tif == FOK and not _fok_fillable(book, acct, side, price, qty, stp):
-            out.append((_CANCELLED, sym, oid, aid, cid, CancelReason.FOK_UNFILLED, qty, ts))
-            return None
-        self._execute(book, acct, oid, cid, side, price, qty, tif == GTC, post_only, stp, ts,
-                      out)
-        return None
+    # (New orders are validated in ``process_batch``.)
 
     def _execute(self, book: Book, acct: Account, oid: int, cid: str, side: int, price: int,
                  qty: int, may_rest: bool, post_only: bool, stp: int, ts: int,
@@ -723,25 +757,37 @@ class Engine:
             elif stp_hit:
                 out.append((_BOOK, sym, oside, p, lvl.qty))
             if not lvl.n:
-                _drop_level(book, levels, p, lvl)
+                # _drop_level inline (a level empties in most marketable orders); its key
+                # is the heap's top.
+                del levels[p]
                 heappop(heap)
+                spare = book.spare
+                if len(spare) < _SPARE_LEVELS:
+                    dq.clear()
+                    lvl.qty = 0
+                    spare.append(lvl)
             if kill or capped:
                 break
         filled = qty - q - dec
-        assert 0 <= q <= qty and 0 <= filled <= qty and value >= 0
+        # No over-fill. (q <= qty, filled <= qty and value >= 0 hold by construction: q
+        # only decreases, and dec, prices and quantities are positive.)
+        assert q >= 0 and filled >= 0
         rest = q if (may_rest and not kill and not capped) else 0
-        # Settle the taker in one step: pay for fills, reserve what rests.
+        # Settle the taker in one step: pay for fills, reserve what rests (nothing, for
+        # IOC and market orders: skip the no-op; a 0 balance is the same as none).
         if side == BUY:
             hold = price * rest
             a = acct.avail
             a[quote] -= value + hold
             a[base] += filled
-            acct.held[quote] += hold
+            if hold:
+                acct.held[quote] += hold
         else:
             a = acct.avail
             a[base] -= filled + rest
             a[quote] += value
-            acct.held[base] += rest
+            if rest:
+                acct.held[base] += rest
         if value:
             book.traded = True
             if last_px != book.ref:
@@ -753,8 +799,6 @@ class Engine:
                 lvl = own[price] = _take_level(book)
                 heap = book.bid_heap if side == BUY else book.ask_heap
                 heappush(heap, -price if side == BUY else price)
-                if len(heap) > 2 * len(own) + _COMPACT_SLACK:
-                    _rebuild_heap(heap, own, side)
             o = [rest, oid, acct, cid, side, price, post_only, stp]  # see Order layout
             lvl.dq.append(o)
             lvl.n += 1
@@ -806,13 +850,34 @@ class Engine:
         return book, acct, o
 
     def _cancel(self, c: CancelOrder, out: list[tuple]) -> None:
-        found = self._find(c, Cmd.CANCEL, out)
-        if found is None:
-            return
-        book, acct, o = found
+        # ``_find`` specialised for the second most common command (the same checks in
+        # the same order): one unpack of the command instead of a field lookup per use,
+        # and a call less.
+        ts, symbol, account, oid, cid = c
+        kind = Cmd.CANCEL
+        if type(ts) is not int or not 0 <= ts <= MAX_TS_NS:
+            return self._reject_any(c, out, kind, Reject.INVALID_TIMESTAMP, "")
+        book = self.books.get(symbol)
+        if book is None:
+            return self._reject_any(c, out, kind, Reject.UNKNOWN_SYMBOL, "")
+        if book.halted:
+            return self._reject_any(c, out, kind, Reject.SYMBOL_HALTED, "")
+        acct = self.accounts.get(account)
+        if acct is None:
+            return self._reject_any(c, out, kind, Reject.UNKNOWN_ACCOUNT, "")
+        if type(oid) is not int or type(cid) is not str or (oid == 0 and cid == ""):
+            return self._reject_any(c, out, kind, Reject.INVALID_ORDER_REF, "")
+        orders = book.orders
+        o = orders.get(oid) if oid else acct.cids.get(cid)
+        if o is None or o[ACCT] is not acct or orders.get(o[OID]) is not o:
+            out.append((_REJECTED, book.symbol, acct.id, cid if cid == "" or _valid_id(
+                cid, MAX_ID_LEN) else "", oid if 0 <= oid <= MAX_TS_NS else 0, kind,
+                Reject.UNKNOWN_ORDER, "", ts))
+            return None
         out.append((_CANCELLED, book.symbol, o[OID], acct.id, o[CID], CancelReason.USER, o[QTY],
-                    c.ts_ns))
+                    ts))
         _unlink(book, o, out)
+        return None
 
     def _replace(self, c: ReplaceOrder, out: list[tuple]) -> None:
         found = self._find(c, Cmd.REPLACE, out)
@@ -993,7 +1058,14 @@ def _unlink(book: Book, o: Order, out: list[tuple]) -> None:
     qty, oid, acct, cid, side, price = o[:POST_ONLY]  # the Order layout's first fields
     levels = book.bids if side == BUY else book.asks
     lvl = levels[price]
-    _release(acct, side, price, qty, book.base, book.quote)
+    # _release, inline (every cancel and replace comes here).
+    if side == BUY:
+        v = price * qty
+        acct.held[book.quote] -= v
+        acct.avail[book.quote] += v
+    else:
+        acct.held[book.base] -= qty
+        acct.avail[book.base] += qty
     o[QTY] = 0
     lvl.qty -= qty
     lvl.n -= 1
@@ -1004,6 +1076,12 @@ def _unlink(book: Book, o: Order, out: list[tuple]) -> None:
     dq = lvl.dq
     if not lvl.n:
         _drop_level(book, levels, price, lvl)
+        # Its heap key stays, stale (skipped and popped when it reaches the top). This is
+        # the only place stale keys are made (matching pops the key of a level it
+        # empties), so the heap is compacted here when they outnumber live levels.
+        heap = book.bid_heap if side == BUY else book.ask_heap
+        if len(heap) > 2 * len(levels) + _COMPACT_SLACK:
+            _rebuild_heap(heap, levels, side)
     elif dq[0] is o:
         dq.popleft()
     elif len(dq) > 2 * lvl.n + _COMPACT_SLACK:
@@ -1042,7 +1120,6 @@ def _fok_fillable(book: Book, acct: Account, side: int, price: int, qty: int,
 
 
 _HANDLERS = {
-    NewOrder: Engine._new,
     CancelOrder: Engine._cancel,
     ReplaceOrder: Engine._replace,
     ReduceOrder: Engine._reduce,

@@ -686,6 +686,46 @@ def test_level_compaction_and_heap_rebuild_keep_priority() -> None:
         limit("c", SELL, 1, 91))
 
 
+def test_heap_stays_bounded_when_levels_empty_every_way() -> None:
+    # Stale heap keys are made only by cancels that empty a level (matching pops the key
+    # of a level it empties), and the heap is compacted there: it stays bounded whatever
+    # mix of cancels, re-created prices and sweeps empties the levels. A live best bid
+    # keeps the stale keys below it from being popped at the top.
+    e = make(band_bps=5000)
+    book = e.books[SYM]
+    run(e, limit("c", BUY, 5, 99))
+    oid = 1
+    longest = 0
+    for i in range(600):
+        run(e, limit("a", BUY, 1, 60 + (i * 7) % 39))  # many prices, recurring
+        oid += 1
+        if i % 4:
+            run(e, CancelOrder(11, SYM, "a", order_id=oid))
+        if i % 150 == 149:
+            run(e, market("b", SELL, 30))  # sweeps levels from the top: pops their keys
+            run(e, limit("c", BUY, 5, 99))
+            oid += 2
+        longest = max(longest, len(book.bid_heap))
+        assert len(book.bid_heap) <= 2 * len(book.bids) + 16 + 1
+    assert longest > len(book.bids) + 16  # stale keys did pile up between compactions
+    assert book.best_bid() == max(book.bids)
+
+
+def test_process_equals_process_batch() -> None:
+    cmds = [limit("a", BUY, 1 + i % 3, 95 + i % 5) if i % 4 else market("b", SELL, 2)
+            for i in range(200)]
+    cmds += [CancelOrder(11, SYM, "a", order_id=oid) for oid in range(1, 120, 3)]
+    cmds += ["garbage", None, limit("a", 7, 1, 100), limit("nobody", BUY, 1, 100)]
+    one, batch = make(), make()
+    out1: list[tuple] = []
+    for c in cmds:
+        one.process(c, out1)
+    out2: list[tuple] = []
+    for i in range(0, len(cmds), 7):
+        batch.process_batch(cmds[i:i + 7], out2)
+    assert out1 == out2 and snapshot_bytes(one) == snapshot_bytes(batch)
+
+
 def test_gc_freezer_takes_long_lived_objects_out_of_full_collections() -> None:
     """Resting orders (tracked lists) that survive ``every`` inputs are frozen: a full
     collection no longer walks them, and they are still freed by reference counting."""
