@@ -11,8 +11,11 @@ before the lease can expire; safety comes from terms and promises, not from the 
 An etcd that lost its data (or a new one under old logs: `xdc cluster up` on an old
 directory) grants revisions, so terms, from 1 again: a candidate whose term is at or
 below what the voters promised is refused (SteppedDown 'stale term', 'higher term', or
-TERM_TAKEN when a voter promised that very term to another node) and campaigns again,
-each campaign taking the revision further up, until its term is above every promise.
+TERM_TAKEN when a voter promised that very term to another node) and campaigns again.
+A candidate that wins a term not above its own promise or the other voters' (as their
+pre-check Tip answers tell) gives it back at once and moves etcd's revision past them
+(Leadership.advance_revision: one put per revision, about 1 ms each), so the next term
+is above every promise: some 10x faster than campaigning up two revisions at a time.
 
 Lost disks: before it serves anything, a member records in etcd that it joined
 (`/<cluster>/members/<id>`), then marks its data directory with the cluster's name. A
@@ -132,6 +135,9 @@ class ClusterNode:
         # After losing its quorum a node lets the others campaign first: it is likely the
         # one cut off, and still reaching etcd it would take the seat back in vain.
         self._campaign_after = 0.0
+        # The highest term the other voters had promised at the last pre-check: a won term
+        # not above it (or our own promise) is given back at once (_election_loop).
+        self._peers_promised = 0
         # Until then (monotonic) a planned switchover is under way: see _tier_reading.
         self._planned_until = 0.0
         self._followed_term = 0  # the last term this node followed (or led) an open leader in
@@ -485,6 +491,20 @@ class ClusterNode:
                 term = await self.leadership.campaign(designated)
                 if term is None:
                     continue
+                floor = max(self.store.log.promised_term if self.store.log else 0,
+                            self._peers_promised)
+                if term <= floor:
+                    # etcd counts revisions, so terms, from 1 again: it lost its data, or
+                    # a new one runs under the old logs. The voters would refuse this term
+                    # (core rule 1): give the key back and move etcd's revision past every
+                    # promise known, so that the next campaign's term is above them.
+                    log.warning("%s: won term %d but terms up to %d were promised before: "
+                                "etcd lost its data, or a new etcd runs under the old logs; "
+                                "moving its revision past %d", self.id, term, floor, floor)
+                    await self.leadership.resign(term)
+                    reached = await self.leadership.advance_revision(floor)
+                    log.info("%s: etcd revision now %d", self.id, reached)
+                    continue
                 self.failover.leader_seen(term, won=True)
                 log.info("%s: won the leader key, term %d", self.id, term)
                 self.store.role.name = "candidate"
@@ -518,8 +538,11 @@ class ClusterNode:
         assert self.replicator is not None
         own = Tip(self.store.log.last_term if self.store.log else 0,
                   self.store.log.last_position if self.store.log else 0)
+        tips = await self._peer_tips()
+        self._peers_promised = max((r.promised_term for r in tips.values() if r is not None),
+                                   default=0)
         peers = {p: Tip(r.last_term, r.last_position) if r is not None and not r.rejoining
-                 else None for p, r in (await self._peer_tips()).items()}
+                 else None for p, r in tips.items()}
         return should_campaign(own, peers)
 
     async def _peer_tips(self) -> dict[str, rpb.TipResponse | None]:
