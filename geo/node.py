@@ -616,8 +616,9 @@ class ClusterNode:
                     # further up, past the terms granted before it lost its data.
                     log.warning("%s: term %d was granted before, to another node: etcd "
                                 "lost its data, or a new etcd runs under the old logs "
-                                "(`xdc cluster up` on an old directory); campaigning again",
-                                self.id, e.term)
+                                "(`xdc cluster up` on an old directory); or a voter's log "
+                                "predates promised_to (once, after an upgrade); campaigning "
+                                "again", self.id, e.term)
                 self._unpark()
                 self.store.role.name = self._follower_role()
                 self._set_writes_health(False)

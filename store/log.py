@@ -17,8 +17,10 @@ Named databases:
   cluster member also `cluster` (the name of the cluster it joined: a directory without
   it is new, or lost its former content), `rejoin_term` (a voter that lost its disk
   and has not caught up yet, geo/replication/core.py), both absent otherwise, and
-  `promised_to` (the member the promised term was promised to, Raft's votedFor; absent
-  when not known, as in a log written before it existed: it reads as "").
+  `promised_to` (the member the promised term was promised to, Raft's votedFor; "" when
+  promised to nobody known yet, as a wiped voter's fence; absent in a log written before
+  it existed, which promised its term to a member it did not record: it reads as
+  PROMISED_TO_UNKNOWN).
 
 Only the writer thread calls the `append_*` and `write_*` methods; readers open their
 own read transactions. Positions are dense from 1; revisions are dense from 1 per
@@ -47,6 +49,12 @@ from store.recent_ids import RecentIds
 from xdc.v1 import eventstore_pb2 as pb
 
 SCHEMA_VERSION = 1
+# `promised_to` of a log that promised a term before the key existed: to a member it did
+# not record. No member id matches it (ids start with a letter or digit, geo/config.py), so
+# that term is refused to every node (geo/replication/core.py rule 1): read as "" (bind to
+# the first), a term granted again by an etcd that lost its data could get two leaders.
+# Costs at most one election after an upgrade (the leader of that term steps down).
+PROMISED_TO_UNKNOWN = "?"
 # The map is a reservation of address space, not of disk: on Linux LMDB grows the file
 # as pages are written, so a large map means the store grows without operator action
 # and the disk, not the map, is what fills first (handled as a clear error).
@@ -316,7 +324,9 @@ class Log:
             self.cluster_id = txn.get(b"cluster_id", db=self.meta_db).decode()
             self.node_id = txn.get(b"node_id", db=self.meta_db).decode()
             self.promised_term = _BE64.unpack(txn.get(b"promised_term", db=self.meta_db))[0]
-            self.promised_to = (txn.get(b"promised_to", db=self.meta_db) or b"").decode()
+            promised_to = txn.get(b"promised_to", db=self.meta_db)
+            self.promised_to = (promised_to.decode() if promised_to is not None
+                                else PROMISED_TO_UNKNOWN if self.promised_term else "")
             self.commit_position = _BE64.unpack(txn.get(b"commit_position", db=self.meta_db))[0]
             self.cluster = (txn.get(b"cluster", db=self.meta_db) or b"").decode()
             rejoin = txn.get(b"rejoin_term", db=self.meta_db)
@@ -618,10 +628,9 @@ class Log:
             self.commit_position = commit_position
 
     def _put_promised_to(self, txn: lmdb.Transaction, node: str) -> None:
-        if node:
-            txn.put(b"promised_to", node.encode(), db=self.meta_db)
-        elif self.promised_to:
-            txn.delete(b"promised_to", db=self.meta_db)
+        # Written even when "" (promised to nobody known yet: the first leader of the term
+        # binds it): an absent key means PROMISED_TO_UNKNOWN.
+        txn.put(b"promised_to", node.encode(), db=self.meta_db)
         self.promised_to = node
 
     def _put_streams_and_runs(self, txn: lmdb.Transaction, streams: dict[bytes, list[int]],

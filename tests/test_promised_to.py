@@ -1,6 +1,7 @@
 """`promised_to` (Raft's votedFor, geo/replication/core.py rule 1) on a real LMDB log: kept
-in `meta` with the promised term, read back by the replicator at start, and absent (read
-as "") in a data directory written before it existed."""
+in `meta` with the promised term, read back by the replicator at start, and absent in a
+data directory written before it existed: read as PROMISED_TO_UNKNOWN, which refuses that
+term to every node."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from geo.replicator import term_start_record
-from store.log import Log
+from store.log import PROMISED_TO_UNKNOWN, Log
 from tests.test_replicator import Harness, run
 
 
@@ -32,7 +33,7 @@ def test_the_promise_and_its_node_are_kept_together(tmp_path: Path) -> None:
     # a new term raised without knowing who holds it
     with contextlib.closing(Log(str(path))) as log_, log_.write() as txn:
         log_.set_meta(txn, promised_term=4)
-    assert meta_of(path) == (4, "", None)
+    assert meta_of(path) == (4, "", b"")  # written: absent would mean unknown
     with contextlib.closing(Log(str(path))) as log_:
         with log_.write() as txn:  # ... is bound by the first leader of that term
             log_.set_meta(txn, promised_term=4, promised_to="b")
@@ -48,17 +49,17 @@ def test_the_promise_and_its_node_are_kept_together(tmp_path: Path) -> None:
     assert meta_of(path) == (4, "b", b"b")
 
 
-def test_a_data_directory_older_than_promised_to_opens_promised_to_nobody(
+def test_a_data_directory_older_than_promised_to_opens_promised_to_an_unknown_node(
         tmp_path: Path) -> None:
     path = tmp_path / "log"
     with contextlib.closing(Log(str(path))) as log_, log_.write() as txn:
         # what a log of the previous version holds: a promised term, no promised_to key
         txn.put(b"promised_term", (9).to_bytes(8, "big"), db=log_.meta_db)
-    assert meta_of(path) == (9, "", None)
+    assert meta_of(path) == (9, PROMISED_TO_UNKNOWN, None)
 
     async def body(h: Harness) -> None:
         core = h.rep.core
-        assert (core.promised_term, core.promised_to) == (9, "")
+        assert (core.promised_term, core.promised_to) == (9, PROMISED_TO_UNKNOWN)
     run(body, path)
 
 

@@ -44,6 +44,7 @@ from geo.replication.messages import (
     SteppedDown,
     Tip,
 )
+from store.log import PROMISED_TO_UNKNOWN
 
 
 def payload(term: int, pos: int) -> bytes:
@@ -359,6 +360,41 @@ def test_a_candidate_promises_its_term_to_itself() -> None:
     a.step_down("lease lost")
     a.become_leader(4)
     assert a.drain()[-1] == SteppedDown(4, "stale term")
+
+
+def test_a_candidate_counts_a_majority_only_with_its_own_durable_promise() -> None:
+    # b and c promise 5 to a before a's own promise is durable. Counting them would start
+    # a term whose promise a can still lose in a crash: etcd (having lost its data) could
+    # then grant 5 to a again, and a second term-start record of term 5 would be written.
+    c = Cluster({"a": [1, 1], "b": [1, 1], "c": [1, 1]})
+    a = c.nodes["a"]
+    c.hold.add("a")
+    c.elect("a", 5)
+    assert c.nodes["b"].promised_to == c.nodes["c"].promised_to == "a"
+    assert a.role == Role.CANDIDATE and not any(isinstance(m, Append) for m in c.sent)
+    c.release("a")  # durable now: the term starts
+    c.deliver()
+    assert a.role == Role.LEADER and terms_of(c.disks["b"]) == [1, 1, 5]
+
+
+def test_a_log_older_than_promised_to_refuses_its_term_to_every_node() -> None:
+    # a led term 5 before promised_to existed; a and c hold its uncommitted records 4..5
+    # and 4, promised to a, which their logs do not say (PROMISED_TO_UNKNOWN). etcd grants
+    # 5 again, to the lagging b: binding 5 to the first asker would let b lead term 5 with
+    # c, write other records at 4..5 of term 5, and a would keep its own (same terms).
+    voters = ["a", "b", "c"]
+    c = Cluster({"a": [1], "b": [1], "c": [1]})
+    for n, terms in (("a", [1, 1, 1, 5, 5]), ("c", [1, 1, 1, 5]), ("b", [1])):
+        d = c.disks[n] = disk_with(terms, promised=5 if n != "b" else 1,
+                                   promised_to=PROMISED_TO_UNKNOWN if n != "b" else "x")
+        c.nodes[n] = Node(n, voters, [], d, promised_term=d.promised_term,
+                          promised_to=d.promised_to, commit=3 if n != "b" else 0)
+    b = c.elect("b", 5)
+    assert c.of("b", SteppedDown) == [SteppedDown(5, TERM_TAKEN)] and not b.is_open
+    assert c.nodes["a"].promised_to == c.nodes["c"].promised_to == PROMISED_TO_UNKNOWN
+    # a later term is promised as usual, and its leader holds a's records
+    b = c.elect("b", 6)
+    assert b.is_open and terms_of(c.disks["b"]) == [1, 1, 1, 5, 5, 6]
 
 
 def test_a_candidate_gives_up_a_term_promised_to_another_node() -> None:

@@ -18,7 +18,8 @@ limits=Limits(...))``
   later writes (applied, not yet acknowledged), never a write out of order. The machine
   keeps in memory only the entries of writes it has not seen acknowledged yet.
 * ``P`` = ``meta.promised_term``; ``N`` = ``meta.promised_to``: the node P was promised to
-  ("" when not known yet, e.g. a data directory written before the key existed);
+  ("" when promised to nobody yet, e.g. a wiped voter's fence; for a data directory written
+  before the key existed, a value no node id matches: store/log.py PROMISED_TO_UNKNOWN);
   ``C`` = ``meta.commit`` (0 for a new node). ``commit`` may lag (persist it lazily, from
   ``Committed`` effects only), never lead.
 * ``rejoin_term`` = ``meta.rejoin_term``: 0, or F for a voter that lost its disk and has
@@ -82,8 +83,11 @@ Protocol (the reason for each rule is next to its code)
    never gathers a quorum again: a majority has promised the newer term.
    A promise is made to ONE node (Raft's votedFor): ``promised_to``, persisted atomically
    with ``promised_term``, is the sender of the Promise or Append that raised it (a
-   candidate promises itself), or "" when not known (a wiped voter's fence, an old data
-   directory), in which case the first Promise or Append of that term binds it. A Promise,
+   candidate promises itself), or "" when promised to nobody yet (a wiped voter's fence),
+   in which case the first Promise or Append of that term binds it. A log that promised
+   its term before ``promised_to`` existed does not know to whom: the shell passes a value
+   no node id matches, and that term is refused to every node (binding it to the first
+   asker could give it a second leader). A Promise,
    Append or Fetch of the promised term from any other node is rejected like a lower term
    (``higher_term`` = that same term: the sender steps down with :data:`TERM_TAKEN`).
    Terms are unique only while etcd keeps its data: an etcd that lost it (or a new, empty
@@ -273,7 +277,8 @@ REJOIN_FENCE = "fenced by a rejoining voter"
 # granted it twice (etcd lost its data, or a new etcd runs under the old logs). The term
 # is unusable; the shell resigns the key and campaigns again for a new revision (no wait:
 # nobody else is known to lead, and each campaign moves the revision up).
-TERM_TAKEN = "term already promised to another node (granted twice: etcd lost its data?)"
+TERM_TAKEN = ("term already promised to another node (granted twice: etcd lost its data?) "
+              "or to one a log older than promised_to did not record")
 
 
 def quorum(voters: int) -> int:
@@ -983,7 +988,10 @@ class Node:
         self._check_promises()
 
     def _check_promises(self) -> None:
-        if len(self._promises) < self.quorum:
+        # Our own promise must be among them, durable: without it a majority of others
+        # could count for a term whose promise we may lose in a crash, and etcd could
+        # grant it to us again in another incarnation (a second term-start record).
+        if len(self._promises) < self.quorum or self.id not in self._promises:
             return
         # Every committed record is on a majority of voters and so on at least one promiser;
         # the promiser whose last entry has the highest term (then position) holds them all.
