@@ -401,8 +401,11 @@ class Engine:
         for any input (except ``MemoryError``/``RecursionError``)."""
         self.process_batch((cmd,), out)
 
-    def process_batch(self, cmds: Iterable[object], out: list[tuple]) -> None:
-        """``process`` each command in order (the consumer's hot loop).
+    def process_batch(self, cmds: Iterable[object], out: list[tuple],
+                      starts: list[int] | None = None) -> None:
+        """``process`` each command in order (the consumer's hot loop). With ``starts``,
+        the index in ``out`` where each command's events begin is appended to it (one
+        append per command: the consumer splits a batch's events by input with it).
 
         New orders, the bulk of all input, are handled inline rather than by a method
         call per command, with what they read from the engine hoisted out of the loop;
@@ -416,6 +419,8 @@ class Engine:
         handlers = _HANDLERS
         for cmd in cmds:
             n0 = len(out)
+            if starts is not None:
+                starts.append(n0)
             try:
                 if type(cmd) is not NewOrder:
                     if type(cmd) is CancelOrder:  # the next most common

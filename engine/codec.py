@@ -25,6 +25,7 @@ outputs from the one that was snapshotted.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import struct
 from collections.abc import Callable
@@ -268,6 +269,40 @@ _FRAMED = {tag: _compile_event_encoder(tag) for tag in FIELD_KINDS}
 _COMMON_TAGS = (BOOK, ACCEPTED, FILL, REJECTED, CANCELLED)
 
 
+# Event fields whose strings are mostly new (client order ids): looked up with .get; the
+# others (symbols, accounts, reasons) are almost always in _STR_CACHE and subscripted
+# (cheaper than a call; a miss raises KeyError once per string).
+_UNCACHED_FIELDS = ("client_order_id",)
+
+
+def _event_lines(indent: str, env: dict[str, Any]) -> list[str]:
+    """The body of each common tag's encoder, for a loop over events ``r`` that appends
+    each event's parts to ``parts`` (other tags go through ``_FRAMED``). ``parts.append``
+    as a method call: CPython 3.11 specialises it to an inline list append."""
+    env["_cache"] = _STR_CACHE
+    lines = [f"{indent}tag = r[0]"]
+    for k, tag in enumerate(_COMMON_TAGS):
+        ints, strs = _EVENT_INT_POS[tag], _EVENT_STR_POS[tag]
+        head = struct.Struct("<HB" + "q" * len(ints))
+        env[f"_head{tag}"] = head.pack
+        svars = [f"s{i}" for i in strs]
+        length = " + ".join([str(head.size - 2)] + [f"len({v})" for v in svars])
+        names = [f.name for f in dataclasses.fields(EVENT_CLASSES[tag])]
+        lines.append(f"{indent}{'if' if k == 0 else 'elif'} tag == {tag}:")
+        for i, v in zip(strs, svars, strict=True):
+            if names[i - 1] in _UNCACHED_FIELDS:
+                lines.append(f"{indent}    {v} = _cached(r[{i}]) or _str(r[{i}])")
+            else:
+                lines += [f"{indent}    try:", f"{indent}        {v} = _cache[r[{i}]]",
+                          f"{indent}    except KeyError:", f"{indent}        {v} = _str(r[{i}])"]
+        args = ", ".join(f"r[{i}]" for i in ints)
+        lines.append(f"{indent}    parts.append(_head{tag}({length}, {tag}, {args}))")
+        lines.extend(f"{indent}    parts.append({v})" for v in svars)
+    lines += [f"{indent}else:",
+              f"{indent}    parts.append(_framed[tag](r))"]
+    return lines
+
+
 def _compile_framed_encoder() -> Any:
     """``encode_framed`` as straight-line code: the body of each common tag's encoder
     inlined in one loop over the events, writing the parts of every event into one list
@@ -278,24 +313,9 @@ def _compile_framed_encoder() -> Any:
     env: dict[str, Any] = {"_cached": _STR_CACHE.get, "_str": _str, "_framed": _FRAMED}
     lines = ["def encode_framed(raws, head=b''):",
              "    parts = [head]",
-             "    append = parts.append",
              "    for r in raws:  # a loop, not a comprehension: no extra frame per call",
-             "        tag = r[0]"]
-    for k, tag in enumerate(_COMMON_TAGS):
-        ints, strs = _EVENT_INT_POS[tag], _EVENT_STR_POS[tag]
-        head = struct.Struct("<HB" + "q" * len(ints))
-        env[f"_head{tag}"] = head.pack
-        svars = [f"s{i}" for i in strs]
-        length = " + ".join([str(head.size - 2)] + [f"len({v})" for v in svars])
-        lines.append(f"        {'if' if k == 0 else 'elif'} tag == {tag}:")
-        for i, v in zip(strs, svars, strict=True):
-            lines.append(f"            {v} = _cached(r[{i}]) or _str(r[{i}])")
-        args = ", ".join(f"r[{i}]" for i in ints)
-        lines.append(f"            append(_head{tag}({length}, {tag}, {args}))")
-        lines.extend(f"            append({v})" for v in svars)
-    lines += ["        else:",
-              "            append(_framed[tag](r))",
-              "    return b''.join(parts)"]
+             *_event_lines("        ", env),
+             "    return b''.join(parts)"]
     exec("\n".join(lines) + "\n", env)  # built above from the event field table alone
     return env["encode_framed"]
 
@@ -303,6 +323,38 @@ def _compile_framed_encoder() -> Any:
 # encode_framed(raws, head=b"") -> bytes: ``head``, then ``u16 length + canonical bytes``
 # of each raw event (the generated function itself: a wrapper would cost a call per input).
 encode_framed: Callable[..., bytes] = _compile_framed_encoder()
+
+
+def _compile_chained_encoder() -> Any:
+    """``encode_chained``: ``encode_framed`` and the chain hash of each input of a batch
+    in one generated loop (the consumer's hot path: one call per batch of inputs, not a
+    call per input to encode and another to hash)."""
+    env: dict[str, Any] = {"_cached": _STR_CACHE.get, "_str": _str, "_framed": _FRAMED,
+                           "_sha256": hashlib.sha256, "_new": tuple.__new__}
+    lines = ["def encode_chained(raws, starts, positions, first, chain, head, emit, cls):",
+             "    for position, start, end in zip(positions[first:], starts[first:],",
+             "                                    starts[first + 1:]):",
+             "        if start == end:",
+             "            continue",
+             "        assert end - start < 65_536",
+             "        parts = [head(position, end - start)]",
+             "        for r in raws[start:end]:",
+             *_event_lines("            ", env),
+             "        blob = b''.join(parts)",
+             "        chain = _sha256(chain + blob).digest()",
+             "        emit(_new(cls, (position, blob, chain)))",
+             "    return chain"]
+    exec("\n".join(lines) + "\n", env)  # built above from the event field table alone
+    return env["encode_chained"]
+
+
+# encode_chained(raws, starts, positions, first, chain, head, emit, cls) -> chain: for
+# each input i from ``first`` on whose events ``raws[starts[i]:starts[i + 1]]`` are not
+# none, ``blob = head(positions[i], number of events) + encode_framed(its events)`` and
+# ``chain = sha256(chain + blob)``, then ``emit(cls(positions[i], blob, chain))`` (a
+# tuple subclass); returns the last chain. ``starts`` has one more entry than
+# ``positions``: the end of the last input's events.
+encode_chained: Callable[..., bytes] = _compile_chained_encoder()
 
 
 def encode_event(raw: tuple) -> bytes:
@@ -444,15 +496,122 @@ def _compile_decoder(cls: type) -> Any:
     return env["decode"]
 
 
-_DECODERS = tuple(_compile_decoder(cls) for cls in COMMAND_CLASSES)
+# Decoded strings of the fields that repeat (symbols, accounts): one dict lookup instead
+# of a decode, and the engine's lookups by them find their hash cached in the str.
+_INTERN_FIELDS = ("symbol", "account")
+_INTERNED: dict[bytes, str] = {}
+_INTERNED_MAX = 16_384
+
+
+def _intern(b: bytes) -> str:
+    s = b.decode("ascii")  # UnicodeDecodeError: the caller's checked path names it
+    if len(_INTERNED) >= _INTERNED_MAX:
+        _INTERNED.clear()
+    _INTERNED[b] = s
+    return s
+
+
+# (symbol, account) of the commands that start with both (orders, cancels, replaces,
+# reductions), by their bytes with both length bytes: one lookup for the two.
+_INTERNED_PAIRS: dict[bytes, tuple[str, str]] = {}
+
+
+def _intern_pair(b: bytes) -> tuple[str, str]:
+    n = b[0]
+    pair = (b[1:1 + n].decode("ascii"), b[2 + n:].decode("ascii"))
+    if len(_INTERNED_PAIRS) >= _INTERNED_MAX:
+        _INTERNED_PAIRS.clear()
+    _INTERNED_PAIRS[b] = pair
+    return pair
+
+
+def _compile_fast_decoder(cls: type, checked: Any) -> Any:
+    """``decode(data, ts_ns=None)`` for one command class: ``checked`` (above) for any
+    malformed bytes, and for well-formed ones the same command read with fewer steps:
+    the string lengths are followed first (an index past the end raises IndexError) and
+    the whole is checked by its length once, then the fixed runs are unpacked and the
+    strings decoded. Anything irregular (wrong length, a bool byte over 1, a non-ASCII
+    string, data too short) goes to ``checked``, which refuses it with its own reason,
+    so both accept and refuse exactly the same bytes with the same result."""
+    fields = _CMD_FIELDS[cls]
+    assert fields[0] == ("ts_ns", "int"), cls
+    env: dict[str, Any] = {"_make": tuple.__new__, "_cls": cls, "_ts": _TS.unpack_from,
+                           "_checked": checked, "_interned": _INTERNED, "_intern": _intern,
+                           "_pairs": _INTERNED_PAIRS, "_intern_pair": _intern_pair}
+    ends: list[str] = []  # each string's end, in field order
+    unpacks: list[str] = []  # each fixed run, once the length is known right
+    checks: list[str] = []
+    strings: list[str] = []
+    names = ["ts_ns"]
+    run: list[tuple[str, str]] = []  # (variable, struct code) of the current fixed run
+    cur = "9"  # where the next field starts (an expression)
+
+    def flush() -> None:
+        nonlocal cur
+        if not run:
+            return
+        st = struct.Struct("<" + "".join(code for _, code in run))
+        unpack = f"_run{len(env)}"
+        env[unpack] = st.unpack_from
+        unpacks.append(f"{', '.join(v for v, _ in run)}, = {unpack}(data, {cur})")
+        for v, code in run:
+            if code == "B":
+                checks.extend([f"if {v} > 1:", "    return _checked(data, ts_ns)"])
+                names[names.index(v)] = f"{v} == 1"
+        cur = f"{cur} + {st.size}"
+        run.clear()
+
+    for i, (name, typ) in enumerate(fields[1:], 1):
+        v = f"f{i}"
+        names.append(v)
+        if typ == "str":
+            flush()
+            ends.append(f"e{i} = {cur} + 1 + data[{cur}]")
+            piece = f"data[{cur} + 1:e{i}]"
+            if i == 2 and fields[1] == ("symbol", "str") and name == "account":
+                del strings[-4:]  # the symbol's lookup: both in one
+                strings.extend(["try:", "    f1, f2 = _pairs[data[9:e2]]", "except KeyError:",
+                                "    f1, f2 = _intern_pair(data[9:e2])"])
+            elif name in _INTERN_FIELDS:
+                strings.extend(["try:", f"    {v} = _interned[{piece}]", "except KeyError:",
+                                f"    {v} = _intern({piece})"])
+            else:
+                strings.append(f"{v} = {piece}.decode('ascii')")
+            cur = f"e{i}"
+        else:
+            run.append((v, "B" if typ == "bool" else "q"))
+    flush()
+    body = [*ends, f"if {cur} != len(data):", "    return _checked(data, ts_ns)",
+            *unpacks, *checks, *strings,
+            "if ts_ns is None:", "    (ts_ns,) = _ts(data, 1)",
+            f"return _make(_cls, ({', '.join(names)},))"]
+    src = ("def decode(data, ts_ns=None):\n    try:\n"
+           + "".join(f"        {line}\n" for line in body)
+           + "    except (IndexError, UnicodeDecodeError):\n"
+           + "        return _checked(data, ts_ns)\n")
+    exec(src, env)  # the source is built above from the command field table alone
+    return env["decode"]
+
+
+def _unknown_tag(data: bytes, ts_ns: int | None = None) -> object:
+    raise CodecError("unknown command tag")
+
+
+# decode(data, ts_ns=None) by a command's first byte (its tag), for every byte value: the
+# consumer calls ``COMMAND_DECODERS[data[0]](data, ts_ns)`` itself (one call per input, not
+# two; ``data[0]`` of empty data raises IndexError, which it takes as undecodable too).
+COMMAND_DECODERS: tuple[Callable[..., object], ...] = (_unknown_tag,) + tuple(
+    _compile_fast_decoder(cls, _compile_decoder(cls)) for cls in COMMAND_CLASSES) + (
+    _unknown_tag,) * (
+    255 - len(COMMAND_CLASSES))
 
 
 def decode_command(data: bytes, ts_ns: int | None = None) -> object:
     """The command encoded in ``data``; with ``ts_ns``, that time instead of the encoded
     one. Raises ``CodecError`` for bytes that are not a command."""
-    if not data or not 1 <= data[0] <= len(COMMAND_CLASSES):
+    if not data:
         raise CodecError("unknown command tag")
-    return _DECODERS[data[0] - 1](data, ts_ns)
+    return COMMAND_DECODERS[data[0]](data, ts_ns)
 
 
 __all__ = [

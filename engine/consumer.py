@@ -34,6 +34,7 @@ batches of one writer are consecutive, so "no gap, no duplicate" is checked here
 
 from __future__ import annotations
 
+import bisect
 import collections
 import hashlib
 import itertools
@@ -45,9 +46,11 @@ from typing import NamedTuple, Protocol
 from engine import wire
 from engine.book import Engine
 from engine.codec import (
+    COMMAND_DECODERS,
     GENESIS,
     CodecError,
     decode_command,
+    encode_chained,
     restore,
     snapshot_bytes,
     state_hash,
@@ -97,8 +100,10 @@ class Pending(NamedTuple):
     chain: bytes  # chain after this input
 
 
-# ``Pending(...)`` goes through namedtuple's Python-level __new__; one is built per input.
-_new_pending = tuple.__new__
+# One Pending is built per input, by encode_chained with ``tuple.__new__`` (``Pending(...)``
+# goes through namedtuple's Python-level __new__).
+# An input blob's head (wire.outputs_blob): position, number of events.
+_IN_HEAD_PACK = wire.IN_HEAD.pack
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,15 +186,47 @@ class Consumer:
                    committed_input=position, out_revision=out_revision)
 
     def on_records(self, records: Iterable[RecordLike]) -> None:
-        """``on_record`` for each record of a delivered batch (the shell's hot loop: the
-        common case, an input, goes straight to ``on_input``)."""
+        """``on_record`` for each record of a delivered batch (the shell's hot loop).
+
+        The common case, a run of input commands, is decoded here and processed as one
+        batch (``_process``: one engine call for the run, then its outputs by input);
+        any other record ends the run first, so every record still takes effect in log
+        order, exactly as ``on_record`` one by one."""
         input_stream = self._input_stream
-        on_input = self.on_input
+        control_types = wire.CONTROL_TYPES
+        decoders = COMMAND_DECODERS
+        positions: list[int] = []
+        cmds: list[object] = []
+        last = self.position
         for e in records:
             if e.stream == input_stream:
-                on_input(e.position, e.type, e.data, e.timestamp_ns)
+                position = e.position
+                if position <= last:
+                    continue  # already in the snapshot or already processed
+                kind = e.type
+                if kind in control_types:
+                    if cmds:
+                        self._process(positions, cmds)
+                        positions, cmds = [], []
+                    self.on_input(position, kind, e.data, e.timestamp_ns)
+                    last = position
+                    continue
+                data = e.data
+                try:
+                    # The record's time is the command's (as decode_command, one call).
+                    cmd = decoders[data[0]](data, e.timestamp_ns)
+                except (CodecError, ValueError, IndexError):
+                    cmd = None  # the engine turns a non-command into a deterministic reject
+                cmds.append(cmd)
+                positions.append(position)
+                last = position
             else:
+                if cmds:
+                    self._process(positions, cmds)
+                    positions, cmds = [], []
                 self.on_record(e)
+        if cmds:
+            self._process(positions, cmds)
 
     def on_record(self, e: RecordLike) -> None:
         """One record of the group's subscription, in log order: an input (command or
@@ -205,9 +242,9 @@ class Consumer:
         """One input event of the group's input stream, in log order."""
         if position <= self.position:
             return  # already in the snapshot or already processed (a resumed stream)
-        self.position = position
-        self.inputs += 1
         if kind in wire.CONTROL_TYPES:
+            self.position = position
+            self.inputs += 1
             try:
                 body = json.loads(data)
                 if not isinstance(body, dict):
@@ -219,22 +256,32 @@ class Consumer:
                 self.hold_after, self.handover_to = position, control.body.get("to", "")
             self.controls.append(control)
             return
-        out = self._out
-        out.clear()
         try:
             cmd = decode_command(data, ts_ns)  # the record's time is the command's
         except (CodecError, ValueError, IndexError):
             cmd = None  # the engine turns a non-command into a deterministic reject
-        self.engine.process(cmd, out)
-        if position <= self.trusted_through:
-            if position == self.trusted_through:
+        self._process([position], [cmd])
+
+    def _process(self, positions: list[int], cmds: list[object]) -> None:
+        """Commands (None: undecodable) of consecutive new inputs at ``positions``,
+        increasing: one ``process_batch`` for all, then each input's outputs (if any)
+        become its blob, chained and pending, as one ``process`` per input would."""
+        self.position = positions[-1]
+        self.inputs += len(positions)
+        out = self._out
+        out.clear()
+        starts: list[int] = []
+        self.engine.process_batch(cmds, out, starts)
+        starts.append(len(out))
+        first = 0
+        trusted = self.trusted_through
+        if positions[0] <= trusted:
+            # Replayed for the state alone, up to the trusted input (which sets the chain).
+            first = bisect.bisect_right(positions, trusted)
+            if positions[first - 1] == trusted:
                 self.chain = self._trusted_chain
-            return
-        if not out:
-            return
-        blob = wire.outputs_blob(position, out)
-        self.chain = chain = wire.chain_next(self.chain, blob)
-        self.pending.append(_new_pending(Pending, (position, blob, chain)))
+        self.chain = encode_chained(out, starts, positions, first, self.chain, _IN_HEAD_PACK,
+                                    self.pending.append, Pending)
 
     # ---------------------------------------------------------------- committed outputs
 

@@ -264,6 +264,7 @@ class OutputBatch:
 
 
 OUT_HEAD_SIZE = _OUT_HEAD.size
+IN_HEAD = _IN_HEAD  # an input blob's head: q position, u16 number of events
 
 
 def output_header(data: bytes) -> tuple[int, int, bytes, int]:

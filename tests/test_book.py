@@ -718,12 +718,19 @@ def test_process_equals_process_batch() -> None:
     cmds += ["garbage", None, limit("a", 7, 1, 100), limit("nobody", BUY, 1, 100)]
     one, batch = make(), make()
     out1: list[tuple] = []
+    each: list[list[tuple]] = []  # each command's own events
     for c in cmds:
+        n = len(out1)
         one.process(c, out1)
+        each.append(out1[n:])
     out2: list[tuple] = []
+    starts: list[int] = []
     for i in range(0, len(cmds), 7):
-        batch.process_batch(cmds[i:i + 7], out2)
+        batch.process_batch(cmds[i:i + 7], out2, starts)
     assert out1 == out2 and snapshot_bytes(one) == snapshot_bytes(batch)
+    # ``starts``: where each command's events begin, one entry per command
+    assert len(starts) == len(cmds)
+    assert [out2[s:e] for s, e in zip(starts, [*starts[1:], len(out2)], strict=True)] == each
 
 
 def test_gc_freezer_takes_long_lived_objects_out_of_full_collections() -> None:

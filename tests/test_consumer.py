@@ -620,6 +620,134 @@ def test_fused_output_encoder_agrees_with_the_per_event_encoders() -> None:
     assert len(tags) >= 7, sorted(tags)  # the common tags and some of the rest
 
 
+def test_fast_decoder_answers_as_the_checked_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decoders the consumer calls (well-formed bytes read by their length, interned
+    symbols and accounts) return the same command, and refuse with the same reason, as
+    the checked decoder they fall back to, also while the intern cache is cleared."""
+    from engine import codec
+
+    monkeypatch.setattr(codec, "_INTERNED_MAX", 3)  # cleared every few strings
+    rng = random.Random(5)
+    samples = [encode_command(c._replace(ts_ns=0))  # type: ignore[attr-defined]
+               for c in random_commands(4, 400)]
+    cases = list(samples)
+    for b in samples:
+        cases += [b[:rng.randrange(len(b))], b + b"\0", b[:9] + b"\x80" + b[10:]]
+        m = bytearray(b)
+        for _ in range(rng.randint(1, 3)):
+            m[rng.randrange(len(m))] = rng.choice((0, 1, 2, 0x80, 0xff, rng.randrange(256)))
+        cases.append(bytes(m))
+    checked = {tag: codec._compile_decoder(cls) for tag, cls in enumerate(COMMAND_CLASSES, 1)}
+
+    def answer(decode: object, data: bytes, ts: int | None) -> object:
+        try:
+            cmd = decode(data, ts)  # type: ignore[operator]
+        except CodecError as exc:
+            return "refused", str(exc)
+        return type(cmd), tuple(cmd), [type(v) for v in cmd]
+
+    for b in cases:
+        if b and b[0] in checked:
+            for ts in (None, 17):
+                assert answer(codec.COMMAND_DECODERS[b[0]], b, ts) == \
+                    answer(checked[b[0]], b, ts), b
+
+
+class _Rec:
+    """A RecordLike."""
+
+    def __init__(self, stream: str, type_: str, position: int, revision: int, ts: int,
+                 data: bytes) -> None:
+        self.stream, self.type, self.position = stream, type_, position
+        self.revision, self.timestamp_ns, self.data = revision, ts, data
+
+
+def test_on_records_leaves_a_consumer_where_one_record_at_a_time_does() -> None:
+    """``on_records`` processes each run of commands as one engine batch; its outputs,
+    chain, controls, alarms and state equal ``on_record`` fed the same records one by one,
+    whatever the runs (controls, undecodable inputs, positions seen before, committed
+    outputs and other streams between them), also when catching up under ``trust``."""
+    rng = random.Random(8)
+    ins, outs = wire.input_stream(GROUP), wire.output_stream(GROUP)
+    records: list[_Rec] = []
+    for i, cmd in enumerate(random_commands(6, 600)):
+        pos = len(records) + 1
+        records.append(_Rec(ins, type(cmd).__name__, pos, 0, 1000 + i,
+                            encode_command(cmd._replace(ts_ns=0))))  # type: ignore[attr-defined]
+        x = rng.random()
+        if x < 0.05:
+            records.append(_Rec(ins, "NewOrder", pos + 1, 0, 5, b"\x01\x00junk"))
+        elif x < 0.08:
+            body = rng.choice((b'{"to": "b"}', b"not json"))
+            records.append(_Rec(ins, rng.choice(wire.CONTROL_TYPES), pos + 1, 0, 0, body))
+        elif x < 0.12:
+            records.append(_Rec(ins, "CancelOrder", rng.randint(1, pos), 0, 0, b""))  # again
+            continue
+        elif x < 0.15:
+            records.append(_Rec("exchange.other.input", "NewOrder", pos + 1, 0, 0, b""))
+    ref = Consumer(GROUP)
+    for r in records:
+        ref.on_record(r)
+    # The reference's outputs, committed: one batch per few inputs, between the inputs.
+    log = list(records)
+    for revision, k in enumerate(range(0, len(ref.pending), 5), 1):
+        chunk = list(ref.pending)[k:k + 5]
+        batch = wire.OutputBatch(chunk[0].position, chunk[-1].position, chunk[-1].chain,
+                                 tuple(p.blob for p in chunk))
+        at = next(j for j, r in enumerate(log) if r.position == chunk[-1].position) + 1
+        log.insert(at + rng.randrange(3), _Rec(outs, wire.OUTPUT_TYPE, 0, revision, 0,
+                                               batch.encode()))
+    trusted = list(ref.pending)[len(ref.pending) // 2]
+
+    def state(c: Consumer) -> tuple:
+        return (c.position, c.chain, c.inputs, list(c.pending), c.committed_input,
+                c.out_revision, c.alarm, c.hold_after, c.handover_to, c.controls,
+                c.capture().data)
+
+    for trust in (False, True):
+        one, many = Consumer(GROUP), Consumer(GROUP)
+        if trust:
+            for c in (one, many):
+                c.trust(trusted.position, trusted.chain)
+        for r in log:
+            one.on_record(r)
+        k = 0
+        while k < len(log):
+            n = rng.choice((1, 2, 5, 40, 300))
+            many.on_records(log[k:k + n])
+            k += n
+        assert state(many) == state(one)
+        assert not many.alarm and many.chain == ref.chain and many.inputs > 600
+
+
+def test_chained_encoder_agrees_with_outputs_blob_and_chain_next() -> None:
+    """encode_chained (one generated loop per batch of inputs) gives each input the blob
+    of ``wire.outputs_blob`` and the chain of ``wire.chain_next``, skips inputs without
+    outputs and those before ``first``."""
+    from engine.codec import encode_chained
+    from engine.consumer import Pending
+
+    eng = Engine()
+    cmds = random_commands(9, 1500)
+    out: list[tuple] = []
+    starts: list[int] = []
+    eng.process_batch(cmds, out, starts)
+    starts.append(len(out))
+    positions = [10 + 3 * i for i in range(len(cmds))]
+    for first in (0, 1, 700, len(cmds)):
+        want: list[Pending] = []
+        chain = GENESIS
+        for i in range(first, len(cmds)):
+            if starts[i] < starts[i + 1]:
+                blob = wire.outputs_blob(positions[i], out[starts[i]:starts[i + 1]])
+                chain = wire.chain_next(chain, blob)
+                want.append(Pending(positions[i], blob, chain))
+        got: list[Pending] = []
+        assert encode_chained(out, starts, positions, first, GENESIS, wire.IN_HEAD.pack,
+                              got.append, Pending) == chain
+        assert got == want and all(type(p) is Pending for p in got)
+
+
 _Q1 = struct.Struct("<q")
 _B1 = struct.Struct("<B")
 
