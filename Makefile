@@ -19,9 +19,14 @@ sysdeps:
 demo: $(STAMP) sysdeps
 	$(BIN)/xdc demo
 
+# Two pytest workers (pytest-xdist): most tests wait on real processes, so two share
+# two cores well. --dist loadfile keeps a module's tests, in file order, and its
+# module-scoped fixtures on one worker. `make test TEST_WORKERS=0` runs it in one process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) sysdeps
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP) sysdeps
 	$(BIN)/python -m pip install -q -e '.[bench]'

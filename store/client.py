@@ -198,7 +198,14 @@ def channel_options(limits: Limits | None = None) -> list[tuple[str, Any]]:
     Each channel gets its own subchannels: with gRPC's process-wide pool, a node that was
     down leaves a subchannel in reconnect backoff that makes every new channel to the
     restarted node fail fast for up to the backoff; and the backoff is capped at a
-    second, since a failover is measured in seconds."""
+    second, since a failover is measured in seconds.
+
+    gRPC reads min_reconnect_backoff_ms as the least time a connection attempt (TCP,
+    TLS, the server's HTTP/2 settings) is given. At 100 ms, a server whose process was
+    not scheduled for a tenth of a second (a busy machine), or a TLS handshake over a
+    WAN, failed the attempt, and every call on the channel then failed at once with
+    UNAVAILABLE ("connection attempt timed out before receiving SETTINGS frame"),
+    whatever its timeout. A refused connection still fails at once."""
     limits = limits or Limits()
     return [
         ("grpc.max_receive_message_length", limits.max_message_bytes),
@@ -207,7 +214,7 @@ def channel_options(limits: Limits | None = None) -> list[tuple[str, Any]]:
         ("grpc.enable_retries", 0),
         ("grpc.use_local_subchannel_pool", 1),
         ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 1000),
         ("grpc.max_reconnect_backoff_ms", 1000),
     ]
 

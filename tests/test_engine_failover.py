@@ -584,12 +584,23 @@ def test_a_primary_fits_a_store_restarted_with_smaller_limits(tmp_path: Path) ->
         engine, stores = procs[0], [store]
 
         def restart(max_event: int) -> None:
+            """The store stopped and started again with `max_event`, the engine stopped
+            (SIGSTOP) across it; the caller sends SIGCONT. A running primary whose store
+            does not answer for STORE_CUT_OFF_S gives up its lease as cut off, and one
+            that takes it again learns the limits on promotion: no refusal. A restart (2 s
+            of grace for the engine's streams, then a new process) took over 5 s on a busy
+            machine. Stopped, the engine last saw the store answer, and sees it answer
+            again once it resumes."""
+            engine.signal(signal.SIGSTOP)
             assert stores[-1].stop() == 0
             stores.append(ServeProcess(str(tmp_path / "store"), listen=store.address,
                                        args=["--max-event-bytes", str(max_event)]).start())
             procs.append(stores[-1])
 
-        restart(3_072)
+        try:
+            restart(3_072)
+        finally:
+            engine.signal(signal.SIGCONT)
 
         async def paced_orders() -> xpb.EngineStatus:
             async with StoreClient(store.address) as client:
@@ -605,17 +616,19 @@ def test_a_primary_fits_a_store_restarted_with_smaller_limits(tmp_path: Path) ->
         assert len(run(snapshot_chunks)) >= 2  # the next snapshot was cut to fit
         paced_last = s.committed_input_position
 
-        restart(2_048)
         # The backlog lands while the engine is stopped, so that it is delivered in bulk.
-        engine.signal(signal.SIGSTOP)
         try:
+            restart(2_048)
+
             async def backlog() -> int:
                 async with StoreClient(store.address) as client:
                     return await _backlog(client, rest, 1_000)
             last = run(backlog, timeout_s=30)
         finally:
+            # Before SIGCONT: the engine does nothing before it. Taken after, a test
+            # process descheduled between the two (a busy machine) set it late.
+            resumed_ns = time.time_ns()
             engine.signal(signal.SIGCONT)
-        resumed_ns = time.time_ns()
 
         async def after() -> None:
             async with StoreClient(store.address) as client:
