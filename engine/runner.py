@@ -103,6 +103,10 @@ STORE_WATCH_S = 0.5  # how often an instance asks its store member for its tiers
 # that refuses the connection).
 STARTUP_TIMEOUT_S = 60.0
 STARTUP_ATTEMPT_S = 5.0
+# The last attempt has what is left of the timeout, often a millisecond: timed out in less
+# than this, it says nothing of the store, and the error of the attempt before it is the
+# one reported (on a busy machine "DEADLINE_EXCEEDED" replaced "UNAVAILABLE: ... refused").
+STARTUP_ATTEMPT_MIN_S = 0.5
 MAX_CAPTURES_WAITING = 2  # snapshots captured, waiting for their outputs' commit
 # Traced input batches whose spans an output append may still hang under (_spans_of):
 # more than the batches whose outputs one append carries (consumer.MAX_APPEND_BATCHES).
@@ -326,12 +330,12 @@ class EngineRunner:
         deadline = loop.time() + limit
         targets = ",".join(self.config.store)
         waiting = False
+        why = ""
         while True:
             reader = self._startup_reader()
+            attempt_s = max(0.001, min(STARTUP_ATTEMPT_S, deadline - loop.time()))
             try:
-                tail = await reader.read(
-                    stream, backwards=True, limit=1,
-                    timeout_s=max(0.001, min(STARTUP_ATTEMPT_S, deadline - loop.time())))
+                tail = await reader.read(stream, backwards=True, limit=1, timeout_s=attempt_s)
                 break
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.NOT_FOUND:
@@ -342,9 +346,11 @@ class EngineRunner:
                 if exc.code() not in _TRANSIENT:
                     raise
                 self._next_startup_target()
-                why = f"{exc.code().name}: {exc.details()}"
-                if len(self.config.store) > 1:
-                    why = f"{reader.targets[0]}: {why}"
+                if not (why and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                        and attempt_s < STARTUP_ATTEMPT_MIN_S):
+                    why = f"{exc.code().name}: {exc.details()}"
+                    if len(self.config.store) > 1:
+                        why = f"{reader.targets[0]}: {why}"
                 if loop.time() >= deadline:
                     raise StoreUnreachable(f"the store ({targets}) did not answer within "
                                            f"{limit:g} s ({why})") from None
