@@ -215,6 +215,29 @@ def test_up_interrupted_by_sigterm_stops_everything_it_started(tmp_path: Path) -
             launcher.down(str(d))
 
 
+def test_a_sigterm_during_a_spawn_takes_effect_once_the_child_is_recorded() -> None:
+    """Between Popen and the record in state.json a SIGTERM that raised at once left an
+    unrecorded child running after `down`. The window is a few bytecodes wide: the
+    deferral itself is tested, in the main thread, with a real signal."""
+    seen: list[str] = []
+
+    def handler(signum: int, _frame: object) -> None:
+        seen.append(f"handled {signum}")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        with launcher._signals_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            seen.append("recorded")
+        assert seen == ["recorded", f"handled {int(signal.SIGTERM)}"]
+        assert signal.getsignal(signal.SIGTERM) is handler
+        os.kill(os.getpid(), signal.SIGTERM)  # held no longer: handled at once
+        assert seen[-1] == f"handled {int(signal.SIGTERM)}" and len(seen) == 3
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 # `xdc cluster up` with one seam: its wait for a leader (20 s) cut to the seconds in
 # argv[1]. As the wait begins, it prints the processes then running and who each is.
 UP_WITH_SHORT_LEADER_WAIT = """
