@@ -12,6 +12,11 @@ Keys, all under ``/<cluster>/``::
     last_leader  JSON of the last winner's `info` (no lease): "has this cluster ever had
                  a leader" survives the leader key. Written in the winning transaction.
     designated   node id of a planned switchover target, attached to its own lease.
+    handover     node id the last leader handed over to (no lease): written with the
+                 deletion of the leader key when a switchover's leader resigns, read and
+                 deleted by the next winning campaign. It tells a handover from a
+                 failover during a switchover (the designation is written before the
+                 target catches up, so a leader that died then leaves one too).
     promoted     node id an operator promoted (`xdc cluster promote`) while the seat
                  was vacant, attached to its own lease (it expires unused).
     failover     "manual" or "automatic": a runtime override of the config's mode.
@@ -30,6 +35,8 @@ API (all coroutines run their etcd calls in threads; `LeadershipError` on etcd f
     lead.last_refresh_sent()            # send time of the last successful refresh/grant
     lead.watching                       # number of wait_change watches in place
     await lead.resign()                 # revoke the lease: the key vanishes at once
+    await lead.resign(handover_to=id)   # the same, recording a switchover's handover
+    lead.handed_over                    # the last won campaign followed a handover to us
     await lead.current()                # (info, term) of the leader now, or None
     await lead.wait_change(known_term, timeout_s)   # True on change, False on timeout
     lead.vacancy_seen                   # the last wait_change ended on a vacant seat
@@ -42,6 +49,7 @@ API (all coroutines run their etcd calls in threads; `LeadershipError` on etcd f
     await lead.last_leader()            # the info of the node that won it last, or None
     await lead.membership()             # Membership: joined before, ever led, revision
     await lead.join()                   # record that this node joined (members/<id>)
+    await lead.record_members(infos)    # record members/<id> of each missing one
     await lead.close()                  # stop threads and clients (does not revoke)
     lead._pause_keepalive() / _resume_keepalive()   # tests: freeze as SIGSTOP would
 
@@ -90,7 +98,9 @@ Switchover and manual failover (policy lives in the node; these are the primitiv
     resigns. While a designation exists, nodes other than the target must not campaign
     (`designated()`); the target campaigns and its winning transaction consumes the
     designation. If the target never manages, the designation expires with its lease and
-    normal elections resume.
+    normal elections resume. The leader resigns with `resign(handover_to=target)` once
+    the target holds everything: only then is the target's term a handover
+    (`handed_over`); a leader lost during the catch-up makes it a failover.
   - Manual failover: `failover_mode()` is the `failover` key when set, else
     `default_failover` (pass the config's `failover`). In manual mode a node campaigns
     only when `promoted()` names it (or, for a cluster's very first election, when
@@ -409,6 +419,7 @@ class Leadership:
         self.leader_key = self.prefix + "leader"
         self.last_key = self.prefix + "last_leader"
         self.designated_key = self.prefix + "designated"
+        self.handover_key = self.prefix + "handover"
         self.promoted_key = self.prefix + "promoted"
         self.failover_key = self.prefix + "failover"
         self.member_key = self.prefix + "members/" + node_id
@@ -428,6 +439,8 @@ class Leadership:
         self._closed = threading.Event()
         self.watching = 0  # active wait_change watches (diagnostics and tests)
         self.vacancy_seen = False
+        # The last won campaign found the handover key naming this node.
+        self.handed_over = False
 
     # ---- state --------------------------------------------------------------------
 
@@ -494,6 +507,8 @@ class Leadership:
                    tx.put(self.last_key, self._value),
                    tx.delete(self.promoted_key),
                    tx.delete(self.designated_key),
+                   tx.get(self.handover_key),
+                   tx.delete(self.handover_key),
                    tx.get(self.leader_key)]
         # The designation is part of the guard, not only of the caller's check: when a
         # leader designates and resigns, every other candidate wakes at that moment and
@@ -526,6 +541,8 @@ class Leadership:
             self._revoke_quietly(lease.id)
             raise LeadershipError("campaign: leader key not held after a winning transaction")
         term = int(kvs[0][1].create_revision)
+        handover = responses[-3]
+        self.handed_over = bool(handover) and handover[0][0] == self.node_id.encode()
         ttl = float(min(self.ttl_s, lease.ttl or self.ttl_s))
         deadline = sent + ttl - self.safety_margin_s
         if self.clock() >= deadline:
@@ -710,16 +727,19 @@ class Leadership:
         except LeadershipError as exc:
             log.warning("%s: %s (the lease expires on its own)", self.node_id, exc)
 
-    async def resign(self, term: int | None = None) -> None:
+    async def resign(self, term: int | None = None, handover_to: str | None = None) -> None:
         """Give up leadership: stop the keep-alive and revoke the lease, so the key
         disappears at once. Idempotent; a no-op when not leading, or, with ``term``,
         when the term held is another (a step-down from an older term, handled late,
-        must not give up a newer one). Raises LeadershipError when etcd cannot be
-        reached (the lease then expires on its own within the TTL); leadership is given
-        up locally either way."""
-        await self._run(self._resign_sync, term)
+        must not give up a newer one). ``handover_to``: a switchover's target, which
+        holds everything this leader appended; the key is deleted together with the
+        handover key's write (one transaction, guarded by this term), so the target's
+        campaign knows it was handed the seat. Raises LeadershipError when etcd cannot
+        be reached (the lease then expires on its own within the TTL); leadership is
+        given up locally either way."""
+        await self._run(self._resign_sync, term, handover_to)
 
-    def _resign_sync(self, term: int | None = None) -> None:
+    def _resign_sync(self, term: int | None = None, handover_to: str | None = None) -> None:
         with self._lock:
             t = self._term
             if t is None or t.revoked or (term is not None and t.term != term):
@@ -728,7 +748,18 @@ class Leadership:
                 t.resigned = True
             t.stop.set()
             t.running.set()
-        self._revoke(t.lease_id)
+        held = t.term
+
+        def hand_over(c: Any) -> None:
+            tx = c.transactions
+            c.transaction(compare=[tx.create(self.leader_key) == held],
+                          success=[tx.put(self.handover_key, handover_to),
+                                   tx.delete(self.leader_key)], failure=[])
+        try:
+            if handover_to is not None:
+                self._etcd.call("hand over", hand_over)
+        finally:  # the lease goes either way: this node leads no more
+            self._revoke(t.lease_id)
         t.revoked = True
 
     def _resign_quietly(self) -> None:
@@ -999,6 +1030,27 @@ class Leadership:
         """Records that this node joined the cluster, before it serves anything: a later
         start on an empty data directory then knows the disk was lost."""
         await self._run(self._put, self.member_key, self._value)
+
+    async def record_members(self, infos: dict[str, dict[str, str]]) -> list[str]:
+        """Records `members/<id>` (JSON of the member's info) for each member of `infos`
+        whose key is missing, each in a transaction guarded by its absence (a present key
+        is neither rewritten nor its revision moved); returns the ids recorded. An etcd
+        that lost its data lost these records, which tell a lost disk from a new member
+        at start: running nodes record them again (geo/node.py)."""
+        def run() -> list[str]:
+            tx = self._etcd.clients[0].transactions
+            recorded = []
+            for member_id, info in infos.items():
+                key = self.prefix + "members/" + member_id
+                value = json.dumps(info, sort_keys=True)
+                ok, _ = self._etcd.call("record member", lambda c, key=key, value=value:
+                                        c.transaction(compare=[tx.create(key) == 0],
+                                                      success=[tx.put(key, value)],
+                                                      failure=[]))
+                if ok:
+                    recorded.append(member_id)
+            return recorded
+        return await self._run(run)
 
     # ---- life cycle ---------------------------------------------------------------
 

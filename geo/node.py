@@ -509,10 +509,17 @@ class ClusterNode:
                 log.info("%s: won the leader key, term %d", self.id, term)
                 self.store.role.name = "candidate"
                 self.store.role.term = term
-                self._park(planned=designated)
+                # A handover only if the old leader resigned handing the seat to this
+                # node: designated alone, it may have died while this node caught up.
+                planned = self.leadership.handed_over
+                if designated and not planned:
+                    log.warning("%s: designated, but the leader of the switchover did not "
+                                "hand over (lost before this node caught up): a failover",
+                                self.id)
+                self._park(planned=planned)
                 assert self.replicator is not None
                 self.replicator.become_leader(term, term_start_record(
-                    term, self.id, time.time_ns(), planned=designated))
+                    term, self.id, time.time_ns(), planned=planned))
             except (LeadershipError, grpc.aio.AioRpcError, OSError) as exc:
                 log.warning("%s: election loop: %s", self.id, exc)
                 await asyncio.sleep(self.tick_s * 4)
@@ -772,7 +779,7 @@ class ClusterNode:
             handover = st.last_position
             self._planned_until = time.monotonic() + PARK_MAX_S
             self.replicator.step_down(f"switchover to {target}")
-            await self.leadership.resign()
+            await self.leadership.resign(handover_to=target)
             log.info("%s: switchover to %s: caught up at %d after %.0f ms, designated "
                      "%.0f ms later, resigned in %.0f ms", self.id, target, handover,
                      (caught_up - t0) * 1e3, (designated - caught_up) * 1e3,

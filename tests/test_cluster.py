@@ -4,6 +4,7 @@ real gRPC on loopback). Process-level fault tests live in test_cluster_faults.py
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import grpc
@@ -129,6 +130,53 @@ def test_planned_switchover_under_load_loses_nothing(etcd: EtcdCluster, tmp_path
                 assert everything[position] == event_id, f"acknowledged position {position} lost"
             await cluster.converged()
             print(f"switchover took {resp.took_us / 1000:.1f} ms")
+
+    run(body, timeout_s=120)
+
+
+def test_a_leader_lost_during_a_switchover_makes_the_target_term_an_election(
+        etcd: EtcdCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The designation is written while the target catches up. If the leader is lost
+    then, the target still campaigns as designated, but nobody handed it the seat: its
+    term is a failover (ELECTION), not a planned handover (which would give servers in
+    front of the store the grace of a handover and the tiers a planned window)."""
+    import etcd3
+
+    async def body() -> None:
+        async with LocalCluster.running(etcd.endpoints, tmp_path) as cluster:
+            old = await cluster.leader()
+            target = next(n for n in cluster.nodes.values() if n is not old)
+            term = old.store.role.term
+            assert target.replicator is not None
+            deliver = target.replicator.deliver
+            # Deaf to the old leader's term: the target never catches up.
+            monkeypatch.setattr(target.replicator, "deliver",
+                                lambda msgs: deliver([m for m in msgs if m.term != term]))
+            async with StoreClient(old.address, timeout_s=10) as client:
+                await client.append("orders", new_event("Placed", b"behind"))
+            switchover = asyncio.ensure_future(old.switchover(target.id, timeout_s=30))
+            try:
+                async def designated() -> bool:
+                    return await old.leadership.designated() == target.id
+                await wait_until(designated, 10, "the target designated")
+                assert not switchover.done()
+                # The old leader is lost as a crash loses it: its lease goes, nothing
+                # is handed over.
+                lease = old.leadership._term.lease_id  # type: ignore[union-attr]
+                host, port = etcd.endpoints[0].rsplit(":", 1)
+                with etcd3.client(host, int(port), timeout=2) as raw:
+                    raw.revoke_lease(lease)
+                new = await cluster.leader(exclude=(old.id,))
+                assert new is target
+                new_term = target.store.role.term
+                assert new_term > term
+                for node in cluster.nodes.values():
+                    await wait_until(lambda n=node: _term_began(n, new_term, ELECTION),
+                                     what=f"{node.id} reports term {new_term} elected")
+            finally:
+                switchover.cancel()
+                with contextlib.suppress(BaseException):
+                    await switchover
 
     run(body, timeout_s=120)
 

@@ -496,6 +496,58 @@ def test_unreachable_etcd_raises_promptly() -> None:
 # ---- switchover and manual failover ------------------------------------------------------
 
 
+def test_only_a_resignation_handing_over_makes_the_targets_term_a_handover(
+        etcd: EtcdCluster) -> None:
+    """A switchover designates its target before the target catches up; a leader lost
+    then leaves the designation behind, and the target's designated campaign must not be
+    taken for a handover. Only `resign(handover_to=...)` makes it one, for that target."""
+    async def body() -> None:
+        a, b, c = await nodes(etcd, "a", "b", "c")
+        try:
+            # The leader dies during the catch-up: its lease goes (as when it expires),
+            # nothing handed over.
+            assert await a.lead.campaign() is not None
+            await a.lead.designate("b", 30)
+            lease = a.lead._term.lease_id  # type: ignore[union-attr]
+            host, port = etcd.endpoints[0].rsplit(":", 1)
+            with etcd3.client(host, int(port), timeout=2) as raw:
+                raw.revoke_lease(lease)
+            await until(lambda: _is(b.lead.current(), None), 5, "a's key gone")
+            assert await b.lead.campaign(designated=True) is not None
+            assert b.lead.handed_over is False
+            await b.lead.resign()
+            await a.lead.resign()  # its term is gone already: local state only
+            assert a.lead.handed_over is False
+
+            # The handover: b's term is one.
+            assert await a.lead.campaign() is not None and a.lead.handed_over is False
+            await a.lead.designate("b", 30)
+            await a.lead.resign(handover_to="b")
+            assert await a.lead.current() is None
+            assert await b.lead.campaign(designated=True) is not None
+            assert b.lead.handed_over is True
+            # Consumed by that campaign: the next one is an election again.
+            await b.lead.resign()
+            assert await c.lead.campaign() is not None and c.lead.handed_over is False
+            await c.lead.resign()
+
+            # A handover to a target that never campaigned names it, not whoever wins.
+            assert await a.lead.campaign() is not None
+            await a.lead.resign(handover_to="b")
+            assert await c.lead.campaign() is not None and c.lead.handed_over is False
+            await c.lead.resign()
+            # A term resigned already (older than the one held) hands nothing over.
+            assert await a.lead.campaign() is not None
+            await a.lead.resign(term=1, handover_to="b")
+            assert a.lead.is_leader
+            await a.lead.resign()
+            assert await b.lead.campaign() is not None and b.lead.handed_over is False
+            await b.lead.resign()
+        finally:
+            await close(a, b, c)
+    run(body())
+
+
 def test_designate_promote_and_failover_mode_round_trips(etcd: EtcdCluster) -> None:
     async def body() -> None:
         a, b = await nodes(etcd, "a", "b")
