@@ -1086,8 +1086,10 @@ class StoreClient:
             got = 0
             last: pb.RecordedEvent | None = None
             while True:
+                # The caller's span (if any) travels with the call: the server's Read
+                # span is its child (the client interceptor covers unary calls only).
                 call = self.stub.Read(request, timeout=max(0.001, deadline - loop.time()),
-                                      metadata=self.metadata)
+                                      metadata=telemetry.with_trace_context(self.metadata))
                 try:
                     async for batch in call:
                         if batch.events:
@@ -1167,8 +1169,8 @@ class StoreClient:
                                               stream_prefix=stream_prefix,
                                               event_types=event_types)
                 first = False
-                call = pb_grpc.EventStoreStub(channel).Subscribe(request,
-                                                                 metadata=self.metadata)
+                call = pb_grpc.EventStoreStub(channel).Subscribe(
+                    request, metadata=telemetry.with_trace_context(self.metadata))
                 try:
                     async for msg in call:
                         kind = msg.WhichOneof("kind")

@@ -44,6 +44,24 @@ CHECKPOINT_EVERY = 10_000
 # commits/s. The first after a quiet spell goes out at once.
 CHECKPOINT_INTERVAL_S = 0.05
 
+# Span attributes of Read and Subscribe (the rpc.* ones and the stream,
+# messaging.destination.name, are the shared ones of xdc/telemetry.py).
+PRINCIPAL = "xdc.principal"                   # the caller's principal, when auth is on
+READ_DIRECTION = "xdc.read.direction"         # "forwards" or "backwards"
+READ_FROM = "xdc.read.from"                   # as asked: revision, or position for $all
+READ_LIMIT = "xdc.read.limit"
+READ_MIN_POSITION = "xdc.read.min_position"   # when asked for
+READ_START = "xdc.read.start"                 # where it started (`from` 0: first or last)
+READ_COMMIT_POSITION = "xdc.read.commit_position"  # read as of this commit position
+READ_COUNT = "xdc.read.count"                 # records returned
+SUBSCRIPTION_PREFIX = "xdc.subscription.stream_prefix"
+SUBSCRIPTION_TYPES = "xdc.subscription.event_types"
+SUBSCRIPTION_FROM_END = "xdc.subscription.from_end"
+SUBSCRIPTION_FROM = "xdc.subscription.from_position"  # delivers what follows it
+SUBSCRIPTION_DELIVERED = "xdc.subscription.catch_up.delivered"  # records, to caught-up
+SUBSCRIPTION_CAUGHT_UP = "xdc.subscription.caught_up"  # reached it (bool)
+SUBSCRIPTION_CAUGHT_UP_POSITION = "xdc.subscription.caught_up.position"
+
 
 class BadRequest:
     """A request whose bytes did not parse; answered with INVALID_ARGUMENT."""
@@ -415,50 +433,91 @@ class EventStoreService:
     async def Read(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         log = self.node.log
         assert log is not None and self.node.commit is not None
+        # Its SERVER span (tracing only: the one check of the call; nothing per record or
+        # batch): attributes at its start and end, the outcome from how the body ends.
+        span = self._read_span(request, context) if telemetry.tracing() else None
+        limit = remaining = 0
+        failure: BaseException | None = None
         try:
-            if isinstance(request, BadRequest):
-                raise StoreError(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
-            key = check_read(request, self.limits)
-            await self._wait_min_position(request.min_position, context)
-            upto = self.node.commit.position
-            backwards = request.direction == pb.BACKWARDS
-            remaining = request.limit
-            # A step holds one batch's bytes at most while it waits for a slow client
-            # (max_batch_events records of up to max_event_bytes each would be ~2 GiB).
-            max_bytes = self.limits.max_batch_bytes
-            if request.stream == ALL:
-                start = getattr(request, "from")
-                if start == 0:
-                    start = upto if backwards else 1
-                def reader(s: int, n: int, u: int, b: bool) -> list[bytes]:
-                    return log.read_all(s, n, u, b, max_bytes)
-            else:
-                state = log.stream_state(key)
-                if state is None or state.first_position > upto:
-                    raise StoreError(grpc.StatusCode.NOT_FOUND,
-                                     f"stream {request.stream!r} not found")
-                start = getattr(request, "from")
-                if start == 0:
-                    start = state.last_revision if backwards else 1
+            try:
+                if isinstance(request, BadRequest):
+                    raise StoreError(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+                key = check_read(request, self.limits)
+                await self._wait_min_position(request.min_position, context)
+                upto = self.node.commit.position
+                backwards = request.direction == pb.BACKWARDS
+                limit = remaining = request.limit
+                # A step holds one batch's bytes at most while it waits for a slow client
+                # (max_batch_events records of up to max_event_bytes each would be ~2 GiB).
+                max_bytes = self.limits.max_batch_bytes
+                if request.stream == ALL:
+                    start = getattr(request, "from")
+                    if start == 0:
+                        start = upto if backwards else 1
+                    def reader(s: int, n: int, u: int, b: bool) -> list[bytes]:
+                        return log.read_all(s, n, u, b, max_bytes)
+                else:
+                    state = log.stream_state(key)
+                    if state is None or state.first_position > upto:
+                        raise StoreError(grpc.StatusCode.NOT_FOUND,
+                                         f"stream {request.stream!r} not found")
+                    start = getattr(request, "from")
+                    if start == 0:
+                        start = state.last_revision if backwards else 1
 
-                def reader(s: int, n: int, u: int, b: bool) -> list[bytes]:
-                    return log.read_stream(key, s, n, u, b, max_bytes)
-        except StoreError as err:
-            await _abort(context, err)
-            return
-        step = self.limits.max_batch_events
-        while remaining > 0:
-            values = reader(start, min(step, remaining), upto, backwards)
-            if not values:
+                    def reader(s: int, n: int, u: int, b: bool) -> list[bytes]:
+                        return log.read_stream(key, s, n, u, b, max_bytes)
+            except StoreError as err:
+                await _abort(context, err)
                 return
-            for payload in self._batches(values):
-                yield payload
-            remaining -= len(values)
-            last = values[-1]
-            nxt = records.position_of(last) if request.stream == ALL else records.revision_of(last)
-            start = nxt - 1 if backwards else nxt + 1
-            if backwards and start == 0:
-                return
+            if span is not None:
+                span.set_attributes({READ_START: start, READ_COMMIT_POSITION: upto})
+            step = self.limits.max_batch_events
+            while remaining > 0:
+                values = reader(start, min(step, remaining), upto, backwards)
+                if not values:
+                    return
+                # Counted as handed over: a call cancelled at a yield counts what it sent.
+                remaining -= len(values)
+                for payload in self._batches(values):
+                    yield payload
+                last = values[-1]
+                nxt = (records.position_of(last) if request.stream == ALL
+                       else records.revision_of(last))
+                start = nxt - 1 if backwards else nxt + 1
+                if backwards and start == 0:
+                    return
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            if span is not None:
+                span.set_attribute(READ_COUNT, limit - remaining)
+                telemetry.end_server_span(span, context, failure)
+
+    def _read_span(self, request: Any, context: grpc.aio.ServicerContext) -> Span:
+        """The SERVER span of one Read call: who (peer, principal) read what (the stream
+        or "$all", direction, from, limit); the handler adds where it started, the commit
+        position it read up to, how many records it returned and the outcome."""
+        attrs: dict[str, Any] = {}
+        if not isinstance(request, BadRequest):
+            attrs[telemetry.MESSAGING_DESTINATION] = request.stream
+            attrs[READ_DIRECTION] = ("backwards" if request.direction == pb.BACKWARDS
+                                     else "forwards")
+            attrs[READ_FROM] = getattr(request, "from")
+            attrs[READ_LIMIT] = request.limit
+            if request.min_position:
+                attrs[READ_MIN_POSITION] = request.min_position
+        self._principal(context, "Read", attrs)
+        return telemetry.server_span(SERVICE, "Read", context, attrs)
+
+    def _principal(self, context: grpc.aio.ServicerContext, method: str,
+                   attrs: dict[str, Any]) -> None:
+        """Names the caller's principal in a span's attributes when the server checks
+        callers (the Guard has let the call through already: it authenticates)."""
+        if self.guard is not None:
+            with contextlib.suppress(StoreError):
+                attrs[PRINCIPAL] = self.guard.authenticate(context, f"/{SERVICE}/{method}").name
 
     def subscription_lag(self) -> list[tuple[float, dict[str, Any]]]:
         """The largest lag of a live subscription, in records (a gauge source; it runs
@@ -471,23 +530,52 @@ class EventStoreService:
 
     async def Subscribe(self, request: Any,
                         context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        if self._open_subscriptions >= self.limits.max_subscriptions:
-            await _abort(context, StoreError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"subscriptions: {self._open_subscriptions} open on this node, "
-                f"max_subscriptions ({self.limits.max_subscriptions}); retry later",
-                retry_after_ms=1000))
-        token = next(self._subscription_ids)
-        self._open_subscriptions += 1
+        # Its SERVER span covers the start and the catch-up only: _subscribe ends it at
+        # the caught-up marker (nothing per live batch); ended here if the call ends
+        # first (refused, failed, cancelled). Tracing off: this one check per call.
+        span = self._subscribe_span(request, context) if telemetry.tracing() else None
+        failure: BaseException | None = None
         try:
-            async for item in self._subscribe(request, context, token):
-                yield item
+            if self._open_subscriptions >= self.limits.max_subscriptions:
+                await _abort(context, StoreError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"subscriptions: {self._open_subscriptions} open on this node, "
+                    f"max_subscriptions ({self.limits.max_subscriptions}); retry later",
+                    retry_after_ms=1000))
+            token = next(self._subscription_ids)
+            self._open_subscriptions += 1
+            try:
+                async for item in self._subscribe(request, context, token, span):
+                    yield item
+            finally:
+                self._open_subscriptions -= 1
+                self.subscriptions.pop(token, None)
+        except BaseException as exc:
+            failure = exc
+            raise
         finally:
-            self._open_subscriptions -= 1
-            self.subscriptions.pop(token, None)
+            if span is not None and span.is_recording():  # not ended at caught-up
+                span.set_attribute(SUBSCRIPTION_CAUGHT_UP, False)
+                telemetry.end_server_span(span, context, failure)
+
+    def _subscribe_span(self, request: Any, context: grpc.aio.ServicerContext) -> Span:
+        """The SERVER span of one subscription's start and catch-up: who subscribed to
+        what (filter, from where); _subscribe adds the position it started after, the
+        records it delivered catching up and the position it caught up at."""
+        attrs: dict[str, Any] = {telemetry.MESSAGING_SYSTEM: telemetry.SYSTEM,
+                                 telemetry.MESSAGING_DESTINATION: ALL}
+        if not isinstance(request, BadRequest):
+            if request.stream_prefix:
+                attrs[SUBSCRIPTION_PREFIX] = request.stream_prefix
+            if request.event_types:
+                attrs[SUBSCRIPTION_TYPES] = tuple(request.event_types)
+            if request.from_end:
+                attrs[SUBSCRIPTION_FROM_END] = True
+        self._principal(context, "Subscribe", attrs)
+        return telemetry.server_span(SERVICE, "Subscribe", context, attrs)
 
     async def _subscribe(self, request: Any, context: grpc.aio.ServicerContext,
-                         token: int) -> AsyncIterator[bytes]:
+                         token: int, span: Span | None = None) -> AsyncIterator[bytes]:
         log, commit = self.node.log, self.node.commit
         assert log is not None and commit is not None
         try:
@@ -504,12 +592,26 @@ class EventStoreService:
         checkpoint_at = 0.0  # loop time of the last checkpoint
         loop = asyncio.get_running_loop()
         step = self.limits.max_batch_events
+        # Traced, the catch-up's count is worked out at the end, not counted per step:
+        # records read (positions are dense) less those skipped, `skipped` plus what its
+        # checkpoints reset (`reset`; after catching up they are no longer counted).
+        start = position
+        reset = 0
+        if span is not None:
+            span.set_attribute(SUBSCRIPTION_FROM, position)
         while True:
             self.subscriptions[token] = position
             upto = commit.position
             if position >= upto:
                 if not caught_up:
                     caught_up = True
+                    if span is not None:
+                        span.set_attributes({SUBSCRIPTION_DELIVERED:
+                                             position - start - reset - skipped,
+                                             SUBSCRIPTION_CAUGHT_UP: True,
+                                             SUBSCRIPTION_CAUGHT_UP_POSITION: position})
+                        telemetry.end_server_span(span, context)
+                        span = None  # live from here: no span
                     yield pb.SubscribeResponse(
                         caught_up=pb.CaughtUp(position=position)).SerializeToString()
                 elif filtered and skipped:
@@ -533,6 +635,8 @@ class EventStoreService:
                 skipped += len(values) - len(kept)
                 values = kept
                 if skipped >= CHECKPOINT_EVERY and not values:
+                    if span is not None:  # catching up, traced (once per checkpoint)
+                        reset += skipped
                     skipped, checkpoint_at = 0, loop.time()
                     yield pb.SubscribeResponse(
                         checkpoint=pb.Checkpoint(position=position)).SerializeToString()

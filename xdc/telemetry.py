@@ -28,6 +28,7 @@ engine's output events carry a `traceparent` in their metadata, outside that has
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import importlib
@@ -894,6 +895,71 @@ def set_status_code(span: Span, code: grpc.StatusCode, message: str = "") -> Non
     if code != grpc.StatusCode.OK:
         span.set_status(Status(StatusCode.ERROR, f"{code.name}: {message}" if message
                                else code.name))
+
+
+# ---- streaming calls: SERVER spans made by their handlers ------------------------------
+# ServerInterceptor leaves streaming RPCs alone (a span per call would last as long as
+# the call). A handler that wants a span for a bounded part of one (a Read, a
+# subscription's catch-up) makes it with server_span, only when tracing() (its one check
+# per call), and ends it with end_server_span.
+
+def call_context(context: grpc.aio.ServicerContext) -> Context:
+    """The trace context a caller sent in a call's gRPC metadata (`traceparent`,
+    `tracestate`), read as ServerInterceptor reads it: the parent of the call's SERVER
+    span. An empty Context when there is none (the span is then a new root)."""
+    return extract({k: v for k, v in (context.invocation_metadata() or ())
+                    if isinstance(v, str)})
+
+
+def server_span(service: str, method: str, context: grpc.aio.ServicerContext,
+                attributes: dict[str, Any] | None = None) -> Span:
+    """A SERVER span "<service>/<method>" of a streaming call, named and attributed as
+    ServerInterceptor's (rpc.system, rpc.service, rpc.method, network.peer.address, then
+    `attributes`), child of the caller's context (call_context); open_span's, so the
+    sampler decides and the span is cheap. Call it when tracing() only."""
+    attrs: dict[str, Any] = {RPC_SYSTEM: "grpc", RPC_SERVICE: service, RPC_METHOD: method,
+                             PEER_ADDRESS: context.peer()}
+    if attributes:
+        attrs.update(attributes)
+    return open_span(f"{service}/{method}", context=call_context(context),
+                     kind=SpanKind.SERVER, attributes=attrs)
+
+
+def end_server_span(span: Span, context: grpc.aio.ServicerContext,
+                    failure: BaseException | None = None) -> None:
+    """Ends a streaming call's SERVER span with the call's outcome as far as `failure`
+    tells it: none, OK; the handler's abort (grpc.aio.AbortError), the status it aborted
+    with; the call cancelled (the client went away, or the server stopped: the handler's
+    generator closed, or cancelled while it waited), CANCELLED; anything else, recorded,
+    UNKNOWN (what gRPC answers). A span already ended is left as it is."""
+    if not span.is_recording():
+        return
+    if failure is None:
+        set_status_code(span, grpc.StatusCode.OK)
+    elif isinstance(failure, grpc.aio.AbortError):
+        code = context.code()
+        set_status_code(span, code if isinstance(code, grpc.StatusCode)
+                        else grpc.StatusCode.UNKNOWN, context.details() or "")
+    elif isinstance(failure, (GeneratorExit, asyncio.CancelledError)):
+        set_status_code(span, grpc.StatusCode.CANCELLED)
+    else:
+        span.record_exception(failure)
+        set_status_code(span, grpc.StatusCode.UNKNOWN, repr(failure))
+    span.end()
+
+
+def with_trace_context(metadata: Sequence[tuple[str, str]] | None = None,
+                       ) -> Sequence[tuple[str, str]] | None:
+    """A streaming call's metadata with the current span's `traceparent` (and
+    `tracestate`) added: what the client interceptor does for unary calls (it leaves
+    streaming ones untouched), for a client that starts a Read or a Subscribe inside a
+    span, so the server's span is its child. `metadata` itself when tracing is off or no
+    span is current."""
+    sc = current_span_context()
+    if sc is None:
+        return metadata
+    carrier = carrier_of(NonRecordingSpan(sc))
+    return (*(metadata or ()), *carrier.items())
 
 
 # ---- gRPC instrumentation (unary RPCs) ---------------------------------------------------
