@@ -7,8 +7,13 @@ unreachable etcd gives a `LeadershipError` instead of a hang.
 
 Keys, all under ``/<cluster>/``::
 
-    leader       JSON of `info`, attached to the leader's lease. Its create_revision is
-                 the term: unique and increasing across all elections.
+    leader       JSON of `info`, attached to the leader's lease, plus "term_base" when
+                 the base is not 0. The term is term_base + the key's create_revision:
+                 unique and increasing across all elections.
+    term_base    an integer added to create_revisions to make terms (absent: 0). Raised
+                 only while the seat is vacant (`raise_term_base`), by a candidate that
+                 won a term the voters had promised already: etcd lost its data and counts
+                 revisions from 1 again. One write, however far the promises are ahead.
     last_leader  JSON of the last winner's `info` (no lease): "has this cluster ever had
                  a leader" survives the leader key. Written in the winning transaction.
     designated   node id of a planned switchover target, attached to its own lease.
@@ -48,6 +53,7 @@ API (all coroutines run their etcd calls in threads; `LeadershipError` on etcd f
     await lead.ever_led()               # True once any node has won the key
     await lead.last_leader()            # the info of the node that won it last, or None
     await lead.membership()             # Membership: joined before, ever led, revision
+    await lead.raise_term_base(floor)   # the next term is above `floor` (seat vacant)
     await lead.join()                   # record that this node joined (members/<id>)
     await lead.record_members(infos)    # record members/<id> of each missing one
     await lead.close()                  # stop threads and clients (does not revoke)
@@ -62,7 +68,9 @@ call retried once, so an idle client never fails for it.
 Campaign: a lease of `ttl_s` is granted, then one transaction guarded by
 ``create_revision(leader) == 0`` puts the key attached to the lease, writes `last_leader`,
 consumes any pending promotion and designation (deletes them: each authorises one
-election) and reads the key back; the key's create_revision is the term. A lost race
+election) and reads the key back; the term is the base plus the key's create_revision.
+The guard also holds the term base the candidate knows (the value written with the key): a
+base raised meanwhile fails it, and the campaign tries again with the new one. A lost race
 revokes the unused lease and returns None. A failed or cancelled campaign revokes its
 lease too, so an unknown outcome never leaves a leader nobody knows about.
 `prepare_campaign()` grants that lease ahead of time (a switchover's target does, as soon
@@ -167,11 +175,6 @@ REACTION_S = 0.1
 # the new term little time before its first refresh.
 SPARE_MAX_AGE_FRACTION = 0.25
 DRIFT_FRACTION = 0.01
-
-# Most puts one advance_revision call makes (one revision each, about a millisecond apiece
-# on a local etcd): a bound on how long one call holds its thread; the election loop calls
-# it again until the revision is past every promise.
-MAX_REVISION_STEPS = 5_000
 
 # How often the keep-alive retries a refresh that failed fast (connection refused while
 # etcd restarts); a slow failure is bounded by the RPC timeout instead.
@@ -385,8 +388,8 @@ class SeatView:
 class Membership:
     joined: bool  # this node recorded itself under members/ before
     ever_led: bool  # some node has won the leader key
-    # etcd's revision after both reads: every term granted so far is at most this (a
-    # term is a create_revision), every later one above it.
+    # etcd's revision after both reads plus the term base: every term granted so far is
+    # at most this (a term is the base plus a create_revision), every later one above it.
     revision: int
 
 
@@ -420,6 +423,7 @@ class Leadership:
         self.last_key = self.prefix + "last_leader"
         self.designated_key = self.prefix + "designated"
         self.handover_key = self.prefix + "handover"
+        self.base_key = self.prefix + "term_base"
         self.promoted_key = self.prefix + "promoted"
         self.failover_key = self.prefix + "failover"
         self.member_key = self.prefix + "members/" + node_id
@@ -441,6 +445,8 @@ class Leadership:
         self.vacancy_seen = False
         # The last won campaign found the handover key naming this node.
         self.handed_over = False
+        # The term base as last read (campaigns guard on it; a wrong one costs a retry).
+        self._base = 0
 
     # ---- state --------------------------------------------------------------------
 
@@ -503,33 +509,44 @@ class Leadership:
                 return t.term
         tx = self._etcd.clients[0].transactions
         lease, sent = self._take_spare() or self._grant()
-        success = [tx.put(self.leader_key, self._value, lease.id),
-                   tx.put(self.last_key, self._value),
-                   tx.delete(self.promoted_key),
-                   tx.delete(self.designated_key),
-                   tx.get(self.handover_key),
-                   tx.delete(self.handover_key),
-                   tx.get(self.leader_key)]
-        # The designation is part of the guard, not only of the caller's check: when a
-        # leader designates and resigns, every other candidate wakes at that moment and
-        # one that read "no designation" just before would otherwise win. Two guards, the
-        # one this node expects first (`designated`: one etcd round trip when it holds);
-        # the other only when the first failed on the designation alone.
-        undesignated = [tx.create(self.leader_key) == 0, tx.version(self.designated_key) == 0]
-        as_designated = [tx.create(self.leader_key) == 0,
-                         tx.value(self.designated_key) == self.node_id]
-        guards = [as_designated, undesignated] if designated else [undesignated, as_designated]
-        seen = [tx.get(self.leader_key), tx.get(self.designated_key)]
+        seen = [tx.get(self.leader_key), tx.get(self.designated_key), tx.get(self.base_key)]
         try:
-            for compare in guards:
-                ok, responses = self._etcd.call("campaign", lambda c, compare=compare:
-                                                c.transaction(compare=compare, success=success,
-                                                              failure=seen))
-                if ok or responses[0]:
-                    break  # won, or the seat is taken
-                holder = responses[1][0][0] if responses[1] else None
-                if holder not in (None, self.node_id.encode()):
-                    break  # another node is designated
+            for _ in range(3):  # the term base was raised meanwhile: again, with it
+                base = self._base
+                value = self._leader_value(base)
+                success = [tx.put(self.leader_key, value, lease.id),
+                           tx.put(self.last_key, value),
+                           tx.delete(self.promoted_key),
+                           tx.delete(self.designated_key),
+                           tx.get(self.handover_key),
+                           tx.delete(self.handover_key),
+                           tx.get(self.leader_key)]
+                # The designation is part of the guard, not only of the caller's check:
+                # when a leader designates and resigns, every other candidate wakes at
+                # that moment and one that read "no designation" just before would
+                # otherwise win. Two guards, the one this node expects first
+                # (`designated`: one etcd round trip when it holds); the other only when
+                # the first failed on the designation alone. Both hold the base whose
+                # sum with the key's create_revision is the term.
+                same_base = self._base_guard(tx, base)
+                undesignated = [tx.create(self.leader_key) == 0,
+                                tx.version(self.designated_key) == 0, same_base]
+                as_designated = [tx.create(self.leader_key) == 0,
+                                 tx.value(self.designated_key) == self.node_id, same_base]
+                guards = ([as_designated, undesignated] if designated
+                          else [undesignated, as_designated])
+                for compare in guards:
+                    ok, responses = self._etcd.call(
+                        "campaign", lambda c, compare=compare, success=success:
+                        c.transaction(compare=compare, success=success, failure=seen))
+                    if ok or responses[0]:
+                        break  # won, or the seat is taken
+                    self._base = _base_of(responses[2])
+                    holder = responses[1][0][0] if responses[1] else None
+                    if self._base != base or holder not in (None, self.node_id.encode()):
+                        break  # another base, or another node is designated
+                if ok or responses[0] or self._base == base:
+                    break
         except LeadershipError:
             self._revoke_quietly(lease.id)  # the outcome is unknown: undo it
             raise
@@ -540,7 +557,7 @@ class Leadership:
         if not kvs or kvs[0][1].lease_id != lease.id:  # cannot happen inside one txn
             self._revoke_quietly(lease.id)
             raise LeadershipError("campaign: leader key not held after a winning transaction")
-        term = int(kvs[0][1].create_revision)
+        term = base + int(kvs[0][1].create_revision)
         handover = responses[-3]
         self.handed_over = bool(handover) and handover[0][0] == self.node_id.encode()
         ttl = float(min(self.ttl_s, lease.ttl or self.ttl_s))
@@ -563,6 +580,16 @@ class Leadership:
         t.thread.start()
         log.info("%s: leader of term %d (lease %x, ttl %s s)", self.node_id, term, lease.id, ttl)
         return term
+
+    def _leader_value(self, base: int) -> str:
+        """The leader key's value for a campaign under term base `base`."""
+        if not base:
+            return self._value
+        return json.dumps({**self.info, "term_base": str(base)}, sort_keys=True)
+
+    def _base_guard(self, tx: Any, base: int) -> Any:
+        """The compare that holds while the term base is `base` (0: no key)."""
+        return tx.value(self.base_key) == str(base) if base else tx.version(self.base_key) == 0
 
     def _grant(self) -> tuple[Any, float]:
         sent = self.clock()  # the lease's TTL starts no earlier than this
@@ -774,17 +801,20 @@ class Leadership:
             self._etcd.call, "read leader", lambda c: c.get(self.leader_key))
         if meta is None:
             return None
-        return _info(value), int(meta.create_revision)
+        info = _info(value)
+        return info, _term(info, meta.create_revision)
 
     async def seat(self) -> tuple[tuple[dict[str, str], int] | None, str | None]:
         """`current()` and `designated()` in one etcd round trip: what an election loop
         reads each time the seat may have changed."""
         def read(c: Any) -> tuple[tuple[dict[str, str], int] | None, str | None]:
             tx = c.transactions
-            _, (leader, designated) = c.transaction(
-                compare=[], success=[tx.get(self.leader_key), tx.get(self.designated_key)],
+            _, (leader, designated, base) = c.transaction(
+                compare=[], success=[tx.get(self.leader_key), tx.get(self.designated_key),
+                                     tx.get(self.base_key)],
                 failure=[])
-            cur = (_info(leader[0][0]), int(leader[0][1].create_revision)) if leader else None
+            self._base = _base_of(base)
+            cur = _held(leader[0]) if leader else None
             return cur, designated[0][0].decode() if designated else None
         return await self._run(self._etcd.call, "read leader and designation", read)
 
@@ -795,7 +825,9 @@ class Leadership:
         for kv in resp.kvs:
             key = kv.key.decode(errors="replace")
             if key == self.leader_key:
-                term, info = int(kv.create_revision), kv.value
+                term, info = _term(_info(kv.value), kv.create_revision), kv.value
+            elif key == self.base_key:
+                self._base = _base_of([(kv.value, kv)])
             elif key in self._controls:
                 controls[key] = int(kv.mod_revision)
         return _Snapshot(term, info, controls, int(resp.header.revision))
@@ -877,7 +909,7 @@ class Leadership:
             if key == self.leader_key:
                 vacated = isinstance(ev, etcd_events.DeleteEvent)
                 changed |= (known_term is not None if vacated
-                            else int(ev.create_revision) != known_term)
+                            else _term(_info(ev.value), ev.create_revision) != known_term)
             elif key in self._controls:
                 changed = True
         return changed, vacated
@@ -943,7 +975,7 @@ class Leadership:
             kvs = responses[0]
             if not kvs:  # cannot happen: the guard failed on this very key
                 raise LeadershipError("promote: the leader key vanished inside a transaction")
-            return _info(kvs[0][0]), int(kvs[0][1].create_revision)
+            return _held(kvs[0])
         return await self._run(run)
 
     async def clear_promotion(self) -> None:
@@ -970,7 +1002,7 @@ class Leadership:
                 return Pending(kv[0].decode(errors="replace"), ttl) if ttl >= 0 else None
             mode = failover[0].decode(errors="replace") if failover else ""
             return SeatView(
-                leader=(_info(leader[0]), int(leader[1].create_revision)) if leader else None,
+                leader=_held(leader) if leader else None,
                 failover=mode if mode in FAILOVER_MODES else self.default_failover,
                 promoted=pending(promoted), designated=pending(designated))
         return await self._run(self._etcd.call, "read the leader seat", read)
@@ -1004,27 +1036,43 @@ class Leadership:
         def read(c: Any) -> Membership:
             member = c.get_response(self.member_key)
             last = c.get_response(self.last_key)
-            return Membership(member.count > 0, last.count > 0, int(last.header.revision))
+            base = c.get_response(self.base_key)  # the last: its revision is the newest
+            self._base = _base_of([(kv.value, kv) for kv in base.kvs])
+            return Membership(member.count > 0, last.count > 0,
+                              self._base + int(base.header.revision))
         return await self._run(self._etcd.call, "read membership", read)
 
-    async def advance_revision(self, past: int) -> int:
-        """Moves etcd's revision above `past` (at most MAX_REVISION_STEPS revisions per
-        call), one put of `<prefix>revision_floor` per revision; returns the revision
-        reached. Terms are create_revisions: an etcd that lost its data counts them from 1
-        again, under voters that promised far higher terms (DESIGN §4), and a campaign
-        moves the revision up by about two. Without this, a term above every promise would
-        take thousands of campaigns."""
-        return await self._run(self._advance_revision_sync, past)
+    async def raise_term_base(self, floor: int) -> int | None:
+        """Makes every later term above `floor` with one guarded write, while the seat is
+        vacant: the term base becomes `floor` (terms are the base plus a create_revision,
+        which is at least 1). Returns the base in force, or None when a leader holds the
+        seat (nothing written). Why: terms come from etcd's revisions, and an etcd that
+        lost its data counts them from 1 again, under voters that promised far higher
+        terms (DESIGN §4); moving the revision itself up took one write per term of the
+        gap, minutes over a WAN for a gap of thousands. The base never goes down (a lower
+        `floor` leaves it), so terms stay increasing within one etcd's life."""
+        return await self._run(self._raise_term_base_sync, floor)
 
-    def _advance_revision_sync(self, past: int) -> int:
-        key, value = self.prefix + "revision_floor", str(past)
-        revision = 0
-        for _ in range(MAX_REVISION_STEPS):
-            revision = self._etcd.call("advance the revision", lambda c: int(
-                c.put(key, value).header.revision))
-            if revision > past:
-                break
-        return revision
+    def _raise_term_base_sync(self, floor: int) -> int | None:
+        tx = self._etcd.clients[0].transactions
+        for _ in range(3):  # the base moved under us: again, from what it is now
+            base = self._base
+            if floor <= base:
+                return base
+            ok, responses = self._etcd.call("raise the term base", lambda c, base=base: (
+                c.transaction(
+                    compare=[tx.create(self.leader_key) == 0, self._base_guard(tx, base)],
+                    success=[tx.put(self.base_key, str(floor))],
+                    failure=[tx.get(self.leader_key), tx.get(self.base_key)])))
+            if ok:
+                self._base = floor
+                log.warning("%s: term base raised %d -> %d: every later term is above %d",
+                            self.node_id, base, floor, floor)
+                return floor
+            self._base = _base_of(responses[1])
+            if responses[0]:
+                return None
+        raise LeadershipError("raise the term base: it kept changing under this node")
 
     async def join(self) -> None:
         """Records that this node joined the cluster, before it serves anything: a later
@@ -1073,6 +1121,31 @@ class Leadership:
     def _close_clients(self) -> None:
         for etcd in (self._etcd, self._ka_etcd, self._watch_etcd):
             etcd.close()
+
+
+def _term(info: dict[str, str], create_revision: int) -> int:
+    """The term of a leader key holding `info`: its term base plus its create_revision."""
+    try:
+        base = int(info.get("term_base", 0))
+    except (TypeError, ValueError):
+        base = 0  # not written by a campaign: the key's revision alone, as before bases
+    return base + int(create_revision)
+
+
+def _held(kv: Any) -> tuple[dict[str, str], int]:
+    """(info, term) of a leader key read as (value, metadata)."""
+    info = _info(kv[0])
+    return info, _term(info, kv[1].create_revision)
+
+
+def _base_of(kvs: Any) -> int:
+    """The term base from a read of its key (absent: 0)."""
+    if not kvs:
+        return 0
+    try:
+        return int(kvs[0][0])
+    except ValueError as exc:
+        raise LeadershipError(f"term_base holds {kvs[0][0]!r}, not an integer") from exc
 
 
 def _info(value: bytes) -> dict[str, str]:

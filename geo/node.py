@@ -4,7 +4,8 @@ transport and the etcd election loop of DESIGN §4, in one process.
 Election: while the leader key is held, followers wait for it to change. When it is
 vacant, a voter (in manual failover mode only a promoted one) asks the reachable voters
 for their log tips and defers to a more up-to-date one (Patroni's pre-check), then
-tries the guarded etcd transaction; the key's create_revision is its term. The
+tries the guarded etcd transaction; the term base plus the key's create_revision is its
+term (geo/leadership.py). The
 replication machine then runs the promise/recovery step and opens for writes once its
 term-start record commits. A leader whose lease cannot be renewed in time steps down
 before the lease can expire; safety comes from terms and promises, not from the lease.
@@ -13,9 +14,9 @@ directory) grants revisions, so terms, from 1 again: a candidate whose term is a
 below what the voters promised is refused (SteppedDown 'stale term', 'higher term', or
 TERM_TAKEN when a voter promised that very term to another node) and campaigns again.
 A candidate that wins a term not above its own promise or the other voters' (as their
-pre-check Tip answers tell) gives it back at once and moves etcd's revision past them
-(Leadership.advance_revision: one put per revision, about 1 ms each), so the next term
-is above every promise: some 10x faster than campaigning up two revisions at a time.
+pre-check Tip answers tell) gives it back at once and raises the term base to them
+(Leadership.raise_term_base: one guarded etcd write while the seat is vacant, however
+far the promises are ahead), so the next term is above every promise.
 
 Lost disks: before it serves anything, a member records in etcd that it joined
 (`/<cluster>/members/<id>`), then marks its data directory with the cluster's name. A
@@ -500,10 +501,9 @@ class ClusterNode:
                     # promise known, so that the next campaign's term is above them.
                     log.warning("%s: won term %d but terms up to %d were promised before: "
                                 "etcd lost its data, or a new etcd runs under the old logs; "
-                                "moving its revision past %d", self.id, term, floor, floor)
+                                "raising the term base to %d", self.id, term, floor, floor)
                     await self.leadership.resign(term)
-                    reached = await self.leadership.advance_revision(floor)
-                    log.info("%s: etcd revision now %d", self.id, reached)
+                    await self.leadership.raise_term_base(floor)
                     continue
                 self.failover.leader_seen(term, won=True)
                 log.info("%s: won the leader key, term %d", self.id, term)

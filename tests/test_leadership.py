@@ -548,6 +548,49 @@ def test_only_a_resignation_handing_over_makes_the_targets_term_a_handover(
     run(body())
 
 
+def test_a_raised_term_base_puts_every_later_term_above_the_floor_in_one_write(
+        etcd: EtcdCluster) -> None:
+    """Terms are the term base plus the leader key's create_revision. After etcd lost its
+    data its revisions restart far below the terms the voters promised; raising the base
+    (only while the seat is vacant, never down) puts the next term above them at once,
+    whatever the gap, where moving the revision took one write per term."""
+    host, port = etcd.endpoints[0].rsplit(":", 1)
+
+    async def body() -> None:
+        a, b = await nodes(etcd, "a", "b")
+        try:
+            first = await a.lead.campaign()
+            assert first is not None
+            assert await b.lead.raise_term_base(10**9) is None, "refused: a leads"
+            await a.lead.resign()
+            with etcd3.client(host, int(port), timeout=2) as raw:
+                before = int(raw.get_response("/x").header.revision)
+            floor = 5_000_000_000
+            assert await b.lead.raise_term_base(floor) == floor
+            with etcd3.client(host, int(port), timeout=2) as raw:
+                assert int(raw.get_response("/x").header.revision) == before + 1  # one write
+            # a read the base before it was raised: its campaign retries with the new one
+            term = await a.lead.campaign()
+            assert term is not None and floor < term < floor + before + 10
+            assert a.lead.term == term
+            assert await b.lead.current() == (a.info | {"term_base": str(floor)}, term)
+            (_, seen), _ = await b.lead.seat()
+            view = await b.lead.seat_view()
+            assert seen == term and view.leader is not None and view.leader[1] == term
+            # a watcher's known term is the same sum: no change seen while a holds it
+            assert await b.lead.wait_change(term, timeout_s=0.3) is False
+            await a.lead.resign()
+            # never down; a lower floor leaves it
+            assert await a.lead.raise_term_base(floor - 1) == floor
+            assert (await a.lead.membership()).revision > floor
+            term2 = await b.lead.campaign()
+            assert term2 is not None and term2 > term
+            await b.lead.resign()
+        finally:
+            await close(a, b)
+    run(body())
+
+
 def test_designate_promote_and_failover_mode_round_trips(etcd: EtcdCluster) -> None:
     async def body() -> None:
         a, b = await nodes(etcd, "a", "b")
