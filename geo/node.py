@@ -21,16 +21,26 @@ far the promises are ahead), so the next term is above every promise.
 Lost disks: before it serves anything, a member records in etcd that it joined
 (`/<cluster>/members/<id>`), then marks its data directory with the cluster's name. A
 voter starting on an unmarked, empty directory while etcd says it joined before, and a
-leader was ever elected, lost its disk (replaced disk, rebuilt region): it may have
-promised and acknowledged things it no longer holds. It starts rejoining
-(geo/replication/core.py): with the mark it persists promised_term = rejoin_term =
-etcd's revision + 1 (above every term granted so far), then catches up from the leader
-without voting, campaigning or counting for commit, and votes again once it holds a
-committed record of a term elected after it came back. Any other unmarked member is new
-(a brand new cluster's first start, or a member added later): it never promised or
-acknowledged anything, so it is a plain voter. "A leader was ever elected" alone would
-not do (a cluster started one node at a time elects its first leader before the others
-start), nor "a peer holds records" (same, one election later).
+leader was ever elected (or another voter promised a term: etcd may have lost its record
+of the leader), lost its disk (replaced disk, rebuilt region): it may have promised and
+acknowledged things it no longer holds. It starts rejoining (geo/replication/core.py,
+"Wiped voters"): it asks the other voters for their promised terms (the pre-check's Tip
+RPC) and waits, serving nothing, until n - quorum + 1 of them answered (n voters); with
+the mark it then persists promised_term = rejoin_term = F = max(etcd's revision, their
+promises) + 1, then catches up from the leader without voting, campaigning or counting
+for commit, and votes again once it holds a committed record of a term >= F. etcd's
+revision alone is above every term granted only while etcd keeps its data; the other
+voters' promises bound every term in which a leader can have counted an acknowledgement
+of the lost disk, whatever etcd did (the argument is in core's docstring). While it
+waits, SIGTERM and SIGINT stop it at once (nothing was written). Any other unmarked
+member is new (a brand new cluster's first start, or a member added later): it never
+promised or acknowledged anything, so it is a plain voter. "A leader was ever elected"
+alone would not do (a cluster started one node at a time elects its first leader before
+the others start), nor "a peer holds records" (same, one election later). An etcd that
+lost its data lost the members' records too: every running node records again, every
+MEMBERSHIP_CHECK_S, itself and every member it heard from (each passed this check, so it
+joined); a disk lost before that (or while nobody that heard from its node runs) is taken
+for a new member.
 """
 
 from __future__ import annotations
@@ -39,8 +49,10 @@ import asyncio
 import contextlib
 import logging
 import math
+import signal
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -100,6 +112,12 @@ TIP_TIMEOUT_S = 0.5
 SWITCHOVER_HEARD_S = 1.0
 # A rejoining node logs its catch-up at most this often.
 REJOIN_LOG_EVERY_S = 5.0
+# A voter that lost its disk asks the other voters for their promises again after this
+# long, doubling up to the second value, and says whom it waits for at least this often.
+FENCE_RETRY_S = (0.1, 2.0)
+FENCE_LOG_EVERY_S = 10.0
+# How often a running node checks that etcd still records the members it knows joined.
+MEMBERSHIP_CHECK_S = 5.0
 
 
 class ClusterNode:
@@ -136,8 +154,9 @@ class ClusterNode:
         # After losing its quorum a node lets the others campaign first: it is likely the
         # one cut off, and still reaching etcd it would take the seat back in vain.
         self._campaign_after = 0.0
-        # The highest term the other voters had promised at the last pre-check: a won term
-        # not above it (or our own promise) is given back at once (_election_loop).
+        # The highest term the other voters had promised at the last pre-check (or after
+        # a rejoining voter's fence deposed us: _retake_seat): a won term not above it (or
+        # our own promise) is given back at once (_elections).
         self._peers_promised = 0
         # Until then (monotonic) a planned switchover is under way: see _tier_reading.
         self._planned_until = 0.0
@@ -217,7 +236,8 @@ class ClusterNode:
             sender.start()
             self.senders[peer] = sender
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._ticker()), loop.create_task(self._elections())]
+        self._tasks = [loop.create_task(self._ticker()), loop.create_task(self._elections()),
+                       loop.create_task(self._keep_membership())]
         self.observer.start()
         await self.supervisor.start(self.server)
 
@@ -276,8 +296,12 @@ class ClusterNode:
             if self.member.voter:  # a standby never votes: it just catches up
                 known = await self._etcd_at_start(self.leadership.membership)
                 # (A log with records but no mark is older than marks: it is whole.)
-                if known.joined and known.ever_led and log_.last_position == 0:
-                    fence = known.revision + 1
+                if known.joined and log_.last_position == 0:
+                    # Joined before: if anything was ever promised, the disk was lost.
+                    # "Ever led" may be gone with etcd's data; the promises may not.
+                    promised = await self._fence_promises()
+                    if known.ever_led or promised:
+                        fence = max(known.revision, promised) + 1
                 if not known.joined:  # before the mark: a marked directory is on record
                     await self._etcd_at_start(self.leadership.join)
             with log_.write() as txn:
@@ -289,14 +313,109 @@ class ClusterNode:
             if fence:
                 log.warning(
                     "%s: LOST DISK: %s holds no log of cluster %r, which this member had "
-                    "joined; rejoining: fenced at term %d (no leader elected before now "
-                    "can use this node), catching up from the leader without voting; it "
-                    "votes again once it holds a committed record of term >= %d",
-                    self.id, data, self.config.cluster, fence, fence)
+                    "joined; rejoining: fenced at term %d (above etcd's revision and the "
+                    "other voters' promises: no leader that may have counted this node's "
+                    "lost acknowledgements can use it), catching up from the leader "
+                    "without voting; it votes again once it holds a committed record of "
+                    "term >= %d", self.id, data, self.config.cluster, fence, fence)
             else:
                 log.info("%s: joined cluster %r (%s)", self.id, self.config.cluster, data)
         finally:
             log_.close()
+
+    async def _fence_promises(self) -> int:
+        """The highest term promised by n - quorum + 1 of the other voters (n voters: both
+        others of 3, 3 of the 4 others of 5), asked with the Tip RPC until that many
+        answered, the answers of every round counted (promises only grow). Why that many: core's
+        docstring, "Wiped voters". Waits as long as it takes, saying whom it waits for:
+        with fewer of them reachable nothing can commit anyway. SIGTERM and SIGINT stop
+        the process meanwhile (_stop_on_signals): nothing was written or served yet."""
+        others = [m.id for m in self.config.voters if m.id != self.id]
+        need = min(len(others), len(self.config.voters) - self.config.quorum + 1)
+        answered: dict[str, int] = {}
+        loop = asyncio.get_running_loop()
+        delay, logged, said = FENCE_RETRY_S[0], -math.inf, None
+        log.warning("%s: LOST DISK? the data directory is empty and unmarked, and this "
+                    "member joined before: asking the other voters for their promised "
+                    "terms (%d of %s needed) before it can be fenced", self.id, need,
+                    ", ".join(others))
+        with self._stop_on_signals():
+            while True:
+                for peer, r in (await self._peer_tips()).items():
+                    # A node answering for another (a wrong route) is not counted, nor a
+                    # promise below the answerer's own last term: a node too old to report
+                    # its promise answers 0.
+                    if r is None or r.node_id != peer or r.promised_term < r.last_term:
+                        continue
+                    answered[peer] = max(answered.get(peer, 0), r.promised_term)
+                if len(answered) >= need:
+                    promised = max(answered.values(), default=0)
+                    log.info("%s: promised terms of the other voters: %s (highest %d)",
+                             self.id, answered, promised)
+                    return promised
+                missing = [p for p in others if p not in answered]
+                now = loop.time()
+                if (sorted(answered), missing) != said or now - logged >= FENCE_LOG_EVERY_S:
+                    said, logged = (sorted(answered), missing), now
+                    log.warning("%s: LOST DISK: waiting for the promised terms of %d more "
+                                "of the other voters before it can be fenced; answered: "
+                                "%s; waiting for: %s (unreachable or not serving)", self.id,
+                                need - len(answered), ", ".join(sorted(answered)) or "none",
+                                ", ".join(missing))
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, FENCE_RETRY_S[1])
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """During a start-up wait: SIGTERM and SIGINT end the process at once (SystemExit,
+        status 0), nothing having been served. `xdc node run` (run_until_signalled) takes
+        them only once start() returned; its handler still runs too (the previous Python
+        handler is called, and asyncio's wake-up fd is untouched). Only in the main thread,
+        and only for a signal that has a Python handler (SIG_DFL ends the process anyway)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        got: list[int] = []
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous = {sig: h for sig, h in previous.items() if callable(h)}
+
+        def on_signal(signum: int, frame: Any) -> None:
+            got.append(signum)
+            if task is not None:
+                loop.call_soon_threadsafe(task.cancel)
+            previous[signal.Signals(signum)](signum, frame)
+
+        for sig in previous:
+            signal.signal(sig, on_signal)
+        try:
+            yield
+        except asyncio.CancelledError:
+            if got:
+                log.warning("%s: stopped by signal %d while waiting to be fenced: nothing "
+                            "was written or served", self.id, got[0])
+                raise SystemExit(0) from None
+            raise
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    async def _keep_membership(self) -> None:
+        """Records again in etcd (`members/<id>`) that this node, and every member it
+        heard from, joined, when etcd lost that (its data): a later start of one of them on
+        an empty directory is then known for a lost disk, not taken for a new member."""
+        while not self._stopping:
+            infos = {m.id: {"id": m.id, "client": m.client, "peer": m.peer,
+                            "region": m.region}
+                     for m in self.config.members if m.id == self.id or m.id in self._heard}
+            with contextlib.suppress(LeadershipError):
+                recorded = await self.leadership.record_members(infos)
+                if recorded:
+                    log.warning("%s: etcd had no record that %s joined (it lost its data, "
+                                "or a new etcd runs under the old logs): recorded again",
+                                self.id, ", ".join(recorded))
+            await asyncio.sleep(MEMBERSHIP_CHECK_S)
 
     async def _etcd_at_start(self, call: Callable[[], Awaitable[T]]) -> T:
         """`call()`, retried while etcd does not answer, for at most LOST_DISK_CHECK_S."""
@@ -497,7 +616,7 @@ class ClusterNode:
                 if term <= floor:
                     # etcd counts revisions, so terms, from 1 again: it lost its data, or
                     # a new one runs under the old logs. The voters would refuse this term
-                    # (core rule 1): give the key back and move etcd's revision past every
+                    # (core rule 1): give the key back and raise the term base to every
                     # promise known, so that the next campaign's term is above them.
                     log.warning("%s: won term %d but terms up to %d were promised before: "
                                 "etcd lost its data, or a new etcd runs under the old logs; "
@@ -695,7 +814,15 @@ class ClusterNode:
         """A voter back from a lost disk fenced our term (its promise is above every term
         granted before it came back). No other leader was elected: designate ourselves
         (a switchover to self), then resign, so that we campaign again at once, in manual
-        failover mode too, and lead in a new term it accepts."""
+        failover mode too, and lead in a new term it accepts. A designated campaign skips
+        the pre-check: the voters' promises (the fence among them) are read here instead,
+        so that a won term not above the fence is given back and the term base raised past
+        it at once (_elections), not one refused campaign per two revisions (after etcd
+        lost its data the fence can be far above etcd's revision)."""
+        with contextlib.suppress(Exception):
+            tips = await self._peer_tips()
+            self._peers_promised = max([self._peers_promised] + [
+                r.promised_term for r in tips.values() if r is not None])
         with contextlib.suppress(Exception):
             await self.leadership.designate(self.id, max(2, 2 * self.config.lease_ttl_s))
         await self._resign_quietly(term)

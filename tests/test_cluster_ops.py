@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -490,15 +492,31 @@ def test_promote_refuses_a_rejoining_target(cluster: launcher.ClusterState) -> N
     elected since commits to it. Promoting it used to be accepted and kept the seat vacant
     (and the old leader out of it) for 60 s; refused now, with --force too, nothing is
     written, and the old leader, back, takes its seat again by itself. Last in the module:
-    the wiped node may restart rejoining again until it persists that it is whole."""
+    the wiped node may restart rejoining again until it persists that it is whole.
+
+    The wiped voter is fenced only once both other voters told it their promises (n -
+    quorum + 1 of 2), answers of every round counted: it hears the leader's while the
+    other is paused, the leader dies, then the other's; the seat is then vacant (manual
+    failover) with the wiped voter rejoining."""
     leader = asyncio.run(launcher.wait_leader(cluster))[0]
     wiped, other = [n for n in cluster.nodes if n.voter and n.id != leader.id]
     assert ops(cluster, "failover", "manual").returncode == 0
+    paused: list[launcher.NodeProc] = []
     try:
-        _kill(cluster, leader.id)
         _kill(cluster, wiped.id)
         shutil.rmtree(wiped.data_dir)  # the disk is lost while it is down
-        launcher.start_node(cluster, wiped)
+        paused = launcher.signal_node(cluster, other.id, signal.SIGSTOP)
+        ready_file, proc = launcher._spawn_node(cluster, wiped)
+        node_log = Path(cluster.directory, "nodes", wiped.id, "node.log")
+        deadline = time.monotonic() + 30
+        while f"answered: {leader.id}; waiting for: {other.id}" not in node_log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                "the wiped voter did not hear the leader's promise"
+            time.sleep(0.05)
+        _kill(cluster, leader.id)
+        launcher.signal_node(cluster, other.id, signal.SIGCONT)
+        paused = []
+        launcher._wait_ready_line(ready_file, proc, 30)
         st = asyncio.run(_status_until(cluster, wiped, lambda s: s.role == "rejoining",
                                        "rejoining role"))
         for force in ((), ("--force",)):
@@ -514,6 +532,8 @@ def test_promote_refuses_a_rejoining_target(cluster: launcher.ClusterState) -> N
         asyncio.run(_status_until(cluster, wiped, lambda s: s.role == "follower",
                                   "follower role (whole again)"))
     finally:
+        for n in paused:
+            os.kill(n.pid, signal.SIGCONT)
         _back_to_automatic(cluster)
 
 

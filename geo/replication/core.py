@@ -129,23 +129,43 @@ records it acknowledged, which may be committed with its ack counted and so now 
 minority, and (b) its promise, so a deposed leader could count it again. Voting at once
 breaks the quorum-intersection argument of rule 2 (Raft has the same problem: disk loss is a
 membership change). The shell detects it at start (an empty, unmarked data directory of a
-member etcd says joined before, in a cluster that has had a leader) and constructs it with
+member etcd says joined before, in a cluster that has had a leader, or in which another
+voter promised a term: etcd may have lost its record of the leader) and constructs it with
 ``rejoin_term=F`` and ``promised_term=F``, both persisted first, where F is above every term
-granted so far (etcd's current revision + 1: terms are create_revisions). Until it is whole:
+that a leader counting an acknowledgement of its previous life can have. Until it is whole:
 
 * it promises nothing as a voter (a ``PromiseReply`` with ``ok=False, rejoining=True``), and
   ``become_leader`` gives the key back: no election counts it;
 * every reply it sends carries ``rejoining``, and a leader counts neither its match for
   commit nor its replies for check-quorum: it is a standby that the quorum size still
   includes (as if down), so commit and elections need a majority of the OTHER voters;
-* its promise F fences every leader elected before the wipe (they step down on its reply,
-  with ``SteppedDown(reason=REJOIN_FENCE)``: the shell campaigns again at once), so every
-  leader it follows has term >= F and never counts an ack of its previous life.
+* its promise F fences every leader that may have counted its previous life (they step
+  down on its reply, with ``SteppedDown(reason=REJOIN_FENCE)``: the shell campaigns again
+  at once), so every leader it follows has term >= F and never counts an ack of its
+  previous life.
 
-F must be above every term granted before the wipe, which etcd's revision tells only while
-etcd keeps its data: after etcd lost it (rule 1), its revision may be below terms granted
-before, F too, and the argument below fails (a leader of a term >= F may have counted an ack
-of the previous life). Not handled: it takes both a lost etcd and a lost voter disk.
+The fence rule. With n voters and q = n // 2 + 1 (the quorum), the shell takes
+F = max(etcd's current revision, the ``promised_term`` answered by at least n - q + 1 OTHER
+voters) + 1, asked after the restart (the pre-check's Tip RPC); it waits, serving nothing,
+until that many have answered (answers may come in different rounds). etcd's revision alone
+(the rule before) is above every term granted only while etcd keeps its data: after it lost
+it (rule 1), the revision may be below terms granted before, and a leader of a term >= F
+could have counted an ack of the previous life (the simulator loses a committed record that
+way: seed 7620, see geo/replication/sim.py). Why the peers' promises are enough, whatever
+etcd did: a leader of term T that counted an ack of the previous life had a promise
+majority for T first (it ships nothing before), formed before the wipe; at least q - 1 of
+those q promisers are OTHER voters. Any n - q + 1 of the n - 1 other voters meet every
+(q - 1)-subset of them ((n - q + 1) + (q - 1) > n - 1), so one answerer promised T before
+the wipe. Promises only grow, so its answer, given after the restart, is >= T: F > T. An
+answerer that is itself rejoining answers its own fence, which by the same rule is above
+every term it promised before its own wipe, so the argument holds for it too; a voter still
+waiting for its fence serves nothing, so it never answers. An answer that is not
+self-consistent (a promise below the answerer's own last log term: a node too old to
+report its promise) is not counted. Waiting costs no availability: while fewer than
+n - q + 1 other voters are reachable, fewer than q non-rejoining voters are, and nothing
+could commit anyway. etcd's revision is still taken so that F stays above every term
+granted so far while etcd keeps its data (every leader elected before the restart is
+fenced, as before).
 
 It is whole again, and emits :class:`Rejoined`, once its visible commit position P (committed
 and durable here) holds an entry of term >= F. That is enough: P's entry was written by a
@@ -161,7 +181,11 @@ still be below records committed by its predecessor (it learns them lazily), and
 leader (if it were not fenced) could still count a delayed ack of the previous life after
 that point. The rejoin survives restarts: ``rejoin_term`` stays in meta until it is whole.
 
-Not handled here: membership changes and log compaction/snapshots.
+Not handled here: membership changes and log compaction/snapshots; and telling a lost disk
+from a new member needs etcd's record that the member joined (the shell re-records it while
+running, for itself and every member it heard from, after etcd lost its data): a voter whose
+disk is lost while etcd has no such record (both lost at once, e.g. a new etcd started under
+old logs with one data directory gone) starts as a new, empty voter.
 """
 
 from __future__ import annotations
@@ -251,6 +275,9 @@ class Unsafe:
     skip_promises: bool = False  # lead on the local log without the Promise/recovery step
     # (shell, simulator) a wiped voter restarts as an ordinary empty voter with promise 0
     wiped_voter_votes: bool = False
+    # (shell, simulator) a wiped voter's fence is etcd's revision + 1 alone, not also above
+    # the promises of n - q + 1 other voters ("Wiped voters"): unsafe once etcd lost its data
+    etcd_only_fence: bool = False
     # a promise binds a term, not a node (no promised_to check): a term granted twice
     # (etcd lost its data) can get two leaders
     unbound_promises: bool = False

@@ -10,9 +10,11 @@ One ``random.Random(seed)`` decides everything, so a seed replays the same sched
 * processes: crashes (in-memory state lost, restarted later from the disk), pauses (SIGSTOP:
   events and client requests queue up and are served on resume, before the node's timers
   run: an old leader acts on its stale belief first), wiped standbys (empty disk), wiped
-  voters (empty disk; they restart rejoining, fenced above every term granted so far, as
-  the node shell does; at most ``voters - quorum`` of them rejoining at once: losing the
-  disks of a majority loses data in any protocol);
+  voters (empty disk; they restart rejoining, as the node shell does: fenced at
+  max(etcd's revision, the promises of ``voters - quorum + 1`` other voters) + 1, staying
+  down while fewer of them are reachable: core's docstring, "Wiped voters"; at most
+  ``voters - quorum`` of them rejoining at once: losing the disks of a majority loses data
+  in any protocol);
 * an etcd-like oracle: a leader key with a lease on the sim clock, granting strictly
   increasing (not dense) terms to one candidate at a time; nodes may lose etcd access;
   etcd may lose its data (``etcd_reset``: the key and leases are gone and the revision
@@ -98,6 +100,14 @@ def fmt(obj: object) -> str:
 
 FAULT_KINDS = ("crash", "crash_leader", "pause", "pause_leader", "partition", "asym", "etcd",
                "isolate_leader", "wipe_standby", "wipe_voter", "etcd_reset")
+# The double fault "etcd lost its data, and a voter its disk", weighted: the mix on which
+# the fence from etcd's revision alone (Unsafe.etcd_only_fence) loses a committed record,
+# e.g. seed 7620 of 3 voters, duration 600, heal 400.
+WIPES_AND_RESETS = (("etcd_reset", "wipe_voter") * 2
+                    + ("crash", "crash_leader", "partition", "pause", "isolate_leader"))
+MIXES = {"wipes_and_resets": WIPES_AND_RESETS}  # --mix
+# A wiped voter waiting for the other voters' promises asks again after this many ticks.
+FENCE_RETRY_TICKS = 3
 
 
 @dataclass(slots=True, frozen=True)
@@ -185,6 +195,9 @@ class _SimNode:
     deferrals: int = 0
     checked_upto: int = 0  # committed positions already compared with the global history
     wiped_upto: int = 0  # the highest committed position when its disk was last lost
+    # A wiped voter not yet fenced: the promised terms the other voters answered so far
+    # (voter -> term); None otherwise. It stays down until enough answered (Sim._fence).
+    fence_answers: dict[str, int] | None = None
     proposed: dict[int, bytes] = field(default_factory=dict)  # pos -> payload, current term
 
 
@@ -319,13 +332,53 @@ class Sim:
             return "scripted scenario: rerun its test (the trace below is complete up to 60 steps)"
         c = self.cfg
         unsafe = [f.name for f in fields(Unsafe) if getattr(c.unsafe, f.name)]
-        for hunt in (False, True):
+        for hunt, mix in ((False, None), (True, None), (False, "wipes_and_resets")):
             argv = (["--seed", str(self.seed), "--duration", str(c.duration), "--heal",
                      str(c.heal)] + (["--hunt"] if hunt else [])
+                    + (["--mix", mix] if mix else [])
                     + [x for k in unsafe for x in ("--unsafe", k)])
             if cli_config(_parser().parse_args(argv), self.seed) == c:
                 return "python -m geo.replication.sim " + " ".join(argv) + " --trace"
         return "custom config: build it from the config line below, then Sim(seed, cfg).run()"
+
+    def _boot(self, n: _SimNode) -> None:
+        """Starts a node (a restart), unless it is a wiped voter that cannot be fenced yet:
+        then it tries again later, as the shell's start-up does."""
+        if n.fence_answers is not None and not self._fence(n):
+            self._push(self.now + FENCE_RETRY_TICKS * self.cfg.tick_every, _END_FAULT,
+                       "restart", n.id)
+            return
+        self._start(n)
+
+    def _fence(self, n: _SimNode) -> bool:
+        """The shell's start-up on a lost disk (core's docstring, "Wiped voters"): ask the
+        reachable other voters for their promised term (the Tip RPC: a round trip, so both
+        directions must be open; a paused or down node does not answer, nor a wiped one not
+        yet fenced: it is down); once ``voters - quorum + 1`` of them answered (in any
+        round: promises only grow), persist promise and rejoin term F = max(etcd's revision,
+        their promises) + 1 and return True. The shell reads etcd first: it waits for it
+        too. ``Unsafe.etcd_only_fence``: F = etcd's revision + 1 at once (the rule before,
+        unsafe once etcd lost its data)."""
+        answers = n.fence_answers
+        assert answers is not None
+        if self.oracle.unreachable[n.id]:
+            return False
+        for v in self.voters:
+            p = self.nodes[v]
+            if (v != n.id and p.machine is not None and not p.paused
+                    and not self.blocked[(n.id, v)] and not self.blocked[(v, n.id)]):
+                answers[v] = max(answers.get(v, 0), p.disk.promised_term)
+        if self.cfg.unsafe.etcd_only_fence:
+            fence = self.oracle.revision + 1
+        elif len(answers) < len(self.voters) - quorum(len(self.voters)) + 1:
+            self._note(f"{n.id} waits for promises, answered", sorted(answers))
+            return False
+        else:
+            fence = max(self.oracle.revision, *answers.values()) + 1
+        n.disk.promised_term = n.disk.rejoin_term = fence  # promised_to: "" (nobody)
+        n.fence_answers = None
+        self._note(f"{n.id} fenced at", fence)
+        return True
 
     def _start(self, n: _SimNode) -> None:
         n.incarnation += 1
@@ -606,7 +659,7 @@ class Sim:
         n = self.nodes[node]
         if n.machine is None:
             self._note(f"{node} RESTART")
-            self._start(n)
+            self._boot(n)
 
     def pause(self, node: str) -> None:
         n = self.nodes[node]
@@ -624,10 +677,10 @@ class Sim:
         now (or at ``restart(node)``). A standby just catches up; the leader is told (as
         the shell does when a peer reconnects with an empty log) unless ``tell_leader`` is
         False, then it must notice by itself (its heartbeat at the match is refused). A
-        voter restarts rejoining, as the node shell starts it: promise and rejoin term F =
-        the oracle's revision + 1, above every term granted so far (core's docstring), so
-        no leader of its previous life can use it. ``Unsafe.wiped_voter_votes`` restarts
-        it as a plain empty voter instead: the hole this closes."""
+        voter restarts rejoining, as the node shell starts it: fenced first (``_fence``:
+        above every term a leader that counted an ack of its previous life can have), it
+        stays down until then. ``Unsafe.wiped_voter_votes`` restarts it as a plain empty
+        voter instead: the hole the rejoin closes."""
         n = self.nodes[node]
         self.crash(node)
         self._note(f"{node} WIPED")
@@ -635,9 +688,8 @@ class Sim:
         n.disk = MemoryLog()
         n.checked_upto = 0
         n.wiped_upto = len(self.committed) - 1
-        if n.voter and not self.cfg.unsafe.wiped_voter_votes:
-            fence = self.oracle.revision + 1
-            n.disk.promised_term = n.disk.rejoin_term = fence  # promised_to: "" (nobody)
+        n.fence_answers = ({} if n.voter and not self.cfg.unsafe.wiped_voter_votes
+                           else None)
         if not restart:
             return
         self.restart(node)
@@ -653,6 +705,7 @@ class Sim:
         disk says they are rejoining, or (``Unsafe.wiped_voter_votes``, nothing says so)
         they do not hold what was committed when they lost it."""
         return [v for v in self.voters if self.nodes[v].disk.rejoin_term
+                or self.nodes[v].fence_answers is not None
                 or self.nodes[v].disk.commit < self.nodes[v].wiped_upto]
 
     def isolate(self, group: Sequence[str]) -> None:
@@ -693,16 +746,13 @@ class Sim:
         elif kind == "wipe_voter":
             # Lose at most as many voters' disks as the cluster survives: beyond that the
             # committed records may be gone from every disk (and the survivors are no
-            # majority: nothing can commit until an operator steps in).
-            # Nor while etcd's revision is below a term it granted before it lost its data:
-            # the fence (revision + 1, as the shell takes it) would not be above every term
-            # granted, and the rejoin argument needs it (core, "Wiped voters": not handled;
-            # with this guard off, seed 7620 of 3 voters, duration 600, heal 400 and
-            # fault_kinds ("etcd_reset", "wipe_voter") * 2 + ("crash", "crash_leader",
-            # "partition", "pause", "isolate_leader") loses a committed record that way).
+            # majority: nothing can commit until an operator steps in). Also while etcd's
+            # revision is below terms it granted before it lost its data: the fence takes
+            # the other voters' promises too (``_fence``; from etcd's revision alone,
+            # Unsafe.etcd_only_fence, seed 7620 of 3 voters, duration 600, heal 400 and
+            # fault_kinds WIPES_AND_RESETS loses a committed record).
             victim = rng.choice(self.voters)
-            fence_ok = self.oracle.revision >= max(self.term_owner, default=0)
-            if fence_ok and victim not in self.rejoining() and (
+            if victim not in self.rejoining() and (
                     len(self.rejoining()) < len(self.voters) - quorum(len(self.voters))):
                 self.wipe(victim, restart=False)
                 self._push(self.now + length, _END_FAULT, "restart", victim)
@@ -748,7 +798,7 @@ class Sim:
             n = self.nodes[arg]  # type: ignore[index]
             if n.machine is None:
                 self._note(f"{n.id} RESTART")
-                self._start(n)
+                self._boot(n)
         elif what == "resume":
             target, inc = arg  # type: ignore[misc]
             n = self.nodes[target]
@@ -779,7 +829,7 @@ class Sim:
         self.loss = self.dup = 0.0
         for n in self.nodes.values():
             if n.machine is None:
-                self._start(n)
+                self._boot(n)
             elif n.paused:
                 self._resume(n)
 
@@ -848,6 +898,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="use the figure-8 hunting config and report every failing seed")
     ap.add_argument("--duration", type=int, help="override the faulty phase length")
     ap.add_argument("--heal", type=int, help="override the healed phase length")
+    ap.add_argument("--mix", choices=sorted(MIXES),
+                    help="draw faults from this weighted mix instead of every kind")
     return ap
 
 
@@ -855,6 +907,8 @@ def cli_config(args: argparse.Namespace, seed: int) -> SimConfig:
     unsafe = Unsafe(**{k: True for k in args.unsafe})
     cfg = hunt_config(seed, unsafe) if args.hunt else random_config(random.Random(seed),
                                                                      unsafe=unsafe)
+    if args.mix is not None:
+        cfg = replace(cfg, fault_kinds=MIXES[args.mix])
     if args.duration is not None:
         cfg = replace(cfg, duration=args.duration)
     if args.heal is not None:
