@@ -14,6 +14,7 @@ import re
 import shutil
 from collections.abc import Awaitable
 from pathlib import Path
+from typing import Any
 
 import etcd3
 import pytest
@@ -231,21 +232,13 @@ def test_etcd_losing_its_data_under_the_nodes_loses_no_acknowledged_event(
     (Leadership.raise_term_base) instead of campaigning some 400 times, two revisions
     each."""
     caplog.set_level(logging.WARNING, logger="xdc.node")
-    host, port = etcd.endpoints[0].rsplit(":", 1)
-    with etcd3.client(host, int(port), timeout=5) as c:
-        for _ in range(800):
-            c.put("/filler", "x")
+    _push_revision(etcd, OLD_TERMS)
 
     async def body() -> None:
         cluster = LocalCluster.make(etcd.endpoints, tmp_path)
         await cluster.start()
         try:
-            a = await cluster.leader()
-            async with StoreClient(a.address, timeout_s=10) as client:
-                acked = [await client.append("orders", new_event("Placed", b"%d" % i))
-                         for i in range(20)]
-            old_term = a.store.role.term
-            assert old_term > 800
+            a, acked, old_term = await _leader_with_orders(cluster)
 
             async def all_promised() -> bool:  # a node may still be catching up
                 for n in cluster.nodes.values():
@@ -291,6 +284,30 @@ def test_etcd_losing_its_data_under_the_nodes_loses_no_acknowledged_event(
     run(body, timeout_s=90)
 
 
+# Terms granted before etcd loses its data, in the tests that wipe it: above this.
+OLD_TERMS = 800
+
+
+def _push_revision(etcd: EtcdCluster, n: int) -> None:
+    """Moves etcd's revision (so the next terms) up by `n` writes of another key."""
+    host, port = etcd.endpoints[0].rsplit(":", 1)
+    with etcd3.client(host, int(port), timeout=5) as c:
+        for _ in range(n):
+            c.put("/filler", "x")
+
+
+async def _leader_with_orders(cluster: LocalCluster, n: int = 20
+                              ) -> tuple[ClusterNode, list[Any], int]:
+    """The leader, the answers to `n` appends to "orders" through it, and its term (above
+    OLD_TERMS)."""
+    a = await cluster.leader()
+    async with StoreClient(a.address, timeout_s=10) as client:
+        acked = [await client.append("orders", new_event("Placed", b"%d" % i))
+                 for i in range(n)]
+    assert a.store.role.term > OLD_TERMS
+    return a, acked, a.store.role.term
+
+
 def etcd_revision_and_key(etcd: EtcdCluster, key: str) -> tuple[int, bool]:
     """etcd's current revision, and whether `key` exists (a blocking read)."""
     host, port = etcd.endpoints[0].rsplit(":", 1)
@@ -315,21 +332,13 @@ def test_a_voter_losing_its_disk_after_etcd_lost_its_data_is_fenced_above_every_
     are held back meanwhile (as after a lost quorum) so that etcd's revision is still
     below the old terms when the voter restarts."""
     caplog.set_level(logging.INFO, logger="xdc.node")
-    host, port = etcd.endpoints[0].rsplit(":", 1)
-    with etcd3.client(host, int(port), timeout=5) as c:
-        for _ in range(800):
-            c.put("/filler", "x")
+    _push_revision(etcd, OLD_TERMS)
 
     async def body() -> None:
         cluster = LocalCluster.make(etcd.endpoints, tmp_path)
         await cluster.start()
         try:
-            a = await cluster.leader()
-            async with StoreClient(a.address, timeout_s=10) as client:
-                acked = [await client.append("orders", new_event("Placed", b"%d" % i))
-                         for i in range(20)]
-            old_term = a.store.role.term
-            assert old_term > 800
+            a, acked, old_term = await _leader_with_orders(cluster)
             b_id = sorted(m for m in cluster.nodes if m != a.id)[0]
             b_dir = cluster.config.member(b_id).data_dir
             assert b_dir is not None
