@@ -350,6 +350,9 @@ class _Term:
     stop: threading.Event = field(default_factory=threading.Event)
     running: threading.Event = field(default_factory=threading.Event)  # clear = frozen
     thread: threading.Thread | None = None
+    # The leader key's create_revision (the term less the term base): what a guard on
+    # the key compares.
+    create_revision: int = 0
 
     @property
     def active(self) -> bool:
@@ -567,6 +570,7 @@ class Leadership:
             raise LeadershipError(f"campaign took longer than the lease allows (term {term} "
                                   "given up at once)")
         t = _Term(term, lease.id, ttl, sent, deadline)
+        t.create_revision = int(kvs[0][1].create_revision)
         t.running.set()
         t.thread = threading.Thread(target=self._keepalive, args=(t,), daemon=True,
                                     name=f"xdc-keepalive-{self.node_id}-{term}")
@@ -775,13 +779,16 @@ class Leadership:
                 t.resigned = True
             t.stop.set()
             t.running.set()
-        held = t.term
+        held = t.create_revision
 
         def hand_over(c: Any) -> None:
             tx = c.transactions
-            c.transaction(compare=[tx.create(self.leader_key) == held],
-                          success=[tx.put(self.handover_key, handover_to),
-                                   tx.delete(self.leader_key)], failure=[])
+            ok, _ = c.transaction(compare=[tx.create(self.leader_key) == held],
+                                  success=[tx.put(self.handover_key, handover_to),
+                                           tx.delete(self.leader_key)], failure=[])
+            if not ok:  # the key is gone already (expired): the target's term is a failover
+                log.warning("%s: handover to %s not recorded: the leader key of term %d "
+                            "was no longer held", self.node_id, handover_to, t.term)
         try:
             if handover_to is not None:
                 self._etcd.call("hand over", hand_over)

@@ -804,11 +804,13 @@ class ClusterNode:
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
 
-    async def _resign_quietly(self, term: int | None = None) -> None:
+    async def _resign_quietly(self, term: int | None = None,
+                              handover_to: str | None = None) -> None:
         """Gives up the lease of ``term`` (None: whatever is held), never a newer term's:
-        a step-down from an older term may be handled after the node won another."""
+        a step-down from an older term may be handled after the node won another.
+        ``handover_to``: as Leadership.resign."""
         with contextlib.suppress(Exception):
-            await self.leadership.resign(term)
+            await self.leadership.resign(term, handover_to)
 
     async def _retake_seat(self, term: int) -> None:
         """A voter back from a lost disk fenced our term (its promise is above every term
@@ -825,7 +827,9 @@ class ClusterNode:
                 r.promised_term for r in tips.values() if r is not None])
         with contextlib.suppress(Exception):
             await self.leadership.designate(self.id, max(2, 2 * self.config.lease_ttl_s))
-        await self._resign_quietly(term)
+        # Handed over to itself: no leader was lost, so its next term is a handover (the
+        # tiers' planned window), not a failover.
+        await self._resign_quietly(term, handover_to=self.id)
 
     # ---- status -------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ import pytest
 from geo import launcher
 from geo.config import ConfigError, load
 from geo.node import ClusterNode
+from geo.replicator import HANDOVER
 from store.client import StoreClient, new_event
 from store.log import Log
 from tests.support.cluster import LocalCluster, cluster_toml
@@ -212,6 +213,8 @@ def test_in_manual_failover_the_fenced_leader_takes_its_seat_back_without_an_ope
             await wait_until(lambda: b.store.role.name == "follower", 20,
                              "b to be whole again")
             assert await cluster.leader() is a and a.store.role.term >= st.rejoin_term
+            # It handed the seat to itself: its new term is a handover, not a failover.
+            assert a._term_began(a.store.role.term) == HANDOVER
             async with StoreClient(b.address) as reader:
                 got = await reader.read("orders", limit=100)
             assert [e.position for e in got] == [r.first_position for r in acked]

@@ -579,7 +579,13 @@ def test_a_raised_term_base_puts_every_later_term_above_the_floor_in_one_write(
             assert seen == term and view.leader is not None and view.leader[1] == term
             # a watcher's known term is the same sum: no change seen while a holds it
             assert await b.lead.wait_change(term, timeout_s=0.3) is False
-            await a.lead.resign()
+            # a switchover's handover is recorded under a base too (its guard compares
+            # the key's create_revision, not the term)
+            await a.lead.designate("b", 30)
+            await a.lead.resign(handover_to="b")
+            term1 = await b.lead.campaign(designated=True)
+            assert term1 is not None and term1 > term and b.lead.handed_over is True
+            await b.lead.resign()
             # never down; a lower floor leaves it
             assert await a.lead.raise_term_base(floor - 1) == floor
             assert (await a.lead.membership()).revision > floor
