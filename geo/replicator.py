@@ -46,6 +46,7 @@ from geo.replication.messages import (
     Entry,
     Message,
     Persist,
+    Rejoined,
     Send,
     entries_of,
 )
@@ -414,7 +415,11 @@ class Replicator:
             # serves a little less until the leader tells it more, which is safe.
             lagging = (self._commit_to_persist > self.log.commit_position
                        and time.monotonic() - self._meta_written_at >= COMMIT_PERSIST_S)
-            if not (propose or lagging or any(isinstance(e, Persist) for e in effects)):
+            # The end of a rejoin is written at once: kept lazily, a node killed in the
+            # next COMMIT_PERSIST_S came back rejoining, a voter that does not vote (with
+            # the leader lost meanwhile, an election it was needed for could not be held).
+            if not (propose or lagging
+                    or any(isinstance(e, (Persist, Rejoined)) for e in effects)):
                 out.extend(effects)
                 break
             last_seq = 0
@@ -424,8 +429,6 @@ class Replicator:
                     last_seq = self._apply(txn, effects, out)
                     if propose:
                         last_seq = max(last_seq, self._propose(txn, groups, out, answers))
-                    # The end of a rejoin is kept lazily, like the commit position: a
-                    # restart before it recomputes it from the log.
                     self.log.set_meta(txn, commit_position=min(self._commit_to_persist,
                                                                self.log.last_position),
                                       rejoin_term=self.core.rejoin_term)

@@ -212,6 +212,9 @@ def test_in_manual_failover_the_fenced_leader_takes_its_seat_back_without_an_ope
             assert st.role == "rejoining" and st.rejoin_term > old_term
             await wait_until(lambda: b.store.role.name == "follower", 20,
                              "b to be whole again")
+            # ...and durably so at once: killed now, it would come back a voter (the
+            # end of a rejoin was written lazily, up to COMMIT_PERSIST_S later).
+            assert b.store.log is not None and b.store.log.rejoin_term == 0
             assert await cluster.leader() is a and a.store.role.term >= st.rejoin_term
             # It handed the seat to itself: its new term is a handover, not a failover.
             assert a._term_began(a.store.role.term) == HANDOVER

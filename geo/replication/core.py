@@ -73,7 +73,8 @@ Effects (``drain()`` returns them in the order they must be executed)
   lease if still held, redirect writes.
 * ``LeaderKnown(term, leader)``: a follower learned who leads: redirect writes there.
 * ``Rejoined(position, term)``: a rejoining voter is whole again (see "Wiped voters"):
-  persist ``rejoin_term = 0`` (lazily), count it as a voter again.
+  persist ``rejoin_term = 0`` (at once: a restart must not find it rejoining again),
+  count it as a voter again.
 
 Protocol (the reason for each rule is next to its code)
 ---------------------------------------------------------
