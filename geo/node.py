@@ -392,14 +392,15 @@ class ClusterNode:
         try:
             yield
         except asyncio.CancelledError:
-            if got:
-                log.warning("%s: stopped by signal %d while waiting to be fenced: nothing "
-                            "was written or served", self.id, got[0])
-                raise SystemExit(0) from None
-            raise
+            if not got:
+                raise
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        if got:  # also when it came as the wait ended: its cancel would land later
+            log.warning("%s: stopped by signal %d while waiting to be fenced: nothing "
+                        "was written or served", self.id, got[0])
+            raise SystemExit(0)
 
     async def _keep_membership(self) -> None:
         """Records again in etcd (`members/<id>`) that this node, and every member it

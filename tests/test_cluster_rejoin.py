@@ -12,6 +12,8 @@ import math
 import os
 import re
 import shutil
+import signal
+import types
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
@@ -412,3 +414,37 @@ def test_a_voter_losing_its_disk_after_etcd_lost_its_data_is_fenced_above_every_
 
 async def _all_equal(values: Awaitable[dict[str, int]], expected: int) -> bool:
     return set((await values).values()) == {expected}
+
+
+def test_a_signal_while_waiting_to_be_fenced_ends_the_process_cleanly() -> None:
+    """A wiped voter waiting for the other voters' promises serves nothing yet, and the
+    server's own SIGTERM handling starts only once it serves: SIGTERM or SIGINT during
+    the wait exits at once with status 0, also when the signal comes as the wait ends
+    (its task's cancel would otherwise land on the next await, a traceback)."""
+    node = types.SimpleNamespace(id="n1")
+    handled: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: handled.append(signum))
+
+    async def during() -> None:
+        with ClusterNode._stop_on_signals(node):  # type: ignore[arg-type]
+            asyncio.get_running_loop().call_later(0.05, os.kill, os.getpid(), signal.SIGTERM)
+            await asyncio.sleep(30)
+
+    async def as_it_ends() -> None:
+        with ClusterNode._stop_on_signals(node):  # type: ignore[arg-type]
+            os.kill(os.getpid(), signal.SIGTERM)
+            handled.append(0)  # the handler runs before this line
+        await asyncio.sleep(1)
+
+    try:
+        for body in (during, as_it_ends):
+            with pytest.raises(SystemExit) as stopped:
+                asyncio.run(body())
+            assert stopped.value.code == 0
+        # the handler in place before was called too, and is in place again
+        assert handled == [signal.SIGTERM, signal.SIGTERM, 0]
+        assert signal.getsignal(signal.SIGTERM) is not None
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert handled[-1] == signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
