@@ -128,7 +128,7 @@ from xdc.v1 import tiers_pb2, tiers_pb2_grpc
 log = logging.getLogger("xdc.drill")
 
 SCENARIOS = ("leader-crash", "leader-pause", "leader-partition", "engine-crash",
-             "switchover", "etcd-member-loss", "failback")
+             "switchover", "etcd-member-loss", "failback", "switchover-leader-lost")
 GROUP = "drill"
 CLUSTER = "xdc-drill"
 TIERS = ("ledger", "matching", "order-entry", "market-data")  # recovery order
@@ -958,6 +958,52 @@ class Run:
                 "switchover_response": str(resp).strip().replace("\n", "; "),
                 "_phases": [phase]}
 
+    async def _switchover_leader_lost(self, leader: launcher.NodeProc,
+                                      term: int) -> dict[str, Any]:
+        """Maintenance gone wrong: a planned switchover to a target that has not caught
+        up yet (its node is paused), and the leader's region dies meanwhile. The target,
+        designated, takes over once resumed, but nobody handed it the seat: a failover,
+        whose new term must say so (`new_term_began`: "election"; a handover would give
+        the gateways a handover's grace and the tiers a planned window)."""
+        assert self.state is not None and self._observer is not None
+        target = self.rng.choice([n for n in self.state.nodes if n.voter and n.id != leader.id])
+        phase = await self.phase_start(True, leader, term)
+        paused = launcher.signal_node(self.state, target.id, signal.SIGSTOP)
+        switchover = asyncio.ensure_future(launcher.switchover(
+            self.state, target.id, self.opts.step_timeout_s, leader=leader))
+        outcome = "?"
+        try:
+            observer = self._observer
+
+            async def designated() -> bool:
+                return await observer.designated() == target.id
+            await wait_until(designated, self.opts.step_timeout_s, "the target designated")
+            self.markers["designated"] = time.monotonic()
+            victims = await self._kill_region(leader.region)
+        finally:
+            for n in paused:
+                os.kill(n.pid, signal.SIGCONT)
+            self.markers["resume"] = time.monotonic()
+            try:
+                await switchover
+                outcome = "answered (the leader handed over before it died)"
+            except grpc.aio.AioRpcError as exc:  # the leader died under the call
+                outcome = f"failed: {exc.code().name}: {exc.details()}"
+            except Exception as exc:
+                outcome = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
+        new, _ = await launcher.wait_leader(self.state, self.opts.step_timeout_s,
+                                            exclude=(leader.id,))
+        await self._recovered(phase)
+        status = await _tiers_status(new.client, self.tls)
+        began = status.term_began if status is not None else None
+        self._stop_stale_prober()
+        self.markers["restart"] = time.monotonic()
+        await self._restart_region(victims, leader.region)
+        return {"fault": f"switchover {leader.id} -> {target.id} (paused), then SIGKILL of "
+                         f"every process of {leader.region}",
+                "switchover_outcome": outcome, "new_leader": new.id,
+                "new_term_began": began, "_phases": [phase]}
+
     async def _etcd_member_loss(self, leader: launcher.NodeProc, term: int) -> dict[str, Any]:
         assert self.state is not None
         etcd = launcher.etcd_of(self.state)
@@ -1372,10 +1418,13 @@ def verdict(run: dict[str, Any]) -> bool:
     """A run passes when no acknowledged event was lost or duplicated, the replicas' logs
     are identical, the engines agree, no deposed leader acknowledged a write once the
     new term was seen (fencing), and the tiers did not come back out of order (the
-    promise of DESIGN §6; unknown, None, does not fail a run)."""
+    promise of DESIGN §6; unknown, None, does not fail a run); a switchover whose leader
+    died before it handed over must have made the new term an election."""
+    lost_handover = str(run.get("switchover_outcome", "")).startswith("failed")
     return (run["acked_lost"] == 0 and run["duplicates"] == 0 and bool(run["hashes_agree"])
             and bool(run["logs_identical"]) and run["stale"]["acked_after_new_term"] == 0
-            and run.get("tiers_in_order") is not False)
+            and run.get("tiers_in_order") is not False
+            and not (lost_handover and run.get("new_term_began") == "handover"))
 
 
 def failed(results: list[dict[str, Any]]) -> bool:

@@ -122,6 +122,20 @@ def test_switchover_drill_takes_no_tier_down(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(DRILL_BUDGET_S + 45)
+def test_a_leader_lost_during_a_switchover_drill_is_a_failover(tmp_path: Path) -> None:
+    """The switchover's target is paused, so it never catches up; the leader's region
+    dies once the target is designated. The target (or another voter) takes over, and the
+    new term is an election: nobody handed the seat over (before, the designation alone
+    made it a "handover", and this run failed)."""
+    doc, html = _drill(tmp_path, "switchover-leader-lost", 5)
+    run = _check(doc, html, "switchover-leader-lost", 5)
+    assert run["new_term"] > run["old_term"]
+    assert run["switchover_outcome"].startswith("failed"), run["switchover_outcome"]
+    assert run["new_term_began"] == "election"
+    assert run["tiers_in_order"] is True, run["tiers"]
+
+
+@pytest.mark.timeout(DRILL_BUDGET_S + 45)
 def test_etcd_member_loss_drill(tmp_path: Path) -> None:
     """SIGKILL of the etcd leader of a 3-member etcd cluster (an etcd rolling upgrade
     does it once per member). The store leader's lease must outlast etcd's election
@@ -208,9 +222,14 @@ def test_verdict_fails_a_run_on_each_broken_invariant() -> None:
             "stale": {"acked_after_new_term": 0}}
     assert verdict(good) and not failed([{**good, "ok": verdict(good)}])
     assert verdict({**good, "tiers_in_order": None}) and verdict({**good, "tiers_in_order": True})
+    # A switchover answered before the leader died was a handover indeed.
+    assert verdict({**good, "switchover_outcome": "answered", "new_term_began": "handover"})
+    assert verdict({**good, "switchover_outcome": "failed: UNAVAILABLE",
+                    "new_term_began": "election"})
     for broken in ({"acked_lost": 1}, {"duplicates": 2}, {"hashes_agree": False},
                    {"logs_identical": False}, {"stale": {"acked_after_new_term": 1}},
-                   {"tiers_in_order": False}):
+                   {"tiers_in_order": False},
+                   {"switchover_outcome": "failed: UNAVAILABLE", "new_term_began": "handover"}):
         run = {**good, **broken}
         assert not verdict(run), broken
         assert failed([{**good, "ok": True}, {**run, "ok": verdict(run)}])
