@@ -592,11 +592,31 @@ def _up(directory: str, regions: int, rtt_ms: float, failover: str, standbys: in
             a.routes.update({b.id: b.peer for b in nodes
                              if b.region == a.region and b.id != a.id})
     state.save()
+    if earlier_data(base):
+        asyncio.run(_record_earlier_members(state))
     # Every node at once, then a wait for each: one after the other, each start (a Python
     # process that imports gRPC) added ~0.7 s to the cluster's.
     for out, proc in [_spawn_node(state, n) for n in nodes]:
         _wait_ready_line(out, proc, READY_TIMEOUT_S)
     return state
+
+
+async def _record_earlier_members(state: ClusterState) -> list[str]:
+    """Records in the new etcd that every member joined, before any starts: the cluster
+    ran in this directory before, under an etcd whose data is gone (a new one runs), and
+    its records that each member joined went with it. Without them a member whose data
+    directory was removed meanwhile would start as a new, plain voter with an empty log,
+    whose vote could elect a leader lacking committed records; with them it starts as a
+    lost disk, fenced and rejoining (geo/node.py, "Lost disks"). A member new to this
+    directory is taken for a lost disk too: it catches up before it votes (one election
+    more), never the unsafe way round."""
+    lead = _leadership(state, "xdc-launcher")
+    try:
+        return await lead.record_members({
+            n.id: {"id": n.id, "client": n.client, "peer": n.peer, "region": n.region}
+            for n in state.nodes})
+    finally:
+        await lead.close()
 
 
 def earlier_data(directory: str | os.PathLike[str]) -> list[str]:

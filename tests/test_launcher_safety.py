@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -255,6 +256,44 @@ async def short_wait(target, timeout_s=20.0, exclude=()):
 launcher.wait_leader = short_wait
 sys.exit(cli.main(sys.argv[2:]))
 """
+
+
+def test_up_again_after_a_data_directory_was_removed_starts_that_member_as_a_lost_disk(
+        tmp_path: Path) -> None:
+    """`up` on an earlier run's directory starts a new etcd: the records that each member
+    joined are gone with the old one. A voter whose data directory was removed meanwhile
+    started as a new, plain voter with an empty log (its vote could elect a leader that
+    lacks committed records); the launcher records the members first, so it starts as a
+    lost disk: fenced, rejoining, and nothing acknowledged is lost."""
+    d = tmp_path / "cluster"
+
+    async def append(state: launcher.ClusterState, n: int) -> list[int]:
+        async with StoreClient([x.client for x in state.nodes], timeout_s=20) as client:
+            return [(await client.append("kept", new_event("T", b"%d" % i))).first_position
+                    for i in range(n)]
+
+    async def read(state: launcher.ClusterState) -> list[bytes]:
+        async with StoreClient([x.client for x in state.nodes], timeout_s=20) as client:
+            return [e.data for e in await client.read("kept", limit=1000)]
+
+    state = launcher.up(str(d), regions=3, tls=False, auth=False)
+    try:
+        acked = asyncio.run(append(state, 30))
+        leader, _ = asyncio.run(launcher.wait_leader(state))
+        launcher.down(str(d))
+        victim = next(n for n in state.nodes if n.voter and n.id != leader.id)
+        node_log = Path(d, "nodes", victim.id, "node.log")
+        lost_before = node_log.read_text().count("LOST DISK")
+        shutil.rmtree(victim.data_dir)
+        state = launcher.up(str(d), regions=3, tls=False, auth=False)
+        assert node_log.read_text().count("LOST DISK") > lost_before, \
+            "the member whose data directory was removed started as a new voter"
+        asyncio.run(launcher.wait_converged(state))
+        assert asyncio.run(read(state)) == [b"%d" % i for i in range(30)]
+        assert len(acked) == 30
+    finally:
+        if (d / "state.json").exists():
+            launcher.down(str(d))
 
 
 def test_up_without_a_leader_in_time_fails_and_stops_everything_it_started(
