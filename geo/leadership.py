@@ -440,6 +440,10 @@ class Leadership:
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=8, thread_name_prefix=f"xdc-etcd-{node_id}")
         self._lock = threading.Lock()
+        # One resignation at a time: two at once (a step-down's and a switchover's) let
+        # the plain one revoke the lease, so delete the key, under the other's handover
+        # transaction, whose guard then failed: the handover went unrecorded.
+        self._resigning = threading.Lock()
         self._term: _Term | None = None
         # (lease, send time of its grant): granted ahead for the next campaign.
         self._spare: tuple[Any, float] | None = None
@@ -771,6 +775,10 @@ class Leadership:
         await self._run(self._resign_sync, term, handover_to)
 
     def _resign_sync(self, term: int | None = None, handover_to: str | None = None) -> None:
+        with self._resigning:
+            self._resign_once(term, handover_to)
+
+    def _resign_once(self, term: int | None, handover_to: str | None) -> None:
         with self._lock:
             t = self._term
             if t is None or t.revoked or (term is not None and t.term != term):

@@ -160,6 +160,9 @@ class ClusterNode:
         self._peers_promised = 0
         # Until then (monotonic) a planned switchover is under way: see _tier_reading.
         self._planned_until = 0.0
+        # The target of the switchover this leader is handing over to, while it does: the
+        # step-down's own resignation records the handover too (geo/leadership.py).
+        self._handing_over_to: str | None = None
         self._followed_term = 0  # the last term this node followed (or led) an open leader in
         self._began = (0, "")  # (term, how it began) once this node's log has its start record
         # (term, monotonic time) of the first Promise received for the highest term a
@@ -739,8 +742,8 @@ class ClusterNode:
             elif isinstance(e, SteppedDown):
                 log.warning("%s: stepped down from term %d: %s", self.id, e.term, e.reason)
                 if e.reason == TERM_TAKEN:
-                    # No wait before campaigning again: each campaign takes etcd's revision
-                    # further up, past the terms granted before it lost its data.
+                    # No wait before campaigning again: a won term not above the voters'
+                    # promises raises the term base past them (_elections).
                     log.warning("%s: term %d was granted before, to another node: etcd "
                                 "lost its data, or a new etcd runs under the old logs "
                                 "(`xdc cluster up` on an old directory); or a voter's log "
@@ -760,7 +763,8 @@ class ClusterNode:
                     "committed: its outcome is unknown, retry with the same event ids",
                     retry_after_ms=200))
                 self._background(self._retake_seat(e.term) if e.reason == REJOIN_FENCE
-                                 and not self._stopping else self._resign_quietly(e.term))
+                                 and not self._stopping else
+                                 self._resign_quietly(e.term, self._handing_over_to))
             elif isinstance(e, LeaderKnown):
                 self.store.role.term = e.term
                 self.store.role.leader = self._client_address(e.leader)
@@ -910,8 +914,12 @@ class ClusterNode:
             designated = time.perf_counter()
             handover = st.last_position
             self._planned_until = time.monotonic() + PARK_MAX_S
-            self.replicator.step_down(f"switchover to {target}")
-            await self.leadership.resign(handover_to=target)
+            self._handing_over_to = target
+            try:
+                self.replicator.step_down(f"switchover to {target}")
+                await self.leadership.resign(handover_to=target)
+            finally:
+                self._handing_over_to = None
             log.info("%s: switchover to %s: caught up at %d after %.0f ms, designated "
                      "%.0f ms later, resigned in %.0f ms", self.id, target, handover,
                      (caught_up - t0) * 1e3, (designated - caught_up) * 1e3,

@@ -134,6 +134,36 @@ def test_planned_switchover_under_load_loses_nothing(etcd: EtcdCluster, tmp_path
     run(body, timeout_s=120)
 
 
+def test_a_switchover_is_a_handover_whichever_resignation_comes_first(
+        etcd: EtcdCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The switchover steps down, then resigns handing over; the step-down makes a
+    resignation of its own in the background. When that one came first (under load it
+    did: CI), it revoked the lease, the handover's guarded transaction found no key, and
+    the target's term was taken for an election. Forced here: the switchover's own
+    resignation waits until the step-down's has run."""
+    async def body() -> None:
+        async with LocalCluster.running(etcd.endpoints, tmp_path) as cluster:
+            old = await cluster.leader()
+            target = next(n for n in cluster.nodes.values() if n is not old)
+            resign = old.leadership.resign
+            stepped_down_resigned = asyncio.Event()
+
+            async def ordered(term: int | None = None, handover_to: str | None = None) -> None:
+                if term is None and handover_to is not None:  # the switchover's own
+                    await asyncio.wait_for(stepped_down_resigned.wait(), 10)
+                await resign(term, handover_to)
+                if term is not None:
+                    stepped_down_resigned.set()
+            monkeypatch.setattr(old.leadership, "resign", ordered)
+            resp = await old.switchover(target.id, timeout_s=10)
+            assert resp.new_leader == target.id
+            for node in cluster.nodes.values():
+                await wait_until(lambda n=node: _term_began(n, resp.new_term, HANDOVER),
+                                 what=f"{node.id} reports term {resp.new_term} handed over")
+
+    run(body, timeout_s=60)
+
+
 def test_a_leader_lost_during_a_switchover_makes_the_target_term_an_election(
         etcd: EtcdCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The designation is written while the target catches up. If the leader is lost
