@@ -17,9 +17,9 @@ Keys, all under ``/<cluster>/``::
     last_leader  JSON of the last winner's `info` (no lease): "has this cluster ever had
                  a leader" survives the leader key. Written in the winning transaction.
     designated   node id of a planned switchover target, attached to its own lease.
-    handover     node id the last leader handed over to (no lease): written with the
-                 deletion of the leader key when a switchover's leader resigns, read and
-                 deleted by the next winning campaign. It tells a handover from a
+    handover     node id the last leader handed over to, on a lease of its own (twice
+                 the TTL): written with the deletion of the leader key when a switchover's
+                 leader resigns, read and deleted by the next winning campaign. It tells a handover from a
                  failover during a switchover (the designation is written before the
                  target catches up, so a leader that died then leaves one too).
     promoted     node id an operator promoted (`xdc cluster promote`) while the seat
@@ -788,17 +788,25 @@ class Leadership:
             t.stop.set()
             t.running.set()
         held = t.create_revision
+        lease: int | None = None
 
         def hand_over(c: Any) -> None:
             tx = c.transactions
             ok, _ = c.transaction(compare=[tx.create(self.leader_key) == held],
-                                  success=[tx.put(self.handover_key, handover_to),
+                                  success=[tx.put(self.handover_key, handover_to, lease),
                                            tx.delete(self.leader_key)], failure=[])
             if not ok:  # the key is gone already (expired): the target's term is a failover
                 log.warning("%s: handover to %s not recorded: the leader key of term %d "
                             "was no longer held", self.node_id, handover_to, t.term)
         try:
             if handover_to is not None:
+                # A lease of its own, as long as a designation's: a target that did not
+                # take the seat by then is not handed it (a much later win of it is no
+                # handover). Without one (etcd refused the grant), the next winning
+                # campaign consumes it all the same.
+                with contextlib.suppress(LeadershipError):
+                    lease = self._etcd.call("grant handover lease", lambda c: c.lease(
+                        max(2, int(2 * self.ttl_s)))).id
                 self._etcd.call("hand over", hand_over)
         finally:  # the lease goes either way: this node leads no more
             self._revoke(t.lease_id)

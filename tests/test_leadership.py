@@ -536,6 +536,17 @@ def test_only_a_resignation_handing_over_makes_the_targets_term_a_handover(
             await a.lead.resign(handover_to="b")
             assert await c.lead.campaign() is not None and c.lead.handed_over is False
             await c.lead.resign()
+            # The record has a lease of its own: once it is gone, a win of the target is
+            # no handover (the target did not take the seat in time).
+            assert await a.lead.campaign() is not None
+            await a.lead.resign(handover_to="b")
+            host, port = etcd.endpoints[0].rsplit(":", 1)
+            with etcd3.client(host, int(port), timeout=2) as raw:
+                _, meta = raw.get(a.lead.handover_key)
+                assert meta is not None and meta.lease_id != 0
+                raw.revoke_lease(meta.lease_id)  # as its expiry would
+            assert await b.lead.campaign() is not None and b.lead.handed_over is False
+            await b.lead.resign()
             # A term resigned already (older than the one held) hands nothing over.
             assert await a.lead.campaign() is not None
             await a.lead.resign(term=1, handover_to="b")
