@@ -261,11 +261,15 @@ def write_local_auth(directory: Path, cluster: str = "") -> None:
 def client_tls(state: ClusterState, name: str = "admin") -> Tls | None:
     """The TLS material of certificate `name` of the cluster (`admin`: operator tools,
     `engine`, `gateway`), None when the cluster runs in plaintext."""
-    return _load_tls(state.tls_dir, name) if state.tls_dir else None
+    if not state.tls_dir:
+        return None
+    # Keyed by the CA file's time too: `up` again in the same directory makes a new CA,
+    # and a process that had loaded the old one (a test, a drill) failed every handshake.
+    return _load_tls(state.tls_dir, name, Path(state.tls_dir, "ca.pem").stat().st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=16)
-def _load_tls(directory: str, name: str) -> Tls:
+def _load_tls(directory: str, name: str, _ca_mtime_ns: int) -> Tls:
     d = Path(directory)
     return Tls.load(d / "ca.pem", d / f"{name}.pem", d / f"{name}-key.pem")
 

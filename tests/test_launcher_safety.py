@@ -264,19 +264,25 @@ def test_up_again_after_a_data_directory_was_removed_starts_that_member_as_a_los
     joined are gone with the old one. A voter whose data directory was removed meanwhile
     started as a new, plain voter with an empty log (its vote could elect a leader that
     lacks committed records); the launcher records the members first, so it starts as a
-    lost disk: fenced, rejoining, and nothing acknowledged is lost."""
+    lost disk: fenced, rejoining, and nothing acknowledged is lost. With TLS, all in one
+    process: the second `up` makes a new CA, which this process's client must load (it
+    kept the first one's, and every handshake failed)."""
     d = tmp_path / "cluster"
 
+    def client(state: launcher.ClusterState) -> StoreClient:
+        return StoreClient([x.client for x in state.nodes], timeout_s=20,
+                           tls=launcher.client_tls(state), token=state.token())
+
     async def append(state: launcher.ClusterState, n: int) -> list[int]:
-        async with StoreClient([x.client for x in state.nodes], timeout_s=20) as client:
-            return [(await client.append("kept", new_event("T", b"%d" % i))).first_position
+        async with client(state) as c:
+            return [(await c.append("kept", new_event("T", b"%d" % i))).first_position
                     for i in range(n)]
 
     async def read(state: launcher.ClusterState) -> list[bytes]:
-        async with StoreClient([x.client for x in state.nodes], timeout_s=20) as client:
-            return [e.data for e in await client.read("kept", limit=1000)]
+        async with client(state) as c:
+            return [e.data for e in await c.read("kept", limit=1000)]
 
-    state = launcher.up(str(d), regions=3, tls=False, auth=False)
+    state = launcher.up(str(d), regions=3)
     try:
         acked = asyncio.run(append(state, 30))
         leader, _ = asyncio.run(launcher.wait_leader(state))
@@ -285,7 +291,7 @@ def test_up_again_after_a_data_directory_was_removed_starts_that_member_as_a_los
         node_log = Path(d, "nodes", victim.id, "node.log")
         lost_before = node_log.read_text().count("LOST DISK")
         shutil.rmtree(victim.data_dir)
-        state = launcher.up(str(d), regions=3, tls=False, auth=False)
+        state = launcher.up(str(d), regions=3)
         assert node_log.read_text().count("LOST DISK") > lost_before, \
             "the member whose data directory was removed started as a new voter"
         asyncio.run(launcher.wait_converged(state))
