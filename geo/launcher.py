@@ -48,6 +48,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -496,6 +497,7 @@ def up(directory: str = DEFAULT_DIR, regions: int = 3, rtt_ms: float = 0.0,
     an earlier run there (`earlier_data`) is kept."""
     check_up_options(regions=regions, rtt_ms=rtt_ms, standbys=standbys, ttl_s=ttl_s,
                      jitter_ms=jitter_ms, etcd_members=etcd_members)
+    check_same_voters(directory, regions)
     created = not Path(directory).exists()
     for attempt in range(attempts):
         try:
@@ -606,21 +608,42 @@ def _up(directory: str, regions: int, rtt_ms: float, failover: str, standbys: in
 
 
 async def _record_earlier_members(state: ClusterState) -> list[str]:
-    """Records in the new etcd that every member joined, before any starts: the cluster
-    ran in this directory before, under an etcd whose data is gone (a new one runs), and
-    its records that each member joined went with it. Without them a member whose data
-    directory was removed meanwhile would start as a new, plain voter with an empty log,
-    whose vote could elect a leader lacking committed records; with them it starts as a
-    lost disk, fenced and rejoining (geo/node.py, "Lost disks"). A member new to this
-    directory is taken for a lost disk too: it catches up before it votes (one election
-    more), never the unsafe way round."""
+    """Records in the new etcd that every member that ran here before joined, before any
+    starts: the cluster ran in this directory under an etcd whose data is gone (a new one
+    runs), and its records that each member joined went with it. Without them a member
+    whose data directory was removed meanwhile would start as a new, plain voter with an
+    empty log, whose vote could elect a leader lacking committed records; with them it
+    starts as a lost disk, fenced and rejoining (geo/node.py, "Lost disks"). The voters
+    are those of the earlier run (check_same_voters); a standby new to the directory is
+    not recorded (it never votes)."""
     lead = _leadership(state, "xdc-launcher")
     try:
         return await lead.record_members({
             n.id: {"id": n.id, "client": n.client, "peer": n.peer, "region": n.region}
-            for n in state.nodes})
+            for n in state.nodes if Path(state.directory, "nodes", n.id, "node.log").exists()})
     finally:
         await lead.close()
+
+
+def check_same_voters(directory: str, regions: int) -> None:
+    """BadOption when `directory` holds an earlier run's data whose voters are not the
+    ones `--regions` makes: a voter new to it would be taken for a lost disk and, with the
+    earlier voters short of the new quorum, no leader could ever be elected; voters taken
+    away could leave committed records on a minority. Changing the voters is a membership
+    change, which `up` does not make."""
+    if not earlier_data(directory):
+        return
+    try:
+        earlier = tomllib.loads(Path(directory, "cluster.toml").read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return  # no record of the earlier members: nodes decide by themselves
+    voters = sorted(m["id"] for m in earlier.get("member", []) if m.get("voter", True))
+    wanted = sorted(f"{r}-1" for r in REGION_NAMES[:regions])
+    if voters and voters != wanted:
+        raise BadOption(
+            f"--regions {regions}: {directory} holds the data of a cluster whose voters are "
+            f"{', '.join(voters)} ({len(voters)} regions); `up` there with --regions "
+            f"{len(voters)}, or remove the directory to start a new cluster")
 
 
 def earlier_data(directory: str | os.PathLike[str]) -> list[str]:

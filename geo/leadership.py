@@ -19,9 +19,10 @@ Keys, all under ``/<cluster>/``::
     designated   node id of a planned switchover target, attached to its own lease.
     handover     node id the last leader handed over to, on a lease of its own (twice
                  the TTL): written with the deletion of the leader key when a switchover's
-                 leader resigns, read and deleted by the next winning campaign. It tells a handover from a
-                 failover during a switchover (the designation is written before the
-                 target catches up, so a leader that died then leaves one too).
+                 leader resigns, read and deleted by the next winning campaign. It tells
+                 a handover from a failover during a switchover (the designation is
+                 written before the target catches up, so a leader that died then leaves
+                 one too).
     promoted     node id an operator promoted (`xdc cluster promote`) while the seat
                  was vacant, attached to its own lease (it expires unused).
     failover     "manual" or "automatic": a runtime override of the config's mode.
@@ -964,6 +965,11 @@ class Leadership:
     async def designated(self) -> str | None:
         """The designated switchover target, or None."""
         return await self._run(self._get_str, self.designated_key)
+
+    async def handover(self) -> str | None:
+        """The node a resigned leader handed the seat to, until a campaign wins (or its
+        lease ends), or None."""
+        return await self._run(self._get_str, self.handover_key)
 
     async def promote(self, node_id: str,
                       ttl_s: int = 60) -> tuple[dict[str, str], int] | None:

@@ -384,10 +384,15 @@ class ClusterNode:
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
         previous = {sig: h for sig, h in previous.items() if callable(h)}
 
+        waiting = [True]
+
+        def cancel() -> None:  # on the loop, like the end of the wait: no race with it
+            if waiting[0] and task is not None:
+                task.cancel()
+
         def on_signal(signum: int, frame: Any) -> None:
             got.append(signum)
-            if task is not None:
-                loop.call_soon_threadsafe(task.cancel)
+            loop.call_soon_threadsafe(cancel)
             previous[signal.Signals(signum)](signum, frame)
 
         for sig in previous:
@@ -398,6 +403,9 @@ class ClusterNode:
             if not got:
                 raise
         finally:
+            # A cancel still queued must not land on the caller's next await (start()'s
+            # clean-up awaits, which then ended in CancelledError, not SystemExit(0)).
+            waiting[0] = False
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         if got:  # also when it came as the wait ended: its cancel would land later
@@ -416,9 +424,10 @@ class ClusterNode:
             with contextlib.suppress(LeadershipError):
                 recorded = await self.leadership.record_members(infos)
                 if recorded:
-                    log.warning("%s: etcd had no record that %s joined (it lost its data, "
-                                "or a new etcd runs under the old logs): recorded again",
-                                self.id, ", ".join(recorded))
+                    # A standby's first start is one (only voters record when they join).
+                    log.info("%s: etcd had no record that %s joined (a standby's first "
+                             "start, or etcd lost its data, or a new etcd runs under the "
+                             "old logs): recorded", self.id, ", ".join(recorded))
             await asyncio.sleep(MEMBERSHIP_CHECK_S)
 
     async def _etcd_at_start(self, call: Callable[[], Awaitable[T]]) -> T:

@@ -131,7 +131,7 @@ def test_a_leader_lost_during_a_switchover_drill_is_a_failover(tmp_path: Path) -
     run = _check(doc, html, "switchover-leader-lost", 5)
     assert run["new_term"] > run["old_term"]
     assert run["switchover_outcome"].startswith("failed"), run["switchover_outcome"]
-    assert run["new_term_began"] == "election"
+    assert run["handed_over"] is False and run["new_term_began"] == "election"
     assert run["tiers_in_order"] is True, run["tiers"]
 
 
@@ -222,14 +222,13 @@ def test_verdict_fails_a_run_on_each_broken_invariant() -> None:
             "stale": {"acked_after_new_term": 0}}
     assert verdict(good) and not failed([{**good, "ok": verdict(good)}])
     assert verdict({**good, "tiers_in_order": None}) and verdict({**good, "tiers_in_order": True})
-    # A switchover answered before the leader died was a handover indeed.
-    assert verdict({**good, "switchover_outcome": "answered", "new_term_began": "handover"})
-    assert verdict({**good, "switchover_outcome": "failed: UNAVAILABLE",
-                    "new_term_began": "election"})
+    # A leader that handed over before it died made a handover indeed.
+    assert verdict({**good, "handed_over": True, "new_term_began": "handover"})
+    assert verdict({**good, "handed_over": False, "new_term_began": "election"})
     for broken in ({"acked_lost": 1}, {"duplicates": 2}, {"hashes_agree": False},
                    {"logs_identical": False}, {"stale": {"acked_after_new_term": 1}},
                    {"tiers_in_order": False},
-                   {"switchover_outcome": "failed: UNAVAILABLE", "new_term_began": "handover"}):
+                   {"handed_over": False, "new_term_began": "handover"}):
         run = {**good, **broken}
         assert not verdict(run), broken
         assert failed([{**good, "ok": True}, {**run, "ok": verdict(run)}])

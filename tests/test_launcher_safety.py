@@ -297,6 +297,17 @@ def test_up_again_after_a_data_directory_was_removed_starts_that_member_as_a_los
         asyncio.run(launcher.wait_converged(state))
         assert asyncio.run(read(state)) == [b"%d" % i for i in range(30)]
         assert len(acked) == 30
+        # Other voters on that data: refused before anything starts (a new voter would be
+        # taken for a lost disk, and with the earlier ones short of the new quorum no
+        # leader could ever be elected).
+        launcher.down(str(d))
+        for regions in (2, 4):
+            with pytest.raises(launcher.BadOption, match=r"--regions \d: .* voters are "
+                                                         r"ap-south-1, eu-west-1, us-east-1"):
+                launcher.up(str(d), regions=regions)
+            assert processes_naming(d) == []
+        r = xdc("cluster", "up", "--regions", "2", "--dir", str(d))
+        assert r.returncode == 2 and "voters are ap-south-1, eu-west-1, us-east-1" in r.stderr
     finally:
         if (d / "state.json").exists():
             launcher.down(str(d))

@@ -505,6 +505,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             launcher.check_up_options(regions=args.regions, rtt_ms=args.rtt_ms,
                                       standbys=args.standbys, ttl_s=args.lease_ttl,
                                       jitter_ms=args.jitter_ms)
+            launcher.check_same_voters(args.dir, args.regions)
         except launcher.BadOption as exc:
             print(f"xdc cluster up: {exc}", file=sys.stderr)
             return 2
