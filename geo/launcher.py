@@ -63,6 +63,7 @@ from geo.leadership import EtcdAccess, Leadership, LeadershipError, Pending, Sea
 from geo.proxy import AsyncProxyControl, ProxyControl, ProxyControlError
 from store import auth
 from store.client import channel_options
+from store.log import stored_cluster
 from xdc import certs
 from xdc.tls import Identity, Tls, aio_channel
 from xdc.v1 import replication_pb2 as rpb
@@ -264,13 +265,17 @@ def client_tls(state: ClusterState, name: str = "admin") -> Tls | None:
     `engine`, `gateway`), None when the cluster runs in plaintext."""
     if not state.tls_dir:
         return None
-    # Keyed by the CA file's time too: `up` again in the same directory makes a new CA,
-    # and a process that had loaded the old one (a test, a drill) failed every handshake.
-    return _load_tls(state.tls_dir, name, Path(state.tls_dir, "ca.pem").stat().st_mtime_ns)
+    # Keyed by the files' identities too: `up` again in the same directory makes a new
+    # CA, and a process that had loaded the old one (a test, a drill) failed every
+    # handshake.
+    d = Path(state.tls_dir)
+    files = tuple((s.st_ino, s.st_mtime_ns) for s in (
+        (d / f).stat() for f in ("ca.pem", f"{name}.pem", f"{name}-key.pem")))
+    return _load_tls(state.tls_dir, name, files)
 
 
 @functools.lru_cache(maxsize=16)
-def _load_tls(directory: str, name: str, _ca_mtime_ns: int) -> Tls:
+def _load_tls(directory: str, name: str, _files: tuple[tuple[int, int], ...]) -> Tls:
     d = Path(directory)
     return Tls.load(d / "ca.pem", d / f"{name}.pem", d / f"{name}-key.pem")
 
@@ -598,8 +603,9 @@ def _up(directory: str, regions: int, rtt_ms: float, failover: str, standbys: in
             a.routes.update({b.id: b.peer for b in nodes
                              if b.region == a.region and b.id != a.id})
     state.save()
-    if earlier_data(base):
-        asyncio.run(_record_earlier_members(state))
+    marked = set(marked_members(base))
+    if marked:
+        asyncio.run(_record_earlier_members(state, marked))
     # Every node at once, then a wait for each: one after the other, each start (a Python
     # process that imports gRPC) added ~0.7 s to the cluster's.
     for out, proc in [_spawn_node(state, n) for n in nodes]:
@@ -607,39 +613,70 @@ def _up(directory: str, regions: int, rtt_ms: float, failover: str, standbys: in
     return state
 
 
-async def _record_earlier_members(state: ClusterState) -> list[str]:
-    """Records in the new etcd that every member that ran here before joined, before any
+async def _record_earlier_members(state: ClusterState, marked: set[str]) -> list[str]:
+    """Records in the new etcd that the members of the earlier run joined, before any
     starts: the cluster ran in this directory under an etcd whose data is gone (a new one
-    runs), and its records that each member joined went with it. Without them a member
-    whose data directory was removed meanwhile would start as a new, plain voter with an
-    empty log, whose vote could elect a leader lacking committed records; with them it
-    starts as a lost disk, fenced and rejoining (geo/node.py, "Lost disks"). The voters
-    are those of the earlier run (check_same_voters); a standby new to the directory is
-    not recorded (it never votes)."""
+    runs), and its records that each member joined went with it. Without them a voter
+    whose data (or whole node directory) was removed meanwhile would start as a new,
+    plain voter with an empty log, whose vote could elect a leader lacking committed
+    records; with them it starts as a lost disk, fenced and rejoining (geo/node.py, "Lost
+    disks"). The voters are the earlier run's (check_same_voters); a standby recorded
+    never votes. `marked`: the members whose logs say they joined. Every voter is
+    recorded only when at least n - quorum + 1 voters' logs say so: a recorded voter with
+    an empty log waits for that many answers, and the logs are what answer (with fewer,
+    a majority lost its data or never joined, which no fence can make safe; recorded,
+    they would wait for each other for good). Else only the marked ones."""
+    voters = [n for n in state.nodes if n.voter]
+    need = len(voters) - (len(voters) // 2 + 1) + 1
+    everyone = sum(n.id in marked for n in voters) >= need
     lead = _leadership(state, "xdc-launcher")
     try:
         return await lead.record_members({
             n.id: {"id": n.id, "client": n.client, "peer": n.peer, "region": n.region}
-            for n in state.nodes if Path(state.directory, "nodes", n.id, "node.log").exists()})
+            for n in state.nodes if everyone or n.id in marked})
     finally:
         await lead.close()
 
 
-def check_same_voters(directory: str, regions: int) -> None:
+def marked_members(directory: str | os.PathLike[str]) -> list[str]:
+    """The members whose log under `directory` is marked as a cluster's (the node joined
+    before it served anything: geo/node.py): the earlier run's members that started. A
+    start that failed before joining leaves none."""
+    return [m for m in earlier_data(directory)
+            if stored_cluster(str(Path(directory, "nodes", m, "data")))]
+
+
+def check_same_voters(directory: str | os.PathLike[str], regions: int) -> None:
     """BadOption when `directory` holds an earlier run's data whose voters are not the
-    ones `--regions` makes: a voter new to it would be taken for a lost disk and, with the
-    earlier voters short of the new quorum, no leader could ever be elected; voters taken
-    away could leave committed records on a minority. Changing the voters is a membership
-    change, which `up` does not make."""
-    if not earlier_data(directory):
-        return
+    ones `--regions` makes, or are unknown (its cluster.toml unreadable, or not naming a
+    member whose log is there): a voter new to the data would be taken for a lost disk
+    and, with the earlier voters short of the new quorum, no leader could ever be elected;
+    voters taken away could leave committed records on a minority. Changing the voters
+    is a membership change, which `up` does not make. A running cluster's directory is
+    left to `up` (DirectoryInUse)."""
     try:
-        earlier = tomllib.loads(Path(directory, "cluster.toml").read_text())
-    except (OSError, tomllib.TOMLDecodeError):
-        return  # no record of the earlier members: nodes decide by themselves
-    voters = sorted(m["id"] for m in earlier.get("member", []) if m.get("voter", True))
+        if running_pids(directory):
+            return
+    except DirectoryInUse:
+        return
+    marked = marked_members(directory)
+    if not marked:
+        return
+    toml = Path(directory, "cluster.toml")
+    try:
+        members = tomllib.loads(toml.read_text())["member"]
+        voters = sorted(m["id"] for m in members if m.get("voter", True))
+        named = {m["id"] for m in members}
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError,
+            AttributeError):
+        voters, named = [], set()
+    if not voters or not set(marked) <= named:
+        raise BadOption(
+            f"--regions {regions}: {directory} holds the logs of {', '.join(marked)}, but "
+            f"{toml} does not say which voters ran there (missing, unreadable or not "
+            f"naming them); restore it, or remove the directory to start a new cluster")
     wanted = sorted(f"{r}-1" for r in REGION_NAMES[:regions])
-    if voters and voters != wanted:
+    if voters != wanted:
         raise BadOption(
             f"--regions {regions}: {directory} holds the data of a cluster whose voters are "
             f"{', '.join(voters)} ({len(voters)} regions); `up` there with --regions "

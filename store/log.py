@@ -246,6 +246,24 @@ def stored_positions(path: str) -> tuple[int, int]:
         env.close()
 
 
+def stored_cluster(path: str) -> str:
+    """The cluster a log that no process has open is marked as (meta `cluster`: its node
+    joined), "" when unmarked or when there is no log there; read without writing
+    anything or taking LMDB's lock."""
+    try:
+        env = lmdb.open(path, readonly=True, lock=False, subdir=True, max_dbs=8)
+    except lmdb.Error:
+        return ""
+    try:
+        with env.begin() as txn:
+            meta = env.open_db(b"meta", txn=txn, create=False)
+            return (txn.get(b"cluster", db=meta) or b"").decode()
+    except lmdb.Error:
+        return ""
+    finally:
+        env.close()
+
+
 # Written by the process whose Log has the directory open: its pid, for the message a
 # second opener gets. Informational: the lock is on the directory itself.
 LOCK_FILE = "xdc.lock"

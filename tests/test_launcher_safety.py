@@ -288,12 +288,11 @@ def test_up_again_after_a_data_directory_was_removed_starts_that_member_as_a_los
         leader, _ = asyncio.run(launcher.wait_leader(state))
         launcher.down(str(d))
         victim = next(n for n in state.nodes if n.voter and n.id != leader.id)
-        node_log = Path(d, "nodes", victim.id, "node.log")
-        lost_before = node_log.read_text().count("LOST DISK")
-        shutil.rmtree(victim.data_dir)
+        node_dir = Path(d, "nodes", victim.id)
+        shutil.rmtree(node_dir)  # its data, its log, all of it: a rebuilt machine
         state = launcher.up(str(d), regions=3)
-        assert node_log.read_text().count("LOST DISK") > lost_before, \
-            "the member whose data directory was removed started as a new voter"
+        assert "LOST DISK" in (node_dir / "node.log").read_text(), \
+            "the member whose node directory was removed started as a new voter"
         asyncio.run(launcher.wait_converged(state))
         assert asyncio.run(read(state)) == [b"%d" % i for i in range(30)]
         assert len(acked) == 30
@@ -308,9 +307,40 @@ def test_up_again_after_a_data_directory_was_removed_starts_that_member_as_a_los
             assert processes_naming(d) == []
         r = xdc("cluster", "up", "--regions", "2", "--dir", str(d))
         assert r.returncode == 2 and "voters are ap-south-1, eu-west-1, us-east-1" in r.stderr
+        # Which voters ran there is unknown without its cluster.toml: refused too.
+        toml = d / "cluster.toml"
+        for broken in (b"", b"cluster = 'x'\n[[member]]\n", b"\xff\xfe"):
+            toml.write_bytes(broken)
+            with pytest.raises(launcher.BadOption, match="does not say which voters"):
+                launcher.check_same_voters(d, 3)
     finally:
         if (d / "state.json").exists():
             launcher.down(str(d))
+
+
+def test_data_of_a_start_that_never_joined_is_no_earlier_cluster(tmp_path: Path) -> None:
+    """Logs no node marked (a first start that failed before its nodes joined) make no
+    earlier cluster: its members are not recorded as joined (each would have waited, as
+    a lost disk, for the others' answers: none serves before it joined, so for good), and
+    `up` with other voters is not refused."""
+    from store.log import Log
+    d = tmp_path / "cluster"
+    for member in ("us-east-1", "eu-west-1"):
+        data = d / "nodes" / member / "data"
+        data.mkdir(parents=True)
+        Log(str(data)).close()  # opened, never marked
+        (data.parent / "node.log").write_text("")  # as the failed start left it
+    assert launcher.earlier_data(d) == ["eu-west-1", "us-east-1"]
+    assert launcher.marked_members(d) == []
+    launcher.check_same_voters(d, 3)
+    state = launcher.up(str(d), regions=2, tls=False, auth=False)
+    try:
+        asyncio.run(launcher.wait_leader(state))
+        for member in ("us-east-1", "eu-west-1"):
+            assert "LOST DISK" not in (d / "nodes" / member / "node.log").read_text()
+        assert sorted(launcher.marked_members(d)) == ["eu-west-1", "us-east-1"]
+    finally:
+        launcher.down(str(d))
 
 
 def test_up_without_a_leader_in_time_fails_and_stops_everything_it_started(
