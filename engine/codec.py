@@ -303,6 +303,17 @@ def _event_lines(indent: str, env: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _compile_event_loop(name: str, head: list[str], indent: str, tail: list[str],
+                        **names: Any) -> Any:
+    """Function `name` generated from `head`, the events' encoding (_event_lines, at
+    `indent`), then `tail`, with the encoders' names and `names` in scope."""
+    env: dict[str, Any] = {"_cached": _STR_CACHE.get, "_str": _str, "_framed": _FRAMED,
+                           **names}
+    lines = [*head, *_event_lines(indent, env), *tail]
+    exec("\n".join(lines) + "\n", env)  # built from the event field table alone
+    return env[name]
+
+
 def _compile_framed_encoder() -> Any:
     """``encode_framed`` as straight-line code: the body of each common tag's encoder
     inlined in one loop over the events, writing the parts of every event into one list
@@ -310,14 +321,12 @@ def _compile_framed_encoder() -> Any:
     bench.match workload, about 1% of the consumer's time per input).
     Same bytes as ``_FRAMED[tag](r)`` per event (tests/test_consumer.py compares them);
     other tags go through ``_FRAMED``."""
-    env: dict[str, Any] = {"_cached": _STR_CACHE.get, "_str": _str, "_framed": _FRAMED}
-    lines = ["def encode_framed(raws, head=b''):",
-             "    parts = [head]",
-             "    for r in raws:  # a loop, not a comprehension: no extra frame per call",
-             *_event_lines("        ", env),
-             "    return b''.join(parts)"]
-    exec("\n".join(lines) + "\n", env)  # built above from the event field table alone
-    return env["encode_framed"]
+    return _compile_event_loop(
+        "encode_framed",
+        ["def encode_framed(raws, head=b''):",
+         "    parts = [head]",
+         "    for r in raws:  # a loop, not a comprehension: no extra frame per call"],
+        "        ", ["    return b''.join(parts)"])
 
 
 # encode_framed(raws, head=b"") -> bytes: ``head``, then ``u16 length + canonical bytes``
@@ -329,23 +338,22 @@ def _compile_chained_encoder() -> Any:
     """``encode_chained``: ``encode_framed`` and the chain hash of each input of a batch
     in one generated loop (the consumer's hot path: one call per batch of inputs, not a
     call per input to encode and another to hash)."""
-    env: dict[str, Any] = {"_cached": _STR_CACHE.get, "_str": _str, "_framed": _FRAMED,
-                           "_sha256": hashlib.sha256, "_new": tuple.__new__}
-    lines = ["def encode_chained(raws, starts, positions, first, chain, head, emit, cls):",
-             "    for position, start, end in zip(positions[first:], starts[first:],",
-             "                                    starts[first + 1:]):",
-             "        if start == end:",
-             "            continue",
-             "        assert end - start < 65_536",
-             "        parts = [head(position, end - start)]",
-             "        for r in raws[start:end]:",
-             *_event_lines("            ", env),
-             "        blob = b''.join(parts)",
-             "        chain = _sha256(chain + blob).digest()",
-             "        emit(_new(cls, (position, blob, chain)))",
-             "    return chain"]
-    exec("\n".join(lines) + "\n", env)  # built above from the event field table alone
-    return env["encode_chained"]
+    return _compile_event_loop(
+        "encode_chained",
+        ["def encode_chained(raws, starts, positions, first, chain, head, emit, cls):",
+         "    for position, start, end in zip(positions[first:], starts[first:],",
+         "                                    starts[first + 1:]):",
+         "        if start == end:",
+         "            continue",
+         "        assert end - start < 65_536",
+         "        parts = [head(position, end - start)]",
+         "        for r in raws[start:end]:"],
+        "            ",
+        ["        blob = b''.join(parts)",
+         "        chain = _sha256(chain + blob).digest()",
+         "        emit(_new(cls, (position, blob, chain)))",
+         "    return chain"],
+        _sha256=hashlib.sha256, _new=tuple.__new__)
 
 
 # encode_chained(raws, starts, positions, first, chain, head, emit, cls) -> chain: for

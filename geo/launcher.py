@@ -59,8 +59,16 @@ import grpc
 from engine.wire import exchange_principals
 from geo.config import ClusterConfig, ConfigError, Member, etcd_access, load, load_tls
 from geo.etcd_server import EtcdCluster, EtcdTls, free_ports, health
-from geo.leadership import EtcdAccess, Leadership, LeadershipError, Pending, SeatView
+from geo.leadership import (
+    EtcdAccess,
+    Leadership,
+    LeadershipError,
+    Pending,
+    SeatView,
+    member_info,
+)
 from geo.proxy import AsyncProxyControl, ProxyControl, ProxyControlError
+from geo.replication.core import fence_answers
 from store import auth
 from store.client import channel_options
 from store.log import stored_cluster
@@ -533,7 +541,7 @@ def _up(directory: str, regions: int, rtt_ms: float, failover: str, standbys: in
                              f"`xdc cluster down --dir {base}`, or use another --dir")
     base.mkdir(parents=True, exist_ok=True)
     names = REGION_NAMES[:regions]
-    members = [(f"{r}-1", r, True) for r in names]
+    members = [(mid, r, True) for mid, r in zip(voter_ids(regions), names, strict=True)]
     members += [(f"{names[i % len(names)]}-dr{i + 1}", names[i % len(names)], False)
                 for i in range(standbys)]
     tls_dir = base / "tls"
@@ -627,15 +635,18 @@ async def _record_earlier_members(state: ClusterState, marked: set[str]) -> list
     a majority lost its data or never joined, which no fence can make safe; recorded,
     they would wait for each other for good). Else only the marked ones."""
     voters = [n for n in state.nodes if n.voter]
-    need = len(voters) - (len(voters) // 2 + 1) + 1
-    everyone = sum(n.id in marked for n in voters) >= need
+    everyone = sum(n.id in marked for n in voters) >= fence_answers(len(voters))
     lead = _leadership(state, "xdc-launcher")
     try:
-        return await lead.record_members({
-            n.id: {"id": n.id, "client": n.client, "peer": n.peer, "region": n.region}
-            for n in state.nodes if everyone or n.id in marked})
+        return await lead.record_members({n.id: member_info(n) for n in state.nodes
+                                          if everyone or n.id in marked})
     finally:
         await lead.close()
+
+
+def voter_ids(regions: int) -> list[str]:
+    """The voters `up` makes: one per region, named after it."""
+    return [f"{r}-1" for r in REGION_NAMES[:regions]]
 
 
 def marked_members(directory: str | os.PathLike[str]) -> list[str]:
@@ -675,7 +686,7 @@ def check_same_voters(directory: str | os.PathLike[str], regions: int) -> None:
             f"--regions {regions}: {directory} holds the logs of {', '.join(marked)}, but "
             f"{toml} does not say which voters ran there (missing, unreadable or not "
             f"naming them); restore it, or remove the directory to start a new cluster")
-    wanted = sorted(f"{r}-1" for r in REGION_NAMES[:regions])
+    wanted = sorted(voter_ids(regions))
     if voters != wanted:
         raise BadOption(
             f"--regions {regions}: {directory} holds the data of a cluster whose voters are "

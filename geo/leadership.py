@@ -1113,12 +1113,19 @@ class Leadership:
         whose key is missing, each in a transaction guarded by its absence (a present key
         is neither rewritten nor its revision moved); returns the ids recorded. An etcd
         that lost its data lost these records, which tell a lost disk from a new member
-        at start: running nodes record them again (geo/node.py)."""
+        at start: running nodes record them again (geo/node.py), every few seconds, so
+        the keys present are read in one call and only a missing one costs a write."""
         def run() -> list[str]:
             tx = self._etcd.clients[0].transactions
+            prefix = self.prefix + "members/"
+            present = self._etcd.call("read members", lambda c: {
+                kv.key.decode(errors="replace") for kv in c.get_prefix_response(
+                    prefix, keys_only=True).kvs})
             recorded = []
             for member_id, info in infos.items():
-                key = self.prefix + "members/" + member_id
+                key = prefix + member_id
+                if key in present:
+                    continue
                 value = json.dumps(info, sort_keys=True)
                 ok, _ = self._etcd.call("record member", lambda c, key=key, value=value:
                                         c.transaction(compare=[tx.create(key) == 0],
@@ -1150,6 +1157,12 @@ class Leadership:
     def _close_clients(self) -> None:
         for etcd in (self._etcd, self._ka_etcd, self._watch_etcd):
             etcd.close()
+
+
+def member_info(m: Any) -> dict[str, str]:
+    """A cluster member's `info` as its node publishes it (the leader key, members/<id>):
+    of anything with the config Member's id, client, peer and region."""
+    return {"id": m.id, "client": m.client, "peer": m.peer, "region": m.region}
 
 
 def _term(info: dict[str, str], create_revision: int) -> int:

@@ -60,8 +60,15 @@ from grpc_health.v1 import health_pb2
 
 from geo import tiers as tiers_mod
 from geo.config import ClusterConfig, ConfigError, etcd_access, load_tls
-from geo.leadership import Leadership, LeadershipError
-from geo.replication.core import REJOIN_FENCE, TERM_TAKEN, Node, Role, should_campaign
+from geo.leadership import Leadership, LeadershipError, member_info
+from geo.replication.core import (
+    REJOIN_FENCE,
+    TERM_TAKEN,
+    Node,
+    Role,
+    fence_answers,
+    should_campaign,
+)
 from geo.replication.messages import (
     Committed,
     Effect,
@@ -142,9 +149,7 @@ class ClusterNode:
         self.server: StoreServer | None = None
         self.senders: dict[str, PeerSender] = {}
         self.leadership = Leadership(
-            list(config.etcd.endpoints), config.cluster, member_id,
-            {"id": member_id, "client": self.member.client, "peer": self.member.peer,
-             "region": self.member.region},
+            list(config.etcd.endpoints), config.cluster, member_id, member_info(self.member),
             config.lease_ttl_s, on_lost=self._lease_lost,
             default_failover=config.failover, access=etcd_access(config))
         self._tasks: list[asyncio.Task[None]] = []
@@ -334,7 +339,7 @@ class ClusterNode:
         with fewer of them reachable nothing can commit anyway. SIGTERM and SIGINT stop
         the process meanwhile (_stop_on_signals): nothing was written or served yet."""
         others = [m.id for m in self.config.voters if m.id != self.id]
-        need = min(len(others), len(self.config.voters) - self.config.quorum + 1)
+        need = min(len(others), fence_answers(len(self.config.voters)))
         answered: dict[str, int] = {}
         loop = asyncio.get_running_loop()
         delay, logged, said = FENCE_RETRY_S[0], -math.inf, None
@@ -418,9 +423,8 @@ class ClusterNode:
         heard from, joined, when etcd lost that (its data): a later start of one of them on
         an empty directory is then known for a lost disk, not taken for a new member."""
         while not self._stopping:
-            infos = {m.id: {"id": m.id, "client": m.client, "peer": m.peer,
-                            "region": m.region}
-                     for m in self.config.members if m.id == self.id or m.id in self._heard}
+            infos = {m.id: member_info(m) for m in self.config.members
+                     if m.id == self.id or m.id in self._heard}
             with contextlib.suppress(LeadershipError):
                 recorded = await self.leadership.record_members(infos)
                 if recorded:
@@ -678,8 +682,7 @@ class ClusterNode:
         own = Tip(self.store.log.last_term if self.store.log else 0,
                   self.store.log.last_position if self.store.log else 0)
         tips = await self._peer_tips()
-        self._peers_promised = max((r.promised_term for r in tips.values() if r is not None),
-                                   default=0)
+        self._peers_promised = _highest_promise(tips)
         peers = {p: Tip(r.last_term, r.last_position) if r is not None and not r.rejoining
                  else None for p, r in tips.items()}
         return should_campaign(own, peers)
@@ -836,9 +839,8 @@ class ClusterNode:
         it at once (_elections), not one refused campaign per two revisions (after etcd
         lost its data the fence can be far above etcd's revision)."""
         with contextlib.suppress(Exception):
-            tips = await self._peer_tips()
-            self._peers_promised = max([self._peers_promised] + [
-                r.promised_term for r in tips.values() if r is not None])
+            self._peers_promised = max(self._peers_promised,
+                                       _highest_promise(await self._peer_tips()))
         with contextlib.suppress(Exception):
             await self.leadership.designate(self.id, max(2, 2 * self.config.lease_ttl_s))
         # Handed over to itself: no leader was lost, so its next term is a handover (the
@@ -956,3 +958,8 @@ class ClusterNode:
         return rpb.SwitchoverResponse(new_leader=target, new_term=current[1],
                                       took_us=int((time.perf_counter() - t0) * 1e6),
                                       handover_position=handover)
+
+
+def _highest_promise(tips: dict[str, rpb.TipResponse | None]) -> int:
+    """The highest term the voters that answered a Tip had promised (0: none answered)."""
+    return max((r.promised_term for r in tips.values() if r is not None), default=0)

@@ -38,7 +38,7 @@ import uuid
 import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import grpc
 import lmdb
@@ -232,36 +232,34 @@ def _advance_stream(st: list[int], runs: dict[tuple[bytes, int], tuple[int, int]
     runs[(stream_key, run_rev)] = (run_pos, last_rev - run_rev + 1)
 
 
-def stored_positions(path: str) -> tuple[int, int]:
-    """(persisted commit position, last position) of a log that no process has open,
+@contextlib.contextmanager
+def _stopped(path: str) -> Iterator[tuple[lmdb.Environment, lmdb.Transaction, Any]]:
+    """(environment, read transaction, meta database) of a log that no process has open,
     read without writing anything or taking LMDB's lock: a stopped node's data."""
     env = lmdb.open(path, readonly=True, lock=False, subdir=True, max_dbs=8)
     try:
         with env.begin() as txn:
-            meta = env.open_db(b"meta", txn=txn, create=False)
-            cur = txn.cursor(env.open_db(b"log", txn=txn, create=False))
-            last = records.key_position(cur.key()) if cur.last() else 0
-            return _BE64.unpack(txn.get(b"commit_position", db=meta))[0], last
+            yield env, txn, env.open_db(b"meta", txn=txn, create=False)
     finally:
         env.close()
+
+
+def stored_positions(path: str) -> tuple[int, int]:
+    """(persisted commit position, last position) of a stopped node's log."""
+    with _stopped(path) as (env, txn, meta):
+        cur = txn.cursor(env.open_db(b"log", txn=txn, create=False))
+        last = records.key_position(cur.key()) if cur.last() else 0
+        return _BE64.unpack(txn.get(b"commit_position", db=meta))[0], last
 
 
 def stored_cluster(path: str) -> str:
-    """The cluster a log that no process has open is marked as (meta `cluster`: its node
-    joined), "" when unmarked or when there is no log there; read without writing
-    anything or taking LMDB's lock."""
+    """The cluster a stopped node's log is marked as (meta `cluster`: its node joined),
+    "" when unmarked or when there is no log there."""
     try:
-        env = lmdb.open(path, readonly=True, lock=False, subdir=True, max_dbs=8)
-    except lmdb.Error:
-        return ""
-    try:
-        with env.begin() as txn:
-            meta = env.open_db(b"meta", txn=txn, create=False)
+        with _stopped(path) as (_env, txn, meta):
             return (txn.get(b"cluster", db=meta) or b"").decode()
     except lmdb.Error:
         return ""
-    finally:
-        env.close()
 
 
 # Written by the process whose Log has the directory open: its pid, for the message a

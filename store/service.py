@@ -431,8 +431,6 @@ class EventStoreService:
         return out
 
     async def Read(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        log = self.node.log
-        assert log is not None and self.node.commit is not None
         # Its SERVER span (tracing only: the one check of the call; nothing per record or
         # batch): attributes at its start and end, the outcome from how the body ends.
         span = self._read_span(request, context) if telemetry.tracing() else None
@@ -440,36 +438,11 @@ class EventStoreService:
         failure: BaseException | None = None
         try:
             try:
-                if isinstance(request, BadRequest):
-                    raise StoreError(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
-                key = check_read(request, self.limits)
-                await self._wait_min_position(request.min_position, context)
-                upto = self.node.commit.position
-                backwards = request.direction == pb.BACKWARDS
-                limit = remaining = request.limit
-                # A step holds one batch's bytes at most while it waits for a slow client
-                # (max_batch_events records of up to max_event_bytes each would be ~2 GiB).
-                max_bytes = self.limits.max_batch_bytes
-                if request.stream == ALL:
-                    start = getattr(request, "from")
-                    if start == 0:
-                        start = upto if backwards else 1
-                    def reader(s: int, n: int, u: int, b: bool) -> list[bytes]:
-                        return log.read_all(s, n, u, b, max_bytes)
-                else:
-                    state = log.stream_state(key)
-                    if state is None or state.first_position > upto:
-                        raise StoreError(grpc.StatusCode.NOT_FOUND,
-                                         f"stream {request.stream!r} not found")
-                    start = getattr(request, "from")
-                    if start == 0:
-                        start = state.last_revision if backwards else 1
-
-                    def reader(s: int, n: int, u: int, b: bool) -> list[bytes]:
-                        return log.read_stream(key, s, n, u, b, max_bytes)
+                reader, start, upto, backwards = await self._read_plan(request, context)
             except StoreError as err:
                 await _abort(context, err)
                 return
+            limit = remaining = request.limit
             if span is not None:
                 span.set_attributes({READ_START: start, READ_COMMIT_POSITION: upto})
             step = self.limits.max_batch_events
@@ -494,6 +467,36 @@ class EventStoreService:
             if span is not None:
                 span.set_attribute(READ_COUNT, limit - remaining)
                 telemetry.end_server_span(span, context, failure)
+
+    async def _read_plan(self, request: Any, context: grpc.aio.ServicerContext
+                         ) -> tuple[Callable[[int, int, int, bool], list[bytes]], int, int,
+                                    bool]:
+        """A Read validated: (the reader of its steps, where it starts, the commit position
+        it reads up to, backwards), or StoreError naming what is wrong."""
+        log = self.node.log
+        assert log is not None and self.node.commit is not None
+        if isinstance(request, BadRequest):
+            raise StoreError(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+        key = check_read(request, self.limits)
+        await self._wait_min_position(request.min_position, context)
+        upto = self.node.commit.position
+        backwards = request.direction == pb.BACKWARDS
+        # A step holds one batch's bytes at most while it waits for a slow client
+        # (max_batch_events records of up to max_event_bytes each would be ~2 GiB).
+        max_bytes = self.limits.max_batch_bytes
+        start = getattr(request, "from")
+        if request.stream == ALL:
+            def reader(s: int, n: int, u: int, b: bool) -> list[bytes]:
+                return log.read_all(s, n, u, b, max_bytes)
+            return reader, start or (upto if backwards else 1), upto, backwards
+        state = log.stream_state(key)
+        if state is None or state.first_position > upto:
+            raise StoreError(grpc.StatusCode.NOT_FOUND, f"stream {request.stream!r} not found")
+
+        def stream_reader(s: int, n: int, u: int, b: bool) -> list[bytes]:
+            return log.read_stream(key, s, n, u, b, max_bytes)
+        return (stream_reader, start or (state.last_revision if backwards else 1), upto,
+                backwards)
 
     def _read_span(self, request: Any, context: grpc.aio.ServicerContext) -> Span:
         """The SERVER span of one Read call: who (peer, principal) read what (the stream

@@ -255,10 +255,7 @@ def test_etcd_losing_its_data_under_the_nodes_loses_no_acknowledged_event(
                         return False
                 return True
             await wait_until(all_promised, 10, f"every node promised {old_term} to {a.id}")
-            etcd.stop()
-            for m in etcd.members:
-                shutil.rmtree(m.data_dir)
-            etcd.restart()  # same endpoints, no data: revision 1 again
+            _wipe_etcd(etcd)
             leader = None
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 30
@@ -302,6 +299,14 @@ def _push_revision(etcd: EtcdCluster, n: int) -> None:
     with etcd3.client(host, int(port), timeout=5) as c:
         for _ in range(n):
             c.put("/filler", "x")
+
+
+def _wipe_etcd(etcd: EtcdCluster) -> None:
+    """etcd loses its data: restarted on the same endpoints with none (revision 1 again)."""
+    etcd.stop()
+    for m in etcd.members:
+        shutil.rmtree(m.data_dir)
+    etcd.restart()
 
 
 async def _leader_with_orders(cluster: LocalCluster, n: int = 20
@@ -361,10 +366,7 @@ def test_a_voter_losing_its_disk_after_etcd_lost_its_data_is_fenced_above_every_
                 n._campaign_after = math.inf  # elections held back (see the docstring)
             await cluster.stop(b_id)
             shutil.rmtree(b_dir)  # b's disk is lost
-            etcd.stop()
-            for m in etcd.members:
-                shutil.rmtree(m.data_dir)
-            etcd.restart()  # same endpoints, no data: revision 1 again
+            _wipe_etcd(etcd)
 
             async def b_recorded() -> bool:
                 _, present = await asyncio.to_thread(etcd_revision_and_key, etcd,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -605,6 +606,29 @@ def test_a_raised_term_base_puts_every_later_term_above_the_floor_in_one_write(
             await b.lead.resign()
         finally:
             await close(a, b)
+    run(body())
+
+
+def test_record_members_writes_only_missing_keys(etcd: EtcdCluster) -> None:
+    """members/<id> records are written only where missing: a present key keeps its
+    value and revision (nodes call this every few seconds)."""
+    async def body() -> None:
+        (a,) = await nodes(etcd, "a")
+        host, port = etcd.endpoints[0].rsplit(":", 1)
+        try:
+            await a.lead.join()
+            with etcd3.client(host, int(port), timeout=2) as raw:
+                value, meta = raw.get(a.lead.member_key)
+            infos = {"a": {"id": "a", "client": "elsewhere"}, "b": {"id": "b"}}
+            assert await a.lead.record_members(infos) == ["b"]
+            assert await a.lead.record_members(infos) == []
+            with etcd3.client(host, int(port), timeout=2) as raw:
+                again, meta_again = raw.get(a.lead.member_key)
+                assert (again, meta_again.mod_revision) == (value, meta.mod_revision)
+                b, _ = raw.get(a.lead.prefix + "members/b")
+            assert json.loads(b) == {"id": "b"}
+        finally:
+            await close(a)
     run(body())
 
 

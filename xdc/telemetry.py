@@ -917,12 +917,18 @@ def server_span(service: str, method: str, context: grpc.aio.ServicerContext,
     ServerInterceptor's (rpc.system, rpc.service, rpc.method, network.peer.address, then
     `attributes`), child of the caller's context (call_context); open_span's, so the
     sampler decides and the span is cheap. Call it when tracing() only."""
-    attrs: dict[str, Any] = {RPC_SYSTEM: "grpc", RPC_SERVICE: service, RPC_METHOD: method,
-                             PEER_ADDRESS: context.peer()}
+    attrs = _server_attributes(service, method, context)
     if attributes:
         attrs.update(attributes)
     return open_span(f"{service}/{method}", context=call_context(context),
                      kind=SpanKind.SERVER, attributes=attrs)
+
+
+def _server_attributes(service: str, method: str,
+                       context: grpc.aio.ServicerContext) -> dict[str, Any]:
+    """A SERVER span's RPC attributes (ServerInterceptor's and server_span's)."""
+    return {RPC_SYSTEM: "grpc", RPC_SERVICE: service, RPC_METHOD: method,
+            PEER_ADDRESS: context.peer()}
 
 
 def end_server_span(span: Span, context: grpc.aio.ServicerContext,
@@ -992,13 +998,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         service, name = _split_method(method)
 
         async def traced(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            md = {k: v for k, v in (context.invocation_metadata() or ())
-                  if isinstance(v, str)}
-            attrs = {RPC_SYSTEM: "grpc", RPC_SERVICE: service, RPC_METHOD: name,
-                     PEER_ADDRESS: context.peer()}
             with _state.tracer.start_as_current_span(
-                    f"{service}/{name}", context=extract(md), kind=SpanKind.SERVER,
-                    attributes=attrs, record_exception=False,
+                    f"{service}/{name}", context=call_context(context), kind=SpanKind.SERVER,
+                    attributes=_server_attributes(service, name, context),
+                    record_exception=False,
                     set_status_on_exception=False) as span:
                 try:
                     response = await behavior(request, context)

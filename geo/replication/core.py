@@ -313,6 +313,13 @@ def quorum(voters: int) -> int:
     return voters // 2 + 1
 
 
+def fence_answers(voters: int) -> int:
+    """How many of the other voters a voter that lost its disk must hear the promises of
+    before it is fenced ("Wiped voters"): n - quorum + 1, which meet every promise
+    majority's other members."""
+    return voters - quorum(voters) + 1
+
+
 def should_campaign(own: Tip, peers: Mapping[NodeId, Tip | None]) -> bool:
     """Patroni-style pre-check, before trying to take the etcd key.
 

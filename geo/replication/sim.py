@@ -56,7 +56,15 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 
-from geo.replication.core import Limits, Node, Role, Unsafe, quorum, should_campaign
+from geo.replication.core import (
+    Limits,
+    Node,
+    Role,
+    Unsafe,
+    fence_answers,
+    quorum,
+    should_campaign,
+)
 from geo.replication.log import MemoryLog
 from geo.replication.messages import (
     Append,
@@ -370,7 +378,7 @@ class Sim:
                 answers[v] = max(answers.get(v, 0), p.disk.promised_term)
         if self.cfg.unsafe.etcd_only_fence:
             fence = self.oracle.revision + 1
-        elif len(answers) < len(self.voters) - quorum(len(self.voters)) + 1:
+        elif len(answers) < fence_answers(len(self.voters)):
             self._note(f"{n.id} waits for promises, answered", sorted(answers))
             return False
         else:
