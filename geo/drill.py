@@ -26,7 +26,10 @@ Observed during the run, on a monotonic clock: the store leader key and the engi
 key in etcd (every `POLL_S`), every engine's EngineControl.Status, the acknowledgements
 (time and position) and the subscription's deliveries (time and record term). After the
 fault and the recovery, killed processes restart and rejoin, the load stops, the replicas
-converge, and the log is read back.
+converge, and the log is read back. `region-loss` deletes the killed region's
+directories too (its store node's data with them) and rebuilds it on empty ones: its node
+must come back as a lost disk (geo/node.py, "Lost disks"), fenced and rejoining, then
+whole, before the load stops.
 
 What a run reports (seconds are from the fault; None: did not happen):
 
@@ -63,13 +66,30 @@ What a run reports (seconds are from the fault; None: did not happen):
   counted apart as `stale_unreachable`, timeouts (a paused or cut-off node) as
   `stale_in_doubt` and checked against the log; `stale_acked_after_new_term` must be 0;
 * `in_doubt`: client calls that ended in a timeout or UNAVAILABLE, and how each resolved;
+* `region-loss`: `rejoin_s`, from the rebuilt node's restart to its first status saying
+  it is whole again (role neither `fencing` nor `rejoining`, no rejoin term);
+  `fence_term`, the term F it fenced itself at (its status's `rejoin_term`, or its log's
+  `LOST DISK ... fenced at term F`); `rejoin_evidence`, which of the two said it took
+  the lost-disk path (none: it came back as a new, plain voter); `rebuild_roles` (the
+  roles its status reported, in order), `rebuild_answered_s` (restart to its first
+  status answer: mostly a new process's start), `rebuild_write_stall_s` (the longest
+  ledger-write stall from the restart to whole: the fence deposes the leader of the
+  moment), `term_at_rebuild` (the leader's as the rebuild starts), `term_after_rejoin`;
+  `rejoined`: some evidence, whole within the step timeout, F above the term at the
+  fault and `term_at_rebuild`;
+* `switchover-leader-lost`: besides etcd's handover record (`handed_over`), the drill's
+  own reads of the leader key: `leader_key_gone_after_kill_s` (the first read finding it
+  gone, from the SIGKILL; negative: before it), `leader_key_held_after_kill_s` (the last
+  read finding it held) and `leader_resigned` (leader_key_after_kill: gone within TTL/3
+  of the kill is a resignation, held past it is none, None when no read tells), which
+  must match `new_term_began` (a handover resigns, a killed leader's key expires);
 * `hashes_agree`: every engine instance (killed ones restarted) reports the same
   input_position, chain_hash and state_hash with no alarm, and the group's outputs are
   exactly-once (engine.workload.check_exactly_once); `logs_identical`: the replicas'
   raw logs hash the same up to the commit position.
 
 Exit status 1 when any run lost or duplicated an acknowledged event, ended with diverged
-hashes, had a deposed leader acknowledge a write after the new term, or failed.
+hashes, had a deposed leader acknowledge a write after the new term, or failed (verdict).
 """
 
 from __future__ import annotations
@@ -83,6 +103,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -90,7 +111,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from operator import attrgetter
 from pathlib import Path
@@ -128,7 +149,8 @@ from xdc.v1 import tiers_pb2, tiers_pb2_grpc
 log = logging.getLogger("xdc.drill")
 
 SCENARIOS = ("leader-crash", "leader-pause", "leader-partition", "engine-crash",
-             "switchover", "etcd-member-loss", "failback", "switchover-leader-lost")
+             "switchover", "etcd-member-loss", "failback", "switchover-leader-lost",
+             "region-loss")
 GROUP = "drill"
 CLUSTER = "xdc-drill"
 TIERS = ("ledger", "matching", "order-entry", "market-data")  # recovery order
@@ -186,6 +208,46 @@ class InDoubt:
     resolution: str = "unresolved"  # earlier-attempt | retry | unresolved (-in-log/-absent)
 
 
+# The roles of a voter back from a lost disk before it is whole (geo/node.py, "Lost
+# disks"): waiting for the other voters' promises, then fenced and catching up.
+LOST_DISK_ROLES = ("fencing", "rejoining")
+
+
+@dataclass
+class RejoinWatch:
+    """What a rebuilt node's statuses said from its restart (monotonic times)."""
+
+    answered_at: float | None = None  # its first answer
+    roles: list[str] = field(default_factory=list)  # in the order first seen
+    rejoining_seen: bool = False  # some answer said so (a LOST_DISK_ROLES role, a rejoin term)
+    fence_term: int = 0  # the rejoin term F it reported
+    whole_at: float | None = None  # its first answer saying neither
+    term_whole: int | None = None  # its term then
+
+
+@dataclass(frozen=True)
+class LostDiskLog:
+    """What a node's log says of a lost disk: the fence term of its `LOST DISK ...
+    fenced at term F` line (0: none), and whether it logged `REJOINED`."""
+
+    fence_term: int
+    rejoined: bool
+
+
+_FENCED = re.compile(r"LOST DISK: .*fenced at term (\d+)")
+
+
+def lost_disk_log(path: Path, limit: int = 8 << 20) -> LostDiskLog:
+    """Reads at most `limit` bytes of the node's log (a restarted node's log is new)."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read(limit).decode(errors="replace")
+    except OSError:
+        return LostDiskLog(0, False)
+    m = _FENCED.search(text)
+    return LostDiskLog(int(m.group(1)) if m else 0, "REJOINED" in text)
+
+
 class _Failed(Exception):
     """An attempt of Run._until_acked that failed: its status, what to note if it is not
     retryable, and how long to wait before the next attempt."""
@@ -210,6 +272,10 @@ class Recorder:
     errors: list[str] = field(default_factory=list)
     leader_key: deque[tuple[float, int | None, str]] = field(
         default_factory=lambda: deque(maxlen=MAX_SAMPLES))  # (t, term, holder)
+    # The same reads with their send time too, (sent, answered, term): a read answered
+    # "held" proves the key was there at its send time at the latest (leader_key_after_kill).
+    leader_key_reads: deque[tuple[float, float, int | None]] = field(
+        default_factory=lambda: deque(maxlen=MAX_SAMPLES))
     engine_key: deque[tuple[float, int | None, str]] = field(
         default_factory=lambda: deque(maxlen=MAX_SAMPLES))
     # (t, instance, role, committed input, input, delivered store position)
@@ -580,13 +646,17 @@ class Run:
         while True:
             for obs, out, who in ((self._observer, self.rec.leader_key, "id"),
                                   (self._engine_observer, self.rec.engine_key, "instance")):
+                sent = time.monotonic()
                 try:
                     async with asyncio.timeout(1.0):
                         cur = await obs.current()
                 except (TimeoutError, LeadershipError):
                     continue  # etcd member lost or slow: the next sample tells
                 term, holder = (cur[1], cur[0].get(who, "")) if cur else (None, "")
-                out.append((time.monotonic(), term, holder))
+                now = time.monotonic()
+                out.append((now, term, holder))
+                if out is self.rec.leader_key:
+                    self.rec.leader_key_reads.append((sent, now, term))
                 if out is self.rec.leader_key and term is not None and self._phase is not None \
                         and term > self._phase.old_term:
                     self._new_term_seen = min(self._new_term_seen, time.monotonic())
@@ -874,6 +944,132 @@ class Run:
         return {"fault": f"SIGKILL of every process of {leader.region} (node {leader.id}, "
                          f"its engine and its gateway)", "_phases": [phase]}
 
+    async def _region_loss(self, leader: launcher.NodeProc, term: int) -> dict[str, Any]:
+        """The leader region burns down: every process of it SIGKILLed, then its store
+        node's directory (its data with it) and its engine's and gateway's directories
+        gone; measured as `leader-crash`. Then the region is rebuilt on empty directories
+        under the load: its node must come back as a lost disk (fenced, rejoining, whole
+        again), never as a new voter, whose empty log could help elect a leader lacking
+        acknowledged records (geo/node.py, "Lost disks")."""
+        assert self.state is not None
+        phase = await self.phase_start(True, leader, term)
+        victims = await self._kill_region(leader.region)
+        # One store node per region (the drill's cluster has no standbys).
+        assert [v.id for v in victims] == [leader.id], victims
+        burnt = await asyncio.to_thread(self._burn_region, leader, leader.region)
+        await launcher.wait_leader(self.state, self.opts.step_timeout_s, exclude=(leader.id,))
+        await self._recovered(phase)
+        self._stop_stale_prober()  # what answers there from now on is the rebuilt node
+        rebuilt = await self._rebuild_region(leader, phase)
+        return {"fault": f"SIGKILL of every process of {leader.region} (node {leader.id}, "
+                         f"its engine and its gateway), their directories deleted, then "
+                         f"the region rebuilt on empty ones", "burnt": burnt, **rebuilt,
+                "_phases": [phase]}
+
+    def _burn_region(self, node: launcher.NodeProc, region: str) -> list[str]:
+        """Deletes what the region's processes kept on disk: the node's directory (data
+        and all: the launcher's restart finds no `nodes/<id>` at all), the engine's and
+        the gateway's (logs only: an engine restores from snapshots in the store). The
+        logs are kept apart, under `burnt/`, for the run's diagnosis; returns what was
+        deleted (relative to the run's directory)."""
+        base = Path(self.dir)
+        data = Path(node.data_dir)
+        dirs = [base / "nodes" / node.id] + [p.run_dir / f"{p.kind}s" / p.instance
+                                              for p in self._region_procs(region)]
+        assert data.parent == dirs[0], (data, dirs[0])  # the data dies with the directory
+        deleted = []
+        for d in dirs:
+            if not d.exists():
+                continue
+            kept = base / "burnt" / d.relative_to(base)
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            d.rename(kept)
+            for entry in sorted(kept.iterdir()):
+                if entry.is_file() and entry.suffix == ".log":
+                    continue
+                deleted.append(str(d.relative_to(base) / entry.name))
+                if entry.is_dir():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        if data.exists() or dirs[0].exists():
+            raise RuntimeError(f"{dirs[0]} still there after the region's loss")
+        return deleted
+
+    async def _rebuild_region(self, node: launcher.NodeProc, phase: Phase) -> dict[str, Any]:
+        """Restarts the burnt region (its node through the launcher, on an empty directory,
+        then its engine and gateway) under the load, and watches its node come back: it
+        must say it is rejoining after a lost disk (its status, or its log's LOST DISK
+        line), and then that it is whole (`rejoin_s`, from the restart)."""
+        assert self.state is not None
+        # The fence must be above it, or this leader would count the node's acks.
+        _, st = await launcher.wait_leader(self.state, self.opts.step_timeout_s)
+        watch = RejoinWatch()
+        started = self.markers["rebuild"] = time.monotonic()
+        poller = self.spawn(self._watch_rejoin(node, watch), "rejoin-watch")
+        try:
+            await self._restart_region([node], node.region)
+            await wait_until(lambda: watch.whole_at is not None or poller.done(),
+                             self.opts.step_timeout_s, f"{node.id} whole again after its "
+                             "lost disk")
+        except TimeoutError as exc:  # reported (rejoined: false), and the run goes on
+            self.rec.note_error(str(exc))
+        finally:
+            poller.cancel()
+        if watch.whole_at is None and poller.done() and not poller.cancelled():
+            poller.result()  # the watch failed: its error, not a timeout, fails the run
+        if watch.whole_at is not None:
+            self.markers["whole"] = watch.whole_at
+        said = lost_disk_log(Path(self.dir, "nodes", node.id, "node.log"))
+        evidence = (["status"] if watch.rejoining_seen else []) + (
+            ["log"] if said.fence_term else [])
+        fence = watch.fence_term or said.fence_term
+        if watch.fence_term and said.fence_term and watch.fence_term != said.fence_term:
+            self.notes.append(f"{node.id}: fence term {watch.fence_term} in its status, "
+                              f"{said.fence_term} in its log")
+        ledger = [a.t for a in self.rec.acks if a.kind == "ledger" and a.t > started]
+        return {
+            "rebuilt_node": node.id,
+            # How the drill knows it went through the lost-disk path: its status said
+            # fencing or rejoining, and/or its log said LOST DISK ... fenced at term F.
+            "rejoin_evidence": evidence,
+            "rebuild_roles": watch.roles,
+            "fence_term": fence or None,
+            "rebuild_answered_s": _rel(watch.answered_at, started),
+            "rejoin_s": _rel(watch.whole_at, started),
+            "rejoined_logged": said.rejoined,
+            "term_at_rebuild": st.term,
+            "term_after_rejoin": watch.term_whole,
+            # Writes pause for one election as the fence deposes the leader of the moment.
+            "rebuild_write_stall_s": longest_stall(started, ledger, watch.whole_at)
+            if watch.whole_at is not None else None,
+            "rejoined": bool(evidence) and watch.whole_at is not None
+            and fence > max(phase.old_term, st.term),
+        }
+
+    async def _watch_rejoin(self, node: launcher.NodeProc, watch: RejoinWatch) -> None:
+        """Polls the node's replication status from its restart until it says it is whole
+        (answering, in none of LOST_DISK_ROLES, without a rejoin term)."""
+        assert self.state is not None
+        while watch.whole_at is None:
+            try:
+                st = await launcher.node_status(self.state, node, 0.5)
+            except launcher.Refused as exc:
+                self.rec.note_error(f"{node.id} refused its status: {exc}")
+                st = None
+            now = time.monotonic()
+            if st is not None:
+                watch.answered_at = watch.answered_at or now
+                if st.role not in watch.roles and len(watch.roles) < 10:
+                    watch.roles.append(st.role)
+                if st.role in LOST_DISK_ROLES or st.rejoin_term:
+                    watch.rejoining_seen = True
+                    watch.fence_term = watch.fence_term or st.rejoin_term
+                else:
+                    watch.whole_at, watch.term_whole = now, st.term
+                    return
+            await asyncio.sleep(POLL_S)
+
     async def _leader_pause(self, leader: launcher.NodeProc, term: int) -> dict[str, Any]:
         assert self.state is not None
         phase = await self.phase_start(True, leader, term)
@@ -973,6 +1169,7 @@ class Run:
             self.state, target.id, self.opts.step_timeout_s, leader=leader))
         outcome = "?"
         victims: list[launcher.NodeProc] | None = None
+        kill_at = float("inf")
         handed_over = False
         try:
             observer = self._observer
@@ -981,7 +1178,7 @@ class Run:
                 return switchover.done() or await observer.designated() == target.id
             await wait_until(designated, self.opts.step_timeout_s, "the target designated")
             if not switchover.done():
-                self.markers["designated"] = time.monotonic()
+                self.markers["designated"] = kill_at = time.monotonic()
                 victims = await self._kill_region(leader.region)
                 # The leader may have handed over before it died (the paused target held
                 # everything): the record tells, read before the target can consume it.
@@ -1004,6 +1201,13 @@ class Run:
         await self._recovered(phase)
         status = await _tiers_status(new.client, self.tls)
         began = status.term_began if status is not None else None
+        # The drill's own reads of the leader key, trusting nothing the cluster says:
+        # resigned (a handover deletes the key at once) or left to expire.
+        key = leader_key_after_kill(self.rec.leader_key_reads, term, phase.t0, kill_at,
+                                    self.opts.ttl_s)
+        if key.resigned is None:
+            self.notes.append("whether the leader resigned is unknown: no read of its key "
+                              f"between {key.held_s} s and {key.gone_s} s after the kill")
         self._stop_stale_prober()
         self.markers["restart"] = time.monotonic()
         await self._restart_region(victims, leader.region)
@@ -1011,7 +1215,10 @@ class Run:
                          f"every process of {leader.region}",
                 "switchover_outcome": outcome, "handed_over": handed_over,
                 "new_leader": new.id,
-                "new_term_began": began, "_phases": [phase]}
+                "new_term_began": began,
+                "leader_key_gone_after_kill_s": key.gone_s,
+                "leader_key_held_after_kill_s": key.held_s,
+                "leader_resigned": key.resigned, "_phases": [phase]}
 
     async def _etcd_member_loss(self, leader: launcher.NodeProc, term: int) -> dict[str, Any]:
         assert self.state is not None
@@ -1245,6 +1452,38 @@ def measure(run: Run, phase: Phase, records: dict[int, pb.RecordedEvent],
     }
 
 
+@dataclass(frozen=True)
+class KeyAfterKill:
+    """What the drill's own reads of the leader key say became of a killed leader's key
+    (seconds from the kill, rounded): `gone_s`, when the first read that found it gone
+    (vacant, or another term) was answered (negative: before the kill); `held_s`, when
+    the last read that found it still held was sent; `resigned`: whether it was deleted
+    by a resignation rather than left to expire (None: unknown)."""
+
+    gone_s: float | None
+    held_s: float | None
+    resigned: bool | None
+
+
+def leader_key_after_kill(reads: Iterable[tuple[float, float, int | None]], old_term: int,
+                          since: float, kill_at: float, ttl_s: float) -> KeyAfterKill:
+    """Judges `reads` ((sent, answered, term) from `since` on) around a SIGKILL of the
+    leader of `old_term` at `kill_at`. A resignation deletes the key at once: before the
+    kill, or a few ms after it when etcd applies a deletion sent just before. A killed
+    leader's key goes only as its lease expires, at least 2/3 of the TTL after the kill
+    (the keep-alive refreshes it every TTL/3). Split at TTL/3: found gone by a read
+    answered before then is a resignation; found held by a read sent after then is none;
+    no read in between (a stalled poller) leaves it unknown."""
+    window = ttl_s / 3
+    after = [(sent, answered, term) for sent, answered, term in reads if sent >= since]
+    gone = next((answered - kill_at for _, answered, term in after if term != old_term), None)
+    held = max((sent - kill_at for sent, _, term in after if term == old_term), default=None)
+    resigned = (True if gone is not None and gone < window
+                else False if held is not None and held >= window else None)
+    return KeyAfterKill(None if gone is None else round(gone, 3),
+                        None if held is None else round(held, 3), resigned)
+
+
 def longest_stall(t0: float, ack_times: list[float], recovered_at: float) -> float | None:
     """The longest interval without an acknowledged write from the fault (`t0`) to the
     first acknowledgement at or past the recovery: stalls while the run winds down (a
@@ -1428,12 +1667,26 @@ def verdict(run: dict[str, Any]) -> bool:
     are identical, the engines agree, no deposed leader acknowledged a write once the
     new term was seen (fencing), and the tiers did not come back out of order (the
     promise of DESIGN §6; unknown, None, does not fail a run); a switchover whose leader
-    died before it handed over must have made the new term an election."""
+    died before it handed over must have made the new term an election, by etcd's
+    handover record and by the drill's own reads of the leader key; a rebuilt region's
+    node must have rejoined as a lost disk and become whole (`rejoined`)."""
     lost_handover = run.get("handed_over") is False
     return (run["acked_lost"] == 0 and run["duplicates"] == 0 and bool(run["hashes_agree"])
             and bool(run["logs_identical"]) and run["stale"]["acked_after_new_term"] == 0
             and run.get("tiers_in_order") is not False
-            and not (lost_handover and run.get("new_term_began") == "handover"))
+            and not (lost_handover and run.get("new_term_began") == "handover")
+            and not term_began_contradicts_key(run)
+            and run.get("rejoined") is not False)
+
+
+def term_began_contradicts_key(run: dict[str, Any]) -> bool:
+    """Whether the new term's account of itself (`new_term_began`) contradicts what the
+    drill saw of the killed leader's key: a handover whose leader never resigned (its key
+    expired), or an election after the leader resigned (its key deleted: it handed over).
+    Unknown (`leader_resigned` None) contradicts nothing."""
+    resigned, began = run.get("leader_resigned"), run.get("new_term_began")
+    return resigned is not None and began in ("handover", "election") and (
+        began == "handover") != resigned
 
 
 def failed(results: list[dict[str, Any]]) -> bool:
@@ -1450,9 +1703,26 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _yes_no(v: Any) -> str:
+    return "-" if v is None else "yes" if v else "no"
+
+
+# Figures of some scenarios only (region-loss, switchover-leader-lost): (header, key,
+# format), a column when some run reports the key.
+EXTRA_COLUMNS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
+    ("rejoin", "rejoin_s", _fmt), ("fence", "fence_term", _fmt),
+    ("rejoined", "rejoined", _fmt), ("key gone", "leader_key_gone_after_kill_s", _fmt),
+    ("resigned", "leader_resigned", _yes_no))
+
+
+def extra_columns(results: list[dict[str, Any]]) -> list[tuple[str, str, Callable[[Any], str]]]:
+    return [c for c in EXTRA_COLUMNS if any(c[1] in r for r in results)]
+
+
 def summary_table(results: list[dict[str, Any]]) -> str:
+    extra = extra_columns(results)
     head = ["scenario", "seed", "expiry", "new term", "RTO", *TIERS, "in order", "lost",
-            "dup", "stale rej", "in doubt", "hashes", "ok"]
+            "dup", "stale rej", "in doubt", "hashes", *(h for h, _, _ in extra), "ok"]
     rows = [head]
     for r in results:
         if "error" in r:
@@ -1469,7 +1739,8 @@ def summary_table(results: list[dict[str, Any]]) -> str:
                      *(tiers.get(n, "-") for n in TIERS), _fmt(r["tiers_in_order"]),
                      str(r["acked_lost"]),
                      str(r["duplicates"]), str(r["stale_writes_rejected"]), doubt,
-                     _fmt(r["hashes_agree"]), "ok" if r["ok"] else "FAILED"])
+                     _fmt(r["hashes_agree"]), *(f(r.get(k)) for _, k, f in extra),
+                     "ok" if r["ok"] else "FAILED"])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     rtos = sorted(r["rto_s"] for r in results if r.get("rto_s") is not None)
@@ -1478,6 +1749,11 @@ def summary_table(results: list[dict[str, Any]]) -> str:
                      f"median {_fmt(rtos[len(rtos) // 2])}, max {_fmt(rtos[-1])}; "
                      f"in doubt: e = an earlier attempt had committed, r = the retry wrote it; "
                      f"tier* = went down (shed, or degraded)")
+    rejoins = sorted(r["rejoin_s"] for r in results if r.get("rejoin_s") is not None)
+    if rejoins:
+        lines.append(f"rejoin (rebuilt node whole again, from its restart) over "
+                     f"{len(rejoins)} run(s): min {_fmt(rejoins[0])}, median "
+                     f"{_fmt(rejoins[len(rejoins) // 2])}, max {_fmt(rejoins[-1])}")
     return "\n".join(lines)
 
 
@@ -1500,7 +1776,9 @@ def cmd_drill(args: argparse.Namespace) -> int:
 
     def progress(r: dict[str, Any]) -> None:
         state = "ok" if r.get("ok") else "FAILED " + r.get("error", "")
-        print(f"drill {r['scenario']} seed {r['seed']}: rto {_fmt(r.get('rto_s'))}, "
+        rejoin = (f", rejoin {_fmt(r.get('rejoin_s'))} (fence term {r.get('fence_term')})"
+                  if "rejoin_s" in r else "")
+        print(f"drill {r['scenario']} seed {r['seed']}: rto {_fmt(r.get('rto_s'))}{rejoin}, "
               f"lost {r.get('acked_lost', '-')}, {state} ({r['wall_s']}s)", flush=True)
     results = run_drill(args.scenario, args.runs, args.seed, opts, progress)
     print(summary_table(results))

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from geo.drill import extra_columns
+
 W, H = 900, 260  # chart size in px
 PAD_L, PAD_R, PAD_T, PAD_B = 50, 20, 16, 34
 BIN_S = 0.1
@@ -116,14 +118,15 @@ def _ms(v: Any) -> str:
 
 
 def render(scenario: str, seed: int, results: list[dict[str, Any]]) -> str:
+    extra = extra_columns(results)  # region-loss's rejoin, switchover-leader-lost's key
     rows = []
     for r in results:
         rows.append("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in (
             r["scenario"], r["seed"], _ms(r.get("lease_expiry_s")), _ms(r.get("new_term_s")),
             _ms(r.get("rto_s")), r.get("acked_lost", "-"), r.get("duplicates", "-"),
             r.get("stale_writes_rejected", "-"), (r.get("in_doubt") or {}).get("total", "-"),
-            r.get("hashes_agree", "-"), "ok" if r.get("ok") else "FAILED " + r.get("error", "")))
-            + "</tr>")
+            r.get("hashes_agree", "-"), *(f(r.get(k)) for _, k, f in extra),
+            "ok" if r.get("ok") else "FAILED " + r.get("error", ""))) + "</tr>")
     sections = []
     for r in results:
         tiers = "".join(f"<li>{_e(t['name'])}: {_ms(t['recovered_s'])}"
@@ -149,7 +152,9 @@ def render(scenario: str, seed: int, results: list[dict[str, Any]]) -> str:
         f"<h1>xdc drill {_e(scenario)} (seed {_e(seed)}, {len(results)} run(s))</h1>"
         "<table><tr><th>scenario</th><th>seed</th><th>lease expiry</th><th>new term</th>"
         "<th>RTO</th><th>acked lost</th><th>duplicates</th><th>stale writes rejected</th>"
-        "<th>in doubt</th><th>hashes agree</th><th>result</th></tr>" + "".join(rows)
+        "<th>in doubt</th><th>hashes agree</th>"
+        + "".join(f"<th>{_e(h)}</th>" for h, _, _ in extra) + "<th>result</th></tr>"
+        + "".join(rows)
         + "</table>" + "".join(sections) + "</body></html>\n")
 
 

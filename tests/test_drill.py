@@ -1,12 +1,13 @@
 """DR drills with real processes (etcd, store nodes, WAN proxy, engine instances): one
-short run each of `leader-crash`, `engine-crash`, `switchover` and `etcd-member-loss`
-through the `xdc drill` command line, checking the JSON report's shape and the
-invariants (no acknowledged event lost or duplicated, engines agree, exactly-once
-outputs), that an RTO was measured (no time bound is asserted, but for a store leader
-that kept its lease), that the tiers the failure took down came back in tier order (a
-planned switchover takes none down) and that the HTML report holds an inline SVG chart.
-The other scenarios are exercised by `xdc drill SCENARIO --quick` (README, "DR drills"),
-not here: each costs a fresh cluster, and the suite must stay fast on two cores."""
+short run each of `leader-crash`, `engine-crash`, `switchover`, `switchover-leader-lost`,
+`etcd-member-loss` and `region-loss` through the `xdc drill` command line, checking the
+JSON report's shape and the invariants (no acknowledged event lost or duplicated, engines
+agree, exactly-once outputs), that an RTO was measured (no time bound is asserted, but
+for a store leader that kept its lease), that the tiers the failure took down came back
+in tier order (a planned switchover takes none down) and that the HTML report holds an
+inline SVG chart. The other scenarios are exercised by `xdc drill SCENARIO --quick`
+(README, "DR drills"), not here: each costs a fresh cluster, and the suite must stay fast
+on two cores."""
 
 from __future__ import annotations
 
@@ -134,7 +135,32 @@ def test_a_leader_lost_during_a_switchover_drill_is_a_failover(tmp_path: Path) -
     # Almost always nothing was handed over (the target lagged under the load); a leader
     # that did hand over before it died made a true handover, which the term then says.
     assert run["new_term_began"] == ("handover" if run["handed_over"] else "election"), run
+    # The drill's own reads of the leader key say the same (a resignation, or an expiry).
+    assert run["leader_key_gone_after_kill_s"] is not None, run
+    assert run["leader_resigned"] in (None, run["handed_over"]), run
     assert run["tiers_in_order"] is True, run["tiers"]
+
+
+@pytest.mark.timeout(DRILL_BUDGET_S + 45)
+def test_region_loss_drill_rebuilds_the_region_as_a_lost_disk(tmp_path: Path) -> None:
+    """The leader region burns down (SIGKILL of its processes, its directories deleted):
+    a failover as `leader-crash`, then the region is rebuilt on empty directories. Its
+    node comes back fenced above every term it could have acknowledged in, rejoins and is
+    whole again; its log, rebuilt, is identical to the others' and nothing acknowledged
+    was lost."""
+    doc, html = _drill(tmp_path, "region-loss", 23)
+    run = _check(doc, html, "region-loss", 23)
+    assert run["new_term"] > run["old_term"]
+    assert all(t["down"] for t in run["tiers"]) and run["tiers_in_order"] is True, run["tiers"]
+    node = run["rebuilt_node"]
+    assert f"nodes/{node}/data" in run["burnt"], run["burnt"]
+    # Through the lost-disk path: said by its log at least (its status may be whole by
+    # the first poll), fenced above the term at the fault and the rebuild's leader's.
+    assert run["rejoined"] is True and "log" in run["rejoin_evidence"], run
+    assert run["fence_term"] > run["term_at_rebuild"] >= run["new_term"] > run["old_term"]
+    assert run["rejoin_s"] is not None and run["rejoin_s"] >= run["rebuild_answered_s"] > 0
+    assert run["term_after_rejoin"] > run["fence_term"]  # the fenced leader's new term
+    assert "<th>rejoin</th>" in html and "<th>fence</th>" in html
 
 
 @pytest.mark.timeout(DRILL_BUDGET_S + 45)
@@ -227,13 +253,63 @@ def test_verdict_fails_a_run_on_each_broken_invariant() -> None:
     # A leader that handed over before it died made a handover indeed.
     assert verdict({**good, "handed_over": True, "new_term_began": "handover"})
     assert verdict({**good, "handed_over": False, "new_term_began": "election"})
+    # The drill's reads of the leader key agree with the new term's account, or cannot tell.
+    assert verdict({**good, "leader_resigned": True, "new_term_began": "handover"})
+    assert verdict({**good, "leader_resigned": False, "new_term_began": "election"})
+    assert verdict({**good, "leader_resigned": None, "new_term_began": "handover"})
+    assert verdict({**good, "rejoined": True})
     for broken in ({"acked_lost": 1}, {"duplicates": 2}, {"hashes_agree": False},
                    {"logs_identical": False}, {"stale": {"acked_after_new_term": 1}},
                    {"tiers_in_order": False},
-                   {"handed_over": False, "new_term_began": "handover"}):
+                   {"handed_over": False, "new_term_began": "handover"},
+                   # A handover whose leader's key expired: nobody resigned.
+                   {"leader_resigned": False, "new_term_began": "handover"},
+                   # An election after the leader resigned, handing over.
+                   {"leader_resigned": True, "new_term_began": "election"},
+                   # A rebuilt node that came back as a new plain voter (or never whole).
+                   {"rejoined": False}):
         run = {**good, **broken}
         assert not verdict(run), broken
         assert failed([{**good, "ok": True}, {**run, "ok": verdict(run)}])
+
+
+def test_the_leader_key_after_a_kill_tells_a_resignation_from_an_expiry() -> None:
+    """The drill's own reads of the leader key around the SIGKILL of the leader of term 7
+    (TTL 2 s: split at 0.667 s): deleted before the kill, or by a deletion etcd applied
+    just after it, is a resignation; still held by a read sent past TTL/3 is none (the
+    lease expired); no read in between says nothing. Reads from before `since` (an
+    earlier phase) are not looked at."""
+    from geo.drill import leader_key_after_kill
+
+    def reads(*spec: tuple[float, int | None]) -> list[tuple[float, float, int | None]]:
+        return [(100.0 + t, 100.0 + t + 0.005, term) for t, term in spec]
+
+    def judge(r: list[tuple[float, float, int | None]]) -> tuple[float | None,
+                                                                float | None, bool | None]:
+        k = leader_key_after_kill(r, 7, since=99.0, kill_at=100.0, ttl_s=2)
+        return k.gone_s, k.held_s, k.resigned
+    assert judge(reads((-0.5, 7), (-0.1, None), (0.3, None), (1.5, 8))) == (-0.095, -0.5, True)
+    assert judge(reads((-0.5, 7), (0.02, 7), (0.05, None))) == (0.055, 0.02, True)
+    assert judge(reads((-0.5, 7), (0.4, 7), (0.9, 7), (1.6, None), (1.7, 8))) == (
+        1.605, 0.9, False)
+    assert judge(reads((-0.5, 7), (0.5, 7), (1.6, None))) == (1.605, 0.5, None)
+    assert judge(reads((-0.5, 7), (0.5, 7))) == (None, 0.5, None)
+    assert judge(reads((-1.5, 6), (-1.2, None))) == (None, None, None)  # before `since`
+
+
+def test_a_lost_disk_is_read_from_the_node_log(tmp_path: Path) -> None:
+    """The rebuilt node's log line that says it took the lost-disk path, and its fence
+    term (a node that started as a new voter logs neither)."""
+    from geo.drill import LostDiskLog, lost_disk_log
+
+    log = tmp_path / "node.log"
+    assert lost_disk_log(log) == LostDiskLog(0, False)  # no log at all
+    log.write_text("2026-12-07 10:06:34,263 xdc.node r-1: joined cluster 'c' (/d)\n")
+    assert lost_disk_log(log) == LostDiskLog(0, False)
+    log.write_text("... xdc.node r-1: LOST DISK: /d holds no log of cluster 'c', which this "
+                   "member had joined; rejoining: fenced at term 11 (above etcd's ...\n"
+                   "... xdc.node r-1: REJOINED: holds the committed log up to 769 (term 13)\n")
+    assert lost_disk_log(log) == LostDiskLog(11, True)
 
 
 def test_the_read_back_of_all_pages_by_position(tmp_path: Path,
