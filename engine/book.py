@@ -8,6 +8,10 @@ a function of the sequence of commands alone. There is no I/O, clock, randomness
 float or set here; dicts are only looked up, never iterated on a path that produces
 output, except in insertion order where that order is itself a function of the input.
 
+Output format versions (``engine.events``): ``Engine.output_version`` (1 at first, part
+of the canonical state) says which events a cancel and a reject make; only an activation
+input changes it (``set_output_version``, called by the consumer between batches).
+
 API: ``Engine(limits)``; ``process(cmd, out)`` / ``process_batch(cmds, out)`` append raw
 event tuples; ``apply(cmd)`` returns records; ``step(state, cmd) -> (state, events)``;
 ``check_invariants(engine)`` for tests; ``gc_paused()`` for the shell's hot loop.
@@ -76,6 +80,7 @@ from engine.constants import (
     MAX_SUPPLY,
     MAX_SYMBOL_LEN,
     MAX_TS_NS,
+    OUTPUT_VERSIONS,
     STP,
     BalanceReason,
     CancelReason,
@@ -101,6 +106,10 @@ STP_DC = STP.DECREMENT_AND_CANCEL
 
 _ACCEPTED = ev.ACCEPTED
 _REJECTED = ev.REJECTED
+_REJECTED_V2 = ev.REJECTED_V2
+_CANCELLED_V2 = ev.CANCELLED_V2
+# Where a Rejected (and a RejectedV2) holds its time.
+_REJECT_TS = 8
 _FILL = ev.FILL
 _CANCELLED = ev.CANCELLED
 _REPLACED = ev.REPLACED
@@ -385,7 +394,7 @@ def band_after(symbol: str, band: tuple[int, int] | None,
 class Engine:
     """All books and accounts of one engine instance. See the module docstring."""
 
-    __slots__ = ("_max_open", "accounts", "books", "limits", "supply")
+    __slots__ = ("_max_open", "accounts", "books", "limits", "output_version", "supply")
 
     def __init__(self, limits: EngineLimits | None = None) -> None:
         self.limits = limits or EngineLimits()
@@ -393,6 +402,12 @@ class Engine:
         self.books: dict[str, Book] = {}
         self.accounts: dict[str, Account] = {}
         self.supply: dict[str, int] = {}  # asset -> sum of avail + held over accounts
+        self.output_version = 1  # engine.events: which events cancels and rejects make
+
+    def set_output_version(self, version: int) -> None:
+        """Emit output format ``version`` from the next command on (an activation)."""
+        assert version in OUTPUT_VERSIONS, version
+        self.output_version = version
 
     # ---------------------------------------------------------------- entry points
 
@@ -411,8 +426,12 @@ class Engine:
         call per command, with what they read from the engine hoisted out of the loop;
         cancels, the next most common, skip the handler table. (``out.append`` stays a
         method call: CPython 3.11 specialises it to an inline list append, cheaper than
-        calling a bound ``append`` kept in a local.)"""
+        calling a bound ``append`` kept in a local.)
+
+        The output version is read once per call: it changes only between calls (an
+        activation is an input of its own, never inside a batch of commands)."""
         books = self.books
+        v1 = self.output_version == 1
         accounts = self.accounts
         max_open = self._max_open
         reject = self._reject_any
@@ -553,7 +572,9 @@ class Engine:
                 if crosses:
                     if tif == FOK and not _fok_fillable(book, acct, side, price, qty, stp):
                         out.append((_CANCELLED, book.symbol, oid, acct.id, cid,
-                                    CancelReason.FOK_UNFILLED, qty, ts))
+                                    CancelReason.FOK_UNFILLED, qty, ts) if v1 else
+                                   (_CANCELLED_V2, book.symbol, oid, acct.id, cid,
+                                    CancelReason.FOK_UNFILLED, qty, ts, side, price))
                     else:
                         self._execute(book, acct, oid, cid, side, price, qty, tif == GTC,
                                       post_only, stp, ts, out)
@@ -597,7 +618,7 @@ class Engine:
             book = self.books.get(cmd.symbol)  # type: ignore[attr-defined]
             if book is not None:
                 book.halted = True
-                out.append((ev.HALTED, book.symbol, detail, out[-1][-1]))
+                out.append((ev.HALTED, book.symbol, detail, out[-1][_REJECT_TS]))
 
     def apply_raw(self, cmd: object) -> list[tuple]:
         out: list[tuple] = []
@@ -618,7 +639,7 @@ class Engine:
             except Exception:
                 return None
 
-        out.append((
+        rejected = (
             _REJECTED,
             _clean_str(field("symbol"), MAX_SYMBOL_LEN),
             _clean_str(field("account")),
@@ -628,7 +649,8 @@ class Engine:
             reason,
             detail,
             _clean_int(field("ts_ns")),
-        ))
+        )
+        out.append(rejected if self.output_version == 1 else _reject_v2(rejected, cmd))
 
     # ---------------------------------------------------------------- orders
     # (New orders are validated in ``process_batch``.)
@@ -714,7 +736,10 @@ class Engine:
                     if m[CID]:
                         del macct.cids[m[CID]]
                     _release(macct, m[SIDE], p, mq, base, quote)
-                    out.append((_CANCELLED, sym, m[OID], aid, m[CID], CancelReason.STP, mq, ts))
+                    out.append((_CANCELLED, sym, m[OID], aid, m[CID], CancelReason.STP, mq, ts)
+                               if self.output_version == 1 else
+                               (_CANCELLED_V2, sym, m[OID], aid, m[CID], CancelReason.STP, mq,
+                                ts, oside, p))
                     if stp == STP_CB:
                         kill = True
                         break
@@ -816,7 +841,9 @@ class Engine:
         elif q:
             reason = (CancelReason.STP if kill else CancelReason.MATCH_LIMIT if capped
                       else CancelReason.EXPIRED)
-            out.append((_CANCELLED, sym, oid, aid, cid, reason, q, ts))
+            out.append((_CANCELLED, sym, oid, aid, cid, reason, q, ts)
+                       if self.output_version == 1 else
+                       (_CANCELLED_V2, sym, oid, aid, cid, reason, q, ts, side, price))
 
     def _find(self, c: CancelOrder | ReplaceOrder | ReduceOrder, kind: str,
               out: list[tuple]) -> tuple[Book, Account, Order] | None:
@@ -848,9 +875,10 @@ class Engine:
         if o is None or o[ACCT] is not acct or book.orders.get(o[OID]) is not o:
             # Common in real flow (cancel racing a fill): build the reject directly from
             # the fields validated above rather than through the generic sanitiser.
-            out.append((_REJECTED, sym, aid, cid if cid == "" or _valid_id(cid, MAX_ID_LEN)
+            rejected = (_REJECTED, sym, aid, cid if cid == "" or _valid_id(cid, MAX_ID_LEN)
                         else "", oid if 0 <= oid <= MAX_TS_NS else 0, kind,
-                        Reject.UNKNOWN_ORDER, "", ts))
+                        Reject.UNKNOWN_ORDER, "", ts)
+            out.append(rejected if self.output_version == 1 else _reject_v2(rejected, c))
             return None
         return book, acct, o
 
@@ -875,12 +903,17 @@ class Engine:
         orders = book.orders
         o = orders.get(oid) if oid else acct.cids.get(cid)
         if o is None or o[ACCT] is not acct or orders.get(o[OID]) is not o:
-            out.append((_REJECTED, book.symbol, acct.id, cid if cid == "" or _valid_id(
+            rejected = (_REJECTED, book.symbol, acct.id, cid if cid == "" or _valid_id(
                 cid, MAX_ID_LEN) else "", oid if 0 <= oid <= MAX_TS_NS else 0, kind,
-                Reject.UNKNOWN_ORDER, "", ts))
+                Reject.UNKNOWN_ORDER, "", ts)
+            out.append(rejected if self.output_version == 1 else _reject_v2(rejected, c))
             return None
-        out.append((_CANCELLED, book.symbol, o[OID], acct.id, o[CID], CancelReason.USER, o[QTY],
-                    ts))
+        if self.output_version == 1:
+            out.append((_CANCELLED, book.symbol, o[OID], acct.id, o[CID], CancelReason.USER,
+                        o[QTY], ts))
+        else:
+            out.append((_CANCELLED_V2, book.symbol, o[OID], acct.id, o[CID], CancelReason.USER,
+                        o[QTY], ts, o[SIDE], o[PRICE]))
         _unlink(book, o, out)
         return None
 
@@ -1029,6 +1062,27 @@ class Engine:
         avail = acct.avail[c.asset] = acct.avail[c.asset] - amount
         out.append((ev.BALANCE, c.account, c.asset, -amount, avail, acct.held.get(c.asset, 0),
                     BalanceReason.WITHDRAW, c.ts_ns))
+
+
+# A command's side as a version-2 reject reports it: equality-based, as the validation of
+# a new order (``_NEW_FLAGS``) reads it.
+_SIDE_OF = {BUY: BUY, SELL: SELL}
+
+
+def _reject_v2(rejected: tuple, cmd: object) -> tuple:
+    """The RejectedV2 of a Rejected tuple: its fields, then ``cmd``'s side and price when
+    it has valid ones (NO_SIDE and 0 otherwise). Never raises, whatever ``cmd`` is."""
+    try:
+        side = _SIDE_OF.get(getattr(cmd, "side", None), ev.NO_SIDE)
+    except Exception:  # an unhashable or misbehaving field: the reject must still be made
+        side = ev.NO_SIDE
+    try:
+        price = getattr(cmd, "price", None)
+    except Exception:
+        price = None
+    if type(price) is not int or not 0 <= price <= MAX_PRICE:
+        price = 0
+    return (_REJECTED_V2, *rejected[1:], side, price)
 
 
 def _config_ok(tick: int, lot: int, band_bps: object, ref_price: object, max_orders: object,

@@ -1,9 +1,11 @@
-"""`xdc engine ...`: run an engine instance, ask its status, hand over, snapshot, verify."""
+"""`xdc engine ...`: run an engine instance, ask its status, hand over, snapshot, verify,
+activate an output format version."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import uuid
@@ -16,6 +18,7 @@ import grpc
 from engine import wire
 from engine.book import gc_paused
 from engine.codec import state_hash
+from engine.constants import MAX_OUTPUT_VERSION, OUTPUT_VERSIONS
 from engine.consumer import MAX_PENDING_INPUTS, Consumer
 from engine.exchange_config import ExchangeConfigError, load
 from engine.lease import make_lease
@@ -67,13 +70,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.DEBUG if os.environ.get("XDC_LOG") == "debug"
                         else logging.INFO, format="%(asctime)s %(name)s %(message)s")
     group = _group(args)
+    if args.max_output_version > max(OUTPUT_VERSIONS):
+        print(f"xdc engine run: --max-output-version {args.max_output_version}: this release "
+              f"emits output versions {', '.join(map(str, OUTPUT_VERSIONS))}, at most "
+              f"{max(OUTPUT_VERSIONS)}", file=sys.stderr)
+        return 2
     auth_config = load_auth("engine run", args.auth)
     config = RunnerConfig(group=group, instance=args.instance, store=tuple(args.store.split(",")),
                           role=args.role, snapshot_every=args.snapshot_every,
                           verify_window=args.verify_window,
                           max_pending_inputs=args.max_pending_inputs,
                           startup_timeout_s=args.startup_timeout,
-                          tls=cli_tls(args, "xdc engine"), token=args.token)
+                          tls=cli_tls(args, "xdc engine"), token=args.token,
+                          output_versions=tuple(v for v in OUTPUT_VERSIONS
+                                                if v <= args.max_output_version))
     spec, cluster, access = args.lease, args.cluster, None
     if args.config:
         from geo.config import ConfigError, etcd_access
@@ -123,17 +133,50 @@ async def _advertised(store: str, group: str, tls: Tls | None, token: str) -> li
         await client.close()
 
 
+async def active_output_version(client: StoreClient, group: str) -> tuple[int, int]:
+    """(the output version in force after the group's last input, the position of the
+    activation that put it in force: 0 for version 1): the activations in its input
+    stream, read as the engines read them (versions only move forward)."""
+    stream = wire.input_stream(group)
+    version, at = 1, 0
+    async with contextlib.aclosing(client.subscribe(
+            stream_prefix=stream, event_types=[wire.ACTIVATE_TYPE], batches=True)) as items:
+        async for item in items:
+            if isinstance(item, CaughtUp):
+                break
+            if not isinstance(item, pb.RecordBatch):
+                continue
+            for e in item.events:
+                found = wire.parse_activation(e.data) if e.stream == stream else None
+                if found is not None and found > version:
+                    version, at = found, e.position
+    return version, at
+
+
+async def _group_output_version(store: str, group: str, tls: Tls | None, token: str) -> int:
+    client = StoreClient(store.split(","), tls=tls, token=token)
+    try:
+        return (await active_output_version(client, group))[0]
+    finally:
+        await client.close()
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from xdc.cli import message_json
     tls = cli_tls(args, "xdc engine")
     addresses = [a for a in args.engine.split(",") if a]
+    extra: dict[str, object] = {}
     if args.group or args.store:
         if not (args.group and args.store):
             print("xdc engine status: --group and --store go together", file=sys.stderr)
             return 2
-        found = asyncio.run(_advertised(args.store, wire.check_group(args.group), tls,
-                                        args.token))
+        group = wire.check_group(args.group)
+        found = asyncio.run(_advertised(args.store, group, tls, args.token))
         addresses = list(dict.fromkeys([*addresses, *found]))
+        # What the log has put in force: an instance shows the version after its own
+        # input position (older while it catches up; 0 in a release before versions).
+        extra["group_output_version"] = asyncio.run(
+            _group_output_version(args.store, group, tls, args.token))
     if not addresses:
         print("xdc engine status: no instance to ask (--engine, or --group with --store: "
               "none advertised)", file=sys.stderr)
@@ -145,7 +188,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(json.dumps({"error": s}))
         else:
             bad |= bool(s.alarm)
-            print(json.dumps(message_json(s)))
+            print(json.dumps({**message_json(s), **extra}))
     return bad
 
 
@@ -297,14 +340,17 @@ async def _switchover(args: argparse.Namespace, group: str,
 
 
 def _run_control(args: argparse.Namespace, work: Callable[..., Awaitable[_T]],
-                 *rest: object) -> _T | None:
+                 *rest: object, raise_refused: bool = False) -> _T | None:
     """asyncio.run(work(args, group, tls, *rest)); None after printing why it was refused
-    (nothing appended) or why the store refused it."""
+    (nothing appended; with ``raise_refused``, _Refused is raised instead) or why the
+    store refused it."""
     prog = f"xdc engine {args.engine_command}"
     try:
         return asyncio.run(work(args, wire.check_group(args.group),
                                 cli_tls(args, "xdc engine"), *rest))
     except _Refused as exc:
+        if raise_refused:
+            raise
         appends = args.engine_command != "verify"
         print(f"{prog}: {exc}{'; nothing appended' if appends else ''}", file=sys.stderr)
     except AppendError as err:
@@ -345,6 +391,116 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps({"group": args.group, "requested_at": position}))
     return 0
+
+
+def _supported(st: xpb.EngineStatus) -> tuple[int, ...]:
+    """The output versions an instance supports: a release before output versions
+    reports none and emits version 1 only."""
+    return tuple(st.supported_output_versions) or (1,)
+
+
+def _activation_check(group: str, version: int, instances: list[_Instance]) -> None:
+    """Raises _Refused unless every instance that answers supports ``version`` (and one
+    at least answers): one that does not would alarm at the activation, and one of a
+    release before output versions would not even see it and emit version 1 on."""
+    answering = [i for i in instances if i.status is not None]
+    if not answering:
+        known = "; ".join(i.describe() for i in instances) or "none advertised"
+        raise _Refused(f"no instance of engine group {group!r} answers ({known}): none says "
+                       f"it supports output version {version} (--force appends anyway)")
+    unable = [i for i in answering if version not in _supported(i.status)]  # type: ignore[arg-type]
+    if unable:
+        raise _Refused(
+            f"instances of engine group {group!r} that do not support output version "
+            f"{version}: " + ", ".join(
+                f"{i.name} at {i.address} (engine {i.status.engine_version or '?'}, output "  # type: ignore[union-attr]
+                f"versions {', '.join(map(str, _supported(i.status)))})"  # type: ignore[arg-type]
+                for i in unable)
+            + "; stop them (or replace them by a release that supports it) first")
+
+
+async def _activate(args: argparse.Namespace, group: str,
+                    tls: Tls | None) -> tuple[dict[str, object], str]:
+    """(the JSON answer, an error for stderr: "" on success). Appends the activation of
+    ``--output-version`` once every instance that answers supports it, then waits for
+    them to process it."""
+    version = args.output_version
+    client = StoreClient(args.store.split(","), tls=tls, token=args.token)
+    try:
+        await _known_group(client, group)
+        active, at = await active_output_version(client, group)
+        if version < active:
+            raise _Refused(f"output version {active} is in force in engine group {group!r} "
+                           f"since input {at}: versions only move forward")
+        if version == active:
+            return ({"group": group, "output_version": version, "position": at,
+                     "already_active": True}, "")
+        instances = await _instances(client, group, tls, args.token)
+        if not args.force:
+            _activation_check(group, version, instances)
+        r = await client.append(wire.input_stream(group),
+                                [wire.activation_event(group, version)])
+    finally:
+        await client.close()
+    answering = [i for i in instances if i.status is not None]
+    answer: dict[str, object] = {
+        "group": group, "output_version": version, "position": r.last_position,
+        "not_answering": [i.name for i in instances if i.status is None]}
+    if args.no_wait:
+        return answer, ""
+    # Wait for the instances to process it: what each then emits (or its alarm).
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    applied: dict[str, int] = {}  # instance -> its output version once past the activation
+    alarms: dict[str, str] = {}
+    while True:
+        for i in answering:
+            if i.name in applied:
+                continue
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                st = await fetch_status(i.address, STATUS_TIMEOUT_S, tls=tls,
+                                        token=args.token, brief=True)
+                if st.input_position >= r.last_position:
+                    applied[i.name] = st.output_version
+                    if st.alarm:
+                        alarms[i.name] = st.alarm
+        if len(applied) == len(answering):
+            answer.update(applied=applied, took_s=round(loop.time() - began, 3))
+            return answer, "; ".join(f"instance {k} alarmed: {v}" for k, v in alarms.items())
+        if loop.time() - began >= args.timeout:
+            answer.update(applied=applied, took_s=round(loop.time() - began, 3))
+            late = [i.name for i in answering if i.name not in applied]
+            return answer, (f"the activation is at position {r.last_position}, but "
+                            f"{', '.join(late)} had not processed it {args.timeout:g} s "
+                            f"later (`xdc engine status --group {group} --store "
+                            f"{args.store}`)")
+        await asyncio.sleep(0.05)
+
+
+def cmd_activate(args: argparse.Namespace) -> int:
+    try:
+        done = _run_control(args, _activate, raise_refused=True)
+    except _Refused as exc:
+        print(f"xdc engine activate: {exc}; nothing appended", file=sys.stderr)
+        return 2
+    if done is None:
+        return 1
+    answer, error = done
+    print(json.dumps(answer))
+    if error:
+        print(f"xdc engine activate: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _output_version(text: str) -> int:
+    try:
+        version = int(text)
+    except ValueError:
+        version = 0
+    if not 1 <= version <= MAX_OUTPUT_VERSION:
+        raise argparse.ArgumentTypeError(f"an integer 1..{MAX_OUTPUT_VERSION}, not {text!r}")
+    return version
 
 
 async def verify(store: list[str], group: str, tls: Tls | None = None,
@@ -391,6 +547,7 @@ async def verify(store: list[str], group: str, tls: Tls | None = None,
                 "input_position": c.position, "outputs_verified_through": c.committed_input,
                 "unverified_pending_inputs": c.backlog, "chain_hash": c.chain.hex(),
                 "state_hash": state_hash(c.engine).hex(), "snapshots_checked": checked,
+                "output_version": c.engine.output_version,
                 "snapshot_mismatches": mismatched, "alarm": c.alarm,
                 "ok": not c.alarm and not mismatched}
     finally:
@@ -444,6 +601,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="inputs whose outputs are not seen committed, at most: past it a "
                         "warm instance stops checking them, a primary exits (its service "
                         "manager restarts it from the latest snapshot)")
+    r.add_argument("--max-output-version", type=_output_version, default=max(OUTPUT_VERSIONS),
+                   help="the newest output format version this instance may be activated to "
+                        f"(default and at most {max(OUTPUT_VERSIONS)}): at an activation of a "
+                        "newer one it alarms, and `xdc engine activate` refuses while it is "
+                        "up (a staged roll-out: the new release runs, its format held back)")
     r.add_argument("--control", default="127.0.0.1:0", help="EngineControl listen address")
     r.add_argument("--startup-timeout", type=seconds, default=STARTUP_TIMEOUT_S,
                    help="seconds to wait at start for the store to answer (it says so at "
@@ -483,6 +645,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_cli_args(n)
     add_token_arg(n)
     n.set_defaults(func=cmd_snapshot)
+
+    a = esub.add_parser(
+        "activate", help="switch the group's outputs to a format version at an exact input "
+                         "position, once every live instance supports it")
+    a.add_argument("group")
+    a.add_argument("--output-version", type=_output_version, required=True,
+                   help="the output format version to emit after the activation")
+    a.add_argument("--store", required=True)
+    a.add_argument("--timeout", type=seconds, default=SWITCHOVER_TIMEOUT_S,
+                   help="seconds to wait for the instances to process it, more than 0")
+    a.add_argument("--no-wait", action="store_true",
+                   help="return once the activation is appended, without waiting")
+    a.add_argument("--force", action="store_true",
+                   help="append it without asking the instances (none answers; an instance "
+                        "that does not support it alarms when it reads it)")
+    add_cli_args(a)
+    add_token_arg(a)
+    a.set_defaults(func=cmd_activate)
 
     v = esub.add_parser("verify", help="replay the log into this engine version and compare "
                                        "outputs and snapshot state hashes")

@@ -18,6 +18,12 @@ Snapshot layout (version 1)::
         u32 n_orders, then bids best to worst, then asks best to worst, FIFO per level:
             q oid, q price, q qty, B side, B post_only, B stp, I account index, str cid
 
+Version 2 is version 1 with the engine's output format version (``Engine.output_version``)
+after the layout version: ``b"XDCE" u16 2, u16 output_version`` (2 and up), then the
+same fields. A version-1 engine (one no activation has switched) is written as version 1,
+so its snapshot bytes and state hash are those of releases before output versions;
+both layouts are read.
+
 Derived state (heaps, per-account open counts and client-order-id indexes, asset supply,
 band edges) is rebuilt on restore, so a restored engine is indistinguishable in its
 outputs from the one that was snapshotted.
@@ -48,10 +54,22 @@ from engine.book import (
     EngineLimits,
     new_level,
 )
-from engine.events import ACCEPTED, BOOK, CANCELLED, EVENT_CLASSES, FIELD_KINDS, FILL, REJECTED
+from engine.constants import OUTPUT_VERSIONS
+from engine.events import (
+    ACCEPTED,
+    BOOK,
+    CANCELLED,
+    CANCELLED_V2,
+    EVENT_CLASSES,
+    FIELD_KINDS,
+    FILL,
+    REJECTED,
+    REJECTED_V2,
+)
 
 MAGIC = b"XDCE"
-VERSION = 1
+VERSION = 1  # the layout of a snapshot of an engine at output version 1
+VERSION_WITH_OUTPUT = 2  # of one at any later output version
 GENESIS = bytes(32)  # chain hash before the first output
 
 _H = struct.Struct("<H")
@@ -117,6 +135,8 @@ class _Reader:
 def snapshot_bytes(eng: Engine) -> bytes:
     """Canonical encoding of the whole engine state."""
     parts: list[bytes] = [MAGIC, _H.pack(VERSION)]
+    if eng.output_version != 1:
+        parts = [MAGIC, _H.pack(VERSION_WITH_OUTPUT), _H.pack(eng.output_version)]
     lim = eng.limits
     parts.append(_Q3.pack(lim.max_symbols, lim.max_accounts, lim.max_open_orders_per_account))
     aids = sorted(eng.accounts)
@@ -163,9 +183,18 @@ def restore(data: bytes) -> Engine:
         raise CodecError("not an engine snapshot")
     r.pos = 4
     (version,) = r.take(_H)
-    if version != VERSION:
+    output_version = 1
+    if version == VERSION_WITH_OUTPUT:
+        (output_version,) = r.take(_H)
+        if output_version == 1:
+            raise CodecError("output version 1 in a version-2 snapshot (not canonical)")
+    elif version != VERSION:
         raise CodecError(f"unsupported snapshot version {version}")
+    if output_version not in OUTPUT_VERSIONS:
+        raise CodecError(f"snapshot of an engine at output version {output_version}; this "
+                         f"engine emits output versions {_versions(OUTPUT_VERSIONS)}")
     eng = Engine(EngineLimits(*r.take(_Q3)))
+    eng.set_output_version(output_version)
     (n_accounts,) = r.take(_I)
     accts: list[Account] = []
     supply = eng.supply
@@ -228,6 +257,10 @@ def restore(data: bytes) -> Engine:
     return eng
 
 
+def _versions(versions: tuple[int, ...]) -> str:
+    return ", ".join(map(str, versions))
+
+
 def state_hash(eng: Engine) -> bytes:
     return hashlib.sha256(snapshot_bytes(eng)).digest()
 
@@ -266,7 +299,9 @@ _FRAMED = {tag: _compile_event_encoder(tag) for tag in FIELD_KINDS}
 
 # The tags most outputs have, most frequent first (the workload of bench.match: ~40%
 # book updates, ~30% accepts, ~20% fills): ``encode_framed`` tests for them in this order.
-_COMMON_TAGS = (BOOK, ACCEPTED, FILL, REJECTED, CANCELLED)
+# The version-2 rejects and cancels come last: before them, an output of version 1 is
+# tested exactly as it was before output versions.
+_COMMON_TAGS = (BOOK, ACCEPTED, FILL, REJECTED, CANCELLED, REJECTED_V2, CANCELLED_V2)
 
 
 # Event fields whose strings are mostly new (client order ids): looked up with .get; the

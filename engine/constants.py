@@ -134,3 +134,8 @@ MAX_MATCHES_PER_ORDER: Final = 1_024
 MAX_ASSET_LEN: Final = 16
 MAX_BAND_BPS: Final = 1_000_000  # 100x the reference price
 MAX_ORDER_ID: Final = (1 << 62) - 1
+# Output format versions this release can emit (engine/events.py says what each adds).
+# An engine emits version 1 until an activation in its input stream (engine/wire.py
+# ACTIVATE_TYPE) switches it at that exact input; versions only move forward.
+OUTPUT_VERSIONS: Final = (1, 2)
+MAX_OUTPUT_VERSION: Final = 65_535  # a snapshot holds the version in 16 bits

@@ -25,6 +25,13 @@ State kept per instance:
   a backlog drains that many batches per round trip. Answers of an older generation
   (before a refusal, a demotion, a promotion) change nothing.
 
+Output format versions: an activation input (``wire.ACTIVATE_TYPE``) switches the engine's
+output version at its position (``_activate``), as a function of the log alone like
+everything else here. ``output_versions`` are the versions this instance may switch to:
+one that meets an activation of any other raises its alarm there, so it emits no output
+of an input after it (a primary demotes, a warm instance never takes over), and so does
+one restored from a snapshot of an engine at another version.
+
 Takeover is therefore exact with no extra protocol: a new primary appends exactly its
 pending outputs, which start right after the last committed input, and a stale primary's
 append fails its expected revision. An output batch never contains an input twice and
@@ -55,6 +62,7 @@ from engine.codec import (
     snapshot_bytes,
     state_hash,
 )
+from engine.constants import OUTPUT_VERSIONS
 
 # Limits: outputs waiting for their commit (a primary stops taking inputs past this, a
 # warm instance that lags the primary this much is alarmed), inputs per output batch.
@@ -79,6 +87,10 @@ def envelope_bytes(group: str, writer: str) -> int:
     widest = wire.OutputBatch(2**63 - 1, 2**63 - 1, b"\xff" * 32, ())
     return len(widest.event(group, writer, _WIDEST_TRACEPARENT).SerializeToString()) \
         + _ENVELOPE_SLACK
+
+
+def _versions(versions: tuple[int, ...]) -> str:
+    return ", ".join(map(str, versions))
 
 
 class RecordLike(Protocol):
@@ -168,22 +180,33 @@ class Consumer:
     # Why emission is held (an input's outputs that no event the store accepts can
     # hold): an operator raises the store's limit; empty while emitting.
     emit_blocked: str = ""
+    # The output format versions this instance may be activated to (engine.wire).
+    output_versions: tuple[int, ...] = OUTPUT_VERSIONS
     _out: list[tuple] = field(default_factory=list)
     _input_stream: str = field(init=False, default="")
     _output_stream: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
+        assert 1 in self.output_versions and set(self.output_versions) <= set(
+            OUTPUT_VERSIONS), f"output versions {self.output_versions} of {OUTPUT_VERSIONS}"
         self._input_stream = wire.input_stream(self.group)
         self._output_stream = wire.output_stream(self.group)
 
     @classmethod
     def from_snapshot(cls, group: str, data: bytes, position: int, chain: bytes,
-                      out_revision: int, expected_hash: bytes | None = None) -> Consumer:
+                      out_revision: int, expected_hash: bytes | None = None,
+                      output_versions: tuple[int, ...] = OUTPUT_VERSIONS) -> Consumer:
         engine = restore(data)
         if expected_hash is not None and state_hash(engine) != expected_hash:
             raise CodecError(f"snapshot at input {position}: state hash mismatch after restore")
-        return cls(group, engine, position=position, chain=chain, base_position=position,
-                   committed_input=position, out_revision=out_revision)
+        c = cls(group, engine, position=position, chain=chain, base_position=position,
+                committed_input=position, out_revision=out_revision,
+                output_versions=output_versions)
+        if engine.output_version not in output_versions:
+            c.alarm = (f"the snapshot at input {position} is of an engine at output version "
+                       f"{engine.output_version}; this instance supports output versions "
+                       f"{_versions(output_versions)}: it emits nothing")
+        return c
 
     def on_records(self, records: Iterable[RecordLike]) -> None:
         """``on_record`` for each record of a delivered batch (the shell's hot loop).
@@ -245,6 +268,9 @@ class Consumer:
         if kind in wire.CONTROL_TYPES:
             self.position = position
             self.inputs += 1
+            if kind == wire.ACTIVATE_TYPE:
+                self.controls.append(self._activate(position, data))
+                return
             try:
                 body = json.loads(data)
                 if not isinstance(body, dict):
@@ -261,6 +287,29 @@ class Consumer:
         except (CodecError, ValueError, IndexError):
             cmd = None  # the engine turns a non-command into a deterministic reject
         self._process([position], [cmd])
+
+    def _activate(self, position: int, data: bytes) -> Control:
+        """The activation input at ``position``: the engine emits the output version it
+        names from the next input on, if that is newer than the one in force and this
+        instance supports it; the alarm if it is newer and not supported. The returned
+        control tells the shell what came of it (``outcome``)."""
+        version = wire.parse_activation(data)
+        current = self.engine.output_version
+        if version is None:
+            outcome = "unreadable: nothing changes"
+        elif version <= current:
+            outcome = f"output version {current} in force: nothing changes"
+        elif version not in self.output_versions:
+            outcome = "not supported: alarm"
+            self.alarm = self.alarm or (
+                f"input {position} activates output version {version}; this instance "
+                f"supports output versions {_versions(self.output_versions)}: it emits no "
+                f"output of any input after it")
+        else:
+            self.engine.set_output_version(version)
+            outcome = "activated"
+        return Control(wire.ACTIVATE_TYPE, position,
+                       {"output_version": str(version or ""), "outcome": outcome})
 
     def _process(self, positions: list[int], cmds: list[object]) -> None:
         """Commands (None: undecodable) of consecutive new inputs at ``positions``,

@@ -8,6 +8,14 @@
 
 Field order and tags are part of the canonical encoding: append new event types with
 new tags, never reorder fields.
+
+Output format versions (``engine.constants.OUTPUT_VERSIONS``): an engine emits version 1
+until an activation input switches it (``Engine.output_version``). Version 2 reports a
+cancel and a reject with the order's side and price: ``CancelledV2``/``RejectedV2``, new
+tags whose fields are their version-1 event's, in the same order, then ``side, price``.
+So version-1 outputs keep their bytes, every event still decodes without knowing the
+version it was made under, and code that reads a version-1 field by index reads it in
+both.
 """
 
 from __future__ import annotations
@@ -25,6 +33,11 @@ BOOK = 7
 SYMBOL_CONFIG = 8
 BALANCE = 9
 HALTED = 10
+CANCELLED_V2 = 11
+REJECTED_V2 = 12
+# The side of a RejectedV2 whose command has no valid side (a cancel, a reduction, a
+# garbled order).
+NO_SIDE = -1
 
 
 @dataclass(slots=True, frozen=True)
@@ -89,6 +102,28 @@ class Cancelled:
     reason: str
     qty: int
     ts_ns: int
+
+
+@dataclass(slots=True, frozen=True)
+class CancelledV2(Cancelled):
+    """``Cancelled`` from output version 2 on, with the order's side and price (its
+    effective limit price, as ``Accepted`` reported it): the resting order's for a cancel
+    of any reason, the taker's for the remainder of an incoming order."""
+
+    TAG: ClassVar[int] = CANCELLED_V2
+    side: int
+    price: int
+
+
+@dataclass(slots=True, frozen=True)
+class RejectedV2(Rejected):
+    """``Rejected`` from output version 2 on, with the command's side and price: a new
+    order's, a replacement's price; ``NO_SIDE``/0 for what the command does not have
+    (or has invalid)."""
+
+    TAG: ClassVar[int] = REJECTED_V2
+    side: int
+    price: int
 
 
 @dataclass(slots=True, frozen=True)
@@ -184,6 +219,8 @@ Event = (
     | SymbolConfig
     | BalanceChanged
     | Halted
+    | CancelledV2
+    | RejectedV2
 )
 
 EVENT_CLASSES: dict[int, type] = {
@@ -199,6 +236,8 @@ EVENT_CLASSES: dict[int, type] = {
         SymbolConfig,
         BalanceChanged,
         Halted,
+        CancelledV2,
+        RejectedV2,
     )
 }
 

@@ -26,6 +26,9 @@ gap, whichever groups its account trades in. The feed serves:
   streams from the start of the log. Future work: start from an engine snapshot instead
   of replaying all outputs, which a long-lived exchange will need.
 
+Outputs of every output format version (engine/events.py) are rendered alike
+(``wire.report``): from version 2 on, cancel and reject reports carry side and price.
+
 Traced, an order's trace ends with its answer: the engine's output events carry the
 ``traceparent`` of the span their outputs were made in, and each message to a client (a
 waiting request's answer, a live ``StreamExecutions`` message) is a CONSUMER span
@@ -349,10 +352,15 @@ def band_detail(band_bps: int, ref: int) -> str:
 Band = tuple[int, int]  # (band_bps, reference price): engine.book.band_after
 
 
+_REJECTS = (ev.REJECTED, ev.REJECTED_V2)
+
+
 def _band_reject(raw: tuple) -> bool:
-    """A PRICE_OUTSIDE_BAND reject whose detail the engine left empty (the gateway writes
+    """A PRICE_OUTSIDE_BAND reject (of any output version: version 2 appends side and
+    price to the same fields) whose detail the engine left empty (the gateway writes
     the band there)."""
-    return raw[0] == ev.REJECTED and raw[6] == Reject.PRICE_OUTSIDE_BAND and not raw[7]
+    return (raw[0] in _REJECTS and raw[6] == Reject.PRICE_OUTSIDE_BAND
+            and not raw[7])
 
 
 def _with_band(raw: tuple, band: Band) -> tuple:

@@ -31,6 +31,10 @@ Life of an instance:
    marker.
 7. Every ``snapshot_every`` inputs (and at each snapshot request) the primary captures a
    snapshot and writes it once the outputs up to its input are committed.
+8. An activation in the input stream switches the output format at its position
+   (engine/wire.py); an instance that does not support the version alarms there, as on
+   a divergence (a primary demotes and releases the lease). Status reports the version
+   in force and the ones this instance supports (`xdc engine activate` checks them).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from opentelemetry.trace import INVALID_SPAN, Span, SpanContext, SpanKind, Statu
 from engine import wire
 from engine.book import GcFreezer, gc_paused
 from engine.codec import CodecError, state_hash
+from engine.constants import OUTPUT_VERSIONS
 from engine.consumer import MAX_PENDING_INPUTS, Capture, Consumer
 from engine.lease import PrimaryLease
 from geo.tier_supervisor import RemoteReader
@@ -74,7 +79,8 @@ from xdc.v1 import exchange_pb2_grpc as xpb_grpc
 
 log = logging.getLogger("xdc.engine")
 
-ENGINE_VERSION = "1.0.0"
+# 1.1.0: output format versions (output version 2: cancels and rejects with side and price).
+ENGINE_VERSION = "1.1.0"
 SNAPSHOT_CHUNK = 512 * 1024  # compressed bytes per snapshot event (event limit 1 MiB)
 MAX_SNAPSHOT_CHUNKS = 32  # one atomic append of at most 16 MiB
 # A snapshot chunk's event beside its data (id, types, metadata), at most.
@@ -140,9 +146,15 @@ class RunnerConfig:
     # How long the start waits for the store to answer before it gives up
     # (StoreUnreachable).
     startup_timeout_s: float = STARTUP_TIMEOUT_S
+    # The output format versions this instance may be activated to (`--max-output-version`
+    # caps them: an instance then alarms at an activation of a newer one, as an instance
+    # of an older release would, and `xdc engine activate` refuses while it is up).
+    output_versions: tuple[int, ...] = OUTPUT_VERSIONS
 
     def __post_init__(self) -> None:
         wire.check_group(self.group)
+        assert 1 in self.output_versions and set(self.output_versions) <= set(
+            OUTPUT_VERSIONS), self.output_versions
         assert self.role in ("auto", "warm"), self.role
         assert self.snapshot_every >= 0 and self.verify_window >= 0
         assert self.max_pending_inputs > 0 and self.startup_timeout_s > 0
@@ -166,7 +178,7 @@ class EngineRunner:
         # Its reads recover with the matching tier, not with analytics.
         self.client = client or StoreClient(list(config.store), timeout_s=30.0, tier="engine",
                                             tls=config.tls, token=config.token)
-        self.consumer = Consumer(config.group)
+        self.consumer = Consumer(config.group, output_versions=config.output_versions)
         self.input_stream = wire.input_stream(config.group)
         self.output_stream = wire.output_stream(config.group)
         self.primary = False
@@ -376,12 +388,14 @@ class EngineRunner:
             data = zlib.decompress(b"".join(c.data for c in chunks))
             self.consumer = Consumer.from_snapshot(
                 self.config.group, data, int(md["input_position"]), bytes.fromhex(md["chain"]),
-                int(md["output_revision"]), bytes.fromhex(md["state_hash"]))
+                int(md["output_revision"]), bytes.fromhex(md["state_hash"]),
+                self.config.output_versions)
         except (AssertionError, CodecError, ValueError, KeyError, zlib.error) as exc:
             # A bad snapshot costs a full replay, never a wrong state.
             log.error("snapshot at revision %d unusable (%s): replaying the whole log",
                       tail[0].revision, exc)
-            self.consumer = Consumer(self.config.group)
+            self.consumer = Consumer(self.config.group,
+                                     output_versions=self.config.output_versions)
             return
         self.snapshot_position = self.consumer.position
 
@@ -557,6 +571,13 @@ class EngineRunner:
         for control in c.controls:
             if control.kind == wire.SNAPSHOT_REQUEST_TYPE:
                 requested = True
+            elif control.kind == wire.ACTIVATE_TYPE:
+                log.log(logging.ERROR if control.body["outcome"].endswith("alarm")
+                        else logging.INFO,
+                        "instance %s of %s: activation of output version %s at input %d: %s",
+                        self.config.instance, self.config.group,
+                        control.body["output_version"] or "(none)", control.position,
+                        control.body["outcome"])
         c.controls.clear()
         if c.alarm and self.primary:
             await self._demote(f"alarm: {c.alarm}")
@@ -903,7 +924,9 @@ class EngineRunner:
             output_append_events=c.append_batches if self.output_event_bytes else 0,
             limit_refusals=self.limit_refusals,
             # gc.get_freeze_count() walks the frozen list: every resting order is on it
-            gc_frozen_objects=0 if brief else gc.get_freeze_count())
+            gc_frozen_objects=0 if brief else gc.get_freeze_count(),
+            output_version=c.engine.output_version,
+            supported_output_versions=c.output_versions)
 
 
     def _state_hash(self) -> str:

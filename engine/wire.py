@@ -5,7 +5,8 @@ Per engine group ``G`` (a set of symbols and the accounts that trade them; one r
 domain) there are three streams::
 
     exchange.G.input      commands (type = command class name, data = canonical bytes)
-                          and engine controls (type xdc.Switchover / xdc.Snapshot)
+                          and engine controls (type xdc.Switchover /
+                          xdc.SnapshotRequest / xdc.Activate)
     exchange.G.output     output batches (type = OUTPUT_TYPE), appended by the primary
                           with the exact expected revision of the stream
     exchange.G.snapshots  engine snapshots, chunked (type = SNAPSHOT_TYPE)
@@ -28,6 +29,20 @@ output index) is therefore stored exactly once: the event's id is derived from
 instances emitting around a failover cannot both land the same outputs. The chain hash
 runs per input over ``q position + u16 n + events``: replicas that agree on it agree on
 every output up to that input.
+
+Output format activation: an ``xdc.Activate`` input (JSON ``{"output_version": N}``, id
+derived from (group, N): appended twice, it lands once) switches the engine state's
+output version (``engine.events``) at its exact position: the outputs of every input
+after it are of version N, those before it stay as they were, on every instance alike. A
+new release ships the new format dormant and emits exactly what the old one did until
+then, so it can be rolled out by switchover like any release whose outputs do not
+change. Versions only move forward: an activation of the version in force, or an older
+one, changes nothing (so does one whose body is unreadable); an instance that does not
+support N raises its alarm there and emits nothing after it. An instance of a release
+that predates activations does not even receive the record (engines subscribe to
+CONSUMED_TYPES, a list of its own release): it would go on with version 1 and diverge,
+so every instance of such a release must be gone before an activation (`xdc engine
+activate` refuses while any instance it can ask does not support N).
 """
 
 from __future__ import annotations
@@ -47,7 +62,7 @@ from engine.codec import (
     encode_command,
     encode_framed,
 )
-from engine.constants import Side
+from engine.constants import MAX_OUTPUT_VERSION, Side
 from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import exchange_pb2 as xpb
 
@@ -59,7 +74,8 @@ SWITCHOVER_TYPE = "xdc.Switchover"
 INSTANCE_TYPE = "xdc.EngineInstance"
 MAX_ADDRESS_BYTES = 256
 SNAPSHOT_REQUEST_TYPE = "xdc.SnapshotRequest"
-CONTROL_TYPES = (SWITCHOVER_TYPE, SNAPSHOT_REQUEST_TYPE)
+ACTIVATE_TYPE = "xdc.Activate"
+CONTROL_TYPES = (SWITCHOVER_TYPE, SNAPSHOT_REQUEST_TYPE, ACTIVATE_TYPE)
 COMMAND_TYPES = tuple(cls.__name__ for cls in (
     cm.NewOrder, cm.CancelOrder, cm.ReplaceOrder, cm.ReduceOrder, cm.AddSymbol,
     cm.UpdateSymbol, cm.Deposit, cm.Withdraw))
@@ -206,6 +222,28 @@ def control_event(group: str, kind: str, body: dict[str, str], key: str) -> pb.P
                             data=json.dumps(body, sort_keys=True).encode())
 
 
+def activation_event(group: str, output_version: int) -> pb.ProposedEvent:
+    """The activation of output format ``output_version`` in ``group``: its id derives from
+    both, so however often it is appended, the version is activated once, at one place."""
+    assert 1 <= output_version <= MAX_OUTPUT_VERSION, output_version
+    return pb.ProposedEvent(id=derived_id("ctl", group, ACTIVATE_TYPE, output_version),
+                            type=ACTIVATE_TYPE, content_type="application/json",
+                            data=json.dumps({"output_version": output_version}).encode())
+
+
+def parse_activation(data: bytes) -> int | None:
+    """The output version an activation's data names; None if it names none (not a JSON
+    object whose ``output_version`` is an integer in 1..MAX_OUTPUT_VERSION)."""
+    try:
+        body = json.loads(data)
+    except (ValueError, RecursionError):  # RecursionError: nested past the parser's depth
+        return None
+    version = body.get("output_version") if isinstance(body, dict) else None
+    if type(version) is not int or not 1 <= version <= MAX_OUTPUT_VERSION:
+        return None
+    return version
+
+
 def decode_input(data: bytes, ts_ns: int) -> object:
     """The command of an input event, with the record's leader timestamp as its time.
     Raises CodecError for bytes that are not a command."""
@@ -322,12 +360,15 @@ def batch_outputs(batch: OutputBatch) -> list[tuple[int, list[tuple]]]:
 _KIND = {ev.ACCEPTED: "ACCEPTED", ev.REJECTED: "REJECTED", ev.FILL: "FILL",
          ev.CANCELLED: "CANCELLED", ev.REPLACED: "REPLACED", ev.REDUCED: "REDUCED",
          ev.HALTED: "HALTED", ev.BALANCE: "BALANCE", ev.BOOK: "BOOK",
-         ev.SYMBOL_CONFIG: "SYMBOL_CONFIG"}
+         ev.SYMBOL_CONFIG: "SYMBOL_CONFIG",
+         # Output version 2: the same kinds, with side and price.
+         ev.CANCELLED_V2: "CANCELLED", ev.REJECTED_V2: "REJECTED"}
 _SIDE_PB = {Side.BUY: xpb.BUY, Side.SELL: xpb.SELL}
 
 
 def report(group: str, position: int, index: int, raw: tuple) -> xpb.ExecutionReport:
-    """The client's view of one raw output event."""
+    """The client's view of one raw output event (of any output version: a version-2
+    cancel or reject fills side and price, a version-1 one leaves them unset)."""
     rec = ev.to_record(raw)
     r = xpb.ExecutionReport(kind=_KIND[raw[0]], group=group, input_position=position,
                             output_index=index)
@@ -350,9 +391,11 @@ def accounts_of(raw: tuple) -> tuple[str, ...]:
     tag = raw[0]
     if tag == ev.FILL:
         return (raw[7], raw[8]) if raw[7] != raw[8] else (raw[7],)
-    if tag in (ev.ACCEPTED, ev.CANCELLED, ev.REPLACED, ev.REDUCED):
+    if tag in (ev.ACCEPTED, ev.CANCELLED, ev.REPLACED, ev.REDUCED, ev.CANCELLED_V2):
         return (raw[3],)
-    if tag in (ev.REJECTED, ev.BALANCE):
-        return (raw[2],) if tag == ev.REJECTED else (raw[1],)
+    if tag in (ev.REJECTED, ev.REJECTED_V2):
+        return (raw[2],)
+    if tag == ev.BALANCE:
+        return (raw[1],)
     return ()
 

@@ -240,7 +240,7 @@ async def check_exactly_once(client: StoreClient, group: str
     for e in inputs:
         if e.type == "NewOrder":
             outcomes = [r for r in by_input.get(e.position, [])
-                        if r[0] in (ev.ACCEPTED, ev.REJECTED)]
+                        if r[0] in (ev.ACCEPTED, ev.REJECTED, ev.REJECTED_V2)]
             if len(outcomes) != 1:
                 raise ExactlyOnceViolation(f"order at position {e.position} has "
                                            f"{len(outcomes)} outcomes")

@@ -594,6 +594,8 @@ def test_event_codec_round_trip_all_types() -> None:
         SymbolConfig(SYM, "BTC", "USD", 1, 1, 100, 100, 5, 6, 9),
         BalanceChanged("a", "USD", -5, MAX_SUPPLY, 0, "WITHDRAW", 9),
         Halted(SYM, "KeyError", 9),
+        ev.CancelledV2(SYM, 1, "a", "", "USER", 5, 9, SELL, 100),
+        ev.RejectedV2("", "", "", 0, "CANCEL", "X", "Y", 0, ev.NO_SIDE, 0),
     ]
     assert {type(x).TAG for x in samples} == set(ev.EVENT_CLASSES)
     seen = set()
