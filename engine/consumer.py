@@ -45,7 +45,6 @@ import bisect
 import collections
 import hashlib
 import itertools
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
@@ -271,12 +270,7 @@ class Consumer:
             if kind == wire.ACTIVATE_TYPE:
                 self.controls.append(self._activate(position, data))
                 return
-            try:
-                body = json.loads(data)
-                if not isinstance(body, dict):
-                    body = {}
-            except ValueError:
-                body = {}
+            body = wire.json_object(data)
             control = Control(kind, position, {str(k): str(v) for k, v in body.items()})
             if kind == wire.SWITCHOVER_TYPE:
                 self.hold_after, self.handover_to = position, control.body.get("to", "")

@@ -200,14 +200,29 @@ def instance_event(group: str, instance: str, address: str, version: str) -> pb.
                             data=json.dumps(body, sort_keys=True).encode())
 
 
-def parse_instance(data: bytes) -> tuple[str, str] | None:
-    """(instance, address) of an instance event's data; None if it is not one."""
+# Brackets a JSON body of the group's records may hold; past that it is not parsed.
+MAX_JSON_BRACKETS = 64
+
+
+def json_object(data: bytes) -> dict[str, object]:
+    """The JSON object an engine record's data holds (a control's body, an instance's
+    address); {} for any other bytes. The same answer in every process for any bytes:
+    json raises RecursionError past a nesting depth that depends on the caller's stack,
+    so a deeply nested body would crash every instance that reads it, at the same input,
+    again after each restart (a poison input); bodies with more than MAX_JSON_BRACKETS
+    brackets (anywhere, strings too: what the engine writes has one) are not parsed."""
+    if data.count(b"{") + data.count(b"[") > MAX_JSON_BRACKETS:
+        return {}
     try:
         body = json.loads(data)
     except ValueError:
-        return None
-    if not isinstance(body, dict):
-        return None
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def parse_instance(data: bytes) -> tuple[str, str] | None:
+    """(instance, address) of an instance event's data; None if it is not one."""
+    body = json_object(data)
     instance, address = body.get("instance"), body.get("address")
     if (not isinstance(instance, str) or not isinstance(address, str) or not instance
             or not 0 < len(address.encode()) <= MAX_ADDRESS_BYTES or ":" not in address):
@@ -234,11 +249,7 @@ def activation_event(group: str, output_version: int) -> pb.ProposedEvent:
 def parse_activation(data: bytes) -> int | None:
     """The output version an activation's data names; None if it names none (not a JSON
     object whose ``output_version`` is an integer in 1..MAX_OUTPUT_VERSION)."""
-    try:
-        body = json.loads(data)
-    except (ValueError, RecursionError):  # RecursionError: nested past the parser's depth
-        return None
-    version = body.get("output_version") if isinstance(body, dict) else None
+    version = json_object(data).get("output_version")
     if type(version) is not int or not 1 <= version <= MAX_OUTPUT_VERSION:
         return None
     return version

@@ -546,6 +546,36 @@ def test_switchover_marker_holds_emission_until_released() -> None:
     assert log.committed_blobs() == reference(log)
 
 
+def test_deeply_nested_control_bodies_are_not_poison() -> None:
+    """json raises RecursionError past a depth that depends on the caller's stack: a
+    control (or an activation) nested that deep crashed every instance at the same input,
+    after every restart. Such a body is read as {} everywhere, as any unreadable one: no
+    activation, and the inputs after it are processed as in a log without it."""
+    deep = "[" * 100_000 + "]" * 100_000
+    log = Log()
+    cmds = random_commands(11, 40)
+    for cmd in cmds[:20]:
+        log.add_input(cmd)
+    log.add_control(wire.SNAPSHOT_REQUEST_TYPE, deep)
+    log.add_control(wire.ACTIVATE_TYPE, '{"output_version": 2, "x": ' + deep + "}")
+    for cmd in cmds[20:]:
+        log.add_input(cmd)
+    c = Consumer(GROUP)
+    for r in log.records:
+        feed(c, r)
+    assert not c.alarm and c.position == len(log.records)
+    assert c.engine.output_version == 1 and c.controls[0].body == {}
+    assert commit_all(c, log) and log.committed_blobs() == reference(log)
+    # A switchover marker whose body is unreadable holds emission after it, as before,
+    # naming no target.
+    marker = Consumer(GROUP)
+    marker.on_input(1, wire.SWITCHOVER_TYPE, ('{"to": "b", "x": ' + deep + "}").encode(), 0)
+    assert marker.controls[0].body == {} and marker.hold_after == 1
+    assert marker.handover_to == ""
+    assert wire.parse_instance(('{"instance": "a", "address": "h:1", "x": ' + deep + "}")
+                               .encode()) is None
+
+
 def test_snapshot_restore_equals_full_replay() -> None:
     log = Log()
     for cmd in random_commands(10, 300):
