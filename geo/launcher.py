@@ -39,6 +39,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
 import secrets
@@ -59,6 +60,7 @@ import grpc
 from engine.wire import exchange_principals
 from geo.config import ClusterConfig, ConfigError, Member, etcd_access, load, load_tls
 from geo.etcd_server import EtcdCluster, EtcdTls, free_ports, health
+from geo.fence_wait import ROLE as FENCING
 from geo.leadership import (
     EtcdAccess,
     Leadership,
@@ -77,6 +79,8 @@ from xdc.tls import Identity, Tls, aio_channel
 from xdc.v1 import replication_pb2 as rpb
 from xdc.v1 import replication_pb2_grpc as rpb_grpc
 
+log = logging.getLogger("xdc.launcher")
+
 # Children started by this process, so that a stopped one is reaped (no zombie left).
 _children: dict[int, subprocess.Popen[bytes]] = {}
 # The etcd this process started, per cluster directory (for restarts in drills and tests).
@@ -85,6 +89,11 @@ _etcd: dict[str, EtcdCluster] = {}
 REGION_NAMES = ["us-east", "eu-west", "ap-south", "us-west", "sa-east", "eu-north", "ap-east"]
 DEFAULT_DIR = "run/cluster"
 READY_TIMEOUT_S = 30.0
+# `up` on an earlier run's data records its members in the new etcd before any node
+# starts: failed calls are retried for this long, waiting this long between tries
+# (doubling from the first value to the second).
+RECORD_MEMBERS_S = 30.0
+RECORD_RETRY_S = (0.1, 2.0)
 # The shortest lease `up` accepts: the cluster TOML's floor (geo/config.py refuses a
 # lease_ttl_s below 1 s). The launcher's etcd grants it as asked: etcd's minimum TTL is
 # 1.5 election timeouts, here 1.5 x etcd_server.ELECTION_TIMEOUT_MS (0.45 s), not the
@@ -621,7 +630,8 @@ def _up(directory: str, regions: int, rtt_ms: float, failover: str, standbys: in
     return state
 
 
-async def _record_earlier_members(state: ClusterState, marked: set[str]) -> list[str]:
+async def _record_earlier_members(state: ClusterState, marked: set[str],
+                                  deadline_s: float = RECORD_MEMBERS_S) -> list[str]:
     """Records in the new etcd that the members of the earlier run joined, before any
     starts: the cluster ran in this directory under an etcd whose data is gone (a new one
     runs), and its records that each member joined went with it. Without them a voter
@@ -633,13 +643,33 @@ async def _record_earlier_members(state: ClusterState, marked: set[str]) -> list
     recorded only when at least n - quorum + 1 voters' logs say so: a recorded voter with
     an empty log waits for that many answers, and the logs are what answer (with fewer,
     a majority lost its data or never joined, which no fence can make safe; recorded,
-    they would wait for each other for good). Else only the marked ones."""
+    they would wait for each other for good). Else only the marked ones.
+
+    etcd has just started: a call that fails (a timeout, a connection not yet made) is
+    retried, with backoff, for up to `deadline_s`; then LeadershipError, and `up` starts
+    no node (nothing is left unrecorded and running)."""
     voters = [n for n in state.nodes if n.voter]
     everyone = sum(n.id in marked for n in voters) >= fence_answers(len(voters))
+    infos = {n.id: member_info(n) for n in state.nodes if everyone or n.id in marked}
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + deadline_s
+    delay = RECORD_RETRY_S[0]
     lead = _leadership(state, "xdc-launcher")
     try:
-        return await lead.record_members({n.id: member_info(n) for n in state.nodes
-                                          if everyone or n.id in marked})
+        while True:
+            try:
+                return await lead.record_members(infos)
+            except LeadershipError as exc:
+                if loop.time() + delay > deadline:
+                    raise LeadershipError(
+                        f"could not record in etcd ({', '.join(state.etcd_endpoints)}) that "
+                        f"the earlier run's members joined within {deadline_s:g} s ({exc}): "
+                        "no node was started (a voter whose data is gone would have "
+                        "started as a new voter)") from exc
+                log.warning("recording the earlier run's members (%s) in etcd failed, "
+                            "retrying in %.1f s: %s", ", ".join(infos), delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, RECORD_RETRY_S[1])
     finally:
         await lead.close()
 
@@ -1049,7 +1079,7 @@ def _describe(st: rpb.NodeStatus) -> str:
 def _candidates(sts: dict[str, rpb.NodeStatus | None], exclude: str) -> str:
     """The other voters that answer and could lead, most up-to-date first."""
     able = sorted(((k, s) for k, s in sts.items() if s is not None and k != exclude
-                   and s.voter and s.role != "rejoining"),
+                   and s.voter and s.role not in ("rejoining", FENCING)),
                   key=lambda kv: (-kv[1].last_position, kv[0]))
     return ", ".join(f"{k} (last {s.last_position}, commit {s.commit_position})"
                      for k, s in able) or "none answers"
@@ -1086,6 +1116,12 @@ async def check_candidate(target: Target, n: NodeProc | Member,
         raise PromotionRefused(
             f"promote {n.id} refused: it answers as a non-voter ({st.role}) and cannot "
             f"lead; voters that answer: {_candidates(sts, n.id)}")
+    if st.role == FENCING:
+        raise PromotionRefused(
+            f"promote {n.id} refused: it lost its disk and waits for the promised terms "
+            f"of {', '.join(st.fence_waiting_for)} before it can be fenced: it neither "
+            f"campaigns nor votes (--force does not change that). Bring those voters "
+            f"back, or promote a voter that is whole: {_candidates(sts, n.id)}")
     if st.role == "rejoining":
         raise PromotionRefused(
             f"promote {n.id} refused: it is rejoining after a lost disk (fenced at term "
@@ -1370,6 +1406,14 @@ async def set_failover(target: Target, mode: str) -> None:
         await lead.close()
 
 
+def fencing_role(st: rpb.NodeStatus) -> str:
+    """The role column of a voter waiting for its fence: whom it waits for."""
+    more = st.fence_needed - len(st.fence_answered)
+    return (f"{FENCING}: lost disk, waiting for the promised terms of {more} more of "
+            f"{', '.join(st.fence_waiting_for)} (answered: "
+            f"{', '.join(st.fence_answered) or 'none'})")
+
+
 def format_status(target: Target, sts: dict[str, Answer],
                   seat: SeatView | str | None = None,
                   wan: dict[str, str] | str | None = None) -> str:
@@ -1397,6 +1441,10 @@ def format_status(target: Target, sts: dict[str, Answer],
             suffix = " (down)" if gone else ""
             rows.append((n.id, n.region, n.client, "unreachable" + suffix, "-", "-", "-", "-",
                          "-", pid))
+            continue
+        if st.role == FENCING:  # a voter that lost its disk, up, waiting for its peers
+            rows.append((n.id, n.region, n.client, fencing_role(st), "-", "-", "-", "-", "-",
+                         pid))
             continue
         p = lag.get(n.id)
         role = st.role + (" (open)" if st.open else "")

@@ -25,7 +25,8 @@ leader was ever elected (or another voter promised a term: etcd may have lost it
 of the leader), lost its disk (replaced disk, rebuilt region): it may have promised and
 acknowledged things it no longer holds. It starts rejoining (geo/replication/core.py,
 "Wiped voters"): it asks the other voters for their promised terms (the pre-check's Tip
-RPC) and waits, serving nothing, until n - quorum + 1 of them answered (n voters); with
+RPC) and waits, serving nothing but its status (role "fencing", naming the voters it
+waits for: geo/fence_wait.py), until n - quorum + 1 of them answered (n voters); with
 the mark it then persists promised_term = rejoin_term = F = max(etcd's revision, their
 promises) + 1, then catches up from the leader without voting, campaigning or counting
 for commit, and votes again once it holds a committed record of a term >= F. etcd's
@@ -58,6 +59,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2
 
+from geo import fence_wait
 from geo import tiers as tiers_mod
 from geo.config import ClusterConfig, ConfigError, etcd_access, load_tls
 from geo.leadership import Leadership, LeadershipError, member_info
@@ -97,6 +99,7 @@ from store.limits import Limits
 from store.log import Log
 from store.node import StoreNode
 from store.server import StoreServer
+from store.service import AUTH_RULES
 from store.writer import Results
 from xdc import telemetry
 from xdc.tls import aio_channel
@@ -117,6 +120,10 @@ TIP_TIMEOUT_S = 0.5
 # A switchover target must have been heard from this recently (it answers every
 # heartbeat, each tick): a dead one's stale acknowledgement is no proof it can lead.
 SWITCHOVER_HEARD_S = 1.0
+# A switchover's designation older than this fraction of its lease when the target has
+# caught up is written again before the leader resigns: what is left of it must outlast
+# the resignation and the target's campaign (a long catch-up outlived the first one).
+DESIGNATION_RENEW_AFTER = 0.5
 # A rejoining node logs its catch-up at most this often.
 REJOIN_LOG_EVERY_S = 5.0
 # A voter that lost its disk asks the other voters for their promises again after this
@@ -336,42 +343,58 @@ class ClusterNode:
         others of 3, 3 of the 4 others of 5), asked with the Tip RPC until that many
         answered, the answers of every round counted (promises only grow). Why that many: core's
         docstring, "Wiped voters". Waits as long as it takes, saying whom it waits for:
-        with fewer of them reachable nothing can commit anyway. SIGTERM and SIGINT stop
-        the process meanwhile (_stop_on_signals): nothing was written or served yet."""
+        with fewer of them reachable nothing can commit anyway. Meanwhile the client port
+        answers Status with that (role "fencing") and refuses everything else
+        (geo/fence_wait.py): nothing is voted, acknowledged or served. SIGTERM and SIGINT
+        stop the process meanwhile (_stop_on_signals): nothing was written yet."""
         others = [m.id for m in self.config.voters if m.id != self.id]
-        need = min(len(others), fence_answers(len(self.config.voters)))
-        answered: dict[str, int] = {}
+        wait = fence_wait.FenceWait(self.id, self.member.region, others,
+                                    min(len(others), fence_answers(len(self.config.voters))))
         loop = asyncio.get_running_loop()
         delay, logged, said = FENCE_RETRY_S[0], -math.inf, None
         log.warning("%s: LOST DISK? the data directory is empty and unmarked, and this "
                     "member joined before: asking the other voters for their promised "
-                    "terms (%d of %s needed) before it can be fenced", self.id, need,
+                    "terms (%d of %s needed) before it can be fenced", self.id, wait.needed,
                     ", ".join(others))
         with self._stop_on_signals():
-            while True:
-                for peer, r in (await self._peer_tips()).items():
-                    # A node answering for another (a wrong route) is not counted, nor a
-                    # promise below the answerer's own last term: a node too old to report
-                    # its promise answers 0.
-                    if r is None or r.node_id != peer or r.promised_term < r.last_term:
-                        continue
-                    answered[peer] = max(answered.get(peer, 0), r.promised_term)
-                if len(answered) >= need:
-                    promised = max(answered.values(), default=0)
-                    log.info("%s: promised terms of the other voters: %s (highest %d)",
-                             self.id, answered, promised)
-                    return promised
-                missing = [p for p in others if p not in answered]
-                now = loop.time()
-                if (sorted(answered), missing) != said or now - logged >= FENCE_LOG_EVERY_S:
-                    said, logged = (sorted(answered), missing), now
-                    log.warning("%s: LOST DISK: waiting for the promised terms of %d more "
-                                "of the other voters before it can be fenced; answered: "
-                                "%s; waiting for: %s (unreachable or not serving)", self.id,
-                                need - len(answered), ", ".join(sorted(answered)) or "none",
-                                ", ".join(missing))
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, FENCE_RETRY_S[1])
+            async with self._serving_fence_wait(wait):
+                while True:
+                    for peer, r in (await self._peer_tips()).items():
+                        # A node answering for another (a wrong route) is not counted, nor
+                        # a promise below the answerer's own last term: a node too old to
+                        # report its promise answers 0.
+                        if r is None or r.node_id != peer or r.promised_term < r.last_term:
+                            continue
+                        wait.answered[peer] = max(wait.answered.get(peer, 0), r.promised_term)
+                    if wait.done:
+                        promised = max(wait.answered.values(), default=0)
+                        log.info("%s: promised terms of the other voters: %s (highest %d)",
+                                 self.id, wait.answered, promised)
+                        return promised
+                    now = loop.time()
+                    if (sorted(wait.answered), wait.missing) != said \
+                            or now - logged >= FENCE_LOG_EVERY_S:
+                        said, logged = (sorted(wait.answered), wait.missing), now
+                        log.warning("%s: LOST DISK: waiting for the promised terms of %d more "
+                                    "of the other voters before it can be fenced; answered: "
+                                    "%s; waiting for: %s (unreachable or not serving)",
+                                    self.id, wait.needed - len(wait.answered),
+                                    ", ".join(sorted(wait.answered)) or "none",
+                                    ", ".join(wait.missing))
+                    await asyncio.sleep(delay)
+                    delay = min(2 * delay, FENCE_RETRY_S[1])
+
+    def _serving_fence_wait(self, wait: fence_wait.FenceWait
+                            ) -> contextlib.AbstractAsyncContextManager[None]:
+        """The client port while `wait` lasts (geo/fence_wait.py), with this node's TLS
+        and, with an auth file, the same rules as its server's."""
+        secure = self.tls is not None
+        guard = (auth.Guard(self.auth, {**AUTH_RULES, **auth_rules(secure),
+                                        **self.supervisor.auth_rules})
+                 if self.auth is not None else None)
+        return fence_wait.serving(wait, address=self.member.client, cluster=self.config.cluster,
+                                  members={m.id for m in self.config.members}, tls=self.tls,
+                                  limits=self.store.limits, guard=guard)
 
     @contextlib.contextmanager
     def _stop_on_signals(self) -> Iterator[None]:
@@ -842,7 +865,7 @@ class ClusterNode:
             self._peers_promised = max(self._peers_promised,
                                        _highest_promise(await self._peer_tips()))
         with contextlib.suppress(Exception):
-            await self.leadership.designate(self.id, max(2, 2 * self.config.lease_ttl_s))
+            await self.leadership.designate(self.id, designation_ttl_s(self.config.lease_ttl_s))
         # Handed over to itself: no leader was lost, so its next term is a handover (the
         # tiers' planned window), not a failover.
         await self._resign_quietly(term, handover_to=self.id)
@@ -882,7 +905,10 @@ class ClusterNode:
         """Planned handover to `target`: designate it in etcd (so nobody else campaigns),
         stop taking writes (they are redirected to the target), wait until everything this
         leader appended is committed and held by the target, then step down and resign.
-        The target, designated, campaigns at once and has the whole log."""
+        The target, designated, campaigns at once and has the whole log. The designation
+        has a lease of its own (designation_ttl_s): a catch-up that took more than
+        DESIGNATION_RENEW_AFTER of it writes it again before the resignation, so that it
+        stands while the seat is vacant. A failed or cancelled switchover clears it."""
         assert self.replicator is not None and self.store.commit is not None
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
@@ -897,9 +923,10 @@ class ClusterNode:
                                   f"{self.id} is not the open leader, or is the target "
                                   f"(leader: {self.store.role.leader or 'unknown'})")
         # The designation is written while the target catches up (both take round
-        # trips); it must exist before the resignation below, not before the wait.
-        designation = asyncio.ensure_future(
-            self.leadership.designate(target, max(2, 2 * self.config.lease_ttl_s)))
+        # trips); it must stand at the resignation below, not before the wait.
+        ttl_s = designation_ttl_s(self.config.lease_ttl_s)
+        designated_at = time.monotonic()  # its lease ends no earlier than this + ttl_s
+        designation = asyncio.ensure_future(self.leadership.designate(target, ttl_s))
         self.replicator.redirect_to = target
         try:
             while True:
@@ -921,7 +948,26 @@ class ClusterNode:
                            else "") + f"): {self.id} keeps leading")
                 await asyncio.sleep(0.002)
             caught_up = time.perf_counter()
-            await designation
+            try:
+                # Shielded: cancelled, its etcd call would go on in a thread and could
+                # land after the clean-up below deleted the designation.
+                await asyncio.shield(designation)
+                if time.monotonic() - designated_at > DESIGNATION_RENEW_AFTER * ttl_s:
+                    # The catch-up took much of the designation's lease (the target was
+                    # cut off, or far behind): it could expire before the target
+                    # campaigns, and every voter would then campaign for the seat this
+                    # leader vacates. Written again with a fresh lease; a quick
+                    # switchover (the common case) makes no extra round trip.
+                    log.info("%s: switchover to %s: the target caught up %.1f s after its "
+                             "designation (lease %d s): designating it again", self.id,
+                             target, time.monotonic() - designated_at, ttl_s)
+                    designation = asyncio.ensure_future(
+                        self.leadership.designate(target, ttl_s))
+                    await asyncio.shield(designation)
+            except LeadershipError as exc:
+                raise SwitchoverError(grpc.StatusCode.UNAVAILABLE,
+                                      f"{target} could not be designated in etcd ({exc}): "
+                                      f"{self.id} keeps leading") from exc
             designated = time.perf_counter()
             handover = st.last_position
             self._planned_until = time.monotonic() + PARK_MAX_S
@@ -946,9 +992,10 @@ class ClusterNode:
                 await self.leadership.wait_change(current[1] if current else None,
                                                   timeout_s=max(0.01, deadline - loop.time()))
         except BaseException:
-            designation.cancel()
+            # Not cancelled: its etcd call would go on in a thread, and a designation
+            # written after the clearing below would outlive the failed switchover.
             with contextlib.suppress(BaseException):
-                await designation
+                await asyncio.shield(designation)
             # A vacant seat the target did not take is this node's again: it won the key
             # last (_may_campaign), in manual failover mode too.
             await self.leadership.clear_designation()
@@ -958,6 +1005,12 @@ class ClusterNode:
         return rpb.SwitchoverResponse(new_leader=target, new_term=current[1],
                                       took_us=int((time.perf_counter() - t0) * 1e6),
                                       handover_position=handover)
+
+
+def designation_ttl_s(lease_ttl_s: int) -> int:
+    """The lease of a switchover's designation: twice the leader lease's TTL (at least
+    2 s), time for the old leader to resign and the target to campaign."""
+    return max(2, 2 * lease_ttl_s)
 
 
 def _highest_promise(tips: dict[str, rpb.TipResponse | None]) -> int:

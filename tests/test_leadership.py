@@ -632,6 +632,49 @@ def test_record_members_writes_only_missing_keys(etcd: EtcdCluster) -> None:
     run(body())
 
 
+def test_up_records_the_earlier_members_through_a_moment_of_unreachable_etcd(
+        etcd: EtcdCluster, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`up` on an earlier run's data records its members in the new etcd, just started,
+    before any node starts (launcher._record_earlier_members). One failed call (here:
+    etcd reached through a proxy that resets every connection for a moment) failed the
+    whole `up`; it is retried, said in the log, until etcd answers (within a bound)."""
+    import logging
+
+    from geo import launcher
+    from geo.config import load
+    from geo.proxy import Link
+    from tests.support.cluster import cluster_toml
+
+    caplog.set_level(logging.WARNING, logger="xdc.launcher")
+
+    def retried() -> bool:
+        return any(r.name == "xdc.launcher" and "retrying" in r.getMessage()
+                   for r in caplog.records)
+
+    async def body() -> None:
+        async with Link("etcd", etcd.endpoints[0]) as link:
+            toml = tmp_path / "cluster.toml"
+            toml.write_text(cluster_toml("t", [link.address], ["us-east", "eu-west", "ap-south"],
+                                         tmp_path))
+            config = load(toml)
+            state = launcher.ClusterState(
+                directory=str(tmp_path), cluster="t", config=str(toml),
+                etcd_endpoints=[link.address], etcd_pids=[],
+                nodes=[launcher.NodeProc(m.id, m.region, m.client, m.peer, m.voter,
+                                         str(m.data_dir)) for m in config.members])
+            ids = sorted(m.id for m in config.members)
+            link.partition("reset")
+            recording = asyncio.ensure_future(launcher._record_earlier_members(state, set(ids)))
+            await until(lambda: recording.done() or retried(), 15, "a failed attempt")
+            link.heal()
+            assert sorted(await asyncio.wait_for(recording, 30)) == ids
+        host, port = etcd.endpoints[0].rsplit(":", 1)
+        with etcd3.client(host, int(port), timeout=2) as raw:
+            keys = sorted(m.key.decode() for _, m in raw.get_prefix("/t/members/"))
+        assert keys == [f"/t/members/{i}" for i in ids]
+    run(body())
+
+
 def test_designate_promote_and_failover_mode_round_trips(etcd: EtcdCluster) -> None:
     async def body() -> None:
         a, b = await nodes(etcd, "a", "b")

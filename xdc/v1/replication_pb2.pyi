@@ -144,7 +144,7 @@ class PeerProgress(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., voter: _Optional[bool] = ..., match: _Optional[int] = ..., lag: _Optional[int] = ..., in_sync: _Optional[bool] = ..., connected: _Optional[bool] = ..., rejoining: _Optional[bool] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node_id", "region", "role", "open", "term", "promised_term", "commit_position", "last_position", "durable_position", "leader", "peers", "voter", "rejoin_term", "leader_commit")
+    __slots__ = ("node_id", "region", "role", "open", "term", "promised_term", "commit_position", "last_position", "durable_position", "leader", "peers", "voter", "rejoin_term", "leader_commit", "fence_needed", "fence_answered", "fence_waiting_for")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +159,9 @@ class NodeStatus(_message.Message):
     VOTER_FIELD_NUMBER: _ClassVar[int]
     REJOIN_TERM_FIELD_NUMBER: _ClassVar[int]
     LEADER_COMMIT_FIELD_NUMBER: _ClassVar[int]
+    FENCE_NEEDED_FIELD_NUMBER: _ClassVar[int]
+    FENCE_ANSWERED_FIELD_NUMBER: _ClassVar[int]
+    FENCE_WAITING_FOR_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     region: str
     role: str
@@ -173,7 +176,10 @@ class NodeStatus(_message.Message):
     voter: bool
     rejoin_term: int
     leader_commit: int
-    def __init__(self, node_id: _Optional[str] = ..., region: _Optional[str] = ..., role: _Optional[str] = ..., open: _Optional[bool] = ..., term: _Optional[int] = ..., promised_term: _Optional[int] = ..., commit_position: _Optional[int] = ..., last_position: _Optional[int] = ..., durable_position: _Optional[int] = ..., leader: _Optional[str] = ..., peers: _Optional[_Iterable[_Union[PeerProgress, _Mapping]]] = ..., voter: _Optional[bool] = ..., rejoin_term: _Optional[int] = ..., leader_commit: _Optional[int] = ...) -> None: ...
+    fence_needed: int
+    fence_answered: _containers.RepeatedScalarFieldContainer[str]
+    fence_waiting_for: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_id: _Optional[str] = ..., region: _Optional[str] = ..., role: _Optional[str] = ..., open: _Optional[bool] = ..., term: _Optional[int] = ..., promised_term: _Optional[int] = ..., commit_position: _Optional[int] = ..., last_position: _Optional[int] = ..., durable_position: _Optional[int] = ..., leader: _Optional[str] = ..., peers: _Optional[_Iterable[_Union[PeerProgress, _Mapping]]] = ..., voter: _Optional[bool] = ..., rejoin_term: _Optional[int] = ..., leader_commit: _Optional[int] = ..., fence_needed: _Optional[int] = ..., fence_answered: _Optional[_Iterable[str]] = ..., fence_waiting_for: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SwitchoverRequest(_message.Message):
     __slots__ = ("target", "timeout_ms")

@@ -1,0 +1,189 @@
+"""A planned switchover's designation must stand when the leader resigns, however long
+the target took to catch up (geo/node.py `ClusterNode.switchover`): three nodes in one
+process (real etcd, real LMDB, real gRPC on loopback), every peer link through the
+fault-injecting proxy (geo/proxy.py) so that the target can be cut off from the leader."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import etcd3
+import pytest
+
+from geo.node import ClusterNode, designation_ttl_s
+from geo.proxy import ProxyServer
+from store.client import StoreClient, new_event
+from tests.support.cluster import LocalCluster
+from tests.support.etcd import EtcdCluster
+from tests.support.store import run, wait_until
+
+
+@contextlib.asynccontextmanager
+async def proxied_cluster(etcd: EtcdCluster, base: Path) -> AsyncIterator[
+        tuple[LocalCluster, ProxyServer]]:
+    """Every node started, each sending to each peer through its own proxy link
+    ("<from>-><to>"); nodes and links stopped on the way out."""
+    cluster = LocalCluster.make(etcd.endpoints, base)
+    members = cluster.config.members
+    proxy = ProxyServer(seed=61, control=None)
+    for a in members:
+        for b in members:
+            if a.id != b.id:
+                proxy.add_link(f"{a.id}->{b.id}", b.peer)
+    async with proxy:
+        try:
+            for m in members:
+                routes = {b.id: proxy.links[f"{m.id}->{b.id}"].address
+                          for b in members if b.id != m.id}
+                node = ClusterNode(cluster.config, m.id, tick_s=0.05, routes=routes)
+                await node.start()
+                cluster.nodes[m.id] = node
+            yield cluster, proxy
+        finally:
+            await cluster.stop()
+
+
+def _etcd_client(etcd: EtcdCluster) -> Any:
+    host, port = etcd.endpoints[0].rsplit(":", 1)
+    return etcd3.client(host, int(port), timeout=5)
+
+
+def designation_at_resignation(etcd: EtcdCluster, cluster: str = "t") -> tuple[str, str | None]:
+    """(the node the last resignation handed over to, the designation etcd held at that
+    revision), read from etcd's history: the resignation wrote the handover key and
+    deleted the leader key in one transaction; the winning campaign after it deleted the
+    handover key when it created the leader key again."""
+    prefix = f"/{cluster}/"
+    with _etcd_client(etcd) as c:
+        leader = c.get_response(prefix + "leader")
+        assert leader.count == 1, "no leader key"
+        created = int(leader.kvs[0].create_revision)
+        handover = c.get_response(prefix + "handover", revision=created - 1)
+        assert handover.count == 1, "the resignation before this term recorded no handover"
+        resigned_at = int(handover.kvs[0].mod_revision)
+        assert c.get_response(prefix + "leader", revision=resigned_at - 1).count == 1
+        assert c.get_response(prefix + "leader", revision=resigned_at).count == 0, \
+            "the handover was not written with the leader key's deletion"
+        designated = c.get_response(prefix + "designated", revision=resigned_at)
+        return (handover.kvs[0].value.decode(),
+                designated.kvs[0].value.decode() if designated.count else None)
+
+
+def test_a_switchover_whose_target_catches_up_after_the_designation_expired_hands_over(
+        etcd: EtcdCluster, tmp_path: Path) -> None:
+    """The target is cut off from the leader (its inbound link black-holed) while the
+    switchover, with a long timeout, waits for it; the first designation's lease
+    (twice the TTL) runs out meanwhile. Healed, the target catches up and the leader
+    resigns: the designation must stand at that moment, or every voter may campaign and
+    another than the target win (the switchover then said the target "did not take the
+    leader key" and that the old leader "takes the seat back", with a third node leading).
+    Before, the designation was written once, at the start: etcd held none when the
+    leader key was deleted."""
+    async def body() -> None:
+        async with proxied_cluster(etcd, tmp_path) as (cluster, proxy):
+            old = await cluster.leader()
+            target = sorted(m for m in cluster.nodes if m != old.id)[0]
+            async with StoreClient(old.address, timeout_s=10) as client:
+                await client.append("orders", new_event("Placed", b"before"))
+            await cluster.converged()
+            link = proxy.links[f"{old.id}->{target}"]
+            link.partition("blackhole")
+            async with StoreClient(old.address, timeout_s=10) as client:
+                behind = [await client.append("orders", new_event("Placed", b"%d" % i))
+                          for i in range(5)]  # committed by the leader and the third voter
+
+            async def designated() -> str | None:
+                return await old.leadership.designated()
+
+            switchover = asyncio.ensure_future(old.switchover(target, timeout_s=60))
+            try:
+                await wait_until(lambda: _is(designated(), target), 10,
+                                 "the target designated")
+                await wait_until(lambda: _is(designated(), None),
+                                 designation_ttl_s(cluster.config.lease_ttl_s) + 10,
+                                 "the first designation's lease to run out")
+                assert not switchover.done(), switchover
+                assert cluster.nodes[target].store.log.last_position \
+                    < behind[-1].last_position, "the target was not behind"
+                link.heal()
+                resp = await asyncio.wait_for(asyncio.shield(switchover), 30)
+            finally:
+                if not switchover.done():
+                    switchover.cancel()
+                with contextlib.suppress(BaseException):
+                    await switchover
+            assert resp.new_leader == target
+            assert resp.handover_position >= behind[-1].last_position
+            handed_to, standing = await asyncio.to_thread(designation_at_resignation, etcd)
+            assert (handed_to, standing) == (target, target), \
+                "the designation was not in etcd when the leader key was deleted"
+            new = await cluster.leader(exclude=(old.id,))
+            assert new.id == target and new.store.role.term == resp.new_term
+            assert await new.leadership.designated() is None  # consumed by its campaign
+            async with StoreClient(new.address, timeout_s=10) as client:
+                got = await client.read("orders", limit=100)
+            assert [e.data for e in got] == [b"before"] + [b"%d" % i for i in range(5)]
+            await cluster.converged()
+
+    run(body, timeout_s=120)
+
+
+def test_a_cancelled_switchover_leaves_no_designation_behind(
+        etcd: EtcdCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A switchover cancelled while its designation is being written (a slow etcd: held
+    here until the designation is cleared, or 3 s) clears it once the write is done.
+    Before, the write was cancelled, which stops only the waiting, not the etcd call on
+    its thread: the designation landed after the clearing and outlived the failed
+    switchover for its whole lease, with no other voter allowed to campaign."""
+    async def body() -> None:
+        async with LocalCluster.running(etcd.endpoints, tmp_path) as cluster:
+            old = await cluster.leader()
+            target = sorted(m for m in cluster.nodes if m != old.id)[0]
+            lead = old.leadership
+            entered, written, cleared = threading.Event(), threading.Event(), threading.Event()
+            put, delete = lead._put, lead._delete
+
+            def slow_put(key: str, value: str, lease: int | None = None) -> None:
+                if key == lead.designated_key:
+                    entered.set()
+                    cleared.wait(3.0)  # the slow etcd: until the clearing, at most 3 s
+                put(key, value, lease)
+                if key == lead.designated_key:
+                    written.set()
+
+            def observed_delete(key: str) -> None:
+                delete(key)
+                if key == lead.designated_key:
+                    cleared.set()
+
+            monkeypatch.setattr(lead, "_put", slow_put)
+            monkeypatch.setattr(lead, "_delete", observed_delete)
+            # Deaf to the leader: the target never catches up, the switchover waits.
+            replicator = cluster.nodes[target].replicator
+            assert replicator is not None
+            deliver = replicator.deliver
+            monkeypatch.setattr(replicator, "deliver",
+                                lambda msgs: deliver([m for m in msgs if m.src != old.id]))
+            async with StoreClient(old.address, timeout_s=10) as client:
+                await client.append("orders", new_event("Placed", b"behind"))
+            switchover = asyncio.ensure_future(old.switchover(target, timeout_s=60))
+            await wait_until(entered.is_set, 10, "the designation's write under way")
+            switchover.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(switchover, 10)
+            assert cleared.is_set(), "the designation was not cleared"
+            await wait_until(written.is_set, 10, "the designation's write to end")
+            assert await lead.designated() is None, \
+                "the cancelled switchover's designation outlived it"
+            assert old.store.role.name == "leader" and lead.is_leader
+
+    run(body, timeout_s=60)
+
+
+async def _is(value: Any, expected: object) -> bool:
+    return await value == expected
