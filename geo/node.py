@@ -908,7 +908,8 @@ class ClusterNode:
         The target, designated, campaigns at once and has the whole log. The designation
         has a lease of its own (designation_ttl_s): a catch-up that took more than
         DESIGNATION_RENEW_AFTER of it writes it again before the resignation, so that it
-        stands while the seat is vacant. A failed or cancelled switchover clears it."""
+        stands while the seat is vacant. A failed or cancelled switchover clears it, once
+        its write has ended (_undo_designation)."""
         assert self.replicator is not None and self.store.commit is not None
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
@@ -991,20 +992,51 @@ class ClusterNode:
                                           f"{self.id} takes the seat back")
                 await self.leadership.wait_change(current[1] if current else None,
                                                   timeout_s=max(0.01, deadline - loop.time()))
-        except BaseException:
-            # Not cancelled: its etcd call would go on in a thread, and a designation
-            # written after the clearing below would outlive the failed switchover.
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(designation)
+        except BaseException as exc:
             # A vacant seat the target did not take is this node's again: it won the key
             # last (_may_campaign), in manual failover mode too.
-            await self.leadership.clear_designation()
+            if await self._undo_designation(designation, target) \
+                    and not isinstance(exc, asyncio.CancelledError):
+                raise asyncio.CancelledError() from exc
             raise
         finally:
             self.replicator.redirect_to = None
         return rpb.SwitchoverResponse(new_leader=target, new_term=current[1],
                                       took_us=int((time.perf_counter() - t0) * 1e6),
                                       handover_position=handover)
+
+    async def _undo_designation(self, designation: asyncio.Future[None], target: str) -> bool:
+        """Clears a failed switchover's designation once its write has ended. Neither etcd
+        call is cancelled with the switchover, nor waited for less because it was
+        cancelled (again) meanwhile: each goes on in a thread, and a designation written
+        after the clearing would outlive the failed switchover for its whole lease. Both
+        are bounded by the etcd client's timeout. A clearing that fails is logged, not
+        raised: the switchover's own error is what its caller must learn (the designation
+        then ends with its lease). Returns whether the caller was cancelled meanwhile."""
+        interrupted = await _outlast(designation)
+        clearing = asyncio.ensure_future(self.leadership.clear_designation())
+        interrupted = await _outlast(clearing) or interrupted
+        if not clearing.cancelled() and clearing.exception() is not None:
+            log.warning("%s: switchover to %s failed and its designation could not be "
+                        "cleared (it ends with its lease, %d s at most): %s", self.id,
+                        target, designation_ttl_s(self.config.lease_ttl_s),
+                        clearing.exception())
+        return interrupted
+
+
+async def _outlast(fut: asyncio.Future[Any]) -> bool:
+    """Waits until `fut` is done, however often the caller is cancelled meanwhile, and
+    never cancels it; its outcome is left in it (an exception counts as retrieved).
+    Returns whether the caller was cancelled meanwhile."""
+    interrupted = False
+    while not fut.done():
+        try:
+            await asyncio.wait((fut,))
+        except asyncio.CancelledError:
+            interrupted = True
+    if not fut.cancelled():
+        fut.exception()
+    return interrupted
 
 
 def designation_ttl_s(lease_ttl_s: int) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import etcd3
+import grpc
 import pytest
 
 from geo.node import ClusterNode, designation_ttl_s
@@ -187,3 +188,108 @@ def test_a_cancelled_switchover_leaves_no_designation_behind(
 
 async def _is(value: Any, expected: object) -> bool:
     return await value == expected
+
+
+def test_a_switchover_cancelled_again_while_it_cleans_up_leaves_no_designation_behind(
+        etcd: EtcdCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As above, but the switchover is cancelled again and again (a client's cancel, then
+    the server's stop) while it waits for its designation's write to end before clearing
+    it: each cancellation must leave that wait alone. Before, the second one ended it
+    (the wait swallowed it): the designation was cleared before its write landed, and
+    then stood for its whole lease after the failed switchover."""
+    async def body() -> None:
+        async with LocalCluster.running(etcd.endpoints, tmp_path) as cluster:
+            old = await cluster.leader()
+            target = sorted(m for m in cluster.nodes if m != old.id)[0]
+            lead = old.leadership
+            entered, written, cleared = threading.Event(), threading.Event(), threading.Event()
+            put, delete = lead._put, lead._delete
+
+            def slow_put(key: str, value: str, lease: int | None = None) -> None:
+                if key == lead.designated_key:
+                    entered.set()
+                    cleared.wait(3.0)  # the slow etcd: until the clearing, at most 3 s
+                put(key, value, lease)
+                if key == lead.designated_key:
+                    written.set()
+
+            def observed_delete(key: str) -> None:
+                delete(key)
+                if key == lead.designated_key:
+                    cleared.set()
+
+            monkeypatch.setattr(lead, "_put", slow_put)
+            monkeypatch.setattr(lead, "_delete", observed_delete)
+            replicator = cluster.nodes[target].replicator
+            assert replicator is not None
+            deliver = replicator.deliver
+            monkeypatch.setattr(replicator, "deliver",
+                                lambda msgs: deliver([m for m in msgs if m.src != old.id]))
+            async with StoreClient(old.address, timeout_s=10) as client:
+                await client.append("orders", new_event("Placed", b"behind"))
+            switchover = asyncio.ensure_future(old.switchover(target, timeout_s=60))
+            await wait_until(entered.is_set, 10, "the designation's write under way")
+            cancels = 0
+            while not switchover.done() and cancels < 2000:  # bounded: 20 s at most
+                switchover.cancel()
+                cancels += 1
+                await asyncio.sleep(0.01)  # the pace of the cancellations, not a wait
+            assert cancels > 1, "cancelled once only: nothing tested"
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(switchover, 10)
+            await wait_until(written.is_set, 10, "the designation's write to end")
+            assert cleared.is_set(), "the designation was not cleared"
+            assert await lead.designated() is None, \
+                "the cancelled switchover's designation outlived it"
+            assert old.store.role.name == "leader" and lead.is_leader
+            assert old.replicator is not None and old.replicator.redirect_to is None
+
+    run(body, timeout_s=60)
+
+
+def test_a_switchover_that_cannot_designate_its_target_answers_unavailable_naming_it(
+        etcd: EtcdCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """etcd refuses the designation's write, and then its clearing too (as it does when
+    it is unreachable): the switchover fails with UNAVAILABLE naming the designation, the
+    node keeps leading and takes writes again. Before, the failed clearing's
+    LeadershipError replaced that answer (gRPC then said UNKNOWN, "Unexpected error")."""
+    from geo.leadership import LeadershipError
+    from geo.transport import SwitchoverError
+
+    async def body() -> None:
+        async with LocalCluster.running(etcd.endpoints, tmp_path) as cluster:
+            old = await cluster.leader()
+            target = sorted(m for m in cluster.nodes if m != old.id)[0]
+            lead = old.leadership
+            put, delete = lead._put, lead._delete
+            refused: list[str] = []
+
+            def refuse(what: str) -> None:
+                refused.append(what)
+                raise LeadershipError(f"etcd 127.0.0.1:1: {what}: unavailable (injected)")
+
+            def failing_put(key: str, value: str, lease: int | None = None) -> None:
+                if key == lead.designated_key:
+                    refuse(f"write {key}")
+                put(key, value, lease)
+
+            def failing_delete(key: str) -> None:
+                if key == lead.designated_key:
+                    refuse(f"delete {key}")
+                delete(key)
+
+            monkeypatch.setattr(lead, "_put", failing_put)
+            monkeypatch.setattr(lead, "_delete", failing_delete)
+            with pytest.raises(SwitchoverError) as err:
+                await old.switchover(target, timeout_s=10)
+            assert err.value.code == grpc.StatusCode.UNAVAILABLE, err.value
+            assert f"{target} could not be designated in etcd" in str(err.value) \
+                and f"{old.id} keeps leading" in str(err.value), err.value
+            assert refused == [f"write {lead.designated_key}",
+                               f"delete {lead.designated_key}"], refused
+            assert old.store.role.name == "leader" and lead.is_leader
+            assert old.replicator is not None and old.replicator.redirect_to is None
+            async with StoreClient(old.address, timeout_s=10) as client:
+                await client.append("orders", new_event("Placed", b"after"))
+
+    run(body, timeout_s=60)
