@@ -81,8 +81,9 @@ What a run reports (seconds are from the fault; None: did not happen):
   own reads of the leader key: `leader_key_gone_after_kill_s` (the first read finding it
   gone, from the SIGKILL; negative: before it), `leader_key_held_after_kill_s` (the last
   read finding it held) and `leader_resigned` (leader_key_after_kill: gone within TTL/3
-  of the kill is a resignation, held past it is none, None when no read tells), which
-  must match `new_term_began` (a handover resigns, a killed leader's key expires);
+  of the kill is a resignation, held past it is none, None when no read tells): a new
+  term that says `handover` although the key was held past TTL/3 fails the run (nobody
+  resigned);
 * `hashes_agree`: every engine instance (killed ones restarted) reports the same
   input_position, chain_hash and state_hash with no alarm, and the group's outputs are
   exactly-once (engine.workload.check_exactly_once); `logs_identical`: the replicas'
@@ -1680,13 +1681,14 @@ def verdict(run: dict[str, Any]) -> bool:
 
 
 def term_began_contradicts_key(run: dict[str, Any]) -> bool:
-    """Whether the new term's account of itself (`new_term_began`) contradicts what the
-    drill saw of the killed leader's key: a handover whose leader never resigned (its key
-    expired), or an election after the leader resigned (its key deleted: it handed over).
-    Unknown (`leader_resigned` None) contradicts nothing."""
-    resigned, began = run.get("leader_resigned"), run.get("new_term_began")
-    return resigned is not None and began in ("handover", "election") and (
-        began == "handover") != resigned
+    """Whether the new term calls itself a handover (`new_term_began`) although the drill
+    saw the killed leader's key still held a third of a TTL after the kill: nobody
+    resigned, its lease expired. The other way round (key gone at once, yet an election)
+    is no contradiction: a leader also resigns without handing over when its lease
+    renewal falls behind (a stall just before the kill), and a handover record expires
+    unused when the target wins late. Unknown (`leader_resigned` None) contradicts
+    nothing."""
+    return run.get("leader_resigned") is False and run.get("new_term_began") == "handover"
 
 
 def failed(results: list[dict[str, Any]]) -> bool:
