@@ -42,6 +42,22 @@ _T = TypeVar("_T")
 # call of an instance gets STATUS_TIMEOUT_S.
 SWITCHOVER_TIMEOUT_S = 10.0
 STATUS_TIMEOUT_S = 2.0
+# What `engine status --group`, `switchover` and `activate` read of a group's instances
+# stream (all of it, newest first, up to this many events: an instance advertises once
+# per start and address) and how many instances they ask, the most recently advertised,
+# at most STATUS_CONCURRENCY at a time.
+MAX_ADVERTISEMENTS = 100_000
+MAX_INSTANCES_ASKED = 256
+STATUS_CONCURRENCY = 32
+
+
+def group_name(text: str) -> str:
+    """An engine group argument (argparse type): a bad one exits 2 naming the rule, not a
+    traceback (wire.check_group raised ValueError out of every engine command)."""
+    try:
+        return wire.check_group(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _group(args: argparse.Namespace) -> str:
@@ -115,20 +131,52 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 async def _status(addresses: list[str], tls: Tls | None,
                   token: str) -> list[xpb.EngineStatus | str]:
-    out: list[xpb.EngineStatus | str] = []
-    for a in addresses:
-        try:
-            out.append(await fetch_status(a, tls=tls, token=token))
-        except grpc.aio.AioRpcError as exc:
-            out.append(f"{a}: {exc.code().name} {exc.details()}")
-    return out
+    """Each address's status (or why none), in order; STATUS_CONCURRENCY asked at a time:
+    one after the other, every instance advertised and gone cost its timeout."""
+    asking = asyncio.Semaphore(STATUS_CONCURRENCY)
+
+    async def ask(a: str) -> xpb.EngineStatus | str:
+        async with asking:
+            try:
+                return await fetch_status(a, tls=tls, token=token)
+            except grpc.aio.AioRpcError as exc:
+                return f"{a}: {exc.code().name} {exc.details()}"
+    return list(await asyncio.gather(*(ask(a) for a in addresses)))
+
+
+async def advertised_instances(client: StoreClient, group: str) -> dict[str, str]:
+    """instance -> the address it advertised last, from the group's whole instances stream
+    (the most recently advertised last; at most MAX_INSTANCES_ASKED of them). An address
+    belongs to the instance that advertised it last (one address, one listener).
+
+    Not a gateway's EngineDirectory: its first look reads the stream's first 256 events
+    only (it reads on at each look), so an operator's command, which looks once, missed
+    every instance advertised after them (an instance restarted on a new port each time
+    makes one advertisement per start), and `engine activate` appended an activation
+    that an instance it never asked does not support."""
+    newest_first: dict[str, str] = {}
+    claimed: set[str] = set()
+    try:
+        async for batch in client.read_batches(wire.instances_stream(group), backwards=True,
+                                               limit=MAX_ADVERTISEMENTS):
+            for e in batch.events:
+                parsed = wire.parse_instance(e.data) if e.type == wire.INSTANCE_TYPE else None
+                if parsed is None:
+                    continue
+                name, address = parsed
+                if name not in newest_first and address not in claimed:
+                    newest_first[name] = address
+                claimed.add(address)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() != grpc.StatusCode.NOT_FOUND:  # NOT_FOUND: none advertised yet
+            raise
+    return dict(reversed(list(newest_first.items())[:MAX_INSTANCES_ASKED]))
 
 
 async def _advertised(store: str, group: str, tls: Tls | None, token: str) -> list[str]:
-    from engine.matching_health import EngineDirectory
     client = StoreClient(store.split(","), tls=tls, token=token)
     try:
-        return await EngineDirectory(client, [group], timeout_s=STATUS_TIMEOUT_S).addresses()
+        return list(reversed((await advertised_instances(client, group)).values()))
     finally:
         await client.close()
 
@@ -170,13 +218,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         if not (args.group and args.store):
             print("xdc engine status: --group and --store go together", file=sys.stderr)
             return 2
-        group = wire.check_group(args.group)
-        found = asyncio.run(_advertised(args.store, group, tls, args.token))
+        group = args.group
+        try:
+            found = asyncio.run(_advertised(args.store, group, tls, args.token))
+            # What the log has put in force: an instance shows the version after its own
+            # input position (older while it catches up; 0 in a release before versions).
+            extra["group_output_version"] = asyncio.run(
+                _group_output_version(args.store, group, tls, args.token))
+        except grpc.aio.AioRpcError as exc:
+            print(f"xdc engine status: the store ({args.store}): {exc.code().name}: "
+                  f"{exc.details()}", file=sys.stderr)
+            return 1
         addresses = list(dict.fromkeys([*addresses, *found]))
-        # What the log has put in force: an instance shows the version after its own
-        # input position (older while it catches up; 0 in a release before versions).
-        extra["group_output_version"] = asyncio.run(
-            _group_output_version(args.store, group, tls, args.token))
     if not addresses:
         print("xdc engine status: no instance to ask (--engine, or --group with --store: "
               "none advertised)", file=sys.stderr)
@@ -240,17 +293,19 @@ def _unable(st: xpb.EngineStatus) -> str:
 
 async def _instances(client: StoreClient, group: str, tls: Tls | None,
                      token: str) -> list[_Instance]:
-    from engine.matching_health import EngineDirectory
-    found = await EngineDirectory(client, [group], timeout_s=STATUS_TIMEOUT_S).instances()
+    """Every instance the group advertised (``advertised_instances``) with its answer."""
+    found = await advertised_instances(client, group)
+    asking = asyncio.Semaphore(STATUS_CONCURRENCY)
 
     async def ask(name: str, address: str) -> _Instance:
-        try:
-            return _Instance(name, address, await fetch_status(
-                address, STATUS_TIMEOUT_S, tls=tls, token=token, brief=True))
-        except grpc.aio.AioRpcError as exc:
-            return _Instance(name, address, None, f"{exc.code().name} {exc.details()}")
+        async with asking:
+            try:
+                return _Instance(name, address, await fetch_status(
+                    address, STATUS_TIMEOUT_S, tls=tls, token=token, brief=True))
+            except grpc.aio.AioRpcError as exc:
+                return _Instance(name, address, None, f"{exc.code().name} {exc.details()}")
     return list(await asyncio.gather(*(ask(name, address)
-                                       for (_, name), address in found.items())))
+                                       for name, address in found.items())))
 
 
 def _handover_check(group: str, to: str, instances: list[_Instance]) -> _Instance | None:
@@ -579,7 +634,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     r = esub.add_parser("run", help="run one engine instance of a group")
     r.add_argument("--store", required=True, help="store address(es), comma-separated")
-    r.add_argument("--group", help="engine group (or --exchange with --symbols)")
+    r.add_argument("--group", type=group_name,
+                   help="engine group (or --exchange with --symbols)")
     r.add_argument("--exchange", help="exchange TOML (symbol -> group)")
     r.add_argument("--symbols", help="symbols of the group, comma-separated")
     r.add_argument("--instance", required=True, help="this instance's id")
@@ -617,7 +673,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     s = esub.add_parser("status", help="role, input position, lag, hashes of instances")
     s.add_argument("--engine", default="", help="control address(es), comma-separated")
-    s.add_argument("--group", default="",
+    s.add_argument("--group", type=group_name,
                    help="with --store: every instance the group's engines advertised")
     s.add_argument("--store", default="", help="store address(es), comma separated")
     add_cli_args(s)
@@ -625,7 +681,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=cmd_status)
 
     w = esub.add_parser("switchover", help="hand the group over at an exact input position")
-    w.add_argument("group")
+    w.add_argument("group", type=group_name)
     w.add_argument("--to", required=True, help="target instance id")
     w.add_argument("--store", required=True)
     w.add_argument("--timeout", type=seconds, default=SWITCHOVER_TIMEOUT_S,
@@ -640,7 +696,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     w.set_defaults(func=cmd_switchover)
 
     n = esub.add_parser("snapshot", help="ask the primary for a snapshot at this position")
-    n.add_argument("group")
+    n.add_argument("group", type=group_name)
     n.add_argument("--store", required=True)
     add_cli_args(n)
     add_token_arg(n)
@@ -649,7 +705,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a = esub.add_parser(
         "activate", help="switch the group's outputs to a format version at an exact input "
                          "position, once every live instance supports it")
-    a.add_argument("group")
+    a.add_argument("group", type=group_name)
     a.add_argument("--output-version", type=_output_version, required=True,
                    help="the output format version to emit after the activation")
     a.add_argument("--store", required=True)
@@ -658,15 +714,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--no-wait", action="store_true",
                    help="return once the activation is appended, without waiting")
     a.add_argument("--force", action="store_true",
-                   help="append it without asking the instances (none answers; an instance "
-                        "that does not support it alarms when it reads it)")
+                   help="append it whatever the instances answer (none answers, or one "
+                        "does not support it: that one alarms when it reads it)")
     add_cli_args(a)
     add_token_arg(a)
     a.set_defaults(func=cmd_activate)
 
     v = esub.add_parser("verify", help="replay the log into this engine version and compare "
                                        "outputs and snapshot state hashes")
-    v.add_argument("group")
+    v.add_argument("group", type=group_name)
     v.add_argument("--store", required=True)
     add_cli_args(v)
     add_token_arg(v)

@@ -200,7 +200,9 @@ def instance_event(group: str, instance: str, address: str, version: str) -> pb.
                             data=json.dumps(body, sort_keys=True).encode())
 
 
-# Brackets a JSON body of the group's records may hold; past that it is not parsed.
+# Bytes and brackets a JSON body of the group's records may hold; past either it is not
+# parsed. What the engine and its CLI write is far below both.
+MAX_JSON_BYTES = 4096
 MAX_JSON_BRACKETS = 64
 
 
@@ -210,8 +212,10 @@ def json_object(data: bytes) -> dict[str, object]:
     json raises RecursionError past a nesting depth that depends on the caller's stack,
     so a deeply nested body would crash every instance that reads it, at the same input,
     again after each restart (a poison input); bodies with more than MAX_JSON_BRACKETS
-    brackets (anywhere, strings too: what the engine writes has one) are not parsed."""
-    if data.count(b"{") + data.count(b"[") > MAX_JSON_BRACKETS:
+    brackets (anywhere, strings too: what the engine writes has one) are not parsed. Nor
+    are bodies over MAX_JSON_BYTES: an integer of more than 4300 digits parses or not
+    depending on the process's environment (PYTHONINTMAXSTRDIGITS)."""
+    if len(data) > MAX_JSON_BYTES or data.count(b"{") + data.count(b"[") > MAX_JSON_BRACKETS:
         return {}
     try:
         body = json.loads(data)

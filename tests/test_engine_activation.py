@@ -12,7 +12,9 @@ import hashlib
 import json
 import random
 import signal
+import socket
 import subprocess
+import time
 import tomllib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -52,7 +54,7 @@ from store.process import ServeProcess
 from tests.support.cli import xdc_cli
 from tests.support.exchange import lease_dir
 from tests.support.store import run, wait_until
-from tests.test_engine_failover import _has_role, _primary
+from tests.test_engine_failover import _closed_port, _has_role, _primary
 from tests.test_gateway import EXCHANGE, T
 from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import exchange_pb2 as xpb
@@ -282,6 +284,32 @@ def test_instances_agree_and_a_restore_after_the_activation_equals_a_full_replay
         assert restored.chain == one.chain
         assert state_hash(restored.engine) == state_hash(one.engine)
         assert list(restored.pending) == [p for p in one.pending if p.position > at]
+
+
+def test_a_trusted_catch_up_past_the_activation_switches_at_it() -> None:
+    """Catching up for the state alone (``Consumer.trust``) up to an input after the
+    activation still applies it (a control, not a command's outputs): the outputs it
+    then checks are version 2 and equal a full replay's, whichever batches come."""
+    records = log_of(CMDS, {P: None})
+    full = fed(records)
+    for at in (P - 1, P + 1, P + 300):
+        trusted = [p for p in full.pending if p.position <= at][-1]
+        for rng in (None, random.Random(at)):
+            c = Consumer(GROUP)
+            c.trust(trusted.position, trusted.chain)
+            k = 0
+            while k < len(records):
+                n = 1 if rng is None else rng.choice((1, 3, 40, 300))
+                c.on_records(records[k:k + n])
+                k += n
+            assert c.engine.output_version == 2 and not c.alarm
+            assert (c.chain, state_hash(c.engine)) == (full.chain, state_hash(full.engine))
+            assert list(c.pending) == [p for p in full.pending if p.position > trusted.position]
+    capped = Consumer(GROUP, output_versions=(1,))
+    capped.trust(trusted.position, trusted.chain)
+    for r in records:
+        capped.on_record(r)
+    assert f"input {P} activates output version 2" in capped.alarm
 
 
 def test_an_instance_that_does_not_support_the_version_alarms_and_emits_nothing_past_it(
@@ -747,3 +775,102 @@ def _input_tail(store: str) -> Callable[[], Awaitable[tuple[int, int]]]:
             info = await client.stream_info(wire.input_stream(G1))
             return info.last_position, info.last_revision
     return tail
+
+
+def test_engine_activate_asks_every_instance_however_many_advertisements_came_before(
+        tmp_path: Path) -> None:
+    """`xdc engine activate` (and `engine status --group`) read the group's whole
+    instances stream: after an instance restarted 300 times on a new port each time (one
+    advertisement per start), they read its first 256 events only, so an instance capped
+    at output version 1 that started after those was not asked: the activation landed
+    (exit 0), and that instance alarmed at it."""
+    config = parse(tomllib.loads(EXCHANGE))
+    lease = lease_dir(tmp_path)
+    store = ServeProcess(str(tmp_path / "store")).start()
+    engines: dict[str, ServeProcess] = {}
+    stream = wire.instances_stream(G1)
+
+    def advertised(name: str) -> Callable[[], Awaitable[bool]]:
+        async def found() -> bool:
+            async with StoreClient(store.address) as client:
+                tail = await client.read(stream, backwards=True, limit=1)
+            return bool(tail) and (wire.parse_instance(tail[0].data) or ("",))[0] == name
+        return found
+
+    try:
+        async def init() -> None:
+            async with StoreClient(store.address) as client:
+                await client.append(wire.input_stream(G1), init_events(config.groups[0]))
+        run(init)
+        engines["new"] = _g1_engine(store.address, "new", lease, 1)
+        run(lambda: _primary(engines))
+        run(lambda: wait_until(advertised("new"), T, "new advertised"))
+
+        async def crash_loop() -> None:  # 300 starts of "w", each on another port
+            events = [wire.instance_event(G1, "w", f"127.0.0.1:{20_000 + i}", "1.1.0")
+                      for i in range(299)]
+            events.append(wire.instance_event(G1, "w", f"127.0.0.1:{_closed_port()}",
+                                              "1.1.0"))
+            async with StoreClient(store.address) as client:
+                for i in range(0, len(events), 100):
+                    await client.append(stream, events[i:i + 100])
+        run(crash_loop)
+        engines["old"] = _g1_engine(store.address, "old", lease, 2,
+                                    "--max-output-version", "1")
+        run(lambda: wait_until(advertised("old"), T, "old advertised"))
+        revision = run(_input_tail(store.address))[1]
+
+        refused = _activate(store.address, "--output-version", "2")
+        assert refused.returncode == 2, (refused.stdout, refused.stderr)
+        assert "do not support output version 2: old at " in refused.stderr, refused.stderr
+        assert run(_input_tail(store.address))[1] == revision  # nothing appended
+        status = xdc_cli("engine", "status", "--group", G1, "--store", store.address)
+        lines = [json.loads(line) for line in status.stdout.splitlines()]
+        assert {s.get("instance") for s in lines} >= {"new", "old"}, status.stdout
+        assert len(lines) == 3, lines  # new, old and the last address of w (no answer)
+    finally:
+        for p in engines.values():
+            p.kill()
+        store.kill()
+
+
+@pytest.mark.parametrize("args", [
+    ("activate", "x!y", "--output-version", "2", "--store", "127.0.0.1:1"),
+    ("status", "--group", "x!y", "--store", "127.0.0.1:1"),
+    ("switchover", "x!y", "--to", "b", "--store", "127.0.0.1:1"),
+    ("snapshot", "x!y", "--store", "127.0.0.1:1"),
+    ("verify", "x!y", "--store", "127.0.0.1:1"),
+])
+def test_an_engine_command_refuses_a_bad_group_name_with_exit_2(args: tuple[str, ...]
+                                                                 ) -> None:
+    """A group name the wire does not allow is refused before anything is asked (exit 2,
+    the rule named), not a ValueError traceback."""
+    cli = xdc_cli("engine", *args)
+    assert cli.returncode == 2, (cli.returncode, cli.stderr)
+    assert "engine group 'x!y': 1..32 of A-Z a-z 0-9 _ -" in cli.stderr, cli.stderr
+    assert "Traceback" not in cli.stderr
+
+
+def test_engine_status_asks_the_instances_at_once() -> None:
+    """`xdc engine status` asks its instances concurrently: it asks every instance a group
+    advertised (up to 256), and one after the other, each gone one that does not answer
+    cost its connection attempt's timeout. Eight silent listeners cost about one."""
+    silent = []
+    try:
+        for _ in range(8):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            s.listen()  # connections complete in the backlog; nothing ever answers
+            silent.append(s)
+        addresses = ",".join(f"127.0.0.1:{s.getsockname()[1]}" for s in silent)
+        began = time.monotonic()
+        cli = xdc_cli("engine", "status", "--engine", addresses)
+        took = time.monotonic() - began
+    finally:
+        for s in silent:
+            s.close()
+    lines = [json.loads(line) for line in cli.stdout.splitlines()]
+    assert cli.returncode == 1 and len(lines) == 8, (cli.stdout, cli.stderr)
+    assert [line["error"].split(":")[:2] for line in lines] == [
+        a.split(":") for a in addresses.split(",")]  # in the order asked
+    assert took < 6, took
