@@ -153,6 +153,27 @@ class _Pending:
 # A refusal to retry after: (code, message, actual last revision, leader hint, backoff s).
 _Refusal = tuple[grpc.StatusCode, str, int, str, float]
 
+# An accepted append's result, read once for all the appends merged into it: (its answer,
+# first position, last revision, duplicate).
+_Outcome = tuple[pb.AppendResponse, int, int, bool]
+_AppendResponse = pb.AppendResponse
+_ProposedEvent = pb.ProposedEvent
+
+
+def _outcomes(results: Sequence[pb.AppendResult]) -> list[_Outcome | None]:
+    """The results of one message, each read once (None: refused). Reading a repeated
+    field's element, or a field of it, makes a new wrapper each time: read per caller's
+    append instead (a merged append answers many), settling took 1.9x as long (1.44 vs
+    0.77 us an append: 128 single-event appends to 16 streams a message)."""
+    out: list[_Outcome | None] = []
+    for result in results:
+        if result.WhichOneof("result") == "ok":
+            ok = result.ok
+            out.append((ok, ok.first_position, ok.last_revision, ok.duplicate))
+        else:
+            out.append(None)
+    return out
+
 log = logging.getLogger("xdc.client")
 
 # How long a node that failed a stream (down, unreachable) is passed over by rotation
@@ -246,6 +267,20 @@ def _bad_request(stream: object, expected: object, expected_revision: object) ->
         return f"expected: an ExpectedKind (int), not {type(expected).__name__}"
     return (f"expected_revision: {expected_revision!r} is not a revision (an int in "
             f"0..2^64-1)")
+
+
+def _new_ids(ids: list[set[bytes] | None], k: int, first: _Pending, p: _Pending) -> bool:
+    """Whether none of the event ids of `p` is in group `k` yet (whose first append is
+    `first`); if so they are now. A group's ids are collected once a second append
+    joins it."""
+    held = ids[k]
+    if held is None:
+        held = ids[k] = {e.id for e in first.proposed}
+    new = [e.id for e in p.proposed]
+    if not held.isdisjoint(new):
+        return False
+    held.update(new)
+    return True
 
 
 class StoreClient:
@@ -446,7 +481,7 @@ class StoreClient:
         appends in flight from one task, each answered in order of its stream. The future
         fails by `timeout_s` at the latest, as `append` does: DEADLINE_EXCEEDED (outcome
         unknown), or UNAVAILABLE "append not sent"."""
-        if isinstance(events, pb.ProposedEvent):
+        if isinstance(events, _ProposedEvent):
             events = [events]
         elif not isinstance(events, list):
             events = list(events)
@@ -459,24 +494,26 @@ class StoreClient:
             fut.set_exception(AppendError(grpc.StatusCode.INVALID_ARGUMENT, _bad_request(
                 stream, expected, expected_revision)))
             return fut
-        deadline = loop.time() + (timeout_s if timeout_s is not None else self.timeout_s)
-        pending = _Pending(stream, events, expected, expected_revision, loop.create_future(),
-                           deadline, telemetry.current_span_context(), len(events),
-                           events[0].ByteSize() if len(events) == 1 else
-                           sum([e.ByteSize() for e in events]))
-        self._enqueue(pending)
-        return pending.future
-
-    def _enqueue(self, pending: _Pending) -> None:
         if self._closed:
             raise AppendError(grpc.StatusCode.CANCELLED, "client closed")
-        self._pending.append(pending)
+        n = len(events)
+        future = loop.create_future()
+        pending = _Pending(stream, events, expected, expected_revision, future,
+                           loop.time() + (self.timeout_s if timeout_s is None else timeout_s),
+                           telemetry.current_span_context(), n,
+                           events[0].ByteSize() if n == 1 else
+                           sum([e.ByteSize() for e in events]))
+        # Queued for the next message (no method call per append: this is the producer's
+        # hot path).
+        queue = self._pending
+        queue.append(pending)
         if pending.deadline < self._expiry_at:  # rare: deadlines mostly come in order
             self._expire_at(pending.deadline)
-        if len(self._pending) >= self.max_batch_appends:
+        if len(queue) >= self.max_batch_appends:
             self._schedule_flush(0.0)
         elif self._flush_handle is None:
             self._schedule_flush(self.linger_s)
+        return future
 
     def _expire_at(self, when: float) -> None:
         if self._expiry is not None:
@@ -684,23 +721,22 @@ class StoreClient:
         ids: list[set[bytes] | None] = []  # of each group, once a second append joins it
         open_groups: dict[str, int] = {}  # stream -> index of the group appends may join
         max_events, max_bytes = self._merge_limits
+        # An id twice in one message is rare (a retry queued while its first attempt
+        # still is): when the batch has none, no group needs its ids kept.
+        every_id = [e.id for p in batch for e in p.proposed]
+        repeats = len(set(every_id)) != len(every_id)
         for p in batch:
             if p.expected == ANY and not p.expected_revision and not p.solo and p.events:
                 # (An append of no event goes alone: the store refuses it.)
                 k = open_groups.get(p.stream)
                 if k is not None:
                     load = loads[k]
-                    if load[0] + p.events <= max_events and load[1] + p.size <= max_bytes:
-                        held = ids[k]
-                        if held is None:
-                            held = ids[k] = {e.id for e in groups[k][0].proposed}
-                        new = [e.id for e in p.proposed]
-                        if held.isdisjoint(new):
-                            held.update(new)
-                            groups[k].append(p)
-                            load[0] += p.events
-                            load[1] += p.size
-                            continue
+                    if (load[0] + p.events <= max_events and load[1] + p.size <= max_bytes
+                            and (not repeats or _new_ids(ids, k, groups[k][0], p))):
+                        groups[k].append(p)
+                        load[0] += p.events
+                        load[1] += p.size
+                        continue
                 open_groups[p.stream] = len(groups)
             else:
                 open_groups.pop(p.stream, None)
@@ -850,17 +886,17 @@ class StoreClient:
         so they stay in order, ahead of the messages sent after this one (_retry)."""
         done = refused = 0
         again: list[tuple[_Pending, _Refusal | None]] = []
+        outcomes = _outcomes(results)
         try:
             while done < len(batch):
                 if done:
                     await asyncio.sleep(0)
                 end = done + SETTLE_SLICE
-                for p in batch[done:end]:
-                    refused += self._settle(p, results[p.slot], again)
+                refused += self._settle(batch[done:end], results, outcomes, again)
                 done = end
         finally:  # cancelled (the client closes): the rest were answered all the same
-            for p in batch[done:]:
-                refused += self._settle(p, results[p.slot], again)
+            if done < len(batch):
+                refused += self._settle(batch[done:], results, outcomes, again)
             # Consecutive appends refused alike go back as one batch.
             for refusal, group in itertools.groupby(again, key=lambda a: a[1]):
                 appends = [a[0] for a in group]
@@ -872,31 +908,42 @@ class StoreClient:
             if self._spans:
                 self._end_span(cid, len(batch), refused)
 
-    def _settle(self, p: _Pending, result: pb.AppendResult,
-                again: list[tuple[_Pending, _Refusal | None]]) -> bool:
-        """Answers one append from the result of the append that held it (its share, when
-        merged with others: ``_coalesce``), or adds it to ``again`` (with the refusal to
-        retry it after, None to send it again alone at once); True if the store refused
-        it."""
-        merged = p.before or p.after
-        if result.WhichOneof("result") == "ok":
-            if not p.future.done():
-                if not merged:
-                    p.future.set_result(result.ok)
-                    return False
-                ok = result.ok
-                first = ok.first_position + p.before
-                rev = ok.last_revision - p.after
-                answer = pb.AppendResponse(first_position=first,
-                                           last_position=first + p.events - 1,
-                                           last_revision=rev, next_revision=rev + 1)
-                if ok.duplicate:
-                    answer.duplicate = True
-                p.future.set_result(answer)
-            return False
+    def _settle(self, appends: list[_Pending], results: Sequence[pb.AppendResult],
+                outcomes: list[_Outcome | None],
+                again: list[tuple[_Pending, _Refusal | None]]) -> int:
+        """Answers each append from the result of the append that held it (its share,
+        when merged with others: ``_coalesce``), or adds it to ``again`` (with the refusal
+        to retry it after, None to send it again alone at once); returns how many the
+        store refused. ``outcomes``: the results as ``_outcomes`` read them."""
+        refused = 0
+        for p in appends:
+            outcome = outcomes[p.slot]
+            if outcome is None:
+                refused += 1
+                self._refused(p, results[p.slot].error, again)
+                continue
+            future = p.future
+            if future.done():
+                continue
+            before, after = p.before, p.after
+            if not (before or after):
+                future.set_result(outcome[0])
+                continue
+            first = outcome[1] + before
+            rev = outcome[2] - after
+            answer = _AppendResponse(first_position=first, last_position=first + p.events - 1,
+                                     last_revision=rev, next_revision=rev + 1)
+            if outcome[3]:
+                answer.duplicate = True
+            future.set_result(answer)
+        return refused
+
+    def _refused(self, p: _Pending, err: pb.AppendError,
+                 again: list[tuple[_Pending, _Refusal | None]]) -> None:
+        """An append the store refused: failed, or added to ``again`` as _settle says."""
         if p.future.done():
-            return True
-        err = result.error
+            return
+        merged = p.before or p.after
         code = _CODES.get(err.code, grpc.StatusCode.UNKNOWN)
         if err.retry_after_ms or err.leader:
             again.append((p, (code, err.message, err.actual_last_revision, err.leader,
@@ -911,7 +958,6 @@ class StoreClient:
                           "one by one", p.stream, err.message)
             p.solo = True
             again.append((p, None))
-        return True
 
     def _requeue(self, appends: list[_Pending]) -> None:
         """Sends appends again at once, before any made after them."""

@@ -913,6 +913,34 @@ def test_an_id_sent_twice_in_one_message_is_appended_once(
     assert "merged append to 's' refused" not in caplog.text
 
 
+def test_an_id_twice_in_a_message_splits_only_the_merged_append_that_would_hold_it() -> None:
+    """A message whose appends hold an event id twice (_coalesce looks for ids only
+    then): the append that would put the id in its stream's merged append a second time
+    starts a new one; the other streams' appends merge as in any message."""
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        client = StoreClient("127.0.0.1:1")  # never connects
+        e, f = new_event("T", b"e"), new_event("T", b"f")
+        appends = [("s", [e]), ("t", [new_event("T")]), ("s", [f]), ("t", [new_event("T")]),
+                   ("s", [new_event("T"), e]), ("s", [new_event("T")]), ("u", [f])]
+        batch = [_Pending(stream, events, ANY, 0, loop.create_future(), 0.0, None,
+                          len(events), sum(x.ByteSize() for x in events))
+                 for stream, events in appends]
+        msg = pb.AppendStreamRequest()
+        try:
+            client._coalesce(batch, msg.appends.add)
+        finally:
+            await client.close()
+        assert [(r.stream, [x.id for x in r.events]) for r in msg.appends] == [
+            ("s", [e.id, f.id]),
+            ("t", [x.id for _, events in (appends[1], appends[3]) for x in events]),
+            ("s", [x.id for _, events in appends[4:6] for x in events]),
+            ("u", [f.id])]
+        assert [(p.slot, p.before, p.after) for p in batch] == [
+            (0, 0, 1), (1, 0, 1), (0, 1, 0), (1, 1, 0), (2, 0, 1), (2, 2, 0), (3, 0, 0)]
+    run(body)
+
+
 def test_merged_appends_fit_the_limits_the_node_states(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A node configured below the client's limits states them (NodeInfo): once the
@@ -976,6 +1004,74 @@ def test_answers_of_a_large_message_resolve_in_order_in_slices_and_all_despite_c
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             assert [p.future.result().first_position for p in batch] == list(range(1, n + 1))
+    run(body)
+
+
+def test_each_append_is_settled_from_the_result_of_the_append_that_held_it() -> None:
+    """One message's results, read once for all the callers' appends merged into each
+    (``_settle``): a merged append's callers get their shares of its positions and
+    revisions (duplicate included), a lone append the result's own answer; a refusal
+    fails a lone append, sends a merged one's appends again alone at once, and one with
+    a retry hint goes back after it; an append already answered (its caller cancelled)
+    is left as it is."""
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        client = StoreClient("127.0.0.1:1")  # never connects: nothing is sent here
+
+        def pending(slot: int, events: int = 1, before: int = 0,
+                    after: int = 0) -> _Pending:
+            return _Pending("s", [new_event("T")] * events, ANY, 0, loop.create_future(),
+                            loop.time() + 30, None, events, 10, slot=slot, before=before,
+                            after=after)
+
+        merged = [pending(0, 1, 0, 3), pending(0, 2, 1, 1), pending(0, 1, 3, 0)]
+        dup = [pending(1, 2, 0, 1), pending(1, 1, 2, 0)]
+        alone, invalid, shed = pending(2), pending(3), pending(5)
+        refused_merged = [pending(4, 1, 0, 1), pending(4, 1, 1, 0)]
+        cancelled = pending(2)
+        cancelled.future.cancel()
+        batch = [merged[0], invalid, *dup, merged[1], alone, *refused_merged, cancelled,
+                 merged[2], shed]
+        results = [
+            pb.AppendResult(ok=pb.AppendResponse(first_position=10, last_position=13,
+                                                 last_revision=7, next_revision=8)),
+            pb.AppendResult(ok=pb.AppendResponse(first_position=3, last_position=5,
+                                                 last_revision=3, next_revision=4,
+                                                 duplicate=True)),
+            pb.AppendResult(ok=pb.AppendResponse(first_position=20, last_position=20,
+                                                 last_revision=1, next_revision=2)),
+            pb.AppendResult(error=pb.AppendError(code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                                                 message="bad")),
+            pb.AppendResult(error=pb.AppendError(code=grpc.StatusCode.ALREADY_EXISTS.value[0],
+                                                 message="id reused")),
+            pb.AppendResult(error=pb.AppendError(
+                code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], message="full",
+                retry_after_ms=50)),
+        ]
+        try:
+            await client._settle_all(batch, results)
+            answers = [p.future.result() for p in merged]
+            assert [(a.first_position, a.last_position, a.last_revision, a.next_revision,
+                     a.duplicate) for a in answers] == [(10, 10, 4, 5, False),
+                                                        (11, 12, 6, 7, False),
+                                                        (13, 13, 7, 8, False)]
+            assert [(a.first_position, a.last_position, a.last_revision, a.duplicate)
+                    for a in (p.future.result() for p in dup)] == [(3, 4, 2, True),
+                                                                   (5, 5, 3, True)]
+            assert alone.future.result() == results[2].ok
+            assert cancelled.future.cancelled()
+            exc = invalid.future.exception()
+            assert isinstance(exc, AppendError)
+            assert (exc.code, exc.message) == (grpc.StatusCode.INVALID_ARGUMENT, "bad")
+            # Sent again: the merged append's appends alone at once, ahead of the one
+            # refused with a hint (after its backoff).
+            assert not any(p.future.done() for p in [*refused_merged, shed])
+            assert [p.solo for p in refused_merged] == [True, True]
+            assert list(client._retrying) == [refused_merged, [shed]]
+            assert client._hold is not None and not client._hold.done()
+        finally:
+            await client.close()
+        assert all(p.future.done() for p in batch)
     run(body)
 
 
