@@ -31,7 +31,7 @@ from engine.runner import (
     fetch_status,
     run_engine,
 )
-from store.client import AppendError, CaughtUp, StoreClient
+from store.client import AppendError, CaughtUp, Checkpoint, StoreClient
 from xdc.argtypes import seconds
 from xdc.tls import Tls, add_cli_args, cli_tls
 from xdc.v1 import eventstore_pb2 as pb
@@ -42,6 +42,9 @@ _T = TypeVar("_T")
 # call of an instance gets STATUS_TIMEOUT_S.
 SWITCHOVER_TIMEOUT_S = 10.0
 STATUS_TIMEOUT_S = 2.0
+# A read of the whole log (active_output_version) fails after this long with nothing
+# from the store, however long the read as a whole takes.
+SCAN_IDLE_S = 10.0
 # What `engine status --group`, `switchover` and `activate` read of a group's instances
 # stream (all of it, newest first, up to this many events: an instance advertises once
 # per start and address) and how many instances they ask, the most recently advertised,
@@ -181,19 +184,39 @@ async def _advertised(store: str, group: str, tls: Tls | None, token: str) -> li
         await client.close()
 
 
-async def active_output_version(client: StoreClient, group: str) -> tuple[int, int]:
+class StoreSilent(Exception):
+    """The store stopped answering a read the command needs; the message says which."""
+
+
+async def active_output_version(client: StoreClient, group: str,
+                                idle_s: float = SCAN_IDLE_S) -> tuple[int, int]:
     """(the output version in force after the group's last input, the position of the
     activation that put it in force: 0 for version 1): the activations in its input
-    stream, read as the engines read them (versions only move forward)."""
+    stream, read as the engines read them (versions only move forward). The read scans
+    the whole log, filtered by the store, however long that takes while it makes
+    progress (a checkpoint every 10k records skipped); nothing for ``idle_s`` raises
+    StoreSilent (the client's subscription would wait for a store that went away for
+    good: the command hung)."""
     stream = wire.input_stream(group)
-    version, at = 1, 0
+    version, at, seen = 1, 0, 0
     async with contextlib.aclosing(client.subscribe(
             stream_prefix=stream, event_types=[wire.ACTIVATE_TYPE], batches=True)) as items:
-        async for item in items:
+        while True:
+            try:
+                item = await asyncio.wait_for(anext(items), idle_s)
+            except TimeoutError:
+                raise StoreSilent(
+                    f"the store sent nothing for {idle_s:g} s while the activations of "
+                    f"group {group!r} were read (read through position {seen})") from None
+            except StopAsyncIteration:
+                break
             if isinstance(item, CaughtUp):
                 break
-            if not isinstance(item, pb.RecordBatch):
+            if isinstance(item, Checkpoint):
+                seen = item.position
+            if not isinstance(item, pb.RecordBatch) or not item.events:
                 continue
+            seen = item.events[-1].position
             for e in item.events:
                 found = wire.parse_activation(e.data) if e.stream == stream else None
                 if found is not None and found > version:
@@ -228,6 +251,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         except grpc.aio.AioRpcError as exc:
             print(f"xdc engine status: the store ({args.store}): {exc.code().name}: "
                   f"{exc.details()}", file=sys.stderr)
+            return 1
+        except StoreSilent as exc:
+            print(f"xdc engine status: the store ({args.store}): {exc}", file=sys.stderr)
             return 1
         addresses = list(dict.fromkeys([*addresses, *found]))
     if not addresses:
@@ -408,7 +434,7 @@ def _run_control(args: argparse.Namespace, work: Callable[..., Awaitable[_T]],
             raise
         appends = args.engine_command != "verify"
         print(f"{prog}: {exc}{'; nothing appended' if appends else ''}", file=sys.stderr)
-    except AppendError as err:
+    except (AppendError, StoreSilent) as err:
         print(f"{prog}: {err}", file=sys.stderr)
     except grpc.aio.AioRpcError as exc:
         print(f"{prog}: {exc.code().name}: {exc.details()}", file=sys.stderr)

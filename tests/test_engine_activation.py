@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import random
 import signal
 import socket
@@ -874,3 +875,34 @@ def test_engine_status_asks_the_instances_at_once() -> None:
     assert [line["error"].split(":")[:2] for line in lines] == [
         a.split(":") for a in addresses.split(",")]  # in the order asked
     assert took < 6, took
+
+
+def test_reading_the_groups_activations_fails_when_the_store_goes_silent(
+        tmp_path: Path) -> None:
+    """The output version in force is read from the whole log (engine activate, engine
+    status --group): when the store stopped answering during that read, the client's
+    subscription waited for it for good and the command hung. Nothing from the store for
+    `idle_s` now fails the read, naming how far it got; a store that answers again is
+    read to the end."""
+    from engine.cli import StoreSilent, active_output_version
+
+    store = ServeProcess(str(tmp_path / "store")).start()
+    try:
+        async def scenario() -> None:
+            async with StoreClient(store.address) as client:
+                await client.append(wire.input_stream(G1),
+                                    [wire.activation_event(G1, 2)])
+                assert (await active_output_version(client, G1, idle_s=5))[0] == 2
+                os.kill(store.pid, signal.SIGSTOP)
+                try:
+                    began = time.monotonic()
+                    with pytest.raises(StoreSilent, match=r"sent nothing for 0\.5 s"):
+                        async with asyncio.timeout(20):  # the old code: a hang, failed here
+                            await active_output_version(client, G1, idle_s=0.5)
+                    assert time.monotonic() - began < 10
+                finally:
+                    os.kill(store.pid, signal.SIGCONT)
+                assert (await active_output_version(client, G1, idle_s=5))[0] == 2
+        run(scenario)
+    finally:
+        store.stop()
