@@ -204,6 +204,16 @@ def instance_event(group: str, instance: str, address: str, version: str) -> pb.
 # parsed. What the engine and its CLI write is far below both.
 MAX_JSON_BYTES = 4096
 MAX_JSON_BRACKETS = 64
+# Characters an integer in such a body may have (its sign too): the least limit
+# PYTHONINTMAXSTRDIGITS can set (sys.int_info.str_digits_check_threshold), so that it
+# parses in every process or in none.
+MAX_JSON_INT_CHARS = 640
+
+
+def _json_int(text: str) -> int:
+    if len(text) > MAX_JSON_INT_CHARS:
+        raise ValueError(f"an integer of {len(text)} characters in a JSON body")
+    return int(text)
 
 
 def json_object(data: bytes) -> dict[str, object]:
@@ -213,12 +223,16 @@ def json_object(data: bytes) -> dict[str, object]:
     so a deeply nested body would crash every instance that reads it, at the same input,
     again after each restart (a poison input); bodies with more than MAX_JSON_BRACKETS
     brackets (anywhere, strings too: what the engine writes has one) are not parsed. Nor
-    are bodies over MAX_JSON_BYTES: an integer of more than 4300 digits parses or not
-    depending on the process's environment (PYTHONINTMAXSTRDIGITS)."""
+    are bodies over MAX_JSON_BYTES, nor those with an integer over MAX_JSON_INT_CHARS:
+    past 640 digits an integer parses or not depending on the process's environment
+    (PYTHONINTMAXSTRDIGITS may be set as low as 640; 4300 by default). Nor those with a
+    lone surrogate (an escape such as "\\ud800", or its bytes): it is no text, and raised
+    wherever it was used as text (encoded, put in a protobuf string), at that input."""
     if len(data) > MAX_JSON_BYTES or data.count(b"{") + data.count(b"[") > MAX_JSON_BRACKETS:
         return {}
     try:
-        body = json.loads(data)
+        body = json.loads(data, parse_int=_json_int)
+        json.dumps(body, ensure_ascii=False).encode()  # UnicodeEncodeError: a surrogate
     except ValueError:
         return {}
     return body if isinstance(body, dict) else {}

@@ -15,6 +15,7 @@ import random
 import signal
 import socket
 import subprocess
+import sys
 import time
 import tomllib
 from collections.abc import Awaitable, Callable
@@ -368,6 +369,66 @@ def test_an_activation_lands_once_and_versions_only_move_forward() -> None:
                 b'{"output_version": 65536}', b'{"version": 2}', b"\xff"):
         assert wire.parse_activation(bad) is None, bad
     assert wire.parse_activation(b'{"output_version": 2, "note": "x"}') == 2
+
+
+# Bodies whose reading could depend on the process: integers around the least limit
+# PYTHONINTMAXSTRDIGITS can set (640 digits) and the default one (4300).
+_DIGIT_BODIES = [
+    '{"output_version": 2, "x": %s}' % ("7" * n) for n in (600, 640, 641, 700, 1000, 4000)
+] + ['{"output_version": 2, "x": -%s}' % ("7" * 640),
+     '{"instance": "a", "address": "h:1", "x": [%s]}' % ("9" * 900)]
+
+_READ_BODIES = """
+import json, sys
+from engine import wire
+for body in json.loads(sys.stdin.read()):
+    data = body.encode()
+    print(json.dumps([sorted(wire.json_object(data)), wire.parse_activation(data),
+                      wire.parse_instance(data)]))
+"""
+
+
+def test_json_bodies_read_alike_whatever_the_int_digit_limit() -> None:
+    """An engine record's JSON body is read alike in every process: a body holding an
+    integer of 641..4096 digits parsed where PYTHONINTMAXSTRDIGITS was left at 4300 and
+    not where it was set lower (640 is allowed), so such an activation switched the
+    output format of some instances and not others. Read in real processes with the
+    limit at 640, 4300 and none."""
+    root = Path(__file__).resolve().parent.parent
+    answers = {}
+    for limit in ("640", "4300", "0"):
+        done = subprocess.run(
+            [sys.executable, "-c", _READ_BODIES], input=json.dumps(_DIGIT_BODIES),
+            capture_output=True, text=True, cwd=root, timeout=60,
+            env={**os.environ, "PYTHONINTMAXSTRDIGITS": limit})
+        assert done.returncode == 0, done.stderr
+        answers[limit] = done.stdout.splitlines()
+    assert answers["640"] == answers["4300"] == answers["0"], answers
+    read = [json.loads(line) for line in answers["0"]]
+    assert [r[1] for r in read[:2]] == [2, 2]  # up to 640 digits: read
+    assert [r[1] for r in read[2:7]] == [None] * 5, read
+    assert read[7] == [[], None, None]
+
+
+def test_json_bodies_with_lone_surrogates_are_not_read() -> None:
+    r"""A lone surrogate in a JSON body (the escape "\ud800", or its UTF-8 bytes) is no
+    text: read as a name or an address it raised wherever it was used (parse_instance's
+    length check, the instance's Status answer naming a switchover's target, an etcd
+    key), at that input, on every instance and after each restart. Such bodies read as
+    {} (not a record's body); a surrogate pair is a character like any other."""
+    lone = [b'{"instance": "a", "address": "\\ud800:1"}',
+            b'{"instance": "a", "address": "h:1", "x": ["\\udfff"]}',
+            b'{"instance": "a", "address": "\xed\xa0\x80:1"}']
+    for data in lone:
+        assert wire.json_object(data) == {}, data
+        assert wire.parse_instance(data) is None, data
+    assert wire.parse_activation(b'{"output_version": 2, "\\ud800": 1}') is None
+    assert wire.parse_instance(b'{"instance": "\\ud83d\\ude00", "address": "h:1"}') == (
+        "\U0001F600", "h:1")
+    marker = Consumer(GROUP)
+    marker.on_input(1, wire.SWITCHOVER_TYPE, b'{"to": "\\udc00"}', 0)
+    assert marker.controls[0].body == {} and marker.hold_after == 1
+    assert marker.handover_to == ""
 
 
 def test_reports_show_side_and_price_from_version_2_only() -> None:
