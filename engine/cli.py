@@ -203,7 +203,8 @@ async def active_output_version(client: StoreClient, group: str,
             stream_prefix=stream, event_types=[wire.ACTIVATE_TYPE], batches=True)) as items:
         while True:
             try:
-                item = await asyncio.wait_for(anext(items), idle_s)
+                async with asyncio.timeout(idle_s):
+                    item = await anext(items)
             except TimeoutError:
                 raise StoreSilent(
                     f"the store sent nothing for {idle_s:g} s while the activations of "
