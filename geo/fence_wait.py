@@ -163,9 +163,11 @@ async def serving(wait: FenceWait, *, address: str, cluster: str, members: set[s
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    listen_on(server, address, tls)
-    await server.start()
     try:
+        # In the block that stops it: the port is bound from here, and a cancel can land
+        # in start() (it awaits).
+        listen_on(server, address, tls)
+        await server.start()
         yield
     finally:
         await server.stop(None)

@@ -221,3 +221,61 @@ async def _until(predicate: Callable[[], Awaitable[bool]], proc: subprocess.Pope
         assert proc.poll() is None, f"the node exited ({proc.returncode})"
         return await predicate()
     await wait_until(holds, timeout_s, what)
+
+
+class _SlowStart:
+    """A real gRPC server whose start() returns only once `release` is set: a cancel of
+    the wait's task can then land inside it, after the port is bound and served."""
+
+    def __init__(self, server: grpc.aio.Server, started: asyncio.Event,
+                 release: asyncio.Event) -> None:
+        self._server, self._started, self._release = server, started, release
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
+
+    async def start(self) -> None:
+        await self._server.start()
+        self._started.set()
+        await self._release.wait()
+
+
+def test_a_fence_wait_cancelled_while_its_server_starts_frees_the_port(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wait's server bound the node's client port before `start()`, outside the
+    block that stops it: a cancel landing in `start()` (it awaits) left the port bound,
+    and the node's real server could not bind it."""
+    from geo import fence_wait
+    from geo.etcd_server import free_ports
+    from store.limits import Limits
+
+    (port,) = free_ports(1)
+    address = f"127.0.0.1:{port}"
+    started, release = asyncio.Event(), asyncio.Event()
+    real = fence_wait.new_server
+    monkeypatch.setattr(fence_wait, "new_server",
+                        lambda *a, **kw: _SlowStart(real(*a, **kw), started, release))
+
+    async def scenario() -> None:
+        wait = fence_wait.FenceWait("a", "r", ["b", "c"], 2)
+
+        async def hold() -> None:
+            async with fence_wait.serving(wait, address=address, cluster="x",
+                                          members={"a", "b", "c"}, tls=None,
+                                          limits=Limits(), guard=None):
+                await asyncio.Event().wait()
+
+        task = asyncio.create_task(hold())
+        async with asyncio.timeout(10):
+            await started.wait()
+        assert (await _status(address)).role == fence_wait.ROLE  # served, port bound
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # The port is free again: a new server binds it.
+        server = grpc.aio.server()
+        try:
+            assert server.add_insecure_port(address) == port
+        finally:
+            await server.stop(None)
+    run(scenario)
