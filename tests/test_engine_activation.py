@@ -47,7 +47,7 @@ from engine.commands import (
 )
 from engine.constants import STP, OrderType, Side, TimeInForce
 from engine.consumer import Consumer
-from engine.exchange_config import init_events, parse
+from engine.exchange_config import ExchangeConfig, init_events, parse
 from engine.gateway import GatewayServer
 from engine.runner import status_or_none
 from engine.workload import check_exactly_once, outputs_through
@@ -558,6 +558,17 @@ def _g1_engine(store: str, instance: str, lease: str, seed: int,
         env={"PYTHONHASHSEED": str(seed)}).start()
 
 
+def _g1_started_with_primary(store: str, config: ExchangeConfig, lease: str,
+                             engines: dict[str, ServeProcess]) -> None:
+    """Group g1 initialised in the store, and an instance "new" of it running as primary."""
+    async def init() -> None:
+        async with StoreClient(store) as client:
+            await client.append(wire.input_stream(G1), init_events(config.groups[0]))
+    run(init)
+    engines["new"] = _g1_engine(store, "new", lease, 1)
+    run(lambda: _primary(engines))
+
+
 async def _flow(client: StoreClient, events: list[pb.ProposedEvent], until: asyncio.Event,
                 more: int, width: int = 16) -> int:
     """Appends ``events`` in order, ``width`` in flight, until ``until`` is set and ``more``
@@ -753,12 +764,7 @@ def test_engine_activate_refuses_while_an_instance_does_not_support_the_version(
         assert "--max-output-version 3: this release emits output versions 1, 2, at most 2" \
             in too_new.stderr
 
-        async def init() -> None:
-            async with StoreClient(store.address) as client:
-                await client.append(wire.input_stream(G1), init_events(config.groups[0]))
-        run(init)
-        engines["new"] = _g1_engine(store.address, "new", lease, 1)
-        run(lambda: _primary(engines))
+        _g1_started_with_primary(store.address, config, lease, engines)
         engines["old"] = _g1_engine(store.address, "old", lease, 2,
                                     "--max-output-version", "1")
 
@@ -860,12 +866,7 @@ def test_engine_activate_asks_every_instance_however_many_advertisements_came_be
         return found
 
     try:
-        async def init() -> None:
-            async with StoreClient(store.address) as client:
-                await client.append(wire.input_stream(G1), init_events(config.groups[0]))
-        run(init)
-        engines["new"] = _g1_engine(store.address, "new", lease, 1)
-        run(lambda: _primary(engines))
+        _g1_started_with_primary(store.address, config, lease, engines)
         run(lambda: wait_until(advertised("new"), T, "new advertised"))
 
         async def crash_loop() -> None:  # 300 starts of "w", each on another port

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -143,37 +144,9 @@ def test_a_cancelled_switchover_leaves_no_designation_behind(
     switchover for its whole lease, with no other voter allowed to campaign."""
     async def body() -> None:
         async with LocalCluster.running(etcd.endpoints, tmp_path) as cluster:
-            old = await cluster.leader()
-            target = sorted(m for m in cluster.nodes if m != old.id)[0]
-            lead = old.leadership
-            entered, written, cleared = threading.Event(), threading.Event(), threading.Event()
-            put, delete = lead._put, lead._delete
-
-            def slow_put(key: str, value: str, lease: int | None = None) -> None:
-                if key == lead.designated_key:
-                    entered.set()
-                    cleared.wait(3.0)  # the slow etcd: until the clearing, at most 3 s
-                put(key, value, lease)
-                if key == lead.designated_key:
-                    written.set()
-
-            def observed_delete(key: str) -> None:
-                delete(key)
-                if key == lead.designated_key:
-                    cleared.set()
-
-            monkeypatch.setattr(lead, "_put", slow_put)
-            monkeypatch.setattr(lead, "_delete", observed_delete)
-            # Deaf to the leader: the target never catches up, the switchover waits.
-            replicator = cluster.nodes[target].replicator
-            assert replicator is not None
-            deliver = replicator.deliver
-            monkeypatch.setattr(replicator, "deliver",
-                                lambda msgs: deliver([m for m in msgs if m.src != old.id]))
-            async with StoreClient(old.address, timeout_s=10) as client:
-                await client.append("orders", new_event("Placed", b"behind"))
-            switchover = asyncio.ensure_future(old.switchover(target, timeout_s=60))
-            await wait_until(entered.is_set, 10, "the designation's write under way")
+            old, stuck, switchover = await _switchover_slowly_designating(cluster,
+                                                                          monkeypatch)
+            lead, written, cleared = old.leadership, stuck.written, stuck.cleared
             switchover.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await asyncio.wait_for(switchover, 10)
@@ -184,6 +157,54 @@ def test_a_cancelled_switchover_leaves_no_designation_behind(
             assert old.store.role.name == "leader" and lead.is_leader
 
     run(body, timeout_s=60)
+
+
+@dataclass
+class _SlowDesignation:
+    """Events of a designation's etcd write that waits (at most 3 s) for its clearing."""
+
+    entered: threading.Event = field(default_factory=threading.Event)
+    written: threading.Event = field(default_factory=threading.Event)
+    cleared: threading.Event = field(default_factory=threading.Event)
+
+
+async def _switchover_slowly_designating(
+        cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> tuple[ClusterNode, _SlowDesignation, asyncio.Future[Any]]:
+    """The leader's switchover to a target deaf to it (it never catches up: the
+    switchover waits), started once its designation's write is under way; that write
+    waits for the designation's clearing, as a slow etcd would."""
+    old = await cluster.leader()
+    target = sorted(m for m in cluster.nodes if m != old.id)[0]
+    lead = old.leadership
+    stuck = _SlowDesignation()
+    put, delete = lead._put, lead._delete
+
+    def slow_put(key: str, value: str, lease: int | None = None) -> None:
+        if key == lead.designated_key:
+            stuck.entered.set()
+            stuck.cleared.wait(3.0)  # the slow etcd: until the clearing, at most 3 s
+        put(key, value, lease)
+        if key == lead.designated_key:
+            stuck.written.set()
+
+    def observed_delete(key: str) -> None:
+        delete(key)
+        if key == lead.designated_key:
+            stuck.cleared.set()
+
+    monkeypatch.setattr(lead, "_put", slow_put)
+    monkeypatch.setattr(lead, "_delete", observed_delete)
+    replicator = cluster.nodes[target].replicator
+    assert replicator is not None
+    deliver = replicator.deliver
+    monkeypatch.setattr(replicator, "deliver",
+                        lambda msgs: deliver([m for m in msgs if m.src != old.id]))
+    async with StoreClient(old.address, timeout_s=10) as client:
+        await client.append("orders", new_event("Placed", b"behind"))
+    switchover = asyncio.ensure_future(old.switchover(target, timeout_s=60))
+    await wait_until(stuck.entered.is_set, 10, "the designation's write under way")
+    return old, stuck, switchover
 
 
 async def _is(value: Any, expected: object) -> bool:
@@ -199,36 +220,9 @@ def test_a_switchover_cancelled_again_while_it_cleans_up_leaves_no_designation_b
     then stood for its whole lease after the failed switchover."""
     async def body() -> None:
         async with LocalCluster.running(etcd.endpoints, tmp_path) as cluster:
-            old = await cluster.leader()
-            target = sorted(m for m in cluster.nodes if m != old.id)[0]
-            lead = old.leadership
-            entered, written, cleared = threading.Event(), threading.Event(), threading.Event()
-            put, delete = lead._put, lead._delete
-
-            def slow_put(key: str, value: str, lease: int | None = None) -> None:
-                if key == lead.designated_key:
-                    entered.set()
-                    cleared.wait(3.0)  # the slow etcd: until the clearing, at most 3 s
-                put(key, value, lease)
-                if key == lead.designated_key:
-                    written.set()
-
-            def observed_delete(key: str) -> None:
-                delete(key)
-                if key == lead.designated_key:
-                    cleared.set()
-
-            monkeypatch.setattr(lead, "_put", slow_put)
-            monkeypatch.setattr(lead, "_delete", observed_delete)
-            replicator = cluster.nodes[target].replicator
-            assert replicator is not None
-            deliver = replicator.deliver
-            monkeypatch.setattr(replicator, "deliver",
-                                lambda msgs: deliver([m for m in msgs if m.src != old.id]))
-            async with StoreClient(old.address, timeout_s=10) as client:
-                await client.append("orders", new_event("Placed", b"behind"))
-            switchover = asyncio.ensure_future(old.switchover(target, timeout_s=60))
-            await wait_until(entered.is_set, 10, "the designation's write under way")
+            old, stuck, switchover = await _switchover_slowly_designating(cluster,
+                                                                          monkeypatch)
+            lead, written, cleared = old.leadership, stuck.written, stuck.cleared
             cancels = 0
             while not switchover.done() and cancels < 2000:  # bounded: 20 s at most
                 switchover.cancel()
