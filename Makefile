@@ -7,14 +7,16 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench proto lint lint-infra sysdeps clean
 
-$(STAMP): pyproject.toml
+# The install compiles store/_speedups.c: sysdeps first (a C compiler, Python's headers).
+$(STAMP): pyproject.toml setup.py store/_speedups.c
+	PYTHON=$(PYTHON) scripts/sysdeps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
 sysdeps:
-	scripts/sysdeps
+	PYTHON=$(PYTHON) scripts/sysdeps
 
 demo: $(STAMP) sysdeps
 	$(BIN)/xdc demo

@@ -371,9 +371,16 @@ class Log:
             self._ids_through_stored = through
             recent = RecentIds(through)
             cur = txn.cursor(self.log_db)
+            unindexed: list[bytes] = []
             if through < self.last_position and cur.set_key(_pos_key(through + 1)):
                 id_of = records.id_of
-                recent.add_run([id_of(v) for v in cur.iternext(keys=False)], through + 1)
+                unindexed = [id_of(v) for v in cur.iternext(keys=False)]
+                recent.add_run(unindexed, through + 1)
+            ids = txn.cursor(self.ids_db)
+            # Every id in the index or in memory is <= this (b"": none yet). An upper
+            # bound is all it must be: ids above it are new without a look-up, and a
+            # time-ordered (UUIDv7) id from a producer is nearly always above it.
+            self._id_bound = max(ids.key() if ids.last() else b"", *unindexed, b"")
         return recent
 
     def close(self) -> None:
@@ -435,8 +442,9 @@ class Log:
         group = [i for r in reqs for i in r.ids]
         held, unseen = self._recent.split(group)
         known = {i: _pos_key(p) for i, p in held.items()}
-        if unseen:
-            known.update(txn.cursor(self.ids_db).getmulti(unseen))
+        if unseen and min(unseen) <= self._id_bound:
+            bound = self._id_bound
+            known.update(txn.cursor(self.ids_db).getmulti([i for i in unseen if i <= bound]))
         # Ids this group writes, when an id comes twice in it (a retry sent before the
         # first attempt was answered); None, and no bookkeeping, when none does.
         group_ids: dict[bytes, int] | None = {} if len(set(group)) != len(group) else None
@@ -520,6 +528,9 @@ class Log:
                 assert records.revision_of(values[pos - first]) == st[0] + 1, (
                     f"stream revisions must be dense: {key!r} at position {pos}")
             _advance_stream(st, runs, key, pos, len(ids))
+            top = max(ids)
+            if top > self._id_bound:
+                self._id_bound = top
             if ids[0][6] >> 4 == 7:
                 # UUIDv7 (what the client library makes): time-ordered, they land beside
                 # each other at the index's end, cheap to put at once. Any other id

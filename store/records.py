@@ -17,6 +17,7 @@ import itertools
 import struct
 from collections.abc import Sequence
 
+from store import _speedups
 from xdc.v1 import eventstore_pb2 as pb
 
 _HEADER = struct.Struct("<BQBQBQBQ")
@@ -72,11 +73,6 @@ def stream_field(stream_bytes: bytes) -> bytes:
     return bytes((_TAG_STREAM,)) + varint(len(stream_bytes)) + stream_bytes
 
 
-# The frame tag, a two-byte frame length (records of 128 B..16 KiB: nearly all) and the
-# header, packed in one call.
-_FRAMED_HEADER = struct.Struct("<BBB" + _HEADER.format[1:])
-
-
 def encode(
     position: int, term: int, revision: int, timestamp_ns: int, stream_fld: bytes, body: bytes
 ) -> bytes:
@@ -84,26 +80,13 @@ def encode(
     return encode_run(position, term, revision, timestamp_ns, stream_fld, (body,))[0]
 
 
-def encode_run(position: int, term: int, revision: int, timestamp_ns: int, stream_fld: bytes,
-               bodies: Sequence[bytes]) -> list[bytes]:
-    """The framed records of consecutive events of one stream (one append): positions
-    and revisions from `position` and `revision` on, one term and timestamp. The writer's
-    hot loop: one struct call per record for the usual frame length."""
-    base = HEADER_SIZE + len(stream_fld)
-    pack = _FRAMED_HEADER.pack
-    out = []
-    for i, body in enumerate(bodies):
-        length = base + len(body)
-        if 0x80 <= length < 0x4000:
-            head = pack(_TAG_FRAME, (length & 0x7F) | 0x80, length >> 7, _TAG_POSITION,
-                        position + i, _TAG_TERM, term, _TAG_REVISION, revision + i,
-                        _TAG_TIMESTAMP, timestamp_ns)
-        else:
-            head = _FRAME_TAG + varint(length) + _HEADER.pack(
-                _TAG_POSITION, position + i, _TAG_TERM, term, _TAG_REVISION, revision + i,
-                _TAG_TIMESTAMP, timestamp_ns)
-        out.append(b"".join((head, stream_fld, body)))
-    return out
+# encode_run(position, term, revision, timestamp_ns, stream_fld, bodies) -> list[bytes]:
+# the framed records of consecutive events of one stream (one append): positions and
+# revisions from `position` and `revision` on, one term and timestamp. Each record is
+# _FRAME_TAG, varint(frame length), _HEADER.pack(_TAG_POSITION, position + i, _TAG_TERM,
+# term, _TAG_REVISION, revision + i, _TAG_TIMESTAMP, timestamp_ns), stream_fld, body.
+# The writer's hot loop, in C (store/_speedups.c: a third of the writer's Python time).
+encode_run = _speedups.encode_run
 
 
 def _start(value: bytes) -> int:

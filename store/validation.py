@@ -7,6 +7,7 @@ import re
 
 from google.protobuf.unknown_fields import UnknownFieldSet
 
+from store import _speedups
 from store.errors import StoreError, invalid
 from store.limits import Limits
 from store.log import EXACT, PreparedAppend
@@ -79,19 +80,9 @@ def prepare(req: pb.AppendRequest, limits: Limits) -> PreparedAppend:
     append's place in front (store/service.py)."""
     # Each field read once: a read looks the field up by name and makes a new object.
     stream, kind, expected_revision = req.stream, req.expected, req.expected_revision
-    stream_key, stream_fld = _stream(stream, limits)
-    if kind not in _EXPECTED_KINDS:
-        raise invalid("expected", f"unknown ExpectedKind {kind}")
-    if kind != EXACT and expected_revision:
-        raise invalid("expected_revision", "set only with EXPECTED_EXACT")
     events = req.events
     n = len(events)
-    if n == 0:
-        raise invalid("events", f"empty; an append carries 1..{limits.max_append_events} "
-                                "events")
-    if n > limits.max_append_events:
-        raise invalid("events", f"{n} events exceeds max_append_events "
-                                f"({limits.max_append_events})")
+    stream_key, stream_fld = _check_append(stream, kind, expected_revision, n, limits)
     ids: list[bytes] = []
     bodies: list[bytes] = []
     total = 0
@@ -149,9 +140,63 @@ def prepare(req: pb.AppendRequest, limits: Limits) -> PreparedAppend:
         total += len(body)
         ids.append(event_id)
         bodies.append(body)
+    _check_events(ids, total, limits)
+    return PreparedAppend(stream, stream_key, kind, expected_revision, ids, bodies,
+                          stream_fld, total)
+
+
+# An append as store/_speedups.c's scan_append_stream returns it: stream, expected kind,
+# expected revision, event ids, serialized events, their summed size, the event types.
+ScannedAppend = tuple[str, int, int, list[bytes], list[bytes], int, set[str]]
+
+
+def prepare_scanned(append: ScannedAppend, limits: Limits) -> PreparedAppend:
+    """`prepare` for an append whose events the scan checked already (each event's id,
+    type, content type, size and form): the checks of the append as a whole."""
+    stream, kind, expected_revision, ids, bodies, total, _ = append
+    stream_key, stream_fld = _check_append(stream, kind, expected_revision, len(ids), limits)
+    _check_events(ids, total, limits)
+    return PreparedAppend(stream, stream_key, kind, expected_revision, ids, bodies,
+                          stream_fld, total)
+
+
+def scan_append_stream(data: bytes, limits: Limits,
+                       ) -> tuple[int, list[ScannedAppend], dict[str, str]] | None:
+    """An AppendStream message's correlation id, appends and trace context, read straight
+    from its bytes in C, or None: the message is not in the form a protobuf serializer
+    writes (fields in number order, minimal varints, no unknown field), an event has
+    metadata (stored with its entries in key order: re-serialized), or an event fails a
+    check of `prepare` (a message of several appends with one bad event, say). The caller
+    then parses it with protobuf, which accepts every form and names what is wrong: one
+    set of messages and rules."""
+    return _speedups.scan_append_stream(
+        data, limits.max_event_bytes, limits.max_type_bytes, limits.max_append_events,
+        limits.max_appends_per_message)
+
+
+def _check_append(stream: str, kind: int, expected_revision: int, n: int,
+                  limits: Limits) -> tuple[bytes, bytes]:
+    """The append's own fields and event count; its stream's key and encoded field."""
+    stream_key, stream_fld = _stream(stream, limits)
+    if kind not in _EXPECTED_KINDS:
+        raise invalid("expected", f"unknown ExpectedKind {kind}")
+    if kind != EXACT and expected_revision:
+        raise invalid("expected_revision", "set only with EXPECTED_EXACT")
+    if n == 0:
+        raise invalid("events", f"empty; an append carries 1..{limits.max_append_events} "
+                                "events")
+    if n > limits.max_append_events:
+        raise invalid("events", f"{n} events exceeds max_append_events "
+                                f"({limits.max_append_events})")
+    return stream_key, stream_fld
+
+
+def _check_events(ids: list[bytes], total: int, limits: Limits) -> None:
+    """The events together: their size and their ids' uniqueness."""
     if total > limits.max_append_bytes:
         raise invalid("events", f"{total} bytes in all exceeds max_append_bytes "
                                 f"({limits.max_append_bytes})")
+    n = len(ids)
     if n > 1 and len(set(ids)) != n:
         seen: dict[bytes, int] = {}
         for i, event_id in enumerate(ids):
@@ -159,8 +204,6 @@ def prepare(req: pb.AppendRequest, limits: Limits) -> PreparedAppend:
                 raise invalid(f"events[{i}].id", f"duplicates events[{seen[event_id]}].id "
                                                  "in the same append")
             seen[event_id] = i
-    return PreparedAppend(stream, stream_key, kind, expected_revision, ids, bodies,
-                          stream_fld, total)
 
 
 def _check_metadata(metadata: object, limits: Limits, field: str) -> None:

@@ -439,6 +439,49 @@ def test_ids_repeated_within_one_group_are_answered_like_retries(tmp_path: Path)
         log.close()
 
 
+def test_ids_above_every_indexed_id_skip_the_look_up_and_retries_are_still_found(
+        tmp_path: Path) -> None:
+    """Log.sequence looks up in the index only the ids at or below the greatest id
+    written (an upper bound kept in memory, from the index and the unindexed records at
+    an open). Seeded mixes of time-ordered ids (straight into the index) and random ones
+    (held in memory, flushed later), retried in later groups and after reopening: every
+    retry is a duplicate, every new id is new, and the bound is above every id written."""
+    from store.client import new_id
+
+    rng = random.Random(SEED)
+    path = tmp_path / "n"
+    log = Log(path)
+    written: list[PreparedAppend] = []
+
+    def group(n: int) -> list[PreparedAppend]:
+        reqs = []
+        for _ in range(n):
+            ids = [new_id() if rng.random() < 0.5 else uuid.UUID(int=rng.getrandbits(128)).bytes
+                   for _ in range(rng.randint(1, 3))]
+            bodies = [pb.ProposedEvent(id=i, type="T").SerializeToString() for i in ids]
+            reqs.append(PreparedAppend("s", b"s", pb.EXPECTED_ANY, 0, ids, bodies))
+        return reqs
+
+    try:
+        for round_ in range(6):
+            for _ in range(40):  # more groups than buckets: random ids reach the index too
+                retries = rng.sample(written, min(2, len(written)))
+                fresh = group(2)
+                results, _ = log.append_group([*retries, *fresh], 1, 1_000)
+                assert [r.duplicate for r in results] == [True] * len(retries) + [False] * 2
+                written += fresh
+            log.close()
+            log = Log(path)
+            # After an open: the bound covers the index and the records not indexed yet.
+            assert log._id_bound >= max(i for r in written for i in r.ids)
+            results, new = log.append_group([
+                PreparedAppend(r.stream, r.stream_key, r.expected, 0, r.ids, r.bodies)
+                for r in written[-40:]], 1, 2_000)
+            assert new == [] and all(r.duplicate for r in results), round_
+    finally:
+        log.close()
+
+
 def _fresh(rng: random.Random) -> tuple[list[bytes], list[bytes]]:
     p = prepared("a", 1, rng)
     return p.ids, p.bodies
