@@ -10,8 +10,11 @@
  * (the store keeps it with its entries in key order, which the serializer does not
  * promise) whose events pass the per-event checks; for anything else it answers None and the caller takes
  * the protobuf path, which parses and names what is wrong. So it never decides a
- * refusal: it only recognises a message that the protobuf path would accept, and
- * returns what that path would. The bytes are scanned with the GIL released.
+ * refusal of an event: it only recognises a message that the protobuf path would parse
+ * with every event passing `prepare`'s checks, and returns what that path would. The
+ * checks of an append as a whole (its stream name, expected kind and revision, total
+ * size, repeated ids) are validation.prepare_scanned's, shared with `prepare`. The bytes
+ * (immutable: a bytes object) are scanned with the GIL released.
  *
  * encode_run: records.encode_run, the writer's loop.
  */
@@ -385,14 +388,14 @@ PyDoc_STRVAR(scan_append_stream_doc,
 static PyObject *
 scan_append_stream(PyObject *self, PyObject *args)
 {
-    Py_buffer buf;
+    PyObject *data;
     Scan s = {0};
     int rc;
-    if (!PyArg_ParseTuple(args, "y*nnnn", &buf, &s.max_event, &s.max_type, &s.max_events,
+    if (!PyArg_ParseTuple(args, "Snnnn", &data, &s.max_event, &s.max_type, &s.max_events,
                           &s.max_appends))
         return NULL;
-    s.p = buf.buf;
-    s.n = buf.len;
+    s.p = (const unsigned char *)PyBytes_AS_STRING(data);
+    s.n = PyBytes_GET_SIZE(data);
     Py_BEGIN_ALLOW_THREADS
     rc = scan_message(&s);
     Py_END_ALLOW_THREADS
@@ -406,7 +409,6 @@ scan_append_stream(PyObject *self, PyObject *args)
     free(s.events);
     free(s.appends);
     free(s.trace);
-    PyBuffer_Release(&buf);
     return out;
 }
 
@@ -465,7 +467,13 @@ encode_run(PyObject *self, PyObject *args)
         return NULL;
     }
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject *out = PyList_New(n);
+    PyObject *out = NULL;
+    if (n > 0 && (position > UINT64_MAX - (uint64_t)(n - 1)
+                  || revision > UINT64_MAX - (uint64_t)(n - 1))) {
+        PyErr_SetString(PyExc_OverflowError, "position or revision past 2**64 - 1");
+        goto done;
+    }
+    out = PyList_New(n);
     if (out == NULL)
         goto done;
     for (Py_ssize_t i = 0; i < n; i++) {

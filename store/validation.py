@@ -4,6 +4,7 @@ message that names the field and the limit. Nothing here touches the disk."""
 from __future__ import annotations
 
 import re
+import sys
 
 from google.protobuf.unknown_fields import UnknownFieldSet
 
@@ -169,9 +170,11 @@ def scan_append_stream(data: bytes, limits: Limits,
     check of `prepare` (a message of several appends with one bad event, say). The caller
     then parses it with protobuf, which accepts every form and names what is wrong: one
     set of messages and rules."""
+    # Limits have no upper bound; the scan's are C sizes (a larger one changes nothing).
     return _speedups.scan_append_stream(
-        data, limits.max_event_bytes, limits.max_type_bytes, limits.max_append_events,
-        limits.max_appends_per_message)
+        data, min(limits.max_event_bytes, sys.maxsize), min(limits.max_type_bytes, sys.maxsize),
+        min(limits.max_append_events, sys.maxsize),
+        min(limits.max_appends_per_message, sys.maxsize))
 
 
 def _check_append(stream: str, kind: int, expected_revision: int, n: int,

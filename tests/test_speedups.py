@@ -152,6 +152,20 @@ def test_what_the_scan_leaves_to_the_protobuf_path() -> None:
     }
     for name, data in refused.items():
         assert scan_append_stream(data, lim) is None, name
+    # bytes only (the scan runs without the GIL: a mutable buffer could change under it)
+    with pytest.raises(TypeError):
+        _speedups.scan_append_stream(bytearray(_message([("s", 0, 0, [ok])])), 9, 9, 9, 9)
+    # limits past a C size (Limits has no upper bound) take what they take below it
+    huge = Limits(**{name: 1 << 70 for name in (
+        "max_event_bytes", "max_type_bytes", "max_append_events", "max_appends_per_message",
+        "max_append_bytes", "max_pending_bytes", "max_batch_bytes", "max_group_events")})
+    assert _same(_message([("s", 0, 0, [_event("T" * 300, b"x" * 2_000_000)])]), huge)
+    # varints: the protobuf path's to judge past what a serializer writes
+    assert scan_append_stream(b"\x08" + b"\xff" * 9 + b"\x01", lim) is not None  # 2**64 - 1
+    assert scan_append_stream(b"\x08" + b"\xff" * 9 + b"\x02", lim) is None  # past 64 bits
+    for kind in (4, (1 << 31) - 1):  # open enum: an unknown kind is prepare_scanned's refusal
+        assert _same(_message([("s", kind, 0, [ok])]), lim)
+    assert scan_append_stream(_message([("s", -1, 0, [ok])]), lim) is None  # 10-byte varint
     # The same bytes with one change each are taken: the cases above test what they say.
     assert _same(_message([("s", 0, 0, [ok])]), lim)
     assert _same(raw_append(body), lim)
@@ -239,6 +253,11 @@ def test_encode_run_equals_the_python_loop() -> None:
         _speedups.encode_run(1, 1, 1, 0, b"\x32\x01s", ["not bytes"])
     with pytest.raises(OverflowError):
         _speedups.encode_run(-1, 1, 1, 0, b"\x32\x01s", [b""])
+    top = (1 << 64) - 1  # the last position or revision a record can hold, not past it
+    assert len(_speedups.encode_run(top, 1, top, 0, b"\x32\x01s", [b"a"])) == 1
+    for position, revision in ((top, 1), (1, top)):
+        with pytest.raises(OverflowError):
+            _speedups.encode_run(position, 1, revision, 0, b"\x32\x01s", [b"a", b"b"])
 
 
 def test_a_server_answers_scanned_and_parsed_messages_alike(tmp_path: Path) -> None:
