@@ -513,9 +513,54 @@ done:
     return out;
 }
 
+PyDoc_STRVAR(keyed_doc,
+"keyed(first, values) -> (keys, items)\n"
+"The log's keys of records at first, first + 1, ... (8-byte big-endian positions)\n"
+"and the (key, value) pairs that put them.");
+
+static PyObject *
+keyed(PyObject *self, PyObject *args)
+{
+    unsigned long long first;
+    PyObject *values;
+    if (!PyArg_ParseTuple(args, "O&O!", as_u64, &first, &PyList_Type, &values))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(values);
+    if (n > 0 && first > UINT64_MAX - (uint64_t)(n - 1)) {
+        PyErr_SetString(PyExc_OverflowError, "position past 2**64 - 1");
+        return NULL;
+    }
+    PyObject *keys = PyList_New(n), *items = PyList_New(n);
+    if (keys == NULL || items == NULL)
+        goto fail;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t pos = first + (uint64_t)i;
+        PyObject *key = PyBytes_FromStringAndSize(NULL, 8);
+        if (key == NULL)
+            goto fail;
+        unsigned char *k = (unsigned char *)PyBytes_AS_STRING(key);
+        for (int b = 7; b >= 0; b--) {
+            k[b] = (unsigned char)(pos & 0xff);
+            pos >>= 8;
+        }
+        PyList_SET_ITEM(keys, i, key);
+        PyObject *value = PyList_GET_ITEM(values, i);
+        PyObject *pair = PyTuple_Pack(2, key, value);
+        if (pair == NULL)
+            goto fail;
+        PyList_SET_ITEM(items, i, pair);
+    }
+    return Py_BuildValue("(NN)", keys, items);
+fail:
+    Py_XDECREF(keys);
+    Py_XDECREF(items);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"scan_append_stream", scan_append_stream, METH_VARARGS, scan_append_stream_doc},
     {"encode_run", encode_run, METH_VARARGS, encode_run_doc},
+    {"keyed", keyed, METH_VARARGS, keyed_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -43,7 +43,7 @@ from typing import Any, NamedTuple
 import grpc
 import lmdb
 
-from store import records
+from store import _speedups, records
 from store.errors import StoreError, wrong_revision
 from store.recent_ids import RecentIds
 from xdc.v1 import eventstore_pb2 as pb
@@ -513,7 +513,8 @@ class Log:
         else:
             assert records.position_of(values[-1]) == first + len(values) - 1
         last = first + len(values) - 1
-        keys = list(map(_pos_key, range(first, last + 1)))  # the log's keys, the ids' values
+        # The log's keys (the ids' values too) and the log's (key, record) pairs.
+        keys, log_items = _speedups.keyed(first, values)
         streams: dict[bytes, list[int]] = {}
         runs: dict[tuple[bytes, int], tuple[int, int]] = {}
         add_ids = self._recent.add_run
@@ -542,7 +543,7 @@ class Log:
                 add_ids(ids, pos)
         if id_items:
             txn.cursor(self.ids_db).putmulti(id_items)
-        txn.cursor(self.log_db).putmulti(list(zip(keys, values, strict=True)), append=True)
+        txn.cursor(self.log_db).putmulti(log_items, append=True)
         self._put_streams_and_runs(txn, streams, runs)
         self.last_position = last
         self.last_term = records.term_of(values[-1])

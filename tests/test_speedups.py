@@ -260,6 +260,19 @@ def test_encode_run_equals_the_python_loop() -> None:
             _speedups.encode_run(position, 1, revision, 0, b"\x32\x01s", [b"a", b"b"])
 
 
+def test_keyed_equals_the_python_pairs() -> None:
+    """keyed: the log's 8-byte big-endian position keys, and the (key, record) pairs."""
+    values = [b"a", b"", b"c" * 300]
+    for first in (1, 255, 1 << 40, (1 << 64) - 3):
+        keys, items = _speedups.keyed(first, values)
+        want = [struct.pack(">Q", first + i) for i in range(3)]
+        assert keys == want and items == list(zip(want, values, strict=True))
+        assert all(k is p[0] for k, p in zip(keys, items, strict=True))  # one object each
+    assert _speedups.keyed(7, []) == ([], [])
+    with pytest.raises(OverflowError):
+        _speedups.keyed((1 << 64) - 2, values)
+
+
 def test_a_server_answers_scanned_and_parsed_messages_alike(tmp_path: Path) -> None:
     """One AppendStream call: a message the scan takes, one it leaves (metadata), one
     with a refused append beside an accepted one: answers, refusals and records as the
