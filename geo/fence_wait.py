@@ -33,7 +33,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from geo.transport import ReplicationService
 from store.auth import Guard
-from store.errors import MD_RETRY_AFTER_MS
+from store.errors import MD_NOT_RUN, MD_RETRY_AFTER_MS
 from store.limits import Limits
 from store.server import listen_on, new_server
 from store.service import SERVICE
@@ -90,7 +90,8 @@ class FenceWait:
 
 async def _refuse(context: grpc.aio.ServicerContext, message: str) -> None:
     await context.abort(grpc.StatusCode.UNAVAILABLE, message,
-                        trailing_metadata=((MD_RETRY_AFTER_MS, str(RETRY_AFTER_MS)),))
+                        trailing_metadata=((MD_RETRY_AFTER_MS, str(RETRY_AFTER_MS)),
+                                           (MD_NOT_RUN, "1")))
 
 
 def _not_served(*args: Any) -> Any:

@@ -28,7 +28,7 @@ import grpc
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from store.auth import bearer
-from store.errors import MD_LEADER, MD_RETRY_AFTER_MS, MD_SHED_REASON, MD_TIER
+from store.errors import MD_LEADER, MD_NOT_RUN, MD_RETRY_AFTER_MS, MD_SHED_REASON, MD_TIER
 from store.limits import Limits
 from xdc import telemetry
 from xdc.tls import Tls, aio_channel
@@ -148,6 +148,9 @@ class _Pending:
     # ended so is known not to be written.
     unreached: str = ""
     unreached_at: float = 0.0
+    # The refusal of the latest attempt that a node refused before running any of it
+    # (xdc-not-run, or shed by a tier): like an attempt never sent, it wrote nothing.
+    not_run: AppendError | None = None
 
 
 # A refusal to retry after: (code, message, actual last revision, leader hint, backoff s).
@@ -558,6 +561,8 @@ class StoreClient:
         if not p.maybe_written:
             if refusal is not None:
                 return refusal
+            if p.not_run is not None:
+                return p.not_run
             if p.unreached:
                 return AppendError(grpc.StatusCode.UNAVAILABLE,
                                    f"append not sent: no connection to {p.unreached}; "
@@ -999,9 +1004,9 @@ class StoreClient:
             if p.future.done():
                 continue
             end = p.deadline
-            if p.unreached and not p.maybe_written:
+            if (p.unreached or p.not_run is not None) and not p.maybe_written:
                 end -= delay_s + LAST_ATTEMPT_S
-                if self.connect_timeout_s is not None:
+                if p.unreached and self.connect_timeout_s is not None:
                     end = min(end, p.unreached_at + self.connect_timeout_s)
             if now >= end:
                 p.future.set_exception(self._expired(p, None if in_doubt else cause))
@@ -1075,6 +1080,7 @@ class StoreClient:
                     p.future.set_exception(error)
             return
         cause = None
+        md: dict[str, Any] = {}
         if isinstance(error, grpc.aio.AioRpcError):
             md = dict(error.trailing_metadata() or ())
             if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
@@ -1087,6 +1093,10 @@ class StoreClient:
             if not cause.leader:  # the node itself failed us (down, unreachable, stuck)
                 self._unreachable[self._target] = (asyncio.get_running_loop().time()
                                                    + UNREACHABLE_S)
+        # The node refused the call before running any of it (shed by a tier, a voter
+        # waiting for its fence): nothing of it was written, as for a call never sent;
+        # one past its deadline fails with the refusal, not as in doubt.
+        not_run = bool({MD_NOT_RUN, MD_SHED_REASON} & md.keys())
         if isinstance(error, grpc.aio.AioRpcError) and never_sent(error):
             # The call never reached the node: nothing of it can have been written.
             where, now = f"{self._target} ({error.details()})", asyncio.get_running_loop().time()
@@ -1094,13 +1104,16 @@ class StoreClient:
                 if not p.unreached:
                     p.unreached_at = now
                 p.unreached = where
+        elif not_run:
+            for p in inflight:
+                p.not_run = cause
         else:
             for p in inflight:
                 p.maybe_written = True
         # Put back before the move below: as refused by this node (not the next), and
         # where the deadline sweep finds them (_expire) whatever the move awaits. Sent,
         # they may have been written: one past its deadline is in doubt, not refused.
-        self._retry(inflight, cause, in_doubt=True)
+        self._retry(inflight, cause, in_doubt=not not_run)
         if cause is not None and not cause.leader and len(self.targets) > 1:
             await self._switch()
 

@@ -14,6 +14,9 @@ MD_RETRY_AFTER_MS = "xdc-retry-after-ms"
 # request names its own tier with MD_TIER too (a tier or service name).
 MD_TIER = "xdc-tier"
 MD_SHED_REASON = "xdc-shed-reason"
+# Any other call refused before any of it ran (a voter waiting for its fence,
+# geo/fence_wait.py): nothing of it was written, and a client may say so.
+MD_NOT_RUN = "xdc-not-run"
 
 
 class StoreError(Exception):

@@ -279,3 +279,31 @@ def test_a_fence_wait_cancelled_while_its_server_starts_frees_the_port(
         finally:
             await server.stop(None)
     run(scenario)
+
+
+def test_an_append_refused_by_a_voter_waiting_for_its_fence_fails_as_refused_not_in_doubt(
+        ) -> None:
+    """The waiting voter refuses an AppendStream call before running any of it, and says
+    so (xdc-not-run): the client's append fails at its deadline with that refusal
+    (UNAVAILABLE naming the wait: nothing was written), where it failed with
+    DEADLINE_EXCEEDED "outcome unknown", as if the voter might have written it."""
+    from geo import fence_wait
+    from geo.etcd_server import free_ports
+    from store.client import AppendError
+    from store.limits import Limits
+
+    (port,) = free_ports(1)
+    address = f"127.0.0.1:{port}"
+
+    async def scenario() -> None:
+        wait = fence_wait.FenceWait("a", "r", ["b", "c"], 2)
+        async with fence_wait.serving(wait, address=address, cluster="x",
+                                      members={"a", "b", "c"}, tls=None, limits=Limits(),
+                                      guard=None), \
+                StoreClient(address, timeout_s=1.5) as client:
+            with pytest.raises(AppendError) as err:
+                await client.append("orders", new_event("Placed", b"x"))
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE, err.value
+        assert err.value.message.startswith("a serves no EventStore.AppendStream") and \
+            WAITS in err.value.message, err.value
+    run(scenario)
