@@ -73,6 +73,8 @@ def new_event(event_type: str, data: bytes = b"", *, metadata: dict[str, str] | 
 
 _IN_DOUBT = ("append not confirmed before the timeout; its outcome is unknown: retry with "
              "the same event ids")
+_APPENDED_NOTHING = ("this call appended nothing (an earlier append of the same event ids "
+                     "may have been: retry with them)")
 
 # How gRPC fails a call it never sent anywhere (wait_for_ready off, retries off): no
 # address of the target could be connected to (refused; closed or reset before the HTTP/2
@@ -556,18 +558,21 @@ class StoreClient:
         """What an append given up on (_retry: its deadline, its connect timeout) fails
         with, once its attempt has ended: DEADLINE_EXCEEDED (outcome unknown) if an
         attempt may have written it; else the store's `refusal` it was to be retried
-        after; else, when every attempt failed to connect anywhere, UNAVAILABLE "not
-        sent" (it is not sent again: this call appended nothing)."""
+        after; else the refusal of a node that refused its call before running any of it
+        (`not_run`); else, when every attempt failed to connect anywhere, UNAVAILABLE
+        "not sent". In the last two cases it is not sent again: this call appended
+        nothing, which the message says, with the caveat that an earlier call with the
+        same event ids may have."""
         if not p.maybe_written:
             if refusal is not None:
                 return refusal
             if p.not_run is not None:
-                return p.not_run
+                return AppendError(p.not_run.code, f"{p.not_run.message}; {_APPENDED_NOTHING}",
+                                   leader=p.not_run.leader)
             if p.unreached:
                 return AppendError(grpc.StatusCode.UNAVAILABLE,
                                    f"append not sent: no connection to {p.unreached}; "
-                                   "this call appended nothing (an earlier append of the "
-                                   "same event ids may have been: retry with them)")
+                                   f"{_APPENDED_NOTHING}")
         return AppendError(grpc.StatusCode.DEADLINE_EXCEEDED, _IN_DOUBT)
 
     def _schedule_flush(self, delay: float) -> None:
@@ -1006,7 +1011,8 @@ class StoreClient:
             end = p.deadline
             if (p.unreached or p.not_run is not None) and not p.maybe_written:
                 end -= delay_s + LAST_ATTEMPT_S
-                if p.unreached and self.connect_timeout_s is not None:
+                # (Only while no node was reached: one that refused it was.)
+                if p.unreached and p.not_run is None and self.connect_timeout_s is not None:
                     end = min(end, p.unreached_at + self.connect_timeout_s)
             if now >= end:
                 p.future.set_exception(self._expired(p, None if in_doubt else cause))
@@ -1095,7 +1101,7 @@ class StoreClient:
                                                    + UNREACHABLE_S)
         # The node refused the call before running any of it (shed by a tier, a voter
         # waiting for its fence): nothing of it was written, as for a call never sent;
-        # one past its deadline fails with the refusal, not as in doubt.
+        # one past its deadline fails with the refusal (_expired), not as in doubt.
         not_run = bool({MD_NOT_RUN, MD_SHED_REASON} & md.keys())
         if isinstance(error, grpc.aio.AioRpcError) and never_sent(error):
             # The call never reached the node: nothing of it can have been written.
@@ -1113,7 +1119,7 @@ class StoreClient:
         # Put back before the move below: as refused by this node (not the next), and
         # where the deadline sweep finds them (_expire) whatever the move awaits. Sent,
         # they may have been written: one past its deadline is in doubt, not refused.
-        self._retry(inflight, cause, in_doubt=not not_run)
+        self._retry(inflight, cause, in_doubt=True)
         if cause is not None and not cause.leader and len(self.targets) > 1:
             await self._switch()
 

@@ -306,4 +306,37 @@ def test_an_append_refused_by_a_voter_waiting_for_its_fence_fails_as_refused_not
         assert err.value.code == grpc.StatusCode.UNAVAILABLE, err.value
         assert err.value.message.startswith("a serves no EventStore.AppendStream") and \
             WAITS in err.value.message, err.value
+        assert err.value.message.endswith("this call appended nothing (an earlier append of "
+                                          "the same event ids may have been: retry with them)")
     run(scenario)
+
+
+def test_a_refusal_before_running_keeps_an_append_trying_past_its_connect_timeout(
+        ) -> None:
+    """The connect timeout ends an append that never reached any node; one that a node
+    refused before running it (here a voter waiting for its fence, after a target that
+    refuses connections) did reach one: it is tried until its own deadline, and then
+    fails with that refusal."""
+    from geo import fence_wait
+    from geo.etcd_server import free_ports
+    from store.client import AppendError
+    from store.limits import Limits
+
+    dead, port = free_ports(2)
+    address = f"127.0.0.1:{port}"
+
+    async def scenario() -> float:
+        wait = fence_wait.FenceWait("a", "r", ["b", "c"], 2)
+        async with fence_wait.serving(wait, address=address, cluster="x",
+                                      members={"a", "b", "c"}, tls=None, limits=Limits(),
+                                      guard=None), \
+                StoreClient([f"127.0.0.1:{dead}", address], timeout_s=3.0,
+                            connect_timeout_s=0.5) as client:
+            start = asyncio.get_running_loop().time()
+            with pytest.raises(AppendError) as err:
+                await client.append("orders", new_event("Placed", b"x"))
+            assert err.value.code == grpc.StatusCode.UNAVAILABLE and \
+                WAITS in err.value.message, err.value
+            return asyncio.get_running_loop().time() - start
+    took = run(scenario)
+    assert 2.0 < took < 3.5, took  # its deadline, not the connect timeout (0.5 s)
