@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from geo import launcher
 from store import auth
-from store.client import StoreClient, new_event
+from store.client import AppendError, StoreClient, new_event
 from store.errors import MD_RETRY_AFTER_MS
 from store.log import stored_cluster
 from tests.support.cli import xdc_cli as xdc
@@ -281,34 +281,37 @@ def test_a_fence_wait_cancelled_while_its_server_starts_frees_the_port(
     run(scenario)
 
 
+async def _refused_append(client: StoreClient, address: str) -> tuple[AppendError, float]:
+    """An append through `client` while `address` serves a voter waiting for its fence
+    (in this process): its error, and how long it took."""
+    from geo import fence_wait
+    from store.limits import Limits
+
+    wait = fence_wait.FenceWait("a", "r", ["b", "c"], 2)
+    async with fence_wait.serving(wait, address=address, cluster="x",
+                                  members={"a", "b", "c"}, tls=None, limits=Limits(),
+                                  guard=None), client:
+        start = asyncio.get_running_loop().time()
+        with pytest.raises(AppendError) as err:
+            await client.append("orders", new_event("Placed", b"x"))
+        return err.value, asyncio.get_running_loop().time() - start
+
+
 def test_an_append_refused_by_a_voter_waiting_for_its_fence_fails_as_refused_not_in_doubt(
         ) -> None:
     """The waiting voter refuses an AppendStream call before running any of it, and says
     so (xdc-not-run): the client's append fails at its deadline with that refusal
     (UNAVAILABLE naming the wait: nothing was written), where it failed with
     DEADLINE_EXCEEDED "outcome unknown", as if the voter might have written it."""
-    from geo import fence_wait
     from geo.etcd_server import free_ports
-    from store.client import AppendError
-    from store.limits import Limits
 
-    (port,) = free_ports(1)
-    address = f"127.0.0.1:{port}"
-
-    async def scenario() -> None:
-        wait = fence_wait.FenceWait("a", "r", ["b", "c"], 2)
-        async with fence_wait.serving(wait, address=address, cluster="x",
-                                      members={"a", "b", "c"}, tls=None, limits=Limits(),
-                                      guard=None), \
-                StoreClient(address, timeout_s=1.5) as client:
-            with pytest.raises(AppendError) as err:
-                await client.append("orders", new_event("Placed", b"x"))
-        assert err.value.code == grpc.StatusCode.UNAVAILABLE, err.value
-        assert err.value.message.startswith("a serves no EventStore.AppendStream") and \
-            WAITS in err.value.message, err.value
-        assert err.value.message.endswith("this call appended nothing (an earlier append of "
-                                          "the same event ids may have been: retry with them)")
-    run(scenario)
+    address = f"127.0.0.1:{free_ports(1)[0]}"
+    err, _ = run(lambda: _refused_append(StoreClient(address, timeout_s=1.5), address))
+    assert err.code == grpc.StatusCode.UNAVAILABLE, err
+    assert err.message.startswith("a serves no EventStore.AppendStream") and \
+        WAITS in err.message, err
+    assert err.message.endswith("this call appended nothing (an earlier append of "
+                                "the same event ids may have been: retry with them)")
 
 
 def test_a_refusal_before_running_keeps_an_append_trying_past_its_connect_timeout(
@@ -317,26 +320,11 @@ def test_a_refusal_before_running_keeps_an_append_trying_past_its_connect_timeou
     refused before running it (here a voter waiting for its fence, after a target that
     refuses connections) did reach one: it is tried until its own deadline, and then
     fails with that refusal."""
-    from geo import fence_wait
     from geo.etcd_server import free_ports
-    from store.client import AppendError
-    from store.limits import Limits
 
     dead, port = free_ports(2)
     address = f"127.0.0.1:{port}"
-
-    async def scenario() -> float:
-        wait = fence_wait.FenceWait("a", "r", ["b", "c"], 2)
-        async with fence_wait.serving(wait, address=address, cluster="x",
-                                      members={"a", "b", "c"}, tls=None, limits=Limits(),
-                                      guard=None), \
-                StoreClient([f"127.0.0.1:{dead}", address], timeout_s=3.0,
-                            connect_timeout_s=0.5) as client:
-            start = asyncio.get_running_loop().time()
-            with pytest.raises(AppendError) as err:
-                await client.append("orders", new_event("Placed", b"x"))
-            assert err.value.code == grpc.StatusCode.UNAVAILABLE and \
-                WAITS in err.value.message, err.value
-            return asyncio.get_running_loop().time() - start
-    took = run(scenario)
+    err, took = run(lambda: _refused_append(StoreClient(
+        [f"127.0.0.1:{dead}", address], timeout_s=3.0, connect_timeout_s=0.5), address))
+    assert err.code == grpc.StatusCode.UNAVAILABLE and WAITS in err.message, err
     assert 2.0 < took < 3.5, took  # its deadline, not the connect timeout (0.5 s)
