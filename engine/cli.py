@@ -11,7 +11,7 @@ import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -710,17 +710,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     w = esub.add_parser("switchover", help="hand the group over at an exact input position")
     w.add_argument("group", type=group_name)
     w.add_argument("--to", required=True, help="target instance id")
-    w.add_argument("--store", required=True)
-    w.add_argument("--timeout", type=seconds, default=SWITCHOVER_TIMEOUT_S,
-                   help="seconds to wait for the target to take over, more than 0")
-    w.add_argument("--no-wait", action="store_true",
-                   help="return once the marker is appended, without waiting")
-    w.add_argument("--force", action="store_true",
-                   help="append the marker even if the target does not look able to take "
-                        "over (not advertised, not answering, not warm)")
-    add_cli_args(w)
-    add_token_arg(w)
-    w.set_defaults(func=cmd_switchover)
+    _add_marker_args(w, cmd_switchover, "the marker",
+                     "for the target to take over",
+                     "even if the target does not look able to take over (not advertised, "
+                     "not answering, not warm)")
 
     n = esub.add_parser("snapshot", help="ask the primary for a snapshot at this position")
     n.add_argument("group", type=group_name)
@@ -735,17 +728,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("group", type=group_name)
     a.add_argument("--output-version", type=_output_version, required=True,
                    help="the output format version to emit after the activation")
-    a.add_argument("--store", required=True)
-    a.add_argument("--timeout", type=seconds, default=SWITCHOVER_TIMEOUT_S,
-                   help="seconds to wait for the instances to process it, more than 0")
-    a.add_argument("--no-wait", action="store_true",
-                   help="return once the activation is appended, without waiting")
-    a.add_argument("--force", action="store_true",
-                   help="append it whatever the instances answer (none answers, or one "
-                        "does not support it: that one alarms when it reads it)")
-    add_cli_args(a)
-    add_token_arg(a)
-    a.set_defaults(func=cmd_activate)
+    _add_marker_args(a, cmd_activate, "the activation",
+                     "for the instances to process it",
+                     "whatever the instances answer (none answers, or one does not support "
+                     "it: that one alarms when it reads it)")
 
     v = esub.add_parser("verify", help="replay the log into this engine version and compare "
                                        "outputs and snapshot state hashes")
@@ -754,6 +740,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_cli_args(v)
     add_token_arg(v)
     v.set_defaults(func=cmd_verify)
+
+
+def _add_marker_args(p: argparse.ArgumentParser, func: Callable[..., Any], marker: str,
+                     wait_for: str, force: str) -> None:
+    """The options of a command that appends a control input and waits for the group to
+    act on it (switchover, activate), then the store's connection options."""
+    from xdc.cli import add_token_arg  # (as in add_parser: xdc.cli imports this module)
+
+    p.add_argument("--store", required=True)
+    p.add_argument("--timeout", type=seconds, default=SWITCHOVER_TIMEOUT_S,
+                   help=f"seconds to wait {wait_for}, more than 0")
+    p.add_argument("--no-wait", action="store_true",
+                   help=f"return once {marker} is appended, without waiting")
+    p.add_argument("--force", action="store_true", help=f"append {marker} {force}")
+    add_cli_args(p)
+    add_token_arg(p)
+    p.set_defaults(func=func)
 
 
 def main() -> None:  # pragma: no cover - convenience for `python -m engine.cli`

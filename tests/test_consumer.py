@@ -29,6 +29,7 @@ from engine.codec import (
     state_hash,
 )
 from engine.consumer import Capture, Consumer
+from tests.support.exchange import Rec
 from tests.test_book_model import random_commands
 
 GROUP = "g"
@@ -710,15 +711,6 @@ def test_fast_decoder_answers_as_the_checked_decoder(monkeypatch: pytest.MonkeyP
                     answer(checked[b[0]], b, ts), b
 
 
-class _Rec:
-    """A RecordLike."""
-
-    def __init__(self, stream: str, type_: str, position: int, revision: int, ts: int,
-                 data: bytes) -> None:
-        self.stream, self.type, self.position = stream, type_, position
-        self.revision, self.timestamp_ns, self.data = revision, ts, data
-
-
 def test_on_records_leaves_a_consumer_where_one_record_at_a_time_does() -> None:
     """``on_records`` processes each run of commands as one engine batch; its outputs,
     chain, controls, alarms and state equal ``on_record`` fed the same records one by one,
@@ -726,22 +718,22 @@ def test_on_records_leaves_a_consumer_where_one_record_at_a_time_does() -> None:
     outputs and other streams between them), also when catching up under ``trust``."""
     rng = random.Random(8)
     ins, outs = wire.input_stream(GROUP), wire.output_stream(GROUP)
-    records: list[_Rec] = []
+    records: list[Rec] = []
     for i, cmd in enumerate(random_commands(6, 600)):
         pos = len(records) + 1
-        records.append(_Rec(ins, type(cmd).__name__, pos, 0, 1000 + i,
+        records.append(Rec(ins, type(cmd).__name__, pos, 0, 1000 + i,
                             encode_command(cmd._replace(ts_ns=0))))  # type: ignore[attr-defined]
         x = rng.random()
         if x < 0.05:
-            records.append(_Rec(ins, "NewOrder", pos + 1, 0, 5, b"\x01\x00junk"))
+            records.append(Rec(ins, "NewOrder", pos + 1, 0, 5, b"\x01\x00junk"))
         elif x < 0.08:
             body = rng.choice((b'{"to": "b"}', b"not json"))
-            records.append(_Rec(ins, rng.choice(wire.CONTROL_TYPES), pos + 1, 0, 0, body))
+            records.append(Rec(ins, rng.choice(wire.CONTROL_TYPES), pos + 1, 0, 0, body))
         elif x < 0.12:
-            records.append(_Rec(ins, "CancelOrder", rng.randint(1, pos), 0, 0, b""))  # again
+            records.append(Rec(ins, "CancelOrder", rng.randint(1, pos), 0, 0, b""))  # again
             continue
         elif x < 0.15:
-            records.append(_Rec("exchange.other.input", "NewOrder", pos + 1, 0, 0, b""))
+            records.append(Rec("exchange.other.input", "NewOrder", pos + 1, 0, 0, b""))
     ref = Consumer(GROUP)
     for r in records:
         ref.on_record(r)
@@ -752,7 +744,7 @@ def test_on_records_leaves_a_consumer_where_one_record_at_a_time_does() -> None:
         batch = wire.OutputBatch(chunk[0].position, chunk[-1].position, chunk[-1].chain,
                                  tuple(p.blob for p in chunk))
         at = next(j for j, r in enumerate(log) if r.position == chunk[-1].position) + 1
-        log.insert(at + rng.randrange(3), _Rec(outs, wire.OUTPUT_TYPE, 0, revision, 0,
+        log.insert(at + rng.randrange(3), Rec(outs, wire.OUTPUT_TYPE, 0, revision, 0,
                                                batch.encode()))
     trusted = list(ref.pending)[len(ref.pending) // 2]
 

@@ -19,7 +19,6 @@ import sys
 import time
 import tomllib
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -54,7 +53,7 @@ from engine.workload import check_exactly_once, outputs_through
 from store.client import StoreClient
 from store.process import ServeProcess
 from tests.support.cli import xdc_cli
-from tests.support.exchange import lease_dir
+from tests.support.exchange import Rec, lease_dir
 from tests.support.store import run, wait_until
 from tests.test_engine_failover import _closed_port, _has_role, _primary
 from tests.test_gateway import EXCHANGE, T
@@ -126,18 +125,6 @@ def commands(seed: int, n: int) -> list[object]:
                                  side if bad != 2 else 7, 10**10 if bad == 1 else 1,
                                  99_000 if bad == 0 else 1000))
     return cmds
-
-
-@dataclass(frozen=True)
-class Rec:
-    """A RecordedEvent as Consumer.on_record reads it."""
-
-    stream: str
-    type: str
-    position: int
-    revision: int
-    timestamp_ns: int
-    data: bytes
 
 
 def command_rec(position: int, cmd: object) -> Rec:

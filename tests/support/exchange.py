@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from engine.workload import check_exactly_once as _check_exactly_once
@@ -16,6 +17,18 @@ from tests.test_book_model import random_commands
 from xdc.v1 import eventstore_pb2 as pb
 
 GROUP = "sim"
+
+
+@dataclass(frozen=True)
+class Rec:
+    """A RecordedEvent as Consumer.on_record reads it (engine.consumer.RecordLike)."""
+
+    stream: str
+    type: str
+    position: int
+    revision: int
+    timestamp_ns: int
+    data: bytes
 
 
 def workload(seed: int, n: int) -> list[pb.ProposedEvent]:
