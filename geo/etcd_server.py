@@ -51,6 +51,8 @@ import grpc
 from etcd3.etcdrpc import auth_pb2
 from etcd3.etcdrpc import rpc_pb2 as etcdrpc
 
+from geo.signals_held import signals_held
+
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 5.0
@@ -241,7 +243,9 @@ class EtcdMember:
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         # ETCD_* variables are read as flags and would clash with ours.
         env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD_")}
-        with open(self.log_path, "ab") as log:
+        # Signals held: a SIGTERM raising inside Popen, or before its result is stored,
+        # would leave this etcd running and known to no stop().
+        with signals_held(), open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
                 # Own session: a test's SIGSTOP/SIGKILL and the terminal's ^C reach only

@@ -47,10 +47,9 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import tomllib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -71,6 +70,7 @@ from geo.leadership import (
 )
 from geo.proxy import AsyncProxyControl, ProxyControl, ProxyControlError
 from geo.replication.core import fence_answers
+from geo.signals_held import signals_held
 from store import auth
 from store.client import channel_options
 from store.log import stored_cluster
@@ -437,7 +437,7 @@ def _spawn_node(state: ClusterState, n: NodeProc) -> tuple[Path, subprocess.Pope
     node_dir.mkdir(parents=True, exist_ok=True)
     out = node_dir / "stdout.log"
     out.write_text("")
-    with _signals_held(), open(out, "ab") as stdout, \
+    with signals_held(), open(out, "ab") as stdout, \
             open(node_dir / "node.log", "ab") as stderr:
         proc = subprocess.Popen(node_command(state, n), stdout=stdout, stderr=stderr,
                                 start_new_session=True)
@@ -446,29 +446,6 @@ def _spawn_node(state: ClusterState, n: NodeProc) -> tuple[Path, subprocess.Pope
         state.record(proc.pid)
         state.save()  # before it is ready: `down` must find it if this start is interrupted
     return out, proc
-
-
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """SIGTERM and SIGINT take effect at the end of the block: a child started and not
-    yet recorded in state.json when `xdc cluster up`'s SIGTERM handler raised, was left
-    running by the `down` that followed (it stops what state.json names). Python runs
-    signal handlers in the main thread: elsewhere this holds nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    got: list[int] = []
-    held = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    held = {sig: h for sig, h in held.items() if h is not None}  # None: not set from Python
-    for sig in held:
-        signal.signal(sig, lambda signum, _frame: got.append(signum))
-    try:
-        yield
-    finally:
-        for sig, h in held.items():
-            signal.signal(sig, h)
-        for signum in got[:1]:
-            signal.raise_signal(signum)
 
 
 class BadOption(ValueError):
@@ -602,7 +579,7 @@ def _up(directory: str, regions: int, rtt_ms: float, failover: str, standbys: in
         proxy_dir.mkdir(exist_ok=True)
         out = proxy_dir / "stdout.log"
         out.write_text("")
-        with _signals_held(), open(out, "ab") as stdout, \
+        with signals_held(), open(out, "ab") as stdout, \
                 open(proxy_dir / "proxy.log", "ab") as stderr:
             proc = subprocess.Popen([sys.executable, "-m", "geo.proxy", "--config",
                                      str(links_file), "--control", "127.0.0.1:0"],

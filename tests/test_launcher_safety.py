@@ -19,10 +19,12 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from geo import launcher
+from geo.signals_held import signals_held
 from store.client import StoreClient, new_event
 from tests.support.cli import xdc_cli as xdc
 from xdc.otlp_receiver import OtlpReceiver
@@ -227,7 +229,7 @@ def test_a_sigterm_during_a_spawn_takes_effect_once_the_child_is_recorded() -> N
 
     old = signal.signal(signal.SIGTERM, handler)
     try:
-        with launcher._signals_held():
+        with signals_held():
             os.kill(os.getpid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)
             seen.append("recorded")
@@ -451,3 +453,45 @@ def test_signal_stop_and_start_of_a_region_say_what_they_did(
             launcher.start_node(cluster, node)  # this process's child: reaped at `down`
     assert launcher.ClusterState.load(d).node(node.id).pid == node.pid != pid
     asyncio.run(launcher.wait_leader(cluster, timeout_s=30))
+
+
+def test_a_signal_landing_as_etcd_is_spawned_leaves_it_known_to_stop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGTERM whose handler raises (a drill's, `cluster up`'s), landing right after
+    etcd's fork, before Popen's result was stored: the member did not know its process,
+    and the etcd outlived the cleanup (test_drill's `starting-etcd` case, under load).
+    Held over the spawn, the signal takes effect once the member holds its process."""
+    from geo import etcd_server
+
+    class Stop(Exception):
+        pass
+
+    def raising(signum: int, _frame: object) -> None:
+        raise Stop
+
+    spawned: list[subprocess.Popen[bytes]] = []
+    real = subprocess.Popen
+
+    def popen_then_signal(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        proc = real(*args, **kwargs)
+        spawned.append(proc)
+        os.kill(os.getpid(), signal.SIGTERM)  # handled at the next bytecode
+        return proc
+
+    cluster = etcd_server.EtcdCluster(tmp_path / "etcd", 1)
+    cluster._layout()
+    member = cluster.members[0]
+    monkeypatch.setattr(etcd_server.subprocess, "Popen", popen_then_signal)
+    old = signal.signal(signal.SIGTERM, raising)
+    try:
+        with pytest.raises(Stop):
+            member.start()
+        assert spawned and member.proc is spawned[0]
+        member.stop()
+        assert spawned[0].poll() is not None  # stopped, and reaped by stop()
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        for proc in spawned:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
