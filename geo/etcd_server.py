@@ -29,6 +29,7 @@ Terraform deployment runs it at boot of its first etcd member, again after every
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import http.client
 import itertools
 import json
@@ -38,6 +39,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -116,19 +118,56 @@ def etcd_binary() -> str:
     return found
 
 
-def free_ports(count: int) -> list[int]:
-    """Ports free right now. Held open together so that the kernel hands out distinct
-    ones; another process can still take one before etcd binds, which start() retries."""
-    socks = []
+# Ports handed out by free_ports: below the kernel's ephemeral range, so that no outgoing
+# connection takes one while its server is down (a node restarted by a test or a drill
+# binds its port again), and from a counter shared by every process of this user, so that
+# processes allocating at once (test workers) get distinct ones until it wraps.
+PORT_BLOCK = 12_000
+
+
+def _port_range() -> tuple[int, int]:
     try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((HOST, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    high = max(ephemeral_low, 1024 + PORT_BLOCK)
+    return high - PORT_BLOCK, high
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports free right now, distinct, outside the ephemeral range (PORT_BLOCK). Another
+    program can still bind one first, which start() retries."""
+    low, high = _port_range()
+    path = os.path.join(tempfile.gettempdir(), f"xdc-ports-{os.getuid()}")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        raw = os.pread(fd, 32, 0).strip()
+        nxt = int(raw) if raw.isdigit() and low <= int(raw) < high else low
+        ports: list[int] = []
+        for _ in range(high - low):
+            port, nxt = nxt, low + (nxt + 1 - low) % (high - low)
+            if _bindable(port):
+                ports.append(port)
+                if len(ports) == count:
+                    break
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(nxt).encode(), 0)
     finally:
-        for s in socks:
-            s.close()
+        os.close(fd)  # releases the lock
+    if len(ports) < count:
+        raise OSError(f"fewer than {count} free ports in {low}..{high - 1}")
+    return ports
 
 
 def _get(endpoint: str, path: str, timeout_s: float, tls: EtcdTls | None,

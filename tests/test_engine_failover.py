@@ -23,6 +23,7 @@ from engine.codec import encode_event
 from engine.consumer import Consumer
 from engine.runner import status_or_none
 from engine.workload import outputs_through
+from geo.etcd_server import free_ports
 from store.client import EXACT, StoreClient
 from store.process import ServeProcess
 from tests.support.exchange import (
@@ -849,13 +850,6 @@ async def _has_role(address: str, role: str) -> bool:
     return s is not None and s.role == role
 
 
-def _closed_port() -> int:
-    import socket
-    with socket.socket() as s:  # a loopback port nobody listens on once closed
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _read_until(proc: subprocess.Popen[bytes], text: bytes, timeout_s: float) -> bytes:
     """stderr of `proc` until `text` shows (AssertionError after `timeout_s`)."""
     import os
@@ -877,7 +871,7 @@ def test_engine_run_says_at_once_that_its_store_does_not_answer_then_exits_1(
         tmp_path: Path) -> None:
     """A wrong --store port: before, nothing for 60 s, then a raw AioRpcError traceback.
     Now a log line at once (it retries), then one line and exit 1."""
-    store = f"127.0.0.1:{_closed_port()}"
+    store = f"127.0.0.1:{free_ports(1)[0]}"
     proc = subprocess.Popen([sys.executable, "-m", "xdc.cli", "engine", "run", "--store",
                              store, "--group", GROUP, "--instance", "a", "--lease",
                              lease_dir(tmp_path), "--startup-timeout", "4"],
@@ -916,7 +910,7 @@ def test_engine_run_start_up_reads_move_past_a_store_target_that_is_down(
                     return s is not None and s.snapshot_position >= 400
                 await wait_until(snapshot, 30, "a snapshot written")
                 engines[0].kill()  # its file lease goes with it
-                down = f"127.0.0.1:{_closed_port()}"
+                down = f"127.0.0.1:{free_ports(1)[0]}"
                 engines.append(await asyncio.to_thread(
                     start_engine, f"{down},{store.address}", "b", lease_dir(tmp_path),
                     extra=("--startup-timeout", "8")))
@@ -937,7 +931,7 @@ def test_an_etcd_lease_the_engine_cannot_reach_is_reported(tmp_path: Path) -> No
     """An etcd lease it cannot reach (a wrong port; a cluster's TLS etcd without its TOML):
     before, the instance said it was ready and stayed warm for good, with an empty
     campaign_blocked and no log. Now both say why."""
-    etcd = f"127.0.0.1:{_closed_port()}"
+    etcd = f"127.0.0.1:{free_ports(1)[0]}"
     with _store(tmp_path) as (store, engines):
         log_file = tmp_path / "engine.err"
         with log_file.open("wb") as err:

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import json
 import signal
-import socket
 import sys
 import tomllib
 from collections.abc import AsyncIterator
@@ -26,6 +25,7 @@ from engine.constants import Side as ESide
 from engine.constants import TimeInForce as ETif
 from engine.exchange_config import ExchangeConfig, init_events, parse
 from engine.gateway import GatewayLimits, GatewayServer
+from geo.etcd_server import free_ports
 from store.client import StoreClient
 from store.limits import Limits
 from store.node import StoreNode
@@ -325,9 +325,7 @@ def test_orders_are_shed_while_the_store_is_down_and_admitted_in_tier_order_afte
     are refused before they run (tier, reason, retry hint); once a store answers the
     tiers come back in order, orders pass; when it goes away they are shed again."""
     async def body() -> None:
-        with socket.socket() as s:  # a loopback port nobody listens on once closed
-            s.bind(("127.0.0.1", 0))
-            address = f"127.0.0.1:{s.getsockname()[1]}"
+        address = f"127.0.0.1:{free_ports(1)[0]}"  # nobody listens on it
         config = parse(tomllib.loads(EXCHANGE))
         client = StoreClient(address, timeout_s=5.0, attempt_timeout_s=0.5)
         gateway = GatewayServer(config, address, client=client)

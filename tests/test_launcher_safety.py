@@ -495,3 +495,28 @@ def test_a_signal_landing_as_etcd_is_spawned_leaves_it_known_to_stop(
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_free_ports_are_outside_the_ephemeral_range_and_distinct_across_processes() -> None:
+    """A node restarted on its port found it taken by an outgoing connection
+    (test_cluster_faults, once): the kernel's port 0 hands out ephemeral ports, which any
+    connect() may take meanwhile. free_ports hands out ports below that range, from a
+    counter shared by concurrent processes (test workers): 2 x 300 ports, no repeat (the
+    kernel's random choice repeats one in most such runs)."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral_low = int(f.read().split()[0])
+    code = ("import sys; from geo.etcd_server import free_ports\n"
+            "print(' '.join(str(free_ports(1)[0]) for _ in range(300)))")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+             for _ in range(2)]
+    got: list[int] = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0
+        got += [int(p) for p in out.split()]
+    assert len(got) == 600
+    assert len(set(got)) == 600, "a port handed out twice"
+    assert all(1024 <= p < ephemeral_low for p in got)
+    from geo.etcd_server import free_ports
+    ports = free_ports(4)
+    assert len(set(ports)) == 4

@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from geo import tiers
 from geo.config import ConfigError
+from geo.etcd_server import free_ports
 from geo.node import ClusterNode
 from geo.replication.messages import Promise
 from geo.replicator import PARK_MAX_S
@@ -930,12 +931,8 @@ def test_a_remote_reader_is_not_held_by_a_target_that_hangs() -> None:
 def test_wait_health_polls_through_a_server_not_listening_yet() -> None:
     """A process just restarted (a drill's gateway) refuses connections for a moment:
     wait_health keeps polling until it serves, and names what it last saw on timeout."""
-    import socket
-
     async def body() -> None:
-        with socket.socket() as s:  # a loopback port nobody listens on, for now
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_ports(1)[0]  # a loopback port nobody listens on, for now
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
             stub = health_pb2_grpc.HealthStub(ch)
             with pytest.raises(TimeoutError, match="last: UNAVAILABLE"):

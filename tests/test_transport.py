@@ -6,12 +6,12 @@ import asyncio
 import itertools
 import logging
 import random
-import socket
 from typing import Any
 
 import grpc
 import pytest
 
+from geo.etcd_server import free_ports
 from geo.replication.messages import Append, Entry, Promise
 from geo.transport import PeerSender, ReplicationService, decode, encode
 from store.server import listen_on, new_server
@@ -41,12 +41,6 @@ async def _switchover(target: str, timeout_s: float) -> rpb.SwitchoverResponse:
     raise AssertionError("not called")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_an_idle_sender_replaces_a_failed_stream_before_it_has_anything_to_send(
         caplog: pytest.LogCaptureFixture) -> None:
     """A stream opened while the peer was down used to be found dead only by the next
@@ -57,7 +51,7 @@ def test_an_idle_sender_replaces_a_failed_stream_before_it_has_anything_to_send(
     delivered: list[object] = []
 
     async def body() -> None:
-        port = _free_port()
+        port = free_ports(1)[0]
         sender = PeerSender(CLUSTER, "a", "b", f"127.0.0.1:{port}")
         sender.start()
         service = CountingService(CLUSTER, "b", {"a", "b"}, delivered.extend,
@@ -95,7 +89,7 @@ def test_a_backlog_queued_while_the_peer_was_down_goes_stale_and_never_wedges_th
     delivered: list[object] = []
 
     async def body() -> None:
-        port = _free_port()
+        port = free_ports(1)[0]
         sender = PeerSender(CLUSTER, "a", "b", f"127.0.0.1:{port}")
         sender.start()
         server = new_server()
