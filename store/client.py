@@ -17,7 +17,6 @@ import itertools
 import logging
 import math
 import os
-import random
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
@@ -43,20 +42,40 @@ EXACT = pb.EXPECTED_EXACT
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
-# The random part of event ids: a generator seeded from the OS, reseeded in a forked
-# child (which would otherwise repeat its parent's ids). os.urandom per id was a system
-# call per event, the larger part of making one.
-_id_random = random.Random(os.urandom(32))
-os.register_at_fork(after_in_child=lambda: _id_random.seed(os.urandom(32)))
+# Event ids are UUIDv7 laid out as: 48-bit Unix millisecond, version, 42 bits drawn once
+# per process (its "producer prefix"), 32-bit counter. A process's ids of one millisecond
+# share their first 12 bytes and increase, which lets the store index a run of them with
+# one entry (store/log.py, `id_runs`), and ids of two processes never interleave within a
+# millisecond. RFC 9562 §6.2 allows the counter (method 1, "fixed bit-length dedicated
+# counter"). Unique in a process: the counter repeats only after 2**32 ids, never within
+# one millisecond; across processes: the 42-bit prefixes would have to be equal. A forked
+# child draws its own prefix and counter (it would otherwise repeat its parent's ids).
 _V7 = 0x7 << 76 | 0b10 << 62  # version 7, variant 0b10
 _V7_RANDOM = ~(0xF << 76 | 0b11 << 62) & ((1 << 80) - 1)  # the 74 bits left to random
+_COUNTER_BITS = 32
+_COUNTER_MASK = (1 << _COUNTER_BITS) - 1
+_id_prefix = 0
+_id_counter: Iterator[int] = iter(())
+
+
+def _new_producer() -> None:
+    global _id_prefix, _id_counter
+    drawn = int.from_bytes(os.urandom(16), "big")
+    _id_prefix = _V7 | (drawn & _V7_RANDOM & ~_COUNTER_MASK)
+    # next() of an itertools.count is atomic under the GIL: threads need no lock. Started
+    # in the lower half, so the first 2**31 ids increase without a wrap.
+    _id_counter = itertools.count(drawn & _COUNTER_MASK >> 1)
+
+
+_new_producer()
+os.register_at_fork(after_in_child=_new_producer)
 
 
 def new_id() -> bytes:
-    """A time-ordered UUID (version 7): ids of one producer land near each other in the
-    store's id index, which keeps its inserts cheap."""
+    """A time-ordered UUID (version 7): a producer's ids increase, and the store indexes
+    those of one millisecond with one entry."""
     ms = time.time_ns() // 1_000_000
-    bits = (ms << 80) | _V7 | (_id_random.getrandbits(80) & _V7_RANDOM)
+    bits = (ms << 80) | _id_prefix | (next(_id_counter) & _COUNTER_MASK)
     return bits.to_bytes(16, "big")
 
 

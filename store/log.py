@@ -8,10 +8,18 @@ Named databases:
   so a run indexes a whole append (and consecutive appends of one group commit) with
   one put instead of one per event. A revision is found by seeking to the greatest
   key <= (stream, revision);
-- `ids`: 16-byte event id -> 8-byte position (durable idempotency). New ids wait in
-  memory (store/recent_ids.py) and enter it a key slice at a time; `meta`'s
-  `ids_through` says up to where every record's id is in it, and an open refills the
-  memory from the records after that;
+- `ids`: 16-byte event id -> 8-byte position (durable idempotency). New ids that are
+  not time-ordered wait in memory (store/recent_ids.py) and enter it a key slice at a
+  time; `meta`'s `ids_through` says up to where every record's id is in it, and an open
+  refills the memory from the records after that;
+- `id_runs`: last id of a run -> its first id, first position and count (`_ID_RUN`),
+  the other half of durable idempotency. A run is records at consecutive positions
+  whose UUIDv7 ids share their first 12 bytes and increase: a producer's ids of one
+  millisecond (store/client.py new_id). One put indexes the run, not one per id (the
+  second put per event was what kept batched ingest under half the LMDB ceiling), and a
+  look-up seeks the run with the least last id >= the id, then bisects its records. Runs
+  never overlap as id intervals, which that seek needs: ids a new run would overlap go
+  to `ids`, one entry each, as do ids of no run (a run of one);
 - `meta`: cluster id, node id, promised term, commit position, schema version,
   `ids_through` (absent in a log written before it existed: every id is indexed); for a
   cluster member also `cluster` (the name of the cluster it joined: a directory without
@@ -48,7 +56,11 @@ from store.errors import StoreError, wrong_revision
 from store.recent_ids import RecentIds
 from xdc.v1 import eventstore_pb2 as pb
 
-SCHEMA_VERSION = 1
+# 2: `id_runs`. A log of version 1 is upgraded on open (it has no runs: nothing to do
+# but record the version); a version-1 binary refuses a version-2 log, whose runs it
+# would not look in (it would take retried appends for new ones).
+SCHEMA_VERSION = 2
+UPGRADES_FROM = (1,)
 # `promised_to` of a log that promised a term before the key existed: to a member it did
 # not record. No member id matches it (ids start with a letter or digit, geo/config.py), so
 # that term is refused to every node (geo/replication/core.py rule 1): read as "" (bind to
@@ -72,6 +84,9 @@ IDS_THROUGH_STEP = 10_000
 # its first revision and first position.
 _STREAM = struct.Struct(">QQQQQ")
 _RUN = struct.Struct(">QQ")  # first position, count
+_ID_RUN = struct.Struct(">16sQQ")  # first id, first position, count
+# Ids of one run share these leading bytes (millisecond, version, producer prefix).
+RUN_PREFIX = 12
 _BE64 = struct.Struct(">Q")
 _pos_key = _BE64.pack
 
@@ -158,6 +173,40 @@ def _indexed(values: list[bytes], first: int) -> tuple[list[bytes], list[Span]]:
         return values, spans
     stored.extend(values[len(stored):])
     return stored, spans
+
+
+class _RunsBuilder:
+    """The id runs of one write's UUIDv7 spans, in position order (`id_runs` in the
+    module's docstring)."""
+
+    __slots__ = ("_next", "_open", "runs")
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[int, list[bytes]]] = []  # (first position, ids)
+        self._open: list[bytes] | None = None  # the ids of the run that may grow
+        self._next = 0  # the position after it
+
+    def add(self, ids: list[bytes], pos: int) -> bool:
+        """Adds the span of `ids` at pos.. to the runs, extending the open one when it
+        can; False (and nothing added) when the span's ids do not form a run."""
+        head = ids[0][:RUN_PREFIX]
+        # Ids in the log are unique, so sorted means increasing.
+        if len(ids) > 1 and (ids[-1][:RUN_PREFIX] != head or ids != sorted(ids)):
+            self._open = None
+            return False
+        run = self._open
+        if (run is not None and pos == self._next and run[-1] < ids[0]
+                and run[-1][:RUN_PREFIX] == head):
+            run.extend(ids)
+        else:
+            self._open = run = list(ids)
+            self.runs.append((pos, run))
+        self._next = pos + len(ids)
+        return True
+
+    def cut(self) -> None:
+        """A record that is in no run comes next."""
+        self._open = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -324,6 +373,7 @@ class Log:
         self.streams_db = self.env.open_db(b"streams")
         self.index_db = self.env.open_db(b"stream_index")
         self.ids_db = self.env.open_db(b"ids")
+        self.runs_db = self.env.open_db(b"id_runs")
         self.meta_db = self.env.open_db(b"meta")
         with self.env.begin(write=True) as txn:
             version = txn.get(b"schema_version", db=self.meta_db)
@@ -334,6 +384,8 @@ class Log:
                 txn.put(b"promised_term", _pos_key(0), db=self.meta_db)
                 txn.put(b"commit_position", _pos_key(0), db=self.meta_db)
                 txn.put(b"ids_through", _pos_key(0), db=self.meta_db)
+            elif int(version) in UPGRADES_FROM:
+                txn.put(b"schema_version", str(SCHEMA_VERSION).encode(), db=self.meta_db)
             elif int(version) != SCHEMA_VERSION:
                 raise RuntimeError(f"{self.path}: schema version {int(version)}, expected "
                                    f"{SCHEMA_VERSION}")
@@ -376,11 +428,12 @@ class Log:
                 id_of = records.id_of
                 unindexed = [id_of(v) for v in cur.iternext(keys=False)]
                 recent.add_run(unindexed, through + 1)
-            ids = txn.cursor(self.ids_db)
+            ids, runs = txn.cursor(self.ids_db), txn.cursor(self.runs_db)
             # Every id in the index or in memory is <= this (b"": none yet). An upper
             # bound is all it must be: ids above it are new without a look-up, and a
             # time-ordered (UUIDv7) id from a producer is nearly always above it.
-            self._id_bound = max(ids.key() if ids.last() else b"", *unindexed, b"")
+            self._id_bound = max(ids.key() if ids.last() else b"",
+                                 runs.key() if runs.last() else b"", *unindexed, b"")
         return recent
 
     def close(self) -> None:
@@ -437,14 +490,9 @@ class Log:
         ts = max(now_ns, self.last_timestamp_ns)
         out = Sequenced(first)
         revisions: dict[bytes, int] = {}
-        # One look-up of every id of the group; most groups have no repeat at all. The
-        # ids not in memory (recent_ids.py) are looked up in the index in one call.
+        # One look-up of every id of the group; most groups have no repeat at all.
         group = [i for r in reqs for i in r.ids]
-        held, unseen = self._recent.split(group)
-        known = {i: _pos_key(p) for i, p in held.items()}
-        if unseen and min(unseen) <= self._id_bound:
-            bound = self._id_bound
-            known.update(txn.cursor(self.ids_db).getmulti([i for i in unseen if i <= bound]))
+        known = self.known_ids(txn, group)
         # Ids this group writes, when an id comes twice in it (a retry sent before the
         # first attempt was answered); None, and no bookkeeping, when none does.
         group_ids: dict[bytes, int] | None = {} if len(set(group)) != len(group) else None
@@ -519,6 +567,7 @@ class Log:
         runs: dict[tuple[bytes, int], tuple[int, int]] = {}
         add_ids = self._recent.add_run
         id_items: list[tuple[bytes, bytes]] = []
+        id_runs = _RunsBuilder()
         for key, pos, ids in spans:
             st = streams.get(key)
             if st is None:
@@ -533,14 +582,18 @@ class Log:
             if top > self._id_bound:
                 self._id_bound = top
             if ids[0][6] >> 4 == 7:
-                # UUIDv7 (what the client library makes): time-ordered, they land beside
-                # each other at the index's end, cheap to put at once. Any other id
-                # (random, derived) waits in memory (recent_ids.py). Either way is
-                # correct: look-ups see both.
-                id_items.extend(zip(ids, keys[pos - first:pos - first + len(ids)],
-                                    strict=True))
+                # UUIDv7 (what the client library makes): time-ordered. In runs (the
+                # module's docstring) when they form them, else straight into `ids`:
+                # they land beside each other at its end, cheap to put at once. Any
+                # other id (random, derived) waits in memory (recent_ids.py). Each way
+                # is correct: look-ups see all three.
+                if not id_runs.add(ids, pos):
+                    id_items.extend(zip(ids, keys[pos - first:pos - first + len(ids)],
+                                        strict=True))
             else:
+                id_runs.cut()
                 add_ids(ids, pos)
+        id_items.extend(self._put_runs(txn, id_runs.runs))
         if id_items:
             txn.cursor(self.ids_db).putmulti(id_items)
         txn.cursor(self.log_db).putmulti(log_items, append=True)
@@ -550,6 +603,93 @@ class Log:
         self.last_timestamp_ns = max(self.last_timestamp_ns, records.timestamp_of(values[-1]))
         self._flush_ids(txn)
         return values
+
+    def known_ids(self, txn: lmdb.Transaction, ids: list[bytes]) -> dict[bytes, bytes]:
+        """The position key of each of `ids` in the log: from memory (recent_ids.py),
+        then `ids` and `id_runs` for those at or below every id written."""
+        held, unseen = self._recent.split(ids)
+        known = {i: _pos_key(p) for i, p in held.items()}
+        if unseen and min(unseen) <= self._id_bound:
+            bound = self._id_bound
+            below = [i for i in unseen if i <= bound]
+            known.update(txn.cursor(self.ids_db).getmulti(below))
+            known.update(self._in_runs(txn, below))
+        return known
+
+    def _put_runs(self, txn: lmdb.Transaction,
+                  runs: list[tuple[int, list[bytes]]]) -> list[tuple[bytes, bytes]]:
+        """Puts each run of two ids or more that overlaps no run in `id_runs` (nor one
+        put before it here); returns the (id, position key) pairs of the other runs' ids,
+        for `ids`."""
+        single: list[tuple[bytes, bytes]] = []
+        if not runs:
+            return single
+        cur = txn.cursor(self.runs_db)
+        for pos, ids in runs:
+            lo, hi = ids[0], ids[-1]
+            # The run with the least last id >= lo is the only one that can overlap
+            # [lo, hi] (runs are disjoint): it does if it starts at or below hi.
+            if len(ids) > 1 and not (cur.set_range(lo) and cur.value()[:16] <= hi):
+                cur.put(hi, _ID_RUN.pack(lo, pos, len(ids)))
+            else:
+                single.extend(zip(ids, map(_pos_key, range(pos, pos + len(ids))),
+                                  strict=True))
+        return single
+
+    def _in_runs(self, txn: lmdb.Transaction,
+                 ids: list[bytes]) -> list[tuple[bytes, bytes]]:
+        """(id, position key) of each of `ids` that `id_runs` indexes: one seek per run
+        the sorted ids meet, then a bisection of that run's records."""
+        found: list[tuple[bytes, bytes]] = []
+        cur = txn.cursor(self.runs_db)
+        hi, lo, pos, count = b"", b"", 0, 0
+        for event_id in sorted(ids):
+            if event_id > hi:
+                if not cur.set_range(event_id):
+                    break  # above every run
+                hi = cur.key()
+                lo, pos, count = _ID_RUN.unpack(cur.value())
+            if event_id >= lo:
+                p = self._run_position(txn, event_id, pos, count)
+                if p is not None:
+                    found.append((event_id, _pos_key(p)))
+        return found
+
+    def _run_position(self, txn: lmdb.Transaction, event_id: bytes, pos: int,
+                      count: int) -> int | None:
+        """The position of `event_id` in the run of `count` records at pos.., if there."""
+        low, high = pos, pos + count - 1
+        while low <= high:
+            mid = (low + high) // 2
+            value = txn.get(_pos_key(mid), db=self.log_db)
+            assert value is not None, f"an id run points at missing position {mid}"
+            got = records.id_of(value)
+            if got == event_id:
+                return mid
+            if got < event_id:
+                low = mid + 1
+            else:
+                high = mid - 1
+        return None
+
+    def _truncate_runs(self, txn: lmdb.Transaction, removed: list[bytes],
+                       after: int) -> None:
+        """Drops the runs wholly after `after` and shortens the one holding it. Each run
+        with a removed position holds the id of a removed record: the seek of that id
+        finds it (disjoint runs)."""
+        cur = txn.cursor(self.runs_db)
+        for event_id in sorted(removed):
+            if not cur.set_range(event_id):
+                break
+            lo, pos, count = _ID_RUN.unpack(cur.value())
+            if lo > event_id or pos + count - 1 <= after:
+                continue  # in no run, or in one that keeps all of its records
+            cur.delete()
+            if pos <= after:
+                kept = txn.get(_pos_key(after), db=self.log_db)
+                assert kept is not None
+                txn.put(records.id_of(kept), _ID_RUN.pack(lo, pos, after - pos + 1),
+                        db=self.runs_db)
 
     def _flush_ids(self, txn: lmdb.Transaction) -> None:
         """Moves the bucket of buffered ids flushed longest ago into the index (more, if
@@ -576,6 +716,7 @@ class Log:
         cur = txn.cursor(self.log_db)
         cut: dict[bytes, int] = {}  # stream -> lowest removed revision
         ids_db = self.ids_db
+        removed: list[bytes] = []
         if cur.set_key(_pos_key(after + 1)):
             for value in cur.iternext(keys=False):
                 key = records.stream_bytes_of(value)
@@ -584,6 +725,8 @@ class Log:
                 event_id = records.id_of(value)
                 txn.delete(event_id, db=ids_db)
                 self._recent.discard(event_id)
+                removed.append(event_id)
+            self._truncate_runs(txn, removed, after)
             cur.set_key(_pos_key(after + 1))
             while cur.delete():
                 pass

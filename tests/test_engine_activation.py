@@ -50,12 +50,13 @@ from engine.exchange_config import ExchangeConfig, init_events, parse
 from engine.gateway import GatewayServer
 from engine.runner import status_or_none
 from engine.workload import check_exactly_once, outputs_through
+from geo.etcd_server import free_ports
 from store.client import StoreClient
 from store.process import ServeProcess
 from tests.support.cli import xdc_cli
 from tests.support.exchange import Rec, lease_dir
 from tests.support.store import run, wait_until
-from tests.test_engine_failover import _closed_port, _has_role, _primary
+from tests.test_engine_failover import _has_role, _primary
 from tests.test_gateway import EXCHANGE, T
 from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import exchange_pb2 as xpb
@@ -859,7 +860,7 @@ def test_engine_activate_asks_every_instance_however_many_advertisements_came_be
         async def crash_loop() -> None:  # 300 starts of "w", each on another port
             events = [wire.instance_event(G1, "w", f"127.0.0.1:{20_000 + i}", "1.1.0")
                       for i in range(299)]
-            events.append(wire.instance_event(G1, "w", f"127.0.0.1:{_closed_port()}",
+            events.append(wire.instance_event(G1, "w", f"127.0.0.1:{free_ports(1)[0]}",
                                               "1.1.0"))
             async with StoreClient(store.address) as client:
                 for i in range(0, len(events), 100):

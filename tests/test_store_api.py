@@ -725,8 +725,9 @@ def test_an_append_answers_deadline_exceeded_at_its_timeout_however_it_is_stuck(
 
 def test_client_event_ids_are_uuid7_time_ordered_unique_and_differ_after_fork() -> None:
     """new_id: version 7 and RFC 4122 variant, the current Unix millisecond in front,
-    no repeats, and a forked child (which inherits the generator) does not repeat its
-    parent's ids."""
+    no repeats, increasing, those of one millisecond sharing their first 12 bytes (what
+    the store's id runs index with one entry), and a forked child (which inherits the
+    generator) does not repeat its parent's ids nor share their prefix."""
     before = time.time_ns() // 1_000_000
     ids = [new_id() for _ in range(50_000)]
     after = time.time_ns() // 1_000_000
@@ -735,7 +736,8 @@ def test_client_event_ids_are_uuid7_time_ordered_unique_and_differ_after_fork() 
         u = uuid.UUID(bytes=raw)
         assert u.version == 7 and u.variant == uuid.RFC_4122
         assert before <= int.from_bytes(raw[:6], "big") <= after
-    assert ids == sorted(ids, key=lambda raw: raw[:6])  # ordered by their millisecond
+    assert ids == sorted(ids)
+    assert len({raw[6:12] for raw in ids}) == 1  # one producer prefix
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: its next ids, to the parent
@@ -749,8 +751,10 @@ def test_client_event_ids_are_uuid7_time_ordered_unique_and_differ_after_fork() 
     finally:
         os.close(read)
     parent = [new_id() for _ in range(4)]
-    # The random parts (after the millisecond) are not the parent's next ones.
+    # The random parts (after the millisecond) are not the parent's next ones, nor is
+    # the producer prefix.
     assert [child[i * 16 + 6:i * 16 + 16] for i in range(4)] != [p[6:] for p in parent]
+    assert child[6:12] != parent[0][6:12]
 
 
 def _coalesced(appends: list[tuple[str, int, int, int]], limits: Limits | None = None,

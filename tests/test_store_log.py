@@ -538,3 +538,237 @@ def test_a_server_that_cannot_listen_releases_its_data_directory(tmp_path: Path)
         with pytest.raises(OSError, match="cannot listen"):
             asyncio.run(server.start())
     Log(tmp_path / "n").close()
+
+
+# ---- id runs (store/log.py `id_runs`) --------------------------------------------------------
+
+def _v7(ms: int, prefix: int, counter: int) -> bytes:
+    """A UUIDv7 as store.client.new_id lays it out: millisecond, version and 42-bit
+    producer prefix (bytes 6-11), 32-bit counter."""
+    return (ms << 80 | 0x7 << 76 | 0b10 << 62 | prefix << 32 | counter).to_bytes(16, "big")
+
+
+def _prefix(rng: random.Random) -> int:
+    """42 random bits spread over the prefix bytes the version and variant leave free."""
+    return rng.getrandbits(12) << 32 | rng.getrandbits(30)
+
+
+def _run_entries(log: Log) -> list[tuple[bytes, bytes, int, int]]:
+    """(first id, last id, first position, count) of every entry of `id_runs`, checked
+    against the records it points at: consecutive positions whose ids share their first
+    12 bytes and increase from the first id to the last; entries disjoint."""
+    from store.log import _ID_RUN, RUN_PREFIX
+    entries = []
+    with log.env.begin() as txn:
+        for hi, raw in txn.cursor(log.runs_db):
+            lo, pos, count = _ID_RUN.unpack(raw)
+            ids = [records.id_of(txn.get(p.to_bytes(8, "big"), db=log.log_db))
+                   for p in range(pos, pos + count)]
+            assert ids[0] == lo and ids[-1] == hi and ids == sorted(set(ids))
+            assert len({i[:RUN_PREFIX] for i in ids}) == 1
+            if entries:
+                assert entries[-1][1] < lo, "id runs overlap"
+            entries.append((lo, hi, pos, count))
+    return entries
+
+
+def _known(log: Log, ids: list[bytes]) -> dict[bytes, int]:
+    with log.env.begin() as txn:
+        return {i: int.from_bytes(p, "big") for i, p in log.known_ids(txn, ids).items()}
+
+
+class _Producers:
+    """Seeded appends mixing what reaches a store: producers' runs (one millisecond,
+    one prefix, counters up), a millisecond moving on, appends whose ids interleave with
+    another's of the same producer, ids shuffled within an append, UUIDv4s and UUIDv7s of
+    another library (random after the millisecond). Some counters are drawn and never
+    sent: `unsent` ids inside runs' intervals, which must stay unknown."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.ms = 1_700_000_000_000
+        self.prefixes = [_prefix(rng) for _ in range(3)]
+        self.counters = [rng.getrandbits(31) for _ in range(3)]
+        self.unsent: list[bytes] = []
+        self.pending: list[list[bytes]] = []  # the second halves of interleaved pairs
+
+    def _draw(self, p: int, n: int) -> list[bytes]:
+        ids = []
+        for _ in range(n):
+            self.counters[p] += 1 + (self.rng.random() < 0.1)
+            if self.counters[p] - 1 > 0 and self.rng.random() < 0.1:
+                self.unsent.append(_v7(self.ms, self.prefixes[p], self.counters[p] - 1))
+            ids.append(_v7(self.ms, self.prefixes[p], self.counters[p]))
+        return ids
+
+    def ids(self) -> list[bytes]:
+        rng = self.rng
+        if rng.random() < 0.2:
+            self.ms += rng.randint(1, 3)
+        if self.pending and rng.random() < 0.5:
+            return self.pending.pop()
+        kind = rng.random()
+        p = rng.randrange(3)
+        n = rng.choice([1, 1, 2, 3, 8, 30])
+        if kind < 0.6:
+            return self._draw(p, n)
+        if kind < 0.7:  # two appends of one producer, their ids interleaved
+            both = self._draw(p, 2 * n)
+            self.pending.append(both[1::2])
+            return both[::2]
+        if kind < 0.8:
+            ids = self._draw(p, n)
+            rng.shuffle(ids)
+            return ids
+        if kind < 0.9:
+            return [uuid.UUID(int=rng.getrandbits(128)).bytes for _ in range(n)]
+        return [_v7(self.ms, rng.getrandbits(42), rng.getrandbits(32)) for _ in range(n)]
+
+    def append(self) -> PreparedAppend:
+        ids = self.ids()
+        stream = self.rng.choice("abc")
+        bodies = [pb.ProposedEvent(id=i, type="T").SerializeToString(deterministic=True)
+                  for i in ids]
+        return PreparedAppend(stream, stream.encode(), pb.EXPECTED_ANY, 0, ids, bodies)
+
+
+def test_id_runs_find_every_written_id_and_no_other_on_leader_and_follower(
+        tmp_path: Path) -> None:
+    """Seeded mixes of appends (_Producers) written by a leader (Log.append_group, with
+    retries that must be answered as duplicates at their positions) and shipped to a
+    follower in uneven slices (runs derived from the records), which is sometimes
+    truncated and rewritten; both reopened now and then. After each step every written
+    id is found at its position, every id drawn and never sent, or removed by the
+    truncation, is not, and `id_runs` holds disjoint, exact runs; most ids end in runs."""
+    rng = random.Random(SEED)
+    producers = _Producers(rng)
+    leader, follower = Log(tmp_path / "leader"), Log(tmp_path / "follower")
+    model: dict[bytes, int] = {}
+    written: list[PreparedAppend] = []
+    values: list[bytes] = []
+    try:
+        for step in range(120):
+            retries = rng.sample(written, min(len(written), rng.choice([0, 0, 1, 2])))
+            fresh = [producers.append() for _ in range(rng.randint(1, 6))]
+            results, new = leader.append_group([*retries, *fresh], 1, 1_000 + step)
+            for req, res in zip([*retries, *fresh], results, strict=True):
+                assert isinstance(res, Appended), res
+                assert res.duplicate == (req in retries)
+                positions = range(res.first_position, res.last_position + 1)
+                if req in retries:
+                    assert [model[i] for i in req.ids] == list(positions)
+                model.update(zip(req.ids, positions, strict=True))
+            written += fresh
+            values += new
+            # The follower: behind by up to a few records, sometimes truncated.
+            shipped = follower.last_position
+            if shipped and rng.random() < 0.15:
+                after = rng.randint(0, shipped)
+                with follower.write() as txn:
+                    follower.write_records(txn, [], after + 1, truncate_after=after)
+                gone = [records.id_of(v) for v in values[after:shipped]]
+                assert _known(follower, gone) == {}
+                shipped = after
+            upto = len(values) - rng.randint(0, 3)
+            while shipped < upto:
+                k = min(rng.randint(1, 40), upto - shipped)
+                with follower.write() as txn:
+                    follower.write_records(txn, values[shipped:shipped + k], shipped + 1)
+                shipped += k
+            if rng.random() < 0.1:
+                leader.close()
+                leader = Log(tmp_path / "leader")
+                follower.close()
+                follower = Log(tmp_path / "follower")
+            probes = [i for i in producers.unsent if i not in model]
+            assert _known(leader, [*model, *probes]) == model
+            on_follower = {i: p for i, p in model.items() if p <= follower.last_position}
+            assert _known(follower, [*model, *probes]) == on_follower
+        leader_runs = _run_entries(leader)
+        assert sum(count for *_, count in leader_runs) > len(model) // 2
+        assert len(_run_entries(follower)) > 10
+        # An open takes the runs' ids into its bound: a retry is not taken for new.
+        leader.close()
+        leader = Log(tmp_path / "leader")
+        assert leader._id_bound >= max(model)
+    finally:
+        leader.close()
+        follower.close()
+
+
+def test_a_version_1_log_is_upgraded_and_a_version_1_binary_would_refuse_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Version 2 adds `id_runs`: a version-1 log opens (nothing to convert) and is
+    recorded as version 2, which a version-1 binary refuses (it would not look in the
+    runs). Its per-id entries are still found."""
+    from store.client import new_id
+    log = Log(tmp_path / "n")
+    ids = [new_id() for _ in range(5)]
+    bodies = [pb.ProposedEvent(id=i, type="T").SerializeToString(deterministic=True)
+              for i in ids]
+    log.append_group([PreparedAppend("s", b"s", pb.EXPECTED_ANY, 0, ids[:2], bodies[:2])],
+                     1, 0)
+    with log.write() as txn:  # as version 1 wrote them: one `ids` entry per id
+        txn.put(b"schema_version", b"1", db=log.meta_db)
+        assert txn.stat(log.runs_db)["entries"] == 1
+        txn.drop(log.runs_db, delete=False)
+        txn.cursor(log.ids_db).putmulti([(i, (p + 1).to_bytes(8, "big"))
+                                         for p, i in enumerate(ids[:2])])
+    log.close()
+    log = Log(tmp_path / "n")
+    with log.env.begin() as txn:
+        assert txn.get(b"schema_version", db=log.meta_db) == b"2"
+    assert _known(log, ids) == {ids[0]: 1, ids[1]: 2}
+    log.close()
+    monkeypatch.setattr("store.log.SCHEMA_VERSION", 1)
+    monkeypatch.setattr("store.log.UPGRADES_FROM", ())
+    with pytest.raises(RuntimeError, match="schema version 2, expected 1"):
+        Log(tmp_path / "n")
+
+
+def test_truncation_shortens_or_drops_only_the_runs_it_cuts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run [c0 c2 c4] at 1-3; [c1 c3] of the same producer at 4-5 would overlap it, so
+    its ids are indexed one by one; a run [c5..c9] at 6-10. Truncating after 7 shortens
+    the last run to c5 c6, after 4 drops it, after 3 removes c1 c3 and keeps the first
+    run whole (their look-up seeks land in it). After an open that refills nothing in
+    memory, ids of runs only are still below the bound: a retry is a retry."""
+    monkeypatch.setattr("store.log.IDS_THROUGH_STEP", 1)
+    rng = random.Random(SEED)
+    prefix = _prefix(rng)
+    c = [_v7(1_700_000_000_000, prefix, 100 + k) for k in range(10)]
+    log = Log(tmp_path / "n")
+
+    def append(ids: list[bytes]) -> PreparedAppend:
+        bodies = [pb.ProposedEvent(id=i, type="T").SerializeToString(deterministic=True)
+                  for i in ids]
+        req = PreparedAppend("s", b"s", pb.EXPECTED_ANY, 0, ids, bodies)
+        log.append_group([req], 1, 0)
+        return req
+
+    def truncate(after: int) -> None:
+        with log.write() as txn:
+            log.write_records(txn, [], after + 1, truncate_after=after)
+
+    try:
+        first = append(c[0:5:2])
+        append(c[1:5:2])
+        append(c[5:10])
+        assert [(lo, hi, p, n) for lo, hi, p, n in _run_entries(log)] == [
+            (c[0], c[4], 1, 3), (c[5], c[9], 6, 5)]
+        truncate(7)
+        assert _run_entries(log) == [(c[0], c[4], 1, 3), (c[5], c[6], 6, 2)]
+        assert _known(log, c) == {c[0]: 1, c[2]: 2, c[4]: 3, c[1]: 4, c[3]: 5, c[5]: 6,
+                                  c[6]: 7}
+        truncate(4)
+        assert _run_entries(log) == [(c[0], c[4], 1, 3)]
+        truncate(3)
+        assert _run_entries(log) == [(c[0], c[4], 1, 3)]
+        assert _known(log, c) == {c[0]: 1, c[2]: 2, c[4]: 3}
+        log.close()
+        log = Log(tmp_path / "n")
+        assert len(log._recent) == 0
+        results, new = log.append_group([first], 1, 0)
+        assert new == [] and results == [Appended(1, 3, 3, True)]
+    finally:
+        log.close()
