@@ -479,7 +479,7 @@ def test_a_trust_point_search_whose_store_view_moves_falls_back_to_checking_ever
 def test_an_instance_consumes_with_the_cyclic_gc_off_and_collects_on_a_timer(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The cyclic GC is off while an instance runs (re-enabled after each batch, it
-    collected at once and re-scanned the batch's work, ~10% of the engine's CPU); the
+    collected at once and re-scanned the batch's work); the
     young generations are collected on a timer when inputs do not drive the freezer, so
     a reference cycle the shell drops while idle is collected all the same. Stopping
     turns the GC back on."""
