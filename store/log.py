@@ -432,8 +432,10 @@ class Log:
             # Every id in the index or in memory is <= this (b"": none yet). An upper
             # bound is all it must be: ids above it are new without a look-up, and a
             # time-ordered (UUIDv7) id from a producer is nearly always above it.
-            self._id_bound = max(ids.key() if ids.last() else b"",
-                                 runs.key() if runs.last() else b"", *unindexed, b"")
+            # Every run ends at or below this (b"": no run): ids above it are in none.
+            self._runs_top = runs.key() if runs.last() else b""
+            self._id_bound = max(ids.key() if ids.last() else b"", self._runs_top,
+                                 *unindexed, b"")
         return recent
 
     def close(self) -> None:
@@ -613,7 +615,10 @@ class Log:
             bound = self._id_bound
             below = [i for i in unseen if i <= bound]
             known.update(txn.cursor(self.ids_db).getmulti(below))
-            known.update(self._in_runs(txn, below))
+            top = self._runs_top
+            in_range = [i for i in below if i <= top]
+            if in_range:
+                known.update(self._in_runs(txn, in_range))
         return known
 
     def _put_runs(self, txn: lmdb.Transaction,
@@ -631,6 +636,8 @@ class Log:
             # [lo, hi] (runs are disjoint): it does if it starts at or below hi.
             if len(ids) > 1 and not (cur.set_range(lo) and cur.value()[:16] <= hi):
                 cur.put(hi, _ID_RUN.pack(lo, pos, len(ids)))
+                if hi > self._runs_top:
+                    self._runs_top = hi
             else:
                 single.extend(zip(ids, map(_pos_key, range(pos, pos + len(ids))),
                                   strict=True))
