@@ -105,6 +105,13 @@ DESIGNATION_TTL_S = 10
 # A store member without a leader for this long is cut off, not failing over: a crash
 # failover takes the 2 s lease plus an election (drills: ~2 s, target 3 s).
 STORE_CUT_OFF_S = 5.0
+# Sooner when another store member of the instance's list has had a leader with its
+# quorum for STORE_OTHERS_LED_S while this one had none for STORE_CUT_OFF_CONFIRMED_S: a
+# failover in progress has no leader anywhere, and once it has one every member that
+# reaches it learns it within a heartbeat. Without it, a partitioned leader region held
+# matching ~6.4 s (drill leader-partition) where the ledger was back in ~1.5 s.
+STORE_CUT_OFF_CONFIRMED_S = 1.5
+STORE_OTHERS_LED_S = 1.0
 CAMPAIGN_INTERVAL_S = 0.2  # an instance that may campaign tries for the lease this often
 ADVERTISE_RETRY_MAX_S = 5.0
 STORE_WATCH_S = 0.5  # how often an instance asks its store member for its tiers
@@ -201,8 +208,10 @@ class EngineRunner:
         self.failure: BaseException | None = None
         self._stopping = False
         # Since when the store member this instance reads has had no leader (None: it
-        # has one); see STORE_CUT_OFF_S.
+        # has one); see STORE_CUT_OFF_S. Meanwhile, since when another member has had
+        # one (None: none has, or none answers); see STORE_CUT_OFF_CONFIRMED_S.
         self.leaderless_since: float | None = None
+        self.others_led_since: float | None = None
         self._advertiser: asyncio.Task | None = None
         # What the store refuses past (NodeInfo), once known: output batches, appends
         # and snapshot chunks are sized to fit.
@@ -853,23 +862,44 @@ class EngineRunner:
         if c.committed_input < c.promotable_after:
             return (f"backlog shed: waits to see outputs committed through input "
                     f"{c.promotable_after}")
-        if self.store_cut_off:
-            assert self.leaderless_since is not None
-            since = asyncio.get_running_loop().time() - self.leaderless_since
-            return (f"cut off from the ledger: its store member has had no leader for "
-                    f"{since:.1f} s (limit {STORE_CUT_OFF_S:.0f} s)")
+        cut_off = self._cut_off()
+        if cut_off:
+            return f"cut off from the ledger: {cut_off}"
         return ""
 
     @property
     def store_cut_off(self) -> bool:
-        return (self.leaderless_since is not None
-                and asyncio.get_running_loop().time() - self.leaderless_since
-                >= STORE_CUT_OFF_S)
+        return bool(self._cut_off())
+
+    def _cut_off(self) -> str:
+        """Why this instance's store member counts as cut off from the ledger's leader
+        (not in a failover); "" when it does not."""
+        if self.leaderless_since is None:
+            return ""
+        now = asyncio.get_running_loop().time()
+        since = now - self.leaderless_since
+        others = self.others_led_since
+        if (since >= STORE_CUT_OFF_CONFIRMED_S and others is not None
+                and now - others >= STORE_OTHERS_LED_S):
+            return (f"its store member has had no leader for {since:.1f} s while another "
+                    f"member has had one for {now - others:.1f} s")
+        if since >= STORE_CUT_OFF_S:
+            return (f"its store member has had no leader for {since:.1f} s (limit "
+                    f"{STORE_CUT_OFF_S:.0f} s)")
+        return ""
 
     async def _watch_store(self) -> None:
         """Follows whether the store member of the subscription has a leader (its
         Tiers/Status: geo/tier_supervisor.RemoteReader; a standalone store always has)."""
-        readers: dict[str, RemoteReader] = {}
+        readers: dict[str | tuple[str, ...], RemoteReader] = {}
+
+        def reader_of(targets: str | tuple[str, ...]) -> RemoteReader:
+            reader = readers.get(targets)
+            if reader is None:
+                reader = readers[targets] = RemoteReader(targets, tls=self.config.tls,
+                                                         token=self.config.token)
+            return reader
+
         loop = asyncio.get_running_loop()
         try:
             while True:
@@ -877,20 +907,24 @@ class EngineRunner:
                 target = self.client.subscribed_to
                 if not target:
                     continue
-                reader = readers.get(target)
-                if reader is None:
-                    reader = readers[target] = RemoteReader(target, tls=self.config.tls,
-                                                            token=self.config.token)
-                reading = await reader()
-                leaderless = reading.failover or not reading.quorum
-                if not leaderless:
-                    self.leaderless_since = None
+                reading = await reader_of(target)()
+                if not (reading.failover or not reading.quorum):
+                    self.leaderless_since = self.others_led_since = None
                     continue
                 if self.leaderless_since is None:
                     self.leaderless_since = loop.time()
-                if self.primary and self.store_cut_off:
-                    await self._demote(f"its store member {target} has had no leader for "
-                                       f"{STORE_CUT_OFF_S:.0f} s (cut off from the ledger)")
+                others = tuple(t for t in self.config.store if t != target)
+                if others:
+                    # The first healthy answer of any of them counts (RemoteReader).
+                    seen = await reader_of(others)()
+                    if seen.failover or not seen.quorum:
+                        self.others_led_since = None
+                    elif self.others_led_since is None:
+                        self.others_led_since = loop.time()
+                cut_off = self._cut_off()
+                if self.primary and cut_off:
+                    await self._demote(f"its store member {target} is cut off from the "
+                                       f"ledger: {cut_off}")
                     await self.lease.release()
         finally:
             for r in readers.values():
