@@ -46,10 +46,13 @@ _CODES = {c.value[0]: c for c in grpc.StatusCode}
 # per process (its "producer prefix"), 32-bit counter. A process's ids of one millisecond
 # share their first 12 bytes and increase, which lets the store index a run of them with
 # one entry (store/log.py, `id_runs`), and ids of two processes never interleave within a
-# millisecond. RFC 9562 §6.2 allows the counter (method 1, "fixed bit-length dedicated
-# counter"). Unique in a process: the counter repeats only after 2**32 ids, never within
-# one millisecond; across processes: the 42-bit prefixes would have to be equal. A forked
-# child draws its own prefix and counter (it would otherwise repeat its parent's ids).
+# millisecond. Still a UUIDv7 (RFC 9562: the Unix millisecond first, version, variant,
+# the rest the generator's choice); its monotonic methods (§6.2) put a counter right
+# after the millisecond and reset it each millisecond, this one keeps a per-process
+# random prefix in between and never resets. Unique in a process: the counter repeats
+# only after 2**32 ids, never within one millisecond; across processes: the 42-bit
+# prefixes would have to be equal. A forked child draws its own prefix and counter (it
+# would otherwise repeat its parent's ids).
 _V7 = 0x7 << 76 | 0b10 << 62  # version 7, variant 0b10
 _V7_RANDOM = ~(0xF << 76 | 0b11 << 62) & ((1 << 80) - 1)  # the 74 bits left to random
 _COUNTER_BITS = 32

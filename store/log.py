@@ -10,16 +10,18 @@ Named databases:
   key <= (stream, revision);
 - `ids`: 16-byte event id -> 8-byte position (durable idempotency). New ids that are
   not time-ordered wait in memory (store/recent_ids.py) and enter it a key slice at a
-  time; `meta`'s `ids_through` says up to where every record's id is in it, and an open
-  refills the memory from the records after that;
+  time; `meta`'s `ids_through` says up to where every record's id is in it or in
+  `id_runs`, and an open refills the memory from the records after that;
 - `id_runs`: last id of a run -> its first id, first position and count (`_ID_RUN`),
   the other half of durable idempotency. A run is records at consecutive positions
   whose UUIDv7 ids share their first 12 bytes and increase: a producer's ids of one
-  millisecond (store/client.py new_id). One put indexes the run, not one per id (the
-  second put per event was what kept batched ingest under half the LMDB ceiling), and a
-  look-up seeks the run with the least last id >= the id, then bisects its records. Runs
-  never overlap as id intervals, which that seek needs: ids a new run would overlap go
-  to `ids`, one entry each, as do ids of no run (a run of one);
+  millisecond (store/client.py new_id); a write cuts its spans into runs where the
+  prefix changes or the ids stop increasing, so leader and follower index the same
+  records alike. One put indexes the run, not one per id (the second put per event was
+  what kept batched ingest under half the LMDB ceiling), and a look-up seeks the run
+  with the least last id >= the id, then searches its records. Runs never overlap as id
+  intervals, which that seek needs: ids a new run would overlap go to `ids`, one entry
+  each, as do stretches of one id (a truncation may leave a run of one in `id_runs`);
 - `meta`: cluster id, node id, promised term, commit position, schema version,
   `ids_through` (absent in a log written before it existed: every id is indexed); for a
   cluster member also `cluster` (the name of the cluster it joined: a directory without
@@ -37,6 +39,7 @@ stream; a stream with no event has last revision 0.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import fcntl
 import os
@@ -87,6 +90,7 @@ _RUN = struct.Struct(">QQ")  # first position, count
 _ID_RUN = struct.Struct(">16sQQ")  # first id, first position, count
 # Ids of one run share these leading bytes (millisecond, version, producer prefix).
 RUN_PREFIX = 12
+_TOP_COUNTER = b"\xff" * (16 - RUN_PREFIX)  # the greatest id of a prefix ends so
 _BE64 = struct.Struct(">Q")
 _pos_key = _BE64.pack
 
@@ -186,23 +190,41 @@ class _RunsBuilder:
         self._open: list[bytes] | None = None  # the ids of the run that may grow
         self._next = 0  # the position after it
 
-    def add(self, ids: list[bytes], pos: int) -> bool:
-        """Adds the span of `ids` at pos.. to the runs, extending the open one when it
-        can; False (and nothing added) when the span's ids do not form a run."""
-        head = ids[0][:RUN_PREFIX]
-        # Ids in the log are unique, so sorted means increasing.
-        if len(ids) > 1 and (ids[-1][:RUN_PREFIX] != head or ids != sorted(ids)):
-            self._open = None
-            return False
+    def add(self, ids: list[bytes], pos: int) -> None:
+        """Adds the span of `ids` at pos.. to the runs: each stretch of it whose ids
+        share their prefix and increase is one, the first extending the open run when it
+        can. Runs of one id go to `ids` (Log._put_runs)."""
+        n = len(ids)
+        # Ids in the log are unique, so sorted means increasing. A producer's span is
+        # sorted: it is cut only where its millisecond changes, found by bisection.
+        if n == 1 or (ids[0][:RUN_PREFIX] == ids[-1][:RUN_PREFIX] and ids == sorted(ids)):
+            self._add(ids, pos)
+            return
+        if ids == sorted(ids):
+            start = 0
+            while start < n:
+                end = bisect.bisect_right(ids, ids[start][:RUN_PREFIX] + _TOP_COUNTER,
+                                          start)
+                self._add(ids[start:end], pos + start)
+                start = end
+            return
+        start = 0  # ids of several producers, or out of order: one look at each
+        for i in range(1, n):
+            a, b = ids[i - 1], ids[i]
+            if not (a < b and a[:RUN_PREFIX] == b[:RUN_PREFIX]):
+                self._add(ids[start:i], pos + start)
+                start = i
+        self._add(ids[start:], pos + start)
+
+    def _add(self, ids: list[bytes], pos: int) -> None:
         run = self._open
         if (run is not None and pos == self._next and run[-1] < ids[0]
-                and run[-1][:RUN_PREFIX] == head):
+                and run[-1][:RUN_PREFIX] == ids[0][:RUN_PREFIX]):
             run.extend(ids)
         else:
             self._open = run = list(ids)
             self.runs.append((pos, run))
         self._next = pos + len(ids)
-        return True
 
     def cut(self) -> None:
         """A record that is in no run comes next."""
@@ -563,12 +585,11 @@ class Log:
         else:
             assert records.position_of(values[-1]) == first + len(values) - 1
         last = first + len(values) - 1
-        # The log's keys (the ids' values too) and the log's (key, record) pairs.
-        keys, log_items = _speedups.keyed(first, values)
+        # The log's (key, record) pairs.
+        _, log_items = _speedups.keyed(first, values)
         streams: dict[bytes, list[int]] = {}
         runs: dict[tuple[bytes, int], tuple[int, int]] = {}
         add_ids = self._recent.add_run
-        id_items: list[tuple[bytes, bytes]] = []
         id_runs = _RunsBuilder()
         for key, pos, ids in spans:
             st = streams.get(key)
@@ -585,17 +606,15 @@ class Log:
                 self._id_bound = top
             if ids[0][6] >> 4 == 7:
                 # UUIDv7 (what the client library makes): time-ordered. In runs (the
-                # module's docstring) when they form them, else straight into `ids`:
+                # module's docstring) where they form them, else straight into `ids`:
                 # they land beside each other at its end, cheap to put at once. Any
                 # other id (random, derived) waits in memory (recent_ids.py). Each way
                 # is correct: look-ups see all three.
-                if not id_runs.add(ids, pos):
-                    id_items.extend(zip(ids, keys[pos - first:pos - first + len(ids)],
-                                        strict=True))
+                id_runs.add(ids, pos)
             else:
                 id_runs.cut()
                 add_ids(ids, pos)
-        id_items.extend(self._put_runs(txn, id_runs.runs))
+        id_items = self._put_runs(txn, id_runs.runs)
         if id_items:
             txn.cursor(self.ids_db).putmulti(id_items)
         txn.cursor(self.log_db).putmulti(log_items, append=True)
@@ -646,38 +665,58 @@ class Log:
     def _in_runs(self, txn: lmdb.Transaction,
                  ids: list[bytes]) -> list[tuple[bytes, bytes]]:
         """(id, position key) of each of `ids` that `id_runs` indexes: one seek per run
-        the sorted ids meet, then a bisection of that run's records."""
+        the sorted ids meet, then a search of that run's records (_run_position)."""
         found: list[tuple[bytes, bytes]] = []
         cur = txn.cursor(self.runs_db)
-        hi, lo, pos, count = b"", b"", 0, 0
+        hi, lo, low, high = b"", b"", 0, -1
         for event_id in sorted(ids):
             if event_id > hi:
                 if not cur.set_range(event_id):
                     break  # above every run
                 hi = cur.key()
                 lo, pos, count = _ID_RUN.unpack(cur.value())
+                low, high = pos, pos + count - 1
             if event_id >= lo:
-                p = self._run_position(txn, event_id, pos, count)
+                p, low = self._run_position(txn, event_id, low, high)
                 if p is not None:
                     found.append((event_id, _pos_key(p)))
         return found
 
-    def _run_position(self, txn: lmdb.Transaction, event_id: bytes, pos: int,
-                      count: int) -> int | None:
-        """The position of `event_id` in the run of `count` records at pos.., if there."""
-        low, high = pos, pos + count - 1
+    def _run_position(self, txn: lmdb.Transaction, event_id: bytes, low: int,
+                      high: int) -> tuple[int | None, int]:
+        """(the position of `event_id` among a run's records at low..high, if there; the
+        first of them whose id is greater): ids increase with positions in a run, so the
+        sorted ids of a look-up search on from there. A galloping search: the records
+        at low, low + 1, low + 3, low + 7... until one is past `event_id`, then a
+        bisection of the last gap. A retried append's ids are the run's next records
+        (one read each), new ids of another thread of its producer fall between them
+        (two reads), any other id costs about two bisections."""
+        def id_at(position: int) -> bytes:
+            value = txn.get(_pos_key(position), db=self.log_db)
+            assert value is not None, f"an id run points at missing position {position}"
+            return records.id_of(value)
+
+        step = 1
+        while low <= high:
+            probe = min(low + step - 1, high)
+            got = id_at(probe)
+            if got == event_id:
+                return probe, probe + 1
+            if got > event_id:
+                high = probe - 1
+                break
+            low = probe + 1
+            step *= 2
         while low <= high:
             mid = (low + high) // 2
-            value = txn.get(_pos_key(mid), db=self.log_db)
-            assert value is not None, f"an id run points at missing position {mid}"
-            got = records.id_of(value)
+            got = id_at(mid)
             if got == event_id:
-                return mid
+                return mid, mid + 1
             if got < event_id:
                 low = mid + 1
             else:
                 high = mid - 1
-        return None
+        return None, low
 
     def _truncate_runs(self, txn: lmdb.Transaction, removed: list[bytes],
                        after: int) -> None:

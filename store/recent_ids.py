@@ -6,20 +6,22 @@ the index's B-tree. Put straight into it, every id of a group commit dirtied a p
 its own: 1000 random ids into an index of 3M meant ~1000 pages (4 MiB) copied and
 fsync'd, and raw ingest fell from ~240k ids/s (time-ordered) to ~44k ids/s.
 
-So new ids that are not time-ordered (the Log puts UUIDv7s straight into the index:
-they land at its end, beside each other) stay here, in memory, bucketed by their first
-byte, which is a slice of the index's key order. Each write transaction moves the
-bucket flushed longest ago into the index as one sorted `putmulti`: those ids share the
-index pages of their slice, and a bucket gathers about 256 transactions' worth of ids
-before it is flushed.
+So new ids that are not time-ordered (the Log puts UUIDv7s straight into the index or
+its runs, `id_runs`: they land at its end, beside each other) stay here, in memory,
+bucketed by their first byte, which is a slice of the index's key order. Each write
+transaction moves the bucket flushed longest ago into the index as one sorted
+`putmulti`: those ids share the index pages of their slice, and a bucket gathers about
+256 transactions' worth of ids before it is flushed.
 
 Durability: the log itself is the write-ahead log of this buffer. `through` is a
-position such that the id of every record at or below it is in the index; the Log
-persists it with each write and, on open, refills the buffer from the records after it.
+position such that the id of every record at or below it is in the index (`ids` or
+`id_runs`); the Log persists it with each write and, on open, refills the buffer from
+the records after it.
 Its lag is bounded (`Log.MAX_UNINDEXED`), which bounds the buffer's memory and the
 time an open takes.
 
-Invariant: the id of every record in the log is in the index or here (or both).
+Invariant: the id of every record in the log is in the index (`ids` or `id_runs`) or
+here (or both).
 Writer thread only.
 """
 

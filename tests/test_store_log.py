@@ -582,7 +582,8 @@ class _Producers:
     one prefix, counters up), a millisecond moving on, appends whose ids interleave with
     another's of the same producer, ids shuffled within an append, UUIDv4s and UUIDv7s of
     another library (random after the millisecond). Some counters are drawn and never
-    sent: `unsent` ids inside runs' intervals, which must stay unknown."""
+    sent: `unsent` ids inside runs' intervals, which must stay unknown. An append may
+    cross a millisecond."""
 
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
@@ -610,8 +611,12 @@ class _Producers:
         kind = rng.random()
         p = rng.randrange(3)
         n = rng.choice([1, 1, 2, 3, 8, 30])
-        if kind < 0.6:
+        if kind < 0.5:
             return self._draw(p, n)
+        if kind < 0.6:  # the millisecond moves on within the append
+            first = self._draw(p, n)
+            self.ms += 1
+            return first + self._draw(p, n)
         if kind < 0.7:  # two appends of one producer, their ids interleaved
             both = self._draw(p, 2 * n)
             self.pending.append(both[1::2])
@@ -772,3 +777,47 @@ def test_truncation_shortens_or_drops_only_the_runs_it_cuts(
         assert new == [] and results == [Appended(1, 3, 3, True)]
     finally:
         log.close()
+
+
+def test_spans_are_cut_into_runs_where_the_prefix_changes_or_the_ids_stop_increasing(
+        tmp_path: Path) -> None:
+    """A producer's append whose ids cross a millisecond is two runs (before, none: every
+    id went to `ids`); a follower given two such appends of one stream, which it reads as
+    one span, indexes the runs the leader did (before, none); an append whose ids are out
+    of order is cut where they stop increasing; a stretch of one id goes to `ids`."""
+    rng = random.Random(SEED)
+    prefix = _prefix(rng)
+    ms = 1_700_000_000_000
+
+    def req(ids: list[bytes]) -> PreparedAppend:
+        bodies = [pb.ProposedEvent(id=i, type="T").SerializeToString(deterministic=True)
+                  for i in ids]
+        return PreparedAppend("s", b"s", pb.EXPECTED_ANY, 0, ids, bodies)
+
+    def ids_entries(log: Log) -> int:
+        with log.env.begin() as txn:
+            return int(txn.stat(log.ids_db)["entries"])
+
+    crossing = [_v7(ms, prefix, k) for k in range(300)] + [
+        _v7(ms + 1, prefix, k) for k in range(300, 500)]
+    second = [_v7(ms + 2, prefix, k) for k in range(500, 700)]
+    leader, follower = Log(tmp_path / "leader"), Log(tmp_path / "follower")
+    try:
+        _, v1 = leader.append_group([req(crossing)], 1, 0)
+        _, v2 = leader.append_group([req(second)], 1, 0)
+        expected = [(crossing[0], crossing[299], 1, 300), (crossing[300], crossing[-1], 301, 200),
+                    (second[0], second[-1], 501, 200)]
+        assert _run_entries(leader) == expected and ids_entries(leader) == 0
+        with follower.write() as txn:  # one span: both appends are of stream "s"
+            follower.write_records(txn, v1 + v2, 1)
+        assert _run_entries(follower) == expected and ids_entries(follower) == 0
+        # Out of order: [c3 c4 c5 c1 c2 c0]: runs c3..c5 and c1..c2, c0 alone in `ids`.
+        c = [_v7(ms + 3, prefix, k) for k in range(10)]
+        leader.append_group([req([c[3], c[4], c[5], c[1], c[2], c[0]])], 1, 0)
+        assert _run_entries(leader)[3:] == [(c[1], c[2], 704, 2), (c[3], c[5], 701, 3)]
+        assert ids_entries(leader) == 1
+        assert _known(leader, c) == {c[3]: 701, c[4]: 702, c[5]: 703, c[1]: 704, c[2]: 705,
+                                     c[0]: 706}
+    finally:
+        leader.close()
+        follower.close()
