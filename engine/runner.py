@@ -20,11 +20,13 @@ Life of an instance:
 4. A warm instance (not holding the lease) checks every committed batch against its own
    outputs. On a difference it raises an alarm, stops campaigning and never emits.
 5. A primary whose store member has had no leader for STORE_CUT_OFF_S (the member is
-   cut off from the ledger's leader, as in a partition of its region, or unreachable)
+   cut off from the ledger's leader, as in a partition of its region, or unreachable),
+   or for STORE_CUT_OFF_CONFIRMED_S while another of its store targets has had one,
    gives up the lease, and an instance whose member is cut off does not campaign:
    inputs stall there, while a warm instance beside a member of the majority can take
    over at the exact position and let orders flow again. A failover of the ledger
-   itself (a crash: ~2 s) ends before STORE_CUT_OFF_S and moves nothing.
+   itself (a crash: ~2 s) has no leader anywhere until it ends, ends before
+   STORE_CUT_OFF_S, and moves nothing.
 6. A switchover marker in the input stream holds emission after its position. The old
    primary designates the target once its outputs up to the marker are committed and
    releases the lease; the target takes it, lifts the hold and resumes right after the
