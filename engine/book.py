@@ -1246,14 +1246,10 @@ class GcFreezer:
         time."""
         self._since += inputs
         if self._since >= self.every:
-            self.freeze()
-
-    def freeze(self) -> None:
-        """Collects the young generations and freezes what survives."""
-        self._since = 0
-        gc.collect(1)
-        gc.freeze()
-        self.freezes += 1
+            self._since = 0
+            gc.collect(1)
+            gc.freeze()
+            self.freezes += 1
 
 
 def step(state: Engine, cmd: object) -> tuple[Engine, list[ev.Event]]:

@@ -99,10 +99,6 @@ RESYNC_CHECK_S = 2.0
 # orders, one engine), the longest collection was 36-38 ms without freezing (a full one),
 # 10-13 ms freezing every 50k inputs, 4-5 ms every 5k.
 GC_FREEZE_EVERY = 5_000
-# The cyclic GC is off while an instance consumes (see _consume); the young generations
-# are collected (and what survives frozen) at least this often, inputs or not, so the
-# shell's own cyclic garbage (asyncio, gRPC, exceptions) cannot pile up while idle.
-GC_COLLECT_EVERY_S = 1.0
 DESIGNATION_TTL_S = 10
 # A store member without a leader for this long is cut off, not failing over: a crash
 # failover takes the 2 s lease plus an election (drills: ~2 s, target 3 s).
@@ -252,8 +248,7 @@ class EngineRunner:
                      self.config.group, self.config.verify_window)
         self._tasks = [asyncio.create_task(self._consume(), name="engine-consume"),
                        asyncio.create_task(self._leadership(), name="engine-lease"),
-                       asyncio.create_task(self._watch_store(), name="engine-store-watch"),
-                       asyncio.create_task(self._collect_garbage(), name="engine-gc")]
+                       asyncio.create_task(self._watch_store(), name="engine-store-watch")]
         for t in self._tasks:
             t.add_done_callback(self._task_done)
 
@@ -533,22 +528,6 @@ class EngineRunner:
     # ---------------------------------------------------------------- the log
 
     async def _consume(self) -> None:
-        # The cyclic GC stays off while the instance consumes, not per batch: re-enabled
-        # after each batch, a collection came due at once and re-scanned what the batch
-        # had added (6% of a py-spy profile's samples at ~95k orders/s; 2-3% of the
-        # engine's CPU per order in alternating runs), while the consumer makes no cyclic
-        # garbage. _collect_garbage collects the young generations instead.
-        with gc_paused():
-            await self._consume_batches()
-
-    async def _collect_garbage(self) -> None:
-        while True:
-            freezes = self._gc.freezes
-            await asyncio.sleep(GC_COLLECT_EVERY_S)
-            if self._gc.freezes == freezes:  # none for a whole interval: few inputs
-                self._gc.freeze()
-
-    async def _consume_batches(self) -> None:
         c = self.consumer
         agen = self.client.subscribe(after_position=c.position,
                                      stream_prefix=wire.group_prefix(self.config.group),
@@ -574,7 +553,8 @@ class EngineRunner:
                                         if e.stream == self.input_stream),
                     consumer_group=self.config.group,
                     attributes={"xdc.engine.instance": self.config.instance}) as span:
-                c.on_records(item.events)
+                with gc_paused():  # the cyclic GC would re-scan the whole book
+                    c.on_records(item.events)
                 if span.is_recording():
                     span.set_attribute("xdc.engine.input_position", c.position)
                     span.set_attribute("xdc.engine.primary", self.primary)

@@ -476,46 +476,6 @@ def test_a_trust_point_search_whose_store_view_moves_falls_back_to_checking_ever
     run(body, timeout_s=30)
 
 
-def test_an_instance_consumes_with_the_cyclic_gc_off_and_collects_on_a_timer(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The cyclic GC is off while an instance runs (re-enabled after each batch, it
-    collected at once and re-scanned the batch's work); the
-    young generations are collected on a timer when inputs do not drive the freezer, so
-    a reference cycle the shell drops while idle is collected all the same. Stopping
-    turns the GC back on."""
-    import gc
-    import weakref
-
-    from engine.lease import FileLease
-    from engine.runner import EngineRunner, RunnerConfig
-    from tests.support.store import running_store
-    monkeypatch.setattr("engine.runner.GC_COLLECT_EVERY_S", 0.2)
-
-    class Node:
-        other: object = None
-
-    async def body() -> None:
-        async with running_store(tmp_path / "store") as (server, _):
-            runner = EngineRunner(RunnerConfig(GROUP, "a", (server.address,)),
-                                  FileLease(tmp_path / "lease", GROUP, "a"))
-            assert gc.isenabled()
-            await runner.start()
-            try:
-                await wait_until(lambda: runner.caught_up, 10)
-                assert not gc.isenabled()
-                a, b = Node(), Node()
-                a.other, b.other = b, a
-                ref = weakref.ref(a)
-                del a, b
-                before = runner._gc.freezes
-                await wait_until(lambda: ref() is None, 5, "the cycle collected")
-                assert runner._gc.freezes > before
-            finally:
-                await runner.stop()
-            assert gc.isenabled()
-    run(body, timeout_s=30)
-
-
 def test_a_primary_sizes_its_appends_to_a_store_with_small_limits(tmp_path: Path) -> None:
     """A store that refuses events over 4 KiB and appends over 3 events (the engine's
     own sizes are 512 KiB batches, 8 to an append): the primary learns the limits from
