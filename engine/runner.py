@@ -62,7 +62,7 @@ from engine.codec import CodecError, state_hash
 from engine.constants import OUTPUT_VERSIONS
 from engine.consumer import MAX_PENDING_INPUTS, Capture, Consumer
 from engine.lease import PrimaryLease
-from geo.tier_supervisor import RemoteReader
+from geo.tier_supervisor import REMOTE_TIMEOUT_S, RemoteReader
 from store import auth
 from store.client import (
     EXACT,
@@ -104,10 +104,12 @@ DESIGNATION_TTL_S = 10
 # failover takes the 2 s lease plus an election (drills: ~2 s, target 3 s).
 STORE_CUT_OFF_S = 5.0
 # Sooner when another store member of the instance's list has had a leader with its
-# quorum for STORE_OTHERS_LED_S while this one had none for STORE_CUT_OFF_CONFIRMED_S: a
-# failover in progress has no leader anywhere, and once it has one every member that
-# reaches it learns it within a heartbeat. Without it, a partitioned leader region held
-# matching ~6.4 s (drill leader-partition) where the ledger was back in ~1.5 s.
+# quorum for STORE_OTHERS_LED_S while this one had none for STORE_CUT_OFF_CONFIRMED_S and
+# is not that leader: in a failover no member has a leader until one is elected, then
+# its followers follow it at its first message, while the new leader itself reads as
+# without one until its term opens (asked apart: NodeInfo's role). "None" includes "did
+# not answer in 0.5 s". Without it, a partitioned leader region held matching ~6.4 s
+# (drill leader-partition) where the ledger was back in ~1.5 s.
 STORE_CUT_OFF_CONFIRMED_S = 1.5
 STORE_OTHERS_LED_S = 1.0
 CAMPAIGN_INTERVAL_S = 0.2  # an instance that may campaign tries for the lease this often
@@ -849,10 +851,6 @@ class EngineRunner:
             return f"cut off from the ledger: {cut_off}"
         return ""
 
-    @property
-    def store_cut_off(self) -> bool:
-        return bool(self._cut_off())
-
     def _cut_off(self) -> str:
         """Why this instance's store member counts as cut off from the ledger's leader
         (not in a failover); "" when it does not."""
@@ -872,8 +870,11 @@ class EngineRunner:
 
     async def _watch_store(self) -> None:
         """Follows whether the store member of the subscription has a leader (its
-        Tiers/Status: geo/tier_supervisor.RemoteReader; a standalone store always has)."""
+        Tiers/Status: geo/tier_supervisor.RemoteReader; a standalone store always has),
+        and while it has none, whether another of the instance's store targets has one
+        that is not that member (see STORE_CUT_OFF_CONFIRMED_S)."""
         readers: dict[str | tuple[str, ...], RemoteReader] = {}
+        infos: dict[str, StoreClient] = {}
 
         def reader_of(targets: str | tuple[str, ...]) -> RemoteReader:
             reader = readers.get(targets)
@@ -882,13 +883,31 @@ class EngineRunner:
                                                          token=self.config.token)
             return reader
 
+        async def leads(target: str) -> bool:
+            """Whether `target` is the leader of its term: a new leader reads as without
+            one until its term opens (its partners caught up), while its followers
+            already follow it; that is a failover, not a member cut off."""
+            client = infos.get(target)
+            if client is None:
+                client = infos[target] = StoreClient(
+                    target, timeout_s=REMOTE_TIMEOUT_S, tier="engine", tls=self.config.tls,
+                    token=self.config.token)
+            try:
+                return (await client.node_info()).role == "leader"
+            except grpc.aio.AioRpcError:
+                return False  # no answer: it leads nothing this instance can read
+
         loop = asyncio.get_running_loop()
+        watched = ""
         try:
             while True:
                 await asyncio.sleep(STORE_WATCH_S)
                 target = self.client.subscribed_to
                 if not target:
                     continue
+                if target != watched:  # what was seen of another member says nothing
+                    watched = target
+                    self.leaderless_since = self.others_led_since = None
                 reading = await reader_of(target)()
                 if not (reading.failover or not reading.quorum):
                     self.leaderless_since = self.others_led_since = None
@@ -899,7 +918,7 @@ class EngineRunner:
                 if others:
                     # The first healthy answer of any of them counts (RemoteReader).
                     seen = await reader_of(others)()
-                    if seen.failover or not seen.quorum:
+                    if seen.failover or not seen.quorum or await leads(target):
                         self.others_led_since = None
                     elif self.others_led_since is None:
                         self.others_led_since = loop.time()
@@ -911,6 +930,8 @@ class EngineRunner:
         finally:
             for r in readers.values():
                 await r.close()
+            for c in infos.values():
+                await c.close()
 
     async def _promote(self) -> None:
         await self._fit_store()
