@@ -884,16 +884,18 @@ class EngineRunner:
             return reader
 
         async def leads(target: str) -> bool:
-            """Whether `target` is the leader of its term: a new leader reads as without
-            one until its term opens (its partners caught up), while its followers
-            already follow it; that is a failover, not a member cut off."""
+            """Whether `target` holds the leader key of its term: a new leader reads as
+            without one until its term opens (its partners caught up), while its
+            followers already follow it; that is a failover, not a member cut off. Until
+            the term opens, its NodeInfo role is "candidate" (it won the key: geo/node.py),
+            then "leader"."""
             client = infos.get(target)
             if client is None:
                 client = infos[target] = StoreClient(
                     target, timeout_s=REMOTE_TIMEOUT_S, tier="engine", tls=self.config.tls,
                     token=self.config.token)
             try:
-                return (await client.node_info()).role == "leader"
+                return (await client.node_info()).role in ("candidate", "leader")
             except grpc.aio.AioRpcError:
                 return False  # no answer: it leads nothing this instance can read
 

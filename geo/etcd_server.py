@@ -131,6 +131,8 @@ def _port_range() -> tuple[int, int]:
             ephemeral_low = int(f.read().split()[0])
     except (OSError, ValueError, IndexError):
         ephemeral_low = 32768
+    # A range starting below 1024 + PORT_BLOCK leaves no block below it: the block then
+    # overlaps the ephemeral range, and a restarted node may find its port taken again.
     high = max(ephemeral_low, 1024 + PORT_BLOCK)
     return high - PORT_BLOCK, high
 

@@ -687,7 +687,7 @@ class Log:
         """(the position of `event_id` among a run's records at low..high, if there; the
         first of them whose id is greater): ids increase with positions in a run, so the
         sorted ids of a look-up search on from there. A galloping search: the records
-        at low, low + 1, low + 3, low + 7... until one is past `event_id`, then a
+        at low, low + 2, low + 6, low + 14... until one is past `event_id`, then a
         bisection of the last gap. A retried append's ids are the run's next records
         (one read each), new ids of another thread of its producer fall between them
         (two reads), any other id costs about two bisections."""
