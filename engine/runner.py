@@ -62,7 +62,7 @@ from engine.codec import CodecError, state_hash
 from engine.constants import OUTPUT_VERSIONS
 from engine.consumer import MAX_PENDING_INPUTS, Capture, Consumer
 from engine.lease import PrimaryLease
-from geo.tier_supervisor import REMOTE_TIMEOUT_S, RemoteReader
+from geo.tier_supervisor import RemoteReader
 from store import auth
 from store.client import (
     EXACT,
@@ -874,7 +874,6 @@ class EngineRunner:
         and while it has none, whether another of the instance's store targets has one
         that is not that member (see STORE_CUT_OFF_CONFIRMED_S)."""
         readers: dict[str | tuple[str, ...], RemoteReader] = {}
-        infos: dict[str, StoreClient] = {}
 
         def reader_of(targets: str | tuple[str, ...]) -> RemoteReader:
             reader = readers.get(targets)
@@ -888,16 +887,8 @@ class EngineRunner:
             without one until its term opens (its partners caught up), while its
             followers already follow it; that is a failover, not a member cut off. Until
             the term opens, its NodeInfo role is "candidate" (it won the key: geo/node.py),
-            then "leader"."""
-            client = infos.get(target)
-            if client is None:
-                client = infos[target] = StoreClient(
-                    target, timeout_s=REMOTE_TIMEOUT_S, tier="engine", tls=self.config.tls,
-                    token=self.config.token)
-            try:
-                return (await client.node_info()).role in ("candidate", "leader")
-            except grpc.aio.AioRpcError:
-                return False  # no answer: it leads nothing this instance can read
+            then "leader". No answer: it leads nothing this instance can read."""
+            return await reader_of(target).role(target) in ("candidate", "leader")
 
         loop = asyncio.get_running_loop()
         watched = ""
@@ -932,8 +923,6 @@ class EngineRunner:
         finally:
             for r in readers.values():
                 await r.close()
-            for c in infos.values():
-                await c.close()
 
     async def _promote(self) -> None:
         await self._fit_store()

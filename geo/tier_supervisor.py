@@ -469,12 +469,31 @@ class RemoteReader:
             self._unreachable = ""
         return reading
 
-    async def _ask(self, target: str) -> Reading | None:
-        """One target's reading; None when it does not answer in time."""
+    def _channel(self, target: str) -> grpc.aio.Channel:
         channel = self._channels.get(target)
         if channel is None:
             channel = self._channels[target] = aio_channel(target, self.tls,
                                                            options=channel_options())
+        return channel
+
+    async def _node_info(self, target: str) -> pb.NodeInfoResponse | None:
+        """`target`'s NodeInfo; None when it does not answer in time."""
+        try:
+            return await pb_grpc.EventStoreStub(self._channel(target)).NodeInfo(
+                pb.NodeInfoRequest(), timeout=self.timeout_s, metadata=self.metadata)
+        except grpc.aio.AioRpcError as exc:
+            self._errors[target] = _failure(exc, self.timeout_s)
+            return None
+
+    async def role(self, target: str) -> str:
+        """`target`'s role by its NodeInfo (store/service.py); "" when it does not
+        answer in time."""
+        info = await self._node_info(target)
+        return info.role if info is not None else ""
+
+    async def _ask(self, target: str) -> Reading | None:
+        """One target's reading; None when it does not answer in time."""
+        channel = self._channel(target)
         try:
             st = await tpb_grpc.TiersStub(channel).Status(tpb.TiersStatusRequest(),
                                                           timeout=self.timeout_s,
@@ -485,11 +504,8 @@ class RemoteReader:
                 return None
             # A store without its own tiers (embedded in a test, or one that runs none):
             # it answers, so it is up; its NodeInfo gives the commit lag.
-            try:
-                info = await pb_grpc.EventStoreStub(channel).NodeInfo(
-                    pb.NodeInfoRequest(), timeout=self.timeout_s, metadata=self.metadata)
-            except grpc.aio.AioRpcError as exc:
-                self._errors[target] = _failure(exc, self.timeout_s)
+            info = await self._node_info(target)
+            if info is None:
                 return None
             return Reading(commit_lag=max(0, info.last_position - info.commit_position),
                            term=info.term, commit_position=info.commit_position)

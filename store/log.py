@@ -195,26 +195,24 @@ class _RunsBuilder:
         share their prefix and increase is one, the first extending the open run when it
         can. Runs of one id go to `ids` (Log._put_runs)."""
         n = len(ids)
-        # Ids in the log are unique, so sorted means increasing. A producer's span is
-        # sorted: it is cut only where its millisecond changes, found by bisection.
-        if n == 1 or (ids[0][:RUN_PREFIX] == ids[-1][:RUN_PREFIX] and ids == sorted(ids)):
+        # Ids in the log are unique, so sorted means increasing.
+        if n > 1 and ids != sorted(ids):
+            start = 0  # ids of several producers, or out of order: one look at each
+            for i in range(1, n):
+                a, b = ids[i - 1], ids[i]
+                if not (a < b and a[:RUN_PREFIX] == b[:RUN_PREFIX]):
+                    self._add(ids[start:i], pos + start)
+                    start = i
+            self._add(ids[start:], pos + start)
+        elif ids[0][:RUN_PREFIX] == ids[-1][:RUN_PREFIX]:
             self._add(ids, pos)
-            return
-        if ids == sorted(ids):
+        else:  # a producer's span: cut where its millisecond changes, found by bisection
             start = 0
             while start < n:
                 end = bisect.bisect_right(ids, ids[start][:RUN_PREFIX] + _TOP_COUNTER,
                                           start)
                 self._add(ids[start:end], pos + start)
                 start = end
-            return
-        start = 0  # ids of several producers, or out of order: one look at each
-        for i in range(1, n):
-            a, b = ids[i - 1], ids[i]
-            if not (a < b and a[:RUN_PREFIX] == b[:RUN_PREFIX]):
-                self._add(ids[start:i], pos + start)
-                start = i
-        self._add(ids[start:], pos + start)
 
     def _add(self, ids: list[bytes], pos: int) -> None:
         run = self._open
@@ -451,11 +449,11 @@ class Log:
                 unindexed = [id_of(v) for v in cur.iternext(keys=False)]
                 recent.add_run(unindexed, through + 1)
             ids, runs = txn.cursor(self.ids_db), txn.cursor(self.runs_db)
+            # Every run ends at or below this (b"": no run): ids above it are in none.
+            self._runs_top = runs.key() if runs.last() else b""
             # Every id in the index or in memory is <= this (b"": none yet). An upper
             # bound is all it must be: ids above it are new without a look-up, and a
             # time-ordered (UUIDv7) id from a producer is nearly always above it.
-            # Every run ends at or below this (b"": no run): ids above it are in none.
-            self._runs_top = runs.key() if runs.last() else b""
             self._id_bound = max(ids.key() if ids.last() else b"", self._runs_top,
                                  *unindexed, b"")
         return recent

@@ -25,6 +25,13 @@ def prepared(stream: str, n: int, rng: random.Random) -> PreparedAppend:
                           [b[2:18] for b in bodies], bodies)
 
 
+def of_ids(ids: list[bytes], stream: str = "s") -> PreparedAppend:
+    """An append to `stream` of one empty event of type T per id."""
+    bodies = [pb.ProposedEvent(id=i, type="T").SerializeToString(deterministic=True)
+              for i in ids]
+    return PreparedAppend(stream, stream.encode(), pb.EXPECTED_ANY, 0, list(ids), bodies)
+
+
 def fill(log: Log, rng: random.Random, groups: int) -> list[bytes]:
     values: list[bytes] = []
     for g in range(groups):
@@ -396,10 +403,7 @@ def test_with_time_ordered_ids_only_an_open_refills_less_than_a_step(
     monkeypatch.setattr("store.log.IDS_THROUGH_STEP", 100)
     log = Log(tmp_path / "n")
     for g in range(300):  # more write transactions than buckets
-        bodies = [pb.ProposedEvent(id=new_id(), type="T").SerializeToString(deterministic=True)
-                  for _ in range(3)]
-        log.append_group([PreparedAppend("s", b"s", pb.EXPECTED_ANY, 0,
-                                         [b[2:18] for b in bodies], bodies)], 1, g)
+        log.append_group([of_ids([new_id() for _ in range(3)])], 1, g)
     # UUIDv7s go straight to the index: nothing held back, the mark follows the log.
     assert 800 < _ids_through(log) <= log.last_position == 900
     log.close()
@@ -456,10 +460,9 @@ def test_ids_above_every_indexed_id_skip_the_look_up_and_retries_are_still_found
     def group(n: int) -> list[PreparedAppend]:
         reqs = []
         for _ in range(n):
-            ids = [new_id() if rng.random() < 0.5 else uuid.UUID(int=rng.getrandbits(128)).bytes
-                   for _ in range(rng.randint(1, 3))]
-            bodies = [pb.ProposedEvent(id=i, type="T").SerializeToString() for i in ids]
-            reqs.append(PreparedAppend("s", b"s", pb.EXPECTED_ANY, 0, ids, bodies))
+            reqs.append(of_ids([new_id() if rng.random() < 0.5
+                                else uuid.UUID(int=rng.getrandbits(128)).bytes
+                                for _ in range(rng.randint(1, 3))]))
         return reqs
 
     try:
@@ -631,10 +634,7 @@ class _Producers:
 
     def append(self) -> PreparedAppend:
         ids = self.ids()
-        stream = self.rng.choice("abc")
-        bodies = [pb.ProposedEvent(id=i, type="T").SerializeToString(deterministic=True)
-                  for i in ids]
-        return PreparedAppend(stream, stream.encode(), pb.EXPECTED_ANY, 0, ids, bodies)
+        return of_ids(ids, self.rng.choice("abc"))
 
 
 def test_id_runs_find_every_written_id_and_no_other_on_leader_and_follower(
@@ -709,10 +709,7 @@ def test_a_version_1_log_is_upgraded_and_a_version_1_binary_would_refuse_it(
     from store.client import new_id
     log = Log(tmp_path / "n")
     ids = [new_id() for _ in range(5)]
-    bodies = [pb.ProposedEvent(id=i, type="T").SerializeToString(deterministic=True)
-              for i in ids]
-    log.append_group([PreparedAppend("s", b"s", pb.EXPECTED_ANY, 0, ids[:2], bodies[:2])],
-                     1, 0)
+    log.append_group([of_ids(ids[:2])], 1, 0)
     with log.write() as txn:  # as version 1 wrote them: one `ids` entry per id
         txn.put(b"schema_version", b"1", db=log.meta_db)
         assert txn.stat(log.runs_db)["entries"] == 1
@@ -745,9 +742,7 @@ def test_truncation_shortens_or_drops_only_the_runs_it_cuts(
     log = Log(tmp_path / "n")
 
     def append(ids: list[bytes]) -> PreparedAppend:
-        bodies = [pb.ProposedEvent(id=i, type="T").SerializeToString(deterministic=True)
-                  for i in ids]
-        req = PreparedAppend("s", b"s", pb.EXPECTED_ANY, 0, ids, bodies)
+        req = of_ids(ids)
         log.append_group([req], 1, 0)
         return req
 
@@ -789,11 +784,6 @@ def test_spans_are_cut_into_runs_where_the_prefix_changes_or_the_ids_stop_increa
     prefix = _prefix(rng)
     ms = 1_700_000_000_000
 
-    def req(ids: list[bytes]) -> PreparedAppend:
-        bodies = [pb.ProposedEvent(id=i, type="T").SerializeToString(deterministic=True)
-                  for i in ids]
-        return PreparedAppend("s", b"s", pb.EXPECTED_ANY, 0, ids, bodies)
-
     def ids_entries(log: Log) -> int:
         with log.env.begin() as txn:
             return int(txn.stat(log.ids_db)["entries"])
@@ -803,8 +793,8 @@ def test_spans_are_cut_into_runs_where_the_prefix_changes_or_the_ids_stop_increa
     second = [_v7(ms + 2, prefix, k) for k in range(500, 700)]
     leader, follower = Log(tmp_path / "leader"), Log(tmp_path / "follower")
     try:
-        _, v1 = leader.append_group([req(crossing)], 1, 0)
-        _, v2 = leader.append_group([req(second)], 1, 0)
+        _, v1 = leader.append_group([of_ids(crossing)], 1, 0)
+        _, v2 = leader.append_group([of_ids(second)], 1, 0)
         expected = [(crossing[0], crossing[299], 1, 300), (crossing[300], crossing[-1], 301, 200),
                     (second[0], second[-1], 501, 200)]
         assert _run_entries(leader) == expected and ids_entries(leader) == 0
@@ -813,7 +803,7 @@ def test_spans_are_cut_into_runs_where_the_prefix_changes_or_the_ids_stop_increa
         assert _run_entries(follower) == expected and ids_entries(follower) == 0
         # Out of order: [c3 c4 c5 c1 c2 c0]: runs c3..c5 and c1..c2, c0 alone in `ids`.
         c = [_v7(ms + 3, prefix, k) for k in range(10)]
-        leader.append_group([req([c[3], c[4], c[5], c[1], c[2], c[0]])], 1, 0)
+        leader.append_group([of_ids([c[3], c[4], c[5], c[1], c[2], c[0]])], 1, 0)
         assert _run_entries(leader)[3:] == [(c[1], c[2], 704, 2), (c[3], c[5], 701, 3)]
         assert ids_entries(leader) == 1
         assert _known(leader, c) == {c[3]: 701, c[4]: 702, c[5]: 703, c[1]: 704, c[2]: 705,
