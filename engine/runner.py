@@ -579,7 +579,12 @@ class EngineRunner:
         if item.events:
             self._delivered(item.events[-1].position)
         self._since_capture += c.inputs - before
+        thaws = self._gc.thaws
         self._gc.advance(c.inputs - before)
+        if self._gc.thaws != thaws:
+            log.info("instance %s of %s: full collection of the frozen objects: %d "
+                     "unreachable found, %.1f ms", self.config.instance, self.config.group,
+                     self._gc.thaw_collected, self._gc.thaw_s * 1e3)
         requested = False
         for control in c.controls:
             if control.kind == wire.SNAPSHOT_REQUEST_TYPE:
@@ -973,6 +978,8 @@ class EngineRunner:
             limit_refusals=self.limit_refusals,
             # gc.get_freeze_count() walks the frozen list: every resting order is on it
             gc_frozen_objects=0 if brief else gc.get_freeze_count(),
+            gc_thaws=self._gc.thaws, gc_thaw_collected=self._gc.thaw_collected,
+            gc_thaw_ms=round(self._gc.thaw_s * 1e3, 3),
             output_version=c.engine.output_version,
             supported_output_versions=c.output_versions)
 

@@ -5,12 +5,23 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import weakref
 from collections import defaultdict
 
 import pytest
 
 from engine import events as ev
-from engine.book import Engine, EngineLimits, GcFreezer, check_invariants, step
+from engine.book import (
+    THAW_COST_FACTOR,
+    THAW_MAX_S,
+    THAW_MIN_S,
+    Engine,
+    EngineLimits,
+    GcFreezer,
+    check_invariants,
+    step,
+    thaw_due,
+)
 from engine.codec import (
     GENESIS,
     CodecError,
@@ -755,6 +766,56 @@ def test_gc_freezer_takes_long_lived_objects_out_of_full_collections() -> None:
         assert freezer.freezes == 1  # counted from the last freeze
     finally:
         gc.unfreeze()
+
+
+class _Cyclic:
+    """An object in a reference cycle with itself: freed only by the cyclic collector."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_gc_freezer_thaw_collects_garbage_that_was_frozen_alive() -> None:
+    """An object frozen alive that becomes cyclic garbage survives every collection while
+    frozen (the leak); once a thaw is due (THAW_MIN_S passed and the young collections
+    found cyclic garbage), the freezer unfreezes everything for one full collection,
+    which frees it, and freezes again. Before, it was never freed."""
+    now = [0.0]
+    freezer = GcFreezer(every=10, clock=lambda: now[0])
+    try:
+        held = _Cyclic()
+        dead = weakref.ref(held)
+        freezer.advance(10)
+        assert freezer.freezes == 1 and freezer.thaws == 0
+        del held
+        gc.collect()  # a full collection leaves the permanent generation alone
+        assert dead() is not None
+        _Cyclic()  # dropped at once: young garbage, found by the next freeze's collection
+        now[0] = THAW_MIN_S - 1
+        freezer.advance(10)
+        assert freezer.freezes == 2 and freezer.thaws == 0 and dead() is not None
+        now[0] = THAW_MIN_S
+        freezer.advance(10)
+        assert freezer.freezes == 3 and freezer.thaws == 1
+        assert dead() is None and freezer.thaw_collected >= 1
+        assert gc.get_freeze_count() > 0  # frozen again after the collection
+    finally:
+        gc.unfreeze()
+
+
+def test_thaw_due_rule() -> None:
+    """Never sooner than THAW_MIN_S, nor than THAW_COST_FACTOR times the last pause;
+    then once the young collections found cyclic garbage, or at THAW_MAX_S anyway."""
+    assert not thaw_due(THAW_MIN_S - 0.1, 0.0, 5)
+    assert thaw_due(THAW_MIN_S, 0.0, 1)
+    assert not thaw_due(THAW_MIN_S, 0.0, 0)
+    assert not thaw_due(THAW_MAX_S - 1, 0.0, 0)
+    assert thaw_due(THAW_MAX_S, 0.0, 0)
+    pause = 0.2  # e.g. ~1M resting orders
+    assert THAW_COST_FACTOR * pause > THAW_MIN_S
+    assert not thaw_due(THAW_COST_FACTOR * pause - 1, pause, 10)
+    assert thaw_due(THAW_COST_FACTOR * pause, pause, 10)
+    assert not thaw_due(THAW_MAX_S, THAW_MAX_S / THAW_COST_FACTOR * 2, 0)
 
 
 # ---------------------------------------------------------------- one order's reach

@@ -406,7 +406,8 @@ def setup_from_env(service_name: str, attributes: Mapping[str, Any] | None = Non
         for name in traces:
             span_exporters.append(_exporter("TRACES", name, env))
             # Batched: the export runs on the processor's thread, never on the request path.
-            tracer_provider.add_span_processor(BatchSpanProcessor(span_exporters[-1]))
+            tracer_provider.add_span_processor(
+                BatchSpanProcessor(_BatchReleased(span_exporters[-1])))  # type: ignore[arg-type]
     if metrics_:
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
@@ -424,6 +425,35 @@ def setup_from_env(service_name: str, attributes: Mapping[str, Any] | None = Non
         if meter_provider is not None:
             otel_metrics.set_meter_provider(meter_provider)
     return True
+
+
+class _BatchReleased:
+    """A span exporter that empties the batch list once `inner`'s export returns. An OTLP
+    export that fails leaves its frames in a reference cycle (the export's result holds
+    the error, whose traceback holds the exporter's frame, which holds its callers'
+    frames, the batch processor's among them with its local list of the batch), and the
+    batch's spans with them, until a cyclic collection: one the engine's GC freezer puts
+    off by freezing whatever is alive, a retried batch included (engine.book.GcFreezer;
+    measured: ~0.7 MB per 25k inputs with the collector unreachable). Emptied, the spans
+    go by reference counting; the cycle left is the error's few dozen objects. The list
+    is the processor's own, made for this one call (BatchProcessor._export), so emptying
+    it takes nothing from the processor."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def export(self, spans: Sequence[Any]) -> Any:
+        batch = spans if isinstance(spans, list) else list(spans)
+        try:
+            return self.inner.export(batch)
+        finally:
+            batch.clear()
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return bool(self.inner.force_flush(timeout_millis))
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
 
 
 def _in_thread(call: Callable[[], Any], what: str) -> threading.Event:

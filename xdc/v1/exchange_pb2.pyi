@@ -224,7 +224,7 @@ class EngineStatusRequest(_message.Message):
     def __init__(self, brief: _Optional[bool] = ...) -> None: ...
 
 class EngineStatus(_message.Message):
-    __slots__ = ("group", "instance", "role", "input_position", "committed_input_position", "store_position", "lag", "chain_hash", "state_hash", "engine_version", "alarm", "snapshot_position", "inputs_processed", "delivered_position", "handover_to", "campaign_blocked", "emit_blocked", "trusted_through", "output_event_bytes", "output_append_events", "limit_refusals", "gc_frozen_objects", "output_version", "supported_output_versions")
+    __slots__ = ("group", "instance", "role", "input_position", "committed_input_position", "store_position", "lag", "chain_hash", "state_hash", "engine_version", "alarm", "snapshot_position", "inputs_processed", "delivered_position", "handover_to", "campaign_blocked", "emit_blocked", "trusted_through", "output_event_bytes", "output_append_events", "limit_refusals", "gc_frozen_objects", "output_version", "supported_output_versions", "gc_thaws", "gc_thaw_collected", "gc_thaw_ms")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -249,6 +249,9 @@ class EngineStatus(_message.Message):
     GC_FROZEN_OBJECTS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_VERSION_FIELD_NUMBER: _ClassVar[int]
     SUPPORTED_OUTPUT_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    GC_THAWS_FIELD_NUMBER: _ClassVar[int]
+    GC_THAW_COLLECTED_FIELD_NUMBER: _ClassVar[int]
+    GC_THAW_MS_FIELD_NUMBER: _ClassVar[int]
     group: str
     instance: str
     role: str
@@ -273,4 +276,7 @@ class EngineStatus(_message.Message):
     gc_frozen_objects: int
     output_version: int
     supported_output_versions: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, group: _Optional[str] = ..., instance: _Optional[str] = ..., role: _Optional[str] = ..., input_position: _Optional[int] = ..., committed_input_position: _Optional[int] = ..., store_position: _Optional[int] = ..., lag: _Optional[int] = ..., chain_hash: _Optional[str] = ..., state_hash: _Optional[str] = ..., engine_version: _Optional[str] = ..., alarm: _Optional[str] = ..., snapshot_position: _Optional[int] = ..., inputs_processed: _Optional[int] = ..., delivered_position: _Optional[int] = ..., handover_to: _Optional[str] = ..., campaign_blocked: _Optional[str] = ..., emit_blocked: _Optional[str] = ..., trusted_through: _Optional[int] = ..., output_event_bytes: _Optional[int] = ..., output_append_events: _Optional[int] = ..., limit_refusals: _Optional[int] = ..., gc_frozen_objects: _Optional[int] = ..., output_version: _Optional[int] = ..., supported_output_versions: _Optional[_Iterable[int]] = ...) -> None: ...
+    gc_thaws: int
+    gc_thaw_collected: int
+    gc_thaw_ms: float
+    def __init__(self, group: _Optional[str] = ..., instance: _Optional[str] = ..., role: _Optional[str] = ..., input_position: _Optional[int] = ..., committed_input_position: _Optional[int] = ..., store_position: _Optional[int] = ..., lag: _Optional[int] = ..., chain_hash: _Optional[str] = ..., state_hash: _Optional[str] = ..., engine_version: _Optional[str] = ..., alarm: _Optional[str] = ..., snapshot_position: _Optional[int] = ..., inputs_processed: _Optional[int] = ..., delivered_position: _Optional[int] = ..., handover_to: _Optional[str] = ..., campaign_blocked: _Optional[str] = ..., emit_blocked: _Optional[str] = ..., trusted_through: _Optional[int] = ..., output_event_bytes: _Optional[int] = ..., output_append_events: _Optional[int] = ..., limit_refusals: _Optional[int] = ..., gc_frozen_objects: _Optional[int] = ..., output_version: _Optional[int] = ..., supported_output_versions: _Optional[_Iterable[int]] = ..., gc_thaws: _Optional[int] = ..., gc_thaw_collected: _Optional[int] = ..., gc_thaw_ms: _Optional[float] = ...) -> None: ...
