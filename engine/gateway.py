@@ -390,6 +390,10 @@ class OutputFeed:
         # exact name checked on every event (a longer stream name also matches it).
         self.prefix = common_prefix(list(self.by_stream))
         self.position = 0  # every output event up to this global position is dispatched
+        # Output events of kinds this gateway does not know that it dispatched, by tag
+        # (wire.blob_outputs): left out of its reports (and of those it reads back from
+        # the store), logged once per kind.
+        self.unknown_outputs: collections.Counter[int] = collections.Counter()
         self.caught_up = asyncio.Event()
         self.recent: collections.OrderedDict[tuple[str, int], list[tuple]] = (
             collections.OrderedDict())
@@ -464,11 +468,17 @@ class OutputFeed:
         at_ns = time.time_ns() if telemetry.tracing() else 0
         try:
             batch = wire.decode_output(e.data)
-            outs = wire.batch_outputs(batch)
+            kinds = len(self.unknown_outputs)
+            outs = wire.batch_outputs(batch, self.unknown_outputs)
         except (CodecError, struct.error, KeyError, ValueError) as exc:
             log.error("output event at position %d of %s is undecodable (%s); skipped",
                       e.position, e.stream, exc)
             return
+        if len(self.unknown_outputs) != kinds:
+            log.error("output events of kinds %s unknown to this gateway (first at position "
+                      "%d of %s) are left out of its reports: an engine emits a newer output "
+                      "version than it knows; upgrade the gateways first (README)",
+                      sorted(self.unknown_outputs), e.position, e.stream)
         received = None
         if at_ns:  # traced: one record per output event, for its `deliver` spans
             received = Received(batch.first_input, batch.last_input, e.position,
@@ -580,7 +590,8 @@ class OutputFeed:
                 for e in events:
                     revision = e.revision
                     if e.type == wire.OUTPUT_TYPE:
-                        found = setter(wire.batch_outputs(wire.decode_output(e.data)))
+                        found = setter(wire.batch_outputs(wire.decode_output(e.data),
+                                                               collections.Counter()))
                         if found is not None:
                             break
         except (grpc.RpcError, CodecError, struct.error, KeyError, ValueError) as exc:
@@ -770,7 +781,7 @@ class OutputFeed:
             log.warning("outputs of input %d of %s not found in the store: %s", position,
                         group.name, exc)
             return None
-        outs = wire.batch_outputs(batch)
+        outs = wire.batch_outputs(batch, collections.Counter())
         k = next((k for k, (p, _) in enumerate(outs) if p == position), None)
         if k is None:
             return []
@@ -912,7 +923,7 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
                 resp.timed_out = True
             else:
                 resp.reports.extend(order_report(group, r.first_position, i, raw)
-                                          for i, raw in enumerate(raws))
+                                    for i, raw in enumerate(raws) if wire.known(raw))
                 if telemetry.tracing():  # the order's trace ends with its answer
                     self.feed.delivered(group, r.first_position, len(resp.reports))
             return resp
@@ -1121,7 +1132,7 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
         if group is None:
             return None
         try:
-            outs = wire.batch_outputs(wire.decode_output(e.data))
+            outs = wire.batch_outputs(wire.decode_output(e.data), collections.Counter())
         except (CodecError, struct.error, KeyError, ValueError):
             return None  # the feed logged it when it went by
         # Band rejects show their band, as on the live path (the bands of every group in

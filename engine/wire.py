@@ -47,6 +47,7 @@ activate` refuses while any instance it can ask does not support N).
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import re
@@ -368,20 +369,35 @@ def blob_position(blob: bytes) -> int:
     return _Q.unpack_from(blob)[0]
 
 
-def blob_outputs(blob: bytes) -> tuple[int, list[tuple]]:
-    """(input position, raw events) of one input blob."""
+def blob_outputs(blob: bytes, unknown: collections.Counter[int] | None = None
+                 ) -> tuple[int, list[tuple]]:
+    """(input position, raw events) of one input blob. With ``unknown``, an event of a
+    kind this code does not know (an engine at a newer output version) is counted there
+    by tag and stands as ``(tag, "")`` (``known``: False), so that the events after it
+    keep their output index; without, it raises CodecError."""
     position, k = _IN_HEAD.unpack_from(blob)
     pos = _IN_HEAD.size
     raws = []
     for _ in range(k):
         (length,) = _U16.unpack_from(blob, pos)
-        raws.append(decode_event(blob[pos + 2:pos + 2 + length]))
+        data = blob[pos + 2:pos + 2 + length]
+        if unknown is not None and data and data[0] not in _KIND:
+            unknown[data[0]] += 1
+            raws.append((data[0], ""))
+        else:
+            raws.append(decode_event(data))
         pos += 2 + length
     return position, raws
 
 
-def batch_outputs(batch: OutputBatch) -> list[tuple[int, list[tuple]]]:
-    return [blob_outputs(b) for b in batch.blobs]
+def batch_outputs(batch: OutputBatch, unknown: collections.Counter[int] | None = None
+                  ) -> list[tuple[int, list[tuple]]]:
+    return [blob_outputs(b, unknown) for b in batch.blobs]
+
+
+def known(raw: tuple) -> bool:
+    """Whether ``raw`` is an event this code knows (see ``blob_outputs``)."""
+    return raw[0] in _KIND
 
 
 # ---------------------------------------------------------------------- reports

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import signal
 import sys
 import tomllib
@@ -446,6 +447,42 @@ def test_wait_answers_with_the_engines_outputs(tmp_path: Path) -> None:
                                                        wait=True))
                 assert retry.duplicate and list(retry.reports) == list(buy.reports)
     run(body)
+
+
+def test_outputs_of_an_unknown_kind_are_left_out_and_the_rest_delivered(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An engine at a newer output version than the gateway knows emits an event of a
+    kind it cannot decode: the gateway leaves that one event out (logged once per kind)
+    and reports the others of the batch, each with its own output index. Before, the
+    whole output event (every input's outputs in it) was skipped: the waiter timed out
+    and streams never saw its fills."""
+    future = bytes([250]) + bytes(8)  # a tag no output version has (yet)
+    assert not wire.known((future[0], ""))
+
+    async def body() -> None:
+        async with exchange(tmp_path) as x:
+            await x.step()
+            driver = x.drivers["g1"]
+            driver.splice = lambda events: [events[0], future, *events[1:]]
+            async with running_driver(driver):
+                sell = await x.stub.SubmitOrder(order("s1", xpb.SELL, 5, 50000, wait=True))
+                assert not sell.timed_out and kinds(sell) == ["ACCEPTED", "BOOK"]
+                assert [r.output_index for r in sell.reports] == [0, 2]
+                driver.splice = None
+                buy = await x.stub.SubmitOrder(order("b1", xpb.BUY, 3, 50000, account="bob",
+                                                     wait=True))
+                assert kinds(buy)[:2] == ["ACCEPTED", "FILL"]
+            stream = x.stub.StreamExecutions(xpb.StreamExecutionsRequest(
+                account="alice", after_position=sell.input_position - 1))
+            reports = [r for _ in range(2) for r in (await next_msg(stream)).reports]
+            stream.cancel()
+            assert [(r.kind, r.output_index) for r in reports] == [("ACCEPTED", 0),
+                                                                    ("FILL", 1)]
+            assert x.gateway.service.feed.unknown_outputs == {250: 1}
+    with caplog.at_level(logging.ERROR, logger="xdc"):
+        run(body)
+    unknown = [r for r in caplog.records if "unknown to this gateway" in r.getMessage()]
+    assert len(unknown) == 1 and "[250]" in unknown[0].getMessage()
 
 
 def test_wait_times_out_without_an_engine_and_late_outputs_are_found(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -33,6 +34,9 @@ class EngineDriver:
     output_revision: int = 0  # the output stream's last revision (we are its only writer)
     chain: bytes = GENESIS
     batches: int = 0
+    # Rewrites each input's encoded output events before they are emitted (tests of what
+    # a gateway makes of outputs it does not know: an engine at a newer output version).
+    splice: Callable[[list[bytes]], list[bytes]] | None = None
 
     def _process(self, events: list[pb.RecordedEvent]) -> wire.OutputBatch | None:
         if not events:
@@ -47,7 +51,10 @@ class EngineDriver:
                 except CodecError:
                     out = []
             if out:
-                blob = wire.input_blob(e.position, [encode_event(raw) for raw in out])
+                encoded = [encode_event(raw) for raw in out]
+                if self.splice is not None:
+                    encoded = self.splice(encoded)
+                blob = wire.input_blob(e.position, encoded)
                 chain = wire.chain_next(chain, blob)
                 blobs.append(blob)
             self.input_revision = e.revision
