@@ -1224,25 +1224,27 @@ def gc_paused() -> Iterator[None]:
 # When GcFreezer thaws what it froze for one full collection (``thaw_due``): not before
 # THAW_MIN_S after the last, nor before THAW_COST_FACTOR times that one's pause (a full
 # collection walks the whole book: measured 185 ms with 3M tracked objects, ~1M resting
-# orders; so at most 0.1% of the time goes to them); then only once the young collections
-# have found cyclic garbage since (the shell makes cycles, so some were frozen alive), or
-# THAW_MAX_S has passed (garbage made of objects that lived long, e.g. a channel replaced).
+# orders; so at most 0.1% of the time goes to them); then only once there are signs of
+# cyclic garbage made since (the young collections found some, or a trace export failed:
+# the shell makes cycles, so some may have been frozen alive), or THAW_MAX_S has passed
+# (garbage made of objects that lived long and gave no sign, e.g. a channel replaced).
 THAW_MIN_S = 60.0
 THAW_COST_FACTOR = 1_000
 THAW_MAX_S = 3_600.0
 
 
-def thaw_due(elapsed_s: float, last_pause_s: float, young_garbage: int) -> bool:
+def thaw_due(elapsed_s: float, last_pause_s: float, garbage_signs: int) -> bool:
     """Whether a full collection of the frozen objects is due, ``elapsed_s`` after the
-    last one (or the start), which took ``last_pause_s``, with ``young_garbage`` objects
-    found by the young collections since."""
+    last one (or the start), which took ``last_pause_s``, with ``garbage_signs`` signs of
+    cyclic garbage made since."""
     if elapsed_s < max(THAW_MIN_S, THAW_COST_FACTOR * last_pause_s):
         return False
-    return young_garbage > 0 or elapsed_s >= THAW_MAX_S
+    return garbage_signs > 0 or elapsed_s >= THAW_MAX_S
 
 
-def _young_collected() -> int:
-    """Objects the collections of generations 0 and 1 have found unreachable so far."""
+def young_collected() -> int:
+    """Objects the collections of generations 0 and 1 have found unreachable so far: a
+    sign that the process makes cyclic garbage (GcFreezer's default)."""
     stats = gc.get_stats()
     return int(stats[0]["collected"] + stats[1]["collected"])
 
@@ -1260,15 +1262,18 @@ class GcFreezer:
     what was made since the last freeze.
 
     The price: an object frozen alive that later becomes part of a garbage cycle is not
-    collected while frozen. The engine makes none (see ``gc_paused``), but the shell's
-    libraries do: with the trace collector unreachable, the exporter's retried span
-    batches leaked ~0.7 MB per 25k inputs at 5k inputs/s (engine RSS against a run without
-    tracing). So when ``thaw_due``, everything frozen is unfrozen for one full collection
-    and frozen again: the garbage is bounded by what ``THAW_MIN_S`` (or the cost rule)
-    lets accumulate, at one pause that long per interval. ``thaws``, ``thaw_collected``
-    and ``thaw_s`` say how many there were, and what the last one found and took."""
+    collected while frozen, and such garbage gives no sign to the young collections. The
+    engine makes none (see ``gc_paused``), but the shell's libraries do: a failed trace
+    export leaves its frames and its request in a cycle (xdc.telemetry._BatchReleased).
+    So when ``thaw_due`` (``signs``: a count that grows with each sign of cyclic garbage;
+    the runner adds failed trace exports to the young collections' finds), everything
+    frozen is unfrozen for one full collection and frozen again: garbage that gave a sign
+    lives at most THAW_MIN_S (or the cost rule's interval), any other THAW_MAX_S, at one
+    pause per interval. ``thaws``, ``thaw_collected`` and ``thaw_s`` say how many there
+    were, and what the last one found and took."""
 
-    def __init__(self, every: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, every: int, clock: Callable[[], float] = time.monotonic,
+                 signs: Callable[[], int] = young_collected) -> None:
         assert every > 0
         self.every = every
         self.freezes = 0
@@ -1277,8 +1282,9 @@ class GcFreezer:
         self.thaw_s = 0.0
         self._since = 0
         self._clock = clock
+        self._signs = signs
         self._thawed_at = clock()
-        self._young_at_thaw = _young_collected()
+        self._signs_at_thaw = signs()
 
     def advance(self, inputs: int) -> None:
         """``inputs`` more were processed; freezes once ``every`` have been since the last
@@ -1288,13 +1294,13 @@ class GcFreezer:
             self._since = 0
             gc.collect(1)
             now = self._clock()
-            young = _young_collected()
-            if thaw_due(now - self._thawed_at, self.thaw_s, young - self._young_at_thaw):
+            if thaw_due(now - self._thawed_at, self.thaw_s,
+                        self._signs() - self._signs_at_thaw):
                 gc.unfreeze()
                 self.thaw_collected = gc.collect()
                 done = self._clock()
                 self.thaw_s, self.thaws = done - now, self.thaws + 1
-                self._thawed_at, self._young_at_thaw = done, _young_collected()
+                self._thawed_at, self._signs_at_thaw = done, self._signs()
             gc.freeze()
             self.freezes += 1
 

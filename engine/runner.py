@@ -57,7 +57,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import INVALID_SPAN, Span, SpanContext, SpanKind, Status, StatusCode
 
 from engine import wire
-from engine.book import GcFreezer, gc_paused
+from engine.book import GcFreezer, gc_paused, young_collected
 from engine.codec import CodecError, state_hash
 from engine.constants import OUTPUT_VERSIONS
 from engine.consumer import MAX_PENDING_INPUTS, Capture, Consumer
@@ -225,7 +225,10 @@ class EngineRunner:
         self.limit_refusals = 0
         self.output_event_bytes = 0  # as fitted to the store's limits; 0: not yet
         self._refit: asyncio.Future[None] | None = None
-        self._gc = GcFreezer(GC_FREEZE_EVERY)
+        # Cyclic garbage gives signs: the young collections find some, or a trace export
+        # fails (its frames stay in a cycle: xdc.telemetry._BatchReleased).
+        self._gc = GcFreezer(GC_FREEZE_EVERY, signs=lambda: young_collected()
+                             + telemetry.failed_exports())
         self._resync_since: float | None = None  # emission resyncing since (loop time)
         self._flushing = asyncio.Lock()
         self._lease_problem = ""  # the lease's problem when last looked at (_check_lease)

@@ -777,9 +777,11 @@ class _Cyclic:
 
 def test_gc_freezer_thaw_collects_garbage_that_was_frozen_alive() -> None:
     """An object frozen alive that becomes cyclic garbage survives every collection while
-    frozen (the leak); once a thaw is due (THAW_MIN_S passed and the young collections
-    found cyclic garbage), the freezer unfreezes everything for one full collection,
-    which frees it, and freezes again. Before, it was never freed."""
+    frozen (the leak), and gives no sign to the young collections; once a thaw is due
+    (THAW_MIN_S passed, and a sign of garbage: here the young collections found some;
+    in the runner a failed trace export counts too), the freezer unfreezes everything
+    for one full collection, which frees it, and freezes again. Before, it was never
+    freed. A sign of another kind (``signs``) makes it due just the same."""
     now = [0.0]
     freezer = GcFreezer(every=10, clock=lambda: now[0])
     try:
@@ -799,6 +801,19 @@ def test_gc_freezer_thaw_collects_garbage_that_was_frozen_alive() -> None:
         assert freezer.freezes == 3 and freezer.thaws == 1
         assert dead() is None and freezer.thaw_collected >= 1
         assert gc.get_freeze_count() > 0  # frozen again after the collection
+
+        failures = [0]  # e.g. failed trace exports
+        signed = GcFreezer(every=10, clock=lambda: now[0], signs=lambda: failures[0])
+        held = _Cyclic()
+        dead = weakref.ref(held)
+        signed.advance(10)
+        del held
+        now[0] += THAW_MIN_S
+        signed.advance(10)  # no sign yet: not due, whatever the young collections found
+        assert signed.thaws == 0 and dead() is not None
+        failures[0] += 1
+        signed.advance(10)
+        assert signed.thaws == 1 and dead() is None
     finally:
         gc.unfreeze()
 

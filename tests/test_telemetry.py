@@ -151,7 +151,8 @@ def test_a_failed_otlp_export_leaves_no_span_to_the_cyclic_collector(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A failed OTLP export leaves a reference cycle behind (its result holds the error,
     whose traceback holds the exporter's frames and their callers'); the batch's spans
-    are not in it: the batch list is emptied after each export (telemetry._BatchReleased).
+    are not in it: the batch list is emptied after each export, and the failure counted
+    (telemetry._BatchReleased).
     Before, every span of the batch was in it, and an engine that had frozen them alive
     (engine.book.GcFreezer) never freed them: ~0.7 MB per 25k inputs with the collector
     unreachable."""
@@ -161,6 +162,7 @@ def test_a_failed_otlp_export_leaves_no_span_to_the_cyclic_collector(
            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}"}
     assert telemetry.setup_from_env("xdc-test", env=env)
     provider = telemetry._state.tracer_provider
+    failed = telemetry.failed_exports()
     gc.collect()
     gc.disable()  # what the failed export leaves stays uncollected until the check
     try:
@@ -178,6 +180,8 @@ def test_a_failed_otlp_export_leaves_no_span_to_the_cyclic_collector(
         telemetry.shutdown()
     assert any(isinstance(o, grpc.RpcError) for o in garbage), "no failed export seen"
     assert not [o for o in garbage if isinstance(o, ReadableSpan)]
+    # Counted: the engine's GC freezer takes it as a sign of cyclic garbage.
+    assert telemetry.failed_exports() > failed
 
 
 def test_console_exporter_from_env(capfd: pytest.CaptureFixture[str]) -> None:
