@@ -85,6 +85,7 @@ class CodecError(ValueError):
 
 
 _STR_CACHE: dict[str, bytes] = {}
+_LENGTHS = tuple(bytes((n,)) for n in range(256))  # a string's length prefix
 _STR_CACHE_MAX = 65_536  # symbols, accounts and reason codes repeat; ids mostly do not
 
 
@@ -140,7 +141,6 @@ def snapshot_bytes(eng: Engine) -> bytes:
     lim = eng.limits
     parts.append(_Q3.pack(lim.max_symbols, lim.max_accounts, lim.max_open_orders_per_account))
     aids = sorted(eng.accounts)
-    index = {aid: i for i, aid in enumerate(aids)}
     parts.append(_I.pack(len(aids)))
     for aid in aids:
         acct = eng.accounts[aid]
@@ -156,23 +156,30 @@ def snapshot_bytes(eng: Engine) -> bytes:
     syms = sorted(eng.books)
     parts.append(_I.pack(len(syms)))
     pack_order = _ORDER.pack
+    by_account = {eng.accounts[aid]: i for i, aid in enumerate(aids)}  # its index
+    lengths = _LENGTHS
     for sym in syms:
         b = eng.books[sym]
         parts += (_str(b.symbol), _str(b.base), _str(b.quote))
         parts.append(_Q10.pack(b.tick, b.lot, b.band_bps, b.cfg_ref, b.ref, int(b.traded),
                                int(b.halted), b.max_orders, b.max_qty, b.next_oid))
         parts.append(_I.pack(len(b.orders)))
-        n = 0
-        for levels, rev in ((b.bids, True), (b.asks, False)):
-            for p in sorted(levels, reverse=rev):
-                for o in levels[p].dq:
-                    if o[QTY]:
-                        parts.append(pack_order(o[OID], o[PRICE], o[QTY], o[SIDE],
-                                                int(o[POST_ONLY]), o[STP_MODE],
-                                                index[o[ACCT].id]))
-                        parts.append(_str(o[CID]))
-                        n += 1
-        assert n == len(b.orders), "order index out of step with levels"
+        n = len(parts)
+        try:
+            for levels, rev in ((b.bids, True), (b.asks, False)):
+                for p in sorted(levels, reverse=rev):
+                    for o in levels[p].dq:
+                        if o[QTY]:
+                            # The hot loop of a capture (the engine stands still meanwhile):
+                            # no call per client order id (``_str`` would also fill its cache
+                            # with ids that mostly never come back); a bool packs as 0 or 1.
+                            cid = o[CID].encode("ascii")
+                            parts += (pack_order(o[OID], o[PRICE], o[QTY], o[SIDE],
+                                                 o[POST_ONLY], o[STP_MODE], by_account[o[ACCT]]),
+                                      lengths[len(cid)], cid)
+        except IndexError:
+            raise CodecError("string longer than 255 bytes") from None
+        assert len(parts) - n == 3 * len(b.orders), "order index out of step with levels"
     return b"".join(parts)
 
 

@@ -768,6 +768,46 @@ def test_gc_freezer_takes_long_lived_objects_out_of_full_collections() -> None:
         gc.unfreeze()
 
 
+def test_snapshot_bytes_are_the_format_stored_snapshots_have() -> None:
+    """The snapshot encoding of a fixed state (two symbols, resting orders with and
+    without client order ids, post-only, every STP mode) is the bytes of the stored
+    format, pinned by their hash: stored snapshots' state hashes are checked against a
+    new release's replay (`engine verify`, restore), so a faster encoder must write the
+    very same bytes. The hash is of the encoder before its hot loop was rewritten (no
+    call per client order id: 1.5x faster captures, ~85 instead of ~130 ms per 100k
+    resting orders here). The restore reads them back to the same bytes."""
+    import hashlib
+    import random
+
+    from bench.match import setup_commands, workload
+    from engine.book import CID, POST_ONLY
+    e = Engine()
+    out: list[tuple] = []
+    for c in setup_commands() + workload(3_000, seed=7):
+        e.process(c, out)
+    rng = random.Random(11)
+    e.process(AddSymbol(1, "ZED-EUR", "ZED", "EUR", 5, 2, 2_000, 10_000), out)
+    for a in ("alice", "bob", "carol-x"):
+        e.process(Deposit(1, a, "EUR", 10**12), out)
+        e.process(Deposit(1, a, "ZED", 10**9), out)
+    for i in range(400):
+        e.process(NewOrder(2, "ZED-EUR", rng.choice(("alice", "bob", "carol-x")),
+                           f"cid-{i}" if rng.random() < 0.7 else "",
+                           BUY if rng.random() < 0.5 else SELL, 2 * rng.randint(1, 9),
+                           10_000 + 5 * rng.randint(-150, 150),
+                           post_only=rng.random() < 0.2, stp=rng.randint(0, 4)), out)
+    data = snapshot_bytes(e)
+    assert hashlib.sha256(data).hexdigest() == (
+        "752dd517d214e6d0b332b497546811feb0b6c364e388ca1ca97baa21b6ef8b03")
+    assert snapshot_bytes(restore(data)) == data
+    book = e.books["ZED-EUR"]
+    assert any(o[CID] for o in book.orders.values())
+    assert any(o[POST_ONLY] for o in book.orders.values())
+    with pytest.raises(CodecError, match="longer than 255"):
+        next(iter(book.orders.values()))[CID] = "x" * 256
+        snapshot_bytes(e)
+
+
 class _Cyclic:
     """An object in a reference cycle with itself: freed only by the cyclic collector."""
 
