@@ -7,8 +7,8 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench proto lint lint-infra sysdeps clean
 
-# The install compiles store/_speedups.c: sysdeps first (a C compiler, Python's headers).
-$(STAMP): pyproject.toml setup.py store/_speedups.c
+# The install compiles store/_speedups.c and engine/_speedups.c: sysdeps first (a C compiler, Python's headers).
+$(STAMP): pyproject.toml setup.py store/_speedups.c engine/_speedups.c
 	PYTHON=$(PYTHON) scripts/sysdeps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip

@@ -38,16 +38,9 @@ from collections.abc import Callable
 from typing import Any, get_type_hints
 
 from engine import commands as cm
+from engine._speedups import encode_orders
 from engine.book import (
-    ACCT,
     BUY,
-    CID,
-    OID,
-    POST_ONLY,
-    PRICE,
-    QTY,
-    SIDE,
-    STP_MODE,
     Account,
     Book,
     Engine,
@@ -85,7 +78,6 @@ class CodecError(ValueError):
 
 
 _STR_CACHE: dict[str, bytes] = {}
-_LENGTHS = tuple(bytes((n,)) for n in range(256))  # a string's length prefix
 _STR_CACHE_MAX = 65_536  # symbols, accounts and reason codes repeat; ids mostly do not
 
 
@@ -155,31 +147,26 @@ def snapshot_bytes(eng: Engine) -> bytes:
             parts.append(_Q2.pack(acct.avail.get(a, 0), acct.held.get(a, 0)))
     syms = sorted(eng.books)
     parts.append(_I.pack(len(syms)))
-    pack_order = _ORDER.pack
     by_account = {eng.accounts[aid]: i for i, aid in enumerate(aids)}  # its index
-    lengths = _LENGTHS
     for sym in syms:
         b = eng.books[sym]
         parts += (_str(b.symbol), _str(b.base), _str(b.quote))
         parts.append(_Q10.pack(b.tick, b.lot, b.band_bps, b.cfg_ref, b.ref, int(b.traded),
                                int(b.halted), b.max_orders, b.max_qty, b.next_oid))
         parts.append(_I.pack(len(b.orders)))
-        n = len(parts)
+        n = 0
         try:
             for levels, rev in ((b.bids, True), (b.asks, False)):
-                for p in sorted(levels, reverse=rev):
-                    for o in levels[p].dq:
-                        if o[QTY]:
-                            # The hot loop of a capture (the engine stands still meanwhile):
-                            # no call per client order id (``_str`` would also fill its cache
-                            # with ids that mostly never come back); a bool packs as 0 or 1.
-                            cid = o[CID].encode("ascii")
-                            parts += (pack_order(o[OID], o[PRICE], o[QTY], o[SIDE],
-                                                 o[POST_ONLY], o[STP_MODE], by_account[o[ACCT]]),
-                                      lengths[len(cid)], cid)
-        except IndexError:
-            raise CodecError("string longer than 255 bytes") from None
-        assert len(parts) - n == 3 * len(b.orders), "order index out of step with levels"
+                # The hot loop of a capture, in C (the engine stands still meanwhile).
+                data, count = encode_orders([levels[p].dq for p in sorted(levels, reverse=rev)],
+                                            by_account)
+                parts.append(data)
+                n += count
+        except UnicodeError:
+            raise
+        except ValueError as exc:  # an id over 255 bytes
+            raise CodecError(str(exc)) from None
+        assert n == len(b.orders), "order index out of step with levels"
     return b"".join(parts)
 
 

@@ -468,17 +468,20 @@ class OutputFeed:
         at_ns = time.time_ns() if telemetry.tracing() else 0
         try:
             batch = wire.decode_output(e.data)
-            kinds = len(self.unknown_outputs)
-            outs = wire.batch_outputs(batch, self.unknown_outputs)
+            unknown: collections.Counter[int] = collections.Counter()
+            outs = wire.batch_outputs(batch, unknown)
         except (CodecError, struct.error, KeyError, ValueError) as exc:
             log.error("output event at position %d of %s is undecodable (%s); skipped",
                       e.position, e.stream, exc)
             return
-        if len(self.unknown_outputs) != kinds:
-            log.error("output events of kinds %s unknown to this gateway (first at position "
-                      "%d of %s) are left out of its reports: an engine emits a newer output "
-                      "version than it knows; upgrade the gateways first (README)",
-                      sorted(self.unknown_outputs), e.position, e.stream)
+        if unknown:  # counted once the event is taken: an undecodable one counts nothing
+            new = sorted(set(unknown) - set(self.unknown_outputs))
+            self.unknown_outputs.update(unknown)
+            if new:
+                log.error("output events of kinds %s unknown to this gateway (first at "
+                          "position %d of %s) are left out of its reports: an engine emits "
+                          "a newer output version than it knows; upgrade the gateways "
+                          "first (README)", new, e.position, e.stream)
         received = None
         if at_ns:  # traced: one record per output event, for its `deliver` spans
             received = Received(batch.first_input, batch.last_input, e.position,
@@ -777,11 +780,12 @@ class OutputFeed:
                         break
                 else:
                     return None
-        except (TimeoutError, grpc.RpcError, CodecError, IndexError) as exc:
+            outs = wire.batch_outputs(batch, collections.Counter())
+        except (TimeoutError, grpc.RpcError, CodecError, IndexError, struct.error,
+                ValueError) as exc:  # a stored event undecodable: as not found
             log.warning("outputs of input %d of %s not found in the store: %s", position,
                         group.name, exc)
             return None
-        outs = wire.batch_outputs(batch, collections.Counter())
         k = next((k for k, (p, _) in enumerate(outs) if p == position), None)
         if k is None:
             return []

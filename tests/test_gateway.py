@@ -25,7 +25,7 @@ from engine.constants import MAX_ID_LEN, MAX_ORDER_ID, MAX_PRICE, MAX_QTY, STP, 
 from engine.constants import Side as ESide
 from engine.constants import TimeInForce as ETif
 from engine.exchange_config import ExchangeConfig, init_events, parse
-from engine.gateway import GatewayLimits, GatewayServer
+from engine.gateway import GatewayLimits, GatewayServer, OutputFeed
 from geo.etcd_server import free_ports
 from store.client import StoreClient
 from store.limits import Limits
@@ -34,6 +34,7 @@ from store.process import ServeProcess
 from store.server import StoreServer
 from tests.support.engine_driver import EngineDriver, running_driver
 from tests.support.store import run, running_store, wait_until
+from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import exchange_pb2 as xpb
 from xdc.v1 import exchange_pb2_grpc as xpb_grpc
 
@@ -458,6 +459,9 @@ def test_outputs_of_an_unknown_kind_are_left_out_and_the_rest_delivered(
     and streams never saw its fills."""
     future = bytes([250]) + bytes(8)  # a tag no output version has (yet)
     assert not wire.known((future[0], ""))
+    # Every kind the engine emits is known here: one missing would be left out silently.
+    from engine.events import EVENT_CLASSES
+    assert all(wire.known((tag, "")) for tag in EVENT_CLASSES)
 
     async def body() -> None:
         async with exchange(tmp_path) as x:
@@ -483,6 +487,26 @@ def test_outputs_of_an_unknown_kind_are_left_out_and_the_rest_delivered(
         run(body)
     unknown = [r for r in caplog.records if "unknown to this gateway" in r.getMessage()]
     assert len(unknown) == 1 and "[250]" in unknown[0].getMessage()
+
+
+def test_an_undecodable_output_event_counts_no_unknown_kind() -> None:
+    """An output event skipped as undecodable (here: an unknown kind, then a truncated
+    event) leaves the count of unknown kinds as it was, so the first one that is taken
+    still logs its kind; that one counts it."""
+    feed = OutputFeed(parse(tomllib.loads(EXCHANGE)), None,  # type: ignore[arg-type]
+                      GatewayLimits())
+    group = feed.groups["g1"]
+    future = bytes([250]) + bytes(8)
+
+    def event(position: int, *events: bytes) -> pb.RecordedEvent:
+        blob = wire.input_blob(position, list(events))
+        data = wire.OutputBatch(position, position, bytes(32), (blob,)).encode()
+        return pb.RecordedEvent(stream=group.stream, position=100 + position, data=data)
+
+    feed.on_output_event(event(5, future, bytes([1])))  # an Accepted cut short
+    assert not feed.unknown_outputs and group.last_input == 0
+    feed.on_output_event(event(6, future))
+    assert feed.unknown_outputs == {250: 1} and group.last_input == 6
 
 
 def test_wait_times_out_without_an_engine_and_late_outputs_are_found(tmp_path: Path) -> None:
