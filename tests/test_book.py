@@ -874,6 +874,18 @@ def test_the_c_order_encoder_writes_what_the_python_loop_wrote() -> None:
         encode_orders([[tuple(order)]], by_account)
     assert encode_orders([], by_account) == (b"", 0)
 
+    # Python code run by a truth test that empties the order (helper-75: read out of
+    # bounds, a crash, when the C read the list's items after it): the fields read are
+    # the ones it held.
+    class Emptying(int):
+        def __bool__(self) -> bool:
+            held.clear()
+            return True
+
+    held = [Emptying(3), 7, accounts[1], "id", 1, 100, False, 2]
+    expected = _orders_py([[[3, 7, accounts[1], "id", 1, 100, False, 2]]], by_account)
+    assert encode_orders([[held]], by_account) == expected and held == []
+
 
 class _Cyclic:
     """An object in a reference cycle with itself: freed only by the cyclic collector."""
