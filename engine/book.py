@@ -1286,23 +1286,27 @@ class GcFreezer:
         self._thawed_at = clock()
         self._signs_at_thaw = signs()
 
-    def advance(self, inputs: int) -> None:
+    def advance(self, inputs: int) -> bool:
         """``inputs`` more were processed; freezes once ``every`` have been since the last
-        time, after a full collection of what was frozen when one is due."""
+        time, after a full collection of what was frozen when one is due. Returns
+        whether that collection ran."""
         self._since += inputs
-        if self._since >= self.every:
-            self._since = 0
-            gc.collect(1)
-            now = self._clock()
-            if thaw_due(now - self._thawed_at, self.thaw_s,
-                        self._signs() - self._signs_at_thaw):
-                gc.unfreeze()
-                self.thaw_collected = gc.collect()
-                done = self._clock()
-                self.thaw_s, self.thaws = done - now, self.thaws + 1
-                self._thawed_at, self._signs_at_thaw = done, self._signs()
-            gc.freeze()
-            self.freezes += 1
+        if self._since < self.every:
+            return False
+        self._since = 0
+        gc.collect(1)
+        now = self._clock()
+        thawed = thaw_due(now - self._thawed_at, self.thaw_s,
+                          self._signs() - self._signs_at_thaw)
+        if thawed:
+            gc.unfreeze()
+            self.thaw_collected = gc.collect()
+            done = self._clock()
+            self.thaw_s, self.thaws = done - now, self.thaws + 1
+            self._thawed_at, self._signs_at_thaw = done, self._signs()
+        gc.freeze()
+        self.freezes += 1
+        return thawed
 
 
 def step(state: Engine, cmd: object) -> tuple[Engine, list[ev.Event]]:

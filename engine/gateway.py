@@ -375,6 +375,13 @@ def order_report(group: str, position: int, index: int, raw: tuple) -> xpb.Execu
     return r
 
 
+def _read_back(batch: wire.OutputBatch) -> list[tuple[int, list[tuple]]]:
+    """The outputs of a batch read back from the store: events of unknown kinds left out
+    as on the live path (wire.blob_outputs), not counted again (the feed counted them
+    when they went by)."""
+    return wire.batch_outputs(batch, collections.Counter())
+
+
 class OutputFeed:
     """Follows the configured groups' output streams with one store subscription and
     dispatches each output event to waiters, execution streams and L2 books."""
@@ -593,8 +600,7 @@ class OutputFeed:
                 for e in events:
                     revision = e.revision
                     if e.type == wire.OUTPUT_TYPE:
-                        found = setter(wire.batch_outputs(wire.decode_output(e.data),
-                                                               collections.Counter()))
+                        found = setter(_read_back(wire.decode_output(e.data)))
                         if found is not None:
                             break
         except (grpc.RpcError, CodecError, struct.error, KeyError, ValueError) as exc:
@@ -780,7 +786,7 @@ class OutputFeed:
                         break
                 else:
                     return None
-            outs = wire.batch_outputs(batch, collections.Counter())
+            outs = _read_back(batch)
         except (TimeoutError, grpc.RpcError, CodecError, IndexError, struct.error,
                 ValueError) as exc:  # a stored event undecodable: as not found
             log.warning("outputs of input %d of %s not found in the store: %s", position,
@@ -1136,7 +1142,7 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
         if group is None:
             return None
         try:
-            outs = wire.batch_outputs(wire.decode_output(e.data), collections.Counter())
+            outs = _read_back(wire.decode_output(e.data))
         except (CodecError, struct.error, KeyError, ValueError):
             return None  # the feed logged it when it went by
         # Band rejects show their band, as on the live path (the bands of every group in

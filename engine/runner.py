@@ -230,7 +230,8 @@ class EngineRunner:
         self._gc = GcFreezer(GC_FREEZE_EVERY, signs=lambda: young_collected()
                              + telemetry.failed_exports())
         self._resync_since: float | None = None  # emission resyncing since (loop time)
-        self._flushing = asyncio.Lock()
+        # The task writing snapshots (_flush_soon): one at a time, so that they are
+        # written in input order (the newest in the stream is the one a restart loads).
         self._flush_task: asyncio.Task[None] | None = None
         self._lease_problem = ""  # the lease's problem when last looked at (_check_lease)
         # The start-up reads' clients, one per store target, and the target they read from
@@ -522,9 +523,9 @@ class EngineRunner:
     def _flush_soon(self) -> None:
         """Writes the captures whose outputs are committed from a task of their own, so
         that this one goes on with the next inputs meanwhile (compressing and appending
-        took ~20 ms per 100k resting orders); the lock keeps them in input order. The
-        lease task calls it too, for captures whose outputs are committed while no input
-        comes; neither task waits for a write."""
+        took ~20 ms per 100k resting orders); never two such tasks, which keeps them in
+        input order. The lease task calls it too, for captures whose outputs are
+        committed while no input comes; neither task waits for a write."""
         if self._captures and (self._flush_task is None or self._flush_task.done()):
             self._flush_task = asyncio.create_task(self._flush_captures(),
                                                    name="engine-snapshot-write")
@@ -538,19 +539,17 @@ class EngineRunner:
             self._fail(task.get_name(), exc)
 
     async def _flush_captures(self) -> None:
-        # The consume and lease tasks both flush: one at a time, so that snapshots are
-        # written in input order (the newest in the stream is the one a restart loads).
-        async with self._flushing:
-            while self._captures and \
-                    self.consumer.committed_input >= self._captures[0].wait_for:
-                cap = self._captures.pop(0)
-                try:
-                    await self._write_snapshot(cap)
-                except (AppendError, grpc.aio.AioRpcError) as exc:
-                    log.warning("snapshot at input %d not written: %s", cap.position, exc)
-                    if isinstance(exc, AppendError) and \
-                            exc.code == grpc.StatusCode.INVALID_ARGUMENT:
-                        self._refused_as_invalid(f"snapshot at input {cap.position}", exc)
+        """The flush task's body (_flush_soon): the captures whose outputs are committed,
+        oldest first."""
+        while self._captures and self.consumer.committed_input >= self._captures[0].wait_for:
+            cap = self._captures.pop(0)
+            try:
+                await self._write_snapshot(cap)
+            except (AppendError, grpc.aio.AioRpcError) as exc:
+                log.warning("snapshot at input %d not written: %s", cap.position, exc)
+                if isinstance(exc, AppendError) and \
+                        exc.code == grpc.StatusCode.INVALID_ARGUMENT:
+                    self._refused_as_invalid(f"snapshot at input {cap.position}", exc)
 
     # ---------------------------------------------------------------- the log
 
@@ -604,9 +603,7 @@ class EngineRunner:
         if item.events:
             self._delivered(item.events[-1].position)
         self._since_capture += c.inputs - before
-        thaws = self._gc.thaws
-        self._gc.advance(c.inputs - before)
-        if self._gc.thaws != thaws:
+        if self._gc.advance(c.inputs - before):
             log.info("instance %s of %s: full collection of the frozen objects: %d "
                      "unreachable found, %.1f ms", self.config.instance, self.config.group,
                      self._gc.thaw_collected, self._gc.thaw_s * 1e3)

@@ -431,7 +431,8 @@ def test_a_snapshot_is_traced_on_its_own_not_in_an_orders_processing(
             def settled() -> bool:  # every output committed, every snapshot taken written
                 c = runner.consumer
                 return c.position >= last and c.committed_input >= last \
-                    and not runner._captures and not runner._flushing.locked() \
+                    and not runner._captures and (runner._flush_task is None
+                                                  or runner._flush_task.done()) \
                     and runner.snapshot_position > 0
             await wait_until(settled, 30, "the snapshots written")
 
