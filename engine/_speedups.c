@@ -212,19 +212,292 @@ fail:
     return NULL;
 }
 
+/* ---- outputs: encode_chained ----------------------------------------------------------
+ *
+ * encode_chained(raws, starts, positions, first, chain, emit, cls, kinds, framed, sha256)
+ * -> chain: the consumer's hot path (engine.consumer.Consumer._process), one call per
+ * batch of inputs. For each input i from `first` on whose events raws[starts[i]:starts[i
+ * + 1]] are not none: blob = struct "<qH" (positions[i], number of events), then each
+ * event framed (u16 length, then the event's canonical bytes: u8 tag, its int fields as
+ * "<q" in field order, then its str fields as one length byte and ASCII, in field order);
+ * chain = sha256(chain + blob).digest(); emit(cls((positions[i], blob, chain))), built as
+ * tuple.__new__ would (cls is a tuple subclass of 3 fields without a __dict__). Returns
+ * the last chain.
+ *
+ * kinds[tag] is the tag's field kinds (bytes of b"s" and b"i", engine.events.FIELD_KINDS).
+ * An event this loop does not take as it is (a tag outside `kinds`, a field that is not
+ * an int in int64 or an exact str of at most 255 ASCII characters, a tuple too short) is
+ * framed by framed[tag](event) instead: the Python encoder (engine.codec._FRAMED) gives
+ * it its bytes or raises its error. So the bytes and the refusals are the Python
+ * encoder's (tests/test_consumer.py compares both). An input with 65,536 events or more
+ * raises AssertionError (its count is a u16), as the Python loop did.
+ *
+ * Each event is held (a reference) while it is read: the fallback and emit run Python
+ * code, which must not free what is read.
+ */
+
+static PyObject *str_digest;
+
+/* Appends the framed event at b->len, or returns 0 (nothing written, no error) when the
+ * event is not taken as it is; -1 on an error. */
+static int
+frame_fast(Buf *b, PyObject *r, PyObject *kinds)
+{
+    if (!PyTuple_CheckExact(r) || PyTuple_GET_SIZE(r) < 1)
+        return 0;
+    PyObject *t = PyTuple_GET_ITEM(r, 0);
+    if (!PyLong_CheckExact(t))
+        return 0;
+    long tag = PyLong_AsLong(t);
+    if (tag == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (tag < 0 || tag > 255 || tag >= PyTuple_GET_SIZE(kinds))
+        return 0;
+    PyObject *k = PyTuple_GET_ITEM(kinds, tag);
+    if (!PyBytes_CheckExact(k))
+        return 0;
+    const char *kind = PyBytes_AS_STRING(k);
+    Py_ssize_t nf = PyBytes_GET_SIZE(k);
+    if (PyTuple_GET_SIZE(r) < nf + 1)
+        return 0;
+    if (buf_reserve(b, 3 + nf * 256) < 0)
+        return -1;
+    char *start = b->p + b->len, *out = start + 3;
+    start[2] = (char)tag;
+    for (Py_ssize_t f = 0; f < nf; f++) {
+        if (kind[f] != 'i')
+            continue;
+        PyObject *v = PyTuple_GET_ITEM(r, f + 1);
+        if (!PyLong_Check(v))
+            return 0;
+        int overflow = 0;
+        long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+        if (x == -1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return 0;
+        }
+        if (overflow)
+            return 0;
+        put_le(out, (uint64_t)x, 8);
+        out += 8;
+    }
+    for (Py_ssize_t f = 0; f < nf; f++) {
+        if (kind[f] != 's')
+            continue;
+        PyObject *v = PyTuple_GET_ITEM(r, f + 1);
+        if (!PyUnicode_CheckExact(v) || PyUnicode_READY(v) < 0) {
+            PyErr_Clear();
+            return 0;
+        }
+        Py_ssize_t n = PyUnicode_GET_LENGTH(v);
+        if (!PyUnicode_IS_ASCII(v) || n > 255)
+            return 0;
+        *out++ = (char)n;
+        memcpy(out, PyUnicode_1BYTE_DATA(v), (size_t)n);
+        out += n;
+    }
+    Py_ssize_t len = out - start;
+    put_le(start, (uint64_t)(len - 2), 2);
+    b->len += len;
+    return 1;
+}
+
+/* The framed event by the Python encoder framed[r[0]](r), appended. */
+static int
+frame_slow(Buf *b, PyObject *r, PyObject *framed)
+{
+    PyObject *tag = PySequence_GetItem(r, 0);
+    if (tag == NULL)
+        return -1;
+    PyObject *enc = PyObject_GetItem(framed, tag);
+    Py_DECREF(tag);
+    if (enc == NULL)
+        return -1;
+    PyObject *data = PyObject_CallOneArg(enc, r);
+    Py_DECREF(enc);
+    if (data == NULL)
+        return -1;
+    if (!PyBytes_Check(data)) {
+        Py_DECREF(data);
+        PyErr_SetString(PyExc_TypeError, "an event encoder returned something else than bytes");
+        return -1;
+    }
+    Py_ssize_t n = PyBytes_GET_SIZE(data);
+    int rc = buf_reserve(b, n);
+    if (rc == 0) {
+        memcpy(b->p + b->len, PyBytes_AS_STRING(data), (size_t)n);
+        b->len += n;
+    }
+    Py_DECREF(data);
+    return rc;
+}
+
+static int
+as_ssize(PyObject *list, Py_ssize_t i, Py_ssize_t *out)
+{
+    if (i >= PyList_GET_SIZE(list)) {
+        PyErr_SetString(PyExc_IndexError, "list index out of range");
+        return -1;
+    }
+    PyObject *v = PyList_GET_ITEM(list, i);
+    Py_INCREF(v);
+    *out = PyNumber_AsSsize_t(v, PyExc_OverflowError);
+    Py_DECREF(v);
+    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+PyDoc_STRVAR(encode_chained_doc,
+"encode_chained(raws, starts, positions, first, chain, emit, cls, kinds, framed, sha256)\n"
+"-> chain: each input's outputs blob and chain hash (see the module's comment).");
+
+static PyObject *
+encode_chained(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "encode_chained takes 10 arguments");
+        return NULL;
+    }
+    PyObject *raws = args[0], *starts = args[1], *positions = args[2], *chain = args[4];
+    PyObject *emit = args[5], *kinds = args[7], *framed = args[8], *sha256 = args[9];
+    PyTypeObject *cls = (PyTypeObject *)args[6];
+    if (!PyList_Check(raws) || !PyList_Check(starts) || !PyList_Check(positions)
+            || !PyTuple_Check(kinds) || !PyBytes_Check(chain)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "encode_chained: raws, starts and positions are lists, kinds a "
+                        "tuple, chain bytes");
+        return NULL;
+    }
+    if (!PyType_Check(args[6]) || !PyType_IsSubtype(cls, &PyTuple_Type)
+            || cls->tp_dictoffset != 0) {
+        PyErr_SetString(PyExc_TypeError, "encode_chained: cls is a tuple subclass without "
+                                         "a __dict__");
+        return NULL;
+    }
+    Py_ssize_t first = PyNumber_AsSsize_t(args[3], PyExc_OverflowError);
+    if (first == -1 && PyErr_Occurred())
+        return NULL;
+    if (first < 0) {
+        PyErr_SetString(PyExc_ValueError, "encode_chained: first is not negative");
+        return NULL;
+    }
+    Buf b = {NULL, 0, 0};
+    Py_INCREF(chain);
+    for (Py_ssize_t i = first; i < PyList_GET_SIZE(positions); i++) {
+        Py_ssize_t start, end;
+        if (as_ssize(starts, i, &start) < 0 || as_ssize(starts, i + 1, &end) < 0)
+            goto fail;
+        if (start == end)
+            continue;
+        if (end - start >= 65536 || end < start) {
+            PyErr_SetString(PyExc_AssertionError, "an input's events number 65,536 or more");
+            goto fail;
+        }
+        PyObject *position = PyList_GET_ITEM(positions, i);
+        Py_INCREF(position);
+        long long pos = PyLong_AsLongLong(position);
+        if (pos == -1 && PyErr_Occurred()) {
+            Py_DECREF(position);
+            goto fail;
+        }
+        b.len = 0;
+        if (buf_reserve(&b, 32 + 10) < 0) {
+            Py_DECREF(position);
+            goto fail;
+        }
+        /* chain + blob in one buffer: the blob is hashed after the chain */
+        Py_ssize_t chain_len = PyBytes_GET_SIZE(chain);
+        if (chain_len != 32) {
+            Py_DECREF(position);
+            PyErr_SetString(PyExc_ValueError, "a chain hash is 32 bytes");
+            goto fail;
+        }
+        memcpy(b.p, PyBytes_AS_STRING(chain), 32);
+        put_le(b.p + 32, (uint64_t)pos, 8);
+        put_le(b.p + 40, (uint64_t)(end - start), 2);
+        b.len = 42;
+        for (Py_ssize_t j = start; j < end; j++) {
+            if (j >= PyList_GET_SIZE(raws)) {
+                Py_DECREF(position);
+                PyErr_SetString(PyExc_IndexError, "list index out of range");
+                goto fail;
+            }
+            PyObject *r = PyList_GET_ITEM(raws, j);
+            Py_INCREF(r);
+            int rc = frame_fast(&b, r, kinds);
+            if (rc == 0)
+                rc = frame_slow(&b, r, framed);
+            Py_DECREF(r);
+            if (rc < 0) {
+                Py_DECREF(position);
+                goto fail;
+            }
+        }
+        PyObject *whole = PyBytes_FromStringAndSize(b.p, b.len);
+        if (whole == NULL) {
+            Py_DECREF(position);
+            goto fail;
+        }
+        PyObject *h = PyObject_CallOneArg(sha256, whole);
+        Py_DECREF(whole);
+        PyObject *next = h == NULL ? NULL : PyObject_CallMethodNoArgs(h, str_digest);
+        Py_XDECREF(h);
+        if (next == NULL) {
+            Py_DECREF(position);
+            goto fail;
+        }
+        if (!PyBytes_Check(next)) {
+            Py_DECREF(next);
+            Py_DECREF(position);
+            PyErr_SetString(PyExc_TypeError, "sha256(...).digest() is not bytes");
+            goto fail;
+        }
+        PyObject *blob = PyBytes_FromStringAndSize(b.p + 32, b.len - 32);
+        PyObject *p = blob == NULL ? NULL : cls->tp_alloc(cls, 3);
+        if (p == NULL) {
+            Py_XDECREF(blob);
+            Py_DECREF(next);
+            Py_DECREF(position);
+            goto fail;
+        }
+        PyTuple_SET_ITEM(p, 0, position); /* the references move into p */
+        PyTuple_SET_ITEM(p, 1, blob);
+        Py_INCREF(next);
+        PyTuple_SET_ITEM(p, 2, next);
+        Py_SETREF(chain, next);
+        PyObject *res = PyObject_CallOneArg(emit, p);
+        Py_DECREF(p);
+        if (res == NULL)
+            goto fail;
+        Py_DECREF(res);
+    }
+    PyMem_Free(b.p);
+    return chain;
+fail:
+    PyMem_Free(b.p);
+    Py_DECREF(chain);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"encode_orders", encode_orders, METH_VARARGS, encode_orders_doc},
+    {"encode_chained", (PyCFunction)(void (*)(void))encode_chained, METH_FASTCALL,
+     encode_chained_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "engine._speedups",
-    "The engine's snapshot encoder's per-order loop in C.", -1, methods,
+    "The engine's per-order snapshot loop and per-input output loop in C.", -1, methods,
     NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
+    str_digest = PyUnicode_InternFromString("digest");
+    if (str_digest == NULL)
+        return NULL;
     return PyModule_Create(&module);
 }

@@ -111,10 +111,8 @@ class Pending(NamedTuple):
     chain: bytes  # chain after this input
 
 
-# One Pending is built per input, by encode_chained with ``tuple.__new__`` (``Pending(...)``
-# goes through namedtuple's Python-level __new__).
-# An input blob's head (wire.outputs_blob): position, number of events.
-_IN_HEAD_PACK = wire.IN_HEAD.pack
+# One Pending is built per input, by encode_chained as ``tuple.__new__`` builds one
+# (``Pending(...)`` goes through namedtuple's Python-level __new__).
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,7 +321,7 @@ class Consumer:
             first = bisect.bisect_right(positions, trusted)
             if positions[first - 1] == trusted:
                 self.chain = self._trusted_chain
-        self.chain = encode_chained(out, starts, positions, first, self.chain, _IN_HEAD_PACK,
+        self.chain = encode_chained(out, starts, positions, first, self.chain,
                                     self.pending.append, Pending)
 
     # ---------------------------------------------------------------- committed outputs

@@ -792,9 +792,58 @@ def test_chained_encoder_agrees_with_outputs_blob_and_chain_next() -> None:
                 chain = wire.chain_next(chain, blob)
                 want.append(Pending(positions[i], blob, chain))
         got: list[Pending] = []
-        assert encode_chained(out, starts, positions, first, GENESIS, wire.IN_HEAD.pack,
-                              got.append, Pending) == chain
+        assert encode_chained(out, starts, positions, first, GENESIS, got.append,
+                              Pending) == chain
         assert got == want and all(type(p) is Pending for p in got)
+
+
+
+def test_chained_encoder_frames_odd_events_as_the_python_encoder() -> None:
+    """Events that the C loop of encode_chained does not take as they are (an unknown tag,
+    a str not ASCII, over 255 characters or of a subclass, an int outside int64 or not an
+    int, a tuple too short, a list) get the bytes, or the refusal, of encode_framed; an
+    int subclass, a bool and extra fields are taken as struct takes them."""
+    import enum
+
+    from engine.codec import encode_chained
+    from engine.consumer import Pending
+
+    class Sub(str):
+        pass
+
+    class Kind(enum.IntEnum):
+        TWO = 2
+
+    acc = (ev.ACCEPTED, "BTC-USD", 7, "acct1", "c1", 1, 0, 0, 100, 5, 123)
+    def at(i: int, v: object) -> tuple:
+        return (*acc[:i], v, *acc[i + 1:])
+
+    odd = [
+        (200, "x"), at(0, True), at(1, "BTC-\u00e9"), at(3, "a" * 255), at(3, "a" * 256),
+        at(4, Sub("c9")), at(2, 2**63), at(2, -2**63), at(2, 2**63 - 1), at(5, True),
+        at(5, Kind.TWO), at(5, 1.0), at(5, None), at(3, None), acc[:6], (*acc, "extra", 9),
+        list(acc), (ev.BOOK, "BTC-USD", 1, 100, 5), (),
+    ]
+    for k, event in enumerate(odd):
+        raws = [acc, event, acc]
+        try:
+            want: object = wire.outputs_blob(5, raws)
+        except Exception as exc:  # the refusal is what is compared
+            want = type(exc)
+        got: list[Pending] = []
+        try:
+            chain: object = encode_chained([acc, *raws], [0, 1, 4], [4, 5], 0, GENESIS,
+                                           got.append, Pending)
+        except Exception as exc:
+            chain = type(exc)
+        first = Pending(4, wire.outputs_blob(4, [acc]),
+                        wire.chain_next(GENESIS, wire.outputs_blob(4, [acc])))
+        if isinstance(want, type):
+            assert chain is want and got == [first], (k, event, chain, want)
+        else:
+            assert got == [first, Pending(5, want, wire.chain_next(first.chain, want))], (
+                k, event)
+            assert chain == got[-1].chain
 
 
 _Q1 = struct.Struct("<q")
