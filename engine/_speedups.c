@@ -480,10 +480,280 @@ fail:
     return NULL;
 }
 
+/* ---- inputs: take_inputs --------------------------------------------------------------
+ *
+ * take_inputs(records, i, input_stream, last, control_types, plans, slow, interned,
+ * intern, pairs, intern_pair) -> (positions, commands, i): the consumer's input loop
+ * (engine.consumer.Consumer.on_records), for records[i:] (a list of records with the
+ * attributes stream, position, type, data, timestamp_ns: pb.RecordedEvent). It takes the
+ * records of `input_stream` in order, skips those at or before `last` (already
+ * processed), and decodes each other one that is not of a type in `control_types` into
+ * a command, with its timestamp as the command's time; it stops at the first record that
+ * is of another stream or a control (returning its index) or at the end.
+ *
+ * A command is decoded here when its bytes are well formed for its tag's plan:
+ * plans[tag] = (cls, kinds, pair), kinds one byte per field after ts_ns (b"q" int64,
+ * b"b" bool byte 0 or 1, b"s" str, b"n" str interned through interned/intern, keyed by
+ * its bytes), pair: the first two fields (symbol and account) are interned as one, through
+ * pairs/intern_pair keyed by their bytes with both length bytes. That is
+ * engine.codec._compile_fast_decoder's well-formed case. Anything else (no plan for the
+ * tag, a wrong length, a bool byte over 1, a non-ASCII string, data not bytes) is
+ * slow(data, ts_ns): the Python decoder, which decodes it or gives None for what is not a
+ * command. So both take the same bytes to the same command (tests/test_consumer.py).
+ */
+
+static PyObject *s_stream, *s_position, *s_type, *s_data, *s_timestamp_ns;
+
+static uint64_t
+get_le(const unsigned char *p, int size)
+{
+    uint64_t v = 0;
+    for (int i = size - 1; i >= 0; i--)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+static int
+all_ascii(const unsigned char *p, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (p[i] & 0x80)
+            return 0;
+    return 1;
+}
+
+/* cache[key] or intern(key) for bytes p[0..n): a new reference; NULL without an error
+ * when intern refuses it (UnicodeDecodeError: not ASCII), NULL with one on an error. */
+static PyObject *
+interned_get(const unsigned char *p, Py_ssize_t n, PyObject *cache, PyObject *intern)
+{
+    PyObject *key = PyBytes_FromStringAndSize((const char *)p, n);
+    if (key == NULL)
+        return NULL;
+    PyObject *v = PyDict_GetItemWithError(cache, key);
+    if (v != NULL) {
+        Py_INCREF(v);
+    } else if (!PyErr_Occurred()) {
+        v = PyObject_CallOneArg(intern, key);
+        if (v == NULL && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError))
+            PyErr_Clear();
+    }
+    Py_DECREF(key);
+    return v;
+}
+
+/* The command of well-formed bytes for `plan`, or NULL: with an error set on an error,
+ * without one when the bytes are not taken as they are (the caller's slow path). */
+static PyObject *
+decode_plan(const unsigned char *p, Py_ssize_t n, PyObject *ts, PyObject *plan,
+            PyObject *const *ctx)
+{
+    if (!PyTuple_Check(plan) || PyTuple_GET_SIZE(plan) != 3
+            || !PyBytes_Check(PyTuple_GET_ITEM(plan, 1)) || !PyType_Check(PyTuple_GET_ITEM(plan, 0)))
+        return NULL;
+    PyTypeObject *cls = (PyTypeObject *)PyTuple_GET_ITEM(plan, 0);
+    const char *kinds = PyBytes_AS_STRING(PyTuple_GET_ITEM(plan, 1));
+    Py_ssize_t nf = PyBytes_GET_SIZE(PyTuple_GET_ITEM(plan, 1));
+    int pair = PyObject_IsTrue(PyTuple_GET_ITEM(plan, 2));
+    if (pair < 0)
+        return NULL;
+    if (pair && (nf < 2 || kinds[0] != 'n' || kinds[1] != 'n'))
+        return NULL;
+    /* the length first: every string's length byte followed, the whole exact */
+    Py_ssize_t off = 9, pair_end = 0;
+    for (Py_ssize_t f = 0; f < nf; f++) {
+        switch (kinds[f]) {
+        case 'q': off += 8; break;
+        case 'b': off += 1; break;
+        case 's': case 'n':
+            if (off >= n)
+                return NULL;
+            off += 1 + p[off];
+            break;
+        default:
+            return NULL;
+        }
+        if (f == 1)
+            pair_end = off;
+    }
+    if (n < 9 || off != n)
+        return NULL;
+    PyObject *cmd = cls->tp_alloc(cls, nf + 1);
+    if (cmd == NULL)
+        return NULL;
+    if (ts == Py_None)
+        ts = PyLong_FromLongLong((long long)get_le(p + 1, 8));
+    else
+        Py_INCREF(ts);
+    if (ts == NULL)
+        goto fail;
+    PyTuple_SET_ITEM(cmd, 0, ts);
+    off = 9;
+    Py_ssize_t f = 0;
+    if (pair) {
+        PyObject *two = interned_get(p + 9, pair_end - 9, ctx[2], ctx[3]);
+        if (two == NULL)
+            goto fail;
+        if (!PyTuple_Check(two) || PyTuple_GET_SIZE(two) != 2) {
+            Py_DECREF(two);
+            PyErr_SetString(PyExc_TypeError, "an interned pair is a tuple of two");
+            goto fail;
+        }
+        for (int k = 0; k < 2; k++) {
+            Py_INCREF(PyTuple_GET_ITEM(two, k));
+            PyTuple_SET_ITEM(cmd, 1 + k, PyTuple_GET_ITEM(two, k));
+        }
+        Py_DECREF(two);
+        off = pair_end;
+        f = 2;
+    }
+    for (; f < nf; f++) {
+        PyObject *v;
+        switch (kinds[f]) {
+        case 'q':
+            v = PyLong_FromLongLong((long long)get_le(p + off, 8));
+            off += 8;
+            break;
+        case 'b':
+            if (p[off] > 1)
+                goto not_taken;
+            v = p[off] ? Py_True : Py_False;
+            Py_INCREF(v);
+            off += 1;
+            break;
+        case 'n':
+            v = interned_get(p + off + 1, p[off], ctx[0], ctx[1]);
+            if (v == NULL)
+                goto fail;
+            off += 1 + p[off];
+            break;
+        default: /* 's' */
+            if (!all_ascii(p + off + 1, p[off]))
+                goto not_taken;
+            v = PyUnicode_New(p[off], 127);
+            if (v != NULL)
+                memcpy(PyUnicode_1BYTE_DATA(v), p + off + 1, p[off]);
+            off += 1 + p[off];
+        }
+        if (v == NULL)
+            goto fail;
+        PyTuple_SET_ITEM(cmd, f + 1, v);
+    }
+    return cmd;
+not_taken:
+fail:
+    Py_DECREF(cmd);
+    return NULL;
+}
+
+/* The command of a record's data: decode_plan, else slow(data, ts). */
+static PyObject *
+decode_input(PyObject *data, PyObject *ts, PyObject *plans, PyObject *slow,
+             PyObject *const *ctx)
+{
+    if (PyBytes_Check(data) && PyBytes_GET_SIZE(data) > 0) {
+        const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(data);
+        if (p[0] < PyTuple_GET_SIZE(plans)) {
+            PyObject *cmd = decode_plan(p, PyBytes_GET_SIZE(data), ts,
+                                        PyTuple_GET_ITEM(plans, p[0]), ctx);
+            if (cmd != NULL || PyErr_Occurred())
+                return cmd;
+        }
+    }
+    return PyObject_CallFunctionObjArgs(slow, data, ts, NULL);
+}
+
+PyDoc_STRVAR(take_inputs_doc,
+"take_inputs(records, i, input_stream, last, control_types, plans, slow, interned, intern,\n"
+"pairs, intern_pair) -> (positions, commands, i): see the module's comment.");
+
+static PyObject *
+take_inputs(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 11) {
+        PyErr_SetString(PyExc_TypeError, "take_inputs takes 11 arguments");
+        return NULL;
+    }
+    PyObject *records = args[0], *input_stream = args[2], *control_types = args[4];
+    PyObject *plans = args[5], *slow = args[6];
+    PyObject *const *ctx = args + 7;
+    if (!PyList_Check(records) || !PyTuple_Check(plans) || !PyDict_Check(ctx[0])
+            || !PyDict_Check(ctx[2])) {
+        PyErr_SetString(PyExc_TypeError, "take_inputs: records is a list, plans a tuple, the "
+                                         "caches dicts");
+        return NULL;
+    }
+    Py_ssize_t i = PyNumber_AsSsize_t(args[1], PyExc_OverflowError);
+    if (i == -1 && PyErr_Occurred())
+        return NULL;
+    long long last = PyLong_AsLongLong(args[3]);
+    if (last == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *positions = PyList_New(0), *cmds = PyList_New(0);
+    if (positions == NULL || cmds == NULL)
+        goto fail;
+    for (; i >= 0 && i < PyList_GET_SIZE(records); i++) {
+        PyObject *e = PyList_GET_ITEM(records, i);
+        Py_INCREF(e);
+        PyObject *stream = PyObject_GetAttr(e, s_stream);
+        int ours = stream == NULL ? -1 : PyObject_RichCompareBool(stream, input_stream, Py_EQ);
+        Py_XDECREF(stream);
+        if (ours <= 0) {
+            Py_DECREF(e);
+            if (ours < 0)
+                goto fail;
+            break;
+        }
+        PyObject *position = PyObject_GetAttr(e, s_position);
+        long long pos = position == NULL ? -1 : PyLong_AsLongLong(position);
+        if (pos == -1 && PyErr_Occurred()) {
+            Py_XDECREF(position);
+            Py_DECREF(e);
+            goto fail;
+        }
+        if (pos <= last) {
+            Py_DECREF(position);
+            Py_DECREF(e);
+            continue; /* already in the snapshot or already processed */
+        }
+        PyObject *kind = PyObject_GetAttr(e, s_type);
+        int control = kind == NULL ? -1 : PySequence_Contains(control_types, kind);
+        Py_XDECREF(kind);
+        if (control != 0) {
+            Py_DECREF(position);
+            Py_DECREF(e);
+            if (control < 0)
+                goto fail;
+            break;
+        }
+        PyObject *data = PyObject_GetAttr(e, s_data);
+        PyObject *ts = data == NULL ? NULL : PyObject_GetAttr(e, s_timestamp_ns);
+        PyObject *cmd = ts == NULL ? NULL : decode_input(data, ts, plans, slow, ctx);
+        Py_XDECREF(data);
+        Py_XDECREF(ts);
+        Py_DECREF(e);
+        if (cmd == NULL || PyList_Append(positions, position) < 0
+                || PyList_Append(cmds, cmd) < 0) {
+            Py_XDECREF(cmd);
+            Py_DECREF(position);
+            goto fail;
+        }
+        Py_DECREF(cmd);
+        Py_DECREF(position);
+        last = pos;
+    }
+    return Py_BuildValue("(NNn)", positions, cmds, i);
+fail:
+    Py_XDECREF(positions);
+    Py_XDECREF(cmds);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"encode_orders", encode_orders, METH_VARARGS, encode_orders_doc},
     {"encode_chained", (PyCFunction)(void (*)(void))encode_chained, METH_FASTCALL,
      encode_chained_doc},
+    {"take_inputs", (PyCFunction)(void (*)(void))take_inputs, METH_FASTCALL, take_inputs_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -497,7 +767,13 @@ PyMODINIT_FUNC
 PyInit__speedups(void)
 {
     str_digest = PyUnicode_InternFromString("digest");
-    if (str_digest == NULL)
+    s_stream = PyUnicode_InternFromString("stream");
+    s_position = PyUnicode_InternFromString("position");
+    s_type = PyUnicode_InternFromString("type");
+    s_data = PyUnicode_InternFromString("data");
+    s_timestamp_ns = PyUnicode_InternFromString("timestamp_ns");
+    if (str_digest == NULL || s_stream == NULL || s_position == NULL || s_type == NULL
+            || s_data == NULL || s_timestamp_ns == NULL)
         return NULL;
     return PyModule_Create(&module);
 }

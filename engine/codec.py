@@ -40,6 +40,7 @@ from typing import Any, get_type_hints
 from engine import commands as cm
 from engine._speedups import encode_chained as _encode_chained
 from engine._speedups import encode_orders
+from engine._speedups import take_inputs as _take_inputs
 from engine.book import (
     BUY,
     Account,
@@ -635,6 +636,42 @@ COMMAND_DECODERS: tuple[Callable[..., object], ...] = (_unknown_tag,) + tuple(
     255 - len(COMMAND_CLASSES))
 
 
+
+def decode_or_none(data: bytes, ts_ns: int | None) -> object:
+    """The command in ``data`` (its time ``ts_ns``), or None for what is not a command:
+    the engine turns None into a deterministic reject."""
+    try:
+        return COMMAND_DECODERS[data[0]](data, ts_ns)
+    except (CodecError, ValueError, IndexError):  # data[0] of empty data: IndexError
+        return None
+
+
+def _input_plan(cls: type) -> tuple[type, bytes, bool]:
+    """(cls, field kinds after ts_ns, symbol and account interned as a pair) for the C
+    decoder: the plan that _compile_fast_decoder follows for well-formed bytes."""
+    fields = _CMD_FIELDS[cls][1:]
+    kinds = bytes(ord("q" if typ == "int" else "b" if typ == "bool"
+                      else "n" if name in _INTERN_FIELDS else "s") for name, typ in fields)
+    pair = len(fields) >= 2 and fields[0] == ("symbol", "str") and fields[1][0] == "account"
+    return cls, kinds, pair
+
+
+_INPUT_PLANS = (None, *(_input_plan(cls) for cls in COMMAND_CLASSES))
+
+
+def take_inputs(records: list[Any], i: int, input_stream: str, last: int,
+                control_types: tuple[str, ...]) -> tuple[list[int], list[object], int]:
+    """(positions, commands, index): from ``records[i]`` on, the records of
+    ``input_stream`` after position ``last`` that are not of a type in ``control_types``,
+    decoded as ``decode_or_none`` with the record's time (None: not a command), up to
+    the first record of another stream or of a control type (its index) or the end;
+    records at or before ``last`` are skipped. The consumer's input loop, in C
+    (engine/_speedups.c): it decodes the well-formed bytes of each command as
+    _compile_fast_decoder does and calls ``decode_or_none`` for any other."""
+    return _take_inputs(records, i, input_stream, last, control_types, _INPUT_PLANS,
+                        decode_or_none, _INTERNED, _intern, _INTERNED_PAIRS, _intern_pair)
+
+
 def decode_command(data: bytes, ts_ns: int | None = None) -> object:
     """The command encoded in ``data``; with ``ts_ns``, that time instead of the encoded
     one. Raises ``CodecError`` for bytes that are not a command."""
@@ -650,6 +687,7 @@ __all__ = [
     "chain_hash",
     "decode_command",
     "decode_event",
+    "decode_or_none",
     "encode_command",
     "encode_event",
     "restore",

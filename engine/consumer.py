@@ -52,14 +52,14 @@ from typing import NamedTuple, Protocol
 from engine import wire
 from engine.book import Engine
 from engine.codec import (
-    COMMAND_DECODERS,
     GENESIS,
     CodecError,
-    decode_command,
+    decode_or_none,
     encode_chained,
     restore,
     snapshot_bytes,
     state_hash,
+    take_inputs,
 )
 from engine.constants import OUTPUT_VERSIONS
 
@@ -208,45 +208,21 @@ class Consumer:
     def on_records(self, records: Iterable[RecordLike]) -> None:
         """``on_record`` for each record of a delivered batch (the shell's hot loop).
 
-        The common case, a run of input commands, is decoded here and processed as one
-        batch (``_process``: one engine call for the run, then its outputs by input);
-        any other record ends the run first, so every record still takes effect in log
-        order, exactly as ``on_record`` one by one."""
-        input_stream = self._input_stream
-        control_types = wire.CONTROL_TYPES
-        decoders = COMMAND_DECODERS
-        positions: list[int] = []
-        cmds: list[object] = []
-        last = self.position
-        for e in records:
-            if e.stream == input_stream:
-                position = e.position
-                if position <= last:
-                    continue  # already in the snapshot or already processed
-                kind = e.type
-                if kind in control_types:
-                    if cmds:
-                        self._process(positions, cmds)
-                        positions, cmds = [], []
-                    self.on_input(position, kind, e.data, e.timestamp_ns)
-                    last = position
-                    continue
-                data = e.data
-                try:
-                    # The record's time is the command's (as decode_command, one call).
-                    cmd = decoders[data[0]](data, e.timestamp_ns)
-                except (CodecError, ValueError, IndexError):
-                    cmd = None  # the engine turns a non-command into a deterministic reject
-                cmds.append(cmd)
-                positions.append(position)
-                last = position
-            else:
-                if cmds:
-                    self._process(positions, cmds)
-                    positions, cmds = [], []
-                self.on_record(e)
-        if cmds:
-            self._process(positions, cmds)
+        The common case, a run of input commands, is decoded by ``take_inputs`` (C) and
+        processed as one batch (``_process``: one engine call for the run, then its
+        outputs by input); any other record ends the run first, so every record still
+        takes effect in log order, exactly as ``on_record`` one by one."""
+        items = records if type(records) is list else list(records)
+        input_stream, control_types = self._input_stream, wire.CONTROL_TYPES
+        i, n = 0, len(items)
+        while i < n:
+            positions, cmds, i = take_inputs(items, i, input_stream, self.position,
+                                             control_types)
+            if cmds:
+                self._process(positions, cmds)
+            if i < n:  # a control input or another stream's record
+                self.on_record(items[i])
+                i += 1
 
     def on_record(self, e: RecordLike) -> None:
         """One record of the group's subscription, in log order: an input (command or
@@ -274,11 +250,8 @@ class Consumer:
                 self.hold_after, self.handover_to = position, control.body.get("to", "")
             self.controls.append(control)
             return
-        try:
-            cmd = decode_command(data, ts_ns)  # the record's time is the command's
-        except (CodecError, ValueError, IndexError):
-            cmd = None  # the engine turns a non-command into a deterministic reject
-        self._process([position], [cmd])
+        # The record's time is the command's; None (not a command) becomes a reject.
+        self._process([position], [decode_or_none(data, ts_ns)])
 
     def _activate(self, position: int, data: bytes) -> Control:
         """The activation input at ``position``: the engine emits the output version it

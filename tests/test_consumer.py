@@ -711,6 +711,52 @@ def test_fast_decoder_answers_as_the_checked_decoder(monkeypatch: pytest.MonkeyP
                     answer(checked[b[0]], b, ts), b
 
 
+
+def test_input_loop_decodes_as_the_python_decoders(monkeypatch: pytest.MonkeyPatch) -> None:
+    """take_inputs (C) gives each input record the command of decode_or_none (the Python
+    decoders), None where that is None, for well-formed, truncated, extended and
+    corrupted commands, empty data and unknown tags, also while the intern caches are
+    cleared; it skips records at or before ``last`` and stops at a control or another
+    stream's record, on the store's records (pb.RecordedEvent) as on Rec."""
+    from engine import codec
+    from xdc.v1 import eventstore_pb2 as pb
+
+    monkeypatch.setattr(codec, "_INTERNED_MAX", 3)  # cleared every few strings
+    rng = random.Random(11)
+    samples = [encode_command(c._replace(ts_ns=0))  # type: ignore[attr-defined]
+               for c in random_commands(12, 400)]
+    cases = [*samples, b"", b"\0", b"\xff" + samples[0][1:]]
+    for b in samples:
+        cases += [b[:rng.randrange(len(b))], b + b"\0", b[:9] + b"\x80" + b[10:]]
+        m = bytearray(b)
+        for _ in range(rng.randint(1, 3)):
+            m[rng.randrange(len(m))] = rng.choice((0, 1, 2, 0x80, 0xff, rng.randrange(256)))
+        cases.append(bytes(m))
+
+    def shape(cmd: object) -> object:
+        return None if cmd is None else (type(cmd), tuple(cmd), [type(v) for v in cmd])  # type: ignore[call-overload]
+
+    ins = wire.input_stream(GROUP)
+    for make in (Rec, lambda *a: pb.RecordedEvent(stream=a[0], type=a[1], position=a[2],
+                                                  revision=a[3], timestamp_ns=a[4],
+                                                  data=a[5])):
+        records = [make(ins, "NewOrder", 10 + k, k, 1000 + k, b) for k, b in enumerate(cases)]
+        positions, cmds, i = codec.take_inputs(records, 0, ins, 0, wire.CONTROL_TYPES)
+        assert i == len(records) and positions == [r.position for r in records]
+        assert [shape(c) for c in cmds] == [
+            shape(codec.decode_or_none(b, 1000 + k)) for k, b in enumerate(cases)]
+        stop = [make(ins, "NewOrder", 5, 0, 1, samples[0]),  # at or before last: skipped
+                make(ins, "NewOrder", 6, 0, 1, samples[0]),
+                make(ins, "NewOrder", 7, 0, 1, samples[1]),
+                make(ins, wire.SWITCHOVER_TYPE, 8, 0, 1, b"{}"),
+                make(ins, "NewOrder", 9, 0, 1, samples[2])]
+        assert codec.take_inputs(stop, 0, ins, 6, wire.CONTROL_TYPES)[::2] == ([7], 3)
+        other = [make(ins, "NewOrder", 9, 0, 1, samples[2]),
+                 make(wire.output_stream(GROUP), wire.OUTPUT_TYPE, 10, 0, 1, b"")]
+        assert codec.take_inputs(other, 0, ins, 6, wire.CONTROL_TYPES)[::2] == ([9], 1)
+        assert codec.take_inputs(other, 1, ins, 6, wire.CONTROL_TYPES)[::2] == ([], 1)
+
+
 def test_on_records_leaves_a_consumer_where_one_record_at_a_time_does() -> None:
     """``on_records`` processes each run of commands as one engine batch; its outputs,
     chain, controls, alarms and state equal ``on_record`` fed the same records one by one,
