@@ -678,16 +678,13 @@ def test_fused_output_encoder_agrees_with_the_per_event_encoders() -> None:
     assert len(tags) >= 7, sorted(tags)  # the common tags and some of the rest
 
 
-def test_fast_decoder_answers_as_the_checked_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The decoders the consumer calls (well-formed bytes read by their length, interned
-    symbols and accounts) return the same command, and refuse with the same reason, as
-    the checked decoder they fall back to, also while the intern cache is cleared."""
-    from engine import codec
 
-    monkeypatch.setattr(codec, "_INTERNED_MAX", 3)  # cleared every few strings
-    rng = random.Random(5)
+def _command_cases(seed: int, rng_seed: int) -> list[bytes]:
+    """400 seeded well-formed commands' bytes, then per command: truncated, extended by a
+    byte, a non-ASCII byte at 9, and 1-3 bytes corrupted."""
+    rng = random.Random(rng_seed)
     samples = [encode_command(c._replace(ts_ns=0))  # type: ignore[attr-defined]
-               for c in random_commands(4, 400)]
+               for c in random_commands(seed, 400)]
     cases = list(samples)
     for b in samples:
         cases += [b[:rng.randrange(len(b))], b + b"\0", b[:9] + b"\x80" + b[10:]]
@@ -695,6 +692,17 @@ def test_fast_decoder_answers_as_the_checked_decoder(monkeypatch: pytest.MonkeyP
         for _ in range(rng.randint(1, 3)):
             m[rng.randrange(len(m))] = rng.choice((0, 1, 2, 0x80, 0xff, rng.randrange(256)))
         cases.append(bytes(m))
+    return cases
+
+
+def test_fast_decoder_answers_as_the_checked_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decoders the consumer calls (well-formed bytes read by their length, interned
+    symbols and accounts) return the same command, and refuse with the same reason, as
+    the checked decoder they fall back to, also while the intern cache is cleared."""
+    from engine import codec
+
+    monkeypatch.setattr(codec, "_INTERNED_MAX", 3)  # cleared every few strings
+    cases = _command_cases(4, 5)
     checked = {tag: codec._compile_decoder(cls) for tag, cls in enumerate(COMMAND_CLASSES, 1)}
 
     def answer(decode: object, data: bytes, ts: int | None) -> object:
@@ -722,16 +730,9 @@ def test_input_loop_decodes_as_the_python_decoders(monkeypatch: pytest.MonkeyPat
     from xdc.v1 import eventstore_pb2 as pb
 
     monkeypatch.setattr(codec, "_INTERNED_MAX", 3)  # cleared every few strings
-    rng = random.Random(11)
-    samples = [encode_command(c._replace(ts_ns=0))  # type: ignore[attr-defined]
-               for c in random_commands(12, 400)]
-    cases = [*samples, b"", b"\0", b"\xff" + samples[0][1:]]
-    for b in samples:
-        cases += [b[:rng.randrange(len(b))], b + b"\0", b[:9] + b"\x80" + b[10:]]
-        m = bytearray(b)
-        for _ in range(rng.randint(1, 3)):
-            m[rng.randrange(len(m))] = rng.choice((0, 1, 2, 0x80, 0xff, rng.randrange(256)))
-        cases.append(bytes(m))
+    cases = _command_cases(12, 11)
+    samples = cases[:400]
+    cases += [b"", b"\0", b"\xff" + samples[0][1:]]
 
     def shape(cmd: object) -> object:
         return None if cmd is None else (type(cmd), tuple(cmd), [type(v) for v in cmd])  # type: ignore[call-overload]
