@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench proto lint lint-infra sysdeps clean
 
-# The install compiles store/_speedups.c and engine/_speedups.c: sysdeps first (a C compiler, Python's headers).
+# The install compiles store/_speedups.c and engine/_speedups.c: sysdeps first (a C compiler,
+# Python's and OpenSSL's headers).
 $(STAMP): pyproject.toml setup.py store/_speedups.c engine/_speedups.c
 	PYTHON=$(PYTHON) scripts/sysdeps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

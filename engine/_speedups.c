@@ -19,6 +19,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <openssl/evp.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -214,15 +215,15 @@ fail:
 
 /* ---- outputs: encode_chained ----------------------------------------------------------
  *
- * encode_chained(raws, starts, positions, first, chain, emit, cls, kinds, framed, sha256)
- * -> chain: the consumer's hot path (engine.consumer.Consumer._process), one call per
- * batch of inputs. For each input i from `first` on whose events raws[starts[i]:starts[i
- * + 1]] are not none: blob = struct "<qH" (positions[i], number of events), then each
- * event framed (u16 length, then the event's canonical bytes: u8 tag, its int fields as
- * "<q" in field order, then its str fields as one length byte and ASCII, in field order);
- * chain = sha256(chain + blob).digest(); emit(cls((positions[i], blob, chain))), built as
- * tuple.__new__ would (cls is a tuple subclass of 3 fields without a __dict__). Returns
- * the last chain.
+ * encode_chained(raws, starts, positions, first, chain, emit, cls, kinds, framed) -> chain:
+ * the consumer's hot path (engine.consumer.Consumer._process), one call per batch of
+ * inputs. For each input i from `first` on whose events raws[starts[i]:starts[i + 1]]
+ * are not none: blob = struct "<qH" (positions[i], number of events), then each event
+ * framed (u16 length, then the event's canonical bytes: u8 tag, its int fields as "<q" in
+ * field order, then its str fields as one length byte and ASCII, in field order); chain =
+ * sha256(chain + blob) (OpenSSL's, as hashlib's); emit(cls((positions[i], blob, chain))),
+ * built as tuple.__new__ would (cls: a tuple subclass of 3 fields without a __dict__).
+ * Returns the last chain.
  *
  * kinds[tag] is the tag's field kinds (bytes of b"s" and b"i", engine.events.FIELD_KINDS).
  * An event this loop does not take as it is (a tag outside `kinds`, a field that is not
@@ -236,7 +237,10 @@ fail:
  * code, which must not free what is read.
  */
 
-static PyObject *str_digest;
+/* SHA-256 by OpenSSL, the library behind hashlib.sha256: one context for every call
+ * (each call holds the GIL throughout). */
+static const EVP_MD *sha256_md;
+static EVP_MD_CTX *sha_ctx;
 
 /* Appends the framed event at b->len, or returns 0 (nothing written, no error) when the
  * event is not taken as it is; -1 on an error. */
@@ -349,18 +353,18 @@ as_ssize(PyObject *list, Py_ssize_t i, Py_ssize_t *out)
 }
 
 PyDoc_STRVAR(encode_chained_doc,
-"encode_chained(raws, starts, positions, first, chain, emit, cls, kinds, framed, sha256)\n"
+"encode_chained(raws, starts, positions, first, chain, emit, cls, kinds, framed)\n"
 "-> chain: each input's outputs blob and chain hash (see the module's comment).");
 
 static PyObject *
 encode_chained(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 10) {
-        PyErr_SetString(PyExc_TypeError, "encode_chained takes 10 arguments");
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "encode_chained takes 9 arguments");
         return NULL;
     }
     PyObject *raws = args[0], *starts = args[1], *positions = args[2], *chain = args[4];
-    PyObject *emit = args[5], *kinds = args[7], *framed = args[8], *sha256 = args[9];
+    PyObject *emit = args[5], *kinds = args[7], *framed = args[8];
     PyTypeObject *cls = (PyTypeObject *)args[6];
     if (!PyList_Check(raws) || !PyList_Check(starts) || !PyList_Check(positions)
             || !PyTuple_Check(kinds) || !PyBytes_Check(chain)) {
@@ -434,23 +438,18 @@ encode_chained(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                 goto fail;
             }
         }
-        PyObject *whole = PyBytes_FromStringAndSize(b.p, b.len);
-        if (whole == NULL) {
+        unsigned char md[32];
+        unsigned int md_len = 0;
+        if (!EVP_DigestInit_ex(sha_ctx, sha256_md, NULL)
+                || !EVP_DigestUpdate(sha_ctx, b.p, (size_t)b.len)
+                || !EVP_DigestFinal_ex(sha_ctx, md, &md_len) || md_len != 32) {
             Py_DECREF(position);
+            PyErr_SetString(PyExc_RuntimeError, "OpenSSL's SHA-256 failed");
             goto fail;
         }
-        PyObject *h = PyObject_CallOneArg(sha256, whole);
-        Py_DECREF(whole);
-        PyObject *next = h == NULL ? NULL : PyObject_CallMethodNoArgs(h, str_digest);
-        Py_XDECREF(h);
+        PyObject *next = PyBytes_FromStringAndSize((const char *)md, 32);
         if (next == NULL) {
             Py_DECREF(position);
-            goto fail;
-        }
-        if (!PyBytes_Check(next)) {
-            Py_DECREF(next);
-            Py_DECREF(position);
-            PyErr_SetString(PyExc_TypeError, "sha256(...).digest() is not bytes");
             goto fail;
         }
         PyObject *blob = PyBytes_FromStringAndSize(b.p + 32, b.len - 32);
@@ -766,13 +765,18 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
-    str_digest = PyUnicode_InternFromString("digest");
+    sha256_md = EVP_sha256();
+    sha_ctx = EVP_MD_CTX_new();
+    if (sha256_md == NULL || sha_ctx == NULL) {
+        PyErr_SetString(PyExc_ImportError, "OpenSSL's SHA-256 is not available");
+        return NULL;
+    }
     s_stream = PyUnicode_InternFromString("stream");
     s_position = PyUnicode_InternFromString("position");
     s_type = PyUnicode_InternFromString("type");
     s_data = PyUnicode_InternFromString("data");
     s_timestamp_ns = PyUnicode_InternFromString("timestamp_ns");
-    if (str_digest == NULL || s_stream == NULL || s_position == NULL || s_type == NULL
+    if (s_stream == NULL || s_position == NULL || s_type == NULL
             || s_data == NULL || s_timestamp_ns == NULL)
         return NULL;
     return PyModule_Create(&module);

@@ -384,7 +384,7 @@ def encode_chained(raws: list[tuple], starts: list[int], positions: list[int], f
     take as they are go through ``_FRAMED``, so its bytes and refusals are those of
     ``encode_framed`` (tests/test_consumer.py)."""
     return _encode_chained(raws, starts, positions, first, chain, emit, cls, _KINDS_BY_TAG,
-                           _FRAMED, hashlib.sha256)
+                           _FRAMED)
 
 
 def encode_event(raw: tuple) -> bytes:
