@@ -109,6 +109,15 @@ COMMIT_PERSIST_S = 0.2
 # test can SIGKILL it while followers hold records its disk will never have
 # (tests/test_cluster_faults.py). Read once, at import.
 STALL_AFTER_SHIP_S = float(os.environ.get("XDC_FAILPOINT_STALL_AFTER_SHIP_MS", "0")) / 1000
+# Test failpoint, 0 (off) unless the environment sets it: a new leader's machine learns
+# this long late that the write of its term-start record is durable (and every write of
+# its after it, until then), as if that fsync were slow, while its writer goes on:
+# heartbeats, replies, ticks and queries as usual. Its term so opens this much later
+# (NodeInfo role "candidate", Tiers "failover") while the other voters already follow it
+# and hold the record, so that a test can hold that state for seconds
+# (tests/test_cluster_faults.py: an engine primary beside such a leader keeps its lease).
+# Read once, at import.
+HOLD_TERM_START_S = float(os.environ.get("XDC_FAILPOINT_HOLD_TERM_START_MS", "0")) / 1000
 # Longest a node holds appends while it is about to lead (module docstring): well under a
 # client's attempt timeout, so a switchover that fails costs a client no more than that.
 PARK_MAX_S = 0.5
@@ -244,6 +253,11 @@ class Replicator:
         # written by the loop thread, read by the writer thread.
         self.park_until = 0.0
         self._parked: list[_Group] = []  # writer thread only
+        # The HOLD_TERM_START_S failpoint (writer thread only): the last write whose
+        # durability the machine has not been told, and when it is told; the last term
+        # whose start was held (each is held once).
+        self._held_ack: tuple[int, float] | None = None
+        self._held_term = 0
         self.fatal: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="xdc-replicator", daemon=True)
         self._thread.start()
@@ -403,6 +417,9 @@ class Replicator:
             elif self._parked:
                 groups = self._parked + groups  # in arrival order
                 self._parked = []
+        if self._held_ack is not None and time.monotonic() >= self._held_ack[1]:
+            seq, self._held_ack = self._held_ack[0], None
+            core.on_persisted(seq)  # the failpoint's hold ends (its effects go out below)
         out: list[Effect] = []
         answers: list[tuple[asyncio.Future[Results], Results]] = []
         effects = core.drain()
@@ -443,7 +460,7 @@ class Replicator:
                 self.view.txn = None
             propose = False
             if last_seq:
-                core.on_persisted(last_seq)
+                self._persisted(last_seq)
             effects = core.drain()
         # The span is made on the loop thread from these timestamps, in the wake-up that
         # carries the effects (one call_soon_threadsafe per cycle, not two).
@@ -463,6 +480,25 @@ class Replicator:
             for g in groups:
                 self._load.release(*g.load)
         self.loop.call_soon_threadsafe(self._effects, out, answers, span)
+
+    def _persisted(self, seq: int) -> None:
+        """Tells the machine that write `seq` (and every one before it) is durable, unless
+        the HOLD_TERM_START_S failpoint holds it: the write of a new term-start record (the
+        machine leads a term that is not open yet) and every write after it, until the
+        hold ends (at the first cycle past it)."""
+        core = self.core
+        if HOLD_TERM_START_S:
+            if self._held_ack is not None:
+                self._held_ack = (max(seq, self._held_ack[0]), self._held_ack[1])
+                return
+            if core.term_start and not core.is_open and core.term > self._held_term:
+                self._held_term = core.term
+                self._held_ack = (seq, time.monotonic() + HOLD_TERM_START_S)
+                log.warning("%s: test failpoint: the term-start record of term %d is "
+                            "durable, the machine learns it in %.0f ms", self.node_id,
+                            core.term, HOLD_TERM_START_S * 1000)
+                return
+        core.on_persisted(seq)
 
     def _send_early(self, out: list[Effect]) -> bool:
         """Hands the machine's sends to the loop now; True if there were any."""

@@ -462,18 +462,26 @@ SHIP_KILL_SEED = 20261205
 SHIP_KILL_ROUNDS = 5
 
 
+
+def _failpoint_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failpoint: str,
+                       ms: int) -> Iterator[launcher.ClusterState]:
+    """A 3-region cluster (2 ms RTT) whose node processes inherit the failpoint `failpoint`
+    (an environment variable of geo/replicator.py) set to `ms`; down afterwards."""
+    monkeypatch.setenv(failpoint, str(ms))
+    state = launcher.up(str(tmp_path / "cluster"), regions=3, rtt_ms=2)
+    try:
+        yield state
+    finally:
+        launcher.down(state.directory)
+
 @pytest.fixture
 def stalling_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                      ) -> Iterator[launcher.ClusterState]:
     """A cluster whose leaders hold every write transaction for STALL_AFTER_SHIP_MS after
     shipping its entries and before their own fsync (the failpoint of geo/replicator.py,
     through the environment the node processes inherit)."""
-    monkeypatch.setenv("XDC_FAILPOINT_STALL_AFTER_SHIP_MS", str(STALL_AFTER_SHIP_MS))
-    state = launcher.up(str(tmp_path / "cluster"), regions=3, rtt_ms=2)
-    try:
-        yield state
-    finally:
-        launcher.down(state.directory)
+    yield from _failpoint_cluster(tmp_path, monkeypatch, "XDC_FAILPOINT_STALL_AFTER_SHIP_MS",
+                                  STALL_AFTER_SHIP_MS)
 
 
 async def _max_position_of_term(address: str, term: int, tls: Any) -> int:
@@ -528,3 +536,182 @@ def test_leader_killed_between_shipping_and_its_fsync_loses_nothing(
         print("ship-then-kill rounds:", "; ".join(rounds))
 
     _run(body())
+
+
+HOLD_TERM_START_MS = 4000
+
+
+@pytest.fixture
+def term_holding_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                         ) -> Iterator[launcher.ClusterState]:
+    """A cluster whose new leaders open their terms HOLD_TERM_START_MS late: each learns
+    that long after writing its term-start record that the write is durable, while its
+    writer goes on and the other voters already follow it (the failpoint of
+    geo/replicator.py, through the environment the node processes inherit). The first
+    term is held too."""
+    yield from _failpoint_cluster(tmp_path, monkeypatch, "XDC_FAILPOINT_HOLD_TERM_START_MS",
+                                  HOLD_TERM_START_MS)
+
+
+@dataclass(frozen=True)
+class _Sample:
+    """What the test saw of the engine's store members at `t` (monotonic), as the engine's
+    store watch asks (engine/runner.py `_watch_store`), and the engine's role."""
+    t: float
+    own_leaderless: bool  # the own member's Tiers reading: failover (or no quorum)
+    others_led: bool  # the other members' (first healthy answer): a leader, with quorum
+    own_role: str  # the own member's NodeInfo role
+    engine_role: str
+
+    @property
+    def held(self) -> bool:
+        """A new leader whose term has not opened beside members that follow it: the
+        state the cut-off rule must tell from a member cut off."""
+        return self.own_leaderless and self.others_led and self.own_role == "candidate"
+
+
+def _longest_run(samples: list[_Sample]) -> tuple[float, float]:
+    """(start, end) of the longest run of consecutive samples in the held state."""
+    best, start = (0.0, 0.0), None
+    for s in samples:
+        if s.held:
+            start = s.t if start is None else start
+            if s.t - start > best[1] - best[0]:
+                best = (start, s.t)
+        else:
+            start = None
+    return best
+
+
+def test_engine_primary_beside_a_new_leader_whose_term_is_not_open_keeps_its_lease(
+        term_holding_cluster: launcher.ClusterState) -> None:
+    """The exception of the cut-off rule (engine/runner.py `_watch_store`, `leads`): a store
+    member that won the leader key reads as without a leader (Tiers: failover) until its
+    term opens, while the other members already follow it with their quorum. That is a
+    failover in progress, not a member cut off: the engine primary reading from that
+    member keeps its lease. A switchover makes the primary's own member the new leader,
+    whose term opens HOLD_TERM_START_MS late (failpoint). The test first shows the state
+    happened, as the engine sees it, for longer than STORE_CUT_OFF_CONFIRMED_S +
+    STORE_OTHERS_LED_S (own member: failover, NodeInfo role "candidate"; the others: led,
+    with quorum), and shorter than STORE_CUT_OFF_S; then that the primary stayed primary
+    throughout (it never said otherwise in its log) and matches what comes after, exactly
+    once. Fails when `leads` does not count "candidate" (the primary then gives its lease
+    up ~2-3 s into the switchover)."""
+    from engine.runner import (
+        STORE_CUT_OFF_CONFIRMED_S,
+        STORE_CUT_OFF_S,
+        STORE_OTHERS_LED_S,
+        status_or_none,
+    )
+    from engine.workload import check_exactly_once, command_events, outputs_through
+    from geo.drill import GROUP, ChildProc, engine_command
+    from geo.tier_supervisor import RemoteReader
+    from tests.support.store import awaits, wait_until
+    from tests.test_book_model import random_commands
+
+    state = term_holding_cluster
+    tls = launcher.client_tls(state)
+    events = list(command_events(GROUP, random_commands(23, 300), "held-term"))
+    engines: list[ChildProc] = []
+    samples: list[_Sample] = []
+    replication: dict[str, Any] = {}  # node id -> its replication status (NodeStatus)
+    hold_s = HOLD_TERM_START_MS / 1000
+
+    async def engine_role(e: ChildProc) -> str:
+        s = await status_or_none(e.address, 1.0, tls, brief=True)
+        return s.role if s is not None else ""
+
+    async def through(client: StoreClient, position: int) -> bool:
+        return await outputs_through(client, GROUP) >= position
+
+    async def body() -> None:
+        old, _ = await launcher.wait_leader(state, timeout_s=hold_s + 20)
+        own = next(n for n in state.nodes if n.voter and n.id != old.id)
+        others = [n for n in state.nodes if n.voter and n.id != own.id]
+        instance = f"{own.region}-e"
+        engine_log = Path(state.directory) / "engines" / instance / "engine.log"
+        e = ChildProc(instance, own.region, Path(state.directory), engine_command(
+            state, instance, [own.client, *(n.client for n in others)],
+            int(cluster_ttl(state))), {})
+        engines.append(await asyncio.to_thread(e.start))
+        await wait_until(lambda: awaits(engine_role(e), "primary"), 30, "the engine primary")
+        stream = wire.input_stream(GROUP)
+        own_reader = RemoteReader(own.client, tls=tls)
+        others_reader = RemoteReader([n.client for n in others], tls=tls)
+
+        async def watch() -> None:
+            held_since = None
+            while True:
+                t = time.monotonic()
+                mine, seen, role = await asyncio.gather(
+                    own_reader(), others_reader(), own_reader.role(own.client))
+                samples.append(_Sample(t, mine.failover or not mine.quorum,
+                                       not seen.failover and seen.quorum, role,
+                                       await engine_role(e)))
+                held_since = (held_since or t) if samples[-1].held else None
+                if held_since is not None and t - held_since >= 1.0 and not replication:
+                    # Whom the members follow, once, well into the held state.
+                    replication.update(launcher.answered(await launcher.statuses(state)))
+                if role == "leader" and not mine.failover:
+                    return
+                await asyncio.sleep(0.05)
+
+        try:
+            async with StoreClient(old.client, timeout_s=30, tls=tls) as client:
+                last = (await client.append(stream, events[:150])).last_position
+                await wait_until(lambda: through(client, last), 30, "outputs before")
+                watching = asyncio.ensure_future(watch())
+                try:
+                    t0 = time.monotonic()
+                    await launcher.switchover(state, own.id, timeout_s=10)
+                    seated = time.monotonic()
+                    await asyncio.wait_for(asyncio.shield(watching), hold_s + 15)
+                finally:
+                    watching.cancel()
+                start, end = _longest_run(samples)
+                leaderless = [s.t for s in samples if s.t >= t0 and s.own_leaderless]
+                seen_text = "\n".join(
+                    f"  {s.t - t0:6.2f} s: own leaderless {s.own_leaderless}, others led "
+                    f"{s.others_led}, own role {s.own_role!r}, engine {s.engine_role!r}"
+                    for s in samples if s.t >= t0 - 0.2)
+                members = {k: (v.role, v.open, v.term, v.leader, v.commit_position)
+                           for k, v in replication.items() if v is not None}
+                print(f"switchover: {own.id} seated {seated - t0:.2f} s after it began; "
+                      f"held state {start - t0:.2f}..{end - t0:.2f} s; members (role, open, "
+                      f"term, leader, commit) in it: {members}\n{seen_text}")
+                # The state the rule is about happened, long enough for the rule to fire
+                # were it not excepted, and not so long that the plain limit applies.
+                assert end - start >= STORE_CUT_OFF_CONFIRMED_S + STORE_OTHERS_LED_S, (
+                    f"the held state lasted {end - start:.2f} s:\n{seen_text}")
+                assert leaderless and leaderless[-1] - leaderless[0] < STORE_CUT_OFF_S, (
+                    f"own member leaderless for too long to test the exception:\n{seen_text}")
+                # Meanwhile the own member led a term not open yet (its machine's role
+                # is "leader" once the term-start record is written), and the others
+                # followed it in that term.
+                new = replication.get(own.id)
+                assert new is not None and new.role == "leader" and not new.open, replication
+                for n in others:
+                    theirs = replication.get(n.id)
+                    assert theirs is not None and theirs.role == "follower" and (
+                        theirs.leader, theirs.term) == (own.id, new.term), replication
+                # The primary stayed primary throughout (a status that did not answer in
+                # time says nothing), and says it never stopped.
+                demoted = [s for s in samples if s.engine_role not in ("primary", "")]
+                assert not demoted, f"the primary gave up its lease:\n{seen_text}"
+                assert "no longer primary" not in engine_log.read_text(), \
+                    engine_log.read_text()[-2000:]
+                # It still matches: what comes after the switchover, exactly once.
+                last = (await client.append(stream, events[150:])).last_position
+                await wait_until(lambda: through(client, last), 30, "outputs after")
+                await check_exactly_once(client, GROUP)
+                assert await engine_role(e) == "primary"
+                assert "no longer primary" not in engine_log.read_text()
+        finally:
+            await own_reader.close()
+            await others_reader.close()
+
+    try:
+        _run(body(), timeout_s=120)
+    finally:
+        for e in engines:
+            e.stop()

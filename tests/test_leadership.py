@@ -23,6 +23,7 @@ from etcd3 import etcdrpc
 
 from geo.leadership import Leadership, LeadershipError, SeatView
 from tests.support.etcd import EtcdCluster, free_ports
+from tests.support.store import awaits
 
 CLUSTER = "xdc-test"
 
@@ -513,7 +514,7 @@ def test_only_a_resignation_handing_over_makes_the_targets_term_a_handover(
             host, port = etcd.endpoints[0].rsplit(":", 1)
             with etcd3.client(host, int(port), timeout=2) as raw:
                 raw.revoke_lease(lease)
-            await until(lambda: _is(b.lead.current(), None), 5, "a's key gone")
+            await until(lambda: awaits(b.lead.current(), None), 5, "a's key gone")
             assert await b.lead.campaign(designated=True) is not None
             assert b.lead.handed_over is False
             await b.lead.resign()
@@ -700,7 +701,7 @@ def test_designate_promote_and_failover_mode_round_trips(etcd: EtcdCluster) -> N
             assert await b.lead.designated() is None
             await a.lead.designate("b", 1)
             assert await b.lead.designated() == "b"
-            await until(lambda: _is(b.lead.designated(), None), 5, "the designation to expire",
+            await until(lambda: awaits(b.lead.designated(), None), 5, "the designation to expire",
                         interval_s=0.05)
 
             # A promotion wakes a node waiting on a vacant seat.
@@ -834,7 +835,7 @@ def test_a_promotion_is_written_only_while_the_seat_is_vacant(etcd: EtcdCluster)
             # Not acted on: the promotion expires with its lease.
             assert await op.lead.promote("a", ttl_s=1) is None
             assert await a.lead.promoted() == "a"
-            await until(lambda: _is(a.lead.promoted(), None), 5,
+            await until(lambda: awaits(a.lead.promoted(), None), 5,
                         "the unused promotion to expire", interval_s=0.05)
         finally:
             await close(a, b, op)
@@ -876,10 +877,6 @@ def test_seat_view_shows_the_holder_mode_and_what_is_pending(etcd: EtcdCluster) 
 
 async def _no_designation(lead: Leadership) -> bool:
     return (await lead.seat_view()).designated is None
-
-
-async def _is(value: Awaitable[Any], expected: Any) -> bool:
-    return await value == expected
 
 
 def test_etcd_members_run_with_pre_vote(etcd: EtcdCluster) -> None:

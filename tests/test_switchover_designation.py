@@ -22,7 +22,7 @@ from geo.proxy import ProxyServer
 from store.client import StoreClient, new_event
 from tests.support.cluster import LocalCluster
 from tests.support.etcd import EtcdCluster
-from tests.support.store import run, wait_until
+from tests.support.store import awaits, run, wait_until
 
 
 @contextlib.asynccontextmanager
@@ -104,9 +104,9 @@ def test_a_switchover_whose_target_catches_up_after_the_designation_expired_hand
 
             switchover = asyncio.ensure_future(old.switchover(target, timeout_s=60))
             try:
-                await wait_until(lambda: _is(designated(), target), 10,
+                await wait_until(lambda: awaits(designated(), target), 10,
                                  "the target designated")
-                await wait_until(lambda: _is(designated(), None),
+                await wait_until(lambda: awaits(designated(), None),
                                  designation_ttl_s(cluster.config.lease_ttl_s) + 10,
                                  "the first designation's lease to run out")
                 assert not switchover.done(), switchover
@@ -205,10 +205,6 @@ async def _switchover_slowly_designating(
     switchover = asyncio.ensure_future(old.switchover(target, timeout_s=60))
     await wait_until(stuck.entered.is_set, 10, "the designation's write under way")
     return old, stuck, switchover
-
-
-async def _is(value: Any, expected: object) -> bool:
-    return await value == expected
 
 
 def test_a_switchover_cancelled_again_while_it_cleans_up_leaves_no_designation_behind(

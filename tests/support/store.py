@@ -47,6 +47,11 @@ def run(coro_fn: Callable[[], Awaitable[T]], timeout_s: float = 60.0) -> T:
     return asyncio.run(bounded())
 
 
+async def awaits(value: Awaitable[Any], expected: object) -> bool:
+    """Whether `value` awaits to `expected`: a predicate for wait_until."""
+    return await value == expected
+
+
 async def wait_until(predicate: Callable[[], bool | Awaitable[bool]], timeout_s: float = 10.0,
                      what: str = "condition") -> None:
     """Polls `predicate` (plain or async) until it holds; AssertionError after the
