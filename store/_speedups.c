@@ -514,9 +514,9 @@ done:
 }
 
 PyDoc_STRVAR(keyed_doc,
-"keyed(first, values) -> (keys, items)\n"
-"The log's keys of records at first, first + 1, ... (8-byte big-endian positions)\n"
-"and the (key, value) pairs that put them.");
+"keyed(first, values) -> items\n"
+"The (key, value) pairs that put records at first, first + 1, ... in the log (keys:\n"
+"8-byte big-endian positions).");
 
 static PyObject *
 keyed(PyObject *self, PyObject *args)
@@ -530,9 +530,9 @@ keyed(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_OverflowError, "position past 2**64 - 1");
         return NULL;
     }
-    PyObject *keys = PyList_New(n), *items = PyList_New(n);
-    if (keys == NULL || items == NULL)
-        goto fail;
+    PyObject *items = PyList_New(n);
+    if (items == NULL)
+        return NULL;
     for (Py_ssize_t i = 0; i < n; i++) {
         uint64_t pos = first + (uint64_t)i;
         PyObject *key = PyBytes_FromStringAndSize(NULL, 8);
@@ -543,17 +543,15 @@ keyed(PyObject *self, PyObject *args)
             k[b] = (unsigned char)(pos & 0xff);
             pos >>= 8;
         }
-        PyList_SET_ITEM(keys, i, key);
-        PyObject *value = PyList_GET_ITEM(values, i);
-        PyObject *pair = PyTuple_Pack(2, key, value);
+        PyObject *pair = PyTuple_Pack(2, key, PyList_GET_ITEM(values, i));
+        Py_DECREF(key);
         if (pair == NULL)
             goto fail;
         PyList_SET_ITEM(items, i, pair);
     }
-    return Py_BuildValue("(NN)", keys, items);
+    return items;
 fail:
-    Py_XDECREF(keys);
-    Py_XDECREF(items);
+    Py_DECREF(items);
     return NULL;
 }
 

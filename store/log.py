@@ -584,7 +584,7 @@ class Log:
             assert records.position_of(values[-1]) == first + len(values) - 1
         last = first + len(values) - 1
         # The log's (key, record) pairs.
-        _, log_items = _speedups.keyed(first, values)
+        log_items = _speedups.keyed(first, values)
         streams: dict[bytes, list[int]] = {}
         runs: dict[tuple[bytes, int], tuple[int, int]] = {}
         add_ids = self._recent.add_run
