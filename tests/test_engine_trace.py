@@ -295,17 +295,17 @@ def test_each_output_event_carries_the_context_its_outputs_were_made_in() -> Non
 
 
 @contextlib.asynccontextmanager
-async def _engine(tmp_path: Path, **options: int,
+async def _engine(tmp_path: Path, lease: type[FileLease] = FileLease, **options: int,
                   ) -> AsyncIterator[tuple[StoreClient, EngineRunner]]:
     """A store with the demo exchange's setup (bob holds BTC) and a primary engine
-    (RunnerConfig `options`), no gateway: (store client, runner)."""
+    (RunnerConfig `options`, a `lease` on a file), no gateway: (store client, runner)."""
     config = parse(tomllib.loads(DEMO_CONFIG))
     async with running_store(tmp_path / "store") as (server, client):
         await client.append(wire.input_stream("crypto"), [
             *init_events(config.group("crypto")),
             wire.command_event("crypto", cm.Deposit(0, "bob", "BTC", 10**9), "d2")])
         runner = EngineRunner(RunnerConfig("crypto", "a", (server.address,), **options),
-                              FileLease(tmp_path / "lease", "crypto", "a"))
+                              lease(tmp_path / "lease", "crypto", "a"))
         await runner.start()
         try:
             await wait_until(lambda: runner.primary, 10)
@@ -369,8 +369,11 @@ def test_every_order_of_a_batch_past_max_links_reaches_its_processing(
 def test_inputs_are_processed_while_a_snapshot_is_written(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A primary goes on processing inputs while a snapshot it took is compressed and
-    appended (a task of its own): here the compression is held until five more orders
-    are processed, then let go, and the snapshot is written. Before, the consume task
+    appended (a task of its own), and its lease task goes on checking the lease: here the
+    first snapshot's compression is held until five more orders are processed (and more
+    snapshots are taken) and the lease was checked twice more, then let go. They are all
+    written then, in input order (one writing task at a time: a second one
+    would write the second snapshot while the first is held). Before, the consume task
     wrote each snapshot itself and stood still meanwhile (~20 ms per 100k resting
     orders), and the lease task waited for the write too."""
     import threading
@@ -382,9 +385,18 @@ def test_inputs_are_processed_while_a_snapshot_is_written(
     class HeldZlib:
         @staticmethod
         def compress(data: bytes, level: int) -> bytes:
-            started.set()
-            release.wait(30)
+            if not started.is_set():  # the first compression only
+                started.set()
+                release.wait(30)
             return zlib.compress(data, level)
+
+    class CheckedLease(FileLease):
+        checks = 0
+
+        @property
+        def held(self) -> bool:
+            CheckedLease.checks += 1
+            return super().held
 
     monkeypatch.setattr(runner_module, "zlib", HeldZlib)
 
@@ -393,7 +405,7 @@ def test_inputs_are_processed_while_a_snapshot_is_written(
             0, "BTC-USD", "bob", f"o-{i}", Side.SELL, 1, 50_000 + i), f"o-{i}")
 
     async def body() -> None:
-        async with _engine(tmp_path, snapshot_every=5) as (client, runner):
+        async with _engine(tmp_path, CheckedLease, snapshot_every=5) as (client, runner):
             stream = wire.input_stream("crypto")
             try:
                 for i in range(5):
@@ -403,10 +415,18 @@ def test_inputs_are_processed_while_a_snapshot_is_written(
                     last = (await client.append(stream, [order(i)])).last_position
                 await wait_until(lambda: runner.consumer.position >= last, 10,
                                  "inputs processed while the snapshot is compressed")
+                checks = CheckedLease.checks
+                await wait_until(lambda: CheckedLease.checks >= checks + 2, 10,
+                                 "the lease checked while the snapshot is compressed")
                 assert runner.snapshot_position == 0 and runner.primary
             finally:
                 release.set()
-            await wait_until(lambda: runner.snapshot_position > 0, 10, "the snapshot written")
+            await wait_until(lambda: runner.snapshot_position >= last, 10,
+                             "both snapshots written")
+            written = [int(e.metadata["input_position"]) for e in
+                       await client.read(wire.snapshot_stream("crypto"))]
+            assert len(written) >= 2 and written == sorted(set(written)), written
+            assert written[-1] == last, written
     run(body, timeout_s=60)
 
 
