@@ -231,7 +231,8 @@ fail:
  * framed by framed[tag](event) instead: the Python encoder (engine.codec._FRAMED) gives
  * it its bytes or raises its error. So the bytes and the refusals are the Python
  * encoder's (tests/test_consumer.py compares both). An input with 65,536 events or more
- * raises AssertionError (its count is a u16), as the Python loop did.
+ * raises AssertionError (its count is a u16), as the Python loop did; a negative start
+ * (never the consumer's), which a Python slice would count from the end, IndexError.
  *
  * Each event is held (a reference) while it is read: the fallback and emit run Python
  * code, which must not free what is read.
@@ -395,8 +396,19 @@ encode_chained(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             goto fail;
         if (start == end)
             continue;
-        if (end - start >= 65536 || end < start) {
+        /* raws[j] is read from start on, bounded above only: a negative start would read
+         * before the list's items (process_batch's starts are never negative) */
+        if (start < 0) {
+            PyErr_SetString(PyExc_IndexError, "an input's events start before raws");
+            goto fail;
+        }
+        if (end < start || end - start >= 65536) { /* that order: end - start can't overflow */
             PyErr_SetString(PyExc_AssertionError, "an input's events number 65,536 or more");
+            goto fail;
+        }
+        /* as_ssize may have run Python code (a start's __index__) that shortened positions */
+        if (i >= PyList_GET_SIZE(positions)) {
+            PyErr_SetString(PyExc_IndexError, "list index out of range");
             goto fail;
         }
         PyObject *position = PyList_GET_ITEM(positions, i);

@@ -893,6 +893,33 @@ def test_chained_encoder_frames_odd_events_as_the_python_encoder() -> None:
             assert chain == got[-1].chain
 
 
+def test_chained_encoder_refuses_starts_it_cannot_read() -> None:
+    """encode_chained reads raws and positions only inside the lists (a crash before: the
+    C loop read raws[start] for a negative start, and positions[i] after a start's
+    __index__ had emptied positions); such starts are refused with IndexError. The
+    consumer's starts (process_batch's) are ints from 0 up."""
+    from engine.codec import encode_chained
+    from engine.consumer import Pending
+
+    acc = (ev.ACCEPTED, "BTC-USD", 7, "acct1", "c1", 1, 0, 0, 100, 5, 123)
+    got: list[Pending] = []
+    far = -(1 << 40)  # far before the list's items: unmapped memory
+    with pytest.raises(IndexError):
+        encode_chained([acc], [far, far + 1], [4], 0, GENESIS, got.append, Pending)
+    assert encode_chained([acc], [-1, -1], [4], 0, GENESIS, got.append, Pending) == GENESIS
+
+    positions = [4]
+
+    class Emptying:
+        def __index__(self) -> int:
+            positions.clear()
+            return 1
+
+    with pytest.raises(IndexError):
+        encode_chained([acc], [0, Emptying()], positions, 0, GENESIS, got.append, Pending)
+    assert got == []
+
+
 _Q1 = struct.Struct("<q")
 _B1 = struct.Struct("<B")
 
