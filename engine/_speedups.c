@@ -1,7 +1,11 @@
-/* The engine's snapshot encoder's per-order loop in C (engine.codec.snapshot_bytes): a
- * primary's matching stands still while a snapshot is encoded, ~1 us per resting order
- * in Python on this machine, ~0.4 us here. tests/test_book.py holds it to the Python
- * loop it replaces (_orders_py) and to the stored format's pinned hash.
+/* The engine's per-order and per-input loops in C: the snapshot encoder's per-order loop
+ * (encode_orders, below), and the consumer's input loop (take_inputs) and output loop
+ * (encode_chained), each described where it starts.
+ *
+ * encode_orders, for engine.codec.snapshot_bytes: a primary's matching stands still
+ * while a snapshot is encoded, ~1 us per resting order in Python on this machine, ~0.4 us
+ * here. tests/test_book.py holds it to the Python loop it replaces (_orders_py) and to
+ * the stored format's pinned hash.
  *
  * encode_orders(queues, by_account) -> (bytes, count): for each queue (a price level's
  * deque of orders, in the order given) and each order in it whose qty is not 0,
@@ -385,10 +389,15 @@ encode_chained(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (first == -1 && PyErr_Occurred())
         return NULL;
     if (first < 0) {
-        PyErr_SetString(PyExc_ValueError, "encode_chained: first is not negative");
+        PyErr_SetString(PyExc_ValueError, "encode_chained: first is negative");
+        return NULL;
+    }
+    if (PyBytes_GET_SIZE(chain) != 32) {
+        PyErr_SetString(PyExc_ValueError, "a chain hash is 32 bytes");
         return NULL;
     }
     Buf b = {NULL, 0, 0};
+    PyObject *position = NULL; /* held from its read until it moves into its Pending */
     Py_INCREF(chain);
     for (Py_ssize_t i = first; i < PyList_GET_SIZE(positions); i++) {
         Py_ssize_t start, end;
@@ -411,32 +420,19 @@ encode_chained(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             PyErr_SetString(PyExc_IndexError, "list index out of range");
             goto fail;
         }
-        PyObject *position = PyList_GET_ITEM(positions, i);
+        position = PyList_GET_ITEM(positions, i);
         Py_INCREF(position);
         long long pos = PyLong_AsLongLong(position);
-        if (pos == -1 && PyErr_Occurred()) {
-            Py_DECREF(position);
+        if ((pos == -1 && PyErr_Occurred()) || buf_reserve(&b, 32 + 10) < 0)
             goto fail;
-        }
-        b.len = 0;
-        if (buf_reserve(&b, 32 + 10) < 0) {
-            Py_DECREF(position);
-            goto fail;
-        }
-        /* chain + blob in one buffer: the blob is hashed after the chain */
-        Py_ssize_t chain_len = PyBytes_GET_SIZE(chain);
-        if (chain_len != 32) {
-            Py_DECREF(position);
-            PyErr_SetString(PyExc_ValueError, "a chain hash is 32 bytes");
-            goto fail;
-        }
+        /* chain + blob in one buffer: the blob is hashed after the chain (every chain is
+         * 32 bytes: the one given, checked above, then digests) */
         memcpy(b.p, PyBytes_AS_STRING(chain), 32);
         put_le(b.p + 32, (uint64_t)pos, 8);
         put_le(b.p + 40, (uint64_t)(end - start), 2);
         b.len = 42;
         for (Py_ssize_t j = start; j < end; j++) {
             if (j >= PyList_GET_SIZE(raws)) {
-                Py_DECREF(position);
                 PyErr_SetString(PyExc_IndexError, "list index out of range");
                 goto fail;
             }
@@ -446,34 +442,29 @@ encode_chained(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             if (rc == 0)
                 rc = frame_slow(&b, r, framed);
             Py_DECREF(r);
-            if (rc < 0) {
-                Py_DECREF(position);
+            if (rc < 0)
                 goto fail;
-            }
         }
         unsigned char md[32];
         unsigned int md_len = 0;
         if (!EVP_DigestInit_ex(sha_ctx, sha256_md, NULL)
                 || !EVP_DigestUpdate(sha_ctx, b.p, (size_t)b.len)
                 || !EVP_DigestFinal_ex(sha_ctx, md, &md_len) || md_len != 32) {
-            Py_DECREF(position);
             PyErr_SetString(PyExc_RuntimeError, "OpenSSL's SHA-256 failed");
             goto fail;
         }
         PyObject *next = PyBytes_FromStringAndSize((const char *)md, 32);
-        if (next == NULL) {
-            Py_DECREF(position);
+        if (next == NULL)
             goto fail;
-        }
         PyObject *blob = PyBytes_FromStringAndSize(b.p + 32, b.len - 32);
         PyObject *p = blob == NULL ? NULL : cls->tp_alloc(cls, 3);
         if (p == NULL) {
             Py_XDECREF(blob);
             Py_DECREF(next);
-            Py_DECREF(position);
             goto fail;
         }
         PyTuple_SET_ITEM(p, 0, position); /* the references move into p */
+        position = NULL;
         PyTuple_SET_ITEM(p, 1, blob);
         Py_INCREF(next);
         PyTuple_SET_ITEM(p, 2, next);
@@ -488,6 +479,7 @@ encode_chained(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return chain;
 fail:
     PyMem_Free(b.p);
+    Py_XDECREF(position);
     Py_DECREF(chain);
     return NULL;
 }
@@ -771,7 +763,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "engine._speedups",
-    "The engine's per-order snapshot loop and per-input output loop in C.", -1, methods,
+    "The engine's per-order snapshot loop and per-input consumer loops in C.", -1, methods,
     NULL, NULL, NULL, NULL,
 };
 

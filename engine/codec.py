@@ -334,17 +334,6 @@ def _event_lines(indent: str, env: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _compile_event_loop(name: str, head: list[str], indent: str, tail: list[str],
-                        **names: Any) -> Any:
-    """Function `name` generated from `head`, the events' encoding (_event_lines, at
-    `indent`), then `tail`, with the encoders' names and `names` in scope."""
-    env: dict[str, Any] = {"_cached": _STR_CACHE.get, "_str": _str, "_framed": _FRAMED,
-                           **names}
-    lines = [*head, *_event_lines(indent, env), *tail]
-    exec("\n".join(lines) + "\n", env)  # built from the event field table alone
-    return env[name]
-
-
 def _compile_framed_encoder() -> Any:
     """``encode_framed`` as straight-line code: the body of each common tag's encoder
     inlined in one loop over the events, writing the parts of every event into one list
@@ -352,12 +341,14 @@ def _compile_framed_encoder() -> Any:
     bench.match workload, about 1% of the consumer's time per input).
     Same bytes as ``_FRAMED[tag](r)`` per event (tests/test_consumer.py compares them);
     other tags go through ``_FRAMED``."""
-    return _compile_event_loop(
-        "encode_framed",
-        ["def encode_framed(raws, head=b''):",
-         "    parts = [head]",
-         "    for r in raws:  # a loop, not a comprehension: no extra frame per call"],
-        "        ", ["    return b''.join(parts)"])
+    env: dict[str, Any] = {"_cached": _STR_CACHE.get, "_str": _str, "_framed": _FRAMED}
+    lines = ["def encode_framed(raws, head=b''):",
+             "    parts = [head]",
+             "    for r in raws:  # a loop, not a comprehension: no extra frame per call",
+             *_event_lines("        ", env),
+             "    return b''.join(parts)"]
+    exec("\n".join(lines) + "\n", env)  # built from the event field table alone
+    return env["encode_framed"]
 
 
 # encode_framed(raws, head=b"") -> bytes: ``head``, then ``u16 length + canonical bytes``
@@ -634,7 +625,6 @@ COMMAND_DECODERS: tuple[Callable[..., object], ...] = (_unknown_tag,) + tuple(
     _compile_fast_decoder(cls, _compile_decoder(cls)) for cls in COMMAND_CLASSES) + (
     _unknown_tag,) * (
     255 - len(COMMAND_CLASSES))
-
 
 
 def decode_or_none(data: bytes, ts_ns: int | None) -> object:
