@@ -208,21 +208,49 @@ class Consumer:
     def on_records(self, records: Iterable[RecordLike]) -> None:
         """``on_record`` for each record of a delivered batch (the shell's hot loop).
 
-        The common case, a run of input commands, is decoded by ``take_inputs`` (C) and
-        processed as one batch (``_process``: one engine call for the run, then its
-        outputs by input); any other record ends the run first, so every record still
-        takes effect in log order, exactly as ``on_record`` one by one."""
+        The commands between two control inputs are decoded by ``take_inputs`` (C) and
+        processed as one batch (``_process``: one engine call, then its outputs by
+        input), and the committed outputs among them are verified after it, each against
+        the inputs before it in the log (``through``). The consumer then stands exactly
+        where ``on_record`` one by one leaves it: a verification reads only the pending
+        outputs of inputs up to its batch's last, which later inputs leave as they are.
+        In a log written at a modest rate a few inputs at a time are followed by their
+        outputs: an engine call per such run replayed ~11% fewer inputs/s (the bench's
+        latency runs: 2.3 inputs a run)."""
         items = records if type(records) is list else list(records)
-        input_stream, control_types = self._input_stream, wire.CONTROL_TYPES
+        input_stream, output_stream = self._input_stream, self._output_stream
+        control_types, output_type = wire.CONTROL_TYPES, wire.OUTPUT_TYPE
         i, n = 0, len(items)
+        positions: list[int] = []
+        cmds: list[object] = []
+        outputs: list[tuple[int, RecordLike]] = []  # (inputs through, record), deferred
+        last = self.position
         while i < n:
-            positions, cmds, i = take_inputs(items, i, input_stream, self.position,
-                                             control_types)
-            if cmds:
-                self._process(positions, cmds)
-            if i < n:  # a control input or another stream's record
-                self.on_record(items[i])
-                i += 1
+            more, taken, i = take_inputs(items, i, input_stream, last, control_types)
+            if taken:
+                positions += more
+                cmds += taken
+                last = more[-1]
+            if i == n:
+                break
+            e = items[i]
+            i += 1
+            if e.stream == output_stream:
+                if e.type == output_type:
+                    outputs.append((last, e))
+            elif e.stream == input_stream:  # a control input: what came before it first
+                self._take_effect(positions, cmds, outputs)
+                positions, cmds, outputs = [], [], []
+                self.on_record(e)
+                last = self.position
+        self._take_effect(positions, cmds, outputs)
+
+    def _take_effect(self, positions: list[int], cmds: list[object],
+                     outputs: list[tuple[int, RecordLike]]) -> None:
+        if cmds:
+            self._process(positions, cmds)
+        for through, e in outputs:
+            self.on_output_data(e.revision, e.data, through)
 
     def on_record(self, e: RecordLike) -> None:
         """One record of the group's subscription, in log order: an input (command or
@@ -299,11 +327,15 @@ class Consumer:
 
     # ---------------------------------------------------------------- committed outputs
 
-    def on_output_data(self, revision: int, data: bytes) -> None:
+    def on_output_data(self, revision: int, data: bytes, through: int | None = None) -> None:
         """A committed output event's payload, in log order. The usual batch, exactly the
         next pending outputs (this instance's own, or the primary's that a warm instance
         computed too), is verified with one comparison of its bytes; any other is decoded
-        and checked blob by blob by ``on_output``, which names the difference."""
+        and checked blob by blob by ``on_output``, which names the difference.
+        ``through``: the last input before it in the log (default: the last processed;
+        ``on_records`` processes the inputs after it first)."""
+        if through is None:
+            through = self.position
         try:
             if revision > self.out_revision and self.base_position:
                 last = wire.output_header(data)[1]
@@ -313,19 +345,19 @@ class Consumer:
                     self.out_revision = revision
                     self.committed_input = max(self.committed_input, last)
                     return
-            if not self._verify_whole(revision, data):
-                self.on_output(revision, wire.decode_output(data))
+            if not self._verify_whole(revision, data, through):
+                self.on_output(revision, wire.decode_output(data), through)
         except CodecError as exc:
             self.alarm = self.alarm or f"output revision {revision} undecodable: {exc}"
 
-    def _verify_whole(self, revision: int, data: bytes) -> bool:
+    def _verify_whole(self, revision: int, data: bytes, through: int) -> bool:
         """``on_output`` for a batch that it would verify with no divergence, in one byte
         comparison; False (nothing changed) for any other batch."""
         if revision <= self.out_revision or self.alarm:
             return False
         first, last, chain, n = wire.output_header(data)
         pending = self.pending
-        if not (0 < n <= len(pending) and self.base_position < first and last <= self.position
+        if not (0 < n <= len(pending) and self.base_position < first and last <= through
                 and (first > self.committed_input
                      or self.committed_input <= self.base_position)):
             return False
@@ -343,9 +375,14 @@ class Consumer:
         self.committed_input = last
         return True
 
-    def on_output(self, revision: int, batch: wire.OutputBatch) -> None:
+    def on_output(self, revision: int, batch: wire.OutputBatch,
+                  through: int | None = None) -> None:
         """A committed output batch (revision of the output stream), in log order. It
-        always follows its inputs in the log, so its outputs were computed already."""
+        always follows its inputs in the log, so its outputs were computed already: a
+        batch of inputs after ``through`` (the last input before it in the log; default,
+        the last processed) is a divergence."""
+        if through is None:
+            through = self.position
         if revision <= self.out_revision:
             return
         self.out_revision = revision
@@ -357,10 +394,10 @@ class Consumer:
             return self._diverged(f"output revision {revision} repeats inputs from "
                                   f"{batch.first_input} (outputs committed through input "
                                   f"{self.committed_input})")
-        if batch.last_input > self.position:
+        if batch.last_input > through:
             return self._diverged(f"output revision {revision} covers input "
-                                  f"{batch.last_input}, beyond the last input processed "
-                                  f"{self.position}")
+                                  f"{batch.last_input}, beyond the last input before it "
+                                  f"{through}")
         verified: Pending | None = None
         for blob in batch.blobs:
             pos = wire.blob_position(blob)

@@ -182,9 +182,20 @@ def deliver(log: Log, sent: Sent, rng: random.Random, faults: bool) -> None:
                      already_exists=outcome == "exists")
 
 
+def as_rec(r: Record) -> Rec:
+    """The record as the store delivers it (a RecordedEvent's fields)."""
+    if r.kind == "in":
+        return Rec(wire.input_stream(GROUP), r.type, r.position, 0, r.ts, r.data)
+    assert r.batch is not None
+    return Rec(wire.output_stream(GROUP), wire.OUTPUT_TYPE, r.position, r.revision, 0,
+               r.batch.encode())
+
+
 def simulate(seed: int, n_inputs: int = 400, as_bytes: bool = True,
-             activate_at: int = -1) -> tuple[Log, list[Instance]]:
-    """``activate_at``: the input after which output version 2 is activated (-1: never)."""
+             activate_at: int = -1, delivered: bool = False) -> tuple[Log, list[Instance]]:
+    """``activate_at``: the input after which output version 2 is activated (-1: never).
+    ``delivered``: each read's records go to ``on_records`` together, as the shell
+    delivers a batch, instead of one by one."""
     rng = random.Random(seed)
     cmds = random_commands(seed, n_inputs)
     log = Log()
@@ -209,8 +220,11 @@ def simulate(seed: int, n_inputs: int = 400, as_bytes: bool = True,
         x = inst[who]
         # read some records
         upto = min(len(log.records), x.cursor + rng.randint(0, 20))
-        for r in log.records[x.cursor:upto]:
-            feed(x.consumer, r, as_bytes)
+        if delivered:
+            x.consumer.on_records([as_rec(r) for r in log.records[x.cursor:upto]])
+        else:
+            for r in log.records[x.cursor:upto]:
+                feed(x.consumer, r, as_bytes)
         x.cursor = upto
         assert not x.consumer.alarm, x.consumer.alarm
         # the store takes some appends off the wire (each sender's in order)
@@ -472,6 +486,26 @@ def test_whole_batch_verification_changes_nothing(seed: int) -> None:
                               list(cd.pending), cd.alarm)
 
 
+@pytest.mark.parametrize("activate_at", [-1, 200])
+@pytest.mark.parametrize("seed", range(8))
+def test_delivered_batches_change_nothing(seed: int, activate_at: int) -> None:
+    """Each read's records given to ``on_records`` together (commands processed as one
+    engine batch, then the committed outputs among them verified) leave every instance
+    where feeding them one by one does, under the fault schedules: the same log, the
+    same outputs committed, the same end states. With an output version activated
+    midway, the commands before it in a delivered batch are processed before it."""
+    log_b, inst_b = simulate(seed, delivered=True, activate_at=activate_at)
+    log_o, inst_o = simulate(seed, activate_at=activate_at)
+    assert log_b.committed_blobs() == log_o.committed_blobs() == reference(log_o)
+    assert log_b.out_revision == log_o.out_revision
+    assert [r.position for r in log_b.records] == [r.position for r in log_o.records]
+    for b, o in zip(inst_b, inst_o, strict=True):
+        cb, co = b.consumer, o.consumer
+        assert (cb.position, cb.chain, cb.committed_input, cb.out_revision, list(cb.pending),
+                cb.alarm) == (co.position, co.chain, co.committed_input, co.out_revision,
+                              list(co.pending), co.alarm)
+
+
 def fed_pair(seed: int, n: int) -> tuple[Log, Consumer, Consumer]:
     """A log of ``n`` random inputs and two instances that have read all of it."""
     log = Log()
@@ -488,10 +522,12 @@ def test_matching_batch_is_verified_whole() -> None:
     _, primary, warm = fed_pair(11, 60)
     batch = first_batch(primary)
     assert len(batch.blobs) > 1
-    assert warm._verify_whole(1, batch.encode())
+    assert warm._verify_whole(1, batch.encode(), warm.position)
     assert not warm.pending and warm.committed_input == batch.last_input
-    assert not primary._verify_whole(1, batch.encode()[:-1])  # not the bytes it holds
-    assert not primary._verify_whole(0, batch.encode())  # not a new revision
+    # not the bytes it holds, not a new revision, not after the inputs it covers
+    assert not primary._verify_whole(1, batch.encode()[:-1], primary.position)
+    assert not primary._verify_whole(0, batch.encode(), primary.position)
+    assert not primary._verify_whole(1, batch.encode(), batch.last_input - 1)
     assert len(primary.pending) == len(batch.blobs)
 
 
@@ -814,6 +850,52 @@ def test_on_records_leaves_a_consumer_where_one_record_at_a_time_does() -> None:
             k += n
         assert state(many) == state(one)
         assert not many.alarm and many.chain == ref.chain and many.inputs > 600
+
+
+@pytest.mark.parametrize("fault", ["early", "long-early", "tampered"])
+def test_on_records_raises_the_alarms_one_record_at_a_time_does(fault: str) -> None:
+    """Outputs verified after the commands around them are processed (``on_records``)
+    are still checked against the inputs before them in the log: a committed batch that
+    comes before its last input, or whose bytes differ, raises the alarm that feeding the
+    records one by one raises, whatever the delivered batches."""
+    ins, outs = wire.input_stream(GROUP), wire.output_stream(GROUP)
+    inputs = [Rec(ins, type(cmd).__name__, i, 0, 1000 + i,
+                  encode_command(cmd._replace(ts_ns=0)))  # type: ignore[attr-defined]
+              for i, cmd in enumerate(random_commands(12, 80), 1)]
+    ref = Consumer(GROUP)
+    ref.on_records(inputs)
+    pending = list(ref.pending)
+    log: list[Rec] = list(inputs)
+    for revision, k in enumerate(range(0, len(pending), 4), 1):
+        chunk = pending[k:k + 4]
+        blobs = [p.blob for p in chunk]
+        if fault == "tampered" and k == 20:
+            pos, raws = wire.blob_outputs(blobs[1])
+            blobs[1] = wire.input_blob(pos, [encode_event(r) for r in raws[:-1]] or [b"\x02"])
+        batch = wire.OutputBatch(chunk[0].position, chunk[-1].position, chunk[-1].chain,
+                                 tuple(blobs))
+        at = next(j for j, r in enumerate(log) if r is inputs[chunk[-1].position - 1]) + 1
+        if fault.endswith("early") and k == 20:
+            # before its last input (its first with long-early): not knowable yet
+            at -= 2 if fault == "early" else 6
+        log.insert(at, Rec(outs, wire.OUTPUT_TYPE, 0, revision, 0, batch.encode()))
+    one = Consumer(GROUP)
+    for r in log:
+        one.on_record(r)
+    expected = "differ" if fault == "tampered" else "beyond the last input before it"
+    assert expected in one.alarm
+    rng = random.Random(fault)
+    for sizes in ((len(log),), (1,), (3, 7), (40,)):
+        many = Consumer(GROUP)
+        k = 0
+        while k < len(log):
+            n = rng.choice(sizes)
+            many.on_records(log[k:k + n])
+            k += n
+        assert (many.alarm, many.position, many.chain, many.committed_input,
+                many.out_revision, list(many.pending)) == (
+            one.alarm, one.position, one.chain, one.committed_input, one.out_revision,
+            list(one.pending))
 
 
 def test_chained_encoder_agrees_with_outputs_blob_and_chain_next() -> None:
