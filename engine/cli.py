@@ -31,7 +31,7 @@ from engine.runner import (
     fetch_status,
     run_engine,
 )
-from store.client import AppendError, CaughtUp, Checkpoint, StoreClient
+from store.client import AppendError, CaughtUp, Checkpoint, RawBatch, StoreClient
 from xdc.argtypes import seconds
 from xdc.tls import Tls, add_cli_args, cli_tls
 from xdc.v1 import eventstore_pb2 as pb
@@ -609,15 +609,22 @@ async def verify(store: list[str], group: str, tls: Tls | None = None,
         # Nothing else runs on this event loop during the pause.
         with gc_paused():
             async for item in client.subscribe(stream_prefix=wire.group_prefix(group),
-                                               event_types=wire.CONSUMED_TYPES, batches=True):
+                                               event_types=wire.CONSUMED_TYPES, batches=True,
+                                               raw=True):
                 if isinstance(item, CaughtUp):
                     break
+                if isinstance(item, RawBatch):
+                    if not any(item.first_position <= p <= item.last_position for p in snaps):
+                        # No snapshot to check inside: the whole batch, read where it lies.
+                        c.on_raw_batch(item.data, item.start)
+                        continue
+                    item = item.parsed()
                 if not isinstance(item, pb.RecordBatch):
                     continue
                 events = item.events
                 if events and not any(events[0].position <= p <= events[-1].position
                                       for p in snaps):
-                    c.on_records(events)  # no snapshot to check inside: the whole batch
+                    c.on_records(events)
                     continue
                 for e in events:
                     c.on_record(e)

@@ -39,8 +39,9 @@ from typing import Any, get_type_hints
 
 from engine import commands as cm
 from engine._speedups import encode_chained as _encode_chained
-from engine._speedups import encode_orders
+from engine._speedups import encode_orders, record_frame
 from engine._speedups import take_inputs as _take_inputs
+from engine._speedups import take_raw_inputs as _take_raw_inputs
 from engine.book import (
     BUY,
     Account,
@@ -662,6 +663,21 @@ def take_inputs(records: list[Any], i: int, input_stream: str, last: int,
                         decode_or_none, _INTERNED, _intern, _INTERNED_PAIRS, _intern_pair)
 
 
+def take_raw_inputs(buf: bytes, off: int, input_stream: bytes, last: int,
+                    control_types: tuple[bytes, ...], output_stream: bytes, output_type: bytes,
+                    ) -> tuple[list[int], list[object], list[tuple[int, int, bytes]], int]:
+    """``take_inputs`` for the records of a serialized RecordBatch ``buf`` from byte
+    ``off``, read where they lie (engine/_speedups.c): (positions, commands, outputs, the
+    offset of the first record not taken, or of the end). Committed outputs (records of
+    ``output_stream`` and ``output_type``) do not stop it: each is (the last input position
+    before it, its revision, its data) in outputs; other streams' records are passed over.
+    A control, or a record it does not take as protobuf would parse it, stops it;
+    ``record_frame(buf, off)`` gives that record's bytes. Streams and types are bytes."""
+    return _take_raw_inputs(buf, off, input_stream, last, control_types, output_stream,
+                            output_type, _INPUT_PLANS, decode_or_none, _INTERNED, _intern,
+                            _INTERNED_PAIRS, _intern_pair)
+
+
 def decode_command(data: bytes, ts_ns: int | None = None) -> object:
     """The command encoded in ``data``; with ``ts_ns``, that time instead of the encoded
     one. Raises ``CodecError`` for bytes that are not a command."""
@@ -680,9 +696,11 @@ __all__ = [
     "decode_or_none",
     "encode_command",
     "encode_event",
+    "record_frame",
     "restore",
     "snapshot_bytes",
     "state_hash",
+    "take_raw_inputs",
 ]
 
 

@@ -45,9 +45,9 @@ import bisect
 import collections
 import hashlib
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from engine import wire
 from engine.book import Engine
@@ -56,12 +56,15 @@ from engine.codec import (
     CodecError,
     decode_or_none,
     encode_chained,
+    record_frame,
     restore,
     snapshot_bytes,
     state_hash,
     take_inputs,
+    take_raw_inputs,
 )
 from engine.constants import OUTPUT_VERSIONS
+from xdc.v1 import eventstore_pb2 as pb
 
 # Limits: outputs waiting for their commit (a primary stops taking inputs past this, a
 # warm instance that lags the primary this much is alarmed), inputs per output batch.
@@ -138,6 +141,25 @@ class Capture:
     wait_for: int  # writable once outputs are committed through this input (0: now)
 
 
+_CONTROL_TYPE_BYTES = tuple(t.encode() for t in wire.CONTROL_TYPES)
+_OUTPUT_TYPE_BYTES = wire.OUTPUT_TYPE.encode()
+# What an input loop takes: positions, commands, deferred outputs, where it stopped.
+_Taken = tuple[list[int], list[object], list[tuple[int, int, bytes]], int]
+
+
+def _listed_record(items: list[RecordLike], i: int) -> tuple[RecordLike, int]:
+    return items[i], i + 1
+
+
+def _raw_record(buf: bytes, i: int) -> tuple[RecordLike | None, int]:
+    """The record of the RecordBatch bytes at or after byte ``i``, parsed by protobuf
+    (DecodeError for what is not a record), and the offset after it; None at the end."""
+    frame = record_frame(buf, i)
+    if frame is None:
+        return None, len(buf)
+    return pb.RecordedEvent.FromString(buf[frame[0]:frame[1]]), frame[1]
+
+
 @dataclass(slots=True)
 class Consumer:
     group: str
@@ -181,13 +203,17 @@ class Consumer:
     output_versions: tuple[int, ...] = OUTPUT_VERSIONS
     _out: list[tuple] = field(default_factory=list)
     _input_stream: str = field(init=False, default="")
+    _input_stream_bytes: bytes = field(init=False, default=b"")
     _output_stream: str = field(init=False, default="")
+    _output_stream_bytes: bytes = field(init=False, default=b"")
 
     def __post_init__(self) -> None:
         assert 1 in self.output_versions and set(self.output_versions) <= set(
             OUTPUT_VERSIONS), f"output versions {self.output_versions} of {OUTPUT_VERSIONS}"
         self._input_stream = wire.input_stream(self.group)
+        self._input_stream_bytes = self._input_stream.encode()
         self._output_stream = wire.output_stream(self.group)
+        self._output_stream_bytes = self._output_stream.encode()
 
     @classmethod
     def from_snapshot(cls, group: str, data: bytes, position: int, chain: bytes,
@@ -218,27 +244,54 @@ class Consumer:
         outputs: an engine call per such run replayed ~11% fewer inputs/s (the bench's
         latency runs: 2.3 inputs a run)."""
         items = records if type(records) is list else list(records)
+        self._take_all(items, 0, len(items), self._take_listed, _listed_record)
+
+    def on_raw_batch(self, buf: bytes, start: int = 0) -> None:
+        """``on_records`` for the records of a serialized RecordBatch, ``buf`` from byte
+        ``start`` (a Subscribe answer's bytes: store.client.RawBatch), read where they lie
+        by ``take_raw_inputs``; a record it does not take is parsed by protobuf and goes
+        to ``on_record``. Raises ValueError for bytes that are not a RecordBatch's (after
+        the records before them took effect)."""
+        self._take_all(buf, start, len(buf), self._take_raw, _raw_record)
+
+    def _take_listed(self, items: list[RecordLike], i: int, last: int) -> _Taken:
+        positions, cmds, i = take_inputs(items, i, self._input_stream, last,
+                                         wire.CONTROL_TYPES)
+        return positions, cmds, [], i
+
+    def _take_raw(self, buf: bytes, i: int, last: int) -> _Taken:
+        return take_raw_inputs(buf, i, self._input_stream_bytes, last, _CONTROL_TYPE_BYTES,
+                               self._output_stream_bytes, _OUTPUT_TYPE_BYTES)
+
+    def _take_all(self, src: list[RecordLike] | bytes, i: int, n: int,
+                  take: Callable[[Any, int, int], _Taken],
+                  record: Callable[[Any, int], tuple[RecordLike | None, int]]) -> None:
         input_stream, output_stream = self._input_stream, self._output_stream
-        control_types, output_type = wire.CONTROL_TYPES, wire.OUTPUT_TYPE
-        i, n = 0, len(items)
+        output_type = wire.OUTPUT_TYPE
         positions: list[int] = []
         cmds: list[object] = []
-        outputs: list[tuple[int, RecordLike]] = []  # (inputs through, record), deferred
+        # Committed outputs, deferred: (the last input before each, revision, data).
+        outputs: list[tuple[int, int, bytes]] = []
         last = self.position
         while i < n:
-            more, taken, i = take_inputs(items, i, input_stream, last, control_types)
+            more, taken, found, i = take(src, i, last)
             if taken:
                 positions += more
                 cmds += taken
                 last = more[-1]
-            if i == n:
+            if found:
+                outputs += found
+            if i >= n:
                 break
-            e = items[i]
-            i += 1
+            e, i = record(src, i)
+            if e is None:
+                break
             if e.stream == output_stream:
                 if e.type == output_type:
-                    outputs.append((last, e))
-            elif e.stream == input_stream:  # a control input: what came before it first
+                    outputs.append((last, e.revision, e.data))
+            elif e.stream == input_stream:
+                # A control input (or, read raw, an input the C loop did not take): what
+                # came before it first.
                 self._take_effect(positions, cmds, outputs)
                 positions, cmds, outputs = [], [], []
                 self.on_record(e)
@@ -246,11 +299,11 @@ class Consumer:
         self._take_effect(positions, cmds, outputs)
 
     def _take_effect(self, positions: list[int], cmds: list[object],
-                     outputs: list[tuple[int, RecordLike]]) -> None:
+                     outputs: list[tuple[int, int, bytes]]) -> None:
         if cmds:
             self._process(positions, cmds)
-        for through, e in outputs:
-            self.on_output_data(e.revision, e.data, through)
+        for through, revision, data in outputs:
+            self.on_output_data(revision, data, through)
 
     def on_record(self, e: RecordLike) -> None:
         """One record of the group's subscription, in log order: an input (command or

@@ -69,6 +69,7 @@ from store.client import (
     AppendError,
     CaughtUp,
     Checkpoint,
+    RawBatch,
     StoreClient,
     channel_options,
     shed_wait_s,
@@ -555,9 +556,13 @@ class EngineRunner:
 
     async def _consume(self) -> None:
         c = self.consumer
+        # Untraced, batches come unparsed: the consumer reads their records where they
+        # lie (Consumer.on_raw_batch). Traced, each input's metadata is read for the
+        # CONSUMER span's links.
+        raw = not telemetry.tracing()
         agen = self.client.subscribe(after_position=c.position,
                                      stream_prefix=wire.group_prefix(self.config.group),
-                                     event_types=wire.CONSUMED_TYPES, batches=True)
+                                     event_types=wire.CONSUMED_TYPES, batches=True, raw=raw)
         async for item in agen:
             c = self.consumer
             if isinstance(item, CaughtUp):
@@ -568,25 +573,32 @@ class EngineRunner:
             if isinstance(item, Checkpoint):
                 self._delivered(item.position)
                 continue
-            if not isinstance(item, pb.RecordBatch):
+            if isinstance(item, RawBatch):
+                last = item.last_position
+            elif isinstance(item, pb.RecordBatch) and item.events:
+                last = item.events[-1].position
+            else:
                 continue
             before, first = c.inputs, c.position + 1
             # One CONSUMER span per delivered batch, linked to each order's producer
             # span (its traceparent); the output append of its outputs is its child. It
             # ends before any snapshot is taken or written (those are not the orders').
             with telemetry.consumer_span(
-                    self.input_stream, (e.metadata for e in item.events
-                                        if e.stream == self.input_stream),
+                    self.input_stream, () if isinstance(item, RawBatch) else (
+                        e.metadata for e in item.events if e.stream == self.input_stream),
                     consumer_group=self.config.group,
                     attributes={"xdc.engine.instance": self.config.instance}) as span:
                 with gc_paused():  # the cyclic GC would re-scan the whole book
-                    c.on_records(item.events)
+                    if isinstance(item, RawBatch):
+                        c.on_raw_batch(item.data, item.start)
+                    else:
+                        c.on_records(item.events)
                 if span.is_recording():
                     span.set_attribute("xdc.engine.input_position", c.position)
                     span.set_attribute("xdc.engine.primary", self.primary)
                     # Warm too: the outputs it holds at a takeover are emitted then.
                     self._batch_spans.append((first, c.position, span.get_span_context()))
-                requested = await self._after_batch(c, item, before)
+                requested = await self._after_batch(c, last, before)
             if self.primary:
                 self._maybe_capture(requested)
                 self._flush_soon()
@@ -596,12 +608,11 @@ class EngineRunner:
         self.delivered_position = max(self.delivered_position, position)
         self.store_position = max(self.store_position, position)
 
-    async def _after_batch(self, c: Consumer, item: pb.RecordBatch, before: int) -> bool:
+    async def _after_batch(self, c: Consumer, last: int, before: int) -> bool:
         """What follows a batch's processing, in its span: positions, alarms, the backlog
         bound, emission. Returns whether a snapshot was requested (taken after the span:
         the capture reads nothing emission changes)."""
-        if item.events:
-            self._delivered(item.events[-1].position)
+        self._delivered(last)
         self._since_capture += c.inputs - before
         if self._gc.advance(c.inputs - before):
             log.info("instance %s of %s: full collection of the frozen objects: %d "

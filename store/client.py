@@ -29,6 +29,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from store.auth import bearer
 from store.errors import MD_LEADER, MD_NOT_RUN, MD_RETRY_AFTER_MS, MD_SHED_REASON, MD_TIER
 from store.limits import Limits
+from store.records import batch_span
 from xdc import telemetry
 from xdc.tls import Tls, aio_channel
 from xdc.v1 import eventstore_pb2 as pb
@@ -138,7 +139,24 @@ class Checkpoint:
     position: int
 
 
-SubscriptionItem = pb.RecordedEvent | pb.RecordBatch | CaughtUp | Checkpoint
+@dataclass(frozen=True, slots=True)
+class RawBatch:
+    """A batch of events as the server sent it (``subscribe(raw=True)``): the serialized
+    message ``data``, whose RecordBatch fields start at byte ``start`` (parse them with
+    ``pb.RecordBatch.FromString(data[start:])``, or read them where they lie: the engine's
+    consumer does, engine.consumer.Consumer.on_raw_batch), and its first and last
+    events' positions."""
+
+    data: bytes
+    start: int
+    first_position: int
+    last_position: int
+
+    def parsed(self) -> pb.RecordBatch:
+        return pb.RecordBatch.FromString(self.data[self.start:])
+
+
+SubscriptionItem = pb.RecordedEvent | pb.RecordBatch | RawBatch | CaughtUp | Checkpoint
 
 
 @dataclass(slots=True)
@@ -184,6 +202,10 @@ _Refusal = tuple[grpc.StatusCode, str, int, str, float]
 # first position, last revision, duplicate).
 _Outcome = tuple[pb.AppendResponse, int, int, bool]
 _AppendResponse = pb.AppendResponse
+_SubscribeResponse = pb.SubscribeResponse
+# Subscribe with its answers left as bytes (subscribe(raw=True)).
+_SUBSCRIBE = "/xdc.v1.EventStore/Subscribe"
+_SUBSCRIBE_REQUEST = pb.SubscribeRequest.SerializeToString
 _ProposedEvent = pb.ProposedEvent
 
 
@@ -1225,7 +1247,7 @@ class StoreClient:
 
     async def subscribe(self, *, after_position: int = 0, from_end: bool = False,
                         stream_prefix: str = "", event_types: Sequence[str] = (),
-                        batches: bool = False, resume: bool = True,
+                        batches: bool = False, resume: bool = True, raw: bool = False,
                         ) -> AsyncIterator[SubscriptionItem]:
         """The events after `after_position` (or from the end, with `from_end`) in
         position order: those committed (the catch-up), then live ones as they commit.
@@ -1240,7 +1262,12 @@ class StoreClient:
           it as the point to resume from (`after_position`), as after an event.
 
         With `resume`, a broken connection is re-established from the last position
-        seen, so the caller sees no gap and no repeat (and no second CaughtUp)."""
+        seen, so the caller sees no gap and no repeat (and no second CaughtUp).
+
+        With `raw` (and `batches`), a batch comes as the server sent it, unparsed
+        (`RawBatch`), when the server wrote its positions first (store.records
+        batch_bytes); any other answer is parsed as without `raw`."""
+        assert batches or not raw, "raw subscriptions deliver batches"
         position = after_position
         caught_up_sent = False
         first = True
@@ -1256,10 +1283,21 @@ class StoreClient:
                                               stream_prefix=stream_prefix,
                                               event_types=event_types)
                 first = False
-                call = pb_grpc.EventStoreStub(channel).Subscribe(
-                    request, metadata=telemetry.with_trace_context(self.metadata))
+                metadata = telemetry.with_trace_context(self.metadata)
+                call = (channel.unary_stream(_SUBSCRIBE, _SUBSCRIBE_REQUEST)(
+                    request, metadata=metadata) if raw else
+                    pb_grpc.EventStoreStub(channel).Subscribe(request, metadata=metadata))
                 try:
                     async for msg in call:
+                        if raw:
+                            span = batch_span(msg)
+                            if span is not None:
+                                start, first, last = span
+                                assert first > position, "subscription went backwards"
+                                position = last
+                                yield RawBatch(msg, start, first, last)
+                                continue
+                            msg = _SubscribeResponse.FromString(msg)
                         kind = msg.WhichOneof("kind")
                         if kind == "events":
                             events = msg.events.events

@@ -26,6 +26,9 @@ from xdc.v1 import eventstore_pb2 as pb
 _HEADER = struct.Struct("<BQBQBQBQ")
 _TAG_STREAM = (6 << 3) | 2
 _TAG_FRAME = (1 << 3) | 2
+# RecordBatch's first_position and last_position (fields 2 and 3, fixed64).
+_TAG_FIRST, _TAG_LAST = (2 << 3) | 1, (3 << 3) | 1
+_SPAN = struct.Struct("<BQBQ")
 HEADER_SIZE = _HEADER.size  # 36
 _U64 = struct.Struct("<Q")
 _BE64 = struct.Struct(">Q")
@@ -235,8 +238,28 @@ def decode(value: bytes) -> pb.RecordedEvent:
 
 
 def batch_bytes(values: list[bytes]) -> bytes:
-    """A serialized RecordBatch holding these stored values."""
-    return b"".join(values)
+    """A serialized RecordBatch holding these stored values (at least one): its first
+    and last positions (fields 2 and 3) first, then the records as stored."""
+    return _SPAN.pack(_TAG_FIRST, position_of(values[0]), _TAG_LAST,
+                      position_of(values[-1])) + b"".join(values)
+
+
+def batch_span(message: bytes) -> tuple[int, int, int] | None:
+    """(offset of the batch's first field, first position, last position) of a
+    SubscribeResponse or ReadResponse holding a batch as ``batch_bytes`` makes it (field
+    1 of the message, its positions first), or None for any other message."""
+    if len(message) < 2 + _SPAN.size or message[0] != _TAG_FRAME:
+        return None
+    try:
+        size, start = read_varint(message, 1)
+    except (IndexError, AssertionError):  # cut short, or over 64 bits
+        return None
+    if start + size != len(message) or size < _SPAN.size:
+        return None
+    tag_first, first, tag_last, last = _SPAN.unpack_from(message, start)
+    if tag_first != _TAG_FIRST or tag_last != _TAG_LAST:
+        return None
+    return start, first, last
 
 
 def wrap_field(field_number: int, payload: bytes) -> bytes:

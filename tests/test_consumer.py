@@ -8,11 +8,13 @@ failures."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import random
 import struct
 from dataclasses import dataclass, field
 
 import pytest
+from google.protobuf import message
 
 from engine import consumer as consumer_module
 from engine import events as ev
@@ -29,8 +31,10 @@ from engine.codec import (
     state_hash,
 )
 from engine.consumer import Capture, Consumer
+from store.records import varint
 from tests.support.exchange import Rec
 from tests.test_book_model import random_commands
+from xdc.v1 import eventstore_pb2 as pb
 
 GROUP = "g"
 
@@ -191,11 +195,19 @@ def as_rec(r: Record) -> Rec:
                r.batch.encode())
 
 
+def as_batch(rs: list[Record]) -> bytes:
+    """The records as a serialized RecordBatch (what a raw subscription delivers)."""
+    return pb.RecordBatch(events=[pb.RecordedEvent(
+        stream=r.stream, type=r.type, position=r.position, revision=r.revision,
+        timestamp_ns=r.timestamp_ns, data=r.data) for r in map(as_rec, rs)]).SerializeToString()
+
+
 def simulate(seed: int, n_inputs: int = 400, as_bytes: bool = True,
-             activate_at: int = -1, delivered: bool = False) -> tuple[Log, list[Instance]]:
+             activate_at: int = -1, delivered: str = "") -> tuple[Log, list[Instance]]:
     """``activate_at``: the input after which output version 2 is activated (-1: never).
-    ``delivered``: each read's records go to ``on_records`` together, as the shell
-    delivers a batch, instead of one by one."""
+    ``delivered``: each read's records go together to ``on_records`` ("records") or, as a
+    serialized RecordBatch, to ``on_raw_batch`` ("raw"), as the shell delivers a batch,
+    instead of one by one."""
     rng = random.Random(seed)
     cmds = random_commands(seed, n_inputs)
     log = Log()
@@ -220,8 +232,10 @@ def simulate(seed: int, n_inputs: int = 400, as_bytes: bool = True,
         x = inst[who]
         # read some records
         upto = min(len(log.records), x.cursor + rng.randint(0, 20))
-        if delivered:
+        if delivered == "records":
             x.consumer.on_records([as_rec(r) for r in log.records[x.cursor:upto]])
+        elif delivered == "raw":
+            x.consumer.on_raw_batch(as_batch(log.records[x.cursor:upto]))
         else:
             for r in log.records[x.cursor:upto]:
                 feed(x.consumer, r, as_bytes)
@@ -486,15 +500,17 @@ def test_whole_batch_verification_changes_nothing(seed: int) -> None:
                               list(cd.pending), cd.alarm)
 
 
+@pytest.mark.parametrize("delivered", ["records", "raw"])
 @pytest.mark.parametrize("activate_at", [-1, 200])
 @pytest.mark.parametrize("seed", range(8))
-def test_delivered_batches_change_nothing(seed: int, activate_at: int) -> None:
+def test_delivered_batches_change_nothing(seed: int, activate_at: int, delivered: str) -> None:
     """Each read's records given to ``on_records`` together (commands processed as one
     engine batch, then the committed outputs among them verified) leave every instance
     where feeding them one by one does, under the fault schedules: the same log, the
     same outputs committed, the same end states. With an output version activated
-    midway, the commands before it in a delivered batch are processed before it."""
-    log_b, inst_b = simulate(seed, delivered=True, activate_at=activate_at)
+    midway, the commands before it in a delivered batch are processed before it. Raw,
+    the batch's bytes are read where they lie (``on_raw_batch``)."""
+    log_b, inst_b = simulate(seed, delivered=delivered, activate_at=activate_at)
     log_o, inst_o = simulate(seed, activate_at=activate_at)
     assert log_b.committed_blobs() == log_o.committed_blobs() == reference(log_o)
     assert log_b.out_revision == log_o.out_revision
@@ -794,6 +810,89 @@ def test_input_loop_decodes_as_the_python_decoders(monkeypatch: pytest.MonkeyPat
         assert codec.take_inputs(other, 1, ins, 6, wire.CONTROL_TYPES)[::2] == ([], 1)
 
 
+def _field(number: int, value: bytes | int, wire_type: int = 2) -> bytes:
+    """One protobuf field's bytes (wire types 0: varint, 1: fixed64, 2: bytes)."""
+    out = varint((number << 3) | wire_type)
+    if wire_type == 0:
+        return out + varint(int(value))
+    if wire_type == 1:
+        return out + struct.pack("<Q", int(value))
+    assert isinstance(value, bytes)
+    return out + varint(len(value)) + value
+
+
+def _odd_batch(rng: random.Random, cmds: list[object], refused: bool) -> bytes:
+    """A RecordBatch of the group's inputs and outputs, each record serialized by
+    protobuf and then, now and then, given what protobuf parses but a hand-written
+    parser may not: unknown fields, a field twice (the last wins), fields in another
+    order, metadata, a top-level field that is not a record, a wire type that is not the
+    field's; and with ``refused``, in one record, what protobuf refuses: a string that is
+    not UTF-8, bytes cut short."""
+    spoilt = rng.randrange(len(cmds)) + 1 if refused else 0
+    ins, outs = wire.input_stream(GROUP), wire.output_stream(GROUP)
+    parts = []
+    for i, cmd in enumerate(cmds, 1):
+        e = pb.RecordedEvent(id=bytes(16), stream=ins, type=type(cmd).__name__, position=i,
+                             timestamp_ns=1000 + i, revision=i,
+                             data=encode_command(cmd._replace(ts_ns=0)))  # type: ignore[attr-defined]
+        x = rng.random()
+        if x < 0.1:
+            e.metadata["traceparent"] = "00-" + "1" * 32 + "-" + "2" * 16 + "-01"
+        if x < 0.05:
+            e.type, e.stream = wire.ACTIVATE_TYPE, outs  # a record of the output stream
+        body = e.SerializeToString()
+        y = rng.random()
+        if y < 0.05:
+            body += _field(15, 7, 0) + _field(16, b"x") + _field(17, 9, 1)  # unknown
+        elif y < 0.1:
+            body = _field(2, b"Nope") + body  # the serialized type comes last: it wins
+        elif y < 0.13:
+            body += _field(5, b"\x00junk")  # data twice: the junk wins (a reject)
+        elif y < 0.16:
+            body += _field(8, i + 10_000, 1)  # position twice
+        elif y < 0.19:
+            body += _field(10, b"\x08" * 7)  # a time as bytes: not the field's wire type
+        if i == spoilt:
+            body = rng.choice((
+                body + _field(3, b"\xff"),  # content type not UTF-8
+                body + _field(4, _field(1, b"k") + _field(2, b"\xc3")),  # metadata value
+                body + _field(2, b"\xed\xa0\x80"),  # type: a surrogate
+                body[:-1]))  # cut short
+        parts.append(_field(1, body))
+        if rng.random() < 0.03:
+            parts.append(_field(2, i, 1))  # a top-level field that is not a record
+    return b"".join(parts)
+
+
+def test_raw_batches_leave_a_consumer_where_parsed_records_do() -> None:
+    """``on_raw_batch`` reads what protobuf reads, or leaves the record to protobuf: on
+    every batch protobuf parses, it leaves the consumer where ``on_records`` of the
+    parsed events does; on one it refuses, it raises (DecodeError or ValueError)."""
+    rng = random.Random(27)
+    refused = taken = 0
+    for k in range(300):
+        cmds = random_commands(100 + k, rng.randint(1, 40))
+        buf = _odd_batch(rng, cmds, rng.random() < 0.2)
+        cut = rng.random() < 0.1
+        if cut:
+            buf = buf[:rng.randrange(len(buf))]
+        raw, parsed = Consumer(GROUP), Consumer(GROUP)
+        try:
+            events = pb.RecordBatch.FromString(buf).events
+        except message.DecodeError:
+            refused += 1
+            with pytest.raises((message.DecodeError, ValueError)):
+                raw.on_raw_batch(buf)
+            continue
+        taken += 1
+        parsed.on_records(events)
+        raw.on_raw_batch(buf)
+        assert (raw.position, raw.inputs, raw.chain, list(raw.pending), raw.controls,
+                raw.alarm) == (parsed.position, parsed.inputs, parsed.chain,
+                               list(parsed.pending), parsed.controls, parsed.alarm), k
+    assert refused > 30 and taken > 200, (refused, taken)
+
+
 def test_on_records_leaves_a_consumer_where_one_record_at_a_time_does() -> None:
     """``on_records`` processes each run of commands as one engine batch; its outputs,
     chain, controls, alarms and state equal ``on_record`` fed the same records one by one,
@@ -885,12 +984,18 @@ def test_on_records_raises_the_alarms_one_record_at_a_time_does(fault: str) -> N
     expected = "differ" if fault == "tampered" else "beyond the last input before it"
     assert expected in one.alarm
     rng = random.Random(fault)
-    for sizes in ((len(log),), (1,), (3, 7), (40,)):
+    for sizes, raw in itertools.product(((len(log),), (1,), (3, 7), (40,)), (False, True)):
         many = Consumer(GROUP)
         k = 0
         while k < len(log):
             n = rng.choice(sizes)
-            many.on_records(log[k:k + n])
+            if raw:
+                many.on_raw_batch(pb.RecordBatch(events=[pb.RecordedEvent(
+                    stream=r.stream, type=r.type, position=r.position, revision=r.revision,
+                    timestamp_ns=r.timestamp_ns, data=r.data) for r in log[k:k + n]]
+                ).SerializeToString())
+            else:
+                many.on_records(log[k:k + n])
             k += n
         assert (many.alarm, many.position, many.chain, many.committed_input,
                 many.out_revision, list(many.pending)) == (

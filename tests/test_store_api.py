@@ -16,6 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from store import records
 from store.client import (
     ANY,
     EXACT,
@@ -25,6 +26,7 @@ from store.client import (
     AppendError,
     CaughtUp,
     Checkpoint,
+    RawBatch,
     StoreClient,
     _Pending,
     new_event,
@@ -485,6 +487,73 @@ def test_subscribe_catch_up_marker_then_live_without_gap_or_repeat(tmp_path: Pat
             assert seen == list(range(11, 751))
             assert len(marker) == 1 and 250 <= marker[0] <= 750
     run(body)
+
+
+def test_raw_subscription_hands_on_the_batches_the_server_sent(tmp_path: Path) -> None:
+    """``subscribe(raw=True)`` yields each batch unparsed (RawBatch) with its first and
+    last positions, read from the fields the server writes first: the same events as a
+    parsed subscription, filtered or not, across several batches and live. Read's
+    batches carry the same positions."""
+    limits = Limits(max_batch_events=7)
+
+    async def body() -> None:
+        async with running_store(tmp_path, limits) as (_, c):
+            for i in range(60):
+                end = (await c.append(f"s{i % 3}", ev(i, "A" if i % 4 else "B"))).last_position
+
+            async def batches(through: int, raw: bool, **kw) -> list:
+                out = []
+                async for item in c.subscribe(batches=True, raw=raw, **kw):
+                    if isinstance(item, CaughtUp | Checkpoint):
+                        continue
+                    out.append(item)
+                    if (item.last_position if raw else item.events[-1].position) >= through:
+                        return out
+                return out
+
+            for kw in ({}, {"stream_prefix": "s1"}, {"event_types": ["B"], "after_position": 8}):
+                # The last 10 events (every filter takes them) come live or not, as the
+                # append meets the subscriptions.
+                live = asyncio.ensure_future(batches(end + 10, True, **kw))
+                parsed = asyncio.ensure_future(batches(end + 10, False, **kw))
+                res = await c.append("s1", [ev(1000 * end + k, "B") for k in range(10)])
+                assert res.last_position == end + 10
+                end = res.last_position
+                raws, plain = await asyncio.wait_for(asyncio.gather(live, parsed), 10)
+                assert len(raws) > 1 and all(isinstance(b, RawBatch) for b in raws)
+                events = [e for b in raws for e in b.parsed().events]
+                assert [e.SerializeToString() for e in events] == [
+                    e.SerializeToString() for b in plain for e in b.events]
+                assert events[-1].position == end
+                for b in raws:
+                    got = b.parsed().events
+                    assert (b.first_position, b.last_position) == (got[0].position,
+                                                                   got[-1].position)
+                    assert len(got) <= 7
+            read = [b async for b in c.read_batches("$all", limit=30)]
+            assert len(read) > 1 and all(
+                (b.first_position, b.last_position) == (b.events[0].position,
+                                                        b.events[-1].position) for b in read)
+    run(body)
+
+
+def test_batch_span_reads_only_a_batch_with_its_positions_first() -> None:
+    """A client reads a batch's positions from its first bytes only when the server put
+    them there; any other message (an older server's batch, a marker, bytes cut short
+    or not protobuf) is left to protobuf."""
+    values = records.encode_run(5, 1, 1, 0, records.stream_field(b"s"),
+                                [pb.ProposedEvent(id=bytes(16), type="T").SerializeToString()
+                                 for _ in range(3)])
+    msg = records.wrap_field(1, records.batch_bytes(values))
+    start, first, last = records.batch_span(msg) or (0, 0, 0)
+    assert (first, last) == (5, 7)
+    parsed = pb.SubscribeResponse.FromString(msg)
+    assert pb.RecordBatch.FromString(msg[start:]) == parsed.events
+    assert [e.position for e in parsed.events.events] == [5, 6, 7]
+    older = records.wrap_field(1, b"".join(values))
+    caught_up = pb.SubscribeResponse(caught_up=pb.CaughtUp(position=9)).SerializeToString()
+    for other in (older, caught_up, msg[:-1], msg + b"\x00", b"\x0a" + b"\xff" * 30, b""):
+        assert records.batch_span(other) is None, other
 
 
 def test_subscribe_filters_and_from_end(tmp_path: Path) -> None:

@@ -164,10 +164,14 @@ class ReadRequest(_message.Message):
     def __init__(self, stream: _Optional[str] = ..., direction: _Optional[_Union[Direction, str]] = ..., limit: _Optional[int] = ..., min_position: _Optional[int] = ..., **kwargs) -> None: ...
 
 class RecordBatch(_message.Message):
-    __slots__ = ("events",)
+    __slots__ = ("events", "first_position", "last_position")
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_POSITION_FIELD_NUMBER: _ClassVar[int]
+    LAST_POSITION_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[RecordedEvent]
-    def __init__(self, events: _Optional[_Iterable[_Union[RecordedEvent, _Mapping]]] = ...) -> None: ...
+    first_position: int
+    last_position: int
+    def __init__(self, events: _Optional[_Iterable[_Union[RecordedEvent, _Mapping]]] = ..., first_position: _Optional[int] = ..., last_position: _Optional[int] = ...) -> None: ...
 
 class SubscribeRequest(_message.Message):
     __slots__ = ("after_position", "from_end", "stream_prefix", "event_types")
