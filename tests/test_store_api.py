@@ -16,6 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from geo.proxy import Link
 from store import records
 from store.client import (
     ANY,
@@ -534,6 +535,47 @@ def test_raw_subscription_hands_on_the_batches_the_server_sent(tmp_path: Path) -
             assert len(read) > 1 and all(
                 (b.first_position, b.last_position) == (b.events[0].position,
                                                         b.events[-1].position) for b in read)
+    run(body)
+
+
+def test_raw_subscription_resumes_after_its_connection_is_reset(tmp_path: Path) -> None:
+    """A raw subscription whose connection is reset (a fault-injecting proxy between it
+    and the node) is re-established from the last batch's last position: every event
+    once, in order, across the reset."""
+    limits = Limits(max_batch_events=5)
+
+    async def body() -> None:
+        async with running_store(tmp_path, limits) as (node, c):
+            for i in range(23):
+                await c.append("s", ev(i))
+            async with Link("sub", node.address) as link, StoreClient(link.address) as via:
+                seen: list[int] = []
+                caught_up = asyncio.Event()
+
+                async def follow() -> None:
+                    async for item in via.subscribe(batches=True, raw=True):
+                        if isinstance(item, CaughtUp):
+                            caught_up.set()
+                        elif isinstance(item, RawBatch):
+                            seen.extend(e.position for e in item.parsed().events)
+
+                task = asyncio.create_task(follow())
+                try:
+                    await asyncio.wait_for(caught_up.wait(), 10)
+                    # Live batches (no marker after them: the resume point is the last
+                    # batch's last position), then the reset.
+                    await c.append("s", [ev(i) for i in range(23, 33)])
+                    await wait_until(lambda: len(seen) >= 33, what="the live batches")
+                    link.partition("reset")
+                    for i in range(33, 40):
+                        await c.append("s", ev(i))
+                    link.heal()
+                    await wait_until(lambda: len(seen) >= 40 or task.done(),
+                                     what="the subscription to resume")
+                    assert not task.done(), task
+                    assert seen == list(range(1, 41))
+                finally:
+                    task.cancel()
     run(body)
 
 
