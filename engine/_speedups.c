@@ -774,8 +774,11 @@ fail:
  * singular field winning, unknown fields skipped, every string field (type,
  * content_type, stream, metadata keys and values) valid UTF-8. Any other record (a wire
  * type that is not a known field's, a group, a string that is not UTF-8, bytes cut
- * short) ends the run at its offset, as a control does: the caller reads it with
- * record_frame and protobuf (which refuses what is not a record).
+ * short, a tag or a length prefix over 5 bytes, a tag over UINT32_MAX) ends the run at
+ * its offset, as a control does: the caller reads it with record_frame and protobuf
+ * (which refuses what is not a record); record_frame raises ValueError where the batch
+ * itself is not walked here (a top-level group, bytes that are not protobuf): the
+ * caller parses the rest with protobuf.
  */
 
 typedef struct {
@@ -802,7 +805,19 @@ read_varint(const unsigned char *p, Py_ssize_t n, Py_ssize_t *off, uint64_t *v)
     return -1;
 }
 
-/* Past one field of wire type `wt` whose tag was read: 0, or -1 (a group, cut short). */
+/* A tag as protobuf (upb) reads one: 0, or -1 when cut short, over 5 bytes, over
+ * UINT32_MAX or of field number 0. */
+static int
+read_tag(const unsigned char *p, Py_ssize_t n, Py_ssize_t *off, uint64_t *tag)
+{
+    Py_ssize_t at = *off;
+    if (read_varint(p, n, off, tag) < 0 || *off - at > 5 || *tag > UINT32_MAX || *tag >> 3 == 0)
+        return -1;
+    return 0;
+}
+
+/* Past one field of wire type `wt` whose tag was read: 0, or -1 (a group, cut short, a
+ * length over 5 bytes, which upb refuses). */
 static int
 skip_field(const unsigned char *p, Py_ssize_t n, Py_ssize_t *off, int wt,
            const unsigned char **body, Py_ssize_t *body_n)
@@ -821,8 +836,9 @@ skip_field(const unsigned char *p, Py_ssize_t n, Py_ssize_t *off, int wt,
             return -1;
         *off += 4;
         return 0;
-    case 2:
-        if (read_varint(p, n, off, &v) < 0 || v > (uint64_t)(n - *off))
+    case 2: {
+        Py_ssize_t at = *off;
+        if (read_varint(p, n, off, &v) < 0 || *off - at > 5 || v > (uint64_t)(n - *off))
             return -1;
         if (body != NULL) {
             *body = p + *off;
@@ -830,6 +846,7 @@ skip_field(const unsigned char *p, Py_ssize_t n, Py_ssize_t *off, int wt,
         }
         *off += (Py_ssize_t)v;
         return 0;
+    }
     default:
         return -1;
     }
@@ -859,7 +876,7 @@ map_entry_ok(const unsigned char *p, Py_ssize_t n)
         uint64_t tag;
         const unsigned char *b = NULL;
         Py_ssize_t bn = 0;
-        if (read_varint(p, n, &off, &tag) < 0 || tag >> 3 == 0)
+        if (read_tag(p, n, &off, &tag) < 0)
             return 0;
         int field = (int)(tag >> 3 > 3 ? 3 : tag >> 3), wt = (int)(tag & 7);
         if ((field == 1 || field == 2) && wt != 2)
@@ -881,7 +898,7 @@ parse_record(const unsigned char *p, Py_ssize_t n, raw_record *r)
     Py_ssize_t off = 0;
     while (off < n) {
         uint64_t tag;
-        if (read_varint(p, n, &off, &tag) < 0 || tag >> 3 == 0 || tag >> 3 > 0x1fffffff)
+        if (read_tag(p, n, &off, &tag) < 0)
             return 0;
         uint64_t field = tag >> 3;
         int wt = (int)(tag & 7);
@@ -934,7 +951,8 @@ parse_record(const unsigned char *p, Py_ssize_t n, raw_record *r)
 }
 
 /* The next record frame of a RecordBatch at or after *off (other top-level fields are
- * skipped): 1 with its body, 0 at the end, -1 when the bytes are not a RecordBatch's. */
+ * skipped): 1 with its body, 0 at the end, -1 (*off at the field) for bytes this code
+ * does not walk: not a RecordBatch's, or a group (which protobuf skips). */
 static int
 next_frame(const unsigned char *p, Py_ssize_t n, Py_ssize_t *off,
            const unsigned char **body, Py_ssize_t *body_n)
@@ -942,7 +960,7 @@ next_frame(const unsigned char *p, Py_ssize_t n, Py_ssize_t *off,
     while (*off < n) {
         Py_ssize_t at = *off;
         uint64_t tag;
-        if (read_varint(p, n, off, &tag) < 0 || tag >> 3 == 0) {
+        if (read_tag(p, n, off, &tag) < 0) {
             *off = at;
             return -1;
         }
@@ -1091,7 +1109,7 @@ fail:
 PyDoc_STRVAR(record_frame_doc,
 "record_frame(buf, off) -> (start, end) | None: the bytes of the next record of a\n"
 "RecordBatch at or after byte off (other fields skipped); None at the end; ValueError\n"
-"when the bytes there are not a RecordBatch's.");
+"for bytes there it does not walk (not a RecordBatch's, or a group).");
 
 static PyObject *
 record_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs)

@@ -151,10 +151,15 @@ def _listed_record(items: list[RecordLike], i: int) -> tuple[RecordLike, int]:
     return items[i], i + 1
 
 
-def _raw_record(buf: bytes, i: int) -> tuple[RecordLike | None, int]:
+def _raw_record(buf: bytes, i: int) -> tuple[RecordLike | list[RecordLike] | None, int]:
     """The record of the RecordBatch bytes at or after byte ``i``, parsed by protobuf
-    (DecodeError for what is not a record), and the offset after it; None at the end."""
-    frame = record_frame(buf, i)
+    (DecodeError for what is not a record), and the offset after it; None at the end.
+    Where ``record_frame`` does not walk the batch (a top-level group, bytes that are
+    not protobuf), protobuf parses the rest: all its records (or DecodeError)."""
+    try:
+        frame = record_frame(buf, i)
+    except ValueError:
+        return list(pb.RecordBatch.FromString(buf[i:]).events), len(buf)
     if frame is None:
         return None, len(buf)
     return pb.RecordedEvent.FromString(buf[frame[0]:frame[1]]), frame[1]
@@ -250,8 +255,8 @@ class Consumer:
         """``on_records`` for the records of a serialized RecordBatch, ``buf`` from byte
         ``start`` (a Subscribe answer's bytes: store.client.RawBatch), read where they lie
         by ``take_raw_inputs``; a record it does not take is parsed by protobuf and goes
-        to ``on_record``. Raises ValueError for bytes that are not a RecordBatch's (after
-        the records before them took effect)."""
+        to ``on_record``. Raises protobuf's DecodeError where protobuf refuses the bytes
+        (after the records before them took effect)."""
         self._take_all(buf, start, len(buf), self._take_raw, _raw_record)
 
     def _take_listed(self, items: list[RecordLike], i: int, last: int) -> _Taken:
@@ -265,7 +270,7 @@ class Consumer:
 
     def _take_all(self, src: list[RecordLike] | bytes, i: int, n: int,
                   take: Callable[[Any, int, int], _Taken],
-                  record: Callable[[Any, int], tuple[RecordLike | None, int]]) -> None:
+                  record: Callable[[Any, int], tuple[Any, int]]) -> None:
         input_stream, output_stream = self._input_stream, self._output_stream
         output_type = wire.OUTPUT_TYPE
         positions: list[int] = []
@@ -286,6 +291,12 @@ class Consumer:
             e, i = record(src, i)
             if e is None:
                 break
+            if type(e) is list:  # raw bytes only protobuf reads: the rest, as it parsed it
+                self._take_effect(positions, cmds, outputs)
+                positions, cmds, outputs = [], [], []
+                self.on_records(e)
+                last = self.position
+                continue
             if e.stream == output_stream:
                 if e.type == output_type:
                     outputs.append((last, e.revision, e.data))
