@@ -255,8 +255,9 @@ class Consumer:
         """``on_records`` for the records of a serialized RecordBatch, ``buf`` from byte
         ``start`` (a Subscribe answer's bytes: store.client.RawBatch), read where they lie
         by ``take_raw_inputs``; a record it does not take is parsed by protobuf and goes
-        to ``on_record``. Raises protobuf's DecodeError where protobuf refuses the bytes
-        (after the records before them took effect)."""
+        to ``on_record``. Raises protobuf's DecodeError where protobuf refuses the bytes;
+        the consumer then stands after a prefix of the records before them (those up to
+        the last control input or record protobuf read)."""
         self._take_all(buf, start, len(buf), self._take_raw, _raw_record)
 
     def _take_listed(self, items: list[RecordLike], i: int, last: int) -> _Taken:
@@ -467,7 +468,10 @@ class Consumer:
             pos = wire.blob_position(blob)
             if pos <= self.base_position:
                 continue
-            mine = self._pop()
+            # Only the outputs of inputs before it in the log (``on_records`` processed
+            # later ones already): those of a later input are "nothing" here too.
+            mine = self._pop() if self.pending and self.pending[0].position <= through \
+                else None
             if mine is None or mine.position != pos or mine.blob != blob:
                 what = "nothing" if mine is None else f"input {mine.position}'s"
                 return self._diverged(f"output revision {revision}: the committed outputs "

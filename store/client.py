@@ -1292,10 +1292,10 @@ class StoreClient:
                         if raw:
                             span = batch_span(msg)
                             if span is not None:
-                                start, first, last = span
-                                assert first > position, "subscription went backwards"
-                                position = last
-                                yield RawBatch(msg, start, first, last)
+                                start, first_position, last_position = span
+                                assert first_position > position, "subscription went backwards"
+                                position = last_position
+                                yield RawBatch(msg, start, first_position, last_position)
                                 continue
                             msg = _SubscribeResponse.FromString(msg)
                         kind = msg.WhichOneof("kind")

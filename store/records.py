@@ -246,8 +246,8 @@ def batch_bytes(values: list[bytes]) -> bytes:
 
 def batch_span(message: bytes) -> tuple[int, int, int] | None:
     """(offset of the batch's first field, first position, last position) of a
-    SubscribeResponse or ReadResponse holding a batch as ``batch_bytes`` makes it (field
-    1 of the message, its positions first), or None for any other message."""
+    SubscribeResponse holding a batch as ``batch_bytes`` makes it (field 1 of the
+    message, its positions first), or None for any other message."""
     if len(message) < 2 + _SPAN.size or message[0] != _TAG_FRAME:
         return None
     try:

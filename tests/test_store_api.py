@@ -538,10 +538,15 @@ def test_raw_subscription_hands_on_the_batches_the_server_sent(tmp_path: Path) -
     run(body)
 
 
-def test_raw_subscription_resumes_after_its_connection_is_reset(tmp_path: Path) -> None:
-    """A raw subscription whose connection is reset (a fault-injecting proxy between it
-    and the node) is re-established from the last batch's last position: every event
-    once, in order, across the reset."""
+@pytest.mark.parametrize("from_end", [False, True])
+@pytest.mark.parametrize("raw", [False, True])
+def test_a_subscription_resumes_after_what_it_saw(tmp_path: Path, raw: bool,
+                                                  from_end: bool) -> None:
+    """A subscription whose connection is reset (a fault-injecting proxy between it and
+    the node) after live batches resumes after the last batch's last position, also one
+    started ``from_end`` (not from the end again): every event once, in order, those
+    committed while it was cut off included (helper-79: a raw one from the end lost
+    them)."""
     limits = Limits(max_batch_events=5)
 
     async def body() -> None:
@@ -553,11 +558,14 @@ def test_raw_subscription_resumes_after_its_connection_is_reset(tmp_path: Path) 
                 caught_up = asyncio.Event()
 
                 async def follow() -> None:
-                    async for item in via.subscribe(batches=True, raw=True):
+                    async for item in via.subscribe(batches=True, raw=raw,
+                                                    from_end=from_end):
                         if isinstance(item, CaughtUp):
                             caught_up.set()
                         elif isinstance(item, RawBatch):
                             seen.extend(e.position for e in item.parsed().events)
+                        elif isinstance(item, pb.RecordBatch):
+                            seen.extend(e.position for e in item.events)
 
                 task = asyncio.create_task(follow())
                 try:
@@ -565,15 +573,16 @@ def test_raw_subscription_resumes_after_its_connection_is_reset(tmp_path: Path) 
                     # Live batches (no marker after them: the resume point is the last
                     # batch's last position), then the reset.
                     await c.append("s", [ev(i) for i in range(23, 33)])
-                    await wait_until(lambda: len(seen) >= 33, what="the live batches")
+                    await wait_until(lambda: seen and seen[-1] >= 33, what="the live batches")
                     link.partition("reset")
-                    for i in range(33, 40):
+                    for i in range(33, 39):
                         await c.append("s", ev(i))
                     link.heal()
-                    await wait_until(lambda: len(seen) >= 40 or task.done(),
+                    await c.append("s", ev(39))
+                    await wait_until(lambda: (seen and seen[-1] >= 40) or task.done(),
                                      what="the subscription to resume")
                     assert not task.done(), task
-                    assert seen == list(range(1, 41))
+                    assert seen == list(range(24 if from_end else 1, 41))
                 finally:
                     task.cancel()
     run(body)
@@ -1353,3 +1362,4 @@ def test_the_readmes_python_example_runs_and_hands_its_loop_only_events(
     assert Checkpoint in yielded and CaughtUp not in yielded[:yielded.index(Checkpoint)]
     assert [(type(e), e.stream, e.revision) for e in handled] == [  # type: ignore[attr-defined]
         (pb.RecordedEvent, "orders.BTC-USD", 1), (pb.RecordedEvent, "orders.BTC-USD", 2)]
+
