@@ -651,21 +651,37 @@ fail:
     return NULL;
 }
 
-/* The command of a record's data: decode_plan, else slow(data, ts). */
+/* The command of a record's data p[0..n): decode_plan, else slow(data, ts), `data` the
+ * bytes object holding them, or NULL (made only for the slow path). */
 static PyObject *
-decode_input(PyObject *data, PyObject *ts, PyObject *plans, PyObject *slow,
-             PyObject *const *ctx)
+decode_input(const unsigned char *p, Py_ssize_t n, PyObject *data, PyObject *ts,
+             PyObject *plans, PyObject *slow, PyObject *const *ctx)
 {
-    if (PyBytes_Check(data) && PyBytes_GET_SIZE(data) > 0) {
-        const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(data);
-        if (p[0] < PyTuple_GET_SIZE(plans)) {
-            PyObject *cmd = decode_plan(p, PyBytes_GET_SIZE(data), ts,
-                                        PyTuple_GET_ITEM(plans, p[0]), ctx);
-            if (cmd != NULL || PyErr_Occurred())
-                return cmd;
-        }
+    if (n > 0 && p[0] < PyTuple_GET_SIZE(plans)) {
+        PyObject *cmd = decode_plan(p, n, ts, PyTuple_GET_ITEM(plans, p[0]), ctx);
+        if (cmd != NULL || PyErr_Occurred())
+            return cmd;
     }
-    return PyObject_CallFunctionObjArgs(slow, data, ts, NULL);
+    if (data != NULL)
+        return PyObject_CallFunctionObjArgs(slow, data, ts, NULL);
+    data = PyBytes_FromStringAndSize((const char *)p, n);
+    if (data == NULL)
+        return NULL;
+    PyObject *cmd = PyObject_CallFunctionObjArgs(slow, data, ts, NULL);
+    Py_DECREF(data);
+    return cmd;
+}
+
+/* Appends `position` and `cmd` to the run taken so far: 0, or -1 on an error. Both
+ * references are released either way. */
+static int
+taken(PyObject *positions, PyObject *cmds, PyObject *position, PyObject *cmd)
+{
+    int rc = (position == NULL || cmd == NULL || PyList_Append(positions, position) < 0
+              || PyList_Append(cmds, cmd) < 0) ? -1 : 0;
+    Py_XDECREF(position);
+    Py_XDECREF(cmd);
+    return rc;
 }
 
 PyDoc_STRVAR(take_inputs_doc,
@@ -733,18 +749,18 @@ take_inputs(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         PyObject *data = PyObject_GetAttr(e, s_data);
         PyObject *ts = data == NULL ? NULL : PyObject_GetAttr(e, s_timestamp_ns);
-        PyObject *cmd = ts == NULL ? NULL : decode_input(data, ts, plans, slow, ctx);
+        PyObject *cmd = NULL;
+        if (ts != NULL) {
+            /* data that is not bytes goes to slow as it is */
+            int b = PyBytes_Check(data);
+            cmd = decode_input(b ? (const unsigned char *)PyBytes_AS_STRING(data) : NULL,
+                               b ? PyBytes_GET_SIZE(data) : 0, data, ts, plans, slow, ctx);
+        }
         Py_XDECREF(data);
         Py_XDECREF(ts);
         Py_DECREF(e);
-        if (cmd == NULL || PyList_Append(positions, position) < 0
-                || PyList_Append(cmds, cmd) < 0) {
-            Py_XDECREF(cmd);
-            Py_DECREF(position);
+        if (taken(positions, cmds, position, cmd) < 0)
             goto fail;
-        }
-        Py_DECREF(cmd);
-        Py_DECREF(position);
         last = pos;
     }
     return Py_BuildValue("(NNn)", positions, cmds, i);
@@ -1076,26 +1092,11 @@ take_raw_inputs(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         PyObject *position = PyLong_FromUnsignedLongLong(r.position);
         PyObject *ts = position == NULL ? NULL : PyLong_FromUnsignedLongLong(r.timestamp);
-        PyObject *cmd = NULL;
-        if (ts != NULL && r.data_n > 0 && r.data[0] < PyTuple_GET_SIZE(plans)) {
-            cmd = decode_plan(r.data, r.data_n, ts, PyTuple_GET_ITEM(plans, r.data[0]), ctx);
-        }
-        if (ts != NULL && cmd == NULL && !PyErr_Occurred()) {
-            PyObject *data = PyBytes_FromStringAndSize((const char *)r.data, r.data_n);
-            if (data != NULL) {
-                cmd = PyObject_CallFunctionObjArgs(slow, data, ts, NULL);
-                Py_DECREF(data);
-            }
-        }
+        PyObject *cmd = ts == NULL ? NULL
+            : decode_input(r.data, r.data_n, NULL, ts, plans, slow, ctx);
         Py_XDECREF(ts);
-        if (cmd == NULL || PyList_Append(positions, position) < 0
-                || PyList_Append(cmds, cmd) < 0) {
-            Py_XDECREF(cmd);
-            Py_XDECREF(position);
+        if (taken(positions, cmds, position, cmd) < 0)
             goto fail;
-        }
-        Py_DECREF(cmd);
-        Py_DECREF(position);
         last = (long long)r.position;
     }
     return Py_BuildValue("(NNNn)", positions, cmds, outputs, off);

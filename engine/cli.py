@@ -28,6 +28,8 @@ from engine.runner import (
     VERIFY_WINDOW,
     RunnerConfig,
     StoreUnreachable,
+    batch_positions,
+    feed,
     fetch_status,
     run_engine,
 )
@@ -613,20 +615,13 @@ async def verify(store: list[str], group: str, tls: Tls | None = None,
                                                raw=True):
                 if isinstance(item, CaughtUp):
                     break
-                if isinstance(item, RawBatch):
-                    if not any(item.first_position <= p <= item.last_position for p in snaps):
-                        # No snapshot to check inside: the whole batch, read where it lies.
-                        c.on_raw_batch(item.data, item.start)
-                        continue
-                    item = item.parsed()
-                if not isinstance(item, pb.RecordBatch):
+                span = batch_positions(item)
+                if span is None:
                     continue
-                events = item.events
-                if events and not any(events[0].position <= p <= events[-1].position
-                                      for p in snaps):
-                    c.on_records(events)
+                if not any(span[0] <= p <= span[1] for p in snaps):
+                    feed(c, item)  # no snapshot to check inside: the whole batch
                     continue
-                for e in events:
+                for e in (item.parsed() if isinstance(item, RawBatch) else item).events:
                     c.on_record(e)
                     if e.stream == inp and e.position in snaps:
                         checked += 1

@@ -468,10 +468,7 @@ class Consumer:
             pos = wire.blob_position(blob)
             if pos <= self.base_position:
                 continue
-            # Only the outputs of inputs before it in the log (``on_records`` processed
-            # later ones already): those of a later input are "nothing" here too.
-            mine = self._pop() if self.pending and self.pending[0].position <= through \
-                else None
+            mine = self._pop(through)
             if mine is None or mine.position != pos or mine.blob != blob:
                 what = "nothing" if mine is None else f"input {mine.position}'s"
                 return self._diverged(f"output revision {revision}: the committed outputs "
@@ -485,8 +482,11 @@ class Consumer:
                                   f"input {batch.last_input}")
         self.committed_input = batch.last_input
 
-    def _pop(self) -> Pending | None:
-        if not self.pending:
+    def _pop(self, through: int) -> Pending | None:
+        """The next pending output if its input is at or before ``through`` (the last
+        input before the committed batch in the log: ``on_records`` may have processed
+        later ones already, whose outputs a batch before them cannot hold), else None."""
+        if not self.pending or self.pending[0].position > through:
             return None
         self._sent = max(0, self._sent - 1)
         return self.pending.popleft()

@@ -172,6 +172,24 @@ class RunnerConfig:
         assert self.max_pending_inputs > 0 and self.startup_timeout_s > 0
 
 
+def batch_positions(item: object) -> tuple[int, int] | None:
+    """(first, last) position of a delivered batch of a subscription with ``batches``,
+    raw (``RawBatch``) or parsed; None for any other item (a marker, an empty batch)."""
+    if isinstance(item, RawBatch):
+        return item.first_position, item.last_position
+    if isinstance(item, pb.RecordBatch) and item.events:
+        return item.events[0].position, item.events[-1].position
+    return None
+
+
+def feed(c: Consumer, batch: RawBatch | pb.RecordBatch) -> None:
+    """The batch's records to the consumer: read where they lie when raw."""
+    if isinstance(batch, RawBatch):
+        c.on_raw_batch(batch.data, batch.start)
+    else:
+        c.on_records(batch.events)
+
+
 class StoreUnreachable(RuntimeError):
     """The store did not answer within RunnerConfig.startup_timeout_s of the start: the
     message names its targets and the last error (`xdc engine run` prints it, exit 1)."""
@@ -573,11 +591,8 @@ class EngineRunner:
             if isinstance(item, Checkpoint):
                 self._delivered(item.position)
                 continue
-            if isinstance(item, RawBatch):
-                last = item.last_position
-            elif isinstance(item, pb.RecordBatch) and item.events:
-                last = item.events[-1].position
-            else:
+            delivered = batch_positions(item)
+            if delivered is None:
                 continue
             before, first = c.inputs, c.position + 1
             # One CONSUMER span per delivered batch, linked to each order's producer
@@ -589,16 +604,13 @@ class EngineRunner:
                     consumer_group=self.config.group,
                     attributes={"xdc.engine.instance": self.config.instance}) as span:
                 with gc_paused():  # the cyclic GC would re-scan the whole book
-                    if isinstance(item, RawBatch):
-                        c.on_raw_batch(item.data, item.start)
-                    else:
-                        c.on_records(item.events)
+                    feed(c, item)
                 if span.is_recording():
                     span.set_attribute("xdc.engine.input_position", c.position)
                     span.set_attribute("xdc.engine.primary", self.primary)
                     # Warm too: the outputs it holds at a takeover are emitted then.
                     self._batch_spans.append((first, c.position, span.get_span_context()))
-                requested = await self._after_batch(c, last, before)
+                requested = await self._after_batch(c, delivered[1], before)
             if self.primary:
                 self._maybe_capture(requested)
                 self._flush_soon()
