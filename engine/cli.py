@@ -194,15 +194,33 @@ async def active_output_version(client: StoreClient, group: str,
                                 idle_s: float = SCAN_IDLE_S) -> tuple[int, int]:
     """(the output version in force after the group's last input, the position of the
     activation that put it in force: 0 for version 1): the activations in its input
-    stream, read as the engines read them (versions only move forward). The read scans
-    the whole log, filtered by the store, however long that takes while it makes
-    progress (a checkpoint every 10k records skipped); nothing for ``idle_s`` raises
-    StoreSilent (the client's subscription would wait for a store that went away for
-    good: the command hung)."""
+    stream, read as the engines read them (versions only move forward), after what the
+    newest snapshot says was in force at its input (wire.snapshot_in_force); from the
+    start of the log when it says nothing (none, or one of an older release). The read
+    is filtered by the store, however long it takes while it makes progress (a
+    checkpoint every 10k records skipped); nothing for ``idle_s`` raises StoreSilent
+    (the client's subscription would wait for a store that went away for good: the
+    command hung)."""
     stream = wire.input_stream(group)
     version, at, seen = 1, 0, 0
+    try:
+        async with asyncio.timeout(idle_s):
+            newest = await client.read(wire.snapshot_stream(group), backwards=True, limit=1)
+    except grpc.aio.AioRpcError as exc:
+        # No snapshot yet, or a principal that may read the inputs and not the
+        # snapshots: the whole log then.
+        if exc.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
+            raise
+        newest = []
+    except TimeoutError:
+        raise StoreSilent(f"the store sent nothing for {idle_s:g} s while the newest "
+                          f"snapshot of group {group!r} was read") from None
+    in_force = wire.snapshot_in_force(newest[0].metadata) if newest else None
+    if in_force is not None:
+        (version, at), seen = in_force, int(newest[0].metadata["input_position"])
     async with contextlib.aclosing(client.subscribe(
-            stream_prefix=stream, event_types=[wire.ACTIVATE_TYPE], batches=True)) as items:
+            after_position=seen, stream_prefix=stream, event_types=[wire.ACTIVATE_TYPE],
+            batches=True)) as items:
         while True:
             try:
                 async with asyncio.timeout(idle_s):

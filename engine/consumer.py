@@ -139,6 +139,9 @@ class Capture:
     chain: bytes
     out_revision: int
     wait_for: int  # writable once outputs are committed through this input (0: now)
+    # (the engine's output version, the position of the activation that put it in force:
+    # Consumer.version_at); None when unknown or when the instance alarms.
+    in_force: tuple[int, int] | None
 
 
 _CONTROL_TYPE_BYTES = tuple(t.encode() for t in wire.CONTROL_TYPES)
@@ -186,6 +189,9 @@ class Consumer:
     # it may take over only once it has seen them committed by another instance.
     promotable_after: int = 0
     handover_to: str = ""
+    # The position of the activation that put the engine's output version in force: 0
+    # for version 1, None when unknown (restored from a snapshot that did not say).
+    version_at: int | None = 0
     inputs: int = 0  # inputs processed by this instance
     pending: collections.deque[Pending] = field(default_factory=collections.deque)
     controls: list[Control] = field(default_factory=list)
@@ -223,13 +229,22 @@ class Consumer:
     @classmethod
     def from_snapshot(cls, group: str, data: bytes, position: int, chain: bytes,
                       out_revision: int, expected_hash: bytes | None = None,
-                      output_versions: tuple[int, ...] = OUTPUT_VERSIONS) -> Consumer:
+                      output_versions: tuple[int, ...] = OUTPUT_VERSIONS,
+                      in_force: tuple[int, int] | None = None) -> Consumer:
+        """The consumer restored from a snapshot taken after input ``position``;
+        ``in_force``: what the snapshot says of its output version (Capture.in_force),
+        which must be the restored engine's to be believed."""
         engine = restore(data)
         if expected_hash is not None and state_hash(engine) != expected_hash:
             raise CodecError(f"snapshot at input {position}: state hash mismatch after restore")
+        version_at = None
+        if engine.output_version == 1:
+            version_at = 0
+        elif in_force is not None and in_force[0] == engine.output_version:
+            version_at = in_force[1]
         c = cls(group, engine, position=position, chain=chain, base_position=position,
                 committed_input=position, out_revision=out_revision,
-                output_versions=output_versions)
+                output_versions=output_versions, version_at=version_at)
         if engine.output_version not in output_versions:
             c.alarm = (f"the snapshot at input {position} is of an engine at output version "
                        f"{engine.output_version}; this instance supports output versions "
@@ -365,6 +380,7 @@ class Consumer:
                 f"output of any input after it")
         else:
             self.engine.set_output_version(version)
+            self.version_at = position
             outcome = "activated"
         return Control(wire.ACTIVATE_TYPE, position,
                        {"output_version": str(version or ""), "outcome": outcome})
@@ -684,7 +700,9 @@ class Consumer:
     def capture(self) -> Capture:
         data = snapshot_bytes(self.engine)
         return Capture(self.position, data, hashlib.sha256(data).digest(), self.chain,
-                       self.out_revision, self.pending[-1].position if self.pending else 0)
+                       self.out_revision, self.pending[-1].position if self.pending else 0,
+                       None if self.alarm or self.version_at is None
+                       else (self.engine.output_version, self.version_at))
 
     @property
     def backlog(self) -> int:

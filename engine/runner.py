@@ -427,7 +427,7 @@ class EngineRunner:
             self.consumer = Consumer.from_snapshot(
                 self.config.group, data, int(md["input_position"]), bytes.fromhex(md["chain"]),
                 int(md["output_revision"]), bytes.fromhex(md["state_hash"]),
-                self.config.output_versions)
+                self.config.output_versions, wire.snapshot_in_force(md))
         except (AssertionError, CodecError, ValueError, KeyError, zlib.error) as exc:
             # A bad snapshot costs a full replay, never a wrong state.
             log.error("snapshot at revision %d unusable (%s): replaying the whole log",
@@ -523,7 +523,8 @@ class EngineRunner:
             data=chunk, metadata={
                 "input_position": str(cap.position), "output_revision": str(cap.out_revision),
                 "chain": cap.chain.hex(), "state_hash": cap.state_hash.hex(),
-                "chunk": f"{i}/{len(chunks)}", "engine_version": ENGINE_VERSION})
+                "chunk": f"{i}/{len(chunks)}", "engine_version": ENGINE_VERSION,
+                **wire.snapshot_in_force_metadata(cap.in_force)})
             for i, chunk in enumerate(chunks)]
         await self.client.append(wire.snapshot_stream(self.config.group), events)
         self.snapshot_position = cap.position

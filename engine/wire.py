@@ -52,6 +52,7 @@ import hashlib
 import json
 import re
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from engine import commands as cm
@@ -272,6 +273,32 @@ def parse_activation(data: bytes) -> int | None:
     if type(version) is not int or not 1 <= version <= MAX_OUTPUT_VERSION:
         return None
     return version
+
+
+def snapshot_in_force_metadata(in_force: tuple[int, int] | None) -> dict[str, str]:
+    """A snapshot's metadata on its output version: the version in force and the position
+    of the activation that put it there (0 for version 1), so that the version in force
+    after the group's last input is read from the log after the newest snapshot, not from
+    the whole log (engine.cli.active_output_version). Nothing when unknown."""
+    if in_force is None:
+        return {}
+    return {"output_version": str(in_force[0]), "output_version_at": str(in_force[1])}
+
+
+def snapshot_in_force(md: Mapping[str, str]) -> tuple[int, int] | None:
+    """What ``snapshot_in_force_metadata`` wrote in a snapshot's metadata ``md``; None
+    when it wrote nothing or something it cannot have written (a version outside
+    1..MAX_OUTPUT_VERSION, an activation after the snapshot's input, version 1 put in
+    force by an activation)."""
+    try:
+        version, at = int(md["output_version"]), int(md["output_version_at"])
+        position = int(md["input_position"])
+    except (KeyError, ValueError):
+        return None
+    if not (1 <= version <= MAX_OUTPUT_VERSION and 0 <= at <= position
+            and (at == 0) == (version == 1)):
+        return None
+    return version, at
 
 
 def decode_input(data: bytes, ts_ns: int) -> object:

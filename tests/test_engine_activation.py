@@ -27,6 +27,7 @@ import pytest
 from engine import events as ev
 from engine import wire
 from engine.book import Engine
+from engine.cli import StoreSilent, active_output_version
 from engine.codec import (
     CodecError,
     decode_event,
@@ -51,7 +52,7 @@ from engine.gateway import GatewayServer
 from engine.runner import status_or_none
 from engine.workload import check_exactly_once, outputs_through
 from geo.etcd_server import free_ports
-from store.client import StoreClient
+from store.client import StoreClient, new_event, new_id
 from store.process import ServeProcess
 from tests.support.cli import xdc_cli
 from tests.support.exchange import Rec, lease_dir
@@ -266,9 +267,18 @@ def test_instances_agree_and_a_restore_after_the_activation_equals_a_full_replay
         assert cap.data.startswith(layout), (at, cap.data[:8])
         if at < P:
             assert cap.data == fed(log_of(CMDS)[:at]).capture().data
+        assert cap.in_force == ((1, 0) if at < P else (2, P))
         restored = Consumer.from_snapshot(GROUP, cap.data, cap.position, cap.chain,
-                                          cap.out_revision, cap.state_hash)
+                                          cap.out_revision, cap.state_hash,
+                                          in_force=cap.in_force)
         assert restored.engine.output_version == (1 if at < P else 2) and not restored.alarm
+        assert restored.capture().in_force == cap.in_force
+        # A snapshot that does not say (an older release's), or says what its engine
+        # is not: version 1 needs no activation; of version 2 nothing is known.
+        for said in (None, (2, P + 1) if at < P else (1, 0)):
+            blind = Consumer.from_snapshot(GROUP, cap.data, cap.position, cap.chain,
+                                           cap.out_revision, cap.state_hash, in_force=said)
+            assert blind.capture().in_force == ((1, 0) if at < P else None)
         for r in records[at:]:
             restored.on_record(r)
         assert restored.chain == one.chain
@@ -315,6 +325,8 @@ def test_an_instance_that_does_not_support_the_version_alarms_and_emits_nothing_
                          f"output versions 1: it emits no output of any input after it")
     assert old.next_append() is None
     assert old.controls[-1].body["outcome"] == "not supported: alarm"
+    # Its snapshots cannot say which version the log put in force.
+    assert old.engine.output_version == 1 and old.capture().in_force is None
     # Restored from a snapshot taken after the activation, it alarms too.
     cap = fed(records[:P + 10]).capture()
     restored = Consumer.from_snapshot(GROUP, cap.data, cap.position, cap.chain,
@@ -699,6 +711,15 @@ def test_activation_under_load_then_sigkill_of_the_primary_takes_over_exactly_on
                 restarted = await status_or_none(engines[victim].address)
                 assert restarted is not None and not restarted.alarm
                 assert restarted.snapshot_position > at and restarted.output_version == 2
+                # Each snapshot says what was in force at its input, so the version in
+                # force is read from the log after the newest one.
+                said = {int(e.metadata["input_position"]): (e.metadata["output_version"],
+                                                            e.metadata["output_version_at"])
+                        for e in await client.read(wire.snapshot_stream(G1), limit=10_000)}
+                assert any(p < at for p in said) and any(p > at for p in said), said
+                assert all(v == (("1", "0") if p < at else ("2", str(at)))
+                           for p, v in said.items()), said
+                assert await active_output_version(client, G1) == (2, at)
             finally:
                 await gateway.stop(grace_s=0.5)
                 await client.close()
@@ -927,6 +948,70 @@ def test_engine_status_asks_the_instances_at_once() -> None:
     assert took < 6, took
 
 
+@pytest.mark.parametrize("md", [
+    {}, {"output_version": "2"}, {"output_version": "x", "output_version_at": "5"},
+    {"output_version": "65536", "output_version_at": "5"},  # over MAX_OUTPUT_VERSION
+    {"output_version": "2", "output_version_at": "11"},  # after the snapshot's input
+    {"output_version": "2", "output_version_at": "0"},  # 2 needs an activation
+    {"output_version": "1", "output_version_at": "5"},  # 1 needs none
+])
+def test_a_snapshot_says_nothing_of_its_version_unless_it_can_be_so(md: dict[str, str]
+                                                                      ) -> None:
+    assert wire.snapshot_in_force({"input_position": "10", **md}) is None
+    assert wire.snapshot_in_force({"input_position": "10", "output_version": "2",
+                                   "output_version_at": "10"}) == (2, 10)
+    assert wire.snapshot_in_force({"input_position": "10", **wire.snapshot_in_force_metadata(
+        (1, 0))}) == (1, 0)
+
+
+def test_the_version_in_force_is_read_after_the_newest_snapshot_that_says_it(
+        tmp_path: Path) -> None:
+    """`xdc engine status --group` and `xdc engine activate` read the activations of the
+    log after the newest snapshot, from what it says was in force at its input: not
+    the whole log (~1.5 s per 330k records here, on every status). A snapshot that says
+    nothing (an older release's) means the whole log, as before."""
+    store = ServeProcess(str(tmp_path / "store")).start()
+    try:
+        async def scenario() -> None:
+            async with StoreClient(store.address) as client:
+                after: list[int] = []
+                subscribe = client.subscribe
+
+                def spied(**kw: object) -> object:
+                    after.append(int(kw.get("after_position", 0)))  # type: ignore[arg-type]
+                    return subscribe(**kw)
+                client.subscribe = spied  # type: ignore[method-assign]
+
+                inputs, snaps = wire.input_stream(G1), wire.snapshot_stream(G1)
+
+                def snapshot(position: int, md: dict[str, str]) -> pb.ProposedEvent:
+                    return pb.ProposedEvent(id=new_id(), type=wire.SNAPSHOT_TYPE, data=b"s",
+                                            metadata={"input_position": str(position),
+                                                      "chunk": "0/1", **md})
+                orders = [new_event("Noise") for _ in range(20)]
+                early = (await client.append(inputs, orders[:10])).last_position
+                await client.append(snaps, [snapshot(early, wire.snapshot_in_force_metadata(
+                    (1, 0)))])
+                at = (await client.append(inputs, [wire.activation_event(G1, 2)])
+                      ).first_position
+                mid = (await client.append(inputs, orders[10:])).last_position
+                # The activation after the newest snapshot is found.
+                assert await active_output_version(client, G1) == (2, at)
+                assert after == [early]
+                # An older release's snapshot: the whole log.
+                await client.append(snaps, [snapshot(mid, {})])
+                assert await active_output_version(client, G1) == (2, at)
+                assert after == [early, 0]
+                # One that says what was in force: only the log after its input.
+                await client.append(snaps, [snapshot(mid, wire.snapshot_in_force_metadata(
+                    (2, at)))])
+                assert await active_output_version(client, G1) == (2, at)
+                assert after == [early, 0, mid]
+        run(scenario)
+    finally:
+        store.stop()
+
+
 def test_reading_the_groups_activations_fails_when_the_store_goes_silent(
         tmp_path: Path) -> None:
     """The output version in force is read from the whole log (engine activate, engine
@@ -934,8 +1019,6 @@ def test_reading_the_groups_activations_fails_when_the_store_goes_silent(
     subscription waited for it for good and the command hung. Nothing from the store for
     `idle_s` now fails the read, naming how far it got; a store that answers again is
     read to the end."""
-    from engine.cli import StoreSilent, active_output_version
-
     store = ServeProcess(str(tmp_path / "store")).start()
     try:
         async def scenario() -> None:
