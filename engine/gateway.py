@@ -317,6 +317,10 @@ class Outlet:
         self.queue: asyncio.Queue[object] = asyncio.Queue(capacity)
         self.overflowed = False
         self.depth = 0  # a book stream's levels per side
+        # An execution stream's position when it was attached to the feed: the feed
+        # offers it only later batches (a feed replaying the log after a start would
+        # fill its queue with batches it has sent already).
+        self.after = 0
 
     def offer(self, item: object) -> None:
         if self.overflowed:
@@ -647,7 +651,8 @@ class OutputFeed:
             item: object = (msg if received is None or received.producer is None
                             else (msg, received, group.stream))
             for outlet in self.exec_outlets[account]:
-                outlet.offer(item)
+                if position > outlet.after:
+                    outlet.offer(item)
 
     @staticmethod
     def account_reports(group: str, outs: list[tuple[int, list[tuple]]],
@@ -974,8 +979,15 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
         check_int("qty", r.qty, 1, MAX_QTY)
         if order_type == OrderType.MARKET:
             check_int("price", r.price, 0, 0, " (market orders carry no price)")
+            # The combinations the engine rejects for the order's own fields (book.py,
+            # _NEW_FLAGS): refused here, so that its client_order_id is not used up.
+            if tif == TimeInForce.GTC:
+                raise Refused(INVALID, "time_in_force: a market order is IOC or FOK "
+                                       "(unset is GTC)")
         else:
             check_int("price", r.price, 1, MAX_PRICE, " (limit orders)")
+        if r.post_only and not (order_type == OrderType.LIMIT and tif == TimeInForce.GTC):
+            raise Refused(INVALID, "post_only: only for a GTC limit order")
         wait_s = self._wait_s(r.wait, r.wait_timeout_ms)
         cmd = cm.NewOrder(0, r.symbol, account, cid, SIDES[r.side], r.qty, r.price,
                           order_type, tif, r.post_only, stp)
@@ -1017,6 +1029,7 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
 
         def attach() -> None:
             assert outlet is not None
+            outlet.after = position
             feed.exec_outlets.setdefault(account, set()).add(outlet)
 
         def attached() -> bool:
@@ -1030,10 +1043,16 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
                 # "From now": not the history the feed replays after the gateway started.
                 await self._caught_up()
                 attach()
-            elif position >= feed.position:
-                await self._check_reachable(position)
+            elif position == feed.position:
                 attach()
             else:
+                if position > feed.position:
+                    # Past the feed: a gateway that started (its feed replays the log), or
+                    # one behind the gateway the client resumes from. The check waits for
+                    # the store while the feed dispatches, to this stream's loss if it
+                    # were attached after it: the catch-up below reads from the store
+                    # what the feed dispatches meanwhile, and attaches once level.
+                    await self._check_reachable(position)
                 # Catch-up from the store in rounds, each to a fixed target: the feed's
                 # position when the round began. Chasing the feed's moving position never
                 # ends while the consumer reads no faster than the exchange trades (its

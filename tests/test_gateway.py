@@ -26,6 +26,7 @@ from engine.constants import Side as ESide
 from engine.constants import TimeInForce as ETif
 from engine.exchange_config import ExchangeConfig, init_events, parse
 from engine.gateway import GatewayLimits, GatewayServer, OutputFeed
+from geo import tiers as tiers_mod
 from geo.etcd_server import free_ports
 from store.client import StoreClient
 from store.limits import Limits
@@ -179,6 +180,17 @@ SUBMIT_REFUSALS: list[tuple[dict[str, Any], grpc.StatusCode, str]] = [
     ({"order_type": xpb.MARKET, "time_in_force": xpb.IOC, "price": 50000}, INV,
      "price: 0..0 (market orders carry no price), got 50000"),
     ({"order_type": 9}, INV, "order_type: one of LIMIT, MARKET, got 9"),
+    # What the engine rejects for the order's own fields: refused, its id not used up.
+    ({"order_type": xpb.MARKET, "price": 0}, INV,
+     "time_in_force: a market order is IOC or FOK (unset is GTC)"),
+    ({"order_type": xpb.MARKET, "time_in_force": xpb.GTC, "price": 0}, INV,
+     "time_in_force: a market order is IOC or FOK"),
+    ({"order_type": xpb.MARKET, "time_in_force": xpb.IOC, "price": 0, "post_only": True},
+     INV, "post_only: only for a GTC limit order"),
+    ({"time_in_force": xpb.IOC, "post_only": True}, INV,
+     "post_only: only for a GTC limit order"),
+    ({"time_in_force": xpb.FOK, "post_only": True}, INV,
+     "post_only: only for a GTC limit order"),
     ({"time_in_force": 9}, INV, "time_in_force: one of GTC, IOC, FOK, got 9"),
     ({"stp": 42}, INV, "stp: one of STP_NONE, STP_CANCEL_NEWEST"),
     ({"wait": True, "wait_timeout_ms": 60_001}, INV, "wait_timeout_ms: 0..60000"),
@@ -232,6 +244,37 @@ def test_every_refusal_names_the_field_and_appends_nothing(tmp_path: Path) -> No
             # A valid request goes through on the same gateway (the refusals were not luck).
             ok = await x.stub.SubmitOrder(xpb.SubmitOrderRequest(**GOOD))
             assert ok.input_position > 0 and len(await x.inputs("g1")) == x.init_counts["g1"] + 1
+    run(body)
+
+
+def test_the_gateway_refuses_exactly_the_flag_combinations_the_engine_rejects(
+        tmp_path: Path) -> None:
+    """Order type, time in force and post-only: every combination the engine's table of
+    valid ones (book._NEW_FLAGS) lacks is refused by the gateway, naming the field, and
+    every other one is appended (a refusal would turn away a valid order)."""
+    from engine.book import _NEW_FLAGS
+    from engine.gateway import ORDER_TYPES, TIFS
+
+    async def body() -> None:
+        async with exchange(tmp_path) as x:
+            appended = 0
+            for k, (otype, tif, post_only) in enumerate(
+                    (o, t, p) for o in ORDER_TYPES for t in TIFS for p in (False, True)):
+                request = xpb.SubmitOrderRequest(**{
+                    **GOOD, "client_order_id": f"f{k}", "order_type": otype,
+                    "time_in_force": tif, "post_only": post_only,
+                    "price": 0 if ORDER_TYPES[otype] == OrderType.MARKET else 50000})
+                valid = (ESide.BUY, ORDER_TYPES[otype], TIFS[tif], STP.NONE,
+                         post_only) in _NEW_FLAGS
+                if valid:
+                    assert (await x.stub.SubmitOrder(request)).input_position > 0, request
+                    appended += 1
+                    continue
+                err = await refused(x.stub.SubmitOrder(request))
+                assert err.code() == INV and (err.details() or "").startswith(
+                    ("time_in_force: ", "post_only: ")), (request, err.details())
+            assert 0 < appended < 16
+            assert len(await x.inputs("g1")) == x.init_counts["g1"] + appended
     run(body)
 
 
@@ -509,6 +552,31 @@ def test_an_undecodable_output_event_counts_no_unknown_kind() -> None:
     assert feed.unknown_outputs == {250: 1} and group.last_input == 6
 
 
+def test_an_execution_stream_is_offered_only_batches_after_its_position() -> None:
+    """A stream attached to a feed that is behind it (a gateway replaying the log after
+    it started) is offered only the batches after its position: the replay of those
+    before it would fill its queue (the default holds 1,024) and cut it off as a slow
+    consumer."""
+    from engine import events as ev
+    feed = OutputFeed(parse(tomllib.loads(EXCHANGE)), None,  # type: ignore[arg-type]
+                      GatewayLimits(stream_queue=2))
+    group = feed.groups["g1"]
+    outlet = feed.open_outlet()
+    outlet.after = 104
+    feed.exec_outlets["alice"] = {outlet}
+    for position in range(1, 7):  # one Accepted of alice per input, at 100 + input
+        raw = (ev.ACCEPTED, "BTC-USD", position, "alice", f"c{position}", ESide.BUY,
+               OrderType.LIMIT, ETif.GTC, 50000, 1, 1)
+        data = wire.OutputBatch(position, position, bytes(32),
+                                (wire.outputs_blob(position, [raw]),)).encode()
+        feed.on_output_event(pb.RecordedEvent(stream=group.stream, position=100 + position,
+                                              data=data))
+    got = []
+    while not outlet.queue.empty():
+        got.append(outlet.queue.get_nowait().position)  # type: ignore[attr-defined]
+    assert got == [105, 106] and not outlet.overflowed
+
+
 def test_wait_times_out_without_an_engine_and_late_outputs_are_found(tmp_path: Path) -> None:
     async def body() -> None:
         async with exchange(tmp_path, GatewayLimits(recent_inputs=2)) as x:
@@ -686,6 +754,113 @@ def test_waiters_and_streams_are_bounded(tmp_path: Path) -> None:
             one.cancel()
             await wait_until(lambda: service.feed.outlets == 0, T, "the stream closed")
     run(body)
+
+
+# The default tiers, but with StreamExecutions in tier 0 (never shed): a started gateway
+# serves it at once, while its feed still replays the log (with the default tiers it is
+# admitted only after the order-entry tier settles, which a small log's replay beats; a
+# gateway lagging under load shows the same window).
+EXECUTIONS_FIRST = tiers_mod.loads("""
+[[tier]]
+name = "ledger"
+services = ["leader", "replication", "append", "gateway.cancel"]
+[[tier]]
+name = "matching"
+services = ["engine"]
+[[tier]]
+name = "order-entry"
+services = ["gateway.submit"]
+[[tier]]
+name = "market-data"
+services = ["subscribe", "book"]
+[[tier]]
+name = "analytics"
+services = ["read-all", "history", "trace-export"]
+""")
+
+
+def _sell(cid: str, price: int = 50000) -> object:
+    # alice's IOC sells against an empty bid side: ACCEPTED + CANCELLED, both hers.
+    return wire.command_event("g1", cm.NewOrder(0, "BTC-USD", "alice", cid, ESide.SELL, 1,
+                                                price, OrderType.LIMIT, ETif.IOC, False,
+                                                STP.NONE), cid)
+
+
+@pytest.mark.parametrize("stream_queue", [100_000, GatewayLimits().stream_queue])
+def test_a_resume_past_a_lagging_gateways_feed_loses_no_execution(
+        tmp_path: Path, stream_queue: int) -> None:
+    """A client resumes StreamExecutions with the position of the last batch it saw,
+    e.g. from another gateway, or from this one before it restarted. When this gateway's
+    output feed was still behind that position, the handler asked the store where its log
+    ends (_check_reachable: an await) and only then attached to the feed: every output
+    event the feed dispatched meanwhile, past the client's position, was never sent to it
+    (a gap in its executions, with no error: found by helper-80's review). And once
+    attached, the feed's replay of the account's earlier batches filled the stream's
+    queue (with the default queue, more than 1,024 of them cut it off as too slow)."""
+    n_events = 1500  # output events of alice in the log: the fresh gateway replays them
+    n_streams = 40
+    rounds = 5
+
+    async def body() -> None:
+        async with exchange(tmp_path) as x:
+            await x.step()
+            for k in range(0, n_events, 250):
+                await x.client.append(wire.input_stream("g1"),
+                                      [_sell(f"s{i}") for i in range(k, k + 250)])
+                await x.drivers["g1"].step(split=True)  # one output event per input
+            gaps: list[tuple[int, int, int]] = []
+            for attempt in range(rounds):  # the window is short: a few fresh gateways
+                gaps = await resume_on_a_fresh_gateway(x, f"marker{attempt}")
+                if gaps:
+                    break
+            assert not gaps, (
+                f"{len(gaps)} of {n_streams} resumed streams skipped output events "
+                f"(after_position, expected first, got first): {gaps[:5]}")
+
+    async def resume_on_a_fresh_gateway(x: Exchange, marker: str
+                                        ) -> list[tuple[int, int, int]]:
+        outputs = await x.client.read(wire.output_stream("g1"), limit=100_000)
+        truth = [e.position for e in outputs]  # each holds alice's reports
+        # A fresh gateway (a restart, or another gateway the client fails over to): its
+        # feed replays the output log from the start.
+        second = GatewayServer(x.config, x.store.address, "127.0.0.1:0",
+                               GatewayLimits(stream_queue=stream_queue),
+                               tiers_spec=EXECUTIONS_FIRST)
+        await second.start()
+        try:
+            async with grpc.aio.insecure_channel(second.address) as channel:
+                stub = xpb_grpc.OrderGatewayStub(channel)
+                # Clients resume at positions spread over the log as the gateway starts
+                # (their previous gateway went away).
+                picks = [truth[len(truth) * (j + 1) // (n_streams + 2)]
+                         for j in range(n_streams)]
+                calls = [stub.StreamExecutions(xpb.StreamExecutionsRequest(
+                    account="alice", after_position=p)) for p in picks]
+
+                async def first_after(call: Any) -> int:
+                    msg = await asyncio.wait_for(call.read(), T)
+                    assert msg is not grpc.aio.EOF
+                    return int(msg.position)
+
+                try:
+                    reads = asyncio.gather(*(first_after(c) for c in calls))
+                    # Then one more output event: a stream that lost the ones after its
+                    # position gets this one first, instead of waiting for good.
+                    feed = second.service.feed
+                    await wait_until(lambda: feed.position >= truth[-1]
+                                     and feed.outlets == n_streams, T, "streams open")
+                    await x.client.append(wire.input_stream("g1"), [_sell(marker)])
+                    await x.drivers["g1"].step()
+                    got = await reads
+                finally:
+                    for c in calls:
+                        c.cancel()
+                want = [truth[truth.index(p) + 1] for p in picks]
+                return [(p, w, g) for p, w, g in zip(picks, want, got, strict=True) if g != w]
+        finally:
+            await second.stop(grace_s=0.5)
+
+    run(body, timeout_s=120)
 
 
 def test_a_catch_up_holds_a_stream_slot_and_bad_resumes_are_refused_clearly(
