@@ -309,13 +309,34 @@ def _out_of_protocol(resp: pb.AppendStreamResponse,
     return ""
 
 
-def _bad_request(stream: object, expected: object, expected_revision: object) -> str:
+def _bad_request(stream: object, expected: object, expected_revision: object,
+                 events: list[Any]) -> str:
+    """Why an append cannot even be built into a message ("" if it can): refused by the
+    client, alone (in a message with others' appends it would fail them all)."""
     if type(stream) is not str:
         return f"stream: a str, not {type(stream).__name__}"
-    if type(expected) is not int:
-        return f"expected: an ExpectedKind (int), not {type(expected).__name__}"
-    return (f"expected_revision: {expected_revision!r} is not a revision (an int in "
-            f"0..2^64-1)")
+    if not stream.isascii():
+        try:
+            stream.encode()
+        except UnicodeEncodeError as exc:
+            return f"stream: not encodable as UTF-8 ({exc.reason} at {exc.start})"
+    if type(expected) is not int or not -(1 << 31) <= expected < 1 << 31:
+        return f"expected: an ExpectedKind (an int32), not {expected!r}"
+    if type(expected_revision) is not int or not 0 <= expected_revision < 1 << 64:
+        return (f"expected_revision: {expected_revision!r} is not a revision (an int in "
+                f"0..2^64-1)")
+    for i, e in enumerate(events):
+        if type(e) is not _ProposedEvent:
+            return f"events[{i}]: a ProposedEvent, not {type(e).__name__}"
+    return ""
+
+
+def _refused_now(loop: asyncio.AbstractEventLoop, why: str) -> asyncio.Future[Any]:
+    """The future of an append refused by the client, alone and at once, with the
+    INVALID_ARGUMENT the node would answer: it appended nothing."""
+    fut = loop.create_future()
+    fut.set_exception(AppendError(grpc.StatusCode.INVALID_ARGUMENT, why))
+    return fut
 
 
 def _new_ids(ids: list[set[bytes] | None], k: int, first: _Pending, p: _Pending) -> bool:
@@ -535,23 +556,32 @@ class StoreClient:
         elif not isinstance(events, list):
             events = list(events)
         loop = asyncio.get_running_loop()
-        if (type(stream) is not str or type(expected) is not int
-                or type(expected_revision) is not int or not 0 <= expected_revision < 1 << 64):
-            # Refused here, alone: in a message with others' appends it could not even be
-            # built, and would fail them all.
-            fut = loop.create_future()
-            fut.set_exception(AppendError(grpc.StatusCode.INVALID_ARGUMENT, _bad_request(
-                stream, expected, expected_revision)))
-            return fut
+        n = len(events)
+        if (type(stream) is not str or not stream.isascii() or type(expected) is not int
+                or type(expected_revision) is not int or not 0 <= expected_revision < 1 << 64
+                or not -(1 << 31) <= expected < 1 << 31
+                or (type(events[0]) is not _ProposedEvent if n == 1 else
+                    any(type(e) is not _ProposedEvent for e in events))):
+            why = _bad_request(stream, expected, expected_revision, events)
+            if why:
+                return _refused_now(loop, why)
         if self._closed:
             raise AppendError(grpc.StatusCode.CANCELLED, "client closed")
-        n = len(events)
         future = loop.create_future()
         pending = _Pending(stream, events, expected, expected_revision, future,
                            loop.time() + (self.timeout_s if timeout_s is None else timeout_s),
                            telemetry.current_span_context(), n,
                            events[0].ByteSize() if n == 1 else
                            sum([e.ByteSize() for e in events]))
+        most_events, most_bytes = self._merge_limits
+        if n > most_events or pending.size > most_bytes:
+            # Over the node's limits (its own once known), as the node would refuse it:
+            # sent, it would not even fit in a gRPC message (max_message_bytes), and
+            # gRPC would fail the whole call, and every append in flight on it.
+            return _refused_now(loop, f"events: {n} events exceeds max_append_events "
+                                      f"({most_events})" if n > most_events else
+                                f"events: {pending.size} bytes in all exceeds "
+                                f"max_append_bytes ({most_bytes})")
         # Queued for the next message (no method call per append: this is the producer's
         # hot path).
         queue = self._pending
@@ -1282,13 +1312,16 @@ class StoreClient:
                                               from_end=from_end and first,
                                               stream_prefix=stream_prefix,
                                               event_types=event_types)
-                first = False
                 metadata = telemetry.with_trace_context(self.metadata)
                 call = (channel.unary_stream(_SUBSCRIBE, _SUBSCRIBE_REQUEST)(
                     request, metadata=metadata) if raw else
                     pb_grpc.EventStoreStub(channel).Subscribe(request, metadata=metadata))
                 try:
                     async for msg in call:
+                        # From here on a resume starts after `position`: a call that
+                        # failed before its first answer said nothing of where the end
+                        # is (from_end asks again).
+                        first = False
                         if raw:
                             span = batch_span(msg)
                             if span is not None:

@@ -17,8 +17,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from geo.proxy import Link
 from store import client as client_module
-from store.client import ANY, EXACT, SETTLE_SLICE, AppendError, StoreClient, new_event
+from store.client import ANY, EXACT, SETTLE_SLICE, AppendError, CaughtUp, StoreClient, new_event
 from store.limits import Limits
 from tests.support.store import refusing_port, run, running_store, streams_opened, wait_until
 from xdc.v1 import eventstore_pb2 as pb
@@ -496,3 +497,43 @@ def test_an_append_cut_off_in_flight_stays_in_doubt_though_its_node_then_refuses
 
     with ServeProcess(str(tmp_path)) as node:
         run(lambda: body(node))
+
+
+def test_from_end_subscription_started_while_the_node_is_unreachable_starts_at_the_end(
+        tmp_path: Path) -> None:
+    """subscribe(from_end=True) whose first call fails (node briefly unreachable: a
+    restart, a failover) resumed with from_end=False and after_position=0: it replayed
+    the whole log instead of starting at the end (`first` was cleared before the first
+    call had answered anything; found by helper-82's review)."""
+    async def body() -> None:
+        async with running_store(tmp_path) as (node, c):
+            for i in range(5):
+                await c.append("s", new_event("T", str(i).encode()))
+            async with Link("sub", node.address) as link, StoreClient(link.address) as via:
+                link.partition("reset")
+                items: list[object] = []
+
+                async def follow() -> None:
+                    async for item in via.subscribe(from_end=True):
+                        items.append(item)
+
+                task = asyncio.create_task(follow())
+                try:
+                    # The first Subscribe call reached the proxy and was reset.
+                    await wait_until(lambda: link.stats["refused"] >= 1,
+                                     what="a refused connection")
+                    link.heal()
+                    await wait_until(lambda: any(isinstance(i, CaughtUp) for i in items)
+                                     or task.done(), what="caught up")
+                    await c.append("s", new_event("T", str(5).encode()))
+                    await wait_until(lambda: any(getattr(i, "position", 0) == 6
+                                                 for i in items if isinstance(
+                                                     i, pb.RecordedEvent)) or task.done(),
+                                     what="the live event")
+                    events = [i.position for i in items if isinstance(i, pb.RecordedEvent)]
+                    assert events == [6], f"from_end delivered history: {events}"
+                finally:
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task  # its channel closed
+    run(body)

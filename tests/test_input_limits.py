@@ -15,7 +15,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from geo.transport import MAX_SWITCHOVER_MS
-from store.client import StoreClient, channel_options, new_event
+from store.client import AppendError, StoreClient, channel_options, new_event
 from store.errors import MD_RETRY_AFTER_MS
 from store.limits import Limits
 from store.node import StoreNode
@@ -351,4 +351,101 @@ def test_read_and_subscribe_steps_hold_at_most_max_batch_bytes(tmp_path: Path) -
                     break  # caught up
             assert seen == events
             assert len(steps) > 1 and max(steps) < bound, steps
+    run(body)
+
+
+def _too_big_for_one_message() -> list[pb.ProposedEvent]:
+    """22 events of 1 MB: each within max_event_bytes (1 MiB), together over the gRPC
+    message ceiling (max_append_bytes + 4 MiB = 20 MiB)."""
+    return [new_event("T", bytes(1_000_000)) for _ in range(22)]
+
+
+def test_an_append_over_the_message_ceiling_does_not_fail_written_appends_as_refused(
+        tmp_path: Path) -> None:
+    """An append the client could not send (over the gRPC message ceiling) failed the
+    whole AppendStream call locally with INTERNAL, and every append in flight on that
+    call was answered INTERNAL too: a definitive-looking refusal (not DEADLINE_EXCEEDED
+    "outcome unknown"), although the node had it queued and wrote it; a caller trusting
+    the refusal and appending again with new ids made a second copy (helper-82). The
+    client now refuses such an append alone, before it is queued."""
+
+    async def body() -> None:
+        async with running_store(tmp_path, timeout_s=10, attempt_timeout_s=8) as (server, c):
+            await c.append("warm", new_event("T", b"0"))
+            hold = hold_writer(server.node)
+            other = StoreClient(server.address)
+            try:
+                # The group the writer holds:
+                blocker = other.append_nowait("b", new_event("T", b"1"))
+                await wait_until(hold.held.is_set, what="the writer held")
+                small = c.append_nowait("s", new_event("T", b"2"))
+                await wait_until(lambda: server.node.writer.pending_events >= 1,
+                                 what="the small append queued on the node")
+                big = c.append_nowait("big", _too_big_for_one_message())
+                with pytest.raises(AppendError) as refused:
+                    await big
+                assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            finally:
+                hold.gate.set()
+            await blocker
+            await other.close()
+            # The append in flight beside it is answered as written, once.
+            answer = await small
+            streams = [e.stream for e in await c.read("$all")]
+            assert "big" not in streams and streams.count("s") == 1, streams
+            assert [e.position for e in await c.read("s")] == [answer.first_position]
+    run(body)
+
+
+def test_an_append_over_the_message_ceiling_is_refused_naming_the_limit(
+        tmp_path: Path) -> None:
+    """Bad input gets INVALID_ARGUMENT naming the field and the limit (README's limits
+    table): an append of 22 MB (events of 1 MB each) got INTERNAL "Internal error from
+    Core", or, alone, was retried to DEADLINE_EXCEEDED "outcome unknown"."""
+    async def body() -> None:
+        async with running_store(tmp_path, timeout_s=3) as (_, c):
+            try:
+                await c.append("big", _too_big_for_one_message())
+            except Exception as exc:
+                err = exc
+            else:
+                raise AssertionError("a 22 MB append was accepted")
+            assert err.code.name == "INVALID_ARGUMENT", repr(err)
+            assert "max_append_bytes" in str(err), repr(err)
+    run(body)
+
+
+def _poison(kind: str, recorded: pb.RecordedEvent) -> tuple[str, list, int]:
+    if kind == "expected_kind_out_of_enum_range":
+        return "s", [new_event("T", b"1")], 1 << 40       # an int, but no int32 enum value
+    if kind == "stream_not_utf8_encodable":
+        return "s\ud800", [new_event("T", b"1")], 0        # a str, with a lone surrogate
+    return "copy", [recorded], 0            # events read back (RecordedEvent), re-appended
+
+
+@pytest.mark.parametrize("kind", ["expected_kind_out_of_enum_range",
+                                  "stream_not_utf8_encodable", "recorded_events"])
+def test_an_append_the_client_cannot_build_fails_alone_and_at_once(tmp_path: Path,
+                                                                   kind: str) -> None:
+    """README: "An append the client cannot put in a message ... fails alone with
+    INVALID_ARGUMENT naming the field". append_nowait checked only the types; building
+    the message (_coalesce, in the sender) raised ValueError/TypeError for these, the
+    sender took that for a failed write and re-queued the batch first in line, for good:
+    the bad append and every append batched with it hung until their timeout and failed
+    with DEADLINE_EXCEEDED "outcome unknown", the good one never sent (helper-82)."""
+    async def body() -> None:
+        async with running_store(tmp_path, timeout_s=3) as (_, c):
+            await c.append("warm", new_event("T", b"0"))
+            recorded = (await c.read("warm"))[0]
+            stream, events, expected = _poison(kind, recorded)
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            bad = c.append_nowait(stream, events, expected)
+            good = c.append_nowait("good", new_event("T", b"2"))
+            bad_result, good_result = await asyncio.gather(bad, good, return_exceptions=True)
+            assert not isinstance(good_result, Exception), (
+                f"a valid append batched with a bad one failed: {good_result!r}")
+            assert isinstance(bad_result, AppendError), bad_result
+            assert bad_result.code == grpc.StatusCode.INVALID_ARGUMENT, bad_result
+            assert loop.time() - t0 < 1.0
     run(body)
