@@ -174,7 +174,19 @@ def snapshot_bytes(eng: Engine) -> bytes:
 
 
 def restore(data: bytes) -> Engine:
-    """Rebuild an engine from ``snapshot_bytes`` output."""
+    """Rebuild an engine from ``snapshot_bytes`` output. Bytes it cannot rebuild an
+    engine from raise CodecError, whatever they trip over (an index past the accounts,
+    a tick of 0): a bad snapshot costs its reader a replay, never its start."""
+    try:
+        return _restore(data)
+    except CodecError:
+        raise
+    except Exception as exc:
+        raise CodecError(f"not a snapshot this engine restores: {type(exc).__name__}: "
+                         f"{exc}") from None
+
+
+def _restore(data: bytes) -> Engine:
     r = _Reader(data)
     if bytes(r.buf[:4]) != MAGIC:
         raise CodecError("not an engine snapshot")

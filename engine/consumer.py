@@ -234,6 +234,11 @@ class Consumer:
         """The consumer restored from a snapshot taken after input ``position``;
         ``in_force``: what the snapshot says of its output version (Capture.in_force),
         which must be the restored engine's to be believed."""
+        # The state hash is that of the canonical bytes: bytes that are not the ones
+        # hashed are not restored at all.
+        if expected_hash is not None and hashlib.sha256(data).digest() != expected_hash:
+            raise CodecError(f"snapshot at input {position}: its bytes do not have its "
+                             f"state hash")
         engine = restore(data)
         if expected_hash is not None and state_hash(engine) != expected_hash:
             raise CodecError(f"snapshot at input {position}: state hash mismatch after restore")
@@ -613,7 +618,10 @@ class Consumer:
         None while one is in flight, while resyncing, or with nothing to emit. The
         batches (at most MAX_APPEND_BATCHES, consecutive) are one event each, appended
         together."""
-        if self.alarm or self.inflight is not None or self.out_revision < self.resync_to:
+        if (self.alarm or self.inflight is not None or self.out_revision < self.resync_to
+                or self.committed_input < self.promotable_after):
+            # (The last: the outputs of a shed backlog were never computed here; emitting
+            # what follows them would leave a gap.)
             return None
         batches = self._next_batches(self.append_batches)
         if not batches:

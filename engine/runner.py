@@ -213,6 +213,9 @@ class EngineRunner:
         self.output_stream = wire.output_stream(config.group)
         self.primary = False
         self.caught_up = False
+        # (committed input, inputs processed) when outputs were last seen committed, or
+        # when it caught up or was promoted: the pending limit counts inputs since.
+        self._progress = (0, 0)
         self.snapshot_position = 0
         self.store_position = 0
         # Every input committed up to here has been delivered and processed (events,
@@ -428,8 +431,9 @@ class EngineRunner:
                 self.config.group, data, int(md["input_position"]), bytes.fromhex(md["chain"]),
                 int(md["output_revision"]), bytes.fromhex(md["state_hash"]),
                 self.config.output_versions, wire.snapshot_in_force(md))
-        except (AssertionError, CodecError, ValueError, KeyError, zlib.error) as exc:
-            # A bad snapshot costs a full replay, never a wrong state.
+        except Exception as exc:
+            # A bad snapshot costs a full replay, never a wrong state (nor the start:
+            # every restart of every instance would meet the same snapshot).
             log.error("snapshot at revision %d unusable (%s): replaying the whole log",
                       tail[0].revision, exc)
             self.consumer = Consumer(self.config.group,
@@ -586,6 +590,9 @@ class EngineRunner:
             c = self.consumer
             if isinstance(item, CaughtUp):
                 self.caught_up = True
+                # The backlog caught up with is what a primary has to emit: the limit
+                # counts from here (_after_batch).
+                self._progress = (c.committed_input, c.inputs)
                 self._delivered(item.position)
                 self._wake.set()
                 continue
@@ -648,7 +655,13 @@ class EngineRunner:
             # Its state disagrees with the committed outputs: let an instance that
             # agrees take over (held, the lease barred every other one for good).
             await self.lease.release()
-        if c.backlog > self.config.max_pending_inputs:
+        if c.committed_input != self._progress[0]:
+            self._progress = (c.committed_input, c.inputs)
+        if (c.backlog > self.config.max_pending_inputs
+                and c.inputs - self._progress[1] > self.config.max_pending_inputs):
+            # Over the limit, and no output committed for that many inputs: not a backlog
+            # being emitted (an instance caught up with one after an outage, promoted
+            # on one, drains it one append at a time), but emission that stopped.
             if self.primary:
                 # Its appends have failed for that long (a store refusing them, outputs
                 # no event it accepts can hold): stop before memory runs out. A restart
@@ -978,8 +991,17 @@ class EngineRunner:
     async def _promote(self) -> None:
         await self._fit_store()
         c = self.consumer
+        # Read again after the wait: inputs delivered meanwhile may have changed it (a
+        # backlog shed, an alarm).
+        why = self._campaign_gate()
+        if why:
+            log.warning("instance %s of %s: not primary after all (%s): lease released",
+                        self.config.instance, self.config.group, why)
+            await self.lease.release()
+            return
         c.release_hold()
         c.rewind_emission()
+        self._progress = (c.committed_input, c.inputs)
         self.primary = True
         log.info("instance %s is primary of %s from input %d (outputs committed through %d)",
                  self.config.instance, self.config.group, c.position, c.committed_input)

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,12 +22,15 @@ import grpc
 import pytest
 
 from engine import wire
-from engine.codec import encode_event
+from engine.book import Engine
+from engine.codec import encode_event, snapshot_bytes
+from engine.commands import AddSymbol, Deposit, NewOrder
+from engine.constants import Side
 from engine.consumer import Consumer
 from engine.runner import status_or_none
 from engine.workload import outputs_through
 from geo.etcd_server import free_ports
-from store.client import EXACT, StoreClient
+from store.client import EXACT, StoreClient, new_event
 from store.process import ServeProcess
 from tests.support.exchange import (
     GROUP,
@@ -686,8 +692,6 @@ def test_a_primary_that_cannot_emit_stops_at_its_pending_limit_and_a_restart_res
     inputs keep coming. Past --max-pending-inputs it exits non-zero, naming the limit and
     the cause, instead of holding outputs and snapshot captures without bound. Once the
     store accepts larger events, a restart replays and emits every output exactly once."""
-    from engine.commands import AddSymbol, Deposit, NewOrder
-    from engine.constants import Side
     from engine.workload import command_events
     sym, maker, taker = "BIG", "m" * 40, "t" * 40
     makers = 120
@@ -737,8 +741,6 @@ def test_a_snapshot_with_a_malformed_chunk_header_costs_a_replay(
     would refuse to read, or none at all): the engine replays the whole log and emits
     every output, instead of dying on it at every start (before, the header was parsed
     and the chunks read outside the check: a crash loop)."""
-    from store.client import new_event
-
     events = workload(seed=24, n=300)
     with _store(tmp_path) as (store, engines):
         async def body() -> None:
@@ -955,3 +957,160 @@ def test_an_etcd_lease_the_engine_cannot_reach_is_reported(tmp_path: Path) -> No
         logged = log_file.read_text()
         assert "instance a of sim cannot campaign for the group's lease: etcd " \
                f"{etcd}: " in logged, logged
+
+
+# ---- a bad snapshot costs a replay, never the instance ---------------------------------------
+
+def _bad_snapshot_data(kind: str) -> bytes:
+    """Bytes in the snapshot layout whose restore raises something other than a
+    CodecError/ValueError/KeyError/AssertionError (what the runner's fallback catches)."""
+    eng = Engine()
+    out: list[tuple] = []
+    for cmd in (AddSymbol(0, "S", "B", "Q", 1, 1, 10_000, 100),
+                Deposit(0, "acct", "B", 10)):
+        eng.process(cmd, out)
+    eng.process(NewOrder(0, "S", "acct", "x", Side.SELL, 1, 100), out)
+    if kind == "tick-0":
+        # The book's tick is 0: Book.set_ref divides by it (ZeroDivisionError).
+        eng.books["S"].tick = 0
+        return snapshot_bytes(eng)
+    data = snapshot_bytes(eng)
+    # The only resting order is the last record: struct "<qqqBBBI" (account index last)
+    # and its client order id "x" (length byte + 1). An account index past the accounts:
+    # IndexError in restore.
+    assert data.endswith(b"\x01x")
+    return data[:-6] + struct.pack("<I", 7) + data[-2:]
+
+
+@pytest.mark.parametrize("kind", ["tick-0", "account-index"])
+def test_a_snapshot_whose_restore_raises_costs_a_replay_not_the_instance(
+        tmp_path: Path, kind: str) -> None:
+    """Promise: restart = latest snapshot + replay; a bad snapshot costs a replay, never
+    a wrong state. The runner fell back to a full replay only for AssertionError,
+    CodecError, ValueError, KeyError and zlib.error, and engine.codec.restore raised
+    IndexError (an order's account index past the accounts) or ZeroDivisionError (a book
+    whose tick is 0) on such bytes, before the state hash was compared: the start failed,
+    and every restart of every instance of the group met the same latest snapshot (the
+    group stopped matching for good; helper-83's review). The state hash in the metadata
+    is that of these bytes: only restore's checks stand between them and the engine."""
+    data = _bad_snapshot_data(kind)
+    events = workload(seed=24, n=200)
+    with _store(tmp_path) as (store, engines):
+        async def body() -> None:
+            async with StoreClient(store.address) as client:
+                md = {"input_position": "3", "output_revision": "0", "chain": "00" * 32,
+                      "state_hash": hashlib.sha256(data).hexdigest(), "chunk": "0/1",
+                      "engine_version": "1.1.0"}
+                await client.append(wire.snapshot_stream(GROUP), [new_event(
+                    wire.SNAPSHOT_TYPE, zlib.compress(data), metadata=md)])
+                last = await _backlog(client, events, 50)
+                engines.append(start_engine(store.address, "a", lease_dir(tmp_path),
+                                            snapshot_every=0))
+                proc = engines[-1].proc
+                assert proc is not None
+
+                async def done() -> bool:
+                    assert proc.poll() is None, (
+                        f"the engine exited ({proc.returncode}) on the bad snapshot instead "
+                        "of replaying the log")
+                    return await outputs_through(client, GROUP) >= last
+                await wait_until(done, 60)
+                await check_exactly_once(client)
+                s = await status_or_none(engines[0].address)
+                assert s is not None and s.role == "primary" and not s.alarm
+                assert s.snapshot_position == 0  # the snapshot was not used
+        run(body, timeout_s=90)
+
+
+# ---- a backlog over the pending limit, with inputs still arriving -----------------------------
+
+def test_a_primary_started_on_a_backlog_over_its_pending_limit_emits_it_under_live_load(
+        tmp_path: Path) -> None:
+    """Promise: every order input gets exactly one outcome (no gap). An instance started
+    on more uncommitted inputs than --max-pending-inputs (after an outage) caught up and
+    took the lease; _promote awaited _fit_store (a NodeInfo round trip) before it set
+    primary, and an input delivered meanwhile found the instance warm, caught up and over
+    the limit: it shed the backlog. _promote made it primary anyway, and its first append
+    landed the live inputs' outputs at revision 1: the backlog's outputs were never
+    emitted (~60 of ~2560 output blobs; helper-83's review). Now the limit counts inputs
+    since outputs were last seen committed (or since it caught up, or was promoted), the
+    promotion reads the campaign gate again after its wait, and a consumer never emits
+    past inputs whose outputs it shed."""
+    events = workload(seed=31, n=5000)
+    backlog = 2500
+    limit = 150
+    # Small output events: the backlog takes many appends to drain.
+    with _store(tmp_path, "--max-event-bytes", "4096") as (store, engines):
+        async def body() -> None:
+            async with StoreClient(store.address) as client:
+                await _backlog(client, events[:backlog], 100)
+                stop = asyncio.Event()
+                stream = wire.input_stream(GROUP)
+                sent = backlog
+
+                async def live() -> None:
+                    # Orders keep coming, one every ~10 ms (a quiet market).
+                    nonlocal sent
+                    while not stop.is_set() and sent < len(events):
+                        await client.append(stream, [events[sent]])
+                        sent += 1
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stop.wait(), 0.01)
+                loader = asyncio.create_task(live())
+                try:
+                    engines.append(start_engine(
+                        store.address, "a", lease_dir(tmp_path), snapshot_every=0,
+                        extra=("--max-pending-inputs", str(limit))))
+                    proc = engines[-1].proc
+                    assert proc is not None
+
+                    async def drained() -> bool:
+                        assert proc.poll() is None, (
+                            f"the engine exited ({proc.returncode}): EmissionStalled on a "
+                            "backlog it was emitting")
+                        return await outputs_through(client, GROUP) > backlog
+                    await wait_until(drained, 60, "the backlog's outputs committed")
+                finally:
+                    stop.set()
+                    await loader
+                last = (await client.stream_info(stream)).last_position
+
+                async def done() -> bool:
+                    assert proc.poll() is None, f"the engine exited ({proc.returncode})"
+                    return await outputs_through(client, GROUP) >= last
+                await wait_until(done, 60, "every output committed")
+                await check_exactly_once(client)
+        run(body, timeout_s=150)
+
+
+def test_a_primary_draining_a_backlog_over_its_pending_limit_does_not_stop(
+        tmp_path: Path) -> None:
+    """EmissionStalled says "A primary's outputs have not been committed for
+    max_pending_inputs inputs", and a restart after one "emits as soon as the cause is
+    gone". A primary promoted on a backlog over --max-pending-inputs (a restart after an
+    outage, or after an EmissionStalled exit) that takes more than one append to drain
+    (here: small store events; by default any backlog over 200k inputs, one append
+    carrying at most 8 x 4096) stopped with EmissionStalled when its first append's
+    outputs came back, though every append landed and no input came: a crash loop at
+    every restart (helper-83's review)."""
+    events = workload(seed=32, n=8000)
+    limit = 2000
+    with _store(tmp_path, "--max-event-bytes", "4096") as (store, engines):
+        async def body() -> None:
+            async with StoreClient(store.address) as client:
+                last = await _backlog(client, events, 200)
+                engines.append(start_engine(
+                    store.address, "a", lease_dir(tmp_path), snapshot_every=0,
+                    extra=("--max-pending-inputs", str(limit))))
+                proc = engines[-1].proc
+                assert proc is not None
+
+                async def done() -> bool:
+                    assert proc.poll() is None, (
+                        f"the engine exited ({proc.returncode}) while emitting its backlog, "
+                        f"outputs committed through input {await outputs_through(client, GROUP)}"
+                        f" of {last}")
+                    return await outputs_through(client, GROUP) >= last
+                await wait_until(done, 60, "every output committed")
+                await check_exactly_once(client)
+        run(body, timeout_s=150)
