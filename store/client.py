@@ -1163,8 +1163,13 @@ class StoreClient:
         md: dict[str, Any] = {}
         if isinstance(error, grpc.aio.AioRpcError):
             md = dict(error.trailing_metadata() or ())
+            # What the node refuses of a whole call (a message over its limits) ran none
+            # of what is in flight; an error the call met (UNKNOWN: the handler failed;
+            # INTERNAL: gRPC did) may come after appends were written: those are in
+            # doubt, sent again with the same ids, as after a broken stream.
             if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
-                                    grpc.StatusCode.RESOURCE_EXHAUSTED):
+                                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
                 for p in inflight:
                     if not p.future.done():
                         p.future.set_exception(AppendError(error.code(), error.details() or ""))

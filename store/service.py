@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from operator import attrgetter
@@ -47,6 +48,11 @@ CHECKPOINT_EVERY = 10_000
 # the messages of such a subscriber and added ~1 ms to the latency it saw at 500
 # commits/s. The first after a quiet spell goes out at once.
 CHECKPOINT_INTERVAL_S = 0.05
+# Test failpoint, 0 (off) unless the environment sets it: the AppendStream calls of this
+# many messages fail (UNKNOWN, an unexpected error of the handler) once their appends are
+# durable, before they are answered: the client cannot tell whether they were written
+# (tests/test_client_recovery.py). Read once, at import.
+_FAIL_AFTER_COMMIT = [int(os.environ.get("XDC_FAILPOINT_APPEND_FAIL_AFTER_COMMIT", "0"))]
 
 # Span attributes of Read and Subscribe (the rpc.* ones and the stream,
 # messaging.destination.name, are the shared ones of xdc/telemetry.py).
@@ -360,6 +366,9 @@ class EventStoreService:
                     results = await self.node.append(appends)
             except StoreError as err:
                 results = [err] * len(prepared)
+            if _FAIL_AFTER_COMMIT[0]:
+                _FAIL_AFTER_COMMIT[0] -= 1
+                raise RuntimeError("failpoint XDC_FAILPOINT_APPEND_FAIL_AFTER_COMMIT")
             for (i, _), result in zip(prepared, results, strict=True):
                 if isinstance(result, StoreError):
                     refused += 1

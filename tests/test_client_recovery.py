@@ -537,3 +537,26 @@ def test_from_end_subscription_started_while_the_node_is_unreachable_starts_at_t
                     with contextlib.suppress(BaseException):
                         await task  # its channel closed
     run(body)
+
+
+def test_an_append_whose_call_failed_after_it_was_written_is_answered_as_written(
+        tmp_path: Path) -> None:
+    """A node whose AppendStream handler fails (UNKNOWN) once the appends of a message are
+    durable, before it answers them (a failpoint): the client answered them with UNKNOWN,
+    a refusal, although they were written, and a caller retrying with new ids made a
+    second copy (helper-82's review). Such an error may come after a write: the appends
+    are in doubt and sent again with the same ids, which the node answers with the
+    original positions."""
+    from store.process import ServeProcess
+
+    node = ServeProcess(str(tmp_path / "node"),
+                        env={"XDC_FAILPOINT_APPEND_FAIL_AFTER_COMMIT": "1"}).start()
+    try:
+        async def body() -> None:
+            async with StoreClient(node.address, timeout_s=10) as c:
+                r = await c.append("s", new_event("T", b"once"))
+                assert r.duplicate and r.first_position == 1, r
+                assert [e.data for e in await c.read("s")] == [b"once"]
+        run(body)
+    finally:
+        node.stop()
