@@ -214,8 +214,10 @@ class EngineRunner:
         self.primary = False
         self.caught_up = False
         # (committed input, inputs processed) when outputs were last seen committed, or
-        # when it caught up or was promoted: the pending limit counts inputs since.
+        # when it caught up or was promoted; and the least backlog since it caught up or
+        # was promoted: the pending limit counts from these (_over_pending_limit).
         self._progress = (0, 0)
+        self._floor = 0
         self.snapshot_position = 0
         self.store_position = 0
         # Every input committed up to here has been delivered and processed (events,
@@ -591,8 +593,8 @@ class EngineRunner:
             if isinstance(item, CaughtUp):
                 self.caught_up = True
                 # The backlog caught up with is what a primary has to emit: the limit
-                # counts from here (_after_batch).
-                self._progress = (c.committed_input, c.inputs)
+                # counts from here.
+                self._mark_pending()
                 self._delivered(item.position)
                 self._wake.set()
                 continue
@@ -655,13 +657,7 @@ class EngineRunner:
             # Its state disagrees with the committed outputs: let an instance that
             # agrees take over (held, the lease barred every other one for good).
             await self.lease.release()
-        if c.committed_input != self._progress[0]:
-            self._progress = (c.committed_input, c.inputs)
-        if (c.backlog > self.config.max_pending_inputs
-                and c.inputs - self._progress[1] > self.config.max_pending_inputs):
-            # Over the limit, and no output committed for that many inputs: not a backlog
-            # being emitted (an instance caught up with one after an outage, promoted
-            # on one, drains it one append at a time), but emission that stopped.
+        if self._over_pending_limit():
             if self.primary:
                 # Its appends have failed for that long (a store refusing them, outputs
                 # no event it accepts can hold): stop before memory runs out. A restart
@@ -669,7 +665,8 @@ class EngineRunner:
                 # soon as the cause is gone; a warm instance may take over meanwhile.
                 raise EmissionStalled(
                     f"outputs of {c.backlog} inputs not committed (limit "
-                    f"{self.config.max_pending_inputs}): emission failed for too long"
+                    f"{self.config.max_pending_inputs}): emission failed, or fell behind "
+                    f"the inputs, for too long"
                     + (f" ({c.emit_blocked})" if c.emit_blocked else ""))
             if self.caught_up:
                 # No primary has emitted for a long time. Stop checking (memory bound)
@@ -683,6 +680,26 @@ class EngineRunner:
             self._emit()
         self._wake.set()
         return requested
+
+    def _mark_pending(self) -> None:
+        """Caught up or promoted: the backlog now is what this instance has to emit
+        (after an outage it may be far over the limit), and the limit counts from it."""
+        c = self.consumer
+        self._progress = (c.committed_input, c.inputs)
+        self._floor = c.backlog
+
+    def _over_pending_limit(self) -> bool:
+        """Whether outputs wait for their commit past RunnerConfig.max_pending_inputs:
+        over it, and either no output seen committed for that many inputs (emission
+        stopped), or the backlog that much above its least since catching up or
+        promotion (emission falls behind the inputs). A backlog caught up with, or one
+        promoted on, drained one append after another, is neither."""
+        c, limit = self.consumer, self.config.max_pending_inputs
+        if c.committed_input != self._progress[0]:
+            self._progress = (c.committed_input, c.inputs)
+        self._floor = min(self._floor, c.backlog)
+        return c.backlog > limit and (c.inputs - self._progress[1] > limit
+                                      or c.backlog - self._floor > limit)
 
     # ---------------------------------------------------------------- emission
 
@@ -1001,7 +1018,7 @@ class EngineRunner:
             return
         c.release_hold()
         c.rewind_emission()
-        self._progress = (c.committed_input, c.inputs)
+        self._mark_pending()
         self.primary = True
         log.info("instance %s is primary of %s from input %d (outputs committed through %d)",
                  self.config.instance, self.config.group, c.position, c.committed_input)

@@ -717,7 +717,8 @@ def test_a_primary_that_cannot_emit_stops_at_its_pending_limit_and_a_restart_res
             return await asyncio.to_thread(engines[0].proc.wait, 60)
         assert run(blocked, timeout_s=90) == 1
         err = capfd.readouterr().err
-        assert f"limit {limit}): emission failed for too long" in err
+        assert f"limit {limit}): emission failed, or fell behind the inputs, for too long" \
+            in err
         assert "max_event_bytes" in err  # the cause: what emit_blocked says
         assert store.stop() == 0
         store2 = ServeProcess(str(tmp_path / "store"), listen=store.address).start()
@@ -1114,3 +1115,47 @@ def test_a_primary_draining_a_backlog_over_its_pending_limit_does_not_stop(
                 await wait_until(done, 60, "every output committed")
                 await check_exactly_once(client)
         run(body, timeout_s=150)
+
+
+def test_a_primary_whose_emission_falls_behind_the_inputs_stops_at_its_pending_limit(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """The pending limit bounds memory also while appends land: a primary whose outputs
+    commit slower than orders come (here: two output batches of at most 4 KiB per
+    append, ~60 inputs' outputs, against orders appended as fast as the client
+    pipelines them) sees its backlog grow past the limit above the least
+    it had since its promotion, and stops, naming the limit, although it never stopped
+    emitting. (A limit counting only inputs since the last landed append would let the
+    backlog grow without bound; one counting the backlog alone stopped a primary that
+    drained a backlog it was promoted on.) A restart with the default limit then emits
+    every output exactly once."""
+    events = workload(seed=33, n=40_000)
+    limit = 2000
+    with _store(tmp_path, "--max-event-bytes", "4096", "--max-append-events", "2") as (
+            store, engines):
+        async def flood() -> int:
+            async with StoreClient(store.address) as client:
+                await _primary_on_backlog(client, store, engines, tmp_path, events[:100],
+                                          2, snapshot_every=0,
+                                          extra=("--max-pending-inputs", str(limit)))
+                proc = engines[0].proc
+                assert proc is not None
+                stream = wire.input_stream(GROUP)
+                for i in range(100, len(events), 2000):
+                    if proc.poll() is not None:
+                        break
+                    await asyncio.gather(*(client.append_nowait(stream, events[k:k + 2])
+                                           for k in range(i, min(i + 2000, len(events)), 2)))
+                return await asyncio.to_thread(proc.wait, 60)
+        assert run(flood, timeout_s=120) == 1
+        err = capfd.readouterr().err
+        assert f"(limit {limit}): emission failed, or fell behind the inputs" in err
+        engines.append(start_engine(store.address, "a", lease_dir(tmp_path),
+                                    snapshot_every=0))
+
+        async def resumed() -> None:
+            async with StoreClient(store.address) as client:
+                last = (await client.stream_info(wire.input_stream(GROUP))).last_position
+                await wait_outputs_through(client, last, 60)
+                await check_exactly_once(client)
+        run(resumed, timeout_s=90)
+
