@@ -350,6 +350,15 @@ async def _primary_on_backlog(client: StoreClient, store: ServeProcess,
     return last
 
 
+async def _every_output_once(address: str) -> None:
+    """Waits until the outputs of the last input are committed, then checks that every
+    output is committed exactly once."""
+    async with StoreClient(address) as client:
+        last = (await client.stream_info(wire.input_stream(GROUP))).last_position
+        await wait_outputs_through(client, last, 60)
+        await check_exactly_once(client)
+
+
 @contextlib.contextmanager
 def _store(tmp_path: Path, *args: str) -> Iterator[tuple[ServeProcess, list[ServeProcess]]]:
     """An `xdc serve` process (with ``args``) and a list for the engines a test starts:
@@ -726,13 +735,7 @@ def test_a_primary_that_cannot_emit_stops_at_its_pending_limit_and_a_restart_res
         engines.append(start_engine(store2.address, "a", lease_dir(tmp_path),
                                     snapshot_every=20,
                                     extra=("--max-pending-inputs", str(limit))))
-
-        async def resumed() -> None:
-            async with StoreClient(store2.address) as client:
-                last = (await client.stream_info(wire.input_stream(GROUP))).last_position
-                await wait_outputs_through(client, last, 60)
-                await check_exactly_once(client)
-        run(resumed, timeout_s=90)
+        run(lambda: _every_output_once(store2.address), timeout_s=90)
 
 
 @pytest.mark.parametrize("chunk", ["bad", "0/100000000", None])
@@ -1151,11 +1154,5 @@ def test_a_primary_whose_emission_falls_behind_the_inputs_stops_at_its_pending_l
         assert f"(limit {limit}): emission failed, or fell behind the inputs" in err
         engines.append(start_engine(store.address, "a", lease_dir(tmp_path),
                                     snapshot_every=0))
-
-        async def resumed() -> None:
-            async with StoreClient(store.address) as client:
-                last = (await client.stream_info(wire.input_stream(GROUP))).last_position
-                await wait_outputs_through(client, last, 60)
-                await check_exactly_once(client)
-        run(resumed, timeout_s=90)
+        run(lambda: _every_output_once(store.address), timeout_s=90)
 
