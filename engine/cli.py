@@ -34,7 +34,7 @@ from engine.runner import (
     run_engine,
 )
 from store.client import AppendError, CaughtUp, Checkpoint, RawBatch, StoreClient
-from xdc.argtypes import seconds
+from xdc.argtypes import at_least, listen, seconds
 from xdc.tls import Tls, add_cli_args, cli_tls
 from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import exchange_pb2 as xpb
@@ -693,14 +693,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--cluster", default="xdc", help="etcd key prefix (etcd leases)")
     r.add_argument("--config", help="cluster TOML: etcd endpoints, TLS and user, and the "
                                     "cluster name for an etcd lease")
-    r.add_argument("--lease-ttl", type=int, default=2, help="etcd lease TTL, seconds")
-    r.add_argument("--snapshot-every", type=int, default=100_000,
+    r.add_argument("--lease-ttl", type=at_least(1), default=2, help="etcd lease TTL, seconds")
+    r.add_argument("--snapshot-every", type=at_least(0), default=100_000,
                    help="inputs between snapshots (0: on request only)")
-    r.add_argument("--verify-window", type=int, default=VERIFY_WINDOW,
+    r.add_argument("--verify-window", type=at_least(0), default=VERIFY_WINDOW,
                    help="catching up, check the committed outputs of at least this many "
                         "last inputs; replay those before for the state alone (0: check "
                         "every committed output)")
-    r.add_argument("--max-pending-inputs", type=int, default=MAX_PENDING_INPUTS,
+    r.add_argument("--max-pending-inputs", type=at_least(1), default=MAX_PENDING_INPUTS,
                    help="inputs whose outputs are not seen committed, at most: past it a "
                         "warm instance stops checking them, a primary exits (its service "
                         "manager restarts it from the latest snapshot)")
@@ -709,7 +709,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         f"(default and at most {max(OUTPUT_VERSIONS)}): at an activation of a "
                         "newer one it alarms, and `xdc engine activate` refuses while it is "
                         "up (a staged roll-out: the new release runs, its format held back)")
-    r.add_argument("--control", default="127.0.0.1:0", help="EngineControl listen address")
+    r.add_argument("--control", default="127.0.0.1:0", type=listen,
+                   help="EngineControl listen address")
     r.add_argument("--startup-timeout", type=seconds, default=STARTUP_TIMEOUT_S,
                    help="seconds to wait at start for the store to answer (it says so at "
                         "once and retries); then exit 1")

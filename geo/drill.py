@@ -135,6 +135,7 @@ from engine.workload import (
 from geo import launcher
 from geo.demo import raw_log_hash
 from geo.leadership import Leadership, LeadershipError
+from geo.signals_held import signals_held
 from geo.tier_supervisor import health_name, wait_health
 from store.client import AppendError, CaughtUp, StoreClient, channel_options, new_event
 from store.errors import MD_LEADER, MD_RETRY_AFTER_MS, MD_SHED_REASON
@@ -1638,10 +1639,17 @@ def run_once(scenario: str, seed: int, opts: DrillOptions) -> dict[str, Any]:
         log.exception("drill run %s seed %d failed", scenario, seed)
         out.update({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
     finally:
-        for e in (*run.gateways.values(), *run.engines.values()):
-            e.stop()
-        with contextlib.suppress(Exception):
-            launcher.down(directory)
+        # Whatever else fails, and through an operator's SIGTERM or Ctrl-C (it takes
+        # effect once all is stopped, within seconds): every child is in a session of its
+        # own, and one this skips outlives the drill with its ports.
+        with signals_held():
+            for e in (*run.gateways.values(), *run.engines.values()):
+                try:
+                    e.stop()
+                except Exception:
+                    log.exception("drill run %s seed %d: stopping %s", scenario, seed, e)
+            with contextlib.suppress(Exception):
+                launcher.down(directory)
         if not opts.keep and out.get("ok"):
             shutil.rmtree(directory, ignore_errors=True)
     out["notes"] = run.notes

@@ -123,6 +123,27 @@ def test_serve_refuses_limits_that_cannot_be_naming_them(
     *((["engine", "switchover", "g", "--to", "b", "--store", "127.0.0.1:7000", "--timeout",
         timeout], f"argument --timeout: '{timeout}'") for timeout in ("-1", "0", "nan", "inf")),
     (["append", "s", "T", "--timeout", "0"], "argument --timeout: '0'"),
+    # Plain ints before, refused only when the request was built (a traceback, exit 1)
+    # or by an assert of the engine runner (helper-85's review).
+    (["book", "BTC-USD", "--depth", "-3"], "argument --depth: -3 is out of range"),
+    (["book", "BTC-USD", "--depth", "99999999999"], "argument --depth: 99999999999 is out"),
+    (["order", "submit", "--symbol", "S", "--account", "a", "--client-order-id", "c",
+      "--side", "buy", "--qty", "1", "--price", str(10**23)], "argument --price: "),
+    (["order", "submit", "--symbol", "S", "--account", "a", "--client-order-id", "c",
+      "--side", "buy", "--qty", str(-2**63 - 1)], "argument --qty: "),
+    (["order", "submit", "--symbol", "S", "--account", "a", "--client-order-id", "c",
+      "--side", "buy", "--qty", "1", "--wait", "--timeout-ms", "-1"],
+     "argument --timeout-ms: -1 is out of range 0..4294967295"),
+    (["order", "cancel", "--symbol", "S", "--account", "a", "--request-id", "r",
+      "--order-id", "-4"], "argument --order-id: -4 is out of range 0..2^64-1"),
+    *((["engine", "run", "--store", "127.0.0.1:1", "--group", "g", "--instance", "i",
+        "--lease", "file:/nonexistent", flag, value], f"argument {flag}: {value}: at least")
+      for flag, value in (("--snapshot-every", "-1"), ("--verify-window", "-1"),
+                          ("--max-pending-inputs", "0"), ("--lease-ttl", "0"))),
+    # gRPC would listen on 34463, a port nobody asked for.
+    (["engine", "run", "--store", "127.0.0.1:1", "--group", "g", "--instance", "i",
+      "--lease", "file:/nonexistent", "--control", "127.0.0.1:99999"],
+     "argument --control: '127.0.0.1:99999': port 99999 is out of range"),
 ])
 def test_bad_values_exit_2_naming_the_flag(capsys: pytest.CaptureFixture[str],
                                            argv: list[str], named: str) -> None:

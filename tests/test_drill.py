@@ -343,7 +343,8 @@ def _cmdline(pid: int) -> bytes:
 
 
 def _children(pid: int) -> set[int]:
-    """The processes whose parent is `pid` (from /proc: every process's stat)."""
+    """The live processes whose parent is `pid` (from /proc: every process's stat; a
+    zombie, exited and not reaped yet, is not one)."""
     out = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -351,7 +352,8 @@ def _children(pid: int) -> set[int]:
                 stat = (entry / "stat").read_text()
             except OSError:
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
                 out.add(int(entry.name))
     return out
 
@@ -417,3 +419,51 @@ def test_a_failed_gateway_call_is_in_doubt_unless_a_tier_shed_it() -> None:
         assert not gateway_call_in_doubt(c, shed)
     for c in (code.RESOURCE_EXHAUSTED, code.INVALID_ARGUMENT, code.FAILED_PRECONDITION):
         assert not gateway_call_in_doubt(c, {})
+
+
+@pytest.mark.timeout(240)
+def test_sigterm_while_a_drill_run_stops_its_processes_leaves_none_running(
+        tmp_path: Path) -> None:
+    """A drill run that ends (ok or failed) stops its gateways, engines and cluster in
+    run_once's `finally` (several seconds: each child gets TERM and up to 5 s). An
+    operator's `kill PID` (or Ctrl-C) landing then raised SystemExit (KeyboardInterrupt)
+    inside that `finally`: the children not yet stopped (gateways, engines, store nodes,
+    the WAN proxy, etcd; 10 of 11) were left running, with their ports, in sessions of
+    their own (helper-85's review). A SIGTERM must never cost the cleanup: it takes
+    effect once the cleanup is done.
+
+    The moment is found without a sleep: `switchover` kills nothing, so the first of the
+    drill's 11 children to exit marks its cleanup."""
+    runs = tmp_path / "runs"
+    with open(tmp_path / "drill.stderr", "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "xdc.cli", "drill", "switchover", "--runs", "1", "--seed",
+             "11", "--quick", "--dir", str(runs)], stdout=subprocess.DEVNULL,
+            stderr=err)
+    started: set[int] = set()
+    try:
+        deadline = time.monotonic() + 200
+        # The whole cluster under load: etcd, proxy, 3 nodes, 3 engines, 3 gateways.
+        while len(kids := _children(proc.pid)) < 11:
+            started |= kids
+            assert proc.poll() is None, (tmp_path / "drill.stderr").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the drill's cluster did not start"
+            time.sleep(0.02)
+        started |= kids
+        # The run's end: the first child gone (nothing dies during a switchover run).
+        while len(kids := _children(proc.pid)) >= 11:
+            started |= kids
+            assert proc.poll() is None, "the drill ended before it stopped any child?"
+            assert time.monotonic() < deadline, "the drill run did not end"
+            time.sleep(0.005)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=90)
+        still = {pid: _cmdline(pid) for pid in started if alive(pid)}
+        assert not still, (f"left running after a SIGTERM during the drill's cleanup "
+                           f"(exit {code}): {still}")
+    finally:
+        for pid in (proc.pid, *started):
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()

@@ -28,6 +28,35 @@ def u64(text: str, low: int = 0, hint: str = "") -> int:
     return value
 
 
+def int_range(low: int, high: int, what: str = "") -> Callable[[str], int]:
+    """An integer in low..high: a protocol field's range (int64, uint32), which the
+    request would otherwise refuse only once built (a traceback)."""
+    def parse(text: str) -> int:
+        value = _integer(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is out of range {low}..{high}"
+                                             + (f" ({what})" if what else ""))
+        return value
+    return parse
+
+
+INT64 = int_range(-(2**63), 2**63 - 1, "int64")
+UINT32 = int_range(0, 2**32 - 1, "uint32")
+
+
+def listen(text: str) -> str:
+    """HOST:PORT to listen on, port 1..65535 or 0 (any free port). gRPC takes any number
+    and binds it modulo 65536 (99999 listened on 34463)."""
+    from geo.config import split_hostport
+    host, sep, port = text.rpartition(":")
+    try:
+        # Port 0 is fine here; the host part is checked as split_hostport checks it.
+        split_hostport(f"{host}:1" if sep and port == "0" else text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc} (0: any free port)") from None
+    return text
+
+
 def at_least(low: int) -> Callable[[str], int]:
     """An integer of at least `low` (a count: runs, producers)."""
     def parse(text: str) -> int:

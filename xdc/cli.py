@@ -15,6 +15,7 @@ import time
 import uuid
 from typing import Any
 
+from xdc.argtypes import INT64, UINT32, listen
 from xdc.argtypes import seconds as _seconds
 from xdc.argtypes import u64 as _u64
 from xdc.tls import add_cli_args as add_tls_args
@@ -62,19 +63,6 @@ def _route(text: str) -> tuple[str, str]:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
     return member, address
-
-
-def _listen(text: str) -> str:
-    """HOST:PORT to listen on, port 1..65535 or 0 (any free port). gRPC takes any number
-    and binds it modulo 65536 (99999 listened on 34463)."""
-    from geo.config import split_hostport
-    host, sep, port = text.rpartition(":")
-    try:
-        # Port 0 is fine here; the host part is checked as split_hostport checks it.
-        split_hostport(f"{host}:1" if sep and port == "0" else text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r}: {exc} (0: any free port)") from None
-    return text
 
 
 def _target(text: str) -> str:
@@ -864,7 +852,7 @@ def add_exchange_parsers(sub: Any) -> None:
     """`xdc gateway`, `xdc exchange`, `xdc order`, `xdc book`."""
     p = sub.add_parser("gateway", help="run the order gateway (gRPC OrderGateway)")
     p.add_argument("--store", default=DEFAULT_TARGET, help="store address(es), comma separated")
-    p.add_argument("--listen", default="127.0.0.1:7100", type=_listen,
+    p.add_argument("--listen", default="127.0.0.1:7100", type=listen,
                    help="HOST:PORT (port 0: any free)")
     p.add_argument("--exchange", required=True, help="exchange TOML (groups and symbols)")
     p.add_argument("--engines", default="",
@@ -901,7 +889,7 @@ def add_exchange_parsers(sub: Any) -> None:
         o.add_argument("--symbol", required=True)
         o.add_argument("--account", required=True)
         o.add_argument("--wait", action="store_true", help="answer with the engine's outputs")
-        o.add_argument("--timeout-ms", type=int, default=0,
+        o.add_argument("--timeout-ms", type=UINT32, default=0,
                        help="how long --wait waits (0: the gateway's default)")
         o.add_argument("--deadline", type=float, default=70.0, help="RPC deadline, seconds")
         add_tls_args(o)
@@ -912,8 +900,8 @@ def add_exchange_parsers(sub: Any) -> None:
     o = order_cmd("submit", "submit a new order")
     o.add_argument("--client-order-id", required=True, help="idempotency key of the order")
     o.add_argument("--side", required=True, choices=["buy", "sell"])
-    o.add_argument("--qty", type=int, required=True)
-    o.add_argument("--price", type=int, default=0, help="limit price (0 for market orders)")
+    o.add_argument("--qty", type=INT64, required=True)
+    o.add_argument("--price", type=INT64, default=0, help="limit price (0 for market orders)")
     o.add_argument("--type", choices=["limit", "market"], default="limit")
     o.add_argument("--tif", choices=["gtc", "ioc", "fok"],
                    help="time in force (default: gtc, ioc for market orders)")
@@ -925,16 +913,16 @@ def add_exchange_parsers(sub: Any) -> None:
                             ("replace", "new price and quantity (loses time priority)")):
         o = order_cmd(name, help_text)
         o.add_argument("--request-id", required=True, help="idempotency key of this request")
-        o.add_argument("--order-id", type=int, default=0)
+        o.add_argument("--order-id", type=_u64, default=0)
         o.add_argument("--client-order-id", default="", help="instead of --order-id")
         if name == "replace":
-            o.add_argument("--price", type=int, required=True)
-            o.add_argument("--qty", type=int, required=True)
+            o.add_argument("--price", type=INT64, required=True)
+            o.add_argument("--qty", type=INT64, required=True)
 
     p = sub.add_parser("book", help="an L2 book from the gateway: snapshot, then updates")
     p.add_argument("symbol")
     p.add_argument("--gateway", default=DEFAULT_GATEWAY)
-    p.add_argument("--depth", type=int, default=0, help="levels per side (0: 20)")
+    p.add_argument("--depth", type=UINT32, default=0, help="levels per side (0: 20)")
     p.add_argument("--follow", action="store_true", help="keep printing updates")
     add_tls_args(p)
     add_token_arg(p)
@@ -948,7 +936,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run a standalone store node (no etcd needed)")
     p.add_argument("--data", required=True, help="data directory (created if missing)")
-    p.add_argument("--listen", default="127.0.0.1:7000", type=_listen,
+    p.add_argument("--listen", default="127.0.0.1:7000", type=listen,
                    help="HOST:PORT (port 0: any free)")
     p.add_argument("--node-id", default="standalone")
     p.add_argument("--max-event-bytes", type=int, default=1024 * 1024)
