@@ -300,6 +300,18 @@ class ClusterNode:
                     f"member {self.id}: data_dir",
                     f"{data} holds a log of cluster {log_.cluster!r}, not "
                     f"{self.config.cluster!r}: refusing to mix them")])
+            owner = log_.node_id
+            if (log_.cluster and owner != self.id
+                    and any(m.id == owner for m in self.config.members)):
+                # A copy of another member's directory (a region rebuilt from a healthy
+                # replica's disk): its promises and acknowledgements are that member's,
+                # and this member's own are lost: voting with them is the lost-disk
+                # hazard, undetected (the directory is neither empty nor unmarked).
+                raise ConfigError(self.config.source, [(
+                    f"member {self.id}: data_dir",
+                    f"{data} holds member {owner!r}'s log, not {self.id!r}'s: start it on "
+                    f"an empty directory instead (it rejoins as a lost disk and copies the "
+                    f"log from the leader)")])
             if log_.cluster:
                 if log_.rejoin_term:
                     log.warning("%s: still rejoining after a lost disk (fenced at term %d, "

@@ -51,7 +51,7 @@ from geo.replication.messages import (
     entries_of,
 )
 from store import records
-from store.errors import StoreError, shutting_down
+from store.errors import StoreError, node_failed, shutting_down
 from store.limits import Limits
 from store.log import Appended, Log, PreparedAppend, Sequenced
 from store.writer import QueueLoad, Results, emit_group_span
@@ -383,13 +383,26 @@ class Replicator:
             return taken
 
     def _run(self) -> None:
+        taken: list[tuple[str, Any]] | None = None
         try:
             while (taken := self._take()) is not None:
                 self._cycle(taken)
+                taken = None  # answered
         except BaseException as exc:  # a disk or invariant failure: this node must stop
             log.exception("replicator thread failed")
             self.fatal = exc
-            self.loop.call_soon_threadsafe(self.on_effects, [], [])
+            # As the standalone Writer does: every append it holds (the failed cycle's,
+            # those queued, those parked) is answered "outcome unknown", and no more are
+            # taken; else their callers wait for a thread that is gone.
+            with self._cond:
+                self._stopping = True
+                left = [*(taken or ()), *self._inputs]
+                self._inputs.clear()
+                groups = [arg for kind, arg in left if kind == "appends"] + self._parked
+                self._parked = []
+            err = node_failed(exc, self.node_id)
+            self.loop.call_soon_threadsafe(
+                self.on_effects, [], [(g.future, [err] * len(g.reqs)) for g in groups])
 
     def _cycle(self, taken: list[tuple[str, Any]]) -> None:
         core = self.core

@@ -32,6 +32,9 @@ class StoreError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+        # The log position a refusal was read from (store.log.Log.sequence): a cluster
+        # leader answers it only once that is committed (store.node.StoreNode.append).
+        self.as_of = 0
         self.actual_last_revision = actual_last_revision
         self.leader = leader
         self.retry_after_ms = retry_after_ms

@@ -535,12 +535,14 @@ class Log:
                     try:
                         results.append(self._duplicate(txn, req, found, first, values))
                     except StoreError as err:
+                        err.as_of = pos - 1  # read from the log up to here
                         results.append(err)
                     continue
             if req.expected != ANY:
                 try:
                     check_expected(req.stream, req.expected, req.expected_revision, last_rev)
                 except StoreError as err:
+                    err.as_of = pos - 1
                     results.append(err)
                     continue
             bodies = req.bodies

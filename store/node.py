@@ -110,6 +110,13 @@ class StoreNode:
         generation = self.commit.generation
         results = await self.writer.submit(reqs)
         last = max((r.last_position for r in results if isinstance(r, Appended)), default=0)
+        if self.quorum:
+            # A refusal read from the log (a wrong expected revision, an id reused) is
+            # answered once what it was read from is committed too: a leader's log has
+            # an uncommitted tail that may never commit (a leader cut off from its
+            # followers), and a refusal from it would be a read past the commit position.
+            last = max(last, max((r.as_of for r in results if isinstance(r, StoreError)),
+                                 default=0))
         if last and self.quorum:
             # A cluster leader: durable here, committed once a quorum holds it (standalone
             # nodes commit what is durable before answering). The span is there even when
