@@ -252,13 +252,14 @@ class GroupProgress:
 
 
 def deliver_span(stream: str, received: Received | None, delivery: str, reports: int,
-                 context: Context | None = None) -> None:
+                 context: Context | None = None, not_before_ns: int = 0) -> None:
     """The CONSUMER span `deliver <output stream>` of one message to a client (a waiting
     request's answer, one StreamExecutions message), made when it is handed to gRPC:
-    from the feed's receipt of the output event to then. Linked to the output's producer
-    context (the engine's CONSUMER span, or its "emit" span); its parent is `context`
-    (None: the current span, the waiting request's). The sampler decides, as for any
-    span; call it only when tracing."""
+    from the feed's receipt of the output event (or `not_before_ns`, when later: the
+    start of a request answered from outputs received before it) to then. Linked to the
+    output's producer context (the engine's CONSUMER span, or its "emit" span); its
+    parent is `context` (None: the current span, the waiting request's). The sampler
+    decides, as for any span; call it only when tracing."""
     attrs: dict[str, Any] = {
         telemetry.MESSAGING_SYSTEM: telemetry.SYSTEM,
         telemetry.MESSAGING_OPERATION_TYPE: "process",
@@ -269,7 +270,7 @@ def deliver_span(stream: str, received: Received | None, delivery: str, reports:
     start = None
     if received is not None:
         attrs["xdc.output.position"] = received.position
-        start = received.at_ns
+        start = max(received.at_ns, not_before_ns)
         if received.producer is not None:
             links.append(Link(received.producer))
     telemetry.open_span(f"deliver {stream}", context=context, kind=SpanKind.CONSUMER,
@@ -704,11 +705,14 @@ class OutputFeed:
 
     # ---- waiting for one input's outputs
 
-    def delivered(self, group_name: str, position: int, reports: int) -> None:
+    def delivered(self, group_name: str, position: int, reports: int,
+                  since_ns: int = 0) -> None:
         """The `deliver` span of a waiting request's answer (call it when tracing, in the
         request's context): the current span's child (the request's SERVER span), linked
         to the producer of the output event that held input `position`'s outputs, from
-        the feed's receipt of that event. Without a current span, the producer's child."""
+        the feed's receipt of that event, or from `since_ns` (the request's start) when
+        that came later (a retry answered from outputs received for the first attempt).
+        Without a current span, the producer's child."""
         group = self.groups[group_name]
         found = None
         for r in reversed(group.received):  # newest first: the waiter's is one of the last
@@ -720,7 +724,7 @@ class OutputFeed:
         if (telemetry.current_span_context() is None and found is not None
                 and found.producer is not None):
             context, _ = telemetry.parent_and_links([found.producer])
-        deliver_span(group.stream, found, "wait", reports, context)
+        deliver_span(group.stream, found, "wait", reports, context, since_ns)
 
     async def outputs_of(self, group_name: str, position: int,
                          timeout_s: float) -> list[tuple] | None:
@@ -899,6 +903,7 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
     async def _submit(self, req: Routed,
                       context: grpc.aio.ServicerContext) -> xpb.OrderResponse:
         group, wait_s = req.group, req.wait_s
+        began_ns = time.time_ns()
         reserved = False
         if wait_s is not None:
             # Reserved before the append, so a full table refuses with nothing appended.
@@ -940,7 +945,8 @@ class OrderGatewayService(xpb_grpc.OrderGatewayServicer):
                 resp.reports.extend(order_report(group, r.first_position, i, raw)
                                     for i, raw in enumerate(raws) if wire.known(raw))
                 if telemetry.tracing():  # the order's trace ends with its answer
-                    self.feed.delivered(group, r.first_position, len(resp.reports))
+                    self.feed.delivered(group, r.first_position, len(resp.reports),
+                                        began_ns)
             return resp
         finally:
             if reserved:

@@ -618,7 +618,11 @@ class EngineRunner:
                 if span.is_recording():
                     span.set_attribute("xdc.engine.input_position", c.position)
                     span.set_attribute("xdc.engine.primary", self.primary)
-                    # Warm too: the outputs it holds at a takeover are emitted then.
+                if span.get_span_context().is_valid:
+                    # Warm too: the outputs it holds at a takeover are emitted then. And
+                    # unsampled too: the output append of an unsampled order's outputs
+                    # must be its (unsampled) child, not a root of its own, and its output
+                    # event must carry its context, not a sampled neighbour's.
                     self._batch_spans.append((first, c.position, span.get_span_context()))
                 requested = await self._after_batch(c, delivered[1], before)
             if self.primary:

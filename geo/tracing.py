@@ -29,38 +29,41 @@ from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, Statu
 from geo.replication.messages import Append, AppendReply, Message
 from store import records
 from xdc import telemetry
+from xdc.v1 import eventstore_pb2 as pb
 
 log = logging.getLogger("xdc.node")
 
 # Batches awaiting a follower's acknowledgement, tracked per follower; past it the
 # oldest is given up (a follower that is down is visible in the lag gauges anyway).
 MAX_TRACKED = 1024
-_TP_VALUE = b"traceparent\x12\x37"  # the map entry's key, then its 55-byte value field
+_TRACEPARENT = telemetry.TRACEPARENT.encode()
+_ProposedEvent = pb.ProposedEvent
+
+
+def _trace_metadata(body: bytes) -> tuple[str, str]:
+    """(traceparent, tracestate) of a serialized ProposedEvent's metadata ("" for either
+    that is absent), as protobuf reads it: only a metadata entry counts, not the same
+    bytes in its type, data or another entry's value (any client writes those)."""
+    md = _ProposedEvent.FromString(body).metadata
+    return md.get(telemetry.TRACEPARENT, ""), md.get(telemetry.TRACESTATE, "")
 
 
 def record_contexts(payloads: Iterable[bytes]) -> list[SpanContext]:
-    """Distinct producer contexts of stored records, read without decoding them: a
-    record's metadata entry is key "traceparent" then a 55-byte value (protobuf writes a
-    map entry's key first); a record laid out otherwise is decoded. At most
-    telemetry.MAX_LINKED: the spans of the batch link each (open_span's link chunks)."""
-    seen: dict[bytes, SpanContext | None] = {}
+    """Distinct producer contexts of stored records: each record's `traceparent` (and
+    `tracestate`) metadata entry, parsed from its body alone (_trace_metadata; the
+    bytes searched for before, anywhere in the record, let any client pick the parent:
+    ~2 us more a record, with tracing on only). At most telemetry.MAX_LINKED: the spans
+    of the batch link each (open_span's link chunks)."""
+    seen: set[tuple[str, str]] = set()
     out: list[SpanContext] = []
     for value in payloads:
-        i = value.find(_TP_VALUE)
-        if i >= 0:
-            tp = value[i + 13:i + 68]
-            if tp in seen:
-                continue
-            sc = telemetry.span_context(tp.decode("ascii", "replace"))
-        elif b"traceparent" in value:
-            md = records.decode(value).metadata
-            tp = md.get(telemetry.TRACEPARENT, "").encode()
-            if tp in seen:
-                continue
-            sc = telemetry.span_context(tp.decode(), md.get(telemetry.TRACESTATE))
-        else:
+        if _TRACEPARENT not in value:
             continue
-        seen[tp] = sc
+        key = _trace_metadata(records.body_of(value))
+        if not key[0] or key in seen:
+            continue
+        seen.add(key)
+        sc = telemetry.span_context(key[0], key[1] or None)
         if sc is not None:
             out.append(sc)
             if len(out) >= telemetry.MAX_LINKED:

@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 from opentelemetry import trace
-from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from store import auth, records
 from store.auth import READ, SUBSCRIBE, Guard, Principal, Rules
@@ -364,11 +364,22 @@ class EventStoreService:
                 # commit to it and the commit wait is its child.
                 with trace.use_span(span) if span is not None else contextlib.nullcontext():
                     results = await self.node.append(appends)
+                if _FAIL_AFTER_COMMIT[0]:
+                    _FAIL_AFTER_COMMIT[0] -= 1
+                    raise RuntimeError("failpoint XDC_FAILPOINT_APPEND_FAIL_AFTER_COMMIT")
             except StoreError as err:
                 results = [err] * len(prepared)
-            if _FAIL_AFTER_COMMIT[0]:
-                _FAIL_AFTER_COMMIT[0] -= 1
-                raise RuntimeError("failpoint XDC_FAILPOINT_APPEND_FAIL_AFTER_COMMIT")
+            except BaseException as exc:
+                # The call ends with it (UNKNOWN; CANCELLED at shutdown): the message's
+                # span ends too, with the error, or its group commit's parent never
+                # shows in a trace.
+                if span is not None:
+                    code = ("CANCELLED" if isinstance(exc, asyncio.CancelledError)
+                            else "UNKNOWN")
+                    span.record_exception(exc)
+                    span.set_status(Status(StatusCode.ERROR, f"{code}: {exc!r}"))
+                    span.end()
+                raise
             for (i, _), result in zip(prepared, results, strict=True):
                 if isinstance(result, StoreError):
                     refused += 1
