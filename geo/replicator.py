@@ -269,6 +269,8 @@ class Replicator:
             raise shutting_down()
 
     def _put(self, kind: str, arg: Any) -> None:
+        if self.fatal is not None:
+            return  # the writer thread is gone: nothing would take it (stop, ticks, peers)
         with self._cond:
             self._check_running()
             self._inputs.append((kind, arg))
