@@ -128,6 +128,17 @@ class _Reader:
 # ---------------------------------------------------------------------- snapshots
 
 
+# An account's asset count: 16 bits, or this mark then 32 bits. Nothing bounds the
+# assets an account may hold (each deposit may name a new one), and a state that the
+# snapshot cannot hold would stop every instance at its next capture; the mark leaves
+# every count below it, every snapshot ever written, as it was.
+_MANY_ASSETS = 0xFFFF
+
+
+def _asset_count(n: int) -> bytes:
+    return _H.pack(n) if n < _MANY_ASSETS else _H.pack(_MANY_ASSETS) + _I.pack(n)
+
+
 def snapshot_bytes(eng: Engine) -> bytes:
     """Canonical encoding of the whole engine state."""
     parts: list[bytes] = [MAGIC, _H.pack(VERSION)]
@@ -144,7 +155,7 @@ def snapshot_bytes(eng: Engine) -> bytes:
             if acct.avail.get(a, 0) or acct.held.get(a, 0)
         )
         parts.append(_str(aid))
-        parts.append(_H.pack(len(assets)))
+        parts.append(_asset_count(len(assets)))
         for a in assets:
             parts.append(_str(a))
             parts.append(_Q2.pack(acct.avail.get(a, 0), acct.held.get(a, 0)))
@@ -210,6 +221,10 @@ def _restore(data: bytes) -> Engine:
     for _ in range(n_accounts):
         acct = Account(r.str())
         (n,) = r.take(_H)
+        if n == _MANY_ASSETS:
+            (n,) = r.take(_I)
+            if n < _MANY_ASSETS:
+                raise CodecError(f"an asset count of {n} written long (not canonical)")
         for _ in range(n):
             asset = r.str()
             avail, held = r.take(_Q2)
