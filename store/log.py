@@ -42,6 +42,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import fcntl
+import logging
 import os
 import shutil
 import struct
@@ -370,6 +371,44 @@ def _lock_data_dir(path: str) -> int:
     return fd
 
 
+_logger = logging.getLogger("xdc.store")
+
+# LMDB's files, as it lays them out (subdir=True), and what it needs of them before it
+# can say anything itself.
+_DATA_FILE, _LOCK_FILE = "data.mdb", "lock.mdb"
+_META_BYTES = 2 * 4096  # the two meta pages a new data file is created with
+_LOCK_BYTES = 64 << 10  # more than the lock table of max_readers=512 (~33 KiB)
+
+
+def _prepare_files(path: str) -> None:
+    """What a full volume would otherwise turn into a crash or a store that never opens:
+    - LMDB creates its lock file sparse and writes it through a shared mapping: on a
+      full volume the first store is a SIGBUS, no message. Its blocks are allocated
+      here first, so that a full volume is an OSError naming it.
+    - A first open cut short by a full volume leaves a data file shorter than the two
+      meta pages it starts with: it never held a commit, and LMDB refuses it for good
+      ("not an LMDB file"). It is removed, and created again whole."""
+    data = os.path.join(path, _DATA_FILE)
+    with contextlib.suppress(FileNotFoundError):
+        if os.path.getsize(data) < _META_BYTES:
+            _logger.warning("%s: %d bytes, less than LMDB's two meta pages: left by a first "
+                        "open cut short (a full volume), never committed to: removed",
+                        data, os.path.getsize(data))
+            os.unlink(data)
+    lock = os.path.join(path, _LOCK_FILE)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if os.fstat(fd).st_size < _LOCK_BYTES:
+            try:
+                os.posix_fallocate(fd, 0, _LOCK_BYTES)
+            except OSError as exc:
+                raise OSError(exc.errno, f"{lock}: no room for LMDB's lock file "
+                                         f"({_LOCK_BYTES} bytes) on the data volume: "
+                                         f"{exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
 class Log:
     def __init__(self, path: str | os.PathLike[str], *, map_size: int = DEFAULT_MAP_SIZE,
                  node_id: str = "standalone") -> None:
@@ -385,6 +424,7 @@ class Log:
             raise
 
     def _open(self, map_size: int, node_id: str) -> None:
+        _prepare_files(self.path)
         self.env = lmdb.open(
             self.path, map_size=map_size, max_dbs=8, subdir=True, sync=True, metasync=True,
             max_readers=512, readahead=False,
@@ -488,15 +528,22 @@ class Log:
         Each append is atomic on its own: a refused one writes nothing and the others
         proceed. Returns the per-append results and the new stored records. On a storage
         failure nothing is written and every append of the group gets the same
-        RESOURCE_EXHAUSTED error.
+        RESOURCE_EXHAUSTED error, except the retries of appends committed before it: their
+        original positions stand (a retry is how a caller learns an append's outcome;
+        told "nothing was written", it could drop an order the log holds).
         """
+        seq: Sequenced | None = None
         try:
             with self.write() as txn:
                 seq = self.sequence(txn, reqs, self.last_position + 1, term, now_ns)
                 if seq.values:
                     self.write_records(txn, seq.values, seq.first, seq.spans, seq.stream_rows)
         except lmdb.Error as exc:
-            return [self.disk_error(exc)] * len(reqs), []
+            err = self.disk_error(exc)
+            if seq is None:
+                return [err] * len(reqs), []
+            return [r if isinstance(r, Appended) and r.last_position < seq.first else err
+                    for r in seq.results], []
         return seq.results, seq.values
 
     def disk_error(self, exc: Exception) -> StoreError:

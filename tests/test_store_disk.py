@@ -4,7 +4,10 @@ comes back intact. The disk is a real 3 MiB tmpfs (mounting needs root, as in CI
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,9 +15,12 @@ import grpc
 import pytest
 
 from store.client import AppendError, StoreClient, new_event
+from store.process import ServeProcess
 from tests.support.cluster import LocalCluster
 from tests.support.etcd import EtcdCluster
 from tests.support.store import run, running_store
+from xdc.v1 import eventstore_pb2 as pb
+from xdc.v1 import eventstore_pb2_grpc as pb_grpc
 
 
 @pytest.fixture
@@ -106,3 +112,90 @@ def test_full_disk_on_a_cluster_node_fails_it_and_loses_nothing(
         finally:
             await cluster.stop()
     run(body, timeout_s=120)
+
+
+async def _fill(client: StoreClient) -> None:
+    """Appends 10 KiB until the disk refuses (RESOURCE_EXHAUSTED, storage full)."""
+    for i in range(2000):
+        try:
+            await client.append("fill", [new_event("T", b"%06d" % i + b"x" * 1000)
+                                         for _ in range(10)])
+        except AppendError as err:
+            assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+            assert "storage full" in err.message, err.message
+            return
+    raise AssertionError("a 3 MiB disk must fill up")
+
+
+def test_a_retry_grouped_with_new_appends_on_a_full_disk_gets_its_original_positions(
+        small_disk: Path) -> None:
+    """DESIGN §3: an append whose event ids are in the log with the same content is
+    answered with the original positions. On a full disk that held only while the retry
+    was alone in its group commit (a group of duplicates writes nothing): grouped with a
+    new append (one AppendStream message here; any concurrent producer's append does the
+    same), the group's write failed and the retry was answered RESOURCE_EXHAUSTED
+    "storage full ..., nothing was written" although its events are in the log,
+    acknowledged: a caller retrying to learn an outcome was told its order was not
+    written (helper-88's review)."""
+    data = str(small_disk / "node")
+
+    async def body(address: str) -> None:
+        async with StoreClient(address) as client:
+            original = [new_event("OrderPlaced", b"order-1")]
+            first = await client.append("orders", original)
+            await _fill(client)
+            # Alone, the retry is answered as the original (its group writes nothing).
+            alone = await client.append("orders", original)
+            assert (alone.first_position, alone.last_position) == (
+                first.first_position, first.last_position)
+        # One message: the retry and a new 400 KiB append (more than the full disk
+        # takes), so both go to the writer as one group.
+        channel = grpc.aio.insecure_channel(address)
+        try:
+            stub = pb_grpc.EventStoreStub(channel)
+            msg = pb.AppendStreamRequest(correlation_id=1, appends=[
+                pb.AppendRequest(stream="orders", events=original),
+                pb.AppendRequest(stream="other", events=[
+                    new_event("T", os.urandom(100_000)) for _ in range(4)]),
+            ])
+            call = stub.AppendStream()
+            await call.write(msg)
+            await call.done_writing()
+            answers = [a async for a in call]
+        finally:
+            await channel.close(None)
+        assert len(answers) == 1 and len(answers[0].results) == 2
+        retry, new = answers[0].results
+        assert new.WhichOneof("result") == "error", new  # the disk is still full
+        assert retry.WhichOneof("result") == "ok", (
+            f"a retry of an acknowledged append was refused: {retry.error}")
+        assert (retry.ok.first_position, retry.ok.last_position) == (
+            first.first_position, first.last_position)
+
+    with ServeProcess(data) as node:
+        run(lambda: body(node.address), timeout_s=120)
+
+
+def test_a_store_started_on_a_full_disk_says_so_instead_of_dying_of_sigbus(
+        small_disk: Path) -> None:
+    """A full disk must give a clear error. `xdc serve` on a new data directory of a
+    full volume died of SIGBUS, silently (exit -7, nothing on stderr): LMDB creates
+    lock.mdb with ftruncate (a sparse file) and writes its header through a shared
+    mapping, and a page the full file system cannot allocate is a SIGBUS, not an error
+    return (helper-88's review). The lock file's blocks are allocated first now."""
+    with open(small_disk / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as err:
+            assert err.errno == errno.ENOSPC, err
+    free = os.statvfs(small_disk)
+    assert free.f_bavail == 0, "the volume must be full"
+    data = str(small_disk / "node")
+    done = subprocess.run([sys.executable, "-m", "xdc.cli", "serve", "--data", data,
+                           "--listen", "127.0.0.1:0"], capture_output=True, text=True,
+                          timeout=60)
+    assert '"ready"' not in done.stdout
+    assert done.returncode == 1, (
+        f"exit {done.returncode} (-7: SIGBUS), stderr: {done.stderr[-300:]!r}")
+    assert "space" in done.stderr.lower() or "full" in done.stderr.lower(), done.stderr

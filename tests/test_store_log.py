@@ -4,6 +4,7 @@ held the removed records."""
 
 from __future__ import annotations
 
+import os
 import random
 import uuid
 from pathlib import Path
@@ -811,3 +812,22 @@ def test_spans_are_cut_into_runs_where_the_prefix_changes_or_the_ids_stop_increa
     finally:
         leader.close()
         follower.close()
+
+
+def test_a_data_file_shorter_than_its_meta_pages_is_created_again(tmp_path: Path) -> None:
+    """A first open cut short by a full volume left a data file shorter than LMDB's two
+    meta pages (half of its first 8 KiB write): it never held a commit, and every later
+    open failed with MDB_INVALID "not an LMDB file", also once space was freed, until an
+    operator deleted it (helper-88's review). It is removed and created again."""
+    d = tmp_path / "log"
+    d.mkdir()
+    (d / "data.mdb").write_bytes(os.urandom(4096))
+    log = Log(str(d))
+    try:
+        assert log.last_position == 0
+        assert (d / "data.mdb").stat().st_size >= 8192
+    finally:
+        log.close()
+    # A whole data file is never touched.
+    log = Log(str(d))
+    log.close()
