@@ -34,7 +34,7 @@ from engine.runner import (
     run_engine,
 )
 from store.client import AppendError, CaughtUp, Checkpoint, RawBatch, StoreClient
-from xdc.argtypes import at_least, listen, seconds
+from xdc.argtypes import at_least, listen, seconds, targets
 from xdc.tls import Tls, add_cli_args, cli_tls
 from xdc.v1 import eventstore_pb2 as pb
 from xdc.v1 import exchange_pb2 as xpb
@@ -680,7 +680,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     esub = p.add_subparsers(dest="engine_command", required=True)
 
     r = esub.add_parser("run", help="run one engine instance of a group")
-    r.add_argument("--store", required=True, help="store address(es), comma-separated")
+    r.add_argument("--store", required=True, type=targets,
+                   help="store address(es), comma-separated")
     r.add_argument("--group", type=group_name,
                    help="engine group (or --exchange with --symbols)")
     r.add_argument("--exchange", help="exchange TOML (symbol -> group)")
@@ -723,7 +724,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--engine", default="", help="control address(es), comma-separated")
     s.add_argument("--group", type=group_name,
                    help="with --store: every instance the group's engines advertised")
-    s.add_argument("--store", default="", help="store address(es), comma separated")
+    s.add_argument("--store", default="", type=targets,
+                   help="store address(es), comma separated")
     add_cli_args(s)
     add_token_arg(s)
     s.set_defaults(func=cmd_status)
@@ -738,7 +740,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     n = esub.add_parser("snapshot", help="ask the primary for a snapshot at this position")
     n.add_argument("group", type=group_name)
-    n.add_argument("--store", required=True)
+    n.add_argument("--store", required=True, type=targets)
     add_cli_args(n)
     add_token_arg(n)
     n.set_defaults(func=cmd_snapshot)
@@ -757,7 +759,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v = esub.add_parser("verify", help="replay the log into this engine version and compare "
                                        "outputs and snapshot state hashes")
     v.add_argument("group", type=group_name)
-    v.add_argument("--store", required=True)
+    v.add_argument("--store", required=True, type=targets)
     add_cli_args(v)
     add_token_arg(v)
     v.set_defaults(func=cmd_verify)
@@ -769,7 +771,7 @@ def _add_marker_args(p: argparse.ArgumentParser, func: Callable[..., Any], marke
     act on it (switchover, activate), then the store's connection options."""
     from xdc.cli import add_token_arg  # (as in add_parser: xdc.cli imports this module)
 
-    p.add_argument("--store", required=True)
+    p.add_argument("--store", required=True, type=targets)
     p.add_argument("--timeout", type=seconds, default=SWITCHOVER_TIMEOUT_S,
                    help=f"seconds to wait {wait_for}, more than 0")
     p.add_argument("--no-wait", action="store_true",

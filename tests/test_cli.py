@@ -140,6 +140,15 @@ def test_serve_refuses_limits_that_cannot_be_naming_them(
         "--lease", "file:/nonexistent", flag, value], f"argument {flag}: {value}: at least")
       for flag, value in (("--snapshot-every", "-1"), ("--verify-window", "-1"),
                           ("--max-pending-inputs", "0"), ("--lease-ttl", "0"))),
+    # gRPC dialled a bare host at port 443, where nothing of ours listens.
+    (["order", "submit", "--gateway", "localhost", "--symbol", "S", "--account", "a",
+      "--client-order-id", "c", "--side", "buy", "--qty", "1"],
+     "argument --gateway: 'localhost' has no port"),
+    (["book", "S", "--gateway", "h:99999"], "argument --gateway: 'h:99999'"),
+    (["engine", "run", "--store", "127.0.0.1:7000,localhost", "--group", "g", "--instance",
+      "i", "--lease", "file:/nonexistent"], "argument --store: 'localhost' has no port"),
+    (["engine", "status", "--group", "g", "--store", "nohost"], "argument --store"),
+    (["gateway", "--exchange", "x.toml", "--store", "a:1,b"], "argument --store: 'b'"),
     # gRPC would listen on 34463, a port nobody asked for.
     (["engine", "run", "--store", "127.0.0.1:1", "--group", "g", "--instance", "i",
       "--lease", "file:/nonexistent", "--control", "127.0.0.1:99999"],

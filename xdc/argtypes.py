@@ -57,6 +57,27 @@ def listen(text: str) -> str:
     return text
 
 
+def target(text: str) -> str:
+    """HOST:PORT to dial (a store node, a gateway). gRPC would dial a bare host at port
+    443, where nothing of ours listens, and say only that it could not connect."""
+    from geo.config import split_hostport
+    if text and ":" not in text:
+        raise argparse.ArgumentTypeError(f"{text!r} has no port: give HOST:PORT (e.g. "
+                                         f"{text}:7000)")
+    try:
+        split_hostport(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+    return text
+
+
+def targets(text: str) -> str:
+    """Comma-separated `target`s (a store's members); "" stays "" (none given)."""
+    for one in text.split(",") if text else ():
+        target(one)
+    return text
+
+
 def at_least(low: int) -> Callable[[str], int]:
     """An integer of at least `low` (a count: runs, producers)."""
     def parse(text: str) -> int:

@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import Any
 
-from xdc.argtypes import INT64, UINT32, listen
+from xdc.argtypes import INT64, UINT32, listen, target, targets
 from xdc.argtypes import seconds as _seconds
 from xdc.argtypes import u64 as _u64
 from xdc.tls import add_cli_args as add_tls_args
@@ -63,20 +63,6 @@ def _route(text: str) -> tuple[str, str]:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
     return member, address
-
-
-def _target(text: str) -> str:
-    """`--target HOST:PORT` of a store node. gRPC would dial a bare host at port 443,
-    where no node listens, and say only that it could not connect."""
-    from geo.config import split_hostport
-    if text and ":" not in text:
-        raise argparse.ArgumentTypeError(f"{text!r} has no port: give HOST:PORT (e.g. "
-                                         f"{text}:7000)")
-    try:
-        split_hostport(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
-    return text
 
 
 def _limit(text: str) -> int:
@@ -851,7 +837,8 @@ def cmd_book(args: argparse.Namespace) -> int:
 def add_exchange_parsers(sub: Any) -> None:
     """`xdc gateway`, `xdc exchange`, `xdc order`, `xdc book`."""
     p = sub.add_parser("gateway", help="run the order gateway (gRPC OrderGateway)")
-    p.add_argument("--store", default=DEFAULT_TARGET, help="store address(es), comma separated")
+    p.add_argument("--store", default=DEFAULT_TARGET, type=targets,
+                   help="store address(es), comma separated")
     p.add_argument("--listen", default="127.0.0.1:7100", type=listen,
                    help="HOST:PORT (port 0: any free)")
     p.add_argument("--exchange", required=True, help="exchange TOML (groups and symbols)")
@@ -872,7 +859,8 @@ def add_exchange_parsers(sub: Any) -> None:
     p = sub.add_parser("exchange", help="the exchange file: example, init")
     xsub = p.add_subparsers(dest="exchange_command", required=True)
     x = xsub.add_parser("init", help="append each group's symbols and deposits (idempotent)")
-    x.add_argument("--store", default=DEFAULT_TARGET, help="store address(es), comma separated")
+    x.add_argument("--store", default=DEFAULT_TARGET, type=targets,
+                   help="store address(es), comma separated")
     x.add_argument("--exchange", required=True, help="exchange TOML")
     add_tls_args(x)
     add_token_arg(x)
@@ -885,7 +873,7 @@ def add_exchange_parsers(sub: Any) -> None:
 
     def order_cmd(name: str, help_text: str) -> argparse.ArgumentParser:
         o = osub.add_parser(name, help=help_text)
-        o.add_argument("--gateway", default=DEFAULT_GATEWAY)
+        o.add_argument("--gateway", default=DEFAULT_GATEWAY, type=target)
         o.add_argument("--symbol", required=True)
         o.add_argument("--account", required=True)
         o.add_argument("--wait", action="store_true", help="answer with the engine's outputs")
@@ -921,7 +909,7 @@ def add_exchange_parsers(sub: Any) -> None:
 
     p = sub.add_parser("book", help="an L2 book from the gateway: snapshot, then updates")
     p.add_argument("symbol")
-    p.add_argument("--gateway", default=DEFAULT_GATEWAY)
+    p.add_argument("--gateway", default=DEFAULT_GATEWAY, type=target)
     p.add_argument("--depth", type=UINT32, default=0, help="levels per side (0: 20)")
     p.add_argument("--follow", action="store_true", help="keep printing updates")
     add_tls_args(p)
@@ -1083,7 +1071,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=_seconds, default=10.0,
                    help="seconds until the append's outcome is given up as unknown "
                         "(default 10)")
-    p.add_argument("--target", default=DEFAULT_TARGET, type=_target, metavar="HOST:PORT")
+    p.add_argument("--target", default=DEFAULT_TARGET, type=target, metavar="HOST:PORT")
     add_tls_args(p)
     add_token_arg(p)
     p.set_defaults(func=cmd_append)
@@ -1095,7 +1083,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_limit, default=None,
                    help="at most this many events (default: all, read page by page)")
     p.add_argument("--backwards", action="store_true")
-    p.add_argument("--target", default=DEFAULT_TARGET, type=_target, metavar="HOST:PORT")
+    p.add_argument("--target", default=DEFAULT_TARGET, type=target, metavar="HOST:PORT")
     add_tls_args(p)
     add_token_arg(p)
     p.set_defaults(func=cmd_read)
@@ -1106,14 +1094,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default="", help="only streams starting with this")
     p.add_argument("--type", action="append", help="only events of this type (repeatable)")
     p.add_argument("--count", type=_u64, default=0, help="stop after this many events")
-    p.add_argument("--target", default=DEFAULT_TARGET, type=_target, metavar="HOST:PORT")
+    p.add_argument("--target", default=DEFAULT_TARGET, type=target, metavar="HOST:PORT")
     add_tls_args(p)
     add_token_arg(p)
     p.set_defaults(func=cmd_tail)
 
     p = sub.add_parser("info", help="node info, or a stream's info")
     p.add_argument("stream", nargs="?")
-    p.add_argument("--target", default=DEFAULT_TARGET, type=_target, metavar="HOST:PORT")
+    p.add_argument("--target", default=DEFAULT_TARGET, type=target, metavar="HOST:PORT")
     add_tls_args(p)
     add_token_arg(p)
     p.set_defaults(func=cmd_info)
