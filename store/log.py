@@ -390,10 +390,11 @@ def _prepare_files(path: str) -> None:
       ("not an LMDB file"). It is removed, and created again whole."""
     data = os.path.join(path, _DATA_FILE)
     with contextlib.suppress(FileNotFoundError):
-        if os.path.getsize(data) < _META_BYTES:
-            _logger.warning("%s: %d bytes, less than LMDB's two meta pages: left by a first "
-                        "open cut short (a full volume), never committed to: removed",
-                        data, os.path.getsize(data))
+        size = os.path.getsize(data)
+        if size < _META_BYTES:
+            _logger.warning("%s: %d bytes, less than LMDB's two meta pages: left by a "
+                            "first open cut short (a full volume), never committed to: "
+                            "removed", data, size)
             os.unlink(data)
     lock = os.path.join(path, _LOCK_FILE)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)

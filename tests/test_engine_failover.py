@@ -350,6 +350,16 @@ async def _primary_on_backlog(client: StoreClient, store: ServeProcess,
     return last
 
 
+def _limited_primary(store: ServeProcess, engines: list[ServeProcess], tmp_path: Path,
+                     limit: int) -> subprocess.Popen[bytes]:
+    """Starts instance "a" (no snapshots) with --max-pending-inputs `limit`; its process."""
+    engines.append(start_engine(store.address, "a", lease_dir(tmp_path), snapshot_every=0,
+                                extra=("--max-pending-inputs", str(limit))))
+    proc = engines[-1].proc
+    assert proc is not None
+    return proc
+
+
 async def _every_output_once(address: str) -> None:
     """Waits until the outputs of the last input are committed, then checks that every
     output is committed exactly once."""
@@ -1062,11 +1072,7 @@ def test_a_primary_started_on_a_backlog_over_its_pending_limit_emits_it_under_li
                             await asyncio.wait_for(stop.wait(), 0.01)
                 loader = asyncio.create_task(live())
                 try:
-                    engines.append(start_engine(
-                        store.address, "a", lease_dir(tmp_path), snapshot_every=0,
-                        extra=("--max-pending-inputs", str(limit))))
-                    proc = engines[-1].proc
-                    assert proc is not None
+                    proc = _limited_primary(store, engines, tmp_path, limit)
 
                     async def drained() -> bool:
                         assert proc.poll() is None, (
@@ -1103,11 +1109,7 @@ def test_a_primary_draining_a_backlog_over_its_pending_limit_does_not_stop(
         async def body() -> None:
             async with StoreClient(store.address) as client:
                 last = await _backlog(client, events, 200)
-                engines.append(start_engine(
-                    store.address, "a", lease_dir(tmp_path), snapshot_every=0,
-                    extra=("--max-pending-inputs", str(limit))))
-                proc = engines[-1].proc
-                assert proc is not None
+                proc = _limited_primary(store, engines, tmp_path, limit)
 
                 async def done() -> bool:
                     assert proc.poll() is None, (

@@ -760,23 +760,12 @@ def test_waiters_and_streams_are_bounded(tmp_path: Path) -> None:
 # serves it at once, while its feed still replays the log (with the default tiers it is
 # admitted only after the order-entry tier settles, which a small log's replay beats; a
 # gateway lagging under load shows the same window).
-EXECUTIONS_FIRST = tiers_mod.loads("""
-[[tier]]
-name = "ledger"
-services = ["leader", "replication", "append", "gateway.cancel"]
-[[tier]]
-name = "matching"
-services = ["engine"]
-[[tier]]
-name = "order-entry"
-services = ["gateway.submit"]
-[[tier]]
-name = "market-data"
-services = ["subscribe", "book"]
-[[tier]]
-name = "analytics"
-services = ["read-all", "history", "trace-export"]
-""")
+EXECUTIONS_FIRST = tiers_mod.loads(
+    tiers_mod.DEFAULT_PATH.read_text()
+    .replace('"gateway.submit", "gateway.cancel"]', '"gateway.submit"]')
+    .replace('"replication", "append"]', '"replication", "append", "gateway.cancel"]'))
+assert (EXECUTIONS_FIRST.resolve("gateway.cancel"), EXECUTIONS_FIRST.resolve("book")) == (
+    0, tiers_mod.load().resolve("book"))
 
 
 def _sell(cid: str, price: int = 50000) -> object:
